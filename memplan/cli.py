@@ -1,0 +1,132 @@
+"""The `memplan` command: parse, call the calculator, render. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from memplan import __version__
+from memplan.errors import MemplanError
+
+app = typer.Typer(
+    name="memplan",
+    help="How much memory will this training job need, per GPU and per host, and which layout fits?",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+T = TypeVar("T")
+SpecArg = Annotated[Path, typer.Argument(help="A memplan spec (YAML).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (stable keys).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
+WidthOpt = Annotated[int | None, typer.Option("--width", help="Table width in columns.")]
+
+
+def _run(debug: bool, work: Callable[[], T]) -> T:
+    """Run `work`; a MemplanError becomes one paragraph on stderr and its exit code."""
+    try:
+        return work()
+    except MemplanError as err:
+        if debug:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(err.exit_code) from None
+
+
+def _print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"memplan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """memplan: exact memory accounting for training jobs."""
+
+
+@app.command()
+def estimate(
+    spec: SpecArg,
+    as_json: JsonOpt = False,
+    ranks: Annotated[bool, typer.Option("--ranks", help="Also show every rank's bytes.")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Show each row's formula and source.")] = False,
+    width: WidthOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Memory per GPU for one training step, tensor by tensor.
+
+    Example: memplan estimate configs/llama-3-8b.yaml --ranks
+    """
+    from memplan import estimate as calc
+    from memplan import load
+
+    def work() -> calc.Report:
+        loaded = load.load_spec(spec)
+        return calc.estimate(loaded.spec, load.load_inventory(loaded))
+
+    report = _run(debug, work)
+    if as_json:
+        _print_json(calc.to_json(report))
+        return
+    from memplan import render
+
+    render.console(width).print(render.estimate_view(report, show_ranks=ranks, explain=explain))
+
+
+@app.command()
+def inventory(
+    spec: SpecArg,
+    as_json: JsonOpt = False,
+    width: WidthOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """The model's tensors: name, shape, dtype, numel and bytes, layers folded.
+
+    Example: memplan inventory configs/mixtral-8x7b.yaml
+    """
+    from memplan import load
+    from memplan.models import Inventory
+
+    def work() -> tuple[Inventory, str]:
+        loaded = load.load_spec(spec)
+        return load.load_inventory(loaded), loaded.spec.recipe().parameters
+
+    inv, dtype = _run(debug, work)
+    if as_json:
+        _print_json({
+            "name": inv.name,
+            "num_parameters": inv.num_parameters,
+            "num_parameter_tensors": len(inv.parameters),
+            "tied": [list(pair) for pair in inv.tied],
+            "parameters": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype or dtype,
+                            "numel": t.numel} for t in inv.parameters],
+            "buffers": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype or dtype,
+                         "numel": t.numel, "persistent": t.persistent} for t in inv.buffers],
+            "notes": list(inv.notes),
+        })
+        return
+    from memplan import render
+
+    render.console(width).print(render.inventory_table(inv, dtype))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

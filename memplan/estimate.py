@@ -1,0 +1,181 @@
+"""The calculator: a frozen spec and a model inventory in, a report out. Pure: no I/O, no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from memplan import sharding
+from memplan.hardware import CATALOG
+from memplan.models import Inventory
+from memplan.optimizers import OptimizerConfig
+from memplan.precision import Recipe
+from memplan.sharding import Placement, RankStates, Term
+from memplan.spec import Spec
+
+EngineRule = Callable[[Inventory, Recipe, OptimizerConfig, Placement], list[RankStates]]
+
+
+def engine_rule(engine: str, stage: int) -> EngineRule:
+    """The sharding rule for an engine and ZeRO stage (validated by the spec)."""
+    if engine == "ddp":
+        return sharding.replicated if stage == 0 else sharding.zero_redundancy
+    if engine == "fsdp2":
+        return sharding.fsdp2
+    return sharding.deepspeed(stage)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSummary:
+    name: str
+    model_type: str | None
+    num_parameters: int
+    """Elements over distinct parameter tensors (tied weights counted once)."""
+    num_parameter_tensors: int
+    num_buffers: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Report:
+    """Everything `memplan estimate` says, in bytes."""
+
+    model: ModelSummary
+    recipe: Recipe
+    optimizer: OptimizerConfig
+    placement: Placement
+    ranks: tuple[RankStates, ...]
+    """Each class of identical ranks, in rank order."""
+    per_gpu: RankStates
+    """The most-loaded rank's class (largest total; the lowest rank on a tie)."""
+    buffers: tuple[Term, ...]
+    activations_bytes: int
+    transient_bytes: int
+    capacity_bytes: int | None
+    gpu: str | None
+    notes: tuple[str, ...]
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(t.bytes for t in self.buffers)
+
+    @property
+    def model_state_bytes(self) -> int:
+        return self.per_gpu.total_bytes + self.buffer_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """Bytes alive at the step's peak on the most-loaded GPU."""
+        return self.model_state_bytes + self.activations_bytes + self.transient_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory held for one GPU's rank (optimizer scalars on CPU, offload)."""
+        return sum(t.bytes for t in self.per_gpu.host_terms)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity_bytes is None else self.peak_bytes <= self.capacity_bytes
+
+
+def most_loaded(ranks: list[RankStates]) -> RankStates:
+    return max(ranks, key=lambda r: (r.total_bytes, -r.ranks[0]))
+
+
+def estimate(spec: Spec, inventory: Inventory) -> Report:
+    """Account the model states of one training step, tensor by tensor, per rank."""
+    recipe = spec.recipe()
+    opt = spec.optimizer.config()
+    par = spec.parallelism
+    torch_optimizer = par.engine in ("ddp", "fsdp2")
+    placement = Placement(
+        engine=par.engine, data=par.data, stage=par.stage,
+        # torch/optim/adam.py::_init_group (2.13): `step` is a CPU tensor unless capturable
+        # or fused, so on a CUDA run the scalars live in host memory.
+        step_on_host=torch_optimizer and spec.hardware.device == "cuda" and not opt.fused,
+    )
+    ranks = engine_rule(par.engine, par.stage)(inventory, recipe, opt, placement)
+    capacity = spec.hardware.memory
+    if capacity is None and spec.hardware.gpu:
+        capacity = CATALOG[spec.hardware.gpu].memory_bytes
+    notes = list(inventory.notes)
+    notes.append(
+        "activations and transient buffers are not modelled yet: peak is model states only."
+    )
+    return Report(
+        model=ModelSummary(
+            name=inventory.name,
+            model_type=inventory.architecture.model_type if inventory.architecture else None,
+            num_parameters=inventory.num_parameters,
+            num_parameter_tensors=len(inventory.parameters),
+            num_buffers=len(inventory.buffers),
+        ),
+        recipe=recipe, optimizer=opt, placement=placement, ranks=tuple(ranks),
+        per_gpu=most_loaded(ranks), buffers=tuple(sharding.buffer_terms(inventory, recipe)),
+        activations_bytes=0, transient_bytes=0, capacity_bytes=capacity,
+        gpu=spec.hardware.gpu, notes=tuple(notes),
+    )
+
+
+def _term_json(term: Term) -> dict[str, Any]:
+    return {"category": term.category, "name": term.name, "dtype": term.dtype,
+            "tensors": term.tensors, "elements": term.elements, "bytes": term.bytes,
+            "formula": term.formula, "source": term.source}
+
+
+def _rank_json(states: RankStates) -> dict[str, Any]:
+    return {
+        "ranks": list(states.ranks),
+        "parameters": states.bytes_of("parameters"),
+        "gradients": states.bytes_of("gradients"),
+        "optimizer_states": states.bytes_of("optimizer_states"),
+        "total": states.total_bytes,
+    }
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The `--json` document (schema: docs/json.md). Keys are a public contract."""
+    gpu = report.per_gpu
+    states = {t.name: t.bytes for t in gpu.terms if t.category == "optimizer_states"}
+    return {
+        "model": {
+            "name": report.model.name,
+            "model_type": report.model.model_type,
+            "num_parameters": report.model.num_parameters,
+            "num_parameter_tensors": report.model.num_parameter_tensors,
+            "num_buffers": report.model.num_buffers,
+        },
+        "precision": {
+            "name": report.recipe.name, "parameters": report.recipe.parameters,
+            "gradients": report.recipe.gradients, "master_weights": report.recipe.master_weights,
+            "optimizer_states": report.recipe.optimizer_states,
+            "gradient_accumulation": report.recipe.gradient_accumulation,
+            "compute": report.recipe.compute,
+        },
+        "optimizer": {"name": report.optimizer.name},
+        "parallelism": {"engine": report.placement.engine, "data": report.placement.data,
+                        "zero_stage": report.placement.stage},
+        "per_gpu": {
+            "rank": gpu.ranks[0],
+            "parameters": gpu.bytes_of("parameters"),
+            "gradients": gpu.bytes_of("gradients"),
+            "optimizer_states": gpu.bytes_of("optimizer_states"),
+            "optimizer_state_breakdown": states,
+            "buffers": report.buffer_bytes,
+            "activations": report.activations_bytes,
+            "transient": report.transient_bytes,
+            "peak": report.peak_bytes,
+            "rows": [_term_json(t) for t in (*gpu.terms, *report.buffers)],
+        },
+        "ranks": [_rank_json(r) for r in report.ranks],
+        "per_host": {"per_rank": report.host_bytes,
+                     "rows": [_term_json(t) for t in gpu.host_terms]},
+        "hardware": {
+            "gpu": report.gpu,
+            "memory_bytes": report.capacity_bytes,
+            "fits": report.fits,
+            "headroom_bytes": None if report.capacity_bytes is None
+            else report.capacity_bytes - report.peak_bytes,
+        },
+        "notes": list(report.notes),
+    }

@@ -1,0 +1,178 @@
+"""Reading specs and model files from disk: the I/O edge in front of the pure calculator.
+
+YAML is parsed with `yaml.SafeLoader` (no tags that construct objects), keeping each node's
+line so that a validation error names `file:line: field`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from memplan import models
+from memplan.errors import MemplanError
+from memplan.hardware import nearest
+from memplan.models import Inventory
+from memplan.spec import Spec
+
+PRESET_DIR = Path(__file__).parent / "presets"
+Marks = dict[tuple[Any, ...], int]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedSpec:
+    spec: Spec
+    path: Path | None
+    marks: Marks
+    """Spec key path -> 1-based YAML line."""
+
+    def where(self, *path: Any) -> str | None:
+        """`file:line` of the deepest node on `path` that exists."""
+        if self.path is None:
+            return None
+        for end in range(len(path), -1, -1):
+            line = self.marks.get(tuple(path[:end]))
+            if line is not None:
+                return f"{self.path}:{line}"
+        return str(self.path)
+
+
+def _parse_yaml(text: str, where: str) -> tuple[Any, Marks]:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        problem = err.problem or "malformed YAML"
+        raise MemplanError(f"not valid YAML: {problem}.", where=f"{where}{line}") from None
+    except yaml.YAMLError as err:
+        raise MemplanError(f"not valid YAML: {err}", where=where) from None
+    finally:
+        loader.dispose()
+    marks: Marks = {}
+    seen: set[int] = set()
+
+    def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
+        marks.setdefault(path, n.start_mark.line + 1)
+        if id(n) in seen:  # an alias: walk each node once (no exponential blow-up)
+            return
+        seen.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            for key, value in n.value:
+                if isinstance(key, yaml.ScalarNode):
+                    marks.setdefault((*path, key.value), key.start_mark.line + 1)
+                    walk(value, (*path, key.value))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                walk(item, (*path, i))
+
+    if node is not None:
+        walk(node, ())
+    return data, marks
+
+
+def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys of the spec section at `loc` (for did-you-mean)."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        current = next((a for a in getattr(annotation, "__args__", (annotation,))
+                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _describe(err: Mapping[str, Any], loaded: LoadedSpec) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper()))
+    dotted = ".".join(str(p) for p in loc) or "spec"
+    where = loaded.where(*loc)
+    prefix = f"{where}: " if where else ""
+    if err["type"] == "extra_forbidden":
+        valid = _field_names(Spec, loc[:-1])
+        hint = nearest(str(loc[-1]), valid)
+        return f"{prefix}{dotted}: unknown key{hint}; valid keys here: {', '.join(valid)}."
+    message = str(err["msg"]).removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
+    return f"{prefix}{dotted}: {message}{shown}."
+
+
+def validate(data: Any, *, path: Path | None = None, marks: Marks | None = None) -> LoadedSpec:
+    """Validate a parsed spec into a frozen `Spec`, naming `file:line: field` on error."""
+    loaded_marks = marks or {}
+    if not isinstance(data, dict):
+        raise MemplanError("a spec is a YAML mapping with at least a `model:` section.",
+                           where=str(path) if path else None)
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as err:
+        stub = LoadedSpec(Spec.model_construct(), path, loaded_marks)
+        lines = list(dict.fromkeys(_describe(e, stub) for e in err.errors()))
+        raise MemplanError("\n".join(lines)) from None
+    return LoadedSpec(spec, path, loaded_marks)
+
+
+def load_spec(path: Path) -> LoadedSpec:
+    """Read and validate a spec file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MemplanError(f"no such spec file: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise MemplanError(f"cannot read spec file {path}: {err}") from None
+    data, marks = _parse_yaml(text, str(path))
+    return validate(data, path=path, marks=marks)
+
+
+def read_json(path: Path, *, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MemplanError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise MemplanError(f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise MemplanError(f"cannot read {what} {path}: {err}") from None
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_inventory(loaded: LoadedSpec) -> Inventory:
+    """The model's tensor inventory from whichever source the spec names."""
+    model = loaded.spec.model
+    base = loaded.path.parent if loaded.path else Path.cwd()
+    try:
+        if model.num_parameters is not None:
+            return models.from_parameter_count(model.num_parameters)
+        if model.architecture is not None:
+            return models.from_config(model.architecture, origin="model.architecture")
+        if model.preset is not None:
+            file = PRESET_DIR / f"{model.preset}.json"
+            if not file.is_file():
+                raise MemplanError(
+                    f"unknown preset {model.preset!r}{nearest(model.preset, presets())}; "
+                    f"shipped: {', '.join(presets())}.", field="model.preset")
+            return models.from_config(read_json(file, what="preset"), origin=f"preset {model.preset}")
+        assert model.hf_config is not None  # the spec guarantees exactly one source
+        file = model.hf_config if model.hf_config.is_absolute() else base / model.hf_config
+        config = read_json(file, what="hf_config")
+        if not isinstance(config, dict):
+            raise MemplanError(f"{file} is not a config.json object.", field="model.hf_config")
+        return models.from_config(config, origin=str(file))
+    except MemplanError as err:
+        key = f"{err.field}: " if err.field and not err.field.startswith("model") else ""
+        raise MemplanError(key + err.message, field="model", where=loaded.where("model")) from None

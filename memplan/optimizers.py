@@ -1,0 +1,145 @@
+"""Optimizer state, tensor by tensor, exactly as each optimizer keeps it.
+
+`state_tensors` answers: for one tensor the optimizer updates (shape, dtype), which state
+tensors does it create on its first step? The answers are read from each optimizer's
+`_init_group` / `init_state` and proved against real torch optimizers in
+tests/test_optimizers.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+OptimizerName = Literal[
+    "adamw", "adam", "sgd", "adagrad", "rmsprop", "adafactor", "nadam", "radam", "adamax",
+    "lion", "adamw8bit", "adam8bit", "paged_adamw8bit", "paged_adam8bit",
+]
+OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
+
+# The dtype torch gives the per-tensor `step` counter: `_get_scalar_dtype()` is float32
+# unless the default dtype is float64 (torch/optim/optimizer.py::_get_scalar_dtype, 2.13).
+STEP_DTYPE = "fp32"
+
+# bitsandbytes 8-bit optimizers (bitsandbytes/optim/optimizer.py, Optimizer2State.init_state,
+# 0.45-0.48): tensors with fewer than `min_8bit_size` elements keep 32-bit states; larger ones
+# keep uint8 states plus one fp32 absmax per block of BNB_BLOCKSIZE elements
+# (`blocks = n // 256; blocks += 1 if n % 256 > 0`). The 256-entry fp32 quantization maps
+# (qmap1/qmap2) are shared by all tensors of the optimizer and counted once.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_BLOCKSIZE = 256
+BNB_QMAP_ELEMS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class StateTensor:
+    """One optimizer state tensor for one updated tensor."""
+
+    name: str
+    """The key in `optimizer.state[p]` (exp_avg, step, ...)."""
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OptimizerConfig:
+    """The optimizer settings that change its state layout."""
+
+    name: str
+    momentum: float = 0.0
+    amsgrad: bool = False
+    centered: bool = False
+    fused: bool = False
+
+    @property
+    def is_8bit(self) -> bool:
+        return self.name.endswith("8bit")
+
+    @property
+    def is_paged(self) -> bool:
+        return self.name.startswith("paged_")
+
+
+def state_tensors(opt: OptimizerConfig, shape: tuple[int, ...], dtype: str) -> list[StateTensor]:
+    """The state `opt` keeps for one updated tensor of `shape` and `dtype`.
+
+    `dtype` is the dtype of the tensor the optimizer updates: the parameter itself, or the
+    fp32 master copy under a *-mixed recipe (states follow it: `torch.zeros_like(p)`).
+    """
+    step = StateTensor("step", (), STEP_DTYPE)
+
+    def like(name: str) -> StateTensor:
+        return StateTensor(name, shape, dtype)
+
+    name = opt.name
+    if name in ("adam", "adamw"):
+        # torch/optim/adam.py::Adam._init_group (AdamW subclasses Adam in 2.13)
+        return [step, like("exp_avg"), like("exp_avg_sq")] + (
+            [like("max_exp_avg_sq")] if opt.amsgrad else []
+        )
+    if name == "sgd":
+        # torch/optim/sgd.py::SGD._init_group: momentum_buffer only when momentum != 0
+        return [like("momentum_buffer")] if opt.momentum else []
+    if name == "adagrad":
+        # torch/optim/adagrad.py::Adagrad.__init__ (state made eagerly)
+        return [step, like("sum")]
+    if name == "rmsprop":
+        # torch/optim/rmsprop.py::RMSprop._init_group
+        out = [step, like("square_avg")]
+        if opt.momentum > 0:
+            out.append(like("momentum_buffer"))
+        if opt.centered:
+            out.append(like("grad_avg"))
+        return out
+    if name == "adafactor":
+        # torch/optim/_adafactor.py::Adafactor._init_group: >= 2-D tensors keep a row factor
+        # (last dim set to 1) and a column factor (second-to-last dim set to 1), else a full
+        # `variance`.
+        if len(shape) >= 2:
+            row = (*shape[:-1], 1)
+            col = (*shape[:-2], 1, shape[-1])
+            return [step, StateTensor("row_var", row, dtype), StateTensor("col_var", col, dtype)]
+        return [step, like("variance")]
+    if name == "nadam":
+        # torch/optim/nadam.py::NAdam._init_group: mu_product is a 0-dim fp32 like step
+        return [step, StateTensor("mu_product", (), STEP_DTYPE), like("exp_avg"), like("exp_avg_sq")]
+    if name == "radam":
+        return [step, like("exp_avg"), like("exp_avg_sq")]  # torch/optim/radam.py
+    if name == "adamax":
+        return [step, like("exp_avg"), like("exp_inf")]  # torch/optim/adamax.py
+    if name == "lion":
+        # lion-pytorch (lucidrains) lion_pytorch.py::Lion.step: one `exp_avg`, no step counter
+        return [like("exp_avg")]
+    if opt.is_8bit:
+        return _bnb_8bit_states(shape)
+    raise ValueError(f"unknown optimizer {name!r}")  # the spec validates names first
+
+
+def _bnb_8bit_states(shape: tuple[int, ...]) -> list[StateTensor]:
+    """bitsandbytes Optimizer2State.init_state for Adam/AdamW 8-bit (blockwise).
+
+    The step counter is a Python int (`state["step"] = 0`), so it takes no tensor memory.
+    """
+    n = math.prod(shape)
+    if n < BNB_MIN_8BIT_SIZE:
+        return [StateTensor("state1", shape, "fp32"), StateTensor("state2", shape, "fp32")]
+    blocks = -(-n // BNB_BLOCKSIZE)
+    return [
+        StateTensor("state1", shape, "uint8"),
+        StateTensor("state2", shape, "uint8"),
+        StateTensor("absmax1", (blocks,), "fp32"),
+        StateTensor("absmax2", (blocks,), "fp32"),
+    ]
+
+
+def shared_state_tensors(opt: OptimizerConfig) -> list[StateTensor]:
+    """State the optimizer keeps once, whatever the number of tensors (bnb's qmaps)."""
+    if opt.is_8bit:
+        return [StateTensor("qmap1", (BNB_QMAP_ELEMS,), "fp32"),
+                StateTensor("qmap2", (BNB_QMAP_ELEMS,), "fp32")]
+    return []

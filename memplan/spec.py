@@ -1,0 +1,226 @@
+"""The user's spec: pydantic v2 models, frozen, unknown keys refused.
+
+Every field has a documented default, so the smallest useful spec names a model, and the rest
+follows. Loading from YAML (with line numbers for errors) lives in `memplan.load`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from memplan.hardware import CATALOG, nearest
+from memplan.optimizers import OptimizerConfig, OptimizerName
+from memplan.precision import PRESETS, DType, Recipe
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class ModelSpec(Frozen):
+    """Which model: exactly one of the sources below."""
+
+    hf_config: Path | None = None
+    """Path to a Hugging Face config.json (relative to the spec file)."""
+    preset: str | None = None
+    """Name of a config shipped under configs/ (e.g. `llama-3-8b`)."""
+    architecture: dict[str, Any] | None = None
+    """config.json fields written inline (must include `model_type`)."""
+    num_parameters: PositiveInt | None = None
+    """A plain parameter count: model states only, no activations."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSpec:
+        given = [k for k in ("hf_config", "preset", "architecture", "num_parameters")
+                 if getattr(self, k) is not None]
+        if len(given) != 1:
+            what = "none" if not given else " and ".join(given)
+            raise ValueError(
+                f"give exactly one of hf_config, preset, architecture or num_parameters (got {what})"
+            )
+        return self
+
+
+class PrecisionTable(Frozen):
+    """An explicit precision recipe, or a preset with some dtypes overridden."""
+
+    preset: str | None = None
+    """Start from this preset (fp32, bf16, amp-bf16, bf16-mixed, ...); fields below override it."""
+    parameters: DType | None = None
+    gradients: DType | None = None
+    master_weights: DType | Literal["none"] | None = None
+    optimizer_states: DType | None = None
+    gradient_accumulation: DType | Literal["none"] | None = None
+    """A separate fp32 gradient-accumulation buffer (Megatron main_grad): `fp32`."""
+    compute: DType | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        if value is not None and value not in PRESETS:
+            raise ValueError(f"unknown precision preset {value!r}; choose one of {', '.join(PRESETS)}")
+        return value
+
+    def recipe(self) -> Recipe:
+        base = PRESETS[self.preset or "fp32"]
+        params = self.parameters or base.parameters
+
+        def none_if(value: str | None, default: str | None) -> str | None:
+            if value is None:
+                return default
+            return None if value == "none" else value
+
+        return Recipe(
+            name=self.preset if self.preset and self == PrecisionTable(preset=self.preset) else "custom",
+            parameters=params,
+            gradients=self.gradients or base.gradients,
+            master_weights=none_if(self.master_weights, base.master_weights),
+            optimizer_states=self.optimizer_states or base.optimizer_states,
+            gradient_accumulation=none_if(self.gradient_accumulation, base.gradient_accumulation),
+            compute=self.compute or base.compute,
+            autocast=base.autocast,
+            description=base.description if self.preset else "custom recipe",
+        )
+
+
+class OptimizerSpec(Frozen):
+    """The optimizer, by torch.optim name (plus lion and bitsandbytes 8-bit Adam)."""
+
+    name: OptimizerName = "adamw"
+    momentum: float = Field(0.0, ge=0)
+    """SGD/RMSprop momentum (torch default 0: no momentum buffer)."""
+    amsgrad: bool = False
+    """Adam/AdamW: keep max_exp_avg_sq."""
+    centered: bool = False
+    """RMSprop: keep grad_avg."""
+    implementation: Literal["foreach", "fused", "for_loop"] = "foreach"
+    """torch.optim kernel: foreach (the CUDA default), fused, or for_loop (the CPU default)."""
+
+    def config(self) -> OptimizerConfig:
+        return OptimizerConfig(name=self.name, momentum=self.momentum, amsgrad=self.amsgrad,
+                               centered=self.centered, fused=self.implementation == "fused")
+
+
+class TrainingSpec(Frozen):
+    """The shape of one training step."""
+
+    micro_batch_size: PositiveInt = 1
+    """Sequences per GPU per forward pass."""
+    sequence_length: PositiveInt = 2048
+    """Tokens per sequence."""
+    gradient_accumulation_steps: PositiveInt = 1
+    """Micro-batches per optimizer step (changes time, not the per-step peak)."""
+
+
+Engine = Literal["deepspeed", "fsdp2", "ddp"]
+
+
+class ParallelismSpec(Frozen):
+    """How the job is spread over GPUs."""
+
+    engine: Engine = "deepspeed"
+    """deepspeed (ZeRO), fsdp2 (torch fully_shard) or ddp (torch DDP, ZeroRedundancyOptimizer)."""
+    data: PositiveInt = 1
+    """Data-parallel degree (ranks that hold a replica or a shard of the model states)."""
+    zero_stage: int | None = Field(None, ge=0, le=3)
+    """ZeRO stage 0-3; default: 0 for deepspeed and ddp, 3 for fsdp2."""
+
+    @model_validator(mode="after")
+    def _stage_fits_engine(self) -> ParallelismSpec:
+        if self.engine == "fsdp2" and self.zero_stage in (0, 1):
+            raise ValueError(
+                "fsdp2 shards parameters, so it runs ZeRO stage 3 (reshard_after_forward=True) "
+                "or 2 (reshard_after_forward=False); for stage 0 or 1 use engine: ddp"
+            )
+        if self.engine == "ddp" and self.zero_stage in (2, 3):
+            raise ValueError(
+                "torch DDP offers ZeRO stage 0 (plain DDP) or 1 (ZeroRedundancyOptimizer); "
+                "for stage 2 or 3 use engine: deepspeed or fsdp2"
+            )
+        return self
+
+    @property
+    def stage(self) -> int:
+        """The ZeRO stage with the engine's default filled in."""
+        if self.zero_stage is not None:
+            return self.zero_stage
+        return 3 if self.engine == "fsdp2" else 0
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)?\s*$")
+_UNIT = {None: 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+         "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def parse_bytes(value: int | str) -> int:
+    """`80GiB`, `80 GB`, `85899345920` -> bytes. Units: B, KiB..TiB (binary), KB..TB (decimal)."""
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number of bytes or a string such as '80GiB'")
+    if isinstance(value, int):
+        out = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a size; write e.g. 80GiB, 40 GB or 85899345920")
+        out = int(float(match.group(1)) * _UNIT[match.group(2)])
+    if out <= 0:
+        raise ValueError(f"a size must be positive, got {value!r}")
+    return out
+
+
+class HardwareSpec(Frozen):
+    """The accelerator (optional): a catalog name or an explicit memory size."""
+
+    gpu: str | None = None
+    """A name from `memplan.hardware.CATALOG` (A100-80GB, H100-80GB, ...)."""
+    memory: int | None = None
+    """GPU memory in bytes; accepts strings such as `80GiB` (binary) or `80GB` (decimal)."""
+    device: Literal["cuda", "cpu"] = "cuda"
+    """Where the step runs (kernels save different activations on CPU and CUDA)."""
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int | None:
+        return None if value is None else parse_bytes(value)
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, value: str | None) -> str | None:
+        if value is not None and value not in CATALOG:
+            raise ValueError(f"unknown gpu {value!r}{nearest(value, CATALOG)}; known: {', '.join(CATALOG)}")
+        return value
+
+
+class Spec(Frozen):
+    """A whole memplan spec."""
+
+    model: ModelSpec
+    precision: PrecisionTable = PrecisionTable(preset="bf16-mixed")
+    """A preset name (`bf16-mixed`) or a table (see `memplan.precision.PRESETS`)."""
+    optimizer: OptimizerSpec = OptimizerSpec()
+    training: TrainingSpec = TrainingSpec()
+    parallelism: ParallelismSpec = ParallelismSpec()
+    hardware: HardwareSpec = HardwareSpec()
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _preset_name(cls, value: Any) -> Any:
+        """A bare name is shorthand for `{preset: name}`."""
+        if isinstance(value, str):
+            if value not in PRESETS:
+                raise ValueError(
+                    f"unknown precision preset {value!r}{nearest(value, PRESETS)}; "
+                    f"choose one of {', '.join(PRESETS)} or give a table"
+                )
+            return {"preset": value}
+        return value
+
+    def recipe(self) -> Recipe:
+        """The precision recipe with the preset resolved."""
+        return self.precision.recipe()
