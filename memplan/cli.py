@@ -15,7 +15,8 @@ from memplan.errors import MemplanError
 
 app = typer.Typer(
     name="memplan",
-    help="How much memory will this training job need, per GPU and per host, and which layout fits?",
+    help="How much memory will this training job need, per GPU and per host, and which "
+    "layout fits?",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -52,8 +53,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     """memplan: exact memory accounting for training jobs."""
 
@@ -63,7 +68,9 @@ def estimate(
     spec: SpecArg,
     as_json: JsonOpt = False,
     ranks: Annotated[bool, typer.Option("--ranks", help="Also show every rank's bytes.")] = False,
-    explain: Annotated[bool, typer.Option("--explain", help="Show each row's formula and source.")] = False,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Show each row's formula and source.")
+    ] = False,
     width: WidthOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -107,17 +114,34 @@ def inventory(
 
     inv, dtype = _run(debug, work)
     if as_json:
-        _print_json({
-            "name": inv.name,
-            "num_parameters": inv.num_parameters,
-            "num_parameter_tensors": len(inv.parameters),
-            "tied": [list(pair) for pair in inv.tied],
-            "parameters": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype or dtype,
-                            "numel": t.numel} for t in inv.parameters],
-            "buffers": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype or dtype,
-                         "numel": t.numel, "persistent": t.persistent} for t in inv.buffers],
-            "notes": list(inv.notes),
-        })
+        _print_json(
+            {
+                "name": inv.name,
+                "num_parameters": inv.num_parameters,
+                "num_parameter_tensors": len(inv.parameters),
+                "tied": [list(pair) for pair in inv.tied],
+                "parameters": [
+                    {
+                        "name": t.name,
+                        "shape": list(t.shape),
+                        "dtype": t.dtype or dtype,
+                        "numel": t.numel,
+                    }
+                    for t in inv.parameters
+                ],
+                "buffers": [
+                    {
+                        "name": t.name,
+                        "shape": list(t.shape),
+                        "dtype": t.dtype or dtype,
+                        "numel": t.numel,
+                        "persistent": t.persistent,
+                    }
+                    for t in inv.buffers
+                ],
+                "notes": list(inv.notes),
+            }
+        )
         return
     from memplan import render
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,17 +12,6 @@ from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe
 from memplan.sharding import Placement, RankStates, Term
 from memplan.spec import Spec
-
-EngineRule = Callable[[Inventory, Recipe, OptimizerConfig, Placement], list[RankStates]]
-
-
-def engine_rule(engine: str, stage: int) -> EngineRule:
-    """The sharding rule for an engine and ZeRO stage (validated by the spec)."""
-    if engine == "ddp":
-        return sharding.replicated if stage == 0 else sharding.zero_redundancy
-    if engine == "fsdp2":
-        return sharding.fsdp2
-    return sharding.deepspeed(stage)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,12 +77,15 @@ def estimate(spec: Spec, inventory: Inventory) -> Report:
     par = spec.parallelism
     torch_optimizer = par.engine in ("ddp", "fsdp2")
     placement = Placement(
-        engine=par.engine, data=par.data, stage=par.stage,
+        engine=par.engine,
+        data=par.data,
+        stage=par.stage,
         # torch/optim/adam.py::_init_group (2.13): `step` is a CPU tensor unless capturable
         # or fused, so on a CUDA run the scalars live in host memory.
         step_on_host=torch_optimizer and spec.hardware.device == "cuda" and not opt.fused,
     )
-    ranks = engine_rule(par.engine, par.stage)(inventory, recipe, opt, placement)
+    knobs = sharding.DeepSpeedKnobs(**par.deepspeed.model_dump())
+    ranks = sharding.engine_rule(par.engine, par.stage, knobs)(inventory, recipe, opt, placement)
     capacity = spec.hardware.memory
     if capacity is None and spec.hardware.gpu:
         capacity = CATALOG[spec.hardware.gpu].memory_bytes
@@ -110,17 +101,31 @@ def estimate(spec: Spec, inventory: Inventory) -> Report:
             num_parameter_tensors=len(inventory.parameters),
             num_buffers=len(inventory.buffers),
         ),
-        recipe=recipe, optimizer=opt, placement=placement, ranks=tuple(ranks),
-        per_gpu=most_loaded(ranks), buffers=tuple(sharding.buffer_terms(inventory, recipe)),
-        activations_bytes=0, transient_bytes=0, capacity_bytes=capacity,
-        gpu=spec.hardware.gpu, notes=tuple(notes),
+        recipe=recipe,
+        optimizer=opt,
+        placement=placement,
+        ranks=tuple(ranks),
+        per_gpu=most_loaded(ranks),
+        buffers=tuple(sharding.buffer_terms(inventory, recipe)),
+        activations_bytes=0,
+        transient_bytes=0,
+        capacity_bytes=capacity,
+        gpu=spec.hardware.gpu,
+        notes=tuple(notes),
     )
 
 
 def _term_json(term: Term) -> dict[str, Any]:
-    return {"category": term.category, "name": term.name, "dtype": term.dtype,
-            "tensors": term.tensors, "elements": term.elements, "bytes": term.bytes,
-            "formula": term.formula, "source": term.source}
+    return {
+        "category": term.category,
+        "name": term.name,
+        "dtype": term.dtype,
+        "tensors": term.tensors,
+        "elements": term.elements,
+        "bytes": term.bytes,
+        "formula": term.formula,
+        "source": term.source,
+    }
 
 
 def _rank_json(states: RankStates) -> dict[str, Any]:
@@ -146,15 +151,20 @@ def to_json(report: Report) -> dict[str, Any]:
             "num_buffers": report.model.num_buffers,
         },
         "precision": {
-            "name": report.recipe.name, "parameters": report.recipe.parameters,
-            "gradients": report.recipe.gradients, "master_weights": report.recipe.master_weights,
+            "name": report.recipe.name,
+            "parameters": report.recipe.parameters,
+            "gradients": report.recipe.gradients,
+            "master_weights": report.recipe.master_weights,
             "optimizer_states": report.recipe.optimizer_states,
             "gradient_accumulation": report.recipe.gradient_accumulation,
             "compute": report.recipe.compute,
         },
         "optimizer": {"name": report.optimizer.name},
-        "parallelism": {"engine": report.placement.engine, "data": report.placement.data,
-                        "zero_stage": report.placement.stage},
+        "parallelism": {
+            "engine": report.placement.engine,
+            "data": report.placement.data,
+            "zero_stage": report.placement.stage,
+        },
         "per_gpu": {
             "rank": gpu.ranks[0],
             "parameters": gpu.bytes_of("parameters"),
@@ -168,13 +178,16 @@ def to_json(report: Report) -> dict[str, Any]:
             "rows": [_term_json(t) for t in (*gpu.terms, *report.buffers)],
         },
         "ranks": [_rank_json(r) for r in report.ranks],
-        "per_host": {"per_rank": report.host_bytes,
-                     "rows": [_term_json(t) for t in gpu.host_terms]},
+        "per_host": {
+            "per_rank": report.host_bytes,
+            "rows": [_term_json(t) for t in gpu.host_terms],
+        },
         "hardware": {
             "gpu": report.gpu,
             "memory_bytes": report.capacity_bytes,
             "fits": report.fits,
-            "headroom_bytes": None if report.capacity_bytes is None
+            "headroom_bytes": None
+            if report.capacity_bytes is None
             else report.capacity_bytes - report.peak_bytes,
         },
         "notes": list(report.notes),

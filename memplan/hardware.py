@@ -24,30 +24,66 @@ class Gpu:
 CATALOG: dict[str, Gpu] = {
     gpu.name: gpu
     for gpu in (
-        Gpu(name="A100-40GB", memory_bytes=40960 * MIB,
-            source="NVIDIA A100 datasheet (40GB HBM2); nvidia-smi memory.total 40960 MiB"),
-        Gpu(name="A100-80GB", memory_bytes=81920 * MIB,
-            source="NVIDIA A100 datasheet (80GB HBM2e); nvidia-smi memory.total 81920 MiB"),
-        Gpu(name="H100-80GB", memory_bytes=81559 * MIB,
-            source="NVIDIA H100 SXM5 (80GB HBM3); nvidia-smi memory.total 81559 MiB"),
-        Gpu(name="H100-94GB", memory_bytes=95830 * MIB,
-            source="NVIDIA H100 NVL (94GB HBM3); nvidia-smi memory.total 95830 MiB"),
-        Gpu(name="H200", memory_bytes=143771 * MIB,
-            source="NVIDIA H200 datasheet (141GB HBM3e); nvidia-smi memory.total 143771 MiB"),
-        Gpu(name="B200", memory_bytes=183359 * MIB,
-            source="NVIDIA DGX B200 (180GB HBM3e per GPU); nvidia-smi memory.total 183359 MiB"),
-        Gpu(name="MI300X", memory_bytes=192 * 1024 * MIB,
-            source="AMD Instinct MI300X datasheet (192GB HBM3 = 8 stacks x 24 GiB)"),
-        Gpu(name="L4", memory_bytes=23034 * MIB,
-            source="NVIDIA L4 datasheet (24GB GDDR6); nvidia-smi memory.total 23034 MiB"),
-        Gpu(name="A10G", memory_bytes=23028 * MIB,
-            source="NVIDIA A10G (AWS g5, 24GB GDDR6); nvidia-smi memory.total 23028 MiB"),
-        Gpu(name="V100-32GB", memory_bytes=32768 * MIB,
-            source="NVIDIA V100 datasheet (32GB HBM2); nvidia-smi memory.total 32768 MiB"),
-        Gpu(name="RTX-4090", memory_bytes=24564 * MIB,
-            source="NVIDIA GeForce RTX 4090 (24GB GDDR6X); nvidia-smi memory.total 24564 MiB"),
-        Gpu(name="RTX-3090", memory_bytes=24576 * MIB,
-            source="NVIDIA GeForce RTX 3090 (24GB GDDR6X); nvidia-smi memory.total 24576 MiB"),
+        Gpu(
+            name="A100-40GB",
+            memory_bytes=40960 * MIB,
+            source="NVIDIA A100 datasheet (40GB HBM2); nvidia-smi memory.total 40960 MiB",
+        ),
+        Gpu(
+            name="A100-80GB",
+            memory_bytes=81920 * MIB,
+            source="NVIDIA A100 datasheet (80GB HBM2e); nvidia-smi memory.total 81920 MiB",
+        ),
+        Gpu(
+            name="H100-80GB",
+            memory_bytes=81559 * MIB,
+            source="NVIDIA H100 SXM5 (80GB HBM3); nvidia-smi memory.total 81559 MiB",
+        ),
+        Gpu(
+            name="H100-94GB",
+            memory_bytes=95830 * MIB,
+            source="NVIDIA H100 NVL (94GB HBM3); nvidia-smi memory.total 95830 MiB",
+        ),
+        Gpu(
+            name="H200",
+            memory_bytes=143771 * MIB,
+            source="NVIDIA H200 datasheet (141GB HBM3e); nvidia-smi memory.total 143771 MiB",
+        ),
+        Gpu(
+            name="B200",
+            memory_bytes=183359 * MIB,
+            source="NVIDIA DGX B200 (180GB HBM3e per GPU); nvidia-smi memory.total 183359 MiB",
+        ),
+        Gpu(
+            name="MI300X",
+            memory_bytes=192 * 1024 * MIB,
+            source="AMD Instinct MI300X datasheet (192GB HBM3 = 8 stacks x 24 GiB)",
+        ),
+        Gpu(
+            name="L4",
+            memory_bytes=23034 * MIB,
+            source="NVIDIA L4 datasheet (24GB GDDR6); nvidia-smi memory.total 23034 MiB",
+        ),
+        Gpu(
+            name="A10G",
+            memory_bytes=23028 * MIB,
+            source="NVIDIA A10G (AWS g5, 24GB GDDR6); nvidia-smi memory.total 23028 MiB",
+        ),
+        Gpu(
+            name="V100-32GB",
+            memory_bytes=32768 * MIB,
+            source="NVIDIA V100 datasheet (32GB HBM2); nvidia-smi memory.total 32768 MiB",
+        ),
+        Gpu(
+            name="RTX-4090",
+            memory_bytes=24564 * MIB,
+            source="NVIDIA GeForce RTX 4090 (24GB GDDR6X); nvidia-smi memory.total 24564 MiB",
+        ),
+        Gpu(
+            name="RTX-3090",
+            memory_bytes=24576 * MIB,
+            source="NVIDIA GeForce RTX 3090 (24GB GDDR6X); nvidia-smi memory.total 24576 MiB",
+        ),
     )
 }
 

@@ -34,13 +34,18 @@ class LoadedSpec:
 
     def where(self, *path: Any) -> str | None:
         """`file:line` of the deepest node on `path` that exists."""
-        if self.path is None:
-            return None
-        for end in range(len(path), -1, -1):
-            line = self.marks.get(tuple(path[:end]))
-            if line is not None:
-                return f"{self.path}:{line}"
-        return str(self.path)
+        return locate(self.path, self.marks, path)
+
+
+def locate(file: Path | None, marks: Marks, path: tuple[Any, ...]) -> str | None:
+    """`file:line` of the deepest node of `path` that the YAML has."""
+    if file is None:
+        return None
+    for end in range(len(path), -1, -1):
+        line = marks.get(tuple(path[:end]))
+        if line is not None:
+            return f"{file}:{line}"
+    return str(file)
 
 
 def _parse_yaml(text: str, where: str) -> tuple[Any, Marks]:
@@ -87,17 +92,23 @@ def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         if not fields or part not in fields:
             return []
         annotation = fields[part].annotation
-        current = next((a for a in getattr(annotation, "__args__", (annotation,))
-                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        current = next(
+            (
+                a
+                for a in getattr(annotation, "__args__", (annotation,))
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ),
+            None,
+        )
         if current is None:
             return []
     return list(getattr(current, "model_fields", {}))
 
 
-def _describe(err: Mapping[str, Any], loaded: LoadedSpec) -> str:
+def _describe(err: Mapping[str, Any], file: Path | None, marks: Marks) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper()))
     dotted = ".".join(str(p) for p in loc) or "spec"
-    where = loaded.where(*loc)
+    where = locate(file, marks, loc)
     prefix = f"{where}: " if where else ""
     if err["type"] == "extra_forbidden":
         valid = _field_names(Spec, loc[:-1])
@@ -113,13 +124,14 @@ def validate(data: Any, *, path: Path | None = None, marks: Marks | None = None)
     """Validate a parsed spec into a frozen `Spec`, naming `file:line: field` on error."""
     loaded_marks = marks or {}
     if not isinstance(data, dict):
-        raise MemplanError("a spec is a YAML mapping with at least a `model:` section.",
-                           where=str(path) if path else None)
+        raise MemplanError(
+            "a spec is a YAML mapping with at least a `model:` section.",
+            where=str(path) if path else None,
+        )
     try:
         spec = Spec.model_validate(data)
     except ValidationError as err:
-        stub = LoadedSpec(Spec.model_construct(), path, loaded_marks)
-        lines = list(dict.fromkeys(_describe(e, stub) for e in err.errors()))
+        lines = list(dict.fromkeys(_describe(e, path, loaded_marks) for e in err.errors()))
         raise MemplanError("\n".join(lines)) from None
     return LoadedSpec(spec, path, loaded_marks)
 
@@ -142,7 +154,9 @@ def read_json(path: Path, *, what: str) -> Any:
     except FileNotFoundError:
         raise MemplanError(f"{what} not found: {path}") from None
     except json.JSONDecodeError as err:
-        raise MemplanError(f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}.") from None
+        raise MemplanError(
+            f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}."
+        ) from None
     except (OSError, UnicodeDecodeError) as err:
         raise MemplanError(f"cannot read {what} {path}: {err}") from None
 
@@ -165,8 +179,12 @@ def load_inventory(loaded: LoadedSpec) -> Inventory:
             if not file.is_file():
                 raise MemplanError(
                     f"unknown preset {model.preset!r}{nearest(model.preset, presets())}; "
-                    f"shipped: {', '.join(presets())}.", field="model.preset")
-            return models.from_config(read_json(file, what="preset"), origin=f"preset {model.preset}")
+                    f"shipped: {', '.join(presets())}.",
+                    field="model.preset",
+                )
+            return models.from_config(
+                read_json(file, what="preset"), origin=f"preset {model.preset}"
+            )
         assert model.hf_config is not None  # the spec guarantees exactly one source
         file = model.hf_config if model.hf_config.is_absolute() else base / model.hf_config
         config = read_json(file, what="hf_config")

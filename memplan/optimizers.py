@@ -13,8 +13,20 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 OptimizerName = Literal[
-    "adamw", "adam", "sgd", "adagrad", "rmsprop", "adafactor", "nadam", "radam", "adamax",
-    "lion", "adamw8bit", "adam8bit", "paged_adamw8bit", "paged_adam8bit",
+    "adamw",
+    "adam",
+    "sgd",
+    "adagrad",
+    "rmsprop",
+    "adafactor",
+    "nadam",
+    "radam",
+    "adamax",
+    "lion",
+    "adamw8bit",
+    "adam8bit",
+    "paged_adamw8bit",
+    "paged_adam8bit",
 ]
 OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
 
@@ -107,7 +119,12 @@ def state_tensors(opt: OptimizerConfig, shape: tuple[int, ...], dtype: str) -> l
         return [step, like("variance")]
     if name == "nadam":
         # torch/optim/nadam.py::NAdam._init_group: mu_product is a 0-dim fp32 like step
-        return [step, StateTensor("mu_product", (), STEP_DTYPE), like("exp_avg"), like("exp_avg_sq")]
+        return [
+            step,
+            StateTensor("mu_product", (), STEP_DTYPE),
+            like("exp_avg"),
+            like("exp_avg_sq"),
+        ]
     if name == "radam":
         return [step, like("exp_avg"), like("exp_avg_sq")]  # torch/optim/radam.py
     if name == "adamax":
@@ -140,6 +157,8 @@ def _bnb_8bit_states(shape: tuple[int, ...]) -> list[StateTensor]:
 def shared_state_tensors(opt: OptimizerConfig) -> list[StateTensor]:
     """State the optimizer keeps once, whatever the number of tensors (bnb's qmaps)."""
     if opt.is_8bit:
-        return [StateTensor("qmap1", (BNB_QMAP_ELEMS,), "fp32"),
-                StateTensor("qmap2", (BNB_QMAP_ELEMS,), "fp32")]
+        return [
+            StateTensor("qmap1", (BNB_QMAP_ELEMS,), "fp32"),
+            StateTensor("qmap2", (BNB_QMAP_ELEMS,), "fp32"),
+        ]
     return []

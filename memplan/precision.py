@@ -58,7 +58,7 @@ class Recipe:
     gradients: str
     """Dtype of `param.grad` (and of the 16-bit gradient buffers of ZeRO)."""
     master_weights: str | None
-    """Dtype of the optimizer's copy of the weights, or None when it updates `parameters` in place."""
+    """Dtype of the optimizer's weight copy, or None when it updates `parameters` in place."""
     optimizer_states: str
     """Dtype of the optimizer's per-element states (exp_avg, ...)."""
     gradient_accumulation: str | None
@@ -78,38 +78,80 @@ class Recipe:
 #   parameters and gradients, fp32 master weights, momentum and variance, "2 + 2 + 12" bytes.
 PRESETS: dict[str, Recipe] = {
     "fp32": Recipe(
-        name="fp32", parameters="fp32", gradients="fp32", master_weights=None,
-        optimizer_states="fp32", gradient_accumulation=None, compute="fp32", autocast=False,
+        name="fp32",
+        parameters="fp32",
+        gradients="fp32",
+        master_weights=None,
+        optimizer_states="fp32",
+        gradient_accumulation=None,
+        compute="fp32",
+        autocast=False,
         description="everything in fp32",
     ),
     "bf16": Recipe(
-        name="bf16", parameters="bf16", gradients="bf16", master_weights=None,
-        optimizer_states="bf16", gradient_accumulation=None, compute="bf16", autocast=False,
+        name="bf16",
+        parameters="bf16",
+        gradients="bf16",
+        master_weights=None,
+        optimizer_states="bf16",
+        gradient_accumulation=None,
+        compute="bf16",
+        autocast=False,
         description="pure bf16: parameters, gradients and optimizer states in bf16",
     ),
     "fp16": Recipe(
-        name="fp16", parameters="fp16", gradients="fp16", master_weights=None,
-        optimizer_states="fp16", gradient_accumulation=None, compute="fp16", autocast=False,
+        name="fp16",
+        parameters="fp16",
+        gradients="fp16",
+        master_weights=None,
+        optimizer_states="fp16",
+        gradient_accumulation=None,
+        compute="fp16",
+        autocast=False,
         description="pure fp16: parameters, gradients and optimizer states in fp16",
     ),
     "amp-bf16": Recipe(
-        name="amp-bf16", parameters="fp32", gradients="fp32", master_weights=None,
-        optimizer_states="fp32", gradient_accumulation=None, compute="bf16", autocast=True,
+        name="amp-bf16",
+        parameters="fp32",
+        gradients="fp32",
+        master_weights=None,
+        optimizer_states="fp32",
+        gradient_accumulation=None,
+        compute="bf16",
+        autocast=True,
         description="torch.autocast(bf16) over fp32 parameters, gradients and states",
     ),
     "amp-fp16": Recipe(
-        name="amp-fp16", parameters="fp32", gradients="fp32", master_weights=None,
-        optimizer_states="fp32", gradient_accumulation=None, compute="fp16", autocast=True,
+        name="amp-fp16",
+        parameters="fp32",
+        gradients="fp32",
+        master_weights=None,
+        optimizer_states="fp32",
+        gradient_accumulation=None,
+        compute="fp16",
+        autocast=True,
         description="torch.autocast(fp16) over fp32 parameters, gradients and states",
     ),
     "bf16-mixed": Recipe(
-        name="bf16-mixed", parameters="bf16", gradients="bf16", master_weights="fp32",
-        optimizer_states="fp32", gradient_accumulation=None, compute="bf16", autocast=False,
+        name="bf16-mixed",
+        parameters="bf16",
+        gradients="bf16",
+        master_weights="fp32",
+        optimizer_states="fp32",
+        gradient_accumulation=None,
+        compute="bf16",
+        autocast=False,
         description="bf16 parameters and gradients, fp32 master weights and optimizer states",
     ),
     "fp16-mixed": Recipe(
-        name="fp16-mixed", parameters="fp16", gradients="fp16", master_weights="fp32",
-        optimizer_states="fp32", gradient_accumulation=None, compute="fp16", autocast=False,
+        name="fp16-mixed",
+        parameters="fp16",
+        gradients="fp16",
+        master_weights="fp32",
+        optimizer_states="fp32",
+        gradient_accumulation=None,
+        compute="fp16",
+        autocast=False,
         description="fp16 parameters and gradients, fp32 master weights and optimizer states",
     ),
 }

@@ -75,8 +75,11 @@ def ranks_table(report: Report) -> Table:
     for name in ("ranks", "parameters", "gradients", "optimizer states", "total"):
         table.add_column(name, justify="right" if name != "ranks" else "left")
     for states in report.ranks:
-        table.add_row(_rank_label(states), *(human(states.bytes_of(c)) for c in
-                      ("parameters", "gradients", "optimizer_states")), human(states.total_bytes))
+        table.add_row(
+            _rank_label(states),
+            *(human(states.bytes_of(c)) for c in ("parameters", "gradients", "optimizer_states")),
+            human(states.total_bytes),
+        )
     return table
 
 
@@ -85,12 +88,14 @@ def _rank_label(states: RankStates) -> str:
     return str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}"
 
 
-def estimate_view(report: Report, *, show_ranks: bool = False, explain: bool = False) -> RenderableType:
+def estimate_view(
+    report: Report, *, show_ranks: bool = False, explain: bool = False
+) -> RenderableType:
     model = report.model
     p = report.placement
     head = Text.assemble(
-        (model.name, "bold"), f"  {model.num_parameters:,} parameters in "
-        f"{model.num_parameter_tensors:,} tensors\n",
+        (model.name, "bold"),
+        f"  {model.num_parameters:,} parameters in {model.num_parameter_tensors:,} tensors\n",
         f"{report.recipe.name} ({report.recipe.description}), {report.optimizer.name}, "
         f"{p.engine} ZeRO-{p.stage} over {p.data} data-parallel rank{'s' * (p.data > 1)}",
     )
@@ -98,17 +103,30 @@ def estimate_view(report: Report, *, show_ranks: bool = False, explain: bool = F
     if show_ranks and len(report.ranks) > 1:
         parts.append(ranks_table(report))
     if report.host_bytes:
-        parts.append(Text(f"host memory per rank: {report.host_bytes:,} B ({human(report.host_bytes)})"
-                          " — optimizer scalars torch keeps on the CPU"))
+        parts.append(
+            Text(
+                f"host memory per rank: {report.host_bytes:,} B ({human(report.host_bytes)})"
+                " — optimizer scalars torch keeps on the CPU"
+            )
+        )
     if report.capacity_bytes is not None:
         headroom = report.capacity_bytes - report.peak_bytes
         gpu_name = report.gpu or "the GPU"
         if report.fits:
-            parts.append(Text(f"fits {gpu_name} ({human(report.capacity_bytes)}): "
-                              f"{human(headroom)} left", style="green"))
+            parts.append(
+                Text(
+                    f"fits {gpu_name} ({human(report.capacity_bytes)}): {human(headroom)} left",
+                    style="green",
+                )
+            )
         else:
-            parts.append(Text(f"does NOT fit {gpu_name} ({human(report.capacity_bytes)}): "
-                              f"{human(-headroom)} over", style="bold red"))
+            parts.append(
+                Text(
+                    f"does NOT fit {gpu_name} ({human(report.capacity_bytes)}): "
+                    f"{human(-headroom)} over",
+                    style="bold red",
+                )
+            )
     parts.extend(Text(f"note: {n}", style="yellow") for n in report.notes)
     return Group(*parts)
 
@@ -126,8 +144,15 @@ def inventory_table(inventory: Inventory, param_dtype: str) -> RenderableType:
         numel = 1
         for d in shape:
             numel *= d
-        table.add_row(name, kind, str(list(shape)), dtype, f"x{count}", f"{numel * count:,}",
-                      human(numel * count * dtype_bytes(dtype)))
+        table.add_row(
+            name,
+            kind,
+            str(list(shape)),
+            dtype,
+            f"x{count}",
+            f"{numel * count:,}",
+            human(numel * count * dtype_bytes(dtype)),
+        )
     return Group(table, inventory_summary(inventory))
 
 
@@ -148,8 +173,10 @@ def inventory_summary(inventory: Inventory) -> Text:
         index, size = max(layers.items(), key=lambda kv: (kv[1], -kv[0]))
         lines.append(f"largest layer: {index} ({size:,} parameters)")
     if inventory.buffers:
-        lines.append(f"buffers: {len(inventory.buffers)} tensors, "
-                     f"{sum(b.numel for b in inventory.buffers):,} elements")
+        lines.append(
+            f"buffers: {len(inventory.buffers)} tensors, "
+            f"{sum(b.numel for b in inventory.buffers):,} elements"
+        )
     lines.extend(f"note: {n}" for n in inventory.notes)
     return Text("\n".join(lines))
 

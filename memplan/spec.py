@@ -37,12 +37,16 @@ class ModelSpec(Frozen):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSpec:
-        given = [k for k in ("hf_config", "preset", "architecture", "num_parameters")
-                 if getattr(self, k) is not None]
+        given = [
+            k
+            for k in ("hf_config", "preset", "architecture", "num_parameters")
+            if getattr(self, k) is not None
+        ]
         if len(given) != 1:
             what = "none" if not given else " and ".join(given)
             raise ValueError(
-                f"give exactly one of hf_config, preset, architecture or num_parameters (got {what})"
+                "give exactly one of hf_config, preset, architecture or num_parameters "
+                f"(got {what})"
             )
         return self
 
@@ -64,7 +68,9 @@ class PrecisionTable(Frozen):
     @classmethod
     def _known_preset(cls, value: str | None) -> str | None:
         if value is not None and value not in PRESETS:
-            raise ValueError(f"unknown precision preset {value!r}; choose one of {', '.join(PRESETS)}")
+            raise ValueError(
+                f"unknown precision preset {value!r}; choose one of {', '.join(PRESETS)}"
+            )
         return value
 
     def recipe(self) -> Recipe:
@@ -77,7 +83,9 @@ class PrecisionTable(Frozen):
             return None if value == "none" else value
 
         return Recipe(
-            name=self.preset if self.preset and self == PrecisionTable(preset=self.preset) else "custom",
+            name=self.preset
+            if self.preset and self == PrecisionTable(preset=self.preset)
+            else "custom",
             parameters=params,
             gradients=self.gradients or base.gradients,
             master_weights=none_if(self.master_weights, base.master_weights),
@@ -103,8 +111,13 @@ class OptimizerSpec(Frozen):
     """torch.optim kernel: foreach (the CUDA default), fused, or for_loop (the CPU default)."""
 
     def config(self) -> OptimizerConfig:
-        return OptimizerConfig(name=self.name, momentum=self.momentum, amsgrad=self.amsgrad,
-                               centered=self.centered, fused=self.implementation == "fused")
+        return OptimizerConfig(
+            name=self.name,
+            momentum=self.momentum,
+            amsgrad=self.amsgrad,
+            centered=self.centered,
+            fused=self.implementation == "fused",
+        )
 
 
 class TrainingSpec(Frozen):
@@ -121,6 +134,16 @@ class TrainingSpec(Frozen):
 Engine = Literal["deepspeed", "fsdp2", "ddp"]
 
 
+class DeepSpeedSpec(Frozen):
+    """DeepSpeed `zero_optimization` keys that change memory (DeepSpeed's own names and
+    defaults: deepspeed/runtime/zero/config.py::DeepSpeedZeroConfig, 0.19.6)."""
+
+    sub_group_size: PositiveInt = 10**9
+    """Elements per fp32 optimizer sub-group (ZeRO-3)."""
+    stage3_param_persistence_threshold: int = Field(10**5, ge=0)
+    """ZeRO-3 keeps parameters with numel <= this gathered on every rank."""
+
+
 class ParallelismSpec(Frozen):
     """How the job is spread over GPUs."""
 
@@ -130,6 +153,8 @@ class ParallelismSpec(Frozen):
     """Data-parallel degree (ranks that hold a replica or a shard of the model states)."""
     zero_stage: int | None = Field(None, ge=0, le=3)
     """ZeRO stage 0-3; default: 0 for deepspeed and ddp, 3 for fsdp2."""
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    """DeepSpeed config keys (used when engine is deepspeed)."""
 
     @model_validator(mode="after")
     def _stage_fits_engine(self) -> ParallelismSpec:
@@ -154,8 +179,18 @@ class ParallelismSpec(Frozen):
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)?\s*$")
-_UNIT = {None: 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
-         "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNIT = {
+    None: 1,
+    "B": 1,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+}
 
 
 def parse_bytes(value: int | str) -> int:
@@ -193,7 +228,9 @@ class HardwareSpec(Frozen):
     @classmethod
     def _known_gpu(cls, value: str | None) -> str | None:
         if value is not None and value not in CATALOG:
-            raise ValueError(f"unknown gpu {value!r}{nearest(value, CATALOG)}; known: {', '.join(CATALOG)}")
+            raise ValueError(
+                f"unknown gpu {value!r}{nearest(value, CATALOG)}; known: {', '.join(CATALOG)}"
+            )
         return value
 
 

@@ -73,8 +73,11 @@ def from_parameter_count(num_parameters: int) -> Inventory:
 
 def _with_note(inventory: Inventory, note: str) -> Inventory:
     return Inventory(
-        name=inventory.name, architecture=inventory.architecture,
-        parameters=inventory.parameters, buffers=inventory.buffers, tied=inventory.tied,
+        name=inventory.name,
+        architecture=inventory.architecture,
+        parameters=inventory.parameters,
+        buffers=inventory.buffers,
+        tied=inventory.tied,
         notes=(*inventory.notes, note),
     )
 

@@ -16,7 +16,7 @@ from memplan.models.inventory import Architecture, Config, Inventory, TensorSpec
 
 # model_type -> (q/k/v bias default, per-head q/k RMSNorm, tie_word_embeddings default)
 # The tie defaults are each config class's __init__ default in transformers 5.x
-# (configuration_llama.py, configuration_mistral.py, configuration_qwen2.py, configuration_qwen3.py).
+# (configuration_{llama,mistral,qwen2,qwen3}.py).
 _VARIANTS: dict[str, tuple[bool, bool, bool]] = {
     "llama": (False, False, False),
     "mistral": (False, False, False),
@@ -33,8 +33,9 @@ def rotary_buffers(prefix: str, rotary_dim: int) -> tuple[TensorSpec, ...]:
     """
     half = rotary_dim // 2
     return tuple(
-        TensorSpec(f"{prefix}.{name}", (half,), "buffer", dtype="fp32", persistent=False,
-                   role="rotary")
+        TensorSpec(
+            f"{prefix}.{name}", (half,), "buffer", dtype="fp32", persistent=False, role="rotary"
+        )
         for name in ("inv_freq", "original_inv_freq")
     )
 
@@ -56,27 +57,43 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     mlp_bias = cfg.bool("mlp_bias", False)
     tie = cfg.bool("tie_word_embeddings", tie_default)
 
-    def linear(name: str, out_f: int, in_f: int, bias: bool, layer: int, role: str) -> list[TensorSpec]:
+    def linear(
+        name: str, out_f: int, in_f: int, bias: bool, layer: int, role: str
+    ) -> list[TensorSpec]:
         specs = [TensorSpec(f"{name}.weight", (out_f, in_f), layer=layer, role=role)]
         if bias:
             specs.append(TensorSpec(f"{name}.bias", (out_f,), layer=layer, role=role))
         return specs
 
-    params: list[TensorSpec] = [TensorSpec("model.embed_tokens.weight", (vocab, hidden), role="embedding")]
+    params: list[TensorSpec] = [
+        TensorSpec("model.embed_tokens.weight", (vocab, hidden), role="embedding")
+    ]
     for i in range(layers):
         p = f"model.layers.{i}"
-        params += linear(f"{p}.self_attn.q_proj", heads * head_dim, hidden, qkv_bias, i, "attention")
-        params += linear(f"{p}.self_attn.k_proj", kv_heads * head_dim, hidden, qkv_bias, i, "attention")
-        params += linear(f"{p}.self_attn.v_proj", kv_heads * head_dim, hidden, qkv_bias, i, "attention")
+        params += linear(
+            f"{p}.self_attn.q_proj", heads * head_dim, hidden, qkv_bias, i, "attention"
+        )
+        params += linear(
+            f"{p}.self_attn.k_proj", kv_heads * head_dim, hidden, qkv_bias, i, "attention"
+        )
+        params += linear(
+            f"{p}.self_attn.v_proj", kv_heads * head_dim, hidden, qkv_bias, i, "attention"
+        )
         params += linear(f"{p}.self_attn.o_proj", hidden, heads * head_dim, o_bias, i, "attention")
         if qk_norm:
-            params.append(TensorSpec(f"{p}.self_attn.q_norm.weight", (head_dim,), layer=i, role="norm"))
-            params.append(TensorSpec(f"{p}.self_attn.k_norm.weight", (head_dim,), layer=i, role="norm"))
+            params.append(
+                TensorSpec(f"{p}.self_attn.q_norm.weight", (head_dim,), layer=i, role="norm")
+            )
+            params.append(
+                TensorSpec(f"{p}.self_attn.k_norm.weight", (head_dim,), layer=i, role="norm")
+            )
         params += linear(f"{p}.mlp.gate_proj", inter, hidden, mlp_bias, i, "mlp")
         params += linear(f"{p}.mlp.up_proj", inter, hidden, mlp_bias, i, "mlp")
         params += linear(f"{p}.mlp.down_proj", hidden, inter, mlp_bias, i, "mlp")
         params.append(TensorSpec(f"{p}.input_layernorm.weight", (hidden,), layer=i, role="norm"))
-        params.append(TensorSpec(f"{p}.post_attention_layernorm.weight", (hidden,), layer=i, role="norm"))
+        params.append(
+            TensorSpec(f"{p}.post_attention_layernorm.weight", (hidden,), layer=i, role="norm")
+        )
     params.append(TensorSpec("model.norm.weight", (hidden,), role="norm"))
     tied: tuple[tuple[str, str], ...] = ()
     if tie:
@@ -86,11 +103,20 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
 
     rotary_dim = int(head_dim * float(cfg.get("partial_rotary_factor", 1.0)))
     arch = Architecture(
-        model_type=model_type, hidden_size=hidden, num_layers=layers, vocab_size=vocab,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-        intermediate_size=inter, max_position_embeddings=cfg.int("max_position_embeddings", default=0),
+        model_type=model_type,
+        hidden_size=hidden,
+        num_layers=layers,
+        vocab_size=vocab,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=inter,
+        max_position_embeddings=cfg.int("max_position_embeddings", default=0),
     )
     return Inventory(
-        name=model_name(cfg, model_type), architecture=arch, parameters=tuple(params),
-        buffers=rotary_buffers("model.rotary_emb", rotary_dim), tied=tied,
+        name=model_name(cfg, model_type),
+        architecture=arch,
+        parameters=tuple(params),
+        buffers=rotary_buffers("model.rotary_emb", rotary_dim),
+        tied=tied,
     )

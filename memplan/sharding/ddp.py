@@ -1,0 +1,85 @@
+"""torch DDP (ZeRO-0) and DDP + ZeroRedundancyOptimizer (ZeRO-1)."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+from memplan.models.inventory import Inventory
+from memplan.optimizers import OptimizerConfig
+from memplan.precision import Recipe
+from memplan.sharding.base import (
+    SRC_DDP,
+    SRC_ZERO_RO,
+    Placement,
+    RankStates,
+    grad_dtype,
+    optimizer_terms,
+    whole,
+)
+
+
+def replicated(
+    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+) -> list[RankStates]:
+    """Plain DDP (ZeRO stage 0): every rank holds everything. Source: SRC_DDP."""
+    params = inventory.parameters
+    terms = [
+        whole("parameters", "parameters", recipe.parameters, params, SRC_DDP),
+        whole("gradients", "gradients", grad_dtype(recipe), params, SRC_DDP),
+    ]
+    device, host = optimizer_terms(
+        (p.shape for p in params),
+        opt=opt,
+        recipe=recipe,
+        placement=placement,
+        view="tensors",
+        source=SRC_DDP,
+    )
+    return [
+        RankStates(
+            ranks=tuple(range(placement.data)), terms=(*terms, *device), host_terms=tuple(host)
+        )
+    ]
+
+
+def zero_redundancy_partition(numels: Sequence[int], world: int) -> list[list[int]]:
+    """Indices of the tensors each rank's ZeroRedundancyOptimizer owns.
+
+    torch/distributed/optim/zero_redundancy_optimizer.py::_partition_parameters (2.13): the
+    group's tensors sorted by numel, largest first (a stable sort), each given to the rank
+    with the smallest total so far (`_get_min_index`: the lowest such rank).
+    """
+    order = sorted(range(len(numels)), key=lambda i: numels[i], reverse=True)
+    heap = [(0, rank) for rank in range(world)]
+    owned: list[list[int]] = [[] for _ in range(world)]
+    for i in order:
+        size, rank = heapq.heappop(heap)
+        owned[rank].append(i)
+        heapq.heappush(heap, (size + numels[i], rank))
+    return owned
+
+
+def zero_redundancy(
+    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+) -> list[RankStates]:
+    """DDP + ZeroRedundancyOptimizer (ZeRO-1): full parameters and gradients, whole-tensor
+    optimizer states on the owning rank only. Source: SRC_ZERO_RO."""
+    params = inventory.parameters
+    common = [
+        whole("parameters", "parameters", recipe.parameters, params, SRC_DDP),
+        whole("gradients", "gradients", grad_dtype(recipe), params, SRC_DDP),
+    ]
+    owned = zero_redundancy_partition([p.numel for p in params], placement.data)
+    out = []
+    for rank, indices in enumerate(owned):
+        device, host = optimizer_terms(
+            (params[i].shape for i in indices),
+            opt=opt,
+            recipe=recipe,
+            placement=placement,
+            view="owned tensors (largest first to the least-loaded rank)",
+            source=SRC_ZERO_RO,
+        )
+        out.append(RankStates(ranks=(rank,), terms=(*common, *device), host_terms=tuple(host)))
+    return out

@@ -1,0 +1,300 @@
+"""DeepSpeed ZeRO stages 0-3: flat 16-bit buffers, fp32 partitions, and their padding.
+
+Read from deepspeedai/DeepSpeed 0.19.6 (commit edaa7221). Abbreviations in comments:
+S12 = deepspeed/runtime/zero/stage_1_and_2.py::DeepSpeedZeroOptimizer.__init__,
+S3 = deepspeed/runtime/zero/stage3.py::DeepSpeedZeroOptimizer_Stage3,
+PP = deepspeed/runtime/zero/partition_parameters.py::Init._partition_param.
+The defaults of the config keys are in deepspeed/runtime/zero/config.py::DeepSpeedZeroConfig.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from itertools import accumulate
+
+from memplan.models.inventory import Inventory
+from memplan.optimizers import OptimizerConfig
+from memplan.precision import Recipe, dtype_bytes
+from memplan.sharding.base import (
+    EngineRule,
+    Placement,
+    RankStates,
+    Term,
+    ceil_div,
+    fmt,
+    grad_dtype,
+    optimizer_terms,
+    round_up,
+    term,
+    whole,
+)
+
+SRC_S12 = "deepspeed/runtime/zero/stage_1_and_2.py::DeepSpeedZeroOptimizer.__init__ (0.19.6)"
+SRC_S3 = "deepspeed/runtime/zero/stage3.py::DeepSpeedZeroOptimizer_Stage3 (0.19.6)"
+SRC_PP = "deepspeed/runtime/zero/partition_parameters.py::Init._partition_param (0.19.6)"
+SRC_FP16_OPT = "deepspeed/runtime/fp16/fused_optimizer.py::FP16_Optimizer.__init__ (0.19.6)"
+SRC_FUSED_ADAM = "deepspeed/ops/adam/fused_adam.py::FusedAdam.step (0.19.6): step is a Python int"
+
+# S12: `nccl_start_alignment_factor = 2`, whatever the dtype; each group's flat buffer is
+# padded to a multiple of 2 x world size (runtime/utils.py::align_dense_tensors).
+NCCL_START_ALIGNMENT_FACTOR = 2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeepSpeedKnobs:
+    """The DeepSpeed config keys that change model-state bytes (their defaults)."""
+
+    sub_group_size: int = 10**9
+    """zero_optimization.sub_group_size: fp32 partition elements per optimizer sub-group."""
+    stage3_param_persistence_threshold: int = 10**5
+    """Parameters with numel <= this stay gathered on every rank (S3 / parameter_offload.py)."""
+
+
+def _int_step(opt: OptimizerConfig) -> bool:
+    """DeepSpeed's own optimizers for these names count steps in a Python int
+    (engine.py::_configure_basic_optimizer picks FusedAdam / FusedLion)."""
+    return opt.name in ("adam", "adamw", "lion")
+
+
+def _master_dtype(recipe: Recipe) -> str:
+    """DeepSpeed always keeps its own copy of the partition in the master dtype; without a
+    *-mixed recipe that copy is in the optimizer-state dtype (S12: `.to(master dtype)`)."""
+    return recipe.master_weights or recipe.optimizer_states
+
+
+def _flat_optimizer(
+    shapes: Sequence[tuple[int, ...]],
+    *,
+    opt: OptimizerConfig,
+    recipe: Recipe,
+    placement: Placement,
+    view: str,
+    source: str,
+) -> tuple[list[Term], list[Term]]:
+    ds_recipe = replace(recipe, master_weights=_master_dtype(recipe))
+    return optimizer_terms(
+        shapes,
+        opt=opt,
+        recipe=ds_recipe,
+        placement=placement,
+        view=view,
+        source=source,
+        step_is_int=_int_step(opt),
+    )
+
+
+def stage0(
+    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+) -> list[RankStates]:
+    """No ZeRO. With a 16-bit recipe DeepSpeed wraps the optimizer in FP16_Optimizer: a flat
+    16-bit buffer, per-parameter 16-bit grads, and a full flat fp32 master the optimizer
+    updates as one tensor (SRC_FP16_OPT). Otherwise the optimizer sees every parameter."""
+    params = inventory.parameters
+    terms = [
+        whole("parameters", "parameters", recipe.parameters, params, SRC_FP16_OPT),
+        whole("gradients", "gradients", grad_dtype(recipe), params, SRC_FP16_OPT),
+    ]
+    if recipe.master_weights:
+        shapes = [(inventory.num_parameters,)]
+        device, host = _flat_optimizer(
+            shapes,
+            opt=opt,
+            recipe=recipe,
+            placement=placement,
+            view="flat fp32 master",
+            source=SRC_FP16_OPT,
+        )
+    else:
+        device, host = optimizer_terms(
+            (p.shape for p in params),
+            opt=opt,
+            recipe=recipe,
+            placement=placement,
+            view="tensors",
+            source=SRC_FUSED_ADAM,
+            step_is_int=_int_step(opt),
+        )
+    return [
+        RankStates(
+            ranks=tuple(range(placement.data)), terms=(*terms, *device), host_terms=tuple(host)
+        )
+    ]
+
+
+def stage12_partition(num_elements: int, world: int) -> tuple[int, int]:
+    """(padded flat elements, partition elements per rank) of one param group (S12)."""
+    padded = round_up(num_elements, NCCL_START_ALIGNMENT_FACTOR * world)
+    return padded, padded // world
+
+
+def grads_in_partition(numels: list[int], world: int, partition: int) -> list[int]:
+    """Per rank: elements of the stage-2 `grads_in_partition` buffer.
+
+    S12::copy_grads_in_partition allocates the *whole* numel of every parameter that overlaps
+    the rank's partition [r*P, (r+1)*P), so a parameter across a boundary counts on both.
+    """
+    ends = list(accumulate(numels))
+    starts = [e - n for e, n in zip(ends, numels, strict=True)]
+    prefix = [0, *ends]
+    out = []
+    for rank in range(world):
+        lo, hi = rank * partition, (rank + 1) * partition
+        first = bisect.bisect_right(ends, lo)  # first parameter ending after lo
+        last = bisect.bisect_left(starts, hi)  # first parameter starting at or after hi
+        out.append(prefix[last] - prefix[first] if last > first else 0)
+    return out
+
+
+def stage12(stage: int) -> EngineRule:
+    def rule(
+        inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+    ) -> list[RankStates]:
+        """ZeRO-1/2: the 16-bit flat buffer is full (padded) on every rank; each rank's optimizer
+        updates its fp32 partition as one flat tensor. Stage 1 keeps every full 16-bit `.grad`
+        between micro-steps; stage 2 keeps only `grads_in_partition` (SRC_S12)."""
+        world = placement.data
+        params = inventory.parameters
+        n = inventory.num_parameters
+        padded, part = stage12_partition(n, world)
+        p_dtype, g_dtype = recipe.parameters, grad_dtype(recipe)
+        flat = term(
+            "parameters",
+            "parameters",
+            p_dtype,
+            len(params),
+            padded,
+            f"flat buffer: {fmt(n)} elements padded to a multiple of "
+            f"{NCCL_START_ALIGNMENT_FACTOR} x {world} = {fmt(padded)} x "
+            f"{dtype_bytes(p_dtype)} B ({p_dtype})",
+            SRC_S12,
+        )
+        device, host = _flat_optimizer(
+            [(part,)],
+            opt=opt,
+            recipe=recipe,
+            placement=placement,
+            view=f"flat partition ({fmt(padded)} / {world})",
+            source=SRC_S12,
+        )
+        if stage == 1:
+            grads = whole(
+                "gradients",
+                "gradients",
+                g_dtype,
+                params,
+                SRC_S12 + ": stage 1 keeps each full 16-bit .grad until the boundary",
+            )
+            return [
+                RankStates(
+                    ranks=tuple(range(world)), terms=(flat, grads, *device), host_terms=tuple(host)
+                )
+            ]
+        per_rank = grads_in_partition([p.numel for p in params], world, part)
+        out: list[RankStates] = []
+        for rank, elems in enumerate(per_rank):
+            grads = term(
+                "gradients",
+                "gradients",
+                g_dtype,
+                len(params),
+                elems,
+                f"grads_in_partition: whole parameters overlapping elements "
+                f"[{fmt(rank * part)}, {fmt((rank + 1) * part)}) = {fmt(elems)} x "
+                f"{dtype_bytes(g_dtype)} B ({g_dtype})",
+                SRC_S12 + "::copy_grads_in_partition",
+            )
+            if out and out[-1].terms[1] == grads:
+                out[-1] = RankStates(
+                    ranks=(*out[-1].ranks, rank), terms=out[-1].terms, host_terms=out[-1].host_terms
+                )
+            else:
+                out.append(
+                    RankStates(ranks=(rank,), terms=(flat, grads, *device), host_terms=tuple(host))
+                )
+        return out
+
+    return rule
+
+
+def sub_groups(partition_numels: list[int], sub_group_size: int) -> list[int]:
+    """Elements of each fp32 sub-group on one rank (S3::_create_fp16_sub_groups): parameters
+    in order, a group closes once its running per-rank numel reaches `sub_group_size`."""
+    total = sum(partition_numels)
+    if sub_group_size >= total:
+        return [total]
+    groups, running = [], 0
+    for i, n in enumerate(partition_numels):
+        running += n
+        if running >= sub_group_size or i == len(partition_numels) - 1:
+            groups.append(running)
+            running = 0
+    return groups
+
+
+def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
+    def rule(
+        inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+    ) -> list[RankStates]:
+        """ZeRO-3: each parameter split into ceil(n / W) elements per rank (the last ranks hold
+        zero padding; SRC_PP); parameters with numel <= stage3_param_persistence_threshold are
+        also kept gathered. Gradients live in `grad_partitions_flat_buffer` (same size, in the
+        accumulation dtype); the fp32 master is one flat tensor per sub-group, aliased to the
+        16-bit partition when both are fp32 (S3::_create_fp32_partitions)."""
+        world = placement.data
+        params = inventory.parameters
+        shards = [ceil_div(p.numel, world) for p in params]
+        shard_total = sum(shards)
+        persistent = [p for p in params if p.numel <= knobs.stage3_param_persistence_threshold]
+        persist_elems = sum(p.numel for p in persistent)
+        p_dtype, g_dtype = recipe.parameters, grad_dtype(recipe)
+        terms = [
+            term(
+                "parameters",
+                "parameters",
+                p_dtype,
+                len(params),
+                shard_total + persist_elems,
+                f"{len(params)} tensors, sum of ceil(numel / {world}) = {fmt(shard_total)}"
+                f" + {len(persistent)} persistent (numel <= "
+                f"{fmt(knobs.stage3_param_persistence_threshold)}) kept whole = "
+                f"{fmt(persist_elems)}; x {dtype_bytes(p_dtype)} B ({p_dtype})",
+                f"{SRC_PP}; persistence: partition_parameters.py::Init._convert_to_deepspeed_param",
+            ),
+            term(
+                "gradients",
+                "gradients",
+                g_dtype,
+                len(params),
+                shard_total,
+                f"grad_partitions_flat_buffer: {fmt(shard_total)} elements x "
+                f"{dtype_bytes(g_dtype)} B ({g_dtype})",
+                SRC_S3 + "._setup_for_real_optimizer",
+            ),
+        ]
+        groups = sub_groups(shards, knobs.sub_group_size)
+        device, host = _flat_optimizer(
+            [(g,) for g in groups],
+            opt=opt,
+            recipe=recipe,
+            placement=placement,
+            view=f"fp32 sub-group partitions (sub_group_size {fmt(knobs.sub_group_size)})",
+            source=SRC_S3,
+        )
+        if _master_dtype(recipe) == p_dtype:
+            # The master is the 16-bit partition itself (no copy) when the dtypes agree.
+            device = [t for t in device if t.name != "master_weights"]
+        return [
+            RankStates(ranks=tuple(range(world)), terms=(*terms, *device), host_terms=tuple(host))
+        ]
+
+    return rule
+
+
+def rule_for(stage: int, knobs: DeepSpeedKnobs) -> EngineRule:
+    if stage == 0:
+        return stage0
+    if stage in (1, 2):
+        return stage12(stage)
+    return stage3(knobs)

@@ -1,0 +1,106 @@
+"""torch FSDP2 `fully_shard` (ZeRO-3, or ZeRO-2-like with reshard_after_forward=False)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from memplan.models.inventory import Inventory
+from memplan.optimizers import OptimizerConfig
+from memplan.precision import Recipe, dtype_bytes
+from memplan.sharding.base import (
+    SRC_FSDP2,
+    Placement,
+    RankStates,
+    ceil_div,
+    fmt,
+    optimizer_terms,
+    term,
+)
+
+
+def fsdp2_rows(dim0: int, world: int, rank: int) -> int:
+    """Rows of a dim-0 shard on `rank`: torch.chunk's split, `ceil(dim0 / world)` rows per
+    chunk, so trailing ranks may hold fewer or none. Source: SRC_FSDP2 (`torch.chunk`)."""
+    chunk = ceil_div(dim0, world)
+    return max(0, min(chunk, dim0 - rank * chunk))
+
+
+def fsdp2(
+    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+) -> list[RankStates]:
+    """torch FSDP2 `fully_shard`: each tensor split on dim 0 like torch.chunk.
+
+    The sharded parameter and its gradient live in a storage padded to the largest chunk on
+    every rank (`padded_sharded_param_size`); the optimizer sees the unpadded local shard, so
+    its states are not padded. Sharded parameters are kept in their original dtype, the
+    fp32 master under a *-mixed recipe (MixedPrecisionPolicy.param_dtype makes the 16-bit
+    copy only while unsharded), and the reduced gradient is cast back to it
+    (`_fsdp_collectives.py::foreach_reduce`). Source: SRC_FSDP2.
+    """
+    world = placement.data
+    at_rest = recipe.master_weights or recipe.parameters
+    grad_dtype = recipe.gradient_accumulation or at_rest
+    params = inventory.parameters
+    padded_elems = 0
+    for p in params:
+        row = p.numel // p.shape[0] if p.shape and p.shape[0] else 0
+        padded_elems += ceil_div(p.shape[0], world) * row if p.shape else p.numel
+    n = len(params)
+    padded_formula = (
+        f"{n} tensors, sum of ceil(dim0 / {world}) rows = {fmt(padded_elems)} "
+        f"elements (padded to the largest chunk)"
+    )
+    common = [
+        term(
+            "parameters",
+            "parameters",
+            at_rest,
+            n,
+            padded_elems,
+            f"{padded_formula} x {dtype_bytes(at_rest)} B ({at_rest})",
+            SRC_FSDP2,
+        ),
+        term(
+            "gradients",
+            "gradients",
+            grad_dtype,
+            n,
+            padded_elems,
+            f"{padded_formula} x {dtype_bytes(grad_dtype)} B ({grad_dtype})",
+            SRC_FSDP2,
+        ),
+    ]
+    fsdp_recipe = _without_master(recipe, at_rest)
+
+    # Ranks between two consecutive "breakpoints" (where some tensor's shard changes size)
+    # see identical shards, so each class is computed once.
+    breaks = {0, world}
+    for p in params:
+        if p.shape:
+            chunk = ceil_div(p.shape[0], world)
+            full = p.shape[0] // chunk
+            breaks.update(r for r in (full, full + 1) if 0 < r < world)
+    edges = sorted(breaks)
+    out = []
+    for lo, hi in zip(edges, edges[1:], strict=False):
+        shapes = [
+            (fsdp2_rows(p.shape[0], world, lo), *p.shape[1:]) if p.shape else p.shape
+            for p in params
+        ]
+        device, host = optimizer_terms(
+            shapes,
+            opt=opt,
+            recipe=fsdp_recipe,
+            placement=placement,
+            view="local shards (unpadded)",
+            source=SRC_FSDP2,
+        )
+        out.append(
+            RankStates(ranks=tuple(range(lo, hi)), terms=(*common, *device), host_terms=tuple(host))
+        )
+    return out
+
+
+def _without_master(recipe: Recipe, at_rest: str) -> Recipe:
+    """FSDP2 has no separate master copy: the optimizer updates the at-rest shard."""
+    return replace(recipe, master_weights=None, optimizer_states=at_rest)
