@@ -13,6 +13,7 @@ from memplan.sharding.base import (
     SRC_ZERO_RO,
     Placement,
     RankStates,
+    ceil_div,
     grad_dtype,
     optimizer_terms,
     whole,
@@ -70,6 +71,20 @@ def zero_redundancy(
         whole("parameters", "parameters", recipe.parameters, params, SRC_DDP),
         whole("gradients", "gradients", grad_dtype(recipe), params, SRC_DDP),
     ]
+    if inventory.architecture is None:
+        # A bare parameter count is one stand-in tensor: whole-tensor assignment would put it
+        # all on rank 0, so split it evenly (the ZeRO paper's Psi / N_d) instead.
+        share = ceil_div(inventory.num_parameters, placement.data)
+        device, host = optimizer_terms(
+            [(share,)],
+            opt=opt,
+            recipe=recipe,
+            placement=placement,
+            view="even share of the count",
+            source=SRC_ZERO_RO,
+        )
+        ranks = tuple(range(placement.data))
+        return [RankStates(ranks=ranks, terms=(*common, *device), host_terms=tuple(host))]
     owned = zero_redundancy_partition([p.numel for p in params], placement.data)
     out = []
     for rank, indices in enumerate(owned):

@@ -191,7 +191,12 @@ def stage12(stage: int) -> EngineRule:
                     ranks=tuple(range(world)), terms=(flat, grads, *device), host_terms=tuple(host)
                 )
             ]
-        per_rank = grads_in_partition([p.numel for p in params], world, part)
+        if inventory.architecture is None:
+            # A bare parameter count has no tensor boundaries: count the partition itself (the
+            # ZeRO paper's 2 Psi / N_d), not the one stand-in tensor that overlaps every rank.
+            per_rank = [part] * world
+        else:
+            per_rank = grads_in_partition([p.numel for p in params], world, part)
         out: list[RankStates] = []
         for rank, elems in enumerate(per_rank):
             grads = term(
