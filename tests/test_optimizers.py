@@ -1,0 +1,97 @@
+"""Optimizer state layouts against the real torch optimizers (names, shapes, dtypes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memplan.optimizers import (
+    BNB_BLOCKSIZE,
+    BNB_MIN_8BIT_SIZE,
+    OptimizerConfig,
+    shared_state_tensors,
+    state_tensors,
+)
+from memplan.precision import DTYPE_BYTES, TORCH_NAMES
+
+SHAPES = [(7,), (5, 3), (2, 3, 4), (1, 9)]
+
+# (memplan name, torch factory, settings) — every optimizer torch ships that memplan models.
+TORCH_CASES = [
+    ("adamw", lambda p: torch.optim.AdamW(p), {}),
+    ("adam", lambda p: torch.optim.Adam(p, amsgrad=True), {"amsgrad": True}),
+    ("adam", lambda p: torch.optim.Adam(p, fused=True), {"fused": True}),
+    ("sgd", lambda p: torch.optim.SGD(p, lr=0.1), {}),
+    ("sgd", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), {"momentum": 0.9}),
+    ("adagrad", lambda p: torch.optim.Adagrad(p), {}),
+    ("rmsprop", lambda p: torch.optim.RMSprop(p), {}),
+    ("rmsprop", lambda p: torch.optim.RMSprop(p, momentum=0.9, centered=True),
+     {"momentum": 0.9, "centered": True}),
+    ("adafactor", lambda p: torch.optim.Adafactor(p), {}),
+    ("nadam", lambda p: torch.optim.NAdam(p), {}),
+    ("radam", lambda p: torch.optim.RAdam(p), {}),
+    ("adamax", lambda p: torch.optim.Adamax(p), {}),
+]
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, TORCH_NAMES[name])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize(("name", "factory", "settings"), TORCH_CASES)
+def test_state_layout_matches_torch(name, factory, settings, dtype):  # type: ignore[no-untyped-def]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=_torch_dtype(dtype))) for s in SHAPES]
+    opt = factory(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    config = OptimizerConfig(name=name, **settings)
+    for p in params:
+        measured = {k: (tuple(v.shape), v.dtype, v.numel() * v.element_size())
+                    for k, v in opt.state[p].items() if torch.is_tensor(v)}
+        predicted = {s.name: (s.shape, _torch_dtype(s.dtype), s.numel * DTYPE_BYTES[s.dtype])
+                     for s in state_tensors(config, tuple(p.shape), dtype)}
+        assert predicted == measured, (name, tuple(p.shape))
+
+
+def test_torch_step_scalar_has_its_own_storage():
+    """A 0-dim `step` tensor costs 4 bytes of its own (field notes; proved here)."""
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(3)]
+    opt = torch.optim.AdamW(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    pointers = {opt.state[p]["step"].untyped_storage().data_ptr() for p in params}
+    assert len(pointers) == 3
+    assert all(opt.state[p]["step"].untyped_storage().nbytes() == 4 for p in params)
+
+
+def test_lion_keeps_one_momentum():
+    # lion-pytorch's Lion.step: `state["exp_avg"] = torch.zeros_like(p)`, no step counter.
+    states = state_tensors(OptimizerConfig(name="lion"), (4, 4), "fp32")
+    assert [(s.name, s.shape) for s in states] == [("exp_avg", (4, 4))]
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        # below min_8bit_size (4096): two fp32 states, 4 + 4 bytes per element
+        ((64, 63), 64 * 63 * 8),
+        # 4096 elements: two uint8 states + two fp32 absmax of ceil(4096 / 256) = 16 blocks
+        ((64, 64), 4096 * 2 + 16 * 4 * 2),
+        # 4097 elements: 17 blocks (the last block is partial)
+        ((4097,), 4097 * 2 + 17 * 4 * 2),
+    ],
+)
+def test_bnb_8bit_states(shape, expected):  # type: ignore[no-untyped-def]
+    assert BNB_MIN_8BIT_SIZE == 4096 and BNB_BLOCKSIZE == 256
+    states = state_tensors(OptimizerConfig(name="adamw8bit"), shape, "bf16")
+    assert sum(s.numel * DTYPE_BYTES[s.dtype] for s in states) == expected
+    assert "step" not in {s.name for s in states}  # a Python int in bitsandbytes
+
+
+def test_bnb_qmaps_are_shared_once():
+    maps = shared_state_tensors(OptimizerConfig(name="paged_adamw8bit"))
+    assert sum(m.numel * DTYPE_BYTES[m.dtype] for m in maps) == 2 * 256 * 4
+    assert shared_state_tensors(OptimizerConfig(name="adamw")) == []
