@@ -88,6 +88,19 @@ CATALOG: dict[str, Gpu] = {
 }
 
 
+# Short names people type, each to the catalog entry it most often means.
+ALIASES: dict[str, str] = {
+    "A100": "A100-80GB",
+    "H100": "H100-80GB",
+    "H100-SXM": "H100-80GB",
+    "H100-NVL": "H100-94GB",
+    "H200-141GB": "H200",
+    "V100": "V100-32GB",
+    "4090": "RTX-4090",
+    "3090": "RTX-3090",
+}
+
+
 def nearest(word: str, choices: Iterable[str]) -> str:
     """`; did you mean 'x'?` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)

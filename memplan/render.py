@@ -48,13 +48,17 @@ def estimate_table(report: Report, *, explain: bool = False) -> Table:
     if cap:
         table.add_column("of GPU", justify="right")
 
+    refs = 0
+
     def add(label: str, dtype: str, n_bytes: int, *, style: str = "", note: str = "") -> None:
+        nonlocal refs
+        if explain and note:
+            refs += 1
+            label = f"{label} [{refs}]"
         cells = [label, dtype, f"{n_bytes:,}", human(n_bytes)]
         if cap:
             cells.append(_share(n_bytes, cap))
         table.add_row(*cells, style=style)
-        if explain and note:
-            table.add_row(Text(f"  {note}", style="dim"), *[""] * (len(cells) - 1))
 
     last_category = None
     for term in _rows((*gpu.terms, *report.buffers)):
@@ -68,6 +72,13 @@ def estimate_table(report: Report, *, explain: bool = False) -> Table:
     table.add_section()
     add("peak", "", report.peak_bytes, style="bold")
     return table
+
+
+def explanations(report: Report) -> Text:
+    """The formula and source of each model-state row, numbered as in the table."""
+    terms = _rows((*report.per_gpu.terms, *report.buffers))
+    lines = [f"[{i}] {t.name}: {t.formula}\n    source: {t.source}" for i, t in enumerate(terms, 1)]
+    return Text("\n".join(lines), style="dim")
 
 
 def ranks_table(report: Report) -> Table:
@@ -100,6 +111,8 @@ def estimate_view(
         f"{p.engine} ZeRO-{p.stage} over {p.data} data-parallel rank{'s' * (p.data > 1)}",
     )
     parts: list[RenderableType] = [head, estimate_table(report, explain=explain)]
+    if explain:
+        parts.append(explanations(report))
     if show_ranks and len(report.ranks) > 1:
         parts.append(ranks_table(report))
     if report.host_bytes:

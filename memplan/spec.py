@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from memplan.hardware import CATALOG, nearest
+from memplan.hardware import ALIASES, CATALOG, nearest
 from memplan.optimizers import OptimizerConfig, OptimizerName
 from memplan.precision import PRESETS, DType, Recipe
 
@@ -227,6 +227,7 @@ class HardwareSpec(Frozen):
     @field_validator("gpu")
     @classmethod
     def _known_gpu(cls, value: str | None) -> str | None:
+        value = ALIASES.get(value, value) if value is not None else None
         if value is not None and value not in CATALOG:
             raise ValueError(
                 f"unknown gpu {value!r}{nearest(value, CATALOG)}; known: {', '.join(CATALOG)}"
