@@ -131,7 +131,7 @@ class TrainingSpec(Frozen):
     """Micro-batches per optimizer step (changes time, not the per-step peak)."""
 
 
-Engine = Literal["deepspeed", "fsdp2", "ddp"]
+Engine = Literal["deepspeed", "fsdp2", "ddp", "megatron"]
 
 
 class DeepSpeedSpec(Frozen):
@@ -144,15 +144,48 @@ class DeepSpeedSpec(Frozen):
     """ZeRO-3 keeps parameters with numel <= this gathered on every rank."""
 
 
+class OffloadSpec(Frozen):
+    """What lives in host (or NVMe) memory instead of on the GPU (ZeRO-Offload/Infinity,
+    FSDP CPUOffload)."""
+
+    optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """fp32 master weights, optimizer states and fp32 gradient partitions."""
+    parameters: Literal["none", "cpu", "nvme"] = "none"
+    """Sharded parameters (ZeRO-3 / FSDP2 only)."""
+    pin_memory: bool = True
+    """Host buffers are page-locked (DeepSpeed `pin_memory`, FSDP2 CPUOffloadPolicy default)."""
+
+
 class ParallelismSpec(Frozen):
-    """How the job is spread over GPUs."""
+    """How the job is spread over GPUs. Degrees left out are 1; world size is
+    data x tensor x pipeline x context (expert ranks are carved out of data)."""
 
     engine: Engine = "deepspeed"
-    """deepspeed (ZeRO), fsdp2 (torch fully_shard) or ddp (torch DDP, ZeroRedundancyOptimizer)."""
+    """deepspeed (ZeRO), fsdp2 (torch fully_shard), ddp (torch DDP, ZeroRedundancyOptimizer)
+    or megatron (Megatron-LM DDP; zero_stage 1 = its distributed optimizer)."""
     data: PositiveInt = 1
     """Data-parallel degree (ranks that hold a replica or a shard of the model states)."""
     zero_stage: int | None = Field(None, ge=0, le=3)
-    """ZeRO stage 0-3; default: 0 for deepspeed and ddp, 3 for fsdp2."""
+    """ZeRO stage 0-3; default: 0 for deepspeed, ddp and megatron, 3 for fsdp2."""
+    tensor: PositiveInt = 1
+    """Tensor-parallel degree (Megatron column/row-parallel linears, vocab-parallel embedding)."""
+    sequence_parallel: bool = False
+    """Split the activations TP leaves replicated (norms, dropout) over the TP ranks."""
+    pipeline: PositiveInt = 1
+    """Pipeline-parallel degree."""
+    schedule: Literal["1f1b", "interleaved", "gpipe"] = "1f1b"
+    """Pipeline schedule: how many micro-batches each stage keeps in flight."""
+    virtual_stages: PositiveInt = 1
+    """Model chunks per pipeline rank (the interleaved schedule)."""
+    layers_per_stage: tuple[PositiveInt, ...] | None = None
+    """An explicit split of the layers over the (virtual) stages; else an even split."""
+    expert: PositiveInt = 1
+    """Expert-parallel degree (MoE): each rank holds num_experts / expert of each MoE layer."""
+    context: PositiveInt = 1
+    """Context-parallel degree (ring attention / Megatron CP): the sequence is split."""
+    make_vocab_size_divisible_by: PositiveInt = 128
+    """Megatron pads the vocabulary to a multiple of this x tensor (its default, 128)."""
+    offload: OffloadSpec = OffloadSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """DeepSpeed config keys (used when engine is deepspeed)."""
 
@@ -168,7 +201,27 @@ class ParallelismSpec(Frozen):
                 "torch DDP offers ZeRO stage 0 (plain DDP) or 1 (ZeroRedundancyOptimizer); "
                 "for stage 2 or 3 use engine: deepspeed or fsdp2"
             )
+        if self.engine == "megatron" and self.zero_stage not in (None, 0, 1):
+            raise ValueError(
+                "Megatron-LM shards optimizer states only (zero_stage 1: "
+                "--use-distributed-optimizer); for stage 2 or 3 use engine: deepspeed or fsdp2"
+            )
+        if self.schedule == "interleaved" and self.virtual_stages < 2:
+            raise ValueError("the interleaved schedule needs virtual_stages >= 2")
+        if self.virtual_stages > 1 and self.schedule != "interleaved":
+            raise ValueError("virtual_stages > 1 needs schedule: interleaved")
+        if self.sequence_parallel and self.tensor == 1:
+            raise ValueError(
+                "sequence_parallel splits activations over tensor ranks: set tensor > 1"
+            )
+        if self.offload.parameters != "none" and self.stage != 3:
+            raise ValueError("parameter offload needs sharded parameters: zero_stage 3")
         return self
+
+    @property
+    def world_size(self) -> int:
+        """GPUs in the job: data x tensor x pipeline x context."""
+        return self.data * self.tensor * self.pipeline * self.context
 
     @property
     def stage(self) -> int:
@@ -216,10 +269,14 @@ class HardwareSpec(Frozen):
     """A name from `memplan.hardware.CATALOG` (A100-80GB, H100-80GB, ...)."""
     memory: int | None = None
     """GPU memory in bytes; accepts strings such as `80GiB` (binary) or `80GB` (decimal)."""
+    gpus_per_node: PositiveInt = 8
+    """GPUs per host: host memory is summed over the ranks of one node."""
+    host_memory: int | None = None
+    """CPU memory per node in bytes (accepts `2TiB`, `512GB`): checked when offloading."""
     device: Literal["cuda", "cpu"] = "cuda"
     """Where the step runs (kernels save different activations on CPU and CUDA)."""
 
-    @field_validator("memory", mode="before")
+    @field_validator("memory", "host_memory", mode="before")
     @classmethod
     def _size(cls, value: Any) -> int | None:
         return None if value is None else parse_bytes(value)

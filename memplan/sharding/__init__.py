@@ -18,6 +18,7 @@ from memplan.sharding.ddp import replicated, zero_redundancy, zero_redundancy_pa
 from memplan.sharding.deepspeed import DeepSpeedKnobs
 from memplan.sharding.deepspeed import rule_for as deepspeed_rule
 from memplan.sharding.fsdp2 import fsdp2, fsdp2_rows
+from memplan.sharding.megatron import megatron
 
 
 def engine_rule(engine: str, stage: int, knobs: DeepSpeedKnobs | None = None) -> EngineRule:
@@ -26,6 +27,8 @@ def engine_rule(engine: str, stage: int, knobs: DeepSpeedKnobs | None = None) ->
         return replicated if stage == 0 else zero_redundancy
     if engine == "fsdp2":
         return fsdp2
+    if engine == "megatron":
+        return megatron
     return deepspeed_rule(stage, knobs or DeepSpeedKnobs())
 
 

@@ -1,0 +1,280 @@
+"""Model parallelism: which slice of which tensor one rank holds under TP, PP and EP.
+
+Tensor parallelism follows Megatron-LM core (megatron/core/tensor_parallel/layers.py, core_r0.12):
+`ColumnParallelLinear` splits the output features (dim 0 of a torch Linear weight, and its bias),
+`RowParallelLinear` splits the input features (dim 1) and keeps its bias whole,
+`VocabParallelEmbedding` and the output layer split a vocabulary padded to a multiple of
+`make_vocab_size_divisible_by x TP` (megatron/training/tokenizer/tokenizer.py::
+_vocab_size_with_padding), and norms, position embeddings and MoE routers are replicated.
+GPT-2's Conv1D keeps weights as [in, out], so its split dims are swapped.
+
+Pipeline parallelism gives each stage a contiguous block of layers; the first stage also holds
+the embeddings, the last the final norm and the output layer (megatron/core/models/gpt/
+gpt_model.py::GPTModel.__init__, pre_process / post_process). With tied embeddings the last
+stage keeps its own copy of the word embedding for the output layer, kept in sync by an
+all-reduce (megatron/core/models/common/language_module/language_module.py::
+setup_embeddings_and_output_layer).
+
+Expert parallelism gives each rank E / EP of the experts of every MoE layer (megatron/core/
+transformer/moe/experts.py); the router and the shared experts are dense.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from memplan.errors import MemplanError
+from memplan.models.inventory import Inventory, TensorSpec
+from memplan.sharding.base import ceil_div, round_up
+
+Split = Literal["column", "row", "vocab", "replicated"]
+
+# Megatron-LM's default --make-vocab-size-divisible-by (megatron/training/arguments.py).
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
+
+# Name patterns (the module's last path component before .weight/.bias) -> how TP splits it.
+_COLUMN = re.compile(
+    r"\.(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|gate_proj|up_proj|gate_up_proj|"
+    r"c_fc|fc1|fc_in|dense_h_to_4h|wi|wi_0|wi_1|query|key|value|q|k|v|q_b_proj|kv_b_proj|"
+    r"intermediate\.dense|w1|w3)\.(weight|bias)$"
+)
+_ROW = re.compile(
+    r"\.(o_proj|c_proj|down_proj|fc2|fc_out|dense_4h_to_h|wo|o|out_proj|attention\.dense|"
+    r"self_attention\.dense|attention\.output\.dense|layer\.\d+\.output\.dense|w2)"
+    r"\.(weight|bias)$"
+)
+_VOCAB = re.compile(
+    r"(embed_tokens|wte|word_embeddings|embed_in|embed_out|lm_head|shared)\.weight$"
+)
+_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelParallel:
+    """Model-parallel degrees (data parallelism is the engine's business)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    context: int = 1
+    virtual_stages: int = 1
+    """Interleaved 1F1B: model chunks per pipeline rank."""
+    layers_per_stage: tuple[int, ...] | None = None
+    """An explicit split of the layers over the pipeline stages (else even)."""
+    vocab_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY
+
+
+def tp_split(t: TensorSpec, model_type: str) -> Split:
+    """How Megatron-style TP splits tensor `t` (see the module docstring)."""
+    name = t.name
+    if t.kind != "parameter" or t.role in ("norm", "router", "position", "pooler"):
+        return "replicated"
+    if _VOCAB.search(name):
+        return "vocab"
+    if _EXPERTS.search(name):
+        return "column"  # handled by expert_local_shape
+    if _COLUMN.search(name):
+        return "column"
+    if _ROW.search(name):
+        return "replicated" if name.endswith(".bias") else "row"
+    return "replicated"
+
+
+def _tp_dim(t: TensorSpec, split: Split, model_type: str) -> int | None:
+    if split == "replicated":
+        return None
+    conv1d = model_type == "gpt2" and t.name.endswith(".weight") and split in ("column", "row")
+    if split == "vocab":
+        return 0
+    if split == "column":
+        return 1 if conv1d else 0
+    return 0 if conv1d else (1 if len(t.shape) >= 2 else None)
+
+
+def local_shape(
+    t: TensorSpec, *, tp: int, ep: int, model_type: str, vocab_divisible_by: int
+) -> tuple[int, ...]:
+    """The shape of `t` on one rank under TP degree `tp` and EP degree `ep`."""
+    shape = list(t.shape)
+    if _EXPERTS.search(t.name):
+        # fused experts [E, 2I, H] (gate_up: column) / [E, H, I] (down: row)
+        shape[0] //= ep
+        if tp > 1:
+            shape[1 if t.name.endswith("gate_up_proj") else 2] //= tp
+        return tuple(shape)
+    if tp == 1:
+        return t.shape
+    split = tp_split(t, model_type)
+    dim = _tp_dim(t, split, model_type)
+    if dim is None:
+        return t.shape
+    if split == "vocab":
+        shape[0] = round_up(shape[0], vocab_divisible_by * tp) // tp
+    else:
+        shape[dim] //= tp
+    return tuple(shape)
+
+
+def check_degrees(inventory: Inventory, mp: ModelParallel) -> None:
+    """Refuse layouts the frameworks refuse, naming the valid degrees."""
+    arch = inventory.architecture
+    if arch is None:
+        if mp.tensor > 1 or mp.pipeline > 1 or mp.expert > 1:
+            raise MemplanError(
+                "tensor, pipeline and expert parallelism need the model's tensors: give the "
+                "model as hf_config, preset or architecture, not num_parameters.",
+                field="parallelism",
+            )
+        return
+
+    def divisors(n: int) -> str:
+        return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+    for what, count in (
+        ("num_attention_heads", arch.num_attention_heads),
+        ("num_key_value_heads", arch.num_key_value_heads),
+    ):
+        if mp.tensor > 1 and count and count % mp.tensor:
+            raise MemplanError(
+                f"{mp.tensor} does not divide {what}={count}; valid tensor degrees: "
+                f"{divisors(count)}.",
+                field="parallelism.tensor",
+            )
+    if mp.expert > 1:
+        if not arch.num_experts:
+            raise MemplanError(
+                "expert parallelism needs a mixture-of-experts model.", field="parallelism.expert"
+            )
+        if arch.num_experts % mp.expert:
+            raise MemplanError(
+                f"{mp.expert} does not divide the {arch.num_experts} experts; valid expert "
+                f"degrees: {divisors(arch.num_experts)}.",
+                field="parallelism.expert",
+            )
+    stage_layers(arch.num_layers, mp)  # raises on a bad pipeline split
+
+
+def stage_layers(num_layers: int, mp: ModelParallel) -> list[list[int]]:
+    """The layer indices each pipeline rank holds (all of its virtual chunks)."""
+    p, v = mp.pipeline, mp.virtual_stages
+    if mp.layers_per_stage is not None:
+        counts = list(mp.layers_per_stage)
+        if len(counts) != p * v or sum(counts) != num_layers:
+            raise MemplanError(
+                f"layers_per_stage must list {p * v} stages summing to {num_layers} layers "
+                f"(got {len(counts)} summing to {sum(counts)}).",
+                field="parallelism.layers_per_stage",
+            )
+    else:
+        if num_layers % (p * v):
+            valid = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
+            raise MemplanError(
+                f"{num_layers} layers do not split evenly over pipeline {p} x virtual stages "
+                f"{v}; use degrees whose product divides {num_layers} "
+                f"({', '.join(map(str, valid))}) or give layers_per_stage.",
+                field="parallelism.pipeline",
+            )
+        counts = [num_layers // (p * v)] * (p * v)
+    # chunk c (0 .. p*v-1) lives on pipeline rank c % p (Megatron's interleaved schedule).
+    held: list[list[int]] = [[] for _ in range(p)]
+    start = 0
+    for chunk, count in enumerate(counts):
+        held[chunk % p].extend(range(start, start + count))
+        start += count
+    return held
+
+
+def stage_inventory(inventory: Inventory, mp: ModelParallel, stage: int) -> Inventory:
+    """The tensors one rank of pipeline `stage` holds, with TP/EP-local shapes."""
+    arch = inventory.architecture
+    if arch is None:
+        return inventory
+    layers = set(stage_layers(arch.num_layers, mp)[stage])
+    first, last = stage == 0, stage == mp.pipeline - 1
+    model_type = arch.model_type
+
+    def keep(t: TensorSpec) -> bool:
+        if t.layer is not None:
+            return t.layer in layers
+        head_side = t.role in ("head",) or _is_final_norm(t)
+        return last if head_side else first
+
+    def localise(t: TensorSpec) -> TensorSpec:
+        shape = local_shape(
+            t,
+            tp=mp.tensor,
+            ep=mp.expert,
+            model_type=model_type,
+            vocab_divisible_by=mp.vocab_divisible_by,
+        )
+        return t if shape == t.shape else replace(t, shape=shape)
+
+    params = [localise(t) for t in inventory.parameters if keep(t)]
+    tied = inventory.tied
+    if last and not first and tied:
+        # The last stage's own copy of the tied word embedding (the output layer's weight).
+        owners = {owner for _, owner in tied}
+        params += [
+            replace(localise(t), name=alias, role="head")
+            for t in inventory.parameters
+            if t.name in owners
+            for alias, owner in tied
+            if owner == t.name
+        ]
+    buffers = [t for t in inventory.buffers if keep(t) or t.layer is None]
+    return replace(inventory, parameters=tuple(params), buffers=tuple(buffers))
+
+
+def _is_final_norm(t: TensorSpec) -> bool:
+    """A norm outside the layers that is not an embedding norm (bert, bloom) is the final one."""
+    return t.role == "norm" and t.layer is None and "embed" not in t.name
+
+
+def split_experts(inventory: Inventory) -> tuple[Inventory, Inventory]:
+    """(dense tensors, expert tensors): experts shard over the expert-data-parallel group."""
+    dense = tuple(t for t in inventory.parameters if t.role != "experts")
+    experts = tuple(t for t in inventory.parameters if t.role == "experts")
+    return (
+        replace(inventory, parameters=dense),
+        replace(inventory, parameters=experts, buffers=()),
+    )
+
+
+def expert_data_degree(data: int, expert: int) -> int:
+    """Ranks that hold replicas of the same experts: Megatron's expert-data-parallel size,
+    data x context / expert with expert tensor parallelism equal to TP
+    (megatron/core/parallel_state.py::initialize_model_parallel)."""
+    if data % expert:
+        raise MemplanError(
+            f"expert degree {expert} must divide the data-parallel degree {data} (expert "
+            "parallel ranks are carved out of the data-parallel ones).",
+            field="parallelism.expert",
+        )
+    return data // expert
+
+
+def padded_vocab(vocab: int, tp: int, divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
+    """megatron/training/tokenizer/tokenizer.py::_vocab_size_with_padding."""
+    return round_up(vocab, divisible_by * tp)
+
+
+def most_loaded(values: Sequence[int]) -> int:
+    """Index of the largest value (the lowest index on a tie)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+__all__ = [
+    "ModelParallel",
+    "ceil_div",
+    "check_degrees",
+    "expert_data_degree",
+    "local_shape",
+    "padded_vocab",
+    "split_experts",
+    "stage_inventory",
+    "stage_layers",
+    "tp_split",
+]
