@@ -12,6 +12,7 @@ from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe
 from memplan.sharding import Placement, RankStates, Term
 from memplan.spec import Spec
+from memplan.states import StageStates, stage_states
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,11 +33,16 @@ class Report:
     recipe: Recipe
     optimizer: OptimizerConfig
     placement: Placement
+    stages: tuple[StageStates, ...]
+    """Every pipeline stage (one when there is no pipeline parallelism)."""
+    stage: int
+    """The most-loaded stage: `ranks`, `per_gpu` and `buffers` are its."""
     ranks: tuple[RankStates, ...]
-    """Each class of identical ranks, in rank order."""
+    """Each class of identical data-parallel ranks of the most-loaded stage, in rank order."""
     per_gpu: RankStates
     """The most-loaded rank's class (largest total; the lowest rank on a tie)."""
     buffers: tuple[Term, ...]
+    gpus_per_node: int
     activations_bytes: int
     transient_bytes: int
     capacity_bytes: int | None
@@ -62,12 +68,15 @@ class Report:
         return sum(t.bytes for t in self.per_gpu.host_terms)
 
     @property
+    def host_bytes_per_node(self) -> int:
+        """Host memory of one node: the most-loaded rank's host bytes x GPUs per node (an
+        upper bound when ranks differ)."""
+        most = max(sum(t.bytes for t in r.host_terms) for s in self.stages for r in s.ranks)
+        return most * self.gpus_per_node
+
+    @property
     def fits(self) -> bool | None:
         return None if self.capacity_bytes is None else self.peak_bytes <= self.capacity_bytes
-
-
-def most_loaded(ranks: list[RankStates]) -> RankStates:
-    return max(ranks, key=lambda r: (r.total_bytes, -r.ranks[0]))
 
 
 def estimate(spec: Spec, inventory: Inventory) -> Report:
@@ -85,7 +94,10 @@ def estimate(spec: Spec, inventory: Inventory) -> Report:
         step_on_host=torch_optimizer and spec.hardware.device == "cuda" and not opt.fused,
     )
     knobs = sharding.DeepSpeedKnobs(**par.deepspeed.model_dump())
-    ranks = sharding.engine_rule(par.engine, par.stage, knobs)(inventory, recipe, opt, placement)
+    stages = stage_states(
+        inventory, recipe=recipe, opt=opt, placement=placement, par=par, knobs=knobs
+    )
+    top = max(stages, key=lambda st: (st.model_state_bytes, -st.stage))
     capacity = spec.hardware.memory
     if capacity is None and spec.hardware.gpu:
         capacity = CATALOG[spec.hardware.gpu].memory_bytes
@@ -104,9 +116,12 @@ def estimate(spec: Spec, inventory: Inventory) -> Report:
         recipe=recipe,
         optimizer=opt,
         placement=placement,
-        ranks=tuple(ranks),
-        per_gpu=most_loaded(ranks),
-        buffers=tuple(sharding.buffer_terms(inventory, recipe)),
+        stages=tuple(stages),
+        stage=top.stage,
+        ranks=top.ranks,
+        per_gpu=top.per_gpu,
+        buffers=top.buffers,
+        gpus_per_node=spec.hardware.gpus_per_node,
         activations_bytes=0,
         transient_bytes=0,
         capacity_bytes=capacity,
@@ -138,6 +153,19 @@ def _rank_json(states: RankStates) -> dict[str, Any]:
     }
 
 
+def _stage_json(stage: StageStates) -> dict[str, Any]:
+    gpu = stage.per_gpu
+    return {
+        "stage": stage.stage,
+        "layers": list(stage.layers),
+        "num_parameters": stage.num_parameters,
+        "parameters": gpu.bytes_of("parameters"),
+        "gradients": gpu.bytes_of("gradients"),
+        "optimizer_states": gpu.bytes_of("optimizer_states"),
+        "model_states": stage.model_state_bytes,
+    }
+
+
 def to_json(report: Report) -> dict[str, Any]:
     """The `--json` document (schema: docs/json.md). Keys are a public contract."""
     gpu = report.per_gpu
@@ -164,6 +192,7 @@ def to_json(report: Report) -> dict[str, Any]:
             "engine": report.placement.engine,
             "data": report.placement.data,
             "zero_stage": report.placement.stage,
+            "pipeline": len(report.stages),
         },
         "per_gpu": {
             "rank": gpu.ranks[0],
@@ -178,9 +207,13 @@ def to_json(report: Report) -> dict[str, Any]:
             "rows": [_term_json(t) for t in (*gpu.terms, *report.buffers)],
         },
         "ranks": [_rank_json(r) for r in report.ranks],
+        "per_stage": [_stage_json(st) for st in report.stages],
         "per_host": {
+            "total": report.host_bytes_per_node,
             "per_rank": report.host_bytes,
+            "gpus_per_node": report.gpus_per_node,
             "rows": [_term_json(t) for t in gpu.host_terms],
+            "nvme": sum(t.bytes for t in report.stages[report.stage].nvme),
         },
         "hardware": {
             "gpu": report.gpu,

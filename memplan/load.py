@@ -192,5 +192,11 @@ def load_inventory(loaded: LoadedSpec) -> Inventory:
             raise MemplanError(f"{file} is not a config.json object.", field="model.hf_config")
         return models.from_config(config, origin=str(file))
     except MemplanError as err:
-        key = f"{err.field}: " if err.field and not err.field.startswith("model") else ""
-        raise MemplanError(key + err.message, field="model", where=loaded.where("model")) from None
+        # Config errors name their origin (file or model.architecture) and key in the message.
+        source = next(
+            k
+            for k in ("architecture", "preset", "hf_config", "num_parameters")
+            if getattr(model, k) is not None
+        )
+        where = loaded.where("model", source, err.field or "")
+        raise MemplanError(err.message, where=where) from None

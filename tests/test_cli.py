@@ -67,8 +67,13 @@ def test_json_has_the_contract_keys(tmp_path, llama_config):  # type: ignore[no-
         assert isinstance(doc["per_gpu"][key], int)
     per_gpu = doc["per_gpu"]
     rows = sum(r["bytes"] for r in per_gpu["rows"])
-    assert rows == per_gpu["parameters"] + per_gpu["gradients"] + per_gpu["optimizer_states"] \
+    assert (
+        rows
+        == per_gpu["parameters"]
+        + per_gpu["gradients"]
+        + per_gpu["optimizer_states"]
         + per_gpu["buffers"]
+    )
     assert sum(per_gpu["optimizer_state_breakdown"].values()) == per_gpu["optimizer_states"]
 
 
@@ -98,29 +103,47 @@ def test_inventory_folds_layers(tmp_path, llama_config):  # type: ignore[no-unty
 
 BAD_INPUTS = [
     # (spec text, what the message must say)
-    ("model:\n  hf_config: config.json\nparalelism:\n  data: 8\n",
-     r"spec.yaml:3: paralelism: unknown key \(did you mean 'parallelism'\?\)"),
-    ("model:\n  hf_config: config.json\ntraining:\n  micro_batch_size: many\n",
-     r"spec.yaml:4: training.micro_batch_size: Input should be a valid integer"),
-    ("model:\n  hf_config: config.json\ntraining:\n  sequence_length: -4\n",
-     r"spec.yaml:4: training.sequence_length: Input should be greater than 0"),
-    ("model:\n  hf_config: config.json\nparallelism:\n  zero_stage: 7\n",
-     r"spec.yaml:4: parallelism.zero_stage: Input should be less than or equal to 3"),
-    ("model:\n  hf_config: config.json\nparallelism:\n  data: 0\n",
-     r"spec.yaml:4: parallelism.data: Input should be greater than 0"),
-    ("model:\n  hf_config: config.json\nparallelism:\n  engine: fsdp2\n  zero_stage: 1\n",
-     r"parallelism: .*fsdp2 shards parameters.*use engine: ddp"),
-    ("model:\n  hf_config: missing.json\n", r"spec.yaml:1: model: hf_config not found"),
+    (
+        "model:\n  hf_config: config.json\nparalelism:\n  data: 8\n",
+        r"spec.yaml:3: paralelism: unknown key \(did you mean 'parallelism'\?\)",
+    ),
+    (
+        "model:\n  hf_config: config.json\ntraining:\n  micro_batch_size: many\n",
+        r"spec.yaml:4: training.micro_batch_size: Input should be a valid integer",
+    ),
+    (
+        "model:\n  hf_config: config.json\ntraining:\n  sequence_length: -4\n",
+        r"spec.yaml:4: training.sequence_length: Input should be greater than 0",
+    ),
+    (
+        "model:\n  hf_config: config.json\nparallelism:\n  zero_stage: 7\n",
+        r"spec.yaml:4: parallelism.zero_stage: Input should be less than or equal to 3",
+    ),
+    (
+        "model:\n  hf_config: config.json\nparallelism:\n  data: 0\n",
+        r"spec.yaml:4: parallelism.data: Input should be greater than 0",
+    ),
+    (
+        "model:\n  hf_config: config.json\nparallelism:\n  engine: fsdp2\n  zero_stage: 1\n",
+        r"parallelism: .*fsdp2 shards parameters.*use engine: ddp",
+    ),
+    ("model:\n  hf_config: missing.json\n", r"spec.yaml:2: hf_config not found"),
     ("model:\n  hf_config: config.json\n  num_parameters: 5\n", r"give exactly one of"),
     ("model: [unclosed\n", r"spec.yaml:2: not valid YAML"),
-    ("model: !!python/object/apply:os.system ['echo pwned']\n",
-     r"spec.yaml:1: not valid YAML: could not determine a constructor"),
+    (
+        "model: !!python/object/apply:os.system ['echo pwned']\n",
+        r"spec.yaml:1: not valid YAML: could not determine a constructor",
+    ),
     ("- just\n- a list\n", r"a spec is a YAML mapping"),
     ("model:\n  architecture: {model_type: gpt5}\n", r"model_type 'gpt5' is not supported"),
-    ("model:\n  architecture: {model_type: llama, hidden_size: 64}\n",
-     r"has none of the keys num_attention_heads"),
-    ("model:\n  hf_config: config.json\nprecision: bf16-mixd\n",
-     r"spec.yaml:3: precision: unknown precision preset 'bf16-mixd' \(did you mean 'bf16-mixed'\?\)"),
+    (
+        "model:\n  architecture:\n    model_type: llama\n    hidden_size: big\n",
+        r"spec.yaml:4: model.architecture: hidden_size must be a non-negative integer",
+    ),
+    (
+        "model:\n  hf_config: config.json\nprecision: bf16-mixd\n",
+        r"spec.yaml:3: precision: unknown precision preset 'bf16-mixd' \(did you mean 'bf16-mixed'\?\)",
+    ),
     ("model:\n  hf_config: config.json\nhardware:\n  memory: 80XB\n", r"'80XB' is not a size"),
     ("model:\n  preset: llama-9\n", r"unknown preset 'llama-9'"),
 ]
@@ -191,6 +214,7 @@ def test_estimate_never_imports_torch(tmp_path, llama_config):  # type: ignore[n
 
 
 def test_python_dash_m_works():
-    out = subprocess.run([sys.executable, "-m", "memplan", "--version"], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "memplan", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.startswith("memplan ")

@@ -1,0 +1,165 @@
+"""Model states per pipeline stage and per data-parallel rank, for any layout.
+
+The layout is decomposed the way Megatron-LM builds it (megatron/core/parallel_state.py::
+initialize_model_parallel): tensor and pipeline parallelism decide which slice of which tensor
+a rank holds (`memplan.parallel`); the engine's ZeRO rule then shards that slice over the
+data-parallel group (data x context ranks: context-parallel ranks hold the same weights and
+reduce gradients together), and the experts of an MoE layer over the expert-data-parallel
+group. Offload then moves bytes from the GPU to the host or NVMe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from memplan import sharding
+from memplan.models.inventory import Inventory
+from memplan.optimizers import OptimizerConfig
+from memplan.parallel import (
+    ModelParallel,
+    check_degrees,
+    expert_data_degree,
+    split_experts,
+    stage_inventory,
+    stage_layers,
+)
+from memplan.precision import Recipe
+from memplan.sharding import Placement, RankStates, Term
+from memplan.sharding import offload as offload_rules
+from memplan.spec import ParallelismSpec
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageStates:
+    """The model states of one pipeline stage (every TP rank of it holds the same bytes)."""
+
+    stage: int
+    layers: tuple[int, ...]
+    """Indices of the decoder layers this stage holds."""
+    num_parameters: int
+    """Parameter elements one rank of this stage holds before data-parallel sharding."""
+    ranks: tuple[RankStates, ...]
+    """Classes of identical data-parallel ranks."""
+    per_gpu: RankStates
+    """The most-loaded data-parallel rank."""
+    buffers: tuple[Term, ...]
+    nvme: tuple[Term, ...] = ()
+    """Bytes offloaded to NVMe by the most-loaded rank."""
+
+    @property
+    def model_state_bytes(self) -> int:
+        return self.per_gpu.total_bytes + sum(t.bytes for t in self.buffers)
+
+
+def model_parallel(par: ParallelismSpec) -> ModelParallel:
+    return ModelParallel(
+        tensor=par.tensor,
+        pipeline=par.pipeline,
+        expert=par.expert,
+        context=par.context,
+        virtual_stages=par.virtual_stages,
+        layers_per_stage=par.layers_per_stage,
+        vocab_divisible_by=par.make_vocab_size_divisible_by,
+    )
+
+
+def most_loaded(ranks: Sequence[RankStates]) -> RankStates:
+    return max(ranks, key=lambda r: (r.total_bytes, -r.ranks[0]))
+
+
+def _merge(
+    dense: list[RankStates], experts: list[RankStates], degree: int, ep: int
+) -> list[RankStates]:
+    """Per data-parallel rank r: its dense states plus the expert states of expert-data rank
+    r // ep (Megatron orders expert-parallel ranks fastest within the data-parallel group)."""
+
+    def by_rank(classes: list[RankStates]) -> dict[int, RankStates]:
+        return {r: c for c in classes for r in c.ranks}
+
+    d, e = by_rank(dense), by_rank(experts)
+    out: list[RankStates] = []
+    for rank in range(degree):
+        a, b = d[rank], e[rank // ep]
+        merged = RankStates(
+            ranks=(rank,),
+            terms=(*a.terms, *_tagged(b.terms)),
+            host_terms=(*a.host_terms, *_tagged(b.host_terms)),
+        )
+        if out and out[-1].terms == merged.terms and out[-1].host_terms == merged.host_terms:
+            out[-1] = RankStates(
+                ranks=(*out[-1].ranks, rank), terms=merged.terms, host_terms=merged.host_terms
+            )
+        else:
+            out.append(merged)
+    return out
+
+
+def _tagged(terms: Sequence[Term]) -> tuple[Term, ...]:
+    return tuple(replace(t, name=f"{t.name} (experts)") for t in terms)
+
+
+def stage_states(
+    inventory: Inventory,
+    *,
+    recipe: Recipe,
+    opt: OptimizerConfig,
+    placement: Placement,
+    par: ParallelismSpec,
+    knobs: sharding.DeepSpeedKnobs,
+) -> list[StageStates]:
+    """Model states of every pipeline stage's most-loaded rank, and of every rank class."""
+    mp = model_parallel(par)
+    check_degrees(inventory, mp)
+    rule = sharding.engine_rule(par.engine, par.stage, knobs)
+    degree = par.data * par.context
+    held = (
+        stage_layers(inventory.num_layers, mp)
+        if inventory.architecture
+        else [[] for _ in range(par.pipeline)]
+    )
+    out = []
+    for stage in range(par.pipeline):
+        local = stage_inventory(inventory, mp, stage)
+        dense, experts = split_experts(local)
+        dense_place = Placement(
+            engine=placement.engine,
+            data=degree,
+            stage=placement.stage,
+            step_on_host=placement.step_on_host,
+        )
+        ranks = rule(dense, recipe, opt, dense_place)
+        if experts.parameters:
+            edp = expert_data_degree(degree, par.expert)
+            expert_place = Placement(
+                engine=placement.engine,
+                data=edp,
+                stage=placement.stage,
+                step_on_host=placement.step_on_host,
+            )
+            ranks = _merge(ranks, rule(experts, recipe, opt, expert_place), degree, par.expert)
+        moved, nvme = [], {}
+        for r in ranks:
+            states, nvme[r.ranks[0]] = offload_rules.apply(
+                r,
+                engine=par.engine,
+                stage=par.stage,
+                optimizer=par.offload.optimizer,
+                parameters=par.offload.parameters,
+                inventory=local,
+                param_dtype=recipe.parameters,
+            )
+            moved.append(states)
+        top = most_loaded(moved)
+        out.append(
+            StageStates(
+                stage=stage,
+                layers=tuple(held[stage]),
+                num_parameters=local.num_parameters,
+                ranks=tuple(moved),
+                per_gpu=top,
+                buffers=tuple(sharding.buffer_terms(local, recipe)),
+                nvme=nvme[top.ranks[0]],
+            )
+        )
+    return out
