@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from memplan.errors import MemplanError
-from memplan.models import llama
+from memplan.models import deepseek, gemma, llama, mixtral, olmo2, phi3, qwen_moe
 from memplan.models.inventory import Architecture, Inventory, TensorSpec
 
 Builder = Callable[..., Inventory]
@@ -17,6 +17,17 @@ FAMILIES: dict[str, Builder] = {
     "mistral": llama.build,
     "qwen2": llama.build,
     "qwen3": llama.build,
+    "mixtral": mixtral.build,
+    "qwen2_moe": qwen_moe.build,
+    "qwen3_moe": qwen_moe.build,
+    "gemma": gemma.build,
+    "gemma2": gemma.build,
+    "gemma3_text": gemma.build,
+    "gemma3": gemma.build,
+    "phi3": phi3.build,
+    "olmo2": olmo2.build,
+    "deepseek_v2": deepseek.build,
+    "deepseek_v3": deepseek.build,
 }
 
 

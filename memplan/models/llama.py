@@ -1,10 +1,17 @@
-"""Llama and its close relatives: llama, mistral, qwen2, qwen3.
+"""Llama and its dense relatives that share its layer: llama, mistral, qwen2, qwen3.
 
-Layout of transformers 5.x `modeling_llama.py` (`LlamaForCausalLM`): embed_tokens, per layer
-q/k/v/o projections, a gated SiLU MLP (gate/up/down), two RMSNorms, a final RMSNorm and an
-untied lm_head. Mistral is identical (`modeling_mistral.py`), Qwen2 adds q/k/v biases
-(`modeling_qwen2.py: Qwen2Attention`), Qwen3 adds per-head q_norm/k_norm
-(`modeling_qwen3.py: Qwen3Attention`).
+Source (module layout and names): transformers 5.24
+- models/llama/modeling_llama.py: LlamaForCausalLM, LlamaModel, LlamaDecoderLayer,
+  LlamaAttention (q/k/v/o, bias = `attention_bias` on all four), LlamaMLP (gate/up/down,
+  bias = `mlp_bias`), LlamaRMSNorm, LlamaRotaryEmbedding.
+- models/mistral/modeling_mistral.py: MistralAttention, MistralMLP: no biases at all.
+- models/qwen2/modeling_qwen2.py: Qwen2Attention: q/k/v always `bias=True`, o_proj never
+  (the config has no `attention_bias`; a stray one in config.json is ignored); Qwen2MLP: no bias.
+- models/qwen3/modeling_qwen3.py: Qwen3Attention: bias = `attention_bias` on all four, plus
+  per-head `q_norm`/`k_norm` RMSNorms of size head_dim after o_proj.
+Every attention reads `head_dim` from the config when it is set, else hidden // heads.
+Defaults for absent keys are the config classes' (configuration_<family>.py, same version);
+tests/test_models_modern.py checks each table against the class.
 """
 
 from __future__ import annotations
@@ -12,96 +19,116 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from memplan.models.inventory import Architecture, Config, Inventory, TensorSpec, model_name
+from memplan.models.decoder import (
+    EMBED,
+    Part,
+    assemble,
+    attention,
+    divide_heads,
+    gated_mlp,
+    int_or,
+    norm,
+    param,
+    resolve,
+    rope_parameters,
+    rotary_buffers,
+    rotary_dim,
+    stamp_layers,
+)
+from memplan.models.inventory import Architecture, Inventory, model_name
 
-# model_type -> (q/k/v bias default, per-head q/k RMSNorm, tie_word_embeddings default)
-# The tie defaults are each config class's __init__ default in transformers 5.x
-# (configuration_{llama,mistral,qwen2,qwen3}.py).
-_VARIANTS: dict[str, tuple[bool, bool, bool]] = {
-    "llama": (False, False, False),
-    "mistral": (False, False, False),
-    "qwen2": (True, False, False),
-    "qwen3": (False, True, False),
+# Keys read below, with each config class's dataclass default in transformers 5.24.
+# head_dim None -> hidden_size // num_attention_heads (LlamaConfig/MistralConfig __post_init__;
+# Qwen2Config has no head_dim field, Qwen2Attention falls back the same way). Qwen3Config's
+# head_dim defaults to 128 whatever hidden_size is. num_key_value_heads None -> heads.
+_COMMON: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": None,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {**_COMMON, "head_dim": None, "attention_bias": False, "mlp_bias": False},
+    "mistral": {
+        **_COMMON,
+        "intermediate_size": 14336,
+        "num_key_value_heads": 8,
+        "head_dim": None,
+        "max_position_embeddings": 4096 * 32,
+        "sliding_window": 4096,
+    },
+    "qwen2": {
+        **_COMMON,
+        "vocab_size": 151936,
+        "intermediate_size": 22016,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 32768,
+        "use_sliding_window": False,
+        "sliding_window": 4096,
+        "max_window_layers": 28,
+    },
+    "qwen3": {
+        **_COMMON,
+        "vocab_size": 151936,
+        "intermediate_size": 22016,
+        "num_key_value_heads": 32,
+        "head_dim": 128,
+        "max_position_embeddings": 32768,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": 4096,
+        "max_window_layers": 28,
+    },
 }
 
 
-def rotary_buffers(prefix: str, rotary_dim: int) -> tuple[TensorSpec, ...]:
-    """`inv_freq` and `original_inv_freq`: [rotary_dim / 2] fp32, non-persistent.
-
-    Source: transformers 5.x `modeling_rope_utils.py` / `LlamaRotaryEmbedding.__init__`
-    (`register_buffer("inv_freq", ..., persistent=False)` and the `original_inv_freq` copy).
-    """
-    half = rotary_dim // 2
-    return tuple(
-        TensorSpec(
-            f"{prefix}.{name}", (half,), "buffer", dtype="fp32", persistent=False, role="rotary"
-        )
-        for name in ("inv_freq", "original_inv_freq")
-    )
-
-
 def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
-    cfg = Config(config, origin=origin)
-    model_type = cfg.get("model_type", "llama")
-    qkv_bias_default, qk_norm, tie_default = _VARIANTS[model_type]
+    model_type = str(config.get("model_type", "llama"))
+    cfg = resolve(config, DEFAULTS[model_type], origin=origin)
 
     hidden = cfg.int("hidden_size")
     heads = cfg.int("num_attention_heads")
-    kv_heads = cfg.int("num_key_value_heads", default=heads)
-    head_dim = cfg.int("head_dim", default=hidden // heads)
+    kv_heads = int_or(cfg, "num_key_value_heads", heads)
+    head_dim = int_or(cfg, "head_dim", divide_heads(cfg, hidden, heads))
     inter = cfg.int("intermediate_size")
     layers = cfg.int("num_hidden_layers")
     vocab = cfg.int("vocab_size")
-    qkv_bias = cfg.bool("attention_bias", qkv_bias_default)
-    o_bias = cfg.bool("attention_bias", False) if model_type != "qwen2" else False
-    mlp_bias = cfg.bool("mlp_bias", False)
-    tie = cfg.bool("tie_word_embeddings", tie_default)
-
-    def linear(
-        name: str, out_f: int, in_f: int, bias: bool, layer: int, role: str
-    ) -> list[TensorSpec]:
-        specs = [TensorSpec(f"{name}.weight", (out_f, in_f), layer=layer, role=role)]
-        if bias:
-            specs.append(TensorSpec(f"{name}.bias", (out_f,), layer=layer, role=role))
-        return specs
-
-    params: list[TensorSpec] = [
-        TensorSpec("model.embed_tokens.weight", (vocab, hidden), role="embedding")
-    ]
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        params += linear(
-            f"{p}.self_attn.q_proj", heads * head_dim, hidden, qkv_bias, i, "attention"
-        )
-        params += linear(
-            f"{p}.self_attn.k_proj", kv_heads * head_dim, hidden, qkv_bias, i, "attention"
-        )
-        params += linear(
-            f"{p}.self_attn.v_proj", kv_heads * head_dim, hidden, qkv_bias, i, "attention"
-        )
-        params += linear(f"{p}.self_attn.o_proj", hidden, heads * head_dim, o_bias, i, "attention")
-        if qk_norm:
-            params.append(
-                TensorSpec(f"{p}.self_attn.q_norm.weight", (head_dim,), layer=i, role="norm")
-            )
-            params.append(
-                TensorSpec(f"{p}.self_attn.k_norm.weight", (head_dim,), layer=i, role="norm")
-            )
-        params += linear(f"{p}.mlp.gate_proj", inter, hidden, mlp_bias, i, "mlp")
-        params += linear(f"{p}.mlp.up_proj", inter, hidden, mlp_bias, i, "mlp")
-        params += linear(f"{p}.mlp.down_proj", hidden, inter, mlp_bias, i, "mlp")
-        params.append(TensorSpec(f"{p}.input_layernorm.weight", (hidden,), layer=i, role="norm"))
-        params.append(
-            TensorSpec(f"{p}.post_attention_layernorm.weight", (hidden,), layer=i, role="norm")
-        )
-    params.append(TensorSpec("model.norm.weight", (hidden,), role="norm"))
-    tied: tuple[tuple[str, str], ...] = ()
-    if tie:
-        tied = (("lm_head.weight", "model.embed_tokens.weight"),)
+    if model_type in ("llama", "qwen3"):
+        qkv_bias = o_bias = cfg.bool("attention_bias", False)
     else:
-        params.append(TensorSpec("lm_head.weight", (vocab, hidden), role="head"))
+        qkv_bias, o_bias = model_type == "qwen2", False  # mistral: none; qwen2: q/k/v only
+    mlp_bias = model_type == "llama" and cfg.bool("mlp_bias", False)
 
-    rotary_dim = int(head_dim * float(cfg.get("partial_rotary_factor", 1.0)))
+    layer: Part = attention(
+        "self_attn",
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+    )
+    if model_type == "qwen3":
+        layer += norm("self_attn.q_norm", head_dim) + norm("self_attn.k_norm", head_dim)
+    layer += gated_mlp("mlp", hidden, inter, bias=mlp_bias)
+    layer += norm("input_layernorm", hidden) + norm("post_attention_layernorm", hidden)
+
+    rope = rope_parameters(cfg.data)
+    tensors = [
+        param(EMBED, (vocab, hidden), "embedding"),
+        *stamp_layers([layer] * layers),
+        *norm("model.norm", hidden),
+        *rotary_buffers("model.rotary_emb", rotary_dim(rope, head_dim, default_is_partial=False)),
+    ]
+    extra: dict[str, Any] = {}
+    if model_type != "llama":
+        # Sliding windows change the attention mask, never a tensor shape.
+        use_window = model_type == "mistral" or cfg.bool("use_sliding_window", False)
+        extra["sliding_window"] = cfg.get("sliding_window") if use_window else None
     arch = Architecture(
         model_type=model_type,
         hidden_size=hidden,
@@ -111,12 +138,14 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
         intermediate_size=inter,
-        max_position_embeddings=cfg.int("max_position_embeddings", default=0),
+        max_position_embeddings=cfg.int("max_position_embeddings"),
+        extra=extra,
     )
-    return Inventory(
+    return assemble(
         name=model_name(cfg, model_type),
         architecture=arch,
-        parameters=tuple(params),
-        buffers=rotary_buffers("model.rotary_emb", rotary_dim),
-        tied=tied,
+        tensors=tensors,
+        tie=cfg.bool("tie_word_embeddings", False),
+        hidden=hidden,
+        vocab=vocab,
     )

@@ -1,0 +1,247 @@
+"""Building blocks shared by the decoder-only families (llama.py, mixtral.py, qwen_moe.py, ...).
+
+Why a module of its own: every family in transformers 5.x is assembled from the same few
+`nn.Module`s (a Linear with or without bias, an RMSNorm, a gate/up/down MLP, fused MoE experts,
+a rotary embedding holding `inv_freq` buffers) and differs only in which of them a decoder layer
+holds and in what order. Each family module therefore describes one layer *template* (tensor
+names relative to the layer) and `stamp` repeats it per layer index, so that building the
+61-layer DeepSeek-V3 inventory is a few thousand small objects, not a model.
+
+Order matters: tensors are listed in `nn.Module` registration order, which is the order of
+`model.named_parameters()` / `model.named_buffers()` (a module's own tensors, then its
+children's, depth first); `assemble` splits one ordered list into parameters and buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from memplan.errors import MemplanError
+from memplan.models.inventory import Architecture, Config, Inventory, TensorSpec
+
+Part = tuple[TensorSpec, ...]
+"""Tensors of one module (or layer template), names relative to it, in registration order."""
+
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+
+
+def param(name: str, shape: tuple[int, ...], role: str, *, dtype: str | None = None) -> TensorSpec:
+    """A trainable parameter (`nn.Parameter`)."""
+    return TensorSpec(name, shape, "parameter", dtype=dtype, role=role)
+
+
+def buffer(
+    name: str, shape: tuple[int, ...], role: str, *, dtype: str | None, persistent: bool
+) -> TensorSpec:
+    """A buffer (`nn.Buffer` / `register_buffer`); `persistent=False` keeps it out of state_dict."""
+    return TensorSpec(name, shape, "buffer", dtype=dtype, persistent=persistent, role=role)
+
+
+def linear(
+    name: str, out_features: int, in_features: int, role: str, *, bias: bool = False
+) -> Part:
+    """`nn.Linear(in_features, out_features, bias)`: weight [out, in] (+ bias [out])."""
+    weight = param(f"{name}.weight", (out_features, in_features), role)
+    if not bias:
+        return (weight,)
+    return weight, param(f"{name}.bias", (out_features,), role)
+
+
+def norm(name: str, dim: int, *, bias: bool = False, role: str = "norm") -> Part:
+    """An RMSNorm (weight [dim]) or, with `bias`, an `nn.LayerNorm` (weight and bias [dim])."""
+    weight = param(f"{name}.weight", (dim,), role)
+    if not bias:
+        return (weight,)
+    return weight, param(f"{name}.bias", (dim,), role)
+
+
+def gated_mlp(
+    prefix: str, hidden: int, inter: int, role: str = "mlp", *, bias: bool = False
+) -> Part:
+    """The SwiGLU/GeGLU MLP of `LlamaMLP`: gate_proj, up_proj [inter, hidden], down_proj."""
+    return (
+        *linear(f"{prefix}.gate_proj", inter, hidden, role, bias=bias),
+        *linear(f"{prefix}.up_proj", inter, hidden, role, bias=bias),
+        *linear(f"{prefix}.down_proj", hidden, inter, role, bias=bias),
+    )
+
+
+def attention(
+    prefix: str,
+    *,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    qkv_bias: bool,
+    o_bias: bool,
+) -> Part:
+    """q/k/v/o projections of `LlamaAttention`: q [heads*hd, H], k and v [kv_heads*hd, H]."""
+    return (
+        *linear(f"{prefix}.q_proj", heads * head_dim, hidden, "attention", bias=qkv_bias),
+        *linear(f"{prefix}.k_proj", kv_heads * head_dim, hidden, "attention", bias=qkv_bias),
+        *linear(f"{prefix}.v_proj", kv_heads * head_dim, hidden, "attention", bias=qkv_bias),
+        *linear(f"{prefix}.o_proj", hidden, heads * head_dim, "attention", bias=o_bias),
+    )
+
+
+def fused_experts(prefix: str, num_experts: int, hidden: int, inter: int) -> Part:
+    """transformers 5.x fused experts (`MixtralExperts` and kin): two 3-D parameters.
+
+    gate_up_proj [E, 2*inter, hidden] (gate and up stacked on dim 1), down_proj [E, hidden, inter].
+    """
+    return (
+        param(f"{prefix}.gate_up_proj", (num_experts, 2 * inter, hidden), "experts"),
+        param(f"{prefix}.down_proj", (num_experts, hidden, inter), "experts"),
+    )
+
+
+def rotary_buffers(prefix: str, rotary_dim: int, *, tag: str = "") -> Part:
+    """`inv_freq` and `original_inv_freq`: [ceil(rotary_dim / 2)] fp32, non-persistent.
+
+    Source: transformers 5.24 `LlamaRotaryEmbedding.__init__` (and every family's copy):
+    `inv_freq = 1 / base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)`, registered as
+    `nn.Buffer(inv_freq, persistent=False)` plus a clone `original_inv_freq`. The explicit
+    `dtype=torch.float` keeps them fp32 whatever dtype the model is built in. `tag` prefixes
+    the names for per-layer-type rotaries (`Gemma3RotaryEmbedding`: `full_attention_inv_freq`).
+    """
+    half = (rotary_dim + 1) // 2
+    return tuple(
+        buffer(f"{prefix}.{tag}{name}", (half,), "attention", dtype="fp32", persistent=False)
+        for name in ("inv_freq", "original_inv_freq")
+    )
+
+
+def rope_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The RoPE dict as `PreTrainedConfig.convert_rope_params_to_dict` (5.24) resolves it.
+
+    Legacy `rope_scaling` wins over `rope_parameters`; a top-level `partial_rotary_factor` fills
+    in when the dict has none.
+    """
+    params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    if config.get("partial_rotary_factor") is not None:
+        params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
+    return params
+
+
+def rotary_dim(params: Mapping[str, Any], head_dim: int, *, default_is_partial: bool) -> int:
+    """Dimensions that get rotated, from which `inv_freq` is sized.
+
+    Source: transformers 5.24 `modeling_rope_utils.py`: every non-default rope type (linear,
+    dynamic, yarn, longrope, llama3) uses `int(head_dim * partial_rotary_factor)`; the
+    "default" type uses each family's own `compute_default_rope_parameters`, which ignores
+    `partial_rotary_factor` except where `default_is_partial` (Phi-3).
+    """
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default" and not default_is_partial:
+        return head_dim
+    return int(head_dim * float(params.get("partial_rotary_factor", 1.0)))
+
+
+def stamp(template: Part, prefix: str, index: int, *, decoder: bool = True) -> list[TensorSpec]:
+    """The template with names `{prefix}.{index}.{name}` and `layer=index` (None when the
+    repeated block is not a decoder layer, e.g. a vision encoder layer)."""
+    layer = index if decoder else None
+    return [
+        TensorSpec(
+            f"{prefix}.{index}.{t.name}", t.shape, t.kind, t.dtype, t.persistent, layer, t.role
+        )
+        for t in template
+    ]
+
+
+def stamp_layers(templates: Sequence[Part], prefix: str = "model.layers") -> list[TensorSpec]:
+    """Every layer, `templates[i]` for layer i (repeated templates are the same object)."""
+    out: list[TensorSpec] = []
+    for index, template in enumerate(templates):
+        out += stamp(template, prefix, index)
+    return out
+
+
+def assemble(
+    *,
+    name: str,
+    architecture: Architecture,
+    tensors: Iterable[TensorSpec],
+    tie: bool,
+    hidden: int,
+    vocab: int,
+    embed_name: str = EMBED,
+    notes: tuple[str, ...] = (),
+) -> Inventory:
+    """The inventory of a `*ForCausalLM`: `tensors` (the base model) then `lm_head`.
+
+    `lm_head = nn.Linear(hidden, vocab, bias=False)`; with `tie_word_embeddings` transformers
+    makes it the embedding's tensor (`_tied_weights_keys = {"lm_head.weight": embed}`), listed
+    once under the embedding, as `model.named_parameters()` does.
+    """
+    ordered = list(tensors)
+    tied: tuple[tuple[str, str], ...] = ()
+    if tie:
+        tied = ((LM_HEAD, embed_name),)
+    else:
+        ordered.append(param(LM_HEAD, (vocab, hidden), "head"))
+    return Inventory(
+        name=name,
+        architecture=architecture,
+        parameters=tuple(t for t in ordered if t.kind == "parameter"),
+        buffers=tuple(t for t in ordered if t.kind == "buffer"),
+        tied=tied,
+        notes=notes,
+    )
+
+
+def resolve(
+    config: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    *,
+    aliases: Mapping[str, str] | None = None,
+    origin: str = "config",
+) -> Config:
+    """config.json over the config class's defaults, as the class's `__init__` would see it.
+
+    A key absent from config.json takes the class default; a key present with `null` stays
+    None (e.g. DeepSeek `q_lora_rank: null` means no q LoRA, not the default rank). `aliases`
+    is the class's `attribute_map` (e.g. Mixtral `num_experts` -> `num_local_experts`).
+    """
+    merged = dict(defaults)
+    for key, value in config.items():
+        merged[(aliases or {}).get(key, key)] = value
+    return Config(merged, origin=origin)
+
+
+def present(cfg: Config, key: str) -> Any:
+    """The resolved value of `key`, None included (unlike `Config.get`, no default)."""
+    return cfg.data.get(key)
+
+
+def int_or(cfg: Config, key: str, fallback: int) -> int:
+    """`cfg[key]` when set (a non-negative int), else `fallback` (the class's `__post_init__`)."""
+    if present(cfg, key) is None:
+        return fallback
+    return cfg.int(key)
+
+
+def int_list(cfg: Config, key: str) -> tuple[int, ...]:
+    """A list of layer indices (e.g. `mlp_only_layers`); None means empty."""
+    value = present(cfg, key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise MemplanError(
+            f"{cfg.origin}: {key} must be a list of layer indices, got {value!r}.", field=key
+        )
+    return tuple(value)
+
+
+def divide_heads(cfg: Config, hidden: int, heads: int) -> int:
+    """`hidden_size // num_attention_heads`, refusing zero heads with the key named."""
+    if heads == 0:
+        raise MemplanError(
+            f"{cfg.origin}: num_attention_heads must be positive.", field="num_attention_heads"
+        )
+    return hidden // heads
