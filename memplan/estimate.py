@@ -43,6 +43,8 @@ class Report:
     """The most-loaded rank's class (largest total; the lowest rank on a tie)."""
     buffers: tuple[Term, ...]
     gpus_per_node: int
+    host_capacity_bytes: int | None
+    """hardware.host_memory: CPU memory of one node."""
     activations_bytes: int
     transient_bytes: int
     capacity_bytes: int | None
@@ -122,6 +124,7 @@ def estimate(spec: Spec, inventory: Inventory) -> Report:
         per_gpu=top.per_gpu,
         buffers=top.buffers,
         gpus_per_node=spec.hardware.gpus_per_node,
+        host_capacity_bytes=spec.hardware.host_memory,
         activations_bytes=0,
         transient_bytes=0,
         capacity_bytes=capacity,
@@ -214,6 +217,10 @@ def to_json(report: Report) -> dict[str, Any]:
             "gpus_per_node": report.gpus_per_node,
             "rows": [_term_json(t) for t in gpu.host_terms],
             "nvme": sum(t.bytes for t in report.stages[report.stage].nvme),
+            "memory_bytes": report.host_capacity_bytes,
+            "fits": None
+            if report.host_capacity_bytes is None
+            else report.host_bytes_per_node <= report.host_capacity_bytes,
         },
         "hardware": {
             "gpu": report.gpu,

@@ -81,6 +81,41 @@ def explanations(report: Report) -> Text:
     return Text("\n".join(lines), style="dim")
 
 
+def stages_table(report: Report) -> Table:
+    """One row per pipeline stage; the most-loaded stage is marked."""
+    table = Table(title="Pipeline stages", box=box.SIMPLE, title_justify="left")
+    for name in ("stage", "layers", "parameters held", "model states", ""):
+        table.add_column(name, justify="left" if name in ("stage", "layers", "") else "right")
+    for st in report.stages:
+        layers = f"{st.layers[0]}-{st.layers[-1]}" if st.layers else "-"
+        if st.layers and len(st.layers) != st.layers[-1] - st.layers[0] + 1:
+            layers = ", ".join(map(str, st.layers))
+        mark = "most loaded" if st.stage == report.stage else ""
+        table.add_row(
+            str(st.stage), layers, f"{st.num_parameters:,}", human(st.model_state_bytes), mark
+        )
+    return table
+
+
+def host_table(report: Report) -> Table:
+    """What one rank keeps in host memory, and the node total."""
+    table = Table(title="Host memory", box=box.SIMPLE, title_justify="left")
+    for name in ("what", "dtype", "bytes", "size"):
+        table.add_column(name, justify="right" if name in ("bytes", "size") else "left")
+    for t in report.per_gpu.host_terms:
+        table.add_row(t.name, t.dtype, f"{t.bytes:,}", human(t.bytes))
+    table.add_section()
+    table.add_row("per rank", "", f"{report.host_bytes:,}", human(report.host_bytes))
+    node = report.host_bytes_per_node
+    table.add_row(f"per node ({report.gpus_per_node} GPUs)", "", f"{node:,}", human(node))
+    cap = report.host_capacity_bytes
+    if cap is not None:
+        verdict = "fits" if node <= cap else "does NOT fit"
+        table.caption = f"{verdict} the node's {human(cap)} of host memory"
+        table.caption_style = "green" if node <= cap else "bold red"
+    return table
+
+
 def ranks_table(report: Report) -> Table:
     table = Table(title="Every rank", box=box.SIMPLE, title_justify="left")
     for name in ("ranks", "parameters", "gradients", "optimizer states", "total"):
@@ -115,13 +150,10 @@ def estimate_view(
         parts.append(explanations(report))
     if show_ranks and len(report.ranks) > 1:
         parts.append(ranks_table(report))
+    if len(report.stages) > 1:
+        parts.append(stages_table(report))
     if report.host_bytes:
-        parts.append(
-            Text(
-                f"host memory per rank: {report.host_bytes:,} B ({human(report.host_bytes)})"
-                " — optimizer scalars torch keeps on the CPU"
-            )
-        )
+        parts.append(host_table(report))
     if report.capacity_bytes is not None:
         headroom = report.capacity_bytes - report.peak_bytes
         gpu_name = report.gpu or "the GPU"

@@ -49,7 +49,10 @@ def make_spec(**overrides: Any) -> Spec:
         "training": {"micro_batch_size": 1, "sequence_length": 32},
         "parallelism": {"data": 1},
     }
-    return validate(deep_merge(base, overrides)).spec
+    merged = deep_merge(base, overrides)
+    if "model" in overrides:  # a model is replaced whole: its sources are exclusive
+        merged["model"] = overrides["model"]
+    return validate(merged).spec
 
 
 @pytest.fixture
