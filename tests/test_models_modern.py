@@ -373,6 +373,125 @@ def test_copied_presets_are_verbatim(preset: str, reference: str) -> None:
     assert (PRESETS / f"{preset}.json").read_bytes() == (DATA / f"{reference}.json").read_bytes()
 
 
+# Structural keys of further public config.json files (the keys that shape tensors, as on the
+# Hub), built at full size: they exercise real key sets (nested gemma3 configs with legacy
+# rope_scaling, q_lora_rank null, longrope with partial rotary) and land on published totals.
+PUBLIC_SHAPES: dict[str, tuple[dict[str, Any], int]] = {
+    # google/gemma-3-4b-it: 4.3B (vision tower and projector included)
+    "gemma-3-4b": (
+        {
+            "model_type": "gemma3",
+            "mm_tokens_per_image": 256,
+            "text_config": {
+                "hidden_size": 2560,
+                "intermediate_size": 10240,
+                "model_type": "gemma3_text",
+                "num_hidden_layers": 34,
+                "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                "sliding_window": 1024,
+            },
+            "vision_config": {
+                "hidden_size": 1152,
+                "image_size": 896,
+                "intermediate_size": 4304,
+                "model_type": "siglip_vision_model",
+                "num_attention_heads": 16,
+                "num_hidden_layers": 27,
+                "patch_size": 14,
+                "vision_use_head": False,
+            },
+        },
+        4_300_079_472,
+    ),
+    # deepseek-ai/DeepSeek-V2-Lite: 15.7B total, no q LoRA, first layer dense
+    "deepseek-v2-lite": (
+        {
+            "model_type": "deepseek_v2",
+            "vocab_size": 102400,
+            "hidden_size": 2048,
+            "intermediate_size": 10944,
+            "moe_intermediate_size": 1408,
+            "num_hidden_layers": 27,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 16,
+            "n_shared_experts": 2,
+            "n_routed_experts": 64,
+            "num_experts_per_tok": 6,
+            "first_k_dense_replace": 1,
+            "kv_lora_rank": 512,
+            "q_lora_rank": None,
+            "qk_rope_head_dim": 64,
+            "qk_nope_head_dim": 128,
+            "v_head_dim": 128,
+            "rope_scaling": {
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "factor": 40,
+                "mscale": 0.707,
+                "mscale_all_dim": 0.707,
+                "original_max_position_embeddings": 4096,
+                "type": "yarn",
+            },
+            "n_group": 1,
+            "topk_group": 1,
+            "tie_word_embeddings": False,
+        },
+        15_706_484_224,
+    ),
+    # microsoft/Phi-3-mini-128k-instruct: 3.8B, longrope
+    "phi-3-mini-128k": (
+        {
+            "model_type": "phi3",
+            "hidden_size": 3072,
+            "intermediate_size": 8192,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "num_hidden_layers": 32,
+            "vocab_size": 32064,
+            "max_position_embeddings": 131072,
+            "original_max_position_embeddings": 4096,
+            "rope_scaling": {
+                "type": "longrope",
+                "short_factor": [1.0] * 48,
+                "long_factor": [2.0] * 48,
+            },
+            "pad_token_id": 32000,
+            "tie_word_embeddings": False,
+        },
+        3_821_079_552,
+    ),
+    # microsoft/Phi-4-mini-instruct: 3.8B, GQA, partial rotary 0.75, tied embeddings
+    "phi-4-mini": (
+        {
+            "model_type": "phi3",
+            "hidden_size": 3072,
+            "intermediate_size": 8192,
+            "num_attention_heads": 24,
+            "num_key_value_heads": 8,
+            "num_hidden_layers": 32,
+            "vocab_size": 200064,
+            "max_position_embeddings": 131072,
+            "original_max_position_embeddings": 4096,
+            "partial_rotary_factor": 0.75,
+            "rope_scaling": {
+                "type": "longrope",
+                "short_factor": [1.0] * 48,
+                "long_factor": [2.0] * 48,
+            },
+            "pad_token_id": 199999,
+            "tie_word_embeddings": True,
+        },
+        3_836_021_760,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_SHAPES))
+def test_public_config_shapes_match_transformers_at_full_size(name: str) -> None:
+    config, total = PUBLIC_SHAPES[name]
+    assert assert_matches(config).num_parameters == total
+
+
 # Published totals, in billions at the precision the source gives.
 PUBLISHED = [
     # safetensors index of meta-llama/Llama-2-70b-hf: total_size 137,953,296,384 B in fp16
