@@ -16,73 +16,132 @@ class Gpu:
     """Total device memory as the driver reports it (`nvidia-smi --query-gpu=memory.total`,
     `torch.cuda.get_device_properties(0).total_memory`): what the CUDA allocator can ever see."""
     source: str
+    bf16_flops: float
+    """Dense bf16 (fp16 on V100) tensor-core peak, FLOP/s, from the vendor datasheet."""
+    intra_node_bytes_per_s: float
+    """GPU-to-GPU bandwidth inside a node, one direction (NVLink / Infinity Fabric / PCIe)."""
+    inter_node_bytes_per_s: float
+    """Network bandwidth per GPU between nodes, one direction (the usual NIC per GPU)."""
 
 
 # memory.total as nvidia-smi / rocm-smi print it in MiB. HBM capacity is binary: "80GB" A100
 # is 80 GiB = 81920 MiB; H100 reserves part of it (81559 MiB). Override with hardware.memory
-# when your driver reports another figure.
+# when your driver reports another figure. Peak FLOP/s are the datasheets' dense figures
+# (without sparsity); link speeds are per direction: NVLink 3 600 GB/s, NVLink 4 900 GB/s,
+# NVLink 5 1.8 TB/s bidirectional per GPU; one 200 Gb/s (HDR), 400 Gb/s (NDR) or 800 Gb/s
+# (XDR) NIC per GPU between nodes, as in DGX A100 / H100 / B200. plan can override both.
+GB = 10**9
+T = 10**12
 CATALOG: dict[str, Gpu] = {
     gpu.name: gpu
     for gpu in (
         Gpu(
             name="A100-40GB",
             memory_bytes=40960 * MIB,
-            source="NVIDIA A100 datasheet (40GB HBM2); nvidia-smi memory.total 40960 MiB",
+            bf16_flops=312 * T,
+            intra_node_bytes_per_s=300 * GB,
+            inter_node_bytes_per_s=25 * GB,
+            source="NVIDIA A100 datasheet (40GB HBM2, 312 TF bf16, NVLink 600 GB/s); "
+            "nvidia-smi memory.total 40960 MiB",
         ),
         Gpu(
             name="A100-80GB",
             memory_bytes=81920 * MIB,
-            source="NVIDIA A100 datasheet (80GB HBM2e); nvidia-smi memory.total 81920 MiB",
+            bf16_flops=312 * T,
+            intra_node_bytes_per_s=300 * GB,
+            inter_node_bytes_per_s=25 * GB,
+            source="NVIDIA A100 datasheet (80GB HBM2e, 312 TF bf16, NVLink 600 GB/s); "
+            "nvidia-smi memory.total 81920 MiB",
         ),
         Gpu(
             name="H100-80GB",
             memory_bytes=81559 * MIB,
-            source="NVIDIA H100 SXM5 (80GB HBM3); nvidia-smi memory.total 81559 MiB",
+            bf16_flops=989 * T,
+            intra_node_bytes_per_s=450 * GB,
+            inter_node_bytes_per_s=50 * GB,
+            source="NVIDIA H100 SXM5 datasheet (80GB HBM3, 989 TF bf16, NVLink 900 GB/s); "
+            "nvidia-smi memory.total 81559 MiB",
         ),
         Gpu(
             name="H100-94GB",
             memory_bytes=95830 * MIB,
-            source="NVIDIA H100 NVL (94GB HBM3); nvidia-smi memory.total 95830 MiB",
+            bf16_flops=835 * T,
+            intra_node_bytes_per_s=300 * GB,
+            inter_node_bytes_per_s=50 * GB,
+            source="NVIDIA H100 NVL datasheet (94GB HBM3, 835 TF bf16, NVLink bridge 600 GB/s); "
+            "nvidia-smi memory.total 95830 MiB",
         ),
         Gpu(
             name="H200",
             memory_bytes=143771 * MIB,
-            source="NVIDIA H200 datasheet (141GB HBM3e); nvidia-smi memory.total 143771 MiB",
+            bf16_flops=989 * T,
+            intra_node_bytes_per_s=450 * GB,
+            inter_node_bytes_per_s=50 * GB,
+            source="NVIDIA H200 SXM datasheet (141GB HBM3e, 989 TF bf16, NVLink 900 GB/s); "
+            "nvidia-smi memory.total 143771 MiB",
         ),
         Gpu(
             name="B200",
             memory_bytes=183359 * MIB,
-            source="NVIDIA DGX B200 (180GB HBM3e per GPU); nvidia-smi memory.total 183359 MiB",
+            bf16_flops=2250 * T,
+            intra_node_bytes_per_s=900 * GB,
+            inter_node_bytes_per_s=100 * GB,
+            source="NVIDIA DGX B200 datasheet (180GB HBM3e, 2.25 PF bf16 dense, NVLink 1.8 "
+            "TB/s); nvidia-smi memory.total 183359 MiB",
         ),
         Gpu(
             name="MI300X",
             memory_bytes=192 * 1024 * MIB,
-            source="AMD Instinct MI300X datasheet (192GB HBM3 = 8 stacks x 24 GiB)",
+            bf16_flops=1307 * T,
+            intra_node_bytes_per_s=448 * GB,
+            inter_node_bytes_per_s=50 * GB,
+            source="AMD Instinct MI300X datasheet (192GB HBM3, 1307 TF bf16, Infinity Fabric "
+            "896 GB/s)",
         ),
         Gpu(
             name="L4",
             memory_bytes=23034 * MIB,
-            source="NVIDIA L4 datasheet (24GB GDDR6); nvidia-smi memory.total 23034 MiB",
+            bf16_flops=121 * T,
+            intra_node_bytes_per_s=32 * GB,
+            inter_node_bytes_per_s=12.5 * GB,
+            source="NVIDIA L4 datasheet (24GB GDDR6, 121 TF bf16, PCIe Gen4 x16); nvidia-smi "
+            "memory.total 23034 MiB",
         ),
         Gpu(
             name="A10G",
             memory_bytes=23028 * MIB,
-            source="NVIDIA A10G (AWS g5, 24GB GDDR6); nvidia-smi memory.total 23028 MiB",
+            bf16_flops=125 * T,
+            intra_node_bytes_per_s=32 * GB,
+            inter_node_bytes_per_s=12.5 * GB,
+            source="NVIDIA A10 datasheet (24GB GDDR6, 125 TF bf16, PCIe Gen4 x16); AWS g5 "
+            "nvidia-smi memory.total 23028 MiB",
         ),
         Gpu(
             name="V100-32GB",
             memory_bytes=32768 * MIB,
-            source="NVIDIA V100 datasheet (32GB HBM2); nvidia-smi memory.total 32768 MiB",
+            bf16_flops=125 * T,
+            intra_node_bytes_per_s=150 * GB,
+            inter_node_bytes_per_s=12.5 * GB,
+            source="NVIDIA V100 SXM2 datasheet (32GB HBM2, 125 TF fp16 (no bf16), NVLink 300 "
+            "GB/s); nvidia-smi memory.total 32768 MiB",
         ),
         Gpu(
             name="RTX-4090",
             memory_bytes=24564 * MIB,
-            source="NVIDIA GeForce RTX 4090 (24GB GDDR6X); nvidia-smi memory.total 24564 MiB",
+            bf16_flops=165 * T,
+            intra_node_bytes_per_s=32 * GB,
+            inter_node_bytes_per_s=12.5 * GB,
+            source="NVIDIA Ada whitepaper (RTX 4090: 24GB GDDR6X, 165 TF bf16 with fp16 "
+            "accumulate, PCIe Gen4 x16); nvidia-smi memory.total 24564 MiB",
         ),
         Gpu(
             name="RTX-3090",
             memory_bytes=24576 * MIB,
-            source="NVIDIA GeForce RTX 3090 (24GB GDDR6X); nvidia-smi memory.total 24576 MiB",
+            bf16_flops=71 * T,
+            intra_node_bytes_per_s=32 * GB,
+            inter_node_bytes_per_s=12.5 * GB,
+            source="NVIDIA Ampere GA102 whitepaper (RTX 3090: 24GB GDDR6X, 71 TF bf16, PCIe "
+            "Gen4 x16); nvidia-smi memory.total 24576 MiB",
         ),
     )
 }

@@ -101,7 +101,9 @@ def megatron(
             step_is_int=True,
         )
         return [
-            RankStates(ranks=tuple(range(world)), terms=(*replicas, *device), host_terms=tuple(host))
+            RankStates(
+                ranks=tuple(range(world)), terms=(*replicas, *device), host_terms=tuple(host)
+            )
         ]
     spans, padded = buffer_layout([p.numel for p in params], world)
     shard = padded // world
