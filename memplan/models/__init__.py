@@ -6,7 +6,23 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from memplan.errors import MemplanError
-from memplan.models import deepseek, gemma, llama, mixtral, olmo2, phi3, qwen_moe
+from memplan.models import (
+    bert,
+    bloom,
+    deepseek,
+    falcon,
+    gemma,
+    gpt2,
+    gpt_neox,
+    gptj,
+    llama,
+    mixtral,
+    olmo2,
+    opt,
+    phi3,
+    qwen_moe,
+    t5,
+)
 from memplan.models.inventory import Architecture, Inventory, TensorSpec
 
 Builder = Callable[..., Inventory]
@@ -28,6 +44,15 @@ FAMILIES: dict[str, Builder] = {
     "olmo2": olmo2.build,
     "deepseek_v2": deepseek.build,
     "deepseek_v3": deepseek.build,
+    "gpt2": gpt2.build,
+    "gpt_neox": gpt_neox.build,
+    "gptj": gptj.build,
+    "opt": opt.build,
+    "bloom": bloom.build,
+    "falcon": falcon.build,
+    "bert": bert.build,
+    "roberta": bert.build,
+    "t5": t5.build,
 }
 
 
