@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,24 +82,47 @@ class Report:
         return None if self.capacity_bytes is None else self.peak_bytes <= self.capacity_bytes
 
 
-def estimate(spec: Spec, inventory: Inventory) -> Report:
-    """Account the model states of one training step, tensor by tensor, per rank."""
-    recipe = spec.recipe()
-    opt = spec.optimizer.config()
+def placement_of(spec: Spec) -> Placement:
+    """Where the step runs, as the sharding rules need it."""
     par = spec.parallelism
     torch_optimizer = par.engine in ("ddp", "fsdp2")
-    placement = Placement(
+    return Placement(
         engine=par.engine,
         data=par.data,
         stage=par.stage,
         # torch/optim/adam.py::_init_group (2.13): `step` is a CPU tensor unless capturable
         # or fused, so on a CUDA run the scalars live in host memory.
-        step_on_host=torch_optimizer and spec.hardware.device == "cuda" and not opt.fused,
+        step_on_host=torch_optimizer
+        and spec.hardware.device == "cuda"
+        and not spec.optimizer.config().fused,
     )
+
+
+def model_states(spec: Spec, inventory: Inventory) -> list[StageStates]:
+    """Parameters, gradients and optimizer states of every stage and rank class."""
+    par = spec.parallelism
     knobs = sharding.DeepSpeedKnobs(**par.deepspeed.model_dump())
-    stages = stage_states(
-        inventory, recipe=recipe, opt=opt, placement=placement, par=par, knobs=knobs
+    return stage_states(
+        inventory,
+        recipe=spec.recipe(),
+        opt=spec.optimizer.config(),
+        placement=placement_of(spec),
+        par=par,
+        knobs=knobs,
     )
+
+
+def estimate(spec: Spec, inventory: Inventory) -> Report:
+    """Account one training step, tensor by tensor, per rank."""
+    return assemble(spec, inventory, model_states(spec, inventory))
+
+
+def assemble(spec: Spec, inventory: Inventory, stages: Sequence[StageStates]) -> Report:
+    """The report from the model states of every stage (plan reuses them across layouts
+    that differ only in what does not change them: micro-batch, recomputation)."""
+    recipe = spec.recipe()
+    opt = spec.optimizer.config()
+    placement = placement_of(spec)
     top = max(stages, key=lambda st: (st.model_state_bytes, -st.stage))
     capacity = spec.hardware.memory
     if capacity is None and spec.hardware.gpu:
