@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from memplan.estimate import estimate
-from memplan.models import from_parameter_count
+from memplan.models import from_config, from_parameter_count
 from memplan.sharding import fsdp2_rows, zero_redundancy_partition
 from memplan.sharding.deepspeed import grads_in_partition, stage12_partition, sub_groups
 from tests.conftest import TINY_LLAMA, make_spec
@@ -17,10 +19,19 @@ from tests.conftest import TINY_LLAMA, make_spec
 PSI = 7_500_000_000  # the ZeRO paper's example model (Fig. 1): 7.5B parameters, N_d = 64
 
 
-def _count_report(stage: int, *, data: int = 64, precision: str = "bf16-mixed",
-                  optimizer: str = "adamw", engine: str = "deepspeed"):  # type: ignore[no-untyped-def]
-    spec = make_spec(precision=precision, optimizer={"name": optimizer},
-                     parallelism={"engine": engine, "data": data, "zero_stage": stage})
+def _count_report(
+    stage: int,
+    *,
+    data: int = 64,
+    precision: str = "bf16-mixed",
+    optimizer: str = "adamw",
+    engine: str = "deepspeed",
+):  # type: ignore[no-untyped-def]
+    spec = make_spec(
+        precision=precision,
+        optimizer={"name": optimizer},
+        parallelism={"engine": engine, "data": data, "zero_stage": stage},
+    )
     return estimate(spec, from_parameter_count(PSI))
 
 
@@ -59,8 +70,9 @@ def test_bytes_per_parameter_without_sharding(precision, optimizer, bytes_per_pa
 
 
 def test_sgd_with_momentum_is_4_4_4():
-    spec = make_spec(precision="fp32", optimizer={"name": "sgd", "momentum": 0.9},
-                     parallelism={"engine": "ddp"})
+    spec = make_spec(
+        precision="fp32", optimizer={"name": "sgd", "momentum": 0.9}, parallelism={"engine": "ddp"}
+    )
     assert estimate(spec, from_parameter_count(1000)).per_gpu.total_bytes == 12 * 1000
 
 
@@ -119,24 +131,36 @@ def test_zero_redundancy_partition_matches_torch_on_random_sizes(numels, world):
 # --- invariants over engines, stages and world sizes -------------------------------------
 # Bounded strategies: world sizes up to 64 and stages 0-3 cover every rule's branches
 # (padding, empty shards, boundary parameters) while keeping each example under a millisecond.
-ENGINE_STAGES = [("ddp", 0), ("ddp", 1), ("fsdp2", 2), ("fsdp2", 3),
-                 ("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
+ENGINE_STAGES = [
+    ("ddp", 0),
+    ("ddp", 1),
+    ("fsdp2", 2),
+    ("fsdp2", 3),
+    ("deepspeed", 0),
+    ("deepspeed", 1),
+    ("deepspeed", 2),
+    ("deepspeed", 3),
+]
 
 
-def _states(engine: str, stage: int, data: int, precision: str = "bf16-mixed",
-            persistence: int = 10**5):  # type: ignore[no-untyped-def]
+def _states(
+    engine: str, stage: int, data: int, precision: str = "bf16-mixed", persistence: int = 10**5
+):  # type: ignore[no-untyped-def]
     ds = {"stage3_param_persistence_threshold": persistence}
-    spec = make_spec(precision=precision, hardware={"device": "cpu"},
-                     parallelism={"engine": engine, "data": data, "zero_stage": stage,
-                                  "deepspeed": ds})
-    from memplan.models import from_config
-
+    spec = make_spec(
+        precision=precision,
+        hardware={"device": "cpu"},
+        parallelism={"engine": engine, "data": data, "zero_stage": stage, "deepspeed": ds},
+    )
     return estimate(spec, from_config(TINY_LLAMA))
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from(ENGINE_STAGES), st.integers(1, 64),
-       st.sampled_from(["fp32", "bf16", "bf16-mixed", "amp-bf16"]))
+@given(
+    st.sampled_from(ENGINE_STAGES),
+    st.integers(1, 64),
+    st.sampled_from(["fp32", "bf16", "bf16-mixed", "amp-bf16"]),
+)
 def test_sharded_bytes_times_ranks_cover_the_model(engine_stage, data, precision):  # type: ignore[no-untyped-def]
     engine, stage = engine_stage
     one = _states(engine, stage, 1, precision).per_gpu
@@ -146,15 +170,30 @@ def test_sharded_bytes_times_ranks_cover_the_model(engine_stage, data, precision
         assert total >= one.bytes_of(category), category
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.sampled_from(["ddp", "fsdp2", "deepspeed"]), st.integers(1, 32), st.integers(1, 32))
-def test_per_rank_bytes_never_grow_with_the_data_degree(engine, a, b):  # type: ignore[no-untyped-def]
-    small, large = sorted((a, b))
-    stages = {"ddp": [0, 1], "fsdp2": [2, 3], "deepspeed": [0, 1, 2, 3]}[engine]
-    for stage in stages:
-        before = _states(engine, stage, small).per_gpu.total_bytes
-        after = _states(engine, stage, large).per_gpu.total_bytes
-        assert after <= before
+@pytest.mark.parametrize(("engine", "stage"), ENGINE_STAGES + [("megatron", 0), ("megatron", 1)])
+def test_per_rank_bytes_never_grow_with_the_data_degree(engine, stage):  # type: ignore[no-untyped-def]
+    """Exhaustive over 1..64 ranks. Two engines break the naive property, by design of their
+    own layouts, and memplan follows them rather than the ideal:
+    - DeepSpeed ZeRO-2 keeps the *whole* gradient of every tensor that overlaps a rank's
+      partition (grads_in_partition), so one more rank can move a large tensor's boundary
+      onto the most-loaded rank: at most one tensor's gradient more (e.g. 10 ranks: 886,112 ->
+      897,792 B for the tiny model).
+    - Megatron's distributed optimizer pads its buffer to lcm(DP, 128) elements, which grows
+      with awkward DP sizes (19 ranks: lcm = 2,432 elements).
+    """
+    inv_largest = max(p.numel for p in from_config(TINY_LLAMA).parameters)
+    previous = None
+    for data in range(1, 65):
+        now = _states(engine, stage, data).per_gpu.total_bytes
+        if previous is not None:
+            if engine == "deepspeed" and stage == 2:
+                slack = inv_largest * 2  # one bf16 gradient tensor
+            elif engine == "megatron" and stage == 1:
+                slack = math.lcm(data, 128) * (2 + 4)  # bf16 param + fp32 grad buffer padding
+            else:
+                slack = 0
+            assert now <= previous + slack, (engine, stage, data, previous, now)
+        previous = now
 
 
 @pytest.mark.parametrize("data", [1, 2, 3, 8, 64])
@@ -181,5 +220,7 @@ def test_unsharded_equals_sharded_when_divisible():
     whole = estimate(one, inv).per_gpu
     assert sharded.bytes_of("parameters") * 8 == whole.bytes_of("parameters")
     step_bytes = 4  # each rank's optimizer keeps its own 0-dim fp32 step
-    assert (sharded.bytes_of("optimizer_states") * 8
-            == whole.bytes_of("optimizer_states") + 7 * step_bytes)
+    assert (
+        sharded.bytes_of("optimizer_states") * 8
+        == whole.bytes_of("optimizer_states") + 7 * step_bytes
+    )
