@@ -148,6 +148,61 @@ def inventory(
     render.console(width).print(render.inventory_table(inv, dtype))
 
 
+@app.command()
+def verify(
+    spec: SpecArg,
+    device: Annotated[
+        str, typer.Option("--device", help="Run on cpu or cuda.", case_sensitive=False)
+    ] = "cpu",
+    nproc: Annotated[
+        int | None,
+        typer.Option("--nproc", help="Ranks on torch.distributed (default: parallelism.data)."),
+    ] = None,
+    layers: Annotated[
+        int | None,
+        typer.Option("--layers", help="Build K decoder layers; extrapolate to full depth."),
+    ] = None,
+    fake: Annotated[
+        bool, typer.Option("--fake", help="FakeTensorMode: no real memory, any model size.")
+    ] = False,
+    as_json: JsonOpt = False,
+    width: WidthOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Build the real model and optimizer, run real steps, and compare every category with
+    the prediction (exit 3 when one misses its tolerance). Needs torch and transformers.
+
+    Example: memplan verify configs/tiny-llama.yaml --nproc 2
+    """
+    if device not in ("cpu", "cuda"):
+        typer.echo(f"error: --device must be cpu or cuda, got {device!r}.", err=True)
+        raise typer.Exit(2)
+    from memplan import load
+    from memplan.verify import render as vrender
+    from memplan.verify import runner
+    from memplan.verify.job import STEPS, Options
+
+    options = Options(
+        device="cuda" if device == "cuda" else "cpu", nproc=nproc, layers=layers, fake=fake
+    )
+
+    def work() -> runner.VerifyResult:
+        loaded = load.load_spec(spec)
+        world = nproc if nproc is not None else loaded.spec.parallelism.data
+        with vrender.progress_bar(world, STEPS, enabled=not as_json) as on_event:
+            return runner.verify(loaded, options, on_event)
+
+    result = _run(debug, work)
+    if as_json:
+        _print_json(runner.to_json(result))
+    else:
+        from memplan import render
+
+        render.console(width).print(vrender.verify_view(result))
+    if not result.ok:
+        raise typer.Exit(3)
+
+
 def main() -> None:
     app()
 

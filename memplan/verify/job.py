@@ -1,0 +1,310 @@
+"""What a verify run will do, decided before torch is imported: the model config, the spec the
+prediction uses, the path (one process, torch.distributed ranks, or fake tensors), and whether
+the run fits in free memory. Refusals are `MemplanError`s that say what to do instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from memplan import models
+from memplan.errors import MemplanError
+from memplan.estimate import Report, estimate
+from memplan.load import PRESET_DIR, LoadedSpec, read_json
+from memplan.models import Inventory
+from memplan.precision import Recipe
+from memplan.spec import Spec
+
+Device = Literal["cpu", "cuda"]
+
+Event = Callable[[int, str], None]
+"""Progress callback: (rank, "build" | "step" | "done" | "error")."""
+
+# Optimizers verify can build from torch.optim (spec name -> class name). lion and the
+# bitsandbytes 8-bit optimizers live in other packages.
+TORCH_OPTIMIZERS = {
+    "adamw": "AdamW",
+    "adam": "Adam",
+    "sgd": "SGD",
+    "adagrad": "Adagrad",
+    "rmsprop": "RMSprop",
+    "adafactor": "Adafactor",
+    "nadam": "NAdam",
+    "radam": "RAdam",
+    "adamax": "Adamax",
+}
+
+# Optimizer steps per run: the first creates the optimizer state lazily, the second is the
+# steady state that is measured (and the one whose peak is reported).
+STEPS = 2
+
+# The share of MemAvailable (or CUDA free memory) a real run may plan to use; the rest is
+# for the interpreter, transformers' import and kernel workspaces.
+MEMORY_HEADROOM = 0.8
+
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    """The command line of `memplan verify`."""
+
+    device: Device = "cpu"
+    nproc: int | None = None
+    """Ranks to launch; default: the spec's parallelism.data."""
+    layers: int | None = None
+    """Build only this many decoder layers (verify exactly, extrapolate to full depth)."""
+    fake: bool = False
+    """Run under FakeTensorMode: no real memory, any size."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Job:
+    """Everything a rank needs to build and measure (picklable: it crosses mp.spawn)."""
+
+    config: dict[str, Any]
+    """config.json of the model that is built (decoder layers already cut to `layers`)."""
+    spec: Spec
+    """The spec with data = ranks and hardware.device = the run's device."""
+    recipe: Recipe
+    device: Device
+    world: int
+    distributed: bool
+    """True: ranks on torch.distributed (also for one fsdp2 or ZeroRedundancyOptimizer rank)."""
+    fake: bool
+    layers: int
+    """Decoder layers built."""
+    full_layers: int
+    """Decoder layers of the spec's model."""
+    layer_key: str | None
+    """The config key that holds the number of decoder layers."""
+
+    @property
+    def engine(self) -> str:
+        return self.spec.parallelism.engine
+
+    @property
+    def stage(self) -> int:
+        return self.spec.parallelism.stage
+
+
+def model_config(loaded: LoadedSpec) -> dict[str, Any]:
+    """The config.json mapping the spec's model names (a model given only as a parameter count
+    cannot be built)."""
+    model = loaded.spec.model
+    if model.num_parameters is not None:
+        raise MemplanError(
+            "verify builds the real model, so it needs its architecture: give model.hf_config, "
+            "model.preset or model.architecture instead of model.num_parameters.",
+            field="model.num_parameters",
+            where=loaded.where("model", "num_parameters"),
+        )
+    if model.architecture is not None:
+        return dict(model.architecture)
+    if model.preset is not None:
+        data = read_json(PRESET_DIR / f"{model.preset}.json", what="preset")
+    else:
+        assert model.hf_config is not None  # the spec guarantees exactly one source
+        base = loaded.path.parent if loaded.path else Path.cwd()
+        file = model.hf_config if model.hf_config.is_absolute() else base / model.hf_config
+        data = read_json(file, what="hf_config")
+    if not isinstance(data, dict):
+        raise MemplanError("the model config is not a config.json object.", field="model")
+    return data
+
+
+def layer_key(config: dict[str, Any]) -> str | None:
+    return next((k for k in _LAYER_KEYS if isinstance(config.get(k), int)), None)
+
+
+def with_layers(config: dict[str, Any], key: str, layers: int) -> dict[str, Any]:
+    """The config with `layers` decoder layers (per-layer lists such as `layer_types` cut)."""
+    out = dict(config)
+    out[key] = layers
+    for name, value in config.items():
+        if name.endswith("layer_types") and isinstance(value, list):
+            out[name] = value[:layers]
+    return out
+
+
+def check_supported(spec: Spec, recipe: Recipe) -> None:
+    """Refuse what verify cannot realise with real torch, saying what can be verified."""
+    par = spec.parallelism
+    if par.engine == "deepspeed":
+        installed = importlib.util.find_spec("deepspeed") is not None
+        why = (
+            "verify drives torch's own engines only"
+            if installed
+            else "DeepSpeed is not installed here, and verify drives torch's own engines only"
+        )
+        raise MemplanError(
+            f"parallelism.engine: deepspeed cannot be verified: {why}. DeepSpeed's flat "
+            "buffers and FusedAdam's integer step counter have no torch equivalent, and --fake "
+            "cannot express them either. To verify the same model under torch's layout, set "
+            "parallelism.engine: ddp (zero_stage 0 or 1) or fsdp2 (zero_stage 2 or 3).",
+            field="parallelism.engine",
+        )
+    unsupported = [
+        f"{key}: {getattr(par, key)}"
+        for key in ("tensor", "pipeline", "expert", "context")
+        if getattr(par, key, 1) != 1
+    ]
+    offload = getattr(par, "offload", None)
+    if offload is not None and (offload.optimizer != "none" or offload.parameters != "none"):
+        unsupported.append("offload")
+    if par.engine not in ("ddp", "fsdp2") or unsupported:
+        what = f"parallelism.engine: {par.engine}" if not unsupported else ", ".join(unsupported)
+        raise MemplanError(
+            f"{what} cannot be verified yet: verify runs data parallelism only, with torch "
+            "DDP / ZeroRedundancyOptimizer (engine: ddp) or FSDP2 (engine: fsdp2), and no "
+            "offload. Verify the same model with those, then trust the per-stage rules.",
+            field="parallelism",
+        )
+    name = spec.optimizer.name
+    if name not in TORCH_OPTIMIZERS:
+        raise MemplanError(
+            f"optimizer {name!r} is not in torch.optim, so verify cannot build it; verifiable: "
+            f"{', '.join(TORCH_OPTIMIZERS)}.",
+            field="optimizer.name",
+        )
+    at_rest = recipe.master_weights or recipe.parameters
+    problems = []
+    if recipe.gradients != recipe.parameters:
+        problems.append(
+            f"gradients ({recipe.gradients}) differ from parameters ({recipe.parameters}); "
+            "autograd makes gradients in the parameter dtype"
+        )
+    if recipe.gradient_accumulation:
+        problems.append("a separate gradient_accumulation buffer (Megatron main_grad)")
+    if recipe.optimizer_states != at_rest:
+        problems.append(
+            f"optimizer_states ({recipe.optimizer_states}) differ from the tensor the optimizer "
+            f"updates ({at_rest}); torch.optim keeps states like that tensor"
+        )
+    if problems:
+        raise MemplanError(
+            f"precision recipe {recipe.name!r} cannot be realised with torch.optim: "
+            + "; ".join(problems)
+            + ". Verifiable presets: fp32, bf16, fp16, amp-bf16, amp-fp16, bf16-mixed, "
+            "fp16-mixed.",
+            field="precision",
+        )
+
+
+def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | None]:
+    """The job, the prediction for what is built, and (with --layers) the full-depth one."""
+    spec = loaded.spec
+    recipe = spec.recipe()
+    check_supported(spec, recipe)
+    world = options.nproc if options.nproc is not None else spec.parallelism.data
+    if world < 1:
+        raise MemplanError(f"--nproc must be at least 1, got {world}.")
+    spec = spec.model_copy(
+        update={
+            "parallelism": spec.parallelism.model_copy(update={"data": world}),
+            "hardware": spec.hardware.model_copy(update={"device": options.device}),
+        }
+    )
+    config = model_config(loaded)
+    key = layer_key(config)
+    full_layers = int(config[key]) if key else 0
+    layers = full_layers
+    if options.layers is not None:
+        if key is None:
+            raise MemplanError("--layers: the model config names no number of layers.")
+        if not 1 <= options.layers <= full_layers:
+            raise MemplanError(
+                f"--layers must be between 1 and the model's {full_layers} layers, "
+                f"got {options.layers}."
+            )
+        layers = options.layers
+    built = with_layers(config, key, layers) if key and layers != full_layers else config
+    inventory = _inventory(built, loaded)
+    report = estimate(spec, inventory)
+    full = estimate(spec, _inventory(config, loaded)) if built is not config else None
+    par = spec.parallelism
+    job = Job(
+        config=built,
+        spec=spec,
+        recipe=recipe,
+        device=options.device,
+        world=world,
+        distributed=world > 1 or par.engine == "fsdp2" or par.stage == 1,
+        fake=options.fake,
+        layers=layers,
+        full_layers=full_layers,
+        layer_key=key,
+    )
+    return job, report, full
+
+
+def _inventory(config: dict[str, Any], loaded: LoadedSpec) -> Inventory:
+    try:
+        return models.from_config(config, origin="model")
+    except MemplanError as err:
+        raise err.located(field="model", where=loaded.where("model")) from None
+
+
+def activations_modelled(report: Report) -> bool:
+    """Whether the calculator predicts activations for this report (a flag when the
+    activations model provides one, else a non-zero figure)."""
+    flag = getattr(report, "activations_modelled", None)
+    if isinstance(flag, bool):
+        return flag
+    return report.activations_bytes > 0
+
+
+def available_host_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where the file does not exist)."""
+    try:
+        text = meminfo.read_text(encoding="ascii")
+    except OSError:
+        return None
+    match = re.search(r"^MemAvailable:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) * 2**10 if match else None
+
+
+def required_bytes(job: Job, report: Report) -> int:
+    """Bytes a real run holds at once on this machine: every rank's predicted peak (model
+    states, plus activations once modelled) and one more parameter-sized copy per rank for
+    the optimizer step's temporaries (field notes: foreach adds about one parameter-sized copy
+    at the peak)."""
+    total = 0
+    for rank in range(job.world):
+        states = next(s for s in report.ranks if rank in s.ranks)
+        total += (
+            states.total_bytes
+            + report.buffer_bytes
+            + report.activations_bytes
+            + report.transient_bytes
+            + states.bytes_of("parameters")
+        )
+    return total
+
+
+def refuse_if_too_big(job: Job, report: Report, free_bytes: int | None, where: str) -> None:
+    """Raise before anything is allocated when the run would not fit in `free_bytes`."""
+    if job.fake or free_bytes is None:
+        return
+    need = required_bytes(job, report)
+    budget = int(free_bytes * MEMORY_HEADROOM)
+    if need <= budget:
+        return
+    from memplan.render import human
+
+    per_layer = ""
+    if job.layer_key and job.full_layers > 1:
+        per_layer = f" (the model has {job.full_layers} layers)"
+    raise MemplanError(
+        f"too big to build here: the run needs about {human(need)} ({need:,} B: predicted "
+        f"model states of {job.world} rank(s), plus one parameter copy each for the optimizer "
+        f"step) but {where} has {human(free_bytes)} free, of which verify uses "
+        f"{MEMORY_HEADROOM:.0%}. Use --layers K to build K decoder layers{per_layer}, verify "
+        "them to the byte and extrapolate to full depth, or --fake to run the full model "
+        "under FakeTensorMode without real memory."
+    )

@@ -1,0 +1,165 @@
+"""Measure bytes by the storages that exist, deduplicated, category by category.
+
+A tensor's bytes are its *storage's* bytes (`untyped_storage().nbytes()`), counted once per
+storage: tied weights, views and FSDP2's padded shards then count exactly what is allocated.
+Real storages are keyed by `data_ptr()`; fake ones (FakeTensorMode) have none, so they are
+keyed by their StorageImpl (`_cdata`). DTensors are measured by their local shard.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local tensor of a DTensor, the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def storage_key(t: torch.Tensor) -> int:
+    storage = t.untyped_storage()
+    if isinstance(t, FakeTensor):
+        return int(storage._cdata)
+    return int(storage.data_ptr())
+
+
+def storage_bytes(t: torch.Tensor) -> int:
+    return int(t.untyped_storage().nbytes())
+
+
+def layer_of(name: str) -> int | None:
+    """`model.layers.3.mlp.up_proj.weight` -> 3 (the first index in the name)."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class Ledger:
+    """Bytes per category, each storage counted once across all categories (first wins)."""
+
+    seen: set[int] = field(default_factory=set)
+    bytes: dict[str, int] = field(default_factory=dict)
+    layer_bytes: dict[str, int] = field(default_factory=dict)
+    """Bytes of storages that belong to a decoder layer (for --layers extrapolation)."""
+
+    def add(self, category: str, t: torch.Tensor, layer: int | None = None) -> None:
+        t = local(t)
+        key = storage_key(t)
+        self.bytes.setdefault(category, 0)
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        n = storage_bytes(t)
+        self.bytes[category] += n
+        if layer is not None:
+            self.layer_bytes[category] = self.layer_bytes.get(category, 0) + n
+
+
+def model_states(
+    model: nn.Module,
+    optimizer_state: dict[torch.Tensor, dict[str, object]],
+    *,
+    masters: Iterable[tuple[torch.Tensor, torch.Tensor]] = (),
+) -> Ledger:
+    """Parameters, gradients, buffers, master weights and each optimizer state by name.
+
+    `optimizer_state` is `optimizer.state` (param -> {name: tensor}); `masters` pairs each
+    module parameter with the fp32 copy the optimizer updates (*-mixed recipes).
+    """
+    ledger = Ledger(bytes={"parameters": 0, "gradients": 0, "buffers": 0})
+    names = {id(p): n for n, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        ledger.add("parameters", p, layer_of(name))
+    for name, b in model.named_buffers():
+        ledger.add("buffers", b, layer_of(name))
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            ledger.add("gradients", p.grad, layer_of(name))
+    layer_by_tensor: dict[int, int | None] = {}
+    for param, master in masters:
+        layer = layer_of(names.get(id(param), ""))
+        layer_by_tensor[id(master)] = layer
+        ledger.add("master_weights", master, layer)
+    for name, p in model.named_parameters():
+        layer_by_tensor.setdefault(id(p), layer_of(name))
+    for updated, state in optimizer_state.items():
+        layer = layer_by_tensor.get(id(updated))
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                ledger.add(str(key), value, layer)
+    return ledger
+
+
+def optimizer_state_names(ledger: Ledger) -> list[str]:
+    fixed = {"parameters", "gradients", "buffers"}
+    return [name for name in ledger.bytes if name not in fixed]
+
+
+@dataclass
+class SavedTensors:
+    """Bytes autograd saves for backward, each storage once, parameters and buffers excluded
+    (their storages are model states). `layer` attributes a storage to the decoder layer
+    whose forward saved it first."""
+
+    exclude: set[int] = field(default_factory=set)
+    seen: set[int] = field(default_factory=set)
+    bytes: int = 0
+    layer_bytes: int = 0
+    layer: int | None = None
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        t_local = local(t)
+        key = storage_key(t_local)
+        if key not in self.seen and key not in self.exclude:
+            self.seen.add(key)
+            n = storage_bytes(t_local)
+            self.bytes += n
+            if self.layer is not None:
+                self.layer_bytes += n
+        return t
+
+
+@contextmanager
+def saved_tensors(model: nn.Module, layers: nn.ModuleList | None) -> Iterator[SavedTensors]:
+    """Record what the forward inside the block saves (torch.autograd.graph.saved_tensors_hooks).
+
+    The set of parameter storages is taken again at each layer's entry and exit (replaced, not
+    extended), so the unsharded parameters FSDP2 gathers for a layer are excluded while they
+    live, and an address freed by a reshard cannot hide a later activation."""
+    record = SavedTensors()
+
+    def model_storages() -> set[int]:
+        tensors = [*model.parameters(), *model.buffers()]
+        return {storage_key(local(t)) for t in tensors}
+
+    record.exclude = model_storages()
+    handles = []
+    if layers is not None:
+        for index, block in enumerate(layers):
+
+            def enter(_m: nn.Module, _a: object, index: int = index) -> None:
+                record.exclude = model_storages()
+                record.layer = index
+
+            def leave(_m: nn.Module, _a: object, _o: object) -> None:
+                record.exclude = model_storages()
+                record.layer = None
+
+            handles.append(block.register_forward_pre_hook(enter))
+            handles.append(block.register_forward_hook(leave))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(record.pack, lambda t: t):
+            yield record
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,196 @@
+"""One rank's real training steps and what they hold: build, wrap (FSDP2 / DDP /
+ZeroRedundancyOptimizer, all torch's own), step, measure. Shared by the one-process, the
+torch.distributed and the fake-tensor paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from memplan.verify import build, measure
+from memplan.verify.job import STEPS, Job
+from memplan.verify.result import Phase
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class RankMeasurement:
+    """What one rank measured (plain ints: it crosses process boundaries)."""
+
+    rank: int
+    bytes: dict[str, int]
+    """parameters, gradients, buffers, each optimizer state by name (master_weights too),
+    activations, and peak when this run can measure it."""
+    layer_bytes: dict[str, int]
+    """The part of each category held by decoder layers (for --layers extrapolation)."""
+    state_names: list[str]
+    phases: list[Phase] = field(default_factory=list)
+
+
+@dataclass
+class Wrapped:
+    model: nn.Module
+    optimizer: Any
+    state: dict[torch.Tensor, dict[str, object]]
+    masters: build.MasterWeights | None
+    layers: nn.ModuleList | None
+
+
+def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
+    recipe = job.recipe
+    master = recipe.master_weights
+    fsdp = job.engine == "fsdp2"
+    # FSDP2 keeps the sharded parameter in the dtype it was built in and casts to
+    # MixedPrecisionPolicy.param_dtype for compute, so a *-mixed model is built in the master
+    # dtype; everywhere else the module holds `recipe.parameters`.
+    at_rest = master if fsdp and master else recipe.parameters
+    model = build.build_model(job.config, build.torch_dtype(at_rest), device)
+    layers = build.decoder_layers(model, job.layers)
+    masters = None
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if mesh is None:
+            mesh = init_device_mesh(device, (job.world,))
+        policy = MixedPrecisionPolicy(
+            param_dtype=build.torch_dtype(recipe.parameters) if master else None
+        )
+        reshard = job.stage == 3
+        for block in layers or []:
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    else:
+        if master:
+            masters = build.MasterWeights(list(model.parameters()), build.torch_dtype(master))
+        if job.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [rank] if device == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+    cls = build.optimizer_class(job.spec)
+    kwargs = build.optimizer_kwargs(job.spec)
+    params = masters.masters if masters else list(model.parameters())
+    if job.engine == "ddp" and job.stage == 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        zero = ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
+        return Wrapped(
+            model=model, optimizer=zero, state=zero.optim.state, masters=masters, layers=layers
+        )
+    optimizer = cls(params, **kwargs)
+    return Wrapped(
+        model=model, optimizer=optimizer, state=optimizer.state, masters=masters, layers=layers
+    )
+
+
+@contextlib.contextmanager
+def _peak_tracker(job: Job, w: Wrapped, extra: list[torch.Tensor]) -> Iterator[Callable[[], int]]:
+    """Peak bytes over the block: CUDA's allocator counter, else torch's MemTracker
+    (FSDPMemTracker for FSDP2), which follows every storage the ops create."""
+    if job.device == "cuda" and not job.fake:
+        torch.cuda.reset_peak_memory_stats()
+        yield lambda: int(torch.cuda.max_memory_allocated())
+        return
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker: MemTracker
+    if job.engine == "fsdp2":
+        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+        tracker = FSDPMemTracker(w.model, w.optimizer)
+        tracker.track_inputs(tuple(extra))
+        if w.masters:
+            tracker.track_external(*w.masters.masters)
+    else:
+        tracker = MemTracker()
+        tracker.track_external(w.model, w.optimizer, *extra)
+        if w.masters:
+            tracker.track_external(*w.masters.masters)
+    with tracker:
+        yield lambda: _total(tracker.get_tracker_snapshot("peak"))
+
+
+def _total(snapshot: dict[torch.device, dict[str, int]]) -> int:
+    return sum(int(per_device["Total"]) for per_device in snapshot.values())
+
+
+def _phase(job: Job, name: str, phases: list[Phase]) -> None:
+    if job.device != "cuda" or job.fake:
+        return
+    torch.cuda.synchronize()
+    phases.append(
+        Phase(
+            name=name,
+            allocated=int(torch.cuda.memory_allocated()),
+            max_allocated=int(torch.cuda.max_memory_allocated()),
+            reserved=int(torch.cuda.memory_reserved()),
+        )
+    )
+    torch.cuda.reset_peak_memory_stats()
+
+
+def measure_rank(job: Job, rank: int, progress: Progress, mesh: Any = None) -> RankMeasurement:
+    """Build, run STEPS real steps, and measure the last one. The caller sets up the process
+    group and, for --fake, FakeTensorMode (and then the FSDP2 `mesh`, made outside it)."""
+    device = "cpu" if job.fake else job.device
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    w = _wrap(job, rank, device, mesh)
+    progress("build")
+    ids = build.batch(job.spec, int(build.hf_config(job.config).vocab_size), device)
+    phases: list[Phase] = []
+    saved = measure.SavedTensors()
+    peak: Callable[[], int] | None = None
+    for step in range(STEPS):
+        last = step == STEPS - 1
+        with contextlib.ExitStack() as stack:
+            if last:
+                _phase(job, "before step", phases)
+                peak = stack.enter_context(_peak_tracker(job, w, [ids]))
+            with contextlib.ExitStack() as fwd:
+                if last:
+                    saved = fwd.enter_context(measure.saved_tensors(w.model, w.layers))
+                with build.autocast(job.recipe, device):
+                    loss = w.model(input_ids=ids, labels=ids).loss
+            if last:
+                _phase(job, "forward", phases)
+            loss.backward()
+            del loss
+            if last:
+                _phase(job, "backward", phases)
+            if w.masters:
+                w.masters.grads_in()
+            w.optimizer.step()
+            if w.masters:
+                w.masters.weights_out()
+            if last:
+                _phase(job, "optimizer step", phases)
+                peak_bytes = peak() if peak else None
+        if last:
+            pairs = zip(w.masters.params, w.masters.masters, strict=True) if w.masters else ()
+            ledger = measure.model_states(w.model, w.state, masters=pairs)
+        w.optimizer.zero_grad(set_to_none=True)
+        w.model.zero_grad(set_to_none=True)
+        progress("step")
+    out = dict(ledger.bytes)
+    out["optimizer_states"] = sum(out[n] for n in measure.optimizer_state_names(ledger))
+    out["activations"] = saved.bytes
+    layer_bytes = dict(ledger.layer_bytes)
+    layer_bytes["activations"] = saved.layer_bytes
+    if peak_bytes is not None:
+        out["peak"] = peak_bytes
+    return RankMeasurement(
+        rank=rank,
+        bytes=out,
+        layer_bytes=layer_bytes,
+        state_names=measure.optimizer_state_names(ledger),
+        phases=phases,
+    )

@@ -1,0 +1,179 @@
+"""`memplan verify`: predict, refuse what cannot fit, run the ranks, compare per category."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from memplan.estimate import Report
+from memplan.load import LoadedSpec
+from memplan.sharding import RankStates
+from memplan.verify import job as jobs
+from memplan.verify.job import Event, Job, Options
+from memplan.verify.result import RankResult, Row, VerifyResult, rows_for, to_json
+
+if TYPE_CHECKING:
+    from memplan.verify.rank import RankMeasurement
+
+__all__ = ["VerifyResult", "compare", "predicted", "to_json", "verify"]
+
+# Categories extrapolated to full depth with --layers: additive over decoder layers.
+_EXTRAPOLATED = ("parameters", "gradients", "optimizer_states", "buffers", "activations")
+
+
+def predicted(report: Report, rank: int) -> tuple[dict[str, int | None], list[str]]:
+    """memplan's bytes per category for `rank`, and its optimizer state names in order.
+
+    Optimizer states include those the engine keeps in host memory (torch's CPU `step`
+    scalars on CUDA runs): verify measures every state tensor wherever it lives. The peak
+    is the device's (host terms excluded)."""
+    states: RankStates = next(s for s in report.ranks if rank in s.ranks)
+    out: dict[str, int | None] = {
+        "parameters": states.bytes_of("parameters"),
+        "gradients": states.bytes_of("gradients"),
+        "buffers": report.buffer_bytes,
+    }
+    names: list[str] = []
+    optimizer_total = 0
+    for term in (*states.terms, *states.host_terms):
+        if term.category == "optimizer_states":
+            names.append(term.name)
+            out[term.name] = (out.get(term.name) or 0) + term.bytes
+            optimizer_total += term.bytes
+    out["optimizer_states"] = optimizer_total
+    if jobs.activations_modelled(report):
+        out["activations"] = report.activations_bytes
+        out["peak"] = (
+            states.total_bytes
+            + report.buffer_bytes
+            + report.activations_bytes
+            + report.transient_bytes
+        )
+    else:
+        out["activations"] = None
+        out["peak"] = None
+    return out, list(dict.fromkeys(names))
+
+
+def _setup(job: Job, report: Report) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    spec = job.spec
+    return {
+        "model": report.model.name,
+        "model_type": report.model.model_type,
+        "num_parameters": report.model.num_parameters,
+        "device": job.device,
+        "fake": job.fake,
+        "engine": job.engine,
+        "zero_stage": job.stage,
+        "ranks": job.world,
+        "distributed": job.distributed,
+        "precision": job.recipe.name,
+        "optimizer": spec.optimizer.name,
+        "optimizer_implementation": spec.optimizer.implementation,
+        "layers": job.layers,
+        "full_layers": job.full_layers,
+        "micro_batch_size": spec.training.micro_batch_size,
+        "sequence_length": spec.training.sequence_length,
+        "steps": jobs.STEPS,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def compare(
+    job: Job, report: Report, full: Report | None, measured: list[RankMeasurement]
+) -> VerifyResult:
+    """Rows per rank, the headline rank, and the full-depth extrapolation for --layers."""
+    ranks = []
+    for m in measured:
+        pred, names = predicted(report, m.rank)
+        rows = rows_for(
+            predicted=pred,
+            measured=dict(m.bytes),
+            state_names=[*names, *m.state_names],
+        )
+        ranks.append(RankResult(rank=m.rank, rows=rows))
+    most_loaded = report.per_gpu.ranks[0]
+    notes = []
+    if not jobs.activations_modelled(report):
+        notes.append(
+            "activations are not modelled by the calculator yet: measured saved-tensor bytes "
+            "and the measured peak are shown, not checked."
+        )
+    if job.spec.training.gradient_accumulation_steps > 1:
+        notes.append(
+            "gradient_accumulation_steps > 1: verify runs one micro-batch per optimizer step "
+            "(the per-step peak is the same)."
+        )
+    if job.engine == "ddp" and job.distributed:
+        notes.append(
+            "DDP's reducer buckets (a second copy of the gradients for all-reduce) are not a "
+            "category: they appear only in the peak."
+        )
+    if job.engine == "ddp" and job.stage == 1 and job.recipe.master_weights:
+        notes.append(
+            "ZeroRedundancyOptimizer broadcasts each updated tensor from its owner to every "
+            "rank, so the fp32 master copies it updates exist whole on every rank; memplan's "
+            "ZeRO-1 rule keeps them on the owning rank only (the master_weights rows differ)."
+        )
+    if job.device == "cpu" and not job.fake:
+        notes.append("peak on CPU: torch MemTracker's total of live storages (no allocator).")
+    full_depth: tuple[Row, ...] = ()
+    if full is not None:
+        if job.engine == "ddp" and job.stage == 1:
+            notes.append(
+                "--layers: no full-depth extrapolation for ZeroRedundancyOptimizer (its "
+                "partition depends on every tensor of the model)."
+            )
+        else:
+            full_depth = _extrapolate(job, full, measured[most_loaded])
+    phases = tuple(measured[most_loaded].phases)
+    return VerifyResult(
+        setup=_setup(job, report),
+        ranks=tuple(ranks),
+        most_loaded=most_loaded,
+        phases=phases,
+        full_depth=full_depth,
+        notes=tuple(notes),
+    )
+
+
+def _extrapolate(job: Job, full: Report, m: RankMeasurement) -> tuple[Row, ...]:
+    """Full depth = measured at K layers + (L - K) x measured bytes per decoder layer."""
+    pred, _ = predicted(full, m.rank)
+    rows = []
+    for name in _EXTRAPOLATED:
+        measured = m.bytes.get(name, 0)
+        layer_bytes = m.layer_bytes.get(name, 0)
+        if name == "optimizer_states":
+            layer_bytes = sum(m.layer_bytes.get(n, 0) for n in m.state_names)
+        extra = layer_bytes * (job.full_layers - job.layers) // job.layers
+        rows.append(
+            Row(name=name, predicted=pred.get(name), measured=measured + extra, tolerance=0.0)
+        )
+    return tuple(rows)
+
+
+def verify(loaded: LoadedSpec, options: Options, on_event: Event) -> VerifyResult:
+    """Plan, check free memory, run, compare. Raises MemplanError for what cannot run."""
+    job, report, full = jobs.plan(loaded, options)
+    if job.device == "cuda" and not job.fake:
+        import torch
+
+        if not torch.cuda.is_available():
+            from memplan.errors import MemplanError
+
+            raise MemplanError(
+                "--device cuda: torch sees no CUDA device here (torch "
+                f"{torch.__version__}); use --device cpu or --fake."
+            )
+        free, _total = torch.cuda.mem_get_info()
+        jobs.refuse_if_too_big(job, report, int(free) * job.world, "the GPU")
+    else:
+        jobs.refuse_if_too_big(job, report, jobs.available_host_bytes(), "this host")
+    from memplan.verify import launch
+
+    measured = launch.run(job, on_event)
+    return compare(job, report, full, measured)
