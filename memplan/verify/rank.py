@@ -70,7 +70,9 @@ def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
     else:
         if master:
             masters = build.MasterWeights(list(model.parameters()), build.torch_dtype(master))
-        if job.distributed:
+        if job.distributed and not job.fake:
+            # DDP cannot wrap fake tensors (it checks their data across ranks); it changes
+            # no model state, only adds its reducer buckets (runner notes their absence).
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [rank] if device == "cuda" else None
@@ -111,7 +113,8 @@ def _peak_tracker(job: Job, w: Wrapped, extra: list[torch.Tensor]) -> Iterator[C
             tracker.track_external(*w.masters.masters)
     else:
         tracker = MemTracker()
-        tracker.track_external(w.model, w.optimizer, *extra)
+        # ZeroRedundancyOptimizer keeps the state in its local optimizer, `.optim`.
+        tracker.track_external(w.model, getattr(w.optimizer, "optim", w.optimizer), *extra)
         if w.masters:
             tracker.track_external(*w.masters.masters)
     with tracker:

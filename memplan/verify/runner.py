@@ -107,7 +107,12 @@ def compare(
             "gradient_accumulation_steps > 1: verify runs one micro-batch per optimizer step "
             "(the per-step peak is the same)."
         )
-    if job.engine == "ddp" and job.distributed:
+    if job.engine == "ddp" and job.distributed and job.fake:
+        notes.append(
+            "--fake: the DDP wrapper is not built (it needs real tensors); model states are "
+            "the same, but the peak lacks its reducer buckets (a second copy of the gradients)."
+        )
+    elif job.engine == "ddp" and job.distributed:
         notes.append(
             "DDP's reducer buckets (a second copy of the gradients for all-reduce) are not a "
             "category: they appear only in the peak."
@@ -117,6 +122,12 @@ def compare(
             "ZeroRedundancyOptimizer broadcasts each updated tensor from its owner to every "
             "rank, so the fp32 master copies it updates exist whole on every rank; memplan's "
             "ZeRO-1 rule keeps them on the owning rank only (the master_weights rows differ)."
+        )
+    if job.recipe.master_weights and job.engine == "ddp":
+        notes.append(
+            f"{job.recipe.name}: the optimizer updates {job.recipe.master_weights} master "
+            "copies; for each step the 16-bit gradients are cast into the masters' .grad "
+            "(a transient copy, freed after the step, seen only in the peak)."
         )
     if job.device == "cpu" and not job.fake:
         notes.append("peak on CPU: torch MemTracker's total of live storages (no allocator).")
