@@ -1,0 +1,132 @@
+"""Saved tensors of the Llama family (llama, mistral, qwen2, qwen3) in transformers 5.24.
+
+`LlamaForCausalLM`: embed_tokens -> rotary cos/sin -> layers (input_layernorm, q/k/v_proj,
+[qwen3: q_norm/k_norm], RoPE, attention core, o_proj, residual, post_attention_layernorm,
+gate/up_proj, act, down_proj, residual) -> norm -> lm_head -> ForCausalLMLoss.
+Sources: models/llama/modeling_llama.py (mistral/qwen2/qwen3 copy it; qwen3 adds per-head
+q_norm/k_norm in modeling_qwen3.py::Qwen3Attention.forward).
+"""
+
+from __future__ import annotations
+
+from memplan.activations import attention, kernels
+from memplan.activations.assemble import Model, dropout_on
+from memplan.activations.tensors import Saved, Setting, promote
+from memplan.models.inventory import Architecture
+
+SRC = "transformers models/llama/modeling_llama.py"
+
+
+def gated_mlp(prefix: str, tokens: int, inter: int, act: str, st: Setting) -> list[Saved] | None:
+    """`down_proj(act_fn(gate_proj(x)) * up_proj(x))` (LlamaMLP.forward): the activation's
+    saved tensor (gate output for silu/gelu, its output for relu), the product's two inputs
+    (act output, up output) and down_proj's input. None for an activation with no rule."""
+    saves_input = kernels.act_saves_input(act)
+    if saves_input is None:
+        return None
+    shape = (tokens, inter)
+    mm = st.matmul
+    out = []
+    if saves_input:
+        out.append(kernels.saved(f"{prefix}.gate_proj.output", shape, mm, "SiluBackward0", SRC))
+    out += [
+        kernels.saved(f"{prefix}.act_output", shape, mm, "MulBackward0", SRC),
+        kernels.saved(f"{prefix}.up_proj.output", shape, mm, "MulBackward0", SRC),
+        kernels.saved(f"{prefix}.down_proj.input", shape, mm, "MmBackward0", SRC),
+    ]
+    return out
+
+
+def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
+    """The Llama-family model's saved tensors, or why they are not modelled."""
+    x = arch.extra
+    act = str(x.get("hidden_act", "silu"))
+    h, a, kv, d = (
+        arch.hidden_size,
+        arch.num_attention_heads,
+        arch.num_key_value_heads,
+        arch.head_dim,
+    )
+    inter, vocab = arch.intermediate_size, arch.vocab_size
+    b, s, t = st.batch, st.sequence, st.tokens
+    mm = st.matmul
+    heads = attention.Heads(batch=b, seq=s, heads=a, kv_heads=kv, head_dim=d)
+    window = x.get("sliding_window")
+    mask = st.attention == "sdpa" and isinstance(window, int) and s > window
+    drop_attn = dropout_on(st, x, "attention_dropout", default=0.0)
+
+    layer: list[Saved] = kernels.rms_norm("input_layernorm", t, h, st.stream, st)
+    normed = kernels.rms_norm_out(st.stream, st)
+    layer += kernels.linear_inputs(
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], t, h, normed, st
+    )
+    layer += kernels.weight_casts(
+        [
+            ("self_attn.q_proj", (a * d, h)),
+            ("self_attn.k_proj", (kv * d, h)),
+            ("self_attn.v_proj", (kv * d, h)),
+            ("self_attn.o_proj", (h, a * d)),
+            ("mlp.gate_proj", (inter, h)),
+            ("mlp.up_proj", (inter, h)),
+            ("mlp.down_proj", (h, inter)),
+        ],
+        st,
+    )
+    q_dtype = k_dtype = mm
+    if arch.model_type == "qwen3":
+        # modeling_qwen3.py: q_norm(q_proj(x).view(b, s, a, d)): an RMSNorm over head_dim.
+        layer += kernels.rms_norm("self_attn.q_norm", t * a, d, mm, st)
+        layer += kernels.rms_norm("self_attn.k_norm", t * kv, d, mm, st)
+        q_dtype = k_dtype = kernels.rms_norm_out(mm, st)
+    # apply_rotary_pos_emb: q * cos + rotate_half(q) * sin, cos/sin in the stream dtype.
+    q_dtype, k_dtype = promote(q_dtype, st.stream), promote(k_dtype, st.stream)
+    qkv = attention.Qkv(q=q_dtype, k=k_dtype, v=mm, mask=mask)
+    if st.attention == "eager":
+        core = attention.eager(
+            st,
+            heads,
+            qkv,
+            softmax_fp32=True,
+            convert_to_query=True,
+            dropout_on=drop_attn,
+            source=SRC + "::eager_attention_forward",
+        )
+    else:
+        core = attention.sdpa(st, heads, qkv, dropout_on=drop_attn)
+    post = promote(st.stream, mm)  # residual + o_proj output
+    tail = kernels.rms_norm("post_attention_layernorm", t, h, post, st)
+    tail += kernels.linear_inputs(
+        ["mlp.gate_proj", "mlp.up_proj"], t, h, kernels.rms_norm_out(post, st), st
+    )
+    mlp = gated_mlp("mlp", t, inter, act, st)
+    if mlp is None:
+        return f"hidden_act {act!r} has no activation rule"
+    tail += mlp
+
+    embeddings = [kernels.embedding_indices("embed_tokens.indices", (b, s))]
+    # LlamaRotaryEmbedding.forward returns cos, sin [1, s, d] in the embeddings' dtype; the
+    # first layer's RoPE saves them and every later layer saves the same storages.
+    rope = [
+        kernels.saved(f"rotary_emb.{n}", (1, s, d), st.stream, "MulBackward0", SRC)
+        for n in ("cos", "sin")
+    ]
+    head = kernels.rms_norm("norm", t, h, st.stream, st)
+    head += kernels.linear_inputs(["lm_head"], t, h, kernels.rms_norm_out(st.stream, st), st)
+    head += kernels.weight_casts([("lm_head", (vocab, h))], st)
+    return Model(
+        embeddings=tuple(embeddings),
+        per_forward=tuple(rope),
+        layer_head=tuple(layer),
+        core=core,
+        layer_tail=tuple(tail),
+        head=tuple(head),
+        vocab=vocab,
+        hidden=h,
+        num_layers=arch.num_layers,
+        notes=(
+            "sliding window shorter than the sequence: SDPA gets an explicit mask and repeated "
+            "k/v (modelled); on CUDA the memory-efficient kernel pads the mask (not modelled)."
+            if mask
+            else "",
+        ),
+    )

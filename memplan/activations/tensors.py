@@ -1,0 +1,151 @@
+"""What one forward pass leaves for backward: the saved tensors, grouped by block.
+
+The contract (issue 5): activations are the bytes of the tensors autograd holds for backward at
+the end of the forward pass, loss included, deduplicated by storage, parameters and buffers
+excluded. Each `Saved` is one storage: when two autograd nodes save the same storage (a linear's
+input shared by q/k/v, a softmax output that the next matmul also saves) it is listed once, under
+the first node that saves it. tests/test_activations.py proves every rule against
+`torch.autograd.graph.saved_tensors_hooks` on the transformers models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from memplan.precision import dtype_bytes
+
+Device = Literal["cuda", "cpu"]
+AttentionKind = Literal["eager", "sdpa"]
+Checkpointing = Literal["none", "full", "selective"]
+
+# Dtype ranks for type promotion of floating tensors (torch.promote_types): fp32 wins over the
+# 16-bit types; bf16 and fp16 together promote to fp32.
+_FLOAT_RANK = {"fp8": 0, "bf16": 1, "fp16": 1, "fp32": 2}
+
+
+def promote(a: str, b: str) -> str:
+    """`torch.promote_types` for the floating dtypes memplan knows (c10/core/ScalarType.cpp)."""
+    if a == b:
+        return a
+    if _FLOAT_RANK[a] == _FLOAT_RANK[b]:
+        return "fp32"
+    return a if _FLOAT_RANK[a] > _FLOAT_RANK[b] else b
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Setting:
+    """Everything about the run that changes which tensors a forward pass saves."""
+
+    batch: int
+    """Sequences per forward pass (micro-batch size)."""
+    sequence: int
+    """Tokens per sequence."""
+    stream: str
+    """Dtype of the embeddings, the residual stream and the norms (the parameters' dtype)."""
+    matmul: str
+    """Dtype matmuls run in: autocast's dtype, else the same as `stream`."""
+    autocast: bool
+    """torch.autocast is on: matmul inputs and weights are cast to `matmul` per op."""
+    device: Device
+    """The kernels' device: CPU and CUDA kernels save different tensors."""
+    attention: AttentionKind
+    """transformers `attn_implementation`."""
+    dropout: bool | None
+    """Force dropout on (True) or off (False); None: on where the config's probability > 0."""
+    checkpointing: Checkpointing
+    """Activation checkpointing of the decoder layers."""
+    offload: bool = False
+    """Checkpointed layer inputs kept in pinned host memory (transformers `offload=True`)."""
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.sequence
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Saved:
+    """One storage autograd keeps for backward."""
+
+    name: str
+    """What it is, relative to its block (`self_attn.softmax`)."""
+    shape: tuple[int, ...]
+    """Shape of the storage in elements (as the saving node sees it)."""
+    dtype: str
+    saved_by: str
+    """The autograd node that saves it (the first one, when several share the storage)."""
+    source: str
+    """Where the rule comes from: the kernel or modeling file that saves it."""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bytes(self) -> int:
+        return self.numel * dtype_bytes(self.dtype)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Block:
+    """Saved tensors of one part of the model: embeddings, decoder layers, head or loss."""
+
+    name: str
+    count: int
+    """How many times the block repeats (decoder layers of this kind); 1 otherwise."""
+    tensors: tuple[Saved, ...]
+    """What one copy of the block holds at the end of the forward pass."""
+    recompute: tuple[Saved, ...] = ()
+    """With checkpointing: what one copy re-creates while its backward runs (alive on top)."""
+    layered: bool = False
+    """True for decoder layers: freed one by one during backward."""
+    on_host: bool = False
+    """Offloaded to pinned host memory (not on the GPU)."""
+
+    @property
+    def bytes_each(self) -> int:
+        return sum(t.bytes for t in self.tensors)
+
+    @property
+    def bytes(self) -> int:
+        return self.count * self.bytes_each
+
+    @property
+    def recompute_bytes(self) -> int:
+        return sum(t.bytes for t in self.recompute)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Activations:
+    """The activations of one forward pass on one GPU."""
+
+    modelled: bool
+    """False when memplan has no rules for this family or layout: then every byte below is 0."""
+    blocks: tuple[Block, ...] = ()
+    logits_bytes: int = 0
+    """The logits tensor [batch, seq, vocab] in the matmul dtype: the model's output, alive at
+    the loss but not saved for backward."""
+    upcast_bytes: int = 0
+    """The fp32 copy of the logits the loss makes (`logits.float()`), alive during the loss."""
+    hidden_bytes: int = 0
+    """One hidden state [batch, seq, hidden] in the stream dtype (backward working set)."""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def bytes(self) -> int:
+        """Bytes saved for backward on the GPU at the end of the forward pass (the contract)."""
+        return sum(b.bytes for b in self.blocks if not b.on_host)
+
+    @property
+    def host_bytes(self) -> int:
+        """Saved bytes offloaded to host memory (not in `bytes`)."""
+        return sum(b.bytes for b in self.blocks if b.on_host)
+
+    def block(self, name: str) -> Block | None:
+        return next((b for b in self.blocks if b.name == name), None)
+
+
+def not_modelled(why: str) -> Activations:
+    """Activations memplan does not predict, with the reason in a note."""
+    return Activations(modelled=False, notes=(why,))
