@@ -106,7 +106,7 @@ def inventory(
     Example: memplan inventory configs/mixtral-8x7b.yaml
     """
     from memplan import load
-    from memplan.models import Inventory
+    from memplan.models import Inventory, counts
 
     def work() -> tuple[Inventory, str]:
         loaded = load.load_spec(spec)
@@ -119,6 +119,7 @@ def inventory(
                 "name": inv.name,
                 "num_parameters": inv.num_parameters,
                 "num_parameter_tensors": len(inv.parameters),
+                **counts.summary(inv),
                 "tied": [list(pair) for pair in inv.tied],
                 "parameters": [
                     {
@@ -201,6 +202,69 @@ def verify(
         render.console(width).print(vrender.verify_view(result))
     if not result.ok:
         raise typer.Exit(3)
+
+
+@app.command()
+def plan(
+    spec: SpecArg,
+    as_json: JsonOpt = False,
+    top: Annotated[int | None, typer.Option("--top", help="Layouts to show.")] = None,
+    gpus: Annotated[int | None, typer.Option("--gpus", help="Override plan.gpus.")] = None,
+    width: WidthOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Search the layouts that fit the GPUs' memory and rank them by estimated step time.
+
+    Example: memplan plan configs/plan-llama-3.1-70b.yaml --top 5
+    """
+    import time
+
+    from memplan import load
+    from memplan import plan as planner
+    from memplan.spec import PlanSpec
+
+    started = time.monotonic()
+    progress_bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal progress_bar
+        if progress_bar is None and time.monotonic() - started > 1.0 and done < total:
+            from rich.progress import Progress
+
+            progress_bar = Progress(transient=True, console=render_console(stderr=True))
+            progress_bar.start()
+            progress_bar.add_task("searching layouts", total=total)
+        if progress_bar is not None:
+            progress_bar.update(0, completed=done)
+
+    def work() -> planner.PlanResult:
+        loaded = load.load_spec(spec)
+        settings = loaded.spec.plan or PlanSpec()
+        update = {k: v for k, v in (("top", top), ("gpus", gpus)) if v is not None}
+        if update:
+            settings = settings.model_copy(update=update)
+        run_spec = loaded.spec.model_copy(update={"plan": settings})
+        try:
+            return planner.plan(run_spec, load.load_inventory(loaded), progress=progress)
+        finally:
+            if progress_bar is not None:
+                progress_bar.stop()
+
+    result = _run(debug, work)
+    if as_json:
+        _print_json(planner.to_json(result))
+    else:
+        from memplan import render
+
+        render.console(width).print(render.plan_view(result))
+    if not result.layouts:
+        raise typer.Exit(3)
+
+
+def render_console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Literal
 
 from memplan.errors import MemplanError
@@ -189,43 +190,62 @@ def stage_layers(num_layers: int, mp: ModelParallel) -> list[list[int]]:
 
 def stage_inventory(inventory: Inventory, mp: ModelParallel, stage: int) -> Inventory:
     """The tensors one rank of pipeline `stage` holds, with TP/EP-local shapes."""
+    return stage_inventories(inventory, mp)[stage]
+
+
+@lru_cache(maxsize=64)
+def stage_inventories(inventory: Inventory, mp: ModelParallel) -> tuple[Inventory, ...]:
+    """`stage_inventory` of every stage, in one pass over the tensors (plan calls this for
+    hundreds of layouts: inventories hash by identity, so the cache is cheap)."""
     arch = inventory.architecture
     if arch is None:
-        return inventory
-    layers = set(stage_layers(arch.num_layers, mp)[stage])
-    first, last = stage == 0, stage == mp.pipeline - 1
-    model_type = arch.model_type
+        return (inventory,) * mp.pipeline
+    stage_of_layer = {
+        layer: s for s, held in enumerate(stage_layers(arch.num_layers, mp)) for layer in held
+    }
+    last = mp.pipeline - 1
+    shapes: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
 
-    def keep(t: TensorSpec) -> bool:
+    def stage_of(t: TensorSpec) -> int:
         if t.layer is not None:
-            return t.layer in layers
-        head_side = t.role in ("head",) or _is_final_norm(t)
-        return last if head_side else first
+            return stage_of_layer[t.layer]
+        return last if t.role == "head" or _is_final_norm(t) else 0
 
     def localise(t: TensorSpec) -> TensorSpec:
-        shape = local_shape(
-            t,
-            tp=mp.tensor,
-            ep=mp.expert,
-            model_type=model_type,
-            vocab_divisible_by=mp.vocab_divisible_by,
-        )
+        key = (_LAYER_INDEX.sub(".", t.name), t.shape)  # layers share their split
+        shape = shapes.get(key)
+        if shape is None:
+            shape = shapes[key] = local_shape(
+                t,
+                tp=mp.tensor,
+                ep=mp.expert,
+                model_type=arch.model_type,
+                vocab_divisible_by=mp.vocab_divisible_by,
+            )
         return t if shape == t.shape else replace(t, shape=shape)
 
-    params = [localise(t) for t in inventory.parameters if keep(t)]
-    tied = inventory.tied
-    if last and not first and tied:
+    params: list[list[TensorSpec]] = [[] for _ in range(mp.pipeline)]
+    for t in inventory.parameters:
+        params[stage_of(t)].append(localise(t))
+    if last > 0 and inventory.tied:
         # The last stage's own copy of the tied word embedding (the output layer's weight).
-        owners = {owner for _, owner in tied}
-        params += [
-            replace(localise(t), name=alias, role="head")
-            for t in inventory.parameters
-            if t.name in owners
-            for alias, owner in tied
-            if owner == t.name
+        owners = {t.name: t for t in inventory.parameters}
+        params[last] += [
+            replace(localise(owners[owner]), name=alias, role="head")
+            for alias, owner in inventory.tied
+            if owner in owners
         ]
-    buffers = [t for t in inventory.buffers if keep(t) or t.layer is None]
-    return replace(inventory, parameters=tuple(params), buffers=tuple(buffers))
+    buffers: list[list[TensorSpec]] = [[] for _ in range(mp.pipeline)]
+    for b in inventory.buffers:
+        for s in [stage_of_layer[b.layer]] if b.layer is not None else range(mp.pipeline):
+            buffers[s].append(b)
+    return tuple(
+        replace(inventory, parameters=tuple(params[s]), buffers=tuple(buffers[s]))
+        for s in range(mp.pipeline)
+    )
+
+
+_LAYER_INDEX = re.compile(r"\.\d+\.")
 
 
 def _is_final_norm(t: TensorSpec) -> bool:

@@ -10,7 +10,9 @@ from rich.table import Table
 from rich.text import Text
 
 from memplan.estimate import Report
-from memplan.models.inventory import Inventory, TensorSpec, fold_name
+from memplan.models import counts
+from memplan.models.inventory import Inventory, fold_name
+from memplan.plan import PlanResult
 from memplan.precision import dtype_bytes
 from memplan.sharding import RankStates, Term
 
@@ -202,21 +204,37 @@ def inventory_table(inventory: Inventory, param_dtype: str) -> RenderableType:
 
 
 def inventory_summary(inventory: Inventory) -> Text:
+    """Totals, non-embedding and active counts, the largest tensor and layer, and the notes."""
     params = inventory.parameters
     total = inventory.num_parameters
-    embed = sum(t.numel for t in params if t.role in ("embedding", "head", "position"))
     lines = [
         f"parameters: {total:,} in {len(params):,} tensors"
         + (f" (tied: {', '.join(a for a, _ in inventory.tied)})" if inventory.tied else ""),
-        f"non-embedding parameters: {total - embed:,}",
+        f"non-embedding parameters: {counts.non_embedding_parameters(inventory):,} "
+        "(without token/position embeddings and the LM head)",
     ]
-    if params:
-        big = max(params, key=lambda t: t.numel)
+    active = counts.active_parameters(inventory)
+    arch = inventory.architecture
+    if counts.routed_expert_parameters(inventory) and active is not None and arch is not None:
+        bare = counts.active_parameters(inventory, embeddings=False) or 0
+        lines += [
+            f"active parameters per token: {active:,} with embeddings and head, {bare:,} "
+            f"without (top_k={arch.num_experts_per_token} of {arch.num_experts} experts)",
+            f"  {counts.ACTIVE_DEFINITION}",
+        ]
+    elif active is not None:
+        lines.append("active parameters per token: all of them (no routed experts)")
+    else:
+        lines.append(
+            "active parameters per token: unknown (needs the tensors and, for experts, "
+            "top_k and num_experts from config.json)"
+        )
+    big = counts.largest_tensor(inventory)
+    if big is not None:
         lines.append(f"largest tensor: {big.name} {list(big.shape)} ({big.numel:,})")
-    layers = _layer_sizes(params)
-    if layers:
-        index, size = max(layers.items(), key=lambda kv: (kv[1], -kv[0]))
-        lines.append(f"largest layer: {index} ({size:,} parameters)")
+    layer = counts.largest_layer(inventory)
+    if layer is not None:
+        lines.append(f"largest layer: {layer[0]} ({layer[1]:,} parameters)")
     if inventory.buffers:
         lines.append(
             f"buffers: {len(inventory.buffers)} tensors, "
@@ -226,13 +244,84 @@ def inventory_summary(inventory: Inventory) -> Text:
     return Text("\n".join(lines))
 
 
-def _layer_sizes(params: Iterable[TensorSpec]) -> dict[int, int]:
-    sizes: dict[int, int] = {}
-    for t in params:
-        if t.layer is not None:
-            sizes[t.layer] = sizes.get(t.layer, 0) + t.numel
-    return sizes
-
-
 def console(width: int | None = None) -> Console:
     return Console(width=width, highlight=False, soft_wrap=False)
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def plan_view(result: PlanResult) -> RenderableType:
+    """The top layouts, fastest first, and what the search pruned."""
+    head = Text.assemble(
+        ("Layouts that fit", "bold"),
+        f"  {result.gpus} GPUs, global batch {result.global_batch_size} sequences, budget "
+        f"{human(result.budget_bytes)} per GPU of {human(result.capacity_bytes)}",
+    )
+    parts: list[RenderableType] = [head]
+    if result.layouts:
+        table = Table(box=box.SIMPLE_HEAVY)
+        for name in (
+            "#",
+            "dp",
+            "tp",
+            "pp",
+            "cp",
+            "ep",
+            "engine",
+            "zero",
+            "mbs",
+            "ga",
+            "recompute",
+            "offload",
+            "peak/GPU",
+            "headroom",
+            "step",
+            "tokens/s",
+        ):
+            table.add_column(
+                name, justify="left" if name in ("engine", "recompute", "offload") else "right"
+            )
+        for i, c in enumerate(result.layouts[: result.top], 1):
+            table.add_row(
+                str(i),
+                str(c.data),
+                str(c.tensor),
+                str(c.pipeline),
+                str(c.context),
+                str(c.expert),
+                c.engine,
+                str(c.zero_stage),
+                str(c.micro_batch_size),
+                str(c.gradient_accumulation_steps),
+                c.recompute,
+                c.offload,
+                human(c.peak_bytes),
+                human(c.headroom_bytes),
+                _seconds(c.time.total_s),
+                f"{c.tokens_per_s:,.0f}",
+            )
+        parts.append(table)
+        best = result.layouts[0].time
+        parts.append(
+            Text(
+                f"best step: compute {_seconds(best.compute_s)}, bubble {_seconds(best.bubble_s)}, "
+                f"TP {_seconds(best.tensor_s)}, PP {_seconds(best.pipeline_s)}, DP "
+                f"{_seconds(best.data_s)}, EP {_seconds(best.expert_s)}, CP "
+                f"{_seconds(best.context_s)}, offload {_seconds(best.offload_s)} "
+                "(memplan.steptime: a ranking model, not a promise)",
+                style="dim",
+            )
+        )
+    else:
+        parts.append(Text(result.suggestion, style="bold red"))
+    fitting = len(result.layouts)
+    pruned = ", ".join(f"{n:,} {why}" for why, n in result.pruned.items()) or "none"
+    parts.append(
+        Text(
+            f"{fitting:,} of {result.searched:,} evaluated layouts fit; pruned: {pruned}",
+            style="dim",
+        )
+    )
+    return Group(*parts)

@@ -34,21 +34,43 @@ class ModelSpec(Frozen):
     """config.json fields written inline (must include `model_type`)."""
     num_parameters: PositiveInt | None = None
     """A plain parameter count: model states only, no activations."""
+    safetensors: Path | None = None
+    """A `.safetensors` file, its `model.safetensors.index.json`, or their directory (relative
+    to the spec file): tensor names, shapes and dtypes from the headers, never the weights; a
+    config.json beside it adds the architecture."""
+    hf_id: str | None = None
+    """A Hugging Face repo id (`org/name`): its config.json from the local Hugging Face cache,
+    offline (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+
+    @field_validator("hf_id")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        # huggingface_hub/utils/_validators.py::validate_repo_id: `[org/]name` of word
+        # characters, `-` and `.`, no `--` or `..`, at most 96 characters.
+        if value is not None and (
+            not _REPO_ID.match(value) or "--" in value or ".." in value or len(value) > 96
+        ):
+            raise ValueError(
+                f"{value!r} is not a Hugging Face repo id; write it as org/name, "
+                "e.g. mistralai/Mixtral-8x7B-v0.1"
+            )
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSpec:
-        given = [
-            k
-            for k in ("hf_config", "preset", "architecture", "num_parameters")
-            if getattr(self, k) is not None
-        ]
+        given = [k for k in MODEL_SOURCES if getattr(self, k) is not None]
         if len(given) != 1:
             what = "none" if not given else " and ".join(given)
             raise ValueError(
-                "give exactly one of hf_config, preset, architecture or num_parameters "
+                f"give exactly one of {', '.join(MODEL_SOURCES[:-1])} or {MODEL_SOURCES[-1]} "
                 f"(got {what})"
             )
         return self
+
+
+MODEL_SOURCES = ("hf_config", "preset", "architecture", "safetensors", "hf_id", "num_parameters")
+"""The keys of `model:`, one of which names the model."""
+_REPO_ID = re.compile(r"^(\b[\w\-.]+\b/)?\b[\w\-.]+\b$")
 
 
 class PrecisionTable(Frozen):
@@ -292,6 +314,52 @@ class HardwareSpec(Frozen):
         return value
 
 
+class PlanSpec(Frozen):
+    """`memplan plan`: the cluster, the batch, and the constraints of the layout search."""
+
+    gpus: PositiveInt | None = None
+    """GPUs in the job (default: nodes x hardware.gpus_per_node)."""
+    nodes: PositiveInt | None = None
+    global_batch_size: PositiveInt | None = None
+    """Sequences per optimizer step."""
+    global_batch_tokens: PositiveInt | None = None
+    """Tokens per optimizer step (alternative to global_batch_size)."""
+    tensor: PositiveInt | None = None
+    """Fix the tensor-parallel degree."""
+    max_tensor: PositiveInt | None = None
+    """Largest tensor degree searched (default: GPUs per node, so TP stays inside a node)."""
+    max_pipeline: PositiveInt | None = None
+    max_context: PositiveInt = 8
+    engines: tuple[Engine, ...] = ("deepspeed", "fsdp2", "megatron", "ddp")
+    """Engines the search may use."""
+    micro_batch_sizes: tuple[PositiveInt, ...] = (1, 2, 4, 8, 16)
+    allow_recompute: bool = True
+    allow_offload: bool = False
+    reserve: int = 0
+    """Bytes to leave free on every GPU (accepts `4GiB`)."""
+    top: PositiveInt = 10
+    """Layouts shown."""
+    mfu: float = Field(0.40, gt=0, le=1)
+    """Assumed model-FLOPs utilisation for the step-time estimate."""
+    intra_node_bandwidth: int | None = None
+    """Bytes/s per GPU inside a node, one direction (default: the GPU catalog's)."""
+    inter_node_bandwidth: int | None = None
+    """Bytes/s per GPU between nodes, one direction (default: the GPU catalog's)."""
+
+    @field_validator("reserve", "intra_node_bandwidth", "inter_node_bandwidth", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int | None:
+        if value is None or value == 0:
+            return value  # type: ignore[no-any-return]
+        return parse_bytes(value)
+
+    @model_validator(mode="after")
+    def _one_batch(self) -> PlanSpec:
+        if self.global_batch_size and self.global_batch_tokens:
+            raise ValueError("give global_batch_size or global_batch_tokens, not both")
+        return self
+
+
 class Spec(Frozen):
     """A whole memplan spec."""
 
@@ -302,6 +370,8 @@ class Spec(Frozen):
     training: TrainingSpec = TrainingSpec()
     parallelism: ParallelismSpec = ParallelismSpec()
     hardware: HardwareSpec = HardwareSpec()
+    plan: PlanSpec | None = None
+    """Only for `memplan plan`: what to search."""
 
     @field_validator("precision", mode="before")
     @classmethod

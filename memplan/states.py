@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from memplan import sharding
 from memplan.models.inventory import Inventory
@@ -111,50 +112,64 @@ def stage_states(
     """Model states of every pipeline stage's most-loaded rank, and of every rank class."""
     mp = model_parallel(par)
     check_degrees(inventory, mp)
-    rule = sharding.engine_rule(par.engine, par.stage, knobs)
+    # Context-parallel ranks hold the same weights as data-parallel ones, so only their
+    # product matters here: layouts that differ in how they split it share the result.
     degree = par.data * par.context
+    offload = (par.offload.optimizer, par.offload.parameters)
+    return list(
+        _stage_states(
+            inventory,
+            recipe,
+            opt,
+            placement,
+            replace(mp, context=1),
+            par.engine,
+            par.stage,
+            degree,
+            offload,
+            knobs,
+        )
+    )
+
+
+@lru_cache(maxsize=1024)
+def _stage_states(
+    inventory: Inventory,
+    recipe: Recipe,
+    opt: OptimizerConfig,
+    placement: Placement,
+    mp: ModelParallel,
+    engine: str,
+    stage: int,
+    degree: int,
+    offload: tuple[str, str],
+    knobs: sharding.DeepSpeedKnobs,
+) -> tuple[StageStates, ...]:
+    rule = sharding.engine_rule(engine, stage, knobs)
     held = (
         stage_layers(inventory.num_layers, mp)
         if inventory.architecture
-        else [[] for _ in range(par.pipeline)]
+        else [[] for _ in range(mp.pipeline)]
     )
+    dense_place = replace(placement, data=degree)
+    # Stages that hold the same tensor shapes (the middle of a pipeline) have the same states.
+    by_shapes: dict[
+        tuple[tuple[int, ...], ...], tuple[list[RankStates], dict[int, tuple[Term, ...]]]
+    ] = {}
     out = []
-    for stage in range(par.pipeline):
-        local = stage_inventory(inventory, mp, stage)
-        dense, experts = split_experts(local)
-        dense_place = Placement(
-            engine=placement.engine,
-            data=degree,
-            stage=placement.stage,
-            step_on_host=placement.step_on_host,
-        )
-        ranks = rule(dense, recipe, opt, dense_place)
-        if experts.parameters:
-            edp = expert_data_degree(degree, par.expert)
-            expert_place = Placement(
-                engine=placement.engine,
-                data=edp,
-                stage=placement.stage,
-                step_on_host=placement.step_on_host,
+    for index in range(mp.pipeline):
+        local = stage_inventory(inventory, mp, index)
+        key = tuple(t.shape for t in local.parameters)
+        if key not in by_shapes:
+            by_shapes[key] = _rank_states(
+                local, rule, recipe, opt, dense_place, engine, stage, degree, mp.expert, offload
             )
-            ranks = _merge(ranks, rule(experts, recipe, opt, expert_place), degree, par.expert)
-        moved, nvme = [], {}
-        for r in ranks:
-            states, nvme[r.ranks[0]] = offload_rules.apply(
-                r,
-                engine=par.engine,
-                stage=par.stage,
-                optimizer=par.offload.optimizer,
-                parameters=par.offload.parameters,
-                inventory=local,
-                param_dtype=recipe.parameters,
-            )
-            moved.append(states)
+        moved, nvme = by_shapes[key]
         top = most_loaded(moved)
         out.append(
             StageStates(
-                stage=stage,
-                layers=tuple(held[stage]),
+                stage=index,
+                layers=tuple(held[index]),
                 num_parameters=local.num_parameters,
                 ranks=tuple(moved),
                 per_gpu=top,
@@ -162,4 +177,38 @@ def stage_states(
                 nvme=nvme[top.ranks[0]],
             )
         )
-    return out
+    return tuple(out)
+
+
+def _rank_states(
+    local: Inventory,
+    rule: sharding.EngineRule,
+    recipe: Recipe,
+    opt: OptimizerConfig,
+    dense_place: Placement,
+    engine: str,
+    stage: int,
+    degree: int,
+    expert: int,
+    offload: tuple[str, str],
+) -> tuple[list[RankStates], dict[int, tuple[Term, ...]]]:
+    """Every data-parallel rank class of one stage: dense tensors over the data-parallel
+    group, experts over the expert-data group, then offload."""
+    dense, experts = split_experts(local)
+    ranks = rule(dense, recipe, opt, dense_place)
+    if experts.parameters:
+        expert_place = replace(dense_place, data=expert_data_degree(degree, expert))
+        ranks = _merge(ranks, rule(experts, recipe, opt, expert_place), degree, expert)
+    moved, nvme = [], {}
+    for r in ranks:
+        states, nvme[r.ranks[0]] = offload_rules.apply(
+            r,
+            engine=engine,
+            stage=stage,
+            optimizer=offload[0],
+            parameters=offload[1],
+            inventory=local,
+            param_dtype=recipe.parameters,
+        )
+        moved.append(states)
+    return moved, nvme

@@ -21,7 +21,8 @@ step = (compute + tensor/context/expert communication) x pipeline factor
 - data parallelism, once per step: DDP all-reduces the gradients; ZeRO-1/2 and Megatron's
   distributed optimizer reduce-scatter the gradients and all-gather the 16-bit parameters;
   ZeRO-3/FSDP all-gather the parameters twice (forward, backward) and reduce-scatter the
-  gradients per micro-batch (Rajbhandari et al. 2020, arXiv 1910.02054, sec. 7).
+  gradients per micro-batch (Rajbhandari et al. 2020, arXiv 1910.02054, sec. 7); FSDP2
+  without resharding after forward gathers once per micro-batch.
 - expert parallelism: 4 all-to-alls (dispatch and combine, forward and backward) per MoE layer
   and micro-batch of top_k x tokens x hidden activations.
 - context parallelism (ring attention): each layer passes K and V around the ring, c-1 times
@@ -107,8 +108,16 @@ class StepTime:
 
     @property
     def total_s(self) -> float:
-        return (self.compute_s + self.bubble_s + self.tensor_s + self.pipeline_s + self.data_s
-                + self.expert_s + self.context_s + self.offload_s)
+        return (
+            self.compute_s
+            + self.bubble_s
+            + self.tensor_s
+            + self.pipeline_s
+            + self.data_s
+            + self.expert_s
+            + self.context_s
+            + self.offload_s
+        )
 
 
 def flops_per_token(shape: Shape, recompute: str) -> float:
@@ -133,8 +142,12 @@ def _collective(kind: str, n: int, n_bytes: float, span: int, layout: Layout, li
     if n <= 1 or n_bytes <= 0:
         return 0.0
     bw, alpha = _bandwidth(span, layout, link)
-    factor = {"all_reduce": 2 * (n - 1) / n, "reduce_scatter": (n - 1) / n,
-              "all_gather": (n - 1) / n, "all_to_all": (n - 1) / n}[kind]
+    factor = {
+        "all_reduce": 2 * (n - 1) / n,
+        "reduce_scatter": (n - 1) / n,
+        "all_gather": (n - 1) / n,
+        "all_to_all": (n - 1) / n,
+    }[kind]
     hops = 2 * (n - 1) if kind == "all_reduce" else n - 1
     return hops * alpha + factor * n_bytes / bw
 
@@ -142,8 +155,11 @@ def _collective(kind: str, n: int, n_bytes: float, span: int, layout: Layout, li
 def step_time(shape: Shape, layout: Layout, link: Link) -> StepTime:
     """Estimated seconds of one optimizer step on `layout` (see the module docstring)."""
     tokens = shape.global_batch * shape.sequence
-    compute = tokens * flops_per_token(shape, layout.recompute) / (
-        layout.gpus * link.peak_flops * link.mfu)
+    compute = (
+        tokens
+        * flops_per_token(shape, layout.recompute)
+        / (layout.gpus * link.peak_flops * link.mfu)
+    )
     micro_batches = max(1, shape.global_batch // (layout.data * layout.micro_batch))
     p, v = layout.pipeline, layout.virtual_stages
     bubble = compute * (p - 1) / (v * micro_batches) if p > 1 else 0.0
@@ -152,15 +168,19 @@ def step_time(shape: Shape, layout: Layout, link: Link) -> StepTime:
     layers_here = shape.layers / p
     act = layout.micro_batch * (shape.sequence / c) * shape.hidden * ACTIVATION_BYTES
     per_layer = 6 if layout.recompute == "full" else 4
-    tensor = micro_batches * layers_here * per_layer * _collective(
-        "all_reduce", t, act / 1, t, layout, link)
+    tensor = (
+        micro_batches
+        * layers_here
+        * per_layer
+        * _collective("all_reduce", t, act / 1, t, layout, link)
+    )
 
     pipeline = 0.0
     if p > 1:
         hop, _ = _bandwidth(t * c * d * 2, layout, link)
         pipeline = 2 * micro_batches * v * act / t / hop
 
-    kv = (layout.micro_batch * (shape.sequence / c) * 2 * shape.kv_width * ACTIVATION_BYTES)
+    kv = layout.micro_batch * (shape.sequence / c) * 2 * shape.kv_width * ACTIVATION_BYTES
     context = 0.0
     if c > 1:
         bw, alpha = _bandwidth(t * c, layout, link)
@@ -170,20 +190,46 @@ def step_time(shape: Shape, layout: Layout, link: Link) -> StepTime:
     if layout.expert > 1 and shape.moe_layers:
         tokens_mb = layout.micro_batch * shape.sequence / c
         dispatch = tokens_mb * shape.top_k * shape.hidden * ACTIVATION_BYTES / t
-        expert = micro_batches * (shape.moe_layers / p) * 4 * _collective(
-            "all_to_all", layout.expert, dispatch, t * c * layout.expert, layout, link)
+        expert = (
+            micro_batches
+            * (shape.moe_layers / p)
+            * 4
+            * _collective(
+                "all_to_all", layout.expert, dispatch, t * c * layout.expert, layout, link
+            )
+        )
 
     dp_span = t * c * d
     n = d * c
     if layout.engine in ("ddp",) or layout.zero_stage == 0:
         data = _collective("all_reduce", n, layout.grad_bytes, dp_span, layout, link)
+    elif layout.engine == "fsdp2":
+        # FSDP2 all-gathers per micro-batch: twice with reshard_after_forward (stage 3), once
+        # when the unsharded parameters are kept from forward to backward (stage 2).
+        gathers = 2 if layout.zero_stage == 3 else 1
+        data = micro_batches * (
+            gathers * _collective("all_gather", n, layout.param_bytes, dp_span, layout, link)
+            + _collective("reduce_scatter", n, layout.grad_bytes, dp_span, layout, link)
+        )
     elif layout.zero_stage in (1, 2):
-        data = (_collective("reduce_scatter", n, layout.grad_bytes, dp_span, layout, link)
-                + _collective("all_gather", n, layout.param_bytes, dp_span, layout, link))
+        data = _collective(
+            "reduce_scatter", n, layout.grad_bytes, dp_span, layout, link
+        ) + _collective("all_gather", n, layout.param_bytes, dp_span, layout, link)
     else:
         data = micro_batches * (
             2 * _collective("all_gather", n, layout.param_bytes, dp_span, layout, link)
-            + _collective("reduce_scatter", n, layout.grad_bytes, dp_span, layout, link))
-    offload = (layout.grad_bytes + layout.param_bytes) / n / PCIE_BYTES_PER_S if layout.offload else 0.0
-    return StepTime(compute_s=compute, bubble_s=bubble, tensor_s=tensor, pipeline_s=pipeline,
-                    data_s=data, expert_s=expert, context_s=context, offload_s=offload)
+            + _collective("reduce_scatter", n, layout.grad_bytes, dp_span, layout, link)
+        )
+    offload = (
+        (layout.grad_bytes + layout.param_bytes) / n / PCIE_BYTES_PER_S if layout.offload else 0.0
+    )
+    return StepTime(
+        compute_s=compute,
+        bubble_s=bubble,
+        tensor_s=tensor,
+        pipeline_s=pipeline,
+        data_s=data,
+        expert_s=expert,
+        context_s=context,
+        offload_s=offload,
+    )

@@ -31,11 +31,11 @@ class TensorSpec:
     """Index of the repeated block it belongs to (decoder layer), None for embeddings and head."""
     role: str = ""
     """What it is: "embedding", "attention", "mlp", "experts", "router", "norm", "head", ...."""
+    numel: int = field(init=False, repr=False, compare=False)
+    """Number of elements (computed once: plan reads it millions of times)."""
 
-    @property
-    def numel(self) -> int:
-        """Number of elements."""
-        return math.prod(self.shape)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "numel", math.prod(self.shape))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,9 +57,10 @@ class Architecture:
     """Family-specific facts (e.g. MLA ranks), by config key."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Inventory:
-    """Every tensor of one model, plus the facts needed to account for it."""
+    """Every tensor of one model, plus the facts needed to account for it. Compared and
+    hashed by identity (`eq=False`), so caches keyed on an inventory stay cheap."""
 
     name: str
     """A display name (the config's `_name_or_path`, the file name, or the preset)."""

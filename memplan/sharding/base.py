@@ -3,6 +3,8 @@ summed over the tensors a rank's optimizer updates."""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -136,21 +138,17 @@ def optimizer_terms(
     terms, host terms).
     """
     state_dtype = recipe.optimizer_states
-    master_elems = 0
-    count = 0
+    by_shape = Counter(shapes)  # models repeat shapes: work out each one's states once
+    count = sum(by_shape.values())
+    master_elems = sum(math.prod(shape) * k for shape, k in by_shape.items())
     acc: dict[tuple[str, str], list[int]] = {}
-    for shape in shapes:
-        count += 1
-        n = 1
-        for d in shape:
-            n *= d
-        master_elems += n
+    for shape, k in by_shape.items():
         for name, dtype, numel in _states_of(opt, shape, state_dtype):
             if step_is_int and name == "step":
                 continue
             slot = acc.setdefault((name, dtype), [0, 0])
-            slot[0] += 1
-            slot[1] += numel
+            slot[0] += k
+            slot[1] += numel * k
     device: list[Term] = []
     host: list[Term] = []
     if recipe.master_weights:

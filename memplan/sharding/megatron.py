@@ -66,8 +66,7 @@ def owned_elements(spans: list[tuple[int, int]], lo: int, hi: int) -> list[int]:
     """Sizes of the parameter pieces inside [lo, hi): the optimizer's main params on a rank
     cover only real parameter elements, not the padding (distrib_optimizer.py::
     _build_model_gbuf_param_range_map)."""
-    starts = [a for a, _ in spans]
-    first = max(bisect.bisect_right(starts, lo) - 1, 0)
+    first = max(bisect.bisect_right(spans, (lo, math.inf)) - 1, 0)
     pieces = []
     for a, b in spans[first:]:
         if a >= hi:
