@@ -1,0 +1,180 @@
+"""memplan plan: known cases, invariants, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from memplan.cli import app
+from memplan.estimate import estimate
+from memplan.load import PRESET_DIR, read_json
+from memplan.models import from_config
+from memplan.plan import pipeline_split, plan
+from memplan.spec import ParallelismSpec, TrainingSpec
+from tests.conftest import TINY_LLAMA, make_spec
+
+
+def preset(name: str):  # type: ignore[no-untyped-def]
+    return from_config(read_json(Path(PRESET_DIR, f"{name}.json"), what="preset"))
+
+
+def plan_spec(model: str, gpus: int, **plan_overrides):  # type: ignore[no-untyped-def]
+    return make_spec(
+        model={"preset": model},
+        precision="bf16-mixed",
+        training={"sequence_length": 4096, "micro_batch_size": 1},
+        hardware={"gpu": "H100-80GB", "gpus_per_node": 8},
+        plan={"gpus": gpus, "global_batch_size": 64, **plan_overrides},
+    )
+
+
+def test_llama3_8b_fits_8xh100_with_zero3_at_micro_batch_1():
+    result = plan(plan_spec("llama-3-8b", 8), preset("llama-3-8b"))
+    zero3 = [
+        c
+        for c in result.layouts
+        if c.engine == "deepspeed"
+        and c.zero_stage == 3
+        and c.tensor == c.pipeline == 1
+        and c.micro_batch_size == 1
+    ]
+    assert zero3, "plain ZeRO-3 data parallelism at micro-batch 1 must fit"
+
+
+def test_llama31_70b_needs_more_than_8_gpus():
+    inv = preset("llama-3.1-70b")
+    on_8 = plan(plan_spec("llama-3.1-70b", 8, engines=["deepspeed", "fsdp2"]), inv)
+    # 70.6B x (2 + 2 + 12) B / 8 GPUs = 141 GB of model states per GPU: nothing fits 80 GB,
+    # and plan says what would (more GPUs).
+    assert not on_8.layouts
+    assert "use at least 16 GPUs" in on_8.suggestion
+    on_16 = plan(plan_spec("llama-3.1-70b", 16, engines=["deepspeed", "fsdp2"]), inv)
+    assert on_16.layouts
+
+
+def test_405b_on_one_node_needs_offload_or_more_gpus():
+    inv = preset("llama-3.1-405b")
+    result = plan(plan_spec("llama-3.1-405b", 8, engines=["deepspeed"], micro_batch_sizes=[1]), inv)
+    assert not result.layouts
+    assert "Nothing fits" in result.suggestion and "GPUs" in result.suggestion
+
+
+def test_every_proposed_layout_fits_its_own_estimate():
+    spec = plan_spec("llama-3-8b", 16)
+    inv = preset("llama-3-8b")
+    result = plan(spec, inv)
+    assert result.layouts
+    for c in result.layouts[:25]:
+        training = {"micro_batch_size": c.micro_batch_size}
+        if "activation_checkpointing" in TrainingSpec.model_fields:
+            training["activation_checkpointing"] = c.recompute
+        par = ParallelismSpec(
+            engine=c.engine,
+            data=c.data,
+            zero_stage=c.zero_stage,
+            tensor=c.tensor,
+            pipeline=c.pipeline,
+            context=c.context,
+            expert=c.expert,
+            sequence_parallel=c.tensor > 1,
+            layers_per_stage=c.layers_per_stage,
+            offload={"optimizer": c.offload},
+        )
+        one = spec.model_copy(
+            update={"parallelism": par, "training": spec.training.model_copy(update=training)}
+        )
+        report = estimate(one, inv)
+        assert report.peak_bytes == c.peak_bytes <= result.budget_bytes
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(20, 80), st.integers(1, 30))
+def test_more_memory_never_removes_a_layout(small_gib, extra_gib):  # type: ignore[no-untyped-def]
+    def layouts(gib: int) -> set[tuple]:  # type: ignore[type-arg]
+        spec = make_spec(
+            training={"sequence_length": 512},
+            hardware={"memory": f"{gib}MiB"},
+            plan={"gpus": 4, "global_batch_size": 8, "micro_batch_sizes": [1, 2]},
+        )
+        result = plan(spec, from_config(TINY_LLAMA))
+        return {
+            (c.engine, c.zero_stage, c.data, c.tensor, c.pipeline, c.micro_batch_size, c.recompute)
+            for c in result.layouts
+        }
+
+    assert layouts(small_gib) <= layouts(small_gib + extra_gib)
+
+
+def test_uneven_pipeline_split_follows_megatron():
+    assert pipeline_split(126, 16) == (7, *([8] * 14), 7)  # Llama-3.1-405B on PP16
+    assert pipeline_split(32, 4) == (8, 8, 8, 8)
+    assert pipeline_split(31, 4) is None
+
+
+def test_plan_cli_json_contract(tmp_path):  # type: ignore[no-untyped-def]
+    spec = tmp_path / "plan.yaml"
+    spec.write_text(
+        json.dumps(
+            {
+                "model": {"architecture": TINY_LLAMA},
+                "training": {"sequence_length": 256},
+                "hardware": {"gpu": "A100-80GB", "gpus_per_node": 4},
+                "plan": {"gpus": 4, "global_batch_size": 8},
+            }
+        )
+    )
+    result = CliRunner().invoke(app, ["plan", str(spec), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert isinstance(doc["budget_bytes"], int)
+    assert doc["layouts"]
+    first = doc["layouts"][0]
+    for key in (
+        "data",
+        "tensor",
+        "pipeline",
+        "context",
+        "expert",
+        "engine",
+        "zero_stage",
+        "micro_batch_size",
+        "recompute",
+        "offload",
+        "step_time_s",
+    ):
+        assert key in first
+    assert first["per_gpu"]["peak"] <= doc["budget_bytes"]
+    times = [lay["step_time_s"] for lay in doc["layouts"]]
+    assert times == sorted(times)
+    table = CliRunner().invoke(app, ["plan", str(spec), "--width", "160"])
+    assert table.exit_code == 0 and "tokens/s" in table.stdout
+
+
+def test_plan_cli_exits_3_when_nothing_fits(tmp_path):  # type: ignore[no-untyped-def]
+    spec = tmp_path / "plan.yaml"
+    spec.write_text(
+        json.dumps(
+            {
+                "model": {"architecture": TINY_LLAMA},
+                "hardware": {"memory": "64KiB"},
+                "plan": {"gpus": 2, "global_batch_size": 2},
+            }
+        )
+    )
+    result = CliRunner().invoke(app, ["plan", str(spec), "--json"])
+    assert result.exit_code == 3
+    doc = json.loads(result.stdout)
+    assert doc["layouts"] == [] and doc["message"].startswith("Nothing fits")
+
+
+def test_plan_needs_a_gpu_count():
+    from memplan.errors import MemplanError
+
+    spec = make_spec(hardware={"gpu": "H100-80GB"})
+    with pytest.raises(MemplanError, match="how many GPUs"):
+        plan(spec, from_config(TINY_LLAMA))
