@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memplan.errors import MemplanError
-from memplan.estimate import Report, assemble, model_states
+from memplan.estimate import Report, assemble, estimate, model_states
 from memplan.hardware import CATALOG
 from memplan.models.inventory import Inventory
 from memplan.precision import dtype_bytes
@@ -136,6 +136,8 @@ class _Search:
     budget: int
     pruned: Counter[str] = field(default_factory=Counter)
     searched: int = 0
+    activations_modelled: bool = True
+    """Whether memplan models this model's activations at all (on plain data parallelism)."""
 
     def degrees(self) -> Iterator[tuple[int, int, int, int, tuple[int, ...] | None]]:
         """(tensor, pipeline, context, expert, layers_per_stage) that multiply to the GPUs."""
@@ -231,6 +233,10 @@ class _Search:
                         continue
                     self.searched += 1
                     report = self._report(spec, states, mbs, recompute)
+                    if self.activations_modelled and not _activations_modelled(report):
+                        # A peak without activations would look falsely small: never rank it.
+                        self.pruned["activations not modelled for this layout"] += 1
+                        break
                     if report.peak_bytes > self.budget:
                         self.pruned["does not fit: peak exceeds the budget"] += 1
                         break  # a larger micro-batch only needs more
@@ -331,8 +337,15 @@ def plan(spec: Spec, inventory: Inventory, *, progress: Progress | None = None) 
     else:
         global_batch = p.global_batch_size or gpus
     budget = capacity - p.reserve
+    plain = estimate(spec.model_copy(update={"parallelism": ParallelismSpec()}), inventory)
     search = _Search(
-        spec=spec, inventory=inventory, plan=p, gpus=gpus, global_batch=global_batch, budget=budget
+        spec=spec,
+        inventory=inventory,
+        plan=p,
+        gpus=gpus,
+        global_batch=global_batch,
+        budget=budget,
+        activations_modelled=_activations_modelled(plain),
     )
     layouts = search.run(progress)
     suggestion = "" if layouts else _suggest(spec, inventory, p, gpus, budget)
@@ -347,6 +360,10 @@ def plan(spec: Spec, inventory: Inventory, *, progress: Progress | None = None) 
         suggestion=suggestion,
         top=p.top,
     )
+
+
+def _activations_modelled(report: Report) -> bool:
+    return bool(getattr(getattr(report, "activations", None), "modelled", False))
 
 
 def _fits(spec: Spec, inventory: Inventory, p: PlanSpec, gpus: int) -> bool:
