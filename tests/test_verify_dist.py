@@ -83,3 +83,23 @@ def test_cuda_ranks_need_gpus() -> None:
         pytest.skip("this machine has 64 GPUs")
     with pytest.raises(MemplanError, match="needs 64 GPUs|no CUDA device"):
         run(loaded(parallelism={"engine": "fsdp2"}), nproc=64, device="cuda")
+
+
+def test_cli_json_lists_every_rank(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from memplan.cli import app
+    from tests.test_verify_support import spec_dict
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_dict(parallelism={"engine": "fsdp2", "data": 2})))
+    out = CliRunner().invoke(app, ["verify", str(path), "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.stdout)
+    assert doc["setup"]["ranks"] == 2 and len(doc["ranks"]) == 2
+    assert doc["categories"] == doc["ranks"][doc["rank"]]
+    for rank in doc["ranks"]:
+        assert rank["gradients"]["delta"] == 0

@@ -250,13 +250,25 @@ def _inventory(config: dict[str, Any], loaded: LoadedSpec) -> Inventory:
         raise err.located(field="model", where=loaded.where("model")) from None
 
 
-def activations_modelled(report: Report) -> bool:
-    """Whether the calculator predicts activations for this report (a flag when the
-    activations model provides one, else a non-zero figure)."""
-    flag = getattr(report, "activations_modelled", None)
+def _modelled(report: Report, part: str, bytes_: int) -> bool:
+    """Whether the calculator models `part` (activations, transients): its own flag when it
+    has one (`report.<part>_modelled` or `report.<part>.modelled`), else a non-zero figure."""
+    flag = getattr(report, f"{part}_modelled", None)
+    if flag is None:
+        flag = getattr(getattr(report, part, None), "modelled", None)
     if isinstance(flag, bool):
         return flag
-    return report.activations_bytes > 0
+    return bytes_ > 0
+
+
+def activations_modelled(report: Report) -> bool:
+    return _modelled(report, "activations", report.activations_bytes)
+
+
+def transients_modelled(report: Report) -> bool:
+    """Transient buffers: DDP buckets, FSDP2 all-gather / reduce-scatter buffers, optimizer
+    step temporaries. Until they are modelled the predicted peak is a lower bound."""
+    return _modelled(report, "transient", report.transient_bytes)
 
 
 def available_host_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:

@@ -130,13 +130,15 @@ class SavedTensors:
 
 
 @contextmanager
-def saved_tensors(model: nn.Module, layers: nn.ModuleList | None) -> Iterator[SavedTensors]:
-    """Record what the forward inside the block saves (torch.autograd.graph.saved_tensors_hooks).
+def saved_tensors(
+    record: SavedTensors, model: nn.Module, layers: nn.ModuleList | None
+) -> Iterator[SavedTensors]:
+    """Record into `record` what the forward inside the block saves
+    (torch.autograd.graph.saved_tensors_hooks).
 
     The set of parameter storages is taken again at each layer's entry and exit (replaced, not
     extended), so the unsharded parameters FSDP2 gathers for a layer are excluded while they
     live, and an address freed by a reshard cannot hide a later activation."""
-    record = SavedTensors()
 
     def model_storages() -> set[int]:
         tensors = [*model.parameters(), *model.buffers()]

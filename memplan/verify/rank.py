@@ -98,6 +98,7 @@ def _peak_tracker(job: Job, w: Wrapped, extra: list[torch.Tensor]) -> Iterator[C
     """Peak bytes over the block: CUDA's allocator counter, else torch's MemTracker
     (FSDPMemTracker for FSDP2), which follows every storage the ops create."""
     if job.device == "cuda" and not job.fake:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         yield lambda: int(torch.cuda.max_memory_allocated())
         return
@@ -126,6 +127,8 @@ def _total(snapshot: dict[torch.device, dict[str, int]]) -> int:
 
 
 def _phase(job: Job, name: str, phases: list[Phase]) -> None:
+    """CUDA allocator counters at the end of a phase of the measured step (the peak counter is
+    reset once, at the step's start, so `max_allocated` is the step's peak so far)."""
     if job.device != "cuda" or job.fake:
         return
     torch.cuda.synchronize()
@@ -137,7 +140,34 @@ def _phase(job: Job, name: str, phases: list[Phase]) -> None:
             reserved=int(torch.cuda.memory_reserved()),
         )
     )
-    torch.cuda.reset_peak_memory_stats()
+
+
+def _step(
+    job: Job,
+    w: Wrapped,
+    ids: torch.Tensor,
+    phase: Callable[[str], None],
+    saving: contextlib.AbstractContextManager[object],
+) -> None:
+    """One training step: forward with the loss (under `saving`), backward, optimizer step."""
+    device = ids.device.type
+    with saving, build.autocast(job.recipe, device):
+        loss = w.model(input_ids=ids, labels=ids).loss
+    phase("forward")
+    loss.backward()
+    del loss
+    phase("backward")
+    if w.masters:
+        w.masters.grads_in()
+    w.optimizer.step()
+    if w.masters:
+        w.masters.weights_out()
+    phase("optimizer step")
+
+
+def _zero_grad(w: Wrapped) -> None:
+    w.optimizer.zero_grad(set_to_none=True)
+    w.model.zero_grad(set_to_none=True)  # the module's 16-bit grads when masters are in use
 
 
 def measure_rank(job: Job, rank: int, progress: Progress, mesh: Any = None) -> RankMeasurement:
@@ -149,47 +179,27 @@ def measure_rank(job: Job, rank: int, progress: Progress, mesh: Any = None) -> R
     w = _wrap(job, rank, device, mesh)
     progress("build")
     ids = build.batch(job.spec, int(build.hf_config(job.config).vocab_size), device)
-    phases: list[Phase] = []
-    saved = measure.SavedTensors()
-    peak: Callable[[], int] | None = None
-    for step in range(STEPS):
-        last = step == STEPS - 1
-        with contextlib.ExitStack() as stack:
-            if last:
-                _phase(job, "before step", phases)
-                peak = stack.enter_context(_peak_tracker(job, w, [ids]))
-            with contextlib.ExitStack() as fwd:
-                if last:
-                    saved = fwd.enter_context(measure.saved_tensors(w.model, w.layers))
-                with build.autocast(job.recipe, device):
-                    loss = w.model(input_ids=ids, labels=ids).loss
-            if last:
-                _phase(job, "forward", phases)
-            loss.backward()
-            del loss
-            if last:
-                _phase(job, "backward", phases)
-            if w.masters:
-                w.masters.grads_in()
-            w.optimizer.step()
-            if w.masters:
-                w.masters.weights_out()
-            if last:
-                _phase(job, "optimizer step", phases)
-                peak_bytes = peak() if peak else None
-        if last:
-            pairs = zip(w.masters.params, w.masters.masters, strict=True) if w.masters else ()
-            ledger = measure.model_states(w.model, w.state, masters=pairs)
-        w.optimizer.zero_grad(set_to_none=True)
-        w.model.zero_grad(set_to_none=True)
+    for _ in range(STEPS - 1):  # the first step creates the optimizer state
+        _step(job, w, ids, lambda _name: None, contextlib.nullcontext())
+        _zero_grad(w)
         progress("step")
+    phases: list[Phase] = []
+    _phase(job, "before step", phases)
+    saved = measure.SavedTensors()
+    with _peak_tracker(job, w, [ids]) as peak:
+        saving = measure.saved_tensors(saved, w.model, w.layers)
+        _step(job, w, ids, lambda name: _phase(job, name, phases), saving)
+        peak_bytes = peak()
+    pairs = zip(w.masters.params, w.masters.masters, strict=True) if w.masters else ()
+    ledger = measure.model_states(w.model, w.state, masters=pairs)
+    _zero_grad(w)
+    progress("step")
     out = dict(ledger.bytes)
     out["optimizer_states"] = sum(out[n] for n in measure.optimizer_state_names(ledger))
     out["activations"] = saved.bytes
     layer_bytes = dict(ledger.layer_bytes)
     layer_bytes["activations"] = saved.layer_bytes
-    if peak_bytes is not None:
-        out["peak"] = peak_bytes
+    out["peak"] = peak_bytes
     return RankMeasurement(
         rank=rank,
         bytes=out,

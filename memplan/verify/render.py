@@ -20,6 +20,8 @@ def _status(row: Row) -> Text:
     if row.ok is None:
         if row.predicted is None:
             return Text("not modelled", style="dim")
+        if not row.enforced:
+            return Text("not checked", style="dim")
         return Text("not measured", style="dim")
     if row.ok:
         return Text("ok", style="green")

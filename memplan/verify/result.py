@@ -38,10 +38,13 @@ class Row:
     """Allowed |measured - predicted| as a fraction of predicted (0.0: to the byte)."""
     state: bool = False
     """True for one named optimizer state (a sub-row of `optimizer_states`)."""
+    enforced: bool = True
+    """False when the prediction is knowingly incomplete (the peak before transient buffers
+    are modelled): both figures are shown, the tolerance is not applied."""
 
     @property
     def checked(self) -> bool:
-        return self.predicted is not None and self.measured is not None
+        return self.enforced and self.predicted is not None and self.measured is not None
 
     @property
     def delta(self) -> int | None:
@@ -61,7 +64,7 @@ class Row:
     def ok(self) -> bool | None:
         """Within tolerance, or None when the row is not checked."""
         delta = self.delta
-        if delta is None or self.predicted is None:
+        if delta is None or self.predicted is None or not self.enforced:
             return None
         return abs(delta) <= self.tolerance * self.predicted
 
@@ -138,6 +141,7 @@ def rows_for(
     predicted: dict[str, int | None],
     measured: dict[str, int | None],
     state_names: Iterable[str],
+    peak_enforced: bool = True,
 ) -> tuple[Row, ...]:
     """Rows in display order: model states, each optimizer state, buffers, activations, peak.
 
@@ -181,6 +185,7 @@ def rows_for(
             predicted=predicted.get("peak"),
             measured=measured.get("peak"),
             tolerance=PEAK_TOLERANCE,
+            enforced=peak_enforced,
         )
     )
     return tuple(rows)
@@ -193,6 +198,7 @@ def _row_json(row: Row) -> dict[str, Any]:
         "delta": row.delta,
         "ratio": row.ratio,
         "tolerance": row.tolerance,
+        "checked": row.checked,
         "ok": row.ok,
     }
 

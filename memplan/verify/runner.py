@@ -42,12 +42,9 @@ def predicted(report: Report, rank: int) -> tuple[dict[str, int | None], list[st
     out["optimizer_states"] = optimizer_total
     if jobs.activations_modelled(report):
         out["activations"] = report.activations_bytes
-        out["peak"] = (
-            states.total_bytes
-            + report.buffer_bytes
-            + report.activations_bytes
-            + report.transient_bytes
-        )
+        # The report's peak is the most-loaded rank's; another rank differs by its model
+        # states (activations and transients are the same on every data-parallel rank).
+        out["peak"] = report.peak_bytes - report.per_gpu.total_bytes + states.total_bytes
     else:
         out["activations"] = None
         out["peak"] = None
@@ -93,6 +90,7 @@ def compare(
             predicted=pred,
             measured=dict(m.bytes),
             state_names=[*names, *m.state_names],
+            peak_enforced=jobs.transients_modelled(report),
         )
         ranks.append(RankResult(rank=m.rank, rows=rows))
     most_loaded = report.per_gpu.ranks[0]
@@ -101,6 +99,12 @@ def compare(
         notes.append(
             "activations are not modelled by the calculator yet: measured saved-tensor bytes "
             "and the measured peak are shown, not checked."
+        )
+    elif not jobs.transients_modelled(report):
+        notes.append(
+            "peak: the calculator does not model transient buffers yet (DDP buckets, FSDP2 "
+            "all-gather and reduce-scatter buffers, optimizer-step temporaries), so its peak "
+            "is a lower bound: shown, not checked."
         )
     if job.spec.training.gradient_accumulation_steps > 1:
         notes.append(
