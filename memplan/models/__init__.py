@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from memplan.errors import MemplanError
 from memplan.models import (
     bert,
     bloom,
+    checkpoint,
     deepseek,
     falcon,
     gemma,
@@ -107,6 +108,34 @@ def from_parameter_count(num_parameters: int) -> Inventory:
     )
 
 
+def from_tensors(
+    tensors: Sequence[TensorSpec],
+    *,
+    name: str,
+    config: Mapping[str, Any] | None = None,
+    origin: str = "config.json",
+) -> Inventory:
+    """The inventory of a checkpoint from its tensor table (each `dtype`: the stored one).
+
+    With the model's `config` (its config.json), the config's inventory lends its
+    architecture, roles, layers, tied pairs and non-persistent buffers, and the two are
+    cross-checked in a note; a config whose model_type memplan does not model is set aside
+    with a note (the tensors alone still give the model states). See `models.checkpoint`.
+    """
+    notes: list[str] = []
+    reference = None
+    if config is not None:
+        model_type = config.get("model_type")
+        if isinstance(model_type, str) and model_type in FAMILIES:
+            reference = from_config(config, origin=origin)
+        else:
+            notes.append(
+                f"{origin} not used: model_type {model_type!r} is not one memplan models "
+                f"({', '.join(supported_model_types())})."
+            )
+    return checkpoint.build(tensors, name=name, reference=reference, notes=notes)
+
+
 def _with_note(inventory: Inventory, note: str) -> Inventory:
     return Inventory(
         name=inventory.name,
@@ -125,5 +154,6 @@ __all__ = [
     "TensorSpec",
     "from_config",
     "from_parameter_count",
+    "from_tensors",
     "supported_model_types",
 ]
