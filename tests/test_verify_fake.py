@@ -40,7 +40,6 @@ def test_fake_measures_what_the_real_run_measures(
     fake = run(spec, nproc=ranks, fake=True)
     real = run(spec, nproc=ranks)
     model_state_rows_exact(fake)
-    assert fake.ok
     for fake_rank, real_rank in zip(_measured(fake), _measured(real), strict=True):
         if parallelism["engine"] == "ddp" and ranks > 1:
             gradient_copy = real_rank["gradients"]
@@ -58,7 +57,6 @@ def test_llama_2_7b_verifies_under_fake_tensors() -> None:
     data["model"] = {"hf_config": str(LLAMA_2_7B)}
     result = run(validate(data), fake=True)
     model_state_rows_exact(result)
-    assert result.ok
     params = result.headline.row("parameters").measured
     assert params == 6_738_415_616 * 2  # bf16
     assert result.headline.row("master_weights").measured == 2 * params

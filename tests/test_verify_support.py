@@ -52,10 +52,15 @@ def run(spec: LoadedSpec, **options: Any) -> VerifyResult:
 
 
 def model_state_rows_exact(result: VerifyResult) -> None:
-    """Every model-state row on every rank is checked and off by 0 bytes."""
+    """Every model-state row on every rank is checked and off by 0 bytes, and activations are
+    within their tolerance wherever the calculator models them. The peak is left to the
+    calculator's timeline (its own tests, and the GPU tests here)."""
     for rank in result.ranks:
         for row in rank.rows:
-            if row.name in ("activations", "peak"):
+            if row.name == "peak":
+                continue
+            if row.name == "activations":
+                assert row.ok is not False, (rank.rank, row)
                 continue
             assert row.checked, (rank.rank, row)
             assert row.delta == 0, (rank.rank, row)
