@@ -79,6 +79,11 @@ class Inventory:
         return sum(t.numel for t in self.parameters)
 
     @property
+    def is_bare_count(self) -> bool:
+        """A model known only by its size: one stand-in tensor, no tensor boundaries."""
+        return len(self.parameters) == 1 and self.parameters[0].role == "flat"
+
+    @property
     def num_layers(self) -> int:
         return self.architecture.num_layers if self.architecture else 0
 

@@ -71,7 +71,7 @@ def zero_redundancy(
         whole("parameters", "parameters", recipe.parameters, params, SRC_DDP),
         whole("gradients", "gradients", grad_dtype(recipe), params, SRC_DDP),
     ]
-    if inventory.architecture is None:
+    if inventory.is_bare_count:
         # A bare parameter count is one stand-in tensor: whole-tensor assignment would put it
         # all on rank 0, so split it evenly (the ZeRO paper's Psi / N_d) instead.
         share = ceil_div(inventory.num_parameters, placement.data)

@@ -191,7 +191,7 @@ def stage12(stage: int) -> EngineRule:
                     ranks=tuple(range(world)), terms=(flat, grads, *device), host_terms=tuple(host)
                 )
             ]
-        if inventory.architecture is None:
+        if inventory.is_bare_count:
             # A bare parameter count has no tensor boundaries: count the partition itself (the
             # ZeRO paper's 2 Psi / N_d), not the one stand-in tensor that overlaps every rank.
             per_rank = [part] * world
