@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from memplan.cli import app
 from memplan.errors import MemplanError
-from memplan.load import validate
+from memplan.load import load_spec, validate
 from memplan.verify import job as jobs
 from memplan.verify.result import EXACT, Row, rows_for
 from tests.test_verify_support import (
@@ -88,6 +88,20 @@ def test_a_parameter_count_cannot_be_built() -> None:
     data["model"] = {"num_parameters": 1000}
     with pytest.raises(MemplanError, match="needs its architecture"):
         run(validate(data))
+
+
+def test_model_sources_resolve_to_the_config_that_is_built(tmp_path: Path) -> None:
+    """hf_config relative to the spec file; a checkpoint needs a config.json beside it."""
+    arch = spec_dict()["model"]["architecture"]
+    (tmp_path / "config.json").write_text(json.dumps(arch))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**spec_dict(), "model": {"hf_config": "config.json"}}))
+    assert jobs.model_config(load_spec(spec)) == arch
+    bare = tmp_path / "weights"
+    bare.mkdir()
+    spec.write_text(yaml.safe_dump({**spec_dict(), "model": {"safetensors": "weights"}}))
+    with pytest.raises(MemplanError, match="no(ne)? .*config.json"):
+        jobs.model_config(load_spec(spec))
 
 
 def test_an_optimizer_outside_torch_is_refused() -> None:

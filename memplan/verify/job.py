@@ -15,7 +15,7 @@ from typing import Any, Literal
 from memplan import models
 from memplan.errors import MemplanError
 from memplan.estimate import Report, estimate
-from memplan.load import PRESET_DIR, LoadedSpec, read_json
+from memplan.load import PRESET_DIR, LoadedSpec, hf_cache_config, read_json
 from memplan.models import Inventory
 from memplan.precision import Recipe
 from memplan.spec import Spec
@@ -94,9 +94,11 @@ class Job:
 
 
 def model_config(loaded: LoadedSpec) -> dict[str, Any]:
-    """The config.json mapping the spec's model names (a model given only as a parameter count
-    cannot be built)."""
+    """The config.json mapping the spec's model names: verify builds from it (random init),
+    so a model given only as a parameter count, or a checkpoint with no config.json beside
+    it, cannot be built."""
     model = loaded.spec.model
+    base = loaded.path.parent if loaded.path else Path.cwd()
     if model.num_parameters is not None:
         raise MemplanError(
             "verify builds the real model, so it needs its architecture: give model.hf_config, "
@@ -107,14 +109,24 @@ def model_config(loaded: LoadedSpec) -> dict[str, Any]:
     if model.architecture is not None:
         return dict(model.architecture)
     if model.preset is not None:
-        data = read_json(PRESET_DIR / f"{model.preset}.json", what="preset")
+        file = PRESET_DIR / f"{model.preset}.json"
+    elif model.hf_id is not None:
+        file = hf_cache_config(model.hf_id)
+    elif model.safetensors is not None:
+        path = model.safetensors if model.safetensors.is_absolute() else base / model.safetensors
+        file = (path if path.is_dir() else path.parent) / "config.json"
+        if not file.is_file():
+            raise MemplanError(
+                f"verify builds the model from its config.json, and there is none beside the "
+                f"checkpoint ({file}); give model.hf_config.",
+                field="model.safetensors",
+            )
     else:
         assert model.hf_config is not None  # the spec guarantees exactly one source
-        base = loaded.path.parent if loaded.path else Path.cwd()
         file = model.hf_config if model.hf_config.is_absolute() else base / model.hf_config
-        data = read_json(file, what="hf_config")
+    data = read_json(file, what="model config")
     if not isinstance(data, dict):
-        raise MemplanError("the model config is not a config.json object.", field="model")
+        raise MemplanError(f"{file} is not a config.json object.", field="model")
     return data
 
 
