@@ -142,7 +142,8 @@ BAD_INPUTS = [
     ),
     (
         "model:\n  hf_config: config.json\nprecision: bf16-mixd\n",
-        r"spec.yaml:3: precision: unknown precision preset 'bf16-mixd' \(did you mean 'bf16-mixed'\?\)",
+        r"spec.yaml:3: precision: unknown precision preset 'bf16-mixd' "
+        r"\(did you mean 'bf16-mixed'\?\)",
     ),
     ("model:\n  hf_config: config.json\nhardware:\n  memory: 80XB\n", r"'80XB' is not a size"),
     ("model:\n  preset: llama-9\n", r"unknown preset 'llama-9'"),
@@ -206,7 +207,8 @@ def test_estimate_never_imports_torch(tmp_path, llama_config):  # type: ignore[n
         "from memplan.cli import app\n"
         f"try:\n    app(['estimate', {str(spec)!r}, '--json'])\n"
         "except SystemExit:\n    pass\n"
-        "heavy = [m for m in ('torch', 'transformers', 'matplotlib', 'numpy') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'transformers', 'matplotlib', 'numpy')\n"
+        "         if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
