@@ -27,7 +27,7 @@ class RankMeasurement:
     rank: int
     bytes: dict[str, int]
     """parameters, gradients, buffers, each optimizer state by name (master_weights too),
-    activations, and peak when this run can measure it."""
+    activations and the peak of the measured step."""
     layer_bytes: dict[str, int]
     """The part of each category held by decoder layers (for --layers extrapolation)."""
     state_names: list[str]
