@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
+from dataclasses import replace
 
 from memplan.models.inventory import Inventory
 from memplan.optimizers import OptimizerConfig
@@ -71,6 +72,21 @@ def zero_redundancy(
         whole("parameters", "parameters", recipe.parameters, params, SRC_DDP),
         whole("gradients", "gradients", grad_dtype(recipe), params, SRC_DDP),
     ]
+    if recipe.master_weights:
+        # ZeroRedundancyOptimizer partitions optimizer *state* only: the tensors it updates
+        # (here the fp32 masters of a *-mixed recipe) are broadcast back to every rank after
+        # each step (`_sync_params`), so every rank keeps all of them. Measured by
+        # `memplan verify` on 2 and 4 gloo ranks.
+        common.append(
+            whole(
+                "optimizer_states",
+                "master_weights",
+                recipe.master_weights,
+                params,
+                SRC_ZERO_RO + "::_sync_params: updated tensors are broadcast",
+            )
+        )
+        recipe = replace(recipe, master_weights=None)
     if inventory.is_bare_count:
         # A bare parameter count is one stand-in tensor: whole-tensor assignment would put it
         # all on rank 0, so split it evenly (the ZeRO paper's Psi / N_d) instead.
