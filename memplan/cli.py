@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -21,6 +22,7 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    epilog="Example: memplan estimate configs/llama-3-8b.yaml --explain",
 )
 
 T = TypeVar("T")
@@ -173,7 +175,7 @@ def verify(
     """Build the real model and optimizer, run real steps, and compare every category with
     the prediction (exit 3 when one misses its tolerance). Needs torch and transformers.
 
-    Example: memplan verify configs/tiny-llama.yaml --nproc 2
+    Example: memplan verify configs/gpt2.yaml --fake --layers 2
     """
     if device not in ("cpu", "cuda"):
         typer.echo(f"error: --device must be cpu or cuda, got {device!r}.", err=True)
@@ -215,7 +217,7 @@ def plan(
 ) -> None:
     """Search the layouts that fit the GPUs' memory and rank them by estimated step time.
 
-    Example: memplan plan configs/plan-llama-3.1-70b.yaml --top 5
+    Example: memplan plan configs/plan-llama-3-8b.yaml --top 5
     """
     import time
 
@@ -259,6 +261,30 @@ def plan(
         render.console(width).print(render.plan_view(result))
     if not result.layouts:
         raise typer.Exit(3)
+
+
+class Document(str, Enum):
+    """The commands that print a `--json` report."""
+
+    estimate = "estimate"
+    plan = "plan"
+    verify = "verify"
+
+
+@app.command()
+def schema(
+    command: Annotated[
+        Document,
+        typer.Argument(help="The command whose --json report to describe.", show_default=False),
+    ],
+) -> None:
+    """Print the JSON Schema (draft 2020-12) of a command's --json report.
+
+    Example: memplan schema estimate > estimate.schema.json
+    """
+    from memplan.schema import json_schema
+
+    _print_json(json_schema(command.value))
 
 
 def render_console(stderr: bool = False) -> Any:

@@ -49,10 +49,24 @@ def locate(file: Path | None, marks: Marks, path: tuple[Any, ...]) -> str | None
     return str(file)
 
 
+# A spec is a few hundred YAML nodes. Aliases share nodes, so a small file can stand for an
+# enormous tree ("billion laughs": 9 aliases of 9 aliases of ...); everything that walks the
+# values (validation, error messages that print a value) would expand it. Refuse a document
+# whose expanded tree exceeds this many nodes, and one that is nested deeper than Python's
+# recursion limit lets the parser go (`[[[[...]]]]`).
+MAX_EXPANDED_NODES = 10_000
+
+
 def _parse_yaml(text: str, where: str) -> tuple[Any, Marks]:
-    loader = yaml.SafeLoader(text)
+    try:
+        # The reader refuses control characters (a NUL, ...) as the loader is made.
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as err:
+        raise MemplanError(f"not valid YAML: {err}", where=where) from None
     try:
         node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, where)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
@@ -61,6 +75,14 @@ def _parse_yaml(text: str, where: str) -> tuple[Any, Marks]:
         raise MemplanError(f"not valid YAML: {problem}.", where=f"{where}{line}") from None
     except yaml.YAMLError as err:
         raise MemplanError(f"not valid YAML: {err}", where=where) from None
+    except RecursionError:
+        raise MemplanError("not valid YAML: nested too deeply.", where=where) from None
+    except (ValueError, OverflowError) as err:
+        # SafeConstructor's int()/float()/date() on a scalar it cannot hold, e.g. an integer
+        # of more than 4,300 digits or `!!timestamp 2024-13-01`.
+        raise MemplanError(
+            f"not valid YAML: a value cannot be read ({err}).", where=where
+        ) from None
     finally:
         loader.dispose()
     marks: Marks = {}
@@ -85,6 +107,46 @@ def _parse_yaml(text: str, where: str) -> tuple[Any, Marks]:
     return data, marks
 
 
+def _check_expansion(root: yaml.Node, where: str) -> None:
+    """Refuse alias cycles and documents whose aliases expand past MAX_EXPANDED_NODES.
+
+    Each node's expanded size is computed once (memoized by identity), so the check is linear
+    in the file however many times the aliases multiply it.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        line = f"{where}:{n.start_mark.line + 1}"
+        if key in open_nodes:
+            raise MemplanError(
+                "not valid YAML: an alias refers to a node that holds it.", where=line
+            )
+        open_nodes.add(key)
+        children: list[yaml.Node] = []
+        if isinstance(n, yaml.MappingNode):
+            children = [part for pair in n.value for part in pair]
+        elif isinstance(n, yaml.SequenceNode):
+            children = list(n.value)
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_EXPANDED_NODES:
+                raise MemplanError(
+                    f"not valid YAML: its aliases expand it to more than "
+                    f"{MAX_EXPANDED_NODES:,} values (an alias bomb?); write the values out.",
+                    where=line,
+                )
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
 def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The valid keys of the spec section at `loc` (for did-you-mean)."""
     current: Any = model
@@ -107,7 +169,11 @@ def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _describe(err: Mapping[str, Any], file: Path | None, marks: Marks) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper()))
+    raw = tuple(err["loc"])
+    # Drop the model-class tags pydantic puts in union locations; an unknown key is the
+    # user's own (it may be capitalised), so the last part of its location always stays.
+    cut = len(raw) - 1 if err["type"] == "extra_forbidden" else len(raw)
+    loc = tuple(p for p in raw[:cut] if not (isinstance(p, str) and p[:1].isupper())) + raw[cut:]
     dotted = ".".join(str(p) for p in loc) or "spec"
     where = locate(file, marks, loc)
     prefix = f"{where}: " if where else ""

@@ -207,7 +207,17 @@ def stage_inventories(inventory: Inventory, mp: ModelParallel) -> tuple[Inventor
     shapes: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
 
     def stage_of(t: TensorSpec) -> int:
+        if mp.pipeline == 1:
+            return 0
         if t.layer is not None:
+            if t.layer not in stage_of_layer:
+                # T5 numbers its decoder blocks after the encoder's `num_layers`.
+                raise MemplanError(
+                    f"pipeline parallelism splits {arch.model_type}'s {arch.num_layers} layers, "
+                    f"but {t.name} is in layer {t.layer}: encoder-decoder models are not split "
+                    "over pipeline stages; use parallelism.pipeline: 1.",
+                    field="parallelism.pipeline",
+                )
             return stage_of_layer[t.layer]
         return last if t.role == "head" or _is_final_norm(t) else 0
 

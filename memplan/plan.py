@@ -20,7 +20,14 @@ from memplan.hardware import CATALOG
 from memplan.models.inventory import Inventory
 from memplan.precision import dtype_bytes
 from memplan.sharding.megatron import main_grad_dtype
-from memplan.spec import OffloadSpec, ParallelismSpec, PlanSpec, Spec, TrainingSpec
+from memplan.spec import (
+    MAX_DEGREE,
+    OffloadSpec,
+    ParallelismSpec,
+    PlanSpec,
+    Spec,
+    TrainingSpec,
+)
 from memplan.states import StageStates
 from memplan.steptime import Layout, Link, Shape, StepTime, step_time
 
@@ -302,8 +309,13 @@ class _Search:
         )
 
 
-def plan(spec: Spec, inventory: Inventory, *, progress: Progress | None = None) -> PlanResult:
-    """Every layout of `spec.plan` that fits, fastest first, and what was pruned and why."""
+def plan(
+    spec: Spec, inventory: Inventory, *, progress: Progress | None = None, suggest: bool = True
+) -> PlanResult:
+    """Every layout of `spec.plan` that fits, fastest first, and what was pruned and why.
+
+    When nothing fits and `suggest` is set, `suggestion` says what would (each hint is a
+    search of its own, run with `suggest=False` so the hints do not recurse)."""
     p = spec.plan or PlanSpec()
     if inventory.architecture is None:
         raise MemplanError(
@@ -316,6 +328,12 @@ def plan(spec: Spec, inventory: Inventory, *, progress: Progress | None = None) 
     if gpus is None:
         raise MemplanError(
             "say how many GPUs to plan for: plan.gpus or plan.nodes.", field="plan.gpus"
+        )
+    if gpus > MAX_DEGREE:
+        raise MemplanError(
+            f"plan.nodes x hardware.gpus_per_node = {gpus:,} GPUs; plan searches at most "
+            f"{MAX_DEGREE:,}.",
+            field="plan.nodes",
         )
     capacity = spec.hardware.memory or (
         CATALOG[spec.hardware.gpu].memory_bytes if spec.hardware.gpu else None
@@ -348,7 +366,7 @@ def plan(spec: Spec, inventory: Inventory, *, progress: Progress | None = None) 
         activations_modelled=_activations_modelled(plain),
     )
     layouts = search.run(progress)
-    suggestion = "" if layouts else _suggest(spec, inventory, p, gpus, budget)
+    suggestion = "" if layouts or not suggest else _suggest(spec, inventory, p, gpus, budget)
     return PlanResult(
         gpus=gpus,
         global_batch_size=global_batch,
@@ -373,6 +391,7 @@ def _fits(spec: Spec, inventory: Inventory, p: PlanSpec, gpus: int) -> bool:
                 update={"plan": p.model_copy(update={"gpus": gpus, "nodes": None, "top": 1})}
             ),
             inventory,
+            suggest=False,
         )
     except MemplanError:
         return False

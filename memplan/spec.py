@@ -7,6 +7,7 @@ follows. Loading from YAML (with line numbers for errors) lives in `memplan.load
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,7 +17,16 @@ from memplan.hardware import ALIASES, CATALOG, nearest
 from memplan.optimizers import OptimizerConfig, OptimizerName
 from memplan.precision import PRESETS, DType, Recipe
 
-PositiveInt = Annotated[int, Field(gt=0)]
+# Upper bounds on what a spec may say. Counts and sizes fit torch's int64 (shapes, numel,
+# bytes), which also keeps every product of them far inside a float for the tables. Parallel
+# degrees stay within what the calculator can list rank by rank in well under a second.
+MAX_COUNT = 2**63 - 1
+"""Largest count or size in bytes a spec may give (int64)."""
+MAX_DEGREE = 2**16
+"""Largest degree of one kind of parallelism, and of GPUs per node: 65,536."""
+
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+Degree = Annotated[int, Field(gt=0, le=MAX_DEGREE)]
 
 
 class Frozen(BaseModel):
@@ -41,6 +51,13 @@ class ModelSpec(Frozen):
     hf_id: str | None = None
     """A Hugging Face repo id (`org/name`): its config.json from the local Hugging Face cache,
     offline (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+
+    @field_validator("hf_config", "safetensors")
+    @classmethod
+    def _no_nul(cls, value: Path | None) -> Path | None:
+        if value is not None and "\0" in str(value):
+            raise ValueError("a path cannot contain a NUL character")
+        return value
 
     @field_validator("hf_id")
     @classmethod
@@ -185,25 +202,25 @@ class ParallelismSpec(Frozen):
     engine: Engine = "deepspeed"
     """deepspeed (ZeRO), fsdp2 (torch fully_shard), ddp (torch DDP, ZeroRedundancyOptimizer)
     or megatron (Megatron-LM DDP; zero_stage 1 = its distributed optimizer)."""
-    data: PositiveInt = 1
+    data: Degree = 1
     """Data-parallel degree (ranks that hold a replica or a shard of the model states)."""
     zero_stage: int | None = Field(None, ge=0, le=3)
     """ZeRO stage 0-3; default: 0 for deepspeed, ddp and megatron, 3 for fsdp2."""
-    tensor: PositiveInt = 1
+    tensor: Degree = 1
     """Tensor-parallel degree (Megatron column/row-parallel linears, vocab-parallel embedding)."""
     sequence_parallel: bool = False
     """Split the activations TP leaves replicated (norms, dropout) over the TP ranks."""
-    pipeline: PositiveInt = 1
+    pipeline: Degree = 1
     """Pipeline-parallel degree."""
     schedule: Literal["1f1b", "interleaved", "gpipe"] = "1f1b"
     """Pipeline schedule: how many micro-batches each stage keeps in flight."""
-    virtual_stages: PositiveInt = 1
+    virtual_stages: Degree = 1
     """Model chunks per pipeline rank (the interleaved schedule)."""
     layers_per_stage: tuple[PositiveInt, ...] | None = None
     """An explicit split of the layers over the (virtual) stages; else an even split."""
-    expert: PositiveInt = 1
+    expert: Degree = 1
     """Expert-parallel degree (MoE): each rank holds num_experts / expert of each MoE layer."""
-    context: PositiveInt = 1
+    context: Degree = 1
     """Context-parallel degree (ring attention / Megatron CP): the sequence is split."""
     make_vocab_size_divisible_by: PositiveInt = 128
     """Megatron pads the vocabulary to a multiple of this x tensor (its default, 128)."""
@@ -238,6 +255,10 @@ class ParallelismSpec(Frozen):
             )
         if self.offload.parameters != "none" and self.stage != 3:
             raise ValueError("parameter offload needs sharded parameters: zero_stage 3")
+        if self.offload.optimizer != "none" and self.engine == "deepspeed" and self.stage == 0:
+            # DeepSpeed config docs, zero_optimization.offload_optimizer: "Valid only with
+            # stage 1, 2 and 3" (the offload lives in the ZeRO optimizers).
+            raise ValueError("DeepSpeed offloads the optimizer with zero_stage 1, 2 or 3, not 0")
         return self
 
     @property
@@ -278,9 +299,12 @@ def parse_bytes(value: int | str) -> int:
         match = _SIZE.match(str(value))
         if not match:
             raise ValueError(f"{value!r} is not a size; write e.g. 80GiB, 40 GB or 85899345920")
-        out = int(float(match.group(1)) * _UNIT[match.group(2)])
+        # Decimal, not float: exact, and a thousand-digit number does not become inf.
+        out = int(Decimal(match.group(1)) * _UNIT[match.group(2)])
     if out <= 0:
         raise ValueError(f"a size must be positive, got {value!r}")
+    if out > MAX_COUNT:
+        raise ValueError(f"a size must be at most {MAX_COUNT:,} bytes (8 EiB)")
     return out
 
 
@@ -291,7 +315,7 @@ class HardwareSpec(Frozen):
     """A name from `memplan.hardware.CATALOG` (A100-80GB, H100-80GB, ...)."""
     memory: int | None = None
     """GPU memory in bytes; accepts strings such as `80GiB` (binary) or `80GB` (decimal)."""
-    gpus_per_node: PositiveInt = 8
+    gpus_per_node: Degree = 8
     """GPUs per host: host memory is summed over the ranks of one node."""
     host_memory: int | None = None
     """CPU memory per node in bytes (accepts `2TiB`, `512GB`): checked when offloading."""
@@ -317,9 +341,9 @@ class HardwareSpec(Frozen):
 class PlanSpec(Frozen):
     """`memplan plan`: the cluster, the batch, and the constraints of the layout search."""
 
-    gpus: PositiveInt | None = None
+    gpus: Degree | None = None
     """GPUs in the job (default: nodes x hardware.gpus_per_node)."""
-    nodes: PositiveInt | None = None
+    nodes: Degree | None = None
     global_batch_size: PositiveInt | None = None
     """Sequences per optimizer step."""
     global_batch_tokens: PositiveInt | None = None

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from memplan.errors import MemplanError
-from memplan.models.inventory import Architecture, Config, Inventory, TensorSpec
+from memplan.models.inventory import Architecture, Config, Inventory, TensorSpec, rotary_fraction
 
 Part = tuple[TensorSpec, ...]
 """Tensors of one module (or layer template), names relative to it, in registration order."""
@@ -120,7 +120,14 @@ def rope_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
     Legacy `rope_scaling` wins over `rope_parameters`; a top-level `partial_rotary_factor` fills
     in when the dict has none.
     """
-    params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    found = config.get(key) or {}
+    if not isinstance(found, Mapping):
+        raise MemplanError(
+            f"{key} must be a mapping such as {{rope_type: linear, factor: 2.0}}, got {found!r}.",
+            field=key,
+        )
+    params = dict(found)
     if config.get("partial_rotary_factor") is not None:
         params.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
     return params
@@ -137,7 +144,7 @@ def rotary_dim(params: Mapping[str, Any], head_dim: int, *, default_is_partial: 
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default" and not default_is_partial:
         return head_dim
-    return int(head_dim * float(params.get("partial_rotary_factor", 1.0)))
+    return int(head_dim * rotary_fraction(params.get("partial_rotary_factor", 1.0)))
 
 
 def stamp(template: Part, prefix: str, index: int, *, decoder: bool = True) -> list[TensorSpec]:

@@ -51,7 +51,7 @@ from memplan.models._classic import (
     stamp,
     with_causal_head,
 )
-from memplan.models.inventory import Architecture, Config, Inventory
+from memplan.models.inventory import Architecture, Config, Inventory, rotary_fraction
 
 # configuration_falcon.py: FalconConfig defaults. A null flag reads as False in the model code
 # (`if config.multi_query:`), which `flag` reproduces.
@@ -131,7 +131,7 @@ def rotary_dim(cfg: Config, head_dim: int) -> int:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return head_dim
-    return int(head_dim * float(params.get("partial_rotary_factor", 1.0)))
+    return int(head_dim * rotary_fraction(params.get("partial_rotary_factor", 1.0)))
 
 
 def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:

@@ -41,7 +41,7 @@ from memplan.models._classic import (
     stamp,
     with_causal_head,
 )
-from memplan.models.inventory import Architecture, Config, Inventory
+from memplan.models.inventory import Architecture, Config, Inventory, rotary_fraction
 
 # configuration_gpt_neox.py: GPTNeoXConfig defaults.
 _DEFAULTS: dict[str, Any] = {
@@ -84,7 +84,7 @@ def rotary_dim(cfg: Config, head_dim: int) -> int:
         factor = present(cfg, "rotary_pct")
     if factor is None:
         factor = _DEFAULT_ROTARY_PCT
-    return int(head_dim * float(factor))
+    return int(head_dim * rotary_fraction(factor))
 
 
 def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:

@@ -101,6 +101,19 @@ def fold_name(name: str) -> str:
     return _LAYER_INDEX.sub(".*.", name, count=1)
 
 
+MAX_CONFIG_INT = 2**63 - 1
+"""The largest integer a config.json size may be (torch's int64)."""
+# Keys that count repeated blocks. The inventory lists every block's tensors, so building it
+# takes time in proportion (about 0.1 s per 1,000 layers); real models have a few hundred.
+LAYER_KEYS = frozenset({"num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers"})
+MAX_LAYERS = 10_000
+# Keys that count attention heads (query, or key/value groups): sizes are divided by them, so
+# zero is refused.
+HEAD_KEYS = frozenset(
+    {"num_attention_heads", "n_head", "num_heads", "num_key_value_heads", "num_kv_heads"}
+)
+
+
 class Config:
     """Read access to a config.json mapping that names the missing key in its error."""
 
@@ -136,6 +149,21 @@ class Config:
                 f"{self.origin}: {keys[0]} must be a non-negative integer, got {value!r}.",
                 field=keys[0],
             )
+        if keys[0] in HEAD_KEYS and value == 0:
+            raise MemplanError(f"{self.origin}: {keys[0]} must be positive.", field=keys[0])
+        if keys[0] in LAYER_KEYS and value > MAX_LAYERS:
+            raise MemplanError(
+                f"{self.origin}: {keys[0]} must be at most {MAX_LAYERS:,} layers, got {value:,}.",
+                field=keys[0],
+            )
+        if value > MAX_CONFIG_INT:
+            # torch shapes are int64; a larger size is a typo, and products of such numbers
+            # would overflow the floats the tables print.
+            raise MemplanError(
+                f"{self.origin}: {keys[0]} must be at most {MAX_CONFIG_INT:,} (int64), "
+                f"got {value:,}.",
+                field=keys[0],
+            )
         return value
 
     def bool(self, key: str, default: bool) -> bool:
@@ -143,6 +171,17 @@ class Config:
         if not isinstance(value, bool):
             raise MemplanError(f"{self.origin}: {key} must be true or false, got {value!r}.")
         return value
+
+
+def rotary_fraction(value: Any) -> float:
+    """`partial_rotary_factor` (GPT-NeoX: `rotary_pct`): the share of each head that is
+    rotated, a number from 0 to 1."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise MemplanError(
+            f"partial_rotary_factor must be a number from 0 to 1, got {value!r}.",
+            field="partial_rotary_factor",
+        )
+    return float(value)
 
 
 def model_name(cfg: Config, fallback: str) -> str:

@@ -76,7 +76,7 @@ def fsdp2(
     # see identical shards, so each class is computed once.
     breaks = {0, world}
     for p in params:
-        if p.shape:
+        if p.shape and p.shape[0]:  # a tensor with no rows gives every rank nothing
             chunk = ceil_div(p.shape[0], world)
             full = p.shape[0] // chunk
             breaks.update(r for r in (full, full + 1) if 0 < r < world)
