@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from memplan import activations as acts
 from memplan import sharding
+from memplan import timeline as tl
 from memplan.hardware import CATALOG
 from memplan.models import Inventory
 from memplan.optimizers import OptimizerConfig
@@ -47,7 +49,14 @@ class Report:
     host_capacity_bytes: int | None
     """hardware.host_memory: CPU memory of one node."""
     activations_bytes: int
+    """Bytes autograd holds for backward at the end of the forward pass, loss included
+    (memplan.activations); 0 when not modelled."""
     transient_bytes: int
+    """Transient buffers alive at the peak (memplan.timeline)."""
+    activations: acts.Activations
+    """The saved tensors behind `activations_bytes`, by block."""
+    timeline: tl.Timeline
+    """Bytes alive at each phase of the step, by category."""
     capacity_bytes: int | None
     gpu: str | None
     notes: tuple[str, ...]
@@ -62,8 +71,10 @@ class Report:
 
     @property
     def peak_bytes(self) -> int:
-        """Bytes alive at the step's peak on the most-loaded GPU."""
-        return self.model_state_bytes + self.activations_bytes + self.transient_bytes
+        """Bytes alive at the step's peak on the most-loaded GPU: the timeline's highest
+        phase (not the sum of each category's maximum: gradients, activations and transient
+        buffers peak at different phases)."""
+        return self.timeline.peak_bytes
 
     @property
     def host_bytes(self) -> int:
@@ -128,8 +139,15 @@ def assemble(spec: Spec, inventory: Inventory, stages: Sequence[StageStates]) ->
     if capacity is None and spec.hardware.gpu:
         capacity = CATALOG[spec.hardware.gpu].memory_bytes
     notes = list(inventory.notes)
-    notes.append(
-        "activations and transient buffers are not modelled yet: peak is model states only."
+    saved = acts.for_spec(spec, inventory)
+    notes += saved.notes
+    timeline = tl.build(
+        spec,
+        inventory,
+        per_gpu=top.per_gpu,
+        buffer_bytes=sum(t.bytes for t in top.buffers),
+        saved=saved,
+        capacity_bytes=capacity,
     )
     return Report(
         model=ModelSummary(
@@ -149,8 +167,10 @@ def assemble(spec: Spec, inventory: Inventory, stages: Sequence[StageStates]) ->
         buffers=top.buffers,
         gpus_per_node=spec.hardware.gpus_per_node,
         host_capacity_bytes=spec.hardware.host_memory,
-        activations_bytes=0,
-        transient_bytes=0,
+        activations_bytes=saved.bytes,
+        transient_bytes=timeline.peak.of("transient"),
+        activations=saved,
+        timeline=timeline,
         capacity_bytes=capacity,
         gpu=spec.hardware.gpu,
         notes=tuple(notes),
@@ -229,10 +249,13 @@ def to_json(report: Report) -> dict[str, Any]:
             "optimizer_state_breakdown": states,
             "buffers": report.buffer_bytes,
             "activations": report.activations_bytes,
+            "activations_modelled": report.activations.modelled,
             "transient": report.transient_bytes,
             "peak": report.peak_bytes,
             "rows": [_term_json(t) for t in (*gpu.terms, *report.buffers)],
         },
+        "activations": acts.to_json(report.activations),
+        "timeline": tl.to_json(report.timeline),
         "ranks": [_rank_json(r) for r in report.ranks],
         "per_stage": [_stage_json(st) for st in report.stages],
         "per_host": {

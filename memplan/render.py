@@ -9,6 +9,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from memplan.errors import MemplanError
 from memplan.estimate import Report
 from memplan.models import counts
 from memplan.models.inventory import Inventory, fold_name
@@ -69,11 +70,118 @@ def estimate_table(report: Report, *, explain: bool = False) -> Table:
         label = f"  {term.name}" if term.category == "optimizer_states" else term.name
         add(label, term.dtype, term.bytes, note=f"{term.formula}  [{term.source}]")
         last_category = term.category
-    add("activations", report.recipe.compute, report.activations_bytes)
-    add("transient", "", report.transient_bytes)
+    saved = report.activations
+    if saved.modelled:
+        add("activations", report.recipe.compute, report.activations_bytes)
+    else:
+        add("activations (not modelled)", "", 0, style="dim")
+    peak = report.timeline.peak
+    add(f"transient (at {peak.label})", "", report.transient_bytes)
     table.add_section()
-    add("peak", "", report.peak_bytes, style="bold")
+    add(f"peak ({peak.label})", "", report.peak_bytes, style="bold")
+    table.caption = "peak: the step's highest phase (timeline below), not the sum of the rows"
+    table.caption_justify = "left"
     return table
+
+
+GIB = 2**30
+
+# One character and colour per category of the timeline bars.
+BAR_STYLE = {
+    "parameters": ("█", "blue"),
+    "gradients": ("█", "magenta"),
+    "optimizer_states": ("█", "yellow"),
+    "buffers": ("█", "cyan"),
+    "activations": ("█", "green"),
+    "transient": ("▓", "red"),
+}
+BAR_WIDTH = 48
+
+
+def timeline_view(report: Report, *, width: int = BAR_WIDTH) -> RenderableType:
+    """One bar per phase of the step, stacked by category, the GPU's capacity marked."""
+    tl = report.timeline
+    cap = report.capacity_bytes
+    top = max([p.total_bytes for p in tl.points] + ([cap] if cap else []))
+    scale = max(top / width, 1.0)
+    mark = None if not cap else min(width - 1, int(cap / scale))
+    lines = Text()
+    label_width = max(len(p.label) for p in tl.points)
+    for p in tl.points:
+        cells: list[tuple[str, str]] = []
+        done = 0
+        for category, n in p.by_category:
+            end = done + n
+            count = round(end / scale) - round(done / scale)
+            char, style = BAR_STYLE[category]
+            cells += [(char, style)] * count
+            done = end
+        cells += [(" ", "")] * (width - len(cells))
+        if mark is not None:
+            char = "┃" if cells[mark][0] != " " else "│"
+            cells[mark] = (char, "bold red" if cells[mark][0] != " " else "dim")
+        lines.append(f"{p.label:<{label_width}} ")
+        for char, style in cells[: max(width, len(cells))]:
+            lines.append(char, style=style)
+        star = " <- peak" if p is tl.peak else ""
+        lines.append(f" {human(p.total_bytes)}{star}\n", style="bold" if star else "")
+    legend = Text("  ")
+    for name, (char, style) in BAR_STYLE.items():
+        legend.append(char, style=style)
+        legend.append(f" {name.replace('_', ' ')}  ")
+    if mark is not None:
+        legend.append("│", style="dim")
+        legend.append(f" GPU memory ({human(cap or 0)})")
+    parts: list[RenderableType] = [Text("Step timeline", style="bold"), lines, legend]
+    facts = [f"peak {human(tl.peak_bytes)} {tl.peak.label}"]
+    if tl.reserved_bytes is not None:
+        facts.append(f"torch.cuda.memory_reserved() likely >= {human(tl.reserved_bytes)}")
+    if tl.cuda_context_bytes:
+        facts.append(f"CUDA context ~{human(tl.cuda_context_bytes)} (assumed)")
+    if tl.usable_bytes is not None:
+        facts.append(f"usable memory left {human(tl.usable_bytes)}")
+    parts.append(Text("; ".join(facts)))
+    return Group(*parts)
+
+
+def save_plot(report: Report, path: str) -> None:
+    """The timeline as a stacked bar chart (PNG or SVG by the file's suffix). matplotlib is an
+    optional extra (`pip install memplan[plot]`), imported only here."""
+    import importlib
+
+    try:
+        matplotlib = importlib.import_module("matplotlib")
+    except ImportError as err:
+        raise MemplanError(
+            "--plot needs matplotlib: pip install 'memplan[plot]' (or pip install matplotlib)."
+        ) from err
+    matplotlib.use("Agg")
+    plt = importlib.import_module("matplotlib.pyplot")
+    tl = report.timeline
+    labels = [p.label for p in tl.points]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    bottom = [0.0] * len(tl.points)
+    colours = {
+        "parameters": "#4c72b0",
+        "gradients": "#c44e52",
+        "optimizer_states": "#dd8452",
+        "buffers": "#8172b3",
+        "activations": "#55a868",
+        "transient": "#937860",
+    }
+    for category, colour in colours.items():
+        values = [p.of(category) / GIB for p in tl.points]  # type: ignore[arg-type]
+        ax.bar(labels, values, bottom=bottom, label=category.replace("_", " "), color=colour)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    if report.capacity_bytes:
+        ax.axhline(report.capacity_bytes / GIB, color="red", linestyle="--", label="GPU memory")
+    ax.set_ylabel("GiB")
+    ax.set_title(f"{report.model.name}: one training step, peak {human(tl.peak_bytes)}")
+    ax.legend(loc="upper left", fontsize="small")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def explanations(report: Report) -> Text:
@@ -156,6 +264,7 @@ def estimate_view(
         parts.append(stages_table(report))
     if report.host_bytes:
         parts.append(host_table(report))
+    parts.append(timeline_view(report))
     if report.capacity_bytes is not None:
         headroom = report.capacity_bytes - report.peak_bytes
         gpu_name = report.gpu or "the GPU"

@@ -168,6 +168,26 @@ class TrainingSpec(Frozen):
     """Tokens per sequence."""
     gradient_accumulation_steps: PositiveInt = 1
     """Micro-batches per optimizer step (changes time, not the per-step peak)."""
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    """transformers `attn_implementation`: sdpa (its default; flash/memory-efficient kernels
+    keep no S x S scores) or eager (keeps the softmax of every head)."""
+    dropout: bool | None = None
+    """Dropout in training: null follows the config's probabilities; true/false forces it."""
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    """Recompute in backward: none; selective (the attention core, Megatron's
+    --recompute-activations); full (each decoder layer keeps only its input)."""
+    activation_offload: bool = False
+    """Checkpointed layer inputs in pinned host memory (transformers
+    `activation_checkpointing_enable(offload=True)`); needs activation_checkpointing: full."""
+
+    @model_validator(mode="after")
+    def _offload_needs_full(self) -> TrainingSpec:
+        if self.activation_offload and self.activation_checkpointing != "full":
+            raise ValueError(
+                "activation_offload moves the inputs that full checkpointing keeps: set "
+                "activation_checkpointing: full (or activation_offload: false)"
+            )
+        return self
 
 
 Engine = Literal["deepspeed", "fsdp2", "ddp", "megatron"]

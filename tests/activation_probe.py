@@ -118,5 +118,6 @@ def measure(
     exclude = [*model.parameters(), *model.buffers()]
     cast = torch.autocast("cpu", dtype=DTYPES[autocast]) if autocast else contextlib.nullcontext()
     with saved_storages(exclude) as measured, cast:
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        # labels are their own tensor, as in training (an MLM loss saves them).
+        loss = model(input_ids=ids, labels=ids.clone(), use_cache=False).loss
     return measured, loss

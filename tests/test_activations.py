@@ -58,6 +58,29 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mistral-window": {**_ODD, "model_type": "mistral", "sliding_window": 20},
     "llama-mha": {**_ODD, "model_type": "llama", "num_key_value_heads": 6},
     "llama-relu": {**_ODD, "model_type": "llama", "hidden_act": "relu"},
+    "gpt-neox": {
+        **{k: v for k, v in _ODD.items() if k != "num_key_value_heads"},
+        "model_type": "gpt_neox",
+        "rotary_pct": 0.25,
+    },
+    "gpt-neox-sequential": {
+        **{k: v for k, v in _ODD.items() if k != "num_key_value_heads"},
+        "model_type": "gpt_neox",
+        "use_parallel_residual": False,
+    },
+    "bert-mlm": {
+        **{k: v for k, v in _ODD.items() if k != "num_key_value_heads"},
+        "model_type": "bert",
+        "architectures": ["BertForMaskedLM"],
+    },
+    "mixtral": {
+        **_ODD,
+        "model_type": "mixtral",
+        "intermediate_size": 40,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": None,
+    },
     "gpt2-relu": {
         **GPT2,
         "n_embd": 48,
@@ -71,9 +94,12 @@ CARRIED = (
     "hidden_act",
     "activation_function",
     "attention_dropout",
+    "hidden_dropout",
     "embd_pdrop",
     "attn_pdrop",
     "resid_pdrop",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
 )
 PRECISIONS = {
     # name: (model dtype, autocast dtype, Setting stream, matmul)
@@ -85,9 +111,12 @@ PRECISIONS = {
 
 def with_dropout(config: dict[str, Any], on: bool) -> dict[str, Any]:
     p = 0.1 if on else 0.0
-    if config["model_type"] == "gpt2":
-        return {**config, "embd_pdrop": p, "attn_pdrop": p, "resid_pdrop": p}
-    return {**config, "attention_dropout": p}
+    keys = {
+        "gpt2": ("embd_pdrop", "attn_pdrop", "resid_pdrop"),
+        "gpt_neox": ("attention_dropout", "hidden_dropout"),
+        "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    }.get(config["model_type"], ("attention_dropout",))
+    return {**config, **dict.fromkeys(keys, p)}
 
 
 def inventory(config: dict[str, Any]) -> Inventory:
@@ -162,9 +191,15 @@ def test_saved_bytes_match(
     assert predicted == measured
 
 
-VARIANT_CASES = list(
-    itertools.product(tuple(VARIANTS), ("eager", "sdpa"), tuple(PRECISIONS), (False, True))
-)
+# Dropout on exercises every branch (masks, SDPA's math fallback); off is covered by the
+# matrix above, and for the families whose layers differ most from it.
+VARIANT_CASES = [
+    (variant, attention, precision, dropout)
+    for variant in VARIANTS
+    for attention in ("eager", "sdpa")
+    for precision in PRECISIONS
+    for dropout in ((False, True) if variant in ("gpt-neox", "bert-mlm", "mixtral") else (True,))
+]
 
 
 @pytest.mark.parametrize(
@@ -174,7 +209,9 @@ VARIANT_CASES = list(
 )
 def test_variants_match(variant: str, attention: str, precision: str, dropout: bool) -> None:
     """qwen3 q/k norms, qwen2 biases, a sliding window shorter than the sequence, MHA (no
-    GQA), relu MLPs; odd sizes (hidden 48, 6 heads, 2 kv heads, 37 tokens, batch 3)."""
+    GQA), relu MLPs, GPT-NeoX (partial RoPE, parallel and sequential residual), BERT with its
+    masked-LM head, Mixtral's routed experts (grouped_mm); odd sizes (hidden 48, 6 heads,
+    2 kv heads, 37 tokens, batch 3)."""
     config = with_dropout(VARIANTS[variant], dropout)
     measured, predicted = compare(config, attention=attention, precision=precision, batch=3, seq=37)
     assert predicted == measured

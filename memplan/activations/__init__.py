@@ -10,8 +10,9 @@ checkpointing none/full/selective, on CUDA or CPU kernels. Families without rule
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from memplan.activations import gpt2, llama
+from memplan.activations import bert, gpt2, gpt_neox, llama
 from memplan.activations.assemble import Model, finish
 from memplan.activations.tensors import (
     Activations,
@@ -24,6 +25,7 @@ from memplan.activations.tensors import (
     not_modelled,
 )
 from memplan.models.inventory import Architecture, Inventory
+from memplan.spec import Spec
 
 FamilyRule = Callable[..., "Model | str"]
 
@@ -33,7 +35,10 @@ RULES: dict[str, FamilyRule] = {
     "mistral": llama.build,
     "qwen2": llama.build,
     "qwen3": llama.build,
+    "mixtral": llama.build,
     "gpt2": gpt2.build,
+    "gpt_neox": gpt_neox.build,
+    "bert": bert.build,
 }
 
 # The head classes whose forward memplan models (a causal LM and its loss).
@@ -52,28 +57,73 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
             "activations not modelled: the model is a bare parameter count (give hf_config, "
             "a preset or an architecture)."
         )
-    why = _unsupported(arch)
     rule = RULES.get(arch.model_type)
-    if rule is None or why:
+    if rule is None:
         return not_modelled(
-            why
-            or f"activations of model_type {arch.model_type!r} are not modelled yet "
+            f"activations of model_type {arch.model_type!r} are not modelled yet "
             f"(modelled: {', '.join(modelled_families())}): per_gpu.activations is 0 and "
             "the peak leaves them out."
         )
+    why = _unsupported(arch)
+    if why:
+        return not_modelled(why)
     model = rule(arch, setting, tied=bool(inventory.tied))
     if isinstance(model, str):
         return not_modelled(f"activations not modelled: {model}.")
     return finish(model, setting)
 
 
+def setting_of(spec: Spec) -> Setting:
+    """The activation setting a spec describes.
+
+    Under autocast (amp-* recipes) the model's parameters, embeddings and residual stream stay
+    in the parameter dtype and matmuls run in the compute dtype; otherwise the model is cast to
+    the compute dtype and everything runs in it.
+    """
+    recipe = spec.recipe()
+    t = spec.training
+    return Setting(
+        batch=t.micro_batch_size,
+        sequence=t.sequence_length,
+        stream=recipe.parameters if recipe.autocast else recipe.compute,
+        matmul=recipe.compute,
+        autocast=recipe.autocast,
+        device=spec.hardware.device,
+        attention=t.attention,
+        dropout=t.dropout,
+        checkpointing=t.activation_checkpointing,
+        offload=t.activation_offload,
+    )
+
+
+def for_spec(spec: Spec, inventory: Inventory) -> Activations:
+    """The activations of the most-loaded GPU for `spec`."""
+    par = spec.parallelism
+    split = [
+        f"{name}={degree}"
+        for name, degree in (
+            ("tensor", par.tensor),
+            ("context", par.context),
+            ("pipeline", par.pipeline),
+        )
+        if degree > 1
+    ]
+    if split:
+        return not_modelled(
+            f"activations not modelled for {', '.join(split)} (only data parallelism is): "
+            "per_gpu.activations is 0 and the peak leaves them out."
+        )
+    return predict(inventory, setting_of(spec))
+
+
 def _unsupported(arch: Architecture) -> str:
     """Why this architecture's forward is outside the rules, or ''."""
     cls = arch.extra.get("model_class")
-    if cls is not None and "LMHead" not in str(cls) and "CausalLM" not in str(cls):
+    lm = ("LMHead", "CausalLM", "MaskedLM")
+    if cls is not None and not any(k in str(cls) for k in lm):
         return (
             f"activations not modelled for {cls}: memplan models causal-LM heads and their "
-            "loss only."
+            "loss (or BERT's masked-LM head) only."
         )
     if arch.extra.get("add_cross_attention"):
         return "activations not modelled: cross-attention layers."
@@ -89,5 +139,42 @@ __all__ = [
     "Saved",
     "Setting",
     "modelled_families",
+    "for_spec",
     "predict",
+    "setting_of",
+    "to_json",
 ]
+
+
+def to_json(saved: Activations) -> dict[str, Any]:
+    """The `activations` section of `memplan estimate --json`."""
+    return {
+        "modelled": saved.modelled,
+        "bytes": saved.bytes,
+        "host_bytes": saved.host_bytes,
+        "logits_bytes": saved.logits_bytes,
+        "loss_upcast_bytes": saved.upcast_bytes,
+        "blocks": [
+            {
+                "name": b.name,
+                "count": b.count,
+                "bytes_each": b.bytes_each,
+                "bytes": b.bytes,
+                "recompute_bytes": b.recompute_bytes,
+                "on_host": b.on_host,
+                "tensors": [
+                    {
+                        "name": t.name,
+                        "shape": list(t.shape),
+                        "dtype": t.dtype,
+                        "bytes": t.bytes,
+                        "saved_by": t.saved_by,
+                        "source": t.source,
+                    }
+                    for t in b.tensors
+                ],
+            }
+            for b in saved.blocks
+        ],
+        "notes": list(saved.notes),
+    }

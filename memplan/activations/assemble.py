@@ -39,6 +39,10 @@ class Model:
     vocab: int
     hidden: int
     num_layers: int
+    loss_dtype: str = kernels.FP32
+    """Dtype of the log-softmax the loss saves (transformers' LM losses upcast to fp32)."""
+    upcast: bool = True
+    """The loss makes an fp32 copy of the logits first (`logits.float()`)."""
     notes: tuple[str, ...] = ()
 
 
@@ -100,14 +104,20 @@ def finish(model: Model, st: Setting) -> Activations:
     if st.offload and st.checkpointing != "full":
         notes.append("activation offload applies to checkpointed layer inputs only: ignored.")
     logits_bytes = t * model.vocab * dtype_bytes(st.matmul)
-    upcast = 0 if st.matmul == kernels.FP32 else t * model.vocab * dtype_bytes(kernels.FP32)
+    upcast = 0
+    if model.upcast and st.matmul != kernels.FP32:
+        upcast = t * model.vocab * dtype_bytes(kernels.FP32)
     return Activations(
         modelled=True,
         blocks=(
             Block(name="embeddings", count=1, tensors=embeddings),
             layers,
             Block(name="head", count=1, tensors=model.head),
-            Block(name="loss", count=1, tensors=tuple(kernels.causal_lm_loss(t, model.vocab))),
+            Block(
+                name="loss",
+                count=1,
+                tensors=tuple(kernels.causal_lm_loss(t, model.vocab, model.loss_dtype)),
+            ),
         ),
         logits_bytes=logits_bytes,
         upcast_bytes=upcast,

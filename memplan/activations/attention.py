@@ -74,6 +74,9 @@ class Qkv:
     """True when q, k and v are views of one projection output (GPT-2 `c_attn`)."""
     mask: bool = False
     """True when transformers passes an explicit mask to SDPA (a sliding window is active)."""
+    q_contiguous: bool = False
+    """True when q is laid out [b, a, s, d] in memory (GPT-NeoX's `cat`), False when it is a
+    transposed view of [b, s, a, d] (the projections' layout, kept by RoPE's elementwise ops)."""
 
 
 def sdpa_kernel(st: Setting, h: Heads, *, gqa: bool, mask: bool, dropout_on: bool) -> SdpaKernel:
@@ -109,13 +112,15 @@ def eager(
     qkv: Qkv,
     *,
     softmax_fp32: bool,
-    convert_to_query: bool,
+    convert_to_query: bool | None,
     dropout_on: bool,
     source: str,
+    mask_added: bool = True,
 ) -> Core:
     """An `eager_attention_forward` (llama-style: `softmax(..., dtype=float32).to(query.dtype)`;
-    gpt2-style: `softmax(...).type(value.dtype)`). The causal mask (dtype: the stream's) is added
-    to the scores, so the scores are promote(matmul, stream).
+    gpt2-style: `softmax(...).type(value.dtype)`; bert-style (`convert_to_query` None): no
+    conversion). The causal mask (dtype: the stream's) is added to the scores, so the scores
+    are promote(matmul, stream); a bidirectional model without padding gets no mask.
 
     Saved: q and k^T reshaped for the batched matmul (copies: both are transposed views),
     the softmax output, the tensor the second matmul reads (when it is a new tensor),
@@ -128,14 +133,14 @@ def eager(
         _mm_copy("attn.query", (b * a, s, d), st, "BmmBackward0", source),
         _mm_copy("attn.key_t", (b * a, d, s), st, "BmmBackward0", source),
     ]
-    scores = promote(st.matmul, st.stream)
+    scores = promote(st.matmul, st.stream) if mask_added else st.matmul
     if softmax_fp32:
         probs = FP32
     else:
         # softmax is on CUDA autocast's fp32 list (autocast_mode.cpp); not on CPU's.
         probs = FP32 if st.autocast and st.device == "cuda" else scores
     out.append(saved("attn.softmax", (b, a, s, s), probs, "SoftmaxBackward0", DERIV))
-    x = qkv.q if convert_to_query else qkv.v
+    x = probs if convert_to_query is None else qkv.q if convert_to_query else qkv.v
     x_new = x != probs
     if dropout_on:
         out.append(dropout("attn.dropout_mask", (b, a, s, s), x, st))
@@ -183,10 +188,15 @@ def sdpa(st: Setting, h: Heads, qkv: Qkv, *, dropout_on: bool) -> Core:
     if kernel == "efficient":
         lse_len = -(-s // EFFICIENT_LSE_ALIGN) * EFFICIENT_LSE_ALIGN
     out.append(saved("attn.logsumexp", (b, a, lse_len), FP32, by, src))
-    # The output is [b, s, a, d] in memory; transformers' transpose(1, 2).contiguous() is a
-    # no-op and o_proj saves this same storage.
-    out.append(saved("attn.output", (b, a, s, d), st.matmul, by, src))
-    return Core(core=tuple(out[:-1]), inputs=_inputs(h, qkv, st), output=(out[-1],))
+    output = saved("attn.output", (b, a, s, d), st.matmul, by, src)
+    if st.device == "cpu" and qkv.q_contiguous:
+        # The CPU kernel lays its output out like q: [b, a, s, d], so transformers'
+        # transpose(1, 2).contiguous() copies it for o_proj (measured).
+        o_in = _mm_copy("o_proj.input", (h.tokens, a * d), st, "MmBackward0", SRC_SDPA_HF)
+        return Core(core=(*out, output), inputs=_inputs(h, qkv, st), output=(o_in,))
+    # The output is [b, s, a, d] in memory (CUDA kernels always work in that layout), so
+    # transformers' transpose(1, 2).contiguous() is a no-op and o_proj saves this storage.
+    return Core(core=tuple(out), inputs=_inputs(h, qkv, st), output=(output,))
 
 
 def _sdpa_math(st: Setting, h: Heads, qkv: Qkv, *, dropout_on: bool) -> Core:
@@ -206,7 +216,7 @@ def _sdpa_math(st: Setting, h: Heads, qkv: Qkv, *, dropout_on: bool) -> Core:
     if dropout_on:
         out.append(dropout("attn.dropout_mask", (b, a, s, s), up, st))
         out.append(saved("attn.probs_dropped", (b * a, s, s), up, by, SRC_MATH))
-    out.append(saved("attn.value", (b * a, s, d), up, by, SRC_MATH))
+    out.append(saved("attn.value_bmm", (b * a, s, d), up, by, SRC_MATH))
     o_in = _mm_copy("o_proj.input", (h.tokens, a * d), st, "MmBackward0", SRC_SDPA_HF)
     return Core(core=tuple(out), inputs=_inputs(h, qkv, st), output=(o_in,))
 

@@ -19,18 +19,21 @@ DROPOUT_DEFAULT = 0.1
 DROPOUT_KEYS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
 
 
-def mlp_act(prefix: str, tokens: int, width: int, act: str, st: Setting) -> list[Saved] | None:
-    """The MLP activation and `mlp.c_proj`'s input (None: no rule for `act`)."""
+def mlp_act(
+    prefix: str, tokens: int, width: int, act: str, st: Setting, *, out_name: str = "mlp.c_proj"
+) -> list[Saved] | None:
+    """The MLP activation and the input of the linear after it, `out_name` (None: no rule
+    for `act`)."""
     mm = st.matmul
     if act == "gelu_new":
         out = kernels.gelu_new(prefix, tokens, width, mm, st)
         return out + kernels.linear_inputs(
-            ["mlp.c_proj"], tokens, width, kernels.gelu_new_out(mm, st), st
+            [out_name], tokens, width, kernels.gelu_new_out(mm, st), st
         )
     saves_input = kernels.act_saves_input(act)
     if saves_input is None:
         return None
-    c_proj = kernels.linear_inputs(["mlp.c_proj"], tokens, width, mm, st)
+    c_proj = kernels.linear_inputs([out_name], tokens, width, mm, st)
     if not saves_input:
         return c_proj  # relu saves its output: the same storage c_proj saves
     return [kernels.saved(f"{prefix}.input", (tokens, width), mm, "GeluBackward0", SRC), *c_proj]

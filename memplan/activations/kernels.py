@@ -74,9 +74,12 @@ def rms_norm_out(x_dtype: str, st: Setting) -> str:
 
 def layer_norm_stats_dtype(st: Setting, x_dtype: str) -> str:
     """mean and rstd of `native_layer_norm`: fp32 on CUDA (cuda/layer_norm_kernel.cu::
-    layer_norm_cuda allocates them in the accumulate type), the input dtype on CPU
-    (layer_norm.cpp::layer_norm_cpu: `at::empty({M}, X->options())`)."""
-    return FP32 if st.device == "cuda" else x_dtype
+    layer_norm_cuda allocates them in the accumulate type); on CPU the input dtype
+    (layer_norm.cpp::layer_norm_cpu), fp32 when a 16-bit input meets fp32 weights (the
+    mixed-type path, e.g. an autocast bf16 tensor into an fp32 LayerNorm; measured)."""
+    if st.device == "cuda" or x_dtype != st.stream:
+        return FP32
+    return x_dtype
 
 
 def layer_norm_dtype(st: Setting, x_dtype: str) -> str:
@@ -168,17 +171,18 @@ def gelu_new_out(x_dtype: str, st: Setting) -> str:
 # --- the loss --------------------------------------------------------------------------------
 
 
-def causal_lm_loss(tokens: int, vocab: int) -> list[Saved]:
+def causal_lm_loss(tokens: int, vocab: int, dtype: str = FP32) -> list[Saved]:
     """transformers loss/loss_utils.py::ForCausalLMLoss: `logits.float()`, labels shifted by
     one (`pad(labels, (0, 1))[..., 1:].contiguous()`), `cross_entropy(reduction="mean")`.
 
     cross_entropy = log_softmax + nll_loss: log_softmax saves its fp32 result [tokens, vocab]
     (derivatives.yaml _log_softmax: result), nll_loss saves that again (same storage), the int64
     targets [tokens] and the 0-dim fp32 total_weight (derivatives.yaml nll_loss_forward).
+    Losses that do not upcast (BERT's CrossEntropyLoss on the scores) keep `dtype`.
     """
     src = "transformers loss/loss_utils.py::ForCausalLMLoss; " + DERIV
     return [
-        saved("log_softmax", (tokens, vocab), FP32, "LogSoftmaxBackward0", src),
+        saved("log_softmax", (tokens, vocab), dtype, "LogSoftmaxBackward0", src),
         saved("targets", (tokens,), INT64, "NllLossBackward0", src),
-        saved("total_weight", (), FP32, "NllLossBackward0", src),
+        saved("total_weight", (), dtype, "NllLossBackward0", src),
     ]

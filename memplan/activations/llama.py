@@ -1,4 +1,5 @@
-"""Saved tensors of the Llama family (llama, mistral, qwen2, qwen3) in transformers 5.24.
+"""Saved tensors of the Llama family (llama, mistral, qwen2, qwen3, and mixtral's MoE layer)
+in transformers 5.24.
 
 `LlamaForCausalLM`: embed_tokens -> rotary cos/sin -> layers (input_layernorm, q/k/v_proj,
 [qwen3: q_norm/k_norm], RoPE, attention core, o_proj, residual, post_attention_layernorm,
@@ -37,6 +38,52 @@ def gated_mlp(prefix: str, tokens: int, inter: int, act: str, st: Setting) -> li
     return out
 
 
+SRC_MOE = "transformers integrations/moe.py::grouped_mm_experts_forward"
+
+
+def sparse_moe(
+    prefix: str, tokens: int, arch: Architecture, x_dtype: str, st: Setting
+) -> list[Saved]:
+    """`MixtralSparseMoeBlock` with transformers' default experts implementation,
+    `grouped_mm` (modeling_utils.py::get_correct_experts_implementation).
+
+    Router (modeling_mixtral.py::MixtralTopKRouter): F.linear saves its input, softmax of the
+    fp32 logits saves [tokens, E] fp32, topk saves int64 indices, the in-place renormalisation
+    saves the top-k values and their sum. Experts, over S = tokens x top_k (token, expert)
+    pairs sorted by expert: two int64 gather indices, the int32 group offsets, the gathered
+    input [S, hidden], the gate_up output [S, 2 x inter] (silu's input, a view of it, and the
+    up half), the act output and the product [S, inter], the routing weights [S, 1] fp32 and
+    the down output [S, hidden] of the weighting multiply, the inverse permutation.
+    `torch._grouped_mm` is not on CPU autocast's lists: under autocast the experts run in the
+    stream dtype (measured; CUDA autocast not measured).
+    """
+    e, k, h = arch.num_experts, arch.num_experts_per_token, arch.hidden_size
+    inter = int(arch.extra.get("moe_intermediate_size", arch.intermediate_size))
+    pairs = tokens * k
+    x = st.stream
+    out = kernels.linear_inputs([f"{prefix}.gate"], tokens, h, x_dtype, st)
+    out += kernels.weight_casts([(f"{prefix}.gate", (e, h))], st)
+
+    def add(name: str, shape: tuple[int, ...], dtype: str, by: str) -> None:
+        out.append(kernels.saved(f"{prefix}.{name}", shape, dtype, by, SRC_MOE))
+
+    add("router.softmax", (tokens, e), kernels.FP32, "SoftmaxBackward0")
+    add("router.topk_indices", (tokens, k), kernels.INT64, "TopkBackward0")
+    add("router.topk_values", (tokens, k), kernels.FP32, "DivBackward0")
+    add("router.topk_sum", (tokens, 1), kernels.FP32, "DivBackward0")
+    add("experts.token_index", (pairs,), kernels.INT64, "IndexBackward0")
+    add("experts.perm", (pairs,), kernels.INT64, "IndexBackward0")
+    add("experts.offsets", (e,), "int32", "GroupedMmBackward0")
+    add("experts.input", (pairs, h), x, "GroupedMmBackward0")
+    add("experts.gate_up_output", (pairs, 2 * inter), x, "SiluBackward0")
+    add("experts.act_output", (pairs, inter), x, "MulBackward0")
+    add("experts.down_input", (pairs, inter), x, "GroupedMmBackward0")
+    add("experts.routing_weights", (pairs, 1), kernels.FP32, "MulBackward0")
+    add("experts.down_output", (pairs, h), x, "MulBackward0")
+    add("experts.inverse_perm", (pairs,), kernels.INT64, "IndexBackward0")
+    return out
+
+
 def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     """The Llama-family model's saved tensors, or why they are not modelled."""
     x = arch.extra
@@ -60,15 +107,18 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     layer += kernels.linear_inputs(
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], t, h, normed, st
     )
+    mlp_weights = [
+        ("mlp.gate_proj", (inter, h)),
+        ("mlp.up_proj", (inter, h)),
+        ("mlp.down_proj", (h, inter)),
+    ]
     layer += kernels.weight_casts(
         [
             ("self_attn.q_proj", (a * d, h)),
             ("self_attn.k_proj", (kv * d, h)),
             ("self_attn.v_proj", (kv * d, h)),
             ("self_attn.o_proj", (h, a * d)),
-            ("mlp.gate_proj", (inter, h)),
-            ("mlp.up_proj", (inter, h)),
-            ("mlp.down_proj", (h, inter)),
+            *([] if arch.num_experts else mlp_weights),
         ],
         st,
     )
@@ -95,13 +145,18 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
         core = attention.sdpa(st, heads, qkv, dropout_on=drop_attn)
     post = promote(st.stream, mm)  # residual + o_proj output
     tail = kernels.rms_norm("post_attention_layernorm", t, h, post, st)
-    tail += kernels.linear_inputs(
-        ["mlp.gate_proj", "mlp.up_proj"], t, h, kernels.rms_norm_out(post, st), st
-    )
-    mlp = gated_mlp("mlp", t, inter, act, st)
-    if mlp is None:
-        return f"hidden_act {act!r} has no activation rule"
-    tail += mlp
+    if arch.num_experts:
+        if act not in ("silu", "swish"):
+            return f"MoE hidden_act {act!r} has no activation rule"
+        tail += sparse_moe("mlp", t, arch, kernels.rms_norm_out(post, st), st)
+    else:
+        tail += kernels.linear_inputs(
+            ["mlp.gate_proj", "mlp.up_proj"], t, h, kernels.rms_norm_out(post, st), st
+        )
+        mlp = gated_mlp("mlp", t, inter, act, st)
+        if mlp is None:
+            return f"hidden_act {act!r} has no activation rule"
+        tail += mlp
 
     embeddings = [kernels.embedding_indices("embed_tokens.indices", (b, s))]
     # LlamaRotaryEmbedding.forward returns cos, sin [1, s, d] in the embeddings' dtype; the

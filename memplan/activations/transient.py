@@ -1,0 +1,315 @@
+"""Transient buffers and overheads of a training step: named terms, each with its source and
+the phases of the step in which it is alive (see memplan.timeline).
+
+Not activations, but they live here beside them: they are what the step allocates on top of the
+model states (memplan.sharding) and the saved tensors (memplan.activations).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from memplan.models.inventory import Inventory, TensorSpec
+from memplan.precision import dtype_bytes
+
+Phase = Literal[
+    "start", "forward", "loss", "backward_start", "backward", "backward_end", "optimizer_step"
+]
+PHASES: tuple[Phase, ...] = (
+    "start",
+    "forward",
+    "loss",
+    "backward_start",
+    "backward",
+    "backward_end",
+    "optimizer_step",
+)
+ALWAYS: tuple[Phase, ...] = PHASES
+FORWARD_BACKWARD: tuple[Phase, ...] = ("forward", "loss", "backward_start", "backward")
+BACKWARD: tuple[Phase, ...] = ("backward_start", "backward", "backward_end")
+
+# DeepSpeed zero_optimization defaults (deepspeed/runtime/zero/config.py::DeepSpeedZeroConfig,
+# 0.19.6; see notes/deepspeed-zero.md): sizes in elements.
+DS_REDUCE_BUCKET_SIZE = 500_000_000
+DS_PREFETCH_BUCKET_SIZE = 50_000_000
+DS_MAX_LIVE_PARAMETERS = 1_000_000_000
+# torch DDP: bucket_cap_mb=25 (torch/nn/parallel/distributed.py::DistributedDataParallel).
+DDP_BUCKET_CAP_MB = 25
+# c10/cuda/CUDACachingAllocator.cpp: every block is rounded up to kMinBlockSize = 512 bytes;
+# requests <= kSmallSize (1 MiB) come from 2 MiB segments (kSmallBuffer), requests below
+# kMinLargeAlloc (10 MiB) from 20 MiB segments (kLargeBuffer), larger ones get a segment of
+# their own rounded up to kRoundLarge (2 MiB).
+ALLOCATOR_BLOCK = 512
+SMALL_SIZE = 1 << 20
+SMALL_SEGMENT = 2 << 20
+LARGE_SEGMENT = 20 << 20
+MIN_LARGE_ALLOC = 10 << 20
+ROUND_LARGE = 2 << 20
+# The CUDA context (driver state, kernel images, cuBLAS/cuDNN handles) outside the caching
+# allocator: not in torch.cuda.memory_reserved() but not usable either. An assumption, not a
+# measurement: a few hundred MiB with lazy module loading (CUDA_MODULE_LOADING=LAZY, the default
+# since CUDA 11.7 / torch 2.x). Override with hardware.cuda_context (nvidia-smi's used memory
+# minus torch.cuda.memory_reserved() on an idle process).
+CUDA_CONTEXT_BYTES = 512 << 20
+# Optimizers whose foreach/for-loop step makes a temporary per updated element (a sqrt of the
+# second moment or a variance estimate): torch/optim/{adam,adamw,nadam,radam,adamax,adagrad,
+# rmsprop,_adafactor}.py. SGD without nesterov updates in place.
+ADAPTIVE = frozenset(
+    {"adam", "adamw", "nadam", "radam", "adamax", "adagrad", "rmsprop", "adafactor"}
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Transient:
+    """One transient buffer or overhead."""
+
+    name: str
+    bytes: int
+    phases: tuple[Phase, ...]
+    """The phases of the step in which it is alive."""
+    formula: str
+    source: str
+
+
+def round_block(n_bytes: int) -> int:
+    """`n_bytes` as the CUDA caching allocator hands it out (a multiple of 512 bytes)."""
+    return -(-max(n_bytes, 1) // ALLOCATOR_BLOCK) * ALLOCATOR_BLOCK
+
+
+def rounding(sizes: Iterable[int]) -> int:
+    """Bytes the 512-byte rounding adds over `sizes` (one allocation each)."""
+    return sum(round_block(n) - n for n in sizes if n > 0)
+
+
+def segment_bytes(sizes: Iterable[int]) -> int:
+    """What `torch.cuda.memory_reserved()` needs at least to hold blocks of `sizes` at once:
+    large blocks in their own segments rounded to 2 MiB, medium ones packed into 20 MiB
+    segments, small ones into 2 MiB segments (allocator constants above; perfect packing, so
+    a lower bound: fragmentation and blocks cached from earlier phases come on top)."""
+    large = small = medium = 0
+    for n in sizes:
+        block = round_block(n)
+        if block <= SMALL_SIZE:
+            small += block
+        elif block < MIN_LARGE_ALLOC:
+            medium += block
+        else:
+            large += -(-block // ROUND_LARGE) * ROUND_LARGE
+    return large + _segments(medium, LARGE_SEGMENT) + _segments(small, SMALL_SEGMENT)
+
+
+def _segments(n_bytes: int, segment: int) -> int:
+    return -(-n_bytes // segment) * segment
+
+
+def ddp_buckets(grad_bytes: int, *, as_bucket_view: bool) -> Transient | None:
+    """torch DDP copies every gradient into flat allreduce buckets allocated once, at
+    construction, for all parameters (bucket_cap_mb, default 25 MiB, sets their number, not
+    their total): a second gradient-sized buffer, alive for the whole run. Source:
+    torch/csrc/distributed/c10d/reducer.cpp::Reducer::initialize_buckets and the
+    DistributedDataParallel docstring (`gradient_as_bucket_view=True` "can reduce peak memory
+    usage, where the saved memory size will be equal to the total gradients size")."""
+    if as_bucket_view or grad_bytes == 0:
+        return None
+    return Transient(
+        name="ddp_gradient_buckets",
+        bytes=grad_bytes,
+        phases=ALWAYS,
+        formula=f"{grad_bytes:,} B: one copy of every gradient ({DDP_BUCKET_CAP_MB} MiB buckets)",
+        source="torch/csrc/distributed/c10d/reducer.cpp::Reducer::initialize_buckets",
+    )
+
+
+def deepspeed_ipg_bucket(
+    *, stage: int, reduce_bucket_size: int, dtype: str, overlap_comm: bool | None
+) -> Transient | None:
+    """DeepSpeed's reduction (IPG) bucket: `torch.empty(reduce_bucket_size, dtype)`.
+
+    Stage 1/2 (stage_1_and_2.py::setup_buckets): allocated at the first gradient hook of a
+    backward, released at its epilogue, doubled with overlap_comm (default off for 1/2).
+    Stage 3 (stage3.py::DeepSpeedZeroOptimizer_Stage3): allocated at init and kept; in the
+    communication dtype. Stage 0 has none (the engine all-reduces flat buffers).
+    """
+    if stage == 0:
+        return None
+    overlap = overlap_comm if overlap_comm is not None else stage == 3
+    copies = 2 if overlap and stage < 3 else 1
+    n_bytes = copies * reduce_bucket_size * dtype_bytes(dtype)
+    phases = ALWAYS if stage == 3 else BACKWARD
+    where = "stage3.py (at init)" if stage == 3 else "stage_1_and_2.py::setup_buckets"
+    return Transient(
+        name="deepspeed_reduce_bucket",
+        bytes=n_bytes,
+        phases=phases,
+        formula=f"{copies} x reduce_bucket_size {reduce_bucket_size:,} x "
+        f"{dtype_bytes(dtype)} B ({dtype})",
+        source=f"deepspeed/runtime/zero/{where} (0.19.6)",
+    )
+
+
+def module_sizes(inventory: Inventory) -> tuple[int, int]:
+    """(elements of the largest decoder layer, of the largest tensor outside the layers)."""
+    return _largest_layer(inventory.parameters), _largest_root(inventory.parameters)
+
+
+def zero3_live_parameters(
+    modules: tuple[int, int], *, dtype: str, prefetch_bucket_size: int, max_live_parameters: int
+) -> Transient:
+    """ZeRO-3 gathers each module's parameters for its forward and backward, prefetching up to
+    stage3_prefetch_bucket_size elements ahead, never holding more than
+    stage3_max_live_parameters. Alive: the largest module (a decoder layer, or the embedding /
+    LM head) plus one prefetch bucket, capped. Source: deepspeed/runtime/zero/
+    partitioned_param_coordinator.py::PartitionedParameterCoordinator.fetch_sub_module (0.19.6)."""
+    biggest = max(modules)
+    live = min(biggest + prefetch_bucket_size, max(max_live_parameters, biggest))
+    return Transient(
+        name="zero3_gathered_parameters",
+        bytes=live * dtype_bytes(dtype),
+        phases=FORWARD_BACKWARD,
+        formula=f"min({biggest:,} (largest module) + {prefetch_bucket_size:,} prefetch, "
+        f"max_live {max_live_parameters:,}) elements x {dtype_bytes(dtype)} B ({dtype})",
+        source="deepspeed/runtime/zero/partitioned_param_coordinator.py (0.19.6)",
+    )
+
+
+def fsdp2_blocks(inventory: Inventory, world: int) -> tuple[int, int, int]:
+    """(root elements, largest block, all blocks) of the unsharded, padded parameters."""
+    layers: dict[int, int] = {}
+    root = 0
+    for t in inventory.parameters:
+        padded = _padded(t, world)
+        if t.layer is None:
+            root += padded
+        else:
+            layers[t.layer] = layers.get(t.layer, 0) + padded
+    return root, max(layers.values(), default=0), sum(layers.values())
+
+
+def fsdp2_unsharded(
+    blocks: tuple[int, int, int], *, world: int, dtype: str, grad_dtype: str, reshard: bool
+) -> list[Transient]:
+    """FSDP2 all-gathers a block's parameters (padded to ceil(dim0 / world) rows per rank) in
+    MixedPrecisionPolicy.param_dtype before it runs and prefetches the next block, so two
+    blocks are unsharded in forward and backward; backward also holds the block's unsharded
+    gradients for the reduce-scatter. The root module (embeddings, final norm, LM head) is
+    never resharded after forward (fully_shard docstring: the root's reshard_after_forward is
+    set to False), and with reshard_after_forward=False (ZeRO-2) no block is. Source:
+    torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py (2.13)."""
+    src = "torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py (2.13)"
+    root, block, total = blocks
+    width = dtype_bytes(dtype)
+    out = [
+        Transient(
+            name="fsdp2_unsharded_root",
+            bytes=root * width,
+            phases=("forward", "loss", "backward_start", "backward"),
+            formula=f"{root:,} root elements (padded) x {width} B ({dtype})",
+            source=src,
+        )
+    ]
+    if reshard:
+        out.append(
+            Transient(
+                name="fsdp2_unsharded_blocks",
+                bytes=2 * block * width,
+                phases=FORWARD_BACKWARD,
+                formula=f"2 blocks (running + prefetched) x {block:,} elements x {width} B",
+                source=src,
+            )
+        )
+    else:
+        out.append(
+            Transient(
+                name="fsdp2_unsharded_blocks",
+                bytes=total * width,
+                phases=FORWARD_BACKWARD,
+                formula=f"every block kept unsharded: {total:,} elements x {width} B",
+                source=src,
+            )
+        )
+    out.append(
+        Transient(
+            name="fsdp2_unsharded_block_grads",
+            bytes=block * dtype_bytes(grad_dtype),
+            phases=("backward",),
+            formula=f"{block:,} elements x {dtype_bytes(grad_dtype)} B ({grad_dtype}): "
+            "reduce-scatter input",
+            source="torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py::foreach_reduce",
+        )
+    )
+    return out
+
+
+def torch_optimizer_step(
+    *, name: str, implementation: str, updated: int, largest: int, dtype: str
+) -> Transient | None:
+    """Temporaries of a torch.optim step (torch/optim/adam.py, 2.13, and the other adaptive
+    optimizers): foreach makes one full list of temporaries (`_foreach_sqrt(exp_avg_sqs)`,
+    `updated` elements); the for-loop makes two of the largest tensor at a time
+    (`(exp_avg_sq.sqrt() / bias_correction2_sqrt)`); fused kernels make none. Field notes
+    (fake-tensor Llama-7B step): foreach about one parameter-sized copy, for-loop ~0.5 GB."""
+    if name not in ADAPTIVE or implementation == "fused":
+        return None
+    if implementation == "foreach":
+        elems, formula = updated, f"{updated:,} updated elements (one foreach list)"
+    else:
+        elems, formula = 2 * largest, f"2 x {largest:,} (largest tensor, for-loop)"
+    return Transient(
+        name="optimizer_step_temporaries",
+        bytes=elems * dtype_bytes(dtype),
+        phases=("optimizer_step",),
+        formula=f"{formula} x {dtype_bytes(dtype)} B ({dtype})",
+        source=f"torch/optim/{name}.py::_multi_tensor_/_single_tensor_ (2.13)",
+    )
+
+
+def master_gradients(elements: int, dtype: str) -> Transient:
+    """A torch optimizer over fp32 master weights (a *-mixed recipe without DeepSpeed or
+    Megatron) needs fp32 gradients: each 16-bit `.grad` is cast into its master's `.grad` for
+    the step and dropped after it (memplan/verify/build.py::MasterWeights.step, the pattern of
+    apex amp O2's master params)."""
+    return Transient(
+        name="master_gradients",
+        bytes=elements * dtype_bytes(dtype),
+        phases=("optimizer_step",),
+        formula=f"{elements:,} master elements x {dtype_bytes(dtype)} B ({dtype})",
+        source="memplan/verify/build.py::MasterWeights.step",
+    )
+
+
+def deepspeed_step_grads(*, stage: int, partition: int, sub_group: int, grad: str) -> Transient:
+    """DeepSpeed converts this rank's gradient partition to fp32 for the optimizer, one group
+    (stage 1/2) or sub-group (stage 3) at a time: a flattened 16-bit copy plus its fp32 cast.
+    Source: stage_1_and_2.py::DeepSpeedZeroOptimizer.step, stage3.py::
+    _prepare_fp32_grad_for_sub_group (0.19.6)."""
+    elems = min(partition, sub_group) if stage == 3 else partition
+    per = dtype_bytes(grad) + dtype_bytes("fp32") if grad != "fp32" else 0
+    return Transient(
+        name="deepspeed_fp32_gradient_partition",
+        bytes=elems * per,
+        phases=("optimizer_step",),
+        formula=f"{elems:,} elements x ({dtype_bytes(grad)} + 4) B"
+        if per
+        else "gradients already fp32: no copy",
+        source="deepspeed/runtime/zero/stage_1_and_2.py::step, stage3.py (0.19.6)",
+    )
+
+
+def _padded(t: TensorSpec, world: int) -> int:
+    if not t.shape or not t.shape[0]:
+        return t.numel
+    return -(-t.shape[0] // world) * (t.numel // t.shape[0])
+
+
+def _largest_layer(params: Iterable[TensorSpec]) -> int:
+    sizes: dict[int, int] = {}
+    for t in params:
+        if t.layer is not None:
+            sizes[t.layer] = sizes.get(t.layer, 0) + t.numel
+    return max(sizes.values(), default=0)
+
+
+def _largest_root(params: Iterable[TensorSpec]) -> int:
+    return max((t.numel for t in params if t.layer is None), default=0)

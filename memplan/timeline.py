@@ -1,0 +1,488 @@
+"""One training step as a timeline: bytes alive on the most-loaded GPU at each phase, by
+category, and the peak.
+
+Phases of a steady-state step (step >= 2: optimizer states exist; gradients were freed by
+`zero_grad(set_to_none=True)`, torch's default since 2.0):
+  start           model states at rest
+  forward         end of the last layer's forward: every layer's saved tensors
+  loss            logits, their fp32 upcast and the log-softmax the loss saves
+  backward_start  the loss's backward: two [tokens, vocab] fp32 gradients
+  backward        first decoder layer's backward: the head's gradients, one recomputed layer
+  backward_end    every gradient, no activations
+  optimizer_step  the optimizer's temporaries
+Memory alive grows and shrinks linearly between these points (layers free their activations
+one by one while gradients appear), so the peak of the step is at one of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, cast
+
+from memplan.activations import Activations
+from memplan.activations import transient as tr
+from memplan.activations.transient import PHASES, Phase, Transient
+from memplan.models.inventory import Inventory
+from memplan.precision import dtype_bytes
+from memplan.sharding import RankStates
+from memplan.spec import Spec
+
+T = TypeVar("T")
+Category = Literal[
+    "parameters", "gradients", "optimizer_states", "buffers", "activations", "transient"
+]
+CATEGORIES: tuple[Category, ...] = (
+    "parameters",
+    "gradients",
+    "optimizer_states",
+    "buffers",
+    "activations",
+    "transient",
+)
+LABELS: dict[Phase, str] = {
+    "start": "after init",
+    "forward": "forward",
+    "loss": "at the loss",
+    "backward_start": "backward (loss)",
+    "backward": "backward (layers)",
+    "backward_end": "backward end",
+    "optimizer_step": "optimizer step",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Point:
+    """Bytes alive at one phase of the step."""
+
+    phase: Phase
+    by_category: tuple[tuple[Category, int], ...]
+    transients: tuple[str, ...]
+    """Names of the transient terms alive."""
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.phase]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(n for _, n in self.by_category)
+
+    def of(self, category: Category) -> int:
+        return dict(self.by_category)[category]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeline:
+    points: tuple[Point, ...]
+    transients: tuple[Transient, ...]
+    cuda_context_bytes: int
+    """CUDA context outside the allocator (0 on CPU)."""
+    reserved_bytes: int | None
+    """What torch.cuda.memory_reserved() likely shows at the peak (None on CPU)."""
+    capacity_bytes: int | None
+
+    @property
+    def peak(self) -> Point:
+        """The phase with the most bytes alive (the earliest on a tie)."""
+        return max(self.points, key=lambda p: (p.total_bytes, -PHASES.index(p.phase)))
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak.total_bytes
+
+    @property
+    def usable_bytes(self) -> int | None:
+        """GPU memory left after the CUDA context and the allocator's reserved segments."""
+        if self.capacity_bytes is None:
+            return None
+        used = self.reserved_bytes if self.reserved_bytes is not None else self.peak_bytes
+        return self.capacity_bytes - self.cuda_context_bytes - used
+
+    def transient_at(self, phase: Phase) -> tuple[Transient, ...]:
+        return tuple(t for t in self.transients if phase in t.phases)
+
+
+_MEMO: dict[tuple[int, Hashable], tuple[Inventory, Any]] = {}
+_MEMO_SIZE = 256
+
+
+def memo(inventory: Inventory, key: Hashable, compute: Callable[[], T]) -> T:
+    """`compute()` cached per inventory object and `key`: plan evaluates thousands of layouts
+    of one inventory, and the per-tensor sums below need not be redone for each. Pure (the
+    value depends only on the frozen inventory and the key)."""
+    slot = (id(inventory), key)
+    hit = _MEMO.get(slot)
+    if hit is not None and hit[0] is inventory:
+        return cast(T, hit[1])
+    value = compute()
+    if len(_MEMO) >= _MEMO_SIZE:
+        _MEMO.clear()
+    _MEMO[slot] = (inventory, value)
+    return value
+
+
+def _grad_phases(spec: Spec) -> tuple[Phase, ...]:
+    """When gradients are alive. DeepSpeed ZeRO-3 (`grad_partitions_flat_buffer`, zeroed, kept)
+    and Megatron (the DDP grad buffer) hold them for the whole run; gradient accumulation keeps
+    them across micro-batches; otherwise they appear in backward and go at zero_grad."""
+    par = spec.parallelism
+    if (par.engine == "deepspeed" and par.stage == 3) or par.engine == "megatron":
+        return PHASES
+    if spec.training.gradient_accumulation_steps > 1:
+        return PHASES[1:]
+    return ("backward", "backward_end", "optimizer_step")
+
+
+def _largest(inventory: Inventory) -> int:
+    return max((t.numel for t in inventory.parameters), default=0)
+
+
+def _head_fraction(inventory: Inventory) -> float:
+    """Share of the gradients that exist when the first decoder layer's backward starts:
+    the LM head and final norm (and the embedding, when the head is tied to it)."""
+    total = inventory.num_parameters
+    if not total:
+        return 0.0
+    tied = bool(inventory.tied)
+    head = sum(
+        t.numel
+        for t in inventory.parameters
+        if t.layer is None and (t.role != "embedding" or tied) and t.role != "position"
+    )
+    return head / total
+
+
+def transients(
+    spec: Spec, inventory: Inventory, per_gpu: RankStates, saved: Activations
+) -> list[Transient]:
+    """Every transient term of the step for `spec` (see memplan.activations.transient)."""
+    par = spec.parallelism
+    recipe = spec.recipe()
+    out: list[Transient | None] = []
+    grad_bytes = per_gpu.bytes_of("gradients")
+    if par.engine == "ddp" and par.data > 1:  # one process trains without a DDP wrapper
+        out.append(
+            tr.ddp_buckets(grad_bytes, as_bucket_view=bool(_knob(par, "gradient_as_bucket_view")))
+        )
+    if par.engine == "deepspeed":
+        ds = par.deepspeed
+        out.append(
+            tr.deepspeed_ipg_bucket(
+                stage=par.stage,
+                reduce_bucket_size=int(_knob(ds, "reduce_bucket_size", tr.DS_REDUCE_BUCKET_SIZE)),
+                dtype=recipe.gradients,
+                overlap_comm=_knob(ds, "overlap_comm"),
+            )
+        )
+        if par.stage == 3 and par.data > 1:
+            out.append(
+                tr.zero3_live_parameters(
+                    memo(inventory, "modules", lambda: tr.module_sizes(inventory)),
+                    dtype=recipe.parameters,
+                    prefetch_bucket_size=int(
+                        _knob(ds, "stage3_prefetch_bucket_size", tr.DS_PREFETCH_BUCKET_SIZE)
+                    ),
+                    max_live_parameters=int(
+                        _knob(ds, "stage3_max_live_parameters", tr.DS_MAX_LIVE_PARAMETERS)
+                    ),
+                )
+            )
+        partition = sum(t.elements for t in per_gpu.terms if t.name == "master_weights") or -(
+            -inventory.num_parameters // par.data
+        )
+        out.append(
+            tr.deepspeed_step_grads(
+                stage=par.stage,
+                partition=partition,
+                sub_group=ds.sub_group_size,
+                grad=recipe.gradient_accumulation or recipe.gradients,
+            )
+        )
+    if par.engine == "fsdp2" and par.data > 1:
+        out += tr.fsdp2_unsharded(
+            memo(inventory, ("fsdp2", par.data), lambda: tr.fsdp2_blocks(inventory, par.data)),
+            world=par.data,
+            dtype=recipe.parameters,
+            grad_dtype=recipe.gradients,
+            reshard=par.stage == 3,
+        )
+    if par.engine in ("ddp", "fsdp2"):
+        out.append(_optimizer_temporaries(spec, inventory, per_gpu))
+    if par.engine == "ddp" and recipe.master_weights and recipe.master_weights != recipe.gradients:
+        masters = sum(t.elements for t in per_gpu.terms if t.name == "master_weights")
+        out.append(tr.master_gradients(masters, recipe.master_weights))
+    out += _activation_transients(saved)
+    if saved.modelled:
+        out.append(_embedding_backward(inventory, saved, recipe.gradients))
+    if spec.hardware.device == "cuda":
+        out += _rounding(spec, inventory, saved)
+    return [t for t in out if t is not None and t.bytes > 0]
+
+
+def _optimizer_temporaries(
+    spec: Spec, inventory: Inventory, per_gpu: RankStates
+) -> Transient | None:
+    skip = {"step", "mu_product", "master_weights", "qmap1", "qmap2", "absmax1", "absmax2"}
+    states = [t.elements for t in per_gpu.terms if t.category == "optimizer_states"]
+    per_element = [
+        t.elements for t in per_gpu.terms if t.category == "optimizer_states" and t.name not in skip
+    ]
+    updated = max(per_element, default=0) or max(states, default=0)
+    shards = spec.parallelism.data if spec.parallelism.engine == "fsdp2" else 1
+    largest = -(-memo(inventory, "largest", lambda: _largest(inventory)) // shards)
+    return tr.torch_optimizer_step(
+        name=spec.optimizer.name,
+        implementation=spec.optimizer.implementation,
+        updated=updated,
+        largest=largest,
+        dtype=spec.recipe().optimizer_states,
+    )
+
+
+def _activation_transients(saved: Activations) -> list[Transient]:
+    """Tensors a step makes around its saved ones: the logits, the loss's fp32 upcast, the
+    gradient of the log-softmax (two [tokens, vocab] fp32 tensors at once: nll_loss_backward's
+    output and log_softmax_backward's), and working sets (an estimate: the op producing the
+    largest saved tensor of a layer has its input alive too; in backward, that tensor's
+    gradient and its input's, plus two hidden-state gradients)."""
+    if not saved.modelled:
+        return []
+    src = "transformers loss/loss_utils.py::ForCausalLMLoss; " + "tools/autograd/derivatives.yaml"
+    out = [
+        Transient(
+            name="logits",
+            bytes=saved.logits_bytes,
+            phases=("loss",),
+            formula="[tokens, vocab] in the matmul dtype (the model output; dropped before "
+            "backward, as transformers' Trainer.compute_loss does)",
+            source=src,
+        ),
+        Transient(
+            name="loss_fp32_upcast",
+            bytes=saved.upcast_bytes,
+            phases=("loss",),
+            formula="logits.float(): [tokens, vocab] x 4 B",
+            source=src,
+        ),
+        Transient(
+            name="logits_gradient",
+            bytes=2 * (saved.upcast_bytes or saved.logits_bytes),
+            phases=("backward_start",),
+            formula="2 x [tokens, vocab] x 4 B (nll_loss and log_softmax backward outputs)",
+            source=src,
+        ),
+    ]
+    layers = saved.block("layers")
+    if layers is not None:
+        inner = layers.recompute or layers.tensors
+        largest = max((t.bytes for t in inner), default=0)
+        out.append(
+            Transient(
+                name="forward_working_set",
+                bytes=2 * largest,
+                phases=("forward",),
+                formula=f"2 x {largest:,} B (a layer's largest saved tensor and its input)",
+                source="memplan estimate (checked by memplan verify's measured peak)",
+            )
+        )
+        out.append(
+            Transient(
+                name="backward_working_set",
+                bytes=2 * largest + 2 * saved.hidden_bytes + layers.recompute_bytes,
+                phases=("backward",),
+                formula=f"2 x {largest:,} B + 2 x {saved.hidden_bytes:,} B (hidden-state "
+                f"gradients) + {layers.recompute_bytes:,} B recomputed by checkpointing",
+                source="memplan estimate; recompute: torch/utils/checkpoint.py",
+            )
+        )
+    return out
+
+
+def _embedding_backward(inventory: Inventory, saved: Activations, grad: str) -> Transient:
+    """The last op of backward: the embedding's gradient is built from the hidden-state
+    gradient [tokens, hidden] (aten embedding_dense_backward: a zeroed [vocab, hidden] tensor
+    that becomes `.grad`). With the LM head tied to the embedding, `.grad` already holds the
+    head's gradient and accumulating the embedding's takes two more [vocab, hidden] tensors
+    (measured with torch MemTracker on CPU: GPT-2 peaks here)."""
+    arch = inventory.architecture
+    assert arch is not None  # saved.modelled
+    width = dtype_bytes(grad)
+    tied = 2 * arch.vocab_size * arch.hidden_size * width if inventory.tied else 0
+    return Transient(
+        name="embedding_backward",
+        bytes=saved.hidden_bytes + tied,
+        phases=("backward_end",),
+        formula=f"{saved.hidden_bytes:,} B hidden-state gradient"
+        + (
+            f" + 2 x [{arch.vocab_size}, {arch.hidden_size}] x {width} B (tied head)"
+            if tied
+            else ""
+        ),
+        source="aten native/Embedding.cpp::embedding_dense_backward_cpu; "
+        "torch/csrc/autograd/functions/accumulate_grad.h",
+    )
+
+
+def _rounding(spec: Spec, inventory: Inventory, saved: Activations) -> list[Transient]:
+    """The caching allocator's 512-byte blocks (tr.ALLOCATOR_BLOCK) over every saved tensor
+    and, for engines that keep one storage per parameter (ddp, fsdp2), over each parameter's
+    parameter, gradient and optimizer-state tensors (flat-buffer engines: negligible)."""
+    src = "c10/cuda/CUDACachingAllocator.cpp::round_size (kMinBlockSize = 512)"
+    acts = sum(
+        b.count * tr.rounding(t.bytes for t in b.tensors) for b in saved.blocks if not b.on_host
+    )
+    out = [
+        Transient(
+            name="allocator_rounding_activations",
+            bytes=acts,
+            phases=("forward", "loss", "backward_start", "backward"),
+            formula="sum over saved tensors of (round_up(bytes, 512) - bytes)",
+            source=src,
+        )
+    ]
+    if spec.parallelism.engine in ("ddp", "fsdp2"):
+        recipe = spec.recipe()
+        widths = [dtype_bytes(recipe.parameters), dtype_bytes(recipe.gradients)]
+        widths += [dtype_bytes(recipe.optimizer_states)] * 2
+        shards = spec.parallelism.data if spec.parallelism.engine == "fsdp2" else 1
+        states = memo(
+            inventory,
+            ("rounding", shards, tuple(widths)),
+            lambda: sum(
+                tr.rounding(-(-t.numel // shards) * w for w in widths) for t in inventory.parameters
+            ),
+        )
+        out.append(
+            Transient(
+                name="allocator_rounding_states",
+                bytes=states,
+                phases=PHASES,
+                formula="per parameter tensor: parameter, gradient and two state tensors "
+                "rounded up to 512 B",
+                source=src,
+            )
+        )
+    return out
+
+
+def _knob(section: Any, name: str, default: Any = None) -> Any:
+    """A config key the spec may not define yet (DeepSpeed/DDP knobs): its default then."""
+    return getattr(section, name, default)
+
+
+def build(
+    spec: Spec,
+    inventory: Inventory,
+    *,
+    per_gpu: RankStates,
+    buffer_bytes: int,
+    saved: Activations,
+    capacity_bytes: int | None,
+) -> Timeline:
+    """The step's timeline on the most-loaded GPU."""
+    terms = tuple(transients(spec, inventory, per_gpu, saved))
+    grads = per_gpu.bytes_of("gradients")
+    grad_phases = _grad_phases(spec)
+    head_grads = int(grads * memo(inventory, "head", lambda: _head_fraction(inventory)))
+    kept = sum(
+        b.bytes for b in saved.blocks if b.name in ("embeddings", "layers") and not b.on_host
+    )
+    acts: dict[Phase, int] = {
+        "start": 0,
+        "forward": kept,
+        "loss": saved.bytes,
+        "backward_start": saved.bytes,
+        "backward": kept,
+        "backward_end": 0,
+        "optimizer_step": 0,
+    }
+    points = []
+    for phase in PHASES:
+        if phase in grad_phases:
+            g = grads
+            if phase == "backward" and grad_phases[0] == "backward":
+                g = head_grads
+        else:
+            g = 0
+        alive = [t for t in terms if phase in t.phases]
+        by: tuple[tuple[Category, int], ...] = (
+            ("parameters", per_gpu.bytes_of("parameters")),
+            ("gradients", g),
+            ("optimizer_states", per_gpu.bytes_of("optimizer_states")),
+            ("buffers", buffer_bytes),
+            ("activations", acts[phase]),
+            ("transient", sum(t.bytes for t in alive)),
+        )
+        points.append(Point(phase=phase, by_category=by, transients=tuple(t.name for t in alive)))
+    cuda = spec.hardware.device == "cuda"
+    timeline = Timeline(
+        points=tuple(points),
+        transients=terms,
+        cuda_context_bytes=int(_knob(spec.hardware, "cuda_context", tr.CUDA_CONTEXT_BYTES) or 0)
+        if cuda
+        else 0,
+        reserved_bytes=None,
+        capacity_bytes=capacity_bytes,
+    )
+    if not cuda:
+        return timeline
+    reserved = _reserved(timeline, per_gpu, buffer_bytes, saved)
+    return Timeline(
+        points=timeline.points,
+        transients=timeline.transients,
+        cuda_context_bytes=timeline.cuda_context_bytes,
+        reserved_bytes=reserved,
+        capacity_bytes=capacity_bytes,
+    )
+
+
+def _reserved(
+    timeline: Timeline, per_gpu: RankStates, buffer_bytes: int, saved: Activations
+) -> int:
+    """torch.cuda.memory_reserved() at the peak, likely: the peak's blocks packed into the
+    allocator's segments (tr.segment_bytes; a lower bound). Model-state rows and transient
+    terms count as one block each, saved tensors one block per tensor."""
+    peak = timeline.peak
+    sizes = [t.bytes for t in per_gpu.terms] + [buffer_bytes]
+    if peak.of("gradients") < per_gpu.bytes_of("gradients"):
+        sizes = [t.bytes for t in per_gpu.terms if t.category != "gradients"] + [buffer_bytes]
+        sizes.append(peak.of("gradients"))
+    sizes += [t.bytes for t in timeline.transients if peak.phase in t.phases]
+    if peak.of("activations"):
+        for b in saved.blocks:
+            if b.on_host or (peak.phase in ("forward", "backward") and b.name in ("head", "loss")):
+                continue
+            sizes += [t.bytes for t in b.tensors] * b.count
+    return max(tr.segment_bytes(sizes), peak.total_bytes)
+
+
+def to_json(timeline: Timeline) -> dict[str, Any]:
+    """The `timeline` section of `memplan estimate --json`."""
+    peak = timeline.peak
+    return {
+        "phases": [
+            {
+                "phase": p.phase,
+                "label": p.label,
+                "total": p.total_bytes,
+                **dict(p.by_category),
+                "transients": list(p.transients),
+            }
+            for p in timeline.points
+        ],
+        "peak": {"phase": peak.phase, "label": peak.label, "bytes": peak.total_bytes},
+        "transients": [
+            {
+                "name": t.name,
+                "bytes": t.bytes,
+                "phases": list(t.phases),
+                "formula": t.formula,
+                "source": t.source,
+            }
+            for t in timeline.transients
+        ],
+        "cuda_context_bytes": timeline.cuda_context_bytes,
+        "reserved_bytes": timeline.reserved_bytes,
+        "usable_bytes": timeline.usable_bytes,
+    }

@@ -1,0 +1,198 @@
+"""The step timeline, transient terms and the activation report (pure: no torch needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from memplan import estimate
+from memplan.activations import Setting, predict, transient
+from memplan.errors import MemplanError
+from memplan.models import from_config, from_parameter_count
+from memplan.precision import dtype_bytes
+from memplan.timeline import CATEGORIES
+from tests.conftest import TINY_LLAMA, make_spec
+
+GPT2 = {
+    "model_type": "gpt2",
+    "n_embd": 64,
+    "n_layer": 2,
+    "n_head": 4,
+    "vocab_size": 1041,
+    "n_positions": 128,
+}
+
+
+def report(**overrides: Any) -> estimate.Report:
+    spec = make_spec(**overrides)
+    arch = spec.model.architecture
+    inv = from_config(arch) if arch else from_parameter_count(spec.model.num_parameters or 1)
+    return estimate.estimate(spec, inv)
+
+
+def test_timeline_points_sum_and_peak_is_their_max() -> None:
+    r = report(parallelism={"engine": "ddp", "data": 4}, hardware={"gpu": "H100-80GB"})
+    tl = r.timeline
+    for p in tl.points:
+        assert p.total_bytes == sum(p.of(c) for c in CATEGORIES)
+    assert tl.peak_bytes == max(p.total_bytes for p in tl.points) == r.peak_bytes
+    assert r.transient_bytes == tl.peak.of("transient")
+    doc = estimate.to_json(r)
+    assert doc["per_gpu"]["peak"] == r.peak_bytes
+    assert doc["per_gpu"]["activations"] == r.activations_bytes > 0
+    assert doc["per_gpu"]["activations_modelled"] is True
+    assert [p["phase"] for p in doc["timeline"]["phases"]] == list(transient.PHASES)
+    assert doc["timeline"]["peak"]["bytes"] == r.peak_bytes
+    assert sum(b["bytes"] for b in doc["activations"]["blocks"]) == r.activations_bytes
+
+
+def test_unmodelled_families_say_so() -> None:
+    r = report(model={"num_parameters": 10**9})
+    doc = estimate.to_json(r)
+    assert doc["per_gpu"]["activations_modelled"] is False
+    assert doc["per_gpu"]["activations"] == 0
+    assert any("activations not modelled" in n for n in doc["notes"])
+    t5 = {"model_type": "t5", "d_model": 64, "num_layers": 2, "num_heads": 4, "vocab_size": 100}
+    r = report(model={"architecture": t5})
+    assert not r.activations.modelled
+    assert any("'t5' are not modelled" in n for n in r.notes)
+    tp = report(parallelism={"engine": "megatron", "tensor": 2})
+    assert not tp.activations.modelled
+
+
+def test_ddp_buckets_are_a_second_copy_of_the_gradients() -> None:
+    r = report(parallelism={"engine": "ddp", "data": 2})
+    buckets = [t for t in r.timeline.transients if t.name == "ddp_gradient_buckets"]
+    assert buckets and buckets[0].bytes == r.per_gpu.bytes_of("gradients")
+    single = report(parallelism={"engine": "ddp", "data": 1})
+    assert not [t for t in single.timeline.transients if t.name == "ddp_gradient_buckets"]
+
+
+def test_deepspeed_buckets_and_zero3_gathers_use_deepspeed_defaults() -> None:
+    r = report(parallelism={"engine": "deepspeed", "data": 8, "zero_stage": 3})
+    terms = {t.name: t for t in r.timeline.transients}
+    width = dtype_bytes("bf16")  # bf16-mixed: 16-bit gradients and parameters
+    assert terms["deepspeed_reduce_bucket"].bytes == transient.DS_REDUCE_BUCKET_SIZE * width
+    assert terms["deepspeed_reduce_bucket"].phases == transient.PHASES  # allocated at init
+    inv = from_config(TINY_LLAMA)
+    biggest = max(transient.module_sizes(inv))
+    assert terms["zero3_gathered_parameters"].bytes == (
+        (biggest + transient.DS_PREFETCH_BUCKET_SIZE) * width
+    )
+    stage2 = report(parallelism={"engine": "deepspeed", "data": 8, "zero_stage": 2})
+    bucket = next(t for t in stage2.timeline.transients if t.name == "deepspeed_reduce_bucket")
+    assert bucket.phases == transient.BACKWARD
+
+
+def test_fsdp2_holds_two_unsharded_blocks_and_the_root() -> None:
+    r = report(parallelism={"engine": "fsdp2", "data": 4})
+    terms = {t.name: t.bytes for t in r.timeline.transients}
+    root, block, _ = transient.fsdp2_blocks(from_config(TINY_LLAMA), 4)
+    assert terms["fsdp2_unsharded_blocks"] == 2 * block * dtype_bytes("bf16")
+    assert terms["fsdp2_unsharded_root"] == root * dtype_bytes("bf16")
+
+
+@pytest.mark.parametrize("implementation", ["foreach", "for_loop", "fused"])
+def test_optimizer_step_temporaries(implementation: str) -> None:
+    r = report(
+        precision="fp32",
+        optimizer={"name": "adamw", "implementation": implementation},
+        parallelism={"engine": "ddp", "data": 1},
+    )
+    temp = [t for t in r.timeline.transients if t.name == "optimizer_step_temporaries"]
+    inv = from_config(TINY_LLAMA)
+    if implementation == "fused":
+        assert not temp
+    elif implementation == "foreach":
+        assert temp[0].bytes == inv.num_parameters * dtype_bytes("fp32")
+    else:
+        largest = max(t.numel for t in inv.parameters)
+        assert temp[0].bytes == 2 * largest * dtype_bytes("fp32")
+
+
+def test_checkpointing_and_offload_order_the_activations() -> None:
+    none = report(training={"sequence_length": 64})
+    selective = report(training={"sequence_length": 64, "activation_checkpointing": "selective"})
+    full = report(training={"sequence_length": 64, "activation_checkpointing": "full"})
+    offload = report(
+        training={
+            "sequence_length": 64,
+            "activation_checkpointing": "full",
+            "activation_offload": True,
+        }
+    )
+    sizes = [x.activations_bytes for x in (none, selective, full, offload)]
+    assert sizes == sorted(sizes, reverse=True)
+    assert offload.activations.host_bytes == full.activations.block("layers").bytes  # type: ignore[union-attr]
+    recomputed = full.activations.block("layers")
+    assert recomputed is not None and recomputed.recompute_bytes > 0
+    with pytest.raises(MemplanError, match="activation_checkpointing: full"):
+        make_spec(training={"activation_offload": True})
+
+
+def setting(**over: Any) -> Setting:
+    base: dict[str, Any] = {
+        "batch": 2,
+        "sequence": 32,
+        "stream": "fp32",
+        "matmul": "fp32",
+        "autocast": False,
+        "device": "cuda",
+        "attention": "eager",
+        "dropout": True,
+        "checkpointing": "none",
+    }
+    return Setting(**{**base, **over})
+
+
+def test_cuda_and_cpu_profiles_differ_where_the_kernels_do() -> None:
+    """CUDA dropout keeps a bool mask (CPU: the input dtype); CUDA LayerNorm statistics are
+    fp32 (CPU: the input dtype); CPU SDPA with dropout falls back to math in fp32."""
+    inv = from_config(GPT2)
+
+    def dtypes(st: Setting, name: str) -> set[str]:
+        return {t.dtype for b in predict(inv, st).blocks for t in b.tensors if name in t.name}
+
+    assert dtypes(setting(), "dropout") == {"bool"}
+    assert dtypes(setting(device="cpu"), "dropout") == {"fp32"}
+    bf16 = {"stream": "bf16", "matmul": "bf16"}
+    assert dtypes(setting(**bf16), "ln_1.mean") == {"fp32"}
+    assert dtypes(setting(device="cpu", **bf16), "ln_1.mean") == {"bf16"}
+    cuda = predict(inv, setting(attention="sdpa", **bf16))
+    cpu = predict(inv, setting(attention="sdpa", device="cpu", **bf16))
+    assert any(t.name == "attn.logsumexp" for t in cuda.block("layers").tensors)  # type: ignore[union-attr]
+    assert any(t.name == "attn.softmax" and t.dtype == "fp32" for t in cpu.block("layers").tensors)  # type: ignore[union-attr]
+
+
+def test_reserved_and_usable_memory_on_cuda_only() -> None:
+    cuda = report(hardware={"gpu": "H100-80GB"})
+    tl = cuda.timeline
+    assert tl.reserved_bytes is not None and tl.reserved_bytes >= tl.peak_bytes
+    assert tl.cuda_context_bytes == transient.CUDA_CONTEXT_BYTES
+    assert tl.usable_bytes == (cuda.capacity_bytes or 0) - tl.cuda_context_bytes - tl.reserved_bytes
+    assert any(t.name.startswith("allocator_rounding") for t in tl.transients)
+    cpu = report(hardware={"device": "cpu"})
+    assert cpu.timeline.reserved_bytes is None and cpu.timeline.cuda_context_bytes == 0
+    assert not any(t.name.startswith("allocator_rounding") for t in cpu.timeline.transients)
+
+
+def test_allocator_rounding_and_segments() -> None:
+    assert transient.round_block(1) == 512
+    assert transient.round_block(512) == 512
+    assert transient.rounding([1, 512, 513]) == 511 + 0 + 511
+    # one small block -> a 2 MiB segment; a 30 MiB block -> its own, rounded to 2 MiB.
+    assert transient.segment_bytes([100]) == 2 << 20
+    assert transient.segment_bytes([(30 << 20) + 1]) == 32 << 20
+
+
+def test_gradient_accumulation_keeps_gradients_through_the_forward() -> None:
+    one = report(parallelism={"engine": "ddp", "data": 1})
+    many = report(
+        parallelism={"engine": "ddp", "data": 1},
+        training={"gradient_accumulation_steps": 4},
+    )
+    forward = next(p for p in one.timeline.points if p.phase == "forward")
+    forward_many = next(p for p in many.timeline.points if p.phase == "forward")
+    assert forward.of("gradients") == 0
+    assert forward_many.of("gradients") == many.per_gpu.bytes_of("gradients")
