@@ -78,15 +78,16 @@ class Report:
 
     @property
     def host_bytes(self) -> int:
-        """Host memory held for one GPU's rank (optimizer scalars on CPU, offload)."""
-        return sum(t.bytes for t in self.per_gpu.host_terms)
+        """Host memory held for one GPU's rank (optimizer scalars on CPU, offload, offloaded
+        activations)."""
+        return sum(t.bytes for t in self.per_gpu.host_terms) + self.activations.host_bytes
 
     @property
     def host_bytes_per_node(self) -> int:
         """Host memory of one node: the most-loaded rank's host bytes x GPUs per node (an
         upper bound when ranks differ)."""
         most = max(sum(t.bytes for t in r.host_terms) for s in self.stages for r in s.ranks)
-        return most * self.gpus_per_node
+        return (most + self.activations.host_bytes) * self.gpus_per_node
 
     @property
     def fits(self) -> bool | None:

@@ -214,6 +214,9 @@ def host_table(report: Report) -> Table:
         table.add_column(name, justify="right" if name in ("bytes", "size") else "left")
     for t in report.per_gpu.host_terms:
         table.add_row(t.name, t.dtype, f"{t.bytes:,}", human(t.bytes))
+    offloaded = report.activations.host_bytes
+    if offloaded:
+        table.add_row("offloaded activations", "", f"{offloaded:,}", human(offloaded))
     table.add_section()
     table.add_row("per rank", "", f"{report.host_bytes:,}", human(report.host_bytes))
     node = report.host_bytes_per_node
