@@ -198,7 +198,11 @@ VARIANT_CASES = [
     for variant in VARIANTS
     for attention in ("eager", "sdpa")
     for precision in PRECISIONS
-    for dropout in ((False, True) if variant in ("gpt-neox", "bert-mlm", "mixtral") else (True,))
+    for dropout in (
+        (False, True)
+        if variant in ("gpt-neox", "bert-mlm", "mixtral", "mistral-window")
+        else (True,)
+    )
 ]
 
 
