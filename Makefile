@@ -10,8 +10,8 @@ dev:
 	$(PY) -m pip install -q -e ".[test]"
 
 lint:
-	$(PY) -m ruff check memplan tests benchmarks
-	$(PY) -m ruff format --check memplan tests benchmarks
+	$(PY) -m ruff check memplan tests benchmarks scripts
+	$(PY) -m ruff format --check memplan tests benchmarks scripts
 
 types:
 	$(PY) -m mypy

@@ -220,3 +220,11 @@ def test_python_dash_m_works():
         [sys.executable, "-m", "memplan", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("memplan ")
+
+
+def test_plot_saves_the_timeline(tmp_path, llama_config):  # type: ignore[no-untyped-def]
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "timeline.svg"
+    result = run("estimate", str(write_spec(tmp_path, MINIMAL)), "--plot", str(out))
+    assert result.exit_code == 0, result.output
+    assert out.read_text().lstrip().startswith(("<?xml", "<svg"))
