@@ -70,6 +70,9 @@ def estimate(
     spec: SpecArg,
     as_json: JsonOpt = False,
     ranks: Annotated[bool, typer.Option("--ranks", help="Also show every rank's bytes.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Save the step timeline as a .png or .svg chart.")
+    ] = None,
     explain: Annotated[
         bool, typer.Option("--explain", help="Show each row's formula and source.")
     ] = False,
@@ -88,11 +91,13 @@ def estimate(
         return calc.estimate(loaded.spec, load.load_inventory(loaded))
 
     report = _run(debug, work)
+    from memplan import render
+
+    if plot is not None:
+        _run(debug, lambda: render.save_plot(report, str(plot)))
     if as_json:
         _print_json(calc.to_json(report))
         return
-    from memplan import render
-
     render.console(width).print(render.estimate_view(report, show_ranks=ranks, explain=explain))
 
 
