@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memplan import activations as acts
-from memplan import sharding
+from memplan import finetune, sharding
 from memplan import timeline as tl
 from memplan.hardware import CATALOG
 from memplan.models import Inventory
@@ -26,6 +26,8 @@ class ModelSummary:
     """Elements over distinct parameter tensors (tied weights counted once)."""
     num_parameter_tensors: int
     num_buffers: int
+    num_trainable_parameters: int
+    """Elements of the parameters that train (all of them unless finetune freezes some)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,11 +109,13 @@ def placement_of(spec: Spec) -> Placement:
         step_on_host=torch_optimizer
         and spec.hardware.device == "cuda"
         and not spec.optimizer.config().fused,
+        device=spec.hardware.device,
     )
 
 
 def model_states(spec: Spec, inventory: Inventory) -> list[StageStates]:
     """Parameters, gradients and optimizer states of every stage and rank class."""
+    inventory = finetune.apply(spec, inventory)
     par = spec.parallelism
     knobs = sharding.DeepSpeedKnobs(**par.deepspeed.model_dump())
     return stage_states(
@@ -132,6 +136,7 @@ def estimate(spec: Spec, inventory: Inventory) -> Report:
 def assemble(spec: Spec, inventory: Inventory, stages: Sequence[StageStates]) -> Report:
     """The report from the model states of every stage (plan reuses them across layouts
     that differ only in what does not change them: micro-batch, recomputation)."""
+    inventory = finetune.apply(spec, inventory)
     recipe = spec.recipe()
     opt = spec.optimizer.config()
     placement = placement_of(spec)
@@ -157,6 +162,7 @@ def assemble(spec: Spec, inventory: Inventory, stages: Sequence[StageStates]) ->
             num_parameters=inventory.num_parameters,
             num_parameter_tensors=len(inventory.parameters),
             num_buffers=len(inventory.buffers),
+            num_trainable_parameters=finetune.num_trainable(inventory.parameters),
         ),
         recipe=recipe,
         optimizer=opt,
@@ -225,6 +231,7 @@ def to_json(report: Report) -> dict[str, Any]:
             "num_parameters": report.model.num_parameters,
             "num_parameter_tensors": report.model.num_parameter_tensors,
             "num_buffers": report.model.num_buffers,
+            "num_trainable_parameters": report.model.num_trainable_parameters,
         },
         "precision": {
             "name": report.recipe.name,

@@ -44,6 +44,28 @@ BNB_BLOCKSIZE = 256
 BNB_QMAP_ELEMS = 256
 
 
+# bitsandbytes optim/optimizer.py::Optimizer8bit.get_state_buffer (0.50.1): a paged optimizer
+# (Paged*8bit) allocates `state1` / `state2` of a CUDA parameter with numel >= 1e5 through
+# functional.py::get_paged -> csrc/pythonInterface.cpp::cget_managed_ptr ->
+# `cudaMallocManaged(&ptr, bytes, cudaMemAttachHost)`: unified memory that lives in host RAM
+# until a kernel touches it and is evicted back under GPU memory pressure, outside torch's
+# caching allocator (not in memory_allocated()). Smaller tensors, the absmax tensors and any
+# CPU run (`p.device.type == "cpu"`: zeros_like, a warning) get ordinary device memory.
+BNB_PAGED_MIN_NUMEL = 100_000
+BNB_PAGED_STATES = ("state1", "state2")
+PAGED_SUFFIX = " (paged)"
+
+
+def is_paged_state(opt: OptimizerConfig, name: str, numel: int, *, device: str) -> bool:
+    """Whether bitsandbytes keeps this state in unified (host-backed) memory (see above)."""
+    return (
+        opt.is_paged
+        and device == "cuda"
+        and name in BNB_PAGED_STATES
+        and numel >= BNB_PAGED_MIN_NUMEL
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StateTensor:
     """One optimizer state tensor for one updated tensor."""

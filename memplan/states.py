@@ -28,6 +28,7 @@ from memplan.parallel import (
 from memplan.precision import Recipe
 from memplan.sharding import Placement, RankStates, Term
 from memplan.sharding import offload as offload_rules
+from memplan.sharding.base import group_ranks
 from memplan.spec import ParallelismSpec
 
 
@@ -79,21 +80,17 @@ def _merge(
         return {r: c for c in classes for r in c.ranks}
 
     d, e = by_rank(dense), by_rank(experts)
-    out: list[RankStates] = []
+    merged = []
     for rank in range(degree):
         a, b = d[rank], e[rank // ep]
-        merged = RankStates(
-            ranks=(rank,),
-            terms=(*a.terms, *_tagged(b.terms)),
-            host_terms=(*a.host_terms, *_tagged(b.host_terms)),
-        )
-        if out and out[-1].terms == merged.terms and out[-1].host_terms == merged.host_terms:
-            out[-1] = RankStates(
-                ranks=(*out[-1].ranks, rank), terms=merged.terms, host_terms=merged.host_terms
+        merged.append(
+            RankStates(
+                ranks=(rank,),
+                terms=(*a.terms, *_tagged(b.terms)),
+                host_terms=(*a.host_terms, *_tagged(b.host_terms)),
             )
-        else:
-            out.append(merged)
-    return out
+        )
+    return group_ranks(merged, key=lambda r: (r.terms, r.host_terms))
 
 
 def _tagged(terms: Sequence[Term]) -> tuple[Term, ...]:
@@ -154,12 +151,13 @@ def _stage_states(
     dense_place = replace(placement, data=degree)
     # Stages that hold the same tensor shapes (the middle of a pipeline) have the same states.
     by_shapes: dict[
-        tuple[tuple[int, ...], ...], tuple[list[RankStates], dict[int, tuple[Term, ...]]]
+        tuple[tuple[tuple[int, ...], bool, str | None], ...],
+        tuple[list[RankStates], dict[int, tuple[Term, ...]]],
     ] = {}
     out = []
     for index in range(mp.pipeline):
         local = stage_inventory(inventory, mp, index)
-        key = tuple(t.shape for t in local.parameters)
+        key = tuple((t.shape, t.trainable, t.dtype) for t in local.parameters)
         if key not in by_shapes:
             by_shapes[key] = _rank_states(
                 local, rule, recipe, opt, dense_place, engine, stage, degree, mp.expert, offload

@@ -367,8 +367,9 @@ def _rounding(spec: Spec, inventory: Inventory, saved: Activations) -> list[Tran
 
 
 def _knob(section: Any, name: str, default: Any = None) -> Any:
-    """A config key the spec may not define yet (DeepSpeed/DDP knobs): its default then."""
-    return getattr(section, name, default)
+    """A config key the spec may not define, or leaves unset (None): its default then."""
+    value = getattr(section, name, None)
+    return default if value is None else value
 
 
 def build(

@@ -25,8 +25,11 @@ TORCH_CASES = [
     ("sgd", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), {"momentum": 0.9}),
     ("adagrad", lambda p: torch.optim.Adagrad(p), {}),
     ("rmsprop", lambda p: torch.optim.RMSprop(p), {}),
-    ("rmsprop", lambda p: torch.optim.RMSprop(p, momentum=0.9, centered=True),
-     {"momentum": 0.9, "centered": True}),
+    (
+        "rmsprop",
+        lambda p: torch.optim.RMSprop(p, momentum=0.9, centered=True),
+        {"momentum": 0.9, "centered": True},
+    ),
     ("adafactor", lambda p: torch.optim.Adafactor(p), {}),
     ("nadam", lambda p: torch.optim.NAdam(p), {}),
     ("radam", lambda p: torch.optim.RAdam(p), {}),
@@ -48,10 +51,15 @@ def test_state_layout_matches_torch(name, factory, settings, dtype):  # type: ig
     opt.step()
     config = OptimizerConfig(name=name, **settings)
     for p in params:
-        measured = {k: (tuple(v.shape), v.dtype, v.numel() * v.element_size())
-                    for k, v in opt.state[p].items() if torch.is_tensor(v)}
-        predicted = {s.name: (s.shape, _torch_dtype(s.dtype), s.numel * DTYPE_BYTES[s.dtype])
-                     for s in state_tensors(config, tuple(p.shape), dtype)}
+        measured = {
+            k: (tuple(v.shape), v.dtype, v.numel() * v.element_size())
+            for k, v in opt.state[p].items()
+            if torch.is_tensor(v)
+        }
+        predicted = {
+            s.name: (s.shape, _torch_dtype(s.dtype), s.numel * DTYPE_BYTES[s.dtype])
+            for s in state_tensors(config, tuple(p.shape), dtype)
+        }
         assert predicted == measured, (name, tuple(p.shape))
 
 

@@ -64,8 +64,10 @@ def test_interleaved_stages_take_every_pth_chunk():
 
 
 def test_uneven_stages_report_the_most_loaded_one():
-    spec = make_spec(precision="bf16-mixed", parallelism={
-        "engine": "megatron", "pipeline": 2, "layers_per_stage": [1, 1]})
+    spec = make_spec(
+        precision="bf16-mixed",
+        parallelism={"engine": "megatron", "pipeline": 2, "layers_per_stage": [1, 1]},
+    )
     report = estimate(spec, from_config(TINY_LLAMA))
     doc = to_json(report)
     assert len(doc["per_stage"]) == 2
@@ -84,10 +86,12 @@ def test_expert_parallel_splits_experts():
 
 
 def test_expert_states_shard_over_the_expert_data_group():
-    arch = {**TINY_LLAMA, "model_type": "mixtral", "num_local_experts": 4,
-            "num_experts_per_tok": 2}
-    spec = make_spec(model={"architecture": arch}, precision="fp32",
-                     parallelism={"engine": "megatron", "data": 8, "expert": 4, "zero_stage": 1})
+    arch = {**TINY_LLAMA, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2}
+    spec = make_spec(
+        model={"architecture": arch},
+        precision="fp32",
+        parallelism={"engine": "megatron", "data": 8, "expert": 4, "zero_stage": 1},
+    )
     report = estimate(spec, from_config(arch))
     expert_rows = [t for t in report.per_gpu.terms if t.name.endswith("(experts)")]
     assert expert_rows  # experts are accounted apart, over 8 / 4 = 2 expert-data ranks
@@ -107,16 +111,23 @@ def test_impossible_layouts_name_the_valid_degrees(field, value, message):  # ty
         estimate(spec, from_config(TINY_LLAMA))
 
 
-def megatron_most_loaded_shard_params(*, h, ffn, layers, vocab, heads, kv, tp, pp,
-                                      experts=1, untied=True):  # type: ignore[no-untyped-def]
+def megatron_most_loaded_shard_params(
+    *, h, ffn, layers, vocab, heads, kv, tp, pp, experts=1, untied=True
+):  # type: ignore[no-untyped-def]
     """Transcribed from Megatron-LM megatron/training/theoretical_memory_usage.py::
     compute_weight_and_optimizer_memory (core_r0.8, before its MoE rewrite)."""
     gated_linear_multiplier = 3 / 2  # swiglu
-    transformer = 2 * layers * h * h * (
-        (1 + kv / heads)  # attention (query_projection_to_hidden_size_ratio = 1)
-        + (ffn / h) * experts * gated_linear_multiplier  # MLP
-        + (2 / h)  # transformer layernorms
-        + (1 / (layers * h))  # final layernorm
+    transformer = (
+        2
+        * layers
+        * h
+        * h
+        * (
+            (1 + kv / heads)  # attention (query_projection_to_hidden_size_ratio = 1)
+            + (ffn / h) * experts * gated_linear_multiplier  # MLP
+            + (2 / h)  # transformer layernorms
+            + (1 / (layers * h))  # final layernorm
+        )
     )
     embedding = h * padded_vocab(vocab, tp)
     shard = (transformer / pp + embedding) / tp
@@ -128,19 +139,56 @@ def megatron_most_loaded_shard_params(*, h, ffn, layers, vocab, heads, kv, tp, p
 @pytest.mark.parametrize(
     ("name", "dims", "tp", "pp", "dp"),
     [
-        ("llama-2-7b", {"h": 4096, "ffn": 11008, "layers": 32, "vocab": 32000, "heads": 32,
-                        "kv": 32}, 1, 1, 8),
-        ("llama-2-7b", {"h": 4096, "ffn": 11008, "layers": 32, "vocab": 32000, "heads": 32,
-                        "kv": 32}, 8, 1, 4),
-        ("llama-2-70b", {"h": 8192, "ffn": 28672, "layers": 80, "vocab": 32000, "heads": 64,
-                         "kv": 8}, 8, 4, 4),
-        ("mixtral-8x7b", {"h": 4096, "ffn": 14336, "layers": 32, "vocab": 32000, "heads": 32,
-                          "kv": 8, "experts": 8}, 8, 4, 2),
+        (
+            "llama-2-7b",
+            {"h": 4096, "ffn": 11008, "layers": 32, "vocab": 32000, "heads": 32, "kv": 32},
+            1,
+            1,
+            8,
+        ),
+        (
+            "llama-2-7b",
+            {"h": 4096, "ffn": 11008, "layers": 32, "vocab": 32000, "heads": 32, "kv": 32},
+            8,
+            1,
+            4,
+        ),
+        (
+            "llama-2-70b",
+            {"h": 8192, "ffn": 28672, "layers": 80, "vocab": 32000, "heads": 64, "kv": 8},
+            8,
+            4,
+            4,
+        ),
+        (
+            "mixtral-8x7b",
+            {
+                "h": 4096,
+                "ffn": 14336,
+                "layers": 32,
+                "vocab": 32000,
+                "heads": 32,
+                "kv": 8,
+                "experts": 8,
+            },
+            8,
+            4,
+            2,
+        ),
     ],
 )
 def test_megatron_theoretical_memory_explained(name, dims, tp, pp, dp):  # type: ignore[no-untyped-def]
-    spec = make_spec(model={"preset": name}, precision="bf16-mixed", parallelism={
-        "engine": "megatron", "zero_stage": 1, "data": dp, "tensor": tp, "pipeline": pp})
+    spec = make_spec(
+        model={"preset": name},
+        precision="bf16-mixed",
+        parallelism={
+            "engine": "megatron",
+            "zero_stage": 1,
+            "data": dp,
+            "tensor": tp,
+            "pipeline": pp,
+        },
+    )
     inv = preset(name)
     report = estimate(spec, inv)
     first = report.stages[0]
@@ -154,7 +202,8 @@ def test_megatron_theoretical_memory_explained(name, dims, tp, pp, dp):  # type:
     # 2. Megatron's formula has no MoE router (num_experts x h per layer, replicated).
     router = dims.get("experts", 0) * h * (layers // pp)
     assert first.num_parameters == pytest.approx(
-        megatron - megatron_norms + our_norms + router, abs=1)
+        megatron - megatron_norms + our_norms + router, abs=1
+    )
     # 3. Bytes: both use 2 (bf16 params) + 4 (fp32 main_grad) + 12 / DP (distributed
     #    optimizer), i.e. Megatron's "6 + 12 / dp"; memplan adds the buffer padding and counts
     #    the optimizer's real elements on the most-loaded DP rank.
@@ -164,10 +213,17 @@ def test_megatron_theoretical_memory_explained(name, dims, tp, pp, dp):  # type:
 
 
 def test_zero3_optimizer_offload_moves_states_to_the_host():
-    spec = make_spec(precision="bf16-mixed", hardware={"gpus_per_node": 4},
-                     parallelism={"engine": "deepspeed", "data": 4, "zero_stage": 3,
-                                  "deepspeed": {"stage3_param_persistence_threshold": 0},
-                                  "offload": {"optimizer": "cpu"}})
+    spec = make_spec(
+        precision="bf16-mixed",
+        hardware={"gpus_per_node": 4},
+        parallelism={
+            "engine": "deepspeed",
+            "data": 4,
+            "zero_stage": 3,
+            "deepspeed": {"stage3_param_persistence_threshold": 0},
+            "offload": {"optimizer": "cpu"},
+        },
+    )
     report = estimate(spec, from_config(TINY_LLAMA))
     on_gpu = {t.name for t in report.per_gpu.terms}
     on_host = {t.name for t in report.per_gpu.host_terms}
@@ -177,8 +233,14 @@ def test_zero3_optimizer_offload_moves_states_to_the_host():
 
 
 def test_stage2_offload_keeps_only_a_staging_buffer_on_the_gpu():
-    spec = make_spec(parallelism={"engine": "deepspeed", "data": 2, "zero_stage": 2,
-                                  "offload": {"optimizer": "cpu"}})
+    spec = make_spec(
+        parallelism={
+            "engine": "deepspeed",
+            "data": 2,
+            "zero_stage": 2,
+            "offload": {"optimizer": "cpu"},
+        }
+    )
     inv = from_config(TINY_LLAMA)
     report = estimate(spec, inv)
     grads = [t for t in report.per_gpu.terms if t.category == "gradients"]

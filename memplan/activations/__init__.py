@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from memplan.activations import bert, gpt2, gpt_neox, llama
+from memplan.activations import bert, gpt2, gpt_neox, llama, lora
 from memplan.activations.assemble import Model, finish
 from memplan.activations.tensors import (
     Activations,
@@ -113,7 +113,8 @@ def for_spec(spec: Spec, inventory: Inventory) -> Activations:
             f"activations not modelled for {', '.join(split)} (only data parallelism is): "
             "per_gpu.activations is 0 and the peak leaves them out."
         )
-    return predict(inventory, setting_of(spec))
+    st = setting_of(spec)
+    return lora.apply(spec, inventory, predict(inventory, st), st)
 
 
 def _unsupported(arch: Architecture) -> str:

@@ -31,6 +31,9 @@ class TensorSpec:
     """Index of the repeated block it belongs to (decoder layer), None for embeddings and head."""
     role: str = ""
     """What it is: "embedding", "attention", "mlp", "experts", "router", "norm", "head", ...."""
+    trainable: bool = True
+    """For parameters: `requires_grad` (False: frozen by fine-tuning, memplan.finetune; it
+    then has no gradient and no optimizer state)."""
     numel: int = field(init=False, repr=False, compare=False)
     """Number of elements (computed once: plan reads it millions of times)."""
 

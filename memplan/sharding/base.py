@@ -6,12 +6,18 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal
 
 from memplan.models.inventory import Inventory, TensorSpec
-from memplan.optimizers import OptimizerConfig, shared_state_tensors, state_tensors
+from memplan.optimizers import (
+    PAGED_SUFFIX,
+    OptimizerConfig,
+    is_paged_state,
+    shared_state_tensors,
+    state_tensors,
+)
 from memplan.precision import Recipe, dtype_bytes
 
 Category = Literal["parameters", "gradients", "optimizer_states", "buffers"]
@@ -66,6 +72,8 @@ class Placement:
     stage: int
     step_on_host: bool = False
     """torch.optim keeps the `step` scalar on the CPU unless fused or capturable."""
+    device: str = "cuda"
+    """Where the step runs (bitsandbytes pages optimizer state on CUDA only)."""
 
 
 EngineRule = Callable[[Inventory, Recipe, OptimizerConfig, Placement], list[RankStates]]
@@ -146,6 +154,8 @@ def optimizer_terms(
         for name, dtype, numel in _states_of(opt, shape, state_dtype):
             if step_is_int and name == "step":
                 continue
+            if is_paged_state(opt, name, numel, device=placement.device):
+                name += PAGED_SUFFIX
             slot = acc.setdefault((name, dtype), [0, 0])
             slot[0] += k
             slot[1] += numel * k
@@ -166,16 +176,19 @@ def optimizer_terms(
         )
     for (name, dtype), (tensors, elems) in acc.items():
         what = "0-dim scalars" if name in ("step", "mu_product") else view
+        paged = name.endswith(PAGED_SUFFIX)
         row = term(
             "optimizer_states",
             name,
             dtype,
             tensors,
             elems,
-            f"{tensors} {what}, {fmt(elems)} elements x {dtype_bytes(dtype)} B ({dtype})",
-            f"{source}; state layout: memplan.optimizers.state_tensors({opt.name})",
+            f"{tensors} {what}, {fmt(elems)} elements x {dtype_bytes(dtype)} B ({dtype})"
+            + ("; unified memory (cudaMallocManaged), not GPU-allocator memory" if paged else ""),
+            f"{source}; state layout: memplan.optimizers.state_tensors({opt.name})"
+            + ("; paging: memplan.optimizers.is_paged_state" if paged else ""),
         )
-        on_host = placement.step_on_host and name in ("step", "mu_product")
+        on_host = paged or (placement.step_on_host and name in ("step", "mu_product"))
         (host if on_host else device).append(row)
     for shared in shared_state_tensors(opt):
         device.append(
@@ -190,6 +203,120 @@ def optimizer_terms(
             )
         )
     return device, host
+
+
+# Fine-tuning (memplan.finetune): a frozen parameter (`requires_grad=False`) has no gradient
+# and no optimizer state on any engine, but its bytes stay. Each engine's rule for where the
+# frozen bytes live is in its module. Training scripts give the optimizer the trainable
+# parameters only (transformers trainer.py::Trainer.create_optimizer: `p.requires_grad`;
+# torch.optim keeps no state for a parameter whose .grad stays None either way).
+SRC_FROZEN = "memplan.finetune: frozen tensors (requires_grad=False) keep only their parameter"
+
+
+def trainable(params: Iterable[TensorSpec]) -> tuple[TensorSpec, ...]:
+    """The parameters that get gradients and optimizer states."""
+    return tuple(p for p in params if p.trainable)
+
+
+def by_dtype(params: Iterable[TensorSpec], default: str) -> dict[str, list[TensorSpec]]:
+    """Tensors grouped by the dtype they are held in: their own (a fixed dtype, e.g. QLoRA's
+    uint8 packed weights or peft's fp32 adapters) or `default` (the recipe's), in order."""
+    out: dict[str, list[TensorSpec]] = {}
+    for p in params:
+        out.setdefault(p.dtype or default, []).append(p)
+    return out
+
+
+def whole_by_dtype(
+    category: Category, name: str, default: str, tensors: Sequence[TensorSpec], source: str
+) -> list[Term]:
+    """`whole` per held dtype: one row when every tensor follows the recipe (the usual case),
+    one row per dtype otherwise. An empty `tensors` gives one zero row."""
+    groups = by_dtype(tensors, default) or {default: []}
+    return [whole(category, name, dtype, group, source) for dtype, group in groups.items()]
+
+
+def own_dtype(t: TensorSpec, recipe: Recipe) -> str | None:
+    """The fixed dtype a trainable tensor is held and updated in, when it differs from the
+    recipe's parameter dtype (then it has no master copy); None otherwise."""
+    return t.dtype if t.dtype and t.dtype != recipe.parameters else None
+
+
+def optimizer_terms_by_dtype(
+    tensors: Sequence[TensorSpec],
+    shapes: Sequence[tuple[int, ...]],
+    *,
+    opt: OptimizerConfig,
+    recipe: Recipe,
+    placement: Placement,
+    view: str,
+    source: str,
+    step_is_int: bool = False,
+) -> tuple[list[Term], list[Term]]:
+    """`optimizer_terms` over trainable tensors of mixed held dtypes; `shapes[i]` is the local
+    shape of `tensors[i]`. Tensors held in a fixed dtype (peft's fp32 adapters in a bf16
+    model) are updated in place: torch.optim keeps their states like them
+    (`torch.zeros_like(p)`) and there is no master copy. Rows of the same name and dtype
+    are merged."""
+    groups: dict[str | None, list[tuple[int, ...]]] = {}
+    for t, shape in zip(tensors, shapes, strict=True):
+        fixed = own_dtype(t, recipe)
+        groups.setdefault(fixed, []).append(shape)
+    if list(groups) in ([], [None]):
+        return optimizer_terms(
+            groups.get(None, []),
+            opt=opt,
+            recipe=recipe,
+            placement=placement,
+            view=view,
+            source=source,
+            step_is_int=step_is_int,
+        )
+    device: list[Term] = []
+    host: list[Term] = []
+    for fixed, group in groups.items():
+        own = (
+            recipe
+            if fixed is None
+            else replace(recipe, master_weights=None, optimizer_states=fixed)
+        )
+        d, h = optimizer_terms(
+            group,
+            opt=opt,
+            recipe=own,
+            placement=placement,
+            view=view if fixed is None else f"{view} held in {fixed}",
+            source=source,
+            step_is_int=step_is_int,
+        )
+        device += d
+        host += h
+    return merge_terms(device), merge_terms(host)
+
+
+def merge_terms(terms: Sequence[Term]) -> list[Term]:
+    """Rows with the same category, name and dtype summed into one (first position kept);
+    shared terms (bitsandbytes qmaps) counted once."""
+    out: dict[tuple[str, str, str], Term] = {}
+    for t in terms:
+        key = (t.category, t.name, t.dtype)
+        if key not in out:
+            out[key] = t
+        elif t.name in _SHARED_NAMES:
+            continue
+        else:
+            a = out[key]
+            out[key] = replace(
+                a,
+                tensors=a.tensors + t.tensors,
+                elements=a.elements + t.elements,
+                bytes=a.bytes + t.bytes,
+                formula=f"{a.formula} + {t.formula}",
+            )
+    return list(out.values())
+
+
+_SHARED_NAMES = frozenset({"qmap1", "qmap2"})
 
 
 def grad_dtype(recipe: Recipe) -> str:
@@ -214,3 +341,16 @@ def buffer_terms(inventory: Inventory, recipe: Recipe) -> list[Term]:
             )
         )
     return terms
+
+
+def group_ranks(
+    per_rank: Iterable[RankStates], key: Callable[[RankStates], object]
+) -> list[RankStates]:
+    """Merge consecutive single-rank states with equal `key` into classes (linear time)."""
+    groups: list[tuple[RankStates, list[int]]] = []
+    for states in per_rank:
+        if groups and key(groups[-1][0]) == key(states):
+            groups[-1][1].append(states.ranks[0])
+        else:
+            groups.append((states, [states.ranks[0]]))
+    return [replace(states, ranks=tuple(ranks)) for states, ranks in groups]

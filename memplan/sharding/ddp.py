@@ -17,21 +17,29 @@ from memplan.sharding.base import (
     ceil_div,
     grad_dtype,
     optimizer_terms,
+    optimizer_terms_by_dtype,
+    own_dtype,
+    trainable,
     whole,
+    whole_by_dtype,
 )
 
 
 def replicated(
     inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
 ) -> list[RankStates]:
-    """Plain DDP (ZeRO stage 0): every rank holds everything. Source: SRC_DDP."""
+    """Plain DDP (ZeRO stage 0): every rank holds everything; frozen parameters have no
+    gradient (the reducer buckets only `requires_grad` parameters:
+    distributed.py::DistributedDataParallel._build_params_for_reducer). Source: SRC_DDP."""
     params = inventory.parameters
+    train = trainable(params)
     terms = [
-        whole("parameters", "parameters", recipe.parameters, params, SRC_DDP),
-        whole("gradients", "gradients", grad_dtype(recipe), params, SRC_DDP),
+        *whole_by_dtype("parameters", "parameters", recipe.parameters, params, SRC_DDP),
+        *whole_by_dtype("gradients", "gradients", grad_dtype(recipe), train, SRC_DDP),
     ]
-    device, host = optimizer_terms(
-        (p.shape for p in params),
+    device, host = optimizer_terms_by_dtype(
+        train,
+        [p.shape for p in train],
         opt=opt,
         recipe=recipe,
         placement=placement,
@@ -66,11 +74,13 @@ def zero_redundancy(
     inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
 ) -> list[RankStates]:
     """DDP + ZeroRedundancyOptimizer (ZeRO-1): full parameters and gradients, whole-tensor
-    optimizer states on the owning rank only. Source: SRC_ZERO_RO."""
+    optimizer states on the owning rank only; the optimizer is given the trainable
+    parameters, so only they are partitioned. Source: SRC_ZERO_RO."""
     params = inventory.parameters
+    train = trainable(params)
     common = [
-        whole("parameters", "parameters", recipe.parameters, params, SRC_DDP),
-        whole("gradients", "gradients", grad_dtype(recipe), params, SRC_DDP),
+        *whole_by_dtype("parameters", "parameters", recipe.parameters, params, SRC_DDP),
+        *whole_by_dtype("gradients", "gradients", grad_dtype(recipe), train, SRC_DDP),
     ]
     if recipe.master_weights:
         # ZeroRedundancyOptimizer partitions optimizer *state* only: the tensors it updates
@@ -82,7 +92,7 @@ def zero_redundancy(
                 "optimizer_states",
                 "master_weights",
                 recipe.master_weights,
-                params,
+                [p for p in train if own_dtype(p, recipe) is None],
                 SRC_ZERO_RO + "::_sync_params: updated tensors are broadcast",
             )
         )
@@ -101,11 +111,12 @@ def zero_redundancy(
         )
         ranks = tuple(range(placement.data))
         return [RankStates(ranks=ranks, terms=(*common, *device), host_terms=tuple(host))]
-    owned = zero_redundancy_partition([p.numel for p in params], placement.data)
+    owned = zero_redundancy_partition([p.numel for p in train], placement.data)
     out = []
     for rank, indices in enumerate(owned):
-        device, host = optimizer_terms(
-            (params[i].shape for i in indices),
+        device, host = optimizer_terms_by_dtype(
+            [train[i] for i in indices],
+            [train[i].shape for i in indices],
             opt=opt,
             recipe=recipe,
             placement=placement,

@@ -25,10 +25,13 @@ from memplan.sharding.base import (
     ceil_div,
     fmt,
     grad_dtype,
+    group_ranks,
     optimizer_terms,
     round_up,
     term,
+    trainable,
     whole,
+    whole_by_dtype,
 )
 
 SRC_S12 = "deepspeed/runtime/zero/stage_1_and_2.py::DeepSpeedZeroOptimizer.__init__ (0.19.6)"
@@ -92,12 +95,13 @@ def stage0(
     16-bit buffer, per-parameter 16-bit grads, and a full flat fp32 master the optimizer
     updates as one tensor (SRC_FP16_OPT). Otherwise the optimizer sees every parameter."""
     params = inventory.parameters
+    train = trainable(params)
     terms = [
-        whole("parameters", "parameters", recipe.parameters, params, SRC_FP16_OPT),
-        whole("gradients", "gradients", grad_dtype(recipe), params, SRC_FP16_OPT),
+        *whole_by_dtype("parameters", "parameters", recipe.parameters, params, SRC_FP16_OPT),
+        whole("gradients", "gradients", grad_dtype(recipe), train, SRC_FP16_OPT),
     ]
     if recipe.master_weights:
-        shapes = [(inventory.num_parameters,)]
+        shapes = [(sum(p.numel for p in train),)]
         device, host = _flat_optimizer(
             shapes,
             opt=opt,
@@ -108,7 +112,7 @@ def stage0(
         )
     else:
         device, host = optimizer_terms(
-            (p.shape for p in params),
+            (p.shape for p in train),
             opt=opt,
             recipe=recipe,
             placement=placement,
@@ -155,8 +159,12 @@ def stage12(stage: int) -> EngineRule:
         updates its fp32 partition as one flat tensor. Stage 1 keeps every full 16-bit `.grad`
         between micro-steps; stage 2 keeps only `grads_in_partition` (SRC_S12)."""
         world = placement.data
-        params = inventory.parameters
-        n = inventory.num_parameters
+        # Only `requires_grad` parameters enter the flat bit16 groups (S12: the
+        # `trainable_parameters` of each param group); frozen ones stay ordinary module
+        # parameters, whole on every rank.
+        params = trainable(inventory.parameters)
+        frozen = [p for p in inventory.parameters if not p.trainable]
+        n = sum(p.numel for p in params)
         padded, part = stage12_partition(n, world)
         p_dtype, g_dtype = recipe.parameters, grad_dtype(recipe)
         flat = term(
@@ -178,6 +186,8 @@ def stage12(stage: int) -> EngineRule:
             view=f"flat partition ({fmt(padded)} / {world})",
             source=SRC_S12,
         )
+        held = whole_by_dtype("parameters", "frozen parameters", p_dtype, frozen, SRC_S12)
+        flat_terms: tuple[Term, ...] = (flat, *held) if frozen else (flat,)
         if stage == 1:
             grads = whole(
                 "gradients",
@@ -188,7 +198,9 @@ def stage12(stage: int) -> EngineRule:
             )
             return [
                 RankStates(
-                    ranks=tuple(range(world)), terms=(flat, grads, *device), host_terms=tuple(host)
+                    ranks=tuple(range(world)),
+                    terms=(*flat_terms, grads, *device),
+                    host_terms=tuple(host),
                 )
             ]
         if inventory.is_bare_count:
@@ -197,7 +209,7 @@ def stage12(stage: int) -> EngineRule:
             per_rank = [part] * world
         else:
             per_rank = grads_in_partition([p.numel for p in params], world, part)
-        out: list[RankStates] = []
+        per_rank_states: list[RankStates] = []
         for rank, elems in enumerate(per_rank):
             grads = term(
                 "gradients",
@@ -210,15 +222,12 @@ def stage12(stage: int) -> EngineRule:
                 f"{dtype_bytes(g_dtype)} B ({g_dtype})",
                 SRC_S12 + "::copy_grads_in_partition",
             )
-            if out and out[-1].terms[1] == grads:
-                out[-1] = RankStates(
-                    ranks=(*out[-1].ranks, rank), terms=out[-1].terms, host_terms=out[-1].host_terms
+            per_rank_states.append(
+                RankStates(
+                    ranks=(rank,), terms=(*flat_terms, grads, *device), host_terms=tuple(host)
                 )
-            else:
-                out.append(
-                    RankStates(ranks=(rank,), terms=(flat, grads, *device), host_terms=tuple(host))
-                )
-        return out
+            )
+        return group_ranks(per_rank_states, key=lambda r: r.terms[len(flat_terms)].elements)
 
     return rule
 
@@ -248,9 +257,13 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
         accumulation dtype); the fp32 master is one flat tensor per sub-group, aliased to the
         16-bit partition when both are fp32 (S3::_create_fp32_partitions)."""
         world = placement.data
+        # Every module parameter is partitioned, frozen ones too (parameter_offload.py::
+        # DeepSpeedZeRoOffload._convert_to_zero_parameters -> Init); gradients and the fp32
+        # sub-groups cover the trainable ones only (S3::_get_trainable_parameter_groups).
         params = inventory.parameters
-        shards = [ceil_div(p.numel, world) for p in params]
-        shard_total = sum(shards)
+        shard_total = sum(ceil_div(p.numel, world) for p in params)
+        shards = [ceil_div(p.numel, world) for p in trainable(params)]
+        grad_total = sum(shards)
         persistent = [p for p in params if p.numel <= knobs.stage3_param_persistence_threshold]
         persist_elems = sum(p.numel for p in persistent)
         p_dtype, g_dtype = recipe.parameters, grad_dtype(recipe)
@@ -271,9 +284,9 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
                 "gradients",
                 "gradients",
                 g_dtype,
-                len(params),
-                shard_total,
-                f"grad_partitions_flat_buffer: {fmt(shard_total)} elements x "
+                len(shards),
+                grad_total,
+                f"grad_partitions_flat_buffer: {fmt(grad_total)} elements x "
                 f"{dtype_bytes(g_dtype)} B ({g_dtype})",
                 SRC_S3 + "._setup_for_real_optimizer",
             ),

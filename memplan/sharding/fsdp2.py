@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
-from memplan.models.inventory import Inventory
+from memplan.models.inventory import Inventory, TensorSpec
 from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe, dtype_bytes
 from memplan.sharding.base import (
     SRC_FSDP2,
+    Category,
     Placement,
     RankStates,
+    Term,
+    by_dtype,
     ceil_div,
     fmt,
-    optimizer_terms,
+    optimizer_terms_by_dtype,
     term,
+    trainable,
 )
 
 
@@ -41,34 +46,13 @@ def fsdp2(
     at_rest = recipe.master_weights or recipe.parameters
     grad_dtype = recipe.gradient_accumulation or at_rest
     params = inventory.parameters
-    padded_elems = 0
-    for p in params:
-        row = p.numel // p.shape[0] if p.shape and p.shape[0] else 0
-        padded_elems += ceil_div(p.shape[0], world) * row if p.shape else p.numel
-    n = len(params)
-    padded_formula = (
-        f"{n} tensors, sum of ceil(dim0 / {world}) rows = {fmt(padded_elems)} "
-        f"elements (padded to the largest chunk)"
-    )
+    train = trainable(params)
+    # Frozen parameters are sharded like the others (fully_shard shards every parameter of
+    # the module); only parameters with a gradient enter the reduce-scatter
+    # (_fsdp_param_group.py::FSDPParamGroup.post_backward: `fsdp_params_with_grad`).
     common = [
-        term(
-            "parameters",
-            "parameters",
-            at_rest,
-            n,
-            padded_elems,
-            f"{padded_formula} x {dtype_bytes(at_rest)} B ({at_rest})",
-            SRC_FSDP2,
-        ),
-        term(
-            "gradients",
-            "gradients",
-            grad_dtype,
-            n,
-            padded_elems,
-            f"{padded_formula} x {dtype_bytes(grad_dtype)} B ({grad_dtype})",
-            SRC_FSDP2,
-        ),
+        *_padded_terms("parameters", "parameters", at_rest, params, world),
+        *_padded_terms("gradients", "gradients", grad_dtype, train, world),
     ]
     fsdp_recipe = _without_master(recipe, at_rest)
 
@@ -84,10 +68,10 @@ def fsdp2(
     out = []
     for lo, hi in zip(edges, edges[1:], strict=False):
         shapes = [
-            (fsdp2_rows(p.shape[0], world, lo), *p.shape[1:]) if p.shape else p.shape
-            for p in params
+            (fsdp2_rows(p.shape[0], world, lo), *p.shape[1:]) if p.shape else p.shape for p in train
         ]
-        device, host = optimizer_terms(
+        device, host = optimizer_terms_by_dtype(
+            train,
             shapes,
             opt=opt,
             recipe=fsdp_recipe,
@@ -97,6 +81,44 @@ def fsdp2(
         )
         out.append(
             RankStates(ranks=tuple(range(lo, hi)), terms=(*common, *device), host_terms=tuple(host))
+        )
+    return out
+
+
+def padded_elements(tensors: Sequence[TensorSpec], world: int) -> int:
+    """Elements of the padded dim-0 shards of `tensors` on one rank: ceil(dim0 / world) rows
+    each (SRC_FSDP2: `padded_sharded_param_size`), 0-dim tensors whole."""
+    total = 0
+    for p in tensors:
+        row = p.numel // p.shape[0] if p.shape and p.shape[0] else 0
+        total += ceil_div(p.shape[0], world) * row if p.shape else p.numel
+    return total
+
+
+def _padded_terms(
+    category: Category,
+    name: str,
+    default: str,
+    tensors: Sequence[TensorSpec],
+    world: int,
+) -> list[Term]:
+    """One padded-shard row per held dtype (one row when every tensor follows the recipe; a
+    tensor held in a fixed dtype has its gradient in that dtype too)."""
+    groups = by_dtype(tensors, default) or {default: []}
+    out = []
+    for dtype, group in groups.items():
+        elems = padded_elements(group, world)
+        out.append(
+            term(
+                category,
+                name,
+                dtype,
+                len(group),
+                elems,
+                f"{len(group)} tensors, sum of ceil(dim0 / {world}) rows = {fmt(elems)} "
+                f"elements (padded to the largest chunk) x {dtype_bytes(dtype)} B ({dtype})",
+                SRC_FSDP2,
+            )
         )
     return out
 

@@ -25,16 +25,23 @@ from memplan.sharding.base import (
     Placement,
     RankStates,
     fmt,
+    group_ranks,
     optimizer_terms,
     round_up,
     term,
+    trainable,
     whole,
+    whole_by_dtype,
 )
 
 SRC_BUFFER = (
     "megatron/core/distributed/param_and_grad_buffer.py::_ParamAndGradBuffer.__init__ (core_r0.12)"
 )
 SRC_DIST_OPT = "megatron/core/optimizer/distrib_optimizer.py::DistributedOptimizer (core_r0.12)"
+SRC_DDP = (
+    "megatron/core/distributed/distributed_data_parallel.py::DistributedDataParallel.__init__ "
+    "(core_r0.12): frozen parameters stay outside the buffers"
+)
 
 # _pad_start_of_param_if_needed: 128-byte aligned starts = 64 elements of >= 16-bit data.
 PARAM_START_ALIGNMENT = 64
@@ -80,13 +87,24 @@ def owned_elements(spans: list[tuple[int, int]], lo: int, hi: int) -> list[int]:
 def megatron(
     inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
 ) -> list[RankStates]:
-    params = inventory.parameters
+    # Only `requires_grad` parameters enter the contiguous param/grad buffers and the
+    # optimizer (megatron/core/distributed/distributed_data_parallel.py::
+    # DistributedDataParallel.__init__: `if not param.requires_grad: continue`); frozen ones
+    # stay ordinary module parameters, whole on every data-parallel rank.
+    params = trainable(inventory.parameters)
+    frozen = [p for p in inventory.parameters if not p.trainable]
+    held = tuple(
+        whole_by_dtype("parameters", "frozen parameters", recipe.parameters, frozen, SRC_DDP)
+        if frozen
+        else ()
+    )
     world = placement.data
     g_dtype = main_grad_dtype(recipe)
     master = recipe.master_weights or "fp32"
     mega_recipe = replace(recipe, master_weights=master if recipe.parameters != master else None)
     if placement.stage == 0:
         replicas = (
+            *held,
             whole("parameters", "parameters", recipe.parameters, params, SRC_BUFFER),
             whole("gradients", "main_grad", g_dtype, params, SRC_BUFFER),
         )
@@ -111,6 +129,7 @@ def megatron(
         f"end to lcm({world}, {BUCKET_END_ALIGNMENT}) = {fmt(padded)} elements"
     )
     terms = (
+        *held,
         term(
             "parameters",
             "parameters",
@@ -131,7 +150,7 @@ def megatron(
         ),
     )
     spans.sort()
-    out: list[RankStates] = []
+    per_rank: list[RankStates] = []
     for rank in range(world):
         pieces = owned_elements(spans, rank * shard, (rank + 1) * shard)
         device, host = optimizer_terms(
@@ -143,9 +162,5 @@ def megatron(
             source=SRC_DIST_OPT,
             step_is_int=True,
         )
-        states = RankStates(ranks=(rank,), terms=(*terms, *device), host_terms=tuple(host))
-        if out and out[-1].total_bytes == states.total_bytes:
-            out[-1] = replace(out[-1], ranks=(*out[-1].ranks, rank))
-        else:
-            out.append(states)
-    return out
+        per_rank.append(RankStates(ranks=(rank,), terms=(*terms, *device), host_terms=tuple(host)))
+    return group_ranks(per_rank, key=lambda r: r.total_bytes)

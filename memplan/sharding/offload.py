@@ -68,7 +68,7 @@ def apply(
     def off(t: Term, target: str) -> None:
         (nvme if target == "nvme" else host).append(_moved(t, target))
 
-    largest = max((p.numel for p in inventory.parameters), default=0)
+    largest = max((p.numel for p in inventory.parameters if p.trainable), default=0)
     if engine == "fsdp2":
         # CPUOffloadPolicy moves sharded parameters and gradients; the optimizer follows them.
         target = parameters if parameters != "none" else optimizer

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memplan.verify import build, measure
+from memplan.verify import build, measure, peft_support
 from memplan.verify.job import STEPS, Job
 from memplan.verify.result import Phase
 
@@ -52,6 +52,7 @@ def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
     # dtype; everywhere else the module holds `recipe.parameters`.
     at_rest = master if fsdp and master else recipe.parameters
     model = build.build_model(job.config, build.torch_dtype(at_rest), device)
+    model = peft_support.prepare(job.spec, model)
     layers = build.decoder_layers(model, job.layers)
     masters = None
     if fsdp:
@@ -69,7 +70,8 @@ def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     else:
         if master:
-            masters = build.MasterWeights(list(model.parameters()), build.torch_dtype(master))
+            dtype = build.torch_dtype(master)
+            masters = build.MasterWeights(peft_support.mastered(model, dtype), dtype)
         if job.distributed and not job.fake:
             # DDP cannot wrap fake tensors (it checks their data across ranks); it changes
             # no model state, only adds its reducer buckets (runner notes their absence).
@@ -79,7 +81,7 @@ def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
             model = DistributedDataParallel(model, device_ids=ids)
     cls = build.optimizer_class(job.spec)
     kwargs = build.optimizer_kwargs(job.spec)
-    params = masters.masters if masters else list(model.parameters())
+    params = peft_support.optimizer_params(model, masters)
     if job.engine == "ddp" and job.stage == 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -118,6 +120,7 @@ def _peak_tracker(job: Job, w: Wrapped, extra: list[torch.Tensor]) -> Iterator[C
         tracker.track_external(w.model, getattr(w.optimizer, "optim", w.optimizer), *extra)
         if w.masters:
             tracker.track_external(*w.masters.masters)
+    peft_support.frozen_without_hooks(tracker, w.model)
     with tracker:
         yield lambda: _total(tracker.get_tracker_snapshot("peak"))
 

@@ -1,0 +1,681 @@
+"""Fine-tuning recipes as inventory transforms: what trains, what is frozen, what is quantized.
+
+`apply(spec, inventory)` returns the inventory of the model as the training job holds it:
+
+- `full`: the model itself; `finetune.freeze` patterns mark parameters frozen.
+- `lora`: the model wrapped by peft's `get_peft_model` (peft 0.21.2): every parameter frozen,
+  each targeted module's tensors renamed under `base_layer`, and the adapters added —
+  `lora_A.default.weight` [r, in] and `lora_B.default.weight` [out, r] per Linear / GPT-2
+  Conv1D, `lora_embedding_A.default` [r, num_embeddings] and `lora_embedding_B.default`
+  [dim, r] per Embedding — all trainable; `modules_to_save` keep the module as
+  `original_module` (frozen) beside a trainable copy `modules_to_save.default`. Names carry
+  peft's `base_model.model.` prefix, as `PeftModel.named_parameters()` gives them.
+- `qlora`: transformers' BitsAndBytesConfig 4-bit quantization of every Linear / Conv1D (but
+  the skipped ones), peft's `prepare_model_for_kbit_training`, then the same LoRA.
+
+Frozen tensors keep their parameter bytes and get no gradient and no optimizer state: each
+engine rule (memplan.sharding) reads `TensorSpec.trainable`. Pure: no torch, no I/O. The
+transform is checked against real peft models, tensor by tensor, in tests/test_finetune*.py.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Literal
+
+from memplan.errors import MemplanError
+from memplan.hardware import nearest
+from memplan.models.inventory import Inventory, TensorSpec
+from memplan.precision import dtype_bytes
+from memplan.spec import FinetuneSpec, Spec
+
+PEFT = "peft 0.21.2"
+SRC_LORA_LAYER = (
+    f"{PEFT} tuners/lora/layer.py::LoraLayer.update_layer (lora_A [r, in], lora_B [out, r])"
+)
+SRC_LORA_EMBEDDING = f"{PEFT} tuners/lora/layer.py::Embedding.update_layer"
+SRC_TARGETS = f"{PEFT} tuners/tuners_utils.py::check_target_module_exists"
+SRC_DEFAULT_TARGETS = (
+    f"{PEFT} utils/constants.py::TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"
+)
+SRC_MODULES_TO_SAVE = f"{PEFT} utils/other.py::_set_trainable, ModulesToSaveWrapper"
+SRC_ADAPTER_DTYPE = f"{PEFT} tuners/tuners_utils.py::cast_adapter_dtype (bf16/fp16 -> fp32)"
+SRC_PREPARE_KBIT = f"{PEFT} utils/other.py::prepare_model_for_kbit_training"
+SRC_BNB_REPLACE = (
+    "transformers 5.24 integrations/bitsandbytes.py::replace_with_bnb_linear "
+    "(nn.Linear and Conv1D only); quantizers/base.py::get_keys_to_not_convert"
+)
+SRC_BNB_QUANT = (
+    "bitsandbytes 0.50.1 functional.py::quantize_4bit, _ops.py (quantize_4bit fake: packed "
+    "[(n + 1) // 2, 1] uint8, absmax [ceil(n / blocksize)] fp32), nn/modules.py::Params4bit"
+)
+
+# peft names every wrapped parameter `base_model.model.<name>` (PeftModel.base_model is the
+# LoraModel, whose `.model` is the transformers model).
+PEFT_PREFIX = "base_model.model."
+ADAPTER = "default"
+"""peft's adapter name when none is given."""
+
+# peft utils/constants.py::TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (0.21.2): the
+# modules LoRA targets when target_modules is left out, for the families memplan models.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+    "gemma3_text": ("q_proj", "v_proj"),
+    "gpt2": ("c_attn",),
+    "gpt_neox": ("query_key_value",),
+    "gptj": ("q_proj", "v_proj"),
+    "opt": ("q_proj", "v_proj"),
+    "bloom": ("query_key_value",),
+    "falcon": ("query_key_value",),
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "t5": ("q", "v"),
+}
+ALL_LINEAR = "all-linear"
+"""peft's INCLUDE_LINEAR_LAYERS_SHORTHAND: every Linear / Conv1D but the output layer."""
+
+# transformers pytorch_utils.py::Conv1D keeps its weight as [in, out] (nx, nf); GPT-2's
+# attention and MLP projections are Conv1D (models/gpt2/modeling_gpt2.py).
+CONV1D_MODULES: dict[str, frozenset[str]] = {
+    "gpt2": frozenset({"c_attn", "c_proj", "c_fc", "q_attn"}),
+}
+
+# bitsandbytes: Params4bit / quantize_4bit's default blocksize (transformers passes none), the
+# nested (double) quantization of the absmax in blocks of 256 with the 8-bit dynamic map
+# (functional.py::quantize_4bit: `quantize_blockwise(_absmax - offset, blocksize=256)`), the
+# 16-entry 4-bit code (functional.py::get_4bit_type: `torch.tensor(data)` of 16 floats, made
+# for each quantized weight) and the 256-entry dynamic map the nested state copies
+# (quantize_blockwise: `code.to(A.device, copy=True)`).
+BNB_4BIT_BLOCKSIZE = 64
+BNB_NESTED_BLOCKSIZE = 256
+BNB_4BIT_CODE_ELEMS = 16
+BNB_DYNAMIC_MAP_ELEMS = 256
+# Two 4-bit values per byte of uint8 storage (_ops.py: `(n + 1) // (itemsize * 2)` rows).
+BNB_VALUES_PER_BYTE = 2
+
+ModuleKind = Literal["linear", "conv1d", "embedding", "other"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Module:
+    """A module of the model as the inventory shows it: the owner of some parameters."""
+
+    name: str
+    kind: ModuleKind
+    """linear (nn.Linear), conv1d (transformers Conv1D), embedding, or other (norms,
+    routers, experts, containers: not something LoRA can adapt)."""
+    tensors: tuple[TensorSpec, ...]
+    """Its own parameters (`weight`, `bias`), a tied alias named as the alias."""
+    in_features: int = 0
+    out_features: int = 0
+    alias: bool = False
+    """Its weight is a tied alias of another module's (GPT-2's lm_head)."""
+    output: bool = False
+    """The output embedding (the LM head), which `all-linear` and 4-bit quantization skip."""
+
+
+def modules(inventory: Inventory) -> dict[str, Module]:
+    """Every module the inventory reveals, by name, in parameter order: the owners of
+    parameters (with tied aliases), and every container above them (kind "other")."""
+    arch = inventory.architecture
+    model_type = arch.model_type if arch else ""
+    vocab = arch.vocab_size if arch else 0
+    owned: dict[str, list[TensorSpec]] = {}
+    aliases: set[str] = set()
+    by_name = {t.name: t for t in inventory.parameters}
+    for t in inventory.parameters:
+        owned.setdefault(_owner(t.name), []).append(t)
+    for alias, owner in inventory.tied:
+        if owner in by_name:
+            owned.setdefault(_owner(alias), []).append(replace(by_name[owner], name=alias))
+            aliases.add(_owner(alias))
+    out: dict[str, Module] = {}
+    for name, tensors in owned.items():
+        for parent in _parents(name):
+            out.setdefault(parent, Module(name=parent, kind="other", tensors=()))
+        out[name] = _classify(name, tensors, model_type, vocab, alias=name in aliases)
+    return out
+
+
+def _owner(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _classify(
+    name: str, tensors: list[TensorSpec], model_type: str, vocab: int, *, alias: bool
+) -> Module:
+    leaves = {_leaf(t.name): t for t in tensors}
+    weight = leaves.get("weight")
+    plain = weight is not None and len(weight.shape) == 2 and set(leaves) <= {"weight", "bias"}
+    if not plain or weight is None:
+        return Module(name=name, kind="other", tensors=tuple(tensors))
+    rows, cols = weight.shape
+    if weight.role in ("norm", "router", "experts", "flat"):
+        return Module(name=name, kind="other", tensors=tuple(tensors))
+    if weight.role in ("embedding", "position") and not alias:
+        # nn.Embedding(num_embeddings, embedding_dim): weight [num, dim].
+        return Module(
+            name=name, kind="embedding", tensors=tuple(tensors), in_features=rows, out_features=cols
+        )
+    if _leaf(name) in CONV1D_MODULES.get(model_type, frozenset()):
+        return Module(
+            name=name, kind="conv1d", tensors=tuple(tensors), in_features=rows, out_features=cols
+        )
+    output = alias or (weight.role == "head" and rows == vocab)
+    return Module(
+        name=name,
+        kind="linear",
+        tensors=tuple(tensors),
+        in_features=cols,
+        out_features=rows,
+        alias=alias,
+        output=output,
+    )
+
+
+# --- peft's matching rules -------------------------------------------------------------------
+
+
+def _in_names(names: tuple[str, ...] | str, key: str) -> bool:
+    """peft's list-or-regex rule: a string is a regex that must match the whole key
+    (utils/other.py::match_target_against_key: `re.fullmatch`); a list matches a key equal to
+    an entry or ending with `.entry`."""
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return key in names or any(key.endswith(f".{n}") for n in names)
+
+
+def is_saved_module(ft: FinetuneSpec, key: str) -> bool:
+    """peft utils/other.py::_set_trainable: a module is wrapped by ModulesToSaveWrapper when
+    its name ends with an entry of modules_to_save (a plain suffix test)."""
+    return any(key.endswith(m) for m in ft.modules_to_save)
+
+
+def is_target(ft: FinetuneSpec, targets: tuple[str, ...] | str, key: str) -> bool:
+    """peft tuners_utils.py::check_target_module_exists (0.21.2), in its order: excluded
+    modules never match; nor does a module under a modules_to_save entry (regex
+    `(^|.*\\.)m($|\\..*)`); then `targets` by the list-or-regex rule."""
+    if ft.exclude_modules and _in_names(ft.exclude_modules, key):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in ft.modules_to_save):
+        return False
+    return _in_names(targets, key)
+
+
+def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) -> list[str]:
+    """Names of the modules LoRA adapts, in model order (peft raises where memplan raises)."""
+    arch = inventory.architecture
+    model_type = arch.model_type if arch else ""
+    targets: tuple[str, ...] | str
+    if ft.target_modules is None:
+        if model_type not in DEFAULT_TARGETS:
+            raise MemplanError(
+                f"peft has no default target_modules for model_type {model_type!r}: give "
+                "finetune.target_modules (module names such as q_proj, a regex, or all-linear).",
+                field="finetune.target_modules",
+            )
+        targets = DEFAULT_TARGETS[model_type]
+    elif isinstance(ft.target_modules, str) and ft.target_modules.lower() == ALL_LINEAR:
+        # tuners_utils.py::_maybe_include_all_linear_layers: every Linear / Conv1D module but
+        # the output embedding (model.get_output_embeddings()), by exact name.
+        targets = tuple(
+            m.name for m in mods.values() if m.kind in ("linear", "conv1d") and not m.output
+        )
+    else:
+        targets = ft.target_modules
+    found = [name for name in mods if is_target(ft, targets, name)]
+    bad = [mods[n] for n in found if mods[n].kind == "other"]
+    if bad:
+        shown = ", ".join(m.name for m in bad[:3])
+        raise MemplanError(
+            f"target_modules matches {len(bad)} module(s) LoRA cannot adapt ({shown}): peft "
+            "adapts Linear, Conv1D and Embedding modules only and raises 'Target module ... "
+            "is not supported'. Name the projections inside them (e.g. q_proj, v_proj).",
+            field="finetune.target_modules",
+        )
+    if not found:
+        linear = sorted({_leaf(m.name) for m in mods.values() if m.kind in ("linear", "conv1d")})
+        wanted = targets if isinstance(targets, str) else ", ".join(targets)
+        hint = nearest(targets[0], linear) if isinstance(targets, tuple) and targets else ""
+        raise MemplanError(
+            f"target_modules {wanted} matches no module of the model{hint}; peft raises "
+            f"'Target modules ... not found in the base model'. Linear modules here: "
+            f"{', '.join(linear)}.",
+            field="finetune.target_modules",
+        )
+    return found
+
+
+# --- the transforms --------------------------------------------------------------------------
+
+
+def frozen(t: TensorSpec) -> TensorSpec:
+    return replace(t, trainable=False)
+
+
+def lora_tensors(mod: Module, *, rank: int, dtype: str | None) -> list[TensorSpec]:
+    """The adapter pair peft adds to one module (trainable, in `dtype`, None: the recipe's).
+
+    Linear / Conv1D: lora_A = nn.Linear(in, r) -> weight [r, in]; lora_B = nn.Linear(r, out)
+    -> weight [out, r] (SRC_LORA_LAYER; Conv1D's in/out are its weight's [in, out], peft sets
+    fan_in_fan_out). Embedding: lora_embedding_A [r, num_embeddings], lora_embedding_B
+    [embedding_dim, r], bare nn.Parameters (SRC_LORA_EMBEDDING)."""
+    weight = next(t for t in mod.tensors if _leaf(t.name) == "weight")
+    layer, role = weight.layer, weight.role
+    if mod.kind == "embedding":
+        a = (f"{mod.name}.lora_embedding_A.{ADAPTER}", (rank, mod.in_features))
+        b = (f"{mod.name}.lora_embedding_B.{ADAPTER}", (mod.out_features, rank))
+    else:
+        a = (f"{mod.name}.lora_A.{ADAPTER}.weight", (rank, mod.in_features))
+        b = (f"{mod.name}.lora_B.{ADAPTER}.weight", (mod.out_features, rank))
+    return [
+        TensorSpec(name, shape, "parameter", dtype, layer=layer, role=role, trainable=True)
+        for name, shape in (a, b)
+    ]
+
+
+def adapter_dtype(spec: Spec) -> str | None:
+    """The dtype the adapters are held in (None: the recipe's parameter dtype).
+
+    peft's get_peft_model(autocast_adapter_dtype=True) upcasts bf16/fp16 adapters to fp32
+    (SRC_ADAPTER_DTYPE), and torch's engines (ddp, fsdp2) keep them so. DeepSpeed and
+    Megatron cast the whole module to the 16-bit dtype afterwards (deepspeed/runtime/
+    engine.py::DeepSpeedEngine._configure_distributed_model: `self.module.bfloat16()`;
+    megatron/core/transformer/module.py::Float16Module), so adapters follow the recipe there.
+    """
+    recipe = spec.recipe()
+    engine = spec.parallelism.engine
+    held = recipe.parameters
+    if engine == "fsdp2" and recipe.master_weights:
+        held = recipe.master_weights  # FSDP2 keeps the at-rest (master) dtype in the module
+    if spec.finetune.autocast_adapter_dtype and engine in ("ddp", "fsdp2"):
+        if held in ("bf16", "fp16"):
+            return "fp32"
+    return None
+
+
+def lora(
+    inventory: Inventory, ft: FinetuneSpec, *, dtype: str | None, reference: Inventory | None = None
+) -> Inventory:
+    """The inventory of `get_peft_model(model, LoraConfig(...))` (see the module docstring).
+
+    `reference` is the unquantized model when `inventory` holds 4-bit weights (QLoRA): module
+    kinds and in/out features come from it; the tensors renamed come from `inventory`."""
+    mods = modules(reference or inventory)
+    targets = set(targets_of(ft, inventory, mods))
+    roots = saved_roots(ft, mods)
+    last: dict[str, str] = {}
+    under: dict[str, list[TensorSpec]] = {}
+    for t in inventory.parameters:
+        last[_owner(t.name)] = t.name
+        root = _root_of(t.name, roots)
+        if root is not None:
+            under.setdefault(root, []).append(t)
+    renamed: dict[str, str] = {}
+    params: list[TensorSpec] = []
+    for t in inventory.parameters:
+        mod = _owner(t.name)
+        root = _root_of(t.name, roots)
+        if root is not None:
+            params.append(_rename(t, f"{root}.original_module.{t.name[len(root) + 1 :]}", renamed))
+            if t is under[root][-1]:
+                params += _copies(root, under[root])
+        elif mod in targets:
+            params.append(_rename(t, f"{mod}.base_layer.{_leaf(t.name)}", renamed))
+            if t.name == last[mod]:
+                params += lora_tensors(mods[mod], rank=ft.rank, dtype=dtype)
+        else:
+            params.append(frozen(t))
+    # Tied aliases (GPT-2's lm_head): the alias is renamed like its module and stays tied to
+    # its (renamed) owner; adapters or a trainable copy follow the other parameters.
+    tied: list[tuple[str, str]] = []
+    extra: list[TensorSpec] = []
+    owners = {t.name: t for t in inventory.parameters}
+    for alias, owner in inventory.tied:
+        mod = _owner(alias)
+        root = _root_of(alias, roots)
+        new_alias = alias
+        if root is not None:
+            new_alias = f"{root}.original_module.{alias[len(root) + 1 :]}"
+            extra += _copies(root, [replace(owners[owner], name=alias)])
+        elif mod in targets:
+            new_alias = f"{mod}.base_layer.{_leaf(alias)}"
+            extra += lora_tensors(mods[mod], rank=ft.rank, dtype=dtype)
+        tied.append((new_alias, renamed.get(owner, owner)))
+    params = [_bias_rule(t, ft, targets) for t in (*params, *extra)]
+    return replace(
+        inventory,
+        parameters=tuple(replace(t, name=PEFT_PREFIX + t.name) for t in params),
+        buffers=tuple(replace(b, name=PEFT_PREFIX + b.name) for b in inventory.buffers),
+        tied=tuple((PEFT_PREFIX + a, PEFT_PREFIX + o) for a, o in tied),
+        notes=(*inventory.notes, _lora_note(ft, targets, set(roots), dtype)),
+    )
+
+
+def saved_roots(ft: FinetuneSpec, mods: dict[str, Module]) -> list[str]:
+    """The modules ModulesToSaveWrapper wraps (SRC_MODULES_TO_SAVE): every module whose name
+    ends with an entry (a plain suffix test: `norm` matches every *norm), the outermost when
+    a module and one inside it both match."""
+    matched = [name for name in mods if name and is_saved_module(ft, name)]
+    return [m for m in matched if not any(m.startswith(o + ".") for o in matched)]
+
+
+def _root_of(name: str, roots: Sequence[str]) -> str | None:
+    return next((r for r in roots if name.startswith(r + ".")), None)
+
+
+def _copies(mod: str, tensors: Sequence[TensorSpec]) -> list[TensorSpec]:
+    """ModulesToSaveWrapper's trainable deep copy of a module (SRC_MODULES_TO_SAVE): same
+    shapes and dtypes as the original, which peft keeps (frozen) beside it."""
+    return [
+        replace(t, name=f"{mod}.modules_to_save.{ADAPTER}.{t.name[len(mod) + 1 :]}", trainable=True)
+        for t in tensors
+    ]
+
+
+def _rename(t: TensorSpec, name: str, renamed: dict[str, str]) -> TensorSpec:
+    renamed[t.name] = name
+    return replace(t, name=name, trainable=False)
+
+
+def _bias_rule(t: TensorSpec, ft: FinetuneSpec, targets: set[str]) -> TensorSpec:
+    """peft tuners_utils.py::BaseTuner._mark_only_adapters_as_trainable: bias "all" trains
+    every `.bias`; "lora_only" the biases of adapted modules (their base_layer.bias)."""
+    if not t.name.endswith(".bias") or t.trainable:
+        return t
+    if ft.bias == "all":
+        return replace(t, trainable=True)
+    if ft.bias == "lora_only" and t.name.endswith(".base_layer.bias"):
+        if t.name.removesuffix(".base_layer.bias") in targets:
+            return replace(t, trainable=True)
+    return t
+
+
+def _lora_note(ft: FinetuneSpec, targets: set[str], saved: set[str], dtype: str | None) -> str:
+    leaves = sorted({_leaf(t) for t in targets})
+    where = f"{dtype} (peft autocast_adapter_dtype)" if dtype else "the parameter dtype"
+    extra = f"; modules_to_save: {', '.join(sorted(saved))}" if saved else ""
+    return (
+        f"{FINETUNE_NOTE} LoRA r={ft.rank} on {len(targets)} modules ({', '.join(leaves)}), "
+        f"adapters in {where}; every other parameter frozen (no gradient, no optimizer "
+        f"state){extra}."
+    )
+
+
+FINETUNE_NOTE = "finetune:"
+"""Every transformed inventory carries one note starting so (apply() is then a no-op)."""
+
+
+def quantize_4bit(inventory: Inventory, ft: FinetuneSpec, *, compute: str) -> Inventory:
+    """transformers BitsAndBytesConfig(load_in_4bit=True) then peft
+    prepare_model_for_kbit_training: which modules become bnb Linear4bit, and what each holds.
+
+    Every nn.Linear and Conv1D module is replaced (SRC_BNB_REPLACE) except those that
+    `skip_modules` (llm_int8_skip_modules) names, or by default the output embedding, tied
+    weights and the module of the last parameter (get_keys_to_not_convert). A quantized
+    weight of n elements becomes (SRC_BNB_QUANT):
+      packed weight      [(n + 1) // 2, 1] uint8 (two 4-bit codes per byte), a frozen Params4bit;
+      absmax             [ceil(n / 64)] fp32, or uint8 with double quantization;
+      quant_map          [16] fp32, the nf4 / fp4 code (one per weight);
+      with double quantization: nested_absmax [ceil(blocks / 256)] fp32, nested_quant_map
+      [256] fp32 (a copy of the 8-bit dynamic map per weight) and offset, a 0-dim fp32.
+    The quantization state is not a parameter; memplan lists it with the buffers (held whole
+    by every rank, no gradient). prepare_kbit (SRC_PREPARE_KBIT) then casts every other
+    16-bit parameter to fp32.
+    """
+    mods = modules(inventory)
+    skip = default_skips(inventory) if ft.skip_modules is None else None
+    quantized = [
+        m.name
+        for m in mods.values()
+        if m.kind in ("linear", "conv1d")
+        and not m.alias
+        and not (skip is not None and m.output)
+        and not _skipped(m.name, ft, skip)
+    ]
+    chosen = set(quantized)
+    params: list[TensorSpec] = []
+    states: list[TensorSpec] = []
+    for t in inventory.parameters:
+        if _owner(t.name) in chosen and _leaf(t.name) == "weight":
+            params.append(packed_weight(t))
+            states += quant_state(t, double=ft.double_quant)
+        elif ft.prepare_kbit and t.dtype is None:
+            params.append(replace(t, dtype="fp32", trainable=False))
+        else:
+            params.append(frozen(t))
+    upcast = "; other parameters upcast to fp32 (prepare_model_for_kbit_training)"
+    largest = max((t.numel for t in inventory.parameters if _owner(t.name) in chosen), default=0)
+    transient = dequantized_weight_bytes(largest, compute=compute, double=ft.double_quant)
+    note = (
+        f"{FINETUNE_NOTE} {len(quantized)} Linear modules in 4-bit {ft.quant_type} "
+        f"(blocksize {BNB_4BIT_BLOCKSIZE}, double quantization "
+        f"{'on' if ft.double_quant else 'off'}), quantization state counted with the buffers"
+        f"{upcast if ft.prepare_kbit else ''}. Each 4-bit Linear dequantizes its weight for "
+        f"its matmuls: one layer's worth, {transient:,} B for the largest ({largest:,} "
+        f"elements in {compute}), alive during its forward and backward; not yet in the "
+        "transient rows."
+    )
+    return replace(
+        inventory,
+        parameters=tuple(params),
+        buffers=(*inventory.buffers, *states),
+        notes=(*inventory.notes, note),
+    )
+
+
+def dequantized_weight_bytes(numel: int, *, compute: str, double: bool) -> int:
+    """The transient of one 4-bit Linear's matmul: bitsandbytes MatMul4Bit dequantizes the
+    whole weight into the compute dtype (autograd/_functions.py::MatMul4Bit.backward:
+    `F.dequantize_4bit(B, ctx.state).to(grad_output.dtype)`, 0.50.1; the forward too up to
+    0.49, and in 0.50 for more than a few rows: backends/cuda/ops.py::
+    _gemm_4bit_use_custom_cuda), after dequantizing a nested absmax to fp32
+    (functional.py::dequantize_4bit). Only one layer's weight is alive at a time."""
+    blocks = -(-numel // BNB_4BIT_BLOCKSIZE)
+    return numel * dtype_bytes(compute) + (blocks * dtype_bytes("fp32") if double else 0)
+
+
+def default_skips(inventory: Inventory) -> set[str]:
+    """transformers quantizers/base.py::get_keys_to_not_convert: both sides of every tied
+    pair, the module of the last parameter, and the output embedding (caught by
+    `Module.output`)."""
+    names = {_owner(n) for pair in inventory.tied for n in pair}
+    if inventory.parameters:
+        names.add(_owner(inventory.parameters[-1].name))
+    return names
+
+
+def _skipped(name: str, ft: FinetuneSpec, default: set[str] | None) -> bool:
+    """Whether a Linear stays unquantized. Without skip_modules: the default skips (and the
+    output embedding). With them, transformers quantizers_utils.py::should_convert_module: a
+    pattern skips a module when it matches from the start up to a module boundary (as a
+    regex), or is a suffix of its name."""
+    if default is not None:
+        return name in default
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(
+        re.match(rf"(?:{key}){boundary}", name) or name.endswith(key)
+        for key in ft.skip_modules or ()
+    )
+
+
+def packed_weight(t: TensorSpec) -> TensorSpec:
+    """A bnb Params4bit: [(n + 1) // 2, 1] uint8, frozen (SRC_BNB_QUANT)."""
+    rows = (t.numel + 1) // BNB_VALUES_PER_BYTE
+    return replace(t, shape=(rows, 1), dtype="uint8", trainable=False)
+
+
+def quant_state(t: TensorSpec, *, double: bool) -> list[TensorSpec]:
+    """The QuantState of one 4-bit weight of n elements (SRC_BNB_QUANT; names as
+    QuantState.as_dict writes them)."""
+    blocks = -(-t.numel // BNB_4BIT_BLOCKSIZE)
+
+    def state(leaf: str, shape: tuple[int, ...], dtype: str) -> TensorSpec:
+        return TensorSpec(
+            f"{t.name}.{leaf}", shape, "buffer", dtype, layer=t.layer, role="quant_state"
+        )
+
+    out = [
+        state("absmax", (blocks,), "uint8" if double else "fp32"),
+        state("quant_map", (BNB_4BIT_CODE_ELEMS,), "fp32"),
+    ]
+    if double:
+        nested = -(-blocks // BNB_NESTED_BLOCKSIZE)
+        out += [
+            state("nested_absmax", (nested,), "fp32"),
+            state("nested_quant_map", (BNB_DYNAMIC_MAP_ELEMS,), "fp32"),
+            state("nested_offset", (), "fp32"),
+        ]
+    return out
+
+
+def freeze(inventory: Inventory, patterns: Sequence[str]) -> Inventory:
+    """Mark the parameters whose names match any fnmatch pattern as frozen. A name under
+    peft's prefix also matches without it (`model.embed_tokens.*` freezes
+    `base_model.model.model.embed_tokens.weight`)."""
+    if not patterns:
+        return inventory
+    names = [t.name for t in inventory.parameters]
+    for pattern in patterns:
+        if not any(freeze_matches(pattern, n) for n in names):
+            plain = [n.removeprefix(PEFT_PREFIX) for n in names]
+            hint = nearest(pattern, plain)
+            raise MemplanError(
+                f"freeze pattern {pattern!r} matches no parameter{hint}. Patterns are fnmatch "
+                f"(shell-style) over parameter names, e.g. {plain[0].rsplit('.', 1)[0]}.* or "
+                "model.layers.[0-9].* (see `memplan inventory`).",
+                field="finetune.freeze",
+            )
+    params = tuple(
+        frozen(t) if any(freeze_matches(p, t.name) for p in patterns) else t
+        for t in inventory.parameters
+    )
+    count = sum(
+        1 for a, b in zip(inventory.parameters, params, strict=True) if a.trainable != b.trainable
+    )
+    return replace(
+        inventory,
+        parameters=params,
+        notes=(
+            *inventory.notes,
+            f"{FINETUNE_NOTE} freeze {', '.join(patterns)}: {count} tensors frozen.",
+        ),
+    )
+
+
+def freeze_matches(pattern: str, name: str) -> bool:
+    """Whether a freeze pattern (fnmatch) matches a parameter name, with or without peft's
+    `base_model.model.` prefix."""
+    return fnmatch.fnmatchcase(name, pattern) or (
+        name.startswith(PEFT_PREFIX) and fnmatch.fnmatchcase(name[len(PEFT_PREFIX) :], pattern)
+    )
+
+
+def num_trainable(params: Iterable[TensorSpec]) -> int:
+    """Elements of the trainable parameters (peft's `print_trainable_parameters` count)."""
+    return sum(t.numel for t in params if t.trainable)
+
+
+def apply(spec: Spec, inventory: Inventory) -> Inventory:
+    """The inventory the job trains (see the module docstring); the input itself for a full
+    fine-tune without freeze patterns. Idempotent: a transformed inventory passes through."""
+    ft = spec.finetune
+    if ft.method == "full" and not ft.freeze:
+        return inventory
+    if any(n.startswith(FINETUNE_NOTE) for n in inventory.notes):
+        return inventory
+    return _apply(
+        inventory,
+        ft,
+        adapter=adapter_dtype(spec),
+        held_default=spec.recipe().parameters,
+        compute=spec.recipe().compute,
+        updated_default=spec.recipe().master_weights or spec.recipe().parameters,
+        engine=spec.parallelism.engine,
+        stage=spec.parallelism.stage,
+        tensor=spec.parallelism.tensor,
+    )
+
+
+@lru_cache(maxsize=256)
+def _apply(
+    inventory: Inventory,
+    ft: FinetuneSpec,
+    *,
+    adapter: str | None,
+    held_default: str,
+    updated_default: str,
+    compute: str,
+    engine: str,
+    stage: int,
+    tensor: int,
+) -> Inventory:
+    if inventory.is_bare_count or inventory.architecture is None:
+        raise MemplanError(
+            "fine-tuning needs the model's tensors (LoRA targets and freeze patterns are "
+            "matched by name): give hf_config, a preset or an architecture instead of "
+            "num_parameters.",
+            field="finetune",
+        )
+    if ft.method != "full" and tensor > 1:
+        raise MemplanError(
+            f"{ft.method} with parallelism.tensor={tensor} is not modelled (memplan's tensor-"
+            "parallel rules do not know peft's adapter tensors); use tensor: 1.",
+            field="finetune.method",
+        )
+    if ft.method == "qlora" and not (engine == "ddp" or (engine == "deepspeed" and stage < 3)):
+        raise MemplanError(
+            f"qlora with engine {engine} (ZeRO stage {stage}) is not modelled: sharding 4-bit "
+            "weights needs bnb_4bit_quant_storage and keeps the quantization state per rank. "
+            "Use engine: ddp, or deepspeed with zero_stage 0-2 (the frozen 4-bit base stays "
+            "whole on every rank).",
+            field="finetune.method",
+        )
+    out = inventory
+    if ft.method == "qlora":
+        out = quantize_4bit(out, ft, compute=compute)
+    if ft.method in ("lora", "qlora"):
+        out = lora(out, ft, dtype=adapter, reference=inventory)
+    out = freeze(out, ft.freeze)
+    if not any(t.trainable for t in out.parameters):
+        raise MemplanError(
+            "every parameter is frozen: nothing would train. Loosen finetune.freeze.",
+            field="finetune.freeze",
+        )
+    # The dtype each trainable tensor is updated in: its own, or the master copy's.
+    held = sorted(
+        {
+            t.dtype if t.dtype and t.dtype != held_default else updated_default
+            for t in out.parameters
+            if t.trainable
+        }
+    )
+    if engine == "ddp" and stage == 1 and len(held) > 1:
+        # torch/distributed/optim/zero_redundancy_optimizer.py::_verify_same_dense_param_type
+        raise MemplanError(
+            f"ZeroRedundancyOptimizer (engine: ddp, zero_stage: 1) needs one dtype for every "
+            f"trainable parameter, but these train in {' and '.join(held)} (peft's fp32 "
+            "adapters beside modules_to_save in the model dtype). Set "
+            "finetune.autocast_adapter_dtype: false, or use a *-mixed precision recipe.",
+            field="finetune",
+        )
+    return out
