@@ -47,7 +47,7 @@ def test_fake_measures_what_the_real_run_measures(
         elif parallelism["engine"] == "fsdp2" and ranks > 2:
             # A real 4-rank gloo run frees collective buffers at timing-dependent moments:
             # its peak varied by up to 7% between identical runs (1,604,828 vs 1,615,164 B and
-            # 2,216,348 vs 2,375,520 B seen), so the peak is held to the verify tolerance.
+            # 2,216,348 vs 2,375,520 B seen), so the peak is held to 8% here, not to the byte.
             fake_peak, real_peak = fake_rank.pop("peak"), real_rank.pop("peak")
             assert abs(fake_peak - real_peak) <= 0.08 * real_peak
         assert fake_rank == real_rank
