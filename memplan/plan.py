@@ -26,7 +26,6 @@ from memplan.spec import (
     ParallelismSpec,
     PlanSpec,
     Spec,
-    TrainingSpec,
 )
 from memplan.states import StageStates
 from memplan.steptime import Layout, Link, Shape, StepTime, step_time
@@ -96,8 +95,6 @@ def pipeline_split(layers: int, pipeline: int) -> tuple[int, ...] | None:
 
 
 def _recompute_options(allow: bool) -> tuple[str, ...]:
-    if "activation_checkpointing" not in TrainingSpec.model_fields:
-        return ("none",)
     return ("none", "selective", "full") if allow else ("none",)
 
 
@@ -253,10 +250,9 @@ class _Search:
         return sorted(out, key=lambda c: (c.time.total_s, c.peak_bytes))
 
     def _report(self, spec: Spec, states: list[StageStates], mbs: int, recompute: str) -> Report:
-        update: dict[str, Any] = {"micro_batch_size": mbs}
-        if "activation_checkpointing" in TrainingSpec.model_fields:
-            update["activation_checkpointing"] = recompute
-        training = spec.training.model_copy(update=update)
+        training = spec.training.model_copy(
+            update={"micro_batch_size": mbs, "activation_checkpointing": recompute}
+        )
         return assemble(spec.model_copy(update={"training": training}), self.inventory, states)
 
     def _candidate(
@@ -381,7 +377,7 @@ def plan(
 
 
 def _activations_modelled(report: Report) -> bool:
-    return bool(getattr(getattr(report, "activations", None), "modelled", False))
+    return report.activations.modelled
 
 
 def _fits(spec: Spec, inventory: Inventory, p: PlanSpec, gpus: int) -> bool:

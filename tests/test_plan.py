@@ -15,7 +15,7 @@ from memplan.estimate import estimate
 from memplan.load import PRESET_DIR, read_json
 from memplan.models import from_config
 from memplan.plan import pipeline_split, plan
-from memplan.spec import ParallelismSpec, TrainingSpec
+from memplan.spec import ParallelismSpec
 from tests.conftest import TINY_LLAMA, make_spec
 
 
@@ -80,9 +80,7 @@ def test_every_proposed_layout_fits_its_own_estimate():
     result = plan(spec, inv)
     assert result.layouts
     for c in result.layouts[:25]:
-        training = {"micro_batch_size": c.micro_batch_size}
-        if "activation_checkpointing" in TrainingSpec.model_fields:
-            training["activation_checkpointing"] = c.recompute
+        training = {"micro_batch_size": c.micro_batch_size, "activation_checkpointing": c.recompute}
         par = ParallelismSpec(
             engine=c.engine,
             data=c.data,
