@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from memplan import activations as acts
@@ -12,10 +13,11 @@ from memplan import timeline as tl
 from memplan.hardware import CATALOG
 from memplan.models import Inventory
 from memplan.optimizers import OptimizerConfig
+from memplan.parallel import stage_inventories
 from memplan.precision import Recipe
 from memplan.sharding import Placement, RankStates, Term
 from memplan.spec import Spec
-from memplan.states import StageStates, stage_states
+from memplan.states import StageStates, model_parallel, stage_states
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,7 +43,11 @@ class Report:
     stages: tuple[StageStates, ...]
     """Every pipeline stage (one when there is no pipeline parallelism)."""
     stage: int
-    """The most-loaded stage: `ranks`, `per_gpu` and `buffers` are its."""
+    """The most-loaded stage (highest peak): `ranks`, `per_gpu`, `buffers`, `activations` and
+    `timeline` are its."""
+    stage_peaks: tuple[tuple[int, int] | None, ...]
+    """Per stage: (activation bytes, peak bytes) of its most-loaded GPU; None for an interior
+    stage `assemble(every_stage=False)` skipped."""
     ranks: tuple[RankStates, ...]
     """Each class of identical data-parallel ranks of the most-loaded stage, in rank order."""
     per_gpu: RankStates
@@ -96,6 +102,20 @@ class Report:
         return None if self.capacity_bytes is None else self.peak_bytes <= self.capacity_bytes
 
 
+@lru_cache(maxsize=64)
+def summary(inventory: Inventory) -> ModelSummary:
+    """The model's counts (cached per inventory object: plan assembles thousands of reports
+    of one inventory)."""
+    return ModelSummary(
+        name=inventory.name,
+        model_type=inventory.architecture.model_type if inventory.architecture else None,
+        num_parameters=inventory.num_parameters,
+        num_parameter_tensors=len(inventory.parameters),
+        num_buffers=len(inventory.buffers),
+        num_trainable_parameters=finetune.num_trainable(inventory.parameters),
+    )
+
+
 def placement_of(spec: Spec) -> Placement:
     """Where the step runs, as the sharding rules need it."""
     par = spec.parallelism
@@ -133,42 +153,64 @@ def estimate(spec: Spec, inventory: Inventory) -> Report:
     return assemble(spec, inventory, model_states(spec, inventory))
 
 
-def assemble(spec: Spec, inventory: Inventory, stages: Sequence[StageStates]) -> Report:
+def assemble(
+    spec: Spec, inventory: Inventory, stages: Sequence[StageStates], *, every_stage: bool = True
+) -> Report:
     """The report from the model states of every stage (plan reuses them across layouts
-    that differ only in what does not change them: micro-batch, recomputation)."""
+    that differ only in what does not change them: micro-batch, recomputation).
+
+    Each pipeline rank gets its own activations and timeline; the most-loaded is the one with
+    the highest peak. `every_stage=False` (plan) skips the interior ranks another interior rank
+    dominates: same layers and model states but fewer micro-batches in flight.
+    """
     inventory = finetune.apply(spec, inventory)
     recipe = spec.recipe()
     opt = spec.optimizer.config()
     placement = placement_of(spec)
-    top = max(stages, key=lambda st: (st.model_state_bytes, -st.stage))
     capacity = spec.hardware.memory
     if capacity is None and spec.hardware.gpu:
         capacity = CATALOG[spec.hardware.gpu].memory_bytes
-    notes = list(inventory.notes)
-    saved = acts.for_spec(spec, inventory)
-    notes += saved.notes
-    timeline = tl.build(
-        spec,
-        inventory,
-        per_gpu=top.per_gpu,
-        buffer_bytes=sum(t.bytes for t in top.buffers),
-        saved=saved,
-        capacity_bytes=capacity,
+    micro = acts.micro_batch(spec, inventory)
+    local = (
+        stage_inventories(inventory, model_parallel(spec.parallelism))
+        if inventory.architecture is not None
+        else (inventory,) * len(stages)
     )
+    views: dict[int, tuple[acts.Activations, tl.Timeline]] = {}
+    seen: set[tuple[object, ...]] = set()
+    for i, st in enumerate(stages):
+        if not every_stage and 0 < i < len(stages) - 1:
+            key = (st.layers and len(st.layers), st.model_state_bytes, st.per_gpu.total_bytes)
+            if key in seen:
+                continue
+            seen.add(key)
+        saved = acts.on_rank(spec, inventory, micro, st.stage)
+        views[i] = (
+            saved,
+            tl.build(
+                spec,
+                local[st.stage],
+                per_gpu=st.per_gpu,
+                buffer_bytes=sum(t.bytes for t in st.buffers),
+                saved=saved,
+                capacity_bytes=capacity,
+            ),
+        )
+    index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
+    top = stages[index]
+    saved, timeline = views[index]
+    notes = list(inventory.notes) + list(saved.notes)
     return Report(
-        model=ModelSummary(
-            name=inventory.name,
-            model_type=inventory.architecture.model_type if inventory.architecture else None,
-            num_parameters=inventory.num_parameters,
-            num_parameter_tensors=len(inventory.parameters),
-            num_buffers=len(inventory.buffers),
-            num_trainable_parameters=finetune.num_trainable(inventory.parameters),
-        ),
+        model=summary(inventory),
         recipe=recipe,
         optimizer=opt,
         placement=placement,
         stages=tuple(stages),
         stage=top.stage,
+        stage_peaks=tuple(
+            (views[i][0].bytes, views[i][1].peak_bytes) if i in views else None
+            for i in range(len(stages))
+        ),
         ranks=top.ranks,
         per_gpu=top.per_gpu,
         buffers=top.buffers,
@@ -207,7 +249,7 @@ def _rank_json(states: RankStates) -> dict[str, Any]:
     }
 
 
-def _stage_json(stage: StageStates) -> dict[str, Any]:
+def _stage_json(stage: StageStates, peaks: tuple[int, int] | None) -> dict[str, Any]:
     gpu = stage.per_gpu
     return {
         "stage": stage.stage,
@@ -217,6 +259,8 @@ def _stage_json(stage: StageStates) -> dict[str, Any]:
         "gradients": gpu.bytes_of("gradients"),
         "optimizer_states": gpu.bytes_of("optimizer_states"),
         "model_states": stage.model_state_bytes,
+        "activations": None if peaks is None else peaks[0],
+        "peak": None if peaks is None else peaks[1],
     }
 
 
@@ -265,7 +309,10 @@ def to_json(report: Report) -> dict[str, Any]:
         "activations": acts.to_json(report.activations),
         "timeline": tl.to_json(report.timeline),
         "ranks": [_rank_json(r) for r in report.ranks],
-        "per_stage": [_stage_json(st) for st in report.stages],
+        "per_stage": [
+            _stage_json(st, peaks)
+            for st, peaks in zip(report.stages, report.stage_peaks, strict=True)
+        ],
         "per_host": {
             "total": report.host_bytes_per_node,
             "per_rank": report.host_bytes,

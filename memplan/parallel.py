@@ -158,8 +158,9 @@ def check_degrees(inventory: Inventory, mp: ModelParallel) -> None:
     stage_layers(arch.num_layers, mp)  # raises on a bad pipeline split
 
 
-def stage_layers(num_layers: int, mp: ModelParallel) -> list[list[int]]:
-    """The layer indices each pipeline rank holds (all of its virtual chunks)."""
+def chunk_layers(num_layers: int, mp: ModelParallel) -> list[int]:
+    """Layers of each model chunk, in model order (P x virtual stages chunks; chunk c lives on
+    pipeline rank c % P, Megatron's interleaved placement)."""
     p, v = mp.pipeline, mp.virtual_stages
     if mp.layers_per_stage is not None:
         counts = list(mp.layers_per_stage)
@@ -169,21 +170,24 @@ def stage_layers(num_layers: int, mp: ModelParallel) -> list[list[int]]:
                 f"(got {len(counts)} summing to {sum(counts)}).",
                 field="parallelism.layers_per_stage",
             )
-    else:
-        if num_layers % (p * v):
-            valid = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
-            raise MemplanError(
-                f"{num_layers} layers do not split evenly over pipeline {p} x virtual stages "
-                f"{v}; use degrees whose product divides {num_layers} "
-                f"({', '.join(map(str, valid))}) or give layers_per_stage.",
-                field="parallelism.pipeline",
-            )
-        counts = [num_layers // (p * v)] * (p * v)
-    # chunk c (0 .. p*v-1) lives on pipeline rank c % p (Megatron's interleaved schedule).
-    held: list[list[int]] = [[] for _ in range(p)]
+        return counts
+    if num_layers % (p * v):
+        valid = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
+        raise MemplanError(
+            f"{num_layers} layers do not split evenly over pipeline {p} x virtual stages "
+            f"{v}; use degrees whose product divides {num_layers} "
+            f"({', '.join(map(str, valid))}) or give layers_per_stage.",
+            field="parallelism.pipeline",
+        )
+    return [num_layers // (p * v)] * (p * v)
+
+
+def stage_layers(num_layers: int, mp: ModelParallel) -> list[list[int]]:
+    """The layer indices each pipeline rank holds (all of its virtual chunks)."""
+    held: list[list[int]] = [[] for _ in range(mp.pipeline)]
     start = 0
-    for chunk, count in enumerate(counts):
-        held[chunk % p].extend(range(start, start + count))
+    for chunk, count in enumerate(chunk_layers(num_layers, mp)):
+        held[chunk % mp.pipeline].extend(range(start, start + count))
         start += count
     return held
 
@@ -193,7 +197,7 @@ def stage_inventory(inventory: Inventory, mp: ModelParallel, stage: int) -> Inve
     return stage_inventories(inventory, mp)[stage]
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=256)
 def stage_inventories(inventory: Inventory, mp: ModelParallel) -> tuple[Inventory, ...]:
     """`stage_inventory` of every stage, in one pass over the tensors (plan calls this for
     hundreds of layouts: inventories hash by identity, so the cache is cheap)."""
@@ -204,7 +208,7 @@ def stage_inventories(inventory: Inventory, mp: ModelParallel) -> tuple[Inventor
         layer: s for s, held in enumerate(stage_layers(arch.num_layers, mp)) for layer in held
     }
     last = mp.pipeline - 1
-    shapes: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
+    local = _localised(inventory, mp.tensor, mp.expert, mp.vocab_divisible_by)
 
     def stage_of(t: TensorSpec) -> int:
         if mp.pipeline == 1:
@@ -221,27 +225,14 @@ def stage_inventories(inventory: Inventory, mp: ModelParallel) -> tuple[Inventor
             return stage_of_layer[t.layer]
         return last if t.role == "head" or _is_final_norm(t) else 0
 
-    def localise(t: TensorSpec) -> TensorSpec:
-        key = (_LAYER_INDEX.sub(".", t.name), t.shape)  # layers share their split
-        shape = shapes.get(key)
-        if shape is None:
-            shape = shapes[key] = local_shape(
-                t,
-                tp=mp.tensor,
-                ep=mp.expert,
-                model_type=arch.model_type,
-                vocab_divisible_by=mp.vocab_divisible_by,
-            )
-        return t if shape == t.shape else replace(t, shape=shape)
-
     params: list[list[TensorSpec]] = [[] for _ in range(mp.pipeline)]
-    for t in inventory.parameters:
-        params[stage_of(t)].append(localise(t))
+    for t, mine in zip(inventory.parameters, local, strict=True):
+        params[stage_of(t)].append(mine)
     if last > 0 and inventory.tied:
         # The last stage's own copy of the tied word embedding (the output layer's weight).
-        owners = {t.name: t for t in inventory.parameters}
+        owners = {t.name: mine for t, mine in zip(inventory.parameters, local, strict=True)}
         params[last] += [
-            replace(localise(owners[owner]), name=alias, role="head")
+            replace(owners[owner], name=alias, role="head")
             for alias, owner in inventory.tied
             if owner in owners
         ]
@@ -253,6 +244,32 @@ def stage_inventories(inventory: Inventory, mp: ModelParallel) -> tuple[Inventor
         replace(inventory, parameters=tuple(params[s]), buffers=tuple(buffers[s]))
         for s in range(mp.pipeline)
     )
+
+
+@lru_cache(maxsize=64)
+def _localised(
+    inventory: Inventory, tp: int, ep: int, vocab_divisible_by: int
+) -> tuple[TensorSpec, ...]:
+    """Every parameter with its TP/EP-local shape, in inventory order (shared by all pipeline
+    splits of one TP x EP layout)."""
+    arch = inventory.architecture
+    assert arch is not None
+    shapes: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
+
+    def localise(t: TensorSpec) -> TensorSpec:
+        key = (_LAYER_INDEX.sub(".", t.name), t.shape)  # layers share their split
+        shape = shapes.get(key)
+        if shape is None:
+            shape = shapes[key] = local_shape(
+                t,
+                tp=tp,
+                ep=ep,
+                model_type=arch.model_type,
+                vocab_divisible_by=vocab_divisible_by,
+            )
+        return t if shape == t.shape else replace(t, shape=shape)
+
+    return tuple(localise(t) for t in inventory.parameters)
 
 
 _LAYER_INDEX = re.compile(r"\.\d+\.")

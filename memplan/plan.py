@@ -173,6 +173,9 @@ class _Search:
                     if cp > 1 and self.spec.training.sequence_length % (2 * cp):
                         self.pruned["sequence not divisible by 2 x context"] += 1
                         continue
+                    if tp > 1 and (self.spec.training.sequence_length // cp) % tp:
+                        self.pruned["sequence not divisible by tensor (sequence parallel)"] += 1
+                        continue
                     dp = self.gpus // (tp * pp * cp)
                     if self.global_batch % dp:
                         self.pruned["global batch not divisible by data degree"] += 1
@@ -251,9 +254,19 @@ class _Search:
 
     def _report(self, spec: Spec, states: list[StageStates], mbs: int, recompute: str) -> Report:
         training = spec.training.model_copy(
-            update={"micro_batch_size": mbs, "activation_checkpointing": recompute}
+            update={
+                "micro_batch_size": mbs,
+                "activation_checkpointing": recompute,
+                # pipeline ranks keep up to this many micro-batches in flight
+                "gradient_accumulation_steps": self.global_batch // (mbs * spec.parallelism.data),
+            }
         )
-        return assemble(spec.model_copy(update={"training": training}), self.inventory, states)
+        return assemble(
+            spec.model_copy(update={"training": training}),
+            self.inventory,
+            states,
+            every_stage=False,
+        )
 
     def _candidate(
         self,

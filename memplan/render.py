@@ -194,15 +194,23 @@ def explanations(report: Report) -> Text:
 def stages_table(report: Report) -> Table:
     """One row per pipeline stage; the most-loaded stage is marked."""
     table = Table(title="Pipeline stages", box=box.SIMPLE, title_justify="left")
-    for name in ("stage", "layers", "parameters held", "model states", ""):
+    columns = ("stage", "layers", "parameters held", "model states", "activations", "peak", "")
+    for name in columns:
         table.add_column(name, justify="left" if name in ("stage", "layers", "") else "right")
-    for st in report.stages:
+    for st, peaks in zip(report.stages, report.stage_peaks, strict=True):
         layers = f"{st.layers[0]}-{st.layers[-1]}" if st.layers else "-"
         if st.layers and len(st.layers) != st.layers[-1] - st.layers[0] + 1:
             layers = ", ".join(map(str, st.layers))
         mark = "most loaded" if st.stage == report.stage else ""
+        acts, peak = (human(peaks[0]), human(peaks[1])) if peaks else ("-", "-")
         table.add_row(
-            str(st.stage), layers, f"{st.num_parameters:,}", human(st.model_state_bytes), mark
+            str(st.stage),
+            layers,
+            f"{st.num_parameters:,}",
+            human(st.model_state_bytes),
+            acts,
+            peak,
+            mark,
         )
     return table
 

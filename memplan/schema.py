@@ -284,6 +284,11 @@ class StageInfo(_Doc):
     """Optimizer-state bytes on that rank."""
     model_states: int
     """Model-state bytes of the stage's most-loaded rank, buffers included."""
+    activations: int | None
+    """Bytes that rank saves for backward at its peak, micro-batches in flight included."""
+    peak: int | None
+    """That rank's peak (its timeline's highest phase); the report's most-loaded stage is the
+    one with the highest."""
 
 
 class PerHost(_Doc):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -113,6 +114,9 @@ class PrecisionTable(Frozen):
         return value
 
     def recipe(self) -> Recipe:
+        return _recipe(self)
+
+    def _build(self) -> Recipe:
         base = PRESETS[self.preset or "fp32"]
         params = self.parameters or base.parameters
 
@@ -134,6 +138,13 @@ class PrecisionTable(Frozen):
             autocast=base.autocast,
             description=base.description if self.preset else "custom recipe",
         )
+
+
+@lru_cache(maxsize=64)
+def _recipe(table: PrecisionTable) -> Recipe:
+    """The recipe of a (frozen, hashable) precision table, built once: plan asks for it for
+    every layout."""
+    return table._build()
 
 
 class OptimizerSpec(Frozen):
@@ -242,6 +253,10 @@ class ParallelismSpec(Frozen):
     """Expert-parallel degree (MoE): each rank holds num_experts / expert of each MoE layer."""
     context: Degree = 1
     """Context-parallel degree (ring attention / Megatron CP): the sequence is split."""
+    expert_capacity_factor: float | None = Field(None, gt=0, le=1024)
+    """MoE expert capacity factor (Megatron --moe-expert-capacity-factor with
+    --moe-pad-expert-input-to-capacity): each expert's token buffer is padded to
+    ceil(tokens x top_k / experts x factor). None: dropless, balanced routing assumed."""
     make_vocab_size_divisible_by: PositiveInt = 128
     """Megatron pads the vocabulary to a multiple of this x tensor (its default, 128)."""
     offload: OffloadSpec = OffloadSpec()

@@ -157,7 +157,7 @@ def _stage_states(
     out = []
     for index in range(mp.pipeline):
         local = stage_inventory(inventory, mp, index)
-        key = tuple((t.shape, t.trainable, t.dtype) for t in local.parameters)
+        key = _shapes(local)
         if key not in by_shapes:
             by_shapes[key] = _rank_states(
                 local, rule, recipe, opt, dense_place, engine, stage, degree, mp.expert, offload
@@ -176,6 +176,12 @@ def _stage_states(
             )
         )
     return tuple(out)
+
+
+@lru_cache(maxsize=1024)
+def _shapes(local: Inventory) -> tuple[tuple[tuple[int, ...], bool, str | None], ...]:
+    """What a stage's states depend on, per tensor (stage inventories are cached objects)."""
+    return tuple((t.shape, t.trainable, t.dtype) for t in local.parameters)
 
 
 def _rank_states(

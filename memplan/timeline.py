@@ -17,7 +17,7 @@ one by one while gradients appear), so the peak of the step is at one of them.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
 from memplan.activations import Activations
@@ -64,9 +64,10 @@ class Point:
     def label(self) -> str:
         return LABELS[self.phase]
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(n for _, n in self.by_category)
+    total_bytes: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "total_bytes", sum(n for _, n in self.by_category))
 
     def of(self, category: Category) -> int:
         return dict(self.by_category)[category]
@@ -104,7 +105,7 @@ class Timeline:
 
 
 _MEMO: dict[tuple[int, Hashable], tuple[Inventory, Any]] = {}
-_MEMO_SIZE = 256
+_MEMO_SIZE = 4096
 
 
 def memo(inventory: Inventory, key: Hashable, compute: Callable[[], T]) -> T:
@@ -213,7 +214,8 @@ def transients(
         masters = sum(t.elements for t in per_gpu.terms if t.name == "master_weights")
         out.append(tr.master_gradients(masters, recipe.master_weights))
     out += _activation_transients(saved)
-    if saved.modelled:
+    out += saved.buffers
+    if saved.modelled and saved.block("embeddings") is not None:
         out.append(_embedding_backward(inventory, saved, recipe.gradients))
     if spec.hardware.device == "cuda":
         out += _rounding(spec, inventory, saved)
@@ -305,20 +307,22 @@ def _embedding_backward(inventory: Inventory, saved: Activations, grad: str) -> 
     that becomes `.grad`). With the LM head tied to the embedding, `.grad` already holds the
     head's gradient and accumulating the embedding's takes two more [vocab, hidden] tensors
     (measured with torch MemTracker on CPU: GPT-2 peaks here)."""
-    arch = inventory.architecture
-    assert arch is not None  # saved.modelled
     width = dtype_bytes(grad)
-    tied = 2 * arch.vocab_size * arch.hidden_size * width if inventory.tied else 0
+    # The word embedding as this rank holds it (vocab-parallel under TP); tied to a head on
+    # the same rank only without pipeline parallelism (the last stage keeps its own copy).
+    table = max(
+        (t for t in inventory.parameters if t.role == "embedding"),
+        key=lambda t: t.numel,
+        default=None,
+    )
+    tied_here = bool(inventory.tied) and saved.block("head") is not None
+    tied = 2 * table.numel * width if tied_here and table is not None else 0
     return Transient(
         name="embedding_backward",
         bytes=saved.hidden_bytes + tied,
         phases=("backward_end",),
         formula=f"{saved.hidden_bytes:,} B hidden-state gradient"
-        + (
-            f" + 2 x [{arch.vocab_size}, {arch.hidden_size}] x {width} B (tied head)"
-            if tied
-            else ""
-        ),
+        + (f" + 2 x {list(table.shape)} x {width} B (tied head)" if table and tied else ""),
         source="aten native/Embedding.cpp::embedding_dense_backward_cpu; "
         "torch/csrc/autograd/functions/accumulate_grad.h",
     )
@@ -329,9 +333,7 @@ def _rounding(spec: Spec, inventory: Inventory, saved: Activations) -> list[Tran
     and, for engines that keep one storage per parameter (ddp, fsdp2), over each parameter's
     parameter, gradient and optimizer-state tensors (flat-buffer engines: negligible)."""
     src = "c10/cuda/CUDACachingAllocator.cpp::round_size (kMinBlockSize = 512)"
-    acts = sum(
-        b.count * tr.rounding(t.bytes for t in b.tensors) for b in saved.blocks if not b.on_host
-    )
+    acts = sum(b.count * b.rounding_each for b in saved.blocks if not b.on_host)
     out = [
         Transient(
             name="allocator_rounding_activations",
@@ -386,9 +388,9 @@ def build(
     grads = per_gpu.bytes_of("gradients")
     grad_phases = _grad_phases(spec)
     head_grads = int(grads * memo(inventory, "head", lambda: _head_fraction(inventory)))
-    kept = sum(
-        b.bytes for b in saved.blocks if b.name in ("embeddings", "layers") and not b.on_host
-    )
+    # Alive outside the loss: everything but the current micro-batch's head and loss
+    # (pipeline ranks also hold the in_flight.* blocks of earlier micro-batches).
+    kept = sum(b.bytes for b in saved.blocks if b.name not in ("head", "loss") and not b.on_host)
     acts: dict[Phase, int] = {
         "start": 0,
         "forward": kept,
@@ -450,12 +452,14 @@ def _reserved(
         sizes = [t.bytes for t in per_gpu.terms if t.category != "gradients"] + [buffer_bytes]
         sizes.append(peak.of("gradients"))
     sizes += [t.bytes for t in timeline.transients if peak.phase in t.phases]
+    parts = [tr.segment_parts(sizes)]
     if peak.of("activations"):
         for b in saved.blocks:
             if b.on_host or (peak.phase in ("forward", "backward") and b.name in ("head", "loss")):
                 continue
-            sizes += [t.bytes for t in b.tensors] * b.count
-    return max(tr.segment_bytes(sizes), peak.total_bytes)
+            parts.append(tr.segment_parts((t.bytes for t in b.tensors), b.count))
+    total = tuple(sum(p[i] for p in parts) for i in range(3))
+    return max(tr.pack((total[0], total[1], total[2])), peak.total_bytes)
 
 
 def to_json(timeline: Timeline) -> dict[str, Any]:

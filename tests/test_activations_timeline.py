@@ -58,7 +58,10 @@ def test_unmodelled_families_say_so() -> None:
     assert not r.activations.modelled
     assert any("'t5' are not modelled" in n for n in r.notes)
     tp = report(parallelism={"engine": "megatron", "tensor": 2})
-    assert not tp.activations.modelled
+    assert tp.activations.modelled
+    cp_eager = report(parallelism={"context": 2}, training={"attention": "eager"})
+    assert not cp_eager.activations.modelled
+    assert any("context parallelism with eager attention" in n for n in cp_eager.notes)
 
 
 def test_ddp_buckets_are_a_second_copy_of_the_gradients() -> None:

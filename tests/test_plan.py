@@ -80,7 +80,11 @@ def test_every_proposed_layout_fits_its_own_estimate():
     result = plan(spec, inv)
     assert result.layouts
     for c in result.layouts[:25]:
-        training = {"micro_batch_size": c.micro_batch_size, "activation_checkpointing": c.recompute}
+        training = {
+            "micro_batch_size": c.micro_batch_size,
+            "activation_checkpointing": c.recompute,
+            "gradient_accumulation_steps": c.gradient_accumulation_steps,
+        }
         par = ParallelismSpec(
             engine=c.engine,
             data=c.data,

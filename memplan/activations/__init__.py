@@ -10,9 +10,11 @@ checkpointing none/full/selective, on CUDA or CPU kernels. Families without rule
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
+from functools import lru_cache
 from typing import Any
 
-from memplan.activations import bert, gpt2, gpt_neox, llama, lora
+from memplan.activations import bert, gpt2, gpt_neox, layout, llama, lora
 from memplan.activations.assemble import Model, finish
 from memplan.activations.tensors import (
     Activations,
@@ -25,7 +27,9 @@ from memplan.activations.tensors import (
     not_modelled,
 )
 from memplan.models.inventory import Architecture, Inventory
-from memplan.spec import Spec
+from memplan.parallel import chunk_layers
+from memplan.spec import FinetuneSpec, Spec
+from memplan.states import model_parallel
 
 FamilyRule = Callable[..., "Model | str"]
 
@@ -96,25 +100,83 @@ def setting_of(spec: Spec) -> Setting:
     )
 
 
-def for_spec(spec: Spec, inventory: Inventory) -> Activations:
-    """The activations of the most-loaded GPU for `spec`."""
+def layout_of(spec: Spec) -> layout.Layout:
     par = spec.parallelism
-    split = [
-        f"{name}={degree}"
-        for name, degree in (
-            ("tensor", par.tensor),
-            ("context", par.context),
-            ("pipeline", par.pipeline),
+    return layout.Layout(
+        tensor=par.tensor,
+        sequence_parallel=par.sequence_parallel,
+        context=par.context,
+        expert=par.expert,
+        capacity_factor=par.expert_capacity_factor,
+        vocab_divisible_by=par.make_vocab_size_divisible_by,
+    )
+
+
+def for_spec(spec: Spec, inventory: Inventory) -> Activations:
+    """The activations of the GPU that saves the most (pipeline rank 0 holds the most
+    micro-batches in flight, but uneven stages can move the maximum)."""
+    return max(for_stages(spec, inventory), key=lambda a: a.bytes)
+
+
+def for_stages(spec: Spec, inventory: Inventory) -> tuple[Activations, ...]:
+    """The activations of one GPU of each pipeline rank for `spec`'s layout, at that rank's
+    peak (memplan.activations.layout)."""
+    micro = micro_batch(spec, inventory)
+    return tuple(on_rank(spec, inventory, micro, r) for r in range(spec.parallelism.pipeline))
+
+
+def on_rank(spec: Spec, inventory: Inventory, micro: Activations, rank: int) -> Activations:
+    """Pipeline rank `rank`'s activations from one micro-batch's (`micro_batch`)."""
+    par = spec.parallelism
+    arch = inventory.architecture
+    if par.pipeline == 1 or arch is None or not micro.modelled:
+        return micro
+    p, v = par.pipeline, par.virtual_stages
+    chunks = chunk_layers(arch.num_layers, model_parallel(par))
+    return layout.stage(
+        micro,
+        chunk_layers=chunks[rank::p],
+        alive=layout.in_flight(par.schedule, p, v, rank, spec.training.gradient_accumulation_steps),
+        first=rank == 0,
+        last=rank == p - 1,
+    )
+
+
+def micro_batch(spec: Spec, inventory: Inventory) -> Activations:
+    """One micro-batch's activations on one GPU of the layout, every layer (the TP slice at
+    sequence / CP, sequence parallelism applied), with the layout's communication buffers."""
+    return _micro_batch(inventory, setting_of(spec), layout_of(spec), spec.finetune)
+
+
+@lru_cache(maxsize=256)
+def _micro_batch(
+    inventory: Inventory, st: Setting, lay: layout.Layout, ft: FinetuneSpec
+) -> Activations:
+    """`micro_batch`, cached: plan's layouts share few (setting, layout) pairs."""
+    arch = inventory.architecture
+    if lay.trivial or arch is None:
+        return lora.apply(ft, inventory, predict(inventory, st), st)
+    why = layout.check(arch, st, lay)
+    if why:
+        return layout.refused(why)
+    if ft.method != "full" or ft.freeze:
+        return layout.refused(
+            "activations not modelled for fine-tuning under tensor, context or expert parallelism"
         )
-        if degree > 1
-    ]
-    if split:
-        return not_modelled(
-            f"activations not modelled for {', '.join(split)} (only data parallelism is): "
-            "per_gpu.activations is 0 and the peak leaves them out."
+    local_st = layout.local_setting(st, lay)
+    if arch.num_experts:
+        local_st = replace(
+            local_st,
+            expert_pairs=layout.expert_pairs(arch, local_st.tokens, lay),
+            local_experts=arch.num_experts // lay.expert,
         )
-    st = setting_of(spec)
-    return lora.apply(spec, inventory, predict(inventory, st), st)
+    local_arch = layout.local_architecture(arch, lay)
+    local = predict(replace(inventory, architecture=local_arch), local_st)
+    if not local.modelled:
+        return local
+    if lay.sequence_parallel:
+        local = layout.split(predict(inventory, local_st), local, local_st, lay)
+    return replace(local, buffers=layout.buffers(arch, local_st, lay))
 
 
 def _unsupported(arch: Architecture) -> str:
@@ -141,6 +203,7 @@ __all__ = [
     "Setting",
     "modelled_families",
     "for_spec",
+    "for_stages",
     "predict",
     "setting_of",
     "to_json",

@@ -59,7 +59,8 @@ def sparse_moe(
     """
     e, k, h = arch.num_experts, arch.num_experts_per_token, arch.hidden_size
     inter = int(arch.extra.get("moe_intermediate_size", arch.intermediate_size))
-    pairs = tokens * k
+    pairs = tokens * k if st.expert_pairs is None else st.expert_pairs
+    local = e if st.local_experts is None else st.local_experts
     x = st.stream
     out = kernels.linear_inputs([f"{prefix}.gate"], tokens, h, x_dtype, st)
     out += kernels.weight_casts([(f"{prefix}.gate", (e, h))], st)
@@ -73,7 +74,7 @@ def sparse_moe(
     add("router.topk_sum", (tokens, 1), kernels.FP32, "DivBackward0")
     add("experts.token_index", (pairs,), kernels.INT64, "IndexBackward0")
     add("experts.perm", (pairs,), kernels.INT64, "IndexBackward0")
-    add("experts.offsets", (e,), "int32", "GroupedMmBackward0")
+    add("experts.offsets", (local,), "int32", "GroupedMmBackward0")
     add("experts.input", (pairs, h), x, "GroupedMmBackward0")
     add("experts.gate_up_output", (pairs, 2 * inter), x, "SiluBackward0")
     add("experts.act_output", (pairs, inter), x, "MulBackward0")

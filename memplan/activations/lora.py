@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from memplan.activations import kernels
 from memplan.activations.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.models.inventory import Inventory
-from memplan.spec import Spec
+from memplan.spec import FinetuneSpec
 
 SRC_LORA = "peft 0.21.2 tuners/lora/layer.py::Linear.forward"
 SRC_LORA_EMBEDDING = "peft 0.21.2 tuners/lora/layer.py::Embedding.forward"
@@ -580,10 +580,9 @@ def _ends(
     return replace(block, tensors=tuple(kept))
 
 
-def apply(spec: Spec, inventory: Inventory, saved: Activations, st: Setting) -> Activations:
-    """The hook memplan.activations.for_spec calls: `saved` unchanged for a full fine-tune
+def apply(ft: FinetuneSpec, inventory: Inventory, saved: Activations, st: Setting) -> Activations:
+    """The hook memplan.activations.micro_batch calls: `saved` unchanged for a full fine-tune
     without frozen parameters, else `adjust`ed (`inventory` is memplan.finetune's)."""
-    ft = spec.finetune
     if ft.method == "full" and not ft.freeze:
         return saved
     out = adjust(

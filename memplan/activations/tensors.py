@@ -11,9 +11,10 @@ the first node that saves it. tests/test_activations.py proves every rule agains
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from memplan.activations.transient import Transient, rounding
 from memplan.precision import dtype_bytes
 
 Device = Literal["cuda", "cpu"]
@@ -58,6 +59,11 @@ class Setting:
     """Activation checkpointing of the decoder layers."""
     offload: bool = False
     """Checkpointed layer inputs kept in pinned host memory (transformers `offload=True`)."""
+    expert_pairs: int | None = None
+    """(token, expert) pairs one GPU's experts process per MoE layer, when the layout fixes
+    them (memplan.activations.layout.expert_pairs); None: top_k x tokens."""
+    local_experts: int | None = None
+    """Experts on this GPU (expert parallelism); None: all of them."""
 
     @property
     def tokens(self) -> int:
@@ -78,13 +84,14 @@ class Saved:
     source: str
     """Where the rule comes from: the kernel or modeling file that saves it."""
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+    numel: int = field(init=False, repr=False)
+    bytes: int = field(init=False, repr=False)
 
-    @property
-    def bytes(self) -> int:
-        return self.numel * dtype_bytes(self.dtype)
+    def __post_init__(self) -> None:
+        # Computed once: plan sums these over thousands of layouts.
+        numel = math.prod(self.shape)
+        object.__setattr__(self, "numel", numel)
+        object.__setattr__(self, "bytes", numel * dtype_bytes(self.dtype))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,17 +110,19 @@ class Block:
     on_host: bool = False
     """Offloaded to pinned host memory (not on the GPU)."""
 
-    @property
-    def bytes_each(self) -> int:
-        return sum(t.bytes for t in self.tensors)
+    bytes_each: int = field(init=False, repr=False)
+    recompute_bytes: int = field(init=False, repr=False)
+    rounding_each: int = field(init=False, repr=False)
+    """Bytes the CUDA caching allocator's 512-byte blocks add to one copy's tensors."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bytes_each", sum(t.bytes for t in self.tensors))
+        object.__setattr__(self, "recompute_bytes", sum(t.bytes for t in self.recompute))
+        object.__setattr__(self, "rounding_each", rounding(t.bytes for t in self.tensors))
 
     @property
     def bytes(self) -> int:
         return self.count * self.bytes_each
-
-    @property
-    def recompute_bytes(self) -> int:
-        return sum(t.bytes for t in self.recompute)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,6 +139,9 @@ class Activations:
     """The fp32 copy of the logits the loss makes (`logits.float()`), alive during the loss."""
     hidden_bytes: int = 0
     """One hidden state [batch, seq, hidden] in the stream dtype (backward working set)."""
+    buffers: tuple[Transient, ...] = ()
+    """Communication buffers of a model-parallel layout (memplan.activations.layout.buffers):
+    transient, not saved."""
     notes: tuple[str, ...] = ()
 
     @property

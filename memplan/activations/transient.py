@@ -88,6 +88,15 @@ def segment_bytes(sizes: Iterable[int]) -> int:
     large blocks in their own segments rounded to 2 MiB, medium ones packed into 20 MiB
     segments, small ones into 2 MiB segments (allocator constants above; perfect packing, so
     a lower bound: fragmentation and blocks cached from earlier phases come on top)."""
+    return pack(segment_parts(sizes))
+
+
+Parts = tuple[int, int, int]
+
+
+def segment_parts(sizes: Iterable[int], times: int = 1) -> Parts:
+    """(large, medium, small) bytes of `sizes`, each allocated `times` times, before packing
+    into segments: parts of several groups add up, `pack` turns the sum into bytes."""
     large = small = medium = 0
     for n in sizes:
         block = round_block(n)
@@ -97,6 +106,12 @@ def segment_bytes(sizes: Iterable[int]) -> int:
             medium += block
         else:
             large += -(-block // ROUND_LARGE) * ROUND_LARGE
+    return large * times, medium * times, small * times
+
+
+def pack(parts: Parts) -> int:
+    """`segment_bytes` of blocks whose `segment_parts` add up to `parts`."""
+    large, medium, small = parts
     return large + _segments(medium, LARGE_SEGMENT) + _segments(small, SMALL_SEGMENT)
 
 

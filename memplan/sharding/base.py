@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Literal
 
@@ -55,9 +55,10 @@ class RankStates:
     host_terms: tuple[Term, ...] = ()
     """States the engine keeps in host memory (e.g. torch's CPU `step` scalars on CUDA runs)."""
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.bytes for t in self.terms)
+    total_bytes: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "total_bytes", sum(t.bytes for t in self.terms))
 
     def bytes_of(self, category: Category) -> int:
         return sum(t.bytes for t in self.terms if t.category == category)

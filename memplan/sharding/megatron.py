@@ -24,6 +24,7 @@ from memplan.precision import Recipe, dtype_bytes
 from memplan.sharding.base import (
     Placement,
     RankStates,
+    Term,
     fmt,
     group_ranks,
     optimizer_terms,
@@ -151,16 +152,21 @@ def megatron(
     )
     spans.sort()
     per_rank: list[RankStates] = []
+    # Ranks whose shards cut the same piece sizes have the same states (most shards lie
+    # inside one large tensor): work each set out once.
+    seen: dict[tuple[int, ...], tuple[list[Term], list[Term]]] = {}
     for rank in range(world):
-        pieces = owned_elements(spans, rank * shard, (rank + 1) * shard)
-        device, host = optimizer_terms(
-            [(n,) for n in pieces],
-            opt=opt,
-            recipe=mega_recipe,
-            placement=placement,
-            view=f"parameter pieces in buffer shard {rank} ({fmt(shard)} elements)",
-            source=SRC_DIST_OPT,
-            step_is_int=True,
-        )
+        pieces = tuple(sorted(owned_elements(spans, rank * shard, (rank + 1) * shard)))
+        if pieces not in seen:
+            seen[pieces] = optimizer_terms(
+                [(n,) for n in pieces],
+                opt=opt,
+                recipe=mega_recipe,
+                placement=placement,
+                view=f"parameter pieces in one buffer shard ({fmt(shard)} elements)",
+                source=SRC_DIST_OPT,
+                step_is_int=True,
+            )
+        device, host = seen[pieces]
         per_rank.append(RankStates(ranks=(rank,), terms=(*terms, *device), host_terms=tuple(host)))
     return group_ranks(per_rank, key=lambda r: r.total_bytes)

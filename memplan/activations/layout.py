@@ -1,0 +1,341 @@
+"""Activations under model parallelism: what one GPU of a TP x SP x CP x PP x EP layout saves.
+
+The single-GPU rules (memplan.activations.predict) describe transformers' forward pass tensor
+by tensor. A model-parallel rank runs the same layer on a slice, the way Megatron-LM builds it:
+
+- Tensor parallelism (megatron/core/tensor_parallel/layers.py: Column/RowParallelLinear,
+  VocabParallelEmbedding): each rank holds heads / TP query and key/value heads, intermediate /
+  TP of the MLP (and of every expert) and the padded vocabulary / TP (make_vocab_size_divisible_by
+  x TP). The rank's saved tensors are the single-GPU rules applied to that narrower model, so
+  every tensor inside the attention core, the MLP and the loss shrinks by TP, and every tensor
+  outside them (norms, residual dropout masks, the inputs of the column-parallel linears) stays
+  whole: replicated on every TP rank (Korthikanti et al. 2022, "Reducing Activation
+  Recomputation in Large Transformer Models", sec. 4.2.1, the 10 sbh of eq. 2).
+- Sequence parallelism splits the sequence dimension of exactly those replicated tensors over
+  the TP ranks (sec. 4.2.2; the column-parallel linears save their sequence-parallel input and
+  all-gather it again in backward: layers.py::LinearWithGradAccumulationAndAsyncCommunication).
+  A tensor is "replicated" when the narrower model leaves its shape unchanged; the exceptions,
+  which Megatron keeps whole on every TP rank, are the embedding's indices and the RoPE tables
+  (computed before the scatter to the sequence-parallel region), the loss's targets, and the MoE
+  experts' tokens, which the token dispatcher all-gathers over TP before the experts run
+  (moe/token_dispatcher.py::MoEAlltoAllTokenDispatcher.dispatch_postprocess).
+- Context parallelism splits the sequence of every tensor over CP ranks (each rank runs
+  sequence / CP tokens). Attention runs as ring attention on flash kernels (Transformer Engine
+  attention/dot_product_attention/context_parallel.py::AttnFuncWithCPAndKVP2P): it saves the
+  local q, one key/value chunk, the output and the softmax statistics, i.e. the SDPA rule at
+  sequence / CP; the key/value chunks it exchanges are transient buffers (`buffers`).
+- Pipeline parallelism: a rank holds its stages' layers, the first the embeddings and the last
+  the final norm, head and loss; the schedule decides how many micro-batches each keeps in
+  flight (`in_flight`).
+- Expert parallelism: experts split over EP ranks; with the token dispatcher's all-to-all a
+  rank's experts receive, on balanced routing, top_k x tokens (token, expert) pairs, as on one
+  GPU; with a capacity factor the buffers are padded to capacity (moe_utils.py::get_capacity).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from memplan.activations.tensors import Activations, Block, Saved, Setting, not_modelled
+from memplan.activations.transient import Transient
+from memplan.errors import MemplanError
+from memplan.models.inventory import Architecture
+from memplan.parallel import padded_vocab
+from memplan.precision import dtype_bytes
+
+SRC_TP = (
+    "megatron/core/tensor_parallel/layers.py (Column/RowParallelLinear, VocabParallelEmbedding)"
+)
+SRC_SP = (
+    "megatron/core/tensor_parallel/layers.py::LinearWithGradAccumulationAndAsyncCommunication "
+    "(sequence_parallel: all-gather into get_global_memory_buffer())"
+)
+SRC_CP = (
+    "TransformerEngine attention/dot_product_attention/context_parallel.py::"
+    "AttnFuncWithCPAndKVP2P (p2p_comm_buffers; backward: dq_buffer, 2 x [2, *kv.shape])"
+)
+SRC_MOE = (
+    "megatron/core/transformer/moe/token_dispatcher.py::MoEAlltoAllTokenDispatcher "
+    "(permute -> all_to_all -> TP all-gather; combine mirrors it)"
+)
+SRC_SCHEDULE = (
+    "megatron/core/pipeline_parallel/schedules.py::get_pp_rank_microbatches, get_schedule_table"
+)
+
+# Saved tensors Megatron keeps whole on every TP rank under sequence parallelism (see above).
+_NOT_SEQUENCE_SPLIT = (".indices", "rotary_emb.", "experts.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Layout:
+    """The model-parallel degrees that change what one GPU saves."""
+
+    tensor: int = 1
+    sequence_parallel: bool = False
+    context: int = 1
+    expert: int = 1
+    capacity_factor: float | None = None
+    """MoE expert capacity factor (None: dropless, balanced routing assumed)."""
+    vocab_divisible_by: int = 128
+
+    @property
+    def trivial(self) -> bool:
+        return self.tensor == 1 and self.context == 1 and self.expert == 1
+
+
+def check(arch: Architecture, st: Setting, lay: Layout) -> str:
+    """Why this layout's activations are outside the rules, or ''. Raises on a sequence the
+    layout cannot split."""
+    if lay.context > 1:
+        if st.sequence % lay.context:
+            raise MemplanError(
+                f"context parallelism {lay.context} does not divide sequence_length "
+                f"{st.sequence}; use a degree that divides it.",
+                field="parallelism.context",
+            )
+        if st.attention != "sdpa":
+            return (
+                "activations not modelled for context parallelism with eager attention "
+                "(ring attention runs flash kernels): set training.attention: sdpa"
+            )
+    if lay.sequence_parallel and (st.sequence // lay.context) % lay.tensor:
+        raise MemplanError(
+            f"sequence parallelism splits the {st.sequence // lay.context} tokens of each "
+            f"sequence (per context rank) over {lay.tensor} tensor ranks: they must divide "
+            "evenly (Megatron asserts seq_length % tensor_model_parallel_size == 0).",
+            field="parallelism.sequence_parallel",
+        )
+    if lay.tensor > 1 and arch.model_type == "bert":
+        return "activations not modelled for BERT under tensor parallelism"
+    return ""
+
+
+def local_architecture(arch: Architecture, lay: Layout) -> Architecture:
+    """The slice of the model one TP rank runs (SRC_TP): heads, key/value heads, the MLP's and
+    each expert's intermediate size and the padded vocabulary, each / TP."""
+    tp = lay.tensor
+    if tp == 1:
+        return arch
+    extra = dict(arch.extra)
+    if "moe_intermediate_size" in extra:
+        extra["moe_intermediate_size"] = int(extra["moe_intermediate_size"]) // tp
+    return replace(
+        arch,
+        num_attention_heads=arch.num_attention_heads // tp,
+        num_key_value_heads=arch.num_key_value_heads // tp,
+        intermediate_size=arch.intermediate_size // tp,
+        vocab_size=padded_vocab(arch.vocab_size, tp, lay.vocab_divisible_by) // tp,
+        extra=extra,
+    )
+
+
+def local_setting(st: Setting, lay: Layout) -> Setting:
+    """One context-parallel rank's forward pass: sequence / CP tokens per sequence."""
+    if lay.context == 1:
+        return st
+    return replace(st, sequence=st.sequence // lay.context)
+
+
+def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Activations:
+    """`local` (the TP slice's activations at sequence / CP) with sequence parallelism applied:
+    the tensors TP leaves whole (same shape in `full`, the whole model's prediction at the same
+    sequence) have their token dimension split over the TP ranks."""
+    if not (lay.sequence_parallel and lay.tensor > 1):
+        return local
+    whole = {(b.name, t.name): t.shape for b in full.blocks for t in (*b.tensors, *b.recompute)}
+
+    def sp(block: Block, t: Saved) -> Saved:
+        if block.name == "loss" or any(k in t.name for k in _NOT_SEQUENCE_SPLIT):
+            return t
+        if whole.get((block.name, t.name)) != t.shape:
+            return t  # split by TP already
+        shape = _split_tokens(t.shape, st, lay.tensor)
+        return t if shape is None else replace(t, shape=shape)
+
+    blocks = tuple(
+        replace(
+            b,
+            tensors=tuple(sp(b, t) for t in b.tensors),
+            recompute=tuple(sp(b, t) for t in b.recompute),
+        )
+        for b in local.blocks
+    )
+    return replace(local, blocks=blocks, hidden_bytes=local.hidden_bytes // lay.tensor)
+
+
+def _split_tokens(shape: tuple[int, ...], st: Setting, parts: int) -> tuple[int, ...] | None:
+    """`shape` with its token dimension ([tokens, ...] or [batch, seq, ...]) / parts."""
+    if len(shape) >= 3 and shape[:2] == (st.batch, st.sequence):
+        return (shape[0], shape[1] // parts, *shape[2:])
+    if shape and shape[0] == st.tokens:
+        return (shape[0] // parts, *shape[1:])
+    return None
+
+
+def in_flight(
+    schedule: str, pipeline: int, virtual: int, rank: int, microbatches: int
+) -> list[int]:
+    """Micro-batches whose activations pipeline `rank` holds at its peak, per model chunk.
+
+    The peak is when the first backward starts: the warmup forwards and one more are alive.
+    1F1B: min(P - rank, m) (warmup P - rank - 1); GPipe: all m; interleaved: the first
+    min(warmup + 1, m x v) entries of Megatron's schedule table, warmup = 2 (P - rank - 1) +
+    (v - 1) x P, micro-batches grouped by P (SRC_SCHEDULE). On the first stage that is
+    L x (1 + (P - 1) / (P v)) layer-micro-batches, the penalty in Megatron's
+    theoretical_memory_usage.py.
+    """
+    p, v, m = pipeline, virtual, microbatches
+    if p == 1:
+        return [1]
+    if schedule == "gpipe":
+        return [m] * v
+    if schedule == "1f1b" or v == 1:
+        return [min(p - rank, m)]
+    total = m * v
+    alive = min((p - rank - 1) * 2 + (v - 1) * p + 1, total)
+    counts = [0] * v
+    for _, chunk in _schedule_table(m, v, p)[:alive]:
+        counts[chunk] += 1
+    return counts
+
+
+def _schedule_table(microbatches: int, chunks: int, group: int) -> list[tuple[int, int]]:
+    """(micro-batch, model chunk) in forward order (schedules.py::get_schedule_table)."""
+    table = []
+    for first in range(0, microbatches, group):
+        last = min(first + group, microbatches)
+        table += [(mb, c) for c in range(chunks) for mb in range(first, last)]
+    return table
+
+
+def stage(
+    micro: Activations,
+    *,
+    chunk_layers: Sequence[int],
+    alive: Sequence[int],
+    first: bool,
+    last: bool,
+) -> Activations:
+    """One pipeline rank's activations at its peak from one micro-batch's (`micro`, every
+    layer): the layers of its chunks (`chunk_layers`, one count per model chunk), the
+    embeddings on the first rank, the head and loss on the last, each times the micro-batches
+    in flight (`alive`, per chunk). The micro-batch whose backward starts the peak keeps the
+    ordinary blocks; the others are `in_flight.*` blocks."""
+    if not micro.modelled:
+        return micro
+    by = {b.name: b for b in micro.blocks}
+    layers = by["layers"]
+    # The first backward is the last chunk's (the deepest layers of the first micro-batch).
+    current = chunk_layers[-1]
+    held = sum(n * k for n, k in zip(chunk_layers, alive, strict=True)) - current
+    blocks: list[Block] = []
+    if first:
+        blocks.append(by["embeddings"])
+    blocks.append(replace(layers, count=current))
+    if last:
+        blocks += [by["head"], by["loss"]]
+
+    def more(b: Block, count: int) -> None:
+        if count > 0:
+            blocks.append(
+                replace(b, name=f"in_flight.{b.name}", count=count, layered=False, recompute=())
+            )
+
+    if first:
+        more(by["embeddings"], alive[0] - 1)
+    more(layers, held)
+    if last:
+        more(by["head"], alive[-1] - 1)
+        more(by["loss"], alive[-1] - 1)
+    notes = micro.notes
+    if len(alive) > 1 or alive[0] > 1:
+        notes = (
+            *notes,
+            f"pipeline: {sum(n * k for n, k in zip(chunk_layers, alive, strict=True))} "
+            f"layer-micro-batches in flight at the peak ({', '.join(map(str, alive))} "
+            f"micro-batches per model chunk; {SRC_SCHEDULE}).",
+        )
+    return replace(
+        micro,
+        blocks=tuple(blocks),
+        logits_bytes=micro.logits_bytes if last else 0,
+        upcast_bytes=micro.upcast_bytes if last else 0,
+        notes=notes,
+    )
+
+
+def buffers(arch: Architecture, st: Setting, lay: Layout) -> tuple[Transient, ...]:
+    """Communication buffers of the layout, alive during forward and backward (not saved);
+    `st` is one context-parallel rank's setting (`local_setting`)."""
+    out: list[Transient] = []
+    cp, tp = lay.context, lay.tensor
+    tokens = st.tokens  # `st` is one context-parallel rank's (local_setting)
+    width = dtype_bytes(st.stream)
+    if lay.sequence_parallel and tp > 1:
+        n = tokens * arch.hidden_size * dtype_bytes(st.matmul)
+        out.append(
+            Transient(
+                name="sequence_parallel_all_gather",
+                bytes=n,
+                phases=("forward", "loss", "backward_start", "backward"),
+                formula=f"[{tokens}, {arch.hidden_size}] in {st.matmul} (one gathered input)",
+                source=SRC_SP,
+            )
+        )
+    if cp > 1:
+        kv_heads = max(arch.num_key_value_heads // tp, 1)
+        chunk = 2 * tokens * kv_heads * arch.head_dim * dtype_bytes(st.matmul)
+        q = tokens * (arch.num_attention_heads // tp) * arch.head_dim * dtype_bytes(st.matmul)
+        out.append(
+            Transient(
+                name="context_parallel_kv_forward",
+                bytes=(cp - 1) * chunk,
+                phases=("forward",),
+                formula=f"(CP - 1) x {chunk:,} B key/value chunks received in the ring "
+                "(the last one is saved)",
+                source=SRC_CP,
+            )
+        )
+        out.append(
+            Transient(
+                name="context_parallel_kv_backward",
+                bytes=4 * chunk + q,
+                phases=("backward",),
+                formula=f"2 x [2, key/value chunk] ({4 * chunk:,} B: k/v and dk/dv, "
+                f"double-buffered) + dq {q:,} B",
+                source=SRC_CP,
+            )
+        )
+    if arch.num_experts and (lay.expert > 1 or tp > 1):
+        pairs = expert_pairs(arch, tokens, lay) // tp
+        n = 2 * pairs * arch.hidden_size * width
+        out.append(
+            Transient(
+                name="moe_token_dispatch",
+                bytes=n,
+                phases=("forward", "backward"),
+                formula=f"2 x [{pairs}, {arch.hidden_size}] (permuted tokens before and after "
+                "the all-to-all)",
+                source=SRC_MOE,
+            )
+        )
+    return tuple(out)
+
+
+def expert_pairs(arch: Architecture, tokens: int, lay: Layout) -> int:
+    """(token, expert) pairs one rank's experts process per layer: top_k x tokens on balanced
+    dropless routing; with a capacity factor c, every local expert's buffer padded to
+    capacity = ceil(tokens / TP x top_k / E x c) from each of the TP x EP ranks
+    (token_dispatcher.py::MoEAlltoAllTokenDispatcher.preprocess, moe_utils.py::get_capacity)."""
+    k, e = arch.num_experts_per_token, arch.num_experts
+    if lay.capacity_factor is None:
+        return tokens * k
+    per_rank = tokens // lay.tensor
+    capacity = math.ceil(per_rank * k / e * lay.capacity_factor)
+    return (e // lay.expert) * capacity * lay.tensor * lay.expert
+
+
+def refused(why: str) -> Activations:
+    return not_modelled(f"{why}: per_gpu.activations is 0 and the peak leaves them out.")
