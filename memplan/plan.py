@@ -52,6 +52,8 @@ class Candidate:
     recompute: str
     offload: str
     layers_per_stage: tuple[int, ...] | None
+    virtual_stages: int
+    """Model chunks per pipeline rank (> 1: Megatron's interleaved 1F1B schedule)."""
     peak_bytes: int
     headroom_bytes: int
     time: StepTime
@@ -88,7 +90,7 @@ def pipeline_split(layers: int, pipeline: int) -> tuple[int, ...] | None:
     None when neither divides."""
     if layers % pipeline == 0:
         return (layers // pipeline,) * pipeline
-    if pipeline > 2 and (layers + 2) % pipeline == 0:
+    if pipeline > 2 and (layers + 2) % pipeline == 0 and layers + 2 >= 2 * pipeline:
         per = (layers + 2) // pipeline
         return (per - 1, *([per] * (pipeline - 2)), per - 1)
     return None
@@ -143,8 +145,9 @@ class _Search:
     activations_modelled: bool = True
     """Whether memplan models this model's activations at all (on plain data parallelism)."""
 
-    def degrees(self) -> Iterator[tuple[int, int, int, int, tuple[int, ...] | None]]:
-        """(tensor, pipeline, context, expert, layers_per_stage) that multiply to the GPUs."""
+    def degrees(self) -> Iterator[tuple[int, int, int, int, int, tuple[int, ...] | None]]:
+        """(tensor, pipeline, virtual stages, context, expert, layers_per_stage (one entry per
+        model chunk, None when even)) whose degrees multiply to the GPUs."""
         arch = self.inventory.architecture
         assert arch is not None
         gpn = self.spec.hardware.gpus_per_node
@@ -163,38 +166,59 @@ class _Search:
                 if pp > (self.plan.max_pipeline or arch.num_layers):
                     self.pruned["pipeline degree above max_pipeline"] += 1
                     continue
-                split = pipeline_split(arch.num_layers, pp)
-                if split is None:
-                    self.pruned["layers not divisible by pipeline"] += 1
-                    continue
-                for cp in _divisors(self.gpus // (tp * pp)):
-                    if cp > self.plan.max_context:
+                for vp in self._virtual(pp):
+                    split = pipeline_split(arch.num_layers, pp * vp)
+                    if split is None:
+                        self.pruned["layers not divisible by pipeline"] += 1
                         continue
-                    if cp > 1 and self.spec.training.sequence_length % (2 * cp):
-                        self.pruned["sequence not divisible by 2 x context"] += 1
-                        continue
-                    if tp > 1 and (self.spec.training.sequence_length // cp) % tp:
-                        self.pruned["sequence not divisible by tensor (sequence parallel)"] += 1
-                        continue
-                    dp = self.gpus // (tp * pp * cp)
-                    if self.global_batch % dp:
-                        self.pruned["global batch not divisible by data degree"] += 1
-                        continue
-                    experts = [1]
-                    if arch.num_experts:
-                        experts = [e for e in _divisors(dp) if arch.num_experts % e == 0]
-                    for ep in experts:
-                        even = len(set(split)) == 1
-                        yield tp, pp, cp, ep, None if even else split
+                    yield from self._context_expert(tp, pp, vp, split)
+
+    def _virtual(self, pp: int) -> list[int]:
+        """Model chunks per pipeline rank to try: 1, and with Megatron in the engines the
+        interleaved schedule's 2, 4, ... up to plan.max_virtual_stages."""
+        if pp == 1 or "megatron" not in self.plan.engines:
+            return [1]
+        out, v = [1], 2
+        while v <= self.plan.max_virtual_stages:
+            out.append(v)
+            v *= 2
+        return out
+
+    def _context_expert(
+        self, tp: int, pp: int, vp: int, split: tuple[int, ...]
+    ) -> Iterator[tuple[int, int, int, int, int, tuple[int, ...] | None]]:
+        arch = self.inventory.architecture
+        assert arch is not None
+        for cp in _divisors(self.gpus // (tp * pp)):
+            if cp > self.plan.max_context:
+                continue
+            if cp > 1 and self.spec.training.sequence_length % (2 * cp):
+                self.pruned["sequence not divisible by 2 x context"] += 1
+                continue
+            if tp > 1 and (self.spec.training.sequence_length // cp) % tp:
+                self.pruned["sequence not divisible by tensor (sequence parallel)"] += 1
+                continue
+            dp = self.gpus // (tp * pp * cp)
+            if self.global_batch % dp:
+                self.pruned["global batch not divisible by data degree"] += 1
+                continue
+            experts = [1]
+            if arch.num_experts:
+                experts = [e for e in _divisors(dp) if arch.num_experts % e == 0]
+            for ep in experts:
+                even = len(set(split)) == 1
+                yield tp, pp, vp, cp, ep, None if even else split
 
     def layouts(self) -> Iterator[tuple[ParallelismSpec, str]]:
         offloads = ("none", "cpu") if self.plan.allow_offload else ("none",)
-        for tp, pp, cp, ep, split in self.degrees():
+        for tp, pp, vp, cp, ep, split in self.degrees():
             dp = self.gpus // (tp * pp * cp)
             for engine in self.plan.engines:
                 if engine == "ddp" and (tp > 1 or pp > 1 or ep > 1 or cp > 1):
                     self.pruned["ddp has no tensor/pipeline/expert/context parallelism"] += 1
                     continue
+                if vp > 1 and engine != "megatron":
+                    continue  # the interleaved schedule is Megatron's
                 for stage in ENGINE_STAGES[engine]:
                     if engine == "deepspeed" and pp > 1 and stage >= 2:
                         self.pruned["DeepSpeed ZeRO-2/3 does not run with pipeline"] += 1
@@ -212,6 +236,8 @@ class _Search:
                                 context=cp,
                                 expert=ep,
                                 layers_per_stage=split,
+                                schedule="interleaved" if vp > 1 else "1f1b",
+                                virtual_stages=vp,
                                 sequence_parallel=tp > 1,
                                 offload=OffloadSpec(optimizer=offload),
                             )
@@ -311,6 +337,7 @@ class _Search:
             recompute=recompute,
             offload=offload,
             layers_per_stage=par.layers_per_stage,
+            virtual_stages=par.virtual_stages,
             peak_bytes=report.peak_bytes,
             headroom_bytes=self.budget - report.peak_bytes,
             time=step_time(shape, layout, link),
@@ -455,6 +482,7 @@ def to_json(result: PlanResult) -> dict[str, Any]:
                 "recompute": c.recompute,
                 "offload": c.offload,
                 "layers_per_stage": list(c.layers_per_stage) if c.layers_per_stage else None,
+                "virtual_stages": c.virtual_stages,
                 "per_gpu": {"peak": c.peak_bytes},
                 "headroom_bytes": c.headroom_bytes,
                 "step_time_s": c.time.total_s,

@@ -405,7 +405,9 @@ class PlanLayout(_Doc):
     offload: str
     """none or cpu (optimizer offload)."""
     layers_per_stage: list[int] | None
-    """An uneven pipeline split, or null for an even one."""
+    """An uneven pipeline split (one entry per model chunk), or null for an even one."""
+    virtual_stages: int
+    """Model chunks per pipeline rank: > 1 is Megatron's interleaved 1F1B schedule."""
     per_gpu: LayoutPeak
     """Memory of the layout's most-loaded GPU."""
     headroom_bytes: int

@@ -392,6 +392,9 @@ class PlanSpec(Frozen):
     """Largest tensor degree searched (default: GPUs per node, so TP stays inside a node)."""
     max_pipeline: PositiveInt | None = None
     max_context: PositiveInt = 8
+    max_virtual_stages: PositiveInt = 4
+    """Largest number of model chunks per pipeline rank searched (Megatron's interleaved 1F1B
+    schedule, tried in powers of two); 1 searches plain 1F1B only."""
     engines: tuple[Engine, ...] = ("deepspeed", "fsdp2", "megatron", "ddp")
     """Engines the search may use."""
     micro_batch_sizes: tuple[PositiveInt, ...] = (1, 2, 4, 8, 16)

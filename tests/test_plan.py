@@ -95,6 +95,8 @@ def test_every_proposed_layout_fits_its_own_estimate():
             expert=c.expert,
             sequence_parallel=c.tensor > 1,
             layers_per_stage=c.layers_per_stage,
+            schedule="interleaved" if c.virtual_stages > 1 else "1f1b",
+            virtual_stages=c.virtual_stages,
             offload={"optimizer": c.offload},
         )
         one = spec.model_copy(

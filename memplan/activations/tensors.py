@@ -94,6 +94,22 @@ class Saved:
         object.__setattr__(self, "bytes", numel * dtype_bytes(self.dtype))
 
 
+_SUMS: dict[int, tuple[tuple[Saved, ...], tuple[int, int]]] = {}
+
+
+def _sums(tensors: tuple[Saved, ...]) -> tuple[int, int]:
+    """(bytes, allocator rounding) of `tensors`, remembered per tuple object: pipeline stages
+    and plan's layouts re-count the same blocks (`replace(block, count=...)`) many times."""
+    hit = _SUMS.get(id(tensors))
+    if hit is not None and hit[0] is tensors:
+        return hit[1]
+    value = (sum(t.bytes for t in tensors), rounding(t.bytes for t in tensors))
+    if len(_SUMS) >= 4096:
+        _SUMS.clear()
+    _SUMS[id(tensors)] = (tensors, value)
+    return value
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Block:
     """Saved tensors of one part of the model: embeddings, decoder layers, head or loss."""
@@ -116,9 +132,10 @@ class Block:
     """Bytes the CUDA caching allocator's 512-byte blocks add to one copy's tensors."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "bytes_each", sum(t.bytes for t in self.tensors))
-        object.__setattr__(self, "recompute_bytes", sum(t.bytes for t in self.recompute))
-        object.__setattr__(self, "rounding_each", rounding(t.bytes for t in self.tensors))
+        each, padding = _sums(self.tensors)
+        object.__setattr__(self, "bytes_each", each)
+        object.__setattr__(self, "recompute_bytes", _sums(self.recompute)[0])
+        object.__setattr__(self, "rounding_each", padding)
 
     @property
     def bytes(self) -> int:

@@ -129,6 +129,20 @@ def _states_of(
     return tuple((s.name, s.dtype, s.numel) for s in state_tensors(opt, shape, dtype))
 
 
+@lru_cache(maxsize=64)
+def elementwise(opt: OptimizerConfig, dtype: str) -> bool:
+    """Whether `opt`'s state for a 1-D tensor is only per-element tensors and per-tensor
+    scalars (Adam, SGD, ...; not bitsandbytes' block-wise absmax or paged state): then the
+    `optimizer_terms` of 1-D pieces depend only on how many pieces and their total size."""
+    if opt.is_paged:
+        return False
+    probes = [state_tensors(opt, (n,), dtype) for n in (1000, 4099)]
+    names = [[s.name for s in p] for p in probes]
+    return names[0] == names[1] and all(
+        s.shape in ((n,), ()) for n, p in zip((1000, 4099), probes, strict=True) for s in p
+    )
+
+
 def optimizer_terms(
     shapes: Iterable[tuple[int, ...]],
     *,

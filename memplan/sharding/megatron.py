@@ -25,6 +25,7 @@ from memplan.sharding.base import (
     Placement,
     RankStates,
     Term,
+    elementwise,
     fmt,
     group_ranks,
     optimizer_terms,
@@ -155,10 +156,13 @@ def megatron(
     # Ranks whose shards cut the same piece sizes have the same states (most shards lie
     # inside one large tensor): work each set out once.
     seen: dict[tuple[int, ...], tuple[list[Term], list[Term]]] = {}
+    # With an elementwise optimizer only the number of pieces and their total matter.
+    by_total = elementwise(opt, mega_recipe.optimizer_states)
     for rank in range(world):
         pieces = tuple(sorted(owned_elements(spans, rank * shard, (rank + 1) * shard)))
-        if pieces not in seen:
-            seen[pieces] = optimizer_terms(
+        key = (len(pieces), sum(pieces)) if by_total else pieces
+        if key not in seen:
+            seen[key] = optimizer_terms(
                 [(n,) for n in pieces],
                 opt=opt,
                 recipe=mega_recipe,
@@ -167,6 +171,6 @@ def megatron(
                 source=SRC_DIST_OPT,
                 step_is_int=True,
             )
-        device, host = seen[pieces]
+        device, host = seen[key]
         per_rank.append(RankStates(ranks=(rank,), terms=(*terms, *device), host_terms=tuple(host)))
     return group_ranks(per_rank, key=lambda r: r.total_bytes)
