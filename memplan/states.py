@@ -168,7 +168,7 @@ def _stage_states(
             StageStates(
                 stage=index,
                 layers=tuple(held[index]),
-                num_parameters=local.num_parameters,
+                num_parameters=_numel(local),
                 ranks=tuple(moved),
                 per_gpu=top,
                 buffers=tuple(sharding.buffer_terms(local, recipe)),
@@ -176,6 +176,11 @@ def _stage_states(
             )
         )
     return tuple(out)
+
+
+@lru_cache(maxsize=1024)
+def _numel(local: Inventory) -> int:
+    return local.num_parameters
 
 
 @lru_cache(maxsize=1024)

@@ -158,6 +158,48 @@ def transients(
     spec: Spec, inventory: Inventory, per_gpu: RankStates, saved: Activations
 ) -> list[Transient]:
     """Every transient term of the step for `spec` (see memplan.activations.transient)."""
+    out = list(_state_transients(spec, inventory, per_gpu))
+    out += _activation_transients(saved)
+    out += saved.buffers
+    if saved.modelled and saved.block("embeddings") is not None:
+        out.append(_embedding_backward(inventory, saved, spec.recipe().gradients))
+    if spec.hardware.device == "cuda":
+        out += _rounding(spec, inventory, saved)
+    return [t for t in out if t is not None and t.bytes > 0]
+
+
+_STATE_MEMO: dict[tuple[int, ...], tuple[tuple[object, ...], tuple[Transient, ...]]] = {}
+
+
+def _state_transients(
+    spec: Spec, inventory: Inventory, per_gpu: RankStates
+) -> tuple[Transient, ...]:
+    """The terms that depend on the model states only (buckets, gathers, the optimizer's
+    temporaries), remembered per (states, inventory, layout, optimizer, precision) object:
+    plan asks again for every micro-batch size and recompute option of a layout."""
+    parts = (
+        per_gpu,
+        inventory,
+        spec.parallelism,
+        spec.optimizer,
+        spec.precision,
+        spec.training.gradient_accumulation_steps,
+        spec.hardware.device,
+    )
+    key = tuple(id(p) for p in parts[:5]) + (parts[5], hash(parts[6]))
+    hit = _STATE_MEMO.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0][:5], parts[:5], strict=True)):
+        return hit[1]
+    value = tuple(t for t in _compute_state_transients(spec, inventory, per_gpu) if t)
+    if len(_STATE_MEMO) >= 4096:
+        _STATE_MEMO.clear()
+    _STATE_MEMO[key] = (parts, value)
+    return value
+
+
+def _compute_state_transients(
+    spec: Spec, inventory: Inventory, per_gpu: RankStates
+) -> list[Transient | None]:
     par = spec.parallelism
     recipe = spec.recipe()
     out: list[Transient | None] = []
@@ -213,13 +255,7 @@ def transients(
     if par.engine == "ddp" and recipe.master_weights and recipe.master_weights != recipe.gradients:
         masters = sum(t.elements for t in per_gpu.terms if t.name == "master_weights")
         out.append(tr.master_gradients(masters, recipe.master_weights))
-    out += _activation_transients(saved)
-    out += saved.buffers
-    if saved.modelled and saved.block("embeddings") is not None:
-        out.append(_embedding_backward(inventory, saved, recipe.gradients))
-    if spec.hardware.device == "cuda":
-        out += _rounding(spec, inventory, saved)
-    return [t for t in out if t is not None and t.bytes > 0]
+    return out
 
 
 def _optimizer_temporaries(

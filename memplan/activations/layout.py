@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from memplan.activations.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.activations.transient import Transient
@@ -174,9 +175,10 @@ def _split_tokens(shape: tuple[int, ...], st: Setting, parts: int) -> tuple[int,
     return None
 
 
+@lru_cache(maxsize=4096)
 def in_flight(
     schedule: str, pipeline: int, virtual: int, rank: int, microbatches: int
-) -> list[int]:
+) -> tuple[int, ...]:
     """Micro-batches whose activations pipeline `rank` holds at its peak, per model chunk.
 
     The peak is when the first backward starts: the warmup forwards and one more are alive.
@@ -188,17 +190,17 @@ def in_flight(
     """
     p, v, m = pipeline, virtual, microbatches
     if p == 1:
-        return [1]
+        return (1,)
     if schedule == "gpipe":
-        return [m] * v
+        return (m,) * v
     if schedule == "1f1b" or v == 1:
-        return [min(p - rank, m)]
+        return (min(p - rank, m),)
     total = m * v
     alive = min((p - rank - 1) * 2 + (v - 1) * p + 1, total)
     counts = [0] * v
     for _, chunk in _schedule_table(m, v, p)[:alive]:
         counts[chunk] += 1
-    return counts
+    return tuple(counts)
 
 
 def _schedule_table(microbatches: int, chunks: int, group: int) -> list[tuple[int, int]]:
