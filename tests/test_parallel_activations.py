@@ -136,9 +136,9 @@ def test_megatron_schedule_table() -> None:
 @pytest.mark.parametrize("p", [2, 4, 8])
 def test_in_flight_micro_batches(p: int) -> None:
     m = 64
-    assert [layout.in_flight("1f1b", p, 1, r, m) for r in range(p)] == [[p - r] for r in range(p)]
-    assert layout.in_flight("1f1b", p, 1, 0, 2) == [min(p, 2)]
-    assert layout.in_flight("gpipe", p, 1, p - 1, m) == [m]
+    assert [layout.in_flight("1f1b", p, 1, r, m) for r in range(p)] == [(p - r,) for r in range(p)]
+    assert layout.in_flight("1f1b", p, 1, 0, 2) == (min(p, 2),)
+    assert layout.in_flight("gpipe", p, 1, p - 1, m) == (m,)
     for v in (2, 4):
         alive = layout.in_flight("interleaved", p, v, 0, m)
         # Megatron's interleaved penalty on the first stage: L (1 + (P - 1) / (P v))

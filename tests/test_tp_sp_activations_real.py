@@ -82,7 +82,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return run_ranks(CONFIG, CASES, tmp_path_factory.mktemp("tp_sp"), world=TP)
 
 
-def predicted(case: Case, sequence_parallel: bool) -> acts.Block:
+def predicted(case: Case, sequence_parallel: bool, engine: str = "megatron") -> acts.Block:
     spec = make_spec(
         precision=case.precision,
         training={
@@ -92,7 +92,7 @@ def predicted(case: Case, sequence_parallel: bool) -> acts.Block:
             "dropout": False,
         },
         hardware={"device": "cpu"},
-        parallelism={"engine": "megatron", "tensor": TP, "sequence_parallel": sequence_parallel},
+        parallelism={"engine": engine, "tensor": TP, "sequence_parallel": sequence_parallel},
     )
     saved = acts.micro_batch(spec, from_config(CONFIG))
     assert saved.modelled
@@ -170,3 +170,16 @@ def test_sp_ranks_run_the_whole_model(ranks: list[dict[str, Any]], case: Case) -
         for part in ("embeddings", "rope"):
             assert sum(s["bytes"] for s in sp["regions"][part]) == result["whole_bytes"][part]
     assert ranks[0][case.name]["sp"]["regions"] == ranks[1][case.name]["sp"]["regions"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_sp_rank_layer_is_memplans_torch_rule(ranks: list[dict[str, Any]], case: Case) -> None:
+    """With engine fsdp2 (torch's DTensor tensor parallelism, as torchtitan composes it)
+    memplan applies torch's rule, whole-sequence linear inputs, and predicts every decoder
+    layer of every rank to the byte, tensor by tensor."""
+    torch_rule = predicted(case, True, engine="fsdp2")
+    expected = sorted((t.bytes, t.dtype) for t in torch_rule.tensors)
+    for rank in ranks:
+        for layer in layers(rank[case.name]["sp"]):
+            assert sorted((s["bytes"], s["dtype"]) for s in layer) == expected
+    assert torch_rule.bytes_each == sum(n for n, _ in torch_expectation(case)[0])

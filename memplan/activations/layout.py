@@ -18,7 +18,11 @@ by tensor. A model-parallel rank runs the same layer on a slice, the way Megatro
   which Megatron keeps whole on every TP rank, are the embedding's indices and the RoPE tables
   (computed before the scatter to the sequence-parallel region), the loss's targets, and the MoE
   experts' tokens, which the token dispatcher all-gathers over TP before the experts run
-  (moe/token_dispatcher.py::MoEAlltoAllTokenDispatcher.dispatch_postprocess).
+  (moe/token_dispatcher.py::MoEAlltoAllTokenDispatcher.dispatch_postprocess). torch's own
+  DTensor sequence parallelism (engine fsdp2 or ddp, torchtitan's layout) differs in one place:
+  the column-parallel linears save their all-gathered, whole-sequence input (`_COLUMN_INPUT`).
+  Both rules are measured against 2-rank DTensor runs on CPU to the byte
+  (tests/test_tp_activations_real.py, tests/test_tp_sp_activations_real.py).
 - Context parallelism splits the sequence of every tensor over CP ranks (each rank runs
   sequence / CP tokens). Attention runs as ring attention on flash kernels (Transformer Engine
   attention/dot_product_attention/context_parallel.py::AttnFuncWithCPAndKVP2P): it saves the
@@ -35,6 +39,7 @@ by tensor. A model-parallel rank runs the same layer on a slice, the way Megatro
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -67,6 +72,16 @@ SRC_SCHEDULE = (
 
 # Saved tensors Megatron keeps whole on every TP rank under sequence parallelism (see above).
 _NOT_SEQUENCE_SPLIT = (".indices", "rotary_emb.", "experts.")
+# The inputs of the column-parallel linears. torch DTensor sequence parallelism all-gathers
+# them before the linear as a separate op (torch/distributed/tensor/parallel/style.py, 2.13:
+# PrepareModuleInput._prepare_input_arg redistributes Shard(1) -> Replicate, and
+# ColwiseParallel._prepare_input_fn does the same for a Shard(1) input), so the linear saves
+# the whole sequence; Megatron's linear saves its shard and gathers again in backward.
+# Measured on 2 gloo ranks: tests/test_tp_sp_activations_real.py.
+_COLUMN_INPUT = re.compile(
+    r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|c_attn|c_fc|query_key_value|"
+    r"dense_h_to_4h|query|key|value|lm_head|embed_out)\.input$"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,6 +94,9 @@ class Layout:
     expert: int = 1
     capacity_factor: float | None = None
     """MoE expert capacity factor (None: dropless, balanced routing assumed)."""
+    gathered_inputs: bool = False
+    """Sequence parallelism the torch DTensor way (torchtitan): the column-parallel linears
+    save the all-gathered, whole-sequence input instead of the local shard."""
     vocab_divisible_by: int = 128
 
     @property
@@ -149,6 +167,8 @@ def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Ac
 
     def sp(block: Block, t: Saved) -> Saved:
         if block.name == "loss" or any(k in t.name for k in _NOT_SEQUENCE_SPLIT):
+            return t
+        if lay.gathered_inputs and _COLUMN_INPUT.search(t.name):
             return t
         if whole.get((block.name, t.name)) != t.shape:
             return t  # split by TP already
@@ -275,8 +295,10 @@ def buffers(arch: Architecture, st: Setting, lay: Layout) -> tuple[Transient, ..
     cp, tp = lay.context, lay.tensor
     tokens = st.tokens  # `st` is one context-parallel rank's (local_setting)
     width = dtype_bytes(st.stream)
-    if lay.sequence_parallel and tp > 1:
-        n = tokens * arch.hidden_size * dtype_bytes(st.matmul)
+    if lay.sequence_parallel and tp > 1 and not (lay.gathered_inputs and not st.autocast):
+        # torch DTensor SP saves the gathered input itself (counted in the activations); under
+        # autocast the linears save bf16 casts of it and the gathered tensor is transient.
+        n = tokens * arch.hidden_size * dtype_bytes(st.stream if lay.gathered_inputs else st.matmul)
         out.append(
             Transient(
                 name="sequence_parallel_all_gather",
