@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from memplan import sharding
-from memplan.models.inventory import Inventory
+from memplan.models.inventory import Inventory, fold_name
 from memplan.optimizers import OptimizerConfig
 from memplan.parallel import (
     ModelParallel,
@@ -113,20 +113,32 @@ def stage_states(
     # product matters here: layouts that differ in how they split it share the result.
     degree = par.data * par.context
     offload = (par.offload.optimizer, par.offload.parameters)
-    return list(
-        _stage_states(
-            inventory,
-            recipe,
-            opt,
-            placement,
-            replace(mp, context=1),
-            par.engine,
-            par.stage,
-            degree,
-            offload,
-            knobs,
-        )
+    mp = replace(mp, context=1)
+    # With identical layers only how many each rank holds matters, not which: an interleaved
+    # placement shares the states of the contiguous split with the same counts.
+    held = stage_layers(inventory.num_layers, mp) if inventory.architecture else None
+    key = mp
+    if held is not None and mp.pipeline > 1 and _identical_layers(inventory):
+        key = replace(mp, virtual_stages=1, layers_per_stage=tuple(len(h) for h in held))
+    states = _stage_states(
+        inventory, recipe, opt, placement, key, par.engine, par.stage, degree, offload, knobs
     )
+    if key is mp or held is None:
+        return list(states)
+    return [replace(st, layers=tuple(held[st.stage])) for st in states]
+
+
+@lru_cache(maxsize=64)
+def _identical_layers(inventory: Inventory) -> bool:
+    """Whether every decoder layer holds the same tensors (names without the layer index,
+    shapes, dtypes, trainability), parameters and buffers."""
+    layers: dict[int, list[tuple[object, ...]]] = {}
+    for t in (*inventory.parameters, *inventory.buffers):
+        if t.layer is not None:
+            layers.setdefault(t.layer, []).append(
+                (fold_name(t.name), t.shape, t.dtype, t.trainable, t.kind)
+            )
+    return len({tuple(v) for v in layers.values()}) <= 1
 
 
 @lru_cache(maxsize=1024)

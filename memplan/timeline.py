@@ -16,6 +16,7 @@ one by one while gradients appear), so the peak of the step is at one of them.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
@@ -79,9 +80,14 @@ class Timeline:
     transients: tuple[Transient, ...]
     cuda_context_bytes: int
     """CUDA context outside the allocator (0 on CPU)."""
-    reserved_bytes: int | None
-    """What torch.cuda.memory_reserved() likely shows at the peak (None on CPU)."""
     capacity_bytes: int | None
+    reserved: Callable[[Timeline], int] | None = field(default=None, repr=False, compare=False)
+    """Works out `reserved_bytes` (None on CPU): on demand, since plan never needs it."""
+
+    @property
+    def reserved_bytes(self) -> int | None:
+        """What torch.cuda.memory_reserved() likely shows at the peak (None on CPU)."""
+        return None if self.reserved is None else self.reserved(self)
 
     @property
     def peak(self) -> Point:
@@ -388,7 +394,8 @@ def _rounding(spec: Spec, inventory: Inventory, saved: Activations) -> list[Tran
             inventory,
             ("rounding", shards, tuple(widths)),
             lambda: sum(
-                tr.rounding(-(-t.numel // shards) * w for w in widths) for t in inventory.parameters
+                k * tr.rounding(-(-numel // shards) * w for w in widths)
+                for numel, k in Counter(t.numel for t in inventory.parameters).items()
             ),
         )
         out.append(
@@ -455,24 +462,14 @@ def build(
         )
         points.append(Point(phase=phase, by_category=by, transients=tuple(t.name for t in alive)))
     cuda = spec.hardware.device == "cuda"
-    timeline = Timeline(
+    return Timeline(
         points=tuple(points),
         transients=terms,
         cuda_context_bytes=int(_knob(spec.hardware, "cuda_context", tr.CUDA_CONTEXT_BYTES) or 0)
         if cuda
         else 0,
-        reserved_bytes=None,
         capacity_bytes=capacity_bytes,
-    )
-    if not cuda:
-        return timeline
-    reserved = _reserved(timeline, per_gpu, buffer_bytes, saved)
-    return Timeline(
-        points=timeline.points,
-        transients=timeline.transients,
-        cuda_context_bytes=timeline.cuda_context_bytes,
-        reserved_bytes=reserved,
-        capacity_bytes=capacity_bytes,
+        reserved=(lambda tl: _reserved(tl, per_gpu, buffer_bytes, saved)) if cuda else None,
     )
 
 
