@@ -53,6 +53,10 @@ SRC_BNB_QUANT = (
     "bitsandbytes 0.50.1 functional.py::quantize_4bit, _ops.py (quantize_4bit fake: packed "
     "[(n + 1) // 2, 1] uint8, absmax [ceil(n / blocksize)] fp32), nn/modules.py::Params4bit"
 )
+SRC_BNB_DEQUANT = (
+    "bitsandbytes 0.50.1 autograd/_functions.py::MatMul4Bit (F.dequantize_4bit(B, "
+    "ctx.state).to(dtype)), backends/cuda/ops.py::_gemm_4bit_use_custom_cuda"
+)
 
 # peft names every wrapped parameter `base_model.model.<name>` (PeftModel.base_model is the
 # LoraModel, whose `.model` is the transformers model).
@@ -472,8 +476,8 @@ def quantize_4bit(inventory: Inventory, ft: FinetuneSpec, *, compute: str) -> In
         f"{'on' if ft.double_quant else 'off'}), quantization state counted with the buffers"
         f"{upcast if ft.prepare_kbit else ''}. Each 4-bit Linear dequantizes its weight for "
         f"its matmuls: one layer's worth, {transient:,} B for the largest ({largest:,} "
-        f"elements in {compute}), alive during its forward and backward; not yet in the "
-        "transient rows."
+        f"elements in {compute}), alive during its forward and backward (transient "
+        "qlora_dequantized_weight)."
     )
     return replace(
         inventory,
@@ -516,6 +520,29 @@ def _skipped(name: str, ft: FinetuneSpec, default: set[str] | None) -> bool:
         re.match(rf"(?:{key}){boundary}", name) or name.endswith(key)
         for key in ft.skip_modules or ()
     )
+
+
+def dequantize_transient(
+    inventory: Inventory, ft: FinetuneSpec, *, compute: str
+) -> tuple[int, str] | None:
+    """(bytes, formula) of the largest 4-bit weight dequantized for its matmul
+    (`dequantized_weight_bytes`), from the packed weights of a `quantize_4bit` inventory;
+    None without qlora."""
+    if ft.method != "qlora":
+        return None
+    rows = max((t.shape[0] for t in inventory.parameters if _is_packed(t)), default=0)
+    if not rows:
+        return None
+    numel = rows * BNB_VALUES_PER_BYTE
+    n = dequantized_weight_bytes(numel, compute=compute, double=ft.double_quant)
+    return n, (
+        f"the largest 4-bit weight, {numel:,} elements x {dtype_bytes(compute)} B ({compute})"
+        + (" + its nested absmax in fp32" if ft.double_quant else "")
+    )
+
+
+def _is_packed(t: TensorSpec) -> bool:
+    return t.dtype == "uint8" and len(t.shape) == 2 and t.shape[1] == 1 and not t.trainable
 
 
 def packed_weight(t: TensorSpec) -> TensorSpec:

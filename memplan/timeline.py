@@ -21,6 +21,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
+from memplan import finetune
 from memplan.activations import Activations
 from memplan.activations import transient as tr
 from memplan.activations.transient import PHASES, Phase, Transient
@@ -171,6 +172,19 @@ def transients(
         out.append(_embedding_backward(inventory, saved, spec.recipe().gradients))
     if spec.hardware.device == "cuda":
         out += _rounding(spec, inventory, saved)
+    dequantized = finetune.dequantize_transient(
+        inventory, spec.finetune, compute=spec.recipe().compute
+    )
+    if dequantized is not None:
+        out.append(
+            Transient(
+                name="qlora_dequantized_weight",
+                bytes=dequantized[0],
+                phases=("forward", "loss", "backward_start", "backward"),
+                formula=dequantized[1],
+                source=finetune.SRC_BNB_DEQUANT,
+            )
+        )
     return [t for t in out if t is not None and t.bytes > 0]
 
 

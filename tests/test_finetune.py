@@ -473,3 +473,18 @@ def test_fp8_weight_cache_under_fsdp_exceeds_the_sharded_bf16_weights() -> None:
     assert blackwell.weight_bytes == numel + 4 * len(weights)
     # saved inputs: 1 byte per element instead of bf16's 2 (plus a scale_inv each)
     assert t.input_bf16_bytes == 2 * (t.input_saved_bytes - 4 * len(weights))
+
+
+def test_qlora_dequantized_weight_is_a_transient_of_the_step() -> None:
+    """bitsandbytes' MatMul4Bit dequantizes the whole weight for each matmul: the largest
+    quantized Linear's weight in the compute dtype (+ its fp32 nested absmax) is alive during
+    forward and backward, on top of the saved activations."""
+    spec = make_spec(finetune={"method": "qlora"}, hardware={"device": "cuda"})
+    r = estimate(spec, from_config(TINY_LLAMA))
+    terms = {t.name: t for t in r.timeline.transients}
+    largest = TINY_LLAMA["intermediate_size"] * TINY_LLAMA["hidden_size"]  # gate/up/down
+    expected = finetune.dequantized_weight_bytes(largest, compute="bf16", double=True)
+    assert terms["qlora_dequantized_weight"].bytes == expected
+    assert "backward" in terms["qlora_dequantized_weight"].phases
+    full = estimate(make_spec(hardware={"device": "cuda"}), from_config(TINY_LLAMA))
+    assert "qlora_dequantized_weight" not in {t.name for t in full.timeline.transients}
