@@ -88,7 +88,8 @@ def estimate(
 
     def work() -> calc.Report:
         loaded = load.load_spec(spec)
-        return calc.estimate(loaded.spec, load.load_inventory(loaded))
+        with load.locating(loaded):
+            return calc.estimate(loaded.spec, load.load_inventory(loaded))
 
     report = _run(debug, work)
     from memplan import render
@@ -198,7 +199,8 @@ def verify(
         loaded = load.load_spec(spec)
         world = nproc if nproc is not None else loaded.spec.parallelism.data
         with vrender.progress_bar(world, STEPS, enabled=not as_json) as on_event:
-            return runner.verify(loaded, options, on_event)
+            with load.locating(loaded):
+                return runner.verify(loaded, options, on_event)
 
     result = _run(debug, work)
     if as_json:
@@ -252,7 +254,8 @@ def plan(
             settings = settings.model_copy(update=update)
         run_spec = loaded.spec.model_copy(update={"plan": settings})
         try:
-            return planner.plan(run_spec, load.load_inventory(loaded), progress=progress)
+            with load.locating(loaded):
+                return planner.plan(run_spec, load.load_inventory(loaded), progress=progress)
         finally:
             if progress_bar is not None:
                 progress_bar.stop()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
 from memplan import activations as acts
-from memplan import finetune, sharding
+from memplan import finetune, fp8, sharding
 from memplan import timeline as tl
+from memplan.errors import MemplanError
 from memplan.hardware import CATALOG
 from memplan.models import Inventory
 from memplan.optimizers import OptimizerConfig
@@ -178,6 +179,7 @@ def assemble(
     )
     views: dict[int, tuple[acts.Activations, tl.Timeline]] = {}
     seen: set[tuple[object, ...]] = set()
+    stages = [_with_fp8_state(spec, st, local[st.stage]) for st in stages]
     for i, st in enumerate(stages):
         if not every_stage and 0 < i < len(stages) - 1:
             key = (st.layers and len(st.layers), st.model_state_bytes, st.per_gpu.total_bytes)
@@ -199,7 +201,7 @@ def assemble(
     index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
     top = stages[index]
     saved, timeline = views[index]
-    notes = list(inventory.notes) + list(saved.notes)
+    notes = list(inventory.notes) + list(saved.notes) + _fp8_notes(spec, local[top.stage], saved)
     return Report(
         model=summary(inventory),
         recipe=recipe,
@@ -224,6 +226,47 @@ def assemble(
         gpu=spec.hardware.gpu,
         notes=tuple(notes),
     )
+
+
+def _with_fp8_state(spec: Spec, st: StageStates, local: Inventory) -> StageStates:
+    """The stage with Transformer Engine's fp8 scaling state among its buffers (memplan.fp8)."""
+    p = spec.precision
+    if p.fp8 == "none":
+        return st
+    if spec.hardware.device != "cuda":
+        raise MemplanError(
+            "fp8 runs Transformer Engine's fp8 GEMMs, which need a CUDA GPU (Hopper or "
+            "newer): set hardware.device: cuda or precision.fp8: none.",
+            field="precision.fp8",
+        )
+    gemms, n, formula = fp8.scaling_state(
+        local.parameters, recipe=p.fp8, amax_history_len=p.fp8_amax_history
+    )
+    row = Term(
+        category="buffers",
+        name="fp8_scaling_state",
+        dtype="fp32",
+        tensors=gemms,
+        elements=n // 4,
+        bytes=n,
+        formula=formula,
+        source=fp8.SRC_META,
+    )
+    return replace(st, buffers=(*st.buffers, row))
+
+
+def _fp8_notes(spec: Spec, local: Inventory, saved: acts.Activations) -> list[str]:
+    if spec.precision.fp8 == "none" or not saved.modelled:
+        return []
+    t = fp8.terms(
+        local.parameters, tokens=spec.training.micro_batch_size * spec.training.sequence_length
+    )
+    return [
+        f"fp8 ({spec.precision.fp8} scaling): activations follow transformers' 16-bit rules; "
+        f"Transformer Engine's Linear modules save their {t.gemms} GEMM inputs in fp8 instead "
+        f"({t.input_saved_bytes:,} B per micro-batch where 16-bit inputs take "
+        f"{t.input_bf16_bytes:,} B, each GEMM counted once), not applied."
+    ]
 
 
 def _term_json(term: Term) -> dict[str, Any]:

@@ -27,10 +27,15 @@ Linear / LayerNormLinear / LayerNormMLP GEMMs under the DelayedScaling recipe (t
    transpose on Hopper, the data itself on Blackwell) plus a scale_inv, instead of the
    16-bit [tokens, in] (2 bytes per element).
 
+`memplan estimate` adds them with `precision: {preset: bf16-mixed, fp8: delayed}`: the scaling
+state as a buffer row (`scaling_state`), the fp8 weight copies as a transient term
+(`weight_transient`). Activations keep the 16-bit transformers rules: TE's fp8 copies of the
+GEMM inputs (`input_bytes`) belong to TE's own modules, which memplan does not list; a note
+gives the difference.
+
 Not modelled: fp8 attention (`fp8_dpa`, `fp8_mha`), the MXFP8 / block-scaling / NVFP4
 recipes (their scale-inverse layouts), fp8 primary weights (`quantized_model_init`),
-TE's fused LayerNorm outputs and its CPU offload; nor is fp8 wired into `memplan estimate`
-yet (it needs a precision field): these functions give the terms.
+TE's fused LayerNorm outputs and its CPU offload.
 """
 
 from __future__ import annotations
@@ -133,3 +138,55 @@ def terms(
         input_saved_bytes=sum(input_bytes(tokens, t.shape[1]) for t in weights),
         input_bf16_bytes=sum(tokens * t.shape[1] * dtype_bytes("bf16") for t in weights),
     )
+
+
+# GPUs with a non-TN fp8 GEMM (Blackwell) keep no transposed copy (SRC_WEIGHT).
+NO_TRANSPOSE_GPUS = frozenset({"B200"})
+ALWAYS = (
+    "start",
+    "forward",
+    "loss",
+    "backward_start",
+    "backward",
+    "backward_end",
+    "optimizer_step",
+)
+SAVED = ("forward", "loss", "backward_start", "backward")
+
+
+def scaling_state(
+    parameters: Iterable[TensorSpec], *, recipe: str, amax_history_len: int
+) -> tuple[int, int, str]:
+    """(GEMMs, bytes, formula) of the fp8 scaling state of one rank's decoder-layer GEMMs."""
+    gemms = len(gemm_weights(parameters))
+    delayed = recipe == "delayed"
+    n = meta_bytes(gemms, amax_history_len=amax_history_len, delayed=delayed)
+    per = FORWARD_QUANTIZERS_PER_GEMM + BACKWARD_QUANTIZERS_PER_GEMM
+    history = f" x (1 + {amax_history_len} amax history)" if delayed else ""
+    return gemms, n, f"{gemms} GEMMs x {per} quantizers{history} x 4 B (fp32)"
+
+
+def weight_transient(
+    parameters: Iterable[TensorSpec], *, engine: str, accumulation: int, gpu: str | None
+) -> tuple[int, tuple[str, ...], str]:
+    """(bytes, phases, formula) of the fp8 weight copies one rank holds (SRC_WEIGHT).
+
+    Every GEMM's fp8 weight is saved from its forward to its backward; Megatron-LM passes
+    `is_first_microbatch` under gradient accumulation, and TE then caches the copies for the
+    whole step. Under FSDP2 TE neither caches nor saves them (it re-quantizes the gathered
+    weight): one layer's GEMMs at a time. ZeRO-3 modules see the gathered weight, so the
+    copies are of whole weights (the pitfall the module docstring describes)."""
+    weights = gemm_weights(parameters)
+    transpose = gpu not in NO_TRANSPOSE_GPUS
+    copies = "row-wise + transpose" if transpose else "row-wise"
+    if engine == "fsdp2":
+        layers: dict[int, int] = {}
+        for t in weights:
+            assert t.layer is not None
+            layers[t.layer] = layers.get(t.layer, 0) + weight_bytes(t.numel, transpose=transpose)
+        n = max(layers.values(), default=0)
+        return n, SAVED, f"one layer's GEMM weights in fp8 ({copies}), re-quantized per use"
+    n = sum(weight_bytes(t.numel, transpose=transpose) for t in weights)
+    phases = ALWAYS if engine == "megatron" and accumulation > 1 else SAVED
+    kept = "cached for the step" if phases is ALWAYS else "saved for backward"
+    return n, phases, f"{len(weights)} GEMM weights in fp8 ({copies}, 1 B), {kept}"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,18 @@ def validate(data: Any, *, path: Path | None = None, marks: Marks | None = None)
         lines = list(dict.fromkeys(_describe(e, path, loaded_marks) for e in err.errors()))
         raise MemplanError("\n".join(lines)) from None
     return LoadedSpec(spec, path, loaded_marks)
+
+
+@contextmanager
+def locating(loaded: LoadedSpec) -> Iterator[None]:
+    """Name the YAML line of the field a calculator error is about (`precision.fp8` ->
+    `spec.yaml:3`), for errors raised after validation."""
+    try:
+        yield
+    except MemplanError as err:
+        if err.where or not err.field:
+            raise
+        raise err.located(where=loaded.where(*err.field.split("."))) from None
 
 
 def load_spec(path: Path) -> LoadedSpec:

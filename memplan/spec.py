@@ -103,6 +103,11 @@ class PrecisionTable(Frozen):
     gradient_accumulation: DType | Literal["none"] | None = None
     """A separate fp32 gradient-accumulation buffer (Megatron main_grad): `fp32`."""
     compute: DType | None = None
+    fp8: Literal["none", "delayed", "current"] = "none"
+    """fp8 GEMMs with NVIDIA Transformer Engine in the decoder layers: `delayed` scaling (TE's
+    default recipe, an amax history per quantizer) or `current` scaling (memplan.fp8)."""
+    fp8_amax_history: PositiveInt = 1024
+    """DelayedScaling.amax_history_len."""
 
     @field_validator("preset")
     @classmethod
@@ -127,7 +132,9 @@ class PrecisionTable(Frozen):
 
         return Recipe(
             name=self.preset
-            if self.preset and self == PrecisionTable(preset=self.preset)
+            if self.preset
+            and self.model_copy(update={"fp8": "none", "fp8_amax_history": 1024})
+            == PrecisionTable(preset=self.preset)
             else "custom",
             parameters=params,
             gradients=self.gradients or base.gradients,

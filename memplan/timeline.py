@@ -21,7 +21,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
-from memplan import finetune
+from memplan import finetune, fp8
 from memplan.activations import Activations
 from memplan.activations import transient as tr
 from memplan.activations.transient import PHASES, Phase, Transient
@@ -172,6 +172,22 @@ def transients(
         out.append(_embedding_backward(inventory, saved, spec.recipe().gradients))
     if spec.hardware.device == "cuda":
         out += _rounding(spec, inventory, saved)
+    if spec.precision.fp8 != "none":
+        n, phases, formula = fp8.weight_transient(
+            inventory.parameters,
+            engine=spec.parallelism.engine,
+            accumulation=spec.training.gradient_accumulation_steps,
+            gpu=spec.hardware.gpu,
+        )
+        out.append(
+            Transient(
+                name="fp8_weights",
+                bytes=n,
+                phases=cast(tuple[Phase, ...], phases),
+                formula=formula,
+                source=fp8.SRC_WEIGHT,
+            )
+        )
     dequantized = finetune.dequantize_transient(
         inventory, spec.finetune, compute=spec.recipe().compute
     )

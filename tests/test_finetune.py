@@ -488,3 +488,63 @@ def test_qlora_dequantized_weight_is_a_transient_of_the_step() -> None:
     assert "backward" in terms["qlora_dequantized_weight"].phases
     full = estimate(make_spec(hardware={"device": "cuda"}), from_config(TINY_LLAMA))
     assert "qlora_dequantized_weight" not in {t.name for t in full.timeline.transients}
+
+
+def fp8_report(**over: Any) -> Any:
+    spec = make_spec(
+        precision={"preset": "bf16-mixed", "fp8": over.pop("fp8", "delayed")},
+        hardware={"device": "cuda", "gpu": over.pop("gpu", "H100-80GB")},
+        **over,
+    )
+    return estimate(spec, from_config(TINY_LLAMA))
+
+
+def test_fp8_in_estimate_adds_scaling_state_and_weight_copies() -> None:
+    """TE's DelayedScaling state (5 quantizers per GEMM, fp32 scale + 1,024-entry amax
+    history) is a buffer row; the fp8 weight copies (row-wise + transpose on Hopper, 1 B, +
+    a 4-byte scale_inv) a transient; both over the 7 GEMMs of each Llama layer."""
+    r = fp8_report()
+    gemms = 7 * TINY_LLAMA["num_hidden_layers"]
+    rows = {t.name: t for t in r.buffers}
+    assert rows["fp8_scaling_state"].bytes == gemms * 5 * (1 + 1024) * 4
+    layer = sum(
+        t.numel for t in from_config(TINY_LLAMA).parameters if t.layer == 0 and t.role != "norm"
+    )
+    weights = {t.name: t for t in r.timeline.transients}["fp8_weights"]
+    assert weights.bytes == TINY_LLAMA["num_hidden_layers"] * 2 * layer + gemms * 4
+    assert weights.phases[0] == "forward"  # saved for backward (no is_first_microbatch cache)
+    doc = to_json(r)
+    assert doc["precision"]["name"] == "bf16-mixed"
+    assert any("fp8 (delayed scaling)" in n for n in doc["notes"])
+    current = fp8_report(fp8="current")
+    assert {t.name: t for t in current.buffers}["fp8_scaling_state"].bytes == gemms * 5 * 4
+    blackwell = fp8_report(gpu="B200")
+    copies = {t.name: t for t in blackwell.timeline.transients}["fp8_weights"]
+    assert copies.bytes == TINY_LLAMA["num_hidden_layers"] * layer + gemms * 4  # no transpose
+
+
+def test_fp8_weight_copies_are_cached_for_the_step_by_megatron() -> None:
+    r = fp8_report(parallelism={"engine": "megatron"}, training={"gradient_accumulation_steps": 4})
+    weights = {t.name: t for t in r.timeline.transients}["fp8_weights"]
+    assert weights.phases[0] == "start" and "optimizer_step" in weights.phases
+
+
+def test_fp8_needs_cuda_and_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "fp8.yaml"
+    path.write_text(
+        "model: {preset: llama-3-8b}\nprecision: {preset: bf16-mixed, fp8: delayed}\n"
+        "hardware: {device: cpu}\n"
+    )
+    out = CliRunner().invoke(app, ["estimate", str(path)])
+    assert out.exit_code == 1
+    assert f"{path}:2: precision.fp8: " in out.output and "CUDA" in out.output
+
+
+def test_finetune_errors_name_the_yaml_line(tmp_path: Path) -> None:
+    path = tmp_path / "lora-tp.yaml"
+    path.write_text(
+        "model: {preset: llama-3-8b}\nparallelism: {tensor: 2}\nfinetune:\n  method: lora\n"
+    )
+    out = CliRunner().invoke(app, ["estimate", str(path)])
+    assert out.exit_code == 1
+    assert f"{path}:4: finetune.method: " in out.output
