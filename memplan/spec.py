@@ -265,7 +265,8 @@ class ParallelismSpec(Frozen):
     --moe-pad-expert-input-to-capacity): each expert's token buffer is padded to
     ceil(tokens x top_k / experts x factor). None: dropless, balanced routing assumed."""
     make_vocab_size_divisible_by: PositiveInt = 128
-    """Megatron pads the vocabulary to a multiple of this x tensor (its default, 128)."""
+    """Megatron pads the vocabulary to a multiple of this x tensor (its default, 128); torch's
+    own tensor parallelism (engine fsdp2 or ddp) does not pad (`vocab_multiple`)."""
     offload: OffloadSpec = OffloadSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """DeepSpeed config keys (used when engine is deepspeed)."""
@@ -307,6 +308,15 @@ class ParallelismSpec(Frozen):
     def world_size(self) -> int:
         """GPUs in the job: data x tensor x pipeline x context."""
         return self.data * self.tensor * self.pipeline * self.context
+
+    @property
+    def vocab_multiple(self) -> int:
+        """What the vocabulary is padded to a multiple of (x tensor) under TP: Megatron's
+        make_vocab_size_divisible_by (megatron and Megatron-DeepSpeed layers); 1 for torch's
+        DTensor tensor parallelism (fsdp2, ddp), which splits it like torch.chunk, ceil(V / TP)
+        rows on the first ranks (torch/distributed/tensor/placement_types.py::
+        Shard._split_tensor)."""
+        return self.make_vocab_size_divisible_by if self.engine in ("megatron", "deepspeed") else 1
 
     @property
     def stage(self) -> int:

@@ -62,7 +62,7 @@ def model_parallel(par: ParallelismSpec) -> ModelParallel:
         context=par.context,
         virtual_stages=par.virtual_stages,
         layers_per_stage=par.layers_per_stage,
-        vocab_divisible_by=par.make_vocab_size_divisible_by,
+        vocab_divisible_by=par.vocab_multiple,
     )
 
 

@@ -257,3 +257,20 @@ def test_a_spec_with_only_tensor_parallelism_works():
     spec = make_spec(parallelism={"tensor": 2})
     report = estimate(spec, from_config(TINY_LLAMA))
     assert report.per_gpu.bytes_of("parameters") > 0
+
+
+def test_torch_tensor_parallel_splits_the_vocabulary_without_padding():
+    """Megatron pads the vocabulary to 128 x TP; torch's DTensor (engine fsdp2/ddp) shards it
+    like torch.chunk: ceil(V / TP) rows on the most-loaded rank (Shard._split_tensor)."""
+    from memplan.estimate import model_states
+
+    inv = from_config(TINY_LLAMA)  # vocabulary 1041, untied embedding and head
+    held = {}
+    for engine in ("megatron", "fsdp2"):
+        spec = make_spec(parallelism={"engine": engine, "tensor": 2, "data": 1})
+        held[engine] = model_states(spec, inv)[0].num_parameters
+    megatron_rows = padded_vocab(1041, 2) // 2  # 1041 -> 1280 -> 640
+    torch_rows = -(-1041 // 2)  # 521
+    assert (megatron_rows, torch_rows) == (640, 521)
+    h = TINY_LLAMA["hidden_size"]
+    assert held["megatron"] - held["fsdp2"] == 2 * (megatron_rows - torch_rows) * h

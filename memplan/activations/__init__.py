@@ -108,7 +108,7 @@ def layout_of(spec: Spec) -> layout.Layout:
         context=par.context,
         expert=par.expert,
         capacity_factor=par.expert_capacity_factor,
-        vocab_divisible_by=par.make_vocab_size_divisible_by,
+        vocab_divisible_by=par.vocab_multiple,
         # torch's own tensor parallelism (DTensor, as torchtitan composes it with FSDP2);
         # Megatron-LM's layers otherwise (megatron, and DeepSpeed via Megatron-DeepSpeed).
         gathered_inputs=par.engine in ("fsdp2", "ddp"),
