@@ -6,7 +6,8 @@ Why a module of its own: these families are assembled from the same few `torch.n
 read config.json the same way (keys over the config class's defaults, `attribute_map` aliases,
 `num_labels` from `id2label`). Each family module describes one block *template* (names relative
 to the block) and `stamp` repeats it per block index, so an inventory is a list comprehension,
-not a model.
+not a model. What they share with the decoder families (`param`, `linear`, `norm`, `resolve`,
+rotary buffers, ...) lives in `decoder`; this module holds the rest.
 
 Order matters: tensors are listed in `nn.Module` registration order, the order of
 `model.named_parameters()` / `model.named_buffers()` (pre-order: a module's own tensors, then
@@ -18,41 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from memplan.models.decoder import Part, linear, norm, param, present
 from memplan.models.inventory import Architecture, Config, Inventory, TensorSpec, model_name
-
-Part = tuple[TensorSpec, ...]
-"""Tensors of one module (or block template), names relative to it, in registration order."""
-
-
-def resolve(
-    config: Mapping[str, Any],
-    defaults: Mapping[str, Any],
-    *,
-    aliases: Mapping[str, str] | None = None,
-    origin: str = "config",
-) -> Config:
-    """config.json over the config class's defaults, as the class's `__init__` sees it.
-
-    A key absent from config.json takes the class default; a key present with `null` stays None
-    (GPT-J `rotary_dim: null` means "rotate the whole head", not the default 64). `aliases` is the
-    class's `attribute_map` (GPT-2 `hidden_size` -> `n_embd`).
-    """
-    merged = dict(defaults)
-    for key, value in config.items():
-        merged[(aliases or {}).get(key, key)] = value
-    return Config(merged, origin=origin)
-
-
-def present(cfg: Config, key: str) -> Any:
-    """The resolved value of `key`, None included (unlike `Config.get`, no default)."""
-    return cfg.data.get(key)
-
-
-def int_or(cfg: Config, key: str, fallback: int) -> int:
-    """`cfg[key]` when set (a non-negative int), else `fallback` (the class's `__post_init__`)."""
-    if present(cfg, key) is None:
-        return fallback
-    return cfg.int(key)
 
 
 def flag(cfg: Config, key: str) -> bool:
@@ -73,26 +41,6 @@ def num_labels(cfg: Config) -> int:
     return cfg.int("num_labels", default=2)
 
 
-def param(name: str, shape: tuple[int, ...], role: str) -> TensorSpec:
-    """A trainable parameter (`nn.Parameter`), following the model dtype."""
-    return TensorSpec(name, shape, "parameter", role=role)
-
-
-def buffer(
-    name: str, shape: tuple[int, ...], role: str, *, dtype: str | None, persistent: bool
-) -> TensorSpec:
-    """A buffer (`nn.Buffer` / `register_buffer`); `dtype` None when it follows the model dtype."""
-    return TensorSpec(name, shape, "buffer", dtype=dtype, persistent=persistent, role=role)
-
-
-def linear(name: str, out_features: int, in_features: int, role: str, *, bias: bool) -> Part:
-    """`nn.Linear(in_features, out_features, bias)`: weight [out, in] (+ bias [out])."""
-    weight = param(f"{name}.weight", (out_features, in_features), role)
-    if not bias:
-        return (weight,)
-    return weight, param(f"{name}.bias", (out_features,), role)
-
-
 def conv1d(name: str, in_features: int, out_features: int, role: str) -> Part:
     """GPT-2 `Conv1D(nf=out, nx=in)` (pytorch_utils.py): weight [in, out] (transposed), bias."""
     return (
@@ -103,32 +51,12 @@ def conv1d(name: str, in_features: int, out_features: int, role: str) -> Part:
 
 def layer_norm(name: str, dim: int, *, affine: bool = True, bias: bool = True) -> Part:
     """`nn.LayerNorm(dim, elementwise_affine, bias)`: weight and bias [dim], none without affine."""
-    if not affine:
-        return ()
-    weight = param(f"{name}.weight", (dim,), "norm")
-    if not bias:
-        return (weight,)
-    return weight, param(f"{name}.bias", (dim,), "norm")
+    return norm(name, dim, bias=bias) if affine else ()
 
 
 def embedding(name: str, num_embeddings: int, dim: int, role: str = "embedding") -> Part:
     """`nn.Embedding(num_embeddings, dim)`: weight [num_embeddings, dim]."""
     return (param(f"{name}.weight", (num_embeddings, dim), role),)
-
-
-def rotary_inv_freq(prefix: str, rotary_dim: int) -> Part:
-    """`inv_freq` and `original_inv_freq`: [ceil(rotary_dim / 2)] fp32, non-persistent.
-
-    Source: transformers 5.24 `GPTNeoXRotaryEmbedding.__init__` / `FalconRotaryEmbedding.__init__`
-    (`nn.Buffer(inv_freq, persistent=False)` plus the clone `original_inv_freq`);
-    `inv_freq = 1 / base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)` has ceil(dim / 2)
-    entries and stays fp32 whatever dtype the model is built in (explicit `dtype=torch.float`).
-    """
-    half = (rotary_dim + 1) // 2
-    return tuple(
-        buffer(f"{prefix}.{name}", (half,), "rotary", dtype="fp32", persistent=False)
-        for name in ("inv_freq", "original_inv_freq")
-    )
 
 
 def rope_parameters(cfg: Config) -> dict[str, Any]:

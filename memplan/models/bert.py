@@ -36,21 +36,17 @@ from typing import Any
 
 from memplan.errors import MemplanError
 from memplan.models._classic import (
-    Part,
     assemble,
-    buffer,
     embedding,
     flag,
     join,
     layer_norm,
-    linear,
     num_labels,
-    param,
     pick_class,
     prefixed,
-    resolve,
     stamp,
 )
+from memplan.models.decoder import Part, buffer, linear, param, resolve
 from memplan.models.inventory import Architecture, Config, Inventory
 
 # configuration_bert.py / configuration_roberta.py defaults (they differ in vocab_size only).

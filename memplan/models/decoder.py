@@ -1,10 +1,11 @@
-"""Building blocks shared by the decoder-only families (llama.py, mixtral.py, qwen_moe.py, ...).
+"""Building blocks shared by every family: the decoder-only ones (llama.py, mixtral.py,
+qwen_moe.py, ...) and, through `_classic`, the pre-Llama ones (gpt2.py, bert.py, t5.py, ...).
 
 Why a module of its own: every family in transformers 5.x is assembled from the same few
 `nn.Module`s (a Linear with or without bias, an RMSNorm, a gate/up/down MLP, fused MoE experts,
 a rotary embedding holding `inv_freq` buffers) and differs only in which of them a decoder layer
 holds and in what order. Each family module therefore describes one layer *template* (tensor
-names relative to the layer) and `stamp` repeats it per layer index, so that building the
+names relative to the layer) and `stamp_layers` repeats it per layer index, so that building the
 61-layer DeepSeek-V3 inventory is a few thousand small objects, not a model.
 
 Order matters: tensors are listed in `nn.Module` registration order, which is the order of
@@ -35,7 +36,8 @@ def param(name: str, shape: tuple[int, ...], role: str, *, dtype: str | None = N
 def buffer(
     name: str, shape: tuple[int, ...], role: str, *, dtype: str | None, persistent: bool
 ) -> TensorSpec:
-    """A buffer (`nn.Buffer` / `register_buffer`); `persistent=False` keeps it out of state_dict."""
+    """A buffer (`nn.Buffer` / `register_buffer`); `persistent=False` keeps it out of state_dict,
+    `dtype` None when it follows the model dtype."""
     return TensorSpec(name, shape, "buffer", dtype=dtype, persistent=persistent, role=role)
 
 
@@ -98,18 +100,20 @@ def fused_experts(prefix: str, num_experts: int, hidden: int, inter: int) -> Par
     )
 
 
-def rotary_buffers(prefix: str, rotary_dim: int, *, tag: str = "") -> Part:
+def rotary_buffers(prefix: str, rotary_dim: int, *, tag: str = "", role: str = "attention") -> Part:
     """`inv_freq` and `original_inv_freq`: [ceil(rotary_dim / 2)] fp32, non-persistent.
 
-    Source: transformers 5.24 `LlamaRotaryEmbedding.__init__` (and every family's copy):
+    Source: transformers 5.24 `LlamaRotaryEmbedding.__init__` (and every family's copy, e.g.
+    `GPTNeoXRotaryEmbedding`, `FalconRotaryEmbedding`):
     `inv_freq = 1 / base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)`, registered as
     `nn.Buffer(inv_freq, persistent=False)` plus a clone `original_inv_freq`. The explicit
     `dtype=torch.float` keeps them fp32 whatever dtype the model is built in. `tag` prefixes
-    the names for per-layer-type rotaries (`Gemma3RotaryEmbedding`: `full_attention_inv_freq`).
+    the names for per-layer-type rotaries (`Gemma3RotaryEmbedding`: `full_attention_inv_freq`);
+    `role` is "attention" in the decoder families, "rotary" in the pre-Llama ones.
     """
     half = (rotary_dim + 1) // 2
     return tuple(
-        buffer(f"{prefix}.{tag}{name}", (half,), "attention", dtype="fp32", persistent=False)
+        buffer(f"{prefix}.{tag}{name}", (half,), role, dtype="fp32", persistent=False)
         for name in ("inv_freq", "original_inv_freq")
     )
 
@@ -210,8 +214,10 @@ def resolve(
     """config.json over the config class's defaults, as the class's `__init__` would see it.
 
     A key absent from config.json takes the class default; a key present with `null` stays
-    None (e.g. DeepSeek `q_lora_rank: null` means no q LoRA, not the default rank). `aliases`
-    is the class's `attribute_map` (e.g. Mixtral `num_experts` -> `num_local_experts`).
+    None (e.g. DeepSeek `q_lora_rank: null` means no q LoRA, not the default rank; GPT-J
+    `rotary_dim: null` means "rotate the whole head", not the default 64). `aliases` is the
+    class's `attribute_map` (e.g. Mixtral `num_experts` -> `num_local_experts`, GPT-2
+    `hidden_size` -> `n_embd`).
     """
     merged = dict(defaults)
     for key, value in config.items():

@@ -33,25 +33,28 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models._classic import (
-    Part,
     assemble,
     causal_head,
     embedding,
     flag,
     head_kind,
-    int_or,
     layer_norm,
-    linear,
     num_labels,
     pick_class,
-    present,
-    resolve,
     rope_parameters,
-    rotary_inv_freq,
     stamp,
     with_causal_head,
 )
-from memplan.models.inventory import Architecture, Config, Inventory, rotary_fraction
+from memplan.models.decoder import (
+    Part,
+    int_or,
+    linear,
+    present,
+    resolve,
+    rotary_buffers,
+    rotary_dim,
+)
+from memplan.models.inventory import Architecture, Config, Inventory
 
 # configuration_falcon.py: FalconConfig defaults. A null flag reads as False in the model code
 # (`if config.multi_query:`), which `flag` reproduces.
@@ -125,15 +128,6 @@ def layer(cfg: Config, hidden: int, qkv: int, ffn: int) -> Part:
     )
 
 
-def rotary_dim(cfg: Config, head_dim: int) -> int:
-    """head_dim for the default rope; int(head_dim * partial_rotary_factor) for the others."""
-    params = rope_parameters(cfg)
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "default":
-        return head_dim
-    return int(head_dim * rotary_fraction(params.get("partial_rotary_factor", 1.0)))
-
-
 def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     cfg = resolve(config, _DEFAULTS, origin=origin)
     cls, notes = pick_class(cfg, _CLASSES, _DEFAULT_CLASS, why="AutoModelForCausalLM")
@@ -150,7 +144,12 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         *embedding("word_embeddings", vocab, hidden),
         *stamp(layer(cfg, hidden, qkv, ffn), "h", layers),
         *layer_norm("ln_f", hidden),
-        *rotary_inv_freq("rotary_emb", rotary_dim(cfg, head_dim)),
+        *rotary_buffers(
+            "rotary_emb",
+            # head_dim for the default rope; int(head_dim * partial_rotary_factor) for the others
+            rotary_dim(rope_parameters(cfg), head_dim, default_is_partial=False),
+            role="rotary",
+        ),
     ]
     kind = head_kind(cls, "Falcon")
     tensors, tied = with_causal_head(

@@ -21,22 +21,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models._classic import (
-    Part,
     assemble,
     causal_head,
     conv1d,
     embedding,
     flag,
     head_kind,
-    int_or,
     layer_norm,
-    linear,
     num_labels,
     pick_class,
-    resolve,
     stamp,
     with_causal_head,
 )
+from memplan.models.decoder import Part, int_or, linear, resolve
 from memplan.models.inventory import Architecture, Config, Inventory
 
 # configuration_gpt2.py: GPT2Config defaults and attribute_map.

@@ -24,23 +24,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models._classic import (
-    Part,
     assemble,
     causal_head,
     embedding,
     flag,
     head_kind,
     layer_norm,
-    linear,
     num_labels,
     pick_class,
-    present,
-    resolve,
     rope_parameters,
-    rotary_inv_freq,
     stamp,
     with_causal_head,
 )
+from memplan.models.decoder import Part, linear, present, resolve, rotary_buffers
 from memplan.models.inventory import Architecture, Config, Inventory, rotary_fraction
 
 # configuration_gpt_neox.py: GPTNeoXConfig defaults.
@@ -104,7 +100,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         *embedding("embed_in", vocab, hidden),
         *stamp(layer(hidden, inter, bias=bias), "layers", layers),
         *layer_norm("final_layer_norm", hidden),
-        *rotary_inv_freq("rotary_emb", rot),
+        *rotary_buffers("rotary_emb", rot, role="rotary"),
     ]
     kind = head_kind(cls, "GPTNeoX")
     tensors, tied = with_causal_head(

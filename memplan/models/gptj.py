@@ -25,22 +25,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models._classic import (
-    Part,
     assemble,
-    buffer,
     causal_head,
     embedding,
     flag,
     head_kind,
-    int_or,
     layer_norm,
-    linear,
     num_labels,
     pick_class,
-    resolve,
     stamp,
     with_causal_head,
 )
+from memplan.models.decoder import Part, buffer, int_or, linear, resolve
 from memplan.models.inventory import Architecture, Inventory
 
 # configuration_gptj.py: GPTJConfig defaults and attribute_map.

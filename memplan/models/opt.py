@@ -25,22 +25,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models._classic import (
-    Part,
     assemble,
     causal_head,
     embedding,
     flag,
     head_kind,
-    int_or,
     layer_norm,
-    linear,
     num_labels,
     pick_class,
     prefixed,
-    resolve,
     stamp,
     with_causal_head,
 )
+from memplan.models.decoder import Part, int_or, linear, resolve
 from memplan.models.inventory import Architecture, Inventory
 
 # configuration_opt.py: OPTConfig defaults.

@@ -35,19 +35,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models._classic import (
-    Part,
     assemble,
     embedding,
-    int_or,
     join,
-    linear,
     num_labels,
-    param,
     pick_class,
     prefixed,
-    resolve,
     stamp,
 )
+from memplan.models.decoder import Part, int_or, linear, param, resolve
 from memplan.models.inventory import Architecture, Config, Inventory, TensorSpec
 
 # configuration_t5.py: T5Config defaults and attribute_map.
