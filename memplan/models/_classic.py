@@ -5,9 +5,10 @@ Why a module of its own: these families are assembled from the same few `torch.n
 (`*ForSequenceClassification`, `*ForTokenClassification`, `*ForQuestionAnswering`), and they
 read config.json the same way (keys over the config class's defaults, `attribute_map` aliases,
 `num_labels` from `id2label`). Each family module describes one block *template* (names relative
-to the block) and `stamp` repeats it per block index, so an inventory is a list comprehension,
-not a model. What they share with the decoder families (`param`, `linear`, `norm`, `resolve`,
-rotary buffers, ...) lives in `decoder`; this module holds the rest.
+to the block) and `decoder.stamp_layers` repeats it per block index, so an inventory is a list
+comprehension, not a model. What they share with the decoder families (`param`, `linear`,
+`norm`, `resolve`, rotary buffers, layer stamping, ...) lives in `decoder`; this module holds
+the rest.
 
 Order matters: tensors are listed in `nn.Module` registration order, the order of
 `model.named_parameters()` / `model.named_buffers()` (pre-order: a module's own tensors, then
@@ -75,28 +76,6 @@ def prefixed(part: Iterable[TensorSpec], prefix: str) -> list[TensorSpec]:
     return [
         TensorSpec(f"{prefix}.{t.name}", t.shape, t.kind, t.dtype, t.persistent, t.layer, t.role)
         for t in part
-    ]
-
-
-def stamp(
-    template: Part, prefix: str, count: int, *, start: int = 0, layer_offset: int = 0
-) -> list[TensorSpec]:
-    """Blocks `start .. count - 1` of `template`.
-
-    Names `{prefix}.{i}.{name}`, `layer = layer_offset + i`.
-    """
-    return [
-        TensorSpec(
-            f"{prefix}.{i}.{t.name}",
-            t.shape,
-            t.kind,
-            t.dtype,
-            t.persistent,
-            layer_offset + i,
-            t.role,
-        )
-        for i in range(start, count)
-        for t in template
     ]
 
 

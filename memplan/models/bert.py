@@ -44,9 +44,8 @@ from memplan.models._classic import (
     num_labels,
     pick_class,
     prefixed,
-    stamp,
 )
-from memplan.models.decoder import Part, buffer, linear, param, resolve
+from memplan.models.decoder import Part, buffer, linear, param, resolve, stamp_layers
 from memplan.models.inventory import Architecture, Config, Inventory
 
 # configuration_bert.py / configuration_roberta.py defaults (they differ in vocab_size only).
@@ -213,7 +212,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
 
     backbone = [
         *embeddings(vocab, hidden, positions, cfg.int("type_vocab_size"), roberta=roberta),
-        *stamp(layer(hidden, inter, cross=cross), "encoder.layer", layers),
+        *stamp_layers([layer(hidden, inter, cross=cross)] * layers, "encoder.layer"),
         *(linear("pooler.dense", hidden, hidden, "pooler", bias=True) if pooler else ()),
     ]
     root = "" if kind == "base" else model_type

@@ -29,10 +29,9 @@ from memplan.models._classic import (
     layer_norm,
     num_labels,
     pick_class,
-    stamp,
     with_causal_head,
 )
-from memplan.models.decoder import Part, int_or, linear, resolve
+from memplan.models.decoder import Part, int_or, linear, resolve, stamp_layers
 from memplan.models.inventory import Architecture, Inventory
 
 # configuration_bloom.py: BloomConfig defaults and attribute_map.
@@ -79,7 +78,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     backbone = [
         *embedding("word_embeddings", vocab, hidden),
         *layer_norm("word_embeddings_layernorm", hidden),
-        *stamp(block(hidden), "h", layers),
+        *stamp_layers([block(hidden)] * layers, "h"),
         *layer_norm("ln_f", hidden),
     ]
     kind = head_kind(cls, "Bloom")

@@ -163,12 +163,33 @@ def stamp(template: Part, prefix: str, index: int, *, decoder: bool = True) -> l
     ]
 
 
-def stamp_layers(templates: Sequence[Part], prefix: str = "model.layers") -> list[TensorSpec]:
-    """Every layer, `templates[i]` for layer i (repeated templates are the same object)."""
-    out: list[TensorSpec] = []
-    for index, template in enumerate(templates):
-        out += stamp(template, prefix, index)
-    return out
+def stamp_layers(
+    templates: Sequence[Part],
+    prefix: str = "model.layers",
+    *,
+    layer_offset: int = 0,
+    decoder: bool = True,
+) -> list[TensorSpec]:
+    """Every repeated block: `templates[i]` with names `{prefix}.{i}.{name}` and
+    `layer = layer_offset + i` (repeated templates are the same object).
+
+    `layer_offset` numbers blocks after an earlier stack's (T5's decoder follows its encoder);
+    with `decoder=False` the layer is None (the block is not a decoder layer, e.g. a vision
+    encoder layer).
+    """
+    return [
+        TensorSpec(
+            f"{prefix}.{index}.{t.name}",
+            t.shape,
+            t.kind,
+            t.dtype,
+            t.persistent,
+            layer_offset + index if decoder else None,
+            t.role,
+        )
+        for index, template in enumerate(templates)
+        for t in template
+    ]
 
 
 def assemble(

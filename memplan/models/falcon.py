@@ -42,7 +42,6 @@ from memplan.models._classic import (
     num_labels,
     pick_class,
     rope_parameters,
-    stamp,
     with_causal_head,
 )
 from memplan.models.decoder import (
@@ -53,6 +52,7 @@ from memplan.models.decoder import (
     resolve,
     rotary_buffers,
     rotary_dim,
+    stamp_layers,
 )
 from memplan.models.inventory import Architecture, Config, Inventory
 
@@ -142,7 +142,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
 
     backbone = [
         *embedding("word_embeddings", vocab, hidden),
-        *stamp(layer(cfg, hidden, qkv, ffn), "h", layers),
+        *stamp_layers([layer(cfg, hidden, qkv, ffn)] * layers, "h"),
         *layer_norm("ln_f", hidden),
         *rotary_buffers(
             "rotary_emb",

@@ -30,10 +30,9 @@ from memplan.models._classic import (
     layer_norm,
     num_labels,
     pick_class,
-    stamp,
     with_causal_head,
 )
-from memplan.models.decoder import Part, int_or, linear, resolve
+from memplan.models.decoder import Part, int_or, linear, resolve, stamp_layers
 from memplan.models.inventory import Architecture, Config, Inventory
 
 # configuration_gpt2.py: GPT2Config defaults and attribute_map.
@@ -126,7 +125,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     backbone = [
         *embedding("wte", vocab, hidden),
         *embedding("wpe", positions, hidden, "position"),
-        *stamp(block(hidden, inner, cross=cross), "h", layers),
+        *stamp_layers([block(hidden, inner, cross=cross)] * layers, "h"),
         *layer_norm("ln_f", hidden),
     ]
     if cls == "GPT2DoubleHeadsModel":

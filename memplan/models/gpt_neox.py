@@ -33,10 +33,9 @@ from memplan.models._classic import (
     num_labels,
     pick_class,
     rope_parameters,
-    stamp,
     with_causal_head,
 )
-from memplan.models.decoder import Part, linear, present, resolve, rotary_buffers
+from memplan.models.decoder import Part, linear, present, resolve, rotary_buffers, stamp_layers
 from memplan.models.inventory import Architecture, Config, Inventory, rotary_fraction
 
 # configuration_gpt_neox.py: GPTNeoXConfig defaults.
@@ -98,7 +97,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
 
     backbone = [
         *embedding("embed_in", vocab, hidden),
-        *stamp(layer(hidden, inter, bias=bias), "layers", layers),
+        *stamp_layers([layer(hidden, inter, bias=bias)] * layers, "layers"),
         *layer_norm("final_layer_norm", hidden),
         *rotary_buffers("rotary_emb", rot, role="rotary"),
     ]

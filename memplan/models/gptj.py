@@ -33,10 +33,9 @@ from memplan.models._classic import (
     layer_norm,
     num_labels,
     pick_class,
-    stamp,
     with_causal_head,
 )
-from memplan.models.decoder import Part, buffer, int_or, linear, resolve
+from memplan.models.decoder import Part, buffer, int_or, linear, resolve, stamp_layers
 from memplan.models.inventory import Architecture, Inventory
 
 # configuration_gptj.py: GPTJConfig defaults and attribute_map.
@@ -92,7 +91,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
 
     backbone = [
         *embedding("wte", vocab, hidden),
-        *stamp(block(hidden, inner), "h", layers),
+        *stamp_layers([block(hidden, inner)] * layers, "h"),
         *layer_norm("ln_f", hidden),
         buffer(
             "rotary_emb.embed_positions",

@@ -34,10 +34,9 @@ from memplan.models._classic import (
     num_labels,
     pick_class,
     prefixed,
-    stamp,
     with_causal_head,
 )
-from memplan.models.decoder import Part, int_or, linear, resolve
+from memplan.models.decoder import Part, int_or, linear, resolve, stamp_layers
 from memplan.models.inventory import Architecture, Inventory
 
 # configuration_opt.py: OPTConfig defaults.
@@ -99,7 +98,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         *embedding("embed_positions", positions + _POSITION_OFFSET, hidden, "position"),
         *projections,
         *(layer_norm("final_layer_norm", hidden, affine=affine) if final_norm else ()),
-        *stamp(layer(hidden, ffn, bias=bias, affine=affine), "layers", layers),
+        *stamp_layers([layer(hidden, ffn, bias=bias, affine=affine)] * layers, "layers"),
     ]
     kind = head_kind(cls, "OPT")
     tensors, tied = with_causal_head(

@@ -41,9 +41,8 @@ from memplan.models._classic import (
     num_labels,
     pick_class,
     prefixed,
-    stamp,
 )
-from memplan.models.decoder import Part, int_or, linear, param, resolve
+from memplan.models.decoder import Part, int_or, linear, param, resolve, stamp_layers
 from memplan.models.inventory import Architecture, Config, Inventory, TensorSpec
 
 # configuration_t5.py: T5Config defaults and attribute_map.
@@ -138,18 +137,12 @@ def stack(
     cfg: Config, name: str, count: int, *, decoder: bool, layer_offset: int
 ) -> list[TensorSpec]:
     """A `T5Stack` without its `embed_tokens` (always the `shared` tensor)."""
+    first = block(cfg, decoder=decoder, relative=True)
+    rest = block(cfg, decoder=decoder, relative=False)
     return [
-        *stamp(
-            block(cfg, decoder=decoder, relative=True),
+        *stamp_layers(
+            [first if i == 0 else rest for i in range(count)],
             f"{name}.block",
-            min(count, 1),
-            layer_offset=layer_offset,
-        ),
-        *stamp(
-            block(cfg, decoder=decoder, relative=False),
-            f"{name}.block",
-            count,
-            start=1,
             layer_offset=layer_offset,
         ),
         *rms_norm(f"{name}.final_layer_norm", cfg.int("d_model")),
