@@ -16,10 +16,18 @@ children's, depth first); `assemble` splits one ordered list into parameters and
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from memplan.errors import MemplanError
-from memplan.models.inventory import Architecture, Config, Inventory, TensorSpec, rotary_fraction
+from memplan.models.inventory import (
+    Architecture,
+    Config,
+    Inventory,
+    TensorSpec,
+    model_name,
+    rotary_fraction,
+)
 
 Part = tuple[TensorSpec, ...]
 """Tensors of one module (or layer template), names relative to it, in registration order."""
@@ -87,6 +95,23 @@ def attention(
         *linear(f"{prefix}.v_proj", kv_heads * head_dim, hidden, "attention", bias=qkv_bias),
         *linear(f"{prefix}.o_proj", hidden, heads * head_dim, "attention", bias=o_bias),
     )
+
+
+def self_attention(dims: Dims, *, qkv_bias: bool, o_bias: bool, qk_norm: bool = False) -> Part:
+    """`self_attn` of a Llama-style layer (see `attention`); `qk_norm` adds the per-head
+    `q_norm`/`k_norm` RMSNorms [head_dim] of Qwen3 and Gemma 3, registered after o_proj."""
+    part = attention(
+        "self_attn",
+        hidden=dims.hidden,
+        heads=dims.heads,
+        kv_heads=dims.kv_heads,
+        head_dim=dims.head_dim,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+    )
+    if qk_norm:
+        part += norm("self_attn.q_norm", dims.head_dim) + norm("self_attn.k_norm", dims.head_dim)
+    return part
 
 
 def fused_experts(prefix: str, num_experts: int, hidden: int, inter: int) -> Part:
@@ -192,6 +217,56 @@ def stamp_layers(
     ]
 
 
+def rotary_emb(
+    cfg: Config, head_dim: int, *, default_is_partial: bool = False, prefix: str = "model"
+) -> Part:
+    """The buffers of `{prefix}.rotary_emb`, sized from the config's RoPE dict (`rotary_dim`)."""
+    dim = rotary_dim(rope_parameters(cfg.data), head_dim, default_is_partial=default_is_partial)
+    return rotary_buffers(f"{prefix}.rotary_emb", dim)
+
+
+def decoder_backbone(
+    dims: Dims,
+    templates: Sequence[Part],
+    rotary: Part,
+    *,
+    prefix: str = "model",
+    embed_extra: Part = (),
+) -> list[TensorSpec]:
+    """A Llama-style base model under `prefix`: `embed_tokens` (weight [V, H], then
+    `embed_extra`), the layers (`templates[i]` for layer i), the final `norm`, then `rotary`."""
+    return [
+        param(f"{prefix}.embed_tokens.weight", (dims.vocab, dims.hidden), "embedding"),
+        *embed_extra,
+        *stamp_layers(templates, prefix=f"{prefix}.layers"),
+        *norm(f"{prefix}.norm", dims.hidden),
+        *rotary,
+    ]
+
+
+def causal_lm(
+    *,
+    cfg: Config,
+    architecture: Architecture,
+    tensors: Iterable[TensorSpec],
+    tie_default: bool = False,
+    embed_name: str = EMBED,
+    notes: tuple[str, ...] = (),
+) -> Inventory:
+    """The inventory of a `*ForCausalLM` named after the config: `tensors` (the base model)
+    then `lm_head`, tied to `embed_name` when `tie_word_embeddings` (default `tie_default`)."""
+    return assemble(
+        name=model_name(cfg, architecture.model_type),
+        architecture=architecture,
+        tensors=tensors,
+        tie=cfg.bool("tie_word_embeddings", tie_default),
+        hidden=architecture.hidden_size,
+        vocab=architecture.vocab_size,
+        embed_name=embed_name,
+        notes=notes,
+    )
+
+
 def assemble(
     *,
     name: str,
@@ -279,3 +354,88 @@ def divide_heads(cfg: Config, hidden: int, heads: int) -> int:
             f"{cfg.origin}: num_attention_heads must be positive.", field="num_attention_heads"
         )
     return hidden // heads
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dims:
+    """The sizes a family reads from its config and records in its `Architecture`."""
+
+    hidden: int
+    layers: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+
+    @classmethod
+    def mha(
+        cls,
+        *,
+        hidden: int,
+        layers: int,
+        vocab: int,
+        heads: int,
+        inter: int,
+        head_dim: int | None = None,
+    ) -> Dims:
+        """Multi-head attention: a key/value head per query head, of `head_dim` (None:
+        hidden // heads)."""
+        return cls(
+            hidden=hidden,
+            layers=layers,
+            vocab=vocab,
+            heads=heads,
+            kv_heads=heads,
+            head_dim=hidden // heads if head_dim is None else head_dim,
+            inter=inter,
+        )
+
+
+def read_dims(cfg: Config) -> Dims:
+    """The Llama-style keys, in this order: hidden_size, num_attention_heads,
+    num_key_value_heads (null: heads), head_dim (null: hidden // heads), intermediate_size,
+    num_hidden_layers, vocab_size."""
+    hidden = cfg.int("hidden_size")
+    heads = cfg.int("num_attention_heads")
+    kv_heads = int_or(cfg, "num_key_value_heads", heads)
+    head_dim = int_or(cfg, "head_dim", divide_heads(cfg, hidden, heads))
+    return Dims(
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        inter=cfg.int("intermediate_size"),
+        layers=cfg.int("num_hidden_layers"),
+        vocab=cfg.int("vocab_size"),
+    )
+
+
+def architecture(
+    cfg: Config,
+    model_type: str,
+    dims: Dims,
+    *,
+    max_positions: int | None = None,
+    experts: int = 0,
+    top_k: int = 0,
+    extra: Mapping[str, Any] | None = None,
+) -> Architecture:
+    """The `Architecture` of every family: `dims`, the experts, `extra` (family facts) and
+    `max_positions` (None: the config's `max_position_embeddings`, read here)."""
+    if max_positions is None:
+        max_positions = cfg.int("max_position_embeddings")
+    return Architecture(
+        model_type=model_type,
+        hidden_size=dims.hidden,
+        num_layers=dims.layers,
+        vocab_size=dims.vocab,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=dims.kv_heads,
+        head_dim=dims.head_dim,
+        intermediate_size=dims.inter,
+        num_experts=experts,
+        num_experts_per_token=top_k,
+        max_position_embeddings=max_positions,
+        extra={} if extra is None else extra,
+    )

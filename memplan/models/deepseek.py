@@ -30,10 +30,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models.decoder import (
-    EMBED,
+    Dims,
     Part,
-    assemble,
+    architecture,
     buffer,
+    causal_lm,
+    decoder_backbone,
     fused_experts,
     gated_mlp,
     int_or,
@@ -42,12 +44,9 @@ from memplan.models.decoder import (
     param,
     present,
     resolve,
-    rope_parameters,
-    rotary_buffers,
-    rotary_dim,
-    stamp_layers,
+    rotary_emb,
 )
-from memplan.models.inventory import Architecture, Config, Inventory, model_name
+from memplan.models.inventory import Config, Inventory
 
 # Config dataclass defaults, transformers 5.24; num_key_value_heads None -> heads.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -189,17 +188,16 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     sparse: Part = attn + moe + norms
     dense: Part = attn + gated_mlp("mlp", hidden, inter, bias=mlp_bias) + norms
     templates = [sparse if i >= first_dense else dense for i in range(layers)]
-
-    rope = rope_parameters(cfg.data)
-    tensors = [
-        param(EMBED, (vocab, hidden), "embedding"),
-        *stamp_layers(templates),
-        *norm("model.norm", hidden),
-        *rotary_buffers(
-            "model.rotary_emb",
-            rotary_dim(rope, ranks["qk_rope_head_dim"], default_is_partial=False),
-        ),
-    ]
+    # MLA: keys and values are expanded per head from the latent (kv_b_proj).
+    dims = Dims.mha(
+        hidden=hidden,
+        layers=layers,
+        vocab=vocab,
+        heads=heads,
+        inter=inter,
+        head_dim=ranks["qk_nope_head_dim"] + ranks["qk_rope_head_dim"],
+    )
+    tensors = decoder_backbone(dims, templates, rotary_emb(cfg, ranks["qk_rope_head_dim"]))
     extra: dict[str, Any] = {
         **ranks,
         "first_k_dense_replace": first_dense,
@@ -221,27 +219,5 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
                 "of DeepseekV3ForCausalLM in transformers (its checkpoint keys are ignored on "
                 "load), so it is not counted.",
             )
-    arch = Architecture(
-        model_type=model_type,
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        # MLA: keys and values are expanded per head from the latent (kv_b_proj).
-        num_key_value_heads=heads,
-        head_dim=ranks["qk_nope_head_dim"] + ranks["qk_rope_head_dim"],
-        intermediate_size=inter,
-        num_experts=experts,
-        num_experts_per_token=top_k,
-        max_position_embeddings=cfg.int("max_position_embeddings"),
-        extra=extra,
-    )
-    return assemble(
-        name=model_name(cfg, model_type),
-        architecture=arch,
-        tensors=tensors,
-        tie=cfg.bool("tie_word_embeddings", False),
-        hidden=hidden,
-        vocab=vocab,
-        notes=notes,
-    )
+    arch = architecture(cfg, model_type, dims, experts=experts, top_k=top_k, extra=extra)
+    return causal_lm(cfg=cfg, architecture=arch, tensors=tensors, notes=notes)

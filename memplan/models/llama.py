@@ -20,22 +20,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models.decoder import (
-    EMBED,
     Part,
-    assemble,
-    attention,
-    divide_heads,
+    architecture,
+    causal_lm,
+    decoder_backbone,
     gated_mlp,
-    int_or,
     norm,
-    param,
+    read_dims,
     resolve,
-    rope_parameters,
-    rotary_buffers,
-    rotary_dim,
-    stamp_layers,
+    rotary_emb,
+    self_attention,
 )
-from memplan.models.inventory import Architecture, Inventory, model_name
+from memplan.models.inventory import Inventory
 
 # Keys read below, with each config class's dataclass default in transformers 5.24.
 # head_dim None -> hidden_size // num_attention_heads (LlamaConfig/MistralConfig __post_init__;
@@ -89,63 +85,24 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     model_type = str(config.get("model_type", "llama"))
     cfg = resolve(config, DEFAULTS[model_type], origin=origin)
-
-    hidden = cfg.int("hidden_size")
-    heads = cfg.int("num_attention_heads")
-    kv_heads = int_or(cfg, "num_key_value_heads", heads)
-    head_dim = int_or(cfg, "head_dim", divide_heads(cfg, hidden, heads))
-    inter = cfg.int("intermediate_size")
-    layers = cfg.int("num_hidden_layers")
-    vocab = cfg.int("vocab_size")
+    dims = read_dims(cfg)
     if model_type in ("llama", "qwen3"):
         qkv_bias = o_bias = cfg.bool("attention_bias", False)
     else:
         qkv_bias, o_bias = model_type == "qwen2", False  # mistral: none; qwen2: q/k/v only
     mlp_bias = model_type == "llama" and cfg.bool("mlp_bias", False)
 
-    layer: Part = attention(
-        "self_attn",
-        hidden=hidden,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        qkv_bias=qkv_bias,
-        o_bias=o_bias,
+    layer: Part = (
+        *self_attention(dims, qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=model_type == "qwen3"),
+        *gated_mlp("mlp", dims.hidden, dims.inter, bias=mlp_bias),
+        *norm("input_layernorm", dims.hidden),
+        *norm("post_attention_layernorm", dims.hidden),
     )
-    if model_type == "qwen3":
-        layer += norm("self_attn.q_norm", head_dim) + norm("self_attn.k_norm", head_dim)
-    layer += gated_mlp("mlp", hidden, inter, bias=mlp_bias)
-    layer += norm("input_layernorm", hidden) + norm("post_attention_layernorm", hidden)
-
-    rope = rope_parameters(cfg.data)
-    tensors = [
-        param(EMBED, (vocab, hidden), "embedding"),
-        *stamp_layers([layer] * layers),
-        *norm("model.norm", hidden),
-        *rotary_buffers("model.rotary_emb", rotary_dim(rope, head_dim, default_is_partial=False)),
-    ]
+    tensors = decoder_backbone(dims, [layer] * dims.layers, rotary_emb(cfg, dims.head_dim))
     extra: dict[str, Any] = {}
     if model_type != "llama":
         # Sliding windows change the attention mask, never a tensor shape.
         use_window = model_type == "mistral" or cfg.bool("use_sliding_window", False)
         extra["sliding_window"] = cfg.get("sliding_window") if use_window else None
-    arch = Architecture(
-        model_type=model_type,
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        intermediate_size=inter,
-        max_position_embeddings=cfg.int("max_position_embeddings"),
-        extra=extra,
-    )
-    return assemble(
-        name=model_name(cfg, model_type),
-        architecture=arch,
-        tensors=tensors,
-        tie=cfg.bool("tie_word_embeddings", False),
-        hidden=hidden,
-        vocab=vocab,
-    )
+    arch = architecture(cfg, model_type, dims, extra=extra)
+    return causal_lm(cfg=cfg, architecture=arch, tensors=tensors)

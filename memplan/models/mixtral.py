@@ -15,23 +15,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models.decoder import (
-    EMBED,
     Part,
-    assemble,
-    attention,
-    divide_heads,
+    architecture,
+    causal_lm,
+    decoder_backbone,
     fused_experts,
-    int_or,
     linear,
     norm,
-    param,
+    read_dims,
     resolve,
-    rope_parameters,
-    rotary_buffers,
-    rotary_dim,
-    stamp_layers,
+    rotary_emb,
+    self_attention,
 )
-from memplan.models.inventory import Architecture, Inventory, model_name
+from memplan.models.inventory import Inventory
 
 # MixtralConfig dataclass defaults (transformers 5.24); head_dim None -> hidden // heads.
 DEFAULTS: dict[str, Any] = {
@@ -53,61 +49,28 @@ ALIASES = {"num_experts": "num_local_experts"}
 
 def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     cfg = resolve(config, DEFAULTS, aliases=ALIASES, origin=origin)
-    hidden = cfg.int("hidden_size")
-    heads = cfg.int("num_attention_heads")
-    kv_heads = int_or(cfg, "num_key_value_heads", heads)
-    head_dim = int_or(cfg, "head_dim", divide_heads(cfg, hidden, heads))
-    inter = cfg.int("intermediate_size")
-    layers = cfg.int("num_hidden_layers")
-    vocab = cfg.int("vocab_size")
+    dims = read_dims(cfg)
     experts = cfg.int("num_local_experts")
     top_k = cfg.int("num_experts_per_tok")
 
     layer: Part = (
-        *attention(
-            "self_attn",
-            hidden=hidden,
-            heads=heads,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            qkv_bias=False,
-            o_bias=False,
-        ),
-        *linear("mlp.gate", experts, hidden, "router"),
-        *fused_experts("mlp.experts", experts, hidden, inter),
-        *norm("input_layernorm", hidden),
-        *norm("post_attention_layernorm", hidden),
+        *self_attention(dims, qkv_bias=False, o_bias=False),
+        *linear("mlp.gate", experts, dims.hidden, "router"),
+        *fused_experts("mlp.experts", experts, dims.hidden, dims.inter),
+        *norm("input_layernorm", dims.hidden),
+        *norm("post_attention_layernorm", dims.hidden),
     )
-    rope = rope_parameters(cfg.data)
-    tensors = [
-        param(EMBED, (vocab, hidden), "embedding"),
-        *stamp_layers([layer] * layers),
-        *norm("model.norm", hidden),
-        *rotary_buffers("model.rotary_emb", rotary_dim(rope, head_dim, default_is_partial=False)),
-    ]
-    arch = Architecture(
-        model_type="mixtral",
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        intermediate_size=inter,
-        num_experts=experts,
-        num_experts_per_token=top_k,
-        max_position_embeddings=cfg.int("max_position_embeddings"),
+    tensors = decoder_backbone(dims, [layer] * dims.layers, rotary_emb(cfg, dims.head_dim))
+    arch = architecture(
+        cfg,
+        "mixtral",
+        dims,
+        experts=experts,
+        top_k=top_k,
         extra={
-            "moe_intermediate_size": inter,
-            "moe_layers": tuple(range(layers)),
+            "moe_intermediate_size": dims.inter,
+            "moe_layers": tuple(range(dims.layers)),
             "sliding_window": cfg.get("sliding_window"),
         },
     )
-    return assemble(
-        name=model_name(cfg, "mixtral"),
-        architecture=arch,
-        tensors=tensors,
-        tie=cfg.bool("tie_word_embeddings", False),
-        hidden=hidden,
-        vocab=vocab,
-    )
+    return causal_lm(cfg=cfg, architecture=arch, tensors=tensors)

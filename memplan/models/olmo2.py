@@ -16,22 +16,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models.decoder import (
-    EMBED,
     Part,
-    assemble,
-    attention,
-    divide_heads,
+    architecture,
+    causal_lm,
+    decoder_backbone,
     gated_mlp,
-    int_or,
     norm,
-    param,
+    read_dims,
     resolve,
-    rope_parameters,
-    rotary_buffers,
-    rotary_dim,
-    stamp_layers,
+    rotary_emb,
+    self_attention,
 )
-from memplan.models.inventory import Architecture, Inventory, model_name
+from memplan.models.inventory import Inventory
 
 # Olmo2Config dataclass defaults (transformers 5.24); num_key_value_heads None -> heads.
 DEFAULTS: dict[str, Any] = {
@@ -49,54 +45,17 @@ DEFAULTS: dict[str, Any] = {
 
 def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     cfg = resolve(config, DEFAULTS, origin=origin)
-    hidden = cfg.int("hidden_size")
-    heads = cfg.int("num_attention_heads")
-    kv_heads = int_or(cfg, "num_key_value_heads", heads)
-    head_dim = int_or(cfg, "head_dim", divide_heads(cfg, hidden, heads))
-    inter = cfg.int("intermediate_size")
-    layers = cfg.int("num_hidden_layers")
-    vocab = cfg.int("vocab_size")
+    dims = read_dims(cfg)
     bias = cfg.bool("attention_bias", False)
 
     layer: Part = (
-        *attention(
-            "self_attn",
-            hidden=hidden,
-            heads=heads,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            qkv_bias=bias,
-            o_bias=bias,
-        ),
-        *norm("self_attn.q_norm", heads * head_dim),
-        *norm("self_attn.k_norm", kv_heads * head_dim),
-        *gated_mlp("mlp", hidden, inter),
-        *norm("post_attention_layernorm", hidden),
-        *norm("post_feedforward_layernorm", hidden),
+        *self_attention(dims, qkv_bias=bias, o_bias=bias),
+        *norm("self_attn.q_norm", dims.heads * dims.head_dim),
+        *norm("self_attn.k_norm", dims.kv_heads * dims.head_dim),
+        *gated_mlp("mlp", dims.hidden, dims.inter),
+        *norm("post_attention_layernorm", dims.hidden),
+        *norm("post_feedforward_layernorm", dims.hidden),
     )
-    rope = rope_parameters(cfg.data)
-    tensors = [
-        param(EMBED, (vocab, hidden), "embedding"),
-        *stamp_layers([layer] * layers),
-        *norm("model.norm", hidden),
-        *rotary_buffers("model.rotary_emb", rotary_dim(rope, head_dim, default_is_partial=False)),
-    ]
-    arch = Architecture(
-        model_type="olmo2",
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        intermediate_size=inter,
-        max_position_embeddings=cfg.int("max_position_embeddings"),
-    )
-    return assemble(
-        name=model_name(cfg, "olmo2"),
-        architecture=arch,
-        tensors=tensors,
-        tie=cfg.bool("tie_word_embeddings", False),
-        hidden=hidden,
-        vocab=vocab,
-    )
+    tensors = decoder_backbone(dims, [layer] * dims.layers, rotary_emb(cfg, dims.head_dim))
+    arch = architecture(cfg, "olmo2", dims)
+    return causal_lm(cfg=cfg, architecture=arch, tensors=tensors)

@@ -25,25 +25,21 @@ from typing import Any
 
 from memplan.errors import MemplanError
 from memplan.models.decoder import (
-    EMBED,
     Part,
-    assemble,
-    attention,
-    divide_heads,
+    architecture,
+    causal_lm,
+    decoder_backbone,
     fused_experts,
     gated_mlp,
     int_list,
-    int_or,
     linear,
     norm,
-    param,
+    read_dims,
     resolve,
-    rope_parameters,
-    rotary_buffers,
-    rotary_dim,
-    stamp_layers,
+    rotary_emb,
+    self_attention,
 )
-from memplan.models.inventory import Architecture, Inventory, model_name
+from memplan.models.inventory import Inventory
 
 # Config dataclass defaults in transformers 5.24. Neither class has a head_dim field: the
 # attention uses config.json's head_dim when given, else hidden // heads.
@@ -91,14 +87,9 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     model_type = str(config.get("model_type"))
     qwen2 = model_type == "qwen2_moe"
     cfg = resolve(config, DEFAULTS[model_type], aliases=ALIASES, origin=origin)
-    hidden = cfg.int("hidden_size")
-    heads = cfg.int("num_attention_heads")
-    kv_heads = int_or(cfg, "num_key_value_heads", heads)
-    head_dim = int_or(cfg, "head_dim", divide_heads(cfg, hidden, heads))
-    inter = cfg.int("intermediate_size")
+    dims = read_dims(cfg)
+    hidden = dims.hidden
     moe_inter = cfg.int("moe_intermediate_size")
-    layers = cfg.int("num_hidden_layers")
-    vocab = cfg.int("vocab_size")
     experts = cfg.int("num_experts")
     top_k = cfg.int("num_experts_per_tok")
     step = cfg.int("decoder_sparse_step")
@@ -109,17 +100,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         qkv_bias, o_bias = cfg.bool("qkv_bias", True), False
     else:
         qkv_bias = o_bias = cfg.bool("attention_bias", False)
-    attn: Part = attention(
-        "self_attn",
-        hidden=hidden,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        qkv_bias=qkv_bias,
-        o_bias=o_bias,
-    )
-    if not qwen2:
-        attn += norm("self_attn.q_norm", head_dim) + norm("self_attn.k_norm", head_dim)
+    attn = self_attention(dims, qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=not qwen2)
     norms = norm("input_layernorm", hidden) + norm("post_attention_layernorm", hidden)
 
     router = linear("mlp.gate", experts, hidden, "router")
@@ -134,7 +115,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     else:
         sparse_mlp = (*routed, *router)
     sparse: Part = attn + sparse_mlp + norms
-    dense: Part = attn + gated_mlp("mlp", hidden, inter) + norms
+    dense: Part = attn + gated_mlp("mlp", hidden, dims.inter) + norms
 
     # Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer: the sparse-or-dense rule.
     if step == 0:
@@ -144,16 +125,10 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
             field="decoder_sparse_step",
         )
     moe_layers = tuple(
-        i for i in range(layers) if i not in mlp_only and experts > 0 and (i + 1) % step == 0
+        i for i in range(dims.layers) if i not in mlp_only and experts > 0 and (i + 1) % step == 0
     )
-    templates = [sparse if i in moe_layers else dense for i in range(layers)]
-    rope = rope_parameters(cfg.data)
-    tensors = [
-        param(EMBED, (vocab, hidden), "embedding"),
-        *stamp_layers(templates),
-        *norm("model.norm", hidden),
-        *rotary_buffers("model.rotary_emb", rotary_dim(rope, head_dim, default_is_partial=False)),
-    ]
+    templates = [sparse if i in moe_layers else dense for i in range(dims.layers)]
+    tensors = decoder_backbone(dims, templates, rotary_emb(cfg, dims.head_dim))
     extra: dict[str, Any] = {
         "moe_intermediate_size": moe_inter,
         "decoder_sparse_step": step,
@@ -163,25 +138,5 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     }
     if qwen2:
         extra["shared_expert_intermediate_size"] = shared_inter
-    arch = Architecture(
-        model_type=model_type,
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        intermediate_size=inter,
-        num_experts=experts,
-        num_experts_per_token=top_k,
-        max_position_embeddings=cfg.int("max_position_embeddings"),
-        extra=extra,
-    )
-    return assemble(
-        name=model_name(cfg, model_type),
-        architecture=arch,
-        tensors=tensors,
-        tie=cfg.bool("tie_word_embeddings", False),
-        hidden=hidden,
-        vocab=vocab,
-    )
+    arch = architecture(cfg, model_type, dims, experts=experts, top_k=top_k, extra=extra)
+    return causal_lm(cfg=cfg, architecture=arch, tensors=tensors)
