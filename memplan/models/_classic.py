@@ -106,16 +106,16 @@ def pick_class(
 def assemble(
     *,
     cfg: Config,
-    fallback_name: str,
     architecture: Architecture,
     tensors: Iterable[TensorSpec],
     tied: Iterable[tuple[str, str]] = (),
     notes: Iterable[str] = (),
 ) -> Inventory:
-    """An `Inventory` from one ordered list of parameters and buffers."""
+    """An `Inventory` from one ordered list of parameters and buffers, named after the config
+    (`_name_or_path`, else the model_type)."""
     ordered = list(tensors)
     return Inventory(
-        name=model_name(cfg, fallback_name),
+        name=model_name(cfg, architecture.model_type),
         architecture=architecture,
         parameters=tuple(t for t in ordered if t.kind == "parameter"),
         buffers=tuple(t for t in ordered if t.kind == "buffer"),
@@ -182,3 +182,28 @@ def with_causal_head(
         else:
             tensors.append(t)
     return tensors, tied
+
+
+def with_class_head(
+    cfg: Config,
+    cls: str,
+    stem: str,
+    *,
+    prefix: str,
+    backbone: Iterable[TensorSpec],
+    embed: str,
+    hidden: int,
+    vocab: int,
+    lm_bias: bool = False,
+) -> tuple[list[TensorSpec], tuple[tuple[str, str], ...]]:
+    """`with_causal_head` for class `cls` (`stem` + a `HEAD_KINDS` suffix): its `causal_head`,
+    `num_labels` from the config, lm_head tied per `tie_word_embeddings`."""
+    kind = head_kind(cls, stem)
+    return with_causal_head(
+        kind=kind,
+        prefix=prefix,
+        backbone=backbone,
+        embed=embed,
+        head=causal_head(kind, hidden=hidden, vocab=vocab, labels=num_labels(cfg), lm_bias=lm_bias),
+        tie=flag(cfg, "tie_word_embeddings"),
+    )

@@ -45,8 +45,17 @@ from memplan.models._classic import (
     pick_class,
     prefixed,
 )
-from memplan.models.decoder import Part, buffer, linear, param, resolve, stamp_layers
-from memplan.models.inventory import Architecture, Config, Inventory
+from memplan.models.decoder import (
+    Dims,
+    Part,
+    architecture,
+    buffer,
+    linear,
+    param,
+    resolve,
+    stamp_layers,
+)
+from memplan.models.inventory import Config, Inventory
 
 # configuration_bert.py / configuration_roberta.py defaults (they differ in vocab_size only).
 _DEFAULTS: dict[str, Any] = {
@@ -222,16 +231,11 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     )
     tensors = [*prefixed(backbone, root), *task_head]
 
-    arch = Architecture(
-        model_type=model_type,
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=hidden // heads,
-        intermediate_size=inter,
-        max_position_embeddings=positions,
+    arch = architecture(
+        cfg,
+        model_type,
+        Dims.mha(hidden=hidden, layers=layers, vocab=vocab, heads=heads, inter=inter),
+        max_positions=positions,
         extra={
             "model_class": cls,
             "type_vocab_size": cfg.int("type_vocab_size"),
@@ -239,11 +243,4 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
             "add_cross_attention": cross,
         },
     )
-    return assemble(
-        cfg=cfg,
-        fallback_name=model_type,
-        architecture=arch,
-        tensors=tensors,
-        tied=tied,
-        notes=notes,
-    )
+    return assemble(cfg=cfg, architecture=arch, tensors=tensors, tied=tied, notes=notes)

@@ -20,19 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from memplan.models._classic import (
-    assemble,
-    causal_head,
-    embedding,
-    flag,
-    head_kind,
-    layer_norm,
-    num_labels,
-    pick_class,
-    with_causal_head,
-)
-from memplan.models.decoder import Part, int_or, linear, resolve, stamp_layers
-from memplan.models.inventory import Architecture, Inventory
+from memplan.models._classic import assemble, embedding, layer_norm, pick_class, with_class_head
+from memplan.models.decoder import Dims, Part, architecture, int_or, linear, resolve, stamp_layers
+from memplan.models.inventory import Inventory
 
 # configuration_bloom.py: BloomConfig defaults and attribute_map.
 _DEFAULTS: dict[str, Any] = {
@@ -81,27 +71,21 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         *stamp_layers([block(hidden)] * layers, "h"),
         *layer_norm("ln_f", hidden),
     ]
-    kind = head_kind(cls, "Bloom")
-    tensors, tied = with_causal_head(
-        kind=kind,
+    tensors, tied = with_class_head(
+        cfg,
+        cls,
+        "Bloom",
         prefix="transformer",
         backbone=backbone,
         embed="word_embeddings.weight",
-        head=causal_head(kind, hidden=hidden, vocab=vocab, labels=num_labels(cfg)),
-        tie=flag(cfg, "tie_word_embeddings"),
+        hidden=hidden,
+        vocab=vocab,
     )
-    arch = Architecture(
-        model_type="bloom",
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=hidden // heads,
-        intermediate_size=_MLP_RATIO * hidden,
-        max_position_embeddings=0,  # ALiBi: no learned or rotary positions, no length limit
+    arch = architecture(
+        cfg,
+        "bloom",
+        Dims.mha(hidden=hidden, layers=layers, vocab=vocab, heads=heads, inter=_MLP_RATIO * hidden),
+        max_positions=0,  # ALiBi: no learned or rotary positions, no length limit
         extra={"model_class": cls, "alibi": True},
     )
-    return assemble(
-        cfg=cfg, fallback_name="bloom", architecture=arch, tensors=tensors, tied=tied, notes=notes
-    )
+    return assemble(cfg=cfg, architecture=arch, tensors=tensors, tied=tied, notes=notes)

@@ -34,18 +34,17 @@ from typing import Any
 
 from memplan.models._classic import (
     assemble,
-    causal_head,
     embedding,
     flag,
-    head_kind,
     layer_norm,
-    num_labels,
     pick_class,
     rope_parameters,
-    with_causal_head,
+    with_class_head,
 )
 from memplan.models.decoder import (
+    Dims,
     Part,
+    architecture,
     int_or,
     linear,
     present,
@@ -54,7 +53,7 @@ from memplan.models.decoder import (
     rotary_dim,
     stamp_layers,
 )
-from memplan.models.inventory import Architecture, Config, Inventory
+from memplan.models.inventory import Config, Inventory
 
 # configuration_falcon.py: FalconConfig defaults. A null flag reads as False in the model code
 # (`if config.multi_query:`), which `flag` reproduces.
@@ -151,25 +150,29 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
             role="rotary",
         ),
     ]
-    kind = head_kind(cls, "Falcon")
-    tensors, tied = with_causal_head(
-        kind=kind,
+    tensors, tied = with_class_head(
+        cfg,
+        cls,
+        "Falcon",
         prefix="transformer",
         backbone=backbone,
         embed="word_embeddings.weight",
-        head=causal_head(kind, hidden=hidden, vocab=vocab, labels=num_labels(cfg)),
-        tie=flag(cfg, "tie_word_embeddings"),
+        hidden=hidden,
+        vocab=vocab,
     )
-    arch = Architecture(
-        model_type="falcon",
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=effective_kv_heads(cfg, heads, num_kv_heads),
+    dims = Dims(
+        hidden=hidden,
+        layers=layers,
+        vocab=vocab,
+        heads=heads,
+        kv_heads=effective_kv_heads(cfg, heads, num_kv_heads),
         head_dim=head_dim,
-        intermediate_size=ffn,
-        max_position_embeddings=cfg.int("max_position_embeddings"),
+        inter=ffn,
+    )
+    arch = architecture(
+        cfg,
+        "falcon",
+        dims,
         extra={
             "model_class": cls,
             "new_decoder_architecture": flag(cfg, "new_decoder_architecture"),
@@ -179,11 +182,4 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
             "bias": flag(cfg, "bias"),
         },
     )
-    return assemble(
-        cfg=cfg,
-        fallback_name="falcon",
-        architecture=arch,
-        tensors=tensors,
-        tied=tied,
-        notes=notes,
-    )
+    return assemble(cfg=cfg, architecture=arch, tensors=tensors, tied=tied, notes=notes)

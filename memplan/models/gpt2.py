@@ -32,8 +32,8 @@ from memplan.models._classic import (
     pick_class,
     with_causal_head,
 )
-from memplan.models.decoder import Part, int_or, linear, resolve, stamp_layers
-from memplan.models.inventory import Architecture, Config, Inventory
+from memplan.models.decoder import Dims, Part, architecture, int_or, linear, resolve, stamp_layers
+from memplan.models.inventory import Config, Inventory
 
 # configuration_gpt2.py: GPT2Config defaults and attribute_map.
 _DEFAULTS: dict[str, Any] = {
@@ -140,18 +140,11 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     tensors, tied = with_causal_head(
         kind=kind, prefix="transformer", backbone=backbone, embed="wte.weight", head=head, tie=tie
     )
-    arch = Architecture(
-        model_type="gpt2",
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=hidden // heads,
-        intermediate_size=inner,
-        max_position_embeddings=positions,
+    arch = architecture(
+        cfg,
+        "gpt2",
+        Dims.mha(hidden=hidden, layers=layers, vocab=vocab, heads=heads, inter=inner),
+        max_positions=positions,
         extra={"model_class": cls, "add_cross_attention": cross},
     )
-    return assemble(
-        cfg=cfg, fallback_name="gpt2", architecture=arch, tensors=tensors, tied=tied, notes=notes
-    )
+    return assemble(cfg=cfg, architecture=arch, tensors=tensors, tied=tied, notes=notes)

@@ -25,18 +25,24 @@ from typing import Any
 
 from memplan.models._classic import (
     assemble,
-    causal_head,
     embedding,
     flag,
-    head_kind,
     layer_norm,
-    num_labels,
     pick_class,
     rope_parameters,
-    with_causal_head,
+    with_class_head,
 )
-from memplan.models.decoder import Part, linear, present, resolve, rotary_buffers, stamp_layers
-from memplan.models.inventory import Architecture, Config, Inventory, rotary_fraction
+from memplan.models.decoder import (
+    Dims,
+    Part,
+    architecture,
+    linear,
+    present,
+    resolve,
+    rotary_buffers,
+    stamp_layers,
+)
+from memplan.models.inventory import Config, Inventory, rotary_fraction
 
 # configuration_gpt_neox.py: GPTNeoXConfig defaults.
 _DEFAULTS: dict[str, Any] = {
@@ -101,36 +107,24 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         *layer_norm("final_layer_norm", hidden),
         *rotary_buffers("rotary_emb", rot, role="rotary"),
     ]
-    kind = head_kind(cls, "GPTNeoX")
-    tensors, tied = with_causal_head(
-        kind=kind,
+    tensors, tied = with_class_head(
+        cfg,
+        cls,
+        "GPTNeoX",
         prefix="gpt_neox",
         backbone=backbone,
         embed="embed_in.weight",
-        head=causal_head(kind, hidden=hidden, vocab=vocab, labels=num_labels(cfg)),
-        tie=flag(cfg, "tie_word_embeddings"),
+        hidden=hidden,
+        vocab=vocab,
     )
-    arch = Architecture(
-        model_type="gpt_neox",
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=head_dim,
-        intermediate_size=inter,
-        max_position_embeddings=cfg.int("max_position_embeddings"),
+    arch = architecture(
+        cfg,
+        "gpt_neox",
+        Dims.mha(hidden=hidden, layers=layers, vocab=vocab, heads=heads, inter=inter),
         extra={
             "model_class": cls,
             "rotary_dim": rot,
             "use_parallel_residual": cfg.get("use_parallel_residual", True),
         },
     )
-    return assemble(
-        cfg=cfg,
-        fallback_name="gpt_neox",
-        architecture=arch,
-        tensors=tensors,
-        tied=tied,
-        notes=notes,
-    )
+    return assemble(cfg=cfg, architecture=arch, tensors=tensors, tied=tied, notes=notes)

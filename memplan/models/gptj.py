@@ -24,19 +24,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from memplan.models._classic import (
-    assemble,
-    causal_head,
-    embedding,
-    flag,
-    head_kind,
-    layer_norm,
-    num_labels,
-    pick_class,
-    with_causal_head,
+from memplan.models._classic import assemble, embedding, layer_norm, pick_class, with_class_head
+from memplan.models.decoder import (
+    Dims,
+    Part,
+    architecture,
+    buffer,
+    int_or,
+    linear,
+    resolve,
+    stamp_layers,
 )
-from memplan.models.decoder import Part, buffer, int_or, linear, resolve, stamp_layers
-from memplan.models.inventory import Architecture, Inventory
+from memplan.models.inventory import Inventory
 
 # configuration_gptj.py: GPTJConfig defaults and attribute_map.
 _DEFAULTS: dict[str, Any] = {
@@ -101,28 +100,22 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
             persistent=False,
         ),
     ]
-    kind = head_kind(cls, "GPTJ")
-    head = causal_head(kind, hidden=hidden, vocab=vocab, labels=num_labels(cfg), lm_bias=True)
-    tensors, tied = with_causal_head(
-        kind=kind,
+    tensors, tied = with_class_head(
+        cfg,
+        cls,
+        "GPTJ",
         prefix="transformer",
         backbone=backbone,
         embed="wte.weight",
-        head=head,
-        tie=flag(cfg, "tie_word_embeddings"),
+        hidden=hidden,
+        vocab=vocab,
+        lm_bias=True,
     )
-    arch = Architecture(
-        model_type="gptj",
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=hidden // heads,
-        intermediate_size=inner,
-        max_position_embeddings=positions,
+    arch = architecture(
+        cfg,
+        "gptj",
+        Dims.mha(hidden=hidden, layers=layers, vocab=vocab, heads=heads, inter=inner),
+        max_positions=positions,
         extra={"model_class": cls, "rotary_dim": rot},
     )
-    return assemble(
-        cfg=cfg, fallback_name="gptj", architecture=arch, tensors=tensors, tied=tied, notes=notes
-    )
+    return assemble(cfg=cfg, architecture=arch, tensors=tensors, tied=tied, notes=notes)

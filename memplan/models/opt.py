@@ -26,18 +26,15 @@ from typing import Any
 
 from memplan.models._classic import (
     assemble,
-    causal_head,
     embedding,
     flag,
-    head_kind,
     layer_norm,
-    num_labels,
     pick_class,
     prefixed,
-    with_causal_head,
+    with_class_head,
 )
-from memplan.models.decoder import Part, int_or, linear, resolve, stamp_layers
-from memplan.models.inventory import Architecture, Inventory
+from memplan.models.decoder import Dims, Part, architecture, int_or, linear, resolve, stamp_layers
+from memplan.models.inventory import Inventory
 
 # configuration_opt.py: OPTConfig defaults.
 _DEFAULTS: dict[str, Any] = {
@@ -100,31 +97,25 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         *(layer_norm("final_layer_norm", hidden, affine=affine) if final_norm else ()),
         *stamp_layers([layer(hidden, ffn, bias=bias, affine=affine)] * layers, "layers"),
     ]
-    kind = head_kind(cls, "OPT")
-    tensors, tied = with_causal_head(
-        kind=kind,
+    tensors, tied = with_class_head(
+        cfg,
+        cls,
+        "OPT",
         prefix="model",
         backbone=prefixed(decoder, "decoder"),
         embed="decoder.embed_tokens.weight",
-        head=causal_head(kind, hidden=proj, vocab=vocab, labels=num_labels(cfg)),
-        tie=flag(cfg, "tie_word_embeddings"),
+        hidden=proj,
+        vocab=vocab,
     )
-    arch = Architecture(
-        model_type="opt",
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=hidden // heads,
-        intermediate_size=ffn,
-        max_position_embeddings=positions,
+    arch = architecture(
+        cfg,
+        "opt",
+        Dims.mha(hidden=hidden, layers=layers, vocab=vocab, heads=heads, inter=ffn),
+        max_positions=positions,
         extra={
             "model_class": cls,
             "word_embed_proj_dim": proj,
             "do_layer_norm_before": flag(cfg, "do_layer_norm_before"),
         },
     )
-    return assemble(
-        cfg=cfg, fallback_name="opt", architecture=arch, tensors=tensors, tied=tied, notes=notes
-    )
+    return assemble(cfg=cfg, architecture=arch, tensors=tensors, tied=tied, notes=notes)

@@ -34,16 +34,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from memplan.models._classic import (
-    assemble,
-    embedding,
-    join,
-    num_labels,
-    pick_class,
-    prefixed,
+from memplan.models._classic import assemble, embedding, join, num_labels, pick_class, prefixed
+from memplan.models.decoder import (
+    Dims,
+    Part,
+    architecture,
+    int_or,
+    linear,
+    param,
+    resolve,
+    stamp_layers,
 )
-from memplan.models.decoder import Part, int_or, linear, param, resolve, stamp_layers
-from memplan.models.inventory import Architecture, Config, Inventory, TensorSpec
+from memplan.models.inventory import Config, Inventory, TensorSpec
 
 # configuration_t5.py: T5Config defaults and attribute_map.
 _DEFAULTS: dict[str, Any] = {
@@ -204,16 +206,19 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
             "tie_word_embeddings: false has no effect on the layout: transformers 5.x "
             "T5Config always ties lm_head to shared (the flag only turns off output scaling).",
         )
-    arch = Architecture(
-        model_type="t5",
-        hidden_size=d_model,
-        num_layers=enc_layers,
-        vocab_size=vocab,
-        num_attention_heads=cfg.int("num_heads"),
-        num_key_value_heads=cfg.int("num_heads"),
+    dims = Dims.mha(
+        hidden=d_model,
+        layers=enc_layers,
+        vocab=vocab,
+        heads=cfg.int("num_heads"),
+        inter=cfg.int("d_ff"),
         head_dim=cfg.int("d_kv"),
-        intermediate_size=cfg.int("d_ff"),
-        max_position_embeddings=0,  # relative position buckets: no learned positions
+    )
+    arch = architecture(
+        cfg,
+        "t5",
+        dims,
+        max_positions=0,  # relative position buckets: no learned positions
         extra={
             "model_class": cls,
             "num_decoder_layers": dec_layers if stacks == "encoder-decoder" else 0,
@@ -222,6 +227,4 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
             "relative_attention_num_buckets": cfg.int("relative_attention_num_buckets"),
         },
     )
-    return assemble(
-        cfg=cfg, fallback_name="t5", architecture=arch, tensors=tensors, tied=tied, notes=notes
-    )
+    return assemble(cfg=cfg, architecture=arch, tensors=tensors, tied=tied, notes=notes)
