@@ -14,7 +14,18 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
-from memplan.activations import bert, gpt2, gpt_neox, layout, llama, lora
+from memplan.activations import (
+    bert,
+    gemma,
+    gpt2,
+    gpt_neox,
+    layout,
+    llama,
+    lora,
+    olmo2,
+    phi3,
+    qwen_moe,
+)
 from memplan.activations.assemble import Model, finish
 from memplan.activations.tensors import (
     Activations,
@@ -43,6 +54,13 @@ RULES: dict[str, FamilyRule] = {
     "gpt2": gpt2.build,
     "gpt_neox": gpt_neox.build,
     "bert": bert.build,
+    "phi3": phi3.build,
+    "gemma": gemma.build,
+    "gemma2": gemma.build,
+    "gemma3_text": gemma.build,
+    "olmo2": olmo2.build,
+    "qwen2_moe": qwen_moe.build,
+    "qwen3_moe": qwen_moe.build,
 }
 
 # The head classes whose forward memplan models (a causal LM and its loss).

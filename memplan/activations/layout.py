@@ -79,8 +79,8 @@ _NOT_SEQUENCE_SPLIT = (".indices", "rotary_emb.", "experts.")
 # the whole sequence; Megatron's linear saves its shard and gathers again in backward.
 # Measured on 2 gloo ranks: tests/test_tp_sp_activations_real.py.
 _COLUMN_INPUT = re.compile(
-    r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|c_attn|c_fc|query_key_value|"
-    r"dense_h_to_4h|query|key|value|lm_head|embed_out)\.input$"
+    r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|c_attn|c_fc|"
+    r"query_key_value|dense_h_to_4h|query|key|value|lm_head|embed_out)\.input$"
 )
 
 
@@ -132,14 +132,16 @@ def check(arch: Architecture, st: Setting, lay: Layout) -> str:
 
 
 def local_architecture(arch: Architecture, lay: Layout) -> Architecture:
-    """The slice of the model one TP rank runs (SRC_TP): heads, key/value heads, the MLP's and
-    each expert's intermediate size and the padded vocabulary, each / TP."""
+    """The slice of the model one TP rank runs (SRC_TP): heads, key/value heads, the MLP's,
+    each expert's and the shared expert's intermediate size and the padded vocabulary, each
+    / TP."""
     tp = lay.tensor
     if tp == 1:
         return arch
     extra = dict(arch.extra)
-    if "moe_intermediate_size" in extra:
-        extra["moe_intermediate_size"] = int(extra["moe_intermediate_size"]) // tp
+    for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+        if key in extra:
+            extra[key] = int(extra[key]) // tp
     return replace(
         arch,
         num_attention_heads=arch.num_attention_heads // tp,

@@ -42,7 +42,14 @@ SRC_MOE = "transformers integrations/moe.py::grouped_mm_experts_forward"
 
 
 def sparse_moe(
-    prefix: str, tokens: int, arch: Architecture, x_dtype: str, st: Setting
+    prefix: str,
+    tokens: int,
+    arch: Architecture,
+    x_dtype: str,
+    st: Setting,
+    *,
+    renormalize: bool = True,
+    weights_dtype: str = kernels.FP32,
 ) -> list[Saved]:
     """`MixtralSparseMoeBlock` with transformers' default experts implementation,
     `grouped_mm` (modeling_utils.py::get_correct_experts_implementation).
@@ -56,6 +63,10 @@ def sparse_moe(
     the down output [S, hidden] of the weighting multiply, the inverse permutation.
     `torch._grouped_mm` is not on CPU autocast's lists: under autocast the experts run in the
     stream dtype (measured; CUDA autocast not measured).
+
+    Qwen's routers (Qwen2MoeTopKRouter, Qwen3MoeTopKRouter) renormalise only with
+    `norm_topk_prob` (`renormalize`) and cast the routing weights to the router logits' dtype
+    (`weights_dtype`).
     """
     e, k, h = arch.num_experts, arch.num_experts_per_token, arch.hidden_size
     inter = int(arch.extra.get("moe_intermediate_size", arch.intermediate_size))
@@ -70,8 +81,9 @@ def sparse_moe(
 
     add("router.softmax", (tokens, e), kernels.FP32, "SoftmaxBackward0")
     add("router.topk_indices", (tokens, k), kernels.INT64, "TopkBackward0")
-    add("router.topk_values", (tokens, k), kernels.FP32, "DivBackward0")
-    add("router.topk_sum", (tokens, 1), kernels.FP32, "DivBackward0")
+    if renormalize:
+        add("router.topk_values", (tokens, k), kernels.FP32, "DivBackward0")
+        add("router.topk_sum", (tokens, 1), kernels.FP32, "DivBackward0")
     add("experts.token_index", (pairs,), kernels.INT64, "IndexBackward0")
     add("experts.perm", (pairs,), kernels.INT64, "IndexBackward0")
     add("experts.offsets", (local,), "int32", "GroupedMmBackward0")
@@ -79,7 +91,7 @@ def sparse_moe(
     add("experts.gate_up_output", (pairs, 2 * inter), x, "SiluBackward0")
     add("experts.act_output", (pairs, inter), x, "MulBackward0")
     add("experts.down_input", (pairs, inter), x, "GroupedMmBackward0")
-    add("experts.routing_weights", (pairs, 1), kernels.FP32, "MulBackward0")
+    add("experts.routing_weights", (pairs, 1), weights_dtype, "MulBackward0")
     add("experts.down_output", (pairs, h), x, "MulBackward0")
     add("experts.inverse_perm", (pairs,), kernels.INT64, "IndexBackward0")
     return out

@@ -80,6 +80,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "attention_bias": False,
         "sliding_window": 4096,
         "layer_types": None,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
     },
     "gemma3_text": {
         "vocab_size": 262_208,
@@ -95,6 +97,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window": 4096,
         "layer_types": None,
         "rope_parameters": None,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
     },
 }
 # Gemma3Config (the image-text wrapper) and SiglipVisionConfig defaults, transformers 5.24.
@@ -148,6 +152,13 @@ def _layer_types(cfg: Config, model_type: str, layers: int) -> list[str]:
         return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
     pattern = cfg.int("sliding_window_pattern", default=_SLIDING_WINDOW_PATTERN)
     return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+
+
+def _softcaps(cfg: Config) -> dict[str, float | None]:
+    """attn_logit_softcapping and final_logit_softcapping (null: none), which change the
+    activations (memplan.activations.gemma), never a parameter."""
+    keys = ("attn_logit_softcapping", "final_logit_softcapping")
+    return {k: None if cfg.data.get(k) is None else float(cfg.data[k]) for k in keys}
 
 
 def _gemma3_rope(cfg: Config) -> dict[str, Any]:
@@ -207,12 +218,14 @@ def _text_model(
             dim = rotary_dim(rope[layer_type], head_dim, default_is_partial=False)
             rotary += rotary_buffers(f"{prefix}.rotary_emb", dim, tag=f"{layer_type}_")
         extra = {"sliding_window": cfg.get("sliding_window"), "layer_types": tuple(layer_types)}
+        extra.update(_softcaps(cfg))
     else:
         rope_dim = rotary_dim(rope_parameters(cfg.data), head_dim, default_is_partial=False)
         rotary = rotary_buffers(f"{prefix}.rotary_emb", rope_dim)
         if model_type == "gemma2":
             layer_types = _layer_types(cfg, model_type, layers)
             extra = {"sliding_window": cfg.get("sliding_window"), "layer_types": tuple(layer_types)}
+            extra.update(_softcaps(cfg))
 
     tensors = [
         param(f"{prefix}.embed_tokens.weight", (vocab, hidden), "embedding"),

@@ -68,11 +68,12 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         *norm("post_attention_layernorm", hidden),
     )
     rope = rope_parameters(cfg.data)
+    rot = rotary_dim(rope, head_dim, default_is_partial=True)
     tensors = [
         param(EMBED, (vocab, hidden), "embedding"),
         *stamp_layers([layer] * layers),
         *norm("model.norm", hidden),
-        *rotary_buffers("model.rotary_emb", rotary_dim(rope, head_dim, default_is_partial=True)),
+        *rotary_buffers("model.rotary_emb", rot),
     ]
     arch = Architecture(
         model_type="phi3",
@@ -88,6 +89,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
             "fused_qkv": True,
             "fused_gate_up": True,
             "sliding_window": cfg.get("sliding_window"),
+            "rotary_dim": rot,
         },
     )
     return assemble(
