@@ -29,28 +29,29 @@ Sliding windows (gemma2/3 local layers) change the attention mask, never a param
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from memplan.errors import MemplanError
 from memplan.models.decoder import (
     Part,
-    assemble,
-    attention,
+    architecture,
     buffer,
-    divide_heads,
+    causal_lm,
+    decoder_backbone,
     gated_mlp,
-    int_or,
     linear,
     norm,
     param,
+    read_dims,
     resolve,
-    rope_parameters,
     rotary_buffers,
     rotary_dim,
-    stamp,
+    rotary_emb,
+    self_attention,
     stamp_layers,
 )
-from memplan.models.inventory import Architecture, Config, Inventory, TensorSpec, model_name
+from memplan.models.inventory import Architecture, Config, Inventory, TensorSpec
 
 # Config dataclass defaults, transformers 5.24 (GemmaConfig, Gemma2Config, Gemma3TextConfig).
 # All three tie lm_head to the embedding by default and fix head_dim at 256.
@@ -128,14 +129,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         return _build_gemma3_image_text(config, origin=origin)
     cfg = resolve(config, DEFAULTS[model_type], origin=origin)
     arch, tensors = _text_model(cfg, model_type, prefix="model")
-    return assemble(
-        name=model_name(cfg, model_type),
-        architecture=arch,
-        tensors=tensors,
-        tie=cfg.bool("tie_word_embeddings", True),
-        hidden=arch.hidden_size,
-        vocab=arch.vocab_size,
-    )
+    return causal_lm(cfg=cfg, architecture=arch, tensors=tensors, tie_default=True)
 
 
 def _layer_types(cfg: Config, model_type: str, layers: int) -> list[str]:
@@ -178,27 +172,14 @@ def _text_model(
     cfg: Config, model_type: str, *, prefix: str
 ) -> tuple[Architecture, list[TensorSpec]]:
     """Architecture and tensors of Gemma{,2,3Text}Model under `prefix` (no lm_head)."""
-    hidden = cfg.int("hidden_size")
-    heads = cfg.int("num_attention_heads")
-    kv_heads = int_or(cfg, "num_key_value_heads", heads)
-    head_dim = int_or(cfg, "head_dim", divide_heads(cfg, hidden, heads))
-    inter = cfg.int("intermediate_size")
-    layers = cfg.int("num_hidden_layers")
-    vocab = cfg.int("vocab_size")
+    dims = read_dims(cfg)
+    hidden, head_dim, layers = dims.hidden, dims.head_dim, dims.layers
     bias = cfg.bool("attention_bias", False)
 
-    layer: Part = attention(
-        "self_attn",
-        hidden=hidden,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        qkv_bias=bias,
-        o_bias=bias,
+    layer: Part = self_attention(
+        dims, qkv_bias=bias, o_bias=bias, qk_norm=model_type == "gemma3_text"
     )
-    if model_type == "gemma3_text":
-        layer += norm("self_attn.q_norm", head_dim) + norm("self_attn.k_norm", head_dim)
-    layer += gated_mlp("mlp", hidden, inter)
+    layer += gated_mlp("mlp", hidden, dims.inter)
     layer += norm("input_layernorm", hidden) + norm("post_attention_layernorm", hidden)
     if model_type != "gemma":
         layer += norm("pre_feedforward_layernorm", hidden)
@@ -220,34 +201,20 @@ def _text_model(
         extra = {"sliding_window": cfg.get("sliding_window"), "layer_types": tuple(layer_types)}
         extra.update(_softcaps(cfg))
     else:
-        rope_dim = rotary_dim(rope_parameters(cfg.data), head_dim, default_is_partial=False)
-        rotary = rotary_buffers(f"{prefix}.rotary_emb", rope_dim)
+        rotary = rotary_emb(cfg, head_dim, prefix=prefix)
         if model_type == "gemma2":
             layer_types = _layer_types(cfg, model_type, layers)
             extra = {"sliding_window": cfg.get("sliding_window"), "layer_types": tuple(layer_types)}
             extra.update(_softcaps(cfg))
 
-    tensors = [
-        param(f"{prefix}.embed_tokens.weight", (vocab, hidden), "embedding"),
-        # sqrt(hidden) as a 0-dim tensor in the build dtype (torch.tensor under the default dtype)
-        buffer(f"{prefix}.embed_tokens.embed_scale", (), "embedding", dtype=None, persistent=False),
-        *stamp_layers([layer] * layers, prefix=f"{prefix}.layers"),
-        *norm(f"{prefix}.norm", hidden),
-        *rotary,
-    ]
-    arch = Architecture(
-        model_type=model_type,
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        intermediate_size=inter,
-        max_position_embeddings=cfg.int("max_position_embeddings"),
-        extra=extra,
+    # sqrt(hidden) as a 0-dim tensor in the build dtype (torch.tensor under the default dtype)
+    embed_scale = buffer(
+        f"{prefix}.embed_tokens.embed_scale", (), "embedding", dtype=None, persistent=False
     )
-    return arch, tensors
+    tensors = decoder_backbone(
+        dims, [layer] * layers, rotary, prefix=prefix, embed_extra=(embed_scale,)
+    )
+    return architecture(cfg, model_type, dims, extra=extra), tensors
 
 
 def _siglip_vision(cfg: Config, prefix: str) -> tuple[dict[str, Any], list[TensorSpec]]:
@@ -305,8 +272,7 @@ def _siglip_vision(cfg: Config, prefix: str) -> tuple[dict[str, Any], list[Tenso
             persistent=False,
         ),
     ]
-    for index in range(layers):
-        tensors += stamp(block, f"{prefix}.encoder.layers", index, decoder=False)
+    tensors += stamp_layers([block] * layers, f"{prefix}.encoder.layers", decoder=False)
     tensors += layer_norm(f"{prefix}.post_layernorm")
     use_head = cfg.bool("vision_use_head", True)
     if use_head:
@@ -361,29 +327,20 @@ def _build_gemma3_image_text(config: Mapping[str, Any], *, origin: str) -> Inven
         ),
         *text_tensors,
     ]
-    arch = Architecture(
+    arch = replace(
+        text_arch,
         model_type="gemma3",
-        hidden_size=text_arch.hidden_size,
-        num_layers=text_arch.num_layers,
-        vocab_size=text_arch.vocab_size,
-        num_attention_heads=text_arch.num_attention_heads,
-        num_key_value_heads=text_arch.num_key_value_heads,
-        head_dim=text_arch.head_dim,
-        intermediate_size=text_arch.intermediate_size,
-        max_position_embeddings=text_arch.max_position_embeddings,
         extra={
             **text_arch.extra,
             "vision": vision_facts,
             "mm_tokens_per_image": cfg.int("mm_tokens_per_image"),
         },
     )
-    return assemble(
-        name=model_name(cfg, "gemma3"),
+    return causal_lm(
+        cfg=cfg,
         architecture=arch,
         tensors=tensors,
-        tie=cfg.bool("tie_word_embeddings", True),
-        hidden=text_arch.hidden_size,
-        vocab=text_arch.vocab_size,
+        tie_default=True,
         embed_name="model.language_model.embed_tokens.weight",
         notes=(
             "gemma3 is the image-text model (Gemma3ForConditionalGeneration): the SigLIP "

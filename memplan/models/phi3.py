@@ -18,21 +18,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models.decoder import (
-    EMBED,
     Part,
-    assemble,
-    divide_heads,
-    int_or,
+    architecture,
+    causal_lm,
+    decoder_backbone,
     linear,
     norm,
-    param,
+    read_dims,
     resolve,
     rope_parameters,
     rotary_buffers,
     rotary_dim,
-    stamp_layers,
 )
-from memplan.models.inventory import Architecture, Inventory, model_name
+from memplan.models.inventory import Inventory
 
 # Phi3Config dataclass defaults (transformers 5.24); num_key_value_heads None -> heads.
 DEFAULTS: dict[str, Any] = {
@@ -50,41 +48,25 @@ DEFAULTS: dict[str, Any] = {
 
 def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     cfg = resolve(config, DEFAULTS, origin=origin)
-    hidden = cfg.int("hidden_size")
-    heads = cfg.int("num_attention_heads")
-    kv_heads = int_or(cfg, "num_key_value_heads", heads)
-    head_dim = int_or(cfg, "head_dim", divide_heads(cfg, hidden, heads))
-    inter = cfg.int("intermediate_size")
-    layers = cfg.int("num_hidden_layers")
-    vocab = cfg.int("vocab_size")
+    dims = read_dims(cfg)
+    hidden, inter, q_out = dims.hidden, dims.inter, dims.heads * dims.head_dim
 
-    qkv_out = heads * head_dim + 2 * kv_heads * head_dim
     layer: Part = (
-        *linear("self_attn.o_proj", hidden, heads * head_dim, "attention"),
-        *linear("self_attn.qkv_proj", qkv_out, hidden, "attention"),
+        *linear("self_attn.o_proj", hidden, q_out, "attention"),
+        *linear(
+            "self_attn.qkv_proj", q_out + 2 * dims.kv_heads * dims.head_dim, hidden, "attention"
+        ),
         *linear("mlp.gate_up_proj", 2 * inter, hidden, "mlp"),
         *linear("mlp.down_proj", hidden, inter, "mlp"),
         *norm("input_layernorm", hidden),
         *norm("post_attention_layernorm", hidden),
     )
-    rope = rope_parameters(cfg.data)
-    rot = rotary_dim(rope, head_dim, default_is_partial=True)
-    tensors = [
-        param(EMBED, (vocab, hidden), "embedding"),
-        *stamp_layers([layer] * layers),
-        *norm("model.norm", hidden),
-        *rotary_buffers("model.rotary_emb", rot),
-    ]
-    arch = Architecture(
-        model_type="phi3",
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        intermediate_size=inter,
-        max_position_embeddings=cfg.int("max_position_embeddings"),
+    rot = rotary_dim(rope_parameters(cfg.data), dims.head_dim, default_is_partial=True)
+    tensors = decoder_backbone(dims, [layer] * dims.layers, rotary_buffers("model.rotary_emb", rot))
+    arch = architecture(
+        cfg,
+        "phi3",
+        dims,
         extra={
             "fused_qkv": True,
             "fused_gate_up": True,
@@ -92,11 +74,4 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
             "rotary_dim": rot,
         },
     )
-    return assemble(
-        name=model_name(cfg, "phi3"),
-        architecture=arch,
-        tensors=tensors,
-        tie=cfg.bool("tie_word_embeddings", False),
-        hidden=hidden,
-        vocab=vocab,
-    )
+    return causal_lm(cfg=cfg, architecture=arch, tensors=tensors)
