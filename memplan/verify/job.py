@@ -56,7 +56,8 @@ class Options:
 
     device: Device = "cpu"
     nproc: int | None = None
-    """Ranks to launch; default: the spec's parallelism.data."""
+    """Ranks to launch; default: the spec's parallelism.data x tensor (then data = nproc /
+    tensor)."""
     layers: int | None = None
     """Build only this many decoder layers (verify exactly, extrapolate to full depth)."""
     fake: bool = False
@@ -91,6 +92,20 @@ class Job:
     @property
     def stage(self) -> int:
         return self.spec.parallelism.stage
+
+    @property
+    def tensor(self) -> int:
+        """Tensor-parallel degree (ranks tensor x r + 0 .. tensor - 1 form one TP group)."""
+        return self.spec.parallelism.tensor
+
+    @property
+    def data(self) -> int:
+        """Data-parallel degree: world / tensor."""
+        return self.spec.parallelism.data
+
+    def data_rank(self, rank: int) -> int:
+        """The data-parallel rank (memplan's rank classes) of global `rank`."""
+        return rank // self.tensor
 
 
 def model_config(loaded: LoadedSpec) -> dict[str, Any]:
@@ -163,7 +178,7 @@ def check_supported(spec: Spec, recipe: Recipe) -> None:
         )
     unsupported = [
         f"{key}: {getattr(par, key)}"
-        for key in ("tensor", "pipeline", "expert", "context")
+        for key in ("pipeline", "expert", "context")
         if getattr(par, key, 1) != 1
     ]
     offload = getattr(par, "offload", None)
@@ -172,11 +187,26 @@ def check_supported(spec: Spec, recipe: Recipe) -> None:
     if par.engine not in ("ddp", "fsdp2") or unsupported:
         what = f"parallelism.engine: {par.engine}" if not unsupported else ", ".join(unsupported)
         raise MemplanError(
-            f"{what} cannot be verified yet: verify runs data parallelism only, with torch "
-            "DDP / ZeroRedundancyOptimizer (engine: ddp) or FSDP2 (engine: fsdp2), and no "
-            "offload. Verify the same model with those, then trust the per-stage rules.",
+            f"{what} cannot be verified yet: verify runs data parallelism with torch "
+            "DDP / ZeroRedundancyOptimizer (engine: ddp) or FSDP2 (engine: fsdp2), tensor "
+            "parallelism with torch's DTensor, and no offload. Verify the same model with "
+            "those, then trust the per-stage rules.",
             field="parallelism",
         )
+    if par.tensor > 1:
+        if par.engine == "ddp" and par.stage == 1:
+            raise MemplanError(
+                "parallelism.tensor > 1 with ZeroRedundancyOptimizer (engine: ddp, zero_stage: "
+                "1) cannot be verified: it partitions over every rank, not over the "
+                "data-parallel group of a TP layout. Verify zero_stage 0 (ddp) or fsdp2.",
+                field="parallelism.zero_stage",
+            )
+        if spec.finetune.method != "full" or spec.finetune.freeze:
+            raise MemplanError(
+                "parallelism.tensor > 1 with fine-tuning cannot be verified (peft's adapters "
+                "are not sharded by the DTensor plan); verify the full fine-tune's layout.",
+                field="finetune",
+            )
     name = spec.optimizer.name
     if name not in TORCH_OPTIMIZERS:
         raise MemplanError(
@@ -213,16 +243,43 @@ def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | No
     spec = loaded.spec
     recipe = spec.recipe()
     check_supported(spec, recipe)
-    world = options.nproc if options.nproc is not None else spec.parallelism.data
+    tensor = spec.parallelism.tensor
+    world = options.nproc if options.nproc is not None else spec.parallelism.data * tensor
     if world < 1:
         raise MemplanError(f"--nproc must be at least 1, got {world}.")
+    if world % tensor:
+        raise MemplanError(
+            f"--nproc {world} is not a multiple of parallelism.tensor {tensor}: each "
+            "data-parallel replica needs all its tensor-parallel ranks.",
+            field="parallelism.tensor",
+        )
+    if tensor > 1 and options.fake:
+        raise MemplanError(
+            "--fake cannot run tensor parallelism: DTensor's sharding and collectives "
+            "(uneven vocabulary shards, FSDP2's 2-D mesh) need real tensors. Use --layers K "
+            "to build K decoder layers on real tensors and extrapolate to full depth.",
+            field="parallelism.tensor",
+        )
+    if tensor > 1 and spec.parallelism.engine == "ddp" and world > tensor:
+        raise MemplanError(
+            f"parallelism.tensor {tensor} with engine ddp on {world} ranks (data "
+            f"{world // tensor}) cannot be verified: torch's DDP + DTensor composition "
+            "(torch/distributed/tensor/parallel/ddp.py) swaps the module's parameters for "
+            "local tensors around each forward. Verify data 1 (--nproc "
+            f"{tensor}), or engine fsdp2 for the 2-D layout.",
+            field="parallelism.data",
+        )
     spec = spec.model_copy(
         update={
-            "parallelism": spec.parallelism.model_copy(update={"data": world}),
+            "parallelism": spec.parallelism.model_copy(update={"data": world // tensor}),
             "hardware": spec.hardware.model_copy(update={"device": options.device}),
         }
     )
     config = model_config(loaded)
+    if tensor > 1:
+        from memplan.verify.tensor_parallel import check_model
+
+        check_model(config, tensor)
     key = layer_key(config)
     full_layers = int(config[key]) if key else 0
     layers = full_layers
@@ -300,7 +357,7 @@ def required_bytes(job: Job, report: Report) -> int:
     at the peak)."""
     total = 0
     for rank in range(job.world):
-        states = next(s for s in report.ranks if rank in s.ranks)
+        states = next(s for s in report.ranks if job.data_rank(rank) in s.ranks)
         total += (
             states.total_bytes
             + report.buffer_bytes

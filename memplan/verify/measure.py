@@ -3,7 +3,7 @@
 A tensor's bytes are its *storage's* bytes (`untyped_storage().nbytes()`), counted once per
 storage: tied weights, views and FSDP2's padded shards then count exactly what is allocated.
 Real storages are keyed by `data_ptr()`; fake ones (FakeTensorMode) have none, so they are
-keyed by their StorageImpl (`_cdata`). DTensors are measured by their local shard.
+keyed by their StorageImpl (`_cdata`). DTensors are measured by their local shard (`local`).
 """
 
 from __future__ import annotations
@@ -16,14 +16,24 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
-    """The rank-local tensor of a DTensor, the tensor itself otherwise."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
+    """The tensor that holds the memory: a DTensor's rank-local tensor, the result inside an
+    AsyncCollectiveTensor (what `DTensor.to_local()` returns after an async redistribute),
+    the tensor itself otherwise. Wrapper subclasses with one inner tensor (a DTensor's other
+    flattened attribute is its mesh) are unwrapped by their `__tensor_flatten__`, not by
+    `to_local()`, an autograd op: this runs inside saved-tensor hooks."""
+    while is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        inner = [x for x in (getattr(t, n) for n in names) if isinstance(x, torch.Tensor)]
+        if len(inner) != 1:
+            break
+        t = inner[0]
+    return t
 
 
 def storage_key(t: torch.Tensor) -> int:

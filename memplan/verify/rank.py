@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memplan.verify import build, measure, peft_support
+from memplan.verify import build, measure, peft_support, tensor_parallel
 from memplan.verify.job import STEPS, Job
 from memplan.verify.result import Phase
 
@@ -55,6 +55,11 @@ def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
     model = peft_support.prepare(job.spec, model)
     layers = build.decoder_layers(model, job.layers)
     masters = None
+    if job.tensor > 1:
+        # One 2-D mesh (data, tensor): FSDP2 shards over its data dimension,
+        # parallelize_module over its tensor dimension.
+        mesh, tp_mesh = tensor_parallel.meshes(device, job.data, job.tensor)
+        tensor_parallel.apply(model, tp_mesh, job.spec.parallelism.sequence_parallel)
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -72,16 +77,19 @@ def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
         if master:
             dtype = build.torch_dtype(master)
             masters = build.MasterWeights(peft_support.mastered(model, dtype), dtype)
-        if job.distributed and not job.fake:
+        if job.distributed and not job.fake and job.data > 1:
             # DDP cannot wrap fake tensors (it checks their data across ranks); it changes
             # no model state, only adds its reducer buckets (runner notes their absence).
+            # Under TP verify runs ddp with data 1 only (job.plan): no group to reduce over.
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [rank] if device == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids)
     cls = build.optimizer_class(job.spec)
     kwargs = build.optimizer_kwargs(job.spec)
-    params = peft_support.optimizer_params(model, masters)
+    params: Any = peft_support.optimizer_params(model, masters)
+    if job.tensor > 1 and not fsdp:
+        params = tensor_parallel.param_groups(params)
     if job.engine == "ddp" and job.stage == 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -154,11 +162,12 @@ def _step(
 ) -> None:
     """One training step: forward with the loss (under `saving`), backward, optimizer step."""
     device = ids.device.type
-    with saving, build.autocast(job.recipe, device):
-        loss = w.model(input_ids=ids, labels=ids).loss
-    phase("forward")
-    loss.backward()
-    del loss
+    with tensor_parallel.loss_parallel(job.tensor):
+        with saving, build.autocast(job.recipe, device):
+            loss = w.model(input_ids=ids, labels=ids).loss
+        phase("forward")
+        loss.backward()
+        del loss
     phase("backward")
     if w.masters:
         w.masters.grads_in()

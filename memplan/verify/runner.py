@@ -85,7 +85,7 @@ def compare(
     """Rows per rank, the headline rank, and the full-depth extrapolation for --layers."""
     ranks = []
     for m in measured:
-        pred, names = predicted(report, m.rank)
+        pred, names = predicted(report, job.data_rank(m.rank))
         rows = rows_for(
             predicted=pred,
             measured=dict(m.bytes),
@@ -93,8 +93,10 @@ def compare(
             peak_enforced=jobs.transients_modelled(report),
         )
         ranks.append(RankResult(rank=m.rank, rows=rows))
-    most_loaded = report.per_gpu.ranks[0]
-    notes = []
+    # memplan's most-loaded data-parallel rank; under TP its first tensor rank (torch.chunk
+    # gives the first TP ranks the most vocabulary rows).
+    most_loaded = report.per_gpu.ranks[0] * job.tensor
+    notes = _tensor_parallel_notes(job)
     if not jobs.activations_modelled(report):
         notes.append(
             "activations are not modelled by the calculator yet: measured saved-tensor bytes "
@@ -116,7 +118,7 @@ def compare(
             "--fake: the DDP wrapper is not built (it needs real tensors); model states are "
             "the same, but the peak lacks its reducer buckets (a second copy of the gradients)."
         )
-    elif job.engine == "ddp" and job.distributed:
+    elif job.engine == "ddp" and job.distributed and job.data > 1:
         notes.append(
             "DDP's reducer buckets (a second copy of the gradients for all-reduce) are not a "
             "category: they appear only in the peak."
@@ -155,9 +157,49 @@ def compare(
     )
 
 
+def _tensor_parallel_notes(job: Job) -> list[str]:
+    """What the TP run is, and where memplan's one prediction per data-parallel rank cannot
+    fit every tensor-parallel rank: a vocabulary TP does not divide."""
+    if job.tensor == 1:
+        return []
+    from memplan.verify.tensor_parallel import vocab_rows
+
+    par = job.spec.parallelism
+    sp = "with sequence parallelism (SequenceParallel norms, PrepareModuleInput all-gathers)"
+    out = [
+        f"tensor parallelism {job.tensor}: torch DTensor parallelize_module, torchtitan's plan "
+        "(ColwiseParallel q/k/v/gate/up, RowwiseParallel o/down, vocabulary-parallel "
+        "embedding, LM head column-parallel over the vocabulary with loss_parallel()), "
+        + (sp if par.sequence_parallel else "without sequence parallelism")
+        + f"; ranks {job.tensor} x d .. {job.tensor} x d + {job.tensor - 1} form data-parallel "
+        "rank d's TP group."
+    ]
+    if job.engine == "ddp":
+        out.append(
+            "engine ddp, data 1: no DDP wrapper (no data-parallel group to reduce over), and "
+            "nothing redistributes the embedding's gradient to its parameter's Shard(0): "
+            "DTensor's embedding backward has no row-sharded output (torch/distributed/"
+            "tensor/_ops/_embedding_ops.py::embedding_dense_backward_strategy), so every TP "
+            "rank holds the whole [vocabulary, hidden] gradient (Replicate) until zero_grad, "
+            "where memplan counts the rank's rows. FSDP2 redistributes it before its "
+            "reduce-scatter (torch/distributed/fsdp/_fully_shard/_fsdp_param.py::"
+            "FSDPParam._get_grad_inner_tensor)."
+        )
+    vocab = int(job.config.get("vocab_size") or 0)
+    rows = vocab_rows(vocab, job.tensor) if vocab else []
+    if rows and len(set(rows)) > 1:
+        out.append(
+            f"vocabulary {vocab} over {job.tensor} TP ranks: DTensor splits it like "
+            f"torch.chunk, {', '.join(map(str, rows))} rows per TP rank; memplan predicts "
+            f"{rows[0]} rows (the most-loaded TP rank) for every TP rank, so the others' "
+            "embedding and LM head states differ by the missing rows."
+        )
+    return out
+
+
 def _extrapolate(job: Job, full: Report, m: RankMeasurement) -> tuple[Row, ...]:
     """Full depth = measured at K layers + (L - K) x measured bytes per decoder layer."""
-    pred, _ = predicted(full, m.rank)
+    pred, _ = predicted(full, job.data_rank(m.rank))
     rows = []
     for name in _EXTRAPOLATED:
         measured = m.bytes.get(name, 0)
