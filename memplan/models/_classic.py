@@ -12,7 +12,7 @@ the rest.
 
 Order matters: tensors are listed in `nn.Module` registration order, the order of
 `model.named_parameters()` / `model.named_buffers()` (pre-order: a module's own tensors, then
-its children's); `assemble` splits one ordered list into parameters and buffers.
+its children's); `decoder.assemble` splits one ordered list into parameters and buffers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from memplan.models.decoder import Part, linear, norm, param, present
-from memplan.models.inventory import Architecture, Config, Inventory, TensorSpec, model_name
+from memplan.models.inventory import Config, TensorSpec
 
 
 def flag(cfg: Config, key: str) -> bool:
@@ -101,27 +101,6 @@ def pick_class(
             f"({', '.join(supported)}); counted as {default}.",
         )
     return default, (f"no architectures in the config: counted as {default} ({why}).",)
-
-
-def assemble(
-    *,
-    cfg: Config,
-    architecture: Architecture,
-    tensors: Iterable[TensorSpec],
-    tied: Iterable[tuple[str, str]] = (),
-    notes: Iterable[str] = (),
-) -> Inventory:
-    """An `Inventory` from one ordered list of parameters and buffers, named after the config
-    (`_name_or_path`, else the model_type)."""
-    ordered = list(tensors)
-    return Inventory(
-        name=model_name(cfg, architecture.model_type),
-        architecture=architecture,
-        parameters=tuple(t for t in ordered if t.kind == "parameter"),
-        buffers=tuple(t for t in ordered if t.kind == "buffer"),
-        tied=tuple(tied),
-        notes=tuple(notes),
-    )
 
 
 # The task heads every decoder-only family of this group defines, by class-name suffix.

@@ -36,7 +36,6 @@ from typing import Any
 
 from memplan.errors import MemplanError
 from memplan.models._classic import (
-    assemble,
     embedding,
     flag,
     join,
@@ -49,6 +48,7 @@ from memplan.models.decoder import (
     Dims,
     Part,
     architecture,
+    assemble,
     buffer,
     linear,
     param,

@@ -20,8 +20,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from memplan.models._classic import assemble, embedding, layer_norm, pick_class, with_class_head
-from memplan.models.decoder import Dims, Part, architecture, int_or, linear, resolve, stamp_layers
+from memplan.models._classic import embedding, layer_norm, pick_class, with_class_head
+from memplan.models.decoder import (
+    Dims,
+    Part,
+    architecture,
+    assemble,
+    int_or,
+    linear,
+    resolve,
+    stamp_layers,
+)
 from memplan.models.inventory import Inventory
 
 # configuration_bloom.py: BloomConfig defaults and attribute_map.

@@ -78,36 +78,16 @@ def gated_mlp(
     )
 
 
-def attention(
-    prefix: str,
-    *,
-    hidden: int,
-    heads: int,
-    kv_heads: int,
-    head_dim: int,
-    qkv_bias: bool,
-    o_bias: bool,
-) -> Part:
-    """q/k/v/o projections of `LlamaAttention`: q [heads*hd, H], k and v [kv_heads*hd, H]."""
-    return (
-        *linear(f"{prefix}.q_proj", heads * head_dim, hidden, "attention", bias=qkv_bias),
-        *linear(f"{prefix}.k_proj", kv_heads * head_dim, hidden, "attention", bias=qkv_bias),
-        *linear(f"{prefix}.v_proj", kv_heads * head_dim, hidden, "attention", bias=qkv_bias),
-        *linear(f"{prefix}.o_proj", hidden, heads * head_dim, "attention", bias=o_bias),
-    )
-
-
 def self_attention(dims: Dims, *, qkv_bias: bool, o_bias: bool, qk_norm: bool = False) -> Part:
-    """`self_attn` of a Llama-style layer (see `attention`); `qk_norm` adds the per-head
-    `q_norm`/`k_norm` RMSNorms [head_dim] of Qwen3 and Gemma 3, registered after o_proj."""
-    part = attention(
-        "self_attn",
-        hidden=dims.hidden,
-        heads=dims.heads,
-        kv_heads=dims.kv_heads,
-        head_dim=dims.head_dim,
-        qkv_bias=qkv_bias,
-        o_bias=o_bias,
+    """`self_attn` of `LlamaAttention` and kin: q_proj [heads*hd, H], k_proj and v_proj
+    [kv_heads*hd, H], o_proj [H, heads*hd]; `qk_norm` adds the per-head `q_norm`/`k_norm`
+    RMSNorms [head_dim] of Qwen3 and Gemma 3, registered after o_proj."""
+    hidden, q_out, kv_out = dims.hidden, dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    part = (
+        *linear("self_attn.q_proj", q_out, hidden, "attention", bias=qkv_bias),
+        *linear("self_attn.k_proj", kv_out, hidden, "attention", bias=qkv_bias),
+        *linear("self_attn.v_proj", kv_out, hidden, "attention", bias=qkv_bias),
+        *linear("self_attn.o_proj", hidden, q_out, "attention", bias=o_bias),
     )
     if qk_norm:
         part += norm("self_attn.q_norm", dims.head_dim) + norm("self_attn.k_norm", dims.head_dim)
@@ -176,18 +156,6 @@ def rotary_dim(params: Mapping[str, Any], head_dim: int, *, default_is_partial: 
     return int(head_dim * rotary_fraction(params.get("partial_rotary_factor", 1.0)))
 
 
-def stamp(template: Part, prefix: str, index: int, *, decoder: bool = True) -> list[TensorSpec]:
-    """The template with names `{prefix}.{index}.{name}` and `layer=index` (None when the
-    repeated block is not a decoder layer, e.g. a vision encoder layer)."""
-    layer = index if decoder else None
-    return [
-        TensorSpec(
-            f"{prefix}.{index}.{t.name}", t.shape, t.kind, t.dtype, t.persistent, layer, t.role
-        )
-        for t in template
-    ]
-
-
 def stamp_layers(
     templates: Sequence[Part],
     prefix: str = "model.layers",
@@ -251,52 +219,43 @@ def causal_lm(
     tensors: Iterable[TensorSpec],
     tie_default: bool = False,
     embed_name: str = EMBED,
-    notes: tuple[str, ...] = (),
+    notes: Iterable[str] = (),
 ) -> Inventory:
-    """The inventory of a `*ForCausalLM` named after the config: `tensors` (the base model)
-    then `lm_head`, tied to `embed_name` when `tie_word_embeddings` (default `tie_default`)."""
-    return assemble(
-        name=model_name(cfg, architecture.model_type),
-        architecture=architecture,
-        tensors=tensors,
-        tie=cfg.bool("tie_word_embeddings", tie_default),
-        hidden=architecture.hidden_size,
-        vocab=architecture.vocab_size,
-        embed_name=embed_name,
-        notes=notes,
-    )
+    """The inventory of a `*ForCausalLM`: `tensors` (the base model) then `lm_head`.
+
+    `lm_head = nn.Linear(hidden, vocab, bias=False)`; with `tie_word_embeddings` (default
+    `tie_default`) transformers makes it the embedding's tensor (`_tied_weights_keys =
+    {"lm_head.weight": embed}`), listed once under `embed_name`, as `model.named_parameters()`
+    does.
+    """
+    ordered = list(tensors)
+    tied: tuple[tuple[str, str], ...] = ()
+    if cfg.bool("tie_word_embeddings", tie_default):
+        tied = ((LM_HEAD, embed_name),)
+    else:
+        shape = (architecture.vocab_size, architecture.hidden_size)
+        ordered.append(param(LM_HEAD, shape, "head"))
+    return assemble(cfg=cfg, architecture=architecture, tensors=ordered, tied=tied, notes=notes)
 
 
 def assemble(
     *,
-    name: str,
+    cfg: Config,
     architecture: Architecture,
     tensors: Iterable[TensorSpec],
-    tie: bool,
-    hidden: int,
-    vocab: int,
-    embed_name: str = EMBED,
-    notes: tuple[str, ...] = (),
+    tied: Iterable[tuple[str, str]] = (),
+    notes: Iterable[str] = (),
 ) -> Inventory:
-    """The inventory of a `*ForCausalLM`: `tensors` (the base model) then `lm_head`.
-
-    `lm_head = nn.Linear(hidden, vocab, bias=False)`; with `tie_word_embeddings` transformers
-    makes it the embedding's tensor (`_tied_weights_keys = {"lm_head.weight": embed}`), listed
-    once under the embedding, as `model.named_parameters()` does.
-    """
+    """An `Inventory` from one ordered list of parameters and buffers, named after the config
+    (`_name_or_path`, else the model_type)."""
     ordered = list(tensors)
-    tied: tuple[tuple[str, str], ...] = ()
-    if tie:
-        tied = ((LM_HEAD, embed_name),)
-    else:
-        ordered.append(param(LM_HEAD, (vocab, hidden), "head"))
     return Inventory(
-        name=name,
+        name=model_name(cfg, architecture.model_type),
         architecture=architecture,
         parameters=tuple(t for t in ordered if t.kind == "parameter"),
         buffers=tuple(t for t in ordered if t.kind == "buffer"),
-        tied=tied,
-        notes=notes,
+        tied=tuple(tied),
+        notes=tuple(notes),
     )
 
 

@@ -33,7 +33,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models._classic import (
-    assemble,
     embedding,
     flag,
     layer_norm,
@@ -45,6 +44,7 @@ from memplan.models.decoder import (
     Dims,
     Part,
     architecture,
+    assemble,
     int_or,
     linear,
     present,

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models._classic import (
-    assemble,
     causal_head,
     conv1d,
     embedding,
@@ -32,7 +31,16 @@ from memplan.models._classic import (
     pick_class,
     with_causal_head,
 )
-from memplan.models.decoder import Dims, Part, architecture, int_or, linear, resolve, stamp_layers
+from memplan.models.decoder import (
+    Dims,
+    Part,
+    architecture,
+    assemble,
+    int_or,
+    linear,
+    resolve,
+    stamp_layers,
+)
 from memplan.models.inventory import Config, Inventory
 
 # configuration_gpt2.py: GPT2Config defaults and attribute_map.

@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models._classic import (
-    assemble,
     embedding,
     flag,
     layer_norm,
@@ -36,6 +35,7 @@ from memplan.models.decoder import (
     Dims,
     Part,
     architecture,
+    assemble,
     linear,
     present,
     resolve,

@@ -24,11 +24,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from memplan.models._classic import assemble, embedding, layer_norm, pick_class, with_class_head
+from memplan.models._classic import embedding, layer_norm, pick_class, with_class_head
 from memplan.models.decoder import (
     Dims,
     Part,
     architecture,
+    assemble,
     buffer,
     int_or,
     linear,

@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from memplan.models._classic import (
-    assemble,
     embedding,
     flag,
     layer_norm,
@@ -33,7 +32,16 @@ from memplan.models._classic import (
     prefixed,
     with_class_head,
 )
-from memplan.models.decoder import Dims, Part, architecture, int_or, linear, resolve, stamp_layers
+from memplan.models.decoder import (
+    Dims,
+    Part,
+    architecture,
+    assemble,
+    int_or,
+    linear,
+    resolve,
+    stamp_layers,
+)
 from memplan.models.inventory import Inventory
 
 # configuration_opt.py: OPTConfig defaults.

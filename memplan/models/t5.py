@@ -34,11 +34,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from memplan.models._classic import assemble, embedding, join, num_labels, pick_class, prefixed
+from memplan.models._classic import embedding, join, num_labels, pick_class, prefixed
 from memplan.models.decoder import (
     Dims,
     Part,
     architecture,
+    assemble,
     int_or,
     linear,
     param,
