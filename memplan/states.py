@@ -21,6 +21,7 @@ from memplan.parallel import (
     ModelParallel,
     check_degrees,
     expert_data_degree,
+    local_shape,
     split_experts,
     stage_inventory,
     stage_layers,
@@ -123,9 +124,56 @@ def stage_states(
     states = _stage_states(
         inventory, recipe, opt, placement, key, par.engine, par.stage, degree, offload, knobs
     )
-    if key is mp or held is None:
-        return list(states)
-    return [replace(st, layers=tuple(held[st.stage])) for st in states]
+    out = (
+        list(states)
+        if key is mp or held is None
+        else [replace(st, layers=tuple(held[st.stage])) for st in states]
+    )
+    if par.engine == "ddp" and par.tensor > 1:
+        out = [_whole_embedding_gradient(st, inventory, recipe, mp) for st in out]
+    return out
+
+
+SRC_DTENSOR_EMBEDDING = (
+    "torch/distributed/tensor/_ops/_embedding_ops.py::embedding_dense_backward_strategy "
+    "(no row-sharded output; FSDP2 redistributes it, DDP does not): measured by "
+    "tests/test_verify_tp.py"
+)
+
+
+def _whole_embedding_gradient(
+    st: StageStates, inventory: Inventory, recipe: Recipe, mp: ModelParallel
+) -> StageStates:
+    """DDP over torch's DTensor tensor parallelism: the vocab-parallel embedding's gradient
+    comes out of embedding backward whole, [vocab, hidden] on every TP rank, where its
+    parameter is a [vocab / TP, hidden] shard: the rows other TP ranks own come on top."""
+    table = next((t for t in inventory.parameters if t.role == "embedding" and t.trainable), None)
+    arch = inventory.architecture
+    if table is None or arch is None or st.stage != 0:
+        return st  # the embedding lives on the first pipeline stage
+    rows = local_shape(
+        table,
+        tp=mp.tensor,
+        ep=mp.expert,
+        model_type=arch.model_type,
+        vocab_divisible_by=mp.vocab_divisible_by,
+    )[0]
+    extra = (table.shape[0] - rows) * (table.numel // table.shape[0])
+    dtype = sharding.base.grad_dtype(recipe)
+    row = sharding.base.term(
+        "gradients",
+        "embedding gradient (whole)",
+        dtype,
+        1,
+        extra,
+        f"[{table.shape[0]} - {rows}, {table.shape[1]}] rows other TP ranks own",
+        SRC_DTENSOR_EMBEDDING,
+    )
+
+    def add(r: RankStates) -> RankStates:
+        return replace(r, terms=(*r.terms, row))
+
+    return replace(st, ranks=tuple(add(r) for r in st.ranks), per_gpu=add(st.per_gpu))
 
 
 @lru_cache(maxsize=64)

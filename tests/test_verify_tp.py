@@ -160,15 +160,16 @@ def test_fsdp2_two_dimensional_mesh_every_rank_matches() -> None:
 @pytest.mark.parametrize(("precision", "sp"), [("fp32", True), ("bf16-mixed", False)])
 def test_ddp_embedding_gradient_is_whole_on_every_tp_rank(precision: str, sp: bool) -> None:
     """Without FSDP2 the vocabulary-parallel embedding's gradient stays Replicate: each TP rank
-    holds all 1,041 rows where memplan counts its own (torch/distributed/tensor/_ops/
-    _embedding_ops.py::embedding_dense_backward_strategy has no Shard(0) output)."""
+    holds all 1,041 rows (torch/distributed/tensor/_ops/_embedding_ops.py::
+    embedding_dense_backward_strategy has no Shard(0) output), and memplan's ddp rule counts
+    them ("embedding gradient (whole)"): only the LM head's uneven rows remain."""
     result = verify_tp(precision, sp, engine="ddp")
     width = 2 if precision == "bf16-mixed" else 4  # the module's parameters and gradients
     master = 4 * HIDDEN * (ROWS[0] - ROWS[1])
     for rank, rows in enumerate(ROWS):
         d = deltas(result, rank)
         head = (rows - ROWS[0]) * HIDDEN * width  # the LM head's gradient has the rank's rows
-        assert d["gradients"] == (VOCAB - ROWS[0]) * HIDDEN * width + head, rank
+        assert d["gradients"] == head, rank
         assert d["activations"] == (rows - ROWS[0]) * TOKENS * 4
         # DTensor scatters each shard into a buffer padded to the first rank's rows
         # (Shard._shard_tensor), so the parameters' storage matches on every rank; the states
