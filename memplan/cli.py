@@ -197,7 +197,8 @@ def verify(
 
     def work() -> runner.VerifyResult:
         loaded = load.load_spec(spec)
-        world = nproc if nproc is not None else loaded.spec.parallelism.data
+        par = loaded.spec.parallelism
+        world = nproc if nproc is not None else par.data * par.tensor
         with vrender.progress_bar(world, STEPS, enabled=not as_json) as on_event:
             with load.locating(loaded):
                 return runner.verify(loaded, options, on_event)
