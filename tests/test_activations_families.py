@@ -52,6 +52,31 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "olmo2": {**_TINY, "model_type": "olmo2"},
     "qwen2_moe": {**_MOE, "model_type": "qwen2_moe", "shared_expert_intermediate_size": 56},
     "qwen3_moe": {**_MOE, "model_type": "qwen3_moe", "head_dim": 16},
+    "opt": {
+        "model_type": "opt",
+        "hidden_size": 48,
+        "ffn_dim": 100,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 6,
+        "vocab_size": 777,
+        "max_position_embeddings": 128,
+    },
+    "gptj": {
+        "model_type": "gptj",
+        "n_embd": 48,
+        "n_layer": 2,
+        "n_head": 6,
+        "rotary_dim": 4,
+        "vocab_size": 777,
+        "n_positions": 128,
+    },
+    "bloom": {
+        "model_type": "bloom",
+        "hidden_size": 48,
+        "n_layer": 2,
+        "n_head": 6,
+        "vocab_size": 777,
+    },
 }
 # Shapes and options the base configs above leave out (odd sizes: batch 3, 37 tokens).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -84,10 +109,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "olmo2-mha": {**FAMILIES["olmo2"], "num_key_value_heads": 6},
     "qwen2_moe-norm-topk": {**FAMILIES["qwen2_moe"], "norm_topk_prob": True},
     "qwen3_moe-norm-topk": {**FAMILIES["qwen3_moe"], "norm_topk_prob": True},
+    # OPT-350m-style projections around the layers, a gelu MLP; GPT-J rotating whole heads.
+    "opt-proj-gelu": {**FAMILIES["opt"], "word_embed_proj_dim": 32, "activation_function": "gelu"},
+    "gptj-full-rotary-relu": {**FAMILIES["gptj"], "rotary_dim": 8, "activation_function": "relu"},
 }
-DROPOUT_KEYS = {"phi3": ("attention_dropout", "resid_pdrop", "embd_pdrop")}
+DROPOUT_KEYS = {
+    "phi3": ("attention_dropout", "resid_pdrop", "embd_pdrop"),
+    "opt": ("dropout", "attention_dropout"),
+    "gptj": ("embd_pdrop", "attn_pdrop", "resid_pdrop"),
+    "bloom": ("hidden_dropout", "attention_dropout"),
+}
+# Families transformers runs without sdpa (`_supports_sdpa` False): built with its default
+# attention (eager), which is what memplan predicts for them under "sdpa".
+NO_SDPA = ("gemma2", "bloom")
 # Config keys read from Architecture.extra beyond tests/test_activations.py's CARRIED.
-CARRIED = ("hidden_activation",)
+CARRIED = ("hidden_activation", "dropout")
 SELECTIVE_MODULE = {
     "phi3": "phi3.modeling_phi3",
     "gemma": "gemma.modeling_gemma",
@@ -96,6 +132,8 @@ SELECTIVE_MODULE = {
     "olmo2": "olmo2.modeling_olmo2",
     "qwen2_moe": "qwen2_moe.modeling_qwen2_moe",
     "qwen3_moe": "qwen3_moe.modeling_qwen3_moe",
+    "opt": "opt.modeling_opt",
+    "gptj": "gptj.modeling_gptj",
 }
 BLOCKS = ("embeddings", "layers", "head", "loss")
 
@@ -105,32 +143,55 @@ def with_dropout(config: dict[str, Any], on: bool) -> dict[str, Any]:
     return {**config, **dict.fromkeys(keys, 0.1 if on else 0.0)}
 
 
+# Modules whose forward ends the embeddings (the last one to run marks the boundary) and the
+# final norm, whose forward starts the head; by default ("model.embed_tokens",), "model.norm".
+EMBEDDINGS = {
+    "opt": (
+        "model.decoder.embed_tokens",
+        "model.decoder.embed_positions",
+        "model.decoder.project_in",
+    ),
+    "gptj": ("transformer.wte", "transformer.drop"),
+    "bloom": ("transformer.word_embeddings", "transformer.word_embeddings_layernorm"),
+}
+FINAL_NORM = {
+    "opt": "model.decoder.final_layer_norm",
+    "gptj": "transformer.ln_f",
+    "bloom": "transformer.ln_f",
+}
+
+
 def measure_blocks(
     model: Any, *, batch: int, sequence: int, autocast: str | None
 ) -> dict[str, int]:
     """Forward + loss under tests/activation_probe.py's `saved_storages`, each storage
-    attributed to the part of the forward that saved it first: embeddings (until embed_tokens
-    returns), layers (until the final norm starts), head (norm, lm_head, logit softcap) and
-    loss (transformers' loss function)."""
+    attributed to the part of the forward that saved it first: embeddings (until the last
+    embedding module returns), layers (until the final norm starts), head (final norm, LM head,
+    logit softcap) and loss (transformers' loss function)."""
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, sequence))
     exclude = [*model.parameters(), *model.buffers()]
-    marks: list[int] = []
+    family = model.config.model_type
+    marks: dict[str, int] = {}
     hooks = []
     with saved_storages(exclude) as measured:
-        inner = model.model
-        hooks.append(
-            inner.embed_tokens.register_forward_hook(
-                lambda *_: marks.append(len(measured.storages))
-            )
-        )
-        hooks.append(
-            inner.norm.register_forward_pre_hook(lambda *_: marks.append(len(measured.storages)))
-        )
+
+        def mark(name: str) -> Callable[..., None]:
+            def hook(*_: Any) -> None:
+                marks[name] = len(measured.storages)
+
+            return hook
+
+        for path in EMBEDDINGS.get(family, ("model.embed_tokens",)):
+            module = model.get_submodule(path) if _has(model, path) else None
+            if module is not None:
+                hooks.append(module.register_forward_hook(mark("embeddings")))
+        norm = model.get_submodule(FINAL_NORM.get(family, "model.norm"))
+        hooks.append(norm.register_forward_pre_hook(mark("layers")))
         loss_fn = model.loss_function
 
         def loss_function(*args: Any, **kwargs: Any) -> Any:
-            marks.append(len(measured.storages))
+            mark("head")()
             return loss_fn(*args, **kwargs)
 
         model.loss_function = loss_function
@@ -142,10 +203,17 @@ def measure_blocks(
             for hook in hooks:
                 hook.remove()
     assert loss.isfinite()
-    assert len(marks) == 3, marks
+    assert list(marks) == list(BLOCKS[:3]), marks
     sizes = [s.nbytes for s in measured.storages.values()]
-    bounds = [0, *marks, len(sizes)]
+    bounds = [0, *marks.values(), len(sizes)]
     return {name: sum(sizes[bounds[i] : bounds[i + 1]]) for i, name in enumerate(BLOCKS)}
+
+
+def _has(model: Any, path: str) -> bool:
+    try:
+        return model.get_submodule(path) is not None
+    except AttributeError:
+        return False
 
 
 def predicted_blocks(saved: Activations) -> dict[str, int]:
@@ -176,11 +244,8 @@ def compare(
 ) -> tuple[dict[str, int], dict[str, int]]:
     """(measured, predicted) saved bytes per block for one case."""
     dtype, cast, _, _ = PRECISIONS[precision]
-    # Gemma 2 has no sdpa path: transformers' default (no attn_implementation) runs eager,
-    # which is what memplan's "sdpa" setting predicts for it.
-    build_attention = (
-        None if config["model_type"] == "gemma2" and attention == "sdpa" else attention
-    )
+    no_sdpa = config["model_type"] in NO_SDPA and attention == "sdpa"
+    build_attention = None if no_sdpa else attention
     model = build_model(
         config,
         attention=build_attention,  # type: ignore[arg-type]
@@ -221,6 +286,43 @@ def test_family_saved_bytes_match(
     assert predicted == measured
 
 
+@contextmanager
+def _bloom_selective() -> Iterator[None]:
+    """tests/test_activations.py's `_selective` for BLOOM, whose attention core is inline in
+    BloomAttention.forward: the same forward with the core (reshapes, baddbmm, softmax,
+    dropout, bmm, merge) under torch.utils.checkpoint, keeping the q, k, v views."""
+    from transformers.models.bloom import modeling_bloom as mb
+
+    original = mb.BloomAttention.forward
+
+    def forward(
+        self: Any, hidden_states: Any, residual: Any, alibi: Any, attention_mask: Any, **kw: Any
+    ) -> Any:
+        batch, length, _ = hidden_states.shape
+        query, key, value = self._reshape(self.query_key_value(hidden_states))
+
+        def core(q: Any, k: Any, v: Any) -> Any:
+            rows = batch * self.num_heads
+            q = q.reshape(rows, -1, self.head_dim)
+            k = k.reshape(rows, -1, self.head_dim).transpose(-1, -2)
+            v = v.reshape(rows, -1, self.head_dim)
+            scores = alibi.baddbmm(batch1=q, batch2=k, beta=self.beta, alpha=self.inv_norm_factor)
+            weights = scores.view(batch, self.num_heads, length, -1) + attention_mask
+            probs = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+            probs = self.attention_dropout(probs)
+            return self._merge_heads(torch.bmm(probs.view(rows, length, -1), v))
+
+        context = torch.utils.checkpoint.checkpoint(core, query, key, value, use_reentrant=False)
+        output = mb.dropout_add(self.dense(context), residual, self.hidden_dropout, self.training)
+        return output, None
+
+    mb.BloomAttention.forward = forward
+    try:
+        yield
+    finally:
+        mb.BloomAttention.forward = original
+
+
 SELECTIVE = list(itertools.product(tuple(FAMILIES), ("eager", "sdpa"), tuple(PRECISIONS)))
 
 
@@ -238,7 +340,7 @@ def test_family_selective_checkpointing_matches(
         attention=attention,
         precision=precision,
         checkpointing="selective",
-        patch=_selective(SELECTIVE_MODULE[family]),
+        patch=_bloom_selective if family == "bloom" else _selective(SELECTIVE_MODULE[family]),
     )
     assert predicted == measured
 

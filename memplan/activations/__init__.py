@@ -16,13 +16,16 @@ from typing import Any
 
 from memplan.activations import (
     bert,
+    bloom,
     gemma,
     gpt2,
     gpt_neox,
+    gptj,
     layout,
     llama,
     lora,
     olmo2,
+    opt,
     phi3,
     qwen_moe,
 )
@@ -61,6 +64,9 @@ RULES: dict[str, FamilyRule] = {
     "olmo2": olmo2.build,
     "qwen2_moe": qwen_moe.build,
     "qwen3_moe": qwen_moe.build,
+    "opt": opt.build,
+    "gptj": gptj.build,
+    "bloom": bloom.build,
 }
 
 # The head classes whose forward memplan models (a causal LM and its loss).
