@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -77,6 +78,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "n_head": 6,
         "vocab_size": 777,
     },
+    # Falcon-7B's layout: multi-query attention, parallel attention and MLP.
+    "falcon": {
+        "model_type": "falcon",
+        "hidden_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 6,
+        "ffn_hidden_size": 100,
+        "vocab_size": 777,
+    },
 }
 # Shapes and options the base configs above leave out (odd sizes: batch 3, 37 tokens).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -112,18 +122,30 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # OPT-350m-style projections around the layers, a gelu MLP; GPT-J rotating whole heads.
     "opt-proj-gelu": {**FAMILIES["opt"], "word_embed_proj_dim": 32, "activation_function": "gelu"},
     "gptj-full-rotary-relu": {**FAMILIES["gptj"], "rotary_dim": 8, "activation_function": "relu"},
+    # Falcon-40B/180B (grouped k/v broadcast to every head, ln_attn + ln_mlp), Falcon2-11B's
+    # single norm, multi-head sequential layers (v a view of the fused output).
+    "falcon-new-arch": {**FAMILIES["falcon"], "new_decoder_architecture": True, "num_kv_heads": 2},
+    "falcon2-one-norm-relu": {
+        **FAMILIES["falcon"],
+        "new_decoder_architecture": True,
+        "num_kv_heads": 2,
+        "num_ln_in_parallel_attn": 1,
+        "activation": "relu",
+    },
+    "falcon-mha-sequential": {**FAMILIES["falcon"], "multi_query": False, "parallel_attn": False},
 }
 DROPOUT_KEYS = {
     "phi3": ("attention_dropout", "resid_pdrop", "embd_pdrop"),
     "opt": ("dropout", "attention_dropout"),
     "gptj": ("embd_pdrop", "attn_pdrop", "resid_pdrop"),
     "bloom": ("hidden_dropout", "attention_dropout"),
+    "falcon": ("hidden_dropout", "attention_dropout"),
 }
 # Families transformers runs without sdpa (`_supports_sdpa` False): built with its default
 # attention (eager), which is what memplan predicts for them under "sdpa".
 NO_SDPA = ("gemma2", "bloom")
 # Config keys read from Architecture.extra beyond tests/test_activations.py's CARRIED.
-CARRIED = ("hidden_activation", "dropout")
+CARRIED = ("hidden_activation", "dropout", "activation")
 SELECTIVE_MODULE = {
     "phi3": "phi3.modeling_phi3",
     "gemma": "gemma.modeling_gemma",
@@ -153,11 +175,13 @@ EMBEDDINGS = {
     ),
     "gptj": ("transformer.wte", "transformer.drop"),
     "bloom": ("transformer.word_embeddings", "transformer.word_embeddings_layernorm"),
+    "falcon": ("transformer.word_embeddings",),
 }
 FINAL_NORM = {
     "opt": "model.decoder.final_layer_norm",
     "gptj": "transformer.ln_f",
     "bloom": "transformer.ln_f",
+    "falcon": "transformer.ln_f",
 }
 
 
@@ -323,6 +347,57 @@ def _bloom_selective() -> Iterator[None]:
         mb.BloomAttention.forward = original
 
 
+@contextmanager
+def _falcon_selective() -> Iterator[None]:
+    """`_selective` for Falcon (rotary layers), whose attention is inline in
+    FalconAttention.forward: the core after RoPE (sdpa, or eager's matmul/softmax/matmul, and
+    the merge of the heads) under torch.utils.checkpoint, keeping q, k, v."""
+    from transformers.models.falcon import modeling_falcon as mf
+
+    original = mf.FalconAttention.forward
+    functional = torch.nn.functional
+
+    def forward(
+        self: Any,
+        hidden_states: Any,
+        alibi: Any,
+        attention_mask: Any,
+        position_embeddings: Any = None,
+        **kw: Any,
+    ) -> Any:
+        kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
+        query, key, value = self._split_heads(self.query_key_value(hidden_states))
+        batch, length = query.shape[:2]
+        query = query.transpose(1, 2).reshape(batch, self.num_heads, length, self.head_dim)
+        key = key.transpose(1, 2).reshape(batch, kv_heads, length, self.head_dim)
+        value = value.transpose(1, 2).reshape(batch, kv_heads, length, self.head_dim)
+        query, key = mf.apply_rotary_pos_emb(query, key, *position_embeddings)
+
+        def core(q: Any, k: Any, v: Any) -> Any:
+            if self.config._attn_implementation == "sdpa":
+                out = functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+            else:
+                scores = q @ k.transpose(-1, -2)
+                scores /= math.sqrt(self.head_dim)
+                dtype = hidden_states.dtype
+                out = functional.softmax(scores + attention_mask, dim=-1, dtype=dtype) @ v
+            out = out.view(batch, self.num_heads, length, self.head_dim).permute(0, 2, 1, 3)
+            return out.reshape(batch, length, self.num_heads * self.head_dim)
+
+        context = torch.utils.checkpoint.checkpoint(core, query, key, value, use_reentrant=False)
+        return self.dense(context), None
+
+    mf.FalconAttention.forward = forward
+    try:
+        yield
+    finally:
+        mf.FalconAttention.forward = original
+
+
+INLINE_SELECTIVE: dict[str, Callable[[], Any]] = {
+    "bloom": _bloom_selective,
+    "falcon": _falcon_selective,
+}
 SELECTIVE = list(itertools.product(tuple(FAMILIES), ("eager", "sdpa"), tuple(PRECISIONS)))
 
 
@@ -340,7 +415,7 @@ def test_family_selective_checkpointing_matches(
         attention=attention,
         precision=precision,
         checkpointing="selective",
-        patch=_bloom_selective if family == "bloom" else _selective(SELECTIVE_MODULE[family]),
+        patch=INLINE_SELECTIVE.get(family) or _selective(SELECTIVE_MODULE[family]),
     )
     assert predicted == measured
 

@@ -17,6 +17,7 @@ from typing import Any
 from memplan.activations import (
     bert,
     bloom,
+    falcon,
     gemma,
     gpt2,
     gpt_neox,
@@ -67,6 +68,7 @@ RULES: dict[str, FamilyRule] = {
     "opt": opt.build,
     "gptj": gptj.build,
     "bloom": bloom.build,
+    "falcon": falcon.build,
 }
 
 # The head classes whose forward memplan models (a causal LM and its loss).

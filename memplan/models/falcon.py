@@ -180,6 +180,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
             "parallel_attn": flag(cfg, "parallel_attn"),
             "alibi": flag(cfg, "alibi"),
             "bias": flag(cfg, "bias"),
+            "num_ln_in_parallel_attn": present(cfg, "num_ln_in_parallel_attn"),
         },
     )
     return assemble(cfg=cfg, architecture=arch, tensors=tensors, tied=tied, notes=notes)

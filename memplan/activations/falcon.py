@@ -1,0 +1,140 @@
+"""Saved tensors of Falcon (`FalconForCausalLM`) with rotary positions in transformers 5.24:
+Falcon-7B (multi-query, parallel attention), Falcon-40B/180B (`new_decoder_architecture`:
+grouped key/value heads, ln_attn and ln_mlp) and multi-head sequential variants.
+
+models/falcon/modeling_falcon.py: word_embeddings -> rotary cos/sin -> layers (input_layernorm
+or ln_attn/ln_mlp; query_key_value (FalconLinear: `x @ weight.T`), _split_heads (the key and
+value of multi-query and new-architecture layers are picked with a one-element index list: the
+int64 index is saved), q/k/v `transpose(1, 2).reshape` (new-architecture k/v expanded to
+every head), RoPE, its own attention (eager: `q @ k^T / sqrt(d)`, softmax in the hidden
+states' dtype, `@ v`, no dropout; sdpa: `scaled_dot_product_attention` with the causal mask
+always given (`allow_is_causal_skip=False`)), merge, dense; MLP dense_h_to_4h, act,
+dense_4h_to_h; dropout_add) -> ln_f -> lm_head -> ForCausalLMLoss. ALiBi Falcons (falcon-rw)
+are not modelled.
+"""
+
+from __future__ import annotations
+
+from memplan.activations import attention, kernels
+from memplan.activations.assemble import Model, dropout_on
+from memplan.activations.gpt2 import mlp_act
+from memplan.activations.phi3 import value_is_projection_view
+from memplan.activations.tensors import Saved, Setting, promote
+from memplan.models.inventory import Architecture
+
+SRC = "transformers models/falcon/modeling_falcon.py"
+
+
+def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
+    """Falcon's saved tensors, or why they are not modelled."""
+    x = arch.extra
+    if x.get("alibi"):
+        return "Falcon with ALiBi (falcon-rw) has no rule"
+    new_arch = bool(x.get("new_decoder_architecture", False))
+    multi_query = bool(x.get("multi_query", True)) and not new_arch
+    parallel = bool(x.get("parallel_attn", True))
+    two_norms = new_arch and int(x.get("num_ln_in_parallel_attn") or 2) == 2
+    act = str(x.get("activation", "gelu"))
+    h, a, kv, d = (
+        arch.hidden_size,
+        arch.num_attention_heads,
+        arch.num_key_value_heads,
+        arch.head_dim,
+    )
+    ffn, vocab = arch.intermediate_size, arch.vocab_size
+    b, s, t = st.batch, st.sequence, st.tokens
+    mm = st.matmul
+    drop_hidden = dropout_on(st, x, "hidden_dropout", default=0.0)
+    drop_attn = dropout_on(st, x, "attention_dropout", default=0.0)
+    # New-architecture key/value heads are broadcast to every query head before the core.
+    heads = attention.Heads(batch=b, seq=s, heads=a, kv_heads=a if new_arch else kv, head_dim=d)
+
+    embeddings = [kernels.embedding_indices("word_embeddings.indices", (b, s))]
+    rope = [
+        kernels.saved(f"rotary_emb.{n}", (1, s, d), st.stream, "MulBackward0", SRC)
+        for n in ("cos", "sin")
+    ]
+
+    ln_out = kernels.layer_norm_dtype(st, st.stream)
+    if two_norms:
+        layer = kernels.layer_norm("ln_attn", t, h, st.stream, st)
+        layer += kernels.layer_norm("ln_mlp", t, h, st.stream, st)[1:]  # same input
+        layer += kernels.linear_inputs(["self_attention.query_key_value"], t, h, ln_out, st)
+        layer += kernels.linear_inputs(["mlp.dense_h_to_4h"], t, h, ln_out, st)
+    else:
+        layer = kernels.layer_norm("input_layernorm", t, h, st.stream, st)
+        readers = ["self_attention.query_key_value"]
+        if parallel:
+            readers.append("mlp.dense_h_to_4h")
+        layer += kernels.linear_inputs(readers, t, h, ln_out, st)
+    layer += kernels.weight_casts(
+        [
+            ("self_attention.query_key_value", ((a + 2 * kv) * d, h)),
+            ("self_attention.dense", (h, a * d)),
+            ("mlp.dense_h_to_4h", (ffn, h)),
+            ("mlp.dense_4h_to_h", (h, ffn)),
+        ],
+        st,
+    )
+    if multi_query or new_arch:
+        # qkv[..., [-2], :] and qkv[..., [-1], :]: IndexBackward0 saves each int64 index.
+        layer += [
+            kernels.saved(f"self_attention.{n}_index", (1,), kernels.INT64, "IndexBackward0", SRC)
+            for n in ("key", "value")
+        ]
+    # `transpose(1, 2).reshape(b, heads, s, d)` keeps the [b, s, heads, d] layout (a reshape to
+    # the same shape is a view); RoPE makes new q and k in that layout.
+    qk = promote(mm, st.stream)
+    qkv = attention.Qkv(q=qk, k=qk, v=mm, mask=True)
+    if st.attention == "eager":
+        # softmax(scores + mask, dtype=hidden_states.dtype): the scores' dtype on CPU.
+        core = attention.eager(
+            st,
+            heads,
+            qkv,
+            softmax_fp32=False,
+            convert_to_query=None,
+            dropout_on=False,
+            source=SRC + "::FalconAttention.forward",
+        )
+    elif heads.kv_heads != a:
+        # Multi-query k/v [b, 1, s, d] broadcast over the heads: no fused kernel takes them
+        # without enable_gqa, SDPA runs its math path (measured).
+        core = attention._sdpa_math(st, heads, qkv, dropout_on=False)
+    else:
+        core = attention.sdpa(st, heads, qkv, dropout_on=False)
+    if not (multi_query or new_arch):
+        # Multi-head layers: v is a view of the fused query_key_value output.
+        width = (a + 2 * kv) * d
+        core = value_is_projection_view(core, heads, width, mm, kernel_too=st.attention == "sdpa")
+
+    tail: list[Saved] = []
+    post = promote(st.stream, mm)
+    if not parallel and not new_arch:
+        if drop_attn:
+            tail.append(kernels.dropout("attention.dropout_add.mask", (b, s, h), mm, st))
+        tail += kernels.layer_norm("post_attention_layernorm", t, h, post, st)
+        tail += kernels.linear_inputs(
+            ["mlp.dense_h_to_4h"], t, h, kernels.layer_norm_dtype(st, post), st
+        )
+    mlp = mlp_act("mlp.act", t, ffn, act, st, out_name="mlp.dense_4h_to_h")
+    if mlp is None:
+        return f"activation {act!r} has no rule"
+    tail += mlp
+    if drop_hidden:
+        tail.append(kernels.dropout("mlp.dropout_add.mask", (b, s, h), mm, st))
+
+    head = kernels.layer_norm("ln_f", t, h, post, st)
+    head += kernels.linear_inputs(["lm_head"], t, h, kernels.layer_norm_dtype(st, post), st)
+    head += kernels.weight_casts([("lm_head", (vocab, h))], st)
+    return Model(
+        embeddings=tuple(embeddings),
+        per_forward=tuple(rope),
+        layer_head=tuple(layer),
+        core=core,
+        layer_tail=tuple(tail),
+        head=tuple(head),
+        vocab=vocab,
+        hidden=h,
+        num_layers=arch.num_layers,
+    )
