@@ -128,7 +128,7 @@ def test_context_parallel_needs_the_sequence_to_divide() -> None:
 def test_megatron_schedule_table() -> None:
     """model_parallel_config.py's docstring: PP=2 VP=2, group 2, 4 micro-batches:
     rank 0 runs 0 1 0 1 2 3 2 3."""
-    table = layout._schedule_table(4, 2, 2)
+    table = list(layout._schedule_table(4, 2, 2))
     assert [mb for mb, _ in table] == [0, 1, 0, 1, 2, 3, 2, 3]
     assert [c for _, c in table] == [0, 0, 1, 1, 0, 0, 1, 1]
 

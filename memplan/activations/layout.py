@@ -38,9 +38,10 @@ by tensor. A model-parallel rank runs the same layer on a slice, the way Megatro
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -220,18 +221,18 @@ def in_flight(
     total = m * v
     alive = min((p - rank - 1) * 2 + (v - 1) * p + 1, total)
     counts = [0] * v
-    for _, chunk in _schedule_table(m, v, p)[:alive]:
+    for _, chunk in itertools.islice(_schedule_table(m, v, p), alive):
         counts[chunk] += 1
     return tuple(counts)
 
 
-def _schedule_table(microbatches: int, chunks: int, group: int) -> list[tuple[int, int]]:
+def _schedule_table(microbatches: int, chunks: int, group: int) -> Iterator[tuple[int, int]]:
     """(micro-batch, model chunk) in forward order (schedules.py::get_schedule_table)."""
-    table = []
     for first in range(0, microbatches, group):
         last = min(first + group, microbatches)
-        table += [(mb, c) for c in range(chunks) for mb in range(first, last)]
-    return table
+        for c in range(chunks):
+            for mb in range(first, last):
+                yield mb, c
 
 
 def stage(
