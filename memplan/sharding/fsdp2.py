@@ -67,9 +67,10 @@ def fsdp2(
     edges = sorted(breaks)
     out = []
     for lo, hi in zip(edges, edges[1:], strict=False):
-        shapes = [
-            (fsdp2_rows(p.shape[0], world, lo), *p.shape[1:]) if p.shape else p.shape for p in train
-        ]
+        local: dict[tuple[int, ...], tuple[int, ...]] = {}  # layers repeat their shapes
+        for shape in {p.shape for p in train}:
+            local[shape] = (fsdp2_rows(shape[0], world, lo), *shape[1:]) if shape else shape
+        shapes = [local[p.shape] for p in train]
         device, host = optimizer_terms_by_dtype(
             train,
             shapes,
