@@ -168,8 +168,20 @@ def transients(
     out = list(_state_transients(spec, inventory, per_gpu))
     out += _activation_transients(saved)
     out += saved.buffers
+    embedding = None
     if saved.modelled and saved.block("embeddings") is not None:
-        out.append(_embedding_backward(inventory, saved, spec.recipe().gradients))
+        embedding = _embedding_backward(inventory, saved, spec.recipe().gradients)
+    if _fsdp2(spec):
+        # FSDP2's end of backward is the embedding's backward or the root's reduce-scatter,
+        # whichever holds more: tr.fsdp2 keeps `embedding` only in the first case.
+        out += tr.fsdp2(
+            _fsdp2_groups(spec, inventory),
+            gloo=spec.hardware.device == "cpu",
+            acts=_fsdp2_activations(saved, out, embedding),
+            **_fsdp2_dtypes(spec),
+        )
+    elif embedding is not None:
+        out.append(embedding)
     if spec.hardware.device == "cuda":
         out += _rounding(spec, inventory, saved)
     if spec.precision.fp8 != "none":
@@ -277,14 +289,6 @@ def _compute_state_transients(
                 sub_group=ds.sub_group_size,
                 grad=recipe.gradient_accumulation or recipe.gradients,
             )
-        )
-    if par.engine == "fsdp2" and par.data > 1:
-        out += tr.fsdp2_unsharded(
-            memo(inventory, ("fsdp2", par.data), lambda: tr.fsdp2_blocks(inventory, par.data)),
-            world=par.data,
-            dtype=recipe.parameters,
-            grad_dtype=recipe.gradients,
-            reshard=par.stage == 3,
         )
     if par.engine in ("ddp", "fsdp2"):
         out.append(_optimizer_temporaries(spec, inventory, per_gpu))
@@ -441,6 +445,47 @@ def _rounding(spec: Spec, inventory: Inventory, saved: Activations) -> list[Tran
     return out
 
 
+def _fsdp2(spec: Spec) -> bool:
+    """torch FSDP2 on more than one rank (one rank gathers nothing)."""
+    return spec.parallelism.engine == "fsdp2" and spec.parallelism.data > 1
+
+
+def _fsdp2_groups(spec: Spec, inventory: Inventory) -> tr.Fsdp2Groups:
+    world = spec.parallelism.data
+    return memo(inventory, ("fsdp2", world), lambda: tr.fsdp2_groups(inventory, world))
+
+
+def _fsdp2_activations(
+    saved: Activations, terms: list[Transient], embedding: Transient | None
+) -> tr.Fsdp2Activations | None:
+    """The activation side of FSDP2's moments between phase points (tr._fsdp2_between_phases)."""
+    layers = saved.block("layers") if saved.modelled else None
+    if layers is None:
+        return None
+    by_name = {t.name: t.bytes for t in terms}
+    return tr.Fsdp2Activations(
+        layer=layers.bytes_each,
+        forward_working_set=by_name.get("forward_working_set", 0),
+        logits_gradient=by_name.get("logits_gradient", 0),
+        embedding_backward=embedding,
+    )
+
+
+def _fsdp2_dtypes(spec: Spec) -> dict[str, Any]:
+    """FSDP2's sizes besides the groups: MixedPrecisionPolicy.param_dtype (the recipe's
+    parameters; the sharded ones stay in the master dtype), the gradients' dtype, the
+    sharded storage's, the ranks and reshard_after_forward (ZeRO-3)."""
+    recipe = spec.recipe()
+    shard = recipe.gradient_accumulation or recipe.master_weights or recipe.parameters
+    return {
+        "world": spec.parallelism.data,
+        "param": recipe.parameters,
+        "grad": recipe.gradients,
+        "shard": shard,
+        "reshard": spec.parallelism.stage == 3,
+    }
+
+
 def _knob(section: Any, name: str, default: Any = None) -> Any:
     """A config key the spec may not define, or leaves unset (None): its default then."""
     value = getattr(section, name, None)
@@ -461,6 +506,12 @@ def build(
     grads = per_gpu.bytes_of("gradients")
     grad_phases = _grad_phases(spec)
     head_grads = int(grads * memo(inventory, "head", lambda: _head_fraction(inventory)))
+    fsdp2 = _fsdp2(spec)
+    root_grads = (
+        tr.fsdp2_root_gradients(_fsdp2_groups(spec, inventory), shard=_fsdp2_dtypes(spec)["shard"])
+        if fsdp2
+        else 0
+    )
     # Alive outside the loss: everything but the current micro-batch's head and loss
     # (pipeline ranks also hold the in_flight.* blocks of earlier micro-batches).
     kept = sum(b.bytes for b in saved.blocks if b.name not in ("head", "loss") and not b.on_host)
@@ -479,6 +530,11 @@ def build(
             g = grads
             if phase == "backward" and grad_phases[0] == "backward":
                 g = head_grads
+            if fsdp2 and phase in ("backward", "backward_end") and grad_phases[0] == "backward":
+                # FSDP2 makes sharded gradients in each group's post-backward: none while the
+                # last layer runs backward, the root's only after the whole backward (its
+                # unsharded gradients and the reduce-scatter are transients).
+                g = 0 if phase == "backward" else grads - root_grads
         else:
             g = 0
         alive = [t for t in terms if phase in t.phases]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -88,12 +89,85 @@ def test_deepspeed_buckets_and_zero3_gathers_use_deepspeed_defaults() -> None:
     assert bucket.phases == transient.BACKWARD
 
 
-def test_fsdp2_holds_two_unsharded_blocks_and_the_root() -> None:
-    r = report(parallelism={"engine": "fsdp2", "data": 4})
-    terms = {t.name: t.bytes for t in r.timeline.transients}
-    root, block, _ = transient.fsdp2_blocks(from_config(TINY_LLAMA), 4)
-    assert terms["fsdp2_unsharded_blocks"] == 2 * block * dtype_bytes("bf16")
-    assert terms["fsdp2_unsharded_root"] == root * dtype_bytes("bf16")
+def _padded_shard(shape: tuple[int, ...], world: int) -> int:
+    rows = -(-shape[0] // world)
+    return rows * (math.prod(shape) // shape[0])
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_fsdp2_unsharded_buffers_are_world_padded_shards(stage: int) -> None:
+    """An all-gathered group is world x its padded shard (ceil(dim0 / world) rows per rank)
+    in MixedPrecisionPolicy.param_dtype: bf16 under bf16-mixed, over fp32 shards."""
+    world = 4
+    r = report(parallelism={"engine": "fsdp2", "data": world, "zero_stage": stage})
+    terms = {t.name: t for t in r.timeline.transients}
+    inv = from_config(TINY_LLAMA)
+    root = sum(_padded_shard(t.shape, world) for t in inv.parameters if t.layer is None)
+    block = sum(_padded_shard(t.shape, world) for t in inv.parameters if t.layer == 0)
+    width = dtype_bytes("bf16")
+    assert terms["fsdp2_unsharded_root"].bytes == world * root * width
+    assert terms["fsdp2_all_gather_output"].bytes == world * block * width
+    if stage == 3:  # one layer at a time, the next one's all-gather prefetched in backward
+        assert terms["fsdp2_unsharded_block"].bytes == world * block * width
+        assert "backward" in terms["fsdp2_all_gather_output"].phases
+    else:  # reshard_after_forward=False: every layer stays unsharded until its backward
+        layers = TINY_LLAMA["num_hidden_layers"]
+        assert terms["fsdp2_unsharded_blocks"].bytes == layers * world * block * width
+        assert terms["fsdp2_all_gather_output"].phases == ("forward", "loss")
+
+
+def test_fsdp2_sharded_gradients_appear_in_post_backward() -> None:
+    """No sharded gradient while the last layer runs backward (the head's are unsharded); the
+    root's only after the whole backward (its reduce-scatter)."""
+    world = 4
+    r = report(parallelism={"engine": "fsdp2", "data": world})
+    points = {p.phase: p for p in r.timeline.points}
+    grads = r.per_gpu.bytes_of("gradients")
+    groups = transient.fsdp2_groups(from_config(TINY_LLAMA), world)
+    assert points["backward"].of("gradients") == 0
+    assert points["backward_end"].of("gradients") == grads - groups.root.grad_padded * 4
+    assert points["optimizer_step"].of("gradients") == grads
+    head = {t.name for t in r.timeline.transient_at("backward")}
+    assert {"fsdp2_unsharded_head_grads", "fsdp2_unsharded_root"} <= head
+
+
+@pytest.mark.parametrize(
+    ("model", "device", "moment"),
+    [
+        (TINY_LLAMA, "cpu", "fsdp2_reduce_scatter_input_root"),  # untied head: the root's RS
+        (GPT2, "cpu", "fsdp2_unsharded_root_grads"),  # tied: the embedding's backward
+    ],
+)
+def test_fsdp2_end_of_backward_is_the_larger_moment(
+    model: dict[str, Any], device: str, moment: str
+) -> None:
+    """backward_end holds either the embedding's backward (the root unsharded with all its
+    gradients; the tied head's accumulation) or the root's reduce-scatter (input, output,
+    gloo's copy of the input, the last parameter's gradient), never both."""
+    r = report(
+        model={"architecture": model},
+        precision="fp32",
+        parallelism={"engine": "fsdp2", "data": 4},
+        hardware={"device": device},
+    )
+    at_end = {t.name: t for t in r.timeline.transient_at("backward_end")}
+    assert moment in at_end
+    reduce = "fsdp2_reduce_scatter_input_root" in at_end
+    assert reduce != ("embedding_backward" in at_end)
+    assert reduce == ("gloo_reduce_scatter_copy" in at_end)
+    if reduce:
+        assert at_end["gloo_reduce_scatter_copy"].bytes == at_end[moment].bytes
+        last = [t for t in from_config(model).parameters if t.layer is None][-1]
+        assert at_end["fsdp2_last_unsharded_grad"].bytes == last.numel * 4  # lm_head.weight
+
+
+def test_fsdp2_no_gloo_copy_on_cuda() -> None:
+    r = report(precision="fp32", parallelism={"engine": "fsdp2", "data": 4})
+    names = {t.name for t in r.timeline.transients}
+    assert "gloo_reduce_scatter_copy" not in names
+    for t in r.timeline.transients:
+        if t.name.startswith(("fsdp2_", "gloo_")):
+            assert t.source and t.formula
 
 
 @pytest.mark.parametrize("implementation", ["foreach", "for_loop", "fused"])

@@ -1,0 +1,118 @@
+"""The peak of an FSDP2 (`fully_shard`) step on gloo CPU ranks against memplan's timeline:
+memplan verify's distributed path, torch's FSDPMemTracker on every rank.
+
+The cases are the tiny ones of benchmarks/accuracy.py, chosen so that the peak falls at a
+different FSDP2 moment each time: the root's reduce-scatter with gloo's copy of its input,
+the loss with every ZeRO-2 layer unsharded, the loss gradient beside the root's parameters
+and the last layer's prefetched all-gather output (tied and untied heads), the embedding's
+backward. Before these terms memplan was 4.7% to 45% under on them.
+
+Tolerances. Llama: 0.1%. What memplan leaves out there is the step's input ids (tokens x
+8 B), the loss's scalars and, when the root's reduce-scatter is the peak, it still counts the
+hidden-state gradient of the embedding's backward: together under 0.05% of these peaks.
+GPT-2: 1% (memplan verify's ACTIVATIONS_TOLERANCE): at its loss the tiny GPT-2 holds about
+8 KB of tensors that are not saved for backward and that memplan's activation rules do not
+name (the same without FSDP2), 0.8% of the smallest peak here.
+
+gloo's race. gloo runs a collective on a worker thread that drops its own reference to the
+buffers (the reduce-scatter's copy of its input, ProcessGroupGloo.cpp) only after the caller
+has been woken, so now and then (about one run in eight, on one rank) that copy lives on for
+a few ops and the rank measures up to one such copy more. Every rank is checked against
+[prediction - tolerance, prediction + tolerance + that copy], and the least-loaded reading
+over the ranks (same prediction up to the last rank's smaller states) within the tolerance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from memplan.activations import transient
+from memplan.estimate import estimate
+from memplan.load import load_inventory, validate
+from memplan.models import from_config
+from memplan.models.inventory import Inventory
+from memplan.precision import PRESETS, dtype_bytes
+from memplan.verify.result import VerifyResult
+from tests.conftest import TINY_LLAMA
+from tests.test_verify_support import TINY_GPT2, run, spec_dict
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+# benchmarks/accuracy.py's tiny models (its GPT-2 has 256 positions).
+MODELS: dict[str, dict[str, Any]] = {
+    "llama": TINY_LLAMA,
+    "gpt2": {**TINY_GPT2, "n_positions": 256},
+}
+TOLERANCE = {"llama": 0.001, "gpt2": 0.01}
+
+
+def _gloo_copy(inventory: Inventory, precision: str, ranks: int) -> int:
+    """The largest buffer gloo's worker thread may keep a little longer: world x a group's
+    padded shard, in the wider of the all-gather and reduce-scatter dtypes."""
+    groups = transient.fsdp2_groups(inventory, ranks)
+    recipe = PRESETS[precision]
+    width = max(dtype_bytes(recipe.parameters), dtype_bytes(recipe.gradients))
+    return ranks * max(groups.root.padded, groups.block.padded) * width
+
+
+def _check_peak(result: VerifyResult, tol: float, copy: int) -> None:
+    errors = []
+    for rank in result.ranks:
+        row = rank.row("peak")
+        assert row.predicted is not None and row.measured is not None, row
+        low, high = row.predicted * (1 - tol), row.predicted * (1 + tol) + copy
+        assert low <= row.measured <= high, (rank.rank, row.predicted, row.measured)
+        errors.append(abs(row.measured - row.predicted) / row.predicted)
+    assert min(errors) <= tol, errors
+
+
+CASES = [
+    # model, precision, ZeRO stage, ranks, micro-batch, sequence, the predicted peak's phase
+    ("llama", "fp32", 3, 4, 1, 16, "backward_end"),  # the root's reduce-scatter (gloo copy)
+    ("llama", "bf16-mixed", 2, 4, 2, 16, "loss"),  # every layer unsharded (ZeRO-2)
+    ("gpt2", "bf16-mixed", 3, 4, 1, 32, "backward_start"),  # tied head, prefetched layer
+    ("llama", "bf16-mixed", 3, 2, 2, 32, "backward_start"),
+    ("llama", "fp32", 2, 2, 1, 16, "backward_end"),
+    ("gpt2", "bf16", 3, 4, 1, 16, "backward_end"),  # the embedding's backward (tied head)
+]
+
+
+@pytest.mark.parametrize(("family", "precision", "stage", "ranks", "mb", "seq", "phase"), CASES)
+def test_fsdp2_peak_on_every_rank(
+    family: str, precision: str, stage: int, ranks: int, mb: int, seq: int, phase: str
+) -> None:
+    data = spec_dict(
+        family,
+        precision=precision,
+        training={"micro_batch_size": mb, "sequence_length": seq},
+        parallelism={"engine": "fsdp2", "data": ranks, "zero_stage": stage},
+    )
+    data["model"] = {"architecture": MODELS[family]}
+    spec = validate(data)
+    report = estimate(spec.spec, from_config(MODELS[family]))
+    assert report.timeline.peak.phase == phase
+    result = run(spec, nproc=ranks)
+    assert len(result.ranks) == ranks
+    copy = _gloo_copy(from_config(MODELS[family]), precision, ranks)
+    _check_peak(result, TOLERANCE[family], copy)
+
+
+@pytest.mark.slow
+def test_fsdp2_peak_gpt2_zero2_four_ranks() -> None:
+    """GPT-2 (124M), bf16-mixed, reshard_after_forward=False, 4 ranks, b1 s64: the accuracy
+    case that was 17% under. Its peak is the embedding's backward: the root unsharded with
+    every root gradient (the tied head's accumulation on top) and the first layer's
+    reduce-scatter input still held (about 45 s on 2 cores)."""
+    data: dict[str, Any] = spec_dict(
+        precision="bf16-mixed",
+        training={"micro_batch_size": 1, "sequence_length": 64},
+        parallelism={"engine": "fsdp2", "data": 4, "zero_stage": 2},
+    )
+    data["model"] = {"preset": "gpt2"}
+    spec = validate(data)
+    result = run(spec, nproc=4)
+    copy = _gloo_copy(load_inventory(spec), "bf16-mixed", 4)
+    _check_peak(result, 0.001, copy)
