@@ -524,6 +524,7 @@ def build(
         "backward_end": 0,
         "optimizer_step": 0,
     }
+    params, states = per_gpu.bytes_of("parameters"), per_gpu.bytes_of("optimizer_states")
     points = []
     for phase in PHASES:
         if phase in grad_phases:
@@ -539,9 +540,9 @@ def build(
             g = 0
         alive = [t for t in terms if phase in t.phases]
         by: tuple[tuple[Category, int], ...] = (
-            ("parameters", per_gpu.bytes_of("parameters")),
+            ("parameters", params),
             ("gradients", g),
-            ("optimizer_states", per_gpu.bytes_of("optimizer_states")),
+            ("optimizer_states", states),
             ("buffers", buffer_bytes),
             ("activations", acts[phase]),
             ("transient", sum(t.bytes for t in alive)),
