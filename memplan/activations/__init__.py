@@ -161,14 +161,22 @@ def on_rank(spec: Spec, inventory: Inventory, micro: Activations, rank: int) -> 
     if par.pipeline == 1 or arch is None or not micro.modelled:
         return micro
     p, v = par.pipeline, par.virtual_stages
-    chunks = chunk_layers(arch.num_layers, model_parallel(par))
-    return layout.stage(
-        micro,
-        chunk_layers=chunks[rank::p],
-        alive=layout.in_flight(par.schedule, p, v, rank, spec.training.gradient_accumulation_steps),
-        first=rank == 0,
-        last=rank == p - 1,
-    )
+    chunks = tuple(chunk_layers(arch.num_layers, model_parallel(par))[rank::p])
+    alive = layout.in_flight(par.schedule, p, v, rank, spec.training.gradient_accumulation_steps)
+    key = (id(micro), chunks, alive, rank == 0, rank == p - 1)
+    hit = _ON_RANK.get(key)
+    if hit is not None and hit[0] is micro:
+        return hit[1]
+    out = layout.stage(micro, chunk_layers=chunks, alive=alive, first=key[3], last=key[4])
+    if len(_ON_RANK) >= 4096:
+        _ON_RANK.clear()
+    _ON_RANK[key] = (micro, out)
+    return out
+
+
+# on_rank's results per (micro-batch object, chunks, micro-batches in flight, first, last):
+# plan asks for the same pipeline rank of many layouts that share a micro-batch.
+_ON_RANK: dict[tuple[object, ...], tuple[Activations, Activations]] = {}
 
 
 def micro_batch(spec: Spec, inventory: Inventory) -> Activations:
