@@ -35,12 +35,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     parallel = bool(x.get("parallel_attn", True))
     two_norms = new_arch and int(x.get("num_ln_in_parallel_attn") or 2) == 2
     act = str(x.get("activation", "gelu"))
-    h, a, kv, d = (
-        arch.hidden_size,
-        arch.num_attention_heads,
-        arch.num_key_value_heads,
-        arch.head_dim,
-    )
+    h, a, kv, d = kernels.attention_dims(arch)
     ffn, vocab = arch.intermediate_size, arch.vocab_size
     b, s, t = st.batch, st.sequence, st.tokens
     mm = st.matmul
@@ -50,10 +45,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     heads = attention.Heads(batch=b, seq=s, heads=a, kv_heads=a if new_arch else kv, head_dim=d)
 
     embeddings = [kernels.embedding_indices("word_embeddings.indices", (b, s))]
-    rope = [
-        kernels.saved(f"rotary_emb.{n}", (1, s, d), st.stream, "MulBackward0", SRC)
-        for n in ("cos", "sin")
-    ]
+    rope = kernels.rotary_tables(s, d, st.stream, SRC)
 
     ln_out = kernels.layer_norm_dtype(st, st.stream)
     if two_norms:

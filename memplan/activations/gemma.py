@@ -78,12 +78,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     act = str(x.get("hidden_activation") or x.get("hidden_act") or "gelu_pytorch_tanh")
     if act == "gelu":  # GemmaConfig.__post_init__ (gemma 1) replaces it
         act = "gelu_pytorch_tanh"
-    h, a, kv, d = (
-        arch.hidden_size,
-        arch.num_attention_heads,
-        arch.num_key_value_heads,
-        arch.head_dim,
-    )
+    h, a, kv, d = kernels.attention_dims(arch)
     inter, vocab = arch.intermediate_size, arch.vocab_size
     b, s, t = st.batch, st.sequence, st.tokens
     mm = st.matmul
@@ -121,18 +116,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     layer += kernels.linear_inputs(
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], t, h, st.stream, st
     )
-    layer += kernels.weight_casts(
-        [
-            ("self_attn.q_proj", (a * d, h)),
-            ("self_attn.k_proj", (kv * d, h)),
-            ("self_attn.v_proj", (kv * d, h)),
-            ("self_attn.o_proj", (h, a * d)),
-            ("mlp.gate_proj", (inter, h)),
-            ("mlp.up_proj", (inter, h)),
-            ("mlp.down_proj", (h, inter)),
-        ],
-        st,
-    )
+    layer += kernels.weight_casts(kernels.projection_weights(h, a, kv, d, inter), st)
     if kind == "gemma3_text":
         # Gemma3Attention: q_norm/k_norm over head_dim of q, k [b, heads, s, d] (in mm).
         layer += gemma_rms_norm("self_attn.q_norm", t * a, d, mm, src)
@@ -182,9 +166,9 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     # layer type for Gemma 3 (Gemma3TextModel.forward), saved by every layer's RoPE.
     pairs = len(set(layer_types)) if kind == "gemma3_text" else 1
     rope = [
-        kernels.saved(f"rotary_emb.{n}{i}", (1, s, d), st.stream, "MulBackward0", src)
+        t
         for i in range(max(pairs, 1))
-        for n in ("cos", "sin")
+        for t in kernels.rotary_tables(s, d, st.stream, src, suffix=str(i))
     ]
     head = gemma_rms_norm("norm", t, h, st.stream, src)
     head += kernels.linear_inputs(["lm_head"], t, h, st.stream, st)

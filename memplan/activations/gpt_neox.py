@@ -40,10 +40,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     embeddings = [kernels.embedding_indices("embed_in.indices", (b, s))]
     if drop_hidden:
         embeddings.append(kernels.dropout("emb_dropout.mask", (b, s, h), st.stream, st))
-    rope = [
-        kernels.saved(f"rotary_emb.{n}", (1, s, rot), st.stream, "MulBackward0", SRC)
-        for n in ("cos", "sin")
-    ]
+    rope = kernels.rotary_tables(s, rot, st.stream, SRC)
 
     layer = kernels.layer_norm("input_layernorm", t, h, st.stream, st)
     ln_out = kernels.layer_norm_dtype(st, st.stream)

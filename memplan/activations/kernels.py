@@ -11,6 +11,7 @@ cited CUDA kernels and are not measured by a test (no GPU in CI).
 from __future__ import annotations
 
 from memplan.activations.tensors import Saved, Setting, promote
+from memplan.models.inventory import Architecture
 
 DERIV = "tools/autograd/derivatives.yaml (torch 2.13)"
 INT64 = "int64"
@@ -119,6 +120,53 @@ def linear_inputs(
     if x_dtype == st.matmul:
         return [saved(f"{names[0]}.input", (tokens, width), x_dtype, "MmBackward0", src)]
     return [saved(f"{n}.input", (tokens, width), st.matmul, "MmBackward0", src) for n in names]
+
+
+def attention_dims(arch: Architecture) -> tuple[int, int, int, int]:
+    """(hidden, query heads, key/value heads, head_dim) of a decoder's attention."""
+    return (
+        arch.hidden_size,
+        arch.num_attention_heads,
+        arch.num_key_value_heads,
+        arch.head_dim,
+    )
+
+
+def rotary_tables(seq: int, dim: int, dtype: str, source: str, suffix: str = "") -> list[Saved]:
+    """RoPE's cos and sin, [1, seq, dim]: made once per forward by the model's rotary embedding,
+    saved by every layer's RoPE multiplies (the same two storages)."""
+    return [
+        saved(f"rotary_emb.{n}{suffix}", (1, seq, dim), dtype, "MulBackward0", source)
+        for n in ("cos", "sin")
+    ]
+
+
+def projection_weights(
+    h: int, a: int, kv: int, d: int, inter: int | None
+) -> list[tuple[str, tuple[int, ...]]]:
+    """The q/k/v/o projections' weight shapes (and the gated MLP's, given `inter`), for
+    `weight_casts`."""
+    out: list[tuple[str, tuple[int, ...]]] = [
+        ("self_attn.q_proj", (a * d, h)),
+        ("self_attn.k_proj", (kv * d, h)),
+        ("self_attn.v_proj", (kv * d, h)),
+        ("self_attn.o_proj", (h, a * d)),
+    ]
+    if inter is not None:
+        out += [
+            ("mlp.gate_proj", (inter, h)),
+            ("mlp.up_proj", (inter, h)),
+            ("mlp.down_proj", (h, inter)),
+        ]
+    return out
+
+
+def rms_norm_head(tokens: int, hidden: int, vocab: int, st: Setting) -> list[Saved]:
+    """The final RMSNorm (`norm`) and the LM head's input and weight cast (`lm_head`)."""
+    head = rms_norm("norm", tokens, hidden, st.stream, st)
+    head += linear_inputs(["lm_head"], tokens, hidden, rms_norm_out(st.stream, st), st)
+    head += weight_casts([("lm_head", (vocab, hidden))], st)
+    return head
 
 
 def weight_casts(weights: list[tuple[str, tuple[int, ...]]], st: Setting) -> list[Saved]:

@@ -101,12 +101,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     """The Llama-family model's saved tensors, or why they are not modelled."""
     x = arch.extra
     act = str(x.get("hidden_act", "silu"))
-    h, a, kv, d = (
-        arch.hidden_size,
-        arch.num_attention_heads,
-        arch.num_key_value_heads,
-        arch.head_dim,
-    )
+    h, a, kv, d = kernels.attention_dims(arch)
     inter, vocab = arch.intermediate_size, arch.vocab_size
     b, s, t = st.batch, st.sequence, st.tokens
     mm = st.matmul
@@ -120,20 +115,8 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     layer += kernels.linear_inputs(
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], t, h, normed, st
     )
-    mlp_weights = [
-        ("mlp.gate_proj", (inter, h)),
-        ("mlp.up_proj", (inter, h)),
-        ("mlp.down_proj", (h, inter)),
-    ]
     layer += kernels.weight_casts(
-        [
-            ("self_attn.q_proj", (a * d, h)),
-            ("self_attn.k_proj", (kv * d, h)),
-            ("self_attn.v_proj", (kv * d, h)),
-            ("self_attn.o_proj", (h, a * d)),
-            *([] if arch.num_experts else mlp_weights),
-        ],
-        st,
+        kernels.projection_weights(h, a, kv, d, None if arch.num_experts else inter), st
     )
     q_dtype = k_dtype = mm
     if arch.model_type == "qwen3":
@@ -174,13 +157,8 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     embeddings = [kernels.embedding_indices("embed_tokens.indices", (b, s))]
     # LlamaRotaryEmbedding.forward returns cos, sin [1, s, d] in the embeddings' dtype; the
     # first layer's RoPE saves them and every later layer saves the same storages.
-    rope = [
-        kernels.saved(f"rotary_emb.{n}", (1, s, d), st.stream, "MulBackward0", SRC)
-        for n in ("cos", "sin")
-    ]
-    head = kernels.rms_norm("norm", t, h, st.stream, st)
-    head += kernels.linear_inputs(["lm_head"], t, h, kernels.rms_norm_out(st.stream, st), st)
-    head += kernels.weight_casts([("lm_head", (vocab, h))], st)
+    rope = kernels.rotary_tables(s, d, st.stream, SRC)
+    head = kernels.rms_norm_head(t, h, vocab, st)
     return Model(
         embeddings=tuple(embeddings),
         per_forward=tuple(rope),

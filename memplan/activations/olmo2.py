@@ -31,12 +31,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     """OLMo 2's saved tensors, or why they are not modelled."""
     x = arch.extra
     act = str(x.get("hidden_act", "silu"))
-    h, a, kv, d = (
-        arch.hidden_size,
-        arch.num_attention_heads,
-        arch.num_key_value_heads,
-        arch.head_dim,
-    )
+    h, a, kv, d = kernels.attention_dims(arch)
     inter, vocab = arch.intermediate_size, arch.vocab_size
     b, s, t = st.batch, st.sequence, st.tokens
     mm = st.matmul
@@ -47,18 +42,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     layer: list[Saved] = kernels.linear_inputs(
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], t, h, st.stream, st
     )
-    layer += kernels.weight_casts(
-        [
-            ("self_attn.q_proj", (a * d, h)),
-            ("self_attn.k_proj", (kv * d, h)),
-            ("self_attn.v_proj", (kv * d, h)),
-            ("self_attn.o_proj", (h, a * d)),
-            ("mlp.gate_proj", (inter, h)),
-            ("mlp.up_proj", (inter, h)),
-            ("mlp.down_proj", (h, inter)),
-        ],
-        st,
-    )
+    layer += kernels.weight_casts(kernels.projection_weights(h, a, kv, d, inter), st)
     layer += olmo2_rms_norm("self_attn.q_norm", t, a * d)
     layer += olmo2_rms_norm("self_attn.k_norm", t, kv * d)
     # apply_rotary_pos_emb returns q_embed.to(q.dtype): q and k stay in the matmul dtype.
@@ -87,10 +71,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
 
     embeddings = [kernels.embedding_indices("embed_tokens.indices", (b, s))]
     # Olmo2RotaryEmbedding.forward returns cos, sin in fp32 (no cast to the embeddings' dtype).
-    rope = [
-        kernels.saved(f"rotary_emb.{n}", (1, s, d), kernels.FP32, "MulBackward0", SRC)
-        for n in ("cos", "sin")
-    ]
+    rope = kernels.rotary_tables(s, d, kernels.FP32, SRC)
     head = olmo2_rms_norm("norm", t, h)
     head += kernels.linear_inputs(["lm_head"], t, h, st.stream, st)
     head += kernels.weight_casts([("lm_head", (vocab, h))], st)

@@ -61,12 +61,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     """Phi-3's saved tensors, or why they are not modelled."""
     x = arch.extra
     act = str(x.get("hidden_act", "silu"))
-    h, a, kv, d = (
-        arch.hidden_size,
-        arch.num_attention_heads,
-        arch.num_key_value_heads,
-        arch.head_dim,
-    )
+    h, a, kv, d = kernels.attention_dims(arch)
     inter, vocab = arch.intermediate_size, arch.vocab_size
     rot = int(x.get("rotary_dim", d))
     b, s, t = st.batch, st.sequence, st.tokens
@@ -125,13 +120,8 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     embeddings = [kernels.embedding_indices("embed_tokens.indices", (b, s))]
     # Phi3RotaryEmbedding: cos, sin [1, s, rotary dims] in the embeddings' dtype, saved by
     # every layer's RoPE multiplies (one storage each).
-    rope = [
-        kernels.saved(f"rotary_emb.{n}", (1, s, rot), st.stream, "MulBackward0", SRC)
-        for n in ("cos", "sin")
-    ]
-    head = kernels.rms_norm("norm", t, h, st.stream, st)
-    head += kernels.linear_inputs(["lm_head"], t, h, kernels.rms_norm_out(st.stream, st), st)
-    head += kernels.weight_casts([("lm_head", (vocab, h))], st)
+    rope = kernels.rotary_tables(s, rot, st.stream, SRC)
+    head = kernels.rms_norm_head(t, h, vocab, st)
     return Model(
         embeddings=tuple(embeddings),
         per_forward=tuple(rope),
