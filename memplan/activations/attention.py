@@ -232,3 +232,30 @@ def _inputs(h: Heads, qkv: Qkv, st: Setting) -> tuple[Saved, ...]:
         saved("attn.key", (b, h.kv_heads, s, d), qkv.k, "Noop", src),
         saved("attn.value", (b, h.kv_heads, s, d), qkv.v, "Noop", src),
     )
+
+
+def core(
+    st: Setting,
+    h: Heads,
+    qkv: Qkv,
+    *,
+    dropout_on: bool,
+    source: str,
+    softmax_fp32: bool = True,
+    convert_to_query: bool | None = True,
+    mask_added: bool = True,
+) -> Core:
+    """The attention core transformers runs for `st.attention`: the family's
+    `eager_attention_forward` (its flags as in `eager`) or SDPA."""
+    if st.attention == "eager":
+        return eager(
+            st,
+            h,
+            qkv,
+            softmax_fp32=softmax_fp32,
+            convert_to_query=convert_to_query,
+            dropout_on=dropout_on,
+            source=source,
+            mask_added=mask_added,
+        )
+    return sdpa(st, h, qkv, dropout_on=dropout_on)

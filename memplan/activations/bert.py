@@ -69,19 +69,16 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
         st,
     )
     qkv = attention.Qkv(q=mm, k=mm, v=mm)
-    if st.attention == "eager":
-        core = attention.eager(
-            st,
-            heads,
-            qkv,
-            softmax_fp32=False,
-            convert_to_query=None,
-            dropout_on=drop_attn,
-            source=SRC + "::eager_attention_forward",
-            mask_added=False,
-        )
-    else:
-        core = attention.sdpa(st, heads, qkv, dropout_on=drop_attn)
+    core = attention.core(
+        st,
+        heads,
+        qkv,
+        dropout_on=drop_attn,
+        source=SRC + "::eager_attention_forward",
+        softmax_fp32=False,
+        convert_to_query=None,
+        mask_added=False,
+    )
     tail: list[Saved] = []
     residual = promote(mm, x_dtype)
     if drop_hidden:

@@ -79,18 +79,15 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
         st,
     )
     qkv = attention.Qkv(q=mm, k=mm, v=mm, fused=True)
-    if st.attention == "eager":
-        core = attention.eager(
-            st,
-            heads,
-            qkv,
-            softmax_fp32=False,
-            convert_to_query=False,
-            dropout_on=drop_attn,
-            source=SRC + "::eager_attention_forward",
-        )
-    else:
-        core = attention.sdpa(st, heads, qkv, dropout_on=drop_attn)
+    core = attention.core(
+        st,
+        heads,
+        qkv,
+        dropout_on=drop_attn,
+        source=SRC + "::eager_attention_forward",
+        softmax_fp32=False,
+        convert_to_query=False,
+    )
     tail: list[Saved] = []
     if drop_resid:
         tail.append(kernels.dropout("attn.resid_dropout.mask", (b, s, h), mm, st))

@@ -127,18 +127,13 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     # apply_rotary_pos_emb: q * cos + rotate_half(q) * sin, cos/sin in the stream dtype.
     q_dtype, k_dtype = promote(q_dtype, st.stream), promote(k_dtype, st.stream)
     qkv = attention.Qkv(q=q_dtype, k=k_dtype, v=mm, mask=mask)
-    if st.attention == "eager":
-        core = attention.eager(
-            st,
-            heads,
-            qkv,
-            softmax_fp32=True,
-            convert_to_query=True,
-            dropout_on=drop_attn,
-            source=SRC + "::eager_attention_forward",
-        )
-    else:
-        core = attention.sdpa(st, heads, qkv, dropout_on=drop_attn)
+    core = attention.core(
+        st,
+        heads,
+        qkv,
+        dropout_on=drop_attn,
+        source=SRC + "::eager_attention_forward",
+    )
     post = promote(st.stream, mm)  # residual + o_proj output
     tail = kernels.rms_norm("post_attention_layernorm", t, h, post, st)
     if arch.num_experts:

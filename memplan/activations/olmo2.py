@@ -47,18 +47,13 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     layer += olmo2_rms_norm("self_attn.k_norm", t, kv * d)
     # apply_rotary_pos_emb returns q_embed.to(q.dtype): q and k stay in the matmul dtype.
     qkv = attention.Qkv(q=mm, k=mm, v=mm)
-    if st.attention == "eager":
-        core = attention.eager(
-            st,
-            heads,
-            qkv,
-            softmax_fp32=True,
-            convert_to_query=True,
-            dropout_on=drop_attn,
-            source=SRC + "::eager_attention_forward",
-        )
-    else:
-        core = attention.sdpa(st, heads, qkv, dropout_on=drop_attn)
+    core = attention.core(
+        st,
+        heads,
+        qkv,
+        dropout_on=drop_attn,
+        source=SRC + "::eager_attention_forward",
+    )
 
     post = promote(st.stream, mm)  # residual + normalised attention output
     tail = olmo2_rms_norm("post_attention_layernorm", t, h)

@@ -68,18 +68,13 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     )
     # q_proj(x) * scaling multiplies by a Python float: nothing saved, q stays in mm.
     qkv = attention.Qkv(q=mm, k=mm, v=mm)
-    if st.attention == "eager":
-        core = attention.eager(
-            st,
-            heads,
-            qkv,
-            softmax_fp32=True,
-            convert_to_query=True,
-            dropout_on=drop_attn,
-            source=SRC + "::eager_attention_forward",
-        )
-    else:
-        core = attention.sdpa(st, heads, qkv, dropout_on=drop_attn)
+    core = attention.core(
+        st,
+        heads,
+        qkv,
+        dropout_on=drop_attn,
+        source=SRC + "::eager_attention_forward",
+    )
 
     tail: list[Saved] = []
     if drop:
