@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from memplan import finetune, fp8
 from memplan.activations import Activations
+from memplan.activations import fsdp2 as fsdp2_tr
 from memplan.activations import transient as tr
 from memplan.activations.transient import PHASES, Phase, Transient
 from memplan.models.inventory import Inventory
@@ -173,8 +174,8 @@ def transients(
         embedding = _embedding_backward(inventory, saved, spec.recipe().gradients)
     if _fsdp2(spec):
         # FSDP2's end of backward is the embedding's backward or the root's reduce-scatter,
-        # whichever holds more: tr.fsdp2 keeps `embedding` only in the first case.
-        out += tr.fsdp2(
+        # whichever holds more: fsdp2_tr.fsdp2 keeps `embedding` only in the first case.
+        out += fsdp2_tr.fsdp2(
             _fsdp2_groups(spec, inventory),
             gloo=spec.hardware.device == "cpu",
             acts=_fsdp2_activations(saved, out, embedding),
@@ -450,20 +451,21 @@ def _fsdp2(spec: Spec) -> bool:
     return spec.parallelism.engine == "fsdp2" and spec.parallelism.data > 1
 
 
-def _fsdp2_groups(spec: Spec, inventory: Inventory) -> tr.Fsdp2Groups:
+def _fsdp2_groups(spec: Spec, inventory: Inventory) -> fsdp2_tr.Fsdp2Groups:
     world = spec.parallelism.data
-    return memo(inventory, ("fsdp2", world), lambda: tr.fsdp2_groups(inventory, world))
+    return memo(inventory, ("fsdp2", world), lambda: fsdp2_tr.fsdp2_groups(inventory, world))
 
 
 def _fsdp2_activations(
     saved: Activations, terms: list[Transient], embedding: Transient | None
-) -> tr.Fsdp2Activations | None:
-    """The activation side of FSDP2's moments between phase points (tr._fsdp2_between_phases)."""
+) -> fsdp2_tr.Fsdp2Activations | None:
+    """The activation side of FSDP2's moments between phase points
+    (memplan.activations.fsdp2.between_phases)."""
     layers = saved.block("layers") if saved.modelled else None
     if layers is None:
         return None
     by_name = {t.name: t.bytes for t in terms}
-    return tr.Fsdp2Activations(
+    return fsdp2_tr.Fsdp2Activations(
         layer=layers.bytes_each,
         forward_working_set=by_name.get("forward_working_set", 0),
         logits_gradient=by_name.get("logits_gradient", 0),
@@ -508,7 +510,9 @@ def build(
     head_grads = int(grads * memo(inventory, "head", lambda: _head_fraction(inventory)))
     fsdp2 = _fsdp2(spec)
     root_grads = (
-        tr.fsdp2_root_gradients(_fsdp2_groups(spec, inventory), shard=_fsdp2_dtypes(spec)["shard"])
+        fsdp2_tr.fsdp2_root_gradients(
+            _fsdp2_groups(spec, inventory), shard=_fsdp2_dtypes(spec)["shard"]
+        )
         if fsdp2
         else 0
     )

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from memplan import estimate
-from memplan.activations import Setting, predict, transient
+from memplan.activations import Setting, fsdp2, predict, transient
 from memplan.errors import MemplanError
 from memplan.models import from_config, from_parameter_count
 from memplan.precision import dtype_bytes
@@ -123,7 +123,7 @@ def test_fsdp2_sharded_gradients_appear_in_post_backward() -> None:
     r = report(parallelism={"engine": "fsdp2", "data": world})
     points = {p.phase: p for p in r.timeline.points}
     grads = r.per_gpu.bytes_of("gradients")
-    groups = transient.fsdp2_groups(from_config(TINY_LLAMA), world)
+    groups = fsdp2.fsdp2_groups(from_config(TINY_LLAMA), world)
     assert points["backward"].of("gradients") == 0
     assert points["backward_end"].of("gradients") == grads - groups.root.grad_padded * 4
     assert points["optimizer_step"].of("gradients") == grads

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from memplan.activations import transient
+from memplan.activations import fsdp2
 from memplan.estimate import estimate
 from memplan.load import LoadedSpec, load_inventory, validate
 from memplan.models import from_config
@@ -54,7 +54,7 @@ TOLERANCE = {"llama": 0.001, "gpt2": 0.01}
 def _gloo_copy(inventory: Inventory, precision: str, ranks: int) -> int:
     """The largest buffer gloo's worker thread may keep a little longer: world x a group's
     padded shard, in the wider of the all-gather and reduce-scatter dtypes."""
-    groups = transient.fsdp2_groups(inventory, ranks)
+    groups = fsdp2.fsdp2_groups(inventory, ranks)
     recipe = PRESETS[precision]
     width = max(dtype_bytes(recipe.parameters), dtype_bytes(recipe.gradients))
     return ranks * max(groups.root.padded, groups.block.padded) * width
