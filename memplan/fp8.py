@@ -43,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from memplan.activations.transient import FORWARD_BACKWARD, PHASES, Phase
 from memplan.models.inventory import TensorSpec
 from memplan.precision import dtype_bytes
 
@@ -142,16 +143,6 @@ def terms(
 
 # GPUs with a non-TN fp8 GEMM (Blackwell) keep no transposed copy (SRC_WEIGHT).
 NO_TRANSPOSE_GPUS = frozenset({"B200"})
-ALWAYS = (
-    "start",
-    "forward",
-    "loss",
-    "backward_start",
-    "backward",
-    "backward_end",
-    "optimizer_step",
-)
-SAVED = ("forward", "loss", "backward_start", "backward")
 
 
 def scaling_state(
@@ -168,7 +159,7 @@ def scaling_state(
 
 def weight_transient(
     parameters: Iterable[TensorSpec], *, engine: str, accumulation: int, gpu: str | None
-) -> tuple[int, tuple[str, ...], str]:
+) -> tuple[int, tuple[Phase, ...], str]:
     """(bytes, phases, formula) of the fp8 weight copies one rank holds (SRC_WEIGHT).
 
     Every GEMM's fp8 weight is saved from its forward to its backward; Megatron-LM passes
@@ -185,8 +176,12 @@ def weight_transient(
             assert t.layer is not None
             layers[t.layer] = layers.get(t.layer, 0) + weight_bytes(t.numel, transpose=transpose)
         n = max(layers.values(), default=0)
-        return n, SAVED, f"one layer's GEMM weights in fp8 ({copies}), re-quantized per use"
+        return (
+            n,
+            FORWARD_BACKWARD,
+            f"one layer's GEMM weights in fp8 ({copies}), re-quantized per use",
+        )
     n = sum(weight_bytes(t.numel, transpose=transpose) for t in weights)
-    phases = ALWAYS if engine == "megatron" and accumulation > 1 else SAVED
-    kept = "cached for the step" if phases is ALWAYS else "saved for backward"
+    phases = PHASES if engine == "megatron" and accumulation > 1 else FORWARD_BACKWARD
+    kept = "cached for the step" if phases is PHASES else "saved for backward"
     return n, phases, f"{len(weights)} GEMM weights in fp8 ({copies}, 1 B), {kept}"

@@ -196,7 +196,7 @@ def transients(
             Transient(
                 name="fp8_weights",
                 bytes=n,
-                phases=cast(tuple[Phase, ...], phases),
+                phases=phases,
                 formula=formula,
                 source=fp8.SRC_WEIGHT,
             )
