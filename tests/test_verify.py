@@ -199,6 +199,9 @@ def test_layers_verifies_k_layers_and_extrapolates_to_full_depth() -> None:
     for name in ("parameters", "gradients", "optimizer_states", "buffers"):
         assert full[name].delta == 0, full[name]
     assert full["activations"].measured > result.headline.row("activations").measured
+    # Exact: RoPE's cos/sin reach every layer as arguments, so the one layer built does not
+    # own them and they are not counted (L - K) more times.
+    assert full["activations"].delta == 0, full["activations"]
 
 
 # --- the command -------------------------------------------------------------------------

@@ -126,6 +126,9 @@ class SavedTensors:
     bytes: int = 0
     layer_bytes: int = 0
     layer: int | None = None
+    shared: set[int] = field(default_factory=set)
+    """Storages every layer receives besides its hidden state (RoPE's cos/sin, masks): made once
+    per forward, so a layer that saves them does not own them (--layers extrapolation)."""
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         t_local = local(t)
@@ -134,9 +137,21 @@ class SavedTensors:
             self.seen.add(key)
             n = storage_bytes(t_local)
             self.bytes += n
-            if self.layer is not None:
+            if self.layer is not None and key not in self.shared:
                 self.layer_bytes += n
         return t
+
+
+def _tensors(value: object) -> Iterator[torch.Tensor]:
+    """The tensors in a (nested) tuple, list or dict of a module call's arguments."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
 
 
 @contextmanager
@@ -159,15 +174,23 @@ def saved_tensors(
     if layers is not None:
         for index, block in enumerate(layers):
 
-            def enter(_m: nn.Module, _a: object, index: int = index) -> None:
+            def enter(
+                _m: nn.Module,
+                args: tuple[object, ...],
+                kwargs: dict[str, object],
+                index: int = index,
+            ) -> None:
                 record.exclude = model_storages()
                 record.layer = index
+                # Everything but the hidden state (the first argument) is made outside the layer.
+                extra = _tensors((args[1:], kwargs))
+                record.shared |= {storage_key(local(t)) for t in extra}
 
             def leave(_m: nn.Module, _a: object, _o: object) -> None:
                 record.exclude = model_storages()
                 record.layer = None
 
-            handles.append(block.register_forward_pre_hook(enter))
+            handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
             handles.append(block.register_forward_hook(leave))
     try:
         with torch.autograd.graph.saved_tensors_hooks(record.pack, lambda t: t):
