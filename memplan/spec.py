@@ -44,7 +44,8 @@ class ModelSpec(Frozen):
     architecture: dict[str, Any] | None = None
     """config.json fields written inline (must include `model_type`)."""
     num_parameters: PositiveInt | None = None
-    """A plain parameter count: model states only, no activations."""
+    """A plain parameter count: model states only, no activations. `7000000000`, `7e9`
+    (which YAML reads as text) or `7B` (K, M, B, T)."""
     safetensors: Path | None = None
     """A `.safetensors` file, its `model.safetensors.index.json`, or their directory (relative
     to the spec file): tensor names, shapes and dtypes from the headers, never the weights; a
@@ -59,6 +60,20 @@ class ModelSpec(Frozen):
         if value is not None and "\0" in str(value):
             raise ValueError("a path cannot contain a NUL character")
         return value
+
+    @field_validator("num_parameters", mode="before")
+    @classmethod
+    def _count(cls, value: Any) -> Any:
+        """`7e9` and `7B` as numbers: YAML 1.1 reads `7e9` (no dot) as a string."""
+        if not isinstance(value, str):
+            return value
+        m = _COUNT.match(value)
+        if m is None:
+            return value  # pydantic says what is wrong with it
+        number = Decimal(m.group(1)) * _COUNT_UNITS[(m.group(2) or "").upper()]
+        if number != number.to_integral_value():
+            raise ValueError(f"{value!r} is not a whole number of parameters")
+        return int(number)
 
     @field_validator("hf_id")
     @classmethod
@@ -89,6 +104,8 @@ class ModelSpec(Frozen):
 MODEL_SOURCES = ("hf_config", "preset", "architecture", "safetensors", "hf_id", "num_parameters")
 """The keys of `model:`, one of which names the model."""
 _REPO_ID = re.compile(r"^(\b[\w\-.]+\b/)?\b[\w\-.]+\b$")
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*([kKmMbBtT])?\s*$")
+_COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 
 class PrecisionTable(Frozen):

@@ -228,3 +228,14 @@ def test_plot_saves_the_timeline(tmp_path, llama_config):  # type: ignore[no-unt
     result = run("estimate", str(write_spec(tmp_path, MINIMAL)), "--plot", str(out))
     assert result.exit_code == 0, result.output
     assert out.read_text().lstrip().startswith(("<?xml", "<svg"))
+
+
+@pytest.mark.parametrize(
+    ("text", "count"),
+    [("7e9", 7 * 10**9), ("7B", 7 * 10**9), ("1.5T", 15 * 10**11), ("125M", 125 * 10**6)],
+)
+def test_parameter_counts_in_scientific_and_suffix_form(text: str, count: int) -> None:
+    """`num_parameters: 7e9` is a string to YAML 1.1 (no dot); memplan reads it as a count."""
+    from memplan.load import validate
+
+    assert validate({"model": {"num_parameters": text}}).spec.model.num_parameters == count
