@@ -23,14 +23,21 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import lru_cache
-from typing import Literal
 
 from memplan.errors import MemplanError
 from memplan.hardware import nearest
 from memplan.models.inventory import Inventory, TensorSpec
-from memplan.precision import dtype_bytes
+from memplan.module_tree import (
+    FINETUNE_NOTE,
+    Module,
+    frozen,
+    leaf,
+    modules,
+    owner,
+)
+from memplan.qlora import quantize_4bit
 from memplan.spec import FinetuneSpec, Spec
 
 PEFT = "peft 0.21.2"
@@ -45,19 +52,6 @@ SRC_DEFAULT_TARGETS = (
 SRC_MODULES_TO_SAVE = f"{PEFT} utils/other.py::_set_trainable, ModulesToSaveWrapper"
 SRC_ADAPTER_DTYPE = f"{PEFT} tuners/tuners_utils.py::cast_adapter_dtype (bf16/fp16 -> fp32)"
 SRC_PREPARE_KBIT = f"{PEFT} utils/other.py::prepare_model_for_kbit_training"
-SRC_BNB_REPLACE = (
-    "transformers 5.24 integrations/bitsandbytes.py::replace_with_bnb_linear "
-    "(nn.Linear and Conv1D only); quantizers/base.py::get_keys_to_not_convert"
-)
-SRC_BNB_QUANT = (
-    "bitsandbytes 0.50.1 functional.py::quantize_4bit, _ops.py (quantize_4bit fake: packed "
-    "[(n + 1) // 2, 1] uint8, absmax [ceil(n / blocksize)] fp32), nn/modules.py::Params4bit"
-)
-SRC_BNB_DEQUANT = (
-    "bitsandbytes 0.50.1 autograd/_functions.py::MatMul4Bit (F.dequantize_4bit(B, "
-    "ctx.state).to(dtype)), backends/cuda/ops.py::_gemm_4bit_use_custom_cuda"
-)
-
 # peft names every wrapped parameter `base_model.model.<name>` (PeftModel.base_model is the
 # LoraModel, whose `.model` is the transformers model).
 PEFT_PREFIX = "base_model.model."
@@ -87,114 +81,6 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 }
 ALL_LINEAR = "all-linear"
 """peft's INCLUDE_LINEAR_LAYERS_SHORTHAND: every Linear / Conv1D but the output layer."""
-
-# transformers pytorch_utils.py::Conv1D keeps its weight as [in, out] (nx, nf); GPT-2's
-# attention and MLP projections are Conv1D (models/gpt2/modeling_gpt2.py).
-CONV1D_MODULES: dict[str, frozenset[str]] = {
-    "gpt2": frozenset({"c_attn", "c_proj", "c_fc", "q_attn"}),
-}
-
-# bitsandbytes: Params4bit / quantize_4bit's default blocksize (transformers passes none), the
-# nested (double) quantization of the absmax in blocks of 256 with the 8-bit dynamic map
-# (functional.py::quantize_4bit: `quantize_blockwise(_absmax - offset, blocksize=256)`), the
-# 16-entry 4-bit code (functional.py::get_4bit_type: `torch.tensor(data)` of 16 floats, made
-# for each quantized weight) and the 256-entry dynamic map the nested state copies
-# (quantize_blockwise: `code.to(A.device, copy=True)`).
-BNB_4BIT_BLOCKSIZE = 64
-BNB_NESTED_BLOCKSIZE = 256
-BNB_4BIT_CODE_ELEMS = 16
-BNB_DYNAMIC_MAP_ELEMS = 256
-# Two 4-bit values per byte of uint8 storage (_ops.py: `(n + 1) // (itemsize * 2)` rows).
-BNB_VALUES_PER_BYTE = 2
-
-ModuleKind = Literal["linear", "conv1d", "embedding", "other"]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Module:
-    """A module of the model as the inventory shows it: the owner of some parameters."""
-
-    name: str
-    kind: ModuleKind
-    """linear (nn.Linear), conv1d (transformers Conv1D), embedding, or other (norms,
-    routers, experts, containers: not something LoRA can adapt)."""
-    tensors: tuple[TensorSpec, ...]
-    """Its own parameters (`weight`, `bias`), a tied alias named as the alias."""
-    in_features: int = 0
-    out_features: int = 0
-    alias: bool = False
-    """Its weight is a tied alias of another module's (GPT-2's lm_head)."""
-    output: bool = False
-    """The output embedding (the LM head), which `all-linear` and 4-bit quantization skip."""
-
-
-def modules(inventory: Inventory) -> dict[str, Module]:
-    """Every module the inventory reveals, by name, in parameter order: the owners of
-    parameters (with tied aliases), and every container above them (kind "other")."""
-    arch = inventory.architecture
-    model_type = arch.model_type if arch else ""
-    vocab = arch.vocab_size if arch else 0
-    owned: dict[str, list[TensorSpec]] = {}
-    aliases: set[str] = set()
-    by_name = {t.name: t for t in inventory.parameters}
-    for t in inventory.parameters:
-        owned.setdefault(_owner(t.name), []).append(t)
-    for alias, owner in inventory.tied:
-        if owner in by_name:
-            owned.setdefault(_owner(alias), []).append(replace(by_name[owner], name=alias))
-            aliases.add(_owner(alias))
-    out: dict[str, Module] = {}
-    for name, tensors in owned.items():
-        for parent in _parents(name):
-            out.setdefault(parent, Module(name=parent, kind="other", tensors=()))
-        out[name] = _classify(name, tensors, model_type, vocab, alias=name in aliases)
-    return out
-
-
-def _owner(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
-
-
-def _leaf(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
-
-
-def _parents(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
-def _classify(
-    name: str, tensors: list[TensorSpec], model_type: str, vocab: int, *, alias: bool
-) -> Module:
-    leaves = {_leaf(t.name): t for t in tensors}
-    weight = leaves.get("weight")
-    plain = weight is not None and len(weight.shape) == 2 and set(leaves) <= {"weight", "bias"}
-    if not plain or weight is None:
-        return Module(name=name, kind="other", tensors=tuple(tensors))
-    rows, cols = weight.shape
-    if weight.role in ("norm", "router", "experts", "flat"):
-        return Module(name=name, kind="other", tensors=tuple(tensors))
-    if weight.role in ("embedding", "position") and not alias:
-        # nn.Embedding(num_embeddings, embedding_dim): weight [num, dim].
-        return Module(
-            name=name, kind="embedding", tensors=tuple(tensors), in_features=rows, out_features=cols
-        )
-    if _leaf(name) in CONV1D_MODULES.get(model_type, frozenset()):
-        return Module(
-            name=name, kind="conv1d", tensors=tuple(tensors), in_features=rows, out_features=cols
-        )
-    output = alias or (weight.role == "head" and rows == vocab)
-    return Module(
-        name=name,
-        kind="linear",
-        tensors=tuple(tensors),
-        in_features=cols,
-        out_features=rows,
-        alias=alias,
-        output=output,
-    )
-
 
 # --- peft's matching rules -------------------------------------------------------------------
 
@@ -257,7 +143,7 @@ def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) 
             field="finetune.target_modules",
         )
     if not found:
-        linear = sorted({_leaf(m.name) for m in mods.values() if m.kind in ("linear", "conv1d")})
+        linear = sorted({leaf(m.name) for m in mods.values() if m.kind in ("linear", "conv1d")})
         wanted = targets if isinstance(targets, str) else ", ".join(targets)
         hint = nearest(targets[0], linear) if isinstance(targets, tuple) and targets else ""
         raise MemplanError(
@@ -272,10 +158,6 @@ def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) 
 # --- the transforms --------------------------------------------------------------------------
 
 
-def frozen(t: TensorSpec) -> TensorSpec:
-    return replace(t, trainable=False)
-
-
 def lora_tensors(mod: Module, *, rank: int, dtype: str | None) -> list[TensorSpec]:
     """The adapter pair peft adds to one module (trainable, in `dtype`, None: the recipe's).
 
@@ -283,7 +165,7 @@ def lora_tensors(mod: Module, *, rank: int, dtype: str | None) -> list[TensorSpe
     -> weight [out, r] (SRC_LORA_LAYER; Conv1D's in/out are its weight's [in, out], peft sets
     fan_in_fan_out). Embedding: lora_embedding_A [r, num_embeddings], lora_embedding_B
     [embedding_dim, r], bare nn.Parameters (SRC_LORA_EMBEDDING)."""
-    weight = next(t for t in mod.tensors if _leaf(t.name) == "weight")
+    weight = next(t for t in mod.tensors if leaf(t.name) == "weight")
     layer, role = weight.layer, weight.role
     if mod.kind == "embedding":
         a = (f"{mod.name}.lora_embedding_A.{ADAPTER}", (rank, mod.in_features))
@@ -330,21 +212,21 @@ def lora(
     last: dict[str, str] = {}
     under: dict[str, list[TensorSpec]] = {}
     for t in inventory.parameters:
-        last[_owner(t.name)] = t.name
+        last[owner(t.name)] = t.name
         root = _root_of(t.name, roots)
         if root is not None:
             under.setdefault(root, []).append(t)
     renamed: dict[str, str] = {}
     params: list[TensorSpec] = []
     for t in inventory.parameters:
-        mod = _owner(t.name)
+        mod = owner(t.name)
         root = _root_of(t.name, roots)
         if root is not None:
             params.append(_rename(t, f"{root}.original_module.{t.name[len(root) + 1 :]}", renamed))
             if t is under[root][-1]:
                 params += _copies(root, under[root])
         elif mod in targets:
-            params.append(_rename(t, f"{mod}.base_layer.{_leaf(t.name)}", renamed))
+            params.append(_rename(t, f"{mod}.base_layer.{leaf(t.name)}", renamed))
             if t.name == last[mod]:
                 params += lora_tensors(mods[mod], rank=ft.rank, dtype=dtype)
         else:
@@ -354,17 +236,17 @@ def lora(
     tied: list[tuple[str, str]] = []
     extra: list[TensorSpec] = []
     owners = {t.name: t for t in inventory.parameters}
-    for alias, owner in inventory.tied:
-        mod = _owner(alias)
+    for alias, target in inventory.tied:
+        mod = owner(alias)
         root = _root_of(alias, roots)
         new_alias = alias
         if root is not None:
             new_alias = f"{root}.original_module.{alias[len(root) + 1 :]}"
-            extra += _copies(root, [replace(owners[owner], name=alias)])
+            extra += _copies(root, [replace(owners[target], name=alias)])
         elif mod in targets:
-            new_alias = f"{mod}.base_layer.{_leaf(alias)}"
+            new_alias = f"{mod}.base_layer.{leaf(alias)}"
             extra += lora_tensors(mods[mod], rank=ft.rank, dtype=dtype)
-        tied.append((new_alias, renamed.get(owner, owner)))
+        tied.append((new_alias, renamed.get(target, target)))
     params = [_bias_rule(t, ft, targets) for t in (*params, *extra)]
     return replace(
         inventory,
@@ -415,7 +297,7 @@ def _bias_rule(t: TensorSpec, ft: FinetuneSpec, targets: set[str]) -> TensorSpec
 
 
 def _lora_note(ft: FinetuneSpec, targets: set[str], saved: set[str], dtype: str | None) -> str:
-    leaves = sorted({_leaf(t) for t in targets})
+    leaves = sorted({leaf(t) for t in targets})
     where = f"{dtype} (peft autocast_adapter_dtype)" if dtype else "the parameter dtype"
     extra = f"; modules_to_save: {', '.join(sorted(saved))}" if saved else ""
     return (
@@ -423,156 +305,6 @@ def _lora_note(ft: FinetuneSpec, targets: set[str], saved: set[str], dtype: str 
         f"adapters in {where}; every other parameter frozen (no gradient, no optimizer "
         f"state){extra}."
     )
-
-
-FINETUNE_NOTE = "finetune:"
-"""Every transformed inventory carries one note starting so (apply() is then a no-op)."""
-
-
-def quantize_4bit(inventory: Inventory, ft: FinetuneSpec, *, compute: str) -> Inventory:
-    """transformers BitsAndBytesConfig(load_in_4bit=True) then peft
-    prepare_model_for_kbit_training: which modules become bnb Linear4bit, and what each holds.
-
-    Every nn.Linear and Conv1D module is replaced (SRC_BNB_REPLACE) except those that
-    `skip_modules` (llm_int8_skip_modules) names, or by default the output embedding, tied
-    weights and the module of the last parameter (get_keys_to_not_convert). A quantized
-    weight of n elements becomes (SRC_BNB_QUANT):
-      packed weight      [(n + 1) // 2, 1] uint8 (two 4-bit codes per byte), a frozen Params4bit;
-      absmax             [ceil(n / 64)] fp32, or uint8 with double quantization;
-      quant_map          [16] fp32, the nf4 / fp4 code (one per weight);
-      with double quantization: nested_absmax [ceil(blocks / 256)] fp32, nested_quant_map
-      [256] fp32 (a copy of the 8-bit dynamic map per weight) and offset, a 0-dim fp32.
-    The quantization state is not a parameter; memplan lists it with the buffers (held whole
-    by every rank, no gradient). prepare_kbit (SRC_PREPARE_KBIT) then casts every other
-    16-bit parameter to fp32.
-    """
-    mods = modules(inventory)
-    skip = default_skips(inventory) if ft.skip_modules is None else None
-    quantized = [
-        m.name
-        for m in mods.values()
-        if m.kind in ("linear", "conv1d")
-        and not m.alias
-        and not (skip is not None and m.output)
-        and not _skipped(m.name, ft, skip)
-    ]
-    chosen = set(quantized)
-    params: list[TensorSpec] = []
-    states: list[TensorSpec] = []
-    for t in inventory.parameters:
-        if _owner(t.name) in chosen and _leaf(t.name) == "weight":
-            params.append(packed_weight(t))
-            states += quant_state(t, double=ft.double_quant)
-        elif ft.prepare_kbit and t.dtype is None:
-            params.append(replace(t, dtype="fp32", trainable=False))
-        else:
-            params.append(frozen(t))
-    upcast = "; other parameters upcast to fp32 (prepare_model_for_kbit_training)"
-    largest = max((t.numel for t in inventory.parameters if _owner(t.name) in chosen), default=0)
-    transient = dequantized_weight_bytes(largest, compute=compute, double=ft.double_quant)
-    note = (
-        f"{FINETUNE_NOTE} {len(quantized)} Linear modules in 4-bit {ft.quant_type} "
-        f"(blocksize {BNB_4BIT_BLOCKSIZE}, double quantization "
-        f"{'on' if ft.double_quant else 'off'}), quantization state counted with the buffers"
-        f"{upcast if ft.prepare_kbit else ''}. Each 4-bit Linear dequantizes its weight for "
-        f"its matmuls: one layer's worth, {transient:,} B for the largest ({largest:,} "
-        f"elements in {compute}), alive during its forward and backward (transient "
-        "qlora_dequantized_weight)."
-    )
-    return replace(
-        inventory,
-        parameters=tuple(params),
-        buffers=(*inventory.buffers, *states),
-        notes=(*inventory.notes, note),
-    )
-
-
-def dequantized_weight_bytes(numel: int, *, compute: str, double: bool) -> int:
-    """The transient of one 4-bit Linear's matmul: bitsandbytes MatMul4Bit dequantizes the
-    whole weight into the compute dtype (autograd/_functions.py::MatMul4Bit.backward:
-    `F.dequantize_4bit(B, ctx.state).to(grad_output.dtype)`, 0.50.1; the forward too up to
-    0.49, and in 0.50 for more than a few rows: backends/cuda/ops.py::
-    _gemm_4bit_use_custom_cuda), after dequantizing a nested absmax to fp32
-    (functional.py::dequantize_4bit). Only one layer's weight is alive at a time."""
-    blocks = -(-numel // BNB_4BIT_BLOCKSIZE)
-    return numel * dtype_bytes(compute) + (blocks * dtype_bytes("fp32") if double else 0)
-
-
-def default_skips(inventory: Inventory) -> set[str]:
-    """transformers quantizers/base.py::get_keys_to_not_convert: both sides of every tied
-    pair, the module of the last parameter, and the output embedding (caught by
-    `Module.output`)."""
-    names = {_owner(n) for pair in inventory.tied for n in pair}
-    if inventory.parameters:
-        names.add(_owner(inventory.parameters[-1].name))
-    return names
-
-
-def _skipped(name: str, ft: FinetuneSpec, default: set[str] | None) -> bool:
-    """Whether a Linear stays unquantized. Without skip_modules: the default skips (and the
-    output embedding). With them, transformers quantizers_utils.py::should_convert_module: a
-    pattern skips a module when it matches from the start up to a module boundary (as a
-    regex), or is a suffix of its name."""
-    if default is not None:
-        return name in default
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
-    return any(
-        re.match(rf"(?:{key}){boundary}", name) or name.endswith(key)
-        for key in ft.skip_modules or ()
-    )
-
-
-def dequantize_transient(
-    inventory: Inventory, ft: FinetuneSpec, *, compute: str
-) -> tuple[int, str] | None:
-    """(bytes, formula) of the largest 4-bit weight dequantized for its matmul
-    (`dequantized_weight_bytes`), from the packed weights of a `quantize_4bit` inventory;
-    None without qlora."""
-    if ft.method != "qlora":
-        return None
-    rows = max((t.shape[0] for t in inventory.parameters if _is_packed(t)), default=0)
-    if not rows:
-        return None
-    numel = rows * BNB_VALUES_PER_BYTE
-    n = dequantized_weight_bytes(numel, compute=compute, double=ft.double_quant)
-    return n, (
-        f"the largest 4-bit weight, {numel:,} elements x {dtype_bytes(compute)} B ({compute})"
-        + (" + its nested absmax in fp32" if ft.double_quant else "")
-    )
-
-
-def _is_packed(t: TensorSpec) -> bool:
-    return t.dtype == "uint8" and len(t.shape) == 2 and t.shape[1] == 1 and not t.trainable
-
-
-def packed_weight(t: TensorSpec) -> TensorSpec:
-    """A bnb Params4bit: [(n + 1) // 2, 1] uint8, frozen (SRC_BNB_QUANT)."""
-    rows = (t.numel + 1) // BNB_VALUES_PER_BYTE
-    return replace(t, shape=(rows, 1), dtype="uint8", trainable=False)
-
-
-def quant_state(t: TensorSpec, *, double: bool) -> list[TensorSpec]:
-    """The QuantState of one 4-bit weight of n elements (SRC_BNB_QUANT; names as
-    QuantState.as_dict writes them)."""
-    blocks = -(-t.numel // BNB_4BIT_BLOCKSIZE)
-
-    def state(leaf: str, shape: tuple[int, ...], dtype: str) -> TensorSpec:
-        return TensorSpec(
-            f"{t.name}.{leaf}", shape, "buffer", dtype, layer=t.layer, role="quant_state"
-        )
-
-    out = [
-        state("absmax", (blocks,), "uint8" if double else "fp32"),
-        state("quant_map", (BNB_4BIT_CODE_ELEMS,), "fp32"),
-    ]
-    if double:
-        nested = -(-blocks // BNB_NESTED_BLOCKSIZE)
-        out += [
-            state("nested_absmax", (nested,), "fp32"),
-            state("nested_quant_map", (BNB_DYNAMIC_MAP_ELEMS,), "fp32"),
-            state("nested_offset", (), "fp32"),
-        ]
-    return out
 
 
 def freeze(inventory: Inventory, patterns: Sequence[str]) -> Inventory:

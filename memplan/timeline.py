@@ -21,7 +21,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
-from memplan import finetune, fp8
+from memplan import fp8, qlora
 from memplan.activations import Activations
 from memplan.activations import fsdp2 as fsdp2_tr
 from memplan.activations import transient as tr
@@ -201,7 +201,7 @@ def transients(
                 source=fp8.SRC_WEIGHT,
             )
         )
-    dequantized = finetune.dequantize_transient(
+    dequantized = qlora.dequantize_transient(
         inventory, spec.finetune, compute=spec.recipe().compute
     )
     if dequantized is not None:
@@ -211,7 +211,7 @@ def transients(
                 bytes=dequantized[0],
                 phases=("forward", "loss", "backward_start", "backward"),
                 formula=dequantized[1],
-                source=finetune.SRC_BNB_DEQUANT,
+                source=qlora.SRC_BNB_DEQUANT,
             )
         )
     return [t for t in out if t is not None and t.bytes > 0]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from memplan import finetune
+from memplan import finetune, qlora
 from memplan.cli import app
 from memplan.errors import MemplanError
 from memplan.estimate import estimate, to_json
@@ -329,11 +329,9 @@ def test_nf4_layout_of_one_llama_3_8b_projection() -> None:
     absmax per 256 blocks, a 256-entry map copy, an offset; plus the 16-entry nf4 code."""
     n = 4096 * 4096
     w = TensorSpec("q.weight", (4096, 4096))
-    assert finetune.packed_weight(w).shape == (n // 2, 1)
-    assert finetune.packed_weight(w).dtype == "uint8"
-    states = {
-        t.name.split(".")[-1]: (t.shape, t.dtype) for t in finetune.quant_state(w, double=True)
-    }
+    assert qlora.packed_weight(w).shape == (n // 2, 1)
+    assert qlora.packed_weight(w).dtype == "uint8"
+    states = {t.name.split(".")[-1]: (t.shape, t.dtype) for t in qlora.quant_state(w, double=True)}
     assert states == {
         "absmax": ((n // 64,), "uint8"),
         "quant_map": ((16,), "fp32"),
@@ -341,7 +339,7 @@ def test_nf4_layout_of_one_llama_3_8b_projection() -> None:
         "nested_quant_map": ((256,), "fp32"),
         "nested_offset": ((), "fp32"),
     }
-    single = {t.name.split(".")[-1]: t.dtype for t in finetune.quant_state(w, double=False)}
+    single = {t.name.split(".")[-1]: t.dtype for t in qlora.quant_state(w, double=False)}
     assert single == {"absmax": "fp32", "quant_map": "fp32"}
 
 
@@ -440,7 +438,7 @@ def test_lora_config_numbers() -> None:
 def test_dequantized_weight_of_the_largest_llama_3_8b_linear() -> None:
     # gate/up/down: 14336 x 4096 in bf16, plus the nested absmax dequantized to fp32
     numel = 14336 * 4096
-    got = finetune.dequantized_weight_bytes(numel, compute="bf16", double=True)
+    got = qlora.dequantized_weight_bytes(numel, compute="bf16", double=True)
     assert got == 2 * numel + 4 * (numel // 64) == 121_110_528
 
 
@@ -483,7 +481,7 @@ def test_qlora_dequantized_weight_is_a_transient_of_the_step() -> None:
     r = estimate(spec, from_config(TINY_LLAMA))
     terms = {t.name: t for t in r.timeline.transients}
     largest = TINY_LLAMA["intermediate_size"] * TINY_LLAMA["hidden_size"]  # gate/up/down
-    expected = finetune.dequantized_weight_bytes(largest, compute="bf16", double=True)
+    expected = qlora.dequantized_weight_bytes(largest, compute="bf16", double=True)
     assert terms["qlora_dequantized_weight"].bytes == expected
     assert "backward" in terms["qlora_dequantized_weight"].phases
     full = estimate(make_spec(hardware={"device": "cuda"}), from_config(TINY_LLAMA))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from memplan import finetune, optimizers
+from memplan import finetune, optimizers, qlora
 from memplan.load import validate
 from memplan.models import from_config
 from memplan.optimizers import OptimizerConfig
@@ -65,7 +65,7 @@ def test_4bit_weights_and_quant_state_match_bitsandbytes(tmp_path: Path, double:
             "parallelism": {"engine": "ddp"},
         }
     ).spec
-    inv = finetune.quantize_4bit(from_config(CONFIG), spec.finetune, compute="bf16")
+    inv = qlora.quantize_4bit(from_config(CONFIG), spec.finetune, compute="bf16")
     predicted = {t.name: (t.shape, t.dtype) for t in inv.parameters if t.dtype == "uint8"}
     real = {
         n: (tuple(p.shape), "uint8") for n, p in model.named_parameters() if p.dtype == torch.uint8
@@ -130,7 +130,7 @@ def test_dequantized_weight_is_a_transient_of_the_backward(tmp_path: Path) -> No
     y.sum().backward()
     torch.cuda.synchronize()
     bump = torch.cuda.max_memory_allocated() - before
-    assert bump >= finetune.dequantized_weight_bytes(4096 * 4096, compute="bf16", double=True)
+    assert bump >= qlora.dequantized_weight_bytes(4096 * 4096, compute="bf16", double=True)
 
 
 def test_paged_state_lives_in_unified_memory() -> None:
