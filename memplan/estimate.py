@@ -173,7 +173,7 @@ def assemble(
         capacity = CATALOG[spec.hardware.gpu].memory_bytes
     micro = acts.micro_batch(spec, inventory)
     local = (
-        stage_inventories(inventory, model_parallel(spec.parallelism))
+        stage_inventories(inventory, replace(model_parallel(spec.parallelism), context=1))
         if inventory.architecture is not None
         else (inventory,) * len(stages)
     )

@@ -91,10 +91,12 @@ class Timeline:
         """What torch.cuda.memory_reserved() likely shows at the peak (None on CPU)."""
         return None if self.reserved is None else self.reserved(self)
 
-    @property
-    def peak(self) -> Point:
-        """The phase with the most bytes alive (the earliest on a tie)."""
-        return max(self.points, key=lambda p: (p.total_bytes, -PHASES.index(p.phase)))
+    peak: Point = field(init=False, repr=False, compare=False)
+    """The phase with the most bytes alive (the earliest on a tie)."""
+
+    def __post_init__(self) -> None:
+        # The points come in phase order, so max() keeps the earliest of equal totals.
+        object.__setattr__(self, "peak", max(self.points, key=lambda p: p.total_bytes))
 
     @property
     def peak_bytes(self) -> int:
