@@ -80,9 +80,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     if drop_hidden:
         tail.append(kernels.dropout("mlp.dropout_add.mask", (b, s, h), mm, st))
 
-    head = kernels.layer_norm("ln_f", t, h, post, st)
-    head += kernels.linear_inputs(["lm_head"], t, h, kernels.layer_norm_dtype(st, post), st)
-    head += kernels.weight_casts([("lm_head", (vocab, h))], st)
+    head = kernels.layer_norm_head("ln_f", "lm_head", t, h, vocab, post, st)
     note = ""
     if st.attention == "sdpa":
         note = "BLOOM has no sdpa attention in transformers: its own eager attention is modelled."

@@ -101,9 +101,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     if drop_resid:
         tail.append(kernels.dropout("mlp.dropout.mask", (b, s, h), mm, st))
 
-    head = kernels.layer_norm("ln_f", t, h, post, st)
-    head += kernels.linear_inputs(["lm_head"], t, h, kernels.layer_norm_dtype(st, post), st)
-    head += kernels.weight_casts([("lm_head", (vocab, h))], st)
+    head = kernels.layer_norm_head("ln_f", "lm_head", t, h, vocab, post, st)
     # GPT2Model passes the causal mask to each block positionally, so a checkpointed block
     # saves it: the eager mask [b, 1, s, s] in the stream dtype (SDPA's is None).
     mask = (

@@ -57,19 +57,11 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     # apply_rotary_pos_emb: cat([q_rot * cos + rotate_half(q_rot) * sin, q_pass]) makes q and k
     # new tensors (promoted with cos's dtype); v stays a view of the query_key_value output.
     qk = promote(mm, st.stream)
-    if st.attention == "eager":
-        core = attention.eager(
-            st,
-            heads,
-            attention.Qkv(q=qk, k=qk, v=mm),
-            softmax_fp32=True,
-            convert_to_query=True,
-            dropout_on=drop_attn,
-            source=SRC + "::eager_attention_forward",
-        )
-    else:
-        qkv = attention.Qkv(q=qk, k=qk, v=mm, q_contiguous=True)
-        core = attention.sdpa(st, heads, qkv, dropout_on=drop_attn)
+    # eager reads only q's and v's dtypes; the layout flags are SDPA's.
+    qkv = attention.Qkv(q=qk, k=qk, v=mm, q_contiguous=True)
+    core = attention.core(
+        st, heads, qkv, dropout_on=drop_attn, source=SRC + "::eager_attention_forward"
+    )
     core = _value_is_qkv_view(core, t, h, mm, kernel_too=st.attention == "sdpa")
     tail: list[Saved] = []
     if drop_hidden:
@@ -93,9 +85,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
         tail.append(kernels.dropout("post_mlp_dropout.mask", (b, s, h), mm, st))
 
     post = promote(st.stream, mm)
-    head = kernels.layer_norm("final_layer_norm", t, h, post, st)
-    head += kernels.linear_inputs(["embed_out"], t, h, kernels.layer_norm_dtype(st, post), st)
-    head += kernels.weight_casts([("embed_out", (vocab, h))], st)
+    head = kernels.layer_norm_head("final_layer_norm", "embed_out", t, h, vocab, post, st)
     return Model(
         embeddings=tuple(embeddings),
         per_forward=tuple(rope),

@@ -103,9 +103,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
         tail.append(kernels.dropout("mlp.dropout.mask", (b, s, h), mm, st))
 
     post = promote(st.stream, mm)  # attn + mlp outputs + residual
-    head = kernels.layer_norm("ln_f", t, h, post, st)
-    head += kernels.linear_inputs(["lm_head"], t, h, kernels.layer_norm_dtype(st, post), st)
-    head += kernels.weight_casts([("lm_head", (vocab, h))], st)
+    head = kernels.layer_norm_head("ln_f", "lm_head", t, h, vocab, post, st)
     return Model(
         embeddings=tuple(embeddings),
         layer_head=tuple(layer),

@@ -169,6 +169,17 @@ def rms_norm_head(tokens: int, hidden: int, vocab: int, st: Setting) -> list[Sav
     return head
 
 
+def layer_norm_head(
+    norm: str, head: str, tokens: int, hidden: int, vocab: int, x_dtype: str, st: Setting
+) -> list[Saved]:
+    """The final LayerNorm (`norm`, over an `x_dtype` input) and the LM head's input and weight
+    cast (`head`)."""
+    out = layer_norm(norm, tokens, hidden, x_dtype, st)
+    out += linear_inputs([head], tokens, hidden, layer_norm_dtype(st, x_dtype), st)
+    out += weight_casts([(head, (vocab, hidden))], st)
+    return out
+
+
 def weight_casts(weights: list[tuple[str, tuple[int, ...]]], st: Setting) -> list[Saved]:
     """Under autocast each weight is cast to the matmul dtype once per autocast region (the
     cast cache, autocast_mode.h::cached_cast) and the matmul saves that copy: it is not a

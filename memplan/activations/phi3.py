@@ -89,19 +89,11 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     # new contiguous [b, heads, s, d] tensors (promoted with cos's dtype), even at
     # partial_rotary_factor 1; v stays a view of the qkv_proj output.
     qk = promote(mm, st.stream)
-    if st.attention == "eager":
-        core = attention.eager(
-            st,
-            heads,
-            attention.Qkv(q=qk, k=qk, v=mm),
-            softmax_fp32=True,
-            convert_to_query=True,
-            dropout_on=drop_attn,
-            source=SRC + "::eager_attention_forward",
-        )
-    else:
-        qkv = attention.Qkv(q=qk, k=qk, v=mm, mask=mask, q_contiguous=True)
-        core = attention.sdpa(st, heads, qkv, dropout_on=drop_attn)
+    # eager reads only q's and v's dtypes; the layout flags are SDPA's.
+    qkv = attention.Qkv(q=qk, k=qk, v=mm, mask=mask, q_contiguous=True)
+    core = attention.core(
+        st, heads, qkv, dropout_on=drop_attn, source=SRC + "::eager_attention_forward"
+    )
     core = value_is_projection_view(core, heads, qkv_width, mm, kernel_too=st.attention == "sdpa")
 
     tail: list[Saved] = []
