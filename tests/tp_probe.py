@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -176,9 +176,9 @@ def forward(config: dict[str, Any], case: Case, mesh: Any | None) -> tuple[Run, 
     return run, out.logits.detach()
 
 
-def _rank(
-    rank: int, world: int, port: int, config: dict[str, Any], cases: Sequence[Case], out: str
-) -> None:
+@contextmanager
+def cpu_mesh(rank: int, world: int, port: int) -> Iterator[Any]:
+    """One gloo rank of a 1-D CPU device mesh of `world` ranks, torn down on exit."""
     torch.set_num_threads(1)
     import transformers
 
@@ -194,7 +194,39 @@ def _rank(
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", (world,))
+        yield init_device_mesh("cpu", (world,))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(
+    rank_fn: Callable[..., None],
+    config: dict[str, Any],
+    cases: Sequence[Case],
+    out: Path,
+    world: int,
+) -> list[dict[str, Any]]:
+    """Run `rank_fn(rank, world, port, config, cases, out)` on `world` spawned processes; each
+    writes `rank<r>.json` under `out`. Returns them, index = rank."""
+    import torch.multiprocessing as mp
+
+    from memplan.verify.launch import free_port
+
+    multiprocessing: Any = mp
+    multiprocessing.start_processes(
+        rank_fn,
+        args=(world, free_port(), config, list(cases), str(out)),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
+    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _rank(
+    rank: int, world: int, port: int, config: dict[str, Any], cases: Sequence[Case], out: str
+) -> None:
+    with cpu_mesh(rank, world, port) as mesh:
         result: dict[str, Any] = {}
         for case in cases:
             tp, tp_logits = forward(config, case, mesh)
@@ -207,27 +239,13 @@ def _rank(
                 "tol": tol,
             }
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
 
 
 def run_ranks(
     config: dict[str, Any], cases: Sequence[Case], out: Path, world: int = 2
 ) -> list[dict[str, Any]]:
     """Every rank's results (index = rank), from `world` processes on gloo."""
-    import torch.multiprocessing as mp
-
-    from memplan.verify.launch import free_port
-
-    multiprocessing: Any = mp
-    multiprocessing.start_processes(
-        _rank,
-        args=(world, free_port(), config, list(cases), str(out)),
-        nprocs=world,
-        join=True,
-        start_method="spawn",
-    )
-    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    return spawn_ranks(_rank, config, cases, out, world)
 
 
 __all__ = [
@@ -239,5 +257,7 @@ __all__ = [
     "Case",
     "Run",
     "forward",
+    "cpu_mesh",
     "run_ranks",
+    "spawn_ranks",
 ]

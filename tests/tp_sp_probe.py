@@ -25,7 +25,6 @@ nodes that hold it (`<Node>._saved_<name>`, from a walk of the graph after forwa
 
 from __future__ import annotations
 
-import datetime
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -34,10 +33,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from tests.activation_probe import DTYPES, NAMES, build_model
-from tests.tp_probe import BATCH, COLWISE, PRECISIONS, ROWWISE, SEQ, Case, _local
+from tests.tp_probe import (
+    BATCH,
+    COLWISE,
+    PRECISIONS,
+    ROWWISE,
+    SEQ,
+    Case,
+    _local,
+    cpu_mesh,
+    spawn_ranks,
+)
 from tests.tp_probe import forward as forward_tp
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -229,22 +237,7 @@ def forward(config: dict[str, Any], case: Case, mesh: Any) -> tuple[Run, torch.T
 def _rank(
     rank: int, world: int, port: int, config: dict[str, Any], cases: Sequence[Case], out: str
 ) -> None:
-    torch.set_num_threads(1)
-    import transformers
-
-    hf_logging: Any = transformers.logging  # untyped
-    hf_logging.set_verbosity_error()
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh("cpu", (world,))
+    with cpu_mesh(rank, world, port) as mesh:
         result: dict[str, Any] = {}
         for case in cases:
             sp, sp_logits = forward(config, case, mesh)
@@ -257,27 +250,13 @@ def _rank(
                 "tol": tol,
             }
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
 
 
 def run_ranks(
     config: dict[str, Any], cases: Sequence[Case], out: Path, world: int = 2
 ) -> list[dict[str, Any]]:
     """Every rank's results (index = rank), from `world` processes on gloo."""
-    import torch.multiprocessing as mp
-
-    from memplan.verify.launch import free_port
-
-    multiprocessing: Any = mp
-    multiprocessing.start_processes(
-        _rank,
-        args=(world, free_port(), config, list(cases), str(out)),
-        nprocs=world,
-        join=True,
-        start_method="spawn",
-    )
-    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    return spawn_ranks(_rank, config, cases, out, world)
 
 
 __all__ = ["NORMS", "Run", "Stored", "forward", "run_ranks", "sequence_parallel"]
