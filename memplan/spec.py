@@ -254,9 +254,12 @@ class ParallelismSpec(Frozen):
     """How the job is spread over GPUs. Degrees left out are 1; world size is
     data x tensor x pipeline x context (expert ranks are carved out of data)."""
 
-    engine: Engine = "deepspeed"
-    """deepspeed (ZeRO), fsdp2 (torch fully_shard), ddp (torch DDP, ZeroRedundancyOptimizer)
-    or megatron (Megatron-LM DDP; zero_stage 1 = its distributed optimizer)."""
+    engine: Engine = "ddp"
+    """ddp (torch DistributedDataParallel; ZeroRedundancyOptimizer at zero_stage 1), fsdp2
+    (torch fully_shard), deepspeed (ZeRO) or megatron (Megatron-LM DDP; zero_stage 1 = its
+    distributed optimizer). Default: torch's own engines, which `memplan verify` runs as is:
+    ddp (what torchrun, the HF Trainer and accelerate run with no FSDP or DeepSpeed config;
+    plain single-GPU training at data 1), or fsdp2 when zero_stage is 2 or 3."""
     data: Degree = 1
     """Data-parallel degree (ranks that hold a replica or a shard of the model states)."""
     zero_stage: int | None = Field(None, ge=0, le=3)
@@ -287,6 +290,16 @@ class ParallelismSpec(Frozen):
     offload: OffloadSpec = OffloadSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """DeepSpeed config keys (used when engine is deepspeed)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_engine(cls, data: Any) -> Any:
+        """No engine named: torch's, ddp for ZeRO stage 0/1 and fsdp2 for 2/3."""
+        if isinstance(data, dict) and data.get("engine") is None:
+            stage = data.get("zero_stage")
+            sharded = str(stage).strip() in ("2", "3")  # YAML may give the stage as text
+            data = {**data, "engine": "fsdp2" if sharded else "ddp"}
+        return data
 
     @model_validator(mode="after")
     def _stage_fits_engine(self) -> ParallelismSpec:

@@ -53,8 +53,28 @@ def test_minimal_issue_spec_runs_with_relative_config(tmp_path, llama_config):  
     result = run("estimate", str(write_spec(tmp_path, MINIMAL)))
     assert result.exit_code == 0, result.output
     assert "Memory per GPU" in result.output
-    assert "exp_avg_sq" in result.output and "master_weights" in result.output
-    assert "deepspeed ZeRO-3 over 8 data-parallel ranks" in result.output
+    assert "exp_avg_sq" in result.output
+    # No engine named, zero_stage 3: torch's FSDP2 (spec.ParallelismSpec._default_engine).
+    assert "fsdp2 ZeRO-3 over 8 data-parallel ranks" in result.output
+
+
+def test_default_engine_is_one_verify_runs(tmp_path, llama_config):  # type: ignore[no-untyped-def]
+    """A spec that names no engine gets torch's (ddp, or fsdp2 at ZeRO 2/3), and verify
+    accepts it: check_supported raises for what it cannot run (deepspeed, megatron)."""
+    from memplan.load import load_spec
+    from memplan.verify.job import check_supported
+
+    bare = "model:\n  hf_config: config.json\n"
+    for extra, engine in (
+        ("", "ddp"),
+        ("parallelism: {data: 2}\n", "ddp"),
+        ("parallelism: {zero_stage: 1}\n", "ddp"),
+        ("parallelism: {zero_stage: 2}\n", "fsdp2"),
+        ("parallelism: {data: 4, zero_stage: 3}\n", "fsdp2"),
+    ):
+        spec = load_spec(write_spec(tmp_path, bare + extra)).spec
+        assert spec.parallelism.engine == engine, extra
+        check_supported(spec, spec.recipe())
 
 
 def test_json_has_the_contract_keys(tmp_path, llama_config):  # type: ignore[no-untyped-def]
