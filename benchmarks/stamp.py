@@ -24,11 +24,19 @@ def git(*args: str) -> str:
 
 def stamp(**extra: Any) -> dict[str, Any]:
     """commit (`git rev-parse --short HEAD`), dirty (uncommitted changes to tracked files under
-    memplan/ or benchmarks/, which could have moved the numbers), UTC date and the machine."""
+    memplan/ or benchmarks/, which could have moved the numbers; benchmarks/results/ itself
+    does not count), UTC date and the machine."""
     return {
         "commit": git("rev-parse", "--short", "HEAD"),
         "dirty": bool(
-            git("status", "--porcelain", "--untracked-files=no", "memplan", "benchmarks")
+            git(
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "memplan",
+                "benchmarks",
+                ":(exclude)benchmarks/results",
+            )
         ),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

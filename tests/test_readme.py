@@ -118,3 +118,16 @@ def test_make_targets_the_readme_names_exist() -> None:
     targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
     for target in re.findall(r"`make ([\w-]+)`", README):
         assert target in targets, target
+
+
+def test_extras_the_readme_names_exist() -> None:
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    named = re.findall(r'pip install -e "\.\[([\w,-]+)\]"', README)
+    assert named
+    for group in named:
+        for extra in group.split(","):
+            assert extra in extras, extra
