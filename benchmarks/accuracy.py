@@ -24,6 +24,7 @@ is not importable is skipped. --no-peers measures memplan alone.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -501,6 +502,9 @@ def environment(grid: str, seconds: float) -> dict[str, Any]:
         "seconds": round(seconds, 1),
         "commit": git("rev-parse", "--short", "HEAD"),
         "tree_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "memplan")),
+        # When and where: scripts/gen_readme.py prints the commit beside the README's figures.
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "versions": {

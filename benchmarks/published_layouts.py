@@ -16,16 +16,22 @@ For each row this runs `memplan plan` (Megatron engine: the closest open impleme
 recipe) and prints memplan's top layouts, where Meta's degrees rank among the fitting ones, and
 memplan's peak for Meta's exact layout with each recompute option. Run:
 
-    python benchmarks/published_layouts.py            # about 20 s on 2 cores
+    python benchmarks/published_layouts.py            # about 20 s on 2 cores; writes
+                                                      # benchmarks/results/published-layouts.json
+
+scripts/gen_readme.py turns that file into the README's agreement sentence.
 
 Pure memplan: no torch needed.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from memplan.estimate import estimate
 from memplan.load import load_inventory, validate
@@ -105,7 +111,24 @@ def meta_spec(row: Row, recompute: str, virtual: int) -> Spec:
     return validate(doc).spec
 
 
-def describe(result: PlanResult, row: Row) -> None:
+def layout(c: Any) -> dict[str, Any]:
+    return {
+        "data": c.data,
+        "tensor": c.tensor,
+        "pipeline": c.pipeline,
+        "virtual_stages": c.virtual_stages,
+        "context": c.context,
+        "zero_stage": c.zero_stage,
+        "micro_batch_size": c.micro_batch_size,
+        "recompute": c.recompute,
+        "peak_bytes": c.peak_bytes,
+        "step_s": c.time.total_s,
+    }
+
+
+def describe(result: PlanResult, row: Row) -> dict[str, Any]:
+    """Print memplan's top layouts and where Meta's degrees rank; return the same as data."""
+
     def degrees(c: object) -> str:
         return (
             f"dp{c.data} tp{c.tensor} pp{c.pipeline}x{c.virtual_stages} cp{c.context} "  # type: ignore[attr-defined]
@@ -125,11 +148,17 @@ def describe(result: PlanResult, row: Row) -> None:
         print(f"  Meta's degrees first appear at #{i} of {len(result.layouts)}: {degrees(c)}")
     else:
         print(f"  Meta's degrees are not among the {len(result.layouts)} fitting layouts")
+    return {
+        "top": [layout(c) for c in result.layouts[:3]],
+        "fitting": len(result.layouts),
+        "meta_rank": ranks[0][0] if ranks else None,
+    }
 
 
 def main() -> None:
     inventory: Inventory | None = None
     start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
     for row in META:
         spec = plan_spec(row)
         if inventory is None:
@@ -139,7 +168,13 @@ def main() -> None:
             f"Meta used TP{row.tp} CP{row.cp} PP{row.pp} DP{row.dp}"
         )
         result = plan(spec, inventory, suggest=False)
-        describe(result, row)
+        record: dict[str, Any] = {
+            "gpus": row.gpus,
+            "sequence": row.seq,
+            "global_batch": row.global_batch,
+            "meta": {"tensor": row.tp, "context": row.cp, "pipeline": row.pp, "data": row.dp},
+            **describe(result, row),
+        }
         layer = estimate(meta_spec(row, "none", 1), inventory).activations.block("layers")
         assert layer is not None
         # theoretical_memory_usage.py::compute_activation_memory (SP + selective recompute):
@@ -150,6 +185,8 @@ def main() -> None:
             f"  one layer, one micro-batch: memplan {layer.bytes_each / GIB:.3f} GiB, Megatron's "
             f"formula {megatron / GIB:.3f} GiB (x{layer.bytes_each / megatron:.2f})"
         )
+        record["layer_bytes"] = {"memplan": layer.bytes_each, "megatron_formula": megatron}
+        record["meta_layout_peak_bytes"] = {}
         for virtual in (1, 2):
             peaks = []
             for recompute in ("none", "selective", "full"):
@@ -157,8 +194,23 @@ def main() -> None:
                 peaks.append(
                     f"{recompute} {report.peak_bytes / GIB:6.1f} GiB (stage {report.stage})"
                 )
+                record["meta_layout_peak_bytes"][f"{recompute}, {virtual} chunk(s)"] = (
+                    report.peak_bytes
+                )
             print(f"  memplan on Meta's layout, {virtual} chunk(s)/rank: " + ", ".join(peaks))
-    print(f"\n{time.perf_counter() - start:.1f} s")
+        rows.append(record)
+    seconds = time.perf_counter() - start
+    print(f"\n{seconds:.1f} s")
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.stamp import stamp
+
+    doc = {
+        "stamp": stamp(seconds=round(seconds, 1)),
+        "source": "The Llama 3 Herd of Models (arXiv 2407.21783), Table 4 and section 3.3.2",
+        "rows": rows,
+    }
+    out = ROOT / "benchmarks" / "results" / "published-layouts.json"
+    out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -148,6 +148,10 @@ def main() -> None:
     out["plan_speed"] = plan.splitlines()
     out["load_average_1min"] = os.getloadavg()[0]
     out["cpus"] = os.cpu_count()
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.stamp import stamp
+
+    out["stamp"] = stamp()  # commit, dirty flag, date, machine: scripts/gen_readme.py prints them
     out["accelerate_version"] = importlib.metadata.version("accelerate") if has_accelerate else None
     if not args.json:
         print("plan search (benchmarks/plan_speed.py):")

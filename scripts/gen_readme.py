@@ -1,0 +1,483 @@
+"""Write the README's measured figures from benchmarks/results/*.json, never by hand.
+
+    python scripts/gen_readme.py           # rewrite the generated blocks of README.md
+    python scripts/gen_readme.py --check   # exit 1 and print a diff when README.md is stale
+                                           # (CI: tests/test_readme.py)
+
+Each block sits between
+
+    <!-- generated:NAME (scripts/gen_readme.py from benchmarks/results/FILE @ COMMIT) -->
+    ...
+    <!-- /generated -->
+
+and is rewritten whole, the marker line included, from the results file it names: a table, or
+a whole paragraph when the figures are prose. COMMIT is the commit the file was measured at
+(`+dirty` when memplan/ or benchmarks/ had uncommitted changes then). Counts are "N of M" as the
+data has them; "every" only when N == M. Re-measure with the writer each file names (its
+`stamp.argv`, or the README's regenerate block), then run this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = "benchmarks/results"
+BLOCK = re.compile(
+    r"<!-- generated:(?P<name>[a-z0-9-]+) \(scripts/gen_readme\.py from "
+    r"(?P<file>\S+) @ (?P<commit>\S+)\) -->\n(?P<body>.*?)<!-- /generated -->",
+    re.S,
+)
+
+Doc = dict[str, Any]
+
+
+# --- wording ---------------------------------------------------------------------------------
+
+
+def n(value: float) -> str:
+    """An integer with thousands separators."""
+    return f"{value:,.0f}"
+
+
+def pct(fraction: float, digits: int = 2) -> str:
+    return f"{100 * fraction:.{digits}f}%"
+
+
+def signed_pct(fraction: float, digits: int = 1) -> str:
+    return f"{100 * fraction:+.{digits}f}%"
+
+
+def of(count: int, total: int, what: str) -> str:
+    """ "every one of the 6 cells" only when the data says so, else "4 of 6 cells"."""
+    return f"all {total} {what}" if count == total else f"{count} of {total} {what}"
+
+
+def stamp_of(doc: Doc) -> Doc:
+    """The stamp of a results file: `stamp` (new writers) or accuracy.json's `environment`."""
+    stamp = doc.get("stamp") or doc.get("environment")
+    if not stamp or not stamp.get("commit"):
+        raise SystemExit("a results file without a commit stamp")
+    return dict(stamp)
+
+
+def commit_of(doc: Doc) -> str:
+    stamp = stamp_of(doc)
+    dirty = stamp.get("dirty", stamp.get("tree_dirty"))
+    return f"{stamp['commit']}{'+dirty' if dirty else ''}"
+
+
+def where(doc: Doc) -> str:
+    """ "at commit abc1234, 2026-12-05 17:02 UTC, x86_64, 2 CPUs" from the stamp."""
+    stamp = stamp_of(doc)
+    parts = [f"commit {commit_of(doc)}"]
+    if stamp.get("date"):
+        parts.append(stamp["date"])
+    parts.append(stamp.get("machine") or f"{stamp.get('cpus')} CPUs")
+    return ", ".join(parts)
+
+
+def wrap(body: str, width: int = 96) -> str:
+    """Prose paragraphs folded at `width` (tables left as they are), so diffs stay readable."""
+    paragraphs = body.strip("\n").split("\n\n")
+    out = [
+        p
+        if p.startswith("|")
+        else textwrap.fill(
+            " ".join(p.split("\n")), width, break_long_words=False, break_on_hyphens=False
+        )
+        for p in paragraphs
+    ]
+    return "\n\n".join(out) + "\n"
+
+
+def table(head: list[str], rows: list[list[str]], right: int = 1) -> str:
+    align = ["---"] * right + ["---:"] * (len(head) - right)
+    out = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out) + "\n"
+
+
+# --- blocks ----------------------------------------------------------------------------------
+
+
+def startup(speed: Doc) -> str:
+    cold = speed["cold_ms"]["memplan"] / 1000
+    return (
+        f"`memplan estimate` never imports torch: the whole command takes {cold:.2f} s for "
+        f"Llama-3-8B (median of {speed['runs']} runs, "
+        f"[benchmarks/results/speed.json](benchmarks/results/speed.json)).\n"
+    )
+
+
+VERIFY_COLUMNS = ("parameters", "gradients", "optimizer_states", "activations", "peak")
+
+
+def verify_cell(row: Doc | None) -> str:
+    if row is None or row["predicted"] is None or row["measured"] is None:
+        return ""
+    text = f"{n(row['predicted'])} / {n(row['measured'])}"
+    return text + (" **(off)**" if row["ok"] is False else "")
+
+
+def verify_table(doc: Doc) -> str:
+    cases = doc["cases"]
+    versions = stamp_of(doc).get("versions", {})
+    passed = [c for c in cases if c["ok"]]
+    fake = [c for c in cases if c["options"].get("fake")]
+    lines = [
+        f"Measured by `benchmarks/verify_table.py` ({where(doc)}, "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + "; predicted / measured bytes; tiny configs: hidden 64, 2 layers, vocabulary 1,041, "
+        f"batch 2 x 16): {of(len(passed), len(cases), 'cases')} pass every category on every "
+        "rank.\n",
+    ]
+    rows, sentences = [], []
+    for case in cases:
+        shown = case["shown_ranks"]
+        if len(shown) > 2:  # one column over many ranks: a sentence, not rows
+            states = [case["ranks"][r]["optimizer_states"] for r in shown]
+            exact = sum(1 for s in states if s["ok"])
+            sentences.append(
+                f"{case['name']}: optimizer states "
+                + " / ".join(n(s["measured"]) for s in states)
+                + f" B on ranks {shown[0]} to {shown[-1]}, {of(exact, len(states), 'ranks')} "
+                "exact to the byte."
+            )
+            continue
+        for r in shown:
+            cats = case["ranks"][r]
+            label = case["name"] + (f", rank {r}" if len(case["ranks"]) > 1 else "")
+            rows.append([label, *(verify_cell(cats.get(c)) for c in VERIFY_COLUMNS)])
+    head = ["case", "parameters", "gradients", "optimizer states", "activations", "peak"]
+    lines.append(table(head, rows).rstrip("\n"))
+    lines.append("")
+    for case in cases:
+        if case["ok"]:
+            continue
+        misses = [
+            f"rank {r}: {c.replace('_', ' ')} {n(row['predicted'])} / {n(row['measured'])}"
+            for r, cats in enumerate(case["ranks"])
+            for c, row in cats.items()
+            if c in VERIFY_COLUMNS and row["ok"] is False
+        ]
+        notes = [x for x in case["notes"] if "predicts" in x]
+        sentences.append(
+            f"{case['name']} misses ({'; '.join(misses)})"
+            + (f"; verify's note: {notes[0]}" if notes else ".")
+        )
+    for case in fake:
+        spec = case["spec"]
+        sentences.append(
+            f"`--fake` ran {case['name'].split(' ')[0]} at full size (micro-batch "
+            f"{spec['training']['micro_batch_size']} x {n(spec['training']['sequence_length'])} "
+            f"tokens) in {case['seconds']:.0f} s."
+        )
+    lines.append(" ".join(sentences))
+    return "\n".join(lines) + "\n"
+
+
+def tp_table(doc: Doc) -> str:
+    cells = agree = 0
+    rows = []
+    for case in doc["cases"]:
+        row = [f"{case['precision']}, {case['attention']}"]
+        for kind in ("tp", "sp", "whole"):
+            values = {v for rank in case["measured"][kind] for v in rank}
+            predicted = case["predicted"][kind]
+            cells += 1
+            if values == {predicted}:
+                agree += 1
+                row.append(n(predicted))
+            else:
+                measured = ", ".join(n(v) for v in sorted(values))
+                row.append(f"{measured} (predicted {n(predicted)})")
+        rows.append(row)
+    stamp = stamp_of(doc)
+    head = [
+        "case",
+        f"TP={stamp['ranks']}",
+        f"TP={stamp['ranks']} + sequence parallel (torch rule)",
+        "TP=1",
+    ]
+    intro = (
+        f"Proof, measured by `benchmarks/tp_activations.py` on {stamp['ranks']} gloo ranks with "
+        f"torch's DTensor tensor parallelism on a tiny Llama ({where(doc)}; bytes one decoder "
+        f"layer saves on one rank, batch {stamp['batch']} x {stamp['sequence']}): measured = "
+        f"predicted in {of(agree, cells, 'cells')}, on every layer of every rank "
+        "(`tests/test_tp_activations_real.py` and `tests/test_tp_sp_activations_real.py` also "
+        "compare them tensor by tensor):\n"
+    )
+    saved = [c["predicted"]["sp"] - c["predicted"]["sp_megatron"] for c in doc["cases"]]
+    rule = (
+        "The sequence-parallel rule depends on the engine, and the measurement is why: torch's\n"
+        "`PrepareModuleInput` all-gathers before the linear, so the linear saves the whole "
+        "sequence\n(engine `fsdp2` or `ddp`), while Megatron's linear saves its shard and "
+        "gathers again in\nbackward (engine `megatron`; "
+        f"{n(min(saved))} to {n(max(saved))} B less per layer in the cases above).\n"
+    )
+    return intro + "\n" + table(head, rows) + "\n" + rule
+
+
+MODEL_NAMES = {
+    "tiny-llama": "a tiny Llama",
+    "tiny-gpt2": "a tiny GPT-2",
+    "gpt2": "GPT-2 (124M)",
+    "pythia-160m": "Pythia-160M",
+    "qwen2.5-0.5b": "Qwen2.5-0.5B",
+}
+
+
+OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD (momentum)"}
+
+
+def engine_name(case: Doc) -> str:
+    if case["engine"] == "ddp":
+        return "DDP" if case["zero_stage"] == 0 else "ZeroRedundancyOptimizer (ZeRO-1)"
+    return f"{case['engine'].upper()} ZeRO-{case['zero_stage']}"
+
+
+def by_engine(case: Doc) -> tuple[str, int]:
+    return case["engine"], case["zero_stage"]
+
+
+def accuracy_intro(doc: Doc) -> str:
+    cases = doc["cases"]
+    env = stamp_of(doc)
+
+    def listed(values: list[str]) -> str:
+        seen = list(dict.fromkeys(values))
+        return ", ".join(seen[:-1]) + " and " + seen[-1] if len(seen) > 1 else seen[0]
+
+    ranks = sorted({c["ranks"] for c in cases})
+    mbs = sorted({c["micro_batch_size"] for c in cases})
+    seq = sorted({c["sequence_length"] for c in cases})
+    return (
+        f"`benchmarks/accuracy.py` ran a grid of {len(cases)} training steps ({where(doc)}, "
+        f"{env['seconds']:.0f} s; "
+        + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
+        + ") and measured each one with `memplan verify`'s machinery (the real transformers "
+        "model and torch optimizer, real steps on gloo ranks, storages counted per category, the "
+        "step's peak from torch's MemTracker). Models: "
+        + listed([MODEL_NAMES.get(c["model"], c["model"]) for c in cases])
+        + "; "
+        + listed([c["precision"] for c in cases])
+        + "; "
+        + listed([OPTIMIZER_NAMES.get(c["optimizer"], c["optimizer"]) for c in cases])
+        + f"; {ranks[0]} to {ranks[-1]} ranks with "
+        + listed([engine_name(c) for c in sorted(cases, key=by_engine)])
+        + f"; micro-batch {mbs[0]} to {mbs[-1]}, sequence {seq[0]} to {seq[-1]}. For each case "
+        "memplan and the tools people compare it with predict the same setting, and each is "
+        "compared with the measurement on the most-loaded rank. Relative error = (predicted - "
+        f"measured) / measured; cases = how many of the {len(cases)} the tool can express:\n"
+    )
+
+
+def accuracy_table(doc: Doc) -> str:
+    def cols(s: Doc) -> list[str]:
+        if not s["cases"]:
+            return ["0", "—", "—"]
+        return [str(s["cases"]), pct(s["median_abs_error"]), pct(s["max_abs_error"])]
+
+    rows = [
+        [tool, *cols(s), *cols(s["model_states"]), *cols(s["activations"])]
+        for tool, s in doc["tools"].items()
+    ]
+    head = ["tool", "total: cases", "median", "max"]
+    head += ["model states: cases", "median", "max", "activations: cases", "median", "max"]
+    return table(head, rows)
+
+
+def accuracy_misses(doc: Doc) -> str:
+    cases = doc["cases"]
+    ours = [(c, c["tools"]["memplan"]) for c in cases]
+    worst_case, worst = max(ours, key=lambda p: abs(p[1]["error_total"]))
+    exact_states = sum(1 for c in cases if c["model_states_exact"])
+    act = [(c, m["error_activations"]) for c, m in ours if m["error_activations"] is not None]
+    act_close = [c for c, e in act if abs(e) <= 1e-4]
+    act_off = [(c, e) for c, e in act if abs(e) > 1e-4]
+    fsdp2 = [m["error_total"] for c, m in ours if c["engine"] == "fsdp2"]
+    parts = [
+        f"Where memplan misses: by at most {pct(abs(worst['error_total']))} on the peak "
+        f"({worst_case['case']}); model states are exact to the byte in "
+        f"{of(exact_states, len(cases), 'cases')}; the {len(fsdp2)} FSDP2 cases are within "
+        f"{pct(max(abs(e) for e in fsdp2))} on the peak."
+    ]
+    if act_off:
+        models = sorted({MODEL_NAMES.get(c["model"], c["model"]) for c, _ in act_off})
+        errors = sorted({signed_pct(e) for _, e in act_off})
+        parts.append(
+            f"Saved activations are within 0.01% in {of(len(act_close), len(act), 'cases')}; "
+            f"the others ({', '.join(models)}, {len(act_off)} cases) come out "
+            f"{' to '.join(errors)} against the measurement, without moving the peak past the "
+            "figure above."
+        )
+    else:
+        parts.append(f"Saved activations are within 0.01% in {of(len(act), len(act), 'cases')}.")
+    ds = [
+        c["tools"]["deepspeed"]["error_total"]
+        for c in cases
+        if c["engine"] == "fsdp2"
+        and not c["model"].startswith("tiny")
+        and c["tools"]["deepspeed"].get("error_total") is not None
+    ]
+    if ds:
+        parts.append(
+            f"Where a peer lands close (DeepSpeed at {signed_pct(min(ds))} to "
+            f"{signed_pct(max(ds))} on the {len(ds)} real-size FSDP2 cases), an over-count of "
+            "model states (16-bit weights kept whole, fp32 gradients torch does not keep) "
+            "offsets the activations it leaves out."
+        )
+    return " ".join(parts) + "\n"
+
+
+def speed(doc: Doc) -> str:
+    cold, warm = doc["cold_ms"], doc["warm_ms"]
+    stamp = stamp_of(doc)
+    text = (
+        f"Speed, measured in one run of `benchmarks/speed.py` ({where(doc)}, load average "
+        f"{stamp.get('load_average_1min', doc.get('load_average_1min')):.1f}; Llama-3-8B, "
+        f"medians of {doc['runs']} runs): `memplan estimate` takes "
+        f"{cold['memplan'] / 1000:.2f} s as a command"
+    )
+    if "accelerate" in cold:
+        text += (
+            f" against {cold['accelerate'] / 1000:.1f} s for accelerate's `estimate-memory` code "
+            f"on the same config ({cold['accelerate'] / cold['memplan']:.1f}x; it imports torch "
+            "and transformers and builds the model on the meta device)"
+        )
+    text += f", and {warm['memplan']:.1f} ms as a library call"
+    if "accelerate" in warm:
+        text += (
+            f" against {warm['accelerate']:.0f} ms ({warm['accelerate'] / warm['memplan']:.0f}x)"
+        )
+    return text + ".\n"
+
+
+def plan_speed(doc: Doc) -> str:
+    runs = doc["runs_s"]
+    met = doc["median_s"] < doc["target_s"]
+    return (
+        f"`memplan plan` searches {n(doc['searched'])} layouts ({n(doc['fit'])} fit) for "
+        f"Llama-3.1-405B on {n(doc['gpus'])} GPUs in {min(runs):.2f} to {max(runs):.2f} s over "
+        f"{len(runs)} runs (median {doc['median_s']:.2f} s, about "
+        f"{n(doc['searched'] / doc['median_s'])} layouts/s; `benchmarks/plan_speed.py`, "
+        f"{where(doc)}, load average {stamp_of(doc)['load_average_1min']:.1f}): "
+        f"{'within' if met else 'over'} the {doc['target_s']:.0f} s target.\n"
+    )
+
+
+def published_layouts(doc: Doc) -> str:
+    rows = doc["rows"]
+
+    def top(row: Doc) -> Doc:
+        return dict(row["top"][0])
+
+    tp = sum(1 for r in rows if top(r)["tensor"] == r["meta"]["tensor"])
+    pp = sum(1 for r in rows if top(r)["pipeline"] == r["meta"]["pipeline"])
+    exact = [r for r in rows if r["meta_rank"] == 1]
+    layouts = [
+        f"TP{r['meta']['tensor']} CP{r['meta']['context']} PP{r['meta']['pipeline']} "
+        f"DP{r['meta']['data']} at {n(r['sequence'] // 1024)}K"
+        for r in exact
+    ]
+    ranks = ", ".join(
+        f"#{r['meta_rank']} of {n(r['fitting'])}" if r["meta_rank"] else "not fitting" for r in rows
+    )
+    return (
+        f"Against Meta's {len(rows)} published Llama-3.1-405B layouts (Llama 3 paper, Table 4), "
+        f"`plan`'s top layout agrees on TP in {of(tp, len(rows), 'rows')} and on PP in "
+        f"{of(pp, len(rows), 'rows')}, and is Meta's layout exactly in "
+        f"{of(len(exact), len(rows), 'rows')}"
+        + (f" ({'; '.join(layouts)})" if layouts else "")
+        + f"; Meta's degrees rank {ranks} ({where(doc)}): "
+        "[benchmarks/results/published-layouts.md](benchmarks/results/published-layouts.md) "
+        "explains each row.\n"
+    )
+
+
+def megatron_ratio(doc: Doc) -> str:
+    ratios = sorted(
+        {
+            round(r["layer_bytes"]["memplan"] / r["layer_bytes"]["megatron_formula"], 2)
+            for r in doc["rows"]
+        }
+    )
+    ratio = " to ".join(f"{x:.2f}" for x in ratios)
+    return (
+        "Activations are transformers' saved tensors: Megatron-Core with Transformer Engine "
+        f"fuses norms and SwiGLU and saves less ({ratio}x less per Llama-3.1-405B layer by "
+        "Megatron's own formula, `benchmarks/published_layouts.py`, "
+        "[benchmarks/results/published-layouts.md](benchmarks/results/published-layouts.md)).\n"
+    )
+
+
+BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
+    "startup": ("speed.json", startup),
+    "verify-table": ("verify.json", verify_table),
+    "tp-table": ("tp-activations.json", tp_table),
+    "megatron-ratio": ("published-layouts.json", megatron_ratio),
+    "accuracy-intro": ("accuracy.json", accuracy_intro),
+    "accuracy-table": ("accuracy.json", accuracy_table),
+    "accuracy-misses": ("accuracy.json", accuracy_misses),
+    "speed": ("speed.json", speed),
+    "plan-speed": ("plan-speed.json", plan_speed),
+    "published-layouts": ("published-layouts.json", published_layouts),
+}
+
+
+# --- the README ------------------------------------------------------------------------------
+
+
+def render(readme: str, root: Path = ROOT) -> str:
+    """README text with every generated block rewritten from its results file."""
+
+    def one(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in BLOCKS:
+            raise SystemExit(f"README.md: unknown generated block {name!r}")
+        file, fn = BLOCKS[name]
+        path = f"{RESULTS}/{file}"
+        doc = json.loads((root / path).read_text())
+        return (
+            f"<!-- generated:{name} (scripts/gen_readme.py from {path} @ {commit_of(doc)}) -->\n"
+            f"{wrap(fn(doc))}<!-- /generated -->"
+        )
+
+    return BLOCK.sub(one, readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when README.md is stale")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = parser.parse_args(argv)
+    current = args.readme.read_text()
+    fresh = render(current)
+    if not args.check:
+        if fresh != current:
+            args.readme.write_text(fresh)
+        return 0
+    if fresh == current:
+        return 0
+    diff = difflib.unified_diff(
+        current.splitlines(keepends=True),
+        fresh.splitlines(keepends=True),
+        "README.md",
+        "README.md (scripts/gen_readme.py)",
+    )
+    sys.stderr.write("".join(diff))
+    sys.stderr.write("README.md is stale: run `python scripts/gen_readme.py`\n")
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
