@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from memplan import activations as acts
 from memplan import finetune, fp8, sharding
@@ -19,6 +19,40 @@ from memplan.precision import Recipe
 from memplan.sharding import Placement, RankStates, Term
 from memplan.spec import Spec
 from memplan.states import StageStates, model_parallel, stage_states
+
+Verdict = Literal[
+    "fits", "does_not_fit", "model_states_fit_activations_unknown", "model_states_do_not_fit"
+]
+VERDICT_TEXT: dict[Verdict, str] = {
+    "fits": "fits",
+    "does_not_fit": "does NOT fit",
+    "model_states_fit_activations_unknown": "model states fit; activations unknown",
+    "model_states_do_not_fit": "model states alone do NOT fit",
+}
+
+
+def verdict(*, usable_bytes: int | None, activations_modelled: bool) -> Verdict | None:
+    """The one fit verdict `estimate` (table and JSON) and `plan` give: from the usable memory
+    left (capacity - CUDA context - what the allocator reserves at the peak, minus any
+    reserve the user keeps free: memplan.timeline.Timeline.usable_bytes) and whether the peak
+    includes activations. Without activations the peak is a partial figure (model states and
+    transients only), so it can say that model states do not fit, never that the step fits.
+    None without a capacity."""
+    if usable_bytes is None:
+        return None
+    if activations_modelled:
+        return "fits" if usable_bytes >= 0 else "does_not_fit"
+    return (
+        "model_states_fit_activations_unknown" if usable_bytes >= 0 else "model_states_do_not_fit"
+    )
+
+
+def fits_of(v: Verdict | None) -> bool | None:
+    """`hardware.fits`: True only for a full "fits", False when it does not fit (model states
+    alone are enough to say so), None without a capacity or when activations are unknown."""
+    if v is None or v == "model_states_fit_activations_unknown":
+        return None
+    return v == "fits"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,8 +133,20 @@ class Report:
         return (most + self.activations.host_bytes) * self.gpus_per_node
 
     @property
+    def usable_bytes(self) -> int | None:
+        """GPU memory left at the peak after the CUDA context and the allocator's reserve
+        (memplan.timeline.Timeline.usable_bytes); None without a capacity."""
+        return self.timeline.usable_bytes
+
+    @property
+    def verdict(self) -> Verdict | None:
+        return verdict(
+            usable_bytes=self.usable_bytes, activations_modelled=self.activations.modelled
+        )
+
+    @property
     def fits(self) -> bool | None:
-        return None if self.capacity_bytes is None else self.peak_bytes <= self.capacity_bytes
+        return fits_of(self.verdict)
 
 
 @lru_cache(maxsize=64)
@@ -371,9 +417,8 @@ def to_json(report: Report) -> dict[str, Any]:
             "gpu": report.gpu,
             "memory_bytes": report.capacity_bytes,
             "fits": report.fits,
-            "headroom_bytes": None
-            if report.capacity_bytes is None
-            else report.capacity_bytes - report.peak_bytes,
+            "headroom_bytes": report.usable_bytes,
+            "verdict": report.verdict,
         },
         "notes": list(report.notes),
     }

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from memplan.errors import MemplanError
-from memplan.estimate import Report
+from memplan.estimate import VERDICT_TEXT, Report, Verdict
 from memplan.models import counts
 from memplan.models.inventory import Inventory, fold_name
 from memplan.plan import PlanResult
@@ -140,7 +140,8 @@ def timeline_view(report: Report, *, width: int = BAR_WIDTH) -> RenderableType:
         facts.append(f"CUDA context ~{human(tl.cuda_context_bytes)} (assumed)")
     if tl.usable_bytes is not None:
         facts.append(f"usable memory left {human(tl.usable_bytes)}")
-    parts.append(Text("; ".join(facts)))
+    # One fact a line: a long line wraps at a word bound, never inside a figure.
+    parts.extend(Text(f, overflow="fold") for f in facts)
     return Group(*parts)
 
 
@@ -276,26 +277,23 @@ def estimate_view(
     if report.host_bytes:
         parts.append(host_table(report))
     parts.append(timeline_view(report))
-    if report.capacity_bytes is not None:
-        headroom = report.capacity_bytes - report.peak_bytes
-        gpu_name = report.gpu or "the GPU"
-        if report.fits:
-            parts.append(
-                Text(
-                    f"fits {gpu_name} ({human(report.capacity_bytes)}): {human(headroom)} left",
-                    style="green",
-                )
-            )
-        else:
-            parts.append(
-                Text(
-                    f"does NOT fit {gpu_name} ({human(report.capacity_bytes)}): "
-                    f"{human(-headroom)} over",
-                    style="bold red",
-                )
-            )
+    v = report.verdict
+    if v is not None:
+        parts.append(verdict_line(report, v))
     parts.extend(Text(f"note: {n}", style="yellow") for n in report.notes)
     return Group(*parts)
+
+
+def verdict_line(report: Report, v: Verdict) -> Text:
+    """The verdict (memplan.estimate.verdict) on the usable memory the timeline prints."""
+    usable = report.usable_bytes or 0
+    where = f"{report.gpu or 'the GPU'} ({human(report.capacity_bytes or 0)})"
+    left = f"{human(usable)} usable left" if usable >= 0 else f"{human(-usable)} over"
+    text = f"{VERDICT_TEXT[v]} {where}: {left}"
+    if v == "model_states_fit_activations_unknown":
+        text += " before activations (not modelled)"
+    style = {"fits": "green", "model_states_fit_activations_unknown": "yellow"}.get(v, "bold red")
+    return Text(text, style=style)
 
 
 def inventory_table(inventory: Inventory, param_dtype: str) -> RenderableType:

@@ -1,0 +1,167 @@
+"""What a new user met (issue 15 items 2 and 9): one verdict, and the rough edges of the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from memplan.cli import app
+from memplan.errors import MemplanError
+from memplan.estimate import estimate, fits_of, verdict
+from memplan.load import load_inventory, load_spec, validate
+from memplan.plan import plan
+from memplan.spec import ParallelismSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def cli(*args: str, width: int = 140):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, [*args, "--width", str(width)])
+
+
+LLAMA = """\
+model:
+  preset: llama-3-8b
+precision: bf16-mixed
+optimizer:
+  name: adamw
+training:
+  micro_batch_size: 1
+  sequence_length: 2048
+parallelism:
+  data: 8
+  zero_stage: 3
+"""
+
+
+# --- item 2: one verdict -----------------------------------------------------------------------
+
+
+def test_verdict_table() -> None:
+    """The verdict's cases, spelled out (the issue's wording is the oracle)."""
+    assert verdict(usable_bytes=None, activations_modelled=True) is None
+    assert verdict(usable_bytes=0, activations_modelled=True) == "fits"
+    assert verdict(usable_bytes=-1, activations_modelled=True) == "does_not_fit"
+    assert (
+        verdict(usable_bytes=5, activations_modelled=False)
+        == "model_states_fit_activations_unknown"
+    )
+    assert verdict(usable_bytes=-1, activations_modelled=False) == "model_states_do_not_fit"
+    assert fits_of("model_states_fit_activations_unknown") is None
+    assert fits_of("model_states_do_not_fit") is False
+    assert fits_of("fits") is True
+
+
+def test_peak_under_capacity_but_no_usable_memory_does_not_fit(tmp_path: Path) -> None:
+    """The issue's case: peak <= capacity, but the CUDA context and the allocator's reserve
+    leave nothing usable. Table and JSON both say it does not fit, from one figure."""
+    free = json.loads(cli("estimate", str(write(tmp_path, LLAMA)), "--json").stdout)
+    capacity = free["per_gpu"]["peak"] + (100 << 20)  # 100 MiB above the peak
+    spec = write(tmp_path, LLAMA + f"hardware:\n  memory: {capacity}\n")
+    doc = json.loads(cli("estimate", str(spec), "--json").stdout)
+    hw = doc["hardware"]
+    assert hw["verdict"] == "does_not_fit" and hw["fits"] is False
+    assert hw["headroom_bytes"] == doc["timeline"]["usable_bytes"] < 0
+    out = cli("estimate", str(spec)).stdout
+    assert "does NOT fit the GPU" in out and "\nfits " not in out
+
+
+def test_fit_line_prints_the_usable_memory(tmp_path: Path) -> None:
+    spec = write(tmp_path, LLAMA + "hardware:\n  gpu: H100-80GB\n")
+    doc = json.loads(cli("estimate", str(spec), "--json").stdout)
+    assert doc["hardware"]["verdict"] == "fits" and doc["hardware"]["fits"] is True
+    from memplan.render import human
+
+    usable = human(doc["timeline"]["usable_bytes"])
+    out = cli("estimate", str(spec)).stdout
+    assert f"usable memory left {usable}" in out
+    assert f"fits H100-80GB (79.65 GiB): {usable} usable left" in out
+
+
+@pytest.mark.parametrize(
+    ("memory", "expected", "fits", "text"),
+    [
+        ("80GiB", "model_states_fit_activations_unknown", None, "model states fit; activations"),
+        ("1GiB", "model_states_do_not_fit", False, "model states alone do NOT fit"),
+    ],
+)
+def test_no_plain_yes_without_activations(
+    tmp_path: Path, memory: str, expected: str, fits: bool | None, text: str
+) -> None:
+    """A parameter count has no activations: never a plain "fits"."""
+    body = LLAMA.replace("  preset: llama-3-8b", "  num_parameters: 1e9")
+    spec = write(tmp_path, body + f"hardware:\n  memory: {memory}\n")
+    doc = json.loads(cli("estimate", str(spec), "--json").stdout)
+    assert doc["per_gpu"]["activations_modelled"] is False
+    assert doc["hardware"]["verdict"] == expected and doc["hardware"]["fits"] is fits
+    out = cli("estimate", str(spec)).stdout
+    assert text in out and "\nfits " not in out
+
+
+def test_deepseek_v3_is_partial(tmp_path: Path) -> None:
+    """DeepSeek-V3's activations are not modelled: the verdict is partial."""
+    spec = write(
+        tmp_path,
+        LLAMA.replace("llama-3-8b", "deepseek-v3").replace("data: 8", "data: 1024")
+        + "hardware:\n  gpu: H200\n",
+    )
+    doc = json.loads(cli("estimate", str(spec), "--json").stdout)
+    assert doc["hardware"]["verdict"].startswith("model_states_")
+    assert doc["hardware"]["fits"] in (None, False)
+
+
+def test_plan_refuses_a_model_without_activations() -> None:
+    loaded = validate(
+        {
+            "model": {"preset": "deepseek-v3"},
+            "hardware": {"gpu": "H200"},
+            "plan": {"gpus": 8},
+        }
+    )
+    with pytest.raises(MemplanError, match="activations are not modelled"):
+        plan(loaded.spec, load_inventory(loaded))
+
+
+def test_plan_uses_estimate_verdict() -> None:
+    """Every layout plan ranks is a "fits" for estimate, with the same headroom."""
+    loaded = load_spec(ROOT / "configs" / "plan-llama-3-8b.yaml")
+    inventory = load_inventory(loaded)
+    result = plan(loaded.spec, inventory)
+    assert result.layouts
+    for c in result.layouts[:3]:
+        par = ParallelismSpec(
+            engine=c.engine,
+            data=c.data,
+            zero_stage=c.zero_stage,
+            tensor=c.tensor,
+            pipeline=c.pipeline,
+            context=c.context,
+            expert=c.expert,
+            sequence_parallel=c.tensor > 1,
+            layers_per_stage=c.layers_per_stage,
+            schedule="interleaved" if c.virtual_stages > 1 else "1f1b",
+            virtual_stages=c.virtual_stages,
+            offload={"optimizer": c.offload},
+        )
+        training = loaded.spec.training.model_copy(
+            update={
+                "micro_batch_size": c.micro_batch_size,
+                "gradient_accumulation_steps": c.gradient_accumulation_steps,
+                "activation_checkpointing": c.recompute,
+            }
+        )
+        spec = loaded.spec.model_copy(update={"parallelism": par, "training": training})
+        report = estimate(spec, inventory)
+        assert report.verdict == "fits"
+        assert report.peak_bytes == c.peak_bytes
+        assert report.usable_bytes == c.headroom_bytes  # plan.reserve is 0 here
