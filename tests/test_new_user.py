@@ -165,3 +165,31 @@ def test_plan_uses_estimate_verdict() -> None:
         assert report.verdict == "fits"
         assert report.peak_bytes == c.peak_bytes
         assert report.usable_bytes == c.headroom_bytes  # plan.reserve is 0 here
+
+
+# --- item 9: what a new user met ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["llama-3-8b", "mixtral-8x7b", "qwen2.5-0.5b"])
+def test_tp_hint_lists_only_degrees_that_pass(tmp_path: Path, preset: str) -> None:
+    """Every degree the hint offers passes every divisibility check (the hint's own claim,
+    checked by running each), and a degree not offered is refused."""
+    spec = write(tmp_path, f"model:\n  preset: {preset}\nparallelism:\n  tensor: 3\n")
+    result = cli("estimate", str(spec))
+    assert result.exit_code == 1
+    offered = [
+        int(d) for d in result.stderr.split("valid tensor degrees: ")[1].rstrip(".\n").split(", ")
+    ]
+    for d in (*offered, 16, 32):
+        spec = write(tmp_path, f"model:\n  preset: {preset}\nparallelism:\n  tensor: {d}\n")
+        code = cli("estimate", str(spec), "--json").exit_code
+        assert code == (0 if d in offered else 1), (preset, d, offered)
+
+
+def test_llama_3_8b_tp_hint_is_what_its_kv_heads_allow(tmp_path: Path) -> None:
+    """Llama-3-8B: 32 heads, 8 key/value heads (reference/hf-configs): 1, 2, 4, 8."""
+    spec = write(tmp_path, "model:\n  preset: llama-3-8b\nparallelism:\n  tensor: 16\n")
+    result = cli("estimate", str(spec))
+    assert "16 does not divide num_key_value_heads=8; valid tensor degrees: 1, 2, 4, 8." in (
+        result.stderr
+    )
