@@ -89,6 +89,9 @@ class Report:
     """The most-loaded rank's class (largest total; the lowest rank on a tie)."""
     buffers: tuple[Term, ...]
     gpus_per_node: int
+    ranks_per_node: int
+    """Ranks that share one node's host memory: min(gpus_per_node, world size) (a one-GPU job
+    has one rank on its node, however many GPUs the node has)."""
     host_capacity_bytes: int | None
     """hardware.host_memory: CPU memory of one node."""
     activations_bytes: int
@@ -127,10 +130,10 @@ class Report:
 
     @property
     def host_bytes_per_node(self) -> int:
-        """Host memory of one node: the most-loaded rank's host bytes x GPUs per node (an
-        upper bound when ranks differ)."""
+        """Host memory of one node: the most-loaded rank's host bytes x the ranks on a node
+        (an upper bound when ranks differ)."""
         most = max(sum(t.bytes for t in r.host_terms) for s in self.stages for r in s.ranks)
-        return (most + self.activations.host_bytes) * self.gpus_per_node
+        return (most + self.activations.host_bytes) * self.ranks_per_node
 
     @property
     def usable_bytes(self) -> int | None:
@@ -263,6 +266,7 @@ def assemble(
         per_gpu=top.per_gpu,
         buffers=top.buffers,
         gpus_per_node=spec.hardware.gpus_per_node,
+        ranks_per_node=min(spec.hardware.gpus_per_node, spec.parallelism.world_size),
         host_capacity_bytes=spec.hardware.host_memory,
         activations_bytes=saved.bytes,
         transient_bytes=timeline.peak.of("transient"),
@@ -406,6 +410,7 @@ def to_json(report: Report) -> dict[str, Any]:
             "total": report.host_bytes_per_node,
             "per_rank": report.host_bytes,
             "gpus_per_node": report.gpus_per_node,
+            "ranks_per_node": report.ranks_per_node,
             "rows": [_term_json(t) for t in gpu.host_terms],
             "nvme": sum(t.bytes for t in report.stages[report.stage].nvme),
             "memory_bytes": report.host_capacity_bytes,

@@ -229,7 +229,8 @@ def host_table(report: Report) -> Table:
     table.add_section()
     table.add_row("per rank", "", f"{report.host_bytes:,}", human(report.host_bytes))
     node = report.host_bytes_per_node
-    table.add_row(f"per node ({report.gpus_per_node} GPUs)", "", f"{node:,}", human(node))
+    n = report.ranks_per_node
+    table.add_row(f"per node ({n} rank{'s' * (n > 1)})", "", f"{node:,}", human(node))
     cap = report.host_capacity_bytes
     if cap is not None:
         verdict = "fits" if node <= cap else "does NOT fit"

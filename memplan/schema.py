@@ -301,6 +301,8 @@ class PerHost(_Doc):
     """The most-loaded GPU's rank."""
     gpus_per_node: int
     """hardware.gpus_per_node."""
+    ranks_per_node: int
+    """Ranks on one node, what total multiplies: min(gpus_per_node, world size)."""
     rows: list[Row]
     """What that rank keeps in host memory (optimizer scalars, offloaded states)."""
     nvme: int

@@ -193,3 +193,47 @@ def test_llama_3_8b_tp_hint_is_what_its_kv_heads_allow(tmp_path: Path) -> None:
     assert "16 does not divide num_key_value_heads=8; valid tensor degrees: 1, 2, 4, 8." in (
         result.stderr
     )
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path: Path) -> None:
+    spec = write(
+        tmp_path,
+        "model:\n  preset: llama-3-8b\ntraining:\n  sequence_length: 2048\n"
+        "  micro_batch_size: 1\n  sequence_length: 8192\n",
+    )
+    result = cli("estimate", str(spec))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{spec}:6: duplicate key 'training.sequence_length' (first at line 4)" in (
+        result.stderr
+    )
+
+
+def test_a_merge_key_override_is_not_a_duplicate(tmp_path: Path) -> None:
+    spec = write(
+        tmp_path,
+        "x-base: &base\n  micro_batch_size: 1\n  sequence_length: 2048\n"
+        "model:\n  preset: llama-3-8b\ntraining:\n  <<: *base\n  sequence_length: 4096\n",
+    )
+    with pytest.raises(MemplanError):  # x-base is not a spec key; the parse itself passes
+        load_spec(spec)
+    from memplan.load import _parse_yaml
+
+    data, _ = _parse_yaml(spec.read_text(), str(spec))
+    assert data["training"] == {"micro_batch_size": 1, "sequence_length": 4096}
+
+
+@pytest.mark.parametrize(("data", "gpn", "ranks"), [(1, 8, 1), (4, 8, 4), (16, 8, 8)])
+def test_host_memory_per_node_counts_the_ranks_on_it(
+    tmp_path: Path, data: int, gpn: int, ranks: int
+) -> None:
+    """A one-GPU job's node holds one rank's host memory, not gpus_per_node of them."""
+    spec = write(
+        tmp_path,
+        LLAMA.replace("data: 8", f"data: {data}")
+        + f"  offload:\n    optimizer: cpu\nhardware:\n  gpus_per_node: {gpn}\n",
+    )
+    result = cli("estimate", str(spec), "--json")
+    assert result.exit_code == 0, result.output
+    host = json.loads(result.stdout)["per_host"]
+    assert host["per_rank"] > 0 and host["ranks_per_node"] == ranks
+    assert host["total"] == ranks * host["per_rank"]
