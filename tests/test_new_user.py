@@ -237,3 +237,30 @@ def test_host_memory_per_node_counts_the_ranks_on_it(
     host = json.loads(result.stdout)["per_host"]
     assert host["per_rank"] > 0 and host["ranks_per_node"] == ranks
     assert host["total"] == ranks * host["per_rank"]
+
+
+@pytest.mark.parametrize(
+    ("gpu", "mib"),
+    [
+        # nvidia-smi memory.total of an L40S, 48GB with ECC on (akash-network/provider-configs
+        # PR 99, driver 595.71.05): 46068 MiB.
+        ("L40S", 46068),
+        ("L40", 46068),
+        ("A40", 46068),
+        ("A6000", 49140),
+        ("RTX-A6000", 49140),
+        ("H100-NVL", 95830),
+        ("H100-96GB", 95830),
+    ],
+)
+def test_the_48gb_cards_and_h100_nvl_are_known(gpu: str, mib: int) -> None:
+    loaded = validate({"model": {"preset": "llama-3-8b"}, "hardware": {"gpu": gpu}})
+    report = estimate(loaded.spec, load_inventory(loaded))
+    assert report.capacity_bytes == mib * 2**20
+
+
+def test_unknown_gpu_points_at_hardware_memory(tmp_path: Path) -> None:
+    spec = write(tmp_path, "model:\n  preset: llama-3-8b\nhardware:\n  gpu: L40X\n")
+    result = cli("estimate", str(spec))
+    assert result.exit_code == 1
+    assert "or give hardware.memory: 48GB" in result.stderr
