@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -43,13 +43,16 @@ def estimate_table(report: Report, *, explain: bool = False) -> Table:
     gpu = report.per_gpu
     first, count = gpu.ranks[0], len(report.ranks)
     who = "every rank" if count == 1 else f"rank {first}, the most loaded"
-    table = Table(title=f"Memory per GPU ({who})", box=box.SIMPLE_HEAVY, title_justify="left")
-    table.add_column("category")
-    table.add_column("dtype")
-    table.add_column("bytes", justify="right")
-    table.add_column("size", justify="right")
+    per = "GPU" if report.placement.device == "cuda" else "process (CPU)"
+    table = Table(title=f"Memory per {per} ({who})", box=box.SIMPLE_HEAVY, title_justify="left")
+    # Figures never wrap: at 80 columns a long label folds instead.
+    table.add_column("category", overflow="fold")
+    table.add_column("dtype", no_wrap=True)
+    table.add_column("bytes", justify="right", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
     if cap:
-        table.add_column("of GPU", justify="right")
+        share = "of GPU" if report.placement.device == "cuda" else "of mem"
+        table.add_column(share, justify="right", no_wrap=True)
 
     refs = 0
 
@@ -76,7 +79,7 @@ def estimate_table(report: Report, *, explain: bool = False) -> Table:
     else:
         add("activations (not modelled)", "", 0, style="dim")
     peak = report.timeline.peak
-    add(f"transient (at {peak.label})", "", report.transient_bytes)
+    add("transient at the peak", "", report.transient_bytes)
     table.add_section()
     add(f"peak ({peak.label})", "", report.peak_bytes, style="bold")
     table.caption = "peak: the step's highest phase (timeline below), not the sum of the rows"
@@ -98,15 +101,21 @@ BAR_STYLE = {
 BAR_WIDTH = 48
 
 
-def timeline_view(report: Report, *, width: int = BAR_WIDTH) -> RenderableType:
-    """One bar per phase of the step, stacked by category, the GPU's capacity marked."""
+def timeline_view(
+    report: Report, *, width: int = BAR_WIDTH, columns: int | None = None
+) -> RenderableType:
+    """One bar per phase of the step, stacked by category, the GPU's capacity marked. With
+    `columns` (the console's width), the bars narrow so that no line wraps."""
     tl = report.timeline
     cap = report.capacity_bytes
     top = max([p.total_bytes for p in tl.points] + ([cap] if cap else []))
-    scale = max(top / width, 1.0)
-    mark = None if not cap else min(width - 1, int(cap / scale))
     lines = Text()
     label_width = max(len(p.label) for p in tl.points)
+    if columns is not None:
+        tail = max(len(f" {human(p.total_bytes)} <- peak") for p in tl.points)
+        width = max(8, min(width, columns - label_width - 1 - tail))
+    scale = max(top / width, 1.0)
+    mark = None if not cap else min(width - 1, int(cap / scale))
     for p in tl.points:
         cells: list[tuple[str, str]] = []
         done = 0
@@ -125,14 +134,17 @@ def timeline_view(report: Report, *, width: int = BAR_WIDTH) -> RenderableType:
             lines.append(char, style=style)
         star = " <- peak" if p is tl.peak else ""
         lines.append(f" {human(p.total_bytes)}{star}\n", style="bold" if star else "")
-    legend = Text("  ")
-    for name, (char, style) in BAR_STYLE.items():
-        legend.append(char, style=style)
-        legend.append(f" {name.replace('_', ' ')}  ")
+    items = [
+        Text.assemble((char, style), f" {name.replace('_', ' ')}")
+        for name, (char, style) in BAR_STYLE.items()
+    ]
     if mark is not None:
-        legend.append("│", style="dim")
-        legend.append(f" GPU memory ({human(cap or 0)})")
-    parts: list[RenderableType] = [Text("Step timeline", style="bold"), lines, legend]
+        items.append(Text.assemble(("│", "dim"), f" GPU memory ({human(cap or 0)})"))
+    parts: list[RenderableType] = [
+        Text("Step timeline", style="bold"),
+        lines,
+        _packed(items, columns),
+    ]
     facts = [f"peak {human(tl.peak_bytes)} {tl.peak.label}"]
     if tl.reserved_bytes is not None:
         facts.append(f"torch.cuda.memory_reserved() likely >= {human(tl.reserved_bytes)}")
@@ -143,6 +155,35 @@ def timeline_view(report: Report, *, width: int = BAR_WIDTH) -> RenderableType:
     # One fact a line: a long line wraps at a word bound, never inside a figure.
     parts.extend(Text(f, overflow="fold") for f in facts)
     return Group(*parts)
+
+
+class _TimelineFit:
+    """The timeline drawn to the console's width (known only when it renders)."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+
+    def __rich_console__(
+        self, console: Console, options: ConsoleOptions
+    ) -> Iterator[RenderableType]:
+        yield timeline_view(self.report, columns=options.max_width)
+
+
+def _packed(items: list[Text], columns: int | None) -> Text:
+    """Legend entries two spaces apart, a line break only between entries."""
+    out = Text("  ")
+    used = 2
+    for item in items:
+        if used > 2:
+            if columns is not None and used + 2 + len(item) > columns:
+                out.append("\n  ")
+                used = 2
+            else:
+                out.append("  ")
+                used += 2
+        out.append_text(item)
+        used += len(item)
+    return out
 
 
 def save_plot(report: Report, path: str) -> None:
@@ -277,7 +318,7 @@ def estimate_view(
         parts.append(stages_table(report))
     if report.host_bytes:
         parts.append(host_table(report))
-    parts.append(timeline_view(report))
+    parts.append(_TimelineFit(report))
     v = report.verdict
     if v is not None:
         parts.append(verdict_line(report, v))
@@ -288,7 +329,8 @@ def estimate_view(
 def verdict_line(report: Report, v: Verdict) -> Text:
     """The verdict (memplan.estimate.verdict) on the usable memory the timeline prints."""
     usable = report.usable_bytes or 0
-    where = f"{report.gpu or 'the GPU'} ({human(report.capacity_bytes or 0)})"
+    device = "the GPU" if report.placement.device == "cuda" else "the memory"
+    where = f"{report.gpu or device} ({human(report.capacity_bytes or 0)})"
     left = f"{human(usable)} usable left" if usable >= 0 else f"{human(-usable)} over"
     text = f"{VERDICT_TEXT[v]} {where}: {left}"
     if v == "model_states_fit_activations_unknown":

@@ -264,3 +264,35 @@ def test_unknown_gpu_points_at_hardware_memory(tmp_path: Path) -> None:
     result = cli("estimate", str(spec))
     assert result.exit_code == 1
     assert "or give hardware.memory: 48GB" in result.stderr
+
+
+def test_cpu_run_is_titled_per_process(tmp_path: Path) -> None:
+    spec = write(tmp_path, LLAMA + "hardware:\n  device: cpu\n  memory: 512GiB\n")
+    out = cli("estimate", str(spec)).stdout
+    assert "Memory per process (CPU)" in out and "Memory per GPU" not in out
+    assert "of mem" in out and "of GPU" not in out
+
+
+SHIPPED = ["llama-3-8b", "mixtral-8x7b", "llama-3-8b-qlora"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("how", ["--width", "COLUMNS"])
+def test_80_columns_break_no_phrase(name: str, how: str) -> None:
+    """At 80 columns no line is longer than 80, and the phrases a reader looks for stay whole."""
+    args = ["estimate", str(ROOT / "configs" / f"{name}.yaml"), "--explain"]
+    if how == "--width":
+        result = runner.invoke(app, [*args, "--width", "80"])
+    else:
+        result = runner.invoke(app, args, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    doc = json.loads(runner.invoke(app, [*args[:2], "--json"]).stdout)
+    from memplan.render import human
+
+    peak = human(doc["per_gpu"]["peak"])
+    assert any(line.rstrip().endswith(f"{peak} <- peak") for line in lines)
+    assert f"usable memory left {human(doc['timeline']['usable_bytes'])}" in result.stdout
+    assert "transient at the peak" in result.stdout
+    assert "▓ transient" in result.stdout
