@@ -65,6 +65,11 @@ class ModelSummary:
     num_buffers: int
     num_trainable_parameters: int
     """Elements of the parameters that train (all of them unless finetune freezes some)."""
+    num_stored_elements: int
+    """Parameter elements the job holds: num_parameters, plus LoRA adapters, with QLoRA's
+    4-bit weights as packed uint8 elements (two weights each)."""
+    num_stored_tensors: int
+    """Parameter tensors the job holds (adapters included)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,16 +158,21 @@ class Report:
 
 
 @lru_cache(maxsize=64)
-def summary(inventory: Inventory) -> ModelSummary:
-    """The model's counts (cached per inventory object: plan assembles thousands of reports
-    of one inventory)."""
+def summary(inventory: Inventory, trained: Inventory | None = None) -> ModelSummary:
+    """The model's counts: `inventory` is the model as `memplan inventory` lists it, `trained`
+    what the job holds (finetune.apply: LoRA adapters added, 4-bit weights packed two to a
+    uint8 element). Cached per inventory object: plan assembles thousands of reports of one
+    inventory."""
+    held = inventory if trained is None else trained
     return ModelSummary(
         name=inventory.name,
         model_type=inventory.architecture.model_type if inventory.architecture else None,
         num_parameters=inventory.num_parameters,
         num_parameter_tensors=len(inventory.parameters),
         num_buffers=len(inventory.buffers),
-        num_trainable_parameters=finetune.num_trainable(inventory.parameters),
+        num_trainable_parameters=finetune.num_trainable(held.parameters),
+        num_stored_elements=held.num_parameters,
+        num_stored_tensors=len(held.parameters),
     )
 
 
@@ -213,6 +223,7 @@ def assemble(
     the highest peak. `every_stage=False` (plan) skips the interior ranks another interior rank
     dominates: same layers and model states but fewer micro-batches in flight.
     """
+    model = inventory
     inventory = finetune.apply(spec, inventory)
     recipe = spec.recipe()
     opt = spec.optimizer.config()
@@ -252,7 +263,7 @@ def assemble(
     saved, timeline = views[index]
     notes = list(inventory.notes) + list(saved.notes) + _fp8_notes(spec, local[top.stage], saved)
     return Report(
-        model=summary(inventory),
+        model=summary(model, inventory),
         recipe=recipe,
         optimizer=opt,
         placement=placement,
@@ -369,6 +380,7 @@ def to_json(report: Report) -> dict[str, Any]:
             "num_parameter_tensors": report.model.num_parameter_tensors,
             "num_buffers": report.model.num_buffers,
             "num_trainable_parameters": report.model.num_trainable_parameters,
+            "num_stored_elements": report.model.num_stored_elements,
         },
         "precision": {
             "name": report.recipe.name,

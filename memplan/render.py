@@ -298,6 +298,44 @@ def _rank_label(states: RankStates) -> str:
     return str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}"
 
 
+def _dtypes(report: Report, category: str) -> list[str]:
+    """The dtypes the rank's rows of `category` are stored in, in row order."""
+    rows = (*report.per_gpu.terms, *report.per_gpu.host_terms)
+    return list(dict.fromkeys(t.dtype for t in rows if t.category == category and t.dtype))
+
+
+def _stored(report: Report) -> str:
+    """The recipe, described by what the table shows is stored: the recipe's own words when
+    parameters and gradients are in its dtypes, else the stored dtypes (FSDP2 keeps the fp32
+    masters as its sharded parameters; QLoRA packs 4-bit weights in uint8)."""
+    r = report.recipe
+    params, grads = _dtypes(report, "parameters"), _dtypes(report, "gradients")
+    if params in ([], [r.parameters]) and grads in ([], [r.gradients]):
+        return f"{r.name} ({r.description})"
+    why = []
+    if report.placement.engine == "fsdp2" and r.master_weights in params:
+        why.append(f"FSDP2 shards the {r.master_weights} masters")
+    if "uint8" in params:
+        why.append("QLoRA's 4-bit weights packed two to a uint8")
+    m = report.model
+    if m.num_stored_tensors > m.num_parameter_tensors and grads:
+        why.append(f"LoRA adapters in {grads[0]}")
+    said = f" ({'; '.join(why)})" if why else ""
+    grad = f", gradients {' + '.join(grads)}" if grads else ""
+    return f"{r.name}: parameters stored {' + '.join(params)}{grad}{said}, compute {r.compute}"
+
+
+def _held(report: Report) -> str:
+    """What the job holds, when it differs from the model's own tensors."""
+    m = report.model
+    if (m.num_stored_elements, m.num_stored_tensors) == (
+        m.num_parameters,
+        m.num_parameter_tensors,
+    ):
+        return ""
+    return f" (held as {m.num_stored_elements:,} elements in {m.num_stored_tensors:,} tensors)"
+
+
 def estimate_view(
     report: Report, *, show_ranks: bool = False, explain: bool = False
 ) -> RenderableType:
@@ -305,8 +343,10 @@ def estimate_view(
     p = report.placement
     head = Text.assemble(
         (model.name, "bold"),
-        f"  {model.num_parameters:,} parameters in {model.num_parameter_tensors:,} tensors\n",
-        f"{report.recipe.name} ({report.recipe.description}), {report.optimizer.name}, "
+        f"  {model.num_parameters:,} parameters in {model.num_parameter_tensors:,} tensors",
+        _held(report),
+        "\n",
+        f"{_stored(report)}, {report.optimizer.name}, "
         f"{p.engine} ZeRO-{p.stage} over {p.data} data-parallel rank{'s' * (p.data > 1)}",
     )
     parts: list[RenderableType] = [head, estimate_table(report, explain=explain)]

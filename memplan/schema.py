@@ -37,13 +37,18 @@ class ModelInfo(_Doc):
     model_type: str | None
     """config.json `model_type`; null for a bare parameter count."""
     num_parameters: int
-    """Elements over distinct parameter tensors (tied weights counted once)."""
+    """The model's parameters as `memplan inventory` counts them: elements over distinct
+    parameter tensors (tied weights counted once), before finetune adds adapters or packs
+    4-bit weights."""
     num_parameter_tensors: int
-    """Distinct parameter tensors."""
+    """The model's distinct parameter tensors."""
     num_buffers: int
-    """Buffer tensors (`register_buffer`)."""
+    """The model's buffer tensors (`register_buffer`)."""
     num_trainable_parameters: int
     """Elements of the parameters that train (all of them unless `finetune` freezes some)."""
+    num_stored_elements: int
+    """Parameter elements the job holds: num_parameters plus LoRA adapters, QLoRA's 4-bit
+    weights counted as their packed uint8 elements (two weights each)."""
 
 
 class PrecisionInfo(_Doc):

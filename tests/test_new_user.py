@@ -296,3 +296,29 @@ def test_80_columns_break_no_phrase(name: str, how: str) -> None:
     assert f"usable memory left {human(doc['timeline']['usable_bytes'])}" in result.stdout
     assert "transient at the peak" in result.stdout
     assert "▓ transient" in result.stdout
+
+
+def test_qlora_header_counts_the_model_as_inventory_does(tmp_path: Path) -> None:
+    """QLoRA Llama-2-70B: the header's count is `memplan inventory`'s (an independent command
+    that reads the same preset without finetune), and the packed storage is said apart."""
+    body = (ROOT / "configs" / "llama-3-8b-qlora.yaml").read_text()
+    spec = write(tmp_path, body.replace("llama-3-8b", "llama-2-70b").replace("RTX-4090", "H100"))
+    inv = json.loads(runner.invoke(app, ["inventory", str(spec), "--json"]).stdout)
+    doc = json.loads(cli("estimate", str(spec), "--json").stdout)
+    assert doc["model"]["num_parameters"] == inv["num_parameters"]
+    assert doc["model"]["num_stored_elements"] < inv["num_parameters"]  # packed 4-bit
+    out = cli("estimate", str(spec)).stdout
+    first = out.splitlines()[0]
+    assert f"{inv['num_parameters']:,} parameters" in first
+    assert f"held as {doc['model']['num_stored_elements']:,} elements" in first
+    assert "parameters stored fp32 + uint8" in out and "packed two to a uint8" in out
+
+
+def test_fsdp2_header_says_the_fp32_masters_are_stored(tmp_path: Path) -> None:
+    spec = write(tmp_path, LLAMA.replace("  data: 8", "  engine: fsdp2\n  data: 8"))
+    doc = json.loads(cli("estimate", str(spec), "--json").stdout)
+    stored = {r["dtype"] for r in doc["per_gpu"]["rows"] if r["category"] == "parameters"}
+    assert stored == {"fp32"}  # the table's own rows
+    out = cli("estimate", str(spec)).stdout
+    assert "bf16-mixed: parameters stored fp32" in out and "compute bf16" in out
+    assert "bf16 parameters and gradients" not in out
