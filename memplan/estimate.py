@@ -261,7 +261,12 @@ def assemble(
     index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
     top = stages[index]
     saved, timeline = views[index]
-    notes = list(inventory.notes) + list(saved.notes) + _fp8_notes(spec, local[top.stage], saved)
+    notes = (
+        list(inventory.notes)
+        + list(saved.notes)
+        + _fp8_notes(spec, local[top.stage], saved)
+        + _sequence_notes(spec, inventory, [v[0] for v in views.values()])
+    )
     return Report(
         model=summary(model, inventory),
         recipe=recipe,
@@ -287,6 +292,53 @@ def assemble(
         gpu=spec.hardware.gpu,
         notes=tuple(notes),
     )
+
+
+# c10/core/StorageImpl.h: a storage's size in bytes is an int64 (SymInt), so no tensor can hold
+# more bytes than this; a sequence length that asks for one is a typo, not a plan.
+MAX_TENSOR_BYTES = 2**63 - 1
+
+
+def _sequence_notes(spec: Spec, inventory: Inventory, saved: list[acts.Activations]) -> list[str]:
+    """Refuse a sequence whose tensors could not exist; note one beyond the model's
+    max_position_embeddings."""
+    seq = spec.training.sequence_length
+    largest = max(
+        (
+            max(
+                [a.logits_bytes, a.upcast_bytes]
+                + [t.bytes for b in a.blocks for t in (*b.tensors, *b.recompute)]
+            )
+            for a in saved
+        ),
+        default=0,
+    )
+    if largest > MAX_TENSOR_BYTES:
+        raise MemplanError(
+            f"{seq:,} tokens make a tensor of {largest:,} bytes, more than a torch tensor can "
+            f"hold (2^63 - 1 bytes: c10 StorageImpl's int64 size); use a realistic "
+            "sequence length.",
+            field="training.sequence_length",
+        )
+    arch = inventory.architecture
+    limit = arch.max_position_embeddings if arch else 0
+    if not limit or seq <= limit:
+        return []
+    if any(t.role == "position" for t in inventory.parameters):
+        # A learned position table has max_position_embeddings rows: nn.Embedding fails on
+        # a position past it (IndexError in the forward).
+        raise MemplanError(
+            f"{seq:,} tokens is beyond the model's max_position_embeddings={limit:,}: its "
+            f"learned position embeddings have {limit:,} rows, so the forward fails; use at "
+            f"most {limit:,}.",
+            field="training.sequence_length",
+        )
+    return [
+        f"training.sequence_length {seq:,} is beyond the model's max_position_embeddings="
+        f"{limit:,}: rotary/relative positions run, but the model was not trained that long "
+        "(scale RoPE, e.g. rope_scaling, and expect to fine-tune for it); memory is "
+        "computed as given."
+    ]
 
 
 def _with_fp8_state(spec: Spec, st: StageStates, local: Inventory) -> StageStates:

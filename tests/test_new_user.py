@@ -322,3 +322,34 @@ def test_fsdp2_header_says_the_fp32_masters_are_stored(tmp_path: Path) -> None:
     out = cli("estimate", str(spec)).stdout
     assert "bf16-mixed: parameters stored fp32" in out and "compute bf16" in out
     assert "bf16 parameters and gradients" not in out
+
+
+def test_sequence_beyond_max_positions_is_noted(tmp_path: Path) -> None:
+    """Llama-3-8B's config.json says max_position_embeddings 8192 (reference/hf-configs)."""
+    spec = write(tmp_path, LLAMA.replace("2048", "1000000000"))
+    result = cli("estimate", str(spec), "--json")
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.stdout)["notes"]
+    assert any(
+        "sequence_length 1,000,000,000 is beyond the model's max_position_embeddings=8,192" in n
+        for n in notes
+    )
+    ok = json.loads(cli("estimate", str(write(tmp_path, LLAMA)), "--json").stdout)["notes"]
+    assert not any("max_position_embeddings" in n for n in ok)
+
+
+def test_learned_positions_refuse_a_longer_sequence(tmp_path: Path) -> None:
+    """GPT-2 learns 1024 positions (wpe [1024, 768]): a longer sequence cannot run."""
+    spec = write(tmp_path, "model:\n  preset: gpt2\ntraining:\n  sequence_length: 2048\n")
+    result = cli("estimate", str(spec))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{spec}:4: training.sequence_length: 2,048 tokens is beyond" in result.stderr
+
+
+def test_absurd_sequence_is_refused(tmp_path: Path) -> None:
+    """1e14 tokens: the fp32 logits [1e14, 128256] alone are 5.1e19 bytes > 2^63 - 1."""
+    spec = write(tmp_path, LLAMA.replace("2048", "100000000000000"))
+    result = cli("estimate", str(spec))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "training.sequence_length" in result.stderr
+    assert "more than a torch tensor can hold" in result.stderr
