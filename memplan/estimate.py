@@ -93,6 +93,8 @@ class Report:
     per_gpu: RankStates
     """The most-loaded rank's class (largest total; the lowest rank on a tie)."""
     buffers: tuple[Term, ...]
+    degrees: tuple[tuple[str, int], ...]
+    """The layout's parallel degrees, (name, degree): dp, tp, pp, cp, ep."""
     gpus_per_node: int
     ranks_per_node: int
     """Ranks that share one node's host memory: min(gpus_per_node, world size) (a one-GPU job
@@ -281,6 +283,13 @@ def assemble(
         ranks=top.ranks,
         per_gpu=top.per_gpu,
         buffers=top.buffers,
+        degrees=(
+            ("dp", spec.parallelism.data),
+            ("tp", spec.parallelism.tensor),
+            ("pp", spec.parallelism.pipeline),
+            ("cp", spec.parallelism.context),
+            ("ep", spec.parallelism.expert),
+        ),
         gpus_per_node=spec.hardware.gpus_per_node,
         ranks_per_node=min(spec.hardware.gpus_per_node, spec.parallelism.world_size),
         host_capacity_bytes=spec.hardware.host_memory,

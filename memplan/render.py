@@ -186,6 +186,17 @@ def _packed(items: list[Text], columns: int | None) -> Text:
     return out
 
 
+def plot_title(report: Report) -> str:
+    """The plot's title: model, engine and ZeRO stage, degrees, and the peak."""
+    p = report.placement
+    degrees = " ".join(f"{name}={n}" for name, n in report.degrees if n > 1 or name == "dp")
+    return (
+        f"{report.model.name} ({report.model.num_parameters:,} parameters), {report.recipe.name}\n"
+        f"{p.engine} ZeRO-{p.stage}, {degrees}: one training step, peak "
+        f"{human(report.peak_bytes)}"
+    )
+
+
 def save_plot(report: Report, path: str) -> None:
     """The timeline as a stacked bar chart (PNG or SVG by the file's suffix). matplotlib is an
     optional extra (`pip install memplan[plot]`), imported only here."""
@@ -218,7 +229,7 @@ def save_plot(report: Report, path: str) -> None:
     if report.capacity_bytes:
         ax.axhline(report.capacity_bytes / GIB, color="red", linestyle="--", label="GPU memory")
     ax.set_ylabel("GiB")
-    ax.set_title(f"{report.model.name}: one training step, peak {human(tl.peak_bytes)}")
+    ax.set_title(plot_title(report), fontsize="medium")
     ax.legend(loc="upper left", fontsize="small")
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()

@@ -353,3 +353,26 @@ def test_absurd_sequence_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "training.sequence_length" in result.stderr
     assert "more than a torch tensor can hold" in result.stderr
+
+
+def test_plot_title_names_model_and_layout() -> None:
+    loaded = validate(
+        {
+            "model": {"preset": "mixtral-8x7b"},
+            "parallelism": {
+                "engine": "megatron",
+                "data": 4,
+                "tensor": 2,
+                "pipeline": 2,
+                "expert": 2,
+                "zero_stage": 1,
+            },
+        }
+    )
+    from memplan.render import human, plot_title
+
+    report = estimate(loaded.spec, load_inventory(loaded))
+    title = plot_title(report)
+    assert title.startswith(f"{report.model.name} ({report.model.num_parameters:,} parameters)")
+    assert "megatron ZeRO-1, dp=4 tp=2 pp=2 ep=2" in title
+    assert title.endswith(f"peak {human(report.peak_bytes)}")
