@@ -9,6 +9,7 @@ from rich.console import Console, ConsoleOptions, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from memplan.activations import Activations
 from memplan.errors import MemplanError
 from memplan.estimate import VERDICT_TEXT, Report, Verdict
 from memplan.models import counts
@@ -75,11 +76,12 @@ def estimate_table(report: Report, *, explain: bool = False) -> Table:
         last_category = term.category
     saved = report.activations
     if saved.modelled:
-        add("activations", report.recipe.compute, report.activations_bytes)
+        add("activations", report.recipe.compute, report.activations_bytes, note="blocks")
     else:
         add("activations (not modelled)", "", 0, style="dim")
     peak = report.timeline.peak
-    add("transient at the peak", "", report.transient_bytes)
+    alive = report.timeline.transient_at(peak.phase)
+    add("transient at the peak", "", report.transient_bytes, note="terms" if alive else "")
     table.add_section()
     add(f"peak ({peak.label})", "", report.peak_bytes, style="bold")
     table.caption = "peak: the step's highest phase (timeline below), not the sum of the rows"
@@ -241,7 +243,32 @@ def explanations(report: Report) -> Text:
     """The formula and source of each model-state row, numbered as in the table."""
     terms = _rows((*report.per_gpu.terms, *report.buffers))
     lines = [f"[{i}] {t.name}: {t.formula}\n    source: {t.source}" for i, t in enumerate(terms, 1)]
+    i = len(terms)
+    saved = report.activations
+    if saved.modelled:
+        i += 1
+        lines.append(f"[{i}] activations: " + _blocks_formula(saved))
+    alive = report.timeline.transient_at(report.timeline.peak.phase)
+    if alive:
+        i += 1
+        total = " + ".join(f"{t.bytes:,}" for t in alive)
+        lines.append(f"[{i}] transient at {report.timeline.peak.label}: {total} B")
+        lines += [f"    {t.name} = {t.formula}\n      source: {t.source}" for t in alive]
     return Text("\n".join(lines), style="dim")
+
+
+def _blocks_formula(saved: Activations) -> str:
+    """What autograd saves, block by block: count x (each tensor), and the rules' sources
+    (memplan.activations: each Saved names the kernel or modeling file that saves it)."""
+    on_gpu = [b for b in saved.blocks if not b.on_host]
+    out = [" + ".join(f"{b.count} x {b.bytes_each:,} ({b.name})" for b in on_gpu)]
+    out[0] += f" = {saved.bytes:,} B"
+    for b in on_gpu:
+        parts = ", ".join(f"{t.name} [{','.join(map(str, t.shape))}] {t.dtype}" for t in b.tensors)
+        out.append(f"    {b.name} x{b.count}: {parts}")
+        for src in dict.fromkeys(t.source for t in b.tensors):
+            out.append(f"      source: {src}")
+    return "\n".join(out)
 
 
 def stages_table(report: Report) -> Table:

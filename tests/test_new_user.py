@@ -376,3 +376,25 @@ def test_plot_title_names_model_and_layout() -> None:
     assert title.startswith(f"{report.model.name} ({report.model.num_parameters:,} parameters)")
     assert "megatron ZeRO-1, dp=4 tp=2 pp=2 ep=2" in title
     assert title.endswith(f"peak {human(report.peak_bytes)}")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_explain_covers_activations_and_transients(name: str) -> None:
+    """--explain numbers the activations and transient rows too, with each block's saved
+    tensors and each transient's formula and source (as the JSON lists them)."""
+    path = str(ROOT / "configs" / f"{name}.yaml")
+    doc = json.loads(cli("estimate", path, "--json").stdout)
+    out = cli("estimate", path, "--explain", width=400).stdout
+    rows = len(doc["per_gpu"]["rows"])
+    assert f"activations [{rows + 1}]" in out and f"[{rows + 1}] activations: " in out
+    assert f"[{rows + 2}] transient at {doc['timeline']['peak']['label']}: " in out
+    peak = next(
+        p for p in doc["timeline"]["phases"] if p["phase"] == doc["timeline"]["peak"]["phase"]
+    )
+    by_name = {t["name"]: t for t in doc["timeline"]["transients"]}
+    for t in peak["transients"]:
+        assert f"{t} = {by_name[t]['formula']}" in out
+        assert f"source: {by_name[t]['source']}" in out
+    for b in doc["activations"]["blocks"]:
+        if not b["on_host"]:
+            assert f"{b['count']} x {b['bytes_each']:,} ({b['name']})" in out
