@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from memplan import activations as acts
 from memplan import finetune, fp8, sharding
@@ -20,6 +20,40 @@ from memplan.sharding import Placement, RankStates, Term
 from memplan.spec import Spec
 from memplan.states import StageStates, model_parallel, stage_states
 
+Verdict = Literal[
+    "fits", "does_not_fit", "model_states_fit_activations_unknown", "model_states_do_not_fit"
+]
+VERDICT_TEXT: dict[Verdict, str] = {
+    "fits": "fits",
+    "does_not_fit": "does NOT fit",
+    "model_states_fit_activations_unknown": "model states fit; activations unknown",
+    "model_states_do_not_fit": "model states alone do NOT fit",
+}
+
+
+def verdict(*, usable_bytes: int | None, activations_modelled: bool) -> Verdict | None:
+    """The one fit verdict `estimate` (table and JSON) and `plan` give: from the usable memory
+    left (capacity - CUDA context - what the allocator reserves at the peak, minus any
+    reserve the user keeps free: memplan.timeline.Timeline.usable_bytes) and whether the peak
+    includes activations. Without activations the peak is a partial figure (model states and
+    transients only), so it can say that model states do not fit, never that the step fits.
+    None without a capacity."""
+    if usable_bytes is None:
+        return None
+    if activations_modelled:
+        return "fits" if usable_bytes >= 0 else "does_not_fit"
+    return (
+        "model_states_fit_activations_unknown" if usable_bytes >= 0 else "model_states_do_not_fit"
+    )
+
+
+def fits_of(v: Verdict | None) -> bool | None:
+    """`hardware.fits`: True only for a full "fits", False when it does not fit (model states
+    alone are enough to say so), None without a capacity or when activations are unknown."""
+    if v is None or v == "model_states_fit_activations_unknown":
+        return None
+    return v == "fits"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSummary:
@@ -31,6 +65,11 @@ class ModelSummary:
     num_buffers: int
     num_trainable_parameters: int
     """Elements of the parameters that train (all of them unless finetune freezes some)."""
+    num_stored_elements: int
+    """Parameter elements the job holds: num_parameters, plus LoRA adapters, with QLoRA's
+    4-bit weights as packed uint8 elements (two weights each)."""
+    num_stored_tensors: int
+    """Parameter tensors the job holds (adapters included)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,7 +93,12 @@ class Report:
     per_gpu: RankStates
     """The most-loaded rank's class (largest total; the lowest rank on a tie)."""
     buffers: tuple[Term, ...]
+    degrees: tuple[tuple[str, int], ...]
+    """The layout's parallel degrees, (name, degree): dp, tp, pp, cp, ep."""
     gpus_per_node: int
+    ranks_per_node: int
+    """Ranks that share one node's host memory: min(gpus_per_node, world size) (a one-GPU job
+    has one rank on its node, however many GPUs the node has)."""
     host_capacity_bytes: int | None
     """hardware.host_memory: CPU memory of one node."""
     activations_bytes: int
@@ -93,27 +137,44 @@ class Report:
 
     @property
     def host_bytes_per_node(self) -> int:
-        """Host memory of one node: the most-loaded rank's host bytes x GPUs per node (an
-        upper bound when ranks differ)."""
+        """Host memory of one node: the most-loaded rank's host bytes x the ranks on a node
+        (an upper bound when ranks differ)."""
         most = max(sum(t.bytes for t in r.host_terms) for s in self.stages for r in s.ranks)
-        return (most + self.activations.host_bytes) * self.gpus_per_node
+        return (most + self.activations.host_bytes) * self.ranks_per_node
+
+    @property
+    def usable_bytes(self) -> int | None:
+        """GPU memory left at the peak after the CUDA context and the allocator's reserve
+        (memplan.timeline.Timeline.usable_bytes); None without a capacity."""
+        return self.timeline.usable_bytes
+
+    @property
+    def verdict(self) -> Verdict | None:
+        return verdict(
+            usable_bytes=self.usable_bytes, activations_modelled=self.activations.modelled
+        )
 
     @property
     def fits(self) -> bool | None:
-        return None if self.capacity_bytes is None else self.peak_bytes <= self.capacity_bytes
+        return fits_of(self.verdict)
 
 
 @lru_cache(maxsize=64)
-def summary(inventory: Inventory) -> ModelSummary:
-    """The model's counts (cached per inventory object: plan assembles thousands of reports
-    of one inventory)."""
+def summary(inventory: Inventory, trained: Inventory | None = None) -> ModelSummary:
+    """The model's counts: `inventory` is the model as `memplan inventory` lists it, `trained`
+    what the job holds (finetune.apply: LoRA adapters added, 4-bit weights packed two to a
+    uint8 element). Cached per inventory object: plan assembles thousands of reports of one
+    inventory."""
+    held = inventory if trained is None else trained
     return ModelSummary(
         name=inventory.name,
         model_type=inventory.architecture.model_type if inventory.architecture else None,
         num_parameters=inventory.num_parameters,
         num_parameter_tensors=len(inventory.parameters),
         num_buffers=len(inventory.buffers),
-        num_trainable_parameters=finetune.num_trainable(inventory.parameters),
+        num_trainable_parameters=finetune.num_trainable(held.parameters),
+        num_stored_elements=held.num_parameters,
+        num_stored_tensors=len(held.parameters),
     )
 
 
@@ -164,6 +225,7 @@ def assemble(
     the highest peak. `every_stage=False` (plan) skips the interior ranks another interior rank
     dominates: same layers and model states but fewer micro-batches in flight.
     """
+    model = inventory
     inventory = finetune.apply(spec, inventory)
     recipe = spec.recipe()
     opt = spec.optimizer.config()
@@ -201,9 +263,14 @@ def assemble(
     index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
     top = stages[index]
     saved, timeline = views[index]
-    notes = list(inventory.notes) + list(saved.notes) + _fp8_notes(spec, local[top.stage], saved)
+    notes = (
+        list(inventory.notes)
+        + list(saved.notes)
+        + _fp8_notes(spec, local[top.stage], saved)
+        + _sequence_notes(spec, inventory, [v[0] for v in views.values()])
+    )
     return Report(
-        model=summary(inventory),
+        model=summary(model, inventory),
         recipe=recipe,
         optimizer=opt,
         placement=placement,
@@ -216,7 +283,15 @@ def assemble(
         ranks=top.ranks,
         per_gpu=top.per_gpu,
         buffers=top.buffers,
+        degrees=(
+            ("dp", spec.parallelism.data),
+            ("tp", spec.parallelism.tensor),
+            ("pp", spec.parallelism.pipeline),
+            ("cp", spec.parallelism.context),
+            ("ep", spec.parallelism.expert),
+        ),
         gpus_per_node=spec.hardware.gpus_per_node,
+        ranks_per_node=min(spec.hardware.gpus_per_node, spec.parallelism.world_size),
         host_capacity_bytes=spec.hardware.host_memory,
         activations_bytes=saved.bytes,
         transient_bytes=timeline.peak.of("transient"),
@@ -226,6 +301,53 @@ def assemble(
         gpu=spec.hardware.gpu,
         notes=tuple(notes),
     )
+
+
+# c10/core/StorageImpl.h: a storage's size in bytes is an int64 (SymInt), so no tensor can hold
+# more bytes than this; a sequence length that asks for one is a typo, not a plan.
+MAX_TENSOR_BYTES = 2**63 - 1
+
+
+def _sequence_notes(spec: Spec, inventory: Inventory, saved: list[acts.Activations]) -> list[str]:
+    """Refuse a sequence whose tensors could not exist; note one beyond the model's
+    max_position_embeddings."""
+    seq = spec.training.sequence_length
+    largest = max(
+        (
+            max(
+                [a.logits_bytes, a.upcast_bytes]
+                + [t.bytes for b in a.blocks for t in (*b.tensors, *b.recompute)]
+            )
+            for a in saved
+        ),
+        default=0,
+    )
+    if largest > MAX_TENSOR_BYTES:
+        raise MemplanError(
+            f"{seq:,} tokens make a tensor of {largest:,} bytes, more than a torch tensor can "
+            f"hold (2^63 - 1 bytes: c10 StorageImpl's int64 size); use a realistic "
+            "sequence length.",
+            field="training.sequence_length",
+        )
+    arch = inventory.architecture
+    limit = arch.max_position_embeddings if arch else 0
+    if not limit or seq <= limit:
+        return []
+    if any(t.role == "position" for t in inventory.parameters):
+        # A learned position table has max_position_embeddings rows: nn.Embedding fails on
+        # a position past it (IndexError in the forward).
+        raise MemplanError(
+            f"{seq:,} tokens is beyond the model's max_position_embeddings={limit:,}: its "
+            f"learned position embeddings have {limit:,} rows, so the forward fails; use at "
+            f"most {limit:,}.",
+            field="training.sequence_length",
+        )
+    return [
+        f"training.sequence_length {seq:,} is beyond the model's max_position_embeddings="
+        f"{limit:,}: rotary/relative positions run, but the model was not trained that long "
+        "(scale RoPE, e.g. rope_scaling, and expect to fine-tune for it); memory is "
+        "computed as given."
+    ]
 
 
 def _with_fp8_state(spec: Spec, st: StageStates, local: Inventory) -> StageStates:
@@ -319,6 +441,7 @@ def to_json(report: Report) -> dict[str, Any]:
             "num_parameter_tensors": report.model.num_parameter_tensors,
             "num_buffers": report.model.num_buffers,
             "num_trainable_parameters": report.model.num_trainable_parameters,
+            "num_stored_elements": report.model.num_stored_elements,
         },
         "precision": {
             "name": report.recipe.name,
@@ -360,6 +483,7 @@ def to_json(report: Report) -> dict[str, Any]:
             "total": report.host_bytes_per_node,
             "per_rank": report.host_bytes,
             "gpus_per_node": report.gpus_per_node,
+            "ranks_per_node": report.ranks_per_node,
             "rows": [_term_json(t) for t in gpu.host_terms],
             "nvme": sum(t.bytes for t in report.stages[report.stage].nvme),
             "memory_bytes": report.host_capacity_bytes,
@@ -371,9 +495,8 @@ def to_json(report: Report) -> dict[str, Any]:
             "gpu": report.gpu,
             "memory_bytes": report.capacity_bytes,
             "fits": report.fits,
-            "headroom_bytes": None
-            if report.capacity_bytes is None
-            else report.capacity_bytes - report.peak_bytes,
+            "headroom_bytes": report.usable_bytes,
+            "verdict": report.verdict,
         },
         "notes": list(report.notes),
     }

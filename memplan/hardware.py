@@ -117,6 +117,44 @@ CATALOG: dict[str, Gpu] = {
             "nvidia-smi memory.total 23028 MiB",
         ),
         Gpu(
+            name="L40S",
+            memory_bytes=46068 * MIB,
+            bf16_flops=362 * T,
+            intra_node_bytes_per_s=32 * GB,
+            inter_node_bytes_per_s=12.5 * GB,
+            source="NVIDIA L40S datasheet (48GB GDDR6 with ECC, 362.05 TF bf16 dense, PCIe "
+            "Gen4 x16, no NVLink); nvidia-smi memory.total 46068 MiB (ECC on, the default)",
+        ),
+        Gpu(
+            name="L40",
+            memory_bytes=46068 * MIB,
+            bf16_flops=181 * T,
+            intra_node_bytes_per_s=32 * GB,
+            inter_node_bytes_per_s=12.5 * GB,
+            source="NVIDIA L40 datasheet (48GB GDDR6 with ECC, 181.05 TF bf16 dense, PCIe Gen4 "
+            "x16, no NVLink); memory.total as the L40S's board, 46068 MiB with ECC on (assumed)",
+        ),
+        Gpu(
+            name="A40",
+            memory_bytes=46068 * MIB,
+            bf16_flops=149.7 * T,
+            intra_node_bytes_per_s=32 * GB,
+            inter_node_bytes_per_s=12.5 * GB,
+            source="NVIDIA A40 datasheet (48GB GDDR6 with ECC, 149.7 TF bf16 dense, PCIe Gen4 "
+            "x16; NVLink bridge pairs only); 46068 MiB with ECC on, the default (assumed: "
+            "48 GiB less ECC's 1/16, less 12 MiB, as the L40S reports)",
+        ),
+        Gpu(
+            name="A6000",
+            memory_bytes=49140 * MIB,
+            bf16_flops=154.8 * T,
+            intra_node_bytes_per_s=32 * GB,
+            inter_node_bytes_per_s=12.5 * GB,
+            source="NVIDIA RTX A6000 datasheet (48GB GDDR6, 309.7 TF tensor with sparsity = "
+            "154.8 TF bf16 dense, PCIe Gen4 x16; NVLink bridge pairs only); nvidia-smi "
+            "memory.total 49140 MiB with ECC off, the workstation default",
+        ),
+        Gpu(
             name="V100-32GB",
             memory_bytes=32768 * MIB,
             bf16_flops=125 * T,
@@ -153,6 +191,9 @@ ALIASES: dict[str, str] = {
     "H100": "H100-80GB",
     "H100-SXM": "H100-80GB",
     "H100-NVL": "H100-94GB",
+    # The H100 NVL carries 96GB of HBM3 (6 stacks), 94GB of it enabled (NVL datasheet).
+    "H100-96GB": "H100-94GB",
+    "RTX-A6000": "A6000",
     "H200-141GB": "H200",
     "V100": "V100-32GB",
     "4090": "RTX-4090",

@@ -68,6 +68,7 @@ def _parse_yaml(text: str, where: str) -> tuple[Any, Marks]:
         node = loader.get_single_node()
         if node is not None:
             _check_expansion(node, where)
+            _check_duplicates(node, where)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
@@ -106,6 +107,38 @@ def _parse_yaml(text: str, where: str) -> tuple[Any, Marks]:
     if node is not None:
         walk(node, ())
     return data, marks
+
+
+def _check_duplicates(root: yaml.Node, where: str) -> None:
+    """Refuse a mapping that names a key twice: PyYAML keeps the last silently
+    (SafeConstructor.construct_mapping), so a spec would say one thing and run another. A merge
+    key (`<<: *base`) overriding base's keys is not a duplicate."""
+    seen: set[int] = set()
+
+    def walk(n: yaml.Node, path: tuple[str, ...]) -> None:
+        if id(n) in seen:
+            return
+        seen.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, value in n.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if name is not None and key.tag != "tag:yaml.org,2002:merge":
+                    line = key.start_mark.line + 1
+                    if name in first:
+                        dotted = ".".join((*path, str(name)))
+                        raise MemplanError(
+                            f"duplicate key {dotted!r} (first at line {first[name]}); YAML "
+                            "would keep the last silently: give each key once.",
+                            where=f"{where}:{line}",
+                        )
+                    first[name] = line
+                walk(value, (*path, str(name)))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                walk(item, (*path, str(i)))
+
+    walk(root, ())
 
 
 def _check_expansion(root: yaml.Node, where: str) -> None:

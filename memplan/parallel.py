@@ -21,6 +21,7 @@ transformer/moe/experts.py); the router and the shared experts are dense.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -119,6 +120,42 @@ def local_shape(
     return tuple(shape)
 
 
+@lru_cache(maxsize=32)
+def tp_counts(inventory: Inventory) -> tuple[tuple[str, int], ...]:
+    """Every size tensor parallelism divides, named: the attention and key/value heads
+    (megatron/core/transformer/attention.py: `divide(num_query_groups, world_size)`), the MLP
+    width, and each column/row-parallel tensor's split dimension (megatron/core/tensor_parallel/
+    layers.py: `divide(output_size, world_size)` / `divide(input_size, world_size)`). The
+    vocabulary is padded instead, so it is not among them."""
+    arch = inventory.architecture
+    assert arch is not None
+    out: list[tuple[str, int]] = [
+        (what, count)
+        for what, count in (
+            ("num_attention_heads", arch.num_attention_heads),
+            ("num_key_value_heads", arch.num_key_value_heads),
+            ("intermediate_size", arch.intermediate_size),
+        )
+        if count
+    ]
+    seen = {count for _, count in out}
+    for t in inventory.parameters:
+        split = tp_split(t, arch.model_type)
+        if split in ("replicated", "vocab"):
+            continue
+        if _EXPERTS.search(t.name):
+            dim = 1 if t.name.endswith("gate_up_proj") else 2
+        else:
+            dim = _tp_dim(t, split, arch.model_type)  # type: ignore[assignment]
+            if dim is None:
+                continue
+        size = t.shape[dim]
+        if size not in seen:
+            seen.add(size)
+            out.append((f"{t.name}.shape[{dim}]", size))
+    return tuple(out)
+
+
 def check_degrees(inventory: Inventory, mp: ModelParallel) -> None:
     """Refuse layouts the frameworks refuse, naming the valid degrees."""
     arch = inventory.architecture
@@ -134,16 +171,17 @@ def check_degrees(inventory: Inventory, mp: ModelParallel) -> None:
     def divisors(n: int) -> str:
         return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
-    for what, count in (
-        ("num_attention_heads", arch.num_attention_heads),
-        ("num_key_value_heads", arch.num_key_value_heads),
-    ):
-        if mp.tensor > 1 and count and count % mp.tensor:
-            raise MemplanError(
-                f"{mp.tensor} does not divide {what}={count}; valid tensor degrees: "
-                f"{divisors(count)}.",
-                field="parallelism.tensor",
-            )
+    if mp.tensor > 1:
+        counts = tp_counts(inventory)
+        for what, count in counts:
+            if count % mp.tensor:
+                # Only degrees that pass every check: the divisors of their common divisor.
+                common = math.gcd(*(c for _, c in counts))
+                raise MemplanError(
+                    f"{mp.tensor} does not divide {what}={count}; valid tensor degrees: "
+                    f"{divisors(common)}.",
+                    field="parallelism.tensor",
+                )
     if mp.expert > 1:
         if not arch.num_experts:
             raise MemplanError(

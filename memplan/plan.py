@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memplan.errors import MemplanError
-from memplan.estimate import Report, assemble, estimate, model_states
+from memplan.estimate import Report, assemble, estimate, model_states, verdict
 from memplan.hardware import CATALOG
 from memplan.models.inventory import Inventory
 from memplan.precision import dtype_bytes
@@ -270,10 +270,24 @@ class _Search:
                         # A peak without activations would look falsely small: never rank it.
                         self.pruned["activations not modelled for this layout"] += 1
                         break
+                    # The peak is a lower bound of what the allocator reserves: most layouts
+                    # that miss are pruned without working out the reserve.
                     if report.peak_bytes > self.budget:
                         self.pruned["does not fit: peak exceeds the budget"] += 1
                         break  # a larger micro-batch only needs more
-                    out.append(self._candidate(report, par, mbs, recompute, offload, shape, link))
+                    headroom = (report.usable_bytes or 0) - self.plan.reserve
+                    if (
+                        verdict(
+                            usable_bytes=headroom,
+                            activations_modelled=_activations_modelled(report),
+                        )
+                        != "fits"
+                    ):
+                        self.pruned["does not fit: the allocator's reserve exceeds the budget"] += 1
+                        break
+                    out.append(
+                        self._candidate(report, par, mbs, recompute, offload, shape, link, headroom)
+                    )
         if progress:
             progress(len(layouts), len(layouts))
         return sorted(out, key=lambda c: (c.time.total_s, c.peak_bytes))
@@ -303,6 +317,7 @@ class _Search:
         offload: str,
         shape: Shape,
         link: Link,
+        headroom: int,
     ) -> Candidate:
         recipe = self.spec.recipe()
         per_rank = max(s.num_parameters for s in report.stages)
@@ -339,7 +354,7 @@ class _Search:
             layers_per_stage=par.layers_per_stage,
             virtual_stages=par.virtual_stages,
             peak_bytes=report.peak_bytes,
-            headroom_bytes=self.budget - report.peak_bytes,
+            headroom_bytes=headroom,
             time=step_time(shape, layout, link),
             tokens_per_step=self.global_batch * self.spec.training.sequence_length,
         )
@@ -390,8 +405,20 @@ def plan(
         global_batch = p.global_batch_tokens // seq
     else:
         global_batch = p.global_batch_size or gpus
-    budget = capacity - p.reserve
     plain = estimate(spec.model_copy(update={"parallelism": ParallelismSpec()}), inventory)
+    if not _activations_modelled(plain):
+        # A peak without activations is partial (memplan.estimate.verdict): ranking it as a
+        # fit would be a false yes.
+        why = next((n for n in plain.activations.notes if "not modelled" in n), "")
+        raise MemplanError(
+            "plan ranks layouts by their peak, and this model's activations are not "
+            f"modelled, so no layout can be called a fit{': ' + why if why else '.'} "
+            "`memplan estimate` still gives the model states per GPU.",
+            field="model",
+        )
+    # The same usable memory estimate's verdict uses: capacity - CUDA context (outside the
+    # allocator) - plan.reserve; each layout's reserved segments are checked against it.
+    budget = capacity - plain.timeline.cuda_context_bytes - p.reserve
     search = _Search(
         spec=spec,
         inventory=inventory,

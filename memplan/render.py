@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from memplan.activations import Activations
 from memplan.errors import MemplanError
-from memplan.estimate import Report
+from memplan.estimate import VERDICT_TEXT, Report, Verdict
 from memplan.models import counts
 from memplan.models.inventory import Inventory, fold_name
 from memplan.plan import PlanResult
@@ -43,13 +44,16 @@ def estimate_table(report: Report, *, explain: bool = False) -> Table:
     gpu = report.per_gpu
     first, count = gpu.ranks[0], len(report.ranks)
     who = "every rank" if count == 1 else f"rank {first}, the most loaded"
-    table = Table(title=f"Memory per GPU ({who})", box=box.SIMPLE_HEAVY, title_justify="left")
-    table.add_column("category")
-    table.add_column("dtype")
-    table.add_column("bytes", justify="right")
-    table.add_column("size", justify="right")
+    per = "GPU" if report.placement.device == "cuda" else "process (CPU)"
+    table = Table(title=f"Memory per {per} ({who})", box=box.SIMPLE_HEAVY, title_justify="left")
+    # Figures never wrap: at 80 columns a long label folds instead.
+    table.add_column("category", overflow="fold")
+    table.add_column("dtype", no_wrap=True)
+    table.add_column("bytes", justify="right", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
     if cap:
-        table.add_column("of GPU", justify="right")
+        share = "of GPU" if report.placement.device == "cuda" else "of mem"
+        table.add_column(share, justify="right", no_wrap=True)
 
     refs = 0
 
@@ -72,11 +76,12 @@ def estimate_table(report: Report, *, explain: bool = False) -> Table:
         last_category = term.category
     saved = report.activations
     if saved.modelled:
-        add("activations", report.recipe.compute, report.activations_bytes)
+        add("activations", report.recipe.compute, report.activations_bytes, note="blocks")
     else:
         add("activations (not modelled)", "", 0, style="dim")
     peak = report.timeline.peak
-    add(f"transient (at {peak.label})", "", report.transient_bytes)
+    alive = report.timeline.transient_at(peak.phase)
+    add("transient at the peak", "", report.transient_bytes, note="terms" if alive else "")
     table.add_section()
     add(f"peak ({peak.label})", "", report.peak_bytes, style="bold")
     table.caption = "peak: the step's highest phase (timeline below), not the sum of the rows"
@@ -98,15 +103,21 @@ BAR_STYLE = {
 BAR_WIDTH = 48
 
 
-def timeline_view(report: Report, *, width: int = BAR_WIDTH) -> RenderableType:
-    """One bar per phase of the step, stacked by category, the GPU's capacity marked."""
+def timeline_view(
+    report: Report, *, width: int = BAR_WIDTH, columns: int | None = None
+) -> RenderableType:
+    """One bar per phase of the step, stacked by category, the GPU's capacity marked. With
+    `columns` (the console's width), the bars narrow so that no line wraps."""
     tl = report.timeline
     cap = report.capacity_bytes
     top = max([p.total_bytes for p in tl.points] + ([cap] if cap else []))
-    scale = max(top / width, 1.0)
-    mark = None if not cap else min(width - 1, int(cap / scale))
     lines = Text()
     label_width = max(len(p.label) for p in tl.points)
+    if columns is not None:
+        tail = max(len(f" {human(p.total_bytes)} <- peak") for p in tl.points)
+        width = max(8, min(width, columns - label_width - 1 - tail))
+    scale = max(top / width, 1.0)
+    mark = None if not cap else min(width - 1, int(cap / scale))
     for p in tl.points:
         cells: list[tuple[str, str]] = []
         done = 0
@@ -125,14 +136,17 @@ def timeline_view(report: Report, *, width: int = BAR_WIDTH) -> RenderableType:
             lines.append(char, style=style)
         star = " <- peak" if p is tl.peak else ""
         lines.append(f" {human(p.total_bytes)}{star}\n", style="bold" if star else "")
-    legend = Text("  ")
-    for name, (char, style) in BAR_STYLE.items():
-        legend.append(char, style=style)
-        legend.append(f" {name.replace('_', ' ')}  ")
+    items = [
+        Text.assemble((char, style), f" {name.replace('_', ' ')}")
+        for name, (char, style) in BAR_STYLE.items()
+    ]
     if mark is not None:
-        legend.append("│", style="dim")
-        legend.append(f" GPU memory ({human(cap or 0)})")
-    parts: list[RenderableType] = [Text("Step timeline", style="bold"), lines, legend]
+        items.append(Text.assemble(("│", "dim"), f" GPU memory ({human(cap or 0)})"))
+    parts: list[RenderableType] = [
+        Text("Step timeline", style="bold"),
+        lines,
+        _packed(items, columns),
+    ]
     facts = [f"peak {human(tl.peak_bytes)} {tl.peak.label}"]
     if tl.reserved_bytes is not None:
         facts.append(f"torch.cuda.memory_reserved() likely >= {human(tl.reserved_bytes)}")
@@ -140,8 +154,49 @@ def timeline_view(report: Report, *, width: int = BAR_WIDTH) -> RenderableType:
         facts.append(f"CUDA context ~{human(tl.cuda_context_bytes)} (assumed)")
     if tl.usable_bytes is not None:
         facts.append(f"usable memory left {human(tl.usable_bytes)}")
-    parts.append(Text("; ".join(facts)))
+    # One fact a line: a long line wraps at a word bound, never inside a figure.
+    parts.extend(Text(f, overflow="fold") for f in facts)
     return Group(*parts)
+
+
+class _TimelineFit:
+    """The timeline drawn to the console's width (known only when it renders)."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+
+    def __rich_console__(
+        self, console: Console, options: ConsoleOptions
+    ) -> Iterator[RenderableType]:
+        yield timeline_view(self.report, columns=options.max_width)
+
+
+def _packed(items: list[Text], columns: int | None) -> Text:
+    """Legend entries two spaces apart, a line break only between entries."""
+    out = Text("  ")
+    used = 2
+    for item in items:
+        if used > 2:
+            if columns is not None and used + 2 + len(item) > columns:
+                out.append("\n  ")
+                used = 2
+            else:
+                out.append("  ")
+                used += 2
+        out.append_text(item)
+        used += len(item)
+    return out
+
+
+def plot_title(report: Report) -> str:
+    """The plot's title: model, engine and ZeRO stage, degrees, and the peak."""
+    p = report.placement
+    degrees = " ".join(f"{name}={n}" for name, n in report.degrees if n > 1 or name == "dp")
+    return (
+        f"{report.model.name} ({report.model.num_parameters:,} parameters), {report.recipe.name}\n"
+        f"{p.engine} ZeRO-{p.stage}, {degrees}: one training step, peak "
+        f"{human(report.peak_bytes)}"
+    )
 
 
 def save_plot(report: Report, path: str) -> None:
@@ -176,7 +231,7 @@ def save_plot(report: Report, path: str) -> None:
     if report.capacity_bytes:
         ax.axhline(report.capacity_bytes / GIB, color="red", linestyle="--", label="GPU memory")
     ax.set_ylabel("GiB")
-    ax.set_title(f"{report.model.name}: one training step, peak {human(tl.peak_bytes)}")
+    ax.set_title(plot_title(report), fontsize="medium")
     ax.legend(loc="upper left", fontsize="small")
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
@@ -188,7 +243,32 @@ def explanations(report: Report) -> Text:
     """The formula and source of each model-state row, numbered as in the table."""
     terms = _rows((*report.per_gpu.terms, *report.buffers))
     lines = [f"[{i}] {t.name}: {t.formula}\n    source: {t.source}" for i, t in enumerate(terms, 1)]
+    i = len(terms)
+    saved = report.activations
+    if saved.modelled:
+        i += 1
+        lines.append(f"[{i}] activations: " + _blocks_formula(saved))
+    alive = report.timeline.transient_at(report.timeline.peak.phase)
+    if alive:
+        i += 1
+        total = " + ".join(f"{t.bytes:,}" for t in alive)
+        lines.append(f"[{i}] transient at {report.timeline.peak.label}: {total} B")
+        lines += [f"    {t.name} = {t.formula}\n      source: {t.source}" for t in alive]
     return Text("\n".join(lines), style="dim")
+
+
+def _blocks_formula(saved: Activations) -> str:
+    """What autograd saves, block by block: count x (each tensor), and the rules' sources
+    (memplan.activations: each Saved names the kernel or modeling file that saves it)."""
+    on_gpu = [b for b in saved.blocks if not b.on_host]
+    out = [" + ".join(f"{b.count} x {b.bytes_each:,} ({b.name})" for b in on_gpu)]
+    out[0] += f" = {saved.bytes:,} B"
+    for b in on_gpu:
+        parts = ", ".join(f"{t.name} [{','.join(map(str, t.shape))}] {t.dtype}" for t in b.tensors)
+        out.append(f"    {b.name} x{b.count}: {parts}")
+        for src in dict.fromkeys(t.source for t in b.tensors):
+            out.append(f"      source: {src}")
+    return "\n".join(out)
 
 
 def stages_table(report: Report) -> Table:
@@ -228,7 +308,8 @@ def host_table(report: Report) -> Table:
     table.add_section()
     table.add_row("per rank", "", f"{report.host_bytes:,}", human(report.host_bytes))
     node = report.host_bytes_per_node
-    table.add_row(f"per node ({report.gpus_per_node} GPUs)", "", f"{node:,}", human(node))
+    n = report.ranks_per_node
+    table.add_row(f"per node ({n} rank{'s' * (n > 1)})", "", f"{node:,}", human(node))
     cap = report.host_capacity_bytes
     if cap is not None:
         verdict = "fits" if node <= cap else "does NOT fit"
@@ -255,6 +336,44 @@ def _rank_label(states: RankStates) -> str:
     return str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}"
 
 
+def _dtypes(report: Report, category: str) -> list[str]:
+    """The dtypes the rank's rows of `category` are stored in, in row order."""
+    rows = (*report.per_gpu.terms, *report.per_gpu.host_terms)
+    return list(dict.fromkeys(t.dtype for t in rows if t.category == category and t.dtype))
+
+
+def _stored(report: Report) -> str:
+    """The recipe, described by what the table shows is stored: the recipe's own words when
+    parameters and gradients are in its dtypes, else the stored dtypes (FSDP2 keeps the fp32
+    masters as its sharded parameters; QLoRA packs 4-bit weights in uint8)."""
+    r = report.recipe
+    params, grads = _dtypes(report, "parameters"), _dtypes(report, "gradients")
+    if params in ([], [r.parameters]) and grads in ([], [r.gradients]):
+        return f"{r.name} ({r.description})"
+    why = []
+    if report.placement.engine == "fsdp2" and r.master_weights in params:
+        why.append(f"FSDP2 shards the {r.master_weights} masters")
+    if "uint8" in params:
+        why.append("QLoRA's 4-bit weights packed two to a uint8")
+    m = report.model
+    if m.num_stored_tensors > m.num_parameter_tensors and grads:
+        why.append(f"LoRA adapters in {grads[0]}")
+    said = f" ({'; '.join(why)})" if why else ""
+    grad = f", gradients {' + '.join(grads)}" if grads else ""
+    return f"{r.name}: parameters stored {' + '.join(params)}{grad}{said}, compute {r.compute}"
+
+
+def _held(report: Report) -> str:
+    """What the job holds, when it differs from the model's own tensors."""
+    m = report.model
+    if (m.num_stored_elements, m.num_stored_tensors) == (
+        m.num_parameters,
+        m.num_parameter_tensors,
+    ):
+        return ""
+    return f" (held as {m.num_stored_elements:,} elements in {m.num_stored_tensors:,} tensors)"
+
+
 def estimate_view(
     report: Report, *, show_ranks: bool = False, explain: bool = False
 ) -> RenderableType:
@@ -262,8 +381,10 @@ def estimate_view(
     p = report.placement
     head = Text.assemble(
         (model.name, "bold"),
-        f"  {model.num_parameters:,} parameters in {model.num_parameter_tensors:,} tensors\n",
-        f"{report.recipe.name} ({report.recipe.description}), {report.optimizer.name}, "
+        f"  {model.num_parameters:,} parameters in {model.num_parameter_tensors:,} tensors",
+        _held(report),
+        "\n",
+        f"{_stored(report)}, {report.optimizer.name}, "
         f"{p.engine} ZeRO-{p.stage} over {p.data} data-parallel rank{'s' * (p.data > 1)}",
     )
     parts: list[RenderableType] = [head, estimate_table(report, explain=explain)]
@@ -275,27 +396,25 @@ def estimate_view(
         parts.append(stages_table(report))
     if report.host_bytes:
         parts.append(host_table(report))
-    parts.append(timeline_view(report))
-    if report.capacity_bytes is not None:
-        headroom = report.capacity_bytes - report.peak_bytes
-        gpu_name = report.gpu or "the GPU"
-        if report.fits:
-            parts.append(
-                Text(
-                    f"fits {gpu_name} ({human(report.capacity_bytes)}): {human(headroom)} left",
-                    style="green",
-                )
-            )
-        else:
-            parts.append(
-                Text(
-                    f"does NOT fit {gpu_name} ({human(report.capacity_bytes)}): "
-                    f"{human(-headroom)} over",
-                    style="bold red",
-                )
-            )
+    parts.append(_TimelineFit(report))
+    v = report.verdict
+    if v is not None:
+        parts.append(verdict_line(report, v))
     parts.extend(Text(f"note: {n}", style="yellow") for n in report.notes)
     return Group(*parts)
+
+
+def verdict_line(report: Report, v: Verdict) -> Text:
+    """The verdict (memplan.estimate.verdict) on the usable memory the timeline prints."""
+    usable = report.usable_bytes or 0
+    device = "the GPU" if report.placement.device == "cuda" else "the memory"
+    where = f"{report.gpu or device} ({human(report.capacity_bytes or 0)})"
+    left = f"{human(usable)} usable left" if usable >= 0 else f"{human(-usable)} over"
+    text = f"{VERDICT_TEXT[v]} {where}: {left}"
+    if v == "model_states_fit_activations_unknown":
+        text += " before activations (not modelled)"
+    style = {"fits": "green", "model_states_fit_activations_unknown": "yellow"}.get(v, "bold red")
+    return Text(text, style=style)
 
 
 def inventory_table(inventory: Inventory, param_dtype: str) -> RenderableType:

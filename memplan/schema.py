@@ -37,13 +37,18 @@ class ModelInfo(_Doc):
     model_type: str | None
     """config.json `model_type`; null for a bare parameter count."""
     num_parameters: int
-    """Elements over distinct parameter tensors (tied weights counted once)."""
+    """The model's parameters as `memplan inventory` counts them: elements over distinct
+    parameter tensors (tied weights counted once), before finetune adds adapters or packs
+    4-bit weights."""
     num_parameter_tensors: int
-    """Distinct parameter tensors."""
+    """The model's distinct parameter tensors."""
     num_buffers: int
-    """Buffer tensors (`register_buffer`)."""
+    """The model's buffer tensors (`register_buffer`)."""
     num_trainable_parameters: int
     """Elements of the parameters that train (all of them unless `finetune` freezes some)."""
+    num_stored_elements: int
+    """Parameter elements the job holds: num_parameters plus LoRA adapters, QLoRA's 4-bit
+    weights counted as their packed uint8 elements (two weights each)."""
 
 
 class PrecisionInfo(_Doc):
@@ -295,11 +300,14 @@ class PerHost(_Doc):
     """Host (CPU) memory."""
 
     total: int
-    """One node: the most-loaded rank's host bytes x gpus_per_node."""
+    """One node: the most-loaded rank's host bytes x the ranks on a node,
+    min(gpus_per_node, world size)."""
     per_rank: int
     """The most-loaded GPU's rank."""
     gpus_per_node: int
     """hardware.gpus_per_node."""
+    ranks_per_node: int
+    """Ranks on one node, what total multiplies: min(gpus_per_node, world size)."""
     rows: list[Row]
     """What that rank keeps in host memory (optimizer scalars, offloaded states)."""
     nvme: int
@@ -316,9 +324,24 @@ class HardwareInfo(_Doc):
     memory_bytes: int | None
     """GPU memory (hardware.memory, else the catalog's); null when neither is given."""
     fits: bool | None
-    """per_gpu.peak <= memory_bytes; null without a capacity."""
+    """true when verdict is "fits", false when it is "does_not_fit" or
+    "model_states_do_not_fit"; null without a capacity, and null when verdict is
+    "model_states_fit_activations_unknown" (a peak without activations is partial: no yes)."""
     headroom_bytes: int | None
-    """memory_bytes - per_gpu.peak (negative when it does not fit); null without a capacity."""
+    """The usable memory left, as the report prints it: memory_bytes - CUDA context - what the
+    allocator likely reserves at the peak (timeline.usable_bytes; negative when it does not
+    fit); null without a capacity."""
+    verdict: (
+        Literal[
+            "fits",
+            "does_not_fit",
+            "model_states_fit_activations_unknown",
+            "model_states_do_not_fit",
+        ]
+        | None
+    )
+    """The one verdict the table, this document and `plan` share (memplan.estimate.verdict):
+    from headroom_bytes and whether activations are modelled; null without a capacity."""
 
 
 class EstimateReport(_Doc):
@@ -411,7 +434,8 @@ class PlanLayout(_Doc):
     per_gpu: LayoutPeak
     """Memory of the layout's most-loaded GPU."""
     headroom_bytes: int
-    """budget_bytes - peak."""
+    """The usable memory left, as `estimate` computes it (hardware.headroom_bytes) minus
+    plan.reserve: budget_bytes - what the allocator likely reserves at the peak."""
     step_time_s: float
     """Estimated seconds per optimizer step."""
     tokens_per_s: float
@@ -428,7 +452,9 @@ class PlanReport(_Doc):
     global_batch_size: int
     """Sequences per optimizer step."""
     budget_bytes: int
-    """GPU memory a layout may use: capacity minus plan.reserve."""
+    """GPU memory a layout may use: capacity minus the CUDA context (outside the allocator)
+    minus plan.reserve; a layout fits when the allocator's likely reserve at its peak is within
+    it (the same verdict as `estimate`)."""
     capacity_bytes: int
     """Memory of one GPU."""
     layouts: list[PlanLayout]

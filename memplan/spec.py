@@ -418,7 +418,8 @@ class HardwareSpec(Frozen):
         value = ALIASES.get(value, value) if value is not None else None
         if value is not None and value not in CATALOG:
             raise ValueError(
-                f"unknown gpu {value!r}{nearest(value, CATALOG)}; known: {', '.join(CATALOG)}"
+                f"unknown gpu {value!r}{nearest(value, CATALOG)}; known: {', '.join(CATALOG)}; "
+                "or give hardware.memory: 48GB (the memory nvidia-smi reports)"
             )
         return value
 

@@ -120,7 +120,10 @@ def test_the_text_comes_from_the_term_objects() -> None:
     text = render.explanations(marked).plain
     for r in rows:
         assert f"{r['name']}: F<{r['name']}>\n    source: S<{r['name']}>" in text
-    assert "elements x" not in text  # nothing but the Terms' text
+    # Nothing but the Terms' text: the model-state entries end where the activations' and
+    # transients' begin (those come from memplan.activations / memplan.timeline objects).
+    states = text.split(f"[{len(rows) + 1}] ")[0]
+    assert "elements x" not in states
 
 
 # --- docs/ -----------------------------------------------------------------------------------
