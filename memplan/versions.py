@@ -49,7 +49,7 @@ def parse(version: str) -> tuple[int, int]:
 
 
 def major_minor(version: str) -> str:
-    """"5.25.0" -> "5.25"."""
+    """ "5.25.0" -> "5.25"."""
     major, minor = parse(version)
     return f"{major}.{minor}"
 
@@ -62,3 +62,24 @@ def at_most(version: str, bound: str) -> bool:
 def same_minor(a: str, b: str) -> bool:
     """True when the two versions share major.minor."""
     return parse(a) == parse(b)
+
+
+def rules_release(transformers: str | None) -> str:
+    """The transformers release whose rules describe `transformers` (major.minor or None):
+    OLDEST_TRANSFORMERS for it and older, RULES_TRANSFORMERS otherwise (None included)."""
+    if transformers is not None and at_most(transformers, OLDEST_TRANSFORMERS):
+        return OLDEST_TRANSFORMERS
+    return RULES_TRANSFORMERS
+
+
+def rules_json(transformers: str) -> dict[str, object]:
+    """The `rules` object of `memplan estimate --json`: the versions the rules describe,
+    with `transformers` the rule release used (`rules_release`)."""
+    return {"torch": RULES_TORCH, "transformers": transformers, "engines": dict(ENGINES)}
+
+
+def rules_note(transformers: str) -> str:
+    """One line for the tables: which versions the activation and engine rules describe."""
+    engines = ", ".join(f"{name} {version}" for name, version in ENGINES.items())
+    activations = f"torch {RULES_TORCH}, transformers {transformers}"
+    return f"rules: {activations} (activations); {engines} (engines)"

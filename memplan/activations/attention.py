@@ -1,4 +1,4 @@
-"""The attention core, QK^T -> softmax -> dropout -> .V, as transformers 5.24 runs it.
+"""The attention core, QK^T -> softmax -> dropout -> .V, as transformers 5.24 and 5.25 run it.
 
 `eager`: the per-family `eager_attention_forward` (two `torch.matmul` around a softmax);
 `sdpa`: transformers integrations/sdpa_attention.py::sdpa_attention_forward, which calls
