@@ -564,6 +564,9 @@ class VerifyReport(_Doc):
     """One sentence per row out of tolerance."""
     notes: list[str]
     """What the run could not check, or how it measured."""
+    warnings: list[str] = []
+    """Installed torch or transformers whose major.minor differs from the versions the rules
+    describe (also printed on stderr)."""
 
 
 DOCUMENTS: dict[str, type[_Doc]] = {

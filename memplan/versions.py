@@ -83,3 +83,28 @@ def rules_note(transformers: str) -> str:
     engines = ", ".join(f"{name} {version}" for name, version in ENGINES.items())
     activations = f"torch {RULES_TORCH}, transformers {transformers}"
     return f"rules: {activations} (activations); {engines} (engines)"
+
+
+def mismatches(
+    *, torch: str | None, transformers: str | None, rules_transformers: str
+) -> list[str]:
+    """`memplan verify`'s warnings: one sentence per installed library whose major.minor is
+    not the one the rules used describe (None: not installed, nothing to compare)."""
+    out = []
+    for name, installed, rules in (
+        ("torch", torch, RULES_TORCH),
+        ("transformers", transformers, rules_transformers),
+    ):
+        if installed is None:
+            continue
+        try:
+            same = same_minor(installed, rules)
+        except ValueError:
+            same = False
+        if not same:
+            out.append(
+                f"installed {name} {installed} differs from {name} {rules}, the version "
+                "memplan's rules describe: measured bytes may differ from the prediction for "
+                "that reason (`pip install -c constraints.txt` installs the described versions)."
+            )
+    return out
