@@ -459,3 +459,32 @@ def test_refusals_say_why() -> None:
     assert not mixed.modelled and "dense MLP layers" in mixed.notes[0]
     gemma2 = predict(inventory(FAMILIES["gemma2"]), st)
     assert gemma2.modelled and any("eager" in n for n in gemma2.notes)
+
+
+# Falcon's layouts under selective checkpointing: the core's inputs differ per layout (5.25's v
+# is a view of the fused projection in every layout; 5.24's only in multi-head layers).
+FALCON_SELECTIVE = list(
+    itertools.product(
+        ("falcon-new-arch", "falcon2-one-norm-relu", "falcon-mha-sequential"),
+        ("eager", "sdpa"),
+        tuple(PRECISIONS),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("variant", "attention", "precision"),
+    FALCON_SELECTIVE,
+    ids=["-".join(case) for case in FALCON_SELECTIVE],
+)
+def test_falcon_variants_selective_checkpointing_match(
+    variant: str, attention: str, precision: str
+) -> None:
+    measured, predicted = compare(
+        with_dropout(VARIANTS[variant], False),
+        attention=attention,
+        precision=precision,
+        checkpointing="selective",
+        patch=INLINE_SELECTIVE.get("falcon") or _selective(SELECTIVE_MODULE["falcon"]),
+    )
+    assert predicted == measured

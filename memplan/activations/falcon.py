@@ -96,9 +96,9 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
         core = attention.core(
             st, heads, qkv, dropout_on=drop_attn, source=SRC + "::eager_attention_forward"
         )
-    if not (multi_query or new_arch) or (multi_query and not old_attention):
-        # Multi-head layers (and 5.25's multi-query split, repeated by a view): v is a view
-        # of the fused query_key_value output.
+    if not (multi_query or new_arch) or not old_attention:
+        # Multi-head layers, and every 5.25 layer (`split` / `[..., -1, :]` / `unbind`): v is
+        # a view of the fused query_key_value output.
         width = (a + 2 * kv) * d
         core = value_is_projection_view(core, heads, width, mm, kernel_too=st.attention == "sdpa")
 
