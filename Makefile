@@ -5,9 +5,12 @@ PY ?= python
 
 test: dev lint types pytest
 
+# Every install takes constraints.txt: the versions the rules describe and the tests ran with.
+# torch first, the CPU build: on these machines `torch==2.13.0` resolves to the local CPU wheel;
+# on an ordinary machine add `--index-url https://download.pytorch.org/whl/cpu` to that line.
 dev:
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 
 lint:
 	$(PY) -m ruff check memplan tests benchmarks scripts
@@ -19,9 +22,11 @@ types:
 pytest:
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# The calculator alone, without torch: what `memplan estimate` needs.
+# The calculator alone, without torch: what `memplan estimate` needs. Runs the tests whose
+# modules import neither torch nor transformers (tests/conftest.py marks the others `torch`),
+# in an environment with or without torch.
 test-min:
-	$(PY) -m pytest -q tests/test_cli.py tests/test_estimate.py
+	$(PY) -m pytest -q -p no:cacheprovider -m "not torch and not gpu"
 
 # CUDA tests (skipped without a GPU).
 gpu:

@@ -204,6 +204,8 @@ def verify(
                 return runner.verify(loaded, options, on_event)
 
     result = _run(debug, work)
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     if as_json:
         _print_json(runner.to_json(result))
     else:

@@ -8,7 +8,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from memplan import activations as acts
-from memplan import finetune, fp8, sharding
+from memplan import finetune, fp8, sharding, versions
 from memplan import timeline as tl
 from memplan.errors import MemplanError
 from memplan.hardware import CATALOG
@@ -113,6 +113,8 @@ class Report:
     capacity_bytes: int | None
     gpu: str | None
     notes: tuple[str, ...]
+    rules_transformers: str = versions.RULES_TRANSFORMERS
+    """The transformers release whose activation rules were used (memplan.versions)."""
 
     @property
     def buffer_bytes(self) -> int:
@@ -300,6 +302,7 @@ def assemble(
         capacity_bytes=capacity,
         gpu=spec.hardware.gpu,
         notes=tuple(notes),
+        rules_transformers=versions.rules_release(spec.model.transformers_version),
     )
 
 
@@ -499,4 +502,5 @@ def to_json(report: Report) -> dict[str, Any]:
             "verdict": report.verdict,
         },
         "notes": list(report.notes),
+        "rules": versions.rules_json(report.rules_transformers),
     }

@@ -6,6 +6,7 @@ line so that a validation error names `file:line: field`.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from memplan import models, safetensors_header
+from memplan import models, safetensors_header, versions
 from memplan.errors import MemplanError
 from memplan.hardware import nearest
 from memplan.models import Inventory, TensorSpec
@@ -234,7 +235,33 @@ def validate(data: Any, *, path: Path | None = None, marks: Marks | None = None)
     except ValidationError as err:
         lines = list(dict.fromkeys(_describe(e, path, loaded_marks) for e in err.errors()))
         raise MemplanError("\n".join(lines)) from None
+    if spec.model.transformers_version is None:
+        model = spec.model.model_copy(update={"transformers_version": transformers_version()})
+        spec = spec.model_copy(update={"model": model})
     return LoadedSpec(spec, path, loaded_marks)
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a package, from its metadata (the package is not imported),
+    or None when it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def transformers_version() -> str:
+    """The transformers release a spec without `model.transformers_version` runs under: the
+    installed one (major.minor) when memplan has rules for it or a newer one, else the
+    release the rules describe (memplan.versions.RULES_TRANSFORMERS)."""
+    found = installed_version("transformers")
+    try:
+        version = versions.major_minor(found) if found else None
+    except ValueError:
+        version = None
+    if version is None or versions.parse(version) < versions.parse(versions.OLDEST_TRANSFORMERS):
+        return versions.RULES_TRANSFORMERS
+    return version
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from memplan.models.inventory import Inventory, fold_name
 from memplan.plan import PlanResult
 from memplan.precision import dtype_bytes
 from memplan.sharding import RankStates, Term
+from memplan.versions import rules_note
 
 # Binary units (IEC): GPU memory is sized in powers of two. Decimal GB only on request.
 UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
@@ -401,6 +402,7 @@ def estimate_view(
     if v is not None:
         parts.append(verdict_line(report, v))
     parts.extend(Text(f"note: {n}", style="yellow") for n in report.notes)
+    parts.append(Text(f"note: {rules_note(report.rules_transformers)}", style="dim"))
     return Group(*parts)
 
 

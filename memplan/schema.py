@@ -344,6 +344,18 @@ class HardwareInfo(_Doc):
     from headroom_bytes and whether activations are modelled; null without a capacity."""
 
 
+class RulesInfo(_Doc):
+    """The library versions memplan's rules describe (memplan/versions.py)."""
+
+    torch: str
+    """torch (major.minor) the activation, SDPA-kernel and FSDP2 rules describe."""
+    transformers: str
+    """transformers (major.minor) whose activation rules were used: the spec's
+    model.transformers_version, else the installed release, else the newest rules'."""
+    engines: dict[str, str]
+    """Engine library -> the version the engine (sharding) rules were read from."""
+
+
 class EstimateReport(_Doc):
     """`memplan estimate SPEC --json`: memory of one training step."""
 
@@ -371,6 +383,8 @@ class EstimateReport(_Doc):
     """The GPU and whether the step fits it."""
     notes: list[str]
     """What the estimate assumed or left out, one sentence each."""
+    rules: RulesInfo
+    """The library versions the rules describe."""
 
 
 # --- memplan plan --json ---------------------------------------------------------------------
@@ -576,6 +590,9 @@ class VerifyReport(_Doc):
     """One sentence per row out of tolerance."""
     notes: list[str]
     """What the run could not check, or how it measured."""
+    warnings: list[str] = []
+    """Installed torch or transformers whose major.minor differs from the versions the rules
+    describe (also printed on stderr)."""
 
 
 DOCUMENTS: dict[str, type[_Doc]] = {

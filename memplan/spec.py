@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from memplan import versions
 from memplan.hardware import ALIASES, CATALOG, nearest
 from memplan.optimizers import OptimizerConfig, OptimizerName
 from memplan.precision import PRESETS, DType, Recipe
@@ -53,6 +54,32 @@ class ModelSpec(Frozen):
     hf_id: str | None = None
     """A Hugging Face repo id (`org/name`): its config.json from the local Hugging Face cache,
     offline (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+    transformers_version: str | None = None
+    """The transformers release the model runs under (`"5.24"`), where memplan's activation
+    rules differ between releases (Falcon). Default: the installed transformers, else the
+    release the rules describe (memplan.versions.RULES_TRANSFORMERS)."""
+
+    @field_validator("transformers_version", mode="before")
+    @classmethod
+    def _transformers_version(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, float | int) and not isinstance(value, bool):
+            # YAML reads 5.30 as the number 5.3: only a string keeps the minor version.
+            raise ValueError('write the version as a string, e.g. "5.24" (quoted)')
+        if not isinstance(value, str):
+            return value  # pydantic says what is wrong with it
+        try:
+            version = versions.major_minor(value)
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+        if versions.parse(version) < versions.parse(versions.OLDEST_TRANSFORMERS):
+            raise ValueError(
+                f"memplan's activation rules describe transformers "
+                f"{versions.OLDEST_TRANSFORMERS} to {versions.RULES_TRANSFORMERS}; leave "
+                "transformers_version out for the installed release or the newest rules"
+            )
+        return version
 
     @field_validator("hf_config", "safetensors")
     @classmethod

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import copy
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,56 @@ from memplan.spec import Spec
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
+
+# Libraries only memplan/verify/ uses: a test module that needs one at its top (an import, or
+# `pytest.importorskip`) has its tests marked `torch`; `make test-min` (-m "not torch") runs the
+# rest, with or without torch installed.
+TORCH_LIBRARIES = frozenset({"torch", "transformers", "peft"})
+
+
+def _needs_at_top(path: Path) -> tuple[set[str], set[str]]:
+    """(modules imported, modules importorskip-ed) by the module body of a test file."""
+    imported: set[str] = set()
+    skipped: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            imported.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            imported.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Expr | ast.Assign) and isinstance(node.value, ast.Call):
+            call = node.value
+            name = call.func.attr if isinstance(call.func, ast.Attribute) else None
+            if name == "importorskip" and call.args and isinstance(call.args[0], ast.Constant):
+                skipped.add(str(call.args[0].value).split(".")[0])
+    return imported, skipped
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+_TESTS = sorted(Path(__file__).parent.glob("test_*.py"))
+_NEEDS = {p.name: _needs_at_top(p) for p in _TESTS}
+
+# Without torch, modules that import it at their top are not collected at all (the others
+# skip themselves through pytest.importorskip).
+collect_ignore = (
+    []
+    if _importable("torch")
+    else [name for name, (imported, _) in _NEEDS.items() if imported & TORCH_LIBRARIES]
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        imported, skipped = _NEEDS.get(item.path.name, (set(), set()))
+        if (imported | skipped) & TORCH_LIBRARIES:
+            item.add_marker(pytest.mark.torch)
+
 
 # A Llama-shaped model small enough to build for real in tests (1,041-token vocabulary so
 # that no world size up to 8 divides it).

@@ -20,7 +20,11 @@ transformers = pytest.importorskip("transformers")
 
 from memplan.activations import Setting, predict  # noqa: E402
 from memplan.models import Inventory, from_config  # noqa: E402
+from memplan.versions import major_minor  # noqa: E402
 from tests.activation_probe import build_model, measure  # noqa: E402
+
+# The rules are asked about the transformers that runs the measured models.
+INSTALLED_TRANSFORMERS = major_minor(transformers.__version__)
 
 transformers.logging.set_verbosity_error()
 
@@ -139,6 +143,7 @@ def setting(precision: str, attention: str, checkpointing: str, batch: int, seq:
         attention=attention,  # type: ignore[arg-type]
         dropout=None,
         checkpointing=checkpointing,  # type: ignore[arg-type]
+        transformers=INSTALLED_TRANSFORMERS,
     )
 
 

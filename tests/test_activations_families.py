@@ -23,8 +23,15 @@ transformers = pytest.importorskip("transformers")
 
 from memplan.activations import Activations, predict  # noqa: E402
 from memplan.activations.tensors import Setting  # noqa: E402
+from memplan.versions import at_most  # noqa: E402
 from tests.activation_probe import DTYPES, build_model, saved_storages  # noqa: E402
-from tests.test_activations import PRECISIONS, _selective, inventory, setting  # noqa: E402
+from tests.test_activations import (  # noqa: E402
+    INSTALLED_TRANSFORMERS,
+    PRECISIONS,
+    _selective,
+    inventory,
+    setting,
+)
 
 transformers.logging.set_verbosity_error()
 
@@ -156,6 +163,8 @@ SELECTIVE_MODULE = {
     "qwen3_moe": "qwen3_moe.modeling_qwen3_moe",
     "opt": "opt.modeling_opt",
     "gptj": "gptj.modeling_gptj",
+    # transformers 5.25 moved Falcon onto eager_attention_forward / the sdpa interface.
+    "falcon": "falcon.modeling_falcon",
 }
 BLOCKS = ("embeddings", "layers", "head", "loss")
 
@@ -396,7 +405,8 @@ def _falcon_selective() -> Iterator[None]:
 
 INLINE_SELECTIVE: dict[str, Callable[[], Any]] = {
     "bloom": _bloom_selective,
-    "falcon": _falcon_selective,
+    # Falcon's attention is inline in FalconAttention.forward up to transformers 5.24.
+    **({"falcon": _falcon_selective} if at_most(INSTALLED_TRANSFORMERS, "5.24") else {}),
 }
 SELECTIVE = list(itertools.product(tuple(FAMILIES), ("eager", "sdpa"), tuple(PRECISIONS)))
 
@@ -449,3 +459,32 @@ def test_refusals_say_why() -> None:
     assert not mixed.modelled and "dense MLP layers" in mixed.notes[0]
     gemma2 = predict(inventory(FAMILIES["gemma2"]), st)
     assert gemma2.modelled and any("eager" in n for n in gemma2.notes)
+
+
+# Falcon's layouts under selective checkpointing: the core's inputs differ per layout (5.25's v
+# is a view of the fused projection in every layout; 5.24's only in multi-head layers).
+FALCON_SELECTIVE = list(
+    itertools.product(
+        ("falcon-new-arch", "falcon2-one-norm-relu", "falcon-mha-sequential"),
+        ("eager", "sdpa"),
+        tuple(PRECISIONS),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("variant", "attention", "precision"),
+    FALCON_SELECTIVE,
+    ids=["-".join(case) for case in FALCON_SELECTIVE],
+)
+def test_falcon_variants_selective_checkpointing_match(
+    variant: str, attention: str, precision: str
+) -> None:
+    measured, predicted = compare(
+        with_dropout(VARIANTS[variant], False),
+        attention=attention,
+        precision=precision,
+        checkpointing="selective",
+        patch=INLINE_SELECTIVE.get("falcon") or _selective(SELECTIVE_MODULE["falcon"]),
+    )
+    assert predicted == measured

@@ -1,8 +1,9 @@
 """Activations, tensor by tensor: what autograd saves for backward in one forward pass.
 
-`predict(inventory, setting)` returns the saved tensors of the transformers 5.24 model the
-inventory describes, grouped in blocks (embeddings, decoder layers, head, loss), for eager or
-SDPA attention, dropout on or off, any precision recipe (autocast included), activation
+`predict(inventory, setting)` returns the saved tensors of the transformers 5.25 model the
+inventory describes (the rules were read from 5.24, which differs only in Falcon's attention:
+`Setting.transformers` picks), grouped in blocks (embeddings, decoder layers, head, loss), for
+eager or SDPA attention, dropout on or off, any precision recipe (autocast included), activation
 checkpointing none/full/selective, on CUDA or CPU kernels. Families without rules say so
 (`Activations.modelled` is False) instead of guessing.
 """
@@ -45,6 +46,7 @@ from memplan.models.inventory import Architecture, Inventory
 from memplan.parallel import chunk_layers
 from memplan.spec import FinetuneSpec, Spec
 from memplan.states import model_parallel
+from memplan.versions import rules_release
 
 FamilyRule = Callable[..., "Model | str"]
 
@@ -123,6 +125,7 @@ def setting_of(spec: Spec) -> Setting:
         dropout=t.dropout,
         checkpointing=t.activation_checkpointing,
         offload=t.activation_offload,
+        transformers=rules_release(spec.model.transformers_version),
     )
 
 

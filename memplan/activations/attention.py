@@ -1,4 +1,4 @@
-"""The attention core, QK^T -> softmax -> dropout -> .V, as transformers 5.24 runs it.
+"""The attention core, QK^T -> softmax -> dropout -> .V, as transformers 5.24 and 5.25 run it.
 
 `eager`: the per-family `eager_attention_forward` (two `torch.matmul` around a softmax);
 `sdpa`: transformers integrations/sdpa_attention.py::sdpa_attention_forward, which calls
@@ -165,6 +165,11 @@ def sdpa(st: Setting, h: Heads, qkv: Qkv, *, dropout_on: bool) -> Core:
     b, a, s, d = h.batch, h.heads, h.seq, h.head_dim
     gqa = h.groups > 1 and not qkv.mask and d <= FLASH_MAX_HEAD_DIM
     kv_in = h.kv_heads if h.groups == 1 or gqa else a
+    # repeat_kv of a single k/v head (multi-query) is `expand` + `reshape` that torch can
+    # express as a view (stride 0 over the heads): the kernel saves the [b, 1, s, d] storage,
+    # unless autocast casts it first (the cast writes every head: measured).
+    k_in = 1 if h.kv_heads == 1 and qkv.k == st.matmul else kv_in
+    v_in = 1 if h.kv_heads == 1 and qkv.v == st.matmul else kv_in
     kernel = sdpa_kernel(st, h, gqa=gqa, mask=qkv.mask, dropout_on=dropout_on)
     if kernel == "math":
         return _sdpa_math(st, h, qkv, dropout_on=dropout_on)
@@ -178,8 +183,8 @@ def sdpa(st: Setting, h: Heads, qkv: Qkv, *, dropout_on: bool) -> Core:
         out.append(_mm_copy("attn.c_attn_output", (h.tokens, 3 * a * d), st, by, src))
     else:
         out.append(saved("attn.query", (b, a, s, d), st.matmul, by, src))
-        out.append(saved("attn.key", (b, kv_in, s, d), st.matmul, by, src))
-        out.append(saved("attn.value", (b, kv_in, s, d), st.matmul, by, src))
+        out.append(saved("attn.key", (b, k_in, s, d), st.matmul, by, src))
+        out.append(saved("attn.value", (b, v_in, s, d), st.matmul, by, src))
     if qkv.mask:
         # The additive sliding-window mask, in the matmul dtype (autocast casts it too); the
         # kernel keeps a copy per layer (measured on CPU).

@@ -16,6 +16,7 @@ from typing import Literal
 
 from memplan.activations.transient import Transient, rounding
 from memplan.precision import dtype_bytes
+from memplan.versions import RULES_TRANSFORMERS
 
 Device = Literal["cuda", "cpu"]
 AttentionKind = Literal["eager", "sdpa"]
@@ -64,6 +65,9 @@ class Setting:
     them (memplan.activations.layout.expert_pairs); None: top_k x tokens."""
     local_experts: int | None = None
     """Experts on this GPU (expert parallelism); None: all of them."""
+    transformers: str = RULES_TRANSFORMERS
+    """The transformers release whose modeling code runs (major.minor): rules that differ
+    between supported releases pick by it (memplan.versions)."""
 
     @property
     def tokens(self) -> int:

@@ -113,6 +113,8 @@ class VerifyResult:
     """With --layers K: the full-depth prediction beside the K-layer measurement extrapolated
     with the measured per-layer bytes (shown, not checked)."""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    warnings: tuple[str, ...] = ()
+    """Installed torch/transformers that differ (major.minor) from what the rules describe."""
 
     @property
     def ok(self) -> bool:
@@ -234,4 +236,5 @@ def to_json(result: VerifyResult) -> dict[str, Any]:
         }
     doc["failures"] = result.failures()
     doc["notes"] = list(result.notes)
+    doc["warnings"] = list(result.warnings)
     return doc

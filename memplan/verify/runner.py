@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from memplan import versions
 from memplan.estimate import Report
-from memplan.load import LoadedSpec
+from memplan.load import LoadedSpec, installed_version
 from memplan.sharding import RankStates
 from memplan.verify import job as jobs
 from memplan.verify.job import Event, Job, Options
@@ -233,4 +235,14 @@ def verify(loaded: LoadedSpec, options: Options, on_event: Event) -> VerifyResul
     from memplan.verify import launch
 
     measured = launch.run(job, on_event)
-    return compare(job, report, full, measured)
+    return replace(compare(job, report, full, measured), warnings=tuple(version_warnings(loaded)))
+
+
+def version_warnings(loaded: LoadedSpec) -> list[str]:
+    """The installed torch and transformers (read from package metadata) against the
+    versions the rules this spec uses describe (memplan.versions)."""
+    return versions.mismatches(
+        torch=installed_version("torch"),
+        transformers=installed_version("transformers"),
+        rules_transformers=versions.rules_release(loaded.spec.model.transformers_version),
+    )
