@@ -262,8 +262,17 @@ def _rank_states(
     offload: tuple[str, str],
 ) -> tuple[list[RankStates], dict[int, tuple[Term, ...]]]:
     """Every data-parallel rank class of one stage: dense tensors over the data-parallel
-    group, experts over the expert-data group, then offload."""
+    group, experts over the expert-data group, then offload.
+
+    Experts are a group of their own only where the engine makes one: Megatron-LM always
+    (expert parameters get their own DDP buffers and distributed-optimizer shards,
+    megatron/core/distributed/distributed_data_parallel.py::DistributedDataParallel,
+    `expert_parallel_params`), and any engine under expert parallelism. Without it, torch
+    DDP/ZeroRedundancyOptimizer, FSDP2 and DeepSpeed see a transformers MoE model's expert
+    tensors as ordinary parameters: one group, sharded and partitioned with the others."""
     dense, experts = split_experts(local)
+    if experts.parameters and expert == 1 and engine != "megatron":
+        dense, experts = local, replace(local, parameters=())
     ranks = rule(dense, recipe, opt, dense_place)
     if experts.parameters:
         expert_place = replace(dense_place, data=expert_data_degree(degree, expert))
