@@ -15,8 +15,9 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from memplan import sharding
+from memplan.errors import MemplanError
 from memplan.models.inventory import Inventory, fold_name
-from memplan.optimizers import OptimizerConfig
+from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS, OptimizerConfig
 from memplan.parallel import (
     ModelParallel,
     check_degrees,
@@ -110,6 +111,15 @@ def stage_states(
     """Model states of every pipeline stage's most-loaded rank, and of every rank class."""
     mp = model_parallel(par)
     check_degrees(inventory, mp)
+    if par.engine == "fsdp2" and opt.name in FSDP2_REFUSED_OPTIMIZERS:
+        raise MemplanError(
+            f"{opt.name} does not run on FSDP2: its step squares a column norm in place "
+            "(torch/optim/_adafactor.py::_single_tensor_adafactor `torch.norm(grad, dim=-2)"
+            ".square_()`, _multi_tensor_adafactor `_foreach_mul_`, torch 2.13), which a "
+            "dim-0-sharded DTensor refuses ('in-place operations that require placement "
+            "changes are not supported'). Use engine: ddp or deepspeed, or another optimizer.",
+            field="optimizer.name",
+        )
     # Context-parallel ranks hold the same weights as data-parallel ones, so only their
     # product matters here: layouts that differ in how they split it share the result.
     degree = par.data * par.context
@@ -231,7 +241,7 @@ def _stage_states(
                 num_parameters=_numel(local),
                 ranks=tuple(moved),
                 per_gpu=top,
-                buffers=tuple(sharding.buffer_terms(local, recipe)),
+                buffers=tuple(sharding.buffer_terms(local, recipe, engine=engine)),
                 nvme=nvme[top.ranks[0]],
             )
         )
