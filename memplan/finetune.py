@@ -96,7 +96,12 @@ MOE_CONVERSION: dict[str, str] = {
     "deepseek_v3": "qwen2_moe",
 }
 MOE_TARGET_MAPPING: dict[str, dict[str, str]] = {
-    "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
+    "mixtral": {
+        "gate": "gate.weight",
+        "w1": "gate_up_proj",
+        "w3": "gate_up_proj",
+        "w2": "down_proj",
+    },
     "qwen2_moe": {
         "gate": "gate.weight",
         "gate_proj": "gate_up_proj",

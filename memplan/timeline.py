@@ -325,9 +325,7 @@ def _updated_sizes(inventory: Inventory, shards: int) -> tuple[int, ...]:
     """The trainable tensors in `model.parameters()` order (the order the optimizer steps
     them), each as one rank's FSDP2 shard when `shards` > 1."""
     return tuple(
-        -(-t.numel // shards)
-        for t in inventory.parameters
-        if t.kind == "parameter" and t.trainable
+        -(-t.numel // shards) for t in inventory.parameters if t.kind == "parameter" and t.trainable
     )
 
 

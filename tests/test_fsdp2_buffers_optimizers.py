@@ -43,7 +43,9 @@ def test_adafactor_fails_on_fsdp2(one_rank: None, foreach: bool) -> None:
 @pytest.mark.parametrize("command", ["estimate", "plan"])
 def test_memplan_refuses_adafactor_on_fsdp2(command: str) -> None:
     if command == "estimate":
-        spec = make_spec(optimizer={"name": "adafactor"}, parallelism={"engine": "fsdp2", "data": 2})
+        spec = make_spec(
+            optimizer={"name": "adafactor"}, parallelism={"engine": "fsdp2", "data": 2}
+        )
         with pytest.raises(MemplanError, match="adafactor does not run on FSDP2") as err:
             estimate.estimate(spec, from_config(TINY_LLAMA))
         assert err.value.field == "optimizer.name"
