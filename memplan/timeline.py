@@ -292,7 +292,11 @@ def _compute_state_transients(
     if par.engine in ("ddp", "fsdp2"):
         out.append(_optimizer_temporaries(spec, inventory, per_gpu))
     if par.engine == "ddp" and recipe.master_weights and recipe.master_weights != recipe.gradients:
-        masters = sum(t.elements for t in per_gpu.terms if t.name == "master_weights")
+        masters = sum(
+            t.elements
+            for t in per_gpu.terms
+            if t.name.removesuffix(" (experts)") == "master_weights"
+        )
         out.append(tr.master_gradients(masters, recipe.master_weights))
     return out
 
