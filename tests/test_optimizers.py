@@ -176,10 +176,12 @@ def test_step_temporaries_match_torch(
     name: str, settings: dict, implementation: str, shapes: tuple
 ) -> None:
     """Oracle: torch's own step (torch/optim/<opt>.py, 2.13) measured by MemTracker."""
-    from memplan.activations.transient import FUSED_OPTIMIZERS, torch_optimizer_step
+    from memplan.activations.transient import torch_optimizer_step
+    from memplan.optimizers import FUSED_OPTIMIZERS, NOT_FUSED_OPTIMIZERS
 
     if implementation == "fused" and name not in FUSED_OPTIMIZERS:
-        with pytest.raises(TypeError):  # torch has no fused kernel: memplan refuses it too
+        assert name in NOT_FUSED_OPTIMIZERS  # the spec refuses it (test_cli / spec tests)
+        with pytest.raises(TypeError):  # torch has no fused kernel
             _measured_step_temporaries(name, settings, implementation, shapes, torch.float32)
         return
     measured = _measured_step_temporaries(name, settings, implementation, shapes, torch.float32)
@@ -211,3 +213,12 @@ def test_step_temporaries_follow_the_state_dtype(name: str) -> None:
         name=name, implementation="foreach", updated=sum(sizes), sizes=sizes, dtype="bf16"
     )
     assert t is not None and measured == t.bytes
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "nadam", "radam", "adamax", "adafactor"])
+def test_spec_refuses_a_fused_kernel_torch_lacks(name: str) -> None:
+    from memplan.errors import MemplanError
+    from tests.conftest import make_spec
+
+    with pytest.raises(MemplanError, match=f"optimizer: torch.optim has no fused {name}"):
+        make_spec(optimizer={"name": name, "implementation": "fused"})

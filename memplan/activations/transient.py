@@ -227,11 +227,8 @@ FOR_LOOP_TEMPORARIES = {
     "adamax": (1, 0),
     "adafactor": (1, 1),
 }
-# torch.optim kernels with a fused implementation in 2.13 (`fused=True` accepted by __init__):
-# adam.py, adamw.py, sgd.py, adagrad.py (the CPU also has them). Fused kernels make no
-# temporaries (measured: 0 B).
+# Fused kernels (memplan.optimizers.FUSED_OPTIMIZERS) make no temporaries (measured: 0 B).
 OPTIM_FILES = {"adafactor": "_adafactor", "adamw": "adam"}  # AdamW subclasses Adam in 2.13
-FUSED_OPTIMIZERS = frozenset({"adam", "adamw", "sgd", "adagrad"})
 
 
 def for_loop_peak(name: str, sizes: Sequence[int]) -> int:
