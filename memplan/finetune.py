@@ -82,6 +82,38 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 ALL_LINEAR = "all-linear"
 """peft's INCLUDE_LINEAR_LAYERS_SHORTHAND: every Linear / Conv1D but the output layer."""
 
+# MoE models whose experts transformers 5 fuses into 3-D parameters (and whose router is no
+# nn.Linear): peft converts the v4 target names into `target_parameters`, each adapted by a
+# lora.ParamWrapper. transformers conversion_mapping.py::_MODEL_TO_CONVERSION_PATTERN (5.25,
+# the families memplan models; peft adds mixtral) and peft utils/transformers_weight_conversion
+# .py::_MOE_TARGET_MODULE_MAPPING, _MOE_FUSED_TARGETS, _convert_peft_config_moe (0.21.2).
+SRC_MOE_CONVERSION = f"{PEFT} utils/transformers_weight_conversion.py::_convert_peft_config_moe"
+SRC_PARAM_WRAPPER = f"{PEFT} tuners/lora/layer.py::ParamWrapper.update_layer"
+MOE_CONVERSION: dict[str, str] = {
+    "mixtral": "mixtral",
+    "qwen3_moe": "qwen2_moe",
+    "deepseek_v2": "qwen2_moe",
+    "deepseek_v3": "qwen2_moe",
+}
+MOE_TARGET_MAPPING: dict[str, dict[str, str]] = {
+    "mixtral": {
+        "gate": "gate.weight",
+        "w1": "gate_up_proj",
+        "w3": "gate_up_proj",
+        "w2": "down_proj",
+    },
+    "qwen2_moe": {
+        "gate": "gate.weight",
+        "gate_proj": "gate_up_proj",
+        "up_proj": "gate_up_proj",
+        "down_proj": "down_proj",
+    },
+}
+MOE_FUSED: dict[str, dict[str, tuple[str, ...]]] = {
+    "mixtral": {"gate_up_proj": ("w1", "w3")},
+    "qwen2_moe": {"gate_up_proj": ("gate_proj", "up_proj")},
+}
+
 # --- peft's matching rules -------------------------------------------------------------------
 
 
@@ -132,6 +164,9 @@ def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) 
         )
     else:
         targets = ft.target_modules
+    converted = moe_conversion(ft, model_type, targets)
+    if converted is not None:
+        targets = converted[0]
     found = [name for name in mods if is_target(ft, targets, name)]
     bad = [mods[n] for n in found if mods[n].kind == "other"]
     if bad:
@@ -142,7 +177,7 @@ def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) 
             "is not supported'. Name the projections inside them (e.g. q_proj, v_proj).",
             field="finetune.target_modules",
         )
-    if not found:
+    if not found and not (converted and converted[1]):
         linear = sorted({leaf(m.name) for m in mods.values() if m.kind in ("linear", "conv1d")})
         wanted = targets if isinstance(targets, str) else ", ".join(targets)
         hint = nearest(targets[0], linear) if isinstance(targets, tuple) and targets else ""
@@ -153,6 +188,104 @@ def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) 
             field="finetune.target_modules",
         )
     return found
+
+
+def moe_conversion(
+    ft: FinetuneSpec, model_type: str, targets: tuple[str, ...] | str
+) -> tuple[tuple[str, ...], dict[str, int]] | None:
+    """peft's v4 -> v5 MoE target conversion (SRC_MOE_CONVERSION), or None where it does not
+    apply: (the module targets left, {target parameter suffix: LoRA rank}).
+
+    `all-linear` becomes the leaf names of its Linear modules plus every v4 name of the
+    mapping (the router `gate` and the expert projections); a list keeps its entries. An entry
+    naming a v4 expert projection or the router moves to the parameter targets; both halves
+    of a fused `gate_up_proj` give it rank 2r (`rank_pattern`), one half alone is refused as
+    peft refuses it. A regex is left as it is (peft probes it against v4 names: not modelled).
+    """
+    base = MOE_CONVERSION.get(model_type)
+    if base is None or ft.method == "full":
+        return None
+    mapping = MOE_TARGET_MAPPING[base]
+    if isinstance(ft.target_modules, str) and ft.target_modules.lower() == ALL_LINEAR:
+        resolved = {leaf(t) for t in targets} | set(mapping)
+    elif isinstance(targets, tuple):
+        resolved = set(targets)
+    else:
+        return None
+    left: set[str] = set()
+    params: dict[str, int] = {}
+    present: dict[str, set[str]] = {}
+    for target in sorted(resolved):
+        old = next((o for o in mapping if target == o or target.endswith(f".{o}")), None)
+        if old is None:
+            left.add(target)
+            continue
+        params[mapping[old]] = ft.rank
+        present.setdefault(mapping[old], set()).add(old)
+    for new, halves in MOE_FUSED[base].items():
+        have = present.get(new, set())
+        if 0 < len(have) < len(halves):
+            raise MemplanError(
+                f"target_modules names {', '.join(sorted(have))} without "
+                f"{', '.join(sorted(set(halves) - have))}: transformers 5 fuses them into "
+                f"{new}, and peft raises 'Cannot convert PEFT target(s)'. Name both or neither.",
+                field="finetune.target_modules",
+            )
+        if len(have) == len(halves) > 1:
+            params[new] = ft.rank * len(halves)
+    return tuple(sorted(left)), params
+
+
+def param_targets(ft: FinetuneSpec, inventory: Inventory) -> dict[str, int]:
+    """{parameter name: LoRA rank} for the parameters peft wraps in lora.ParamWrapper: those
+    whose name is a target parameter suffix (tuners_utils.py::BaseTuner.inject_adapter,
+    `key.endswith(f".{target_key}")`)."""
+    arch = inventory.architecture
+    model_type = arch.model_type if arch else ""
+    mods = modules(inventory)
+    targets: tuple[str, ...] | str
+    if ft.target_modules is None:
+        targets = DEFAULT_TARGETS.get(model_type, ())
+    elif isinstance(ft.target_modules, str) and ft.target_modules.lower() == ALL_LINEAR:
+        targets = tuple(
+            m.name for m in mods.values() if m.kind in ("linear", "conv1d") and not m.output
+        )
+    else:
+        targets = ft.target_modules
+    converted = moe_conversion(ft, model_type, targets)
+    if converted is None:
+        return {}
+    suffixes = converted[1]
+    return {
+        t.name: rank
+        for t in inventory.parameters
+        for suffix, rank in suffixes.items()
+        if t.name.endswith(f".{suffix}")
+    }
+
+
+def param_lora_tensors(t: TensorSpec, *, rank: int, dtype: str | None) -> list[TensorSpec]:
+    """The adapter pair of one wrapped parameter (SRC_PARAM_WRAPPER): a 2-D [out, in] weight is
+    one expert; a 3-D [E, d1, d2] one is E experts with in = d2, out = d1 (`swap_in_out_features`
+    where the experts module is not `is_transposed`). lora_A = nn.Linear(in, r x E) -> weight
+    [r x E, in]; lora_B = nn.Linear(r x E, out) -> weight [out, r x E]."""
+    if len(t.shape) == 3:
+        experts, out, inp = t.shape
+    else:
+        experts, (out, inp) = 1, t.shape
+    width = rank * experts
+    return [
+        TensorSpec(
+            f"{t.name}.lora_{x}.{ADAPTER}.weight",
+            shape,
+            "parameter",
+            dtype,
+            layer=t.layer,
+            role="mlp",
+            trainable=True,
+        )
+        for x, shape in (("A", (width, inp)), ("B", (out, width)))
+    ]
 
 
 # --- the transforms --------------------------------------------------------------------------
@@ -208,6 +341,7 @@ def lora(
     kinds and in/out features come from it; the tensors renamed come from `inventory`."""
     mods = modules(reference or inventory)
     targets = set(targets_of(ft, inventory, mods))
+    wrapped = param_targets(ft, reference or inventory)
     roots = saved_roots(ft, mods)
     last: dict[str, str] = {}
     under: dict[str, list[TensorSpec]] = {}
@@ -229,6 +363,8 @@ def lora(
             params.append(_rename(t, f"{mod}.base_layer.{leaf(t.name)}", renamed))
             if t.name == last[mod]:
                 params += lora_tensors(mods[mod], rank=ft.rank, dtype=dtype)
+        elif t.name in wrapped:
+            params += [frozen(t), *param_lora_tensors(t, rank=wrapped[t.name], dtype=dtype)]
         else:
             params.append(frozen(t))
     # Tied aliases (GPT-2's lm_head): the alias is renamed like its module and stays tied to

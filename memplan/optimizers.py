@@ -29,6 +29,16 @@ OptimizerName = Literal[
     "paged_adam8bit",
 ]
 OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
+# torch.optim classes with a fused kernel in 2.13 (`fused=True` accepted by __init__, on CPU
+# too): adam.py, adamw.py, sgd.py, adagrad.py. RMSprop, NAdam, RAdam, Adamax and Adafactor
+# raise TypeError (measured: tests/test_optimizers.py::test_step_temporaries_match_torch).
+FUSED_OPTIMIZERS = frozenset({"adam", "adamw", "sgd", "adagrad"})
+NOT_FUSED_OPTIMIZERS = frozenset({"rmsprop", "nadam", "radam", "adamax", "adafactor"})
+# torch optimizers whose step fails on FSDP2's dim-0-sharded DTensor parameters: Adafactor's
+# in-place square of a column norm (a Partial placement) is refused by DTensor dispatch
+# (torch/optim/_adafactor.py:399 and :559, 2.13; reproduced on 2 gloo ranks, foreach and
+# for-loop, tests/test_optimizers.py::test_adafactor_fails_on_fsdp2).
+FSDP2_REFUSED_OPTIMIZERS = frozenset({"adafactor"})
 
 # The dtype torch gives the per-tensor `step` counter: `_get_scalar_dtype()` is float32
 # unless the default dtype is float64 (torch/optim/optimizer.py::_get_scalar_dtype, 2.13).

@@ -18,6 +18,7 @@ from memplan.errors import MemplanError
 from memplan.estimate import Report, assemble, estimate, model_states, verdict
 from memplan.hardware import CATALOG
 from memplan.models.inventory import Inventory
+from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS
 from memplan.precision import dtype_bytes
 from memplan.sharding.megatron import main_grad_dtype
 from memplan.spec import (
@@ -219,6 +220,9 @@ class _Search:
                     continue
                 if vp > 1 and engine != "megatron":
                     continue  # the interleaved schedule is Megatron's
+                if engine == "fsdp2" and self.spec.optimizer.name in FSDP2_REFUSED_OPTIMIZERS:
+                    self.pruned["optimizer does not run on FSDP2's DTensor parameters"] += 1
+                    continue
                 for stage in ENGINE_STAGES[engine]:
                     if engine == "deepspeed" and pp > 1 and stage >= 2:
                         self.pruned["DeepSpeed ZeRO-2/3 does not run with pipeline"] += 1

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from memplan import versions
 from memplan.hardware import ALIASES, CATALOG, nearest
-from memplan.optimizers import OptimizerConfig, OptimizerName
+from memplan.optimizers import NOT_FUSED_OPTIMIZERS, OptimizerConfig, OptimizerName
 from memplan.precision import PRESETS, DType, Recipe
 
 # Upper bounds on what a spec may say. Counts and sizes fit torch's int64 (shapes, numel,
@@ -210,6 +210,16 @@ class OptimizerSpec(Frozen):
     """RMSprop: keep grad_avg."""
     implementation: Literal["foreach", "fused", "for_loop"] = "foreach"
     """torch.optim kernel: foreach (the CUDA default), fused, or for_loop (the CPU default)."""
+
+    @model_validator(mode="after")
+    def _fused_exists(self) -> OptimizerSpec:
+        if self.implementation == "fused" and self.name in NOT_FUSED_OPTIMIZERS:
+            raise ValueError(
+                f"torch.optim has no fused {self.name} (2.13: fused=True is accepted by adam, "
+                "adamw, sgd and adagrad only; the others raise TypeError): set "
+                "implementation: foreach or for_loop"
+            )
+        return self
 
     def config(self) -> OptimizerConfig:
         return OptimizerConfig(

@@ -15,8 +15,9 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from memplan import sharding
+from memplan.errors import MemplanError
 from memplan.models.inventory import Inventory, fold_name
-from memplan.optimizers import OptimizerConfig
+from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS, OptimizerConfig
 from memplan.parallel import (
     ModelParallel,
     check_degrees,
@@ -110,6 +111,15 @@ def stage_states(
     """Model states of every pipeline stage's most-loaded rank, and of every rank class."""
     mp = model_parallel(par)
     check_degrees(inventory, mp)
+    if par.engine == "fsdp2" and opt.name in FSDP2_REFUSED_OPTIMIZERS:
+        raise MemplanError(
+            f"{opt.name} does not run on FSDP2: its step squares a column norm in place "
+            "(torch/optim/_adafactor.py::_single_tensor_adafactor `torch.norm(grad, dim=-2)"
+            ".square_()`, _multi_tensor_adafactor `_foreach_mul_`, torch 2.13), which a "
+            "dim-0-sharded DTensor refuses ('in-place operations that require placement "
+            "changes are not supported'). Use engine: ddp or deepspeed, or another optimizer.",
+            field="optimizer.name",
+        )
     # Context-parallel ranks hold the same weights as data-parallel ones, so only their
     # product matters here: layouts that differ in how they split it share the result.
     degree = par.data * par.context
@@ -231,7 +241,7 @@ def _stage_states(
                 num_parameters=_numel(local),
                 ranks=tuple(moved),
                 per_gpu=top,
-                buffers=tuple(sharding.buffer_terms(local, recipe)),
+                buffers=tuple(sharding.buffer_terms(local, recipe, engine=engine)),
                 nvme=nvme[top.ranks[0]],
             )
         )
@@ -262,8 +272,17 @@ def _rank_states(
     offload: tuple[str, str],
 ) -> tuple[list[RankStates], dict[int, tuple[Term, ...]]]:
     """Every data-parallel rank class of one stage: dense tensors over the data-parallel
-    group, experts over the expert-data group, then offload."""
+    group, experts over the expert-data group, then offload.
+
+    Experts are a group of their own only where the engine makes one: Megatron-LM always
+    (expert parameters get their own DDP buffers and distributed-optimizer shards,
+    megatron/core/distributed/distributed_data_parallel.py::DistributedDataParallel,
+    `expert_parallel_params`), and any engine under expert parallelism. Without it, torch
+    DDP/ZeroRedundancyOptimizer, FSDP2 and DeepSpeed see a transformers MoE model's expert
+    tensors as ordinary parameters: one group, sharded and partitioned with the others."""
     dense, experts = split_experts(local)
+    if experts.parameters and expert == 1 and engine != "megatron":
+        dense, experts = local, replace(local, parameters=())
     ranks = rule(dense, recipe, opt, dense_place)
     if experts.parameters:
         expert_place = replace(dense_place, data=expert_data_degree(degree, expert))

@@ -145,10 +145,6 @@ def _grad_phases(spec: Spec) -> tuple[Phase, ...]:
     return ("backward", "backward_end", "optimizer_step")
 
 
-def _largest(inventory: Inventory) -> int:
-    return max((t.numel for t in inventory.parameters), default=0)
-
-
 def _head_fraction(inventory: Inventory) -> float:
     """Share of the gradients that exist when the first decoder layer's backward starts:
     the LM head and final norm (and the embedding, when the head is tied to it)."""
@@ -296,7 +292,11 @@ def _compute_state_transients(
     if par.engine in ("ddp", "fsdp2"):
         out.append(_optimizer_temporaries(spec, inventory, per_gpu))
     if par.engine == "ddp" and recipe.master_weights and recipe.master_weights != recipe.gradients:
-        masters = sum(t.elements for t in per_gpu.terms if t.name == "master_weights")
+        masters = sum(
+            t.elements
+            for t in per_gpu.terms
+            if t.name.removesuffix(" (experts)") == "master_weights"
+        )
         out.append(tr.master_gradients(masters, recipe.master_weights))
     return out
 
@@ -305,19 +305,31 @@ def _optimizer_temporaries(
     spec: Spec, inventory: Inventory, per_gpu: RankStates
 ) -> Transient | None:
     skip = {"step", "mu_product", "master_weights", "qmap1", "qmap2", "absmax1", "absmax2"}
+    # One foreach list spans every tensor the optimizer updates on this rank: a state kept
+    # for dense and expert tensors as two rows ("exp_avg", "exp_avg (experts)") is one list.
+    per_state: dict[str, int] = {}
+    for t in per_gpu.terms:
+        if t.category == "optimizer_states" and t.name not in skip:
+            key = t.name.removesuffix(" (experts)")
+            per_state[key] = per_state.get(key, 0) + t.elements
     states = [t.elements for t in per_gpu.terms if t.category == "optimizer_states"]
-    per_element = [
-        t.elements for t in per_gpu.terms if t.category == "optimizer_states" and t.name not in skip
-    ]
-    updated = max(per_element, default=0) or max(states, default=0)
+    updated = max(per_state.values(), default=0) or max(states, default=0)
     shards = spec.parallelism.data if spec.parallelism.engine == "fsdp2" else 1
-    largest = -(-memo(inventory, "largest", lambda: _largest(inventory)) // shards)
+    sizes = memo(inventory, ("updated_sizes", shards), lambda: _updated_sizes(inventory, shards))
     return tr.torch_optimizer_step(
         name=spec.optimizer.name,
         implementation=spec.optimizer.implementation,
         updated=updated,
-        largest=largest,
+        sizes=sizes,
         dtype=spec.recipe().optimizer_states,
+    )
+
+
+def _updated_sizes(inventory: Inventory, shards: int) -> tuple[int, ...]:
+    """The trainable tensors in `model.parameters()` order (the order the optimizer steps
+    them), each as one rank's FSDP2 shard when `shards` > 1."""
+    return tuple(
+        -(-t.numel // shards) for t in inventory.parameters if t.kind == "parameter" and t.trainable
     )
 
 

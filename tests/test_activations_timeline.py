@@ -170,22 +170,52 @@ def test_fsdp2_no_gloo_copy_on_cuda() -> None:
             assert t.source and t.formula
 
 
-@pytest.mark.parametrize("implementation", ["foreach", "for_loop", "fused"])
-def test_optimizer_step_temporaries(implementation: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "implementation"),
+    [
+        ("adamw", "foreach"),
+        ("adamw", "for_loop"),
+        ("adamw", "fused"),
+        ("adagrad", "foreach"),
+        ("adagrad", "for_loop"),
+        ("rmsprop", "for_loop"),
+        ("adamax", "foreach"),
+    ],
+)
+def test_optimizer_step_temporaries(name: str, implementation: str) -> None:
+    """Oracle: a real step of the tiny Llama built by transformers, measured by MemTracker."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.test_optimizers import TORCH_CLASSES
+
     r = report(
         precision="fp32",
-        optimizer={"name": "adamw", "implementation": implementation},
+        optimizer={"name": name, "implementation": implementation},
         parallelism={"engine": "ddp", "data": 1},
     )
     temp = [t for t in r.timeline.transients if t.name == "optimizer_step_temporaries"]
-    inv = from_config(TINY_LLAMA)
-    if implementation == "fused":
-        assert not temp
-    elif implementation == "foreach":
-        assert temp[0].bytes == inv.num_parameters * dtype_bytes("fp32")
-    else:
-        largest = max(t.numel for t in inv.parameters)
-        assert temp[0].bytes == 2 * largest * dtype_bytes("fp32")
+    predicted = temp[0].bytes if temp else 0
+
+    config = AutoConfig.for_model(**TINY_LLAMA)
+    model = AutoModelForCausalLM.from_config(config).float()
+    params = list(model.parameters())
+    kernel = {"foreach": {"foreach": True}, "for_loop": {"foreach": False}}.get(
+        implementation, {"fused": True}
+    )
+    opt = getattr(torch.optim, TORCH_CLASSES[name])(params, lr=1e-3, **kernel)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    tracker = MemTracker()
+    tracker.track_external(opt, *params)
+    with tracker:
+        opt.step()
+    cpu = torch.device("cpu")
+    measured = tracker.get_tracker_snapshot("peak")[cpu]["Total"]
+    measured -= tracker.get_tracker_snapshot("current")[cpu]["Total"]
+    assert measured == predicted
 
 
 def test_checkpointing_and_offload_order_the_activations() -> None:

@@ -7,7 +7,7 @@ model states (memplan.sharding) and the saved tensors (memplan.activations).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,12 +53,6 @@ ROUND_LARGE = 2 << 20
 # since CUDA 11.7 / torch 2.x). Override with hardware.cuda_context (nvidia-smi's used memory
 # minus torch.cuda.memory_reserved() on an idle process).
 CUDA_CONTEXT_BYTES = 512 << 20
-# Optimizers whose foreach/for-loop step makes a temporary per updated element (a sqrt of the
-# second moment or a variance estimate): torch/optim/{adam,adamw,nadam,radam,adamax,adagrad,
-# rmsprop,_adafactor}.py. SGD without nesterov updates in place.
-ADAPTIVE = frozenset(
-    {"adam", "adamw", "nadam", "radam", "adamax", "adagrad", "rmsprop", "adafactor"}
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,26 +183,90 @@ def zero3_live_parameters(
     )
 
 
+# Temporaries of one torch.optim step (torch 2.13), measured with MemTracker on a real CPU step
+# for every optimizer and kernel (tests/test_optimizers.py::test_step_temporaries_match_torch).
+# foreach: how many full lists of updated-tensor-sized temporaries are alive at once.
+#   adam/adamw/nadam/radam: one (`exp_avg_sq_sqrt = torch._foreach_sqrt(...)`, adam.py::
+#   _multi_tensor_adam; the same in nadam.py, radam.py); adamax: `denom = torch._foreach_mul(
+#   exp_infs, ...)` (adamax.py::_multi_tensor_adamax); rmsprop: `avg = torch._foreach_sqrt(
+#   square_avgs)` (rmsprop.py::_multi_tensor_rmsprop); adafactor: `var_estimates`
+#   (_adafactor.py::_multi_tensor_adafactor); adagrad: two, `std = torch._foreach_sqrt(
+#   state_sums)` and `numerator = torch._foreach_mul(grads, minus_clr)` (adagrad.py::
+#   _multi_tensor_adagrad). SGD (with or without momentum) updates in place.
+FOREACH_LISTS = {
+    "adam": 1,
+    "adamw": 1,
+    "nadam": 1,
+    "radam": 1,
+    "adamax": 1,
+    "rmsprop": 1,
+    "adafactor": 1,
+    "adagrad": 2,
+}
+# for-loop (`_single_tensor_<opt>`): (temporaries of the tensor being updated, in its size;
+# temporaries of the previous tensor still bound to a loop variable). A Python local such as
+# `denom` keeps the previous iteration's tensor alive until the new one is assigned, so the peak
+# is max_i(current x n_i + previous x n_(i-1)) over the tensors in step order.
+#   adam/adamw/nadam: `denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)` makes two
+#   (adam.py::_single_tensor_adam; nadam.py likewise) and `denom` survives: (2, 1).
+#   radam: `exp_avg_sq.sqrt()` and its quotient, nothing bound across iterations: (2, 0).
+#   adagrad: `std = state_sum.sqrt().add_(eps)` survives (adagrad.py::_single_tensor_adagrad);
+#   rmsprop: `avg = square_avg.sqrt()` survives (rmsprop.py::_single_tensor_rmsprop): (1, 1).
+#   adamax: `grad.abs().add_(eps)`, freed at once (adamax.py::_single_tensor_adamax): (1, 0).
+#   adafactor: `var_estimate = row_var @ col_var` survives (_adafactor.py::
+#   _single_tensor_adafactor): (1, 1), plus the row and column means of a >= 2-D tensor
+#   (`row_mean`, `col_mean`), or `grad_squared` of a vector; those factor-sized and 1-D
+#   survivors are left out (the 1-D ones are norm weights and biases).
+FOR_LOOP_TEMPORARIES = {
+    "adam": (2, 1),
+    "adamw": (2, 1),
+    "nadam": (2, 1),
+    "radam": (2, 0),
+    "adagrad": (1, 1),
+    "rmsprop": (1, 1),
+    "adamax": (1, 0),
+    "adafactor": (1, 1),
+}
+# Fused kernels (memplan.optimizers.FUSED_OPTIMIZERS) make no temporaries (measured: 0 B).
+OPTIM_FILES = {"adafactor": "_adafactor", "adamw": "adam"}  # AdamW subclasses Adam in 2.13
+
+
+def for_loop_peak(name: str, sizes: Sequence[int]) -> int:
+    """Peak temporary elements of a for-loop step over tensors of `sizes` (in step order)."""
+    current, previous = FOR_LOOP_TEMPORARIES.get(name, (0, 0))
+    peak, before = 0, 0
+    for n in sizes:
+        peak = max(peak, current * n + previous * before)
+        before = n
+    return peak
+
+
 def torch_optimizer_step(
-    *, name: str, implementation: str, updated: int, largest: int, dtype: str
+    *, name: str, implementation: str, updated: int, sizes: Sequence[int], dtype: str
 ) -> Transient | None:
-    """Temporaries of a torch.optim step (torch/optim/adam.py, 2.13, and the other adaptive
-    optimizers): foreach makes one full list of temporaries (`_foreach_sqrt(exp_avg_sqs)`,
-    `updated` elements); the for-loop makes two of the largest tensor at a time
-    (`(exp_avg_sq.sqrt() / bias_correction2_sqrt)`); fused kernels make none. Field notes
-    (fake-tensor Llama-7B step): foreach about one parameter-sized copy, for-loop ~0.5 GB."""
-    if name not in ADAPTIVE or implementation == "fused":
+    """Temporaries of a torch.optim step: foreach keeps `FOREACH_LISTS[name]` full lists of
+    `updated` elements; the for-loop keeps `FOR_LOOP_TEMPORARIES` of the tensor being updated
+    and of the one before it (`sizes`, in step order); fused kernels make none."""
+    if implementation == "fused":
         return None
     if implementation == "foreach":
-        elems, formula = updated, f"{updated:,} updated elements (one foreach list)"
+        lists = FOREACH_LISTS.get(name, 0)
+        elems = lists * updated
+        formula = f"{lists} x {updated:,} updated elements (foreach lists)"
+        where = f"_multi_tensor_{OPTIM_FILES.get(name, name).lstrip('_')}"
     else:
-        elems, formula = 2 * largest, f"2 x {largest:,} (largest tensor, for-loop)"
+        current, previous = FOR_LOOP_TEMPORARIES.get(name, (0, 0))
+        elems = for_loop_peak(name, sizes)
+        formula = f"max over tensors of {current} x this + {previous} x previous = {elems:,}"
+        where = f"_single_tensor_{OPTIM_FILES.get(name, name).lstrip('_')}"
+    if not elems:
+        return None
     return Transient(
         name="optimizer_step_temporaries",
         bytes=elems * dtype_bytes(dtype),
         phases=("optimizer_step",),
         formula=f"{formula} x {dtype_bytes(dtype)} B ({dtype})",
-        source=f"torch/optim/{name}.py::_multi_tensor_/_single_tensor_ (2.13)",
+        source=f"torch/optim/{OPTIM_FILES.get(name, name)}.py::{where} (2.13)",
     )
 
 

@@ -339,12 +339,20 @@ def grad_dtype(recipe: Recipe) -> str:
     return recipe.gradient_accumulation or recipe.gradients
 
 
-def buffer_terms(inventory: Inventory, recipe: Recipe) -> list[Term]:
-    """Buffers are replicated on every rank by all engines; fixed-dtype ones keep their dtype."""
+def buffer_terms(inventory: Inventory, recipe: Recipe, *, engine: str = "") -> list[Term]:
+    """Buffers are replicated on every rank by all engines; fixed-dtype ones keep their dtype.
+    The others are in the dtype the module is held in: the recipe's parameter dtype, but under
+    FSDP2 the at-rest (master) dtype, since the model is built in it and
+    MixedPrecisionPolicy casts parameters only, never buffers
+    (torch/distributed/fsdp/_fully_shard/_fsdp_api.py::MixedPrecisionPolicy, 2.13): Gemma's
+    0-dim `embed_scale` stays fp32 under bf16-mixed."""
+    held = recipe.parameters
+    if engine == "fsdp2" and recipe.master_weights:
+        held = recipe.master_weights
     terms: list[Term] = []
     by_dtype: dict[str, list[TensorSpec]] = {}
     for b in inventory.buffers:
-        by_dtype.setdefault(b.dtype or recipe.parameters, []).append(b)
+        by_dtype.setdefault(b.dtype or held, []).append(b)
     for dtype, tensors in by_dtype.items():
         terms.append(
             whole(
