@@ -51,11 +51,13 @@ def predicted(report: Report, rank: int) -> tuple[dict[str, int | None], list[st
     return out, list(dict.fromkeys(names))
 
 
-def _setup(job: Job, report: Report) -> dict[str, Any]:
+def _setup(job: Job, report: Report, measured: list[RankMeasurement]) -> dict[str, Any]:
     import torch
     import transformers
 
     spec = job.spec
+    training = spec.training
+    built = next((m.attention for m in measured if m.attention), None)
     return {
         "model": report.model.name,
         "model_type": report.model.model_type,
@@ -73,6 +75,14 @@ def _setup(job: Job, report: Report) -> dict[str, Any]:
         "full_layers": job.full_layers,
         "micro_batch_size": spec.training.micro_batch_size,
         "sequence_length": spec.training.sequence_length,
+        # The step that was built (memplan/verify/build.py): transformers' attention
+        # implementation as built, checkpointing, offload, forced dropout (None: the
+        # config's probabilities) and the key/value cache (always off in a training step).
+        "attention": built or training.attention,
+        "activation_checkpointing": training.activation_checkpointing,
+        "activation_offload": training.activation_offload,
+        "dropout": training.dropout,
+        "use_cache": False,
         "steps": jobs.STEPS,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -148,7 +158,7 @@ def compare(
             full_depth = _extrapolate(job, full, measured[most_loaded])
     phases = tuple(measured[most_loaded].phases)
     return VerifyResult(
-        setup=_setup(job, report),
+        setup=_setup(job, report, measured),
         ranks=tuple(ranks),
         most_loaded=most_loaded,
         phases=phases,
