@@ -16,8 +16,20 @@ if TYPE_CHECKING:
 
 __all__ = ["VerifyResult", "compare", "predicted", "to_json", "verify"]
 
+# The suffix memplan/states.py::_tagged gives the expert group's terms.
+EXPERTS_SUFFIX = " (experts)"
+
 # Categories extrapolated to full depth with --layers: additive over decoder layers.
 _EXTRAPOLATED = ("parameters", "gradients", "optimizer_states", "buffers", "activations")
+
+
+def state_name(name: str) -> str:
+    """The torch state name a predicted row compares with: `exp_avg (experts)` -> `exp_avg`.
+
+    memplan names the expert group's states apart (memplan/states.py::_tagged); torch's
+    optimizer keeps one `exp_avg` per parameter whatever group it is in, so the rows with the
+    same base name are summed before they are compared."""
+    return name.removesuffix(EXPERTS_SUFFIX)
 
 
 def predicted(report: Report, rank: int) -> tuple[dict[str, int | None], list[str]]:
@@ -36,8 +48,9 @@ def predicted(report: Report, rank: int) -> tuple[dict[str, int | None], list[st
     optimizer_total = 0
     for term in (*states.terms, *states.host_terms):
         if term.category == "optimizer_states":
-            names.append(term.name)
-            out[term.name] = (out.get(term.name) or 0) + term.bytes
+            name = state_name(term.name)
+            names.append(name)
+            out[name] = (out.get(name) or 0) + term.bytes
             optimizer_total += term.bytes
     out["optimizer_states"] = optimizer_total
     if jobs.activations_modelled(report):
