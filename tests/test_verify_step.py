@@ -43,6 +43,33 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "gpt_neox": {**_TINY, "model_type": "gpt_neox"},
     "gemma": {**_TINY, "model_type": "gemma", "head_dim": 16},
     "mixtral": {**_TINY, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        **_TINY,
+        "model_type": "qwen2_moe",
+        "moe_intermediate_size": 40,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "shared_expert_intermediate_size": 56,
+    },
+    # DeepSeek-V2-Lite's layout: multi-head latent attention (no q LoRA), one dense layer
+    # first, then routed + shared experts.
+    "deepseek_v2": {
+        **_TINY,
+        "model_type": "deepseek_v2",
+        "num_key_value_heads": 6,
+        "moe_intermediate_size": 40,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": 16,
+        "q_lora_rank": None,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "n_group": 1,
+        "topk_group": 1,
+    },
     "gpt2": {
         "model_type": "gpt2",
         "n_embd": 48,
@@ -162,11 +189,12 @@ def test_fsdp2_two_ranks_with_full_checkpointing() -> None:
     assert len(result.ranks) == 2
 
 
-def test_mixtral_model_states_match() -> None:
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v2"])
+def test_moe_model_states_match(family: str) -> None:
     """MoE optimizer states compare per torch state name (memplan's `exp_avg (experts)` rows
-    are summed into `exp_avg`): a tiny Mixtral on DDP, one process, to the byte."""
-    result = run(spec("mixtral"))
-    activations_match(result)
+    are summed into `exp_avg`): tiny MoE models on DDP, one process, to the byte."""
+    result = run(spec(family))
+    model_state_rows_exact(result)
     names = {row.name for row in result.headline.rows if row.state}
     assert names == {"step", "exp_avg", "exp_avg_sq"}
 
