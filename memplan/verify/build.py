@@ -244,6 +244,29 @@ def optimizer_kwargs(spec: Spec) -> dict[str, Any]:
     return kwargs
 
 
+@contextlib.contextmanager
+def unpacked(fake: bool) -> Iterator[None]:
+    """Under FakeTensorMode, tell transformers the batch is not packed, as the real run finds.
+
+    Without a key/value cache, transformers looks for packed sequences in the position ids
+    (masking_utils.py::find_packed_sequence_indices); it cannot read a fake tensor's values
+    (`is_tracing` is true for FakeTensors), so it keeps a packed-sequence mask, materialises a
+    4-D attention mask and repeats k/v for SDPA, which the real run does not. verify's batch
+    (`batch`) is one sequence per row (position ids 0 .. s - 1), where the real function returns
+    None: the fake run gets that answer without reading values."""
+    if not fake:
+        yield
+        return
+    from transformers import masking_utils
+
+    find: Any = masking_utils.find_packed_sequence_indices
+    setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(masking_utils, "find_packed_sequence_indices", find)  # noqa: B010
+
+
 class MasterWeights:
     """The *-mixed recipe on real torch (one process or DDP): the module keeps 16-bit
     parameters and gradients; the torch optimizer updates fp32 copies ("master weights",

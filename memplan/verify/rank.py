@@ -179,7 +179,12 @@ def _step(
     attention core recomputed for selective checkpointing), backward, optimizer step."""
     device = ids.device.type
     with tensor_parallel.loss_parallel(job.tensor):
-        with saving, build.selective(w.base, job.spec.training), build.autocast(job.recipe, device):
+        with (
+            saving,
+            build.unpacked(job.fake),
+            build.selective(w.base, job.spec.training),
+            build.autocast(job.recipe, device),
+        ):
             loss = w.model(input_ids=ids, labels=ids, use_cache=False).loss
         phase("forward")
         loss.backward()
