@@ -216,3 +216,12 @@ def test_activation_offload_is_refused_on_the_cpu() -> None:
     with pytest.raises(MemplanError, match="pinned") as err:
         run(loaded)
     assert err.value.field == "training.activation_offload"
+
+
+@pytest.mark.parametrize("training", [{}, {"activation_checkpointing": "full", "dropout": True}])
+def test_fake_tensors_build_the_same_step(training: dict[str, Any]) -> None:
+    """--fake measures what the real run measures with the cache off: transformers cannot read
+    fake position ids, and verify tells it the batch is unpacked (build.unpacked)."""
+    loaded = spec("phi3", **training)
+    fake, real = run(loaded, fake=True), run(loaded)
+    assert fake.headline.row("activations").measured == activations_match(real)
