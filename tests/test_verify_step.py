@@ -175,12 +175,13 @@ def test_settings_change_what_is_measured() -> None:
     assert activations_match(run(spec("qwen2", dropout=True))) > default
 
 
-def test_fsdp2_two_ranks_with_full_checkpointing() -> None:
+@pytest.mark.parametrize("checkpointing", ["full", "selective"])
+def test_fsdp2_two_ranks_with_checkpointing(checkpointing: str) -> None:
     result = run(
         spec(
             "qwen2",
             parallelism={"engine": "fsdp2", "zero_stage": 3},
-            activation_checkpointing="full",
+            activation_checkpointing=checkpointing,
             dropout=True,
         ),
         nproc=2,

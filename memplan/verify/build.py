@@ -145,9 +145,9 @@ def checkpointing(model: nn.Module, training: TrainingSpec) -> None:
     enable: Any = getattr(model, "activation_checkpointing_enable", None)
     if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
         raise MemplanError(
-            f"full cannot be verified for "
-            f"{type(model).__name__}: transformers does not support activation checkpointing "
-            "for this class. Verify activation_checkpointing: none.",
+            f"full cannot be verified for {type(model).__name__}: transformers does not "
+            "support activation checkpointing for this class. Verify "
+            "activation_checkpointing: none.",
             field="training.activation_checkpointing",
         )
     enable(
@@ -172,14 +172,19 @@ def selective(model: nn.Module, training: TrainingSpec) -> Iterator[None]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     base: Any = getattr(model, "get_base_model", lambda: model)()
-    module = sys.modules.get(type(base).__module__)
+    # The transformers class (FSDP2's fully_shard swaps in a subclass defined elsewhere).
+    cls = next(
+        (c for c in type(base).__mro__ if c.__module__.startswith("transformers.models.")),
+        type(base),
+    )
+    module = sys.modules.get(cls.__module__)
     eager = getattr(module, "eager_attention_forward", None)
     if module is None or eager is None:
         raise MemplanError(
-            f"selective cannot be verified for "
-            f"{type(base).__name__}: its attention core is inline in the attention module (no "
-            f"eager_attention_forward in {type(base).__module__}), so verify cannot recompute "
-            "the core alone. Verify activation_checkpointing: none or full.",
+            f"selective cannot be verified for {cls.__name__}: its attention core is inline "
+            f"in the attention module (no eager_attention_forward in {cls.__module__}), so "
+            "verify cannot recompute the core alone. Verify activation_checkpointing: none or "
+            "full.",
             field="training.activation_checkpointing",
         )
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -205,10 +210,9 @@ def selective(model: nn.Module, training: TrainingSpec) -> Iterator[None]:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
     if not calls[0]:
         raise MemplanError(
-            f"selective cannot be verified for "
-            f"{type(base).__name__}: its attention did not call eager_attention_forward or "
-            "the sdpa attention interface, so nothing was recomputed. Verify "
-            "activation_checkpointing: none or full.",
+            f"selective cannot be verified for {cls.__name__}: its attention did not call "
+            "eager_attention_forward or the sdpa attention interface, so nothing was "
+            "recomputed. Verify activation_checkpointing: none or full.",
             field="training.activation_checkpointing",
         )
 
