@@ -521,6 +521,22 @@ class VerifySetup(_Doc):
     """Sequences per forward pass."""
     sequence_length: int
     """Tokens per sequence."""
+    attention: str
+    """The attention implementation transformers ran (`config._attn_implementation`): eager
+    when training.attention is eager; for sdpa, transformers' default (sdpa, or eager for a
+    class without sdpa support)."""
+    activation_checkpointing: Literal["none", "selective", "full"]
+    """training.activation_checkpointing as built: full (transformers'
+    activation_checkpointing_enable, non-reentrant) or selective (each attention core under
+    torch.utils.checkpoint)."""
+    activation_offload: bool
+    """training.activation_offload: the checkpointed layer inputs in pinned host memory."""
+    dropout: bool | None
+    """training.dropout: true/false forced on the config's dropout probabilities; null: the
+    config's own."""
+    use_cache: bool
+    """transformers' key/value cache during the step (always false: a training step keeps
+    none)."""
     steps: int
     """Training steps run; the last one is measured."""
     torch: str

@@ -1,11 +1,18 @@
 """Build the real model (transformers, random init), the real torch optimizer, and the one
 adapter verify adds: fp32 master weights for *-mixed recipes on one process or DDP.
+
+The model is the step the spec's `training:` describes (`configure`, `checkpointing`,
+`selective`): its attention implementation, dropout forced on or off, no key/value cache,
+full activation checkpointing (offload included) or the attention core recomputed. The
+activation tests (tests/activation_probe.py, tests/test_activations*.py) build theirs the same
+way, so what verify measures is what those tests hold the rules to.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -13,7 +20,7 @@ from torch import nn
 
 from memplan.errors import MemplanError
 from memplan.precision import TORCH_NAMES, Recipe
-from memplan.spec import Spec
+from memplan.spec import Spec, TrainingSpec
 from memplan.verify.job import TORCH_OPTIMIZERS
 
 SEED = 0
@@ -39,17 +46,69 @@ def hf_config(config: dict[str, Any]) -> Any:
         ) from None
 
 
-def build_model(config: dict[str, Any], dtype: torch.dtype, device: str) -> nn.Module:
+# The config keys of the dropout probabilities memplan's activation rules read
+# (memplan/activations/*.py, `dropout_on(st, extra, key)`): `training.dropout: true` makes each
+# one the config has positive, `false` makes every dropout probability of the config 0.
+DROPOUT_KEYS = (
+    "attention_dropout",
+    "hidden_dropout",
+    "dropout",
+    "embd_pdrop",
+    "attn_pdrop",
+    "resid_pdrop",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+)
+# The probability `dropout: true` gives a key that is 0 in the config (any p in (0, 1) saves
+# the same mask: torch Dropout.cpp::_dropout_impl; 0.1 is GPT2Config's default).
+FORCED_DROPOUT = 0.1
+
+
+def _is_probability(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def configure(cfg: Any, training: TrainingSpec) -> None:
+    """The spec's step on a transformers config: no key/value cache (a training step keeps
+    none: `use_cache` left on makes the layers build a DynamicCache during the forward), and
+    dropout forced per `training.dropout` (None: the config's probabilities)."""
+    cfg.use_cache = False
+    if training.dropout is None:
+        return
+    if training.dropout:
+        for key in DROPOUT_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                setattr(cfg, key, float(value) if value > 0 else FORCED_DROPOUT)
+        return
+    for key, value in cfg.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and _is_probability(value):
+            setattr(cfg, key, 0.0)
+
+
+def build_model(
+    config: dict[str, Any],
+    dtype: torch.dtype,
+    device: str,
+    training: TrainingSpec | None = None,
+) -> nn.Module:
     """`AutoModelForCausalLM.from_config` (random init, nothing downloaded), or the class the
-    config's `architectures` names when the Auto mapping has none."""
+    config's `architectures` names when the Auto mapping has none, configured for `training`
+    (`configure`; attention: `eager` asks transformers for eager, `sdpa` for its default, which
+    is sdpa wherever the class supports it and eager otherwise, what memplan predicts there)."""
     import transformers
 
     cfg = hf_config(config)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if training is not None:
+        configure(cfg, training)
+        if training.attention == "eager":
+            kwargs["attn_implementation"] = "eager"
     auto: Any = transformers.AutoModelForCausalLM  # untyped classmethods
     torch.manual_seed(SEED)
     with torch.device(device):
         try:
-            model = auto.from_config(cfg, dtype=dtype)
+            model = auto.from_config(cfg, **kwargs)
         except ValueError:
             names = config.get("architectures") or []
             cls: Any = next(
@@ -60,10 +119,102 @@ def build_model(config: dict[str, Any], dtype: torch.dtype, device: str) -> nn.M
                     f"transformers has no causal-LM class for model_type "
                     f"{config.get('model_type')!r} and the config names none in `architectures`."
                 ) from None
-            model = cls._from_config(cfg, dtype=dtype)
+            model = cls._from_config(cfg, **kwargs)
     assert isinstance(model, nn.Module)
     model.train()
+    if training is not None:
+        checkpointing(model, training)
     return model
+
+
+def attention_built(model: nn.Module) -> str | None:
+    """The attention implementation transformers runs (`config._attn_implementation`)."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "_attn_implementation", None)
+    return str(value) if value is not None else None
+
+
+def checkpointing(model: nn.Module, training: TrainingSpec) -> None:
+    """Full activation checkpointing as transformers enables it: each decoder layer under
+    torch.utils.checkpoint, non-reentrant (the form memplan's rule assumes: its layer keeps
+    the input `_NoopSaveInputs` saves, torch/utils/checkpoint.py::
+    _checkpoint_without_reentrant_generator), the layer inputs in pinned host memory with
+    `activation_offload` (modeling_utils.py::_activation_checkpointing_enable, save_on_cpu)."""
+    if training.activation_checkpointing != "full":
+        return
+    enable: Any = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+        raise MemplanError(
+            f"full cannot be verified for {type(model).__name__}: transformers does not "
+            "support activation checkpointing for this class. Verify "
+            "activation_checkpointing: none.",
+            field="training.activation_checkpointing",
+        )
+    enable(
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        offload=training.activation_offload,
+    )
+
+
+@contextlib.contextmanager
+def selective(model: nn.Module, training: TrainingSpec) -> Iterator[None]:
+    """Selective recomputation (Megatron's --recompute-activations, Korthikanti et al. 2022
+    sec. 5): inside the block each attention core (QK^T, softmax, dropout, .V) runs under
+    torch.utils.checkpoint (non-reentrant) with q, k, v as its inputs, which is what memplan's
+    rule keeps instead (memplan/activations/assemble.py::finish). transformers calls the core
+    through the modeling module's `eager_attention_forward` or the attention interface's
+    `sdpa` (e.g. models/llama/modeling_llama.py::LlamaAttention.forward); both are wrapped for
+    the block and restored after. A family whose attention core is inline (no such function)
+    is refused: verify cannot recompute only its core."""
+    if training.activation_checkpointing != "selective":
+        yield
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    base: Any = getattr(model, "get_base_model", lambda: model)()
+    # The transformers class (FSDP2's fully_shard swaps in a subclass defined elsewhere).
+    cls = next(
+        (c for c in type(base).__mro__ if c.__module__.startswith("transformers.models.")),
+        type(base),
+    )
+    module = sys.modules.get(cls.__module__)
+    eager = getattr(module, "eager_attention_forward", None)
+    if module is None or eager is None:
+        raise MemplanError(
+            f"selective cannot be verified for {cls.__name__}: its attention core is inline "
+            f"in the attention module (no eager_attention_forward in {cls.__module__}), so "
+            "verify cannot recompute the core alone. Verify activation_checkpointing: none or "
+            "full.",
+            field="training.activation_checkpointing",
+        )
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    calls = [0]
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(mod: Any, q: Any, k: Any, v: Any, mask: Any, **kw: Any) -> Any:
+            calls[0] += 1
+
+            def core(q: Any, k: Any, v: Any) -> Any:
+                return fn(mod, q, k, v, mask, **kw)
+
+            return torch.utils.checkpoint.checkpoint(core, q, k, v, use_reentrant=False)
+
+        return run
+
+    setattr(module, "eager_attention_forward", wrap(eager))  # noqa: B010
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = wrap(sdpa)
+    try:
+        yield
+    finally:
+        setattr(module, "eager_attention_forward", eager)  # noqa: B010
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
+    if not calls[0]:
+        raise MemplanError(
+            f"selective cannot be verified for {cls.__name__}: its attention did not call "
+            "eager_attention_forward or the sdpa attention interface, so nothing was "
+            "recomputed. Verify activation_checkpointing: none or full.",
+            field="training.activation_checkpointing",
+        )
 
 
 def decoder_layers(model: nn.Module, count: int) -> nn.ModuleList | None:
@@ -95,6 +246,29 @@ def optimizer_kwargs(spec: Spec) -> dict[str, Any]:
     else:
         kwargs["foreach"] = opt.implementation == "foreach"
     return kwargs
+
+
+@contextlib.contextmanager
+def unpacked(fake: bool) -> Iterator[None]:
+    """Under FakeTensorMode, tell transformers the batch is not packed, as the real run finds.
+
+    Without a key/value cache, transformers looks for packed sequences in the position ids
+    (masking_utils.py::find_packed_sequence_indices); it cannot read a fake tensor's values
+    (`is_tracing` is true for FakeTensors), so it keeps a packed-sequence mask, materialises a
+    4-D attention mask and repeats k/v for SDPA, which the real run does not. verify's batch
+    (`batch`) is one sequence per row (position ids 0 .. s - 1), where the real function returns
+    None: the fake run gets that answer without reading values."""
+    if not fake:
+        yield
+        return
+    from transformers import masking_utils
+
+    find: Any = masking_utils.find_packed_sequence_indices
+    setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(masking_utils, "find_packed_sequence_indices", find)  # noqa: B010
 
 
 class MasterWeights:

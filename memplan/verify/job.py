@@ -269,6 +269,16 @@ def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | No
             f"{tensor}), or engine fsdp2 for the 2-D layout.",
             field="parallelism.data",
         )
+    if spec.training.activation_offload and (options.device == "cpu" or options.fake):
+        raise MemplanError(
+            "cannot be verified on the CPU: transformers offloads "
+            "the checkpointed layer inputs to pinned host memory (modeling_utils.py::"
+            "_activation_checkpointing_enable, save_on_cpu(pin_memory=True)), and pinned "
+            "memory needs an accelerator. Verify it with --device cuda, or verify "
+            "activation_offload: false here (the same step with the inputs kept).",
+            field="training.activation_offload",
+            where=loaded.where("training", "activation_offload"),
+        )
     spec = spec.model_copy(
         update={
             "parallelism": spec.parallelism.model_copy(update={"data": world // tensor}),

@@ -105,6 +105,8 @@ def _worker(rank: int, job: Job, port: int, events: Any) -> None:
         finally:
             dist.destroy_process_group()
         events.put((rank, "done", result))
+    except MemplanError as err:  # a refusal made while building: its message, no traceback
+        events.put((rank, "error", str(err)))
     except BaseException:
         events.put((rank, "error", traceback.format_exc()))
 

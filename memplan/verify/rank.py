@@ -32,6 +32,8 @@ class RankMeasurement:
     """The part of each category held by decoder layers (for --layers extrapolation)."""
     state_names: list[str]
     phases: list[Phase] = field(default_factory=list)
+    attention: str | None = None
+    """The attention implementation transformers ran (`config._attn_implementation`)."""
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Wrapped:
     state: dict[torch.Tensor, dict[str, object]]
     masters: build.MasterWeights | None
     layers: nn.ModuleList | None
+    base: nn.Module
+    """The transformers model (before peft and the engine's wrappers)."""
 
 
 def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
@@ -51,7 +55,8 @@ def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
     # MixedPrecisionPolicy.param_dtype for compute, so a *-mixed model is built in the master
     # dtype; everywhere else the module holds `recipe.parameters`.
     at_rest = master if fsdp and master else recipe.parameters
-    model = build.build_model(job.config, build.torch_dtype(at_rest), device)
+    model = build.build_model(job.config, build.torch_dtype(at_rest), device, job.spec.training)
+    base = model
     model = peft_support.prepare(job.spec, model)
     layers = build.decoder_layers(model, job.layers)
     masters = None
@@ -95,11 +100,21 @@ def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
 
         zero = ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
         return Wrapped(
-            model=model, optimizer=zero, state=zero.optim.state, masters=masters, layers=layers
+            model=model,
+            optimizer=zero,
+            state=zero.optim.state,
+            masters=masters,
+            layers=layers,
+            base=base,
         )
     optimizer = cls(params, **kwargs)
     return Wrapped(
-        model=model, optimizer=optimizer, state=optimizer.state, masters=masters, layers=layers
+        model=model,
+        optimizer=optimizer,
+        state=optimizer.state,
+        masters=masters,
+        layers=layers,
+        base=base,
     )
 
 
@@ -160,11 +175,17 @@ def _step(
     phase: Callable[[str], None],
     saving: contextlib.AbstractContextManager[object],
 ) -> None:
-    """One training step: forward with the loss (under `saving`), backward, optimizer step."""
+    """One training step: forward with the loss (under `saving`, no key/value cache, the
+    attention core recomputed for selective checkpointing), backward, optimizer step."""
     device = ids.device.type
     with tensor_parallel.loss_parallel(job.tensor):
-        with saving, build.autocast(job.recipe, device):
-            loss = w.model(input_ids=ids, labels=ids).loss
+        with (
+            saving,
+            build.unpacked(job.fake),
+            build.selective(w.base, job.spec.training),
+            build.autocast(job.recipe, device),
+        ):
+            loss = w.model(input_ids=ids, labels=ids, use_cache=False).loss
         phase("forward")
         loss.backward()
         del loss
@@ -218,4 +239,5 @@ def measure_rank(job: Job, rank: int, progress: Progress, mesh: Any = None) -> R
         layer_bytes=layer_bytes,
         state_names=measure.optimizer_state_names(ledger),
         phases=phases,
+        attention=build.attention_built(w.base),
     )

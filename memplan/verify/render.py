@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -101,6 +102,21 @@ def full_depth_table(result: VerifyResult) -> Table:
     return table
 
 
+def _step_line(s: dict[str, Any]) -> str:
+    """The step that was built: attention, checkpointing, dropout, key/value cache."""
+    if "attention" not in s:
+        return ""
+    checkpointing = str(s["activation_checkpointing"])
+    if s.get("activation_offload"):
+        checkpointing += " (offloaded)"
+    dropout = {True: "forced on", False: "forced off", None: "as the config"}[s["dropout"]]
+    cache = "on" if s["use_cache"] else "off"
+    return (
+        f"attention {s['attention']}, activation checkpointing {checkpointing}, dropout "
+        f"{dropout}, key/value cache {cache}"
+    )
+
+
 def verify_view(result: VerifyResult) -> RenderableType:
     s = result.setup
     mode = "fake tensors" if s["fake"] else s["device"]
@@ -110,7 +126,8 @@ def verify_view(result: VerifyResult) -> RenderableType:
         f"{s['precision']}, {s['optimizer']} ({s['optimizer_implementation']}), "
         f"{s['engine']} ZeRO-{s['zero_stage']} on {s['ranks']} rank{'s' * (s['ranks'] > 1)} "
         f"({mode}); batch {s['micro_batch_size']} x {s['sequence_length']} tokens, "
-        f"{s['steps']} steps, torch {s['torch']}, transformers {s['transformers']}",
+        f"{s['steps']} steps, torch {s['torch']}, transformers {s['transformers']}\n",
+        _step_line(s),
     )
     many = len(result.ranks) > 1
     who = f"rank {result.most_loaded}, the most loaded" if many else "one process"

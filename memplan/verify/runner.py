@@ -18,8 +18,20 @@ if TYPE_CHECKING:
 
 __all__ = ["VerifyResult", "compare", "predicted", "to_json", "verify"]
 
+# The suffix memplan/states.py::_tagged gives the expert group's terms.
+EXPERTS_SUFFIX = " (experts)"
+
 # Categories extrapolated to full depth with --layers: additive over decoder layers.
 _EXTRAPOLATED = ("parameters", "gradients", "optimizer_states", "buffers", "activations")
+
+
+def state_name(name: str) -> str:
+    """The torch state name a predicted row compares with: `exp_avg (experts)` -> `exp_avg`.
+
+    memplan names the expert group's states apart (memplan/states.py::_tagged); torch's
+    optimizer keeps one `exp_avg` per parameter whatever group it is in, so the rows with the
+    same base name are summed before they are compared."""
+    return name.removesuffix(EXPERTS_SUFFIX)
 
 
 def predicted(report: Report, rank: int) -> tuple[dict[str, int | None], list[str]]:
@@ -38,8 +50,9 @@ def predicted(report: Report, rank: int) -> tuple[dict[str, int | None], list[st
     optimizer_total = 0
     for term in (*states.terms, *states.host_terms):
         if term.category == "optimizer_states":
-            names.append(term.name)
-            out[term.name] = (out.get(term.name) or 0) + term.bytes
+            name = state_name(term.name)
+            names.append(name)
+            out[name] = (out.get(name) or 0) + term.bytes
             optimizer_total += term.bytes
     out["optimizer_states"] = optimizer_total
     if jobs.activations_modelled(report):
@@ -53,11 +66,13 @@ def predicted(report: Report, rank: int) -> tuple[dict[str, int | None], list[st
     return out, list(dict.fromkeys(names))
 
 
-def _setup(job: Job, report: Report) -> dict[str, Any]:
+def _setup(job: Job, report: Report, measured: list[RankMeasurement]) -> dict[str, Any]:
     import torch
     import transformers
 
     spec = job.spec
+    training = spec.training
+    built = next((m.attention for m in measured if m.attention), None)
     return {
         "model": report.model.name,
         "model_type": report.model.model_type,
@@ -75,6 +90,14 @@ def _setup(job: Job, report: Report) -> dict[str, Any]:
         "full_layers": job.full_layers,
         "micro_batch_size": spec.training.micro_batch_size,
         "sequence_length": spec.training.sequence_length,
+        # The step that was built (memplan/verify/build.py): transformers' attention
+        # implementation as built, checkpointing, offload, forced dropout (None: the
+        # config's probabilities) and the key/value cache (always off in a training step).
+        "attention": built or training.attention,
+        "activation_checkpointing": training.activation_checkpointing,
+        "activation_offload": training.activation_offload,
+        "dropout": training.dropout,
+        "use_cache": False,
         "steps": jobs.STEPS,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -150,7 +173,7 @@ def compare(
             full_depth = _extrapolate(job, full, measured[most_loaded])
     phases = tuple(measured[most_loaded].phases)
     return VerifyResult(
-        setup=_setup(job, report),
+        setup=_setup(job, report, measured),
         ranks=tuple(ranks),
         most_loaded=most_loaded,
         phases=phases,
