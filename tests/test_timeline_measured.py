@@ -39,7 +39,7 @@ import pytest
 
 from memplan import estimate
 from memplan.models import from_config
-from memplan.timeline import Point
+from memplan.timeline import Category, Point
 from memplan.verify.result import ACTIVATIONS_TOLERANCE, PEAK_TOLERANCE
 from tests.conftest import TINY_LLAMA, make_spec
 
@@ -71,7 +71,7 @@ class Measured:
     backward_window: int
     after_backward: int
     optimizer_window: int
-    states: dict[str, int]
+    states: dict[Category, int]
     """At the start of the step: parameters, buffers, optimizer_states (masters included)."""
     gradients: int
     """After backward: the gradients the optimizer step sees (the module's `.grad`)."""
@@ -170,7 +170,7 @@ def measure(case: str) -> Measured:
         return got
 
     steps(1)  # the first step creates the optimizer states
-    states = {
+    states: dict[Category, int] = {
         "parameters": _bytes(params),
         "buffers": _bytes(model.buffers()),
         "optimizer_states": _bytes(
