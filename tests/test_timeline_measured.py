@@ -26,7 +26,11 @@ Tolerances. A window's peak decides the step's peak: its non-state part (activat
 transients, gradients) within verify's ACTIVATIONS_TOLERANCE (1%). The two moments inside a
 layer are memplan's estimate of a working set: within verify's PEAK_TOLERANCE (3%) of the
 non-state bytes. The optimizer step is whole tensors (the foreach temporaries are one
-tensor per parameter; the master gradients their fp32 copies): exact.
+tensor per parameter; the master gradients their fp32 copies): exact, except AdamW's
+for_loop: torch/optim/adamw.py::_single_tensor_adam keeps the previous parameter's `denom`
+alive while it builds the next one (the name is rebound only after `sqrt() / ...` returns), so
+beside memplan's 2 x the largest parameter the measured step also holds the final norm's
+denom (64 x 4 B = 256 B): within ACTIVATIONS_TOLERANCE of the bytes above the states.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ BATCH, SEQUENCE = 2, 32
 CASES = {
     "fp32-adamw-foreach": ("fp32", "adamw", "foreach", "none"),
     "bf16-mixed-adamw-foreach": ("bf16-mixed", "adamw", "foreach", "none"),
+    "fp32-adamw-for_loop": ("fp32", "adamw", "for_loop", "none"),
+    "fp32-adamw-fused": ("fp32", "adamw", "fused", "none"),
     "fp32-sgd-momentum": ("fp32", "sgd", "for_loop", "none"),
     "fp32-adamw-full-checkpointing": ("fp32", "adamw", "foreach", "full"),
 }
@@ -129,7 +135,10 @@ def measure(case: str) -> Measured:
     masters = (
         [nn.Parameter(p.detach().float().clone()) for p in params] if recipe.master_weights else []
     )
-    kwargs: dict[str, Any] = {"foreach": spec.optimizer.implementation == "foreach"}
+    implementation = spec.optimizer.implementation
+    kwargs: dict[str, Any] = (
+        {"fused": True} if implementation == "fused" else {"foreach": implementation == "foreach"}
+    )
     if spec.optimizer.name == "sgd":
         kwargs.update(lr=1e-3, momentum=spec.optimizer.momentum)
     cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[spec.optimizer.name]
@@ -226,7 +235,11 @@ def test_window_peaks_match_the_timeline(case: str) -> None:
     backward = max(points[p].total_bytes for p in ("backward_start", "backward", "backward_end"))
     _close(m.forward_window, forward, rest, ACTIVATIONS_TOLERANCE)
     _close(m.backward_window, backward, rest, ACTIVATIONS_TOLERANCE)
-    assert m.optimizer_window == points["optimizer_step"].total_bytes
+    step = points["optimizer_step"].total_bytes
+    if CASES[case][1:3] == ("adamw", "for_loop"):
+        _close(m.optimizer_window, step, rest, ACTIVATIONS_TOLERANCE)
+    else:
+        assert m.optimizer_window == step
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -251,6 +264,8 @@ FORWARD_CASES = [
     for c, why in [
         ("fp32-adamw-foreach", OVER),
         ("bf16-mixed-adamw-foreach", ""),
+        ("fp32-adamw-for_loop", OVER),
+        ("fp32-adamw-fused", OVER),
         ("fp32-sgd-momentum", OVER),
         ("fp32-adamw-full-checkpointing", UNDER),
     ]
