@@ -44,6 +44,7 @@ from memplan.models import from_config
 from memplan.verify.job import model_config
 from memplan.verify.result import VerifyResult
 from tests.conftest import TINY_LLAMA
+from tests.fsdp2_oracle import padded_groups
 from tests.test_verify_support import TINY_GPT2, run, spec_dict
 
 pytest.importorskip("torch")
@@ -66,26 +67,11 @@ COMPUTE = {"fp32": "float32", "bf16": "bfloat16", "bf16-mixed": "bfloat16"}
 def _gloo_copy(config: dict[str, Any], precision: str, ranks: int) -> int:
     """The largest buffer gloo's worker thread may keep a little longer: an FSDP2 group's
     all-gather output / reduce-scatter input, world x its padded shard, measured on the real
-    model: one group per decoder layer and the root's group of the rest, each parameter
-    padded by torch's own rule (dim 0 to a multiple of the world)."""
+    model (tests/fsdp2_oracle.py)."""
     import torch
-    from torch.distributed.fsdp._fully_shard._fsdp_common import _get_dim0_padded_size
 
-    from memplan.verify.build import build_model, decoder_layers
-
-    model = build_model(config, torch.float32, "meta")
-    count = config.get("num_hidden_layers") or config["n_layer"]
-    layers = decoder_layers(model, int(count))
-    assert layers is not None
-    in_layers = {id(p) for p in layers.parameters()}
-
-    def padded(params: Any) -> int:
-        return sum(_get_dim0_padded_size(p.size(), ranks).numel() for p in params)
-
-    root = padded(p for p in model.parameters() if id(p) not in in_layers)
-    block = max(padded(layer.parameters()) for layer in layers)
-    width = getattr(torch, COMPUTE[precision]).itemsize
-    return int(max(root, block) * width)
+    groups = padded_groups(config, ranks)
+    return int(max(groups.root, groups.block) * getattr(torch, COMPUTE[precision]).itemsize)
 
 
 def _errors(result: VerifyResult, tol: float, copy: int) -> list[float]:
