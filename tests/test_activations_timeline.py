@@ -2,7 +2,8 @@
 
 Most of these run without torch. Tests named `test_pin_*` pin memplan's own arithmetic (their
 expected values come from memplan's inventory or constants, not an oracle); each names the
-test that checks the same ground against a real run or the library's code. The FSDP2 buffer
+test that checks the same ground against a real run or the library's code, or says that none
+does yet. The FSDP2 buffer
 sizes are checked against the real model and torch's padding rule (tests/fsdp2_oracle.py).
 """
 
