@@ -1,19 +1,26 @@
-"""The step timeline, transient terms and the activation report (pure: no torch needed)."""
+"""The step timeline, transient terms and the activation report.
+
+Most of these run without torch. Tests named `test_pin_*` pin memplan's own arithmetic (their
+expected values come from memplan's inventory or constants, not an oracle); each names the
+test that checks the same ground against a real run or the library's code, or says that none
+does yet. The FSDP2 buffer
+sizes are checked against the real model and torch's padding rule (tests/fsdp2_oracle.py).
+"""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
 
 from memplan import estimate
-from memplan.activations import Setting, fsdp2, predict, transient
+from memplan.activations import Setting, predict, transient
 from memplan.errors import MemplanError
 from memplan.models import from_config, from_parameter_count
 from memplan.precision import dtype_bytes
 from memplan.timeline import CATEGORIES
 from tests.conftest import TINY_LLAMA, make_spec
+from tests.fsdp2_oracle import padded_groups
 
 GPT2 = {
     "model_type": "gpt2",
@@ -32,7 +39,9 @@ def report(**overrides: Any) -> estimate.Report:
     return estimate.estimate(spec, inv)
 
 
-def test_timeline_points_sum_and_peak_is_their_max() -> None:
+def test_pin_timeline_points_sum_and_peak_is_their_max() -> None:
+    """Pins the report's bookkeeping: each point is the sum of its categories, the peak their
+    max, and the JSON mirrors them. The bytes themselves: tests/test_timeline_measured.py."""
     r = report(parallelism={"engine": "ddp", "data": 4}, hardware={"gpu": "H100-80GB"})
     tl = r.timeline
     for p in tl.points:
@@ -65,7 +74,9 @@ def test_unmodelled_families_say_so() -> None:
     assert any("context parallelism with eager attention" in n for n in cp_eager.notes)
 
 
-def test_ddp_buckets_are_a_second_copy_of_the_gradients() -> None:
+def test_pin_ddp_buckets_are_a_second_copy_of_the_gradients() -> None:
+    """Pins the DDP bucket term to memplan's own gradient bytes. Measured on gloo ranks:
+    tests/test_timeline_measured.py::test_ddp_buckets_measured_on_gloo_ranks."""
     r = report(parallelism={"engine": "ddp", "data": 2})
     buckets = [t for t in r.timeline.transients if t.name == "ddp_gradient_buckets"]
     assert buckets and buckets[0].bytes == r.per_gpu.bytes_of("gradients")
@@ -73,7 +84,9 @@ def test_ddp_buckets_are_a_second_copy_of_the_gradients() -> None:
     assert not [t for t in single.timeline.transients if t.name == "ddp_gradient_buckets"]
 
 
-def test_deepspeed_buckets_and_zero3_gathers_use_deepspeed_defaults() -> None:
+def test_pin_deepspeed_buckets_and_zero3_gathers_use_deepspeed_defaults() -> None:
+    """Pins the DeepSpeed terms to memplan's copies of the DeepSpeed defaults and its module
+    sizes (DeepSpeed is not installed here: no oracle run)."""
     r = report(parallelism={"engine": "deepspeed", "data": 8, "zero_stage": 3})
     terms = {t.name: t for t in r.timeline.transients}
     width = dtype_bytes("bf16")  # bf16-mixed: 16-bit gradients and parameters
@@ -89,43 +102,41 @@ def test_deepspeed_buckets_and_zero3_gathers_use_deepspeed_defaults() -> None:
     assert bucket.phases == transient.BACKWARD
 
 
-def _padded_shard(shape: tuple[int, ...], world: int) -> int:
-    rows = -(-shape[0] // world)
-    return rows * (math.prod(shape) // shape[0])
-
-
 @pytest.mark.parametrize("stage", [3, 2])
 def test_fsdp2_unsharded_buffers_are_world_padded_shards(stage: int) -> None:
     """An all-gathered group is world x its padded shard (ceil(dim0 / world) rows per rank)
-    in MixedPrecisionPolicy.param_dtype: bf16 under bf16-mixed, over fp32 shards."""
+    in MixedPrecisionPolicy.param_dtype: bf16 under bf16-mixed, over fp32 shards. Oracle:
+    the real model's groups padded by torch's own rule (tests/fsdp2_oracle.py)."""
+    torch = pytest.importorskip("torch")
     world = 4
     r = report(parallelism={"engine": "fsdp2", "data": world, "zero_stage": stage})
     terms = {t.name: t for t in r.timeline.transients}
-    inv = from_config(TINY_LLAMA)
-    root = sum(_padded_shard(t.shape, world) for t in inv.parameters if t.layer is None)
-    block = sum(_padded_shard(t.shape, world) for t in inv.parameters if t.layer == 0)
-    width = dtype_bytes("bf16")
-    assert terms["fsdp2_unsharded_root"].bytes == world * root * width
-    assert terms["fsdp2_all_gather_output"].bytes == world * block * width
+    groups = padded_groups(TINY_LLAMA, world)
+    width = torch.bfloat16.itemsize
+    assert terms["fsdp2_unsharded_root"].bytes == groups.root * width
+    assert terms["fsdp2_all_gather_output"].bytes == groups.block * width
     if stage == 3:  # one layer at a time, the next one's all-gather prefetched in backward
-        assert terms["fsdp2_unsharded_block"].bytes == world * block * width
+        assert terms["fsdp2_unsharded_block"].bytes == groups.block * width
         assert "backward" in terms["fsdp2_all_gather_output"].phases
     else:  # reshard_after_forward=False: every layer stays unsharded until its backward
         layers = TINY_LLAMA["num_hidden_layers"]
-        assert terms["fsdp2_unsharded_blocks"].bytes == layers * world * block * width
+        assert terms["fsdp2_unsharded_blocks"].bytes == layers * groups.block * width
         assert terms["fsdp2_all_gather_output"].phases == ("forward", "loss")
 
 
 def test_fsdp2_sharded_gradients_appear_in_post_backward() -> None:
     """No sharded gradient while the last layer runs backward (the head's are unsharded); the
-    root's only after the whole backward (its reduce-scatter)."""
+    root's only after the whole backward (its reduce-scatter). The root's sharded gradients:
+    its padded shard on the real model (tests/fsdp2_oracle.py), fp32 (bf16-mixed keeps fp32
+    shards)."""
+    pytest.importorskip("torch")
     world = 4
     r = report(parallelism={"engine": "fsdp2", "data": world})
     points = {p.phase: p for p in r.timeline.points}
     grads = r.per_gpu.bytes_of("gradients")
-    groups = fsdp2.fsdp2_groups(from_config(TINY_LLAMA), world)
+    root_shard = padded_groups(TINY_LLAMA, world).root // world
     assert points["backward"].of("gradients") == 0
-    assert points["backward_end"].of("gradients") == grads - groups.root.grad_padded * 4
+    assert points["backward_end"].of("gradients") == grads - root_shard * 4
     assert points["optimizer_step"].of("gradients") == grads
     head = {t.name for t in r.timeline.transient_at("backward")}
     assert {"fsdp2_unsharded_head_grads", "fsdp2_unsharded_root"} <= head
@@ -143,7 +154,9 @@ def test_fsdp2_end_of_backward_is_the_larger_moment(
 ) -> None:
     """backward_end holds either the embedding's backward (the root unsharded with all its
     gradients; the tied head's accumulation) or the root's reduce-scatter (input, output,
-    gloo's copy of the input, the last parameter's gradient), never both."""
+    gloo's copy of the input, the last parameter's gradient), never both. Which moment wins
+    is memplan's own choice; the bytes at it are checked against gloo ranks in
+    tests/test_fsdp2_peak.py (llama fp32 and gpt2 bf16 peak at backward_end)."""
     r = report(
         model={"architecture": model},
         precision="fp32",
@@ -157,8 +170,9 @@ def test_fsdp2_end_of_backward_is_the_larger_moment(
     assert reduce == ("gloo_reduce_scatter_copy" in at_end)
     if reduce:
         assert at_end["gloo_reduce_scatter_copy"].bytes == at_end[moment].bytes
-        last = [t for t in from_config(model).parameters if t.layer is None][-1]
-        assert at_end["fsdp2_last_unsharded_grad"].bytes == last.numel * 4  # lm_head.weight
+        pytest.importorskip("torch")
+        last = padded_groups(model, 4).root_last  # lm_head.weight on the real model
+        assert at_end["fsdp2_last_unsharded_grad"].bytes == last * 4
 
 
 def test_fsdp2_no_gloo_copy_on_cuda() -> None:
@@ -272,7 +286,9 @@ def test_cuda_and_cpu_profiles_differ_where_the_kernels_do() -> None:
     assert any(t.name == "attn.softmax" and t.dtype == "fp32" for t in cpu.block("layers").tensors)  # type: ignore[union-attr]
 
 
-def test_reserved_and_usable_memory_on_cuda_only() -> None:
+def test_pin_reserved_and_usable_memory_on_cuda_only() -> None:
+    """Pins the reserved/usable arithmetic (capacity - context - reserved); the allocator
+    figures themselves are checked on a GPU by tests/test_verify_gpu.py."""
     cuda = report(hardware={"gpu": "H100-80GB"})
     tl = cuda.timeline
     assert tl.reserved_bytes is not None and tl.reserved_bytes >= tl.peak_bytes
@@ -293,7 +309,9 @@ def test_allocator_rounding_and_segments() -> None:
     assert transient.segment_bytes([(30 << 20) + 1]) == 32 << 20
 
 
-def test_gradient_accumulation_keeps_gradients_through_the_forward() -> None:
+def test_pin_gradient_accumulation_keeps_gradients_through_the_forward() -> None:
+    """Pins when gradients are alive under accumulation (no measured accumulation run yet:
+    tests/test_timeline_measured.py measures single-micro-batch steps)."""
     one = report(parallelism={"engine": "ddp", "data": 1})
     many = report(
         parallelism={"engine": "ddp", "data": 1},
