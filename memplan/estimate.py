@@ -73,6 +73,21 @@ class ModelSummary:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TensorRankView:
+    """One class of TP ranks of the most-loaded stage that hold the same vocabulary rows
+    (torch's DTensor gives the last TP ranks fewer rows of a vocabulary TP does not divide:
+    memplan.parallel.vocab_rows), with its own activations and timeline."""
+
+    tensor_ranks: tuple[int, ...]
+    per_gpu: RankStates
+    """The class's most-loaded data-parallel rank."""
+    activations_bytes: int
+    """Its saved tensors (the LM head's logits and loss over its vocabulary rows)."""
+    peak_bytes: int
+    """Its timeline's highest phase."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Report:
     """Everything `memplan estimate` says, in bytes."""
 
@@ -115,6 +130,30 @@ class Report:
     notes: tuple[str, ...]
     rules_transformers: str = versions.RULES_TRANSFORMERS
     """The transformers release whose activation rules were used (memplan.versions)."""
+    tensor_views: tuple[TensorRankView, ...] = ()
+    """Each class of TP ranks that differ, TP rank 0's (the report's own figures) first;
+    empty when every TP rank holds the same bytes."""
+
+    def states_of(self, rank: int, tensor_rank: int = 0) -> RankStates:
+        """The model states of data-parallel rank `rank` on TP rank `tensor_rank`."""
+        return next(
+            s
+            for s in self.ranks
+            if rank in s.ranks and (not s.tensor_ranks or tensor_rank in s.tensor_ranks)
+        )
+
+    def tensor_view(self, tensor_rank: int) -> TensorRankView:
+        """The class of TP ranks `tensor_rank` belongs to (the report's own figures when
+        every TP rank is the same)."""
+        for view in self.tensor_views:
+            if tensor_rank in view.tensor_ranks:
+                return view
+        return TensorRankView(
+            tensor_ranks=(tensor_rank,),
+            per_gpu=self.per_gpu,
+            activations_bytes=self.activations_bytes,
+            peak_bytes=self.peak_bytes,
+        )
 
     @property
     def buffer_bytes(self) -> int:
@@ -265,6 +304,9 @@ def assemble(
     index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
     top = stages[index]
     saved, timeline = views[index]
+    tensor_views = _tensor_views(
+        spec, inventory, top, saved.bytes, timeline, capacity, every_stage=every_stage
+    )
     notes = (
         list(inventory.notes)
         + list(saved.notes)
@@ -303,7 +345,59 @@ def assemble(
         gpu=spec.hardware.gpu,
         notes=tuple(notes),
         rules_transformers=versions.rules_release(spec.model.transformers_version),
+        tensor_views=tensor_views,
     )
+
+
+def _tensor_views(
+    spec: Spec,
+    inventory: Inventory,
+    top: StageStates,
+    activations_bytes: int,
+    timeline: tl.Timeline,
+    capacity: int | None,
+    *,
+    every_stage: bool,
+) -> tuple[TensorRankView, ...]:
+    """The most-loaded stage's classes of TP ranks (memplan.states tags each rank class with
+    its TP ranks where they differ), each with its own activations and timeline: the LM
+    head's logits and loss cover that class's vocabulary rows. Empty when no class differs
+    (and for plan, which compares layouts by their most-loaded rank only)."""
+    groups = list(dict.fromkeys(r.tensor_ranks for r in top.ranks if r.tensor_ranks))
+    if len(groups) < 2 or not every_stage:
+        return ()
+    mp = replace(model_parallel(spec.parallelism), context=1)
+    views = [
+        TensorRankView(
+            tensor_ranks=groups[0],
+            per_gpu=top.per_gpu,
+            activations_bytes=activations_bytes,
+            peak_bytes=timeline.peak_bytes,
+        )
+    ]
+    for group in groups[1:]:
+        mine = [r for r in top.ranks if r.tensor_ranks == group]
+        per_gpu = max(mine, key=lambda r: (r.total_bytes, -r.ranks[0]))
+        local = stage_inventories(inventory, replace(mp, tensor_rank=group[0]))[top.stage]
+        micro = acts.micro_batch(spec, inventory, tensor_rank=group[0])
+        saved = acts.on_rank(spec, inventory, micro, top.stage)
+        rank_timeline = tl.build(
+            spec,
+            local,
+            per_gpu=per_gpu,
+            buffer_bytes=sum(t.bytes for t in top.buffers),
+            saved=saved,
+            capacity_bytes=capacity,
+        )
+        views.append(
+            TensorRankView(
+                tensor_ranks=group,
+                per_gpu=per_gpu,
+                activations_bytes=saved.bytes,
+                peak_bytes=rank_timeline.peak_bytes,
+            )
+        )
+    return tuple(views)
 
 
 # c10/core/StorageImpl.h: a storage's size in bytes is an int64 (SymInt), so no tensor can hold
@@ -407,13 +501,17 @@ def _term_json(term: Term) -> dict[str, Any]:
     }
 
 
-def _rank_json(states: RankStates) -> dict[str, Any]:
+def _rank_json(states: RankStates, report: Report) -> dict[str, Any]:
+    tp = dict(report.degrees)["tp"]
+    tensor_ranks = list(states.tensor_ranks) or list(range(tp))
     return {
         "ranks": list(states.ranks),
+        "tensor_ranks": tensor_ranks,
         "parameters": states.bytes_of("parameters"),
         "gradients": states.bytes_of("gradients"),
         "optimizer_states": states.bytes_of("optimizer_states"),
         "total": states.total_bytes,
+        "activations": report.tensor_view(tensor_ranks[0]).activations_bytes,
     }
 
 
@@ -477,7 +575,7 @@ def to_json(report: Report) -> dict[str, Any]:
         },
         "activations": acts.to_json(report.activations),
         "timeline": tl.to_json(report.timeline),
-        "ranks": [_rank_json(r) for r in report.ranks],
+        "ranks": [_rank_json(r, report) for r in report.ranks],
         "per_stage": [
             _stage_json(st, peaks)
             for st, peaks in zip(report.stages, report.stage_peaks, strict=True)

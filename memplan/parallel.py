@@ -33,6 +33,9 @@ from memplan.models.inventory import Inventory, TensorSpec
 from memplan.sharding.base import ceil_div, round_up
 
 Split = Literal["column", "row", "vocab", "replicated"]
+VocabSplit = Literal["padded", "chunk"]
+"""How TP splits the vocabulary: Megatron pads it and gives every rank the same rows
+("padded"); torch's DTensor splits it like torch.chunk ("chunk", `vocab_rows`)."""
 
 # Megatron-LM's default --make-vocab-size-divisible-by (megatron/training/arguments.py).
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
@@ -67,6 +70,38 @@ class ModelParallel:
     layers_per_stage: tuple[int, ...] | None = None
     """An explicit split of the layers over the pipeline stages (else even)."""
     vocab_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY
+    vocab_split: VocabSplit = "padded"
+    tensor_rank: int = 0
+    """The TP rank whose shards these are (only the vocabulary rows of a "chunk" split differ
+    between TP ranks; rank 0 holds the most)."""
+
+
+def vocab_rows(
+    vocab: int, tp: int, divisible_by: int, split: VocabSplit = "padded"
+) -> tuple[int, ...]:
+    """Vocabulary rows of each TP rank.
+
+    padded (Megatron): the vocabulary padded to a multiple of divisible_by x TP, split evenly
+    (megatron/training/tokenizer/tokenizer.py::_vocab_size_with_padding, megatron/core/
+    tensor_parallel/utils.py::VocabUtility). chunk (torch DTensor): torch.chunk's split,
+    ceil(V / TP) rows on the first ranks, the remainder on the next, none on any after
+    (torch/distributed/tensor/placement_types.py::Shard._split_tensor, torch 2.13)."""
+    if split == "padded":
+        return (padded_vocab(vocab, tp, divisible_by) // tp,) * tp
+    each = ceil_div(vocab, tp)
+    return tuple(max(0, min(each, vocab - r * each)) for r in range(tp))
+
+
+def tensor_rank_classes(vocab: int | None, mp: ModelParallel) -> tuple[tuple[int, ...], ...]:
+    """The TP ranks grouped by the vocabulary rows they hold, most rows first: one group
+    unless torch's chunk split leaves the last ranks fewer rows."""
+    if not vocab or mp.tensor == 1:
+        return (tuple(range(mp.tensor)),)
+    rows = vocab_rows(vocab, mp.tensor, mp.vocab_divisible_by, mp.vocab_split)
+    groups: dict[int, list[int]] = {}
+    for rank, n in enumerate(rows):
+        groups.setdefault(n, []).append(rank)
+    return tuple(tuple(g) for g in groups.values())
 
 
 def tp_split(t: TensorSpec, model_type: str) -> Split:
@@ -97,9 +132,16 @@ def _tp_dim(t: TensorSpec, split: Split, model_type: str) -> int | None:
 
 
 def local_shape(
-    t: TensorSpec, *, tp: int, ep: int, model_type: str, vocab_divisible_by: int
+    t: TensorSpec,
+    *,
+    tp: int,
+    ep: int,
+    model_type: str,
+    vocab_divisible_by: int,
+    vocab_split: VocabSplit = "padded",
+    tensor_rank: int = 0,
 ) -> tuple[int, ...]:
-    """The shape of `t` on one rank under TP degree `tp` and EP degree `ep`."""
+    """The shape of `t` on TP rank `tensor_rank` under TP degree `tp` and EP degree `ep`."""
     shape = list(t.shape)
     if _EXPERTS.search(t.name):
         # fused experts [E, 2I, H] (gate_up: column) / [E, H, I] (down: row)
@@ -114,7 +156,7 @@ def local_shape(
     if dim is None:
         return t.shape
     if split == "vocab":
-        shape[0] = round_up(shape[0], vocab_divisible_by * tp) // tp
+        shape[0] = vocab_rows(shape[0], tp, vocab_divisible_by, vocab_split)[tensor_rank]
     else:
         shape[dim] //= tp
     return tuple(shape)
@@ -246,7 +288,9 @@ def stage_inventories(inventory: Inventory, mp: ModelParallel) -> tuple[Inventor
         layer: s for s, held in enumerate(stage_layers(arch.num_layers, mp)) for layer in held
     }
     last = mp.pipeline - 1
-    local = _localised(inventory, mp.tensor, mp.expert, mp.vocab_divisible_by)
+    local = _localised(
+        inventory, mp.tensor, mp.expert, mp.vocab_divisible_by, mp.vocab_split, mp.tensor_rank
+    )
 
     def stage_of(t: TensorSpec) -> int:
         if mp.pipeline == 1:
@@ -286,7 +330,12 @@ def stage_inventories(inventory: Inventory, mp: ModelParallel) -> tuple[Inventor
 
 @lru_cache(maxsize=64)
 def _localised(
-    inventory: Inventory, tp: int, ep: int, vocab_divisible_by: int
+    inventory: Inventory,
+    tp: int,
+    ep: int,
+    vocab_divisible_by: int,
+    vocab_split: VocabSplit = "padded",
+    tensor_rank: int = 0,
 ) -> tuple[TensorSpec, ...]:
     """Every parameter with its TP/EP-local shape, in inventory order (shared by all pipeline
     splits of one TP x EP layout)."""
@@ -304,6 +353,8 @@ def _localised(
                 ep=ep,
                 model_type=arch.model_type,
                 vocab_divisible_by=vocab_divisible_by,
+                vocab_split=vocab_split,
+                tensor_rank=tensor_rank,
             )
         return t if shape == t.shape else replace(t, shape=shape)
 
@@ -361,5 +412,7 @@ __all__ = [
     "split_experts",
     "stage_inventory",
     "stage_layers",
+    "tensor_rank_classes",
     "tp_split",
+    "vocab_rows",
 ]

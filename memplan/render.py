@@ -321,11 +321,15 @@ def host_table(report: Report) -> Table:
 
 def ranks_table(report: Report) -> Table:
     table = Table(title="Every rank", box=box.SIMPLE, title_justify="left")
-    for name in ("ranks", "parameters", "gradients", "optimizer states", "total"):
-        table.add_column(name, justify="right" if name != "ranks" else "left")
+    # TP ranks differ only where torch's DTensor gives the last ones fewer vocabulary rows.
+    tensor = any(r.tensor_ranks for r in report.ranks)
+    names = ("ranks", "TP ranks") if tensor else ("ranks",)
+    for name in (*names, "parameters", "gradients", "optimizer states", "total"):
+        table.add_column(name, justify="left" if name in names else "right")
     for states in report.ranks:
         table.add_row(
             _rank_label(states),
+            *([_label(states.tensor_ranks)] if tensor else []),
             *(human(states.bytes_of(c)) for c in ("parameters", "gradients", "optimizer_states")),
             human(states.total_bytes),
         )
@@ -333,7 +337,10 @@ def ranks_table(report: Report) -> Table:
 
 
 def _rank_label(states: RankStates) -> str:
-    r = states.ranks
+    return _label(states.ranks)
+
+
+def _label(r: tuple[int, ...]) -> str:
     return str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}"
 
 

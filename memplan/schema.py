@@ -262,6 +262,11 @@ class RankClass(_Doc):
 
     ranks: list[int]
     """The data-parallel ranks of the class."""
+    tensor_ranks: list[int]
+    """The tensor-parallel ranks that hold these bytes: every TP rank, unless torch's DTensor
+    (engine fsdp2 or ddp) splits a vocabulary TP does not divide, leaving the last TP ranks
+    fewer rows (torch.chunk): then each class of TP ranks has its own entries, TP rank 0's
+    first."""
     parameters: int
     """Parameter bytes on each of them."""
     gradients: int
@@ -270,6 +275,9 @@ class RankClass(_Doc):
     """Optimizer-state bytes on each of them."""
     total: int
     """parameters + gradients + optimizer_states."""
+    activations: int
+    """Bytes these ranks save for backward (per_gpu.activations, but over their own
+    vocabulary rows for the LM head's logits and loss)."""
 
 
 class StageInfo(_Doc):

@@ -386,6 +386,13 @@ class ParallelismSpec(Frozen):
         return self.make_vocab_size_divisible_by if self.engine in ("megatron", "deepspeed") else 1
 
     @property
+    def vocab_split(self) -> Literal["padded", "chunk"]:
+        """How TP splits the vocabulary: Megatron's padded even split (megatron, deepspeed) or
+        torch.chunk's (fsdp2, ddp: DTensor), where the last TP ranks can hold fewer rows
+        (memplan/parallel.py::vocab_rows)."""
+        return "padded" if self.engine in ("megatron", "deepspeed") else "chunk"
+
+    @property
     def stage(self) -> int:
         """The ZeRO stage with the engine's default filled in."""
         if self.zero_stage is not None:

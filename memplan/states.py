@@ -26,6 +26,8 @@ from memplan.parallel import (
     split_experts,
     stage_inventory,
     stage_layers,
+    tensor_rank_classes,
+    tp_split,
 )
 from memplan.precision import Recipe
 from memplan.sharding import Placement, RankStates, Term
@@ -36,7 +38,9 @@ from memplan.spec import ParallelismSpec
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StageStates:
-    """The model states of one pipeline stage (every TP rank of it holds the same bytes)."""
+    """The model states of one pipeline stage: every TP rank of it holds the same bytes, but
+    where torch's DTensor leaves the last TP ranks fewer vocabulary rows (`ranks` then lists
+    each TP rank class's data-parallel classes, `RankStates.tensor_ranks`)."""
 
     stage: int
     layers: tuple[int, ...]
@@ -44,9 +48,11 @@ class StageStates:
     num_parameters: int
     """Parameter elements one rank of this stage holds before data-parallel sharding."""
     ranks: tuple[RankStates, ...]
-    """Classes of identical data-parallel ranks."""
+    """Classes of identical data-parallel ranks (of each class of TP ranks, TP rank 0's
+    first)."""
     per_gpu: RankStates
-    """The most-loaded data-parallel rank."""
+    """The most-loaded data-parallel rank (of TP rank 0, which holds the most vocabulary
+    rows)."""
     buffers: tuple[Term, ...]
     nvme: tuple[Term, ...] = ()
     """Bytes offloaded to NVMe by the most-loaded rank."""
@@ -65,6 +71,7 @@ def model_parallel(par: ParallelismSpec) -> ModelParallel:
         virtual_stages=par.virtual_stages,
         layers_per_stage=par.layers_per_stage,
         vocab_divisible_by=par.vocab_multiple,
+        vocab_split=par.vocab_split,
     )
 
 
@@ -131,17 +138,102 @@ def stage_states(
     key = mp
     if held is not None and mp.pipeline > 1 and _identical_layers(inventory):
         key = replace(mp, virtual_stages=1, layers_per_stage=tuple(len(h) for h in held))
-    states = _stage_states(
-        inventory, recipe, opt, placement, key, par.engine, par.stage, degree, offload, knobs
+    arch = inventory.architecture
+    classes = tensor_rank_classes(arch.vocab_size if arch else None, mp)
+    per_class: list[list[StageStates]] = []
+    for group in classes:
+        rank_mp = replace(mp, tensor_rank=group[0])
+        states = _stage_states(
+            inventory,
+            recipe,
+            opt,
+            placement,
+            replace(key, tensor_rank=group[0]),
+            par.engine,
+            par.stage,
+            degree,
+            offload,
+            knobs,
+        )
+        out = (
+            list(states)
+            if key is mp or held is None
+            else [replace(st, layers=tuple(held[st.stage])) for st in states]
+        )
+        if par.engine == "ddp" and par.tensor > 1:
+            out = [_whole_embedding_gradient(st, inventory, recipe, rank_mp) for st in out]
+            if group[0] > 0:
+                out = [_scatter_padding(st, inventory, recipe, mp, group[0]) for st in out]
+        per_class.append(out)
+    if len(classes) == 1:
+        return per_class[0]
+    return [
+        _tensor_rank_union(stages, classes) for stages in zip(*per_class, strict=True)
+    ]
+
+
+def _tensor_rank_union(
+    stages: Sequence[StageStates], classes: Sequence[tuple[int, ...]]
+) -> StageStates:
+    """One stage's states over every class of TP ranks: TP rank 0's stage (the most
+    vocabulary rows, so its most-loaded rank is the stage's) with every class's rank
+    classes, each tagged with its TP ranks."""
+    first = stages[0]
+    return replace(
+        first,
+        ranks=tuple(
+            replace(r, tensor_ranks=group)
+            for st, group in zip(stages, classes, strict=True)
+            for r in st.ranks
+        ),
+        per_gpu=replace(first.per_gpu, tensor_ranks=classes[0]),
     )
-    out = (
-        list(states)
-        if key is mp or held is None
-        else [replace(st, layers=tuple(held[st.stage])) for st in states]
-    )
-    if par.engine == "ddp" and par.tensor > 1:
-        out = [_whole_embedding_gradient(st, inventory, recipe, mp) for st in out]
-    return out
+
+
+SRC_DTENSOR_SCATTER = (
+    "torch/distributed/tensor/placement_types.py::Shard._shard_tensor (torch 2.13): "
+    "distribute_tensor scatters every TP rank's shard into torch.empty_like of the first "
+    "(ceil(V / TP)-row) padded chunk and narrows it, so the storage keeps the padded rows"
+)
+
+
+def _scatter_padding(
+    st: StageStates, inventory: Inventory, recipe: Recipe, mp: ModelParallel, tensor_rank: int
+) -> StageStates:
+    """DDP over torch's DTensor tensor parallelism, a TP rank with fewer vocabulary rows than
+    the first: its vocabulary-parallel parameters are narrowed views of a buffer with the first
+    rank's rows (FSDP2 copies them into its own shards instead), so the parameters' storage
+    holds the missing rows too; gradients and optimizer states (zeros_like) hold its own."""
+    arch = inventory.architecture
+    if arch is None:
+        return st
+    local = stage_inventory(inventory, replace(mp, tensor_rank=tensor_rank), st.stage)
+    first = stage_inventory(inventory, replace(mp, tensor_rank=0), st.stage)
+    rows: list[Term] = []
+    for mine, top in zip(local.parameters, first.parameters, strict=True):
+        if tp_split(mine, arch.model_type) != "vocab" or mine.shape == top.shape:
+            continue
+        missing = (top.shape[0] - mine.shape[0]) * (top.numel // top.shape[0])
+        dtype = sharding.base.own_dtype(mine, recipe) or recipe.parameters
+        rows.append(
+            sharding.base.term(
+                "parameters",
+                f"{mine.name} (scatter padding)",
+                dtype,
+                1,
+                missing,
+                f"[{top.shape[0]} - {mine.shape[0]}, {', '.join(map(str, top.shape[1:]))}] "
+                f"rows TP rank 0 holds beyond TP rank {tensor_rank}'s",
+                SRC_DTENSOR_SCATTER,
+            )
+        )
+    if not rows:
+        return st
+
+    def add(r: RankStates) -> RankStates:
+        return replace(r, terms=(*r.terms, *rows))
+
+    return replace(st, ranks=tuple(add(r) for r in st.ranks), per_gpu=add(st.per_gpu))
 
 
 SRC_DTENSOR_EMBEDDING = (
@@ -156,7 +248,8 @@ def _whole_embedding_gradient(
 ) -> StageStates:
     """DDP over torch's DTensor tensor parallelism: the vocab-parallel embedding's gradient
     comes out of embedding backward whole, [vocab, hidden] on every TP rank, where its
-    parameter is a [vocab / TP, hidden] shard: the rows other TP ranks own come on top."""
+    parameter is a [vocab / TP, hidden] shard (this TP rank's rows, `mp.tensor_rank`): the rows
+    other TP ranks own come on top."""
     table = next((t for t in inventory.parameters if t.role == "embedding" and t.trainable), None)
     arch = inventory.architecture
     if table is None or arch is None or st.stage != 0:
@@ -167,6 +260,8 @@ def _whole_embedding_gradient(
         ep=mp.expert,
         model_type=arch.model_type,
         vocab_divisible_by=mp.vocab_divisible_by,
+        vocab_split=mp.vocab_split,
+        tensor_rank=mp.tensor_rank,
     )[0]
     extra = (table.shape[0] - rows) * (table.numel // table.shape[0])
     dtype = sharding.base.grad_dtype(recipe)

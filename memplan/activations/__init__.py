@@ -129,7 +129,8 @@ def setting_of(spec: Spec) -> Setting:
     )
 
 
-def layout_of(spec: Spec) -> layout.Layout:
+def layout_of(spec: Spec, tensor_rank: int = 0) -> layout.Layout:
+    """The layout of TP rank `tensor_rank` (0: the most vocabulary rows)."""
     par = spec.parallelism
     return layout.Layout(
         tensor=par.tensor,
@@ -138,6 +139,8 @@ def layout_of(spec: Spec) -> layout.Layout:
         expert=par.expert,
         capacity_factor=par.expert_capacity_factor,
         vocab_divisible_by=par.vocab_multiple,
+        vocab_split=par.vocab_split,
+        tensor_rank=tensor_rank,
         # torch's own tensor parallelism (DTensor, as torchtitan composes it with FSDP2);
         # Megatron-LM's layers otherwise (megatron, and DeepSpeed via Megatron-DeepSpeed).
         gathered_inputs=par.engine in ("fsdp2", "ddp"),
@@ -182,10 +185,13 @@ def on_rank(spec: Spec, inventory: Inventory, micro: Activations, rank: int) -> 
 _ON_RANK: dict[tuple[object, ...], tuple[Activations, Activations]] = {}
 
 
-def micro_batch(spec: Spec, inventory: Inventory) -> Activations:
+def micro_batch(spec: Spec, inventory: Inventory, tensor_rank: int = 0) -> Activations:
     """One micro-batch's activations on one GPU of the layout, every layer (the TP slice at
-    sequence / CP, sequence parallelism applied), with the layout's communication buffers."""
-    return _micro_batch(inventory, setting_of(spec), layout_of(spec), spec.finetune)
+    sequence / CP, sequence parallelism applied), with the layout's communication buffers;
+    on TP rank `tensor_rank` (its vocabulary rows)."""
+    return _micro_batch(
+        inventory, setting_of(spec), layout_of(spec, tensor_rank), spec.finetune
+    )
 
 
 @lru_cache(maxsize=256)

@@ -49,7 +49,7 @@ from memplan.activations.tensors import Activations, Block, Saved, Setting, not_
 from memplan.activations.transient import Transient
 from memplan.errors import MemplanError
 from memplan.models.inventory import Architecture
-from memplan.parallel import padded_vocab
+from memplan.parallel import VocabSplit, vocab_rows
 from memplan.precision import dtype_bytes
 
 SRC_TP = (
@@ -99,6 +99,10 @@ class Layout:
     """Sequence parallelism the torch DTensor way (torchtitan): the column-parallel linears
     save the all-gathered, whole-sequence input instead of the local shard."""
     vocab_divisible_by: int = 128
+    vocab_split: VocabSplit = "padded"
+    tensor_rank: int = 0
+    """The TP rank whose vocabulary slice the LM head's logits and loss cover
+    (memplan/parallel.py::vocab_rows)."""
 
     @property
     def trivial(self) -> bool:
@@ -134,8 +138,8 @@ def check(arch: Architecture, st: Setting, lay: Layout) -> str:
 
 def local_architecture(arch: Architecture, lay: Layout) -> Architecture:
     """The slice of the model one TP rank runs (SRC_TP): heads, key/value heads, the MLP's,
-    each expert's and the shared expert's intermediate size and the padded vocabulary, each
-    / TP."""
+    each expert's and the shared expert's intermediate size, each / TP, and the rank's
+    vocabulary rows (padded, or torch.chunk's)."""
     tp = lay.tensor
     if tp == 1:
         return arch
@@ -148,7 +152,9 @@ def local_architecture(arch: Architecture, lay: Layout) -> Architecture:
         num_attention_heads=arch.num_attention_heads // tp,
         num_key_value_heads=arch.num_key_value_heads // tp,
         intermediate_size=arch.intermediate_size // tp,
-        vocab_size=padded_vocab(arch.vocab_size, tp, lay.vocab_divisible_by) // tp,
+        vocab_size=vocab_rows(arch.vocab_size, tp, lay.vocab_divisible_by, lay.vocab_split)[
+            lay.tensor_rank
+        ],
         extra=extra,
     )
 

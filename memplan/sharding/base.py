@@ -54,6 +54,9 @@ class RankStates:
     terms: tuple[Term, ...]
     host_terms: tuple[Term, ...] = ()
     """States the engine keeps in host memory (e.g. torch's CPU `step` scalars on CUDA runs)."""
+    tensor_ranks: tuple[int, ...] = ()
+    """The tensor-parallel ranks that hold these states (empty: every TP rank; they differ only
+    where torch's DTensor splits a vocabulary TP does not divide, memplan.parallel.vocab_rows)."""
 
     total_bytes: int = field(init=False, repr=False)
 

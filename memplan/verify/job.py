@@ -107,6 +107,10 @@ class Job:
         """The data-parallel rank (memplan's rank classes) of global `rank`."""
         return rank // self.tensor
 
+    def tensor_rank(self, rank: int) -> int:
+        """The tensor-parallel rank of global `rank` within its TP group."""
+        return rank % self.tensor
+
 
 def model_config(loaded: LoadedSpec) -> dict[str, Any]:
     """The config.json mapping the spec's model names: verify builds from it (random init),
@@ -367,7 +371,7 @@ def required_bytes(job: Job, report: Report) -> int:
     at the peak)."""
     total = 0
     for rank in range(job.world):
-        states = next(s for s in report.ranks if job.data_rank(rank) in s.ranks)
+        states = report.states_of(job.data_rank(rank), job.tensor_rank(rank))
         total += (
             states.total_bytes
             + report.buffer_bytes

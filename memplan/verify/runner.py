@@ -34,13 +34,17 @@ def state_name(name: str) -> str:
     return name.removesuffix(EXPERTS_SUFFIX)
 
 
-def predicted(report: Report, rank: int) -> tuple[dict[str, int | None], list[str]]:
-    """memplan's bytes per category for `rank`, and its optimizer state names in order.
+def predicted(
+    report: Report, rank: int, tensor_rank: int = 0
+) -> tuple[dict[str, int | None], list[str]]:
+    """memplan's bytes per category for data-parallel `rank` on TP rank `tensor_rank`, and
+    its optimizer state names in order.
 
     Optimizer states include those the engine keeps in host memory (torch's CPU `step`
     scalars on CUDA runs): verify measures every state tensor wherever it lives. The peak
     is the device's (host terms excluded)."""
-    states: RankStates = next(s for s in report.ranks if rank in s.ranks)
+    states: RankStates = report.states_of(rank, tensor_rank)
+    view = report.tensor_view(tensor_rank)
     out: dict[str, int | None] = {
         "parameters": states.bytes_of("parameters"),
         "gradients": states.bytes_of("gradients"),
@@ -56,10 +60,12 @@ def predicted(report: Report, rank: int) -> tuple[dict[str, int | None], list[st
             optimizer_total += term.bytes
     out["optimizer_states"] = optimizer_total
     if jobs.activations_modelled(report):
-        out["activations"] = report.activations_bytes
-        # The report's peak is the most-loaded rank's; another rank differs by its model
-        # states (activations and transients are the same on every data-parallel rank).
-        out["peak"] = report.peak_bytes - report.per_gpu.total_bytes + states.total_bytes
+        # The TP rank's own activations (the LM head's logits and loss over its vocabulary
+        # rows) and peak; that peak is its most-loaded data-parallel rank's, and another
+        # rank differs by its model states (activations and transients are the same on every
+        # data-parallel rank).
+        out["activations"] = view.activations_bytes
+        out["peak"] = view.peak_bytes - view.per_gpu.total_bytes + states.total_bytes
     else:
         out["activations"] = None
         out["peak"] = None
@@ -110,7 +116,7 @@ def compare(
     """Rows per rank, the headline rank, and the full-depth extrapolation for --layers."""
     ranks = []
     for m in measured:
-        pred, names = predicted(report, job.data_rank(m.rank))
+        pred, names = predicted(report, job.data_rank(m.rank), job.tensor_rank(m.rank))
         rows = rows_for(
             predicted=pred,
             measured=dict(m.bytes),
@@ -183,8 +189,7 @@ def compare(
 
 
 def _tensor_parallel_notes(job: Job) -> list[str]:
-    """What the TP run is, and where memplan's one prediction per data-parallel rank cannot
-    fit every tensor-parallel rank: a vocabulary TP does not divide."""
+    """What the TP run is, and how a vocabulary TP does not divide is split."""
     if job.tensor == 1:
         return []
     from memplan.verify.tensor_parallel import vocab_rows
@@ -216,15 +221,15 @@ def _tensor_parallel_notes(job: Job) -> list[str]:
         out.append(
             f"vocabulary {vocab} over {job.tensor} TP ranks: DTensor splits it like "
             f"torch.chunk, {', '.join(map(str, rows))} rows per TP rank; memplan predicts "
-            f"{rows[0]} rows (the most-loaded TP rank) for every TP rank, so the others' "
-            "embedding and LM head states differ by the missing rows."
+            "each TP rank's own rows (its embedding and LM head states, and its logits and "
+            "loss over them), the first TP rank being the most loaded."
         )
     return out
 
 
 def _extrapolate(job: Job, full: Report, m: RankMeasurement) -> tuple[Row, ...]:
     """Full depth = measured at K layers + (L - K) x measured bytes per decoder layer."""
-    pred, _ = predicted(full, job.data_rank(m.rank))
+    pred, _ = predicted(full, job.data_rank(m.rank), job.tensor_rank(m.rank))
     rows = []
     for name in _EXTRAPOLATED:
         measured = m.bytes.get(name, 0)
