@@ -4,18 +4,18 @@ against memplan's prediction.
 
 The tiny Llama (hidden 64, 4 heads / 2 key/value heads, intermediate 160, 2 layers) has a
 1,041-token vocabulary, which TP 2 does not divide: DTensor splits it like torch.chunk, 521
-rows on TP rank 0 and 520 on TP rank 1, while memplan predicts every TP rank with the most
-loaded one's 521 rows. So:
+rows on TP rank 0 and 520 on TP rank 1, and memplan predicts each TP rank's own rows
+(memplan/parallel.py::vocab_rows). So:
 
-- engine fsdp2: TP rank 0 (memplan's headline rank) matches every category to the byte,
-  activations included; TP rank 1 holds exactly one embedding row and one LM-head row fewer
-  in its parameters, gradients and each Adam state (2 x 64 x 4 B = 512 B), and its
-  vocabulary-parallel log-softmax one column fewer (32 tokens x 4 B = 128 B);
-- with a vocabulary TP divides (1,040) every rank matches every category to the byte, also on
-  a 2-D FSDP2 + TP mesh (4 ranks);
+- engine fsdp2: every rank matches every category to the byte, activations included; TP rank 1
+  measures exactly one embedding row and one LM-head row fewer in its parameters, gradients
+  and each Adam state (2 x 64 x 4 B = 512 B), and its vocabulary-parallel log-softmax one
+  column fewer (32 tokens x 4 B = 128 B), also on a 2-D FSDP2 + TP mesh (4 ranks);
+- with a vocabulary TP divides (1,040) every rank holds the same bytes;
 - engine ddp (no FSDP2): nothing redistributes the embedding's gradient, which DTensor's
-  embedding backward produces whole (Replicate [vocabulary, hidden]) on every TP rank, where
-  memplan counts the rank's rows.
+  embedding backward produces whole (Replicate [vocabulary, hidden]) on every TP rank, and the
+  parameters keep the storage DTensor scattered them into (the first rank's rows on every
+  rank); memplan counts both, so every rank matches too.
 """
 
 from __future__ import annotations
@@ -103,12 +103,20 @@ def test_fsdp2_first_tp_rank_matches_every_category(precision: str, sp: bool) ->
 
 
 @pytest.mark.parametrize(("precision", "sp"), CASES, ids=IDS)
-def test_fsdp2_second_tp_rank_holds_one_vocabulary_row_fewer(precision: str, sp: bool) -> None:
-    """Exactly the rows torch.chunk takes from the last TP rank: one embedding row and one
+def test_fsdp2_every_tp_rank_matches_its_own_rows(precision: str, sp: bool) -> None:
+    """TP rank 1 matches every category to the byte; what it measures fewer than TP rank 0 is
+    exactly the rows torch.chunk takes from the last TP rank: one embedding row and one
     LM-head row (fp32 at rest) in every model state, one log-softmax column in activations."""
     result = verify_tp(precision, sp)
+    assert set(deltas(result, 1).values()) == {0}, deltas(result, 1)
+    assert all(r.ok for r in result.ranks[1].rows if r.name != "peak")
     row = (ROWS[0] - ROWS[1]) * HIDDEN * 4
-    assert deltas(result, 1) == {
+    first, second = result.ranks
+    measured = {
+        name: second.row(name).measured - first.row(name).measured  # type: ignore[operator]
+        for name in deltas(result, 1)
+    }
+    assert measured == {
         "parameters": -2 * row,
         "gradients": -2 * row,
         "optimizer_states": -4 * row,
@@ -118,7 +126,6 @@ def test_fsdp2_second_tp_rank_holds_one_vocabulary_row_fewer(precision: str, sp:
         "buffers": 0,
         "activations": -(ROWS[0] - ROWS[1]) * TOKENS * 4,
     }
-    assert result.ranks[1].row("activations").ok
     assert any("521, 520 rows per TP rank" in note for note in result.notes)
 
 
@@ -134,6 +141,21 @@ def test_fsdp2_divisible_vocabulary_every_rank_matches() -> None:
     result = verify_tp("bf16-mixed", True, vocab=1040)
     for rank in range(TP):
         assert set(deltas(result, rank).values()) == {0}, rank
+
+
+def test_fsdp2_two_dimensional_mesh_uneven_vocabulary_every_rank_matches() -> None:
+    """data 2 x tensor 2 on 4 ranks with the 1,041-token vocabulary: FSDP2 shards each TP
+    rank's 521 or 520 rows over the data dimension (261 padded rows on both data ranks of TP
+    rank 0, 260 on TP rank 1's), and memplan predicts each of the 4 ranks."""
+    result = verify_tp("fp32", False, nproc=4)
+    assert len(result.ranks) == 4
+    for rank in range(4):
+        assert set(deltas(result, rank).values()) == {0}, (rank, deltas(result, rank))
+    assert result.most_loaded == 0
+    # Odd global ranks are TP rank 1: one padded FSDP2 row of the embedding and of the LM
+    # head fewer, measured (261 vs 260 rows of 64 fp32).
+    params = [r.row("parameters").measured for r in result.ranks]
+    assert params[0] - params[1] == params[2] - params[3] == 2 * HIDDEN * 4
 
 
 def test_fsdp2_two_dimensional_mesh_every_rank_matches() -> None:
@@ -162,22 +184,25 @@ def test_ddp_embedding_gradient_is_whole_on_every_tp_rank(precision: str, sp: bo
     """Without FSDP2 the vocabulary-parallel embedding's gradient stays Replicate: each TP rank
     holds all 1,041 rows (torch/distributed/tensor/_ops/_embedding_ops.py::
     embedding_dense_backward_strategy has no Shard(0) output), and memplan's ddp rule counts
-    them ("embedding gradient (whole)"): only the LM head's uneven rows remain."""
+    them ("embedding gradient (whole)"). Every rank matches every category; what TP rank 1
+    measures fewer than TP rank 0 is the LM head's gradient row, and one row of each vocabulary
+    tensor in every state and master copy, but no parameter bytes: DTensor scatters each shard
+    into a buffer padded to the first rank's rows (Shard._shard_tensor)."""
     result = verify_tp(precision, sp, engine="ddp")
+    for rank in range(TP):
+        assert set(deltas(result, rank).values()) == {0}, (rank, deltas(result, rank))
     width = 2 if precision == "bf16-mixed" else 4  # the module's parameters and gradients
-    master = 4 * HIDDEN * (ROWS[0] - ROWS[1])
-    for rank, rows in enumerate(ROWS):
-        d = deltas(result, rank)
-        head = (rows - ROWS[0]) * HIDDEN * width  # the LM head's gradient has the rank's rows
-        assert d["gradients"] == head, rank
-        assert d["activations"] == (rows - ROWS[0]) * TOKENS * 4
-        # DTensor scatters each shard into a buffer padded to the first rank's rows
-        # (Shard._shard_tensor), so the parameters' storage matches on every rank; the states
-        # (zeros_like) and fp32 masters (a copy) hold the rank's own rows.
-        assert d["parameters"] == 0
-        for name in ("exp_avg", "exp_avg_sq", "master_weights"):
-            if name in d:
-                assert d[name] == -2 * master * (rank > 0), (rank, name)
+    first, second = result.ranks
+
+    def fewer(name: str) -> int:
+        return first.row(name).measured - second.row(name).measured  # type: ignore[operator]
+
+    assert fewer("parameters") == 0
+    assert fewer("gradients") == (ROWS[0] - ROWS[1]) * HIDDEN * width
+    assert fewer("activations") == (ROWS[0] - ROWS[1]) * TOKENS * 4
+    for name in ("exp_avg", "exp_avg_sq", "master_weights"):
+        if name in deltas(result, 0):
+            assert fewer(name) == 2 * 4 * HIDDEN * (ROWS[0] - ROWS[1]), name
     assert ("master_weights" in deltas(result, 0)) == (precision == "bf16-mixed")
     assert any("embedding_dense_backward_strategy" in note for note in result.notes)
 
