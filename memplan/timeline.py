@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
 from memplan import fp8, qlora
-from memplan.activations import Activations
+from memplan.activations import Activations, dtensor_tp
 from memplan.activations import fsdp2 as fsdp2_tr
 from memplan.activations import transient as tr
 from memplan.activations.transient import PHASES, Phase, Transient
@@ -166,6 +166,10 @@ def transients(
     """Every transient term of the step for `spec` (see memplan.activations.transient)."""
     out = list(_state_transients(spec, inventory, per_gpu))
     out += _activation_transients(saved)
+    if spec.parallelism.tensor > 1 and spec.parallelism.engine in ("fsdp2", "ddp"):
+        # torch DTensor TP: loss_parallel's fused backward (memplan.activations.dtensor_tp).
+        out.append(dtensor_tp.loss_parallel_gradient(saved.upcast_bytes or saved.logits_bytes))
+    out += _tp_ddp_master_gradient(spec, per_gpu, out)
     out += saved.buffers
     embedding = None
     if saved.modelled and saved.block("embeddings") is not None:
@@ -179,6 +183,11 @@ def transients(
             acts=_fsdp2_activations(saved, out, embedding),
             **_fsdp2_dtypes(spec),
         )
+        out += _tp_fsdp2(spec, inventory)
+    elif spec.parallelism.engine == "fsdp2" and spec.parallelism.tensor > 1:
+        # FSDP2 on a one-rank mesh under TP: the root's post-backward comes after the
+        # embedding's backward and holds more (memplan.activations.dtensor_tp).
+        out += _tp_fsdp2(spec, inventory)
     elif embedding is not None:
         out.append(embedding)
     if spec.hardware.device == "cuda":
@@ -463,6 +472,36 @@ def _rounding(spec: Spec, inventory: Inventory, saved: Activations) -> list[Tran
 def _fsdp2(spec: Spec) -> bool:
     """torch FSDP2 on more than one rank (one rank gathers nothing)."""
     return spec.parallelism.engine == "fsdp2" and spec.parallelism.data > 1
+
+
+def _tp_fsdp2(spec: Spec, inventory: Inventory) -> list[Transient]:
+    """FSDP2 over DTensor TP: the end-of-backward terms of memplan.activations.dtensor_tp."""
+    p = spec.parallelism
+    if p.engine != "fsdp2" or p.tensor <= 1:
+        return []
+    recipe = spec.recipe()
+    return dtensor_tp.tp_fsdp2_backward_end(
+        inventory,
+        _fsdp2_groups(spec, inventory),
+        world=p.data,
+        param=dtype_bytes(recipe.parameters),
+        grad=dtype_bytes(recipe.gradients),
+    )
+
+
+def _tp_ddp_master_gradient(
+    spec: Spec, per_gpu: RankStates, terms: list[Transient]
+) -> list[Transient]:
+    """DDP over DTensor TP with master weights (`terms` hold master_gradients): the whole
+    embedding's master gradient (memplan.activations.dtensor_tp)."""
+    recipe = spec.recipe()
+    if not any(t.name == "master_gradients" for t in terms):
+        return []
+    extra = sum(t.elements for t in per_gpu.terms if t.name == "embedding gradient (whole)")
+    master = recipe.master_weights
+    if not extra or master is None:
+        return []
+    return [dtensor_tp.whole_embedding_master_gradient(extra, dtype_bytes(master))]
 
 
 def _fsdp2_groups(spec: Spec, inventory: Inventory) -> fsdp2_tr.Fsdp2Groups:

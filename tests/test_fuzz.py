@@ -606,7 +606,8 @@ REGRESSIONS: list[tuple[str, str, str, int, str]] = [
     (
         "StopIteration: DeepSpeed ZeRO-0 optimizer offload",
         "estimate",
-        LLAMA + "}\nprecision: amp-bf16\nparallelism: {engine: deepspeed, offload: {optimizer: cpu}}\n",
+        LLAMA
+        + "}\nprecision: amp-bf16\nparallelism: {engine: deepspeed, offload: {optimizer: cpu}}\n",
         1,
         "zero_stage 1, 2 or 3",
     ),
