@@ -167,9 +167,7 @@ def stage_states(
         per_class.append(out)
     if len(classes) == 1:
         return per_class[0]
-    return [
-        _tensor_rank_union(stages, classes) for stages in zip(*per_class, strict=True)
-    ]
+    return [_tensor_rank_union(stages, classes) for stages in zip(*per_class, strict=True)]
 
 
 def _tensor_rank_union(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -274,3 +276,117 @@ def test_torch_tensor_parallel_splits_the_vocabulary_without_padding():
     assert (megatron_rows, torch_rows) == (640, 521)
     h = TINY_LLAMA["hidden_size"]
     assert held["megatron"] - held["fsdp2"] == 2 * (megatron_rows - torch_rows) * h
+
+
+@pytest.mark.parametrize(("vocab", "tp"), [(1041, 2), (1041, 4), (2003, 2), (5, 4), (7, 8)])
+def test_torch_tensor_parallel_rows_are_dtensor_shards(vocab: int, tp: int) -> None:
+    """Each TP rank's vocabulary rows under torch's DTensor (engine fsdp2/ddp) are the sizes
+    torch's own Shard(0)._split_tensor gives (torch.chunk, an empty shard for a rank past the
+    last chunk); Megatron's padded split (engine megatron) gives every rank the same rows."""
+    torch = pytest.importorskip("torch")
+    from torch.distributed.tensor.placement_types import Shard
+
+    from memplan.parallel import vocab_rows
+
+    shards, _ = Shard(0)._split_tensor(
+        torch.empty(vocab, 1), tp, with_padding=False, contiguous=False
+    )
+    assert vocab_rows(vocab, tp, 1, "chunk") == tuple(s.shape[0] for s in shards)
+    assert len(set(vocab_rows(vocab, tp, 128, "padded"))) == 1
+
+
+# Measured by `memplan verify` on 2 gloo ranks, TP 2 FSDP2, the 1,041-token tiny Llama, torch
+# 2.13 (benchmarks/results/verify.json, case "FSDP2 + TP 2 (DTensor, sequence parallel)", rank
+# 1; fp32 at rest): TP rank 1's own model states.
+MEASURED_TP_RANK_1 = {"parameters": 439_552, "gradients": 439_552, "optimizer_states": 879_188}
+MEASURED_TP_RANK_0 = {"parameters": 440_064, "gradients": 440_064, "optimizer_states": 880_212}
+
+
+def _tp_spec(engine: str, vocab: int = 1041, data: int = 1) -> Any:
+    return make_spec(
+        model={"architecture": {**TINY_LLAMA, "vocab_size": vocab}},
+        precision="fp32",
+        training={"micro_batch_size": 2, "sequence_length": 16},
+        hardware={"device": "cpu"},  # verify's runs: torch's `step` scalars on the device
+        parallelism={
+            "engine": engine,
+            "zero_stage": 3 if engine == "fsdp2" else 0,
+            "tensor": 2,
+            "data": data,
+        },
+    )
+
+
+def test_each_dtensor_tp_rank_has_its_own_model_states() -> None:
+    """engine fsdp2, TP 2, a vocabulary TP does not divide: TP rank 1's rank class holds what
+    verify measured on it, TP rank 0 (the headline rank) what it measured there."""
+    report = estimate(_tp_spec("fsdp2"), from_config({**TINY_LLAMA, "vocab_size": 1041}))
+    assert [r.tensor_ranks for r in report.ranks] == [(0,), (1,)]
+    assert report.per_gpu.tensor_ranks == (0,)
+    for tensor_rank, measured in enumerate((MEASURED_TP_RANK_0, MEASURED_TP_RANK_1)):
+        states = report.states_of(0, tensor_rank)
+        assert {c: states.bytes_of(c) for c in measured} == measured  # type: ignore[arg-type]
+    # One log-softmax column of the 32 tokens fewer on TP rank 1 (verify measures 128 B).
+    assert report.tensor_view(0).activations_bytes - report.tensor_view(1).activations_bytes == (
+        32 * 4
+    )
+    doc = to_json(report)
+    assert [(r["ranks"], r["tensor_ranks"]) for r in doc["ranks"]] == [([0], [0]), ([0], [1])]
+    assert doc["ranks"][1]["parameters"] == MEASURED_TP_RANK_1["parameters"]
+
+
+@pytest.mark.parametrize(("engine", "vocab"), [("megatron", 1041), ("fsdp2", 1040)])
+def test_tp_ranks_that_hold_the_same_bytes_share_one_class(engine: str, vocab: int) -> None:
+    """Megatron pads the vocabulary (every TP rank the same rows); DTensor with a vocabulary
+    TP divides: one rank class for every TP rank, listed with all of them in the JSON."""
+    report = estimate(_tp_spec(engine, vocab), from_config({**TINY_LLAMA, "vocab_size": vocab}))
+    assert [r.tensor_ranks for r in report.ranks] == [()]
+    assert report.tensor_views == ()
+    assert [r["tensor_ranks"] for r in to_json(report)["ranks"]] == [[0, 1]]
+
+
+def test_ddp_tp_rank_keeps_the_scattered_parameter_storage() -> None:
+    """engine ddp, TP 2: DTensor scatters TP rank 1's 520 vocabulary rows into a 521-row buffer
+    (Shard._shard_tensor), so its parameters take TP rank 0's bytes while its optimizer states
+    hold its own rows; its embedding gradient is whole. Measured by
+    tests/test_verify_tp.py::test_ddp_embedding_gradient_is_whole_on_every_tp_rank (every
+    category to the byte): 440,064 B parameters, 572,928 B gradients (1,041 embedding rows,
+    520 LM-head rows), 879,188 B optimizer states."""
+    report = estimate(_tp_spec("ddp"), from_config({**TINY_LLAMA, "vocab_size": 1041}))
+    states = report.states_of(0, 1)
+    assert states.bytes_of("parameters") == 440_064
+    assert states.bytes_of("gradients") == 572_928
+    assert states.bytes_of("optimizer_states") == 879_188
+    assert [t.name for t in states.terms if "scatter padding" in t.name] == [
+        "model.embed_tokens.weight (scatter padding)",
+        "lm_head.weight (scatter padding)",
+    ]
+
+
+def test_two_dimensional_mesh_lists_every_tp_and_data_rank() -> None:
+    """data 2 x tensor 2: FSDP2 pads each TP rank's rows to a multiple of 2 (261 on TP rank 0,
+    260 on TP rank 1), so TP rank 1's data ranks hold less than TP rank 0's."""
+    report = estimate(_tp_spec("fsdp2", data=2), from_config({**TINY_LLAMA, "vocab_size": 1041}))
+    first = report.states_of(0, 0).bytes_of("parameters")
+    assert {r.tensor_ranks for r in report.ranks} == {(0,), (1,)}
+    for dp in range(2):
+        assert first - report.states_of(dp, 1).bytes_of("parameters") == 2 * 64 * 4
+
+
+def test_ranks_table_names_the_tp_ranks_that_differ() -> None:
+    """`estimate --ranks`: a TP ranks column only when TP ranks differ."""
+    from rich.console import Console
+
+    from memplan.render import ranks_table
+
+    def table(vocab: int) -> str:
+        report = estimate(
+            _tp_spec("fsdp2", vocab), from_config({**TINY_LLAMA, "vocab_size": vocab})
+        )
+        console = Console(width=120, record=True, file=io.StringIO())
+        console.print(ranks_table(report))
+        return console.export_text()
+
+    uneven = table(1041)
+    assert "TP ranks" in uneven and "429.75 KiB" in uneven and "429.25 KiB" in uneven
+    assert "TP ranks" not in table(1040)

@@ -189,9 +189,7 @@ def micro_batch(spec: Spec, inventory: Inventory, tensor_rank: int = 0) -> Activ
     """One micro-batch's activations on one GPU of the layout, every layer (the TP slice at
     sequence / CP, sequence parallelism applied), with the layout's communication buffers;
     on TP rank `tensor_rank` (its vocabulary rows)."""
-    return _micro_batch(
-        inventory, setting_of(spec), layout_of(spec, tensor_rank), spec.finetune
-    )
+    return _micro_batch(inventory, setting_of(spec), layout_of(spec, tensor_rank), spec.finetune)
 
 
 @lru_cache(maxsize=256)
