@@ -104,7 +104,9 @@ class Report:
     """Per stage: (activation bytes, peak bytes) of its most-loaded GPU; None for an interior
     stage `assemble(every_stage=False)` skipped."""
     ranks: tuple[RankStates, ...]
-    """Each class of identical data-parallel ranks of the most-loaded stage, in rank order."""
+    """Each class of identical data-parallel ranks of the most-loaded stage, in rank order;
+    where TP ranks differ (`RankStates.tensor_ranks`), each class of TP ranks' in turn, TP
+    rank 0's first."""
     per_gpu: RankStates
     """The most-loaded rank's class (largest total; the lowest rank on a tie)."""
     buffers: tuple[Term, ...]
