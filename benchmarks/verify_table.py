@@ -97,7 +97,26 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], list[int]]] = [
             },
         ),
         {"nproc": 2},
-        [0],
+        [0, 1],  # TP rank 1 holds 520 of the 1,041 vocabulary rows (torch.chunk)
+    ),
+    (
+        "FSDP2 2-D (data 2 x TP 2), 4 ranks",
+        spec(
+            LLAMA,
+            parallelism={"engine": "fsdp2", "zero_stage": 3, "data": 2, "tensor": 2},
+        ),
+        {"nproc": 4},
+        [0, 1],
+    ),
+    (
+        "DDP + TP 2 (DTensor), bf16-mixed",
+        spec(
+            LLAMA,
+            precision="bf16-mixed",
+            parallelism={"engine": "ddp", "data": 1, "tensor": 2},
+        ),
+        {"nproc": 2},
+        [0, 1],
     ),
     (
         "Llama-2-7B bf16-mixed, `--fake` (full size, no memory)",
