@@ -224,6 +224,17 @@ def check_degrees(inventory: Inventory, mp: ModelParallel) -> None:
                     f"{divisors(common)}.",
                     field="parallelism.tensor",
                 )
+    if mp.tensor > 1 and arch.vocab_size:
+        rows = vocab_rows(arch.vocab_size, mp.tensor, mp.vocab_divisible_by, mp.vocab_split)
+        if not all(rows):
+            # torch.chunk makes fewer chunks than asked when V is small: DTensor gives the
+            # ranks past the last an empty shard, whose tensors memplan's rules do not take.
+            raise MemplanError(
+                f"torch's DTensor splits the {arch.vocab_size}-token vocabulary over "
+                f"{mp.tensor} TP ranks like torch.chunk ({', '.join(map(str, rows))} rows), "
+                "leaving a TP rank no rows; use a smaller tensor degree.",
+                field="parallelism.tensor",
+            )
     if mp.expert > 1:
         if not arch.num_experts:
             raise MemplanError(

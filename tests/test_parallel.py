@@ -390,3 +390,13 @@ def test_ranks_table_names_the_tp_ranks_that_differ() -> None:
     uneven = table(1041)
     assert "TP ranks" in uneven and "429.75 KiB" in uneven and "429.25 KiB" in uneven
     assert "TP ranks" not in table(1040)
+
+
+def test_a_tp_rank_without_vocabulary_rows_is_refused() -> None:
+    """torch.chunk of 10 rows into 8 makes 5 chunks of 2 (test_torch_tensor_parallel_rows_are_
+    dtensor_shards: DTensor gives ranks 5-7 empty shards): refused naming the field."""
+    arch = {**TINY_LLAMA, "vocab_size": 10, "num_attention_heads": 8, "num_key_value_heads": 8}
+    spec = make_spec(model={"architecture": arch}, parallelism={"engine": "fsdp2", "tensor": 8})
+    with pytest.raises(MemplanError, match=r"2, 2, 2, 2, 2, 0, 0, 0 rows") as err:
+        estimate(spec, from_config(arch))
+    assert err.value.field == "parallelism.tensor"
