@@ -138,7 +138,10 @@ def model_states(spec: Spec, inventory: Inventory) -> list[StageStates]:
     """Parameters, gradients and optimizer states of every stage and rank class."""
     inventory = finetune.apply(spec, inventory)
     par = spec.parallelism
-    knobs = sharding.DeepSpeedKnobs(**par.deepspeed.model_dump())
+    knobs = sharding.DeepSpeedKnobs(
+        sub_group_size=par.deepspeed.sub_group_size,
+        stage3_param_persistence_threshold=par.deepspeed.stage3_param_persistence_threshold,
+    )
     return stage_states(
         inventory,
         recipe=spec.recipe(),

@@ -30,11 +30,6 @@ ALWAYS: tuple[Phase, ...] = PHASES
 FORWARD_BACKWARD: tuple[Phase, ...] = ("forward", "loss", "backward_start", "backward")
 BACKWARD: tuple[Phase, ...] = ("backward_start", "backward", "backward_end")
 
-# DeepSpeed zero_optimization defaults (deepspeed/runtime/zero/config.py::DeepSpeedZeroConfig,
-# 0.19.6; see notes/deepspeed-zero.md): sizes in elements.
-DS_REDUCE_BUCKET_SIZE = 500_000_000
-DS_PREFETCH_BUCKET_SIZE = 50_000_000
-DS_MAX_LIVE_PARAMETERS = 1_000_000_000
 # torch DDP: bucket_cap_mb=25 (torch/nn/parallel/distributed.py::DistributedDataParallel).
 DDP_BUCKET_CAP_MB = 25
 # c10/cuda/CUDACachingAllocator.cpp: every block is rounded up to kMinBlockSize = 512 bytes;
