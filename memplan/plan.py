@@ -220,6 +220,11 @@ class _Search:
                 if vp > 1 and engine != "megatron":
                     continue  # the interleaved schedule is Megatron's
                 for stage in ENGINE_STAGES[engine]:
+                    if engine == "deepspeed" and cp > 1:
+                        # deepspeed/sequence/layer.py::DistributedAttention (0.19.8): DeepSpeed's
+                        # sequence parallelism is Ulysses all-to-all, not the ring steptime models.
+                        self.pruned["DeepSpeed has no ring context parallelism"] += 1
+                        break
                     if engine == "deepspeed" and pp > 1 and stage >= 2:
                         self.pruned["DeepSpeed ZeRO-2/3 does not run with pipeline"] += 1
                         continue
@@ -413,6 +418,12 @@ def plan(
         pruned=dict(search.pruned.most_common()),
         suggestion=suggestion,
         top=p.top,
+        notes=()
+        if spec.hardware.gpu
+        else (
+            "no hardware.gpu named: layouts are ranked by the H100-80GB's speed "
+            "(memplan.hardware.CATALOG); name hardware.gpu to rank by another GPU's.",
+        ),
     )
 
 
@@ -468,6 +479,7 @@ def to_json(result: PlanResult) -> dict[str, Any]:
         "global_batch_size": result.global_batch_size,
         "budget_bytes": result.budget_bytes,
         "capacity_bytes": result.capacity_bytes,
+        "notes": list(result.notes),
         "layouts": [
             {
                 "data": c.data,

@@ -329,6 +329,10 @@ class ParallelismSpec(Frozen):
             raise ValueError(
                 "sequence_parallel splits activations over tensor ranks: set tensor > 1"
             )
+        if self.engine == "fsdp2" and "nvme" in (self.offload.optimizer, self.offload.parameters):
+            # torch/distributed/fsdp/_fully_shard/_fsdp_api.py (2.13): FSDP2's only offload
+            # policy is CPUOffloadPolicy; there is no NVMe tier (DeepSpeed ZeRO-Infinity has one).
+            raise ValueError("FSDP2 offloads to CPU only (CPUOffloadPolicy): use cpu, not nvme")
         if self.offload.parameters != "none" and self.stage != 3:
             raise ValueError("parameter offload needs sharded parameters: zero_stage 3")
         if self.offload.optimizer != "none" and self.engine == "deepspeed" and self.stage == 0:

@@ -1,0 +1,102 @@
+"""Formulas against their sources (issue 15 item 4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from memplan import estimate
+from memplan.errors import MemplanError
+from memplan.models import from_config
+from memplan.plan import plan
+from tests.conftest import TINY_LLAMA, make_spec
+
+BERT_LARGE = {
+    "model_type": "bert",
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+    "vocab_size": 30522,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+}
+
+
+def report(**overrides: Any) -> estimate.Report:
+    spec = make_spec(**overrides)
+    arch = spec.model.architecture
+    assert arch is not None
+    return estimate.estimate(spec, from_config(arch))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit", "adamw"])
+def test_optimizer_state_breakdown_sums_to_optimizer_states(optimizer: str) -> None:
+    # bitsandbytes keeps uint8 state1/state2 for tensors of >= min_8bit_size (4096) elements and
+    # fp32 state1/state2 for smaller ones (bitsandbytes/optim/optimizer.py::
+    # Optimizer2State.init_state): two rows share each name; the JSON key must still add up.
+    r = report(model={"architecture": BERT_LARGE}, optimizer={"name": optimizer})
+    doc = estimate.to_json(r)["per_gpu"]
+    assert sum(doc["optimizer_state_breakdown"].values()) == doc["optimizer_states"]
+    rows = [t for t in r.per_gpu.terms if t.category == "optimizer_states"]
+    for name, value in doc["optimizer_state_breakdown"].items():
+        assert value == sum(t.bytes for t in rows if t.name == name)
+
+
+@pytest.mark.parametrize("where", ["optimizer", "parameters"])
+def test_fsdp2_has_no_nvme_tier(where: str) -> None:
+    # torch/distributed/fsdp/_fully_shard/_fsdp_api.py (2.13): OffloadPolicy and
+    # CPUOffloadPolicy are FSDP2's only offload policies.
+    with pytest.raises(MemplanError) as err:
+        make_spec(parallelism={"engine": "fsdp2", "data": 2, "offload": {where: "nvme"}})
+    assert "nvme" in str(err.value) and "offload" in str(err.value)
+
+
+def test_fsdp2_optimizer_only_offload_says_it_moves_parameters_too() -> None:
+    # CPUOffloadPolicy docstring: "offloads parameters, gradients, and optimizer states to CPU".
+    r = report(
+        model={"architecture": TINY_LLAMA},
+        parallelism={"engine": "fsdp2", "data": 2, "offload": {"optimizer": "cpu"}},
+    )
+    assert any("CPUOffloadPolicy" in n for n in r.notes)
+    both = report(
+        model={"architecture": TINY_LLAMA},
+        parallelism={
+            "engine": "fsdp2",
+            "data": 2,
+            "offload": {"optimizer": "cpu", "parameters": "cpu"},
+        },
+    )
+    assert not any("CPUOffloadPolicy" in n for n in both.notes)
+
+
+def test_deepspeed_context_parallel_is_noted_and_not_planned() -> None:
+    # deepspeed/sequence/layer.py::DistributedAttention (0.19.8): Ulysses all-to-all, no ring.
+    r = report(
+        model={"architecture": TINY_LLAMA},
+        parallelism={"engine": "deepspeed", "data": 1, "context": 2},
+    )
+    assert any("Ulysses" in n for n in r.notes)
+    spec = make_spec(
+        model={"architecture": TINY_LLAMA},
+        training={"sequence_length": 256},
+        hardware={"gpu": "H100-80GB", "gpus_per_node": 4},
+        plan={"gpus": 4, "global_batch_size": 8, "engines": ["deepspeed"]},
+    )
+    result = plan(spec, from_config(TINY_LLAMA))
+    assert result.layouts
+    assert all(c.context == 1 for c in result.layouts)
+    assert result.pruned.get("DeepSpeed has no ring context parallelism", 0) > 0
+    assert not result.notes  # a GPU is named: no note about which GPU's speed ranks
+
+
+def test_plan_without_a_gpu_names_the_gpu_it_ranks_by() -> None:
+    spec = make_spec(
+        model={"architecture": TINY_LLAMA},
+        training={"sequence_length": 256},
+        hardware={"memory": "80GB", "gpus_per_node": 4},
+        plan={"gpus": 4, "global_batch_size": 8},
+    )
+    result = plan(spec, from_config(TINY_LLAMA))
+    assert any("H100-80GB" in n for n in result.notes)
