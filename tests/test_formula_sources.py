@@ -100,3 +100,28 @@ def test_plan_without_a_gpu_names_the_gpu_it_ranks_by() -> None:
     )
     result = plan(spec, from_config(TINY_LLAMA))
     assert any("H100-80GB" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
+def test_deepspeed_zero0_steps_through_fp16_optimizer(precision: str) -> None:
+    # deepspeed/runtime/engine.py::_do_optimizer_sanity_check (0.19.8): stage 0 with equal model
+    # and accumulation dtypes -> FP16 / DDP_BFLOAT16 -> _configure_fp16_optimizer ->
+    # FP16_Optimizer; its step (fp16/fused_optimizer.py) makes p.grad.to(fp32) for every
+    # gradient and flattens them into one fp32 tensor: 4 + 4 B per trainable element.
+    r = report(
+        model={"architecture": TINY_LLAMA},
+        precision=precision,
+        parallelism={"engine": "deepspeed", "data": 2, "zero_stage": 0},
+    )
+    step = next(t for t in r.timeline.transients if t.name == "deepspeed_fp32_gradient_partition")
+    n = from_config(TINY_LLAMA).num_parameters
+    assert step.bytes == n * (4 + 4)
+    assert "FP16_Optimizer.step" in step.source
+    # stage 1-3 keep the ZeRO rule: a flattened 16-bit partition plus its fp32 cast.
+    z1 = report(
+        model={"architecture": TINY_LLAMA},
+        precision=precision,
+        parallelism={"engine": "deepspeed", "data": 2, "zero_stage": 1},
+    )
+    step1 = next(t for t in z1.timeline.transients if t.name == "deepspeed_fp32_gradient_partition")
+    assert "stage_1_and_2" in step1.source

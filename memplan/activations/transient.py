@@ -225,7 +225,21 @@ def deepspeed_step_grads(*, stage: int, partition: int, sub_group: int, grad: st
     """DeepSpeed converts this rank's gradient partition to fp32 for the optimizer, one group
     (stage 1/2) or sub-group (stage 3) at a time: a flattened 16-bit copy plus its fp32 cast.
     Source: stage_1_and_2.py::DeepSpeedZeroOptimizer.step, stage3.py::
-    _prepare_fp32_grad_for_sub_group (0.19.6)."""
+    _prepare_fp32_grad_for_sub_group (0.19.6).
+
+    Stage 0 with 16-bit gradients steps through FP16_Optimizer (engine.py::
+    _do_optimizer_sanity_check picks FP16/DDP_BFLOAT16 when model and accumulation dtypes agree,
+    0.19.8): `_flatten_dense_tensors([p.grad.to(fp32) for p in group])`, an fp32 copy of every
+    gradient plus the flat fp32 result, 4 + 4 B per element (fp16/fused_optimizer.py::
+    FP16_Optimizer.step, 0.19.8)."""
+    if stage == 0 and grad != "fp32":
+        return Transient(
+            name="deepspeed_fp32_gradient_partition",
+            bytes=partition * 2 * dtype_bytes("fp32"),
+            phases=("optimizer_step",),
+            formula=f"{partition:,} elements x (4 + 4) B (fp32 copies + flat fp32 gradient)",
+            source="deepspeed/runtime/fp16/fused_optimizer.py::FP16_Optimizer.step (0.19.8)",
+        )
     elems = min(partition, sub_group) if stage == 3 else partition
     per = dtype_bytes(grad) + dtype_bytes("fp32") if grad != "fp32" else 0
     return Transient(
