@@ -29,6 +29,7 @@ from memplan.activations.transient import PHASES, Phase, Transient
 from memplan.models.inventory import Inventory
 from memplan.precision import dtype_bytes
 from memplan.sharding import RankStates
+from memplan.sharding.megatron import main_grad_dtype
 from memplan.spec import Spec
 
 T = TypeVar("T")
@@ -287,6 +288,10 @@ def _compute_state_transients(
                 grad=recipe.gradient_accumulation or recipe.gradients,
             )
         )
+    if par.engine == "megatron" and main_grad_dtype(recipe) != "fp32":
+        masters = sum(t.elements for t in per_gpu.terms if t.name == "master_weights")
+        if masters:
+            out.append(tr.megatron_main_grads(masters))
     if par.engine in ("ddp", "fsdp2"):
         out.append(_optimizer_temporaries(spec, inventory, per_gpu))
     if par.engine == "ddp" and recipe.master_weights and recipe.master_weights != recipe.gradients:

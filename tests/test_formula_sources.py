@@ -125,3 +125,30 @@ def test_deepspeed_zero0_steps_through_fp16_optimizer(precision: str) -> None:
     )
     step1 = next(t for t in z1.timeline.transients if t.name == "deepspeed_fp32_gradient_partition")
     assert "stage_1_and_2" in step1.source
+
+
+def test_megatron_main_grad_is_fp32_for_bf16_only() -> None:
+    # megatron/training/arguments.py::validate_args: --bf16 sets
+    # accumulate_allreduce_grads_in_fp32; --fp16 does not, so DDP's grad buffer is fp16
+    # (distributed_data_parallel.py: grad_dtype = fp32 if grad_reduce_in_fp32 else param.dtype),
+    # and Float16OptimizerWithFloat16Params._copy_model_grads_to_main_grads makes
+    # main_grad.float() (4 B per main-parameter element) at the step.
+    n = from_config(TINY_LLAMA).num_parameters
+    par = {"engine": "megatron", "data": 2}
+    bf16 = report(model={"architecture": TINY_LLAMA}, precision="bf16-mixed", parallelism=par)
+    fp16 = report(model={"architecture": TINY_LLAMA}, precision="fp16-mixed", parallelism=par)
+    grads_bf16 = [t for t in bf16.per_gpu.terms if t.category == "gradients"]
+    grads_fp16 = [t for t in fp16.per_gpu.terms if t.category == "gradients"]
+    assert {t.dtype for t in grads_bf16} == {"fp32"}
+    assert {t.dtype for t in grads_fp16} == {"fp16"}
+    assert bf16.per_gpu.bytes_of("gradients") == 2 * fp16.per_gpu.bytes_of("gradients")
+    assert not [t for t in bf16.timeline.transients if t.name == "megatron_fp32_main_grads"]
+    step = next(t for t in fp16.timeline.transients if t.name == "megatron_fp32_main_grads")
+    assert step.bytes == n * 4
+    # asking for fp32 accumulation keeps an fp32 main_grad with fp16 too
+    fp16_acc = report(
+        model={"architecture": TINY_LLAMA},
+        precision={"preset": "fp16-mixed", "gradient_accumulation": "fp32"},
+        parallelism=par,
+    )
+    assert {t.dtype for t in fp16_acc.per_gpu.terms if t.category == "gradients"} == {"fp32"}

@@ -207,6 +207,21 @@ def torch_optimizer_step(
     )
 
 
+def megatron_main_grads(elements: int) -> Transient:
+    """Megatron with 16-bit main_grad (fp16): the step casts each main_grad to an fp32 grad of
+    its fp32 main parameter (`main_param.grad = model_param.main_grad.float()`), this rank's
+    main parameters' worth, alive through the step. Source: megatron/core/optimizer/
+    optimizer.py::Float16OptimizerWithFloat16Params._copy_model_grads_to_main_grads and
+    distrib_optimizer.py::DistributedOptimizer._copy_model_grads_to_main_grads (core_r0.12)."""
+    return Transient(
+        name="megatron_fp32_main_grads",
+        bytes=elements * dtype_bytes("fp32"),
+        phases=("optimizer_step",),
+        formula=f"{elements:,} main-parameter elements x 4 B (main_grad.float())",
+        source="megatron/core/optimizer/optimizer.py::_copy_model_grads_to_main_grads (core_r0.12)",
+    )
+
+
 def master_gradients(elements: int, dtype: str) -> Transient:
     """A torch optimizer over fp32 master weights (a *-mixed recipe without DeepSpeed or
     Megatron) needs fp32 gradients: each 16-bit `.grad` is cast into its master's `.grad` for
