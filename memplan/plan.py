@@ -209,6 +209,13 @@ class _Search:
                 even = len(set(split)) == 1
                 yield tp, pp, vp, cp, ep, None if even else split
 
+    @property
+    def _mixed_accumulation(self) -> bool:
+        recipe = self.spec.recipe()
+        return bool(recipe.gradient_accumulation) and (
+            recipe.gradient_accumulation != recipe.parameters
+        )
+
     def layouts(self) -> Iterator[tuple[ParallelismSpec, str]]:
         offloads = ("none", "cpu") if self.plan.allow_offload else ("none",)
         for tp, pp, vp, cp, ep, split in self.degrees():
@@ -225,6 +232,10 @@ class _Search:
                         # sequence parallelism is Ulysses all-to-all, not the ring steptime models.
                         self.pruned["DeepSpeed has no ring context parallelism"] += 1
                         break
+                    if engine == "deepspeed" and stage == 0 and self._mixed_accumulation:
+                        # engine.py::_do_optimizer_sanity_check (0.19.8): NotImplementedError.
+                        self.pruned["DeepSpeed ZeRO-0 cannot accumulate in another dtype"] += 1
+                        continue
                     if engine == "deepspeed" and pp > 1 and stage >= 2:
                         self.pruned["DeepSpeed ZeRO-2/3 does not run with pipeline"] += 1
                         continue
@@ -396,7 +407,11 @@ def plan(
     else:
         global_batch = p.global_batch_size or gpus
     budget = capacity - p.reserve
-    plain = estimate(spec.model_copy(update={"parallelism": ParallelismSpec()}), inventory)
+    # One plain process (torch, no wrapper): only whether activations are modelled is read, and
+    # it runs with any precision (DeepSpeed ZeRO-0 refuses some, see sharding/deepspeed.py).
+    plain = estimate(
+        spec.model_copy(update={"parallelism": ParallelismSpec(engine="ddp")}), inventory
+    )
     search = _Search(
         spec=spec,
         inventory=inventory,

@@ -152,3 +152,28 @@ def test_megatron_main_grad_is_fp32_for_bf16_only() -> None:
         parallelism=par,
     )
     assert {t.dtype for t in fp16_acc.per_gpu.terms if t.category == "gradients"} == {"fp32"}
+
+
+def test_deepspeed_zero0_refuses_a_different_accumulation_dtype() -> None:
+    # deepspeed/runtime/engine.py::_do_optimizer_sanity_check (0.19.8): zero disabled and
+    # model_dtype != grad_accum_dtype -> NotImplementedError("unsupported mix ...").
+    with pytest.raises(MemplanError) as err:
+        report(
+            model={"architecture": TINY_LLAMA},
+            precision={"preset": "bf16-mixed", "gradient_accumulation": "fp32"},
+            parallelism={"engine": "deepspeed", "data": 2, "zero_stage": 0},
+        )
+    assert "gradient_accumulation" in str(err.value)
+
+
+def test_plan_skips_deepspeed_zero0_with_a_different_accumulation_dtype() -> None:
+    spec = make_spec(
+        model={"architecture": TINY_LLAMA},
+        precision={"preset": "bf16-mixed", "gradient_accumulation": "fp32"},
+        training={"sequence_length": 256},
+        hardware={"gpu": "H100-80GB", "gpus_per_node": 2},
+        plan={"gpus": 2, "global_batch_size": 4, "engines": ["deepspeed"]},
+    )
+    result = plan(spec, from_config(TINY_LLAMA))
+    assert result.layouts and all(c.zero_stage != 0 for c in result.layouts)
+    assert result.pruned.get("DeepSpeed ZeRO-0 cannot accumulate in another dtype", 0) > 0
