@@ -242,7 +242,10 @@ def model_states(spec: Spec, inventory: Inventory) -> list[StageStates]:
     """Parameters, gradients and optimizer states of every stage and rank class."""
     inventory = finetune.apply(spec, inventory)
     par = spec.parallelism
-    knobs = sharding.DeepSpeedKnobs(**par.deepspeed.model_dump())
+    knobs = sharding.DeepSpeedKnobs(
+        sub_group_size=par.deepspeed.sub_group_size,
+        stage3_param_persistence_threshold=par.deepspeed.stage3_param_persistence_threshold,
+    )
     return stage_states(
         inventory,
         recipe=spec.recipe(),
@@ -314,6 +317,7 @@ def assemble(
         + list(saved.notes)
         + _fp8_notes(spec, local[top.stage], saved)
         + _sequence_notes(spec, inventory, [v[0] for v in views.values()])
+        + _engine_notes(spec)
     )
     return Report(
         model=summary(model, inventory),
@@ -476,6 +480,34 @@ def _with_fp8_state(spec: Spec, st: StageStates, local: Inventory) -> StageState
     return replace(st, buffers=(*st.buffers, row))
 
 
+def _engine_notes(spec: Spec) -> list[str]:
+    """What the engine really runs where the spec asks for something it does differently."""
+    par = spec.parallelism
+    notes = []
+    if (
+        par.engine == "fsdp2"
+        and par.offload.optimizer == "cpu"
+        and par.offload.parameters == "none"
+    ):
+        # torch/distributed/fsdp/_fully_shard/_fsdp_api.py::CPUOffloadPolicy (2.13): one policy
+        # for the sharded parameters, their gradients and the optimizer states together.
+        notes.append(
+            "FSDP2 has no optimizer-only offload: CPUOffloadPolicy moves the sharded parameters "
+            "and gradients to the CPU as well, and this estimate offloads them too."
+        )
+    if par.engine == "deepspeed" and par.context > 1:
+        # deepspeed/sequence/layer.py::DistributedAttention (0.19.8): DeepSpeed's sequence
+        # parallelism is Ulysses (all-to-all over attention heads); it has no ring attention.
+        notes.append(
+            "DeepSpeed has no ring context parallelism: its sequence parallelism is Ulysses "
+            "(deepspeed/sequence/layer.py::DistributedAttention, all-to-all over heads). "
+            "parallelism.context is modelled as a ring (Megatron CP / torch context_parallel): "
+            "the sequence split of activations is the same, Ulysses' head all-to-all buffers "
+            "are not modelled."
+        )
+    return notes
+
+
 def _fp8_notes(spec: Spec, local: Inventory, saved: acts.Activations) -> list[str]:
     if spec.precision.fp8 == "none" or not saved.modelled:
         return []
@@ -535,7 +567,12 @@ def _stage_json(stage: StageStates, peaks: tuple[int, int] | None) -> dict[str, 
 def to_json(report: Report) -> dict[str, Any]:
     """The `--json` document (schema: docs/json.md). Keys are a public contract."""
     gpu = report.per_gpu
-    states = {t.name: t.bytes for t in gpu.terms if t.category == "optimizer_states"}
+    # Rows that share a name (bitsandbytes' uint8 state1 and its fp32 absmax both named
+    # state1) are summed, so the breakdown always adds up to optimizer_states.
+    states: dict[str, int] = {}
+    for t in gpu.terms:
+        if t.category == "optimizer_states":
+            states[t.name] = states.get(t.name, 0) + t.bytes
     return {
         "model": {
             "name": report.model.name,

@@ -210,6 +210,13 @@ class _Search:
                 even = len(set(split)) == 1
                 yield tp, pp, vp, cp, ep, None if even else split
 
+    @property
+    def _mixed_accumulation(self) -> bool:
+        recipe = self.spec.recipe()
+        return bool(recipe.gradient_accumulation) and (
+            recipe.gradient_accumulation != recipe.parameters
+        )
+
     def layouts(self) -> Iterator[tuple[ParallelismSpec, str]]:
         offloads = ("none", "cpu") if self.plan.allow_offload else ("none",)
         for tp, pp, vp, cp, ep, split in self.degrees():
@@ -224,6 +231,15 @@ class _Search:
                     self.pruned["optimizer does not run on FSDP2's DTensor parameters"] += 1
                     continue
                 for stage in ENGINE_STAGES[engine]:
+                    if engine == "deepspeed" and cp > 1:
+                        # deepspeed/sequence/layer.py::DistributedAttention (0.19.8): DeepSpeed's
+                        # sequence parallelism is Ulysses all-to-all, not the ring steptime models.
+                        self.pruned["DeepSpeed has no ring context parallelism"] += 1
+                        break
+                    if engine == "deepspeed" and stage == 0 and self._mixed_accumulation:
+                        # engine.py::_do_optimizer_sanity_check (0.19.8): NotImplementedError.
+                        self.pruned["DeepSpeed ZeRO-0 cannot accumulate in another dtype"] += 1
+                        continue
                     if engine == "deepspeed" and pp > 1 and stage >= 2:
                         self.pruned["DeepSpeed ZeRO-2/3 does not run with pipeline"] += 1
                         continue
@@ -409,7 +425,11 @@ def plan(
         global_batch = p.global_batch_tokens // seq
     else:
         global_batch = p.global_batch_size or gpus
-    plain = estimate(spec.model_copy(update={"parallelism": ParallelismSpec()}), inventory)
+    # One plain torch process (ddp, no wrapper): it runs with any precision (DeepSpeed ZeRO-0
+    # refuses some, see sharding/deepspeed.py) and tells whether activations are modelled.
+    plain = estimate(
+        spec.model_copy(update={"parallelism": ParallelismSpec(engine="ddp")}), inventory
+    )
     if not _activations_modelled(plain):
         # A peak without activations is partial (memplan.estimate.verdict): ranking it as a
         # fit would be a false yes.
@@ -444,6 +464,12 @@ def plan(
         pruned=dict(search.pruned.most_common()),
         suggestion=suggestion,
         top=p.top,
+        notes=()
+        if spec.hardware.gpu
+        else (
+            "no hardware.gpu named: layouts are ranked by the H100-80GB's speed "
+            "(memplan.hardware.CATALOG); name hardware.gpu to rank by another GPU's.",
+        ),
     )
 
 
@@ -499,6 +525,7 @@ def to_json(result: PlanResult) -> dict[str, Any]:
         "global_batch_size": result.global_batch_size,
         "budget_bytes": result.budget_bytes,
         "capacity_bytes": result.capacity_bytes,
+        "notes": list(result.notes),
         "layouts": [
             {
                 "data": c.data,

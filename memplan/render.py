@@ -566,6 +566,7 @@ def plan_view(result: PlanResult) -> RenderableType:
         )
     else:
         parts.append(Text(result.suggestion, style="bold red"))
+    parts.extend(Text(f"note: {n}", style="yellow") for n in result.notes)
     fitting = len(result.layouts)
     pruned = ", ".join(f"{n:,} {why}" for why, n in result.pruned.items()) or "none"
     parts.append(

@@ -479,6 +479,8 @@ class PlanReport(_Doc):
     it (the same verdict as `estimate`)."""
     capacity_bytes: int
     """Memory of one GPU."""
+    notes: list[str]
+    """What the plan assumed, one sentence each (e.g. whose speed ranks the layouts)."""
     layouts: list[PlanLayout]
     """The fastest `plan.top` layouts."""
     num_fitting: int

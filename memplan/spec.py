@@ -267,12 +267,24 @@ Engine = Literal["deepspeed", "fsdp2", "ddp", "megatron"]
 
 class DeepSpeedSpec(Frozen):
     """DeepSpeed `zero_optimization` keys that change memory (DeepSpeed's own names and
-    defaults: deepspeed/runtime/zero/config.py::DeepSpeedZeroConfig, 0.19.6)."""
+    defaults: deepspeed/runtime/zero/config.py::DeepSpeedZeroConfig, 0.19.6; checked against
+    0.19.8 in tests/data/deepspeed_zero_defaults.json)."""
 
     sub_group_size: PositiveInt = 10**9
     """Elements per fp32 optimizer sub-group (ZeRO-3)."""
     stage3_param_persistence_threshold: int = Field(10**5, ge=0)
     """ZeRO-3 keeps parameters with numel <= this gathered on every rank."""
+    reduce_bucket_size: PositiveInt = 500_000_000
+    """Elements in the gradient reduction (IPG) bucket, allocated in the gradient dtype
+    (stage_1_and_2.py / stage3.py `torch.empty(reduce_bucket_size)`)."""
+    overlap_comm: bool | None = None
+    """Overlap gradient reduction with backward. None: DeepSpeed's default, which depends on
+    the stage (config.py::DeepSpeedZeroConfig.overlap_comm_valid: True for stage 3, else
+    False); stage 1/2 then keep two reduction buckets instead of one."""
+    stage3_prefetch_bucket_size: int = Field(50_000_000, ge=0)
+    """ZeRO-3 elements gathered ahead of the module that needs them."""
+    stage3_max_live_parameters: int = Field(1_000_000_000, ge=0)
+    """ZeRO-3 cap on gathered (full) parameter elements resident per rank."""
 
 
 class OffloadSpec(Frozen):
@@ -324,6 +336,10 @@ class ParallelismSpec(Frozen):
     make_vocab_size_divisible_by: PositiveInt = 128
     """Megatron pads the vocabulary to a multiple of this x tensor (its default, 128); torch's
     own tensor parallelism (engine fsdp2 or ddp) does not pad (`vocab_multiple`)."""
+    gradient_as_bucket_view: bool = False
+    """torch DDP `gradient_as_bucket_view` (default False): True makes each `.grad` a view into
+    DDP's flat allreduce buckets, saving one gradient-sized copy (torch/nn/parallel/
+    distributed.py::DistributedDataParallel docstring, 2.13). Used with engine ddp."""
     offload: OffloadSpec = OffloadSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """DeepSpeed config keys (used when engine is deepspeed)."""
@@ -363,6 +379,10 @@ class ParallelismSpec(Frozen):
             raise ValueError(
                 "sequence_parallel splits activations over tensor ranks: set tensor > 1"
             )
+        if self.engine == "fsdp2" and "nvme" in (self.offload.optimizer, self.offload.parameters):
+            # torch/distributed/fsdp/_fully_shard/_fsdp_api.py (2.13): FSDP2's only offload
+            # policy is CPUOffloadPolicy; there is no NVMe tier (DeepSpeed ZeRO-Infinity has one).
+            raise ValueError("FSDP2 offloads to CPU only (CPUOffloadPolicy): use cpu, not nvme")
         if self.offload.parameters != "none" and self.stage != 3:
             raise ValueError("parameter offload needs sharded parameters: zero_stage 3")
         if self.offload.optimizer != "none" and self.engine == "deepspeed" and self.stage == 0:

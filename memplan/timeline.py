@@ -29,6 +29,7 @@ from memplan.activations.transient import PHASES, Phase, Transient
 from memplan.models.inventory import Inventory
 from memplan.precision import dtype_bytes
 from memplan.sharding import RankStates
+from memplan.sharding.megatron import main_grad_dtype
 from memplan.spec import Spec
 
 T = TypeVar("T")
@@ -261,17 +262,15 @@ def _compute_state_transients(
     out: list[Transient | None] = []
     grad_bytes = per_gpu.bytes_of("gradients")
     if par.engine == "ddp" and par.data > 1:  # one process trains without a DDP wrapper
-        out.append(
-            tr.ddp_buckets(grad_bytes, as_bucket_view=bool(_knob(par, "gradient_as_bucket_view")))
-        )
+        out.append(tr.ddp_buckets(grad_bytes, as_bucket_view=par.gradient_as_bucket_view))
     if par.engine == "deepspeed":
         ds = par.deepspeed
         out.append(
             tr.deepspeed_ipg_bucket(
                 stage=par.stage,
-                reduce_bucket_size=int(_knob(ds, "reduce_bucket_size", tr.DS_REDUCE_BUCKET_SIZE)),
+                reduce_bucket_size=ds.reduce_bucket_size,
                 dtype=recipe.gradients,
-                overlap_comm=_knob(ds, "overlap_comm"),
+                overlap_comm=ds.overlap_comm,
             )
         )
         if par.stage == 3 and par.data > 1:
@@ -279,12 +278,8 @@ def _compute_state_transients(
                 tr.zero3_live_parameters(
                     memo(inventory, "modules", lambda: tr.module_sizes(inventory)),
                     dtype=recipe.parameters,
-                    prefetch_bucket_size=int(
-                        _knob(ds, "stage3_prefetch_bucket_size", tr.DS_PREFETCH_BUCKET_SIZE)
-                    ),
-                    max_live_parameters=int(
-                        _knob(ds, "stage3_max_live_parameters", tr.DS_MAX_LIVE_PARAMETERS)
-                    ),
+                    prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+                    max_live_parameters=ds.stage3_max_live_parameters,
                 )
             )
         partition = sum(t.elements for t in per_gpu.terms if t.name == "master_weights") or -(
@@ -298,6 +293,10 @@ def _compute_state_transients(
                 grad=recipe.gradient_accumulation or recipe.gradients,
             )
         )
+    if par.engine == "megatron" and main_grad_dtype(recipe) != "fp32":
+        masters = sum(t.elements for t in per_gpu.terms if t.name == "master_weights")
+        if masters:
+            out.append(tr.megatron_main_grads(masters))
     if par.engine in ("ddp", "fsdp2"):
         out.append(_optimizer_temporaries(spec, inventory, per_gpu))
     if par.engine == "ddp" and recipe.master_weights and recipe.master_weights != recipe.gradients:
@@ -541,12 +540,6 @@ def _fsdp2_dtypes(spec: Spec) -> dict[str, Any]:
     }
 
 
-def _knob(section: Any, name: str, default: Any = None) -> Any:
-    """A config key the spec may not define, or leaves unset (None): its default then."""
-    value = getattr(section, name, None)
-    return default if value is None else value
-
-
 def build(
     spec: Spec,
     inventory: Inventory,
@@ -609,9 +602,15 @@ def build(
     return Timeline(
         points=tuple(points),
         transients=terms,
-        cuda_context_bytes=int(_knob(spec.hardware, "cuda_context", tr.CUDA_CONTEXT_BYTES) or 0)
-        if cuda
-        else 0,
+        cuda_context_bytes=(
+            (
+                tr.CUDA_CONTEXT_BYTES
+                if spec.hardware.cuda_context is None
+                else spec.hardware.cuda_context
+            )
+            if cuda
+            else 0
+        ),
         capacity_bytes=capacity_bytes,
         reserved=(lambda tl: _reserved(tl, per_gpu, buffer_bytes, saved)) if cuda else None,
     )

@@ -18,6 +18,7 @@ from memplan.activations import Setting, predict, transient
 from memplan.errors import MemplanError
 from memplan.models import from_config, from_parameter_count
 from memplan.precision import dtype_bytes
+from memplan.spec import DeepSpeedSpec
 from memplan.timeline import CATEGORIES
 from tests.conftest import TINY_LLAMA, make_spec
 from tests.fsdp2_oracle import padded_groups
@@ -90,12 +91,12 @@ def test_pin_deepspeed_buckets_and_zero3_gathers_use_deepspeed_defaults() -> Non
     r = report(parallelism={"engine": "deepspeed", "data": 8, "zero_stage": 3})
     terms = {t.name: t for t in r.timeline.transients}
     width = dtype_bytes("bf16")  # bf16-mixed: 16-bit gradients and parameters
-    assert terms["deepspeed_reduce_bucket"].bytes == transient.DS_REDUCE_BUCKET_SIZE * width
+    assert terms["deepspeed_reduce_bucket"].bytes == DeepSpeedSpec().reduce_bucket_size * width
     assert terms["deepspeed_reduce_bucket"].phases == transient.PHASES  # allocated at init
     inv = from_config(TINY_LLAMA)
     biggest = max(transient.module_sizes(inv))
     assert terms["zero3_gathered_parameters"].bytes == (
-        (biggest + transient.DS_PREFETCH_BUCKET_SIZE) * width
+        (biggest + DeepSpeedSpec().stage3_prefetch_bucket_size) * width
     )
     stage2 = report(parallelism={"engine": "deepspeed", "data": 8, "zero_stage": 2})
     bucket = next(t for t in stage2.timeline.transients if t.name == "deepspeed_reduce_bucket")

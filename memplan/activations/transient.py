@@ -30,11 +30,6 @@ ALWAYS: tuple[Phase, ...] = PHASES
 FORWARD_BACKWARD: tuple[Phase, ...] = ("forward", "loss", "backward_start", "backward")
 BACKWARD: tuple[Phase, ...] = ("backward_start", "backward", "backward_end")
 
-# DeepSpeed zero_optimization defaults (deepspeed/runtime/zero/config.py::DeepSpeedZeroConfig,
-# 0.19.6; see notes/deepspeed-zero.md): sizes in elements.
-DS_REDUCE_BUCKET_SIZE = 500_000_000
-DS_PREFETCH_BUCKET_SIZE = 50_000_000
-DS_MAX_LIVE_PARAMETERS = 1_000_000_000
 # torch DDP: bucket_cap_mb=25 (torch/nn/parallel/distributed.py::DistributedDataParallel).
 DDP_BUCKET_CAP_MB = 25
 # c10/cuda/CUDACachingAllocator.cpp: every block is rounded up to kMinBlockSize = 512 bytes;
@@ -270,6 +265,21 @@ def torch_optimizer_step(
     )
 
 
+def megatron_main_grads(elements: int) -> Transient:
+    """Megatron with 16-bit main_grad (fp16): the step casts each main_grad to an fp32 grad of
+    its fp32 main parameter (`main_param.grad = model_param.main_grad.float()`), this rank's
+    main parameters' worth, alive through the step. Source: megatron/core/optimizer/
+    optimizer.py::Float16OptimizerWithFloat16Params._copy_model_grads_to_main_grads and
+    distrib_optimizer.py::DistributedOptimizer._copy_model_grads_to_main_grads (core_r0.12)."""
+    return Transient(
+        name="megatron_fp32_main_grads",
+        bytes=elements * dtype_bytes("fp32"),
+        phases=("optimizer_step",),
+        formula=f"{elements:,} main-parameter elements x 4 B (main_grad.float())",
+        source="megatron/core/optimizer/optimizer.py::_copy_model_grads_to_main_grads (core_r0.12)",
+    )
+
+
 def master_gradients(elements: int, dtype: str) -> Transient:
     """A torch optimizer over fp32 master weights (a *-mixed recipe without DeepSpeed or
     Megatron) needs fp32 gradients: each 16-bit `.grad` is cast into its master's `.grad` for
@@ -288,7 +298,21 @@ def deepspeed_step_grads(*, stage: int, partition: int, sub_group: int, grad: st
     """DeepSpeed converts this rank's gradient partition to fp32 for the optimizer, one group
     (stage 1/2) or sub-group (stage 3) at a time: a flattened 16-bit copy plus its fp32 cast.
     Source: stage_1_and_2.py::DeepSpeedZeroOptimizer.step, stage3.py::
-    _prepare_fp32_grad_for_sub_group (0.19.6)."""
+    _prepare_fp32_grad_for_sub_group (0.19.6).
+
+    Stage 0 with 16-bit gradients steps through FP16_Optimizer (engine.py::
+    _do_optimizer_sanity_check picks FP16/DDP_BFLOAT16 when model and accumulation dtypes agree,
+    0.19.8): `_flatten_dense_tensors([p.grad.to(fp32) for p in group])`, an fp32 copy of every
+    gradient plus the flat fp32 result, 4 + 4 B per element (fp16/fused_optimizer.py::
+    FP16_Optimizer.step, 0.19.8)."""
+    if stage == 0 and grad != "fp32":
+        return Transient(
+            name="deepspeed_fp32_gradient_partition",
+            bytes=partition * 2 * dtype_bytes("fp32"),
+            phases=("optimizer_step",),
+            formula=f"{partition:,} elements x (4 + 4) B (fp32 copies + flat fp32 gradient)",
+            source="deepspeed/runtime/fp16/fused_optimizer.py::FP16_Optimizer.step (0.19.8)",
+        )
     elems = min(partition, sub_group) if stage == 3 else partition
     per = dtype_bytes(grad) + dtype_bytes("fp32") if grad != "fp32" else 0
     return Transient(

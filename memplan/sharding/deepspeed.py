@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate
 
+from memplan.errors import MemplanError
 from memplan.models.inventory import Inventory
 from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe, dtype_bytes
@@ -94,6 +95,18 @@ def stage0(
     """No ZeRO. With a 16-bit recipe DeepSpeed wraps the optimizer in FP16_Optimizer: a flat
     16-bit buffer, per-parameter 16-bit grads, and a full flat fp32 master the optimizer
     updates as one tensor (SRC_FP16_OPT). Otherwise the optimizer sees every parameter."""
+    accumulate_in = recipe.gradient_accumulation
+    if accumulate_in and accumulate_in != recipe.parameters:
+        # deepspeed/runtime/engine.py::_do_optimizer_sanity_check (0.19.8): without ZeRO, a
+        # model dtype that differs from grad_accum_dtype raises NotImplementedError ("unsupported
+        # mix"); BF16_Optimizer (bf16 + fp32 accumulation) is selected for ZeRO stage 1.
+        raise MemplanError(
+            f"DeepSpeed without ZeRO (zero_stage 0) cannot accumulate {recipe.parameters} "
+            f"gradients in {accumulate_in} (engine.py::_do_optimizer_sanity_check raises "
+            "NotImplementedError); use zero_stage 1, which selects BF16_Optimizer for bf16 with "
+            "fp32 accumulation, or drop precision.gradient_accumulation.",
+            field="precision.gradient_accumulation",
+        )
     params = inventory.parameters
     train = trainable(params)
     terms = [

@@ -52,10 +52,14 @@ BUCKET_END_ALIGNMENT = 128
 
 
 def main_grad_dtype(recipe: Recipe) -> str:
-    """fp32 for 16-bit training (Megatron's default), else the recipe's gradient dtype."""
+    """The dtype of Megatron's `main_grad` buffer: fp32 for bf16 only (megatron/training/
+    arguments.py::validate_args sets accumulate_allreduce_grads_in_fp32 for --bf16, not --fp16;
+    distributed_data_parallel.py::DistributedDataParallel.__init__: grad_dtype = fp32 if
+    grad_reduce_in_fp32 else param.dtype, core_r0.12), or the asked accumulation dtype; fp16
+    keeps 16-bit grads (fp32 copies are made at the step: timeline's megatron step term)."""
     if recipe.gradient_accumulation:
         return recipe.gradient_accumulation
-    return "fp32" if recipe.parameters in ("bf16", "fp16") else recipe.gradients
+    return "fp32" if recipe.parameters == "bf16" else recipe.gradients
 
 
 def buffer_layout(numels: list[int], data: int) -> tuple[list[tuple[int, int]], int]:
