@@ -257,12 +257,24 @@ def test_peak_holds_on_every_rank(
     transients (memplan.activations.dtensor_tp) fp32 FSDP2 was 7.6 % low on TP 2 and 5.3 %
     on data 2 x tensor 2, bf16-mixed 3.2 % on the 2-D mesh and 4.7 % under ddp."""
     result = verify_tp(precision, sp, engine=engine, vocab=vocab, nproc=nproc, layers=layers)
+    if any(_raced(rank) for rank in result.ranks):
+        # gloo's worker thread can hold a collective's buffer a few ops longer, so a run on a
+        # busy machine now and then measures one extra buffer on a rank (+12,552 B seen here;
+        # tests/test_fsdp2_peak.py documents the same race). It only ever adds bytes: run
+        # once more, and hold that run to the same bound on both sides.
+        result = verify_tp(precision, sp, engine=engine, vocab=vocab, nproc=nproc, layers=layers)
     assert len(result.ranks) == nproc
     for rank in result.ranks:
         peak = rank.row("peak")
         assert peak.checked and peak.ok, (rank.rank, peak)
         assert peak.predicted and peak.measured
         assert abs(peak.measured - peak.predicted) <= PEAK_SLACK, (rank.rank, peak)
+
+
+def _raced(rank: Any) -> bool:
+    """The measured peak is above the prediction by more than PEAK_SLACK (the race's side)."""
+    peak = rank.row("peak")
+    return bool(peak.measured and peak.predicted and peak.measured - peak.predicted > PEAK_SLACK)
 
 
 def _plan(**parallelism: Any) -> None:
