@@ -1,7 +1,8 @@
 """How exact is memplan, and how exact are the tools users compare it with? Measured in one run.
 
-For each case of a grid (real transformers models, fp32 / bf16 / bf16-mixed, AdamW and SGD,
-1-4 ranks with FSDP2 and ZeroRedundancyOptimizer, micro-batch and sequence varied) the truth
+For each case of a grid (real transformers models, dense and MoE, fp32 / bf16 / bf16-mixed,
+AdamW and SGD, 1-4 ranks with FSDP2 and ZeroRedundancyOptimizer, micro-batch and sequence
+varied, full and selective recomputation, eager attention, dropout) the truth
 is measured by `memplan verify`'s machinery (`memplan.verify.runner.verify`: the real model
 and optimizer, real steps on torch.distributed ranks, storages counted per category, the
 step's peak from torch's MemTracker). memplan's prediction and each peer's (benchmarks/peers/)
@@ -76,8 +77,29 @@ TINY_GPT2: dict[str, Any] = {
     "n_positions": 256,
     "vocab_size": 1041,
 }
+# MoE on the tiny Llama's shapes (tests/test_verify_step.py's families): Mixtral's sparse MLP
+# (4 experts, top-2) and Qwen2-MoE's (4 narrower experts, top-2, plus a gated shared expert).
+TINY_MIXTRAL: dict[str, Any] = {
+    **TINY_LLAMA,
+    "model_type": "mixtral",
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+}
+TINY_QWEN2_MOE: dict[str, Any] = {
+    **TINY_LLAMA,
+    "model_type": "qwen2_moe",
+    "moe_intermediate_size": 64,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "shared_expert_intermediate_size": 96,
+}
 # Real sizes come from memplan's shipped config.json presets (memplan/presets/SOURCES.md).
-INLINE_MODELS = {"tiny-llama": TINY_LLAMA, "tiny-gpt2": TINY_GPT2}
+INLINE_MODELS = {
+    "tiny-llama": TINY_LLAMA,
+    "tiny-gpt2": TINY_GPT2,
+    "tiny-mixtral": TINY_MIXTRAL,
+    "tiny-qwen2-moe": TINY_QWEN2_MOE,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,21 +113,36 @@ class Case:
     ranks: int
     micro_batch_size: int
     sequence_length: int
+    attention: str = "sdpa"
+    """training.attention: sdpa or eager."""
+    checkpointing: str = "none"
+    """training.activation_checkpointing: none, selective or full."""
+    dropout: bool = False
+    """training.dropout: the model's dropout forced on (False: the config's, 0 here)."""
     quick: bool = False
     """In the --quick grid."""
 
     @property
     def name(self) -> str:
         layout = {0: "ddp", 1: "zero1", 2: "fsdp2-z2", 3: "fsdp2-z3"}[self.stage]
+        settings = "".join(
+            [
+                f"-{self.checkpointing}" if self.checkpointing != "none" else "",
+                "-eager" if self.attention == "eager" else "",
+                "-dropout" if self.dropout else "",
+            ]
+        )
         return (
             f"{self.model}-{self.precision}-{self.optimizer}-{layout}-x{self.ranks}"
-            f"-b{self.micro_batch_size}s{self.sequence_length}"
+            f"-b{self.micro_batch_size}s{self.sequence_length}{settings}"
         )
 
 
 def _case(spec: str, quick: bool = False) -> Case:
-    """'model precision optimizer engine stage ranks micro_batch sequence'."""
-    model, precision, optimizer, engine, stage, ranks, mb, seq = spec.split()
+    """'model precision optimizer engine stage ranks micro_batch sequence [settings]', the
+    settings any of `full`, `selective`, `eager`, `dropout`."""
+    model, precision, optimizer, engine, stage, ranks, mb, seq, *settings = spec.split()
+    assert set(settings) <= {"full", "selective", "eager", "dropout"}, settings
     return Case(
         model=model,
         precision=precision,
@@ -115,6 +152,9 @@ def _case(spec: str, quick: bool = False) -> Case:
         ranks=int(ranks),
         micro_batch_size=int(mb),
         sequence_length=int(seq),
+        attention="eager" if "eager" in settings else "sdpa",
+        checkpointing=next((s for s in settings if s in ("full", "selective")), "none"),
+        dropout="dropout" in settings,
         quick=quick,
     )
 
@@ -146,6 +186,21 @@ CASES = (
     _case("pythia-160m bf16-mixed adamw ddp   0 1 4 256"),
     _case("pythia-160m bf16       sgd   ddp   0 1 2 128"),
     _case("qwen2.5-0.5b bf16      adamw ddp   0 1 1 64"),
+    # MoE (issue 16): experts in the dense data-parallel group (no expert parallelism).
+    _case("tiny-mixtral   bf16-mixed adamw ddp   0 1 2 32"),
+    _case("tiny-mixtral   fp32       adamw fsdp2 3 2 2 32"),
+    _case("tiny-qwen2-moe bf16-mixed adamw ddp   0 1 2 32"),
+    # The step settings of issue 15 (tests/test_verify_step.py): recomputation, eager
+    # attention, dropout.
+    _case("tiny-llama  bf16-mixed adamw ddp   0 1 2 64 full"),
+    _case("tiny-llama  bf16-mixed adamw ddp   0 1 2 64 selective"),
+    _case("tiny-llama  bf16-mixed adamw ddp   0 1 2 64 eager"),
+    _case("tiny-llama  bf16-mixed adamw ddp   0 1 2 64 dropout"),
+    _case("tiny-llama  bf16-mixed adamw fsdp2 3 2 2 32 full dropout"),
+    _case("gpt2        bf16-mixed adamw ddp   0 1 2 128 full"),
+    _case("gpt2        bf16-mixed adamw ddp   0 1 2 128 selective eager"),
+    _case("gpt2        bf16-mixed adamw ddp   0 1 2 128 eager dropout"),
+    _case("pythia-160m bf16-mixed adamw fsdp2 3 2 1 128 full"),
 )
 
 
@@ -176,6 +231,9 @@ def spec_dict(case: Case) -> dict[str, Any]:
         "training": {
             "micro_batch_size": case.micro_batch_size,
             "sequence_length": case.sequence_length,
+            "attention": case.attention,
+            "activation_checkpointing": case.checkpointing,
+            **({"dropout": True} if case.dropout else {}),
         },
         "parallelism": {"engine": case.engine, "data": case.ranks, "zero_stage": case.stage},
         "hardware": {"device": "cpu"},
@@ -193,6 +251,9 @@ def setting(case: Case) -> Setting:
         ranks=case.ranks,
         micro_batch_size=case.micro_batch_size,
         sequence_length=case.sequence_length,
+        attention=case.attention,
+        checkpointing=case.checkpointing,
+        dropout=case.dropout,
     )
 
 
@@ -298,6 +359,9 @@ def run_case(case: Case, peers: list[Any]) -> dict[str, Any]:
         "ranks": case.ranks,
         "micro_batch_size": case.micro_batch_size,
         "sequence_length": case.sequence_length,
+        "attention": case.attention,
+        "activation_checkpointing": case.checkpointing,
+        "dropout": case.dropout,
         "measured": measured,
         "model_states_exact": truth["model_states_exact"],
         "tools": tools,

@@ -1,10 +1,12 @@
 """The README's `memplan verify` table, measured: each case through memplan.verify's machinery.
 
-    PYTHONPATH=. python benchmarks/verify_table.py     # about 1-2 min on 2 cores; writes
+    PYTHONPATH=. python benchmarks/verify_table.py     # about 2 min on 2 cores; writes
                                                        # benchmarks/results/verify.json
 
 Each case is a tiny model (hidden 64, 2 layers, vocabulary 1,041, batch 2 x 16, the verify
-tests' shapes: tests/test_verify_support.py) built with transformers, stepped with the real torch
+tests' shapes: tests/test_verify_support.py; a Mixtral with 4 experts on the same shapes),
+with the step settings of tests/test_verify_step.py (full and selective recomputation, eager
+attention, dropout), built with transformers, stepped with the real torch
 optimizer on one process or on gloo ranks, and compared category by category with memplan's
 prediction (`memplan verify --json`'s document, kept whole per case and rank). The last case is
 Llama-2-7B at full size under FakeTensorMode. scripts/gen_readme.py turns the file into the
@@ -44,6 +46,13 @@ TINY_GPT2: dict[str, Any] = {
     "n_positions": 64,
     "vocab_size": 1041,
 }
+# Mixtral's sparse MLP on the tiny Llama's shapes: 4 experts of intermediate 160, top-2 routing.
+TINY_MIXTRAL: dict[str, Any] = {
+    **TINY_LLAMA,
+    "model_type": "mixtral",
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+}
 LLAMA_2_7B = ROOT / "tests" / "data" / "hf-configs" / "Llama-2-7b-hf.json"
 
 
@@ -61,6 +70,14 @@ def spec(model: dict[str, Any], **sections: Any) -> dict[str, Any]:
 
 
 LLAMA = {"architecture": TINY_LLAMA}
+
+
+def training(**settings: Any) -> dict[str, Any]:
+    """The default batch (2 x 16) with the step settings of issue 15 (`training.attention`,
+    `dropout`, `activation_checkpointing`)."""
+    return {"micro_batch_size": 2, "sequence_length": 16, **settings}
+
+
 # (name, spec, verify options, ranks the README shows)
 CASES: list[tuple[str, dict[str, Any], dict[str, Any], list[int]]] = [
     ("Llama fp32, 1 process", spec(LLAMA), {}, [0]),
@@ -68,6 +85,30 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], list[int]]] = [
     (
         "GPT-2 fp32, SGD momentum",
         spec({"architecture": TINY_GPT2}, optimizer={"name": "sgd", "momentum": 0.9}),
+        {},
+        [0],
+    ),
+    (
+        "Mixtral MoE (4 experts, top-2) fp32, 1 process",
+        spec({"architecture": TINY_MIXTRAL}),
+        {},
+        [0],
+    ),
+    (
+        "Llama fp32, full recomputation",
+        spec(LLAMA, training=training(activation_checkpointing="full")),
+        {},
+        [0],
+    ),
+    (
+        "Llama fp32, selective recomputation",
+        spec(LLAMA, training=training(activation_checkpointing="selective")),
+        {},
+        [0],
+    ),
+    (
+        "Llama fp32, eager attention + dropout",
+        spec(LLAMA, training=training(attention="eager", dropout=True)),
         {},
         [0],
     ),

@@ -111,6 +111,11 @@ def _setting(**overrides: Any) -> Setting:
         (llm_analysis_train, {"precision": "fp32"}, "fp32 master copy"),
         (megatron, {"engine": "fsdp2", "stage": 3, "ranks": 2}, "no FSDP"),
         (megatron, {"precision": "bf16"}, "16-bit mixed precision"),
+        # The step settings and MoE (issues 15/16): what each formula has no input for.
+        (megatron, {"config": dict(accuracy.TINY_MIXTRAL)}, "MoE branch not transcribed"),
+        (megatron, {"checkpointing": "full"}, "no full-recomputation term"),
+        (megatron, {"attention": "eager"}, "leaves out the attention scores"),
+        (llm_analysis_train, {"config": dict(accuracy.TINY_QWEN2_MOE)}, "no shared expert"),
     ],
 )
 def test_peers_say_what_they_cannot_express(
@@ -185,3 +190,32 @@ def test_speed_script_imports() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "accelerate estimate-memory" in proc.stdout
+
+
+def test_grid_covers_moe_and_the_step_settings() -> None:
+    """Issue 16's proof: the accuracy grid has MoE models, full and selective recomputation,
+    eager attention and dropout, and each setting reaches the spec verify measures."""
+    cases = accuracy.CASES
+    assert {"tiny-mixtral", "tiny-qwen2-moe"} <= {c.model for c in cases}
+    assert {"none", "full", "selective"} == {c.checkpointing for c in cases}
+    assert {"sdpa", "eager"} == {c.attention for c in cases}
+    assert any(c.dropout for c in cases)
+    [case] = [
+        c for c in cases if c.name == "tiny-llama-bf16-mixed-adamw-fsdp2-z3-x2-b2s32-full-dropout"
+    ]
+    training = accuracy.spec_dict(case)["training"]
+    assert training["activation_checkpointing"] == "full" and training["dropout"] is True
+    assert accuracy.setting(case).checkpointing == "full"
+
+
+def test_verify_table_covers_moe_the_step_settings_and_tp_peaks() -> None:
+    import verify_table
+
+    specs = [doc for _name, doc, _options, _ranks in verify_table.CASES]
+    training = [doc["training"] for doc in specs]
+    assert any(t.get("activation_checkpointing") == "full" for t in training)
+    assert any(t.get("activation_checkpointing") == "selective" for t in training)
+    assert any(t.get("attention") == "eager" and t.get("dropout") for t in training)
+    assert any(doc["model"].get("architecture", {}).get("model_type") == "mixtral" for doc in specs)
+    tp = {doc["parallelism"]["engine"] for doc in specs if doc["parallelism"].get("tensor", 1) > 1}
+    assert tp == {"ddp", "fsdp2"}

@@ -83,6 +83,25 @@ def test_check_fails_on_a_hand_edited_figure(tmp_path: Path) -> None:
     assert readme.read_text() == README
 
 
+def test_misses_name_every_peak_further_off_than_a_tenth_of_a_percent() -> None:
+    module = gen_readme()
+
+    def case(name: str, total: float, engine: str = "ddp") -> dict[str, object]:
+        tools = {"memplan": {"error_total": total, "error_activations": 0.0}, "deepspeed": {}}
+        return {
+            "case": name,
+            "model": "tiny-llama",
+            "engine": engine,
+            "model_states_exact": True,
+            "tools": tools,
+        }
+
+    doc = {"cases": [case("a", 0.0001), case("b", -0.028, "fsdp2"), case("c", 0.049)]}
+    text = module.accuracy_misses(doc)
+    assert "within 0.1% in 1 of 3 cases; the others: b -2.8%, c +4.9%." in text
+    assert "at most 4.90% on the peak (c)" in text
+
+
 def test_counts_say_n_of_m_unless_all() -> None:
     module = gen_readme()
     assert module.of(3, 3, "rows") == "all 3 rows"

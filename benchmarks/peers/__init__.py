@@ -33,6 +33,12 @@ class Setting:
     """Data-parallel ranks (GPUs)."""
     micro_batch_size: int
     sequence_length: int
+    attention: str = "sdpa"
+    """sdpa (a fused kernel, no attention scores saved) or eager (softmax per head saved)."""
+    checkpointing: str = "none"
+    """Activation recomputation: none, selective (the attention core) or full."""
+    dropout: bool = False
+    """Dropout forced on (attention dropout, and hidden dropout where the family has it)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -17,6 +17,14 @@ It always keeps an fp32 master copy beside 16-bit weights, so fp32 and pure bf16
 have no input; SGD with momentum is other_op_bytes=4 (the knob its docstring names for
 optimizers other than Adam). It has no bias, buffer, untied output head (embedding counted
 once) or padding terms.
+
+The step settings map onto `train`'s own arguments: activation_recomputation (its
+ActivationRecomputation enum: 0 none, 1 selective = the attention core, 2 full), flash_attn
+(False for eager attention, whose softmax is saved), softmax_dropout (dropout forced on: the
+attention-probability dropout is the one a Llama has). MoE: ModelConfig's moe_num_experts and
+moe_top_k (Mixtral's num_local_experts and num_experts_per_tok, every expert of the
+intermediate width); it has no shared expert or separate expert width, so Qwen2-MoE has no
+input.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any
 from . import ADAM, MIXED, NotExpressible, Prediction, Result, Setting
 
 NAME = "llm-analysis"
+RECOMPUTATION = {"none": 0, "selective": 1, "full": 2}  # analysis.py::ActivationRecomputation
 GATED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "phi3", "olmo2")
 STAGES = {("ddp", 0): 0, ("ddp", 1): 1, ("fsdp2", 2): 2, ("fsdp2", 3): 3}
 
@@ -46,7 +55,11 @@ def model_config(name: str, config: dict[str, Any]) -> dict[str, Any]:
     ffn = c.get("intermediate_size") or c.get("n_inner") or 4 * hidden
     if c["model_type"] in GATED:
         ffn = ffn * 3 // 2
+    moe = {}
+    if c["model_type"] == "mixtral":
+        moe = {"moe_num_experts": c["num_local_experts"], "moe_top_k": c["num_experts_per_tok"]}
     return {
+        **moe,
         "name": name,
         "num_layers": c.get("num_hidden_layers", c.get("n_layer")),
         "n_head": c.get("num_attention_heads", c.get("n_head")),
@@ -69,6 +82,8 @@ def predict(s: Setting) -> Result:
         other_op_bytes = 4  # one fp32 momentum buffer
     else:
         return NotExpressible(f"no {s.optimizer}")
+    if "moe_intermediate_size" in s.config:
+        return NotExpressible("no shared expert or expert width (Qwen2-MoE)")
     from llm_analysis import analysis
 
     logging.getLogger("llm_analysis").setLevel(logging.ERROR)
@@ -87,6 +102,9 @@ def predict(s: Setting) -> Result:
             dp_size=s.ranks,
             other_op_bytes=other_op_bytes,
             mlp_gated_linear_units=s.config["model_type"] in GATED,
+            activation_recomputation=RECOMPUTATION[s.checkpointing],
+            flash_attn=s.attention != "eager",
+            softmax_dropout=s.dropout,
         )
     states = summary["(weight+op_state+grad)_memory_per_gpu"]
     total = summary["(weight+op_state+grad+act)_memory_per_gpu"]
@@ -94,7 +112,11 @@ def predict(s: Setting) -> Result:
         model_states=int(states),
         total=int(total),
         activations=int(summary["activation_memory_per_gpu"]),
-        how=f"train(ds_zero={STAGES[(s.engine, s.stage)]}, dp_size={s.ranks})",
+        how=(
+            f"train(ds_zero={STAGES[(s.engine, s.stage)]}, dp_size={s.ranks}, "
+            f"activation_recomputation={RECOMPUTATION[s.checkpointing]}, "
+            f"flash_attn={s.attention != 'eager'}, softmax_dropout={s.dropout})"
+        ),
         extra={
             k: summary[k]
             for k in (

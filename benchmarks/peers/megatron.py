@@ -17,6 +17,14 @@ What it models: bf16/fp16 mixed precision with Adam and an fp32 `main_grad`: 18 
 optimizer (ZeRO-1); the most-loaded tensor/pipeline shard; activations of 34 x s x b x h
 bytes per layer at TP=1 (Korthikanti et al. Table 2 without the attention scores) plus the
 logits, times an unsourced 1.05. No biases, buffers, padding, FSDP, or other optimizers.
+
+The step settings: 34 x s x b x h is Korthikanti's per-layer figure with the attention scores
+(5 x a x s / h) left out, i.e. selective recomputation of the attention core (or a fused
+kernel), with every dropout mask kept. So selective recomputation and sdpa are what it
+describes, dropout on or off gives the same figure (it always counts the masks), and eager
+attention (scores kept) and full recomputation (only each layer's input kept) have no input
+in this report. MoE: the expert branch of `compute_weight_and_optimizer_memory` is not
+transcribed here, so MoE models are n/a.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from dataclasses import dataclass
 from . import ADAM, MIXED, NotExpressible, Prediction, Result, Setting, _hf
 
 NAME = "megatron"
+MOE = ("mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3")
 GATED = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "phi3", "olmo2")
 
 
@@ -174,6 +183,12 @@ def predict(s: Setting) -> Result:
         return NotExpressible("assumes 16-bit mixed precision")
     if s.engine != "ddp":
         return NotExpressible("no FSDP")
+    if s.config["model_type"] in MOE:
+        return NotExpressible("MoE branch not transcribed")
+    if s.checkpointing == "full":
+        return NotExpressible("no full-recomputation term in its report")
+    if s.attention == "eager":
+        return NotExpressible("its formula leaves out the attention scores")
     states, activations, total = report_theoretical_memory(args_for(s))
     how = "18 B/param" if s.stage == 0 else f"6 + 12/{s.ranks} B/param (distributed optimizer)"
     return Prediction(
