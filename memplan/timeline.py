@@ -255,6 +255,11 @@ def _state_transients(
     return value
 
 
+def _is_flat_gradient_buffer(name: str) -> bool:
+    """BF16_Optimizer's flat gradient buffer row, the dense group's or the experts'."""
+    return name.removesuffix(" (experts)") == FLAT_GRADIENT_BUFFER
+
+
 def _compute_state_transients(
     spec: Spec, inventory: Inventory, per_gpu: RankStates
 ) -> list[Transient | None]:
@@ -274,15 +279,20 @@ def _compute_state_transients(
         )
         accumulate = recipe.gradient_accumulation or recipe.gradients
         if bf16_opt:
-            # No ZeRO reduction bucket: the engine all-reduces BF16_Optimizer's flat buffer.
-            flat = next(t for t in per_gpu.terms if t.name == FLAT_GRADIENT_BUFFER)
-            out.append(
-                tr.deepspeed_bf16_grad_reduce(
-                    padded=flat.elements,
-                    largest=max((p.numel for p in inventory.parameters if p.trainable), default=0),
-                    accumulate=flat.dtype,
+            # No ZeRO reduction bucket: the engine all-reduces BF16_Optimizer's flat buffers,
+            # the dense group's, then the experts' (a group of their own), one at a time.
+            flats = [t for t in per_gpu.terms if _is_flat_gradient_buffer(t.name)]
+            if flats:
+                flat = max(flats, key=lambda t: t.elements)
+                out.append(
+                    tr.deepspeed_bf16_grad_reduce(
+                        padded=flat.elements,
+                        largest=max(
+                            (p.numel for p in inventory.parameters if p.trainable), default=0
+                        ),
+                        accumulate=flat.dtype,
+                    )
                 )
-            )
         else:
             out.append(
                 tr.deepspeed_ipg_bucket(
@@ -573,7 +583,7 @@ def build(
     terms = tuple(transients(spec, inventory, per_gpu, saved))
     # Gradient buffers allocated at init and never freed (BF16_Optimizer's flat buffer) are
     # alive in every phase; the rest follow `_grad_phases`.
-    held_grads = sum(t.bytes for t in per_gpu.terms if t.name == FLAT_GRADIENT_BUFFER)
+    held_grads = sum(t.bytes for t in per_gpu.terms if _is_flat_gradient_buffer(t.name))
     grads = per_gpu.bytes_of("gradients") - held_grads
     grad_phases = _grad_phases(spec)
     head_grads = int(grads * memo(inventory, "head", lambda: _head_fraction(inventory)))

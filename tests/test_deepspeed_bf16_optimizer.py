@@ -199,3 +199,21 @@ def test_live_zero1_world2_matches_memplan() -> None:
         assert _row(states, "parameters") == _measured(rank["bf16_groups_flat"])
         assert _row(states, FLAT_GRADIENT_BUFFER) == _measured(rank["fp32_groups_gradients_flat"])
         assert _row(states, "master_weights") == _measured(rank["fp32_groups_flat_partition"])
+
+
+def test_pin_expert_group_flat_buffer_is_held_too() -> None:
+    # With expert parallelism DeepSpeed gives the experts a param group, hence a flat buffer,
+    # of their own (bf16_optimizer.py::_configure_moe_settings); both live in every phase.
+    mixtral = {**TINY_LLAMA, "model_type": "mixtral", "num_local_experts": 4}
+    spec = make_spec(
+        model={"architecture": {**mixtral, "num_experts_per_tok": 2}},
+        precision={"preset": "bf16-mixed", "gradient_accumulation": "fp32"},
+        parallelism={"engine": "deepspeed", "data": 4, "expert": 2, "zero_stage": 1},
+    )
+    arch = spec.model.architecture
+    assert arch is not None
+    r = estimate.estimate(spec, from_config(arch))
+    flats = [t for t in r.per_gpu.terms if t.name.startswith(FLAT_GRADIENT_BUFFER)]
+    assert [t.name for t in flats] == [FLAT_GRADIENT_BUFFER, f"{FLAT_GRADIENT_BUFFER} (experts)"]
+    start = next(p for p in r.timeline.points if p.phase == "start")
+    assert dict(start.by_category)["gradients"] == sum(t.bytes for t in flats)
