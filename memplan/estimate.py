@@ -245,6 +245,8 @@ def model_states(spec: Spec, inventory: Inventory) -> list[StageStates]:
     knobs = sharding.DeepSpeedKnobs(
         sub_group_size=par.deepspeed.sub_group_size,
         stage3_param_persistence_threshold=par.deepspeed.stage3_param_persistence_threshold,
+        pipeline=par.pipeline > 1,
+        offload_optimizer=par.offload.optimizer,
     )
     return stage_states(
         inventory,

@@ -29,6 +29,7 @@ from memplan.activations.transient import PHASES, Phase, Transient
 from memplan.models.inventory import Inventory
 from memplan.precision import dtype_bytes
 from memplan.sharding import RankStates
+from memplan.sharding.deepspeed import FLAT_GRADIENT_BUFFER, selects_bf16_optimizer
 from memplan.sharding.megatron import main_grad_dtype
 from memplan.spec import Spec
 
@@ -254,6 +255,11 @@ def _state_transients(
     return value
 
 
+def _is_flat_gradient_buffer(name: str) -> bool:
+    """BF16_Optimizer's flat gradient buffer row, the dense group's or the experts'."""
+    return name.removesuffix(" (experts)") == FLAT_GRADIENT_BUFFER
+
+
 def _compute_state_transients(
     spec: Spec, inventory: Inventory, per_gpu: RankStates
 ) -> list[Transient | None]:
@@ -265,14 +271,37 @@ def _compute_state_transients(
         out.append(tr.ddp_buckets(grad_bytes, as_bucket_view=par.gradient_as_bucket_view))
     if par.engine == "deepspeed":
         ds = par.deepspeed
-        out.append(
-            tr.deepspeed_ipg_bucket(
-                stage=par.stage,
-                reduce_bucket_size=ds.reduce_bucket_size,
-                dtype=recipe.gradients,
-                overlap_comm=ds.overlap_comm,
-            )
+        bf16_opt = selects_bf16_optimizer(
+            par.stage,
+            recipe,
+            pipeline=par.pipeline > 1,
+            offload_optimizer=par.offload.optimizer,
         )
+        accumulate = recipe.gradient_accumulation or recipe.gradients
+        if bf16_opt:
+            # No ZeRO reduction bucket: the engine all-reduces BF16_Optimizer's flat buffers,
+            # the dense group's, then the experts' (a group of their own), one at a time.
+            flats = [t for t in per_gpu.terms if _is_flat_gradient_buffer(t.name)]
+            if flats:
+                flat = max(flats, key=lambda t: t.elements)
+                out.append(
+                    tr.deepspeed_bf16_grad_reduce(
+                        padded=flat.elements,
+                        largest=max(
+                            (p.numel for p in inventory.parameters if p.trainable), default=0
+                        ),
+                        accumulate=flat.dtype,
+                    )
+                )
+        else:
+            out.append(
+                tr.deepspeed_ipg_bucket(
+                    stage=par.stage,
+                    reduce_bucket_size=ds.reduce_bucket_size,
+                    dtype=recipe.gradients,
+                    overlap_comm=ds.overlap_comm,
+                )
+            )
         if par.stage == 3 and par.data > 1:
             out.append(
                 tr.zero3_live_parameters(
@@ -290,7 +319,8 @@ def _compute_state_transients(
                 stage=par.stage,
                 partition=partition,
                 sub_group=ds.sub_group_size,
-                grad=recipe.gradient_accumulation or recipe.gradients,
+                grad=accumulate,
+                bf16_optimizer=bf16_opt,
             )
         )
     if par.engine == "megatron" and main_grad_dtype(recipe) != "fp32":
@@ -551,7 +581,10 @@ def build(
 ) -> Timeline:
     """The step's timeline on the most-loaded GPU."""
     terms = tuple(transients(spec, inventory, per_gpu, saved))
-    grads = per_gpu.bytes_of("gradients")
+    # Gradient buffers allocated at init and never freed (BF16_Optimizer's flat buffer) are
+    # alive in every phase; the rest follow `_grad_phases`.
+    held_grads = sum(t.bytes for t in per_gpu.terms if _is_flat_gradient_buffer(t.name))
+    grads = per_gpu.bytes_of("gradients") - held_grads
     grad_phases = _grad_phases(spec)
     head_grads = int(grads * memo(inventory, "head", lambda: _head_fraction(inventory)))
     fsdp2 = _fsdp2(spec)
@@ -591,7 +624,7 @@ def build(
         alive = [t for t in terms if phase in t.phases]
         by: tuple[tuple[Category, int], ...] = (
             ("parameters", params),
-            ("gradients", g),
+            ("gradients", g + held_grads),
             ("optimizer_states", states),
             ("buffers", buffer_bytes),
             ("activations", acts[phase]),

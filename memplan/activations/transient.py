@@ -294,7 +294,37 @@ def master_gradients(elements: int, dtype: str) -> Transient:
     )
 
 
-def deepspeed_step_grads(*, stage: int, partition: int, sub_group: int, grad: str) -> Transient:
+def deepspeed_bf16_grad_reduce(
+    *, padded: int, largest: int, accumulate: str, communication: str = "bf16"
+) -> Transient:
+    """BF16_Optimizer's gradient path after each backward, one temporary at a time: first
+    `_update_hp_grad` adds every bf16 `.grad` into the flat buffer through
+    `lp.grad.to(grad_acc_dtype)`, a cast of one parameter (the largest: `largest` elements);
+    then, at the boundary, the engine all-reduces the whole flat buffer as one bucket
+    (engine.py::buffered_allreduce_fallback -> allreduce_bucket: `_flatten_dense_tensors` of
+    one tensor is a view) cast to the communication dtype, `tensor.to(communication_data_type)`,
+    bf16 for a bf16 model unless `communication_data_type` is set (engine.py::
+    communication_data_type). Neither copy exists when the buffer is already in that dtype.
+    Counted in the optimizer_step phase: it runs after the backward, with the gradients and
+    states alive and no activations, and before the step (memplan has no phase between)."""
+    wide = dtype_bytes(accumulate) if accumulate != "bf16" else 0
+    cast = largest * wide
+    comm = padded * dtype_bytes(communication) if accumulate != communication else 0
+    return Transient(
+        name="deepspeed_bf16_grad_reduce",
+        bytes=max(cast, comm),
+        phases=("optimizer_step",),
+        formula=f"max({largest:,} x {wide} B (largest .grad cast to {accumulate}), "
+        f"{padded:,} x {dtype_bytes(communication) if comm else 0} B (flat {accumulate} "
+        f"gradient buffer cast to {communication} for the all-reduce))",
+        source="deepspeed/runtime/bf16_optimizer.py::BF16_Optimizer._update_hp_grad; "
+        "deepspeed/runtime/engine.py::DeepSpeedEngine.allreduce_bucket (0.19.8)",
+    )
+
+
+def deepspeed_step_grads(
+    *, stage: int, partition: int, sub_group: int, grad: str, bf16_optimizer: bool = False
+) -> Transient:
     """DeepSpeed converts this rank's gradient partition to fp32 for the optimizer, one group
     (stage 1/2) or sub-group (stage 3) at a time: a flattened 16-bit copy plus its fp32 cast.
     Source: stage_1_and_2.py::DeepSpeedZeroOptimizer.step, stage3.py::
@@ -304,7 +334,23 @@ def deepspeed_step_grads(*, stage: int, partition: int, sub_group: int, grad: st
     _do_optimizer_sanity_check picks FP16/DDP_BFLOAT16 when model and accumulation dtypes agree,
     0.19.8): `_flatten_dense_tensors([p.grad.to(fp32) for p in group])`, an fp32 copy of every
     gradient plus the flat fp32 result, 4 + 4 B per element (fp16/fused_optimizer.py::
-    FP16_Optimizer.step, 0.19.8)."""
+    FP16_Optimizer.step, 0.19.8).
+
+    BF16_Optimizer (`bf16_optimizer`) hands the optimizer its slice of the flat gradient
+    buffer, `grad_partition.to(fp32)` only when that buffer is not fp32 (a partition x 4 B
+    copy, set to None after the step), otherwise the slice itself (bf16_optimizer.py::
+    BF16_Optimizer.step, 0.19.8)."""
+    if bf16_optimizer:
+        per = dtype_bytes("fp32") if grad != "fp32" else 0
+        return Transient(
+            name="deepspeed_fp32_gradient_partition",
+            bytes=partition * per,
+            phases=("optimizer_step",),
+            formula=f"{partition:,} elements x 4 B (grad_partition.to(fp32))"
+            if per
+            else "fp32_groups_gradient_flat_partition is a view: no copy",
+            source="deepspeed/runtime/bf16_optimizer.py::BF16_Optimizer.step (0.19.8)",
+        )
     if stage == 0 and grad != "fp32":
         return Transient(
             name="deepspeed_fp32_gradient_partition",

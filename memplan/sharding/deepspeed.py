@@ -4,6 +4,7 @@ Read from deepspeedai/DeepSpeed 0.19.6 (commit edaa7221). Abbreviations in comme
 S12 = deepspeed/runtime/zero/stage_1_and_2.py::DeepSpeedZeroOptimizer.__init__,
 S3 = deepspeed/runtime/zero/stage3.py::DeepSpeedZeroOptimizer_Stage3,
 PP = deepspeed/runtime/zero/partition_parameters.py::Init._partition_param.
+BF16_Optimizer (deepspeed/runtime/bf16_optimizer.py) and its selection are read from 0.19.8.
 The defaults of the config keys are in deepspeed/runtime/zero/config.py::DeepSpeedZeroConfig.
 """
 
@@ -39,6 +40,8 @@ SRC_S12 = "deepspeed/runtime/zero/stage_1_and_2.py::DeepSpeedZeroOptimizer.__ini
 SRC_S3 = "deepspeed/runtime/zero/stage3.py::DeepSpeedZeroOptimizer_Stage3 (0.19.6)"
 SRC_PP = "deepspeed/runtime/zero/partition_parameters.py::Init._partition_param (0.19.6)"
 SRC_FP16_OPT = "deepspeed/runtime/fp16/fused_optimizer.py::FP16_Optimizer.__init__ (0.19.6)"
+SRC_BF16 = "deepspeed/runtime/bf16_optimizer.py::BF16_Optimizer._setup_for_real_optimizer (0.19.8)"
+SRC_SELECT = "deepspeed/runtime/engine.py::_do_optimizer_sanity_check (0.19.8)"
 SRC_FUSED_ADAM = "deepspeed/ops/adam/fused_adam.py::FusedAdam.step (0.19.6): step is a Python int"
 
 # S12: `nccl_start_alignment_factor = 2`, whatever the dtype; each group's flat buffer is
@@ -54,6 +57,31 @@ class DeepSpeedKnobs:
     """zero_optimization.sub_group_size: fp32 partition elements per optimizer sub-group."""
     stage3_param_persistence_threshold: int = 10**5
     """Parameters with numel <= this stay gathered on every rank (S3 / parameter_offload.py)."""
+    pipeline: bool = False
+    """The model is a PipelineModule (pipeline parallel): selects BF16_Optimizer at ZeRO-0."""
+    offload_optimizer: str = "none"
+    """zero_optimization.offload_optimizer.device: cpu keeps ZeRO-1 off BF16_Optimizer."""
+
+
+# The flat gradient buffer of BF16_Optimizer: allocated at init, zeroed after each step, never
+# freed (memplan.timeline keeps it alive in every phase).
+FLAT_GRADIENT_BUFFER = "flat gradient buffer"
+
+
+def selects_bf16_optimizer(
+    stage: int, recipe: Recipe, *, pipeline: bool, offload_optimizer: str
+) -> bool:
+    """Whether DeepSpeed wraps the optimizer in BF16_Optimizer (SRC_SELECT): a bf16 model
+    with fp32 gradient accumulation (`data_types.grad_accum_dtype`) at ZeRO stage 1 without
+    CPU optimizer offload (`zero_cpu_offload()` is `offload_optimizer.device == cpu`), or a
+    bf16 model accumulating in bf16 (the default: the model's dtype) at stage 0 under
+    pipeline parallelism. Every other case keeps its ZeRO or FP16_Optimizer rule."""
+    if recipe.parameters != "bf16":
+        return False
+    accumulate_in = recipe.gradient_accumulation or recipe.parameters
+    if stage == 1:
+        return accumulate_in == "fp32" and offload_optimizer != "cpu"
+    return stage == 0 and pipeline and accumulate_in == "bf16"
 
 
 def _int_step(opt: OptimizerConfig) -> bool:
@@ -323,9 +351,105 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
     return rule
 
 
+def bf16_optimizer(offload_optimizer: str) -> EngineRule:
+    def rule(
+        inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+    ) -> list[RankStates]:
+        """BF16_Optimizer (SRC_BF16), per rank and param group: the bf16 flat buffer
+        `bf16_groups_flat`, padded to a multiple of 2 x world, that the parameters point into;
+        autograd's own bf16 `.grad` of each parameter (kept between micro-steps, set to None by
+        zero_grad after the step); `fp32_groups_gradients_flat`, a buffer as long as the padded
+        flat buffer in the accumulation dtype, into which each backward adds the `.grad`s
+        (`_update_hp_grad`); and `fp32_groups_flat_partition`, this rank's 1 / world of the
+        flat buffer in fp32 (`.clone().float()`, whatever the recipe), the only tensor the
+        wrapped optimizer updates, so its states are one flat partition too."""
+        if offload_optimizer == "nvme":
+            raise MemplanError(
+                "DeepSpeed selects BF16_Optimizer for a bf16 model with fp32 gradient "
+                f"accumulation at zero_stage 1 ({SRC_SELECT} tests only for CPU offload), and "
+                "BF16_Optimizer has no optimizer offload: memplan does not model an NVMe offload "
+                "that DeepSpeed ignores. Set parallelism.offload.optimizer to none or cpu.",
+                field="parallelism.offload.optimizer",
+            )
+        world = placement.data
+        params = trainable(inventory.parameters)  # bf16_optimizer.py: is_optimized_parameter
+        frozen = [p for p in inventory.parameters if not p.trainable]
+        n = sum(p.numel for p in params)
+        # `_flatten_dense_tensors_aligned(..., nccl_start_alignment_factor * world)`, the
+        # same alignment as stage 1/2 (runtime/utils.py::align_dense_tensors).
+        padded, part = stage12_partition(n, world)
+        p_dtype = recipe.parameters
+        acc_dtype = recipe.gradient_accumulation or p_dtype  # engine.py::get_data_types
+        terms = [
+            term(
+                "parameters",
+                "parameters",
+                p_dtype,
+                len(params),
+                padded,
+                f"bf16_groups_flat: {fmt(n)} elements padded to a multiple of "
+                f"{NCCL_START_ALIGNMENT_FACTOR} x {world} = {fmt(padded)} x "
+                f"{dtype_bytes(p_dtype)} B ({p_dtype})",
+                SRC_BF16,
+            ),
+            *(
+                whole_by_dtype("parameters", "frozen parameters", p_dtype, frozen, SRC_BF16)
+                if frozen
+                else ()
+            ),
+            whole(
+                "gradients",
+                "gradients",
+                p_dtype,
+                params,
+                "torch autograd: each parameter's .grad in its own dtype; "
+                "bf16_optimizer.py::clear_lp_grads zeroes them before each backward",
+            ),
+            term(
+                "gradients",
+                FLAT_GRADIENT_BUFFER,
+                acc_dtype,
+                1,
+                padded,
+                f"fp32_groups_gradients_flat: zeros_like(bf16_groups_flat, grad_acc_dtype) = "
+                f"{fmt(padded)} x {dtype_bytes(acc_dtype)} B ({acc_dtype})",
+                SRC_BF16,
+            ),
+        ]
+        fp32 = replace(recipe, master_weights="fp32", optimizer_states="fp32")
+        device, host = _flat_optimizer(
+            [(part,)],
+            opt=opt,
+            recipe=fp32,
+            placement=placement,
+            view=f"fp32_groups_flat_partition ({fmt(padded)} / {world})",
+            source=SRC_BF16,
+        )
+        return [
+            RankStates(ranks=tuple(range(world)), terms=(*terms, *device), host_terms=tuple(host))
+        ]
+
+    return rule
+
+
 def rule_for(stage: int, knobs: DeepSpeedKnobs) -> EngineRule:
+    base: EngineRule
     if stage == 0:
-        return stage0
-    if stage in (1, 2):
-        return stage12(stage)
-    return stage3(knobs)
+        base = stage0
+    elif stage in (1, 2):
+        base = stage12(stage)
+    else:
+        return stage3(knobs)
+    if stage == 2:
+        return base
+    bf16 = bf16_optimizer(knobs.offload_optimizer)
+
+    def rule(
+        inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+    ) -> list[RankStates]:
+        selected = selects_bf16_optimizer(
+            stage, recipe, pipeline=knobs.pipeline, offload_optimizer=knobs.offload_optimizer
+        )
+        return (bf16 if selected else base)(inventory, recipe, opt, placement)
+
+    return rule
