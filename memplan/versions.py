@@ -19,7 +19,9 @@ OLDEST_TRANSFORMERS = "5.24"
 """The oldest transformers whose rules memplan keeps (Falcon's 5.24 attention: falcon.py)."""
 
 ENGINES: dict[str, str] = {
-    # memplan/sharding/deepspeed.py and offload.py: "Read from deepspeedai/DeepSpeed 0.19.6".
+    # memplan/sharding/deepspeed.py and offload.py: "Read from deepspeedai/DeepSpeed 0.19.6";
+    # the optimizer selection, BF16_Optimizer and the zero_optimization defaults were read
+    # (and run, tests/data/deepspeed_*.json) at 0.19.8, each cited with its release there.
     "deepspeed": "0.19.6",
     # memplan/sharding/megatron.py and offload.py: NVIDIA/Megatron-LM branch core_r0.12.
     "megatron-core": "0.12",
