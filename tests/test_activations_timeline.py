@@ -199,11 +199,9 @@ def test_fsdp2_no_gloo_copy_on_cuda() -> None:
 )
 def test_optimizer_step_temporaries(name: str, implementation: str) -> None:
     """Oracle: a real step of the tiny Llama built by transformers, measured by MemTracker."""
-    import torch
-    from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tests.test_optimizers import TORCH_CLASSES
+    from tests.test_optimizers import second_step_temporaries
 
     r = report(
         precision="fp32",
@@ -215,21 +213,7 @@ def test_optimizer_step_temporaries(name: str, implementation: str) -> None:
 
     config = AutoConfig.for_model(**TINY_LLAMA)
     model = AutoModelForCausalLM.from_config(config).float()
-    params = list(model.parameters())
-    kernel = {"foreach": {"foreach": True}, "for_loop": {"foreach": False}}.get(
-        implementation, {"fused": True}
-    )
-    opt = getattr(torch.optim, TORCH_CLASSES[name])(params, lr=1e-3, **kernel)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
-    tracker = MemTracker()
-    tracker.track_external(opt, *params)
-    with tracker:
-        opt.step()
-    cpu = torch.device("cpu")
-    measured = tracker.get_tracker_snapshot("peak")[cpu]["Total"]
-    measured -= tracker.get_tracker_snapshot("current")[cpu]["Total"]
+    measured = second_step_temporaries(list(model.parameters()), name, implementation)
     assert measured == predicted
 
 

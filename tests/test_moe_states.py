@@ -80,23 +80,12 @@ def test_expert_rows_stay_apart_under_expert_parallelism() -> None:
 def test_foreach_step_temporaries_of_a_moe_model_match_torch(arch: dict[str, Any]) -> None:
     """One foreach list spans the dense and the expert tensors (torch/optim/adam.py::
     _multi_tensor_adam): a real step of the transformers model, measured by MemTracker."""
-    from torch.distributed._tools.mem_tracker import MemTracker
+    from tests.test_optimizers import second_step_temporaries
 
     report = _report(arch, engine="ddp", data=1)
     temp = [t for t in report.timeline.transients if t.name == "optimizer_step_temporaries"]
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**arch)).float()
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
-    tracker = MemTracker()
-    tracker.track_external(opt, *params)
-    with tracker:
-        opt.step()
-    cpu = torch.device("cpu")
-    measured = tracker.get_tracker_snapshot("peak")[cpu]["Total"]
-    measured -= tracker.get_tracker_snapshot("current")[cpu]["Total"]
+    measured = second_step_temporaries(list(model.parameters()), "adamw", "foreach")
     assert temp and temp[0].bytes == measured

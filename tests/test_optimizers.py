@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -145,14 +146,13 @@ STEP_SHAPES = [
 ]
 
 
-def _measured_step_temporaries(
-    name: str, settings: dict, implementation: str, shapes: tuple, dtype: torch.dtype
+def second_step_temporaries(
+    params: list[torch.nn.Parameter], name: str, implementation: str, **settings: Any
 ) -> int:
-    """Bytes a second `opt.step()` allocates above what it started with (its temporaries)."""
+    """Bytes a second `opt.step()` allocates above what it started with (its temporaries),
+    measured by torch's MemTracker; the first step makes the state."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(*s, dtype=dtype)) for s in shapes]
     kernel = {"foreach": {"foreach": True}, "for_loop": {"foreach": False}}.get(
         implementation, {"fused": True}
     )
@@ -167,6 +167,14 @@ def _measured_step_temporaries(
     cpu = torch.device("cpu")
     peak = tracker.get_tracker_snapshot("peak")[cpu]["Total"]
     return int(peak - tracker.get_tracker_snapshot("current")[cpu]["Total"])
+
+
+def _measured_step_temporaries(
+    name: str, settings: dict, implementation: str, shapes: tuple, dtype: torch.dtype
+) -> int:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s, dtype=dtype)) for s in shapes]
+    return second_step_temporaries(params, name, implementation, **settings)
 
 
 @pytest.mark.parametrize("shapes", STEP_SHAPES, ids=lambda s: "-".join(map(str, s)))
