@@ -340,9 +340,7 @@ def accuracy_misses(doc: Doc) -> str:
     if peak_off:
         parts.append(
             f"The peak is within 0.1% in {of(len(cases) - len(peak_off), len(cases), 'cases')}; "
-            "the others: "
-            + ", ".join(f"{c['case']} {signed_pct(e)}" for c, e in peak_off)
-            + "."
+            "the others: " + ", ".join(f"{c['case']} {signed_pct(e)}" for c, e in peak_off) + "."
         )
     if act_off:
         models = sorted({MODEL_NAMES.get(c["model"], c["model"]) for c, _ in act_off})
