@@ -449,8 +449,9 @@ def _fsdp2_layer_backward(
     reached the layer's inputs: _POST_BW_HOOK), so the backward point's working set is gone
     but for the layer's input gradient: `done` (working set - one hidden-state gradient) is
     subtracted from them (measured: tiny Mixtral fp32 on FSDP2 x2, whose reduce-scatter
-    moment memplan put 344,064 B = 360,448 - 16,384 B too high). Each moment is linear in k, so the largest is at k = 0, 1, L - 2
-    or L - 1; the term is that largest excess (none when no moment exceeds the point)."""
+    moment memplan put 344,064 B = 360,448 - 16,384 B too high). Each moment is linear in k,
+    so the largest is at k = 0, 1, L - 2 or L - 1; the term is that largest excess (none when
+    no moment exceeds the point)."""
     if not layers:
         return None
     slope = block.sharded_grads - saved - (0 if reshard else block.unsharded)
