@@ -552,6 +552,8 @@ def _fsdp2_activations(
         forward_working_set=by_name.get("forward_working_set", 0),
         logits_gradient=by_name.get("logits_gradient", 0),
         embedding_backward=embedding,
+        backward_working_set=by_name.get("backward_working_set", 0),
+        hidden_gradient=saved.hidden_bytes,
     )
 
 

@@ -39,6 +39,11 @@ _RESHARD = (
     "(reshard_after_forward), post_backward L637-638 (reshard_after_backward)"
 )
 _POST_BW = _FSDP2 + "_fsdp_param_group.py::post_backward L618-630 (unsharded_param.grad)"
+_POST_BW_HOOK = (
+    _FSDP2 + "_fsdp_param_group.py::_register_post_backward_hook L891-907, "
+    "RegisterPostBackwardFunction.backward L1125-1127 (applied to the layer's inputs in its "
+    "pre-forward, so post_backward runs once their gradients exist)"
+)
 _RS_IN = (
     _FSDP2 + "_fsdp_collectives.py::foreach_reduce L592-606 (reduce_scatter_input, padded); "
     "kept in comm_ctx.reduce_scatter_states until the next group's post_backward "
@@ -160,6 +165,12 @@ class Fsdp2Activations:
     logits_gradient: int
     embedding_backward: Transient | None = None
     """The embedding's backward (the timeline's last op of backward, see fsdp2())."""
+    backward_working_set: int = 0
+    """The backward point's working set inside a decoder layer's backward (the timeline's
+    backward_working_set): alive only while the layer's autograd ops run."""
+    hidden_gradient: int = 0
+    """One hidden-state gradient [tokens, hidden]: the layer's input gradient, what is left
+    of the working set once the layer's backward is done (see _fsdp2_layer_backward)."""
 
 
 def fsdp2(
@@ -269,6 +280,7 @@ def fsdp2(
         reshard=reshard,
         gloo=gloo,
         saved=acts.layer if acts is not None else 0,
+        done=max(0, acts.backward_working_set - acts.hidden_gradient) if acts is not None else 0,
         grad=grad,
         shard=shard,
     )
@@ -418,6 +430,7 @@ def _fsdp2_layer_backward(
     reshard: bool,
     gloo: bool,
     saved: int,
+    done: int = 0,
     grad: str,
     shard: str,
 ) -> Transient | None:
@@ -431,8 +444,14 @@ def _fsdp2_layer_backward(
     backward its saved tensors are gone and its gradients made (_POST_BW); then its
     post-backward reshards it and pops the previous input before allocating its own, copying
     the gradients in and reduce-scattering (output, gloo's copy, the last gradient: _RS_OUT,
-    _GLOO_RS, _RS_LAST). Each moment is linear in k, so the largest is at k = 0, 1, L - 2
-    or L - 1; the term is that largest excess (none when no moment exceeds the point)."""
+    _GLOO_RS, _RS_LAST). Those two moments come after the layer's autograd ops (FSDP2's
+    post-backward runs from RegisterPostBackwardFunction's backward once the gradient has
+    reached the layer's inputs: _POST_BW_HOOK), so the backward point's working set is gone
+    but for the layer's input gradient: `done` (working set - one hidden-state gradient) is
+    subtracted from them (measured: tiny Mixtral fp32 on FSDP2 x2, whose reduce-scatter
+    moment memplan put 344,064 B = 360,448 - 16,384 B too high). Each moment is linear in k,
+    so the largest is at k = 0, 1, L - 2 or L - 1; the term is that largest excess (none when
+    no moment exceeds the point)."""
     if not layers:
         return None
     slope = block.sharded_grads - saved - (0 if reshard else block.unsharded)
@@ -445,8 +464,8 @@ def _fsdp2_layer_backward(
         mid = held + k * slope - no_prefetch
         return [
             (mid, "running"),
-            (mid + block.grads - saved, "at the end of its backward"),
-            (mid - held - block.unsharded + reduce - saved, "in its reduce-scatter"),
+            (mid + block.grads - saved - done, "at the end of its backward"),
+            (mid - held - block.unsharded + reduce - saved - done, "in its reduce-scatter"),
         ]
 
     ks = sorted({k for k in (0, 1, layers - 2, layers - 1) if 0 <= k < layers})
@@ -465,22 +484,24 @@ def _fsdp2_layer_backward(
         )
         if reshard and layers > 1 and k == layers - 1:
             parts.append(f"-{block.unsharded:,} B prefetch not made")
+    gone = f" - {done:,} B backward working set gone (but the input gradient)" if done else ""
     if where == "at the end of its backward":
-        parts.append(f"{block.grads:,} B gradients ({grad}) - {saved:,} B saved")
+        parts.append(f"{block.grads:,} B gradients ({grad}) - {saved:,} B saved{gone}")
     elif where == "in its reduce-scatter":
         if k:
             parts.append(f"-{block.reduce_in:,} B previous input popped")
         gloo_copy = " + gloo's copy" if gloo else ""
         parts.append(
             f"{reduce:,} B (reduce-scatter input + max(gradients, output + last gradient"
-            f"{gloo_copy})) - {block.unsharded:,} B resharded - {saved:,} B saved"
+            f"{gloo_copy})) - {block.unsharded:,} B resharded - {saved:,} B saved{gone}"
         )
     return Transient(
         name="fsdp2_layer_backward",
         bytes=n_bytes,
         phases=("backward",),
         formula=f"layer {k} from the last, {where}: " + " + ".join(parts),
-        source=f"{_POST_BW}; {_RS_IN}; {_RS_OUT}; {_RS_LAST}; {_GLOO_RS}; {_PREFETCH}",
+        source=f"{_POST_BW}; {_POST_BW_HOOK}; {_RS_IN}; {_RS_OUT}; {_RS_LAST}; {_GLOO_RS}; "
+        f"{_PREFETCH}",
     )
 
 
