@@ -43,6 +43,8 @@ class Model:
     """Dtype of the log-softmax the loss saves (transformers' LM losses upcast to fp32)."""
     upcast: bool = True
     """The loss makes an fp32 copy of the logits first (`logits.float()`)."""
+    shifted: bool = True
+    """The loss shifts the labels by one (causal LMs; BERT's masked-LM loss takes them as given)."""
     notes: tuple[str, ...] = ()
 
 
@@ -116,7 +118,11 @@ def finish(model: Model, st: Setting) -> Activations:
             Block(
                 name="loss",
                 count=1,
-                tensors=tuple(kernels.causal_lm_loss(t, model.vocab, model.loss_dtype)),
+                tensors=tuple(
+                    kernels.causal_lm_loss(
+                        t, model.vocab, model.loss_dtype, batch=st.batch, shifted=model.shifted
+                    )
+                ),
             ),
         ),
         logits_bytes=logits_bytes,

@@ -22,6 +22,7 @@ SRC_MATH = "aten native/transformers/attention.cpp::_scaled_dot_product_attentio
 SRC_FLASH_CPU = "aten native/transformers/attention.cpp::_scaled_dot_product_flash_attention_cpu"
 SRC_FLASH_CUDA = "aten native/transformers/cuda/attention.cu::_scaled_dot_product_flash_attention"
 SRC_EFFICIENT = "aten native/transformers/cuda/attention.cu::_efficient_attention_forward"
+SRC_MATMUL = "aten native/LinearAlgebra.cpp::_matmul_impl (torch 2.13)"
 SRC_SELECT = "aten native/transformers/sdp_utils_cpp.cpp, cuda/sdp_utils.cpp::select_sdp_backend"
 
 # _efficient_attention_forward sizes logsumexp [b, a, ceil(s / kAlignLSE) * kAlignLSE].
@@ -129,10 +130,16 @@ def eager(
     """
     b, a, s, d = h.batch, h.heads, h.seq, h.head_dim
     bmm = DERIV + ": bmm (matmul of 4-D tensors)"
-    out: list[Saved] = [
-        _mm_copy("attn.query", (b * a, s, d), st, "BmmBackward0", source),
-        _mm_copy("attn.key_t", (b * a, d, s), st, "BmmBackward0", source),
-    ]
+    view = bmm_reshape_is_view(h)
+    out: list[Saved] = []
+    if not (view and qkv.fused):
+        # At batch 1 q is saved as a view of itself: a new tensor's bytes, the same as a copy.
+        out.append(_mm_copy("attn.query", (b * a, s, d), st, "BmmBackward0", source))
+        if view and h.kv_heads == 1 and qkv.k == st.matmul:
+            # repeat_kv of one head is an expand; the view keeps the [b, 1, s, d] k (measured).
+            out.append(saved("attn.key", (b, 1, s, d), st.matmul, "BmmBackward0", SRC_MATMUL))
+        else:
+            out.append(_mm_copy("attn.key_t", (b * a, d, s), st, "BmmBackward0", source))
     scores = promote(st.matmul, st.stream) if mask_added else st.matmul
     if softmax_fp32:
         probs = FP32
@@ -149,7 +156,8 @@ def eager(
         out.append(_mm_copy("attn.probs_cast", (b * a, s, s), st, "BmmBackward0", bmm))
     elif x_new:
         out.append(saved("attn.probs", (b * a, s, s), x, "BmmBackward0", bmm))
-    out.append(_mm_copy("attn.value", (b * a, s, d), st, "BmmBackward0", source))
+    v_view = _value_view(st, h, qkv, view=view, repeated=False, dtype=st.matmul)
+    out.append(v_view or _mm_copy("attn.value", (b * a, s, d), st, "BmmBackward0", source))
     o_in = _mm_copy("o_proj.input", (h.tokens, a * d), st, "MmBackward0", source)
     return Core(core=tuple(out), inputs=_inputs(h, qkv, st), output=(o_in,))
 
@@ -221,9 +229,46 @@ def _sdpa_math(st: Setting, h: Heads, qkv: Qkv, *, dropout_on: bool) -> Core:
     if dropout_on:
         out.append(dropout("attn.dropout_mask", (b, a, s, s), up, st))
         out.append(saved("attn.probs_dropped", (b * a, s, s), up, by, SRC_MATH))
-    out.append(saved("attn.value_bmm", (b * a, s, d), up, by, SRC_MATH))
+    # enable_gqa (no mask, grouped heads): the math kernel repeat_interleaves k and v (copies).
+    repeated = h.groups > 1 and not qkv.mask and d <= FLASH_MAX_HEAD_DIM
+    v_view = _value_view(st, h, qkv, view=bmm_reshape_is_view(h), repeated=repeated, dtype=up)
+    out.append(v_view or saved("attn.value_bmm", (b * a, s, d), up, by, SRC_MATH))
     o_in = _mm_copy("o_proj.input", (h.tokens, a * d), st, "MmBackward0", SRC_SDPA_HF)
     return Core(core=tuple(out), inputs=_inputs(h, qkv, st), output=(o_in,))
+
+
+def bmm_reshape_is_view(h: Heads) -> bool:
+    """Does `torch.matmul` of 4-D tensors save a view of its [b, n, s, d] operand?
+
+    matmul folds the batch dims, `expand(...).reshape({b * n, s, d})` (SRC_MATMUL), and reshape
+    is a view when the strides allow it (TensorShape.cpp::computeStride, which skips size-1
+    dims): at batch 1 always, whatever the operand's layout (a transposed view of a projection,
+    an expand of one k/v head). At batch >= 2 the [b, s, n, d]-laid-out q, k, v need a copy.
+    Measured: GPT-2, GPT-NeoX, Falcon at batch 1 and 2 (tests/test_activations_batch1.py).
+    """
+    return h.batch == 1
+
+
+def _value_view(
+    st: Setting, h: Heads, qkv: Qkv, *, view: bool, repeated: bool, dtype: str
+) -> Saved | None:
+    """The value the second matmul saves when it is v itself (a view, see
+    `bmm_reshape_is_view`): v not cast (`dtype` the matmul's operand dtype), not repeated by a
+    copy (repeat_kv of k/v heads other than one; the math kernel's enable_gqa). A fused
+    projection's view keeps the whole output: GPT-2's c_attn here, the other families' fused
+    outputs by their `attn.value` widening (gpt_neox.py, phi3.py). None: a copy."""
+    if not view or repeated or qkv.v != dtype or h.kv_heads not in (1, h.heads):
+        return None
+    if qkv.fused:
+        return saved(
+            "attn.c_attn_output",
+            (h.tokens, 3 * h.heads * h.head_dim),
+            dtype,
+            "BmmBackward0",
+            SRC_MATMUL,
+        )
+    shape = (h.batch, h.kv_heads, h.seq, h.head_dim)
+    return saved("attn.value", shape, dtype, "BmmBackward0", SRC_MATMUL)
 
 
 def _inputs(h: Heads, qkv: Qkv, st: Setting) -> tuple[Saved, ...]:

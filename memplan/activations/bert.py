@@ -116,5 +116,6 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
         vocab=vocab,
         hidden=h,
         num_layers=arch.num_layers,
+        shifted=False,
         notes=(dropout_note(st, x, DROPOUT_KEYS, "BertConfig (0.1)"),),
     )

@@ -100,7 +100,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
         # Multi-head layers, and every 5.25 layer (`split` / `[..., -1, :]` / `unbind`): v is
         # a view of the fused query_key_value output.
         width = (a + 2 * kv) * d
-        core = value_is_projection_view(core, heads, width, mm, kernel_too=st.attention == "sdpa")
+        core = value_is_projection_view(core, heads, width, mm)
 
     tail: list[Saved] = []
     post = promote(st.stream, mm)

@@ -62,7 +62,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     core = attention.core(
         st, heads, qkv, dropout_on=drop_attn, source=SRC + "::eager_attention_forward"
     )
-    core = _value_is_qkv_view(core, t, h, mm, kernel_too=st.attention == "sdpa")
+    core = _value_is_qkv_view(core, t, h, mm)
     tail: list[Saved] = []
     if drop_hidden:
         tail.append(kernels.dropout("post_attention_dropout.mask", (b, s, h), mm, st))
@@ -100,10 +100,11 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
 
 
 def _value_is_qkv_view(
-    core: attention.Core, tokens: int, hidden: int, dtype: str, *, kernel_too: bool
+    core: attention.Core, tokens: int, hidden: int, dtype: str
 ) -> attention.Core:
-    """v is a chunk of the query_key_value output, so whoever keeps v itself (a fused SDPA
-    kernel; a checkpoint of the core) keeps that whole output [tokens, 3 x hidden]."""
+    """v is a chunk of the query_key_value output, so whoever keeps v itself, 4-D (a fused SDPA
+    kernel; a checkpoint of the core; a matmul at batch 1, attention.bmm_reshape_is_view)
+    keeps that whole output [tokens, 3 x hidden]."""
 
     def widen(saved: tuple[Saved, ...]) -> tuple[Saved, ...]:
         return tuple(
@@ -114,10 +115,9 @@ def _value_is_qkv_view(
                 s.saved_by,
                 s.source,
             )
-            if s.name == "attn.value" and s.dtype == dtype
+            if s.name == "attn.value" and s.dtype == dtype and len(s.shape) == 4
             else s
             for s in saved
         )
 
-    kept = widen(core.core) if kernel_too else core.core
-    return attention.Core(core=kept, inputs=widen(core.inputs), output=core.output)
+    return attention.Core(core=widen(core.core), inputs=widen(core.inputs), output=core.output)

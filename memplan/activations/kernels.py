@@ -230,7 +230,9 @@ def gelu_new_out(x_dtype: str, st: Setting) -> str:
 # --- the loss --------------------------------------------------------------------------------
 
 
-def causal_lm_loss(tokens: int, vocab: int, dtype: str = FP32) -> list[Saved]:
+def causal_lm_loss(
+    tokens: int, vocab: int, dtype: str = FP32, *, batch: int = 0, shifted: bool = False
+) -> list[Saved]:
     """transformers loss/loss_utils.py::ForCausalLMLoss: `logits.float()`, labels shifted by
     one (`pad(labels, (0, 1))[..., 1:].contiguous()`), `cross_entropy(reduction="mean")`.
 
@@ -238,10 +240,15 @@ def causal_lm_loss(tokens: int, vocab: int, dtype: str = FP32) -> list[Saved]:
     (derivatives.yaml _log_softmax: result), nll_loss saves that again (same storage), the int64
     targets [tokens] and the 0-dim fp32 total_weight (derivatives.yaml nll_loss_forward).
     Losses that do not upcast (BERT's CrossEntropyLoss on the scores) keep `dtype`.
+
+    `shifted` (causal LMs) at `batch` 1: `labels[..., 1:]` of the padded [1, s + 1] labels is
+    already contiguous (a size-1 dim's stride does not count), so `.contiguous()` returns the
+    view and nll_loss keeps the padded storage, one token longer (measured).
     """
     src = "transformers loss/loss_utils.py::ForCausalLMLoss; " + DERIV
+    targets = tokens + 1 if shifted and batch == 1 else tokens
     return [
         saved("log_softmax", (tokens, vocab), dtype, "LogSoftmaxBackward0", src),
-        saved("targets", (tokens,), INT64, "NllLossBackward0", src),
+        saved("targets", (targets,), INT64, "NllLossBackward0", src),
         saved("total_weight", (), dtype, "NllLossBackward0", src),
     ]

@@ -38,10 +38,11 @@ def fused_gated_mlp(
 
 
 def value_is_projection_view(
-    core: attention.Core, h: attention.Heads, width: int, dtype: str, *, kernel_too: bool
+    core: attention.Core, h: attention.Heads, width: int, dtype: str
 ) -> attention.Core:
     """v is a slice of the fused projection's output [tokens, width]: whoever keeps v itself
-    unrepeated (a fused SDPA kernel; a checkpoint of the core) keeps that whole storage.
+    unrepeated (a fused SDPA kernel; a checkpoint of the core; a matmul at batch 1,
+    attention.bmm_reshape_is_view) keeps that whole storage.
     (gpt_neox.py's rule, for any fused width and grouped k/v heads.)"""
     unrepeated = (h.batch, h.kv_heads, h.seq, h.head_dim)
 
@@ -53,8 +54,7 @@ def value_is_projection_view(
             for s in kept
         )
 
-    kept = widen(core.core) if kernel_too else core.core
-    return attention.Core(core=kept, inputs=widen(core.inputs), output=core.output)
+    return attention.Core(core=widen(core.core), inputs=widen(core.inputs), output=core.output)
 
 
 def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
@@ -94,7 +94,7 @@ def build(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     core = attention.core(
         st, heads, qkv, dropout_on=drop_attn, source=SRC + "::eager_attention_forward"
     )
-    core = value_is_projection_view(core, heads, qkv_width, mm, kernel_too=st.attention == "sdpa")
+    core = value_is_projection_view(core, heads, qkv_width, mm)
 
     tail: list[Saved] = []
     if drop_resid:
