@@ -96,3 +96,28 @@ def test_pin_fsdp2_moe_layer_reduce_scatter_below_backward_point() -> None:
     names = {t.name for t in report.timeline.transient_at("backward")}
     assert "backward_working_set" in names
     assert "fsdp2_layer_backward" not in names
+
+
+@pytest.mark.parametrize(
+    ("family", "tol"),
+    # llama: the one known miss of the backward working-set estimate under recomputation,
+    # memplan 1.5% low (benchmarks/results/accuracy.json, ...-full-dropout); not subtracting
+    # the working set would fix it and leave mixtral 6.4% high, so the estimate stays.
+    [("llama", 0.02), ("mixtral", 0.003)],
+)
+def test_fsdp2_peak_with_full_recomputation(family: str, tol: float) -> None:
+    """FSDP2 x2, bf16-mixed, full checkpointing and dropout, on real gloo ranks: the layer's
+    post-backward comes after its own (recomputing) backward, as without checkpointing."""
+    arch = TINY_LLAMA if family == "llama" else MODELS[family]
+    data = spec_dict(
+        precision="bf16-mixed",
+        training={
+            "micro_batch_size": 2,
+            "sequence_length": 32,
+            "activation_checkpointing": "full",
+            "dropout": True,
+        },
+        parallelism={"engine": "fsdp2", "data": 2, "zero_stage": 3},
+    )
+    data["model"] = {"architecture": arch}
+    _check_peak(validate(data), 2, tol, _gloo_copy(arch, "bf16-mixed", 2))
