@@ -243,6 +243,8 @@ PEAK_IDS = [
 # and the loss scalar (each TP rank has its own prediction: an uneven vocabulary's last rank
 # no longer shows its missing row here).
 PEAK_SLACK = 4096
+RACE_RERUNS = 3
+"""Runs repeated while a rank measured more than the prediction + PEAK_SLACK (the race)."""
 
 
 @pytest.mark.parametrize(
@@ -257,11 +259,14 @@ def test_peak_holds_on_every_rank(
     transients (memplan.activations.dtensor_tp) fp32 FSDP2 was 7.6 % low on TP 2 and 5.3 %
     on data 2 x tensor 2, bf16-mixed 3.2 % on the 2-D mesh and 4.7 % under ddp."""
     result = verify_tp(precision, sp, engine=engine, vocab=vocab, nproc=nproc, layers=layers)
-    if any(_raced(rank) for rank in result.ranks):
-        # gloo's worker thread can hold a collective's buffer a few ops longer, so a run on a
-        # busy machine now and then measures one extra buffer on a rank (+12,552 B seen here;
-        # tests/test_fsdp2_peak.py documents the same race). It only ever adds bytes: run
-        # once more, and hold that run to the same bound on both sides.
+    for _ in range(RACE_RERUNS):
+        if not any(_raced(rank) for rank in result.ranks):
+            break
+        # gloo's worker thread can hold a collective's buffer a few ops longer, so a run now
+        # and then measures extra buffers on a rank (+12,552 B and, on the 4-rank 2-D mesh
+        # inside a full suite run, +145,860 B seen here; tests/test_fsdp2_peak.py documents
+        # the same race). It only ever adds bytes: run again, and hold the run that did not
+        # race to the same bound on both sides.
         result = verify_tp(precision, sp, engine=engine, vocab=vocab, nproc=nproc, layers=layers)
     assert len(result.ranks) == nproc
     for rank in result.ranks:
