@@ -216,4 +216,6 @@ def test_shell_completion() -> None:
     assert complete("memplan schema ", 2) == ["estimate", "plan", "verify"]
     assert "--explain" in complete("memplan estimate x.yaml --ex", 3)
     script = runner.invoke(app, ["--show-completion", "bash"], prog_name="memplan")
-    assert "_memplan_completion" in script.stdout
+    # Seen once in ~10 suite runs: exit 1 with nothing printed, not reproduced in 200 runs
+    # alone; the exception is shown so the next failure says why.
+    assert "_memplan_completion" in script.stdout, (script.exit_code, repr(script.exception))
