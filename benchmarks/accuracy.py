@@ -93,7 +93,7 @@ TINY_QWEN2_MOE: dict[str, Any] = {
     "num_experts_per_tok": 2,
     "shared_expert_intermediate_size": 96,
 }
-# Real sizes come from memplan's shipped config.json presets (memplan/presets/SOURCES.md).
+# Real sizes come from memplan's shipped config.json presets (memplan/model/presets/SOURCES.md).
 INLINE_MODELS = {
     "tiny-llama": TINY_LLAMA,
     "tiny-gpt2": TINY_GPT2,
@@ -207,7 +207,7 @@ CASES = (
 def model_config(model: str) -> dict[str, Any]:
     if model in INLINE_MODELS:
         return dict(INLINE_MODELS[model])
-    from memplan.load import PRESET_DIR, read_json
+    from memplan.config.load import PRESET_DIR, read_json
 
     data = read_json(PRESET_DIR / f"{model}.json", what="preset")
     assert isinstance(data, dict)
@@ -272,7 +272,7 @@ def measure(case: Case) -> dict[str, Any]:
 
     "Most loaded" is taken on each side separately (the largest measured and the largest
     predicted figure over the ranks): that is what a per-GPU figure has to cover."""
-    from memplan.load import validate
+    from memplan.config.load import validate
     from memplan.verify.job import Options
     from memplan.verify.runner import verify
 

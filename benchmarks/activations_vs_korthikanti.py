@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from memplan.activations import Saved, Setting, predict
-from memplan.models import from_config
+from memplan.model.sources import from_config
 
-PRESETS = Path(__file__).resolve().parent.parent / "memplan" / "presets"
+PRESETS = Path(__file__).resolve().parent.parent / "memplan" / "model" / "presets"
 GIB = 2**30
 
 

@@ -1,4 +1,5 @@
-"""Time `memplan.models.from_config` on the DeepSeek-V3 (671B) preset: median of 20 runs, in ms.
+"""Time `memplan.model.sources.from_config` on the DeepSeek-V3 (671B) preset: median of 20 runs, in
+ms.
 
 Budget: under 50 ms (the inventory is built from one layer template stamped per layer, never
 by instantiating a model). Run: `python benchmarks/inventory_speed.py`.
@@ -11,9 +12,9 @@ import statistics
 import time
 from pathlib import Path
 
-from memplan import models
+from memplan.model import sources as models
 
-PRESET = Path(__file__).resolve().parents[1] / "memplan" / "presets" / "deepseek-v3.json"
+PRESET = Path(__file__).resolve().parents[1] / "memplan" / "model" / "presets" / "deepseek-v3.json"
 RUNS = 20
 BUDGET_MS = 50.0
 

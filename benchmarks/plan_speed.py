@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from memplan.load import load_inventory, load_spec
-from memplan.plan import plan
+from memplan.config.load import load_inventory, load_spec
+from memplan.plan.search import plan
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_S = 2.0

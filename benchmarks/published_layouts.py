@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memplan.estimate import estimate
-from memplan.load import load_inventory, validate
-from memplan.models import Inventory
-from memplan.plan import PlanResult, pipeline_split, plan
-from memplan.spec import Spec
+from memplan.config.load import load_inventory, validate
+from memplan.config.spec import Spec
+from memplan.model.sources import Inventory
+from memplan.plan.search import PlanResult, pipeline_split, plan
+from memplan.report.estimate import estimate
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 1 << 30

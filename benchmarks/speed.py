@@ -80,8 +80,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from memplan.estimate import estimate
-    from memplan.load import PRESET_DIR, load_inventory, load_spec, read_json
+    from memplan.config.load import PRESET_DIR, load_inventory, load_spec, read_json
+    from memplan.report.estimate import estimate
 
     has_accelerate = importlib.util.find_spec("accelerate") is not None
     config = read_json(PRESET_DIR / f"{args.model}.json", what="preset")

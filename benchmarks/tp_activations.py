@@ -31,7 +31,7 @@ TP = 2
 
 def predicted(config: dict[str, Any], case: Any, engine: str, tensor: int, sp: bool) -> int:
     from memplan import activations as acts
-    from memplan.models import from_config
+    from memplan.model.sources import from_config
     from tests.conftest import make_spec
     from tests.tp_probe import BATCH, SEQ
 

@@ -173,7 +173,7 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], list[int]]] = [
 
 
 def run_case(doc: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    from memplan.load import validate
+    from memplan.config.load import validate
     from memplan.verify.job import Options
     from memplan.verify.result import to_json
     from memplan.verify.runner import verify

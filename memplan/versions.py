@@ -1,10 +1,11 @@
 """The library versions memplan's rules were read from, in one place.
 
 The activation rules (memplan/activations/) transcribe transformers' modeling code and torch's
-autograd/SDPA kernels; the engine rules (memplan/sharding/) transcribe DeepSpeed, Megatron-core
+autograd/SDPA kernels; the engine rules (memplan/states/engines/) transcribe DeepSpeed,
+Megatron-core
 and torch.distributed. Where a rule differs between two supported transformers releases the
 calculator takes the version as a value (`Setting.transformers`); where that value comes from
-(a spec key, the installed package) is decided at the edge (memplan/load.py). Pure: no I/O.
+(a spec key, the installed package) is decided at the edge (memplan/config/load.py). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -19,17 +20,17 @@ OLDEST_TRANSFORMERS = "5.24"
 """The oldest transformers whose rules memplan keeps (Falcon's 5.24 attention: falcon.py)."""
 
 ENGINES: dict[str, str] = {
-    # memplan/sharding/deepspeed.py and offload.py: "Read from deepspeedai/DeepSpeed 0.19.6";
+    # memplan/states/engines/deepspeed.py and offload.py: "Read from deepspeedai/DeepSpeed 0.19.6";
     # the optimizer selection, BF16_Optimizer and the zero_optimization defaults were read
     # (and run, tests/data/deepspeed_*.json) at 0.19.8, each cited with its release there.
     "deepspeed": "0.19.6",
-    # memplan/sharding/megatron.py and offload.py: NVIDIA/Megatron-LM branch core_r0.12.
+    # memplan/states/engines/megatron.py and offload.py: NVIDIA/Megatron-LM branch core_r0.12.
     "megatron-core": "0.12",
-    # memplan/sharding/fsdp2.py and ddp.py cite torch/distributed/fsdp/_fully_shard/ and
+    # memplan/states/engines/fsdp2.py and ddp.py cite torch/distributed/fsdp/_fully_shard/ and
     # torch/nn/parallel/distributed.py at the torch the activation rules describe.
     "torch": RULES_TORCH,
 }
-"""The engine libraries (and versions) the engine rules (memplan/sharding/) were read from."""
+"""The engine libraries (and versions) the engine rules (memplan/states/engines/) were read from."""
 
 
 def parse(version: str) -> tuple[int, int]:

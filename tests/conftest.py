@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from memplan.load import validate
-from memplan.models import from_config
-from memplan.spec import Spec
+from memplan.config.load import validate
+from memplan.config.spec import Spec
+from memplan.model.sources import from_config
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from memplan.activations import Setting, predict  # noqa: E402
-from memplan.models import Inventory, from_config  # noqa: E402
+from memplan.model.sources import Inventory, from_config  # noqa: E402
 from memplan.versions import major_minor  # noqa: E402
 from tests.activation_probe import build_model, measure  # noqa: E402
 

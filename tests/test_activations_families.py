@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from memplan.activations import Activations, predict  # noqa: E402
-from memplan.activations.tensors import Setting  # noqa: E402
+from memplan.model.forward.tensors import Setting  # noqa: E402
 from memplan.versions import at_most  # noqa: E402
 from tests.activation_probe import DTYPES, build_model, saved_storages  # noqa: E402
 from tests.test_activations import (  # noqa: E402

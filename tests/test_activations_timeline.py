@@ -13,13 +13,15 @@ from typing import Any
 
 import pytest
 
-from memplan import estimate
-from memplan.activations import Setting, predict, transient
+from memplan import memory
+from memplan.activations import Setting, predict
+from memplan.config.spec import DeepSpeedSpec
 from memplan.errors import MemplanError
-from memplan.models import from_config, from_parameter_count
+from memplan.model.sources import from_config, from_parameter_count
 from memplan.precision import dtype_bytes
-from memplan.spec import DeepSpeedSpec
-from memplan.timeline import CATEGORIES
+from memplan.report import estimate
+from memplan.step import transients as transient
+from memplan.step.timeline import CATEGORIES
 from tests.conftest import TINY_LLAMA, make_spec
 from tests.fsdp2_oracle import padded_groups
 
@@ -53,7 +55,7 @@ def test_pin_timeline_points_sum_and_peak_is_their_max() -> None:
     assert doc["per_gpu"]["peak"] == r.peak_bytes
     assert doc["per_gpu"]["activations"] == r.activations_bytes > 0
     assert doc["per_gpu"]["activations_modelled"] is True
-    assert [p["phase"] for p in doc["timeline"]["phases"]] == list(transient.PHASES)
+    assert [p["phase"] for p in doc["timeline"]["phases"]] == list(memory.PHASES)
     assert doc["timeline"]["peak"]["bytes"] == r.peak_bytes
     assert sum(b["bytes"] for b in doc["activations"]["blocks"]) == r.activations_bytes
 
@@ -92,7 +94,7 @@ def test_pin_deepspeed_buckets_and_zero3_gathers_use_deepspeed_defaults() -> Non
     terms = {t.name: t for t in r.timeline.transients}
     width = dtype_bytes("bf16")  # bf16-mixed: 16-bit gradients and parameters
     assert terms["deepspeed_reduce_bucket"].bytes == DeepSpeedSpec().reduce_bucket_size * width
-    assert terms["deepspeed_reduce_bucket"].phases == transient.PHASES  # allocated at init
+    assert terms["deepspeed_reduce_bucket"].phases == memory.PHASES  # allocated at init
     inv = from_config(TINY_LLAMA)
     biggest = max(transient.module_sizes(inv))
     assert terms["zero3_gathered_parameters"].bytes == (
@@ -100,7 +102,7 @@ def test_pin_deepspeed_buckets_and_zero3_gathers_use_deepspeed_defaults() -> Non
     )
     stage2 = report(parallelism={"engine": "deepspeed", "data": 8, "zero_stage": 2})
     bucket = next(t for t in stage2.timeline.transients if t.name == "deepspeed_reduce_bucket")
-    assert bucket.phases == transient.BACKWARD
+    assert bucket.phases == memory.BACKWARD
 
 
 @pytest.mark.parametrize("stage", [3, 2])
@@ -277,7 +279,7 @@ def test_pin_reserved_and_usable_memory_on_cuda_only() -> None:
     cuda = report(hardware={"gpu": "H100-80GB"})
     tl = cuda.timeline
     assert tl.reserved_bytes is not None and tl.reserved_bytes >= tl.peak_bytes
-    assert tl.cuda_context_bytes == transient.CUDA_CONTEXT_BYTES
+    assert tl.cuda_context_bytes == memory.CUDA_CONTEXT_BYTES
     assert tl.usable_bytes == (cuda.capacity_bytes or 0) - tl.cuda_context_bytes - tl.reserved_bytes
     assert any(t.name.startswith("allocator_rounding") for t in tl.transients)
     cpu = report(hardware={"device": "cpu"})
@@ -286,12 +288,12 @@ def test_pin_reserved_and_usable_memory_on_cuda_only() -> None:
 
 
 def test_allocator_rounding_and_segments() -> None:
-    assert transient.round_block(1) == 512
-    assert transient.round_block(512) == 512
-    assert transient.rounding([1, 512, 513]) == 511 + 0 + 511
+    assert memory.round_block(1) == 512
+    assert memory.round_block(512) == 512
+    assert memory.rounding([1, 512, 513]) == 511 + 0 + 511
     # one small block -> a 2 MiB segment; a 30 MiB block -> its own, rounded to 2 MiB.
-    assert transient.segment_bytes([100]) == 2 << 20
-    assert transient.segment_bytes([(30 << 20) + 1]) == 32 << 20
+    assert memory.segment_bytes([100]) == 2 << 20
+    assert memory.segment_bytes([(30 << 20) + 1]) == 32 << 20
 
 
 def test_pin_gradient_accumulation_keeps_gradients_through_the_forward() -> None:

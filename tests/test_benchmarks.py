@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from memplan.parallel import padded_vocab
+from memplan.states.parallel import padded_vocab
 from tests.conftest import ROOT, TINY_LLAMA
 from tests.test_parallel import megatron_most_loaded_shard_params
 

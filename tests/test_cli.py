@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from memplan.cli import app
+from memplan.cli.app import app
 from tests.conftest import TINY_LLAMA
 
 runner = CliRunner()
@@ -61,7 +61,7 @@ def test_minimal_issue_spec_runs_with_relative_config(tmp_path, llama_config):  
 def test_default_engine_is_one_verify_runs(tmp_path, llama_config):  # type: ignore[no-untyped-def]
     """A spec that names no engine gets torch's (ddp, or fsdp2 at ZeRO 2/3), and verify
     accepts it: check_supported raises for what it cannot run (deepspeed, megatron)."""
-    from memplan.load import load_spec
+    from memplan.config.load import load_spec
     from memplan.verify.job import check_supported
 
     bare = "model:\n  hf_config: config.json\n"
@@ -224,7 +224,7 @@ def test_estimate_never_imports_torch(tmp_path, llama_config):  # type: ignore[n
     spec = write_spec(tmp_path, MINIMAL)
     code = (
         "import sys\n"
-        "from memplan.cli import app\n"
+        "from memplan.cli.app import app\n"
         f"try:\n    app(['estimate', {str(spec)!r}, '--json'])\n"
         "except SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'transformers', 'matplotlib', 'numpy')\n"
@@ -256,6 +256,6 @@ def test_plot_saves_the_timeline(tmp_path, llama_config):  # type: ignore[no-unt
 )
 def test_parameter_counts_in_scientific_and_suffix_form(text: str, count: int) -> None:
     """`num_parameters: 7e9` is a string to YAML 1.1 (no dot); memplan reads it as a count."""
-    from memplan.load import validate
+    from memplan.config.load import validate
 
     assert validate({"model": {"num_parameters": text}}).spec.model.num_parameters == count

@@ -15,14 +15,15 @@ from typing import Any
 
 import pytest
 
-from memplan import estimate, sharding
-from memplan.activations import transient as tr
 from memplan.errors import MemplanError
-from memplan.models import from_config
-from memplan.models.inventory import Inventory, TensorSpec
+from memplan.model.inventory import Inventory, TensorSpec
+from memplan.model.sources import from_config
 from memplan.precision import Recipe
-from memplan.sharding import DeepSpeedKnobs, Placement, RankStates
-from memplan.sharding.deepspeed import FLAT_GRADIENT_BUFFER, selects_bf16_optimizer
+from memplan.report import estimate
+from memplan.states import engines as sharding
+from memplan.states.engines import DeepSpeedKnobs, Placement, RankStates
+from memplan.states.engines.deepspeed import FLAT_GRADIENT_BUFFER, selects_bf16_optimizer
+from memplan.step import transients as tr
 from tests.conftest import TINY_LLAMA, make_spec
 
 DATA = json.loads((Path(__file__).parent / "data" / "deepspeed_bf16_optimizer.json").read_text())

@@ -25,9 +25,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from memplan import estimate, render
-from memplan.cli import app
-from memplan.sharding import Term
+from memplan.cli import render
+from memplan.cli.app import app
+from memplan.report import estimate
+from memplan.states.engines import Term
 from tests.conftest import ROOT, TINY_LLAMA, make_spec
 
 runner = CliRunner()
@@ -102,7 +103,7 @@ def test_the_text_comes_from_the_term_objects() -> None:
     """Swap every Term's formula and source for sentinels: --explain and --json show exactly
     the sentinels, so neither keeps a copy of the text of its own."""
     spec = make_spec(parallelism={"engine": "deepspeed", "zero_stage": 3, "data": 8})
-    from memplan.models import from_config
+    from memplan.model.sources import from_config
 
     report = estimate.estimate(spec, from_config(TINY_LLAMA))
 
@@ -121,7 +122,7 @@ def test_the_text_comes_from_the_term_objects() -> None:
     for r in rows:
         assert f"{r['name']}: F<{r['name']}>\n    source: S<{r['name']}>" in text
     # Nothing but the Terms' text: the model-state entries end where the activations' and
-    # transients' begin (those come from memplan.activations / memplan.timeline objects).
+    # transients' begin (those come from memplan.activations / memplan.step.timeline objects).
     states = text.split(f"[{len(rows) + 1}] ")[0]
     assert "elements x" not in states
 

@@ -1,4 +1,4 @@
-"""memplan.activations.dtensor_tp's terms in the timeline: pure, no torch. The sizes they must
+"""memplan.states.engines.dtensor_tp's terms in the timeline: pure, no torch. The sizes they must
 add up to are measured against torch in tests/test_verify_tp.py::test_peak_holds_on_every_rank
 (the independent oracle); these tests pin the terms' sizes and where they apply."""
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from memplan.estimate import estimate
-from memplan.models import from_config
-from memplan.timeline import Timeline
+from memplan.model.sources import from_config
+from memplan.report.estimate import estimate
+from memplan.step.timeline import Timeline
 from tests.conftest import TINY_LLAMA
 from tests.test_verify_support import loaded
 

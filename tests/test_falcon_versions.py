@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from memplan.activations import predict
-from memplan.activations.tensors import Activations, Setting
-from memplan.models import Inventory, from_config
+from memplan.model.forward.tensors import Activations, Setting
+from memplan.model.sources import Inventory, from_config
 from memplan.versions import RULES_TRANSFORMERS
 
 FIXTURE = json.loads((Path(__file__).parent / "data" / "falcon_transformers_5_24.json").read_text())

@@ -12,14 +12,15 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from memplan import finetune, qlora
-from memplan.cli import app
+from memplan.cli.app import app
+from memplan.config.load import load_inventory, load_spec
+from memplan.config.spec import FinetuneSpec, Spec
 from memplan.errors import MemplanError
-from memplan.estimate import estimate, to_json
-from memplan.load import load_inventory, load_spec
-from memplan.models import from_config
-from memplan.models.inventory import Inventory, TensorSpec
-from memplan.spec import FinetuneSpec, Spec
+from memplan.model.finetune import lora as finetune
+from memplan.model.finetune import qlora
+from memplan.model.inventory import Inventory, TensorSpec
+from memplan.model.sources import from_config
+from memplan.report.estimate import estimate, to_json
 from tests.conftest import ROOT, TINY_LLAMA, make_spec
 
 QV = {"method": "lora", "rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
@@ -146,7 +147,7 @@ def test_num_trainable_parameters_of_llama_3_8b_qv_r8() -> None:
 
 
 def load_spec_from(s: Spec) -> Any:
-    from memplan.load import LoadedSpec
+    from memplan.config.load import LoadedSpec
 
     return LoadedSpec(s, None, {})
 
@@ -192,7 +193,7 @@ def test_freeze_errors_name_the_field() -> None:
 
 
 def from_parameter_count() -> Inventory:
-    from memplan.models import from_parameter_count as count
+    from memplan.model.sources import from_parameter_count as count
 
     return count(10**6)
 
@@ -446,7 +447,7 @@ def test_dequantized_weight_of_the_largest_llama_3_8b_linear() -> None:
 
 
 def test_fp8_meta_of_one_gemm_under_delayed_scaling() -> None:
-    from memplan import fp8
+    from memplan.states import fp8
 
     # 3 forward + 2 backward quantizers, each an fp32 scale and 1,024 fp32 amax entries
     assert fp8.meta_bytes(1) == 5 * (1 + 1024) * 4 == 20_500
@@ -456,7 +457,7 @@ def test_fp8_meta_of_one_gemm_under_delayed_scaling() -> None:
 def test_fp8_weight_cache_under_fsdp_exceeds_the_sharded_bf16_weights() -> None:
     """Llama-3-8B on 8 ranks: each rank caches the fp8 copy (data + transpose on Hopper) of
     every gathered decoder weight, 2 B per parameter, while its bf16 shard is 2 / 8 B."""
-    from memplan import fp8
+    from memplan.states import fp8
 
     s = make_spec(model={"preset": "llama-3-8b"})
     inv = load_inventory(load_spec_from(s))

@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 
-from memplan import finetune, optimizers, qlora
-from memplan.load import validate
-from memplan.models import from_config
+from memplan import optimizers
+from memplan.config.load import validate
+from memplan.model.finetune import lora as finetune
+from memplan.model.finetune import qlora
+from memplan.model.sources import from_config
 from memplan.optimizers import OptimizerConfig
 from tests.conftest import TINY_LLAMA
 

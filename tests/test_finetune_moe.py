@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from memplan import finetune
 from memplan.errors import MemplanError
-from memplan.models import from_config
+from memplan.model.finetune import lora as finetune
+from memplan.model.sources import from_config
 from tests.conftest import make_spec
 from tests.test_moe_states import MIXTRAL, QWEN3_MOE
 

@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 
-from memplan import activations, finetune
-from memplan.estimate import estimate
-from memplan.load import validate
-from memplan.models import from_config
+from memplan import activations
+from memplan.config.load import validate
+from memplan.config.spec import Spec
+from memplan.model.finetune import lora as finetune
+from memplan.model.sources import from_config
 from memplan.precision import TORCH_NAMES
-from memplan.spec import Spec
+from memplan.report.estimate import estimate
 from tests.conftest import TINY_LLAMA
 from tests.test_verify_support import TINY_GPT2, loaded, model_state_rows_exact, run
 

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from memplan import estimate
 from memplan.errors import MemplanError
-from memplan.models import from_config
-from memplan.plan import plan
+from memplan.model.sources import from_config
+from memplan.plan.search import plan
+from memplan.report import estimate
 from tests.conftest import TINY_LLAMA, make_spec
 
 BERT_LARGE = {

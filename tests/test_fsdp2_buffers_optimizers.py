@@ -12,9 +12,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from memplan import estimate
 from memplan.errors import MemplanError
-from memplan.models import from_config
+from memplan.model.sources import from_config
+from memplan.report import estimate
 from tests.conftest import TINY_LLAMA, make_spec
 
 GEMMA2 = {**TINY_LLAMA, "model_type": "gemma2", "head_dim": 16}
@@ -50,7 +50,7 @@ def test_memplan_refuses_adafactor_on_fsdp2(command: str) -> None:
             estimate.estimate(spec, from_config(TINY_LLAMA))
         assert err.value.field == "optimizer.name"
     else:
-        from memplan.plan import plan
+        from memplan.plan.search import plan
 
         spec = make_spec(
             optimizer={"name": "adafactor"},

@@ -38,9 +38,9 @@ from typing import Any
 
 import pytest
 
-from memplan.estimate import estimate
-from memplan.load import LoadedSpec, validate
-from memplan.models import from_config
+from memplan.config.load import LoadedSpec, validate
+from memplan.model.sources import from_config
+from memplan.report.estimate import estimate
 from memplan.verify.job import model_config
 from memplan.verify.result import VerifyResult
 from tests.conftest import TINY_LLAMA

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner, Result
 
-from memplan.cli import app
+from memplan.cli.app import app
 from memplan.hardware import ALIASES, CATALOG
 from memplan.optimizers import OPTIMIZER_NAMES
 from memplan.precision import PRESETS

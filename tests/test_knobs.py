@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
-from memplan import estimate
-from memplan.activations import transient
+from memplan import memory
+from memplan.config.spec import DeepSpeedSpec, ParallelismSpec
 from memplan.errors import MemplanError
-from memplan.models import from_config
+from memplan.model.sources import from_config
 from memplan.precision import dtype_bytes
-from memplan.spec import DeepSpeedSpec, ParallelismSpec
+from memplan.report import estimate
+from memplan.step import transients as transient
 from tests.conftest import TINY_LLAMA, make_spec
 
 # Recorded from DeepSpeed 0.19.8's own config class (command inside the file).
@@ -29,7 +30,7 @@ def report(**overrides: Any) -> estimate.Report:
     return estimate.estimate(spec, from_config(TINY_LLAMA))
 
 
-def term(r: estimate.Report, name: str) -> transient.Transient | None:
+def term(r: estimate.Report, name: str) -> memory.Transient | None:
     return next((t for t in r.timeline.transients if t.name == name), None)
 
 
@@ -158,7 +159,7 @@ def test_cuda_context_is_read_from_the_spec() -> None:
     r = report(hardware={"gpu": "H100-80GB", "cuda_context": "300MiB"})
     assert r.timeline.cuda_context_bytes == 300 << 20
     assert report(hardware={"gpu": "H100-80GB"}).timeline.cuda_context_bytes == (
-        transient.CUDA_CONTEXT_BYTES
+        memory.CUDA_CONTEXT_BYTES
     )
 
 

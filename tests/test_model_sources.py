@@ -20,14 +20,15 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from memplan import load, models
-from memplan.cli import app
+from memplan.cli.app import app
+from memplan.config import load
 from memplan.errors import MemplanError
-from memplan.models import counts
-from memplan.models.checkpoint import classify
-from memplan.models.inventory import Inventory
+from memplan.model import sources as models
+from memplan.model.inventory import Inventory
+from memplan.model.sources import counts
+from memplan.model.sources.checkpoint import classify
+from memplan.model.sources.safetensors import SAFETENSORS_DTYPES, read_checkpoint, read_header
 from memplan.precision import DTYPES
-from memplan.safetensors_header import SAFETENSORS_DTYPES, read_checkpoint, read_header
 from tests.conftest import DATA, TINY_LLAMA, make_spec
 
 PRESETS = Path(models.__file__).parent.parent / "presets"

@@ -26,8 +26,8 @@ import transformers
 from transformers import CONFIG_MAPPING
 
 from memplan.errors import MemplanError
-from memplan.models import FAMILIES, from_config
-from memplan.models.inventory import Inventory
+from memplan.model.inventory import Inventory
+from memplan.model.sources import FAMILIES, from_config
 
 HF_CONFIGS = Path(__file__).parent / "data" / "hf-configs"
 
@@ -336,7 +336,7 @@ def test_unknown_class_falls_back_to_the_default_with_a_note() -> None:
     )
 
 
-# Full-size public configs (verbatim config.json copies, see memplan/presets/SOURCES.md), with
+# Full-size public configs (verbatim config.json copies, see memplan/model/presets/SOURCES.md), with
 # their published parameter counts: GPT-2 small 124,439,808 (GPT2LMHeadModel, lm_head tied),
 # Pythia-160M 162,322,944 (Biderman et al. 2023, arXiv 2304.01373, Table 1 "total params"),
 # bert-base-uncased as BertForMaskedLM 109,514,298 (BertModel 109,482,240 - pooler 590,592 +
@@ -357,7 +357,7 @@ def test_full_size_reference_configs(file: str) -> None:
 
 @pytest.mark.parametrize("file", REFERENCE)
 def test_presets_are_the_reference_configs(file: str) -> None:
-    preset = Path(__file__).parent.parent / "memplan" / "presets" / file
+    preset = Path(__file__).parent.parent / "memplan" / "model" / "presets" / file
     assert preset.read_bytes() == (HF_CONFIGS / file).read_bytes()
 
 

@@ -22,9 +22,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from memplan import models  # noqa: E402
-from memplan.models import deepseek, gemma, llama, mixtral, olmo2, phi3, qwen_moe  # noqa: E402
-from memplan.models.inventory import Inventory  # noqa: E402
+from memplan.model import sources as models  # noqa: E402
+from memplan.model.families import deepseek, gemma, llama, mixtral, olmo2, phi3, qwen_moe  # noqa: E402
+from memplan.model.inventory import Inventory  # noqa: E402
 
 # Shared experts switched off (n_shared_experts=0, shared_expert_intermediate_size=0) are
 # zero-element tensors, which transformers still registers; torch warns when initialising them.

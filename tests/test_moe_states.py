@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from memplan import estimate
-from memplan.models import from_config
+from memplan.model.sources import from_config
+from memplan.report import estimate
 from tests.conftest import TINY_LLAMA, make_spec
 from tests.test_sharding import _torch_zero_partition
 

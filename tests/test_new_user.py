@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from memplan.cli import app
+from memplan.cli.app import app
+from memplan.config.load import load_inventory, load_spec, validate
+from memplan.config.spec import ParallelismSpec
 from memplan.errors import MemplanError
-from memplan.estimate import estimate, fits_of, verdict
-from memplan.load import load_inventory, load_spec, validate
-from memplan.plan import plan
-from memplan.spec import ParallelismSpec
+from memplan.plan.search import plan
+from memplan.report.estimate import estimate, fits_of, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -80,7 +80,7 @@ def test_fit_line_prints_the_usable_memory(tmp_path: Path) -> None:
     spec = write(tmp_path, LLAMA + "hardware:\n  gpu: H100-80GB\n")
     doc = json.loads(cli("estimate", str(spec), "--json").stdout)
     assert doc["hardware"]["verdict"] == "fits" and doc["hardware"]["fits"] is True
-    from memplan.render import human
+    from memplan.cli.render import human
 
     usable = human(doc["timeline"]["usable_bytes"])
     out = cli("estimate", str(spec)).stdout
@@ -216,7 +216,7 @@ def test_a_merge_key_override_is_not_a_duplicate(tmp_path: Path) -> None:
     )
     with pytest.raises(MemplanError):  # x-base is not a spec key; the parse itself passes
         load_spec(spec)
-    from memplan.load import _parse_yaml
+    from memplan.config.load import _parse_yaml
 
     data, _ = _parse_yaml(spec.read_text(), str(spec))
     assert data["training"] == {"micro_batch_size": 1, "sequence_length": 4096}
@@ -289,7 +289,7 @@ def test_80_columns_break_no_phrase(name: str, how: str) -> None:
     lines = result.stdout.splitlines()
     assert max(len(line.rstrip()) for line in lines) <= 80
     doc = json.loads(runner.invoke(app, [*args[:2], "--json"]).stdout)
-    from memplan.render import human
+    from memplan.cli.render import human
 
     peak = human(doc["per_gpu"]["peak"])
     assert any(line.rstrip().endswith(f"{peak} <- peak") for line in lines)
@@ -369,7 +369,7 @@ def test_plot_title_names_model_and_layout() -> None:
             },
         }
     )
-    from memplan.render import human, plot_title
+    from memplan.cli.render import human, plot_title
 
     report = estimate(loaded.spec, load_inventory(loaded))
     title = plot_title(report)

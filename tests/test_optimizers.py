@@ -184,8 +184,8 @@ def test_step_temporaries_match_torch(
     name: str, settings: dict, implementation: str, shapes: tuple
 ) -> None:
     """Oracle: torch's own step (torch/optim/<opt>.py, 2.13) measured by MemTracker."""
-    from memplan.activations.transient import torch_optimizer_step
     from memplan.optimizers import FUSED_OPTIMIZERS, NOT_FUSED_OPTIMIZERS
+    from memplan.step.transients import torch_optimizer_step
 
     if implementation == "fused" and name not in FUSED_OPTIMIZERS:
         assert name in NOT_FUSED_OPTIMIZERS  # the spec refuses it (test_cli / spec tests)
@@ -212,7 +212,7 @@ def test_step_temporaries_match_torch(
 @pytest.mark.parametrize("name", ["adam", "adagrad", "rmsprop"])
 def test_step_temporaries_follow_the_state_dtype(name: str) -> None:
     """bf16 parameters without masters: the temporaries are bf16 too (real step)."""
-    from memplan.activations.transient import torch_optimizer_step
+    from memplan.step.transients import torch_optimizer_step
 
     shapes = STEP_SHAPES[0]
     sizes = [math.prod(s) for s in shapes]

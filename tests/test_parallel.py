@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
+from memplan.config.load import PRESET_DIR, read_json
 from memplan.errors import MemplanError
-from memplan.estimate import estimate, to_json
-from memplan.load import PRESET_DIR, read_json
-from memplan.models import from_config
-from memplan.parallel import ModelParallel, padded_vocab, stage_inventory, stage_layers
+from memplan.model.sources import from_config
+from memplan.report.estimate import estimate, to_json
+from memplan.states.parallel import ModelParallel, padded_vocab, stage_inventory, stage_layers
 from tests.conftest import TINY_LLAMA, make_spec
 
 
@@ -264,7 +264,7 @@ def test_a_spec_with_only_tensor_parallelism_works():
 def test_torch_tensor_parallel_splits_the_vocabulary_without_padding():
     """Megatron pads the vocabulary to 128 x TP; torch's DTensor (engine fsdp2/ddp) shards it
     like torch.chunk: ceil(V / TP) rows on the most-loaded rank (Shard._split_tensor)."""
-    from memplan.estimate import model_states
+    from memplan.report.estimate import model_states
 
     inv = from_config(TINY_LLAMA)  # vocabulary 1041, untied embedding and head
     held = {}
@@ -286,7 +286,7 @@ def test_torch_tensor_parallel_rows_are_dtensor_shards(vocab: int, tp: int) -> N
     torch = pytest.importorskip("torch")
     from torch.distributed.tensor.placement_types import Shard
 
-    from memplan.parallel import vocab_rows
+    from memplan.states.parallel import vocab_rows
 
     shards, _ = Shard(0)._split_tensor(
         torch.empty(vocab, 1), tp, with_padding=False, contiguous=False
@@ -377,7 +377,7 @@ def test_ranks_table_names_the_tp_ranks_that_differ() -> None:
     """`estimate --ranks`: a TP ranks column only when TP ranks differ."""
     from rich.console import Console
 
-    from memplan.render import ranks_table
+    from memplan.cli.render import ranks_table
 
     def table(vocab: int) -> str:
         report = estimate(

@@ -17,9 +17,9 @@ import pytest
 from memplan import activations as acts
 from memplan.activations import layout
 from memplan.errors import MemplanError
-from memplan.estimate import estimate, to_json
-from memplan.models import Inventory, from_config
-from memplan.parallel import padded_vocab
+from memplan.model.sources import Inventory, from_config
+from memplan.report.estimate import estimate, to_json
+from memplan.states.parallel import padded_vocab
 from tests.conftest import DATA, TINY_LLAMA, make_spec
 
 GPT2 = json.loads((DATA / "hf-configs" / "gpt2.json").read_text())
@@ -218,7 +218,7 @@ def test_uneven_stages_move_the_most_loaded_one() -> None:
 
 
 def test_plan_skips_only_dominated_interior_stages() -> None:
-    from memplan.estimate import assemble, model_states
+    from memplan.report.estimate import assemble, model_states
 
     spec = make_spec(**pipeline_spec(parallelism={"pipeline": 8}))
     inv = from_config(spec.model.architecture or {})
@@ -268,7 +268,7 @@ def test_experts_see_gathered_tokens_and_capacity() -> None:
 def test_every_shipped_large_layout_is_modelled() -> None:
     """The layouts a 70B run uses (TP8 SP PP4 and CP2) have activations and a stage table."""
     path = Path(__file__).parent.parent / "configs" / "llama-2-70b.yaml"
-    from memplan.load import load_inventory, load_spec
+    from memplan.config.load import load_inventory, load_spec
 
     loaded = load_spec(path)
     inv: Inventory = load_inventory(loaded)

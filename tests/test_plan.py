@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from memplan.cli import app
-from memplan.estimate import estimate
-from memplan.load import PRESET_DIR, read_json
-from memplan.models import from_config
-from memplan.plan import pipeline_split, plan
-from memplan.spec import ParallelismSpec
+from memplan.cli.app import app
+from memplan.config.load import PRESET_DIR, read_json
+from memplan.config.spec import ParallelismSpec
+from memplan.model.sources import from_config
+from memplan.plan.search import pipeline_split, plan
+from memplan.report.estimate import estimate
 from tests.conftest import TINY_LLAMA, make_spec
 
 

@@ -3,7 +3,7 @@
 Real `--json` outputs of `estimate` (every shipped spec, and specs that exercise pipeline
 stages, uneven ranks, host rows and bare parameter counts), `plan` (a fit and a miss) and
 `verify` (a real CPU run, and results built by hand for the multi-rank, CUDA and --layers
-shapes) are validated twice: by the pydantic models of memplan.schema in strict mode (extra
+shapes) are validated twice: by the pydantic models of memplan.report.schema in strict mode (extra
 keys refused, no int/bool/str coercion), and by `jsonschema` against `memplan schema NAME`.
 """
 
@@ -18,8 +18,8 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from memplan import schema
-from memplan.cli import app
+from memplan.cli.app import app
+from memplan.report import schema
 from memplan.verify.result import Phase, RankResult, Row, VerifyResult, rows_for, to_json
 from tests.conftest import ROOT, TINY_LLAMA
 
@@ -47,7 +47,7 @@ def check(command: str, document: Any) -> None:
         model.model_validate_json(json.dumps(document))
     except ValidationError as err:
         raise AssertionError(
-            f"`memplan {command} --json` no longer matches memplan/schema.py: describe the "
+            f"`memplan {command} --json` no longer matches memplan/report/schema.py: describe the "
             f"change there, then run `python scripts/gen_docs.py`.\n{err}"
         ) from None
     jsonschema.validate(document, published(command))
@@ -149,7 +149,7 @@ def test_estimate_shapes_validate(tmp_path: Path, overrides: dict[str, Any]) -> 
 
 def test_the_schema_refuses_drift(tmp_path: Path) -> None:
     """A key the schema does not know, a missing key, or a retyped value is an error: the
-    tests above then fail until memplan/schema.py (and the docs) follow the producer."""
+    tests above then fail until memplan/report/schema.py (and the docs) follow the producer."""
     _, doc = cli_json("estimate", write(tmp_path, {"model": {"architecture": TINY_LLAMA}}))
     model = schema.EstimateReport
     extra = json.loads(json.dumps(doc))

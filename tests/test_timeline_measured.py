@@ -41,9 +41,9 @@ from typing import Any
 
 import pytest
 
-from memplan import estimate
-from memplan.models import from_config
-from memplan.timeline import Category, Point
+from memplan.model.sources import from_config
+from memplan.report import estimate
+from memplan.step.timeline import Category, Point
 from memplan.verify.result import ACTIVATIONS_TOLERANCE, PEAK_TOLERANCE
 from tests.conftest import TINY_LLAMA, make_spec
 

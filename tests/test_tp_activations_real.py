@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - old torch
     pytest.skip("DTensor tensor parallelism is unavailable", allow_module_level=True)
 
 from memplan import activations as acts  # noqa: E402
-from memplan.models import from_config  # noqa: E402
+from memplan.model.sources import from_config  # noqa: E402
 from tests.conftest import TINY_LLAMA, make_spec  # noqa: E402
 from tests.tp_probe import BATCH, COLWISE, PRECISIONS, ROWWISE, SEQ, Case, run_ranks  # noqa: E402
 

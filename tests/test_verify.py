@@ -16,9 +16,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from memplan.cli import app
+from memplan.cli.app import app
+from memplan.config.load import load_spec, validate
 from memplan.errors import MemplanError
-from memplan.load import load_spec, validate
 from memplan.verify import job as jobs
 from memplan.verify.result import EXACT, Row, rows_for
 from tests.test_verify_support import (
@@ -66,7 +66,7 @@ def test_a_state_on_one_side_only_is_a_failure() -> None:
 
 def test_verify_modules_that_the_cli_loads_first_do_not_import_torch() -> None:
     code = (
-        "import sys, memplan.cli, memplan.verify.runner, memplan.verify.render, "
+        "import sys, memplan.cli.app, memplan.verify.runner, memplan.verify.render, "
         "memplan.verify.job, memplan.verify.result; "
         "print('torch' in sys.modules, 'transformers' in sys.modules)"
     )

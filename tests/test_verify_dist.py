@@ -93,7 +93,7 @@ def test_cli_json_lists_every_rank(tmp_path, monkeypatch) -> None:  # type: igno
     import yaml
     from typer.testing import CliRunner
 
-    from memplan.cli import app
+    from memplan.cli.app import app
     from tests.test_verify_support import spec_dict
 
     path = tmp_path / "spec.yaml"

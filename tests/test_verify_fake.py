@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from memplan.load import validate
+from memplan.config.load import validate
 from tests.test_verify_support import loaded, model_state_rows_exact, run, spec_dict
 
 pytest.importorskip("torch")

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from memplan.config.load import validate
 from memplan.errors import MemplanError
-from memplan.load import validate
 from memplan.verify.result import VerifyResult
 from memplan.verify.runner import state_name
 from tests.test_verify_support import model_state_rows_exact, run

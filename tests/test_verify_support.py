@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from memplan.load import LoadedSpec, validate
-from memplan.models import FAMILIES
+from memplan.config.load import LoadedSpec, validate
+from memplan.model.sources import FAMILIES
 from memplan.verify.job import Options
 from memplan.verify.result import VerifyResult
 from tests.conftest import TINY_LLAMA, deep_merge

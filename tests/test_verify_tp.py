@@ -5,7 +5,7 @@ against memplan's prediction.
 The tiny Llama (hidden 64, 4 heads / 2 key/value heads, intermediate 160, 2 layers) has a
 1,041-token vocabulary, which TP 2 does not divide: DTensor splits it like torch.chunk, 521
 rows on TP rank 0 and 520 on TP rank 1, and memplan predicts each TP rank's own rows
-(memplan/parallel.py::vocab_rows). So:
+(memplan/states/parallel.py::vocab_rows). So:
 
 - engine fsdp2: every rank matches every category to the byte, activations included; TP rank 1
   measures exactly one embedding row and one LM-head row fewer in its parameters, gradients
@@ -18,7 +18,7 @@ rows on TP rank 0 and 520 on TP rank 1, and memplan predicts each TP rank's own 
   rank); memplan counts both, so every rank matches too.
 
 The step's peak holds on every rank to a few KiB (test_peak_holds_on_every_rank) with the
-DTensor TP transients of memplan.activations.dtensor_tp: loss_parallel's third [tokens,
+DTensor TP transients of memplan.states.engines.dtensor_tp: loss_parallel's third [tokens,
 vocabulary / TP] tensor, FSDP2's one-rank unshard copies and the whole embedding gradient at
 the root's post-backward, the previous layer's reduce-scatter input, and (ddp with fp32
 masters) the whole embedding's master gradient.
@@ -31,8 +31,8 @@ from typing import Any
 import pytest
 
 from memplan.errors import MemplanError
-from memplan.estimate import estimate
-from memplan.models import from_config
+from memplan.model.sources import from_config
+from memplan.report.estimate import estimate
 from memplan.verify.result import VerifyResult
 from tests.conftest import TINY_LLAMA
 from tests.test_verify_support import TINY_GPT2, loaded, run
@@ -260,7 +260,7 @@ def test_peak_holds_on_every_rank(
     """The step's peak, measured by torch's FSDPMemTracker / MemTracker on every rank, against
     memplan's timeline peak: within a few KiB (the input ids, the loss scalar, the uneven
     vocabulary's last row), far inside verify's 3 % tolerance. Before the DTensor TP
-    transients (memplan.activations.dtensor_tp) fp32 FSDP2 was 7.6 % low on TP 2 and 5.3 %
+    transients (memplan.states.engines.dtensor_tp) fp32 FSDP2 was 7.6 % low on TP 2 and 5.3 %
     on data 2 x tensor 2, bf16-mixed 3.2 % on the 2-D mesh and 4.7 % under ddp."""
     result = verify_tp(precision, sp, engine=engine, vocab=vocab, nproc=nproc, layers=layers)
     for _ in range(RACE_RERUNS):

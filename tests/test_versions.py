@@ -15,9 +15,11 @@ import pytest
 import tomllib
 from typer.testing import CliRunner
 
-from memplan import load, schema, versions
-from memplan.cli import app
+from memplan import versions
+from memplan.cli.app import app
+from memplan.config import load
 from memplan.errors import MemplanError
+from memplan.report import schema
 from memplan.verify import runner as vrunner
 from memplan.verify.result import RankResult, Row, VerifyResult, to_json
 from tests.conftest import ROOT, TINY_LLAMA
@@ -74,8 +76,8 @@ def test_rules_release(declared: str | None, rules: str) -> None:
 
 
 def test_engine_versions_are_the_ones_the_engine_rules_cite() -> None:
-    """ENGINES says what memplan/sharding/*.py cite, not something else."""
-    text = "".join(p.read_text() for p in (ROOT / "memplan" / "sharding").glob("*.py"))
+    """ENGINES says what memplan/states/engines/*.py cite, not something else."""
+    text = "".join(p.read_text() for p in (ROOT / "memplan" / "states").rglob("*.py"))
     assert f"DeepSpeed {versions.ENGINES['deepspeed']}" in text
     assert f"({versions.ENGINES['deepspeed']})" in text
     assert f"core_r{versions.ENGINES['megatron-core']}" in text

@@ -15,24 +15,22 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
-from memplan.activations import (
-    bert,
-    bloom,
-    falcon,
-    gemma,
-    gpt2,
-    gpt_neox,
-    gptj,
-    layout,
-    llama,
-    lora,
-    olmo2,
-    opt,
-    phi3,
-    qwen_moe,
-)
-from memplan.activations.assemble import Model, finish
-from memplan.activations.tensors import (
+from memplan.activations import layout, lora
+from memplan.config.spec import FinetuneSpec, Spec
+from memplan.model.families import bert_saved as bert
+from memplan.model.families import bloom_saved as bloom
+from memplan.model.families import falcon_saved as falcon
+from memplan.model.families import gemma_saved as gemma
+from memplan.model.families import gpt2_saved as gpt2
+from memplan.model.families import gpt_neox_saved as gpt_neox
+from memplan.model.families import gptj_saved as gptj
+from memplan.model.families import llama_saved as llama
+from memplan.model.families import olmo2_saved as olmo2
+from memplan.model.families import opt_saved as opt
+from memplan.model.families import phi3_saved as phi3
+from memplan.model.families import qwen_moe_saved as qwen_moe
+from memplan.model.forward.assemble import Model, finish
+from memplan.model.forward.tensors import (
     Activations,
     AttentionKind,
     Block,
@@ -42,10 +40,9 @@ from memplan.activations.tensors import (
     Setting,
     not_modelled,
 )
-from memplan.models.inventory import Architecture, Inventory
-from memplan.parallel import chunk_layers
-from memplan.spec import FinetuneSpec, Spec
-from memplan.states import model_parallel
+from memplan.model.inventory import Architecture, Inventory
+from memplan.states.parallel import chunk_layers
+from memplan.states.stages import model_parallel
 from memplan.versions import rules_release
 
 FamilyRule = Callable[..., "Model | str"]

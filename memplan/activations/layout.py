@@ -45,12 +45,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from memplan.activations.tensors import Activations, Block, Saved, Setting, not_modelled
-from memplan.activations.transient import Transient
 from memplan.errors import MemplanError
-from memplan.models.inventory import Architecture
-from memplan.parallel import VocabSplit, vocab_rows
+from memplan.memory import Transient
+from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
+from memplan.model.inventory import Architecture
 from memplan.precision import dtype_bytes
+from memplan.states.parallel import VocabSplit, vocab_rows
 
 SRC_TP = (
     "megatron/core/tensor_parallel/layers.py (Column/RowParallelLinear, VocabParallelEmbedding)"
@@ -102,7 +102,7 @@ class Layout:
     vocab_split: VocabSplit = "padded"
     tensor_rank: int = 0
     """The TP rank whose vocabulary slice the LM head's logits and loss cover
-    (memplan/parallel.py::vocab_rows)."""
+    (memplan/states/parallel.py::vocab_rows)."""
 
     @property
     def trivial(self) -> bool:

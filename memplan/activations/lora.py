@@ -27,10 +27,10 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from memplan.activations import kernels
-from memplan.activations.tensors import Activations, Block, Saved, Setting, not_modelled
-from memplan.models.inventory import Inventory
-from memplan.spec import FinetuneSpec
+from memplan.config.spec import FinetuneSpec
+from memplan.model.forward import kernels
+from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
+from memplan.model.inventory import Inventory
 
 SRC_LORA = "peft 0.21.2 tuners/lora/layer.py::Linear.forward"
 SRC_LORA_EMBEDDING = "peft 0.21.2 tuners/lora/layer.py::Embedding.forward"
@@ -582,7 +582,7 @@ def _ends(
 
 def apply(ft: FinetuneSpec, inventory: Inventory, saved: Activations, st: Setting) -> Activations:
     """The hook memplan.activations.micro_batch calls: `saved` unchanged for a full fine-tune
-    without frozen parameters, else `adjust`ed (`inventory` is memplan.finetune's)."""
+    without frozen parameters, else `adjust`ed (`inventory` is memplan.model.finetune.lora's)."""
     if ft.method == "full" and not ft.freeze:
         return saved
     out = adjust(

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from memplan.config.spec import Spec, TrainingSpec
 from memplan.errors import MemplanError
 from memplan.precision import TORCH_NAMES, Recipe
-from memplan.spec import Spec, TrainingSpec
 from memplan.verify.job import TORCH_OPTIMIZERS
 
 SEED = 0
@@ -161,7 +161,7 @@ def selective(model: nn.Module, training: TrainingSpec) -> Iterator[None]:
     """Selective recomputation (Megatron's --recompute-activations, Korthikanti et al. 2022
     sec. 5): inside the block each attention core (QK^T, softmax, dropout, .V) runs under
     torch.utils.checkpoint (non-reentrant) with q, k, v as its inputs, which is what memplan's
-    rule keeps instead (memplan/activations/assemble.py::finish). transformers calls the core
+    rule keeps instead (memplan/model/forward/assemble.py::finish). transformers calls the core
     through the modeling module's `eager_attention_forward` or the attention interface's
     `sdpa` (e.g. models/llama/modeling_llama.py::LlamaAttention.forward); both are wrapped for
     the block and restored after. A family whose attention core is inline (no such function)

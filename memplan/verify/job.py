@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from memplan import models
+from memplan.config.load import PRESET_DIR, LoadedSpec, hf_cache_config, read_json
+from memplan.config.spec import Spec
 from memplan.errors import MemplanError
-from memplan.estimate import Report, estimate
-from memplan.load import PRESET_DIR, LoadedSpec, hf_cache_config, read_json
-from memplan.models import Inventory
+from memplan.model import sources as models
+from memplan.model.sources import Inventory
 from memplan.precision import Recipe
-from memplan.spec import Spec
+from memplan.report.estimate import Report, estimate
 
 Device = Literal["cpu", "cuda"]
 
@@ -390,7 +390,7 @@ def refuse_if_too_big(job: Job, report: Report, free_bytes: int | None, where: s
     budget = int(free_bytes * MEMORY_HEADROOM)
     if need <= budget:
         return
-    from memplan.render import human
+    from memplan.cli.render import human
 
     per_layer = ""
     if job.layer_key and job.full_layers > 1:

@@ -5,7 +5,7 @@ LoRA, `requires_grad_(False)` for `freeze:` patterns), and `optimizer_params` gi
 optimizer what training scripts give it: the trainable parameters only (transformers
 trainer.py::Trainer.create_optimizer keeps `p.requires_grad`), with the *-mixed recipe's fp32
 masters made for the 16-bit ones only (peft's fp32 adapters are their own masters, as
-memplan.sharding.base.own_dtype says). QLoRA needs CUDA and bitsandbytes: verify refuses it.
+memplan.states.terms.own_dtype says). QLoRA needs CUDA and bitsandbytes: verify refuses it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from memplan import finetune
+from memplan.config.spec import Spec
 from memplan.errors import MemplanError
-from memplan.spec import Spec
+from memplan.model.finetune import lora as finetune
 
 
 def prepare(spec: Spec, model: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from memplan.render import human
+from memplan.cli.render import human
 from memplan.verify.job import Event
 from memplan.verify.result import RankResult, Row, VerifyResult
 

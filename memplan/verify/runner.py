@@ -6,9 +6,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from memplan import versions
-from memplan.estimate import Report
-from memplan.load import LoadedSpec, installed_version
-from memplan.sharding import RankStates
+from memplan.config.load import LoadedSpec, installed_version
+from memplan.report.estimate import Report
+from memplan.states.engines import RankStates
 from memplan.verify import job as jobs
 from memplan.verify.job import Event, Job, Options
 from memplan.verify.result import RankResult, Row, VerifyResult, rows_for, to_json
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["VerifyResult", "compare", "predicted", "to_json", "verify"]
 
-# The suffix memplan/states.py::_tagged gives the expert group's terms.
+# The suffix memplan/states/stages.py::_tagged gives the expert group's terms.
 EXPERTS_SUFFIX = " (experts)"
 
 # Categories extrapolated to full depth with --layers: additive over decoder layers.
@@ -28,7 +28,7 @@ _EXTRAPOLATED = ("parameters", "gradients", "optimizer_states", "buffers", "acti
 def state_name(name: str) -> str:
     """The torch state name a predicted row compares with: `exp_avg (experts)` -> `exp_avg`.
 
-    memplan names the expert group's states apart (memplan/states.py::_tagged); torch's
+    memplan names the expert group's states apart (memplan/states/stages.py::_tagged); torch's
     optimizer keeps one `exp_avg` per parameter whatever group it is in, so the rows with the
     same base name are summed before they are compared."""
     return name.removesuffix(EXPERTS_SUFFIX)

@@ -1,6 +1,6 @@
 """Tensor parallelism for `memplan verify`: torch's own DTensor TP (`parallelize_module`) laid out
 the way torchtitan lays out Llama (torchtitan/models/llama3/infra/parallelize.py::apply_tp), on
-the split memplan's rules assume (memplan/parallel.py::tp_split):
+the split memplan's rules assume (memplan/states/parallel.py::tp_split):
 
 - column-parallel (`ColwiseParallel`, weight and bias split on dim 0): q/k/v, gate/up;
 - row-parallel (`RowwiseParallel`, weight split on dim 1, bias whole): o_proj, down_proj;

@@ -1,0 +1,312 @@
+"""The `memplan` command: parse, call the calculator, render. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from memplan import __version__
+from memplan.errors import MemplanError
+
+app = typer.Typer(
+    name="memplan",
+    help="How much memory will this training job need, per GPU and per host, and which "
+    "layout fits?",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    epilog="Example: memplan estimate configs/llama-3-8b.yaml --explain",
+)
+
+T = TypeVar("T")
+SpecArg = Annotated[Path, typer.Argument(help="A memplan spec (YAML).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (stable keys).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
+WidthOpt = Annotated[int | None, typer.Option("--width", help="Table width in columns.")]
+
+
+def _run(debug: bool, work: Callable[[], T]) -> T:
+    """Run `work`; a MemplanError becomes one paragraph on stderr and its exit code."""
+    try:
+        return work()
+    except MemplanError as err:
+        if debug:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(err.exit_code) from None
+
+
+def _print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"memplan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """memplan: exact memory accounting for training jobs."""
+
+
+@app.command()
+def estimate(
+    spec: SpecArg,
+    as_json: JsonOpt = False,
+    ranks: Annotated[bool, typer.Option("--ranks", help="Also show every rank's bytes.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Save the step timeline as a .png or .svg chart.")
+    ] = None,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Show each row's formula and source.")
+    ] = False,
+    width: WidthOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Memory per GPU for one training step, tensor by tensor.
+
+    Example: memplan estimate configs/llama-3-8b.yaml --ranks
+    """
+    from memplan.config import load
+    from memplan.report import estimate as calc
+
+    def work() -> calc.Report:
+        loaded = load.load_spec(spec)
+        with load.locating(loaded):
+            return calc.estimate(loaded.spec, load.load_inventory(loaded))
+
+    report = _run(debug, work)
+    from memplan.cli import render
+
+    if plot is not None:
+        _run(debug, lambda: render.save_plot(report, str(plot)))
+    if as_json:
+        _print_json(calc.to_json(report))
+        return
+    render.console(width).print(render.estimate_view(report, show_ranks=ranks, explain=explain))
+
+
+@app.command()
+def inventory(
+    spec: SpecArg,
+    as_json: JsonOpt = False,
+    width: WidthOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """The model's tensors: name, shape, dtype, numel and bytes, layers folded.
+
+    Example: memplan inventory configs/mixtral-8x7b.yaml
+    """
+    from memplan.config import load
+    from memplan.model.sources import Inventory, counts
+
+    def work() -> tuple[Inventory, str]:
+        loaded = load.load_spec(spec)
+        return load.load_inventory(loaded), loaded.spec.recipe().parameters
+
+    inv, dtype = _run(debug, work)
+    if as_json:
+        _print_json(
+            {
+                "name": inv.name,
+                "num_parameters": inv.num_parameters,
+                "num_parameter_tensors": len(inv.parameters),
+                **counts.summary(inv),
+                "tied": [list(pair) for pair in inv.tied],
+                "parameters": [
+                    {
+                        "name": t.name,
+                        "shape": list(t.shape),
+                        "dtype": t.dtype or dtype,
+                        "numel": t.numel,
+                    }
+                    for t in inv.parameters
+                ],
+                "buffers": [
+                    {
+                        "name": t.name,
+                        "shape": list(t.shape),
+                        "dtype": t.dtype or dtype,
+                        "numel": t.numel,
+                        "persistent": t.persistent,
+                    }
+                    for t in inv.buffers
+                ],
+                "notes": list(inv.notes),
+            }
+        )
+        return
+    from memplan.cli import render
+
+    render.console(width).print(render.inventory_table(inv, dtype))
+
+
+@app.command()
+def verify(
+    spec: SpecArg,
+    device: Annotated[
+        str, typer.Option("--device", help="Run on cpu or cuda.", case_sensitive=False)
+    ] = "cpu",
+    nproc: Annotated[
+        int | None,
+        typer.Option("--nproc", help="Ranks on torch.distributed (default: parallelism.data)."),
+    ] = None,
+    layers: Annotated[
+        int | None,
+        typer.Option("--layers", help="Build K decoder layers; extrapolate to full depth."),
+    ] = None,
+    fake: Annotated[
+        bool, typer.Option("--fake", help="FakeTensorMode: no real memory, any model size.")
+    ] = False,
+    as_json: JsonOpt = False,
+    width: WidthOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Build the real model and optimizer, run real steps, and compare every category with
+    the prediction (exit 3 when one misses its tolerance). Needs torch and transformers.
+
+    Example: memplan verify configs/gpt2.yaml --fake --layers 2
+    """
+    if device not in ("cpu", "cuda"):
+        typer.echo(f"error: --device must be cpu or cuda, got {device!r}.", err=True)
+        raise typer.Exit(2)
+    from memplan.config import load
+    from memplan.verify import render as vrender
+    from memplan.verify import runner
+    from memplan.verify.job import STEPS, Options
+
+    options = Options(
+        device="cuda" if device == "cuda" else "cpu", nproc=nproc, layers=layers, fake=fake
+    )
+
+    def work() -> runner.VerifyResult:
+        loaded = load.load_spec(spec)
+        par = loaded.spec.parallelism
+        world = nproc if nproc is not None else par.data * par.tensor
+        with vrender.progress_bar(world, STEPS, enabled=not as_json) as on_event:
+            with load.locating(loaded):
+                return runner.verify(loaded, options, on_event)
+
+    result = _run(debug, work)
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    if as_json:
+        _print_json(runner.to_json(result))
+    else:
+        from memplan.cli import render
+
+        render.console(width).print(vrender.verify_view(result))
+    if not result.ok:
+        raise typer.Exit(3)
+
+
+@app.command()
+def plan(
+    spec: SpecArg,
+    as_json: JsonOpt = False,
+    top: Annotated[int | None, typer.Option("--top", help="Layouts to show.")] = None,
+    gpus: Annotated[int | None, typer.Option("--gpus", help="Override plan.gpus.")] = None,
+    width: WidthOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Search the layouts that fit the GPUs' memory and rank them by estimated step time.
+
+    Example: memplan plan configs/plan-llama-3-8b.yaml --top 5
+    """
+    import time
+
+    from memplan.config import load
+    from memplan.config.spec import PlanSpec
+    from memplan.plan import search as planner
+
+    started = time.monotonic()
+    progress_bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal progress_bar
+        if progress_bar is None and time.monotonic() - started > 1.0 and done < total:
+            from rich.progress import Progress
+
+            progress_bar = Progress(transient=True, console=render_console(stderr=True))
+            progress_bar.start()
+            progress_bar.add_task("searching layouts", total=total)
+        if progress_bar is not None:
+            progress_bar.update(0, completed=done)
+
+    def work() -> planner.PlanResult:
+        loaded = load.load_spec(spec)
+        settings = loaded.spec.plan or PlanSpec()
+        update = {k: v for k, v in (("top", top), ("gpus", gpus)) if v is not None}
+        if update:
+            settings = settings.model_copy(update=update)
+        run_spec = loaded.spec.model_copy(update={"plan": settings})
+        try:
+            with load.locating(loaded):
+                return planner.plan(run_spec, load.load_inventory(loaded), progress=progress)
+        finally:
+            if progress_bar is not None:
+                progress_bar.stop()
+
+    result = _run(debug, work)
+    if as_json:
+        _print_json(planner.to_json(result))
+    else:
+        from memplan.cli import render
+
+        render.console(width).print(render.plan_view(result))
+    if not result.layouts:
+        raise typer.Exit(3)
+
+
+class Document(str, Enum):
+    """The commands that print a `--json` report."""
+
+    estimate = "estimate"
+    plan = "plan"
+    verify = "verify"
+
+
+@app.command()
+def schema(
+    command: Annotated[
+        Document,
+        typer.Argument(help="The command whose --json report to describe.", show_default=False),
+    ],
+) -> None:
+    """Print the JSON Schema (draft 2020-12) of a command's --json report.
+
+    Example: memplan schema estimate > estimate.schema.json
+    """
+    from memplan.report.schema import json_schema
+
+    _print_json(json_schema(command.value))
+
+
+def render_console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""Gemma 1, 2 and 3: gemma, gemma2, gemma3_text (text only) and gemma3 (image-text).
+
+What `gemma3` means: the model transformers 5.24 builds for a config.json with
+`model_type: gemma3` (google/gemma-3-4b-it and larger), i.e. `Gemma3ForConditionalGeneration`:
+the SigLIP vision tower, the multimodal projector and the text model nested under
+`model.language_model`, with `lm_head` tied to its embedding. That is what such a checkpoint
+loads and trains; `gemma3_text` (google/gemma-3-1b-it, or a text-only fine-tune) is
+`Gemma3ForCausalLM`. To plan a text-only run of a multimodal checkpoint, give its
+`text_config` with `model_type: gemma3_text`.
+
+Source: transformers 5.24
+- models/gemma/modeling_gemma.py: GemmaForCausalLM; GemmaTextScaledWordEmbedding (an
+  nn.Embedding plus a 0-dim non-persistent `embed_scale` buffer made with `torch.tensor`, so in
+  the dtype the model is built in); GemmaAttention (bias = `attention_bias` on q/k/v/o;
+  head_dim = config.head_dim, default 256, independent of hidden // heads); GemmaMLP;
+  GemmaDecoderLayer (input_layernorm, post_attention_layernorm); GemmaRotaryEmbedding.
+- models/gemma2/modeling_gemma2.py: Gemma2DecoderLayer adds pre_feedforward_layernorm and
+  post_feedforward_layernorm.
+- models/gemma3/modeling_gemma3.py: Gemma3Attention adds q_norm/k_norm [head_dim];
+  Gemma3RotaryEmbedding holds one rotary per layer type present in `layer_types`, in sorted
+  order (`full_attention_inv_freq`, `full_attention_original_inv_freq`, then `sliding_...`);
+  Gemma3ForConditionalGeneration: model.vision_tower (SiglipVisionModel,
+  models/siglip/modeling_siglip.py), model.multi_modal_projector (Gemma3MultiModalProjector:
+  `mm_input_projection_weight` [vision H, text H], `mm_soft_emb_norm` RMSNorm [vision H]),
+  model.language_model (Gemma3TextModel), lm_head.
+Sliding windows (gemma2/3 local layers) change the attention mask, never a parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from memplan.errors import MemplanError
+from memplan.model.families._decoder import (
+    Part,
+    architecture,
+    buffer,
+    causal_lm,
+    decoder_backbone,
+    gated_mlp,
+    linear,
+    norm,
+    param,
+    read_dims,
+    resolve,
+    rotary_buffers,
+    rotary_dim,
+    rotary_emb,
+    self_attention,
+    stamp_layers,
+)
+from memplan.model.inventory import Architecture, Config, Inventory, TensorSpec
+
+# Config dataclass defaults, transformers 5.24 (GemmaConfig, Gemma2Config, Gemma3TextConfig).
+# All three tie lm_head to the embedding by default and fix head_dim at 256.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma": {
+        "vocab_size": 256000,
+        "hidden_size": 3072,
+        "intermediate_size": 24576,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "head_dim": 256,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+    },
+    "gemma2": {
+        "vocab_size": 256000,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "sliding_window": 4096,
+        "layer_types": None,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+    },
+    "gemma3_text": {
+        "vocab_size": 262_208,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "max_position_embeddings": 131_072,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "sliding_window": 4096,
+        "layer_types": None,
+        "rope_parameters": None,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+    },
+}
+# Gemma3Config (the image-text wrapper) and SiglipVisionConfig defaults, transformers 5.24.
+GEMMA3_DEFAULTS: dict[str, Any] = {
+    "text_config": None,
+    "vision_config": None,
+    "mm_tokens_per_image": 256,
+    "tie_word_embeddings": True,
+}
+SIGLIP_VISION_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 16,
+    "vision_use_head": True,
+}
+# Gemma3TextConfig.__post_init__: layer i is local unless (i + 1) % pattern == 0.
+_SLIDING_WINDOW_PATTERN = 6
+
+
+def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
+    model_type = str(config.get("model_type"))
+    if model_type == "gemma3":
+        return _build_gemma3_image_text(config, origin=origin)
+    cfg = resolve(config, DEFAULTS[model_type], origin=origin)
+    arch, tensors = _text_model(cfg, model_type, prefix="model")
+    return causal_lm(cfg=cfg, architecture=arch, tensors=tensors, tie_default=True)
+
+
+def _layer_types(cfg: Config, model_type: str, layers: int) -> list[str]:
+    """`layer_types` as given, else each config class's `__post_init__` pattern."""
+    given = cfg.data.get("layer_types")
+    if given is not None:
+        if not isinstance(given, list) or len(given) != layers:
+            raise MemplanError(
+                f"{cfg.origin}: layer_types must list one type per layer ({layers}).",
+                field="layer_types",
+            )
+        return [str(t) for t in given]
+    if model_type == "gemma2":  # Gemma2Config: sliding on even indices
+        return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+    pattern = cfg.int("sliding_window_pattern", default=_SLIDING_WINDOW_PATTERN)
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+
+
+def _softcaps(cfg: Config) -> dict[str, float | None]:
+    """attn_logit_softcapping and final_logit_softcapping (null: none), which change the
+    activations (memplan.model.families.gemma_saved), never a parameter."""
+    keys = ("attn_logit_softcapping", "final_logit_softcapping")
+    return {k: None if cfg.data.get(k) is None else float(cfg.data[k]) for k in keys}
+
+
+def _gemma3_rope(cfg: Config) -> dict[str, Any]:
+    """Gemma3TextConfig.convert_rope_params_to_dict: one RoPE dict per layer type; a legacy
+    `rope_scaling` applies to the global (full_attention) layers."""
+    given = cfg.data.get("rope_parameters")
+    rope: dict[str, Any] = dict(given) if isinstance(given, Mapping) else {}
+    for layer_type in ("full_attention", "sliding_attention"):
+        rope[layer_type] = dict(rope.get(layer_type) or {"rope_type": "default"})
+    scaling = cfg.data.get("rope_scaling")
+    if isinstance(scaling, Mapping):
+        rope["full_attention"].update(scaling)
+    return rope
+
+
+def _text_model(
+    cfg: Config, model_type: str, *, prefix: str
+) -> tuple[Architecture, list[TensorSpec]]:
+    """Architecture and tensors of Gemma{,2,3Text}Model under `prefix` (no lm_head)."""
+    dims = read_dims(cfg)
+    hidden, head_dim, layers = dims.hidden, dims.head_dim, dims.layers
+    bias = cfg.bool("attention_bias", False)
+
+    layer: Part = self_attention(
+        dims, qkv_bias=bias, o_bias=bias, qk_norm=model_type == "gemma3_text"
+    )
+    layer += gated_mlp("mlp", hidden, dims.inter)
+    layer += norm("input_layernorm", hidden) + norm("post_attention_layernorm", hidden)
+    if model_type != "gemma":
+        layer += norm("pre_feedforward_layernorm", hidden)
+        layer += norm("post_feedforward_layernorm", hidden)
+
+    extra: dict[str, Any] = {}
+    if model_type == "gemma3_text":
+        rope = _gemma3_rope(cfg)
+        layer_types = _layer_types(cfg, model_type, layers)
+        rotary: Part = ()
+        for layer_type in sorted(set(layer_types)):
+            if layer_type not in rope:
+                raise MemplanError(
+                    f"{cfg.origin}: layer type {layer_type!r} has no rope_parameters entry.",
+                    field="layer_types",
+                )
+            dim = rotary_dim(rope[layer_type], head_dim, default_is_partial=False)
+            rotary += rotary_buffers(f"{prefix}.rotary_emb", dim, tag=f"{layer_type}_")
+        extra = {"sliding_window": cfg.get("sliding_window"), "layer_types": tuple(layer_types)}
+        extra.update(_softcaps(cfg))
+    else:
+        rotary = rotary_emb(cfg, head_dim, prefix=prefix)
+        if model_type == "gemma2":
+            layer_types = _layer_types(cfg, model_type, layers)
+            extra = {"sliding_window": cfg.get("sliding_window"), "layer_types": tuple(layer_types)}
+            extra.update(_softcaps(cfg))
+
+    # sqrt(hidden) as a 0-dim tensor in the build dtype (torch.tensor under the default dtype)
+    embed_scale = buffer(
+        f"{prefix}.embed_tokens.embed_scale", (), "embedding", dtype=None, persistent=False
+    )
+    tensors = decoder_backbone(
+        dims, [layer] * layers, rotary, prefix=prefix, embed_extra=(embed_scale,)
+    )
+    return architecture(cfg, model_type, dims, extra=extra), tensors
+
+
+def _siglip_vision(cfg: Config, prefix: str) -> tuple[dict[str, Any], list[TensorSpec]]:
+    """SiglipVisionModel (models/siglip/modeling_siglip.py, transformers 5.24).
+
+    embeddings: patch_embedding Conv2d(C, H, P, P) with bias, position_embedding
+    [(image // patch)^2, H], buffer position_ids [1, positions] int64 non-persistent;
+    encoder.layers.i: layer_norm1, self_attn (k, v, q, out_proj, all with bias, in that
+    order), layer_norm2, mlp (fc1 [I, H], fc2 [H, I], with bias); post_layernorm; and, when
+    `vision_use_head`, head (probe [1, 1, H], nn.MultiheadAttention in_proj [3H, H] + bias,
+    out_proj, layernorm, mlp). Role "vision", layer None: these are not decoder layers.
+    """
+    hidden = cfg.int("hidden_size")
+    inter = cfg.int("intermediate_size")
+    layers = cfg.int("num_hidden_layers")
+    channels = cfg.int("num_channels")
+    image = cfg.int("image_size")
+    patch = cfg.int("patch_size")
+    if patch == 0:
+        raise MemplanError(f"{cfg.origin}: patch_size must be positive.", field="patch_size")
+    positions = (image // patch) ** 2
+
+    def vlinear(name: str, out_f: int, in_f: int) -> Part:
+        return linear(name, out_f, in_f, "vision", bias=True)
+
+    def layer_norm(name: str) -> Part:
+        return norm(name, hidden, bias=True, role="vision")
+
+    def mlp(name: str) -> Part:
+        return vlinear(f"{name}.fc1", inter, hidden) + vlinear(f"{name}.fc2", hidden, inter)
+
+    block: Part = (
+        *layer_norm("layer_norm1"),
+        *(
+            t
+            for p in ("k_proj", "v_proj", "q_proj", "out_proj")
+            for t in vlinear(f"self_attn.{p}", hidden, hidden)
+        ),
+        *layer_norm("layer_norm2"),
+        *mlp("mlp"),
+    )
+    tensors: list[TensorSpec] = [
+        param(
+            f"{prefix}.embeddings.patch_embedding.weight",
+            (hidden, channels, patch, patch),
+            "vision",
+        ),
+        param(f"{prefix}.embeddings.patch_embedding.bias", (hidden,), "vision"),
+        param(f"{prefix}.embeddings.position_embedding.weight", (positions, hidden), "vision"),
+        buffer(
+            f"{prefix}.embeddings.position_ids",
+            (1, positions),
+            "vision",
+            dtype="int64",
+            persistent=False,
+        ),
+    ]
+    tensors += stamp_layers([block] * layers, f"{prefix}.encoder.layers", decoder=False)
+    tensors += layer_norm(f"{prefix}.post_layernorm")
+    use_head = cfg.bool("vision_use_head", True)
+    if use_head:
+        tensors += [
+            param(f"{prefix}.head.probe", (1, 1, hidden), "vision"),
+            param(f"{prefix}.head.attention.in_proj_weight", (3 * hidden, hidden), "vision"),
+            param(f"{prefix}.head.attention.in_proj_bias", (3 * hidden,), "vision"),
+            *vlinear(f"{prefix}.head.attention.out_proj", hidden, hidden),
+            *layer_norm(f"{prefix}.head.layernorm"),
+            *mlp(f"{prefix}.head.mlp"),
+        ]
+    facts = {
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": cfg.int("num_attention_heads"),
+        "image_size": image,
+        "patch_size": patch,
+        "num_positions": positions,
+        "vision_use_head": use_head,
+    }
+    return facts, tensors
+
+
+def _build_gemma3_image_text(config: Mapping[str, Any], *, origin: str) -> Inventory:
+    cfg = resolve(config, GEMMA3_DEFAULTS, origin=origin)
+    text = cfg.data.get("text_config") or {}
+    vision = cfg.data.get("vision_config") or {}
+    if not isinstance(text, Mapping) or not isinstance(vision, Mapping):
+        raise MemplanError(f"{origin}: text_config and vision_config must be mappings.")
+    vision_type = vision.get("model_type", "siglip_vision_model")
+    if vision_type != "siglip_vision_model":
+        raise MemplanError(
+            f"{origin}: gemma3 vision_config.model_type {vision_type!r} is not supported; "
+            "memplan knows siglip_vision_model (the Gemma 3 default).",
+            field="vision_config.model_type",
+        )
+    text_cfg = resolve(text, DEFAULTS["gemma3_text"], origin=f"{origin}: text_config")
+    vision_cfg = resolve(vision, SIGLIP_VISION_DEFAULTS, origin=f"{origin}: vision_config")
+    vision_facts, tensors = _siglip_vision(vision_cfg, "model.vision_tower")
+    text_arch, text_tensors = _text_model(text_cfg, "gemma3_text", prefix="model.language_model")
+    tensors += [
+        param(
+            "model.multi_modal_projector.mm_input_projection_weight",
+            (vision_facts["hidden_size"], text_arch.hidden_size),
+            "vision",
+        ),
+        *norm(
+            "model.multi_modal_projector.mm_soft_emb_norm",
+            vision_facts["hidden_size"],
+            role="vision",
+        ),
+        *text_tensors,
+    ]
+    arch = replace(
+        text_arch,
+        model_type="gemma3",
+        extra={
+            **text_arch.extra,
+            "vision": vision_facts,
+            "mm_tokens_per_image": cfg.int("mm_tokens_per_image"),
+        },
+    )
+    return causal_lm(
+        cfg=cfg,
+        architecture=arch,
+        tensors=tensors,
+        tie_default=True,
+        embed_name="model.language_model.embed_tokens.weight",
+        notes=(
+            "gemma3 is the image-text model (Gemma3ForConditionalGeneration): the SigLIP "
+            "vision tower and projector are counted; give text_config with model_type "
+            "gemma3_text for the text model alone.",
+        ),
+    )

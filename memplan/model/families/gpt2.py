@@ -1,0 +1,158 @@
+"""GPT-2 (model_type "gpt2").
+
+Layout of transformers 5.24 `models/gpt2/modeling_gpt2.py`: `GPT2Model` holds `wte` [V, H],
+`wpe` [n_positions, H], blocks `h.{i}` (`GPT2Block`: ln_1, attn, ln_2, [crossattention,
+ln_cross_attn], mlp) and `ln_f`. `GPT2Attention` and `GPT2MLP` use `Conv1D`
+(`pytorch_utils.py`), whose weight is [in, out], the transpose of `nn.Linear`: `c_attn` [H, 3H]
+(fused q, k, v), `c_proj` [H, H], `c_fc` [H, n_inner], `mlp.c_proj` [n_inner, H].
+`n_inner: null` means 4 * H (`GPT2Block.__init__`).
+
+Class: `architectures[0]` when it is one of `_CLASSES`, else `GPT2LMHeadModel` (what both
+`AutoModelForCausalLM` and `AutoModelForPreTraining` build). `lm_head` is tied to `wte` when
+`tie_word_embeddings` (default True in `configuration_gpt2.py`).
+
+Buffers: none. transformers 5.x dropped the `attn.bias` causal-mask and `attn.masked_bias`
+buffers that 4.x registered in every `GPT2Attention` (the mask is built per forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from memplan.model.families._classic import (
+    causal_head,
+    conv1d,
+    embedding,
+    flag,
+    head_kind,
+    layer_norm,
+    num_labels,
+    pick_class,
+    with_causal_head,
+)
+from memplan.model.families._decoder import (
+    Dims,
+    Part,
+    architecture,
+    assemble,
+    int_or,
+    linear,
+    resolve,
+    stamp_layers,
+)
+from memplan.model.inventory import Config, Inventory
+
+# configuration_gpt2.py: GPT2Config defaults and attribute_map.
+_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 50257,
+    "n_positions": 1024,
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "n_inner": None,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+    "summary_use_proj": True,
+    "summary_proj_to_labels": True,
+}
+_ALIASES = {
+    "hidden_size": "n_embd",
+    "max_position_embeddings": "n_positions",
+    "num_attention_heads": "n_head",
+    "num_hidden_layers": "n_layer",
+}
+_CLASSES = (
+    "GPT2LMHeadModel",
+    "GPT2Model",
+    "GPT2DoubleHeadsModel",
+    "GPT2ForSequenceClassification",
+    "GPT2ForTokenClassification",
+    "GPT2ForQuestionAnswering",
+)
+_DEFAULT_CLASS = "GPT2LMHeadModel"
+
+
+def attention(prefix: str, hidden: int, *, cross: bool) -> Part:
+    """`GPT2Attention`: c_attn [H, 3H]; cross-attention: c_attn [H, 2H] (k, v) and q_attn [H, H]."""
+    if cross:
+        return (
+            *conv1d(f"{prefix}.c_attn", hidden, 2 * hidden, "attention"),
+            *conv1d(f"{prefix}.q_attn", hidden, hidden, "attention"),
+            *conv1d(f"{prefix}.c_proj", hidden, hidden, "attention"),
+        )
+    return (
+        *conv1d(f"{prefix}.c_attn", hidden, 3 * hidden, "attention"),
+        *conv1d(f"{prefix}.c_proj", hidden, hidden, "attention"),
+    )
+
+
+def block(hidden: int, inner: int, *, cross: bool) -> Part:
+    """One `GPT2Block`, in registration order."""
+    cross_part: Part = ()
+    if cross:
+        cross_part = (
+            *attention("crossattention", hidden, cross=True),
+            *layer_norm("ln_cross_attn", hidden),
+        )
+    return (
+        *layer_norm("ln_1", hidden),
+        *attention("attn", hidden, cross=False),
+        *layer_norm("ln_2", hidden),
+        *cross_part,
+        *conv1d("mlp.c_fc", hidden, inner, "mlp"),
+        *conv1d("mlp.c_proj", inner, hidden, "mlp"),
+    )
+
+
+def double_heads_summary(cfg: Config, hidden: int) -> Part:
+    """`GPT2DoubleHeadsModel.multiple_choice_head` (`GPT2SequenceSummary`).
+
+    The class sets `config.num_labels = 1`, so with `summary_use_proj` and
+    `summary_proj_to_labels` the projection is [1, H], else [H, H]; none without
+    `summary_use_proj`.
+    """
+    if not flag(cfg, "summary_use_proj"):
+        return ()
+    out = 1 if flag(cfg, "summary_proj_to_labels") else hidden
+    return linear("multiple_choice_head.summary", out, hidden, "head", bias=True)
+
+
+def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
+    cfg = resolve(config, _DEFAULTS, aliases=_ALIASES, origin=origin)
+    cls, notes = pick_class(cfg, _CLASSES, _DEFAULT_CLASS, why="AutoModelForCausalLM")
+    hidden = cfg.int("n_embd")
+    layers = cfg.int("n_layer")
+    heads = cfg.int("n_head")
+    vocab = cfg.int("vocab_size")
+    positions = cfg.int("n_positions")
+    inner = int_or(cfg, "n_inner", 4 * hidden)  # GPT2Block: n_inner None -> 4 * hidden
+    cross = flag(cfg, "add_cross_attention")
+    tie = flag(cfg, "tie_word_embeddings")
+
+    backbone = [
+        *embedding("wte", vocab, hidden),
+        *embedding("wpe", positions, hidden, "position"),
+        *stamp_layers([block(hidden, inner, cross=cross)] * layers, "h"),
+        *layer_norm("ln_f", hidden),
+    ]
+    if cls == "GPT2DoubleHeadsModel":
+        kind = "lm"
+        head: Part = (
+            *causal_head("lm", hidden=hidden, vocab=vocab, labels=0),
+            *double_heads_summary(cfg, hidden),
+        )
+    else:
+        kind = head_kind(cls, "GPT2")
+        head = causal_head(kind, hidden=hidden, vocab=vocab, labels=num_labels(cfg))
+    tensors, tied = with_causal_head(
+        kind=kind, prefix="transformer", backbone=backbone, embed="wte.weight", head=head, tie=tie
+    )
+    arch = architecture(
+        cfg,
+        "gpt2",
+        Dims.mha(hidden=hidden, layers=layers, vocab=vocab, heads=heads, inter=inner),
+        max_positions=positions,
+        extra={"model_class": cls, "add_cross_attention": cross},
+    )
+    return assemble(cfg=cfg, architecture=arch, tensors=tensors, tied=tied, notes=notes)

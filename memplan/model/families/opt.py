@@ -1,0 +1,129 @@
+"""OPT (model_type "opt").
+
+Layout of transformers 5.24 `models/opt/modeling_opt.py`: `OPTModel.decoder` (`OPTDecoder`)
+holds, in this order, `embed_tokens` [V, word_embed_proj_dim], `embed_positions`
+(`OPTLearnedPositionalEmbedding`: [max_position_embeddings + 2, H], the 2 being its fixed
+`offset`), `project_out` [word_embed_proj_dim, H] and `project_in` [H, word_embed_proj_dim]
+(both bias-free, only when word_embed_proj_dim != H, as in OPT-350m), `final_layer_norm` (only
+when `do_layer_norm_before` and not `_remove_final_layer_norm`), then layers `layers.{i}`
+(`OPTDecoderLayer`: self_attn k/v/q/out_proj [H, H], self_attn_layer_norm, fc1 [ffn_dim, H],
+fc2 [H, ffn_dim], final_layer_norm). Linear biases follow `enable_bias`, LayerNorm weights
+`layer_norm_elementwise_affine` (both default True). `word_embed_proj_dim: null` means H
+(`OPTConfig.__post_init__`).
+
+Heads see word_embed_proj_dim, not H: `OPTForCausalLM.lm_head` [V, word_embed_proj_dim],
+tied to `embed_tokens` by default (`tie_word_embeddings: True`), `score`
+[num_labels, word_embed_proj_dim], `qa_outputs` [2, word_embed_proj_dim].
+
+Class: `architectures[0]` when it is one of `_CLASSES`, else `OPTForCausalLM`
+(`AutoModelForCausalLM`). No buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from memplan.model.families._classic import (
+    embedding,
+    flag,
+    layer_norm,
+    pick_class,
+    prefixed,
+    with_class_head,
+)
+from memplan.model.families._decoder import (
+    Dims,
+    Part,
+    architecture,
+    assemble,
+    int_or,
+    linear,
+    resolve,
+    stamp_layers,
+)
+from memplan.model.inventory import Inventory
+
+# configuration_opt.py: OPTConfig defaults.
+_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 50272,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "ffn_dim": 3072,
+    "max_position_embeddings": 2048,
+    "do_layer_norm_before": True,
+    "_remove_final_layer_norm": False,
+    "word_embed_proj_dim": None,
+    "num_attention_heads": 12,
+    "enable_bias": True,
+    "layer_norm_elementwise_affine": True,
+    "tie_word_embeddings": True,
+}
+_POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding.offset: ids shifted by 2 (fairseq padding)
+_CLASSES = ("OPTForCausalLM", "OPTModel", "OPTForSequenceClassification", "OPTForQuestionAnswering")
+_DEFAULT_CLASS = "OPTForCausalLM"
+
+
+def layer(hidden: int, ffn: int, *, bias: bool, affine: bool) -> Part:
+    """One `OPTDecoderLayer`, in registration order."""
+    return (
+        *linear("self_attn.k_proj", hidden, hidden, "attention", bias=bias),
+        *linear("self_attn.v_proj", hidden, hidden, "attention", bias=bias),
+        *linear("self_attn.q_proj", hidden, hidden, "attention", bias=bias),
+        *linear("self_attn.out_proj", hidden, hidden, "attention", bias=bias),
+        *layer_norm("self_attn_layer_norm", hidden, affine=affine),
+        *linear("fc1", ffn, hidden, "mlp", bias=bias),
+        *linear("fc2", hidden, ffn, "mlp", bias=bias),
+        *layer_norm("final_layer_norm", hidden, affine=affine),
+    )
+
+
+def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
+    cfg = resolve(config, _DEFAULTS, origin=origin)
+    cls, notes = pick_class(cfg, _CLASSES, _DEFAULT_CLASS, why="AutoModelForCausalLM")
+    hidden = cfg.int("hidden_size")
+    layers = cfg.int("num_hidden_layers")
+    heads = cfg.int("num_attention_heads")
+    ffn = cfg.int("ffn_dim")
+    vocab = cfg.int("vocab_size")
+    positions = cfg.int("max_position_embeddings")
+    proj = int_or(cfg, "word_embed_proj_dim", hidden)
+    bias = flag(cfg, "enable_bias")
+    affine = flag(cfg, "layer_norm_elementwise_affine")
+    final_norm = flag(cfg, "do_layer_norm_before") and not flag(cfg, "_remove_final_layer_norm")
+
+    projections: Part = ()
+    if proj != hidden:
+        projections = (
+            *linear("project_out", proj, hidden, "projection", bias=False),
+            *linear("project_in", hidden, proj, "projection", bias=False),
+        )
+    decoder = [
+        *embedding("embed_tokens", vocab, proj),
+        *embedding("embed_positions", positions + _POSITION_OFFSET, hidden, "position"),
+        *projections,
+        *(layer_norm("final_layer_norm", hidden, affine=affine) if final_norm else ()),
+        *stamp_layers([layer(hidden, ffn, bias=bias, affine=affine)] * layers, "layers"),
+    ]
+    tensors, tied = with_class_head(
+        cfg,
+        cls,
+        "OPT",
+        prefix="model",
+        backbone=prefixed(decoder, "decoder"),
+        embed="decoder.embed_tokens.weight",
+        hidden=proj,
+        vocab=vocab,
+    )
+    arch = architecture(
+        cfg,
+        "opt",
+        Dims.mha(hidden=hidden, layers=layers, vocab=vocab, heads=heads, inter=ffn),
+        max_positions=positions,
+        extra={
+            "model_class": cls,
+            "word_embed_proj_dim": proj,
+            "do_layer_norm_before": flag(cfg, "do_layer_norm_before"),
+        },
+    )
+    return assemble(cfg=cfg, architecture=arch, tensors=tensors, tied=tied, notes=notes)

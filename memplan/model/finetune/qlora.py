@@ -1,0 +1,189 @@
+"""QLoRA's base model: transformers' BitsAndBytesConfig(load_in_4bit=True) and peft's
+prepare_model_for_kbit_training as an inventory transform (`quantize_4bit`), and the weight
+each 4-bit matmul dequantizes (`dequantized_weight_bytes`, a transient of the step). The LoRA
+adapters on top come from memplan.model.finetune.lora. Pure: no torch, no I/O; bitsandbytes needs
+CUDA,
+so the formulas are cited from its source and tests/test_finetune_gpu.py skips without one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+from memplan.config.spec import FinetuneSpec
+from memplan.model.inventory import Inventory, TensorSpec
+from memplan.model.module_tree import FINETUNE_NOTE, frozen, leaf, modules, owner
+from memplan.precision import dtype_bytes
+
+SRC_BNB_REPLACE = (
+    "transformers 5.24 integrations/bitsandbytes.py::replace_with_bnb_linear "
+    "(nn.Linear and Conv1D only); quantizers/base.py::get_keys_to_not_convert"
+)
+SRC_BNB_QUANT = (
+    "bitsandbytes 0.50.1 functional.py::quantize_4bit, _ops.py (quantize_4bit fake: packed "
+    "[(n + 1) // 2, 1] uint8, absmax [ceil(n / blocksize)] fp32), nn/modules.py::Params4bit"
+)
+SRC_BNB_DEQUANT = (
+    "bitsandbytes 0.50.1 autograd/_functions.py::MatMul4Bit (F.dequantize_4bit(B, "
+    "ctx.state).to(dtype)), backends/cuda/ops.py::_gemm_4bit_use_custom_cuda"
+)
+
+# bitsandbytes: Params4bit / quantize_4bit's default blocksize (transformers passes none), the
+# nested (double) quantization of the absmax in blocks of 256 with the 8-bit dynamic map
+# (functional.py::quantize_4bit: `quantize_blockwise(_absmax - offset, blocksize=256)`), the
+# 16-entry 4-bit code (functional.py::get_4bit_type: `torch.tensor(data)` of 16 floats, made
+# for each quantized weight) and the 256-entry dynamic map the nested state copies
+# (quantize_blockwise: `code.to(A.device, copy=True)`).
+BNB_4BIT_BLOCKSIZE = 64
+BNB_NESTED_BLOCKSIZE = 256
+BNB_4BIT_CODE_ELEMS = 16
+BNB_DYNAMIC_MAP_ELEMS = 256
+# Two 4-bit values per byte of uint8 storage (_ops.py: `(n + 1) // (itemsize * 2)` rows).
+BNB_VALUES_PER_BYTE = 2
+
+
+def quantize_4bit(inventory: Inventory, ft: FinetuneSpec, *, compute: str) -> Inventory:
+    """transformers BitsAndBytesConfig(load_in_4bit=True) then peft
+    prepare_model_for_kbit_training: which modules become bnb Linear4bit, and what each holds.
+
+    Every nn.Linear and Conv1D module is replaced (SRC_BNB_REPLACE) except those that
+    `skip_modules` (llm_int8_skip_modules) names, or by default the output embedding, tied
+    weights and the module of the last parameter (get_keys_to_not_convert). A quantized
+    weight of n elements becomes (SRC_BNB_QUANT):
+      packed weight      [(n + 1) // 2, 1] uint8 (two 4-bit codes per byte), a frozen Params4bit;
+      absmax             [ceil(n / 64)] fp32, or uint8 with double quantization;
+      quant_map          [16] fp32, the nf4 / fp4 code (one per weight);
+      with double quantization: nested_absmax [ceil(blocks / 256)] fp32, nested_quant_map
+      [256] fp32 (a copy of the 8-bit dynamic map per weight) and offset, a 0-dim fp32.
+    The quantization state is not a parameter; memplan lists it with the buffers (held whole
+    by every rank, no gradient). prepare_kbit (peft utils/other.py::
+    prepare_model_for_kbit_training) then casts every other 16-bit parameter to fp32.
+    """
+    mods = modules(inventory)
+    skip = default_skips(inventory) if ft.skip_modules is None else None
+    quantized = [
+        m.name
+        for m in mods.values()
+        if m.kind in ("linear", "conv1d")
+        and not m.alias
+        and not (skip is not None and m.output)
+        and not _skipped(m.name, ft, skip)
+    ]
+    chosen = set(quantized)
+    params: list[TensorSpec] = []
+    states: list[TensorSpec] = []
+    for t in inventory.parameters:
+        if owner(t.name) in chosen and leaf(t.name) == "weight":
+            params.append(packed_weight(t))
+            states += quant_state(t, double=ft.double_quant)
+        elif ft.prepare_kbit and t.dtype is None:
+            params.append(replace(t, dtype="fp32", trainable=False))
+        else:
+            params.append(frozen(t))
+    upcast = "; other parameters upcast to fp32 (prepare_model_for_kbit_training)"
+    largest = max((t.numel for t in inventory.parameters if owner(t.name) in chosen), default=0)
+    transient = dequantized_weight_bytes(largest, compute=compute, double=ft.double_quant)
+    note = (
+        f"{FINETUNE_NOTE} {len(quantized)} Linear modules in 4-bit {ft.quant_type} "
+        f"(blocksize {BNB_4BIT_BLOCKSIZE}, double quantization "
+        f"{'on' if ft.double_quant else 'off'}), quantization state counted with the buffers"
+        f"{upcast if ft.prepare_kbit else ''}. Each 4-bit Linear dequantizes its weight for "
+        f"its matmuls: one layer's worth, {transient:,} B for the largest ({largest:,} "
+        f"elements in {compute}), alive during its forward and backward (transient "
+        "qlora_dequantized_weight)."
+    )
+    return replace(
+        inventory,
+        parameters=tuple(params),
+        buffers=(*inventory.buffers, *states),
+        notes=(*inventory.notes, note),
+    )
+
+
+def dequantized_weight_bytes(numel: int, *, compute: str, double: bool) -> int:
+    """The transient of one 4-bit Linear's matmul: bitsandbytes MatMul4Bit dequantizes the
+    whole weight into the compute dtype (autograd/_functions.py::MatMul4Bit.backward:
+    `F.dequantize_4bit(B, ctx.state).to(grad_output.dtype)`, 0.50.1; the forward too up to
+    0.49, and in 0.50 for more than a few rows: backends/cuda/ops.py::
+    _gemm_4bit_use_custom_cuda), after dequantizing a nested absmax to fp32
+    (functional.py::dequantize_4bit). Only one layer's weight is alive at a time."""
+    blocks = -(-numel // BNB_4BIT_BLOCKSIZE)
+    return numel * dtype_bytes(compute) + (blocks * dtype_bytes("fp32") if double else 0)
+
+
+def default_skips(inventory: Inventory) -> set[str]:
+    """transformers quantizers/base.py::get_keys_to_not_convert: both sides of every tied
+    pair, the module of the last parameter, and the output embedding (caught by
+    `Module.output`)."""
+    names = {owner(n) for pair in inventory.tied for n in pair}
+    if inventory.parameters:
+        names.add(owner(inventory.parameters[-1].name))
+    return names
+
+
+def _skipped(name: str, ft: FinetuneSpec, default: set[str] | None) -> bool:
+    """Whether a Linear stays unquantized. Without skip_modules: the default skips (and the
+    output embedding). With them, transformers quantizers_utils.py::should_convert_module: a
+    pattern skips a module when it matches from the start up to a module boundary (as a
+    regex), or is a suffix of its name."""
+    if default is not None:
+        return name in default
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(
+        re.match(rf"(?:{key}){boundary}", name) or name.endswith(key)
+        for key in ft.skip_modules or ()
+    )
+
+
+def dequantize_transient(
+    inventory: Inventory, ft: FinetuneSpec, *, compute: str
+) -> tuple[int, str] | None:
+    """(bytes, formula) of the largest 4-bit weight dequantized for its matmul
+    (`dequantized_weight_bytes`), from the packed weights of a `quantize_4bit` inventory;
+    None without qlora."""
+    if ft.method != "qlora":
+        return None
+    rows = max((t.shape[0] for t in inventory.parameters if _is_packed(t)), default=0)
+    if not rows:
+        return None
+    numel = rows * BNB_VALUES_PER_BYTE
+    n = dequantized_weight_bytes(numel, compute=compute, double=ft.double_quant)
+    return n, (
+        f"the largest 4-bit weight, {numel:,} elements x {dtype_bytes(compute)} B ({compute})"
+        + (" + its nested absmax in fp32" if ft.double_quant else "")
+    )
+
+
+def _is_packed(t: TensorSpec) -> bool:
+    return t.dtype == "uint8" and len(t.shape) == 2 and t.shape[1] == 1 and not t.trainable
+
+
+def packed_weight(t: TensorSpec) -> TensorSpec:
+    """A bnb Params4bit: [(n + 1) // 2, 1] uint8, frozen (SRC_BNB_QUANT)."""
+    rows = (t.numel + 1) // BNB_VALUES_PER_BYTE
+    return replace(t, shape=(rows, 1), dtype="uint8", trainable=False)
+
+
+def quant_state(t: TensorSpec, *, double: bool) -> list[TensorSpec]:
+    """The QuantState of one 4-bit weight of n elements (SRC_BNB_QUANT; names as
+    QuantState.as_dict writes them)."""
+    blocks = -(-t.numel // BNB_4BIT_BLOCKSIZE)
+
+    def state(leaf: str, shape: tuple[int, ...], dtype: str) -> TensorSpec:
+        return TensorSpec(
+            f"{t.name}.{leaf}", shape, "buffer", dtype, layer=t.layer, role="quant_state"
+        )
+
+    out = [
+        state("absmax", (blocks,), "uint8" if double else "fp32"),
+        state("quant_map", (BNB_4BIT_CODE_ELEMS,), "fp32"),
+    ]
+    if double:
+        nested = -(-blocks // BNB_NESTED_BLOCKSIZE)
+        out += [
+            state("nested_absmax", (nested,), "fp32"),
+            state("nested_quant_map", (BNB_DYNAMIC_MAP_ELEMS,), "fp32"),
+            state("nested_offset", (), "fp32"),
+        ]
+    return out

@@ -1,0 +1,184 @@
+"""What one forward pass leaves for backward: the saved tensors, grouped by block.
+
+The contract (issue 5): activations are the bytes of the tensors autograd holds for backward at
+the end of the forward pass, loss included, deduplicated by storage, parameters and buffers
+excluded. Each `Saved` is one storage: when two autograd nodes save the same storage (a linear's
+input shared by q/k/v, a softmax output that the next matmul also saves) it is listed once, under
+the first node that saves it. tests/test_activations.py proves every rule against
+`torch.autograd.graph.saved_tensors_hooks` on the transformers models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from memplan.memory import Transient, rounding
+from memplan.precision import dtype_bytes
+from memplan.versions import RULES_TRANSFORMERS
+
+Device = Literal["cuda", "cpu"]
+AttentionKind = Literal["eager", "sdpa"]
+Checkpointing = Literal["none", "full", "selective"]
+
+# Dtype ranks for type promotion of floating tensors (torch.promote_types): fp32 wins over the
+# 16-bit types; bf16 and fp16 together promote to fp32.
+_FLOAT_RANK = {"fp8": 0, "bf16": 1, "fp16": 1, "fp32": 2}
+
+
+def promote(a: str, b: str) -> str:
+    """`torch.promote_types` for the floating dtypes memplan knows (c10/core/ScalarType.cpp)."""
+    if a == b:
+        return a
+    if _FLOAT_RANK[a] == _FLOAT_RANK[b]:
+        return "fp32"
+    return a if _FLOAT_RANK[a] > _FLOAT_RANK[b] else b
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Setting:
+    """Everything about the run that changes which tensors a forward pass saves."""
+
+    batch: int
+    """Sequences per forward pass (micro-batch size)."""
+    sequence: int
+    """Tokens per sequence."""
+    stream: str
+    """Dtype of the embeddings, the residual stream and the norms (the parameters' dtype)."""
+    matmul: str
+    """Dtype matmuls run in: autocast's dtype, else the same as `stream`."""
+    autocast: bool
+    """torch.autocast is on: matmul inputs and weights are cast to `matmul` per op."""
+    device: Device
+    """The kernels' device: CPU and CUDA kernels save different tensors."""
+    attention: AttentionKind
+    """transformers `attn_implementation`."""
+    dropout: bool | None
+    """Force dropout on (True) or off (False); None: on where the config's probability > 0."""
+    checkpointing: Checkpointing
+    """Activation checkpointing of the decoder layers."""
+    offload: bool = False
+    """Checkpointed layer inputs kept in pinned host memory (transformers `offload=True`)."""
+    expert_pairs: int | None = None
+    """(token, expert) pairs one GPU's experts process per MoE layer, when the layout fixes
+    them (memplan.activations.layout.expert_pairs); None: top_k x tokens."""
+    local_experts: int | None = None
+    """Experts on this GPU (expert parallelism); None: all of them."""
+    transformers: str = RULES_TRANSFORMERS
+    """The transformers release whose modeling code runs (major.minor): rules that differ
+    between supported releases pick by it (memplan.versions)."""
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.sequence
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Saved:
+    """One storage autograd keeps for backward."""
+
+    name: str
+    """What it is, relative to its block (`self_attn.softmax`)."""
+    shape: tuple[int, ...]
+    """Shape of the storage in elements (as the saving node sees it)."""
+    dtype: str
+    saved_by: str
+    """The autograd node that saves it (the first one, when several share the storage)."""
+    source: str
+    """Where the rule comes from: the kernel or modeling file that saves it."""
+
+    numel: int = field(init=False, repr=False)
+    bytes: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Computed once: plan sums these over thousands of layouts.
+        numel = math.prod(self.shape)
+        object.__setattr__(self, "numel", numel)
+        object.__setattr__(self, "bytes", numel * dtype_bytes(self.dtype))
+
+
+_SUMS: dict[int, tuple[tuple[Saved, ...], tuple[int, int]]] = {}
+
+
+def _sums(tensors: tuple[Saved, ...]) -> tuple[int, int]:
+    """(bytes, allocator rounding) of `tensors`, remembered per tuple object: pipeline stages
+    and plan's layouts re-count the same blocks (`replace(block, count=...)`) many times."""
+    hit = _SUMS.get(id(tensors))
+    if hit is not None and hit[0] is tensors:
+        return hit[1]
+    value = (sum(t.bytes for t in tensors), rounding(t.bytes for t in tensors))
+    if len(_SUMS) >= 4096:
+        _SUMS.clear()
+    _SUMS[id(tensors)] = (tensors, value)
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Block:
+    """Saved tensors of one part of the model: embeddings, decoder layers, head or loss."""
+
+    name: str
+    count: int
+    """How many times the block repeats (decoder layers of this kind); 1 otherwise."""
+    tensors: tuple[Saved, ...]
+    """What one copy of the block holds at the end of the forward pass."""
+    recompute: tuple[Saved, ...] = ()
+    """With checkpointing: what one copy re-creates while its backward runs (alive on top)."""
+    layered: bool = False
+    """True for decoder layers: freed one by one during backward."""
+    on_host: bool = False
+    """Offloaded to pinned host memory (not on the GPU)."""
+
+    bytes_each: int = field(init=False, repr=False)
+    recompute_bytes: int = field(init=False, repr=False)
+    rounding_each: int = field(init=False, repr=False)
+    """Bytes the CUDA caching allocator's 512-byte blocks add to one copy's tensors."""
+
+    def __post_init__(self) -> None:
+        each, padding = _sums(self.tensors)
+        object.__setattr__(self, "bytes_each", each)
+        object.__setattr__(self, "recompute_bytes", _sums(self.recompute)[0])
+        object.__setattr__(self, "rounding_each", padding)
+
+    @property
+    def bytes(self) -> int:
+        return self.count * self.bytes_each
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Activations:
+    """The activations of one forward pass on one GPU."""
+
+    modelled: bool
+    """False when memplan has no rules for this family or layout: then every byte below is 0."""
+    blocks: tuple[Block, ...] = ()
+    logits_bytes: int = 0
+    """The logits tensor [batch, seq, vocab] in the matmul dtype: the model's output, alive at
+    the loss but not saved for backward."""
+    upcast_bytes: int = 0
+    """The fp32 copy of the logits the loss makes (`logits.float()`), alive during the loss."""
+    hidden_bytes: int = 0
+    """One hidden state [batch, seq, hidden] in the stream dtype (backward working set)."""
+    buffers: tuple[Transient, ...] = ()
+    """Communication buffers of a model-parallel layout (memplan.activations.layout.buffers):
+    transient, not saved."""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def bytes(self) -> int:
+        """Bytes saved for backward on the GPU at the end of the forward pass (the contract)."""
+        return sum(b.bytes for b in self.blocks if not b.on_host)
+
+    @property
+    def host_bytes(self) -> int:
+        """Saved bytes offloaded to host memory (not in `bytes`)."""
+        return sum(b.bytes for b in self.blocks if b.on_host)
+
+    def block(self, name: str) -> Block | None:
+        return next((b for b in self.blocks if b.name == name), None)
+
+
+def not_modelled(why: str) -> Activations:
+    """Activations memplan does not predict, with the reason in a note."""
+    return Activations(modelled=False, notes=(why,))

@@ -1,0 +1,559 @@
+"""`memplan plan`: search the layouts that fit a memory budget and rank them by step time.
+
+Every candidate's memory comes from the same calculator as `memplan estimate` (so plan never
+proposes a layout whose predicted peak exceeds the budget); its time from `memplan.plan.steptime`.
+Model states do not depend on the micro-batch or on recomputation, so they are computed once
+per (degrees, engine, stage, offload) and reused; and since the peak only grows with the
+micro-batch, the search stops at the first micro-batch that does not fit.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from memplan.config.spec import MAX_DEGREE, OffloadSpec, ParallelismSpec, PlanSpec, Spec
+from memplan.errors import MemplanError
+from memplan.hardware import CATALOG
+from memplan.model.inventory import Inventory
+from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS
+from memplan.plan.steptime import Layout, Link, Shape, StepTime, step_time
+from memplan.precision import dtype_bytes
+from memplan.report.estimate import Report, assemble, estimate, model_states, verdict
+from memplan.states.engines.megatron import main_grad_dtype
+from memplan.states.stages import StageStates
+
+# Engine -> ZeRO stages the search tries (each engine's own range; see memplan.config.spec).
+ENGINE_STAGES = {"deepspeed": (0, 1, 2, 3), "fsdp2": (2, 3), "megatron": (0, 1), "ddp": (0, 1)}
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Candidate:
+    """One layout that fits, with its memory and estimated time."""
+
+    data: int
+    tensor: int
+    pipeline: int
+    context: int
+    expert: int
+    engine: str
+    zero_stage: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    recompute: str
+    offload: str
+    layers_per_stage: tuple[int, ...] | None
+    virtual_stages: int
+    """Model chunks per pipeline rank (> 1: Megatron's interleaved 1F1B schedule)."""
+    peak_bytes: int
+    headroom_bytes: int
+    time: StepTime
+    tokens_per_step: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.time.total_s
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanResult:
+    gpus: int
+    global_batch_size: int
+    budget_bytes: int
+    capacity_bytes: int
+    layouts: tuple[Candidate, ...]
+    """Fitting layouts, fastest first (all of them; `top` says how many to show)."""
+    searched: int
+    pruned: dict[str, int]
+    suggestion: str = ""
+    top: int = 10
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def pipeline_split(layers: int, pipeline: int) -> tuple[int, ...] | None:
+    """Layers per stage: an even split when it divides; else Megatron's uneven split, where
+    the first and last stages take one layer less as if the embedding and the loss were
+    layers (--account-for-embedding-in-pipeline-split, --account-for-loss-in-pipeline-split);
+    None when neither divides."""
+    if layers % pipeline == 0:
+        return (layers // pipeline,) * pipeline
+    if pipeline > 2 and (layers + 2) % pipeline == 0 and layers + 2 >= 2 * pipeline:
+        per = (layers + 2) // pipeline
+        return (per - 1, *([per] * (pipeline - 2)), per - 1)
+    return None
+
+
+def _recompute_options(allow: bool) -> tuple[str, ...]:
+    return ("none", "selective", "full") if allow else ("none",)
+
+
+def _shape(inventory: Inventory, spec: Spec, global_batch: int) -> Shape:
+    arch = inventory.architecture
+    assert arch is not None  # checked by plan()
+    experts = sum(t.numel for t in inventory.parameters if t.role == "experts")
+    active = inventory.num_parameters - experts
+    if arch.num_experts:
+        active += experts * arch.num_experts_per_token // arch.num_experts
+    moe_layers = len({t.layer for t in inventory.parameters if t.role == "experts"})
+    return Shape(
+        parameters=active,
+        total_parameters=inventory.num_parameters,
+        layers=arch.num_layers,
+        moe_layers=moe_layers,
+        hidden=arch.hidden_size,
+        attention_width=arch.num_attention_heads * arch.head_dim,
+        kv_width=arch.num_key_value_heads * arch.head_dim,
+        top_k=arch.num_experts_per_token,
+        sequence=spec.training.sequence_length,
+        global_batch=global_batch,
+    )
+
+
+def _link(spec: Spec, plan: PlanSpec) -> Link:
+    gpu = CATALOG[spec.hardware.gpu] if spec.hardware.gpu else CATALOG["H100-80GB"]
+    return Link(
+        peak_flops=gpu.bf16_flops,
+        mfu=plan.mfu,
+        intra_bytes_per_s=plan.intra_node_bandwidth or gpu.intra_node_bytes_per_s,
+        inter_bytes_per_s=plan.inter_node_bandwidth or gpu.inter_node_bytes_per_s,
+    )
+
+
+@dataclass(slots=True)
+class _Search:
+    spec: Spec
+    inventory: Inventory
+    plan: PlanSpec
+    gpus: int
+    global_batch: int
+    budget: int
+    pruned: Counter[str] = field(default_factory=Counter)
+    searched: int = 0
+    activations_modelled: bool = True
+    """Whether memplan models this model's activations at all (on plain data parallelism)."""
+
+    def degrees(self) -> Iterator[tuple[int, int, int, int, int, tuple[int, ...] | None]]:
+        """(tensor, pipeline, virtual stages, context, expert, layers_per_stage (one entry per
+        model chunk, None when even)) whose degrees multiply to the GPUs."""
+        arch = self.inventory.architecture
+        assert arch is not None
+        gpn = self.spec.hardware.gpus_per_node
+        max_tp = self.plan.max_tensor or gpn
+        for tp in _divisors(self.gpus):
+            if self.plan.tensor is not None and tp != self.plan.tensor:
+                continue
+            if tp > max_tp:
+                self.pruned["tensor degree above max_tensor (TP stays inside a node)"] += 1
+                continue
+            heads = (arch.num_attention_heads, arch.num_key_value_heads)
+            if any(h % tp for h in heads if h):
+                self.pruned["attention heads not divisible by tensor"] += 1
+                continue
+            for pp in _divisors(self.gpus // tp):
+                if pp > (self.plan.max_pipeline or arch.num_layers):
+                    self.pruned["pipeline degree above max_pipeline"] += 1
+                    continue
+                for vp in self._virtual(pp):
+                    split = pipeline_split(arch.num_layers, pp * vp)
+                    if split is None:
+                        self.pruned["layers not divisible by pipeline"] += 1
+                        continue
+                    yield from self._context_expert(tp, pp, vp, split)
+
+    def _virtual(self, pp: int) -> list[int]:
+        """Model chunks per pipeline rank to try: 1, and with Megatron in the engines the
+        interleaved schedule's 2, 4, ... up to plan.max_virtual_stages."""
+        if pp == 1 or "megatron" not in self.plan.engines:
+            return [1]
+        out, v = [1], 2
+        while v <= self.plan.max_virtual_stages:
+            out.append(v)
+            v *= 2
+        return out
+
+    def _context_expert(
+        self, tp: int, pp: int, vp: int, split: tuple[int, ...]
+    ) -> Iterator[tuple[int, int, int, int, int, tuple[int, ...] | None]]:
+        arch = self.inventory.architecture
+        assert arch is not None
+        for cp in _divisors(self.gpus // (tp * pp)):
+            if cp > self.plan.max_context:
+                continue
+            if cp > 1 and self.spec.training.sequence_length % (2 * cp):
+                self.pruned["sequence not divisible by 2 x context"] += 1
+                continue
+            if tp > 1 and (self.spec.training.sequence_length // cp) % tp:
+                self.pruned["sequence not divisible by tensor (sequence parallel)"] += 1
+                continue
+            dp = self.gpus // (tp * pp * cp)
+            if self.global_batch % dp:
+                self.pruned["global batch not divisible by data degree"] += 1
+                continue
+            experts = [1]
+            if arch.num_experts:
+                experts = [e for e in _divisors(dp) if arch.num_experts % e == 0]
+            for ep in experts:
+                even = len(set(split)) == 1
+                yield tp, pp, vp, cp, ep, None if even else split
+
+    @property
+    def _mixed_accumulation(self) -> bool:
+        recipe = self.spec.recipe()
+        return bool(recipe.gradient_accumulation) and (
+            recipe.gradient_accumulation != recipe.parameters
+        )
+
+    def layouts(self) -> Iterator[tuple[ParallelismSpec, str]]:
+        offloads = ("none", "cpu") if self.plan.allow_offload else ("none",)
+        for tp, pp, vp, cp, ep, split in self.degrees():
+            dp = self.gpus // (tp * pp * cp)
+            for engine in self.plan.engines:
+                if engine == "ddp" and (tp > 1 or pp > 1 or ep > 1 or cp > 1):
+                    self.pruned["ddp has no tensor/pipeline/expert/context parallelism"] += 1
+                    continue
+                if vp > 1 and engine != "megatron":
+                    continue  # the interleaved schedule is Megatron's
+                if engine == "fsdp2" and self.spec.optimizer.name in FSDP2_REFUSED_OPTIMIZERS:
+                    self.pruned["optimizer does not run on FSDP2's DTensor parameters"] += 1
+                    continue
+                for stage in ENGINE_STAGES[engine]:
+                    if engine == "deepspeed" and cp > 1:
+                        # deepspeed/sequence/layer.py::DistributedAttention (0.19.8): DeepSpeed's
+                        # sequence parallelism is Ulysses all-to-all, not the ring steptime models.
+                        self.pruned["DeepSpeed has no ring context parallelism"] += 1
+                        break
+                    if engine == "deepspeed" and stage == 0 and self._mixed_accumulation:
+                        # engine.py::_do_optimizer_sanity_check (0.19.8): NotImplementedError.
+                        self.pruned["DeepSpeed ZeRO-0 cannot accumulate in another dtype"] += 1
+                        continue
+                    if engine == "deepspeed" and pp > 1 and stage >= 2:
+                        self.pruned["DeepSpeed ZeRO-2/3 does not run with pipeline"] += 1
+                        continue
+                    for offload in offloads:
+                        if offload != "none" and engine in ("ddp", "megatron"):
+                            continue
+                        try:
+                            par = ParallelismSpec(
+                                engine=engine,
+                                data=dp,
+                                zero_stage=stage,
+                                tensor=tp,
+                                pipeline=pp,
+                                context=cp,
+                                expert=ep,
+                                layers_per_stage=split,
+                                schedule="interleaved" if vp > 1 else "1f1b",
+                                virtual_stages=vp,
+                                sequence_parallel=tp > 1,
+                                offload=OffloadSpec(optimizer=offload),
+                            )
+                        except ValueError:
+                            self.pruned["engine cannot run this layout"] += 1
+                            continue
+                        yield par, offload
+
+    def run(self, progress: Progress | None) -> list[Candidate]:
+        layouts = list(self.layouts())
+        out: list[Candidate] = []
+        recomputes = _recompute_options(self.plan.allow_recompute)
+        shape = _shape(self.inventory, self.spec, self.global_batch)
+        link = _link(self.spec, self.plan)
+        for i, (par, offload) in enumerate(layouts):
+            if progress:
+                progress(i, len(layouts))
+            spec = self.spec.model_copy(update={"parallelism": par})
+            states = model_states(spec, self.inventory)
+            if max(s.model_state_bytes for s in states) > self.budget:
+                self.pruned["does not fit: model states alone exceed the budget"] += 1
+                continue
+            for recompute in recomputes:
+                for mbs in self.plan.micro_batch_sizes:
+                    if self.global_batch % (mbs * par.data):
+                        continue
+                    self.searched += 1
+                    report = self._report(spec, states, mbs, recompute)
+                    if self.activations_modelled and not _activations_modelled(report):
+                        # A peak without activations would look falsely small: never rank it.
+                        self.pruned["activations not modelled for this layout"] += 1
+                        break
+                    # The peak is a lower bound of what the allocator reserves: most layouts
+                    # that miss are pruned without working out the reserve.
+                    if report.peak_bytes > self.budget:
+                        self.pruned["does not fit: peak exceeds the budget"] += 1
+                        break  # a larger micro-batch only needs more
+                    headroom = (report.usable_bytes or 0) - self.plan.reserve
+                    if (
+                        verdict(
+                            usable_bytes=headroom,
+                            activations_modelled=_activations_modelled(report),
+                        )
+                        != "fits"
+                    ):
+                        self.pruned["does not fit: the allocator's reserve exceeds the budget"] += 1
+                        break
+                    out.append(
+                        self._candidate(report, par, mbs, recompute, offload, shape, link, headroom)
+                    )
+        if progress:
+            progress(len(layouts), len(layouts))
+        return sorted(out, key=lambda c: (c.time.total_s, c.peak_bytes))
+
+    def _report(self, spec: Spec, states: list[StageStates], mbs: int, recompute: str) -> Report:
+        training = spec.training.model_copy(
+            update={
+                "micro_batch_size": mbs,
+                "activation_checkpointing": recompute,
+                # pipeline ranks keep up to this many micro-batches in flight
+                "gradient_accumulation_steps": self.global_batch // (mbs * spec.parallelism.data),
+            }
+        )
+        return assemble(
+            spec.model_copy(update={"training": training}),
+            self.inventory,
+            states,
+            every_stage=False,
+        )
+
+    def _candidate(
+        self,
+        report: Report,
+        par: ParallelismSpec,
+        mbs: int,
+        recompute: str,
+        offload: str,
+        shape: Shape,
+        link: Link,
+        headroom: int,
+    ) -> Candidate:
+        recipe = self.spec.recipe()
+        per_rank = max(s.num_parameters for s in report.stages)
+        grad_dtype = main_grad_dtype(recipe) if par.engine == "megatron" else recipe.gradients
+        layout = Layout(
+            gpus=self.gpus,
+            gpus_per_node=self.spec.hardware.gpus_per_node,
+            data=par.data,
+            tensor=par.tensor,
+            pipeline=par.pipeline,
+            context=par.context,
+            expert=par.expert,
+            virtual_stages=par.virtual_stages,
+            micro_batch=mbs,
+            engine=par.engine,
+            zero_stage=par.stage,
+            recompute=recompute,
+            offload=offload != "none",
+            grad_bytes=per_rank * dtype_bytes(grad_dtype),
+            param_bytes=per_rank * dtype_bytes(recipe.parameters),
+        )
+        return Candidate(
+            data=par.data,
+            tensor=par.tensor,
+            pipeline=par.pipeline,
+            context=par.context,
+            expert=par.expert,
+            engine=par.engine,
+            zero_stage=par.stage,
+            micro_batch_size=mbs,
+            gradient_accumulation_steps=self.global_batch // (mbs * par.data),
+            recompute=recompute,
+            offload=offload,
+            layers_per_stage=par.layers_per_stage,
+            virtual_stages=par.virtual_stages,
+            peak_bytes=report.peak_bytes,
+            headroom_bytes=headroom,
+            time=step_time(shape, layout, link),
+            tokens_per_step=self.global_batch * self.spec.training.sequence_length,
+        )
+
+
+def plan(
+    spec: Spec, inventory: Inventory, *, progress: Progress | None = None, suggest: bool = True
+) -> PlanResult:
+    """Every layout of `spec.plan` that fits, fastest first, and what was pruned and why.
+
+    When nothing fits and `suggest` is set, `suggestion` says what would (each hint is a
+    search of its own, run with `suggest=False` so the hints do not recurse)."""
+    p = spec.plan or PlanSpec()
+    if inventory.architecture is None:
+        raise MemplanError(
+            "plan searches tensor/pipeline layouts and needs the model's "
+            "architecture: give hf_config, preset or architecture.",
+            field="model",
+        )
+    gpn = spec.hardware.gpus_per_node
+    gpus = p.gpus or (p.nodes * gpn if p.nodes else None)
+    if gpus is None:
+        raise MemplanError(
+            "say how many GPUs to plan for: plan.gpus or plan.nodes.", field="plan.gpus"
+        )
+    if gpus > MAX_DEGREE:
+        raise MemplanError(
+            f"plan.nodes x hardware.gpus_per_node = {gpus:,} GPUs; plan searches at most "
+            f"{MAX_DEGREE:,}.",
+            field="plan.nodes",
+        )
+    capacity = spec.hardware.memory or (
+        CATALOG[spec.hardware.gpu].memory_bytes if spec.hardware.gpu else None
+    )
+    if capacity is None:
+        raise MemplanError(
+            "plan needs the GPU memory: hardware.gpu (e.g. H100-80GB) or hardware.memory.",
+            field="hardware",
+        )
+    seq = spec.training.sequence_length
+    if p.global_batch_tokens:
+        if p.global_batch_tokens % seq:
+            raise MemplanError(
+                f"global_batch_tokens {p.global_batch_tokens:,} is not a multiple "
+                f"of the sequence length {seq:,}.",
+                field="plan.global_batch_tokens",
+            )
+        global_batch = p.global_batch_tokens // seq
+    else:
+        global_batch = p.global_batch_size or gpus
+    # One plain torch process (ddp, no wrapper): it runs with any precision (DeepSpeed ZeRO-0
+    # refuses some, see sharding/deepspeed.py) and tells whether activations are modelled.
+    plain = estimate(
+        spec.model_copy(update={"parallelism": ParallelismSpec(engine="ddp")}), inventory
+    )
+    if not _activations_modelled(plain):
+        # A peak without activations is partial (memplan.report.estimate.verdict): ranking it as a
+        # fit would be a false yes.
+        why = next((n for n in plain.activations.notes if "not modelled" in n), "")
+        raise MemplanError(
+            "plan ranks layouts by their peak, and this model's activations are not "
+            f"modelled, so no layout can be called a fit{': ' + why if why else '.'} "
+            "`memplan estimate` still gives the model states per GPU.",
+            field="model",
+        )
+    # The same usable memory estimate's verdict uses: capacity - CUDA context (outside the
+    # allocator) - plan.reserve; each layout's reserved segments are checked against it.
+    budget = capacity - plain.timeline.cuda_context_bytes - p.reserve
+    search = _Search(
+        spec=spec,
+        inventory=inventory,
+        plan=p,
+        gpus=gpus,
+        global_batch=global_batch,
+        budget=budget,
+        activations_modelled=_activations_modelled(plain),
+    )
+    layouts = search.run(progress)
+    suggestion = "" if layouts or not suggest else _suggest(spec, inventory, p, gpus, budget)
+    return PlanResult(
+        gpus=gpus,
+        global_batch_size=global_batch,
+        budget_bytes=budget,
+        capacity_bytes=capacity,
+        layouts=tuple(layouts),
+        searched=search.searched,
+        pruned=dict(search.pruned.most_common()),
+        suggestion=suggestion,
+        top=p.top,
+        notes=()
+        if spec.hardware.gpu
+        else (
+            "no hardware.gpu named: layouts are ranked by the H100-80GB's speed "
+            "(memplan.hardware.CATALOG); name hardware.gpu to rank by another GPU's.",
+        ),
+    )
+
+
+def _activations_modelled(report: Report) -> bool:
+    return report.activations.modelled
+
+
+def _fits(spec: Spec, inventory: Inventory, p: PlanSpec, gpus: int) -> bool:
+    try:
+        result = plan(
+            spec.model_copy(
+                update={"plan": p.model_copy(update={"gpus": gpus, "nodes": None, "top": 1})}
+            ),
+            inventory,
+            suggest=False,
+        )
+    except MemplanError:
+        return False
+    return bool(result.layouts)
+
+
+def _suggest(spec: Spec, inventory: Inventory, p: PlanSpec, gpus: int, budget: int) -> str:
+    """What would make something fit: offload, recomputation, or more GPUs."""
+    hints = []
+    if not p.allow_offload and _fits(
+        spec, inventory, p.model_copy(update={"allow_offload": True}), gpus
+    ):
+        hints.append("allow optimizer offload (plan.allow_offload: true)")
+    if not p.allow_recompute and _fits(
+        spec, inventory, p.model_copy(update={"allow_recompute": True}), gpus
+    ):
+        hints.append("allow activation recomputation (plan.allow_recompute: true)")
+    more = gpus
+    for _ in range(6):
+        more *= 2
+        if _fits(
+            spec,
+            inventory,
+            p.model_copy(update={"global_batch_size": None, "global_batch_tokens": None}),
+            more,
+        ):
+            hints.append(f"use at least {more} GPUs (found by doubling)")
+            break
+    if not hints:
+        hints.append(f"nothing found up to {more} GPUs: a larger GPU or offload to NVMe")
+    return "Nothing fits the budget. To fit: " + "; or ".join(hints) + "."
+
+
+def to_json(result: PlanResult) -> dict[str, Any]:
+    """The `plan --json` document. Keys are a public contract (see docs/json.md)."""
+    return {
+        "gpus": result.gpus,
+        "global_batch_size": result.global_batch_size,
+        "budget_bytes": result.budget_bytes,
+        "capacity_bytes": result.capacity_bytes,
+        "notes": list(result.notes),
+        "layouts": [
+            {
+                "data": c.data,
+                "tensor": c.tensor,
+                "pipeline": c.pipeline,
+                "context": c.context,
+                "expert": c.expert,
+                "engine": c.engine,
+                "zero_stage": c.zero_stage,
+                "micro_batch_size": c.micro_batch_size,
+                "gradient_accumulation_steps": c.gradient_accumulation_steps,
+                "recompute": c.recompute,
+                "offload": c.offload,
+                "layers_per_stage": list(c.layers_per_stage) if c.layers_per_stage else None,
+                "virtual_stages": c.virtual_stages,
+                "per_gpu": {"peak": c.peak_bytes},
+                "headroom_bytes": c.headroom_bytes,
+                "step_time_s": c.time.total_s,
+                "tokens_per_s": c.tokens_per_s,
+                "step_time_breakdown_s": {
+                    "compute": c.time.compute_s,
+                    "bubble": c.time.bubble_s,
+                    "tensor": c.time.tensor_s,
+                    "pipeline": c.time.pipeline_s,
+                    "data": c.time.data_s,
+                    "expert": c.time.expert_s,
+                    "context": c.time.context_s,
+                    "offload": c.time.offload_s,
+                },
+            }
+            for c in result.layouts[: result.top]
+        ],
+        "num_fitting": len(result.layouts),
+        "searched": result.searched,
+        "pruned": result.pruned,
+        "message": result.suggestion,
+    }

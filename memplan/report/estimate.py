@@ -1,0 +1,529 @@
+"""The calculator: a frozen spec and a model inventory in, a report out. Pure: no I/O, no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Literal
+
+from memplan import activations as acts
+from memplan import versions
+from memplan.config.spec import Spec
+from memplan.errors import MemplanError
+from memplan.hardware import CATALOG
+from memplan.model.finetune import lora as finetune
+from memplan.model.sources import Inventory
+from memplan.optimizers import OptimizerConfig
+from memplan.precision import Recipe
+from memplan.report.json import to_json as to_json
+from memplan.states import engines as sharding
+from memplan.states import fp8
+from memplan.states.engines import Placement, RankStates, Term
+from memplan.states.parallel import stage_inventories
+from memplan.states.stages import StageStates, model_parallel, stage_states
+from memplan.step import timeline as tl
+
+Verdict = Literal[
+    "fits", "does_not_fit", "model_states_fit_activations_unknown", "model_states_do_not_fit"
+]
+VERDICT_TEXT: dict[Verdict, str] = {
+    "fits": "fits",
+    "does_not_fit": "does NOT fit",
+    "model_states_fit_activations_unknown": "model states fit; activations unknown",
+    "model_states_do_not_fit": "model states alone do NOT fit",
+}
+
+
+def verdict(*, usable_bytes: int | None, activations_modelled: bool) -> Verdict | None:
+    """The one fit verdict `estimate` (table and JSON) and `plan` give: from the usable memory
+    left (capacity - CUDA context - what the allocator reserves at the peak, minus any
+    reserve the user keeps free: memplan.step.timeline.Timeline.usable_bytes) and whether the peak
+    includes activations. Without activations the peak is a partial figure (model states and
+    transients only), so it can say that model states do not fit, never that the step fits.
+    None without a capacity."""
+    if usable_bytes is None:
+        return None
+    if activations_modelled:
+        return "fits" if usable_bytes >= 0 else "does_not_fit"
+    return (
+        "model_states_fit_activations_unknown" if usable_bytes >= 0 else "model_states_do_not_fit"
+    )
+
+
+def fits_of(v: Verdict | None) -> bool | None:
+    """`hardware.fits`: True only for a full "fits", False when it does not fit (model states
+    alone are enough to say so), None without a capacity or when activations are unknown."""
+    if v is None or v == "model_states_fit_activations_unknown":
+        return None
+    return v == "fits"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSummary:
+    name: str
+    model_type: str | None
+    num_parameters: int
+    """Elements over distinct parameter tensors (tied weights counted once)."""
+    num_parameter_tensors: int
+    num_buffers: int
+    num_trainable_parameters: int
+    """Elements of the parameters that train (all of them unless finetune freezes some)."""
+    num_stored_elements: int
+    """Parameter elements the job holds: num_parameters, plus LoRA adapters, with QLoRA's
+    4-bit weights as packed uint8 elements (two weights each)."""
+    num_stored_tensors: int
+    """Parameter tensors the job holds (adapters included)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorRankView:
+    """One class of TP ranks of the most-loaded stage that hold the same vocabulary rows
+    (torch's DTensor gives the last TP ranks fewer rows of a vocabulary TP does not divide:
+    memplan.states.parallel.vocab_rows), with its own activations and timeline."""
+
+    tensor_ranks: tuple[int, ...]
+    per_gpu: RankStates
+    """The class's most-loaded data-parallel rank."""
+    activations_bytes: int
+    """Its saved tensors (the LM head's logits and loss over its vocabulary rows)."""
+    peak_bytes: int
+    """Its timeline's highest phase."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Report:
+    """Everything `memplan estimate` says, in bytes."""
+
+    model: ModelSummary
+    recipe: Recipe
+    optimizer: OptimizerConfig
+    placement: Placement
+    stages: tuple[StageStates, ...]
+    """Every pipeline stage (one when there is no pipeline parallelism)."""
+    stage: int
+    """The most-loaded stage (highest peak): `ranks`, `per_gpu`, `buffers`, `activations` and
+    `timeline` are its."""
+    stage_peaks: tuple[tuple[int, int] | None, ...]
+    """Per stage: (activation bytes, peak bytes) of its most-loaded GPU; None for an interior
+    stage `assemble(every_stage=False)` skipped."""
+    ranks: tuple[RankStates, ...]
+    """Each class of identical data-parallel ranks of the most-loaded stage, in rank order;
+    where TP ranks differ (`RankStates.tensor_ranks`), each class of TP ranks' in turn, TP
+    rank 0's first."""
+    per_gpu: RankStates
+    """The most-loaded rank's class (largest total; the lowest rank on a tie)."""
+    buffers: tuple[Term, ...]
+    degrees: tuple[tuple[str, int], ...]
+    """The layout's parallel degrees, (name, degree): dp, tp, pp, cp, ep."""
+    gpus_per_node: int
+    ranks_per_node: int
+    """Ranks that share one node's host memory: min(gpus_per_node, world size) (a one-GPU job
+    has one rank on its node, however many GPUs the node has)."""
+    host_capacity_bytes: int | None
+    """hardware.host_memory: CPU memory of one node."""
+    activations_bytes: int
+    """Bytes autograd holds for backward at the end of the forward pass, loss included
+    (memplan.activations); 0 when not modelled."""
+    transient_bytes: int
+    """Transient buffers alive at the peak (memplan.step.timeline)."""
+    activations: acts.Activations
+    """The saved tensors behind `activations_bytes`, by block."""
+    timeline: tl.Timeline
+    """Bytes alive at each phase of the step, by category."""
+    capacity_bytes: int | None
+    gpu: str | None
+    notes: tuple[str, ...]
+    rules_transformers: str = versions.RULES_TRANSFORMERS
+    """The transformers release whose activation rules were used (memplan.versions)."""
+    tensor_views: tuple[TensorRankView, ...] = ()
+    """Each class of TP ranks that differ, TP rank 0's (the report's own figures) first;
+    empty when every TP rank holds the same bytes."""
+
+    def states_of(self, rank: int, tensor_rank: int = 0) -> RankStates:
+        """The model states of data-parallel rank `rank` on TP rank `tensor_rank`."""
+        return next(
+            s
+            for s in self.ranks
+            if rank in s.ranks and (not s.tensor_ranks or tensor_rank in s.tensor_ranks)
+        )
+
+    def tensor_view(self, tensor_rank: int) -> TensorRankView:
+        """The class of TP ranks `tensor_rank` belongs to (the report's own figures when
+        every TP rank is the same)."""
+        for view in self.tensor_views:
+            if tensor_rank in view.tensor_ranks:
+                return view
+        return TensorRankView(
+            tensor_ranks=(tensor_rank,),
+            per_gpu=self.per_gpu,
+            activations_bytes=self.activations_bytes,
+            peak_bytes=self.peak_bytes,
+        )
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(t.bytes for t in self.buffers)
+
+    @property
+    def model_state_bytes(self) -> int:
+        return self.per_gpu.total_bytes + self.buffer_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """Bytes alive at the step's peak on the most-loaded GPU: the timeline's highest
+        phase (not the sum of each category's maximum: gradients, activations and transient
+        buffers peak at different phases)."""
+        return self.timeline.peak_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory held for one GPU's rank (optimizer scalars on CPU, offload, offloaded
+        activations)."""
+        return sum(t.bytes for t in self.per_gpu.host_terms) + self.activations.host_bytes
+
+    @property
+    def host_bytes_per_node(self) -> int:
+        """Host memory of one node: the most-loaded rank's host bytes x the ranks on a node
+        (an upper bound when ranks differ)."""
+        most = max(sum(t.bytes for t in r.host_terms) for s in self.stages for r in s.ranks)
+        return (most + self.activations.host_bytes) * self.ranks_per_node
+
+    @property
+    def usable_bytes(self) -> int | None:
+        """GPU memory left at the peak after the CUDA context and the allocator's reserve
+        (memplan.step.timeline.Timeline.usable_bytes); None without a capacity."""
+        return self.timeline.usable_bytes
+
+    @property
+    def verdict(self) -> Verdict | None:
+        return verdict(
+            usable_bytes=self.usable_bytes, activations_modelled=self.activations.modelled
+        )
+
+    @property
+    def fits(self) -> bool | None:
+        return fits_of(self.verdict)
+
+
+@lru_cache(maxsize=64)
+def summary(inventory: Inventory, trained: Inventory | None = None) -> ModelSummary:
+    """The model's counts: `inventory` is the model as `memplan inventory` lists it, `trained`
+    what the job holds (finetune.apply: LoRA adapters added, 4-bit weights packed two to a
+    uint8 element). Cached per inventory object: plan assembles thousands of reports of one
+    inventory."""
+    held = inventory if trained is None else trained
+    return ModelSummary(
+        name=inventory.name,
+        model_type=inventory.architecture.model_type if inventory.architecture else None,
+        num_parameters=inventory.num_parameters,
+        num_parameter_tensors=len(inventory.parameters),
+        num_buffers=len(inventory.buffers),
+        num_trainable_parameters=finetune.num_trainable(held.parameters),
+        num_stored_elements=held.num_parameters,
+        num_stored_tensors=len(held.parameters),
+    )
+
+
+def placement_of(spec: Spec) -> Placement:
+    """Where the step runs, as the sharding rules need it."""
+    par = spec.parallelism
+    torch_optimizer = par.engine in ("ddp", "fsdp2")
+    return Placement(
+        engine=par.engine,
+        data=par.data,
+        stage=par.stage,
+        # torch/optim/adam.py::_init_group (2.13): `step` is a CPU tensor unless capturable
+        # or fused, so on a CUDA run the scalars live in host memory.
+        step_on_host=torch_optimizer
+        and spec.hardware.device == "cuda"
+        and not spec.optimizer.config().fused,
+        device=spec.hardware.device,
+    )
+
+
+def model_states(spec: Spec, inventory: Inventory) -> list[StageStates]:
+    """Parameters, gradients and optimizer states of every stage and rank class."""
+    inventory = finetune.apply(spec, inventory)
+    par = spec.parallelism
+    knobs = sharding.DeepSpeedKnobs(
+        sub_group_size=par.deepspeed.sub_group_size,
+        stage3_param_persistence_threshold=par.deepspeed.stage3_param_persistence_threshold,
+        pipeline=par.pipeline > 1,
+        offload_optimizer=par.offload.optimizer,
+    )
+    return stage_states(
+        inventory,
+        recipe=spec.recipe(),
+        opt=spec.optimizer.config(),
+        placement=placement_of(spec),
+        par=par,
+        knobs=knobs,
+    )
+
+
+def estimate(spec: Spec, inventory: Inventory) -> Report:
+    """Account one training step, tensor by tensor, per rank."""
+    return assemble(spec, inventory, model_states(spec, inventory))
+
+
+def assemble(
+    spec: Spec, inventory: Inventory, stages: Sequence[StageStates], *, every_stage: bool = True
+) -> Report:
+    """The report from the model states of every stage (plan reuses them across layouts
+    that differ only in what does not change them: micro-batch, recomputation).
+
+    Each pipeline rank gets its own activations and timeline; the most-loaded is the one with
+    the highest peak. `every_stage=False` (plan) skips the interior ranks another interior rank
+    dominates: same layers and model states but fewer micro-batches in flight.
+    """
+    model = inventory
+    inventory = finetune.apply(spec, inventory)
+    recipe = spec.recipe()
+    opt = spec.optimizer.config()
+    placement = placement_of(spec)
+    capacity = spec.hardware.memory
+    if capacity is None and spec.hardware.gpu:
+        capacity = CATALOG[spec.hardware.gpu].memory_bytes
+    micro = acts.micro_batch(spec, inventory)
+    local = (
+        stage_inventories(inventory, replace(model_parallel(spec.parallelism), context=1))
+        if inventory.architecture is not None
+        else (inventory,) * len(stages)
+    )
+    views: dict[int, tuple[acts.Activations, tl.Timeline]] = {}
+    seen: set[tuple[object, ...]] = set()
+    stages = [_with_fp8_state(spec, st, local[st.stage]) for st in stages]
+    for i, st in enumerate(stages):
+        if not every_stage and 0 < i < len(stages) - 1:
+            key = (st.layers and len(st.layers), st.model_state_bytes, st.per_gpu.total_bytes)
+            if key in seen:
+                continue
+            seen.add(key)
+        saved = acts.on_rank(spec, inventory, micro, st.stage)
+        views[i] = (
+            saved,
+            tl.build(
+                spec,
+                local[st.stage],
+                per_gpu=st.per_gpu,
+                buffer_bytes=sum(t.bytes for t in st.buffers),
+                saved=saved,
+                capacity_bytes=capacity,
+            ),
+        )
+    index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
+    top = stages[index]
+    saved, timeline = views[index]
+    tensor_views = _tensor_views(
+        spec, inventory, top, saved.bytes, timeline, capacity, every_stage=every_stage
+    )
+    notes = (
+        list(inventory.notes)
+        + list(saved.notes)
+        + _fp8_notes(spec, local[top.stage], saved)
+        + _sequence_notes(spec, inventory, [v[0] for v in views.values()])
+        + _engine_notes(spec)
+    )
+    return Report(
+        model=summary(model, inventory),
+        recipe=recipe,
+        optimizer=opt,
+        placement=placement,
+        stages=tuple(stages),
+        stage=top.stage,
+        stage_peaks=tuple(
+            (views[i][0].bytes, views[i][1].peak_bytes) if i in views else None
+            for i in range(len(stages))
+        ),
+        ranks=top.ranks,
+        per_gpu=top.per_gpu,
+        buffers=top.buffers,
+        degrees=(
+            ("dp", spec.parallelism.data),
+            ("tp", spec.parallelism.tensor),
+            ("pp", spec.parallelism.pipeline),
+            ("cp", spec.parallelism.context),
+            ("ep", spec.parallelism.expert),
+        ),
+        gpus_per_node=spec.hardware.gpus_per_node,
+        ranks_per_node=min(spec.hardware.gpus_per_node, spec.parallelism.world_size),
+        host_capacity_bytes=spec.hardware.host_memory,
+        activations_bytes=saved.bytes,
+        transient_bytes=timeline.peak.of("transient"),
+        activations=saved,
+        timeline=timeline,
+        capacity_bytes=capacity,
+        gpu=spec.hardware.gpu,
+        notes=tuple(notes),
+        rules_transformers=versions.rules_release(spec.model.transformers_version),
+        tensor_views=tensor_views,
+    )
+
+
+def _tensor_views(
+    spec: Spec,
+    inventory: Inventory,
+    top: StageStates,
+    activations_bytes: int,
+    timeline: tl.Timeline,
+    capacity: int | None,
+    *,
+    every_stage: bool,
+) -> tuple[TensorRankView, ...]:
+    """The most-loaded stage's classes of TP ranks (memplan.states.stages tags each rank class with
+    its TP ranks where they differ), each with its own activations and timeline: the LM
+    head's logits and loss cover that class's vocabulary rows. Empty when no class differs
+    (and for plan, which compares layouts by their most-loaded rank only)."""
+    groups = list(dict.fromkeys(r.tensor_ranks for r in top.ranks if r.tensor_ranks))
+    if len(groups) < 2 or not every_stage:
+        return ()
+    mp = replace(model_parallel(spec.parallelism), context=1)
+    views = [
+        TensorRankView(
+            tensor_ranks=groups[0],
+            per_gpu=top.per_gpu,
+            activations_bytes=activations_bytes,
+            peak_bytes=timeline.peak_bytes,
+        )
+    ]
+    for group in groups[1:]:
+        mine = [r for r in top.ranks if r.tensor_ranks == group]
+        per_gpu = max(mine, key=lambda r: (r.total_bytes, -r.ranks[0]))
+        local = stage_inventories(inventory, replace(mp, tensor_rank=group[0]))[top.stage]
+        micro = acts.micro_batch(spec, inventory, tensor_rank=group[0])
+        saved = acts.on_rank(spec, inventory, micro, top.stage)
+        rank_timeline = tl.build(
+            spec,
+            local,
+            per_gpu=per_gpu,
+            buffer_bytes=sum(t.bytes for t in top.buffers),
+            saved=saved,
+            capacity_bytes=capacity,
+        )
+        views.append(
+            TensorRankView(
+                tensor_ranks=group,
+                per_gpu=per_gpu,
+                activations_bytes=saved.bytes,
+                peak_bytes=rank_timeline.peak_bytes,
+            )
+        )
+    return tuple(views)
+
+
+# c10/core/StorageImpl.h: a storage's size in bytes is an int64 (SymInt), so no tensor can hold
+# more bytes than this; a sequence length that asks for one is a typo, not a plan.
+MAX_TENSOR_BYTES = 2**63 - 1
+
+
+def _sequence_notes(spec: Spec, inventory: Inventory, saved: list[acts.Activations]) -> list[str]:
+    """Refuse a sequence whose tensors could not exist; note one beyond the model's
+    max_position_embeddings."""
+    seq = spec.training.sequence_length
+    largest = max(
+        (
+            max(
+                [a.logits_bytes, a.upcast_bytes]
+                + [t.bytes for b in a.blocks for t in (*b.tensors, *b.recompute)]
+            )
+            for a in saved
+        ),
+        default=0,
+    )
+    if largest > MAX_TENSOR_BYTES:
+        raise MemplanError(
+            f"{seq:,} tokens make a tensor of {largest:,} bytes, more than a torch tensor can "
+            f"hold (2^63 - 1 bytes: c10 StorageImpl's int64 size); use a realistic "
+            "sequence length.",
+            field="training.sequence_length",
+        )
+    arch = inventory.architecture
+    limit = arch.max_position_embeddings if arch else 0
+    if not limit or seq <= limit:
+        return []
+    if any(t.role == "position" for t in inventory.parameters):
+        # A learned position table has max_position_embeddings rows: nn.Embedding fails on
+        # a position past it (IndexError in the forward).
+        raise MemplanError(
+            f"{seq:,} tokens is beyond the model's max_position_embeddings={limit:,}: its "
+            f"learned position embeddings have {limit:,} rows, so the forward fails; use at "
+            f"most {limit:,}.",
+            field="training.sequence_length",
+        )
+    return [
+        f"training.sequence_length {seq:,} is beyond the model's max_position_embeddings="
+        f"{limit:,}: rotary/relative positions run, but the model was not trained that long "
+        "(scale RoPE, e.g. rope_scaling, and expect to fine-tune for it); memory is "
+        "computed as given."
+    ]
+
+
+def _with_fp8_state(spec: Spec, st: StageStates, local: Inventory) -> StageStates:
+    """The stage with Transformer Engine's fp8 scaling state among its buffers
+    (memplan.states.fp8)."""
+    p = spec.precision
+    if p.fp8 == "none":
+        return st
+    if spec.hardware.device != "cuda":
+        raise MemplanError(
+            "fp8 runs Transformer Engine's fp8 GEMMs, which need a CUDA GPU (Hopper or "
+            "newer): set hardware.device: cuda or precision.fp8: none.",
+            field="precision.fp8",
+        )
+    gemms, n, formula = fp8.scaling_state(
+        local.parameters, recipe=p.fp8, amax_history_len=p.fp8_amax_history
+    )
+    row = Term(
+        category="buffers",
+        name="fp8_scaling_state",
+        dtype="fp32",
+        tensors=gemms,
+        elements=n // 4,
+        bytes=n,
+        formula=formula,
+        source=fp8.SRC_META,
+    )
+    return replace(st, buffers=(*st.buffers, row))
+
+
+def _engine_notes(spec: Spec) -> list[str]:
+    """What the engine really runs where the spec asks for something it does differently."""
+    par = spec.parallelism
+    notes = []
+    if (
+        par.engine == "fsdp2"
+        and par.offload.optimizer == "cpu"
+        and par.offload.parameters == "none"
+    ):
+        # torch/distributed/fsdp/_fully_shard/_fsdp_api.py::CPUOffloadPolicy (2.13): one policy
+        # for the sharded parameters, their gradients and the optimizer states together.
+        notes.append(
+            "FSDP2 has no optimizer-only offload: CPUOffloadPolicy moves the sharded parameters "
+            "and gradients to the CPU as well, and this estimate offloads them too."
+        )
+    if par.engine == "deepspeed" and par.context > 1:
+        # deepspeed/sequence/layer.py::DistributedAttention (0.19.8): DeepSpeed's sequence
+        # parallelism is Ulysses (all-to-all over attention heads); it has no ring attention.
+        notes.append(
+            "DeepSpeed has no ring context parallelism: its sequence parallelism is Ulysses "
+            "(deepspeed/sequence/layer.py::DistributedAttention, all-to-all over heads). "
+            "parallelism.context is modelled as a ring (Megatron CP / torch context_parallel): "
+            "the sequence split of activations is the same, Ulysses' head all-to-all buffers "
+            "are not modelled."
+        )
+    return notes
+
+
+def _fp8_notes(spec: Spec, local: Inventory, saved: acts.Activations) -> list[str]:
+    if spec.precision.fp8 == "none" or not saved.modelled:
+        return []
+    t = fp8.terms(
+        local.parameters, tokens=spec.training.micro_batch_size * spec.training.sequence_length
+    )
+    return [
+        f"fp8 ({spec.precision.fp8} scaling): activations follow transformers' 16-bit rules; "
+        f"Transformer Engine's Linear modules save their {t.gemms} GEMM inputs in fp8 instead "
+        f"({t.input_saved_bytes:,} B per micro-batch where 16-bit inputs take "
+        f"{t.input_bf16_bytes:,} B, each GEMM counted once), not applied."
+    ]

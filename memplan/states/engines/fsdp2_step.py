@@ -1,0 +1,509 @@
+"""torch FSDP2's transient buffers: what `fully_shard` holds at each phase of a step, on top of
+the sharded model states (memplan.states.engines.fsdp2) and the saved activations. Split from
+memplan.step.transients (the other engines' buffers); measured against memplan verify's
+FSDPMemTracker runs by tests/test_fsdp2_peak.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.memory import Phase, Transient
+from memplan.model.inventory import Inventory, TensorSpec
+from memplan.precision import dtype_bytes
+
+# torch FSDP2 (`fully_shard`, torch 2.13) as memplan verify wraps a model
+# (memplan/verify/rank.py::_wrap): one parameter group per decoder layer, then the root (every
+# parameter outside the layers), each call given reshard_after_forward explicitly (True for
+# ZeRO-3, False for ZeRO-2), so with ZeRO-3 the root is resharded after forward too (only
+# reshard_after_forward=None keeps the root unsharded: _fully_shard.py L246, _fsdp_state.py
+# L205). Files below are under torch/distributed/fsdp/_fully_shard/; lines are torch 2.13's.
+_FSDP2 = "torch/distributed/fsdp/_fully_shard/"
+_AG_OUT = _FSDP2 + "_fsdp_collectives.py::foreach_all_gather L351-353 (all_gather_output)"
+_AG_COPY_OUT = (
+    _FSDP2 + "_fsdp_collectives.py::foreach_all_gather_copy_out L457-463 "
+    "(alloc_all_gather_outputs: the unsharded parameters' storage, padded)"
+)
+_AG_KEPT = (
+    _FSDP2 + "_fsdp_param_group.py::wait_for_unshard L476-485 (all_gather_state kept in "
+    "forward), dropped by the next group's wait_for_unshard L429-432 but held by its local "
+    "`prev_all_gather_state` through that group's copy-out, or freed by the root's "
+    "post-forward (_fsdp_state.py L335-342)"
+)
+_PREFETCH = _FSDP2 + "_fsdp_param_group.py::_backward_prefetch L795-830 (unshard only)"
+_RESHARD = (
+    _FSDP2 + "_fsdp_param_group.py::post_forward L557-566, reshard L498-509 "
+    "(reshard_after_forward), post_backward L637-638 (reshard_after_backward)"
+)
+_POST_BW = _FSDP2 + "_fsdp_param_group.py::post_backward L618-630 (unsharded_param.grad)"
+_POST_BW_HOOK = (
+    _FSDP2 + "_fsdp_param_group.py::_register_post_backward_hook L891-907, "
+    "RegisterPostBackwardFunction.backward L1125-1127 (applied to the layer's inputs in its "
+    "pre-forward, so post_backward runs once their gradients exist)"
+)
+_RS_IN = (
+    _FSDP2 + "_fsdp_collectives.py::foreach_reduce L592-606 (reduce_scatter_input, padded); "
+    "kept in comm_ctx.reduce_scatter_states until the next group's post_backward "
+    "(_fsdp_param_group.py L647-658, L717-719) or the final callback (_fsdp_state.py L431)"
+)
+_RS_OUT = _FSDP2 + "_fsdp_collectives.py::foreach_reduce L612-616 (reduce_output)"
+_RS_CAST = _FSDP2 + "_fsdp_collectives.py::foreach_reduce L696 (_to_dtype_if_needed)"
+_RS_LAST = (
+    _FSDP2 + "_fsdp_collectives.py::foreach_reduce L580-590: the loop variable "
+    "`unsharded_grad` still holds the last gradient after `unsharded_grads.clear()` (L606), "
+    "until foreach_reduce returns"
+)
+# gloo has no reduce-scatter of its own: it all-reduces a copy of the input and copies this
+# rank's chunk out when the caller waits (the copy goes with the work object). Its worker
+# thread drops its own reference only after waking the caller, so now and then the copy
+# outlives the collective by a few ops (seen as a rare one-rank spike in memplan verify).
+_GLOO_RS = (
+    "torch/csrc/distributed/c10d/ProcessGroupGloo.cpp::reduce_scatter_tensor_coalesced "
+    "(`buffers.push_back(inputTensors[i].clone())`, all-reduced, then "
+    "`outputTensors[i].copy_(buffers[i].chunk(worldSize)[rank])` in the LambdaWork's wait)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Fsdp2Group:
+    """One FSDP2 parameter group (one `fully_shard` call), in elements on one rank."""
+
+    padded: int
+    """Every parameter's padded shard, ceil(dim0 / world) rows (`padded_sharded_param_size`):
+    world x this is the all-gather output and the unsharded parameters' storage."""
+    grad_padded: int
+    """The same over the parameters with a gradient: the reduce-scatter output per rank
+    (the reduce-scatter input is world x this)."""
+    grads: int
+    """Elements of its unsharded gradients (unpadded, parameters with a gradient)."""
+    last: int
+    """Elements of its last parameter with a gradient (see _RS_LAST)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fsdp2Groups:
+    """The groups verify makes: the root and `layers` decoder layers (the largest one)."""
+
+    root: Fsdp2Group
+    block: Fsdp2Group
+    layers: int
+    head_grads: int
+    """Elements of the root's gradients that exist while the decoder layers run backward:
+    every root parameter but the input and position embeddings (unless tied to the head)."""
+
+
+def fsdp2_groups(inventory: Inventory, world: int) -> Fsdp2Groups:
+    """FSDP2's groups of `inventory` sharded `world` ways (see Fsdp2Group)."""
+    tied = bool(inventory.tied)
+    roots = [t for t in inventory.parameters if t.layer is None]
+    layers: dict[int, list[TensorSpec]] = {}
+    for t in inventory.parameters:
+        if t.layer is not None:
+            layers.setdefault(t.layer, []).append(t)
+    blocks = [_fsdp2_group(ts, world) for ts in layers.values()]
+    head = [t for t in roots if (t.role != "embedding" or tied) and t.role != "position"]
+    return Fsdp2Groups(
+        root=_fsdp2_group(roots, world),
+        block=max(blocks, key=lambda b: b.padded, default=_fsdp2_group([], world)),
+        layers=len(layers),
+        head_grads=sum(t.numel for t in head if t.trainable),
+    )
+
+
+def _fsdp2_group(tensors: list[TensorSpec], world: int) -> Fsdp2Group:
+    train = [t for t in tensors if t.trainable]
+    return Fsdp2Group(
+        padded=sum(_padded(t, world) for t in tensors),
+        grad_padded=sum(_padded(t, world) for t in train),
+        grads=sum(t.numel for t in train),
+        last=train[-1].numel if train else 0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Fsdp2Bytes:
+    """The buffers of one group, in bytes (see fsdp2())."""
+
+    unsharded: int
+    """world x padded x param dtype: the all-gather output, and again the parameters."""
+    grads: int
+    reduce_in: int
+    reduce_out: int
+    sharded_grads: int
+    last: int
+
+
+def _fsdp2_bytes(g: Fsdp2Group, world: int, param: int, grad: int, shard: int) -> _Fsdp2Bytes:
+    return _Fsdp2Bytes(
+        unsharded=world * g.padded * param,
+        grads=g.grads * grad,
+        reduce_in=world * g.grad_padded * grad,
+        reduce_out=g.grad_padded * grad,
+        sharded_grads=g.grad_padded * shard,
+        last=g.last * grad,
+    )
+
+
+def fsdp2_root_gradients(groups: Fsdp2Groups, *, shard: str) -> int:
+    """Bytes of the root's sharded gradients, which FSDP2 makes only in the root's
+    post-backward, after the whole backward (the timeline leaves them out before)."""
+    return groups.root.grad_padded * dtype_bytes(shard)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fsdp2Activations:
+    """What the timeline's phase points hold besides FSDP2, for FSDP2's moments that fall
+    between them (bytes): a moment is counted at a phase point with what that point holds
+    but the moment does not subtracted."""
+
+    layer: int
+    """One decoder layer's saved tensors."""
+    forward_working_set: int
+    logits_gradient: int
+    embedding_backward: Transient | None = None
+    """The embedding's backward (the timeline's last op of backward, see fsdp2())."""
+    backward_working_set: int = 0
+    """The backward point's working set inside a decoder layer's backward (the timeline's
+    backward_working_set): alive only while the layer's autograd ops run."""
+    hidden_gradient: int = 0
+    """One hidden-state gradient [tokens, hidden]: the layer's input gradient, what is left
+    of the working set once the layer's backward is done (see _fsdp2_layer_backward)."""
+
+
+def fsdp2(
+    groups: Fsdp2Groups,
+    *,
+    world: int,
+    param: str,
+    grad: str,
+    shard: str,
+    reshard: bool,
+    gloo: bool,
+    acts: Fsdp2Activations | None = None,
+) -> list[Transient]:
+    """FSDP2's buffers at each phase of the step, on top of the sharded model states.
+
+    `param` is MixedPrecisionPolicy.param_dtype (the all-gather and compute dtype), `grad` the
+    unsharded gradients' dtype (also the reduce-scatter's: reduce_dtype None), `shard` the
+    sharded parameters' and gradients' dtype. With `reshard` (ZeRO-3) a decoder layer is
+    unsharded only while it runs (and the next one prefetched in backward); without it
+    (ZeRO-2) every group stays unsharded from its forward until its post-backward. `gloo`:
+    the CPU process group, whose reduce-scatter copies its input (_GLOO_RS).
+
+    At the end of backward the larger of two moments counts: the embedding's backward (the
+    root still unsharded with all its unsharded gradients, the first layer's reduce-scatter
+    input still held, and `acts.embedding_backward`, returned only then) or the root's own
+    reduce-scatter (input, output, gloo's copy, the last unsharded gradient; the root's
+    sharded gradients not yet made, see fsdp2_root_gradients). The decoder layers' backward
+    is the worst of several moments (_fsdp2_layer_backward); with `acts`, two all-gathers of
+    the root between phase points are added where they hold more (between_phases)."""
+    p, g, o = dtype_bytes(param), dtype_bytes(grad), dtype_bytes(shard)
+    root = _fsdp2_bytes(groups.root, world, p, g, o)
+    block = _fsdp2_bytes(groups.block, world, p, g, o)
+    layers = groups.layers
+    terms: dict[str, Transient] = {}
+
+    def add(name: str, n_bytes: int, phases: tuple[Phase, ...], formula: str, src: str) -> None:
+        if n_bytes > 0 and phases:
+            terms[name] = Transient(
+                name=name, bytes=n_bytes, phases=phases, formula=formula, source=src
+            )
+
+    def up(elements: int) -> str:
+        return f"{world} ranks x {elements:,} padded shard elements x {p} B ({param})"
+
+    # The end of backward: the embedding's backward or the root's reduce-scatter.
+    embedding = acts.embedding_backward if acts is not None else None
+    at_embedding = root.unsharded + root.grads + (block.reduce_in if layers else 0)
+    copy = root.reduce_in if gloo else 0
+    at_reduce = root.reduce_in + root.reduce_out + root.last + copy
+    cast = root.reduce_in + root.reduce_out + root.sharded_grads + root.last if g != o else 0
+    end_reduce = max(at_reduce, cast) > at_embedding + (embedding.bytes if embedding else 0)
+    add(
+        "fsdp2_unsharded_root",
+        root.unsharded,
+        ("forward", "loss", "backward_start", "backward")
+        + (() if end_reduce else ("backward_end",)),
+        up(groups.root.padded) + ": the root's all-gathered parameters (from its "
+        "pre-forward to its post-forward, again from its pre-backward to its post-backward)",
+        f"{_AG_COPY_OUT}; {_RESHARD}",
+    )
+    if reshard:
+        add(
+            "fsdp2_unsharded_block",
+            block.unsharded if layers else 0,
+            ("forward", "backward"),
+            up(groups.block.padded) + ": the decoder layer that runs",
+            f"{_AG_COPY_OUT}; {_RESHARD}",
+        )
+        add(
+            "fsdp2_all_gather_output",
+            block.unsharded if layers else 0,
+            ("forward", "loss", "backward_start") + (("backward",) if layers > 1 else ()),
+            up(groups.block.padded) + ": one layer's flat all-gather output (the last "
+            "layer's, kept until the root's post-forward; in backward the next layer's, "
+            "prefetched)",
+            f"{_AG_OUT}; {_AG_KEPT}; {_PREFETCH}",
+        )
+    else:
+        add(
+            "fsdp2_unsharded_blocks",
+            layers * block.unsharded,
+            ("forward", "loss", "backward_start", "backward"),
+            f"{layers} layers x " + up(groups.block.padded) + ": every layer stays "
+            "unsharded from its forward to its post-backward (reshard_after_forward=False)",
+            f"{_AG_COPY_OUT}; {_RESHARD}",
+        )
+        add(
+            "fsdp2_all_gather_output",
+            block.unsharded if layers else 0,
+            ("forward", "loss"),
+            up(groups.block.padded) + ": the last layer's flat all-gather output, "
+            "kept until the root's post-forward",
+            f"{_AG_OUT}; {_AG_KEPT}",
+        )
+    add(
+        "fsdp2_unsharded_head_grads",
+        groups.head_grads * g,
+        ("backward",),
+        f"{groups.head_grads:,} elements x {g} B ({grad}): the root's gradients computed "
+        "before the layers' backward (LM head, final norm), unsharded until the root's "
+        "post-backward",
+        _POST_BW,
+    )
+    layer = _fsdp2_layer_backward(
+        block,
+        layers=layers,
+        reshard=reshard,
+        gloo=gloo,
+        saved=acts.layer if acts is not None else 0,
+        done=max(0, acts.backward_working_set - acts.hidden_gradient) if acts is not None else 0,
+        grad=grad,
+        shard=shard,
+    )
+    if layer is not None:
+        terms[layer.name] = layer
+    if not end_reduce:
+        add(
+            "fsdp2_unsharded_root_grads",
+            root.grads,
+            ("backward_end",),
+            f"{groups.root.grads:,} elements x {g} B ({grad}): every root gradient, "
+            "unsharded, at the embedding's backward",
+            _POST_BW,
+        )
+        add(
+            "fsdp2_reduce_scatter_input_block",
+            block.reduce_in if layers else 0,
+            ("backward_end",),
+            f"{world} x {groups.block.grad_padded:,} elements x {g} B ({grad}): the first "
+            "layer's reduce-scatter input, held until the root's post-backward",
+            _RS_IN,
+        )
+    else:
+        rs = f"{groups.root.grad_padded:,} padded elements x {g} B ({grad})"
+        add(
+            "fsdp2_reduce_scatter_input_root",
+            root.reduce_in,
+            ("backward_end",),
+            f"{world} x {rs}: the root's reduce-scatter input",
+            _RS_IN,
+        )
+        add(
+            "fsdp2_reduce_scatter_output_root",
+            root.reduce_out,
+            ("backward_end",),
+            f"{rs}: the root's reduce-scatter output",
+            _RS_OUT,
+        )
+        add(
+            "fsdp2_last_unsharded_grad",
+            root.last,
+            ("backward_end",),
+            f"{groups.root.last:,} elements x {g} B ({grad}): the root's last gradient, "
+            "unsharded, through its reduce-scatter",
+            _RS_LAST,
+        )
+        if at_reduce >= cast:
+            add(
+                "gloo_reduce_scatter_copy",
+                copy,
+                ("backward_end",),
+                f"{world} x {rs}: gloo's copy of the reduce-scatter input",
+                _GLOO_RS,
+            )
+        else:
+            add(
+                "fsdp2_sharded_root_grads",
+                root.sharded_grads,
+                ("backward_end",),
+                f"{groups.root.grad_padded:,} elements x {o} B ({shard}): the root's "
+                f"sharded gradients, cast from {grad} beside the reduce-scatter output",
+                _RS_CAST,
+            )
+        embedding = None
+    out = list(terms.values())
+    if acts is not None:
+        out += between_phases(root, block, layers=layers, reshard=reshard, acts=acts)
+    return out + ([embedding] if embedding is not None else [])
+
+
+def between_phases(
+    root: _Fsdp2Bytes, block: _Fsdp2Bytes, *, layers: int, reshard: bool, acts: Fsdp2Activations
+) -> list[Transient]:
+    """FSDP2 moments between the timeline's phase points, each counted at the nearest point
+    where it holds more than that point, as the excess over it (the bytes the point holds
+    and the moment does not are subtracted; a term only where the excess is positive):
+
+    - forward: a layer's all-gather and copy-out, while the previous group's flat
+      all-gather output is still kept (_AG_KEPT) and this layer and the later ones have
+      saved nothing yet (with ZeRO-2 the later layers are not gathered yet either). Layer j
+      holds more than the forward point by the previous output - (L - j) layers' saved
+      tensors - the forward working set (- (L - 1 - j) layers with ZeRO-2): largest at the
+      first layer (the previous group is the root) or at the last one;
+    - backward_start (ZeRO-3): the root's pre-backward all-gather, before the loss gradient
+      (the root was resharded after forward).
+    The decoder layers' backward is _fsdp2_layer_backward."""
+    out = []
+    if layers:
+        later = 0 if reshard else block.unsharded
+
+        def excess(j: int) -> int:
+            kept = root.unsharded if j == 0 else block.unsharded
+            return (
+                kept
+                - (layers - j) * acts.layer
+                - acts.forward_working_set
+                - (layers - 1 - j) * later
+            )
+
+        j = max(sorted({0, layers - 1}), key=lambda i: (excess(i), -i))
+        if excess(j) > 0:
+            kept = "the root's" if j == 0 else "the previous layer's"
+            unsharded = root.unsharded if j == 0 else block.unsharded
+            not_yet = (
+                f" - {layers - 1 - j} x {block.unsharded:,} B layers not gathered yet"
+                if later and layers - 1 - j
+                else ""
+            )
+            out.append(
+                Transient(
+                    name="fsdp2_all_gather_forward",
+                    bytes=excess(j),
+                    phases=("forward",),
+                    formula=f"at layer {j}'s all-gather: {unsharded:,} B {kept} all-gather "
+                    f"output still kept - {layers - j} x {acts.layer:,} B saved tensors - "
+                    f"{acts.forward_working_set:,} B forward working set, not made yet"
+                    f"{not_yet}",
+                    source=f"{_AG_OUT}; {_AG_KEPT}",
+                )
+            )
+    if reshard:
+        # The root's pre-backward: its all-gather output and parameters; the backward_start
+        # point holds its parameters, the last layer's prefetched all-gather output and the
+        # loss gradient.
+        prefetch = block.unsharded if layers else 0
+        n_bytes = root.unsharded - prefetch - acts.logits_gradient
+        if n_bytes > 0:
+            out.append(
+                Transient(
+                    name="fsdp2_root_all_gather_backward",
+                    bytes=n_bytes,
+                    phases=("backward_start",),
+                    formula=f"at the root's pre-backward: {root.unsharded:,} B root all-gather "
+                    f"output - {prefetch:,} B last layer's all-gather (prefetched after it) - "
+                    f"{acts.logits_gradient:,} B loss gradient (made after it)",
+                    source=f"{_AG_OUT}; {_FSDP2}_fsdp_param_group.py::wait_for_unshard "
+                    f"L486-489 (freed after the copy-out in backward); {_PREFETCH}",
+                )
+            )
+    return out
+
+
+def _fsdp2_layer_backward(
+    block: _Fsdp2Bytes,
+    *,
+    layers: int,
+    reshard: bool,
+    gloo: bool,
+    saved: int,
+    done: int = 0,
+    grad: str,
+    shard: str,
+) -> Transient | None:
+    """The decoder layers' backward beyond the backward point's FSDP2 terms (the root, the
+    running layer, the prefetched all-gather output, the head's gradients), which is the
+    last layer at the start of its backward with every saved tensor. Layer k from the last
+    (k = 0 is the last) adds, while it runs: the previous layer's reduce-scatter input (held
+    until this layer's post-backward, _RS_IN) and k layers' sharded gradients, minus k
+    layers' saved tensors (`saved` each), minus k resharded layers under ZeRO-2 and the
+    prefetch the first layer does not make under ZeRO-3 (_PREFETCH). At the end of its
+    backward its saved tensors are gone and its gradients made (_POST_BW); then its
+    post-backward reshards it and pops the previous input before allocating its own, copying
+    the gradients in and reduce-scattering (output, gloo's copy, the last gradient: _RS_OUT,
+    _GLOO_RS, _RS_LAST). Those two moments come after the layer's autograd ops (FSDP2's
+    post-backward runs from RegisterPostBackwardFunction's backward once the gradient has
+    reached the layer's inputs: _POST_BW_HOOK), so the backward point's working set is gone
+    but for the layer's input gradient: `done` (working set - one hidden-state gradient) is
+    subtracted from them (measured: tiny Mixtral fp32 on FSDP2 x2, whose reduce-scatter
+    moment memplan put 344,064 B = 360,448 - 16,384 B too high). Each moment is linear in k,
+    so the largest is at k = 0, 1, L - 2 or L - 1; the term is that largest excess (none when
+    no moment exceeds the point)."""
+    if not layers:
+        return None
+    slope = block.sharded_grads - saved - (0 if reshard else block.unsharded)
+    copy = block.reduce_in if gloo else 0
+    reduce = block.reduce_in + max(block.grads, block.reduce_out + block.last + copy)
+
+    def moments(k: int) -> list[tuple[int, str]]:
+        held = block.reduce_in if k else 0
+        no_prefetch = block.unsharded if reshard and layers > 1 and k == layers - 1 else 0
+        mid = held + k * slope - no_prefetch
+        return [
+            (mid, "running"),
+            (mid + block.grads - saved - done, "at the end of its backward"),
+            (mid - held - block.unsharded + reduce - saved - done, "in its reduce-scatter"),
+        ]
+
+    ks = sorted({k for k in (0, 1, layers - 2, layers - 1) if 0 <= k < layers})
+    n_bytes, k, where = max(
+        ((n, k, where) for k in ks for n, where in moments(k)), key=lambda c: (c[0], -c[1])
+    )
+    if n_bytes <= 0:
+        return None
+    parts = []
+    if k:
+        parts.append(f"{block.reduce_in:,} B previous reduce-scatter input")
+        resharded = "" if reshard else f" - {block.unsharded:,} B resharded"
+        parts.append(
+            f"{k} x ({block.sharded_grads:,} B sharded gradients ({shard}) - {saved:,} B "
+            f"saved{resharded})"
+        )
+        if reshard and layers > 1 and k == layers - 1:
+            parts.append(f"-{block.unsharded:,} B prefetch not made")
+    gone = f" - {done:,} B backward working set gone (but the input gradient)" if done else ""
+    if where == "at the end of its backward":
+        parts.append(f"{block.grads:,} B gradients ({grad}) - {saved:,} B saved{gone}")
+    elif where == "in its reduce-scatter":
+        if k:
+            parts.append(f"-{block.reduce_in:,} B previous input popped")
+        gloo_copy = " + gloo's copy" if gloo else ""
+        parts.append(
+            f"{reduce:,} B (reduce-scatter input + max(gradients, output + last gradient"
+            f"{gloo_copy})) - {block.unsharded:,} B resharded - {saved:,} B saved{gone}"
+        )
+    return Transient(
+        name="fsdp2_layer_backward",
+        bytes=n_bytes,
+        phases=("backward",),
+        formula=f"layer {k} from the last, {where}: " + " + ".join(parts),
+        source=f"{_POST_BW}; {_POST_BW_HOOK}; {_RS_IN}; {_RS_OUT}; {_RS_LAST}; {_GLOO_RS}; "
+        f"{_PREFETCH}",
+    )
+
+
+def _padded(t: TensorSpec, world: int) -> int:
+    """Elements of `t`'s padded dim-0 shard x world: ceil(dim0 / world) rows per rank."""
+    if not t.shape or not t.shape[0]:
+        return t.numel
+    return -(-t.shape[0] // world) * (t.numel // t.shape[0])

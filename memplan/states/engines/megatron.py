@@ -1,0 +1,180 @@
+"""Megatron-LM's DDP and distributed optimizer (zero_stage 1).
+
+Read from NVIDIA/Megatron-LM core_r0.12 (megatron/core/distributed/param_and_grad_buffer.py::
+_ParamAndGradBuffer.__init__, megatron/core/optimizer/distrib_optimizer.py). Gradients
+accumulate in a contiguous `main_grad` buffer, fp32 for bf16 training unless
+--grad-reduce-in-bf16 (megatron/training/arguments.py: "accumulate and all-reduce gradients in
+fp32 for bfloat16 data type"). With the distributed optimizer the parameters live in a
+contiguous buffer too, every parameter starts at a multiple of 64 elements, the (single, by
+default) bucket ends at a multiple of lcm(DP, 128), and each DP rank's optimizer owns
+1 / DP of it: fp32 main params, exp_avg and exp_avg_sq. Without it every rank keeps the fp32
+main params and states of all its parameters (Float16OptimizerWithFloat16Params). Apex/TE
+FusedAdam counts steps in a Python int.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import replace
+
+from memplan.model.inventory import Inventory
+from memplan.optimizers import OptimizerConfig
+from memplan.precision import Recipe, dtype_bytes
+from memplan.states.terms import (
+    Placement,
+    RankStates,
+    Term,
+    elementwise,
+    fmt,
+    group_ranks,
+    optimizer_terms,
+    round_up,
+    term,
+    trainable,
+    whole,
+    whole_by_dtype,
+)
+
+SRC_BUFFER = (
+    "megatron/core/distributed/param_and_grad_buffer.py::_ParamAndGradBuffer.__init__ (core_r0.12)"
+)
+SRC_DIST_OPT = "megatron/core/optimizer/distrib_optimizer.py::DistributedOptimizer (core_r0.12)"
+SRC_DDP = (
+    "megatron/core/distributed/distributed_data_parallel.py::DistributedDataParallel.__init__ "
+    "(core_r0.12): frozen parameters stay outside the buffers"
+)
+
+# _pad_start_of_param_if_needed: 128-byte aligned starts = 64 elements of >= 16-bit data.
+PARAM_START_ALIGNMENT = 64
+# _pad_end_of_bucket_if_needed: 256-byte aligned bucket ends = 128 elements.
+BUCKET_END_ALIGNMENT = 128
+
+
+def main_grad_dtype(recipe: Recipe) -> str:
+    """The dtype of Megatron's `main_grad` buffer: fp32 for bf16 only (megatron/training/
+    arguments.py::validate_args sets accumulate_allreduce_grads_in_fp32 for --bf16, not --fp16;
+    distributed_data_parallel.py::DistributedDataParallel.__init__: grad_dtype = fp32 if
+    grad_reduce_in_fp32 else param.dtype, core_r0.12), or the asked accumulation dtype; fp16
+    keeps 16-bit grads (fp32 copies are made at the step: timeline's megatron step term)."""
+    if recipe.gradient_accumulation:
+        return recipe.gradient_accumulation
+    return "fp32" if recipe.parameters == "bf16" else recipe.gradients
+
+
+def buffer_layout(numels: list[int], data: int) -> tuple[list[tuple[int, int]], int]:
+    """([start, end) of each parameter, total elements) of the distributed optimizer's
+    contiguous buffer for one bucket: parameters in reverse order (backward order), each start
+    padded to 64, the bucket end to lcm(DP, 128) (SRC_BUFFER)."""
+    spans: list[tuple[int, int]] = []
+    end = 0
+    for n in reversed(numels):
+        start = round_up(end, PARAM_START_ALIGNMENT)
+        end = start + n
+        spans.append((start, end))
+    return spans, round_up(end, math.lcm(data, BUCKET_END_ALIGNMENT))
+
+
+def owned_elements(spans: list[tuple[int, int]], lo: int, hi: int) -> list[int]:
+    """Sizes of the parameter pieces inside [lo, hi): the optimizer's main params on a rank
+    cover only real parameter elements, not the padding (distrib_optimizer.py::
+    _build_model_gbuf_param_range_map)."""
+    first = max(bisect.bisect_right(spans, (lo, math.inf)) - 1, 0)
+    pieces = []
+    for a, b in spans[first:]:
+        if a >= hi:
+            break
+        overlap = min(b, hi) - max(a, lo)
+        if overlap > 0:
+            pieces.append(overlap)
+    return pieces
+
+
+def megatron(
+    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+) -> list[RankStates]:
+    # Only `requires_grad` parameters enter the contiguous param/grad buffers and the
+    # optimizer (megatron/core/distributed/distributed_data_parallel.py::
+    # DistributedDataParallel.__init__: `if not param.requires_grad: continue`); frozen ones
+    # stay ordinary module parameters, whole on every data-parallel rank.
+    params = trainable(inventory.parameters)
+    frozen = [p for p in inventory.parameters if not p.trainable]
+    held = tuple(
+        whole_by_dtype("parameters", "frozen parameters", recipe.parameters, frozen, SRC_DDP)
+        if frozen
+        else ()
+    )
+    world = placement.data
+    g_dtype = main_grad_dtype(recipe)
+    master = recipe.master_weights or "fp32"
+    mega_recipe = replace(recipe, master_weights=master if recipe.parameters != master else None)
+    if placement.stage == 0:
+        replicas = (
+            *held,
+            whole("parameters", "parameters", recipe.parameters, params, SRC_BUFFER),
+            whole("gradients", "main_grad", g_dtype, params, SRC_BUFFER),
+        )
+        device, host = optimizer_terms(
+            (p.shape for p in params),
+            opt=opt,
+            recipe=mega_recipe,
+            placement=placement,
+            view="tensors",
+            source=SRC_DIST_OPT,
+            step_is_int=True,
+        )
+        return [
+            RankStates(
+                ranks=tuple(range(world)), terms=(*replicas, *device), host_terms=tuple(host)
+            )
+        ]
+    spans, padded = buffer_layout([p.numel for p in params], world)
+    shard = padded // world
+    what = (
+        f"{len(params)} tensors in one buffer, starts padded to {PARAM_START_ALIGNMENT}, "
+        f"end to lcm({world}, {BUCKET_END_ALIGNMENT}) = {fmt(padded)} elements"
+    )
+    terms = (
+        *held,
+        term(
+            "parameters",
+            "parameters",
+            recipe.parameters,
+            len(params),
+            padded,
+            f"{what} x {dtype_bytes(recipe.parameters)} B ({recipe.parameters})",
+            SRC_BUFFER,
+        ),
+        term(
+            "gradients",
+            "main_grad",
+            g_dtype,
+            len(params),
+            padded,
+            f"{what} x {dtype_bytes(g_dtype)} B ({g_dtype})",
+            SRC_BUFFER,
+        ),
+    )
+    spans.sort()
+    per_rank: list[RankStates] = []
+    # Ranks whose shards cut the same piece sizes have the same states (most shards lie
+    # inside one large tensor): work each set out once.
+    seen: dict[tuple[int, ...], tuple[list[Term], list[Term]]] = {}
+    # With an elementwise optimizer only the number of pieces and their total matter.
+    by_total = elementwise(opt, mega_recipe.optimizer_states)
+    for rank in range(world):
+        pieces = tuple(sorted(owned_elements(spans, rank * shard, (rank + 1) * shard)))
+        key = (len(pieces), sum(pieces)) if by_total else pieces
+        if key not in seen:
+            seen[key] = optimizer_terms(
+                [(n,) for n in pieces],
+                opt=opt,
+                recipe=mega_recipe,
+                placement=placement,
+                view=f"parameter pieces in one buffer shard ({fmt(shard)} elements)",
+                source=SRC_DIST_OPT,
+                step_is_int=True,
+            )
+        device, host = seen[key]
+        per_rank.append(RankStates(ranks=(rank,), terms=(*terms, *device), host_terms=tuple(host)))
+    return group_ranks(per_rank, key=lambda r: r.total_bytes)

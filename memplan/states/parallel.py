@@ -1,0 +1,429 @@
+"""Model parallelism: which slice of which tensor one rank holds under TP, PP and EP.
+
+Tensor parallelism follows Megatron-LM core (megatron/core/tensor_parallel/layers.py, core_r0.12):
+`ColumnParallelLinear` splits the output features (dim 0 of a torch Linear weight, and its bias),
+`RowParallelLinear` splits the input features (dim 1) and keeps its bias whole,
+`VocabParallelEmbedding` and the output layer split a vocabulary padded to a multiple of
+`make_vocab_size_divisible_by x TP` (megatron/training/tokenizer/tokenizer.py::
+_vocab_size_with_padding), and norms, position embeddings and MoE routers are replicated.
+GPT-2's Conv1D keeps weights as [in, out], so its split dims are swapped.
+
+Pipeline parallelism gives each stage a contiguous block of layers; the first stage also holds
+the embeddings, the last the final norm and the output layer (megatron/core/models/gpt/
+gpt_model.py::GPTModel.__init__, pre_process / post_process). With tied embeddings the last
+stage keeps its own copy of the word embedding for the output layer, kept in sync by an
+all-reduce (megatron/core/models/common/language_module/language_module.py::
+setup_embeddings_and_output_layer).
+
+Expert parallelism gives each rank E / EP of the experts of every MoE layer (megatron/core/
+transformer/moe/experts.py); the router and the shared experts are dense.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Literal
+
+from memplan.errors import MemplanError
+from memplan.model.inventory import Inventory, TensorSpec
+from memplan.states.terms import ceil_div, round_up
+
+Split = Literal["column", "row", "vocab", "replicated"]
+VocabSplit = Literal["padded", "chunk"]
+"""How TP splits the vocabulary: Megatron pads it and gives every rank the same rows
+("padded"); torch's DTensor splits it like torch.chunk ("chunk", `vocab_rows`)."""
+
+# Megatron-LM's default --make-vocab-size-divisible-by (megatron/training/arguments.py).
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
+
+# Name patterns (the module's last path component before .weight/.bias) -> how TP splits it.
+_COLUMN = re.compile(
+    r"\.(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|gate_proj|up_proj|gate_up_proj|"
+    r"c_fc|fc1|fc_in|dense_h_to_4h|wi|wi_0|wi_1|query|key|value|q|k|v|q_b_proj|kv_b_proj|"
+    r"intermediate\.dense|w1|w3)\.(weight|bias)$"
+)
+_ROW = re.compile(
+    r"\.(o_proj|c_proj|down_proj|fc2|fc_out|dense_4h_to_h|wo|o|out_proj|attention\.dense|"
+    r"self_attention\.dense|attention\.output\.dense|layer\.\d+\.output\.dense|w2)"
+    r"\.(weight|bias)$"
+)
+_VOCAB = re.compile(
+    r"(embed_tokens|wte|word_embeddings|embed_in|embed_out|lm_head|shared)\.weight$"
+)
+_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelParallel:
+    """Model-parallel degrees (data parallelism is the engine's business)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    context: int = 1
+    virtual_stages: int = 1
+    """Interleaved 1F1B: model chunks per pipeline rank."""
+    layers_per_stage: tuple[int, ...] | None = None
+    """An explicit split of the layers over the pipeline stages (else even)."""
+    vocab_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY
+    vocab_split: VocabSplit = "padded"
+    tensor_rank: int = 0
+    """The TP rank whose shards these are (only the vocabulary rows of a "chunk" split differ
+    between TP ranks; rank 0 holds the most)."""
+
+
+def vocab_rows(
+    vocab: int, tp: int, divisible_by: int, split: VocabSplit = "padded"
+) -> tuple[int, ...]:
+    """Vocabulary rows of each TP rank.
+
+    padded (Megatron): the vocabulary padded to a multiple of divisible_by x TP, split evenly
+    (megatron/training/tokenizer/tokenizer.py::_vocab_size_with_padding, megatron/core/
+    tensor_parallel/utils.py::VocabUtility). chunk (torch DTensor): torch.chunk's split,
+    ceil(V / TP) rows on the first ranks, the remainder on the next, none on any after
+    (torch/distributed/tensor/placement_types.py::Shard._split_tensor, torch 2.13)."""
+    if split == "padded":
+        return (padded_vocab(vocab, tp, divisible_by) // tp,) * tp
+    each = ceil_div(vocab, tp)
+    return tuple(max(0, min(each, vocab - r * each)) for r in range(tp))
+
+
+def tensor_rank_classes(vocab: int | None, mp: ModelParallel) -> tuple[tuple[int, ...], ...]:
+    """The TP ranks grouped by the vocabulary rows they hold, most rows first: one group
+    unless torch's chunk split leaves the last ranks fewer rows."""
+    if not vocab or mp.tensor == 1:
+        return (tuple(range(mp.tensor)),)
+    rows = vocab_rows(vocab, mp.tensor, mp.vocab_divisible_by, mp.vocab_split)
+    groups: dict[int, list[int]] = {}
+    for rank, n in enumerate(rows):
+        groups.setdefault(n, []).append(rank)
+    return tuple(tuple(g) for g in groups.values())
+
+
+def tp_split(t: TensorSpec, model_type: str) -> Split:
+    """How Megatron-style TP splits tensor `t` (see the module docstring)."""
+    name = t.name
+    if t.kind != "parameter" or t.role in ("norm", "router", "position", "pooler"):
+        return "replicated"
+    if _VOCAB.search(name):
+        return "vocab"
+    if _EXPERTS.search(name):
+        return "column"  # handled by expert_local_shape
+    if _COLUMN.search(name):
+        return "column"
+    if _ROW.search(name):
+        return "replicated" if name.endswith(".bias") else "row"
+    return "replicated"
+
+
+def _tp_dim(t: TensorSpec, split: Split, model_type: str) -> int | None:
+    if split == "replicated":
+        return None
+    conv1d = model_type == "gpt2" and t.name.endswith(".weight") and split in ("column", "row")
+    if split == "vocab":
+        return 0
+    if split == "column":
+        return 1 if conv1d else 0
+    return 0 if conv1d else (1 if len(t.shape) >= 2 else None)
+
+
+def local_shape(
+    t: TensorSpec,
+    *,
+    tp: int,
+    ep: int,
+    model_type: str,
+    vocab_divisible_by: int,
+    vocab_split: VocabSplit = "padded",
+    tensor_rank: int = 0,
+) -> tuple[int, ...]:
+    """The shape of `t` on TP rank `tensor_rank` under TP degree `tp` and EP degree `ep`."""
+    shape = list(t.shape)
+    if _EXPERTS.search(t.name):
+        # fused experts [E, 2I, H] (gate_up: column) / [E, H, I] (down: row)
+        shape[0] //= ep
+        if tp > 1:
+            shape[1 if t.name.endswith("gate_up_proj") else 2] //= tp
+        return tuple(shape)
+    if tp == 1:
+        return t.shape
+    split = tp_split(t, model_type)
+    dim = _tp_dim(t, split, model_type)
+    if dim is None:
+        return t.shape
+    if split == "vocab":
+        shape[0] = vocab_rows(shape[0], tp, vocab_divisible_by, vocab_split)[tensor_rank]
+    else:
+        shape[dim] //= tp
+    return tuple(shape)
+
+
+@lru_cache(maxsize=32)
+def tp_counts(inventory: Inventory) -> tuple[tuple[str, int], ...]:
+    """Every size tensor parallelism divides, named: the attention and key/value heads
+    (megatron/core/transformer/attention.py: `divide(num_query_groups, world_size)`), the MLP
+    width, and each column/row-parallel tensor's split dimension (megatron/core/tensor_parallel/
+    layers.py: `divide(output_size, world_size)` / `divide(input_size, world_size)`). The
+    vocabulary is padded instead, so it is not among them."""
+    arch = inventory.architecture
+    assert arch is not None
+    out: list[tuple[str, int]] = [
+        (what, count)
+        for what, count in (
+            ("num_attention_heads", arch.num_attention_heads),
+            ("num_key_value_heads", arch.num_key_value_heads),
+            ("intermediate_size", arch.intermediate_size),
+        )
+        if count
+    ]
+    seen = {count for _, count in out}
+    for t in inventory.parameters:
+        split = tp_split(t, arch.model_type)
+        if split in ("replicated", "vocab"):
+            continue
+        if _EXPERTS.search(t.name):
+            dim = 1 if t.name.endswith("gate_up_proj") else 2
+        else:
+            dim = _tp_dim(t, split, arch.model_type)  # type: ignore[assignment]
+            if dim is None:
+                continue
+        size = t.shape[dim]
+        if size not in seen:
+            seen.add(size)
+            out.append((f"{t.name}.shape[{dim}]", size))
+    return tuple(out)
+
+
+def check_degrees(inventory: Inventory, mp: ModelParallel) -> None:
+    """Refuse layouts the frameworks refuse, naming the valid degrees."""
+    arch = inventory.architecture
+    if arch is None:
+        if mp.tensor > 1 or mp.pipeline > 1 or mp.expert > 1:
+            raise MemplanError(
+                "tensor, pipeline and expert parallelism need the model's tensors: give the "
+                "model as hf_config, preset or architecture, not num_parameters.",
+                field="parallelism",
+            )
+        return
+
+    def divisors(n: int) -> str:
+        return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+    if mp.tensor > 1:
+        counts = tp_counts(inventory)
+        for what, count in counts:
+            if count % mp.tensor:
+                # Only degrees that pass every check: the divisors of their common divisor.
+                common = math.gcd(*(c for _, c in counts))
+                raise MemplanError(
+                    f"{mp.tensor} does not divide {what}={count}; valid tensor degrees: "
+                    f"{divisors(common)}.",
+                    field="parallelism.tensor",
+                )
+    if mp.tensor > 1 and arch.vocab_size:
+        rows = vocab_rows(arch.vocab_size, mp.tensor, mp.vocab_divisible_by, mp.vocab_split)
+        if not all(rows):
+            # torch.chunk makes fewer chunks than asked when V is small: DTensor gives the
+            # ranks past the last an empty shard, whose tensors memplan's rules do not take.
+            raise MemplanError(
+                f"torch's DTensor splits the {arch.vocab_size}-token vocabulary over "
+                f"{mp.tensor} TP ranks like torch.chunk ({', '.join(map(str, rows))} rows), "
+                "leaving a TP rank no rows; use a smaller tensor degree.",
+                field="parallelism.tensor",
+            )
+    if mp.expert > 1:
+        if not arch.num_experts:
+            raise MemplanError(
+                "expert parallelism needs a mixture-of-experts model.", field="parallelism.expert"
+            )
+        if arch.num_experts % mp.expert:
+            raise MemplanError(
+                f"{mp.expert} does not divide the {arch.num_experts} experts; valid expert "
+                f"degrees: {divisors(arch.num_experts)}.",
+                field="parallelism.expert",
+            )
+    stage_layers(arch.num_layers, mp)  # raises on a bad pipeline split
+
+
+def chunk_layers(num_layers: int, mp: ModelParallel) -> list[int]:
+    """Layers of each model chunk, in model order (P x virtual stages chunks; chunk c lives on
+    pipeline rank c % P, Megatron's interleaved placement)."""
+    p, v = mp.pipeline, mp.virtual_stages
+    if mp.layers_per_stage is not None:
+        counts = list(mp.layers_per_stage)
+        if len(counts) != p * v or sum(counts) != num_layers:
+            raise MemplanError(
+                f"layers_per_stage must list {p * v} stages summing to {num_layers} layers "
+                f"(got {len(counts)} summing to {sum(counts)}).",
+                field="parallelism.layers_per_stage",
+            )
+        return counts
+    if num_layers % (p * v):
+        valid = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
+        raise MemplanError(
+            f"{num_layers} layers do not split evenly over pipeline {p} x virtual stages "
+            f"{v}; use degrees whose product divides {num_layers} "
+            f"({', '.join(map(str, valid))}) or give layers_per_stage.",
+            field="parallelism.pipeline",
+        )
+    return [num_layers // (p * v)] * (p * v)
+
+
+def stage_layers(num_layers: int, mp: ModelParallel) -> list[list[int]]:
+    """The layer indices each pipeline rank holds (all of its virtual chunks)."""
+    held: list[list[int]] = [[] for _ in range(mp.pipeline)]
+    start = 0
+    for chunk, count in enumerate(chunk_layers(num_layers, mp)):
+        held[chunk % mp.pipeline].extend(range(start, start + count))
+        start += count
+    return held
+
+
+def stage_inventory(inventory: Inventory, mp: ModelParallel, stage: int) -> Inventory:
+    """The tensors one rank of pipeline `stage` holds, with TP/EP-local shapes."""
+    return stage_inventories(inventory, mp)[stage]
+
+
+@lru_cache(maxsize=256)
+def stage_inventories(inventory: Inventory, mp: ModelParallel) -> tuple[Inventory, ...]:
+    """`stage_inventory` of every stage, in one pass over the tensors (plan calls this for
+    hundreds of layouts: inventories hash by identity, so the cache is cheap)."""
+    arch = inventory.architecture
+    if arch is None:
+        return (inventory,) * mp.pipeline
+    stage_of_layer = {
+        layer: s for s, held in enumerate(stage_layers(arch.num_layers, mp)) for layer in held
+    }
+    last = mp.pipeline - 1
+    local = _localised(
+        inventory, mp.tensor, mp.expert, mp.vocab_divisible_by, mp.vocab_split, mp.tensor_rank
+    )
+
+    def stage_of(t: TensorSpec) -> int:
+        if mp.pipeline == 1:
+            return 0
+        if t.layer is not None:
+            if t.layer not in stage_of_layer:
+                # T5 numbers its decoder blocks after the encoder's `num_layers`.
+                raise MemplanError(
+                    f"pipeline parallelism splits {arch.model_type}'s {arch.num_layers} layers, "
+                    f"but {t.name} is in layer {t.layer}: encoder-decoder models are not split "
+                    "over pipeline stages; use parallelism.pipeline: 1.",
+                    field="parallelism.pipeline",
+                )
+            return stage_of_layer[t.layer]
+        return last if t.role == "head" or _is_final_norm(t) else 0
+
+    params: list[list[TensorSpec]] = [[] for _ in range(mp.pipeline)]
+    for t, mine in zip(inventory.parameters, local, strict=True):
+        params[stage_of(t)].append(mine)
+    if last > 0 and inventory.tied:
+        # The last stage's own copy of the tied word embedding (the output layer's weight).
+        owners = {t.name: mine for t, mine in zip(inventory.parameters, local, strict=True)}
+        params[last] += [
+            replace(owners[owner], name=alias, role="head")
+            for alias, owner in inventory.tied
+            if owner in owners
+        ]
+    buffers: list[list[TensorSpec]] = [[] for _ in range(mp.pipeline)]
+    for b in inventory.buffers:
+        for s in [stage_of_layer[b.layer]] if b.layer is not None else range(mp.pipeline):
+            buffers[s].append(b)
+    return tuple(
+        replace(inventory, parameters=tuple(params[s]), buffers=tuple(buffers[s]))
+        for s in range(mp.pipeline)
+    )
+
+
+@lru_cache(maxsize=64)
+def _localised(
+    inventory: Inventory,
+    tp: int,
+    ep: int,
+    vocab_divisible_by: int,
+    vocab_split: VocabSplit = "padded",
+    tensor_rank: int = 0,
+) -> tuple[TensorSpec, ...]:
+    """Every parameter with its TP/EP-local shape, in inventory order (shared by all pipeline
+    splits of one TP x EP layout)."""
+    arch = inventory.architecture
+    assert arch is not None
+    shapes: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
+
+    def localise(t: TensorSpec) -> TensorSpec:
+        key = (_LAYER_INDEX.sub(".", t.name), t.shape)  # layers share their split
+        shape = shapes.get(key)
+        if shape is None:
+            shape = shapes[key] = local_shape(
+                t,
+                tp=tp,
+                ep=ep,
+                model_type=arch.model_type,
+                vocab_divisible_by=vocab_divisible_by,
+                vocab_split=vocab_split,
+                tensor_rank=tensor_rank,
+            )
+        return t if shape == t.shape else replace(t, shape=shape)
+
+    return tuple(localise(t) for t in inventory.parameters)
+
+
+_LAYER_INDEX = re.compile(r"\.\d+\.")
+
+
+def _is_final_norm(t: TensorSpec) -> bool:
+    """A norm outside the layers that is not an embedding norm (bert, bloom) is the final one."""
+    return t.role == "norm" and t.layer is None and "embed" not in t.name
+
+
+def split_experts(inventory: Inventory) -> tuple[Inventory, Inventory]:
+    """(dense tensors, expert tensors): experts shard over the expert-data-parallel group."""
+    dense = tuple(t for t in inventory.parameters if t.role != "experts")
+    experts = tuple(t for t in inventory.parameters if t.role == "experts")
+    return (
+        replace(inventory, parameters=dense),
+        replace(inventory, parameters=experts, buffers=()),
+    )
+
+
+def expert_data_degree(data: int, expert: int) -> int:
+    """Ranks that hold replicas of the same experts: Megatron's expert-data-parallel size,
+    data x context / expert with expert tensor parallelism equal to TP
+    (megatron/core/parallel_state.py::initialize_model_parallel)."""
+    if data % expert:
+        raise MemplanError(
+            f"expert degree {expert} must divide the data-parallel degree {data} (expert "
+            "parallel ranks are carved out of the data-parallel ones).",
+            field="parallelism.expert",
+        )
+    return data // expert
+
+
+def padded_vocab(vocab: int, tp: int, divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
+    """megatron/training/tokenizer/tokenizer.py::_vocab_size_with_padding."""
+    return round_up(vocab, divisible_by * tp)
+
+
+def most_loaded(values: Sequence[int]) -> int:
+    """Index of the largest value (the lowest index on a tie)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+__all__ = [
+    "ModelParallel",
+    "ceil_div",
+    "check_degrees",
+    "expert_data_degree",
+    "local_shape",
+    "padded_vocab",
+    "split_experts",
+    "stage_inventory",
+    "stage_layers",
+    "tensor_rank_classes",
+    "tp_split",
+    "vocab_rows",
+]

@@ -1,0 +1,396 @@
+"""Model states per pipeline stage and per data-parallel rank, for any layout.
+
+The layout is decomposed the way Megatron-LM builds it (megatron/core/parallel_state.py::
+initialize_model_parallel): tensor and pipeline parallelism decide which slice of which tensor
+a rank holds (`memplan.states.parallel`); the engine's ZeRO rule then shards that slice over the
+data-parallel group (data x context ranks: context-parallel ranks hold the same weights and
+reduce gradients together), and the experts of an MoE layer over the expert-data-parallel
+group. Offload then moves bytes from the GPU to the host or NVMe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+from memplan.config.spec import ParallelismSpec
+from memplan.errors import MemplanError
+from memplan.model.inventory import Inventory, fold_name
+from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS, OptimizerConfig
+from memplan.precision import Recipe
+from memplan.states import engines as sharding
+from memplan.states import terms
+from memplan.states.engines import Placement, RankStates, Term
+from memplan.states.engines import offload as offload_rules
+from memplan.states.parallel import (
+    ModelParallel,
+    check_degrees,
+    expert_data_degree,
+    local_shape,
+    split_experts,
+    stage_inventory,
+    stage_layers,
+    tensor_rank_classes,
+    tp_split,
+)
+from memplan.states.terms import group_ranks
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageStates:
+    """The model states of one pipeline stage: every TP rank of it holds the same bytes, but
+    where torch's DTensor leaves the last TP ranks fewer vocabulary rows (`ranks` then lists
+    each TP rank class's data-parallel classes, `RankStates.tensor_ranks`)."""
+
+    stage: int
+    layers: tuple[int, ...]
+    """Indices of the decoder layers this stage holds."""
+    num_parameters: int
+    """Parameter elements one rank of this stage holds before data-parallel sharding."""
+    ranks: tuple[RankStates, ...]
+    """Classes of identical data-parallel ranks (of each class of TP ranks, TP rank 0's
+    first)."""
+    per_gpu: RankStates
+    """The most-loaded data-parallel rank (of TP rank 0, which holds the most vocabulary
+    rows)."""
+    buffers: tuple[Term, ...]
+    nvme: tuple[Term, ...] = ()
+    """Bytes offloaded to NVMe by the most-loaded rank."""
+
+    @property
+    def model_state_bytes(self) -> int:
+        return self.per_gpu.total_bytes + sum(t.bytes for t in self.buffers)
+
+
+def model_parallel(par: ParallelismSpec) -> ModelParallel:
+    return ModelParallel(
+        tensor=par.tensor,
+        pipeline=par.pipeline,
+        expert=par.expert,
+        context=par.context,
+        virtual_stages=par.virtual_stages,
+        layers_per_stage=par.layers_per_stage,
+        vocab_divisible_by=par.vocab_multiple,
+        vocab_split=par.vocab_split,
+    )
+
+
+def most_loaded(ranks: Sequence[RankStates]) -> RankStates:
+    return max(ranks, key=lambda r: (r.total_bytes, -r.ranks[0]))
+
+
+def _merge(
+    dense: list[RankStates], experts: list[RankStates], degree: int, ep: int
+) -> list[RankStates]:
+    """Per data-parallel rank r: its dense states plus the expert states of expert-data rank
+    r // ep (Megatron orders expert-parallel ranks fastest within the data-parallel group)."""
+
+    def by_rank(classes: list[RankStates]) -> dict[int, RankStates]:
+        return {r: c for c in classes for r in c.ranks}
+
+    d, e = by_rank(dense), by_rank(experts)
+    merged = []
+    for rank in range(degree):
+        a, b = d[rank], e[rank // ep]
+        merged.append(
+            RankStates(
+                ranks=(rank,),
+                terms=(*a.terms, *_tagged(b.terms)),
+                host_terms=(*a.host_terms, *_tagged(b.host_terms)),
+            )
+        )
+    return group_ranks(merged, key=lambda r: (r.terms, r.host_terms))
+
+
+def _tagged(terms: Sequence[Term]) -> tuple[Term, ...]:
+    return tuple(replace(t, name=f"{t.name} (experts)") for t in terms)
+
+
+def stage_states(
+    inventory: Inventory,
+    *,
+    recipe: Recipe,
+    opt: OptimizerConfig,
+    placement: Placement,
+    par: ParallelismSpec,
+    knobs: sharding.DeepSpeedKnobs,
+) -> list[StageStates]:
+    """Model states of every pipeline stage's most-loaded rank, and of every rank class."""
+    mp = model_parallel(par)
+    check_degrees(inventory, mp)
+    if par.engine == "fsdp2" and opt.name in FSDP2_REFUSED_OPTIMIZERS:
+        raise MemplanError(
+            f"{opt.name} does not run on FSDP2: its step squares a column norm in place "
+            "(torch/optim/_adafactor.py::_single_tensor_adafactor `torch.norm(grad, dim=-2)"
+            ".square_()`, _multi_tensor_adafactor `_foreach_mul_`, torch 2.13), which a "
+            "dim-0-sharded DTensor refuses ('in-place operations that require placement "
+            "changes are not supported'). Use engine: ddp or deepspeed, or another optimizer.",
+            field="optimizer.name",
+        )
+    # Context-parallel ranks hold the same weights as data-parallel ones, so only their
+    # product matters here: layouts that differ in how they split it share the result.
+    degree = par.data * par.context
+    offload = (par.offload.optimizer, par.offload.parameters)
+    mp = replace(mp, context=1)
+    # With identical layers only how many each rank holds matters, not which: an interleaved
+    # placement shares the states of the contiguous split with the same counts.
+    held = stage_layers(inventory.num_layers, mp) if inventory.architecture else None
+    key = mp
+    if held is not None and mp.pipeline > 1 and _identical_layers(inventory):
+        key = replace(mp, virtual_stages=1, layers_per_stage=tuple(len(h) for h in held))
+    arch = inventory.architecture
+    classes = tensor_rank_classes(arch.vocab_size if arch else None, mp)
+    per_class: list[list[StageStates]] = []
+    for group in classes:
+        rank_mp = replace(mp, tensor_rank=group[0])
+        states = _stage_states(
+            inventory,
+            recipe,
+            opt,
+            placement,
+            replace(key, tensor_rank=group[0]),
+            par.engine,
+            par.stage,
+            degree,
+            offload,
+            knobs,
+        )
+        out = (
+            list(states)
+            if key is mp or held is None
+            else [replace(st, layers=tuple(held[st.stage])) for st in states]
+        )
+        if par.engine == "ddp" and par.tensor > 1:
+            out = [_whole_embedding_gradient(st, inventory, recipe, rank_mp) for st in out]
+            if group[0] > 0:
+                out = [_scatter_padding(st, inventory, recipe, mp, group[0]) for st in out]
+        per_class.append(out)
+    if len(classes) == 1:
+        return per_class[0]
+    return [_tensor_rank_union(stages, classes) for stages in zip(*per_class, strict=True)]
+
+
+def _tensor_rank_union(
+    stages: Sequence[StageStates], classes: Sequence[tuple[int, ...]]
+) -> StageStates:
+    """One stage's states over every class of TP ranks: TP rank 0's stage (the most
+    vocabulary rows, so its most-loaded rank is the stage's) with every class's rank
+    classes, each tagged with its TP ranks."""
+    first = stages[0]
+    return replace(
+        first,
+        ranks=tuple(
+            replace(r, tensor_ranks=group)
+            for st, group in zip(stages, classes, strict=True)
+            for r in st.ranks
+        ),
+        per_gpu=replace(first.per_gpu, tensor_ranks=classes[0]),
+    )
+
+
+SRC_DTENSOR_SCATTER = (
+    "torch/distributed/tensor/placement_types.py::Shard._shard_tensor (torch 2.13): "
+    "distribute_tensor scatters every TP rank's shard into torch.empty_like of the first "
+    "(ceil(V / TP)-row) padded chunk and narrows it, so the storage keeps the padded rows"
+)
+
+
+def _scatter_padding(
+    st: StageStates, inventory: Inventory, recipe: Recipe, mp: ModelParallel, tensor_rank: int
+) -> StageStates:
+    """DDP over torch's DTensor tensor parallelism, a TP rank with fewer vocabulary rows than
+    the first: its vocabulary-parallel parameters are narrowed views of a buffer with the first
+    rank's rows (FSDP2 copies them into its own shards instead), so the parameters' storage
+    holds the missing rows too; gradients and optimizer states (zeros_like) hold its own."""
+    arch = inventory.architecture
+    if arch is None:
+        return st
+    local = stage_inventory(inventory, replace(mp, tensor_rank=tensor_rank), st.stage)
+    first = stage_inventory(inventory, replace(mp, tensor_rank=0), st.stage)
+    rows: list[Term] = []
+    for mine, top in zip(local.parameters, first.parameters, strict=True):
+        if tp_split(mine, arch.model_type) != "vocab" or mine.shape == top.shape:
+            continue
+        missing = (top.shape[0] - mine.shape[0]) * (top.numel // top.shape[0])
+        dtype = terms.own_dtype(mine, recipe) or recipe.parameters
+        rows.append(
+            terms.term(
+                "parameters",
+                f"{mine.name} (scatter padding)",
+                dtype,
+                1,
+                missing,
+                f"[{top.shape[0]} - {mine.shape[0]}, {', '.join(map(str, top.shape[1:]))}] "
+                f"rows TP rank 0 holds beyond TP rank {tensor_rank}'s",
+                SRC_DTENSOR_SCATTER,
+            )
+        )
+    if not rows:
+        return st
+
+    def add(r: RankStates) -> RankStates:
+        return replace(r, terms=(*r.terms, *rows))
+
+    return replace(st, ranks=tuple(add(r) for r in st.ranks), per_gpu=add(st.per_gpu))
+
+
+SRC_DTENSOR_EMBEDDING = (
+    "torch/distributed/tensor/_ops/_embedding_ops.py::embedding_dense_backward_strategy "
+    "(no row-sharded output; FSDP2 redistributes it, DDP does not): measured by "
+    "tests/test_verify_tp.py"
+)
+
+
+def _whole_embedding_gradient(
+    st: StageStates, inventory: Inventory, recipe: Recipe, mp: ModelParallel
+) -> StageStates:
+    """DDP over torch's DTensor tensor parallelism: the vocab-parallel embedding's gradient
+    comes out of embedding backward whole, [vocab, hidden] on every TP rank, where its
+    parameter is a [vocab / TP, hidden] shard (this TP rank's rows, `mp.tensor_rank`): the rows
+    other TP ranks own come on top."""
+    table = next((t for t in inventory.parameters if t.role == "embedding" and t.trainable), None)
+    arch = inventory.architecture
+    if table is None or arch is None or st.stage != 0:
+        return st  # the embedding lives on the first pipeline stage
+    rows = local_shape(
+        table,
+        tp=mp.tensor,
+        ep=mp.expert,
+        model_type=arch.model_type,
+        vocab_divisible_by=mp.vocab_divisible_by,
+        vocab_split=mp.vocab_split,
+        tensor_rank=mp.tensor_rank,
+    )[0]
+    extra = (table.shape[0] - rows) * (table.numel // table.shape[0])
+    dtype = terms.grad_dtype(recipe)
+    row = terms.term(
+        "gradients",
+        "embedding gradient (whole)",
+        dtype,
+        1,
+        extra,
+        f"[{table.shape[0]} - {rows}, {table.shape[1]}] rows other TP ranks own",
+        SRC_DTENSOR_EMBEDDING,
+    )
+
+    def add(r: RankStates) -> RankStates:
+        return replace(r, terms=(*r.terms, row))
+
+    return replace(st, ranks=tuple(add(r) for r in st.ranks), per_gpu=add(st.per_gpu))
+
+
+@lru_cache(maxsize=64)
+def _identical_layers(inventory: Inventory) -> bool:
+    """Whether every decoder layer holds the same tensors (names without the layer index,
+    shapes, dtypes, trainability), parameters and buffers."""
+    layers: dict[int, list[tuple[object, ...]]] = {}
+    for t in (*inventory.parameters, *inventory.buffers):
+        if t.layer is not None:
+            layers.setdefault(t.layer, []).append(
+                (fold_name(t.name), t.shape, t.dtype, t.trainable, t.kind)
+            )
+    return len({tuple(v) for v in layers.values()}) <= 1
+
+
+@lru_cache(maxsize=1024)
+def _stage_states(
+    inventory: Inventory,
+    recipe: Recipe,
+    opt: OptimizerConfig,
+    placement: Placement,
+    mp: ModelParallel,
+    engine: str,
+    stage: int,
+    degree: int,
+    offload: tuple[str, str],
+    knobs: sharding.DeepSpeedKnobs,
+) -> tuple[StageStates, ...]:
+    rule = sharding.engine_rule(engine, stage, knobs)
+    held = (
+        stage_layers(inventory.num_layers, mp)
+        if inventory.architecture
+        else [[] for _ in range(mp.pipeline)]
+    )
+    dense_place = replace(placement, data=degree)
+    # Stages that hold the same tensor shapes (the middle of a pipeline) have the same states.
+    by_shapes: dict[
+        tuple[tuple[tuple[int, ...], bool, str | None], ...],
+        tuple[list[RankStates], dict[int, tuple[Term, ...]]],
+    ] = {}
+    out = []
+    for index in range(mp.pipeline):
+        local = stage_inventory(inventory, mp, index)
+        key = _shapes(local)
+        if key not in by_shapes:
+            by_shapes[key] = _rank_states(
+                local, rule, recipe, opt, dense_place, engine, stage, degree, mp.expert, offload
+            )
+        moved, nvme = by_shapes[key]
+        top = most_loaded(moved)
+        out.append(
+            StageStates(
+                stage=index,
+                layers=tuple(held[index]),
+                num_parameters=_numel(local),
+                ranks=tuple(moved),
+                per_gpu=top,
+                buffers=tuple(sharding.buffer_terms(local, recipe, engine=engine)),
+                nvme=nvme[top.ranks[0]],
+            )
+        )
+    return tuple(out)
+
+
+@lru_cache(maxsize=1024)
+def _numel(local: Inventory) -> int:
+    return local.num_parameters
+
+
+@lru_cache(maxsize=1024)
+def _shapes(local: Inventory) -> tuple[tuple[tuple[int, ...], bool, str | None], ...]:
+    """What a stage's states depend on, per tensor (stage inventories are cached objects)."""
+    return tuple((t.shape, t.trainable, t.dtype) for t in local.parameters)
+
+
+def _rank_states(
+    local: Inventory,
+    rule: sharding.EngineRule,
+    recipe: Recipe,
+    opt: OptimizerConfig,
+    dense_place: Placement,
+    engine: str,
+    stage: int,
+    degree: int,
+    expert: int,
+    offload: tuple[str, str],
+) -> tuple[list[RankStates], dict[int, tuple[Term, ...]]]:
+    """Every data-parallel rank class of one stage: dense tensors over the data-parallel
+    group, experts over the expert-data group, then offload.
+
+    Experts are a group of their own only where the engine makes one: Megatron-LM always
+    (expert parameters get their own DDP buffers and distributed-optimizer shards,
+    megatron/core/distributed/distributed_data_parallel.py::DistributedDataParallel,
+    `expert_parallel_params`), and any engine under expert parallelism. Without it, torch
+    DDP/ZeroRedundancyOptimizer, FSDP2 and DeepSpeed see a transformers MoE model's expert
+    tensors as ordinary parameters: one group, sharded and partitioned with the others."""
+    dense, experts = split_experts(local)
+    if experts.parameters and expert == 1 and engine != "megatron":
+        dense, experts = local, replace(local, parameters=())
+    ranks = rule(dense, recipe, opt, dense_place)
+    if experts.parameters:
+        expert_place = replace(dense_place, data=expert_data_degree(degree, expert))
+        ranks = _merge(ranks, rule(experts, recipe, opt, expert_place), degree, expert)
+    moved, nvme = [], {}
+    for r in ranks:
+        states, nvme[r.ranks[0]] = offload_rules.apply(
+            r,
+            engine=engine,
+            stage=stage,
+            optimizer=offload[0],
+            parameters=offload[1],
+            inventory=local,
+            param_dtype=recipe.parameters,
+        )
+        moved.append(states)
+    return moved, nvme
