@@ -207,7 +207,7 @@ CASES = (
 def model_config(model: str) -> dict[str, Any]:
     if model in INLINE_MODELS:
         return dict(INLINE_MODELS[model])
-    from memplan.config.load import PRESET_DIR, read_json
+    from memplan.model.load import PRESET_DIR, read_json
 
     data = read_json(PRESET_DIR / f"{model}.json", what="preset")
     assert isinstance(data, dict)

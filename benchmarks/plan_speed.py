@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from memplan.config.load import load_inventory, load_spec
+from memplan.config.load import load_spec
+from memplan.model.load import load_inventory
 from memplan.plan.search import plan
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memplan.config.load import load_inventory, validate
+from memplan.config.load import validate
 from memplan.config.spec import Spec
+from memplan.model.load import load_inventory
 from memplan.model.sources import Inventory
 from memplan.plan.search import PlanResult, pipeline_split, plan
 from memplan.report.estimate import estimate

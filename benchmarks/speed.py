@@ -80,7 +80,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from memplan.config.load import PRESET_DIR, load_inventory, load_spec, read_json
+    from memplan.config.load import load_spec
+    from memplan.model.load import PRESET_DIR, load_inventory, read_json
     from memplan.report.estimate import estimate
 
     has_accelerate = importlib.util.find_spec("accelerate") is not None

@@ -13,12 +13,13 @@ import pytest
 from typer.testing import CliRunner
 
 from memplan.cli.app import app
-from memplan.config.load import load_inventory, load_spec
+from memplan.config.load import load_spec
 from memplan.config.spec import FinetuneSpec, Spec
 from memplan.errors import MemplanError
 from memplan.model.finetune import lora as finetune
 from memplan.model.finetune import qlora
 from memplan.model.inventory import Inventory, TensorSpec
+from memplan.model.load import load_inventory
 from memplan.model.sources import from_config
 from memplan.report.estimate import estimate, to_json
 from tests.conftest import ROOT, TINY_LLAMA, make_spec

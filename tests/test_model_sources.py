@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from memplan.cli.app import app
 from memplan.config import load
 from memplan.errors import MemplanError
+from memplan.model import load as model_load
 from memplan.model import sources as models
 from memplan.model.inventory import Inventory
 from memplan.model.sources import counts
@@ -43,7 +44,7 @@ def inventory_of(tmp_path: Path, model: dict[str, Any]) -> Inventory:
     """`load_inventory` of a spec file in `tmp_path` whose model section is `model`."""
     spec = tmp_path / "spec.yaml"
     spec.write_text(json.dumps({"model": model}))
-    return load.load_inventory(load.load_spec(spec))
+    return model_load.load_inventory(load.load_spec(spec))
 
 
 def layout(inv: Inventory) -> list[tuple[str, tuple[int, ...], str, str | None, int | None]]:
@@ -509,7 +510,7 @@ def test_hf_id_follows_refs_main(tmp_path: Path, hf_env: Path) -> None:
     new = cache_snapshot(hf_env, "org/tiny", "b" * 40, TINY_LLAMA)
     os.utime(old.parent, (2e9, 2e9))  # the older commit has the newer directory
     set_ref(hf_env, "org/tiny", "b" * 40)
-    assert load.hf_cache_config("org/tiny") == new
+    assert model_load.hf_cache_config("org/tiny") == new
     inv = inventory_of(tmp_path, {"hf_id": "org/tiny"})
     assert layout(inv) == layout(models.from_config(TINY_LLAMA))
 
@@ -519,9 +520,9 @@ def test_hf_id_without_refs_takes_the_newest_snapshot(hf_env: Path) -> None:
     second = cache_snapshot(hf_env, "org/tiny", "b" * 40, TINY_LLAMA)
     os.utime(first.parent, (1e9, 1e9))
     os.utime(second.parent, (2e9, 2e9))
-    assert load.hf_cache_config("org/tiny") == second
+    assert model_load.hf_cache_config("org/tiny") == second
     os.utime(first.parent, (3e9, 3e9))
-    assert load.hf_cache_config("org/tiny") == first
+    assert model_load.hf_cache_config("org/tiny") == first
 
 
 def test_hf_id_miss_names_where_it_looked(tmp_path: Path, hf_env: Path) -> None:
@@ -541,21 +542,21 @@ def test_hf_id_miss_names_where_it_looked(tmp_path: Path, hf_env: Path) -> None:
     with pytest.raises(
         MemplanError, match=r"refs/main points at c{40}, but .*/snapshots/c{40}/config"
     ):
-        load.hf_cache_config("org/absent")
+        model_load.hf_cache_config("org/absent")
 
 
 def test_hf_cache_location_order(
     tmp_path: Path, hf_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert load.hf_hub_cache() == (hf_env, "$HF_HOME/hub")
+    assert model_load.hf_hub_cache() == (hf_env, "$HF_HOME/hub")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    assert load.hf_hub_cache() == (tmp_path / "hub-cache", "$HF_HUB_CACHE")
+    assert model_load.hf_hub_cache() == (tmp_path / "hub-cache", "$HF_HUB_CACHE")
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.delenv("HF_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert load.hf_hub_cache() == (tmp_path / "home/.cache/huggingface/hub", "the default")
+    assert model_load.hf_hub_cache() == (tmp_path / "home/.cache/huggingface/hub", "the default")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert load.hf_hub_cache() == (tmp_path / "xdg/huggingface/hub", "$XDG_CACHE_HOME")
+    assert model_load.hf_hub_cache() == (tmp_path / "xdg/huggingface/hub", "$XDG_CACHE_HOME")
 
 
 def test_hf_cache_resolution_matches_huggingface_hub(tmp_path: Path, hf_env: Path) -> None:
@@ -568,7 +569,7 @@ def test_hf_cache_resolution_matches_huggingface_hub(tmp_path: Path, hf_env: Pat
     )  # huggingface_hub reads the environment when imported: ask a fresh interpreter
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == str(load.hf_cache_config("org/tiny"))
+    assert out.stdout.strip() == str(model_load.hf_cache_config("org/tiny"))
 
 
 def test_hf_id_never_touches_the_network(
@@ -728,4 +729,4 @@ def test_unknown_model_type_lists_families_and_the_ways_out(tmp_path: Path) -> N
     assert "`model: {num_parameters: N}`" in message
     loaded = load.LoadedSpec(make_spec(model={"architecture": {"model_type": "mamba"}}), None, {})
     with pytest.raises(MemplanError, match=r"model_type 'mamba' is not supported"):
-        load.load_inventory(loaded)
+        model_load.load_inventory(loaded)

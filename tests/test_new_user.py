@@ -9,9 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from memplan.cli.app import app
-from memplan.config.load import load_inventory, load_spec, validate
+from memplan.config.load import load_spec, validate
 from memplan.config.spec import ParallelismSpec
 from memplan.errors import MemplanError
+from memplan.model.load import load_inventory
 from memplan.plan.search import plan
 from memplan.report.estimate import estimate, fits_of, verdict
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from memplan.config.load import PRESET_DIR, read_json
 from memplan.errors import MemplanError
+from memplan.model.load import PRESET_DIR, read_json
 from memplan.model.sources import from_config
 from memplan.report.estimate import estimate, to_json
 from memplan.states.parallel import ModelParallel, padded_vocab, stage_inventory, stage_layers

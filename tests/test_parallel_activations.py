@@ -268,7 +268,8 @@ def test_experts_see_gathered_tokens_and_capacity() -> None:
 def test_every_shipped_large_layout_is_modelled() -> None:
     """The layouts a 70B run uses (TP8 SP PP4 and CP2) have activations and a stage table."""
     path = Path(__file__).parent.parent / "configs" / "llama-2-70b.yaml"
-    from memplan.config.load import load_inventory, load_spec
+    from memplan.config.load import load_spec
+    from memplan.model.load import load_inventory
 
     loaded = load_spec(path)
     inv: Inventory = load_inventory(loaded)

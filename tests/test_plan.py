@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from memplan.cli.app import app
-from memplan.config.load import PRESET_DIR, read_json
 from memplan.config.spec import ParallelismSpec
+from memplan.model.load import PRESET_DIR, read_json
 from memplan.model.sources import from_config
 from memplan.plan.search import pipeline_split, plan
 from memplan.report.estimate import estimate

@@ -84,12 +84,13 @@ def estimate(
     Example: memplan estimate configs/llama-3-8b.yaml --ranks
     """
     from memplan.config import load
+    from memplan.model import load as model_load
     from memplan.report import estimate as calc
 
     def work() -> calc.Report:
         loaded = load.load_spec(spec)
         with load.locating(loaded):
-            return calc.estimate(loaded.spec, load.load_inventory(loaded))
+            return calc.estimate(loaded.spec, model_load.load_inventory(loaded))
 
     report = _run(debug, work)
     from memplan.cli import render
@@ -114,11 +115,12 @@ def inventory(
     Example: memplan inventory configs/mixtral-8x7b.yaml
     """
     from memplan.config import load
+    from memplan.model import load as model_load
     from memplan.model.sources import Inventory, counts
 
     def work() -> tuple[Inventory, str]:
         loaded = load.load_spec(spec)
-        return load.load_inventory(loaded), loaded.spec.recipe().parameters
+        return model_load.load_inventory(loaded), loaded.spec.recipe().parameters
 
     inv, dtype = _run(debug, work)
     if as_json:
@@ -233,6 +235,7 @@ def plan(
 
     from memplan.config import load
     from memplan.config.spec import PlanSpec
+    from memplan.model import load as model_load
     from memplan.plan import search as planner
 
     started = time.monotonic()
@@ -258,7 +261,7 @@ def plan(
         run_spec = loaded.spec.model_copy(update={"plan": settings})
         try:
             with load.locating(loaded):
-                return planner.plan(run_spec, load.load_inventory(loaded), progress=progress)
+                return planner.plan(run_spec, model_load.load_inventory(loaded), progress=progress)
         finally:
             if progress_bar is not None:
                 progress_bar.stop()

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from memplan.config.load import PRESET_DIR, LoadedSpec, hf_cache_config, read_json
+from memplan.config.load import LoadedSpec
 from memplan.config.spec import Spec
 from memplan.errors import MemplanError
 from memplan.model import sources as models
+from memplan.model.load import PRESET_DIR, hf_cache_config, read_json
 from memplan.model.sources import Inventory
 from memplan.precision import Recipe
 from memplan.report.estimate import Report, estimate

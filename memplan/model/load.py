@@ -1,0 +1,154 @@
+"""Reading model descriptions from disk: presets, config.json files, safetensors headers and the
+local Hugging Face cache (never the network). The model side of the I/O edge in front of the
+pure calculator; memplan.config.load reads the spec itself."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from memplan.config.load import LoadedSpec
+from memplan.config.spec import MODEL_SOURCES
+from memplan.errors import MemplanError
+from memplan.hardware import nearest
+from memplan.model import sources as models
+from memplan.model.sources import Inventory, TensorSpec
+from memplan.model.sources import safetensors as safetensors_header
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def read_json(path: Path, *, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MemplanError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise MemplanError(
+            f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}."
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise MemplanError(f"cannot read {what} {path}: {err}") from None
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_inventory(loaded: LoadedSpec) -> Inventory:
+    """The model's tensor inventory from whichever source the spec names."""
+    model = loaded.spec.model
+    base = loaded.path.parent if loaded.path else Path.cwd()
+    try:
+        if model.num_parameters is not None:
+            return models.from_parameter_count(model.num_parameters)
+        if model.architecture is not None:
+            return models.from_config(model.architecture, origin="model.architecture")
+        if model.preset is not None:
+            file = PRESET_DIR / f"{model.preset}.json"
+            if not file.is_file():
+                raise MemplanError(
+                    f"unknown preset {model.preset!r}{nearest(model.preset, presets())}; "
+                    f"shipped: {', '.join(presets())}.",
+                    field="model.preset",
+                )
+            return models.from_config(
+                read_json(file, what="preset"), origin=f"preset {model.preset}"
+            )
+        if model.safetensors is not None:
+            path = model.safetensors
+            return load_checkpoint(path if path.is_absolute() else base / path)
+        if model.hf_id is not None:
+            file = hf_cache_config(model.hf_id)
+            return models.from_config(_config_object(file, what="config.json"), origin=str(file))
+        assert model.hf_config is not None  # the spec guarantees exactly one source
+        file = model.hf_config if model.hf_config.is_absolute() else base / model.hf_config
+        return models.from_config(_config_object(file, what="hf_config"), origin=str(file))
+    except MemplanError as err:
+        # Config errors name their origin (file or model.architecture) and key in the message.
+        source = next(k for k in MODEL_SOURCES if getattr(model, k) is not None)
+        where = loaded.where("model", source, err.field or "")
+        raise MemplanError(err.message, where=where) from None
+
+
+def _config_object(file: Path, *, what: str) -> dict[str, Any]:
+    config = read_json(file, what=what)
+    if not isinstance(config, dict):
+        raise MemplanError(f"{file} is not a config.json object.")
+    return config
+
+
+def load_checkpoint(path: Path) -> Inventory:
+    """The inventory of a safetensors checkpoint, from its headers (and a config.json beside)."""
+    checkpoint = safetensors_header.read_checkpoint(path)
+    config_file = checkpoint.directory / "config.json"
+    config = _config_object(config_file, what="config.json") if config_file.is_file() else None
+    inventory = models.from_tensors(
+        [TensorSpec(t.name, t.shape, dtype=t.dtype) for t in checkpoint.tensors],
+        name=f"{checkpoint.directory.name}/{checkpoint.path.name}",
+        config=config,
+        origin=str(config_file),
+    )
+    files = len(checkpoint.files)
+    read = (
+        f"read {checkpoint.header_bytes:,} header bytes of {files} safetensors "
+        f"file{'s' * (files > 1)}, no weights."
+    )
+    return replace(inventory, notes=(read, *inventory.notes))
+
+
+def hf_hub_cache() -> tuple[Path, str]:
+    """The local Hugging Face hub cache and the setting that named it.
+
+    The order of huggingface_hub/constants.py (v0.20 to 1.x): HF_HUB_CACHE, the legacy
+    HUGGINGFACE_HUB_CACHE, HF_HOME/hub, XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub.
+    """
+    env = os.environ
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(key):
+            return _expand(env[key]), f"${key}"
+    if env.get("HF_HOME"):
+        return _expand(env["HF_HOME"]) / "hub", "$HF_HOME/hub"
+    if env.get("XDG_CACHE_HOME"):
+        return _expand(env["XDG_CACHE_HOME"]) / "huggingface" / "hub", "$XDG_CACHE_HOME"
+    return Path.home() / ".cache" / "huggingface" / "hub", "the default"
+
+
+def _expand(value: str) -> Path:
+    return Path(os.path.expandvars(value)).expanduser()
+
+
+def hf_cache_config(repo_id: str) -> Path:
+    """config.json of `repo_id` in the local Hugging Face cache; never the network.
+
+    Cache layout (huggingface_hub/file_download.py, "cache structure"): `models--{org}--{name}/
+    refs/main` holds the commit of the main branch, `snapshots/{commit}/config.json` the file.
+    Without refs/main the newest snapshot that has a config.json is used.
+    """
+    cache, named_by = hf_hub_cache()
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    fix = (
+        f"download it with `hf download {repo_id} config.json` (or `huggingface-cli download`), "
+        "or give the file as model.hf_config."
+    )
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        commit = ref.read_text(encoding="utf-8").strip()
+        file = repo / "snapshots" / commit / "config.json"
+        if file.is_file():
+            return file
+        raise MemplanError(
+            f"{repo_id} is not in the local Hugging Face cache: refs/main points at {commit}, "
+            f"but {file} does not exist (cache from {named_by}); {fix}"
+        )
+    snapshots = repo / "snapshots"
+    found = [d / "config.json" for d in snapshots.glob("*") if (d / "config.json").is_file()]
+    if not found:
+        raise MemplanError(
+            f"{repo_id} is not in the local Hugging Face cache: no config.json under "
+            f"{snapshots} (cache from {named_by}); {fix}"
+        )
+    return max(found, key=lambda f: f.parent.stat().st_mtime)
