@@ -1,1 +1,2 @@
-"""plan"""
+"""Beside the report: `search` tries the layouts a GPU count allows and keeps those that fit,
+ranked by a step-time model (`steptime`)."""
