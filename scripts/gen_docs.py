@@ -49,6 +49,7 @@ PAGES = {
     "models.md": "Supported model families and their defaults",
     "gpus.md": "The GPU catalogue",
     "json.md": "The --json reports and their JSON Schemas",
+    "architecture.md": "The package, stage by stage",
 }
 
 
@@ -647,6 +648,71 @@ def render_index() -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- architecture ----------------------------------------------------------------------------
+
+
+def _first_paragraph(text: str) -> str:
+    return " ".join(text.strip().split("\n\n")[0].split())
+
+
+def _docstring(path: Path) -> str:
+    import ast
+
+    return ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+
+
+def render_architecture() -> str:
+    """Each package of memplan/ in pipeline order (tests/test_layers.py's layers), with its
+    docstring, then its modules with the first paragraph of theirs: the map a reader needs
+    to find where a rule lives."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("layers", ROOT / "tests" / "test_layers.py")
+    assert spec and spec.loader
+    layers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layers)
+    pkg = ROOT / "memplan"
+    lines = [
+        "memplan's folders are the stages of its pipeline, in the order a spec flows through "
+        "them. A module imports only from its own stage or an earlier one: "
+        "`tests/test_layers.py` checks every import. `verify/` is the only torch importer.",
+        "",
+    ]
+    for prefixes in layers.LAYERS:
+        for prefix in prefixes:
+            rel = prefix.removeprefix("memplan").lstrip(".").replace(".", "/")
+            if not rel:  # memplan/*.py modules shared by every stage
+                files = [f for f in sorted(pkg.glob("*.py")) if f.stem not in ("__init__",)]
+                files = [f for f in files if f"memplan.{f.stem}" in layers.LAYERS[0]]
+                lines += ["## The shared vocabulary: memplan/*.py", ""]
+                lines += [f"- `{f.name}`: {_first_paragraph(_docstring(f))}" for f in files]
+                lines.append("")
+                continue
+            if rel in ("errors", "versions", "hardware", "precision", "optimizers", "__main__"):
+                continue
+            folder = pkg / rel
+            if not folder.is_dir():
+                file = pkg / f"{rel}.py"
+                lines += [
+                    f"## `memplan/{rel}.py`",
+                    "",
+                    _first_paragraph(_docstring(file)),
+                    "",
+                ]
+                continue
+            lines += [f"## `memplan/{rel}/`", ""]
+            lines += [" ".join(_docstring(folder / "__init__.py").split()), ""]
+            for file in sorted(folder.rglob("*.py")):
+                if file.name == "__init__.py" and file.parent == folder:
+                    continue
+                name = file.relative_to(folder).as_posix()
+                if file.name == "__init__.py":
+                    name = file.parent.relative_to(folder).as_posix() + "/"
+                lines.append(f"- `{name}`: {_first_paragraph(_docstring(file))}")
+            lines.append("")
+    return page("architecture.md", "\n".join(lines))
+
+
 def pages() -> dict[str, str]:
     """Path under docs/ -> content."""
     out = {
@@ -656,6 +722,7 @@ def pages() -> dict[str, str]:
         "models.md": render_models(),
         "gpus.md": render_gpus(),
         "json.md": render_json(),
+        "architecture.md": render_architecture(),
     }
     for command in schema.DOCUMENTS:
         out[f"schema/{command}.schema.json"] = (

@@ -1,4 +1,4 @@
-"""Stage 1, the input: the YAML spec a user writes (`spec`, pydantic) and how it is read from
+"""Input: the YAML spec a user writes (`spec`, pydantic) and how it is read from
 disk with each field's line kept for error messages (`load`). The catalogues the spec is
 validated against (GPUs, precision recipes, optimizers) sit one level up, in memplan/, because
 every later stage reads them too."""

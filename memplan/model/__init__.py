@@ -1,4 +1,4 @@
-"""Stage 2, the model: every parameter and buffer by name, shape and dtype (`inventory`), from
+"""Model: every parameter and buffer by name, shape and dtype (`inventory`), from
 whichever source the spec names (`sources`: config.json, a safetensors header, a parameter
 count; `load`: the files, presets and the local Hugging Face cache), one file per architecture
 family (`families`), the vocabulary of what a forward saves for backward (`forward`), the module

@@ -1,3 +1,3 @@
-"""Stage 5, one training step: the buffers that live only for part of it (`transients`) and the
+"""Training step: the buffers that live only for part of it (`transients`) and the
 timeline of memory through its phases, start -> forward -> loss -> backward -> optimizer step
 (`timeline`), whose highest point is the peak."""
