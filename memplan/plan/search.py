@@ -17,6 +17,7 @@ from typing import Any
 from memplan.config.spec import MAX_DEGREE, OffloadSpec, ParallelismSpec, PlanSpec, Spec
 from memplan.errors import MemplanError
 from memplan.hardware import CATALOG
+from memplan.model.finetune import lora as finetune
 from memplan.model.inventory import Inventory
 from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS
 from memplan.plan.steptime import Layout, Link, Shape, StepTime, step_time
@@ -270,7 +271,8 @@ class _Search:
             if progress:
                 progress(i, len(layouts))
             spec = self.spec.model_copy(update={"parallelism": par})
-            states = model_states(spec, self.inventory)
+            trained = finetune.apply(spec, self.inventory)
+            states = model_states(spec, trained)
             if max(s.model_state_bytes for s in states) > self.budget:
                 self.pruned["does not fit: model states alone exceed the budget"] += 1
                 continue
@@ -279,7 +281,7 @@ class _Search:
                     if self.global_batch % (mbs * par.data):
                         continue
                     self.searched += 1
-                    report = self._report(spec, states, mbs, recompute)
+                    report = self._report(spec, trained, states, mbs, recompute)
                     if self.activations_modelled and not _activations_modelled(report):
                         # A peak without activations would look falsely small: never rank it.
                         self.pruned["activations not modelled for this layout"] += 1
@@ -306,7 +308,9 @@ class _Search:
             progress(len(layouts), len(layouts))
         return sorted(out, key=lambda c: (c.time.total_s, c.peak_bytes))
 
-    def _report(self, spec: Spec, states: list[StageStates], mbs: int, recompute: str) -> Report:
+    def _report(
+        self, spec: Spec, trained: Inventory, states: list[StageStates], mbs: int, recompute: str
+    ) -> Report:
         training = spec.training.model_copy(
             update={
                 "micro_batch_size": mbs,
@@ -318,6 +322,7 @@ class _Search:
         return assemble(
             spec.model_copy(update={"training": training}),
             self.inventory,
+            trained,
             states,
             every_stage=False,
         )
