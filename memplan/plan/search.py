@@ -20,7 +20,7 @@ from memplan.hardware import CATALOG
 from memplan.model.finetune import lora as finetune
 from memplan.model.inventory import Inventory
 from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS
-from memplan.plan.steptime import Layout, Link, Shape, StepTime, step_time
+from memplan.plan.steptime import Link, Shape, StepTime, Work, step_time
 from memplan.precision import dtype_bytes
 from memplan.report.estimate import Report, assemble, estimate, model_states, verdict
 from memplan.states.engines.megatron import main_grad_dtype
@@ -122,6 +122,7 @@ def _link(spec: Spec, plan: PlanSpec) -> Link:
     gpu = CATALOG[spec.hardware.gpu] if spec.hardware.gpu else CATALOG["H100-80GB"]
     return Link(
         peak_flops=gpu.bf16_flops,
+        gpus_per_node=spec.hardware.gpus_per_node,
         mfu=plan.mfu,
         intra_bytes_per_s=plan.intra_node_bandwidth or gpu.intra_node_bytes_per_s,
         inter_bytes_per_s=plan.inter_node_bandwidth or gpu.inter_node_bytes_per_s,
@@ -341,20 +342,9 @@ class _Search:
         recipe = self.spec.recipe()
         per_rank = max(s.num_parameters for s in report.stages)
         grad_dtype = main_grad_dtype(recipe) if par.engine == "megatron" else recipe.gradients
-        layout = Layout(
-            gpus=self.gpus,
-            gpus_per_node=self.spec.hardware.gpus_per_node,
-            data=par.data,
-            tensor=par.tensor,
-            pipeline=par.pipeline,
-            context=par.context,
-            expert=par.expert,
-            virtual_stages=par.virtual_stages,
+        work = Work(
             micro_batch=mbs,
-            engine=par.engine,
-            zero_stage=par.stage,
             recompute=recompute,
-            offload=offload != "none",
             grad_bytes=per_rank * dtype_bytes(grad_dtype),
             param_bytes=per_rank * dtype_bytes(recipe.parameters),
         )
@@ -374,7 +364,7 @@ class _Search:
             virtual_stages=par.virtual_stages,
             peak_bytes=report.peak_bytes,
             headroom_bytes=headroom,
-            time=step_time(shape, layout, link),
+            time=step_time(shape, report.placement, work, link),
             tokens_per_step=self.global_batch * self.spec.training.sequence_length,
         )
 
