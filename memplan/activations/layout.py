@@ -241,15 +241,13 @@ def stage(
     blocks: list[Block] = []
     if first:
         blocks.append(by["embeddings"])
-    blocks.append(replace(layers, count=current))
+    blocks.append(layers.repeated(current))
     if last:
         blocks += [by["head"], by["loss"]]
 
     def more(b: Block, count: int) -> None:
         if count > 0:
-            blocks.append(
-                replace(b, name=f"in_flight.{b.name}", count=count, layered=False, recompute=())
-            )
+            blocks.append(b.repeated(count, held_as=f"in_flight.{b.name}"))
 
     if first:
         more(by["embeddings"], alive[0] - 1)
