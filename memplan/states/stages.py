@@ -283,7 +283,8 @@ def _stage_states(
     out = []
     for index in range(layout.pipeline):
         local = stage_inventory(inventory, layout, index)
-        key = _shapes(local)
+        # What a stage's states depend on, per tensor.
+        key = tuple((t.shape, t.trainable, t.dtype) for t in local.parameters)
         if key not in by_shapes:
             by_shapes[key] = _rank_states(local, rule, recipe, opt, layout)
         moved, nvme = by_shapes[key]
@@ -292,7 +293,7 @@ def _stage_states(
             StageStates(
                 stage=index,
                 layers=tuple(held[index]),
-                num_parameters=_numel(local),
+                num_parameters=local.num_parameters,
                 ranks=tuple(moved),
                 per_gpu=top,
                 buffers=tuple(sharding.buffer_terms(local, recipe, engine=layout.engine)),
@@ -300,17 +301,6 @@ def _stage_states(
             )
         )
     return tuple(out)
-
-
-@lru_cache(maxsize=1024)
-def _numel(local: Inventory) -> int:
-    return local.num_parameters
-
-
-@lru_cache(maxsize=1024)
-def _shapes(local: Inventory) -> tuple[tuple[tuple[int, ...], bool, str | None], ...]:
-    """What a stage's states depend on, per tensor (stage inventories are cached objects)."""
-    return tuple((t.shape, t.trainable, t.dtype) for t in local.parameters)
 
 
 def _rank_states(
