@@ -22,7 +22,14 @@ from memplan.model.inventory import Inventory
 from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS
 from memplan.plan.steptime import Link, Shape, StepTime, Work, step_time
 from memplan.precision import dtype_bytes
-from memplan.report.estimate import Report, assemble, estimate, model_states, verdict
+from memplan.report.estimate import (
+    Report,
+    assemble,
+    capacity_of,
+    estimate,
+    model_states,
+    verdict,
+)
 from memplan.states.engines.megatron import main_grad_dtype
 from memplan.states.stages import StageStates
 
@@ -395,9 +402,7 @@ def plan(
             f"{MAX_DEGREE:,}.",
             field="plan.nodes",
         )
-    capacity = spec.hardware.memory or (
-        CATALOG[spec.hardware.gpu].memory_bytes if spec.hardware.gpu else None
-    )
+    capacity = capacity_of(spec)
     if capacity is None:
         raise MemplanError(
             "plan needs the GPU memory: hardware.gpu (e.g. H100-80GB) or hardware.memory.",

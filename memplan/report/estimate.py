@@ -227,6 +227,37 @@ def summary(inventory: Inventory, trained: Inventory | None = None) -> ModelSumm
     )
 
 
+def capacity_of(spec: Spec) -> int | None:
+    """GPU memory of one device: hardware.memory, else the catalog's for hardware.gpu."""
+    if spec.hardware.memory is None and spec.hardware.gpu:
+        return CATALOG[spec.hardware.gpu].memory_bytes
+    return spec.hardware.memory
+
+
+def _rank_view(
+    spec: Spec,
+    trained: Inventory,
+    micro: acts.Activations,
+    layout: Layout,
+    st: StageStates,
+    per_gpu: RankStates,
+    local: Inventory,
+) -> tuple[acts.Activations, tl.Timeline]:
+    """One GPU of pipeline stage `st` (of TP rank `layout.tensor_rank`) holding `per_gpu`'s
+    states: its saved tensors at its peak and its step's timeline."""
+    steps = spec.training.gradient_accumulation_steps
+    saved = acts.on_rank(trained, micro, layout, st.stage, steps)
+    timeline = tl.build(
+        spec,
+        local,
+        per_gpu=per_gpu,
+        buffer_bytes=sum(t.bytes for t in st.buffers),
+        saved=saved,
+        capacity_bytes=capacity_of(spec),
+    )
+    return saved, timeline
+
+
 def setting_of(spec: Spec) -> Setting:
     """The activation setting a spec describes.
 
@@ -286,57 +317,40 @@ def assemble(
     the highest peak. `every_stage=False` (plan) skips the interior ranks another interior rank
     dominates: same layers and model states but fewer micro-batches in flight.
     """
-    inventory = trained
     layout = layout_of(spec)
     setting = setting_of(spec)
-    microbatches = spec.training.gradient_accumulation_steps
-    capacity = spec.hardware.memory
-    if capacity is None and spec.hardware.gpu:
-        capacity = CATALOG[spec.hardware.gpu].memory_bytes
-    micro = acts.micro_batch(inventory, setting, layout, spec.finetune)
+    capacity = capacity_of(spec)
     local = (
-        stage_inventories(inventory, layout)
-        if inventory.architecture is not None
-        else (inventory,) * len(stages)
+        stage_inventories(trained, layout)
+        if trained.architecture is not None
+        else (trained,) * len(stages)
     )
+    stages = [_with_fp8_state(spec, st, local[st.stage]) for st in stages]
+    micro = acts.micro_batch(trained, setting, layout, spec.finetune)
     views: dict[int, tuple[acts.Activations, tl.Timeline]] = {}
     seen: set[tuple[object, ...]] = set()
-    stages = [_with_fp8_state(spec, st, local[st.stage]) for st in stages]
     for i, st in enumerate(stages):
         if not every_stage and 0 < i < len(stages) - 1:
             key = (st.layers and len(st.layers), st.model_state_bytes, st.per_gpu.total_bytes)
             if key in seen:
                 continue
             seen.add(key)
-        saved = acts.on_rank(inventory, micro, layout, st.stage, microbatches)
-        views[i] = (
-            saved,
-            tl.build(
-                spec,
-                local[st.stage],
-                per_gpu=st.per_gpu,
-                buffer_bytes=sum(t.bytes for t in st.buffers),
-                saved=saved,
-                capacity_bytes=capacity,
-            ),
-        )
+        views[i] = _rank_view(spec, trained, micro, layout, st, st.per_gpu, local[st.stage])
     index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
     top = stages[index]
     saved, timeline = views[index]
     tensor_views = (
-        _tensor_views(spec, inventory, layout, top, saved.bytes, timeline, capacity)
-        if every_stage
-        else ()
+        _tensor_views(spec, trained, layout, top, saved.bytes, timeline) if every_stage else ()
     )
     notes = (
-        list(inventory.notes)
+        list(trained.notes)
         + list(saved.notes)
         + _fp8_notes(spec, local[top.stage], saved)
-        + _sequence_notes(spec, inventory, [v[0] for v in views.values()])
+        + _sequence_notes(spec, trained, [v[0] for v in views.values()])
         + _engine_notes(layout)
     )
     return Report(
-        model=summary(model, inventory),
+        model=summary(model, trained),
         recipe=spec.recipe(),
         optimizer=spec.optimizer.config(),
         placement=layout,
@@ -378,7 +392,6 @@ def _tensor_views(
     top: StageStates,
     activations_bytes: int,
     timeline: tl.Timeline,
-    capacity: int | None,
 ) -> tuple[TensorRankView, ...]:
     """The most-loaded stage's classes of TP ranks (memplan.states.stages tags each rank class
     with its TP ranks where they differ), each with its own activations and timeline: the LM
@@ -402,17 +415,7 @@ def _tensor_views(
         rank_layout = layout.for_tensor_rank(group[0])
         local = stage_inventories(inventory, rank_layout)[top.stage]
         micro = acts.micro_batch(inventory, setting, rank_layout, spec.finetune)
-        saved = acts.on_rank(
-            inventory, micro, rank_layout, top.stage, spec.training.gradient_accumulation_steps
-        )
-        rank_timeline = tl.build(
-            spec,
-            local,
-            per_gpu=per_gpu,
-            buffer_bytes=sum(t.bytes for t in top.buffers),
-            saved=saved,
-            capacity_bytes=capacity,
-        )
+        saved, rank_timeline = _rank_view(spec, inventory, micro, rank_layout, top, per_gpu, local)
         views.append(
             TensorRankView(
                 tensor_ranks=group,
