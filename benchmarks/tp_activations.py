@@ -32,6 +32,7 @@ TP = 2
 def predicted(config: dict[str, Any], case: Any, engine: str, tensor: int, sp: bool) -> int:
     from memplan import activations as acts
     from memplan.model.sources import from_config
+    from memplan.report.estimate import layout_of, setting_of
     from tests.conftest import make_spec
     from tests.tp_probe import BATCH, SEQ
 
@@ -46,7 +47,9 @@ def predicted(config: dict[str, Any], case: Any, engine: str, tensor: int, sp: b
         hardware={"device": "cpu"},
         parallelism={"engine": engine, "tensor": tensor, "sequence_parallel": sp},
     )
-    block = acts.micro_batch(spec, from_config(config)).block("layers")
+    inventory = from_config(config)
+    saved = acts.micro_batch(inventory, setting_of(spec), layout_of(spec), spec.finetune)
+    block = saved.block("layers")
     assert block is not None
     return block.bytes_each
 

@@ -12,6 +12,8 @@ import pytest
 
 from memplan.config.load import validate
 from memplan.config.spec import Spec
+from memplan.model.forward.tensors import Activations
+from memplan.model.inventory import Inventory
 from memplan.model.sources import from_config
 
 DATA = Path(__file__).parent / "data"
@@ -110,3 +112,20 @@ def make_spec(**overrides: Any) -> Spec:
 @pytest.fixture
 def tiny_inventory():  # type: ignore[no-untyped-def]
     return from_config(TINY_LLAMA)
+
+
+def micro_batch_of(spec: Spec, inventory: Inventory) -> Activations:
+    """memplan.activations.micro_batch for a spec, unpacked as memplan.report.estimate does."""
+    from memplan import activations
+    from memplan.report.estimate import layout_of, setting_of
+
+    return activations.micro_batch(inventory, setting_of(spec), layout_of(spec), spec.finetune)
+
+
+def on_rank_of(spec: Spec, inventory: Inventory, micro: Activations, rank: int) -> Activations:
+    """memplan.activations.on_rank for a spec's layout and gradient accumulation steps."""
+    from memplan import activations
+    from memplan.report.estimate import layout_of
+
+    steps = spec.training.gradient_accumulation_steps
+    return activations.on_rank(inventory, micro, layout_of(spec), rank, steps)

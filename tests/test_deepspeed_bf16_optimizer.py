@@ -21,8 +21,9 @@ from memplan.model.sources import from_config
 from memplan.precision import Recipe
 from memplan.report import estimate
 from memplan.states import engines as sharding
-from memplan.states.engines import DeepSpeedKnobs, Placement, RankStates
+from memplan.states.engines import DeepSpeedKnobs, RankStates
 from memplan.states.engines.deepspeed import FLAT_GRADIENT_BUFFER, selects_bf16_optimizer
+from memplan.states.layout import Layout
 from memplan.step import transients as tr
 from tests.conftest import TINY_LLAMA, make_spec
 
@@ -75,8 +76,8 @@ def _states(key: str) -> RankStates:
     knobs = DeepSpeedKnobs(pipeline=pipeline, offload_optimizer=offload)
     rule = sharding.engine_rule("deepspeed", stage, knobs)
     opt = make_spec(optimizer={"name": "adamw"}).optimizer.config()
-    place = Placement(engine="deepspeed", data=int(world), stage=stage)
-    (ranks,) = rule(_inventory(), _recipe(case), opt, place)
+    layout = Layout(engine="deepspeed", data=int(world), stage=stage, tensor_impl="megatron")
+    (ranks,) = rule(_inventory(), _recipe(case), opt, layout, int(world))
     return ranks
 
 

@@ -12,7 +12,8 @@ from memplan.errors import MemplanError
 from memplan.model.load import PRESET_DIR, read_json
 from memplan.model.sources import from_config
 from memplan.report.estimate import estimate, to_json
-from memplan.states.parallel import ModelParallel, padded_vocab, stage_inventory, stage_layers
+from memplan.states.layout import Layout
+from memplan.states.parallel import padded_vocab, stage_inventory, stage_layers
 from tests.conftest import TINY_LLAMA, make_spec
 
 
@@ -25,7 +26,7 @@ LLAMA2_7B = {"h": 4096, "ffn": 11008, "layers": 32, "vocab": 32000, "kv": 32, "h
 
 def test_tensor_parallel_llama2_7b_by_hand():
     inv = preset("llama-2-7b")
-    local = stage_inventory(inv, ModelParallel(tensor=8), 0)
+    local = stage_inventory(inv, Layout(tensor_impl="megatron", tensor=8), 0)
     h, ffn, vocab = 4096, 11008, 32000
     attention = 4 * h * h // 8  # q, k, v, o: column (q, k, v) and row (o) parallel, each / 8
     mlp = 3 * ffn * h // 8  # gate, up (column) and down (row), each / 8
@@ -38,7 +39,7 @@ def test_tensor_parallel_llama2_7b_by_hand():
 
 def test_pipeline_stages_hold_embedding_first_and_head_last():
     inv = preset("llama-2-7b")
-    mp = ModelParallel(pipeline=4)
+    mp = Layout(tensor_impl="megatron", pipeline=4)
     stages = [stage_inventory(inv, mp, s) for s in range(4)]
     layer = sum(t.numel for t in inv.parameters if t.layer == 0)
     embed = 32000 * 4096
@@ -51,7 +52,7 @@ def test_pipeline_stages_hold_embedding_first_and_head_last():
 def test_tied_embeddings_are_held_twice_under_pipeline():
     tied = dict(TINY_LLAMA, tie_word_embeddings=True)
     inv = from_config(tied)
-    mp = ModelParallel(pipeline=2)
+    mp = Layout(tensor_impl="megatron", pipeline=2)
     first, last = (stage_inventory(inv, mp, s) for s in range(2))
     embed = 1041 * 64
     # Megatron's last stage keeps its own copy of the shared word embedding for the output layer.
@@ -60,7 +61,7 @@ def test_tied_embeddings_are_held_twice_under_pipeline():
 
 
 def test_interleaved_stages_take_every_pth_chunk():
-    held = stage_layers(32, ModelParallel(pipeline=4, virtual_stages=2))
+    held = stage_layers(32, Layout(tensor_impl="megatron", pipeline=4, virtual_stages=2))
     assert held[0] == [0, 1, 2, 3, 16, 17, 18, 19]
     assert held[3] == [12, 13, 14, 15, 28, 29, 30, 31]
 
@@ -80,7 +81,7 @@ def test_uneven_stages_report_the_most_loaded_one():
 
 def test_expert_parallel_splits_experts():
     inv = preset("mixtral-8x7b")
-    local = stage_inventory(inv, ModelParallel(expert=8), 0)
+    local = stage_inventory(inv, Layout(tensor_impl="megatron", expert=8), 0)
     experts = [t for t in local.parameters if t.role == "experts"]
     assert experts and all(t.shape[0] == 1 for t in experts)  # 8 experts / 8 ranks
     full = [t for t in inv.parameters if t.role == "experts"]

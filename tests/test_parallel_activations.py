@@ -20,7 +20,7 @@ from memplan.errors import MemplanError
 from memplan.model.sources import Inventory, from_config
 from memplan.report.estimate import estimate, to_json
 from memplan.states.parallel import padded_vocab
-from tests.conftest import DATA, TINY_LLAMA, make_spec
+from tests.conftest import DATA, TINY_LLAMA, make_spec, micro_batch_of, on_rank_of
 
 GPT2 = json.loads((DATA / "hf-configs" / "gpt2.json").read_text())
 MIXTRAL = json.loads((DATA / "hf-configs" / "Mixtral-8x7B-v0.1.json").read_text())
@@ -28,7 +28,7 @@ MIXTRAL = json.loads((DATA / "hf-configs" / "Mixtral-8x7B-v0.1.json").read_text(
 
 def micro(model: dict[str, Any], **over: Any) -> acts.Activations:
     spec = make_spec(model={"architecture": model}, **over)
-    return acts.micro_batch(spec, from_config(model))
+    return micro_batch_of(spec, from_config(model))
 
 
 def layer_bytes(a: acts.Activations) -> int:
@@ -164,7 +164,7 @@ def test_pipeline_stages_hold_their_layers_and_micro_batches() -> None:
     r = pipeline_report()
     per_layer = layer_bytes(micro(dict(TINY_LLAMA, num_hidden_layers=8)))
     for rank, (activations, _) in enumerate(r.stage_peaks):  # type: ignore[misc]
-        saved = acts.on_rank(
+        saved = on_rank_of(
             make_spec(**pipeline_spec()),
             from_config(dict(TINY_LLAMA, num_hidden_layers=8)),
             micro(dict(TINY_LLAMA, num_hidden_layers=8)),
@@ -201,7 +201,7 @@ def test_megatron_first_stage_holds_num_layers_layer_micro_batches() -> None:
             parallelism={"engine": "megatron", **par},
             training={"gradient_accumulation_steps": m},
         )
-        saved = acts.on_rank(spec, inv, acts.micro_batch(spec, inv), 0)
+        saved = on_rank_of(spec, inv, micro_batch_of(spec, inv), 0)
         count = sum(b.count for b in saved.blocks if b.name.endswith("layers"))
         assert count == expected
 
@@ -223,8 +223,8 @@ def test_plan_skips_only_dominated_interior_stages() -> None:
     spec = make_spec(**pipeline_spec(parallelism={"pipeline": 8}))
     inv = from_config(spec.model.architecture or {})
     states = model_states(spec, inv)
-    full = assemble(spec, inv, states)
-    fast = assemble(spec, inv, states, every_stage=False)
+    full = assemble(spec, inv, inv, states)
+    fast = assemble(spec, inv, inv, states, every_stage=False)
     assert fast.peak_bytes == full.peak_bytes and fast.stage == full.stage
     assert sum(p is None for p in fast.stage_peaks) > 0
 

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - old torch
 
 from memplan import activations as acts  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
-from tests.conftest import TINY_LLAMA, make_spec  # noqa: E402
+from tests.conftest import TINY_LLAMA, make_spec, micro_batch_of  # noqa: E402
 from tests.tp_probe import BATCH, COLWISE, PRECISIONS, ROWWISE, SEQ, Case, run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def predicted(case: Case, tensor: int) -> acts.Block:
         hardware={"device": "cpu"},
         parallelism={"engine": "megatron", "tensor": tensor},
     )
-    saved = acts.micro_batch(spec, from_config(CONFIG))
+    saved = micro_batch_of(spec, from_config(CONFIG))
     assert saved.modelled
     block = saved.block("layers")
     assert block is not None and block.count == CONFIG["num_hidden_layers"]
@@ -139,4 +139,4 @@ def test_probe_attributes_every_byte() -> None:
         },
         hardware={"device": "cpu"},
     )
-    assert total == acts.micro_batch(spec, from_config(CONFIG)).bytes
+    assert total == micro_batch_of(spec, from_config(CONFIG)).bytes

@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - old torch
 
 from memplan import activations as acts  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
-from tests.conftest import TINY_LLAMA, make_spec  # noqa: E402
+from tests.conftest import TINY_LLAMA, make_spec, micro_batch_of  # noqa: E402
 from tests.tp_probe import BATCH, COLWISE, PRECISIONS, SEQ, Case  # noqa: E402
 from tests.tp_sp_probe import NORMS, run_ranks  # noqa: E402
 
@@ -94,7 +94,7 @@ def predicted(case: Case, sequence_parallel: bool, engine: str = "megatron") -> 
         hardware={"device": "cpu"},
         parallelism={"engine": engine, "tensor": TP, "sequence_parallel": sequence_parallel},
     )
-    saved = acts.micro_batch(spec, from_config(CONFIG))
+    saved = micro_batch_of(spec, from_config(CONFIG))
     assert saved.modelled
     block = saved.block("layers")
     assert block is not None and block.count == CONFIG["num_hidden_layers"]

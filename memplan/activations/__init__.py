@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 from memplan.activations import layout, lora
-from memplan.config.spec import FinetuneSpec, Spec
+from memplan.config.spec import FinetuneSpec
 from memplan.model.families import bert_saved as bert
 from memplan.model.families import bloom_saved as bloom
 from memplan.model.families import falcon_saved as falcon
@@ -41,9 +41,8 @@ from memplan.model.forward.tensors import (
     not_modelled,
 )
 from memplan.model.inventory import Architecture, Inventory
+from memplan.states.layout import Layout
 from memplan.states.parallel import chunk_layers
-from memplan.states.stages import model_parallel
-from memplan.versions import rules_release
 
 FamilyRule = Callable[..., "Model | str"]
 
@@ -102,100 +101,57 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
     return finish(model, setting)
 
 
-def setting_of(spec: Spec) -> Setting:
-    """The activation setting a spec describes.
-
-    Under autocast (amp-* recipes) the model's parameters, embeddings and residual stream stay
-    in the parameter dtype and matmuls run in the compute dtype; otherwise the model is cast to
-    the compute dtype and everything runs in it.
-    """
-    recipe = spec.recipe()
-    t = spec.training
-    return Setting(
-        batch=t.micro_batch_size,
-        sequence=t.sequence_length,
-        stream=recipe.parameters if recipe.autocast else recipe.compute,
-        matmul=recipe.compute,
-        autocast=recipe.autocast,
-        device=spec.hardware.device,
-        attention=t.attention,
-        dropout=t.dropout,
-        checkpointing=t.activation_checkpointing,
-        offload=t.activation_offload,
-        transformers=rules_release(spec.model.transformers_version),
-    )
+# The Layout fields that change what one micro-batch saves on one GPU (`micro_batch`'s cache
+# key: plan's layouts share few).
+SAVED_FIELDS = (
+    "tensor",
+    "tensor_impl",
+    "sequence_parallel",
+    "context",
+    "expert",
+    "expert_capacity_factor",
+    "make_vocab_size_divisible_by",
+    "tensor_rank",
+)
 
 
-def layout_of(spec: Spec, tensor_rank: int = 0) -> layout.Layout:
-    """The layout of TP rank `tensor_rank` (0: the most vocabulary rows)."""
-    par = spec.parallelism
-    return layout.Layout(
-        tensor=par.tensor,
-        sequence_parallel=par.sequence_parallel,
-        context=par.context,
-        expert=par.expert,
-        capacity_factor=par.expert_capacity_factor,
-        vocab_divisible_by=par.vocab_multiple,
-        vocab_split=par.vocab_split,
-        tensor_rank=tensor_rank,
-        # torch's own tensor parallelism (DTensor, as torchtitan composes it with FSDP2);
-        # Megatron-LM's layers otherwise (megatron, and DeepSpeed via Megatron-DeepSpeed).
-        gathered_inputs=par.engine in ("fsdp2", "ddp"),
-    )
+def for_stages(
+    inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec, microbatches: int
+) -> tuple[Activations, ...]:
+    """The activations of one GPU of each pipeline rank of `lay`, at that rank's peak, with
+    `microbatches` micro-batches per step (memplan.activations.layout)."""
+    micro = micro_batch(inventory, st, lay, ft)
+    return tuple(on_rank(inventory, micro, lay, r, microbatches) for r in range(lay.pipeline))
 
 
-def for_spec(spec: Spec, inventory: Inventory) -> Activations:
-    """The activations of the GPU that saves the most (pipeline rank 0 holds the most
-    micro-batches in flight, but uneven stages can move the maximum)."""
-    return max(for_stages(spec, inventory), key=lambda a: a.bytes)
-
-
-def for_stages(spec: Spec, inventory: Inventory) -> tuple[Activations, ...]:
-    """The activations of one GPU of each pipeline rank for `spec`'s layout, at that rank's
-    peak (memplan.activations.layout)."""
-    micro = micro_batch(spec, inventory)
-    return tuple(on_rank(spec, inventory, micro, r) for r in range(spec.parallelism.pipeline))
-
-
-def on_rank(spec: Spec, inventory: Inventory, micro: Activations, rank: int) -> Activations:
-    """Pipeline rank `rank`'s activations from one micro-batch's (`micro_batch`)."""
-    par = spec.parallelism
+def on_rank(
+    inventory: Inventory, micro: Activations, lay: Layout, rank: int, microbatches: int
+) -> Activations:
+    """Pipeline rank `rank`'s activations from one micro-batch's (`micro_batch`): its model
+    chunks' layers, times the micro-batches its schedule keeps in flight."""
     arch = inventory.architecture
-    if par.pipeline == 1 or arch is None or not micro.modelled:
+    if lay.pipeline == 1 or arch is None or not micro.modelled:
         return micro
-    p, v = par.pipeline, par.virtual_stages
-    chunks = tuple(chunk_layers(arch.num_layers, model_parallel(par))[rank::p])
-    alive = layout.in_flight(par.schedule, p, v, rank, spec.training.gradient_accumulation_steps)
-    key = (id(micro), chunks, alive, rank == 0, rank == p - 1)
-    hit = _ON_RANK.get(key)
-    if hit is not None and hit[0] is micro:
-        return hit[1]
-    out = layout.stage(micro, chunk_layers=chunks, alive=alive, first=key[3], last=key[4])
-    if len(_ON_RANK) >= 4096:
-        _ON_RANK.clear()
-    _ON_RANK[key] = (micro, out)
-    return out
+    p = lay.pipeline
+    chunks = tuple(chunk_layers(arch.num_layers, lay)[rank::p])
+    alive = layout.in_flight(lay.schedule, p, lay.virtual_stages, rank, microbatches)
+    return layout.stage(
+        micro, chunk_layers=chunks, alive=alive, first=rank == 0, last=rank == p - 1
+    )
 
 
-# on_rank's results per (micro-batch object, chunks, micro-batches in flight, first, last):
-# plan asks for the same pipeline rank of many layouts that share a micro-batch.
-_ON_RANK: dict[tuple[object, ...], tuple[Activations, Activations]] = {}
-
-
-def micro_batch(spec: Spec, inventory: Inventory, tensor_rank: int = 0) -> Activations:
+def micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
     """One micro-batch's activations on one GPU of the layout, every layer (the TP slice at
     sequence / CP, sequence parallelism applied), with the layout's communication buffers;
-    on TP rank `tensor_rank` (its vocabulary rows)."""
-    return _micro_batch(inventory, setting_of(spec), layout_of(spec, tensor_rank), spec.finetune)
+    on TP rank `lay.tensor_rank` (its vocabulary rows)."""
+    return _micro_batch(inventory, st, lay.keep(*SAVED_FIELDS), ft)
 
 
 @lru_cache(maxsize=256)
-def _micro_batch(
-    inventory: Inventory, st: Setting, lay: layout.Layout, ft: FinetuneSpec
-) -> Activations:
-    """`micro_batch`, cached: plan's layouts share few (setting, layout) pairs."""
+def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
+    """`micro_batch`, cached by value (inventories hash by identity)."""
     arch = inventory.architecture
-    if lay.trivial or arch is None:
+    if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
     why = layout.check(arch, st, lay)
     if why:
@@ -242,11 +198,11 @@ __all__ = [
     "Device",
     "Saved",
     "Setting",
-    "modelled_families",
-    "for_spec",
     "for_stages",
+    "micro_batch",
+    "modelled_families",
+    "on_rank",
     "predict",
-    "setting_of",
     "to_json",
 ]
 

@@ -42,7 +42,7 @@ import itertools
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import lru_cache
 
 from memplan.errors import MemplanError
@@ -50,7 +50,8 @@ from memplan.memory import Transient
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
 from memplan.precision import dtype_bytes
-from memplan.states.parallel import VocabSplit, vocab_rows
+from memplan.states.layout import Layout
+from memplan.states.parallel import vocab_rows
 
 SRC_TP = (
     "megatron/core/tensor_parallel/layers.py (Column/RowParallelLinear, VocabParallelEmbedding)"
@@ -83,30 +84,6 @@ _COLUMN_INPUT = re.compile(
     r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|c_attn|c_fc|"
     r"query_key_value|dense_h_to_4h|query|key|value|lm_head|embed_out)\.input$"
 )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Layout:
-    """The model-parallel degrees that change what one GPU saves."""
-
-    tensor: int = 1
-    sequence_parallel: bool = False
-    context: int = 1
-    expert: int = 1
-    capacity_factor: float | None = None
-    """MoE expert capacity factor (None: dropless, balanced routing assumed)."""
-    gathered_inputs: bool = False
-    """Sequence parallelism the torch DTensor way (torchtitan): the column-parallel linears
-    save the all-gathered, whole-sequence input instead of the local shard."""
-    vocab_divisible_by: int = 128
-    vocab_split: VocabSplit = "padded"
-    tensor_rank: int = 0
-    """The TP rank whose vocabulary slice the LM head's logits and loss cover
-    (memplan/states/parallel.py::vocab_rows)."""
-
-    @property
-    def trivial(self) -> bool:
-        return self.tensor == 1 and self.context == 1 and self.expert == 1
 
 
 def check(arch: Architecture, st: Setting, lay: Layout) -> str:
@@ -152,7 +129,7 @@ def local_architecture(arch: Architecture, lay: Layout) -> Architecture:
         num_attention_heads=arch.num_attention_heads // tp,
         num_key_value_heads=arch.num_key_value_heads // tp,
         intermediate_size=arch.intermediate_size // tp,
-        vocab_size=vocab_rows(arch.vocab_size, tp, lay.vocab_divisible_by, lay.vocab_split)[
+        vocab_size=vocab_rows(arch.vocab_size, tp, lay.vocab_multiple, lay.vocab_split)[
             lay.tensor_rank
         ],
         extra=extra,
@@ -264,15 +241,13 @@ def stage(
     blocks: list[Block] = []
     if first:
         blocks.append(by["embeddings"])
-    blocks.append(replace(layers, count=current))
+    blocks.append(layers.repeated(current))
     if last:
         blocks += [by["head"], by["loss"]]
 
     def more(b: Block, count: int) -> None:
         if count > 0:
-            blocks.append(
-                replace(b, name=f"in_flight.{b.name}", count=count, layered=False, recompute=())
-            )
+            blocks.append(b.repeated(count, held_as=f"in_flight.{b.name}"))
 
     if first:
         more(by["embeddings"], alive[0] - 1)
@@ -363,10 +338,10 @@ def expert_pairs(arch: Architecture, tokens: int, lay: Layout) -> int:
     capacity = ceil(tokens / TP x top_k / E x c) from each of the TP x EP ranks
     (token_dispatcher.py::MoEAlltoAllTokenDispatcher.preprocess, moe_utils.py::get_capacity)."""
     k, e = arch.num_experts_per_token, arch.num_experts
-    if lay.capacity_factor is None:
+    if lay.expert_capacity_factor is None:
         return tokens * k
     per_rank = tokens // lay.tensor
-    capacity = math.ceil(per_rank * k / e * lay.capacity_factor)
+    capacity = math.ceil(per_rank * k / e * lay.expert_capacity_factor)
     return (e // lay.expert) * capacity * lay.tensor * lay.expert
 
 

@@ -335,7 +335,8 @@ class ParallelismSpec(Frozen):
     ceil(tokens x top_k / experts x factor). None: dropless, balanced routing assumed."""
     make_vocab_size_divisible_by: PositiveInt = 128
     """Megatron pads the vocabulary to a multiple of this x tensor (its default, 128); torch's
-    own tensor parallelism (engine fsdp2 or ddp) does not pad (`vocab_multiple`)."""
+    own tensor parallelism (engine fsdp2 or ddp) does not pad
+    (memplan.states.layout.Layout.vocab_multiple)."""
     gradient_as_bucket_view: bool = False
     """torch DDP `gradient_as_bucket_view` (default False): True makes each `.grad` a view into
     DDP's flat allreduce buckets, saving one gradient-sized copy (torch/nn/parallel/
@@ -395,22 +396,6 @@ class ParallelismSpec(Frozen):
     def world_size(self) -> int:
         """GPUs in the job: data x tensor x pipeline x context."""
         return self.data * self.tensor * self.pipeline * self.context
-
-    @property
-    def vocab_multiple(self) -> int:
-        """What the vocabulary is padded to a multiple of (x tensor) under TP: Megatron's
-        make_vocab_size_divisible_by (megatron and Megatron-DeepSpeed layers); 1 for torch's
-        DTensor tensor parallelism (fsdp2, ddp), which splits it like torch.chunk, ceil(V / TP)
-        rows on the first ranks (torch/distributed/tensor/placement_types.py::
-        Shard._split_tensor)."""
-        return self.make_vocab_size_divisible_by if self.engine in ("megatron", "deepspeed") else 1
-
-    @property
-    def vocab_split(self) -> Literal["padded", "chunk"]:
-        """How TP splits the vocabulary: Megatron's padded even split (megatron, deepspeed) or
-        torch.chunk's (fsdp2, ddp: DTensor), where the last TP ranks can hold fewer rows
-        (memplan/states/parallel.py::vocab_rows)."""
-        return "padded" if self.engine in ("megatron", "deepspeed") else "chunk"
 
     @property
     def stage(self) -> int:

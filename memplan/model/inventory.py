@@ -76,11 +76,11 @@ class Inventory:
     """(alias, owner) pairs: `alias` is the same tensor as `owner` and is not listed again."""
     notes: tuple[str, ...] = ()
     """What the inventory ignored or assumed, in a sentence each."""
+    num_parameters: int = field(init=False, repr=False)
+    """Elements over all distinct parameter tensors (tied weights once); counted once."""
 
-    @property
-    def num_parameters(self) -> int:
-        """Elements over all distinct parameter tensors (tied weights once)."""
-        return sum(t.numel for t in self.parameters)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_parameters", sum(t.numel for t in self.parameters))
 
     @property
     def is_bare_count(self) -> bool:

@@ -17,11 +17,19 @@ from typing import Any
 from memplan.config.spec import MAX_DEGREE, OffloadSpec, ParallelismSpec, PlanSpec, Spec
 from memplan.errors import MemplanError
 from memplan.hardware import CATALOG
+from memplan.model.finetune import lora as finetune
 from memplan.model.inventory import Inventory
 from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS
-from memplan.plan.steptime import Layout, Link, Shape, StepTime, step_time
+from memplan.plan.steptime import Link, Shape, StepTime, Work, step_time
 from memplan.precision import dtype_bytes
-from memplan.report.estimate import Report, assemble, estimate, model_states, verdict
+from memplan.report.estimate import (
+    Report,
+    assemble,
+    capacity_of,
+    estimate,
+    model_states,
+    verdict,
+)
 from memplan.states.engines.megatron import main_grad_dtype
 from memplan.states.stages import StageStates
 
@@ -121,6 +129,7 @@ def _link(spec: Spec, plan: PlanSpec) -> Link:
     gpu = CATALOG[spec.hardware.gpu] if spec.hardware.gpu else CATALOG["H100-80GB"]
     return Link(
         peak_flops=gpu.bf16_flops,
+        gpus_per_node=spec.hardware.gpus_per_node,
         mfu=plan.mfu,
         intra_bytes_per_s=plan.intra_node_bandwidth or gpu.intra_node_bytes_per_s,
         inter_bytes_per_s=plan.inter_node_bandwidth or gpu.inter_node_bytes_per_s,
@@ -270,7 +279,8 @@ class _Search:
             if progress:
                 progress(i, len(layouts))
             spec = self.spec.model_copy(update={"parallelism": par})
-            states = model_states(spec, self.inventory)
+            trained = finetune.apply(spec, self.inventory)
+            states = model_states(spec, trained)
             if max(s.model_state_bytes for s in states) > self.budget:
                 self.pruned["does not fit: model states alone exceed the budget"] += 1
                 continue
@@ -279,7 +289,7 @@ class _Search:
                     if self.global_batch % (mbs * par.data):
                         continue
                     self.searched += 1
-                    report = self._report(spec, states, mbs, recompute)
+                    report = self._report(spec, trained, states, mbs, recompute)
                     if self.activations_modelled and not _activations_modelled(report):
                         # A peak without activations would look falsely small: never rank it.
                         self.pruned["activations not modelled for this layout"] += 1
@@ -306,7 +316,9 @@ class _Search:
             progress(len(layouts), len(layouts))
         return sorted(out, key=lambda c: (c.time.total_s, c.peak_bytes))
 
-    def _report(self, spec: Spec, states: list[StageStates], mbs: int, recompute: str) -> Report:
+    def _report(
+        self, spec: Spec, trained: Inventory, states: list[StageStates], mbs: int, recompute: str
+    ) -> Report:
         training = spec.training.model_copy(
             update={
                 "micro_batch_size": mbs,
@@ -318,6 +330,7 @@ class _Search:
         return assemble(
             spec.model_copy(update={"training": training}),
             self.inventory,
+            trained,
             states,
             every_stage=False,
         )
@@ -336,20 +349,9 @@ class _Search:
         recipe = self.spec.recipe()
         per_rank = max(s.num_parameters for s in report.stages)
         grad_dtype = main_grad_dtype(recipe) if par.engine == "megatron" else recipe.gradients
-        layout = Layout(
-            gpus=self.gpus,
-            gpus_per_node=self.spec.hardware.gpus_per_node,
-            data=par.data,
-            tensor=par.tensor,
-            pipeline=par.pipeline,
-            context=par.context,
-            expert=par.expert,
-            virtual_stages=par.virtual_stages,
+        work = Work(
             micro_batch=mbs,
-            engine=par.engine,
-            zero_stage=par.stage,
             recompute=recompute,
-            offload=offload != "none",
             grad_bytes=per_rank * dtype_bytes(grad_dtype),
             param_bytes=per_rank * dtype_bytes(recipe.parameters),
         )
@@ -369,7 +371,7 @@ class _Search:
             virtual_stages=par.virtual_stages,
             peak_bytes=report.peak_bytes,
             headroom_bytes=headroom,
-            time=step_time(shape, layout, link),
+            time=step_time(shape, report.placement, work, link),
             tokens_per_step=self.global_batch * self.spec.training.sequence_length,
         )
 
@@ -400,9 +402,7 @@ def plan(
             f"{MAX_DEGREE:,}.",
             field="plan.nodes",
         )
-    capacity = spec.hardware.memory or (
-        CATALOG[spec.hardware.gpu].memory_bytes if spec.hardware.gpu else None
-    )
+    capacity = capacity_of(spec)
     if capacity is None:
         raise MemplanError(
             "plan needs the GPU memory: hardware.gpu (e.g. H100-80GB) or hardware.memory.",

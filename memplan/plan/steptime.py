@@ -35,6 +35,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memplan.states.layout import Layout
+
 # Named assumptions (override in `plan:`). MFU 0.4: the utilisation large dense runs report on
 # A100/H100 (Llama 3 paper, Dubey et al. 2024, arXiv 2407.21783, Table 4: 38-43% BF16 MFU).
 DEFAULT_MFU = 0.40
@@ -67,20 +69,11 @@ class Shape:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Layout:
-    gpus: int
-    gpus_per_node: int
-    data: int
-    tensor: int
-    pipeline: int
-    context: int
-    expert: int
-    virtual_stages: int
+class Work:
+    """What one rank computes and communicates per step beside its layout."""
+
     micro_batch: int
-    engine: str
-    zero_stage: int
     recompute: str
-    offload: bool
     grad_bytes: int
     """Bytes of one full set of this rank's gradients as communicated."""
     param_bytes: int
@@ -89,9 +82,13 @@ class Layout:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Link:
+    """The cluster: the GPU's dense peak and the links between GPUs."""
+
     peak_flops: float
     intra_bytes_per_s: float
     inter_bytes_per_s: float
+    gpus_per_node: int
+    """A group whose ranks span at most this many consecutive GPUs runs intra-node."""
     mfu: float = DEFAULT_MFU
 
 
@@ -131,17 +128,17 @@ def flops_per_token(shape: Shape, recompute: str) -> float:
     return base
 
 
-def _bandwidth(span: int, layout: Layout, link: Link) -> tuple[float, float]:
+def _bandwidth(span: int, link: Link) -> tuple[float, float]:
     """(bytes/s, latency) of a group whose ranks span `span` consecutive GPUs."""
-    if span <= layout.gpus_per_node:
+    if span <= link.gpus_per_node:
         return link.intra_bytes_per_s, LATENCY_INTRA_S
     return link.inter_bytes_per_s, LATENCY_INTER_S
 
 
-def _collective(kind: str, n: int, n_bytes: float, span: int, layout: Layout, link: Link) -> float:
+def _collective(kind: str, n: int, n_bytes: float, span: int, link: Link) -> float:
     if n <= 1 or n_bytes <= 0:
         return 0.0
-    bw, alpha = _bandwidth(span, layout, link)
+    bw, alpha = _bandwidth(span, link)
     factor = {
         "all_reduce": 2 * (n - 1) / n,
         "reduce_scatter": (n - 1) / n,
@@ -152,77 +149,72 @@ def _collective(kind: str, n: int, n_bytes: float, span: int, layout: Layout, li
     return hops * alpha + factor * n_bytes / bw
 
 
-def step_time(shape: Shape, layout: Layout, link: Link) -> StepTime:
+def step_time(shape: Shape, layout: Layout, work: Work, link: Link) -> StepTime:
     """Estimated seconds of one optimizer step on `layout` (see the module docstring)."""
     tokens = shape.global_batch * shape.sequence
     compute = (
         tokens
-        * flops_per_token(shape, layout.recompute)
-        / (layout.gpus * link.peak_flops * link.mfu)
+        * flops_per_token(shape, work.recompute)
+        / (layout.world_size * link.peak_flops * link.mfu)
     )
-    micro_batches = max(1, shape.global_batch // (layout.data * layout.micro_batch))
+    micro_batches = max(1, shape.global_batch // (layout.data * work.micro_batch))
     p, v = layout.pipeline, layout.virtual_stages
     bubble = compute * (p - 1) / (v * micro_batches) if p > 1 else 0.0
 
     t, c, d = layout.tensor, layout.context, layout.data
     layers_here = shape.layers / p
-    act = layout.micro_batch * (shape.sequence / c) * shape.hidden * ACTIVATION_BYTES
-    per_layer = 6 if layout.recompute == "full" else 4
+    act = work.micro_batch * (shape.sequence / c) * shape.hidden * ACTIVATION_BYTES
+    per_layer = 6 if work.recompute == "full" else 4
     tensor = (
-        micro_batches
-        * layers_here
-        * per_layer
-        * _collective("all_reduce", t, act / 1, t, layout, link)
+        micro_batches * layers_here * per_layer * _collective("all_reduce", t, act / 1, t, link)
     )
 
     pipeline = 0.0
     if p > 1:
-        hop, _ = _bandwidth(t * c * d * 2, layout, link)
+        hop, _ = _bandwidth(t * c * d * 2, link)
         pipeline = 2 * micro_batches * v * act / t / hop
 
-    kv = layout.micro_batch * (shape.sequence / c) * 2 * shape.kv_width * ACTIVATION_BYTES
+    kv = work.micro_batch * (shape.sequence / c) * 2 * shape.kv_width * ACTIVATION_BYTES
     context = 0.0
     if c > 1:
-        bw, alpha = _bandwidth(t * c, layout, link)
+        bw, alpha = _bandwidth(t * c, link)
         context = micro_batches * layers_here * 3 * (c - 1) * (kv / t / bw + alpha)
 
     expert = 0.0
     if layout.expert > 1 and shape.moe_layers:
-        tokens_mb = layout.micro_batch * shape.sequence / c
+        tokens_mb = work.micro_batch * shape.sequence / c
         dispatch = tokens_mb * shape.top_k * shape.hidden * ACTIVATION_BYTES / t
         expert = (
             micro_batches
             * (shape.moe_layers / p)
             * 4
-            * _collective(
-                "all_to_all", layout.expert, dispatch, t * c * layout.expert, layout, link
-            )
+            * _collective("all_to_all", layout.expert, dispatch, t * c * layout.expert, link)
         )
 
     dp_span = t * c * d
     n = d * c
-    if layout.engine in ("ddp",) or layout.zero_stage == 0:
-        data = _collective("all_reduce", n, layout.grad_bytes, dp_span, layout, link)
+    if layout.engine in ("ddp",) or layout.stage == 0:
+        data = _collective("all_reduce", n, work.grad_bytes, dp_span, link)
     elif layout.engine == "fsdp2":
         # FSDP2 all-gathers per micro-batch: twice with reshard_after_forward (stage 3), once
         # when the unsharded parameters are kept from forward to backward (stage 2).
-        gathers = 2 if layout.zero_stage == 3 else 1
+        gathers = 2 if layout.stage == 3 else 1
         data = micro_batches * (
-            gathers * _collective("all_gather", n, layout.param_bytes, dp_span, layout, link)
-            + _collective("reduce_scatter", n, layout.grad_bytes, dp_span, layout, link)
+            gathers * _collective("all_gather", n, work.param_bytes, dp_span, link)
+            + _collective("reduce_scatter", n, work.grad_bytes, dp_span, link)
         )
-    elif layout.zero_stage in (1, 2):
-        data = _collective(
-            "reduce_scatter", n, layout.grad_bytes, dp_span, layout, link
-        ) + _collective("all_gather", n, layout.param_bytes, dp_span, layout, link)
+    elif layout.stage in (1, 2):
+        data = _collective("reduce_scatter", n, work.grad_bytes, dp_span, link) + _collective(
+            "all_gather", n, work.param_bytes, dp_span, link
+        )
     else:
         data = micro_batches * (
-            2 * _collective("all_gather", n, layout.param_bytes, dp_span, layout, link)
-            + _collective("reduce_scatter", n, layout.grad_bytes, dp_span, layout, link)
+            2 * _collective("all_gather", n, work.param_bytes, dp_span, link)
+            + _collective("reduce_scatter", n, work.grad_bytes, dp_span, link)
         )
-    offload = (
-        (layout.grad_bytes + layout.param_bytes) / n / PCIE_BYTES_PER_S if layout.offload else 0.0
-    )
+    offload = 0.0
+    if layout.offload.optimizer != "none":
+        offload = (work.grad_bytes + work.param_bytes) / n / PCIE_BYTES_PER_S
     return StepTime(
         compute_s=compute,
         bubble_s=bubble,

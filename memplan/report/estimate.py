@@ -9,6 +9,7 @@ from typing import Literal
 
 from memplan import activations as acts
 from memplan import versions
+from memplan.activations import Setting
 from memplan.config.spec import Spec
 from memplan.errors import MemplanError
 from memplan.hardware import CATALOG
@@ -17,11 +18,11 @@ from memplan.model.sources import Inventory
 from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe
 from memplan.report.json import to_json as to_json
-from memplan.states import engines as sharding
 from memplan.states import fp8
-from memplan.states.engines import Placement, RankStates, Term
+from memplan.states.engines import RankStates, Term
+from memplan.states.layout import Layout
 from memplan.states.parallel import stage_inventories
-from memplan.states.stages import StageStates, model_parallel, stage_states
+from memplan.states.stages import StageStates, stage_states
 from memplan.step import timeline as tl
 
 Verdict = Literal[
@@ -98,7 +99,8 @@ class Report:
     model: ModelSummary
     recipe: Recipe
     optimizer: OptimizerConfig
-    placement: Placement
+    placement: Layout
+    """The layout the step runs on (memplan.states.layout)."""
     stages: tuple[StageStates, ...]
     """Every pipeline stage (one when there is no pipeline parallelism)."""
     stage: int
@@ -225,111 +227,133 @@ def summary(inventory: Inventory, trained: Inventory | None = None) -> ModelSumm
     )
 
 
-def placement_of(spec: Spec) -> Placement:
-    """Where the step runs, as the sharding rules need it."""
-    par = spec.parallelism
-    torch_optimizer = par.engine in ("ddp", "fsdp2")
-    return Placement(
-        engine=par.engine,
-        data=par.data,
-        stage=par.stage,
-        # torch/optim/adam.py::_init_group (2.13): `step` is a CPU tensor unless capturable
-        # or fused, so on a CUDA run the scalars live in host memory.
-        step_on_host=torch_optimizer
-        and spec.hardware.device == "cuda"
-        and not spec.optimizer.config().fused,
+def capacity_of(spec: Spec) -> int | None:
+    """GPU memory of one device: hardware.memory, else the catalog's for hardware.gpu."""
+    if spec.hardware.memory is None and spec.hardware.gpu:
+        return CATALOG[spec.hardware.gpu].memory_bytes
+    return spec.hardware.memory
+
+
+def _rank_view(
+    spec: Spec,
+    trained: Inventory,
+    micro: acts.Activations,
+    layout: Layout,
+    st: StageStates,
+    per_gpu: RankStates,
+    local: Inventory,
+) -> tuple[acts.Activations, tl.Timeline]:
+    """One GPU of pipeline stage `st` (of TP rank `layout.tensor_rank`) holding `per_gpu`'s
+    states: its saved tensors at its peak and its step's timeline."""
+    steps = spec.training.gradient_accumulation_steps
+    saved = acts.on_rank(trained, micro, layout, st.stage, steps)
+    timeline = tl.build(
+        spec,
+        local,
+        per_gpu=per_gpu,
+        buffer_bytes=sum(t.bytes for t in st.buffers),
+        saved=saved,
+        capacity_bytes=capacity_of(spec),
+    )
+    return saved, timeline
+
+
+def setting_of(spec: Spec) -> Setting:
+    """The activation setting a spec describes.
+
+    Under autocast (amp-* recipes) the model's parameters, embeddings and residual stream stay
+    in the parameter dtype and matmuls run in the compute dtype; otherwise the model is cast to
+    the compute dtype and everything runs in it.
+    """
+    recipe = spec.recipe()
+    t = spec.training
+    return Setting(
+        batch=t.micro_batch_size,
+        sequence=t.sequence_length,
+        stream=recipe.parameters if recipe.autocast else recipe.compute,
+        matmul=recipe.compute,
+        autocast=recipe.autocast,
         device=spec.hardware.device,
+        attention=t.attention,
+        dropout=t.dropout,
+        checkpointing=t.activation_checkpointing,
+        offload=t.activation_offload,
+        transformers=versions.rules_release(spec.model.transformers_version),
     )
 
 
-def model_states(spec: Spec, inventory: Inventory) -> list[StageStates]:
-    """Parameters, gradients and optimizer states of every stage and rank class."""
-    inventory = finetune.apply(spec, inventory)
-    par = spec.parallelism
-    knobs = sharding.DeepSpeedKnobs(
-        sub_group_size=par.deepspeed.sub_group_size,
-        stage3_param_persistence_threshold=par.deepspeed.stage3_param_persistence_threshold,
-        pipeline=par.pipeline > 1,
-        offload_optimizer=par.offload.optimizer,
-    )
+def layout_of(spec: Spec) -> Layout:
+    """The layout `spec.parallelism` describes, on `spec.hardware.device`."""
+    return Layout.of(spec.parallelism, device=spec.hardware.device)
+
+
+def model_states(spec: Spec, trained: Inventory) -> list[StageStates]:
+    """Parameters, gradients and optimizer states of every stage and rank class; `trained` is
+    the inventory the job trains (`finetune.apply`)."""
     return stage_states(
-        inventory,
-        recipe=spec.recipe(),
-        opt=spec.optimizer.config(),
-        placement=placement_of(spec),
-        par=par,
-        knobs=knobs,
+        trained, recipe=spec.recipe(), opt=spec.optimizer.config(), layout=layout_of(spec)
     )
 
 
 def estimate(spec: Spec, inventory: Inventory) -> Report:
     """Account one training step, tensor by tensor, per rank."""
-    return assemble(spec, inventory, model_states(spec, inventory))
+    trained = finetune.apply(spec, inventory)
+    return assemble(spec, inventory, trained, model_states(spec, trained))
 
 
 def assemble(
-    spec: Spec, inventory: Inventory, stages: Sequence[StageStates], *, every_stage: bool = True
+    spec: Spec,
+    model: Inventory,
+    trained: Inventory,
+    stages: Sequence[StageStates],
+    *,
+    every_stage: bool = True,
 ) -> Report:
     """The report from the model states of every stage (plan reuses them across layouts
-    that differ only in what does not change them: micro-batch, recomputation).
+    that differ only in what does not change them: micro-batch, recomputation). `model` is
+    the inventory as given, `trained` what the job trains (`finetune.apply` of it).
 
     Each pipeline rank gets its own activations and timeline; the most-loaded is the one with
     the highest peak. `every_stage=False` (plan) skips the interior ranks another interior rank
     dominates: same layers and model states but fewer micro-batches in flight.
     """
-    model = inventory
-    inventory = finetune.apply(spec, inventory)
-    recipe = spec.recipe()
-    opt = spec.optimizer.config()
-    placement = placement_of(spec)
-    capacity = spec.hardware.memory
-    if capacity is None and spec.hardware.gpu:
-        capacity = CATALOG[spec.hardware.gpu].memory_bytes
-    micro = acts.micro_batch(spec, inventory)
+    layout = layout_of(spec)
+    setting = setting_of(spec)
+    capacity = capacity_of(spec)
     local = (
-        stage_inventories(inventory, replace(model_parallel(spec.parallelism), context=1))
-        if inventory.architecture is not None
-        else (inventory,) * len(stages)
+        stage_inventories(trained, layout)
+        if trained.architecture is not None
+        else (trained,) * len(stages)
     )
+    stages = [_with_fp8_state(spec, st, local[st.stage]) for st in stages]
+    micro = acts.micro_batch(trained, setting, layout, spec.finetune)
     views: dict[int, tuple[acts.Activations, tl.Timeline]] = {}
     seen: set[tuple[object, ...]] = set()
-    stages = [_with_fp8_state(spec, st, local[st.stage]) for st in stages]
     for i, st in enumerate(stages):
         if not every_stage and 0 < i < len(stages) - 1:
             key = (st.layers and len(st.layers), st.model_state_bytes, st.per_gpu.total_bytes)
             if key in seen:
                 continue
             seen.add(key)
-        saved = acts.on_rank(spec, inventory, micro, st.stage)
-        views[i] = (
-            saved,
-            tl.build(
-                spec,
-                local[st.stage],
-                per_gpu=st.per_gpu,
-                buffer_bytes=sum(t.bytes for t in st.buffers),
-                saved=saved,
-                capacity_bytes=capacity,
-            ),
-        )
+        views[i] = _rank_view(spec, trained, micro, layout, st, st.per_gpu, local[st.stage])
     index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
     top = stages[index]
     saved, timeline = views[index]
-    tensor_views = _tensor_views(
-        spec, inventory, top, saved.bytes, timeline, capacity, every_stage=every_stage
+    tensor_views = (
+        _tensor_views(spec, trained, layout, top, saved.bytes, timeline) if every_stage else ()
     )
     notes = (
-        list(inventory.notes)
+        list(trained.notes)
         + list(saved.notes)
         + _fp8_notes(spec, local[top.stage], saved)
-        + _sequence_notes(spec, inventory, [v[0] for v in views.values()])
-        + _engine_notes(spec)
+        + _sequence_notes(spec, trained, [v[0] for v in views.values()])
+        + _engine_notes(layout)
     )
     return Report(
-        model=summary(model, inventory),
-        recipe=recipe,
-        optimizer=opt,
-        placement=placement,
+        model=summary(model, trained),
+        recipe=spec.recipe(),
+        optimizer=spec.optimizer.config(),
+        placement=layout,
         stages=tuple(stages),
         stage=top.stage,
         stage_peaks=tuple(
@@ -340,14 +364,14 @@ def assemble(
         per_gpu=top.per_gpu,
         buffers=top.buffers,
         degrees=(
-            ("dp", spec.parallelism.data),
-            ("tp", spec.parallelism.tensor),
-            ("pp", spec.parallelism.pipeline),
-            ("cp", spec.parallelism.context),
-            ("ep", spec.parallelism.expert),
+            ("dp", layout.data),
+            ("tp", layout.tensor),
+            ("pp", layout.pipeline),
+            ("cp", layout.context),
+            ("ep", layout.expert),
         ),
         gpus_per_node=spec.hardware.gpus_per_node,
-        ranks_per_node=min(spec.hardware.gpus_per_node, spec.parallelism.world_size),
+        ranks_per_node=min(spec.hardware.gpus_per_node, layout.world_size),
         host_capacity_bytes=spec.hardware.host_memory,
         activations_bytes=saved.bytes,
         transient_bytes=timeline.peak.of("transient"),
@@ -356,7 +380,7 @@ def assemble(
         capacity_bytes=capacity,
         gpu=spec.hardware.gpu,
         notes=tuple(notes),
-        rules_transformers=versions.rules_release(spec.model.transformers_version),
+        rules_transformers=setting.transformers,
         tensor_views=tensor_views,
     )
 
@@ -364,21 +388,18 @@ def assemble(
 def _tensor_views(
     spec: Spec,
     inventory: Inventory,
+    layout: Layout,
     top: StageStates,
     activations_bytes: int,
     timeline: tl.Timeline,
-    capacity: int | None,
-    *,
-    every_stage: bool,
 ) -> tuple[TensorRankView, ...]:
-    """The most-loaded stage's classes of TP ranks (memplan.states.stages tags each rank class with
-    its TP ranks where they differ), each with its own activations and timeline: the LM
+    """The most-loaded stage's classes of TP ranks (memplan.states.stages tags each rank class
+    with its TP ranks where they differ), each with its own activations and timeline: the LM
     head's logits and loss cover that class's vocabulary rows. Empty when no class differs
-    (and for plan, which compares layouts by their most-loaded rank only)."""
+    (plan, which compares layouts by their most-loaded rank only, does not ask)."""
     groups = list(dict.fromkeys(r.tensor_ranks for r in top.ranks if r.tensor_ranks))
-    if len(groups) < 2 or not every_stage:
+    if len(groups) < 2:
         return ()
-    mp = replace(model_parallel(spec.parallelism), context=1)
     views = [
         TensorRankView(
             tensor_ranks=groups[0],
@@ -387,20 +408,14 @@ def _tensor_views(
             peak_bytes=timeline.peak_bytes,
         )
     ]
+    setting = setting_of(spec)
     for group in groups[1:]:
         mine = [r for r in top.ranks if r.tensor_ranks == group]
         per_gpu = max(mine, key=lambda r: (r.total_bytes, -r.ranks[0]))
-        local = stage_inventories(inventory, replace(mp, tensor_rank=group[0]))[top.stage]
-        micro = acts.micro_batch(spec, inventory, tensor_rank=group[0])
-        saved = acts.on_rank(spec, inventory, micro, top.stage)
-        rank_timeline = tl.build(
-            spec,
-            local,
-            per_gpu=per_gpu,
-            buffer_bytes=sum(t.bytes for t in top.buffers),
-            saved=saved,
-            capacity_bytes=capacity,
-        )
+        rank_layout = layout.for_tensor_rank(group[0])
+        local = stage_inventories(inventory, rank_layout)[top.stage]
+        micro = acts.micro_batch(inventory, setting, rank_layout, spec.finetune)
+        saved, rank_timeline = _rank_view(spec, inventory, micro, rank_layout, top, per_gpu, local)
         views.append(
             TensorRankView(
                 tensor_ranks=group,
@@ -487,9 +502,8 @@ def _with_fp8_state(spec: Spec, st: StageStates, local: Inventory) -> StageState
     return replace(st, buffers=(*st.buffers, row))
 
 
-def _engine_notes(spec: Spec) -> list[str]:
+def _engine_notes(par: Layout) -> list[str]:
     """What the engine really runs where the spec asks for something it does differently."""
-    par = spec.parallelism
     notes = []
     if (
         par.engine == "fsdp2"

@@ -24,21 +24,29 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import lru_cache
 from typing import Literal
 
 from memplan.errors import MemplanError
 from memplan.model.inventory import Inventory, TensorSpec
+from memplan.states.layout import MAKE_VOCAB_SIZE_DIVISIBLE_BY, Layout, VocabSplit
 from memplan.states.terms import ceil_div, round_up
 
 Split = Literal["column", "row", "vocab", "replicated"]
-VocabSplit = Literal["padded", "chunk"]
-"""How TP splits the vocabulary: Megatron pads it and gives every rank the same rows
-("padded"); torch's DTensor splits it like torch.chunk ("chunk", `vocab_rows`)."""
 
-# Megatron-LM's default --make-vocab-size-divisible-by (megatron/training/arguments.py).
-MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
+# The Layout fields that decide which slice of which tensor a rank holds (the key of the
+# cached splits below: layouts that differ only in data, engine or schedule share them).
+SPLIT_FIELDS = (
+    "tensor",
+    "expert",
+    "pipeline",
+    "virtual_stages",
+    "layers_per_stage",
+    "tensor_impl",
+    "make_vocab_size_divisible_by",
+    "tensor_rank",
+)
 
 # Name patterns (the module's last path component before .weight/.bias) -> how TP splits it.
 _COLUMN = re.compile(
@@ -57,25 +65,6 @@ _VOCAB = re.compile(
 _EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ModelParallel:
-    """Model-parallel degrees (data parallelism is the engine's business)."""
-
-    tensor: int = 1
-    pipeline: int = 1
-    expert: int = 1
-    context: int = 1
-    virtual_stages: int = 1
-    """Interleaved 1F1B: model chunks per pipeline rank."""
-    layers_per_stage: tuple[int, ...] | None = None
-    """An explicit split of the layers over the pipeline stages (else even)."""
-    vocab_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY
-    vocab_split: VocabSplit = "padded"
-    tensor_rank: int = 0
-    """The TP rank whose shards these are (only the vocabulary rows of a "chunk" split differ
-    between TP ranks; rank 0 holds the most)."""
-
-
 def vocab_rows(
     vocab: int, tp: int, divisible_by: int, split: VocabSplit = "padded"
 ) -> tuple[int, ...]:
@@ -92,12 +81,12 @@ def vocab_rows(
     return tuple(max(0, min(each, vocab - r * each)) for r in range(tp))
 
 
-def tensor_rank_classes(vocab: int | None, mp: ModelParallel) -> tuple[tuple[int, ...], ...]:
+def tensor_rank_classes(vocab: int | None, layout: Layout) -> tuple[tuple[int, ...], ...]:
     """The TP ranks grouped by the vocabulary rows they hold, most rows first: one group
     unless torch's chunk split leaves the last ranks fewer rows."""
-    if not vocab or mp.tensor == 1:
-        return (tuple(range(mp.tensor)),)
-    rows = vocab_rows(vocab, mp.tensor, mp.vocab_divisible_by, mp.vocab_split)
+    if not vocab or layout.tensor == 1:
+        return (tuple(range(layout.tensor)),)
+    rows = vocab_rows(vocab, layout.tensor, layout.vocab_multiple, layout.vocab_split)
     groups: dict[int, list[int]] = {}
     for rank, n in enumerate(rows):
         groups.setdefault(n, []).append(rank)
@@ -131,17 +120,9 @@ def _tp_dim(t: TensorSpec, split: Split, model_type: str) -> int | None:
     return 0 if conv1d else (1 if len(t.shape) >= 2 else None)
 
 
-def local_shape(
-    t: TensorSpec,
-    *,
-    tp: int,
-    ep: int,
-    model_type: str,
-    vocab_divisible_by: int,
-    vocab_split: VocabSplit = "padded",
-    tensor_rank: int = 0,
-) -> tuple[int, ...]:
-    """The shape of `t` on TP rank `tensor_rank` under TP degree `tp` and EP degree `ep`."""
+def local_shape(t: TensorSpec, layout: Layout, model_type: str) -> tuple[int, ...]:
+    """The shape of `t` on TP rank `layout.tensor_rank` of `layout`'s TP and EP degrees."""
+    tp, ep = layout.tensor, layout.expert
     shape = list(t.shape)
     if _EXPERTS.search(t.name):
         # fused experts [E, 2I, H] (gate_up: column) / [E, H, I] (down: row)
@@ -156,7 +137,8 @@ def local_shape(
     if dim is None:
         return t.shape
     if split == "vocab":
-        shape[0] = vocab_rows(shape[0], tp, vocab_divisible_by, vocab_split)[tensor_rank]
+        rows = vocab_rows(shape[0], tp, layout.vocab_multiple, layout.vocab_split)
+        shape[0] = rows[layout.tensor_rank]
     else:
         shape[dim] //= tp
     return tuple(shape)
@@ -198,11 +180,11 @@ def tp_counts(inventory: Inventory) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
-def check_degrees(inventory: Inventory, mp: ModelParallel) -> None:
+def check_degrees(inventory: Inventory, layout: Layout) -> None:
     """Refuse layouts the frameworks refuse, naming the valid degrees."""
     arch = inventory.architecture
     if arch is None:
-        if mp.tensor > 1 or mp.pipeline > 1 or mp.expert > 1:
+        if layout.tensor > 1 or layout.pipeline > 1 or layout.expert > 1:
             raise MemplanError(
                 "tensor, pipeline and expert parallelism need the model's tensors: give the "
                 "model as hf_config, preset or architecture, not num_parameters.",
@@ -213,48 +195,48 @@ def check_degrees(inventory: Inventory, mp: ModelParallel) -> None:
     def divisors(n: int) -> str:
         return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
-    if mp.tensor > 1:
+    if layout.tensor > 1:
         counts = tp_counts(inventory)
         for what, count in counts:
-            if count % mp.tensor:
+            if count % layout.tensor:
                 # Only degrees that pass every check: the divisors of their common divisor.
                 common = math.gcd(*(c for _, c in counts))
                 raise MemplanError(
-                    f"{mp.tensor} does not divide {what}={count}; valid tensor degrees: "
+                    f"{layout.tensor} does not divide {what}={count}; valid tensor degrees: "
                     f"{divisors(common)}.",
                     field="parallelism.tensor",
                 )
-    if mp.tensor > 1 and arch.vocab_size:
-        rows = vocab_rows(arch.vocab_size, mp.tensor, mp.vocab_divisible_by, mp.vocab_split)
+    if layout.tensor > 1 and arch.vocab_size:
+        rows = vocab_rows(arch.vocab_size, layout.tensor, layout.vocab_multiple, layout.vocab_split)
         if not all(rows):
             # torch.chunk makes fewer chunks than asked when V is small: DTensor gives the
             # ranks past the last an empty shard, whose tensors memplan's rules do not take.
             raise MemplanError(
                 f"torch's DTensor splits the {arch.vocab_size}-token vocabulary over "
-                f"{mp.tensor} TP ranks like torch.chunk ({', '.join(map(str, rows))} rows), "
+                f"{layout.tensor} TP ranks like torch.chunk ({', '.join(map(str, rows))} rows), "
                 "leaving a TP rank no rows; use a smaller tensor degree.",
                 field="parallelism.tensor",
             )
-    if mp.expert > 1:
+    if layout.expert > 1:
         if not arch.num_experts:
             raise MemplanError(
                 "expert parallelism needs a mixture-of-experts model.", field="parallelism.expert"
             )
-        if arch.num_experts % mp.expert:
+        if arch.num_experts % layout.expert:
             raise MemplanError(
-                f"{mp.expert} does not divide the {arch.num_experts} experts; valid expert "
+                f"{layout.expert} does not divide the {arch.num_experts} experts; valid expert "
                 f"degrees: {divisors(arch.num_experts)}.",
                 field="parallelism.expert",
             )
-    stage_layers(arch.num_layers, mp)  # raises on a bad pipeline split
+    stage_layers(arch.num_layers, layout)  # raises on a bad pipeline split
 
 
-def chunk_layers(num_layers: int, mp: ModelParallel) -> list[int]:
+def chunk_layers(num_layers: int, layout: Layout) -> list[int]:
     """Layers of each model chunk, in model order (P x virtual stages chunks; chunk c lives on
     pipeline rank c % P, Megatron's interleaved placement)."""
-    p, v = mp.pipeline, mp.virtual_stages
-    if mp.layers_per_stage is not None:
-        counts = list(mp.layers_per_stage)
+    p, v = layout.pipeline, layout.virtual_stages
+    if layout.layers_per_stage is not None:
+        counts = list(layout.layers_per_stage)
         if len(counts) != p * v or sum(counts) != num_layers:
             raise MemplanError(
                 f"layers_per_stage must list {p * v} stages summing to {num_layers} layers "
@@ -273,38 +255,42 @@ def chunk_layers(num_layers: int, mp: ModelParallel) -> list[int]:
     return [num_layers // (p * v)] * (p * v)
 
 
-def stage_layers(num_layers: int, mp: ModelParallel) -> list[list[int]]:
+def stage_layers(num_layers: int, layout: Layout) -> list[list[int]]:
     """The layer indices each pipeline rank holds (all of its virtual chunks)."""
-    held: list[list[int]] = [[] for _ in range(mp.pipeline)]
+    held: list[list[int]] = [[] for _ in range(layout.pipeline)]
     start = 0
-    for chunk, count in enumerate(chunk_layers(num_layers, mp)):
-        held[chunk % mp.pipeline].extend(range(start, start + count))
+    for chunk, count in enumerate(chunk_layers(num_layers, layout)):
+        held[chunk % layout.pipeline].extend(range(start, start + count))
         start += count
     return held
 
 
-def stage_inventory(inventory: Inventory, mp: ModelParallel, stage: int) -> Inventory:
+def stage_inventory(inventory: Inventory, layout: Layout, stage: int) -> Inventory:
     """The tensors one rank of pipeline `stage` holds, with TP/EP-local shapes."""
-    return stage_inventories(inventory, mp)[stage]
+    return stage_inventories(inventory, layout)[stage]
+
+
+def stage_inventories(inventory: Inventory, layout: Layout) -> tuple[Inventory, ...]:
+    """`stage_inventory` of every stage, in one pass over the tensors."""
+    return _stage_inventories(inventory, layout.keep(*SPLIT_FIELDS))
 
 
 @lru_cache(maxsize=256)
-def stage_inventories(inventory: Inventory, mp: ModelParallel) -> tuple[Inventory, ...]:
-    """`stage_inventory` of every stage, in one pass over the tensors (plan calls this for
-    hundreds of layouts: inventories hash by identity, so the cache is cheap)."""
+def _stage_inventories(inventory: Inventory, layout: Layout) -> tuple[Inventory, ...]:
+    """`stage_inventories`, cached per inventory and split (plan calls it for thousands of
+    layouts that share few splits; the same objects come back, so the caches keyed on them
+    downstream hit too)."""
     arch = inventory.architecture
     if arch is None:
-        return (inventory,) * mp.pipeline
+        return (inventory,) * layout.pipeline
     stage_of_layer = {
-        layer: s for s, held in enumerate(stage_layers(arch.num_layers, mp)) for layer in held
+        layer: s for s, held in enumerate(stage_layers(arch.num_layers, layout)) for layer in held
     }
-    last = mp.pipeline - 1
-    local = _localised(
-        inventory, mp.tensor, mp.expert, mp.vocab_divisible_by, mp.vocab_split, mp.tensor_rank
-    )
+    last = layout.pipeline - 1
+    local = _localised(inventory, layout.keep(*_LOCAL_FIELDS))
 
     def stage_of(t: TensorSpec) -> int:
-        if mp.pipeline == 1:
+        if layout.pipeline == 1:
             return 0
         if t.layer is not None:
             if t.layer not in stage_of_layer:
@@ -318,7 +304,7 @@ def stage_inventories(inventory: Inventory, mp: ModelParallel) -> tuple[Inventor
             return stage_of_layer[t.layer]
         return last if t.role == "head" or _is_final_norm(t) else 0
 
-    params: list[list[TensorSpec]] = [[] for _ in range(mp.pipeline)]
+    params: list[list[TensorSpec]] = [[] for _ in range(layout.pipeline)]
     for t, mine in zip(inventory.parameters, local, strict=True):
         params[stage_of(t)].append(mine)
     if last > 0 and inventory.tied:
@@ -329,25 +315,22 @@ def stage_inventories(inventory: Inventory, mp: ModelParallel) -> tuple[Inventor
             for alias, owner in inventory.tied
             if owner in owners
         ]
-    buffers: list[list[TensorSpec]] = [[] for _ in range(mp.pipeline)]
+    buffers: list[list[TensorSpec]] = [[] for _ in range(layout.pipeline)]
     for b in inventory.buffers:
-        for s in [stage_of_layer[b.layer]] if b.layer is not None else range(mp.pipeline):
+        for s in [stage_of_layer[b.layer]] if b.layer is not None else range(layout.pipeline):
             buffers[s].append(b)
     return tuple(
         replace(inventory, parameters=tuple(params[s]), buffers=tuple(buffers[s]))
-        for s in range(mp.pipeline)
+        for s in range(layout.pipeline)
     )
 
 
+# The Layout fields that decide a tensor's TP/EP-local shape (`local_shape`).
+_LOCAL_FIELDS = ("tensor", "expert", "tensor_impl", "make_vocab_size_divisible_by", "tensor_rank")
+
+
 @lru_cache(maxsize=64)
-def _localised(
-    inventory: Inventory,
-    tp: int,
-    ep: int,
-    vocab_divisible_by: int,
-    vocab_split: VocabSplit = "padded",
-    tensor_rank: int = 0,
-) -> tuple[TensorSpec, ...]:
+def _localised(inventory: Inventory, layout: Layout) -> tuple[TensorSpec, ...]:
     """Every parameter with its TP/EP-local shape, in inventory order (shared by all pipeline
     splits of one TP x EP layout)."""
     arch = inventory.architecture
@@ -358,15 +341,7 @@ def _localised(
         key = (_LAYER_INDEX.sub(".", t.name), t.shape)  # layers share their split
         shape = shapes.get(key)
         if shape is None:
-            shape = shapes[key] = local_shape(
-                t,
-                tp=tp,
-                ep=ep,
-                model_type=arch.model_type,
-                vocab_divisible_by=vocab_divisible_by,
-                vocab_split=vocab_split,
-                tensor_rank=tensor_rank,
-            )
+            shape = shapes[key] = local_shape(t, layout, arch.model_type)
         return t if shape == t.shape else replace(t, shape=shape)
 
     return tuple(localise(t) for t in inventory.parameters)
@@ -390,19 +365,6 @@ def split_experts(inventory: Inventory) -> tuple[Inventory, Inventory]:
     )
 
 
-def expert_data_degree(data: int, expert: int) -> int:
-    """Ranks that hold replicas of the same experts: Megatron's expert-data-parallel size,
-    data x context / expert with expert tensor parallelism equal to TP
-    (megatron/core/parallel_state.py::initialize_model_parallel)."""
-    if data % expert:
-        raise MemplanError(
-            f"expert degree {expert} must divide the data-parallel degree {data} (expert "
-            "parallel ranks are carved out of the data-parallel ones).",
-            field="parallelism.expert",
-        )
-    return data // expert
-
-
 def padded_vocab(vocab: int, tp: int, divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
     """megatron/training/tokenizer/tokenizer.py::_vocab_size_with_padding."""
     return round_up(vocab, divisible_by * tp)
@@ -414,10 +376,9 @@ def most_loaded(values: Sequence[int]) -> int:
 
 
 __all__ = [
-    "ModelParallel",
+    "VocabSplit",
     "ceil_div",
     "check_degrees",
-    "expert_data_degree",
     "local_shape",
     "padded_vocab",
     "split_experts",

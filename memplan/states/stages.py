@@ -14,19 +14,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from memplan.config.spec import ParallelismSpec
 from memplan.errors import MemplanError
 from memplan.model.inventory import Inventory, fold_name
 from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS, OptimizerConfig
 from memplan.precision import Recipe
 from memplan.states import engines as sharding
 from memplan.states import terms
-from memplan.states.engines import Placement, RankStates, Term
+from memplan.states.engines import RankStates, Term
 from memplan.states.engines import offload as offload_rules
+from memplan.states.layout import Layout
 from memplan.states.parallel import (
-    ModelParallel,
+    SPLIT_FIELDS,
     check_degrees,
-    expert_data_degree,
     local_shape,
     split_experts,
     stage_inventory,
@@ -63,19 +62,6 @@ class StageStates:
         return self.per_gpu.total_bytes + sum(t.bytes for t in self.buffers)
 
 
-def model_parallel(par: ParallelismSpec) -> ModelParallel:
-    return ModelParallel(
-        tensor=par.tensor,
-        pipeline=par.pipeline,
-        expert=par.expert,
-        context=par.context,
-        virtual_stages=par.virtual_stages,
-        layers_per_stage=par.layers_per_stage,
-        vocab_divisible_by=par.vocab_multiple,
-        vocab_split=par.vocab_split,
-    )
-
-
 def most_loaded(ranks: Sequence[RankStates]) -> RankStates:
     return max(ranks, key=lambda r: (r.total_bytes, -r.ranks[0]))
 
@@ -108,18 +94,11 @@ def _tagged(terms: Sequence[Term]) -> tuple[Term, ...]:
 
 
 def stage_states(
-    inventory: Inventory,
-    *,
-    recipe: Recipe,
-    opt: OptimizerConfig,
-    placement: Placement,
-    par: ParallelismSpec,
-    knobs: sharding.DeepSpeedKnobs,
+    inventory: Inventory, *, recipe: Recipe, opt: OptimizerConfig, layout: Layout
 ) -> list[StageStates]:
     """Model states of every pipeline stage's most-loaded rank, and of every rank class."""
-    mp = model_parallel(par)
-    check_degrees(inventory, mp)
-    if par.engine == "fsdp2" and opt.name in FSDP2_REFUSED_OPTIMIZERS:
+    check_degrees(inventory, layout)
+    if layout.engine == "fsdp2" and opt.name in FSDP2_REFUSED_OPTIMIZERS:
         raise MemplanError(
             f"{opt.name} does not run on FSDP2: its step squares a column norm in place "
             "(torch/optim/_adafactor.py::_single_tensor_adafactor `torch.norm(grad, dim=-2)"
@@ -128,47 +107,45 @@ def stage_states(
             "changes are not supported'). Use engine: ddp or deepspeed, or another optimizer.",
             field="optimizer.name",
         )
-    # Context-parallel ranks hold the same weights as data-parallel ones, so only their
-    # product matters here: layouts that differ in how they split it share the result.
-    degree = par.data * par.context
-    offload = (par.offload.optimizer, par.offload.parameters)
-    mp = replace(mp, context=1)
-    # With identical layers only how many each rank holds matters, not which: an interleaved
-    # placement shares the states of the contiguous split with the same counts.
-    held = stage_layers(inventory.num_layers, mp) if inventory.architecture else None
-    key = mp
-    if held is not None and mp.pipeline > 1 and _identical_layers(inventory):
-        key = replace(mp, virtual_stages=1, layers_per_stage=tuple(len(h) for h in held))
     arch = inventory.architecture
-    classes = tensor_rank_classes(arch.vocab_size if arch else None, mp)
+    held = stage_layers(inventory.num_layers, layout) if arch else None
+    key = _states_key(inventory, layout, held)
+    classes = tensor_rank_classes(arch.vocab_size if arch else None, layout)
     per_class: list[list[StageStates]] = []
     for group in classes:
-        rank_mp = replace(mp, tensor_rank=group[0])
-        states = _stage_states(
-            inventory,
-            recipe,
-            opt,
-            placement,
-            replace(key, tensor_rank=group[0]),
-            par.engine,
-            par.stage,
-            degree,
-            offload,
-            knobs,
-        )
-        out = (
-            list(states)
-            if key is mp or held is None
-            else [replace(st, layers=tuple(held[st.stage])) for st in states]
-        )
-        if par.engine == "ddp" and par.tensor > 1:
-            out = [_whole_embedding_gradient(st, inventory, recipe, rank_mp) for st in out]
+        states = _stage_states(inventory, recipe, opt, key.for_tensor_rank(group[0]))
+        out = list(states)
+        if (
+            held is not None
+            and key.pipeline > 1
+            and key.layers_per_stage != layout.layers_per_stage
+        ):
+            out = [replace(st, layers=tuple(held[st.stage])) for st in out]
+        if layout.engine == "ddp" and layout.tensor > 1:
+            rank_layout = layout.for_tensor_rank(group[0])
+            out = [_whole_embedding_gradient(st, inventory, recipe, rank_layout) for st in out]
             if group[0] > 0:
-                out = [_scatter_padding(st, inventory, recipe, mp, group[0]) for st in out]
+                out = [_scatter_padding(st, inventory, recipe, rank_layout) for st in out]
         per_class.append(out)
     if len(classes) == 1:
         return per_class[0]
     return [_tensor_rank_union(stages, classes) for stages in zip(*per_class, strict=True)]
+
+
+# The Layout fields model states depend on: the split of the tensors, and the engine's rule.
+STATES_FIELDS = (*SPLIT_FIELDS, "engine", "data", "stage", "offload", "deepspeed", "device")
+
+
+def _states_key(inventory: Inventory, layout: Layout, held: list[list[int]] | None) -> Layout:
+    """The layout whose model states are `layout`'s, with the fields states do not read at
+    their defaults (plan's layouts then share them): context-parallel ranks hold the same
+    weights as data-parallel ones, so they fold into `data` (`Layout.data_shards`); and with
+    identical layers only how many each pipeline rank holds matters, not which, so an
+    interleaved placement is the contiguous split with the same counts."""
+    key = replace(layout.keep(*STATES_FIELDS), data=layout.data_shards)
+    if held is not None and layout.pipeline > 1 and _identical_layers(inventory):
+        key = replace(key, virtual_stages=1, layers_per_stage=tuple(len(h) for h in held))
+    return key
 
 
 def _tensor_rank_union(
@@ -197,7 +174,7 @@ SRC_DTENSOR_SCATTER = (
 
 
 def _scatter_padding(
-    st: StageStates, inventory: Inventory, recipe: Recipe, mp: ModelParallel, tensor_rank: int
+    st: StageStates, inventory: Inventory, recipe: Recipe, layout: Layout
 ) -> StageStates:
     """DDP over torch's DTensor tensor parallelism, a TP rank with fewer vocabulary rows than
     the first: its vocabulary-parallel parameters are narrowed views of a buffer with the first
@@ -206,8 +183,9 @@ def _scatter_padding(
     arch = inventory.architecture
     if arch is None:
         return st
-    local = stage_inventory(inventory, replace(mp, tensor_rank=tensor_rank), st.stage)
-    first = stage_inventory(inventory, replace(mp, tensor_rank=0), st.stage)
+    tensor_rank = layout.tensor_rank
+    local = stage_inventory(inventory, layout, st.stage)
+    first = stage_inventory(inventory, layout.for_tensor_rank(0), st.stage)
     rows: list[Term] = []
     for mine, top in zip(local.parameters, first.parameters, strict=True):
         if tp_split(mine, arch.model_type) != "vocab" or mine.shape == top.shape:
@@ -243,25 +221,17 @@ SRC_DTENSOR_EMBEDDING = (
 
 
 def _whole_embedding_gradient(
-    st: StageStates, inventory: Inventory, recipe: Recipe, mp: ModelParallel
+    st: StageStates, inventory: Inventory, recipe: Recipe, layout: Layout
 ) -> StageStates:
     """DDP over torch's DTensor tensor parallelism: the vocab-parallel embedding's gradient
     comes out of embedding backward whole, [vocab, hidden] on every TP rank, where its
-    parameter is a [vocab / TP, hidden] shard (this TP rank's rows, `mp.tensor_rank`): the rows
+    parameter is a [vocab / TP, hidden] shard (this TP rank's rows, `layout.tensor_rank`): the rows
     other TP ranks own come on top."""
     table = next((t for t in inventory.parameters if t.role == "embedding" and t.trainable), None)
     arch = inventory.architecture
     if table is None or arch is None or st.stage != 0:
         return st  # the embedding lives on the first pipeline stage
-    rows = local_shape(
-        table,
-        tp=mp.tensor,
-        ep=mp.expert,
-        model_type=arch.model_type,
-        vocab_divisible_by=mp.vocab_divisible_by,
-        vocab_split=mp.vocab_split,
-        tensor_rank=mp.tensor_rank,
-    )[0]
+    rows = local_shape(table, layout, arch.model_type)[0]
     extra = (table.shape[0] - rows) * (table.numel // table.shape[0])
     dtype = terms.grad_dtype(recipe)
     row = terms.term(
@@ -295,62 +265,42 @@ def _identical_layers(inventory: Inventory) -> bool:
 
 @lru_cache(maxsize=1024)
 def _stage_states(
-    inventory: Inventory,
-    recipe: Recipe,
-    opt: OptimizerConfig,
-    placement: Placement,
-    mp: ModelParallel,
-    engine: str,
-    stage: int,
-    degree: int,
-    offload: tuple[str, str],
-    knobs: sharding.DeepSpeedKnobs,
+    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, layout: Layout
 ) -> tuple[StageStates, ...]:
-    rule = sharding.engine_rule(engine, stage, knobs)
+    """Every stage's states for a `_states_key` layout (cached by value: plan re-estimates
+    thousands of layouts that share few keys)."""
+    rule = sharding.engine_rule(layout.engine, layout.stage, sharding.DeepSpeedKnobs.of(layout))
     held = (
-        stage_layers(inventory.num_layers, mp)
+        stage_layers(inventory.num_layers, layout)
         if inventory.architecture
-        else [[] for _ in range(mp.pipeline)]
+        else [[] for _ in range(layout.pipeline)]
     )
-    dense_place = replace(placement, data=degree)
     # Stages that hold the same tensor shapes (the middle of a pipeline) have the same states.
     by_shapes: dict[
         tuple[tuple[tuple[int, ...], bool, str | None], ...],
         tuple[list[RankStates], dict[int, tuple[Term, ...]]],
     ] = {}
     out = []
-    for index in range(mp.pipeline):
-        local = stage_inventory(inventory, mp, index)
-        key = _shapes(local)
+    for index in range(layout.pipeline):
+        local = stage_inventory(inventory, layout, index)
+        # What a stage's states depend on, per tensor.
+        key = tuple((t.shape, t.trainable, t.dtype) for t in local.parameters)
         if key not in by_shapes:
-            by_shapes[key] = _rank_states(
-                local, rule, recipe, opt, dense_place, engine, stage, degree, mp.expert, offload
-            )
+            by_shapes[key] = _rank_states(local, rule, recipe, opt, layout)
         moved, nvme = by_shapes[key]
         top = most_loaded(moved)
         out.append(
             StageStates(
                 stage=index,
                 layers=tuple(held[index]),
-                num_parameters=_numel(local),
+                num_parameters=local.num_parameters,
                 ranks=tuple(moved),
                 per_gpu=top,
-                buffers=tuple(sharding.buffer_terms(local, recipe, engine=engine)),
+                buffers=tuple(sharding.buffer_terms(local, recipe, engine=layout.engine)),
                 nvme=nvme[top.ranks[0]],
             )
         )
     return tuple(out)
-
-
-@lru_cache(maxsize=1024)
-def _numel(local: Inventory) -> int:
-    return local.num_parameters
-
-
-@lru_cache(maxsize=1024)
-def _shapes(local: Inventory) -> tuple[tuple[tuple[int, ...], bool, str | None], ...]:
-    """What a stage's states depend on, per tensor (stage inventories are cached objects)."""
-    return tuple((t.shape, t.trainable, t.dtype) for t in local.parameters)
 
 
 def _rank_states(
@@ -358,15 +308,11 @@ def _rank_states(
     rule: sharding.EngineRule,
     recipe: Recipe,
     opt: OptimizerConfig,
-    dense_place: Placement,
-    engine: str,
-    stage: int,
-    degree: int,
-    expert: int,
-    offload: tuple[str, str],
+    layout: Layout,
 ) -> tuple[list[RankStates], dict[int, tuple[Term, ...]]]:
     """Every data-parallel rank class of one stage: dense tensors over the data-parallel
-    group, experts over the expert-data group, then offload.
+    group (`Layout.data_shards`), experts over the expert-data group (`Layout.expert_data`),
+    then offload.
 
     Experts are a group of their own only where the engine makes one: Megatron-LM always
     (expert parameters get their own DDP buffers and distributed-optimizer shards,
@@ -375,20 +321,20 @@ def _rank_states(
     DDP/ZeroRedundancyOptimizer, FSDP2 and DeepSpeed see a transformers MoE model's expert
     tensors as ordinary parameters: one group, sharded and partitioned with the others."""
     dense, experts = split_experts(local)
-    if experts.parameters and expert == 1 and engine != "megatron":
+    if experts.parameters and layout.expert == 1 and layout.engine != "megatron":
         dense, experts = local, replace(local, parameters=())
-    ranks = rule(dense, recipe, opt, dense_place)
+    ranks = rule(dense, recipe, opt, layout, layout.data_shards)
     if experts.parameters:
-        expert_place = replace(dense_place, data=expert_data_degree(degree, expert))
-        ranks = _merge(ranks, rule(experts, recipe, opt, expert_place), degree, expert)
+        expert_ranks = rule(experts, recipe, opt, layout, layout.expert_data)
+        ranks = _merge(ranks, expert_ranks, layout.data_shards, layout.expert)
     moved, nvme = [], {}
     for r in ranks:
         states, nvme[r.ranks[0]] = offload_rules.apply(
             r,
-            engine=engine,
-            stage=stage,
-            optimizer=offload[0],
-            parameters=offload[1],
+            engine=layout.engine,
+            stage=layout.stage,
+            optimizer=layout.offload.optimizer,
+            parameters=layout.offload.parameters,
             inventory=local,
             param_dtype=recipe.parameters,
         )

@@ -19,6 +19,7 @@ from memplan.optimizers import (
     state_tensors,
 )
 from memplan.precision import Recipe, dtype_bytes
+from memplan.states.layout import Layout
 
 Category = Literal["parameters", "gradients", "optimizer_states", "buffers"]
 
@@ -68,20 +69,17 @@ class RankStates:
         return sum(t.bytes for t in self.terms if t.category == category)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Placement:
-    """What the calculator needs to know about where the step runs."""
-
-    engine: str
-    data: int
-    stage: int
-    step_on_host: bool = False
-    """torch.optim keeps the `step` scalar on the CPU unless fused or capturable."""
-    device: str = "cuda"
-    """Where the step runs (bitsandbytes pages optimizer state on CUDA only)."""
+EngineRule = Callable[[Inventory, Recipe, OptimizerConfig, Layout, int], list[RankStates]]
+"""An engine's sharding rule: (the tensors, recipe, optimizer, layout, and the size of the
+group it shards them over: `Layout.data_shards` for dense tensors, `Layout.expert_data` for
+experts) -> every class of identical ranks of that group."""
 
 
-EngineRule = Callable[[Inventory, Recipe, OptimizerConfig, Placement], list[RankStates]]
+def step_on_host(layout: Layout, opt: OptimizerConfig) -> bool:
+    """Whether torch.optim keeps the `step` scalars in host memory: a CPU tensor unless
+    capturable or fused (torch/optim/adam.py::_init_group, 2.13), so on a CUDA run of a torch
+    optimizer (engines ddp and fsdp2) they live on the host."""
+    return layout.engine in ("ddp", "fsdp2") and layout.device == "cuda" and not opt.fused
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -152,7 +150,7 @@ def optimizer_terms(
     *,
     opt: OptimizerConfig,
     recipe: Recipe,
-    placement: Placement,
+    layout: Layout,
     view: str,
     source: str,
     step_is_int: bool = False,
@@ -165,6 +163,7 @@ def optimizer_terms(
     terms, host terms).
     """
     state_dtype = recipe.optimizer_states
+    host_step = step_on_host(layout, opt)
     by_shape = Counter(shapes)  # models repeat shapes: work out each one's states once
     count = sum(by_shape.values())
     master_elems = sum(math.prod(shape) * k for shape, k in by_shape.items())
@@ -173,7 +172,7 @@ def optimizer_terms(
         for name, dtype, numel in _states_of(opt, shape, state_dtype):
             if step_is_int and name == "step":
                 continue
-            if is_paged_state(opt, name, numel, device=placement.device):
+            if is_paged_state(opt, name, numel, device=layout.device):
                 name += PAGED_SUFFIX
             slot = acc.setdefault((name, dtype), [0, 0])
             slot[0] += k
@@ -207,7 +206,7 @@ def optimizer_terms(
             f"{source}; state layout: memplan.optimizers.state_tensors({opt.name})"
             + ("; paging: memplan.optimizers.is_paged_state" if paged else ""),
         )
-        on_host = paged or (placement.step_on_host and name in ("step", "mu_product"))
+        on_host = paged or (host_step and name in ("step", "mu_product"))
         (host if on_host else device).append(row)
     for shared in shared_state_tensors(opt):
         device.append(
@@ -269,7 +268,7 @@ def optimizer_terms_by_dtype(
     *,
     opt: OptimizerConfig,
     recipe: Recipe,
-    placement: Placement,
+    layout: Layout,
     view: str,
     source: str,
     step_is_int: bool = False,
@@ -288,7 +287,7 @@ def optimizer_terms_by_dtype(
             groups.get(None, []),
             opt=opt,
             recipe=recipe,
-            placement=placement,
+            layout=layout,
             view=view,
             source=source,
             step_is_int=step_is_int,
@@ -305,7 +304,7 @@ def optimizer_terms_by_dtype(
             group,
             opt=opt,
             recipe=own,
-            placement=placement,
+            layout=layout,
             view=view if fixed is None else f"{view} held in {fixed}",
             source=source,
             step_is_int=step_is_int,

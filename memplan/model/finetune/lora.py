@@ -485,11 +485,10 @@ def num_trainable(params: Iterable[TensorSpec]) -> int:
 
 def apply(spec: Spec, inventory: Inventory) -> Inventory:
     """The inventory the job trains (see the module docstring); the input itself for a full
-    fine-tune without freeze patterns. Idempotent: a transformed inventory passes through."""
+    fine-tune without freeze patterns. Apply it once, to the model's own inventory
+    (memplan.report.estimate.estimate does)."""
     ft = spec.finetune
     if ft.method == "full" and not ft.freeze:
-        return inventory
-    if any(n.startswith(FINETUNE_NOTE) for n in inventory.notes):
         return inventory
     return _apply(
         inventory,

@@ -11,7 +11,7 @@ the first node that saves it. tests/test_activations.py proves every rule agains
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from memplan.memory import Transient, rounding
@@ -98,22 +98,6 @@ class Saved:
         object.__setattr__(self, "bytes", numel * dtype_bytes(self.dtype))
 
 
-_SUMS: dict[int, tuple[tuple[Saved, ...], tuple[int, int]]] = {}
-
-
-def _sums(tensors: tuple[Saved, ...]) -> tuple[int, int]:
-    """(bytes, allocator rounding) of `tensors`, remembered per tuple object: pipeline stages
-    and plan's layouts re-count the same blocks (`replace(block, count=...)`) many times."""
-    hit = _SUMS.get(id(tensors))
-    if hit is not None and hit[0] is tensors:
-        return hit[1]
-    value = (sum(t.bytes for t in tensors), rounding(t.bytes for t in tensors))
-    if len(_SUMS) >= 4096:
-        _SUMS.clear()
-    _SUMS[id(tensors)] = (tensors, value)
-    return value
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Block:
     """Saved tensors of one part of the model: embeddings, decoder layers, head or loss."""
@@ -136,10 +120,25 @@ class Block:
     """Bytes the CUDA caching allocator's 512-byte blocks add to one copy's tensors."""
 
     def __post_init__(self) -> None:
-        each, padding = _sums(self.tensors)
-        object.__setattr__(self, "bytes_each", each)
-        object.__setattr__(self, "recompute_bytes", _sums(self.recompute)[0])
-        object.__setattr__(self, "rounding_each", padding)
+        object.__setattr__(self, "bytes_each", sum(t.bytes for t in self.tensors))
+        object.__setattr__(self, "recompute_bytes", sum(t.bytes for t in self.recompute))
+        object.__setattr__(self, "rounding_each", rounding(t.bytes for t in self.tensors))
+
+    def repeated(self, count: int, *, held_as: str | None = None) -> Block:
+        """This block `count` times, its per-copy sums carried over rather than recounted
+        (pipeline ranks of plan's thousands of layouts repeat the same blocks). `held_as`
+        names copies held for later micro-batches: not freed layer by layer in this backward,
+        nothing to re-create."""
+        out = object.__new__(Block)
+        for f in fields(Block):
+            object.__setattr__(out, f.name, getattr(self, f.name))
+        object.__setattr__(out, "count", count)
+        if held_as is not None:
+            object.__setattr__(out, "name", held_as)
+            object.__setattr__(out, "layered", False)
+            object.__setattr__(out, "recompute", ())
+            object.__setattr__(out, "recompute_bytes", 0)
+        return out
 
     @property
     def bytes(self) -> int:

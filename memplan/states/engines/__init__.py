@@ -11,7 +11,7 @@ from memplan.states.engines.deepspeed import DeepSpeedKnobs
 from memplan.states.engines.deepspeed import rule_for as deepspeed_rule
 from memplan.states.engines.fsdp2 import fsdp2, fsdp2_rows
 from memplan.states.engines.megatron import megatron
-from memplan.states.terms import Category, EngineRule, Placement, RankStates, Term, buffer_terms
+from memplan.states.terms import Category, EngineRule, RankStates, Term, buffer_terms
 
 
 def engine_rule(engine: str, stage: int, knobs: DeepSpeedKnobs | None = None) -> EngineRule:
@@ -29,7 +29,6 @@ __all__ = [
     "Category",
     "DeepSpeedKnobs",
     "EngineRule",
-    "Placement",
     "RankStates",
     "Term",
     "buffer_terms",

@@ -9,10 +9,10 @@ from dataclasses import replace
 from memplan.model.inventory import Inventory
 from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe
+from memplan.states.layout import Layout
 from memplan.states.terms import (
     SRC_DDP,
     SRC_ZERO_RO,
-    Placement,
     RankStates,
     ceil_div,
     grad_dtype,
@@ -26,7 +26,7 @@ from memplan.states.terms import (
 
 
 def replicated(
-    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, layout: Layout, world: int
 ) -> list[RankStates]:
     """Plain DDP (ZeRO stage 0): every rank holds everything; frozen parameters have no
     gradient (the reducer buckets only `requires_grad` parameters:
@@ -42,15 +42,11 @@ def replicated(
         [p.shape for p in train],
         opt=opt,
         recipe=recipe,
-        placement=placement,
+        layout=layout,
         view="tensors",
         source=SRC_DDP,
     )
-    return [
-        RankStates(
-            ranks=tuple(range(placement.data)), terms=(*terms, *device), host_terms=tuple(host)
-        )
-    ]
+    return [RankStates(ranks=tuple(range(world)), terms=(*terms, *device), host_terms=tuple(host))]
 
 
 def zero_redundancy_partition(numels: Sequence[int], world: int) -> list[list[int]]:
@@ -71,7 +67,7 @@ def zero_redundancy_partition(numels: Sequence[int], world: int) -> list[list[in
 
 
 def zero_redundancy(
-    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, layout: Layout, world: int
 ) -> list[RankStates]:
     """DDP + ZeroRedundancyOptimizer (ZeRO-1): full parameters and gradients, whole-tensor
     optimizer states on the owning rank only; the optimizer is given the trainable
@@ -100,18 +96,18 @@ def zero_redundancy(
     if inventory.is_bare_count:
         # A bare parameter count is one stand-in tensor: whole-tensor assignment would put it
         # all on rank 0, so split it evenly (the ZeRO paper's Psi / N_d) instead.
-        share = ceil_div(inventory.num_parameters, placement.data)
+        share = ceil_div(inventory.num_parameters, world)
         device, host = optimizer_terms(
             [(share,)],
             opt=opt,
             recipe=recipe,
-            placement=placement,
+            layout=layout,
             view="even share of the count",
             source=SRC_ZERO_RO,
         )
-        ranks = tuple(range(placement.data))
+        ranks = tuple(range(world))
         return [RankStates(ranks=ranks, terms=(*common, *device), host_terms=tuple(host))]
-    owned = zero_redundancy_partition([p.numel for p in train], placement.data)
+    owned = zero_redundancy_partition([p.numel for p in train], world)
     out = []
     for rank, indices in enumerate(owned):
         device, host = optimizer_terms_by_dtype(
@@ -119,7 +115,7 @@ def zero_redundancy(
             [train[i].shape for i in indices],
             opt=opt,
             recipe=recipe,
-            placement=placement,
+            layout=layout,
             view="owned tensors (largest first to the least-loaded rank)",
             source=SRC_ZERO_RO,
         )

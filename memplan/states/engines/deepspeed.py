@@ -19,9 +19,9 @@ from memplan.errors import MemplanError
 from memplan.model.inventory import Inventory
 from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe, dtype_bytes
+from memplan.states.layout import Layout
 from memplan.states.terms import (
     EngineRule,
-    Placement,
     RankStates,
     Term,
     ceil_div,
@@ -62,6 +62,16 @@ class DeepSpeedKnobs:
     offload_optimizer: str = "none"
     """zero_optimization.offload_optimizer.device: cpu keeps ZeRO-1 off BF16_Optimizer."""
 
+    @classmethod
+    def of(cls, layout: Layout) -> DeepSpeedKnobs:
+        """The knobs of `layout` (its `deepspeed` config keys, pipeline and offload)."""
+        return cls(
+            sub_group_size=layout.deepspeed.sub_group_size,
+            stage3_param_persistence_threshold=layout.deepspeed.stage3_param_persistence_threshold,
+            pipeline=layout.pipeline > 1,
+            offload_optimizer=layout.offload.optimizer,
+        )
+
 
 # The flat gradient buffer of BF16_Optimizer: allocated at init, zeroed after each step, never
 # freed (memplan.step.timeline keeps it alive in every phase).
@@ -101,7 +111,7 @@ def _flat_optimizer(
     *,
     opt: OptimizerConfig,
     recipe: Recipe,
-    placement: Placement,
+    layout: Layout,
     view: str,
     source: str,
 ) -> tuple[list[Term], list[Term]]:
@@ -110,7 +120,7 @@ def _flat_optimizer(
         shapes,
         opt=opt,
         recipe=ds_recipe,
-        placement=placement,
+        layout=layout,
         view=view,
         source=source,
         step_is_int=_int_step(opt),
@@ -118,7 +128,7 @@ def _flat_optimizer(
 
 
 def stage0(
-    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, layout: Layout, world: int
 ) -> list[RankStates]:
     """No ZeRO. With a 16-bit recipe DeepSpeed wraps the optimizer in FP16_Optimizer: a flat
     16-bit buffer, per-parameter 16-bit grads, and a full flat fp32 master the optimizer
@@ -147,7 +157,7 @@ def stage0(
             shapes,
             opt=opt,
             recipe=recipe,
-            placement=placement,
+            layout=layout,
             view="flat fp32 master",
             source=SRC_FP16_OPT,
         )
@@ -156,16 +166,12 @@ def stage0(
             (p.shape for p in train),
             opt=opt,
             recipe=recipe,
-            placement=placement,
+            layout=layout,
             view="tensors",
             source=SRC_FUSED_ADAM,
             step_is_int=_int_step(opt),
         )
-    return [
-        RankStates(
-            ranks=tuple(range(placement.data)), terms=(*terms, *device), host_terms=tuple(host)
-        )
-    ]
+    return [RankStates(ranks=tuple(range(world)), terms=(*terms, *device), host_terms=tuple(host))]
 
 
 def stage12_partition(num_elements: int, world: int) -> tuple[int, int]:
@@ -194,12 +200,11 @@ def grads_in_partition(numels: list[int], world: int, partition: int) -> list[in
 
 def stage12(stage: int) -> EngineRule:
     def rule(
-        inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+        inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, layout: Layout, world: int
     ) -> list[RankStates]:
         """ZeRO-1/2: the 16-bit flat buffer is full (padded) on every rank; each rank's optimizer
         updates its fp32 partition as one flat tensor. Stage 1 keeps every full 16-bit `.grad`
         between micro-steps; stage 2 keeps only `grads_in_partition` (SRC_S12)."""
-        world = placement.data
         # Only `requires_grad` parameters enter the flat bit16 groups (S12: the
         # `trainable_parameters` of each param group); frozen ones stay ordinary module
         # parameters, whole on every rank.
@@ -223,7 +228,7 @@ def stage12(stage: int) -> EngineRule:
             [(part,)],
             opt=opt,
             recipe=recipe,
-            placement=placement,
+            layout=layout,
             view=f"flat partition ({fmt(padded)} / {world})",
             source=SRC_S12,
         )
@@ -290,14 +295,13 @@ def sub_groups(partition_numels: list[int], sub_group_size: int) -> list[int]:
 
 def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
     def rule(
-        inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+        inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, layout: Layout, world: int
     ) -> list[RankStates]:
         """ZeRO-3: each parameter split into ceil(n / W) elements per rank (the last ranks hold
         zero padding; SRC_PP); parameters with numel <= stage3_param_persistence_threshold are
         also kept gathered. Gradients live in `grad_partitions_flat_buffer` (same size, in the
         accumulation dtype); the fp32 master is one flat tensor per sub-group, aliased to the
         16-bit partition when both are fp32 (S3::_create_fp32_partitions)."""
-        world = placement.data
         # Every module parameter is partitioned, frozen ones too (parameter_offload.py::
         # DeepSpeedZeRoOffload._convert_to_zero_parameters -> Init); gradients and the fp32
         # sub-groups cover the trainable ones only (S3::_get_trainable_parameter_groups).
@@ -337,7 +341,7 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
             [(g,) for g in groups],
             opt=opt,
             recipe=recipe,
-            placement=placement,
+            layout=layout,
             view=f"fp32 sub-group partitions (sub_group_size {fmt(knobs.sub_group_size)})",
             source=SRC_S3,
         )
@@ -353,7 +357,7 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
 
 def bf16_optimizer(offload_optimizer: str) -> EngineRule:
     def rule(
-        inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+        inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, layout: Layout, world: int
     ) -> list[RankStates]:
         """BF16_Optimizer (SRC_BF16), per rank and param group: the bf16 flat buffer
         `bf16_groups_flat`, padded to a multiple of 2 x world, that the parameters point into;
@@ -371,7 +375,6 @@ def bf16_optimizer(offload_optimizer: str) -> EngineRule:
                 "that DeepSpeed ignores. Set parallelism.offload.optimizer to none or cpu.",
                 field="parallelism.offload.optimizer",
             )
-        world = placement.data
         params = trainable(inventory.parameters)  # bf16_optimizer.py: is_optimized_parameter
         frozen = [p for p in inventory.parameters if not p.trainable]
         n = sum(p.numel for p in params)
@@ -421,7 +424,7 @@ def bf16_optimizer(offload_optimizer: str) -> EngineRule:
             [(part,)],
             opt=opt,
             recipe=fp32,
-            placement=placement,
+            layout=layout,
             view=f"fp32_groups_flat_partition ({fmt(padded)} / {world})",
             source=SRC_BF16,
         )
@@ -445,11 +448,11 @@ def rule_for(stage: int, knobs: DeepSpeedKnobs) -> EngineRule:
     bf16 = bf16_optimizer(knobs.offload_optimizer)
 
     def rule(
-        inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+        inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, layout: Layout, world: int
     ) -> list[RankStates]:
         selected = selects_bf16_optimizer(
             stage, recipe, pipeline=knobs.pipeline, offload_optimizer=knobs.offload_optimizer
         )
-        return (bf16 if selected else base)(inventory, recipe, opt, placement)
+        return (bf16 if selected else base)(inventory, recipe, opt, layout, world)
 
     return rule

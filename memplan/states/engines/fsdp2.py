@@ -8,10 +8,10 @@ from dataclasses import replace
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe, dtype_bytes
+from memplan.states.layout import Layout
 from memplan.states.terms import (
     SRC_FSDP2,
     Category,
-    Placement,
     RankStates,
     Term,
     by_dtype,
@@ -31,7 +31,7 @@ def fsdp2_rows(dim0: int, world: int, rank: int) -> int:
 
 
 def fsdp2(
-    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, layout: Layout, world: int
 ) -> list[RankStates]:
     """torch FSDP2 `fully_shard`: each tensor split on dim 0 like torch.chunk.
 
@@ -42,7 +42,6 @@ def fsdp2(
     copy only while unsharded), and the reduced gradient is cast back to it
     (`_fsdp_collectives.py::foreach_reduce`). Source: SRC_FSDP2.
     """
-    world = placement.data
     at_rest = recipe.master_weights or recipe.parameters
     grad_dtype = recipe.gradient_accumulation or at_rest
     params = inventory.parameters
@@ -76,7 +75,7 @@ def fsdp2(
             shapes,
             opt=opt,
             recipe=fsdp_recipe,
-            placement=placement,
+            layout=layout,
             view="local shards (unpadded)",
             source=SRC_FSDP2,
         )

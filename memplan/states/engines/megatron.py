@@ -21,8 +21,8 @@ from dataclasses import replace
 from memplan.model.inventory import Inventory
 from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe, dtype_bytes
+from memplan.states.layout import Layout
 from memplan.states.terms import (
-    Placement,
     RankStates,
     Term,
     elementwise,
@@ -91,7 +91,7 @@ def owned_elements(spans: list[tuple[int, int]], lo: int, hi: int) -> list[int]:
 
 
 def megatron(
-    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, placement: Placement
+    inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, layout: Layout, world: int
 ) -> list[RankStates]:
     # Only `requires_grad` parameters enter the contiguous param/grad buffers and the
     # optimizer (megatron/core/distributed/distributed_data_parallel.py::
@@ -104,11 +104,10 @@ def megatron(
         if frozen
         else ()
     )
-    world = placement.data
     g_dtype = main_grad_dtype(recipe)
     master = recipe.master_weights or "fp32"
     mega_recipe = replace(recipe, master_weights=master if recipe.parameters != master else None)
-    if placement.stage == 0:
+    if layout.stage == 0:
         replicas = (
             *held,
             whole("parameters", "parameters", recipe.parameters, params, SRC_BUFFER),
@@ -118,7 +117,7 @@ def megatron(
             (p.shape for p in params),
             opt=opt,
             recipe=mega_recipe,
-            placement=placement,
+            layout=layout,
             view="tensors",
             source=SRC_DIST_OPT,
             step_is_int=True,
@@ -170,7 +169,7 @@ def megatron(
                 [(n,) for n in pieces],
                 opt=opt,
                 recipe=mega_recipe,
-                placement=placement,
+                layout=layout,
                 view=f"parameter pieces in one buffer shard ({fmt(shard)} elements)",
                 source=SRC_DIST_OPT,
                 step_is_int=True,

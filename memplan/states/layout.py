@@ -1,0 +1,141 @@
+"""The layout of a training job: one frozen value, built once from the spec's `parallelism`.
+
+Every stage reads the layout from this value: the parallel degrees, the engine and its ZeRO
+stage, whose tensor-parallel layers run (Megatron-LM's or torch's DTensor), the pipeline
+schedule and offload. Attribute names are ParallelismSpec's where they mean the same thing;
+what the spec leaves to defaults (the ZeRO stage, the vocabulary padding) is resolved here,
+and the groups the rules shard over are named properties (`data_shards`, `expert_data`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from memplan.config.spec import DeepSpeedSpec, Engine, OffloadSpec, ParallelismSpec
+from memplan.errors import MemplanError
+
+VocabSplit = Literal["padded", "chunk"]
+"""How TP splits the vocabulary: Megatron pads it and gives every rank the same rows
+("padded"); torch's DTensor splits it like torch.chunk ("chunk",
+memplan.states.parallel.vocab_rows)."""
+
+TensorImpl = Literal["megatron", "dtensor"]
+
+# Megatron-LM's default --make-vocab-size-divisible-by (megatron/training/arguments.py).
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Layout:
+    """Where one training step runs: the degrees, the engine, and the rules they imply."""
+
+    engine: Engine = "ddp"
+    data: int = 1
+    """Data-parallel degree (ParallelismSpec.data; context ranks are not in it)."""
+    stage: int = 0
+    """The ZeRO stage, the engine's default filled in (ParallelismSpec.stage)."""
+    tensor: int = 1
+    tensor_impl: TensorImpl = "dtensor"
+    """Whose tensor-parallel layers run: Megatron-LM's (engine megatron, and deepspeed via
+    Megatron-DeepSpeed) or torch's own DTensor ones (fsdp2, ddp; torchtitan's composition)."""
+    sequence_parallel: bool = False
+    pipeline: int = 1
+    schedule: Literal["1f1b", "interleaved", "gpipe"] = "1f1b"
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved 1F1B)."""
+    layers_per_stage: tuple[int, ...] | None = None
+    """An explicit split of the layers over the (virtual) stages; else an even split."""
+    expert: int = 1
+    context: int = 1
+    expert_capacity_factor: float | None = None
+    """MoE expert capacity factor (None: dropless, balanced routing assumed)."""
+    make_vocab_size_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY
+    gradient_as_bucket_view: bool = False
+    offload: OffloadSpec = OffloadSpec()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    device: Literal["cuda", "cpu"] = "cuda"
+    """Where the ranks run (hardware.device)."""
+    tensor_rank: int = 0
+    """The TP rank whose shards these are: only the vocabulary rows of a "chunk" split differ
+    between TP ranks, and rank 0 holds the most (`for_tensor_rank`)."""
+
+    @classmethod
+    def of(cls, par: ParallelismSpec, *, device: Literal["cuda", "cpu"] = "cuda") -> Layout:
+        """The layout `par` describes, on `device`."""
+        return cls(
+            engine=par.engine,
+            data=par.data,
+            stage=par.stage,
+            tensor=par.tensor,
+            tensor_impl="megatron" if par.engine in ("megatron", "deepspeed") else "dtensor",
+            sequence_parallel=par.sequence_parallel,
+            pipeline=par.pipeline,
+            schedule=par.schedule,
+            virtual_stages=par.virtual_stages,
+            layers_per_stage=par.layers_per_stage,
+            expert=par.expert,
+            context=par.context,
+            expert_capacity_factor=par.expert_capacity_factor,
+            make_vocab_size_divisible_by=par.make_vocab_size_divisible_by,
+            gradient_as_bucket_view=par.gradient_as_bucket_view,
+            offload=par.offload,
+            deepspeed=par.deepspeed,
+            device=device,
+        )
+
+    def for_tensor_rank(self, rank: int) -> Layout:
+        """The same layout seen from TP rank `rank`."""
+        return self if rank == self.tensor_rank else replace(self, tensor_rank=rank)
+
+    def keep(self, *names: str) -> Layout:
+        """This layout with every field but `names` at its default: the key of a cache whose
+        value reads only those fields (plan's layouts then share it)."""
+        return Layout(**{n: getattr(self, n) for n in names})
+
+    @property
+    def world_size(self) -> int:
+        """GPUs in the job: data x tensor x pipeline x context."""
+        return self.data * self.tensor * self.pipeline * self.context
+
+    @property
+    def data_shards(self) -> int:
+        """The ranks ZeRO/FSDP shard one stage's model states over: data x context
+        (context-parallel ranks hold the same weights and reduce gradients together:
+        megatron/core/parallel_state.py::initialize_model_parallel, the data-parallel group
+        `with_context_parallel`)."""
+        return self.data * self.context
+
+    @property
+    def expert_data(self) -> int:
+        """Ranks that hold replicas of the same experts: Megatron's expert-data-parallel size,
+        data x context / expert with expert tensor parallelism equal to TP
+        (megatron/core/parallel_state.py::initialize_model_parallel)."""
+        if self.data_shards % self.expert:
+            raise MemplanError(
+                f"expert degree {self.expert} must divide the data-parallel degree "
+                f"{self.data_shards} (expert parallel ranks are carved out of the data-parallel "
+                "ones).",
+                field="parallelism.expert",
+            )
+        return self.data_shards // self.expert
+
+    @property
+    def vocab_multiple(self) -> int:
+        """What the vocabulary is padded to a multiple of (x tensor) under TP: Megatron's
+        make_vocab_size_divisible_by; 1 for torch's DTensor, which does not pad."""
+        return self.make_vocab_size_divisible_by if self.tensor_impl == "megatron" else 1
+
+    @property
+    def vocab_split(self) -> VocabSplit:
+        """How TP splits the vocabulary: Megatron's padded even split, or torch.chunk's
+        (DTensor: ceil(V / TP) rows on the first ranks, torch/distributed/tensor/
+        placement_types.py::Shard._split_tensor), where the last TP ranks can hold fewer."""
+        return "padded" if self.tensor_impl == "megatron" else "chunk"
+
+    @property
+    def gathered_inputs(self) -> bool:
+        """Sequence parallelism the torch DTensor way: the column-parallel linears save the
+        all-gathered, whole-sequence input instead of the local shard
+        (memplan.activations.layout)."""
+        return self.tensor_impl == "dtensor"
