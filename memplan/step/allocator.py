@@ -248,7 +248,7 @@ def _power2_list(tokens: Sequence[str], text: str) -> tuple[int, ...]:
     key = "roundup_power2_divisions"
     divisions = [0] * POWER2_INTERVALS
     last: int | None = None
-    entries = [e for e in ",".join(tokens).split(",") if e]
+    entries = [e for e in "".join(tokens).split(",") if e]
     for entry in entries:
         interval, colon, value = entry.partition(":")
         if not colon or not value:
