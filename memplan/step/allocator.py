@@ -132,16 +132,18 @@ class AllocConf:
     @classmethod
     def _from_values(cls, values: dict[str, Any], text: str) -> AllocConf:
         if values.get("backend", "native") != "native":
-            raise _conf_error(
-                "backend", "cudaMallocAsync hands memory to the CUDA driver's pool, which this "
-                "model of the native caching allocator does not describe", text,
-            )  # fmt: skip
+            message = (
+                "cudaMallocAsync hands memory to the CUDA driver's pool, which this model of "
+                "the native caching allocator does not describe"
+            )
+            raise _conf_error("backend", message, text)
         large = values.get("large_segment_size_mb", LARGE_SEGMENT // MIB)
-        # AllocatorConfig.cpp parseLargeSegmentSize: "must be > " kMinLargeAlloc (10 MB).
+        # torch 2.13's AllocatorConfig.cpp: "CachingAllocator option large_segment_size_mb must
+        # be > 10 MB" (kMinLargeAlloc), and max_split_size_mb / max_non_split_rounding_mb "too
+        # small, must be >= " the large segment size, whatever the order of the keys (what the
+        # wheel's parser answers; tests/test_allocator.py asks it).
         if large <= MIN_LARGE_ALLOC // MIB:
             raise _conf_error("large_segment_size_mb", f"must be > {MIN_LARGE_ALLOC // MIB}", text)
-        # parseMaxSplitSize / parseMaxNonSplitRoundingSize: "too small, must be >= " the large
-        # segment size in MiB (checked after all keys, whatever their order).
         for key in ("max_split_size_mb", "max_non_split_rounding_mb"):
             if key in values and values[key] < large:
                 raise _conf_error(key, f"too small, must be >= {large}", text)
@@ -421,6 +423,9 @@ class _Allocator:
         self.large = _Pool(False, conf.large_segment_size)
         self.allocated = self.reserved = self.segments = 0
         self.device_allocs = self.retries = 0
+        self.peak_allocated = self.peak_reserved = self.peak_segments = 0
+        self.allocated_at_peak = 0
+        self.marks: list[list[Any]] = []  # [name, allocated, reserved, peak alloc., peak res.]
         self._bases = 0
 
     def _base(self) -> int:
@@ -454,7 +459,43 @@ class _Allocator:
             pool.insert(rest)
         block.allocated = True
         self.allocated += block.size
+        self._count_peaks()
         return block
+
+    def _count_peaks(self) -> None:
+        """increase_stat keeps each statistic's peak; reserved and segments only grow inside
+        malloc, so counting after each allocation sees every peak."""
+        allocated, reserved = self.allocated, self.reserved
+        self.peak_allocated = max(self.peak_allocated, allocated)
+        if reserved > self.peak_reserved:
+            self.peak_reserved, self.allocated_at_peak = reserved, allocated
+        elif reserved == self.peak_reserved:
+            self.allocated_at_peak = max(self.allocated_at_peak, allocated)
+        self.peak_segments = max(self.peak_segments, self.segments)
+        if self.marks:
+            mark = self.marks[-1]
+            mark[3] = max(mark[3], allocated)
+            mark[4] = max(mark[4], reserved)
+
+    def mark(self, name: str) -> None:
+        """A phase marker: the bytes now, and the highest bytes from here to the next one."""
+        a, r = self.allocated, self.reserved
+        self.marks.append([name, a, r, a, r])
+
+    def result(self, oom: OutOfMemory | None) -> Replay:
+        return Replay(
+            peak_allocated=self.peak_allocated,
+            peak_reserved=self.peak_reserved,
+            fragmentation=self.peak_reserved - self.allocated_at_peak,
+            allocated=self.allocated,
+            reserved=self.reserved,
+            segments=self.segments,
+            peak_segments=self.peak_segments,
+            device_allocs=self.device_allocs,
+            alloc_retries=self.retries,
+            phases=tuple(PhaseMark(*mark) for mark in self.marks),
+            oom=oom,
+        )
 
     def _free_block_for(self, pool: _Pool, size: int) -> _Block | None:
         """get_free_block: the smallest free block of at least `size` (lowest address among
@@ -586,8 +627,10 @@ class _Allocator:
 
     # free and release -------------------------------------------------------------------------
 
-    def free(self, block: _Block, pool: _Pool) -> None:
-        """free_block: merge with free neighbours in the segment, back into the pool."""
+    def free(self, block: _Block) -> None:
+        """free_block: merge with free neighbours in the segment, back into the pool (get_pool:
+        the small pool's blocks are <= kSmallSize, the large pool's larger)."""
+        pool = self.small if block.size <= SMALL_SIZE else self.large
         block.allocated = False
         self.allocated -= block.size
         self._merge(pool, block, block.prev)
@@ -668,70 +711,36 @@ def replay(events: Iterable[Event], conf: AllocConf | None = None, *,
     not fit frees cached blocks as the allocator does and retries; one that still does not fit
     ends the replay with `oom` set. Without it, memory never runs out."""
     state = _Allocator(conf or AllocConf(), capacity)
-    live: dict[Hashable, tuple[_Block, _Pool] | None] = {}
-    marks: list[list[Any]] = []
-    peak_alloc = peak_res = alloc_at_peak = peak_segments = 0
-    oom: OutOfMemory | None = None
+    live: dict[Hashable, _Block | None] = {}
     for index, event in enumerate(events):
         kind = event[0]
         if kind == "alloc":
             _, key, nbytes = _alloc_event(index, event)
             if key in live:
                 raise _event_error(index, event, f"id {key!r} is already allocated")
-            if nbytes == 0:
-                # CUDACachingAllocator's allocate(): a 0-byte request does not reach malloc.
-                live[key] = None
-                continue
-            block = state.malloc(nbytes)
-            if block is None:
+            # CUDACachingAllocator's allocate(): a 0-byte request does not reach malloc.
+            block = state.malloc(nbytes) if nbytes else None
+            if nbytes and block is None:
                 oom = OutOfMemory(index, key, nbytes, state.allocated, state.reserved)
-                break
-            live[key] = (block, state.small if block.size <= SMALL_SIZE else state.large)
-            allocated, reserved = state.allocated, state.reserved
-            if allocated > peak_alloc:
-                peak_alloc = allocated
-            if reserved > peak_res:
-                peak_res, alloc_at_peak = reserved, allocated
-            elif reserved == peak_res and allocated > alloc_at_peak:
-                alloc_at_peak = allocated
-            if state.segments > peak_segments:
-                peak_segments = state.segments
-            if marks:
-                mark = marks[-1]
-                if allocated > mark[3]:
-                    mark[3] = allocated
-                if reserved > mark[4]:
-                    mark[4] = reserved
+                return state.result(oom)
+            live[key] = block
         elif kind == "free":
             if len(event) != 2:
                 raise _event_error(index, event, "a free is ('free', id)")
             try:
-                entry = live.pop(event[1])
+                freed = live.pop(event[1])
             except (KeyError, TypeError):
                 raise _event_error(index, event, f"id {event[1]!r} is not allocated") from None
-            if entry is not None:
-                state.free(*entry)
+            if freed is not None:
+                state.free(freed)
         elif kind == "phase" and len(event) == 2:
-            a, r = state.allocated, state.reserved
-            marks.append([str(event[1]), a, r, a, r])
+            state.mark(str(event[1]))
         elif kind == "empty_cache" and len(event) == 1:
             state.empty_cache()
         else:
             raise _event_error(index, event, "events are ('alloc', id, nbytes), ('free', id), "
                                "('phase', name) or ('empty_cache',)")  # fmt: skip
-    return Replay(
-        peak_allocated=peak_alloc,
-        peak_reserved=peak_res,
-        fragmentation=peak_res - alloc_at_peak,
-        allocated=state.allocated,
-        reserved=state.reserved,
-        segments=state.segments,
-        peak_segments=peak_segments,
-        device_allocs=state.device_allocs,
-        alloc_retries=state.retries,
-        phases=tuple(PhaseMark(*mark) for mark in marks),
-        oom=oom,
-    )
+    return state.result(None)
 
 
 def _alloc_event(index: int, event: Event) -> tuple[str, Hashable, int]:
@@ -752,12 +761,17 @@ def events_from_trace(trace: Iterable[Mapping[str, Any]]) -> list[Event]:
     in alloc_found_block gets orig_size); "free_completed" is the moment the block returns to
     the pool (free_block). The allocator's own entries (segment_alloc/free/map/unmap, snapshot,
     oom) are what a replay reproduces, and "free_requested" precedes "free_completed", so they
-    are left out; so are annotations: insert ("phase", name) events where they belong."""
+    are left out; so are annotations: insert ("phase", name) events where they belong.
+    The trace is a ring buffer (`max_entries`) and tensors may predate it, so a free of an
+    address the trace never allocated is dropped."""
     events: list[Event] = []
+    live: set[Any] = set()
     for entry in trace:
         action = entry.get("action")
         if action == "alloc":
             events.append(("alloc", entry["addr"], int(entry["size"])))
-        elif action == "free_completed":
+            live.add(entry["addr"])
+        elif action == "free_completed" and entry["addr"] in live:
             events.append(("free", entry["addr"]))
+            live.remove(entry["addr"])
     return events
