@@ -1,0 +1,777 @@
+"""A replayable model of PyTorch's CUDA caching allocator (torch 2.13): what
+`torch.cuda.max_memory_reserved()` shows for a sequence of allocations and frees.
+
+Every rule is the source's, named where it is defined: c10/cuda/CUDACachingAllocator.cpp
+(`DeviceCachingAllocator`: malloc, get_free_block, should_split, alloc_found_block, free_block,
+try_merge_blocks, alloc_block, try_allocate_expandable_block, map_block, release_cached_blocks,
+release_available_cached_blocks, round_size) and c10/core/AllocatorConfig.cpp (the
+PYTORCH_CUDA_ALLOC_CONF keys). The block-size constants are memplan.memory's.
+
+Modelled: one device, one stream (the compute stream), the default pools (no CUDA-graph private
+pools, no `record_stream` deferral, no free-memory callbacks). Segment addresses only break ties
+between free blocks of equal size (BlockComparatorSize orders by size, then address); the model
+hands segments out at increasing addresses. `garbage_collection_threshold` acts only under
+`torch.cuda.set_per_process_memory_fraction` and is parsed, not replayed: a replay's reserved
+bytes are what the allocator holds without it (an upper bound on what it holds with it).
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left, insort
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from memplan.errors import MemplanError
+from memplan.memory import (
+    ALLOCATOR_BLOCK,
+    LARGE_SEGMENT,
+    MIN_LARGE_ALLOC,
+    ROUND_LARGE,
+    SMALL_SEGMENT,
+    SMALL_SIZE,
+)
+
+MIB = 1 << 20
+# c10/core/AllocatorConfig.cpp: kRoundUpPowerOfTwoIntervals = 16 intervals of
+# roundup_power2_divisions, one per power of two from kRoundUpPowerOfTwoStart = 1 MiB on.
+POWER2_INTERVALS = 16
+POWER2_START_LOG2 = 20
+# c10/cuda/CUDAAllocatorConfig.h: pinned_max_register_threads() = 128.
+PINNED_MAX_REGISTER_THREADS = 128
+# ExpandableSegment's constructor reserves address space for 1 1/8 of the device's memory; with
+# no capacity given, the model reserves this much (a page count that never runs out).
+UNBOUNDED_ADDRESS_SPACE = 1 << 50
+_SEGMENT_STRIDE = 1 << 52  # distance between segment base addresses in the model
+
+_BOOL_KEYS = frozenset(
+    {
+        # c10/core/AllocatorConfig.cpp and c10/cuda/CUDAAllocatorConfig.cpp: host-side or
+        # locking options, accepted and without effect on device memory.
+        "release_lock_on_cudamalloc",
+        "release_lock_on_hipmalloc",
+        "pinned_use_cuda_host_register",
+        "pinned_use_hip_host_register",
+        "pinned_use_background_threads",
+        "graph_capture_record_stream_reuse",
+    }
+)
+_HOST_SIZE_KEYS = frozenset(
+    {"pinned_reserve_segment_size_mb", "pinned_max_round_threshold_mb", "pinned_max_cached_size_mb"}
+)
+KEYS = (
+    "max_split_size_mb",
+    "max_non_split_rounding_mb",
+    "large_segment_size_mb",
+    "garbage_collection_threshold",
+    "roundup_power2_divisions",
+    "expandable_segments",
+    "backend",
+    "pinned_num_register_threads",
+    *sorted(_BOOL_KEYS),
+    *sorted(_HOST_SIZE_KEYS),
+)
+
+
+def _conf_error(key: str, message: str, text: str) -> MemplanError:
+    return MemplanError(
+        f"PYTORCH_CUDA_ALLOC_CONF {key!r}: {message} (in {text!r}; the syntax is "
+        "key:value pairs separated by commas, e.g. 'expandable_segments:True,"
+        "max_split_size_mb:128').",
+        field="hardware.alloc_conf",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AllocConf:
+    """The PYTORCH_CUDA_ALLOC_CONF settings that change device memory (defaults: torch's)."""
+
+    max_split_size: int | None = None
+    """Blocks this large or larger are never split (None: no limit, the default)."""
+    max_non_split_rounding: int = LARGE_SEGMENT
+    """A request >= max_split_size takes a cached block only if it is less than this much
+    larger (default kLargeBuffer, 20 MiB)."""
+    large_segment_size: int = LARGE_SEGMENT
+    """The segment medium requests (1 to 10 MiB) carve, and the large pool's expandable page."""
+    garbage_collection_threshold: float = 0.0
+    roundup_power2_divisions: tuple[int, ...] = (0,) * POWER2_INTERVALS
+    expandable_segments: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> AllocConf:
+        """`text` in PYTORCH_CUDA_ALLOC_CONF syntax, validated as torch 2.13 does
+        (c10/core/AllocatorConfig.cpp AcceleratorAllocatorConfig::parseArgs; the CUDA-only keys
+        in c10/cuda/CUDAAllocatorConfig.cpp CUDAAllocatorConfig::parseArgs)."""
+        # ConfigTokenizer: ',', ':', '[' and ']' are tokens of their own, spaces are dropped.
+        tokens = [t for t in re.split(r"([,:\[\]])", text.replace(" ", "")) if t]
+        values: dict[str, Any] = {}
+        i = 0
+        while i < len(tokens):
+            key = tokens[i]
+            if key not in KEYS:
+                # CUDAAllocatorConfig::parseArgs: "Unrecognized key '...' in CUDA allocator config."
+                raise _conf_error(key, f"unknown key; the keys are {', '.join(KEYS)}", text)
+            if i + 2 >= len(tokens) or tokens[i + 1] != ":":
+                raise _conf_error(key, "expected ':' and a value after the key", text)
+            if key == "roundup_power2_divisions" and tokens[i + 2] == "[":
+                end = tokens.index("]", i + 2) if "]" in tokens[i + 2 :] else -1
+                if end < 0:
+                    raise _conf_error(key, "the list has no closing ']'", text)
+                values[key] = _power2_list(tokens[i + 3 : end], text)
+                i = end + 1
+            else:
+                values[key] = _value(key, tokens[i + 2], text)
+                i += 3
+            if i < len(tokens):
+                if tokens[i] != ",":
+                    raise _conf_error(key, f"expected ',' after the value, got {tokens[i]!r}", text)
+                i += 1
+        return cls._from_values(values, text)
+
+    @classmethod
+    def _from_values(cls, values: dict[str, Any], text: str) -> AllocConf:
+        if values.get("backend", "native") != "native":
+            message = (
+                "cudaMallocAsync hands memory to the CUDA driver's pool, which this model of "
+                "the native caching allocator does not describe"
+            )
+            raise _conf_error("backend", message, text)
+        large = values.get("large_segment_size_mb", LARGE_SEGMENT // MIB)
+        # torch 2.13's AllocatorConfig.cpp: "CachingAllocator option large_segment_size_mb must
+        # be > 10 MB" (kMinLargeAlloc), and max_split_size_mb / max_non_split_rounding_mb "too
+        # small, must be >= " the large segment size, whatever the order of the keys (what the
+        # wheel's parser answers; tests/test_allocator.py asks it).
+        if large <= MIN_LARGE_ALLOC // MIB:
+            raise _conf_error("large_segment_size_mb", f"must be > {MIN_LARGE_ALLOC // MIB}", text)
+        for key in ("max_split_size_mb", "max_non_split_rounding_mb"):
+            if key in values and values[key] < large:
+                raise _conf_error(key, f"too small, must be >= {large}", text)
+        divisions = values.get("roundup_power2_divisions", (0,) * POWER2_INTERVALS)
+        split = values.get("max_split_size_mb")
+        return cls(
+            max_split_size=None if split is None else split * MIB,
+            max_non_split_rounding=values.get("max_non_split_rounding_mb", LARGE_SEGMENT // MIB)
+            * MIB,
+            large_segment_size=large * MIB,
+            garbage_collection_threshold=values.get("garbage_collection_threshold", 0.0),
+            roundup_power2_divisions=tuple(divisions),
+            expandable_segments=values.get("expandable_segments", False),
+        )
+
+    def divisions(self, size: int) -> int:
+        """AllocatorConfig::roundup_power2_divisions(size): the setting of size's interval."""
+        index = size.bit_length() - 1 - POWER2_START_LOG2
+        return self.roundup_power2_divisions[min(max(index, 0), POWER2_INTERVALS - 1)]
+
+    def round_size(self, size: int) -> int:
+        """DeviceCachingAllocator::round_size: 512-byte blocks, or the next of `divisions`
+        equal steps between two powers of two (roundup_power2_next_division)."""
+        if size < ALLOCATOR_BLOCK:
+            return ALLOCATOR_BLOCK
+        divisions = self.divisions(size)
+        if divisions > 1 and size > ALLOCATOR_BLOCK * divisions:
+            return roundup_power2_next_division(size, divisions)
+        return -(-size // ALLOCATOR_BLOCK) * ALLOCATOR_BLOCK
+
+    def allocation_size(self, size: int) -> int:
+        """DeviceCachingAllocator::get_allocation_size: the segment cudaMalloc'ed for a block of
+        `size` no cached block can hold."""
+        if size <= SMALL_SIZE:
+            return SMALL_SEGMENT
+        if size < MIN_LARGE_ALLOC:
+            return self.large_segment_size
+        return -(-size // ROUND_LARGE) * ROUND_LARGE
+
+
+def roundup_power2_next_division(size: int, divisions: int) -> int:
+    """DeviceCachingAllocator::roundup_power2_next_division: `size` rounded up to the next of
+    `divisions` equal steps between the powers of two around it."""
+    if size & (size - 1) == 0:
+        return size
+    floor = 1 << (size.bit_length() - 1)
+    step = floor >> (divisions.bit_length() - 1)
+    if step == 0:
+        return floor << 1
+    rounded = size & ~(step - 1)
+    return size if rounded == size else rounded + step
+
+
+def _int(key: str, token: str, text: str) -> int:
+    # std::stoi / stoull read the leading digits ("20.5" is 20); a negative size is refused
+    # here (torch wraps it to a huge size_t).
+    match = re.match(r"\+?(\d+)", token)
+    if match is None:
+        raise _conf_error(key, f"expected a whole number, got {token!r}", text)
+    return int(match.group(1))
+
+
+def _value(key: str, token: str, text: str) -> Any:
+    if key == "expandable_segments" or key in _BOOL_KEYS:
+        # ConfigTokenizer::toBool: "Expected 'True' or 'False'". (CUDA's own boolean keys are
+        # as strict in CUDAAllocatorConfig.cpp.)
+        if token not in ("True", "False"):
+            raise _conf_error(key, f"expected True or False, got {token!r}", text)
+        return token == "True"
+    if key == "backend":
+        if token not in ("native", "cudaMallocAsync"):
+            raise _conf_error(key, f"expected native or cudaMallocAsync, got {token!r}", text)
+        return token
+    if key == "garbage_collection_threshold":
+        try:
+            threshold = float(token)
+        except ValueError:
+            raise _conf_error(key, f"expected a number, got {token!r}", text) from None
+        if not 0.0 < threshold < 1.0:
+            raise _conf_error(key, "must lie in (0.0, 1.0)", text)
+        return threshold
+    if key == "roundup_power2_divisions":
+        # The single-value form sets every interval; it must be a power of two.
+        n = _int(key, token, text)
+        if not _power_of_two(n):
+            raise _conf_error(key, f"the divisions must be a power of 2, got {n}", text)
+        return (n,) * POWER2_INTERVALS
+    n = _int(key, token, text)
+    if key == "pinned_num_register_threads" and (
+        not _power_of_two(n) or n > PINNED_MAX_REGISTER_THREADS
+    ):
+        raise _conf_error(key, f"must be a power of 2 <= {PINNED_MAX_REGISTER_THREADS}", text)
+    return n
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _power2_list(tokens: Sequence[str], text: str) -> tuple[int, ...]:
+    """AllocatorConfig::parseRoundUpPower2Divisions, list form `[64:8,256:4,>:1]`: an entry
+    sets the interval starting at that many MiB (the first one also every interval below it),
+    `>` every interval after the last one named; intervals in between stay 0 (no rounding)."""
+    key = "roundup_power2_divisions"
+    divisions = [0] * POWER2_INTERVALS
+    last: int | None = None
+    entries = [e for e in "".join(tokens).split(",") if e]
+    for entry in entries:
+        interval, colon, value = entry.partition(":")
+        if not colon or not value:
+            raise _conf_error(key, f"expected interval:divisions, got {entry!r}", text)
+        n = _int(key, value, text)
+        if n != 0 and not _power_of_two(n):
+            raise _conf_error(key, f"the divisions must be a power of 2 or 0, got {n}", text)
+        if interval == ">":
+            start = 0 if last is None else last + 1
+            divisions[start:] = [n] * (POWER2_INTERVALS - start)
+            continue
+        mib = _int(key, interval, text)
+        if not _power_of_two(mib):
+            raise _conf_error(key, f"the intervals must be powers of 2 (MiB), got {mib}", text)
+        index = min(mib.bit_length() - 1, POWER2_INTERVALS - 1)
+        if last is None:
+            divisions[:index] = [n] * index
+        divisions[index] = n
+        last = index
+    return tuple(divisions)
+
+
+# --- the replay -------------------------------------------------------------------------------
+
+Event = tuple[Any, ...]
+"""("alloc", id, nbytes), ("free", id), ("phase", name) or ("empty_cache",)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseMark:
+    """A ("phase", name) marker: the bytes at the marker, and the highest bytes from it to the
+    next marker (or the end of the replay)."""
+
+    name: str
+    allocated: int
+    reserved: int
+    peak_allocated: int
+    peak_reserved: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutOfMemory:
+    """The allocation that found no memory within `capacity`, even after the allocator freed
+    its cached blocks (DeviceCachingAllocator::malloc raising OutOfMemoryError)."""
+
+    event: int
+    """Its index in the events."""
+    id: Hashable
+    nbytes: int
+    allocated: int
+    reserved: int
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What the allocator's statistics (torch.cuda.memory_stats) show after a replay."""
+
+    peak_allocated: int
+    """max_memory_allocated(): blocks handed out, each a rounded request (or a whole block the
+    allocator did not split)."""
+    peak_reserved: int
+    """max_memory_reserved(): cudaMalloc'ed segments plus mapped expandable pages."""
+    fragmentation: int
+    """peak_reserved minus the most bytes allocated while reserved stood at its peak: the
+    cached memory no tensor used at the tightest moment."""
+    allocated: int
+    reserved: int
+    segments: int
+    """Segments held at the end (an expandable segment counts once)."""
+    peak_segments: int
+    device_allocs: int
+    """cudaMalloc calls and expandable-page mappings (stats num_device_alloc)."""
+    alloc_retries: int
+    """Allocations that freed every cached block and tried again (num_alloc_retries)."""
+    phases: tuple[PhaseMark, ...] = ()
+    oom: OutOfMemory | None = None
+
+    def reserved_at(self, phase: str) -> int:
+        """Reserved bytes at the first marker named `phase`."""
+        for mark in self.phases:
+            if mark.name == phase:
+                return mark.reserved
+        raise KeyError(phase)
+
+
+class _Segment:
+    """An expandable segment (ExpandableSegment): address space mapped page by page."""
+
+    __slots__ = ("base", "page")
+
+    def __init__(self, base: int, page: int) -> None:
+        self.base = base
+        self.page = page
+
+
+class _Block:
+    """A Block: a piece of a segment, free or allocated; prev/next are its neighbours in the
+    same segment (both None: the whole segment, "not split")."""
+
+    __slots__ = ("ptr", "size", "allocated", "mapped", "prev", "next", "segment")
+
+    def __init__(self, ptr: int, size: int, segment: _Segment | None, mapped: bool = True) -> None:
+        self.ptr = ptr
+        self.size = size
+        self.allocated = False
+        self.mapped = mapped
+        self.prev: _Block | None = None
+        self.next: _Block | None = None
+        self.segment = segment
+
+
+class _Pool:
+    """A BlockPool: its free blocks ordered as BlockComparatorSize orders them (size, then
+    address), and its unmapped expandable ranges by address (BlockComparatorAddress)."""
+
+    __slots__ = ("small", "page", "free", "by_ptr", "unmapped", "unmapped_by_ptr")
+
+    def __init__(self, small: bool, page: int) -> None:
+        self.small = small
+        self.page = page
+        self.free: list[tuple[int, int]] = []
+        self.by_ptr: dict[int, _Block] = {}
+        self.unmapped: list[int] = []
+        self.unmapped_by_ptr: dict[int, _Block] = {}
+
+    def insert(self, block: _Block) -> None:
+        insort(self.free, (block.size, block.ptr))
+        self.by_ptr[block.ptr] = block
+
+    def remove(self, block: _Block) -> None:
+        del self.free[bisect_left(self.free, (block.size, block.ptr))]
+        del self.by_ptr[block.ptr]
+
+    def insert_unmapped(self, block: _Block) -> None:
+        insort(self.unmapped, block.ptr)
+        self.unmapped_by_ptr[block.ptr] = block
+
+    def remove_unmapped(self, block: _Block) -> None:
+        del self.unmapped[bisect_left(self.unmapped, block.ptr)]
+        del self.unmapped_by_ptr[block.ptr]
+
+
+def _splice(block: _Block, before: _Block | None, after: _Block | None) -> None:
+    """Block::splice: put `block` between `before` and `after`."""
+    if before is not None:
+        before.next = block
+    block.prev = before
+    if after is not None:
+        after.prev = block
+    block.next = after
+
+
+def _expandable_size(block: _Block) -> int:
+    """get_free_block's expandable_size: a free block followed by unmapped address space
+    can grow into it, so best fit counts that space too."""
+    nxt = block.next
+    return block.size + (nxt.size if nxt is not None and not nxt.mapped else 0)
+
+
+class _Allocator:
+    """DeviceCachingAllocator for one device and one stream."""
+
+    def __init__(self, conf: AllocConf, capacity: int | None) -> None:
+        self.conf = conf
+        self.capacity = capacity
+        self.max_split = conf.max_split_size if conf.max_split_size is not None else 1 << 62
+        # Note [Expandable Segments]: 2 MiB pages for the small pool, large_segment_size
+        # (20 MiB by default) for the large one.
+        self.small = _Pool(True, SMALL_SEGMENT)
+        self.large = _Pool(False, conf.large_segment_size)
+        self.allocated = self.reserved = self.segments = 0
+        self.device_allocs = self.retries = 0
+        self.peak_allocated = self.peak_reserved = self.peak_segments = 0
+        self.allocated_at_peak = 0
+        self.marks: list[list[Any]] = []  # [name, allocated, reserved, peak alloc., peak res.]
+        self._bases = 0
+
+    def _base(self) -> int:
+        self._bases += 1
+        return self._bases * _SEGMENT_STRIDE
+
+    # malloc -----------------------------------------------------------------------------------
+
+    def malloc(self, nbytes: int) -> _Block | None:
+        """DeviceCachingAllocator::malloc: a cached block (get_free_block), else a new segment
+        (alloc_block), else free oversize cached blocks and retry, else free every cached
+        block and retry; then alloc_found_block. None: out of memory."""
+        size = self.conf.round_size(nbytes)
+        pool = self.small if size <= SMALL_SIZE else self.large
+        block = self._free_block_for(pool, size)
+        if block is None:
+            alloc_size = self.conf.allocation_size(size)
+            block = self._alloc_block(pool, size, alloc_size)
+            if block is None and self._release_available_cached_blocks(pool, size):
+                block = self._alloc_block(pool, size, alloc_size)
+            if block is None:
+                self.retries += 1
+                self.empty_cache()
+                block = self._alloc_block(pool, size, alloc_size)
+            if block is None:
+                return None
+        if self._should_split(pool, block, size):
+            rest = _Block(block.ptr + size, block.size - size, block.segment)
+            _splice(rest, block, block.next)
+            block.size = size
+            pool.insert(rest)
+        block.allocated = True
+        self.allocated += block.size
+        self._count_peaks()
+        return block
+
+    def _count_peaks(self) -> None:
+        """increase_stat keeps each statistic's peak; reserved and segments only grow inside
+        malloc, so counting after each allocation sees every peak."""
+        allocated, reserved = self.allocated, self.reserved
+        self.peak_allocated = max(self.peak_allocated, allocated)
+        if reserved > self.peak_reserved:
+            self.peak_reserved, self.allocated_at_peak = reserved, allocated
+        elif reserved == self.peak_reserved:
+            self.allocated_at_peak = max(self.allocated_at_peak, allocated)
+        self.peak_segments = max(self.peak_segments, self.segments)
+        if self.marks:
+            mark = self.marks[-1]
+            mark[3] = max(mark[3], allocated)
+            mark[4] = max(mark[4], reserved)
+
+    def mark(self, name: str) -> None:
+        """A phase marker: the bytes now, and the highest bytes from here to the next one."""
+        a, r = self.allocated, self.reserved
+        self.marks.append([name, a, r, a, r])
+
+    def result(self, oom: OutOfMemory | None) -> Replay:
+        return Replay(
+            peak_allocated=self.peak_allocated,
+            peak_reserved=self.peak_reserved,
+            fragmentation=self.peak_reserved - self.allocated_at_peak,
+            allocated=self.allocated,
+            reserved=self.reserved,
+            segments=self.segments,
+            peak_segments=self.peak_segments,
+            device_allocs=self.device_allocs,
+            alloc_retries=self.retries,
+            phases=tuple(PhaseMark(*mark) for mark in self.marks),
+            oom=oom,
+        )
+
+    def _free_block_for(self, pool: _Pool, size: int) -> _Block | None:
+        """get_free_block: the smallest free block of at least `size` (lowest address among
+        equals), unless the max_split_size_mb rules refuse it."""
+        free = pool.free
+        i = bisect_left(free, (size, -1))
+        if i == len(free):
+            return None
+        block = pool.by_ptr[free[i][1]]
+        if block.segment is not None:
+            # Expandable: walk on while the next block could grow to less than this one.
+            while i + 1 < len(free):
+                nxt = pool.by_ptr[free[i + 1][1]]
+                if _expandable_size(nxt) >= _expandable_size(block):
+                    break
+                i, block = i + 1, nxt
+        # "Do not return an oversized block for a large request"
+        if size < self.max_split and block.size >= self.max_split:
+            return None
+        # "Allow oversized block size to be rounded up but within a limit"
+        if size >= self.max_split and block.size >= size + self.conf.max_non_split_rounding:
+            return None
+        pool.remove(block)
+        return block
+
+    def _should_split(self, pool: _Pool, block: _Block, size: int) -> bool:
+        """should_split: small pool and expandable segments split off any remainder of
+        kMinBlockSize or more; large cudaMalloc'ed blocks only a remainder above kSmallSize,
+        and never a block taken by a request of max_split_size or more."""
+        remaining = block.size - size
+        if pool.small or self.conf.expandable_segments:
+            return remaining >= ALLOCATOR_BLOCK
+        return size < self.max_split and remaining > SMALL_SIZE
+
+    def _alloc_block(self, pool: _Pool, size: int, alloc_size: int) -> _Block | None:
+        """alloc_block: a new segment of get_allocation_size bytes (cudaMalloc), or pages
+        mapped into the pool's expandable segment."""
+        if self.conf.expandable_segments:
+            return self._allocate_expandable_block(pool, size)
+        if self.capacity is not None and self.reserved + alloc_size > self.capacity:
+            return None
+        self.reserved += alloc_size
+        self.segments += 1
+        self.device_allocs += 1
+        return _Block(self._base(), alloc_size, None)
+
+    # expandable segments ----------------------------------------------------------------------
+
+    def _allocate_expandable_block(self, pool: _Pool, size: int) -> _Block | None:
+        """try_allocate_expandable_block: map pages from the lowest address with room,
+        merging them with the free block before them."""
+        candidate = self._find_expandable_block(pool, size)
+        if not candidate.mapped and not self._map_block(pool, candidate, min(candidate.size, size)):
+            return None
+        while candidate.size < size:
+            nxt = candidate.next
+            assert nxt is not None
+            if not self._map_block(pool, nxt, min(size - candidate.size, nxt.size)):
+                return None
+            candidate = nxt
+        pool.remove(candidate)
+        return candidate
+
+    def _find_expandable_block(self, pool: _Pool, size: int) -> _Block:
+        """find_expandable_block: the lowest unmapped range (with the free block before it)
+        whose free and unmapped address space reaches `size`; else a new segment."""
+        for ptr in pool.unmapped:
+            block = pool.unmapped_by_ptr[ptr]
+            if block.prev is not None and not block.prev.allocated:
+                block = block.prev
+            room = 0
+            probe: _Block | None = block
+            while room < size and probe is not None and not probe.allocated:
+                room += probe.size
+                probe = probe.next
+            if room >= size:
+                return block
+        segment = _Segment(self._base(), pool.page)
+        space = UNBOUNDED_ADDRESS_SPACE if self.capacity is None else self.capacity * 9 // 8
+        block = _Block(segment.base, -(-space // pool.page) * pool.page, segment, mapped=False)
+        pool.insert_unmapped(block)
+        self.segments += 1
+        return block
+
+    def _map_block(self, pool: _Pool, block: _Block, size: int) -> bool:
+        """map_block: back the first `size` bytes of an unmapped range with whole pages
+        (ExpandableSegment::map), and merge them with free neighbours."""
+        mapped = -(-size // pool.page) * pool.page
+        if self.capacity is not None and self.reserved + mapped > self.capacity:
+            return False
+        pool.remove_unmapped(block)
+        block.mapped = True
+        if mapped < block.size:
+            rest = _Block(block.ptr + mapped, block.size - mapped, block.segment, mapped=False)
+            _splice(rest, block, block.next)
+            pool.insert_unmapped(rest)
+            block.size = mapped
+        self._merge(pool, block, block.prev)
+        self._merge(pool, block, block.next)
+        pool.insert(block)
+        self.reserved += mapped
+        self.device_allocs += 1
+        return True
+
+    def _unmap_block(self, pool: _Pool, block: _Block) -> None:
+        """unmap_block: give back the whole pages inside a free block (ExpandableSegment::unmap
+        rounds its start up and its end down to pages)."""
+        segment = block.segment
+        assert segment is not None
+        page, end_ptr = segment.page, block.ptr + block.size
+        begin = block.ptr + (-(block.ptr - segment.base)) % page
+        end = end_ptr - (end_ptr - segment.base) % page
+        if begin >= end:
+            return
+        pool.remove(block)
+        if begin > block.ptr:
+            before = _Block(block.ptr, begin - block.ptr, segment)
+            _splice(before, block.prev, block)
+            pool.insert(before)
+        if end < end_ptr:
+            after = _Block(end, end_ptr - end, segment)
+            _splice(after, block, block.next)
+            pool.insert(after)
+        block.ptr, block.size, block.mapped = begin, end - begin, False
+        self._merge(pool, block, block.prev)
+        self._merge(pool, block, block.next)
+        pool.insert_unmapped(block)
+        self.reserved -= end - begin
+
+    # free and release -------------------------------------------------------------------------
+
+    def free(self, block: _Block) -> None:
+        """free_block: merge with free neighbours in the segment, back into the pool (get_pool:
+        the small pool's blocks are <= kSmallSize, the large pool's larger)."""
+        pool = self.small if block.size <= SMALL_SIZE else self.large
+        block.allocated = False
+        self.allocated -= block.size
+        self._merge(pool, block, block.prev)
+        self._merge(pool, block, block.next)
+        pool.insert(block)
+
+    def _merge(self, pool: _Pool, dst: _Block, src: _Block | None) -> None:
+        """try_merge_blocks: `dst` absorbs a free neighbour `src` of the same mapped state."""
+        if src is None or src.allocated or src.mapped != dst.mapped:
+            return
+        if src.mapped:
+            pool.remove(src)
+        else:
+            pool.remove_unmapped(src)
+        if dst.prev is src:
+            dst.ptr = src.ptr
+            dst.prev = src.prev
+            if dst.prev is not None:
+                dst.prev.next = dst
+        else:
+            dst.next = src.next
+            if dst.next is not None:
+                dst.next.prev = dst
+        dst.size += src.size
+
+    def empty_cache(self) -> None:
+        """release_cached_blocks (torch.cuda.empty_cache, or malloc's last retry): cudaFree
+        every free whole segment; unmap the free pages of expandable segments and drop a
+        segment left with nothing mapped."""
+        for pool in (self.large, self.small):
+            to_unmap = []
+            for _, ptr in list(pool.free):
+                block = pool.by_ptr[ptr]
+                if block.segment is not None:
+                    to_unmap.append(block)
+                elif block.prev is None and block.next is None:
+                    self._release_block(pool, block)
+            for block in to_unmap:
+                self._unmap_block(pool, block)
+                if not block.mapped and block.prev is None and block.next is None:
+                    pool.remove_unmapped(block)
+                    self.segments -= 1
+
+    def _release_block(self, pool: _Pool, block: _Block) -> None:
+        """release_block: cudaFree a whole free segment."""
+        pool.remove(block)
+        self.reserved -= block.size
+        self.segments -= 1
+
+    def _release_available_cached_blocks(self, pool: _Pool, size: int) -> bool:
+        """release_available_cached_blocks: with max_split_size_mb set, cudaFree the smallest
+        oversize cached block that covers the request, else the largest ones until they do."""
+        if self.conf.max_split_size is None:
+            return False
+        key = max(size, self.max_split)
+        free = pool.free
+        i = bisect_left(free, (key, -1))
+        if i < len(free) and pool.by_ptr[free[i][1]].segment is None:
+            self._release_block(pool, pool.by_ptr[free[i][1]])
+            return True
+        released = 0
+        i -= 1
+        while released < key and i >= 0:
+            block = pool.by_ptr[free[i][1]]
+            if block.size < self.max_split:
+                break
+            if block.segment is None:
+                self._release_block(pool, block)
+                released += block.size
+            i -= 1
+        return released >= key
+
+
+def replay(events: Iterable[Event], conf: AllocConf | None = None, *,
+           capacity: int | None = None) -> Replay:  # fmt: skip
+    """Replay `events` through the caching allocator configured by `conf` (torch's defaults
+    when None). With `capacity` (bytes the device can give the allocator), a request that does
+    not fit frees cached blocks as the allocator does and retries; one that still does not fit
+    ends the replay with `oom` set. Without it, memory never runs out."""
+    state = _Allocator(conf or AllocConf(), capacity)
+    live: dict[Hashable, _Block | None] = {}
+    for index, event in enumerate(events):
+        kind = event[0]
+        if kind == "alloc":
+            _, key, nbytes = _alloc_event(index, event)
+            if key in live:
+                raise _event_error(index, event, f"id {key!r} is already allocated")
+            # CUDACachingAllocator's allocate(): a 0-byte request does not reach malloc.
+            block = state.malloc(nbytes) if nbytes else None
+            if nbytes and block is None:
+                oom = OutOfMemory(index, key, nbytes, state.allocated, state.reserved)
+                return state.result(oom)
+            live[key] = block
+        elif kind == "free":
+            if len(event) != 2:
+                raise _event_error(index, event, "a free is ('free', id)")
+            try:
+                freed = live.pop(event[1])
+            except (KeyError, TypeError):
+                raise _event_error(index, event, f"id {event[1]!r} is not allocated") from None
+            if freed is not None:
+                state.free(freed)
+        elif kind == "phase" and len(event) == 2:
+            state.mark(str(event[1]))
+        elif kind == "empty_cache" and len(event) == 1:
+            state.empty_cache()
+        else:
+            raise _event_error(index, event, "events are ('alloc', id, nbytes), ('free', id), "
+                               "('phase', name) or ('empty_cache',)")  # fmt: skip
+    return state.result(None)
+
+
+def _alloc_event(index: int, event: Event) -> tuple[str, Hashable, int]:
+    if len(event) != 3 or not isinstance(event[2], int) or event[2] < 0:
+        raise _event_error(index, event, "an allocation is ('alloc', id, nbytes >= 0)")
+    return event[0], event[1], event[2]
+
+
+def _event_error(index: int, event: Event, message: str) -> MemplanError:
+    return MemplanError(f"allocator event {index} {event!r}: {message}.", field="events")
+
+
+def events_from_trace(trace: Iterable[Mapping[str, Any]]) -> list[Event]:
+    """Events from a recorded allocator trace: the entries of
+    `torch.cuda.memory._snapshot()["device_traces"][device]` (after
+    `torch.cuda.memory._record_memory_history()`; torch/cuda/_memory_viz.py reads the same
+    entries). An "alloc" entry carries the block's address and the requested bytes (record_trace
+    in alloc_found_block gets orig_size); "free_completed" is the moment the block returns to
+    the pool (free_block). The allocator's own entries (segment_alloc/free/map/unmap, snapshot,
+    oom) are what a replay reproduces, and "free_requested" precedes "free_completed", so they
+    are left out; so are annotations: insert ("phase", name) events where they belong.
+    The trace is a ring buffer (`max_entries`) and tensors may predate it, so a free of an
+    address the trace never allocated is dropped."""
+    events: list[Event] = []
+    live: set[Any] = set()
+    for entry in trace:
+        action = entry.get("action")
+        if action == "alloc":
+            events.append(("alloc", entry["addr"], int(entry["size"])))
+            live.add(entry["addr"])
+        elif action == "free_completed" and entry["addr"] in live:
+            events.append(("free", entry["addr"]))
+            live.remove(entry["addr"])
+    return events
