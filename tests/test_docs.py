@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from memplan.cli import render
 from memplan.cli.app import app
 from memplan.report import estimate
+from memplan.report.json import estimate_json
 from memplan.states.engines import Term
 from tests.conftest import ROOT, TINY_LLAMA, make_spec
 
@@ -114,7 +115,7 @@ def test_the_text_comes_from_the_term_objects() -> None:
     marked = dataclasses.replace(
         report, per_gpu=gpu, buffers=tuple(mark(t) for t in report.buffers)
     )
-    rows = estimate.to_json(marked)["per_gpu"]["rows"]
+    rows = estimate_json(marked)["per_gpu"]["rows"]
     assert [(r["formula"], r["source"]) for r in rows] == [
         (f"F<{r['name']}>", f"S<{r['name']}>") for r in rows
     ]

@@ -97,7 +97,9 @@ def estimate(
     if plot is not None:
         _run(debug, lambda: render.save_plot(report, str(plot)))
     if as_json:
-        _print_json(calc.to_json(report))
+        from memplan.report.json import estimate_json
+
+        _print_json(estimate_json(report))
         return
     render.console(width).print(render.estimate_view(report, show_ranks=ranks, explain=explain))
 
@@ -265,7 +267,9 @@ def plan(
 
     result = _run(debug, work)
     if as_json:
-        _print_json(planner.to_json(result))
+        from memplan.report.json import plan_json
+
+        _print_json(plan_json(result))
     else:
         from memplan.cli import render
 

@@ -16,7 +16,6 @@ from memplan.model.finetune import lora as finetune
 from memplan.model.sources import Inventory
 from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe
-from memplan.report.json import to_json as to_json
 from memplan.states import engines as sharding
 from memplan.states import fp8
 from memplan.states.engines import Placement, RankStates, Term

@@ -1,11 +1,13 @@
-"""The `--json` documents of `estimate`, `plan` and `verify`, as typed models.
+"""The `--json` documents of `estimate`, `plan` and `verify`, as typed models: their one
+definition.
 
-Each model below describes what one producer writes: `memplan.report.estimate.to_json`,
-`memplan.plan.search.to_json` and `memplan.verify.result.to_json`. `memplan schema NAME` prints its
-JSON Schema (draft 2020-12), `scripts/gen_docs.py` writes the same schemas to docs/schema/ and
-the field tables to docs/json.md, and tests/test_schema.py validates real outputs against
-them. Unknown keys are refused, so a key that a producer adds, renames or retypes fails the
-tests until this file follows. All sizes are integer bytes.
+The producers build these models and dump them: `memplan.report.json.estimate_json` and
+`memplan.report.json.plan_json` (from a Report and a PlanResult) and
+`memplan.verify.result.to_json`, so a document's keys, their order and their types are the
+fields below. `memplan schema NAME` prints the JSON Schema of each (draft 2020-12),
+`scripts/gen_docs.py` writes the same schemas to docs/schema/ and the field tables to
+docs/json.md, and tests/test_schema.py validates real outputs against them. Building a model
+validates it (strict: no coercion, unknown keys refused). All sizes are integer bytes.
 """
 
 from __future__ import annotations
