@@ -378,7 +378,7 @@ def test_ranks_table_names_the_tp_ranks_that_differ() -> None:
     """`estimate --ranks`: a TP ranks column only when TP ranks differ."""
     from rich.console import Console
 
-    from memplan.cli.render import ranks_table
+    from memplan.cli.estimate_view import ranks_table
 
     def table(vocab: int) -> str:
         report = estimate(

@@ -247,4 +247,3 @@ __all__ = [
     "predict",
     "setting_of",
 ]
-

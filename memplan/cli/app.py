@@ -93,15 +93,17 @@ def estimate(
 
     report = _run(debug, work)
     from memplan.cli import render
+    from memplan.cli.estimate_view import estimate_view
+    from memplan.cli.timeline_view import save_plot
 
     if plot is not None:
-        _run(debug, lambda: render.save_plot(report, str(plot)))
+        _run(debug, lambda: save_plot(report, str(plot)))
     if as_json:
         from memplan.report.json import estimate_json
 
         _print_json(estimate_json(report))
         return
-    render.console(width).print(render.estimate_view(report, show_ranks=ranks, explain=explain))
+    render.console(width).print(estimate_view(report, show_ranks=ranks, explain=explain))
 
 
 @app.command()
@@ -155,8 +157,9 @@ def inventory(
         )
         return
     from memplan.cli import render
+    from memplan.cli.inventory_view import inventory_table
 
-    render.console(width).print(render.inventory_table(inv, dtype))
+    render.console(width).print(inventory_table(inv, dtype))
 
 
 @app.command()
@@ -272,8 +275,9 @@ def plan(
         _print_json(plan_json(result))
     else:
         from memplan.cli import render
+        from memplan.cli.plan_view import plan_view
 
-        render.console(width).print(render.plan_view(result))
+        render.console(width).print(plan_view(result))
     if not result.layouts:
         raise typer.Exit(3)
 

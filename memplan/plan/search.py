@@ -509,4 +509,3 @@ def _suggest(spec: Spec, inventory: Inventory, p: PlanSpec, gpus: int, budget: i
     if not hints:
         hints.append(f"nothing found up to {more} GPUs: a larger GPU or offload to NVMe")
     return "Nothing fits the budget. To fit: " + "; or ".join(hints) + "."
-

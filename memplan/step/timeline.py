@@ -673,4 +673,3 @@ def _reserved(
             parts.append(memory.segment_parts((t.bytes for t in b.tensors), b.count))
     total = tuple(sum(p[i] for p in parts) for i in range(3))
     return max(memory.pack((total[0], total[1], total[2])), peak.total_bytes)
-
