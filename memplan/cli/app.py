@@ -92,17 +92,18 @@ def estimate(
             return calc.estimate(loaded.spec, load.load_inventory(loaded))
 
     report = _run(debug, work)
-    from memplan.cli import render
-    from memplan.cli.estimate_view import estimate_view
-    from memplan.cli.timeline_view import save_plot
-
     if plot is not None:
+        from memplan.cli.timeline_view import save_plot
+
         _run(debug, lambda: save_plot(report, str(plot)))
-    if as_json:
+    if as_json:  # before the views are imported: rich's console is not needed for JSON
         from memplan.report.json import estimate_json
 
         _print_json(estimate_json(report))
         return
+    from memplan.cli import render
+    from memplan.cli.estimate_view import estimate_view
+
     render.console(width).print(estimate_view(report, show_ranks=ranks, explain=explain))
 
 
