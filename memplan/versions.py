@@ -75,12 +75,6 @@ def rules_release(transformers: str | None) -> str:
     return RULES_TRANSFORMERS
 
 
-def rules_json(transformers: str) -> dict[str, object]:
-    """The `rules` object of `memplan estimate --json`: the versions the rules describe,
-    with `transformers` the rule release used (`rules_release`)."""
-    return {"torch": RULES_TORCH, "transformers": transformers, "engines": dict(ENGINES)}
-
-
 def rules_note(transformers: str) -> str:
     """One line for the tables: which versions the activation and engine rules describe."""
     engines = ", ".join(f"{name} {version}" for name, version in ENGINES.items())

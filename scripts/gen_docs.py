@@ -583,8 +583,8 @@ def _children(prop: Mapping[str, Any]) -> Iterator[tuple[Mapping[str, Any], str]
 
 def render_json() -> str:
     producers = {
-        "estimate": "memplan.report.estimate.to_json",
-        "plan": "memplan.plan.search.to_json",
+        "estimate": "memplan.report.json.estimate_json",
+        "plan": "memplan.plan.json.plan_json",
         "verify": "memplan.verify.result.to_json",
     }
     parts = [

@@ -31,9 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Where the calculator's entry points live (the first importable wins: the list spans layouts).
 ESTIMATE = ("memplan.report.estimate:estimate", "memplan.estimate:estimate")
-ESTIMATE_JSON = ("memplan.report.json:to_json", "memplan.estimate:to_json")
+ESTIMATE_JSON = (
+    "memplan.report.json:estimate_json",
+    "memplan.report.json:to_json",
+    "memplan.estimate:to_json",
+)
 PLAN = ("memplan.plan.search:plan", "memplan.plan:plan")
-PLAN_JSON = ("memplan.plan.search:to_json", "memplan.plan:to_json")
+PLAN_JSON = ("memplan.plan.json:plan_json", "memplan.plan.search:to_json", "memplan.plan:to_json")
 SPEC = ("memplan.config.spec:Spec", "memplan.spec:Spec")
 INVENTORY = ("memplan.model.inventory", "memplan.models.inventory")
 

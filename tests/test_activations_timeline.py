@@ -20,6 +20,7 @@ from memplan.errors import MemplanError
 from memplan.model.sources import from_config, from_parameter_count
 from memplan.precision import dtype_bytes
 from memplan.report import estimate
+from memplan.report.json import estimate_json
 from memplan.step import transients as transient
 from memplan.step.timeline import CATEGORIES
 from tests.conftest import TINY_LLAMA, make_spec
@@ -51,7 +52,7 @@ def test_pin_timeline_points_sum_and_peak_is_their_max() -> None:
         assert p.total_bytes == sum(p.of(c) for c in CATEGORIES)
     assert tl.peak_bytes == max(p.total_bytes for p in tl.points) == r.peak_bytes
     assert r.transient_bytes == tl.peak.of("transient")
-    doc = estimate.to_json(r)
+    doc = estimate_json(r)
     assert doc["per_gpu"]["peak"] == r.peak_bytes
     assert doc["per_gpu"]["activations"] == r.activations_bytes > 0
     assert doc["per_gpu"]["activations_modelled"] is True
@@ -62,7 +63,7 @@ def test_pin_timeline_points_sum_and_peak_is_their_max() -> None:
 
 def test_unmodelled_families_say_so() -> None:
     r = report(model={"num_parameters": 10**9})
-    doc = estimate.to_json(r)
+    doc = estimate_json(r)
     assert doc["per_gpu"]["activations_modelled"] is False
     assert doc["per_gpu"]["activations"] == 0
     assert any("activations not modelled" in n for n in doc["notes"])

@@ -25,9 +25,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from memplan.cli import render
 from memplan.cli.app import app
+from memplan.cli.estimate_view import explanations
 from memplan.report import estimate
+from memplan.report.json import estimate_json
 from memplan.states.engines import Term
 from tests.conftest import ROOT, TINY_LLAMA, make_spec
 
@@ -114,11 +115,11 @@ def test_the_text_comes_from_the_term_objects() -> None:
     marked = dataclasses.replace(
         report, per_gpu=gpu, buffers=tuple(mark(t) for t in report.buffers)
     )
-    rows = estimate.to_json(marked)["per_gpu"]["rows"]
+    rows = estimate_json(marked)["per_gpu"]["rows"]
     assert [(r["formula"], r["source"]) for r in rows] == [
         (f"F<{r['name']}>", f"S<{r['name']}>") for r in rows
     ]
-    text = render.explanations(marked).plain
+    text = explanations(marked).plain
     for r in rows:
         assert f"{r['name']}: F<{r['name']}>\n    source: S<{r['name']}>" in text
     # Nothing but the Terms' text: the model-state entries end where the activations' and

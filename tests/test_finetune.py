@@ -21,7 +21,8 @@ from memplan.model.finetune import qlora
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.model.load import load_inventory
 from memplan.model.sources import from_config
-from memplan.report.estimate import estimate, to_json
+from memplan.report.estimate import estimate
+from memplan.report.json import estimate_json
 from tests.conftest import ROOT, TINY_LLAMA, make_spec
 
 QV = {"method": "lora", "rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}
@@ -144,7 +145,7 @@ def test_num_trainable_parameters_of_llama_3_8b_qv_r8() -> None:
     s = make_spec(model={"preset": "llama-3-8b"}, finetune=QV)
     report = estimate(s, load_inventory(load_spec_from(s)))
     assert report.model.num_trainable_parameters == 3_407_872
-    assert to_json(report)["model"]["num_trainable_parameters"] == 3_407_872
+    assert estimate_json(report)["model"]["num_trainable_parameters"] == 3_407_872
 
 
 def load_spec_from(s: Spec) -> Any:
@@ -513,7 +514,7 @@ def test_fp8_in_estimate_adds_scaling_state_and_weight_copies() -> None:
     weights = {t.name: t for t in r.timeline.transients}["fp8_weights"]
     assert weights.bytes == TINY_LLAMA["num_hidden_layers"] * 2 * layer + gemms * 4
     assert weights.phases[0] == "forward"  # saved for backward (no is_first_microbatch cache)
-    doc = to_json(r)
+    doc = estimate_json(r)
     assert doc["precision"]["name"] == "bf16-mixed"
     assert any("fp8 (delayed scaling)" in n for n in doc["notes"])
     current = fp8_report(fp8="current")

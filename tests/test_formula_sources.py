@@ -10,6 +10,7 @@ from memplan.errors import MemplanError
 from memplan.model.sources import from_config
 from memplan.plan.search import plan
 from memplan.report import estimate
+from memplan.report.json import estimate_json
 from tests.conftest import TINY_LLAMA, make_spec
 
 BERT_LARGE = {
@@ -37,7 +38,7 @@ def test_optimizer_state_breakdown_sums_to_optimizer_states(optimizer: str) -> N
     # fp32 state1/state2 for smaller ones (bitsandbytes/optim/optimizer.py::
     # Optimizer2State.init_state): two rows share each name; the JSON key must still add up.
     r = report(model={"architecture": BERT_LARGE}, optimizer={"name": optimizer})
-    doc = estimate.to_json(r)["per_gpu"]
+    doc = estimate_json(r)["per_gpu"]
     assert sum(doc["optimizer_state_breakdown"].values()) == doc["optimizer_states"]
     rows = [t for t in r.per_gpu.terms if t.category == "optimizer_states"]
     for name, value in doc["optimizer_state_breakdown"].items():

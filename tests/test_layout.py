@@ -12,7 +12,8 @@ from memplan.errors import MemplanError
 from memplan.model.finetune import lora as finetune
 from memplan.model.sources import from_config
 from memplan.report import estimate as calculator
-from memplan.report.estimate import estimate, model_states, to_json
+from memplan.report.estimate import estimate, model_states
+from memplan.report.json import estimate_json as to_json
 from memplan.states.layout import Layout
 from memplan.states.parallel import stage_inventories
 from tests.conftest import TINY_LLAMA, make_spec

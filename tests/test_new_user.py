@@ -370,7 +370,8 @@ def test_plot_title_names_model_and_layout() -> None:
             },
         }
     )
-    from memplan.cli.render import human, plot_title
+    from memplan.cli.render import human
+    from memplan.cli.timeline_view import plot_title
 
     report = estimate(loaded.spec, load_inventory(loaded))
     title = plot_title(report)

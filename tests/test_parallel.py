@@ -11,7 +11,8 @@ import pytest
 from memplan.errors import MemplanError
 from memplan.model.load import PRESET_DIR, read_json
 from memplan.model.sources import from_config
-from memplan.report.estimate import estimate, to_json
+from memplan.report.estimate import estimate
+from memplan.report.json import estimate_json
 from memplan.states.layout import Layout
 from memplan.states.parallel import padded_vocab, stage_inventory, stage_layers
 from tests.conftest import TINY_LLAMA, make_spec
@@ -72,7 +73,7 @@ def test_uneven_stages_report_the_most_loaded_one():
         parallelism={"engine": "megatron", "pipeline": 2, "layers_per_stage": [1, 1]},
     )
     report = estimate(spec, from_config(TINY_LLAMA))
-    doc = to_json(report)
+    doc = estimate_json(report)
     assert len(doc["per_stage"]) == 2
     states = [s["model_states"] for s in doc["per_stage"]]
     assert doc["per_gpu"]["parameters"] == doc["per_stage"][report.stage]["parameters"]
@@ -232,7 +233,7 @@ def test_zero3_optimizer_offload_moves_states_to_the_host():
     on_host = {t.name for t in report.per_gpu.host_terms}
     assert on_gpu == {"parameters"}
     assert {"master_weights", "exp_avg", "exp_avg_sq", "gradients"} <= on_host
-    assert to_json(report)["per_host"]["total"] == 4 * report.host_bytes
+    assert estimate_json(report)["per_host"]["total"] == 4 * report.host_bytes
 
 
 def test_stage2_offload_keeps_only_a_staging_buffer_on_the_gpu():
@@ -331,7 +332,7 @@ def test_each_dtensor_tp_rank_has_its_own_model_states() -> None:
     assert report.tensor_view(0).activations_bytes - report.tensor_view(1).activations_bytes == (
         32 * 4
     )
-    doc = to_json(report)
+    doc = estimate_json(report)
     assert [(r["ranks"], r["tensor_ranks"]) for r in doc["ranks"]] == [([0], [0]), ([0], [1])]
     assert doc["ranks"][1]["parameters"] == MEASURED_TP_RANK_1["parameters"]
 
@@ -343,7 +344,7 @@ def test_tp_ranks_that_hold_the_same_bytes_share_one_class(engine: str, vocab: i
     report = estimate(_tp_spec(engine, vocab), from_config({**TINY_LLAMA, "vocab_size": vocab}))
     assert [r.tensor_ranks for r in report.ranks] == [()]
     assert report.tensor_views == ()
-    assert [r["tensor_ranks"] for r in to_json(report)["ranks"]] == [[0, 1]]
+    assert [r["tensor_ranks"] for r in estimate_json(report)["ranks"]] == [[0, 1]]
 
 
 def test_ddp_tp_rank_keeps_the_scattered_parameter_storage() -> None:
@@ -378,7 +379,7 @@ def test_ranks_table_names_the_tp_ranks_that_differ() -> None:
     """`estimate --ranks`: a TP ranks column only when TP ranks differ."""
     from rich.console import Console
 
-    from memplan.cli.render import ranks_table
+    from memplan.cli.estimate_view import ranks_table
 
     def table(vocab: int) -> str:
         report = estimate(

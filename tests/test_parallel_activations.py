@@ -18,7 +18,8 @@ from memplan import activations as acts
 from memplan.activations import layout
 from memplan.errors import MemplanError
 from memplan.model.sources import Inventory, from_config
-from memplan.report.estimate import estimate, to_json
+from memplan.report.estimate import estimate
+from memplan.report.json import estimate_json
 from memplan.states.parallel import padded_vocab
 from tests.conftest import DATA, TINY_LLAMA, make_spec, micro_batch_of, on_rank_of
 
@@ -179,7 +180,7 @@ def test_pipeline_stages_hold_their_layers_and_micro_batches() -> None:
         assert ("loss" in blocks) == (rank == 3) and ("head" in blocks) == (rank == 3)
         assert saved.bytes >= layers * per_layer
     assert r.stage == 0  # the most micro-batches in flight and the embedding
-    doc = to_json(r)
+    doc = estimate_json(r)
     assert [s["peak"] for s in doc["per_stage"]] == [p for _, p in r.stage_peaks]  # type: ignore[misc]
     assert doc["per_gpu"]["peak"] == max(s["peak"] for s in doc["per_stage"])
 

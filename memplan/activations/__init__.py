@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
-from typing import Any
 
 from memplan.activations import layout, lora
 from memplan.config.spec import FinetuneSpec
@@ -203,39 +202,4 @@ __all__ = [
     "modelled_families",
     "on_rank",
     "predict",
-    "to_json",
 ]
-
-
-def to_json(saved: Activations) -> dict[str, Any]:
-    """The `activations` section of `memplan estimate --json`."""
-    return {
-        "modelled": saved.modelled,
-        "bytes": saved.bytes,
-        "host_bytes": saved.host_bytes,
-        "logits_bytes": saved.logits_bytes,
-        "loss_upcast_bytes": saved.upcast_bytes,
-        "blocks": [
-            {
-                "name": b.name,
-                "count": b.count,
-                "bytes_each": b.bytes_each,
-                "bytes": b.bytes,
-                "recompute_bytes": b.recompute_bytes,
-                "on_host": b.on_host,
-                "tensors": [
-                    {
-                        "name": t.name,
-                        "shape": list(t.shape),
-                        "dtype": t.dtype,
-                        "bytes": t.bytes,
-                        "saved_by": t.saved_by,
-                        "source": t.source,
-                    }
-                    for t in b.tensors
-                ],
-            }
-            for b in saved.blocks
-        ],
-        "notes": list(saved.notes),
-    }

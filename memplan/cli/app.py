@@ -93,14 +93,19 @@ def estimate(
             return calc.estimate(loaded.spec, model_load.load_inventory(loaded))
 
     report = _run(debug, work)
-    from memplan.cli import render
-
     if plot is not None:
-        _run(debug, lambda: render.save_plot(report, str(plot)))
-    if as_json:
-        _print_json(calc.to_json(report))
+        from memplan.cli.timeline_view import save_plot
+
+        _run(debug, lambda: save_plot(report, str(plot)))
+    if as_json:  # before the views are imported: rich's console is not needed for JSON
+        from memplan.report.json import estimate_json
+
+        _print_json(estimate_json(report))
         return
-    render.console(width).print(render.estimate_view(report, show_ranks=ranks, explain=explain))
+    from memplan.cli import render
+    from memplan.cli.estimate_view import estimate_view
+
+    render.console(width).print(estimate_view(report, show_ranks=ranks, explain=explain))
 
 
 @app.command()
@@ -155,8 +160,9 @@ def inventory(
         )
         return
     from memplan.cli import render
+    from memplan.cli.inventory_view import inventory_table
 
-    render.console(width).print(render.inventory_table(inv, dtype))
+    render.console(width).print(inventory_table(inv, dtype))
 
 
 @app.command()
@@ -268,11 +274,14 @@ def plan(
 
     result = _run(debug, work)
     if as_json:
-        _print_json(planner.to_json(result))
+        from memplan.plan.json import plan_json
+
+        _print_json(plan_json(result))
     else:
         from memplan.cli import render
+        from memplan.cli.plan_view import plan_view
 
-        render.console(width).print(render.plan_view(result))
+        render.console(width).print(plan_view(result))
     if not result.layouts:
         raise typer.Exit(3)
 

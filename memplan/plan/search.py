@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from memplan.config.spec import MAX_DEGREE, OffloadSpec, ParallelismSpec, PlanSpec, Spec
 from memplan.errors import MemplanError
@@ -371,7 +370,7 @@ class _Search:
             virtual_stages=par.virtual_stages,
             peak_bytes=report.peak_bytes,
             headroom_bytes=headroom,
-            time=step_time(shape, report.placement, work, link),
+            time=step_time(shape, report.layout, work, link),
             tokens_per_step=self.global_batch * self.spec.training.sequence_length,
         )
 
@@ -510,50 +509,3 @@ def _suggest(spec: Spec, inventory: Inventory, p: PlanSpec, gpus: int, budget: i
     if not hints:
         hints.append(f"nothing found up to {more} GPUs: a larger GPU or offload to NVMe")
     return "Nothing fits the budget. To fit: " + "; or ".join(hints) + "."
-
-
-def to_json(result: PlanResult) -> dict[str, Any]:
-    """The `plan --json` document. Keys are a public contract (see docs/json.md)."""
-    return {
-        "gpus": result.gpus,
-        "global_batch_size": result.global_batch_size,
-        "budget_bytes": result.budget_bytes,
-        "capacity_bytes": result.capacity_bytes,
-        "notes": list(result.notes),
-        "layouts": [
-            {
-                "data": c.data,
-                "tensor": c.tensor,
-                "pipeline": c.pipeline,
-                "context": c.context,
-                "expert": c.expert,
-                "engine": c.engine,
-                "zero_stage": c.zero_stage,
-                "micro_batch_size": c.micro_batch_size,
-                "gradient_accumulation_steps": c.gradient_accumulation_steps,
-                "recompute": c.recompute,
-                "offload": c.offload,
-                "layers_per_stage": list(c.layers_per_stage) if c.layers_per_stage else None,
-                "virtual_stages": c.virtual_stages,
-                "per_gpu": {"peak": c.peak_bytes},
-                "headroom_bytes": c.headroom_bytes,
-                "step_time_s": c.time.total_s,
-                "tokens_per_s": c.tokens_per_s,
-                "step_time_breakdown_s": {
-                    "compute": c.time.compute_s,
-                    "bubble": c.time.bubble_s,
-                    "tensor": c.time.tensor_s,
-                    "pipeline": c.time.pipeline_s,
-                    "data": c.time.data_s,
-                    "expert": c.time.expert_s,
-                    "context": c.time.context_s,
-                    "offload": c.time.offload_s,
-                },
-            }
-            for c in result.layouts[: result.top]
-        ],
-        "num_fitting": len(result.layouts),
-        "searched": result.searched,
-        "pruned": result.pruned,
-        "message": result.suggestion,
-    }

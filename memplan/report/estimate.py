@@ -17,7 +17,6 @@ from memplan.model.finetune import lora as finetune
 from memplan.model.sources import Inventory
 from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe
-from memplan.report.json import to_json as to_json
 from memplan.states import fp8
 from memplan.states.engines import RankStates, Term
 from memplan.states.layout import Layout
@@ -99,7 +98,7 @@ class Report:
     model: ModelSummary
     recipe: Recipe
     optimizer: OptimizerConfig
-    placement: Layout
+    layout: Layout
     """The layout the step runs on (memplan.states.layout)."""
     stages: tuple[StageStates, ...]
     """Every pipeline stage (one when there is no pipeline parallelism)."""
@@ -353,7 +352,7 @@ def assemble(
         model=summary(model, trained),
         recipe=spec.recipe(),
         optimizer=spec.optimizer.config(),
-        placement=layout,
+        layout=layout,
         stages=tuple(stages),
         stage=top.stage,
         stage_peaks=tuple(

@@ -1,65 +1,114 @@
-"""The `memplan estimate --json` document, built from a Report (schema: memplan.report.schema,
-docs/json.md). Kept apart from the calculator so estimate.py holds the arithmetic only;
-`memplan.report.estimate.to_json` stays the public name."""
+"""The `memplan estimate --json` and `memplan plan --json` documents, built as the models of
+memplan.report.schema: the keys, their order and their types are defined there once (the same
+models print the JSON Schemas), and here only which figure of a Report or a PlanResult fills
+each field. Building a model validates it (strict: no coercion), so a producer and its schema
+cannot drift apart."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from memplan import activations as acts
 from memplan import versions
+from memplan.activations import Activations, Block, Saved
+from memplan.memory import Transient
+from memplan.report import schema as s
 from memplan.states.engines import RankStates, Term
 from memplan.states.stages import StageStates
-from memplan.step import timeline as tl
+from memplan.step.timeline import Point, Timeline
 
 if TYPE_CHECKING:
     from memplan.report.estimate import Report
 
 
-def _term_json(term: Term) -> dict[str, Any]:
-    return {
-        "category": term.category,
-        "name": term.name,
-        "dtype": term.dtype,
-        "tensors": term.tensors,
-        "elements": term.elements,
-        "bytes": term.bytes,
-        "formula": term.formula,
-        "source": term.source,
-    }
+def dump(document: s.EstimateReport | s.PlanReport) -> dict[str, Any]:
+    """A document model as the JSON the CLI prints."""
+    return document.model_dump(mode="json")
 
 
-def _rank_json(states: RankStates, report: Report) -> dict[str, Any]:
-    tp = dict(report.degrees)["tp"]
-    tensor_ranks = list(states.tensor_ranks) or list(range(tp))
-    return {
-        "ranks": list(states.ranks),
-        "tensor_ranks": tensor_ranks,
-        "parameters": states.bytes_of("parameters"),
-        "gradients": states.bytes_of("gradients"),
-        "optimizer_states": states.bytes_of("optimizer_states"),
-        "total": states.total_bytes,
-        "activations": report.tensor_view(tensor_ranks[0]).activations_bytes,
-    }
+# --- memplan estimate --json ---------------------------------------------------------------------
 
 
-def _stage_json(stage: StageStates, peaks: tuple[int, int] | None) -> dict[str, Any]:
-    gpu = stage.per_gpu
-    return {
-        "stage": stage.stage,
-        "layers": list(stage.layers),
-        "num_parameters": stage.num_parameters,
-        "parameters": gpu.bytes_of("parameters"),
-        "gradients": gpu.bytes_of("gradients"),
-        "optimizer_states": gpu.bytes_of("optimizer_states"),
-        "model_states": stage.model_state_bytes,
-        "activations": None if peaks is None else peaks[0],
-        "peak": None if peaks is None else peaks[1],
-    }
+def estimate_json(report: Report) -> dict[str, Any]:
+    """The `memplan estimate --json` document (schema: memplan.report.schema.EstimateReport)."""
+    return dump(estimate_document(report))
 
 
-def to_json(report: Report) -> dict[str, Any]:
-    """The `--json` document (schema: docs/json.md). Keys are a public contract."""
+def estimate_document(report: Report) -> s.EstimateReport:
+    """`report` as the EstimateReport model, section by section."""
+    return s.EstimateReport(
+        model=_model(report),
+        precision=_precision(report),
+        optimizer=s.OptimizerInfo(name=report.optimizer.name),
+        parallelism=s.ParallelismInfo(
+            engine=report.layout.engine,
+            data=report.layout.data,
+            zero_stage=report.layout.stage,
+            pipeline=len(report.stages),
+        ),
+        per_gpu=_per_gpu(report),
+        activations=_activations(report.activations),
+        timeline=_timeline(report.timeline),
+        ranks=[_rank(r, report) for r in report.ranks],
+        per_stage=[
+            _stage(st, peaks) for st, peaks in zip(report.stages, report.stage_peaks, strict=True)
+        ],
+        per_host=_per_host(report),
+        hardware=s.HardwareInfo(
+            gpu=report.gpu,
+            memory_bytes=report.capacity_bytes,
+            fits=report.fits,
+            headroom_bytes=report.usable_bytes,
+            verdict=report.verdict,
+        ),
+        notes=list(report.notes),
+        rules=s.RulesInfo(
+            torch=versions.RULES_TORCH,
+            transformers=report.rules_transformers,
+            engines=dict(versions.ENGINES),
+        ),
+    )
+
+
+def _model(report: Report) -> s.ModelInfo:
+    m = report.model
+    return s.ModelInfo(
+        name=m.name,
+        model_type=m.model_type,
+        num_parameters=m.num_parameters,
+        num_parameter_tensors=m.num_parameter_tensors,
+        num_buffers=m.num_buffers,
+        num_trainable_parameters=m.num_trainable_parameters,
+        num_stored_elements=m.num_stored_elements,
+    )
+
+
+def _precision(report: Report) -> s.PrecisionInfo:
+    r = report.recipe
+    return s.PrecisionInfo(
+        name=r.name,
+        parameters=r.parameters,
+        gradients=r.gradients,
+        master_weights=r.master_weights,
+        optimizer_states=r.optimizer_states,
+        gradient_accumulation=r.gradient_accumulation,
+        compute=r.compute,
+    )
+
+
+def _row(term: Term) -> s.Row:
+    return s.Row(
+        category=term.category,
+        name=term.name,
+        dtype=term.dtype,
+        tensors=term.tensors,
+        elements=term.elements,
+        bytes=term.bytes,
+        formula=term.formula,
+        source=term.source,
+    )
+
+
+def _per_gpu(report: Report) -> s.PerGpu:
     gpu = report.per_gpu
     # Rows that share a name (bitsandbytes' uint8 state1 and its fp32 absmax both named
     # state1) are summed, so the breakdown always adds up to optimizer_states.
@@ -67,71 +116,127 @@ def to_json(report: Report) -> dict[str, Any]:
     for t in gpu.terms:
         if t.category == "optimizer_states":
             states[t.name] = states.get(t.name, 0) + t.bytes
-    return {
-        "model": {
-            "name": report.model.name,
-            "model_type": report.model.model_type,
-            "num_parameters": report.model.num_parameters,
-            "num_parameter_tensors": report.model.num_parameter_tensors,
-            "num_buffers": report.model.num_buffers,
-            "num_trainable_parameters": report.model.num_trainable_parameters,
-            "num_stored_elements": report.model.num_stored_elements,
-        },
-        "precision": {
-            "name": report.recipe.name,
-            "parameters": report.recipe.parameters,
-            "gradients": report.recipe.gradients,
-            "master_weights": report.recipe.master_weights,
-            "optimizer_states": report.recipe.optimizer_states,
-            "gradient_accumulation": report.recipe.gradient_accumulation,
-            "compute": report.recipe.compute,
-        },
-        "optimizer": {"name": report.optimizer.name},
-        "parallelism": {
-            "engine": report.placement.engine,
-            "data": report.placement.data,
-            "zero_stage": report.placement.stage,
-            "pipeline": len(report.stages),
-        },
-        "per_gpu": {
-            "rank": gpu.ranks[0],
-            "parameters": gpu.bytes_of("parameters"),
-            "gradients": gpu.bytes_of("gradients"),
-            "optimizer_states": gpu.bytes_of("optimizer_states"),
-            "optimizer_state_breakdown": states,
-            "buffers": report.buffer_bytes,
-            "activations": report.activations_bytes,
-            "activations_modelled": report.activations.modelled,
-            "transient": report.transient_bytes,
-            "peak": report.peak_bytes,
-            "rows": [_term_json(t) for t in (*gpu.terms, *report.buffers)],
-        },
-        "activations": acts.to_json(report.activations),
-        "timeline": tl.to_json(report.timeline),
-        "ranks": [_rank_json(r, report) for r in report.ranks],
-        "per_stage": [
-            _stage_json(st, peaks)
-            for st, peaks in zip(report.stages, report.stage_peaks, strict=True)
-        ],
-        "per_host": {
-            "total": report.host_bytes_per_node,
-            "per_rank": report.host_bytes,
-            "gpus_per_node": report.gpus_per_node,
-            "ranks_per_node": report.ranks_per_node,
-            "rows": [_term_json(t) for t in gpu.host_terms],
-            "nvme": sum(t.bytes for t in report.stages[report.stage].nvme),
-            "memory_bytes": report.host_capacity_bytes,
-            "fits": None
-            if report.host_capacity_bytes is None
-            else report.host_bytes_per_node <= report.host_capacity_bytes,
-        },
-        "hardware": {
-            "gpu": report.gpu,
-            "memory_bytes": report.capacity_bytes,
-            "fits": report.fits,
-            "headroom_bytes": report.usable_bytes,
-            "verdict": report.verdict,
-        },
-        "notes": list(report.notes),
-        "rules": versions.rules_json(report.rules_transformers),
-    }
+    return s.PerGpu(
+        rank=gpu.ranks[0],
+        parameters=gpu.bytes_of("parameters"),
+        gradients=gpu.bytes_of("gradients"),
+        optimizer_states=gpu.bytes_of("optimizer_states"),
+        optimizer_state_breakdown=states,
+        buffers=report.buffer_bytes,
+        activations=report.activations_bytes,
+        activations_modelled=report.activations.modelled,
+        transient=report.transient_bytes,
+        peak=report.peak_bytes,
+        rows=[_row(t) for t in (*gpu.terms, *report.buffers)],
+    )
+
+
+def _saved(t: Saved) -> s.SavedTensor:
+    return s.SavedTensor(
+        name=t.name,
+        shape=list(t.shape),
+        dtype=t.dtype,
+        bytes=t.bytes,
+        saved_by=t.saved_by,
+        source=t.source,
+    )
+
+
+def _block(b: Block) -> s.ActivationBlock:
+    return s.ActivationBlock(
+        name=b.name,
+        count=b.count,
+        bytes_each=b.bytes_each,
+        bytes=b.bytes,
+        recompute_bytes=b.recompute_bytes,
+        on_host=b.on_host,
+        tensors=[_saved(t) for t in b.tensors],
+    )
+
+
+def _activations(saved: Activations) -> s.ActivationsInfo:
+    return s.ActivationsInfo(
+        modelled=saved.modelled,
+        bytes=saved.bytes,
+        host_bytes=saved.host_bytes,
+        logits_bytes=saved.logits_bytes,
+        loss_upcast_bytes=saved.upcast_bytes,
+        blocks=[_block(b) for b in saved.blocks],
+        notes=list(saved.notes),
+    )
+
+
+def _phase(p: Point) -> s.TimelinePhase:
+    return s.TimelinePhase(
+        phase=p.phase,
+        label=p.label,
+        total=p.total_bytes,
+        parameters=p.of("parameters"),
+        gradients=p.of("gradients"),
+        optimizer_states=p.of("optimizer_states"),
+        buffers=p.of("buffers"),
+        activations=p.of("activations"),
+        transient=p.of("transient"),
+        transients=list(p.transients),
+    )
+
+
+def _transient(t: Transient) -> s.TransientRow:
+    return s.TransientRow(
+        name=t.name, bytes=t.bytes, phases=list(t.phases), formula=t.formula, source=t.source
+    )
+
+
+def _timeline(timeline: Timeline) -> s.TimelineInfo:
+    peak = timeline.peak
+    return s.TimelineInfo(
+        phases=[_phase(p) for p in timeline.points],
+        peak=s.TimelinePeak(phase=peak.phase, label=peak.label, bytes=peak.total_bytes),
+        transients=[_transient(t) for t in timeline.transients],
+        cuda_context_bytes=timeline.cuda_context_bytes,
+        reserved_bytes=timeline.reserved_bytes,
+        usable_bytes=timeline.usable_bytes,
+    )
+
+
+def _rank(states: RankStates, report: Report) -> s.RankClass:
+    tp = dict(report.degrees)["tp"]
+    tensor_ranks = list(states.tensor_ranks) or list(range(tp))
+    return s.RankClass(
+        ranks=list(states.ranks),
+        tensor_ranks=tensor_ranks,
+        parameters=states.bytes_of("parameters"),
+        gradients=states.bytes_of("gradients"),
+        optimizer_states=states.bytes_of("optimizer_states"),
+        total=states.total_bytes,
+        activations=report.tensor_view(tensor_ranks[0]).activations_bytes,
+    )
+
+
+def _stage(stage: StageStates, peaks: tuple[int, int] | None) -> s.StageInfo:
+    gpu = stage.per_gpu
+    return s.StageInfo(
+        stage=stage.stage,
+        layers=list(stage.layers),
+        num_parameters=stage.num_parameters,
+        parameters=gpu.bytes_of("parameters"),
+        gradients=gpu.bytes_of("gradients"),
+        optimizer_states=gpu.bytes_of("optimizer_states"),
+        model_states=stage.model_state_bytes,
+        activations=None if peaks is None else peaks[0],
+        peak=None if peaks is None else peaks[1],
+    )
+
+
+def _per_host(report: Report) -> s.PerHost:
+    per_node, capacity = report.host_bytes_per_node, report.host_capacity_bytes
+    return s.PerHost(
+        total=per_node,
+        per_rank=report.host_bytes,
+        gpus_per_node=report.gpus_per_node,
+        ranks_per_node=report.ranks_per_node,
+        rows=[_row(t) for t in report.per_gpu.host_terms],
+        nvme=sum(t.bytes for t in report.stages[report.stage].nvme),
+        memory_bytes=capacity,
+        fits=None if capacity is None else per_node <= capacity,
+    )

@@ -673,34 +673,3 @@ def _reserved(
             parts.append(memory.segment_parts((t.bytes for t in b.tensors), b.count))
     total = tuple(sum(p[i] for p in parts) for i in range(3))
     return max(memory.pack((total[0], total[1], total[2])), peak.total_bytes)
-
-
-def to_json(timeline: Timeline) -> dict[str, Any]:
-    """The `timeline` section of `memplan estimate --json`."""
-    peak = timeline.peak
-    return {
-        "phases": [
-            {
-                "phase": p.phase,
-                "label": p.label,
-                "total": p.total_bytes,
-                **dict(p.by_category),
-                "transients": list(p.transients),
-            }
-            for p in timeline.points
-        ],
-        "peak": {"phase": peak.phase, "label": peak.label, "bytes": peak.total_bytes},
-        "transients": [
-            {
-                "name": t.name,
-                "bytes": t.bytes,
-                "phases": list(t.phases),
-                "formula": t.formula,
-                "source": t.source,
-            }
-            for t in timeline.transients
-        ],
-        "cuda_context_bytes": timeline.cuda_context_bytes,
-        "reserved_bytes": timeline.reserved_bytes,
-        "usable_bytes": timeline.usable_bytes,
-    }

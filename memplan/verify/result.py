@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from memplan.report import schema
+
 # Tolerances of issue 6, relative to the predicted bytes. Model states are counted tensor by
 # tensor on both sides, so any difference is a bug; activations depend on kernel choices
 # (1%); the CUDA peak also holds allocator rounding and workspaces (3%).
@@ -193,48 +195,52 @@ def rows_for(
     return tuple(rows)
 
 
-def _row_json(row: Row) -> dict[str, Any]:
-    return {
-        "predicted": row.predicted,
-        "measured": row.measured,
-        "delta": row.delta,
-        "ratio": row.ratio,
-        "tolerance": row.tolerance,
-        "checked": row.checked,
-        "ok": row.ok,
-    }
+def _row(row: Row) -> schema.VerifyRow:
+    return schema.VerifyRow(
+        predicted=row.predicted,
+        measured=row.measured,
+        delta=row.delta,
+        ratio=row.ratio,
+        tolerance=row.tolerance,
+        checked=row.checked,
+        ok=row.ok,
+    )
 
 
-def _categories(rank: RankResult) -> dict[str, Any]:
-    return {row.name: _row_json(row) for row in rank.rows}
+def _categories(rank: RankResult) -> dict[str, schema.VerifyRow]:
+    return {row.name: _row(row) for row in rank.rows}
 
 
 def to_json(result: VerifyResult) -> dict[str, Any]:
-    """The `memplan verify --json` document (schema: docs/verify-json.md)."""
-    doc: dict[str, Any] = {
-        "ok": result.ok,
-        "setup": result.setup,
-        "rank": result.most_loaded,
-        "categories": _categories(result.headline),
-    }
+    """The `memplan verify --json` document, built as memplan.report.schema.VerifyReport. The
+    keys `ranks` (several ranks), `phases` (CUDA) and `full_depth` (--layers) are left unset,
+    so left out of the document, when the run has none."""
+    shapes: dict[str, Any] = {}
     if len(result.ranks) > 1:
-        doc["ranks"] = [_categories(r) for r in result.ranks]
+        shapes["ranks"] = [_categories(r) for r in result.ranks]
     if result.phases:
-        doc["phases"] = [
-            {
-                "name": p.name,
-                "allocated": p.allocated,
-                "max_allocated": p.max_allocated,
-                "reserved": p.reserved,
-            }
+        shapes["phases"] = [
+            schema.AllocatorPhase(
+                name=p.name,
+                allocated=p.allocated,
+                max_allocated=p.max_allocated,
+                reserved=p.reserved,
+            )
             for p in result.phases
         ]
     if result.full_depth:
-        doc["full_depth"] = {
-            r.name: {"predicted": r.predicted, "extrapolated": r.measured}
+        shapes["full_depth"] = {
+            r.name: schema.FullDepthRow(predicted=r.predicted, extrapolated=r.measured)
             for r in result.full_depth
         }
-    doc["failures"] = result.failures()
-    doc["notes"] = list(result.notes)
-    doc["warnings"] = list(result.warnings)
-    return doc
+    document = schema.VerifyReport(
+        ok=result.ok,
+        setup=schema.VerifySetup.model_validate(result.setup),
+        rank=result.most_loaded,
+        categories=_categories(result.headline),
+        **shapes,
+        failures=result.failures(),
+        notes=list(result.notes),
+        warnings=list(result.warnings),
+    )
+    return document.model_dump(mode="json", exclude_unset=True)

@@ -1,0 +1,81 @@
+"""`memplan plan`: the layouts that fit, fastest first, and what the search pruned."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from memplan.cli.render import human
+from memplan.plan.search import Candidate, PlanResult
+from memplan.plan.steptime import StepTime
+
+# Column -> what it shows of a layout; the text columns are left-aligned.
+COLUMNS = (
+    "#", "dp", "tp", "pp", "vp", "cp", "ep", "engine", "zero", "mbs", "ga", "recompute",
+    "offload", "peak/GPU", "headroom", "step", "tokens/s",
+)  # fmt: skip
+TEXT_COLUMNS = ("engine", "recompute", "offload")
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def plan_view(result: PlanResult) -> RenderableType:
+    """The top layouts, fastest first, and what the search pruned."""
+    head = Text.assemble(
+        ("Layouts that fit", "bold"),
+        f"  {result.gpus} GPUs, global batch {result.global_batch_size} sequences, budget "
+        f"{human(result.budget_bytes)} per GPU of {human(result.capacity_bytes)}",
+    )
+    parts: list[RenderableType] = [head]
+    if result.layouts:
+        parts.append(layouts_table(result.layouts[: result.top]))
+        parts.append(best_step(result.layouts[0].time))
+    else:
+        parts.append(Text(result.suggestion, style="bold red"))
+    parts.extend(Text(f"note: {n}", style="yellow") for n in result.notes)
+    fitting = len(result.layouts)
+    pruned = ", ".join(f"{n:,} {why}" for why, n in result.pruned.items()) or "none"
+    parts.append(
+        Text(
+            f"{fitting:,} of {result.searched:,} evaluated layouts fit; pruned: {pruned}",
+            style="dim",
+        )
+    )
+    return Group(*parts)
+
+
+def layouts_table(layouts: tuple[Candidate, ...]) -> Table:
+    """One row per layout, numbered from 1."""
+    table = Table(box=box.SIMPLE_HEAVY)
+    for name in COLUMNS:
+        table.add_column(name, justify="left" if name in TEXT_COLUMNS else "right")
+    for i, c in enumerate(layouts, 1):
+        table.add_row(
+            str(i),
+            *map(str, (c.data, c.tensor, c.pipeline, c.virtual_stages, c.context, c.expert)),
+            c.engine,
+            *map(str, (c.zero_stage, c.micro_batch_size, c.gradient_accumulation_steps)),
+            c.recompute,
+            c.offload,
+            human(c.peak_bytes),
+            human(c.headroom_bytes),
+            _seconds(c.time.total_s),
+            f"{c.tokens_per_s:,.0f}",
+        )
+    return table
+
+
+def best_step(best: StepTime) -> Text:
+    """The fastest layout's step time by part."""
+    return Text(
+        f"best step: compute {_seconds(best.compute_s)}, bubble {_seconds(best.bubble_s)}, "
+        f"TP {_seconds(best.tensor_s)}, PP {_seconds(best.pipeline_s)}, DP "
+        f"{_seconds(best.data_s)}, EP {_seconds(best.expert_s)}, CP "
+        f"{_seconds(best.context_s)}, offload {_seconds(best.offload_s)} "
+        "(memplan.plan.steptime: a ranking model, not a promise)",
+        style="dim",
+    )
