@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from memplan.config.spec import FinetuneSpec
+from memplan.model.families import FAMILIES, family_of
+from memplan.model.families.record import ModelEnds
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Inventory
@@ -331,40 +333,12 @@ def _core(st: Setting, *, q: bool, k: bool, v: bool) -> dict[str, bool]:
     }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Family:
-    """How one family's model ends are laid out: the modules outside the layers (relative
-    to the model root) and the saved tensors that belong to each."""
-
-    layer: Callable[[Scope, bool, Setting], Flow]
-    embeddings: tuple[tuple[str, str], ...]
-    """(saved-name prefix, embedding module) for each input embedding."""
-    final_norm: str
-    final_prefix: str
-    rms_norm: bool
-    """The final norm is an RMSNorm (else a LayerNorm)."""
-    head: str = "lm_head"
-
-
-def family(model_type: str, hidden_act: str) -> Family | None:
-    if model_type in ("llama", "mistral", "qwen2", "qwen3"):
-        relu = hidden_act == "relu"
-        return Family(
-            layer=lambda sc, g, st: _llama_flow(sc, g, st, relu),
-            embeddings=(("embed_tokens", "model.embed_tokens"),),
-            final_norm="model.norm",
-            final_prefix="norm",
-            rms_norm=True,
-        )
-    if model_type == "gpt2":
-        return Family(
-            layer=_gpt2_flow,
-            embeddings=(("wte", "transformer.wte"), ("wpe", "transformer.wpe")),
-            final_norm="transformer.ln_f",
-            final_prefix="ln_f",
-            rms_norm=False,
-        )
-    return None
+def _layer_flow(ends: ModelEnds, hidden_act: str) -> Callable[[Scope, bool, Setting], Flow]:
+    """The dataflow of one layer of the family whose model ends are `ends`."""
+    if ends.layer == "gpt2":
+        return _gpt2_flow
+    relu = hidden_act == "relu"
+    return lambda sc, g, st: _llama_flow(sc, g, st, relu)
 
 
 def _layer_tensors(tensors: Iterable[Saved], flow: Flow, sc: Scope, st: Setting) -> list[Saved]:
@@ -482,13 +456,16 @@ def adjust(
     layers, top, frozen = scopes(inventory, arch.num_layers, dropout=dropout, default=st.stream)
     if not frozen and not top.adapters and not any(sc.adapters for sc in layers):
         return saved
-    fam = family(arch.model_type, str(arch.extra.get("hidden_act", "")))
+    family = family_of(arch.model_type)
+    fam = family.lora_ends if family else None
     if fam is None:
+        modelled = [t for f in FAMILIES if f.lora_ends for t in f.model_types]
         return not_modelled(
             f"activations of model_type {arch.model_type!r} with frozen parameters or LoRA "
-            "are not modelled (modelled: llama, mistral, qwen2, qwen3, gpt2): "
+            f"are not modelled (modelled: {', '.join(modelled)}): "
             "per_gpu.activations is 0 and the peak leaves them out."
         )
+    layer_flow = _layer_flow(fam, str(arch.extra.get("hidden_act", "")))
     # transformers' activation_checkpointing_enable (modeling_utils.py::
     # _activation_checkpointing_enable) and peft's prepare_model_for_kbit_training call
     # enable_input_require_grads(): the input embedding's output requires grad.
@@ -496,7 +473,7 @@ def adjust(
     flows: list[Flow] = []
     g = emb_grad
     for sc in layers:
-        flows.append(fam.layer(sc, g, st))
+        flows.append(layer_flow(sc, g, st))
         g = flows[-1].out
     blocks: list[Block] = []
     for block in saved.blocks:
@@ -537,7 +514,14 @@ def _layer_blocks(
 
 
 def _ends(
-    block: Block, fam: Family, top: Scope, st: Setting, *, rope: bool, final: bool, emb_grad: bool
+    block: Block,
+    fam: ModelEnds,
+    top: Scope,
+    st: Setting,
+    *,
+    rope: bool,
+    final: bool,
+    emb_grad: bool,
 ) -> Block:
     """The embeddings or the head block: embedding indices kept for a trainable (or adapted)
     embedding, the shared RoPE cos/sin when some layer's RoPE is recorded, the final norm and
