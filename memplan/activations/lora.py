@@ -7,10 +7,11 @@ one only when that gradient is wanted). So a frozen weight drops its linear's sa
 an RMSNorm weight its normalized input), and a layer whose input does not require grad — the
 first one after a frozen embedding — records nothing until its first adapter.
 
-`adjust` takes the full fine-tuning prediction of the family's rules (memplan.activations
-llama.py, gpt2.py) and keeps each saved tensor only where its node still saves it, by the
-tensor's name and the trainability of the modules around it, then adds what each LoRA adapter
-saves (peft 0.21.2 tuners/lora/layer.py::Linear.forward:
+`adjust` takes the full fine-tuning prediction of the family's rule (for the families whose
+record has `lora_ends`: llama's and gpt2's, memplan.model.families) and keeps each saved tensor
+only where its node still saves it, by the tensor's name and the trainability of the modules
+around it, then adds what each LoRA adapter saves (peft 0.21.2 tuners/lora/layer.py::
+Linear.forward:
 `result + lora_B(lora_A(dropout(x))) * scaling`, x first cast to the adapter's dtype):
 - lora_A's input: x itself (the storage the base linear would save), or its cast to the
   adapter dtype, or the dropout output; with dropout active and x requiring grad, the mask;
@@ -457,19 +458,19 @@ def adjust(
     if not frozen and not top.adapters and not any(sc.adapters for sc in layers):
         return saved
     family = family_of(arch.model_type)
-    fam = family.lora_ends if family else None
-    if fam is None:
+    ends = family.lora_ends if family else None
+    if ends is None:
         modelled = [t for f in FAMILIES if f.lora_ends for t in f.model_types]
         return not_modelled(
             f"activations of model_type {arch.model_type!r} with frozen parameters or LoRA "
             f"are not modelled (modelled: {', '.join(modelled)}): "
             "per_gpu.activations is 0 and the peak leaves them out."
         )
-    layer_flow = _layer_flow(fam, str(arch.extra.get("hidden_act", "")))
+    layer_flow = _layer_flow(ends, str(arch.extra.get("hidden_act", "")))
     # transformers' activation_checkpointing_enable (modeling_utils.py::
     # _activation_checkpointing_enable) and peft's prepare_model_for_kbit_training call
     # enable_input_require_grads(): the input embedding's output requires grad.
-    emb_grad = input_grad or any(top.out_grad(m, False) for _, m in fam.embeddings)
+    emb_grad = input_grad or any(top.out_grad(m, False) for _, m in ends.embeddings)
     flows: list[Flow] = []
     g = emb_grad
     for sc in layers:
@@ -481,9 +482,9 @@ def adjust(
             blocks += _layer_blocks(block, layers, flows, st, start=emb_grad)
         elif block.name == "embeddings":
             rope = any(f.rope for f in flows)
-            blocks.append(_ends(block, fam, top, st, rope=rope, final=g, emb_grad=emb_grad))
+            blocks.append(_ends(block, ends, top, st, rope=rope, final=g, emb_grad=emb_grad))
         elif block.name == "head":
-            blocks.append(_ends(block, fam, top, st, rope=True, final=g, emb_grad=emb_grad))
+            blocks.append(_ends(block, ends, top, st, rope=True, final=g, emb_grad=emb_grad))
         else:
             blocks.append(block)
     return replace(saved, blocks=tuple(blocks))
@@ -515,7 +516,7 @@ def _layer_blocks(
 
 def _ends(
     block: Block,
-    fam: ModelEnds,
+    ends: ModelEnds,
     top: Scope,
     st: Setting,
     *,
@@ -526,8 +527,8 @@ def _ends(
     """The embeddings or the head block: embedding indices kept for a trainable (or adapted)
     embedding, the shared RoPE cos/sin when some layer's RoPE is recorded, the final norm and
     the LM head's input by the same rules as inside a layer."""
-    prefixes = dict(fam.embeddings)
-    nf = final or fam.final_norm in top.params
+    prefixes = dict(ends.embeddings)
+    nf = final or ends.final_norm in top.params
     kept: list[Saved] = []
     for s in block.tensors:
         prefix, _, rest = s.name.partition(".")
@@ -540,16 +541,16 @@ def _ends(
             keep = emb_grad
         elif prefix == "rotary_emb":
             keep = rope
-        elif prefix == fam.final_prefix:
+        elif prefix == ends.final_prefix:
             # RMSNorm keeps x and rstd for x's gradient, y for the weight's; LayerNorm keeps
             # input, mean and rstd whenever recorded.
             if rest == "normalized":
-                keep = fam.final_norm in top.weights
+                keep = ends.final_norm in top.weights
             else:
-                keep = final if fam.rms_norm else nf
-        elif prefix == fam.head:
+                keep = final if ends.rms_norm else nf
+        elif prefix == ends.head:
             if rest == "input":
-                keep = top.input_saved(fam.head, st)
+                keep = top.input_saved(ends.head, st)
             else:  # weight_cast
                 keep = nf
         else:
@@ -559,7 +560,7 @@ def _ends(
     for module, ad in top.adapters:
         if ad.embedding and block.name == "embeddings":
             kept += embedding_adapter_saved(module, ad, st)
-        elif block.name == "head" and module == fam.head:
+        elif block.name == "head" and module == ends.head:
             kept += adapter_saved(module, ad, st, dropout=top.dropout, x_grad=nf)
     return replace(block, tensors=tuple(kept))
 
