@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 from memplan.config.spec import Spec  # noqa: E402
 from memplan.hardware import ALIASES, CATALOG  # noqa: E402
 from memplan.model import sources as models  # noqa: E402
-from memplan.model.sources import FAMILIES, Inventory, TensorSpec  # noqa: E402
+from memplan.model.families import FAMILIES, Family  # noqa: E402
+from memplan.model.sources import Inventory, TensorSpec  # noqa: E402
 from memplan.optimizers import OPTIMIZER_NAMES  # noqa: E402
 from memplan.precision import DTYPE_BYTES, PRESETS  # noqa: E402
 from memplan.report import schema  # noqa: E402
@@ -349,7 +350,7 @@ def render_sharding() -> str:
 def _recording_defaults() -> Iterator[list[tuple[str, dict[str, Any], dict[str, str]]]]:
     """Record the defaults table every family builder hands to its `resolve` call."""
     calls: list[tuple[str, dict[str, Any], dict[str, str]]] = []
-    modules = {builder.__module__ for builder in FAMILIES.values()}
+    modules = {family.tensors.__module__ for family in FAMILIES}
     with contextlib.ExitStack() as stack:
         for name in sorted(modules):
             module = sys.modules[name]
@@ -376,27 +377,47 @@ def _value(v: Any) -> str:
     return f"`{json.dumps(v, sort_keys=True)}`"
 
 
+def _peft_cell(family: Family) -> str:
+    if not family.peft_targets:
+        return "none: give `finetune.target_modules`"
+    return ", ".join(f"`{t}`" for t in family.peft_targets)
+
+
 def render_models() -> str:
-    by_module: dict[str, list[str]] = {}
-    for model_type, builder in FAMILIES.items():
-        by_module.setdefault(builder.__module__, []).append(model_type)
+    by_module: dict[str, list[Family]] = {}
+    for family in FAMILIES:
+        by_module.setdefault(family.tensors.__module__, []).append(family)
     parts = [
         doc(models),
         "",
-        "`model_type` (config.json) picks the family (`memplan.model.sources.FAMILIES`). "
-        "Keys absent from a config take the defaults of the family's transformers config "
-        "class, listed below as each builder reads them; the summary shows the model those "
-        "defaults alone describe (built by "
-        "`memplan.model.sources.from_config({'model_type': ...})`).",
+        "`model_type` (config.json) picks the family: each family module ends in its `Family` "
+        "record (`memplan.model.families.record`), registered in "
+        "`memplan.model.families.FAMILIES`. Keys absent from a config take the defaults of the "
+        "family's transformers config class, listed below as each builder reads them; the "
+        "summary shows the model those defaults alone describe (built by "
+        "`memplan.model.sources.from_config({'model_type': ...})`). peft's default "
+        "target_modules are peft 0.21.2's (utils/constants.py::"
+        "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).",
         "",
         table(
-            ["model_type", "module"],
-            [[f"`{t}`", f"`{m}`"] for m, types in by_module.items() for t in types],
+            ["model_type", "module", "activations", "peft default target_modules"],
+            [
+                [
+                    f"`{t}`",
+                    f"`{m}`",
+                    f"not modelled: {f.saved}" if isinstance(f.saved, str) else "modelled",
+                    _peft_cell(f),
+                ]
+                for m, families in by_module.items()
+                for f in families
+                for t in f.model_types
+            ],
         ).rstrip(),
         "",
     ]
-    for module_name, types in by_module.items():
+    for module_name, families in by_module.items():
         module = sys.modules[module_name]
+        types = [t for f in families for t in f.model_types]
         parts += [f"## {', '.join(f'`{t}`' for t in types)}", "", f"`{module_name}`:", ""]
         parts += [doc(module), ""]
         for model_type in types:

@@ -1,7 +1,7 @@
 """Record Falcon's saved bytes under transformers 5.24 into tests/data/ (run once, by hand).
 
 transformers 5.25 rewrote FalconAttention, and the test environment pins 5.25 (constraints.txt),
-so the 5.24 rule (memplan/model/families/falcon_saved.py, `Setting.transformers` "5.24") is checked
+so the 5.24 rule (memplan/model/families/falcon.py, `Setting.transformers` "5.24") is checked
 against bytes measured once under 5.24 and kept as a fixture (tests/test_falcon_versions.py).
 To refresh it, in a throwaway venv that shares the pinned torch:
 

@@ -25,6 +25,7 @@ from memplan.config import load
 from memplan.errors import MemplanError
 from memplan.model import load as model_load
 from memplan.model import sources as models
+from memplan.model.families import supported_model_types
 from memplan.model.inventory import Inventory
 from memplan.model.sources import counts
 from memplan.model.sources.checkpoint import classify
@@ -724,7 +725,7 @@ def test_unknown_model_type_lists_families_and_the_ways_out(tmp_path: Path) -> N
     assert message.startswith(f"error: {spec}:3: model_type 'mamba' is not supported.")
     supported = re.search(r"Supported: ([a-z0-9_, ]+)\.", message)
     assert supported is not None
-    assert supported.group(1).split(", ") == models.supported_model_types()
+    assert supported.group(1).split(", ") == supported_model_types()
     assert "`model: {architecture: {...}}`" in message
     assert "`model: {num_parameters: N}`" in message
     loaded = load.LoadedSpec(make_spec(model={"architecture": {"model_type": "mamba"}}), None, {})

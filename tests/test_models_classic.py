@@ -26,8 +26,9 @@ import transformers
 from transformers import CONFIG_MAPPING
 
 from memplan.errors import MemplanError
+from memplan.model.families import BY_MODEL_TYPE
 from memplan.model.inventory import Inventory
-from memplan.model.sources import FAMILIES, from_config
+from memplan.model.sources import from_config
 
 HF_CONFIGS = Path(__file__).parent / "data" / "hf-configs"
 
@@ -323,7 +324,7 @@ def test_small_configs_match_transformers(config: dict[str, Any]) -> None:
 def test_every_family_has_cases() -> None:
     families = {c["model_type"] for c in CASES.values()}
     assert families == set(DEFAULT_CLASS)
-    assert families <= set(FAMILIES)
+    assert families <= set(BY_MODEL_TYPE)
 
 
 def test_unknown_class_falls_back_to_the_default_with_a_note() -> None:

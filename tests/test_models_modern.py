@@ -23,7 +23,16 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from memplan.model import sources as models  # noqa: E402
-from memplan.model.families import deepseek, gemma, llama, mixtral, olmo2, phi3, qwen_moe  # noqa: E402
+from memplan.model.families import (  # noqa: E402
+    deepseek,
+    gemma,
+    llama,
+    mixtral,
+    olmo2,
+    phi3,
+    qwen_moe,
+    supported_model_types,
+)
 from memplan.model.inventory import Inventory  # noqa: E402
 
 # Shared experts switched off (n_shared_experts=0, shared_expert_intermediate_size=0) are
@@ -327,7 +336,7 @@ def test_every_modern_family_is_covered() -> None:
         "deepseek_v2",
         "deepseek_v3",
     }
-    assert covered <= set(models.supported_model_types())
+    assert covered <= set(supported_model_types())
 
 
 # -- full size ---------------------------------------------------------------------------
@@ -602,7 +611,7 @@ def test_tie_defaults_follow_each_config_class() -> None:
     """Gemma ties lm_head to the embeddings by default; the other families do not."""
     tied = {
         model_type
-        for model_type in models.supported_model_types()
+        for model_type in supported_model_types()
         if model_type in {c["model_type"] for c in SMALL.values()}
         and models.from_config(
             {"model_type": model_type, **({} if model_type == "gemma3" else BASE)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from memplan.config.load import LoadedSpec, validate
-from memplan.model.sources import FAMILIES
+from memplan.model.families import BY_MODEL_TYPE
 from memplan.verify.job import Options
 from memplan.verify.result import VerifyResult
 from tests.conftest import TINY_LLAMA, deep_merge
@@ -25,7 +25,7 @@ MODELS = {"llama": TINY_LLAMA, "gpt2": TINY_GPT2}
 
 
 def has_family(model_type: str) -> bool:
-    return model_type in FAMILIES
+    return model_type in BY_MODEL_TYPE
 
 
 def spec_dict(family: str = "llama", **overrides: Any) -> dict[str, Any]:

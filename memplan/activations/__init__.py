@@ -10,25 +10,13 @@ checkpointing none/full/selective, on CUDA or CPU kernels. Families without rule
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
 
 from memplan.activations import layout, lora
 from memplan.config.spec import FinetuneSpec
-from memplan.model.families import bert_saved as bert
-from memplan.model.families import bloom_saved as bloom
-from memplan.model.families import falcon_saved as falcon
-from memplan.model.families import gemma_saved as gemma
-from memplan.model.families import gpt2_saved as gpt2
-from memplan.model.families import gpt_neox_saved as gpt_neox
-from memplan.model.families import gptj_saved as gptj
-from memplan.model.families import llama_saved as llama
-from memplan.model.families import olmo2_saved as olmo2
-from memplan.model.families import opt_saved as opt
-from memplan.model.families import phi3_saved as phi3
-from memplan.model.families import qwen_moe_saved as qwen_moe
-from memplan.model.forward.assemble import Model, finish
+from memplan.model.families import family_of, modelled_model_types
+from memplan.model.forward.assemble import finish
 from memplan.model.forward.tensors import (
     Activations,
     AttentionKind,
@@ -43,38 +31,6 @@ from memplan.model.inventory import Architecture, Inventory
 from memplan.states.layout import Layout
 from memplan.states.parallel import chunk_layers
 
-FamilyRule = Callable[..., "Model | str"]
-
-# model_type -> the rule that lists its saved tensors.
-RULES: dict[str, FamilyRule] = {
-    "llama": llama.build,
-    "mistral": llama.build,
-    "qwen2": llama.build,
-    "qwen3": llama.build,
-    "mixtral": llama.build,
-    "gpt2": gpt2.build,
-    "gpt_neox": gpt_neox.build,
-    "bert": bert.build,
-    "phi3": phi3.build,
-    "gemma": gemma.build,
-    "gemma2": gemma.build,
-    "gemma3_text": gemma.build,
-    "olmo2": olmo2.build,
-    "qwen2_moe": qwen_moe.build,
-    "qwen3_moe": qwen_moe.build,
-    "opt": opt.build,
-    "gptj": gptj.build,
-    "bloom": bloom.build,
-    "falcon": falcon.build,
-}
-
-# The head classes whose forward memplan models (a causal LM and its loss).
-CAUSAL_LM_CLASSES = ("GPT2LMHeadModel",)
-
-
-def modelled_families() -> list[str]:
-    return sorted(RULES)
-
 
 def predict(inventory: Inventory, setting: Setting) -> Activations:
     """The activations of one forward pass (and its loss) on one GPU."""
@@ -84,17 +40,17 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
             "activations not modelled: the model is a bare parameter count (give hf_config, "
             "a preset or an architecture)."
         )
-    rule = RULES.get(arch.model_type)
-    if rule is None:
+    family = family_of(arch.model_type)
+    if family is None or isinstance(family.saved, str):
         return not_modelled(
             f"activations of model_type {arch.model_type!r} are not modelled yet "
-            f"(modelled: {', '.join(modelled_families())}): per_gpu.activations is 0 and "
+            f"(modelled: {', '.join(modelled_model_types())}): per_gpu.activations is 0 and "
             "the peak leaves them out."
         )
     why = _unsupported(arch)
     if why:
         return not_modelled(why)
-    model = rule(arch, setting, tied=bool(inventory.tied))
+    model = family.saved(arch, setting, tied=bool(inventory.tied))
     if isinstance(model, str):
         return not_modelled(f"activations not modelled: {model}.")
     return finish(model, setting)

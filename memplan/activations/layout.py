@@ -47,6 +47,7 @@ from functools import lru_cache
 
 from memplan.errors import MemplanError
 from memplan.memory import Transient
+from memplan.model.families import family_of
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
 from memplan.precision import dtype_bytes
@@ -108,8 +109,9 @@ def check(arch: Architecture, st: Setting, lay: Layout) -> str:
             "evenly (Megatron asserts seq_length % tensor_model_parallel_size == 0).",
             field="parallelism.sequence_parallel",
         )
-    if lay.tensor > 1 and arch.model_type == "bert":
-        return "activations not modelled for BERT under tensor parallelism"
+    family = family_of(arch.model_type)
+    if lay.tensor > 1 and family is not None and family.tp_refusal:
+        return family.tp_refusal
     return ""
 
 

@@ -7,10 +7,11 @@ one only when that gradient is wanted). So a frozen weight drops its linear's sa
 an RMSNorm weight its normalized input), and a layer whose input does not require grad — the
 first one after a frozen embedding — records nothing until its first adapter.
 
-`adjust` takes the full fine-tuning prediction of the family's rules (memplan.activations
-llama.py, gpt2.py) and keeps each saved tensor only where its node still saves it, by the
-tensor's name and the trainability of the modules around it, then adds what each LoRA adapter
-saves (peft 0.21.2 tuners/lora/layer.py::Linear.forward:
+`adjust` takes the full fine-tuning prediction of the family's rule (for the families whose
+record has `lora_ends`: llama's and gpt2's, memplan.model.families) and keeps each saved tensor
+only where its node still saves it, by the tensor's name and the trainability of the modules
+around it, then adds what each LoRA adapter saves (peft 0.21.2 tuners/lora/layer.py::
+Linear.forward:
 `result + lora_B(lora_A(dropout(x))) * scaling`, x first cast to the adapter's dtype):
 - lora_A's input: x itself (the storage the base linear would save), or its cast to the
   adapter dtype, or the dropout output; with dropout active and x requiring grad, the mask;
@@ -28,6 +29,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from memplan.config.spec import FinetuneSpec
+from memplan.model.families import FAMILIES, family_of
+from memplan.model.families.record import ModelEnds
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Inventory
@@ -331,40 +334,12 @@ def _core(st: Setting, *, q: bool, k: bool, v: bool) -> dict[str, bool]:
     }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Family:
-    """How one family's model ends are laid out: the modules outside the layers (relative
-    to the model root) and the saved tensors that belong to each."""
-
-    layer: Callable[[Scope, bool, Setting], Flow]
-    embeddings: tuple[tuple[str, str], ...]
-    """(saved-name prefix, embedding module) for each input embedding."""
-    final_norm: str
-    final_prefix: str
-    rms_norm: bool
-    """The final norm is an RMSNorm (else a LayerNorm)."""
-    head: str = "lm_head"
-
-
-def family(model_type: str, hidden_act: str) -> Family | None:
-    if model_type in ("llama", "mistral", "qwen2", "qwen3"):
-        relu = hidden_act == "relu"
-        return Family(
-            layer=lambda sc, g, st: _llama_flow(sc, g, st, relu),
-            embeddings=(("embed_tokens", "model.embed_tokens"),),
-            final_norm="model.norm",
-            final_prefix="norm",
-            rms_norm=True,
-        )
-    if model_type == "gpt2":
-        return Family(
-            layer=_gpt2_flow,
-            embeddings=(("wte", "transformer.wte"), ("wpe", "transformer.wpe")),
-            final_norm="transformer.ln_f",
-            final_prefix="ln_f",
-            rms_norm=False,
-        )
-    return None
+def _layer_flow(ends: ModelEnds, hidden_act: str) -> Callable[[Scope, bool, Setting], Flow]:
+    """The dataflow of one layer of the family whose model ends are `ends`."""
+    if ends.layer == "gpt2":
+        return _gpt2_flow
+    relu = hidden_act == "relu"
+    return lambda sc, g, st: _llama_flow(sc, g, st, relu)
 
 
 def _layer_tensors(tensors: Iterable[Saved], flow: Flow, sc: Scope, st: Setting) -> list[Saved]:
@@ -482,21 +457,24 @@ def adjust(
     layers, top, frozen = scopes(inventory, arch.num_layers, dropout=dropout, default=st.stream)
     if not frozen and not top.adapters and not any(sc.adapters for sc in layers):
         return saved
-    fam = family(arch.model_type, str(arch.extra.get("hidden_act", "")))
-    if fam is None:
+    family = family_of(arch.model_type)
+    ends = family.lora_ends if family else None
+    if ends is None:
+        modelled = [t for f in FAMILIES if f.lora_ends for t in f.model_types]
         return not_modelled(
             f"activations of model_type {arch.model_type!r} with frozen parameters or LoRA "
-            "are not modelled (modelled: llama, mistral, qwen2, qwen3, gpt2): "
+            f"are not modelled (modelled: {', '.join(modelled)}): "
             "per_gpu.activations is 0 and the peak leaves them out."
         )
+    layer_flow = _layer_flow(ends, str(arch.extra.get("hidden_act", "")))
     # transformers' activation_checkpointing_enable (modeling_utils.py::
     # _activation_checkpointing_enable) and peft's prepare_model_for_kbit_training call
     # enable_input_require_grads(): the input embedding's output requires grad.
-    emb_grad = input_grad or any(top.out_grad(m, False) for _, m in fam.embeddings)
+    emb_grad = input_grad or any(top.out_grad(m, False) for _, m in ends.embeddings)
     flows: list[Flow] = []
     g = emb_grad
     for sc in layers:
-        flows.append(fam.layer(sc, g, st))
+        flows.append(layer_flow(sc, g, st))
         g = flows[-1].out
     blocks: list[Block] = []
     for block in saved.blocks:
@@ -504,9 +482,9 @@ def adjust(
             blocks += _layer_blocks(block, layers, flows, st, start=emb_grad)
         elif block.name == "embeddings":
             rope = any(f.rope for f in flows)
-            blocks.append(_ends(block, fam, top, st, rope=rope, final=g, emb_grad=emb_grad))
+            blocks.append(_ends(block, ends, top, st, rope=rope, final=g, emb_grad=emb_grad))
         elif block.name == "head":
-            blocks.append(_ends(block, fam, top, st, rope=True, final=g, emb_grad=emb_grad))
+            blocks.append(_ends(block, ends, top, st, rope=True, final=g, emb_grad=emb_grad))
         else:
             blocks.append(block)
     return replace(saved, blocks=tuple(blocks))
@@ -537,13 +515,20 @@ def _layer_blocks(
 
 
 def _ends(
-    block: Block, fam: Family, top: Scope, st: Setting, *, rope: bool, final: bool, emb_grad: bool
+    block: Block,
+    ends: ModelEnds,
+    top: Scope,
+    st: Setting,
+    *,
+    rope: bool,
+    final: bool,
+    emb_grad: bool,
 ) -> Block:
     """The embeddings or the head block: embedding indices kept for a trainable (or adapted)
     embedding, the shared RoPE cos/sin when some layer's RoPE is recorded, the final norm and
     the LM head's input by the same rules as inside a layer."""
-    prefixes = dict(fam.embeddings)
-    nf = final or fam.final_norm in top.params
+    prefixes = dict(ends.embeddings)
+    nf = final or ends.final_norm in top.params
     kept: list[Saved] = []
     for s in block.tensors:
         prefix, _, rest = s.name.partition(".")
@@ -556,16 +541,16 @@ def _ends(
             keep = emb_grad
         elif prefix == "rotary_emb":
             keep = rope
-        elif prefix == fam.final_prefix:
+        elif prefix == ends.final_prefix:
             # RMSNorm keeps x and rstd for x's gradient, y for the weight's; LayerNorm keeps
             # input, mean and rstd whenever recorded.
             if rest == "normalized":
-                keep = fam.final_norm in top.weights
+                keep = ends.final_norm in top.weights
             else:
-                keep = final if fam.rms_norm else nf
-        elif prefix == fam.head:
+                keep = final if ends.rms_norm else nf
+        elif prefix == ends.head:
             if rest == "input":
-                keep = top.input_saved(fam.head, st)
+                keep = top.input_saved(ends.head, st)
             else:  # weight_cast
                 keep = nf
         else:
@@ -575,7 +560,7 @@ def _ends(
     for module, ad in top.adapters:
         if ad.embedding and block.name == "embeddings":
             kept += embedding_adapter_saved(module, ad, st)
-        elif block.name == "head" and module == fam.head:
+        elif block.name == "head" and module == ends.head:
             kept += adapter_saved(module, ad, st, dropout=top.dropout, x_grad=nf)
     return replace(block, tensors=tuple(kept))
 

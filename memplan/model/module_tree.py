@@ -9,13 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from memplan.model.families import family_of
 from memplan.model.inventory import Inventory, TensorSpec
-
-# transformers pytorch_utils.py::Conv1D keeps its weight as [in, out] (nx, nf); GPT-2's
-# attention and MLP projections are Conv1D (models/gpt2/modeling_gpt2.py).
-CONV1D_MODULES: dict[str, frozenset[str]] = {
-    "gpt2": frozenset({"c_attn", "c_proj", "c_fc", "q_attn"}),
-}
 
 ModuleKind = Literal["linear", "conv1d", "embedding", "other"]
 
@@ -42,7 +37,8 @@ def modules(inventory: Inventory) -> dict[str, Module]:
     """Every module the inventory reveals, by name, in parameter order: the owners of
     parameters (with tied aliases), and every container above them (kind "other")."""
     arch = inventory.architecture
-    model_type = arch.model_type if arch else ""
+    family = family_of(arch.model_type) if arch else None
+    conv1d = family.conv1d if family else frozenset()
     vocab = arch.vocab_size if arch else 0
     owned: dict[str, list[TensorSpec]] = {}
     aliases: set[str] = set()
@@ -57,7 +53,7 @@ def modules(inventory: Inventory) -> dict[str, Module]:
     for name, tensors in owned.items():
         for parent in _parents(name):
             out.setdefault(parent, Module(name=parent, kind="other", tensors=()))
-        out[name] = _classify(name, tensors, model_type, vocab, alias=name in aliases)
+        out[name] = _classify(name, tensors, conv1d, vocab, alias=name in aliases)
     return out
 
 
@@ -77,7 +73,7 @@ def _parents(name: str) -> list[str]:
 
 
 def _classify(
-    name: str, tensors: list[TensorSpec], model_type: str, vocab: int, *, alias: bool
+    name: str, tensors: list[TensorSpec], conv1d: frozenset[str], vocab: int, *, alias: bool
 ) -> Module:
     leaves = {leaf(t.name): t for t in tensors}
     weight = leaves.get("weight")
@@ -92,7 +88,8 @@ def _classify(
         return Module(
             name=name, kind="embedding", tensors=tuple(tensors), in_features=rows, out_features=cols
         )
-    if leaf(name) in CONV1D_MODULES.get(model_type, frozenset()):
+    if leaf(name) in conv1d:
+        # transformers pytorch_utils.py::Conv1D keeps its weight as [in, out] (nx, nf).
         return Module(
             name=name, kind="conv1d", tensors=tuple(tensors), in_features=rows, out_features=cols
         )

@@ -6,7 +6,7 @@ Tensor parallelism follows Megatron-LM core (megatron/core/tensor_parallel/layer
 `VocabParallelEmbedding` and the output layer split a vocabulary padded to a multiple of
 `make_vocab_size_divisible_by x TP` (megatron/training/tokenizer/tokenizer.py::
 _vocab_size_with_padding), and norms, position embeddings and MoE routers are replicated.
-GPT-2's Conv1D keeps weights as [in, out], so its split dims are swapped.
+A family's Conv1D modules (GPT-2's) keep weights as [in, out], so their split dims are swapped.
 
 Pipeline parallelism gives each stage a contiguous block of layers; the first stage also holds
 the embeddings, the last the final norm and the output layer (megatron/core/models/gpt/
@@ -29,6 +29,7 @@ from functools import lru_cache
 from typing import Literal
 
 from memplan.errors import MemplanError
+from memplan.model.families import family_of
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.states.layout import MAKE_VOCAB_SIZE_DIVISIBLE_BY, Layout, VocabSplit
 from memplan.states.terms import ceil_div, round_up
@@ -93,7 +94,7 @@ def tensor_rank_classes(vocab: int | None, layout: Layout) -> tuple[tuple[int, .
     return tuple(tuple(g) for g in groups.values())
 
 
-def tp_split(t: TensorSpec, model_type: str) -> Split:
+def tp_split(t: TensorSpec) -> Split:
     """How Megatron-style TP splits tensor `t` (see the module docstring)."""
     name = t.name
     if t.kind != "parameter" or t.role in ("norm", "router", "position", "pooler"):
@@ -112,12 +113,22 @@ def tp_split(t: TensorSpec, model_type: str) -> Split:
 def _tp_dim(t: TensorSpec, split: Split, model_type: str) -> int | None:
     if split == "replicated":
         return None
-    conv1d = model_type == "gpt2" and t.name.endswith(".weight") and split in ("column", "row")
     if split == "vocab":
         return 0
     if split == "column":
-        return 1 if conv1d else 0
-    return 0 if conv1d else (1 if len(t.shape) >= 2 else None)
+        return 1 if _conv1d_weight(t, model_type) else 0
+    return 0 if _conv1d_weight(t, model_type) else (1 if len(t.shape) >= 2 else None)
+
+
+def _conv1d_weight(t: TensorSpec, model_type: str) -> bool:
+    """`t` is the weight of one of the family's Conv1D modules (`Family.conv1d`): stored
+    [in, out], so column and row splits take the other dimension."""
+    family = family_of(model_type)
+    return (
+        family is not None
+        and t.name.endswith(".weight")
+        and t.name.rsplit(".", 2)[-2] in family.conv1d
+    )
 
 
 def local_shape(t: TensorSpec, layout: Layout, model_type: str) -> tuple[int, ...]:
@@ -132,7 +143,7 @@ def local_shape(t: TensorSpec, layout: Layout, model_type: str) -> tuple[int, ..
         return tuple(shape)
     if tp == 1:
         return t.shape
-    split = tp_split(t, model_type)
+    split = tp_split(t)
     dim = _tp_dim(t, split, model_type)
     if dim is None:
         return t.shape
@@ -164,7 +175,7 @@ def tp_counts(inventory: Inventory) -> tuple[tuple[str, int], ...]:
     ]
     seen = {count for _, count in out}
     for t in inventory.parameters:
-        split = tp_split(t, arch.model_type)
+        split = tp_split(t)
         if split in ("replicated", "vocab"):
             continue
         if _EXPERTS.search(t.name):

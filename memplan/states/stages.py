@@ -188,7 +188,7 @@ def _scatter_padding(
     first = stage_inventory(inventory, layout.for_tensor_rank(0), st.stage)
     rows: list[Term] = []
     for mine, top in zip(local.parameters, first.parameters, strict=True):
-        if tp_split(mine, arch.model_type) != "vocab" or mine.shape == top.shape:
+        if tp_split(mine) != "vocab" or mine.shape == top.shape:
             continue
         missing = (top.shape[0] - mine.shape[0]) * (top.numel // top.shape[0])
         dtype = terms.own_dtype(mine, recipe) or recipe.parameters

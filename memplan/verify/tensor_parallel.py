@@ -34,11 +34,12 @@ import torch
 from torch import nn
 
 from memplan.errors import MemplanError
+from memplan.model.families import FAMILIES
 
 # Model types whose transformers modules have the names and the forward this plan needs
 # (separate q/k/v and gate/up/down linears; attention views q/k/v as (..., -1, head_dim), so
-# each rank runs its local heads without a config change).
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# each rank runs its local heads without a config change): their family's `dtensor_tp`.
+MODEL_TYPES = tuple(t for f in FAMILIES if f.dtensor_tp for t in f.model_types)
 
 _COLUMN = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)$")
 _ROW = re.compile(r"(^|\.)(o_proj|down_proj)$")

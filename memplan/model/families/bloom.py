@@ -13,6 +13,16 @@ no buffers. A legacy `n_embed` key overrides `hidden_size` (`BloomConfig.__post_
 
 Class: `architectures[0]` when it is one of `_CLASSES`, else `BloomForCausalLM`
 (`AutoModelForCausalLM`).
+
+Saved tensors of BLOOM (`BloomForCausalLM`) in transformers 5.24.
+
+models/bloom/modeling_bloom.py: word_embeddings -> word_embeddings_layernorm -> blocks
+(input_layernorm, query_key_value [fused, per head q|k|v], its own attention: `alibi.baddbmm(q,
+k^T)` (the ALiBi bias is not saved), + causal mask, softmax in fp32 cast back to q's dtype,
+attention_dropout, bmm with v, dense, dropout_add; post_attention_layernorm, dense_h_to_4h,
+BloomGelu (a custom autograd Function that saves its input), dense_4h_to_h, dropout_add) ->
+ln_f -> lm_head -> ForCausalLMLoss. BLOOM has no sdpa path (`_supports_sdpa` is False):
+transformers runs this attention whatever is requested by default (an explicit sdpa raises).
 """
 
 from __future__ import annotations
@@ -31,7 +41,12 @@ from memplan.model.families._decoder import (
     resolve,
     stamp_layers,
 )
-from memplan.model.inventory import Inventory
+from memplan.model.families.record import Family
+from memplan.model.forward import attention, kernels
+from memplan.model.forward.assemble import Model, dropout_on
+from memplan.model.forward.mlp import mlp_act
+from memplan.model.forward.tensors import Saved, Setting, promote
+from memplan.model.inventory import Architecture, Inventory
 
 # configuration_bloom.py: BloomConfig defaults and attribute_map.
 _DEFAULTS: dict[str, Any] = {
@@ -98,3 +113,94 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         extra={"model_class": cls, "alibi": True},
     )
     return assemble(cfg=cfg, architecture=arch, tensors=tensors, tied=tied, notes=notes)
+
+
+# --- saved tensors (the rule memplan.activations.predict runs) -------------------------
+
+SRC = "transformers models/bloom/modeling_bloom.py"
+SRC_CHECKPOINT_CORE = "torch/utils/checkpoint.py::_NoopSaveInputs (inputs of the checkpointed core)"
+
+
+def saved(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
+    """BLOOM's saved tensors, or why they are not modelled."""
+    x = arch.extra
+    if int(x.get("pretraining_tp", 1)) > 1 and x.get("slow_but_exact"):
+        return "BLOOM with slow_but_exact pretraining_tp slices has no rule"
+    h, a, d, vocab = arch.hidden_size, arch.num_attention_heads, arch.head_dim, arch.vocab_size
+    inner = arch.intermediate_size  # BloomMLP: dense_h_to_4h, 4 x hidden
+    b, s, t = st.batch, st.sequence, st.tokens
+    mm = st.matmul
+    drop_hidden = dropout_on(st, x, "hidden_dropout", default=0.0)
+    drop_attn = dropout_on(st, x, "attention_dropout", default=0.0)
+    heads = attention.Heads(batch=b, seq=s, heads=a, kv_heads=a, head_dim=d)
+
+    embeddings: list[Saved] = [kernels.embedding_indices("word_embeddings.indices", (b, s))]
+    embeddings += kernels.layer_norm("word_embeddings_layernorm", t, h, st.stream, st)
+    stream = kernels.layer_norm_dtype(st, st.stream)
+
+    layer = kernels.layer_norm("input_layernorm", t, h, stream, st)
+    ln_out = kernels.layer_norm_dtype(st, stream)
+    layer += kernels.linear_inputs(["self_attention.query_key_value"], t, h, ln_out, st)
+    layer += kernels.weight_casts(
+        [
+            ("self_attention.query_key_value", (3 * a * d, h)),
+            ("self_attention.dense", (h, a * d)),
+            ("mlp.dense_h_to_4h", (inner, h)),
+            ("mlp.dense_4h_to_h", (h, inner)),
+        ],
+        st,
+    )
+    # baddbmm saves q and k reshaped (copies of views of the fused output), then the llama-style
+    # softmax(..., dtype=float32).to(q.dtype), dropout, bmm with v (a copy) and the merged heads.
+    core = attention.eager(
+        st,
+        heads,
+        attention.Qkv(q=mm, k=mm, v=mm),
+        softmax_fp32=True,
+        convert_to_query=True,
+        dropout_on=drop_attn,
+        source=SRC + "::BloomAttention.forward",
+    )
+    # q, k and v are views of the fused output: a checkpoint of the core keeps that storage.
+    fused = kernels.saved(
+        "self_attention.query_key_value.output", (t, 3 * a * d), mm, "Noop", SRC_CHECKPOINT_CORE
+    )
+    core = attention.Core(core=core.core, inputs=(fused,), output=core.output)
+    tail: list[Saved] = []
+    if drop_hidden:
+        tail.append(kernels.dropout("self_attention.dropout_add.mask", (b, s, h), mm, st))
+    post = promote(stream, mm)
+    tail += kernels.layer_norm("post_attention_layernorm", t, h, post, st)
+    tail += kernels.linear_inputs(
+        ["mlp.dense_h_to_4h"], t, h, kernels.layer_norm_dtype(st, post), st
+    )
+    mlp = mlp_act("mlp.gelu_impl", t, inner, "gelu", st, out_name="mlp.dense_4h_to_h")
+    assert mlp is not None
+    tail += mlp
+    if drop_hidden:
+        tail.append(kernels.dropout("mlp.dropout_add.mask", (b, s, h), mm, st))
+
+    head = kernels.layer_norm_head("ln_f", "lm_head", t, h, vocab, post, st)
+    note = ""
+    if st.attention == "sdpa":
+        note = "BLOOM has no sdpa attention in transformers: its own eager attention is modelled."
+    return Model(
+        embeddings=tuple(embeddings),
+        layer_head=tuple(layer),
+        core=core,
+        layer_tail=tuple(tail),
+        head=tuple(head),
+        vocab=vocab,
+        hidden=h,
+        num_layers=arch.num_layers,
+        notes=(note,),
+    )
+
+
+FAMILY = Family(
+    name="bloom",
+    model_types=("bloom",),
+    tensors=build,
+    saved=saved,
+    peft_targets=("query_key_value",),
+)

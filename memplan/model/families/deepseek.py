@@ -46,6 +46,7 @@ from memplan.model.families._decoder import (
     resolve,
     rotary_emb,
 )
+from memplan.model.families.record import PEFT_HAS_NONE, Family
 from memplan.model.inventory import Config, Inventory
 
 # Config dataclass defaults, transformers 5.24; num_key_value_heads None -> heads.
@@ -221,3 +222,13 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
             )
     arch = architecture(cfg, model_type, dims, experts=experts, top_k=top_k, extra=extra)
     return causal_lm(cfg=cfg, architecture=arch, tensors=tensors, notes=notes)
+
+
+FAMILY = Family(
+    name="deepseek",
+    model_types=("deepseek_v2", "deepseek_v3"),
+    tensors=build,
+    saved="no rule for DeepSeek's multi-head latent attention and MoE layers yet",
+    peft_targets=PEFT_HAS_NONE,
+    peft_moe={"deepseek_v2": "qwen2_moe", "deepseek_v3": "qwen2_moe"},
+)

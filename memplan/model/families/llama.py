@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from memplan.model.families import _llama_decoder
 from memplan.model.families._decoder import (
     Part,
     architecture,
@@ -31,7 +32,10 @@ from memplan.model.families._decoder import (
     rotary_emb,
     self_attention,
 )
-from memplan.model.inventory import Inventory
+from memplan.model.families.record import Family, ModelEnds
+from memplan.model.forward.assemble import Model
+from memplan.model.forward.tensors import Setting
+from memplan.model.inventory import Architecture, Inventory
 
 # Keys read below, with each config class's dataclass default in transformers 5.24.
 # head_dim None -> hidden_size // num_attention_heads (LlamaConfig/MistralConfig __post_init__;
@@ -106,3 +110,26 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         extra["sliding_window"] = cfg.get("sliding_window") if use_window else None
     arch = architecture(cfg, model_type, dims, extra=extra)
     return causal_lm(cfg=cfg, architecture=arch, tensors=tensors)
+
+
+def saved(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
+    """The saved tensors of the Llama-style decoder (memplan.model.families._llama_decoder);
+    Qwen3 adds per-head q_norm/k_norm."""
+    return _llama_decoder.saved(arch, st, tied=tied, qk_norm=arch.model_type == "qwen3")
+
+
+FAMILY = Family(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    tensors=build,
+    saved=saved,
+    peft_targets=("q_proj", "v_proj"),
+    lora_ends=ModelEnds(
+        layer="llama",
+        embeddings=(("embed_tokens", "model.embed_tokens"),),
+        final_norm="model.norm",
+        final_prefix="norm",
+        rms_norm=True,
+    ),
+    dtensor_tp=True,
+)

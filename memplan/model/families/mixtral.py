@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from memplan.model.families import _llama_decoder
 from memplan.model.families._decoder import (
     Part,
     architecture,
@@ -27,6 +28,7 @@ from memplan.model.families._decoder import (
     rotary_emb,
     self_attention,
 )
+from memplan.model.families.record import Family
 from memplan.model.inventory import Inventory
 
 # MixtralConfig dataclass defaults (transformers 5.24); head_dim None -> hidden // heads.
@@ -74,3 +76,13 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         },
     )
     return causal_lm(cfg=cfg, architecture=arch, tensors=tensors)
+
+
+FAMILY = Family(
+    name="mixtral",
+    model_types=("mixtral",),
+    tensors=build,
+    saved=_llama_decoder.saved,  # Llama's layer with the sparse MoE MLP
+    peft_targets=("q_proj", "v_proj"),
+    peft_moe={"mixtral": "mixtral"},
+)

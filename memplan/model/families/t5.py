@@ -46,6 +46,7 @@ from memplan.model.families._decoder import (
     resolve,
     stamp_layers,
 )
+from memplan.model.families.record import Family
 from memplan.model.inventory import Config, Inventory, TensorSpec
 
 # configuration_t5.py: T5Config defaults and attribute_map.
@@ -229,3 +230,12 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         },
     )
     return assemble(cfg=cfg, architecture=arch, tensors=tensors, tied=tied, notes=notes)
+
+
+FAMILY = Family(
+    name="t5",
+    model_types=("t5",),
+    tensors=build,
+    saved="no rule for encoder-decoder models (their decoder layers cross-attend)",
+    peft_targets=("q", "v"),
+)

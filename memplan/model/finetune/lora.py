@@ -29,6 +29,7 @@ from functools import lru_cache
 from memplan.config.spec import FinetuneSpec, Spec
 from memplan.errors import MemplanError
 from memplan.hardware import nearest
+from memplan.model.families import family_of
 from memplan.model.finetune.qlora import quantize_4bit
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.model.module_tree import FINETUNE_NOTE, Module, frozen, leaf, modules, owner
@@ -51,43 +52,17 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER = "default"
 """peft's adapter name when none is given."""
 
-# peft utils/constants.py::TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (0.21.2): the
-# modules LoRA targets when target_modules is left out, for the families memplan models.
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "mixtral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"),
-    "gemma2": ("q_proj", "v_proj"),
-    "gemma3_text": ("q_proj", "v_proj"),
-    "gpt2": ("c_attn",),
-    "gpt_neox": ("query_key_value",),
-    "gptj": ("q_proj", "v_proj"),
-    "opt": ("q_proj", "v_proj"),
-    "bloom": ("query_key_value",),
-    "falcon": ("query_key_value",),
-    "bert": ("query", "value"),
-    "roberta": ("query", "value"),
-    "t5": ("q", "v"),
-}
 ALL_LINEAR = "all-linear"
 """peft's INCLUDE_LINEAR_LAYERS_SHORTHAND: every Linear / Conv1D but the output layer."""
 
 # MoE models whose experts transformers 5 fuses into 3-D parameters (and whose router is no
 # nn.Linear): peft converts the v4 target names into `target_parameters`, each adapted by a
-# lora.ParamWrapper. transformers conversion_mapping.py::_MODEL_TO_CONVERSION_PATTERN (5.25,
-# the families memplan models; peft adds mixtral) and peft utils/transformers_weight_conversion
-# .py::_MOE_TARGET_MODULE_MAPPING, _MOE_FUSED_TARGETS, _convert_peft_config_moe (0.21.2).
+# lora.ParamWrapper; which model_types, and with which mapping: their family's `peft_moe`.
+# transformers conversion_mapping.py::_MODEL_TO_CONVERSION_PATTERN (5.25, the families memplan
+# models; peft adds mixtral) and peft utils/transformers_weight_conversion.py::
+# _MOE_TARGET_MODULE_MAPPING, _MOE_FUSED_TARGETS, _convert_peft_config_moe (0.21.2).
 SRC_MOE_CONVERSION = f"{PEFT} utils/transformers_weight_conversion.py::_convert_peft_config_moe"
 SRC_PARAM_WRAPPER = f"{PEFT} tuners/lora/layer.py::ParamWrapper.update_layer"
-MOE_CONVERSION: dict[str, str] = {
-    "mixtral": "mixtral",
-    "qwen3_moe": "qwen2_moe",
-    "deepseek_v2": "qwen2_moe",
-    "deepseek_v3": "qwen2_moe",
-}
 MOE_TARGET_MAPPING: dict[str, dict[str, str]] = {
     "mixtral": {
         "gate": "gate.weight",
@@ -106,6 +81,14 @@ MOE_FUSED: dict[str, dict[str, tuple[str, ...]]] = {
     "mixtral": {"gate_up_proj": ("w1", "w3")},
     "qwen2_moe": {"gate_up_proj": ("gate_proj", "up_proj")},
 }
+
+
+def _peft_targets(model_type: str) -> tuple[str, ...]:
+    """peft's default target_modules for `model_type` (SRC_DEFAULT_TARGETS; the family's
+    `peft_targets`), () where it has none."""
+    family = family_of(model_type)
+    return family.peft_targets if family else ()
+
 
 # --- peft's matching rules -------------------------------------------------------------------
 
@@ -142,13 +125,13 @@ def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) 
     model_type = arch.model_type if arch else ""
     targets: tuple[str, ...] | str
     if ft.target_modules is None:
-        if model_type not in DEFAULT_TARGETS:
+        targets = _peft_targets(model_type)
+        if not targets:
             raise MemplanError(
                 f"peft has no default target_modules for model_type {model_type!r}: give "
                 "finetune.target_modules (module names such as q_proj, a regex, or all-linear).",
                 field="finetune.target_modules",
             )
-        targets = DEFAULT_TARGETS[model_type]
     elif isinstance(ft.target_modules, str) and ft.target_modules.lower() == ALL_LINEAR:
         # tuners_utils.py::_maybe_include_all_linear_layers: every Linear / Conv1D module but
         # the output embedding (model.get_output_embeddings()), by exact name.
@@ -195,7 +178,8 @@ def moe_conversion(
     of a fused `gate_up_proj` give it rank 2r (`rank_pattern`), one half alone is refused as
     peft refuses it. A regex is left as it is (peft probes it against v4 names: not modelled).
     """
-    base = MOE_CONVERSION.get(model_type)
+    family = family_of(model_type)
+    base = family.peft_moe.get(model_type) if family else None
     if base is None or ft.method == "full":
         return None
     mapping = MOE_TARGET_MAPPING[base]
@@ -238,7 +222,7 @@ def param_targets(ft: FinetuneSpec, inventory: Inventory) -> dict[str, int]:
     mods = modules(inventory)
     targets: tuple[str, ...] | str
     if ft.target_modules is None:
-        targets = DEFAULT_TARGETS.get(model_type, ())
+        targets = _peft_targets(model_type)
     elif isinstance(ft.target_modules, str) and ft.target_modules.lower() == ALL_LINEAR:
         targets = tuple(
             m.name for m in mods.values() if m.kind in ("linear", "conv1d") and not m.output

@@ -309,3 +309,21 @@ def core(
             mask_added=mask_added,
         )
     return sdpa(st, h, qkv, dropout_on=dropout_on)
+
+
+def value_is_projection_view(core: Core, h: Heads, width: int, dtype: str) -> Core:
+    """v is a slice of the fused projection's output [tokens, width]: whoever keeps v itself
+    unrepeated (a fused SDPA kernel; a checkpoint of the core; a matmul at batch 1,
+    attention.bmm_reshape_is_view) keeps that whole storage.
+    (gpt_neox.py's rule, for any fused width and grouped k/v heads.)"""
+    unrepeated = (h.batch, h.kv_heads, h.seq, h.head_dim)
+
+    def widen(kept: tuple[Saved, ...]) -> tuple[Saved, ...]:
+        return tuple(
+            saved("qkv_proj.output", (h.tokens, width), s.dtype, s.saved_by, s.source)
+            if s.name == "attn.value" and s.dtype == dtype and s.shape == unrepeated
+            else s
+            for s in kept
+        )
+
+    return Core(core=widen(core.core), inputs=widen(core.inputs), output=core.output)

@@ -252,3 +252,22 @@ def causal_lm_loss(
         saved("targets", (targets,), INT64, "NllLossBackward0", src),
         saved("total_weight", (), dtype, "NllLossBackward0", src),
     ]
+
+
+def gemma_rms_norm(prefix: str, tokens: int, width: int, x_dtype: str, src: str) -> list[Saved]:
+    """`GemmaRMSNorm.forward` (and Gemma2/Gemma3's copies):
+
+        x32 = x.float(); y = x32 * rsqrt(x32.pow(2).mean(-1) + eps)
+        return (y * (1.0 + weight.float())).type_as(x)
+
+    pow saves x32 [tokens, width] fp32 (x itself when x is fp32); rsqrt saves its result and
+    the multiply saves it again [tokens, 1] fp32; `* (1 + w)` saves y [tokens, width] fp32 and
+    the new tensor 1 + w [width] fp32 (not a parameter). The output is in x's dtype.
+    """
+    fp32 = FP32
+    return [
+        saved(f"{prefix}.input_fp32", (tokens, width), fp32, "PowBackward0", src),
+        saved(f"{prefix}.rstd", (tokens, 1), fp32, "RsqrtBackward0", src),
+        saved(f"{prefix}.normalized", (tokens, width), fp32, "MulBackward0", src),
+        saved(f"{prefix}.one_plus_weight", (width,), fp32, "MulBackward0", src),
+    ]

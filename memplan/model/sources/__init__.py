@@ -1,64 +1,15 @@
-"""From a model description to its tensor inventory: one module per architecture family."""
+"""From a model description to its tensor inventory: a config.json (through its family,
+memplan.model.families), a checkpoint's tensor table, or a bare parameter count."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from memplan.errors import MemplanError
-from memplan.model.families import (
-    bert,
-    bloom,
-    deepseek,
-    falcon,
-    gemma,
-    gpt2,
-    gpt_neox,
-    gptj,
-    llama,
-    mixtral,
-    olmo2,
-    opt,
-    phi3,
-    qwen_moe,
-    t5,
-)
+from memplan.model.families import family_of, supported_model_types
 from memplan.model.inventory import Architecture, Inventory, TensorSpec
 from memplan.model.sources import checkpoint
-
-Builder = Callable[..., Inventory]
-
-# model_type (config.json) -> builder. Each builder reads the config keys of its family.
-FAMILIES: dict[str, Builder] = {
-    "llama": llama.build,
-    "mistral": llama.build,
-    "qwen2": llama.build,
-    "qwen3": llama.build,
-    "mixtral": mixtral.build,
-    "qwen2_moe": qwen_moe.build,
-    "qwen3_moe": qwen_moe.build,
-    "gemma": gemma.build,
-    "gemma2": gemma.build,
-    "gemma3_text": gemma.build,
-    "gemma3": gemma.build,
-    "phi3": phi3.build,
-    "olmo2": olmo2.build,
-    "deepseek_v2": deepseek.build,
-    "deepseek_v3": deepseek.build,
-    "gpt2": gpt2.build,
-    "gpt_neox": gpt_neox.build,
-    "gptj": gptj.build,
-    "opt": opt.build,
-    "bloom": bloom.build,
-    "falcon": falcon.build,
-    "bert": bert.build,
-    "roberta": bert.build,
-    "t5": t5.build,
-}
-
-
-def supported_model_types() -> list[str]:
-    return sorted(FAMILIES)
 
 
 def from_config(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
@@ -70,8 +21,8 @@ def from_config(config: Mapping[str, Any], *, origin: str = "config") -> Invento
             f"(one of: {', '.join(supported_model_types())}).",
             field="model_type",
         )
-    builder = FAMILIES.get(model_type)
-    if builder is None:
+    family = family_of(model_type)
+    if family is None:
         raise MemplanError(
             f"model_type {model_type!r} is not supported. Supported: "
             f"{', '.join(supported_model_types())}. Otherwise describe the model with "
@@ -79,7 +30,7 @@ def from_config(config: Mapping[str, Any], *, origin: str = "config") -> Invento
             "`model: {num_parameters: N}` for model states only.",
             field="model_type",
         )
-    inventory = builder(config, origin=origin)
+    inventory = family.tensors(config, origin=origin)
     ignored = [key for key in ("quantization_config", "auto_map") if key in config]
     if ignored:
         note = (
@@ -127,7 +78,7 @@ def from_tensors(
     reference = None
     if config is not None:
         model_type = config.get("model_type")
-        if isinstance(model_type, str) and model_type in FAMILIES:
+        if isinstance(model_type, str) and family_of(model_type) is not None:
             reference = from_config(config, origin=origin)
         else:
             notes.append(
@@ -150,11 +101,9 @@ def _with_note(inventory: Inventory, note: str) -> Inventory:
 
 __all__ = [
     "Architecture",
-    "FAMILIES",
     "Inventory",
     "TensorSpec",
     "from_config",
     "from_parameter_count",
     "from_tensors",
-    "supported_model_types",
 ]

@@ -1,6 +1,7 @@
 """Parameter counts of an inventory: totals by kind, active parameters per token, largest parts.
 
-Pure functions of an `Inventory`; `inventory_view.inventory_summary` and `inventory --json` show them.
+Pure functions of an `Inventory`; `inventory_view.inventory_summary` and `inventory --json` show
+them.
 Roles (`TensorSpec.role`) decide what is what: "embedding", "position" and "head" are the
 embedding-side parameters; "experts" are the routed experts (fused `[E, ...]` tensors in the
 transformers >= 5 layout, or one tensor per expert in a checkpoint's own layout).
