@@ -22,6 +22,7 @@ from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS
 from memplan.plan.steptime import Layout, Link, Shape, StepTime, step_time
 from memplan.precision import dtype_bytes
 from memplan.report.estimate import Report, assemble, estimate, model_states, verdict
+from memplan.states.engines.base import StepCache
 from memplan.states.engines.megatron import main_grad_dtype
 from memplan.states.stages import StageStates
 
@@ -139,6 +140,8 @@ class _Search:
     searched: int = 0
     activations_modelled: bool = True
     """Whether memplan models this model's activations at all (on plain data parallelism)."""
+    cache: StepCache = field(default_factory=StepCache)
+    """What the step's timelines derive from the model, shared by every layout of the search."""
 
     def degrees(self) -> Iterator[tuple[int, int, int, int, int, tuple[int, ...] | None]]:
         """(tensor, pipeline, virtual stages, context, expert, layers_per_stage (one entry per
@@ -319,6 +322,7 @@ class _Search:
             spec.model_copy(update={"training": training}),
             self.inventory,
             states,
+            cache=self.cache,
             every_stage=False,
         )
 

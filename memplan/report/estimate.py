@@ -20,6 +20,7 @@ from memplan.report.json import to_json as to_json
 from memplan.states import engines as sharding
 from memplan.states import fp8
 from memplan.states.engines import Placement, RankStates, Term
+from memplan.states.engines.base import StepCache
 from memplan.states.parallel import stage_inventories
 from memplan.states.stages import StageStates, model_parallel, stage_states
 from memplan.step import timeline as tl
@@ -242,6 +243,21 @@ def placement_of(spec: Spec) -> Placement:
     )
 
 
+def step_settings(spec: Spec) -> tl.StepSettings:
+    """What the step's timeline reads of the spec."""
+    return tl.StepSettings(
+        layout=spec.parallelism,
+        recipe=spec.recipe(),
+        optimizer=spec.optimizer,
+        accumulation_steps=spec.training.gradient_accumulation_steps,
+        device=spec.hardware.device,
+        gpu=spec.hardware.gpu,
+        cuda_context_bytes=spec.hardware.cuda_context,
+        fp8=spec.precision.fp8,
+        finetune=spec.finetune,
+    )
+
+
 def model_states(spec: Spec, inventory: Inventory) -> list[StageStates]:
     """Parameters, gradients and optimizer states of every stage and rank class."""
     inventory = finetune.apply(spec, inventory)
@@ -268,10 +284,16 @@ def estimate(spec: Spec, inventory: Inventory) -> Report:
 
 
 def assemble(
-    spec: Spec, inventory: Inventory, stages: Sequence[StageStates], *, every_stage: bool = True
+    spec: Spec,
+    inventory: Inventory,
+    stages: Sequence[StageStates],
+    *,
+    every_stage: bool = True,
+    cache: StepCache | None = None,
 ) -> Report:
     """The report from the model states of every stage (plan reuses them across layouts
-    that differ only in what does not change them: micro-batch, recomputation).
+    that differ only in what does not change them: micro-batch, recomputation, and passes
+    one `cache` for its whole search; without one, this call has its own).
 
     Each pipeline rank gets its own activations and timeline; the most-loaded is the one with
     the highest peak. `every_stage=False` (plan) skips the interior ranks another interior rank
@@ -291,6 +313,8 @@ def assemble(
         if inventory.architecture is not None
         else (inventory,) * len(stages)
     )
+    step = step_settings(spec)
+    cache = StepCache() if cache is None else cache
     views: dict[int, tuple[acts.Activations, tl.Timeline]] = {}
     seen: set[tuple[object, ...]] = set()
     stages = [_with_fp8_state(spec, st, local[st.stage]) for st in stages]
@@ -304,19 +328,20 @@ def assemble(
         views[i] = (
             saved,
             tl.build(
-                spec,
+                step,
                 local[st.stage],
                 per_gpu=st.per_gpu,
                 buffer_bytes=sum(t.bytes for t in st.buffers),
                 saved=saved,
                 capacity_bytes=capacity,
+                cache=cache,
             ),
         )
     index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
     top = stages[index]
     saved, timeline = views[index]
     tensor_views = _tensor_views(
-        spec, inventory, top, saved.bytes, timeline, capacity, every_stage=every_stage
+        spec, inventory, top, saved.bytes, timeline, capacity, cache, every_stage=every_stage
     )
     notes = (
         list(inventory.notes)
@@ -368,6 +393,7 @@ def _tensor_views(
     activations_bytes: int,
     timeline: tl.Timeline,
     capacity: int | None,
+    cache: StepCache,
     *,
     every_stage: bool,
 ) -> tuple[TensorRankView, ...]:
@@ -394,12 +420,13 @@ def _tensor_views(
         micro = acts.micro_batch(spec, inventory, tensor_rank=group[0])
         saved = acts.on_rank(spec, inventory, micro, top.stage)
         rank_timeline = tl.build(
-            spec,
+            step_settings(spec),
             local,
             per_gpu=per_gpu,
             buffer_bytes=sum(t.bytes for t in top.buffers),
             saved=saved,
             capacity_bytes=capacity,
+            cache=cache,
         )
         views.append(
             TensorRankView(
