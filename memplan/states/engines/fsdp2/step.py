@@ -183,70 +183,15 @@ def step_buffers(
     p, g, o = dtype_bytes(param), dtype_bytes(grad), dtype_bytes(shard)
     root = _fsdp2_bytes(groups.root, world, p, g, o)
     block = _fsdp2_bytes(groups.block, world, p, g, o)
-    layers = groups.layers
-    terms: dict[str, Transient] = {}
-
-    def add(name: str, n_bytes: int, phases: tuple[Phase, ...], formula: str, src: str) -> None:
-        if n_bytes > 0 and phases:
-            terms[name] = Transient(
-                name=name, bytes=n_bytes, phases=phases, formula=formula, source=src
-            )
-
-    def up(elements: int) -> str:
-        return f"{world} ranks x {elements:,} padded shard elements x {p} B ({param})"
-
-    # The end of backward: the embedding's backward or the root's reduce-scatter.
     saved = acts.layer  # None: no decoder layer's activations modelled
     embedding = acts.embedding_backward if saved is not None else None
-    at_embedding = root.unsharded + root.grads + (block.reduce_in if layers else 0)
-    copy = root.reduce_in if gloo else 0
-    at_reduce = root.reduce_in + root.reduce_out + root.last + copy
-    cast = root.reduce_in + root.reduce_out + root.sharded_grads + root.last if g != o else 0
-    end_reduce = max(at_reduce, cast) > at_embedding + (embedding.bytes if embedding else 0)
-    add(
-        "fsdp2_unsharded_root",
-        root.unsharded,
-        ("forward", "loss", "backward_start", "backward")
-        + (() if end_reduce else ("backward_end",)),
-        up(groups.root.padded) + ": the root's all-gathered parameters (from its "
-        "pre-forward to its post-forward, again from its pre-backward to its post-backward)",
-        f"{_AG_COPY_OUT}; {_RESHARD}",
+    at_reduce, end = _end_of_backward(
+        groups, root, block, world=world, grad=grad, shard=shard, gloo=gloo, embedding=embedding
     )
-    if reshard:
-        add(
-            "fsdp2_unsharded_block",
-            block.unsharded if layers else 0,
-            ("forward", "backward"),
-            up(groups.block.padded) + ": the decoder layer that runs",
-            f"{_AG_COPY_OUT}; {_RESHARD}",
-        )
-        add(
-            "fsdp2_all_gather_output",
-            block.unsharded if layers else 0,
-            ("forward", "loss", "backward_start") + (("backward",) if layers > 1 else ()),
-            up(groups.block.padded) + ": one layer's flat all-gather output (the last "
-            "layer's, kept until the root's post-forward; in backward the next layer's, "
-            "prefetched)",
-            f"{_AG_OUT}; {_AG_KEPT}; {_PREFETCH}",
-        )
-    else:
-        add(
-            "fsdp2_unsharded_blocks",
-            layers * block.unsharded,
-            ("forward", "loss", "backward_start", "backward"),
-            f"{layers} layers x " + up(groups.block.padded) + ": every layer stays "
-            "unsharded from its forward to its post-backward (reshard_after_forward=False)",
-            f"{_AG_COPY_OUT}; {_RESHARD}",
-        )
-        add(
-            "fsdp2_all_gather_output",
-            block.unsharded if layers else 0,
-            ("forward", "loss"),
-            up(groups.block.padded) + ": the last layer's flat all-gather output, "
-            "kept until the root's post-forward",
-            f"{_AG_OUT}; {_AG_KEPT}",
-        )
-    add(
+    # At the embedding's backward the root is still unsharded.
+    root_end: tuple[Phase, ...] = () if at_reduce else ("backward_end",)
+    out = _unsharded(groups, root, block, world=world, param=param, reshard=reshard, end=root_end)
+    out += _term(
         "fsdp2_unsharded_head_grads",
         groups.head_grads * g,
         ("backward",),
@@ -257,7 +202,7 @@ def step_buffers(
     )
     layer = _fsdp2_layer_backward(
         block,
-        layers=layers,
+        layers=groups.layers,
         reshard=reshard,
         gloo=gloo,
         saved=saved or 0,
@@ -265,71 +210,169 @@ def step_buffers(
         grad=grad,
         shard=shard,
     )
-    if layer is not None:
-        terms[layer.name] = layer
-    if not end_reduce:
-        add(
-            "fsdp2_unsharded_root_grads",
-            root.grads,
-            ("backward_end",),
-            f"{groups.root.grads:,} elements x {g} B ({grad}): every root gradient, "
-            "unsharded, at the embedding's backward",
-            _POST_BW,
+    out += [layer] if layer is not None else []
+    out += end
+    if saved is not None:
+        out += between_phases(
+            root, block, layers=groups.layers, reshard=reshard, layer=saved, acts=acts
         )
-        add(
-            "fsdp2_reduce_scatter_input_block",
-            block.reduce_in if layers else 0,
-            ("backward_end",),
-            f"{world} x {groups.block.grad_padded:,} elements x {g} B ({grad}): the first "
-            "layer's reduce-scatter input, held until the root's post-backward",
-            _RS_IN,
+    return out + ([embedding] if embedding is not None and not at_reduce else [])
+
+
+def _term(
+    name: str, n_bytes: int, phases: tuple[Phase, ...], formula: str, source: str
+) -> list[Transient]:
+    """A one-term list, or none when it holds no bytes."""
+    if n_bytes <= 0 or not phases:
+        return []
+    return [Transient(name=name, bytes=n_bytes, phases=phases, formula=formula, source=source)]
+
+
+def _unsharded(
+    groups: Fsdp2Groups,
+    root: _Fsdp2Bytes,
+    block: _Fsdp2Bytes,
+    *,
+    world: int,
+    param: str,
+    reshard: bool,
+    end: tuple[Phase, ...],
+) -> list[Transient]:
+    """The unsharded parameters and the flat all-gather outputs, the root's first (alive
+    from forward to the backward point, and at `end`)."""
+    layers = groups.layers
+
+    def up(elements: int) -> str:
+        return (
+            f"{world} ranks x {elements:,} padded shard elements x {dtype_bytes(param)} B ({param})"
         )
-    else:
-        rs = f"{groups.root.grad_padded:,} padded elements x {g} B ({grad})"
-        add(
+
+    out = _term(
+        "fsdp2_unsharded_root",
+        root.unsharded,
+        ("forward", "loss", "backward_start", "backward", *end),
+        up(groups.root.padded) + ": the root's all-gathered parameters (from its "
+        "pre-forward to its post-forward, again from its pre-backward to its post-backward)",
+        f"{_AG_COPY_OUT}; {_RESHARD}",
+    )
+    if reshard:
+        out += _term(
+            "fsdp2_unsharded_block",
+            block.unsharded if layers else 0,
+            ("forward", "backward"),
+            up(groups.block.padded) + ": the decoder layer that runs",
+            f"{_AG_COPY_OUT}; {_RESHARD}",
+        )
+        out += _term(
+            "fsdp2_all_gather_output",
+            block.unsharded if layers else 0,
+            ("forward", "loss", "backward_start") + (("backward",) if layers > 1 else ()),
+            up(groups.block.padded) + ": one layer's flat all-gather output (the last "
+            "layer's, kept until the root's post-forward; in backward the next layer's, "
+            "prefetched)",
+            f"{_AG_OUT}; {_AG_KEPT}; {_PREFETCH}",
+        )
+        return out
+    out += _term(
+        "fsdp2_unsharded_blocks",
+        layers * block.unsharded,
+        ("forward", "loss", "backward_start", "backward"),
+        f"{layers} layers x " + up(groups.block.padded) + ": every layer stays "
+        "unsharded from its forward to its post-backward (reshard_after_forward=False)",
+        f"{_AG_COPY_OUT}; {_RESHARD}",
+    )
+    out += _term(
+        "fsdp2_all_gather_output",
+        block.unsharded if layers else 0,
+        ("forward", "loss"),
+        up(groups.block.padded) + ": the last layer's flat all-gather output, "
+        "kept until the root's post-forward",
+        f"{_AG_OUT}; {_AG_KEPT}",
+    )
+    return out
+
+
+def _end_of_backward(
+    groups: Fsdp2Groups,
+    root: _Fsdp2Bytes,
+    block: _Fsdp2Bytes,
+    *,
+    world: int,
+    grad: str,
+    shard: str,
+    gloo: bool,
+    embedding: Transient | None,
+) -> tuple[bool, list[Transient]]:
+    """(whether the root's reduce-scatter holds more than the embedding's backward, the
+    backward_end terms of the larger moment besides the root's unsharded parameters and the
+    embedding's backward itself)."""
+    g, o = dtype_bytes(grad), dtype_bytes(shard)
+    at_embedding = root.unsharded + root.grads + (block.reduce_in if groups.layers else 0)
+    copy = root.reduce_in if gloo else 0
+    at_reduce = root.reduce_in + root.reduce_out + root.last + copy
+    cast = root.reduce_in + root.reduce_out + root.sharded_grads + root.last if g != o else 0
+    if max(at_reduce, cast) <= at_embedding + (embedding.bytes if embedding else 0):
+        return False, [
+            *_term(
+                "fsdp2_unsharded_root_grads",
+                root.grads,
+                ("backward_end",),
+                f"{groups.root.grads:,} elements x {g} B ({grad}): every root gradient, "
+                "unsharded, at the embedding's backward",
+                _POST_BW,
+            ),
+            *_term(
+                "fsdp2_reduce_scatter_input_block",
+                block.reduce_in if groups.layers else 0,
+                ("backward_end",),
+                f"{world} x {groups.block.grad_padded:,} elements x {g} B ({grad}): the first "
+                "layer's reduce-scatter input, held until the root's post-backward",
+                _RS_IN,
+            ),
+        ]
+    rs = f"{groups.root.grad_padded:,} padded elements x {g} B ({grad})"
+    out = [
+        *_term(
             "fsdp2_reduce_scatter_input_root",
             root.reduce_in,
             ("backward_end",),
             f"{world} x {rs}: the root's reduce-scatter input",
             _RS_IN,
-        )
-        add(
+        ),
+        *_term(
             "fsdp2_reduce_scatter_output_root",
             root.reduce_out,
             ("backward_end",),
             f"{rs}: the root's reduce-scatter output",
             _RS_OUT,
-        )
-        add(
+        ),
+        *_term(
             "fsdp2_last_unsharded_grad",
             root.last,
             ("backward_end",),
             f"{groups.root.last:,} elements x {g} B ({grad}): the root's last gradient, "
             "unsharded, through its reduce-scatter",
             _RS_LAST,
+        ),
+    ]
+    if at_reduce >= cast:
+        out += _term(
+            "gloo_reduce_scatter_copy",
+            copy,
+            ("backward_end",),
+            f"{world} x {rs}: gloo's copy of the reduce-scatter input",
+            _GLOO_RS,
         )
-        if at_reduce >= cast:
-            add(
-                "gloo_reduce_scatter_copy",
-                copy,
-                ("backward_end",),
-                f"{world} x {rs}: gloo's copy of the reduce-scatter input",
-                _GLOO_RS,
-            )
-        else:
-            add(
-                "fsdp2_sharded_root_grads",
-                root.sharded_grads,
-                ("backward_end",),
-                f"{groups.root.grad_padded:,} elements x {o} B ({shard}): the root's "
-                f"sharded gradients, cast from {grad} beside the reduce-scatter output",
-                _RS_CAST,
-            )
-        embedding = None
-    out = list(terms.values())
-    if saved is not None:
-        out += between_phases(root, block, layers=layers, reshard=reshard, layer=saved, acts=acts)
-    return out + ([embedding] if embedding is not None else [])
+    else:
+        out += _term(
+            "fsdp2_sharded_root_grads",
+            root.sharded_grads,
+            ("backward_end",),
+            f"{groups.root.grad_padded:,} elements x {o} B ({shard}): the root's "
+            f"sharded gradients, cast from {grad} beside the reduce-scatter output",
+            _RS_CAST,
+        )
+    return True, out
 
 
 def between_phases(
