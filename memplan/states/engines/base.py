@@ -114,6 +114,7 @@ class EngineStep:
     )
     """The end of backward: the embedding's backward, or the engine's own moment there."""
     gradients: Callable[[StepStates, StepCache], GradientLife] = autograd_gradients
+    """When the gradient rows are alive (the default: as autograd makes them)."""
     storage_shards: Callable[[ParallelismSpec], int | None] = no_storages
     """Engines that keep one storage per parameter tensor: how many ways each is split (each
     rank's piece of a tensor of n elements taken as ceil(n / this)); None for engines
