@@ -235,15 +235,15 @@ def render_bytes_per_parameter() -> str:
 
 # --- sharding --------------------------------------------------------------------------------
 
-# (engine, its ZeRO stages, the module of its rules). By import path: `memplan.states.engines`
-# re-exports functions named like some of its modules (`fsdp2`, `megatron`).
+# (engine, its ZeRO stages, the module of its rules). By import path: fsdp2 and deepspeed are
+# packages whose rules are in their `sharding` module.
 ENGINES: list[tuple[str, tuple[int, ...], ModuleType]] = [
-    (engine, stages, importlib.import_module(f"memplan.states.engines.{engine}"))
-    for engine, stages in (
-        ("ddp", (0, 1)),
-        ("fsdp2", (2, 3)),
-        ("deepspeed", (0, 1, 2, 3)),
-        ("megatron", (0, 1)),
+    (engine, stages, importlib.import_module(f"memplan.states.engines.{module}"))
+    for engine, stages, module in (
+        ("ddp", (0, 1), "ddp"),
+        ("fsdp2", (2, 3), "fsdp2.sharding"),
+        ("deepspeed", (0, 1, 2, 3), "deepspeed.sharding"),
+        ("megatron", (0, 1), "megatron"),
     )
 ]
 BASE = importlib.import_module("memplan.states.terms")

@@ -21,7 +21,7 @@ from memplan.model.sources import from_config, from_parameter_count
 from memplan.precision import dtype_bytes
 from memplan.report import estimate
 from memplan.report.json import estimate_json
-from memplan.step import transients as transient
+from memplan.states.engines.deepspeed import step as ds_step
 from memplan.step.timeline import CATEGORIES
 from tests.conftest import TINY_LLAMA, make_spec
 from tests.fsdp2_oracle import padded_groups
@@ -97,7 +97,7 @@ def test_pin_deepspeed_buckets_and_zero3_gathers_use_deepspeed_defaults() -> Non
     assert terms["deepspeed_reduce_bucket"].bytes == DeepSpeedSpec().reduce_bucket_size * width
     assert terms["deepspeed_reduce_bucket"].phases == memory.PHASES  # allocated at init
     inv = from_config(TINY_LLAMA)
-    biggest = max(transient.module_sizes(inv))
+    biggest = max(ds_step.module_sizes(inv))
     assert terms["zero3_gathered_parameters"].bytes == (
         (biggest + DeepSpeedSpec().stage3_prefetch_bucket_size) * width
     )

@@ -22,9 +22,12 @@ from memplan.precision import Recipe
 from memplan.report import estimate
 from memplan.states import engines as sharding
 from memplan.states.engines import DeepSpeedKnobs, RankStates
-from memplan.states.engines.deepspeed import FLAT_GRADIENT_BUFFER, selects_bf16_optimizer
+from memplan.states.engines.deepspeed import step as ds_step
+from memplan.states.engines.deepspeed.sharding import (
+    FLAT_GRADIENT_BUFFER,
+    selects_bf16_optimizer,
+)
 from memplan.states.layout import Layout
-from memplan.step import transients as tr
 from tests.conftest import TINY_LLAMA, make_spec
 
 DATA = json.loads((Path(__file__).parent / "data" / "deepspeed_bf16_optimizer.json").read_text())
@@ -141,11 +144,11 @@ def test_reduce_and_step_copies_match_deepspeed(key: str) -> None:
             if e["numel"] > 1 and not e["is_flat_gradient_buffer"]
         ]
         assert [e["numel"] for e in rank["boundary_all_reduce"] if e["numel"] > 1] == [padded]
-        reduce = tr.deepspeed_bf16_grad_reduce(padded=padded, largest=0, accumulate=acc)
+        reduce = ds_step.bf16_grad_reduce(padded=padded, largest=0, accumulate=acc)
         assert reduce.bytes == sum(copies)
         # The optimizer's fp32 gradient: a view of the buffer (kept after the step) when the
         # buffer is fp32; otherwise a cast dropped after the step.
-        step = tr.deepspeed_step_grads(
+        step = ds_step.step_grads(
             stage=1, partition=master, sub_group=0, grad=acc, bf16_optimizer=True
         )
         if rank["partition_grad_is_view_of_buffer"]:

@@ -1,6 +1,7 @@
-"""memplan.states.engines.dtensor_tp's terms in the timeline: pure, no torch. The sizes they must
-add up to are measured against torch in tests/test_verify_tp.py::test_peak_holds_on_every_rank
-(the independent oracle); these tests pin the terms' sizes and where they apply."""
+"""DTensor TP's terms in the timeline (memplan.states.engines.dtensor_tp, and FSDP2's under TP:
+memplan.states.engines.fsdp2.tp): pure, no torch. The sizes they must add up to are measured
+against torch in tests/test_verify_tp.py::test_peak_holds_on_every_rank (the independent
+oracle); these tests pin the terms' sizes and where they apply."""
 
 from __future__ import annotations
 

@@ -7,14 +7,14 @@ What they catch. In fp32 the tiny Mixtral's step peaks inside its last layer's b
 put that layer's reduce-scatter above it (6,039,588 B against 5,757,244 B measured, +4.9%)
 because it still counted the layer's backward working set (360,448 B) after the layer's
 backward, where FSDPMemTracker shows only the layer's input gradient (16,384 B) left of it
-(memplan.states.engines.fsdp2_step::_fsdp2_layer_backward). bf16-mixed Mixtral and fp32 Qwen2-MoE
+(memplan.states.engines.fsdp2.step::_fsdp2_layer_backward). bf16-mixed Mixtral and fp32 Qwen2-MoE
 peak at the loss gradient and were already right; they hold that the fix moves nothing else.
 
 Tolerances. Qwen2-MoE and bf16-mixed Mixtral: 0.1%, as the dense Llama in
 tests/test_fsdp2_peak.py (what memplan leaves out is the input ids and the loss's scalars).
 fp32 Mixtral: 0.5%. Its peak is inside the experts' backward (the gate_up grouped matmul's
 backward), where memplan has no op-by-op model but the timeline's backward working set
-(2 x the largest saved tensor + 2 hidden-state gradients, memplan/step/timeline.py): measured
+(2 x the largest saved tensor + 2 hidden-state gradients, memplan/step/transients.py): measured
 +0.30% over (5,774,644 predicted against 5,757,244 measured on rank 0).
 
 gloo's race and the oracle are tests/test_fsdp2_peak.py's: each rank's measured peak is the

@@ -16,7 +16,7 @@ from memplan.errors import MemplanError
 from memplan.model.sources import from_config
 from memplan.precision import dtype_bytes
 from memplan.report import estimate
-from memplan.step import transients as transient
+from memplan.states.engines.deepspeed import step as ds_step
 from tests.conftest import TINY_LLAMA, make_spec
 
 # Recorded from DeepSpeed 0.19.8's own config class (command inside the file).
@@ -117,7 +117,7 @@ def test_reduce_bucket_size_changes_the_bucket_by_its_own_elements() -> None:
 
 def test_stage3_prefetch_and_max_live_parameters_move_the_gathered_parameters() -> None:
     width = dtype_bytes("bf16")
-    biggest = max(transient.module_sizes(from_config(TINY_LLAMA)))
+    biggest = max(ds_step.module_sizes(from_config(TINY_LLAMA)))
     par = {"engine": "deepspeed", "data": 8, "zero_stage": 3}
     base = term(report(parallelism=par), "zero3_gathered_parameters")
     assert base and base.bytes == (biggest + DS_DEFAULTS["stage3_prefetch_bucket_size"]) * width

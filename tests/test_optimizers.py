@@ -185,7 +185,7 @@ def test_step_temporaries_match_torch(
 ) -> None:
     """Oracle: torch's own step (torch/optim/<opt>.py, 2.13) measured by MemTracker."""
     from memplan.optimizers import FUSED_OPTIMIZERS, NOT_FUSED_OPTIMIZERS
-    from memplan.step.transients import torch_optimizer_step
+    from memplan.states.optimizer_step import torch_optimizer_step
 
     if implementation == "fused" and name not in FUSED_OPTIMIZERS:
         assert name in NOT_FUSED_OPTIMIZERS  # the spec refuses it (test_cli / spec tests)
@@ -201,8 +201,8 @@ def test_step_temporaries_match_torch(
     # adafactor's `update.norm(2)` per tensor: one 0-dim fp32 at a time (_adafactor.py)
     slack = 4 * len(shapes) if name == "adafactor" else 0
     if name == "adafactor" and implementation == "for_loop":
-        # left out by the rule (transient.py FOR_LOOP_TEMPORARIES): the row/column means of
-        # >= 2-D tensors, the `grad_squared` of 1-D ones, and 0-dim norms.
+        # left out by the rule (memplan.states.optimizer_step.FOR_LOOP_TEMPORARIES): the
+        # row/column means of >= 2-D tensors, the `grad_squared` of 1-D ones, and 0-dim norms.
         factors = sum(s[0] + s[1] for s in shapes if len(s) == 2)
         vectors = sum(s[0] for s in shapes if len(s) == 1)
         slack += 4 * (factors + vectors)
@@ -212,7 +212,7 @@ def test_step_temporaries_match_torch(
 @pytest.mark.parametrize("name", ["adam", "adagrad", "rmsprop"])
 def test_step_temporaries_follow_the_state_dtype(name: str) -> None:
     """bf16 parameters without masters: the temporaries are bf16 too (real step)."""
-    from memplan.step.transients import torch_optimizer_step
+    from memplan.states.optimizer_step import torch_optimizer_step
 
     shapes = STEP_SHAPES[0]
     sizes = [math.prod(s) for s in shapes]

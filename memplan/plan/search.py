@@ -29,6 +29,7 @@ from memplan.report.estimate import (
     model_states,
     verdict,
 )
+from memplan.states.engines.base import StepCache
 from memplan.states.engines.megatron import main_grad_dtype
 from memplan.states.stages import StageStates
 
@@ -147,6 +148,8 @@ class _Search:
     searched: int = 0
     activations_modelled: bool = True
     """Whether memplan models this model's activations at all (on plain data parallelism)."""
+    cache: StepCache = field(default_factory=StepCache)
+    """What the step's timelines derive from the model, shared by every layout of the search."""
 
     def degrees(self) -> Iterator[tuple[int, int, int, int, int, tuple[int, ...] | None]]:
         """(tensor, pipeline, virtual stages, context, expert, layers_per_stage (one entry per
@@ -331,6 +334,7 @@ class _Search:
             self.inventory,
             trained,
             states,
+            cache=self.cache,
             every_stage=False,
         )
 

@@ -19,6 +19,7 @@ from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe
 from memplan.states import fp8
 from memplan.states.engines import RankStates, Term
+from memplan.states.engines.base import StepCache
 from memplan.states.layout import Layout
 from memplan.states.parallel import stage_inventories
 from memplan.states.stages import StageStates, stage_states
@@ -234,27 +235,43 @@ def capacity_of(spec: Spec) -> int | None:
 
 
 def _rank_view(
-    spec: Spec,
+    step: tl.StepSettings,
+    capacity: int | None,
+    cache: StepCache,
     trained: Inventory,
     micro: acts.Activations,
-    layout: Layout,
     st: StageStates,
     per_gpu: RankStates,
     local: Inventory,
 ) -> tuple[acts.Activations, tl.Timeline]:
-    """One GPU of pipeline stage `st` (of TP rank `layout.tensor_rank`) holding `per_gpu`'s
-    states: its saved tensors at its peak and its step's timeline."""
-    steps = spec.training.gradient_accumulation_steps
-    saved = acts.on_rank(trained, micro, layout, st.stage, steps)
+    """One GPU of pipeline stage `st` (of TP rank `step.layout.tensor_rank`) holding
+    `per_gpu`'s states: its saved tensors at its peak and its step's timeline."""
+    saved = acts.on_rank(trained, micro, step.layout, st.stage, step.accumulation_steps)
     timeline = tl.build(
-        spec,
+        step,
         local,
         per_gpu=per_gpu,
         buffer_bytes=sum(t.bytes for t in st.buffers),
         saved=saved,
-        capacity_bytes=capacity_of(spec),
+        capacity_bytes=capacity,
+        cache=cache,
     )
     return saved, timeline
+
+
+def step_settings(spec: Spec, layout: Layout) -> tl.StepSettings:
+    """What the step's timeline reads of the spec."""
+    return tl.StepSettings(
+        layout=layout,
+        recipe=spec.recipe(),
+        optimizer=spec.optimizer,
+        accumulation_steps=spec.training.gradient_accumulation_steps,
+        device=spec.hardware.device,
+        gpu=spec.hardware.gpu,
+        cuda_context_bytes=spec.hardware.cuda_context,
+        fp8=spec.precision.fp8,
+        finetune=spec.finetune,
+    )
 
 
 def setting_of(spec: Spec) -> Setting:
@@ -307,10 +324,12 @@ def assemble(
     stages: Sequence[StageStates],
     *,
     every_stage: bool = True,
+    cache: StepCache | None = None,
 ) -> Report:
     """The report from the model states of every stage (plan reuses them across layouts
-    that differ only in what does not change them: micro-batch, recomputation). `model` is
-    the inventory as given, `trained` what the job trains (`finetune.apply` of it).
+    that differ only in what does not change them: micro-batch, recomputation, and passes
+    one `cache` for its whole search; without one, this call has its own). `model` is the
+    inventory as given, `trained` what the job trains (`finetune.apply` of it).
 
     Each pipeline rank gets its own activations and timeline; the most-loaded is the one with
     the highest peak. `every_stage=False` (plan) skips the interior ranks another interior rank
@@ -326,6 +345,8 @@ def assemble(
     )
     stages = [_with_fp8_state(spec, st, local[st.stage]) for st in stages]
     micro = acts.micro_batch(trained, setting, layout, spec.finetune)
+    step = step_settings(spec, layout)
+    cache = StepCache() if cache is None else cache
     views: dict[int, tuple[acts.Activations, tl.Timeline]] = {}
     seen: set[tuple[object, ...]] = set()
     for i, st in enumerate(stages):
@@ -334,12 +355,16 @@ def assemble(
             if key in seen:
                 continue
             seen.add(key)
-        views[i] = _rank_view(spec, trained, micro, layout, st, st.per_gpu, local[st.stage])
+        views[i] = _rank_view(
+            step, capacity, cache, trained, micro, st, st.per_gpu, local[st.stage]
+        )
     index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
     top = stages[index]
     saved, timeline = views[index]
     tensor_views = (
-        _tensor_views(spec, trained, layout, top, saved.bytes, timeline) if every_stage else ()
+        _tensor_views(spec, trained, step, capacity, cache, top, saved.bytes, timeline)
+        if every_stage
+        else ()
     )
     notes = (
         list(trained.notes)
@@ -387,7 +412,9 @@ def assemble(
 def _tensor_views(
     spec: Spec,
     inventory: Inventory,
-    layout: Layout,
+    step: tl.StepSettings,
+    capacity: int | None,
+    cache: StepCache,
     top: StageStates,
     activations_bytes: int,
     timeline: tl.Timeline,
@@ -411,10 +438,13 @@ def _tensor_views(
     for group in groups[1:]:
         mine = [r for r in top.ranks if r.tensor_ranks == group]
         per_gpu = max(mine, key=lambda r: (r.total_bytes, -r.ranks[0]))
-        rank_layout = layout.for_tensor_rank(group[0])
+        rank_layout = step.layout.for_tensor_rank(group[0])
+        rank_step = replace(step, layout=rank_layout)
         local = stage_inventories(inventory, rank_layout)[top.stage]
         micro = acts.micro_batch(inventory, setting, rank_layout, spec.finetune)
-        saved, rank_timeline = _rank_view(spec, inventory, micro, rank_layout, top, per_gpu, local)
+        saved, rank_timeline = _rank_view(
+            rank_step, capacity, cache, inventory, micro, top, per_gpu, local
+        )
         views.append(
             TensorRankView(
                 tensor_ranks=group,

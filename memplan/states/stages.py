@@ -20,7 +20,7 @@ from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS, OptimizerConfig
 from memplan.precision import Recipe
 from memplan.states import engines as sharding
 from memplan.states import terms
-from memplan.states.engines import RankStates, Term
+from memplan.states.engines import RankStates, Term, dtensor_tp
 from memplan.states.engines import offload as offload_rules
 from memplan.states.layout import Layout
 from memplan.states.parallel import (
@@ -236,7 +236,7 @@ def _whole_embedding_gradient(
     dtype = terms.grad_dtype(recipe)
     row = terms.term(
         "gradients",
-        "embedding gradient (whole)",
+        dtensor_tp.WHOLE_EMBEDDING_GRADIENT,
         dtype,
         1,
         extra,

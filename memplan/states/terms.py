@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, cast
 
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.optimizers import (
@@ -61,9 +61,18 @@ class RankStates:
     memplan.states.parallel.vocab_rows)."""
 
     total_bytes: int = field(init=False, repr=False)
+    _hash: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "total_bytes", sum(t.bytes for t in self.terms))
+
+    def __hash__(self) -> int:
+        """Worked out once: a StepCache key (memplan.states.engines.base.StepStates) that plan
+        looks up for every micro-batch size and recompute option of a layout."""
+        if self._hash is None:
+            key = (self.ranks, self.terms, self.host_terms, self.tensor_ranks)
+            object.__setattr__(self, "_hash", hash(key))
+        return cast(int, self._hash)
 
     def bytes_of(self, category: Category) -> int:
         return sum(t.bytes for t in self.terms if t.category == category)

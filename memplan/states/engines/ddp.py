@@ -1,4 +1,5 @@
-"""torch DDP (ZeRO-0) and DDP + ZeroRedundancyOptimizer (ZeRO-1)."""
+"""torch DDP (ZeRO-0) and DDP + ZeroRedundancyOptimizer (ZeRO-1): who holds which model
+states, and what the step adds (DDP's gradient buckets, torch.optim's temporaries)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import replace
 
+from memplan.memory import ALWAYS, Transient
 from memplan.model.inventory import Inventory
 from memplan.optimizers import OptimizerConfig
-from memplan.precision import Recipe
+from memplan.precision import Recipe, dtype_bytes
+from memplan.states import optimizer_step
+from memplan.states.engines import dtensor_tp
+from memplan.states.engines.base import EngineStep, StepActivations, StepCache, StepStates
 from memplan.states.layout import Layout
 from memplan.states.terms import (
     SRC_DDP,
@@ -121,3 +126,64 @@ def zero_redundancy(
         )
         out.append(RankStates(ranks=(rank,), terms=(*common, *device), host_terms=tuple(host)))
     return out
+
+
+# torch DDP: bucket_cap_mb=25 (torch/nn/parallel/distributed.py::DistributedDataParallel).
+DDP_BUCKET_CAP_MB = 25
+
+
+def ddp_buckets(grad_bytes: int, *, as_bucket_view: bool) -> Transient | None:
+    """torch DDP copies every gradient into flat allreduce buckets allocated once, at
+    construction, for all parameters (bucket_cap_mb, default 25 MiB, sets their number, not
+    their total): a second gradient-sized buffer, alive for the whole run. Source:
+    torch/csrc/distributed/c10d/reducer.cpp::Reducer::initialize_buckets and the
+    DistributedDataParallel docstring (`gradient_as_bucket_view=True` "can reduce peak memory
+    usage, where the saved memory size will be equal to the total gradients size")."""
+    if as_bucket_view or grad_bytes == 0:
+        return None
+    return Transient(
+        name="ddp_gradient_buckets",
+        bytes=grad_bytes,
+        phases=ALWAYS,
+        formula=f"{grad_bytes:,} B: one copy of every gradient ({DDP_BUCKET_CAP_MB} MiB buckets)",
+        source="torch/csrc/distributed/c10d/reducer.cpp::Reducer::initialize_buckets",
+    )
+
+
+def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
+    """DDP's buckets (one process trains without a DDP wrapper), then the torch.optim step's
+    temporaries and master gradients (memplan.states.optimizer_step)."""
+    layout = states.layout
+    out = []
+    if layout.data > 1:
+        out.append(
+            ddp_buckets(
+                states.per_gpu.bytes_of("gradients"),
+                as_bucket_view=layout.gradient_as_bucket_view,
+            )
+        )
+    out.append(optimizer_step.step_temporaries(states, cache, shards=1))
+    out.append(optimizer_step.rank_master_gradients(states))
+    return [t for t in out if t is not None]
+
+
+def _loss_transients(states: StepStates, acts: StepActivations) -> list[Transient]:
+    """Under DTensor TP: loss_parallel's third tensor, and the master gradient of the whole
+    embedding when the optimizer steps master weights (memplan.states.engines.dtensor_tp)."""
+    if states.layout.tensor <= 1:
+        return []
+    out = [dtensor_tp.loss_parallel_gradient(acts.loss_fp32)]
+    master = states.recipe.master_weights
+    extra = sum(
+        t.elements for t in states.per_gpu.terms if t.name == dtensor_tp.WHOLE_EMBEDDING_GRADIENT
+    )
+    if optimizer_step.steps_masters(states) and extra and master is not None:
+        out.append(dtensor_tp.whole_embedding_master_gradient(extra, dtype_bytes(master)))
+    return out
+
+
+STEP = EngineStep(
+    states=_state_transients,
+    loss=_loss_transients,
+    storage_shards=lambda layout: 1,
+)

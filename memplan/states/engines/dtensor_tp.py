@@ -1,7 +1,8 @@
 """Transients of torch's DTensor tensor parallelism (torchtitan's plan, as memplan verify runs
-it: memplan/verify/tensor_parallel.py) that the single-device terms leave out.
+it: memplan/verify/tensor_parallel.py) that the single-device terms leave out, under either
+torch engine (ddp, fsdp2; FSDP2's own end of backward under TP: memplan.states.engines.fsdp2.tp).
 
-loss_parallel's backward (tp_loss_parallel_gradient): torch's handler fuses nll_loss and
+loss_parallel's backward (loss_parallel_gradient): torch's handler fuses nll_loss and
 log_softmax backward over the rank's vocabulary shard
 (torch/distributed/tensor/parallel/loss.py::_nll_loss_and_log_softmax_backward):
 `grad_input = torch.zeros_like(x)` ... `return (grad_input + torch.exp(x)) * grad_output`, so
@@ -9,57 +10,25 @@ three [tokens, vocab / TP] fp32 tensors are alive at once (grad_input, the sum a
 product) where the unsharded nll_loss_backward + _log_softmax_backward_data hold two
 (timeline's logits_gradient): one more comes on top. Measured on a 2-D (data 2 x tensor 2)
 bf16-mixed FSDP2 run, whose peak is this moment (tests/test_verify_tp.py).
-
-FSDP2 over DTensor TP: the transients alive at the end of the
-backward that memplan.states.engines.fsdp2_step leaves out (it models FSDP2 sharding over more than
-one data rank; TP without data parallelism gives FSDP2 a one-rank mesh).
-
-Measured on 2 gloo ranks (torch 2.13, FSDPMemTracker, tests/test_verify_tp.py): the step's
-peak is in the root group's post-backward (foreach_reduce), right after the vocab-parallel
-embedding's gradient is redistributed from Replicate to the parameter's Shard(0). Alive then,
-beside the model states and every gradient the rank keeps:
-
-- tp_fsdp2_unsharded_root: the root group's unsharded parameters. On a one-rank mesh FSDP2
-  still copies every sharded parameter into its own unsharded storage
-  (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py::FSDPParamGroup.wait_for_unshard,
-  `world_size == 1` branch: `alloc_storage(tensor); tensor.copy_(all_gather_input)`);
-- tp_embedding_gradient_whole: the embedding's gradient as embedding backward makes it,
-  Replicate [vocab, hidden] (torch/distributed/tensor/_ops/_embedding_ops.py::
-  embedding_dense_backward_strategy), alive while its row shard is copied out
-  (FSDPParam.unsharded_grad_data: `grad.redistribute(placements=...)`); the shard itself is
-  the rank's gradient, counted in gradients;
-- tp_fsdp2_previous_reduce_scatter_input: the last decoder layer group's reduce-scatter
-  input, which FSDP2 keeps until the next group's reduce-scatter is issued
-  (_fsdp_param_group.py::FSDPParamGroup.post_backward, `self.comm_ctx.reduce_scatter_state`
-  is replaced only after the root's foreach_reduce returns).
 """
 
 from __future__ import annotations
 
 from memplan.memory import Transient
-from memplan.model.inventory import Inventory
-from memplan.states.engines.fsdp2_step import Fsdp2Groups
-
-SRC_UNSHARD_ONE_RANK = (
-    "torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py::"
-    "FSDPParamGroup.wait_for_unshard (world_size == 1: per-parameter copy)"
-)
-SRC_WHOLE_EMBEDDING_GRAD = (
-    "torch 2.13 torch/distributed/tensor/_ops/_embedding_ops.py::"
-    "embedding_dense_backward_strategy (Replicate output), redistributed to Shard(0) in "
-    "torch/distributed/fsdp/_fully_shard/_fsdp_param.py::FSDPParam.unsharded_grad_data"
-)
-SRC_PREVIOUS_RS = (
-    "torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py::"
-    "FSDPParamGroup.post_backward (comm_ctx.reduce_scatter_state holds the previous "
-    "group's reduce-scatter input until this group's foreach_reduce returns)"
-)
-
 
 SRC_LOSS_PARALLEL = (
     "torch 2.13 torch/distributed/tensor/parallel/loss.py::_nll_loss_and_log_softmax_backward "
     "(grad_input, grad_input + exp(x), and their product with grad_output)"
 )
+SRC_WHOLE_MASTER_GRAD = (
+    "memplan/verify/build.py::MasterWeights.grads_in (`p.grad.to(master.dtype)`: the cast of "
+    "a Replicate DTensor is Replicate, torch 2.13 torch/distributed/tensor/_ops/"
+    "_tensor_ops.py::default_strategy) over the whole embedding gradient of "
+    "torch/distributed/tensor/_ops/_embedding_ops.py::embedding_dense_backward_strategy"
+)
+# The model-state row of DDP over DTensor TP holding the rows of the embedding's gradient
+# other TP ranks own (memplan.states.stages._whole_embedding_gradient).
+WHOLE_EMBEDDING_GRADIENT = "embedding gradient (whole)"
 
 
 def loss_parallel_gradient(sharded_logits_fp32: int) -> Transient:
@@ -74,71 +43,12 @@ def loss_parallel_gradient(sharded_logits_fp32: int) -> Transient:
     )
 
 
-def tp_fsdp2_backward_end(
-    inventory: Inventory,
-    groups: Fsdp2Groups,
-    *,
-    world: int,
-    param: int,
-    grad: int,
-) -> list[Transient]:
-    """The terms above at `backward_end`, in bytes on the most-loaded rank. `groups` are the
-    TP-local groups sharded `world` (data) ways; `param`/`grad` are the bytes per element of
-    FSDP2's unsharded parameters (MixedPrecisionPolicy.param_dtype) and gradients."""
-    out: list[Transient] = []
-    if groups.layers:
-        out.append(
-            Transient(
-                name="tp_fsdp2_previous_reduce_scatter_input",
-                bytes=world * groups.block.grad_padded * grad,
-                phases=("backward_end",),
-                formula=f"{world} x {groups.block.grad_padded:,} x {grad} B "
-                "(the last layer group's reduce-scatter input)",
-                source=SRC_PREVIOUS_RS,
-            )
-        )
-    if world > 1:
-        return out  # memplan.states.engines.fsdp2_step models the rest on a sharding mesh
-    out.append(
-        Transient(
-            name="tp_fsdp2_unsharded_root",
-            bytes=groups.root.padded * param,
-            phases=("backward_end",),
-            formula=f"{groups.root.padded:,} x {param} B (the root's unsharded parameters)",
-            source=SRC_UNSHARD_ONE_RANK,
-        )
-    )
-    arch = inventory.architecture
-    table = next((t for t in inventory.parameters if t.role == "embedding" and t.trainable), None)
-    if arch is not None and table is not None:
-        whole = arch.vocab_size * (table.numel // table.shape[0])
-        out.append(
-            Transient(
-                name="tp_embedding_gradient_whole",
-                bytes=whole * grad,
-                phases=("backward_end",),
-                formula=f"[{arch.vocab_size:,}, {table.numel // table.shape[0]}] x {grad} B "
-                "(Replicate, before its row shard is copied out)",
-                source=SRC_WHOLE_EMBEDDING_GRAD,
-            )
-        )
-    return out
-
-
-SRC_WHOLE_MASTER_GRAD = (
-    "memplan/verify/build.py::MasterWeights.grads_in (`p.grad.to(master.dtype)`: the cast of "
-    "a Replicate DTensor is Replicate, torch 2.13 torch/distributed/tensor/_ops/"
-    "_tensor_ops.py::default_strategy) over the whole embedding gradient of "
-    "torch/distributed/tensor/_ops/_embedding_ops.py::embedding_dense_backward_strategy"
-)
-
-
 def whole_embedding_master_gradient(extra_elements: int, master_bytes: int) -> Transient:
     """DDP over DTensor TP with fp32 master weights: the embedding's 16-bit gradient is whole
-    (Replicate [vocab, hidden], memplan.states.stages' "embedding gradient (whole)"), so its master
-    gradient, cast from it for the step, is whole too: the rows other TP ranks own come on
-    top of timeline's master_gradients (the rank's own master elements), at the optimizer
-    step. Measured: TP 2 ddp bf16-mixed (tests/test_verify_tp.py)."""
+    (Replicate [vocab, hidden], the WHOLE_EMBEDDING_GRADIENT row), so its master gradient,
+    cast from it for the step, is whole too: the rows other TP ranks own come on top of
+    master_gradients (the rank's own master elements, memplan.states.optimizer_step), at the
+    optimizer step. Measured: TP 2 ddp bf16-mixed (tests/test_verify_tp.py)."""
     return Transient(
         name="tp_master_gradient_whole_embedding",
         bytes=extra_elements * master_bytes,

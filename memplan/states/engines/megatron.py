@@ -9,7 +9,8 @@ contiguous buffer too, every parameter starts at a multiple of 64 elements, the 
 default) bucket ends at a multiple of lcm(DP, 128), and each DP rank's optimizer owns
 1 / DP of it: fp32 main params, exp_avg and exp_avg_sq. Without it every rank keeps the fp32
 main params and states of all its parameters (Float16OptimizerWithFloat16Params). Apex/TE
-FusedAdam counts steps in a Python int.
+FusedAdam counts steps in a Python int. The step keeps the gradient buffer for the whole run
+and, with 16-bit main_grad, casts this rank's main_grads to fp32 (STEP).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import bisect
 import math
 from dataclasses import replace
 
+from memplan.memory import Transient
 from memplan.model.inventory import Inventory
 from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe, dtype_bytes
+from memplan.states.engines.base import EngineStep, GradientLife, StepCache, StepStates
 from memplan.states.layout import Layout
 from memplan.states.terms import (
     RankStates,
@@ -56,7 +59,7 @@ def main_grad_dtype(recipe: Recipe) -> str:
     arguments.py::validate_args sets accumulate_allreduce_grads_in_fp32 for --bf16, not --fp16;
     distributed_data_parallel.py::DistributedDataParallel.__init__: grad_dtype = fp32 if
     grad_reduce_in_fp32 else param.dtype, core_r0.12), or the asked accumulation dtype; fp16
-    keeps 16-bit grads (fp32 copies are made at the step: timeline's megatron step term)."""
+    keeps 16-bit grads (fp32 copies are made at the step: main_grads_fp32)."""
     if recipe.gradient_accumulation:
         return recipe.gradient_accumulation
     return "fp32" if recipe.parameters == "bf16" else recipe.gradients
@@ -177,3 +180,34 @@ def megatron(
         device, host = seen[key]
         per_rank.append(RankStates(ranks=(rank,), terms=(*terms, *device), host_terms=tuple(host)))
     return group_ranks(per_rank, key=lambda r: r.total_bytes)
+
+
+def main_grads_fp32(elements: int) -> Transient:
+    """Megatron with 16-bit main_grad (fp16): the step casts each main_grad to an fp32 grad of
+    its fp32 main parameter (`main_param.grad = model_param.main_grad.float()`), this rank's
+    main parameters' worth, alive through the step. Source: megatron/core/optimizer/
+    optimizer.py::Float16OptimizerWithFloat16Params._copy_model_grads_to_main_grads and
+    distrib_optimizer.py::DistributedOptimizer._copy_model_grads_to_main_grads (core_r0.12)."""
+    return Transient(
+        name="megatron_fp32_main_grads",
+        bytes=elements * dtype_bytes("fp32"),
+        phases=("optimizer_step",),
+        formula=f"{elements:,} main-parameter elements x 4 B (main_grad.float())",
+        source="megatron/core/optimizer/optimizer.py::_copy_model_grads_to_main_grads (core_r0.12)",
+    )
+
+
+def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
+    """The fp32 copies of a 16-bit main_grad, over this rank's main parameters."""
+    if main_grad_dtype(states.recipe) == "fp32":
+        return []
+    masters = sum(t.elements for t in states.per_gpu.terms if t.name == "master_weights")
+    return [main_grads_fp32(masters)] if masters else []
+
+
+def _gradients(states: StepStates, cache: StepCache) -> GradientLife:
+    """The contiguous main_grad buffer (SRC_BUFFER) is allocated at init and kept."""
+    return GradientLife(whole_run=True)
+
+
+STEP = EngineStep(states=_state_transients, gradients=_gradients)

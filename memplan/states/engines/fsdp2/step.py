@@ -1,7 +1,7 @@
-"""torch FSDP2's transient buffers: what `fully_shard` holds at each phase of a step, on top of
-the sharded model states (memplan.states.engines.fsdp2) and the saved activations. Split from
-memplan.step.transients (the other engines' buffers); measured against memplan verify's
-FSDPMemTracker runs by tests/test_fsdp2_peak.py.
+"""torch FSDP2's part of a training step: the buffers `fully_shard` holds at each phase, on
+top of the sharded model states (memplan.states.engines.fsdp2.sharding) and the saved
+activations, and when its gradients exist. Measured against memplan verify's FSDPMemTracker
+runs by tests/test_fsdp2_peak.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from memplan.memory import Phase, Transient
 from memplan.model.inventory import Inventory, TensorSpec
-from memplan.precision import dtype_bytes
+from memplan.precision import Recipe, dtype_bytes
+from memplan.states.engines.base import StepActivations, StepCache, StepStates
+from memplan.states.engines.fsdp2.sharding import padded_elements
 
 # torch FSDP2 (`fully_shard`, torch 2.13) as memplan verify wraps a model
 # (memplan/verify/rank.py::_wrap): one parameter group per decoder layer, then the root (every
@@ -69,7 +71,7 @@ class Fsdp2Group:
     """One FSDP2 parameter group (one `fully_shard` call), in elements on one rank."""
 
     padded: int
-    """Every parameter's padded shard, ceil(dim0 / world) rows (`padded_sharded_param_size`):
+    """Every parameter's padded shard (memplan.states.engines.fsdp2.sharding.padded_elements):
     world x this is the all-gather output and the unsharded parameters' storage."""
     grad_padded: int
     """The same over the parameters with a gradient: the reduce-scatter output per rank
@@ -113,8 +115,8 @@ def fsdp2_groups(inventory: Inventory, world: int) -> Fsdp2Groups:
 def _fsdp2_group(tensors: list[TensorSpec], world: int) -> Fsdp2Group:
     train = [t for t in tensors if t.trainable]
     return Fsdp2Group(
-        padded=sum(_padded(t, world) for t in tensors),
-        grad_padded=sum(_padded(t, world) for t in train),
+        padded=padded_elements(tensors, world),
+        grad_padded=padded_elements(train, world),
         grads=sum(t.numel for t in train),
         last=train[-1].numel if train else 0,
     )
@@ -122,7 +124,7 @@ def _fsdp2_group(tensors: list[TensorSpec], world: int) -> Fsdp2Group:
 
 @dataclass(frozen=True, slots=True)
 class _Fsdp2Bytes:
-    """The buffers of one group, in bytes (see fsdp2())."""
+    """The buffers of one group, in bytes (see step_buffers())."""
 
     unsharded: int
     """world x padded x param dtype: the all-gather output, and again the parameters."""
@@ -150,27 +152,7 @@ def fsdp2_root_gradients(groups: Fsdp2Groups, *, shard: str) -> int:
     return groups.root.grad_padded * dtype_bytes(shard)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Fsdp2Activations:
-    """What the timeline's phase points hold besides FSDP2, for FSDP2's moments that fall
-    between them (bytes): a moment is counted at a phase point with what that point holds
-    but the moment does not subtracted."""
-
-    layer: int
-    """One decoder layer's saved tensors."""
-    forward_working_set: int
-    logits_gradient: int
-    embedding_backward: Transient | None = None
-    """The embedding's backward (the timeline's last op of backward, see fsdp2())."""
-    backward_working_set: int = 0
-    """The backward point's working set inside a decoder layer's backward (the timeline's
-    backward_working_set): alive only while the layer's autograd ops run."""
-    hidden_gradient: int = 0
-    """One hidden-state gradient [tokens, hidden]: the layer's input gradient, what is left
-    of the working set once the layer's backward is done (see _fsdp2_layer_backward)."""
-
-
-def fsdp2(
+def step_buffers(
     groups: Fsdp2Groups,
     *,
     world: int,
@@ -179,7 +161,7 @@ def fsdp2(
     shard: str,
     reshard: bool,
     gloo: bool,
-    acts: Fsdp2Activations | None = None,
+    acts: StepActivations,
 ) -> list[Transient]:
     """FSDP2's buffers at each phase of the step, on top of the sharded model states.
 
@@ -195,74 +177,21 @@ def fsdp2(
     input still held, and `acts.embedding_backward`, returned only then) or the root's own
     reduce-scatter (input, output, gloo's copy, the last unsharded gradient; the root's
     sharded gradients not yet made, see fsdp2_root_gradients). The decoder layers' backward
-    is the worst of several moments (_fsdp2_layer_backward); with `acts`, two all-gathers of
-    the root between phase points are added where they hold more (between_phases)."""
+    is the worst of several moments (_fsdp2_layer_backward); with a decoder layer's
+    activations (`acts.layer`), two all-gathers of the root between phase points are added
+    where they hold more (between_phases)."""
     p, g, o = dtype_bytes(param), dtype_bytes(grad), dtype_bytes(shard)
     root = _fsdp2_bytes(groups.root, world, p, g, o)
     block = _fsdp2_bytes(groups.block, world, p, g, o)
-    layers = groups.layers
-    terms: dict[str, Transient] = {}
-
-    def add(name: str, n_bytes: int, phases: tuple[Phase, ...], formula: str, src: str) -> None:
-        if n_bytes > 0 and phases:
-            terms[name] = Transient(
-                name=name, bytes=n_bytes, phases=phases, formula=formula, source=src
-            )
-
-    def up(elements: int) -> str:
-        return f"{world} ranks x {elements:,} padded shard elements x {p} B ({param})"
-
-    # The end of backward: the embedding's backward or the root's reduce-scatter.
-    embedding = acts.embedding_backward if acts is not None else None
-    at_embedding = root.unsharded + root.grads + (block.reduce_in if layers else 0)
-    copy = root.reduce_in if gloo else 0
-    at_reduce = root.reduce_in + root.reduce_out + root.last + copy
-    cast = root.reduce_in + root.reduce_out + root.sharded_grads + root.last if g != o else 0
-    end_reduce = max(at_reduce, cast) > at_embedding + (embedding.bytes if embedding else 0)
-    add(
-        "fsdp2_unsharded_root",
-        root.unsharded,
-        ("forward", "loss", "backward_start", "backward")
-        + (() if end_reduce else ("backward_end",)),
-        up(groups.root.padded) + ": the root's all-gathered parameters (from its "
-        "pre-forward to its post-forward, again from its pre-backward to its post-backward)",
-        f"{_AG_COPY_OUT}; {_RESHARD}",
+    saved = acts.layer  # None: no decoder layer's activations modelled
+    embedding = acts.embedding_backward if saved is not None else None
+    at_reduce, end = _end_of_backward(
+        groups, root, block, world=world, grad=grad, shard=shard, gloo=gloo, embedding=embedding
     )
-    if reshard:
-        add(
-            "fsdp2_unsharded_block",
-            block.unsharded if layers else 0,
-            ("forward", "backward"),
-            up(groups.block.padded) + ": the decoder layer that runs",
-            f"{_AG_COPY_OUT}; {_RESHARD}",
-        )
-        add(
-            "fsdp2_all_gather_output",
-            block.unsharded if layers else 0,
-            ("forward", "loss", "backward_start") + (("backward",) if layers > 1 else ()),
-            up(groups.block.padded) + ": one layer's flat all-gather output (the last "
-            "layer's, kept until the root's post-forward; in backward the next layer's, "
-            "prefetched)",
-            f"{_AG_OUT}; {_AG_KEPT}; {_PREFETCH}",
-        )
-    else:
-        add(
-            "fsdp2_unsharded_blocks",
-            layers * block.unsharded,
-            ("forward", "loss", "backward_start", "backward"),
-            f"{layers} layers x " + up(groups.block.padded) + ": every layer stays "
-            "unsharded from its forward to its post-backward (reshard_after_forward=False)",
-            f"{_AG_COPY_OUT}; {_RESHARD}",
-        )
-        add(
-            "fsdp2_all_gather_output",
-            block.unsharded if layers else 0,
-            ("forward", "loss"),
-            up(groups.block.padded) + ": the last layer's flat all-gather output, "
-            "kept until the root's post-forward",
-            f"{_AG_OUT}; {_AG_KEPT}",
-        )
-    add(
+    # At the embedding's backward the root is still unsharded.
+    root_end: tuple[Phase, ...] = () if at_reduce else ("backward_end",)
+    out = _unsharded(groups, root, block, world=world, param=param, reshard=reshard, end=root_end)
+    out += _term(
         "fsdp2_unsharded_head_grads",
         groups.head_grads * g,
         ("backward",),
@@ -273,83 +202,187 @@ def fsdp2(
     )
     layer = _fsdp2_layer_backward(
         block,
-        layers=layers,
+        layers=groups.layers,
         reshard=reshard,
         gloo=gloo,
-        saved=acts.layer if acts is not None else 0,
-        done=max(0, acts.backward_working_set - acts.hidden_gradient) if acts is not None else 0,
+        saved=saved or 0,
+        done=max(0, acts.backward_working_set - acts.hidden_gradient) if saved is not None else 0,
         grad=grad,
         shard=shard,
     )
-    if layer is not None:
-        terms[layer.name] = layer
-    if not end_reduce:
-        add(
-            "fsdp2_unsharded_root_grads",
-            root.grads,
-            ("backward_end",),
-            f"{groups.root.grads:,} elements x {g} B ({grad}): every root gradient, "
-            "unsharded, at the embedding's backward",
-            _POST_BW,
+    out += [layer] if layer is not None else []
+    out += end
+    if saved is not None:
+        out += between_phases(
+            root, block, layers=groups.layers, reshard=reshard, layer=saved, acts=acts
         )
-        add(
-            "fsdp2_reduce_scatter_input_block",
-            block.reduce_in if layers else 0,
-            ("backward_end",),
-            f"{world} x {groups.block.grad_padded:,} elements x {g} B ({grad}): the first "
-            "layer's reduce-scatter input, held until the root's post-backward",
-            _RS_IN,
+    return out + ([embedding] if embedding is not None and not at_reduce else [])
+
+
+def _term(
+    name: str, n_bytes: int, phases: tuple[Phase, ...], formula: str, source: str
+) -> list[Transient]:
+    """A one-term list, or none when it holds no bytes."""
+    if n_bytes <= 0 or not phases:
+        return []
+    return [Transient(name=name, bytes=n_bytes, phases=phases, formula=formula, source=source)]
+
+
+def _unsharded(
+    groups: Fsdp2Groups,
+    root: _Fsdp2Bytes,
+    block: _Fsdp2Bytes,
+    *,
+    world: int,
+    param: str,
+    reshard: bool,
+    end: tuple[Phase, ...],
+) -> list[Transient]:
+    """The unsharded parameters and the flat all-gather outputs, the root's first (alive
+    from forward to the backward point, and at `end`)."""
+    layers = groups.layers
+
+    def up(elements: int) -> str:
+        return (
+            f"{world} ranks x {elements:,} padded shard elements x {dtype_bytes(param)} B ({param})"
         )
-    else:
-        rs = f"{groups.root.grad_padded:,} padded elements x {g} B ({grad})"
-        add(
+
+    out = _term(
+        "fsdp2_unsharded_root",
+        root.unsharded,
+        ("forward", "loss", "backward_start", "backward", *end),
+        up(groups.root.padded) + ": the root's all-gathered parameters (from its "
+        "pre-forward to its post-forward, again from its pre-backward to its post-backward)",
+        f"{_AG_COPY_OUT}; {_RESHARD}",
+    )
+    if reshard:
+        out += _term(
+            "fsdp2_unsharded_block",
+            block.unsharded if layers else 0,
+            ("forward", "backward"),
+            up(groups.block.padded) + ": the decoder layer that runs",
+            f"{_AG_COPY_OUT}; {_RESHARD}",
+        )
+        out += _term(
+            "fsdp2_all_gather_output",
+            block.unsharded if layers else 0,
+            ("forward", "loss", "backward_start") + (("backward",) if layers > 1 else ()),
+            up(groups.block.padded) + ": one layer's flat all-gather output (the last "
+            "layer's, kept until the root's post-forward; in backward the next layer's, "
+            "prefetched)",
+            f"{_AG_OUT}; {_AG_KEPT}; {_PREFETCH}",
+        )
+        return out
+    out += _term(
+        "fsdp2_unsharded_blocks",
+        layers * block.unsharded,
+        ("forward", "loss", "backward_start", "backward"),
+        f"{layers} layers x " + up(groups.block.padded) + ": every layer stays "
+        "unsharded from its forward to its post-backward (reshard_after_forward=False)",
+        f"{_AG_COPY_OUT}; {_RESHARD}",
+    )
+    out += _term(
+        "fsdp2_all_gather_output",
+        block.unsharded if layers else 0,
+        ("forward", "loss"),
+        up(groups.block.padded) + ": the last layer's flat all-gather output, "
+        "kept until the root's post-forward",
+        f"{_AG_OUT}; {_AG_KEPT}",
+    )
+    return out
+
+
+def _end_of_backward(
+    groups: Fsdp2Groups,
+    root: _Fsdp2Bytes,
+    block: _Fsdp2Bytes,
+    *,
+    world: int,
+    grad: str,
+    shard: str,
+    gloo: bool,
+    embedding: Transient | None,
+) -> tuple[bool, list[Transient]]:
+    """(whether the root's reduce-scatter holds more than the embedding's backward, the
+    backward_end terms of the larger moment besides the root's unsharded parameters and the
+    embedding's backward itself)."""
+    g, o = dtype_bytes(grad), dtype_bytes(shard)
+    at_embedding = root.unsharded + root.grads + (block.reduce_in if groups.layers else 0)
+    copy = root.reduce_in if gloo else 0
+    at_reduce = root.reduce_in + root.reduce_out + root.last + copy
+    cast = root.reduce_in + root.reduce_out + root.sharded_grads + root.last if g != o else 0
+    if max(at_reduce, cast) <= at_embedding + (embedding.bytes if embedding else 0):
+        return False, [
+            *_term(
+                "fsdp2_unsharded_root_grads",
+                root.grads,
+                ("backward_end",),
+                f"{groups.root.grads:,} elements x {g} B ({grad}): every root gradient, "
+                "unsharded, at the embedding's backward",
+                _POST_BW,
+            ),
+            *_term(
+                "fsdp2_reduce_scatter_input_block",
+                block.reduce_in if groups.layers else 0,
+                ("backward_end",),
+                f"{world} x {groups.block.grad_padded:,} elements x {g} B ({grad}): the first "
+                "layer's reduce-scatter input, held until the root's post-backward",
+                _RS_IN,
+            ),
+        ]
+    rs = f"{groups.root.grad_padded:,} padded elements x {g} B ({grad})"
+    out = [
+        *_term(
             "fsdp2_reduce_scatter_input_root",
             root.reduce_in,
             ("backward_end",),
             f"{world} x {rs}: the root's reduce-scatter input",
             _RS_IN,
-        )
-        add(
+        ),
+        *_term(
             "fsdp2_reduce_scatter_output_root",
             root.reduce_out,
             ("backward_end",),
             f"{rs}: the root's reduce-scatter output",
             _RS_OUT,
-        )
-        add(
+        ),
+        *_term(
             "fsdp2_last_unsharded_grad",
             root.last,
             ("backward_end",),
             f"{groups.root.last:,} elements x {g} B ({grad}): the root's last gradient, "
             "unsharded, through its reduce-scatter",
             _RS_LAST,
+        ),
+    ]
+    if at_reduce >= cast:
+        out += _term(
+            "gloo_reduce_scatter_copy",
+            copy,
+            ("backward_end",),
+            f"{world} x {rs}: gloo's copy of the reduce-scatter input",
+            _GLOO_RS,
         )
-        if at_reduce >= cast:
-            add(
-                "gloo_reduce_scatter_copy",
-                copy,
-                ("backward_end",),
-                f"{world} x {rs}: gloo's copy of the reduce-scatter input",
-                _GLOO_RS,
-            )
-        else:
-            add(
-                "fsdp2_sharded_root_grads",
-                root.sharded_grads,
-                ("backward_end",),
-                f"{groups.root.grad_padded:,} elements x {o} B ({shard}): the root's "
-                f"sharded gradients, cast from {grad} beside the reduce-scatter output",
-                _RS_CAST,
-            )
-        embedding = None
-    out = list(terms.values())
-    if acts is not None:
-        out += between_phases(root, block, layers=layers, reshard=reshard, acts=acts)
-    return out + ([embedding] if embedding is not None else [])
+    else:
+        out += _term(
+            "fsdp2_sharded_root_grads",
+            root.sharded_grads,
+            ("backward_end",),
+            f"{groups.root.grad_padded:,} elements x {o} B ({shard}): the root's "
+            f"sharded gradients, cast from {grad} beside the reduce-scatter output",
+            _RS_CAST,
+        )
+    return True, out
 
 
 def between_phases(
-    root: _Fsdp2Bytes, block: _Fsdp2Bytes, *, layers: int, reshard: bool, acts: Fsdp2Activations
+    root: _Fsdp2Bytes,
+    block: _Fsdp2Bytes,
+    *,
+    layers: int,
+    reshard: bool,
+    layer: int,
+    acts: StepActivations,
 ) -> list[Transient]:
     """FSDP2 moments between the timeline's phase points, each counted at the nearest point
     where it holds more than that point, as the excess over it (the bytes the point holds
@@ -370,12 +403,7 @@ def between_phases(
 
         def excess(j: int) -> int:
             kept = root.unsharded if j == 0 else block.unsharded
-            return (
-                kept
-                - (layers - j) * acts.layer
-                - acts.forward_working_set
-                - (layers - 1 - j) * later
-            )
+            return kept - (layers - j) * layer - acts.forward_working_set - (layers - 1 - j) * later
 
         j = max(sorted({0, layers - 1}), key=lambda i: (excess(i), -i))
         if excess(j) > 0:
@@ -392,7 +420,7 @@ def between_phases(
                     bytes=excess(j),
                     phases=("forward",),
                     formula=f"at layer {j}'s all-gather: {unsharded:,} B {kept} all-gather "
-                    f"output still kept - {layers - j} x {acts.layer:,} B saved tensors - "
+                    f"output still kept - {layers - j} x {layer:,} B saved tensors - "
                     f"{acts.forward_working_set:,} B forward working set, not made yet"
                     f"{not_yet}",
                     source=f"{_AG_OUT}; {_AG_KEPT}",
@@ -502,8 +530,14 @@ def _fsdp2_layer_backward(
     )
 
 
-def _padded(t: TensorSpec, world: int) -> int:
-    """Elements of `t`'s padded dim-0 shard x world: ceil(dim0 / world) rows per rank."""
-    if not t.shape or not t.shape[0]:
-        return t.numel
-    return -(-t.shape[0] // world) * (t.numel // t.shape[0])
+def groups_of(states: StepStates, cache: StepCache) -> Fsdp2Groups:
+    """`fsdp2_groups` of the rank's model, sharded over the data-parallel ranks."""
+    inventory, world = states.inventory, states.layout.data
+    return cache.get(("fsdp2 groups", inventory, world), lambda: fsdp2_groups(inventory, world))
+
+
+def shard_dtype(recipe: Recipe) -> str:
+    """The sharded parameters' and gradients' dtype: the accumulation dtype, else the master
+    weights' (the sharded parameters stay in it; MixedPrecisionPolicy.param_dtype, the
+    recipe's parameters, is only the unsharded copy's), else the parameters'."""
+    return recipe.gradient_accumulation or recipe.master_weights or recipe.parameters

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from memplan.model.inventory import Inventory, TensorSpec
@@ -85,9 +85,11 @@ def fsdp2(
     return out
 
 
-def padded_elements(tensors: Sequence[TensorSpec], world: int) -> int:
-    """Elements of the padded dim-0 shards of `tensors` on one rank: ceil(dim0 / world) rows
-    each (SRC_FSDP2: `padded_sharded_param_size`), 0-dim tensors whole."""
+def padded_elements(tensors: Iterable[TensorSpec], world: int) -> int:
+    """Elements of one rank's padded dim-0 shards of `tensors`: ceil(dim0 / world) rows each,
+    whatever the rank, 0-dim tensors whole (SRC_FSDP2: `padded_sharded_param_size`, the
+    storage a sharded parameter and its gradient live in). The all-gather output and the
+    unsharded parameters are world x this (memplan.states.engines.fsdp2.step)."""
     total = 0
     for p in tensors:
         row = p.numel // p.shape[0] if p.shape and p.shape[0] else 0

@@ -74,7 +74,7 @@ class DeepSpeedKnobs:
 
 
 # The flat gradient buffer of BF16_Optimizer: allocated at init, zeroed after each step, never
-# freed (memplan.step.timeline keeps it alive in every phase).
+# freed (memplan.states.engines.deepspeed.STEP keeps it alive in every phase).
 FLAT_GRADIENT_BUFFER = "flat gradient buffer"
 
 

@@ -1,0 +1,155 @@
+"""DeepSpeed's buffers in a training step, on top of its model states
+(memplan.states.engines.deepspeed.sharding): the gradient reduction bucket, ZeRO-3's gathered
+parameters, BF16_Optimizer's gradient path and the fp32 gradients the optimizer steps with.
+Read from deepspeedai/DeepSpeed 0.19.6 (BF16_Optimizer and FP16_Optimizer: 0.19.8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from memplan.memory import ALWAYS, BACKWARD, FORWARD_BACKWARD, Transient
+from memplan.model.inventory import Inventory, TensorSpec
+from memplan.precision import dtype_bytes
+
+
+def reduce_bucket(
+    *, stage: int, reduce_bucket_size: int, dtype: str, overlap_comm: bool | None
+) -> Transient | None:
+    """DeepSpeed's reduction (IPG) bucket: `torch.empty(reduce_bucket_size, dtype)`.
+
+    Stage 1/2 (stage_1_and_2.py::setup_buckets): allocated at the first gradient hook of a
+    backward, released at its epilogue, doubled with overlap_comm (default off for 1/2).
+    Stage 3 (stage3.py::DeepSpeedZeroOptimizer_Stage3): allocated at init and kept; in the
+    communication dtype. Stage 0 has none (the engine all-reduces flat buffers).
+    """
+    if stage == 0:
+        return None
+    overlap = overlap_comm if overlap_comm is not None else stage == 3
+    copies = 2 if overlap and stage < 3 else 1
+    n_bytes = copies * reduce_bucket_size * dtype_bytes(dtype)
+    phases = ALWAYS if stage == 3 else BACKWARD
+    where = "stage3.py (at init)" if stage == 3 else "stage_1_and_2.py::setup_buckets"
+    return Transient(
+        name="deepspeed_reduce_bucket",
+        bytes=n_bytes,
+        phases=phases,
+        formula=f"{copies} x reduce_bucket_size {reduce_bucket_size:,} x "
+        f"{dtype_bytes(dtype)} B ({dtype})",
+        source=f"deepspeed/runtime/zero/{where} (0.19.6)",
+    )
+
+
+def module_sizes(inventory: Inventory) -> tuple[int, int]:
+    """(elements of the largest decoder layer, of the largest tensor outside the layers)."""
+    return _largest_layer(inventory.parameters), _largest_root(inventory.parameters)
+
+
+def zero3_live_parameters(
+    modules: tuple[int, int], *, dtype: str, prefetch_bucket_size: int, max_live_parameters: int
+) -> Transient:
+    """ZeRO-3 gathers each module's parameters for its forward and backward, prefetching up to
+    stage3_prefetch_bucket_size elements ahead, never holding more than
+    stage3_max_live_parameters. Alive: the largest module (a decoder layer, or the embedding /
+    LM head) plus one prefetch bucket, capped. Source: deepspeed/runtime/zero/
+    partitioned_param_coordinator.py::PartitionedParameterCoordinator.fetch_sub_module (0.19.6)."""
+    biggest = max(modules)
+    live = min(biggest + prefetch_bucket_size, max(max_live_parameters, biggest))
+    return Transient(
+        name="zero3_gathered_parameters",
+        bytes=live * dtype_bytes(dtype),
+        phases=FORWARD_BACKWARD,
+        formula=f"min({biggest:,} (largest module) + {prefetch_bucket_size:,} prefetch, "
+        f"max_live {max_live_parameters:,}) elements x {dtype_bytes(dtype)} B ({dtype})",
+        source="deepspeed/runtime/zero/partitioned_param_coordinator.py (0.19.6)",
+    )
+
+
+def bf16_grad_reduce(
+    *, padded: int, largest: int, accumulate: str, communication: str = "bf16"
+) -> Transient:
+    """BF16_Optimizer's gradient path after each backward, one temporary at a time: first
+    `_update_hp_grad` adds every bf16 `.grad` into the flat buffer through
+    `lp.grad.to(grad_acc_dtype)`, a cast of one parameter (the largest: `largest` elements);
+    then, at the boundary, the engine all-reduces the whole flat buffer as one bucket
+    (engine.py::buffered_allreduce_fallback -> allreduce_bucket: `_flatten_dense_tensors` of
+    one tensor is a view) cast to the communication dtype, `tensor.to(communication_data_type)`,
+    bf16 for a bf16 model unless `communication_data_type` is set (engine.py::
+    communication_data_type). Neither copy exists when the buffer is already in that dtype.
+    Counted in the optimizer_step phase: it runs after the backward, with the gradients and
+    states alive and no activations, and before the step (memplan has no phase between)."""
+    wide = dtype_bytes(accumulate) if accumulate != "bf16" else 0
+    cast = largest * wide
+    comm = padded * dtype_bytes(communication) if accumulate != communication else 0
+    return Transient(
+        name="deepspeed_bf16_grad_reduce",
+        bytes=max(cast, comm),
+        phases=("optimizer_step",),
+        formula=f"max({largest:,} x {wide} B (largest .grad cast to {accumulate}), "
+        f"{padded:,} x {dtype_bytes(communication) if comm else 0} B (flat {accumulate} "
+        f"gradient buffer cast to {communication} for the all-reduce))",
+        source="deepspeed/runtime/bf16_optimizer.py::BF16_Optimizer._update_hp_grad; "
+        "deepspeed/runtime/engine.py::DeepSpeedEngine.allreduce_bucket (0.19.8)",
+    )
+
+
+def step_grads(
+    *, stage: int, partition: int, sub_group: int, grad: str, bf16_optimizer: bool = False
+) -> Transient:
+    """DeepSpeed converts this rank's gradient partition to fp32 for the optimizer, one group
+    (stage 1/2) or sub-group (stage 3) at a time: a flattened 16-bit copy plus its fp32 cast.
+    Source: stage_1_and_2.py::DeepSpeedZeroOptimizer.step, stage3.py::
+    _prepare_fp32_grad_for_sub_group (0.19.6).
+
+    Stage 0 with 16-bit gradients steps through FP16_Optimizer (engine.py::
+    _do_optimizer_sanity_check picks FP16/DDP_BFLOAT16 when model and accumulation dtypes agree,
+    0.19.8): `_flatten_dense_tensors([p.grad.to(fp32) for p in group])`, an fp32 copy of every
+    gradient plus the flat fp32 result, 4 + 4 B per element (fp16/fused_optimizer.py::
+    FP16_Optimizer.step, 0.19.8).
+
+    BF16_Optimizer (`bf16_optimizer`) hands the optimizer its slice of the flat gradient
+    buffer, `grad_partition.to(fp32)` only when that buffer is not fp32 (a partition x 4 B
+    copy, set to None after the step), otherwise the slice itself (bf16_optimizer.py::
+    BF16_Optimizer.step, 0.19.8)."""
+    if bf16_optimizer:
+        per = dtype_bytes("fp32") if grad != "fp32" else 0
+        return Transient(
+            name="deepspeed_fp32_gradient_partition",
+            bytes=partition * per,
+            phases=("optimizer_step",),
+            formula=f"{partition:,} elements x 4 B (grad_partition.to(fp32))"
+            if per
+            else "fp32_groups_gradient_flat_partition is a view: no copy",
+            source="deepspeed/runtime/bf16_optimizer.py::BF16_Optimizer.step (0.19.8)",
+        )
+    if stage == 0 and grad != "fp32":
+        return Transient(
+            name="deepspeed_fp32_gradient_partition",
+            bytes=partition * 2 * dtype_bytes("fp32"),
+            phases=("optimizer_step",),
+            formula=f"{partition:,} elements x (4 + 4) B (fp32 copies + flat fp32 gradient)",
+            source="deepspeed/runtime/fp16/fused_optimizer.py::FP16_Optimizer.step (0.19.8)",
+        )
+    elems = min(partition, sub_group) if stage == 3 else partition
+    per = dtype_bytes(grad) + dtype_bytes("fp32") if grad != "fp32" else 0
+    return Transient(
+        name="deepspeed_fp32_gradient_partition",
+        bytes=elems * per,
+        phases=("optimizer_step",),
+        formula=f"{elems:,} elements x ({dtype_bytes(grad)} + 4) B"
+        if per
+        else "gradients already fp32: no copy",
+        source="deepspeed/runtime/zero/stage_1_and_2.py::step, stage3.py (0.19.6)",
+    )
+
+
+def _largest_layer(params: Iterable[TensorSpec]) -> int:
+    sizes: dict[int, int] = {}
+    for t in params:
+        if t.layer is not None:
+            sizes[t.layer] = sizes.get(t.layer, 0) + t.numel
+    return max(sizes.values(), default=0)
+
+
+def _largest_root(params: Iterable[TensorSpec]) -> int:
+    return max((t.numel for t in params if t.layer is None), default=0)

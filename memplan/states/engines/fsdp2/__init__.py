@@ -1,0 +1,89 @@
+"""torch FSDP2 `fully_shard`: who holds which model states (sharding), the buffers it holds at
+each phase of a step (step), its end of backward over DTensor tensor parallelism (tp), and
+the hooks that put them into the step's timeline (STEP)."""
+
+from __future__ import annotations
+
+from memplan.memory import Transient
+from memplan.precision import dtype_bytes
+from memplan.states import optimizer_step
+from memplan.states.engines import dtensor_tp
+from memplan.states.engines.base import (
+    EngineStep,
+    GradientLife,
+    StepActivations,
+    StepCache,
+    StepStates,
+    embedding_backward,
+)
+from memplan.states.engines.fsdp2 import tp
+from memplan.states.engines.fsdp2.step import (
+    fsdp2_root_gradients,
+    groups_of,
+    shard_dtype,
+    step_buffers,
+)
+
+
+def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
+    """The torch.optim step over this rank's shards (memplan.states.optimizer_step)."""
+    temporaries = optimizer_step.step_temporaries(states, cache, shards=states.layout.data)
+    return [temporaries] if temporaries is not None else []
+
+
+def _loss_transients(states: StepStates, acts: StepActivations) -> list[Transient]:
+    """Under DTensor TP: loss_parallel's third tensor (memplan.states.engines.dtensor_tp)."""
+    if states.layout.tensor <= 1:
+        return []
+    return [dtensor_tp.loss_parallel_gradient(acts.loss_fp32)]
+
+
+def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -> list[Transient]:
+    """FSDP2's buffers over more than one data rank (`step_buffers`: its end of backward is the
+    embedding's backward or the root's reduce-scatter, whichever holds more), and under
+    DTensor TP the end-of-backward terms of memplan.states.engines.fsdp2.tp. On a one-rank
+    mesh under TP the root's post-backward comes after the embedding's backward and holds
+    more; without either it is the embedding's backward."""
+    layout, recipe = states.layout, states.recipe
+    if layout.data <= 1 and layout.tensor <= 1:
+        return embedding_backward(states, acts, cache)
+    groups = groups_of(states, cache)
+    out = []
+    if layout.data > 1:
+        out += step_buffers(
+            groups,
+            world=layout.data,
+            param=recipe.parameters,
+            grad=recipe.gradients,
+            shard=shard_dtype(recipe),
+            reshard=layout.stage == 3,
+            gloo=states.device == "cpu",
+            acts=acts,
+        )
+    if layout.tensor > 1:
+        out += tp.backward_end(
+            states.inventory,
+            groups,
+            world=layout.data,
+            param=dtype_bytes(recipe.parameters),
+            grad=dtype_bytes(recipe.gradients),
+        )
+    return out
+
+
+def _gradients(states: StepStates, cache: StepCache) -> GradientLife:
+    """On more than one rank FSDP2 makes each group's sharded gradients in its post-backward,
+    the root's last (fsdp2_root_gradients); one rank reduces nothing."""
+    if states.layout.data <= 1:
+        return GradientLife()
+    root = fsdp2_root_gradients(groups_of(states, cache), shard=shard_dtype(states.recipe))
+    return GradientLife(post_backward_bytes=root)
+
+
+STEP = EngineStep(
+    states=_state_transients,
+    loss=_loss_transients,
+    backward_end=_backward_end,
+    gradients=_gradients,
+    storage_shards=lambda layout: layout.data,
+)

@@ -1,0 +1,96 @@
+"""FSDP2 over torch's DTensor tensor parallelism (torchtitan's plan, as memplan verify runs it:
+memplan/verify/tensor_parallel.py): the transients alive at the end of the backward that
+memplan.states.engines.fsdp2.step leaves out (it models FSDP2 sharding over more than one
+data rank; TP without data parallelism gives FSDP2 a one-rank mesh).
+
+Measured on 2 gloo ranks (torch 2.13, FSDPMemTracker, tests/test_verify_tp.py): the step's
+peak is in the root group's post-backward (foreach_reduce), right after the vocab-parallel
+embedding's gradient is redistributed from Replicate to the parameter's Shard(0). Alive then,
+beside the model states and every gradient the rank keeps:
+
+- tp_fsdp2_unsharded_root: the root group's unsharded parameters. On a one-rank mesh FSDP2
+  still copies every sharded parameter into its own unsharded storage
+  (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py::FSDPParamGroup.wait_for_unshard,
+  `world_size == 1` branch: `alloc_storage(tensor); tensor.copy_(all_gather_input)`);
+- tp_embedding_gradient_whole: the embedding's gradient as embedding backward makes it,
+  Replicate [vocab, hidden] (torch/distributed/tensor/_ops/_embedding_ops.py::
+  embedding_dense_backward_strategy), alive while its row shard is copied out
+  (FSDPParam.unsharded_grad_data: `grad.redistribute(placements=...)`); the shard itself is
+  the rank's gradient, counted in gradients;
+- tp_fsdp2_previous_reduce_scatter_input: the last decoder layer group's reduce-scatter
+  input, which FSDP2 keeps until the next group's reduce-scatter is issued
+  (_fsdp_param_group.py::FSDPParamGroup.post_backward, `self.comm_ctx.reduce_scatter_state`
+  is replaced only after the root's foreach_reduce returns).
+"""
+
+from __future__ import annotations
+
+from memplan.memory import Transient
+from memplan.model.inventory import Inventory
+from memplan.states.engines.fsdp2.step import Fsdp2Groups
+
+SRC_UNSHARD_ONE_RANK = (
+    "torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py::"
+    "FSDPParamGroup.wait_for_unshard (world_size == 1: per-parameter copy)"
+)
+SRC_WHOLE_EMBEDDING_GRAD = (
+    "torch 2.13 torch/distributed/tensor/_ops/_embedding_ops.py::"
+    "embedding_dense_backward_strategy (Replicate output), redistributed to Shard(0) in "
+    "torch/distributed/fsdp/_fully_shard/_fsdp_param.py::FSDPParam.unsharded_grad_data"
+)
+SRC_PREVIOUS_RS = (
+    "torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py::"
+    "FSDPParamGroup.post_backward (comm_ctx.reduce_scatter_state holds the previous "
+    "group's reduce-scatter input until this group's foreach_reduce returns)"
+)
+
+
+def backward_end(
+    inventory: Inventory,
+    groups: Fsdp2Groups,
+    *,
+    world: int,
+    param: int,
+    grad: int,
+) -> list[Transient]:
+    """The terms above at `backward_end`, in bytes on the most-loaded rank. `groups` are the
+    TP-local groups sharded `world` (data) ways; `param`/`grad` are the bytes per element of
+    FSDP2's unsharded parameters (MixedPrecisionPolicy.param_dtype) and gradients."""
+    out: list[Transient] = []
+    if groups.layers:
+        out.append(
+            Transient(
+                name="tp_fsdp2_previous_reduce_scatter_input",
+                bytes=world * groups.block.grad_padded * grad,
+                phases=("backward_end",),
+                formula=f"{world} x {groups.block.grad_padded:,} x {grad} B "
+                "(the last layer group's reduce-scatter input)",
+                source=SRC_PREVIOUS_RS,
+            )
+        )
+    if world > 1:
+        return out  # memplan.states.engines.fsdp2.step models the rest on a sharding mesh
+    out.append(
+        Transient(
+            name="tp_fsdp2_unsharded_root",
+            bytes=groups.root.padded * param,
+            phases=("backward_end",),
+            formula=f"{groups.root.padded:,} x {param} B (the root's unsharded parameters)",
+            source=SRC_UNSHARD_ONE_RANK,
+        )
+    )
+    arch = inventory.architecture
+    table = next((t for t in inventory.parameters if t.role == "embedding" and t.trainable), None)
+    if arch is not None and table is not None:
+        whole = arch.vocab_size * (table.numel // table.shape[0])
+        out.append(
+            Transient(
+                name="tp_embedding_gradient_whole",
+                bytes=whole * grad,
+                phases=("backward_end",),
+                formula=f"[{arch.vocab_size:,}, {table.numel // table.shape[0]}] x {grad} B "
+                "(Replicate, before its row shard is copied out)",
+                source=SRC_WHOLE_EMBEDDING_GRAD,
+            )
+        )
+    return out
