@@ -1,10 +1,12 @@
 """GPU check (issue 20, part 5): `memplan verify --device cuda` over a small grid, with the
 predicted and measured allocated, reserved and NVML-used bytes of each run.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py            # a CUDA machine; about 4 min on one
-                                                           # H100, writes benchmarks/results/
+    PYTHONPATH=. python benchmarks/gpu_check.py            # a CUDA machine: 12 runs on one GPU
+                                                           # (36 on several), at most --budget-s
+                                                           # (480 s); writes benchmarks/results/
                                                            # gpu-<gpu>.json
-    PYTHONPATH=. python benchmarks/gpu_check.py --dry-run  # the same grid on CPU, tiny models,
+    PYTHONPATH=. python benchmarks/gpu_check.py --dry-run  # the same grid on CPU, tiny models
+                                                           # (6 runs, about 40 s on 2 cores),
                                                            # into a temporary folder
 
 Each run is a fresh interpreter (`--child`) with PYTORCH_CUDA_ALLOC_CONF set in its
