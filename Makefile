@@ -1,7 +1,7 @@
 # make test: install the test extras (torch CPU build first) and run lint, types and tests.
 PY ?= python
 
-.PHONY: test dev lint types pytest test-min gpu bench
+.PHONY: test dev lint types pytest test-min gpu gpu-check bench
 
 test: dev lint types pytest
 
@@ -31,6 +31,11 @@ test-min:
 # CUDA tests (skipped without a GPU).
 gpu:
 	$(PY) -m pytest -q -m gpu
+
+# memplan verify on CUDA over a small grid: predicted vs measured allocated / reserved /
+# NVML-used bytes (benchmarks/results/gpu-<gpu>.json); `make gpu-check ARGS=--dry-run` on CPU.
+gpu-check:
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 bench:
 	$(PY) benchmarks/estimate_speed.py
