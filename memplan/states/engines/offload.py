@@ -61,20 +61,19 @@ def apply(
             "Megatron-LM offloads the optimizer only (--optimizer-cpu-offload).",
             field="parallelism.offload.parameters",
         )
-    gpu: list[Term] = []
     host: list[Term] = list(states.host_terms)
     nvme: list[Term] = []
 
     def off(t: Term, target: str) -> None:
         (nvme if target == "nvme" else host).append(_moved(t, target))
 
-    largest = max((p.numel for p in inventory.parameters if p.trainable), default=0)
     if engine == "fsdp2":
         # CPUOffloadPolicy moves sharded parameters and gradients; the optimizer follows them.
         target = parameters if parameters != "none" else optimizer
         for t in states.terms:
             off(t, target)
         return replace(states, terms=(), host_terms=tuple(host)), tuple(nvme)
+    gpu: list[Term] = []
     for t in states.terms:
         if t.category == "optimizer_states" and optimizer != "none":
             off(t, optimizer)
@@ -83,62 +82,56 @@ def apply(
         elif t.category == "gradients" and optimizer != "none" and engine == "deepspeed":
             if stage == 3:
                 off(t, optimizer)
-            else:
-                # Gradients reach the CPU partition through an fp32 `.grad` of the partition on
-                # the host and a 16-bit staging buffer of the largest tensor on each side; stage 2
-                # keeps no other gradient on the GPU.
-                part = next(x.elements for x in states.terms if x.name == "master_weights")
-                off(
-                    term(
-                        "gradients",
-                        "fp32 grad partition",
-                        "fp32",
-                        1,
-                        part,
-                        f"{fmt(part)} elements x 4 B (fp32)",
-                        SRC_S12_OFFLOAD,
-                    ),
-                    optimizer,
-                )
-                off(
-                    term(
-                        "gradients",
-                        "bit16 partition copy",
-                        param_dtype,
-                        1,
-                        part,
-                        f"{fmt(part)} elements x {dtype_bytes(param_dtype)} B",
-                        SRC_S12_OFFLOAD,
-                    ),
-                    "cpu",
-                )
-                off(
-                    term(
-                        "gradients",
-                        "cpu staging buffer",
-                        param_dtype,
-                        1,
-                        largest,
-                        f"largest tensor {fmt(largest)} elements",
-                        SRC_S12_OFFLOAD,
-                    ),
-                    "cpu",
-                )
-                if stage == 1:
-                    gpu.append(t)  # stage 1 keeps every 16-bit .grad until the boundary
-                else:
-                    gpu.append(
-                        term(
-                            "gradients",
-                            "gpu staging buffer",
-                            param_dtype,
-                            1,
-                            largest,
-                            f"largest tensor {fmt(largest)} elements x "
-                            f"{dtype_bytes(param_dtype)} B",
-                            SRC_S12_OFFLOAD,
-                        )
-                    )
+                continue
+            on_gpu, moved = _zero12_gradient_offload(t, states, inventory, stage, param_dtype)
+            gpu.append(on_gpu)
+            for target, m in moved:
+                off(m, optimizer if target == "optimizer" else target)
         else:
             gpu.append(t)
     return replace(states, terms=tuple(gpu), host_terms=tuple(host)), tuple(nvme)
+
+
+def _zero12_gradient_offload(
+    grads: Term, states: RankStates, inventory: Inventory, stage: int, param_dtype: str
+) -> tuple[Term, list[tuple[str, Term]]]:
+    """DeepSpeed ZeRO-1/2 with the optimizer offloaded: (what stays on the GPU, [(where, term)]
+    moved off it; where "optimizer" is the optimizer's offload target). Gradients reach the
+    CPU partition through an fp32 `.grad` of the partition on the host and a 16-bit staging
+    buffer of the largest tensor on each side; stage 2 keeps no other gradient on the GPU,
+    stage 1 keeps every 16-bit .grad until the boundary."""
+    part = next(x.elements for x in states.terms if x.name == "master_weights")
+    largest = max((p.numel for p in inventory.parameters if p.trainable), default=0)
+    width = dtype_bytes(param_dtype)
+
+    def row(name: str, dtype: str, elements: int, formula: str) -> Term:
+        return term("gradients", name, dtype, 1, elements, formula, SRC_S12_OFFLOAD)
+
+    moved = [
+        (
+            "optimizer",
+            row("fp32 grad partition", "fp32", part, f"{fmt(part)} elements x 4 B (fp32)"),
+        ),
+        (
+            "cpu",
+            row("bit16 partition copy", param_dtype, part, f"{fmt(part)} elements x {width} B"),
+        ),
+        (
+            "cpu",
+            row(
+                "cpu staging buffer",
+                param_dtype,
+                largest,
+                f"largest tensor {fmt(largest)} elements",
+            ),
+        ),
+    ]
+    if stage == 1:
+        return grads, moved
+    staging = row(
+        "gpu staging buffer",
+        param_dtype,
+        largest,
+        f"largest tensor {fmt(largest)} elements x {width} B",
+    )
+    return staging, moved
