@@ -407,21 +407,54 @@ def saved(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     if act == "gelu":  # GemmaConfig.__post_init__ (gemma 1) replaces it
         act = "gelu_pytorch_tanh"
     h, a, kv, d = kernels.attention_dims(arch)
-    inter, vocab = arch.intermediate_size, arch.vocab_size
-    b, s, t = st.batch, st.sequence, st.tokens
-    mm = st.matmul
-    heads = attention.Heads(batch=b, seq=s, heads=a, kv_heads=kv, head_dim=d)
-    drop_attn = dropout_on(st, x, "attention_dropout", default=0.0)
-    attn_cap, final_cap = _caps_of(arch)
-    if kind != "gemma2":
-        attn_cap = None  # Gemma3Attention does not pass its softcap to the attention function
+    t, mm = st.tokens, st.matmul
     layer_types = tuple(x.get("layer_types") or ())
     if x.get("use_bidirectional_attention"):
         return "bidirectional attention (use_bidirectional_attention) has no rule"
+    kernel = _attention_kernel(arch, st, layer_types)
+    if isinstance(kernel, str):
+        return kernel
+    eager, mask, note = kernel
 
-    # Gemma2PreTrainedModel._supports_sdpa is False: transformers falls back to eager when no
-    # attn_implementation is requested (modeling_utils.py::get_correct_attn_implementation);
-    # an explicit "sdpa" raises.
+    layer: list[Saved] = kernels.gemma_rms_norm("input_layernorm", t, h, st.stream, src)
+    layer += kernels.linear_inputs(
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], t, h, st.stream, st
+    )
+    layer += kernels.weight_casts(
+        kernels.projection_weights(h, a, kv, d, arch.intermediate_size), st
+    )
+    if kind == "gemma3_text":
+        # Gemma3Attention: q_norm/k_norm over head_dim of q, k [b, heads, s, d] (in mm).
+        layer += kernels.gemma_rms_norm("self_attn.q_norm", t * a, d, mm, src)
+        layer += kernels.gemma_rms_norm("self_attn.k_norm", t * kv, d, mm, src)
+    core = _attention_core(arch, st, eager=eager, mask=mask)
+    tail = _layer_tail(arch, st, act)
+    if tail is None:
+        return f"hidden_activation {act!r} has no activation rule"
+    return Model(
+        embeddings=(kernels.embedding_indices("embed_tokens.indices", (st.batch, st.sequence)),),
+        per_forward=_rope_tables(arch, st, layer_types),
+        layer_head=tuple(layer),
+        core=core,
+        layer_tail=tuple(tail),
+        head=_head(arch, st),
+        vocab=arch.vocab_size,
+        hidden=h,
+        num_layers=arch.num_layers,
+        notes=(note,),
+    )
+
+
+def _attention_kernel(
+    arch: Architecture, st: Setting, layer_types: tuple[str, ...]
+) -> tuple[bool, bool, str] | str:
+    """(eager, sliding-window mask saved, note) for the attention Gemma runs, or why not
+    modelled.
+
+    Gemma2PreTrainedModel._supports_sdpa is False: transformers falls back to eager when no
+    attn_implementation is requested (modeling_utils.py::get_correct_attn_implementation); an
+    explicit "sdpa" raises."""
+    kind = arch.model_type
     eager = st.attention == "eager" or kind == "gemma2"
     note = ""
     if kind == "gemma2" and st.attention == "sdpa":
@@ -431,92 +464,101 @@ def saved(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
         )
     mask = False
     if kind != "gemma" and not eager:
-        window = x.get("sliding_window")
-        if isinstance(window, int) and s > window and "sliding_attention" in layer_types:
+        window = arch.extra.get("sliding_window")
+        if isinstance(window, int) and st.sequence > window and "sliding_attention" in layer_types:
             if "full_attention" in layer_types:
                 return (
                     "sliding-window layers shorter than the sequence next to full-attention "
                     "layers save different tensors under sdpa (one layer kind per rule)"
                 )
             mask = True
+    return eager, mask, note
 
-    layer: list[Saved] = kernels.gemma_rms_norm("input_layernorm", t, h, st.stream, src)
-    layer += kernels.linear_inputs(
-        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], t, h, st.stream, st
-    )
-    layer += kernels.weight_casts(kernels.projection_weights(h, a, kv, d, inter), st)
-    if kind == "gemma3_text":
-        # Gemma3Attention: q_norm/k_norm over head_dim of q, k [b, heads, s, d] (in mm).
-        layer += kernels.gemma_rms_norm("self_attn.q_norm", t * a, d, mm, src)
-        layer += kernels.gemma_rms_norm("self_attn.k_norm", t * kv, d, mm, src)
+
+def _attention_core(arch: Architecture, st: Setting, *, eager: bool, mask: bool) -> attention.Core:
+    """The attention core (QK^T -> softmax -> .V), with Gemma 2's logit softcap under eager."""
+    kind, src = arch.model_type, SRC[arch.model_type]
+    _, a, kv, d = kernels.attention_dims(arch)
+    b, s, mm = st.batch, st.sequence, st.matmul
+    heads = attention.Heads(batch=b, seq=s, heads=a, kv_heads=kv, head_dim=d)
+    drop_attn = dropout_on(st, arch.extra, "attention_dropout", default=0.0)
+    attn_cap, _ = _caps_of(arch)
+    if kind != "gemma2":
+        attn_cap = None  # Gemma3Attention does not pass its softcap to the attention function
     # apply_rotary_pos_emb: q * cos + rotate_half(q) * sin, cos/sin in the stream dtype.
     qk = promote(mm, st.stream)
     qkv = attention.Qkv(q=qk, k=qk, v=mm, mask=mask)
-    if eager:
-        core = attention.eager(
-            st,
-            heads,
-            qkv,
-            softmax_fp32=True,
-            convert_to_query=True,
-            dropout_on=drop_attn,
-            source=src + "::eager_attention_forward",
-        )
-        if attn_cap is not None:
-            # tanh(scores / cap) saves its result, in the matmul's dtype (before the mask).
-            capped = kernels.saved(
-                "attn.softcap_tanh", (b, a, s, s), mm, "TanhBackward0", src + "::eager"
-            )
-            core = attention.Core(core=(*core.core, capped), inputs=core.inputs, output=core.output)
-    else:
-        core = attention.sdpa(st, heads, qkv, dropout_on=drop_attn)
+    if not eager:
+        return attention.sdpa(st, heads, qkv, dropout_on=drop_attn)
+    core = attention.eager(
+        st,
+        heads,
+        qkv,
+        softmax_fp32=True,
+        convert_to_query=True,
+        dropout_on=drop_attn,
+        source=src + "::eager_attention_forward",
+    )
+    if attn_cap is None:
+        return core
+    # tanh(scores / cap) saves its result, in the matmul's dtype (before the mask).
+    capped = kernels.saved("attn.softcap_tanh", (b, a, s, s), mm, "TanhBackward0", src + "::eager")
+    return attention.Core(core=(*core.core, capped), inputs=core.inputs, output=core.output)
 
+
+def _layer_tail(arch: Architecture, st: Setting, act: str) -> list[Saved] | None:
+    """After the attention: the post-attention norms, the gated MLP and (Gemma 2 and 3) the
+    post-feed-forward norm; None when the activation has no rule."""
+    kind, src = arch.model_type, SRC[arch.model_type]
+    h, t, mm = arch.hidden_size, st.tokens, st.matmul
     post = promote(st.stream, mm)  # residual + attention output
     tail: list[Saved] = []
     if kind == "gemma":
         tail += kernels.gemma_rms_norm("post_attention_layernorm", t, h, post, src)
-        mlp_in = post
     else:
         tail += kernels.gemma_rms_norm("post_attention_layernorm", t, h, mm, src)
         tail += kernels.gemma_rms_norm("pre_feedforward_layernorm", t, h, post, src)
-        mlp_in = post
-    tail += kernels.linear_inputs(["mlp.gate_proj", "mlp.up_proj"], t, h, mlp_in, st)
-    mlp = gated_mlp_saves("mlp", t, inter, act, st)
+    tail += kernels.linear_inputs(["mlp.gate_proj", "mlp.up_proj"], t, h, post, st)
+    mlp = gated_mlp_saves("mlp", t, arch.intermediate_size, act, st)
     if mlp is None:
-        return f"hidden_activation {act!r} has no activation rule"
+        return None
     tail += mlp
     if kind != "gemma":
         tail += kernels.gemma_rms_norm("post_feedforward_layernorm", t, h, mm, src)
+    return tail
 
-    # The lookup times the embed_scale buffer: the multiply saves only the buffer (excluded).
-    embeddings = [kernels.embedding_indices("embed_tokens.indices", (b, s))]
-    # The rotary embedding returns cos, sin [1, s, d] in the embeddings' dtype, one pair per
-    # layer type for Gemma 3 (Gemma3TextModel.forward), saved by every layer's RoPE.
-    pairs = len(set(layer_types)) if kind == "gemma3_text" else 1
-    rope = [
+
+def _rope_tables(
+    arch: Architecture, st: Setting, layer_types: tuple[str, ...]
+) -> tuple[Saved, ...]:
+    """The rotary embedding returns cos, sin [1, s, d] in the embeddings' dtype, one pair per
+    layer type for Gemma 3 (Gemma3TextModel.forward), saved by every layer's RoPE. (The
+    embedding lookup times the embed_scale buffer saves only the buffer: excluded.)"""
+    _, _, _, d = kernels.attention_dims(arch)
+    pairs = len(set(layer_types)) if arch.model_type == "gemma3_text" else 1
+    return tuple(
         t
         for i in range(max(pairs, 1))
-        for t in kernels.rotary_tables(s, d, st.stream, src, suffix=str(i))
-    ]
+        for t in kernels.rotary_tables(
+            st.sequence, d, st.stream, SRC[arch.model_type], suffix=str(i)
+        )
+    )
+
+
+def _head(arch: Architecture, st: Setting) -> tuple[Saved, ...]:
+    """The final norm, the LM head and (Gemma 2) its final logit softcap."""
+    src, h, t, vocab = SRC[arch.model_type], arch.hidden_size, st.tokens, arch.vocab_size
+    _, final_cap = _caps_of(arch)
     head = kernels.gemma_rms_norm("norm", t, h, st.stream, src)
     head += kernels.linear_inputs(["lm_head"], t, h, st.stream, st)
     head += kernels.weight_casts([("lm_head", (vocab, h))], st)
     if final_cap is not None:
         head.append(
-            kernels.saved("final_logit_softcapping.tanh", (t, vocab), mm, "TanhBackward0", src)
+            kernels.saved(
+                "final_logit_softcapping.tanh", (t, vocab), st.matmul, "TanhBackward0", src
+            )
         )
-    return Model(
-        embeddings=tuple(embeddings),
-        per_forward=tuple(rope),
-        layer_head=tuple(layer),
-        core=core,
-        layer_tail=tuple(tail),
-        head=tuple(head),
-        vocab=vocab,
-        hidden=h,
-        num_layers=arch.num_layers,
-        notes=(note,),
-    )
+    return tuple(head)
 
 
 FAMILY = Family(
