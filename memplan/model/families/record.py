@@ -35,7 +35,7 @@ class ModelEnds:
     activations memplan.activations.lora models are laid out, relative to the model root."""
 
     layer: Literal["llama", "gpt2"]
-    """The layer dataflow memplan.activations.lora follows (`_llama_flow`, `_gpt2_flow`)."""
+    """The layer dataflow memplan.activations.lora_flow follows (`_llama_flow`, `_gpt2_flow`)."""
     embeddings: tuple[tuple[str, str], ...]
     """(saved-name prefix, embedding module) for each input embedding."""
     final_norm: str

@@ -1,0 +1,420 @@
+"""What each layer saves when only part of it trains: the module scopes peft's names reveal,
+the dataflow of a Llama-style or GPT-2-style layer with frozen and adapted modules, and what each
+LoRA adapter saves (peft 0.21.2 tuners/lora/layer.py::Linear.forward and Embedding.forward).
+memplan.activations.lora applies it to a family's full fine-tuning prediction."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from memplan.model.families.record import ModelEnds
+from memplan.model.forward import kernels
+from memplan.model.forward.tensors import Saved, Setting
+from memplan.model.inventory import Inventory
+
+SRC_LORA = "peft 0.21.2 tuners/lora/layer.py::Linear.forward"
+SRC_LORA_EMBEDDING = "peft 0.21.2 tuners/lora/layer.py::Embedding.forward"
+SRC_CAST = "aten/src/ATen/autocast_mode.h::cached_cast"
+PEFT_PREFIX = "base_model.model."
+
+# peft's adapter parameters: `<module>.lora_A.<adapter>.weight` (and lora_B, its optional
+# bias), `<module>.lora_embedding_A.<adapter>` (and B). Everything else is a module's own
+# tensor, maybe under base_layer / original_module / modules_to_save.<adapter> (see _plain).
+_ADAPTER = re.compile(r"^(?P<m>.+)\.(?P<a>lora_A|lora_B)\.[^.]+\.(weight|bias)$")
+_EMB_ADAPTER = re.compile(r"^(?P<m>.+)\.(?P<a>lora_embedding_A|lora_embedding_B)\.[^.]+$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Adapter:
+    """One LoRA adapter as the inventory shows it."""
+
+    rank: int
+    in_features: int
+    out_features: int
+    dtype: str
+    embedding: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scope:
+    """Trainability of the modules of one decoder layer, or of the modules outside the
+    layers (names relative to the layer, or to the model)."""
+
+    weights: frozenset[str] = frozenset()
+    """Modules whose weight trains (a trainable copy under modules_to_save counts)."""
+    params: frozenset[str] = frozenset()
+    """Modules with any trainable parameter (a trainable bias alone makes the output
+    require grad, without saving the input)."""
+    adapters: tuple[tuple[str, Adapter], ...] = ()
+    dropout: float = 0.0
+    """peft lora_dropout of the adapters."""
+
+    def adapted(self, module: str) -> Adapter | None:
+        return next((a for m, a in self.adapters if m == module), None)
+
+    def out_grad(self, module: str, in_grad: bool) -> bool:
+        """Whether the module's output requires grad."""
+        return in_grad or module in self.params or self.adapted(module) is not None
+
+    def reads_x(self, module: str, st: Setting) -> bool:
+        """Whether an adapter on `module` saves the module's input storage itself (lora_A's
+        input is x: no dropout, no cast to the adapter's dtype, no autocast)."""
+        ad = self.adapted(module)
+        return (
+            ad is not None
+            and not ad.embedding
+            and self.dropout == 0
+            and not st.autocast
+            and ad.dtype == st.matmul
+        )
+
+    def input_saved(self, module: str, st: Setting) -> bool:
+        """Whether the module's input is saved: its weight trains, or its adapter reads it."""
+        return module in self.weights or self.reads_x(module, st)
+
+
+def scopes(
+    inventory: Inventory, num_layers: int, *, dropout: float, default: str
+) -> tuple[tuple[Scope, ...], Scope, bool]:
+    """(one Scope per decoder layer, the Scope outside the layers, whether anything is
+    frozen), from the parameter names peft gives (tied aliases take their owner's flag).
+    `default` is the dtype of tensors without a fixed one."""
+    weights: dict[int | None, set[str]] = {}
+    params: dict[int | None, set[str]] = {}
+    parts: dict[int | None, dict[str, dict[str, tuple[tuple[int, ...], str]]]] = {}
+    frozen = False
+    owners = {t.name: t for t in inventory.parameters}
+    named = [(t.name, t) for t in inventory.parameters]
+    named += [(alias, owners[owner]) for alias, owner in inventory.tied if owner in owners]
+    for name, t in named:
+        frozen |= not t.trainable
+        rel = _relative(name.removeprefix(PEFT_PREFIX), t.layer)
+        ad = _ADAPTER.match(rel) or _EMB_ADAPTER.match(rel)
+        if ad:
+            parts.setdefault(t.layer, {}).setdefault(ad["m"], {})[ad["a"]] = (
+                t.shape,
+                t.dtype or default,
+            )
+            continue
+        module, leaf = _plain(rel)
+        if t.trainable:
+            params.setdefault(t.layer, set()).add(module)
+            if leaf == "weight":
+                weights.setdefault(t.layer, set()).add(module)
+
+    def scope(layer: int | None) -> Scope:
+        found = []
+        for module, pair in sorted(parts.get(layer, {}).items()):
+            emb = "lora_embedding_A" in pair
+            a_shape, dtype = pair["lora_embedding_A" if emb else "lora_A"]
+            b_shape, _ = pair["lora_embedding_B" if emb else "lora_B"]
+            found.append(
+                (
+                    module,
+                    Adapter(
+                        rank=a_shape[0],
+                        in_features=a_shape[1],
+                        out_features=b_shape[0],
+                        dtype=dtype,
+                        embedding=emb,
+                    ),
+                )
+            )
+        return Scope(
+            weights=frozenset(weights.get(layer, ())),
+            params=frozenset(params.get(layer, ())),
+            adapters=tuple(found),
+            dropout=dropout,
+        )
+
+    return tuple(scope(i) for i in range(num_layers)), scope(None), frozen
+
+
+def _relative(name: str, layer: int | None) -> str:
+    """A layer's tensor name relative to the layer (`self_attn.q_proj.weight`)."""
+    if layer is None:
+        return name
+    marker = f".{layer}."
+    at = name.find(marker)
+    return name[at + len(marker) :] if at >= 0 else name
+
+
+def _plain(rel: str) -> tuple[str, str]:
+    """(module, leaf) of a parameter name with peft's wrapper segments dropped: base_layer,
+    original_module and modules_to_save.<adapter> (the copy replaces the module in forward)."""
+    parts = rel.split(".")
+    out: list[str] = []
+    skip = False
+    for part in parts:
+        if skip:
+            skip = False
+        elif part == "modules_to_save":
+            skip = True
+        elif part not in ("base_layer", "original_module"):
+            out.append(part)
+    return ".".join(out[:-1]), out[-1]
+
+
+# --- the rules -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Flow:
+    """One layer's (or the model ends') saved tensors under frozen weights: `keep[name]` says
+    whether the node that saves `name` still saves it; `inputs[module]` whether a linear's
+    input requires grad; `linears[name]` the linears that read the saved input `name`."""
+
+    keep: dict[str, bool]
+    inputs: dict[str, bool]
+    linears: dict[str, tuple[str, ...]]
+    core: bool = False
+    """The attention core is recorded (some of q, k, v requires grad)."""
+    rope: bool = False
+    """RoPE is recorded (q or k requires grad before it): it saves the shared cos/sin."""
+    out: bool = False
+    """The layer's output requires grad."""
+
+
+def _llama_flow(sc: Scope, g_in: bool, st: Setting, relu: bool) -> Flow:
+    """LlamaDecoderLayer (transformers models/llama/modeling_llama.py) and its copies: RMSNorm
+    (`weight * y`: y saved for the weight's gradient only), q/k/v/o, RoPE, attention, the
+    gated MLP `down(act(gate(x)) * up(x))`."""
+    t = sc.weights.__contains__
+    n1 = g_in or "input_layernorm" in sc.params
+    q0 = sc.out_grad("self_attn.q_proj", n1)
+    k0 = sc.out_grad("self_attn.k_proj", n1)
+    v = sc.out_grad("self_attn.v_proj", n1)
+    q = q0 or "self_attn.q_norm" in sc.params
+    k = k0 or "self_attn.k_norm" in sc.params
+    core = q or k or v
+    o = sc.out_grad("self_attn.o_proj", core)
+    h1 = g_in or o
+    n2 = h1 or "post_attention_layernorm" in sc.params
+    gate = sc.out_grad("mlp.gate_proj", n2)
+    up = sc.out_grad("mlp.up_proj", n2)
+    prod = gate or up
+    down = sc.out_grad("mlp.down_proj", prod)
+    keep = {
+        "input_layernorm.input_fp32": g_in,
+        "input_layernorm.rstd": g_in,
+        "input_layernorm.normalized": t("input_layernorm"),
+        "self_attn.q_norm.input_fp32": q0,
+        "self_attn.q_norm.rstd": q0,
+        "self_attn.q_norm.normalized": t("self_attn.q_norm"),
+        "self_attn.k_norm.input_fp32": k0,
+        "self_attn.k_norm.rstd": k0,
+        "self_attn.k_norm.normalized": t("self_attn.k_norm"),
+        "post_attention_layernorm.input_fp32": h1,
+        "post_attention_layernorm.rstd": h1,
+        "post_attention_layernorm.normalized": t("post_attention_layernorm"),
+        # silu saves its input (gate's output) when gate requires grad; the product saves
+        # each factor for the other's gradient (relu saves its output, the same storage).
+        "mlp.gate_proj.output": gate,
+        "mlp.act_output": up or (relu and gate),
+        "mlp.up_proj.output": gate,
+    }
+    keep.update(_core(st, q=q, k=k, v=v))
+    # The core's output is o_proj's input when no copy is made: an adapter reads it too.
+    keep["attn.output"] = core or sc.reads_x("self_attn.o_proj", st)
+    inputs = {
+        "self_attn.q_proj": n1,
+        "self_attn.k_proj": n1,
+        "self_attn.v_proj": n1,
+        "self_attn.o_proj": core,
+        "mlp.gate_proj": n2,
+        "mlp.up_proj": n2,
+        "mlp.down_proj": prod,
+    }
+    qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    linears = {
+        # under autocast each linear saves its own cast of the input, named after it
+        **{f"{m}.input": (m,) for m in inputs},
+        # otherwise one storage, named after the first linear reading it
+        "self_attn.q_proj.input": qkv,
+        "o_proj.input": ("self_attn.o_proj",),
+        "mlp.gate_proj.input": ("mlp.gate_proj", "mlp.up_proj"),
+        "mlp.down_proj.input": ("mlp.down_proj",),
+    }
+    return Flow(keep=keep, inputs=inputs, linears=linears, core=core, rope=q or k, out=h1 or down)
+
+
+def _gpt2_flow(sc: Scope, g_in: bool, st: Setting) -> Flow:
+    """GPT2Block (transformers models/gpt2/modeling_gpt2.py): LayerNorm saves input, mean and
+    rstd whenever recorded (derivatives.yaml native_layer_norm: one formula for all
+    inputs); Conv1D is addmm (input saved for the weight's gradient); dropout keeps its mask
+    when its input requires grad."""
+    ln1 = g_in or "ln_1" in sc.params
+    qkv = sc.out_grad("attn.c_attn", ln1)
+    co = sc.out_grad("attn.c_proj", qkv)
+    h1 = g_in or co
+    ln2 = h1 or "ln_2" in sc.params
+    fc = sc.out_grad("mlp.c_fc", ln2)
+    mp = sc.out_grad("mlp.c_proj", fc)
+    keep = {
+        "ln_1.input": ln1,
+        "ln_1.mean": ln1,
+        "ln_1.rstd": ln1,
+        "attn.resid_dropout.mask": co,
+        "ln_2.input": ln2,
+        "ln_2.mean": ln2,
+        "ln_2.rstd": ln2,
+        "mlp.act.pow_input": fc,
+        "mlp.act.tanh": fc,
+        "mlp.act.half_x": fc,
+        "mlp.act.one_plus_tanh": fc,
+        "mlp.act.input": fc,
+        "mlp.dropout.mask": mp,
+    }
+    keep.update(_core(st, q=qkv, k=qkv, v=qkv))
+    keep["attn.output"] = qkv or sc.reads_x("attn.c_proj", st)
+    inputs = {"attn.c_attn": ln1, "attn.c_proj": qkv, "mlp.c_fc": ln2, "mlp.c_proj": fc}
+    linears: dict[str, tuple[str, ...]] = {
+        "attn.c_attn.input": ("attn.c_attn",),
+        "o_proj.input": ("attn.c_proj",),
+        "mlp.c_fc.input": ("mlp.c_fc",),
+        "mlp.c_proj.input": ("mlp.c_proj",),
+    }
+    return Flow(keep=keep, inputs=inputs, linears=linears, core=qkv, out=h1 or mp)
+
+
+def _core(st: Setting, *, q: bool, k: bool, v: bool) -> dict[str, bool]:
+    """The attention core. SDPA's fused kernels save q, k, v, the output and logsumexp
+    whenever recorded (one backward formula for the three inputs). Eager attention and
+    SDPA's math path are matmuls: q @ k^T saves k^T for q's gradient and q for k's; the
+    second matmul saves the probabilities for v's gradient and v for theirs; softmax and
+    dropout keep theirs when the scores require grad."""
+    any_ = q or k or v
+    scores = q or k
+    if st.attention == "eager":
+        return {
+            "attn.query": k,
+            "attn.key_t": q,
+            "attn.softmax": scores,
+            "attn.dropout_mask": scores,
+            "attn.probs": v,
+            "attn.probs_cast": v,
+            "attn.value": scores,
+        }
+    return {
+        "attn.query_scaled": k,
+        "attn.key_scaled_t": q,
+        "attn.softmax": scores,
+        "attn.dropout_mask": scores,
+        "attn.probs_dropped": v,
+        "attn.value_bmm": scores,
+        "attn.query": any_,
+        "attn.key": any_,
+        "attn.value": any_,
+        "attn.c_attn_output": any_,
+        "attn.mask": any_,
+        "attn.logsumexp": any_,
+    }
+
+
+def layer_flow(ends: ModelEnds, hidden_act: str) -> Callable[[Scope, bool, Setting], Flow]:
+    """The dataflow of one layer of the family whose model ends are `ends`."""
+    if ends.layer == "gpt2":
+        return _gpt2_flow
+    relu = hidden_act == "relu"
+    return lambda sc, g, st: _llama_flow(sc, g, st, relu)
+
+
+def layer_tensors(tensors: Iterable[Saved], flow: Flow, sc: Scope, st: Setting) -> list[Saved]:
+    """The saved tensors of one layer its nodes still save."""
+    return [s for s in tensors if _kept(s, flow, sc, st)]
+
+
+def adapter_tensors(flow: Flow, sc: Scope, st: Setting) -> list[Saved]:
+    """What the layer's Linear adapters save."""
+    out: list[Saved] = []
+    for module, ad in sc.adapters:
+        if not ad.embedding:
+            x_grad = flow.inputs.get(module, True)
+            out += adapter_saved(module, ad, st, dropout=sc.dropout, x_grad=x_grad)
+    return out
+
+
+def _kept(s: Saved, flow: Flow, sc: Scope, st: Setting) -> bool:
+    if s.saved_by == "Noop":
+        # torch.utils.checkpoint's _NoopSaveInputs keeps a checkpointed layer's inputs
+        # whatever requires grad (its dummy input does); a checkpointed core's inputs exist
+        # only when the core is recorded.
+        return s.name.startswith("checkpoint.") or flow.core
+    base = s.name.removesuffix(".weight_cast")
+    if base != s.name:  # autocast's copy of a weight, saved for its input's gradient
+        return flow.inputs.get(base, True)
+    readers = flow.linears.get(s.name)
+    if readers is not None:
+        return any(sc.input_saved(m, st) for m in readers)
+    return flow.keep.get(s.name, True)
+
+
+def adapter_saved(
+    module: str, ad: Adapter, st: Setting, *, dropout: float, x_grad: bool
+) -> list[Saved]:
+    """What one Linear adapter saves beyond the base layer (see the module docstring)."""
+    x_shape = (st.tokens, ad.in_features)
+    mid = (st.tokens, ad.rank)
+    mm = "MmBackward0"
+    out: list[Saved] = []
+    if dropout and x_grad:
+        out.append(kernels.dropout(f"{module}.lora_dropout.mask", x_shape, ad.dtype, st))
+    if st.autocast and st.matmul != ad.dtype:
+        # x (cast to the adapter dtype, dropped out) is cast again to the matmul dtype for
+        # lora_A; the adapter weights are leaves that require grad: cached casts.
+        out += [
+            kernels.saved(f"{module}.lora_A.input", x_shape, st.matmul, mm, SRC_CAST),
+            kernels.saved(f"{module}.lora_A.output", mid, st.matmul, mm, SRC_LORA),
+            kernels.saved(
+                f"{module}.lora_B.weight_cast", (ad.out_features, ad.rank), st.matmul, mm, SRC_CAST
+            ),
+        ]
+        if x_grad:
+            out.append(
+                kernels.saved(
+                    f"{module}.lora_A.weight_cast",
+                    (ad.rank, ad.in_features),
+                    st.matmul,
+                    mm,
+                    SRC_CAST,
+                )
+            )
+        return out
+    if dropout:
+        out.append(kernels.saved(f"{module}.lora_dropout.output", x_shape, ad.dtype, mm, SRC_LORA))
+    elif ad.dtype != st.matmul:
+        out.append(kernels.saved(f"{module}.lora_A.input_cast", x_shape, ad.dtype, mm, SRC_LORA))
+    out.append(kernels.saved(f"{module}.lora_A.output", mid, ad.dtype, mm, SRC_LORA))
+    return out
+
+
+def embedding_adapter_saved(module: str, ad: Adapter, st: Setting) -> list[Saved]:
+    """What an Embedding adapter saves (SRC_LORA_EMBEDDING: `after_A = F.embedding(x, A.T)`,
+    `result + (after_A @ B.T) * scaling`): the token ids (the base embedding's storage, kept
+    by the caller) and after_A [tokens, r] for B's gradient; under autocast the matmul saves
+    after_A cast to the matmul dtype and B.T's cast instead (a view, so not cached)."""
+    mm = "MmBackward0"
+    if st.autocast and st.matmul != ad.dtype:
+        return [
+            kernels.saved(
+                f"{module}.lora_embedding_A.output", (st.tokens, ad.rank), st.matmul, mm, SRC_CAST
+            ),
+            kernels.saved(
+                f"{module}.lora_embedding_B.weight_cast",
+                (ad.rank, ad.out_features),
+                st.matmul,
+                mm,
+                SRC_CAST,
+            ),
+        ]
+    return [
+        kernels.saved(
+            f"{module}.lora_embedding_A.output",
+            (st.tokens, ad.rank),
+            ad.dtype,
+            mm,
+            SRC_LORA_EMBEDDING,
+        )
+    ]
