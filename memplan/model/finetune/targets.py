@@ -1,0 +1,245 @@
+"""Which modules peft wraps: its default target_modules per family, its matching rules for
+`target_modules` / `exclude_modules` / `modules_to_save`, the MoE conversion it applies to fused
+experts, and the parameter targets of its ParamWrapper (peft 0.21.2, each rule cited). The
+transforms that add the adapters are memplan.model.finetune.lora."""
+
+from __future__ import annotations
+
+import re
+
+from memplan.config.spec import FinetuneSpec
+from memplan.errors import MemplanError
+from memplan.hardware import nearest
+from memplan.model.families import family_of
+from memplan.model.inventory import Inventory, TensorSpec
+from memplan.model.module_tree import Module, leaf, modules
+
+PEFT = "peft 0.21.2"
+SRC_LORA_LAYER = (
+    f"{PEFT} tuners/lora/layer.py::LoraLayer.update_layer (lora_A [r, in], lora_B [out, r])"
+)
+SRC_LORA_EMBEDDING = f"{PEFT} tuners/lora/layer.py::Embedding.update_layer"
+SRC_TARGETS = f"{PEFT} tuners/tuners_utils.py::check_target_module_exists"
+SRC_DEFAULT_TARGETS = (
+    f"{PEFT} utils/constants.py::TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"
+)
+SRC_MODULES_TO_SAVE = f"{PEFT} utils/other.py::_set_trainable, ModulesToSaveWrapper"
+SRC_ADAPTER_DTYPE = f"{PEFT} tuners/tuners_utils.py::cast_adapter_dtype (bf16/fp16 -> fp32)"
+SRC_PREPARE_KBIT = f"{PEFT} utils/other.py::prepare_model_for_kbit_training"
+# peft names every wrapped parameter `base_model.model.<name>` (PeftModel.base_model is the
+# LoraModel, whose `.model` is the transformers model).
+PEFT_PREFIX = "base_model.model."
+ADAPTER = "default"
+"""peft's adapter name when none is given."""
+
+ALL_LINEAR = "all-linear"
+"""peft's INCLUDE_LINEAR_LAYERS_SHORTHAND: every Linear / Conv1D but the output layer."""
+
+# MoE models whose experts transformers 5 fuses into 3-D parameters (and whose router is no
+# nn.Linear): peft converts the v4 target names into `target_parameters`, each adapted by a
+# lora.ParamWrapper; which model_types, and with which mapping: their family's `peft_moe`.
+# transformers conversion_mapping.py::_MODEL_TO_CONVERSION_PATTERN (5.25, the families memplan
+# models; peft adds mixtral) and peft utils/transformers_weight_conversion.py::
+# _MOE_TARGET_MODULE_MAPPING, _MOE_FUSED_TARGETS, _convert_peft_config_moe (0.21.2).
+SRC_MOE_CONVERSION = f"{PEFT} utils/transformers_weight_conversion.py::_convert_peft_config_moe"
+SRC_PARAM_WRAPPER = f"{PEFT} tuners/lora/layer.py::ParamWrapper.update_layer"
+MOE_TARGET_MAPPING: dict[str, dict[str, str]] = {
+    "mixtral": {
+        "gate": "gate.weight",
+        "w1": "gate_up_proj",
+        "w3": "gate_up_proj",
+        "w2": "down_proj",
+    },
+    "qwen2_moe": {
+        "gate": "gate.weight",
+        "gate_proj": "gate_up_proj",
+        "up_proj": "gate_up_proj",
+        "down_proj": "down_proj",
+    },
+}
+MOE_FUSED: dict[str, dict[str, tuple[str, ...]]] = {
+    "mixtral": {"gate_up_proj": ("w1", "w3")},
+    "qwen2_moe": {"gate_up_proj": ("gate_proj", "up_proj")},
+}
+
+
+def _peft_targets(model_type: str) -> tuple[str, ...]:
+    """peft's default target_modules for `model_type` (SRC_DEFAULT_TARGETS; the family's
+    `peft_targets`), () where it has none."""
+    family = family_of(model_type)
+    return family.peft_targets if family else ()
+
+
+# --- peft's matching rules -------------------------------------------------------------------
+
+
+def _in_names(names: tuple[str, ...] | str, key: str) -> bool:
+    """peft's list-or-regex rule: a string is a regex that must match the whole key
+    (utils/other.py::match_target_against_key: `re.fullmatch`); a list matches a key equal to
+    an entry or ending with `.entry`."""
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return key in names or any(key.endswith(f".{n}") for n in names)
+
+
+def is_saved_module(ft: FinetuneSpec, key: str) -> bool:
+    """peft utils/other.py::_set_trainable: a module is wrapped by ModulesToSaveWrapper when
+    its name ends with an entry of modules_to_save (a plain suffix test)."""
+    return any(key.endswith(m) for m in ft.modules_to_save)
+
+
+def is_target(ft: FinetuneSpec, targets: tuple[str, ...] | str, key: str) -> bool:
+    """peft tuners_utils.py::check_target_module_exists (0.21.2), in its order: excluded
+    modules never match; nor does a module under a modules_to_save entry (regex
+    `(^|.*\\.)m($|\\..*)`); then `targets` by the list-or-regex rule."""
+    if ft.exclude_modules and _in_names(ft.exclude_modules, key):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in ft.modules_to_save):
+        return False
+    return _in_names(targets, key)
+
+
+def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) -> list[str]:
+    """Names of the modules LoRA adapts, in model order (peft raises where memplan raises)."""
+    arch = inventory.architecture
+    model_type = arch.model_type if arch else ""
+    targets: tuple[str, ...] | str
+    if ft.target_modules is None:
+        targets = _peft_targets(model_type)
+        if not targets:
+            raise MemplanError(
+                f"peft has no default target_modules for model_type {model_type!r}: give "
+                "finetune.target_modules (module names such as q_proj, a regex, or all-linear).",
+                field="finetune.target_modules",
+            )
+    elif isinstance(ft.target_modules, str) and ft.target_modules.lower() == ALL_LINEAR:
+        # tuners_utils.py::_maybe_include_all_linear_layers: every Linear / Conv1D module but
+        # the output embedding (model.get_output_embeddings()), by exact name.
+        targets = tuple(
+            m.name for m in mods.values() if m.kind in ("linear", "conv1d") and not m.output
+        )
+    else:
+        targets = ft.target_modules
+    converted = moe_conversion(ft, model_type, targets)
+    if converted is not None:
+        targets = converted[0]
+    found = [name for name in mods if is_target(ft, targets, name)]
+    bad = [mods[n] for n in found if mods[n].kind == "other"]
+    if bad:
+        shown = ", ".join(m.name for m in bad[:3])
+        raise MemplanError(
+            f"target_modules matches {len(bad)} module(s) LoRA cannot adapt ({shown}): peft "
+            "adapts Linear, Conv1D and Embedding modules only and raises 'Target module ... "
+            "is not supported'. Name the projections inside them (e.g. q_proj, v_proj).",
+            field="finetune.target_modules",
+        )
+    if not found and not (converted and converted[1]):
+        linear = sorted({leaf(m.name) for m in mods.values() if m.kind in ("linear", "conv1d")})
+        wanted = targets if isinstance(targets, str) else ", ".join(targets)
+        hint = nearest(targets[0], linear) if isinstance(targets, tuple) and targets else ""
+        raise MemplanError(
+            f"target_modules {wanted} matches no module of the model{hint}; peft raises "
+            f"'Target modules ... not found in the base model'. Linear modules here: "
+            f"{', '.join(linear)}.",
+            field="finetune.target_modules",
+        )
+    return found
+
+
+def moe_conversion(
+    ft: FinetuneSpec, model_type: str, targets: tuple[str, ...] | str
+) -> tuple[tuple[str, ...], dict[str, int]] | None:
+    """peft's v4 -> v5 MoE target conversion (SRC_MOE_CONVERSION), or None where it does not
+    apply: (the module targets left, {target parameter suffix: LoRA rank}).
+
+    `all-linear` becomes the leaf names of its Linear modules plus every v4 name of the
+    mapping (the router `gate` and the expert projections); a list keeps its entries. An entry
+    naming a v4 expert projection or the router moves to the parameter targets; both halves
+    of a fused `gate_up_proj` give it rank 2r (`rank_pattern`), one half alone is refused as
+    peft refuses it. A regex is left as it is (peft probes it against v4 names: not modelled).
+    """
+    family = family_of(model_type)
+    base = family.peft_moe.get(model_type) if family else None
+    if base is None or ft.method == "full":
+        return None
+    mapping = MOE_TARGET_MAPPING[base]
+    if isinstance(ft.target_modules, str) and ft.target_modules.lower() == ALL_LINEAR:
+        resolved = {leaf(t) for t in targets} | set(mapping)
+    elif isinstance(targets, tuple):
+        resolved = set(targets)
+    else:
+        return None
+    left: set[str] = set()
+    params: dict[str, int] = {}
+    present: dict[str, set[str]] = {}
+    for target in sorted(resolved):
+        old = next((o for o in mapping if target == o or target.endswith(f".{o}")), None)
+        if old is None:
+            left.add(target)
+            continue
+        params[mapping[old]] = ft.rank
+        present.setdefault(mapping[old], set()).add(old)
+    for new, halves in MOE_FUSED[base].items():
+        have = present.get(new, set())
+        if 0 < len(have) < len(halves):
+            raise MemplanError(
+                f"target_modules names {', '.join(sorted(have))} without "
+                f"{', '.join(sorted(set(halves) - have))}: transformers 5 fuses them into "
+                f"{new}, and peft raises 'Cannot convert PEFT target(s)'. Name both or neither.",
+                field="finetune.target_modules",
+            )
+        if len(have) == len(halves) > 1:
+            params[new] = ft.rank * len(halves)
+    return tuple(sorted(left)), params
+
+
+def param_targets(ft: FinetuneSpec, inventory: Inventory) -> dict[str, int]:
+    """{parameter name: LoRA rank} for the parameters peft wraps in lora.ParamWrapper: those
+    whose name is a target parameter suffix (tuners_utils.py::BaseTuner.inject_adapter,
+    `key.endswith(f".{target_key}")`)."""
+    arch = inventory.architecture
+    model_type = arch.model_type if arch else ""
+    mods = modules(inventory)
+    targets: tuple[str, ...] | str
+    if ft.target_modules is None:
+        targets = _peft_targets(model_type)
+    elif isinstance(ft.target_modules, str) and ft.target_modules.lower() == ALL_LINEAR:
+        targets = tuple(
+            m.name for m in mods.values() if m.kind in ("linear", "conv1d") and not m.output
+        )
+    else:
+        targets = ft.target_modules
+    converted = moe_conversion(ft, model_type, targets)
+    if converted is None:
+        return {}
+    suffixes = converted[1]
+    return {
+        t.name: rank
+        for t in inventory.parameters
+        for suffix, rank in suffixes.items()
+        if t.name.endswith(f".{suffix}")
+    }
+
+
+def param_lora_tensors(t: TensorSpec, *, rank: int, dtype: str | None) -> list[TensorSpec]:
+    """The adapter pair of one wrapped parameter (SRC_PARAM_WRAPPER): a 2-D [out, in] weight is
+    one expert; a 3-D [E, d1, d2] one is E experts with in = d2, out = d1 (`swap_in_out_features`
+    where the experts module is not `is_transposed`). lora_A = nn.Linear(in, r x E) -> weight
+    [r x E, in]; lora_B = nn.Linear(r x E, out) -> weight [out, r x E]."""
+    if len(t.shape) == 3:
+        experts, out, inp = t.shape
+    else:
+        experts, (out, inp) = 1, t.shape
+    width = rank * experts
+    return [
+        TensorSpec(
+            f"{t.name}.lora_{x}.{ADAPTER}.weight",
+            shape,
+            "parameter",
+            dtype,
+            layer=t.layer,
+            role="mlp",
+            trainable=True,
+        )
+        for x, shape in (("A", (width, inp)), ("B", (out, width)))
+    ]
