@@ -607,6 +607,7 @@ def render_json() -> str:
         "estimate": "memplan.report.json.estimate_json",
         "plan": "memplan.plan.json.plan_json",
         "verify": "memplan.verify.result.to_json",
+        "inventory": "memplan.report.json.inventory_json",
     }
     parts = [
         doc(schema),

@@ -135,6 +135,13 @@ ESTIMATE_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_inventory_of_every_shipped_spec_validates(config: Path) -> None:
+    code, document = cli_json("inventory", str(config))
+    assert code == 0
+    check("inventory", document)
+
+
 @pytest.mark.parametrize("overrides", ESTIMATE_SPECS.values(), ids=list(ESTIMATE_SPECS))
 def test_estimate_shapes_validate(tmp_path: Path, overrides: dict[str, Any]) -> None:
     spec: dict[str, Any] = {

@@ -121,7 +121,7 @@ def inventory(
     """
     from memplan.config import load
     from memplan.model import load as model_load
-    from memplan.model.sources import Inventory, counts
+    from memplan.model.sources import Inventory
 
     def work() -> tuple[Inventory, str]:
         loaded = load.load_spec(spec)
@@ -129,35 +129,9 @@ def inventory(
 
     inv, dtype = _run(debug, work)
     if as_json:
-        _print_json(
-            {
-                "name": inv.name,
-                "num_parameters": inv.num_parameters,
-                "num_parameter_tensors": len(inv.parameters),
-                **counts.summary(inv),
-                "tied": [list(pair) for pair in inv.tied],
-                "parameters": [
-                    {
-                        "name": t.name,
-                        "shape": list(t.shape),
-                        "dtype": t.dtype or dtype,
-                        "numel": t.numel,
-                    }
-                    for t in inv.parameters
-                ],
-                "buffers": [
-                    {
-                        "name": t.name,
-                        "shape": list(t.shape),
-                        "dtype": t.dtype or dtype,
-                        "numel": t.numel,
-                        "persistent": t.persistent,
-                    }
-                    for t in inv.buffers
-                ],
-                "notes": list(inv.notes),
-            }
-        )
+        from memplan.report.json import inventory_json
+
+        _print_json(inventory_json(inv, dtype))
         return
     from memplan.cli import render
     from memplan.cli.inventory_view import inventory_table
@@ -292,6 +266,7 @@ class Document(str, Enum):
     estimate = "estimate"
     plan = "plan"
     verify = "verify"
+    inventory = "inventory"
 
 
 @app.command()

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from memplan import versions
 from memplan.activations import Activations, Block, Saved
 from memplan.memory import Transient
+from memplan.model.inventory import Inventory, TensorSpec
+from memplan.model.sources import counts
 from memplan.report import schema as s
 from memplan.states.engines import RankStates, Term
 from memplan.states.stages import StageStates
@@ -240,3 +242,41 @@ def _per_host(report: Report) -> s.PerHost:
         memory_bytes=capacity,
         fits=None if capacity is None else per_node <= capacity,
     )
+
+
+# --- memplan inventory --json --------------------------------------------------------------------
+
+
+def inventory_json(inventory: Inventory, dtype: str) -> dict[str, Any]:
+    """The `memplan inventory --json` document (schema: memplan.report.schema.InventoryReport);
+    `dtype` is the recipe's parameter dtype, for tensors without their own."""
+
+    def tensor(t: TensorSpec) -> s.InventoryTensor:
+        return s.InventoryTensor(
+            name=t.name, shape=list(t.shape), dtype=t.dtype or dtype, numel=t.numel
+        )
+
+    big = counts.largest_tensor(inventory)
+    layer = counts.largest_layer(inventory)
+    return s.InventoryReport(
+        name=inventory.name,
+        num_parameters=inventory.num_parameters,
+        num_parameter_tensors=len(inventory.parameters),
+        num_non_embedding_parameters=counts.non_embedding_parameters(inventory),
+        num_active_parameters=counts.active_parameters(inventory),
+        num_active_non_embedding_parameters=counts.active_parameters(inventory, embeddings=False),
+        active_parameters_definition=counts.ACTIVE_DEFINITION,
+        largest_tensor=None
+        if big is None
+        else s.LargestTensor(name=big.name, shape=list(big.shape), numel=big.numel),
+        largest_layer=None
+        if layer is None
+        else s.LargestLayer(layer=layer[0], num_parameters=layer[1]),
+        tied=[list(pair) for pair in inventory.tied],
+        parameters=[tensor(t) for t in inventory.parameters],
+        buffers=[
+            s.InventoryBuffer(**tensor(t).model_dump(), persistent=t.persistent)
+            for t in inventory.buffers
+        ],
+        notes=list(inventory.notes),
+    ).model_dump(mode="json")

@@ -1,4 +1,5 @@
-"""The `--json` documents of `estimate`, `plan` and `verify`, defined once, as typed models.
+"""The `--json` documents of `estimate`, `plan`, `verify` and `inventory`, defined once, as typed
+models.
 
 The producers build these models and dump them: `memplan.report.json.estimate_json` and
 `memplan.plan.json.plan_json` (from a Report and a PlanResult) and
@@ -637,10 +638,68 @@ class VerifyReport(_Doc):
     )
 
 
+# --- memplan inventory --json ------------------------------------------------------------------
+
+
+class InventoryTensor(_Doc):
+    """One parameter tensor, as `named_parameters()` lists it."""
+
+    name: str = Field(description="Fully qualified name.")
+    shape: list[int] = Field(description="Shape in elements.")
+    dtype: str = Field(description="Its dtype: its own, or the precision recipe's parameter dtype.")
+    numel: int = Field(description="Elements.")
+
+
+class InventoryBuffer(InventoryTensor):
+    """One buffer, as `named_buffers()` lists it."""
+
+    persistent: bool = Field(description="Saved in the state dict (False: persistent=False).")
+
+
+class LargestTensor(_Doc):
+    """The parameter tensor with the most elements."""
+
+    name: str = Field(description="Its name.")
+    shape: list[int] = Field(description="Its shape.")
+    numel: int = Field(description="Its elements.")
+
+
+class LargestLayer(_Doc):
+    """The repeated block (decoder layer) with the most parameters."""
+
+    layer: int = Field(description="Its index.")
+    num_parameters: int = Field(description="Its parameters.")
+
+
+class InventoryReport(_Doc):
+    """`memplan inventory --json`: every tensor of the model, and its counts."""
+
+    name: str = Field(description="Display name of the model.")
+    num_parameters: int = Field(description="Elements over distinct parameter tensors.")
+    num_parameter_tensors: int = Field(description="Distinct parameter tensors.")
+    num_non_embedding_parameters: int | None = Field(
+        description="Parameters outside the embeddings, positions and LM head; null: cannot say."
+    )
+    num_active_parameters: int | None = Field(
+        description="Parameters one token runs through (active_parameters_definition)."
+    )
+    num_active_non_embedding_parameters: int | None = Field(
+        description="The active parameters outside the embeddings, positions and LM head."
+    )
+    active_parameters_definition: str = Field(description="What counts as active.")
+    largest_tensor: LargestTensor | None = Field(description="The largest parameter tensor.")
+    largest_layer: LargestLayer | None = Field(description="The largest repeated block.")
+    tied: list[list[str]] = Field(description="(alias, owner) pairs of tied parameters.")
+    parameters: list[InventoryTensor] = Field(description="Every distinct parameter tensor.")
+    buffers: list[InventoryBuffer] = Field(description="Every buffer.")
+    notes: list[str] = Field(description="What the inventory ignored or assumed.")
+
+
 DOCUMENTS: dict[str, type[_Doc]] = {
     "estimate": EstimateReport,
     "plan": PlanReport,
     "verify": VerifyReport,
+    "inventory": InventoryReport,
 }
 """Command -> the model of its `--json` document."""
 

@@ -10,7 +10,6 @@ transformers >= 5 layout, or one tensor per expert in a checkpoint's own layout)
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from memplan.model.inventory import Inventory, TensorSpec, numel_of
 
@@ -92,19 +91,3 @@ def largest_layer(inventory: Inventory) -> tuple[int, int] | None:
     if not sizes:
         return None
     return max(sizes.items(), key=lambda kv: (kv[1], -kv[0]))
-
-
-def summary(inventory: Inventory) -> dict[str, Any]:
-    """The counts above as the JSON keys of `memplan inventory --json` (None: cannot say)."""
-    big = largest_tensor(inventory)
-    layer = largest_layer(inventory)
-    return {
-        "num_non_embedding_parameters": non_embedding_parameters(inventory),
-        "num_active_parameters": active_parameters(inventory),
-        "num_active_non_embedding_parameters": active_parameters(inventory, embeddings=False),
-        "active_parameters_definition": ACTIVE_DEFINITION,
-        "largest_tensor": None
-        if big is None
-        else {"name": big.name, "shape": list(big.shape), "numel": big.numel},
-        "largest_layer": None if layer is None else {"layer": layer[0], "num_parameters": layer[1]},
-    }
