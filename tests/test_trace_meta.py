@@ -336,3 +336,10 @@ def test_fallback_refuses_without_torch_directly(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(trace, "find_spec", lambda name: None)
     with pytest.raises(MemplanError, match="torch and transformers are not installed"):
         fallback_inventory({"model_type": "gpt_oss"}, "config.json")
+
+
+def test_an_architecture_transformers_lacks_falls_back_with_a_note() -> None:
+    config = tiny("olmo3", architectures=["Olmo3ForRemoteCode"], auto_map={"AutoModel": "x.Y"})
+    inv = inventory_from_config(config)
+    assert "built as Olmo3ForCausalLM" in inv.notes[1]
+    assert "auto_map in the config ignored" in inv.notes[2]

@@ -89,6 +89,12 @@ def inventory_from_config(config: Mapping[str, Any], *, origin: str = "config") 
         f"inventory built on the meta device by transformers {transformers_version()}'s "
         f"{type(model).__name__}."
     ]
+    archs = config.get("architectures") or []
+    if archs and type(model).__name__ not in archs:
+        notes.append(
+            f"architectures {list(archs)} name no class transformers {transformers_version()} "
+            f"exports (remote code is never run): built as {type(model).__name__}."
+        )
     ignored = [key for key in IGNORED_KEYS if key in config]
     if ignored:
         notes.append(
