@@ -86,11 +86,14 @@ def estimate(
     from memplan.config import load
     from memplan.model import load as model_load
     from memplan.report import estimate as calc
+    from memplan.trace import fallback_inventory
 
     def work() -> calc.Report:
         loaded = load.load_spec(spec)
         with load.locating(loaded):
-            return calc.estimate(loaded.spec, model_load.load_inventory(loaded))
+            return calc.estimate(
+                loaded.spec, model_load.load_inventory(loaded, unsupported=fallback_inventory)
+            )
 
     report = _run(debug, work)
     if plot is not None:
@@ -122,10 +125,13 @@ def inventory(
     from memplan.config import load
     from memplan.model import load as model_load
     from memplan.model.sources import Inventory
+    from memplan.trace import fallback_inventory
 
     def work() -> tuple[Inventory, str]:
         loaded = load.load_spec(spec)
-        return model_load.load_inventory(loaded), loaded.spec.recipe().parameters
+        return model_load.load_inventory(
+            loaded, unsupported=fallback_inventory
+        ), loaded.spec.recipe().parameters
 
     inv, dtype = _run(debug, work)
     if as_json:
@@ -217,6 +223,7 @@ def plan(
     from memplan.config.spec import PlanSpec
     from memplan.model import load as model_load
     from memplan.plan import search as planner
+    from memplan.trace import fallback_inventory
 
     started = time.monotonic()
     progress_bar: Any = None
@@ -241,7 +248,11 @@ def plan(
         run_spec = loaded.spec.model_copy(update={"plan": settings})
         try:
             with load.locating(loaded):
-                return planner.plan(run_spec, model_load.load_inventory(loaded), progress=progress)
+                return planner.plan(
+                    run_spec,
+                    model_load.load_inventory(loaded, unsupported=fallback_inventory),
+                    progress=progress,
+                )
         finally:
             if progress_bar is not None:
                 progress_bar.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,15 @@ from memplan.config.spec import MODEL_SOURCES
 from memplan.errors import MemplanError
 from memplan.hardware import nearest
 from memplan.model import sources as models
+from memplan.model.families import family_of
 from memplan.model.sources import Inventory, TensorSpec
 from memplan.model.sources import safetensors as safetensors_header
 
 PRESET_DIR = Path(__file__).parent / "presets"
+
+Unsupported = Callable[[Mapping[str, Any], str], Inventory]
+"""`fallback(config, origin)`: the inventory of a config whose model_type no family serves
+(the CLI passes memplan.trace.fallback_inventory, which builds it with transformers)."""
 
 
 def read_json(path: Path, *, what: str) -> Any:
@@ -38,15 +44,26 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
-def load_inventory(loaded: LoadedSpec) -> Inventory:
-    """The model's tensor inventory from whichever source the spec names."""
+def load_inventory(loaded: LoadedSpec, *, unsupported: Unsupported | None = None) -> Inventory:
+    """The model's tensor inventory from whichever source the spec names.
+
+    A config whose model_type has no family goes to `unsupported` when given (else
+    memplan.model.sources.from_config says the model_type is not supported).
+    """
     model = loaded.spec.model
     base = loaded.path.parent if loaded.path else Path.cwd()
+
+    def from_config(config: Mapping[str, Any], origin: str) -> Inventory:
+        model_type = config.get("model_type")
+        if unsupported is not None and isinstance(model_type, str) and not family_of(model_type):
+            return unsupported(config, origin)
+        return models.from_config(config, origin=origin)
+
     try:
         if model.num_parameters is not None:
             return models.from_parameter_count(model.num_parameters)
         if model.architecture is not None:
-            return models.from_config(model.architecture, origin="model.architecture")
+            return from_config(model.architecture, "model.architecture")
         if model.preset is not None:
             file = PRESET_DIR / f"{model.preset}.json"
             if not file.is_file():
@@ -55,18 +72,16 @@ def load_inventory(loaded: LoadedSpec) -> Inventory:
                     f"shipped: {', '.join(presets())}.",
                     field="model.preset",
                 )
-            return models.from_config(
-                read_json(file, what="preset"), origin=f"preset {model.preset}"
-            )
+            return from_config(read_json(file, what="preset"), f"preset {model.preset}")
         if model.safetensors is not None:
             path = model.safetensors
             return load_checkpoint(path if path.is_absolute() else base / path)
         if model.hf_id is not None:
             file = hf_cache_config(model.hf_id)
-            return models.from_config(_config_object(file, what="config.json"), origin=str(file))
+            return from_config(_config_object(file, what="config.json"), str(file))
         assert model.hf_config is not None  # the spec guarantees exactly one source
         file = model.hf_config if model.hf_config.is_absolute() else base / model.hf_config
-        return models.from_config(_config_object(file, what="hf_config"), origin=str(file))
+        return from_config(_config_object(file, what="hf_config"), str(file))
     except MemplanError as err:
         # Config errors name their origin (file or model.architecture) and key in the message.
         source = next(k for k in MODEL_SOURCES if getattr(model, k) is not None)
