@@ -21,8 +21,8 @@ What the event order assumes (the timeline's own phases, made into a sequence):
   than the 512-byte rounding of each block).
 - Forward: non-layered blocks (embeddings, in-flight micro-batches of a pipeline rank) first,
   then each decoder layer's saved tensors one by one, its forward working set allocated before
-  them and freed after. At the loss: the head's and the loss's saved tensors, then the logits
-  and their fp32 copy.
+  them and freed after. At the loss: the logits and their fp32 copy (the phase's transients),
+  then the head's and the loss's saved tensors.
 - Backward, layer by layer from the last: the backward working set, the layer's saved tensors
   freed, its gradients allocated (the layer's share of the parameters: equal per layer of the
   block), the working set freed. The head's gradients come before the first layer, the rest
@@ -160,8 +160,11 @@ def events(
 
     layer_count = sum(b.count for b in layered)
     share = _layer_gradient_share(inventory) if layer_count else 0.0
+    # Each layer's gradients: its share of all the gradients made in the step, but no more
+    # than the timeline adds between the backward point and the end of backward.
     rest = max(grads["backward_end"] - grads["backward"], 0)
-    per_layer_grad = int(rest * share) // layer_count if layer_count else 0
+    made = max(grads.values()) - always_grads
+    per_layer_grad = min(rest, int(made * share)) // layer_count if layer_count else 0
     grad_blocks: list[tuple[Hashable, int]] = []
 
     def set_gradients(step: int, target: int) -> None:
