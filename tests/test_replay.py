@@ -27,9 +27,10 @@ from memplan.model.inventory import Inventory, TensorSpec
 from memplan.model.load import load_inventory
 from memplan.model.sources import from_config
 from memplan.report.estimate import estimate
+from memplan.states.parallel import stage_inventories
 from memplan.states.terms import RankStates, Term
 from memplan.step import replay as rp
-from memplan.step.allocator import AllocConf
+from memplan.step.allocator import AllocConf, replay
 from memplan.step.timeline import Point, Timeline
 from tests.conftest import TINY_LLAMA, make_spec
 
@@ -276,8 +277,6 @@ def test_pin_two_steps_reach_the_steady_state() -> None:
         inventory = load_inventory(loaded)
         report = estimate(loaded.spec, inventory)
         stage = report.stages[report.stage]
-        from memplan.states.parallel import stage_inventories
-
         local = stage_inventories(inventory, report.layout)[stage.stage]
         reserved = []
         for steps in (2, 3, 5):
@@ -289,8 +288,6 @@ def test_pin_two_steps_reach_the_steady_state() -> None:
                 inventory=local,
                 steps=steps,
             )
-            from memplan.step.allocator import replay
-
             reserved.append(replay(events).peak_reserved)
         assert reserved[0] == reserved[1] == reserved[2], config
 
@@ -498,3 +495,26 @@ def test_json_carries_the_three_layers(tmp_path: Path) -> None:
     table = CliRunner().invoke(app, ["estimate", str(path), "--width", "200"]).stdout
     assert "What the GPU will show" in table
     assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in " ".join(table.split())
+
+
+def test_pin_llama_3_8b_fits_only_through_retries() -> None:
+    """Pins the shipped llama-3-8b config (ZeRO-3, 8k tokens, H100): replayed without a limit
+    its allocator would reserve more than the GPU has beside the device terms, but within the
+    limit it frees its cached segments and retries (DeviceCachingAllocator::malloc's
+    release_cached_blocks), so the step fits, the retries are counted and a note says so."""
+    loaded = load_spec(ROOT / "configs" / "llama-3-8b.yaml")
+    inventory = load_inventory(loaded)
+    report = estimate(loaded.spec, inventory)
+    alloc = report.allocator
+    assert alloc is not None and alloc.limit is not None
+    assert report.fits is True and alloc.alloc_retries > 0
+    assert any("retrying" in n for n in report.notes)
+    stage = report.stages[report.stage]
+    events = rp.events(
+        report.timeline,
+        per_gpu=report.per_gpu,
+        buffers=report.buffers,
+        saved=report.activations,
+        inventory=stage_inventories(inventory, report.layout)[stage.stage],
+    )
+    assert replay(events).peak_reserved > alloc.limit >= alloc.peak_reserved

@@ -417,6 +417,7 @@ def assemble(
         + _sequence_notes(spec, trained, [v[0] for v in views.values()])
         + _engine_notes(layout)
         + _zero_grad_notes(spec, layout)
+        + _allocator_notes(allocator)
     )
     return Report(
         model=summary(model, trained),
@@ -501,6 +502,18 @@ def outside_allocator(spec: Spec, layout: Layout) -> tuple[device.DeviceTerm, ..
     )
     nccl = [t for c in comms for t in device.communicator_terms(c, gpu=gpu, nvls=hw.nccl_nvls)]
     return (*context, *nccl)
+
+
+def _allocator_notes(allocator: rp.AllocatorView | None) -> list[str]:
+    if allocator is None or allocator.out_of_memory or not allocator.alloc_retries:
+        return []
+    return [
+        f"the caching allocator fits this step only by freeing its cached segments and "
+        f"retrying {allocator.alloc_retries} allocation(s) over the replayed init and two steps "
+        "(cudaFree and a device synchronize each time; "
+        "torch.cuda.memory_stats()['num_alloc_retries']): "
+        "expect slow steps, or set hardware.alloc_conf: expandable_segments:True."
+    ]
 
 
 def _zero_grad_notes(spec: Spec, layout: Layout) -> list[str]:

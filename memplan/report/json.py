@@ -129,6 +129,7 @@ def _per_gpu(report: Report) -> s.PerGpu:
         peak=report.peak_bytes,
         peak_reserved=report.peak_reserved,
         fragmentation=None if alloc is None else alloc.fragmentation,
+        alloc_retries=None if alloc is None else alloc.alloc_retries,
         reserved_by_phase=[]
         if alloc is None
         else [

@@ -180,6 +180,13 @@ class PerGpu(_Doc):
             "cached memory no tensor used at the tightest moment; null on CPU."
         )
     )
+    alloc_retries: int | None = Field(
+        description=(
+            "Allocations the replay could fit only after freeing the allocator's cached "
+            "segments (torch.cuda.memory_stats()['num_alloc_retries']; each a cudaFree and a "
+            "synchronize); null on CPU."
+        )
+    )
     reserved_by_phase: list[ReservedPhase] = Field(
         description="The replayed second step, phase by phase (empty on CPU)."
     )

@@ -88,6 +88,10 @@ class AllocatorView:
     phases: tuple[PhaseReserved, ...]
     events: int
     """Allocations and frees replayed."""
+    alloc_retries: int
+    """Allocations that found no room within `limit` until the allocator freed its cached
+    segments and tried again (torch.cuda.memory_stats()["num_alloc_retries"]): each one a
+    cudaFree of every cached segment and a device synchronize, slow when it repeats."""
     out_of_memory: bool
     """The replay within `limit` ran out of memory (the allocator's retry included): the
     figures are then the unlimited replay's."""
@@ -283,6 +287,7 @@ def replay(
     sequence = events(timeline, per_gpu=per_gpu, buffers=buffers, saved=saved, inventory=inventory)
     result: Replay = run_allocator(sequence, conf, capacity=limit)
     oom = result.oom is not None
+    retries = result.alloc_retries
     if oom:
         result = run_allocator(sequence, conf)
     by_name = {m.name: m for m in result.phases}
@@ -301,6 +306,7 @@ def replay(
         fragmentation=result.fragmentation,
         phases=phases,
         events=sum(1 for e in sequence if e[0] != "phase"),
+        alloc_retries=retries,
         out_of_memory=oom,
         limit=limit,
     )
