@@ -199,13 +199,17 @@ def events(
             if phase in t.phases and ("transient", t.name) not in ev.live:
                 ev.alloc(("transient", t.name), t.bytes, PIECES.get(t.name, 1))
 
+    # Blocks are keyed by their place in saved.blocks: names repeat (LoRA's frozen and
+    # trained decoder layers are two "layers" blocks).
+    place = {id(b): i for i, b in enumerate(saved.blocks)}
+
     def alloc_block(step: int, block: Block, copy: int) -> None:
         for j, tensor in enumerate(block.tensors):
-            ev.alloc(("saved", step, block.name, copy, j), tensor.bytes)
+            ev.alloc(("saved", step, place[id(block)], copy, j), tensor.bytes)
 
     def free_block(step: int, block: Block, copy: int) -> None:
         for j in range(len(block.tensors)):
-            ev.free(("saved", step, block.name, copy, j))
+            ev.free(("saved", step, place[id(block)], copy, j))
 
     def working_set(name: str, phase: Phase) -> Transient | None:
         """A working set the replay allocates once per layer, if the phase holds it."""
@@ -232,10 +236,10 @@ def events(
                 for b in layered:
                     for c in range(b.count):
                         if fws is not None:
-                            ev.alloc(("fws", step, b.name, c), fws.bytes)
+                            ev.alloc(("fws", step, place[id(b)], c), fws.bytes)
                         alloc_block(step, b, c)
                         if fws is not None:
-                            ev.free(("fws", step, b.name, c))
+                            ev.free(("fws", step, place[id(b)], c))
             elif phase == "loss":
                 set_gradients(step, grads[phase])
                 for b in at_loss:
@@ -252,14 +256,14 @@ def events(
                 for b in reversed(layered):
                     for c in reversed(range(b.count)):
                         if bws is not None:
-                            ev.alloc(("bws", step, b.name, c), bws.bytes)
+                            ev.alloc(("bws", step, place[id(b)], c), bws.bytes)
                         free_block(step, b, c)
-                        key = ("gradients", step, "layer", b.name, c)
+                        key = ("gradients", step, "layer", place[id(b)], c)
                         ev.alloc(key, per_layer_grad)
                         if per_layer_grad:
                             grad_blocks.append((key, per_layer_grad))
                         if bws is not None:
-                            ev.free(("bws", step, b.name, c))
+                            ev.free(("bws", step, place[id(b)], c))
             elif phase == "backward_end":
                 for b in kept:
                     for c in range(b.count):
