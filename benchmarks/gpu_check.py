@@ -25,8 +25,9 @@ runs) and adds what verify does not measure:
   blocks; the figure is the largest rise over the GPU's used memory before the child started.
 
 Predicted: verify's predicted peak (the calculator's bytes allocated at the step's peak), the
-timeline's reserved bytes (memplan.step.timeline.Timeline.reserved_bytes) and, for NVML, those
-plus its CUDA context (memplan.memory.CUDA_CONTEXT_BYTES, an assumption the NVML column checks).
+replayed reserved bytes (the estimate's per_gpu.peak_reserved: memplan.step.replay under the
+cell's alloc_conf; the timeline's packing bound beside it) and, for NVML, the estimate's
+per_gpu.device_used (reserved plus the CUDA context and NCCL buffers, memplan.step.device).
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def grid(*, dry_run: bool, ranks: int, only: list[str] | None) -> list[dict[str,
                 "data": n,
                 "zero_stage": 3 if engine == "fsdp2" else 0,
             },
-            "hardware": {"device": "cpu" if dry_run else "cuda"},
+            # hardware.alloc_conf: the prediction replays the allocator the child runs with.
+            "hardware": {"device": "cpu" if dry_run else "cuda", "alloc_conf": conf},
         }
         cells.append(
             {
@@ -237,15 +239,16 @@ def child(cell: dict[str, Any], result: Path) -> None:
     elif device == "cuda" and doc.get("phases"):
         reserved = max(p["reserved"] for p in doc["phases"])
         source = "memory_reserved at phase ends (rank processes; a lower bound)"
-    predicted_reserved = timeline.reserved_bytes
+    # issue 20: the allocator replay (memplan.step.replay) and the device terms on top of it;
+    # the timeline's packing bound is kept beside it for comparison.
+    predicted_reserved = report.peak_reserved
     out = {
         "ok": doc["ok"],
         "predicted": {
             "allocated": doc["categories"]["peak"]["predicted"],
             "reserved": predicted_reserved,
-            "nvml_used": None
-            if predicted_reserved is None
-            else predicted_reserved + timeline.cuda_context_bytes,
+            "reserved_packing_bound": timeline.reserved_bytes,
+            "nvml_used": report.device_used,
         },
         "measured": {
             "allocated": doc["categories"]["peak"]["measured"],

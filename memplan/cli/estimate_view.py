@@ -33,6 +33,8 @@ def estimate_view(
     if report.host_bytes:
         parts.append(host_table(report))
     parts.append(TimelineFit(report))
+    if report.allocator is not None:
+        parts.append(device_table(report))
     v = report.verdict
     if v is not None:
         parts.append(verdict_line(report, v))
@@ -267,8 +269,52 @@ def host_table(report: Report) -> Table:
     return table
 
 
+def device_table(report: Report) -> Table:
+    """The three layers of GPU memory at the peak, each explained: allocated (the tensors),
+    reserved (the caching allocator's segments, replayed), device (nvidia-smi: reserved plus
+    what lives outside the allocator)."""
+    alloc = report.allocator
+    assert alloc is not None
+    table = Table(title="What the GPU will show", box=box.SIMPLE, title_justify="left")
+    for name in ("layer", "size", "what it is"):
+        table.add_column(name, justify="right" if name == "size" else "left")
+    peak = report.peak_bytes
+    table.add_row(
+        "allocated",
+        human(peak),
+        "tensors alive at the peak: torch.cuda.max_memory_allocated()",
+    )
+    conf = report_alloc_conf(report)
+    table.add_row(
+        "reserved",
+        human(alloc.peak_reserved),
+        f"+{human(alloc.peak_reserved - peak)}: the caching allocator's segments, the step "
+        f"replayed twice ({conf}); {human(alloc.fragmentation)} cached but unused at its "
+        "peak: torch.cuda.max_memory_reserved()",
+    )
+    for t in report.device_terms:
+        table.add_row(f"  + {t.name}", human(t.bytes), t.formula)
+    used = report.device_used or 0
+    table.add_row(
+        "device",
+        human(used),
+        "what nvidia-smi shows at the peak: reserved + the terms outside the allocator",
+    )
+    return table
+
+
+def report_alloc_conf(report: Report) -> str:
+    """hardware.alloc_conf as the table names it."""
+    alloc = report.allocator
+    text = report.alloc_conf_text
+    if alloc is None or not text:
+        return "PYTORCH_CUDA_ALLOC_CONF unset"
+    return f"PYTORCH_CUDA_ALLOC_CONF={text}"
+
+
 def verdict_line(report: Report, v: Verdict) -> Text:
-    """The verdict (memplan.report.estimate.verdict) on the usable memory the timeline prints."""
+    """The verdict (memplan.report.estimate.verdict) on the memory left: capacity minus what
+    the device table shows nvidia-smi would (without a replay, the timeline's usable memory)."""
     usable = report.usable_bytes or 0
     device = "the GPU" if report.layout.device == "cuda" else "the memory"
     where = f"{report.gpu or device} ({human(report.capacity_bytes or 0)})"

@@ -52,7 +52,7 @@ def timeline_view(
         _bars(tl, width=width, label_width=label_width, scale=scale, mark=mark),
         _packed(items, columns),
         # One fact a line: a long line wraps at a word bound, never inside a figure.
-        *(Text(f, overflow="fold") for f in _facts(tl)),
+        *(Text(f, overflow="fold") for f in _facts(report)),
     )
 
 
@@ -81,9 +81,13 @@ def _bars(tl: Timeline, *, width: int, label_width: int, scale: float, mark: int
     return lines
 
 
-def _facts(tl: Timeline) -> list[str]:
-    """The peak, the allocator's likely reserve, the CUDA context and the memory left."""
+def _facts(report: Report) -> list[str]:
+    """The peak, the allocator's likely reserve, the CUDA context and the memory left (with a
+    replay, the device table below says the last three)."""
+    tl = report.timeline
     facts = [f"peak {human(tl.peak_bytes)} {tl.peak.label}"]
+    if report.allocator is not None:
+        return facts
     if tl.reserved_bytes is not None:
         facts.append(f"torch.cuda.memory_reserved() likely >= {human(tl.reserved_bytes)}")
     if tl.cuda_context_bytes:

@@ -251,6 +251,10 @@ class TrainingSpec(Frozen):
     activation_offload: bool = False
     """Checkpointed layer inputs in pinned host memory (transformers
     `activation_checkpointing_enable(offload=True)`); needs activation_checkpointing: full."""
+    zero_grad: Literal["set_to_none", "zero"] = "set_to_none"
+    """How the trainer clears gradients after the optimizer step: set_to_none (torch's
+    default since 2.0) frees them; zero (`zero_grad(set_to_none=False)`, torch before 2.0 and
+    some trainers) keeps them allocated through the next forward and backward."""
 
     @model_validator(mode="after")
     def _offload_needs_full(self) -> TrainingSpec:
@@ -455,6 +459,19 @@ class HardwareSpec(Frozen):
     assumed figure; measure yours with nvidia-smi minus torch.cuda.memory_reserved())."""
     device: Literal["cuda", "cpu"] = "cuda"
     """Where the step runs (kernels save different activations on CPU and CUDA)."""
+    alloc_conf: str = ""
+    """PYTORCH_CUDA_ALLOC_CONF the job runs with (e.g. `expandable_segments:True`; empty:
+    torch's defaults): the caching allocator's replay (memplan.step.allocator) follows it.
+    Checked by memplan.step.allocator.AllocConf.parse when the estimate runs."""
+    cuda_version: Literal[11, 12, 13] = 12
+    """CUDA major version of the torch build: picks the measured CUDA context
+    (memplan.step.device.cuda_context)."""
+    cuda_lazy_loading: bool = True
+    """CUDA_MODULE_LOADING=LAZY (the default since CUDA 11.7); false: eager loading adds every
+    kernel image to the CUDA context."""
+    nccl_nvls: bool = True
+    """NCCL_NVLS_ENABLE: NVLink SHARP buffers on NVSwitch systems (Hopper and later) with
+    more than 2 GPUs of a communicator in the node; false drops them."""
 
     @field_validator("memory", "host_memory", "cuda_context", mode="before")
     @classmethod

@@ -8,7 +8,7 @@ from functools import lru_cache
 from typing import Literal
 
 from memplan import activations as acts
-from memplan import versions
+from memplan import memory, versions
 from memplan.activations import Setting
 from memplan.config.spec import Spec
 from memplan.errors import MemplanError
@@ -23,7 +23,10 @@ from memplan.states.engines.base import StepCache
 from memplan.states.layout import Layout
 from memplan.states.parallel import stage_inventories
 from memplan.states.stages import StageStates, stage_states
+from memplan.step import device
+from memplan.step import replay as rp
 from memplan.step import timeline as tl
+from memplan.step.allocator import AllocConf
 
 Verdict = Literal[
     "fits", "does_not_fit", "model_states_fit_activations_unknown", "model_states_do_not_fit"
@@ -37,12 +40,13 @@ VERDICT_TEXT: dict[Verdict, str] = {
 
 
 def verdict(*, usable_bytes: int | None, activations_modelled: bool) -> Verdict | None:
-    """The one fit verdict `estimate` (table and JSON) and `plan` give: from the usable memory
-    left (capacity - CUDA context - what the allocator reserves at the peak, minus any
-    reserve the user keeps free: memplan.step.timeline.Timeline.usable_bytes) and whether the peak
-    includes activations. Without activations the peak is a partial figure (model states and
-    transients only), so it can say that model states do not fit, never that the step fits.
-    None without a capacity."""
+    """The one fit verdict `estimate` (table and JSON) and `plan` give: from the memory left
+    (estimate: capacity - device_used, the replayed reserved bytes plus the terms outside the
+    allocator, Report.usable_bytes; plan: capacity - CUDA context - the packing bound of
+    reserved, memplan.step.timeline.Timeline.usable_bytes, minus any reserve the user keeps
+    free) and whether the peak includes activations. Without activations the peak is a
+    partial figure (model states and transients only), so it can say that model states do not
+    fit, never that the step fits. None without a capacity."""
     if usable_bytes is None:
         return None
     if activations_modelled:
@@ -141,6 +145,14 @@ class Report:
     tensor_views: tuple[TensorRankView, ...] = ()
     """Each class of TP ranks that differ, TP rank 0's (the report's own figures) first;
     empty when every TP rank holds the same bytes."""
+    allocator: rp.AllocatorView | None = None
+    """The most-loaded GPU's step replayed through the caching allocator (memplan.step.replay);
+    None on CPU, and in plan's search (which keeps the timeline's packing bound)."""
+    device_terms: tuple[device.DeviceTerm, ...] = ()
+    alloc_conf_text: str = ""
+    """hardware.alloc_conf as given (empty: torch's defaults)."""
+    """GPU memory outside the allocator (memplan.step.device): the CUDA context, NCCL
+    buffers; empty on CPU."""
 
     def states_of(self, rank: int, tensor_rank: int = 0) -> RankStates:
         """The model states of data-parallel rank `rank` on TP rank `tensor_rank`."""
@@ -192,10 +204,27 @@ class Report:
         return (most + self.activations.host_bytes) * self.ranks_per_node
 
     @property
+    def peak_reserved(self) -> int | None:
+        """torch.cuda.max_memory_reserved(), replayed; None without a replay."""
+        return None if self.allocator is None else self.allocator.peak_reserved
+
+    @property
+    def device_used(self) -> int | None:
+        """What nvidia-smi shows at the peak: peak_reserved + the terms outside the
+        allocator; None without a replay."""
+        if self.allocator is None:
+            return None
+        return device.device_used_bytes(self.allocator.peak_reserved, self.device_terms)
+
+    @property
     def usable_bytes(self) -> int | None:
-        """GPU memory left at the peak after the CUDA context and the allocator's reserve
-        (memplan.step.timeline.Timeline.usable_bytes); None without a capacity."""
-        return self.timeline.usable_bytes
+        """GPU memory left at the peak: capacity - device_used; without a replay (CPU, plan's
+        search) the timeline's capacity - CUDA context - packing bound of reserved
+        (memplan.step.timeline.Timeline.usable_bytes). None without a capacity."""
+        used = self.device_used
+        if used is None or self.capacity_bytes is None:
+            return self.timeline.usable_bytes
+        return self.capacity_bytes - used
 
     @property
     def verdict(self) -> Verdict | None:
@@ -271,6 +300,7 @@ def step_settings(spec: Spec, layout: Layout) -> tl.StepSettings:
         cuda_context_bytes=spec.hardware.cuda_context,
         fp8=spec.precision.fp8,
         finetune=spec.finetune,
+        zero_grad=spec.training.zero_grad,
     )
 
 
@@ -366,12 +396,28 @@ def assemble(
         if every_stage
         else ()
     )
+    allocator: rp.AllocatorView | None = None
+    terms: tuple[device.DeviceTerm, ...] = ()
+    conf = alloc_conf(spec.hardware.alloc_conf)
+    if every_stage and spec.hardware.device == "cuda":
+        terms = outside_allocator(spec, layout)
+        allocator = rp.replay(
+            timeline,
+            per_gpu=top.per_gpu,
+            buffers=top.buffers,
+            saved=saved,
+            inventory=local[top.stage],
+            conf=conf,
+            limit=None if capacity is None else capacity - sum(t.bytes for t in terms),
+        )
     notes = (
         list(trained.notes)
         + list(saved.notes)
         + _fp8_notes(spec, local[top.stage], saved)
         + _sequence_notes(spec, trained, [v[0] for v in views.values()])
         + _engine_notes(layout)
+        + _zero_grad_notes(spec, layout)
+        + _allocator_notes(allocator)
     )
     return Report(
         model=summary(model, trained),
@@ -406,7 +452,78 @@ def assemble(
         notes=tuple(notes),
         rules_transformers=setting.transformers,
         tensor_views=tensor_views,
+        allocator=allocator,
+        device_terms=terms,
+        alloc_conf_text=spec.hardware.alloc_conf,
     )
+
+
+@lru_cache(maxsize=64)
+def alloc_conf(text: str) -> AllocConf:
+    """hardware.alloc_conf parsed as torch 2.13 parses PYTORCH_CUDA_ALLOC_CONF (a
+    MemplanError naming hardware.alloc_conf otherwise; the CLI adds its YAML line)."""
+    return AllocConf.parse(text)
+
+
+def outside_allocator(spec: Spec, layout: Layout) -> tuple[device.DeviceTerm, ...]:
+    """The GPU memory one rank holds outside the caching allocator (memplan.step.device): the
+    CUDA context for hardware.gpu, CUDA version and module loading (hardware.cuda_context
+    overrides it), then NCCL's buffers for each communicator of the layout. A GPU outside
+    device.SM (hardware.memory only, or not NVIDIA's) keeps the assumed context and no NVLS."""
+    hw = spec.hardware
+    gpu = hw.gpu if hw.gpu in device.SM else None
+    if gpu is None:
+        context: tuple[device.DeviceTerm, ...] = (
+            device.DeviceTerm(
+                name="cuda_context",
+                bytes=memory.CUDA_CONTEXT_BYTES if hw.cuda_context is None else hw.cuda_context,
+                formula="memplan.memory.CUDA_CONTEXT_BYTES"
+                if hw.cuda_context is None
+                else "hardware.cuda_context",
+                source="assumed: no CUDA context measurement for this GPU"
+                if hw.cuda_context is None
+                else "given in the spec (hardware.cuda_context)",
+            ),
+        )
+    else:
+        context = device.cuda_context(
+            gpu=gpu,
+            cuda_major=hw.cuda_version,
+            lazy_loading=hw.cuda_lazy_loading,
+            override=hw.cuda_context,
+        )
+    comms = device.communicators(
+        data=layout.data,
+        tensor=layout.tensor,
+        pipeline=layout.pipeline,
+        expert=layout.expert,
+        context=layout.context,
+        gpus_per_node=hw.gpus_per_node,
+    )
+    nccl = [t for c in comms for t in device.communicator_terms(c, gpu=gpu, nvls=hw.nccl_nvls)]
+    return (*context, *nccl)
+
+
+def _allocator_notes(allocator: rp.AllocatorView | None) -> list[str]:
+    if allocator is None or allocator.out_of_memory or not allocator.alloc_retries:
+        return []
+    return [
+        f"the caching allocator fits this step only by freeing its cached segments and "
+        f"retrying {allocator.alloc_retries} allocation(s) over the replayed init and two steps "
+        "(cudaFree and a device synchronize each time; "
+        "torch.cuda.memory_stats()['num_alloc_retries']): "
+        "expect slow steps, or set hardware.alloc_conf: expandable_segments:True."
+    ]
+
+
+def _zero_grad_notes(spec: Spec, layout: Layout) -> list[str]:
+    if spec.training.zero_grad == "zero" and layout.engine not in tl.ZEROED_GRADIENT_ENGINES:
+        return [
+            f"training.zero_grad: zero changes nothing under {layout.engine}: the engine "
+            "clears (or keeps) its own gradient buffers inside its step, whatever the "
+            "trainer's zero_grad does."
+        ]
+    return []
 
 
 def _tensor_views(

@@ -111,7 +111,7 @@ def _row(term: Term) -> s.Row:
 
 
 def _per_gpu(report: Report) -> s.PerGpu:
-    gpu = report.per_gpu
+    gpu, alloc = report.per_gpu, report.allocator
     # Rows that share a name (bitsandbytes' uint8 state1 and its fp32 absmax both named
     # state1) are summed, so the breakdown always adds up to optimizer_states.
     states: dict[str, int] = {}
@@ -129,6 +129,22 @@ def _per_gpu(report: Report) -> s.PerGpu:
         activations_modelled=report.activations.modelled,
         transient=report.transient_bytes,
         peak=report.peak_bytes,
+        peak_reserved=report.peak_reserved,
+        fragmentation=None if alloc is None else alloc.fragmentation,
+        alloc_retries=None if alloc is None else alloc.alloc_retries,
+        reserved_by_phase=[]
+        if alloc is None
+        else [
+            s.ReservedPhase(
+                phase=p.phase, peak_allocated=p.peak_allocated, peak_reserved=p.peak_reserved
+            )
+            for p in alloc.phases
+        ],
+        device_used=report.device_used,
+        device_terms=[
+            s.DeviceTermRow(name=t.name, bytes=t.bytes, formula=t.formula, source=t.source)
+            for t in report.device_terms
+        ],
         rows=[_row(t) for t in (*gpu.terms, *report.buffers)],
     )
 

@@ -125,6 +125,25 @@ class Row(_Doc):
     )
 
 
+class ReservedPhase(_Doc):
+    """One phase of the replayed step (memplan.step.replay)."""
+
+    phase: str = Field(description="The timeline's phase (timeline.phases[].phase).")
+    peak_allocated: int = Field(
+        description="Most bytes the allocator handed out in the phase (512-byte blocks)."
+    )
+    peak_reserved: int = Field(description="Most bytes its segments held in the phase.")
+
+
+class DeviceTermRow(_Doc):
+    """One block of GPU memory outside torch's caching allocator."""
+
+    name: str = Field(description="`cuda_context`, `nccl_data_ring`, ...")
+    bytes: int = Field(description="Bytes on this GPU.")
+    formula: str = Field(description="How the bytes were worked out.")
+    source: str = Field(description="Where the figure comes from (measured, NCCL source, ...).")
+
+
 class PerGpu(_Doc):
     """The most-loaded GPU (rank `rank` of the most-loaded pipeline stage)."""
 
@@ -149,6 +168,41 @@ class PerGpu(_Doc):
     )
     transient: int = Field(description="Temporary buffers alive at the peak (see `timeline`).")
     peak: int = Field(description="Most bytes alive at any phase of the step on this GPU.")
+    peak_reserved: int | None = Field(
+        description=(
+            "torch.cuda.max_memory_reserved(): the step's allocations and frees (init and two "
+            "steps) replayed through torch 2.13's caching allocator under hardware.alloc_conf "
+            "(memplan.step.replay); null on CPU."
+        )
+    )
+    fragmentation: int | None = Field(
+        description=(
+            "peak_reserved minus the most bytes allocated while reserved stood at its peak: "
+            "cached memory no tensor used at the tightest moment; null on CPU."
+        )
+    )
+    alloc_retries: int | None = Field(
+        description=(
+            "Allocations the replay could fit only after freeing the allocator's cached "
+            "segments (torch.cuda.memory_stats()['num_alloc_retries']; each a cudaFree and a "
+            "synchronize); null on CPU."
+        )
+    )
+    reserved_by_phase: list[ReservedPhase] = Field(
+        description="The replayed second step, phase by phase (empty on CPU)."
+    )
+    device_used: int | None = Field(
+        description=(
+            "What nvidia-smi shows for the process at the peak: peak_reserved + the terms "
+            "outside the allocator (device_terms); null on CPU. The verdict is judged on it."
+        )
+    )
+    device_terms: list[DeviceTermRow] = Field(
+        description=(
+            "GPU memory outside the caching allocator: the CUDA context and NCCL's "
+            "communicator buffers (memplan.step.device); empty on CPU."
+        )
+    )
     rows: list[Row] = Field(
         description=(
             "Model-state and buffer rows; their bytes sum to parameters + gradients + "
@@ -351,9 +405,11 @@ class HardwareInfo(_Doc):
     )
     headroom_bytes: int | None = Field(
         description=(
-            "The usable memory left, as the report prints it: memory_bytes - CUDA context - what "
-            "the allocator likely reserves at the peak (timeline.usable_bytes; negative when it "
-            "does not fit); null without a capacity."
+            "The memory left at the peak, as the report prints it: memory_bytes - "
+            "per_gpu.device_used (the replayed reserved bytes plus the CUDA context and NCCL "
+            "buffers; negative when it does not fit); null without a capacity. Before issue 20 "
+            "it was memory_bytes - CUDA context - a packing bound of reserved "
+            "(timeline.usable_bytes, still given there)."
         )
     )
     verdict: (
@@ -461,8 +517,10 @@ class PlanLayout(_Doc):
     per_gpu: LayoutPeak = Field(description="Memory of the layout's most-loaded GPU.")
     headroom_bytes: int = Field(
         description=(
-            "The usable memory left, as `estimate` computes it (hardware.headroom_bytes) minus "
-            "plan.reserve: budget_bytes - what the allocator likely reserves at the peak."
+            "The usable memory left, as `estimate`'s timeline computes it "
+            "(timeline.usable_bytes: a packing bound of reserved, not the allocator replay "
+            "behind estimate's hardware.headroom_bytes, which plan leaves out of its search) "
+            "minus plan.reserve: budget_bytes - what the allocator likely reserves at the peak."
         )
     )
     step_time_s: float = Field(description="Estimated seconds per optimizer step.")

@@ -311,21 +311,22 @@ class Communicator:
 
 
 def communicator_terms(
-    comm: Communicator, *, gpu: str, nvls: bool = True, buffsize: int = NCCL_BUFFSIZE
+    comm: Communicator, *, gpu: str | None, nvls: bool = True, buffsize: int = NCCL_BUFFSIZE
 ) -> tuple[DeviceTerm, ...]:
     """NCCL's buffers for `comm` on one GPU. NCCL allocates them itself (src/transport/p2p.cc
     p2pAllocateShareableBuffer -> ncclCuMemAlloc; nvls.cc cuMemCreate), outside torch's caching
     allocator, unless buffers are registered from torch's NCCL mem pool. NCCL_RUNTIME_CONNECT=1
     (the default, src/init.cc) connects an algorithm when a collective first uses it, so these
     are the buffers after the first step. Tree (inter-node all-reduce) and CollNet buffers are
-    not modelled."""
-    name = cuda_gpu(gpu)
+    not modelled. `gpu` None: a GPU outside the SM table (given by hardware.memory only, or not
+    NVIDIA's), whose NVLS buffers are not charged."""
+    name = None if gpu is None else cuda_gpu(gpu)
     if comm.ranks < 2:
         return ()
     per_channel = connection_bytes(buffsize=buffsize)
     terms = [
         *([_ring(comm, per_channel)] if comm.collectives else []),
-        *([_nvls(comm, name)] if nvls and _uses_nvls(comm, name) else []),
+        *([_nvls(comm, name)] if nvls and name is not None and _uses_nvls(comm, name) else []),
         *([_p2p(comm, per_channel)] if comm.p2p_peers else []),
     ]
     return tuple(terms)

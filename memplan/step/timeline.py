@@ -132,6 +132,18 @@ class StepSettings:
     fp8: str
     """precision.fp8: Transformer Engine's fp8 recipe, or none."""
     finetune: FinetuneSpec
+    zero_grad: str = "set_to_none"
+    """training.zero_grad: set_to_none frees the gradients after the optimizer step; zero
+    keeps them allocated through the next forward and backward (torch engines only:
+    ZEROED_GRADIENT_ENGINES)."""
+
+
+# The engines whose gradients are the parameters' .grad tensors that the trainer's
+# optimizer.zero_grad() clears (torch/optim/optimizer.py::Optimizer.zero_grad, set_to_none
+# default True since torch 2.0). DeepSpeed clears its own gradient partitions inside
+# engine.step() and Megatron keeps its gradient buffer for the whole run (GradientLife), so
+# the trainer's choice changes nothing there.
+ZEROED_GRADIENT_ENGINES = frozenset({"ddp", "fsdp2"})
 
 
 def build(
@@ -245,13 +257,16 @@ def _engine_view(
 def _gradients(step: StepSettings, states: StepStates, cache: StepCache) -> dict[Phase, int]:
     """Gradient bytes alive at each phase. Without gradient accumulation they appear in
     backward (at the backward point only the head's: _head_fraction) and go at zero_grad
-    after the step; gradient accumulation keeps them across micro-batches; the engine may
-    keep them for the whole run, hold some from init, or make them only in its
-    post-backward (EngineStep.gradients)."""
+    after the step (zero_grad: zero keeps them); gradient accumulation keeps them across
+    micro-batches; the engine may keep them for the whole run, hold some from init, or make
+    them only in its post-backward (EngineStep.gradients)."""
     life = STEPS[step.layout.engine].gradients(states, cache)
     grads = states.per_gpu.bytes_of("gradients") - life.held_bytes
     alive: tuple[Phase, ...] = ("backward", "backward_end", "optimizer_step")
-    if life.whole_run:
+    zeroed = step.zero_grad == "zero" and step.layout.engine in ZEROED_GRADIENT_ENGINES
+    if life.whole_run or zeroed:
+        # zero_grad(set_to_none=False) fills the gradients with zeros and keeps them: from the
+        # second step on they are alive in every phase, like a buffer kept for the run.
         alive = PHASES
     elif step.accumulation_steps > 1:
         alive = PHASES[1:]

@@ -1,0 +1,316 @@
+"""The step's timeline replayed through the caching allocator: what
+`torch.cuda.max_memory_reserved()` shows, per phase and over the step, and what nvidia-smi shows
+on top of it (memplan.step.device).
+
+`events` turns one GPU's timeline (memplan.step.timeline) into the allocations and frees of
+an init and two training steps; `replay` runs them through memplan.step.allocator (the second
+step's reserved bytes are what `max_memory_reserved()` shows in a steady-state run).
+
+What the event order assumes (the timeline's own phases, made into a sequence):
+- Init: every parameter, optimizer-state and buffer row is one allocation (a row stands for
+  many tensors: their per-tensor 512-byte rounding is the timeline's allocator_rounding_states
+  term, itself one allocation; the 2 MiB rounding of each large tensor's own segment is not
+  replayed). Gradients alive in every phase (an engine's buffers kept for the run, and
+  `training.zero_grad: zero`'s kept gradients) are allocated here too, as one block: torch
+  makes zero_grad's kept gradients in the first backward, so the replay packs them tighter
+  than a first step would. Optimizer states are allocated at init, as DeepSpeed does;
+  torch.optim makes them lazily in the first step() (the same bytes, placed differently).
+- Each phase starts by freeing what the timeline no longer holds there, then allocates what
+  it newly holds (frees before allocations: the timeline's points are the moments between
+  ops, so the replay's allocated bytes reach each point's total and never exceed it by more
+  than the 512-byte rounding of each block).
+- Forward: non-layered blocks (embeddings, in-flight micro-batches of a pipeline rank) first,
+  then each decoder layer's saved tensors one by one, its forward working set allocated before
+  them and freed after. At the loss: the logits and their fp32 copy (the phase's transients),
+  then the head's and the loss's saved tensors.
+- Backward, layer by layer from the last: the backward working set, the layer's saved tensors
+  freed, its gradients allocated (the layer's share of the parameters: equal per layer of the
+  block), the working set freed. The head's gradients come before the first layer, the rest
+  (embeddings) at the end of backward; an engine that makes its gradients after backward
+  (FSDP2's root group) makes them at the optimizer step, as the timeline says.
+- Transients other than the two working sets are one allocation each, made at the first phase
+  they are alive in and freed when a phase no longer holds them; those alive in every phase
+  are allocated at init.
+- One stream, no CUDA graphs, no `record_stream` (memplan.step.allocator's scope); the
+  communication buffers of collectives issued on other streams are placed as the compute
+  stream's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+from memplan.activations import Activations, Block
+from memplan.memory import PHASES, Phase, Transient
+from memplan.model.inventory import Inventory
+from memplan.states.engines import RankStates, Term
+from memplan.step.allocator import AllocConf, Event, Replay
+from memplan.step.allocator import replay as run_allocator
+from memplan.step.timeline import Timeline
+
+FORWARD_WORKING_SET = "forward_working_set"
+BACKWARD_WORKING_SET = "backward_working_set"
+# The replay rounds every saved tensor itself (AllocConf.round_size), so the timeline's term
+# for that rounding would count it twice.
+ROUNDED_BY_REPLAY = frozenset({"allocator_rounding_activations"})
+# Transient terms that are several equal tensors alive at once, allocated one by one:
+# logits_gradient is nll_loss_backward's and log_softmax_backward's outputs, two [tokens, vocab]
+# fp32 tensors (memplan.step.transients.activation_terms).
+PIECES = {"logits_gradient": 2}
+STEPS = 2
+"""Steps replayed after init: the second is the steady state max_memory_reserved() shows."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PhaseReserved:
+    """One phase of the replayed (second) step."""
+
+    phase: Phase
+    peak_allocated: int
+    """The most bytes the allocator handed out during the phase."""
+    peak_reserved: int
+    """The most bytes it held in segments during the phase (reserved never shrinks without
+    empty_cache, so this is the step's reserved so far)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AllocatorView:
+    """What the caching allocator holds over the step, replayed."""
+
+    conf: AllocConf
+    peak_allocated: int
+    """max_memory_allocated() of the replay (every block rounded by the allocator)."""
+    peak_reserved: int
+    """max_memory_reserved(): segments the allocator holds at its highest."""
+    fragmentation: int
+    """peak_reserved minus the most bytes allocated while reserved stood at its peak."""
+    phases: tuple[PhaseReserved, ...]
+    events: int
+    """Allocations and frees replayed."""
+    alloc_retries: int
+    """Allocations that found no room within `limit` until the allocator freed its cached
+    segments and tried again (torch.cuda.memory_stats()["num_alloc_retries"]): each one a
+    cudaFree of every cached segment and a device synchronize, slow when it repeats."""
+    out_of_memory: bool
+    """The replay within `limit` ran out of memory (the allocator's retry included): the
+    figures are then the unlimited replay's."""
+    limit: int | None
+    """Bytes the allocator could have (capacity minus the terms outside it); None: unlimited."""
+
+
+def _layer_gradient_share(inventory: Inventory) -> float:
+    """Share of the parameters inside decoder layers (their gradients are made layer by layer
+    in backward)."""
+    total = inventory.num_parameters
+    if not total:
+        return 0.0
+    return sum(t.numel for t in inventory.parameters if t.layer is not None) / total
+
+
+class _Events:
+    """The event list and what is alive, by id."""
+
+    def __init__(self) -> None:
+        self.out: list[Event] = []
+        self.live: dict[Hashable, int] = {}
+
+    def alloc(self, key: Hashable, nbytes: int, pieces: int = 1) -> None:
+        """`nbytes` as `pieces` allocations (the last one takes the remainder)."""
+        if nbytes > 0:
+            each = nbytes // pieces
+            for i in range(pieces):
+                n = each if i < pieces - 1 else nbytes - each * (pieces - 1)
+                self.out.append(("alloc", (key, i), n))
+            self.live[key] = pieces
+
+    def free(self, key: Hashable) -> None:
+        pieces = self.live.pop(key, None)
+        for i in range(pieces or 0):
+            self.out.append(("free", (key, i)))
+
+
+def events(
+    timeline: Timeline,
+    *,
+    per_gpu: RankStates,
+    buffers: Sequence[Term],
+    saved: Activations,
+    inventory: Inventory,
+    steps: int = STEPS,
+) -> list[Event]:
+    """The allocations and frees of init and `steps` training steps on this GPU (phase
+    markers ("phase", name) at each phase of the last step), in the order the module's
+    docstring states."""
+    ev = _Events()
+    points = {p.phase: p for p in timeline.points}
+    grads = {phase: points[phase].of("gradients") for phase in PHASES}
+    always_grads = min(grads.values())
+    per_phase = {phase: set(points[phase].transients) for phase in PHASES}
+    terms = [t for t in timeline.transients if t.name not in ROUNDED_BY_REPLAY]
+    layered = [b for b in saved.blocks if b.layered and not b.on_host]
+    cycled = {FORWARD_WORKING_SET, BACKWARD_WORKING_SET} if layered else set()
+    whole = [t for t in terms if set(t.phases) == set(PHASES)]
+    by_name = {t.name: t for t in terms}
+
+    # init: model states, gradients alive in every phase, transients alive in every phase
+    for i, row in enumerate((*per_gpu.terms, *buffers)):
+        if row.category != "gradients":
+            ev.alloc(("state", i, row.name), row.bytes)
+    ev.alloc(("gradients", "always"), always_grads)
+    for t in whole:
+        ev.alloc(("transient", t.name), t.bytes)
+    placed = {t.name for t in whole}
+
+    layer_count = sum(b.count for b in layered)
+    share = _layer_gradient_share(inventory) if layer_count else 0.0
+    # Each layer's gradients: its share of all the gradients made in the step, but no more
+    # than the timeline adds between the backward point and the end of backward.
+    rest = max(grads["backward_end"] - grads["backward"], 0)
+    made = max(grads.values()) - always_grads
+    per_layer_grad = min(rest, int(made * share)) // layer_count if layer_count else 0
+    grad_blocks: list[tuple[Hashable, int]] = []
+
+    def set_gradients(step: int, target: int) -> None:
+        """Free the newest gradient blocks, then allocate, until `target` bytes (beyond those
+        alive in every phase) are alive."""
+        target -= always_grads
+        current = sum(n for _, n in grad_blocks)
+        while grad_blocks and current > target:
+            key, n = grad_blocks.pop()
+            ev.free(key)
+            current -= n
+        if target > current:
+            key = ("gradients", step, len(grad_blocks))
+            ev.alloc(key, target - current)
+            grad_blocks.append((key, target - current))
+
+    def transients_to(phase: Phase) -> None:
+        for t in terms:
+            if t.name in placed or t.name in cycled:
+                continue
+            alive = phase in t.phases
+            key = ("transient", t.name)
+            if not alive and key in ev.live:
+                ev.free(key)
+        for t in terms:
+            if t.name in placed or t.name in cycled:
+                continue
+            if phase in t.phases and ("transient", t.name) not in ev.live:
+                ev.alloc(("transient", t.name), t.bytes, PIECES.get(t.name, 1))
+
+    # Blocks are keyed by their place in saved.blocks: names repeat (LoRA's frozen and
+    # trained decoder layers are two "layers" blocks).
+    place = {id(b): i for i, b in enumerate(saved.blocks)}
+
+    def alloc_block(step: int, block: Block, copy: int) -> None:
+        for j, tensor in enumerate(block.tensors):
+            ev.alloc(("saved", step, place[id(block)], copy, j), tensor.bytes)
+
+    def free_block(step: int, block: Block, copy: int) -> None:
+        for j in range(len(block.tensors)):
+            ev.free(("saved", step, place[id(block)], copy, j))
+
+    def working_set(name: str, phase: Phase) -> Transient | None:
+        """A working set the replay allocates once per layer, if the phase holds it."""
+        t = by_name.get(name)
+        return t if t is not None and name in per_phase[phase] and name in cycled else None
+
+    resident = [b for b in saved.blocks if not b.on_host and not b.layered]
+    at_loss = [b for b in resident if b.name in ("head", "loss")]
+    kept = [b for b in resident if b.name not in ("head", "loss")]
+    for step in range(1, steps + 1):
+        last = step == steps
+        for phase in PHASES:
+            if last:
+                ev.out.append(("phase", phase))
+            transients_to(phase)
+            if phase == "start":
+                set_gradients(step, grads[phase])
+            elif phase == "forward":
+                set_gradients(step, grads[phase])
+                for b in kept:
+                    for c in range(b.count):
+                        alloc_block(step, b, c)
+                fws = working_set(FORWARD_WORKING_SET, phase)
+                for b in layered:
+                    for c in range(b.count):
+                        if fws is not None:
+                            ev.alloc(("fws", step, place[id(b)], c), fws.bytes)
+                        alloc_block(step, b, c)
+                        if fws is not None:
+                            ev.free(("fws", step, place[id(b)], c))
+            elif phase == "loss":
+                set_gradients(step, grads[phase])
+                for b in at_loss:
+                    for c in range(b.count):
+                        alloc_block(step, b, c)
+            elif phase == "backward_start":
+                set_gradients(step, grads[phase])
+            elif phase == "backward":
+                for b in at_loss:
+                    for c in range(b.count):
+                        free_block(step, b, c)
+                set_gradients(step, grads[phase])
+                bws = working_set(BACKWARD_WORKING_SET, phase)
+                for b in reversed(layered):
+                    for c in reversed(range(b.count)):
+                        if bws is not None:
+                            ev.alloc(("bws", step, place[id(b)], c), bws.bytes)
+                        free_block(step, b, c)
+                        key = ("gradients", step, "layer", place[id(b)], c)
+                        ev.alloc(key, per_layer_grad)
+                        if per_layer_grad:
+                            grad_blocks.append((key, per_layer_grad))
+                        if bws is not None:
+                            ev.free(("bws", step, place[id(b)], c))
+            elif phase == "backward_end":
+                for b in kept:
+                    for c in range(b.count):
+                        free_block(step, b, c)
+                set_gradients(step, grads[phase])
+            else:  # optimizer_step
+                set_gradients(step, grads[phase])
+    return ev.out
+
+
+def replay(
+    timeline: Timeline,
+    *,
+    per_gpu: RankStates,
+    buffers: Sequence[Term],
+    saved: Activations,
+    inventory: Inventory,
+    conf: AllocConf,
+    limit: int | None,
+) -> AllocatorView:
+    """The step replayed through the allocator configured by `conf`, within `limit` bytes
+    (the GPU's capacity minus what lives outside the allocator; None: unlimited). When the
+    replay runs out of memory within the limit, the figures are the unlimited replay's (what
+    the step would need), and `out_of_memory` says so."""
+    sequence = events(timeline, per_gpu=per_gpu, buffers=buffers, saved=saved, inventory=inventory)
+    result: Replay = run_allocator(sequence, conf, capacity=limit)
+    oom = result.oom is not None
+    retries = result.alloc_retries
+    if oom:
+        result = run_allocator(sequence, conf)
+    by_name = {m.name: m for m in result.phases}
+    phases = tuple(
+        PhaseReserved(
+            phase=phase,
+            peak_allocated=by_name[phase].peak_allocated,
+            peak_reserved=by_name[phase].peak_reserved,
+        )
+        for phase in PHASES
+    )
+    return AllocatorView(
+        conf=conf,
+        peak_allocated=result.peak_allocated,
+        peak_reserved=result.peak_reserved,
+        fragmentation=result.fragmentation,
+        phases=phases,
+        events=sum(1 for e in sequence if e[0] != "phase"),
+        alloc_retries=retries,
+        out_of_memory=oom,
+        limit=limit,
+    )
