@@ -11,12 +11,15 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from memplan.cli.app import app
-from memplan.config.spec import ParallelismSpec
-from memplan.model.load import PRESET_DIR, read_json
+from memplan.config.load import load_spec
+from memplan.config.spec import ParallelismSpec, PlanSpec
+from memplan.model.load import PRESET_DIR, load_inventory, read_json
 from memplan.model.sources import from_config
-from memplan.plan.search import pipeline_split, plan
+from memplan.plan.search import pipeline_split, plan, row_spec
 from memplan.report.estimate import estimate
 from tests.conftest import TINY_LLAMA, make_spec
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def preset(name: str):  # type: ignore[no-untyped-def]
@@ -192,3 +195,44 @@ def test_plan_needs_a_gpu_count():
     spec = make_spec(hardware={"gpu": "H100-80GB"})
     with pytest.raises(MemplanError, match="how many GPUs"):
         plan(spec, from_config(TINY_LLAMA))
+
+
+@pytest.mark.parametrize("config", ["plan-llama-3-8b.yaml", "plan-llama-3.1-405b.yaml"])
+def test_every_shown_row_fits_as_estimate_judges_its_spec(config: str) -> None:
+    """The rows plan shows are the specs `memplan estimate` calls fits (the replayed allocator
+    plus the terms outside it, issue 20) with the same peak: plan's own search uses a packing
+    bound, and `_checked_by_replay` drops a row the replay refuses."""
+    loaded = load_spec(ROOT / "configs" / config)
+    inventory = load_inventory(loaded)
+    result = plan(loaded.spec, inventory, suggest=False)
+    shown = result.layouts[: result.top]
+    assert shown
+    reserve = (loaded.spec.plan or PlanSpec()).reserve
+    for row in shown:
+        report = estimate(row_spec(loaded.spec, row), inventory)
+        assert report.peak_bytes == row.peak_bytes, row
+        assert report.usable_bytes is not None and report.usable_bytes >= reserve, row
+
+
+def test_rows_the_replay_refuses_are_dropped_and_the_next_checked() -> None:
+    """With plan.reserve between the shown rows' replayed headrooms, the rows below it go
+    (counted in `pruned`) and later rows take their place, each checked the same way."""
+    from collections import Counter
+
+    from memplan.plan.search import _checked_by_replay
+
+    loaded = load_spec(ROOT / "configs" / "plan-llama-3-8b.yaml")
+    inventory = load_inventory(loaded)
+    result = plan(loaded.spec, inventory, suggest=False)
+    rows = list(result.layouts[:6])
+    usable = [estimate(row_spec(loaded.spec, r), inventory).usable_bytes or 0 for r in rows]
+    reserve = sorted(usable)[len(usable) // 2]
+    pruned: Counter[str] = Counter()
+    kept = _checked_by_replay(
+        loaded.spec, inventory, rows, PlanSpec(top=3, reserve=reserve), pruned
+    )
+    expected = [r for r, u in zip(rows, usable, strict=True) if u >= reserve]
+    assert kept[:3] == expected[:3]
+    assert sum(pruned.values()) == sum(
+        1 for u in usable[: rows.index(expected[2]) + 1] if u < reserve
+    )

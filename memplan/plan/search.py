@@ -61,6 +61,9 @@ class Candidate:
     headroom_bytes: int
     time: StepTime
     tokens_per_step: int
+    parallelism: ParallelismSpec = field(repr=False, compare=False)
+    """The layout as a spec's `parallelism` (with the micro-batch, recomputation and
+    accumulation above, `row_spec` gives the spec `memplan estimate` reproduces it from)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -376,6 +379,7 @@ class _Search:
             headroom_bytes=headroom,
             time=step_time(shape, report.layout, work, link),
             tokens_per_step=self.global_batch * self.spec.training.sequence_length,
+            parallelism=par,
         )
 
 
@@ -449,7 +453,7 @@ def plan(
         budget=budget,
         activations_modelled=_activations_modelled(plain),
     )
-    layouts = search.run(progress)
+    layouts = _checked_by_replay(spec, inventory, search.run(progress), p, search.pruned)
     suggestion = "" if layouts or not suggest else _suggest(spec, inventory, p, gpus, budget)
     return PlanResult(
         gpus=gpus,
@@ -468,6 +472,42 @@ def plan(
             "(memplan.hardware.CATALOG); name hardware.gpu to rank by another GPU's.",
         ),
     )
+
+
+def row_spec(spec: Spec, c: Candidate) -> Spec:
+    """The spec of plan row `c`: `memplan estimate` on it reproduces the row's bytes."""
+    training = spec.training.model_copy(
+        update={
+            "micro_batch_size": c.micro_batch_size,
+            "activation_checkpointing": c.recompute,
+            "gradient_accumulation_steps": c.gradient_accumulation_steps,
+        }
+    )
+    return spec.model_copy(update={"parallelism": c.parallelism, "training": training})
+
+
+def _checked_by_replay(
+    spec: Spec, inventory: Inventory, layouts: list[Candidate], p: PlanSpec, pruned: Counter[str]
+) -> list[Candidate]:
+    """`layouts` (fastest first) with the rows plan shows checked as `estimate` checks a spec:
+    the step replayed through the caching allocator (memplan.step.replay) plus the terms
+    outside it, against capacity - plan.reserve. The search itself uses the packing bound
+    (timeline.usable_bytes: a replay per layout would cost milliseconds each), so a row near
+    the limit can pass the search and fail the replay: it is dropped here and the next one
+    checked, until `p.top` rows hold or none are left. Rows past those shown are unchecked."""
+    out: list[Candidate] = []
+    shown = 0
+    for i, c in enumerate(layouts):
+        if shown == p.top:
+            out.extend(layouts[i:])
+            break
+        headroom = estimate(row_spec(spec, c), inventory).usable_bytes
+        if headroom is not None and headroom < p.reserve:
+            pruned["does not fit: the replayed allocator (as estimate) exceeds the budget"] += 1
+            continue
+        out.append(c)
+        shown += 1
+    return out
 
 
 def _activations_modelled(report: Report) -> bool:
