@@ -10,7 +10,8 @@ module imports only from its own stage or an earlier one.
     step       the timeline of one training step and its transient buffers
     report     the estimate and its --json document
     plan       the layout search
-    cli, verify  the edges (verify is the only torch importer; only cli, beside it, imports it)
+    cli, verify, trace  the edges (verify and trace import torch; only cli, beside them,
+               imports them)
 
 Every import counts, including those inside functions (the CLI imports lazily for speed).
 """
@@ -36,7 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("memplan.step",),
     ("memplan.report",),
     ("memplan.plan",),
-    ("memplan.cli", "memplan.verify", "memplan.__main__"),
+    ("memplan.cli", "memplan.verify", "memplan.trace", "memplan.__main__"),
 )  # fmt: skip
 
 
