@@ -205,7 +205,7 @@ def trace_once(
     for module in model.modules():
         hooks.append(module.register_forward_pre_hook(pre))
         hooks.append(module.register_forward_hook(post))
-    loss_fn = model.loss_function
+    loss_fn: Any = model.loss_function
 
     def loss_function(*args: Any, **kwargs: Any) -> Any:
         state["block"] = "loss"
@@ -240,14 +240,47 @@ def trace_once(
 
     cast = torch.autocast("cpu", dtype=DTYPES[autocast]) if autocast else contextlib.nullcontext()
     try:
-        with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast:
+        with (
+            mode,
+            _real_tensor_masks(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            cast,
+        ):
             ids = torch.zeros((batch, sequence), dtype=torch.int64)
             model(input_ids=ids, labels=ids.clone(), use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
-        model.loss_function = loss_fn  # type: ignore[assignment]
+        model.loss_function = loss_fn
     return list(records.values())
+
+
+@contextlib.contextmanager
+def _real_tensor_masks() -> Any:
+    """Let transformers decide the attention mask as it does on real tensors.
+
+    transformers.masking_utils._ignore_causal_mask_sdpa never skips the causal mask while
+    "tracing", and counts a FakeTensor as tracing (utils/import_utils.py::is_tracing), so under
+    FakeTensorMode SDPA would get an explicit (b, 1, s, s) mask a real run does not make. The
+    trace passes no attention_mask (no padding, as the real-tensor probe and training without
+    padding do), so its padding mask is None and the answer on real tensors is known without
+    data: skip the mask (`is_causal=True`) unless a local window is shorter than the keys. That
+    answer is given here for padding_mask None; any other call goes to transformers."""
+    import transformers.masking_utils as masking
+
+    original = masking._ignore_causal_mask_sdpa
+
+    def ignore(padding_mask: Any, q_length: int, kv_length: int, *args: Any, **kw: Any) -> bool:
+        if padding_mask is not None:
+            return bool(original(padding_mask, q_length, kv_length, *args, **kw))
+        local = kw.get("local_attention_size", args[2] if len(args) > 2 else None)
+        return not (local is not None and kv_length >= local)
+
+    masking._ignore_causal_mask_sdpa = ignore
+    try:
+        yield
+    finally:
+        masking._ignore_causal_mask_sdpa = original
 
 
 def _split(records: list[_Record]) -> dict[str, list[_Record]]:

@@ -1,0 +1,224 @@
+"""Activation profiles (memplan.trace.profile, memplan.model.profile): issue 18, items 2-4.
+
+- Every family with a hand rule, traced: the profile's saved bytes per block equal the rule's
+  (memplan.activations.predict) for eager and sdpa, fp32 and bf16, on the tiny configs the rule
+  tests use, so a transformers release that changes a family fails here by name. Where they
+  differ today the case is an xfail with the measured numbers.
+- The profile of a family without a rule (RoBERTa) against real tensors: the bytes
+  tests/activation_probe.py measures on CPU at a size the fit never saw (independent oracle).
+- The document round-trips through the pure reader, bad documents are refused, and the CLI
+  writes and uses one (activations.source in --json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from memplan.activations import predict  # noqa: E402
+from memplan.errors import MemplanError  # noqa: E402
+from memplan.model import profile  # noqa: E402
+from memplan.model.forward.tensors import Activations, Setting  # noqa: E402
+from memplan.trace import profile as tracer  # noqa: E402
+from tests.activation_probe import build_model, measure  # noqa: E402
+from tests.test_activations import GPT2, LLAMA, VARIANTS, inventory  # noqa: E402
+from tests.test_activations_families import FAMILIES, with_dropout  # noqa: E402
+
+BATCH, SEQ = 2, 24
+BLOCKS = ("embeddings", "layers", "head", "loss")
+PRECISIONS = {"fp32": ("fp32", "fp32", False), "bf16": ("bf16", "bf16", False)}
+RULED: dict[str, dict[str, Any]] = {
+    "llama": LLAMA,
+    "gpt2": GPT2,
+    "qwen2": VARIANTS["qwen2"],
+    "qwen3": VARIANTS["qwen3"],
+    "gpt_neox": VARIANTS["gpt-neox"],
+    "bert": VARIANTS["bert-mlm"],
+    **{k: v for k, v in FAMILIES.items() if k not in ("qwen2_moe", "qwen3_moe")},
+}
+# Where the trace and the rule disagree today (transformers 5.25.0, torch 2.13.0, batch 2 x 24
+# tokens, two layers): (family, attention, precision) -> the measured layer bytes and why.
+_SDPA_MORE = {
+    # family: (rule, trace) layer bytes for fp32, then bf16
+    "llama": ((469248, 503040), (260352, 277248)),
+    "qwen2": ((316416, 350208), (178176, 195072)),
+    "qwen3": ((466944, 525312), (279552, 308736)),
+    "gpt_neox": ((264960, 274176), (133632, 138240)),
+    "phi3": ((359424, 368640), (199680, 204288)),
+    "gemma": ((366336, 424704), (221952, 251136)),
+    "gemma3_text": ((543232, 601600), (398848, 428032)),
+    "olmo2": ((366336, 400128), (246528, 263424)),
+    "gptj": ((485376, 494592), (243840, 248448)),
+}
+DIFFERS: dict[tuple[str, str, str], str] = {
+    **{
+        (family, "sdpa", precision): (
+            f"layers: rule {pair[0]} B, trace {pair[1]} B: under FakeTensorMode the CPU SDPA "
+            "path saves more than on real tensors (the rule matches real tensors: "
+            "tests/test_activations*.py); not yet explained (open finding)"
+        )
+        for family, pairs in _SDPA_MORE.items()
+        for precision, pair in zip(PRECISIONS, pairs, strict=True)
+    },
+    ("opt", "eager", "fp32"): "layers: rule 279552 B, trace 242688 B (open finding)",
+    ("opt", "eager", "bf16"): "layers: rule 195072 B, trace 176640 B (open finding)",
+    ("opt", "sdpa", "fp32"): "layers: rule 226560 B, trace 189696 B (open finding)",
+    ("opt", "sdpa", "bf16"): "layers: rule 114432 B, trace 96000 B (open finding)",
+    **{
+        ("bert", attention, "bf16"): (
+            "head+loss: rule 168196 B, trace 93602 B: the trace's masked-LM loss saves its "
+            "log-softmax in bf16 (no fp32 upcast seen), the rule in fp32 (open finding)"
+        )
+        for attention in ("eager", "sdpa")
+    },
+    **{
+        (family, "sdpa", precision): (
+            f"{family} has no SDPA in transformers (`_supports_sdpa` False): the trace refuses "
+            "attn_implementation='sdpa'; memplan's rule predicts eager for it"
+        )
+        for family in ("gemma2", "bloom")
+        for precision in PRECISIONS
+    },
+}
+
+
+def _setting(precision: str, attention: str, batch: int = BATCH, seq: int = SEQ) -> Setting:
+    stream, matmul, cast = PRECISIONS[precision]
+    return Setting(
+        batch=batch,
+        sequence=seq,
+        stream=stream,
+        matmul=matmul,
+        autocast=cast,
+        device="cpu",
+        attention=attention,  # type: ignore[arg-type]
+        dropout=None,
+        checkpointing="none",
+        transformers=tracer.transformers.__version__.rsplit(".", 1)[0],
+    )
+
+
+def _traced(config: dict[str, Any], precision: str, attention: str) -> profile.Profile:
+    stream, matmul, cast = PRECISIONS[precision]
+    doc = tracer.build(config, stream=stream, matmul=matmul, autocast=cast, attention=attention)
+    return profile.from_document(json.loads(json.dumps(doc)), origin="test")
+
+
+def _blocks(saved: Activations) -> dict[str, int]:
+    """Bytes per block; head and loss together (BertForMaskedLM computes its loss with
+    CrossEntropyLoss inline, not through `loss_function`, so the trace sees no boundary)."""
+    out = {"embeddings": 0, "layers": 0, "head+loss": 0}
+    for block in saved.blocks:
+        name = "head+loss" if block.name in ("head", "loss") else block.name
+        out[name] = out.get(name, 0) + block.bytes
+    return out
+
+
+CASES = [(f, a, p) for f in RULED for a in ("eager", "sdpa") for p in PRECISIONS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("family", "attention", "precision"), CASES, ids=["-".join(c) for c in CASES]
+)
+def test_rule_equals_trace(family: str, attention: str, precision: str) -> None:
+    """The hand rule's bytes per block = the traced profile's, at batch 2 x 24 tokens."""
+    if (family, attention, precision) in DIFFERS:
+        pytest.xfail(DIFFERS[(family, attention, precision)])
+    config = with_dropout(RULED[family], False)
+    st = _setting(precision, attention)
+    rule = predict(inventory(config), st)
+    assert rule.modelled, rule.notes
+    traced = _traced(config, precision, attention).activations(st, num_layers=2)
+    assert _blocks(traced) == _blocks(rule)
+
+
+ROBERTA: dict[str, Any] = {
+    "model_type": "roberta",
+    "architectures": ["RobertaForMaskedLM"],
+    "hidden_size": 48,
+    "intermediate_size": 100,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 6,
+    "vocab_size": 777,
+    "max_position_embeddings": 130,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "pad_token_id": 1,
+    "type_vocab_size": 1,
+}
+
+
+@pytest.mark.parametrize(
+    ("batch", "seq"),
+    [
+        (3, 37),
+        pytest.param(
+            1,
+            50,
+            marks=pytest.mark.xfail(
+                reason="batch 1 x 50: profile 916204 B, real tensors 916212 B (one int64 "
+                "element more in a (50,) storage of 51; open finding)",
+                strict=True,
+            ),
+        ),
+    ],
+)
+def test_profile_equals_real_tensors_without_a_rule(batch: int, seq: int) -> None:
+    """RoBERTa has no rule: the profile (fitted on batch 2-3 x 8-24 tokens, batch 1 apart)
+    predicts the bytes real CPU tensors save at sizes it never traced (independent oracle:
+    tests/activation_probe.py's storage count on the real model)."""
+    traced = _traced(ROBERTA, "fp32", "eager")
+    saved = traced.activations(_setting("fp32", "eager", batch, seq), num_layers=4)
+    model = build_model(ROBERTA, attention="eager", dtype="fp32")
+    measured, loss = measure(model, batch=batch, sequence=seq)
+    assert loss.isfinite()
+    assert saved.bytes == measured.bytes
+
+
+def test_document_round_trips_and_bad_ones_are_refused() -> None:
+    doc = tracer.build(GPT2, stream="fp32", matmul="fp32", autocast=False, attention="eager")
+    traced = profile.from_document(json.loads(json.dumps(doc)), origin="p.json")
+    assert traced.key.model_type == "gpt2" and traced.key.config_hash == profile.config_hash(GPT2)
+    assert traced.activations(_setting("fp32", "eager"), num_layers=2).source == "profile"
+    with pytest.raises(MemplanError, match=r"p\.json is not a memplan activation profile"):
+        profile.from_document({**doc, "schema": 99}, origin="p.json")
+    with pytest.raises(MemplanError, match="KeyError"):
+        profile.from_document({k: v for k, v in doc.items() if k != "blocks"}, origin="p.json")
+
+
+def test_cli_profile_then_estimate_uses_it(tmp_path: Path, monkeypatch: Any) -> None:
+    from typer.testing import CliRunner
+
+    from memplan.cli.app import app
+
+    (tmp_path / "roberta.json").write_text(json.dumps(ROBERTA))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "model:\n  hf_config: roberta.json\nprecision: fp32\noptimizer:\n  name: adamw\n"
+        "training:\n  micro_batch_size: 3\n  sequence_length: 37\n  attention: eager\n"
+        "parallelism:\n  engine: ddp\n  data: 1\nhardware:\n  gpu: H100-80GB\n"
+        "  device: cpu\n"
+    )
+    monkeypatch.setenv("MEMPLAN_CACHE", str(tmp_path / "cache"))
+    runner = CliRunner()
+    before = json.loads(runner.invoke(app, ["estimate", str(spec), "--json"]).stdout)
+    assert before["activations"]["source"] == "none"
+    result = runner.invoke(app, ["profile", str(spec)])
+    assert result.exit_code == 0, result.output
+    after = json.loads(runner.invoke(app, ["estimate", str(spec), "--json"]).stdout)
+    assert after["activations"]["source"] == "profile"
+    assert after["activations"]["profile_versions"]["transformers"] == transformers.__version__
+    model = build_model(ROBERTA, attention="eager", dtype="fp32")
+    measured, _ = measure(model, batch=3, sequence=37)
+    assert after["activations"]["bytes"] == measured.bytes
+    cuda = spec.read_text().replace("  device: cpu\n", "")
+    spec.write_text(cuda)
+    refused = runner.invoke(app, ["profile", str(spec)])
+    assert refused.exit_code != 0 and "hardware.device" in refused.output
