@@ -259,15 +259,21 @@ def trace_once(
 def _real_tensor_masks() -> Any:
     """Let transformers decide the attention mask as it does on real tensors.
 
-    transformers.masking_utils._ignore_causal_mask_sdpa never skips the causal mask while
-    "tracing", and counts a FakeTensor as tracing (utils/import_utils.py::is_tracing), so under
-    FakeTensorMode SDPA would get an explicit (b, 1, s, s) mask a real run does not make. The
-    trace passes no attention_mask (no padding, as the real-tensor probe and training without
-    padding do), so its padding mask is None and the answer on real tensors is known without
-    data: skip the mask (`is_causal=True`) unless a local window is shorter than the keys. That
-    answer is given here for padding_mask None; any other call goes to transformers."""
+    transformers.masking_utils reads data to choose the mask, and counts a FakeTensor as
+    "tracing" (utils/import_utils.py::is_tracing), where it takes the general path: under
+    FakeTensorMode SDPA would get an explicit (b, 1, s, s) mask, and so repeated k/v instead of
+    `enable_gqa`, which a real run does not make. The trace passes neither attention_mask nor
+    position_ids (no padding, one sequence per row, as the real-tensor probe and training
+    without packing do), so the real-tensor answers are known without data, and given here:
+
+    - `find_packed_sequence_indices(position_ids)`: position_ids are arange(s), no packed
+      sequences, None;
+    - `_ignore_causal_mask_sdpa(None, ...)`: no padding mask, so the causal mask is skipped
+      (`is_causal=True`) unless a local window is not longer than the keys. Calls with a padding
+      mask go to transformers."""
     import transformers.masking_utils as masking
 
+    packed = masking.find_packed_sequence_indices
     original = masking._ignore_causal_mask_sdpa
 
     def ignore(padding_mask: Any, q_length: int, kv_length: int, *args: Any, **kw: Any) -> bool:
@@ -277,10 +283,12 @@ def _real_tensor_masks() -> Any:
         return not (local is not None and kv_length >= local)
 
     masking._ignore_causal_mask_sdpa = ignore
+    masking.find_packed_sequence_indices = lambda position_ids: None
     try:
         yield
     finally:
         masking._ignore_causal_mask_sdpa = original
+        masking.find_packed_sequence_indices = packed
 
 
 def _split(records: list[_Record]) -> dict[str, list[_Record]]:
