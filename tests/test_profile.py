@@ -202,3 +202,75 @@ def test_cli_profile_then_estimate_uses_it(tmp_path: Path, monkeypatch: Any) -> 
     spec.write_text(cuda)
     refused = runner.invoke(app, ["profile", str(spec)])
     assert refused.exit_code != 0 and "hardware.device" in refused.output
+
+
+PRECISIONS["amp-bf16"] = ("fp32", "bf16", True)
+MORE = [
+    (f, a, p, c)
+    for f in ("llama", "gpt2", "gemma3_text", "falcon", "gpt_neox")
+    for a in ("eager", "sdpa")
+    for p, c in (("amp-bf16", "none"), ("fp32", "full"), ("bf16", "full"))
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("family", "attention", "precision", "checkpointing"),
+    MORE,
+    ids=["-".join(c) for c in MORE],
+)
+def test_rule_equals_trace_autocast_and_full_checkpointing(
+    family: str, attention: str, precision: str, checkpointing: str
+) -> None:
+    """autocast (amp-bf16) and full checkpointing (torch.utils.checkpoint per layer,
+    non-reentrant): saved bytes per block and what one layer re-creates in its backward."""
+    config = with_dropout(RULED[family], False)
+    st = dataclasses.replace(_setting(precision, attention), checkpointing=checkpointing)  # type: ignore[arg-type]
+    rule = predict(inventory(config), st)
+    assert rule.modelled, rule.notes
+    stream, matmul, cast = PRECISIONS[precision]
+    doc = tracer.build(
+        config,
+        stream=stream,
+        matmul=matmul,
+        autocast=cast,
+        attention=attention,
+        checkpointing=checkpointing,
+    )
+    traced = profile.from_document(doc, origin="test").activations(st, num_layers=2)
+    assert _blocks(traced) == _blocks(rule)
+    layers = (rule.block("layers"), traced.block("layers"))
+    assert layers[0] is not None and layers[1] is not None
+    assert layers[1].recompute_bytes == layers[0].recompute_bytes
+
+
+def test_estimate_with_a_stored_profile_does_not_import_torch(tmp_path: Path) -> None:
+    """`estimate` reads a stored profile without torch (issue 18: torch-free when a rule or a
+    stored profile serves): a fresh interpreter, its imported modules checked."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "roberta.json").write_text(json.dumps(ROBERTA))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "model:\n  hf_config: roberta.json\nprecision: fp32\noptimizer:\n  name: adamw\n"
+        "training:\n  micro_batch_size: 3\n  sequence_length: 37\n  attention: eager\n"
+        "parallelism:\n  engine: ddp\n  data: 1\nhardware:\n  gpu: H100-80GB\n  device: cpu\n"
+    )
+    doc = tracer.build(ROBERTA, stream="fp32", matmul="fp32", autocast=False, attention="eager")
+    stem = profile.from_document(doc, origin="test").key.file_stem()
+    (tmp_path / "cache" / "profiles").mkdir(parents=True)
+    (tmp_path / "cache" / "profiles" / f"{stem}.json").write_text(tracer.dumps(doc))
+    code = (
+        "import sys\nfrom memplan.cli.app import main\nsys.argv = ['memplan', 'estimate', "
+        f"{str(spec)!r}, '--json']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('torch imported:', 'torch' in sys.modules, file=sys.stderr)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "MEMPLAN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    assert "torch imported: False" in done.stderr, done.stderr
+    assert json.loads(done.stdout)["activations"]["source"] == "profile"

@@ -229,6 +229,8 @@ def trace_once(
             module = stack[-1] if stack else ""
             layer_name = f"{prefix}.{block.split('.')[1]}." if block.startswith("layer.") else ""
             rel = module.removeprefix(layer_name) if layer_name else module
+            if layer_name and module == layer_name[:-1]:
+                rel = ""  # the layer itself (checkpoint's saved inputs)
             dtype = NAMES.get(t.dtype)
             if dtype is None:
                 raise MemplanError(f"a saved tensor of dtype {t.dtype} memplan does not know.")
