@@ -24,6 +24,15 @@ LLAMA_8B = {
 
 
 def main() -> None:
+    started = time.perf_counter()
+    build(
+        {**LLAMA_8B, "num_hidden_layers": 2},
+        stream="bf16",
+        matmul="bf16",
+        autocast=False,
+        attention="sdpa",
+    )
+    print(f"warm-up (imports, first FakeTensorMode): {time.perf_counter() - started:.2f} s")
     for layers in (100, 2):
         for attention in ("sdpa", "eager"):
             started = time.perf_counter()

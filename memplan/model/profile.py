@@ -125,6 +125,9 @@ class Profile:
     vocab_size: int
     blocks: tuple[ProfileBlock, ...]
     assumptions: tuple[str, ...] = ()
+    min_sequence: int = 1
+    """The shortest traced sequence: below it the model may run another code path (a sliding
+    window longer than the sequence)."""
 
     def activations(self, st: Setting, *, num_layers: int) -> Activations:
         """The saved tensors of one forward at `st`'s batch and sequence, with `num_layers`
@@ -153,6 +156,11 @@ class Profile:
             f"{self.versions.get('transformers', '?')}), not a hand rule.",
             *self.assumptions,
         ]
+        if st.sequence < self.min_sequence:
+            notes.append(
+                f"sequence {st.sequence} is shorter than the shortest traced one "
+                f"({self.min_sequence}, past the sliding window): extrapolated."
+            )
         return Activations(
             modelled=True,
             blocks=tuple(blocks),
@@ -213,6 +221,7 @@ def from_document(doc: Any, *, origin: str) -> Profile:
             vocab_size=int(doc["model"]["vocab_size"]),
             blocks=blocks,
             assumptions=tuple(str(a) for a in doc.get("assumptions", ())),
+            min_sequence=int(doc.get("fit", {}).get("min_sequence", 1)),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise MemplanError(

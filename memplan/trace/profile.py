@@ -100,6 +100,47 @@ def reduced_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     return cfg, counts
 
 
+def check_full_structure(config: Mapping[str, Any], counts: Mapping[str, int]) -> None:
+    """The full-depth model, built on the meta device (no memory, ~0.1 s for 100 layers):
+    every layer of one kind must have the same parameters, or tracing two of them would not
+    describe the rest (DeepSeek's first_k_dense_replace, Qwen MoE's mlp_only_layers, ...)."""
+    kwargs = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype", "dtype")}
+    cfg = transformers.AutoConfig.for_model(config["model_type"], **kwargs)
+    with torch.device("meta"):
+        model = _head_class(config)(cfg)
+    n = sum(counts.values())
+    _, layers = _layers(model, n)
+    kinds = _layer_kinds(dict(config), n) if len(counts) > 1 else ["decoder"] * n
+    seen: dict[str, tuple[Any, ...]] = {}
+    for i, (kind, layer) in enumerate(zip(kinds, layers, strict=True)):
+        shape = (
+            type(layer).__name__,
+            tuple((name, tuple(p.shape)) for name, p in layer.named_parameters()),
+        )
+        if kind in seen and seen[kind] != shape:
+            first = kinds.index(kind)
+            raise MemplanError(
+                f"layer {i} has other parameters than layer {first} ({type(layer).__name__}): "
+                "the config makes layers of several structures that `layer_types` does not "
+                "name (dense and MoE layers, ...); profiles trace two layers per kind, so this "
+                "model is not traced yet."
+            )
+        seen.setdefault(kind, shape)
+
+
+def sequence_unit(cfg: Any) -> int:
+    """Tokens per traced sequence multiple: 8, or one more than the sliding window, so that
+    every traced sequence is longer than the window (the code path changes where the window
+    starts to cut: sdpa gets an explicit mask). The profile holds from that length on."""
+    window = getattr(cfg, "sliding_window", None)
+    limit = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    if not isinstance(window, int) or window <= 0 or not getattr(cfg, "use_sliding_window", True):
+        return SEQ_UNIT
+    if limit and window >= limit:
+        return SEQ_UNIT  # never cuts a sequence the model takes
+    return max(SEQ_UNIT, window + 1)
+
+
 def _layer_kinds(reduced: Mapping[str, Any], n: int) -> list[str]:
     types = reduced.get("layer_types")
     if isinstance(types, list) and len(types) == n:
@@ -124,15 +165,11 @@ def _build(
             "profiles trace decoder-only and encoder-only models; encoder-decoder is not "
             "traced yet."
         )
-    if _is_moe(cfg):
-        raise MemplanError(
-            f"model_type {cfg.model_type!r} routes tokens to experts: routing is data-dependent "
-            "and FakeTensorMode has no data, so MoE layers are not traced yet (memplan profile "
-            "refuses rather than guess a routing)."
-        )
     mode = FakeTensorMode()
     with mode:
         model = _head_class(config)(cfg, dtype=DTYPES[stream], attn_implementation=attention)
+    if _is_moe(cfg):
+        _check_moe(model, stream)
     model.train()
     if checkpointing == "full":
         model.activation_checkpointing_enable(
@@ -151,6 +188,34 @@ def _head_class(config: Mapping[str, Any]) -> Any:
             if cls is not None:
                 return cls._from_config
     return transformers.AutoModelForCausalLM.from_config
+
+
+MOE_NOTE = (
+    "MoE: experts run transformers' grouped_mm implementation (integrations/moe.py::"
+    "grouped_mm_experts_forward, the default where it can dispatch), which sorts the "
+    "tokens x top_k (token, expert) pairs by expert and multiplies them in one grouped GEMM: "
+    "every saved tensor has tokens x top_k rows whatever the routing, so no routing assumption "
+    "enters the sizes (the router's choices in the fake run carry no data)."
+)
+
+
+def _check_moe(model: torch.nn.Module, stream: str) -> None:
+    """Refuse MoE models whose experts' saved sizes depend on the routing, or that fake
+    tensors cannot run."""
+    impl = getattr(model.config, "_experts_implementation", None)
+    if impl != "grouped_mm":
+        raise MemplanError(
+            f"the experts run transformers' {impl!r} implementation, whose per-expert loop "
+            "saves tensors sized by the routing (data-dependent: FakeTensorMode has no data). "
+            "Profiles trace the grouped_mm implementation only (sizes independent of routing)."
+        )
+    if stream != "bf16":
+        raise MemplanError(
+            f"MoE experts in {stream}: torch's meta kernel for _grouped_mm "
+            "(torch/_meta_registrations.py::_meta_grouped_mm_common) accepts bf16 only, while "
+            "the CPU kernel also runs fp32, so fake tensors cannot trace this recipe. Profiles "
+            "of MoE models are traced in bf16 (precision: bf16)."
+        )
 
 
 def _is_moe(cfg: Any) -> bool:
@@ -369,13 +434,17 @@ def _blocks(
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int], list[str], dict[str, Any]]:
     """Fitted tensors per block: embeddings, one per layer kind (`layer:<kind>`), head, loss."""
     reduced, counts = reduced_config(config)
+    check_full_structure(config, counts)
     model, mode = _build(reduced, stream=stream, attention=attention, checkpointing=checkpointing)
     n = int(getattr(model.config, "num_hidden_layers", 0) or len(_layers_any(model)))
     kinds = _layer_kinds(reduced, n)
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    unit = SEQ_UNIT
+    unit = sequence_unit(model.config)
     if limit and CHECK[1] * unit > limit:
-        raise MemplanError(f"max_position_embeddings {limit} is below the traced sizes.")
+        raise MemplanError(
+            f"max_position_embeddings {limit} is below the traced sizes (up to "
+            f"{CHECK[1] * unit} tokens)."
+        )
     out: dict[str, list[dict[str, Any]]] = {}
     for suffix, grid, chk in (("", GRID, CHECK), ("@b1", GRID_B1, CHECK_B1)):
         sizes = [(b, m * unit) for b, m in grid]
@@ -418,9 +487,11 @@ def _blocks(
         out["loss" + suffix] = fitted["loss"]
     mcfg: Any = model.config
     model_facts = {
+        "sequence_unit": unit,
         "hidden_size": int(mcfg.hidden_size),
         "vocab_size": int(mcfg.vocab_size),
         "traced_layers": n,
+        "moe": _is_moe(mcfg),
         "class": type(model).__name__,
     }
     return out, counts, kinds, model_facts
@@ -514,13 +585,16 @@ def build(
         "model": {**facts, "layer_counts": counts},
         "fit": {
             "basis": list(BASIS),
-            "sizes": [[b, m * SEQ_UNIT] for b, m in GRID],
-            "check": [CHECK[0], CHECK[1] * SEQ_UNIT],
-            "sizes_b1": [[b, m * SEQ_UNIT] for b, m in GRID_B1],
-            "check_b1": [CHECK_B1[0], CHECK_B1[1] * SEQ_UNIT],
+            "sizes": [[b, m * facts["sequence_unit"]] for b, m in GRID],
+            "check": [CHECK[0], CHECK[1] * facts["sequence_unit"]],
+            "sizes_b1": [[b, m * facts["sequence_unit"]] for b, m in GRID_B1],
+            "check_b1": [CHECK_B1[0], CHECK_B1[1] * facts["sequence_unit"]],
+            "min_sequence": facts["sequence_unit"],
         },
         "assumptions": [
             "dropout as the config's probabilities say (training.dropout is not applied).",
+            "no padding and one sequence per row (no attention_mask, no packed position_ids).",
+            *([MOE_NOTE] if facts["moe"] else []),
         ],
         "blocks": doc_blocks,
         "build_seconds": round(time.perf_counter() - started, 3),
