@@ -76,7 +76,10 @@ def _profile_hint(profiles: tuple[profile.Profile, ...]) -> str:
     if profiles:
         have = ", ".join(p.key.file_stem() for p in profiles)
         return f" Profiles found for this config serve other settings: {have}."
-    return " `memplan profile SPEC` traces one (needs torch and transformers)."
+    return (
+        " `memplan profile SPEC` can trace one (needs torch and transformers; it says why when "
+        "it cannot: encoder-decoder models, layers of several structures, ...)."
+    )
 
 
 def source(inventory: Inventory, setting: Setting) -> tuple[str, profile.Profile | None]:
