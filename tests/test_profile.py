@@ -300,3 +300,19 @@ def test_estimate_with_a_stored_profile_does_not_import_torch(tmp_path: Path) ->
     )
     assert "torch imported: False" in done.stderr, done.stderr
     assert json.loads(done.stdout)["activations"]["source"] == "profile"
+
+
+def test_a_profile_is_not_split_over_tensor_parallel_ranks() -> None:
+    """A profile holds whole tensors: under tensor parallelism the layout refuses it (rather
+    than count every rank's slice as the whole), naming why."""
+    from memplan.activations import micro_batch
+    from memplan.config.spec import FinetuneSpec, ParallelismSpec
+    from memplan.states.layout import Layout
+
+    traced = _traced(ROBERTA, "fp32", "eager")
+    inv = dataclasses.replace(inventory(ROBERTA), profiles=(traced,))
+    st = _setting("fp32", "eager")
+    assert micro_batch(inv, st, Layout.of(ParallelismSpec(), device="cpu"), FinetuneSpec()).modelled
+    tp = Layout.of(ParallelismSpec(tensor=2, data=1), device="cpu")
+    refused = micro_batch(inv, st, tp, FinetuneSpec())
+    assert not refused.modelled and "traced profile" in refused.notes[0]

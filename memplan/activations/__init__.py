@@ -125,6 +125,11 @@ def on_rank(
     arch = inventory.architecture
     if lay.pipeline == 1 or arch is None or not micro.modelled:
         return micro
+    if micro.source == "profile" and any(b.name.startswith("layers.") for b in micro.blocks):
+        return layout.refused(
+            "activations from a traced profile with several layer kinds are not split over "
+            "pipeline stages yet"
+        )
     p = lay.pipeline
     chunks = tuple(chunk_layers(arch.num_layers, lay)[rank::p])
     alive = layout.in_flight(lay.schedule, p, lay.virtual_stages, rank, microbatches)
@@ -146,6 +151,13 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     arch = inventory.architecture
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
+    family = family_of(arch.model_type)
+    no_rule = family is None or isinstance(family.saved, str)
+    if no_rule and profile.serving(inventory.profiles, st) is not None:
+        return layout.refused(
+            "activations from a traced profile are not split for tensor, context or expert "
+            "parallelism yet (the profile holds whole tensors)"
+        )
     why = layout.check(arch, st, lay)
     if why:
         return layout.refused(why)
