@@ -10,8 +10,8 @@ module imports only from its own stage or an earlier one.
     step       the timeline of one training step and its transient buffers
     report     the estimate and its --json document
     plan       the layout search
-    cli, verify, trace  the edges (verify and trace import torch; only cli, beside them, imports
-               them)
+    cli, verify, trace  the edges (verify and trace import torch; only cli, beside them,
+               imports them)
 
 Every import counts, including those inside functions (the CLI imports lazily for speed).
 """

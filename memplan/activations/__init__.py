@@ -15,6 +15,7 @@ from functools import lru_cache
 
 from memplan.activations import layout, lora
 from memplan.config.spec import FinetuneSpec
+from memplan.model import profile
 from memplan.model.families import family_of, modelled_model_types
 from memplan.model.forward.assemble import finish
 from memplan.model.forward.tensors import (
@@ -42,10 +43,13 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
         )
     family = family_of(arch.model_type)
     if family is None or isinstance(family.saved, str):
+        traced = profile.serving(inventory.profiles, setting)
+        if traced is not None:
+            return _from_profile(traced, arch, setting)
         return not_modelled(
             f"activations of model_type {arch.model_type!r} are not modelled yet "
             f"(modelled: {', '.join(modelled_model_types())}): per_gpu.activations is 0 and "
-            "the peak leaves them out."
+            "the peak leaves them out." + _profile_hint(inventory.profiles)
         )
     why = _unsupported(arch)
     if why:
@@ -54,6 +58,40 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
     if isinstance(model, str):
         return not_modelled(f"activations not modelled: {model}.")
     return finish(model, setting)
+
+
+def _from_profile(traced: profile.Profile, arch: Architecture, st: Setting) -> Activations:
+    """A traced profile's saved tensors at `st` (memplan.model.profile)."""
+    out = traced.activations(st, num_layers=arch.num_layers)
+    if st.dropout is not None:
+        note = (
+            f"training.dropout: {st.dropout} not applied: the profile traced the config's "
+            "dropout probabilities."
+        )
+        out = replace(out, notes=(*out.notes, note))
+    return out
+
+
+def _profile_hint(profiles: tuple[profile.Profile, ...]) -> str:
+    if profiles:
+        have = ", ".join(p.key.file_stem() for p in profiles)
+        return f" Profiles found for this config serve other settings: {have}."
+    return (
+        " `memplan profile SPEC` can trace one (needs torch and transformers; it says why when "
+        "it cannot: encoder-decoder models, layers of several structures, ...)."
+    )
+
+
+def source(inventory: Inventory, setting: Setting) -> tuple[str, profile.Profile | None]:
+    """Where `predict`'s activations come from: "rule", "profile" (and which) or "none"."""
+    arch = inventory.architecture
+    if arch is None:
+        return "none", None
+    family = family_of(arch.model_type)
+    if family is not None and not isinstance(family.saved, str):
+        return ("none", None) if _unsupported(arch) else ("rule", None)
+    traced = profile.serving(inventory.profiles, setting)
+    return ("profile", traced) if traced is not None else ("none", None)
 
 
 # The Layout fields that change what one micro-batch saves on one GPU (`micro_batch`'s cache
@@ -87,6 +125,11 @@ def on_rank(
     arch = inventory.architecture
     if lay.pipeline == 1 or arch is None or not micro.modelled:
         return micro
+    if micro.source == "profile" and any(b.name.startswith("layers.") for b in micro.blocks):
+        return layout.refused(
+            "activations from a traced profile with several layer kinds are not split over "
+            "pipeline stages yet"
+        )
     p = lay.pipeline
     chunks = tuple(chunk_layers(arch.num_layers, lay)[rank::p])
     alive = layout.in_flight(lay.schedule, p, lay.virtual_stages, rank, microbatches)
@@ -108,6 +151,13 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     arch = inventory.architecture
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
+    family = family_of(arch.model_type)
+    no_rule = family is None or isinstance(family.saved, str)
+    if no_rule and profile.serving(inventory.profiles, st) is not None:
+        return layout.refused(
+            "activations from a traced profile are not split for tensor, context or expert "
+            "parallelism yet (the profile holds whole tensors)"
+        )
     why = layout.check(arch, st, lay)
     if why:
         return layout.refused(why)

@@ -281,6 +281,42 @@ class Document(str, Enum):
 
 
 @app.command()
+def profile(
+    spec: SpecArg,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the profile here instead of the memplan cache."),
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Trace what the spec's model saves for backward (torch FakeTensorMode, two layers of each
+    kind) and store it as a profile that estimate and plan use when the family has no rule.
+
+    Example: memplan profile configs/my-model.yaml
+    """
+    from memplan.config import load
+
+    def work() -> Path:
+        try:
+            from memplan.trace import profile as tracer
+        except ImportError as err:
+            raise MemplanError(
+                f"memplan profile needs torch and transformers ({err}): "
+                "pip install 'memplan[verify]'."
+            ) from None
+        loaded = load.load_spec(spec)
+        with load.locating(loaded):
+            doc, path = tracer.for_spec(loaded)
+        target = out or path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(tracer.dumps(doc), encoding="utf-8")
+        return target
+
+    written = _run(debug, work)
+    typer.echo(f"profile written: {written}")
+
+
+@app.command()
 def schema(
     command: Annotated[
         Document,

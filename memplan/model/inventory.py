@@ -6,9 +6,12 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from memplan.errors import MemplanError
+
+if TYPE_CHECKING:
+    from memplan.model.profile import Profile
 
 TensorKind = Literal["parameter", "buffer"]
 
@@ -76,6 +79,10 @@ class Inventory:
     """(alias, owner) pairs: `alias` is the same tensor as `owner` and is not listed again."""
     notes: tuple[str, ...] = ()
     """What the inventory ignored or assumed, in a sentence each."""
+    profiles: tuple[Profile, ...] = ()
+    """Activation profiles traced for this config (memplan.model.profile.Profile), found by the
+    I/O edge (memplan.model.load.find_profiles); activations use one when the family has no
+    saved-tensor rule."""
     num_parameters: int = field(init=False, repr=False)
     """Elements over all distinct parameter tensors (tied weights once); counted once."""
 

@@ -17,10 +17,13 @@ from memplan.errors import MemplanError
 from memplan.hardware import nearest
 from memplan.model import sources as models
 from memplan.model.families import family_of
+from memplan.model.profile import Profile, config_hash, from_document
 from memplan.model.sources import Inventory, TensorSpec
 from memplan.model.sources import safetensors as safetensors_header
 
 PRESET_DIR = Path(__file__).parent / "presets"
+PROFILE_DIR = Path(__file__).parent / "profiles"
+"""Activation profiles shipped with memplan (memplan.model.profile)."""
 
 Unsupported = Callable[[Mapping[str, Any], str], Inventory]
 """`fallback(config, origin)`: the inventory of a config whose model_type no family serves
@@ -45,11 +48,73 @@ def presets() -> list[str]:
 
 
 def load_inventory(loaded: LoadedSpec, *, unsupported: Unsupported | None = None) -> Inventory:
-    """The model's tensor inventory from whichever source the spec names.
+    """The model's tensor inventory from whichever source the spec names, with the activation
+    profiles stored for its config when its family has no saved-tensor rule.
 
     A config whose model_type has no family goes to `unsupported` when given (else
     memplan.model.sources.from_config says the model_type is not supported).
     """
+    inventory = _load_inventory(loaded, unsupported)
+    if inventory.architecture is not None:
+        family = family_of(inventory.architecture.model_type)
+        config = model_config(loaded) if family is None or not family.modelled else None
+        found = find_profiles(config) if config is not None else ()
+        if found:
+            inventory = replace(inventory, profiles=found)
+    return inventory
+
+
+def model_config(loaded: LoadedSpec) -> dict[str, Any] | None:
+    """The config.json mapping the spec's model comes from, or None (a parameter count or a
+    safetensors checkpoint)."""
+    model = loaded.spec.model
+    base = loaded.path.parent if loaded.path else Path.cwd()
+    try:
+        if model.architecture is not None:
+            return dict(model.architecture)
+        if model.preset is not None:
+            file = PRESET_DIR / f"{model.preset}.json"
+            return _config_object(file, what="preset") if file.is_file() else None
+        if model.hf_id is not None:
+            return _config_object(hf_cache_config(model.hf_id), what="config.json")
+        if model.hf_config is not None:
+            file = model.hf_config if model.hf_config.is_absolute() else base / model.hf_config
+            return _config_object(file, what="hf_config")
+    except MemplanError:
+        return None  # _load_inventory reports it, with the spec's line
+    return None
+
+
+def profile_dirs() -> tuple[Path, ...]:
+    """Where profiles are looked up: the user's cache ($MEMPLAN_CACHE/profiles, else
+    ~/.cache/memplan/profiles), then the ones shipped with memplan."""
+    return (cache_dir(), PROFILE_DIR)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MEMPLAN_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "memplan"
+    return base / "profiles"
+
+
+def find_profiles(config: dict[str, Any]) -> tuple[Profile, ...]:
+    """Every stored profile traced from this config (any recipe, kernel, checkpointing)."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        return ()
+    stem = f"{model_type}-{config_hash(config)[:12]}-"
+    found: dict[str, Profile] = {}
+    for folder in profile_dirs():
+        if not folder.is_dir():
+            continue
+        for file in sorted(folder.glob(stem + "*.json")):
+            doc = from_document(read_json(file, what="profile"), origin=str(file))
+            if doc.key.config_hash == config_hash(config):
+                found.setdefault(doc.key.file_stem(), doc)  # the cache wins over shipped ones
+    return tuple(found.values())
+
+
+def _load_inventory(loaded: LoadedSpec, unsupported: Unsupported | None) -> Inventory:
     model = loaded.spec.model
     base = loaded.path.parent if loaded.path else Path.cwd()
 

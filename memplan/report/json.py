@@ -181,6 +181,8 @@ def _activations(saved: Activations) -> s.ActivationsInfo:
         loss_upcast_bytes=saved.upcast_bytes,
         blocks=[_block(b) for b in saved.blocks],
         notes=list(saved.notes),
+        source=saved.source if saved.modelled else "none",
+        profile_versions=dict(saved.versions) if saved.source == "profile" else None,
     )
 
 

@@ -258,6 +258,15 @@ class ActivationsInfo(_Doc):
     loss_upcast_bytes: int = Field(description="The fp32 copy of the logits the loss makes.")
     blocks: list[ActivationBlock] = Field(description="Saved tensors by block.")
     notes: list[str] = Field(description="What the activation rules assumed or could not model.")
+    source: Literal["rule", "profile", "none"] = Field(
+        description=(
+            "Where the saved tensors come from: a family's hand rule, a traced profile "
+            "(`memplan profile`), or none (not modelled)."
+        )
+    )
+    profile_versions: dict[str, str] | None = Field(
+        description="torch and transformers the profile was traced with; null unless a profile."
+    )
 
 
 class TimelinePhase(_Doc):

@@ -163,6 +163,11 @@ class Activations:
     """Communication buffers of a model-parallel layout (memplan.activations.layout.buffers):
     transient, not saved."""
     notes: tuple[str, ...] = ()
+    source: Literal["rule", "profile"] = "rule"
+    """Where the saved tensors come from: a family's hand rule or a traced profile
+    (memplan.model.profile); meaningless when not `modelled`."""
+    versions: tuple[tuple[str, str], ...] = ()
+    """(library, version) the profile was traced with; () for a rule."""
 
     @property
     def bytes(self) -> int:

@@ -1,0 +1,245 @@
+"""Activation profiles: what a traced forward saved, as a document the pure calculator reads.
+
+A profile is written by `memplan profile SPEC` (memplan.trace.profile, which runs the model
+code under torch's FakeTensorMode) and read here without torch: per block (embeddings, one
+decoder-layer kind, head, loss) the storages autograd saved, each with its element count as a
+function of micro-batch b and sequence s, fitted on several traced sizes and checked on one
+more:
+
+    numel = c[0] + c[1]*b + c[2]*s + c[3]*b*s + c[4]*s*s + c[5]*b*s*s
+
+(`BASIS`: linear terms for indices and activations, the b*s*s term for eager attention scores,
+the b term for the loss's shifted labels, the s and s*s terms for per-forward RoPE tables and
+masks that do not grow with the batch). `Profile.activations` turns it into memplan's
+`Activations` for one Setting, so layout, LoRA and the timeline read it like a family's rule.
+
+Pure: no torch, no I/O (memplan.model.load finds the files; memplan.trace writes them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from memplan.errors import MemplanError
+from memplan.model.forward.tensors import Activations, Block, Saved, Setting
+from memplan.precision import DTYPE_BYTES, dtype_bytes
+
+SCHEMA = 1
+"""Version of the profile document; a reader refuses other versions."""
+
+BASIS = ("1", "b", "s", "b*s", "s*s", "b*s*s")
+"""The terms each saved storage's element count is fitted on (b: micro-batch, s: sequence)."""
+
+# Config keys that do not change the model a config builds (names, provenance, the dtype the
+# checkpoint was stored in: the precision recipe decides the dtype).
+_NOT_HASHED = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash")
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """The key of a config.json mapping: sha256 of its canonical JSON, provenance keys dropped."""
+    kept = {k: v for k, v in config.items() if k not in _NOT_HASHED}
+    text = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def terms(batch: int, sequence: int) -> tuple[int, ...]:
+    """The values of `BASIS` at one size."""
+    b, s = batch, sequence
+    return (1, b, s, b * s, s * s, b * s * s)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Key:
+    """What a profile was traced for: the model and everything in a Setting that changes what a
+    forward saves (batch and sequence excepted: the fit covers them)."""
+
+    model_type: str
+    config_hash: str
+    stream: str
+    matmul: str
+    autocast: bool
+    attention: str
+    device: str
+    checkpointing: str
+
+    def serves(self, st: Setting) -> bool:
+        return (st.stream, st.matmul, st.autocast, st.attention, st.device, st.checkpointing) == (
+            self.stream,
+            self.matmul,
+            self.autocast,
+            self.attention,
+            self.device,
+            self.checkpointing,
+        )
+
+    def file_stem(self) -> str:
+        cast = "-autocast" if self.autocast else ""
+        return (
+            f"{self.model_type}-{self.config_hash[:12]}-{self.stream}-{self.matmul}{cast}-"
+            f"{self.attention}-{self.device}-{self.checkpointing}"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tensor:
+    """One saved storage of a block, as fitted."""
+
+    name: str
+    """The module that saved it first, relative to its block, and its order there."""
+    dtype: str
+    numel: tuple[int, ...]
+    """Coefficients over `BASIS`."""
+
+    def at(self, batch: int, sequence: int) -> int:
+        return sum(c * x for c, x in zip(self.numel, terms(batch, sequence), strict=True))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProfileBlock:
+    name: str
+    """embeddings, layers (or layers.<kind> beside it), head or loss."""
+    kind: str
+    """The layer kind (config `layer_types` entry, else "decoder"); "" for other blocks."""
+    count: int
+    """Copies in the full model (layers of this kind); 1 otherwise."""
+    tensors: tuple[Tensor, ...]
+    """Fitted for micro-batches of 2 and more."""
+    tensors_b1: tuple[Tensor, ...]
+    """Fitted for a micro-batch of 1 (torch saves other storages there: a view of a one-row
+    tensor is contiguous, so `.contiguous()` copies nothing)."""
+    recompute: tuple[Tensor, ...] = ()
+    """Full checkpointing: what one layer re-creates in its backward (the layer untraced)."""
+    recompute_b1: tuple[Tensor, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Profile:
+    key: Key
+    versions: Mapping[str, str]
+    """torch and transformers the trace ran on."""
+    hidden_size: int
+    vocab_size: int
+    blocks: tuple[ProfileBlock, ...]
+    assumptions: tuple[str, ...] = ()
+    min_sequence: int = 1
+    """The shortest traced sequence: below it the model may run another code path (a sliding
+    window longer than the sequence)."""
+
+    def activations(self, st: Setting, *, num_layers: int) -> Activations:
+        """The saved tensors of one forward at `st`'s batch and sequence, with `num_layers`
+        decoder layers when the profile has one layer kind (a layout's local layer count)."""
+        b, s = st.batch, st.sequence
+        kinds = [blk for blk in self.blocks if blk.kind]
+        blocks = []
+        for blk in self.blocks:
+            count = num_layers if blk.kind and len(kinds) == 1 else blk.count
+            blocks.append(
+                Block(
+                    name=blk.name,
+                    count=count,
+                    tensors=_saved(blk.tensors_b1 if b == 1 else blk.tensors, b, s, self),
+                    recompute=_saved(blk.recompute_b1 if b == 1 else blk.recompute, b, s, self),
+                    layered=bool(blk.kind),
+                )
+            )
+        t = st.tokens
+        # Not saved, alive around the loss: the logits in the matmul dtype and the loss's fp32
+        # upcast (memplan.model.forward.assemble.finish, the same terms every rule gets).
+        upcast = t * self.vocab_size * dtype_bytes("fp32") if st.matmul != "fp32" else 0
+        notes = [
+            f"activations traced (profile {self.key.file_stem()}: torch "
+            f"{self.versions.get('torch', '?')}, transformers "
+            f"{self.versions.get('transformers', '?')}), not a hand rule.",
+            *self.assumptions,
+        ]
+        if st.sequence < self.min_sequence:
+            notes.append(
+                f"sequence {st.sequence} is shorter than the shortest traced one "
+                f"({self.min_sequence}, past the sliding window): extrapolated."
+            )
+        return Activations(
+            modelled=True,
+            blocks=tuple(blocks),
+            logits_bytes=t * self.vocab_size * dtype_bytes(st.matmul),
+            upcast_bytes=upcast,
+            hidden_bytes=t * self.hidden_size * dtype_bytes(st.stream),
+            notes=tuple(notes),
+            source="profile",
+            versions=tuple(sorted(self.versions.items())),
+        )
+
+
+def _saved(tensors: Sequence[Tensor], b: int, s: int, profile: Profile) -> tuple[Saved, ...]:
+    return tuple(
+        Saved(
+            name=t.name,
+            shape=(t.at(b, s),),
+            dtype=t.dtype,
+            saved_by="traced",
+            source=f"traced with transformers {profile.versions.get('transformers', '?')}",
+        )
+        for t in tensors
+    )
+
+
+def from_document(doc: Any, *, origin: str) -> Profile:
+    """A profile from its JSON document; a MemplanError naming `origin` if it is not one."""
+    try:
+        if doc.get("schema") != SCHEMA:
+            raise ValueError(f"schema {doc.get('schema')!r}, this memplan reads {SCHEMA}")
+        k = doc["key"]
+        key = Key(
+            model_type=str(k["model_type"]),
+            config_hash=str(k["config_hash"]),
+            stream=str(k["stream"]),
+            matmul=str(k["matmul"]),
+            autocast=bool(k["autocast"]),
+            attention=str(k["attention"]),
+            device=str(k["device"]),
+            checkpointing=str(k["checkpointing"]),
+        )
+        blocks = tuple(
+            ProfileBlock(
+                name=str(blk["name"]),
+                kind=str(blk.get("kind", "")),
+                count=int(blk["count"]),
+                tensors=tuple(_tensor(t) for t in blk["tensors"]),
+                tensors_b1=tuple(_tensor(t) for t in blk["tensors_b1"]),
+                recompute=tuple(_tensor(t) for t in blk.get("recompute", ())),
+                recompute_b1=tuple(_tensor(t) for t in blk.get("recompute_b1", ())),
+            )
+            for blk in doc["blocks"]
+        )
+        return Profile(
+            key=key,
+            versions={str(a): str(v) for a, v in doc["versions"].items()},
+            hidden_size=int(doc["model"]["hidden_size"]),
+            vocab_size=int(doc["model"]["vocab_size"]),
+            blocks=blocks,
+            assumptions=tuple(str(a) for a in doc.get("assumptions", ())),
+            min_sequence=int(doc.get("fit", {}).get("min_sequence", 1)),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise MemplanError(
+            f"{origin} is not a memplan activation profile ({type(err).__name__}: {err}); "
+            "rebuild it with `memplan profile SPEC`."
+        ) from None
+
+
+def _tensor(t: Mapping[str, Any]) -> Tensor:
+    dtype = str(t["dtype"])
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} of {t.get('name')!r} is not one memplan knows")
+    numel = tuple(int(c) for c in t["numel"])
+    if len(numel) != len(BASIS):
+        raise ValueError(f"{t.get('name')!r}: {len(numel)} coefficients, expected {len(BASIS)}")
+    return Tensor(name=str(t["name"]), dtype=dtype, numel=numel)
+
+
+def serving(profiles: Sequence[Profile], st: Setting) -> Profile | None:
+    """The profile traced for `st`'s recipe, attention, device and checkpointing, if any."""
+    return next((p for p in profiles if p.key.serves(st)), None)
