@@ -1,4 +1,4 @@
-"""Time to build an activation profile (memplan.trace.profile.build) for a 100-layer model.
+"""Time to build an activation profile (memplan.verify.trace.profile.build) for a 100-layer model.
 
 The trace runs two layers of each kind under FakeTensorMode, so the time should not depend on
 the layer count: this times a Llama-3-8B-shaped config at 100 layers and at 2 layers.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from memplan.trace.profile import build
+from memplan.verify.trace.profile import build
 
 LLAMA_8B = {
     "model_type": "llama",

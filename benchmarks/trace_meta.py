@@ -1,4 +1,4 @@
-"""How fast memplan.trace.meta builds an inventory on the meta device, and which model_types
+"""How fast memplan.verify.trace.meta builds an inventory on the meta device, and which model_types
 of the installed transformers it builds at all.
 
   python benchmarks/trace_meta.py            # medians for full-size presets
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from memplan.errors import MemplanError  # noqa: E402
-from memplan.trace.meta import inventory_from_config, transformers_version  # noqa: E402
+from memplan.verify.trace.meta import inventory_from_config, transformers_version  # noqa: E402
 
 PRESETS = ROOT / "memplan" / "model" / "presets"
 FULL_SIZE = ("llama-3.1-405b", "deepseek-v3", "qwen3-30b-a3b", "mixtral-8x7b", "llama-3.1-8b")

@@ -697,8 +697,8 @@ def render_architecture() -> str:
     lines = [
         "memplan's folders are the stages of its pipeline, in the order a spec flows through "
         "them. A module imports only from its own stage or an earlier one: "
-        "`tests/test_layers.py` checks every import. `verify/` and `trace/` are the only torch "
-        "importers.",
+        "`tests/test_layers.py` checks every import. `verify/` (with `verify/trace/`) is the "
+        "only torch importer.",
         "",
     ]
     for prefixes in layers.LAYERS:

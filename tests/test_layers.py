@@ -10,8 +10,8 @@ module imports only from its own stage or an earlier one.
     step       the timeline of one training step and its transient buffers
     report     the estimate and its --json document
     plan       the layout search
-    cli, verify, trace  the edges (verify and trace import torch; only cli, beside them,
-               imports them)
+    cli, verify  the edges: verify runs torch (real steps, and verify/trace: inventories and
+               saved tensors read from the model code); only cli, beside it, imports it
 
 Every import counts, including those inside functions (the CLI imports lazily for speed).
 """
@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("memplan.step",),
     ("memplan.report",),
     ("memplan.plan",),
-    ("memplan.cli", "memplan.verify", "memplan.trace", "memplan.__main__"),
+    ("memplan.cli", "memplan.verify", "memplan.__main__"),
 )  # fmt: skip
 
 

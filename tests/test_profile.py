@@ -1,4 +1,4 @@
-"""Activation profiles (memplan.trace.profile, memplan.model.profile): issue 18, items 2-4.
+"""Activation profiles (memplan.verify.trace.profile, memplan.model.profile): issue 18, items 2-4.
 
 - Every family with a hand rule, traced: the profile's saved bytes per block equal the rule's
   (memplan.activations.predict) for eager and sdpa, fp32 and bf16, on the tiny configs the rule
@@ -26,7 +26,7 @@ from memplan.activations import predict  # noqa: E402
 from memplan.errors import MemplanError  # noqa: E402
 from memplan.model import profile  # noqa: E402
 from memplan.model.forward.tensors import Activations, Setting  # noqa: E402
-from memplan.trace import profile as tracer  # noqa: E402
+from memplan.verify.trace import profile as tracer  # noqa: E402
 from tests.activation_probe import build_model, measure  # noqa: E402
 from tests.test_activations import GPT2, LLAMA, VARIANTS, inventory  # noqa: E402
 from tests.test_activations_families import (  # noqa: E402

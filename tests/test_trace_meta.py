@@ -1,9 +1,10 @@
-"""memplan.trace.meta: the inventory of any model transformers builds, read on the meta device.
+"""memplan.verify.trace.meta: the inventory of any model transformers builds, read on the meta
+device.
 
 (a) Every hand-written family against the meta build, for the installed transformers: the same
     ordered parameter names and shapes (and fixed dtypes), buffers with persistence, tied pairs
     and parameter count. A family that drifts from transformers fails under its own case id.
-    Oracle: transformers' model on the meta device (memplan.trace.meta only reads it), so a
+    Oracle: transformers' model on the meta device (memplan.verify.trace.meta only reads it), so a
     failure says the hand family, not the reader, is out of date with the installed release.
 (b) Tiny configs of model_types no hand family serves: the meta inventory against the model
     transformers builds on the CPU with real tensors (names, shapes, buffers, tied weights by
@@ -31,8 +32,8 @@ from memplan.errors import MemplanError  # noqa: E402
 from memplan.model import sources as models  # noqa: E402
 from memplan.model.families import BY_MODEL_TYPE, family_of  # noqa: E402
 from memplan.model.inventory import Inventory  # noqa: E402
-from memplan.trace import fallback_inventory  # noqa: E402
-from memplan.trace.meta import inventory_from_config  # noqa: E402
+from memplan.verify.trace import fallback_inventory  # noqa: E402
+from memplan.verify.trace.meta import inventory_from_config  # noqa: E402
 from tests import test_models_classic, test_models_modern  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -290,7 +291,7 @@ def test_cli_estimates_an_unruled_model(tmp_path: Path) -> None:
 def test_cli_without_torch_says_how_to_get_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import memplan.trace as trace
+    import memplan.verify.trace as trace
 
     real = trace.find_spec
     monkeypatch.setattr(
@@ -331,7 +332,7 @@ def test_hand_family_path_never_imports_torch(tmp_path: Path) -> None:
 
 
 def test_fallback_refuses_without_torch_directly(monkeypatch: pytest.MonkeyPatch) -> None:
-    import memplan.trace as trace
+    import memplan.verify.trace as trace
 
     monkeypatch.setattr(trace, "find_spec", lambda name: None)
     with pytest.raises(MemplanError, match="torch and transformers are not installed"):

@@ -86,7 +86,7 @@ def estimate(
     from memplan.config import load
     from memplan.model import load as model_load
     from memplan.report import estimate as calc
-    from memplan.trace import fallback_inventory
+    from memplan.verify.trace import fallback_inventory
 
     def work() -> calc.Report:
         loaded = load.load_spec(spec)
@@ -125,7 +125,7 @@ def inventory(
     from memplan.config import load
     from memplan.model import load as model_load
     from memplan.model.sources import Inventory
-    from memplan.trace import fallback_inventory
+    from memplan.verify.trace import fallback_inventory
 
     def work() -> tuple[Inventory, str]:
         loaded = load.load_spec(spec)
@@ -223,7 +223,7 @@ def plan(
     from memplan.config.spec import PlanSpec
     from memplan.model import load as model_load
     from memplan.plan import search as planner
-    from memplan.trace import fallback_inventory
+    from memplan.verify.trace import fallback_inventory
 
     started = time.monotonic()
     progress_bar: Any = None
@@ -298,7 +298,7 @@ def profile(
 
     def work() -> Path:
         try:
-            from memplan.trace import profile as tracer
+            from memplan.verify.trace import profile as tracer
         except ImportError as err:
             raise MemplanError(
                 f"memplan profile needs torch and transformers ({err}): "

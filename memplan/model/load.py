@@ -27,7 +27,7 @@ PROFILE_DIR = Path(__file__).parent / "profiles"
 
 Unsupported = Callable[[Mapping[str, Any], str], Inventory]
 """`fallback(config, origin)`: the inventory of a config whose model_type no family serves
-(the CLI passes memplan.trace.fallback_inventory, which builds it with transformers)."""
+(the CLI passes memplan.verify.trace.fallback_inventory, which builds it with transformers)."""
 
 
 def read_json(path: Path, *, what: str) -> Any:

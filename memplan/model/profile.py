@@ -1,6 +1,6 @@
 """Activation profiles: what a traced forward saved, as a document the pure calculator reads.
 
-A profile is written by `memplan profile SPEC` (memplan.trace.profile, which runs the model
+A profile is written by `memplan profile SPEC` (memplan.verify.trace.profile, which runs the model
 code under torch's FakeTensorMode) and read here without torch: per block (embeddings, one
 decoder-layer kind, head, loss) the storages autograd saved, each with its element count as a
 function of micro-batch b and sequence s, fitted on several traced sizes and checked on one
@@ -13,7 +13,7 @@ the b term for the loss's shifted labels, the s and s*s terms for per-forward Ro
 masks that do not grow with the batch). `Profile.activations` turns it into memplan's
 `Activations` for one Setting, so layout, LoRA and the timeline read it like a family's rule.
 
-Pure: no torch, no I/O (memplan.model.load finds the files; memplan.trace writes them).
+Pure: no torch, no I/O (memplan.model.load finds the files; memplan.verify.trace writes them).
 """
 
 from __future__ import annotations

@@ -7,5 +7,7 @@ with the calculator's prediction, rank by rank.
 
 The only package of memplan that imports torch and transformers. `job`, `result`, `runner`
 and `render` import neither (the CLI loads them first); `build`, `measure`, `rank` and
-`launch` do, and are imported only when a run starts.
+`launch` do, and are imported only when a run starts. `trace` reads facts from the model code
+by running it (inventories on the meta device, saved tensors under FakeTensorMode); importing it
+imports neither library either.
 """

@@ -28,7 +28,7 @@ def missing_libraries() -> list[str]:
 
 def fallback_inventory(config: Mapping[str, Any], origin: str) -> Inventory:
     """The inventory of a config whose model_type no hand-written family serves: built by
-    transformers on the meta device (memplan.trace.meta) when torch and transformers are
+    transformers on the meta device (memplan.verify.trace.meta) when torch and transformers are
     installed, else one error that says how to get them."""
     missing = missing_libraries()
     if missing:
@@ -43,6 +43,6 @@ def fallback_inventory(config: Mapping[str, Any], origin: str) -> Inventory:
             "states only.",
             field="model_type",
         )
-    from memplan.trace.meta import inventory_from_config
+    from memplan.verify.trace.meta import inventory_from_config
 
     return inventory_from_config(config, origin=origin)
