@@ -17,12 +17,8 @@ import time
 import pytest
 
 from memplan.errors import MemplanError
-from memplan.step.allocator import (
-    AllocConf,
-    events_from_trace,
-    replay,
-    roundup_power2_next_division,
-)
+from memplan.step.alloc_conf import AllocConf, roundup_power2_next_division
+from memplan.step.allocator import events_from_trace, replay
 
 KIB = 1 << 10
 MIB = 1 << 20

@@ -30,7 +30,8 @@ from memplan.report.estimate import estimate
 from memplan.states.parallel import stage_inventories
 from memplan.states.terms import RankStates, Term
 from memplan.step import replay as rp
-from memplan.step.allocator import AllocConf, replay
+from memplan.step.alloc_conf import AllocConf
+from memplan.step.allocator import replay
 from memplan.step.timeline import Point, Timeline
 from tests.conftest import TINY_LLAMA, make_spec
 

@@ -462,7 +462,7 @@ class HardwareSpec(Frozen):
     alloc_conf: str = ""
     """PYTORCH_CUDA_ALLOC_CONF the job runs with (e.g. `expandable_segments:True`; empty:
     torch's defaults): the caching allocator's replay (memplan.step.allocator) follows it.
-    Checked by memplan.step.allocator.AllocConf.parse when the estimate runs."""
+    Checked by memplan.step.alloc_conf.AllocConf.parse when the estimate runs."""
     cuda_version: Literal[11, 12, 13] = 12
     """CUDA major version of the torch build: picks the measured CUDA context
     (memplan.step.device.cuda_context)."""

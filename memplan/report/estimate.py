@@ -26,7 +26,7 @@ from memplan.states.stages import StageStates, stage_states
 from memplan.step import device
 from memplan.step import replay as rp
 from memplan.step import timeline as tl
-from memplan.step.allocator import AllocConf
+from memplan.step.alloc_conf import AllocConf
 
 Verdict = Literal[
     "fits", "does_not_fit", "model_states_fit_activations_unknown", "model_states_do_not_fit"

@@ -45,7 +45,8 @@ from memplan.activations import Activations, Block
 from memplan.memory import PHASES, Phase, Transient
 from memplan.model.inventory import Inventory
 from memplan.states.engines import RankStates, Term
-from memplan.step.allocator import AllocConf, Event, Replay
+from memplan.step.alloc_conf import AllocConf
+from memplan.step.allocator import Event, Replay
 from memplan.step.allocator import replay as run_allocator
 from memplan.step.timeline import Timeline
 
