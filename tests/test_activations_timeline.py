@@ -21,6 +21,7 @@ from memplan.model.sources import from_config, from_parameter_count
 from memplan.precision import dtype_bytes
 from memplan.report import estimate
 from memplan.report.json import estimate_json
+from memplan.report.result import Report
 from memplan.states.engines.deepspeed import step as ds_step
 from memplan.step.timeline import CATEGORIES
 from tests.conftest import TINY_LLAMA, make_spec
@@ -36,7 +37,7 @@ GPT2 = {
 }
 
 
-def report(**overrides: Any) -> estimate.Report:
+def report(**overrides: Any) -> Report:
     spec = make_spec(**overrides)
     arch = spec.model.architecture
     inv = from_config(arch) if arch else from_parameter_count(spec.model.num_parameters or 1)

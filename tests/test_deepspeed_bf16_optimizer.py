@@ -20,6 +20,7 @@ from memplan.model.inventory import Inventory, TensorSpec
 from memplan.model.sources import from_config
 from memplan.precision import Recipe
 from memplan.report import estimate
+from memplan.report.result import Report
 from memplan.states import engines as sharding
 from memplan.states.engines import DeepSpeedKnobs, RankStates
 from memplan.states.engines.deepspeed import step as ds_step
@@ -158,7 +159,7 @@ def test_reduce_and_step_copies_match_deepspeed(key: str) -> None:
             assert step.bytes == master * 4
 
 
-def _report(**parallelism: Any) -> estimate.Report:
+def _report(**parallelism: Any) -> Report:
     spec = make_spec(
         model={"architecture": TINY_LLAMA},
         precision={"preset": "bf16-mixed", "gradient_accumulation": "fp32"},

@@ -11,6 +11,7 @@ from memplan.model.sources import from_config
 from memplan.plan.search import plan
 from memplan.report import estimate
 from memplan.report.json import estimate_json
+from memplan.report.result import Report
 from tests.conftest import TINY_LLAMA, make_spec
 
 BERT_LARGE = {
@@ -25,7 +26,7 @@ BERT_LARGE = {
 }
 
 
-def report(**overrides: Any) -> estimate.Report:
+def report(**overrides: Any) -> Report:
     spec = make_spec(**overrides)
     arch = spec.model.architecture
     assert arch is not None

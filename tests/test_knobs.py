@@ -16,6 +16,7 @@ from memplan.errors import MemplanError
 from memplan.model.sources import from_config
 from memplan.precision import dtype_bytes
 from memplan.report import estimate
+from memplan.report.result import Report
 from memplan.states.engines.deepspeed import step as ds_step
 from tests.conftest import TINY_LLAMA, make_spec
 
@@ -25,12 +26,12 @@ DS_DEFAULTS = json.loads(
 )
 
 
-def report(**overrides: Any) -> estimate.Report:
+def report(**overrides: Any) -> Report:
     spec = make_spec(**overrides)
     return estimate.estimate(spec, from_config(TINY_LLAMA))
 
 
-def term(r: estimate.Report, name: str) -> memory.Transient | None:
+def term(r: Report, name: str) -> memory.Transient | None:
     return next((t for t in r.timeline.transients if t.name == name), None)
 
 

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from memplan.model.sources import from_config
 from memplan.report import estimate
+from memplan.report.result import Report
 from tests.conftest import TINY_LLAMA, make_spec
 from tests.test_sharding import _torch_zero_partition
 
@@ -38,12 +39,12 @@ def _torch_numels(arch: dict[str, Any]) -> list[int]:
     return [p.numel() for p in model.parameters()]
 
 
-def _report(arch: dict[str, Any], **parallelism: Any) -> estimate.Report:
+def _report(arch: dict[str, Any], **parallelism: Any) -> Report:
     spec = make_spec(model={"architecture": arch}, precision="fp32", parallelism=parallelism)
     return estimate.estimate(spec, from_config(arch))
 
 
-def _exp_avg_by_rank(report: estimate.Report) -> dict[int, int]:
+def _exp_avg_by_rank(report: Report) -> dict[int, int]:
     return {
         rank: sum(t.elements for t in r.terms if t.name == "exp_avg")
         for r in report.ranks

@@ -14,7 +14,8 @@ from memplan.config.spec import ParallelismSpec
 from memplan.errors import MemplanError
 from memplan.model.load import load_inventory
 from memplan.plan.search import plan
-from memplan.report.estimate import estimate, fits_of, verdict
+from memplan.report.estimate import estimate
+from memplan.report.result import fits_of, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -86,9 +86,10 @@ def estimate(
     from memplan.config import load
     from memplan.model import load as model_load
     from memplan.report import estimate as calc
+    from memplan.report.result import Report
     from memplan.verify.trace import fallback_inventory
 
-    def work() -> calc.Report:
+    def work() -> Report:
         loaded = load.load_spec(spec)
         with load.locating(loaded):
             return calc.estimate(

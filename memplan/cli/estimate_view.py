@@ -14,7 +14,7 @@ from rich.text import Text
 from memplan.activations import Activations
 from memplan.cli.render import human
 from memplan.cli.timeline_view import TimelineFit
-from memplan.report.estimate import VERDICT_TEXT, Report, Verdict
+from memplan.report.result import VERDICT_TEXT, Report, Verdict
 from memplan.states.engines import Term
 from memplan.versions import rules_note
 
@@ -313,7 +313,7 @@ def report_alloc_conf(report: Report) -> str:
 
 
 def verdict_line(report: Report, v: Verdict) -> Text:
-    """The verdict (memplan.report.estimate.verdict) on the memory left: capacity minus what
+    """The verdict (memplan.report.result.verdict) on the memory left: capacity minus what
     the device table shows nvidia-smi would (without a replay, the timeline's usable memory)."""
     usable = report.usable_bytes or 0
     device = "the GPU" if report.layout.device == "cuda" else "the memory"

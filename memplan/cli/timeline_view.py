@@ -10,7 +10,7 @@ from rich.text import Text
 
 from memplan.cli.render import human
 from memplan.errors import MemplanError
-from memplan.report.estimate import Report
+from memplan.report.result import Report
 from memplan.step.timeline import Timeline
 
 GIB = 2**30

@@ -21,14 +21,8 @@ from memplan.model.inventory import Inventory
 from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS
 from memplan.plan.steptime import Link, Shape, StepTime, Work, step_time
 from memplan.precision import dtype_bytes
-from memplan.report.estimate import (
-    Report,
-    assemble,
-    capacity_of,
-    estimate,
-    model_states,
-    verdict,
-)
+from memplan.report.estimate import assemble, capacity_of, estimate, model_states
+from memplan.report.result import Report, verdict
 from memplan.states.engines.base import StepCache
 from memplan.states.engines.megatron import main_grad_dtype
 from memplan.states.stages import StageStates
@@ -432,7 +426,7 @@ def plan(
         spec.model_copy(update={"parallelism": ParallelismSpec(engine="ddp")}), inventory
     )
     if not _activations_modelled(plain):
-        # A peak without activations is partial (memplan.report.estimate.verdict): ranking it as a
+        # A peak without activations is partial (memplan.report.result.verdict): ranking it as a
         # fit would be a false yes.
         why = next((n for n in plain.activations.notes if "not modelled" in n), "")
         raise MemplanError(

@@ -1,2 +1,3 @@
-"""Report: `estimate` runs the stages for a spec and holds the result per rank;
+"""Report: `estimate` runs the stages for a spec; `result` holds what it found per rank and the
+verdict;
 `json` writes it as the `--json` document whose JSON Schema `schema` defines."""

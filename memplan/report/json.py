@@ -19,7 +19,7 @@ from memplan.states.stages import StageStates
 from memplan.step.timeline import Point, Timeline
 
 if TYPE_CHECKING:
-    from memplan.report.estimate import Report
+    from memplan.report.result import Report
 
 
 def dump(document: s.EstimateReport | s.PlanReport) -> dict[str, Any]:

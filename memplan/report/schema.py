@@ -432,7 +432,7 @@ class HardwareInfo(_Doc):
     ) = Field(
         description=(
             "The one verdict the table, this document and `plan` share "
-            "(memplan.report.estimate.verdict): from headroom_bytes and whether activations are "
+            "(memplan.report.result.verdict): from headroom_bytes and whether activations are "
             "modelled; null without a capacity."
         )
     )

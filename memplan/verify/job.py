@@ -19,7 +19,8 @@ from memplan.model import sources as models
 from memplan.model.load import PRESET_DIR, hf_cache_config, read_json
 from memplan.model.sources import Inventory
 from memplan.precision import Recipe
-from memplan.report.estimate import Report, estimate
+from memplan.report.estimate import estimate
+from memplan.report.result import Report
 
 Device = Literal["cpu", "cuda"]
 

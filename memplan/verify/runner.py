@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from memplan import versions
 from memplan.config.load import LoadedSpec, installed_version
-from memplan.report.estimate import Report
+from memplan.report.result import Report
 from memplan.states.engines import RankStates
 from memplan.verify import job as jobs
 from memplan.verify.job import Event, Job, Options
