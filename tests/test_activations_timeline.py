@@ -15,7 +15,7 @@ import pytest
 
 from memplan import memory
 from memplan.activations import Setting, predict
-from memplan.config.spec import DeepSpeedSpec
+from memplan.config.parallelism import DeepSpeedSpec
 from memplan.errors import MemplanError
 from memplan.model.sources import from_config, from_parameter_count
 from memplan.precision import dtype_bytes

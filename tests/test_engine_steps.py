@@ -12,7 +12,7 @@ from typing import Any, get_args
 import pytest
 import torch
 
-from memplan.config.spec import Engine
+from memplan.config.parallelism import Engine
 from memplan.model.inventory import TensorSpec
 from memplan.model.sources import from_config
 from memplan.report.estimate import assemble, estimate, model_states

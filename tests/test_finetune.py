@@ -13,8 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from memplan.cli.app import app
+from memplan.config.finetune import FinetuneSpec
 from memplan.config.load import load_spec
-from memplan.config.spec import FinetuneSpec, Spec
+from memplan.config.spec import Spec
 from memplan.errors import MemplanError
 from memplan.model.finetune import lora as finetune
 from memplan.model.finetune import qlora

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from memplan import memory
-from memplan.config.spec import DeepSpeedSpec, ParallelismSpec
+from memplan.config.parallelism import DeepSpeedSpec, ParallelismSpec
 from memplan.errors import MemplanError
 from memplan.model.sources import from_config
 from memplan.precision import dtype_bytes

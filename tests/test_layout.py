@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from memplan.config.spec import ParallelismSpec
+from memplan.config.parallelism import ParallelismSpec
 from memplan.errors import MemplanError
 from memplan.model.finetune import lora as finetune
 from memplan.model.sources import from_config

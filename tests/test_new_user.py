@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from memplan.cli.app import app
 from memplan.config.load import load_spec, validate
-from memplan.config.spec import ParallelismSpec
+from memplan.config.parallelism import ParallelismSpec
 from memplan.errors import MemplanError
 from memplan.model.load import load_inventory
 from memplan.plan.search import plan

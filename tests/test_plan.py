@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from memplan.cli.app import app
 from memplan.config.load import load_spec
-from memplan.config.spec import ParallelismSpec, PlanSpec
+from memplan.config.parallelism import ParallelismSpec
+from memplan.config.plan import PlanSpec
 from memplan.model.load import PRESET_DIR, load_inventory, read_json
 from memplan.model.sources import from_config
 from memplan.plan.search import pipeline_split, plan, row_spec

@@ -306,7 +306,8 @@ def test_a_profile_is_not_split_over_tensor_parallel_ranks() -> None:
     """A profile holds whole tensors: under tensor parallelism the layout refuses it (rather
     than count every rank's slice as the whole), naming why."""
     from memplan.activations import micro_batch
-    from memplan.config.spec import FinetuneSpec, ParallelismSpec
+    from memplan.config.finetune import FinetuneSpec
+    from memplan.config.parallelism import ParallelismSpec
     from memplan.states.layout import Layout
 
     traced = _traced(ROBERTA, "fp32", "eager")

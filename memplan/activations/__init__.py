@@ -14,7 +14,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from memplan.activations import layout, lora
-from memplan.config.spec import FinetuneSpec
+from memplan.config.finetune import FinetuneSpec
 from memplan.model import profile
 from memplan.model.families import family_of, modelled_model_types
 from memplan.model.forward.assemble import finish

@@ -36,7 +36,7 @@ from memplan.activations.lora_flow import (
     layer_tensors,
     scopes,
 )
-from memplan.config.spec import FinetuneSpec
+from memplan.config.finetune import FinetuneSpec
 from memplan.model.families import FAMILIES, family_of
 from memplan.model.families.record import ModelEnds
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled

@@ -221,7 +221,7 @@ def plan(
     import time
 
     from memplan.config import load
-    from memplan.config.spec import PlanSpec
+    from memplan.config.plan import PlanSpec
     from memplan.model import load as model_load
     from memplan.plan import search as planner
     from memplan.verify.trace import fallback_inventory

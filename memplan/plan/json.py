@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from memplan.config.spec import Engine
+from memplan.config.parallelism import Engine
 from memplan.plan.search import Candidate, PlanResult
 from memplan.report import schema as s
 from memplan.report.json import dump

@@ -13,7 +13,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from memplan.config.spec import MAX_DEGREE, OffloadSpec, ParallelismSpec, PlanSpec, Spec
+from memplan.config.base import MAX_DEGREE
+from memplan.config.parallelism import OffloadSpec, ParallelismSpec
+from memplan.config.plan import PlanSpec
+from memplan.config.spec import Spec
 from memplan.errors import MemplanError
 from memplan.hardware import CATALOG
 from memplan.model.finetune import lora as finetune

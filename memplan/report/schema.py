@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from memplan.config.spec import Engine
+from memplan.config.parallelism import Engine
 from memplan.states.terms import Category
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from memplan.config.spec import DeepSpeedSpec, Engine, OffloadSpec, ParallelismSpec
+from memplan.config.parallelism import DeepSpeedSpec, Engine, OffloadSpec, ParallelismSpec
 from memplan.errors import MemplanError
 
 VocabSplit = Literal["padded", "chunk"]

@@ -22,7 +22,8 @@ from typing import Literal
 
 from memplan import memory
 from memplan.activations import Activations
-from memplan.config.spec import FinetuneSpec, OptimizerSpec
+from memplan.config.finetune import FinetuneSpec
+from memplan.config.spec import OptimizerSpec
 from memplan.memory import PHASES, Phase, Transient
 from memplan.model.inventory import Inventory
 from memplan.precision import Recipe

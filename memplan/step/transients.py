@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 from memplan import memory
-from memplan.config.spec import FinetuneSpec
+from memplan.config.finetune import FinetuneSpec
 from memplan.memory import PHASES, Transient
 from memplan.model.finetune import qlora
 from memplan.model.forward.tensors import Activations

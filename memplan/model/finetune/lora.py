@@ -25,7 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from functools import lru_cache
 
-from memplan.config.spec import FinetuneSpec, Spec
+from memplan.config.finetune import FinetuneSpec
+from memplan.config.spec import Spec
 from memplan.errors import MemplanError
 from memplan.hardware import nearest
 from memplan.model.finetune.qlora import quantize_4bit

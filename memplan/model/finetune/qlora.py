@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from memplan.config.spec import FinetuneSpec
+from memplan.config.finetune import FinetuneSpec
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.model.module_tree import FINETUNE_NOTE, frozen, leaf, modules, owner
 from memplan.precision import dtype_bytes

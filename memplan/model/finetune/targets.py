@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from memplan.config.spec import FinetuneSpec
+from memplan.config.finetune import FinetuneSpec
 from memplan.errors import MemplanError
 from memplan.hardware import nearest
 from memplan.model.families import family_of

@@ -1,0 +1,23 @@
+"""What every section of the spec shares: frozen models that refuse unknown keys, and the
+bounds on counts and degrees."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Upper bounds on what a spec may say. Counts and sizes fit torch's int64 (shapes, numel,
+# bytes), which also keeps every product of them far inside a float for the tables. Parallel
+# degrees stay within what the calculator can list rank by rank in well under a second.
+MAX_COUNT = 2**63 - 1
+"""Largest count or size in bytes a spec may give (int64)."""
+MAX_DEGREE = 2**16
+"""Largest degree of one kind of parallelism, and of GPUs per node: 65,536."""
+
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+Degree = Annotated[int, Field(gt=0, le=MAX_DEGREE)]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)

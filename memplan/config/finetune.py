@@ -1,0 +1,87 @@
+"""The spec's `finetune:` section: full fine-tuning, LoRA or QLoRA, and frozen parameters
+(peft's and transformers' own names and defaults)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from memplan.config.base import Frozen, PositiveInt
+
+FinetuneMethod = Literal["full", "lora", "qlora"]
+_ADAPTER_KEYS = (
+    "rank",
+    "alpha",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "dropout",
+    "bias",
+    "autocast_adapter_dtype",
+)
+_QLORA_KEYS = ("quant_type", "double_quant", "skip_modules", "prepare_kbit")
+
+
+class FinetuneSpec(Frozen):
+    """What is trained: every parameter (`full`), LoRA adapters on a frozen model (`lora`,
+    peft's LoraConfig), or LoRA on a 4-bit quantized model (`qlora`: transformers'
+    BitsAndBytesConfig + peft). Names and defaults are peft's and transformers' own
+    (peft 0.21 tuners/lora/config.py::LoraConfig; transformers 5.24
+    utils/quantization_config.py::BitsAndBytesConfig), except where noted."""
+
+    method: FinetuneMethod = "full"
+    """full: every parameter trains; lora: peft LoRA adapters, the model frozen; qlora: the
+    same on a bitsandbytes 4-bit base."""
+    rank: PositiveInt = 8
+    """LoRA rank r (peft `r`, default 8): lora_A is [r, in], lora_B [out, r]."""
+    alpha: PositiveInt = 8
+    """peft `lora_alpha` (default 8): scales the update, changes no memory."""
+    target_modules: tuple[str, ...] | str | None = None
+    """Modules that get adapters, by peft's rules: a list of names (a module matches when its
+    name equals one or ends with `.name`), a string (a regex that must match the whole module
+    name), or `all-linear`. Default: peft's list for the model type (q_proj/v_proj for Llama,
+    c_attn for GPT-2)."""
+    exclude_modules: tuple[str, ...] | str | None = None
+    """Modules never targeted, matched like target_modules (peft `exclude_modules`)."""
+    modules_to_save: tuple[str, ...] = ()
+    """Modules trained in full beside the adapters (peft keeps the original frozen and adds a
+    trainable copy); a module matches when its name ends with the entry."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """peft `lora_dropout` (default 0): > 0 keeps a dropout mask per adapted module."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """peft `bias`: which biases train (none; every `.bias`; those of adapted modules)."""
+    autocast_adapter_dtype: bool = True
+    """peft get_peft_model(autocast_adapter_dtype=True): bf16/fp16 adapters are made fp32."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """qlora: `bnb_4bit_quant_type`. memplan defaults to the QLoRA paper's nf4
+    (transformers' own default is fp4)."""
+    double_quant: bool = True
+    """qlora: `bnb_4bit_use_double_quant` (quantize the absmax too). memplan defaults to the
+    QLoRA paper's true (transformers' own default is false)."""
+    skip_modules: tuple[str, ...] | None = None
+    """qlora: `llm_int8_skip_modules`, modules kept unquantized; default: transformers'
+    choice (the output embedding, tied weights and the last module)."""
+    prepare_kbit: bool = True
+    """qlora: peft `prepare_model_for_kbit_training` was called (casts every non-quantized
+    16-bit parameter to fp32)."""
+    freeze: tuple[str, ...] = ()
+    """Parameters that do not train, as fnmatch patterns over their names (shell-style:
+    `*` any characters dots included, `?` one, `[0-9]` one digit), e.g.
+    `model.embed_tokens.*`, `model.layers.[0-9].*`."""
+
+    @model_validator(mode="after")
+    def _keys_fit_method(self) -> FinetuneSpec:
+        given = self.model_fields_set
+        if self.method == "full":
+            stray = [k for k in (*_ADAPTER_KEYS, *_QLORA_KEYS) if k in given]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} set but method is full; set method: lora (or qlora) "
+                    "to train adapters"
+                )
+        if self.method == "lora":
+            stray = [k for k in _QLORA_KEYS if k in given]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} apply to method: qlora only")
+        return self

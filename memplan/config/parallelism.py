@@ -1,0 +1,153 @@
+"""The spec's `parallelism:` section: the engine, its ZeRO stage and knobs, offload, and the
+data/tensor/pipeline/context/expert degrees (memplan.states.layout turns it into the one
+Layout every stage reads)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from memplan.config.base import Degree, Frozen, PositiveInt
+
+Engine = Literal["deepspeed", "fsdp2", "ddp", "megatron"]
+
+
+class DeepSpeedSpec(Frozen):
+    """DeepSpeed `zero_optimization` keys that change memory (DeepSpeed's own names and
+    defaults: deepspeed/runtime/zero/config.py::DeepSpeedZeroConfig, 0.19.6; checked against
+    0.19.8 in tests/data/deepspeed_zero_defaults.json)."""
+
+    sub_group_size: PositiveInt = 10**9
+    """Elements per fp32 optimizer sub-group (ZeRO-3)."""
+    stage3_param_persistence_threshold: int = Field(10**5, ge=0)
+    """ZeRO-3 keeps parameters with numel <= this gathered on every rank."""
+    reduce_bucket_size: PositiveInt = 500_000_000
+    """Elements in the gradient reduction (IPG) bucket, allocated in the gradient dtype
+    (stage_1_and_2.py / stage3.py `torch.empty(reduce_bucket_size)`)."""
+    overlap_comm: bool | None = None
+    """Overlap gradient reduction with backward. None: DeepSpeed's default, which depends on
+    the stage (config.py::DeepSpeedZeroConfig.overlap_comm_valid: True for stage 3, else
+    False); stage 1/2 then keep two reduction buckets instead of one."""
+    stage3_prefetch_bucket_size: int = Field(50_000_000, ge=0)
+    """ZeRO-3 elements gathered ahead of the module that needs them."""
+    stage3_max_live_parameters: int = Field(1_000_000_000, ge=0)
+    """ZeRO-3 cap on gathered (full) parameter elements resident per rank."""
+
+
+class OffloadSpec(Frozen):
+    """What lives in host (or NVMe) memory instead of on the GPU (ZeRO-Offload/Infinity,
+    FSDP CPUOffload)."""
+
+    optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """fp32 master weights, optimizer states and fp32 gradient partitions."""
+    parameters: Literal["none", "cpu", "nvme"] = "none"
+    """Sharded parameters (ZeRO-3 / FSDP2 only)."""
+    pin_memory: bool = True
+    """Host buffers are page-locked (DeepSpeed `pin_memory`, FSDP2 CPUOffloadPolicy default)."""
+
+
+class ParallelismSpec(Frozen):
+    """How the job is spread over GPUs. Degrees left out are 1; world size is
+    data x tensor x pipeline x context (expert ranks are carved out of data)."""
+
+    engine: Engine = "ddp"
+    """ddp (torch DistributedDataParallel; ZeroRedundancyOptimizer at zero_stage 1), fsdp2
+    (torch fully_shard), deepspeed (ZeRO) or megatron (Megatron-LM DDP; zero_stage 1 = its
+    distributed optimizer). Default: torch's own engines, which `memplan verify` runs as is:
+    ddp (what torchrun, the HF Trainer and accelerate run with no FSDP or DeepSpeed config;
+    plain single-GPU training at data 1), or fsdp2 when zero_stage is 2 or 3."""
+    data: Degree = 1
+    """Data-parallel degree (ranks that hold a replica or a shard of the model states)."""
+    zero_stage: int | None = Field(None, ge=0, le=3)
+    """ZeRO stage 0-3; default: 0 for deepspeed, ddp and megatron, 3 for fsdp2."""
+    tensor: Degree = 1
+    """Tensor-parallel degree (Megatron column/row-parallel linears, vocab-parallel embedding)."""
+    sequence_parallel: bool = False
+    """Split the activations TP leaves replicated (norms, dropout) over the TP ranks."""
+    pipeline: Degree = 1
+    """Pipeline-parallel degree."""
+    schedule: Literal["1f1b", "interleaved", "gpipe"] = "1f1b"
+    """Pipeline schedule: how many micro-batches each stage keeps in flight."""
+    virtual_stages: Degree = 1
+    """Model chunks per pipeline rank (the interleaved schedule)."""
+    layers_per_stage: tuple[PositiveInt, ...] | None = None
+    """An explicit split of the layers over the (virtual) stages; else an even split."""
+    expert: Degree = 1
+    """Expert-parallel degree (MoE): each rank holds num_experts / expert of each MoE layer."""
+    context: Degree = 1
+    """Context-parallel degree (ring attention / Megatron CP): the sequence is split."""
+    expert_capacity_factor: float | None = Field(None, gt=0, le=1024)
+    """MoE expert capacity factor (Megatron --moe-expert-capacity-factor with
+    --moe-pad-expert-input-to-capacity): each expert's token buffer is padded to
+    ceil(tokens x top_k / experts x factor). None: dropless, balanced routing assumed."""
+    make_vocab_size_divisible_by: PositiveInt = 128
+    """Megatron pads the vocabulary to a multiple of this x tensor (its default, 128); torch's
+    own tensor parallelism (engine fsdp2 or ddp) does not pad
+    (memplan.states.layout.Layout.vocab_multiple)."""
+    gradient_as_bucket_view: bool = False
+    """torch DDP `gradient_as_bucket_view` (default False): True makes each `.grad` a view into
+    DDP's flat allreduce buckets, saving one gradient-sized copy (torch/nn/parallel/
+    distributed.py::DistributedDataParallel docstring, 2.13). Used with engine ddp."""
+    offload: OffloadSpec = OffloadSpec()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    """DeepSpeed config keys (used when engine is deepspeed)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_engine(cls, data: Any) -> Any:
+        """No engine named: torch's, ddp for ZeRO stage 0/1 and fsdp2 for 2/3."""
+        if isinstance(data, dict) and data.get("engine") is None:
+            stage = data.get("zero_stage")
+            sharded = str(stage).strip() in ("2", "3")  # YAML may give the stage as text
+            data = {**data, "engine": "fsdp2" if sharded else "ddp"}
+        return data
+
+    @model_validator(mode="after")
+    def _stage_fits_engine(self) -> ParallelismSpec:
+        if self.engine == "fsdp2" and self.zero_stage in (0, 1):
+            raise ValueError(
+                "fsdp2 shards parameters, so it runs ZeRO stage 3 (reshard_after_forward=True) "
+                "or 2 (reshard_after_forward=False); for stage 0 or 1 use engine: ddp"
+            )
+        if self.engine == "ddp" and self.zero_stage in (2, 3):
+            raise ValueError(
+                "torch DDP offers ZeRO stage 0 (plain DDP) or 1 (ZeroRedundancyOptimizer); "
+                "for stage 2 or 3 use engine: deepspeed or fsdp2"
+            )
+        if self.engine == "megatron" and self.zero_stage not in (None, 0, 1):
+            raise ValueError(
+                "Megatron-LM shards optimizer states only (zero_stage 1: "
+                "--use-distributed-optimizer); for stage 2 or 3 use engine: deepspeed or fsdp2"
+            )
+        if self.schedule == "interleaved" and self.virtual_stages < 2:
+            raise ValueError("the interleaved schedule needs virtual_stages >= 2")
+        if self.virtual_stages > 1 and self.schedule != "interleaved":
+            raise ValueError("virtual_stages > 1 needs schedule: interleaved")
+        if self.sequence_parallel and self.tensor == 1:
+            raise ValueError(
+                "sequence_parallel splits activations over tensor ranks: set tensor > 1"
+            )
+        if self.engine == "fsdp2" and "nvme" in (self.offload.optimizer, self.offload.parameters):
+            # torch/distributed/fsdp/_fully_shard/_fsdp_api.py (2.13): FSDP2's only offload
+            # policy is CPUOffloadPolicy; there is no NVMe tier (DeepSpeed ZeRO-Infinity has one).
+            raise ValueError("FSDP2 offloads to CPU only (CPUOffloadPolicy): use cpu, not nvme")
+        if self.offload.parameters != "none" and self.stage != 3:
+            raise ValueError("parameter offload needs sharded parameters: zero_stage 3")
+        if self.offload.optimizer != "none" and self.engine == "deepspeed" and self.stage == 0:
+            # DeepSpeed config docs, zero_optimization.offload_optimizer: "Valid only with
+            # stage 1, 2 and 3" (the offload lives in the ZeRO optimizers).
+            raise ValueError("DeepSpeed offloads the optimizer with zero_stage 1, 2 or 3, not 0")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """GPUs in the job: data x tensor x pipeline x context."""
+        return self.data * self.tensor * self.pipeline * self.context
+
+    @property
+    def stage(self) -> int:
+        """The ZeRO stage with the engine's default filled in."""
+        if self.zero_stage is not None:
+            return self.zero_stage
+        return 3 if self.engine == "fsdp2" else 0
