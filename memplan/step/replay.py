@@ -143,136 +143,143 @@ def events(
     """The allocations and frees of init and `steps` training steps on this GPU (phase
     markers ("phase", name) at each phase of the last step), in the order the module's
     docstring states."""
-    ev = _Events()
-    points = {p.phase: p for p in timeline.points}
-    grads = {phase: points[phase].of("gradients") for phase in PHASES}
-    always_grads = min(grads.values())
-    per_phase = {phase: set(points[phase].transients) for phase in PHASES}
-    terms = [t for t in timeline.transients if t.name not in ROUNDED_BY_REPLAY]
-    layered = [b for b in saved.blocks if b.layered and not b.on_host]
-    cycled = {FORWARD_WORKING_SET, BACKWARD_WORKING_SET} if layered else set()
-    whole = [t for t in terms if set(t.phases) == set(PHASES)]
-    by_name = {t.name: t for t in terms}
-
-    # init: model states, gradients alive in every phase, transients alive in every phase
-    for i, row in enumerate((*per_gpu.terms, *buffers)):
-        if row.category != "gradients":
-            ev.alloc(("state", i, row.name), row.bytes)
-    ev.alloc(("gradients", "always"), always_grads)
-    for t in whole:
-        ev.alloc(("transient", t.name), t.bytes)
-    placed = {t.name for t in whole}
-
-    layer_count = sum(b.count for b in layered)
-    share = _layer_gradient_share(inventory) if layer_count else 0.0
-    # Each layer's gradients: its share of all the gradients made in the step, but no more
-    # than the timeline adds between the backward point and the end of backward.
-    rest = max(grads["backward_end"] - grads["backward"], 0)
-    made = max(grads.values()) - always_grads
-    per_layer_grad = min(rest, int(made * share)) // layer_count if layer_count else 0
-    grad_blocks: list[tuple[Hashable, int]] = []
-
-    def set_gradients(step: int, target: int) -> None:
-        """Free the newest gradient blocks, then allocate, until `target` bytes (beyond those
-        alive in every phase) are alive."""
-        target -= always_grads
-        current = sum(n for _, n in grad_blocks)
-        while grad_blocks and current > target:
-            key, n = grad_blocks.pop()
-            ev.free(key)
-            current -= n
-        if target > current:
-            key = ("gradients", step, len(grad_blocks))
-            ev.alloc(key, target - current)
-            grad_blocks.append((key, target - current))
-
-    def transients_to(phase: Phase) -> None:
-        for t in terms:
-            if t.name in placed or t.name in cycled:
-                continue
-            alive = phase in t.phases
-            key = ("transient", t.name)
-            if not alive and key in ev.live:
-                ev.free(key)
-        for t in terms:
-            if t.name in placed or t.name in cycled:
-                continue
-            if phase in t.phases and ("transient", t.name) not in ev.live:
-                ev.alloc(("transient", t.name), t.bytes, PIECES.get(t.name, 1))
-
-    # Blocks are keyed by their place in saved.blocks: names repeat (LoRA's frozen and
-    # trained decoder layers are two "layers" blocks).
-    place = {id(b): i for i, b in enumerate(saved.blocks)}
-
-    def alloc_block(step: int, block: Block, copy: int) -> None:
-        for j, tensor in enumerate(block.tensors):
-            ev.alloc(("saved", step, place[id(block)], copy, j), tensor.bytes)
-
-    def free_block(step: int, block: Block, copy: int) -> None:
-        for j in range(len(block.tensors)):
-            ev.free(("saved", step, place[id(block)], copy, j))
-
-    def working_set(name: str, phase: Phase) -> Transient | None:
-        """A working set the replay allocates once per layer, if the phase holds it."""
-        t = by_name.get(name)
-        return t if t is not None and name in per_phase[phase] and name in cycled else None
-
-    resident = [b for b in saved.blocks if not b.on_host and not b.layered]
-    at_loss = [b for b in resident if b.name in ("head", "loss")]
-    kept = [b for b in resident if b.name not in ("head", "loss")]
+    step_events = _StepEvents(timeline, saved, inventory)
+    step_events.init(per_gpu, buffers)
     for step in range(1, steps + 1):
-        last = step == steps
+        step_events.step(step, last=step == steps)
+    return step_events.ev.out
+
+
+class _StepEvents:
+    """The event stream of one GPU's steps: what is alive, and each phase's allocations."""
+
+    def __init__(self, timeline: Timeline, saved: Activations, inventory: Inventory) -> None:
+        self.ev = _Events()
+        points = {p.phase: p for p in timeline.points}
+        self.grads = {phase: points[phase].of("gradients") for phase in PHASES}
+        self.always_grads = min(self.grads.values())
+        self.per_phase = {phase: set(points[phase].transients) for phase in PHASES}
+        self.terms = [t for t in timeline.transients if t.name not in ROUNDED_BY_REPLAY]
+        self.by_name = {t.name: t for t in self.terms}
+        self.layered = [b for b in saved.blocks if b.layered and not b.on_host]
+        self.cycled = {FORWARD_WORKING_SET, BACKWARD_WORKING_SET} if self.layered else set()
+        self.whole = [t for t in self.terms if set(t.phases) == set(PHASES)]
+        self.placed = {t.name for t in self.whole}
+        resident = [b for b in saved.blocks if not b.on_host and not b.layered]
+        self.at_loss = [b for b in resident if b.name in ("head", "loss")]
+        self.kept = [b for b in resident if b.name not in ("head", "loss")]
+        # Blocks are keyed by their place in saved.blocks: names repeat (LoRA's frozen and
+        # trained decoder layers are two "layers" blocks).
+        self.place = {id(b): i for i, b in enumerate(saved.blocks)}
+        layer_count = sum(b.count for b in self.layered)
+        share = _layer_gradient_share(inventory) if layer_count else 0.0
+        # Each layer's gradients: its share of all the gradients made in the step, but no more
+        # than the timeline adds between the backward point and the end of backward.
+        rest = max(self.grads["backward_end"] - self.grads["backward"], 0)
+        made = max(self.grads.values()) - self.always_grads
+        self.per_layer_grad = min(rest, int(made * share)) // layer_count if layer_count else 0
+        self.grad_blocks: list[tuple[Hashable, int]] = []
+
+    def init(self, per_gpu: RankStates, buffers: Sequence[Term]) -> None:
+        """Model states, gradients alive in every phase, transients alive in every phase."""
+        for i, row in enumerate((*per_gpu.terms, *buffers)):
+            if row.category != "gradients":
+                self.ev.alloc(("state", i, row.name), row.bytes)
+        self.ev.alloc(("gradients", "always"), self.always_grads)
+        for t in self.whole:
+            self.ev.alloc(("transient", t.name), t.bytes)
+
+    def step(self, step: int, *, last: bool) -> None:
+        """One training step, phase by phase (markers on the `last` step)."""
         for phase in PHASES:
             if last:
-                ev.out.append(("phase", phase))
-            transients_to(phase)
-            if phase == "start":
-                set_gradients(step, grads[phase])
-            elif phase == "forward":
-                set_gradients(step, grads[phase])
-                for b in kept:
-                    for c in range(b.count):
-                        alloc_block(step, b, c)
-                fws = working_set(FORWARD_WORKING_SET, phase)
-                for b in layered:
-                    for c in range(b.count):
-                        if fws is not None:
-                            ev.alloc(("fws", step, place[id(b)], c), fws.bytes)
-                        alloc_block(step, b, c)
-                        if fws is not None:
-                            ev.free(("fws", step, place[id(b)], c))
-            elif phase == "loss":
-                set_gradients(step, grads[phase])
-                for b in at_loss:
-                    for c in range(b.count):
-                        alloc_block(step, b, c)
-            elif phase == "backward_start":
-                set_gradients(step, grads[phase])
-            elif phase == "backward":
-                for b in at_loss:
-                    for c in range(b.count):
-                        free_block(step, b, c)
-                set_gradients(step, grads[phase])
-                bws = working_set(BACKWARD_WORKING_SET, phase)
-                for b in reversed(layered):
-                    for c in reversed(range(b.count)):
-                        if bws is not None:
-                            ev.alloc(("bws", step, place[id(b)], c), bws.bytes)
-                        free_block(step, b, c)
-                        key = ("gradients", step, "layer", place[id(b)], c)
-                        ev.alloc(key, per_layer_grad)
-                        if per_layer_grad:
-                            grad_blocks.append((key, per_layer_grad))
-                        if bws is not None:
-                            ev.free(("bws", step, place[id(b)], c))
+                self.ev.out.append(("phase", phase))
+            self.transients_to(phase)
+            if phase == "backward":  # the loss's and the head's tensors go first
+                self.blocks(step, self.at_loss, free=True)
             elif phase == "backward_end":
-                for b in kept:
-                    for c in range(b.count):
-                        free_block(step, b, c)
-                set_gradients(step, grads[phase])
-            else:  # optimizer_step
-                set_gradients(step, grads[phase])
-    return ev.out
+                self.blocks(step, self.kept, free=True)
+            self.set_gradients(step, self.grads[phase])
+            if phase == "forward":
+                self.blocks(step, self.kept, free=False)
+                self.layers_forward(step)
+            elif phase == "loss":
+                self.blocks(step, self.at_loss, free=False)
+            elif phase == "backward":
+                self.layers_backward(step)
+
+    def set_gradients(self, step: int, target: int) -> None:
+        """Free the newest gradient blocks, then allocate, until `target` bytes (beyond those
+        alive in every phase) are alive."""
+        target -= self.always_grads
+        current = sum(n for _, n in self.grad_blocks)
+        while self.grad_blocks and current > target:
+            key, n = self.grad_blocks.pop()
+            self.ev.free(key)
+            current -= n
+        if target > current:
+            key = ("gradients", step, len(self.grad_blocks))
+            self.ev.alloc(key, target - current)
+            self.grad_blocks.append((key, target - current))
+
+    def transients_to(self, phase: Phase) -> None:
+        """Free the transients `phase` does not hold, then allocate those it does."""
+        moving = [t for t in self.terms if t.name not in self.placed and t.name not in self.cycled]
+        for t in moving:
+            key = ("transient", t.name)
+            if phase not in t.phases and key in self.ev.live:
+                self.ev.free(key)
+        for t in moving:
+            if phase in t.phases and ("transient", t.name) not in self.ev.live:
+                self.ev.alloc(("transient", t.name), t.bytes, PIECES.get(t.name, 1))
+
+    def blocks(self, step: int, blocks: Sequence[Block], *, free: bool) -> None:
+        for b in blocks:
+            for c in range(b.count):
+                (self.free_block if free else self.alloc_block)(step, b, c)
+
+    def alloc_block(self, step: int, block: Block, copy: int) -> None:
+        for j, tensor in enumerate(block.tensors):
+            self.ev.alloc(("saved", step, self.place[id(block)], copy, j), tensor.bytes)
+
+    def free_block(self, step: int, block: Block, copy: int) -> None:
+        for j in range(len(block.tensors)):
+            self.ev.free(("saved", step, self.place[id(block)], copy, j))
+
+    def working_set(self, name: str, phase: Phase) -> Transient | None:
+        """A working set the replay allocates once per layer, if the phase holds it."""
+        t = self.by_name.get(name)
+        held = name in self.per_phase[phase] and name in self.cycled
+        return t if t is not None and held else None
+
+    def layers_forward(self, step: int) -> None:
+        """Each layer's saved tensors, its forward working set alive while it runs."""
+        fws = self.working_set(FORWARD_WORKING_SET, "forward")
+        for b in self.layered:
+            for c in range(b.count):
+                key = ("fws", step, self.place[id(b)], c)
+                if fws is not None:
+                    self.ev.alloc(key, fws.bytes)
+                self.alloc_block(step, b, c)
+                if fws is not None:
+                    self.ev.free(key)
+
+    def layers_backward(self, step: int) -> None:
+        """Last layer first: its backward working set, its saved tensors freed, its gradients
+        made."""
+        bws = self.working_set(BACKWARD_WORKING_SET, "backward")
+        for b in reversed(self.layered):
+            for c in reversed(range(b.count)):
+                key = ("bws", step, self.place[id(b)], c)
+                if bws is not None:
+                    self.ev.alloc(key, bws.bytes)
+                self.free_block(step, b, c)
+                grad = ("gradients", step, "layer", self.place[id(b)], c)
+                self.ev.alloc(grad, self.per_layer_grad)
+                if self.per_layer_grad:
+                    self.grad_blocks.append((grad, self.per_layer_grad))
+                if bws is not None:
+                    self.ev.free(key)
 
 
 def replay(
