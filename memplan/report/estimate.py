@@ -168,13 +168,8 @@ def assemble(
     step = step_settings(spec, layout)
     cache = StepCache() if cache is None else cache
     views: dict[int, tuple[acts.Activations, tl.Timeline]] = {}
-    seen: set[tuple[object, ...]] = set()
-    for i, st in enumerate(stages):
-        if not every_stage and 0 < i < len(stages) - 1:
-            key = (st.layers and len(st.layers), st.model_state_bytes, st.per_gpu.total_bytes)
-            if key in seen:
-                continue
-            seen.add(key)
+    for i in _stages_to_view(stages, every_stage):
+        st = stages[i]
         views[i] = _rank_view(
             step, capacity, cache, trained, micro, st, st.per_gpu, local[st.stage]
         )
@@ -186,11 +181,12 @@ def assemble(
         if every_stage
         else ()
     )
+    conf = alloc_conf(spec.hardware.alloc_conf)  # checked even where nothing is replayed
     allocator: rp.AllocatorView | None = None
     terms: tuple[device.DeviceTerm, ...] = ()
-    conf = alloc_conf(spec.hardware.alloc_conf)
     if every_stage and spec.hardware.device == "cuda":
         terms = outside_allocator(spec, layout)
+        limit = None if capacity is None else capacity - sum(t.bytes for t in terms)
         allocator = rp.replay(
             timeline,
             per_gpu=top.per_gpu,
@@ -198,7 +194,7 @@ def assemble(
             saved=saved,
             inventory=local[top.stage],
             conf=conf,
-            limit=None if capacity is None else capacity - sum(t.bytes for t in terms),
+            limit=limit,
         )
     notes = (
         list(trained.notes)
@@ -246,6 +242,23 @@ def assemble(
         device_terms=terms,
         alloc_conf_text=spec.hardware.alloc_conf,
     )
+
+
+def _stages_to_view(stages: Sequence[StageStates], every_stage: bool) -> list[int]:
+    """The pipeline stages whose GPU gets its own activations and timeline: all of them, or
+    (plan, `every_stage=False`) the first, the last and one interior stage per distinct
+    (layers, model states, per-GPU bytes): interior stages alike differ only in micro-batches
+    in flight, fewer further down, so the first of them dominates."""
+    out: list[int] = []
+    seen: set[tuple[object, ...]] = set()
+    for i, st in enumerate(stages):
+        if not every_stage and 0 < i < len(stages) - 1:
+            key = (st.layers and len(st.layers), st.model_state_bytes, st.per_gpu.total_bytes)
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(i)
+    return out
 
 
 @lru_cache(maxsize=64)
