@@ -28,8 +28,6 @@ import contextlib
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ from memplan.errors import MemplanError
 from memplan.model import load as model_load
 from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document, terms
 from memplan.report.estimate import setting_of
+from memplan.verify.trace import fit as fit_
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {
@@ -65,15 +64,6 @@ the batch is 1: s + 1 elements, b * s otherwise)."""
 CHECK_B1 = (1, 5)
 SEQ_UNIT = 8
 """Tokens per sequence multiple."""
-
-
-@dataclass
-class _Record:
-    block: str
-    module: str
-    dtype: str
-    numel: int
-    savers: set[str] = field(default_factory=set)
 
 
 def reduced_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
@@ -247,7 +237,7 @@ def trace_once(
     sequence: int,
     autocast: str | None,
     layer_count: int,
-) -> list[_Record]:
+) -> list[fit_.Record]:
     """One forward + loss; every saved storage once, with its block and module."""
     prefix, layers = _layers(model, layer_count)
     names = {m: n for n, m in model.named_modules()}
@@ -282,7 +272,7 @@ def trace_once(
 
     model.loss_function = loss_function  # type: ignore[assignment]
     skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
-    records: dict[int, _Record] = {}
+    records: dict[int, fit_.Record] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -299,7 +289,7 @@ def trace_once(
             dtype = NAMES.get(t.dtype)
             if dtype is None:
                 raise MemplanError(f"a saved tensor of dtype {t.dtype} memplan does not know.")
-            records[key] = _Record(
+            records[key] = fit_.Record(
                 block, rel or "(block)", dtype, storage.nbytes() // t.element_size()
             )
         records[key].savers.add(block)
@@ -358,71 +348,6 @@ def _real_tensor_masks() -> Any:
         masking.find_packed_sequence_indices = packed
 
 
-def _split(records: list[_Record]) -> dict[str, list[_Record]]:
-    """Records by block; a storage several layers save is the embeddings' (made per forward)."""
-    out: dict[str, list[_Record]] = {}
-    for r in records:
-        block = r.block
-        if sum(1 for s in r.savers if s.startswith("layer.")) > 1:
-            block = "embeddings"
-        out.setdefault(block, []).append(r)
-    return out
-
-
-def _solve(rows: list[tuple[int, ...]], values: list[int]) -> list[Fraction]:
-    """Exact solution of the square system rows @ c = values (Gauss-Jordan over rationals)."""
-    n = len(rows)
-    m = [[Fraction(x) for x in row] + [Fraction(v)] for row, v in zip(rows, values, strict=True)]
-    for col in range(n):
-        pivot = next(r for r in range(col, n) if m[r][col] != 0)
-        m[col], m[pivot] = m[pivot], m[col]
-        m[col] = [x / m[col][col] for x in m[col]]
-        for r in range(n):
-            if r != col and m[r][col] != 0:
-                m[r] = [a - m[r][col] * b for a, b in zip(m[r], m[col], strict=True)]
-    return [m[r][n] for r in range(n)]
-
-
-def _fit(
-    traces: list[dict[str, list[_Record]]], sizes: list[tuple[int, int]], block: str
-) -> list[dict[str, Any]]:
-    """Each storage's coefficients over BASIS (over 1, s, s*s when every size has batch 1)."""
-    columns = [0, 2, 4] if all(b == 1 for b, _ in sizes) else list(range(len(BASIS)))
-    lists = [t.get(block, []) for t in traces]
-    if len({len(x) for x in lists}) != 1:
-        raise MemplanError(
-            f"block {block}: {[len(x) for x in lists]} saved storages at sizes {sizes}: the "
-            "forward saves different tensors at different sizes; the fit needs the same code path."
-        )
-    out = []
-    rows = [tuple(terms(b, s)[c] for c in columns) for b, s in sizes]
-    for i, first in enumerate(lists[0]):
-        column = [x[i] for x in lists]
-        if {(r.dtype, r.module) for r in column} != {(first.dtype, first.module)}:
-            raise MemplanError(f"block {block}: tensor {i} differs between sizes ({first.module}).")
-        coef = _solve(rows, [r.numel for r in column])
-        if any(c.denominator != 1 for c in coef):
-            raise MemplanError(
-                f"block {block}: {first.module}'s size is not a polynomial over {BASIS} "
-                f"(fit {coef})."
-            )
-        numel = [0] * len(BASIS)
-        for c, value in zip(columns, coef, strict=True):
-            numel[c] = int(value)
-        out.append({"module": first.module, "dtype": first.dtype, "numel": numel})
-    return out
-
-
-def _named(tensors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    seen: dict[str, int] = {}
-    out = []
-    for t in tensors:
-        k = seen.get(t["module"], 0)
-        seen[t["module"]] = k + 1
-        out.append({"name": f"{t['module']}#{k}", "dtype": t["dtype"], "numel": t["numel"]})
-    return out
-
-
 def _blocks(
     config: Mapping[str, Any],
     *,
@@ -450,7 +375,7 @@ def _blocks(
         sizes = [(b, m * unit) for b, m in grid]
         check = (chk[0], chk[1] * unit)
         traced = [
-            _split(
+            fit_.split(
                 trace_once(
                     model,
                     mode,
@@ -464,7 +389,7 @@ def _blocks(
         ]
         fitted: dict[str, list[dict[str, Any]]] = {}
         for block in ("embeddings", *(f"layer.{i}" for i in range(n)), "head", "loss"):
-            fitted[block] = _fit(traced[:-1], sizes, block)
+            fitted[block] = fit_.fit(traced[:-1], sizes, block)
             expected = [
                 sum(c * x for c, x in zip(t["numel"], terms(*check), strict=True))
                 for t in fitted[block]
@@ -538,10 +463,10 @@ def build(
 
     def lists(name: str, kind: str = "") -> dict[str, Any]:
         src = f"layer:{kind}" if kind else name
-        out = {"tensors": _named(blocks[src]), "tensors_b1": _named(blocks[src + "@b1"])}
+        out = {"tensors": fit_.named(blocks[src]), "tensors_b1": fit_.named(blocks[src + "@b1"])}
         if kind:
-            out["recompute"] = _named(recompute.get(src, []))
-            out["recompute_b1"] = _named(recompute.get(src + "@b1", []))
+            out["recompute"] = fit_.named(recompute.get(src, []))
+            out["recompute_b1"] = fit_.named(recompute.get(src + "@b1", []))
         return out
 
     key = Key(
