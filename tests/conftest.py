@@ -129,3 +129,19 @@ def on_rank_of(spec: Spec, inventory: Inventory, micro: Activations, rank: int) 
 
     steps = spec.training.gradient_accumulation_steps
     return activations.on_rank(inventory, micro, layout_of(spec), rank, steps)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_profile_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Profiles traced by the tests (estimate and plan trace one for a model with no rule) go
+    to a folder of this run, never the user's ~/.cache/memplan; a test that sets MEMPLAN_CACHE
+    itself (monkeypatch) wins for its duration."""
+    import os
+
+    previous = os.environ.get("MEMPLAN_CACHE")
+    os.environ["MEMPLAN_CACHE"] = str(tmp_path_factory.mktemp("memplan-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MEMPLAN_CACHE", None)
+    else:
+        os.environ["MEMPLAN_CACHE"] = previous

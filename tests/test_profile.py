@@ -215,7 +215,7 @@ def test_cli_profile_then_estimate_uses_it(tmp_path: Path, monkeypatch: Any) -> 
     )
     monkeypatch.setenv("MEMPLAN_CACHE", str(tmp_path / "cache"))
     runner = CliRunner()
-    before = json.loads(runner.invoke(app, ["estimate", str(spec), "--json"]).stdout)
+    before = json.loads(runner.invoke(app, ["estimate", str(spec), "--json", "--no-trace"]).stdout)
     assert before["activations"]["source"] == "none"
     result = runner.invoke(app, ["profile", str(spec)])
     assert result.exit_code == 0, result.output

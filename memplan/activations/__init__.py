@@ -77,8 +77,8 @@ def _profile_hint(profiles: tuple[profile.Profile, ...]) -> str:
         have = ", ".join(p.key.file_stem() for p in profiles)
         return f" Profiles found for this config serve other settings: {have}."
     return (
-        " `memplan profile SPEC` can trace one (needs torch and transformers; it says why when "
-        "it cannot: encoder-decoder models, layers of several structures, ...)."
+        " With torch and transformers installed, `memplan estimate` and `plan` trace one "
+        "themselves (`memplan profile SPEC` writes it; it says why when it cannot)."
     )
 
 

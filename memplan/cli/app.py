@@ -30,6 +30,14 @@ SpecArg = Annotated[Path, typer.Argument(help="A memplan spec (YAML).", show_def
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (stable keys).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
 WidthOpt = Annotated[int | None, typer.Option("--width", help="Table width in columns.")]
+TraceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trace/--no-trace",
+        help="When the model has no activation rule and no stored profile serves the spec, "
+        "trace one with torch and transformers (if installed) and cache it.",
+    ),
+]
 
 
 def _run(debug: bool, work: Callable[[], T]) -> T:
@@ -41,6 +49,17 @@ def _run(debug: bool, work: Callable[[], T]) -> T:
             raise
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(err.exit_code) from None
+
+
+def _traced(loaded: Any, inventory: Any, checkpointing: tuple[str, ...]) -> Any:
+    """`inventory` with the activation profiles traced for it (memplan.verify.trace.
+    traced_profiles), each trace said on stderr."""
+    from memplan.verify.trace import traced_profiles
+
+    inventory, lines = traced_profiles(loaded, inventory, checkpointing=checkpointing)
+    for line in lines:
+        typer.echo(f"note: {line}", err=True)
+    return inventory
 
 
 def _print_json(document: Any) -> None:
@@ -77,6 +96,7 @@ def estimate(
         bool, typer.Option("--explain", help="Show each row's formula and source.")
     ] = False,
     width: WidthOpt = None,
+    trace: TraceOpt = True,
     debug: DebugOpt = False,
 ) -> None:
     """Memory per GPU for one training step, tensor by tensor.
@@ -92,9 +112,10 @@ def estimate(
     def work() -> Report:
         loaded = load.load_spec(spec)
         with load.locating(loaded):
-            return calc.estimate(
-                loaded.spec, model_load.load_inventory(loaded, unsupported=fallback_inventory)
-            )
+            inv = model_load.load_inventory(loaded, unsupported=fallback_inventory)
+            if trace:
+                inv = _traced(loaded, inv, ())
+            return calc.estimate(loaded.spec, inv)
 
     report = _run(debug, work)
     if plot is not None:
@@ -212,6 +233,7 @@ def plan(
     top: Annotated[int | None, typer.Option("--top", help="Layouts to show.")] = None,
     gpus: Annotated[int | None, typer.Option("--gpus", help="Override plan.gpus.")] = None,
     width: WidthOpt = None,
+    trace: TraceOpt = True,
     debug: DebugOpt = False,
 ) -> None:
     """Search the layouts that fit the GPUs' memory and rank them by estimated step time.
@@ -249,11 +271,10 @@ def plan(
         run_spec = loaded.spec.model_copy(update={"plan": settings})
         try:
             with load.locating(loaded):
-                return planner.plan(
-                    run_spec,
-                    model_load.load_inventory(loaded, unsupported=fallback_inventory),
-                    progress=progress,
-                )
+                inv = model_load.load_inventory(loaded, unsupported=fallback_inventory)
+                if trace:
+                    inv = _traced(loaded, inv, planner.recompute_options(settings))
+                return planner.plan(run_spec, inv, progress=progress)
         finally:
             if progress_bar is not None:
                 progress_bar.stop()

@@ -103,6 +103,11 @@ def _recompute_options(allow: bool) -> tuple[str, ...]:
     return ("none", "selective", "full") if allow else ("none",)
 
 
+def recompute_options(settings: PlanSpec) -> tuple[str, ...]:
+    """The activation recomputation policies a plan with `settings` searches."""
+    return _recompute_options(settings.allow_recompute)
+
+
 def _shape(inventory: Inventory, spec: Spec, global_batch: int) -> Shape:
     arch = inventory.architecture
     assert arch is not None  # checked by plan()

@@ -46,3 +46,63 @@ def fallback_inventory(config: Mapping[str, Any], origin: str) -> Inventory:
     from memplan.verify.trace.meta import inventory_from_config
 
     return inventory_from_config(config, origin=origin)
+
+
+def traced_profiles(
+    loaded: Any, inventory: Inventory, *, checkpointing: tuple[str, ...] = ()
+) -> tuple[Inventory, list[str]]:
+    """`inventory` with a profile traced and cached for each activation setting no hand rule
+    and no stored profile serves (the spec's own, and the spec with each `checkpointing` value
+    plan searches), when torch and transformers are installed; and one line per trace for the
+    user. Without them, or when the model has no config to trace, `inventory` unchanged (the
+    report then says activations are not modelled and how to get a profile). A model the tracer
+    refuses (its MemplanError: a MoE recipe fake tensors cannot run, ...) is reported in the
+    lines, not raised: the estimate goes on without activations, as it does without torch."""
+    from dataclasses import replace
+
+    from memplan.model import profile as profile_doc
+    from memplan.model.families import family_of
+    from memplan.report.estimate import setting_of
+
+    arch = inventory.architecture
+    if arch is None or missing_libraries():
+        return inventory, []
+    family = family_of(arch.model_type)
+    if family is not None and family.modelled:
+        return inventory, []
+    specs = [loaded.spec]
+    for value in checkpointing:
+        if value != loaded.spec.training.activation_checkpointing:
+            training = loaded.spec.training.model_copy(update={"activation_checkpointing": value})
+            specs.append(loaded.spec.model_copy(update={"training": training}))
+    lines: list[str] = []
+    profiles = inventory.profiles
+    for spec in specs:
+        st = setting_of(spec)
+        if profile_doc.serving(profiles, st) is not None:
+            continue
+        from memplan.verify.trace import profile as tracer  # torch: only when tracing
+
+        started = _now()
+        try:
+            doc, path = tracer.for_spec(replace(loaded, spec=spec))
+        except MemplanError as err:
+            lines.append(
+                f"activations of {arch.model_type!r} ({st.checkpointing} recomputation) not "
+                f"traced: {err}"
+            )
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(tracer.dumps(doc), encoding="utf-8")
+        profiles = (*profiles, profile_doc.from_document(doc, origin=str(path)))
+        lines.append(
+            f"traced the activations of {arch.model_type!r} ({st.checkpointing} recomputation; "
+            f"no hand rule, no stored profile) in {_now() - started:.1f} s; cached at {path}."
+        )
+    return replace(inventory, profiles=profiles), lines
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()
