@@ -317,3 +317,45 @@ def test_a_profile_is_not_split_over_tensor_parallel_ranks() -> None:
     tp = Layout.of(ParallelismSpec(tensor=2, data=1), device="cpu")
     refused = micro_batch(inv, st, tp, FinetuneSpec())
     assert not refused.modelled and "traced profile" in refused.notes[0]
+
+
+GRANITE = {
+    "model_type": "granite",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 256,
+    "attention_dropout": 0.0,
+}
+
+
+@pytest.mark.parametrize("forced", [True, False])
+def test_training_dropout_is_traced_as_verify_applies_it(forced: bool) -> None:
+    """`training.dropout` forces the config's dropout probabilities in the trace, as verify does
+    (memplan.verify.build.force_dropout), and keys the profile: granite has no rule; the oracle is
+    real CPU tensors of the model with its dropout forced the same way (tests/activation_probe.py),
+    at a size the fit never saw."""
+    from memplan.verify.build import force_dropout
+
+    doc = tracer.build(
+        GRANITE, stream="fp32", matmul="fp32", autocast=False, attention="eager", dropout=forced
+    )
+    traced = profile.from_document(doc, origin="test")
+    assert traced.key.dropout is forced
+    assert traced.key.file_stem().endswith("-dropout-" + ("on" if forced else "off"))
+    st = dataclasses.replace(_setting("fp32", "eager", 3, 40), dropout=forced)
+    assert traced.key.serves(st) and not traced.key.serves(dataclasses.replace(st, dropout=None))
+    model = build_model(GRANITE, attention="eager")
+    force_dropout(model.config, forced)
+    for module in model.modules():  # the attention reads config.attention_dropout per call
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = model.config.attention_dropout
+    measured, _ = measure(model, batch=3, sequence=40)
+    saved = traced.activations(st, num_layers=2)
+    assert saved.bytes == measured.bytes
+    plain = tracer.build(GRANITE, stream="fp32", matmul="fp32", autocast=False, attention="eager")
+    baseline = profile.from_document(plain, origin="test").activations(st, num_layers=2).bytes
+    assert (saved.bytes > baseline) is forced  # the forced masks are there (on) or not (off)

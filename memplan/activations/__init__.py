@@ -62,14 +62,7 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
 
 def _from_profile(traced: profile.Profile, arch: Architecture, st: Setting) -> Activations:
     """A traced profile's saved tensors at `st` (memplan.model.profile)."""
-    out = traced.activations(st, num_layers=arch.num_layers)
-    if st.dropout is not None:
-        note = (
-            f"training.dropout: {st.dropout} not applied: the profile traced the config's "
-            "dropout probabilities."
-        )
-        out = replace(out, notes=(*out.notes, note))
-    return out
+    return traced.activations(st, num_layers=arch.num_layers)
 
 
 def _profile_hint(profiles: tuple[profile.Profile, ...]) -> str:

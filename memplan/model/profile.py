@@ -65,22 +65,34 @@ class Key:
     attention: str
     device: str
     checkpointing: str
+    dropout: bool | None = None
+    """`training.dropout` the trace applied: None, the config's probabilities."""
 
     def serves(self, st: Setting) -> bool:
-        return (st.stream, st.matmul, st.autocast, st.attention, st.device, st.checkpointing) == (
+        return (
+            st.stream,
+            st.matmul,
+            st.autocast,
+            st.attention,
+            st.device,
+            st.checkpointing,
+            st.dropout,
+        ) == (
             self.stream,
             self.matmul,
             self.autocast,
             self.attention,
             self.device,
             self.checkpointing,
+            self.dropout,
         )
 
     def file_stem(self) -> str:
         cast = "-autocast" if self.autocast else ""
+        forced = "" if self.dropout is None else f"-dropout-{'on' if self.dropout else 'off'}"
         return (
             f"{self.model_type}-{self.config_hash[:12]}-{self.stream}-{self.matmul}{cast}-"
-            f"{self.attention}-{self.device}-{self.checkpointing}"
+            f"{self.attention}-{self.device}-{self.checkpointing}{forced}"
         )
 
 
@@ -201,6 +213,7 @@ def from_document(doc: Any, *, origin: str) -> Profile:
             attention=str(k["attention"]),
             device=str(k["device"]),
             checkpointing=str(k["checkpointing"]),
+            dropout=None if k.get("dropout") is None else bool(k["dropout"]),
         )
         blocks = tuple(
             ProfileBlock(

@@ -73,9 +73,16 @@ def configure(cfg: Any, training: TrainingSpec) -> None:
     none: `use_cache` left on makes the layers build a DynamicCache during the forward), and
     dropout forced per `training.dropout` (None: the config's probabilities)."""
     cfg.use_cache = False
-    if training.dropout is None:
+    force_dropout(cfg, training.dropout)
+
+
+def force_dropout(cfg: Any, on: bool | None) -> None:
+    """`training.dropout` on a transformers config: True makes each dropout probability the
+    config has positive (0 becomes FORCED_DROPOUT), False makes every one 0, None keeps the
+    config's."""
+    if on is None:
         return
-    if training.dropout:
+    if on:
         for key in DROPOUT_KEYS:
             value = getattr(cfg, key, None)
             if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -40,6 +40,7 @@ from memplan.errors import MemplanError
 from memplan.model import load as model_load
 from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document, terms
 from memplan.report.estimate import setting_of
+from memplan.verify.build import force_dropout
 from memplan.verify.trace import fit as fit_
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -139,7 +140,12 @@ def _layer_kinds(reduced: Mapping[str, Any], n: int) -> list[str]:
 
 
 def _build(
-    config: Mapping[str, Any], *, stream: str, attention: str, checkpointing: str
+    config: Mapping[str, Any],
+    *,
+    stream: str,
+    attention: str,
+    checkpointing: str,
+    dropout: bool | None = None,
 ) -> tuple[torch.nn.Module, FakeTensorMode]:
     kwargs = {k: v for k, v in config.items() if k != "model_type"}
     kwargs.pop("torch_dtype", None)
@@ -150,6 +156,7 @@ def _build(
         raise MemplanError(
             f"transformers cannot build model_type {config.get('model_type')!r}: {err}"
         ) from None
+    force_dropout(cfg, dropout)  # training.dropout, as verify applies it
     if getattr(cfg, "is_encoder_decoder", False):
         raise MemplanError(
             "profiles trace decoder-only and encoder-only models; encoder-decoder is not "
@@ -356,11 +363,14 @@ def _blocks(
     autocast: bool,
     attention: str,
     checkpointing: str,
+    dropout: bool | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int], list[str], dict[str, Any]]:
     """Fitted tensors per block: embeddings, one per layer kind (`layer:<kind>`), head, loss."""
     reduced, counts = reduced_config(config)
     check_full_structure(config, counts)
-    model, mode = _build(reduced, stream=stream, attention=attention, checkpointing=checkpointing)
+    model, mode = _build(
+        reduced, stream=stream, attention=attention, checkpointing=checkpointing, dropout=dropout
+    )
     n = int(getattr(model.config, "num_hidden_layers", 0) or len(_layers_any(model)))
     kinds = _layer_kinds(reduced, n)
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
@@ -438,6 +448,7 @@ def build(
     attention: str,
     checkpointing: str = "none",
     device: str = "cpu",
+    dropout: bool | None = None,
 ) -> dict[str, Any]:
     """The profile document of `config` (a config.json mapping) for one recipe and kernel."""
     if device != "cpu":
@@ -455,10 +466,12 @@ def build(
         "autocast": autocast,
         "attention": attention,
     }
-    blocks, counts, kinds, facts = _blocks(config, checkpointing=checkpointing, **common)
+    blocks, counts, kinds, facts = _blocks(
+        config, checkpointing=checkpointing, dropout=dropout, **common
+    )
     recompute: dict[str, list[dict[str, Any]]] = {}
     if checkpointing == "full":
-        plain, _, _, _ = _blocks(config, checkpointing="none", **common)
+        plain, _, _, _ = _blocks(config, checkpointing="none", dropout=dropout, **common)
         recompute = {k: v for k, v in plain.items() if k.startswith("layer:")}
 
     def lists(name: str, kind: str = "") -> dict[str, Any]:
@@ -473,6 +486,7 @@ def build(
         model_type=str(config["model_type"]),
         config_hash=config_hash(config),
         device=device,
+        dropout=dropout,
         checkpointing=checkpointing,
         **common,
     )
@@ -505,6 +519,7 @@ def build(
             "attention": attention,
             "device": device,
             "checkpointing": checkpointing,
+            **({} if dropout is None else {"dropout": dropout}),
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "model": {**facts, "layer_counts": counts},
@@ -517,7 +532,10 @@ def build(
             "min_sequence": facts["sequence_unit"],
         },
         "assumptions": [
-            "dropout as the config's probabilities say (training.dropout is not applied).",
+            "dropout as the config's probabilities say."
+            if dropout is None
+            else f"training.dropout: {str(dropout).lower()} applied to every dropout probability "
+            "of the config (memplan.verify.build.force_dropout, as verify runs it).",
             "no padding and one sequence per row (no attention_mask, no packed position_ids).",
             *([MOE_NOTE] if facts["moe"] else []),
         ],
@@ -563,6 +581,7 @@ def for_spec(loaded: LoadedSpec) -> tuple[dict[str, Any], Path]:
             attention=st.attention,
             checkpointing=st.checkpointing,
             device=st.device,
+            dropout=st.dropout,
         )
     except MemplanError:
         raise
