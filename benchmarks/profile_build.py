@@ -97,7 +97,7 @@ def builds() -> list[dict[str, Any]]:
     kinds = ["sliding_attention", "full_attention"] * 50
     cases.append(
         (
-            "gpt-oss-120b config, 100 layers",
+            "gpt-oss-120b's config at 100 layers (two layer kinds, MoE)",
             {**gpt_oss, "num_hidden_layers": 100, "layer_types": kinds},
             "eager",
         )

@@ -507,6 +507,32 @@ def flagships(doc: Doc) -> str:
     return text
 
 
+def profile_build(doc: Doc) -> str:
+    def span(rows: list[Doc]) -> str:
+        low, high = min(r["seconds"] for r in rows), max(r["seconds"] for r in rows)
+        return f"{low:.1f} s" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f} to {high:.1f} s"
+
+    llama = [row for row in doc["build"] if row["case"].startswith("llama")]
+    others = [row for row in doc["build"] if "100 layers" in row["case"] and row not in llama]
+    rule, profile = doc["startup"]["rule"], doc["startup"]["profile"]
+    clean = not rule["imported"] and not profile["imported"]
+    text = (
+        "Tracing a profile (two layers of each kind, whatever the depth) takes "
+        f"{span([r for r in llama if '100 layers' in r['case']])} for a 100-layer "
+        f"Llama-3-8B-shaped model and {span([r for r in llama if '2 layers' in r['case']])} "
+        "for the same at 2 layers (sdpa and eager)"
+    )
+    text += "".join(f", {span([r])} for {r['case']}" for r in others)
+    return text + (
+        f". With a stored profile `memplan estimate` starts in {profile['median_s']:.2f} s "
+        f"({profile['preset']}, shipped profile and inventory) against "
+        f"{rule['median_s']:.2f} s for a hand-ruled family ({rule['preset']}), medians of "
+        f"{len(rule['runs_s'])} interleaved runs, "
+        + ("neither importing torch" if clean else "torch imported")
+        + f" (`benchmarks/profile_build.py`, {where(doc)}).\n"
+    )
+
+
 BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
     "startup": ("speed.json", startup),
     "verify-table": ("verify.json", verify_table),
@@ -519,6 +545,7 @@ BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
     "plan-speed": ("plan-speed.json", plan_speed),
     "published-layouts": ("published-layouts.json", published_layouts),
     "flagships": ("flagships.json", flagships),
+    "profile-build": ("profile-build.json", profile_build),
 }
 
 

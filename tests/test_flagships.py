@@ -201,3 +201,20 @@ def test_flagship_results_cover_every_flagship() -> None:
     block = gen.flagships(doc)
     for flagship in FLAGSHIPS:
         assert f"| {flagship['label']} |" in block
+
+
+def test_profile_build_results_show_a_torch_free_start_up() -> None:
+    """benchmarks/results/profile-build.json, measured in real processes: both start-ups
+    (shipped profile, hand rule) imported neither torch nor transformers, and the README block
+    renders from it."""
+    import importlib.util
+
+    doc = json.loads((ROOT / "benchmarks/results/profile-build.json").read_text())
+    assert doc["startup"]["profile"]["imported"] == []
+    assert doc["startup"]["rule"]["imported"] == []
+    assert any("100 layers" in row["case"] for row in doc["build"])
+    spec = importlib.util.spec_from_file_location("gen_readme", ROOT / "scripts/gen_readme.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert "neither importing torch" in gen.profile_build(doc)
