@@ -452,6 +452,87 @@ def megatron_ratio(doc: Doc) -> str:
     )
 
 
+def gib(value: float) -> str:
+    return f"{value / 2**30:.1f}"
+
+
+def short(reason: str) -> str:
+    """A reason's first clause (up to a parenthesis, colon or period)."""
+    return re.split(r" \(|: |\. |\.$", reason, maxsplit=1)[0]
+
+
+def flagships(doc: Doc) -> str:
+    layout = doc["layout"]
+    head = ["model", "parameters", "GPUs", "model states", "activations", "peak", "verdict"]
+    rows, missing = [], []
+    for row in doc["rows"]:
+        est = row["estimate"]
+        if "error" in est:
+            rows.append([row["label"], "", n(row["gpus"]), "", "", "", est["error"]])
+            continue
+        states = est["parameters"] + est["gradients"] + est["optimizer_states"]
+        traced = est["activations_source"] == "profile"
+        acts = f"{gib(est['activations'])} ({est['activations_source']})" if traced else "-"
+        if not traced:
+            missing.append(row)
+        rows.append(
+            [
+                row["label"],
+                f"{est['num_parameters'] / 1e9:.1f} B",
+                n(row["gpus"]),
+                gib(states),
+                acts,
+                gib(est["peak"]) + ("" if traced else " + activations"),
+                est["verdict"].replace("_", " "),
+            ]
+        )
+    free = sum(1 for r in doc["rows"] if r["estimate"].get("torch_imported") is False)
+    text = (
+        f"`memplan estimate` on full-size flagship configs (`benchmarks/flagships.py`, "
+        f"{where(doc)}): {layout['precision']} {layout['optimizer']}, {layout['engine']} "
+        f"ZeRO-{layout['zero_stage']} on {layout['gpu']}, micro-batch "
+        f"{layout['micro_batch_size']}, sequence {n(layout['sequence_length'])}, "
+        f"{layout['activation_checkpointing']} activation checkpointing; GiB per GPU. "
+        f"Activations come from the profiles memplan ships (traced with the "
+        f"{layout['device'].upper()} kernels); {of(free, len(doc['rows']), 'estimates')} ran "
+        "without importing torch (shipped inventories).\n\n"
+    )
+    text += table(head, rows)
+    if missing:
+        text += "\nNo profile yet (the trace's reason, in full in the results file): " + "; ".join(
+            f"{r['label']}: {short(r.get('trace', {}).get('reason', 'not traced'))}"
+            for r in missing
+        )
+        text += ".\n"
+    return text
+
+
+def profile_build(doc: Doc) -> str:
+    def span(rows: list[Doc]) -> str:
+        low, high = min(r["seconds"] for r in rows), max(r["seconds"] for r in rows)
+        return f"{low:.1f} s" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f} to {high:.1f} s"
+
+    llama = [row for row in doc["build"] if row["case"].startswith("llama")]
+    others = [row for row in doc["build"] if "100 layers" in row["case"] and row not in llama]
+    rule, profile = doc["startup"]["rule"], doc["startup"]["profile"]
+    clean = not rule["imported"] and not profile["imported"]
+    text = (
+        "Tracing a profile (two layers of each kind, whatever the depth) takes "
+        f"{span([r for r in llama if '100 layers' in r['case']])} for a 100-layer "
+        f"Llama-3-8B-shaped model and {span([r for r in llama if '2 layers' in r['case']])} "
+        "for the same at 2 layers (sdpa and eager)"
+    )
+    text += "".join(f", {span([r])} for {r['case']}" for r in others)
+    return text + (
+        f". With a stored profile `memplan estimate` starts in {profile['median_s']:.2f} s "
+        f"({profile['preset']}, shipped profile and inventory) against "
+        f"{rule['median_s']:.2f} s for a hand-ruled family ({rule['preset']}), medians of "
+        f"{len(rule['runs_s'])} interleaved runs, "
+        + ("neither importing torch" if clean else "torch imported")
+        + f" (`benchmarks/profile_build.py`, {where(doc)}).\n"
+    )
+
+
 BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
     "startup": ("speed.json", startup),
     "verify-table": ("verify.json", verify_table),
@@ -463,6 +544,8 @@ BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
     "speed": ("speed.json", speed),
     "plan-speed": ("plan-speed.json", plan_speed),
     "published-layouts": ("published-layouts.json", published_layouts),
+    "flagships": ("flagships.json", flagships),
+    "profile-build": ("profile-build.json", profile_build),
 }
 
 

@@ -58,6 +58,8 @@ def _hand_cases() -> dict[str, dict[str, Any]]:
         for file in sorted(folder.glob("*.json")):
             config = json.loads(file.read_text())
             mt = config.get("model_type")
+            if mt not in BY_MODEL_TYPE:
+                continue  # no hand family (the flagships: tests/test_flagships.py)
             if mt in test_models_classic.DEFAULT_CLASS and not config.get("architectures"):
                 config["architectures"] = [test_models_classic.DEFAULT_CLASS[mt]]
             cases[f"{tag}-{file.stem}"] = config

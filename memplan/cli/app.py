@@ -317,6 +317,8 @@ def profile(
     Example: memplan profile configs/my-model.yaml
     """
     from memplan.config import load
+    from memplan.model import load as model_load
+    from memplan.model.families import family_of
 
     def work() -> Path:
         try:
@@ -332,6 +334,12 @@ def profile(
         target = out or path
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(tracer.dumps(doc), encoding="utf-8")
+        config = model_load.model_config(loaded)
+        if config is not None and family_of(str(config.get("model_type"))) is None:
+            # Its inventory beside it, so that estimate needs no torch (memplan.model.stored).
+            from memplan.verify.trace import stored
+
+            typer.echo(f"inventory written: {stored.write(config, target.parent)}")
         return target
 
     written = _run(debug, work)

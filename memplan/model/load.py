@@ -16,6 +16,7 @@ from memplan.config.spec import MODEL_SOURCES
 from memplan.errors import MemplanError
 from memplan.hardware import nearest
 from memplan.model import sources as models
+from memplan.model import stored
 from memplan.model.families import family_of
 from memplan.model.profile import Profile, config_hash, from_document
 from memplan.model.sources import Inventory, TensorSpec
@@ -114,12 +115,32 @@ def find_profiles(config: dict[str, Any]) -> tuple[Profile, ...]:
     return tuple(found.values())
 
 
+def find_inventory(config: Mapping[str, Any]) -> Inventory | None:
+    """The stored inventory of this config (memplan.model.stored), from the user's cache or
+    shipped with memplan, or None."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        return None
+    digest = config_hash(config)
+    for folder in profile_dirs():
+        file = folder / stored.file_name(model_type, digest)
+        if file.is_file():
+            doc = read_json(file, what="stored inventory")
+            if isinstance(doc, dict) and doc.get("config_hash") == digest:
+                return stored.from_document(doc, origin=str(file))
+    return None
+
+
 def _load_inventory(loaded: LoadedSpec, unsupported: Unsupported | None) -> Inventory:
     model = loaded.spec.model
     base = loaded.path.parent if loaded.path else Path.cwd()
 
     def from_config(config: Mapping[str, Any], origin: str) -> Inventory:
         model_type = config.get("model_type")
+        if isinstance(model_type, str) and not family_of(model_type):
+            kept = find_inventory(config)  # stored beside the profiles: no torch
+            if kept is not None:
+                return kept
         if unsupported is not None and isinstance(model_type, str) and not family_of(model_type):
             return unsupported(config, origin)
         return models.from_config(config, origin=origin)

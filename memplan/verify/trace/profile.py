@@ -25,6 +25,7 @@ the trace on a CUDA fake device, `FakeTensorMode` with CUDA-device inputs, which
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from collections.abc import Mapping
@@ -459,6 +460,11 @@ def build(
     if checkpointing not in ("none", "full"):
         raise MemplanError(f"checkpointing {checkpointing!r}: profiles trace none or full.")
     started = time.perf_counter()
+    # The key is the config as given: transformers' config classes edit nested values in place
+    # (GptOssConfig adds rope_theta to the caller's rope_scaling dict), so hash first and trace
+    # a copy, or `estimate` (memplan.model.load.find_profiles) would never find the profile.
+    hashed = config_hash(config)
+    config = copy.deepcopy(dict(config))
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     common: dict[str, Any] = {
         "stream": stream,
@@ -484,7 +490,7 @@ def build(
 
     key = Key(
         model_type=str(config["model_type"]),
-        config_hash=config_hash(config),
+        config_hash=hashed,
         device=device,
         dropout=dropout,
         checkpointing=checkpointing,
