@@ -57,6 +57,8 @@ def test_estimate_traces_caches_and_reuses(tmp_path: Path, monkeypatch) -> None:
     assert doc["per_gpu"]["activations"] > 0
     assert "traced the activations of 'granite'" in err
     assert len(list((tmp_path / "cache" / "profiles").glob("granite-*-none.json"))) == 1
+    # and its inventory beside it, so the next estimate needs no torch (memplan.model.stored)
+    assert len(list((tmp_path / "cache" / "profiles").glob("granite-*.inventory.json"))) == 1
     again, err = _estimate(spec)
     assert "traced" not in err  # the cached profile serves
     assert again["per_gpu"] == doc["per_gpu"]

@@ -77,6 +77,7 @@ def traced_profiles(
             specs.append(loaded.spec.model_copy(update={"training": training}))
     lines: list[str] = []
     profiles = inventory.profiles
+    stored_beside = False
     for spec in specs:
         st = setting_of(spec)
         if profile_doc.serving(profiles, st) is not None:
@@ -94,6 +95,15 @@ def traced_profiles(
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(tracer.dumps(doc), encoding="utf-8")
+        if family is None and not stored_beside:
+            # Its inventory beside it, so the next estimate needs no torch (memplan.model.stored).
+            from memplan.model import load as model_load
+            from memplan.verify.trace import stored
+
+            config = model_load.model_config(loaded)
+            if config is not None:
+                stored.write(config, path.parent)
+                stored_beside = True
         profiles = (*profiles, profile_doc.from_document(doc, origin=str(path)))
         lines.append(
             f"traced the activations of {arch.model_type!r} ({st.checkpointing} recomputation; "
