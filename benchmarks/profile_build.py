@@ -3,7 +3,8 @@ and `memplan estimate`'s start-up when a stored profile serves against a hand-ru
 
 Build: the trace runs two layers of each kind under FakeTensorMode, so the time should not
 depend on the layer count: a Llama-3-8B-shaped config at 100 layers and at 2 layers (sdpa and
-eager), and gpt-oss-120b's config (two layer kinds, MoE) at 100 layers.
+eager; the CPU kernels, and the CUDA kernels emulated on the CPU build: device=cuda,
+memplan.verify.trace.cuda), and gpt-oss-120b's config (two layer kinds, MoE) at 100 layers.
 
 Start-up: `python -m memplan estimate SPEC --json` in a fresh process per run, as a user runs
 it, the cases interleaved run by run (the machine is shared) and the median kept:
@@ -89,8 +90,9 @@ def builds() -> list[dict[str, Any]]:
           attention="sdpa")  # fmt: skip
     rows.append({"case": "warm-up (imports, first FakeTensorMode)",
                  "seconds": round(time.perf_counter() - started, 2)})  # fmt: skip
-    cases: list[tuple[str, dict[str, Any], str]] = [
-        (f"llama-8b-shaped, {n} layers", {**LLAMA_8B, "num_hidden_layers": n}, attention)
+    cases: list[tuple[str, dict[str, Any], str, str]] = [
+        (f"llama-8b-shaped, {n} layers", {**LLAMA_8B, "num_hidden_layers": n}, attention, device)
+        for device in ("cpu", "cuda")
         for n in (100, 2)
         for attention in ("sdpa", "eager")
     ]
@@ -100,9 +102,10 @@ def builds() -> list[dict[str, Any]]:
             "gpt-oss-120b's config at 100 layers (two layer kinds, MoE)",
             {**gpt_oss, "num_hidden_layers": 100, "layer_types": kinds},
             "eager",
+            "cpu",
         )
     )
-    for name, config, attention in cases:
+    for name, config, attention, device in cases:
         started = time.perf_counter()
         doc = build(
             config,
@@ -111,14 +114,16 @@ def builds() -> list[dict[str, Any]]:
             autocast=False,
             attention=attention,
             checkpointing="full",
+            device=device,
         )
         seconds = time.perf_counter() - started
         counts = doc["model"]["layer_counts"]
-        print(f"{name} {attention} bf16, full checkpointing: {seconds:.2f} s ({counts})")
+        print(f"{name} {attention} bf16 {device}, full checkpointing: {seconds:.2f} s ({counts})")
         rows.append(
             {
                 "case": name,
                 "attention": attention,
+                "device": device,
                 "layer_counts": counts,
                 "seconds": round(seconds, 2),
             }

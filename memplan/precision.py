@@ -15,7 +15,9 @@ DTYPES: tuple[str, ...] = get_args(DType)
 
 # Element widths in bytes: IEEE 754 binary32/binary16, bfloat16 (Kalamkar et al. 2019, arXiv
 # 1905.12322), fp8 (Micikevicius et al. 2022, arXiv 2209.05433), and torch.bool = 1 byte
-# (torch/csrc/api: `torch.empty(1, dtype=torch.bool).element_size() == 1`).
+# (torch/csrc/api: `torch.empty(1, dtype=torch.bool).element_size() == 1`). uint64 (8 bytes) is
+# no recipe's dtype (not in `DType`): flash attention's philox rng state, a saved tensor
+# (cuda/flash_attn/flash_api.cpp::mha_fwd).
 DTYPE_BYTES: dict[str, int] = {
     "fp32": 4,
     "fp16": 2,
@@ -26,6 +28,7 @@ DTYPE_BYTES: dict[str, int] = {
     "uint8": 1,
     "int8": 1,
     "bool": 1,
+    "uint64": 8,
 }
 
 # The name torch gives each dtype, for the tables and for verify.
@@ -39,6 +42,7 @@ TORCH_NAMES: dict[str, str] = {
     "uint8": "uint8",
     "int8": "int8",
     "bool": "bool",
+    "uint64": "uint64",
 }
 
 

@@ -22,6 +22,7 @@ SRC_MATH = "aten native/transformers/attention.cpp::_scaled_dot_product_attentio
 SRC_FLASH_CPU = "aten native/transformers/attention.cpp::_scaled_dot_product_flash_attention_cpu"
 SRC_FLASH_CUDA = "aten native/transformers/cuda/attention.cu::_scaled_dot_product_flash_attention"
 SRC_EFFICIENT = "aten native/transformers/cuda/attention.cu::_efficient_attention_forward"
+SRC_FLASH_API = "aten native/transformers/cuda/flash_attn/flash_api.cpp::mha_fwd"
 SRC_MATMUL = "aten native/LinearAlgebra.cpp::_matmul_impl (torch 2.13)"
 SRC_SELECT = "aten native/transformers/sdp_utils_cpp.cpp, cuda/sdp_utils.cpp::select_sdp_backend"
 
@@ -201,14 +202,25 @@ def sdpa(st: Setting, h: Heads, qkv: Qkv, *, dropout_on: bool) -> Core:
     if kernel == "efficient":
         lse_len = -(-s // EFFICIENT_LSE_ALIGN) * EFFICIENT_LSE_ALIGN
     out.append(saved("attn.logsumexp", (b, a, lse_len), FP32, by, src))
+    if kernel == "flash" and st.device == "cuda":
+        # The philox state the backward replays dropout from, made on the GPU whether or not
+        # dropout is on: `rng_state` [2] and `_unused` [] uint64 (SRC_FLASH_API; the node
+        # keeps both: derivatives.yaml _scaled_dot_product_flash_attention, rng_state and
+        # unused). The efficient kernel's seed and offset are host tensors (SRC_EFFICIENT).
+        out.append(saved("attn.rng_state", (2,), "uint64", by, SRC_FLASH_API))
+        out.append(saved("attn.unused", (), "uint64", by, SRC_FLASH_API))
     output = saved("attn.output", (b, a, s, d), st.matmul, by, src)
-    if st.device == "cpu" and qkv.q_contiguous:
-        # The CPU kernel lays its output out like q: [b, a, s, d], so transformers'
-        # transpose(1, 2).contiguous() copies it for o_proj (measured).
+    if kernel == "flash" and qkv.q_contiguous:
+        # The flash kernels lay their output out like q (CPU: measured; CUDA: SRC_FLASH_API
+        # `out = at::empty_like(q_padded)`, torch/_meta_registrations.py::
+        # meta__scaled_dot_product_flash_attention `empty_like(query)`): a contiguous
+        # [b, a, s, d] q gives a [b, a, s, d] output, so transformers'
+        # transpose(1, 2).contiguous() copies it for o_proj.
         o_in = _mm_copy("o_proj.input", (h.tokens, a * d), st, "MmBackward0", SRC_SDPA_HF)
         return Core(core=(*out, output), inputs=_inputs(h, qkv, st), output=(o_in,))
-    # The output is [b, s, a, d] in memory (CUDA kernels always work in that layout), so
-    # transformers' transpose(1, 2).contiguous() is a no-op and o_proj saves this storage.
+    # The output is [b, s, a, d] in memory (the efficient kernel always allocates that layout,
+    # the flash kernels follow q's, a transposed view of the projections), so transformers'
+    # transpose(1, 2).contiguous() is a no-op and o_proj saves this storage.
     return Core(core=tuple(out), inputs=_inputs(h, qkv, st), output=(output,))
 
 

@@ -3,7 +3,8 @@
 `meta` builds a model transformers knows on the meta device (no memory, any size) and reads
 its inventory; `profile` traces one forward + loss of a reduced model under torch's
 FakeTensorMode and writes what autograd saves as a profile document, which the pure calculator
-reads through memplan.model.profile. torch and transformers are imported only inside the
+reads through memplan.model.profile (`cuda` makes those fake CPU tensors save what the CUDA
+kernels save, for device=cuda profiles). torch and transformers are imported only inside the
 functions that need them, so importing this package costs nothing; the CLI reaches it only when
 a model_type has no hand-written family (memplan.model.families) or `memplan profile` runs.
 """

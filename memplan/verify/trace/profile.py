@@ -18,8 +18,9 @@ loss's. Each storage's element count is fitted over `memplan.model.profile.BASIS
 
 Precision as memplan's Setting: the model is built in the stream dtype and, when the recipe
 autocasts, run under torch.autocast(device, matmul dtype). Fake tensors run the CPU kernels'
-meta functions: profiles are device=cpu (CUDA's SDPA saves other tensors: a CUDA profile needs
-the trace on a CUDA fake device, `FakeTensorMode` with CUDA-device inputs, which is not done).
+meta functions; a device=cuda profile is traced on the same fake CPU tensors with the ops whose
+CUDA kernels save other tensors run as CUDA runs them (memplan.verify.trace.cuda; autocast
+refused there).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from memplan.model import load as model_load
 from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document, terms
 from memplan.report.estimate import setting_of
 from memplan.verify.build import force_dropout
+from memplan.verify.trace import cuda
 from memplan.verify.trace import fit as fit_
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,6 +56,7 @@ NAMES = {
     torch.bool: "bool",
     torch.uint8: "uint8",
     torch.int8: "int8",
+    torch.uint64: "uint64",
 }
 GRID = ((2, 1), (3, 1), (2, 2), (3, 2), (2, 3), (3, 3))
 """(batch, sequence multiple) sizes fitted for batch >= 2: {2, 3} x {1, 2, 3} spans BASIS."""
@@ -245,8 +248,10 @@ def trace_once(
     sequence: int,
     autocast: str | None,
     layer_count: int,
+    device: str = "cpu",
 ) -> list[fit_.Record]:
-    """One forward + loss; every saved storage once, with its block and module."""
+    """One forward + loss; every saved storage once, with its block and module (device cuda:
+    the CUDA kernels' tensors, memplan.verify.trace.cuda)."""
     prefix, layers = _layers(model, layer_count)
     names = {m: n for n, m in model.named_modules()}
     stack: list[str] = []
@@ -281,6 +286,8 @@ def trace_once(
     model.loss_function = loss_function  # type: ignore[assignment]
     skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     records: dict[int, fit_.Record] = {}
+    stream = NAMES[next(model.parameters()).dtype]
+    em = cuda.Emulation(stream=stream) if device == "cuda" else None
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -307,6 +314,7 @@ def trace_once(
     try:
         with (
             mode,
+            cuda.cuda_kernels(em) if em is not None else contextlib.nullcontext(),
             _real_tensor_masks(),
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             cast,
@@ -317,6 +325,10 @@ def trace_once(
         for hook in hooks:
             hook.remove()
         model.loss_function = loss_fn
+    if em is not None:
+        em.check()
+        for key in em.host_storages():
+            records.pop(key, None)  # host memory on CUDA (known once the op returned)
     return list(records.values())
 
 
@@ -365,6 +377,7 @@ def _blocks(
     attention: str,
     checkpointing: str,
     dropout: bool | None = None,
+    device: str = "cpu",
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int], list[str], dict[str, Any]]:
     """Fitted tensors per block: embeddings, one per layer kind (`layer:<kind>`), head, loss."""
     reduced, counts = reduced_config(config)
@@ -376,6 +389,8 @@ def _blocks(
     kinds = _layer_kinds(reduced, n)
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     unit = sequence_unit(model.config)
+    if device == "cuda":
+        unit = cuda.sequence_unit(unit)
     if limit and CHECK[1] * unit > limit:
         raise MemplanError(
             f"max_position_embeddings {limit} is below the traced sizes (up to "
@@ -394,6 +409,7 @@ def _blocks(
                     sequence=s,
                     autocast=matmul if autocast else None,
                     layer_count=n,
+                    device=device,
                 )
             )
             for b, s in (*sizes, check)
@@ -452,11 +468,10 @@ def build(
     dropout: bool | None = None,
 ) -> dict[str, Any]:
     """The profile document of `config` (a config.json mapping) for one recipe and kernel."""
-    if device != "cpu":
-        raise MemplanError(
-            "profiles are traced with the CPU kernels (device=cpu); a CUDA profile needs a fake "
-            "CUDA device, not done yet."
-        )
+    if device not in ("cpu", "cuda"):
+        raise MemplanError(f"device {device!r}: profiles are traced for cpu or cuda.")
+    if device == "cuda":
+        cuda.refuse_autocast(autocast)
     if checkpointing not in ("none", "full"):
         raise MemplanError(f"checkpointing {checkpointing!r}: profiles trace none or full.")
     started = time.perf_counter()
@@ -473,11 +488,13 @@ def build(
         "attention": attention,
     }
     blocks, counts, kinds, facts = _blocks(
-        config, checkpointing=checkpointing, dropout=dropout, **common
+        config, checkpointing=checkpointing, dropout=dropout, device=device, **common
     )
     recompute: dict[str, list[dict[str, Any]]] = {}
     if checkpointing == "full":
-        plain, _, _, _ = _blocks(config, checkpointing="none", dropout=dropout, **common)
+        plain, _, _, _ = _blocks(
+            config, checkpointing="none", dropout=dropout, device=device, **common
+        )
         recompute = {k: v for k, v in plain.items() if k.startswith("layer:")}
 
     def lists(name: str, kind: str = "") -> dict[str, Any]:
@@ -544,6 +561,7 @@ def build(
             "of the config (memplan.verify.build.force_dropout, as verify runs it).",
             "no padding and one sequence per row (no attention_mask, no packed position_ids).",
             *([MOE_NOTE] if facts["moe"] else []),
+            *(cuda.CUDA_ASSUMPTIONS if device == "cuda" else ()),
         ],
         "blocks": doc_blocks,
         "build_seconds": round(time.perf_counter() - started, 3),
@@ -565,14 +583,8 @@ def for_spec(loaded: LoadedSpec) -> tuple[dict[str, Any], Path]:
             field="model",
         )
     st = setting_of(loaded.spec)
-    if st.device != "cpu":
-        raise MemplanError(
-            f"hardware.device is {st.device!r}: profiles are traced with the CPU kernels (fake "
-            "tensors run their meta functions), and CUDA kernels save other tensors (SDPA's "
-            "flash/efficient kernels, dropout masks). Set hardware.device: cpu to trace the CPU "
-            "profile; a CUDA trace is not done yet.",
-            field="hardware.device",
-        )
+    if st.device == "cuda":
+        cuda.refuse_autocast(st.autocast)
     if st.checkpointing == "selective":
         raise MemplanError(
             "training.activation_checkpointing: selective is not traced yet (none or full).",
