@@ -40,7 +40,9 @@ from memplan.errors import MemplanError
 from memplan.model import load as model_load
 from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document, terms
 from memplan.report.estimate import setting_of
+from memplan.verify import selective as selective_
 from memplan.verify.trace import fit as fit_
+from memplan.verify.trace import recompute as recompute_
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {
@@ -237,8 +239,11 @@ def trace_once(
     sequence: int,
     autocast: str | None,
     layer_count: int,
+    selective: bool = False,
 ) -> list[fit_.Record]:
-    """One forward + loss; every saved storage once, with its block and module."""
+    """One forward + loss; every saved storage once, with its block and module. `selective`:
+    every attention core checkpointed, then backward, whose recomputations are recorded as
+    `recompute:<block>` (memplan.verify.trace.recompute)."""
     prefix, layers = _layers(model, layer_count)
     names = {m: n for n, m in model.named_modules()}
     stack: list[str] = []
@@ -296,20 +301,34 @@ def trace_once(
         return t
 
     cast = torch.autocast("cpu", dtype=DTYPES[autocast]) if autocast else contextlib.nullcontext()
+    recomputed = recompute_.Recomputed(lambda: state["block"], skip, NAMES)
+    cores: Any = (
+        selective_.attention_cores(model, recompute_context=recomputed.context)
+        if selective
+        else contextlib.nullcontext()
+    )
     try:
         with (
             mode,
             _real_tensor_masks(),
+            cores as run,
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             cast,
         ):
             ids = torch.zeros((batch, sequence), dtype=torch.int64)
-            model(input_ids=ids, labels=ids.clone(), use_cache=False)
+            out = model(input_ids=ids, labels=ids.clone(), use_cache=False)
+        if selective:
+            if not run.calls:
+                raise MemplanError(selective_.no_core_message(model))
+            with mode, selective_.recomputed_saves(recomputed.save):
+                out.loss.backward()
+            for p in model.parameters():
+                p.grad = None
     finally:
         for hook in hooks:
             hook.remove()
         model.loss_function = loss_fn
-    return list(records.values())
+    return [*records.values(), *recomputed.records]
 
 
 @contextlib.contextmanager
@@ -383,12 +402,20 @@ def _blocks(
                     sequence=s,
                     autocast=matmul if autocast else None,
                     layer_count=n,
+                    selective=checkpointing == "selective",
                 )
             )
             for b, s in (*sizes, check)
         ]
         fitted: dict[str, list[dict[str, Any]]] = {}
-        for block in ("embeddings", *(f"layer.{i}" for i in range(n)), "head", "loss"):
+        recomputed = [f"{recompute_.PREFIX}layer.{i}" for i in range(n)]
+        for block in (
+            "embeddings",
+            *(f"layer.{i}" for i in range(n)),
+            "head",
+            "loss",
+            *(recomputed if checkpointing == "selective" else ()),
+        ):
             fitted[block] = fit_.fit(traced[:-1], sizes, block)
             expected = [
                 sum(c * x for c, x in zip(t["numel"], terms(*check), strict=True))
@@ -410,6 +437,12 @@ def _blocks(
         out.update({f"layer:{k}{suffix}": v for k, v in per_kind.items()})
         out["head" + suffix] = fitted["head"]
         out["loss" + suffix] = fitted["loss"]
+        for i, kind in enumerate(kinds):
+            if checkpointing != "selective":
+                break
+            name = f"{recompute_.PREFIX}layer:{kind}{suffix}"
+            if out.setdefault(name, fitted[recomputed[i]]) != fitted[recomputed[i]]:
+                raise MemplanError(f"layers of kind {kind!r} recompute different tensors.")
     mcfg: Any = model.config
     model_facts = {
         "sequence_unit": unit,
@@ -445,8 +478,10 @@ def build(
             "profiles are traced with the CPU kernels (device=cpu); a CUDA profile needs a fake "
             "CUDA device, not done yet."
         )
-    if checkpointing not in ("none", "full"):
-        raise MemplanError(f"checkpointing {checkpointing!r}: profiles trace none or full.")
+    if checkpointing not in ("none", "full", "selective"):
+        raise MemplanError(
+            f"checkpointing {checkpointing!r}: profiles trace none, full or selective."
+        )
     started = time.perf_counter()
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     common: dict[str, Any] = {
@@ -460,6 +495,13 @@ def build(
     if checkpointing == "full":
         plain, _, _, _ = _blocks(config, checkpointing="none", **common)
         recompute = {k: v for k, v in plain.items() if k.startswith("layer:")}
+    if checkpointing == "selective":
+        # What each layer's attention core re-creates in its backward, traced (recompute.py).
+        recompute = {
+            k.removeprefix(recompute_.PREFIX): v
+            for k, v in blocks.items()
+            if k.startswith(recompute_.PREFIX)
+        }
 
     def lists(name: str, kind: str = "") -> dict[str, Any]:
         src = f"layer:{kind}" if kind else name
@@ -520,6 +562,7 @@ def build(
             "dropout as the config's probabilities say (training.dropout is not applied).",
             "no padding and one sequence per row (no attention_mask, no packed position_ids).",
             *([MOE_NOTE] if facts["moe"] else []),
+            *([selective_.NOTE] if checkpointing == "selective" else []),
         ],
         "blocks": doc_blocks,
         "build_seconds": round(time.perf_counter() - started, 3),
@@ -548,11 +591,6 @@ def for_spec(loaded: LoadedSpec) -> tuple[dict[str, Any], Path]:
             "flash/efficient kernels, dropout masks). Set hardware.device: cpu to trace the CPU "
             "profile; a CUDA trace is not done yet.",
             field="hardware.device",
-        )
-    if st.checkpointing == "selective":
-        raise MemplanError(
-            "training.activation_checkpointing: selective is not traced yet (none or full).",
-            field="training.activation_checkpointing",
         )
     try:
         doc = build(
