@@ -16,6 +16,11 @@ saved after the last layer and before transformers' loss function is the head's,
 loss's. Each storage's element count is fitted over `memplan.model.profile.BASIS` on a grid of
 (batch, sequence) sizes and checked on one more.
 
+Checkpointing as memplan's Setting: none; full (transformers' activation_checkpointing_enable,
+non-reentrant: `recompute` is each layer's untraced tensors); selective (every attention core
+under torch.utils.checkpoint, memplan.verify.selective, and a backward: `recompute` is what each
+core's recomputation re-creates, memplan.verify.trace.recompute).
+
 Precision as memplan's Setting: the model is built in the stream dtype and, when the recipe
 autocasts, run under torch.autocast(device, matmul dtype). Fake tensors run the CPU kernels'
 meta functions: profiles are device=cpu (CUDA's SDPA saves other tensors: a CUDA profile needs
