@@ -121,3 +121,47 @@ def measure(
         # labels are their own tensor, as in training (an MLM loss saves them).
         loss = model(input_ids=ids, labels=ids.clone(), use_cache=False).loss
     return measured, loss
+
+
+def measure_selective(
+    model: torch.nn.Module,
+    *,
+    batch: int,
+    sequence: int,
+    autocast: str | None = None,
+    seed: int = 0,
+) -> tuple[Measured, list[int]]:
+    """`measure` with every attention core under torch.utils.checkpoint (memplan verify's
+    selective recomputation, memplan/verify/selective.py), then the real backward: the saved
+    storages of the forward, and per core (in the order backward recomputes them) the bytes
+    of the new storages its recomputation saves (the core's inputs and parameters excluded)."""
+    from memplan.verify.selective import attention_cores, recomputed_saves
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    groups: list[dict[int, int]] = []
+    held: list[set[int]] = []
+
+    def recompute_context(inputs: tuple[torch.Tensor, ...]) -> Any:
+        @contextlib.contextmanager
+        def group() -> Iterator[None]:
+            groups.append({})
+            held.append({t.untyped_storage().data_ptr() for t in inputs})
+            yield
+
+        return group()
+
+    def save(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if groups and ptr not in held[-1] and ptr not in params:
+            groups[-1].setdefault(ptr, storage.nbytes())
+
+    with attention_cores(model, recompute_context=recompute_context) as cores:
+        measured, loss = measure(
+            model, batch=batch, sequence=sequence, autocast=autocast, seed=seed
+        )
+    assert cores.calls, "no attention core ran under the checkpoint"
+    with recomputed_saves(save):
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return measured, [sum(g.values()) for g in groups]

@@ -11,8 +11,7 @@ way, so what verify measures is what those tests hold the rules to.
 from __future__ import annotations
 
 import contextlib
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -168,60 +167,21 @@ def selective(model: nn.Module, training: TrainingSpec) -> Iterator[None]:
     """Selective recomputation (Megatron's --recompute-activations, Korthikanti et al. 2022
     sec. 5): inside the block each attention core (QK^T, softmax, dropout, .V) runs under
     torch.utils.checkpoint (non-reentrant) with q, k, v as its inputs, which is what memplan's
-    rule keeps instead (memplan/model/forward/assemble.py::finish). transformers calls the core
-    through the modeling module's `eager_attention_forward` or the attention interface's
-    `sdpa` (e.g. models/llama/modeling_llama.py::LlamaAttention.forward); both are wrapped for
-    the block and restored after. A family whose attention core is inline (no such function)
-    is refused: verify cannot recompute only its core."""
+    rule keeps instead (memplan/model/forward/assemble.py::finish). The wrapping is
+    memplan.verify.selective.attention_cores, the one the profile trace applies under fake
+    tensors: every function transformers' attention interface hands out (eager, sdpa, ...) and
+    the modeling modules' `eager_attention_forward`, for any model. A model whose attention
+    core is inline (none went through them) is refused: verify cannot recompute only its core."""
     if training.activation_checkpointing != "selective":
         yield
         return
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from memplan.verify.selective import attention_cores, no_core_message
 
     base: Any = getattr(model, "get_base_model", lambda: model)()
-    # The transformers class (FSDP2's fully_shard swaps in a subclass defined elsewhere).
-    cls = next(
-        (c for c in type(base).__mro__ if c.__module__.startswith("transformers.models.")),
-        type(base),
-    )
-    module = sys.modules.get(cls.__module__)
-    eager = getattr(module, "eager_attention_forward", None)
-    if module is None or eager is None:
-        raise MemplanError(
-            f"selective cannot be verified for {cls.__name__}: its attention core is inline "
-            f"in the attention module (no eager_attention_forward in {cls.__module__}), so "
-            "verify cannot recompute the core alone. Verify activation_checkpointing: none or "
-            "full.",
-            field="training.activation_checkpointing",
-        )
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    calls = [0]
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def run(mod: Any, q: Any, k: Any, v: Any, mask: Any, **kw: Any) -> Any:
-            calls[0] += 1
-
-            def core(q: Any, k: Any, v: Any) -> Any:
-                return fn(mod, q, k, v, mask, **kw)
-
-            return torch.utils.checkpoint.checkpoint(core, q, k, v, use_reentrant=False)
-
-        return run
-
-    setattr(module, "eager_attention_forward", wrap(eager))  # noqa: B010
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = wrap(sdpa)
-    try:
+    with attention_cores(base) as cores:
         yield
-    finally:
-        setattr(module, "eager_attention_forward", eager)  # noqa: B010
-        ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
-    if not calls[0]:
-        raise MemplanError(
-            f"selective cannot be verified for {cls.__name__}: its attention did not call "
-            "eager_attention_forward or the sdpa attention interface, so nothing was "
-            "recomputed. Verify activation_checkpointing: none or full.",
-            field="training.activation_checkpointing",
-        )
+    if not cores.calls:
+        raise MemplanError(no_core_message(base), field="training.activation_checkpointing")
 
 
 def decoder_layers(model: nn.Module, count: int) -> nn.ModuleList | None:

@@ -165,7 +165,7 @@ def saved(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
     fused = kernels.saved(
         "self_attention.query_key_value.output", (t, 3 * a * d), mm, "Noop", SRC_CHECKPOINT_CORE
     )
-    core = attention.Core(core=core.core, inputs=(fused,), output=core.output)
+    core = attention.Core(core=core.core, inputs=(fused,), output=core.output, views=core.views)
     tail: list[Saved] = []
     if drop_hidden:
         tail.append(kernels.dropout("self_attention.dropout_add.mask", (b, s, h), mm, st))

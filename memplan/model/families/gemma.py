@@ -422,7 +422,9 @@ def _attention_core(arch: Architecture, st: Setting, *, eager: bool, mask: bool)
         return core
     # tanh(scores / cap) saves its result, in the matmul's dtype (before the mask).
     capped = kernels.saved("attn.softcap_tanh", (b, a, s, s), mm, "TanhBackward0", src + "::eager")
-    return attention.Core(core=(*core.core, capped), inputs=core.inputs, output=core.output)
+    return attention.Core(
+        core=(*core.core, capped), inputs=core.inputs, output=core.output, views=core.views
+    )
 
 
 def _layer_tail(arch: Architecture, st: Setting, act: str) -> list[Saved] | None:

@@ -250,7 +250,9 @@ def _value_is_qkv_view(
             for s in saved
         )
 
-    return attention.Core(core=widen(core.core), inputs=widen(core.inputs), output=core.output)
+    return attention.Core(
+        core=widen(core.core), inputs=widen(core.inputs), output=core.output, views=core.views
+    )
 
 
 FAMILY = Family(

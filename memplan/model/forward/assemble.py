@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memplan.model.forward import kernels
-from memplan.model.forward.attention import Core
+from memplan.model.forward.attention import Core, recomputed
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting
 from memplan.precision import dtype_bytes
 
@@ -97,7 +97,11 @@ def finish(model: Model, st: Setting) -> Activations:
         # layer keeps the core's inputs q, k, v instead (Korthikanti et al. 2022, sec. 5).
         kept = (*model.layer_head, *core.inputs, *core.output, *model.layer_tail)
         layers = Block(
-            name="layers", count=model.num_layers, tensors=kept, recompute=core.core, layered=True
+            name="layers",
+            count=model.num_layers,
+            tensors=kept,
+            recompute=recomputed(core),
+            layered=True,
         )
         embeddings = (*embeddings, *model.per_forward)
     else:

@@ -63,6 +63,9 @@ class Core:
     """q, k, v as they enter the core: what a checkpoint of the core keeps instead."""
     output: tuple[Saved, ...]
     """The o_proj input, when it is not one of the core's own tensors."""
+    views: tuple[str, ...] = ()
+    """Names of `core` tensors that are views of its inputs q, k, v (no copy): what a
+    checkpoint of the core keeps, so its recomputation makes nothing new for them."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -160,7 +163,15 @@ def eager(
     v_view = _value_view(st, h, qkv, view=view, repeated=False, dtype=st.matmul)
     out.append(v_view or _mm_copy("attn.value", (b * a, s, d), st, "BmmBackward0", source))
     o_in = _mm_copy("o_proj.input", (h.tokens, a * d), st, "MmBackward0", source)
-    return Core(core=tuple(out), inputs=_inputs(h, qkv, st), output=(o_in,))
+    # matmul's reshape of q (and of k^T) is a view, not a copy, at batch 1 or when q and k are
+    # laid out [b, heads, s, d] (`q_contiguous`: GPT-NeoX's and Phi-3's `cat`), unless cast
+    # (autocast) or repeated to every head (repeat_kv of grouped k/v heads: a copy).
+    folds = view or qkv.q_contiguous
+    views = (
+        *(("attn.query",) if folds and qkv.q == st.matmul else ()),
+        *(("attn.key_t",) if folds and qkv.k == st.matmul and h.kv_heads == a else ()),
+    )
+    return Core(core=tuple(out), inputs=_inputs(h, qkv, st), output=(o_in,), views=views)
 
 
 def sdpa(st: Setting, h: Heads, qkv: Qkv, *, dropout_on: bool) -> Core:
@@ -247,6 +258,28 @@ def _sdpa_math(st: Setting, h: Heads, qkv: Qkv, *, dropout_on: bool) -> Core:
     out.append(v_view or saved("attn.value_bmm", (b * a, s, d), up, by, SRC_MATH))
     o_in = _mm_copy("o_proj.input", (h.tokens, a * d), st, "MmBackward0", SRC_SDPA_HF)
     return Core(core=tuple(out), inputs=_inputs(h, qkv, st), output=(o_in,))
+
+
+SRC_RECOMPUTE = (
+    "torch/utils/checkpoint.py::_recomputation_hook (torch 2.13): a non-reentrant checkpoint's "
+    "recomputation saves what the core's ops save; its inputs are the ones kept since the forward"
+)
+
+
+def recomputed(core: Core) -> tuple[Saved, ...]:
+    """What a checkpoint of the core (selective recomputation) re-creates in backward: the
+    core's saved tensors, less those that are its inputs q, k, v themselves (SDPA's fused
+    kernels save q, k, v as they get them, eager's matmul views of them: `Core.views`; the
+    checkpoint keeps those from the forward), plus
+    the kernel's output, which the fused kernels save for their backward and the recomputation
+    makes again (the checkpoint's own output is what o_proj keeps). SRC_RECOMPUTE; measured on
+    CPU tensors for every ruled family by benchmarks/selective_trace.py."""
+    kept = {(t.name, t.shape, t.dtype) for t in core.inputs}
+    made = tuple(
+        t for t in core.core if (t.name, t.shape, t.dtype) not in kept and t.name not in core.views
+    )
+    # The fused kernels' output ("attn.output", `sdpa`) when o_proj reads it as it is.
+    return (*made, *(t for t in core.output if t.name == "attn.output"))
 
 
 def bmm_reshape_is_view(h: Heads) -> bool:
@@ -338,4 +371,6 @@ def value_is_projection_view(core: Core, h: Heads, width: int, dtype: str) -> Co
             for s in kept
         )
 
-    return Core(core=widen(core.core), inputs=widen(core.inputs), output=core.output)
+    return Core(
+        core=widen(core.core), inputs=widen(core.inputs), output=core.output, views=core.views
+    )

@@ -16,6 +16,11 @@ saved after the last layer and before transformers' loss function is the head's,
 loss's. Each storage's element count is fitted over `memplan.model.profile.BASIS` on a grid of
 (batch, sequence) sizes and checked on one more.
 
+Checkpointing as memplan's Setting: none; full (transformers' activation_checkpointing_enable,
+non-reentrant: `recompute` is each layer's untraced tensors); selective (every attention core
+under torch.utils.checkpoint, memplan.verify.selective, and a backward: `recompute` is what each
+core's recomputation re-creates, memplan.verify.trace.recompute).
+
 Precision as memplan's Setting: the model is built in the stream dtype and, when the recipe
 autocasts, run under torch.autocast(device, matmul dtype). Fake tensors run the CPU kernels'
 meta functions; a device=cuda profile is traced on the same fake CPU tensors with the ops whose
@@ -42,9 +47,11 @@ from memplan.errors import MemplanError
 from memplan.model import load as model_load
 from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document, terms
 from memplan.report.estimate import setting_of
+from memplan.verify import selective as selective_
 from memplan.verify.build import force_dropout
 from memplan.verify.trace import cuda
 from memplan.verify.trace import fit as fit_
+from memplan.verify.trace import recompute as recompute_
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {
@@ -249,9 +256,12 @@ def trace_once(
     autocast: str | None,
     layer_count: int,
     device: str = "cpu",
+    selective: bool = False,
 ) -> list[fit_.Record]:
     """One forward + loss; every saved storage once, with its block and module (device cuda:
-    the CUDA kernels' tensors, memplan.verify.trace.cuda)."""
+    the CUDA kernels' tensors, memplan.verify.trace.cuda). `selective`: every attention core
+    checkpointed, then backward, whose recomputations are recorded as `recompute:<block>`
+    (memplan.verify.trace.recompute)."""
     prefix, layers = _layers(model, layer_count)
     names = {m: n for n, m in model.named_modules()}
     stack: list[str] = []
@@ -311,25 +321,47 @@ def trace_once(
         return t
 
     cast = torch.autocast("cpu", dtype=DTYPES[autocast]) if autocast else contextlib.nullcontext()
+    recomputed = recompute_.Recomputed(lambda: state["block"], skip, NAMES)
+    cores: Any = (
+        selective_.attention_cores(model, recompute_context=recomputed.context)
+        if selective
+        else contextlib.nullcontext()
+    )
     try:
         with (
             mode,
             cuda.cuda_kernels(em) if em is not None else contextlib.nullcontext(),
             _real_tensor_masks(),
+            cores as run,
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             cast,
         ):
             ids = torch.zeros((batch, sequence), dtype=torch.int64)
-            model(input_ids=ids, labels=ids.clone(), use_cache=False)
+            out = model(input_ids=ids, labels=ids.clone(), use_cache=False)
+        if selective:
+            if not run.calls:
+                raise MemplanError(selective_.no_core_message(model))
+            with (
+                mode,
+                cuda.cuda_kernels(em) if em is not None else contextlib.nullcontext(),
+                selective_.recomputed_saves(recomputed.save),
+            ):
+                out.loss.backward()  # the cores' recomputations run the same kernels
+            for p in model.parameters():
+                p.grad = None
     finally:
         for hook in hooks:
             hook.remove()
         model.loss_function = loss_fn
+    host: set[int] = set()
     if em is not None:
         em.check()
-        for key in em.host_storages():
-            records.pop(key, None)  # host memory on CUDA (known once the op returned)
-    return list(records.values())
+        host = em.host_storages()  # host memory on CUDA (known once the op returned)
+    again = zip(recomputed.records, recomputed.storages, strict=True)
+    return [
+        *(r for key, r in records.items() if key not in host),
+        *(r for r, key in again if key not in host),
+    ]
 
 
 @contextlib.contextmanager
@@ -410,12 +442,20 @@ def _blocks(
                     autocast=matmul if autocast else None,
                     layer_count=n,
                     device=device,
+                    selective=checkpointing == "selective",
                 )
             )
             for b, s in (*sizes, check)
         ]
         fitted: dict[str, list[dict[str, Any]]] = {}
-        for block in ("embeddings", *(f"layer.{i}" for i in range(n)), "head", "loss"):
+        recomputed = [f"{recompute_.PREFIX}layer.{i}" for i in range(n)]
+        for block in (
+            "embeddings",
+            *(f"layer.{i}" for i in range(n)),
+            "head",
+            "loss",
+            *(recomputed if checkpointing == "selective" else ()),
+        ):
             fitted[block] = fit_.fit(traced[:-1], sizes, block)
             expected = [
                 sum(c * x for c, x in zip(t["numel"], terms(*check), strict=True))
@@ -437,6 +477,12 @@ def _blocks(
         out.update({f"layer:{k}{suffix}": v for k, v in per_kind.items()})
         out["head" + suffix] = fitted["head"]
         out["loss" + suffix] = fitted["loss"]
+        for i, kind in enumerate(kinds):
+            if checkpointing != "selective":
+                break
+            name = f"{recompute_.PREFIX}layer:{kind}{suffix}"
+            if out.setdefault(name, fitted[recomputed[i]]) != fitted[recomputed[i]]:
+                raise MemplanError(f"layers of kind {kind!r} recompute different tensors.")
     mcfg: Any = model.config
     model_facts = {
         "sequence_unit": unit,
@@ -472,8 +518,10 @@ def build(
         raise MemplanError(f"device {device!r}: profiles are traced for cpu or cuda.")
     if device == "cuda":
         cuda.refuse_autocast(autocast)
-    if checkpointing not in ("none", "full"):
-        raise MemplanError(f"checkpointing {checkpointing!r}: profiles trace none or full.")
+    if checkpointing not in ("none", "full", "selective"):
+        raise MemplanError(
+            f"checkpointing {checkpointing!r}: profiles trace none, full or selective."
+        )
     started = time.perf_counter()
     # The key is the config as given: transformers' config classes edit nested values in place
     # (GptOssConfig adds rope_theta to the caller's rope_scaling dict), so hash first and trace
@@ -496,6 +544,13 @@ def build(
             config, checkpointing="none", dropout=dropout, device=device, **common
         )
         recompute = {k: v for k, v in plain.items() if k.startswith("layer:")}
+    if checkpointing == "selective":
+        # What each layer's attention core re-creates in its backward, traced (recompute.py).
+        recompute = {
+            k.removeprefix(recompute_.PREFIX): v
+            for k, v in blocks.items()
+            if k.startswith(recompute_.PREFIX)
+        }
 
     def lists(name: str, kind: str = "") -> dict[str, Any]:
         src = f"layer:{kind}" if kind else name
@@ -562,6 +617,7 @@ def build(
             "no padding and one sequence per row (no attention_mask, no packed position_ids).",
             *([MOE_NOTE] if facts["moe"] else []),
             *(cuda.CUDA_ASSUMPTIONS if device == "cuda" else ()),
+            *([selective_.NOTE] if checkpointing == "selective" else []),
         ],
         "blocks": doc_blocks,
         "build_seconds": round(time.perf_counter() - started, 3),
@@ -585,11 +641,6 @@ def for_spec(loaded: LoadedSpec) -> tuple[dict[str, Any], Path]:
     st = setting_of(loaded.spec)
     if st.device == "cuda":
         cuda.refuse_autocast(st.autocast)
-    if st.checkpointing == "selective":
-        raise MemplanError(
-            "training.activation_checkpointing: selective is not traced yet (none or full).",
-            field="training.activation_checkpointing",
-        )
     try:
         doc = build(
             config,
