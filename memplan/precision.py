@@ -26,6 +26,7 @@ DTYPE_BYTES: dict[str, int] = {
     "uint8": 1,
     "int8": 1,
     "bool": 1,
+    "complex64": 8,  # two fp32: Llama 4's rotary freqs_cis, saved by its attention (a trace)
 }
 
 # The name torch gives each dtype, for the tables and for verify.
@@ -39,6 +40,7 @@ TORCH_NAMES: dict[str, str] = {
     "uint8": "uint8",
     "int8": "int8",
     "bool": "bool",
+    "complex64": "complex64",
 }
 
 

@@ -1,13 +1,14 @@
 """Trace what a model saves for backward and write it as a profile (memplan.model.profile).
 
-A reduced copy of the model (two layers of each distinct layer kind, the config otherwise as
-given) is built with transformers' `AutoModelForCausalLM.from_config` inside torch's
-FakeTensorMode (parameters are fake tensors: no memory, any size), put in train mode, and run
-forward + causal-LM loss (labels = input_ids, the loss transformers computes) under
-`torch.autograd.graph.saved_tensors_hooks`. Each saved storage is recorded once, under the
-first module that saves it, parameters and buffers excluded (the contract of
-memplan.model.forward.tensors, as tests/activation_probe.py measures it on real tensors; fake
-tensors have no data pointer, so a storage is known by its StorageImpl, `_cdata`).
+The model is built at full depth with transformers' `AutoModelForCausalLM.from_config` inside
+torch's FakeTensorMode (two layers of each distinct layer structure traced in their places, the
+others stood in for: memplan.verify.trace.structure; parameters are fake tensors: no memory, any
+size), put in train mode, and run forward + causal-LM loss (labels = input_ids, the loss
+transformers computes) under `torch.autograd.graph.saved_tensors_hooks`. Each saved storage is
+recorded once, under the first module that saves it, parameters and buffers excluded (the
+contract of memplan.model.forward.tensors, as tests/activation_probe.py measures it on real
+tensors; fake tensors have no data pointer, so a storage is known by its StorageImpl, `_cdata`),
+and counted when a saved tensor still holds it at the end of the forward.
 
 Blocks: what is saved before the first decoder layer runs is the embeddings', what each decoder
 layer saves is that layer's (a storage saved by more than one layer, e.g. RoPE's cos/sin or a
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from memplan.model import load as model_load
 from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document, terms
 from memplan.report.estimate import setting_of
 from memplan.verify.trace import fit as fit_
+from memplan.verify.trace import structure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {
@@ -52,6 +55,7 @@ NAMES = {
     torch.bool: "bool",
     torch.uint8: "uint8",
     torch.int8: "int8",
+    torch.complex64: "complex64",
 }
 GRID = ((2, 1), (3, 1), (2, 2), (3, 2), (2, 3), (3, 3))
 """(batch, sequence multiple) sizes fitted for batch >= 2: {2, 3} x {1, 2, 3} spans BASIS."""
@@ -66,76 +70,21 @@ SEQ_UNIT = 8
 """Tokens per sequence multiple."""
 
 
-def reduced_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
-    """The config with two layers of each distinct layer kind, and the full model's layer count
-    per kind (config `layer_types`, else one kind, "decoder")."""
-    cfg = dict(config)
-    full = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers") or 0)
-    if full <= 0:
-        raise MemplanError("the config has no layer count (num_hidden_layers, n_layer).")
-    types = cfg.get("layer_types")
-    if isinstance(types, list) and types:
-        kinds = list(dict.fromkeys(str(t) for t in types))
-        counts = {k: sum(1 for t in types if str(t) == k) for k in kinds}
-        cfg["layer_types"] = kinds * 2
-        layers = 2 * len(kinds)
-    else:
-        counts = {"decoder": full}
-        layers = min(2, full)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if key in cfg:
-            cfg[key] = layers
-    if not any(k in cfg for k in ("num_hidden_layers", "n_layer", "num_layers")):
-        cfg["num_hidden_layers"] = layers
-    return cfg, counts
-
-
-def check_full_structure(config: Mapping[str, Any], counts: Mapping[str, int]) -> None:
-    """The full-depth model, built on the meta device (no memory, ~0.1 s for 100 layers):
-    every layer of one kind must have the same parameters, or tracing two of them would not
-    describe the rest (DeepSeek's first_k_dense_replace, Qwen MoE's mlp_only_layers, ...)."""
-    kwargs = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype", "dtype")}
-    cfg = transformers.AutoConfig.for_model(config["model_type"], **kwargs)
-    with torch.device("meta"):
-        model = _head_class(config)(cfg)
-    n = sum(counts.values())
-    _, layers = _layers(model, n)
-    kinds = _layer_kinds(dict(config), n) if len(counts) > 1 else ["decoder"] * n
-    seen: dict[str, tuple[Any, ...]] = {}
-    for i, (kind, layer) in enumerate(zip(kinds, layers, strict=True)):
-        shape = (
-            type(layer).__name__,
-            tuple((name, tuple(p.shape)) for name, p in layer.named_parameters()),
-        )
-        if kind in seen and seen[kind] != shape:
-            first = kinds.index(kind)
-            raise MemplanError(
-                f"layer {i} has other parameters than layer {first} ({type(layer).__name__}): "
-                "the config makes layers of several structures that `layer_types` does not "
-                "name (dense and MoE layers, ...); profiles trace two layers per kind, so this "
-                "model is not traced yet."
-            )
-        seen.setdefault(kind, shape)
-
-
 def sequence_unit(cfg: Any) -> int:
     """Tokens per traced sequence multiple: 8, or one more than the sliding window, so that
     every traced sequence is longer than the window (the code path changes where the window
     starts to cut: sdpa gets an explicit mask). The profile holds from that length on."""
     window = getattr(cfg, "sliding_window", None)
+    if not getattr(cfg, "use_sliding_window", True):
+        window = None
+    # Llama 4's chunked attention cuts the same way (masking_utils.py::chunked_causal_mask).
+    window = window or getattr(cfg, "attention_chunk_size", None)
     limit = int(getattr(cfg, "max_position_embeddings", 0) or 0)
-    if not isinstance(window, int) or window <= 0 or not getattr(cfg, "use_sliding_window", True):
+    if not isinstance(window, int) or window <= 0:
         return SEQ_UNIT
     if limit and window >= limit:
         return SEQ_UNIT  # never cuts a sequence the model takes
     return max(SEQ_UNIT, window + 1)
-
-
-def _layer_kinds(reduced: Mapping[str, Any], n: int) -> list[str]:
-    types = reduced.get("layer_types")
-    if isinstance(types, list) and len(types) == n:
-        return [str(t) for t in types]
-    return ["decoder"] * n
 
 
 def _build(
@@ -192,6 +141,8 @@ MOE_NOTE = (
 def _check_moe(model: torch.nn.Module, stream: str) -> None:
     """Refuse MoE models whose experts' saved sizes depend on the routing, or that fake
     tensors cannot run."""
+    if not structure.experts_interface(model):
+        return  # the model's own experts code (structure.OWN_EXPERTS_NOTE)
     impl = getattr(model.config, "_experts_implementation", None)
     if impl != "grouped_mm":
         raise MemplanError(
@@ -272,12 +223,22 @@ def trace_once(
 
     model.loss_function = loss_function  # type: ignore[assignment]
     skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
-    records: dict[int, fit_.Record] = {}
+    records: dict[Any, fit_.Record] = {}
+    # A saved tensor whose graph node is dropped in the forward (a branch the loss does not
+    # reach, e.g. DeepSeek's group-limited routing) frees its storage, and a later storage can
+    # take its StorageImpl's address: a key whose saved tensors are all gone is a new storage,
+    # and only storages some live saved tensor holds at the end of the forward are counted.
+    refs: dict[Any, list[weakref.ref[torch.Tensor]]] = {}
+    reused: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        key = storage._cdata
-        if key in skip:
+        key: Any = (storage._cdata, reused.get(storage._cdata, 0))
+        if key in refs and all(r() is None for r in refs[key]):
+            reused[storage._cdata] = key[1] + 1
+            key = (storage._cdata, key[1] + 1)
+        refs.setdefault(key, []).append(weakref.ref(t))
+        if key[0] in skip:
             return t
         block = state["block"]
         if key not in records:
@@ -304,12 +265,14 @@ def trace_once(
             cast,
         ):
             ids = torch.zeros((batch, sequence), dtype=torch.int64)
-            model(input_ids=ids, labels=ids.clone(), use_cache=False)
+            out = model(input_ids=ids, labels=ids.clone(), use_cache=False)
+            alive = [r for k, r in records.items() if any(w() is not None for w in refs[k])]
+            del out
     finally:
         for hook in hooks:
             hook.remove()
         model.loss_function = loss_fn
-    return list(records.values())
+    return alive
 
 
 @contextlib.contextmanager
@@ -357,12 +320,17 @@ def _blocks(
     attention: str,
     checkpointing: str,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int], list[str], dict[str, Any]]:
-    """Fitted tensors per block: embeddings, one per layer kind (`layer:<kind>`), head, loss."""
-    reduced, counts = reduced_config(config)
-    check_full_structure(config, counts)
-    model, mode = _build(reduced, stream=stream, attention=attention, checkpointing=checkpointing)
-    n = int(getattr(model.config, "num_hidden_layers", 0) or len(_layers_any(model)))
-    kinds = _layer_kinds(reduced, n)
+    """Fitted tensors per block: embeddings, one per layer kind (`layer:<kind>`), head, loss.
+
+    The model is built at full depth and two layers of each structure are traced in their
+    places (memplan.verify.trace.structure), the grouping checked on one full forward."""
+    model, mode = _build(config, stream=stream, attention=attention, checkpointing=checkpointing)
+    depth = int(getattr(model.config, "num_hidden_layers", 0) or len(_layers_any(model)))
+    _, layer_list = _layers(model, depth)
+    plan = structure.plan(layer_list, getattr(model.config, "layer_types", None))
+    counts = plan.counts
+    n = depth
+    kinds = [plan.kind_of(i) for i in plan.kept]
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     unit = sequence_unit(model.config)
     if limit and CHECK[1] * unit > limit:
@@ -370,25 +338,20 @@ def _blocks(
             f"max_position_embeddings {limit} is below the traced sizes (up to "
             f"{CHECK[1] * unit} tokens)."
         )
+    cast = matmul if autocast else None
     out: dict[str, list[dict[str, Any]]] = {}
     for suffix, grid, chk in (("", GRID, CHECK), ("@b1", GRID_B1, CHECK_B1)):
         sizes = [(b, m * unit) for b, m in grid]
         check = (chk[0], chk[1] * unit)
-        traced = [
-            fit_.split(
-                trace_once(
-                    model,
-                    mode,
-                    batch=b,
-                    sequence=s,
-                    autocast=matmul if autocast else None,
-                    layer_count=n,
+        with structure.keeping(layer_list, plan):
+            traced = [
+                fit_.split(
+                    trace_once(model, mode, batch=b, sequence=s, autocast=cast, layer_count=n)
                 )
-            )
-            for b, s in (*sizes, check)
-        ]
+                for b, s in (*sizes, check)
+            ]
         fitted: dict[str, list[dict[str, Any]]] = {}
-        for block in ("embeddings", *(f"layer.{i}" for i in range(n)), "head", "loss"):
+        for block in ("embeddings", *(f"layer.{i}" for i in plan.kept), "head", "loss"):
             fitted[block] = fit_.fit(traced[:-1], sizes, block)
             expected = [
                 sum(c * x for c, x in zip(t["numel"], terms(*check), strict=True))
@@ -401,7 +364,7 @@ def _blocks(
                     f"saved {measured}."
                 )
         per_kind: dict[str, list[dict[str, Any]]] = {}
-        for i, kind in enumerate(kinds):
+        for i, kind in zip(plan.kept, kinds, strict=True):
             tensors = fitted[f"layer.{i}"]
             if kind in per_kind and per_kind[kind] != tensors:
                 raise MemplanError(f"layers of kind {kind!r} save different tensors in one model.")
@@ -410,6 +373,26 @@ def _blocks(
         out.update({f"layer:{k}{suffix}": v for k, v in per_kind.items()})
         out["head" + suffix] = fitted["head"]
         out["loss" + suffix] = fitted["loss"]
+    if len(plan.kept) < depth:  # the grouping, checked on the full-depth model at one size
+        size = (GRID[0][0], GRID[0][1] * unit)
+        full = fit_.split(
+            trace_once(model, mode, batch=size[0], sequence=size[1], autocast=cast, layer_count=n)
+        )
+        at = terms(*size)
+
+        def numels(tensors: list[dict[str, Any]]) -> list[tuple[str, int]]:
+            return [
+                (t["dtype"], sum(c * x for c, x in zip(t["numel"], at, strict=True)))
+                for t in tensors
+            ]
+
+        structure.check(
+            plan,
+            {k: numels(v) for k, v in out.items() if "@" not in k},
+            {k: [(r.dtype, r.numel) for r in v] for k, v in full.items()},
+            size,
+        )
+    n = len(plan.kept)
     mcfg: Any = model.config
     model_facts = {
         "sequence_unit": unit,
@@ -417,7 +400,9 @@ def _blocks(
         "vocab_size": int(mcfg.vocab_size),
         "traced_layers": n,
         "moe": _is_moe(mcfg),
+        "moe_note": MOE_NOTE if structure.experts_interface(model) else structure.OWN_EXPERTS_NOTE,
         "class": type(model).__name__,
+        "layer_groups": {g.kind: list(g.layers) for g in plan.groups},
     }
     return out, counts, kinds, model_facts
 
@@ -494,6 +479,7 @@ def build(
         {"name": "head", "kind": "", "count": 1, **lists("head")},
         {"name": "loss", "kind": "", "count": 1, **lists("loss")},
     ]
+    moe_note = facts.pop("moe_note")
     return {
         "schema": SCHEMA,
         "key": {
@@ -519,7 +505,7 @@ def build(
         "assumptions": [
             "dropout as the config's probabilities say (training.dropout is not applied).",
             "no padding and one sequence per row (no attention_mask, no packed position_ids).",
-            *([MOE_NOTE] if facts["moe"] else []),
+            *([moe_note] if facts["moe"] else []),
         ],
         "blocks": doc_blocks,
         "build_seconds": round(time.perf_counter() - started, 3),
