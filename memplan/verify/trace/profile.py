@@ -43,7 +43,7 @@ from memplan.model import load as model_load
 from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document, terms
 from memplan.report.estimate import setting_of
 from memplan.verify.trace import fit as fit_
-from memplan.verify.trace import structure
+from memplan.verify.trace import heads, structure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {
@@ -118,15 +118,11 @@ def _build(
 
 
 def _head_class(config: Mapping[str, Any]) -> Any:
-    """The class config.json's `architectures` names when it is a language-model head
-    (CausalLM, MaskedLM, LMHead: the loss takes labels = input_ids), else
-    AutoModelForCausalLM."""
-    for name in config.get("architectures") or ():
-        if any(k in str(name) for k in ("CausalLM", "MaskedLM", "LMHead")):
-            cls = getattr(transformers, str(name), None)
-            if cls is not None:
-                return cls._from_config
-    return transformers.AutoModelForCausalLM.from_config
+    """The class config.json's `architectures` names when it is a head the trace runs with its
+    loss (memplan.verify.trace.heads: language-model, sequence and token classification,
+    question answering), else AutoModelForCausalLM."""
+    _, cls = heads.head_class(config)
+    return cls._from_config if cls is not None else transformers.AutoModelForCausalLM.from_config
 
 
 MOE_NOTE = (
@@ -265,7 +261,10 @@ def trace_once(
             cast,
         ):
             ids = torch.zeros((batch, sequence), dtype=torch.int64)
-            out = model(input_ids=ids, labels=ids.clone(), use_cache=False)
+            kind = heads.kind_of_name(type(model).__name__) or "lm"
+            labels = int(getattr(model.config, "num_labels", 2))
+            targets = heads.loss_inputs(kind, ids, labels)
+            out = model(input_ids=ids, use_cache=False, **targets)
             alive = [r for k, r in records.items() if any(w() is not None for w in refs[k])]
             del out
     finally:
@@ -402,6 +401,8 @@ def _blocks(
         "moe": _is_moe(mcfg),
         "moe_note": MOE_NOTE if structure.experts_interface(model) else structure.OWN_EXPERTS_NOTE,
         "class": type(model).__name__,
+        "head": heads.kind_of_name(type(model).__name__) or "lm",
+        "num_labels": int(mcfg.num_labels),
         "layer_groups": {g.kind: list(g.layers) for g in plan.groups},
     }
     return out, counts, kinds, model_facts
