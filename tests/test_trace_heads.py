@@ -9,6 +9,8 @@
   estimate says "not modelled" (source none) until `memplan profile` traces that head, then
   uses the profile (source profile) and its bytes equal the real model's.
 - verify builds the head config.json names and feeds its loss the targets it takes.
+- Encoder-decoders (T5, BART) traced as Seq2SeqLM, the decoder as long as the encoder (labels =
+  input ids), every layer of both stacks: the profile = real tensors.
 """
 
 from __future__ import annotations
@@ -101,6 +103,77 @@ def test_head_profile_equals_real_tensors(name: str, precision: str) -> None:
     for batch, seq in ((3, 37), (1, 50)):
         st = _setting(precision, "sdpa", batch, seq)
         predicted = traced.activations(st, num_layers=config["num_hidden_layers"]).bytes
+        assert predicted == _alive_bytes(model, batch=batch, sequence=seq), (batch, seq)
+
+
+SEQ2SEQ: dict[str, dict[str, Any]] = {
+    "t5": {
+        "model_type": "t5",
+        "architectures": ["T5ForConditionalGeneration"],
+        "d_model": 32,
+        "d_ff": 48,
+        "d_kv": 8,
+        "num_heads": 4,
+        "num_layers": 3,
+        "num_decoder_layers": 2,
+        "vocab_size": 300,
+        "dropout_rate": 0.0,
+        "relative_attention_num_buckets": 8,
+        "decoder_start_token_id": 0,
+        "pad_token_id": 0,
+    },
+    "bart": {
+        "model_type": "bart",
+        "architectures": ["BartForConditionalGeneration"],
+        "d_model": 32,
+        "encoder_ffn_dim": 48,
+        "decoder_ffn_dim": 40,
+        "encoder_layers": 2,
+        "decoder_layers": 3,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "vocab_size": 300,
+        "max_position_embeddings": 128,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
+    },
+}
+GROUPS = {
+    "t5": {
+        "encoder[layer.0.SelfAttention.has_relative_attention_bias=True]": [0],
+        "encoder[layer.0.SelfAttention.has_relative_attention_bias=False]": [1, 2],
+        "decoder[layer.0.SelfAttention.has_relative_attention_bias=True]": [3],
+        "decoder[layer.0.SelfAttention.has_relative_attention_bias=False]": [4],
+    },
+    "bart": {"encoder": [0, 1], "decoder": [2, 3, 4]},
+}
+S2S_CASES = [("t5", "sdpa", "bf16"), ("bart", "eager", "fp32")]
+
+
+@pytest.mark.parametrize(
+    ("name", "attention", "precision"), S2S_CASES, ids=["-".join(c) for c in S2S_CASES]
+)
+def test_encoder_decoder_profile_equals_real_tensors(
+    name: str, attention: str, precision: str
+) -> None:
+    config = SEQ2SEQ[name]
+    stream, matmul, cast = PRECISIONS[precision]
+    doc = tracer.build(config, stream=stream, matmul=matmul, autocast=cast, attention=attention)
+    assert doc["model"]["layer_groups"] == GROUPS[name] and doc["model"]["encoder_decoder"]
+    traced = profile.from_document(json.loads(json.dumps(doc)), origin="test")
+    kwargs = {k: v for k, v in config.items() if k != "model_type"}
+    cfg = transformers.AutoConfig.for_model(config["model_type"], **kwargs)
+    torch.manual_seed(0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    model = transformers.AutoModelForSeq2SeqLM.from_config(
+        cfg, dtype=dtype, attn_implementation=attention
+    )
+    model.train()
+    for batch, seq in ((3, 37), (1, 50)):
+        st = _setting(precision, attention, batch, seq)
+        layers = sum(doc["model"]["layer_counts"].values())
+        predicted = traced.activations(st, num_layers=layers).bytes
         assert predicted == _alive_bytes(model, batch=batch, sequence=seq), (batch, seq)
 
 

@@ -83,7 +83,7 @@ def _profile_hint(profiles: tuple[profile.Profile, ...]) -> str:
         return f" Profiles found for this config serve other settings: {have}."
     return (
         " `memplan profile SPEC` can trace one (needs torch and transformers; it says why when "
-        "it cannot: encoder-decoder models, layers of several structures, ...)."
+        "it cannot)."
     )
 
 

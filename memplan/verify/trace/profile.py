@@ -99,14 +99,11 @@ def _build(
         raise MemplanError(
             f"transformers cannot build model_type {config.get('model_type')!r}: {err}"
         ) from None
-    if getattr(cfg, "is_encoder_decoder", False):
-        raise MemplanError(
-            "profiles trace decoder-only and encoder-only models; encoder-decoder is not "
-            "traced yet."
-        )
+    seq2seq = getattr(cfg, "is_encoder_decoder", False)  # decoder as long as the encoder
+    head = transformers.AutoModelForSeq2SeqLM.from_config if seq2seq else _head_class(config)
     mode = FakeTensorMode()
     with mode:
-        model = _head_class(config)(cfg, dtype=DTYPES[stream], attn_implementation=attention)
+        model = head(cfg, dtype=DTYPES[stream], attn_implementation=attention)
     if _is_moe(cfg):
         _check_moe(model, stream)
     model.train()
@@ -186,7 +183,12 @@ def trace_once(
     layer_count: int,
 ) -> list[fit_.Record]:
     """One forward + loss; every saved storage once, with its block and module."""
-    prefix, layers = _layers(model, layer_count)
+    lists = structure.stacks(model) or [_layers(model, layer_count)]
+    layers = [m for _, stack in lists for m in stack]
+    paths = [f"{prefix}.{j}" for prefix, stack in lists for j in range(len(stack))]
+    # after an encoder's last layer its final norm and the decoder's embeddings run: per forward
+    ends = {id(stack[len(stack) - 1]): "embeddings" for _, stack in lists[:-1]}
+    ends[id(layers[-1])] = "head"
     names = {m: n for n, m in model.named_modules()}
     stack: list[str] = []
     state = {"block": "embeddings"}
@@ -201,8 +203,8 @@ def trace_once(
     def post(module: torch.nn.Module, *_: Any) -> None:
         if stack:
             stack.pop()
-        if id(module) == id(layers[len(layers) - 1]):
-            state["block"] = "head"
+        if id(module) in ends:
+            state["block"] = ends[id(module)]
 
     for module in model.modules():
         hooks.append(module.register_forward_pre_hook(pre))
@@ -239,7 +241,7 @@ def trace_once(
         block = state["block"]
         if key not in records:
             module = stack[-1] if stack else ""
-            layer_name = f"{prefix}.{block.split('.')[1]}." if block.startswith("layer.") else ""
+            layer_name = f"{paths[int(block.split('.')[1])]}." if block.startswith("layer.") else ""
             rel = module.removeprefix(layer_name) if layer_name else module
             if layer_name and module == layer_name[:-1]:
                 rel = ""  # the layer itself (checkpoint's saved inputs)
@@ -287,26 +289,33 @@ def _real_tensor_masks() -> Any:
 
     - `find_packed_sequence_indices(position_ids)`: position_ids are arange(s), no packed
       sequences, None;
-    - `_ignore_causal_mask_sdpa(None, ...)`: no padding mask, so the causal mask is skipped
-      (`is_causal=True`) unless a local window is not longer than the keys. Calls with a padding
-      mask go to transformers."""
+    - `_ignore_causal_mask_sdpa(padding_mask, ...)`: no padding, so the causal mask is skipped
+      (`is_causal=True`) unless a local window is not longer than the keys;
+    - `_ignore_bidirectional_mask_sdpa(padding_mask, ...)`: the same without causality.
+    A padding mask the model makes itself when none is given is all ones (BART's decoder:
+    `torch.ones(batch, length)`, modeling_bart.py::BartDecoder.forward), which is no padding:
+    transformers' own test, `padding_mask.all()`, holds on real tensors."""
     import transformers.masking_utils as masking
 
     packed = masking.find_packed_sequence_indices
     original = masking._ignore_causal_mask_sdpa
+    bidirectional = masking._ignore_bidirectional_mask_sdpa
 
     def ignore(padding_mask: Any, q_length: int, kv_length: int, *args: Any, **kw: Any) -> bool:
-        if padding_mask is not None:
-            return bool(original(padding_mask, q_length, kv_length, *args, **kw))
         local = kw.get("local_attention_size", args[2] if len(args) > 2 else None)
         return not (local is not None and kv_length >= local)
 
+    def ignore_bidirectional(padding_mask: Any, kv_length: int, local: Any = None) -> bool:
+        return local is None or kv_length < local
+
     masking._ignore_causal_mask_sdpa = ignore
+    masking._ignore_bidirectional_mask_sdpa = ignore_bidirectional
     masking.find_packed_sequence_indices = lambda position_ids: None
     try:
         yield
     finally:
         masking._ignore_causal_mask_sdpa = original
+        masking._ignore_bidirectional_mask_sdpa = bidirectional
         masking.find_packed_sequence_indices = packed
 
 
@@ -324,9 +333,16 @@ def _blocks(
     The model is built at full depth and two layers of each structure are traced in their
     places (memplan.verify.trace.structure), the grouping checked on one full forward."""
     model, mode = _build(config, stream=stream, attention=attention, checkpointing=checkpointing)
-    depth = int(getattr(model.config, "num_hidden_layers", 0) or len(_layers_any(model)))
-    _, layer_list = _layers(model, depth)
-    plan = structure.plan(layer_list, getattr(model.config, "layer_types", None))
+    two = structure.stacks(model)
+    if two:  # encoder-decoder: every layer traced, kinds "encoder" and "decoder"
+        layer_list = torch.nn.ModuleList([m for _, stack in two for m in stack])
+        depth = len(layer_list)
+        types = ["encoder"] * len(two[0][1]) + ["decoder"] * len(two[1][1])
+        plan = structure.plan(layer_list, types, keep_all=True)
+    else:
+        depth = int(getattr(model.config, "num_hidden_layers", 0) or len(_layers_any(model)))
+        _, layer_list = _layers(model, depth)
+        plan = structure.plan(layer_list, getattr(model.config, "layer_types", None))
     counts = plan.counts
     n = depth
     kinds = [plan.kind_of(i) for i in plan.kept]
@@ -404,6 +420,7 @@ def _blocks(
         "head": heads.kind_of_name(type(model).__name__) or "lm",
         "num_labels": int(mcfg.num_labels),
         "layer_groups": {g.kind: list(g.layers) for g in plan.groups},
+        "encoder_decoder": bool(two),
     }
     return out, counts, kinds, model_facts
 
@@ -507,6 +524,7 @@ def build(
             "dropout as the config's probabilities say (training.dropout is not applied).",
             "no padding and one sequence per row (no attention_mask, no packed position_ids).",
             *([moe_note] if facts["moe"] else []),
+            *([structure.ENCODER_DECODER_NOTE] if facts["encoder_decoder"] else []),
         ],
         "blocks": doc_blocks,
         "build_seconds": round(time.perf_counter() - started, 3),

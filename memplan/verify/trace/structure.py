@@ -27,7 +27,7 @@ and loss's with the reduced trace's.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,9 +58,14 @@ class Group:
 class Plan:
     depth: int
     groups: tuple[Group, ...]
+    keep_all: bool = False
+    """Trace every layer (encoder-decoder stacks: a T5 block hands its position bias to the
+    next one, which a stand-in cannot)."""
 
     @property
     def kept(self) -> tuple[int, ...]:
+        if self.keep_all:
+            return tuple(range(self.depth))
         return tuple(sorted(i for g in self.groups for i in g.traced))
 
     @property
@@ -94,7 +99,7 @@ def features(layer: torch.nn.Module) -> dict[str, str]:
     return out
 
 
-def plan(layers: torch.nn.ModuleList, types: Any) -> Plan:
+def plan(layers: Sequence[torch.nn.Module], types: Any, *, keep_all: bool = False) -> Plan:
     """The groups of `layers` (the full model's decoder layers); `types` is the built config's
     `layer_types` (config classes fill it in where config.json has none: Llama 4's from
     `no_rope_layers` and `attention_chunk_size`)."""
@@ -122,7 +127,7 @@ def plan(layers: torch.nn.ModuleList, types: Any) -> Plan:
     names = [g.kind for g in groups]
     if len(set(names)) != len(names):  # cannot happen: differing groups have a differing path
         raise MemplanError(f"layer kinds named twice: {names}")
-    return Plan(depth=n, groups=tuple(groups))
+    return Plan(depth=n, groups=tuple(groups), keep_all=keep_all)
 
 
 def check(
@@ -209,9 +214,35 @@ class _Skipped(torch.nn.Module):
         return hidden_states
 
 
+def stacks(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]] | None:
+    """An encoder-decoder's two layer stacks, encoder first, as (module path, layers): the
+    ModuleList holding the most parameters inside `get_encoder()` and `get_decoder()`; None for
+    other models."""
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for part in (model.get_encoder(), model.get_decoder()):  # type: ignore[operator]
+        lists = [m for m in part.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+        if not lists:
+            raise MemplanError(f"{type(part).__name__} has no list of layers.")
+        best = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+        out.append((names[id(best)], best))
+    return out
+
+
+ENCODER_DECODER_NOTE = (
+    "encoder-decoder: traced with the decoder as long as the encoder (labels = the input ids; "
+    "the model shifts them right into decoder_input_ids): the profile's sequence is both."
+)
+
+
 @contextlib.contextmanager
 def keeping(layers: torch.nn.ModuleList, p: Plan) -> Iterator[None]:
     """Within the block, every layer outside `p.kept` is a `_Skipped` stand-in."""
+    if p.keep_all:
+        yield
+        return
     original = list(layers)
     kept = set(p.kept)
     for i, layer in enumerate(original):
