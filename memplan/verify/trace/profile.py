@@ -305,8 +305,10 @@ def _real_tensor_masks() -> Any:
         local = kw.get("local_attention_size", args[2] if len(args) > 2 else None)
         return not (local is not None and kv_length >= local)
 
-    def ignore_bidirectional(padding_mask: Any, kv_length: int, local: Any = None) -> bool:
-        return local is None or kv_length < local
+    def ignore_bidirectional(
+        padding_mask: Any, kv_length: int, local_attention_size: int | None = None
+    ) -> bool:
+        return local_attention_size is None or kv_length < local_attention_size
 
     masking._ignore_causal_mask_sdpa = ignore
     masking._ignore_bidirectional_mask_sdpa = ignore_bidirectional

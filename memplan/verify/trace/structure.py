@@ -27,7 +27,7 @@ and loss's with the reduced trace's.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,7 +99,7 @@ def features(layer: torch.nn.Module) -> dict[str, str]:
     return out
 
 
-def plan(layers: Sequence[torch.nn.Module], types: Any, *, keep_all: bool = False) -> Plan:
+def plan(layers: torch.nn.ModuleList, types: Any, *, keep_all: bool = False) -> Plan:
     """The groups of `layers` (the full model's decoder layers); `types` is the built config's
     `layer_types` (config classes fill it in where config.json has none: Llama 4's from
     `no_rope_layers` and `attention_chunk_size`)."""
