@@ -63,10 +63,11 @@ MORE: dict[str, dict[str, Any]] = {
         **MOE,
     },
     # every layer MLA + the DSA indexer; `mlp_layer_types` from first_k_dense_replace
-    # (configuration_deepseek_v32.py); MLA expands keys to every head: no num_key_value_heads
+    # (configuration_deepseek_v32.py); MLA expands keys to every head (4 of 4)
     "deepseek_v32": {
         "model_type": "deepseek_v32",
-        **{k: v for k, v in BASE.items() if k != "num_key_value_heads"},
+        **BASE,
+        "num_key_value_heads": 4,
         "num_hidden_layers": 4,
         "n_routed_experts": 4,
         "q_lora_rank": 6,

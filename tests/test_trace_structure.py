@@ -44,6 +44,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "deepseek_v3": {
         "model_type": "deepseek_v3",
         **BASE,
+        # MLA expands keys and values to every head (DeepSeek-V3's config.json: 128 and 128);
+        # eager attention's repeat_kv reads num_key_value_groups, which 2 of 4 would break
+        "num_key_value_heads": 4,
         "num_hidden_layers": 4,
         "n_routed_experts": 4,
         "q_lora_rank": 6,
