@@ -1,10 +1,13 @@
 """Time to build an activation profile (memplan.verify.trace.profile.build) for a 100-layer model,
 and `memplan estimate`'s start-up when a stored profile serves against a hand-ruled family.
 
-Build: the trace runs two layers of each kind under FakeTensorMode, so the time should not
-depend on the layer count: a Llama-3-8B-shaped config at 100 layers and at 2 layers (sdpa and
-eager; the CPU kernels, and the CUDA kernels emulated on the CPU build: device=cuda,
-memplan.verify.trace.cuda), and gpt-oss-120b's config (two layer kinds, MoE) at 100 layers.
+Build: the trace runs two layers of each structure under FakeTensorMode, in their places in the
+full-depth model (memplan.verify.trace.structure), and checks the grouping with one forward of
+every layer at one size: building the full-depth fake model and that check forward grow with
+the layer count, the fitted traces do not. This times a Llama-3-8B-shaped config at 100 layers
+and at 2 layers (sdpa and eager; the CPU kernels, and the CUDA kernels emulated on the CPU
+build: device=cuda, memplan.verify.trace.cuda), and gpt-oss-120b's config (two layer kinds,
+MoE) at 100 layers.
 
 Start-up: `python -m memplan estimate SPEC --json` in a fresh process per run, as a user runs
 it, the cases interleaved run by run (the machine is shared) and the median kept:

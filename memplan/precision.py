@@ -29,6 +29,7 @@ DTYPE_BYTES: dict[str, int] = {
     "int8": 1,
     "bool": 1,
     "uint64": 8,
+    "complex64": 8,  # two fp32: Llama 4's rotary freqs_cis, saved by its attention (a trace)
 }
 
 # The name torch gives each dtype, for the tables and for verify.
@@ -43,6 +44,7 @@ TORCH_NAMES: dict[str, str] = {
     "int8": "int8",
     "bool": "bool",
     "uint64": "uint64",
+    "complex64": "complex64",
 }
 
 

@@ -53,7 +53,12 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
         )
     why = _unsupported(arch)
     if why:
-        return not_modelled(why)
+        # A head the rule does not cover (BertForSequenceClassification, ...): a profile traced
+        # for this config and head serves instead.
+        traced = profile.serving(inventory.profiles, setting)
+        if traced is not None:
+            return _from_profile(traced, arch, setting)
+        return not_modelled(why + _profile_hint(inventory.profiles))
     model = family.saved(arch, setting, tied=bool(inventory.tied))
     if isinstance(model, str):
         return not_modelled(f"activations not modelled: {model}.")
@@ -81,8 +86,8 @@ def source(inventory: Inventory, setting: Setting) -> tuple[str, profile.Profile
     if arch is None:
         return "none", None
     family = family_of(arch.model_type)
-    if family is not None and not isinstance(family.saved, str):
-        return ("none", None) if _unsupported(arch) else ("rule", None)
+    if family is not None and not isinstance(family.saved, str) and not _unsupported(arch):
+        return "rule", None
     traced = profile.serving(inventory.profiles, setting)
     return ("profile", traced) if traced is not None else ("none", None)
 
@@ -145,7 +150,7 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
     family = family_of(arch.model_type)
-    no_rule = family is None or isinstance(family.saved, str)
+    no_rule = family is None or isinstance(family.saved, str) or bool(_unsupported(arch))
     if no_rule and profile.serving(inventory.profiles, st) is not None:
         return layout.refused(
             "activations from a traced profile are not split for tensor, context or expert "
@@ -177,8 +182,7 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
 def _unsupported(arch: Architecture) -> str:
     """Why this architecture's forward is outside the rules, or ''."""
     cls = arch.extra.get("model_class")
-    lm = ("LMHead", "CausalLM", "MaskedLM")
-    if cls is not None and not any(k in str(cls) for k in lm):
+    if profile.other_head(cls):
         return (
             f"activations not modelled for {cls}: memplan models causal-LM heads and their "
             "loss (or BERT's masked-LM head) only."

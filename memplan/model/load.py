@@ -18,7 +18,7 @@ from memplan.hardware import nearest
 from memplan.model import sources as models
 from memplan.model import stored
 from memplan.model.families import family_of
-from memplan.model.profile import Profile, config_hash, from_document
+from memplan.model.profile import Profile, config_hash, from_document, other_head
 from memplan.model.sources import Inventory, TensorSpec
 from memplan.model.sources import safetensors as safetensors_header
 
@@ -58,7 +58,9 @@ def load_inventory(loaded: LoadedSpec, *, unsupported: Unsupported | None = None
     inventory = _load_inventory(loaded, unsupported)
     if inventory.architecture is not None:
         family = family_of(inventory.architecture.model_type)
-        config = model_config(loaded) if family is None or not family.modelled else None
+        # a ruled family's rule covers language-model heads only: another head looks for a profile
+        head = other_head(inventory.architecture.extra.get("model_class"))
+        config = model_config(loaded) if family is None or not family.modelled or head else None
         found = find_profiles(config) if config is not None else ()
         if found:
             inventory = replace(inventory, profiles=found)

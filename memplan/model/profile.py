@@ -140,6 +140,10 @@ class Profile:
     min_sequence: int = 1
     """The shortest traced sequence: below it the model may run another code path (a sliding
     window longer than the sequence)."""
+    head: str = "lm"
+    """The head traced (memplan.verify.trace.heads): lm, sequence_classification,
+    token_classification or question_answering."""
+    num_labels: int = 2
 
     def activations(self, st: Setting, *, num_layers: int) -> Activations:
         """The saved tensors of one forward at `st`'s batch and sequence, with `num_layers`
@@ -158,10 +162,7 @@ class Profile:
                     layered=bool(blk.kind),
                 )
             )
-        t = st.tokens
-        # Not saved, alive around the loss: the logits in the matmul dtype and the loss's fp32
-        # upcast (memplan.model.forward.assemble.finish, the same terms every rule gets).
-        upcast = t * self.vocab_size * dtype_bytes("fp32") if st.matmul != "fp32" else 0
+        logits, upcast = self._logits(st)
         notes = [
             f"activations traced (profile {self.key.file_stem()}: torch "
             f"{self.versions.get('torch', '?')}, transformers "
@@ -176,13 +177,28 @@ class Profile:
         return Activations(
             modelled=True,
             blocks=tuple(blocks),
-            logits_bytes=t * self.vocab_size * dtype_bytes(st.matmul),
+            logits_bytes=logits,
             upcast_bytes=upcast,
-            hidden_bytes=t * self.hidden_size * dtype_bytes(st.stream),
+            hidden_bytes=st.tokens * self.hidden_size * dtype_bytes(st.stream),
             notes=tuple(notes),
             source="profile",
             versions=tuple(sorted(self.versions.items())),
         )
+
+    def _logits(self, st: Setting) -> tuple[int, int]:
+        """Not saved, alive around the loss: the logits in the matmul dtype, and their fp32
+        upcast where the loss makes one (memplan.model.forward.assemble.finish for LM heads;
+        transformers 5.25 loss/loss_utils.py: ForTokenClassification upcasts its logits,
+        ForSequenceClassificationLoss and ForQuestionAnsweringLoss do not)."""
+        t = st.tokens
+        width = {
+            "lm": t * self.vocab_size,
+            "token_classification": t * self.num_labels,
+            "question_answering": t * 2,  # start and end logits
+            "sequence_classification": st.batch * self.num_labels,
+        }[self.head]
+        upcast = self.head in ("lm", "token_classification") and st.matmul != "fp32"
+        return width * dtype_bytes(st.matmul), width * dtype_bytes("fp32") if upcast else 0
 
 
 def _saved(tensors: Sequence[Tensor], b: int, s: int, profile: Profile) -> tuple[Saved, ...]:
@@ -235,12 +251,32 @@ def from_document(doc: Any, *, origin: str) -> Profile:
             blocks=blocks,
             assumptions=tuple(str(a) for a in doc.get("assumptions", ())),
             min_sequence=int(doc.get("fit", {}).get("min_sequence", 1)),
+            head=_head(doc["model"].get("head", "lm")),
+            num_labels=int(doc["model"].get("num_labels", 2)),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise MemplanError(
             f"{origin} is not a memplan activation profile ({type(err).__name__}: {err}); "
             "rebuild it with `memplan profile SPEC`."
         ) from None
+
+
+HEADS = ("lm", "sequence_classification", "token_classification", "question_answering")
+LM_CLASSES = ("LMHead", "CausalLM", "MaskedLM")
+"""Class-name parts of the language-model heads the hand rules model (memplan.activations)."""
+
+
+def other_head(model_class: object) -> bool:
+    """Whether a model class (an inventory's `model_class`) is a head the hand rules do not
+    model (sequence/token classification, question answering, ...): a profile traced for it
+    serves instead."""
+    return model_class is not None and not any(k in str(model_class) for k in LM_CLASSES)
+
+
+def _head(name: Any) -> str:
+    if name not in HEADS:
+        raise ValueError(f"head {name!r} is not one memplan reads ({', '.join(HEADS)})")
+    return str(name)
 
 
 def _tensor(t: Mapping[str, Any]) -> Tensor:

@@ -21,6 +21,7 @@ from memplan.config.spec import Spec, TrainingSpec
 from memplan.errors import MemplanError
 from memplan.precision import TORCH_NAMES, Recipe
 from memplan.verify.job import TORCH_OPTIMIZERS
+from memplan.verify.trace import heads
 
 SEED = 0
 
@@ -99,9 +100,11 @@ def build_model(
     training: TrainingSpec | None = None,
 ) -> nn.Module:
     """`AutoModelForCausalLM.from_config` (random init, nothing downloaded), or the class the
-    config's `architectures` names when the Auto mapping has none, configured for `training`
-    (`configure`; attention: `eager` asks transformers for eager, `sdpa` for its default, which
-    is sdpa wherever the class supports it and eager otherwise, what memplan predicts there)."""
+    config's `architectures` names when the Auto mapping has none or it names a sequence/token
+    classification or question-answering head (memplan.verify.trace.heads), configured for
+    `training` (`configure`; attention: `eager` asks transformers for eager, `sdpa` for its
+    default, which is sdpa wherever the class supports it and eager otherwise, what memplan
+    predicts there)."""
     import transformers
 
     cfg = hf_config(config)
@@ -111,10 +114,14 @@ def build_model(
         if training.attention == "eager":
             kwargs["attn_implementation"] = "eager"
     auto: Any = transformers.AutoModelForCausalLM  # untyped classmethods
+    kind, head = heads.head_class(config)
     torch.manual_seed(SEED)
     with torch.device(device):
         try:
-            model = auto.from_config(cfg, **kwargs)
+            if head is not None and kind != "lm":  # a classification / QA head, and its loss
+                model = head._from_config(cfg, **kwargs)
+            else:
+                model = auto.from_config(cfg, **kwargs)
         except ValueError:
             names = config.get("architectures") or []
             cls: Any = next(

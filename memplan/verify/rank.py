@@ -16,6 +16,7 @@ from torch import nn
 from memplan.verify import build, measure, peft_support, tensor_parallel
 from memplan.verify.job import STEPS, Job
 from memplan.verify.result import Phase
+from memplan.verify.trace import heads
 
 Progress = Callable[[str], None]
 
@@ -168,6 +169,17 @@ def _phase(job: Job, name: str, phases: list[Phase]) -> None:
     )
 
 
+def _targets(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The loss inputs: labels = ids for a language-model head, else what the head's loss takes
+    (memplan.verify.trace.heads), random and seeded."""
+    kind = heads.kind_of_name(type(model).__name__) or "lm"
+    if kind == "lm":
+        return {"labels": ids}
+    labels = int(getattr(model.config, "num_labels", 2))
+    generator = torch.Generator().manual_seed(build.SEED)
+    return heads.loss_inputs(kind, ids, labels, generator=generator)
+
+
 def _step(
     job: Job,
     w: Wrapped,
@@ -185,7 +197,7 @@ def _step(
             build.selective(w.base, job.spec.training),
             build.autocast(job.recipe, device),
         ):
-            loss = w.model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = w.model(input_ids=ids, use_cache=False, **_targets(w.base, ids)).loss
         phase("forward")
         loss.backward()
         del loss

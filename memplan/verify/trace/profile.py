@@ -1,13 +1,14 @@
 """Trace what a model saves for backward and write it as a profile (memplan.model.profile).
 
-A reduced copy of the model (two layers of each distinct layer kind, the config otherwise as
-given) is built with transformers' `AutoModelForCausalLM.from_config` inside torch's
-FakeTensorMode (parameters are fake tensors: no memory, any size), put in train mode, and run
-forward + causal-LM loss (labels = input_ids, the loss transformers computes) under
-`torch.autograd.graph.saved_tensors_hooks`. Each saved storage is recorded once, under the
-first module that saves it, parameters and buffers excluded (the contract of
-memplan.model.forward.tensors, as tests/activation_probe.py measures it on real tensors; fake
-tensors have no data pointer, so a storage is known by its StorageImpl, `_cdata`).
+The model is built at full depth with transformers' `AutoModelForCausalLM.from_config` inside
+torch's FakeTensorMode (two layers of each distinct layer structure traced in their places, the
+others stood in for: memplan.verify.trace.structure; parameters are fake tensors: no memory, any
+size), put in train mode, and run forward + causal-LM loss (labels = input_ids, the loss
+transformers computes) under `torch.autograd.graph.saved_tensors_hooks`. Each saved storage is
+recorded once, under the first module that saves it, parameters and buffers excluded (the
+contract of memplan.model.forward.tensors, as tests/activation_probe.py measures it on real
+tensors; fake tensors have no data pointer, so a storage is known by its StorageImpl, `_cdata`),
+and counted when a saved tensor still holds it at the end of the forward.
 
 Blocks: what is saved before the first decoder layer runs is the embeddings', what each decoder
 layer saves is that layer's (a storage saved by more than one layer, e.g. RoPE's cos/sin or a
@@ -34,6 +35,7 @@ import contextlib
 import copy
 import json
 import time
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document
 from memplan.report.estimate import setting_of
 from memplan.verify import selective as selective_
 from memplan.verify.build import force_dropout
-from memplan.verify.trace import cuda
+from memplan.verify.trace import cuda, heads, structure
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
 
@@ -64,6 +66,7 @@ NAMES = {
     torch.uint8: "uint8",
     torch.int8: "int8",
     torch.uint64: "uint64",
+    torch.complex64: "complex64",
 }
 GRID = ((2, 1), (3, 1), (2, 2), (3, 2), (2, 3), (3, 3))
 """(batch, sequence multiple) sizes fitted for batch >= 2: {2, 3} x {1, 2, 3} spans BASIS."""
@@ -78,76 +81,21 @@ SEQ_UNIT = 8
 """Tokens per sequence multiple."""
 
 
-def reduced_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
-    """The config with two layers of each distinct layer kind, and the full model's layer count
-    per kind (config `layer_types`, else one kind, "decoder")."""
-    cfg = dict(config)
-    full = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers") or 0)
-    if full <= 0:
-        raise MemplanError("the config has no layer count (num_hidden_layers, n_layer).")
-    types = cfg.get("layer_types")
-    if isinstance(types, list) and types:
-        kinds = list(dict.fromkeys(str(t) for t in types))
-        counts = {k: sum(1 for t in types if str(t) == k) for k in kinds}
-        cfg["layer_types"] = kinds * 2
-        layers = 2 * len(kinds)
-    else:
-        counts = {"decoder": full}
-        layers = min(2, full)
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if key in cfg:
-            cfg[key] = layers
-    if not any(k in cfg for k in ("num_hidden_layers", "n_layer", "num_layers")):
-        cfg["num_hidden_layers"] = layers
-    return cfg, counts
-
-
-def check_full_structure(config: Mapping[str, Any], counts: Mapping[str, int]) -> None:
-    """The full-depth model, built on the meta device (no memory, ~0.1 s for 100 layers):
-    every layer of one kind must have the same parameters, or tracing two of them would not
-    describe the rest (DeepSeek's first_k_dense_replace, Qwen MoE's mlp_only_layers, ...)."""
-    kwargs = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype", "dtype")}
-    cfg = transformers.AutoConfig.for_model(config["model_type"], **kwargs)
-    with torch.device("meta"):
-        model = _head_class(config)(cfg)
-    n = sum(counts.values())
-    _, layers = _layers(model, n)
-    kinds = _layer_kinds(dict(config), n) if len(counts) > 1 else ["decoder"] * n
-    seen: dict[str, tuple[Any, ...]] = {}
-    for i, (kind, layer) in enumerate(zip(kinds, layers, strict=True)):
-        shape = (
-            type(layer).__name__,
-            tuple((name, tuple(p.shape)) for name, p in layer.named_parameters()),
-        )
-        if kind in seen and seen[kind] != shape:
-            first = kinds.index(kind)
-            raise MemplanError(
-                f"layer {i} has other parameters than layer {first} ({type(layer).__name__}): "
-                "the config makes layers of several structures that `layer_types` does not "
-                "name (dense and MoE layers, ...); profiles trace two layers per kind, so this "
-                "model is not traced yet."
-            )
-        seen.setdefault(kind, shape)
-
-
 def sequence_unit(cfg: Any) -> int:
     """Tokens per traced sequence multiple: 8, or one more than the sliding window, so that
     every traced sequence is longer than the window (the code path changes where the window
     starts to cut: sdpa gets an explicit mask). The profile holds from that length on."""
     window = getattr(cfg, "sliding_window", None)
+    if not getattr(cfg, "use_sliding_window", True):
+        window = None
+    # Llama 4's chunked attention cuts the same way (masking_utils.py::chunked_causal_mask).
+    window = window or getattr(cfg, "attention_chunk_size", None)
     limit = int(getattr(cfg, "max_position_embeddings", 0) or 0)
-    if not isinstance(window, int) or window <= 0 or not getattr(cfg, "use_sliding_window", True):
+    if not isinstance(window, int) or window <= 0:
         return SEQ_UNIT
     if limit and window >= limit:
         return SEQ_UNIT  # never cuts a sequence the model takes
     return max(SEQ_UNIT, window + 1)
-
-
-def _layer_kinds(reduced: Mapping[str, Any], n: int) -> list[str]:
-    types = reduced.get("layer_types")
-    if isinstance(types, list) and len(types) == n:
-        return [str(t) for t in types]
-    return ["decoder"] * n
 
 
 def _build(
@@ -168,14 +116,11 @@ def _build(
             f"transformers cannot build model_type {config.get('model_type')!r}: {err}"
         ) from None
     force_dropout(cfg, dropout)  # training.dropout, as verify applies it
-    if getattr(cfg, "is_encoder_decoder", False):
-        raise MemplanError(
-            "profiles trace decoder-only and encoder-only models; encoder-decoder is not "
-            "traced yet."
-        )
+    seq2seq = getattr(cfg, "is_encoder_decoder", False)  # decoder as long as the encoder
+    head = transformers.AutoModelForSeq2SeqLM.from_config if seq2seq else _head_class(config)
     mode = FakeTensorMode()
     with mode:
-        model = _head_class(config)(cfg, dtype=DTYPES[stream], attn_implementation=attention)
+        model = head(cfg, dtype=DTYPES[stream], attn_implementation=attention)
     if _is_moe(cfg):
         _check_moe(model, stream)
     model.train()
@@ -187,15 +132,11 @@ def _build(
 
 
 def _head_class(config: Mapping[str, Any]) -> Any:
-    """The class config.json's `architectures` names when it is a language-model head
-    (CausalLM, MaskedLM, LMHead: the loss takes labels = input_ids), else
-    AutoModelForCausalLM."""
-    for name in config.get("architectures") or ():
-        if any(k in str(name) for k in ("CausalLM", "MaskedLM", "LMHead")):
-            cls = getattr(transformers, str(name), None)
-            if cls is not None:
-                return cls._from_config
-    return transformers.AutoModelForCausalLM.from_config
+    """The class config.json's `architectures` names when it is a head the trace runs with its
+    loss (memplan.verify.trace.heads: language-model, sequence and token classification,
+    question answering), else AutoModelForCausalLM."""
+    _, cls = heads.head_class(config)
+    return cls._from_config if cls is not None else transformers.AutoModelForCausalLM.from_config
 
 
 MOE_NOTE = (
@@ -210,6 +151,8 @@ MOE_NOTE = (
 def _check_moe(model: torch.nn.Module, stream: str) -> None:
     """Refuse MoE models whose experts' saved sizes depend on the routing, or that fake
     tensors cannot run."""
+    if not structure.experts_interface(model):
+        return  # the model's own experts code (structure.OWN_EXPERTS_NOTE)
     impl = getattr(model.config, "_experts_implementation", None)
     if impl != "grouped_mm":
         raise MemplanError(
@@ -262,7 +205,12 @@ def trace_once(
     the CUDA kernels' tensors, memplan.verify.trace.cuda). `selective`: every attention core
     checkpointed, then backward, whose recomputations are recorded as `recompute:<block>`
     (memplan.verify.trace.recompute)."""
-    prefix, layers = _layers(model, layer_count)
+    lists = structure.stacks(model) or [_layers(model, layer_count)]
+    layers = [m for _, stack in lists for m in stack]
+    paths = [f"{prefix}.{j}" for prefix, stack in lists for j in range(len(stack))]
+    # after an encoder's last layer its final norm and the decoder's embeddings run: per forward
+    ends = {id(stack[len(stack) - 1]): "embeddings" for _, stack in lists[:-1]}
+    ends[id(layers[-1])] = "head"
     names = {m: n for n, m in model.named_modules()}
     stack: list[str] = []
     state = {"block": "embeddings"}
@@ -277,8 +225,8 @@ def trace_once(
     def post(module: torch.nn.Module, *_: Any) -> None:
         if stack:
             stack.pop()
-        if id(module) == id(layers[len(layers) - 1]):
-            state["block"] = "head"
+        if id(module) in ends:
+            state["block"] = ends[id(module)]
 
     for module in model.modules():
         hooks.append(module.register_forward_pre_hook(pre))
@@ -295,19 +243,29 @@ def trace_once(
 
     model.loss_function = loss_function  # type: ignore[assignment]
     skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
-    records: dict[int, fit_.Record] = {}
+    records: dict[Any, fit_.Record] = {}
+    # A saved tensor whose graph node is dropped in the forward (a branch the loss does not
+    # reach, e.g. DeepSeek's group-limited routing) frees its storage, and a later storage can
+    # take its StorageImpl's address: a key whose saved tensors are all gone is a new storage,
+    # and only storages some live saved tensor holds at the end of the forward are counted.
+    refs: dict[Any, list[weakref.ref[torch.Tensor]]] = {}
+    reused: dict[int, int] = {}
     stream = NAMES[next(model.parameters()).dtype]
     em = cuda.Emulation(stream=stream) if device == "cuda" else None
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        key = storage._cdata
-        if key in skip:
+        key: Any = (storage._cdata, reused.get(storage._cdata, 0))
+        if key in refs and all(r() is None for r in refs[key]):
+            reused[storage._cdata] = key[1] + 1
+            key = (storage._cdata, key[1] + 1)
+        refs.setdefault(key, []).append(weakref.ref(t))
+        if key[0] in skip:
             return t
         block = state["block"]
         if key not in records:
             module = stack[-1] if stack else ""
-            layer_name = f"{prefix}.{block.split('.')[1]}." if block.startswith("layer.") else ""
+            layer_name = f"{paths[int(block.split('.')[1])]}." if block.startswith("layer.") else ""
             rel = module.removeprefix(layer_name) if layer_name else module
             if layer_name and module == layer_name[:-1]:
                 rel = ""  # the layer itself (checkpoint's saved inputs)
@@ -337,7 +295,11 @@ def trace_once(
             cast,
         ):
             ids = torch.zeros((batch, sequence), dtype=torch.int64)
-            out = model(input_ids=ids, labels=ids.clone(), use_cache=False)
+            kind = heads.kind_of_name(type(model).__name__) or "lm"
+            labels = int(getattr(model.config, "num_labels", 2))
+            targets = heads.loss_inputs(kind, ids, labels)
+            out = model(input_ids=ids, use_cache=False, **targets)
+            alive = {k: r for k, r in records.items() if any(w() is not None for w in refs[k])}
         if selective:
             if not run.calls:
                 raise MemplanError(selective_.no_core_message(model))
@@ -349,6 +311,7 @@ def trace_once(
                 out.loss.backward()  # the cores' recomputations run the same kernels
             for p in model.parameters():
                 p.grad = None
+        del out
     finally:
         for hook in hooks:
             hook.remove()
@@ -359,7 +322,7 @@ def trace_once(
         host = em.host_storages()  # host memory on CUDA (known once the op returned)
     again = zip(recomputed.records, recomputed.storages, strict=True)
     return [
-        *(r for key, r in records.items() if key not in host),
+        *(r for key, r in alive.items() if key[0] not in host),
         *(r for r, key in again if key not in host),
     ]
 
@@ -377,26 +340,35 @@ def _real_tensor_masks() -> Any:
 
     - `find_packed_sequence_indices(position_ids)`: position_ids are arange(s), no packed
       sequences, None;
-    - `_ignore_causal_mask_sdpa(None, ...)`: no padding mask, so the causal mask is skipped
-      (`is_causal=True`) unless a local window is not longer than the keys. Calls with a padding
-      mask go to transformers."""
+    - `_ignore_causal_mask_sdpa(padding_mask, ...)`: no padding, so the causal mask is skipped
+      (`is_causal=True`) unless a local window is not longer than the keys;
+    - `_ignore_bidirectional_mask_sdpa(padding_mask, ...)`: the same without causality.
+    A padding mask the model makes itself when none is given is all ones (BART's decoder:
+    `torch.ones(batch, length)`, modeling_bart.py::BartDecoder.forward), which is no padding:
+    transformers' own test, `padding_mask.all()`, holds on real tensors."""
     import transformers.masking_utils as masking
 
     packed = masking.find_packed_sequence_indices
     original = masking._ignore_causal_mask_sdpa
+    bidirectional = masking._ignore_bidirectional_mask_sdpa
 
     def ignore(padding_mask: Any, q_length: int, kv_length: int, *args: Any, **kw: Any) -> bool:
-        if padding_mask is not None:
-            return bool(original(padding_mask, q_length, kv_length, *args, **kw))
         local = kw.get("local_attention_size", args[2] if len(args) > 2 else None)
         return not (local is not None and kv_length >= local)
 
+    def ignore_bidirectional(
+        padding_mask: Any, kv_length: int, local_attention_size: int | None = None
+    ) -> bool:
+        return local_attention_size is None or kv_length < local_attention_size
+
     masking._ignore_causal_mask_sdpa = ignore
+    masking._ignore_bidirectional_mask_sdpa = ignore_bidirectional
     masking.find_packed_sequence_indices = lambda position_ids: None
     try:
         yield
     finally:
         masking._ignore_causal_mask_sdpa = original
+        masking._ignore_bidirectional_mask_sdpa = bidirectional
         masking.find_packed_sequence_indices = packed
 
 
@@ -411,14 +383,26 @@ def _blocks(
     dropout: bool | None = None,
     device: str = "cpu",
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int], list[str], dict[str, Any]]:
-    """Fitted tensors per block: embeddings, one per layer kind (`layer:<kind>`), head, loss."""
-    reduced, counts = reduced_config(config)
-    check_full_structure(config, counts)
+    """Fitted tensors per block: embeddings, one per layer kind (`layer:<kind>`), head, loss.
+
+    The model is built at full depth and two layers of each structure are traced in their
+    places (memplan.verify.trace.structure), the grouping checked on one full forward."""
     model, mode = _build(
-        reduced, stream=stream, attention=attention, checkpointing=checkpointing, dropout=dropout
+        config, stream=stream, attention=attention, checkpointing=checkpointing, dropout=dropout
     )
-    n = int(getattr(model.config, "num_hidden_layers", 0) or len(_layers_any(model)))
-    kinds = _layer_kinds(reduced, n)
+    two = structure.stacks(model)
+    if two:  # encoder-decoder: every layer traced, kinds "encoder" and "decoder"
+        layer_list = torch.nn.ModuleList([m for _, stack in two for m in stack])
+        depth = len(layer_list)
+        types = ["encoder"] * len(two[0][1]) + ["decoder"] * len(two[1][1])
+        plan = structure.plan(layer_list, types, keep_all=True)
+    else:
+        depth = int(getattr(model.config, "num_hidden_layers", 0) or len(_layers_any(model)))
+        _, layer_list = _layers(model, depth)
+        plan = structure.plan(layer_list, getattr(model.config, "layer_types", None))
+    counts = plan.counts
+    n = depth
+    kinds = [plan.kind_of(i) for i in plan.kept]
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     unit = sequence_unit(model.config)
     if device == "cuda":
@@ -428,33 +412,31 @@ def _blocks(
             f"max_position_embeddings {limit} is below the traced sizes (up to "
             f"{CHECK[1] * unit} tokens)."
         )
+    cast = matmul if autocast else None
+    selective = checkpointing == "selective"
+    once: dict[str, Any] = {
+        "autocast": cast,
+        "layer_count": n,
+        "device": device,
+        "selective": selective,
+    }
     out: dict[str, list[dict[str, Any]]] = {}
     for suffix, grid, chk in (("", GRID, CHECK), ("@b1", GRID_B1, CHECK_B1)):
         sizes = [(b, m * unit) for b, m in grid]
         check = (chk[0], chk[1] * unit)
-        traced = [
-            fit_.split(
-                trace_once(
-                    model,
-                    mode,
-                    batch=b,
-                    sequence=s,
-                    autocast=matmul if autocast else None,
-                    layer_count=n,
-                    device=device,
-                    selective=checkpointing == "selective",
-                )
-            )
-            for b, s in (*sizes, check)
-        ]
+        with structure.keeping(layer_list, plan):
+            traced = [
+                fit_.split(trace_once(model, mode, batch=b, sequence=s, **once))
+                for b, s in (*sizes, check)
+            ]
         fitted: dict[str, list[dict[str, Any]]] = {}
-        recomputed = [f"{recompute_.PREFIX}layer.{i}" for i in range(n)]
+        recomputed = [f"{recompute_.PREFIX}layer.{i}" for i in plan.kept]
         for block in (
             "embeddings",
-            *(f"layer.{i}" for i in range(n)),
+            *(f"layer.{i}" for i in plan.kept),
             "head",
             "loss",
-            *(recomputed if checkpointing == "selective" else ()),
+            *(recomputed if selective else ()),
         ):
             fitted[block] = fit_.fit(traced[:-1], sizes, block)
             expected = [
@@ -468,7 +450,7 @@ def _blocks(
                     f"saved {measured}."
                 )
         per_kind: dict[str, list[dict[str, Any]]] = {}
-        for i, kind in enumerate(kinds):
+        for i, kind in zip(plan.kept, kinds, strict=True):
             tensors = fitted[f"layer.{i}"]
             if kind in per_kind and per_kind[kind] != tensors:
                 raise MemplanError(f"layers of kind {kind!r} save different tensors in one model.")
@@ -477,12 +459,28 @@ def _blocks(
         out.update({f"layer:{k}{suffix}": v for k, v in per_kind.items()})
         out["head" + suffix] = fitted["head"]
         out["loss" + suffix] = fitted["loss"]
-        for i, kind in enumerate(kinds):
-            if checkpointing != "selective":
-                break
-            name = f"{recompute_.PREFIX}layer:{kind}{suffix}"
-            if out.setdefault(name, fitted[recomputed[i]]) != fitted[recomputed[i]]:
+        for name, kind in zip(recomputed if selective else (), kinds, strict=False):
+            key = f"{recompute_.PREFIX}layer:{kind}{suffix}"
+            if out.setdefault(key, fitted[name]) != fitted[name]:
                 raise MemplanError(f"layers of kind {kind!r} recompute different tensors.")
+    if len(plan.kept) < depth:  # the grouping, checked on the full-depth model at one size
+        size = (GRID[0][0], GRID[0][1] * unit)
+        full = fit_.split(trace_once(model, mode, batch=size[0], sequence=size[1], **once))
+        at = terms(*size)
+
+        def numels(tensors: list[dict[str, Any]]) -> list[tuple[str, int]]:
+            return [
+                (t["dtype"], sum(c * x for c, x in zip(t["numel"], at, strict=True)))
+                for t in tensors
+            ]
+
+        structure.check(
+            plan,
+            {k: numels(v) for k, v in out.items() if "@" not in k},
+            {k: [(r.dtype, r.numel) for r in v] for k, v in full.items()},
+            size,
+        )
+    n = len(plan.kept)
     mcfg: Any = model.config
     model_facts = {
         "sequence_unit": unit,
@@ -490,7 +488,12 @@ def _blocks(
         "vocab_size": int(mcfg.vocab_size),
         "traced_layers": n,
         "moe": _is_moe(mcfg),
+        "moe_note": MOE_NOTE if structure.experts_interface(model) else structure.OWN_EXPERTS_NOTE,
         "class": type(model).__name__,
+        "head": heads.kind_of_name(type(model).__name__) or "lm",
+        "num_labels": int(mcfg.num_labels),
+        "layer_groups": {g.kind: list(g.layers) for g in plan.groups},
+        "encoder_decoder": bool(two),
     }
     return out, counts, kinds, model_facts
 
@@ -563,8 +566,8 @@ def build(
     key = Key(
         model_type=str(config["model_type"]),
         config_hash=hashed,
-        device=device,
         dropout=dropout,
+        device=device,
         checkpointing=checkpointing,
         **common,
     )
@@ -586,6 +589,7 @@ def build(
         {"name": "head", "kind": "", "count": 1, **lists("head")},
         {"name": "loss", "kind": "", "count": 1, **lists("loss")},
     ]
+    moe_note = facts.pop("moe_note")
     return {
         "schema": SCHEMA,
         "key": {
@@ -615,7 +619,8 @@ def build(
             else f"training.dropout: {str(dropout).lower()} applied to every dropout probability "
             "of the config (memplan.verify.build.force_dropout, as verify runs it).",
             "no padding and one sequence per row (no attention_mask, no packed position_ids).",
-            *([MOE_NOTE] if facts["moe"] else []),
+            *([moe_note] if facts["moe"] else []),
+            *([structure.ENCODER_DECODER_NOTE] if facts["encoder_decoder"] else []),
             *(cuda.CUDA_ASSUMPTIONS if device == "cuda" else ()),
             *([selective_.NOTE] if checkpointing == "selective" else []),
         ],
