@@ -151,7 +151,15 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
         return lora.apply(ft, inventory, predict(inventory, st), st)
     family = family_of(arch.model_type)
     no_rule = family is None or isinstance(family.saved, str) or bool(_unsupported(arch))
-    if no_rule and profile.serving(inventory.profiles, st) is not None:
+    traced = profile.serving(inventory.profiles, st) if no_rule else None
+    if traced is not None and _expert_parallel_only(traced, lay):
+        whole = lora.apply(ft, inventory, predict(inventory, st), st)
+        return replace(
+            whole,
+            buffers=layout.buffers(arch, st, lay),
+            notes=(*whole.notes, EP_OVER_PROFILE),
+        )
+    if traced is not None:
         return layout.refused(
             "activations from a traced profile are not split for tensor, context or expert "
             "parallelism yet (the profile holds whole tensors)"
@@ -177,6 +185,27 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     if lay.sequence_parallel:
         local = layout.split(predict(inventory, local_st), local, local_st, lay)
     return replace(local, buffers=layout.buffers(arch, local_st, lay))
+
+
+EP_OVER_PROFILE = (
+    "expert parallelism over a traced profile: on balanced dropless routing a rank's experts "
+    "receive top_k x tokens (token, expert) pairs, the rows the traced grouped_mm experts save "
+    "whatever the routing, so the profile's tensors hold per rank (memplan.activations.layout."
+    "expert_pairs); tensors sized by the expert count (the grouped GEMM's [E] offsets) are "
+    "counted whole."
+)
+
+
+def _expert_parallel_only(traced: profile.Profile, lay: Layout) -> bool:
+    """A profile serves a layout split only over experts, with dropless routing, when its
+    experts ran transformers' grouped_mm (sizes independent of the routing)."""
+    return (
+        lay.expert > 1
+        and lay.tensor == 1
+        and lay.context == 1
+        and lay.expert_capacity_factor is None
+        and traced.experts == "grouped_mm"
+    )
 
 
 def _unsupported(arch: Architecture) -> str:

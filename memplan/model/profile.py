@@ -138,6 +138,10 @@ class Profile:
     blocks: tuple[ProfileBlock, ...]
     assumptions: tuple[str, ...] = ()
     min_sequence: int = 1
+    experts: str = ""
+    """How the traced MoE layers run their experts: "grouped_mm" (transformers' experts
+    interface: every saved tensor has tokens x top_k rows whatever the routing), "own" (the
+    model's own expert code), "" (no experts)."""
     """The shortest traced sequence: below it the model may run another code path (a sliding
     window longer than the sequence)."""
     head: str = "lm"
@@ -251,6 +255,7 @@ def from_document(doc: Any, *, origin: str) -> Profile:
             blocks=blocks,
             assumptions=tuple(str(a) for a in doc.get("assumptions", ())),
             min_sequence=int(doc.get("fit", {}).get("min_sequence", 1)),
+            experts=str(doc["model"].get("experts", "")),
             head=_head(doc["model"].get("head", "lm")),
             num_labels=int(doc["model"].get("num_labels", 2)),
         )

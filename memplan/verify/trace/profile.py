@@ -488,6 +488,9 @@ def _blocks(
         "vocab_size": int(mcfg.vocab_size),
         "traced_layers": n,
         "moe": _is_moe(mcfg),
+        "experts": (
+            ("grouped_mm" if structure.experts_interface(model) else "own") if _is_moe(mcfg) else ""
+        ),
         "moe_note": MOE_NOTE if structure.experts_interface(model) else structure.OWN_EXPERTS_NOTE,
         "class": type(model).__name__,
         "head": heads.kind_of_name(type(model).__name__) or "lm",
