@@ -361,3 +361,33 @@ def test_gpu_profile_equals_real_cuda_run(
     )
     model.to("cuda").train()
     assert _measure_cuda(model, 3, 96) == predicted
+
+
+def test_mla_value_head_smaller_than_the_query_takes_the_efficient_kernel() -> None:
+    """DeepSeek's MLA has value heads smaller than its query heads: flash needs q, k and v of one
+    head size (torch cuda/sdp_utils.cpp::check_head_dim_size_flash, `same_head_dim_size`), so
+    sdpa picks the memory-efficient kernel, whose output has the value's head size; the emulated
+    CUDA trace ran flash's op on it before and failed in o_proj (the full-size DeepSeek-V3)."""
+    from memplan.model.forward.attention import Heads, sdpa_kernel
+    from tests.test_trace_structure import CONFIGS
+
+    st = Setting(
+        batch=2,
+        sequence=64,
+        stream="bf16",
+        matmul="bf16",
+        autocast=False,
+        device="cuda",
+        attention="sdpa",
+        dropout=None,
+        checkpointing="none",
+    )
+    h = Heads(batch=2, seq=64, heads=4, kv_heads=4, head_dim=64)
+    assert sdpa_kernel(st, h, gqa=False, mask=False, dropout_on=False) == "flash"
+    other = sdpa_kernel(st, h, gqa=False, mask=False, dropout_on=False, same_head_dims=False)
+    assert other == "efficient"
+    config = {**CONFIGS["deepseek_v3"], "v_head_dim": 8, "max_position_embeddings": 512}
+    doc = tracer.build(
+        config, stream="bf16", matmul="bf16", autocast=False, attention="sdpa", device="cuda"
+    )
+    assert doc["key"]["device"] == "cuda"

@@ -84,18 +84,28 @@ class Qkv:
     transposed view of [b, s, a, d] (the projections' layout, kept by RoPE's elementwise ops)."""
 
 
-def sdpa_kernel(st: Setting, h: Heads, *, gqa: bool, mask: bool, dropout_on: bool) -> SdpaKernel:
+def sdpa_kernel(
+    st: Setting,
+    h: Heads,
+    *,
+    gqa: bool,
+    mask: bool,
+    dropout_on: bool,
+    same_head_dims: bool = True,
+) -> SdpaKernel:
     """The kernel `scaled_dot_product_attention` picks (SRC_SELECT, torch 2.13 defaults).
 
     CPU: the CPU flash kernel, except with dropout, which it does not implement: then math.
     CUDA: flash for 16-bit inputs with head_dim <= 256 (multiple of 8) and no explicit mask;
     else memory-efficient, which does not take `enable_gqa`; else math. Assumes sm80+ and the
-    default priority order (flash, efficient, math).
+    default priority order (flash, efficient, math). Flash also needs q, k and v of one head
+    size (cuda/sdp_utils.cpp::check_head_dim_size_flash: `same_head_dim_size`; DeepSeek's MLA
+    has a value head smaller than the query's), `same_head_dims`.
     """
     if st.device == "cpu":
         return "math" if dropout_on else "flash"
     flash_dims = h.head_dim <= FLASH_MAX_HEAD_DIM and h.head_dim % FLASH_HEAD_DIM_MULTIPLE == 0
-    if st.matmul in ("bf16", "fp16") and flash_dims and not mask:
+    if st.matmul in ("bf16", "fp16") and flash_dims and same_head_dims and not mask:
         return "flash"
     return "math" if gqa else "efficient"
 

@@ -210,7 +210,12 @@ def _sdpa(
     )
     heads = Heads(batch=b, seq=s, heads=a, kv_heads=key.size(1), head_dim=d)
     kernel = sdpa_kernel(
-        st, heads, gqa=enable_gqa, mask=attn_mask is not None, dropout_on=dropout_p > 0
+        st,
+        heads,
+        gqa=enable_gqa,
+        mask=attn_mask is not None,
+        dropout_on=dropout_p > 0,
+        same_head_dims=key.size(-1) == d and value.size(-1) == d,
     )
     em.kernels.append(kernel)
     mask = _additive(attn_mask, query.dtype)
