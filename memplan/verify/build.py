@@ -91,11 +91,17 @@ def build_model(
     dtype: torch.dtype,
     device: str,
     training: TrainingSpec | None = None,
+    *,
+    unruled: bool = False,
 ) -> nn.Module:
     """`AutoModelForCausalLM.from_config` (random init, nothing downloaded), or the class the
     config's `architectures` names when the Auto mapping has none, configured for `training`
     (`configure`; attention: `eager` asks transformers for eager, `sdpa` for its default, which
-    is sdpa wherever the class supports it and eager otherwise, what memplan predicts there)."""
+    is sdpa wherever the class supports it and eager otherwise, what memplan predicts there).
+
+    `unruled` (a model_type with no hand family, predicted from a traced profile): the class
+    the trace builds (memplan.verify.trace.profile._head_class: the `architectures`
+    language-model head, else AutoModelForCausalLM), so both describe one model."""
     import transformers
 
     cfg = hf_config(config)
@@ -105,10 +111,15 @@ def build_model(
         if training.attention == "eager":
             kwargs["attn_implementation"] = "eager"
     auto: Any = transformers.AutoModelForCausalLM  # untyped classmethods
+    make: Any = auto.from_config
+    if unruled:
+        from memplan.verify.trace.profile import _head_class
+
+        make = _head_class(config)
     torch.manual_seed(SEED)
     with torch.device(device):
         try:
-            model = auto.from_config(cfg, **kwargs)
+            model = make(cfg, **kwargs)
         except ValueError:
             names = config.get("architectures") or []
             cls: Any = next(
