@@ -273,9 +273,17 @@ def trace_once(
     model.loss_function = loss_function  # type: ignore[assignment]
     skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     records: dict[int, fit_.Record] = {}
+    # Every storage handed to `pack` is kept referenced until the trace ends, so that its
+    # address (`_cdata`) names it alone: a storage saved by a node the forward then drops (a
+    # MoE router's index tensors off the loss's path: glm4_moe, phimoe) is freed during the
+    # forward, and a later one made at its address was taken for it (merged into the earlier
+    # block, at some sizes only, which the fit refused). It stays counted, as
+    # memplan/verify/measure.py counts every storage saved (first seen).
+    kept: list[Any] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
+        kept.append(storage)
         key = storage._cdata
         if key in skip:
             return t
@@ -309,6 +317,7 @@ def trace_once(
         for hook in hooks:
             hook.remove()
         model.loss_function = loss_fn
+        kept.clear()
     return list(records.values())
 
 
