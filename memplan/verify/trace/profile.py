@@ -155,9 +155,12 @@ def _build(
             "profiles trace decoder-only and encoder-only models; encoder-decoder is not "
             "traced yet."
         )
+    # `sdpa` is transformers' default, as verify builds it (memplan/verify/build.py::
+    # build_model): sdpa where the class supports it, else eager (gpt_oss: attention sinks).
+    impl = {"attn_implementation": "eager"} if attention == "eager" else {}
     mode = FakeTensorMode()
     with mode:
-        model = _head_class(config)(cfg, dtype=DTYPES[stream], attn_implementation=attention)
+        model = _head_class(config)(cfg, dtype=DTYPES[stream], **impl)
     if _is_moe(cfg):
         _check_moe(model, stream)
     model.train()
