@@ -277,8 +277,18 @@ def write(out: Path, rows: dict[str, Any], start: float, *, done: bool) -> dict[
     import torch
     import transformers
 
+    for name, row in rows.items():  # the labels are the script's, whichever run made the rows
+        row["not_traced"] = NOT_TRACED.get(name)
+        row["caveat"] = CAVEATS.get(name)
     ratios = [
         s["ratio"] for t in rows.values() for s in t["settings"] if s.get("ratio") is not None
+    ]
+    plain = [
+        s["ratio"]
+        for name, t in rows.items()
+        if name not in CAVEATS
+        for s in t["settings"]
+        if s.get("ratio") is not None
     ]
     summary = {
         "complete": done,
@@ -294,6 +304,7 @@ def write(out: Path, rows: dict[str, Any], start: float, *, done: bool) -> dict[
         "cases": sum(len(t["settings"]) for t in rows.values()),
         "cases_with_ratio": len(ratios),
         "max_abs_ratio_minus_1": max((abs(r - 1) for r in ratios), default=None),
+        "max_abs_ratio_minus_1_without_caveats": max((abs(r - 1) for r in plain), default=None),
         "seconds": round(time.perf_counter() - start, 1),
     }
     doc = {
