@@ -1,8 +1,8 @@
 """`memplan verify` for model_types with no hand-written family (issue 18's proof, a subset).
 
-The whole matrix (27 types x up to 12 settings) is benchmarks/profile_verify.py, written to
-benchmarks/results/profile_verify.json; here a representative subset of its cases, with its
-configs: dense types of several layer shapes (parallel attention+MLP in phi, per-layer
+The whole matrix (34 types, 31 traced, up to 12 settings each) is benchmarks/profile_verify.py,
+written to benchmarks/results/profile_verify.json; here a representative subset of its cases,
+with its configs: dense types of several layer shapes (parallel attention+MLP in phi, per-layer
 sliding/full windows in cohere2, convolution layers in lfm2, q/k norms in olmo3), fp32, bf16
 and autocast, eager and sdpa, no and full recomputation, and one MoE type in bf16.
 
