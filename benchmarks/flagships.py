@@ -72,7 +72,7 @@ LAYOUT = {
 }
 # The torch check runs in the estimate's own process, after the command.
 ESTIMATE = (
-    "import sys, runpy; sys.argv = ['memplan', 'estimate', {spec!r}, '--json']\n"
+    "import sys, runpy; sys.argv = ['memplan', 'estimate', {spec!r}, '--json', '--no-trace']\n"
     "try:\n    runpy.run_module('memplan', run_name='__main__')\n"
     "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
     "sys.stderr.write('\\nTORCH_IMPORTED=%d\\n' % ('torch' in sys.modules))\n"
@@ -94,7 +94,8 @@ def spec_text(flagship: dict[str, Any], device: str) -> str:
         f"  engine: {LAYOUT['engine']}\n"
         f"  zero_stage: {LAYOUT['zero_stage']}\n"
         f"  data: {flagship['gpus']}\n"
-        f"hardware:\n  gpu: {LAYOUT['gpu']}\n  device: {device}\n"
+        + (f"  expert: {flagship['expert']}\n" if flagship.get("expert", 1) > 1 else "")
+        + f"hardware:\n  gpu: {LAYOUT['gpu']}\n  device: {device}\n"
     )
 
 
@@ -164,7 +165,7 @@ def estimate(spec: Path, cache: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument("--no-build", action="store_true", help="estimate with shipped files")
     parser.add_argument("--only", nargs="*", help="presets to run (default: all)")
     args = parser.parse_args(argv)

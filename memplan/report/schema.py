@@ -618,6 +618,24 @@ class VerifySetup(_Doc):
         )
     )
     steps: int = Field(description="Training steps run; the last one is measured.")
+    activations_source: Literal["rule", "profile", "none"] | None = Field(
+        default=None,
+        description=(
+            "Where the predicted activations come from: a hand-written family's rule, a traced "
+            "profile (for a model_type with no family: stored, or traced by verify itself), or "
+            "none (not modelled: measured, not checked)."
+        ),
+    )
+    activations_profile: str | None = Field(
+        default=None, description="The profile's name (file stem) when one serves, else null."
+    )
+    activations_profile_origin: Literal["stored", "traced now"] | None = Field(
+        default=None,
+        description=(
+            "stored: found in $MEMPLAN_CACHE/profiles or shipped with memplan; traced now: traced "
+            "by this verify run under FakeTensorMode (not stored)."
+        ),
+    )
     torch: str = Field(description="torch version.")
     transformers: str = Field(description="transformers version.")
 

@@ -98,13 +98,19 @@ def build_model(
     dtype: torch.dtype,
     device: str,
     training: TrainingSpec | None = None,
+    *,
+    unruled: bool = False,
 ) -> nn.Module:
     """`AutoModelForCausalLM.from_config` (random init, nothing downloaded), or the class the
     config's `architectures` names when the Auto mapping has none or it names a sequence/token
     classification or question-answering head (memplan.verify.trace.heads), configured for
     `training` (`configure`; attention: `eager` asks transformers for eager, `sdpa` for its
     default, which is sdpa wherever the class supports it and eager otherwise, what memplan
-    predicts there)."""
+    predicts there).
+
+    `unruled` (a model_type with no hand family, predicted from a traced profile): the class
+    the trace builds (memplan.verify.trace.profile._head_class: the `architectures`
+    language-model head, else AutoModelForCausalLM), so both describe one model."""
     import transformers
 
     cfg = hf_config(config)
@@ -115,13 +121,17 @@ def build_model(
             kwargs["attn_implementation"] = "eager"
     auto: Any = transformers.AutoModelForCausalLM  # untyped classmethods
     kind, head = heads.head_class(config)
+    make: Any = auto.from_config
+    if unruled:
+        from memplan.verify.trace.profile import _head_class
+
+        make = _head_class(config)
+    if head is not None and kind != "lm":  # a classification / QA head, and its loss
+        make = head._from_config
     torch.manual_seed(SEED)
     with torch.device(device):
         try:
-            if head is not None and kind != "lm":  # a classification / QA head, and its loss
-                model = head._from_config(cfg, **kwargs)
-            else:
-                model = auto.from_config(cfg, **kwargs)
+            model = make(cfg, **kwargs)
         except ValueError:
             names = config.get("architectures") or []
             cls: Any = next(

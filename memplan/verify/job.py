@@ -21,6 +21,7 @@ from memplan.model.sources import Inventory
 from memplan.precision import Recipe
 from memplan.report.estimate import estimate
 from memplan.report.result import Report
+from memplan.verify.unruled import RULE, Served, is_unruled
 
 Device = Literal["cpu", "cuda"]
 
@@ -86,6 +87,12 @@ class Job:
     """Decoder layers of the spec's model."""
     layer_key: str | None
     """The config key that holds the number of decoder layers."""
+    unruled: bool = False
+    """No hand-written family serves the model_type: the inventory is the meta build and the
+    activations a traced profile (memplan.verify.unruled); the model is built as the trace
+    builds it (build.build_model's `unruled`)."""
+    served: Served = RULE
+    """Where the prediction's activations come from (a rule, a stored or a fresh profile)."""
 
     @property
     def engine(self) -> str:
@@ -309,9 +316,9 @@ def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | No
             )
         layers = options.layers
     built = with_layers(config, key, layers) if key and layers != full_layers else config
-    inventory = _inventory(built, loaded)
+    inventory, served = _inventory(built, loaded, spec)
     report = estimate(spec, inventory)
-    full = estimate(spec, _inventory(config, loaded)) if built is not config else None
+    full = estimate(spec, _inventory(config, loaded, spec)[0]) if built is not config else None
     par = spec.parallelism
     job = Job(
         config=built,
@@ -324,13 +331,21 @@ def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | No
         layers=layers,
         full_layers=full_layers,
         layer_key=key,
+        unruled=is_unruled(config),
+        served=served,
     )
     return job, report, full
 
 
-def _inventory(config: dict[str, Any], loaded: LoadedSpec) -> Inventory:
+def _inventory(config: dict[str, Any], loaded: LoadedSpec, spec: Spec) -> tuple[Inventory, Served]:
+    """The inventory verify predicts from: the hand family's, or for a model_type with none the
+    meta build with a traced profile (memplan.verify.unruled)."""
     try:
-        return models.from_config(config, origin="model")
+        if is_unruled(config):
+            from memplan.verify import unruled
+
+            return unruled.inventory(config, spec, origin="model")
+        return models.from_config(config, origin="model"), RULE
     except MemplanError as err:
         raise err.located(field="model", where=loaded.where("model")) from None
 

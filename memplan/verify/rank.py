@@ -56,7 +56,13 @@ def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
     # MixedPrecisionPolicy.param_dtype for compute, so a *-mixed model is built in the master
     # dtype; everywhere else the module holds `recipe.parameters`.
     at_rest = master if fsdp and master else recipe.parameters
-    model = build.build_model(job.config, build.torch_dtype(at_rest), device, job.spec.training)
+    model = build.build_model(
+        job.config,
+        build.torch_dtype(at_rest),
+        device,
+        job.spec.training,
+        unruled=job.unruled,
+    )
     base = model
     model = peft_support.prepare(job.spec, model)
     layers = build.decoder_layers(model, job.layers)

@@ -111,10 +111,14 @@ def _step_line(s: dict[str, Any]) -> str:
         checkpointing += " (offloaded)"
     dropout = {True: "forced on", False: "forced off", None: "as the config"}[s["dropout"]]
     cache = "on" if s["use_cache"] else "off"
-    return (
+    line = (
         f"attention {s['attention']}, activation checkpointing {checkpointing}, dropout "
         f"{dropout}, key/value cache {cache}"
     )
+    if s.get("activations_profile"):
+        line += f"\nactivations from profile {s['activations_profile']} ("
+        line += f"{s.get('activations_profile_origin') or 'stored'})"
+    return line
 
 
 def verify_view(result: VerifyResult) -> RenderableType:

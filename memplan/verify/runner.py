@@ -10,7 +10,7 @@ from memplan.config.load import LoadedSpec, installed_version
 from memplan.report.result import Report
 from memplan.states.engines import RankStates
 from memplan.verify import job as jobs
-from memplan.verify.job import Event, Job, Options
+from memplan.verify.job import Event, Job, Options, activations_modelled
 from memplan.verify.result import RankResult, Row, VerifyResult, rows_for, to_json
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def predicted(
             out[name] = (out.get(name) or 0) + term.bytes
             optimizer_total += term.bytes
     out["optimizer_states"] = optimizer_total
-    if jobs.activations_modelled(report):
+    if activations_modelled(report):
         # The TP rank's own activations (the LM head's logits and loss over its vocabulary
         # rows) and peak; that peak is its most-loaded data-parallel rank's, and another
         # rank differs by its model states (activations and transients are the same on every
@@ -105,6 +105,11 @@ def _setup(job: Job, report: Report, measured: list[RankMeasurement]) -> dict[st
         "dropout": training.dropout,
         "use_cache": False,
         "steps": jobs.STEPS,
+        # Where the prediction's activations come from (memplan.verify.unruled): a hand rule,
+        # a profile (stored, or traced now for a model_type with no rule) or none.
+        "activations_source": job.served.source if activations_modelled(report) else "none",
+        "activations_profile": job.served.profile,
+        "activations_profile_origin": job.served.origin,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
@@ -128,6 +133,8 @@ def compare(
     # gives the first TP ranks the most vocabulary rows).
     most_loaded = report.per_gpu.ranks[0] * job.tensor
     notes = _tensor_parallel_notes(job)
+    if job.served.detail:
+        notes.append(job.served.detail)
     if not jobs.activations_modelled(report):
         notes.append(
             "activations are not modelled by the calculator yet: measured saved-tensor bytes "

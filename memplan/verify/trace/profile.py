@@ -118,9 +118,12 @@ def _build(
     force_dropout(cfg, dropout)  # training.dropout, as verify applies it
     seq2seq = getattr(cfg, "is_encoder_decoder", False)  # decoder as long as the encoder
     head = transformers.AutoModelForSeq2SeqLM.from_config if seq2seq else _head_class(config)
+    # `sdpa` is transformers' default, as verify builds it (memplan/verify/build.py::
+    # build_model): sdpa where the class supports it, else eager (gpt_oss: attention sinks).
+    impl = {"attn_implementation": "eager"} if attention == "eager" else {}
     mode = FakeTensorMode()
     with mode:
-        model = head(cfg, dtype=DTYPES[stream], attn_implementation=attention)
+        model = head(cfg, dtype=DTYPES[stream], **impl)
     if _is_moe(cfg):
         _check_moe(model, stream)
     model.train()
