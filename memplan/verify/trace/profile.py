@@ -98,6 +98,22 @@ def sequence_unit(cfg: Any) -> int:
     return max(SEQ_UNIT, window + 1)
 
 
+FAR = 512
+"""A long sequence every profile's fit is also checked on (below max_position_embeddings):
+code paths that change with the length past the traced sizes (a chunked linear-attention loop,
+chunk 64, saves per chunk) make the fit fail there instead of extrapolating wrongly."""
+
+
+def far_sequence(unit: int, limit: int) -> int:
+    """The far check's sequence: FAR rounded up to a multiple of `unit`, or the longest
+    multiple of `unit` the model takes when that is shorter; 0 when that is not past the
+    ordinary check (CHECK)."""
+    far = -(-FAR // unit) * unit
+    if limit and far > limit:
+        far = limit // unit * unit
+    return far if far > CHECK[1] * unit else 0
+
+
 def _build(
     config: Mapping[str, Any],
     *,
@@ -424,14 +440,18 @@ def _blocks(
         "selective": selective,
     }
     out: dict[str, list[dict[str, Any]]] = {}
+    far = far_sequence(unit, limit)
     for suffix, grid, chk in (("", GRID, CHECK), ("@b1", GRID_B1, CHECK_B1)):
         sizes = [(b, m * unit) for b, m in grid]
-        check = (chk[0], chk[1] * unit)
+        checks = [(chk[0], chk[1] * unit)]
+        if far and not suffix:
+            checks.append((chk[0], far))
         with structure.keeping(layer_list, plan):
             traced = [
                 fit_.split(trace_once(model, mode, batch=b, sequence=s, **once))
-                for b, s in (*sizes, check)
+                for b, s in (*sizes, *checks)
             ]
+        fits = traced[: len(sizes)]
         fitted: dict[str, list[dict[str, Any]]] = {}
         recomputed = [f"{recompute_.PREFIX}layer.{i}" for i in plan.kept]
         for block in (
@@ -441,17 +461,22 @@ def _blocks(
             "loss",
             *(recomputed if selective else ()),
         ):
-            fitted[block] = fit_.fit(traced[:-1], sizes, block)
-            expected = [
-                sum(c * x for c, x in zip(t["numel"], terms(*check), strict=True))
-                for t in fitted[block]
-            ]
-            measured = [r.numel for r in traced[-1].get(block, [])]
-            if expected != measured:
-                raise MemplanError(
-                    f"block {block}: the fit predicts {expected} elements at {check}, the trace "
-                    f"saved {measured}."
-                )
+            fitted[block] = fit_.fit(fits, sizes, block)
+            for check, seen in zip(checks, traced[len(sizes) :], strict=True):
+                expected = [
+                    sum(c * x for c, x in zip(t["numel"], terms(*check), strict=True))
+                    for t in fitted[block]
+                ]
+                measured = [r.numel for r in seen.get(block, [])]
+                if expected != measured:
+                    raise MemplanError(
+                        f"block {block}: the fit over {sizes[0][1]}-{sizes[-1][1]} tokens "
+                        f"predicts {len(expected)} storages of {sum(expected)} elements at "
+                        f"batch x sequence {check}, the trace saved {len(measured)} of "
+                        f"{sum(measured)}: the forward takes another code path at that length "
+                        "(a chunked or windowed loop: linear attention, ...), so a profile "
+                        "fitted on short sequences would not describe long ones."
+                    )
         per_kind: dict[str, list[dict[str, Any]]] = {}
         for i, kind in zip(plan.kept, kinds, strict=True):
             tensors = fitted[f"layer.{i}"]
@@ -487,6 +512,7 @@ def _blocks(
     mcfg: Any = model.config
     model_facts = {
         "sequence_unit": unit,
+        "far_check_sequence": far,
         "hidden_size": int(mcfg.hidden_size),
         "vocab_size": int(mcfg.vocab_size),
         "traced_layers": n,
