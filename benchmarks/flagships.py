@@ -16,13 +16,15 @@ The layout, the same for every model so the rows compare: bf16-mixed AdamW, torc
 (ZeRO-3) over H100-80GB GPUs, micro-batch 1, sequence 4,096, full activation checkpointing
 (each decoder layer keeps its input), sdpa attention (eager where transformers has no sdpa path
 for the model: gpt-oss); the data-parallel degree (`gpus`) grows with the parameter count (8 to
-256 GPUs). No expert parallelism: a traced profile is not split for expert parallelism yet
-(memplan.activations), so an EP layout would show no activations; the verdicts say where plain
-FSDP2 does not fit (FSDP2 shards each expert tensor's first dimension, the expert count, so 16
-experts over 64 ranks pad; a whole MoE layer is gathered at once). `--device cpu` (the default
-today): the profiles are traced with the CPU kernels, the only ones the trace runs
-(memplan.verify.trace.profile); on a GPU the CUDA kernels save other tensors (SDPA's
-flash/efficient kernels), so rerun with `--device cuda` once CUDA profiles can be traced.
+256 GPUs). Expert parallelism (`expert`) where the model's experts run transformers'
+grouped_mm (a traced profile holds per EP rank on balanced dropless routing,
+memplan.activations.EP_OVER_PROFILE); Llama 4's own expert code is not split, so it runs plain
+FSDP2, which shards each expert tensor's first dimension (16 experts: a rank holds at least one).
+Under FSDP2 memplan gathers a whole decoder layer, experts included, over the data-parallel group
+(memplan.states.engines.fsdp2.step); torchtitan wraps the experts apart over the expert-data
+mesh, so the MoE rows' transient is high there (issue 19). `--device cuda` (the default): the
+profiles are traced for CUDA kernels on the CPU build (memplan.verify.trace.cuda); `--device
+cpu` traces the CPU kernels. The estimate runs with `--no-trace`: only shipped files serve.
 
 Writes benchmarks/results/flagships.json (stamped with the commit; scripts/gen_readme.py renders
 its `flagships` block).
@@ -49,16 +51,22 @@ from memplan.model.load import PROFILE_DIR  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "flagships.json"
 
 FLAGSHIPS: tuple[dict[str, Any], ...] = (
-    {"preset": "gpt-oss-120b", "label": "gpt-oss-120b", "gpus": 64, "attention": "eager"},
-    {"preset": "qwen3.5-35b-a3b", "label": "Qwen3.5-35B-A3B (text)", "gpus": 16},
+    {
+        "preset": "gpt-oss-120b",
+        "label": "gpt-oss-120b",
+        "gpus": 64,
+        "expert": 8,
+        "attention": "eager",
+    },
+    {"preset": "qwen3.5-35b-a3b", "label": "Qwen3.5-35B-A3B (text)", "gpus": 16, "expert": 8},
     {
         "preset": "gemma-4-text-default",
         "label": "Gemma 4 (transformers' default text config)",
         "gpus": 8,
     },
     {"preset": "llama-4-scout-17b-16e", "label": "Llama 4 Scout 17B-16E (text)", "gpus": 64},
-    {"preset": "deepseek-v3.2", "label": "DeepSeek-V3.2", "gpus": 256},
-    {"preset": "glm-4.5", "label": "GLM-4.5", "gpus": 128},
+    {"preset": "deepseek-v3.2", "label": "DeepSeek-V3.2", "gpus": 256, "expert": 32},
+    {"preset": "glm-4.5", "label": "GLM-4.5", "gpus": 128, "expert": 16},
 )
 LAYOUT = {
     "precision": "bf16-mixed",

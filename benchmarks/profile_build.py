@@ -17,7 +17,8 @@ it, the cases interleaved run by run (the machine is shared) and the median kept
            memplan ships in memplan/model/profiles/, benchmarks/flagships.py)
 
 with an empty MEMPLAN_CACHE, the same layout (bf16-mixed AdamW, FSDP2 over 64 H100-80GB,
-micro-batch 1, sequence 4,096, full checkpointing, device cpu). Each process reports whether
+micro-batch 1, sequence 4,096, full checkpointing, device cuda; gpt-oss with 8-way expert
+parallelism). Each process reports whether
 `torch` (or `transformers`) is in `sys.modules` after the command: both must say no.
 
     PYTHONPATH=$PWD python benchmarks/profile_build.py [--runs 7] [--no-build]
@@ -68,11 +69,11 @@ training:
 parallelism:
   engine: fsdp2
   data: 64
+  expert: {expert}
 hardware:
   gpu: H100-80GB
-  device: cpu
 """
-CASES = {"rule": ("llama-3-8b", "sdpa"), "profile": ("gpt-oss-120b", "eager")}
+CASES = {"rule": ("llama-3-8b", "sdpa", 1), "profile": ("gpt-oss-120b", "eager", 8)}
 # The command as `memplan` runs it, then what it imported.
 ESTIMATE = (
     "import sys, runpy; sys.argv = ['memplan', 'estimate', {spec!r}, '--json']\n"
@@ -140,9 +141,9 @@ def startup(runs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "MEMPLAN_CACHE": str(Path(tmp) / "cache"), "PYTHONPATH": str(ROOT)}
         specs = {}
-        for case, (preset, attention) in CASES.items():
+        for case, (preset, attention, expert) in CASES.items():
             specs[case] = Path(tmp) / f"{case}.yaml"
-            specs[case].write_text(SPEC.format(preset=preset, attention=attention))
+            specs[case].write_text(SPEC.format(preset=preset, attention=attention, expert=expert))
         for _ in range(runs):
             for case in CASES:  # interleaved
                 started = time.perf_counter()

@@ -147,9 +147,9 @@ training:
 parallelism:
   engine: fsdp2
   data: 64
+  expert: 8
 hardware:
   gpu: H100-80GB
-  device: cpu
 """
 PROBE = (
     "import sys, runpy; sys.argv = ['memplan', 'estimate', {spec!r}, '--json']\n"
