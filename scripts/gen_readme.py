@@ -479,7 +479,7 @@ def flagships(doc: Doc) -> str:
             [
                 row["label"],
                 f"{est['num_parameters'] / 1e9:.1f} B",
-                n(row["gpus"]),
+                n(row["gpus"]) + (f" (EP {row['expert']})" if row.get("expert", 1) > 1 else ""),
                 gib(states),
                 acts,
                 gib(est["peak"]) + ("" if traced else " + activations"),
@@ -493,9 +493,11 @@ def flagships(doc: Doc) -> str:
         f"ZeRO-{layout['zero_stage']} on {layout['gpu']}, micro-batch "
         f"{layout['micro_batch_size']}, sequence {n(layout['sequence_length'])}, "
         f"{layout['activation_checkpointing']} activation checkpointing; GiB per GPU. "
-        f"Activations come from the profiles memplan ships (traced with the "
-        f"{layout['device'].upper()} kernels); {of(free, len(doc['rows']), 'estimates')} ran "
-        "without importing torch (shipped inventories).\n\n"
+        f"Activations come from the profiles memplan ships (traced for the "
+        f"{layout['device'].upper()} kernels"
+        + (", emulated on a CPU build" if layout["device"] == "cuda" else "")
+        + f"); {of(free, len(doc['rows']), 'estimates')} ran without importing torch (shipped "
+        "inventories). EP: expert parallelism over the data-parallel GPUs.\n\n"
     )
     text += table(head, rows)
     if missing:
@@ -504,6 +506,14 @@ def flagships(doc: Doc) -> str:
             for r in missing
         )
         text += ".\n"
+    if any(r.get("expert", 1) > 1 and r["estimate"].get("fits") is False for r in doc["rows"]):
+        text += (
+            "\nThe MoE rows that do not fit are high where memplan's FSDP2 model is coarse: it "
+            "gathers a whole decoder layer, experts included, over all data-parallel GPUs "
+            "(memplan/states/engines/fsdp2/step.py), where torchtitan wraps the experts apart "
+            "over the expert-data mesh; Llama 4's 16 experts, sharded on their first dimension "
+            "over 64 GPUs, leave each GPU a whole expert.\n"
+        )
     return text
 
 
@@ -512,15 +522,26 @@ def profile_build(doc: Doc) -> str:
         low, high = min(r["seconds"] for r in rows), max(r["seconds"] for r in rows)
         return f"{low:.1f} s" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f} to {high:.1f} s"
 
-    llama = [row for row in doc["build"] if row["case"].startswith("llama")]
-    others = [row for row in doc["build"] if "100 layers" in row["case"] and row not in llama]
+    llama = [
+        row
+        for row in doc["build"]
+        if row["case"].startswith("llama") and row.get("device", "cpu") == "cpu"
+    ]
+    cuda = [row for row in doc["build"] if row.get("device") == "cuda" and "100" in row["case"]]
+    others = [
+        row
+        for row in doc["build"]
+        if "100 layers" in row["case"] and not row["case"].startswith("llama")
+    ]
     rule, profile = doc["startup"]["rule"], doc["startup"]["profile"]
     clean = not rule["imported"] and not profile["imported"]
     text = (
-        "Tracing a profile (two layers of each kind, whatever the depth) takes "
+        "Tracing a profile (two layers of each structure traced, the full depth built and "
+        "checked once on fake tensors) takes "
         f"{span([r for r in llama if '100 layers' in r['case']])} for a 100-layer "
         f"Llama-3-8B-shaped model and {span([r for r in llama if '2 layers' in r['case']])} "
-        "for the same at 2 layers (sdpa and eager)"
+        "for the same at 2 layers (sdpa and eager, CPU kernels)"
+        + (f", {span(cuda)} at 100 layers for the CUDA kernels" if cuda else "")
     )
     text += "".join(f", {span([r])} for {r['case']}" for r in others)
     return text + (

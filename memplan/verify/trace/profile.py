@@ -470,12 +470,13 @@ def _blocks(
                 measured = [r.numel for r in seen.get(block, [])]
                 if expected != measured:
                     raise MemplanError(
-                        f"block {block}: the fit over {sizes[0][1]}-{sizes[-1][1]} tokens "
-                        f"predicts {len(expected)} storages of {sum(expected)} elements at "
-                        f"batch x sequence {check}, the trace saved {len(measured)} of "
-                        f"{sum(measured)}: the forward takes another code path at that length "
-                        "(a chunked or windowed loop: linear attention, ...), so a profile "
-                        "fitted on short sequences would not describe long ones."
+                        f"the forward saves other tensors at {check[1]} tokens than its fit "
+                        f"over {sizes[0][1]}-{sizes[-1][1]} tokens predicts (block {block}, "
+                        f"batch x sequence {check}: {len(measured)} storages of "
+                        f"{sum(measured)} elements, the fit {len(expected)} of "
+                        f"{sum(expected)}); another code path at that length, such as a "
+                        "chunked linear-attention loop, so a fit on short sequences would not "
+                        "describe long ones."
                     )
         per_kind: dict[str, list[dict[str, Any]]] = {}
         for i, kind in zip(plan.kept, kinds, strict=True):
