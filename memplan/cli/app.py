@@ -51,15 +51,20 @@ def _run(debug: bool, work: Callable[[], T]) -> T:
         raise typer.Exit(err.exit_code) from None
 
 
-def _traced(loaded: Any, inventory: Any, checkpointing: tuple[str, ...]) -> Any:
+def _traced(loaded: Any, inventory: Any, checkpointing: tuple[str, ...], said: list[str]) -> Any:
     """`inventory` with the activation profiles traced for it (memplan.verify.trace.
-    traced_profiles), each trace said on stderr."""
+    traced_profiles); what each trace did goes to `said`, shown (`_say`) once the command
+    succeeds, so that an error stays one paragraph."""
     from memplan.verify.trace import traced_profiles
 
     inventory, lines = traced_profiles(loaded, inventory, checkpointing=checkpointing)
+    said.extend(lines)
+    return inventory
+
+
+def _say(lines: list[str]) -> None:
     for line in lines:
         typer.echo(f"note: {line}", err=True)
-    return inventory
 
 
 def _print_json(document: Any) -> None:
@@ -109,15 +114,18 @@ def estimate(
     from memplan.report.result import Report
     from memplan.verify.trace import fallback_inventory
 
+    said: list[str] = []
+
     def work() -> Report:
         loaded = load.load_spec(spec)
         with load.locating(loaded):
             inv = model_load.load_inventory(loaded, unsupported=fallback_inventory)
             if trace:
-                inv = _traced(loaded, inv, ())
+                inv = _traced(loaded, inv, (), said)
             return calc.estimate(loaded.spec, inv)
 
     report = _run(debug, work)
+    _say(said)
     if plot is not None:
         from memplan.cli.timeline_view import save_plot
 
@@ -273,13 +281,15 @@ def plan(
             with load.locating(loaded):
                 inv = model_load.load_inventory(loaded, unsupported=fallback_inventory)
                 if trace:
-                    inv = _traced(loaded, inv, planner.recompute_options(settings))
+                    inv = _traced(loaded, inv, planner.recompute_options(settings), said)
                 return planner.plan(run_spec, inv, progress=progress)
         finally:
             if progress_bar is not None:
                 progress_bar.stop()
 
+    said: list[str] = []
     result = _run(debug, work)
+    _say(said)
     if as_json:
         from memplan.plan.json import plan_json
 
