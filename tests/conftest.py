@@ -131,17 +131,10 @@ def on_rank_of(spec: Spec, inventory: Inventory, micro: Activations, rank: int) 
     return activations.on_rank(inventory, micro, layout_of(spec), rank, steps)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _private_profile_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """Profiles traced by the tests (estimate and plan trace one for a model with no rule) go
-    to a folder of this run, never the user's ~/.cache/memplan; a test that sets MEMPLAN_CACHE
-    itself (monkeypatch) wins for its duration."""
-    import os
-
-    previous = os.environ.get("MEMPLAN_CACHE")
-    os.environ["MEMPLAN_CACHE"] = str(tmp_path_factory.mktemp("memplan-cache"))
-    yield
-    if previous is None:
-        os.environ.pop("MEMPLAN_CACHE", None)
-    else:
-        os.environ["MEMPLAN_CACHE"] = previous
+@pytest.fixture(autouse=True)
+def _private_profile_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: Any) -> None:
+    """Profiles traced by a test (estimate and plan trace one for a model with no rule) go to a
+    folder of that test, never the user's ~/.cache/memplan nor another test's: what a test
+    sees does not depend on the order tests run in. A test that sets MEMPLAN_CACHE itself
+    (monkeypatch) wins."""
+    monkeypatch.setenv("MEMPLAN_CACHE", str(tmp_path_factory.mktemp("memplan-cache")))
