@@ -54,8 +54,10 @@ def fit(
     lists = [t.get(block, []) for t in traces]
     if len({len(x) for x in lists}) != 1:
         raise MemplanError(
-            f"block {block}: {[len(x) for x in lists]} saved storages at sizes {sizes}: the "
-            "forward saves different tensors at different sizes; the fit needs the same code path."
+            "the forward saves different tensors at different sizes (block "
+            f"{block}: {[len(x) for x in lists]} saved storages at batch x sequence {sizes}), "
+            "another code path at some lengths, such as a chunked linear-attention loop; the "
+            "fit needs the same code path."
         )
     out = []
     rows = [tuple(terms(b, s)[c] for c in columns) for b, s in sizes]
