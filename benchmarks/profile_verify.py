@@ -10,7 +10,7 @@ activations predicted from a profile traced under FakeTensorMode, measured on re
 For each tiny config in TYPES (hidden 64, 2 layers, vocabulary 512; a type's own keys where it
 needs them) and each setting of SETTINGS (attention eager/sdpa x precision fp32/bf16/amp-bf16 x
 activation checkpointing none/full; MoE types bf16 and bf16-mixed only: torch's meta kernel of
-_grouped_mm takes bf16 only, memplan/verify/trace/profile.py::_check_moe), memplan.verify runs
+_grouped_mm takes bf16 only, memplan/verify/trace/moe.py::check), memplan.verify runs
 the whole `memplan verify` path in this process (memplan.verify.runner.verify): the inventory
 built by transformers on the meta device, a profile traced now for the setting
 (memplan.verify.unruled; nothing is read from or written to the profile cache), the real model
@@ -19,7 +19,7 @@ category compared. The oracle is verify's measurement: saved-tensor hooks on rea
 (memplan/verify/measure.py), parameters/gradients/optimizer states from the real model and
 optimizer; it shares nothing with the trace's fit.
 
-MoE routing: the profile's stated assumption (memplan/verify/trace/profile.py::MOE_NOTE): the
+MoE routing: the profile's stated assumption (memplan/verify/trace/moe.py::NOTE): the
 experts run transformers' grouped_mm implementation, whose saved tensors have tokens x top_k
 rows whatever the routing, so the trace's routing (fake tensors carry no data) and the real
 run's (random token ids, random router weights) save the same sizes.

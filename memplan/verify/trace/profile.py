@@ -51,7 +51,7 @@ from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document
 from memplan.report.estimate import setting_of
 from memplan.verify import selective as selective_
 from memplan.verify.build import force_dropout
-from memplan.verify.trace import cuda, heads, structure
+from memplan.verify.trace import cuda, heads, masks, moe, structure
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
 
@@ -140,8 +140,8 @@ def _build(
     mode = FakeTensorMode()
     with mode:
         model = head(cfg, dtype=DTYPES[stream], **impl)
-    if _is_moe(cfg):
-        _check_moe(model, stream)
+    if moe.is_moe(cfg):
+        moe.check(model, stream)
     model.train()
     if checkpointing == "full":
         model.activation_checkpointing_enable(
@@ -156,44 +156,6 @@ def _head_class(config: Mapping[str, Any]) -> Any:
     question answering), else AutoModelForCausalLM."""
     _, cls = heads.head_class(config)
     return cls._from_config if cls is not None else transformers.AutoModelForCausalLM.from_config
-
-
-MOE_NOTE = (
-    "MoE: experts run transformers' grouped_mm implementation (integrations/moe.py::"
-    "grouped_mm_experts_forward, the default where it can dispatch), which sorts the "
-    "tokens x top_k (token, expert) pairs by expert and multiplies them in one grouped GEMM: "
-    "every saved tensor has tokens x top_k rows whatever the routing, so no routing assumption "
-    "enters the sizes (the router's choices in the fake run carry no data)."
-)
-
-
-def _check_moe(model: torch.nn.Module, stream: str) -> None:
-    """Refuse MoE models whose experts' saved sizes depend on the routing, or that fake
-    tensors cannot run."""
-    if not structure.experts_interface(model):
-        return  # the model's own experts code (structure.OWN_EXPERTS_NOTE)
-    impl = getattr(model.config, "_experts_implementation", None)
-    if impl != "grouped_mm":
-        raise MemplanError(
-            f"the experts run transformers' {impl!r} implementation, whose per-expert loop "
-            "saves tensors sized by the routing (data-dependent: FakeTensorMode has no data). "
-            "Profiles trace the grouped_mm implementation only (sizes independent of routing)."
-        )
-    if stream != "bf16":
-        raise MemplanError(
-            f"MoE experts in {stream}: torch's meta kernel for _grouped_mm "
-            "(torch/_meta_registrations.py::_meta_grouped_mm_common) accepts bf16 only, while "
-            "the CPU kernel also runs fp32, so fake tensors cannot trace this recipe. Profiles "
-            "of MoE models are traced in bf16 (precision: bf16)."
-        )
-
-
-def _is_moe(cfg: Any) -> bool:
-    for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 1:
-            return True
-    return False
 
 
 def _layers(model: torch.nn.Module, n: int) -> tuple[str, torch.nn.ModuleList]:
@@ -308,7 +270,7 @@ def trace_once(
         with (
             mode,
             cuda.cuda_kernels(em) if em is not None else contextlib.nullcontext(),
-            _real_tensor_masks(),
+            masks.real_tensor_masks(),
             cores as run,
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             cast,
@@ -344,51 +306,6 @@ def trace_once(
         *(r for key, r in alive.items() if key[0] not in host),
         *(r for r, key in again if key not in host),
     ]
-
-
-@contextlib.contextmanager
-def _real_tensor_masks() -> Any:
-    """Let transformers decide the attention mask as it does on real tensors.
-
-    transformers.masking_utils reads data to choose the mask, and counts a FakeTensor as
-    "tracing" (utils/import_utils.py::is_tracing), where it takes the general path: under
-    FakeTensorMode SDPA would get an explicit (b, 1, s, s) mask, and so repeated k/v instead of
-    `enable_gqa`, which a real run does not make. The trace passes neither attention_mask nor
-    position_ids (no padding, one sequence per row, as the real-tensor probe and training
-    without packing do), so the real-tensor answers are known without data, and given here:
-
-    - `find_packed_sequence_indices(position_ids)`: position_ids are arange(s), no packed
-      sequences, None;
-    - `_ignore_causal_mask_sdpa(padding_mask, ...)`: no padding, so the causal mask is skipped
-      (`is_causal=True`) unless a local window is not longer than the keys;
-    - `_ignore_bidirectional_mask_sdpa(padding_mask, ...)`: the same without causality.
-    A padding mask the model makes itself when none is given is all ones (BART's decoder:
-    `torch.ones(batch, length)`, modeling_bart.py::BartDecoder.forward), which is no padding:
-    transformers' own test, `padding_mask.all()`, holds on real tensors."""
-    import transformers.masking_utils as masking
-
-    packed = masking.find_packed_sequence_indices
-    original = masking._ignore_causal_mask_sdpa
-    bidirectional = masking._ignore_bidirectional_mask_sdpa
-
-    def ignore(padding_mask: Any, q_length: int, kv_length: int, *args: Any, **kw: Any) -> bool:
-        local = kw.get("local_attention_size", args[2] if len(args) > 2 else None)
-        return not (local is not None and kv_length >= local)
-
-    def ignore_bidirectional(
-        padding_mask: Any, kv_length: int, local_attention_size: int | None = None
-    ) -> bool:
-        return local_attention_size is None or kv_length < local_attention_size
-
-    masking._ignore_causal_mask_sdpa = ignore
-    masking._ignore_bidirectional_mask_sdpa = ignore_bidirectional
-    masking.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        masking._ignore_causal_mask_sdpa = original
-        masking._ignore_bidirectional_mask_sdpa = bidirectional
-        masking.find_packed_sequence_indices = packed
 
 
 def _blocks(
@@ -517,11 +434,13 @@ def _blocks(
         "hidden_size": int(mcfg.hidden_size),
         "vocab_size": int(mcfg.vocab_size),
         "traced_layers": n,
-        "moe": _is_moe(mcfg),
+        "moe": moe.is_moe(mcfg),
         "experts": (
-            ("grouped_mm" if structure.experts_interface(model) else "own") if _is_moe(mcfg) else ""
+            ("grouped_mm" if structure.experts_interface(model) else "own")
+            if moe.is_moe(mcfg)
+            else ""
         ),
-        "moe_note": MOE_NOTE if structure.experts_interface(model) else structure.OWN_EXPERTS_NOTE,
+        "moe_note": moe.NOTE if structure.experts_interface(model) else structure.OWN_EXPERTS_NOTE,
         "class": type(model).__name__,
         "head": heads.kind_of_name(type(model).__name__) or "lm",
         "num_labels": int(mcfg.num_labels),
