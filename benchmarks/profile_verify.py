@@ -26,8 +26,9 @@ run's (random token ids, random router weights) save the same sizes.
 
 Each row: predicted and measured bytes of activations, parameters and peak, the activations
 ratio, whether verify passed every category, and the seconds the case took. A type that cannot
-be traced or built is listed with the reason. Selective recomputation (H3's trace) has its place
-in CHECKPOINTING once the trace supports it.
+be traced or built is listed with the reason. Recomputation none, full and selective (every
+attention core checkpointed: memplan.verify.selective, in the trace and in verify);
+`--checkpointing selective --update` adds one policy's rows to a file that has the others.
 """
 
 from __future__ import annotations
@@ -154,17 +155,17 @@ NOT_TRACED = {
 ATTENTION = ("eager", "sdpa")
 PRECISION = ("fp32", "bf16", "amp-bf16")
 MOE_PRECISION = ("bf16", "bf16-mixed")
-CHECKPOINTING = ("none", "full")  # "selective": H3's trace (memplan.verify.unruled.trace)
+CHECKPOINTING = ("none", "full", "selective")
 BATCH = (2, 32)
 
 
-def settings(model_type: str) -> list[dict[str, str]]:
+def settings(model_type: str, policies: tuple[str, ...] = CHECKPOINTING) -> list[dict[str, str]]:
     precisions = MOE_PRECISION if model_type in MOE_TYPES else PRECISION
     return [
         {"attention": a, "precision": p, "checkpointing": c}
         for p in precisions
         for a in ATTENTION
-        for c in CHECKPOINTING
+        for c in policies
     ]
 
 
@@ -229,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--update", action="store_true", help="replace only these types' rows in the file"
     )
+    parser.add_argument(
+        "--checkpointing",
+        nargs="*",
+        default=list(CHECKPOINTING),
+        help="the recomputation policies to run (with --update, the others' rows are kept)",
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     import transformers
@@ -249,7 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.update and file.is_file():
         kept = json.loads(file.read_text())["types"]
         rows = {t: rows.get(t) or kept[t] for t in TYPES if t in rows or t in kept}
-    plan = {t: settings(t)[: 1 if args.first or t in NOT_TRACED else None] for t in args.types}
+        for t in args.types:  # the policies not run now keep their rows
+            rows[t]["settings"] = [
+                s
+                for s in (kept.get(t) or {"settings": []})["settings"]
+                if s["checkpointing"] not in args.checkpointing
+            ]
+    policies = tuple(args.checkpointing)
+    plan = {
+        t: settings(t, policies)[: 1 if args.first or t in NOT_TRACED else None] for t in args.types
+    }
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     # Settings outer, types inner: a partial run covers every type; the file is rewritten after
