@@ -554,6 +554,36 @@ def profile_build(doc: Doc) -> str:
     )
 
 
+def profile_verify(doc: Doc) -> str:
+    types = doc["types"]
+    verified, off = [], []
+    for name, row in types.items():
+        cases = row["settings"]
+        if cases and all(c.get("ok") and c.get("ratio") is not None for c in cases):
+            verified.append(name)
+        for c in cases:
+            if c.get("ratio") not in (None, 1.0):
+                off.append((name, c))
+    seen = {c["checkpointing"] for r in types.values() for c in r["settings"]}
+    policies = [p for p in ("none", "full", "selective") if p in seen]
+    lows: dict[str, list[float]] = {}
+    for name, c in off:
+        lows.setdefault(name, []).append(c["ratio"])
+    spread = "; ".join(
+        f"{name} {min(r):.4f}" + (f" to {max(r):.4f}" if max(r) != min(r) else "")
+        for name, r in lows.items()
+    )
+    cases = sum(len(r["settings"]) for r in types.values())
+    return (
+        f"On CPU, {of(len(verified), len(types), 'model types')} memplan has no rule for verify "
+        f"in every setting ({cases} verify runs: eager/sdpa x fp32/bf16/amp-bf16 x "
+        f"{'/'.join(policies)} recomputation; MoE in bf16 and bf16-mixed): "
+        f"{', '.join(verified)}. Activations equal the real tensors' in every run"
+        + (f" except these ratios of predicted to measured: {spread}" if spread else "")
+        + f" (`benchmarks/profile_verify.py`, {where(doc)}).\n"
+    )
+
+
 BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
     "startup": ("speed.json", startup),
     "verify-table": ("verify.json", verify_table),
@@ -567,6 +597,7 @@ BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
     "published-layouts": ("published-layouts.json", published_layouts),
     "flagships": ("flagships.json", flagships),
     "profile-build": ("profile-build.json", profile_build),
+    "profile-verify": ("profile_verify.json", profile_verify),
 }
 
 
