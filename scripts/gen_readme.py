@@ -574,12 +574,24 @@ def profile_verify(doc: Doc) -> str:
         for name, r in lows.items()
     )
     cases = sum(len(r["settings"]) for r in types.values())
+    served = sum(1 for r in types.values() for c in r["settings"] if c.get("ratio") is not None)
+    untraced = [
+        name
+        for name, r in types.items()
+        if r["settings"] and all(c.get("ratio") is None for c in r["settings"])
+    ]
     return (
         f"On CPU, {of(len(verified), len(types), 'model types')} memplan has no rule for verify "
         f"in every setting ({cases} verify runs: eager/sdpa x fp32/bf16/amp-bf16 x "
         f"{'/'.join(policies)} recomputation; MoE in bf16 and bf16-mixed): "
-        f"{', '.join(verified)}. Activations equal the real tensors' in every run"
+        f"{', '.join(verified)}. In the {n(served)} runs a profile served, activations equal "
+        "the real tensors'"
         + (f" except these ratios of predicted to measured: {spread}" if spread else "")
+        + (
+            f"; not traced (the reason in the results file): {', '.join(untraced)}"
+            if untraced
+            else ""
+        )
         + f" (`benchmarks/profile_verify.py`, {where(doc)}).\n"
     )
 
