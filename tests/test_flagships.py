@@ -218,3 +218,28 @@ def test_profile_build_results_show_a_torch_free_start_up() -> None:
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     assert "neither importing torch" in gen.profile_build(doc)
+
+
+def test_the_deepseek_v3_preset_ships_its_profile(tmp_path: Path) -> None:
+    """DeepSeek-V3 has a hand family for its tensors but no activation rule: the preset ships
+    the CUDA profile of the common large-scale setting (bf16-mixed, sdpa, full recomputation),
+    so that estimate needs no torch there (`--no-trace`: only shipped files serve)."""
+    spec = tmp_path / "dsv3.yaml"
+    spec.write_text(
+        "model: {preset: deepseek-v3}\nprecision: bf16-mixed\noptimizer: {name: adamw}\n"
+        "training: {micro_batch_size: 1, sequence_length: 4096, activation_checkpointing: full}\n"
+        "parallelism: {engine: fsdp2, data: 256, expert: 32}\nhardware: {gpu: H100-80GB}\n"
+    )
+    code = PROBE.format(spec=str(spec)).replace("'--json']", "'--json', '--no-trace']")
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"MEMPLAN_CACHE": str(tmp_path / "cache"), "PATH": "", "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    assert out.stderr.endswith("TORCH=0"), out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["activations"]["source"] == "profile"
+    assert doc["per_gpu"]["activations"] > 0
