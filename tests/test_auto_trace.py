@@ -78,3 +78,22 @@ def test_refused_trace_is_said_and_the_estimate_goes_on(tmp_path: Path, monkeypa
     doc, err = _estimate(spec)
     assert doc["activations"]["source"] == "none"
     assert "not traced: not this one" in err
+
+
+def test_a_profile_traced_with_other_versions_is_traced_again(tmp_path: Path, monkeypatch) -> None:
+    """Profiles are keyed by library versions too (issue 18): a stored profile traced with
+    another transformers is traced again with the installed one, and the cache keeps the new."""
+    import transformers
+
+    monkeypatch.setenv("MEMPLAN_CACHE", str(tmp_path / "cache"))
+    spec = _spec(tmp_path)
+    _estimate(spec)
+    (file,) = (tmp_path / "cache" / "profiles").glob("granite-*-none.json")
+    doc = json.loads(file.read_text())
+    doc["versions"]["transformers"] = "0.0.1"
+    file.write_text(json.dumps(doc))
+    _, err = _estimate(spec)
+    assert "the stored profile was traced with torch" in err and "transformers 0.0.1" in err
+    assert json.loads(file.read_text())["versions"]["transformers"] == transformers.__version__
+    _, err = _estimate(spec)
+    assert "traced" not in err

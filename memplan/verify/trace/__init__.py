@@ -79,9 +79,14 @@ def traced_profiles(
     lines: list[str] = []
     profiles = inventory.profiles
     stored_beside = False
+    installed = installed_versions()
     for spec in specs:
         st = setting_of(spec)
-        if profile_doc.serving(profiles, st) is not None:
+        served = profile_doc.serving(profiles, st)
+        stale = served is not None and any(
+            served.versions.get(name) != version for name, version in installed.items()
+        )
+        if served is not None and not stale:
             continue
         from memplan.verify.trace import profile as tracer  # torch: only when tracing
 
@@ -89,9 +94,10 @@ def traced_profiles(
         try:
             doc, path = tracer.for_spec(replace(loaded, spec=spec))
         except MemplanError as err:
+            kept = " (the stored profile, traced with other versions, serves)" if stale else ""
             lines.append(
                 f"activations of {arch.model_type!r} ({st.checkpointing} recomputation) not "
-                f"traced: {err}"
+                f"traced: {err}{kept}"
             )
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,12 +111,36 @@ def traced_profiles(
             if config is not None:
                 stored.write(config, path.parent)
                 stored_beside = True
-        profiles = (*profiles, profile_doc.from_document(doc, origin=str(path)))
+        profiles = (
+            *(p for p in profiles if p is not served),
+            profile_doc.from_document(doc, origin=str(path)),
+        )
+        why = (
+            "the stored profile was traced with "
+            + ", ".join(f"{k} {v}" for k, v in sorted(served.versions.items()))
+            if stale and served is not None
+            else "no stored profile"
+        )
         lines.append(
             f"traced the activations of {arch.model_type!r} ({st.checkpointing} recomputation; "
-            f"no hand rule, no stored profile) in {_now() - started:.1f} s; cached at {path}."
+            f"no hand rule, {why}) in {_now() - started:.1f} s; cached at {path}."
         )
     return replace(inventory, profiles=profiles), lines
+
+
+def installed_versions() -> dict[str, str]:
+    """torch's and transformers' installed versions, read from their metadata (no import): a
+    stored profile traced with others is traced again (the issue keys profiles by library
+    versions; the cache keeps the newest)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def _now() -> float:
