@@ -99,24 +99,6 @@ def trace(config: Mapping[str, Any], spec: Spec) -> tuple[Profile, float]:
     """A profile of `config` for the spec's setting, traced now (memplan.verify.trace.profile)."""
     from memplan.verify.trace import profile as tracer
 
-    st = setting_of(spec)
     started = time.perf_counter()
-    try:
-        doc = tracer.build(
-            config,
-            stream=st.stream,
-            matmul=st.matmul,
-            autocast=st.autocast,
-            attention=st.attention,
-            checkpointing=st.checkpointing,
-            device=st.device,
-            dropout=st.dropout,
-        )
-    except MemplanError:
-        raise
-    except Exception as err:  # the model code's own failure, named (not a memplan bug)
-        raise MemplanError(
-            f"tracing {config.get('model_type')!r} failed in transformers/torch: "
-            f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-        ) from None
+    doc = tracer.for_setting(config, spec)
     return from_document(doc, origin="trace"), time.perf_counter() - started

@@ -595,11 +595,22 @@ def for_spec(loaded: LoadedSpec) -> tuple[dict[str, Any], Path]:
             "architecture); a parameter count or a safetensors header has no forward to trace.",
             field="model",
         )
-    st = setting_of(loaded.spec)
+    doc = for_setting(config, loaded.spec)
+    return (
+        doc,
+        model_load.cache_dir() / f"{from_document(doc, origin='trace').key.file_stem()}.json",
+    )
+
+
+def for_setting(config: Mapping[str, Any], spec: Any) -> dict[str, Any]:
+    """The profile document of `config` for the activation setting `spec` describes (its
+    recipe, attention, device, checkpointing and dropout); the model code's own failure named in
+    one MemplanError."""
+    st = setting_of(spec)
     if st.device == "cuda":
         cuda.refuse_autocast(st.autocast)
     try:
-        doc = build(
+        return build(
             config,
             stream=st.stream,
             matmul=st.matmul,
@@ -614,9 +625,6 @@ def for_spec(loaded: LoadedSpec) -> tuple[dict[str, Any], Path]:
     except Exception as err:  # the model code's own failure, named (not a memplan bug)
         raise MemplanError(
             f"tracing {config.get('model_type')!r} failed in transformers/torch: "
-            f"{type(err).__name__}: {err} (rerun with --debug for the traceback)."
+            f"{type(err).__name__}: {' '.join(str(err).split())[:300]} (rerun with --debug "
+            "for the traceback)."
         ) from err
-    return (
-        doc,
-        model_load.cache_dir() / f"{from_document(doc, origin='trace').key.file_stem()}.json",
-    )
