@@ -41,6 +41,11 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
             "activations not modelled: the model is a bare parameter count (give hf_config, "
             "a preset or an architecture)."
         )
+    if setting.implementation != "transformers":
+        return not_modelled(
+            f"activations of {setting.implementation}'s model code are not modelled yet: "
+            "per_gpu.activations is 0 and the peak leaves them out."
+        )
     family = family_of(arch.model_type)
     if family is None or isinstance(family.saved, str):
         traced = profile.serving(inventory.profiles, setting)

@@ -3,7 +3,7 @@ bounds on counts and degrees."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,3 +21,8 @@ Degree = Annotated[int, Field(gt=0, le=MAX_DEGREE)]
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+Implementation = Literal["transformers", "torchtitan"]
+"""Whose model code runs a model's forward (`model.implementation`): transformers' modeling
+files or torchtitan's own model code."""

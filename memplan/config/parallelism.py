@@ -89,6 +89,11 @@ class ParallelismSpec(Frozen):
     """torch DDP `gradient_as_bucket_view` (default False): True makes each `.grad` a view into
     DDP's flat allreduce buckets, saving one gradient-sized copy (torch/nn/parallel/
     distributed.py::DistributedDataParallel docstring, 2.13). Used with engine ddp."""
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    """FSDP2 `MixedPrecisionPolicy.reduce_dtype`: the dtype gradients are reduced in. None:
+    torch's default (the `param_dtype`, the recipe's compute dtype), or fp32 with
+    `model.implementation: torchtitan` (its `mixed_precision_reduce` default,
+    torchtitan/config/configs.py::Parallelism, 0.3.0)."""
     offload: OffloadSpec = OffloadSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """DeepSpeed config keys (used when engine is deepspeed)."""

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from memplan import versions
-from memplan.config.base import Frozen, PositiveInt
+from memplan.config.base import Frozen, Implementation, PositiveInt
 from memplan.config.finetune import FinetuneSpec
 from memplan.config.machine import HardwareSpec
 from memplan.config.parallelism import ParallelismSpec
@@ -44,6 +44,10 @@ class ModelSpec(Frozen):
     hf_id: str | None = None
     """A Hugging Face repo id (`org/name`): its config.json from the local Hugging Face cache,
     offline (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+    implementation: Implementation = "transformers"
+    """Whose model code runs the forward: `transformers` (its modeling files, the default) or
+    `torchtitan` (torchtitan's own model code, which saves other tensors and runs under
+    torchtitan's FSDP2 defaults: `reduce_dtype` fp32). The report names it."""
     transformers_version: str | None = None
     """The transformers release the model runs under (`"5.24"`), where memplan's activation
     rules differ between releases (Falcon). Default: the installed transformers, else the

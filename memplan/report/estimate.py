@@ -115,12 +115,15 @@ def setting_of(spec: Spec) -> Setting:
         checkpointing=t.activation_checkpointing,
         offload=t.activation_offload,
         transformers=versions.rules_release(spec.model.transformers_version),
+        implementation=spec.model.implementation,
     )
 
 
 def layout_of(spec: Spec) -> Layout:
     """The layout `spec.parallelism` describes, on `spec.hardware.device`."""
-    return Layout.of(spec.parallelism, device=spec.hardware.device)
+    return Layout.of(
+        spec.parallelism, device=spec.hardware.device, implementation=spec.model.implementation
+    )
 
 
 def model_states(spec: Spec, trained: Inventory) -> list[StageStates]:

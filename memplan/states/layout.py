@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from memplan.config.base import Implementation
 from memplan.config.parallelism import DeepSpeedSpec, Engine, OffloadSpec, ParallelismSpec
 from memplan.errors import MemplanError
 
@@ -56,13 +57,29 @@ class Layout:
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     device: Literal["cuda", "cpu"] = "cuda"
     """Where the ranks run (hardware.device)."""
+    implementation: Implementation = "transformers"
+    """Whose model code runs (model.implementation): torchtitan's wraps FSDP2 its own way."""
+    reduce_dtype: str | None = None
+    """FSDP2 `reduce_dtype` (ParallelismSpec.reduce_dtype, torchtitan's fp32 filled in); None:
+    the param dtype."""
     tensor_rank: int = 0
     """The TP rank whose shards these are: only the vocabulary rows of a "chunk" split differ
     between TP ranks, and rank 0 holds the most (`for_tensor_rank`)."""
 
     @classmethod
-    def of(cls, par: ParallelismSpec, *, device: Literal["cuda", "cpu"] = "cuda") -> Layout:
-        """The layout `par` describes, on `device`."""
+    def of(
+        cls,
+        par: ParallelismSpec,
+        *,
+        device: Literal["cuda", "cpu"] = "cuda",
+        implementation: Implementation = "transformers",
+    ) -> Layout:
+        """The layout `par` describes, on `device`, running `implementation`'s model code."""
+        reduce_dtype = par.reduce_dtype
+        if reduce_dtype is None and implementation == "torchtitan":
+            # torchtitan/config/configs.py::Parallelism.mixed_precision_reduce (0.3.0; the
+            # same "float32" default in 9dec370's job_config.py, Dec 2024).
+            reduce_dtype = "fp32"
         return cls(
             engine=par.engine,
             data=par.data,
@@ -82,6 +99,8 @@ class Layout:
             offload=par.offload,
             deepspeed=par.deepspeed,
             device=device,
+            implementation=implementation,
+            reduce_dtype=reduce_dtype,
         )
 
     def for_tensor_rank(self, rank: int) -> Layout:

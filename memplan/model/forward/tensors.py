@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from memplan.config.base import Implementation
 from memplan.memory import Transient, rounding
 from memplan.precision import dtype_bytes
 from memplan.versions import RULES_TRANSFORMERS
@@ -68,6 +69,8 @@ class Setting:
     transformers: str = RULES_TRANSFORMERS
     """The transformers release whose modeling code runs (major.minor): rules that differ
     between supported releases pick by it (memplan.versions)."""
+    implementation: Implementation = "transformers"
+    """Whose model code runs the forward (model.implementation)."""
 
     @property
     def tokens(self) -> int:
