@@ -596,6 +596,32 @@ def profile_verify(doc: Doc) -> str:
     )
 
 
+def published(doc: Doc) -> str:
+    """memplan against torchtitan's published max reserved (benchmarks/published.py)."""
+    head = ["table", "model", "GPUs", "layout", "published", "memplan", "error"]
+    rows = []
+    for r in doc["rows"]:
+        if r["expressible"]:
+            error = signed_pct(r["error"])
+            if r["unmodelled"]:
+                error += " (not modelled: " + ", ".join(short(u) for u in r["unmodelled"]) + ")"
+            memplan = gib(r["reserved_gib"] * 2**30)
+        else:
+            memplan, error = "-", "not expressible: " + short(r["why"])
+        rows.append(
+            [str(r["table"]), r["model"], str(r["gpus"]), r["layout"],
+             f"{r['published_gib']:.1f}", memplan, error]
+        )  # fmt: skip
+    done = doc["expressible"]
+    return (
+        f"memplan against every row of torchtitan's published Llama 3.1 runs on H100 "
+        f"({doc['source']}; metric: {doc['metric']}), GiB per GPU. Target: {doc['target']}. "
+        f"{of(doc['within_10pct'], done, 'expressible rows')} within 10%, "
+        f"{doc['under_5pct']} under by more than 5% (`benchmarks/published.py`, {where(doc)}).\n\n"
+        + table(head, rows, right=4)
+    )
+
+
 BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
     "startup": ("speed.json", startup),
     "verify-table": ("verify.json", verify_table),
@@ -610,6 +636,7 @@ BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
     "flagships": ("flagships.json", flagships),
     "profile-build": ("profile-build.json", profile_build),
     "profile-verify": ("profile_verify.json", profile_verify),
+    "published": ("published.json", published),
 }
 
 
