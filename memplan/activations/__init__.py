@@ -181,9 +181,12 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
     if st.implementation == "torchtitan":
-        return layout.refused(
-            "activations of torchtitan's model code are not split for tensor, context or "
-            "expert parallelism yet"
+        return replace(
+            layout.refused(
+                "activations of torchtitan's model code are not split for tensor, context or "
+                "expert parallelism yet"
+            ),
+            implementation="torchtitan",
         )
     family = family_of(arch.model_type)
     no_rule = family is None or isinstance(family.saved, str) or bool(_unsupported(arch))

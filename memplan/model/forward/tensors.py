@@ -175,6 +175,8 @@ class Activations:
     (memplan.model.profile); meaningless when not `modelled`."""
     versions: tuple[tuple[str, str], ...] = ()
     """(library, version) the profile was traced with; () for a rule."""
+    implementation: Implementation = "transformers"
+    """Whose model code the saved tensors are of (model.implementation)."""
 
     @property
     def bytes(self) -> int:

@@ -30,6 +30,8 @@ torchtitan's real model by tests/test_torchtitan_activations.py.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from memplan.model.forward import attention, kernels
 from memplan.model.forward.mlp import gated_mlp_saves
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
@@ -214,7 +216,9 @@ def saved(arch: Architecture, st: Setting, *, fused_qkv: bool = True) -> Activat
     docstring. `fused_qkv`: 0.3.0's one `wqkv` projection (default) or 9dec370's three."""
     why = unsupported(arch, st)
     if why:
-        return not_modelled(f"activations not modelled: {why}.")
+        return replace(
+            not_modelled(f"activations not modelled: {why}."), implementation="torchtitan"
+        )
     h, vocab, t, b, s = arch.hidden_size, arch.vocab_size, st.tokens, st.batch, st.sequence
     layer, core = _layer(arch, st)
     n = arch.num_layers
@@ -268,4 +272,5 @@ def saved(arch: Architecture, st: Setting, *, fused_qkv: bool = True) -> Activat
         upcast_bytes=upcast,
         hidden_bytes=t * h * dtype_bytes(st.stream),
         notes=tuple(x for x in notes if x),
+        implementation="torchtitan",
     )
