@@ -19,7 +19,10 @@ Read from torchtitan 0.3.0 (torchtitan/, pip `torchtitan==0.3.0`):
   `.type_as(q)`: the multiply saves only the (buffer) cache, its other input needs no grad.
 - models/common/feed_forward.py::FeedForward.forward: `w2(silu(w1(x)) * w3(x))`.
 - components/loss.py::cross_entropy_loss: `cross_entropy(pred.flatten(0, 1).float(),
-  labels.flatten(0, 1), reduction="sum")`; the labels come shifted from the data loader.
+  labels.flatten(0, 1), reduction="sum")`; the labels come shifted from the data loader. This
+  is `CrossEntropyLoss` on the whole logits (9dec370's loss); 0.3.0's llama3 config_registry
+  wraps it in `ChunkedLossWrapper` (8 chunks, lm_head applied per chunk inside the loss), which
+  is not modelled.
 - distributed/activation_checkpoint.py: FullAC and SelectiveAC wrap each block in
   `ptd_checkpoint_wrapper` (torch.utils.checkpoint, non-reentrant).
 
@@ -259,7 +262,12 @@ def saved(arch: Architecture, st: Setting, *, fused_qkv: bool = True) -> Activat
         ),
     )
     upcast = t * vocab * dtype_bytes(kernels.FP32) if st.matmul != kernels.FP32 else 0
-    notes = [f"torchtitan {VERSION}'s Llama 3 model code (fused wqkv)" if fused_qkv else ""]
+    notes = [
+        f"torchtitan {VERSION}'s Llama 3 model code"
+        + (" (fused wqkv)" if fused_qkv else " (wq, wk, wv)")
+        + ", loss CrossEntropyLoss on the whole logits (0.3.0's ChunkedLossWrapper: not "
+        "modelled)."
+    ]
     if st.device == "cuda":
         notes.append(
             "attention: SDPA's flash kernel (torchtitan 9dec370's default priority); 0.3.0's "
