@@ -96,6 +96,33 @@ def test_rule_matches_torchtitan_to_the_byte(
     assert predicted(dtype, mode, layers=layers, batch=batch, every=every, fused=fused) == measured
 
 
+@pytest.mark.parametrize("mode", ["none", "full", "selective-op"])
+def test_rule_matches_torchtitan_at_the_8b_shape_under_fake_tensors(mode: str) -> None:
+    """Two blocks of Llama 3.1 8B (dim 4096, 32 heads, 8 k/v heads, ffn 14336, vocab 128256)
+    at 2 x 8192 tokens, bf16, CPU kernels, under FakeTensorMode: the shapes at scale."""
+    pytest.importorskip("torch")
+    pytest.importorskip("torchtitan.models.llama3")
+    from tests.torchtitan_probe import LLAMA31_8B, held_bytes_fake
+
+    cfg = {
+        **tiny(2),
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 8192,
+    }
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "torchtitan"},
+        training={"micro_batch_size": 2, "sequence_length": 8192, "activation_checkpointing": mode},
+        parallelism={"engine": "fsdp2", "data": 8},
+        hardware={"device": "cpu"},
+    )
+    saved = activations.predict(from_config(cfg), setting_of(spec))
+    assert saved.bytes == held_bytes_fake("bf16", mode, LLAMA31_8B)
+
+
 def test_a_transformers_profile_never_serves_torchtitan() -> None:
     """The dispatch is on the implementation before any profile lookup: a model_type with no
     torchtitan rule is refused, whatever profiles the inventory carries."""

@@ -38,27 +38,38 @@ class Shape:
     batch: int = BATCH
     seq: int = SEQ
     fused_qkv: bool = True
+    dim: int = DIM
+    heads: int = HEADS
+    kv_heads: int = KV_HEADS
+    ffn: int = FFN
+    vocab: int = VOCAB
+
+
+LLAMA31_8B = Shape(
+    layers=2, batch=2, seq=8192, dim=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256
+)
+"""Two blocks of Llama 3.1 8B at torchtitan's published local batch, 2 x 8192 (fake tensors)."""
 
 
 class _Made(TorchDispatchMode):
     """Every storage an op returns, by weak reference."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: Any) -> None:
         super().__init__()
-        self.made: list[tuple[StorageWeakRef, int, int, str]] = []
+        self.key = key
+        self.made: list[tuple[StorageWeakRef, int, int]] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
-                self.made.append((StorageWeakRef(st), st.data_ptr(), st.nbytes(), str(func)))
+                self.made.append((StorageWeakRef(st), self.key(st), st.nbytes()))
         return out
 
 
-def build(dtype: str, shape: Shape) -> torch.nn.Module:
-    """torchtitan's Llama 3 at a tiny shape, parameters in `dtype` (as FSDP2's param_dtype
-    gives them: the complex RoPE cache stays complex64)."""
+def config(shape: Shape) -> Any:
+    """torchtitan's Llama 3 config at `shape`, SDPA as the inner attention."""
     import torchtitan.models.llama3 as llama3
     from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
     from torchtitan.models.common.attention import ScaledDotProductAttention
@@ -67,29 +78,37 @@ def build(dtype: str, shape: Shape) -> torch.nn.Module:
     original = llama3.get_attention_config
     llama3.get_attention_config = lambda backend: sdpa  # 0.3.0 refuses "sdpa" for LMs
     try:
-        cfg = llama3.Llama3Model.Config(
-            dim=DIM,
-            vocab_size=VOCAB,
-            tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=DIM),
-            norm=RMSNorm.Config(normalized_shape=DIM),
-            lm_head=Linear.Config(in_features=DIM, out_features=VOCAB),
+        return llama3.Llama3Model.Config(
+            dim=shape.dim,
+            vocab_size=shape.vocab,
+            tok_embeddings=Embedding.Config(num_embeddings=shape.vocab, embedding_dim=shape.dim),
+            norm=RMSNorm.Config(normalized_shape=shape.dim),
+            lm_head=Linear.Config(in_features=shape.dim, out_features=shape.vocab),
             layers=llama3._build_llama3_layers(
                 n_layers=shape.layers,
-                dim=DIM,
-                n_heads=HEADS,
-                n_kv_heads=KV_HEADS,
-                hidden_dim=FFN,
+                dim=shape.dim,
+                n_heads=shape.heads,
+                n_kv_heads=shape.kv_heads,
+                hidden_dim=shape.ffn,
                 fuse_qkv=shape.fused_qkv,
                 rope=ComplexRoPE.Config(
-                    dim=DIM // HEADS, max_seq_len=128, theta=500000, scaling="llama"
+                    dim=shape.dim // shape.heads,
+                    max_seq_len=max(128, shape.seq),
+                    theta=500000,
+                    scaling="llama",
                 ),
                 attn_backend="sdpa",
             ),
         )
     finally:
         llama3.get_attention_config = original
+
+
+def build(dtype: str, shape: Shape) -> torch.nn.Module:
+    """torchtitan's Llama 3 at `shape`, parameters in `dtype` (as FSDP2's param_dtype gives
+    them: the complex RoPE cache stays complex64)."""
     torch.manual_seed(0)
-    model = cfg.build()
+    model = config(shape).build()
     model.init_states()
     for p in model.parameters():
         p.data = p.data.to(DTYPES[dtype])
@@ -115,21 +134,42 @@ def checkpoint(model: torch.nn.Module, mode: str, every: int = 1) -> None:
 
 def held_bytes(dtype: str, mode: str, shape: Shape = Shape(), every: int = 1) -> int:
     """Bytes torchtitan's Llama 3 holds for backward after forward + loss (module docstring)."""
-    from torchtitan.components.loss import cross_entropy_loss
-
     model = build(dtype, shape)
     checkpoint(model, mode, every)
-    tokens = torch.randint(0, VOCAB, (shape.batch, shape.seq))
-    labels = torch.randint(0, VOCAB, (shape.batch, shape.seq))
-    before = {
-        t.untyped_storage().data_ptr()
-        for t in (*model.parameters(), *model.buffers(), tokens, labels)
-    }
-    spy = _Made()
+    return _run(model, shape, key=lambda st: st.data_ptr())
+
+
+def held_bytes_fake(dtype: str, mode: str, shape: Shape = LLAMA31_8B) -> int:
+    """`held_bytes` under FakeTensorMode (CPU kernels' meta functions, no memory): the model is
+    built on the meta device and materialised as fake CPU tensors; storages are told apart by
+    their StorageImpl (fake storages have no address)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.device("meta"):
+        model = config(shape).build()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to_empty(device="cpu")
+        for p in model.parameters():
+            p.data = p.data.to(DTYPES[dtype])
+        for m in model.modules():
+            if hasattr(m, "cache") and hasattr(m, "_init_self_buffers"):
+                m._init_self_buffers(buffer_device=torch.device("cpu"))
+        checkpoint(model, mode)
+        return _run(model, shape, key=lambda st: int(st._cdata))
+
+
+def _run(model: torch.nn.Module, shape: Shape, *, key: Any) -> int:
+    from torchtitan.components.loss import cross_entropy_loss
+
+    tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+    labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+    inputs = (*model.parameters(), *model.buffers(), tokens, labels)
+    before = {key(t.untyped_storage()) for t in inputs}
+    spy = _Made(key)
     with spy:
         logits = model(tokens)
         loss = cross_entropy_loss(logits, labels)
     del logits
-    before.add(loss.untyped_storage().data_ptr())
-    alive = {ptr: n for ref, ptr, n, _ in spy.made if not ref.expired() and ptr not in before}
+    before.add(key(loss.untyped_storage()))
+    alive = {k: n for ref, k, n in spy.made if not ref.expired() and k not in before}
     return sum(alive.values()) + tokens.nbytes + labels.nbytes
