@@ -20,7 +20,7 @@ from memplan.errors import MemplanError
 from memplan.model.sources import from_config
 from memplan.report.estimate import estimate, setting_of
 from memplan.report.json import estimate_json
-from tests.conftest import make_spec
+from tests.conftest import make_spec, micro_batch_of
 
 FFN, VOCAB = 192, 256
 
@@ -202,3 +202,22 @@ def test_pin_llama31_8b_selective_op_layer_on_cuda() -> None:
     t = 2 * 8192
     expected = 2 * t * (4096 + 6144 + 14336 + 4096 + 4096) + 4 * 2 * 32 * 8192 + 16 + 8
     assert layers.bytes_each == expected == 1_075_839_000
+
+
+def test_torchtitan_refuses_what_its_rule_does_not_split() -> None:
+    """Tensor parallelism and LoRA follow transformers' module names: refused, named."""
+    inv = from_config(tiny())
+    tp = make_spec(
+        model={"architecture": tiny(), "implementation": "torchtitan"},
+        parallelism={"engine": "fsdp2", "data": 4, "tensor": 2},
+    )
+    saved = micro_batch_of(tp, inv)
+    assert not saved.modelled and "tensor, context or expert" in saved.notes[0]
+    lora = make_spec(
+        model={"architecture": tiny(), "implementation": "torchtitan"},
+        parallelism={"engine": "fsdp2", "data": 8},
+        finetune={"method": "lora"},
+    )
+    saved = micro_batch_of(lora, inv)
+    assert not saved.modelled and "LoRA" in saved.notes[0]
+    assert saved.implementation == "torchtitan"

@@ -181,6 +181,15 @@ def micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec
 def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
     """`micro_batch`, cached by value (inventories hash by identity)."""
     arch = inventory.architecture
+    if st.implementation == "torchtitan" and (ft.method != "full" or ft.freeze):
+        return replace(
+            layout.refused(
+                "activations of torchtitan's model code are not modelled for LoRA, QLoRA or "
+                "frozen parameters (memplan's fine-tuning rules follow transformers' and peft's "
+                "module names)"
+            ),
+            implementation="torchtitan",
+        )
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
     if st.implementation == "torchtitan":
