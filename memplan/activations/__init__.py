@@ -5,7 +5,10 @@ inventory describes (the rules were read from 5.24, which differs only in Falcon
 `Setting.transformers` picks), grouped in blocks (embeddings, decoder layers, head, loss), for
 eager or SDPA attention, dropout on or off, any precision recipe (autocast included), activation
 checkpointing none/full/selective, on CUDA or CPU kernels. Families without rules say so
-(`Activations.modelled` is False) instead of guessing.
+(`Activations.modelled` is False) instead of guessing. With `model.implementation: torchtitan`
+the saved tensors are those of torchtitan's own Llama 3 (memplan.model.stacks.torchtitan:
+none, full, its per-op `selective-op` and every-Nth-layer `checkpoint_every`), never a profile
+traced from transformers.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from memplan.model.forward.tensors import (
     not_modelled,
 )
 from memplan.model.inventory import Architecture, Inventory
+from memplan.model.stacks import torchtitan
 from memplan.states.layout import Layout
 from memplan.states.parallel import chunk_layers
 
@@ -41,11 +45,12 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
             "activations not modelled: the model is a bare parameter count (give hf_config, "
             "a preset or an architecture)."
         )
-    if setting.implementation != "transformers":
-        return not_modelled(
-            f"activations of {setting.implementation}'s model code are not modelled yet: "
-            "per_gpu.activations is 0 and the peak leaves them out."
-        )
+    if setting.implementation == "torchtitan":
+        # torchtitan's own model code: its rule, never a profile traced from transformers.
+        return torchtitan.saved(arch, setting)
+    why = _transformers_refuses(setting)
+    if why:
+        return not_modelled(why)
     family = family_of(arch.model_type)
     if family is None or isinstance(family.saved, str):
         traced = profile.serving(inventory.profiles, setting)
@@ -70,6 +75,23 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
     return finish(model, setting)
 
 
+def _transformers_refuses(st: Setting) -> str:
+    """Why a transformers model's activations are not modelled at `st`'s checkpointing, or ''."""
+    if st.checkpointing == "selective-op":
+        return (
+            "activations not modelled: activation_checkpointing selective-op is torchtitan's "
+            "per-op SelectiveAC, which transformers does not apply (set model.implementation: "
+            "torchtitan, or use selective or full)."
+        )
+    if st.checkpoint_every > 1:
+        return (
+            "activations not modelled: checkpoint_every > 1 is torchtitan's layer SAC; "
+            "transformers' gradient_checkpointing_enable checkpoints every layer (set "
+            "model.implementation: torchtitan, or checkpoint_every: 1)."
+        )
+    return ""
+
+
 def _from_profile(traced: profile.Profile, arch: Architecture, st: Setting) -> Activations:
     """A traced profile's saved tensors at `st` (memplan.model.profile)."""
     return traced.activations(st, num_layers=arch.num_layers)
@@ -90,6 +112,8 @@ def source(inventory: Inventory, setting: Setting) -> tuple[str, profile.Profile
     arch = inventory.architecture
     if arch is None:
         return "none", None
+    if setting.implementation == "torchtitan":
+        return ("rule" if predict(inventory, setting).modelled else "none"), None
     family = family_of(arch.model_type)
     if family is not None and not isinstance(family.saved, str) and not _unsupported(arch):
         return "rule", None
@@ -117,6 +141,11 @@ def for_stages(
     """The activations of one GPU of each pipeline rank of `lay`, at that rank's peak, with
     `microbatches` micro-batches per step (memplan.activations.layout)."""
     micro = micro_batch(inventory, st, lay, ft)
+    if lay.pipeline > 1 and st.checkpoint_every > 1 and micro.modelled:
+        micro = layout.refused(
+            "activations with checkpoint_every > 1 are not split over pipeline stages yet "
+            "(which layers a stage holds decides which of them it checkpoints)"
+        )
     return tuple(on_rank(inventory, micro, lay, r, microbatches) for r in range(lay.pipeline))
 
 
@@ -152,8 +181,25 @@ def micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec
 def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
     """`micro_batch`, cached by value (inventories hash by identity)."""
     arch = inventory.architecture
+    if st.implementation == "torchtitan" and (ft.method != "full" or ft.freeze):
+        return replace(
+            layout.refused(
+                "activations of torchtitan's model code are not modelled for LoRA, QLoRA or "
+                "frozen parameters (memplan's fine-tuning rules follow transformers' and peft's "
+                "module names)"
+            ),
+            implementation="torchtitan",
+        )
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
+    if st.implementation == "torchtitan":
+        return replace(
+            layout.refused(
+                "activations of torchtitan's model code are not split for tensor, context or "
+                "expert parallelism yet"
+            ),
+            implementation="torchtitan",
+        )
     family = family_of(arch.model_type)
     no_rule = family is None or isinstance(family.saved, str) or bool(_unsupported(arch))
     traced = profile.serving(inventory.profiles, st) if no_rule else None

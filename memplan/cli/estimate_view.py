@@ -56,6 +56,7 @@ def heading(report: Report) -> Text:
         "\n",
         f"{_stored(report)}, {report.optimizer.name}, "
         f"{p.engine} ZeRO-{p.stage} over {p.data} data-parallel rank{'s' * (p.data > 1)}",
+        f", {p.implementation}'s model code" if p.implementation != "transformers" else "",
     )
 
 

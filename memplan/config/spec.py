@@ -239,9 +239,17 @@ class TrainingSpec(Frozen):
     keep no S x S scores) or eager (keeps the softmax of every head)."""
     dropout: bool | None = None
     """Dropout in training: null follows the config's probabilities; true/false forces it."""
-    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    activation_checkpointing: Literal["none", "selective", "full", "selective-op"] = "none"
     """Recompute in backward: none; selective (the attention core, Megatron's
-    --recompute-activations); full (each decoder layer keeps only its input)."""
+    --recompute-activations); full (each decoder layer keeps only its input); selective-op
+    (torchtitan's per-op selective checkpointing, `SelectiveAC`: each block keeps its input and
+    the outputs of every odd-numbered matmul and of the attention kernel; needs
+    model.implementation: torchtitan)."""
+    checkpoint_every: PositiveInt = 1
+    """With activation_checkpointing: full, checkpoint only every Nth decoder layer (layers
+    N-1, 2N-1, ...; the others keep all their activations): torchtitan's
+    `selective_ac_option: "N"` (layer SAC, torchtitan 9dec370 parallelize_llama.py::
+    _apply_ac_to_transformer_block). Default 1: every layer."""
     activation_offload: bool = False
     """Checkpointed layer inputs in pinned host memory (transformers
     `activation_checkpointing_enable(offload=True)`); needs activation_checkpointing: full."""
@@ -256,6 +264,15 @@ class TrainingSpec(Frozen):
             raise ValueError(
                 "activation_offload moves the inputs that full checkpointing keeps: set "
                 "activation_checkpointing: full (or activation_offload: false)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _every_needs_full(self) -> TrainingSpec:
+        if self.checkpoint_every > 1 and self.activation_checkpointing != "full":
+            raise ValueError(
+                "checkpoint_every picks which layers full checkpointing recomputes: set "
+                "activation_checkpointing: full (or checkpoint_every: 1)"
             )
         return self
 

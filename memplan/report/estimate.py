@@ -103,12 +103,13 @@ def setting_of(spec: Spec) -> Setting:
     """
     recipe = spec.recipe()
     t = spec.training
+    autocast = recipe.autocast and not _torchtitan_fsdp(spec)
     return Setting(
         batch=t.micro_batch_size,
         sequence=t.sequence_length,
-        stream=recipe.parameters if recipe.autocast else recipe.compute,
+        stream=recipe.parameters if autocast else recipe.compute,
         matmul=recipe.compute,
-        autocast=recipe.autocast,
+        autocast=autocast,
         device=spec.hardware.device,
         attention=t.attention,
         dropout=t.dropout,
@@ -116,6 +117,20 @@ def setting_of(spec: Spec) -> Setting:
         offload=t.activation_offload,
         transformers=versions.rules_release(spec.model.transformers_version),
         implementation=spec.model.implementation,
+        checkpoint_every=t.checkpoint_every,
+    )
+
+
+def _torchtitan_fsdp(spec: Spec) -> bool:
+    """torchtitan applies its mixed precision through FSDP2's `param_dtype` when it shards
+    (data > 1 or context > 1): the model then runs wholly in the compute dtype, with no
+    autocast; only under DDP or one device does it use torch.autocast (torchtitan/config/
+    configs.py::Training.mixed_precision_param docstring, 0.3.0)."""
+    par = spec.parallelism
+    return (
+        spec.model.implementation == "torchtitan"
+        and par.engine == "fsdp2"
+        and (par.data > 1 or par.context > 1)
     )
 
 

@@ -183,6 +183,7 @@ def _activations(saved: Activations) -> s.ActivationsInfo:
         notes=list(saved.notes),
         source=saved.source if saved.modelled else "none",
         profile_versions=dict(saved.versions) if saved.source == "profile" else None,
+        implementation=saved.implementation,
     )
 
 

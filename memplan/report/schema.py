@@ -267,6 +267,12 @@ class ActivationsInfo(_Doc):
     profile_versions: dict[str, str] | None = Field(
         description="torch and transformers the profile was traced with; null unless a profile."
     )
+    implementation: Literal["transformers", "torchtitan"] = Field(
+        description=(
+            "Whose model code the saved tensors are of (model.implementation): transformers' "
+            "modeling files or torchtitan's own model code."
+        )
+    )
 
 
 class TimelinePhase(_Doc):

@@ -175,6 +175,20 @@ def with_layers(config: dict[str, Any], key: str, layers: int) -> dict[str, Any]
 def check_supported(spec: Spec, recipe: Recipe) -> None:
     """Refuse what verify cannot realise with real torch, saying what can be verified."""
     par = spec.parallelism
+    t = spec.training
+    if spec.model.implementation == "torchtitan" or t.activation_checkpointing == "selective-op":
+        raise MemplanError(
+            "model.implementation: torchtitan (and activation_checkpointing: selective-op, its "
+            "per-op SelectiveAC) cannot be verified yet: verify builds transformers' model. "
+            "tests/test_torchtitan_activations.py proves the rule on torchtitan's own model.",
+            field="model.implementation",
+        )
+    if t.checkpoint_every > 1:
+        raise MemplanError(
+            "training.checkpoint_every > 1 cannot be verified: transformers checkpoints every "
+            "decoder layer. Verify checkpoint_every: 1.",
+            field="training.checkpoint_every",
+        )
     if par.engine == "deepspeed":
         installed = importlib.util.find_spec("deepspeed") is not None
         why = (

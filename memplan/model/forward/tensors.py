@@ -21,7 +21,8 @@ from memplan.versions import RULES_TRANSFORMERS
 
 Device = Literal["cuda", "cpu"]
 AttentionKind = Literal["eager", "sdpa"]
-Checkpointing = Literal["none", "full", "selective"]
+Checkpointing = Literal["none", "full", "selective", "selective-op"]
+"""`selective-op`: torchtitan's per-op selective checkpointing (memplan.model.stacks.torchtitan)."""
 
 # Dtype ranks for type promotion of floating tensors (torch.promote_types): fp32 wins over the
 # 16-bit types; bf16 and fp16 together promote to fp32.
@@ -71,6 +72,9 @@ class Setting:
     between supported releases pick by it (memplan.versions)."""
     implementation: Implementation = "transformers"
     """Whose model code runs the forward (model.implementation)."""
+    checkpoint_every: int = 1
+    """With `full` checkpointing, every Nth decoder layer is checkpointed, the rest keep
+    everything (training.checkpoint_every; torchtitan's layer SAC)."""
 
     @property
     def tokens(self) -> int:
@@ -171,6 +175,8 @@ class Activations:
     (memplan.model.profile); meaningless when not `modelled`."""
     versions: tuple[tuple[str, str], ...] = ()
     """(library, version) the profile was traced with; () for a rule."""
+    implementation: Implementation = "transformers"
+    """Whose model code the saved tensors are of (model.implementation)."""
 
     @property
     def bytes(self) -> int:

@@ -1,0 +1,284 @@
+"""torchtitan's own Llama 3 (`model.implementation: torchtitan`): what its forward and loss
+save for backward, with no checkpointing, torchtitan's `FullAC`, its per-op `SelectiveAC`
+(`selective-op`) and every-Nth-layer full checkpointing (`checkpoint_every`).
+
+Read from torchtitan 0.3.0 (torchtitan/, pip `torchtitan==0.3.0`):
+- models/llama3/model.py::Llama3TransformerBlock.forward:
+  `h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h))`.
+- models/common/decoder.py::Decoder.forward: tok_embeddings -> layers -> norm -> lm_head.
+- models/common/nn_modules.py::RMSNorm is `torch.nn.RMSNorm` (`F.rms_norm`).
+- models/common/attention.py::FusedQKVLinear.forward (`wqkv`, the llama3 default
+  `fuse_qkv=True`): one projection, split and copied contiguous into q, k, v;
+  QKVLinear (`fuse_qkv=False`, three projections `wq`, `wk`, `wv`: torchtitan's Llama
+  of Dec 2024, 9dec370, which measured the published table); GQAttention.forward: RoPE on q, k,
+  the inner attention, `.contiguous()`, `wo`.
+- models/common/attention.py::ScaledDotProductAttention.forward: `F.scaled_dot_product_attention
+  (..., is_causal=True, enable_gqa=...)` on (B, N, L, H) transposed views. (0.3.0's Llama
+  configs default to flex attention; SDPA is 9dec370's attention and what this rule models.)
+- models/common/rope.py::ComplexRoPE.apply_rotary_emb: `view_as_complex(q.float()...) * cache`,
+  `.type_as(q)`: the multiply saves only the (buffer) cache, its other input needs no grad.
+- models/common/feed_forward.py::FeedForward.forward: `w2(silu(w1(x)) * w3(x))`.
+- components/loss.py::cross_entropy_loss: `cross_entropy(pred.flatten(0, 1).float(),
+  labels.flatten(0, 1), reduction="sum")`; the labels come shifted from the data loader. This
+  is `CrossEntropyLoss` on the whole logits (9dec370's loss); 0.3.0's llama3 config_registry
+  wraps it in `ChunkedLossWrapper` (8 chunks, lm_head applied per chunk inside the loss), which
+  is not modelled.
+- distributed/activation_checkpoint.py: FullAC and SelectiveAC wrap each block in
+  `ptd_checkpoint_wrapper` (torch.utils.checkpoint, non-reentrant).
+
+The model runs wholly in the compute dtype (FSDP2 `param_dtype`, no autocast: memplan.report.
+estimate.setting_of); autocast (torchtitan without FSDP) is not modelled. Proved on CPU against
+torchtitan's real model by tests/test_torchtitan_activations.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from memplan.model.forward import attention, kernels
+from memplan.model.forward.mlp import gated_mlp_saves
+from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
+from memplan.model.inventory import Architecture
+from memplan.precision import dtype_bytes
+
+VERSION = "0.3.0"
+SRC = f"torchtitan {VERSION} models/llama3/model.py, models/common/*.py"
+SRC_NORM_CPU = (
+    "aten native/layer_norm.cpp::rms_norm_composite (torch 2.13: `_fused_rms_norm` is "
+    "CompositeImplicitAutograd on CPU): x.to(fp32), pow, mean, rsqrt, * rstd, * weight, "
+    "type_as(x)"
+)
+SRC_NORM_CUDA = (
+    "aten native/cuda/layer_norm_kernel.cu::_fused_rms_norm_cuda; derivatives.yaml "
+    "_fused_rms_norm: backward reads input, rstd (result1) and weight (torch 2.13)"
+)
+SRC_LOSS = f"torchtitan {VERSION} components/loss.py::cross_entropy_loss; " + kernels.DERIV
+SRC_CHECKPOINT = (
+    "torch/utils/checkpoint.py::_checkpoint_without_reentrant_generator (_NoopSaveInputs keeps "
+    f"the block input); torchtitan {VERSION} distributed/activation_checkpoint.py::FullAC"
+)
+SRC_SAC = (
+    f"torchtitan {VERSION} distributed/activation_checkpoint.py::SelectiveAC._wrap_block "
+    "(MUST_SAVE: the save ops' outputs, every second mm/linear recomputed) and "
+    "_get_default_save_ops; torch/utils/checkpoint.py::_CachingTorchDispatchMode keeps each "
+    "MUST_SAVE output"
+)
+
+MODEL_TYPES = ("llama",)
+"""HF model_types whose shape torchtitan's Llama 3 code builds (models/llama3)."""
+
+
+def unsupported(arch: Architecture, st: Setting) -> str:
+    """Why torchtitan's Llama 3 rule does not cover this model or setting, or ''."""
+    x = arch.extra
+    if arch.model_type not in MODEL_TYPES:
+        return (
+            f"activations of model_type {arch.model_type!r} under model.implementation "
+            "torchtitan are not modelled (memplan models torchtitan's Llama 3 code, "
+            "models/llama3: model_type llama; torchtitan's own qwen3, deepseek_v3 and gpt_oss "
+            "models have no rule yet)"
+        )
+    if x.get("attention_bias") or x.get("mlp_bias"):
+        return "torchtitan's Llama 3 has no biases (attention_bias / mlp_bias set)"
+    if str(x.get("hidden_act", "silu")) not in ("silu", "swish"):
+        return "torchtitan's Llama 3 FeedForward is SwiGLU (hidden_act silu)"
+    if arch.head_dim * arch.num_attention_heads != arch.hidden_size:
+        return "torchtitan's Llama 3 takes head_dim = dim // n_heads"
+    if st.autocast:
+        return (
+            "torchtitan under torch.autocast (no FSDP2 sharding: DDP or one device) is not "
+            "modelled; with FSDP2 (data or context > 1) its model runs in the compute dtype"
+        )
+    if st.attention != "sdpa":
+        return "torchtitan's attention is not transformers' eager one: use training.attention sdpa"
+    if st.device == "cuda" and st.matmul not in ("bf16", "fp16"):
+        return (
+            "torchtitan's SDPA in fp32 on CUDA (the math kernel: no flash kernel for fp32) is "
+            "not modelled"
+        )
+    if st.offload:
+        return "activation_offload is transformers' offload=True: torchtitan has no such option"
+    if st.checkpointing == "selective":
+        return (
+            "activation_checkpointing selective is Megatron's attention-core recompute, which "
+            "torchtitan does not offer: use selective-op (its SelectiveAC) or full"
+        )
+    return ""
+
+
+def _norm(prefix: str, t: int, h: int, x_dtype: str, st: Setting) -> list[Saved]:
+    """`nn.RMSNorm` over an `x_dtype` input and the output the next matmul saves.
+
+    CPU (SRC_NORM_CPU): pow saves the fp32 input (x itself when fp32), rsqrt saves rstd
+    [t, 1] fp32 (the multiply saves it again), `* weight` saves the normalized fp32 tensor; the
+    output (cast back to x's dtype) is a new tensor. CUDA (SRC_NORM_CUDA): the fused kernel
+    keeps its input and rstd [t, 1] fp32; the output is a new tensor.
+    """
+    fp32 = kernels.FP32
+    if st.device == "cpu":
+        out = [
+            kernels.saved(f"{prefix}.input_fp32", (t, h), fp32, "PowBackward0", SRC_NORM_CPU),
+            kernels.saved(f"{prefix}.rstd", (t, 1), fp32, "RsqrtBackward0", SRC_NORM_CPU),
+            kernels.saved(f"{prefix}.normalized", (t, h), fp32, "MulBackward0", SRC_NORM_CPU),
+        ]
+    else:
+        out = [
+            kernels.saved(
+                f"{prefix}.input", (t, h), x_dtype, "FusedRmsNormBackward0", SRC_NORM_CUDA
+            ),
+            kernels.saved(f"{prefix}.rstd", (t, 1), fp32, "FusedRmsNormBackward0", SRC_NORM_CUDA),
+        ]
+    out.append(kernels.saved(f"{prefix}.output", (t, h), x_dtype, "MmBackward0", kernels.DERIV))
+    return out
+
+
+def _matmuls(arch: Architecture, *, fused_qkv: bool) -> list[tuple[str, int]]:
+    """The block's matmuls in the order its forward runs them, with their output widths: the
+    order SelectiveAC counts them in (`meta["forward_mm_count"]`, restarted per block)."""
+    h, a, kv, d = kernels.attention_dims(arch)
+    qkv = (
+        [("attention.wqkv", (a + 2 * kv) * d)]
+        if fused_qkv
+        else [("attention.wq", a * d), ("attention.wk", kv * d), ("attention.wv", kv * d)]
+    )
+    inter = arch.intermediate_size
+    return [
+        *qkv,
+        ("attention.wo", h),
+        ("feed_forward.w1", inter),
+        ("feed_forward.w3", inter),
+        ("feed_forward.w2", h),
+    ]
+
+
+def _layer(arch: Architecture, st: Setting) -> tuple[list[Saved], attention.Core]:
+    """One block's saved tensors without checkpointing, and its attention core."""
+    h, a, kv, d = kernels.attention_dims(arch)
+    b, s, t, x = st.batch, st.sequence, st.tokens, st.stream
+    out = _norm("attention_norm", t, h, x, st)
+    # RoPE's `.float()` / `.type_as(q)` leave q and k in the compute dtype; the projections'
+    # q, k, v copies are not saved (RoPE's multiply saves only the cache).
+    heads = attention.Heads(batch=b, seq=s, heads=a, kv_heads=kv, head_dim=d)
+    qkv = attention.Qkv(q=x, k=x, v=x)
+    core = attention.sdpa(st, heads, qkv, dropout_on=False)
+    out += [*core.core, *core.output]
+    # h = x + wo(...): a new tensor, saved by ffn_norm.
+    out += _norm("ffn_norm", t, h, x, st)
+    mlp = gated_mlp_saves("feed_forward.w1", t, arch.intermediate_size, "silu", st)
+    assert mlp is not None  # silu has a rule
+    names = {
+        "feed_forward.w1.gate_proj.output": "feed_forward.w1.output",
+        "feed_forward.w1.act_output": "feed_forward.silu.output",
+        "feed_forward.w1.up_proj.output": "feed_forward.w3.output",
+        "feed_forward.w1.down_proj.input": "feed_forward.w2.input",
+    }
+    out += [kernels.saved(names[m.name], m.shape, m.dtype, m.saved_by, SRC) for m in mlp]
+    return out, core
+
+
+def _selective_op(
+    arch: Architecture, st: Setting, core: attention.Core, *, fused_qkv: bool
+) -> list[Saved]:
+    """What a block under SelectiveAC holds after its forward (SRC_SAC): the checkpoint's
+    input, the outputs of the odd-numbered matmuls (1st, 3rd, ...: `forward_mm_count % 2 == 1`)
+    and, on CUDA, every output of the flash attention op
+    (`aten._scaled_dot_product_flash_attention` is in torch._functorch.partitioners.
+    get_default_op_list().compute_intensive_ops): out, logsumexp and the philox state. The CPU
+    kernel, `_scaled_dot_product_flash_attention_for_cpu`, is in neither list: recomputed."""
+    t = st.tokens
+    kept = [_block_input(arch, st)]
+    for i, (name, width) in enumerate(_matmuls(arch, fused_qkv=fused_qkv), start=1):
+        if i % 2 == 1:
+            kept.append(
+                kernels.saved(f"{name}.output", (t, width), st.matmul, "MUST_SAVE", SRC_SAC)
+            )
+    if st.device == "cuda":
+        kept += [
+            kernels.saved(c.name, c.shape, c.dtype, "MUST_SAVE", SRC_SAC)
+            for c in (*core.core, *core.output)
+            if c.name in ("attn.output", "attn.logsumexp", "attn.rng_state", "attn.unused")
+        ]
+    return kept
+
+
+def _block_input(arch: Architecture, st: Setting) -> Saved:
+    shape = (st.batch, st.sequence, arch.hidden_size)
+    return kernels.saved("checkpoint.hidden_states", shape, st.stream, "Noop", SRC_CHECKPOINT)
+
+
+def checkpointed_layers(num_layers: int, every: int) -> int:
+    """Blocks torchtitan's layer SAC checkpoints: it counts the blocks it wraps from 1 and
+    checkpoints block `count % every == 0` (9dec370 parallelize_llama.py::
+    _apply_ac_to_transformer_block: `ptd_checkpoint_wrapper._count += 1; if not ac_freq or
+    _count % ac_freq == 0`), i.e. layers every-1, 2 x every - 1, ...: num_layers // every."""
+    return num_layers // every
+
+
+def saved(arch: Architecture, st: Setting, *, fused_qkv: bool = True) -> Activations:
+    """torchtitan's Llama 3 forward and loss on one GPU (no model parallelism): see the module
+    docstring. `fused_qkv`: 0.3.0's one `wqkv` projection (default) or 9dec370's three."""
+    why = unsupported(arch, st)
+    if why:
+        return replace(
+            not_modelled(f"activations not modelled: {why}."), implementation="torchtitan"
+        )
+    h, vocab, t, b, s = arch.hidden_size, arch.vocab_size, st.tokens, st.batch, st.sequence
+    layer, core = _layer(arch, st)
+    n = arch.num_layers
+    embeddings = Block(
+        name="embeddings",
+        count=1,
+        tensors=(kernels.embedding_indices("tok_embeddings.indices", (b, s)),),
+    )
+    if st.checkpointing == "full":
+        ckpt = checkpointed_layers(n, st.checkpoint_every)
+        layers = [
+            Block(
+                name="layers",
+                count=ckpt,
+                tensors=(_block_input(arch, st),),
+                recompute=tuple(layer),
+                layered=True,
+            )
+        ]
+        if n - ckpt:
+            layers.append(Block(name="layers", count=n - ckpt, tensors=tuple(layer), layered=True))
+    elif st.checkpointing == "selective-op":
+        kept = _selective_op(arch, st, core, fused_qkv=fused_qkv)
+        held = {k.name for k in kept}
+        # Backward re-runs the block; the cached outputs are reused, the rest made again.
+        again = tuple(x for x in layer if x.name not in held and x.name != "attn.output")
+        layers = [Block(name="layers", count=n, tensors=tuple(kept), recompute=again, layered=True)]
+    else:
+        layers = [Block(name="layers", count=n, tensors=tuple(layer), layered=True)]
+    head = Block(name="head", count=1, tensors=tuple(_norm("norm", t, h, st.stream, st)))
+    loss = Block(
+        name="loss",
+        count=1,
+        tensors=(
+            kernels.saved("log_softmax", (t, vocab), kernels.FP32, "LogSoftmaxBackward0", SRC_LOSS),
+            kernels.saved("targets", (t,), kernels.INT64, "NllLossBackward0", SRC_LOSS),
+            kernels.saved("total_weight", (), kernels.FP32, "NllLossBackward0", SRC_LOSS),
+        ),
+    )
+    upcast = t * vocab * dtype_bytes(kernels.FP32) if st.matmul != kernels.FP32 else 0
+    notes = [
+        f"torchtitan {VERSION}'s Llama 3 model code"
+        + (" (fused wqkv)" if fused_qkv else " (wq, wk, wv)")
+        + ", loss CrossEntropyLoss on the whole logits (0.3.0's ChunkedLossWrapper: not "
+        "modelled)."
+    ]
+    if st.device == "cuda":
+        notes.append(
+            "attention: SDPA's flash kernel (torchtitan 9dec370's default priority); 0.3.0's "
+            "ScaledDotProductAttention tries cuDNN first, and its Llama configs use flex."
+        )
+    return Activations(
+        modelled=True,
+        blocks=(embeddings, *layers, head, loss),
+        logits_bytes=t * vocab * dtype_bytes(st.matmul),
+        upcast_bytes=upcast,
+        hidden_bytes=t * h * dtype_bytes(st.stream),
+        notes=tuple(x for x in notes if x),
+        implementation="torchtitan",
+    )

@@ -1,0 +1,175 @@
+"""Measure what torchtitan's own Llama 3 holds for backward after forward + its loss (CPU).
+
+Used by tests/test_torchtitan_activations.py and benchmarks/torchtitan_activations.py. Builds
+torchtitan 0.3.0's `Llama3Model` from its own config factory (`_build_llama3_layers`) with a
+tiny shape and SDPA as the inner attention (`ScaledDotProductAttention`, the attention of
+torchtitan's Dec 2024 Llama; 0.3.0's language-model configs default to flex, which needs
+compile on CPU), applies torchtitan's own checkpointing (`FullAC`, `SelectiveAC`,
+distributed/activation_checkpoint.py) and runs `model(tokens)` + `cross_entropy_loss`.
+
+What is held is measured without saved_tensors_hooks (torch's selective checkpointing keeps its
+saves in a cache those hooks do not see): a TorchDispatchMode records the storage of every
+tensor any op returns during forward + loss; afterwards the storages still alive (weak
+references not expired) are what the forward holds, deduplicated by address. Excluded: the
+parameters and buffers, the loss value itself (the step's result, not saved), the logits (the
+model output, dropped before the measure: memplan counts them as `logits_bytes`). Added: the
+token ids and labels, which the embedding and nll_loss save (they exist before the forward, so
+the dispatch mode never sees them made). Not seen: the CPU RNG state `ptd_checkpoint_wrapper`
+stashes per block (`preserve_rng_state`, made outside the dispatcher; host memory on a GPU run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+DIM, HEADS, KV_HEADS, FFN, VOCAB, BATCH, SEQ = 64, 4, 2, 192, 256, 2, 16
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int = 2
+    batch: int = BATCH
+    seq: int = SEQ
+    fused_qkv: bool = True
+    dim: int = DIM
+    heads: int = HEADS
+    kv_heads: int = KV_HEADS
+    ffn: int = FFN
+    vocab: int = VOCAB
+
+
+LLAMA31_8B = Shape(
+    layers=2, batch=2, seq=8192, dim=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256
+)
+"""Two blocks of Llama 3.1 8B at torchtitan's published local batch, 2 x 8192 (fake tensors)."""
+
+
+class _Made(TorchDispatchMode):
+    """Every storage an op returns, by weak reference."""
+
+    def __init__(self, key: Any) -> None:
+        super().__init__()
+        self.key = key
+        self.made: list[tuple[StorageWeakRef, int, int]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                self.made.append((StorageWeakRef(st), self.key(st), st.nbytes()))
+        return out
+
+
+def config(shape: Shape) -> Any:
+    """torchtitan's Llama 3 config at `shape`, SDPA as the inner attention."""
+    import torchtitan.models.llama3 as llama3
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    sdpa = ScaledDotProductAttention.Config()
+    original = llama3.get_attention_config
+    llama3.get_attention_config = lambda backend: sdpa  # 0.3.0 refuses "sdpa" for LMs
+    try:
+        return llama3.Llama3Model.Config(
+            dim=shape.dim,
+            vocab_size=shape.vocab,
+            tok_embeddings=Embedding.Config(num_embeddings=shape.vocab, embedding_dim=shape.dim),
+            norm=RMSNorm.Config(normalized_shape=shape.dim),
+            lm_head=Linear.Config(in_features=shape.dim, out_features=shape.vocab),
+            layers=llama3._build_llama3_layers(
+                n_layers=shape.layers,
+                dim=shape.dim,
+                n_heads=shape.heads,
+                n_kv_heads=shape.kv_heads,
+                hidden_dim=shape.ffn,
+                fuse_qkv=shape.fused_qkv,
+                rope=ComplexRoPE.Config(
+                    dim=shape.dim // shape.heads,
+                    max_seq_len=max(128, shape.seq),
+                    theta=500000,
+                    scaling="llama",
+                ),
+                attn_backend="sdpa",
+            ),
+        )
+    finally:
+        llama3.get_attention_config = original
+
+
+def build(dtype: str, shape: Shape) -> torch.nn.Module:
+    """torchtitan's Llama 3 at `shape`, parameters in `dtype` (as FSDP2's param_dtype gives
+    them: the complex RoPE cache stays complex64)."""
+    torch.manual_seed(0)
+    model = config(shape).build()
+    model.init_states()
+    for p in model.parameters():
+        p.data = p.data.to(DTYPES[dtype])
+    return model
+
+
+def checkpoint(model: torch.nn.Module, mode: str, every: int = 1) -> None:
+    """torchtitan's own checkpointing: `full` (FullAC on every `every`-th block: block i when
+    (i + 1) % every == 0, torchtitan 9dec370's layer SAC rule, with 0.3.0's FullAC wrapper) or
+    `selective-op` (SelectiveAC.apply)."""
+    from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
+
+    if mode == "full":
+        ac = FullAC(FullAC.Config())
+        for i, (name, block) in enumerate(list(model.layers.named_children())):
+            if (i + 1) % every == 0:
+                model.layers.register_module(name, ac._wrap_block(block, base_fqn=f"layers.{name}"))
+    elif mode == "selective-op":
+        SelectiveAC(SelectiveAC.Config()).apply(model)
+    elif mode != "none":
+        raise ValueError(mode)
+
+
+def held_bytes(dtype: str, mode: str, shape: Shape = Shape(), every: int = 1) -> int:
+    """Bytes torchtitan's Llama 3 holds for backward after forward + loss (module docstring)."""
+    model = build(dtype, shape)
+    checkpoint(model, mode, every)
+    return _run(model, shape, key=lambda st: st.data_ptr())
+
+
+def held_bytes_fake(dtype: str, mode: str, shape: Shape = LLAMA31_8B) -> int:
+    """`held_bytes` under FakeTensorMode (CPU kernels' meta functions, no memory): the model is
+    built on the meta device and materialised as fake CPU tensors; storages are told apart by
+    their StorageImpl (fake storages have no address)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.device("meta"):
+        model = config(shape).build()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to_empty(device="cpu")
+        for p in model.parameters():
+            p.data = p.data.to(DTYPES[dtype])
+        for m in model.modules():
+            if hasattr(m, "cache") and hasattr(m, "_init_self_buffers"):
+                m._init_self_buffers(buffer_device=torch.device("cpu"))
+        checkpoint(model, mode)
+        return _run(model, shape, key=lambda st: int(st._cdata))
+
+
+def _run(model: torch.nn.Module, shape: Shape, *, key: Any) -> int:
+    from torchtitan.components.loss import cross_entropy_loss
+
+    tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+    labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+    inputs = (*model.parameters(), *model.buffers(), tokens, labels)
+    before = {key(t.untyped_storage()) for t in inputs}
+    spy = _Made(key)
+    with spy:
+        logits = model(tokens)
+        loss = cross_entropy_loss(logits, labels)
+    del logits
+    before.add(key(loss.untyped_storage()))
+    alive = {k: n for ref, k, n in spy.made if not ref.expired() and k not in before}
+    return sum(alive.values()) + tokens.nbytes + labels.nbytes
