@@ -134,10 +134,20 @@ def on_rank(
             "pipeline stages yet"
         )
     p = lay.pipeline
-    chunks = tuple(chunk_layers(arch.num_layers, lay)[rank::p])
-    alive = layout.in_flight(lay.schedule, p, lay.virtual_stages, rank, microbatches)
+    every = chunk_layers(arch.num_layers, lay)
+    mine = [c for c in range(len(every)) if lay.chunk_rank(c) == rank]
+    alive = layout.in_flight(
+        lay.schedule, p, lay.virtual_stages, rank, microbatches, runtime=lay.pipeline_runtime
+    )
     return layout.stage(
-        micro, chunk_layers=chunks, alive=alive, first=rank == 0, last=rank == p - 1
+        micro,
+        chunk_layers=tuple(every[c] for c in mine),
+        alive=alive,
+        first=0 in mine,
+        last=len(every) - 1 in mine,
+        source=layout.SRC_TORCH_SCHEDULE
+        if lay.pipeline_runtime == "torch"
+        else layout.SRC_SCHEDULE,
     )
 
 
