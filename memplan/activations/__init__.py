@@ -108,6 +108,7 @@ SAVED_FIELDS = (
     "expert_capacity_factor",
     "make_vocab_size_divisible_by",
     "tensor_rank",
+    "loss_parallel",
 )
 
 
@@ -197,6 +198,12 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     local = predict(replace(inventory, architecture=local_arch), local_st)
     if not local.modelled:
         return local
+    if lay.tensor > 1 and lay.tensor_impl == "dtensor" and not lay.loss_parallel:
+        whole = predict(
+            replace(inventory, architecture=replace(local_arch, vocab_size=arch.vocab_size)),
+            local_st,
+        )
+        local = layout.whole_vocabulary_loss(local, whole)
     if lay.sequence_parallel:
         local = layout.split(predict(inventory, local_st), local, local_st, lay)
     return replace(local, buffers=layout.buffers(arch, local_st, lay))

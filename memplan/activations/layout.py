@@ -174,6 +174,32 @@ def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Ac
     return replace(local, blocks=blocks, hidden_bytes=local.hidden_bytes // lay.tensor)
 
 
+SRC_NO_LOSS_PARALLEL = (
+    "torchtitan 0.3.0 torchtitan/models/llama3/parallelize.py::apply_tp (output: "
+    "ColwiseParallel(output_layouts=Shard(-1) if loss_parallel else Replicate()))"
+)
+
+
+def whole_vocabulary_loss(local: Activations, whole: Activations) -> Activations:
+    """DTensor TP without loss_parallel (torchtitan's disable_loss_parallel): the LM head's
+    output is all-gathered to whole [tokens, vocabulary] logits on every TP rank and the loss
+    runs on them, so the head's and the loss's tensors are those of the whole vocabulary
+    (`whole`: the TP slice's prediction with the whole vocabulary)."""
+    by = {b.name: b for b in whole.blocks}
+    blocks = tuple(by[b.name] if b.name in ("head", "loss") else b for b in local.blocks)
+    return replace(
+        local,
+        blocks=blocks,
+        logits_bytes=whole.logits_bytes,
+        upcast_bytes=whole.upcast_bytes,
+        notes=(
+            *local.notes,
+            "no loss_parallel: the logits all-gathered whole on every TP rank "
+            f"({SRC_NO_LOSS_PARALLEL}).",
+        ),
+    )
+
+
 def _split_tokens(shape: tuple[int, ...], st: Setting, parts: int) -> tuple[int, ...] | None:
     """`shape` with its token dimension ([tokens, ...] or [batch, seq, ...]) / parts."""
     if len(shape) >= 3 and shape[:2] == (st.batch, st.sequence):

@@ -99,6 +99,15 @@ class ParallelismSpec(Frozen):
     torch's default (the `param_dtype`, the recipe's compute dtype), or fp32 with
     `model.implementation: torchtitan` (its `mixed_precision_reduce` default,
     torchtitan/config/configs.py::Parallelism, 0.3.0)."""
+    loss_parallel: bool | None = None
+    """torch's `loss_parallel()` under DTensor tensor parallelism (engines ddp and fsdp2): the
+    LM head's output stays sharded over the vocabulary and the cross entropy runs on each
+    rank's [tokens, vocabulary / TP] slice (torch/distributed/tensor/parallel/loss.py). None:
+    on whenever tensor > 1 (torchtitan's default, `disable_loss_parallel: false`; memplan
+    verify runs it). false: torchtitan's `disable_loss_parallel`, the output all-gathered to
+    whole [tokens, vocabulary] logits on every TP rank (torchtitan/models/llama3/
+    parallelize.py::apply_tp, ColwiseParallel(output_layouts=Replicate())). Megatron and
+    DeepSpeed always run Megatron's vocabulary-parallel cross entropy."""
     offload: OffloadSpec = OffloadSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """DeepSpeed config keys (used when engine is deepspeed)."""
@@ -142,6 +151,14 @@ class ParallelismSpec(Frozen):
             raise ValueError(
                 "zbv is torch.distributed.pipelining's ScheduleZBVZeroBubble: use engine ddp "
                 "or fsdp2 (Megatron-LM and DeepSpeed run 1f1b, interleaved or gpipe)"
+            )
+        if self.loss_parallel is not None and (
+            self.tensor == 1 or self.engine not in ("ddp", "fsdp2")
+        ):
+            raise ValueError(
+                "loss_parallel is torch's DTensor tensor parallelism's choice: it needs "
+                "tensor > 1 and engine ddp or fsdp2 (Megatron-LM and DeepSpeed always run "
+                "Megatron's vocabulary-parallel cross entropy)"
             )
         if self.sequence_parallel and self.tensor == 1:
             raise ValueError(

@@ -62,6 +62,9 @@ class Layout:
     reduce_dtype: str | None = None
     """FSDP2 `reduce_dtype` (ParallelismSpec.reduce_dtype, torchtitan's fp32 filled in); None:
     the param dtype."""
+    loss_parallel: bool = False
+    """torch's loss_parallel() runs (ParallelismSpec.loss_parallel: DTensor TP over more than
+    one rank, unless turned off): the loss on each rank's vocabulary slice."""
     tensor_rank: int = 0
     """The TP rank whose shards these are: only the vocabulary rows of a "chunk" split differ
     between TP ranks, and rank 0 holds the most (`for_tensor_rank`)."""
@@ -112,6 +115,9 @@ class Layout:
             device=device,
             implementation=implementation,
             reduce_dtype=reduce_dtype,
+            loss_parallel=par.tensor > 1
+            and par.engine in ("ddp", "fsdp2")
+            and par.loss_parallel is not False,
         )
 
     @property

@@ -33,9 +33,12 @@ def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
 
 def _loss_transients(states: StepStates, acts: StepActivations) -> list[Transient]:
     """Under DTensor TP: loss_parallel's third tensor (memplan.states.engines.dtensor_tp)."""
-    if states.layout.tensor <= 1:
+    if states.layout.tensor <= 1 or not states.layout.loss_parallel:
         return []
-    return [dtensor_tp.loss_parallel_gradient(acts.loss_fp32)]
+    return [
+        dtensor_tp.loss_parallel_log_softmax(acts.loss_fp32),
+        dtensor_tp.loss_parallel_gradient(acts.loss_fp32),
+    ]
 
 
 def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -> list[Transient]:
