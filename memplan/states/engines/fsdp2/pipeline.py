@@ -6,9 +6,9 @@ torch 2.13, torch/distributed/pipelining/stage.py:
   micro-batch's backward runs with `set_requires_gradient_sync(False)`,
   `set_reshard_after_backward(False)` and `set_is_last_backward(False)`, so no group
   reduce-scatters and none reshards after its backward;
-- `perform_reduce_grad` (L1164-1191), the schedule's last action (`_add_reduce_grad`,
-  schedules.py), turns them back on and runs every group's `post_backward`, which
-  reduce-scatters the accumulated gradients and reshards.
+- `perform_reduce_grad` (L1164-1191), the REDUCE_GRAD action schedules.py::_add_reduce_grad
+  puts right after each stage's last backward, turns them back on and runs every group's
+  `post_backward`, which reduce-scatters the accumulated gradients and reshards.
 
 torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py::post_backward L603-612 (reduce_grads
 False): `accumulate_unsharded_grad_if_needed`, then `to_accumulated_grad_if_needed`, which
@@ -49,10 +49,13 @@ def accumulated_gradients(states: StepStates, acts: StepActivations) -> list[Tra
     A rank that runs a forward after its first backward (1F1B's steady state: it holds fewer
     layer-micro-batches at its peak than it runs forwards, `acts.layers_in_flight` < m x its
     layers) holds them beside its peak in-flight activations: alive from the forward to the
-    end of backward. A rank whose micro-batches are all in flight before the first backward
-    (m <= its in-flight count: 1F1B's first ranks when m <= P, GPipe) has them only once
-    backward runs: at the end of backward, and at the backward point beyond what that point
-    holds by the gradients less one micro-batch's decoder layers (the first micro-batch's
+    end of backward. With several local stages (interleaved, zbv) every stage's gradients
+    are counted there, an upper bound: a stage's exist only after its first backward, and
+    the steady state may end before the first stage's has run. A rank whose micro-batches
+    are all in flight before the first backward (m <= its in-flight count: 1F1B's first
+    ranks when m <= P, GPipe) has them only once backward runs: at the end of backward, and
+    at the backward point beyond what that point holds by the gradients less one
+    micro-batch's decoder layers (the first micro-batch's
     backward done: its saved tensors gone, every gradient of the stage made)."""
     if states.layout.pipeline <= 1:
         return []
