@@ -108,7 +108,7 @@ SAVED_FIELDS = (
     "expert_capacity_factor",
     "make_vocab_size_divisible_by",
     "tensor_rank",
-    "loss_parallel",
+    "vocab_parallel_loss",
 )
 
 
@@ -198,7 +198,7 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     local = predict(replace(inventory, architecture=local_arch), local_st)
     if not local.modelled:
         return local
-    if lay.tensor > 1 and lay.tensor_impl == "dtensor" and not lay.loss_parallel:
+    if lay.tensor > 1 and lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss:
         whole = predict(
             replace(inventory, architecture=replace(local_arch, vocab_size=arch.vocab_size)),
             local_st,

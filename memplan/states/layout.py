@@ -62,7 +62,7 @@ class Layout:
     reduce_dtype: str | None = None
     """FSDP2 `reduce_dtype` (ParallelismSpec.reduce_dtype, torchtitan's fp32 filled in); None:
     the param dtype."""
-    loss_parallel: bool = False
+    vocab_parallel_loss: bool = False
     """torch's loss_parallel() runs (ParallelismSpec.loss_parallel: DTensor TP over more than
     one rank, unless turned off): the loss on each rank's vocabulary slice."""
     tensor_rank: int = 0
@@ -115,7 +115,7 @@ class Layout:
             device=device,
             implementation=implementation,
             reduce_dtype=reduce_dtype,
-            loss_parallel=par.tensor > 1
+            vocab_parallel_loss=par.tensor > 1
             and par.engine in ("ddp", "fsdp2")
             and par.loss_parallel is not False,
         )

@@ -173,7 +173,7 @@ def _loss_transients(states: StepStates, acts: StepActivations) -> list[Transien
     if states.layout.tensor <= 1:
         return []
     out: list[Transient] = []
-    if states.layout.loss_parallel:
+    if states.layout.vocab_parallel_loss:
         out += [
             dtensor_tp.loss_parallel_log_softmax(acts.loss_fp32),
             dtensor_tp.loss_parallel_gradient(acts.loss_fp32),

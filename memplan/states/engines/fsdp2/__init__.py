@@ -33,7 +33,7 @@ def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
 
 def _loss_transients(states: StepStates, acts: StepActivations) -> list[Transient]:
     """Under DTensor TP: loss_parallel's third tensor (memplan.states.engines.dtensor_tp)."""
-    if states.layout.tensor <= 1 or not states.layout.loss_parallel:
+    if states.layout.tensor <= 1 or not states.layout.vocab_parallel_loss:
         return []
     return [
         dtensor_tp.loss_parallel_log_softmax(acts.loss_fp32),
