@@ -132,6 +132,7 @@ SAVED_FIELDS = (
     "expert_capacity_factor",
     "make_vocab_size_divisible_by",
     "tensor_rank",
+    "vocab_parallel_loss",
 )
 
 
@@ -163,10 +164,20 @@ def on_rank(
             "pipeline stages yet"
         )
     p = lay.pipeline
-    chunks = tuple(chunk_layers(arch.num_layers, lay)[rank::p])
-    alive = layout.in_flight(lay.schedule, p, lay.virtual_stages, rank, microbatches)
+    every = chunk_layers(arch.num_layers, lay)
+    mine = [c for c in range(len(every)) if lay.chunk_rank(c) == rank]
+    alive = layout.in_flight(
+        lay.schedule, p, lay.virtual_stages, rank, microbatches, runtime=lay.pipeline_runtime
+    )
     return layout.stage(
-        micro, chunk_layers=chunks, alive=alive, first=rank == 0, last=rank == p - 1
+        micro,
+        chunk_layers=tuple(every[c] for c in mine),
+        alive=alive,
+        first=0 in mine,
+        last=len(every) - 1 in mine,
+        source=layout.SRC_TORCH_SCHEDULE
+        if lay.pipeline_runtime == "torch"
+        else layout.SRC_SCHEDULE,
     )
 
 
@@ -233,6 +244,12 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     local = predict(replace(inventory, architecture=local_arch), local_st)
     if not local.modelled:
         return local
+    if lay.tensor > 1 and lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss:
+        whole = predict(
+            replace(inventory, architecture=replace(local_arch, vocab_size=arch.vocab_size)),
+            local_st,
+        )
+        local = layout.whole_vocabulary_loss(local, whole)
     if lay.sequence_parallel:
         local = layout.split(predict(inventory, local_st), local, local_st, lay)
     return replace(local, buffers=layout.buffers(arch, local_st, lay))

@@ -17,7 +17,7 @@ one by one while gradients appear), so the peak of the step is at one of them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from memplan import memory
@@ -206,7 +206,15 @@ def transients(
     engine = STEPS[step.layout.engine]
     out = list(cache.get(("engine states", states), lambda: tuple(engine.states(states, cache))))
     activation_terms = own.activation_terms(saved)
-    acts = _engine_view(states.inventory, saved, activation_terms, step.recipe)
+    acts = replace(
+        _engine_view(states.inventory, saved, activation_terms, step.recipe),
+        microbatches=step.accumulation_steps,
+        layers_in_flight=sum(
+            b.count for b in saved.blocks if b.name in ("layers", "in_flight.layers")
+        )
+        if saved.modelled
+        else 0,
+    )
     out += activation_terms
     out += engine.loss(states, acts)
     out += saved.buffers
@@ -269,7 +277,7 @@ def _gradients(step: StepSettings, states: StepStates, cache: StepCache) -> dict
         # zero_grad(set_to_none=False) fills the gradients with zeros and keeps them: from the
         # second step on they are alive in every phase, like a buffer kept for the run.
         alive = PHASES
-    elif step.accumulation_steps > 1:
+    elif step.accumulation_steps > 1 and not life.pipelined:
         alive = PHASES[1:]
     inventory = states.inventory
     head = int(grads * cache.get(("head", inventory), lambda: _head_fraction(inventory)))
