@@ -245,6 +245,11 @@ class TrainingSpec(Frozen):
     activation_offload: bool = False
     """Checkpointed layer inputs in pinned host memory (transformers
     `activation_checkpointing_enable(offload=True)`); needs activation_checkpointing: full."""
+    compile: bool = False
+    """Each decoder layer runs under torch.compile (Inductor), as torchtitan's
+    `compile.enable` compiles each TransformerBlock (embeddings, head and loss stay eager):
+    a layer saves what AOTAutograd's min-cut partitioner keeps (memplan.model.forward.compiled:
+    Llama-style layers, checkpointing none or full) instead of the eager tensors."""
     zero_grad: Literal["set_to_none", "zero"] = "set_to_none"
     """How the trainer clears gradients after the optimizer step: set_to_none (torch's
     default since 2.0) frees them; zero (`zero_grad(set_to_none=False)`, torch before 2.0 and

@@ -116,6 +116,7 @@ def setting_of(spec: Spec) -> Setting:
         offload=t.activation_offload,
         transformers=versions.rules_release(spec.model.transformers_version),
         implementation=spec.model.implementation,
+        compile=t.compile,
     )
 
 

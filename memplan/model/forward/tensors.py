@@ -71,6 +71,9 @@ class Setting:
     between supported releases pick by it (memplan.versions)."""
     implementation: Implementation = "transformers"
     """Whose model code runs the forward (model.implementation)."""
+    compile: bool = False
+    """Each decoder layer runs torch.compile'd (training.compile): AOTAutograd's min-cut
+    partition decides what it saves (memplan.model.forward.compiled)."""
 
     @property
     def tokens(self) -> int:
