@@ -127,12 +127,12 @@ def test_torchtitan_op_sac_and_full_ac_compiled() -> None:
     assert traced_per_token(full, _block_inputs) == Counter({("bf16", DIMS["hidden"] * 2): 1})
 
 
-def _estimate(training: dict):
+def _estimate(training: dict, fp8: str = "none"):
     config = read_json(PRESET_DIR / "llama-3-8b.json", what="preset")
     spec = Spec.model_validate(
         {
             "model": {"architecture": config},
-            "precision": "bf16",
+            "precision": {"preset": "bf16", "fp8": fp8},
             "training": {"micro_batch_size": 2, "sequence_length": 8192, **training},
         }
     )
@@ -162,3 +162,76 @@ def test_compile_where_not_traced_keeps_eager_and_says_so() -> None:
     assert any("training.compile" in n and "selective" in n for n in acts.notes)
     full = _estimate({"compile": True, "activation_checkpointing": "full"}).activations
     assert full.bytes == _estimate({"activation_checkpointing": "full"}).activations.bytes
+
+
+# --- torchao Float8 (precision.fp8: torchao-tensorwise / torchao-rowwise) -------------------
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_linear_saves_what_nn_linear_saves(recipe: str) -> None:
+    """Eager: torchao's Float8Linear saves its 16-bit input and weight, exactly the storages
+    nn.Linear saves (run on CPU: torchao's casts and torch._scaled_mm run there): so the eager
+    rules' activations stand unchanged under torchao fp8."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchao")
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    from memplan.verify.trace.compiled import eager_saved
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 128, bias=False)).to(torch.bfloat16)
+    converted = torch.nn.Sequential(torch.nn.Linear(64, 128, bias=False)).to(torch.bfloat16)
+    convert_to_float8_training(converted, config=Float8LinearConfig.from_recipe_name(recipe))
+    assert type(converted[0]).__name__ == "Float8Linear"
+    x = torch.randn(2, 32, 64, dtype=torch.bfloat16, requires_grad=True)
+    fp8 = eager_saved(converted, x)
+    bf16 = eager_saved(plain, x)
+    # The same storages (nn.Linear's node sees the input folded to 2-D: a view of it).
+    assert sorted((s.dtype, s.nbytes) for s in fp8) == sorted((s.dtype, s.nbytes) for s in bf16)
+    assert len(fp8) == 2  # the input and the weight (its transposed view)
+
+
+def test_compiled_float8_block_saves_what_inductor_partition_keeps() -> None:
+    """torchtitan's block with every Linear converted (Float8LinearConverter converts the
+    blocks' Linears), tensorwise, then compiled: the rule's float8 set (rowwise traces the same:
+    benchmarks/results/compile-float8.json)."""
+    pytest.importorskip("torchao")
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    block = _torchtitan_block()
+    convert_to_float8_training(block, config=Float8LinearConfig.from_recipe_name("tensorwise"))
+    b, s = SIZES[0]
+    expected = compiled.llama_layer(batch=b, seq=s, dtype="bf16", float8=True, **DIMS)
+    assert traced_per_token(block, _block_inputs) == rule_per_token(expected)
+
+
+def test_torchao_fp8_adds_no_transformer_engine_state() -> None:
+    plain = _estimate({}, fp8="none")
+    torchao = _estimate({}, fp8="torchao-tensorwise")
+    assert torchao.activations.bytes == plain.activations.bytes
+    te = _estimate({}, fp8="delayed")
+    for name in ("fp8_scaling_state", "fp8_weights"):
+        assert name in _term_names(te)
+        assert name not in _term_names(torchao)
+    assert any("torchao Float8Linear" in n for n in torchao.notes)
+    compiled_fp8 = _estimate({"compile": True}, fp8="torchao-rowwise").activations.block("layers")
+    assert compiled_fp8 is not None
+    b, s = 2, 8192
+    # Llama 3.1 8B's widths (pinning: the rule itself, at the preset's config).
+    layer = compiled.llama_layer(
+        batch=b,
+        seq=s,
+        hidden=4096,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        inter=14336,
+        dtype="bf16",
+        float8=True,
+    )
+    assert compiled_fp8.bytes_each == sum(t.bytes for t in layer)
+
+
+def _term_names(report) -> set[str]:
+    names = {t.name for t in report.timeline.transients}
+    return names | {t.name for t in report.buffers}

@@ -54,6 +54,7 @@ BY = "compiled forward graph output"
 
 def llama_layer(
     *,
+    float8: bool = False,
     batch: int,
     seq: int,
     hidden: int,
@@ -63,8 +64,21 @@ def llama_layer(
     inter: int,
     dtype: str,
 ) -> tuple[Saved, ...]:
-    """The tensors one compiled Llama-style layer passes from forward to backward."""
+    """The tensors one compiled Llama-style layer passes from forward to backward. `float8`:
+    its Linears are torchao Float8Linear (tensorwise or rowwise: traced alike), whose GEMM
+    inputs are cast to fp8 inside the graph: the partitioner then keeps neither norm's output
+    nor w2's input (it recomputes them, and their casts, from the tensors it keeps)."""
     t, h, a, g, d, f, w = batch * seq, hidden, heads, kv_heads, head_dim, inter, dtype
+    if float8:
+        dropped = ("attention_norm.out", "ffn_norm.out", "feed_forward.w2_in")
+        kept = llama_layer(
+            batch=batch, seq=seq, hidden=h, heads=a, kv_heads=g, head_dim=d, inter=f, dtype=w
+        )
+        return tuple(
+            replace(s, source=SRC + "; torchao 0.18 Float8Linear")
+            for s in kept
+            if s.name not in dropped
+        )
     return (
         saved("input", (t, h), w, BY, SRC),
         saved("attention_norm.rstd", (t, 1), FP32, BY, SRC),
@@ -164,6 +178,7 @@ def apply(acts: Activations, arch: Architecture, st: Setting, *, biased: bool) -
         head_dim=d,
         inter=arch.intermediate_size,
         dtype=st.matmul,
+        float8=st.float8 != "none",
     )
     blocks = tuple(replace(b, tensors=layer) if b.name == "layers" else b for b in acts.blocks)
     return replace(acts, blocks=blocks)

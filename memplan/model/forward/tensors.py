@@ -71,6 +71,8 @@ class Setting:
     between supported releases pick by it (memplan.versions)."""
     implementation: Implementation = "transformers"
     """Whose model code runs the forward (model.implementation)."""
+    float8: Literal["none", "tensorwise", "rowwise"] = "none"
+    """torchao Float8Linear in the decoder layers (precision.fp8 torchao-*), by scaling."""
     compile: bool = False
     """Each decoder layer runs torch.compile'd (training.compile): AOTAutograd's min-cut
     partition decides what it saves (memplan.model.forward.compiled)."""
