@@ -31,6 +31,7 @@ k, v, output, fp32 logsumexp [b, heads, s]) less the flash kernel's 16-byte phil
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,17 +54,31 @@ def _dtype(dtype: torch.dtype) -> str:
     return NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def compiled_saved(module: nn.Module, *inputs: Any, outputs: int = 1) -> list[SavedTensor]:
+class _Captured(Exception):
+    """Raised in place of running the captured forward graph (`compiled_saved(run=False)`)."""
+
+
+def compiled_saved(
+    module: nn.Module, *inputs: Any, outputs: int = 1, run: bool = False
+) -> list[SavedTensor]:
     """The tensors the forward graph of torch.compile(module) (Inductor's partition) passes to
     its backward, for one forward on `inputs`. `outputs`: how many tensors the module returns
-    (the forward graph's first outputs)."""
+    (the forward graph's first outputs). The partition is made when the graph compiles, before
+    it runs: `run` also runs the forward graph (slow where CPU kernels are, such as fp8
+    `_scaled_mm`), which changes nothing it saves."""
     from torch._inductor.compile_fx import compile_fx
 
     graphs: list[torch.fx.GraphModule] = []
 
     def inner_compile(gm: torch.fx.GraphModule, example_inputs: Any, **kwargs: Any) -> Any:
         graphs.append(gm)
-        return gm  # run the graph as it is: no code generation
+        if run:
+            return gm  # run the graph as it is: no code generation
+
+        def stop(*args: Any) -> Any:
+            raise _Captured
+
+        return stop
 
     def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
         return compile_fx(gm, example_inputs, inner_compile=inner_compile)
@@ -71,7 +86,8 @@ def compiled_saved(module: nn.Module, *inputs: Any, outputs: int = 1) -> list[Sa
     torch._dynamo.reset()
     try:
         compiled = torch.compile(module, backend=backend, fullgraph=True)
-        compiled(*inputs)
+        with contextlib.suppress(_Captured):
+            compiled(*inputs)
     finally:
         torch._dynamo.reset()
     forward = graphs[0]
