@@ -112,7 +112,10 @@ def op_sac_layer(
     (torchtitan/distributed/activation_checkpoint.py::SelectiveAC: save the compute ops'
     outputs, every second mm recomputed; fused wqkv is mm 1, wo 2, w1 3, w3 4, w2 5): the
     checkpoint's input, wqkv's output (mm 1), SDPA's output and logsumexp, w1's output (mm 3).
-    w2's output (mm 5, MUST_SAVE) is not read by any backward: the compiled graph drops it."""
+    w2's output (mm 5, MUST_SAVE) is not read by any backward: the compiled graph drops it
+    (eager SAC's cache keeps it: 65,664 against 57,472 bytes per token for Llama 3.1 8B, traced
+    by benchmarks/compile_float8.py). With torchao Float8Linear the same set (traced: the
+    policy sees aten.mm on Float8TrainingTensor before it becomes _scaled_mm)."""
     t, h, a, g, d, f, w = batch * seq, hidden, heads, kv_heads, head_dim, inter, dtype
     return (
         saved("input", (t, h), w, BY, SRC),
@@ -181,4 +184,10 @@ def apply(acts: Activations, arch: Architecture, st: Setting, *, biased: bool) -
         float8=st.float8 != "none",
     )
     blocks = tuple(replace(b, tensors=layer) if b.name == "layers" else b for b in acts.blocks)
-    return replace(acts, blocks=blocks)
+    eager = acts.block("layers")
+    note = (
+        f"training.compile: each decoder layer keeps what Inductor's min-cut partition keeps "
+        f"({sum(t.bytes for t in layer):,} B per layer, eager "
+        f"{eager.bytes_each if eager else 0:,} B); embeddings, head and loss run eager."
+    )
+    return replace(acts, blocks=blocks, notes=(*acts.notes, note))
