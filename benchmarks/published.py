@@ -185,6 +185,11 @@ def measure(row: Row, inventories: dict[str, Any]) -> dict[str, Any]:
     if inventory is None:
         inventory = inventories[row.model] = load_inventory(loaded)
     report = estimate(loaded.spec, inventory)
+    if not report.activations.modelled:
+        # A peak without activations is a partial figure, never compared.
+        record["expressible"] = False
+        record["why"] = " ".join(report.activations.notes) or "activations not modelled"
+        return record
     reserved = report.peak_reserved
     assert reserved is not None, "the CUDA allocator view is missing"
     record |= {

@@ -20,6 +20,7 @@ from memplan.activations import layout, lora
 from memplan.config.finetune import FinetuneSpec
 from memplan.model import profile
 from memplan.model.families import family_of, modelled_model_types
+from memplan.model.forward import compiled
 from memplan.model.forward.assemble import finish
 from memplan.model.forward.tensors import (
     Activations,
@@ -72,7 +73,13 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
     model = family.saved(arch, setting, tied=bool(inventory.tied))
     if isinstance(model, str):
         return not_modelled(f"activations not modelled: {model}.")
-    return finish(model, setting)
+    acts = finish(model, setting)
+    if setting.compile:
+        biased = any(
+            t.name.endswith(".bias") and ".layers." in f".{t.name}" for t in inventory.parameters
+        )
+        acts = compiled.apply(acts, arch, setting, biased=biased)
+    return acts
 
 
 def _transformers_refuses(st: Setting) -> str:
@@ -94,7 +101,14 @@ def _transformers_refuses(st: Setting) -> str:
 
 def _from_profile(traced: profile.Profile, arch: Architecture, st: Setting) -> Activations:
     """A traced profile's saved tensors at `st` (memplan.model.profile)."""
-    return traced.activations(st, num_layers=arch.num_layers)
+    acts = traced.activations(st, num_layers=arch.num_layers)
+    if st.compile:
+        note = (
+            "training.compile: profiles are traced eager; the compiled layers' saved set is "
+            "modelled for Llama-style rules only: the eager profile is used."
+        )
+        acts = replace(acts, notes=(*acts.notes, note))
+    return acts
 
 
 def _profile_hint(profiles: tuple[profile.Profile, ...]) -> str:

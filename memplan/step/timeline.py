@@ -27,6 +27,7 @@ from memplan.config.spec import OptimizerSpec
 from memplan.memory import PHASES, Phase, Transient
 from memplan.model.inventory import Inventory
 from memplan.precision import Recipe
+from memplan.states import fp8
 from memplan.states.engines import STEPS, RankStates
 from memplan.states.engines.base import StepActivations, StepCache, StepStates
 from memplan.states.layout import Layout
@@ -131,7 +132,7 @@ class StepSettings:
     cuda_context_bytes: int | None
     """hardware.cuda_context; None: memory.CUDA_CONTEXT_BYTES."""
     fp8: str
-    """precision.fp8: Transformer Engine's fp8 recipe, or none."""
+    """precision.fp8: Transformer Engine's fp8 recipe, torchao's, or none."""
     finetune: FinetuneSpec
     zero_grad: str = "set_to_none"
     """training.zero_grad: set_to_none frees the gradients after the optimizer step; zero
@@ -222,7 +223,7 @@ def transients(
     if step.device == "cuda":
         shards = engine.storage_shards(step.layout)
         out += own.rounding(saved, states.inventory, step.recipe, cache, storage_shards=shards)
-    if step.fp8 != "none":
+    if step.fp8 in fp8.TE_RECIPES:
         out.append(
             own.fp8_weights(
                 states.inventory,
