@@ -381,13 +381,13 @@ def available_host_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return int(match.group(1)) * 2**10 if match else None
 
 
-def required_bytes(job: Job, report: Report) -> int:
-    """Bytes a real run holds at once on this machine: every rank's predicted peak (model
-    states, plus activations once modelled) and one more parameter-sized copy per rank for
-    the optimizer step's temporaries (field notes: foreach adds about one parameter-sized copy
-    at the peak)."""
+def required_bytes(job: Job, report: Report, ranks: range | None = None) -> int:
+    """Bytes a real run holds at once on this machine: every rank's (or only `ranks`')
+    predicted peak (model states, plus activations once modelled) and one more
+    parameter-sized copy per rank for the optimizer step's temporaries (field notes: foreach
+    adds about one parameter-sized copy at the peak)."""
     total = 0
-    for rank in range(job.world):
+    for rank in range(job.world) if ranks is None else ranks:
         states = report.states_of(job.data_rank(rank), job.tensor_rank(rank))
         total += (
             states.total_bytes
@@ -399,11 +399,15 @@ def required_bytes(job: Job, report: Report) -> int:
     return total
 
 
-def refuse_if_too_big(job: Job, report: Report, free_bytes: int | None, where: str) -> None:
-    """Raise before anything is allocated when the run would not fit in `free_bytes`."""
+def refuse_if_too_big(
+    job: Job, report: Report, free_bytes: int | None, where: str, ranks: range | None = None
+) -> None:
+    """Raise before anything is allocated when the run (or its `ranks` on this machine, under
+    torchrun) would not fit in `free_bytes`."""
     if job.fake or free_bytes is None:
         return
-    need = required_bytes(job, report)
+    need = required_bytes(job, report, ranks)
+    count = job.world if ranks is None else len(ranks)
     budget = int(free_bytes * MEMORY_HEADROOM)
     if need <= budget:
         return
@@ -414,7 +418,7 @@ def refuse_if_too_big(job: Job, report: Report, free_bytes: int | None, where: s
         per_layer = f" (the model has {job.full_layers} layers)"
     raise MemplanError(
         f"too big to build here: the run needs about {human(need)} ({need:,} B: predicted "
-        f"model states of {job.world} rank(s), plus one parameter copy each for the optimizer "
+        f"model states of {count} rank(s), plus one parameter copy each for the optimizer "
         f"step) but {where} has {human(free_bytes)} free, of which verify uses "
         f"{MEMORY_HEADROOM:.0%}. Use --layers K to build K decoder layers{per_layer}, verify "
         "them to the byte and extrapolate to full depth, or --fake to run the full model "
