@@ -176,19 +176,8 @@ def check_supported(spec: Spec, recipe: Recipe) -> None:
     """Refuse what verify cannot realise with real torch, saying what can be verified."""
     par = spec.parallelism
     if par.engine == "deepspeed":
-        installed = importlib.util.find_spec("deepspeed") is not None
-        why = (
-            "verify drives torch's own engines only"
-            if installed
-            else "DeepSpeed is not installed here, and verify drives torch's own engines only"
-        )
-        raise MemplanError(
-            f"parallelism.engine: deepspeed cannot be verified: {why}. DeepSpeed's flat "
-            "buffers and FusedAdam's integer step counter have no torch equivalent, and --fake "
-            "cannot express them either. To verify the same model under torch's layout, set "
-            "parallelism.engine: ddp (zero_stage 0 or 1) or fsdp2 (zero_stage 2 or 3).",
-            field="parallelism.engine",
-        )
+        _check_deepspeed(spec, recipe)
+        return
     unsupported = [
         f"{key}: {getattr(par, key)}"
         for key in ("pipeline", "expert", "context")
@@ -251,10 +240,74 @@ def check_supported(spec: Spec, recipe: Recipe) -> None:
         )
 
 
+# The precision presets DeepSpeed's config expresses: its `bf16` / `fp16` sections make the
+# module 16-bit with an fp32 master partition; no section keeps everything fp32.
+DEEPSPEED_PRESETS = ("fp32", "bf16-mixed", "fp16-mixed")
+
+# DeepSpeed's optimizer names for the spec's (deepspeed/runtime/engine.py::
+# _configure_basic_optimizer, 0.19.8: FusedAdam, whose `step` is a Python int).
+DEEPSPEED_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}
+
+# Micro-batches per optimizer step in DeepSpeed's config (memplan.verify.deepspeed_engine):
+# two, so that the gradients held between micro-batches (ZeRO-1's full .grad) are measured.
+DEEPSPEED_MICRO_BATCHES = 2
+
+
+def _check_deepspeed(spec: Spec, recipe: Recipe) -> None:
+    """What verify runs with DeepSpeed's own engine (memplan.verify.deepspeed_engine)."""
+    par = spec.parallelism
+    others = [
+        f"{key}: {getattr(par, key)}"
+        for key in ("tensor", "pipeline", "expert", "context")
+        if getattr(par, key, 1) != 1
+    ]
+    offload = par.offload
+    if offload.optimizer != "none" or offload.parameters != "none":
+        others.append("offload")
+    if others:
+        raise MemplanError(
+            f"{', '.join(others)} with engine deepspeed cannot be verified yet: verify runs "
+            "DeepSpeed's data-parallel ZeRO stages 0-3 without offload.",
+            field="parallelism",
+        )
+    if spec.finetune.method != "full" or spec.finetune.freeze:
+        raise MemplanError(
+            "engine deepspeed with fine-tuning cannot be verified yet; verify the full "
+            "fine-tune's layout.",
+            field="finetune",
+        )
+    if spec.optimizer.name not in DEEPSPEED_OPTIMIZERS:
+        raise MemplanError(
+            f"optimizer {spec.optimizer.name!r} with engine deepspeed cannot be verified: "
+            f"verify hands DeepSpeed's config one of {', '.join(DEEPSPEED_OPTIMIZERS)}.",
+            field="optimizer.name",
+        )
+    if recipe.name not in DEEPSPEED_PRESETS:
+        raise MemplanError(
+            f"precision {recipe.name!r} with engine deepspeed cannot be verified: DeepSpeed's "
+            f"config expresses {', '.join(DEEPSPEED_PRESETS)}.",
+            field="precision",
+        )
+    if importlib.util.find_spec("deepspeed") is None:
+        raise MemplanError(
+            "parallelism.engine: deepspeed is verified by running DeepSpeed itself, and it is "
+            "not installed here. Install it without its CUDA ops: DS_BUILD_OPS=0 "
+            "DS_SKIP_CUDA_CHECK=1 pip install --no-deps deepspeed==0.19.8 hjson msgpack "
+            "ninja py-cpuinfo (it runs on the CPU with DS_ACCELERATOR=cpu over gloo).",
+            field="parallelism.engine",
+        )
+
+
 def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | None]:
     """The job, the prediction for what is built, and (with --layers) the full-depth one."""
     spec = loaded.spec
     recipe = spec.recipe()
+    if spec.parallelism.engine == "deepspeed" and (options.fake or options.layers):
+        raise MemplanError(
+            "engine deepspeed is verified on real tensors at full depth: DeepSpeed's flat "
+            "buffers need real storage (no --fake) and span every layer (no --layers).",
+            field="parallelism.engine",
+        )
     check_supported(spec, recipe)
     tensor = spec.parallelism.tensor
     world = options.nproc if options.nproc is not None else spec.parallelism.data * tensor
@@ -326,7 +379,7 @@ def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | No
         recipe=recipe,
         device=options.device,
         world=world,
-        distributed=world > 1 or par.engine == "fsdp2" or par.stage == 1,
+        distributed=world > 1 or par.engine in ("fsdp2", "deepspeed") or par.stage == 1,
         fake=options.fake,
         layers=layers,
         full_layers=full_layers,

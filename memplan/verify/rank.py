@@ -230,6 +230,13 @@ def measure_rank(
     all ranks on one host)."""
     device = "cpu" if job.fake else job.device
     index = rank if local_rank is None else local_rank
+    if job.engine == "deepspeed":
+        from memplan.verify import deepspeed_engine
+
+        if device == "cuda":
+            torch.cuda.set_device(index)
+        measured: RankMeasurement = deepspeed_engine.measure_rank(job, rank, progress, index)
+        return measured
     if device == "cuda":
         torch.cuda.set_device(index)
     w = _wrap(job, index, device, mesh)

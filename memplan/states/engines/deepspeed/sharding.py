@@ -300,8 +300,8 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
         """ZeRO-3: each parameter split into ceil(n / W) elements per rank (the last ranks hold
         zero padding; SRC_PP); parameters with numel <= stage3_param_persistence_threshold are
         also kept gathered. Gradients live in `grad_partitions_flat_buffer` (same size, in the
-        accumulation dtype); the fp32 master is one flat tensor per sub-group, aliased to the
-        16-bit partition when both are fp32 (S3::_create_fp32_partitions)."""
+        accumulation dtype); the fp32 master is one flat tensor per sub-group, a copy of the
+        partition even when that is fp32 (S3::_create_fp32_partitions)."""
         # Every module parameter is partitioned, frozen ones too (parameter_offload.py::
         # DeepSpeedZeRoOffload._convert_to_zero_parameters -> Init); gradients and the fp32
         # sub-groups cover the trainable ones only (S3::_get_trainable_parameter_groups).
@@ -345,9 +345,12 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
             view=f"fp32 sub-group partitions (sub_group_size {fmt(knobs.sub_group_size)})",
             source=SRC_S3,
         )
-        if _master_dtype(recipe) == p_dtype:
-            # The master is the 16-bit partition itself (no copy) when the dtypes agree.
-            device = [t for t in device if t.name != "master_weights"]
+        # The fp32 master is a copy even when the partition is already fp32: S3::
+        # _create_fp32_partitions aliases it only when `fp16_partitioned_groups_flat[i].device
+        # == self.device`, and `self.device` is the accelerator's current_device_name(), a str
+        # ('cuda:0', 'cpu'), which a torch.device never equals (torch 2.13: the comparison is
+        # False), so the `.clone()` branch runs (0.19.8; measured: DeepSpeed's ZeRO-3 with
+        # fp32 on CPU gloo ranks, tests/test_verify_deepspeed.py).
         return [
             RankStates(ranks=tuple(range(world)), terms=(*terms, *device), host_terms=tuple(host))
         ]
