@@ -185,6 +185,12 @@ def grads_in_partition(numels: list[int], world: int, partition: int) -> list[in
 
     S12::copy_grads_in_partition allocates the *whole* numel of every parameter that overlaps
     the rank's partition [r*P, (r+1)*P), so a parameter across a boundary counts on both.
+    The part of a partition past the last parameter (the flat buffer's alignment padding) is
+    a zero tensor of its own: `get_flat_partition` appends `torch.zeros(partition_size -
+    current_size)` to the last data rank's list and hands a rank with no parameter a zero
+    buffer of the whole partition (stage_1_and_2.py::DeepSpeedZeroOptimizer.
+    get_flat_partition, 0.19.8; measured with DeepSpeed's engine on 3 gloo ranks,
+    benchmarks/results/verify-deepspeed.json).
     """
     ends = list(accumulate(numels))
     starts = [e - n for e, n in zip(ends, numels, strict=True)]
@@ -194,7 +200,8 @@ def grads_in_partition(numels: list[int], world: int, partition: int) -> list[in
         lo, hi = rank * partition, (rank + 1) * partition
         first = bisect.bisect_right(ends, lo)  # first parameter ending after lo
         last = bisect.bisect_left(starts, hi)  # first parameter starting at or after hi
-        out.append(prefix[last] - prefix[first] if last > first else 0)
+        padding = max(0, hi - max(lo, ends[-1] if ends else 0))
+        out.append((prefix[last] - prefix[first] if last > first else 0) + padding)
     return out
 
 
@@ -310,7 +317,13 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
         shards = [ceil_div(p.numel, world) for p in trainable(params)]
         grad_total = sum(shards)
         persistent = [p for p in params if p.numel <= knobs.stage3_param_persistence_threshold]
-        persist_elems = sum(p.numel for p in persistent)
+        # A persistent parameter stays gathered in its all-gather buffer, padded to a whole
+        # number of partitions: `buffer_size = math.ceil(param.ds_numel / world_size) *
+        # world_size`, `param.data = param_buffer.narrow(0, 0, param.ds_numel)` keeps the
+        # padded storage (partition_parameters.py::Init.all_gather_coalesced ->
+        # _all_gather_sequential, 0.19.8; measured on 3 gloo ranks,
+        # benchmarks/results/verify-deepspeed.json).
+        persist_elems = sum(ceil_div(p.numel, world) * world for p in persistent)
         p_dtype, g_dtype = recipe.parameters, grad_dtype(recipe)
         terms = [
             term(
@@ -321,7 +334,8 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
                 shard_total + persist_elems,
                 f"{len(params)} tensors, sum of ceil(numel / {world}) = {fmt(shard_total)}"
                 f" + {len(persistent)} persistent (numel <= "
-                f"{fmt(knobs.stage3_param_persistence_threshold)}) kept whole = "
+                f"{fmt(knobs.stage3_param_persistence_threshold)}) kept gathered, padded to "
+                f"ceil(numel / {world}) x {world} = "
                 f"{fmt(persist_elems)}; x {dtype_bytes(p_dtype)} B ({p_dtype})",
                 f"{SRC_PP}; persistence: partition_parameters.py::Init._convert_to_deepspeed_param",
             ),
