@@ -65,7 +65,8 @@ def test_zero3_fp32_master_is_a_copy_of_the_partition() -> None:
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    assert (torch.device("cpu") == "cpu") is False  # the comparison DeepSpeed relies on
+    cpu: object = "cpu"
+    assert (torch.device("cpu") == cpu) is False  # the comparison DeepSpeed makes
     result = run(
         loaded(precision="fp32", parallelism={"engine": "deepspeed", "zero_stage": 3, "data": 3})
     )
