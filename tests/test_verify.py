@@ -77,10 +77,16 @@ def test_verify_modules_that_the_cli_loads_first_do_not_import_torch() -> None:
 # --- refusals ----------------------------------------------------------------------------
 
 
-def test_deepspeed_is_refused_with_the_torch_engines_suggested() -> None:
+def test_deepspeed_refuses_what_it_cannot_run() -> None:
+    """DeepSpeed's real engine runs (tests/test_verify_deepspeed.py), on real tensors at full
+    depth, with DeepSpeed's own optimizers, without TP / offload."""
     spec = loaded(parallelism={"engine": "deepspeed"})
-    with pytest.raises(MemplanError, match=r"engine: deepspeed cannot be verified.*fsdp2"):
-        run(spec)
+    with pytest.raises(MemplanError, match=r"no --fake.*no --layers"):
+        run(spec, fake=True)
+    with pytest.raises(MemplanError, match=r"optimizer 'sgd' with engine deepspeed"):
+        run(loaded(optimizer={"name": "sgd"}, parallelism={"engine": "deepspeed"}))
+    with pytest.raises(MemplanError, match=r"tensor: 2 with engine deepspeed"):
+        run(loaded(parallelism={"engine": "deepspeed", "tensor": 2}))
 
 
 def test_a_parameter_count_cannot_be_built() -> None:
@@ -258,7 +264,7 @@ def test_cli_exit_3_when_a_category_misses(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_cli_user_error_is_one_paragraph(tmp_path: Path) -> None:
-    path = _write(tmp_path, parallelism={"engine": "deepspeed"})
+    path = _write(tmp_path, optimizer={"name": "sgd"}, parallelism={"engine": "deepspeed"})
     out = CliRunner().invoke(app, ["verify", str(path)])
     assert out.exit_code == 1
     assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr

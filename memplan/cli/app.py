@@ -200,18 +200,25 @@ def verify(
     the prediction (exit 3 when one misses its tolerance). Needs torch and transformers.
 
     Example: memplan verify configs/gpt2.yaml --fake --layers 2
+
+    Under torchrun (any number of nodes) every process is one rank of the spec's layout and
+    rank 0 reports: torchrun --nnodes N --nproc-per-node P -m memplan verify SPEC
     """
     if device not in ("cpu", "cuda"):
         typer.echo(f"error: --device must be cpu or cuda, got {device!r}.", err=True)
         raise typer.Exit(2)
     from memplan.config import load
     from memplan.verify import render as vrender
-    from memplan.verify import runner
+    from memplan.verify import runner, torchrun
     from memplan.verify.job import STEPS, Options
 
     options = Options(
         device="cuda" if device == "cuda" else "cpu", nproc=nproc, layers=layers, fake=fake
     )
+    world = _run(debug, torchrun.launched)
+    if world is not None:
+        _verify_torchrun(spec, options, world, as_json, width, debug)
+        return
 
     def work() -> runner.VerifyResult:
         loaded = load.load_spec(spec)
@@ -231,6 +238,42 @@ def verify(
 
         render.console(width).print(vrender.verify_view(result))
     if not result.ok:
+        raise typer.Exit(3)
+
+
+def _verify_torchrun(
+    spec: Path, options: Any, world: Any, as_json: bool, width: int | None, debug: bool
+) -> None:
+    """`verify` as one rank of a torchrun world (memplan.verify.torchrun): rank 0 prints the
+    report and the errors every rank agreed on, a rank that failed while running its own
+    error; every rank exits with the same code (3 when a category missed)."""
+    from memplan.verify import render as vrender
+    from memplan.verify import torchrun
+    from memplan.verify.job import STEPS
+
+    lead = world.rank == 0
+    try:
+        with vrender.progress_bar(1, STEPS, enabled=lead and not as_json) as on_event:
+            outcome = torchrun.verify(spec, options, world, lambda _rank, what: on_event(0, what))
+    except MemplanError as err:
+        if debug:
+            raise
+        if lead or isinstance(err, torchrun.RankFailed):
+            typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(err.exit_code) from None
+    result = outcome.result
+    if lead:
+        from memplan.verify import runner
+
+        for warning in result.warnings:
+            typer.echo(f"warning: {warning}", err=True)
+        if as_json:
+            _print_json(runner.to_json(result))
+        else:
+            from memplan.cli import render
+
+            render.console(width).print(vrender.verify_view(result))
+    if not outcome.ok:
         raise typer.Exit(3)
 
 

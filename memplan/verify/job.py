@@ -195,19 +195,8 @@ def check_supported(spec: Spec, recipe: Recipe) -> None:
             field="training.checkpoint_every",
         )
     if par.engine == "deepspeed":
-        installed = importlib.util.find_spec("deepspeed") is not None
-        why = (
-            "verify drives torch's own engines only"
-            if installed
-            else "DeepSpeed is not installed here, and verify drives torch's own engines only"
-        )
-        raise MemplanError(
-            f"parallelism.engine: deepspeed cannot be verified: {why}. DeepSpeed's flat "
-            "buffers and FusedAdam's integer step counter have no torch equivalent, and --fake "
-            "cannot express them either. To verify the same model under torch's layout, set "
-            "parallelism.engine: ddp (zero_stage 0 or 1) or fsdp2 (zero_stage 2 or 3).",
-            field="parallelism.engine",
-        )
+        _check_deepspeed(spec, recipe)
+        return
     unsupported = [
         f"{key}: {getattr(par, key)}"
         for key in ("pipeline", "expert", "context")
@@ -270,10 +259,74 @@ def check_supported(spec: Spec, recipe: Recipe) -> None:
         )
 
 
+# The precision presets DeepSpeed's config expresses: its `bf16` / `fp16` sections make the
+# module 16-bit with an fp32 master partition; no section keeps everything fp32.
+DEEPSPEED_PRESETS = ("fp32", "bf16-mixed", "fp16-mixed")
+
+# DeepSpeed's optimizer names for the spec's (deepspeed/runtime/engine.py::
+# _configure_basic_optimizer, 0.19.8: FusedAdam, whose `step` is a Python int).
+DEEPSPEED_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}
+
+# Micro-batches per optimizer step in DeepSpeed's config (memplan.verify.deepspeed_engine):
+# two, so that the gradients held between micro-batches (ZeRO-1's full .grad) are measured.
+DEEPSPEED_MICRO_BATCHES = 2
+
+
+def _check_deepspeed(spec: Spec, recipe: Recipe) -> None:
+    """What verify runs with DeepSpeed's own engine (memplan.verify.deepspeed_engine)."""
+    par = spec.parallelism
+    others = [
+        f"{key}: {getattr(par, key)}"
+        for key in ("tensor", "pipeline", "expert", "context")
+        if getattr(par, key, 1) != 1
+    ]
+    offload = par.offload
+    if offload.optimizer != "none" or offload.parameters != "none":
+        others.append("offload")
+    if others:
+        raise MemplanError(
+            f"{', '.join(others)} with engine deepspeed cannot be verified yet: verify runs "
+            "DeepSpeed's data-parallel ZeRO stages 0-3 without offload.",
+            field="parallelism",
+        )
+    if spec.finetune.method != "full" or spec.finetune.freeze:
+        raise MemplanError(
+            "engine deepspeed with fine-tuning cannot be verified yet; verify the full "
+            "fine-tune's layout.",
+            field="finetune",
+        )
+    if spec.optimizer.name not in DEEPSPEED_OPTIMIZERS:
+        raise MemplanError(
+            f"optimizer {spec.optimizer.name!r} with engine deepspeed cannot be verified: "
+            f"verify hands DeepSpeed's config one of {', '.join(DEEPSPEED_OPTIMIZERS)}.",
+            field="optimizer.name",
+        )
+    if recipe.name not in DEEPSPEED_PRESETS:
+        raise MemplanError(
+            f"precision {recipe.name!r} with engine deepspeed cannot be verified: DeepSpeed's "
+            f"config expresses {', '.join(DEEPSPEED_PRESETS)}.",
+            field="precision",
+        )
+    if importlib.util.find_spec("deepspeed") is None:
+        raise MemplanError(
+            "parallelism.engine: deepspeed is verified by running DeepSpeed itself, and it is "
+            "not installed here. Install it without its CUDA ops: DS_BUILD_OPS=0 "
+            "DS_SKIP_CUDA_CHECK=1 pip install --no-deps deepspeed==0.19.8 hjson msgpack "
+            "ninja py-cpuinfo (it runs on the CPU with DS_ACCELERATOR=cpu over gloo).",
+            field="parallelism.engine",
+        )
+
+
 def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | None]:
     """The job, the prediction for what is built, and (with --layers) the full-depth one."""
     spec = loaded.spec
     recipe = spec.recipe()
+    if spec.parallelism.engine == "deepspeed" and (options.fake or options.layers):
+        raise MemplanError(
+            "engine deepspeed is verified on real tensors at full depth: DeepSpeed's flat "
+            "buffers need real storage (no --fake) and span every layer (no --layers).",
+            field="parallelism.engine",
+        )
     check_supported(spec, recipe)
     tensor = spec.parallelism.tensor
     world = options.nproc if options.nproc is not None else spec.parallelism.data * tensor
@@ -345,7 +398,7 @@ def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | No
         recipe=recipe,
         device=options.device,
         world=world,
-        distributed=world > 1 or par.engine == "fsdp2" or par.stage == 1,
+        distributed=world > 1 or par.engine in ("fsdp2", "deepspeed") or par.stage == 1,
         fake=options.fake,
         layers=layers,
         full_layers=full_layers,
@@ -400,13 +453,13 @@ def available_host_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return int(match.group(1)) * 2**10 if match else None
 
 
-def required_bytes(job: Job, report: Report) -> int:
-    """Bytes a real run holds at once on this machine: every rank's predicted peak (model
-    states, plus activations once modelled) and one more parameter-sized copy per rank for
-    the optimizer step's temporaries (field notes: foreach adds about one parameter-sized copy
-    at the peak)."""
+def required_bytes(job: Job, report: Report, ranks: range | None = None) -> int:
+    """Bytes a real run holds at once on this machine: every rank's (or only `ranks`')
+    predicted peak (model states, plus activations once modelled) and one more
+    parameter-sized copy per rank for the optimizer step's temporaries (field notes: foreach
+    adds about one parameter-sized copy at the peak)."""
     total = 0
-    for rank in range(job.world):
+    for rank in range(job.world) if ranks is None else ranks:
         states = report.states_of(job.data_rank(rank), job.tensor_rank(rank))
         total += (
             states.total_bytes
@@ -418,11 +471,15 @@ def required_bytes(job: Job, report: Report) -> int:
     return total
 
 
-def refuse_if_too_big(job: Job, report: Report, free_bytes: int | None, where: str) -> None:
-    """Raise before anything is allocated when the run would not fit in `free_bytes`."""
+def refuse_if_too_big(
+    job: Job, report: Report, free_bytes: int | None, where: str, ranks: range | None = None
+) -> None:
+    """Raise before anything is allocated when the run (or its `ranks` on this machine, under
+    torchrun) would not fit in `free_bytes`."""
     if job.fake or free_bytes is None:
         return
-    need = required_bytes(job, report)
+    need = required_bytes(job, report, ranks)
+    count = job.world if ranks is None else len(ranks)
     budget = int(free_bytes * MEMORY_HEADROOM)
     if need <= budget:
         return
@@ -433,7 +490,7 @@ def refuse_if_too_big(job: Job, report: Report, free_bytes: int | None, where: s
         per_layer = f" (the model has {job.full_layers} layers)"
     raise MemplanError(
         f"too big to build here: the run needs about {human(need)} ({need:,} B: predicted "
-        f"model states of {job.world} rank(s), plus one parameter copy each for the optimizer "
+        f"model states of {count} rank(s), plus one parameter copy each for the optimizer "
         f"step) but {where} has {human(free_bytes)} free, of which verify uses "
         f"{MEMORY_HEADROOM:.0%}. Use --layers K to build K decoder layers{per_layer}, verify "
         "them to the byte and extrapolate to full depth, or --fake to run the full model "

@@ -48,7 +48,7 @@ class Wrapped:
     """The transformers model (before peft and the engine's wrappers)."""
 
 
-def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
+def _wrap(job: Job, device_index: int, device: str, mesh: Any) -> Wrapped:
     recipe = job.recipe
     master = recipe.master_weights
     fsdp = job.engine == "fsdp2"
@@ -97,7 +97,7 @@ def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
             # Under TP verify runs ddp with data 1 only (job.plan): no group to reduce over.
             from torch.nn.parallel import DistributedDataParallel
 
-            ids = [rank] if device == "cuda" else None
+            ids = [device_index] if device == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids)
     cls = build.optimizer_class(job.spec)
     kwargs = build.optimizer_kwargs(job.spec)
@@ -223,13 +223,25 @@ def _zero_grad(w: Wrapped) -> None:
     w.model.zero_grad(set_to_none=True)  # the module's 16-bit grads when masters are in use
 
 
-def measure_rank(job: Job, rank: int, progress: Progress, mesh: Any = None) -> RankMeasurement:
+def measure_rank(
+    job: Job, rank: int, progress: Progress, mesh: Any = None, local_rank: int | None = None
+) -> RankMeasurement:
     """Build, run STEPS real steps, and measure the last one. The caller sets up the process
-    group and, for --fake, FakeTensorMode (and then the FSDP2 `mesh`, made outside it)."""
+    group and, for --fake, FakeTensorMode (and then the FSDP2 `mesh`, made outside it).
+    `local_rank`: the rank's CUDA device on its host (torchrun's LOCAL_RANK; default `rank`,
+    all ranks on one host)."""
     device = "cpu" if job.fake else job.device
+    index = rank if local_rank is None else local_rank
+    if job.engine == "deepspeed":
+        from memplan.verify import deepspeed_engine
+
+        if device == "cuda":
+            torch.cuda.set_device(index)
+        measured: RankMeasurement = deepspeed_engine.measure_rank(job, rank, progress, index)
+        return measured
     if device == "cuda":
-        torch.cuda.set_device(rank)
-    w = _wrap(job, rank, device, mesh)
+        torch.cuda.set_device(index)
+    w = _wrap(job, index, device, mesh)
     progress("build")
     ids = build.batch(job.spec, int(build.hf_config(job.config).vocab_size), device)
     for _ in range(STEPS - 1):  # the first step creates the optimizer state

@@ -173,7 +173,15 @@ def compare(
             "copies; for each step the 16-bit gradients are cast into the masters' .grad "
             "(a transient copy, freed after the step, seen only in the peak)."
         )
-    if job.device == "cpu" and not job.fake:
+    if job.engine == "deepspeed":
+        notes.append(
+            f"DeepSpeed's own engine (deepspeed.initialize, ZeRO-{job.stage}) with "
+            f"{jobs.DEEPSPEED_MICRO_BATCHES} micro-batches per optimizer step: model "
+            "states read from its flat buffers and fp32 partitions; gradients are the most "
+            "held at the end of a micro-batch's backward outside the reduction bucket; the "
+            "peak is not measured."
+        )
+    elif job.device == "cpu" and not job.fake:
         notes.append("peak on CPU: torch MemTracker's total of live storages (no allocator).")
     full_depth: tuple[Row, ...] = ()
     if full is not None:

@@ -185,6 +185,12 @@ def grads_in_partition(numels: list[int], world: int, partition: int) -> list[in
 
     S12::copy_grads_in_partition allocates the *whole* numel of every parameter that overlaps
     the rank's partition [r*P, (r+1)*P), so a parameter across a boundary counts on both.
+    The part of a partition past the last parameter (the flat buffer's alignment padding) is
+    a zero tensor of its own: `get_flat_partition` appends `torch.zeros(partition_size -
+    current_size)` to the last data rank's list and hands a rank with no parameter a zero
+    buffer of the whole partition (stage_1_and_2.py::DeepSpeedZeroOptimizer.
+    get_flat_partition, 0.19.8; measured with DeepSpeed's engine on 3 gloo ranks,
+    benchmarks/results/verify-deepspeed.json).
     """
     ends = list(accumulate(numels))
     starts = [e - n for e, n in zip(ends, numels, strict=True)]
@@ -194,7 +200,8 @@ def grads_in_partition(numels: list[int], world: int, partition: int) -> list[in
         lo, hi = rank * partition, (rank + 1) * partition
         first = bisect.bisect_right(ends, lo)  # first parameter ending after lo
         last = bisect.bisect_left(starts, hi)  # first parameter starting at or after hi
-        out.append(prefix[last] - prefix[first] if last > first else 0)
+        padding = max(0, hi - max(lo, ends[-1] if ends else 0))
+        out.append((prefix[last] - prefix[first] if last > first else 0) + padding)
     return out
 
 
@@ -300,8 +307,8 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
         """ZeRO-3: each parameter split into ceil(n / W) elements per rank (the last ranks hold
         zero padding; SRC_PP); parameters with numel <= stage3_param_persistence_threshold are
         also kept gathered. Gradients live in `grad_partitions_flat_buffer` (same size, in the
-        accumulation dtype); the fp32 master is one flat tensor per sub-group, aliased to the
-        16-bit partition when both are fp32 (S3::_create_fp32_partitions)."""
+        accumulation dtype); the fp32 master is one flat tensor per sub-group, a copy of the
+        partition even when that is fp32 (S3::_create_fp32_partitions)."""
         # Every module parameter is partitioned, frozen ones too (parameter_offload.py::
         # DeepSpeedZeRoOffload._convert_to_zero_parameters -> Init); gradients and the fp32
         # sub-groups cover the trainable ones only (S3::_get_trainable_parameter_groups).
@@ -310,7 +317,13 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
         shards = [ceil_div(p.numel, world) for p in trainable(params)]
         grad_total = sum(shards)
         persistent = [p for p in params if p.numel <= knobs.stage3_param_persistence_threshold]
-        persist_elems = sum(p.numel for p in persistent)
+        # A persistent parameter stays gathered in its all-gather buffer, padded to a whole
+        # number of partitions: `buffer_size = math.ceil(param.ds_numel / world_size) *
+        # world_size`, `param.data = param_buffer.narrow(0, 0, param.ds_numel)` keeps the
+        # padded storage (partition_parameters.py::Init.all_gather_coalesced ->
+        # _all_gather_sequential, 0.19.8; measured on 3 gloo ranks,
+        # benchmarks/results/verify-deepspeed.json).
+        persist_elems = sum(ceil_div(p.numel, world) * world for p in persistent)
         p_dtype, g_dtype = recipe.parameters, grad_dtype(recipe)
         terms = [
             term(
@@ -321,7 +334,8 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
                 shard_total + persist_elems,
                 f"{len(params)} tensors, sum of ceil(numel / {world}) = {fmt(shard_total)}"
                 f" + {len(persistent)} persistent (numel <= "
-                f"{fmt(knobs.stage3_param_persistence_threshold)}) kept whole = "
+                f"{fmt(knobs.stage3_param_persistence_threshold)}) kept gathered, padded to "
+                f"ceil(numel / {world}) x {world} = "
                 f"{fmt(persist_elems)}; x {dtype_bytes(p_dtype)} B ({p_dtype})",
                 f"{SRC_PP}; persistence: partition_parameters.py::Init._convert_to_deepspeed_param",
             ),
@@ -345,9 +359,12 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
             view=f"fp32 sub-group partitions (sub_group_size {fmt(knobs.sub_group_size)})",
             source=SRC_S3,
         )
-        if _master_dtype(recipe) == p_dtype:
-            # The master is the 16-bit partition itself (no copy) when the dtypes agree.
-            device = [t for t in device if t.name != "master_weights"]
+        # The fp32 master is a copy even when the partition is already fp32: S3::
+        # _create_fp32_partitions aliases it only when `fp16_partitioned_groups_flat[i].device
+        # == self.device`, and `self.device` is the accelerator's current_device_name(), a str
+        # ('cuda:0', 'cpu'), which a torch.device never equals (torch 2.13: the comparison is
+        # False), so the `.clone()` branch runs (0.19.8; measured: DeepSpeed's ZeRO-3 with
+        # fp32 on CPU gloo ranks, tests/test_verify_deepspeed.py).
         return [
             RankStates(ranks=tuple(range(world)), terms=(*terms, *device), host_terms=tuple(host))
         ]

@@ -1,0 +1,208 @@
+"""One rank of DeepSpeed's real engine (deepspeed.initialize, ZeRO stages 0-3), measured.
+
+On the CPU DeepSpeed runs with its CPU accelerator (DS_ACCELERATOR=cpu) over the gloo group
+verify already made (deepspeed/comm/torch.py::TorchBackend adopts an initialised
+torch.distributed). The model states are read from DeepSpeed's own structures, each storage
+counted once (memplan.verify.measure.Ledger), read against deepspeed 0.19.8:
+
+- parameters: the module's parameter storages (ZeRO-0..2: views into the flat 16-bit
+  `bit16_groups_flat`, padded), plus ZeRO-3's partitions `param.ds_tensor` (views into
+  `fp16_partitioned_groups_flat`) and the parameters it keeps gathered
+  (stage3_param_persistence_threshold);
+- gradients: the most gradient storage held at the end of a micro-batch's backward, outside
+  the reduction bucket (the DS config asks for 2 micro-batches; both are measured, the
+  second before engine.step()): ZeRO-0/1 every full `.grad` between micro-batches
+  (stage_1_and_2.py::process_gradients reduces only at the boundary when
+  `partition_gradients` is off), ZeRO-2 `averaged_gradients` at the boundary (whole
+  parameters overlapping the rank's partition; between micro-batches its gradients wait in
+  the ipg bucket, a transient), ZeRO-3 `grad_partitions_flat_buffer`;
+- master_weights: the fp32 copy the optimizer updates (`single_partition_of_fp32_groups`,
+  `fp32_partitioned_groups_flat`, FP16_Optimizer's `fp32_groups_flat`), not counted again
+  where it is the parameter storage itself (ZeRO-3 fp32);
+- each optimizer state by name from the wrapped torch optimizer's `state` (FusedAdam's
+  `step` is a Python int: no bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from memplan.verify import build, measure
+from memplan.verify.job import DEEPSPEED_MICRO_BATCHES, DEEPSPEED_OPTIMIZERS, STEPS, Job
+
+MICRO_BATCHES = DEEPSPEED_MICRO_BATCHES
+
+
+# The DeepSpeed optimizer wrappers' gradient and fp32 attributes (0.19.8):
+# stage_1_and_2.py::DeepSpeedZeroOptimizer, stage3.py::DeepSpeedZeroOptimizer_Stage3,
+# fp16/fused_optimizer.py::FP16_Optimizer, bf16_optimizer.py::BF16_Optimizer.
+_GRADIENTS = (
+    "averaged_gradients",
+    "grads_in_partition",
+    "grad_partitions_flat_buffer",
+    "fp32_groups_gradients_flat",
+)
+_MASTERS = (
+    "single_partition_of_fp32_groups",
+    "fp32_partitioned_groups_flat",
+    "fp32_groups_flat",
+    "fp32_groups_flat_partition",
+)
+
+
+def config(job: Job) -> dict[str, Any]:
+    """The DeepSpeed config the spec implies (the keys memplan/states/engines/deepspeed
+    reads; unset ones keep DeepSpeed's defaults)."""
+    spec, recipe = job.spec, job.recipe
+    ds = spec.parallelism.deepspeed
+    zero: dict[str, Any] = {
+        "stage": job.stage,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+        "sub_group_size": ds.sub_group_size,
+        "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold,
+        "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size,
+        "stage3_max_live_parameters": ds.stage3_max_live_parameters,
+    }
+    if ds.overlap_comm is not None:
+        zero["overlap_comm"] = ds.overlap_comm
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": spec.training.micro_batch_size,
+        "gradient_accumulation_steps": MICRO_BATCHES,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": DEEPSPEED_OPTIMIZERS[spec.optimizer.name],
+            # FusedAdam takes no foreach/fused switch; the learning rate makes no bytes.
+            "params": {"lr": 1e-3},
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if recipe.parameters == "bf16":
+        out["bf16"] = {"enabled": True}
+    elif recipe.parameters == "fp16":
+        out["fp16"] = {"enabled": True, "initial_scale_power": 8}
+    return out
+
+
+def _tensors(value: object) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _parameters(engine: Any) -> list[torch.Tensor]:
+    out = []
+    for p in engine.module.parameters():
+        if p.data.numel():
+            out.append(p.data)
+        if getattr(p, "ds_tensor", None) is not None:
+            out.append(p.ds_tensor)
+    return out
+
+
+def _gradients(engine: Any) -> list[torch.Tensor]:
+    opt = engine.optimizer
+    out = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    for name in _GRADIENTS:
+        out.extend(_tensors(getattr(opt, name, None)))
+    return [g for g in out if g.numel()]
+
+
+def _sum(tensors: Iterable[torch.Tensor], seen: set[int]) -> int:
+    total = 0
+    for t in tensors:
+        key = measure.storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            total += measure.storage_bytes(t)
+    return total
+
+
+def _step_once(engine: Any, ids: torch.Tensor) -> None:
+    """One optimizer step: MICRO_BATCHES forward/backward passes (engine.step() is a no-op
+    until the accumulation boundary)."""
+    for _ in range(MICRO_BATCHES):
+        loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
+        engine.backward(loss)
+        del loss
+        engine.step()
+
+
+def measure_rank(job: Job, rank: int, progress: Callable[[str], None], index: int) -> Any:
+    """Build the model, hand it to deepspeed.initialize, run STEPS optimizer steps of
+    MICRO_BATCHES micro-batches, and measure the last one."""
+    if job.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # engine.py::_do_args_sanity_check asserts LOCAL_RANK (torchrun sets it; the ranks
+    # verify spawns itself do not).
+    os.environ.setdefault("LOCAL_RANK", str(index))
+    import deepspeed
+
+    from memplan.verify.rank import RankMeasurement
+
+    model = build.build_model(
+        job.config,
+        build.torch_dtype(job.recipe.parameters),
+        job.device,
+        job.spec.training,
+        unruled=job.unruled,
+    )
+    layers = build.decoder_layers(model, job.layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config(job))
+    progress("build")
+    ids = build.batch(job.spec, int(build.hf_config(job.config).vocab_size), job.device)
+    for _ in range(STEPS - 1):  # the first step creates the optimizer state
+        _step_once(engine, ids)
+        progress("step")
+    saved = measure.SavedTensors()
+    first: dict[str, int] = {}  # the most gradient bytes seen
+    for micro in range(MICRO_BATCHES):
+        recording = measure.saved_tensors(saved, engine.module, layers)
+        with recording if micro == 0 else contextlib.nullcontext():
+            loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
+        engine.backward(loss)
+        del loss
+        held = {measure.storage_key(t) for t in _parameters(engine)}
+        first["gradients"] = max(first.get("gradients", 0), _sum(_gradients(engine), held))
+        engine.step()
+    progress("step")
+    seen: set[int] = set()
+    out: dict[str, int] = {
+        "parameters": _sum(_parameters(engine), seen),
+        "gradients": first["gradients"],
+        "buffers": _sum(engine.module.buffers(), seen),
+    }
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    masters = _sum(
+        (t for name in _MASTERS for t in _tensors(getattr(engine.optimizer, name, None))), seen
+    )
+    names = []
+    if masters:
+        out["master_weights"] = masters
+        names.append("master_weights")
+    for state in inner.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                out[str(key)] = out.get(str(key), 0) + _sum([value], seen)
+                if str(key) not in names:
+                    names.append(str(key))
+    out["optimizer_states"] = sum(out[n] for n in names)
+    out["activations"] = saved.bytes
+    return RankMeasurement(
+        rank=rank,
+        bytes=out,
+        layer_bytes={"activations": saved.layer_bytes},
+        state_names=names,
+        attention=build.attention_built(model),
+    )
