@@ -197,5 +197,6 @@ def test_world_size_not_the_layout_fails_every_rank_rank_0_says_why(tmp_path: Pa
         "--nnodes N --nproc-per-node P with N x P = 4), or set parallelism.data to "
         "WORLD_SIZE / parallelism.tensor."
     ), said
-    # torchrun's summary lists both ranks as failed, each with exit code 1.
-    assert err.count("exitcode  : 1") == 2, err[-3000:]
+    # A rank exits 1 (torchrun then stops the others: its summary lists one or both ranks,
+    # depending on whether the second had exited before it noticed the first).
+    assert err.count("exitcode  : 1") >= 1, err[-3000:]
