@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memplan.report.estimate import layout_of
 from memplan.verify import build, measure, peft_support, tensor_parallel
 from memplan.verify.job import STEPS, Job
 from memplan.verify.result import Phase
@@ -78,8 +79,12 @@ def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
 
         if mesh is None:
             mesh = init_device_mesh(device, (job.world,))
+        # reduce_dtype as the calculator's Layout has it (parallelism.reduce_dtype, torchtitan's
+        # fp32 default filled in); FSDP2 clamps it to None where it equals param_dtype.
+        reduce = layout_of(job.spec).reduce_dtype
         policy = MixedPrecisionPolicy(
-            param_dtype=build.torch_dtype(recipe.parameters) if master else None
+            param_dtype=build.torch_dtype(recipe.parameters) if master else None,
+            reduce_dtype=build.torch_dtype(reduce) if reduce else None,
         )
         reshard = job.stage == 3
         for block in layers or []:

@@ -59,6 +59,7 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
             reshard=layout.stage == 3,
             gloo=states.device == "cpu",
             acts=acts,
+            reduce=layout.reduce_dtype,
         )
     if layout.tensor > 1:
         out += tp.backward_end(
@@ -67,6 +68,7 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
             world=layout.data,
             param=dtype_bytes(recipe.parameters),
             grad=dtype_bytes(recipe.gradients),
+            reduce=dtype_bytes(layout.reduce_dtype) if layout.reduce_dtype else None,
         )
     return out
 

@@ -49,6 +49,15 @@ _RS_IN = (
     "(_fsdp_param_group.py L647-658, L717-719) or the final callback (_fsdp_state.py L431)"
 )
 _RS_OUT = _FSDP2 + "_fsdp_collectives.py::foreach_reduce L612-616 (reduce_output)"
+# MixedPrecisionPolicy.reduce_dtype: FSDPParam.init_dtype_attrs clamps it to None when it
+# equals param_dtype (_fsdp_param.py L589-593) and foreach_reduce falls back to the
+# gradients' dtype (`reduce_dtype = reduce_dtype or grad_dtype`, _fsdp_collectives.py L560);
+# the reduce-scatter input and output are allocated in it (L592-616), the unsharded gradients
+# (param_dtype) cast into the input by the copy-in (`torch._chunk_cat(..., out=...)`,
+# foreach_reduce_scatter_copy_in L778-786), and the output is cast to the sharded
+# parameters' dtype only if it differs (_to_dtype_if_needed L696: with reduce_dtype fp32 and
+# fp32 sharded parameters the sharded gradients are views of the output, no cast).
+_RS_DTYPE = _FSDP2 + "_fsdp_collectives.py::foreach_reduce L560, L592-616, L696"
 _RS_CAST = _FSDP2 + "_fsdp_collectives.py::foreach_reduce L696 (_to_dtype_if_needed)"
 _RS_LAST = (
     _FSDP2 + "_fsdp_collectives.py::foreach_reduce L580-590: the loop variable "
@@ -130,17 +139,20 @@ class _Fsdp2Bytes:
     """world x padded x param dtype: the all-gather output, and again the parameters."""
     grads: int
     reduce_in: int
+    """world x grad_padded x the reduce dtype (_RS_IN, _RS_DTYPE)."""
     reduce_out: int
     sharded_grads: int
     last: int
 
 
-def _fsdp2_bytes(g: Fsdp2Group, world: int, param: int, grad: int, shard: int) -> _Fsdp2Bytes:
+def _fsdp2_bytes(
+    g: Fsdp2Group, world: int, param: int, grad: int, shard: int, reduce: int
+) -> _Fsdp2Bytes:
     return _Fsdp2Bytes(
         unsharded=world * g.padded * param,
         grads=g.grads * grad,
-        reduce_in=world * g.grad_padded * grad,
-        reduce_out=g.grad_padded * grad,
+        reduce_in=world * g.grad_padded * reduce,
+        reduce_out=g.grad_padded * reduce,
         sharded_grads=g.grad_padded * shard,
         last=g.last * grad,
     )
@@ -162,12 +174,14 @@ def step_buffers(
     reshard: bool,
     gloo: bool,
     acts: StepActivations,
+    reduce: str | None = None,
 ) -> list[Transient]:
     """FSDP2's buffers at each phase of the step, on top of the sharded model states.
 
     `param` is MixedPrecisionPolicy.param_dtype (the all-gather and compute dtype), `grad` the
-    unsharded gradients' dtype (also the reduce-scatter's: reduce_dtype None), `shard` the
-    sharded parameters' and gradients' dtype. With `reshard` (ZeRO-3) a decoder layer is
+    unsharded gradients' dtype, `reduce` MixedPrecisionPolicy.reduce_dtype (the reduce-scatter
+    input's and output's dtype; None: `grad`, _RS_DTYPE), `shard` the sharded parameters' and
+    gradients' dtype. With `reshard` (ZeRO-3) a decoder layer is
     unsharded only while it runs (and the next one prefetched in backward); without it
     (ZeRO-2) every group stays unsharded from its forward until its post-backward. `gloo`:
     the CPU process group, whose reduce-scatter copies its input (_GLOO_RS).
@@ -180,13 +194,22 @@ def step_buffers(
     is the worst of several moments (_fsdp2_layer_backward); with a decoder layer's
     activations (`acts.layer`), two all-gathers of the root between phase points are added
     where they hold more (between_phases)."""
-    p, g, o = dtype_bytes(param), dtype_bytes(grad), dtype_bytes(shard)
-    root = _fsdp2_bytes(groups.root, world, p, g, o)
-    block = _fsdp2_bytes(groups.block, world, p, g, o)
+    reduce = reduce or grad
+    p, g, o, r = dtype_bytes(param), dtype_bytes(grad), dtype_bytes(shard), dtype_bytes(reduce)
+    root = _fsdp2_bytes(groups.root, world, p, g, o, r)
+    block = _fsdp2_bytes(groups.block, world, p, g, o, r)
     saved = acts.layer  # None: no decoder layer's activations modelled
     embedding = acts.embedding_backward if saved is not None else None
     at_reduce, end = _end_of_backward(
-        groups, root, block, world=world, grad=grad, shard=shard, gloo=gloo, embedding=embedding
+        groups,
+        root,
+        block,
+        world=world,
+        grad=grad,
+        reduce=reduce,
+        shard=shard,
+        gloo=gloo,
+        embedding=embedding,
     )
     # At the embedding's backward the root is still unsharded.
     root_end: tuple[Phase, ...] = () if at_reduce else ("backward_end",)
@@ -208,6 +231,7 @@ def step_buffers(
         saved=saved or 0,
         done=max(0, acts.backward_working_set - acts.hidden_gradient) if saved is not None else 0,
         grad=grad,
+        reduce=reduce,
         shard=shard,
     )
     out += [layer] if layer is not None else []
@@ -299,6 +323,7 @@ def _end_of_backward(
     *,
     world: int,
     grad: str,
+    reduce: str,
     shard: str,
     gloo: bool,
     embedding: Transient | None,
@@ -306,11 +331,11 @@ def _end_of_backward(
     """(whether the root's reduce-scatter holds more than the embedding's backward, the
     backward_end terms of the larger moment besides the root's unsharded parameters and the
     embedding's backward itself)."""
-    g, o = dtype_bytes(grad), dtype_bytes(shard)
+    g, o, r = dtype_bytes(grad), dtype_bytes(shard), dtype_bytes(reduce)
     at_embedding = root.unsharded + root.grads + (block.reduce_in if groups.layers else 0)
     copy = root.reduce_in if gloo else 0
     at_reduce = root.reduce_in + root.reduce_out + root.last + copy
-    cast = root.reduce_in + root.reduce_out + root.sharded_grads + root.last if g != o else 0
+    cast = root.reduce_in + root.reduce_out + root.sharded_grads + root.last if r != o else 0
     if max(at_reduce, cast) <= at_embedding + (embedding.bytes if embedding else 0):
         return False, [
             *_term(
@@ -325,26 +350,26 @@ def _end_of_backward(
                 "fsdp2_reduce_scatter_input_block",
                 block.reduce_in if groups.layers else 0,
                 ("backward_end",),
-                f"{world} x {groups.block.grad_padded:,} elements x {g} B ({grad}): the first "
-                "layer's reduce-scatter input, held until the root's post-backward",
-                _RS_IN,
+                f"{world} x {groups.block.grad_padded:,} elements x {r} B ({reduce}): the "
+                "first layer's reduce-scatter input, held until the root's post-backward",
+                f"{_RS_IN}; {_RS_DTYPE}",
             ),
         ]
-    rs = f"{groups.root.grad_padded:,} padded elements x {g} B ({grad})"
+    rs = f"{groups.root.grad_padded:,} padded elements x {r} B ({reduce})"
     out = [
         *_term(
             "fsdp2_reduce_scatter_input_root",
             root.reduce_in,
             ("backward_end",),
             f"{world} x {rs}: the root's reduce-scatter input",
-            _RS_IN,
+            f"{_RS_IN}; {_RS_DTYPE}",
         ),
         *_term(
             "fsdp2_reduce_scatter_output_root",
             root.reduce_out,
             ("backward_end",),
             f"{rs}: the root's reduce-scatter output",
-            _RS_OUT,
+            f"{_RS_OUT}; {_RS_DTYPE}",
         ),
         *_term(
             "fsdp2_last_unsharded_grad",
@@ -369,7 +394,7 @@ def _end_of_backward(
             root.sharded_grads,
             ("backward_end",),
             f"{groups.root.grad_padded:,} elements x {o} B ({shard}): the root's "
-            f"sharded gradients, cast from {grad} beside the reduce-scatter output",
+            f"sharded gradients, cast from {reduce} beside the reduce-scatter output",
             _RS_CAST,
         )
     return True, out
@@ -457,6 +482,7 @@ def _fsdp2_layer_backward(
     saved: int,
     done: int = 0,
     grad: str,
+    reduce: str,
     shard: str,
 ) -> Transient | None:
     """The decoder layers' backward beyond the backward point's FSDP2 terms (the root, the
@@ -501,7 +527,7 @@ def _fsdp2_layer_backward(
         return None
     parts = []
     if k:
-        parts.append(f"{block.reduce_in:,} B previous reduce-scatter input")
+        parts.append(f"{block.reduce_in:,} B previous reduce-scatter input ({reduce})")
         resharded = "" if reshard else f" - {block.unsharded:,} B resharded"
         parts.append(
             f"{k} x ({block.sharded_grads:,} B sharded gradients ({shard}) - {saved:,} B "
@@ -525,8 +551,8 @@ def _fsdp2_layer_backward(
         bytes=n_bytes,
         phases=("backward",),
         formula=f"layer {k} from the last, {where}: " + " + ".join(parts),
-        source=f"{_POST_BW}; {_POST_BW_HOOK}; {_RS_IN}; {_RS_OUT}; {_RS_LAST}; {_GLOO_RS}; "
-        f"{_PREFETCH}",
+        source=f"{_POST_BW}; {_POST_BW_HOOK}; {_RS_IN}; {_RS_OUT}; {_RS_DTYPE}; {_RS_LAST}; "
+        f"{_GLOO_RS}; {_PREFETCH}",
     )
 
 
