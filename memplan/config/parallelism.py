@@ -94,6 +94,14 @@ class ParallelismSpec(Frozen):
     torch's default (the `param_dtype`, the recipe's compute dtype), or fp32 with
     `model.implementation: torchtitan` (its `mixed_precision_reduce` default,
     torchtitan/config/configs.py::Parallelism, 0.3.0)."""
+    fsdp_wrap: Literal["layers", "torchtitan"] | None = None
+    """How FSDP2 (`engine: fsdp2`) groups the parameters, one `fully_shard` call per group.
+    `layers`: each decoder layer, then the root holding every other parameter (memplan
+    verify's wrapping). `torchtitan`: torchtitan's `apply_fsdp_to_decoder`
+    (torchtitan/distributed/fsdp.py, 0.3.0): the input embedding, each decoder layer, then the
+    final norm and the output projection together, not resharded after forward (with a
+    tied head all three in one group, as `layers`). None: `torchtitan` with
+    `model.implementation: torchtitan`, else `layers`."""
     offload: OffloadSpec = OffloadSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """DeepSpeed config keys (used when engine is deepspeed)."""

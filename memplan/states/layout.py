@@ -62,6 +62,9 @@ class Layout:
     reduce_dtype: str | None = None
     """FSDP2 `reduce_dtype` (ParallelismSpec.reduce_dtype, torchtitan's fp32 filled in); None:
     the param dtype."""
+    fsdp_wrap: Literal["layers", "torchtitan"] = "layers"
+    """FSDP2's parameter groups (ParallelismSpec.fsdp_wrap, torchtitan's filled in with
+    implementation torchtitan)."""
     tensor_rank: int = 0
     """The TP rank whose shards these are: only the vocabulary rows of a "chunk" split differ
     between TP ranks, and rank 0 holds the most (`for_tensor_rank`)."""
@@ -80,6 +83,7 @@ class Layout:
             # torchtitan/config/configs.py::Parallelism.mixed_precision_reduce (0.3.0; the
             # same "float32" default in 9dec370's job_config.py, Dec 2024).
             reduce_dtype = "fp32"
+        wrap = par.fsdp_wrap or ("torchtitan" if implementation == "torchtitan" else "layers")
         return cls(
             engine=par.engine,
             data=par.data,
@@ -101,6 +105,7 @@ class Layout:
             device=device,
             implementation=implementation,
             reduce_dtype=reduce_dtype,
+            fsdp_wrap=wrap,
         )
 
     def for_tensor_rank(self, rank: int) -> Layout:

@@ -60,6 +60,9 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
             gloo=states.device == "cpu",
             acts=acts,
             reduce=layout.reduce_dtype,
+            # torchtitan's trainer computes the loss outside the model's forward
+            # (torchtitan/trainer.py::Trainer.forward_backward_step, 0.3.0).
+            loss_in_forward=layout.implementation != "torchtitan",
         )
     if layout.tensor > 1:
         out += tp.backward_end(

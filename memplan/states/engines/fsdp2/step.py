@@ -93,18 +93,39 @@ class Fsdp2Group:
 
 @dataclass(frozen=True, slots=True)
 class Fsdp2Groups:
-    """The groups verify makes: the root and `layers` decoder layers (the largest one)."""
+    """The groups verify makes (fsdp_wrap `layers`): the root and `layers` decoder layers (the
+    largest one); with torchtitan's wrapping also its head group (`head`)."""
 
     root: Fsdp2Group
+    """The group gathered first in forward and reduced last in backward: every parameter
+    outside the decoder layers, or with a `head` group the input (and position) embeddings."""
     block: Fsdp2Group
     layers: int
     head_grads: int
     """Elements of the root's gradients that exist while the decoder layers run backward:
     every root parameter but the input and position embeddings (unless tied to the head)."""
+    head: Fsdp2Group | None = None
+    """torchtitan's `fully_shard([model.norm, model.output], reshard_after_forward=False)`
+    (_TITAN_WRAP): the final norm and the output projection, gathered after the last layer's
+    forward, unsharded until their post-backward (before the layers' backward); None: those
+    parameters are in the root."""
 
 
-def fsdp2_groups(inventory: Inventory, world: int) -> Fsdp2Groups:
-    """FSDP2's groups of `inventory` sharded `world` ways (see Fsdp2Group)."""
+# torchtitan 0.3.0 torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder (called by
+# models/llama3/parallelize.py::parallelize_llama), untied head: fully_shard(tok_embeddings,
+# reshard_after_forward=True), each block (True), fully_shard([norm, output],
+# reshard_after_forward=False: policy "default", not "always"), then fully_shard(model) over
+# no parameters; fsdp_reshard_after_forward "never" makes every group False. A tied head
+# is one group [tok_embeddings, norm, output]. torchtitan 9dec370 (Dec 2024, the published
+# H100 table) wrapped differently: parallelisms/parallelize_llama.py::apply_fsdp shards each
+# block (the last one not resharded after forward) and the root holding tok_embeddings, norm
+# and output (memplan's `layers` grouping but for that last block).
+_TITAN_WRAP = "torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder (torchtitan 0.3.0)"
+
+
+def fsdp2_groups(inventory: Inventory, world: int, wrap: str = "layers") -> Fsdp2Groups:
+    """FSDP2's groups of `inventory` sharded `world` ways (see Fsdp2Group), as `wrap`
+    (Layout.fsdp_wrap) groups them."""
     tied = bool(inventory.tied)
     roots = [t for t in inventory.parameters if t.layer is None]
     layers: dict[int, list[TensorSpec]] = {}
@@ -112,10 +133,22 @@ def fsdp2_groups(inventory: Inventory, world: int) -> Fsdp2Groups:
         if t.layer is not None:
             layers.setdefault(t.layer, []).append(t)
     blocks = [_fsdp2_group(ts, world) for ts in layers.values()]
+    block = max(blocks, key=lambda b: b.padded, default=_fsdp2_group([], world))
+    if wrap == "torchtitan" and not tied:
+        first = [t for t in roots if t.role in ("embedding", "position")]
+        rest = [t for t in roots if t.role not in ("embedding", "position")]
+        if first and rest:
+            return Fsdp2Groups(
+                root=_fsdp2_group(first, world),
+                block=block,
+                layers=len(layers),
+                head_grads=0,
+                head=_fsdp2_group(rest, world),
+            )
     head = [t for t in roots if (t.role != "embedding" or tied) and t.role != "position"]
     return Fsdp2Groups(
         root=_fsdp2_group(roots, world),
-        block=max(blocks, key=lambda b: b.padded, default=_fsdp2_group([], world)),
+        block=block,
         layers=len(layers),
         head_grads=sum(t.numel for t in head if t.trainable),
     )
@@ -175,6 +208,7 @@ def step_buffers(
     gloo: bool,
     acts: StepActivations,
     reduce: str | None = None,
+    loss_in_forward: bool = True,
 ) -> list[Transient]:
     """FSDP2's buffers at each phase of the step, on top of the sharded model states.
 
@@ -193,11 +227,33 @@ def step_buffers(
     sharded gradients not yet made, see fsdp2_root_gradients). The decoder layers' backward
     is the worst of several moments (_fsdp2_layer_backward); with a decoder layer's
     activations (`acts.layer`), two all-gathers of the root between phase points are added
-    where they hold more (between_phases)."""
+    where they hold more (between_phases).
+
+    With torchtitan's head group (`groups.head`) the root is the embedding group and the
+    head's buffers follow its own life (_head_group_buffers); `loss_in_forward` says whether
+    the loss runs inside the root module's forward (transformers' `labels`), which keeps the
+    last group's all-gather output until after it."""
     reduce = reduce or grad
     p, g, o, r = dtype_bytes(param), dtype_bytes(grad), dtype_bytes(shard), dtype_bytes(reduce)
     root = _fsdp2_bytes(groups.root, world, p, g, o, r)
     block = _fsdp2_bytes(groups.block, world, p, g, o, r)
+    if groups.head is not None:
+        head = _fsdp2_bytes(groups.head, world, p, g, o, r)
+        return _head_group_buffers(
+            groups,
+            root,
+            block,
+            head,
+            world=world,
+            param=param,
+            grad=grad,
+            reduce=reduce,
+            shard=shard,
+            reshard=reshard,
+            gloo=gloo,
+            acts=acts,
+            loss_in_forward=loss_in_forward,
+        )
     saved = acts.layer  # None: no decoder layer's activations modelled
     embedding = acts.embedding_backward if saved is not None else None
     at_reduce, end = _end_of_backward(
@@ -239,6 +295,178 @@ def step_buffers(
     if saved is not None:
         out += between_phases(
             root, block, layers=groups.layers, reshard=reshard, layer=saved, acts=acts
+        )
+    return out + ([embedding] if embedding is not None and not at_reduce else [])
+
+
+def _head_group_buffers(
+    groups: Fsdp2Groups,
+    root: _Fsdp2Bytes,
+    block: _Fsdp2Bytes,
+    head: _Fsdp2Bytes,
+    *,
+    world: int,
+    param: str,
+    grad: str,
+    reduce: str,
+    shard: str,
+    reshard: bool,
+    gloo: bool,
+    acts: StepActivations,
+    loss_in_forward: bool,
+) -> list[Transient]:
+    """step_buffers under torchtitan's wrapping (_TITAN_WRAP): the root is the embedding
+    group (resharded after its forward with `reshard`, gathered again by the first layer's
+    backward prefetch); the head group ([norm, output]) is gathered after the last layer's
+    forward and stays unsharded until its post-backward, which reduce-scatters its
+    gradients before the layers' backward and keeps that input until the last layer's
+    post-backward (_RS_IN). The decoder layers as step_buffers has them; the end of backward
+    as step_buffers has it with the embedding group as the root."""
+    assert groups.head is not None
+    layers = groups.layers
+    o = dtype_bytes(shard)
+    saved = acts.layer  # None: no decoder layer's activations modelled
+    embedding = acts.embedding_backward if saved is not None else None
+    at_reduce, end = _end_of_backward(
+        groups,
+        root,
+        block,
+        world=world,
+        grad=grad,
+        reduce=reduce,
+        shard=shard,
+        gloo=gloo,
+        embedding=embedding,
+    )
+
+    def up(elements: int) -> str:
+        return (
+            f"{world} ranks x {elements:,} padded shard elements x {dtype_bytes(param)} B ({param})"
+        )
+
+    src = f"{_TITAN_WRAP}; {_AG_COPY_OUT}; {_RESHARD}"
+    emb_end: tuple[Phase, ...] = () if at_reduce else ("backward_end",)
+    whole: tuple[Phase, ...] = ("forward", "loss", "backward_start", "backward")
+    out = _term(
+        "fsdp2_unsharded_embedding",
+        root.unsharded,
+        (() if reshard else whole) + emb_end,
+        up(groups.root.padded)
+        + ": the embedding group's all-gathered parameters"
+        + (
+            " (resharded after its forward, gathered again in the first layer's backward)"
+            if reshard
+            else " (not resharded after forward)"
+        ),
+        src,
+    )
+    out += _term(
+        "fsdp2_unsharded_head",
+        head.unsharded,
+        ("loss", "backward_start"),
+        up(groups.head.padded) + ": the head group's all-gathered parameters (final norm, "
+        "output; reshard_after_forward=False), from after the last layer's forward to its "
+        "post-backward",
+        src,
+    )
+    out += _term(
+        "fsdp2_all_gather_output_head",
+        head.unsharded if loss_in_forward else 0,
+        ("loss",),
+        up(groups.head.padded) + ": the head group's flat all-gather output, kept until the "
+        "root's post-forward, after the loss (computed inside the model's forward)",
+        f"{_AG_OUT}; {_AG_KEPT}",
+    )
+    if reshard:
+        out += _term(
+            "fsdp2_unsharded_block",
+            block.unsharded if layers else 0,
+            ("forward", "backward"),
+            up(groups.block.padded) + ": the decoder layer that runs",
+            src,
+        )
+        out += _term(
+            "fsdp2_all_gather_output",
+            block.unsharded if layers else 0,
+            ("forward",) + (("backward",) if layers > 1 else ()),
+            up(groups.block.padded) + ": one layer's flat all-gather output (in forward the "
+            "running layer's; in backward the next layer's, prefetched; the last layer's is "
+            "prefetched by the head group's pre-backward, after the loss gradient, so not at "
+            "backward_start)",
+            f"{_AG_OUT}; {_AG_KEPT}; {_PREFETCH}",
+        )
+    else:
+        out += _term(
+            "fsdp2_unsharded_blocks",
+            layers * block.unsharded,
+            whole,
+            f"{layers} layers x " + up(groups.block.padded) + ": every layer stays "
+            "unsharded from its forward to its post-backward (reshard_after_forward=False)",
+            src,
+        )
+        out += _term(
+            "fsdp2_all_gather_output",
+            block.unsharded if layers else 0,
+            ("forward",),
+            up(groups.block.padded) + ": the last layer's flat all-gather output",
+            f"{_AG_OUT}; {_AG_KEPT}",
+        )
+    out += _term(
+        "fsdp2_sharded_head_grads",
+        head.sharded_grads,
+        ("backward",),
+        f"{groups.head.grad_padded:,} elements x {o} B ({shard}): the head group's sharded "
+        "gradients, made in its post-backward before the layers' backward",
+        f"{_TITAN_WRAP}; {_RS_CAST}",
+    )
+    # The head group's post-backward: its parameters resharded, its reduce-scatter (as a
+    # layer's, _fsdp2_layer_backward), a hidden-state gradient alive, every layer's saved
+    # tensors; the backward point holds instead the head's sharded gradients, the last
+    # layer's parameters and the next one's prefetched all-gather output (reshard) and the
+    # backward working set. Measured (tiny Llama, 4 gloo ranks, a probe on foreach_reduce):
+    # the group of two modules runs its post-backward twice, first after the output
+    # projection's backward (reducing its gradient only) with no layer prefetched yet, then
+    # after the final norm's (its pre-backward gathers the group again); the first holds more,
+    # and 6,216 B of the final norm's saved tensors and gradients more than counted here.
+    copy = head.reduce_in if gloo else 0
+    cast = head.reduce_out + head.sharded_grads + head.last if reduce != shard else 0
+    at_head = head.reduce_in + max(head.grads, head.reduce_out + head.last + copy, cast)
+    hidden = acts.hidden_gradient if saved is not None else 0
+    working = acts.backward_working_set if saved is not None else 0
+    head_excess = at_head + hidden - head.sharded_grads - working
+    head_excess -= block.unsharded if reshard and layers else 0
+    prefetched = block.unsharded if reshard and layers > 1 else 0
+    head_excess -= prefetched
+    head_moment = (
+        head_excess,
+        f"the head group's reduce-scatter: {head.reduce_in:,} B input ({reduce}) + max("
+        f"{head.grads:,} B gradients ({grad}), output + last gradient"
+        + (" + gloo's copy" if gloo else "")
+        + (", output + sharded gradients + last gradient" if cast else "")
+        + f") + {hidden:,} B hidden-state gradient - {head.sharded_grads:,} B sharded head "
+        f"gradients not made yet - {working:,} B backward working set"
+        + (f" - {block.unsharded:,} B last layer not copied out yet" if reshard and layers else "")
+        + (f" - {prefetched:,} B next layer not prefetched yet" if prefetched else ""),
+    )
+    layer = _fsdp2_layer_backward(
+        block,
+        layers=layers,
+        reshard=reshard,
+        gloo=gloo,
+        saved=saved or 0,
+        done=max(0, acts.backward_working_set - acts.hidden_gradient) if saved is not None else 0,
+        grad=grad,
+        reduce=reduce,
+        shard=shard,
+        held_first=head.reduce_in,
+        first_prefetch=root.unsharded if reshard else 0,
+        extra=(head_moment,),
+    )
+    out += [layer] if layer is not None else []
+    out += end
+    if saved is not None:
+        out += between_phases(
+            root, block, layers=layers, reshard=reshard, layer=saved, acts=acts, head=head
         )
     return out + ([embedding] if embedding is not None and not at_reduce else [])
 
@@ -408,6 +636,7 @@ def between_phases(
     reshard: bool,
     layer: int,
     acts: StepActivations,
+    head: _Fsdp2Bytes | None = None,
 ) -> list[Transient]:
     """FSDP2 moments between the timeline's phase points, each counted at the nearest point
     where it holds more than that point, as the excess over it (the bytes the point holds
@@ -421,8 +650,34 @@ def between_phases(
       first layer (the previous group is the root) or at the last one;
     - backward_start (ZeRO-3): the root's pre-backward all-gather, before the loss gradient
       (the root was resharded after forward).
+    With torchtitan's head group (`head`, _TITAN_WRAP) the root is the embedding group,
+    resharded after its forward (its all-gather output kept as above), and forward has one
+    more moment: the head group's all-gather and copy-out after the last layer (its
+    all-gather output and parameters, the last layer resharded, its all-gather output still
+    held, no forward working set); the root is not gathered again at backward_start.
     The decoder layers' backward is _fsdp2_layer_backward."""
-    out = []
+    out: list[Transient] = []
+    if head is not None:
+        layers_only = between_phases(
+            root, block, layers=layers, reshard=reshard, layer=layer, acts=acts
+        )
+        out = [t for t in layers_only if t.name == "fsdp2_all_gather_forward"]
+        h_excess = 2 * head.unsharded - (block.unsharded if reshard and layers else 0)
+        h_excess -= acts.forward_working_set
+        if h_excess <= max([0, *(t.bytes for t in out)]):
+            return out
+        resharded = f" - {block.unsharded:,} B last layer resharded" if reshard and layers else ""
+        return [
+            Transient(
+                name="fsdp2_all_gather_forward",
+                bytes=h_excess,
+                phases=("forward",),
+                formula=f"at the head group's all-gather: 2 x {head.unsharded:,} B (its "
+                f"all-gather output and parameters){resharded} - "
+                f"{acts.forward_working_set:,} B forward working set, gone",
+                source=f"{_TITAN_WRAP}; {_AG_OUT}; {_AG_COPY_OUT}; {_AG_KEPT}",
+            )
+        ]
     if layers:
         later = 0 if reshard else block.unsharded
 
@@ -484,6 +739,9 @@ def _fsdp2_layer_backward(
     grad: str,
     reduce: str,
     shard: str,
+    held_first: int = 0,
+    first_prefetch: int = 0,
+    extra: tuple[tuple[int, str], ...] = (),
 ) -> Transient | None:
     """The decoder layers' backward beyond the backward point's FSDP2 terms (the root, the
     running layer, the prefetched all-gather output, the head's gradients), which is the
@@ -502,30 +760,48 @@ def _fsdp2_layer_backward(
     subtracted from them (measured: tiny Mixtral fp32 on FSDP2 x2, whose reduce-scatter
     moment memplan put 344,064 B = 360,448 - 16,384 B too high). Each moment is linear in k,
     so the largest is at k = 0, 1, L - 2 or L - 1; the term is that largest excess (none when
-    no moment exceeds the point)."""
+    no moment exceeds the point).
+
+    torchtitan's wrapping (_head_group_buffers): the head group's reduce-scatter input is
+    held while the last layer runs (`held_first`), the first layer prefetches the embedding
+    group (`first_prefetch` bytes) instead of nothing, and `extra` moments (excess, where)
+    compete for the largest."""
     if not layers:
         return None
     slope = block.sharded_grads - saved - (0 if reshard else block.unsharded)
     copy = block.reduce_in if gloo else 0
-    reduce = block.reduce_in + max(block.grads, block.reduce_out + block.last + copy)
+    rs_moment = block.reduce_in + max(block.grads, block.reduce_out + block.last + copy)
 
     def moments(k: int) -> list[tuple[int, str]]:
-        held = block.reduce_in if k else 0
-        no_prefetch = block.unsharded if reshard and layers > 1 and k == layers - 1 else 0
+        held = block.reduce_in if k else held_first
+        no_prefetch = 0
+        if reshard and k == layers - 1:
+            no_prefetch = (block.unsharded if layers > 1 else 0) - first_prefetch
         mid = held + k * slope - no_prefetch
         return [
             (mid, "running"),
             (mid + block.grads - saved - done, "at the end of its backward"),
-            (mid - held - block.unsharded + reduce - saved - done, "in its reduce-scatter"),
+            (mid - held - block.unsharded + rs_moment - saved - done, "in its reduce-scatter"),
         ]
 
     ks = sorted({k for k in (0, 1, layers - 2, layers - 1) if 0 <= k < layers})
-    n_bytes, k, where = max(
-        ((n, k, where) for k in ks for n, where in moments(k)), key=lambda c: (c[0], -c[1])
-    )
+    candidates = [(n, k, where) for k in ks for n, where in moments(k)]
+    candidates += [(n, -1, where) for n, where in extra]
+    n_bytes, k, where = max(candidates, key=lambda c: (c[0], -abs(c[1])))
     if n_bytes <= 0:
         return None
+    if k < 0:
+        return Transient(
+            name="fsdp2_layer_backward",
+            bytes=n_bytes,
+            phases=("backward",),
+            formula=where,
+            source=f"{_TITAN_WRAP}; {_POST_BW}; {_RS_IN}; {_RS_OUT}; {_RS_DTYPE}; {_RS_LAST}; "
+            f"{_GLOO_RS}; {_PREFETCH}",
+        )
     parts = []
+    if not k and held_first:
+        parts.append(f"{held_first:,} B head group's reduce-scatter input ({reduce})")
     if k:
         parts.append(f"{block.reduce_in:,} B previous reduce-scatter input ({reduce})")
         resharded = "" if reshard else f" - {block.unsharded:,} B resharded"
@@ -535,6 +811,8 @@ def _fsdp2_layer_backward(
         )
         if reshard and layers > 1 and k == layers - 1:
             parts.append(f"-{block.unsharded:,} B prefetch not made")
+        if reshard and k == layers - 1 and first_prefetch:
+            parts.append(f"{first_prefetch:,} B embedding group prefetched")
     gone = f" - {done:,} B backward working set gone (but the input gradient)" if done else ""
     if where == "at the end of its backward":
         parts.append(f"{block.grads:,} B gradients ({grad}) - {saved:,} B saved{gone}")
@@ -543,7 +821,7 @@ def _fsdp2_layer_backward(
             parts.append(f"-{block.reduce_in:,} B previous input popped")
         gloo_copy = " + gloo's copy" if gloo else ""
         parts.append(
-            f"{reduce:,} B (reduce-scatter input + max(gradients, output + last gradient"
+            f"{rs_moment:,} B (reduce-scatter input + max(gradients, output + last gradient"
             f"{gloo_copy})) - {block.unsharded:,} B resharded - {saved:,} B saved{gone}"
         )
     return Transient(
@@ -558,8 +836,10 @@ def _fsdp2_layer_backward(
 
 def groups_of(states: StepStates, cache: StepCache) -> Fsdp2Groups:
     """`fsdp2_groups` of the rank's model, sharded over the data-parallel ranks."""
-    inventory, world = states.inventory, states.layout.data
-    return cache.get(("fsdp2 groups", inventory, world), lambda: fsdp2_groups(inventory, world))
+    inventory, world, wrap = states.inventory, states.layout.data, states.layout.fsdp_wrap
+    return cache.get(
+        ("fsdp2 groups", inventory, world, wrap), lambda: fsdp2_groups(inventory, world, wrap)
+    )
 
 
 def shard_dtype(recipe: Recipe) -> str:
