@@ -66,7 +66,8 @@ def _torchtitan_groups(
     from torch.distributed.fsdp import fully_shard
 
     inside = {id(m) for block in layers or [] for m in block.modules()}
-    embedding = base.get_input_embeddings()
+    get_input_embeddings: Any = base.get_input_embeddings  # transformers' PreTrainedModel
+    embedding = get_input_embeddings()
     rest = [
         m
         for m in model.modules()

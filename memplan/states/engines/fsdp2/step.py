@@ -385,10 +385,11 @@ def _head_group_buffers(
             up(groups.block.padded) + ": the decoder layer that runs",
             src,
         )
+        gathered: tuple[Phase, ...] = ("forward", "backward") if layers > 1 else ("forward",)
         out += _term(
             "fsdp2_all_gather_output",
             block.unsharded if layers else 0,
-            ("forward",) + (("backward",) if layers > 1 else ()),
+            gathered,
             up(groups.block.padded) + ": one layer's flat all-gather output (in forward the "
             "running layer's; in backward the next layer's, prefetched; the last layer's is "
             "prefetched by the head group's pre-backward, after the loss gradient, so not at "
