@@ -89,6 +89,12 @@ class Fsdp2Group:
     """Elements of its unsharded gradients (unpadded, parameters with a gradient)."""
     last: int
     """Elements of its last parameter with a gradient (see _RS_LAST)."""
+    expert_world: int = 1
+    """Under expert parallelism, the expert-data ranks its routed experts are sharded over
+    (_EDP); `padded` and `grad_padded` are then the other parameters'."""
+    expert_padded: int = 0
+    """The routed experts' padded shard elements over `expert_world` ranks (as `padded`)."""
+    expert_grad_padded: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,16 +129,34 @@ class Fsdp2Groups:
 _TITAN_WRAP = "torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder (torchtitan 0.3.0)"
 
 
-def fsdp2_groups(inventory: Inventory, world: int, wrap: str = "layers") -> Fsdp2Groups:
+# Experts over the expert-data mesh: torchtitan 0.3.0 torchtitan/distributed/fsdp.py::
+# apply_fsdp_to_decoder with ep_degree > 1 gives each MoE block's routed-expert parameters
+# (moe.routed_experts.inner_experts) the `edp_mesh` (dp_shard_mod_ep, data / EP ranks) through
+# a shard_placement_fn (ShardPlacementResult(mesh_info=edp_mesh_info)) and every other
+# parameter of the block the dp mesh: one fully_shard call, two FSDPParamGroups, each
+# all-gathering and reduce-scattering over its own mesh (torch _fsdp_init.py /
+# _fully_shard.py: one group per mesh). Both reduce-scatter inputs stay alive together
+# (_fsdp_param_group.py::post_backward pops the previous inputs only in the module's last
+# group, L647-658). memplan's model states already shard experts over Layout.expert_data
+# under EP for every engine (memplan.states.stages._rank_states), so the gather follows.
+# Not modelled: torchtitan's Shard(1) placement when edp x EP exceeds the expert count
+# (dim-1 padding instead of dim-0).
+_EDP = "torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder, ep_degree > 1 (torchtitan 0.3.0)"
+
+
+def fsdp2_groups(
+    inventory: Inventory, world: int, wrap: str = "layers", expert_world: int | None = None
+) -> Fsdp2Groups:
     """FSDP2's groups of `inventory` sharded `world` ways (see Fsdp2Group), as `wrap`
-    (Layout.fsdp_wrap) groups them."""
+    (Layout.fsdp_wrap) groups them; with `expert_world` (expert parallelism) the routed
+    experts of each layer are sharded over that many expert-data ranks instead (_EDP)."""
     tied = bool(inventory.tied)
     roots = [t for t in inventory.parameters if t.layer is None]
     layers: dict[int, list[TensorSpec]] = {}
     for t in inventory.parameters:
         if t.layer is not None:
             layers.setdefault(t.layer, []).append(t)
-    blocks = [_fsdp2_group(ts, world) for ts in layers.values()]
+    blocks = [_fsdp2_group(ts, world, expert_world) for ts in layers.values()]
     block = max(blocks, key=lambda b: b.padded, default=_fsdp2_group([], world))
     if wrap == "torchtitan" and not tied:
         first = [t for t in roots if t.role in ("embedding", "position")]
@@ -154,8 +178,23 @@ def fsdp2_groups(inventory: Inventory, world: int, wrap: str = "layers") -> Fsdp
     )
 
 
-def _fsdp2_group(tensors: list[TensorSpec], world: int) -> Fsdp2Group:
+def _fsdp2_group(
+    tensors: list[TensorSpec], world: int, expert_world: int | None = None
+) -> Fsdp2Group:
     train = [t for t in tensors if t.trainable]
+    experts = [t for t in tensors if t.role == "experts"] if expert_world else []
+    if experts:
+        assert expert_world is not None
+        dense = [t for t in tensors if t.role != "experts"]
+        return Fsdp2Group(
+            padded=padded_elements(dense, world),
+            grad_padded=padded_elements([t for t in dense if t.trainable], world),
+            grads=sum(t.numel for t in train),
+            last=train[-1].numel if train else 0,
+            expert_world=expert_world,
+            expert_padded=padded_elements(experts, expert_world),
+            expert_grad_padded=padded_elements([t for t in experts if t.trainable], expert_world),
+        )
     return Fsdp2Group(
         padded=padded_elements(tensors, world),
         grad_padded=padded_elements(train, world),
@@ -181,12 +220,13 @@ class _Fsdp2Bytes:
 def _fsdp2_bytes(
     g: Fsdp2Group, world: int, param: int, grad: int, shard: int, reduce: int
 ) -> _Fsdp2Bytes:
+    ew = g.expert_world
     return _Fsdp2Bytes(
-        unsharded=world * g.padded * param,
+        unsharded=(world * g.padded + ew * g.expert_padded) * param,
         grads=g.grads * grad,
-        reduce_in=world * g.grad_padded * reduce,
-        reduce_out=g.grad_padded * reduce,
-        sharded_grads=g.grad_padded * shard,
+        reduce_in=(world * g.grad_padded + ew * g.expert_grad_padded) * reduce,
+        reduce_out=(g.grad_padded + g.expert_grad_padded) * reduce,
+        sharded_grads=(g.grad_padded + g.expert_grad_padded) * shard,
         last=g.last * grad,
     )
 
@@ -837,9 +877,12 @@ def _fsdp2_layer_backward(
 
 def groups_of(states: StepStates, cache: StepCache) -> Fsdp2Groups:
     """`fsdp2_groups` of the rank's model, sharded over the data-parallel ranks."""
-    inventory, world, wrap = states.inventory, states.layout.data, states.layout.fsdp_wrap
+    layout = states.layout
+    inventory, world, wrap = states.inventory, layout.data, layout.fsdp_wrap
+    experts = layout.expert_data if layout.expert > 1 else None
     return cache.get(
-        ("fsdp2 groups", inventory, world, wrap), lambda: fsdp2_groups(inventory, world, wrap)
+        ("fsdp2 groups", inventory, world, wrap, experts),
+        lambda: fsdp2_groups(inventory, world, wrap, experts),
     )
 
 
