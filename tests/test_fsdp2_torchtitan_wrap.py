@@ -102,11 +102,11 @@ def test_groups_as_torchtitan_apply_fsdp_to_decoder_makes_them() -> None:
 
 def test_fsdp_wrap_defaults_to_torchtitan_with_its_implementation() -> None:
     spec = _spec(3, 4, 1, 16)
-    assert layout_of(spec.spec).fsdp_wrap == "layers"
+    assert layout_of(spec.spec).fsdp_groups == "layers"
     data = spec.spec.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
     data["model"]["implementation"] = "torchtitan"
     titan = layout_of(validate(data).spec)
-    assert (titan.fsdp_wrap, titan.reduce_dtype) == ("torchtitan", "fp32")
+    assert (titan.fsdp_groups, titan.reduce_dtype) == ("torchtitan", "fp32")
 
 
 @pytest.mark.parametrize(("stage", "ranks", "mb", "seq"), [(3, 4, 1, 16), (3, 2, 2, 32)])
@@ -128,3 +128,11 @@ def test_pin_torchtitan_wrap_terms() -> None:
     assert {"fsdp2_unsharded_head", "fsdp2_sharded_head_grads"} <= names
     assert "fsdp2_unsharded_root" not in names
     assert report.timeline.peak.phase == "backward_end"
+
+
+def test_fsdp_wrap_needs_fsdp2() -> None:
+    from memplan.errors import MemplanError
+
+    data = spec_dict("llama", parallelism={"engine": "ddp", "data": 2, "fsdp_wrap": "torchtitan"})
+    with pytest.raises(MemplanError, match="fsdp_wrap groups FSDP2's fully_shard calls"):
+        validate(data)

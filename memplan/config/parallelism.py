@@ -133,6 +133,11 @@ class ParallelismSpec(Frozen):
                 "Megatron-LM shards optimizer states only (zero_stage 1: "
                 "--use-distributed-optimizer); for stage 2 or 3 use engine: deepspeed or fsdp2"
             )
+        if self.fsdp_wrap is not None and self.engine != "fsdp2":
+            raise ValueError(
+                f"fsdp_wrap groups FSDP2's fully_shard calls, but engine is {self.engine}: "
+                "set engine: fsdp2 or leave fsdp_wrap out"
+            )
         if self.schedule == "interleaved" and self.virtual_stages < 2:
             raise ValueError("the interleaved schedule needs virtual_stages >= 2")
         if self.virtual_stages > 1 and self.schedule != "interleaved":

@@ -62,7 +62,7 @@ class Layout:
     reduce_dtype: str | None = None
     """FSDP2 `reduce_dtype` (ParallelismSpec.reduce_dtype, torchtitan's fp32 filled in); None:
     the param dtype."""
-    fsdp_wrap: Literal["layers", "torchtitan"] = "layers"
+    fsdp_groups: Literal["layers", "torchtitan"] = "layers"
     """FSDP2's parameter groups (ParallelismSpec.fsdp_wrap, torchtitan's filled in with
     implementation torchtitan)."""
     tensor_rank: int = 0
@@ -105,7 +105,7 @@ class Layout:
             device=device,
             implementation=implementation,
             reduce_dtype=reduce_dtype,
-            fsdp_wrap=wrap,
+            fsdp_groups=wrap,
         )
 
     def for_tensor_rank(self, rank: int) -> Layout:

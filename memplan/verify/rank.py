@@ -125,10 +125,10 @@ def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
         policy = MixedPrecisionPolicy(
             param_dtype=build.torch_dtype(recipe.parameters) if master else None,
             reduce_dtype=build.torch_dtype(reduce) if reduce else None,
-            cast_forward_inputs=layout.fsdp_wrap != "torchtitan",
+            cast_forward_inputs=layout.fsdp_groups != "torchtitan",
         )
         reshard = job.stage == 3
-        if layout.fsdp_wrap == "torchtitan":
+        if layout.fsdp_groups == "torchtitan":
             _torchtitan_groups(model, base, layers, mesh, reshard, policy)
         else:
             for block in layers or []:

@@ -148,7 +148,7 @@ def fsdp2_groups(
     inventory: Inventory, world: int, wrap: str = "layers", expert_world: int | None = None
 ) -> Fsdp2Groups:
     """FSDP2's groups of `inventory` sharded `world` ways (see Fsdp2Group), as `wrap`
-    (Layout.fsdp_wrap) groups them; with `expert_world` (expert parallelism) the routed
+    (Layout.fsdp_groups) groups them; with `expert_world` (expert parallelism) the routed
     experts of each layer are sharded over that many expert-data ranks instead (_EDP)."""
     tied = bool(inventory.tied)
     roots = [t for t in inventory.parameters if t.layer is None]
@@ -878,7 +878,7 @@ def _fsdp2_layer_backward(
 def groups_of(states: StepStates, cache: StepCache) -> Fsdp2Groups:
     """`fsdp2_groups` of the rank's model, sharded over the data-parallel ranks."""
     layout = states.layout
-    inventory, world, wrap = states.inventory, layout.data, layout.fsdp_wrap
+    inventory, world, wrap = states.inventory, layout.data, layout.fsdp_groups
     experts = layout.expert_data if layout.expert > 1 else None
     return cache.get(
         ("fsdp2 groups", inventory, world, wrap, experts),
