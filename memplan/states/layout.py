@@ -62,6 +62,9 @@ class Layout:
     reduce_dtype: str | None = None
     """FSDP2 `reduce_dtype` (ParallelismSpec.reduce_dtype, torchtitan's fp32 filled in); None:
     the param dtype."""
+    data_replicate: int = 1
+    """HSDP's replicate degree (ParallelismSpec.data_replicate): FSDP2 shards over
+    `shard_group` ranks."""
     fsdp_groups: Literal["layers", "torchtitan"] = "layers"
     """FSDP2's parameter groups (ParallelismSpec.fsdp_wrap, torchtitan's filled in with
     implementation torchtitan)."""
@@ -106,6 +109,7 @@ class Layout:
             implementation=implementation,
             reduce_dtype=reduce_dtype,
             fsdp_groups=wrap,
+            data_replicate=par.data_replicate,
         )
 
     def for_tensor_rank(self, rank: int) -> Layout:
@@ -129,6 +133,18 @@ class Layout:
         megatron/core/parallel_state.py::initialize_model_parallel, the data-parallel group
         `with_context_parallel`)."""
         return self.data * self.context
+
+    @property
+    def shard_group(self) -> int:
+        """The ranks one copy of the sharded model states spans: data_shards, or under HSDP
+        (data_replicate > 1) its shard dimension, data_shards / data_replicate."""
+        return self.data_shards // self.data_replicate
+
+    @property
+    def fsdp_world(self) -> int:
+        """The data ranks FSDP2 shards over (its mesh's shard dimension): data, divided by
+        HSDP's replicate degree."""
+        return self.data // self.data_replicate
 
     @property
     def expert_data(self) -> int:

@@ -116,6 +116,13 @@ def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        replicate = job.spec.parallelism.data_replicate
+        if mesh is None and replicate > 1:
+            # HSDP: FSDP2 on a 2-D (replicate, shard) mesh (torchtitan's dp_replicate x
+            # dp_shard).
+            mesh = init_device_mesh(
+                device, (replicate, job.world // replicate), mesh_dim_names=("replicate", "shard")
+            )
         if mesh is None:
             mesh = init_device_mesh(device, (job.world,))
         # reduce_dtype as the calculator's Layout has it (parallelism.reduce_dtype, torchtitan's

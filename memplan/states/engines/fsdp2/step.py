@@ -6,7 +6,7 @@ runs by tests/test_fsdp2_peak.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from memplan.memory import Phase, Transient
 from memplan.model.inventory import Inventory, TensorSpec
@@ -58,6 +58,15 @@ _RS_OUT = _FSDP2 + "_fsdp_collectives.py::foreach_reduce L612-616 (reduce_output
 # parameters' dtype only if it differs (_to_dtype_if_needed L696: with reduce_dtype fp32 and
 # fp32 sharded parameters the sharded gradients are views of the output, no cast).
 _RS_DTYPE = _FSDP2 + "_fsdp_collectives.py::foreach_reduce L560, L592-616, L696"
+# HSDP (a 2-D replicate x shard mesh): foreach_reduce all-reduces the reduce-scatter output
+# over the replicate dimension in place (L658) and returns it as `all_reduce_input` (L671);
+# the group keeps it in `_all_reduce_state` (_fsdp_param_group.py L759) until its next
+# post-backward or finalize_backward at the end of backward (L768). Where reduce_dtype is the
+# sharded parameters' dtype the sharded gradients are views of it (no extra bytes); otherwise
+# the gradients are a cast copy and every reduced group's output stays besides.
+_HSDP_HOLD = (
+    _FSDP2 + "_fsdp_collectives.py::foreach_reduce L658-671; _fsdp_param_group.py L759, L768"
+)
 _RS_CAST = _FSDP2 + "_fsdp_collectives.py::foreach_reduce L696 (_to_dtype_if_needed)"
 _RS_LAST = (
     _FSDP2 + "_fsdp_collectives.py::foreach_reduce L580-590: the loop variable "
@@ -249,6 +258,7 @@ def step_buffers(
     acts: StepActivations,
     reduce: str | None = None,
     loss_in_forward: bool = True,
+    replicate: int = 1,
 ) -> list[Transient]:
     """FSDP2's buffers at each phase of the step, on top of the sharded model states.
 
@@ -277,22 +287,29 @@ def step_buffers(
     p, g, o, r = dtype_bytes(param), dtype_bytes(grad), dtype_bytes(shard), dtype_bytes(reduce)
     root = _fsdp2_bytes(groups.root, world, p, g, o, r)
     block = _fsdp2_bytes(groups.block, world, p, g, o, r)
+    held = _hsdp_held(groups, block, replicate=replicate, reduce=reduce, shard=shard)
+    if held:
+        # Each reduced layer keeps its all-reduced output besides its sharded gradients.
+        block = replace(block, sharded_grads=block.sharded_grads + block.reduce_out)
     if groups.head is not None:
         head = _fsdp2_bytes(groups.head, world, p, g, o, r)
-        return _head_group_buffers(
-            groups,
-            root,
-            block,
-            head,
-            world=world,
-            param=param,
-            grad=grad,
-            reduce=reduce,
-            shard=shard,
-            reshard=reshard,
-            gloo=gloo,
-            acts=acts,
-            loss_in_forward=loss_in_forward,
+        return (
+            _head_group_buffers(
+                groups,
+                root,
+                block,
+                head,
+                world=world,
+                param=param,
+                grad=grad,
+                reduce=reduce,
+                shard=shard,
+                reshard=reshard,
+                gloo=gloo,
+                acts=acts,
+                loss_in_forward=loss_in_forward,
+            )
+            + held
         )
     saved = acts.layer  # None: no decoder layer's activations modelled
     embedding = acts.embedding_backward if saved is not None else None
@@ -336,7 +353,28 @@ def step_buffers(
         out += between_phases(
             root, block, layers=groups.layers, reshard=reshard, layer=saved, acts=acts
         )
-    return out + ([embedding] if embedding is not None and not at_reduce else [])
+    return out + held + ([embedding] if embedding is not None and not at_reduce else [])
+
+
+def _hsdp_held(
+    groups: Fsdp2Groups, block: _Fsdp2Bytes, *, replicate: int, reduce: str, shard: str
+) -> list[Transient]:
+    """HSDP's all-reduced outputs still held at the end of backward (_HSDP_HOLD): every
+    decoder layer's (and the head group's) where the reduce dtype is not the shards'."""
+    if replicate <= 1 or reduce == shard:
+        return []
+    r = dtype_bytes(reduce)
+    head = groups.head.grad_padded * r if groups.head is not None else 0
+    return _term(
+        "hsdp_all_reduce_outputs",
+        groups.layers * block.reduce_out + head,
+        ("backward_end",),
+        f"{groups.layers} layers x {block.reduce_out:,} B"
+        + (f" + {head:,} B head group" if head else "")
+        + f": all-reduced outputs ({reduce}) kept until finalize_backward, the sharded "
+        f"gradients being {shard} copies",
+        _HSDP_HOLD,
+    )
 
 
 def _head_group_buffers(
@@ -878,7 +916,7 @@ def _fsdp2_layer_backward(
 def groups_of(states: StepStates, cache: StepCache) -> Fsdp2Groups:
     """`fsdp2_groups` of the rank's model, sharded over the data-parallel ranks."""
     layout = states.layout
-    inventory, world, wrap = states.inventory, layout.data, layout.fsdp_groups
+    inventory, world, wrap = states.inventory, layout.fsdp_world, layout.fsdp_groups
     experts = layout.expert_data if layout.expert > 1 else None
     return cache.get(
         ("fsdp2 groups", inventory, world, wrap, experts),
