@@ -7,7 +7,8 @@ the expert-data mesh, proved on real FSDP2 runs and shown on the published / fla
 1. `verify`: memplan verify's FSDP2 path on gloo CPU ranks (torch's own fully_shard, measured
    by FSDPMemTracker on every rank) for tiny Llama (tests/conftest.py::TINY_LLAMA) bf16-mixed,
    over {reduce_dtype: default (bf16) | fp32} x {fsdp_wrap: layers | torchtitan} x {ZeRO-3
-   4 ranks b1 s16, ZeRO-3 2 ranks b2 s32, ZeRO-2 4 ranks b2 s16}: memplan's predicted peak
+   4 ranks b1 s16, ZeRO-3 2 ranks b2 s32, ZeRO-2 4 ranks b2 s16, HSDP 2 x 2 ZeRO-3 b1 s16}:
+   memplan's predicted peak
    against each rank's measured one (gloo's race, tests/test_fsdp2_peak.py, may add one
    FSDP2 buffer to a rank now and then: the best rank is reported beside the worst).
 2. `llama3_8b`: `memplan estimate` of the published torchtitan row (Llama 3.1 8B, FSDP 8,
@@ -44,10 +45,11 @@ RESULTS = ROOT / "benchmarks" / "results" / "fsdp2-torchtitan.json"
 GIB = 2**30
 
 VERIFY_CASES = [
-    # ZeRO stage, ranks, micro-batch, sequence
-    (3, 4, 1, 16),
-    (3, 2, 2, 32),
-    (2, 4, 2, 16),
+    # ZeRO stage, ranks, micro-batch, sequence, HSDP replicate degree
+    (3, 4, 1, 16, 1),
+    (3, 2, 2, 32, 1),
+    (2, 4, 2, 16, 1),
+    (3, 4, 1, 16, 2),
 ]
 
 
@@ -58,11 +60,13 @@ def verify_rows() -> list[dict[str, Any]]:
     from tests.conftest import TINY_LLAMA
 
     rows = []
-    for stage, ranks, mb, seq in VERIFY_CASES:
+    for stage, ranks, mb, seq, replicate in VERIFY_CASES:
         for reduce_dtype in (None, "fp32"):
             for wrap in ("layers", "torchtitan"):
                 par: dict[str, Any] = {"engine": "fsdp2", "data": ranks, "zero_stage": stage}
                 par["fsdp_wrap"] = wrap
+                if replicate > 1:
+                    par["data_replicate"] = replicate
                 if reduce_dtype:
                     par["reduce_dtype"] = reduce_dtype
                 spec = validate(
@@ -86,6 +90,7 @@ def verify_rows() -> list[dict[str, Any]]:
                     {
                         "zero_stage": stage,
                         "ranks": ranks,
+                        "data_replicate": replicate,
                         "micro_batch": mb,
                         "sequence": seq,
                         "reduce_dtype": reduce_dtype or "default (bf16)",

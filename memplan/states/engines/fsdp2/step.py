@@ -360,19 +360,18 @@ def _hsdp_held(
     groups: Fsdp2Groups, block: _Fsdp2Bytes, *, replicate: int, reduce: str, shard: str
 ) -> list[Transient]:
     """HSDP's all-reduced outputs still held at the end of backward (_HSDP_HOLD): every
-    decoder layer's (and the head group's) where the reduce dtype is not the shards'."""
+    decoder layer's, where the reduce dtype is not the shards'."""
     if replicate <= 1 or reduce == shard:
         return []
-    r = dtype_bytes(reduce)
-    head = groups.head.grad_padded * r if groups.head is not None else 0
+    # torchtitan's head group runs its post-backward twice (the output projection's, then
+    # the final norm's: _head_group_buffers), the second replacing the first's state, so it
+    # keeps only the norm's few elements (not counted).
     return _term(
         "hsdp_all_reduce_outputs",
-        groups.layers * block.reduce_out + head,
+        groups.layers * block.reduce_out,
         ("backward_end",),
-        f"{groups.layers} layers x {block.reduce_out:,} B"
-        + (f" + {head:,} B head group" if head else "")
-        + f": all-reduced outputs ({reduce}) kept until finalize_backward, the sharded "
-        f"gradients being {shard} copies",
+        f"{groups.layers} layers x {block.reduce_out:,} B: all-reduced outputs ({reduce}) kept "
+        f"until finalize_backward, the sharded gradients being {shard} copies",
         _HSDP_HOLD,
     )
 
