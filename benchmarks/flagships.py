@@ -20,9 +20,9 @@ for the model: gpt-oss); the data-parallel degree (`gpus`) grows with the parame
 grouped_mm (a traced profile holds per EP rank on balanced dropless routing,
 memplan.activations.EP_OVER_PROFILE); Llama 4's own expert code is not split, so it runs plain
 FSDP2, which shards each expert tensor's first dimension (16 experts: a rank holds at least one).
-Under FSDP2 memplan gathers a whole decoder layer, experts included, over the data-parallel group
-(memplan.states.engines.fsdp2.step); torchtitan wraps the experts apart over the expert-data
-mesh, so the MoE rows' transient is high there (issue 19). `--device cuda` (the default): the
+Under FSDP2 with expert parallelism memplan gathers a decoder layer's routed experts over the
+expert-data ranks and the rest over the data-parallel group, as torchtitan wraps them
+(memplan.states.engines.fsdp2.step._EDP). `--device cuda` (the default): the
 profiles are traced for CUDA kernels on the CPU build (memplan.verify.trace.cuda); `--device
 cpu` traces the CPU kernels. The estimate runs with `--no-trace`: only shipped files serve.
 

@@ -108,6 +108,20 @@ class ParallelismSpec(Frozen):
     whole [tokens, vocabulary] logits on every TP rank (torchtitan/models/llama3/
     parallelize.py::apply_tp, ColwiseParallel(output_layouts=Replicate())). Megatron and
     DeepSpeed always run Megatron's vocabulary-parallel cross entropy."""
+    data_replicate: Degree = 1
+    """HSDP (engine fsdp2): the data-parallel ranks form a 2-D (replicate, shard) DeviceMesh of
+    data_replicate x (data / data_replicate) ranks; FSDP2 shards the model states over the
+    shard dimension and all-reduces the reduce-scattered gradients over the replicate one
+    (torch fully_shard on a 2-D mesh, _fsdp_collectives.py::foreach_reduce; torchtitan's
+    `data_parallel_replicate_degree`). Default 1: plain FSDP2 over all data ranks."""
+    fsdp_wrap: Literal["layers", "torchtitan"] | None = None
+    """How FSDP2 (`engine: fsdp2`) groups the parameters, one `fully_shard` call per group.
+    `layers`: each decoder layer, then the root holding every other parameter (memplan
+    verify's wrapping). `torchtitan`: torchtitan's `apply_fsdp_to_decoder`
+    (torchtitan/distributed/fsdp.py, 0.3.0): the input embedding, each decoder layer, then the
+    final norm and the output projection together, not resharded after forward (with a
+    tied head all three in one group, as `layers`). None: `torchtitan` with
+    `model.implementation: torchtitan`, else `layers`."""
     offload: OffloadSpec = OffloadSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """DeepSpeed config keys (used when engine is deepspeed)."""
@@ -138,6 +152,27 @@ class ParallelismSpec(Frozen):
             raise ValueError(
                 "Megatron-LM shards optimizer states only (zero_stage 1: "
                 "--use-distributed-optimizer); for stage 2 or 3 use engine: deepspeed or fsdp2"
+            )
+        if self.data_replicate > 1:
+            if self.engine != "fsdp2":
+                raise ValueError(
+                    f"data_replicate {self.data_replicate} is FSDP2's HSDP (a replicate x shard "
+                    f"mesh), but engine is {self.engine}: set engine: fsdp2"
+                )
+            if self.data % self.data_replicate:
+                raise ValueError(
+                    f"data_replicate {self.data_replicate} must divide data {self.data}: the "
+                    "data ranks form a data_replicate x (data / data_replicate) mesh"
+                )
+            if self.expert > 1 or self.context > 1:
+                raise ValueError(
+                    "data_replicate > 1 (HSDP) with expert or context parallelism is not "
+                    "modelled: torchtitan carves those from the shard dimension"
+                )
+        if self.fsdp_wrap is not None and self.engine != "fsdp2":
+            raise ValueError(
+                f"fsdp_wrap groups FSDP2's fully_shard calls, but engine is {self.engine}: "
+                "set engine: fsdp2 or leave fsdp_wrap out"
             )
         if self.schedule == "interleaved" and self.virtual_stages < 2:
             raise ValueError("the interleaved schedule needs virtual_stages >= 2")

@@ -99,6 +99,20 @@ class ParallelismInfo(_Doc):
     data: int = Field(description="Data-parallel degree.")
     zero_stage: int = Field(description="ZeRO stage with the engine's default filled in (0-3).")
     pipeline: int = Field(description="Pipeline stages (entries of `per_stage`).")
+    reduce_dtype: str | None = Field(
+        None,
+        description=(
+            "FSDP2's reduce_dtype as resolved (torchtitan's fp32 filled in); null: the "
+            "gradients' dtype."
+        ),
+    )
+    fsdp_wrap: str = Field(
+        "layers",
+        description="FSDP2's parameter groups as resolved: `layers` or `torchtitan`.",
+    )
+    data_replicate: int = Field(
+        1, description="HSDP's replicate degree (1: FSDP2 over all data ranks)."
+    )
 
 
 class Row(_Doc):

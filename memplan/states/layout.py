@@ -65,6 +65,12 @@ class Layout:
     vocab_parallel_loss: bool = False
     """torch's loss_parallel() runs (ParallelismSpec.loss_parallel: DTensor TP over more than
     one rank, unless turned off): the loss on each rank's vocabulary slice."""
+    data_replicate: int = 1
+    """HSDP's replicate degree (ParallelismSpec.data_replicate): FSDP2 shards over
+    `shard_group` ranks."""
+    fsdp_groups: Literal["layers", "torchtitan"] = "layers"
+    """FSDP2's parameter groups (ParallelismSpec.fsdp_wrap, torchtitan's filled in with
+    implementation torchtitan)."""
     tensor_rank: int = 0
     """The TP rank whose shards these are: only the vocabulary rows of a "chunk" split differ
     between TP ranks, and rank 0 holds the most (`for_tensor_rank`)."""
@@ -94,6 +100,7 @@ class Layout:
             # the same rule in 9dec370's parallelize_llama.py::apply_fsdp): "default" is
             # reshard_after_forward = not pp_enabled, i.e. FSDP2's ZeRO-2.
             stage = 2
+        wrap = par.fsdp_wrap or ("torchtitan" if implementation == "torchtitan" else "layers")
         return cls(
             engine=par.engine,
             data=par.data,
@@ -118,6 +125,8 @@ class Layout:
             vocab_parallel_loss=par.tensor > 1
             and par.engine in ("ddp", "fsdp2")
             and par.loss_parallel is not False,
+            fsdp_groups=wrap,
+            data_replicate=par.data_replicate,
         )
 
     @property
@@ -158,6 +167,18 @@ class Layout:
         megatron/core/parallel_state.py::initialize_model_parallel, the data-parallel group
         `with_context_parallel`)."""
         return self.data * self.context
+
+    @property
+    def shard_group(self) -> int:
+        """The ranks one copy of the sharded model states spans: data_shards, or under HSDP
+        (data_replicate > 1) its shard dimension, data_shards / data_replicate."""
+        return self.data_shards // self.data_replicate
+
+    @property
+    def fsdp_world(self) -> int:
+        """The data ranks FSDP2 shards over (its mesh's shard dimension): data, divided by
+        HSDP's replicate degree."""
+        return self.data // self.data_replicate
 
     @property
     def expert_data(self) -> int:

@@ -133,7 +133,16 @@ def stage_states(
 
 
 # The Layout fields model states depend on: the split of the tensors, and the engine's rule.
-STATES_FIELDS = (*SPLIT_FIELDS, "engine", "data", "stage", "offload", "deepspeed", "device")
+STATES_FIELDS = (
+    *SPLIT_FIELDS,
+    "engine",
+    "data",
+    "stage",
+    "offload",
+    "deepspeed",
+    "device",
+    "data_replicate",
+)
 
 
 def _states_key(inventory: Inventory, layout: Layout, held: list[list[int]] | None) -> Layout:
@@ -333,7 +342,15 @@ def _rank_states(
     dense, experts = split_experts(local)
     if experts.parameters and layout.expert == 1 and layout.engine != "megatron":
         dense, experts = local, replace(local, parameters=())
-    ranks = rule(dense, recipe, opt, layout, layout.data_shards)
+    ranks = rule(dense, recipe, opt, layout, layout.shard_group)
+    if layout.data_replicate > 1:
+        # HSDP: rank r holds shard r mod shard_group (torch's (replicate, shard) mesh is
+        # row-major: init_device_mesh(..., (replicate, shard))).
+        group, copies = layout.shard_group, layout.data_replicate
+        ranks = [
+            replace(c, ranks=tuple(sorted(r + k * group for k in range(copies) for r in c.ranks)))
+            for c in ranks
+        ]
     if experts.parameters:
         expert_ranks = rule(experts, recipe, opt, layout, layout.expert_data)
         ranks = _merge(ranks, expert_ranks, layout.data_shards, layout.expert)

@@ -338,6 +338,14 @@ def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | No
             "data-parallel replica needs all its tensor-parallel ranks.",
             field="parallelism.tensor",
         )
+    replicate = spec.parallelism.data_replicate
+    if replicate > 1 and (tensor > 1 or world != spec.parallelism.data):
+        raise MemplanError(
+            f"parallelism.data_replicate {replicate} (HSDP) is verified on exactly `data` "
+            f"ranks without tensor parallelism (the replicate x shard mesh is data_replicate x "
+            f"data / data_replicate): got {world} ranks, tensor {tensor}.",
+            field="parallelism.data_replicate",
+        )
     if tensor > 1 and options.fake:
         raise MemplanError(
             "--fake cannot run tensor parallelism: DTensor's sharding and collectives "

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memplan.report.estimate import layout_of
 from memplan.verify import build, measure, peft_support, tensor_parallel
 from memplan.verify.job import STEPS, Job
 from memplan.verify.result import Phase
@@ -48,6 +49,45 @@ class Wrapped:
     """The transformers model (before peft and the engine's wrappers)."""
 
 
+def _torchtitan_groups(
+    model: nn.Module,
+    base: nn.Module,
+    layers: nn.ModuleList | None,
+    mesh: Any,
+    reshard: bool,
+    policy: Any,
+) -> None:
+    """fully_shard the way torchtitan's apply_fsdp_to_decoder does
+    (torchtitan/distributed/fsdp.py, 0.3.0) on a transformers model: the input embedding
+    (reshard_after_forward=`reshard`, zero_stage 3 is its "default" policy, 2 its "never"),
+    each decoder layer (`reshard`), every other module holding parameters outside the layers
+    (the final norm and the LM head) as one group not resharded after forward, then the root;
+    a tied head joins the embedding's group, not resharded after forward."""
+    from torch.distributed.fsdp import fully_shard
+
+    inside = {id(m) for block in layers or [] for m in block.modules()}
+    get_input_embeddings: Any = base.get_input_embeddings  # transformers' PreTrainedModel
+    embedding = get_input_embeddings()
+    rest = [
+        m
+        for m in model.modules()
+        if id(m) not in inside
+        and m is not embedding
+        and m is not model
+        and any(True for _ in m.parameters(recurse=False))
+    ]
+    config = {"mesh": mesh, "mp_policy": policy}
+    if getattr(base.config, "tie_word_embeddings", False):
+        fully_shard([embedding, *rest], reshard_after_forward=False, **config)
+    else:
+        fully_shard(embedding, reshard_after_forward=reshard, **config)
+        if rest:
+            fully_shard(rest, reshard_after_forward=False, **config)
+    for block in layers or []:
+        fully_shard(block, reshard_after_forward=reshard, **config)
+    fully_shard(model, **config)
+
+
 def _wrap(job: Job, device_index: int, device: str, mesh: Any) -> Wrapped:
     recipe = job.recipe
     master = recipe.master_weights
@@ -78,15 +118,31 @@ def _wrap(job: Job, device_index: int, device: str, mesh: Any) -> Wrapped:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        replicate = job.spec.parallelism.data_replicate
+        if mesh is None and replicate > 1:
+            # HSDP: FSDP2 on a 2-D (replicate, shard) mesh (torchtitan's dp_replicate x
+            # dp_shard).
+            mesh = init_device_mesh(
+                device, (replicate, job.world // replicate), mesh_dim_names=("replicate", "shard")
+            )
         if mesh is None:
             mesh = init_device_mesh(device, (job.world,))
+        # reduce_dtype as the calculator's Layout has it (parallelism.reduce_dtype, torchtitan's
+        # fp32 default filled in); FSDP2 clamps it to None where it equals param_dtype.
+        layout = layout_of(job.spec)
+        reduce = layout.reduce_dtype
         policy = MixedPrecisionPolicy(
-            param_dtype=build.torch_dtype(recipe.parameters) if master else None
+            param_dtype=build.torch_dtype(recipe.parameters) if master else None,
+            reduce_dtype=build.torch_dtype(reduce) if reduce else None,
+            cast_forward_inputs=layout.fsdp_groups != "torchtitan",
         )
         reshard = job.stage == 3
-        for block in layers or []:
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
-        fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+        if layout.fsdp_groups == "torchtitan":
+            _torchtitan_groups(model, base, layers, mesh, reshard, policy)
+        else:
+            for block in layers or []:
+                fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+            fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     else:
         if master:
             dtype = build.torch_dtype(master)

@@ -27,7 +27,7 @@ from memplan.states.engines.fsdp2.step import (
 
 def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
     """The torch.optim step over this rank's shards (memplan.states.optimizer_step)."""
-    temporaries = optimizer_step.step_temporaries(states, cache, shards=states.layout.data)
+    temporaries = optimizer_step.step_temporaries(states, cache, shards=states.layout.fsdp_world)
     return [temporaries] if temporaries is not None else []
 
 
@@ -50,28 +50,34 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
     accumulated unsharded gradients (fsdp2.pipeline) come on top."""
     layout, recipe = states.layout, states.recipe
     accumulated = pipeline.accumulated_gradients(states, acts)
-    if layout.data <= 1 and layout.tensor <= 1:
+    if layout.fsdp_world <= 1 and layout.tensor <= 1:
         return embedding_backward(states, acts, cache) + accumulated
     groups = groups_of(states, cache)
     out = accumulated
-    if layout.data > 1:
+    if layout.fsdp_world > 1:
         out += step_buffers(
             groups,
-            world=layout.data,
+            world=layout.fsdp_world,
             param=recipe.parameters,
             grad=recipe.gradients,
             shard=shard_dtype(recipe),
             reshard=layout.stage == 3,
             gloo=states.device == "cpu",
             acts=acts,
+            reduce=layout.reduce_dtype,
+            # torchtitan's trainer computes the loss outside the model's forward
+            # (torchtitan/trainer.py::Trainer.forward_backward_step, 0.3.0).
+            loss_in_forward=layout.implementation != "torchtitan",
+            replicate=layout.data_replicate,
         )
     if layout.tensor > 1:
         out += tp.backward_end(
             states.inventory,
             groups,
-            world=layout.data,
+            world=layout.fsdp_world,
             param=dtype_bytes(recipe.parameters),
             grad=dtype_bytes(recipe.gradients),
+            reduce=dtype_bytes(layout.reduce_dtype) if layout.reduce_dtype else None,
         )
     return out
 
@@ -84,7 +90,7 @@ def _gradients(states: StepStates, cache: StepCache) -> GradientLife:
         return GradientLife(
             post_backward_bytes=states.per_gpu.bytes_of("gradients"), pipelined=True
         )
-    if states.layout.data <= 1:
+    if states.layout.fsdp_world <= 1:
         return GradientLife()
     root = fsdp2_root_gradients(groups_of(states, cache), shard=shard_dtype(states.recipe))
     return GradientLife(post_backward_bytes=root)
@@ -95,5 +101,5 @@ STEP = EngineStep(
     loss=_loss_transients,
     backward_end=_backward_end,
     gradients=_gradients,
-    storage_shards=lambda layout: layout.data,
+    storage_shards=lambda layout: layout.fsdp_world,
 )

@@ -6,7 +6,7 @@ runs by tests/test_fsdp2_peak.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from memplan.memory import Phase, Transient
 from memplan.model.inventory import Inventory, TensorSpec
@@ -49,6 +49,24 @@ _RS_IN = (
     "(_fsdp_param_group.py L647-658, L717-719) or the final callback (_fsdp_state.py L431)"
 )
 _RS_OUT = _FSDP2 + "_fsdp_collectives.py::foreach_reduce L612-616 (reduce_output)"
+# MixedPrecisionPolicy.reduce_dtype: FSDPParam.init_dtype_attrs clamps it to None when it
+# equals param_dtype (_fsdp_param.py L589-593) and foreach_reduce falls back to the
+# gradients' dtype (`reduce_dtype = reduce_dtype or grad_dtype`, _fsdp_collectives.py L560);
+# the reduce-scatter input and output are allocated in it (L592-616), the unsharded gradients
+# (param_dtype) cast into the input by the copy-in (`torch._chunk_cat(..., out=...)`,
+# foreach_reduce_scatter_copy_in L778-786), and the output is cast to the sharded
+# parameters' dtype only if it differs (_to_dtype_if_needed L696: with reduce_dtype fp32 and
+# fp32 sharded parameters the sharded gradients are views of the output, no cast).
+_RS_DTYPE = _FSDP2 + "_fsdp_collectives.py::foreach_reduce L560, L592-616, L696"
+# HSDP (a 2-D replicate x shard mesh): foreach_reduce all-reduces the reduce-scatter output
+# over the replicate dimension in place (L658) and returns it as `all_reduce_input` (L671);
+# the group keeps it in `_all_reduce_state` (_fsdp_param_group.py L759) until its next
+# post-backward or finalize_backward at the end of backward (L768). Where reduce_dtype is the
+# sharded parameters' dtype the sharded gradients are views of it (no extra bytes); otherwise
+# the gradients are a cast copy and every reduced group's output stays besides.
+_HSDP_HOLD = (
+    _FSDP2 + "_fsdp_collectives.py::foreach_reduce L658-671; _fsdp_param_group.py L759, L768"
+)
 _RS_CAST = _FSDP2 + "_fsdp_collectives.py::foreach_reduce L696 (_to_dtype_if_needed)"
 _RS_LAST = (
     _FSDP2 + "_fsdp_collectives.py::foreach_reduce L580-590: the loop variable "
@@ -80,40 +98,112 @@ class Fsdp2Group:
     """Elements of its unsharded gradients (unpadded, parameters with a gradient)."""
     last: int
     """Elements of its last parameter with a gradient (see _RS_LAST)."""
+    expert_world: int = 1
+    """Under expert parallelism, the expert-data ranks its routed experts are sharded over
+    (_EDP); `padded` and `grad_padded` are then the other parameters'."""
+    expert_padded: int = 0
+    """The routed experts' padded shard elements over `expert_world` ranks (as `padded`)."""
+    expert_grad_padded: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Fsdp2Groups:
-    """The groups verify makes: the root and `layers` decoder layers (the largest one)."""
+    """The groups verify makes (fsdp_wrap `layers`): the root and `layers` decoder layers (the
+    largest one); with torchtitan's wrapping also its head group (`head`)."""
 
     root: Fsdp2Group
+    """The group gathered first in forward and reduced last in backward: every parameter
+    outside the decoder layers, or with a `head` group the input (and position) embeddings."""
     block: Fsdp2Group
     layers: int
     head_grads: int
     """Elements of the root's gradients that exist while the decoder layers run backward:
     every root parameter but the input and position embeddings (unless tied to the head)."""
+    head: Fsdp2Group | None = None
+    """torchtitan's `fully_shard([model.norm, model.output], reshard_after_forward=False)`
+    (_TITAN_WRAP): the final norm and the output projection, gathered after the last layer's
+    forward, unsharded until their post-backward (before the layers' backward); None: those
+    parameters are in the root."""
 
 
-def fsdp2_groups(inventory: Inventory, world: int) -> Fsdp2Groups:
-    """FSDP2's groups of `inventory` sharded `world` ways (see Fsdp2Group)."""
+# torchtitan 0.3.0 torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder (called by
+# models/llama3/parallelize.py::parallelize_llama), untied head: fully_shard(tok_embeddings,
+# reshard_after_forward=True), each block (True), fully_shard([norm, output],
+# reshard_after_forward=False: policy "default", not "always"), then fully_shard(model) over
+# no parameters; fsdp_reshard_after_forward "never" makes every group False. A tied head
+# is one group [tok_embeddings, norm, output]. torchtitan 9dec370 (Dec 2024, the published
+# H100 table) wrapped differently: parallelisms/parallelize_llama.py::apply_fsdp shards each
+# block (the last one not resharded after forward) and the root holding tok_embeddings, norm
+# and output (memplan's `layers` grouping but for that last block).
+_TITAN_WRAP = "torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder (torchtitan 0.3.0)"
+
+
+# Experts over the expert-data mesh: torchtitan 0.3.0 torchtitan/distributed/fsdp.py::
+# apply_fsdp_to_decoder with ep_degree > 1 gives each MoE block's routed-expert parameters
+# (moe.routed_experts.inner_experts) the `edp_mesh` (dp_shard_mod_ep, data / EP ranks) through
+# a shard_placement_fn (ShardPlacementResult(mesh_info=edp_mesh_info)) and every other
+# parameter of the block the dp mesh: one fully_shard call, two FSDPParamGroups, each
+# all-gathering and reduce-scattering over its own mesh (torch _fsdp_init.py /
+# _fully_shard.py: one group per mesh). Both reduce-scatter inputs stay alive together
+# (_fsdp_param_group.py::post_backward pops the previous inputs only in the module's last
+# group, L647-658). memplan's model states already shard experts over Layout.expert_data
+# under EP for every engine (memplan.states.stages._rank_states), so the gather follows.
+# Not modelled: torchtitan's Shard(1) placement when edp x EP exceeds the expert count
+# (dim-1 padding instead of dim-0).
+_EDP = "torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder, ep_degree > 1 (torchtitan 0.3.0)"
+
+
+def fsdp2_groups(
+    inventory: Inventory, world: int, wrap: str = "layers", expert_world: int | None = None
+) -> Fsdp2Groups:
+    """FSDP2's groups of `inventory` sharded `world` ways (see Fsdp2Group), as `wrap`
+    (Layout.fsdp_groups) groups them; with `expert_world` (expert parallelism) the routed
+    experts of each layer are sharded over that many expert-data ranks instead (_EDP)."""
     tied = bool(inventory.tied)
     roots = [t for t in inventory.parameters if t.layer is None]
     layers: dict[int, list[TensorSpec]] = {}
     for t in inventory.parameters:
         if t.layer is not None:
             layers.setdefault(t.layer, []).append(t)
-    blocks = [_fsdp2_group(ts, world) for ts in layers.values()]
+    blocks = [_fsdp2_group(ts, world, expert_world) for ts in layers.values()]
+    block = max(blocks, key=lambda b: b.padded, default=_fsdp2_group([], world))
+    if wrap == "torchtitan" and not tied:
+        first = [t for t in roots if t.role in ("embedding", "position")]
+        rest = [t for t in roots if t.role not in ("embedding", "position")]
+        if first and rest:
+            return Fsdp2Groups(
+                root=_fsdp2_group(first, world),
+                block=block,
+                layers=len(layers),
+                head_grads=0,
+                head=_fsdp2_group(rest, world),
+            )
     head = [t for t in roots if (t.role != "embedding" or tied) and t.role != "position"]
     return Fsdp2Groups(
         root=_fsdp2_group(roots, world),
-        block=max(blocks, key=lambda b: b.padded, default=_fsdp2_group([], world)),
+        block=block,
         layers=len(layers),
         head_grads=sum(t.numel for t in head if t.trainable),
     )
 
 
-def _fsdp2_group(tensors: list[TensorSpec], world: int) -> Fsdp2Group:
+def _fsdp2_group(
+    tensors: list[TensorSpec], world: int, expert_world: int | None = None
+) -> Fsdp2Group:
     train = [t for t in tensors if t.trainable]
+    experts = [t for t in tensors if t.role == "experts"] if expert_world else []
+    if experts:
+        assert expert_world is not None
+        dense = [t for t in tensors if t.role != "experts"]
+        return Fsdp2Group(
+            padded=padded_elements(dense, world),
+            grad_padded=padded_elements([t for t in dense if t.trainable], world),
+            grads=sum(t.numel for t in train),
+            last=train[-1].numel if train else 0,
+            expert_world=expert_world,
+            expert_padded=padded_elements(experts, expert_world),
+            expert_grad_padded=padded_elements([t for t in experts if t.trainable], expert_world),
+        )
     return Fsdp2Group(
         padded=padded_elements(tensors, world),
         grad_padded=padded_elements(train, world),
@@ -130,18 +220,22 @@ class _Fsdp2Bytes:
     """world x padded x param dtype: the all-gather output, and again the parameters."""
     grads: int
     reduce_in: int
+    """world x grad_padded x the reduce dtype (_RS_IN, _RS_DTYPE)."""
     reduce_out: int
     sharded_grads: int
     last: int
 
 
-def _fsdp2_bytes(g: Fsdp2Group, world: int, param: int, grad: int, shard: int) -> _Fsdp2Bytes:
+def _fsdp2_bytes(
+    g: Fsdp2Group, world: int, param: int, grad: int, shard: int, reduce: int
+) -> _Fsdp2Bytes:
+    ew = g.expert_world
     return _Fsdp2Bytes(
-        unsharded=world * g.padded * param,
+        unsharded=(world * g.padded + ew * g.expert_padded) * param,
         grads=g.grads * grad,
-        reduce_in=world * g.grad_padded * grad,
-        reduce_out=g.grad_padded * grad,
-        sharded_grads=g.grad_padded * shard,
+        reduce_in=(world * g.grad_padded + ew * g.expert_grad_padded) * reduce,
+        reduce_out=(g.grad_padded + g.expert_grad_padded) * reduce,
+        sharded_grads=(g.grad_padded + g.expert_grad_padded) * shard,
         last=g.last * grad,
     )
 
@@ -162,12 +256,16 @@ def step_buffers(
     reshard: bool,
     gloo: bool,
     acts: StepActivations,
+    reduce: str | None = None,
+    loss_in_forward: bool = True,
+    replicate: int = 1,
 ) -> list[Transient]:
     """FSDP2's buffers at each phase of the step, on top of the sharded model states.
 
     `param` is MixedPrecisionPolicy.param_dtype (the all-gather and compute dtype), `grad` the
-    unsharded gradients' dtype (also the reduce-scatter's: reduce_dtype None), `shard` the
-    sharded parameters' and gradients' dtype. With `reshard` (ZeRO-3) a decoder layer is
+    unsharded gradients' dtype, `reduce` MixedPrecisionPolicy.reduce_dtype (the reduce-scatter
+    input's and output's dtype; None: `grad`, _RS_DTYPE), `shard` the sharded parameters' and
+    gradients' dtype. With `reshard` (ZeRO-3) a decoder layer is
     unsharded only while it runs (and the next one prefetched in backward); without it
     (ZeRO-2) every group stays unsharded from its forward until its post-backward. `gloo`:
     the CPU process group, whose reduce-scatter copies its input (_GLOO_RS).
@@ -179,14 +277,52 @@ def step_buffers(
     sharded gradients not yet made, see fsdp2_root_gradients). The decoder layers' backward
     is the worst of several moments (_fsdp2_layer_backward); with a decoder layer's
     activations (`acts.layer`), two all-gathers of the root between phase points are added
-    where they hold more (between_phases)."""
-    p, g, o = dtype_bytes(param), dtype_bytes(grad), dtype_bytes(shard)
-    root = _fsdp2_bytes(groups.root, world, p, g, o)
-    block = _fsdp2_bytes(groups.block, world, p, g, o)
+    where they hold more (between_phases).
+
+    With torchtitan's head group (`groups.head`) the root is the embedding group and the
+    head's buffers follow its own life (_head_group_buffers); `loss_in_forward` says whether
+    the loss runs inside the root module's forward (transformers' `labels`), which keeps the
+    last group's all-gather output until after it."""
+    reduce = reduce or grad
+    p, g, o, r = dtype_bytes(param), dtype_bytes(grad), dtype_bytes(shard), dtype_bytes(reduce)
+    root = _fsdp2_bytes(groups.root, world, p, g, o, r)
+    block = _fsdp2_bytes(groups.block, world, p, g, o, r)
+    held = _hsdp_held(groups, block, replicate=replicate, reduce=reduce, shard=shard)
+    if held:
+        # Each reduced layer keeps its all-reduced output besides its sharded gradients.
+        block = replace(block, sharded_grads=block.sharded_grads + block.reduce_out)
+    if groups.head is not None:
+        head = _fsdp2_bytes(groups.head, world, p, g, o, r)
+        return (
+            _head_group_buffers(
+                groups,
+                root,
+                block,
+                head,
+                world=world,
+                param=param,
+                grad=grad,
+                reduce=reduce,
+                shard=shard,
+                reshard=reshard,
+                gloo=gloo,
+                acts=acts,
+                loss_in_forward=loss_in_forward,
+            )
+            + held
+        )
     saved = acts.layer  # None: no decoder layer's activations modelled
     embedding = acts.embedding_backward if saved is not None else None
     at_reduce, end = _end_of_backward(
-        groups, root, block, world=world, grad=grad, shard=shard, gloo=gloo, embedding=embedding
+        groups,
+        root,
+        block,
+        world=world,
+        grad=grad,
+        reduce=reduce,
+        shard=shard,
+        gloo=gloo,
+        embedding=embedding,
     )
     # At the embedding's backward the root is still unsharded.
     root_end: tuple[Phase, ...] = () if at_reduce else ("backward_end",)
@@ -208,6 +344,7 @@ def step_buffers(
         saved=saved or 0,
         done=max(0, acts.backward_working_set - acts.hidden_gradient) if saved is not None else 0,
         grad=grad,
+        reduce=reduce,
         shard=shard,
     )
     out += [layer] if layer is not None else []
@@ -215,6 +352,199 @@ def step_buffers(
     if saved is not None:
         out += between_phases(
             root, block, layers=groups.layers, reshard=reshard, layer=saved, acts=acts
+        )
+    return out + held + ([embedding] if embedding is not None and not at_reduce else [])
+
+
+def _hsdp_held(
+    groups: Fsdp2Groups, block: _Fsdp2Bytes, *, replicate: int, reduce: str, shard: str
+) -> list[Transient]:
+    """HSDP's all-reduced outputs still held at the end of backward (_HSDP_HOLD): every
+    decoder layer's, where the reduce dtype is not the shards'."""
+    if replicate <= 1 or reduce == shard:
+        return []
+    # torchtitan's head group runs its post-backward twice (the output projection's, then
+    # the final norm's: _head_group_buffers), the second replacing the first's state, so it
+    # keeps only the norm's few elements (not counted).
+    return _term(
+        "hsdp_all_reduce_outputs",
+        groups.layers * block.reduce_out,
+        ("backward_end",),
+        f"{groups.layers} layers x {block.reduce_out:,} B: all-reduced outputs ({reduce}) kept "
+        f"until finalize_backward, the sharded gradients being {shard} copies",
+        _HSDP_HOLD,
+    )
+
+
+def _head_group_buffers(
+    groups: Fsdp2Groups,
+    root: _Fsdp2Bytes,
+    block: _Fsdp2Bytes,
+    head: _Fsdp2Bytes,
+    *,
+    world: int,
+    param: str,
+    grad: str,
+    reduce: str,
+    shard: str,
+    reshard: bool,
+    gloo: bool,
+    acts: StepActivations,
+    loss_in_forward: bool,
+) -> list[Transient]:
+    """step_buffers under torchtitan's wrapping (_TITAN_WRAP): the root is the embedding
+    group (resharded after its forward with `reshard`, gathered again by the first layer's
+    backward prefetch); the head group ([norm, output]) is gathered after the last layer's
+    forward and stays unsharded until its post-backward, which reduce-scatters its
+    gradients before the layers' backward and keeps that input until the last layer's
+    post-backward (_RS_IN). The decoder layers as step_buffers has them; the end of backward
+    as step_buffers has it with the embedding group as the root."""
+    assert groups.head is not None
+    layers = groups.layers
+    o = dtype_bytes(shard)
+    saved = acts.layer  # None: no decoder layer's activations modelled
+    embedding = acts.embedding_backward if saved is not None else None
+    at_reduce, end = _end_of_backward(
+        groups,
+        root,
+        block,
+        world=world,
+        grad=grad,
+        reduce=reduce,
+        shard=shard,
+        gloo=gloo,
+        embedding=embedding,
+    )
+
+    def up(elements: int) -> str:
+        return (
+            f"{world} ranks x {elements:,} padded shard elements x {dtype_bytes(param)} B ({param})"
+        )
+
+    src = f"{_TITAN_WRAP}; {_AG_COPY_OUT}; {_RESHARD}"
+    emb_end: tuple[Phase, ...] = () if at_reduce else ("backward_end",)
+    whole: tuple[Phase, ...] = ("forward", "loss", "backward_start", "backward")
+    out = _term(
+        "fsdp2_unsharded_embedding",
+        root.unsharded,
+        (() if reshard else whole) + emb_end,
+        up(groups.root.padded)
+        + ": the embedding group's all-gathered parameters"
+        + (
+            " (resharded after its forward, gathered again in the first layer's backward)"
+            if reshard
+            else " (not resharded after forward)"
+        ),
+        src,
+    )
+    out += _term(
+        "fsdp2_unsharded_head",
+        head.unsharded,
+        ("loss", "backward_start"),
+        up(groups.head.padded) + ": the head group's all-gathered parameters (final norm, "
+        "output; reshard_after_forward=False), from after the last layer's forward to its "
+        "post-backward",
+        src,
+    )
+    out += _term(
+        "fsdp2_all_gather_output_head",
+        head.unsharded if loss_in_forward else 0,
+        ("loss",),
+        up(groups.head.padded) + ": the head group's flat all-gather output, kept until the "
+        "root's post-forward, after the loss (computed inside the model's forward)",
+        f"{_AG_OUT}; {_AG_KEPT}",
+    )
+    if reshard:
+        out += _term(
+            "fsdp2_unsharded_block",
+            block.unsharded if layers else 0,
+            ("forward", "backward"),
+            up(groups.block.padded) + ": the decoder layer that runs",
+            src,
+        )
+        gathered: tuple[Phase, ...] = ("forward", "backward") if layers > 1 else ("forward",)
+        out += _term(
+            "fsdp2_all_gather_output",
+            block.unsharded if layers else 0,
+            gathered,
+            up(groups.block.padded) + ": one layer's flat all-gather output (in forward the "
+            "running layer's; in backward the next layer's, prefetched; the last layer's is "
+            "prefetched by the head group's pre-backward, after the loss gradient, so not at "
+            "backward_start)",
+            f"{_AG_OUT}; {_AG_KEPT}; {_PREFETCH}",
+        )
+    else:
+        out += _term(
+            "fsdp2_unsharded_blocks",
+            layers * block.unsharded,
+            whole,
+            f"{layers} layers x " + up(groups.block.padded) + ": every layer stays "
+            "unsharded from its forward to its post-backward (reshard_after_forward=False)",
+            src,
+        )
+        out += _term(
+            "fsdp2_all_gather_output",
+            block.unsharded if layers else 0,
+            ("forward",),
+            up(groups.block.padded) + ": the last layer's flat all-gather output",
+            f"{_AG_OUT}; {_AG_KEPT}",
+        )
+    out += _term(
+        "fsdp2_sharded_head_grads",
+        head.sharded_grads,
+        ("backward",),
+        f"{groups.head.grad_padded:,} elements x {o} B ({shard}): the head group's sharded "
+        "gradients, made in its post-backward before the layers' backward",
+        f"{_TITAN_WRAP}; {_RS_CAST}",
+    )
+    # The head group's post-backward: its parameters resharded, its reduce-scatter (as a
+    # layer's, _fsdp2_layer_backward), a hidden-state gradient alive, every layer's saved
+    # tensors; the backward point holds instead the head's sharded gradients, the last
+    # layer's parameters and the next one's prefetched all-gather output (reshard) and the
+    # backward working set. Measured (tiny Llama, 4 gloo ranks, a probe on foreach_reduce):
+    # the group of two modules runs its post-backward twice, first after the output
+    # projection's backward (reducing its gradient only) with no layer prefetched yet, then
+    # after the final norm's (its pre-backward gathers the group again); the first holds more,
+    # and 6,216 B of the final norm's saved tensors and gradients more than counted here.
+    copy = head.reduce_in if gloo else 0
+    cast = head.reduce_out + head.sharded_grads + head.last if reduce != shard else 0
+    at_head = head.reduce_in + max(head.grads, head.reduce_out + head.last + copy, cast)
+    hidden = acts.hidden_gradient if saved is not None else 0
+    working = acts.backward_working_set if saved is not None else 0
+    head_excess = at_head + hidden - head.sharded_grads - working
+    head_excess -= block.unsharded if reshard and layers else 0
+    prefetched = block.unsharded if reshard and layers > 1 else 0
+    head_excess -= prefetched
+    head_moment = (
+        head_excess,
+        f"the head group's reduce-scatter: {head.reduce_in:,} B input ({reduce}) + max("
+        f"{head.grads:,} B gradients ({grad}), output + last gradient"
+        + (" + gloo's copy" if gloo else "")
+        + (", output + sharded gradients + last gradient" if cast else "")
+        + f") + {hidden:,} B hidden-state gradient - {head.sharded_grads:,} B sharded head "
+        f"gradients not made yet - {working:,} B backward working set"
+        + (f" - {block.unsharded:,} B last layer not copied out yet" if reshard and layers else "")
+        + (f" - {prefetched:,} B next layer not prefetched yet" if prefetched else ""),
+    )
+    layer = _fsdp2_layer_backward(
+        block,
+        layers=layers,
+        reshard=reshard,
+        gloo=gloo,
+        saved=saved or 0,
+        done=max(0, acts.backward_working_set - acts.hidden_gradient) if saved is not None else 0,
+        grad=grad,
+        reduce=reduce,
+        shard=shard,
+        held_first=head.reduce_in,
+        first_prefetch=root.unsharded if reshard else 0,
+        extra=(head_moment,),
+    )
+    out += [layer] if layer is not None else []
+    out += end
+    if saved is not None:
+        out += between_phases(
+            root, block, layers=layers, reshard=reshard, layer=saved, acts=acts, head=head
         )
     return out + ([embedding] if embedding is not None and not at_reduce else [])
 
@@ -299,6 +629,7 @@ def _end_of_backward(
     *,
     world: int,
     grad: str,
+    reduce: str,
     shard: str,
     gloo: bool,
     embedding: Transient | None,
@@ -306,11 +637,11 @@ def _end_of_backward(
     """(whether the root's reduce-scatter holds more than the embedding's backward, the
     backward_end terms of the larger moment besides the root's unsharded parameters and the
     embedding's backward itself)."""
-    g, o = dtype_bytes(grad), dtype_bytes(shard)
+    g, o, r = dtype_bytes(grad), dtype_bytes(shard), dtype_bytes(reduce)
     at_embedding = root.unsharded + root.grads + (block.reduce_in if groups.layers else 0)
     copy = root.reduce_in if gloo else 0
     at_reduce = root.reduce_in + root.reduce_out + root.last + copy
-    cast = root.reduce_in + root.reduce_out + root.sharded_grads + root.last if g != o else 0
+    cast = root.reduce_in + root.reduce_out + root.sharded_grads + root.last if r != o else 0
     if max(at_reduce, cast) <= at_embedding + (embedding.bytes if embedding else 0):
         return False, [
             *_term(
@@ -325,26 +656,26 @@ def _end_of_backward(
                 "fsdp2_reduce_scatter_input_block",
                 block.reduce_in if groups.layers else 0,
                 ("backward_end",),
-                f"{world} x {groups.block.grad_padded:,} elements x {g} B ({grad}): the first "
-                "layer's reduce-scatter input, held until the root's post-backward",
-                _RS_IN,
+                f"{world} x {groups.block.grad_padded:,} elements x {r} B ({reduce}): the "
+                "first layer's reduce-scatter input, held until the root's post-backward",
+                f"{_RS_IN}; {_RS_DTYPE}",
             ),
         ]
-    rs = f"{groups.root.grad_padded:,} padded elements x {g} B ({grad})"
+    rs = f"{groups.root.grad_padded:,} padded elements x {r} B ({reduce})"
     out = [
         *_term(
             "fsdp2_reduce_scatter_input_root",
             root.reduce_in,
             ("backward_end",),
             f"{world} x {rs}: the root's reduce-scatter input",
-            _RS_IN,
+            f"{_RS_IN}; {_RS_DTYPE}",
         ),
         *_term(
             "fsdp2_reduce_scatter_output_root",
             root.reduce_out,
             ("backward_end",),
             f"{rs}: the root's reduce-scatter output",
-            _RS_OUT,
+            f"{_RS_OUT}; {_RS_DTYPE}",
         ),
         *_term(
             "fsdp2_last_unsharded_grad",
@@ -369,7 +700,7 @@ def _end_of_backward(
             root.sharded_grads,
             ("backward_end",),
             f"{groups.root.grad_padded:,} elements x {o} B ({shard}): the root's "
-            f"sharded gradients, cast from {grad} beside the reduce-scatter output",
+            f"sharded gradients, cast from {reduce} beside the reduce-scatter output",
             _RS_CAST,
         )
     return True, out
@@ -383,6 +714,7 @@ def between_phases(
     reshard: bool,
     layer: int,
     acts: StepActivations,
+    head: _Fsdp2Bytes | None = None,
 ) -> list[Transient]:
     """FSDP2 moments between the timeline's phase points, each counted at the nearest point
     where it holds more than that point, as the excess over it (the bytes the point holds
@@ -396,8 +728,34 @@ def between_phases(
       first layer (the previous group is the root) or at the last one;
     - backward_start (ZeRO-3): the root's pre-backward all-gather, before the loss gradient
       (the root was resharded after forward).
+    With torchtitan's head group (`head`, _TITAN_WRAP) the root is the embedding group,
+    resharded after its forward (its all-gather output kept as above), and forward has one
+    more moment: the head group's all-gather and copy-out after the last layer (its
+    all-gather output and parameters, the last layer resharded, its all-gather output still
+    held, no forward working set); the root is not gathered again at backward_start.
     The decoder layers' backward is _fsdp2_layer_backward."""
-    out = []
+    out: list[Transient] = []
+    if head is not None:
+        layers_only = between_phases(
+            root, block, layers=layers, reshard=reshard, layer=layer, acts=acts
+        )
+        out = [t for t in layers_only if t.name == "fsdp2_all_gather_forward"]
+        h_excess = 2 * head.unsharded - (block.unsharded if reshard and layers else 0)
+        h_excess -= acts.forward_working_set
+        if h_excess <= max([0, *(t.bytes for t in out)]):
+            return out
+        resharded = f" - {block.unsharded:,} B last layer resharded" if reshard and layers else ""
+        return [
+            Transient(
+                name="fsdp2_all_gather_forward",
+                bytes=h_excess,
+                phases=("forward",),
+                formula=f"at the head group's all-gather: 2 x {head.unsharded:,} B (its "
+                f"all-gather output and parameters){resharded} - "
+                f"{acts.forward_working_set:,} B forward working set, gone",
+                source=f"{_TITAN_WRAP}; {_AG_OUT}; {_AG_COPY_OUT}; {_AG_KEPT}",
+            )
+        ]
     if layers:
         later = 0 if reshard else block.unsharded
 
@@ -457,7 +815,11 @@ def _fsdp2_layer_backward(
     saved: int,
     done: int = 0,
     grad: str,
+    reduce: str,
     shard: str,
+    held_first: int = 0,
+    first_prefetch: int = 0,
+    extra: tuple[tuple[int, str], ...] = (),
 ) -> Transient | None:
     """The decoder layers' backward beyond the backward point's FSDP2 terms (the root, the
     running layer, the prefetched all-gather output, the head's gradients), which is the
@@ -476,32 +838,50 @@ def _fsdp2_layer_backward(
     subtracted from them (measured: tiny Mixtral fp32 on FSDP2 x2, whose reduce-scatter
     moment memplan put 344,064 B = 360,448 - 16,384 B too high). Each moment is linear in k,
     so the largest is at k = 0, 1, L - 2 or L - 1; the term is that largest excess (none when
-    no moment exceeds the point)."""
+    no moment exceeds the point).
+
+    torchtitan's wrapping (_head_group_buffers): the head group's reduce-scatter input is
+    held while the last layer runs (`held_first`), the first layer prefetches the embedding
+    group (`first_prefetch` bytes) instead of nothing, and `extra` moments (excess, where)
+    compete for the largest."""
     if not layers:
         return None
     slope = block.sharded_grads - saved - (0 if reshard else block.unsharded)
     copy = block.reduce_in if gloo else 0
-    reduce = block.reduce_in + max(block.grads, block.reduce_out + block.last + copy)
+    rs_moment = block.reduce_in + max(block.grads, block.reduce_out + block.last + copy)
 
     def moments(k: int) -> list[tuple[int, str]]:
-        held = block.reduce_in if k else 0
-        no_prefetch = block.unsharded if reshard and layers > 1 and k == layers - 1 else 0
+        held = block.reduce_in if k else held_first
+        no_prefetch = 0
+        if reshard and k == layers - 1:
+            no_prefetch = (block.unsharded if layers > 1 else 0) - first_prefetch
         mid = held + k * slope - no_prefetch
         return [
             (mid, "running"),
             (mid + block.grads - saved - done, "at the end of its backward"),
-            (mid - held - block.unsharded + reduce - saved - done, "in its reduce-scatter"),
+            (mid - held - block.unsharded + rs_moment - saved - done, "in its reduce-scatter"),
         ]
 
     ks = sorted({k for k in (0, 1, layers - 2, layers - 1) if 0 <= k < layers})
-    n_bytes, k, where = max(
-        ((n, k, where) for k in ks for n, where in moments(k)), key=lambda c: (c[0], -c[1])
-    )
+    candidates = [(n, k, where) for k in ks for n, where in moments(k)]
+    candidates += [(n, -1, where) for n, where in extra]
+    n_bytes, k, where = max(candidates, key=lambda c: (c[0], -abs(c[1])))
     if n_bytes <= 0:
         return None
+    if k < 0:
+        return Transient(
+            name="fsdp2_layer_backward",
+            bytes=n_bytes,
+            phases=("backward",),
+            formula=where,
+            source=f"{_TITAN_WRAP}; {_POST_BW}; {_RS_IN}; {_RS_OUT}; {_RS_DTYPE}; {_RS_LAST}; "
+            f"{_GLOO_RS}; {_PREFETCH}",
+        )
     parts = []
+    if not k and held_first:
+        parts.append(f"{held_first:,} B head group's reduce-scatter input ({reduce})")
     if k:
-        parts.append(f"{block.reduce_in:,} B previous reduce-scatter input")
+        parts.append(f"{block.reduce_in:,} B previous reduce-scatter input ({reduce})")
         resharded = "" if reshard else f" - {block.unsharded:,} B resharded"
         parts.append(
             f"{k} x ({block.sharded_grads:,} B sharded gradients ({shard}) - {saved:,} B "
@@ -509,6 +889,8 @@ def _fsdp2_layer_backward(
         )
         if reshard and layers > 1 and k == layers - 1:
             parts.append(f"-{block.unsharded:,} B prefetch not made")
+        if reshard and k == layers - 1 and first_prefetch:
+            parts.append(f"{first_prefetch:,} B embedding group prefetched")
     gone = f" - {done:,} B backward working set gone (but the input gradient)" if done else ""
     if where == "at the end of its backward":
         parts.append(f"{block.grads:,} B gradients ({grad}) - {saved:,} B saved{gone}")
@@ -517,7 +899,7 @@ def _fsdp2_layer_backward(
             parts.append(f"-{block.reduce_in:,} B previous input popped")
         gloo_copy = " + gloo's copy" if gloo else ""
         parts.append(
-            f"{reduce:,} B (reduce-scatter input + max(gradients, output + last gradient"
+            f"{rs_moment:,} B (reduce-scatter input + max(gradients, output + last gradient"
             f"{gloo_copy})) - {block.unsharded:,} B resharded - {saved:,} B saved{gone}"
         )
     return Transient(
@@ -525,15 +907,20 @@ def _fsdp2_layer_backward(
         bytes=n_bytes,
         phases=("backward",),
         formula=f"layer {k} from the last, {where}: " + " + ".join(parts),
-        source=f"{_POST_BW}; {_POST_BW_HOOK}; {_RS_IN}; {_RS_OUT}; {_RS_LAST}; {_GLOO_RS}; "
-        f"{_PREFETCH}",
+        source=f"{_POST_BW}; {_POST_BW_HOOK}; {_RS_IN}; {_RS_OUT}; {_RS_DTYPE}; {_RS_LAST}; "
+        f"{_GLOO_RS}; {_PREFETCH}",
     )
 
 
 def groups_of(states: StepStates, cache: StepCache) -> Fsdp2Groups:
     """`fsdp2_groups` of the rank's model, sharded over the data-parallel ranks."""
-    inventory, world = states.inventory, states.layout.data
-    return cache.get(("fsdp2 groups", inventory, world), lambda: fsdp2_groups(inventory, world))
+    layout = states.layout
+    inventory, world, wrap = states.inventory, layout.fsdp_world, layout.fsdp_groups
+    experts = layout.expert_data if layout.expert > 1 else None
+    return cache.get(
+        ("fsdp2 groups", inventory, world, wrap, experts),
+        lambda: fsdp2_groups(inventory, world, wrap, experts),
+    )
 
 
 def shard_dtype(recipe: Recipe) -> str:

@@ -52,18 +52,22 @@ def backward_end(
     world: int,
     param: int,
     grad: int,
+    reduce: int | None = None,
 ) -> list[Transient]:
     """The terms above at `backward_end`, in bytes on the most-loaded rank. `groups` are the
-    TP-local groups sharded `world` (data) ways; `param`/`grad` are the bytes per element of
-    FSDP2's unsharded parameters (MixedPrecisionPolicy.param_dtype) and gradients."""
+    TP-local groups sharded `world` (data) ways; `param`/`grad`/`reduce` are the bytes per
+    element of FSDP2's unsharded parameters (MixedPrecisionPolicy.param_dtype), gradients and
+    reduce-scatter buffers (reduce_dtype; None: the gradients',
+    memplan.states.engines.fsdp2.step._RS_DTYPE)."""
     out: list[Transient] = []
+    rs = reduce or grad
     if groups.layers:
         out.append(
             Transient(
                 name="tp_fsdp2_previous_reduce_scatter_input",
-                bytes=world * groups.block.grad_padded * grad,
+                bytes=world * groups.block.grad_padded * rs,
                 phases=("backward_end",),
-                formula=f"{world} x {groups.block.grad_padded:,} x {grad} B "
+                formula=f"{world} x {groups.block.grad_padded:,} x {rs} B "
                 "(the last layer group's reduce-scatter input)",
                 source=SRC_PREVIOUS_RS,
             )
