@@ -69,7 +69,10 @@ class Row:
             "precision": {"preset": "bf16-mixed", **self.precision},
             "optimizer": {"name": "adamw", "implementation": "foreach"},
             "training": {"sequence_length": 8192, "attention": "sdpa", **self.training},
-            "parallelism": {"engine": "fsdp2", **self.parallelism},
+            # 9dec370's apply_fsdp (torchtitan/parallelisms/parallelize_llama.py) shards each
+            # block, then the root holding tok_embeddings, norm and output: memplan's `layers`
+            # grouping (0.3.0's own grouping, `torchtitan`, splits the root in two).
+            "parallelism": {"engine": "fsdp2", "fsdp_wrap": "layers", **self.parallelism},
             # torchtitan's run_llama_train.sh sets expandable segments; Grand Teton's H100s
             # carry 96 GB of HBM2e (the H100-80GB's compute figures, 96 GB of memory).
             "hardware": {
