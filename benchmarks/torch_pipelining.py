@@ -30,6 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.stamp import stamp  # noqa: E402
 from memplan.activations import layout  # noqa: E402
 from memplan.config.load import validate  # noqa: E402
 from memplan.model.load import load_inventory  # noqa: E402
@@ -133,7 +134,7 @@ def rows() -> list[dict[str, Any]]:
 
 def main() -> None:
     start = time.perf_counter()
-    result = {"schedules": schedules(), "torchtitan_405b_pp8": rows()}
+    result = {"stamp": stamp(), "schedules": schedules(), "torchtitan_405b_pp8": rows()}
     result["seconds"] = round(time.perf_counter() - start, 1)
     path = ROOT / "benchmarks" / "results" / "torch-pipelining.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torchtitan  # noqa: E402
 
+from benchmarks.stamp import stamp  # noqa: E402
 from memplan.config.load import validate  # noqa: E402
 from memplan.model.load import load_inventory  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
@@ -178,6 +179,7 @@ def main() -> None:
     rows = matrix()
     big = llama31_8b()
     doc = {
+        "stamp": stamp(),
         "command": "PYTHONPATH=$PWD python benchmarks/torchtitan_activations.py",
         "versions": {
             "torch": torch.__version__,

@@ -63,7 +63,7 @@ def of(count: int, total: int, what: str) -> str:
 
 def stamp_of(doc: Doc) -> Doc:
     """The stamp of a results file: `stamp` (new writers) or accuracy.json's `environment`."""
-    stamp = doc.get("stamp") or doc.get("environment")
+    stamp = doc.get("stamp") or doc.get("environment") or (doc if "commit" in doc else None)
     if not stamp or not stamp.get("commit"):
         raise SystemExit("a results file without a commit stamp")
     return dict(stamp)
@@ -596,6 +596,73 @@ def profile_verify(doc: Doc) -> str:
     )
 
 
+def stacks_torchtitan(doc: Doc) -> str:
+    summary = doc["summary"]
+    kinds = sorted({r["checkpointing"] for r in doc["matrix"]})
+    return (
+        f"torchtitan's activations: {of(summary['exact'], summary['cases'], 'cases')} equal to "
+        f"the byte what torchtitan {doc['versions']['torchtitan']}'s own Llama 3 holds after "
+        f"forward and loss on CPU (fp32 and bf16; checkpointing {', '.join(kinds)}; "
+        f"`benchmarks/torchtitan_activations.py`, {where(doc)}).\n"
+    )
+
+
+def stacks_fsdp2(doc: Doc) -> str:
+    runs = doc["verify"]
+    errors = [abs(p["predicted"] / p["measured"] - 1) for run in runs for p in run["peaks"]]
+    close = sum(
+        all(abs(p["predicted"] / p["measured"] - 1) <= 0.0002 for p in run["peaks"]) for run in runs
+    )
+    return (
+        f"FSDP2 as torchtitan runs it, against torch's own `fully_shard` on gloo ranks: "
+        f"{of(close, len(runs), 'runs')} within 0.02% of the measured peak on every rank, the "
+        f"worst {pct(max(errors))} (`benchmarks/fsdp2_torchtitan.py`, {where(doc)}).\n"
+    )
+
+
+def stacks_deepspeed(doc: Doc) -> str:
+    cases = doc["cases"]
+    exact = sum(c["model_states_exact"] for c in cases)
+    stages = sorted({c["zero_stage"] for c in cases})
+    ranks = sorted({c["ranks"] for c in cases})
+    precisions = sorted({c["precision"] for c in cases})
+    return (
+        f"DeepSpeed {stamp_of(doc).get('deepspeed')}'s own engine on CPU gloo ranks: model states "
+        f"(parameters, gradients, each optimizer state) equal to the byte on every rank in "
+        f"{of(exact, len(cases), 'cases')} (ZeRO-{stages[0]} to {stages[-1]}, "
+        f"{' and '.join(precisions)}, {' and '.join(map(str, ranks))} ranks; "
+        f"`benchmarks/verify_deepspeed.py`, {where(doc)}).\n"
+    )
+
+
+def stacks_pipelining(doc: Doc) -> str:
+    sched = doc["schedules"]
+    wrong = len(sched["mismatches"])
+    return (
+        f"torch's pipeline schedules: memplan's micro-batches in flight per rank agree with the "
+        f"action lists of torch's own schedule objects in {sched['cases'] - wrong:,} of "
+        f"{sched['cases']:,} (schedule, stages, chunks, micro-batches, rank) cases; Megatron's "
+        f"count differs from torch's in {sched['megatron_differs']} of them "
+        f"(`benchmarks/torch_pipelining.py`, {where(doc)}).\n"
+    )
+
+
+def stacks_compile(doc: Doc) -> str:
+    traced = doc["traced"]
+    rule = doc["memplan_per_token_bytes"]
+    eager = traced["torchtitan per-op SAC eager"]["per_token_bytes"]
+    sac = traced["torchtitan per-op SAC + compile"]["per_token_bytes"]
+    return (
+        f"torch.compile, traced through Inductor's partition on CPU ({doc['model']}): a compiled "
+        f"layer keeps {traced['torchtitan compile']['per_token_bytes']:,} B per token "
+        f"(memplan's rule {rule['compiled rule']:,}; the eager transformers layer "
+        f"{rule['eager transformers rule (CUDA)']:,}), {rule['compiled float8 rule']:,} with "
+        f"torchao Float8Linear, and under torchtitan's per-op SAC {sac:,} against eager's "
+        f"{eager:,} "
+        f"(`benchmarks/compile_float8.py`, {where(doc)}).\n"
+    )
+
+
 def published(doc: Doc) -> str:
     """memplan against torchtitan's published max reserved (benchmarks/published.py)."""
     head = ["table", "model", "GPUs", "layout", "published", "memplan", "error"]
@@ -637,6 +704,11 @@ BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
     "profile-build": ("profile-build.json", profile_build),
     "profile-verify": ("profile_verify.json", profile_verify),
     "published": ("published.json", published),
+    "stacks-torchtitan": ("torchtitan-activations.json", stacks_torchtitan),
+    "stacks-fsdp2": ("fsdp2-torchtitan.json", stacks_fsdp2),
+    "stacks-deepspeed": ("verify-deepspeed.json", stacks_deepspeed),
+    "stacks-pipelining": ("torch-pipelining.json", stacks_pipelining),
+    "stacks-compile": ("compile-float8.json", stacks_compile),
 }
 
 
