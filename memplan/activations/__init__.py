@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import lru_cache
 
-from memplan.activations import layout, lora
+from memplan.activations import layout, lora, torchtitan_parallel
 from memplan.config.finetune import FinetuneSpec
 from memplan.model import profile
 from memplan.model.families import family_of, modelled_model_types
@@ -193,13 +193,7 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
     if st.implementation == "torchtitan":
-        return replace(
-            layout.refused(
-                "activations of torchtitan's model code are not split for tensor, context or "
-                "expert parallelism yet"
-            ),
-            implementation="torchtitan",
-        )
+        return torchtitan_parallel.micro_batch(arch, st, lay)
     family = family_of(arch.model_type)
     no_rule = family is None or isinstance(family.saved, str) or bool(_unsupported(arch))
     traced = profile.serving(inventory.profiles, st) if no_rule else None
