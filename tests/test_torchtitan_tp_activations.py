@@ -135,3 +135,69 @@ def test_estimate_runs_for_torchtitan_tp_sp() -> None:
     report = estimate(spec_70b(tensor=8, sequence_parallel=True), from_config(LLAMA_70B))
     assert report.activations.modelled
     assert report.activations.implementation == "torchtitan"
+
+
+@pytest.mark.parametrize(("layers", "every"), [(6, 2), (8, 3)])
+def test_pipeline_rank_checkpoints_every_nth_of_its_own_blocks(layers: int, every: int) -> None:
+    """torchtitan's layer SAC under PP: each rank's process counts the blocks it wraps from 1
+    (9dec370 `ptd_checkpoint_wrapper._count`). Oracle: torchtitan's real model built with the
+    last rank's blocks and checkpointed the same way (tests/torchtitan_probe.py, which counts
+    the blocks of the model it builds), less the embedding's token ids the last rank does not
+    hold; the last rank of 1F1B keeps one micro-batch in flight."""
+    pytest.importorskip("torch")
+    pytest.importorskip("torchtitan.models.llama3")
+    from tests.test_torchtitan_activations import tiny
+    from tests.torchtitan_probe import Shape, held_bytes
+
+    cfg = tiny(layers)
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "torchtitan"},
+        precision="bf16-mixed",
+        training={
+            "micro_batch_size": 2,
+            "sequence_length": 16,
+            "activation_checkpointing": "full",
+            "checkpoint_every": every,
+            "gradient_accumulation_steps": 2,
+        },
+        parallelism={"engine": "fsdp2", "data": 2, "pipeline": 2},
+        hardware={"device": "cpu"},
+    )
+    inv = from_config(cfg)
+    ranks = activations.for_stages(inv, setting_of(spec), layout_of(spec), spec.finetune, 2)
+    last = ranks[-1]
+    assert last.modelled, last.notes
+    assert last.block("embeddings") is None
+    stage_layers = layers // 2
+    measured = held_bytes("bf16", "full", Shape(layers=stage_layers), every)
+    assert last.bytes == measured - 2 * 16 * 8  # the token ids, int64
+
+
+def test_pin_checkpointed_per_chunk_counts_across_a_ranks_chunks() -> None:
+    """Pinning (9dec370's counter, read from the source): a rank with two chunks of 3 blocks
+    and every 2 checkpoints its 2nd, 4th and 6th: one in the first chunk, two in the second."""
+    assert torchtitan_parallel.checkpointed_per_chunk((3, 3), 2) == (1, 2)
+    assert torchtitan_parallel.checkpointed_per_chunk((4,), 3) == (1,)
+
+
+def test_estimate_runs_for_torchtitan_pipeline_with_checkpoint_every() -> None:
+    spec = make_spec(
+        model={"architecture": LLAMA_70B, "implementation": "torchtitan"},
+        training={
+            "micro_batch_size": 1,
+            "sequence_length": 8192,
+            "activation_checkpointing": "full",
+            "checkpoint_every": 2,
+            "gradient_accumulation_steps": 4,
+        },
+        parallelism={
+            "engine": "fsdp2",
+            "data": 2,
+            "tensor": 8,
+            "pipeline": 4,
+            "sequence_parallel": True,
+        },
+    )
+    report = estimate(spec, from_config(LLAMA_70B))
+    assert report.activations.modelled, report.activations.notes
+    assert any("layer SAC on this pipeline rank" in n for n in report.activations.notes)

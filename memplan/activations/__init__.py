@@ -141,19 +141,26 @@ def for_stages(
     """The activations of one GPU of each pipeline rank of `lay`, at that rank's peak, with
     `microbatches` micro-batches per step (memplan.activations.layout)."""
     micro = micro_batch(inventory, st, lay, ft)
-    if lay.pipeline > 1 and st.checkpoint_every > 1 and micro.modelled:
-        micro = layout.refused(
-            "activations with checkpoint_every > 1 are not split over pipeline stages yet "
-            "(which layers a stage holds decides which of them it checkpoints)"
-        )
-    return tuple(on_rank(inventory, micro, lay, r, microbatches) for r in range(lay.pipeline))
+    return tuple(
+        on_rank(inventory, micro, lay, r, microbatches, checkpoint_every=st.checkpoint_every)
+        for r in range(lay.pipeline)
+    )
 
 
 def on_rank(
-    inventory: Inventory, micro: Activations, lay: Layout, rank: int, microbatches: int
+    inventory: Inventory,
+    micro: Activations,
+    lay: Layout,
+    rank: int,
+    microbatches: int,
+    *,
+    checkpoint_every: int = 1,
 ) -> Activations:
     """Pipeline rank `rank`'s activations from one micro-batch's (`micro_batch`): its model
-    chunks' layers, times the micro-batches its schedule keeps in flight."""
+    chunks' layers, times the micro-batches its schedule keeps in flight. With
+    `checkpoint_every` > 1 (training.checkpoint_every: torchtitan's layer SAC) the rank
+    checkpoints every N-th of its own blocks (memplan.activations.torchtitan_parallel.
+    stage_every)."""
     arch = inventory.architecture
     if lay.pipeline == 1 or arch is None or not micro.modelled:
         return micro
@@ -165,6 +172,15 @@ def on_rank(
     p = lay.pipeline
     chunks = tuple(chunk_layers(arch.num_layers, lay)[rank::p])
     alive = layout.in_flight(lay.schedule, p, lay.virtual_stages, rank, microbatches)
+    if checkpoint_every > 1:
+        return torchtitan_parallel.stage_every(
+            micro,
+            chunk_layers=chunks,
+            alive=alive,
+            every=checkpoint_every,
+            first=rank == 0,
+            last=rank == p - 1,
+        )
     return layout.stage(
         micro, chunk_layers=chunks, alive=alive, first=rank == 0, last=rank == p - 1
     )
