@@ -112,6 +112,11 @@ def micro_batch(
         + (" with sequence parallelism" if lay.sequence_parallel else "")
         + " (memplan.activations.torchtitan_parallel).",
     ]
+    if not lay.sequence_parallel:
+        notes.append(
+            "torchtitan enables sequence parallelism with TP by default "
+            "(enable_sequence_parallel): this spec leaves parallelism.sequence_parallel off."
+        )
     hidden = local.hidden_bytes // lay.tensor if lay.sequence_parallel else local.hidden_bytes
     return replace(
         local,
