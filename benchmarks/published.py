@@ -185,12 +185,18 @@ def measure(row: Row, inventories: dict[str, Any]) -> dict[str, Any]:
     if inventory is None:
         inventory = inventories[row.model] = load_inventory(loaded)
     report = estimate(loaded.spec, inventory)
-    per_gpu = report.per_gpu
-    reserved = per_gpu.peak_reserved
+    if not report.activations.modelled:
+        # A peak without activations is a partial figure, never compared.
+        record["expressible"] = False
+        record["why"] = " ".join(report.activations.notes) or "activations not modelled"
+        return record
+    reserved = report.peak_reserved
+    assert reserved is not None, "the CUDA allocator view is missing"
     record |= {
         "expressible": True,
         "activations_modelled": report.activations.modelled,
-        "allocated_gib": per_gpu.peak / GIB,
+        "rank": {"stage": report.stage},
+        "allocated_gib": report.peak_bytes / GIB,
         "reserved_gib": reserved / GIB,
         "error": reserved / GIB / row.published_gib - 1,
         "notes": [n for n in report.notes if "not modelled" in n],

@@ -32,10 +32,12 @@ def sizes(tl: Timeline) -> dict[str, int]:
 def test_pin_one_rank_fsdp2_terms() -> None:
     """TP 2, FSDP2 on a one-rank mesh, fp32: the root's unsharded copies (embedding and head
     rows, final norm), the whole [1,041, 64] embedding gradient, one decoder layer's
-    gradients (the previous reduce-scatter input), and loss_parallel's third tensor."""
+    gradients (the previous reduce-scatter input), and loss_parallel's third tensor (and its
+    forward's `shifted`, at the loss)."""
     tl = timeline(engine="fsdp2", zero_stage=3)
     layer = 64 * 64 + 2 * 32 * 64 + 64 * 64 + 3 * 160 * 64  # q, k, v, o, gate, up, down
     assert sizes(tl) == {
+        "tp_loss_parallel_log_softmax": TOKENS * ROWS * 4,
         "tp_loss_parallel_gradient": TOKENS * ROWS * 4,
         "tp_fsdp2_previous_reduce_scatter_input": (layer // 2 + 2 * HIDDEN) * 4,
         "tp_fsdp2_unsharded_root": (2 * ROWS * HIDDEN + HIDDEN) * 4,
@@ -48,7 +50,11 @@ def test_pin_one_rank_fsdp2_terms() -> None:
 
 def test_pin_two_dimensional_fsdp2_adds_only_the_previous_reduce_scatter() -> None:
     names = set(sizes(timeline(engine="fsdp2", zero_stage=3, data=2)))
-    assert names == {"tp_loss_parallel_gradient", "tp_fsdp2_previous_reduce_scatter_input"}
+    assert names == {
+        "tp_loss_parallel_log_softmax",
+        "tp_loss_parallel_gradient",
+        "tp_fsdp2_previous_reduce_scatter_input",
+    }
 
 
 def test_pin_bf16_mixed_sizes_follow_the_recipe() -> None:
@@ -64,7 +70,7 @@ def test_pin_bf16_mixed_sizes_follow_the_recipe() -> None:
 @pytest.mark.parametrize(
     ("parallelism", "expected"),
     [
-        ({"engine": "ddp"}, {"tp_loss_parallel_gradient"}),
+        ({"engine": "ddp"}, {"tp_loss_parallel_log_softmax", "tp_loss_parallel_gradient"}),
         ({"engine": "megatron"}, set()),
         ({"engine": "deepspeed", "zero_stage": 1}, set()),
     ],

@@ -20,6 +20,7 @@ from memplan.activations import layout, lora, torchtitan_parallel
 from memplan.config.finetune import FinetuneSpec
 from memplan.model import profile
 from memplan.model.families import family_of, modelled_model_types
+from memplan.model.forward import compiled
 from memplan.model.forward.assemble import finish
 from memplan.model.forward.tensors import (
     Activations,
@@ -72,7 +73,13 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
     model = family.saved(arch, setting, tied=bool(inventory.tied))
     if isinstance(model, str):
         return not_modelled(f"activations not modelled: {model}.")
-    return finish(model, setting)
+    acts = finish(model, setting)
+    if setting.compile:
+        biased = any(
+            t.name.endswith(".bias") and ".layers." in f".{t.name}" for t in inventory.parameters
+        )
+        acts = compiled.apply(acts, arch, setting, biased=biased)
+    return acts
 
 
 def _transformers_refuses(st: Setting) -> str:
@@ -94,7 +101,14 @@ def _transformers_refuses(st: Setting) -> str:
 
 def _from_profile(traced: profile.Profile, arch: Architecture, st: Setting) -> Activations:
     """A traced profile's saved tensors at `st` (memplan.model.profile)."""
-    return traced.activations(st, num_layers=arch.num_layers)
+    acts = traced.activations(st, num_layers=arch.num_layers)
+    if st.compile:
+        note = (
+            "training.compile: profiles are traced eager; the compiled layers' saved set is "
+            "modelled for Llama-style rules only: the eager profile is used."
+        )
+        acts = replace(acts, notes=(*acts.notes, note))
+    return acts
 
 
 def _profile_hint(profiles: tuple[profile.Profile, ...]) -> str:
@@ -132,6 +146,7 @@ SAVED_FIELDS = (
     "expert_capacity_factor",
     "make_vocab_size_divisible_by",
     "tensor_rank",
+    "vocab_parallel_loss",
 )
 
 
@@ -170,19 +185,29 @@ def on_rank(
             "pipeline stages yet"
         )
     p = lay.pipeline
-    chunks = tuple(chunk_layers(arch.num_layers, lay)[rank::p])
-    alive = layout.in_flight(lay.schedule, p, lay.virtual_stages, rank, microbatches)
+    every = chunk_layers(arch.num_layers, lay)
+    mine = [c for c in range(len(every)) if lay.chunk_rank(c) == rank]
+    alive = layout.in_flight(
+        lay.schedule, p, lay.virtual_stages, rank, microbatches, runtime=lay.pipeline_runtime
+    )
+    source = layout.SRC_TORCH_SCHEDULE if lay.pipeline_runtime == "torch" else layout.SRC_SCHEDULE
     if checkpoint_every > 1:
         return torchtitan_parallel.stage_every(
             micro,
-            chunk_layers=chunks,
+            chunk_layers=tuple(every[c] for c in mine),
             alive=alive,
             every=checkpoint_every,
-            first=rank == 0,
-            last=rank == p - 1,
+            first=0 in mine,
+            last=len(every) - 1 in mine,
+            source=source,
         )
     return layout.stage(
-        micro, chunk_layers=chunks, alive=alive, first=rank == 0, last=rank == p - 1
+        micro,
+        chunk_layers=tuple(every[c] for c in mine),
+        alive=alive,
+        first=0 in mine,
+        last=len(every) - 1 in mine,
+        source=source,
     )
 
 
@@ -243,6 +268,12 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     local = predict(replace(inventory, architecture=local_arch), local_st)
     if not local.modelled:
         return local
+    if lay.tensor > 1 and lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss:
+        whole = predict(
+            replace(inventory, architecture=replace(local_arch, vocab_size=arch.vocab_size)),
+            local_st,
+        )
+        local = layout.whole_vocabulary_loss(local, whole)
     if lay.sequence_parallel:
         local = layout.split(predict(inventory, local_st), local, local_st, lay)
     return replace(local, buffers=layout.buffers(arch, local_st, lay))

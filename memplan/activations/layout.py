@@ -174,6 +174,32 @@ def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Ac
     return replace(local, blocks=blocks, hidden_bytes=local.hidden_bytes // lay.tensor)
 
 
+SRC_NO_LOSS_PARALLEL = (
+    "torchtitan 0.3.0 torchtitan/models/llama3/parallelize.py::apply_tp (output: "
+    "ColwiseParallel(output_layouts=Shard(-1) if loss_parallel else Replicate()))"
+)
+
+
+def whole_vocabulary_loss(local: Activations, whole: Activations) -> Activations:
+    """DTensor TP without loss_parallel (torchtitan's disable_loss_parallel): the LM head's
+    output is all-gathered to whole [tokens, vocabulary] logits on every TP rank and the loss
+    runs on them, so the head's and the loss's tensors are those of the whole vocabulary
+    (`whole`: the TP slice's prediction with the whole vocabulary)."""
+    by = {b.name: b for b in whole.blocks}
+    blocks = tuple(by[b.name] if b.name in ("head", "loss") else b for b in local.blocks)
+    return replace(
+        local,
+        blocks=blocks,
+        logits_bytes=whole.logits_bytes,
+        upcast_bytes=whole.upcast_bytes,
+        notes=(
+            *local.notes,
+            "no loss_parallel: the logits all-gathered whole on every TP rank "
+            f"({SRC_NO_LOSS_PARALLEL}).",
+        ),
+    )
+
+
 def _split_tokens(shape: tuple[int, ...], st: Setting, parts: int) -> tuple[int, ...] | None:
     """`shape` with its token dimension ([tokens, ...] or [batch, seq, ...]) / parts."""
     if len(shape) >= 3 and shape[:2] == (st.batch, st.sequence):
@@ -185,11 +211,19 @@ def _split_tokens(shape: tuple[int, ...], st: Setting, parts: int) -> tuple[int,
 
 @lru_cache(maxsize=4096)
 def in_flight(
-    schedule: str, pipeline: int, virtual: int, rank: int, microbatches: int
+    schedule: str,
+    pipeline: int,
+    virtual: int,
+    rank: int,
+    microbatches: int,
+    *,
+    runtime: str = "megatron",
 ) -> tuple[int, ...]:
     """Micro-batches whose activations pipeline `rank` holds at its peak, per model chunk.
 
-    The peak is when the first backward starts: the warmup forwards and one more are alive.
+    `runtime` "torch": torch.distributed.pipelining's schedules (engines ddp and fsdp2, as
+    torchtitan runs them: `torch_in_flight`); else Megatron's (megatron, deepspeed):
+    the peak is when the first backward starts: the warmup forwards and one more are alive.
     1F1B: min(P - rank, m) (warmup P - rank - 1); GPipe: all m; interleaved: the first
     min(warmup + 1, m x v) entries of Megatron's schedule table, warmup = 2 (P - rank - 1) +
     (v - 1) x P, micro-batches grouped by P (SRC_SCHEDULE). On the first stage that is
@@ -199,6 +233,8 @@ def in_flight(
     p, v, m = pipeline, virtual, microbatches
     if p == 1:
         return (1,)
+    if runtime == "torch":
+        return torch_in_flight(schedule, p, v, rank, m)
     if schedule == "gpipe":
         return (m,) * v
     if schedule == "1f1b" or v == 1:
@@ -209,6 +245,91 @@ def in_flight(
     for _, chunk in itertools.islice(_schedule_table(m, v, p), alive):
         counts[chunk] += 1
     return tuple(counts)
+
+
+SRC_TORCH_SCHEDULE = (
+    "torch 2.13 torch/distributed/pipelining/schedules.py: Schedule1F1B._get_pipeline_order, "
+    "ScheduleGPipe._get_pipeline_order, ScheduleInterleaved1F1B._calculate_single_rank_"
+    "operations (_get_warmup_ops, _get_1f1b_rank_ops), ScheduleZBVZeroBubble._calculate_"
+    "single_rank_operations; _backward.py::stage_backward_input (retain_graph=True until W)"
+)
+
+
+def torch_in_flight(schedule: str, p: int, v: int, rank: int, m: int) -> tuple[int, ...]:
+    """torch.distributed.pipelining's micro-batches in flight per local stage at rank
+    `rank`'s peak (the most forwards not yet backwarded; SRC_TORCH_SCHEDULE):
+
+    - ScheduleGPipe: all m forwards, then the backwards;
+    - Schedule1F1B: P - 1 - rank warmup forwards, then one forward and one backward: min(P -
+      rank, m);
+    - ScheduleInterleaved1F1B: warmup = min((v - 1) x mpr + 2 (P - 1 - rank), m v)
+      (_get_warmup_ops), then one forward and one backward, so warmup + 1 (at most m v) are
+      alive; forward k runs local stage (k // mpr) % v, mpr = m / max(1, m // P) micro-batches
+      per round (not Megatron's P: they differ when P does not divide m);
+    - ScheduleZBVZeroBubble (two stages per rank in a V: stages rank and 2P - 1 - rank): its
+      op list, walked; a micro-batch's saved tensors stay until its weight backward W (the
+      input backward I keeps the graph: retain_graph=True).
+    Counts are per local stage in model order."""
+    if schedule == "gpipe":
+        return (m,) * v
+    if schedule == "1f1b" or v == 1:
+        return (min(p - rank, m),)
+    if schedule == "zbv":
+        return _zbv_in_flight(p, rank, m)
+    # torch refuses m not a multiple of the rounds (ScheduleInterleaved1F1B.__init__), and
+    # Schedule1F1B m < P (Schedule1F1B.__init__); memplan counts them as the formulas give
+    # (plan's search reaches such layouts; refusing them there is not done yet).
+    rounds = max(1, m // p)
+    per_round = m // rounds
+    warmup = min((v - 1) * per_round + 2 * (p - 1 - rank), m * v)
+    counts = [0] * v
+    for step in range(min(warmup + 1, m * v)):
+        counts[(step // per_round) % v] += 1
+    return tuple(counts)
+
+
+def _zbv_in_flight(p: int, rank: int, m: int) -> tuple[int, int]:
+    """ScheduleZBVZeroBubble._calculate_single_rank_operations (torch 2.13) replayed for
+    its forwards (F) and weight backwards (W) per chunk, micro-batches >= m dropped (the
+    schedule pads to max(2P - 1, m) and blanks them); the counts at the first moment with
+    the most forwards not yet W'd."""
+    n = max(2 * p - 1, m)
+    ops: list[tuple[int, str, int]] = []
+    f = [0, 0]
+    b = [0, 0]
+
+    def fwd(c: int) -> None:
+        ops.append((c, "F", f[c]))
+        f[c] += 1
+
+    def back(c: int) -> None:  # I then W of the same micro-batch
+        ops.append((c, "W", b[c]))
+        b[c] += 1
+
+    for _ in range(2 * (p - rank) - 1):
+        fwd(0)
+    for _ in range(rank):
+        fwd(1)
+        fwd(0)
+    for _ in range(p - rank):
+        fwd(1)
+        back(1)
+    while f[1] < f[0] or f[0] < n:
+        if f[0] < n:
+            fwd(0)
+        back(0)
+        fwd(1)
+        back(1)
+    # The cool-down only runs backwards: it cannot raise the count.
+    alive = [0, 0]
+    best: tuple[int, int] = (0, 0)
+    for c, kind, mb in ops:
+        if mb >= m:
+            continue
+        alive[c] += 1 if kind == "F" else -1
+        if kind == "F" and sum(alive) > sum(best):
+            best = (alive[0], alive[1])
+    return best
 
 
 def _schedule_table(microbatches: int, chunks: int, group: int) -> Iterator[tuple[int, int]]:
@@ -227,6 +348,7 @@ def stage(
     alive: Sequence[int],
     first: bool,
     last: bool,
+    source: str = SRC_SCHEDULE,
 ) -> Activations:
     """One pipeline rank's activations at its peak from one micro-batch's (`micro`, every
     layer): the layers of its chunks (`chunk_layers`, one count per model chunk), the
@@ -263,7 +385,7 @@ def stage(
             *notes,
             f"pipeline: {sum(n * k for n, k in zip(chunk_layers, alive, strict=True))} "
             f"layer-micro-batches in flight at the peak ({', '.join(map(str, alive))} "
-            f"micro-batches per model chunk; {SRC_SCHEDULE}).",
+            f"micro-batches per model chunk; {source}).",
         )
     return replace(
         micro,

@@ -87,6 +87,12 @@ def refusal(st: Setting, lay: Layout) -> str:
     """Why this layout is outside the torchtitan rule, or ''."""
     if lay.expert > 1:
         return "activations of torchtitan's model code are not split for expert parallelism yet"
+    if st.compile and lay.tensor > 1 and st.checkpointing != "full":
+        return (
+            "activations of torchtitan's compiled blocks under tensor parallelism are not "
+            "modelled yet (the compiled saved set was traced on the whole block; with full "
+            "checkpointing each block keeps its input and is modelled)"
+        )
     return ""
 
 
@@ -106,6 +112,21 @@ def micro_batch(
     if not local.modelled or lay.tensor == 1:
         return replace(local, buffers=ring_buffers(arch, local_st, lay))
     blocks = [_tensor_parallel(b, local_st, lay, arch.hidden_size) for b in local.blocks]
+    logits, upcast = local.logits_bytes, local.upcast_bytes
+    if not lay.vocab_parallel_loss:
+        # parallelism.loss_parallel false (torchtitan's disable_loss_parallel): lm_head's
+        # output all-gathered to the whole vocabulary and the plain cross-entropy on it
+        # (memplan.activations.layout.whole_vocabulary_loss).
+        full = torchtitan.saved(
+            replace(layout.local_architecture(arch, lay), vocab_size=arch.vocab_size),
+            local_st,
+            fused_qkv=fused_qkv,
+            whole=arch,
+        )
+        loss = full.block("loss")
+        assert loss is not None
+        blocks = [loss if b.name == "loss" else b for b in blocks]
+        logits, upcast = full.logits_bytes, full.upcast_bytes
     notes = [
         *local.notes,
         f"tensor parallelism {lay.tensor} as torchtitan applies it"
@@ -122,6 +143,8 @@ def micro_batch(
         local,
         blocks=tuple(blocks),
         hidden_bytes=hidden,
+        logits_bytes=logits,
+        upcast_bytes=upcast,
         notes=tuple(notes),
         buffers=ring_buffers(arch, local_st, lay),
     )
@@ -141,7 +164,7 @@ def _tensor_parallel(block: Block, st: Setting, lay: Layout, hidden: int) -> Blo
             SRC_EMBEDDING,
         )
         return replace(block, tensors=(local, mask))
-    if block.name == "loss":
+    if block.name == "loss" and lay.vocab_parallel_loss:
         log_probs, targets = block.tensors[0], block.tensors[1]
         return replace(
             block,
@@ -155,6 +178,8 @@ def _tensor_parallel(block: Block, st: Setting, lay: Layout, hidden: int) -> Blo
                 replace(targets, saved_by="_LossParallelCrossEntropy", source=SRC_LOSS),
             ),
         )
+    if block.name == "loss":
+        return block  # the whole vocabulary's loss (micro_batch)
     if not lay.sequence_parallel:
         return block
     tensors = tuple(_sp(t, st, lay.tensor) for t in block.tensors)
@@ -262,6 +287,7 @@ def stage_every(
     every: int,
     first: bool,
     last: bool,
+    source: str = layout.SRC_SCHEDULE,
 ) -> Activations:
     """One pipeline rank's activations at its peak (memplan.activations.layout.stage) when
     torchtitan checkpoints every `every`-th block: `micro`'s two layer kinds (checkpointed, the
@@ -278,6 +304,7 @@ def stage_every(
         alive=alive,
         first=first,
         last=last,
+        source=source,
     )
     if plain is None:
         return staged
@@ -288,6 +315,7 @@ def stage_every(
         alive=alive,
         first=False,
         last=False,
+        source=source,
     )
     layers = tuple(b for b in more.blocks if b.name in ("layers", "in_flight.layers"))
     note = (

@@ -69,10 +69,15 @@ class ParallelismSpec(Frozen):
     `enable_sequence_parallel: True`; 9dec370 always): set it true to model a torchtitan job."""
     pipeline: Degree = 1
     """Pipeline-parallel degree."""
-    schedule: Literal["1f1b", "interleaved", "gpipe"] = "1f1b"
-    """Pipeline schedule: how many micro-batches each stage keeps in flight."""
+    schedule: Literal["1f1b", "interleaved", "gpipe", "zbv"] = "1f1b"
+    """Pipeline schedule: how many micro-batches each stage keeps in flight. Engines ddp and
+    fsdp2 run torch.distributed.pipelining (torchtitan's PP): 1f1b is Schedule1F1B,
+    interleaved ScheduleInterleaved1F1B, gpipe ScheduleGPipe, zbv ScheduleZBVZeroBubble (two
+    stages per rank in a V: virtual_stages 2; rank 0 holds the first and the last stage).
+    Engines megatron and deepspeed run Megatron-LM's schedules (1f1b, interleaved, gpipe:
+    megatron/core/pipeline_parallel/schedules.py); zbv is torch's only."""
     virtual_stages: Degree = 1
-    """Model chunks per pipeline rank (the interleaved schedule)."""
+    """Model chunks per pipeline rank (the interleaved and zbv schedules)."""
     layers_per_stage: tuple[PositiveInt, ...] | None = None
     """An explicit split of the layers over the (virtual) stages; else an even split."""
     expert: Degree = 1
@@ -96,6 +101,15 @@ class ParallelismSpec(Frozen):
     torch's default (the `param_dtype`, the recipe's compute dtype), or fp32 with
     `model.implementation: torchtitan` (its `mixed_precision_reduce` default,
     torchtitan/config/configs.py::Parallelism, 0.3.0)."""
+    loss_parallel: bool | None = None
+    """torch's `loss_parallel()` under DTensor tensor parallelism (engines ddp and fsdp2): the
+    LM head's output stays sharded over the vocabulary and the cross entropy runs on each
+    rank's [tokens, vocabulary / TP] slice (torch/distributed/tensor/parallel/loss.py). None:
+    on whenever tensor > 1 (torchtitan's default, `disable_loss_parallel: false`; memplan
+    verify runs it). false: torchtitan's `disable_loss_parallel`, the output all-gathered to
+    whole [tokens, vocabulary] logits on every TP rank (torchtitan/models/llama3/
+    parallelize.py::apply_tp, ColwiseParallel(output_layouts=Replicate())). Megatron and
+    DeepSpeed always run Megatron's vocabulary-parallel cross entropy."""
     offload: OffloadSpec = OffloadSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """DeepSpeed config keys (used when engine is deepspeed)."""
@@ -129,8 +143,25 @@ class ParallelismSpec(Frozen):
             )
         if self.schedule == "interleaved" and self.virtual_stages < 2:
             raise ValueError("the interleaved schedule needs virtual_stages >= 2")
-        if self.virtual_stages > 1 and self.schedule != "interleaved":
-            raise ValueError("virtual_stages > 1 needs schedule: interleaved")
+        if self.virtual_stages > 1 and self.schedule not in ("interleaved", "zbv"):
+            raise ValueError("virtual_stages > 1 needs schedule: interleaved (or zbv)")
+        if self.schedule == "zbv" and self.virtual_stages != 2:
+            # torch 2.13 schedules.py::ScheduleZBVZeroBubble.__init__: "ZBV requires exactly
+            # 2 stages per rank".
+            raise ValueError("the zbv schedule runs exactly 2 stages per rank: virtual_stages: 2")
+        if self.schedule == "zbv" and self.engine not in ("ddp", "fsdp2"):
+            raise ValueError(
+                "zbv is torch.distributed.pipelining's ScheduleZBVZeroBubble: use engine ddp "
+                "or fsdp2 (Megatron-LM and DeepSpeed run 1f1b, interleaved or gpipe)"
+            )
+        if self.loss_parallel is not None and (
+            self.tensor == 1 or self.engine not in ("ddp", "fsdp2")
+        ):
+            raise ValueError(
+                "loss_parallel is torch's DTensor tensor parallelism's choice: it needs "
+                "tensor > 1 and engine ddp or fsdp2 (Megatron-LM and DeepSpeed always run "
+                "Megatron's vocabulary-parallel cross entropy)"
+            )
         if self.sequence_parallel and self.tensor == 1:
             raise ValueError(
                 "sequence_parallel splits activations over tensor ranks: set tensor > 1"

@@ -141,9 +141,13 @@ class PrecisionTable(Frozen):
     gradient_accumulation: DType | Literal["none"] | None = None
     """A separate fp32 gradient-accumulation buffer (Megatron main_grad): `fp32`."""
     compute: DType | None = None
-    fp8: Literal["none", "delayed", "current"] = "none"
-    """fp8 GEMMs with NVIDIA Transformer Engine in the decoder layers: `delayed` scaling (TE's
-    default recipe, an amax history per quantizer) or `current` scaling (memplan.states.fp8)."""
+    fp8: Literal["none", "delayed", "current", "torchao-tensorwise", "torchao-rowwise"] = "none"
+    """fp8 GEMMs in the decoder layers: NVIDIA Transformer Engine with `delayed` scaling (TE's
+    default recipe, an amax history per quantizer) or `current` scaling (memplan.states.fp8);
+    or torchao's Float8Linear (torchao.float8.convert_to_float8_training, as torchtitan's
+    `Float8LinearConverter` converts every Linear of the blocks) with dynamic `tensorwise` or
+    `rowwise` scaling (Float8LinearConfig.from_recipe_name, torchao 0.18): no scaling state,
+    the layers save their 16-bit inputs as without fp8 (memplan.model.forward.compiled)."""
     fp8_amax_history: PositiveInt = 1024
     """DelayedScaling.amax_history_len."""
 
@@ -253,6 +257,11 @@ class TrainingSpec(Frozen):
     activation_offload: bool = False
     """Checkpointed layer inputs in pinned host memory (transformers
     `activation_checkpointing_enable(offload=True)`); needs activation_checkpointing: full."""
+    compile: bool = False
+    """Each decoder layer runs under torch.compile (Inductor), as torchtitan's
+    `compile.enable` compiles each TransformerBlock (embeddings, head and loss stay eager):
+    a layer saves what AOTAutograd's min-cut partitioner keeps (memplan.model.forward.compiled:
+    Llama-style layers, checkpointing none or full) instead of the eager tensors."""
     zero_grad: Literal["set_to_none", "zero"] = "set_to_none"
     """How the trainer clears gradients after the optimizer step: set_to_none (torch's
     default since 2.0) frees them; zero (`zero_grad(set_to_none=False)`, torch before 2.0 and

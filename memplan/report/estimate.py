@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import lru_cache
+from typing import Literal
 
 from memplan import activations as acts
 from memplan import memory, versions
@@ -126,6 +127,8 @@ def setting_of(spec: Spec) -> Setting:
         transformers=versions.rules_release(spec.model.transformers_version),
         implementation=spec.model.implementation,
         checkpoint_every=t.checkpoint_every,
+        compile=t.compile,
+        float8=_torchao_float8(spec.precision.fp8),
     )
 
 
@@ -140,6 +143,15 @@ def _torchtitan_fsdp(spec: Spec) -> bool:
         and par.engine == "fsdp2"
         and (par.data > 1 or par.context > 1)
     )
+
+
+def _torchao_float8(fp8_recipe: str) -> Literal["none", "tensorwise", "rowwise"]:
+    """precision.fp8's torchao scaling, or none (Transformer Engine's recipes, no fp8)."""
+    if fp8_recipe == "torchao-tensorwise":
+        return "tensorwise"
+    if fp8_recipe == "torchao-rowwise":
+        return "rowwise"
+    return "none"
 
 
 def layout_of(spec: Spec) -> Layout:
@@ -469,7 +481,7 @@ def _with_fp8_state(spec: Spec, st: StageStates, local: Inventory) -> StageState
     """The stage with Transformer Engine's fp8 scaling state among its buffers
     (memplan.states.fp8)."""
     p = spec.precision
-    if p.fp8 == "none":
+    if p.fp8 not in fp8.TE_RECIPES:
         return st
     if spec.hardware.device != "cuda":
         raise MemplanError(
@@ -520,9 +532,21 @@ def _engine_notes(par: Layout) -> list[str]:
     return notes
 
 
+TORCHAO_NOTE = (
+    "fp8 (torchao Float8Linear): each converted Linear saves its 16-bit input and weight, as "
+    "nn.Linear does (torchao/float8/float8_linear.py::matmul_with_hp_or_float8_args.forward, "
+    "0.18: ctx.save_for_backward(input_hp, weight_hp_t)); compiled layers save less "
+    "(training.compile). Not modelled: the fp8 casts of each GEMM's input, weight and output "
+    "gradient (1 B per element, transients of one GEMM at a time) and FSDP2's fp8 all-gather "
+    "(enable_fsdp_float8_all_gather: unsharded Linear weights 1 B per element, not 2)."
+)
+
+
 def _fp8_notes(spec: Spec, local: Inventory, saved: acts.Activations) -> list[str]:
     if spec.precision.fp8 == "none" or not saved.modelled:
         return []
+    if spec.precision.fp8 not in fp8.TE_RECIPES:
+        return [TORCHAO_NOTE]
     t = fp8.terms(
         local.parameters, tokens=spec.training.micro_batch_size * spec.training.sequence_length
     )

@@ -67,6 +67,12 @@ SCALE_INV_ELEMS = 1
 """A Float8Tensor's per-tensor scale inverse: one fp32."""
 
 
+TE_RECIPES = ("delayed", "current")
+"""precision.fp8 values that run Transformer Engine (the terms below); the torchao ones
+(`torchao-tensorwise`, `torchao-rowwise`: torchao.float8's dynamic scaling, no state kept
+between steps) add none of them."""
+
+
 def meta_bytes(
     gemms: int, *, amax_history_len: int = AMAX_HISTORY_LEN, delayed: bool = True
 ) -> int:

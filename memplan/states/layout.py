@@ -42,7 +42,7 @@ class Layout:
     Megatron-DeepSpeed) or torch's own DTensor ones (fsdp2, ddp; torchtitan's composition)."""
     sequence_parallel: bool = False
     pipeline: int = 1
-    schedule: Literal["1f1b", "interleaved", "gpipe"] = "1f1b"
+    schedule: Literal["1f1b", "interleaved", "gpipe", "zbv"] = "1f1b"
     virtual_stages: int = 1
     """Model chunks per pipeline rank (interleaved 1F1B)."""
     layers_per_stage: tuple[int, ...] | None = None
@@ -62,6 +62,9 @@ class Layout:
     reduce_dtype: str | None = None
     """FSDP2 `reduce_dtype` (ParallelismSpec.reduce_dtype, torchtitan's fp32 filled in); None:
     the param dtype."""
+    vocab_parallel_loss: bool = False
+    """torch's loss_parallel() runs (ParallelismSpec.loss_parallel: DTensor TP over more than
+    one rank, unless turned off): the loss on each rank's vocabulary slice."""
     tensor_rank: int = 0
     """The TP rank whose shards these are: only the vocabulary rows of a "chunk" split differ
     between TP ranks, and rank 0 holds the most (`for_tensor_rank`)."""
@@ -80,10 +83,21 @@ class Layout:
             # torchtitan/config/configs.py::Parallelism.mixed_precision_reduce (0.3.0; the
             # same "float32" default in 9dec370's job_config.py, Dec 2024).
             reduce_dtype = "fp32"
+        stage = par.stage
+        if (
+            par.zero_stage is None
+            and par.engine == "fsdp2"
+            and par.pipeline > 1
+            and implementation == "torchtitan"
+        ):
+            # torchtitan/distributed/fsdp.py::get_fsdp_reshard_after_forward_policy (0.3.0;
+            # the same rule in 9dec370's parallelize_llama.py::apply_fsdp): "default" is
+            # reshard_after_forward = not pp_enabled, i.e. FSDP2's ZeRO-2.
+            stage = 2
         return cls(
             engine=par.engine,
             data=par.data,
-            stage=par.stage,
+            stage=stage,
             tensor=par.tensor,
             tensor_impl="megatron" if par.engine in ("megatron", "deepspeed") else "dtensor",
             sequence_parallel=par.sequence_parallel,
@@ -101,7 +115,27 @@ class Layout:
             device=device,
             implementation=implementation,
             reduce_dtype=reduce_dtype,
+            vocab_parallel_loss=par.tensor > 1
+            and par.engine in ("ddp", "fsdp2")
+            and par.loss_parallel is not False,
         )
+
+    @property
+    def pipeline_runtime(self) -> Literal["torch", "megatron"]:
+        """Whose pipeline schedules run: torch.distributed.pipelining's (ddp, fsdp2: the
+        torch engines, torchtitan's PP) or Megatron-LM's (megatron, deepspeed)."""
+        return "torch" if self.engine in ("ddp", "fsdp2") else "megatron"
+
+    def chunk_rank(self, chunk: int) -> int:
+        """The pipeline rank that holds model chunk (stage) `chunk`: chunk % P (looped, as
+        Megatron's interleaving and torch's ScheduleInterleaved1F1B place them), or the V of
+        zbv: stage s < P on rank s, stage s >= P on rank 2P - 1 - s (torch 2.13
+        pipelining/schedules.py::ScheduleZBVZeroBubble, generate_stage_to_rank_mapping
+        style "v")."""
+        p = self.pipeline
+        if self.schedule == "zbv" and chunk >= p:
+            return 2 * p - 1 - chunk
+        return chunk % p
 
     def for_tensor_rank(self, rank: int) -> Layout:
         """The same layout seen from TP rank `rank`."""

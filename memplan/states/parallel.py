@@ -44,6 +44,7 @@ SPLIT_FIELDS = (
     "pipeline",
     "virtual_stages",
     "layers_per_stage",
+    "schedule",  # zbv places the stages in a V (Layout.chunk_rank)
     "tensor_impl",
     "make_vocab_size_divisible_by",
     "tensor_rank",
@@ -271,7 +272,7 @@ def stage_layers(num_layers: int, layout: Layout) -> list[list[int]]:
     held: list[list[int]] = [[] for _ in range(layout.pipeline)]
     start = 0
     for chunk, count in enumerate(chunk_layers(num_layers, layout)):
-        held[chunk % layout.pipeline].extend(range(start, start + count))
+        held[layout.chunk_rank(chunk)].extend(range(start, start + count))
         start += count
     return held
 
@@ -297,7 +298,7 @@ def _stage_inventories(inventory: Inventory, layout: Layout) -> tuple[Inventory,
     stage_of_layer = {
         layer: s for s, held in enumerate(stage_layers(arch.num_layers, layout)) for layer in held
     }
-    last = layout.pipeline - 1
+    last = layout.chunk_rank(layout.pipeline * layout.virtual_stages - 1)
     local = _localised(inventory, layout.keep(*_LOCAL_FIELDS))
 
     def stage_of(t: TensorSpec) -> int:

@@ -143,8 +143,18 @@ def _states_key(inventory: Inventory, layout: Layout, held: list[list[int]] | No
     identical layers only how many each pipeline rank holds matters, not which, so an
     interleaved placement is the contiguous split with the same counts."""
     key = replace(layout.keep(*STATES_FIELDS), data=layout.data_shards)
-    if held is not None and layout.pipeline > 1 and _identical_layers(inventory):
-        key = replace(key, virtual_stages=1, layers_per_stage=tuple(len(h) for h in held))
+    if (
+        held is not None
+        and layout.pipeline > 1
+        and layout.schedule != "zbv"  # its V puts the head on rank 0
+        and _identical_layers(inventory)
+    ):
+        key = replace(
+            key,
+            virtual_stages=1,
+            layers_per_stage=tuple(len(h) for h in held),
+            schedule="1f1b",
+        )
     return key
 
 

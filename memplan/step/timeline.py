@@ -17,7 +17,7 @@ one by one while gradients appear), so the peak of the step is at one of them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from memplan import memory
@@ -27,6 +27,7 @@ from memplan.config.spec import OptimizerSpec
 from memplan.memory import PHASES, Phase, Transient
 from memplan.model.inventory import Inventory
 from memplan.precision import Recipe
+from memplan.states import fp8
 from memplan.states.engines import STEPS, RankStates
 from memplan.states.engines.base import StepActivations, StepCache, StepStates
 from memplan.states.layout import Layout
@@ -131,7 +132,7 @@ class StepSettings:
     cuda_context_bytes: int | None
     """hardware.cuda_context; None: memory.CUDA_CONTEXT_BYTES."""
     fp8: str
-    """precision.fp8: Transformer Engine's fp8 recipe, or none."""
+    """precision.fp8: Transformer Engine's fp8 recipe, torchao's, or none."""
     finetune: FinetuneSpec
     zero_grad: str = "set_to_none"
     """training.zero_grad: set_to_none frees the gradients after the optimizer step; zero
@@ -206,7 +207,15 @@ def transients(
     engine = STEPS[step.layout.engine]
     out = list(cache.get(("engine states", states), lambda: tuple(engine.states(states, cache))))
     activation_terms = own.activation_terms(saved)
-    acts = _engine_view(states.inventory, saved, activation_terms, step.recipe)
+    acts = replace(
+        _engine_view(states.inventory, saved, activation_terms, step.recipe),
+        microbatches=step.accumulation_steps,
+        layers_in_flight=sum(
+            b.count for b in saved.blocks if b.name in ("layers", "in_flight.layers")
+        )
+        if saved.modelled
+        else 0,
+    )
     out += activation_terms
     out += engine.loss(states, acts)
     out += saved.buffers
@@ -214,7 +223,7 @@ def transients(
     if step.device == "cuda":
         shards = engine.storage_shards(step.layout)
         out += own.rounding(saved, states.inventory, step.recipe, cache, storage_shards=shards)
-    if step.fp8 != "none":
+    if step.fp8 in fp8.TE_RECIPES:
         out.append(
             own.fp8_weights(
                 states.inventory,
@@ -269,7 +278,7 @@ def _gradients(step: StepSettings, states: StepStates, cache: StepCache) -> dict
         # zero_grad(set_to_none=False) fills the gradients with zeros and keeps them: from the
         # second step on they are alive in every phase, like a buffer kept for the run.
         alive = PHASES
-    elif step.accumulation_steps > 1:
+    elif step.accumulation_steps > 1 and not life.pipelined:
         alive = PHASES[1:]
     inventory = states.inventory
     head = int(grads * cache.get(("head", inventory), lambda: _head_fraction(inventory)))

@@ -103,6 +103,11 @@ class Job:
         return self.spec.parallelism.stage
 
     @property
+    def loss_parallel(self) -> bool:
+        """torch's loss_parallel() runs (parallelism.loss_parallel; None: on under TP)."""
+        return self.spec.parallelism.loss_parallel is not False
+
+    @property
     def tensor(self) -> int:
         """Tensor-parallel degree (ranks tensor x r + 0 .. tensor - 1 form one TP group)."""
         return self.spec.parallelism.tensor

@@ -71,7 +71,9 @@ def _wrap(job: Job, rank: int, device: str, mesh: Any) -> Wrapped:
         # One 2-D mesh (data, tensor): FSDP2 shards over its data dimension,
         # parallelize_module over its tensor dimension.
         mesh, tp_mesh = tensor_parallel.meshes(device, job.data, job.tensor)
-        tensor_parallel.apply(model, tp_mesh, job.spec.parallelism.sequence_parallel)
+        tensor_parallel.apply(
+            model, tp_mesh, job.spec.parallelism.sequence_parallel, job.loss_parallel
+        )
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -196,7 +198,7 @@ def _step(
     """One training step: forward with the loss (under `saving`, no key/value cache, the
     attention core recomputed for selective checkpointing), backward, optimizer step."""
     device = ids.device.type
-    with tensor_parallel.loss_parallel(job.tensor):
+    with tensor_parallel.loss_parallel(job.tensor if job.loss_parallel else 1):
         with (
             saving,
             build.unpacked(job.fake),

@@ -206,7 +206,8 @@ def _tensor_parallel_notes(job: Job) -> list[str]:
     out = [
         f"tensor parallelism {job.tensor}: torch DTensor parallelize_module, torchtitan's plan "
         "(ColwiseParallel q/k/v/gate/up, RowwiseParallel o/down, vocabulary-parallel "
-        "embedding, LM head column-parallel over the vocabulary with loss_parallel()), "
+        "embedding, LM head column-parallel over the vocabulary "
+        + ("with loss_parallel()), " if job.loss_parallel else "gathered to whole logits), ")
         + (sp if par.sequence_parallel else "without sequence parallelism")
         + f"; ranks {job.tensor} x d .. {job.tensor} x d + {job.tensor - 1} form data-parallel "
         "rank d's TP group."

@@ -82,8 +82,10 @@ def meshes(device: str, data: int, tensor: int) -> tuple[Any, Any]:
     return mesh["dp"], mesh["tp"]
 
 
-def apply(model: nn.Module, mesh: Any, sequence_parallel: bool) -> None:
-    """Shard `model` (a transformers causal LM) over the TP `mesh` in place."""
+def apply(model: nn.Module, mesh: Any, sequence_parallel: bool, loss_parallel: bool = True) -> None:
+    """Shard `model` (a transformers causal LM) over the TP `mesh` in place. Without
+    `loss_parallel` the LM head's output is all-gathered to whole logits (torchtitan's
+    disable_loss_parallel: llama3/parallelize.py::apply_tp, output_layouts=Replicate())."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -136,8 +138,8 @@ def apply(model: nn.Module, mesh: Any, sequence_parallel: bool) -> None:
         ),
         "lm_head": ColwiseParallel(
             input_layouts=Shard(1) if sp else Replicate(),
-            output_layouts=Shard(-1),
-            use_local_output=False,
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
         ),
     }
     if sp:

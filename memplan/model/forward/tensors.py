@@ -75,6 +75,11 @@ class Setting:
     checkpoint_every: int = 1
     """With `full` checkpointing, every Nth decoder layer is checkpointed, the rest keep
     everything (training.checkpoint_every; torchtitan's layer SAC)."""
+    float8: Literal["none", "tensorwise", "rowwise"] = "none"
+    """torchao Float8Linear in the decoder layers (precision.fp8 torchao-*), by scaling."""
+    compile: bool = False
+    """Each decoder layer runs torch.compile'd (training.compile): AOTAutograd's min-cut
+    partition decides what it saves (memplan.model.forward.compiled)."""
 
     @property
     def tokens(self) -> int:

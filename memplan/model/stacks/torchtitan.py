@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from memplan.model.forward import attention, kernels
+from memplan.model.forward import attention, compiled, kernels
 from memplan.model.forward.mlp import gated_mlp_saves
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
@@ -255,6 +255,9 @@ def saved(
         layers = [Block(name="layers", count=n, tensors=tuple(kept), recompute=again, layered=True)]
     else:
         layers = [Block(name="layers", count=n, tensors=tuple(layer), layered=True)]
+    compile_note = ""
+    if st.compile:
+        layers, compile_note = _compiled(arch, st, layers)
     head = Block(name="head", count=1, tensors=tuple(_norm("norm", t, h, st.stream, st)))
     loss = Block(
         name="loss",
@@ -272,6 +275,7 @@ def saved(
         + ", loss CrossEntropyLoss on the whole logits (0.3.0's ChunkedLossWrapper: not "
         "modelled)."
     ]
+    notes.append(compile_note)
     if st.device == "cuda":
         notes.append(
             "attention: SDPA's flash kernel (torchtitan 9dec370's default priority); 0.3.0's "
@@ -285,4 +289,36 @@ def saved(
         hidden_bytes=t * h * dtype_bytes(st.stream),
         notes=tuple(x for x in notes if x),
         implementation="torchtitan",
+    )
+
+
+def _compiled(arch: Architecture, st: Setting, layers: list[Block]) -> tuple[list[Block], str]:
+    """The decoder blocks compiled (torchtitan's apply_compile compiles each block; embeddings,
+    norm, output and loss stay eager): what Inductor's min-cut partition keeps, traced on
+    torchtitan 0.3.0's block (memplan.model.forward.compiled; tests/test_compile.py). Full
+    checkpointing keeps each block's input either way."""
+    if st.checkpointing == "full":
+        return layers, (
+            "training.compile with full checkpointing: each block keeps its input, as eager "
+            "(traced); the recompute working set is the eager one (an upper bound)."
+        )
+    _, a, g, d = kernels.attention_dims(arch)
+    op_sac = st.checkpointing == "selective-op"
+    kept = (compiled.op_sac_layer if op_sac else compiled.llama_layer)(
+        batch=st.batch,
+        seq=st.sequence,
+        hidden=arch.hidden_size,
+        heads=a,
+        kv_heads=g,
+        head_dim=d,
+        inter=arch.intermediate_size,
+        dtype=st.matmul,
+        **({} if op_sac else {"float8": st.float8 != "none"}),
+    )
+    eager = layers[0].bytes_each
+    out = [replace(b, tensors=kept) for b in layers]
+    return out, (
+        f"training.compile: each block keeps what Inductor's min-cut partition keeps "
+        f"({out[0].bytes_each:,} B per block, eager {eager:,} B); embeddings, norm, output "
+        "and loss run eager."
     )

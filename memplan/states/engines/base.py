@@ -65,6 +65,12 @@ class StepActivations:
     hidden_gradient: int = 0
     """One hidden-state gradient [tokens, hidden]: a layer's input gradient, what is left of
     the working set once the layer's backward is done."""
+    microbatches: int = 1
+    """Micro-batches per optimizer step (training.gradient_accumulation_steps: a pipeline's
+    micro-batches)."""
+    layers_in_flight: int = 0
+    """Decoder-layer micro-batches whose saved tensors this rank holds at its peak (the
+    running one's included; memplan.activations.layout.stage)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,6 +86,11 @@ class GradientLife:
     """Not None: the engine makes its (sharded) gradients in each parameter group's
     post-backward, none while the last layer runs backward, and these bytes (the root
     group's) only after the whole backward."""
+    pipelined: bool = False
+    """torch.distributed.pipelining over FSDP2: the gradients are made only after the last
+    micro-batch (stage.py::perform_reduce_grad), so the pipeline's micro-batches (gradient
+    accumulation) do not keep them alive from the forward on
+    (memplan.states.engines.fsdp2.pipeline)."""
 
 
 def no_terms(states: StepStates, acts: StepActivations) -> list[Transient]:

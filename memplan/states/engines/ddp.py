@@ -172,7 +172,12 @@ def _loss_transients(states: StepStates, acts: StepActivations) -> list[Transien
     embedding when the optimizer steps master weights (memplan.states.engines.dtensor_tp)."""
     if states.layout.tensor <= 1:
         return []
-    out = [dtensor_tp.loss_parallel_gradient(acts.loss_fp32)]
+    out: list[Transient] = []
+    if states.layout.vocab_parallel_loss:
+        out += [
+            dtensor_tp.loss_parallel_log_softmax(acts.loss_fp32),
+            dtensor_tp.loss_parallel_gradient(acts.loss_fp32),
+        ]
     master = states.recipe.master_weights
     extra = sum(
         t.elements for t in states.per_gpu.terms if t.name == dtensor_tp.WHOLE_EMBEDDING_GRADIENT

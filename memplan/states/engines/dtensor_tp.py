@@ -43,6 +43,26 @@ def loss_parallel_gradient(sharded_logits_fp32: int) -> Transient:
     )
 
 
+SRC_LOG_SOFTMAX = (
+    "torch 2.13 torch/distributed/tensor/parallel/loss.py::_log_softmax (shifted = x - x_max; "
+    "torch.sum(torch.exp(shifted)); result = shifted - shifted_logsumexp)"
+)
+
+
+def loss_parallel_log_softmax(sharded_logits_fp32: int) -> Transient:
+    """loss_parallel's forward log-softmax is decomposed (SRC_LOG_SOFTMAX): beside the fp32
+    logits and the output it saves, `shifted` is alive while torch.exp(shifted) is summed
+    and while the output is computed: one more [tokens, vocab / TP] fp32 tensor than the
+    fused _log_softmax kernel holds, at the loss."""
+    return Transient(
+        name="tp_loss_parallel_log_softmax",
+        bytes=sharded_logits_fp32,
+        phases=("loss",),
+        formula="[tokens, vocab / TP] x 4 B (`shifted`, or exp(shifted) before the output exists)",
+        source=SRC_LOG_SOFTMAX,
+    )
+
+
 def whole_embedding_master_gradient(extra_elements: int, master_bytes: int) -> Transient:
     """DDP over DTensor TP with fp32 master weights: the embedding's 16-bit gradient is whole
     (Replicate [vocab, hidden], the WHOLE_EMBEDDING_GRADIENT row), so its master gradient,

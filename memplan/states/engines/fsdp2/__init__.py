@@ -16,7 +16,7 @@ from memplan.states.engines.base import (
     StepStates,
     embedding_backward,
 )
-from memplan.states.engines.fsdp2 import tp
+from memplan.states.engines.fsdp2 import pipeline, tp
 from memplan.states.engines.fsdp2.step import (
     fsdp2_root_gradients,
     groups_of,
@@ -33,9 +33,12 @@ def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
 
 def _loss_transients(states: StepStates, acts: StepActivations) -> list[Transient]:
     """Under DTensor TP: loss_parallel's third tensor (memplan.states.engines.dtensor_tp)."""
-    if states.layout.tensor <= 1:
+    if states.layout.tensor <= 1 or not states.layout.vocab_parallel_loss:
         return []
-    return [dtensor_tp.loss_parallel_gradient(acts.loss_fp32)]
+    return [
+        dtensor_tp.loss_parallel_log_softmax(acts.loss_fp32),
+        dtensor_tp.loss_parallel_gradient(acts.loss_fp32),
+    ]
 
 
 def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -> list[Transient]:
@@ -43,12 +46,14 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
     embedding's backward or the root's reduce-scatter, whichever holds more), and under
     DTensor TP the end-of-backward terms of memplan.states.engines.fsdp2.tp. On a one-rank
     mesh under TP the root's post-backward comes after the embedding's backward and holds
-    more; without either it is the embedding's backward."""
+    more; without either it is the embedding's backward. Under pipelining, the stage's
+    accumulated unsharded gradients (fsdp2.pipeline) come on top."""
     layout, recipe = states.layout, states.recipe
+    accumulated = pipeline.accumulated_gradients(states, acts)
     if layout.data <= 1 and layout.tensor <= 1:
-        return embedding_backward(states, acts, cache)
+        return embedding_backward(states, acts, cache) + accumulated
     groups = groups_of(states, cache)
-    out = []
+    out = accumulated
     if layout.data > 1:
         out += step_buffers(
             groups,
@@ -73,7 +78,12 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
 
 def _gradients(states: StepStates, cache: StepCache) -> GradientLife:
     """On more than one rank FSDP2 makes each group's sharded gradients in its post-backward,
-    the root's last (fsdp2_root_gradients); one rank reduces nothing."""
+    the root's last (fsdp2_root_gradients); one rank reduces nothing. Under pipelining
+    every sharded gradient is made after the last micro-batch (fsdp2.pipeline)."""
+    if states.layout.pipeline > 1:
+        return GradientLife(
+            post_backward_bytes=states.per_gpu.bytes_of("gradients"), pipelined=True
+        )
     if states.layout.data <= 1:
         return GradientLife()
     root = fsdp2_root_gradients(groups_of(states, cache), shard=shard_dtype(states.recipe))

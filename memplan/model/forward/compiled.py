@@ -1,0 +1,193 @@
+"""What a torch.compile'd Llama-style decoder layer saves for backward (`training.compile`).
+
+torch.compile (Inductor, torch 2.13) partitions each compiled region's joint forward+backward
+graph with AOTAutograd's min-cut partitioner (torch/_functorch/partitioners.py::
+min_cut_rematerialization_partition, called by torch/_inductor/compile_fx.py::compile_fx with
+`compiler="inductor"`): it keeps the outputs of the ops it will not recompute (matmuls,
+attention) that the backward reads and recomputes the cheap elementwise ones (casts, RMSNorm's
+normalisation, RoPE, SiLU) from the fewest bytes. What it keeps is read by running it
+(memplan.verify.trace.compiled: the forward graph Inductor gets, its outputs after the layer's
+own), for transformers' LlamaDecoderLayer (5.25, SDPA) and torchtitan's Llama3TransformerBlock
+(0.3.0, SDPA, fused wqkv) alike; per layer and token, with the layer's input, dtype w (the
+matmul dtype), hidden h, q heads a, kv heads g, head_dim d, MLP width f:
+
+    input x [t, h] w      attention_norm rstd [t] fp32     its output (wqkv's input) [t, h] w
+    q, k after RoPE [t, a*d], [t, g*d] w                   v [t, g*d] w
+    SDPA output [t, a*d] w, logsumexp [b, a, s] fp32       wo's output [t, h] w
+    ffn_norm rstd [t] fp32, its output [t, h] w            w1, w3 outputs [t, f] w each
+    silu(w1) * w3 (w2's input) [t, f] w
+
+= w (4h + 2ad + 2gd + 3f) + 4a + 8 bytes per token: 139,400 for Llama 3.1 8B in bf16, against
+the eager layer's fp32 RMSNorm copies, RoPE intermediates and SiLU output. (RoPE's cos/sin and
+the weights the backward reads are the model's, not the layer's.)
+
+Under full checkpointing the compiled layer keeps its input alone, as the eager one does (traced:
+torchtitan's FullAC ptd_checkpoint_wrapper, then torch.compile). Under torchtitan's per-op SAC
+(`op_sac_layer`) it keeps the policy's MUST_SAVE outputs that its backward reads: eager SAC's
+cache (torch/utils/checkpoint.py::_CachingTorchDispatchMode) holds every MUST_SAVE output,
+read or not, until the layer's backward; the compiled graph drops the unread ones (w2's output,
+which only the residual add consumes).
+
+Covered: Llama-style layers (llama, mistral; no biases, no q/k norms), SDPA with no dropout,
+no autocast (FSDP2's MixedPrecisionPolicy or bf16 parameters: the layer computes in one
+dtype), on CUDA. Only the decoder layers are compiled (torchtitan's
+distributed/compile.py::apply_compile compiles each TransformerBlock; the embeddings, final
+norm, output projection and loss run eager): the rest of the forward is unchanged. Not
+modelled: the temporaries Inductor's fused kernels avoid in backward (the layers' working set
+stays the eager one, an upper bound).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from memplan.model.forward.kernels import FP32, attention_dims, saved
+from memplan.model.forward.tensors import Activations, Saved, Setting
+from memplan.model.inventory import Architecture
+
+SRC = (
+    "torch 2.13 torch/_functorch/partitioners.py::min_cut_rematerialization_partition via "
+    "torch/_inductor/compile_fx.py::compile_fx (traced: memplan.verify.trace.compiled)"
+)
+BY = "compiled forward graph output"
+
+
+def llama_layer(
+    *,
+    float8: bool = False,
+    batch: int,
+    seq: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    inter: int,
+    dtype: str,
+) -> tuple[Saved, ...]:
+    """The tensors one compiled Llama-style layer passes from forward to backward. `float8`:
+    its Linears are torchao Float8Linear (tensorwise or rowwise: traced alike), whose GEMM
+    inputs are cast to fp8 inside the graph: the partitioner then keeps neither norm's output
+    nor w2's input (it recomputes them, and their casts, from the tensors it keeps)."""
+    t, h, a, g, d, f, w = batch * seq, hidden, heads, kv_heads, head_dim, inter, dtype
+    if float8:
+        dropped = ("attention_norm.out", "ffn_norm.out", "feed_forward.w2_in")
+        kept = llama_layer(
+            batch=batch, seq=seq, hidden=h, heads=a, kv_heads=g, head_dim=d, inter=f, dtype=w
+        )
+        return tuple(
+            replace(s, source=SRC + "; torchao 0.18 Float8Linear")
+            for s in kept
+            if s.name not in dropped
+        )
+    return (
+        saved("input", (t, h), w, BY, SRC),
+        saved("attention_norm.rstd", (t, 1), FP32, BY, SRC),
+        saved("attention_norm.out", (t, h), w, BY, SRC),
+        saved("attention.q_rope", (t, a * d), w, BY, SRC),
+        saved("attention.k_rope", (t, g * d), w, BY, SRC),
+        saved("attention.v", (t, g * d), w, BY, SRC),
+        saved("attention.sdpa_out", (t, a * d), w, BY, SRC),
+        saved("attention.logsumexp", (batch, a, seq), FP32, BY, SRC),
+        saved("attention.wo_out", (t, h), w, BY, SRC),
+        saved("ffn_norm.rstd", (t, 1), FP32, BY, SRC),
+        saved("ffn_norm.out", (t, h), w, BY, SRC),
+        saved("feed_forward.w1_out", (t, f), w, BY, SRC),
+        saved("feed_forward.w3_out", (t, f), w, BY, SRC),
+        saved("feed_forward.w2_in", (t, f), w, BY, SRC),
+    )
+
+
+def op_sac_layer(
+    *,
+    batch: int,
+    seq: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    inter: int,
+    dtype: str,
+) -> tuple[Saved, ...]:
+    """One compiled torchtitan 0.3.0 Llama3 block under per-op SAC
+    (torchtitan/distributed/activation_checkpoint.py::SelectiveAC: save the compute ops'
+    outputs, every second mm recomputed; fused wqkv is mm 1, wo 2, w1 3, w3 4, w2 5): the
+    checkpoint's input, wqkv's output (mm 1), SDPA's output and logsumexp, w1's output (mm 3).
+    w2's output (mm 5, MUST_SAVE) is not read by any backward: the compiled graph drops it
+    (eager SAC's cache keeps it: 65,664 against 57,472 bytes per token for Llama 3.1 8B, traced
+    by benchmarks/compile_float8.py). With torchao Float8Linear the same set (traced: the
+    policy sees aten.mm on Float8TrainingTensor before it becomes _scaled_mm)."""
+    t, h, a, g, d, f, w = batch * seq, hidden, heads, kv_heads, head_dim, inter, dtype
+    return (
+        saved("input", (t, h), w, BY, SRC),
+        saved("attention.wqkv_out", (t, (a + 2 * g) * d), w, BY, SRC),
+        saved("attention.sdpa_out", (t, a * d), w, BY, SRC),
+        saved("attention.logsumexp", (batch, a, seq), FP32, BY, SRC),
+        saved("feed_forward.w1_out", (t, f), w, BY, SRC),
+    )
+
+
+COMPILED_MODEL_TYPES = ("llama", "mistral")
+"""Families whose decoder layer is the one traced (no biases, no q/k norms)."""
+
+
+def uncovered(arch: Architecture, st: Setting, biased: bool) -> str:
+    """Why `llama_layer` does not describe this compiled layer, or "" when it does."""
+    if arch.model_type not in COMPILED_MODEL_TYPES or arch.num_experts:
+        return f"model_type {arch.model_type!r} (traced: {', '.join(COMPILED_MODEL_TYPES)})"
+    if biased:
+        return "projections with biases"
+    if st.attention != "sdpa":
+        return "eager attention"
+    if st.dropout:
+        return "dropout"
+    if st.autocast:
+        return "autocast"
+    window = arch.extra.get("sliding_window")
+    if isinstance(window, int) and st.sequence > window:
+        return "a sliding-window mask"
+    if st.checkpointing == "selective":
+        return "selective checkpointing of the attention core"
+    return ""
+
+
+def apply(acts: Activations, arch: Architecture, st: Setting, *, biased: bool) -> Activations:
+    """`acts` (the eager prediction) with each decoder layer compiled: under checkpointing
+    none the layers keep `llama_layer`; under full they keep their input, as eager. Where the
+    traced layer does not apply, the eager prediction with a note saying so."""
+    why = uncovered(arch, st, biased)
+    if why:
+        note = (
+            f"training.compile: the compiled layer's saved set is traced for Llama-style "
+            f"layers with SDPA, no dropout, no autocast, checkpointing none or full; not for "
+            f"{why}: the eager saved set is used (compile saves no more)."
+        )
+        return replace(acts, notes=(*acts.notes, note))
+    if st.checkpointing == "full":
+        return replace(
+            acts,
+            notes=(
+                *acts.notes,
+                "training.compile with full checkpointing: each layer keeps its input, as "
+                "eager (traced); the recompute working set is the eager one (an upper bound).",
+            ),
+        )
+    _, a, g, d = attention_dims(arch)
+    layer = llama_layer(
+        batch=st.batch,
+        seq=st.sequence,
+        hidden=arch.hidden_size,
+        heads=a,
+        kv_heads=g,
+        head_dim=d,
+        inter=arch.intermediate_size,
+        dtype=st.matmul,
+        float8=st.float8 != "none",
+    )
+    blocks = tuple(replace(b, tensors=layer) if b.name == "layers" else b for b in acts.blocks)
+    eager = acts.block("layers")
+    note = (
+        f"training.compile: each decoder layer keeps what Inductor's min-cut partition keeps "
+        f"({sum(t.bytes for t in layer):,} B per layer, eager "
+        f"{eager.bytes_each if eager else 0:,} B); embeddings, head and loss run eager."
+    )
+    return replace(acts, blocks=blocks, notes=(*acts.notes, note))
