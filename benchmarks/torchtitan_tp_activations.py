@@ -8,7 +8,7 @@ embedding and _LossParallelCrossEntropy), checkpointing applied after TP, forwar
 each rank holds for backward (the storages still alive, DTensors by their local tensor) against
 `memplan estimate`'s activations for the same spec (engine fsdp2, tensor 2), for fp32 and bf16
 x none / full / selective-op x sequence parallelism on and off x fused wqkv (0.3.0) or wq/wk/wv
-(9dec370), and a vocabulary TP does not divide (255: 128 and 127 rows).
+(9dec370), a vocabulary TP does not divide (255: 128 and 127 rows), and loss parallel off.
 
     PYTHONPATH=$PWD python benchmarks/torchtitan_tp_activations.py   # ~2 min on 2 cores
     # writes benchmarks/results/torchtitan-tp-activations.json
@@ -69,6 +69,7 @@ def predicted(case: Case, rank: int, tensor: int = WORLD) -> int:
             "data": 2,
             "tensor": tensor,
             "sequence_parallel": case.sequence_parallel,
+            "loss_parallel": case.loss_parallel,
         },
         hardware={"device": "cpu"},
     )
@@ -80,13 +81,21 @@ def predicted(case: Case, rank: int, tensor: int = WORLD) -> int:
     return saved.bytes
 
 
-CASES = [
-    Case(d, m, sp, fused)
-    for d in ("fp32", "bf16")
-    for m in ("none", "full", "selective-op")
-    for sp in (True, False)
-    for fused in (True, False)
-] + [Case("bf16", m, True, True, vocab=255) for m in ("none", "selective-op")]
+CASES = (
+    [
+        Case(d, m, sp, fused)
+        for d in ("fp32", "bf16")
+        for m in ("none", "full", "selective-op")
+        for sp in (True, False)
+        for fused in (True, False)
+    ]
+    + [Case("bf16", m, True, True, vocab=255) for m in ("none", "selective-op")]
+    + [
+        Case("bf16", m, sp, True, loss_parallel=False)
+        for m in ("none", "full")
+        for sp in (True, False)
+    ]
+)
 
 
 def main() -> None:

@@ -2,9 +2,9 @@
 (memplan.activations.torchtitan_parallel).
 
 The oracle for TP is torchtitan 0.3.0's own model sharded with torchtitan's TP plan on 2 gloo
-ranks (tests/torchtitan_tp_probe.py), per rank, to the byte; the whole matrix (52 rank-cases:
+ranks (tests/torchtitan_tp_probe.py), per rank, to the byte; the whole matrix (60 rank-cases:
 fp32/bf16 x none/full/selective-op x SP on/off x wqkv or wq/wk/wv, and a vocabulary TP does not
-divide) is benchmarks/torchtitan_tp_activations.py (benchmarks/results/
+divide, loss parallel off) is benchmarks/torchtitan_tp_activations.py (benchmarks/results/
 torchtitan-tp-activations.json); here a representative subset in one 2-rank run. Ring attention
 (CP) needs CUDA kernels: its part is pinned to the source. Needs `pip install torchtitan==0.3.0`
 and its imports (spmd_types, tyro, einops, docstring_parser, torch_checkpointing).

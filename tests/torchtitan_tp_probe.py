@@ -19,7 +19,9 @@ contiguous row split gives each rank whole groups, models/common/attention.py::F
 - `lm_head`: ColwiseParallel(input Shard(1), output Shard(-1), use_local_output=False): loss
   parallel. 0.3.0's `cross_entropy_loss` runs its own `_LossParallelCrossEntropy` on the local
   logits (components/loss.py: saves log_probs [t, V / TP] fp32 and the labels); 9dec370 ran
-  torch's `loss_parallel()` context instead (not measured here).
+  torch's `loss_parallel()` context instead (not measured here). Without loss parallel
+  (`disable_loss_parallel`) the output is all-gathered (Replicate, a local tensor) and the
+  plain cross-entropy runs on the whole vocabulary.
 
 Checkpointing is applied after TP, as parallelize_llama does. The measure is
 tests/torchtitan_probe.py's (a TorchDispatchMode records every storage an op returns; the
@@ -52,15 +54,19 @@ class Case:
     fused_qkv: bool = True
     layers: int = 2
     vocab: int = probe.VOCAB
+    loss_parallel: bool = True
 
     @property
     def name(self) -> str:
         sp = "sp" if self.sequence_parallel else "nosp"
         qkv = "wqkv" if self.fused_qkv else "wq-wk-wv"
-        return f"{self.dtype}-{self.mode}-{sp}-{qkv}-{self.layers}l-v{self.vocab}"
+        lp = "" if self.loss_parallel else "-no-loss-parallel"
+        return f"{self.dtype}-{self.mode}-{sp}-{qkv}-{self.layers}l-v{self.vocab}{lp}"
 
 
-def apply_tp(model: Any, mesh: Any, *, sequence_parallel: bool, fused_qkv: bool) -> None:
+def apply_tp(
+    model: Any, mesh: Any, *, sequence_parallel: bool, fused_qkv: bool, loss_parallel: bool = True
+) -> None:
     """9dec370's apply_tp plan on 0.3.0's model (module docstring)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
@@ -79,8 +85,8 @@ def apply_tp(model: Any, mesh: Any, *, sequence_parallel: bool, fused_qkv: bool)
             **({"norm": SequenceParallel()} if sp else {}),
             "lm_head": ColwiseParallel(
                 input_layouts=Shard(1) if sp else Replicate(),
-                output_layouts=Shard(-1),
-                use_local_output=False,
+                output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                use_local_output=not loss_parallel,
             ),
         },
     )
@@ -170,7 +176,13 @@ def held(case: Case, mesh: Any, detail: bool = False) -> Any:
 
     shape = probe.Shape(layers=case.layers, fused_qkv=case.fused_qkv, vocab=case.vocab)
     model = probe.build(case.dtype, shape)
-    apply_tp(model, mesh, sequence_parallel=case.sequence_parallel, fused_qkv=case.fused_qkv)
+    apply_tp(
+        model,
+        mesh,
+        sequence_parallel=case.sequence_parallel,
+        fused_qkv=case.fused_qkv,
+        loss_parallel=case.loss_parallel,
+    )
     probe.checkpoint(model, case.mode)
     torch.manual_seed(1)  # the same tokens on every rank
     tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
