@@ -205,14 +205,15 @@ def test_pin_llama31_8b_selective_op_layer_on_cuda() -> None:
 
 
 def test_torchtitan_refuses_what_its_rule_does_not_split() -> None:
-    """Tensor parallelism and LoRA follow transformers' module names: refused, named."""
+    """LoRA follows transformers' module names: refused, named. (Tensor and context
+    parallelism are modelled: tests/test_torchtitan_tp_activations.py.)"""
     inv = from_config(tiny())
     tp = make_spec(
         model={"architecture": tiny(), "implementation": "torchtitan"},
         parallelism={"engine": "fsdp2", "data": 4, "tensor": 2},
     )
     saved = micro_batch_of(tp, inv)
-    assert not saved.modelled and "tensor, context or expert" in saved.notes[0]
+    assert saved.modelled and saved.implementation == "torchtitan"
     lora = make_spec(
         model={"architecture": tiny(), "implementation": "torchtitan"},
         parallelism={"engine": "fsdp2", "data": 8},

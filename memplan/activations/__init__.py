@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import lru_cache
 
-from memplan.activations import layout, lora
+from memplan.activations import layout, lora, torchtitan_parallel
 from memplan.config.finetune import FinetuneSpec
 from memplan.model import profile
 from memplan.model.families import family_of, modelled_model_types
@@ -156,19 +156,26 @@ def for_stages(
     """The activations of one GPU of each pipeline rank of `lay`, at that rank's peak, with
     `microbatches` micro-batches per step (memplan.activations.layout)."""
     micro = micro_batch(inventory, st, lay, ft)
-    if lay.pipeline > 1 and st.checkpoint_every > 1 and micro.modelled:
-        micro = layout.refused(
-            "activations with checkpoint_every > 1 are not split over pipeline stages yet "
-            "(which layers a stage holds decides which of them it checkpoints)"
-        )
-    return tuple(on_rank(inventory, micro, lay, r, microbatches) for r in range(lay.pipeline))
+    return tuple(
+        on_rank(inventory, micro, lay, r, microbatches, checkpoint_every=st.checkpoint_every)
+        for r in range(lay.pipeline)
+    )
 
 
 def on_rank(
-    inventory: Inventory, micro: Activations, lay: Layout, rank: int, microbatches: int
+    inventory: Inventory,
+    micro: Activations,
+    lay: Layout,
+    rank: int,
+    microbatches: int,
+    *,
+    checkpoint_every: int = 1,
 ) -> Activations:
     """Pipeline rank `rank`'s activations from one micro-batch's (`micro_batch`): its model
-    chunks' layers, times the micro-batches its schedule keeps in flight."""
+    chunks' layers, times the micro-batches its schedule keeps in flight. With
+    `checkpoint_every` > 1 (training.checkpoint_every: torchtitan's layer SAC) the rank
+    checkpoints every N-th of its own blocks (memplan.activations.torchtitan_parallel.
+    stage_every)."""
     arch = inventory.architecture
     if lay.pipeline == 1 or arch is None or not micro.modelled:
         return micro
@@ -183,15 +190,24 @@ def on_rank(
     alive = layout.in_flight(
         lay.schedule, p, lay.virtual_stages, rank, microbatches, runtime=lay.pipeline_runtime
     )
+    source = layout.SRC_TORCH_SCHEDULE if lay.pipeline_runtime == "torch" else layout.SRC_SCHEDULE
+    if checkpoint_every > 1:
+        return torchtitan_parallel.stage_every(
+            micro,
+            chunk_layers=tuple(every[c] for c in mine),
+            alive=alive,
+            every=checkpoint_every,
+            first=0 in mine,
+            last=len(every) - 1 in mine,
+            source=source,
+        )
     return layout.stage(
         micro,
         chunk_layers=tuple(every[c] for c in mine),
         alive=alive,
         first=0 in mine,
         last=len(every) - 1 in mine,
-        source=layout.SRC_TORCH_SCHEDULE
-        if lay.pipeline_runtime == "torch"
-        else layout.SRC_SCHEDULE,
+        source=source,
     )
 
 
@@ -218,13 +234,7 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
     if st.implementation == "torchtitan":
-        return replace(
-            layout.refused(
-                "activations of torchtitan's model code are not split for tensor, context or "
-                "expert parallelism yet"
-            ),
-            implementation="torchtitan",
-        )
+        return torchtitan_parallel.micro_batch(arch, st, lay)
     family = family_of(arch.model_type)
     no_rule = family is None or isinstance(family.saved, str) or bool(_unsupported(arch))
     traced = profile.serving(inventory.profiles, st) if no_rule else None

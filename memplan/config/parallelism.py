@@ -64,7 +64,9 @@ class ParallelismSpec(Frozen):
     tensor: Degree = 1
     """Tensor-parallel degree (Megatron column/row-parallel linears, vocab-parallel embedding)."""
     sequence_parallel: bool = False
-    """Split the activations TP leaves replicated (norms, dropout) over the TP ranks."""
+    """Split the activations TP leaves replicated (norms, dropout) over the TP ranks.
+    torchtitan turns it on with TP by default (0.3.0 config/configs.py
+    `enable_sequence_parallel: True`; 9dec370 always): set it true to model a torchtitan job."""
     pipeline: Degree = 1
     """Pipeline-parallel degree."""
     schedule: Literal["1f1b", "interleaved", "gpipe", "zbv"] = "1f1b"

@@ -63,10 +63,18 @@ def _rank_view(
     st: StageStates,
     per_gpu: RankStates,
     local: Inventory,
+    checkpoint_every: int = 1,
 ) -> tuple[acts.Activations, tl.Timeline]:
     """One GPU of pipeline stage `st` (of TP rank `step.layout.tensor_rank`) holding
     `per_gpu`'s states: its saved tensors at its peak and its step's timeline."""
-    saved = acts.on_rank(trained, micro, step.layout, st.stage, step.accumulation_steps)
+    saved = acts.on_rank(
+        trained,
+        micro,
+        step.layout,
+        st.stage,
+        step.accumulation_steps,
+        checkpoint_every=checkpoint_every,
+    )
     timeline = tl.build(
         step,
         local,
@@ -201,7 +209,15 @@ def assemble(
     for i in _stages_to_view(stages, every_stage):
         st = stages[i]
         views[i] = _rank_view(
-            step, capacity, cache, trained, micro, st, st.per_gpu, local[st.stage]
+            step,
+            capacity,
+            cache,
+            trained,
+            micro,
+            st,
+            st.per_gpu,
+            local[st.stage],
+            setting.checkpoint_every,
         )
     index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
     top = stages[index]
@@ -393,7 +409,15 @@ def _tensor_views(
         local = stage_inventories(inventory, rank_layout)[top.stage]
         micro = acts.micro_batch(inventory, setting, rank_layout, spec.finetune)
         saved, rank_timeline = _rank_view(
-            rank_step, capacity, cache, inventory, micro, top, per_gpu, local
+            rank_step,
+            capacity,
+            cache,
+            inventory,
+            micro,
+            top,
+            per_gpu,
+            local,
+            setting.checkpoint_every,
         )
         views.append(
             TensorRankView(

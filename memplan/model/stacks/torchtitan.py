@@ -214,10 +214,14 @@ def checkpointed_layers(num_layers: int, every: int) -> int:
     return num_layers // every
 
 
-def saved(arch: Architecture, st: Setting, *, fused_qkv: bool = True) -> Activations:
+def saved(
+    arch: Architecture, st: Setting, *, fused_qkv: bool = True, whole: Architecture | None = None
+) -> Activations:
     """torchtitan's Llama 3 forward and loss on one GPU (no model parallelism): see the module
-    docstring. `fused_qkv`: 0.3.0's one `wqkv` projection (default) or 9dec370's three."""
-    why = unsupported(arch, st)
+    docstring. `fused_qkv`: 0.3.0's one `wqkv` projection (default) or 9dec370's three.
+    `whole`: the whole model when `arch` is one tensor-parallel rank's slice of it
+    (memplan.activations.torchtitan_parallel), which the rule's conditions are checked on."""
+    why = unsupported(whole or arch, st)
     if why:
         return replace(
             not_modelled(f"activations not modelled: {why}."), implementation="torchtitan"

@@ -1,0 +1,329 @@
+"""torchtitan's Llama 3 (memplan.model.stacks.torchtitan) on one rank of a tensor-, sequence-
+and context-parallel layout, as torchtitan lays it out.
+
+Tensor parallelism is torch's DTensor TP with torchtitan's plan (0.3.0
+models/llama3/sharding.py + models/common/decoder_sharding.py; the same plan as 9dec370's
+parallelisms/parallelize_llama.py::apply_tp, Dec 2024, which measured the published table):
+ColwiseParallel wqkv (9dec370: wq, wk, wv), w1, w3; RowwiseParallel wo, w2; the vocabulary-
+parallel embedding; lm_head ColwiseParallel with a Shard(-1) output and the loss run on each
+rank's vocabulary slice (loss parallel, torchtitan's default). With sequence parallelism
+(`enable_sequence_parallel`, on by default in both) the norms run on the sequence shard and
+the attention / feed-forward inputs are all-gathered before their first matmul. A rank's saved
+tensors are the single-GPU rule applied to its slice of the model (heads / TP, hidden_dim / TP,
+ceil(V / TP) vocabulary rows, torch.chunk's split: memplan.activations.layout.
+local_architecture), with these differences, each measured on 2 gloo ranks
+(tests/test_torchtitan_tp_activations.py):
+
+- sequence parallelism splits the tokens of every tensor the slice leaves whole (norms, the
+  residual stream and so the checkpointed block input) except the three norm outputs the next
+  matmul saves: those are the all-gathered, whole-sequence tensors (torch/distributed/tensor/
+  parallel/style.py::PrepareModuleInput redistributes Shard(1) -> Replicate before the
+  linear), and except the outputs of the row-parallel matmuls that SelectiveAC keeps (the
+  mm's output is the Partial, whole-sequence sum before its reduce-scatter);
+- the embedding (0.3.0 models/common/embedding.py::Embedding.forward with a tp_group) looks up
+  a clamped local copy of the token ids (int64 [b, s], saved instead of the ids) and multiplies
+  by the in-range mask `mask.unsqueeze(-1).to(out.dtype)` ([b, s, 1], saved);
+- the loss is 0.3.0's components/loss.py::_LossParallelCrossEntropy: it saves log_probs
+  [tokens, V / TP] fp32 and the labels, and no total_weight (9dec370 ran torch's
+  `loss_parallel()` on F.cross_entropy instead: its temporaries are another term).
+
+Context parallelism (torch.distributed.tensor.experimental context_parallel, torchtitan 0.3.0
+distributed/context_parallel/api.py::apply_cp_to_forward for SDPA) shards the inputs, labels and
+RoPE positions along the sequence (load-balanced chunks, the same count per rank), so every
+tensor of the rule is at sequence / CP; ring attention (torch 2.13 torch/distributed/tensor/
+experimental/_context_parallel/_attention.py::_scaled_dot_product_ring_flash_attention) runs
+the flash op on DTensors whose local tensors are the rank's q, k, v, so autograd saves those,
+the merged out (q's dtype) and logsumexp (fp32) at sequence / CP: the single-GPU rule at the
+local sequence. Ring attention needs CUDA's flash / efficient / cuDNN kernels
+(_sdpa_handler's call_maps); CPU's kernel is not among them, so this part is held by the source
+and a pinning test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from memplan.activations import layout
+from memplan.memory import Transient
+from memplan.model.forward import kernels
+from memplan.model.forward.tensors import Activations, Block, Saved, Setting
+from memplan.model.inventory import Architecture
+from memplan.model.stacks import torchtitan
+from memplan.precision import dtype_bytes
+from memplan.states.layout import Layout
+
+SRC_EMBEDDING = (
+    f"torchtitan {torchtitan.VERSION} models/common/embedding.py::Embedding.forward "
+    "(tp_group set: clamp(input - offset) looked up, `out * mask.unsqueeze(-1).to(out.dtype)`)"
+)
+SRC_LOSS = (
+    f"torchtitan {torchtitan.VERSION} components/loss.py::_LossParallelCrossEntropy.forward "
+    "(ctx.save_for_backward(log_probs, labels_1d))"
+)
+SRC_SAC_COMM = (
+    f"torchtitan {torchtitan.VERSION} distributed/activation_checkpoint.py::"
+    "_get_default_save_ops (comm_ops: _c10d_functional.reduce_scatter_tensor; the same in "
+    "9dec370's _save_list)"
+)
+SRC_RING = (
+    "torch 2.13 torch/distributed/tensor/experimental/_context_parallel/_attention.py::"
+    "_templated_ring_attention, _SDPAMerger, _templated_ring_attention_backward, "
+    "_AllGatherRotater, _AllToAllRotater, _ContextParallelOptions (rotate_method ALL_GATHER, "
+    "convert_to_f32 True)"
+)
+
+# Saved tensors that sequence parallelism leaves whole: the all-gathered norm outputs the
+# next matmul saves, and the Partial outputs of the row-parallel matmuls SelectiveAC keeps.
+_WHOLE = (
+    "attention_norm.output",
+    "ffn_norm.output",
+    "norm.output",
+    "attention.wo.output",
+    "feed_forward.w2.output",
+)
+
+
+def refusal(st: Setting, lay: Layout) -> str:
+    """Why this layout is outside the torchtitan rule, or ''."""
+    if lay.expert > 1:
+        return "activations of torchtitan's model code are not split for expert parallelism yet"
+    if st.compile and lay.tensor > 1 and st.checkpointing != "full":
+        return (
+            "activations of torchtitan's compiled blocks under tensor parallelism are not "
+            "modelled yet (the compiled saved set was traced on the whole block; with full "
+            "checkpointing each block keeps its input and is modelled)"
+        )
+    return ""
+
+
+def micro_batch(
+    arch: Architecture, st: Setting, lay: Layout, *, fused_qkv: bool = True
+) -> Activations:
+    """One micro-batch's saved tensors on one GPU of a TP (+ SP) x CP layout (module docstring),
+    every layer, on TP rank `lay.tensor_rank`; `fused_qkv` as in memplan.model.stacks.
+    torchtitan.saved (False: 9dec370's wq, wk, wv)."""
+    why = layout.check(arch, st, lay) or refusal(st, lay)
+    if why:
+        return replace(layout.refused(why), implementation="torchtitan")
+    local_st = layout.local_setting(st, lay)
+    local = torchtitan.saved(
+        layout.local_architecture(arch, lay), local_st, fused_qkv=fused_qkv, whole=arch
+    )
+    if not local.modelled or lay.tensor == 1:
+        return replace(local, buffers=ring_buffers(arch, local_st, lay))
+    blocks = [_tensor_parallel(b, local_st, lay, arch.hidden_size) for b in local.blocks]
+    logits, upcast = local.logits_bytes, local.upcast_bytes
+    if not lay.vocab_parallel_loss:
+        # parallelism.loss_parallel false (torchtitan's disable_loss_parallel): lm_head's
+        # output all-gathered to the whole vocabulary and the plain cross-entropy on it
+        # (memplan.activations.layout.whole_vocabulary_loss).
+        full = torchtitan.saved(
+            replace(layout.local_architecture(arch, lay), vocab_size=arch.vocab_size),
+            local_st,
+            fused_qkv=fused_qkv,
+            whole=arch,
+        )
+        loss = full.block("loss")
+        assert loss is not None
+        blocks = [loss if b.name == "loss" else b for b in blocks]
+        logits, upcast = full.logits_bytes, full.upcast_bytes
+    notes = [
+        *local.notes,
+        f"tensor parallelism {lay.tensor} as torchtitan applies it"
+        + (" with sequence parallelism" if lay.sequence_parallel else "")
+        + " (memplan.activations.torchtitan_parallel).",
+    ]
+    if not lay.sequence_parallel:
+        notes.append(
+            "torchtitan enables sequence parallelism with TP by default "
+            "(enable_sequence_parallel): this spec leaves parallelism.sequence_parallel off."
+        )
+    hidden = local.hidden_bytes // lay.tensor if lay.sequence_parallel else local.hidden_bytes
+    return replace(
+        local,
+        blocks=tuple(blocks),
+        hidden_bytes=hidden,
+        logits_bytes=logits,
+        upcast_bytes=upcast,
+        notes=tuple(notes),
+        buffers=ring_buffers(arch, local_st, lay),
+    )
+
+
+def _tensor_parallel(block: Block, st: Setting, lay: Layout, hidden: int) -> Block:
+    b, s = st.batch, st.sequence
+    if block.name == "embeddings":
+        mask = kernels.saved(
+            "tok_embeddings.mask", (b, s, 1), st.stream, "MulBackward0", SRC_EMBEDDING
+        )
+        local = kernels.saved(
+            "tok_embeddings.local_indices",
+            (b, s),
+            kernels.INT64,
+            "EmbeddingBackward0",
+            SRC_EMBEDDING,
+        )
+        return replace(block, tensors=(local, mask))
+    if block.name == "loss" and lay.vocab_parallel_loss:
+        log_probs, targets = block.tensors[0], block.tensors[1]
+        return replace(
+            block,
+            tensors=(
+                replace(
+                    log_probs,
+                    name="log_probs",
+                    saved_by="_LossParallelCrossEntropy",
+                    source=SRC_LOSS,
+                ),
+                replace(targets, saved_by="_LossParallelCrossEntropy", source=SRC_LOSS),
+            ),
+        )
+    if block.name == "loss":
+        return block  # the whole vocabulary's loss (micro_batch)
+    if not lay.sequence_parallel:
+        return block
+    tensors = tuple(_sp(t, st, lay.tensor) for t in block.tensors)
+    if block.name == "layers" and st.checkpointing == "selective-op":
+        # SelectiveAC keeps every reduce_scatter_tensor output (SRC_SAC_COMM): with SP, wo's
+        # and w2's reduce-scatters back to the sequence shard.
+        shard = (st.batch, st.sequence // lay.tensor, hidden)
+        tensors += tuple(
+            kernels.saved(f"{name}.reduce_scatter", shard, st.matmul, "MUST_SAVE", SRC_SAC_COMM)
+            for name in ("attention.wo", "feed_forward.w2")
+        )
+    return replace(
+        block,
+        tensors=tensors,
+        recompute=tuple(_sp(t, st, lay.tensor) for t in block.recompute),
+    )
+
+
+def _sp(t: Saved, st: Setting, tp: int) -> Saved:
+    """`t` sequence-sharded over the TP ranks, unless sequence parallelism leaves it whole
+    (_WHOLE) or TP split it already (its token dimension is whole but its width is sliced:
+    the attention core and feed-forward interiors)."""
+    if t.name in _WHOLE or not _replicated(t):
+        return t
+    shape = layout._split_tokens(t.shape, st, tp)  # noqa: SLF001 - the shared token rule
+    return t if shape is None else replace(t, shape=shape)
+
+
+_REPLICATED = ("checkpoint.hidden_states", "attention_norm.", "ffn_norm.", "norm.")
+
+
+def _replicated(t: Saved) -> bool:
+    """Tensors TP leaves whole, which SequenceParallel shards: the norms' (the residual stream's
+    width) and the checkpointed block input."""
+    return t.name.startswith(_REPLICATED)
+
+
+def ring_buffers(arch: Architecture, st: Setting, lay: Layout) -> tuple[Transient, ...]:
+    """Transients of torch's ring attention on one CP rank (`st` the rank's local setting),
+    SRC_RING, per layer while its attention runs; none without CP. Read from the source, not
+    measured (ring attention needs CUDA kernels). KV: one [k, v] pair of the rank, in the
+    compute dtype; Q: the rank's query (and out) elements.
+
+    Forward: the contiguous copies of the local key and value (SDPA hands transposed views),
+    their concatenation sent, and the all-gathered CP x [k, v] (`_cp_options.rotate_method`
+    ALL_GATHER, torch 2.13's default, which torchtitan 0.3.0 leaves as is: _AllGatherRotater
+    gathers once and hands out chunks), plus _SDPAMerger's running out and the step's block out
+    in fp32 (`convert_to_f32`, default True). Backward: the same key/value copies, concatenation
+    and gather, the fp32 dq, dk, dv accumulators, and the [dk, dv] concatenation in fp32 with
+    the one the all-to-all rotater (dkv_rotater, ALL_TO_ALL) returns."""
+    if lay.context == 1:
+        return ()
+    tp, cp = lay.tensor, lay.context
+    heads, kv_heads = arch.num_attention_heads // tp, max(arch.num_key_value_heads // tp, 1)
+    t, d, w = st.tokens, arch.head_dim, dtype_bytes(st.matmul)
+    kv = 2 * t * kv_heads * d
+    q = t * heads * d
+    rotation = (2 + cp) * kv * w
+    forward = rotation + 2 * q * 4
+    backward = rotation + (q + kv) * 4 + 2 * kv * 4
+    return (
+        Transient(
+            name="context_parallel_ring_forward",
+            bytes=forward,
+            phases=("forward",),
+            formula=f"(2 + CP) x [k, v] ({kv:,} elements in {st.matmul}: contiguous copies, the "
+            f"chunk sent, the CP chunks gathered) + 2 x out in fp32 ({q:,} elements)",
+            source=SRC_RING,
+        ),
+        Transient(
+            name="context_parallel_ring_backward",
+            bytes=backward,
+            phases=("backward",),
+            formula=f"(2 + CP) x [k, v] in {st.matmul} + fp32 dq, dk, dv ({q + kv:,} elements)"
+            f" + 2 x [dk, dv] in fp32 ({kv:,} elements each)",
+            source=SRC_RING,
+        ),
+    )
+
+
+SRC_LAYER_SAC = (
+    "torchtitan 9dec370 parallelisms/parallelize_llama.py::_apply_ac_to_transformer_block "
+    "(`ptd_checkpoint_wrapper._count`, one counter per process over the blocks it wraps, in "
+    "the order of its model chunks: pipeline_llama builds a rank's stages in order and "
+    "parallelize_llama wraps each)"
+)
+
+
+def checkpointed_per_chunk(chunk_layers: tuple[int, ...], every: int) -> tuple[int, ...]:
+    """Blocks layer SAC checkpoints in each of one pipeline rank's model chunks (SRC_LAYER_SAC):
+    the rank counts its own blocks from 1 across its chunks and checkpoints block
+    `count % every == 0`."""
+    out, done = [], 0
+    for n in chunk_layers:
+        out.append((done + n) // every - done // every)
+        done += n
+    return tuple(out)
+
+
+def stage_every(
+    micro: Activations,
+    *,
+    chunk_layers: tuple[int, ...],
+    alive: tuple[int, ...],
+    every: int,
+    first: bool,
+    last: bool,
+    source: str = layout.SRC_SCHEDULE,
+) -> Activations:
+    """One pipeline rank's activations at its peak (memplan.activations.layout.stage) when
+    torchtitan checkpoints every `every`-th block: `micro`'s two layer kinds (checkpointed, the
+    block with a recompute, and plain) split over the rank's chunks as SRC_LAYER_SAC counts
+    them, each staged like memplan.activations.layout.stage stages one kind."""
+    kinds = [b for b in micro.blocks if b.name == "layers"]
+    ckpt = next(b for b in kinds if b.recompute)
+    plain = next((b for b in kinds if not b.recompute), None)
+    others = tuple(b for b in micro.blocks if b.name != "layers")
+    ck = checkpointed_per_chunk(chunk_layers, every)
+    staged = layout.stage(
+        replace(micro, blocks=(*others, ckpt)),
+        chunk_layers=ck,
+        alive=alive,
+        first=first,
+        last=last,
+        source=source,
+    )
+    if plain is None:
+        return staged
+    rest = tuple(n - c for n, c in zip(chunk_layers, ck, strict=True))
+    more = layout.stage(
+        replace(micro, blocks=(*others, plain)),
+        chunk_layers=rest,
+        alive=alive,
+        first=False,
+        last=False,
+        source=source,
+    )
+    layers = tuple(b for b in more.blocks if b.name in ("layers", "in_flight.layers"))
+    note = (
+        f"torchtitan's layer SAC on this pipeline rank: {sum(ck)} of {sum(chunk_layers)} "
+        f"blocks checkpointed ({SRC_LAYER_SAC})."
+    )
+    return replace(
+        staged,
+        blocks=(*staged.blocks, *(b for b in layers if b.count)),
+        notes=(*staged.notes, note),
+    )
