@@ -72,7 +72,13 @@ class Row:
             # 9dec370's apply_fsdp (torchtitan/parallelisms/parallelize_llama.py) shards each
             # block, then the root holding tok_embeddings, norm and output: memplan's `layers`
             # grouping (0.3.0's own grouping, `torchtitan`, splits the root in two).
-            "parallelism": {"engine": "fsdp2", "fsdp_wrap": "layers", **self.parallelism},
+            # 9dec370's apply_tp shards the norms with SequenceParallel whenever TP is on.
+            "parallelism": {
+                "engine": "fsdp2",
+                "fsdp_wrap": "layers",
+                **({"sequence_parallel": True} if self.parallelism.get("tensor", 1) > 1 else {}),
+                **self.parallelism,
+            },
             # torchtitan's run_llama_train.sh sets expandable segments; Grand Teton's H100s
             # carry 96 GB of HBM2e (the H100-80GB's compute figures, 96 GB of memory).
             "hardware": {

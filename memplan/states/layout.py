@@ -176,9 +176,13 @@ class Layout:
 
     @property
     def fsdp_world(self) -> int:
-        """The data ranks FSDP2 shards over (its mesh's shard dimension): data, divided by
-        HSDP's replicate degree."""
-        return self.data // self.data_replicate
+        """The ranks FSDP2 shards over (its mesh's shard dimension): the shard group, data x
+        context divided by HSDP's replicate degree. Context-parallel ranks hold the same
+        weights, so torchtitan shards over them too (torchtitan/parallelisms/
+        parallel_dims.py at 9dec370: the `dp_shard_cp` mesh; 0.3.0 distributed/
+        parallel_dims.py, the "fsdp" mesh), as the model-state rows already do
+        (`data_shards`)."""
+        return self.shard_group
 
     @property
     def expert_data(self) -> int:
