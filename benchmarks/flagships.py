@@ -22,7 +22,7 @@ memplan.activations.EP_OVER_PROFILE); Llama 4's own expert code is not split, so
 FSDP2, which shards each expert tensor's first dimension (16 experts: a rank holds at least one).
 Under FSDP2 with expert parallelism memplan gathers a decoder layer's routed experts over the
 expert-data ranks and the rest over the data-parallel group, as torchtitan wraps them
-(memplan.states.engines.fsdp2.step._EDP). `--device cuda` (the default): the
+(memplan.states.engines.fsdp2.groups.EDP). `--device cuda` (the default): the
 profiles are traced for CUDA kernels on the CPU build (memplan.verify.trace.cuda); `--device
 cpu` traces the CPU kernels. The estimate runs with `--no-trace`: only shipped files serve.
 

@@ -1,7 +1,7 @@
 """FSDP2 under expert parallelism: each MoE layer's routed experts are sharded over the
 expert-data ranks (data / EP), the rest of the layer over all data ranks, as torchtitan's
 apply_fsdp_to_decoder does with ep_degree > 1 (torchtitan/distributed/fsdp.py, 0.3.0;
-memplan.states.engines.fsdp2.step._EDP). Before, memplan gathered the rank's experts over all
+memplan.states.engines.fsdp2.groups.EDP). Before, memplan gathered the rank's experts over all
 data ranks: each expert tensor padded to `data` rows (ceil(local experts / data) x data), 32x
 the experts' all-gather on the DeepSeek-V3.2 flagship row (8 local experts, data 256).
 
@@ -22,7 +22,7 @@ import pytest
 from memplan.config.load import validate
 from memplan.model.sources import from_config
 from memplan.report.estimate import estimate
-from memplan.states.engines.fsdp2.step import fsdp2_groups
+from memplan.states.engines.fsdp2.groups import fsdp2_groups
 
 pytest.importorskip("torch")
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from memplan.memory import Phase, Transient
-from memplan.model.inventory import Inventory, TensorSpec
 from memplan.precision import Recipe, dtype_bytes
-from memplan.states.engines.base import StepActivations, StepCache, StepStates
-from memplan.states.engines.fsdp2.sharding import padded_elements
+from memplan.states.engines.base import StepActivations
+from memplan.states.engines.fsdp2.groups import (
+    TITAN_WRAP,
+    Fsdp2Group,
+    Fsdp2Groups,
+)
 
 # torch FSDP2 (`fully_shard`, torch 2.13) as memplan verify wraps a model
 # (memplan/verify/rank.py::_wrap): one parameter group per decoder layer, then the root (every
@@ -85,134 +88,6 @@ _GLOO_RS = (
 
 
 @dataclass(frozen=True, slots=True)
-class Fsdp2Group:
-    """One FSDP2 parameter group (one `fully_shard` call), in elements on one rank."""
-
-    padded: int
-    """Every parameter's padded shard (memplan.states.engines.fsdp2.sharding.padded_elements):
-    world x this is the all-gather output and the unsharded parameters' storage."""
-    grad_padded: int
-    """The same over the parameters with a gradient: the reduce-scatter output per rank
-    (the reduce-scatter input is world x this)."""
-    grads: int
-    """Elements of its unsharded gradients (unpadded, parameters with a gradient)."""
-    last: int
-    """Elements of its last parameter with a gradient (see _RS_LAST)."""
-    expert_world: int = 1
-    """Under expert parallelism, the expert-data ranks its routed experts are sharded over
-    (_EDP); `padded` and `grad_padded` are then the other parameters'."""
-    expert_padded: int = 0
-    """The routed experts' padded shard elements over `expert_world` ranks (as `padded`)."""
-    expert_grad_padded: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Fsdp2Groups:
-    """The groups verify makes (fsdp_wrap `layers`): the root and `layers` decoder layers (the
-    largest one); with torchtitan's wrapping also its head group (`head`)."""
-
-    root: Fsdp2Group
-    """The group gathered first in forward and reduced last in backward: every parameter
-    outside the decoder layers, or with a `head` group the input (and position) embeddings."""
-    block: Fsdp2Group
-    layers: int
-    head_grads: int
-    """Elements of the root's gradients that exist while the decoder layers run backward:
-    every root parameter but the input and position embeddings (unless tied to the head)."""
-    head: Fsdp2Group | None = None
-    """torchtitan's `fully_shard([model.norm, model.output], reshard_after_forward=False)`
-    (_TITAN_WRAP): the final norm and the output projection, gathered after the last layer's
-    forward, unsharded until their post-backward (before the layers' backward); None: those
-    parameters are in the root."""
-
-
-# torchtitan 0.3.0 torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder (called by
-# models/llama3/parallelize.py::parallelize_llama), untied head: fully_shard(tok_embeddings,
-# reshard_after_forward=True), each block (True), fully_shard([norm, output],
-# reshard_after_forward=False: policy "default", not "always"), then fully_shard(model) over
-# no parameters; fsdp_reshard_after_forward "never" makes every group False. A tied head
-# is one group [tok_embeddings, norm, output]. torchtitan 9dec370 (Dec 2024, the published
-# H100 table) wrapped differently: parallelisms/parallelize_llama.py::apply_fsdp shards each
-# block (the last one not resharded after forward) and the root holding tok_embeddings, norm
-# and output (memplan's `layers` grouping but for that last block).
-_TITAN_WRAP = "torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder (torchtitan 0.3.0)"
-
-
-# Experts over the expert-data mesh: torchtitan 0.3.0 torchtitan/distributed/fsdp.py::
-# apply_fsdp_to_decoder with ep_degree > 1 gives each MoE block's routed-expert parameters
-# (moe.routed_experts.inner_experts) the `edp_mesh` (dp_shard_mod_ep, data / EP ranks) through
-# a shard_placement_fn (ShardPlacementResult(mesh_info=edp_mesh_info)) and every other
-# parameter of the block the dp mesh: one fully_shard call, two FSDPParamGroups, each
-# all-gathering and reduce-scattering over its own mesh (torch _fsdp_init.py /
-# _fully_shard.py: one group per mesh). Both reduce-scatter inputs stay alive together
-# (_fsdp_param_group.py::post_backward pops the previous inputs only in the module's last
-# group, L647-658). memplan's model states already shard experts over Layout.expert_data
-# under EP for every engine (memplan.states.stages._rank_states), so the gather follows.
-# Not modelled: torchtitan's Shard(1) placement when edp x EP exceeds the expert count
-# (dim-1 padding instead of dim-0).
-_EDP = "torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder, ep_degree > 1 (torchtitan 0.3.0)"
-
-
-def fsdp2_groups(
-    inventory: Inventory, world: int, wrap: str = "layers", expert_world: int | None = None
-) -> Fsdp2Groups:
-    """FSDP2's groups of `inventory` sharded `world` ways (see Fsdp2Group), as `wrap`
-    (Layout.fsdp_groups) groups them; with `expert_world` (expert parallelism) the routed
-    experts of each layer are sharded over that many expert-data ranks instead (_EDP)."""
-    tied = bool(inventory.tied)
-    roots = [t for t in inventory.parameters if t.layer is None]
-    layers: dict[int, list[TensorSpec]] = {}
-    for t in inventory.parameters:
-        if t.layer is not None:
-            layers.setdefault(t.layer, []).append(t)
-    blocks = [_fsdp2_group(ts, world, expert_world) for ts in layers.values()]
-    block = max(blocks, key=lambda b: b.padded, default=_fsdp2_group([], world))
-    if wrap == "torchtitan" and not tied:
-        first = [t for t in roots if t.role in ("embedding", "position")]
-        rest = [t for t in roots if t.role not in ("embedding", "position")]
-        if first and rest:
-            return Fsdp2Groups(
-                root=_fsdp2_group(first, world),
-                block=block,
-                layers=len(layers),
-                head_grads=0,
-                head=_fsdp2_group(rest, world),
-            )
-    head = [t for t in roots if (t.role != "embedding" or tied) and t.role != "position"]
-    return Fsdp2Groups(
-        root=_fsdp2_group(roots, world),
-        block=block,
-        layers=len(layers),
-        head_grads=sum(t.numel for t in head if t.trainable),
-    )
-
-
-def _fsdp2_group(
-    tensors: list[TensorSpec], world: int, expert_world: int | None = None
-) -> Fsdp2Group:
-    train = [t for t in tensors if t.trainable]
-    experts = [t for t in tensors if t.role == "experts"] if expert_world else []
-    if experts:
-        assert expert_world is not None
-        dense = [t for t in tensors if t.role != "experts"]
-        return Fsdp2Group(
-            padded=padded_elements(dense, world),
-            grad_padded=padded_elements([t for t in dense if t.trainable], world),
-            grads=sum(t.numel for t in train),
-            last=train[-1].numel if train else 0,
-            expert_world=expert_world,
-            expert_padded=padded_elements(experts, expert_world),
-            expert_grad_padded=padded_elements([t for t in experts if t.trainable], expert_world),
-        )
-    return Fsdp2Group(
-        padded=padded_elements(tensors, world),
-        grad_padded=padded_elements(train, world),
-        grads=sum(t.numel for t in train),
-        last=train[-1].numel if train else 0,
-    )
-
-
-@dataclass(frozen=True, slots=True)
 class _Fsdp2Bytes:
     """The buffers of one group, in bytes (see step_buffers())."""
 
@@ -238,12 +113,6 @@ def _fsdp2_bytes(
         sharded_grads=(g.grad_padded + g.expert_grad_padded) * shard,
         last=g.last * grad,
     )
-
-
-def fsdp2_root_gradients(groups: Fsdp2Groups, *, shard: str) -> int:
-    """Bytes of the root's sharded gradients, which FSDP2 makes only in the root's
-    post-backward, after the whole backward (the timeline leaves them out before)."""
-    return groups.root.grad_padded * dtype_bytes(shard)
 
 
 def step_buffers(
@@ -392,7 +261,7 @@ def _head_group_buffers(
     acts: StepActivations,
     loss_in_forward: bool,
 ) -> list[Transient]:
-    """step_buffers under torchtitan's wrapping (_TITAN_WRAP): the root is the embedding
+    """step_buffers under torchtitan's wrapping (TITAN_WRAP): the root is the embedding
     group (resharded after its forward with `reshard`, gathered again by the first layer's
     backward prefetch); the head group ([norm, output]) is gathered after the last layer's
     forward and stays unsharded until its post-backward, which reduce-scatters its
@@ -421,7 +290,7 @@ def _head_group_buffers(
             f"{world} ranks x {elements:,} padded shard elements x {dtype_bytes(param)} B ({param})"
         )
 
-    src = f"{_TITAN_WRAP}; {_AG_COPY_OUT}; {_RESHARD}"
+    src = f"{TITAN_WRAP}; {_AG_COPY_OUT}; {_RESHARD}"
     emb_end: tuple[Phase, ...] = () if at_reduce else ("backward_end",)
     whole: tuple[Phase, ...] = ("forward", "loss", "backward_start", "backward")
     out = _term(
@@ -495,7 +364,7 @@ def _head_group_buffers(
         ("backward",),
         f"{groups.head.grad_padded:,} elements x {o} B ({shard}): the head group's sharded "
         "gradients, made in its post-backward before the layers' backward",
-        f"{_TITAN_WRAP}; {_RS_CAST}",
+        f"{TITAN_WRAP}; {_RS_CAST}",
     )
     # The head group's post-backward: its parameters resharded, its reduce-scatter (as a
     # layer's, _fsdp2_layer_backward), a hidden-state gradient alive, every layer's saved
@@ -728,7 +597,7 @@ def between_phases(
       first layer (the previous group is the root) or at the last one;
     - backward_start (ZeRO-3): the root's pre-backward all-gather, before the loss gradient
       (the root was resharded after forward).
-    With torchtitan's head group (`head`, _TITAN_WRAP) the root is the embedding group,
+    With torchtitan's head group (`head`, TITAN_WRAP) the root is the embedding group,
     resharded after its forward (its all-gather output kept as above), and forward has one
     more moment: the head group's all-gather and copy-out after the last layer (its
     all-gather output and parameters, the last layer resharded, its all-gather output still
@@ -753,7 +622,7 @@ def between_phases(
                 formula=f"at the head group's all-gather: 2 x {head.unsharded:,} B (its "
                 f"all-gather output and parameters){resharded} - "
                 f"{acts.forward_working_set:,} B forward working set, gone",
-                source=f"{_TITAN_WRAP}; {_AG_OUT}; {_AG_COPY_OUT}; {_AG_KEPT}",
+                source=f"{TITAN_WRAP}; {_AG_OUT}; {_AG_COPY_OUT}; {_AG_KEPT}",
             )
         ]
     if layers:
@@ -874,7 +743,7 @@ def _fsdp2_layer_backward(
             bytes=n_bytes,
             phases=("backward",),
             formula=where,
-            source=f"{_TITAN_WRAP}; {_POST_BW}; {_RS_IN}; {_RS_OUT}; {_RS_DTYPE}; {_RS_LAST}; "
+            source=f"{TITAN_WRAP}; {_POST_BW}; {_RS_IN}; {_RS_OUT}; {_RS_DTYPE}; {_RS_LAST}; "
             f"{_GLOO_RS}; {_PREFETCH}",
         )
     parts = []
@@ -909,17 +778,6 @@ def _fsdp2_layer_backward(
         formula=f"layer {k} from the last, {where}: " + " + ".join(parts),
         source=f"{_POST_BW}; {_POST_BW_HOOK}; {_RS_IN}; {_RS_OUT}; {_RS_DTYPE}; {_RS_LAST}; "
         f"{_GLOO_RS}; {_PREFETCH}",
-    )
-
-
-def groups_of(states: StepStates, cache: StepCache) -> Fsdp2Groups:
-    """`fsdp2_groups` of the rank's model, sharded over the data-parallel ranks."""
-    layout = states.layout
-    inventory, world, wrap = states.inventory, layout.fsdp_world, layout.fsdp_groups
-    experts = layout.expert_data if layout.expert > 1 else None
-    return cache.get(
-        ("fsdp2 groups", inventory, world, wrap, experts),
-        lambda: fsdp2_groups(inventory, world, wrap, experts),
     )
 
 

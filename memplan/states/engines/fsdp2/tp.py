@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from memplan.memory import Transient
 from memplan.model.inventory import Inventory
-from memplan.states.engines.fsdp2.step import Fsdp2Groups
+from memplan.states.engines.fsdp2.groups import Fsdp2Groups
 
 SRC_UNSHARD_ONE_RANK = (
     "torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py::"

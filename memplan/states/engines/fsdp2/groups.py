@@ -1,0 +1,160 @@
+"""torch FSDP2's parameter groups (one `fully_shard` call each): which parameters each holds
+and their padded shard sizes on one rank, as memplan verify wraps a model or as torchtitan
+does (Layout.fsdp_groups), with routed experts over the expert-data ranks under expert
+parallelism. memplan.states.engines.fsdp2.step sizes the buffers each group holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.model.inventory import Inventory, TensorSpec
+from memplan.precision import dtype_bytes
+from memplan.states.engines.base import StepCache, StepStates
+from memplan.states.engines.fsdp2.sharding import padded_elements
+
+
+@dataclass(frozen=True, slots=True)
+class Fsdp2Group:
+    """One FSDP2 parameter group (one `fully_shard` call), in elements on one rank."""
+
+    padded: int
+    """Every parameter's padded shard (memplan.states.engines.fsdp2.sharding.padded_elements):
+    world x this is the all-gather output and the unsharded parameters' storage."""
+    grad_padded: int
+    """The same over the parameters with a gradient: the reduce-scatter output per rank
+    (the reduce-scatter input is world x this)."""
+    grads: int
+    """Elements of its unsharded gradients (unpadded, parameters with a gradient)."""
+    last: int
+    """Elements of its last parameter with a gradient (memplan.states.engines.fsdp2.step's
+    _RS_LAST)."""
+    expert_world: int = 1
+    """Under expert parallelism, the expert-data ranks its routed experts are sharded over
+    (EDP); `padded` and `grad_padded` are then the other parameters'."""
+    expert_padded: int = 0
+    """The routed experts' padded shard elements over `expert_world` ranks (as `padded`)."""
+    expert_grad_padded: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Fsdp2Groups:
+    """The groups verify makes (fsdp_wrap `layers`): the root and `layers` decoder layers (the
+    largest one); with torchtitan's wrapping also its head group (`head`)."""
+
+    root: Fsdp2Group
+    """The group gathered first in forward and reduced last in backward: every parameter
+    outside the decoder layers, or with a `head` group the input (and position) embeddings."""
+    block: Fsdp2Group
+    layers: int
+    head_grads: int
+    """Elements of the root's gradients that exist while the decoder layers run backward:
+    every root parameter but the input and position embeddings (unless tied to the head)."""
+    head: Fsdp2Group | None = None
+    """torchtitan's `fully_shard([model.norm, model.output], reshard_after_forward=False)`
+    (TITAN_WRAP): the final norm and the output projection, gathered after the last layer's
+    forward, unsharded until their post-backward (before the layers' backward); None: those
+    parameters are in the root."""
+
+
+# torchtitan 0.3.0 torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder (called by
+# models/llama3/parallelize.py::parallelize_llama), untied head: fully_shard(tok_embeddings,
+# reshard_after_forward=True), each block (True), fully_shard([norm, output],
+# reshard_after_forward=False: policy "default", not "always"), then fully_shard(model) over
+# no parameters; fsdp_reshard_after_forward "never" makes every group False. A tied head
+# is one group [tok_embeddings, norm, output]. torchtitan 9dec370 (Dec 2024, the published
+# H100 table) wrapped differently: parallelisms/parallelize_llama.py::apply_fsdp shards each
+# block (the last one not resharded after forward) and the root holding tok_embeddings, norm
+# and output (memplan's `layers` grouping but for that last block).
+TITAN_WRAP = "torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder (torchtitan 0.3.0)"
+
+
+# Experts over the expert-data mesh: torchtitan 0.3.0 torchtitan/distributed/fsdp.py::
+# apply_fsdp_to_decoder with ep_degree > 1 gives each MoE block's routed-expert parameters
+# (moe.routed_experts.inner_experts) the `edp_mesh` (dp_shard_mod_ep, data / EP ranks) through
+# a shard_placement_fn (ShardPlacementResult(mesh_info=edp_mesh_info)) and every other
+# parameter of the block the dp mesh: one fully_shard call, two FSDPParamGroups, each
+# all-gathering and reduce-scattering over its own mesh (torch _fsdp_init.py /
+# _fully_shard.py: one group per mesh). Both reduce-scatter inputs stay alive together
+# (_fsdp_param_group.py::post_backward pops the previous inputs only in the module's last
+# group, L647-658). memplan's model states already shard experts over Layout.expert_data
+# under EP for every engine (memplan.states.stages._rank_states), so the gather follows.
+# Not modelled: torchtitan's Shard(1) placement when edp x EP exceeds the expert count
+# (dim-1 padding instead of dim-0).
+EDP = "torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder, ep_degree > 1 (torchtitan 0.3.0)"
+
+
+def fsdp2_groups(
+    inventory: Inventory, world: int, wrap: str = "layers", expert_world: int | None = None
+) -> Fsdp2Groups:
+    """FSDP2's groups of `inventory` sharded `world` ways (see Fsdp2Group), as `wrap`
+    (Layout.fsdp_groups) groups them; with `expert_world` (expert parallelism) the routed
+    experts of each layer are sharded over that many expert-data ranks instead (EDP)."""
+    tied = bool(inventory.tied)
+    roots = [t for t in inventory.parameters if t.layer is None]
+    layers: dict[int, list[TensorSpec]] = {}
+    for t in inventory.parameters:
+        if t.layer is not None:
+            layers.setdefault(t.layer, []).append(t)
+    blocks = [_fsdp2_group(ts, world, expert_world) for ts in layers.values()]
+    block = max(blocks, key=lambda b: b.padded, default=_fsdp2_group([], world))
+    if wrap == "torchtitan" and not tied:
+        first = [t for t in roots if t.role in ("embedding", "position")]
+        rest = [t for t in roots if t.role not in ("embedding", "position")]
+        if first and rest:
+            return Fsdp2Groups(
+                root=_fsdp2_group(first, world),
+                block=block,
+                layers=len(layers),
+                head_grads=0,
+                head=_fsdp2_group(rest, world),
+            )
+    head = [t for t in roots if (t.role != "embedding" or tied) and t.role != "position"]
+    return Fsdp2Groups(
+        root=_fsdp2_group(roots, world),
+        block=block,
+        layers=len(layers),
+        head_grads=sum(t.numel for t in head if t.trainable),
+    )
+
+
+def _fsdp2_group(
+    tensors: list[TensorSpec], world: int, expert_world: int | None = None
+) -> Fsdp2Group:
+    train = [t for t in tensors if t.trainable]
+    experts = [t for t in tensors if t.role == "experts"] if expert_world else []
+    if experts:
+        assert expert_world is not None
+        dense = [t for t in tensors if t.role != "experts"]
+        return Fsdp2Group(
+            padded=padded_elements(dense, world),
+            grad_padded=padded_elements([t for t in dense if t.trainable], world),
+            grads=sum(t.numel for t in train),
+            last=train[-1].numel if train else 0,
+            expert_world=expert_world,
+            expert_padded=padded_elements(experts, expert_world),
+            expert_grad_padded=padded_elements([t for t in experts if t.trainable], expert_world),
+        )
+    return Fsdp2Group(
+        padded=padded_elements(tensors, world),
+        grad_padded=padded_elements(train, world),
+        grads=sum(t.numel for t in train),
+        last=train[-1].numel if train else 0,
+    )
+
+
+def fsdp2_root_gradients(groups: Fsdp2Groups, *, shard: str) -> int:
+    """Bytes of the root's sharded gradients, which FSDP2 makes only in the root's
+    post-backward, after the whole backward (the timeline leaves them out before)."""
+    return groups.root.grad_padded * dtype_bytes(shard)
+
+
+def groups_of(states: StepStates, cache: StepCache) -> Fsdp2Groups:
+    """`fsdp2_groups` of the rank's model, sharded over the data-parallel ranks."""
+    layout = states.layout
+    inventory, world, wrap = states.inventory, layout.fsdp_world, layout.fsdp_groups
+    experts = layout.expert_data if layout.expert > 1 else None
+    return cache.get(
+        ("fsdp2 groups", inventory, world, wrap, experts),
+        lambda: fsdp2_groups(inventory, world, wrap, experts),
+    )
