@@ -41,6 +41,12 @@ ROUND_LARGE = 2 << 20
 CUDA_CONTEXT_BYTES = 512 << 20
 
 
+COMPUTE_STREAM = "compute"
+"""The default CUDA stream, where autograd and the optimizer allocate. Engines that run
+collectives on side streams (FSDP2) allocate some buffers there instead; the CUDA caching
+allocator keeps each stream's blocks for that stream (memplan.step.allocator)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Transient:
     """One transient buffer or overhead."""
@@ -51,6 +57,13 @@ class Transient:
     """The phases of the step in which it is alive."""
     formula: str
     source: str
+    stream: str = COMPUTE_STREAM
+    """The CUDA stream it is allocated on (the allocator replay keeps it in that stream's
+    pool)."""
+    momentary: Phase | None = None
+    """A buffer alive only for a moment as this phase begins, below the phase's peak, so no
+    phase point holds it (`phases` is empty): the allocator replay makes it as the phase
+    begins, before the phase's own transients, and frees it after them."""
 
 
 def round_block(n_bytes: int) -> int:

@@ -224,6 +224,57 @@ def test_large_segment_size_sets_the_medium_segment() -> None:
     assert r.peak_reserved == 12 * MIB
 
 
+# --- streams -------------------------------------------------------------------------------------
+
+
+def test_a_block_freed_on_one_stream_is_not_reused_by_another() -> None:
+    """The allocator's header: "Once freed, blocks can be re-allocated on the same stream, but
+    not on any other stream" (BlockComparatorSize orders by stream first; get_free_block
+    returns false when the lower_bound's block is another stream's). A 12 MiB block freed on
+    the reduce-scatter stream leaves its 12 MiB segment cached there; the compute stream's
+    12 MiB request cudaMallocs a second one (24 MiB reserved); a second reduce-scatter
+    request takes the cached one back (still 24 MiB)."""
+    events = [
+        ("alloc", "rs0", 12 * MIB, "rs"),
+        ("free", "rs0"),
+        ("alloc", "c", 12 * MIB),
+        ("alloc", "rs1", 12 * MIB, "rs"),
+    ]
+    r = replay(events)
+    assert (r.peak_reserved, r.segments) == (24 * MIB, 2)
+    assert dict(r.peak_reserved_by_stream) == {"rs": 12 * MIB, "compute": 12 * MIB}
+    # On one stream the freed segment is reused.
+    one_stream = [("alloc", "a", 12 * MIB), ("free", "a"), ("alloc", "b", 12 * MIB)]
+    assert replay(one_stream).peak_reserved == 12 * MIB
+
+
+def test_each_stream_grows_its_own_expandable_segment() -> None:
+    """find_expandable_block walks only the unmapped ranges of the request's stream
+    (`(*it)->stream == stream`) and otherwise makes a new ExpandableSegment for it: 30 MiB on
+    a side stream maps two 20 MiB pages of its own segment; freed, those pages stay mapped for
+    it, and 30 MiB on the compute stream maps two pages of a second segment (80 MiB). Each
+    stream's peak is its own 40 MiB."""
+    conf = AllocConf.parse("expandable_segments:True")
+    events = [("alloc", 0, 30 * MIB, "ag"), ("free", 0), ("alloc", 1, 30 * MIB)]
+    r = replay(events, conf)
+    assert (r.peak_reserved, r.segments) == (80 * MIB, 2)
+    assert dict(r.peak_reserved_by_stream) == {"ag": 40 * MIB, "compute": 40 * MIB}
+
+
+def test_empty_cache_releases_every_streams_free_segments() -> None:
+    """release_cached_blocks walks both pools whatever the stream: a freed 12 MiB segment of a
+    side stream goes back to the device, the compute stream's live one stays."""
+    events = [
+        ("alloc", 0, 12 * MIB, "side"),
+        ("alloc", 1, 12 * MIB),
+        ("free", 0),
+        ("empty_cache",),
+        ("phase", "after"),
+    ]
+    r = replay(events)
+    assert r.reserved_at("after") == 12 * MIB
+
+
 # --- empty cache, capacity, OOM ------------------------------------------------------------------
 
 
@@ -468,6 +519,10 @@ def test_events_from_a_torch_trace() -> None:
     trace = json.loads(out.stdout.strip().splitlines()[-1])
     events = events_from_trace(trace)
     assert sum(e[0] == "alloc" for e in events) == sum(e["action"] == "alloc" for e in trace) > 0
+    # Each allocation keeps the trace entry's stream (0, the default stream: "compute").
+    assert {e[3] for e in events if e[0] == "alloc"} == {
+        t.get("stream") or "compute" for t in trace if t["action"] == "alloc"
+    }
     live: dict[int, int] = {}
     most = 0
     for e in trace:

@@ -544,3 +544,48 @@ def test_lora_blocks_with_one_name_replay() -> None:
     assert len(names) > len(set(names))
     assert report.allocator is not None
     assert report.allocator.peak_reserved >= report.allocator.peak_allocated
+
+
+# --- FSDP2's side streams ------------------------------------------------------------------------
+
+
+def test_fsdp2_side_streams_hold_their_own_buffers() -> None:
+    """torch 2.13's FSDP2 makes each flat all-gather output on all_gather_copy_in_stream in
+    forward and pre-backward (_fsdp_param_group.py::get_all_gather_streams, _fsdp_collectives.py
+    ::foreach_all_gather) and the reduce-scatter output, of which the sharded gradients are
+    views, on reduce_scatter_stream (foreach_reduce: "The RS output is allocated in the RS
+    stream and used in the default stream (for optimizer)"). The replay puts every gradient the
+    step makes and those buffers there; the root's flat output is made as forward begins, and
+    freed once the first layer's is made (all_gather_state, wait_for_unshard). The reduce-
+    scatter stream's own pool then holds at least every sharded gradient at once."""
+    from memplan.states.engines.fsdp2.step import ALL_GATHER_STREAM, REDUCE_SCATTER_STREAM
+
+    spec = make_spec(parallelism={"engine": "fsdp2", "data": 2}, hardware={"gpu": "H100-80GB"})
+    inventory = from_config(TINY_LLAMA)
+    report = estimate(spec, inventory)
+    events = rp.events(
+        report.timeline,
+        per_gpu=report.per_gpu,
+        buffers=report.buffers,
+        saved=report.activations,
+        inventory=inventory,
+        gradient_stream=REDUCE_SCATTER_STREAM,
+    )
+    allocs = [e for e in events if e[0] == "alloc"]
+    gradients = [e for e in allocs if e[1][0][0] == "gradients"]
+    assert gradients and {e[3] for e in gradients} == {REDUCE_SCATTER_STREAM}
+    flat = [e for e in allocs if e[1][0] == ("transient", "fsdp2_all_gather_output")]
+    assert flat and all(e[3] == ALL_GATHER_STREAM for e in flat)
+    # The root's flat output: made at forward's start, before the layer's, freed after it.
+    name = "fsdp2_all_gather_output_root_forward"
+    (moment,) = [t for t in report.timeline.transients if t.name == name]
+    assert (moment.phases, moment.momentary, moment.stream) == ((), "forward", ALL_GATHER_STREAM)
+    key = (("momentary", 2, name), 0)
+    start = events.index(("phase", "forward"))
+    made = events.index(("alloc", key, moment.bytes, ALL_GATHER_STREAM), start)
+    flat_made = next(i for i, e in enumerate(events) if i > start and e in flat)
+    freed = events.index(("free", key))
+    assert start < made < flat_made < freed
+    streams = dict(report.allocator.reserved_by_stream)
+    assert set(streams) == {"compute", ALL_GATHER_STREAM, REDUCE_SCATTER_STREAM}
+    assert streams[REDUCE_SCATTER_STREAM] >= report.per_gpu.bytes_of("gradients")

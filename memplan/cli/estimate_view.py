@@ -14,6 +14,7 @@ from rich.text import Text
 from memplan.activations import Activations
 from memplan.cli.render import human
 from memplan.cli.timeline_view import TimelineFit
+from memplan.memory import COMPUTE_STREAM
 from memplan.report.result import VERDICT_TEXT, Report, Verdict
 from memplan.states.engines import Term
 from memplan.versions import rules_note
@@ -293,6 +294,13 @@ def device_table(report: Report) -> Table:
         f"replayed twice ({conf}); {human(alloc.fragmentation)} cached but unused at its "
         "peak: torch.cuda.max_memory_reserved()",
     )
+    for stream, n_bytes in alloc.reserved_by_stream:
+        if stream != COMPUTE_STREAM:
+            table.add_row(
+                f"    {stream}",
+                human(n_bytes),
+                "of it: this stream's own pool at its highest (only it reuses the blocks it frees)",
+            )
     for t in report.device_terms:
         table.add_row(f"  + {t.name}", human(t.bytes), t.formula)
     used = report.device_used or 0

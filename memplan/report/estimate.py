@@ -17,7 +17,7 @@ from memplan.model.finetune import lora as finetune
 from memplan.model.sources import Inventory
 from memplan.report.result import ModelSummary, Report, TensorRankView
 from memplan.states import fp8
-from memplan.states.engines import RankStates, Term
+from memplan.states.engines import STEPS, RankStates, Term
 from memplan.states.engines.base import StepCache
 from memplan.states.layout import Layout
 from memplan.states.parallel import stage_inventories
@@ -241,6 +241,7 @@ def assemble(
             inventory=local[top.stage],
             conf=conf,
             limit=limit,
+            gradient_stream=STEPS[layout.engine].gradient_stream,
         )
     notes = (
         list(trained.notes)

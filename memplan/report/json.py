@@ -143,6 +143,7 @@ def _per_gpu(report: Report) -> s.PerGpu:
             )
             for p in alloc.phases
         ],
+        reserved_by_stream={} if alloc is None else dict(alloc.reserved_by_stream),
         device_used=report.device_used,
         device_terms=[
             s.DeviceTermRow(name=t.name, bytes=t.bytes, formula=t.formula, source=t.source)

@@ -205,6 +205,14 @@ class PerGpu(_Doc):
     reserved_by_phase: list[ReservedPhase] = Field(
         description="The replayed second step, phase by phase (empty on CPU)."
     )
+    reserved_by_stream: dict[str, int] = Field(
+        default_factory=dict,
+        description=(
+            "Each CUDA stream's own highest reserved bytes in the replay: 'compute' (the "
+            "default stream) and the engine's side streams (FSDP2: fsdp2_all_gather_copy_in, "
+            "fsdp2_reduce_scatter), whose freed blocks only that stream reuses; empty on CPU."
+        ),
+    )
     device_used: int | None = Field(
         description=(
             "What nvidia-smi shows for the process at the peak: peak_reserved + the terms "

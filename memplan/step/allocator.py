@@ -7,12 +7,17 @@ try_merge_blocks, alloc_block, try_allocate_expandable_block, map_block, release
 release_available_cached_blocks, round_size) and c10/core/AllocatorConfig.cpp (the
 PYTORCH_CUDA_ALLOC_CONF keys). The block-size constants are memplan.memory's.
 
-Modelled: one device, one stream (the compute stream), the default pools (no CUDA-graph private
-pools, no `record_stream` deferral, no free-memory callbacks). Segment addresses only break ties
-between free blocks of equal size (BlockComparatorSize orders by size, then address); the model
-hands segments out at increasing addresses. `garbage_collection_threshold` acts only under
-`torch.cuda.set_per_process_memory_fraction` and is parsed, not replayed: a replay's reserved
-bytes are what the allocator holds without it (an upper bound on what it holds with it).
+Modelled: one device, any number of streams, the default pools (no CUDA-graph private pools, no
+`record_stream` deferral, no free-memory callbacks). Every block belongs to the stream it was
+allocated on: a freed block is cached for that stream only (BlockComparatorSize orders by
+stream first and get_free_block takes no other stream's block), and each stream grows its own
+expandable segments (find_expandable_block looks only at segments of the request's stream), so
+a buffer another stream frees is never reused by the compute stream's next tensor. Segment
+addresses only break ties between free blocks of equal size (BlockComparatorSize orders by
+size, then address); the model hands segments out at increasing addresses.
+`garbage_collection_threshold` acts only under `torch.cuda.set_per_process_memory_fraction` and
+is parsed, not replayed: a replay's reserved bytes are what the allocator holds without it (an
+upper bound on what it holds with it).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 from memplan.errors import MemplanError
 from memplan.memory import (
     ALLOCATOR_BLOCK,
+    COMPUTE_STREAM,
     SMALL_SEGMENT,
     SMALL_SIZE,
 )
@@ -33,7 +39,11 @@ from memplan.step.alloc_conf import _SEGMENT_STRIDE, UNBOUNDED_ADDRESS_SPACE, Al
 # --- the replay -------------------------------------------------------------------------------
 
 Event = tuple[Any, ...]
-"""("alloc", id, nbytes), ("free", id), ("phase", name) or ("empty_cache",)."""
+"""("alloc", id, nbytes), ("alloc", id, nbytes, stream), ("free", id), ("phase", name) or
+("empty_cache",). A stream is any hashable name; an allocation without one is on COMPUTE."""
+
+COMPUTE = COMPUTE_STREAM
+"""The stream an allocation is on when its event names none: the default (compute) stream."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +94,9 @@ class Replay:
     """Allocations that freed every cached block and tried again (num_alloc_retries)."""
     phases: tuple[PhaseMark, ...] = ()
     oom: OutOfMemory | None = None
+    peak_reserved_by_stream: tuple[tuple[Hashable, int], ...] = ()
+    """Each stream's own highest reserved bytes (its segments), in the order the streams first
+    allocated; they peak at different moments, so they add up to at least peak_reserved."""
 
     def reserved_at(self, phase: str) -> int:
         """Reserved bytes at the first marker named `phase`."""
@@ -107,9 +120,11 @@ class _Block:
     """A Block: a piece of a segment, free or allocated; prev/next are its neighbours in the
     same segment (both None: the whole segment, "not split")."""
 
-    __slots__ = ("ptr", "size", "allocated", "mapped", "prev", "next", "segment")
+    __slots__ = ("ptr", "size", "allocated", "mapped", "prev", "next", "segment", "pool")
 
-    def __init__(self, ptr: int, size: int, segment: _Segment | None, mapped: bool = True) -> None:
+    def __init__(
+        self, ptr: int, size: int, segment: _Segment | None, pool: _Pool, mapped: bool = True
+    ) -> None:
         self.ptr = ptr
         self.size = size
         self.allocated = False
@@ -117,17 +132,21 @@ class _Block:
         self.prev: _Block | None = None
         self.next: _Block | None = None
         self.segment = segment
+        self.pool = pool
+        """The BlockPool it came from, and returns to (Block::pool): its stream's."""
 
 
 class _Pool:
-    """A BlockPool: its free blocks ordered as BlockComparatorSize orders them (size, then
-    address), and its unmapped expandable ranges by address (BlockComparatorAddress)."""
+    """One stream's share of a BlockPool: its free blocks ordered as BlockComparatorSize orders
+    them (stream, then size, then address), and its unmapped expandable ranges by address
+    (BlockComparatorAddress, stream first too)."""
 
-    __slots__ = ("small", "page", "free", "by_ptr", "unmapped", "unmapped_by_ptr")
+    __slots__ = ("small", "page", "stream", "free", "by_ptr", "unmapped", "unmapped_by_ptr")
 
-    def __init__(self, small: bool, page: int) -> None:
+    def __init__(self, small: bool, page: int, stream: Hashable = COMPUTE) -> None:
         self.small = small
         self.page = page
+        self.stream = stream
         self.free: list[tuple[int, int]] = []
         self.by_ptr: dict[int, _Block] = {}
         self.unmapped: list[int] = []
@@ -168,7 +187,7 @@ def _expandable_size(block: _Block) -> int:
 
 
 class _Allocator:
-    """DeviceCachingAllocator for one device and one stream."""
+    """DeviceCachingAllocator for one device, its blocks pooled by stream."""
 
     def __init__(self, conf: AllocConf, capacity: int | None) -> None:
         self.conf = conf
@@ -176,8 +195,10 @@ class _Allocator:
         self.max_split = conf.max_split_size if conf.max_split_size is not None else 1 << 62
         # Note [Expandable Segments]: 2 MiB pages for the small pool, large_segment_size
         # (20 MiB by default) for the large one.
-        self.small = _Pool(True, SMALL_SEGMENT)
-        self.large = _Pool(False, conf.large_segment_size)
+        self.pools: dict[Hashable, tuple[_Pool, _Pool]] = {}
+        """Per stream: (small, large)."""
+        self.stream_reserved: dict[Hashable, int] = {}
+        self.stream_peak: dict[Hashable, int] = {}
         self.allocated = self.reserved = self.segments = 0
         self.device_allocs = self.retries = 0
         self.peak_allocated = self.peak_reserved = self.peak_segments = 0
@@ -191,12 +212,32 @@ class _Allocator:
 
     # malloc -----------------------------------------------------------------------------------
 
-    def malloc(self, nbytes: int) -> _Block | None:
+    def _pools(self, stream: Hashable) -> tuple[_Pool, _Pool]:
+        pools = self.pools.get(stream)
+        if pools is None:
+            # Note [Expandable Segments]: 2 MiB pages for the small pool, large_segment_size
+            # (20 MiB by default) for the large one.
+            pools = self.pools[stream] = (
+                _Pool(True, SMALL_SEGMENT, stream),
+                _Pool(False, self.conf.large_segment_size, stream),
+            )
+            self.stream_reserved[stream] = self.stream_peak[stream] = 0
+        return pools
+
+    def _reserve(self, pool: _Pool, nbytes: int) -> None:
+        """Reserved bytes change (a segment made or freed, pages mapped or unmapped)."""
+        self.reserved += nbytes
+        reserved = self.stream_reserved[pool.stream] = self.stream_reserved[pool.stream] + nbytes
+        if reserved > self.stream_peak[pool.stream]:
+            self.stream_peak[pool.stream] = reserved
+
+    def malloc(self, nbytes: int, stream: Hashable = COMPUTE) -> _Block | None:
         """DeviceCachingAllocator::malloc: a cached block (get_free_block), else a new segment
         (alloc_block), else free oversize cached blocks and retry, else free every cached
         block and retry; then alloc_found_block. None: out of memory."""
         size = self.conf.round_size(nbytes)
-        pool = self.small if size <= SMALL_SIZE else self.large
+        small, large = self._pools(stream)
+        pool = small if size <= SMALL_SIZE else large
         block = self._free_block_for(pool, size)
         if block is None:
             alloc_size = self.conf.allocation_size(size)
@@ -210,7 +251,7 @@ class _Allocator:
             if block is None:
                 return None
         if self._should_split(pool, block, size):
-            rest = _Block(block.ptr + size, block.size - size, block.segment)
+            rest = _Block(block.ptr + size, block.size - size, block.segment, pool)
             _splice(rest, block, block.next)
             block.size = size
             pool.insert(rest)
@@ -252,6 +293,7 @@ class _Allocator:
             alloc_retries=self.retries,
             phases=tuple(PhaseMark(*mark) for mark in self.marks),
             oom=oom,
+            peak_reserved_by_stream=tuple(self.stream_peak.items()),
         )
 
     def _free_block_for(self, pool: _Pool, size: int) -> _Block | None:
@@ -294,10 +336,10 @@ class _Allocator:
             return self._allocate_expandable_block(pool, size)
         if self.capacity is not None and self.reserved + alloc_size > self.capacity:
             return None
-        self.reserved += alloc_size
+        self._reserve(pool, alloc_size)
         self.segments += 1
         self.device_allocs += 1
-        return _Block(self._base(), alloc_size, None)
+        return _Block(self._base(), alloc_size, None, pool)
 
     # expandable segments ----------------------------------------------------------------------
 
@@ -332,7 +374,9 @@ class _Allocator:
                 return block
         segment = _Segment(self._base(), pool.page)
         space = UNBOUNDED_ADDRESS_SPACE if self.capacity is None else self.capacity * 9 // 8
-        block = _Block(segment.base, -(-space // pool.page) * pool.page, segment, mapped=False)
+        block = _Block(
+            segment.base, -(-space // pool.page) * pool.page, segment, pool, mapped=False
+        )
         pool.insert_unmapped(block)
         self.segments += 1
         return block
@@ -346,14 +390,16 @@ class _Allocator:
         pool.remove_unmapped(block)
         block.mapped = True
         if mapped < block.size:
-            rest = _Block(block.ptr + mapped, block.size - mapped, block.segment, mapped=False)
+            rest = _Block(
+                block.ptr + mapped, block.size - mapped, block.segment, pool, mapped=False
+            )
             _splice(rest, block, block.next)
             pool.insert_unmapped(rest)
             block.size = mapped
         self._merge(pool, block, block.prev)
         self._merge(pool, block, block.next)
         pool.insert(block)
-        self.reserved += mapped
+        self._reserve(pool, mapped)
         self.device_allocs += 1
         return True
 
@@ -369,25 +415,25 @@ class _Allocator:
             return
         pool.remove(block)
         if begin > block.ptr:
-            before = _Block(block.ptr, begin - block.ptr, segment)
+            before = _Block(block.ptr, begin - block.ptr, segment, pool)
             _splice(before, block.prev, block)
             pool.insert(before)
         if end < end_ptr:
-            after = _Block(end, end_ptr - end, segment)
+            after = _Block(end, end_ptr - end, segment, pool)
             _splice(after, block, block.next)
             pool.insert(after)
         block.ptr, block.size, block.mapped = begin, end - begin, False
         self._merge(pool, block, block.prev)
         self._merge(pool, block, block.next)
         pool.insert_unmapped(block)
-        self.reserved -= end - begin
+        self._reserve(pool, -(end - begin))
 
     # free and release -------------------------------------------------------------------------
 
     def free(self, block: _Block) -> None:
-        """free_block: merge with free neighbours in the segment, back into the pool (get_pool:
-        the small pool's blocks are <= kSmallSize, the large pool's larger)."""
-        pool = self.small if block.size <= SMALL_SIZE else self.large
+        """free_block: merge with free neighbours in the segment, back into the pool it came
+        from (`*block->pool`: its stream's)."""
+        pool = block.pool
         block.allocated = False
         self.allocated -= block.size
         self._merge(pool, block, block.prev)
@@ -417,7 +463,7 @@ class _Allocator:
         """release_cached_blocks (torch.cuda.empty_cache, or malloc's last retry): cudaFree
         every free whole segment; unmap the free pages of expandable segments and drop a
         segment left with nothing mapped."""
-        for pool in (self.large, self.small):
+        for pool in [p for pools in self.pools.values() for p in reversed(pools)]:
             to_unmap = []
             for _, ptr in list(pool.free):
                 block = pool.by_ptr[ptr]
@@ -434,7 +480,7 @@ class _Allocator:
     def _release_block(self, pool: _Pool, block: _Block) -> None:
         """release_block: cudaFree a whole free segment."""
         pool.remove(block)
-        self.reserved -= block.size
+        self._reserve(pool, -block.size)
         self.segments -= 1
 
     def _release_available_cached_blocks(self, pool: _Pool, size: int) -> bool:
@@ -472,11 +518,11 @@ def replay(events: Iterable[Event], conf: AllocConf | None = None, *,
     for index, event in enumerate(events):
         kind = event[0]
         if kind == "alloc":
-            _, key, nbytes = _alloc_event(index, event)
+            key, nbytes, stream = _alloc_event(index, event)
             if key in live:
                 raise _event_error(index, event, f"id {key!r} is already allocated")
             # CUDACachingAllocator's allocate(): a 0-byte request does not reach malloc.
-            block = state.malloc(nbytes) if nbytes else None
+            block = state.malloc(nbytes, stream) if nbytes else None
             if nbytes and block is None:
                 oom = OutOfMemory(index, key, nbytes, state.allocated, state.reserved)
                 return state.result(oom)
@@ -495,15 +541,20 @@ def replay(events: Iterable[Event], conf: AllocConf | None = None, *,
         elif kind == "empty_cache" and len(event) == 1:
             state.empty_cache()
         else:
-            raise _event_error(index, event, "events are ('alloc', id, nbytes), ('free', id), "
-                               "('phase', name) or ('empty_cache',)")  # fmt: skip
+            raise _event_error(index, event, "events are ('alloc', id, nbytes[, stream]), "
+                               "('free', id), ('phase', name) or ('empty_cache',)")  # fmt: skip
     return state.result(None)
 
 
-def _alloc_event(index: int, event: Event) -> tuple[str, Hashable, int]:
-    if len(event) != 3 or not isinstance(event[2], int) or event[2] < 0:
-        raise _event_error(index, event, "an allocation is ('alloc', id, nbytes >= 0)")
-    return event[0], event[1], event[2]
+def _alloc_event(index: int, event: Event) -> tuple[Hashable, int, Hashable]:
+    if len(event) not in (3, 4) or not isinstance(event[2], int) or event[2] < 0:
+        raise _event_error(index, event, "an allocation is ('alloc', id, nbytes >= 0[, stream])")
+    stream = event[3] if len(event) == 4 else COMPUTE
+    try:
+        hash(stream)
+    except TypeError:
+        raise _event_error(index, event, "a stream is a hashable name") from None
+    return event[1], event[2], stream
 
 
 def _event_error(index: int, event: Event, message: str) -> MemplanError:
@@ -526,7 +577,9 @@ def events_from_trace(trace: Iterable[Mapping[str, Any]]) -> list[Event]:
     for entry in trace:
         action = entry.get("action")
         if action == "alloc":
-            events.append(("alloc", entry["addr"], int(entry["size"])))
+            # The entry's stream (0: the default stream) keeps the block in that stream's pool.
+            stream = entry.get("stream") or COMPUTE
+            events.append(("alloc", entry["addr"], int(entry["size"]), stream))
             live.add(entry["addr"])
         elif action == "free_completed" and entry["addr"] in live:
             events.append(("free", entry["addr"]))

@@ -31,9 +31,12 @@ What the event order assumes (the timeline's own phases, made into a sequence):
 - Transients other than the two working sets are one allocation each, made at the first phase
   they are alive in and freed when a phase no longer holds them; those alive in every phase
   are allocated at init.
-- One stream, no CUDA graphs, no `record_stream` (memplan.step.allocator's scope); the
-  communication buffers of collectives issued on other streams are placed as the compute
-  stream's.
+- Streams: every allocation is on the compute stream but for the buffers an engine makes on
+  its own streams (a transient's `stream`, and the step's gradients on the engine's
+  `gradient_stream`: FSDP2's reduce-scatter output, its flat all-gather outputs); each stream
+  keeps its own pool (memplan.step.allocator). A `momentary` transient is made as its phase
+  begins, before the phase's transients, and freed after them. No CUDA graphs, no
+  `record_stream`.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from memplan.activations import Activations, Block
-from memplan.memory import PHASES, Phase, Transient
+from memplan.memory import COMPUTE_STREAM, PHASES, Phase, Transient
 from memplan.model.inventory import Inventory
 from memplan.states.engines import RankStates, Term
 from memplan.step.alloc_conf import AllocConf
@@ -98,6 +101,9 @@ class AllocatorView:
     figures are then the unlimited replay's."""
     limit: int | None
     """Bytes the allocator could have (capacity minus the terms outside it); None: unlimited."""
+    reserved_by_stream: tuple[tuple[str, int], ...] = ()
+    """Each stream's own highest reserved bytes (the compute stream first): the engine's side
+    streams keep their own pools, which the compute stream never reuses."""
 
 
 def _layer_gradient_share(inventory: Inventory) -> float:
@@ -116,13 +122,16 @@ class _Events:
         self.out: list[Event] = []
         self.live: dict[Hashable, int] = {}
 
-    def alloc(self, key: Hashable, nbytes: int, pieces: int = 1) -> None:
-        """`nbytes` as `pieces` allocations (the last one takes the remainder)."""
+    def alloc(
+        self, key: Hashable, nbytes: int, pieces: int = 1, stream: str = COMPUTE_STREAM
+    ) -> None:
+        """`nbytes` as `pieces` allocations (the last one takes the remainder) on `stream`."""
         if nbytes > 0:
             each = nbytes // pieces
             for i in range(pieces):
                 n = each if i < pieces - 1 else nbytes - each * (pieces - 1)
-                self.out.append(("alloc", (key, i), n))
+                event = ("alloc", (key, i), n)
+                self.out.append(event if stream == COMPUTE_STREAM else (*event, stream))
             self.live[key] = pieces
 
     def free(self, key: Hashable) -> None:
@@ -139,11 +148,12 @@ def events(
     saved: Activations,
     inventory: Inventory,
     steps: int = STEPS,
+    gradient_stream: str = COMPUTE_STREAM,
 ) -> list[Event]:
     """The allocations and frees of init and `steps` training steps on this GPU (phase
     markers ("phase", name) at each phase of the last step), in the order the module's
-    docstring states."""
-    step_events = _StepEvents(timeline, saved, inventory)
+    docstring states; the gradients each step makes on `gradient_stream`."""
+    step_events = _StepEvents(timeline, saved, inventory, gradient_stream)
     step_events.init(per_gpu, buffers)
     for step in range(1, steps + 1):
         step_events.step(step, last=step == steps)
@@ -153,8 +163,12 @@ def events(
 class _StepEvents:
     """The event stream of one GPU's steps: what is alive, and each phase's allocations."""
 
-    def __init__(self, timeline: Timeline, saved: Activations, inventory: Inventory) -> None:
+    def __init__(
+        self, timeline: Timeline, saved: Activations, inventory: Inventory, gradient_stream: str
+    ) -> None:
         self.ev = _Events()
+        self.gradient_stream = gradient_stream
+        self.momentary = [t for t in timeline.transients if t.momentary is not None]
         points = {p.phase: p for p in timeline.points}
         self.grads = {phase: points[phase].of("gradients") for phase in PHASES}
         self.always_grads = min(self.grads.values())
@@ -187,14 +201,19 @@ class _StepEvents:
                 self.ev.alloc(("state", i, row.name), row.bytes)
         self.ev.alloc(("gradients", "always"), self.always_grads)
         for t in self.whole:
-            self.ev.alloc(("transient", t.name), t.bytes)
+            self.ev.alloc(("transient", t.name), t.bytes, stream=t.stream)
 
     def step(self, step: int, *, last: bool) -> None:
         """One training step, phase by phase (markers on the `last` step)."""
         for phase in PHASES:
             if last:
                 self.ev.out.append(("phase", phase))
+            moment = [t for t in self.momentary if t.momentary == phase]
+            for t in moment:
+                self.ev.alloc(("momentary", step, t.name), t.bytes, stream=t.stream)
             self.transients_to(phase)
+            for t in moment:
+                self.ev.free(("momentary", step, t.name))
             if phase == "backward":  # the loss's and the head's tensors go first
                 self.blocks(step, self.at_loss, free=True)
             elif phase == "backward_end":
@@ -219,7 +238,7 @@ class _StepEvents:
             current -= n
         if target > current:
             key = ("gradients", step, len(self.grad_blocks))
-            self.ev.alloc(key, target - current)
+            self.ev.alloc(key, target - current, stream=self.gradient_stream)
             self.grad_blocks.append((key, target - current))
 
     def transients_to(self, phase: Phase) -> None:
@@ -231,7 +250,7 @@ class _StepEvents:
                 self.ev.free(key)
         for t in moving:
             if phase in t.phases and ("transient", t.name) not in self.ev.live:
-                self.ev.alloc(("transient", t.name), t.bytes, PIECES.get(t.name, 1))
+                self.ev.alloc(("transient", t.name), t.bytes, PIECES.get(t.name, 1), t.stream)
 
     def blocks(self, step: int, blocks: Sequence[Block], *, free: bool) -> None:
         for b in blocks:
@@ -275,7 +294,7 @@ class _StepEvents:
                     self.ev.alloc(key, bws.bytes)
                 self.free_block(step, b, c)
                 grad = ("gradients", step, "layer", self.place[id(b)], c)
-                self.ev.alloc(grad, self.per_layer_grad)
+                self.ev.alloc(grad, self.per_layer_grad, stream=self.gradient_stream)
                 if self.per_layer_grad:
                     self.grad_blocks.append((grad, self.per_layer_grad))
                 if bws is not None:
@@ -291,12 +310,20 @@ def replay(
     inventory: Inventory,
     conf: AllocConf,
     limit: int | None,
+    gradient_stream: str = COMPUTE_STREAM,
 ) -> AllocatorView:
     """The step replayed through the allocator configured by `conf`, within `limit` bytes
     (the GPU's capacity minus what lives outside the allocator; None: unlimited). When the
     replay runs out of memory within the limit, the figures are the unlimited replay's (what
     the step would need), and `out_of_memory` says so."""
-    sequence = events(timeline, per_gpu=per_gpu, buffers=buffers, saved=saved, inventory=inventory)
+    sequence = events(
+        timeline,
+        per_gpu=per_gpu,
+        buffers=buffers,
+        saved=saved,
+        inventory=inventory,
+        gradient_stream=gradient_stream,
+    )
     result: Replay = run_allocator(sequence, conf, capacity=limit)
     oom = result.oom is not None
     retries = result.alloc_retries
@@ -321,4 +348,5 @@ def replay(
         alloc_retries=retries,
         out_of_memory=oom,
         limit=limit,
+        reserved_by_stream=tuple((str(k), v) for k, v in result.peak_reserved_by_stream),
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TypeVar, cast
 
 from memplan.config.spec import OptimizerSpec
-from memplan.memory import Transient
+from memplan.memory import COMPUTE_STREAM, Transient
 from memplan.model.inventory import Inventory
 from memplan.precision import Recipe
 from memplan.states.layout import Layout
@@ -131,6 +131,9 @@ class EngineStep:
     """Engines that keep one storage per parameter tensor: how many ways each is split (each
     rank's piece of a tensor of n elements taken as ceil(n / this)); None for engines
     whose states are flat buffers (their per-tensor rounding is negligible)."""
+    gradient_stream: str = COMPUTE_STREAM
+    """The CUDA stream the gradients a step makes are allocated on (memplan.step.replay puts
+    them in that stream's allocator pool): autograd's, unless the engine makes them itself."""
 
 
 class StepCache:

@@ -18,7 +18,7 @@ from memplan.states.engines.base import (
 )
 from memplan.states.engines.fsdp2 import pipeline, tp
 from memplan.states.engines.fsdp2.groups import fsdp2_root_gradients, groups_of
-from memplan.states.engines.fsdp2.step import shard_dtype, step_buffers
+from memplan.states.engines.fsdp2.step import REDUCE_SCATTER_STREAM, shard_dtype, step_buffers
 
 
 def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
@@ -98,4 +98,7 @@ STEP = EngineStep(
     backward_end=_backward_end,
     gradients=_gradients,
     storage_shards=lambda layout: layout.fsdp_world,
+    # The sharded gradients are views (or the cast) of foreach_reduce's output, made on the
+    # reduce-scatter stream (memplan.states.engines.fsdp2.step, REDUCE_SCATTER_STREAM).
+    gradient_stream=REDUCE_SCATTER_STREAM,
 )

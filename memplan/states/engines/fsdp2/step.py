@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from memplan.memory import Phase, Transient
+from memplan.memory import COMPUTE_STREAM, Phase, Transient
 from memplan.precision import Recipe, dtype_bytes
 from memplan.states.engines.base import StepActivations
 from memplan.states.engines.fsdp2.groups import (
@@ -52,6 +52,16 @@ _RS_IN = (
     "(_fsdp_param_group.py L647-658, L717-719) or the final callback (_fsdp_state.py L431)"
 )
 _RS_OUT = _FSDP2 + "_fsdp_collectives.py::foreach_reduce L612-616 (reduce_output)"
+# The streams FSDP2 allocates on (FSDPCommContext.lazy_init, _fsdp_param_group.py L80-102):
+# in forward and pre-backward the flat all-gather output is made on all_gather_copy_in_stream
+# (get_all_gather_streams L116-127, foreach_all_gather L336-353); the reduce-scatter output,
+# and so the sharded gradients that are its views or its cast, on reduce_scatter_stream
+# (foreach_reduce L611-616, L685-696: "The RS output is allocated in the RS stream and used
+# in the default stream (for optimizer)"). The unsharded parameters (copy-out) and the
+# reduce-scatter input are made on the default stream (L431-463, L592-606).
+ALL_GATHER_STREAM = "fsdp2_all_gather_copy_in"
+REDUCE_SCATTER_STREAM = "fsdp2_reduce_scatter"
+_AG_STREAMS = _FSDP2 + "_fsdp_param_group.py::get_all_gather_streams L116-127"
 # MixedPrecisionPolicy.reduce_dtype: FSDPParam.init_dtype_attrs clamps it to None when it
 # equals param_dtype (_fsdp_param.py L589-593) and foreach_reduce falls back to the
 # gradients' dtype (`reduce_dtype = reduce_dtype or grad_dtype`, _fsdp_collectives.py L560);
@@ -306,6 +316,12 @@ def _head_group_buffers(
         ),
         src,
     )
+    out += _flat_root(
+        root,
+        "forward",
+        "the embedding group's flat all-gather output, kept (all_gather_state) until the "
+        "first layer's copy-out",
+    )
     out += _term(
         "fsdp2_unsharded_head",
         head.unsharded,
@@ -322,6 +338,7 @@ def _head_group_buffers(
         up(groups.head.padded) + ": the head group's flat all-gather output, kept until the "
         "root's post-forward, after the loss (computed inside the model's forward)",
         f"{_AG_OUT}; {_AG_KEPT}",
+        stream=ALL_GATHER_STREAM,
     )
     if reshard:
         out += _term(
@@ -341,6 +358,7 @@ def _head_group_buffers(
             "prefetched by the head group's pre-backward, after the loss gradient, so not at "
             "backward_start)",
             f"{_AG_OUT}; {_AG_KEPT}; {_PREFETCH}",
+            stream=ALL_GATHER_STREAM,
         )
     else:
         out += _term(
@@ -357,6 +375,7 @@ def _head_group_buffers(
             ("forward",),
             up(groups.block.padded) + ": the last layer's flat all-gather output",
             f"{_AG_OUT}; {_AG_KEPT}",
+            stream=ALL_GATHER_STREAM,
         )
     out += _term(
         "fsdp2_sharded_head_grads",
@@ -365,6 +384,7 @@ def _head_group_buffers(
         f"{groups.head.grad_padded:,} elements x {o} B ({shard}): the head group's sharded "
         "gradients, made in its post-backward before the layers' backward",
         f"{TITAN_WRAP}; {_RS_CAST}",
+        stream=REDUCE_SCATTER_STREAM,
     )
     # The head group's post-backward: its parameters resharded, its reduce-scatter (as a
     # layer's, _fsdp2_layer_backward), a hidden-state gradient alive, every layer's saved
@@ -419,12 +439,40 @@ def _head_group_buffers(
 
 
 def _term(
-    name: str, n_bytes: int, phases: tuple[Phase, ...], formula: str, source: str
+    name: str,
+    n_bytes: int,
+    phases: tuple[Phase, ...],
+    formula: str,
+    source: str,
+    stream: str = COMPUTE_STREAM,
 ) -> list[Transient]:
     """A one-term list, or none when it holds no bytes."""
     if n_bytes <= 0 or not phases:
         return []
-    return [Transient(name=name, bytes=n_bytes, phases=phases, formula=formula, source=source)]
+    return [
+        Transient(
+            name=name, bytes=n_bytes, phases=phases, formula=formula, source=source, stream=stream
+        )
+    ]
+
+
+def _flat_root(root: _Fsdp2Bytes, phase: Phase, what: str) -> list[Transient]:
+    """The root group's flat all-gather output, on the all-gather stream for a moment as
+    `phase` begins (momentary: below the phase's peak, so in no phase point; the between-phase
+    excess terms count it where it tops a point)."""
+    if root.unsharded <= 0:
+        return []
+    return [
+        Transient(
+            name=f"fsdp2_all_gather_output_root_{phase}",
+            bytes=root.unsharded,
+            phases=(),
+            formula=f"{root.unsharded:,} B: {what}",
+            source=f"{_AG_OUT}; {_AG_STREAMS}; {_AG_KEPT}",
+            stream=ALL_GATHER_STREAM,
+            momentary=phase,
+        )
+    ]
 
 
 def _unsharded(
@@ -454,7 +502,18 @@ def _unsharded(
         "pre-forward to its post-forward, again from its pre-backward to its post-backward)",
         f"{_AG_COPY_OUT}; {_RESHARD}",
     )
+    out += _flat_root(
+        root,
+        "forward",
+        "the root's flat all-gather output, kept (all_gather_state) until the first layer's "
+        "copy-out",
+    )
     if reshard:
+        out += _flat_root(
+            root,
+            "backward_start",
+            "the root's pre-backward all-gather output, freed after its copy-out",
+        )
         out += _term(
             "fsdp2_unsharded_block",
             block.unsharded if layers else 0,
@@ -470,6 +529,7 @@ def _unsharded(
             "layer's, kept until the root's post-forward; in backward the next layer's, "
             "prefetched)",
             f"{_AG_OUT}; {_AG_KEPT}; {_PREFETCH}",
+            stream=ALL_GATHER_STREAM,
         )
         return out
     out += _term(
@@ -487,6 +547,7 @@ def _unsharded(
         up(groups.block.padded) + ": the last layer's flat all-gather output, "
         "kept until the root's post-forward",
         f"{_AG_OUT}; {_AG_KEPT}",
+        stream=ALL_GATHER_STREAM,
     )
     return out
 
@@ -545,6 +606,7 @@ def _end_of_backward(
             ("backward_end",),
             f"{rs}: the root's reduce-scatter output",
             f"{_RS_OUT}; {_RS_DTYPE}",
+            stream=REDUCE_SCATTER_STREAM,
         ),
         *_term(
             "fsdp2_last_unsharded_grad",
@@ -571,6 +633,7 @@ def _end_of_backward(
             f"{groups.root.grad_padded:,} elements x {o} B ({shard}): the root's "
             f"sharded gradients, cast from {reduce} beside the reduce-scatter output",
             _RS_CAST,
+            stream=REDUCE_SCATTER_STREAM,
         )
     return True, out
 
