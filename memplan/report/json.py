@@ -208,7 +208,13 @@ def _phase(p: Point) -> s.TimelinePhase:
 
 def _transient(t: Transient) -> s.TransientRow:
     return s.TransientRow(
-        name=t.name, bytes=t.bytes, phases=list(t.phases), formula=t.formula, source=t.source
+        name=t.name,
+        bytes=t.bytes,
+        phases=list(t.phases),
+        formula=t.formula,
+        source=t.source,
+        stream=t.stream,
+        momentary=t.momentary,
     )
 
 

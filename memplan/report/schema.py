@@ -330,6 +330,20 @@ class TransientRow(_Doc):
     phases: list[str] = Field(description="The phases it is alive at.")
     formula: str = Field(description="The arithmetic with this run's values substituted.")
     source: str = Field(description="Where the rule comes from.")
+    stream: str = Field(
+        default="compute",
+        description=(
+            "The CUDA stream it is allocated on ('compute': the default stream; FSDP2's "
+            "fsdp2_all_gather_copy_in and fsdp2_reduce_scatter)."
+        ),
+    )
+    momentary: str | None = Field(
+        default=None,
+        description=(
+            "For a buffer alive only for a moment as this phase begins (below the phase's "
+            "peak, so `phases` is empty): the phase; the allocator replay makes it there."
+        ),
+    )
 
 
 class TimelineInfo(_Doc):
