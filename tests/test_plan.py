@@ -6,17 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from memplan.cli.app import app
-from memplan.config.load import load_spec
+from memplan.config.load import load_spec, validate
 from memplan.config.parallelism import ParallelismSpec
 from memplan.config.plan import PlanSpec
 from memplan.model.load import PRESET_DIR, load_inventory, read_json
 from memplan.model.sources import from_config
-from memplan.plan.search import pipeline_split, plan, row_spec
+from memplan.plan.search import pipeline_split, plan, row_document, row_spec
 from memplan.report.estimate import estimate
 from tests.conftest import TINY_LLAMA, make_spec
 
@@ -213,6 +214,30 @@ def test_every_shown_row_fits_as_estimate_judges_its_spec(config: str) -> None:
         report = estimate(row_spec(loaded.spec, row), inventory)
         assert report.peak_bytes == row.peak_bytes, row
         assert report.usable_bytes is not None and report.usable_bytes >= reserve, row
+        # `plan --emit`'s document, written out and read back as a user would (issue 21).
+        text = yaml.safe_dump(row_document(loaded.spec, row), sort_keys=False)
+        emitted = validate(yaml.safe_load(text)).spec
+        assert emitted.plan is None
+        assert estimate(emitted, inventory).peak_bytes == row.peak_bytes, text
+        for key in ("sequence_parallel", "schedule", "virtual_stages", "engine", "zero_stage"):
+            assert f"{key}:" in text, key
+
+
+def test_emit_writes_a_row_estimate_reproduces(tmp_path: Path) -> None:
+    """`memplan plan SPEC --emit 2 > row.yaml; memplan estimate row.yaml --json` gives row 2's
+    peak as `plan --json` shows it; a row past the last that fits is refused, naming --emit."""
+    config = str(ROOT / "configs" / "plan-llama-3-8b.yaml")
+    runner = CliRunner()
+    shown = json.loads(runner.invoke(app, ["plan", config, "--json", "--top", "2"]).stdout)
+    out = runner.invoke(app, ["plan", config, "--emit", "2"])
+    assert out.exit_code == 0, out.output
+    assert out.stdout.startswith("# Row 2 of `memplan plan")
+    row = tmp_path / "row.yaml"
+    row.write_text(out.stdout)
+    got = json.loads(runner.invoke(app, ["estimate", str(row), "--json"]).stdout)
+    assert got["per_gpu"]["peak"] == shown["layouts"][1]["per_gpu"]["peak"]
+    bad = runner.invoke(app, ["plan", config, "--emit", str(shown["num_fitting"] + 1)])
+    assert bad.exit_code != 0 and "--emit" in bad.output and "Traceback" not in bad.output
 
 
 def test_rows_the_replay_refuses_are_dropped_and_the_next_checked() -> None:

@@ -283,6 +283,15 @@ def plan(
     as_json: JsonOpt = False,
     top: Annotated[int | None, typer.Option("--top", help="Layouts to show.")] = None,
     gpus: Annotated[int | None, typer.Option("--gpus", help="Override plan.gpus.")] = None,
+    emit: Annotated[
+        int | None,
+        typer.Option(
+            "--emit",
+            min=1,
+            help="Print row N (1 = the fastest) as a spec: `memplan estimate` on it gives the "
+            "row's bytes.",
+        ),
+    ] = None,
     width: WidthOpt = None,
     trace: TraceOpt = True,
     debug: DebugOpt = False,
@@ -333,7 +342,9 @@ def plan(
     said: list[str] = []
     result = _run(debug, work)
     _say(said)
-    if as_json:
+    if emit is not None:
+        _run(debug, lambda: _emit_row(spec, result, emit))
+    elif as_json:
         from memplan.plan.json import plan_json
 
         _print_json(plan_json(result))
@@ -344,6 +355,31 @@ def plan(
         render.console(width).print(plan_view(result))
     if not result.layouts:
         raise typer.Exit(3)
+
+
+def _emit_row(spec: Path, result: Any, n: int) -> None:
+    """`plan --emit N`: row N of `result` as a YAML spec on stdout."""
+    import yaml
+
+    from memplan.cli.render import human
+    from memplan.config import load
+    from memplan.plan.search import row_document
+
+    if not result.layouts:
+        return  # the caller exits 3: nothing fits, nothing to emit
+    if n > len(result.layouts):
+        raise MemplanError(
+            f"only {len(result.layouts):,} layouts fit: give a row from 1 to "
+            f"{len(result.layouts):,}.",
+            field="--emit",
+        )
+    row = result.layouts[n - 1]
+    doc = row_document(load.load_spec(spec).spec.model_copy(update={"plan": None}), row)
+    sys.stdout.write(
+        f"# Row {n} of `memplan plan {spec}`: {human(row.peak_bytes)} per GPU at the peak, "
+        f"{row.time.total_s:.2f} s per step.\n# `memplan estimate` on this file reproduces "
+        "the row's bytes.\n" + yaml.safe_dump(doc, sort_keys=False)
+    )
 
 
 class Document(str, Enum):

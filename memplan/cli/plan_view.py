@@ -13,10 +13,38 @@ from memplan.plan.steptime import StepTime
 
 # Column -> what it shows of a layout; the text columns are left-aligned.
 COLUMNS = (
-    "#", "dp", "tp", "pp", "vp", "cp", "ep", "engine", "zero", "mbs", "ga", "recompute",
-    "offload", "peak/GPU", "headroom", "step", "tokens/s",
+    "#", "layout", "engine", "mbs x ga", "recompute", "offload", "peak/GPU", "headroom", "step",
+    "tokens/s",
 )  # fmt: skip
-TEXT_COLUMNS = ("engine", "recompute", "offload")
+TEXT_COLUMNS = ("layout", "engine", "recompute", "offload")
+
+
+def layout_text(c: Candidate) -> str:
+    """The degrees and what goes with them: `dp2 tp4+sp pp8 1f1b cp2 ep1`, `pp4x2 interleaved`
+    (pipeline ranks x model chunks per rank); degrees of 1 left out but dp."""
+    parts = [f"dp{c.data}"]
+    if c.tensor > 1:
+        parts.append(f"tp{c.tensor}" + ("+sp" if c.sequence_parallel else ""))
+    if c.pipeline > 1:
+        chunks = f"x{c.virtual_stages}" if c.virtual_stages > 1 else ""
+        parts.append(f"pp{c.pipeline}{chunks} {c.schedule}")
+    if c.context > 1:
+        parts.append(f"cp{c.context}")
+    if c.expert > 1:
+        parts.append(f"ep{c.expert}")
+    return " ".join(parts)
+
+
+def shared_assumptions(layouts: tuple[Candidate, ...]) -> str:
+    """What every shown row assumes alike (also each row's JSON keys and its --emit spec)."""
+    if not layouts:
+        return ""
+    first = layouts[0]
+    said = [f"model code {first.implementation}", "compiled" if first.compile else "eager"]
+    wraps = {c.fsdp_wrap for c in layouts if c.fsdp_wrap}
+    if len(wraps) == 1:
+        said.append(f"FSDP2 wrapping {wraps.pop()}")
+    return "every row: " + ", ".join(said) + " (--emit N writes row N as a spec)"
 
 
 def _seconds(s: float) -> str:
@@ -33,6 +61,7 @@ def plan_view(result: PlanResult) -> RenderableType:
     parts: list[RenderableType] = [head]
     if result.layouts:
         parts.append(layouts_table(result.layouts[: result.top]))
+        parts.append(Text(shared_assumptions(result.layouts[: result.top]), style="dim"))
         parts.append(best_step(result.layouts[0].time))
     else:
         parts.append(Text(result.suggestion, style="bold red"))
@@ -56,9 +85,9 @@ def layouts_table(layouts: tuple[Candidate, ...]) -> Table:
     for i, c in enumerate(layouts, 1):
         table.add_row(
             str(i),
-            *map(str, (c.data, c.tensor, c.pipeline, c.virtual_stages, c.context, c.expert)),
-            c.engine,
-            *map(str, (c.zero_stage, c.micro_batch_size, c.gradient_accumulation_steps)),
+            layout_text(c),
+            f"{c.engine} z{c.zero_stage}",
+            f"{c.micro_batch_size} x {c.gradient_accumulation_steps}",
             c.recompute,
             c.offload,
             human(c.peak_bytes),

@@ -54,6 +54,13 @@ class Candidate:
     layers_per_stage: tuple[int, ...] | None
     virtual_stages: int
     """Model chunks per pipeline rank (> 1: Megatron's interleaved 1F1B schedule)."""
+    sequence_parallel: bool
+    schedule: str
+    implementation: str
+    """Whose model code the row's activations are (model.implementation)."""
+    fsdp_wrap: str | None
+    """FSDP2's grouping as the row's layout resolves it; None for other engines."""
+    compile: bool
     peak_bytes: int
     headroom_bytes: int
     time: StepTime
@@ -377,6 +384,11 @@ class _Search:
             offload=offload,
             layers_per_stage=par.layers_per_stage,
             virtual_stages=par.virtual_stages,
+            sequence_parallel=par.sequence_parallel,
+            schedule=par.schedule,
+            implementation=report.layout.implementation,
+            fsdp_wrap=report.layout.fsdp_groups if par.engine == "fsdp2" else None,
+            compile=self.spec.training.compile,
             peak_bytes=report.peak_bytes,
             headroom_bytes=headroom,
             time=step_time(shape, report.layout, work, link),
@@ -486,6 +498,38 @@ def row_spec(spec: Spec, c: Candidate) -> Spec:
         }
     )
     return spec.model_copy(update={"parallelism": c.parallelism, "training": training})
+
+
+ROW_KEYS = {
+    "training": ("micro_batch_size", "gradient_accumulation_steps", "activation_checkpointing"),
+    "parallelism": (
+        "engine", "data", "zero_stage", "tensor", "sequence_parallel", "pipeline", "schedule",
+        "virtual_stages", "layers_per_stage", "context", "expert", "offload",
+    ),
+}  # fmt: skip
+"""Keys the search sets on every row: the emitted spec names them even at their defaults."""
+
+
+def row_document(spec: Spec, c: Candidate) -> dict[str, object]:
+    """Plan row `c` as a spec document (`memplan plan --emit`): `row_spec` without the `plan`
+    section, the keys the user left at their defaults left out, and every key the search set
+    (ROW_KEYS) written out, so the row's assumptions read in the file. Validating it gives
+    `row_spec(spec, c)`: `memplan estimate` on it reproduces the row's bytes."""
+    row = row_spec(spec, c)
+    doc = row.model_dump(mode="json", exclude_defaults=True, exclude={"plan"})
+    full = row.model_dump(mode="json")
+    for section, keys in ROW_KEYS.items():
+        rest = doc.get(section, {})
+        doc[section] = {
+            **{k: v for k, v in rest.items() if k not in keys},
+            **{k: full[section][k] for k in keys},
+        }
+    model = doc.setdefault("model", {})
+    model["implementation"] = full["model"]["implementation"]
+    if c.engine == "fsdp2":
+        doc["parallelism"]["fsdp_wrap"] = c.fsdp_wrap
+    doc["training"]["compile"] = c.compile
+    return doc
 
 
 def _checked_by_replay(

@@ -565,6 +565,25 @@ class PlanLayout(_Doc):
     virtual_stages: int = Field(
         description="Model chunks per pipeline rank: > 1 is Megatron's interleaved 1F1B schedule."
     )
+    sequence_parallel: bool = Field(
+        default=False,
+        description="Sequence parallelism with TP (the row spec's parallelism.sequence_parallel).",
+    )
+    schedule: str = Field(
+        default="1f1b",
+        description="The pipeline schedule (parallelism.schedule): 1f1b, or interleaved.",
+    )
+    implementation: str = Field(
+        default="transformers",
+        description="Whose model code the activations are (model.implementation).",
+    )
+    fsdp_wrap: str | None = Field(
+        default=None,
+        description="FSDP2's fully_shard groups (parallelism.fsdp_wrap); null: not FSDP2.",
+    )
+    compile: bool = Field(
+        default=False, description="training.compile of the row's spec (torch.compile)."
+    )
     per_gpu: LayoutPeak = Field(description="Memory of the layout's most-loaded GPU.")
     headroom_bytes: int = Field(
         description=(
