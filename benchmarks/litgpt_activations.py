@@ -16,7 +16,7 @@ Part 3, `vs_transformers`: Llama 3.1 8B (32 layers), 1 x 8192 tokens, the saved 
 layer and per token per layer of LitGPT's GPT and of transformers' LlamaForCausalLM (memplan's
 two rules, each proved against its own library), bf16 / amp-bf16 / fp32, CPU and CUDA kernels.
 
-    PYTHONPATH=$PWD python benchmarks/litgpt_activations.py   # ~1-2 min on 2 cores
+    PYTHONPATH=$PWD python benchmarks/litgpt_activations.py   # ~15 s on 2 cores
     # writes benchmarks/results/litgpt-activations.json
 
 Installed with: pip install --no-deps litgpt==0.5.9 lightning==2.6.6
