@@ -201,3 +201,22 @@ def test_report_names_litgpt_and_verify_refuses_it() -> None:
 
     with pytest.raises(MemplanError, match="model.implementation: litgpt cannot be verified"):
         check_supported(spec, spec.recipe())
+
+
+def test_pin_litgpt_loop_holds_the_fp32_logits_in_every_phase() -> None:
+    """Pinning (read from litgpt 0.5.9 pretrain.py::fit and Fabric's _FabricModule.forward, not
+    measured): the fp32 logits [tokens, vocab] stay bound to the loop's `logits` until the next
+    forward returns, so the step holds them in every phase, and there is no separate 16-bit
+    output or upcast; transformers' timeline keeps its logits to the loss only."""
+    spec = make_spec(
+        model={"architecture": tiny(), "implementation": "litgpt"},
+        training={"micro_batch_size": 2, "sequence_length": 16},
+    )
+    timeline = estimate(spec, from_config(tiny())).timeline
+    fp32_logits = 2 * 16 * 256 * 4
+    for phase in ("start", "forward", "loss", "backward_start", "backward", "optimizer_step"):
+        held = [t for t in timeline.transient_at(phase) if t.name == "logits"]
+        assert [t.bytes for t in held] == [fp32_logits], phase
+    assert not [t for t in timeline.transients if t.name == "loss_fp32_upcast"]
+    plain = estimate(make_spec(), from_config(tiny())).timeline
+    assert [t for t in plain.transient_at("forward") if t.name == "logits"] == []

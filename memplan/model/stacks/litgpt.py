@@ -244,8 +244,9 @@ def saved(arch: Architecture, st: Setting) -> Activations:
         f"litgpt {VERSION}'s GPT (Llama config), loss chunked_cross_entropy (chunk 128) on "
         "the fp32 logits Fabric returns, as pretrain.py::fit computes it (finetune/full.py "
         "drops the last position: one token per sequence fewer).",
-        "LitGPT's fit loops keep the fp32 logits (`logits = model(input_ids)`) alive through "
-        "backward; memplan's step drops them after the loss.",
+        "LitGPT's fit loops keep Fabric's fp32 logits (`logits = model(input_ids)`) until "
+        "the next forward returns: the step holds them in every phase "
+        "(memplan.step.transients.litgpt_logits).",
     )
     return Activations(
         modelled=True,
