@@ -9,6 +9,11 @@ backward measured by the storages still alive, against memplan.model.stacks.litg
 per-Block checkpointing x 4 / 2 / 1 k/v heads x batch 1 and 2 x 2 and 3 layers x sequence 16
 and 100 (one loss chunk, or several with a short last one).
 
+Part 1b, `fsdp_bf16_mixed`: Lightning's FSDPPrecision("bf16-mixed") without the sharding
+(bf16 parameters and buffers under torch.autocast, tests/litgpt_probe.py::
+held_bytes_fsdp_mixed) against the rule memplan applies to amp-bf16 over fsdp2 (bf16, no
+autocast: memplan.report.estimate.setting_of).
+
 Part 2, `llama31_8b_fake`: two blocks of Llama 3.1 8B at 1 x 8192 under FakeTensorMode (CPU
 kernels' meta functions), fp32 and bf16, none and full, against the rule.
 
@@ -43,7 +48,14 @@ from memplan import activations  # noqa: E402
 from memplan.config.load import validate  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
 from memplan.report.estimate import setting_of  # noqa: E402
-from tests.litgpt_probe import LLAMA31_8B, PRECISION, Shape, held_bytes, held_bytes_fake  # noqa: E402
+from tests.litgpt_probe import (  # noqa: E402
+    LLAMA31_8B,
+    PRECISION,
+    Shape,
+    held_bytes,
+    held_bytes_fake,
+    held_bytes_fsdp_mixed,
+)
 
 OUT = ROOT / "benchmarks" / "results" / "litgpt-activations.json"
 
@@ -120,6 +132,42 @@ def matrix() -> list[dict[str, Any]]:
     return rows
 
 
+def fsdp_bf16_mixed() -> list[dict[str, Any]]:
+    rows = []
+    for mode in ("none", "full"):
+        for kv in (4, 2, 1):
+            shape = Shape(layers=2, batch=2, seq=100, kv_heads=kv)
+            measured = held_bytes_fsdp_mixed(mode, shape)
+            spec = validate(
+                {
+                    "model": {"architecture": config(shape), "implementation": "litgpt"},
+                    "precision": "amp-bf16",
+                    "optimizer": {"name": "adamw"},
+                    "training": {
+                        "micro_batch_size": shape.batch,
+                        "sequence_length": shape.seq,
+                        "activation_checkpointing": mode,
+                    },
+                    "parallelism": {"engine": "fsdp2", "data": 8},
+                    "hardware": {"device": "cpu"},
+                }
+            ).spec
+            st = setting_of(spec)
+            assert not st.autocast
+            memplan = activations.predict(from_config(config(shape)), st).bytes
+            rows.append(
+                {
+                    "checkpointing": mode,
+                    "kv_heads": kv,
+                    "measured": measured,
+                    "memplan": memplan,
+                    "exact": measured == memplan,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def llama31_8b_fake() -> list[dict[str, Any]]:
     rows = []
     for precision in ("fp32", "bf16"):
@@ -173,6 +221,7 @@ def vs_transformers() -> list[dict[str, Any]]:
 def main() -> None:
     start = time.time()
     rows = matrix()
+    fsdp = fsdp_bf16_mixed()
     fake = llama31_8b_fake()
     versus = vs_transformers()
     doc = {
@@ -185,11 +234,12 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "summary": {
-            "cases": len(rows) + len(fake),
-            "exact": sum(r["exact"] for r in rows) + sum(r["exact"] for r in fake),
+            "cases": len(rows) + len(fsdp) + len(fake),
+            "exact": sum(r["exact"] for r in (*rows, *fsdp, *fake)),
             "seconds": round(time.time() - start, 1),
         },
         "matrix": rows,
+        "fsdp_bf16_mixed": fsdp,
         "llama31_8b_fake": fake,
         "vs_transformers_llama31_8b": versus,
     }

@@ -113,6 +113,26 @@ def held_bytes(precision: str, mode: str, shape: Shape = Shape()) -> int:
     return _run(wrapped, model, shape, key=lambda st: st.data_ptr())
 
 
+def held_bytes_fsdp_mixed(mode: str, shape: Shape = Shape()) -> int:
+    """`held_bytes` for Lightning's FSDPPrecision("bf16-mixed") without the sharding: the
+    parameters and buffers in bf16 (FSDP's MixedPrecision param_dtype and buffer_dtype bf16,
+    plugins/precision/fsdp.py::mixed_precision_config) under the plugin's torch.autocast
+    (forward_context; on CPU here), the output cast to fp32 (convert_output)."""
+    from litgpt.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(config(shape)).to(torch.bfloat16)
+    if mode == "full":
+        checkpoint(model)
+
+    def call(tokens: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(tokens)
+        return out.float()
+
+    return _run(call, model, shape, key=lambda st: st.data_ptr())
+
+
 def held_bytes_fake(precision: str, mode: str, shape: Shape = LLAMA31_8B) -> int:
     """`held_bytes` under FakeTensorMode (the CPU kernels' meta functions, no memory), without
     Fabric: its precision plugin done by hand (`model.to(bf16)` for bf16-true, the output's

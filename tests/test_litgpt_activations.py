@@ -192,6 +192,25 @@ def test_bf16_mixed_under_fsdp_runs_the_model_in_bf16() -> None:
     assert not st.autocast and st.stream == st.matmul == "bf16"
 
 
+def test_fsdp_bf16_mixed_matches_litgpt_in_bf16_under_autocast() -> None:
+    """Lightning's FSDPPrecision("bf16-mixed") without the sharding (bf16 parameters and
+    buffers under torch.autocast; CPU autocast here) holds what memplan predicts for amp-bf16
+    over fsdp2: the bf16 rule, no autocast casts."""
+    pytest.importorskip("torch")
+    pytest.importorskip("litgpt.model")
+    from tests.litgpt_probe import Shape, held_bytes_fsdp_mixed
+
+    spec = make_spec(
+        model={"architecture": tiny(2, 4), "implementation": "litgpt"},
+        precision="amp-bf16",
+        training={"micro_batch_size": 2, "sequence_length": 16},
+        parallelism={"engine": "fsdp2", "data": 8},
+        hardware={"device": "cpu"},
+    )
+    saved = activations.predict(from_config(tiny(2, 4)), setting_of(spec))
+    assert saved.bytes == held_bytes_fsdp_mixed("none", Shape(kv_heads=4))
+
+
 def test_report_names_litgpt_and_verify_refuses_it() -> None:
     spec = make_spec(model={"architecture": tiny(), "implementation": "litgpt"})
     doc = estimate_json(estimate(spec, from_config(tiny())))
