@@ -8,7 +8,8 @@ checkpointing none/full/selective, on CUDA or CPU kernels. Families without rule
 (`Activations.modelled` is False) instead of guessing. With `model.implementation: torchtitan`
 the saved tensors are those of torchtitan's own Llama 3 (memplan.model.stacks.torchtitan:
 none, full, its per-op `selective-op` and every-Nth-layer `checkpoint_every`), never a profile
-traced from transformers.
+traced from transformers; with `model.implementation: litgpt` those of LitGPT's own GPT
+(memplan.model.stacks.litgpt: none and full, one device or data parallelism).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from memplan.model.forward.tensors import (
     not_modelled,
 )
 from memplan.model.inventory import Architecture, Inventory
-from memplan.model.stacks import torchtitan
+from memplan.model.stacks import litgpt, torchtitan
 from memplan.states.layout import Layout
 from memplan.states.parallel import chunk_layers
 
@@ -49,6 +50,9 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
     if setting.implementation == "torchtitan":
         # torchtitan's own model code: its rule, never a profile traced from transformers.
         return torchtitan.saved(arch, setting)
+    if setting.implementation == "litgpt":
+        # LitGPT's own model code: its rule, never a profile traced from transformers.
+        return litgpt.saved(arch, setting)
     why = _transformers_refuses(setting)
     if why:
         return not_modelled(why)
@@ -126,7 +130,7 @@ def source(inventory: Inventory, setting: Setting) -> tuple[str, profile.Profile
     arch = inventory.architecture
     if arch is None:
         return "none", None
-    if setting.implementation == "torchtitan":
+    if setting.implementation != "transformers":
         return ("rule" if predict(inventory, setting).modelled else "none"), None
     family = family_of(arch.model_type)
     if family is not None and not isinstance(family.saved, str) and not _unsupported(arch):
@@ -215,6 +219,18 @@ def micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec
     """One micro-batch's activations on one GPU of the layout, every layer (the TP slice at
     sequence / CP, sequence parallelism applied), with the layout's communication buffers;
     on TP rank `lay.tensor_rank` (its vocabulary rows)."""
+    if st.implementation == "litgpt" and (
+        lay.tensor > 1 or lay.context > 1 or lay.expert > 1 or lay.pipeline > 1
+    ):
+        # litgpt 0.5.9's training scripts shard with FSDP (data parallelism) only.
+        return replace(
+            layout.refused(
+                "activations of LitGPT's model code are modelled for one device or data "
+                "parallelism only (LitGPT's training scripts have no tensor, context, expert "
+                "or pipeline parallelism)"
+            ),
+            implementation="litgpt",
+        )
     return _micro_batch(inventory, st, lay.keep(*SAVED_FIELDS), ft)
 
 
@@ -222,14 +238,15 @@ def micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec
 def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
     """`micro_batch`, cached by value (inventories hash by identity)."""
     arch = inventory.architecture
-    if st.implementation == "torchtitan" and (ft.method != "full" or ft.freeze):
+    if st.implementation != "transformers" and (ft.method != "full" or ft.freeze):
+        who = "torchtitan's" if st.implementation == "torchtitan" else "LitGPT's"
         return replace(
             layout.refused(
-                "activations of torchtitan's model code are not modelled for LoRA, QLoRA or "
+                f"activations of {who} model code are not modelled for LoRA, QLoRA or "
                 "frozen parameters (memplan's fine-tuning rules follow transformers' and peft's "
                 "module names)"
             ),
-            implementation="torchtitan",
+            implementation=st.implementation,
         )
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)

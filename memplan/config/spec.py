@@ -45,9 +45,11 @@ class ModelSpec(Frozen):
     """A Hugging Face repo id (`org/name`): its config.json from the local Hugging Face cache,
     offline (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
     implementation: Implementation = "transformers"
-    """Whose model code runs the forward: `transformers` (its modeling files, the default) or
+    """Whose model code runs the forward: `transformers` (its modeling files, the default),
     `torchtitan` (torchtitan's own model code, which saves other tensors and runs under
-    torchtitan's FSDP2 defaults: `reduce_dtype` fp32). The report names it."""
+    torchtitan's FSDP2 defaults: `reduce_dtype` fp32) or `litgpt` (LitGPT 0.5.9's
+    `litgpt.model.GPT` with its Llama configs and the chunked loss of its training scripts,
+    run by Lightning Fabric; one device or data parallelism). The report names it."""
     transformers_version: str | None = None
     """The transformers release the model runs under (`"5.24"`), where memplan's activation
     rules differ between releases (Falcon). Default: the installed transformers, else the

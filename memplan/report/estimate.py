@@ -112,7 +112,7 @@ def setting_of(spec: Spec) -> Setting:
     """
     recipe = spec.recipe()
     t = spec.training
-    autocast = recipe.autocast and not _torchtitan_fsdp(spec)
+    autocast = recipe.autocast and not (_torchtitan_fsdp(spec) or _litgpt_fsdp(spec))
     return Setting(
         batch=t.micro_batch_size,
         sequence=t.sequence_length,
@@ -143,6 +143,15 @@ def _torchtitan_fsdp(spec: Spec) -> bool:
         and par.engine == "fsdp2"
         and (par.data > 1 or par.context > 1)
     )
+
+
+def _litgpt_fsdp(spec: Spec) -> bool:
+    """LitGPT shards with Lightning's FSDPStrategy when it runs on more than one device; its
+    FSDPPrecision("bf16-mixed") gives FSDP `param_dtype` bf16 (lightning/fabric/plugins/
+    precision/fsdp.py::FSDPPrecision.mixed_precision_config, lightning 2.6), so the model runs
+    in the compute dtype and the autocast around it casts nothing it runs."""
+    par = spec.parallelism
+    return spec.model.implementation == "litgpt" and par.engine == "fsdp2" and par.data > 1
 
 
 def _torchao_float8(fp8_recipe: str) -> Literal["none", "tensorwise", "rowwise"]:

@@ -289,10 +289,10 @@ class ActivationsInfo(_Doc):
     profile_versions: dict[str, str] | None = Field(
         description="torch and transformers the profile was traced with; null unless a profile."
     )
-    implementation: Literal["transformers", "torchtitan"] = Field(
+    implementation: Literal["transformers", "torchtitan", "litgpt"] = Field(
         description=(
             "Whose model code the saved tensors are of (model.implementation): transformers' "
-            "modeling files or torchtitan's own model code."
+            "modeling files, torchtitan's own model code or LitGPT's (litgpt.model.GPT)."
         )
     )
 

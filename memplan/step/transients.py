@@ -54,6 +54,8 @@ def activation_terms(saved: Activations) -> list[Transient]:
             source=src,
         ),
     ]
+    if saved.implementation == "litgpt":
+        out[:2] = [litgpt_logits(saved)]
     layers = saved.block("layers")
     if layers is not None:
         inner = layers.recompute or layers.tensors
@@ -78,6 +80,25 @@ def activation_terms(saved: Activations) -> list[Transient]:
             )
         )
     return out
+
+
+def litgpt_logits(saved: Activations) -> Transient:
+    """The logits of LitGPT's training loops, in place of the model output and the loss's
+    upcast: Fabric's `_FabricModule.forward` returns the output cast to fp32 (precision
+    plugins' `convert_output`, lightning 2.6; the 16-bit output is freed inside it) and
+    pretrain.py::fit / finetune/full.py::fit keep it bound (`logits = model(input_ids)`,
+    litgpt 0.5.9) until the next iteration's forward returns: one [tokens, vocab] fp32 tensor
+    alive in every phase of a steady-state step. chunked_cross_entropy reads it without
+    another copy."""
+    return Transient(
+        name="logits",
+        bytes=saved.upcast_bytes or saved.logits_bytes,
+        phases=memory.ALWAYS,
+        formula="[tokens, vocab] x 4 B (Fabric's fp32 output, held by the loop's `logits` "
+        "until the next forward returns)",
+        source="litgpt 0.5.9 pretrain.py::fit, finetune/full.py::fit; lightning/fabric/"
+        "wrappers.py::_FabricModule.forward",
+    )
 
 
 def embedding_backward(inventory: Inventory, saved: Activations, grad: str) -> Transient:

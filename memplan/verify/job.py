@@ -188,6 +188,12 @@ def check_supported(spec: Spec, recipe: Recipe) -> None:
             "tests/test_torchtitan_activations.py proves the rule on torchtitan's own model.",
             field="model.implementation",
         )
+    if spec.model.implementation == "litgpt":
+        raise MemplanError(
+            "model.implementation: litgpt cannot be verified yet: verify builds transformers' "
+            "model. tests/test_litgpt_activations.py proves the rule on LitGPT's own model.",
+            field="model.implementation",
+        )
     if t.checkpoint_every > 1:
         raise MemplanError(
             "training.checkpoint_every > 1 cannot be verified: transformers checkpoints every "

@@ -1,0 +1,172 @@
+"""Measure what LitGPT's own GPT holds for backward after forward + its loss (CPU).
+
+Used by tests/test_litgpt_activations.py and benchmarks/litgpt_activations.py. Builds
+litgpt 0.5.9's `litgpt.model.GPT` from a `litgpt.Config` of the Llama shape (RMSNorm,
+LLaMAMLP, fused `qkv`, no biases, sequential residual: the fields of litgpt/config.py's
+Llama 3 entries) and runs it the way litgpt's training scripts do:
+
+- under Lightning Fabric's own precision plugin on CPU (`L.Fabric(accelerator="cpu",
+  precision=...)`: "32-true", "bf16-true" = the model cast to bf16, buffers included
+  (plugins/precision/half.py::HalfPrecision.convert_module), "bf16-mixed" = torch.autocast over
+  the fp32 model (plugins/precision/amp.py::MixedPrecision.forward_context)); `fabric.setup`
+  wraps the model in `_FabricModule`, whose forward casts the output to fp32
+  (precision `convert_output`: the logits' fp32 copy);
+- with LitGPT's recomputation, `FSDPStrategy(activation_checkpointing_policy={Block})` as
+  finetune/full.py sets it, applied by Lightning's own `_setup_activation_checkpointing`
+  (lightning/fabric/strategies/fsdp.py: torch's `checkpoint_wrapper` around every `Block`,
+  non-reentrant), without the FSDP sharding (one process);
+- the loss as pretrain.py::fit computes it: `chunked_cross_entropy(logits, targets)` with its
+  default chunk_size=128 (litgpt/utils.py), targets a separate [B, T] tensor.
+
+What is held is measured as tests/torchtitan_probe.py does: a TorchDispatchMode records the
+storage of every tensor an op returns during forward + loss; the storages still alive
+afterwards are what the forward holds, deduplicated by address. Excluded: parameters and
+buffers (the RoPE `cos`/`sin` caches that RoPE's multiplies save are buffers), the loss value,
+the logits (the model output and its fp32 copy, dropped before the measure: memplan counts
+them as `logits_bytes` / `upcast_bytes`). Added: the token ids and targets, which the embedding
+and nll_loss save (they exist before the forward). Not seen: the CPU RNG state the checkpoint
+wrapper stashes per block (made outside the dispatcher).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tests.torchtitan_probe import _Made
+
+DIM, HEADS, KV_HEADS, FFN, VOCAB, BATCH, SEQ = 64, 4, 2, 192, 256, 2, 16
+PRECISION = {"fp32": "32-true", "bf16": "bf16-true", "amp-bf16": "bf16-mixed"}
+"""memplan's precision recipe -> Lightning Fabric's `precision` argument."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int = 2
+    batch: int = BATCH
+    seq: int = SEQ
+    dim: int = DIM
+    heads: int = HEADS
+    kv_heads: int = KV_HEADS
+    ffn: int = FFN
+    vocab: int = VOCAB
+
+
+LLAMA31_8B = Shape(
+    layers=2, batch=1, seq=8192, dim=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256
+)
+"""Two blocks of Llama 3.1 8B (litgpt/config.py "Llama-3.1-8B{}") at 1 x 8192 (fake tensors)."""
+
+
+def config(shape: Shape) -> Any:
+    """litgpt's Config at `shape`: the fields of its Llama 3.1 entry (litgpt/config.py)."""
+    from litgpt.config import Config
+
+    return Config(
+        name="memplan-probe",
+        block_size=max(128, shape.seq),
+        vocab_size=shape.vocab,
+        padded_vocab_size=shape.vocab,
+        n_layer=shape.layers,
+        n_head=shape.heads,
+        n_embd=shape.dim,
+        n_query_groups=shape.kv_heads,
+        rotary_percentage=1.0,
+        parallel_residual=False,
+        bias=False,
+        norm_class_name="RMSNorm",
+        mlp_class_name="LLaMAMLP",
+        intermediate_size=shape.ffn,
+        rope_base=500000,
+    )
+
+
+def checkpoint(model: torch.nn.Module) -> None:
+    """LitGPT's recomputation: Lightning's FSDPStrategy(activation_checkpointing_policy={Block})
+    applies it with `_setup_activation_checkpointing` (torch's checkpoint_wrapper per Block)."""
+    from lightning.fabric.strategies.fsdp import (
+        _activation_checkpointing_kwargs,
+        _setup_activation_checkpointing,
+    )
+    from litgpt.model import Block
+
+    _setup_activation_checkpointing(model, _activation_checkpointing_kwargs(None, {Block}))
+
+
+def held_bytes(precision: str, mode: str, shape: Shape = Shape()) -> int:
+    """Bytes LitGPT's GPT holds for backward after forward + loss (module docstring), under
+    Fabric's `PRECISION[precision]`, with checkpointing `mode` ("none" or "full")."""
+    import lightning as L
+    from litgpt.model import GPT
+
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=PRECISION[precision])  # type: ignore[arg-type]
+    with fabric.init_module():
+        model = GPT(config(shape))
+    if mode == "full":
+        checkpoint(model)
+    elif mode != "none":
+        raise ValueError(mode)
+    wrapped = fabric.setup(model)
+    return _run(wrapped, model, shape, key=lambda st: st.data_ptr())
+
+
+def held_bytes_fsdp_mixed(mode: str, shape: Shape = Shape()) -> int:
+    """`held_bytes` for Lightning's FSDPPrecision("bf16-mixed") without the sharding: the
+    parameters and buffers in bf16 (FSDP's MixedPrecision param_dtype and buffer_dtype bf16,
+    plugins/precision/fsdp.py::mixed_precision_config) under the plugin's torch.autocast
+    (forward_context; on CPU here), the output cast to fp32 (convert_output)."""
+    from litgpt.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(config(shape)).to(torch.bfloat16)
+    if mode == "full":
+        checkpoint(model)
+
+    def call(tokens: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(tokens)
+        return out.float()
+
+    return _run(call, model, shape, key=lambda st: st.data_ptr())
+
+
+def held_bytes_fake(precision: str, mode: str, shape: Shape = LLAMA31_8B) -> int:
+    """`held_bytes` under FakeTensorMode (the CPU kernels' meta functions, no memory), without
+    Fabric: its precision plugin done by hand (`model.to(bf16)` for bf16-true, the output's
+    `.float()` for convert_output). Storages are told apart by their StorageImpl."""
+    from litgpt.model import GPT
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if precision == "amp-bf16":
+        raise ValueError("the fake probe runs 32-true and bf16-true")
+    with torch.device("meta"):
+        model = GPT(config(shape))
+        if precision == "bf16":
+            model = model.to(torch.bfloat16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to_empty(device="cpu")
+        if mode == "full":
+            checkpoint(model)
+        return _run(model, model, shape, key=lambda st: int(st._cdata))
+
+
+def _run(call: Any, model: torch.nn.Module, shape: Shape, *, key: Any) -> int:
+    from litgpt.utils import chunked_cross_entropy
+
+    tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+    targets = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+    inputs = (*model.parameters(), *model.buffers(), tokens, targets)
+    before = {key(t.untyped_storage()) for t in inputs}
+    spy = _Made(key)
+    with spy:
+        logits = call(tokens)
+        if logits.dtype != torch.float32:  # Fabric's convert_output, done by hand (fake run)
+            logits = logits.float()
+        loss = chunked_cross_entropy(logits, targets)
+    del logits
+    before.add(key(loss.untyped_storage()))
+    alive = {k: n for ref, k, n in spy.made if not ref.expired() and k not in before}
+    return sum(alive.values()) + tokens.nbytes + targets.nbytes

@@ -1,0 +1,241 @@
+"""`model.implementation: litgpt`: the saved-tensor rule of LitGPT's own GPT
+(memplan.model.stacks.litgpt) against litgpt 0.5.9's real model on CPU, run by Lightning
+Fabric's own precision plugins, to the byte (tests/litgpt_probe.py measures): no checkpointing
+and LitGPT's per-Block checkpointing, 32-true / bf16-true / bf16-mixed, grouped, multi-head
+and multi-query attention, the 128-token loss chunks; and at Llama 3.1 8B's shape under
+FakeTensorMode.
+
+The oracle is LitGPT's own code (`pip install --no-deps litgpt==0.5.9 lightning==2.6.6
+lightning-utilities==0.15.3 torchmetrics==1.9.0`); the full matrix is
+benchmarks/litgpt_activations.py (benchmarks/results/litgpt-activations.json). The rest of
+this file needs no torch: refusals, the spec key, the report's `implementation` key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from memplan import activations
+from memplan.errors import MemplanError
+from memplan.model.sources import from_config
+from memplan.report.estimate import estimate, setting_of
+from memplan.report.json import estimate_json
+from tests.conftest import make_spec, micro_batch_of
+
+LLAMA31_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+}
+
+
+def tiny(layers: int = 2, kv_heads: int = 2) -> dict[str, Any]:
+    """The shape tests/litgpt_probe.py builds, as a config memplan reads."""
+    return {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": 256,
+        "max_position_embeddings": 128,
+    }
+
+
+def predicted(
+    config: dict[str, Any], precision: str, mode: str, *, batch: int, seq: int, **par: Any
+) -> activations.Activations:
+    spec = make_spec(
+        model={"architecture": config, "implementation": "litgpt"},
+        precision=precision,
+        training={
+            "micro_batch_size": batch,
+            "sequence_length": seq,
+            "activation_checkpointing": mode,
+        },
+        parallelism=par or {"data": 1},
+        hardware={"device": "cpu"},
+    )
+    saved = activations.predict(from_config(config), setting_of(spec))
+    assert saved.implementation == "litgpt"
+    return saved
+
+
+CASES = [
+    # precision, mode, layers, k/v heads, batch, sequence
+    ("fp32", "none", 2, 2, 2, 16),
+    ("bf16", "none", 2, 4, 2, 16),  # as many k/v heads as heads: v keeps the qkv output
+    ("bf16", "full", 3, 2, 3, 100),  # 300 tokens: two full loss chunks and one of 44
+    ("amp-bf16", "none", 2, 1, 1, 16),  # autocast (Fabric bf16-mixed), one k/v head
+    ("amp-bf16", "full", 2, 2, 2, 16),
+]
+
+
+@pytest.mark.parametrize(("precision", "mode", "layers", "kv", "batch", "seq"), CASES)
+def test_rule_matches_litgpt_to_the_byte(
+    precision: str, mode: str, layers: int, kv: int, batch: int, seq: int
+) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.model")
+    from tests.litgpt_probe import Shape, held_bytes
+
+    measured = held_bytes(precision, mode, Shape(layers=layers, batch=batch, seq=seq, kv_heads=kv))
+    saved = predicted(tiny(layers, kv), precision, mode, batch=batch, seq=seq)
+    assert saved.modelled, saved.notes
+    assert saved.bytes == measured
+
+
+def test_rule_matches_litgpt_at_the_8b_shape_under_fake_tensors() -> None:
+    """Two blocks of Llama 3.1 8B (litgpt/config.py "Llama-3.1-8B{}": n_embd 4096, 32 heads,
+    8 query groups, LLaMAMLP 14336, padded vocab 128256) at 1 x 8192 tokens, bf16-true, CPU
+    kernels, under FakeTensorMode: the shapes at scale (64 loss chunks)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("litgpt.model")
+    from tests.litgpt_probe import LLAMA31_8B as SHAPE
+    from tests.litgpt_probe import held_bytes_fake
+
+    config = {**tiny(2), **LLAMA31_8B}
+    saved = predicted(config, "bf16", "none", batch=1, seq=8192)
+    assert saved.bytes == held_bytes_fake("bf16", "none", SHAPE)
+
+
+def test_pin_litgpt_layer_against_transformers_at_8b_bf16() -> None:
+    """Pinning (the two rules' own arithmetic): per token per Llama 3.1 8B layer in bf16,
+    LitGPT's GPT saves 36,864 B more than transformers' LlamaDecoderLayer, plus 32 KiB per
+    layer: its RMSNorm keeps x_normed in fp32, not bf16 (2 x 4096 x 2 B) and the fp32 copy of
+    each norm weight (2 x 4096 x 4 B per layer); its k and v are repeat_interleave'd to all 32
+    heads where transformers' SDPA takes 8 with enable_gqa (2 x 3072 x 2 B); its attention
+    output is copied for `proj` (4096 x 2 B), where transformers' o_proj reads the kernel's
+    output. The litgpt side is proved by the tests above."""
+    config = {**tiny(32), **LLAMA31_8B}
+    spec = make_spec(
+        model={"architecture": config},
+        precision="bf16",
+        training={"micro_batch_size": 1, "sequence_length": 8192},
+        hardware={"device": "cpu"},
+    )
+    hf = activations.predict(from_config(config), setting_of(spec)).block("layers")
+    lit = predicted(config, "bf16", "none", batch=1, seq=8192).block("layers")
+    assert hf is not None and lit is not None
+    t = 8192
+    per_token = 2 * 4096 * 2 + 2 * 3072 * 2 + 4096 * 2
+    assert lit.bytes_each - hf.bytes_each == per_token * t + 2 * 4096 * 4
+    assert per_token == 36_864
+
+
+def test_a_transformers_profile_never_serves_litgpt() -> None:
+    cfg = {**tiny(), "model_type": "qwen2"}
+    saved = predicted(cfg, "bf16", "none", batch=1, seq=16)
+    assert not saved.modelled
+    assert "model_type 'qwen2' under model.implementation litgpt" in saved.notes[0]
+
+
+@pytest.mark.parametrize(
+    ("training", "why"),
+    [
+        ({"activation_checkpointing": "selective"}, "checkpoint whole blocks"),
+        ({"activation_checkpointing": "selective-op"}, "checkpoint whole blocks"),
+        ({"attention": "eager"}, "use training.attention sdpa"),
+        ({"dropout": True}, "no dropout"),
+        ({"compile": True}, "compiles the whole GPT"),
+        ({"activation_checkpointing": "full", "checkpoint_every": 2}, "every Block"),
+    ],
+)
+def test_litgpt_refuses_what_it_does_not_run(training: dict[str, Any], why: str) -> None:
+    spec = make_spec(model={"architecture": tiny(), "implementation": "litgpt"}, training=training)
+    saved = activations.predict(from_config(tiny()), setting_of(spec))
+    assert not saved.modelled and why in saved.notes[0]
+    assert saved.implementation == "litgpt"
+
+
+def test_litgpt_refuses_model_parallelism_and_lora() -> None:
+    inv = from_config(tiny())
+    for par in ({"engine": "fsdp2", "data": 4, "tensor": 2}, {"data": 1, "pipeline": 2}):
+        spec = make_spec(
+            model={"architecture": tiny(), "implementation": "litgpt"}, parallelism=par
+        )
+        saved = micro_batch_of(spec, inv)
+        assert not saved.modelled and "data parallelism only" in saved.notes[0], par
+        assert saved.implementation == "litgpt"
+    lora = make_spec(
+        model={"architecture": tiny(), "implementation": "litgpt"}, finetune={"method": "lora"}
+    )
+    saved = micro_batch_of(lora, inv)
+    assert not saved.modelled and "LitGPT's model code" in saved.notes[0]
+    data = make_spec(
+        model={"architecture": tiny(), "implementation": "litgpt"},
+        parallelism={"engine": "fsdp2", "data": 8},
+    )
+    assert micro_batch_of(data, inv).modelled
+
+
+def test_bf16_mixed_under_fsdp_runs_the_model_in_bf16() -> None:
+    """Lightning's FSDPPrecision("bf16-mixed") sets FSDP param_dtype bf16: no autocast casts
+    (memplan amp-bf16 over fsdp2); on one device Fabric's MixedPrecision is torch.autocast."""
+    one = make_spec(
+        model={"architecture": tiny(), "implementation": "litgpt"}, precision="amp-bf16"
+    )
+    assert setting_of(one).autocast
+    sharded = make_spec(
+        model={"architecture": tiny(), "implementation": "litgpt"},
+        precision="amp-bf16",
+        parallelism={"engine": "fsdp2", "data": 8},
+    )
+    st = setting_of(sharded)
+    assert not st.autocast and st.stream == st.matmul == "bf16"
+
+
+def test_fsdp_bf16_mixed_matches_litgpt_in_bf16_under_autocast() -> None:
+    """Lightning's FSDPPrecision("bf16-mixed") without the sharding (bf16 parameters and
+    buffers under torch.autocast; CPU autocast here) holds what memplan predicts for amp-bf16
+    over fsdp2: the bf16 rule, no autocast casts."""
+    pytest.importorskip("torch")
+    pytest.importorskip("litgpt.model")
+    from tests.litgpt_probe import Shape, held_bytes_fsdp_mixed
+
+    spec = make_spec(
+        model={"architecture": tiny(2, 4), "implementation": "litgpt"},
+        precision="amp-bf16",
+        training={"micro_batch_size": 2, "sequence_length": 16},
+        parallelism={"engine": "fsdp2", "data": 8},
+        hardware={"device": "cpu"},
+    )
+    saved = activations.predict(from_config(tiny(2, 4)), setting_of(spec))
+    assert saved.bytes == held_bytes_fsdp_mixed("none", Shape(kv_heads=4))
+
+
+def test_report_names_litgpt_and_verify_refuses_it() -> None:
+    spec = make_spec(model={"architecture": tiny(), "implementation": "litgpt"})
+    doc = estimate_json(estimate(spec, from_config(tiny())))
+    assert doc["activations"]["implementation"] == "litgpt"
+    assert doc["activations"]["modelled"] is True
+    from memplan.verify.job import check_supported
+
+    with pytest.raises(MemplanError, match="model.implementation: litgpt cannot be verified"):
+        check_supported(spec, spec.recipe())
+
+
+def test_pin_litgpt_loop_holds_the_fp32_logits_in_every_phase() -> None:
+    """Pinning (read from litgpt 0.5.9 pretrain.py::fit and Fabric's _FabricModule.forward, not
+    measured): the fp32 logits [tokens, vocab] stay bound to the loop's `logits` until the next
+    forward returns, so the step holds them in every phase, and there is no separate 16-bit
+    output or upcast; transformers' timeline keeps its logits to the loss only."""
+    spec = make_spec(
+        model={"architecture": tiny(), "implementation": "litgpt"},
+        training={"micro_batch_size": 2, "sequence_length": 16},
+    )
+    timeline = estimate(spec, from_config(tiny())).timeline
+    fp32_logits = 2 * 16 * 256 * 4
+    for phase in ("start", "forward", "loss", "backward_start", "backward", "optimizer_step"):
+        held = [t for t in timeline.transient_at(phase) if t.name == "logits"]
+        assert [t.bytes for t in held] == [fp32_logits], phase
+    assert not [t for t in timeline.transients if t.name == "loss_fp32_upcast"]
+    plain = estimate(make_spec(), from_config(tiny())).timeline
+    assert [t for t in plain.transient_at("forward") if t.name == "logits"] == []
