@@ -59,17 +59,14 @@ def test_llama31_70b_needs_more_than_8_gpus():
     # 70.6B x (2 + 2 + 12) B / 8 GPUs = 141 GB of model states per GPU: nothing fits 80 GB,
     # and plan says how many GPUs would.
     assert not on_8.layouts
-    found = re.search(r"use at least (\d+) GPUs", on_8.suggestion)
+    found = re.search(r"use (\d+) GPUs, the smallest count that fits", on_8.suggestion)
     assert found, on_8.suggestion
     needed = int(found.group(1))
     assert needed >= 16
-    enough = plan(
-        plan_spec(
-            "llama-3.1-70b", needed, engines=["deepspeed", "fsdp2"], global_batch_size=needed
-        ),
-        inv,
-    )
-    assert enough.layouts
+    # The smallest: that count fits the same job (global batch 64 kept), one fewer does not.
+    assert plan(plan_spec("llama-3.1-70b", needed, engines=["deepspeed", "fsdp2"]), inv).layouts
+    fewer = plan(plan_spec("llama-3.1-70b", needed - 1, engines=["deepspeed", "fsdp2"]), inv)
+    assert not fewer.layouts
 
 
 def test_405b_on_one_node_needs_offload_or_more_gpus():
@@ -188,7 +185,7 @@ def test_plan_cli_exits_3_when_nothing_fits(tmp_path):  # type: ignore[no-untype
     result = CliRunner().invoke(app, ["plan", str(spec), "--json"])
     assert result.exit_code == 3
     doc = json.loads(result.stdout)
-    assert doc["layouts"] == [] and doc["message"].startswith("Nothing fits")
+    assert doc["layouts"] == [] and doc["message"].startswith("Nothing fits the budget")
 
 
 def test_plan_needs_a_gpu_count():

@@ -283,7 +283,9 @@ class _Search:
                             continue
                         yield par, offload
 
-    def run(self, progress: Progress | None) -> list[Candidate]:
+    def run(self, progress: Progress | None, first: bool = False) -> list[Candidate]:
+        """Every layout that fits, fastest first; with `first`, only the first one found that
+        also fits as `estimate` judges its spec (the allocator replayed), or none."""
         layouts = list(self.layouts())
         out: list[Candidate] = []
         recomputes = _recompute_options(self.plan.allow_recompute)
@@ -323,9 +325,12 @@ class _Search:
                     ):
                         self.pruned["does not fit: the allocator's reserve exceeds the budget"] += 1
                         break
-                    out.append(
-                        self._candidate(report, par, mbs, recompute, offload, shape, link, headroom)
-                    )
+                    c = self._candidate(report, par, mbs, recompute, offload, shape, link, headroom)
+                    if first:
+                        if _replay_fits(self.spec, self.inventory, c, self.plan):
+                            return [c]
+                        break
+                    out.append(c)
         if progress:
             progress(len(layouts), len(layouts))
         return sorted(out, key=lambda c: (c.time.total_s, c.peak_bytes))
@@ -398,12 +403,18 @@ class _Search:
 
 
 def plan(
-    spec: Spec, inventory: Inventory, *, progress: Progress | None = None, suggest: bool = True
+    spec: Spec,
+    inventory: Inventory,
+    *,
+    progress: Progress | None = None,
+    suggest: bool = True,
+    first: bool = False,
 ) -> PlanResult:
     """Every layout of `spec.plan` that fits, fastest first, and what was pruned and why.
 
     When nothing fits and `suggest` is set, `suggestion` says what would (each hint is a
-    search of its own, run with `suggest=False` so the hints do not recurse)."""
+    search of its own, run with `suggest=False` so the hints do not recurse). With `first`,
+    the search stops at the first layout that fits (what `_fits` asks)."""
     p = spec.plan or PlanSpec()
     if inventory.architecture is None:
         raise MemplanError(
@@ -467,8 +478,13 @@ def plan(
         budget=budget,
         activations_modelled=_activations_modelled(plain),
     )
-    layouts = _checked_by_replay(spec, inventory, search.run(progress), p, search.pruned)
-    suggestion = "" if layouts or not suggest else _suggest(spec, inventory, p, gpus, budget)
+    found = search.run(progress, first=first)
+    layouts = found if first else _checked_by_replay(spec, inventory, found, p, search.pruned)
+    suggestion = (
+        ""
+        if layouts or not suggest
+        else _suggest(spec, inventory, p, gpus, plain.per_gpu.total_bytes, budget, search)
+    )
     return PlanResult(
         gpus=gpus,
         global_batch_size=global_batch,
@@ -547,8 +563,7 @@ def _checked_by_replay(
         if shown == p.top:
             out.extend(layouts[i:])
             break
-        headroom = estimate(row_spec(spec, c), inventory).usable_bytes
-        if headroom is not None and headroom < p.reserve:
+        if not _replay_fits(spec, inventory, c, p):
             pruned["does not fit: the replayed allocator (as estimate) exceeds the budget"] += 1
             continue
         out.append(c)
@@ -556,11 +571,19 @@ def _checked_by_replay(
     return out
 
 
+def _replay_fits(spec: Spec, inventory: Inventory, c: Candidate, p: PlanSpec) -> bool:
+    """Whether row `c` fits as `estimate` judges its spec: the usable memory after the
+    replayed allocator and the terms outside it covers plan.reserve."""
+    headroom = estimate(row_spec(spec, c), inventory).usable_bytes
+    return headroom is None or headroom >= p.reserve
+
+
 def _activations_modelled(report: Report) -> bool:
     return report.activations.modelled
 
 
 def _fits(spec: Spec, inventory: Inventory, p: PlanSpec, gpus: int) -> bool:
+    """Whether some layout of `gpus` GPUs fits (the search stops at the first that does)."""
     try:
         result = plan(
             spec.model_copy(
@@ -568,14 +591,45 @@ def _fits(spec: Spec, inventory: Inventory, p: PlanSpec, gpus: int) -> bool:
             ),
             inventory,
             suggest=False,
+            first=True,
         )
     except MemplanError:
         return False
     return bool(result.layouts)
 
 
-def _suggest(spec: Spec, inventory: Inventory, p: PlanSpec, gpus: int, budget: int) -> str:
-    """What would make something fit: offload, recomputation, or more GPUs."""
+SMALLEST_TRIES = 64
+"""GPU counts `_suggest` tries, from its lower bound up, for the smallest that fits."""
+
+
+def _smallest(spec: Spec, inventory: Inventory, p: PlanSpec, lowest: int, skip: int) -> int | None:
+    """The smallest GPU count from `lowest` (a count below it cannot hold the model states)
+    that fits the job as given (its global batch kept), `skip` aside; None when none of
+    SMALLEST_TRIES counts does."""
+    for gpus in range(lowest, min(lowest + SMALLEST_TRIES, MAX_DEGREE + 1)):
+        if gpus != skip and _fits(spec, inventory, p, gpus):
+            return gpus
+    return None
+
+
+def _suggest(
+    spec: Spec,
+    inventory: Inventory,
+    p: PlanSpec,
+    gpus: int,
+    states_bytes: int,
+    budget: int,
+    search: _Search,
+) -> str:
+    """Why nothing fits on `gpus` GPUs, and what would: optimizer offload, recomputation, or
+    the smallest GPU count that fits (`states_bytes`: one full replica's model states)."""
+    if not any(reason.startswith("does not fit") for reason in search.pruned):
+        head = (
+            f"No layout of {gpus:,} GPUs can run this job: every one was pruned before its "
+            "memory was worked out (the reasons: `pruned`)."
+        )
+    else:
+        head = f"Nothing fits the budget on {gpus:,} GPUs."
     hints = []
     if not p.allow_offload and _fits(
         spec, inventory, p.model_copy(update={"allow_offload": True}), gpus
@@ -585,17 +639,23 @@ def _suggest(spec: Spec, inventory: Inventory, p: PlanSpec, gpus: int, budget: i
         spec, inventory, p.model_copy(update={"allow_recompute": True}), gpus
     ):
         hints.append("allow activation recomputation (plan.allow_recompute: true)")
-    more = gpus
-    for _ in range(6):
-        more *= 2
-        if _fits(
-            spec,
-            inventory,
-            p.model_copy(update={"global_batch_size": None, "global_batch_tokens": None}),
-            more,
-        ):
-            hints.append(f"use at least {more} GPUs (found by doubling)")
-            break
-    if not hints:
-        hints.append(f"nothing found up to {more} GPUs: a larger GPU or offload to NVMe")
-    return "Nothing fits the budget. To fit: " + "; or ".join(hints) + "."
+    # Every layout splits one replica's model states over at most all its GPUs: fewer than
+    # states / budget GPUs cannot hold them (without offload, which moves them to the host).
+    lowest = 1 if p.allow_offload else max(1, -(-states_bytes // budget))
+    smallest = _smallest(spec, inventory, p, lowest, gpus)
+    if smallest is not None:
+        hints.append(
+            f"use {smallest:,} GPUs, the smallest count that fits this job (its global batch "
+            f"kept; every count from {lowest:,} searched, fewer cannot hold the model states)"
+        )
+        if smallest < gpus:
+            above = _smallest(spec, inventory, p, gpus + 1, gpus)
+            if above is not None:
+                hints[-1] += f", or {above:,}, the nearest count above {gpus:,} that fits"
+    else:
+        last = lowest + SMALLEST_TRIES - 1
+        hints.append(
+            f"no GPU count from {lowest:,} (fewer cannot hold the model states) to {last:,} "
+            "fits: a larger GPU, optimizer offload, or another global batch"
+        )
+    return f"{head} To fit: " + "; or ".join(hints) + "."
