@@ -8,7 +8,8 @@ checkpointing none/full/selective, on CUDA or CPU kernels. Families without rule
 (`Activations.modelled` is False) instead of guessing. With `model.implementation: torchtitan`
 the saved tensors are those of torchtitan's own Llama 3 (memplan.model.stacks.torchtitan:
 none, full, its per-op `selective-op` and every-Nth-layer `checkpoint_every`), never a profile
-traced from transformers.
+traced from transformers; with `megatron-core`, those of Megatron-Core's GPTModel
+(memplan.model.stacks.megatron: local or TE layer spec, none / full / selective).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from memplan.model.forward.tensors import (
     not_modelled,
 )
 from memplan.model.inventory import Architecture, Inventory
-from memplan.model.stacks import torchtitan
+from memplan.model.stacks import megatron, torchtitan
 from memplan.states.layout import Layout
 from memplan.states.parallel import chunk_layers
 
@@ -49,6 +50,9 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
     if setting.implementation == "torchtitan":
         # torchtitan's own model code: its rule, never a profile traced from transformers.
         return torchtitan.saved(arch, setting)
+    if setting.implementation == "megatron-core":
+        # Megatron-Core's GPTModel: its rule, never a profile traced from transformers.
+        return megatron.saved(arch, setting, setting.megatron_spec)
     why = _transformers_refuses(setting)
     if why:
         return not_modelled(why)
@@ -126,7 +130,7 @@ def source(inventory: Inventory, setting: Setting) -> tuple[str, profile.Profile
     arch = inventory.architecture
     if arch is None:
         return "none", None
-    if setting.implementation == "torchtitan":
+    if setting.implementation in ("torchtitan", "megatron-core"):
         return ("rule" if predict(inventory, setting).modelled else "none"), None
     family = family_of(arch.model_type)
     if family is not None and not isinstance(family.saved, str) and not _unsupported(arch):
@@ -231,6 +235,8 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
             ),
             implementation="torchtitan",
         )
+    if st.implementation == "megatron-core":
+        return _megatron(inventory, st, lay, ft)
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
     if st.implementation == "torchtitan":
@@ -277,6 +283,27 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     if lay.sequence_parallel:
         local = layout.split(predict(inventory, local_st), local, local_st, lay)
     return replace(local, buffers=layout.buffers(arch, local_st, lay))
+
+
+def _megatron(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
+    """Megatron-Core's GPTModel on one GPU (memplan.model.stacks.megatron): modelled at TP = CP
+    = EP = 1 for full training; pipeline stages split its layers as any other."""
+    why = ""
+    if ft.method != "full" or ft.freeze:
+        why = (
+            "activations of Megatron-Core's model code are not modelled for LoRA, QLoRA or "
+            "frozen parameters"
+        )
+    elif lay.tensor > 1 or lay.context > 1 or lay.expert > 1:
+        why = (
+            "activations of Megatron-Core's model code are modelled at tensor = context = "
+            "expert = 1 (its TP / SP / CP split is not modelled yet)"
+        )
+    if why:
+        return replace(
+            layout.refused(why), implementation="megatron-core", megatron_spec=st.megatron_spec
+        )
+    return predict(inventory, st)
 
 
 EP_OVER_PROFILE = (

@@ -23,6 +23,6 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
 
 
-Implementation = Literal["transformers", "torchtitan"]
+Implementation = Literal["transformers", "torchtitan", "megatron-core"]
 """Whose model code runs a model's forward (`model.implementation`): transformers' modeling
-files or torchtitan's own model code."""
+files, torchtitan's own model code or Megatron-Core's GPTModel."""

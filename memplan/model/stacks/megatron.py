@@ -64,6 +64,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Literal
 
+from memplan.config.base import Implementation
+from memplan.memory import ALWAYS, Transient
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
@@ -72,7 +74,7 @@ from memplan.precision import dtype_bytes
 
 MegatronSpec = Literal["local", "te"]
 VERSION = "0.12.0"
-IMPLEMENTATION = "megatron-core"
+IMPLEMENTATION: Implementation = "megatron-core"
 SRC = f"megatron-core {VERSION} megatron/core/"
 SRC_LINEAR = SRC + "tensor_parallel/layers.py::LinearWithGradAccumulationAndAsyncCommunication"
 SRC_ROPE = SRC + "models/common/embeddings/rope_utils.py::_apply_rotary_pos_emb_bshd"
@@ -81,7 +83,9 @@ SRC_SOFTMAX = SRC + "fusions/fused_softmax.py::FusedScaleMaskSoftmax.forward_tor
 SRC_MLP = SRC + "transformer/mlp.py::MLP.forward (glu)"
 SRC_SWIGLU = SRC + "fusions/fused_bias_swiglu.py::bias_swiglu_impl"
 SRC_LOSS = SRC + "tensor_parallel/cross_entropy.py::_VocabParallelCrossEntropy.forward"
-SRC_FULL = SRC + "transformer/transformer_block.py::_checkpointed_forward; random.py::CheckpointFunction"
+SRC_FULL = (
+    SRC + "transformer/transformer_block.py::_checkpointed_forward; random.py::CheckpointFunction"
+)
 SRC_SELECTIVE = SRC + "transformer/attention.py::Attention._checkpointed_attention_forward"
 SRC_TE_NORM_LINEAR = (
     SRC + "extensions/transformer_engine.py::TELayerNormColumnParallelLinear; TE "
@@ -162,7 +166,9 @@ def _te_norm_linear(prefix: str, t: int, h: int, c: str) -> list[Saved]:
     normalized input its GEMM reads (SRC_TE_NORM_LINEAR)."""
     return [
         kernels.saved(f"{prefix}.input", (t, h), c, "_LayerNormLinear", SRC_TE_NORM_LINEAR),
-        kernels.saved(f"{prefix}.rsigma", (t,), kernels.FP32, "_LayerNormLinear", SRC_TE_NORM_LINEAR),
+        kernels.saved(
+            f"{prefix}.rsigma", (t,), kernels.FP32, "_LayerNormLinear", SRC_TE_NORM_LINEAR
+        ),
         kernels.saved(f"{prefix}.ln_out", (t, h), c, "_LayerNormLinear", SRC_TE_NORM_LINEAR),
     ]
 
@@ -258,7 +264,9 @@ def _te_layer(arch: Architecture, st: Setting) -> tuple[list[Saved], list[Saved]
         kernels.saved("attn.output", (t, a * d), c, "TEDotProductAttention", src),
         kernels.saved("attn.softmax_lse", (b, a, s), kernels.FP32, "TEDotProductAttention", src),
     ]
-    core.append(kernels.saved("attn.rng_state", RNG_STATE, kernels.INT64, "TEDotProductAttention", src))
+    core.append(
+        kernels.saved("attn.rng_state", RNG_STATE, kernels.INT64, "TEDotProductAttention", src)
+    )
     rest = _dropout("self_attn_bda.dropout", (t, h), c, st)
     rest += _te_norm_linear("linear_fc1", t, h, c)
     rest += _mlp(t, arch.intermediate_size, c, fused=True)
@@ -271,9 +279,36 @@ def _te_layer(arch: Architecture, st: Setting) -> tuple[list[Saved], list[Saved]
     return whole, selective
 
 
+def persistent_buffers(arch: Architecture, st: Setting) -> tuple[Transient, ...]:
+    """What the local spec's DotProductAttention keeps across steps, outside autograd: the
+    global memory buffer its `baddbmm` writes the scores into, and the cached causal mask its
+    softmax fallback fills with (both made by the first forward, alive from then on)."""
+    _, a, _, _ = kernels.attention_dims(arch)
+    b, s = st.batch, st.sequence
+    c = st.matmul
+    return (
+        Transient(
+            name="megatron global memory buffer",
+            bytes=b * a * s * s * dtype_bytes(c),
+            phases=ALWAYS,
+            formula=f"batch {b} x heads {a} x seq {s} x seq {s} x {dtype_bytes(c)} B ({c})",
+            source=SRC + "utils.py::GlobalMemoryBuffer.get_tensor (name 'mpu'); " + SRC_CORE,
+        ),
+        Transient(
+            name="megatron causal mask",
+            bytes=s * s,
+            phases=ALWAYS,
+            formula=f"seq {s} x seq {s} x 1 B (bool)",
+            source=SRC + "transformer/utils.py::get_default_causal_mask (lru_cache)",
+        ),
+    )
+
+
 def _layer_input(arch: Architecture, st: Setting) -> Saved:
     shape = (st.sequence, st.batch, arch.hidden_size)
-    return kernels.saved("checkpoint.hidden_states", shape, st.matmul, "CheckpointFunction", SRC_FULL)
+    return kernels.saved(
+        "checkpoint.hidden_states", shape, st.matmul, "CheckpointFunction", SRC_FULL
+    )
 
 
 def saved(arch: Architecture, st: Setting, spec: MegatronSpec = "local") -> Activations:
@@ -281,7 +316,11 @@ def saved(arch: Architecture, st: Setting, spec: MegatronSpec = "local") -> Acti
     docstring."""
     why = unsupported(arch, st, spec)
     if why:
-        return replace(not_modelled(f"activations not modelled: {why}."), implementation=IMPLEMENTATION)
+        return replace(
+            not_modelled(f"activations not modelled: {why}."),
+            implementation=IMPLEMENTATION,
+            megatron_spec=spec,
+        )
     h, vocab, t, c = arch.hidden_size, arch.vocab_size, st.tokens, st.matmul
     whole, selective = (_local_layer if spec == "local" else _te_layer)(arch, st)
     n = arch.num_layers
@@ -289,12 +328,18 @@ def saved(arch: Architecture, st: Setting, spec: MegatronSpec = "local") -> Acti
     emb += _dropout("embedding_dropout", (t, h), c, st)
     if st.checkpointing == "full":
         layer = Block(
-            name="layers", count=n, tensors=(_layer_input(arch, st),), recompute=tuple(whole), layered=True
+            name="layers",
+            count=n,
+            tensors=(_layer_input(arch, st),),
+            recompute=tuple(whole),
+            layered=True,
         )
     elif st.checkpointing == "selective":
         held = {x.name for x in selective}
         again = tuple(x for x in whole if x.name not in held)
-        layer = Block(name="layers", count=n, tensors=tuple(selective), recompute=again, layered=True)
+        layer = Block(
+            name="layers", count=n, tensors=tuple(selective), recompute=again, layered=True
+        )
     else:
         layer = Block(name="layers", count=n, tensors=tuple(whole), layered=True)
     if spec == "local":
@@ -313,9 +358,13 @@ def saved(arch: Architecture, st: Setting, spec: MegatronSpec = "local") -> Acti
         name="loss",
         count=1,
         tensors=(
-            kernels.saved("softmax", (t, vocab), kernels.FP32, "_VocabParallelCrossEntropy", SRC_LOSS),
+            kernels.saved(
+                "softmax", (t, vocab), kernels.FP32, "_VocabParallelCrossEntropy", SRC_LOSS
+            ),
             kernels.saved("target_mask", (t,), "bool", "_VocabParallelCrossEntropy", SRC_LOSS),
-            kernels.saved("masked_target", (t,), kernels.INT64, "_VocabParallelCrossEntropy", SRC_LOSS),
+            kernels.saved(
+                "masked_target", (t,), kernels.INT64, "_VocabParallelCrossEntropy", SRC_LOSS
+            ),
         ),
     )
     note = (
@@ -334,6 +383,8 @@ def saved(arch: Architecture, st: Setting, spec: MegatronSpec = "local") -> Acti
         logits_bytes=t * vocab * dtype_bytes(c),
         upcast_bytes=0,
         hidden_bytes=t * h * dtype_bytes(c),
+        buffers=persistent_buffers(arch, st) if spec == "local" else (),
         notes=(note,),
         implementation=IMPLEMENTATION,
+        megatron_spec=spec,
     )
