@@ -101,44 +101,52 @@ def _llama_like(h: int, a: int, ffn: int, vocab: int) -> dict[str, Any]:
     }
 
 
-def theoretical_activation_memory_per_layer(s: int, b: int, h: int, ffn: int) -> int:
-    """Megatron-LM megatron/training/theoretical_memory_usage.py::compute_activation_memory
-    (NVIDIA/Megatron-LM, read at 00caa53; Korthikanti et al. 2022 table 2 with flash attention,
-    sequence parallelism over TP): one transformer layer, `s * b * h * (18 + 4 * ffn / h)`
-    bytes, transcribed (megatron.training is not part of the megatron-core package)."""
-    return s * b * h * (18 + 4 * ffn // h)
-
-
 def test_source_check_te_rule_against_megatron_theoretical_memory() -> None:
     """A source check, not a proof: the TE rule's layer against the formula Megatron-LM prints
-    for itself. The formula assumes what Korthikanti et al. assume: 16-bit activations,
-    dropout on (a 1-byte mask after attention and after the MLP), multi-head attention, a GeLU
-    MLP (fc1's [t, ffn] output and the GeLU's output, 4 ffn bytes a token), and it leaves out
-    the per-token statistics. The TE rule at that setting (dropout on, kv heads = heads) minus
-    the SwiGLU's second fc1 half (2 ffn bytes a token: its fc1 output is [t, 2 ffn]) and minus
-    the fp32 statistics (two rsigma [t], softmax_lse [b, a, s]) and the rng state must equal
-    it."""
+    for itself (theoretical_memory_usage.py::compute_activation_memory, transcribed in
+    benchmarks/peers/megatron.py: `s b h (18 + 4 ffn / h)`, Korthikanti et al. 2022 Table 2
+    without the attention scores). The formula assumes 16-bit activations, dropout on (a
+    1-byte mask after attention and after the MLP), multi-head attention and a GeLU MLP (fc1's
+    [t, ffn] output and the GeLU's output: 4 ffn bytes a token), and leaves out the per-token
+    statistics. The TE rule at that setting (dropout on, kv heads = heads), less the SwiGLU's
+    second fc1 half (2 ffn bytes a token: its fc1 output is [t, 2 ffn]), the fp32 statistics
+    (two rsigma [t], softmax_lse [b, a, s]) and the rng state, must equal it."""
+    from benchmarks.peers import megatron as theoretical
+
     h, a, ffn, vocab, s, b = 4096, 32, 14336, 128256, 4096, 1
+    model = {
+        "architecture": _llama_like(h, a, ffn, vocab),
+        "implementation": "megatron-core",
+        "megatron_spec": "te",
+    }
     spec = make_spec(
-        model={
-            "architecture": _llama_like(h, a, ffn, vocab),
-            "implementation": "megatron-core",
-            "megatron_spec": "te",
-        },
+        model=model,
         training={"micro_batch_size": b, "sequence_length": s, "dropout": True},
         hardware={"device": "cuda"},
     )
-    st = setting_of(spec)
-    saved = activations.predict(from_config(_llama_like(h, a, ffn, vocab)), st)
+    saved = activations.predict(from_config(_llama_like(h, a, ffn, vocab)), setting_of(spec))
     assert saved.modelled, saved.notes
     layer = saved.block("layers")
     assert layer is not None
+    args = theoretical.Args(
+        hidden_size=h,
+        ffn_hidden_size=ffn,
+        num_layers=4,
+        num_attention_heads=a,
+        num_query_groups=a,
+        kv_channels=h // a,
+        padded_vocab_size=vocab,
+        swiglu=True,
+        normalization="RMSNorm",
+        untie_embeddings_and_output_weights=True,
+        seq_length=s,
+        micro_batch_size=b,
+    )
     t = s * b
     swiglu_extra = 2 * ffn * t
     stats = 2 * 4 * t + 4 * b * a * s + 8 * 2
-    assert layer.bytes_each - swiglu_extra - stats == theoretical_activation_memory_per_layer(
-        s, b, h, ffn
-    )
+    expected = theoretical.compute_activation_memory_per_layer(args)
+    assert layer.bytes_each - swiglu_extra - stats == expected
 
 
 def test_te_spec_needs_cuda_and_local_is_the_default() -> None:
