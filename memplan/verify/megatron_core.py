@@ -259,6 +259,10 @@ def _held(dtype: str, shape: Shape, recompute: str, dropout: float) -> Held:
     spy = _Made()
     with spy:
         loss = model(tokens, position, None, labels=labels)
+    # The loss all-reduces its max, predicted logits and sum (cross_entropy.py, over the TP
+    # group): gloo's worker thread can still hold the last one's tensor for a moment after
+    # the call returns. A barrier behind it waits until the worker has moved on.
+    torch.distributed.barrier()
     before.add(loss.untyped_storage().data_ptr())
     alive: dict[int, tuple[str, tuple[int, ...], str, int]] = {}
     for ref, key, n, op, shp, dt in spy.made:

@@ -46,8 +46,9 @@ The TE spec (get_gpt_layer_with_transformer_engine_spec) is read, not run: Trans
 needs CUDA. extensions/transformer_engine.py::TELayerNormColumnParallelLinear (TE
 module/layernorm_linear.py::_LayerNormLinear: saves the norm's input, rsigma [t] fp32 and the
 normalized `ln_out` the GEMM reads) for linear_qkv and linear_fc1; TEDotProductAttention (TE's
-flash / cuDNN fused attention: q, k, v at their own head counts, out, softmax_lse [b, np, s]
-fp32, the philox rng state); TERowParallelLinear saves its input. Megatron-LM's training
+flash / cuDNN fused attention saves q, k, v as given, out, softmax_lse [b, np, s] fp32 and the
+philox rng state: q and k are fused RoPE's new tensors, v a view of linear_qkv's output, which
+it therefore keeps whole); TERowParallelLinear saves its input. Megatron-LM's training
 defaults (megatron/training/arguments.py: --no-bias-swiglu-fusion, --no-rope-fusion unset) run
 the fused SwiGLU (fusions/fused_bias_swiglu.py::bias_swiglu_impl saves only its input) and TE's
 fused RoPE (saves only the cached frequencies).
@@ -254,10 +255,14 @@ def _te_layer(arch: Architecture, st: Setting) -> tuple[list[Saved], list[Saved]
     h, a, kv, d = kernels.attention_dims(arch)
     b, s, t, c = st.batch, st.sequence, st.tokens, st.matmul
     src = SRC_TE_ATTN
+    # TE's fused RoPE makes q and k new tensors; v stays a view of linear_qkv's output, which
+    # the attention (or the selective checkpoint) keeps whole by saving v: TE's FlashAttention
+    # only transposes sbhd to bshd views (no copy without context parallelism) and flash-attn
+    # copies only a non-unit last stride (flash_attn_interface.py::maybe_contiguous).
     qkv = [
+        kernels.saved("linear_qkv.output", (t, (a + 2 * kv) * d), c, "TEDotProductAttention", src),
         kernels.saved("attn.q", (t, a * d), c, "TEDotProductAttention", src),
         kernels.saved("attn.k", (t, kv * d), c, "TEDotProductAttention", src),
-        kernels.saved("attn.v", (t, kv * d), c, "TEDotProductAttention", src),
     ]
     core = [
         # out is also linear_proj's input (one storage).
