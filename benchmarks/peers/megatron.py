@@ -197,3 +197,13 @@ def predict(s: Setting) -> Result:
         activations=round(activations),
         how=how,
     )
+
+
+def compute_activation_memory_per_layer(args: Args) -> float:
+    """`compute_activation_memory`'s per-layer term (the path `report_theoretical_memory` takes
+    with sequence parallelism and selective recomputation): Korthikanti et al. Table 2 without
+    the attention scores, `s b h (18 + 4 ffn / h)` bytes, divided over TP."""
+    activation_memory = (args.seq_length * args.micro_batch_size * args.hidden_size) * (
+        18 + (4 * (args.ffn_hidden_size / args.hidden_size))
+    )
+    return activation_memory / args.tensor_model_parallel_size

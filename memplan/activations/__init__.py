@@ -9,7 +9,9 @@ checkpointing none/full/selective, on CUDA or CPU kernels. Families without rule
 the saved tensors are those of torchtitan's own Llama 3 (memplan.model.stacks.torchtitan:
 none, full, its per-op `selective-op` and every-Nth-layer `checkpoint_every`), never a profile
 traced from transformers; with `model.implementation: litgpt` those of LitGPT's own GPT
-(memplan.model.stacks.litgpt: none and full, one device or data parallelism).
+(memplan.model.stacks.litgpt: none and full, one device or data parallelism); with
+`megatron-core`, those of Megatron-Core's GPTModel (memplan.model.stacks.megatron: local or TE
+layer spec, none / full / selective).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from memplan.model.forward.tensors import (
     not_modelled,
 )
 from memplan.model.inventory import Architecture, Inventory
-from memplan.model.stacks import litgpt, torchtitan
+from memplan.model.stacks import litgpt, megatron, torchtitan
 from memplan.states.layout import Layout
 from memplan.states.parallel import chunk_layers
 
@@ -53,6 +55,9 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
     if setting.implementation == "litgpt":
         # LitGPT's own model code: its rule, never a profile traced from transformers.
         return litgpt.saved(arch, setting)
+    if setting.implementation == "megatron-core":
+        # Megatron-Core's GPTModel: its rule, never a profile traced from transformers.
+        return megatron.saved(arch, setting, setting.megatron_spec)
     why = _transformers_refuses(setting)
     if why:
         return not_modelled(why)
@@ -248,6 +253,8 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
             ),
             implementation=st.implementation,
         )
+    if st.implementation == "megatron-core":
+        return _megatron(inventory, st, lay, ft)
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
     if st.implementation == "torchtitan":
@@ -294,6 +301,27 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     if lay.sequence_parallel:
         local = layout.split(predict(inventory, local_st), local, local_st, lay)
     return replace(local, buffers=layout.buffers(arch, local_st, lay))
+
+
+def _megatron(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
+    """Megatron-Core's GPTModel on one GPU (memplan.model.stacks.megatron): modelled at TP = CP
+    = EP = 1 for full training; pipeline stages split its layers as any other."""
+    why = ""
+    if ft.method != "full" or ft.freeze:
+        why = (
+            "activations of Megatron-Core's model code are not modelled for LoRA, QLoRA or "
+            "frozen parameters"
+        )
+    elif lay.tensor > 1 or lay.context > 1 or lay.expert > 1:
+        why = (
+            "activations of Megatron-Core's model code are modelled at tensor = context = "
+            "expert = 1 (its TP / SP / CP split is not modelled yet)"
+        )
+    if why:
+        return replace(
+            layout.refused(why), implementation="megatron-core", megatron_spec=st.megatron_spec
+        )
+    return predict(inventory, st)
 
 
 EP_OVER_PROFILE = (

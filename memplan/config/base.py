@@ -23,6 +23,7 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
 
 
-Implementation = Literal["transformers", "torchtitan", "litgpt"]
+Implementation = Literal["transformers", "torchtitan", "litgpt", "megatron-core"]
 """Whose model code runs a model's forward (`model.implementation`): transformers' modeling
-files, torchtitan's own model code or LitGPT's (`litgpt.model.GPT`)."""
+files, torchtitan's own model code, LitGPT's (`litgpt.model.GPT`) or Megatron-Core's
+GPTModel."""

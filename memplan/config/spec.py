@@ -47,9 +47,18 @@ class ModelSpec(Frozen):
     implementation: Implementation = "transformers"
     """Whose model code runs the forward: `transformers` (its modeling files, the default),
     `torchtitan` (torchtitan's own model code, which saves other tensors and runs under
-    torchtitan's FSDP2 defaults: `reduce_dtype` fp32) or `litgpt` (LitGPT 0.5.9's
+    torchtitan's FSDP2 defaults: `reduce_dtype` fp32), `litgpt` (LitGPT 0.5.9's
     `litgpt.model.GPT` with its Llama configs and the chunked loss of its training scripts,
-    run by Lightning Fabric; one device or data parallelism). The report names it."""
+    run by Lightning Fabric; one device or data parallelism) or `megatron-core` (Megatron-Core
+    0.12's GPTModel built Llama-like, in the compute dtype as Megatron's Float16Module runs it;
+    its layer spec is `megatron_spec`). The report names it."""
+    megatron_spec: Literal["local", "te"] | None = None
+    """With `implementation: megatron-core`, the layer spec GPTModel is built with: `local`
+    (get_gpt_layer_local_spec: torch RMSNorm, ColumnParallelLinear / RowParallelLinear and the
+    unfused DotProductAttention, which keeps the [batch, heads, seq, seq] softmax; the
+    default) or `te` (get_gpt_layer_with_transformer_engine_spec: the norm fused into the QKV
+    and FC1 linears, TEDotProductAttention's flash / fused attention; CUDA only). Only with
+    megatron-core."""
     transformers_version: str | None = None
     """The transformers release the model runs under (`"5.24"`), where memplan's activation
     rules differ between releases (Falcon). Default: the installed transformers, else the
@@ -111,6 +120,16 @@ class ModelSpec(Frozen):
                 "e.g. mistralai/Mixtral-8x7B-v0.1"
             )
         return value
+
+    @model_validator(mode="after")
+    def _megatron_spec_needs_megatron(self) -> ModelSpec:
+        if self.megatron_spec is not None and self.implementation != "megatron-core":
+            raise ValueError(
+                "megatron_spec picks Megatron-Core's layer spec: set implementation: "
+                f"megatron-core (or leave megatron_spec out; implementation is "
+                f"{self.implementation!r})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSpec:

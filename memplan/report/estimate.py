@@ -112,7 +112,10 @@ def setting_of(spec: Spec) -> Setting:
     """
     recipe = spec.recipe()
     t = spec.training
-    autocast = recipe.autocast and not (_torchtitan_fsdp(spec) or _litgpt_fsdp(spec))
+    # Megatron-Core runs its model cast to the compute dtype (megatron/core/transformer/
+    # module.py::Float16Module, 0.12), never under autocast.
+    megatron = spec.model.implementation == "megatron-core"
+    autocast = recipe.autocast and not (_torchtitan_fsdp(spec) or _litgpt_fsdp(spec) or megatron)
     return Setting(
         batch=t.micro_batch_size,
         sequence=t.sequence_length,
@@ -126,6 +129,7 @@ def setting_of(spec: Spec) -> Setting:
         offload=t.activation_offload,
         transformers=versions.rules_release(spec.model.transformers_version),
         implementation=spec.model.implementation,
+        megatron_spec=spec.model.megatron_spec or "local",
         checkpoint_every=t.checkpoint_every,
         compile=t.compile,
         float8=_torchao_float8(spec.precision.fp8),

@@ -188,6 +188,7 @@ def _activations(saved: Activations) -> s.ActivationsInfo:
         source=saved.source if saved.modelled else "none",
         profile_versions=dict(saved.versions) if saved.source == "profile" else None,
         implementation=saved.implementation,
+        megatron_spec=saved.megatron_spec,
     )
 
 

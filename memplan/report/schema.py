@@ -289,11 +289,19 @@ class ActivationsInfo(_Doc):
     profile_versions: dict[str, str] | None = Field(
         description="torch and transformers the profile was traced with; null unless a profile."
     )
-    implementation: Literal["transformers", "torchtitan", "litgpt"] = Field(
+    implementation: Literal["transformers", "torchtitan", "litgpt", "megatron-core"] = Field(
         description=(
             "Whose model code the saved tensors are of (model.implementation): transformers' "
-            "modeling files, torchtitan's own model code or LitGPT's (litgpt.model.GPT)."
+            "modeling files, torchtitan's own model code, LitGPT's (litgpt.model.GPT) or "
+            "Megatron-Core's GPTModel."
         )
+    )
+    megatron_spec: Literal["local", "te"] | None = Field(
+        default=None,
+        description=(
+            "Megatron-Core's layer spec (model.megatron_spec: local or te) when implementation "
+            "is megatron-core; null otherwise."
+        ),
     )
 
 

@@ -77,6 +77,9 @@ class Setting:
     everything (training.checkpoint_every; torchtitan's layer SAC)."""
     float8: Literal["none", "tensorwise", "rowwise"] = "none"
     """torchao Float8Linear in the decoder layers (precision.fp8 torchao-*), by scaling."""
+    megatron_spec: Literal["local", "te"] = "local"
+    """With model.implementation megatron-core: its local layer spec or Transformer Engine's
+    (model.megatron_spec; memplan.model.stacks.megatron)."""
     compile: bool = False
     """Each decoder layer runs torch.compile'd (training.compile): AOTAutograd's min-cut
     partition decides what it saves (memplan.model.forward.compiled)."""
@@ -182,6 +185,9 @@ class Activations:
     """(library, version) the profile was traced with; () for a rule."""
     implementation: Implementation = "transformers"
     """Whose model code the saved tensors are of (model.implementation)."""
+    megatron_spec: Literal["local", "te"] | None = None
+    """Megatron-Core's layer spec (model.megatron_spec) when `implementation` is megatron-core,
+    else None."""
 
     @property
     def bytes(self) -> int:

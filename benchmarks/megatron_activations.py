@@ -1,0 +1,209 @@
+"""Megatron-Core's GPTModel (`model.implementation: megatron-core`): memplan's rule against the
+real model, the whole matrix, and Llama 3.1 8B's bytes per token per layer in every stack.
+
+Part 1, `matrix`: Megatron-Core 0.12.0's GPTModel with its local layer spec built tiny on CPU
+(memplan/verify/megatron_core.py: dim 64, 4 heads, ffn 192, vocab 256, TP = PP = 1, fused
+kernels off), forward + its vocab-parallel cross entropy, what it holds for backward measured
+by the storages still alive, against memplan.model.stacks.megatron, for fp32 and bf16
+(Float16Module) x recompute none / full (uniform, one layer per checkpoint) / selective
+(core_attn) x batch 1 and 2 x GQA (2 of 4 heads), MQA (1 of 4, 3 layers, sequence 32) and
+multi-head (4 of 4) x dropout 0 and 0.1.
+
+Part 2, `llama31_8b`: one decoder layer of Llama 3.1 8B (dim 4096, 32 heads, 8 k/v heads, ffn
+14336), bf16 everywhere (the model cast to bf16, no autocast), no dropout, no recompute, batch
+1 x sequence 8192 (and 4096), in bytes per token: transformers 5.25's LlamaDecoderLayer (SDPA)
+and torchtitan 0.3.0's block (memplan's rules, proved on CPU by tests/test_activations.py and
+tests/test_torchtitan_activations.py), Megatron-Core's local spec (proved here) and its TE spec
+(read from the source: Transformer Engine needs CUDA), on CUDA kernels (and CPU where the rule
+is proved there), beside Korthikanti et al. 2022 Table 2 (`34 h + 5 a s` with the attention
+scores, `34 h` without: 16-bit activations, dropout masks kept, a 4h GeLU MLP) and Megatron-LM's
+theoretical_memory_usage.py::compute_activation_memory (`h (18 + 4 ffn / h)`, benchmarks/peers/
+megatron.py).
+
+    pip install --no-deps megatron-core==0.12.0
+    PYTHONPATH=$PWD python benchmarks/megatron_activations.py   # ~1 min on 2 cores
+    # writes benchmarks/results/megatron-activations.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import megatron.core  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.peers import megatron as theoretical  # noqa: E402
+from benchmarks.stamp import stamp  # noqa: E402
+from memplan import activations  # noqa: E402
+from memplan.model.forward.tensors import Setting  # noqa: E402
+from memplan.model.sources import from_config  # noqa: E402
+from memplan.model.stacks import megatron as rule  # noqa: E402
+from memplan.verify.megatron_core import Shape, held  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "megatron-activations.json"
+
+SHAPES = [
+    ("gqa", Shape()),
+    ("gqa batch 1", Shape(batch=1)),
+    ("multi-head", Shape(kv_heads=4)),
+    ("mqa 3 layers seq 32", Shape(layers=3, seq=32, kv_heads=1)),
+]
+
+
+def tiny(shape: Shape) -> dict[str, Any]:
+    return {
+        "model_type": "llama",
+        "hidden_size": shape.dim,
+        "intermediate_size": shape.ffn,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "vocab_size": shape.vocab,
+        "max_position_embeddings": 128,
+    }
+
+
+def setting(
+    dtype: str, mode: str, batch: int, seq: int, *, device: str = "cpu", **kw: Any
+) -> Setting:
+    return Setting(
+        batch=batch,
+        sequence=seq,
+        stream=dtype,
+        matmul=dtype,
+        autocast=False,
+        device=device,  # type: ignore[arg-type]
+        attention="sdpa",
+        dropout=kw.pop("dropout", False),
+        checkpointing=mode,  # type: ignore[arg-type]
+        **kw,
+    )
+
+
+def matrix() -> list[dict[str, Any]]:
+    rows = []
+    for dtype in ("fp32", "bf16"):
+        for mode in ("none", "full", "selective"):
+            for name, shape in SHAPES:
+                for dropout in (0.0, 0.1):
+                    st = setting(
+                        dtype,
+                        mode,
+                        shape.batch,
+                        shape.seq,
+                        dropout=dropout > 0,
+                        implementation="megatron-core",
+                    )
+                    arch = from_config(tiny(shape)).architecture
+                    assert arch is not None
+                    predicted = rule.saved(arch, st, "local").bytes
+                    measured = held(dtype, shape, mode, dropout=dropout).bytes
+                    rows.append(
+                        {
+                            "dtype": dtype,
+                            "recompute": mode,
+                            "shape": name,
+                            "batch": shape.batch,
+                            "sequence": shape.seq,
+                            "layers": shape.layers,
+                            "kv_heads": shape.kv_heads,
+                            "dropout": dropout,
+                            "measured": measured,
+                            "predicted": predicted,
+                            "equal": measured == predicted,
+                        }
+                    )
+    return rows
+
+
+def per_token(acts: activations.Activations, tokens: int) -> float:
+    """One decoder layer's saved bytes over the tokens (to 3 decimals: the few token-free
+    bytes, such as the flash kernel's rng state, spread over them)."""
+    layer = acts.block("layers")
+    assert acts.modelled and layer is not None, acts.notes
+    return round(layer.bytes_each / tokens, 3)
+
+
+def llama31_8b(seq: int) -> dict[str, Any]:
+    cfg = json.loads((ROOT / "memplan" / "model" / "presets" / "llama-3.1-8b.json").read_text())
+    inv = from_config(cfg)
+    arch = inv.architecture
+    assert arch is not None
+    h, a, ffn = arch.hidden_size, arch.num_attention_heads, arch.intermediate_size
+    t = seq
+
+    def of(device: str, **kw: Any) -> float:
+        return per_token(
+            activations.predict(inv, setting("bf16", "none", 1, seq, device=device, **kw)), t
+        )
+
+    out: dict[str, Any] = {
+        "sequence": seq,
+        "batch": 1,
+        "transformers_sdpa_cuda": of("cuda"),
+        "transformers_sdpa_cpu": of("cpu"),
+        "torchtitan_cuda": of("cuda", implementation="torchtitan"),
+        "torchtitan_cpu": of("cpu", implementation="torchtitan"),
+        "megatron_local_cuda": of("cuda", implementation="megatron-core"),
+        "megatron_local_cpu": of("cpu", implementation="megatron-core"),
+        "megatron_te_cuda": of("cuda", implementation="megatron-core", megatron_spec="te"),
+        "korthikanti_with_scores": 34 * h + 5 * a * seq,
+        "korthikanti_without_scores": 34 * h,
+    }
+    args = theoretical.Args(
+        hidden_size=h,
+        ffn_hidden_size=ffn,
+        num_layers=arch.num_layers,
+        num_attention_heads=a,
+        num_query_groups=arch.num_key_value_heads,
+        kv_channels=arch.head_dim,
+        padded_vocab_size=arch.vocab_size,
+        swiglu=True,
+        normalization="RMSNorm",
+        untie_embeddings_and_output_weights=True,
+        seq_length=seq,
+        micro_batch_size=1,
+    )
+    out["megatron_lm_theoretical"] = theoretical.compute_activation_memory_per_layer(args) / t
+    local = activations.predict(
+        inv, setting("bf16", "none", 1, seq, device="cuda", implementation="megatron-core")
+    )
+    out["megatron_local_persistent_buffers"] = {b.name: b.bytes for b in local.buffers}
+    return out
+
+
+def main() -> None:
+    started = time.time()
+    rows = matrix()
+    doc = {
+        "stamp": stamp(
+            torch=torch.__version__,
+            megatron_core=megatron.core.__version__,
+        ),
+        "command": "PYTHONPATH=$PWD python benchmarks/megatron_activations.py",
+        "matrix": rows,
+        "matrix_equal": sum(r["equal"] for r in rows),
+        "matrix_cases": len(rows),
+        "llama31_8b_bytes_per_token_per_layer": [llama31_8b(8192), llama31_8b(4096)],
+        "te_spec_on_cpu": (
+            "import transformer_engine: ModuleNotFoundError (Transformer Engine's PyTorch "
+            "extension builds only against CUDA); megatron-core's "
+            "get_gpt_layer_with_transformer_engine_spec() then raises NameError: name "
+            "'TELayerNormColumnParallelLinear' is not defined"
+        ),
+        "seconds": round(time.time() - started, 1),
+    }
+    OUT.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"{doc['matrix_equal']}/{doc['matrix_cases']} equal to the byte")
+    print(json.dumps(doc["llama31_8b_bytes_per_token_per_layer"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Megatron-Core's GPTModel on CPU: built with its local (non-Transformer-Engine) layer spec,
+run forward + its vocab-parallel loss, and what it holds for backward measured.
+
+Megatron-Core 0.12.0 (`pip install --no-deps megatron-core==0.12.0`) builds its GPTModel on CPU
+with `use_cpu_initialization=True`, TP = PP = 1 over a one-rank gloo group
+(parallel_state.initialize_model_parallel), the fused kernels off (bias_activation_fusion,
+masked_softmax_fusion, gradient_accumulation_fusion, persist_layer_norm, apply_rope_fusion,
+bias_dropout_fusion all False). Three CUDA-only calls remain on its forward path; `cpu_stand_ins`
+replaces each for the run, none of which changes what autograd saves:
+
+1. models/common/embeddings/rotary_pos_embedding.py::RotaryEmbedding.forward moves `inv_freq`
+   to `torch.cuda.current_device()`, and utils.py::GlobalMemoryBuffer.get_tensor allocates the
+   attention's `baddbmm` input buffer there: `torch.cuda.current_device` answers the CPU device.
+   RoPE's frequencies are made from a buffer under no grad; the buffer is `baddbmm`'s `input`
+   with beta=0, which its backward never reads (derivatives.yaml baddbmm: self's gradient is
+   `grad * beta`; batch1, batch2 are what it saves).
+2. tensor_parallel/random.py::model_parallel_cuda_manual_seed seeds the CUDA generator and
+   CudaRNGStatesTracker keeps CUDA generator states, which DotProductAttention's dropout forks
+   (`get_cuda_rng_tracker().fork()`) and CheckpointFunction stashes on its ctx (Python
+   attributes, not `save_for_backward`): `_get_cuda_rng_state` / `_set_cuda_rng_state` read and
+   write the CPU generator's state, and the tracker's states are CPU generator states seeded
+   as model_parallel_cuda_manual_seed seeds them. RNG bookkeeping only: no tensor autograd saves.
+3. transformer/utils.py::get_default_causal_mask (lru_cache'd, which FusedScaleMaskSoftmax.
+   forward_torch_softmax takes when no mask is passed) builds `torch.triu(torch.ones(sq, sq,
+   device="cuda"), diagonal=1).bool()`: the same on the CPU. The mask is cached across steps
+   (`masked_fill_` saves it, but it is made once: a persistent tensor, not a per-step one).
+
+What is held is measured as tests/torchtitan_probe.py measures torchtitan's (Megatron's
+CheckpointFunction saves through `ctx.save_for_backward`, which saved_tensors_hooks see, but the
+storage census counts every path alike): a TorchDispatchMode records the storage of every
+tensor an op returns during forward + loss; the storages still alive after it are what the
+forward holds, deduplicated by address. Excluded: parameters and buffers, the per-token loss
+(the step's result), Megatron's global memory buffer and the cached causal mask (made by a warm-up
+forward before the measure: persistent, not per-step; memplan.model.stacks.megatron lists them
+as buffers beside the saved tensors). Added:
+the token ids, which the embedding saves (they exist before the forward; the loss keeps its own
+target mask and shifted targets, not the labels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama-like GPTModel: RMSNorm, SwiGLU, GQA, RoPE, no biases, untied output layer."""
+
+    layers: int = 2
+    batch: int = 2
+    seq: int = 16
+    dim: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    ffn: int = 192
+    vocab: int = 256
+
+
+@contextlib.contextmanager
+def cpu_stand_ins() -> Iterator[None]:
+    """The CUDA-only calls of Megatron-Core 0.12's forward, answered on CPU (module docstring:
+    1 to 3), restored on exit."""
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as mrandom
+
+    saved = (torch.cuda.current_device, mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state)
+    mask = fused_softmax.get_default_causal_mask
+    fused_softmax.get_default_causal_mask = _causal_mask
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda s, *a, **k: torch.set_rng_state(s)
+    try:
+        yield
+    finally:
+        torch.cuda.current_device, mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = saved
+        fused_softmax.get_default_causal_mask = mask
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_mask(sq: int) -> torch.Tensor:
+    """transformer/utils.py::get_default_causal_mask on the CPU (stand-in 3)."""
+    return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+
+def _seed_tracker(seed: int) -> None:
+    """tensor_parallel/random.py::model_parallel_cuda_manual_seed's three tracker states, as CPU
+    generator states (the same seeds: data seed, seed + 2718 + tp rank, seed + 1024 + ...)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom.initialize_rng_tracker()
+    tracker = mrandom.get_cuda_rng_tracker()
+    tracker.reset()
+    before = torch.get_rng_state()
+    for name, s in (
+        (mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed),
+        (mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718),
+        (mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024),
+    ):
+        torch.manual_seed(s)
+        tracker.states_[name] = torch.get_rng_state()
+        tracker.seeds_.add(s)
+    torch.set_rng_state(before)
+
+
+@contextlib.contextmanager
+def one_rank() -> Iterator[None]:
+    """A one-rank gloo group (an in-memory store, no port) and Megatron's model-parallel state
+    at TP = PP = 1 (parallel_state.initialize_model_parallel), both torn down on exit: other
+    code in the process may start its own default group."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        parallel_state.initialize_model_parallel(1, 1)
+        try:
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
+    finally:
+        dist.destroy_process_group()
+
+
+def build(dtype: str, shape: Shape, recompute: str = "none", *, dropout: float = 0.0) -> Any:
+    """GPTModel with get_gpt_layer_local_spec at `shape` (inside `one_rank`), parameters in
+    `dtype` (bf16: a `bf16=True` TransformerConfig and the model wrapped in Float16Module,
+    as Megatron-LM trains), `recompute` none / full (recompute_granularity full, method
+    uniform, one layer per checkpoint) / selective (core_attn)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    _seed_tracker(0)
+    torch.manual_seed(0)
+    knobs: dict[str, Any] = {}
+    if recompute == "full":
+        knobs = {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        }
+    elif recompute == "selective":
+        knobs = {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    elif recompute != "none":
+        raise ValueError(recompute)
+    cfg = TransformerConfig(
+        num_layers=shape.layers,
+        hidden_size=shape.dim,
+        num_attention_heads=shape.heads,
+        num_query_groups=shape.kv_heads,
+        ffn_hidden_size=shape.ffn,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        use_cpu_initialization=True,
+        params_dtype=DTYPES[dtype],
+        bf16=dtype == "bf16",
+        **knobs,
+    )
+    with cpu_stand_ins():
+        model = GPTModel(
+            cfg,
+            get_gpt_layer_local_spec(normalization="RMSNorm"),
+            vocab_size=shape.vocab,
+            max_sequence_length=max(128, shape.seq),
+            position_embedding_type="rope",
+            share_embeddings_and_output_weights=False,
+        )
+    if dtype == "bf16":
+        # What Megatron-LM's get_model does with --bf16: transformer/module.py::Float16Module
+        # casts every parameter and buffer (the norms' weights, RoPE's inv_freq) to bf16.
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(cfg, model)
+    return model
+
+
+class _Made(TorchDispatchMode):
+    """Every storage an op returns, by weak reference, with what made it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[tuple[StorageWeakRef, int, int, str, tuple[int, ...], torch.dtype]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                self.made.append(
+                    (
+                        StorageWeakRef(st),
+                        st.data_ptr(),
+                        st.nbytes(),
+                        str(func),
+                        tuple(t.shape),
+                        t.dtype,
+                    )
+                )
+        return out
+
+
+@dataclass(frozen=True)
+class Held:
+    """What one forward + loss holds for backward."""
+
+    bytes: int
+    tensors: tuple[tuple[str, tuple[int, ...], str, int], ...]
+    """(op that made it, shape, dtype, storage bytes), in the order made."""
+
+
+def _inputs(shape: Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen)
+    labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen)
+    position = torch.arange(shape.seq).unsqueeze(0).expand(shape.batch, -1)
+    return tokens, position, labels
+
+
+def held(
+    dtype: str, shape: Shape = Shape(), recompute: str = "none", *, dropout: float = 0.0
+) -> Held:
+    """Bytes Megatron-Core's GPTModel (local spec) holds for backward after forward + its loss
+    (module docstring), then its backward run to the end."""
+    with one_rank(), cpu_stand_ins():
+        return _held(dtype, shape, recompute, dropout)
+
+
+def _held(dtype: str, shape: Shape, recompute: str, dropout: float) -> Held:
+    model = build(dtype, shape, recompute, dropout=dropout)
+    model.train()
+    tokens, position, labels = _inputs(shape)
+    # Warm-up: makes the global memory buffer, RoPE's cached table and the causal mask.
+    model(tokens, position, None, labels=labels).sum().backward()
+    model.zero_grad(set_to_none=True)
+    persistent = (*model.parameters(), *model.buffers(), *_global_buffers())
+    persistent += (_causal_mask(shape.seq), tokens, position, labels)
+    before = {t.untyped_storage().data_ptr() for t in persistent}
+    spy = _Made()
+    with spy:
+        loss = model(tokens, position, None, labels=labels)
+    # The loss all-reduces its max, predicted logits and sum (cross_entropy.py, over the TP
+    # group): gloo's worker thread can still hold the last one's tensor for a moment after
+    # the call returns. A barrier behind it waits until the worker has moved on.
+    torch.distributed.barrier()
+    before.add(loss.untyped_storage().data_ptr())
+    alive: dict[int, tuple[str, tuple[int, ...], str, int]] = {}
+    for ref, key, n, op, shp, dt in spy.made:
+        if not ref.expired() and key not in before and key not in alive:
+            alive[key] = (op, shp, str(dt).removeprefix("torch."), n)
+    total = sum(v[3] for v in alive.values()) + tokens.nbytes
+    loss.sum().backward()  # the backward these tensors serve runs to the end
+    return Held(bytes=total, tensors=tuple(alive.values()))
+
+
+def _global_buffers() -> list[torch.Tensor]:
+    from megatron.core import parallel_state
+
+    buf = parallel_state.get_global_memory_buffer()
+    return list(buf.buffer.values()) if buf is not None else []
