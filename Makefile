@@ -15,9 +15,9 @@ dev:
 
 # The stacks whose own code the tests run (torchtitan's model, FSDP wrapping and SAC, torchao's
 # Float8Linear; triton because torchtitan's MoE kernels import it; litgpt's GPT, which imports
-# lightning and torchmetrics; Megatron-Core's GPTModel), without their dependencies: their wheels ask for datasets, wandb
-# and a CUDA build of torch; the modules the tests import need only these (constraints.txt pins
-# them).
+# lightning and torchmetrics; Megatron-Core's GPTModel), without their dependencies: their
+# wheels ask for datasets, wandb and a CUDA build of torch; the modules the tests import need
+# only these (constraints.txt pins them).
 STACKS = torchtitan torchao triton spmd_types tyro einops docstring_parser torch_checkpointing \
 	litgpt lightning lightning-utilities torchmetrics megatron-core
 
