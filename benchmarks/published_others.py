@@ -21,7 +21,7 @@ come from a profile traced from transformers' model under fake tensors, as `memp
 so this script needs torch and transformers (memplan[verify]); it traces into a temporary
 MEMPLAN_CACHE, never the user's.
 
-    python benchmarks/published_others.py   # about 15 s; writes
+    python benchmarks/published_others.py   # about 20 s; writes
                                             # benchmarks/results/published-others.json
 """
 
