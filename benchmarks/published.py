@@ -104,7 +104,9 @@ def split(layers: int, stages: int) -> list[int]:
 
 
 OP_SAC = "selective-op"
-COMPILE = {"compile": True}
+# 9dec370 compiled each TransformerBlock only (parallelize_llama.py::apply_compile); its
+# train.py's loss_fn ran eager (0.3.0 compiles the loss too: training.compile_loss).
+COMPILE = {"compile": True, "compile_loss": False}
 FLOAT8 = {"fp8": "torchao-tensorwise"}
 ASYNC_TP = ("AsyncTP (torch symmetric-memory workspaces; 70B: -4.3 GiB measured)",)
 

@@ -169,6 +169,9 @@ def titan_h200(gpus: int) -> dict[str, Any]:
             "attention": "sdpa",
             "activation_checkpointing": "selective-op",
             "compile": True,
+            # e7c0cae components/loss.py::build_cross_entropy_loss compiles the loss with the
+            # model (`cross_entropy(pred.flatten(0, 1).float(), labels)`), as 0.3.0 does.
+            "compile_loss": True,
         },
         # apply_fsdp at e7c0cae: each block, then the root (tok_embeddings, norm, output).
         "parallelism": {"engine": "fsdp2", "fsdp_wrap": "layers", "data": gpus},
@@ -204,11 +207,6 @@ def litgpt(mbs: int, quantize: str | None = None) -> dict[str, Any]:
 
 
 TITAN_2025 = (
-    # torchtitan e7c0cae components/loss.py::build_cross_entropy_loss: with training.compile the
-    # loss (`cross_entropy(pred.flatten(0, 1).float(), labels)`) is torch.compile'd; at 9dec370
-    # (published.py's rows) that line was commented out. memplan keeps the eager loss: its fp32
-    # log-softmax output [tokens, vocab] saved (7.83 GiB here) and the fp32 logits gradient.
-    "torch.compile of the loss (torchtitan e7c0cae build_cross_entropy_loss)",
     "torchao float8 all-gather of the FSDP weights (enable_fsdp_float8_all_gather), "
     "precompute_float8_dynamic_scale_for_fsdp and force_recompute_fp8_weight_in_bwd",
 )

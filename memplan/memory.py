@@ -57,6 +57,9 @@ class Transient:
     """The phases of the step in which it is alive."""
     formula: str
     source: str
+    pieces: int = 1
+    """How many equal tensors it is, made one after another (the allocator replay allocates
+    each)."""
     stream: str = COMPUTE_STREAM
     """The CUDA stream it is allocated on (the allocator replay keeps it in that stream's
     pool)."""

@@ -689,6 +689,35 @@ def published(doc: Doc) -> str:
     )
 
 
+def published_others(doc: Doc) -> str:
+    """memplan against other third-party measurements (benchmarks/published_others.py)."""
+    head = ["source", "run", "metric", "published", "memplan", "error"]
+    rows = []
+    for r in doc["rows"]:
+        if r["expressible"]:
+            error = signed_pct(r["error"])
+            if r["unmodelled"]:
+                error += " (not modelled: " + ", ".join(short(u) for u in r["unmodelled"]) + ")"
+            memplan = f"{r['memplan_gib']:.2f} GiB"
+        else:
+            memplan, error = "-", "not expressible: " + short(r["why"])
+        rows.append(
+            [r["source"], r["label"], r["metric"].replace("_", " "),
+             f"{r['published_gib']:.2f} GiB", memplan, error]
+        )  # fmt: skip
+    sources = "; ".join(f"`{key}`: [{s['title']}]({s['url']})" for key, s in doc["sources"].items())
+    done = doc["expressible"]
+    count = of(doc["within_10pct"], done, "expressible rows")
+    return (
+        f"Other third-party measurements, each in the metric its source measured (max allocated "
+        f"-> `per_gpu.peak`, max reserved -> `per_gpu.peak_reserved`, nvidia-smi -> "
+        f"`per_gpu.device_used`; settings and assumptions in `benchmarks/reference/`): "
+        f"{sources}. {count[0].upper() + count[1:]} without unmodelled "
+        f"techniques within 10%, {doc['under_5pct']} under by more than 5% "
+        f"(`benchmarks/published_others.py`, {where(doc)}).\n\n" + table(head, rows, right=3)
+    )
+
+
 BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
     "startup": ("speed.json", startup),
     "verify-table": ("verify.json", verify_table),
@@ -704,6 +733,7 @@ BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
     "profile-build": ("profile-build.json", profile_build),
     "profile-verify": ("profile_verify.json", profile_verify),
     "published": ("published.json", published),
+    "published-others": ("published-others.json", published_others),
     "stacks-torchtitan": ("torchtitan-activations.json", stacks_torchtitan),
     "stacks-fsdp2": ("fsdp2-torchtitan.json", stacks_fsdp2),
     "stacks-deepspeed": ("verify-deepspeed.json", stacks_deepspeed),

@@ -270,3 +270,82 @@ def test_torchao_fp8_adds_no_transformer_engine_state() -> None:
 def _term_names(report) -> set[str]:
     names = {t.name for t in report.timeline.transients}
     return names | {t.name for t in report.buffers}
+
+
+# --- training.compile_loss: torchtitan 0.3.0 compiles its cross entropy with the model ---------
+
+
+def test_compiled_loss_saves_what_inductor_partition_keeps() -> None:
+    """torchtitan 0.3.0's cross_entropy_loss (components/loss.py: `cross_entropy(pred.flatten(0,
+    1).float(), labels.flatten(0, 1), reduction="sum", ignore_index=-100)`) compiled, traced
+    through Inductor's partition at two token counts: per token, the rule's loss block (the
+    bf16 logits, the int64 labels, two fp32 statistics)."""
+    torch = pytest.importorskip("torch")
+    from memplan.verify.trace.compiled import compiled_saved, per_token_tensors
+
+    vocab = 1000
+
+    class Loss(torch.nn.Module):
+        def forward(self, pred, labels):  # type: ignore[no-untyped-def]
+            return torch.nn.functional.cross_entropy(
+                pred.flatten(0, 1).float(), labels.flatten(0, 1), reduction="sum",
+                ignore_index=-100,
+            )  # fmt: skip
+
+    def inputs(b: int, s: int) -> tuple:
+        pred = torch.randn(b, s, vocab, dtype=torch.bfloat16, requires_grad=True)
+        return pred, torch.randint(0, vocab, (b, s))
+
+    small, large = (compiled_saved(Loss(), *inputs(b, s)) for b, s in SIZES)
+    tokens = (SIZES[0][0] * SIZES[0][1], SIZES[1][0] * SIZES[1][1])
+    traced = Counter((dtype, n) for _, dtype, n in per_token_tensors(small, large, tokens))
+    arch = from_config({**_TINY, "vocab_size": vocab}).architecture
+    assert arch is not None
+    loss = _loss_block(arch, compile_loss=True)
+    b, s = SIZES[0]
+    assert traced == Counter((t.dtype, t.bytes // (b * s)) for t in loss.tensors)
+
+
+_TINY = {
+    "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 1000,
+    "max_position_embeddings": 128, "rms_norm_eps": 1e-5,
+}  # fmt: skip
+
+
+def _loss_block(arch, *, compile_loss: bool):  # type: ignore[no-untyped-def]
+    from memplan.model.forward.tensors import Setting
+    from memplan.model.stacks import torchtitan
+
+    b, s = SIZES[0]
+    st = Setting(
+        batch=b, sequence=s, stream="bf16", matmul="bf16", autocast=False, device="cuda",
+        attention="sdpa", dropout=0.0, checkpointing="none", implementation="torchtitan",
+        compile=True, compile_loss=compile_loss,
+    )  # fmt: skip
+    block = torchtitan.saved(arch, st).block("loss")
+    assert block is not None
+    return block
+
+
+def test_compile_loss_default_follows_torchtitan_0_3_0() -> None:
+    """With compile on, torchtitan 0.3.0 compiles the loss (CompileConfig.components defaults to
+    ["model", "loss"]): its fp32 log-softmax [tokens, vocab] is gone, the bf16 logits are
+    kept instead, and the loss gradient is one bf16 [tokens, vocab] tensor; compile_loss: false
+    (torchtitan 9dec370, the published 2024 runs) keeps the eager loss."""
+    compiled_loss = _torchtitan({"compile": True})
+    eager_loss = _torchtitan({"compile": True, "compile_loss": False})
+    tokens, vocab = 2 * 8192, 128_256
+    loss = compiled_loss.block("loss")
+    assert loss is not None and loss.bytes == tokens * (vocab * 2 + 8 + 4 + 4)
+    assert eager_loss.block("loss").bytes > tokens * vocab * 4
+    assert compiled_loss.loss_gradient_bytes == tokens * vocab * 2
+    assert (compiled_loss.logits_bytes, compiled_loss.upcast_bytes) == (0, 0)
+    assert eager_loss.loss_gradient_bytes is None
+
+
+def test_compile_loss_needs_compile() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="compile_loss"):
+        TrainingSpec(compile_loss=True)

@@ -106,6 +106,9 @@ def micro_batch(
     if why:
         return replace(layout.refused(why), implementation="torchtitan")
     local_st = layout.local_setting(st, lay)
+    eager_loss = lay.tensor > 1 and local_st.compile_loss
+    if eager_loss:
+        local_st = replace(local_st, compile_loss=False)
     local = torchtitan.saved(
         layout.local_architecture(arch, lay), local_st, fused_qkv=fused_qkv, whole=arch
     )
@@ -133,6 +136,11 @@ def micro_batch(
         + (" with sequence parallelism" if lay.sequence_parallel else "")
         + " (memplan.activations.torchtitan_parallel).",
     ]
+    if eager_loss:
+        notes.append(
+            "training.compile_loss under tensor parallelism: the loss is modelled eager "
+            "(its compiled loss-parallel cross entropy is not traced)."
+        )
     if not lay.sequence_parallel:
         notes.append(
             "torchtitan enables sequence parallelism with TP by default "

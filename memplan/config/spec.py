@@ -283,6 +283,13 @@ class TrainingSpec(Frozen):
     `compile.enable` compiles each TransformerBlock (embeddings, head and loss stay eager):
     a layer saves what AOTAutograd's min-cut partitioner keeps (memplan.model.forward.compiled:
     Llama-style layers, checkpointing none or full) instead of the eager tensors."""
+    compile_loss: bool | None = None
+    """With `compile: true` and `model.implementation: torchtitan`, whether the loss is compiled
+    too: torchtitan 0.3.0 compiles it by default (config/configs.py::CompileConfig.components
+    ["model", "loss"]; components/loss.py::BaseLoss._maybe_compile), so its cross entropy keeps
+    the 16-bit logits and two fp32 [tokens] statistics instead of an fp32 log-softmax
+    (memplan.model.stacks.torchtitan). torchtitan 9dec370 (Dec 2024) compiled the blocks only:
+    set false for it. None: torchtitan 0.3.0's default (true with compile)."""
     zero_grad: Literal["set_to_none", "zero"] = "set_to_none"
     """How the trainer clears gradients after the optimizer step: set_to_none (torch's
     default since 2.0) frees them; zero (`zero_grad(set_to_none=False)`, torch before 2.0 and
@@ -294,6 +301,15 @@ class TrainingSpec(Frozen):
             raise ValueError(
                 "activation_offload moves the inputs that full checkpointing keeps: set "
                 "activation_checkpointing: full (or activation_offload: false)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _compile_loss_needs_compile(self) -> TrainingSpec:
+        if self.compile_loss and not self.compile:
+            raise ValueError(
+                "compile_loss compiles the loss beside the compiled layers: set compile: true "
+                "(or leave compile_loss out)"
             )
         return self
 

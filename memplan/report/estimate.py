@@ -132,6 +132,11 @@ def setting_of(spec: Spec) -> Setting:
         megatron_spec=spec.model.megatron_spec or "local",
         checkpoint_every=t.checkpoint_every,
         compile=t.compile,
+        compile_loss=(
+            t.compile_loss
+            if t.compile_loss is not None
+            else t.compile and spec.model.implementation == "torchtitan"
+        ),
         float8=_torchao_float8(spec.precision.fp8),
     )
 

@@ -28,7 +28,8 @@ What the event order assumes (the timeline's own phases, made into a sequence):
   block), the working set freed. The head's gradients come before the first layer, the rest
   (embeddings) at the end of backward; an engine that makes its gradients after backward
   (FSDP2's root group) makes them at the optimizer step, as the timeline says.
-- Transients other than the two working sets are one allocation each, made at the first phase
+- Transients other than the two working sets are one allocation each (`pieces` equal ones for
+  a term of several tensors, such as the eager loss's two gradients), made at the first phase
   they are alive in and freed when a phase no longer holds them; those alive in every phase
   are allocated at init.
 - Streams: every allocation is on the compute stream but for the buffers an engine makes on
@@ -58,10 +59,6 @@ BACKWARD_WORKING_SET = "backward_working_set"
 # The replay rounds every saved tensor itself (AllocConf.round_size), so the timeline's term
 # for that rounding would count it twice.
 ROUNDED_BY_REPLAY = frozenset({"allocator_rounding_activations"})
-# Transient terms that are several equal tensors alive at once, allocated one by one:
-# logits_gradient is nll_loss_backward's and log_softmax_backward's outputs, two [tokens, vocab]
-# fp32 tensors (memplan.step.transients.activation_terms).
-PIECES = {"logits_gradient": 2}
 STEPS = 2
 """Steps replayed after init: the second is the steady state max_memory_reserved() shows."""
 
@@ -250,7 +247,7 @@ class _StepEvents:
                 self.ev.free(key)
         for t in moving:
             if phase in t.phases and ("transient", t.name) not in self.ev.live:
-                self.ev.alloc(("transient", t.name), t.bytes, PIECES.get(t.name, 1), t.stream)
+                self.ev.alloc(("transient", t.name), t.bytes, t.pieces, t.stream)
 
     def blocks(self, step: int, blocks: Sequence[Block], *, free: bool) -> None:
         for b in blocks:

@@ -16,6 +16,7 @@ from memplan.memory import PHASES, Transient
 from memplan.model.finetune import qlora
 from memplan.model.forward.tensors import Activations
 from memplan.model.inventory import Inventory
+from memplan.model.stacks.torchtitan import SRC_COMPILED_LOSS
 from memplan.precision import Recipe, dtype_bytes
 from memplan.states import fp8
 from memplan.states.engines.base import StepCache
@@ -52,6 +53,16 @@ def activation_terms(saved: Activations) -> list[Transient]:
             phases=("backward_start",),
             formula="2 x [tokens, vocab] x 4 B (nll_loss and log_softmax backward outputs)",
             source=src,
+            pieces=2,
+        )
+        if saved.loss_gradient_bytes is None
+        else Transient(
+            name="logits_gradient",
+            bytes=saved.loss_gradient_bytes,
+            phases=("backward_start",),
+            formula="[tokens, vocab] in the logits' dtype: the compiled loss's backward, one "
+            "fused kernel writing the logits' gradient",
+            source=SRC_COMPILED_LOSS,
         ),
     ]
     if saved.implementation == "litgpt":

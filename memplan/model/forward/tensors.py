@@ -83,6 +83,9 @@ class Setting:
     compile: bool = False
     """Each decoder layer runs torch.compile'd (training.compile): AOTAutograd's min-cut
     partition decides what it saves (memplan.model.forward.compiled)."""
+    compile_loss: bool = False
+    """The loss runs torch.compile'd too (training.compile_loss, resolved: torchtitan 0.3.0
+    compiles it with the model)."""
 
     @property
     def tokens(self) -> int:
@@ -172,6 +175,9 @@ class Activations:
     the loss but not saved for backward."""
     upcast_bytes: int = 0
     """The fp32 copy of the logits the loss makes (`logits.float()`), alive during the loss."""
+    loss_gradient_bytes: int | None = None
+    """The loss's gradients alive as backward starts; None: the eager cross entropy's
+    nll_loss_backward and log_softmax_backward outputs, 2 x upcast_bytes (or logits_bytes)."""
     hidden_bytes: int = 0
     """One hidden state [batch, seq, hidden] in the stream dtype (backward working set)."""
     buffers: tuple[Transient, ...] = ()

@@ -53,6 +53,14 @@ SRC_NORM_CUDA = (
     "_fused_rms_norm: backward reads input, rstd (result1) and weight (torch 2.13)"
 )
 SRC_LOSS = f"torchtitan {VERSION} components/loss.py::cross_entropy_loss; " + kernels.DERIV
+# training.compile_loss: BaseLoss._maybe_compile (components/loss.py, 0.3.0) compiles
+# cross_entropy_loss; Inductor's min-cut partition keeps the graph input (the 16-bit logits),
+# the labels and the log-softmax's two [tokens, 1] fp32 statistics (amax, log of the sum), and
+# the backward writes the logits' gradient in one fused kernel (traced on CPU:
+# memplan.verify.trace.compiled, tests/test_compile.py::test_compiled_loss_*).
+SRC_COMPILED_LOSS = (
+    f"torchtitan {VERSION} components/loss.py::BaseLoss._maybe_compile; {compiled.SRC}"
+)
 SRC_CHECKPOINT = (
     "torch/utils/checkpoint.py::_checkpoint_without_reentrant_generator (_NoopSaveInputs keeps "
     f"the block input); torchtitan {VERSION} distributed/activation_checkpoint.py::FullAC"
@@ -269,11 +277,28 @@ def saved(
         ),
     )
     upcast = t * vocab * dtype_bytes(kernels.FP32) if st.matmul != kernels.FP32 else 0
+    logits_bytes = t * vocab * dtype_bytes(st.matmul)
+    loss_gradient: int | None = None
+    if st.compile_loss:
+        by = compiled.BY
+        loss = Block(
+            name="loss",
+            count=1,
+            tensors=(
+                kernels.saved("compiled_loss.logits", (t, vocab), st.matmul, by, SRC_COMPILED_LOSS),
+                kernels.saved("compiled_loss.targets", (t,), kernels.INT64, by, SRC_COMPILED_LOSS),
+                kernels.saved("compiled_loss.amax", (t, 1), kernels.FP32, by, SRC_COMPILED_LOSS),
+                kernels.saved("compiled_loss.log", (t, 1), kernels.FP32, by, SRC_COMPILED_LOSS),
+            ),
+        )
+        # The logits are the saved graph input now, and no fp32 copy is made.
+        loss_gradient, logits_bytes, upcast = logits_bytes, 0, 0
     notes = [
         f"torchtitan {VERSION}'s Llama 3 model code"
         + (" (fused wqkv)" if fused_qkv else " (wq, wk, wv)")
-        + ", loss CrossEntropyLoss on the whole logits (0.3.0's ChunkedLossWrapper: not "
-        "modelled)."
+        + ", loss CrossEntropyLoss on the whole logits"
+        + (" (compiled)" if st.compile_loss else "")
+        + " (0.3.0's ChunkedLossWrapper: not modelled)."
     ]
     notes.append(compile_note)
     if st.device == "cuda":
@@ -284,8 +309,9 @@ def saved(
     return Activations(
         modelled=True,
         blocks=(embeddings, *layers, head, loss),
-        logits_bytes=t * vocab * dtype_bytes(st.matmul),
+        logits_bytes=logits_bytes,
         upcast_bytes=upcast,
+        loss_gradient_bytes=loss_gradient,
         hidden_bytes=t * h * dtype_bytes(st.stream),
         notes=tuple(x for x in notes if x),
         implementation="torchtitan",
