@@ -15,6 +15,7 @@ from memplan.cli.app import app
 from memplan.config.load import load_spec, validate
 from memplan.config.parallelism import ParallelismSpec
 from memplan.config.plan import PlanSpec
+from memplan.errors import MemplanError
 from memplan.model.load import PRESET_DIR, load_inventory, read_json
 from memplan.model.sources import from_config
 from memplan.plan.search import pipeline_split, plan, row_document, row_spec
@@ -196,7 +197,10 @@ def test_plan_needs_a_gpu_count():
         plan(spec, from_config(TINY_LLAMA))
 
 
-@pytest.mark.parametrize("config", ["plan-llama-3-8b.yaml", "plan-llama-3.1-405b.yaml"])
+PLAN_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("plan-*.yaml"))
+
+
+@pytest.mark.parametrize("config", PLAN_CONFIGS)
 def test_every_shown_row_fits_as_estimate_judges_its_spec(config: str) -> None:
     """The rows plan shows are the specs `memplan estimate` calls fits (the replayed allocator
     plus the terms outside it, issue 20) with the same peak: plan's own search uses a packing
@@ -259,3 +263,37 @@ def test_rows_the_replay_refuses_are_dropped_and_the_next_checked() -> None:
     assert sum(pruned.values()) == sum(
         1 for u in usable[: rows.index(expected[2]) + 1] if u < reserve
     )
+
+
+def test_torchtitan_plan_searches_what_torchtitan_runs() -> None:
+    """model.implementation: torchtitan: engines fsdp2 and ddp only (torchtitan parallelizes
+    with FSDP2/DDP and torch.distributed.pipelining), its recomputation (none, full,
+    selective-op; never Megatron's selective), torch's interleaved schedule under FSDP2, and a
+    note naming the engines left out."""
+    loaded = load_spec(ROOT / "configs" / "plan-llama-3.1-8b-torchtitan.yaml")
+    result = plan(loaded.spec, load_inventory(loaded), suggest=False)
+    assert result.layouts
+    assert {c.engine for c in result.layouts} <= {"fsdp2", "ddp"}
+    assert {c.recompute for c in result.layouts} <= {"none", "full", "selective-op"}
+    assert {c.implementation for c in result.layouts} == {"torchtitan"}
+    assert any(c.engine == "fsdp2" and c.virtual_stages > 1 for c in result.layouts)
+    assert any("deepspeed" in n and "not searched" in n for n in result.notes)
+    only = loaded.spec.model_copy(
+        update={"plan": loaded.spec.plan.model_copy(update={"engines": ("deepspeed",)})}
+    )
+    with pytest.raises(MemplanError, match="plan.engines"):
+        plan(only, load_inventory(loaded))
+
+
+def test_pin_selective_op_recomputes_every_second_matmul() -> None:
+    """Pinning: per-op SAC's extra FLOPs are the forward of wo and w3 (every second matmul of a
+    fused-wqkv block), 2 x layers x hidden x (heads x head_dim + MLP width) per token."""
+    from memplan.plan.steptime import Shape, flops_per_token
+
+    shape = Shape(
+        parameters=8_000_000_000, total_parameters=8_000_000_000, layers=32, moe_layers=0,
+        hidden=4096, attention_width=4096, kv_width=1024, top_k=0, sequence=8192,
+        global_batch=1, intermediate=14336,
+    )  # fmt: skip
+    extra = flops_per_token(shape, "selective-op") - flops_per_token(shape, "none")
+    assert extra == 2 * 32 * 4096 * (4096 + 14336)

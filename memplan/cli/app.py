@@ -333,7 +333,10 @@ def plan(
             with load.locating(loaded):
                 inv = model_load.load_inventory(loaded, unsupported=fallback_inventory)
                 if trace:
-                    inv = _traced(loaded, inv, planner.recompute_options(settings), said)
+                    recompute = planner.recompute_options(
+                        settings, loaded.spec.model.implementation
+                    )
+                    inv = _traced(loaded, inv, recompute, said)
                 return planner.plan(run_spec, inv, progress=progress)
         finally:
             if progress_bar is not None:

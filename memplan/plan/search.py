@@ -106,13 +106,44 @@ def pipeline_split(layers: int, pipeline: int) -> tuple[int, ...] | None:
     return None
 
 
-def _recompute_options(allow: bool) -> tuple[str, ...]:
-    return ("none", "selective", "full") if allow else ("none",)
+# What each model implementation offers, as its own code or trainer runs it: the engines
+# (the stack's data/model parallel code memplan models) and the recomputation policies.
+IMPLEMENTATION_ENGINES: dict[str, tuple[str, ...]] = {
+    "transformers": ("deepspeed", "fsdp2", "megatron", "ddp"),
+    # torchtitan parallelizes with FSDP2 / DDP and torch.distributed.pipelining
+    # (torchtitan/models/llama3/parallelize.py, 0.3.0).
+    "torchtitan": ("fsdp2", "ddp"),
+    # LitGPT's scripts run Lightning's FSDP (FSDP1: its model states as FSDP2's, full shard) or
+    # one device; no model parallelism (memplan.model.stacks.litgpt).
+    "litgpt": ("fsdp2", "ddp"),
+    # Megatron-Core's GPTModel runs under Megatron's own DDP and distributed optimizer.
+    "megatron-core": ("megatron",),
+}
+IMPLEMENTATION_RECOMPUTE: dict[str, tuple[str, ...]] = {
+    "transformers": ("none", "selective", "full"),
+    # torchtitan's activation_checkpoint.mode: none, full, selective (per-op SAC).
+    "torchtitan": ("none", "selective-op", "full"),
+    "litgpt": ("none", "full"),
+    "megatron-core": ("none", "selective", "full"),
+}
 
 
-def recompute_options(settings: PlanSpec) -> tuple[str, ...]:
-    """The activation recomputation policies a plan with `settings` searches."""
-    return _recompute_options(settings.allow_recompute)
+def _recompute_options(allow: bool, implementation: str = "transformers") -> tuple[str, ...]:
+    return IMPLEMENTATION_RECOMPUTE[implementation] if allow else ("none",)
+
+
+def recompute_options(settings: PlanSpec, implementation: str = "transformers") -> tuple[str, ...]:
+    """The activation recomputation policies a plan with `settings` searches for a model run
+    by `implementation`'s code."""
+    return _recompute_options(settings.allow_recompute, implementation)
+
+
+def search_engines(spec: Spec) -> tuple[str, ...]:
+    """The engines a plan of `spec` searches: plan.engines that its model implementation
+    runs under (IMPLEMENTATION_ENGINES)."""
+    p = spec.plan or PlanSpec()
+    runs = IMPLEMENTATION_ENGINES[spec.model.implementation]
+    return tuple(e for e in p.engines if e in runs)
 
 
 def _shape(inventory: Inventory, spec: Spec, global_batch: int) -> Shape:
@@ -134,6 +165,7 @@ def _shape(inventory: Inventory, spec: Spec, global_batch: int) -> Shape:
         top_k=arch.num_experts_per_token,
         sequence=spec.training.sequence_length,
         global_batch=global_batch,
+        intermediate=arch.intermediate_size,
     )
 
 
@@ -162,6 +194,8 @@ class _Search:
     """Whether memplan models this model's activations at all (on plain data parallelism)."""
     cache: StepCache = field(default_factory=StepCache)
     """What the step's timelines derive from the model, shared by every layout of the search."""
+    engines: tuple[str, ...] = ()
+    """The engines searched (search_engines: plan.engines the implementation runs under)."""
 
     def degrees(self) -> Iterator[tuple[int, int, int, int, int, tuple[int, ...] | None]]:
         """(tensor, pipeline, virtual stages, context, expert, layers_per_stage (one entry per
@@ -192,9 +226,10 @@ class _Search:
                     yield from self._context_expert(tp, pp, vp, split)
 
     def _virtual(self, pp: int) -> list[int]:
-        """Model chunks per pipeline rank to try: 1, and with Megatron in the engines the
-        interleaved schedule's 2, 4, ... up to plan.max_virtual_stages."""
-        if pp == 1 or "megatron" not in self.plan.engines:
+        """Model chunks per pipeline rank to try: 1, and the interleaved schedules' 2, 4, ...
+        up to plan.max_virtual_stages (Megatron's, and torch's ScheduleInterleaved1F1B under
+        fsdp2 and ddp)."""
+        if pp == 1 or self.plan.max_virtual_stages < 2:
             return [1]
         out, v = [1], 2
         while v <= self.plan.max_virtual_stages:
@@ -238,12 +273,12 @@ class _Search:
         offloads = ("none", "cpu") if self.plan.allow_offload else ("none",)
         for tp, pp, vp, cp, ep, split in self.degrees():
             dp = self.gpus // (tp * pp * cp)
-            for engine in self.plan.engines:
+            for engine in self.engines:
                 if engine == "ddp" and (tp > 1 or pp > 1 or ep > 1 or cp > 1):
                     self.pruned["ddp has no tensor/pipeline/expert/context parallelism"] += 1
                     continue
-                if vp > 1 and engine != "megatron":
-                    continue  # the interleaved schedule is Megatron's
+                if vp > 1 and engine == "deepspeed":
+                    continue  # DeepSpeed's pipeline engine has no interleaved schedule
                 if engine == "fsdp2" and self.spec.optimizer.name in FSDP2_REFUSED_OPTIMIZERS:
                     self.pruned["optimizer does not run on FSDP2's DTensor parameters"] += 1
                     continue
@@ -288,7 +323,7 @@ class _Search:
         also fits as `estimate` judges its spec (the allocator replayed), or none."""
         layouts = list(self.layouts())
         out: list[Candidate] = []
-        recomputes = _recompute_options(self.plan.allow_recompute)
+        recomputes = _recompute_options(self.plan.allow_recompute, self.spec.model.implementation)
         shape = _shape(self.inventory, self.spec, self.global_batch)
         link = _link(self.spec, self.plan)
         for i, (par, offload) in enumerate(layouts):
@@ -469,7 +504,16 @@ def plan(
     # The same usable memory estimate's verdict uses: capacity - CUDA context (outside the
     # allocator) - plan.reserve; each layout's reserved segments are checked against it.
     budget = capacity - plain.timeline.cuda_context_bytes - p.reserve
+    engines = search_engines(spec)
+    if not engines:
+        raise MemplanError(
+            f"plan.engines {', '.join(p.engines)} has none that model.implementation "
+            f"{spec.model.implementation} runs under (it runs under "
+            f"{', '.join(IMPLEMENTATION_ENGINES[spec.model.implementation])}).",
+            field="plan.engines",
+        )
     search = _Search(
+        engines=engines,
         spec=spec,
         inventory=inventory,
         plan=p,
@@ -495,13 +539,26 @@ def plan(
         pruned=dict(search.pruned.most_common()),
         suggestion=suggestion,
         top=p.top,
-        notes=()
-        if spec.hardware.gpu
-        else (
-            "no hardware.gpu named: layouts are ranked by the H100-80GB's speed "
-            "(memplan.hardware.CATALOG); name hardware.gpu to rank by another GPU's.",
-        ),
+        notes=_notes(spec, engines),
     )
+
+
+def _notes(spec: Spec, engines: tuple[str, ...]) -> tuple[str, ...]:
+    p = spec.plan or PlanSpec()
+    out = []
+    left = [e for e in p.engines if e not in engines]
+    if left:
+        out.append(
+            f"model.implementation {spec.model.implementation} runs under "
+            f"{', '.join(IMPLEMENTATION_ENGINES[spec.model.implementation])}: plan.engines "
+            f"{', '.join(left)} not searched."
+        )
+    if not spec.hardware.gpu:
+        out.append(
+            "no hardware.gpu named: layouts are ranked by the H100-80GB's speed "
+            "(memplan.hardware.CATALOG); name hardware.gpu to rank by another GPU's."
+        )
+    return tuple(out)
 
 
 def row_spec(spec: Spec, c: Candidate) -> Spec:

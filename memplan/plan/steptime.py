@@ -7,7 +7,11 @@ step = (compute + tensor/context/expert communication) x pipeline factor
   2204.02311, appendix B; N parameters touched per token, L layers, H heads, Q head dim, T
   sequence), plus one extra forward with full recomputation (2 N + 4 L H Q T) or the attention
   core's forward with selective recomputation (4 L H Q T; Korthikanti et al. 2022, arXiv
-  2205.05198, sec. 5), at an assumed model-FLOPs utilisation of the GPU's dense peak.
+  2205.05198, sec. 5), or with torchtitan's per-op SAC (`selective-op`) the forward of the
+  matmuls its policy does not save, every second one of a block (the attention output
+  projection and w3: 2 L D (H Q + F) for hidden D and MLP width F; torchtitan 0.3.0
+  distributed/activation_checkpoint.py::_get_custom_policy), at an assumed model-FLOPs
+  utilisation of the GPU's dense peak.
 - collectives: alpha-beta ring costs (Thakur et al. 2005, "Optimization of collective
   communication operations in MPICH"): all-reduce 2 (n-1)/n x bytes, reduce-scatter and
   all-gather (n-1)/n x bytes, all-to-all (n-1)/n x bytes, plus 2 (n-1) or (n-1) latency hops.
@@ -66,6 +70,8 @@ class Shape:
     sequence: int
     global_batch: int
     """Sequences per optimizer step."""
+    intermediate: int = 0
+    """The MLP width (selective-op recomputes w3)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,6 +131,8 @@ def flops_per_token(shape: Shape, recompute: str) -> float:
         return base + 2 * shape.parameters + attention / 3
     if recompute == "selective":
         return base + attention / 3
+    if recompute == "selective-op":
+        return base + 2 * shape.layers * shape.hidden * (shape.attention_width + shape.intermediate)
     return base
 
 
