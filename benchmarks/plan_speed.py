@@ -1,6 +1,9 @@
 """Throughput of `memplan plan`'s search, measured in one run.
 
-Target (issue 8): the full search for Llama-3.1-405B on 1,024 GPUs under 2 s on 2 cores.
+Targets (issue 21; issue 8 asked 2 s for the first): the full search for Llama-3.1-405B on 1,024
+GPUs under 1 s, and DeepSeek-V3 (671B, MoE with expert parallelism) on 2,048 GPUs under 2 s, on
+2 cores. DeepSeek-V3 has no hand activation rule: its profiles are traced (torch and
+transformers needed) in an untimed first run and read from memplan's cache in the timed ones.
 Run: python benchmarks/plan_speed.py            # prints; writes benchmarks/results/plan-speed.json
 (--no-write to only print). scripts/gen_readme.py quotes the file in the README.
 """
@@ -19,8 +22,54 @@ from memplan.model.load import load_inventory
 from memplan.plan.search import plan
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGET_S = 2.0
+TARGET_S = 1.0
+DEEPSEEK_TARGET_S = 2.0
 RUNS = 3
+DEEPSEEK = {
+    "model": {"preset": "deepseek-v3"},
+    "precision": "bf16-mixed",
+    "training": {"sequence_length": 4096},
+    "hardware": {"gpu": "H100-80GB", "gpus_per_node": 8},
+    "plan": {"gpus": 2048, "global_batch_size": 4096},
+}
+
+
+def deepseek() -> dict[str, object]:
+    """DeepSeek-V3 on 2,048 GPUs: its activation profiles traced first (untimed), then the
+    search timed RUNS times."""
+    from memplan.config.load import validate
+    from memplan.plan.search import recompute_options
+    from memplan.verify.trace import traced_profiles
+
+    loaded = validate(DEEPSEEK)
+    settings = loaded.spec.plan
+    assert settings is not None
+    inventory, _ = traced_profiles(
+        loaded, load_inventory(loaded), checkpointing=recompute_options(settings)
+    )
+    times, result = [], None
+    for _ in range(RUNS):
+        start = time.perf_counter()
+        result = plan(loaded.spec, inventory)
+        times.append(time.perf_counter() - start)
+    assert result is not None
+    median = statistics.median(times)
+    print(
+        f"DeepSeek-V3 on {result.gpus} GPUs: {result.searched:,} layouts evaluated, "
+        f"{len(result.layouts):,} fit; median {median:.2f} s "
+        f"({'meets' if median < DEEPSEEK_TARGET_S else 'MISSES'} the "
+        f"{DEEPSEEK_TARGET_S:.0f} s target)"
+    )
+    return {
+        "spec": DEEPSEEK,
+        "gpus": result.gpus,
+        "searched": result.searched,
+        "fit": len(result.layouts),
+        "pruned": dict(result.pruned),
+        "runs_s": [round(t, 3) for t in times],
+        "median_s": round(median, 3),
+        "target_s": DEEPSEEK_TARGET_S,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"median {median:.2f} s over {len(times)} runs = {result.searched / median:,.0f} "
-        f"layouts/s; {'meets' if median < TARGET_S else 'MISSES'} the {TARGET_S:.0f} s target"
+        f"layouts/s; {'meets' if median < TARGET_S else 'MISSES'} the {TARGET_S:.1f} s target"
     )
     if best:
         print(
@@ -53,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{best.engine} ZeRO-{best.zero_stage} mbs {best.micro_batch_size} "
             f"recompute {best.recompute}: {best.tokens_per_s:,.0f} tokens/s (model)"
         )
+    moe = deepseek()
     if not args.no_write:
         sys.path.insert(0, str(ROOT))
         from benchmarks.stamp import stamp
@@ -67,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             "runs_s": [round(t, 3) for t in times],
             "median_s": round(median, 3),
             "target_s": TARGET_S,
+            "deepseek_v3": moe,
         }
         out = ROOT / "benchmarks" / "results" / "plan-speed.json"
         out.write_text(json.dumps(doc, indent=1) + "\n")

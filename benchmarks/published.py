@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from memplan.config.load import validate
 from memplan.errors import MemplanError
 from memplan.model.load import load_inventory
+from memplan.plan.search import spec_step_time
 from memplan.report.estimate import estimate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -177,6 +178,15 @@ table 5's local batch 32 runs as 8 micro-batches of 4 and table 6's local batch 
 the interleaved schedule runs 2 stages per rank, and the layers split as `split` says."""
 
 
+# The source's TPS/GPU column, row for row in ROWS' order (tokens per second per GPU, read at
+# the 90th iteration): memplan's step-time model (memplan.plan.steptime, a ranking model at
+# its assumed 40% MFU of the H100's dense bf16 peak, no compute/communication overlap, no
+# speed-up for compile or Float8) is held against it.
+TPS_PER_GPU = (5762, 6667, 8532, 3890, 2540, 1071, 548, 5605, 6514, 8380, 829, 876, 100, 128,
+               76, 47, 31, 16)  # fmt: skip
+assert len(TPS_PER_GPU) == len(ROWS)
+
+
 def measure(row: Row, inventories: dict[str, Any]) -> dict[str, Any]:
     record: dict[str, Any] = {
         "table": row.table,
@@ -203,6 +213,11 @@ def measure(row: Row, inventories: dict[str, Any]) -> dict[str, Any]:
         return record
     reserved = report.peak_reserved
     assert reserved is not None, "the CUDA allocator view is missing"
+    step = spec_step_time(loaded.spec, inventory, report)
+    t = loaded.spec.training
+    tokens = t.micro_batch_size * t.gradient_accumulation_steps * report.layout.data
+    tps = tokens * t.sequence_length / step.total_s / report.layout.world_size
+    published_tps = TPS_PER_GPU[ROWS.index(row)]
     record |= {
         "expressible": True,
         "activations_modelled": report.activations.modelled,
@@ -210,9 +225,41 @@ def measure(row: Row, inventories: dict[str, Any]) -> dict[str, Any]:
         "allocated_gib": report.peak_bytes / GIB,
         "reserved_gib": reserved / GIB,
         "error": reserved / GIB / row.published_gib - 1,
+        "published_tps_per_gpu": published_tps,
+        "steptime_tps_per_gpu": round(tps, 1),
+        "steptime_error": tps / published_tps - 1,
         "notes": [n for n in report.notes if "not modelled" in n],
     }
     return record
+
+
+def _ranking(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The step-time model against the published TPS/GPU: its error per row, and how it orders
+    each pair of rows of one table (the layouts a user would choose between)."""
+    done = [r for r in rows if r["expressible"]]
+    errors = sorted(abs(r["steptime_error"]) for r in done)
+    agree = tied = disagree = 0
+    for i, a in enumerate(done):
+        for b in done[i + 1 :]:
+            if a["table"] != b["table"] or a["published_tps_per_gpu"] == b["published_tps_per_gpu"]:
+                continue
+            model = a["steptime_tps_per_gpu"] - b["steptime_tps_per_gpu"]
+            published = a["published_tps_per_gpu"] - b["published_tps_per_gpu"]
+            if abs(model) < 1e-9 * max(a["steptime_tps_per_gpu"], 1):
+                tied += 1
+            elif (model > 0) == (published > 0):
+                agree += 1
+            else:
+                disagree += 1
+    return {
+        "median_abs_error": errors[len(errors) // 2] if errors else None,
+        "pairs": agree + tied + disagree,
+        "agree": agree,
+        "tied": tied,
+        "disagree": disagree,
+        "note": "the model has no term for torch.compile or Float8, so rows differing only in "
+        "them tie",
+    }
 
 
 def main() -> None:
@@ -224,7 +271,8 @@ def main() -> None:
             print(
                 f"{r['model']:<15} {r['layout']:<62} published {r['published_gib']:5.1f} GiB  "
                 f"memplan {r['reserved_gib']:5.1f} GiB reserved ({r['allocated_gib']:5.1f} "
-                f"allocated)  {r['error']:+6.1%}"
+                f"allocated)  {r['error']:+6.1%}  TPS/GPU {r['published_tps_per_gpu']:,} vs "
+                f"model {r['steptime_tps_per_gpu']:,.0f}"
                 + (
                     "  (not modelled: " + ", ".join(r["unmodelled"]) + ")"
                     if r["unmodelled"]
@@ -233,6 +281,12 @@ def main() -> None:
             )
         else:
             print(f"{r['model']:<15} {r['layout']:<62} not expressible: {r['why'][:160]}")
+    ranking = _ranking(rows)
+    print(
+        f"step-time model vs published TPS/GPU: median |error| {ranking['median_abs_error']:.0%}; "
+        f"of {ranking['pairs']} pairs of rows in one table, {ranking['agree']} ordered as "
+        f"published, {ranking['tied']} tied by the model, {ranking['disagree']} reversed"
+    )
     elapsed = time.perf_counter() - start
     print(f"{elapsed:.1f} s")
     done = [r for r in rows if r["expressible"] and not r["unmodelled"]]
@@ -245,6 +299,7 @@ def main() -> None:
         "expressible": len(done),
         "within_10pct": sum(abs(r["error"]) <= 0.10 for r in done),
         "under_5pct": sum(r["error"] < -0.05 for r in done),
+        "steptime": ranking,
         "elapsed_s": elapsed,
     }
     path = ROOT / "benchmarks" / "results" / "published.json"

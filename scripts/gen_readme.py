@@ -403,7 +403,20 @@ def plan_speed(doc: Doc) -> str:
         f"{len(runs)} runs (median {doc['median_s']:.2f} s, about "
         f"{n(doc['searched'] / doc['median_s'])} layouts/s; `benchmarks/plan_speed.py`, "
         f"{where(doc)}, load average {stamp_of(doc)['load_average_1min']:.1f}): "
-        f"{'within' if met else 'over'} the {doc['target_s']:.0f} s target.\n"
+        f"{'within' if met else 'over'} the {doc['target_s']:.1f} s target."
+        + _deepseek_speed(doc.get("deepseek_v3"))
+        + "\n"
+    )
+
+
+def _deepseek_speed(moe: Doc | None) -> str:
+    if not moe:
+        return ""
+    met = moe["median_s"] < moe["target_s"]
+    return (
+        f" DeepSeek-V3 (MoE, its activations traced once and cached) on {n(moe['gpus'])} GPUs: "
+        f"{n(moe['searched'])} layouts ({n(moe['fit'])} fit) in a median {moe['median_s']:.2f} s, "
+        f"{'within' if met else 'over'} the {moe['target_s']:.1f} s target."
     )
 
 
@@ -665,26 +678,38 @@ def stacks_compile(doc: Doc) -> str:
 
 def published(doc: Doc) -> str:
     """memplan against torchtitan's published max reserved (benchmarks/published.py)."""
-    head = ["table", "model", "GPUs", "layout", "published", "memplan", "error"]
+    head = ["table", "model", "GPUs", "layout", "published", "memplan", "error",
+            "TPS/GPU published", "step-time model"]  # fmt: skip
     rows = []
     for r in doc["rows"]:
+        tps = [f"{r['published_tps_per_gpu']:,}", "-"]
         if r["expressible"]:
             error = signed_pct(r["error"])
             if r["unmodelled"]:
                 error += " (not modelled: " + ", ".join(short(u) for u in r["unmodelled"]) + ")"
             memplan = gib(r["reserved_gib"] * 2**30)
+            tps[1] = f"{r['steptime_tps_per_gpu']:,.0f}"
         else:
             memplan, error = "-", "not expressible: " + short(r["why"])
         rows.append(
             [str(r["table"]), r["model"], str(r["gpus"]), r["layout"],
-             f"{r['published_gib']:.1f}", memplan, error]
+             f"{r['published_gib']:.1f}", memplan, error, *tps]
         )  # fmt: skip
     done = doc["expressible"]
+    rank = doc["steptime"]
+    ranking = (
+        f" The step-time model that ranks `plan`'s layouts, against the published TPS/GPU: "
+        f"median error {rank['median_abs_error']:.0%} (it assumes 40% MFU and no overlap); of "
+        f"{rank['pairs']} pairs of rows in one table it orders {rank['agree']} as published, "
+        f"ties {rank['tied']} ({rank['note']}) and reverses {rank['disagree']}."
+    )
     return (
         f"memplan against every row of torchtitan's published Llama 3.1 runs on H100 "
         f"({doc['source']}; metric: {doc['metric']}), GiB per GPU. Target: {doc['target']}. "
         f"{of(doc['within_10pct'], done, 'expressible rows')} within 10%, "
-        f"{doc['under_5pct']} under by more than 5% (`benchmarks/published.py`, {where(doc)}).\n\n"
+        f"{doc['under_5pct']} under by more than 5% (`benchmarks/published.py`, {where(doc)})."
+        + ranking
+        + "\n\n"
         + table(head, rows, right=4)
     )
 

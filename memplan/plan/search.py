@@ -401,15 +401,7 @@ class _Search:
         link: Link,
         headroom: int,
     ) -> Candidate:
-        recipe = self.spec.recipe()
-        per_rank = max(s.num_parameters for s in report.stages)
-        grad_dtype = main_grad_dtype(recipe) if par.engine == "megatron" else recipe.gradients
-        work = Work(
-            micro_batch=mbs,
-            recompute=recompute,
-            grad_bytes=per_rank * dtype_bytes(grad_dtype),
-            param_bytes=per_rank * dtype_bytes(recipe.parameters),
-        )
+        work = _work(self.spec, report, mbs, recompute)
         return Candidate(
             data=par.data,
             tensor=par.tensor,
@@ -540,6 +532,34 @@ def plan(
         suggestion=suggestion,
         top=p.top,
         notes=_notes(spec, engines),
+    )
+
+
+def _work(spec: Spec, report: Report, mbs: int, recompute: str) -> Work:
+    """What one rank of `report`'s layout computes and communicates per step."""
+    recipe = spec.recipe()
+    per_rank = max(s.num_parameters for s in report.stages)
+    engine = report.layout.engine
+    grad_dtype = main_grad_dtype(recipe) if engine == "megatron" else recipe.gradients
+    return Work(
+        micro_batch=mbs,
+        recompute=recompute,
+        grad_bytes=per_rank * dtype_bytes(grad_dtype),
+        param_bytes=per_rank * dtype_bytes(recipe.parameters),
+    )
+
+
+def spec_step_time(spec: Spec, inventory: Inventory, report: Report) -> StepTime:
+    """The step-time model (memplan.plan.steptime) of `spec` as `memplan estimate` reads it
+    (`report`: its estimate): the global batch is micro-batch x accumulation x data ranks."""
+    t = spec.training
+    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * report.layout.data
+    work = _work(spec, report, t.micro_batch_size, t.activation_checkpointing)
+    return step_time(
+        _shape(inventory, spec, global_batch),
+        report.layout,
+        work,
+        _link(spec, spec.plan or PlanSpec()),
     )
 
 
