@@ -67,9 +67,11 @@ def test_off_by_default_and_deepspeeds_own_off_values() -> None:
         {"mics_shard_size": -1},
         {"mics_shard_size": 0},
         {"zero_hpz_partition_size": 1},
+        {"zero_hpz_partition_size": 0},
     ):
         spec = validate(_spec(engine="ddp", zero_stage=0, deepspeed=off)).spec
         assert not spec.parallelism.deepspeed.mics
+        assert spec.parallelism.deepspeed.zero_hpz_partition_size <= 1
 
 
 def _report(precision: str = "bf16-mixed", **parallelism: Any) -> Any:

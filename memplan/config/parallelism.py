@@ -39,13 +39,13 @@ class DeepSpeedSpec(Frozen):
     DeepSpeedEngine.communication_data_type, 0.19.8). ZeRO-3 allocates its reduction bucket in
     it (stage3.py, `ipg_buckets` keyed by it); BF16_Optimizer casts its flat gradient buffer
     to it for the all-reduce (engine.py::allreduce_bucket)."""
-    zero_hpz_partition_size: PositiveInt = 1
+    zero_hpz_partition_size: int = Field(1, ge=0)
     """ZeRO++ hierarchical partitioning (hpZ), ZeRO-3 only: besides its primary partition
     over all data ranks, each rank keeps a secondary copy of every parameter in the model's
     dtype, partitioned over a group of this many consecutive ranks (a node), which the
     backward's all-gathers read instead of going across nodes
     (deepspeed/runtime/zero/partition_parameters.py::Init._partition_param_sec, 0.19.8).
-    1: off (DeepSpeed's default)."""
+    1 (DeepSpeed's default) or 0: off."""
     mics_shard_size: int = Field(-1, ge=-1)
     """MiCS, ZeRO-3 only: parameters, gradients, fp32 partitions and optimizer states are
     sharded over groups of this many consecutive data ranks and replicated across the groups

@@ -323,7 +323,15 @@ def zero3_partition_ranks(knobs: DeepSpeedKnobs, world: int) -> int:
     group. MiCS_Init partitions over `param.comm.param_shard_group` (`get_partition_dp_group`,
     `num_partitions`: mics_shard_size ranks), and MiCS_Optimizer replaces the optimizer's
     `dp_process_group` and `partition_count` with it, so the gradient partitions, the fp32
-    sub-groups and the optimizer states follow the parameter partitions (SRC_MICS)."""
+    sub-groups and the optimizer states follow the parameter partitions (SRC_MICS).
+
+    Its step adds no buffer of its own beside ZeRO-3's: at the boundary
+    `MiCS_Optimizer.allreduce_mics_shard_grads` all-reduces the gradient partitions across
+    the replica groups in place (`scale_tensors`, then `dist.all_reduce_coalesced` on them;
+    the `torch.cat` copy runs only where torch lacks all_reduce_coalesced, before 1.13), and
+    its all-gather buffers hold a whole parameter padded to the shard group (`t_size =
+    ds_numel x param_shard_size`), as ZeRO-3's do to the data-parallel world
+    (memplan.states.engines.deepspeed.step.zero3_live_parameters counts whole modules)."""
     return knobs.mics_shard_size if knobs.mics_shard_size > 0 else world
 
 
@@ -331,7 +339,10 @@ def hpz_secondary_elements(numel: int, world: int, hpz: int) -> int:
     """Elements of one parameter's hpZ secondary partition (SRC_HPZ): `tensor_size =
     self._aligned_size(param)` (numel padded to a multiple of the data-parallel world),
     `secondary_partition_size = int(tensor_size // self.num_ranks_in_param_group)`, the same
-    on every rank (the last ranks' tail is zeroed padding)."""
+    on every rank (the last ranks' tail is zeroed padding). The backward's all-gather over the
+    hpZ group reads it into `ds_secondary_tensor.shape[0] x hpz` elements
+    (Init._all_gather_sequential / _all_gather_coalesced), the same padded size as from the
+    primary partition: the gathered-parameter transient is unchanged."""
     return round_up(numel, world) // hpz
 
 
