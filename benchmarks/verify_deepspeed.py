@@ -1,7 +1,11 @@
-"""memplan's DeepSpeed rules against DeepSpeed's real engine, ZeRO-0..3, on CPU gloo ranks.
+"""memplan's DeepSpeed rules against DeepSpeed's real engine, ZeRO-0..3, ZeRO++ hpZ and MiCS,
+on CPU gloo ranks.
 
-    DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/verify_deepspeed.py
-        # about 3 min on 2 cores; writes benchmarks/results/verify-deepspeed.json
+    DS_BUILD_OPS=0 DS_SKIP_CUDA_CHECK=1 pip install --no-deps --no-build-isolation \
+        --target /tmp/ds0192 deepspeed==0.19.2     # MiCS's runs (below); once
+    DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/verify_deepspeed.py \
+        --mics-deepspeed /tmp/ds0192
+        # about 15 min on 2 cores; writes benchmarks/results/verify-deepspeed.json
 
 Needs deepspeed 0.19.8 installed without its CUDA ops (DS_BUILD_OPS=0 DS_SKIP_CUDA_CHECK=1
 pip install --no-deps --no-build-isolation deepspeed==0.19.8; pip install --no-deps hjson
@@ -11,13 +15,26 @@ AdamW, run through `memplan verify` (memplan.verify.runner.verify): deepspeed.in
 the config the spec implies (memplan.verify.deepspeed_engine.config), two optimizer steps of
 two micro-batches, each rank's model states read from DeepSpeed's flat buffers, fp32
 partitions and optimizer state, and compared with memplan's prediction for that rank. The
-file keeps, per case and rank, predicted and measured bytes of every model-state row.
+file keeps, per case and rank, predicted and measured bytes of every model-state row (and,
+with hpZ, of its secondary partitions at the end of backward and of the optimizer step).
+
+hpZ (`zero_hpz_partition_size` 2) and MiCS (`mics_shard_size` 2) run on 4 ranks with
+`stage3_param_persistence_threshold` 1,000, so that the tiny model's matrices are partitioned
+and only its norms persist. MiCS was removed in DeepSpeed 0.19.7 (its config refuses the key),
+and 0.19.3 to 0.19.6 hang at the first accumulation boundary on any shard group but the first
+(stage3.py::partition_grads tests `contains_real_data` with the parameter's rank in the whole
+data-parallel group, `_get_param_partition_rank`, so those ranks skip MiCS's replica
+all-reduce that their partners in the first group enter); its cases run in a child process on
+0.19.2, the last release before that change (`--mics-deepspeed DIR`: a `pip install --target`
+of it, put first on the child's PYTHONPATH).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,9 +49,16 @@ PRECISIONS = ("fp32", "bf16-mixed")
 STAGES = (0, 1, 2, 3)
 RANKS = (2, 3)
 MODEL_STATES = ("parameters", "gradients", "optimizer_states", "buffers")
+# The hierarchical ZeRO-3 cases: 4 ranks in groups of 2, matrices partitioned (see above).
+HIERARCHY_RANKS = 4
+HPZ = {"zero_hpz_partition_size": 2, "stage3_param_persistence_threshold": 1000}
+MICS = {"mics_shard_size": 2, "stage3_param_persistence_threshold": 1000}
+MICS_DEEPSPEED = "0.19.2"
 
 
-def case(precision: str, stage: int, ranks: int) -> dict[str, Any]:
+def case(
+    precision: str, stage: int, ranks: int, deepspeed: dict[str, Any] | None = None
+) -> dict[str, Any]:
     from memplan.verify.job import Options
     from memplan.verify.result import to_json
     from memplan.verify.runner import verify
@@ -42,7 +66,12 @@ def case(precision: str, stage: int, ranks: int) -> dict[str, Any]:
 
     spec = loaded(
         precision=precision,
-        parallelism={"engine": "deepspeed", "zero_stage": stage, "data": ranks},
+        parallelism={
+            "engine": "deepspeed",
+            "zero_stage": stage,
+            "data": ranks,
+            "deepspeed": deepspeed or {},
+        },
     )
     start = time.perf_counter()
     result = verify(spec, Options(), lambda _rank, _what: None)
@@ -62,10 +91,14 @@ def case(precision: str, stage: int, ranks: int) -> dict[str, Any]:
         for name in r
         if name != "activations"
     )
+    import deepspeed as ds
+
     return {
         "precision": precision,
         "zero_stage": stage,
         "ranks": ranks,
+        "deepspeed_config": deepspeed or {},
+        "deepspeed": ds.__version__,
         "model_states_exact": exact,
         "ok": doc["ok"],
         "seconds": round(time.perf_counter() - start, 1),
@@ -73,21 +106,62 @@ def case(precision: str, stage: int, ranks: int) -> dict[str, Any]:
     }
 
 
+def _report(out: dict[str, Any]) -> None:
+    keys = " ".join(f"{k} {v}" for k, v in out["deepspeed_config"].items() if "threshold" not in k)
+    print(
+        f"{out['precision']:10} ZeRO-{out['zero_stage']} x{out['ranks']} {keys} "
+        f"(deepspeed {out['deepspeed']}): model states "
+        f"{'exact' if out['model_states_exact'] else 'DIFFER'} ({out['seconds']} s)",
+        flush=True,
+    )
+
+
+def mics_case(precision: str, site: str) -> dict[str, Any]:
+    """One MiCS case in a child process whose deepspeed is the one installed under `site`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([site, str(ROOT)])}
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps([precision, 3, HIERARCHY_RANKS, MICS])],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode or not lines:
+        raise SystemExit(f"MiCS case failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    out: dict[str, Any] = json.loads(lines[-1])
+    if out["deepspeed"] != MICS_DEEPSPEED:
+        raise SystemExit(
+            f"--mics-deepspeed holds deepspeed {out['deepspeed']}, not {MICS_DEEPSPEED}"
+        )
+    return out
+
+
 def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mics-deepspeed", help="a pip --target install of deepspeed 0.19.2")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:  # one case, printed as JSON (mics_case's child)
+        print(json.dumps(case(*json.loads(args.child))), flush=True)
+        return
+    if not args.mics_deepspeed:
+        parser.error("--mics-deepspeed DIR is needed for the MiCS cases (see the docstring)")
     import deepspeed
 
     cases = []
     for precision in PRECISIONS:
         for stage in STAGES:
             for ranks in RANKS:
-                out = case(precision, stage, ranks)
-                print(
-                    f"{precision:10} ZeRO-{stage} x{ranks}: model states "
-                    f"{'exact' if out['model_states_exact'] else 'DIFFER'} ({out['seconds']} s)",
-                    flush=True,
-                )
-                cases.append(out)
+                cases.append(case(precision, stage, ranks))
+                _report(cases[-1])
+    for precision in PRECISIONS:
+        cases.append(case(precision, 3, HIERARCHY_RANKS, HPZ))
+        _report(cases[-1])
+    for precision in PRECISIONS:
+        cases.append(mics_case(precision, args.mics_deepspeed))
+        _report(cases[-1])
     doc = {
         "stamp": stamp(deepspeed=deepspeed.__version__),
         "cases": cases,

@@ -636,14 +636,25 @@ def stacks_fsdp2(doc: Doc) -> str:
 def stacks_deepspeed(doc: Doc) -> str:
     cases = doc["cases"]
     exact = sum(c["model_states_exact"] for c in cases)
-    stages = sorted({c["zero_stage"] for c in cases})
-    ranks = sorted({c["ranks"] for c in cases})
+    plain = [c for c in cases if not c.get("deepspeed_config")]
+    stages = sorted({c["zero_stage"] for c in plain})
+    ranks = sorted({c["ranks"] for c in plain})
     precisions = sorted({c["precision"] for c in cases})
+    hierarchical = []
+    for key, name in (("zero_hpz_partition_size", "ZeRO++ hpZ"), ("mics_shard_size", "MiCS")):
+        runs = [c for c in cases if key in c.get("deepspeed_config", {})]
+        if runs:
+            first = runs[0]
+            hierarchical.append(
+                f"{name} ({key} {first['deepspeed_config'][key]} of {first['ranks']} ranks, "
+                f"DeepSpeed {first['deepspeed']})"
+            )
+    extra = f"; {' and '.join(hierarchical)}" if hierarchical else ""
     return (
         f"DeepSpeed {stamp_of(doc).get('deepspeed')}'s own engine on CPU gloo ranks: model states "
         f"(parameters, gradients, each optimizer state) equal to the byte on every rank in "
         f"{of(exact, len(cases), 'cases')} (ZeRO-{stages[0]} to {stages[-1]}, "
-        f"{' and '.join(precisions)}, {' and '.join(map(str, ranks))} ranks; "
+        f"{' and '.join(precisions)}, {' and '.join(map(str, ranks))} ranks{extra}; "
         f"`benchmarks/verify_deepspeed.py`, {where(doc)}).\n"
     )
 

@@ -2,8 +2,9 @@
 ranks: every model-state row of every rank, predicted by memplan/states/engines/deepspeed,
 against what DeepSpeed allocated. The oracle is DeepSpeed itself (0.19.8, DS_ACCELERATOR=cpu).
 
-The full matrix (fp32 and bf16-mixed, ZeRO-0..3, 2 and 3 ranks) is benchmarks/
-verify_deepspeed.py; its recorded measurements (benchmarks/results/verify-deepspeed.json) are
+The full matrix (fp32 and bf16-mixed, ZeRO-0..3, 2 and 3 ranks; ZeRO++ hpZ and MiCS on 4
+ranks, MiCS on DeepSpeed 0.19.2) is benchmarks/verify_deepspeed.py; its recorded measurements
+(benchmarks/results/verify-deepspeed.json) are
 checked against today's prediction without DeepSpeed, and one case runs here for real:
 ZeRO-3 fp32 on 3 ranks (the fp32 master a review believed aliased, and is not; persistent
 parameters in padded all-gather buffers).
@@ -21,6 +22,7 @@ import pytest
 from memplan.model import sources
 from memplan.report.estimate import estimate
 from memplan.verify.job import model_config
+from memplan.verify.result import HPZ_BACKWARD, HPZ_STEP
 from memplan.verify.runner import predicted
 from tests.test_verify_support import loaded, model_state_rows_exact, run
 
@@ -36,7 +38,20 @@ def test_recorded_deepspeed_runs_match_todays_prediction() -> None:
     """Every case and rank DeepSpeed's engine ran (the recorded measurement) against what
     memplan predicts now, byte for byte, model-state row by row."""
     doc = json.loads(RESULTS.read_text())
-    assert len(doc["cases"]) == 16 and doc["stamp"]["deepspeed"] == "0.19.8"
+    assert len(doc["cases"]) == 20 and doc["stamp"]["deepspeed"] == "0.19.8"
+    hierarchies = {
+        key: [c for c in doc["cases"] if key in c["deepspeed_config"]]
+        for key in ("zero_hpz_partition_size", "mics_shard_size")
+    }
+    # ZeRO++ hpZ on 0.19.8, MiCS on 0.19.2 (0.19.3-0.19.6 hang, 0.19.7 removed it), each in
+    # fp32 and bf16-mixed on 4 ranks in groups of 2; hpZ's secondary partitions measured too.
+    assert {c["deepspeed"] for c in hierarchies["zero_hpz_partition_size"]} == {"0.19.8"}
+    assert {c["deepspeed"] for c in hierarchies["mics_shard_size"]} == {"0.19.2"}
+    for group in hierarchies.values():
+        assert {c["precision"] for c in group} == {"fp32", "bf16-mixed"}
+    for case in hierarchies["zero_hpz_partition_size"]:
+        for rows in case["per_rank"]:
+            assert rows[HPZ_BACKWARD]["measured"] > 0 and rows[HPZ_STEP]["measured"] > 0
     for case in doc["cases"]:
         spec = loaded(
             precision=case["precision"],
@@ -44,6 +59,7 @@ def test_recorded_deepspeed_runs_match_todays_prediction() -> None:
                 "engine": "deepspeed",
                 "zero_stage": case["zero_stage"],
                 "data": case["ranks"],
+                "deepspeed": case["deepspeed_config"],
             },
         )
         report = estimate(spec.spec, sources.from_config(model_config(spec), origin="model"))

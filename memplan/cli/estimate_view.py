@@ -14,6 +14,7 @@ from rich.text import Text
 from memplan.activations import Activations
 from memplan.cli.render import human
 from memplan.cli.timeline_view import TimelineFit
+from memplan.config.parallelism import DeepSpeedSpec
 from memplan.memory import COMPUTE_STREAM
 from memplan.report.result import VERDICT_TEXT, Report, Verdict
 from memplan.states.engines import Term
@@ -57,8 +58,18 @@ def heading(report: Report) -> Text:
         "\n",
         f"{_stored(report)}, {report.optimizer.name}, "
         f"{p.engine} ZeRO-{p.stage} over {p.data} data-parallel rank{'s' * (p.data > 1)}",
+        _hierarchy(p.deepspeed) if p.engine == "deepspeed" else "",
         f", {p.implementation}'s model code" if p.implementation != "transformers" else "",
     )
+
+
+def _hierarchy(ds: DeepSpeedSpec) -> str:
+    """DeepSpeed's hierarchical ZeRO-3, as the heading names it."""
+    if ds.mics:
+        return f" (MiCS: sharded within groups of {ds.mics_shard_size})"
+    if ds.zero_hpz_partition_size > 1:
+        return f" (ZeRO++ hpZ: secondary partition over groups of {ds.zero_hpz_partition_size})"
+    return ""
 
 
 def _dtypes(report: Report, category: str) -> list[str]:

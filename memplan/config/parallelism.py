@@ -33,6 +33,31 @@ class DeepSpeedSpec(Frozen):
     """ZeRO-3 elements gathered ahead of the module that needs them."""
     stage3_max_live_parameters: int = Field(1_000_000_000, ge=0)
     """ZeRO-3 cap on gathered (full) parameter elements resident per rank."""
+    communication_data_type: Literal["fp32", "bf16", "fp16"] | None = None
+    """DeepSpeed's top-level `communication_data_type`: the dtype gradients are reduced in.
+    None: DeepSpeed's default, the model's dtype (fp16, bf16, else fp32: engine.py::
+    DeepSpeedEngine.communication_data_type, 0.19.8). ZeRO-3 allocates its reduction bucket in
+    it (stage3.py, `ipg_buckets` keyed by it); BF16_Optimizer casts its flat gradient buffer
+    to it for the all-reduce (engine.py::allreduce_bucket)."""
+    zero_hpz_partition_size: int = Field(1, ge=0)
+    """ZeRO++ hierarchical partitioning (hpZ), ZeRO-3 only: besides its primary partition
+    over all data ranks, each rank keeps a secondary copy of every parameter in the model's
+    dtype, partitioned over a group of this many consecutive ranks (a node), which the
+    backward's all-gathers read instead of going across nodes
+    (deepspeed/runtime/zero/partition_parameters.py::Init._partition_param_sec, 0.19.8).
+    1 (DeepSpeed's default) or 0: off."""
+    mics_shard_size: int = Field(-1, ge=-1)
+    """MiCS, ZeRO-3 only: parameters, gradients, fp32 partitions and optimizer states are
+    sharded over groups of this many consecutive data ranks and replicated across the groups
+    (deepspeed/runtime/zero/mics.py::MiCS_Init, MiCS_Optimizer, 0.19.6). -1 or 0: off
+    (DeepSpeed's default). DeepSpeed 0.19.7 removed MiCS (its config refuses the key:
+    runtime/config.py::_REMOVED_ZERO_CONFIG_KEYS), and 0.19.3 to 0.19.6 hang with more than
+    one shard group; `memplan verify` runs it on 0.19.2."""
+
+    @property
+    def mics(self) -> bool:
+        """MiCS is on (DeepSpeed's `mics_shard_size > 0`, engine.py::_configure_zero_optimizer)."""
+        return self.mics_shard_size > 0
 
 
 class OffloadSpec(Frozen):
@@ -171,6 +196,7 @@ class ParallelismSpec(Frozen):
                     "data_replicate > 1 (HSDP) with expert or context parallelism is not "
                     "modelled: torchtitan carves those from the shard dimension"
                 )
+        self._check_deepspeed_hierarchy()
         if self.fsdp_wrap is not None and self.engine != "fsdp2":
             raise ValueError(
                 f"fsdp_wrap groups FSDP2's fully_shard calls, but engine is {self.engine}: "
@@ -212,6 +238,58 @@ class ParallelismSpec(Frozen):
             # stage 1, 2 and 3" (the offload lives in the ZeRO optimizers).
             raise ValueError("DeepSpeed offloads the optimizer with zero_stage 1, 2 or 3, not 0")
         return self
+
+    def _check_deepspeed_hierarchy(self) -> None:
+        """ZeRO++ hpZ and MiCS: DeepSpeed's ZeRO-3 over groups of data ranks."""
+        ds = self.deepspeed
+        hpz = ds.zero_hpz_partition_size
+        named = [
+            (key, size)
+            for key, size, on in (
+                ("zero_hpz_partition_size", hpz, hpz > 1),
+                ("mics_shard_size", ds.mics_shard_size, ds.mics),
+            )
+            if on
+        ]
+        for key, size in named:
+            where = f"deepspeed.{key} {size}"
+            if self.engine != "deepspeed" or self.stage != 3:
+                raise ValueError(
+                    f"{where} partitions DeepSpeed's ZeRO-3 over groups of ranks, but engine is "
+                    f"{self.engine} at zero_stage {self.stage}: set engine: deepspeed and "
+                    "zero_stage: 3, or leave it out"
+                )
+            if size > self.data or self.data % size:
+                # hpZ: deepspeed/utils/groups.py::_create_zero_param_parallel_group
+                # (_ensure_divisibility); MiCS: mics_utils.py::_generate_mics_config asserts
+                # the data-parallel size is divisible by the shard size.
+                raise ValueError(
+                    f"{where} must divide data {self.data}: the data ranks form groups of "
+                    f"{size} consecutive ranks"
+                )
+            if self.tensor * self.pipeline * self.context * self.expert > 1:
+                # DeepSpeed forms these groups from consecutive global ranks
+                # (groups.py::_create_zero_param_parallel_group, mics_utils.py::
+                # create_mics_comm_groups), not from a data-parallel group of a model-parallel
+                # layout: memplan does not model which ranks they then span.
+                raise ValueError(
+                    f"{where} is modelled with data parallelism only (tensor, pipeline, "
+                    "context and expert 1)"
+                )
+            if self.offload.parameters != "none" or self.offload.optimizer != "none":
+                # hpZ keeps its secondary partition on the parameters' offload device
+                # (partition_parameters.py::Init._partition_param_sec: self.remote_device);
+                # MiCS refuses gradients off the accelerator (mics.py::MiCS_Optimizer.
+                # allreduce_mics_shard_grads: "Local sharding has no support for CPU
+                # offloading").
+                raise ValueError(f"{where} with offload is not modelled: set offload to none")
+        if len(named) == 2:
+            # engine.py::_return_mics_optimizer (0.19.6) builds MiCS_Optimizer without
+            # zero_hpz_partition_size: MiCS would run without hpZ's secondary partition.
+            raise ValueError(
+                "deepspeed.zero_hpz_partition_size and deepspeed.mics_shard_size are two "
+                "different hierarchies (DeepSpeed's MiCS optimizer takes no hpZ): set one"
+            )
 
     @property
     def world_size(self) -> int:

@@ -49,6 +49,8 @@ def estimate_document(report: Report) -> s.EstimateReport:
             reduce_dtype=report.layout.reduce_dtype,
             fsdp_wrap=report.layout.fsdp_groups,
             data_replicate=report.layout.data_replicate,
+            zero_hpz_partition_size=report.layout.deepspeed.zero_hpz_partition_size,
+            mics_shard_size=report.layout.deepspeed.mics_shard_size,
         ),
         per_gpu=_per_gpu(report),
         activations=_activations(report.activations),

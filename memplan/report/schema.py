@@ -113,6 +113,16 @@ class ParallelismInfo(_Doc):
     data_replicate: int = Field(
         1, description="HSDP's replicate degree (1: FSDP2 over all data ranks)."
     )
+    zero_hpz_partition_size: int = Field(
+        1,
+        description=(
+            "DeepSpeed ZeRO++ hpZ: ranks of the secondary parameter partition's group (1: off)."
+        ),
+    )
+    mics_shard_size: int = Field(
+        -1,
+        description="DeepSpeed MiCS: ranks each shard group spans (-1 or 0: off).",
+    )
 
 
 class Row(_Doc):

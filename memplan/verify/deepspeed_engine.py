@@ -20,7 +20,14 @@ counted once (memplan.verify.measure.Ledger), read against deepspeed 0.19.8:
   `fp32_partitioned_groups_flat`, FP16_Optimizer's `fp32_groups_flat`), not counted again
   where it is the parameter storage itself (ZeRO-3 fp32);
 - each optimizer state by name from the wrapped torch optimizer's `state` (FusedAdam's
-  `step` is a Python int: no bytes).
+  `step` is a Python int: no bytes);
+- with ZeRO++ hpZ, the secondary partitions (`param.ds_secondary_tensor`): the most held at
+  the end of a micro-batch's backward, and what exists where the optimizer step drops them
+  (`invalidate_secondary_tensor`); neither is a model state (the step frees them).
+
+MiCS (`mics_shard_size`) runs on deepspeed 0.19.2 (0.19.7 refuses the key; 0.19.3 to 0.19.6
+hang with more than one shard group: memplan.verify.job), its gathers issued one by one on
+gloo (`_gather_without_coalescing_manager`).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch
 
 from memplan.verify import build, measure
 from memplan.verify.job import DEEPSPEED_MICRO_BATCHES, DEEPSPEED_OPTIMIZERS, STEPS, Job
+from memplan.verify.result import HPZ_BACKWARD, HPZ_STEP
 
 MICRO_BATCHES = DEEPSPEED_MICRO_BATCHES
 
@@ -70,6 +78,10 @@ def config(job: Job) -> dict[str, Any]:
     }
     if ds.overlap_comm is not None:
         zero["overlap_comm"] = ds.overlap_comm
+    if ds.zero_hpz_partition_size > 1:
+        zero["zero_hpz_partition_size"] = ds.zero_hpz_partition_size
+    if ds.mics:
+        zero["mics_shard_size"] = ds.mics_shard_size
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": spec.training.micro_batch_size,
         "gradient_accumulation_steps": MICRO_BATCHES,
@@ -82,6 +94,8 @@ def config(job: Job) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if ds.communication_data_type is not None:
+        out["communication_data_type"] = ds.communication_data_type
     if recipe.parameters == "bf16":
         out["bf16"] = {"enabled": True}
     elif recipe.parameters == "fp16":
@@ -128,6 +142,73 @@ def _sum(tensors: Iterable[torch.Tensor], seen: set[int]) -> int:
     return total
 
 
+def _secondary_partitions(engine: Any) -> list[torch.Tensor]:
+    """ZeRO++ hpZ's secondary partitions (`param.ds_secondary_tensor`,
+    partition_parameters.py::Init._partition_param_sec) that exist now."""
+    out = []
+    for p in engine.module.parameters():
+        sec = getattr(p, "ds_secondary_tensor", None)
+        if sec is not None and sec.numel():
+            out.append(sec)
+    return out
+
+
+def _record_secondaries_at_step_end(engine: Any, record: dict[str, int]) -> None:
+    """Measure the secondary partitions where the optimizer step ends: `_post_step` drops them
+    (stage3.py::invalidate_secondary_tensor, 0.19.8); record what exists just before."""
+    opt = engine.optimizer
+    invalidate = opt.invalidate_secondary_tensor
+
+    def measured_then_invalidated() -> None:
+        record[HPZ_STEP] = _sum(_secondary_partitions(engine), set())
+        invalidate()
+
+    opt.invalidate_secondary_tensor = measured_then_invalidated
+
+
+class _Works:
+    """The async work handles of one gather, waited on together."""
+
+    def __init__(self, works: list[Any]) -> None:
+        self.works = works
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+
+
+def _gather_without_coalescing_manager(deepspeed: Any) -> None:
+    """MiCS on gloo: MiCS_Init gathers a module's parameters with `dist.all_gather_coalesced`
+    (mics.py::MiCS_Init._flat_all_gather_with_coalescing_manager), which DeepSpeed's torch
+    backend issues inside torch's `_coalescing_manager` (comm/torch.py::TorchBackend.
+    all_gather_coalesced), and gloo has none ("RuntimeError: Backend gloo does not implement
+    startCoalescing"). Here the same all-gathers, into the same output buffers MiCS allocated,
+    are issued one by one (`all_gather_into_tensor`, async) and waited on together: what is
+    allocated is MiCS's own; only the launch differs."""
+    import torch.distributed as torch_dist
+
+    deepspeed.init_distributed(dist_backend="gloo")  # adopts verify's torch.distributed
+    backend = deepspeed.comm.comm.cdb
+
+    def all_gather_coalesced(
+        output_tensors: list[torch.Tensor],
+        input_tensors: list[torch.Tensor],
+        group: Any = None,
+        async_op: bool = False,
+    ) -> _Works | None:
+        works = [
+            torch_dist.all_gather_into_tensor(out, inp, group=group, async_op=True)
+            for out, inp in zip(output_tensors, input_tensors, strict=True)
+        ]
+        handle = _Works(works)
+        if async_op:
+            return handle
+        handle.wait()
+        return None
+
+    backend.all_gather_coalesced = all_gather_coalesced
+
+
 def _step_once(engine: Any, ids: torch.Tensor) -> None:
     """One optimizer step: MICRO_BATCHES forward/backward passes (engine.step() is a no-op
     until the accumulation boundary)."""
@@ -159,6 +240,8 @@ def measure_rank(job: Job, rank: int, progress: Callable[[str], None], index: in
     )
     layers = build.decoder_layers(model, job.layers)
     params = [p for p in model.parameters() if p.requires_grad]
+    if job.spec.parallelism.deepspeed.mics and job.device == "cpu":
+        _gather_without_coalescing_manager(deepspeed)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config(job))
     progress("build")
     ids = build.batch(job.spec, int(build.hf_config(job.config).vocab_size), job.device)
@@ -167,6 +250,9 @@ def measure_rank(job: Job, rank: int, progress: Callable[[str], None], index: in
         progress("step")
     saved = measure.SavedTensors()
     first: dict[str, int] = {}  # the most gradient bytes seen
+    hpz = job.spec.parallelism.deepspeed.zero_hpz_partition_size > 1
+    if hpz:
+        _record_secondaries_at_step_end(engine, first)
     for micro in range(MICRO_BATCHES):
         recording = measure.saved_tensors(saved, engine.module, layers)
         with recording if micro == 0 else contextlib.nullcontext():
@@ -175,6 +261,9 @@ def measure_rank(job: Job, rank: int, progress: Callable[[str], None], index: in
         del loss
         held = {measure.storage_key(t) for t in _parameters(engine)}
         first["gradients"] = max(first.get("gradients", 0), _sum(_gradients(engine), held))
+        if hpz:
+            sec = _sum(_secondary_partitions(engine), set())
+            first[HPZ_BACKWARD] = max(first.get(HPZ_BACKWARD, 0), sec)
         engine.step()
     progress("step")
     seen: set[int] = set()
@@ -183,6 +272,8 @@ def measure_rank(job: Job, rank: int, progress: Callable[[str], None], index: in
         "gradients": first["gradients"],
         "buffers": _sum(engine.module.buffers(), seen),
     }
+    for name in (HPZ_BACKWARD, HPZ_STEP) if hpz else ():
+        out[name] = first.get(name, 0)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     masters = _sum(
         (t for name in _MASTERS for t in _tensors(getattr(engine.optimizer, name, None))), seen

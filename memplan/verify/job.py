@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from memplan.config.load import LoadedSpec
+from memplan.config.load import LoadedSpec, installed_version
 from memplan.config.spec import Spec
 from memplan.errors import MemplanError
 from memplan.model import sources as models
@@ -313,6 +313,25 @@ def _check_deepspeed(spec: Spec, recipe: Recipe) -> None:
             f"config expresses {', '.join(DEEPSPEED_PRESETS)}.",
             field="precision",
         )
+    mics = par.deepspeed.mics_shard_size
+    installed = installed_version("deepspeed")
+    if par.deepspeed.mics and installed is not None and _release(installed) > (0, 19, 2):
+        # 0.19.7+: deepspeed/runtime/config.py::_REMOVED_ZERO_CONFIG_KEYS refuses the key
+        # ("MiCS ZeRO-3 sharding has been removed"). 0.19.3-0.19.6: stage3.py::partition_grads
+        # tests `contains_real_data` with `_get_param_partition_rank(param)`, the rank in the
+        # whole data-parallel group, so every shard group but the first skips MiCS's replica
+        # all-reduce (mics.py::MiCS_Optimizer.allreduce_mics_shard_grads) and the ranks of
+        # the first wait for it: a hang at the first accumulation boundary (run on 4 gloo
+        # ranks with mics_shard_size 2, 0.19.6).
+        raise MemplanError(
+            f"parallelism.deepspeed.mics_shard_size {mics}: deepspeed {installed} is installed "
+            "here, and MiCS does not run on it (0.19.7 removed MiCS; 0.19.3 to 0.19.6 hang at "
+            "the first accumulation boundary when there is more than one shard group). verify "
+            "runs MiCS on deepspeed 0.19.2: DS_BUILD_OPS=0 DS_SKIP_CUDA_CHECK=1 pip install "
+            "--no-deps --no-build-isolation --target DIR deepspeed==0.19.2, then run with "
+            "PYTHONPATH=DIR.",
+            field="parallelism.deepspeed.mics_shard_size",
+        )
     if importlib.util.find_spec("deepspeed") is None:
         raise MemplanError(
             "parallelism.engine: deepspeed is verified by running DeepSpeed itself, and it is "
@@ -321,6 +340,15 @@ def _check_deepspeed(spec: Spec, recipe: Recipe) -> None:
             "ninja py-cpuinfo (it runs on the CPU with DS_ACCELERATOR=cpu over gloo).",
             field="parallelism.engine",
         )
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a release string such as "0.19.8" or "0.19.6+cpu"."""
+    parts = []
+    for part in version.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | None]:

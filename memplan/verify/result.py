@@ -20,6 +20,13 @@ EXACT = 0.0
 ACTIVATIONS_TOLERANCE = 0.01
 PEAK_TOLERANCE = 0.03
 
+# DeepSpeed ZeRO++ hpZ's secondary partitions, measured by memplan.verify.deepspeed_engine
+# against the step's transients (memplan.states.engines.deepspeed.step.hpz_secondary): at the
+# end of a micro-batch's backward, and at the end of the optimizer step.
+HPZ_BACKWARD = "hpz_secondary (backward)"
+HPZ_STEP = "hpz_secondary (optimizer step)"
+ENGINE_ROWS = (HPZ_BACKWARD, HPZ_STEP)
+
 # The categories every table shows, in order. Optimizer states by name follow
 # `optimizer_states` (the order the calculator lists them).
 MODEL_STATE_CATEGORIES = ("parameters", "gradients", "optimizer_states")
@@ -175,6 +182,16 @@ def rows_for(
             tolerance=EXACT,
         )
     )
+    for name in ENGINE_ROWS:
+        if name in predicted or name in measured:
+            rows.append(
+                Row(
+                    name=name,
+                    predicted=predicted.get(name),
+                    measured=measured.get(name),
+                    tolerance=EXACT,
+                )
+            )
     rows.append(
         Row(
             name="activations",

@@ -7,11 +7,21 @@ from typing import TYPE_CHECKING, Any
 
 from memplan import versions
 from memplan.config.load import LoadedSpec, installed_version
+from memplan.memory import Phase
 from memplan.report.result import Report
 from memplan.states.engines import RankStates
+from memplan.states.engines.deepspeed.step import HPZ_SECONDARY as HPZ_PREFIX
 from memplan.verify import job as jobs
 from memplan.verify.job import Event, Job, Options, activations_modelled
-from memplan.verify.result import RankResult, Row, VerifyResult, rows_for, to_json
+from memplan.verify.result import (
+    HPZ_BACKWARD,
+    HPZ_STEP,
+    RankResult,
+    Row,
+    VerifyResult,
+    rows_for,
+    to_json,
+)
 
 if TYPE_CHECKING:
     from memplan.verify.rank import RankMeasurement
@@ -59,6 +69,19 @@ def predicted(
             out[name] = (out.get(name) or 0) + term.bytes
             optimizer_total += term.bytes
     out["optimizer_states"] = optimizer_total
+    if report.layout.engine == "deepspeed" and report.layout.deepspeed.zero_hpz_partition_size > 1:
+        # hpZ's secondary partitions: transients of the step, alive in these phases
+        # (memplan.states.engines.deepspeed.step.hpz_secondary).
+        rows: tuple[tuple[str, Phase], ...] = (
+            (HPZ_BACKWARD, "backward"),
+            (HPZ_STEP, "optimizer_step"),
+        )
+        for name, phase in rows:
+            out[name] = sum(
+                t.bytes
+                for t in report.timeline.transient_at(phase)
+                if t.name.startswith(HPZ_PREFIX)
+            )
     if activations_modelled(report):
         # The TP rank's own activations (the LM head's logits and loss over its vocabulary
         # rows) and peak; that peak is its most-loaded data-parallel rank's, and another
@@ -181,6 +204,20 @@ def compare(
             "held at the end of a micro-batch's backward outside the reduction bucket; the "
             "peak is not measured."
         )
+        ds = job.spec.parallelism.deepspeed
+        if ds.zero_hpz_partition_size > 1:
+            notes.append(
+                f"ZeRO++ hpZ (zero_hpz_partition_size {ds.zero_hpz_partition_size}): its "
+                "secondary partitions are transients of the step, measured at the end of each "
+                "micro-batch's backward (the most) and where the optimizer step drops them "
+                "(invalidate_secondary_tensor)."
+            )
+        if ds.mics and job.device == "cpu":
+            notes.append(
+                f"MiCS (mics_shard_size {ds.mics_shard_size}) on gloo: its coalesced "
+                "parameter all-gathers are issued one by one into the buffers MiCS allocates "
+                "(gloo has no coalescing manager)."
+            )
     elif job.device == "cpu" and not job.fake:
         notes.append("peak on CPU: torch MemTracker's total of live storages (no allocator).")
     full_depth: tuple[Row, ...] = ()

@@ -34,16 +34,34 @@ def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
             flat = max(flats, key=lambda t: t.elements)
             largest = max((p.numel for p in inventory.parameters if p.trainable), default=0)
             out.append(
-                step.bf16_grad_reduce(padded=flat.elements, largest=largest, accumulate=flat.dtype)
+                step.bf16_grad_reduce(
+                    padded=flat.elements,
+                    largest=largest,
+                    accumulate=flat.dtype,
+                    communication=ds.communication_data_type or recipe.parameters,
+                )
             )
     else:
         out.append(
             step.reduce_bucket(
                 stage=zero,
                 reduce_bucket_size=ds.reduce_bucket_size,
-                dtype=recipe.gradients,
+                dtype=step.reduce_bucket_dtype(
+                    stage=zero,
+                    parameters=recipe.parameters,
+                    accumulate=recipe.gradient_accumulation,
+                    communication=ds.communication_data_type,
+                ),
                 overlap_comm=ds.overlap_comm,
             )
+        )
+    if zero == 3 and ds.zero_hpz_partition_size > 1:
+        threshold = ds.stage3_param_persistence_threshold
+        out += step.hpz_secondary(
+            ((p.numel, p.numel <= threshold) for p in inventory.parameters if p.trainable),
+            world=layout.data,
+            hpz=ds.zero_hpz_partition_size,
+            dtype=recipe.parameters,
         )
     if zero == 3 and layout.data > 1:
         out.append(

@@ -42,6 +42,14 @@ SRC_PP = "deepspeed/runtime/zero/partition_parameters.py::Init._partition_param 
 SRC_FP16_OPT = "deepspeed/runtime/fp16/fused_optimizer.py::FP16_Optimizer.__init__ (0.19.6)"
 SRC_BF16 = "deepspeed/runtime/bf16_optimizer.py::BF16_Optimizer._setup_for_real_optimizer (0.19.8)"
 SRC_SELECT = "deepspeed/runtime/engine.py::_do_optimizer_sanity_check (0.19.8)"
+SRC_HPZ = "deepspeed/runtime/zero/partition_parameters.py::Init._partition_param_sec (0.19.8)"
+# MiCS: read at 0.19.6, the last release with it (0.19.7 removed it); run at 0.19.2, whose
+# mics.py differs only in a boundary test, since 0.19.3-0.19.6 hang with more than one shard
+# group (memplan/verify/job.py::_check_deepspeed says why).
+SRC_MICS = (
+    "deepspeed/runtime/zero/mics.py::MiCS_Init, MiCS_Optimizer (0.19.6; run at 0.19.2: "
+    "benchmarks/results/verify-deepspeed.json)"
+)
 SRC_FUSED_ADAM = "deepspeed/ops/adam/fused_adam.py::FusedAdam.step (0.19.6): step is a Python int"
 
 # S12: `nccl_start_alignment_factor = 2`, whatever the dtype; each group's flat buffer is
@@ -61,6 +69,11 @@ class DeepSpeedKnobs:
     """The model is a PipelineModule (pipeline parallel): selects BF16_Optimizer at ZeRO-0."""
     offload_optimizer: str = "none"
     """zero_optimization.offload_optimizer.device: cpu keeps ZeRO-1 off BF16_Optimizer."""
+    mics_shard_size: int = -1
+    """zero_optimization.mics_shard_size: > 0 shards ZeRO-3's model states over groups of this
+    many data ranks (MiCS, 0.19.6)."""
+    zero_hpz_partition_size: int = 1
+    """zero_optimization.zero_hpz_partition_size: > 1 adds ZeRO++'s secondary partition."""
 
     @classmethod
     def of(cls, layout: Layout) -> DeepSpeedKnobs:
@@ -70,12 +83,17 @@ class DeepSpeedKnobs:
             stage3_param_persistence_threshold=layout.deepspeed.stage3_param_persistence_threshold,
             pipeline=layout.pipeline > 1,
             offload_optimizer=layout.offload.optimizer,
+            mics_shard_size=layout.deepspeed.mics_shard_size,
+            zero_hpz_partition_size=layout.deepspeed.zero_hpz_partition_size,
         )
 
 
 # The flat gradient buffer of BF16_Optimizer: allocated at init, zeroed after each step, never
 # freed (memplan.states.engines.deepspeed.STEP keeps it alive in every phase).
 FLAT_GRADIENT_BUFFER = "flat gradient buffer"
+
+# hpZ's secondary partition of the frozen parameters: kept for the whole run (stage3).
+HPZ_FROZEN = "hpZ secondary partition (frozen)"
 
 
 def selects_bf16_optimizer(
@@ -300,6 +318,34 @@ def sub_groups(partition_numels: list[int], sub_group_size: int) -> list[int]:
     return groups
 
 
+def zero3_partition_ranks(knobs: DeepSpeedKnobs, world: int) -> int:
+    """Ranks ZeRO-3 partitions each parameter over: every data rank, or with MiCS its shard
+    group. MiCS_Init partitions over `param.comm.param_shard_group` (`get_partition_dp_group`,
+    `num_partitions`: mics_shard_size ranks), and MiCS_Optimizer replaces the optimizer's
+    `dp_process_group` and `partition_count` with it, so the gradient partitions, the fp32
+    sub-groups and the optimizer states follow the parameter partitions (SRC_MICS).
+
+    Its step adds no buffer of its own beside ZeRO-3's: at the boundary
+    `MiCS_Optimizer.allreduce_mics_shard_grads` all-reduces the gradient partitions across
+    the replica groups in place (`scale_tensors`, then `dist.all_reduce_coalesced` on them;
+    the `torch.cat` copy runs only where torch lacks all_reduce_coalesced, before 1.13), and
+    its all-gather buffers hold a whole parameter padded to the shard group (`t_size =
+    ds_numel x param_shard_size`), as ZeRO-3's do to the data-parallel world
+    (memplan.states.engines.deepspeed.step.zero3_live_parameters counts whole modules)."""
+    return knobs.mics_shard_size if knobs.mics_shard_size > 0 else world
+
+
+def hpz_secondary_elements(numel: int, world: int, hpz: int) -> int:
+    """Elements of one parameter's hpZ secondary partition (SRC_HPZ): `tensor_size =
+    self._aligned_size(param)` (numel padded to a multiple of the data-parallel world),
+    `secondary_partition_size = int(tensor_size // self.num_ranks_in_param_group)`, the same
+    on every rank (the last ranks' tail is zeroed padding). The backward's all-gather over the
+    hpZ group reads it into `ds_secondary_tensor.shape[0] x hpz` elements
+    (Init._all_gather_sequential / _all_gather_coalesced), the same padded size as from the
+    primary partition: the gathered-parameter transient is unchanged."""
+    return round_up(numel, world) // hpz
+
+
 def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
     def rule(
         inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, layout: Layout, world: int
@@ -308,13 +354,17 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
         zero padding; SRC_PP); parameters with numel <= stage3_param_persistence_threshold are
         also kept gathered. Gradients live in `grad_partitions_flat_buffer` (same size, in the
         accumulation dtype); the fp32 master is one flat tensor per sub-group, a copy of the
-        partition even when that is fp32 (S3::_create_fp32_partitions)."""
+        partition even when that is fp32 (S3::_create_fp32_partitions). With MiCS, W is the
+        shard group (`zero3_partition_ranks`); with hpZ, frozen parameters also keep their
+        secondary partition (`hpz_secondary_elements`) for the whole run."""
         # Every module parameter is partitioned, frozen ones too (parameter_offload.py::
         # DeepSpeedZeRoOffload._convert_to_zero_parameters -> Init); gradients and the fp32
         # sub-groups cover the trainable ones only (S3::_get_trainable_parameter_groups).
         params = inventory.parameters
-        shard_total = sum(ceil_div(p.numel, world) for p in params)
-        shards = [ceil_div(p.numel, world) for p in trainable(params)]
+        shard = zero3_partition_ranks(knobs, world)
+        over = f"{shard} (MiCS shard group)" if shard != world else str(shard)
+        shard_total = sum(ceil_div(p.numel, shard) for p in params)
+        shards = [ceil_div(p.numel, shard) for p in trainable(params)]
         grad_total = sum(shards)
         persistent = [p for p in params if p.numel <= knobs.stage3_param_persistence_threshold]
         # A persistent parameter stays gathered in its all-gather buffer, padded to a whole
@@ -322,8 +372,10 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
         # world_size`, `param.data = param_buffer.narrow(0, 0, param.ds_numel)` keeps the
         # padded storage (partition_parameters.py::Init.all_gather_coalesced ->
         # _all_gather_sequential, 0.19.8; measured on 3 gloo ranks,
-        # benchmarks/results/verify-deepspeed.json).
-        persist_elems = sum(ceil_div(p.numel, world) * world for p in persistent)
+        # benchmarks/results/verify-deepspeed.json). MiCS gathers over its shard group:
+        # `t_size = p.ds_tensor.ds_numel * param_shard_size` (SRC_MICS
+        # ._flat_all_gather_with_coalescing_manager).
+        persist_elems = sum(ceil_div(p.numel, shard) * shard for p in persistent)
         p_dtype, g_dtype = recipe.parameters, grad_dtype(recipe)
         terms = [
             term(
@@ -332,12 +384,13 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
                 p_dtype,
                 len(params),
                 shard_total + persist_elems,
-                f"{len(params)} tensors, sum of ceil(numel / {world}) = {fmt(shard_total)}"
+                f"{len(params)} tensors, sum of ceil(numel / {over}) = {fmt(shard_total)}"
                 f" + {len(persistent)} persistent (numel <= "
                 f"{fmt(knobs.stage3_param_persistence_threshold)}) kept gathered, padded to "
-                f"ceil(numel / {world}) x {world} = "
+                f"ceil(numel / {shard}) x {shard} = "
                 f"{fmt(persist_elems)}; x {dtype_bytes(p_dtype)} B ({p_dtype})",
-                f"{SRC_PP}; persistence: partition_parameters.py::Init._convert_to_deepspeed_param",
+                f"{SRC_PP}; persistence: partition_parameters.py::Init._convert_to_deepspeed_param"
+                + (f"; {SRC_MICS}" if shard != world else ""),
             ),
             term(
                 "gradients",
@@ -350,6 +403,27 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
                 SRC_S3 + "._setup_for_real_optimizer",
             ),
         ]
+        frozen = [p for p in params if not p.trainable]
+        if knobs.zero_hpz_partition_size > 1 and frozen:
+            # Init partitions every parameter at conversion, secondary partition included
+            # (Init._partition: `_partition_param_sec` while the parameter is AVAILABLE), and
+            # only the optimizer's (trainable) groups drop theirs after each step
+            # (S3.invalidate_secondary_tensor iterates self.fp16_groups): a frozen parameter
+            # keeps its secondary partition for the whole run.
+            hpz = knobs.zero_hpz_partition_size
+            sec = sum(hpz_secondary_elements(p.numel, world, hpz) for p in frozen)
+            terms.append(
+                term(
+                    "parameters",
+                    HPZ_FROZEN,
+                    p_dtype,
+                    len(frozen),
+                    sec,
+                    f"{len(frozen)} frozen tensors, sum of ceil(numel / {world}) x {world} / "
+                    f"{hpz} = {fmt(sec)} x {dtype_bytes(p_dtype)} B ({p_dtype})",
+                    f"{SRC_HPZ}; stage3.py::invalidate_secondary_tensor (0.19.8)",
+                )
+            )
         groups = sub_groups(shards, knobs.sub_group_size)
         device, host = _flat_optimizer(
             [(g,) for g in groups],
@@ -357,7 +431,7 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
             recipe=recipe,
             layout=layout,
             view=f"fp32 sub-group partitions (sub_group_size {fmt(knobs.sub_group_size)})",
-            source=SRC_S3,
+            source=SRC_S3 + (f"; {SRC_MICS}" if shard != world else ""),
         )
         # The fp32 master is a copy even when the partition is already fp32: S3::
         # _create_fp32_partitions aliases it only when `fp16_partitioned_groups_flat[i].device

@@ -8,20 +8,44 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from memplan.memory import ALWAYS, BACKWARD, FORWARD_BACKWARD, Transient
+from memplan.memory import ALWAYS, BACKWARD, FORWARD_BACKWARD, Phase, Transient
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.precision import dtype_bytes
+from memplan.states.engines.deepspeed.sharding import hpz_secondary_elements
+
+
+def reduce_bucket_dtype(
+    *, stage: int, parameters: str, accumulate: str | None, communication: str | None
+) -> str:
+    """The dtype DeepSpeed allocates its reduction (IPG) bucket in, read at 0.19.8.
+
+    Stage 1/2 (stage_1_and_2.py::DeepSpeedZeroOptimizer.setup_buckets): `dtype=self.
+    _gradient_reduction_buffer_dtype()`, the accumulation dtype when `use_grad_accum_attribute`
+    (stage 1, whose gradients are not partitioned, with `data_types.grad_accum_dtype` other
+    than the model's: ZeRO-1 stages its fp32 accumulator there) and otherwise the model's dtype
+    (`self.dtype`, the parameters'); one bucket per communication dtype, one without autocast.
+    0.19.6 allocated the model's dtype in every case. Stage 3 (stage3.py::
+    DeepSpeedZeroOptimizer_Stage3._setup_for_real_optimizer): one bucket per communication dtype
+    (`ipg_buckets` keyed by `{self.communication_data_type}`), allocated in that dtype: the
+    config's `communication_data_type`, else the model's dtype (engine.py::
+    communication_data_type), whatever the accumulation dtype."""
+    if stage == 3:
+        return communication or parameters
+    if stage == 1 and accumulate and accumulate != parameters:
+        return accumulate
+    return parameters
 
 
 def reduce_bucket(
     *, stage: int, reduce_bucket_size: int, dtype: str, overlap_comm: bool | None
 ) -> Transient | None:
-    """DeepSpeed's reduction (IPG) bucket: `torch.empty(reduce_bucket_size, dtype)`.
+    """DeepSpeed's reduction (IPG) bucket: `torch.empty(reduce_bucket_size, dtype)`, in the
+    dtype `reduce_bucket_dtype` gives.
 
     Stage 1/2 (stage_1_and_2.py::setup_buckets): allocated at the first gradient hook of a
     backward, released at its epilogue, doubled with overlap_comm (default off for 1/2).
-    Stage 3 (stage3.py::DeepSpeedZeroOptimizer_Stage3): allocated at init and kept; in the
-    communication dtype. Stage 0 has none (the engine all-reduces flat buffers).
+    Stage 3 (stage3.py::DeepSpeedZeroOptimizer_Stage3): allocated at init and kept. Stage 0
+    has none (the engine all-reduces flat buffers).
     """
     if stage == 0:
         return None
@@ -29,15 +53,78 @@ def reduce_bucket(
     copies = 2 if overlap and stage < 3 else 1
     n_bytes = copies * reduce_bucket_size * dtype_bytes(dtype)
     phases = ALWAYS if stage == 3 else BACKWARD
-    where = "stage3.py (at init)" if stage == 3 else "stage_1_and_2.py::setup_buckets"
+    where = (
+        "stage3.py::_setup_for_real_optimizer (at init)"
+        if stage == 3
+        else "stage_1_and_2.py::setup_buckets"
+    )
     return Transient(
         name="deepspeed_reduce_bucket",
         bytes=n_bytes,
         phases=phases,
         formula=f"{copies} x reduce_bucket_size {reduce_bucket_size:,} x "
         f"{dtype_bytes(dtype)} B ({dtype})",
-        source=f"deepspeed/runtime/zero/{where} (0.19.6)",
+        source=f"deepspeed/runtime/zero/{where} (0.19.8)",
     )
+
+
+# hpZ's secondary partition of the trainable parameters, alive from the forward on (below).
+HPZ_SECONDARY = "deepspeed_hpz_secondary_partition"
+HPZ_SECONDARY_PERSISTENT = "deepspeed_hpz_secondary_partition_persistent"
+HPZ_SOURCE = (
+    "deepspeed/runtime/zero/partition_parameters.py::Init._partition, _partition_param_sec; "
+    "stage3.py::DeepSpeedZeroOptimizer_Stage3.step, _post_step, invalidate_secondary_tensor "
+    "(0.19.8)"
+)
+
+
+def hpz_secondary(
+    numels: Iterable[tuple[int, bool]], *, world: int, hpz: int, dtype: str
+) -> list[Transient]:
+    """ZeRO++ hpZ's secondary partition of the trainable parameters, `(numel, persistent)`
+    each, in the model's dtype (`torch.empty(secondary_partition_size, dtype=param.dtype)`;
+    per parameter `ceil(numel / world) x world / hpz` elements, sharding.
+    hpz_secondary_elements).
+
+    When it exists (HPZ_SOURCE): `Init._partition` makes a parameter's secondary partition
+    whenever it releases a gathered (AVAILABLE) parameter that has none, copying it from the
+    whole parameter; every optimizer step ends by dropping those of the trainable parameters
+    (`_post_step` -> `invalidate_secondary_tensor`: `param.ds_secondary_tensor = None`). So
+    after a step none exists; the next forward re-creates each non-persistent parameter's as
+    it releases its module, and the backward's all-gathers read them (over the hpZ group) until
+    the step. A persistent parameter (numel <= stage3_param_persistence_threshold) is never
+    released in forward or backward: it gets one only when the step starts
+    (`step` -> `_partition_all_parameters` releases every parameter), until `_post_step`.
+    Frozen parameters keep theirs for the whole run (a model-state row, sharding.HPZ_FROZEN)."""
+    released = persistent = 0
+    for numel, persists in numels:
+        elems = hpz_secondary_elements(numel, world, hpz)
+        if persists:
+            persistent += elems
+        else:
+            released += elems
+    width = dtype_bytes(dtype)
+    phases: tuple[Phase, ...] = (*FORWARD_BACKWARD, "backward_end", "optimizer_step")
+    formula = (
+        f"sum over the {{what}} trainable parameters of ceil(numel / {world}) x {world} / "
+        f"{hpz} = {{elems:,}} elements x {width} B ({dtype})"
+    )
+    return [
+        Transient(
+            name=HPZ_SECONDARY,
+            bytes=released * width,
+            phases=phases,
+            formula=formula.format(what="non-persistent", elems=released),
+            source=HPZ_SOURCE,
+        ),
+        Transient(
+            name=HPZ_SECONDARY_PERSISTENT,
+            bytes=persistent * width,
+            phases=("optimizer_step",),
+            formula=formula.format(what="persistent", elems=persistent),
+            source=HPZ_SOURCE,
+        ),
+    ]
 
 
 def module_sizes(inventory: Inventory) -> tuple[int, int]:
