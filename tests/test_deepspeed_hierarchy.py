@@ -11,8 +11,12 @@ buckets on one gloo rank. The spec checks need no oracle: they test memplan's re
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +29,7 @@ from memplan.states.engines.deepspeed import step as ds_step
 from memplan.states.engines.deepspeed.sharding import HPZ_FROZEN, hpz_secondary_elements
 from tests.test_verify_support import spec_dict
 
+ROOT = Path(__file__).resolve().parent.parent
 needs_deepspeed = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("torch", "deepspeed")),
     reason="needs torch and deepspeed (DS_BUILD_OPS=0 pip install --no-deps deepspeed==0.19.8)",
@@ -162,76 +167,25 @@ def test_secondary_partition_size_is_deepspeeds_own(
 
 
 @needs_deepspeed
-def test_reduce_bucket_dtype_is_the_one_deepspeed_allocates(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """DeepSpeed's optimizers on one gloo rank, tiny model: the dtype of the reduction bucket
-    each allocates (stage 1/2: in `setup_buckets` at the first gradient hook; stage 3: at init)
-    against reduce_bucket_dtype. bf16 model; fp32 accumulation at stage 1 (CPU optimizer
-    offload keeps it off BF16_Optimizer) and 2; an fp32 communication dtype at stage 3."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import torch
-    import torch.distributed as dist
+def test_reduce_bucket_dtype_is_the_one_deepspeed_allocates() -> None:
+    """DeepSpeed's optimizers on one gloo rank, tiny model (tests/deepspeed_bucket_probe.py, in
+    a child process: deepspeed.initialize patches torch for the rest of its process): the dtype
+    of the reduction bucket each allocates against reduce_bucket_dtype. bf16 model; fp32
+    accumulation at stage 1 (CPU optimizer offload keeps it off BF16_Optimizer) and 2; an
+    fp32 communication dtype at stage 3."""
+    from tests.deepspeed_bucket_probe import CASES
 
-    cases = [
-        # (zero_optimization, grad_accum_dtype, communication_data_type)
-        ({"stage": 1, "offload_optimizer": {"device": "cpu"}}, "fp32", None),
-        ({"stage": 2}, "fp32", None),
-        ({"stage": 3}, "fp32", None),
-        ({"stage": 3}, None, "fp32"),
-    ]
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    # torchrun's variables, for this test only (memplan.verify.torchrun reads them)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    for name in ("LOCAL_RANK", "RANK"):
-        monkeypatch.setenv(name, "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    import deepspeed
-
-    try:
-        for zero, accumulate, communication in cases:
-            model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
-            config: dict[str, Any] = {
-                "train_micro_batch_size_per_gpu": 1,
-                "bf16": {"enabled": True},
-                "zero_optimization": {**zero, "reduce_bucket_size": 1000},
-                "zero_force_ds_cpu_optimizer": False,
-                "steps_per_print": 10**9,
-            }
-            if accumulate:
-                config["data_types"] = {"grad_accum_dtype": accumulate}
-            if communication:
-                config["communication_data_type"] = communication
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
-            ds_opt = engine.optimizer
-            seen: list[torch.dtype] = []
-            if zero["stage"] < 3:
-                setup = ds_opt.setup_buckets
-
-                def recorded(
-                    setup: Any = setup, ds_opt: Any = ds_opt, seen: list[Any] = seen
-                ) -> None:
-                    setup()
-                    seen.extend(b.dtype for k in ds_opt.ipg_buckets.values() for b in k.buffer)
-
-                ds_opt.setup_buckets = recorded
-                x = torch.randn(1, 8, dtype=torch.bfloat16)
-                engine.backward(engine(x).float().sum())
-            else:
-                seen.extend(b.buffer.dtype for b in ds_opt.ipg_buckets.values())
-            assert seen, zero
-            expected = ds_step.reduce_bucket_dtype(
-                stage=zero["stage"],
-                parameters="bf16",
-                accumulate=accumulate,
-                communication=communication,
-            )
-            width = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-            assert {width[d] for d in seen} == {expected}, (zero, accumulate, communication)
-    finally:
-        dist.destroy_process_group()
-        deepspeed.comm.comm.cdb = None  # DeepSpeed adopted the group just destroyed
+    port = str(29500 + os.getpid() % 1000)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "deepspeed_bucket_probe.py"), port],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    for (zero, accumulate, communication), dtypes in zip(CASES, seen, strict=True):
+        expected = ds_step.reduce_bucket_dtype(
+            stage=zero["stage"], parameters="bf16", accumulate=accumulate,
+            communication=communication,
+        )  # fmt: skip
+        assert dtypes == [expected], (zero, accumulate, communication)
