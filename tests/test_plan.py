@@ -18,7 +18,8 @@ from memplan.config.plan import PlanSpec
 from memplan.errors import MemplanError
 from memplan.model.load import PRESET_DIR, load_inventory, read_json
 from memplan.model.sources import from_config
-from memplan.plan.search import pipeline_split, plan, row_document, row_spec
+from memplan.plan.rows import row_document, row_spec
+from memplan.plan.search import pipeline_split, plan
 from memplan.report.estimate import estimate
 from tests.conftest import TINY_LLAMA, make_spec
 

@@ -366,7 +366,7 @@ def _emit_row(spec: Path, result: Any, n: int) -> None:
 
     from memplan.cli.render import human
     from memplan.config import load
-    from memplan.plan.search import row_document
+    from memplan.plan.rows import row_document
 
     if not result.layouts:
         return  # the caller exits 3: nothing fits, nothing to emit
