@@ -280,7 +280,8 @@ class TrainingSpec(Frozen):
     `activation_checkpointing_enable(offload=True)`); needs activation_checkpointing: full."""
     compile: bool = False
     """Each decoder layer runs under torch.compile (Inductor), as torchtitan's
-    `compile.enable` compiles each TransformerBlock (embeddings, head and loss stay eager):
+    `compile.enable` compiles each TransformerBlock (embeddings and head stay eager; the loss
+    too unless `compile_loss`):
     a layer saves what AOTAutograd's min-cut partitioner keeps (memplan.model.forward.compiled:
     Llama-style layers, checkpointing none or full) instead of the eager tensors."""
     compile_loss: bool | None = None

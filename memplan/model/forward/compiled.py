@@ -30,9 +30,10 @@ which only the residual add consumes).
 
 Covered: Llama-style layers (llama, mistral; no biases, no q/k norms), SDPA with no dropout,
 no autocast (FSDP2's MixedPrecisionPolicy or bf16 parameters: the layer computes in one
-dtype), on CUDA. Only the decoder layers are compiled (torchtitan's
+dtype), on CUDA. Only the decoder layers are compiled here (torchtitan's
 distributed/compile.py::apply_compile compiles each TransformerBlock; the embeddings, final
-norm, output projection and loss run eager): the rest of the forward is unchanged. Not
+norm and output projection run eager, and the loss unless `training.compile_loss`:
+memplan.model.stacks.torchtitan): the rest of the forward is unchanged. Not
 modelled: the temporaries Inductor's fused kernels avoid in backward (the layers' working set
 stays the eager one, an upper bound).
 """
