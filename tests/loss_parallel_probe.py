@@ -10,6 +10,7 @@ writes.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,11 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
             with loss_parallel():
                 loss = F.cross_entropy(logits, labels)
             peak = tracker.get_tracker_snapshot("peak")[cpu]["Total"]
+            # gloo runs the statistics' all-reduces on a worker thread that can drop its
+            # references a few ops late (tests/test_fsdp2_peak.py: gloo's race); a barrier
+            # waits for every rank's collectives before the forward's leftovers are read.
+            dist.barrier()
+            gc.collect()
             after = tracker.get_tracker_snapshot("current")[cpu]["Total"]
         slice_bytes = TOKENS * (VOCAB // world) * 4
         Path(out, f"rank{rank}.json").write_text(
