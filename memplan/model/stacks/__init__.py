@@ -2,3 +2,26 @@
 backward (`torchtitan`: torchtitan's Llama 3; `litgpt`: LitGPT's GPT; `megatron`:
 Megatron-Core's GPTModel, local and Transformer Engine layer specs), in the vocabulary of
 memplan.model.forward."""
+
+from __future__ import annotations
+
+from memplan.model.inventory import Architecture
+
+MODEL_TYPES = ("llama",)
+"""HF model_types whose shape every stack's Llama-style code builds (each rule's model)."""
+
+
+def llama_refusal(arch: Architecture, stack: str, covers: str) -> str:
+    """Why `stack`'s Llama-style rule (the model it `covers`, in words) does not fit `arch`'s
+    shape: another model_type, biases, or an MLP other than SwiGLU; '' when it fits."""
+    x = arch.extra
+    if arch.model_type not in MODEL_TYPES:
+        return (
+            f"activations of model_type {arch.model_type!r} under model.implementation "
+            f"{stack} are not modelled (memplan models {covers})"
+        )
+    if x.get("attention_bias") or x.get("mlp_bias"):
+        return f"the {stack} rule is for a model without biases (attention_bias / mlp_bias set)"
+    if str(x.get("hidden_act", "silu")) not in ("silu", "swish"):
+        return f"the {stack} rule is for a SwiGLU MLP (hidden_act silu)"
+    return ""

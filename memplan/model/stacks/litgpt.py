@@ -49,6 +49,7 @@ from memplan.model.forward import attention, kernels
 from memplan.model.forward.mlp import gated_mlp_saves
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
+from memplan.model.stacks import llama_refusal
 from memplan.precision import dtype_bytes
 
 VERSION = "0.5.9"
@@ -75,25 +76,18 @@ LOSS_CHUNK = 128
 """Tokens per cross-entropy chunk: utils.py::chunked_cross_entropy's default `chunk_size`, which
 pretrain.py and finetune/full.py keep."""
 
-MODEL_TYPES = ("llama",)
-"""HF model_types whose shape LitGPT's Llama configs build (RMSNorm, LLaMAMLP, fused qkv)."""
-
 
 def unsupported(arch: Architecture, st: Setting) -> str:
     """Why the LitGPT rule does not cover this model or setting, or ''."""
-    x = arch.extra
-    if arch.model_type not in MODEL_TYPES:
-        return (
-            f"activations of model_type {arch.model_type!r} under model.implementation litgpt "
-            "are not modelled (memplan models litgpt.model.GPT with its Llama configs: "
-            "RMSNorm, LLaMAMLP, fused qkv, model_type llama; LitGPT's other MLPs "
-            "(GptNeoxMLP, GemmaMLP, LLaMAMoE), parallel residuals, q/k norms, sliding windows "
-            "and softcapping have no rule yet)"
-        )
-    if x.get("attention_bias") or x.get("mlp_bias"):
-        return "LitGPT's Llama configs have no biases (attention_bias / mlp_bias set)"
-    if str(x.get("hidden_act", "silu")) not in ("silu", "swish"):
-        return "LitGPT's LLaMAMLP is SwiGLU (hidden_act silu)"
+    why = llama_refusal(
+        arch,
+        "litgpt",
+        "litgpt.model.GPT with its Llama configs: RMSNorm, LLaMAMLP, fused qkv, model_type "
+        "llama; LitGPT's other MLPs (GptNeoxMLP, GemmaMLP, LLaMAMoE), parallel residuals, q/k "
+        "norms, sliding windows and softcapping have no rule yet",
+    )
+    if why:
+        return why
     if arch.head_dim * arch.num_attention_heads != arch.hidden_size:
         return "the LitGPT rule is proved with head_size = n_embd // n_head only"
     if st.attention != "sdpa":

@@ -70,7 +70,7 @@ from memplan.memory import ALWAYS, Transient
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
-from memplan.model.stacks.torchtitan import SRC_NORM_CPU, SRC_NORM_CUDA
+from memplan.model.stacks import llama_refusal, torchtitan
 from memplan.precision import dtype_bytes
 
 MegatronSpec = Literal["local", "te"]
@@ -101,24 +101,14 @@ RNG_STATE = (2,)
 """The philox seed and offset flash-attn's FlashAttnFunc keeps (`rng_state`, int64), dropout
 or not."""
 
-MODEL_TYPES = ("llama",)
-"""HF model_types whose shape memplan's Megatron-Core rule builds: a Llama-like GPTModel
-(RMSNorm, SwiGLU, GQA, RoPE, no biases)."""
-
 
 def unsupported(arch: Architecture, st: Setting, spec: MegatronSpec) -> str:
     """Why the Megatron-Core rule does not cover this model or setting, or ''."""
-    x = arch.extra
-    if arch.model_type not in MODEL_TYPES:
-        return (
-            f"activations of model_type {arch.model_type!r} under model.implementation "
-            "megatron-core are not modelled (memplan models Megatron-Core's GPTModel built "
-            "Llama-like: model_type llama)"
-        )
-    if x.get("attention_bias") or x.get("mlp_bias"):
-        return "the Megatron-Core rule is for add_bias_linear False (attention_bias / mlp_bias set)"
-    if str(x.get("hidden_act", "silu")) not in ("silu", "swish"):
-        return "the Megatron-Core rule is for SwiGLU (hidden_act silu)"
+    why = llama_refusal(
+        arch, "megatron-core", "Megatron-Core's GPTModel built Llama-like: model_type llama"
+    )
+    if why:
+        return why
     if st.autocast:
         return "Megatron-Core runs its model in the compute dtype (Float16Module), not autocast"
     if spec == "te" and st.device != "cuda":
@@ -144,20 +134,9 @@ def dropout_on(st: Setting) -> bool:
 
 
 def _norm(prefix: str, t: int, h: int, c: str, st: Setting) -> list[Saved]:
-    """`torch.nn.RMSNorm` (WrappedTorchNorm) over a `c` input, and its output, which the next
-    linear saves (SRC_NORM_CPU / SRC_NORM_CUDA, as memplan.model.stacks.torchtitan)."""
-    fp32 = kernels.FP32
-    if st.device == "cpu":
-        out = [
-            kernels.saved(f"{prefix}.input_fp32", (t, h), fp32, "PowBackward0", SRC_NORM_CPU),
-            kernels.saved(f"{prefix}.rstd", (t, 1), fp32, "RsqrtBackward0", SRC_NORM_CPU),
-            kernels.saved(f"{prefix}.normalized", (t, h), fp32, "MulBackward0", SRC_NORM_CPU),
-        ]
-    else:
-        out = [
-            kernels.saved(f"{prefix}.input", (t, h), c, "FusedRmsNormBackward0", SRC_NORM_CUDA),
-            kernels.saved(f"{prefix}.rstd", (t, 1), fp32, "FusedRmsNormBackward0", SRC_NORM_CUDA),
-        ]
+    """`torch.nn.RMSNorm` (WrappedTorchNorm: torchtitan.rms_norm, the same module) over a `c`
+    input, and its output, which the next linear saves."""
+    out = torchtitan.rms_norm(prefix, t, h, c, st)
     out.append(kernels.saved(f"{prefix}.output", (t, h), c, "LinearWithGrad", SRC_LINEAR))
     return out
 

@@ -39,6 +39,7 @@ from memplan.model.forward import attention, compiled, kernels
 from memplan.model.forward.mlp import gated_mlp_saves
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
+from memplan.model.stacks import llama_refusal
 from memplan.precision import dtype_bytes
 
 VERSION = "0.3.0"
@@ -72,24 +73,17 @@ SRC_SAC = (
     "MUST_SAVE output"
 )
 
-MODEL_TYPES = ("llama",)
-"""HF model_types whose shape torchtitan's Llama 3 code builds (models/llama3)."""
-
 
 def unsupported(arch: Architecture, st: Setting) -> str:
     """Why torchtitan's Llama 3 rule does not cover this model or setting, or ''."""
-    x = arch.extra
-    if arch.model_type not in MODEL_TYPES:
-        return (
-            f"activations of model_type {arch.model_type!r} under model.implementation "
-            "torchtitan are not modelled (memplan models torchtitan's Llama 3 code, "
-            "models/llama3: model_type llama; torchtitan's own qwen3, deepseek_v3 and gpt_oss "
-            "models have no rule yet)"
-        )
-    if x.get("attention_bias") or x.get("mlp_bias"):
-        return "torchtitan's Llama 3 has no biases (attention_bias / mlp_bias set)"
-    if str(x.get("hidden_act", "silu")) not in ("silu", "swish"):
-        return "torchtitan's Llama 3 FeedForward is SwiGLU (hidden_act silu)"
+    why = llama_refusal(
+        arch,
+        "torchtitan",
+        "torchtitan's Llama 3 code, models/llama3: model_type llama; torchtitan's own qwen3, "
+        "deepseek_v3 and gpt_oss models have no rule yet",
+    )
+    if why:
+        return why
     if arch.head_dim * arch.num_attention_heads != arch.hidden_size:
         return "torchtitan's Llama 3 takes head_dim = dim // n_heads"
     if st.autocast:
@@ -114,8 +108,8 @@ def unsupported(arch: Architecture, st: Setting) -> str:
     return ""
 
 
-def _norm(prefix: str, t: int, h: int, x_dtype: str, st: Setting) -> list[Saved]:
-    """`nn.RMSNorm` over an `x_dtype` input and the output the next matmul saves.
+def rms_norm(prefix: str, t: int, h: int, x_dtype: str, st: Setting) -> list[Saved]:
+    """What `torch.nn.RMSNorm` over an `x_dtype` input [t, h] saves (not its output).
 
     CPU (SRC_NORM_CPU): pow saves the fp32 input (x itself when fp32), rsqrt saves rstd
     [t, 1] fp32 (the multiply saves it again), `* weight` saves the normalized fp32 tensor; the
@@ -124,18 +118,20 @@ def _norm(prefix: str, t: int, h: int, x_dtype: str, st: Setting) -> list[Saved]
     """
     fp32 = kernels.FP32
     if st.device == "cpu":
-        out = [
+        return [
             kernels.saved(f"{prefix}.input_fp32", (t, h), fp32, "PowBackward0", SRC_NORM_CPU),
             kernels.saved(f"{prefix}.rstd", (t, 1), fp32, "RsqrtBackward0", SRC_NORM_CPU),
             kernels.saved(f"{prefix}.normalized", (t, h), fp32, "MulBackward0", SRC_NORM_CPU),
         ]
-    else:
-        out = [
-            kernels.saved(
-                f"{prefix}.input", (t, h), x_dtype, "FusedRmsNormBackward0", SRC_NORM_CUDA
-            ),
-            kernels.saved(f"{prefix}.rstd", (t, 1), fp32, "FusedRmsNormBackward0", SRC_NORM_CUDA),
-        ]
+    return [
+        kernels.saved(f"{prefix}.input", (t, h), x_dtype, "FusedRmsNormBackward0", SRC_NORM_CUDA),
+        kernels.saved(f"{prefix}.rstd", (t, 1), fp32, "FusedRmsNormBackward0", SRC_NORM_CUDA),
+    ]
+
+
+def _norm(prefix: str, t: int, h: int, x_dtype: str, st: Setting) -> list[Saved]:
+    """`nn.RMSNorm` (rms_norm) and its output, which the next matmul saves."""
+    out = rms_norm(prefix, t, h, x_dtype, st)
     out.append(kernels.saved(f"{prefix}.output", (t, h), x_dtype, "MmBackward0", kernels.DERIV))
     return out
 
