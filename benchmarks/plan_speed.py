@@ -38,7 +38,7 @@ def deepseek() -> dict[str, object]:
     """DeepSeek-V3 on 2,048 GPUs: its activation profiles traced first (untimed), then the
     search timed RUNS times."""
     from memplan.config.load import validate
-    from memplan.plan.search import recompute_options
+    from memplan.plan.space import recompute_options
     from memplan.verify.trace import traced_profiles
 
     loaded = validate(DEEPSEEK)

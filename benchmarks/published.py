@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from memplan.config.load import validate
 from memplan.errors import MemplanError
 from memplan.model.load import load_inventory
-from memplan.plan.search import spec_step_time
+from memplan.plan.timing import spec_step_time
 from memplan.report.estimate import estimate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -19,7 +19,8 @@ from memplan.errors import MemplanError
 from memplan.model.load import PRESET_DIR, load_inventory, read_json
 from memplan.model.sources import from_config
 from memplan.plan.rows import row_document, row_spec
-from memplan.plan.search import pipeline_split, plan
+from memplan.plan.search import plan
+from memplan.plan.space import pipeline_split
 from memplan.report.estimate import estimate
 from tests.conftest import TINY_LLAMA, make_spec
 

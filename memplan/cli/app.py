@@ -306,6 +306,7 @@ def plan(
     from memplan.config.plan import PlanSpec
     from memplan.model import load as model_load
     from memplan.plan import search as planner
+    from memplan.plan.space import recompute_options
     from memplan.verify.trace import fallback_inventory
 
     started = time.monotonic()
@@ -329,13 +330,12 @@ def plan(
         if update:
             settings = settings.model_copy(update=update)
         run_spec = loaded.spec.model_copy(update={"plan": settings})
+        searched.append(run_spec)
         try:
             with load.locating(loaded):
                 inv = model_load.load_inventory(loaded, unsupported=fallback_inventory)
                 if trace:
-                    recompute = planner.recompute_options(
-                        settings, loaded.spec.model.implementation
-                    )
+                    recompute = recompute_options(settings, loaded.spec.model.implementation)
                     inv = _traced(loaded, inv, recompute, said)
                 return planner.plan(run_spec, inv, progress=progress)
         finally:
@@ -343,10 +343,11 @@ def plan(
                 progress_bar.stop()
 
     said: list[str] = []
+    searched: list[Any] = []  # the spec the search ran on (--emit writes its rows)
     result = _run(debug, work)
     _say(said)
     if emit is not None:
-        _run(debug, lambda: _emit_row(spec, result, emit))
+        _run(debug, lambda: _emit_row(spec, searched[0], result, emit))
     elif as_json:
         from memplan.plan.json import plan_json
 
@@ -360,12 +361,12 @@ def plan(
         raise typer.Exit(3)
 
 
-def _emit_row(spec: Path, result: Any, n: int) -> None:
-    """`plan --emit N`: row N of `result` as a YAML spec on stdout."""
+def _emit_row(spec: Path, searched: Any, result: Any, n: int) -> None:
+    """`plan --emit N`: row N of `result` (a search of the spec `searched`, read from the file
+    `spec`) as a YAML spec on stdout."""
     import yaml
 
     from memplan.cli.render import human
-    from memplan.config import load
     from memplan.plan.rows import row_document
 
     if not result.layouts:
@@ -377,7 +378,7 @@ def _emit_row(spec: Path, result: Any, n: int) -> None:
             field="--emit",
         )
     row = result.layouts[n - 1]
-    doc = row_document(load.load_spec(spec).spec.model_copy(update={"plan": None}), row)
+    doc = row_document(searched, row)
     sys.stdout.write(
         f"# Row {n} of `memplan plan {spec}`: {human(row.peak_bytes)} per GPU at the peak, "
         f"{row.time.total_s:.2f} s per step.\n# `memplan estimate` on this file reproduces "

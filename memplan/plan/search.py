@@ -18,21 +18,24 @@ from memplan.config.parallelism import OffloadSpec, ParallelismSpec
 from memplan.config.plan import PlanSpec
 from memplan.config.spec import Spec
 from memplan.errors import MemplanError
-from memplan.hardware import CATALOG
 from memplan.model.finetune import lora as finetune
 from memplan.model.inventory import Inventory
 from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS
 from memplan.plan.rows import row_spec
-from memplan.plan.steptime import Link, Shape, StepTime, Work, step_time
-from memplan.precision import dtype_bytes
+from memplan.plan.space import (
+    ENGINE_STAGES,
+    IMPLEMENTATION_ENGINES,
+    divisors,
+    pipeline_split,
+    recompute_policies,
+    search_engines,
+)
+from memplan.plan.steptime import Link, Shape, StepTime, step_time
+from memplan.plan.timing import link_of, shape_of, work_of
 from memplan.report.estimate import assemble, capacity_of, estimate, model_states
 from memplan.report.result import Report, verdict
 from memplan.states.engines.base import StepCache
-from memplan.states.engines.megatron import main_grad_dtype
 from memplan.states.stages import StageStates
-
-# Engine -> ZeRO stages the search tries (each engine's own range; see memplan.config.spec).
-ENGINE_STAGES = {"deepspeed": (0, 1, 2, 3), "fsdp2": (2, 3), "megatron": (0, 1), "ddp": (0, 1)}
 
 Progress = Callable[[int, int], None]
 
@@ -90,97 +93,6 @@ class PlanResult:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def pipeline_split(layers: int, pipeline: int) -> tuple[int, ...] | None:
-    """Layers per stage: an even split when it divides; else Megatron's uneven split, where
-    the first and last stages take one layer less as if the embedding and the loss were
-    layers (--account-for-embedding-in-pipeline-split, --account-for-loss-in-pipeline-split);
-    None when neither divides."""
-    if layers % pipeline == 0:
-        return (layers // pipeline,) * pipeline
-    if pipeline > 2 and (layers + 2) % pipeline == 0 and layers + 2 >= 2 * pipeline:
-        per = (layers + 2) // pipeline
-        return (per - 1, *([per] * (pipeline - 2)), per - 1)
-    return None
-
-
-# What each model implementation offers, as its own code or trainer runs it: the engines
-# (the stack's data/model parallel code memplan models) and the recomputation policies.
-IMPLEMENTATION_ENGINES: dict[str, tuple[str, ...]] = {
-    "transformers": ("deepspeed", "fsdp2", "megatron", "ddp"),
-    # torchtitan parallelizes with FSDP2 / DDP and torch.distributed.pipelining
-    # (torchtitan/models/llama3/parallelize.py, 0.3.0).
-    "torchtitan": ("fsdp2", "ddp"),
-    # LitGPT's scripts run Lightning's FSDP (FSDP1: its model states as FSDP2's, full shard) or
-    # one device; no model parallelism (memplan.model.stacks.litgpt).
-    "litgpt": ("fsdp2", "ddp"),
-    # Megatron-Core's GPTModel runs under Megatron's own DDP and distributed optimizer.
-    "megatron-core": ("megatron",),
-}
-IMPLEMENTATION_RECOMPUTE: dict[str, tuple[str, ...]] = {
-    "transformers": ("none", "selective", "full"),
-    # torchtitan's activation_checkpoint.mode: none, full, selective (per-op SAC).
-    "torchtitan": ("none", "selective-op", "full"),
-    "litgpt": ("none", "full"),
-    "megatron-core": ("none", "selective", "full"),
-}
-
-
-def _recompute_options(allow: bool, implementation: str = "transformers") -> tuple[str, ...]:
-    return IMPLEMENTATION_RECOMPUTE[implementation] if allow else ("none",)
-
-
-def recompute_options(settings: PlanSpec, implementation: str = "transformers") -> tuple[str, ...]:
-    """The activation recomputation policies a plan with `settings` searches for a model run
-    by `implementation`'s code."""
-    return _recompute_options(settings.allow_recompute, implementation)
-
-
-def search_engines(spec: Spec) -> tuple[str, ...]:
-    """The engines a plan of `spec` searches: plan.engines that its model implementation
-    runs under (IMPLEMENTATION_ENGINES)."""
-    p = spec.plan or PlanSpec()
-    runs = IMPLEMENTATION_ENGINES[spec.model.implementation]
-    return tuple(e for e in p.engines if e in runs)
-
-
-def _shape(inventory: Inventory, spec: Spec, global_batch: int) -> Shape:
-    arch = inventory.architecture
-    assert arch is not None  # checked by plan()
-    experts = sum(t.numel for t in inventory.parameters if t.role == "experts")
-    active = inventory.num_parameters - experts
-    if arch.num_experts:
-        active += experts * arch.num_experts_per_token // arch.num_experts
-    moe_layers = len({t.layer for t in inventory.parameters if t.role == "experts"})
-    return Shape(
-        parameters=active,
-        total_parameters=inventory.num_parameters,
-        layers=arch.num_layers,
-        moe_layers=moe_layers,
-        hidden=arch.hidden_size,
-        attention_width=arch.num_attention_heads * arch.head_dim,
-        kv_width=arch.num_key_value_heads * arch.head_dim,
-        top_k=arch.num_experts_per_token,
-        sequence=spec.training.sequence_length,
-        global_batch=global_batch,
-        intermediate=arch.intermediate_size,
-    )
-
-
-def _link(spec: Spec, plan: PlanSpec) -> Link:
-    gpu = CATALOG[spec.hardware.gpu] if spec.hardware.gpu else CATALOG["H100-80GB"]
-    return Link(
-        peak_flops=gpu.bf16_flops,
-        gpus_per_node=spec.hardware.gpus_per_node,
-        mfu=plan.mfu,
-        intra_bytes_per_s=plan.intra_node_bandwidth or gpu.intra_node_bytes_per_s,
-        inter_bytes_per_s=plan.inter_node_bandwidth or gpu.inter_node_bytes_per_s,
-    )
-
-
 @dataclass(slots=True)
 class _Search:
     spec: Spec
@@ -205,7 +117,7 @@ class _Search:
         assert arch is not None
         gpn = self.spec.hardware.gpus_per_node
         max_tp = self.plan.max_tensor or gpn
-        for tp in _divisors(self.gpus):
+        for tp in divisors(self.gpus):
             if self.plan.tensor is not None and tp != self.plan.tensor:
                 continue
             if tp > max_tp:
@@ -215,7 +127,7 @@ class _Search:
             if any(h % tp for h in heads if h):
                 self.pruned["attention heads not divisible by tensor"] += 1
                 continue
-            for pp in _divisors(self.gpus // tp):
+            for pp in divisors(self.gpus // tp):
                 if pp > (self.plan.max_pipeline or arch.num_layers):
                     self.pruned["pipeline degree above max_pipeline"] += 1
                     continue
@@ -243,7 +155,7 @@ class _Search:
     ) -> Iterator[tuple[int, int, int, int, int, tuple[int, ...] | None]]:
         arch = self.inventory.architecture
         assert arch is not None
-        for cp in _divisors(self.gpus // (tp * pp)):
+        for cp in divisors(self.gpus // (tp * pp)):
             if cp > self.plan.max_context:
                 continue
             if cp > 1 and self.spec.training.sequence_length % (2 * cp):
@@ -258,7 +170,7 @@ class _Search:
                 continue
             experts = [1]
             if arch.num_experts:
-                experts = [e for e in _divisors(dp) if arch.num_experts % e == 0]
+                experts = [e for e in divisors(dp) if arch.num_experts % e == 0]
             for ep in experts:
                 even = len(set(split)) == 1
                 yield tp, pp, vp, cp, ep, None if even else split
@@ -324,9 +236,9 @@ class _Search:
         also fits as `estimate` judges its spec (the allocator replayed), or none."""
         layouts = list(self.layouts())
         out: list[Candidate] = []
-        recomputes = _recompute_options(self.plan.allow_recompute, self.spec.model.implementation)
-        shape = _shape(self.inventory, self.spec, self.global_batch)
-        link = _link(self.spec, self.plan)
+        recomputes = recompute_policies(self.plan.allow_recompute, self.spec.model.implementation)
+        shape = shape_of(self.inventory, self.spec, self.global_batch)
+        link = link_of(self.spec, self.plan)
         for i, (par, offload) in enumerate(layouts):
             if progress:
                 progress(i, len(layouts))
@@ -402,7 +314,7 @@ class _Search:
         link: Link,
         headroom: int,
     ) -> Candidate:
-        work = _work(self.spec, report, mbs, recompute)
+        work = work_of(self.spec, report, mbs, recompute)
         return Candidate(
             data=par.data,
             tensor=par.tensor,
@@ -533,34 +445,6 @@ def plan(
         suggestion=suggestion,
         top=p.top,
         notes=_notes(spec, engines),
-    )
-
-
-def _work(spec: Spec, report: Report, mbs: int, recompute: str) -> Work:
-    """What one rank of `report`'s layout computes and communicates per step."""
-    recipe = spec.recipe()
-    per_rank = max(s.num_parameters for s in report.stages)
-    engine = report.layout.engine
-    grad_dtype = main_grad_dtype(recipe) if engine == "megatron" else recipe.gradients
-    return Work(
-        micro_batch=mbs,
-        recompute=recompute,
-        grad_bytes=per_rank * dtype_bytes(grad_dtype),
-        param_bytes=per_rank * dtype_bytes(recipe.parameters),
-    )
-
-
-def spec_step_time(spec: Spec, inventory: Inventory, report: Report) -> StepTime:
-    """The step-time model (memplan.plan.steptime) of `spec` as `memplan estimate` reads it
-    (`report`: its estimate): the global batch is micro-batch x accumulation x data ranks."""
-    t = spec.training
-    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * report.layout.data
-    work = _work(spec, report, t.micro_batch_size, t.activation_checkpointing)
-    return step_time(
-        _shape(inventory, spec, global_batch),
-        report.layout,
-        work,
-        _link(spec, spec.plan or PlanSpec()),
     )
 
 

@@ -14,9 +14,9 @@ from memplan import memory
 from memplan.config.finetune import FinetuneSpec
 from memplan.memory import PHASES, Transient
 from memplan.model.finetune import qlora
+from memplan.model.forward import compiled
 from memplan.model.forward.tensors import Activations
 from memplan.model.inventory import Inventory
-from memplan.model.stacks.torchtitan import SRC_COMPILED_LOSS
 from memplan.precision import Recipe, dtype_bytes
 from memplan.states import fp8
 from memplan.states.engines.base import StepCache
@@ -62,7 +62,7 @@ def activation_terms(saved: Activations) -> list[Transient]:
             phases=("backward_start",),
             formula="[tokens, vocab] in the logits' dtype: the compiled loss's backward, one "
             "fused kernel writing the logits' gradient",
-            source=SRC_COMPILED_LOSS,
+            source=compiled.SRC,
         ),
     ]
     if saved.implementation == "litgpt":

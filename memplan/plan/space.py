@@ -1,0 +1,67 @@
+"""What `memplan plan` searches: the degrees that divide the GPUs, the engines and ZeRO stages,
+and the engines and recomputation policies each model implementation runs under."""
+
+from __future__ import annotations
+
+from memplan.config.plan import PlanSpec
+from memplan.config.spec import Spec
+
+# Engine -> ZeRO stages the search tries (each engine's own range; see memplan.config.spec).
+ENGINE_STAGES = {"deepspeed": (0, 1, 2, 3), "fsdp2": (2, 3), "megatron": (0, 1), "ddp": (0, 1)}
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def pipeline_split(layers: int, pipeline: int) -> tuple[int, ...] | None:
+    """Layers per stage: an even split when it divides; else Megatron's uneven split, where
+    the first and last stages take one layer less as if the embedding and the loss were
+    layers (--account-for-embedding-in-pipeline-split, --account-for-loss-in-pipeline-split);
+    None when neither divides."""
+    if layers % pipeline == 0:
+        return (layers // pipeline,) * pipeline
+    if pipeline > 2 and (layers + 2) % pipeline == 0 and layers + 2 >= 2 * pipeline:
+        per = (layers + 2) // pipeline
+        return (per - 1, *([per] * (pipeline - 2)), per - 1)
+    return None
+
+
+# What each model implementation offers, as its own code or trainer runs it: the engines
+# (the stack's data/model parallel code memplan models) and the recomputation policies.
+IMPLEMENTATION_ENGINES: dict[str, tuple[str, ...]] = {
+    "transformers": ("deepspeed", "fsdp2", "megatron", "ddp"),
+    # torchtitan parallelizes with FSDP2 / DDP and torch.distributed.pipelining
+    # (torchtitan/models/llama3/parallelize.py, 0.3.0).
+    "torchtitan": ("fsdp2", "ddp"),
+    # LitGPT's scripts run Lightning's FSDP (FSDP1: its model states as FSDP2's, full shard) or
+    # one device; no model parallelism (memplan.model.stacks.litgpt).
+    "litgpt": ("fsdp2", "ddp"),
+    # Megatron-Core's GPTModel runs under Megatron's own DDP and distributed optimizer.
+    "megatron-core": ("megatron",),
+}
+IMPLEMENTATION_RECOMPUTE: dict[str, tuple[str, ...]] = {
+    "transformers": ("none", "selective", "full"),
+    # torchtitan's activation_checkpoint.mode: none, full, selective (per-op SAC).
+    "torchtitan": ("none", "selective-op", "full"),
+    "litgpt": ("none", "full"),
+    "megatron-core": ("none", "selective", "full"),
+}
+
+
+def recompute_policies(allow: bool, implementation: str = "transformers") -> tuple[str, ...]:
+    return IMPLEMENTATION_RECOMPUTE[implementation] if allow else ("none",)
+
+
+def recompute_options(settings: PlanSpec, implementation: str = "transformers") -> tuple[str, ...]:
+    """The activation recomputation policies a plan with `settings` searches for a model run
+    by `implementation`'s code."""
+    return recompute_policies(settings.allow_recompute, implementation)
+
+
+def search_engines(spec: Spec) -> tuple[str, ...]:
+    """The engines a plan of `spec` searches: plan.engines that its model implementation
+    runs under (IMPLEMENTATION_ENGINES)."""
+    p = spec.plan or PlanSpec()
+    runs = IMPLEMENTATION_ENGINES[spec.model.implementation]
+    return tuple(e for e in p.engines if e in runs)
