@@ -7,7 +7,7 @@ Oracle: memplan verify's FSDP2 path on 4 gloo ranks as a 2 x 2 mesh (torch's own
 FSDPMemTracker on every rank): model states to the byte and the peak within 0.1% (gloo's race
 envelope as in tests/test_fsdp2_peak.py). bf16-mixed with the default reduce dtype (bf16) keeps
 every layer's all-reduced bf16 output until the end of backward besides its fp32 sharded
-gradients (memplan.states.engines.fsdp2.step._HSDP_HOLD). Measured with this spec: 2,377,820 B
+gradients (memplan.states.engines.fsdp2.buffers.HSDP_HOLD). Measured with this spec: 2,377,820 B
 on ranks 0 and 2 (memplan 2,377,684 B); with reduce_dtype fp32 2,958,748 B (memplan
 2,958,612 B), with torchtitan's wrapping and fp32 2,424,732 B (memplan 2,424,596 B)
 (benchmarks/fsdp2_torchtitan.py).

@@ -560,7 +560,7 @@ def test_fsdp2_side_streams_hold_their_own_buffers() -> None:
     step makes and those buffers there; the root's flat output is made as forward begins, and
     freed once the first layer's is made (all_gather_state, wait_for_unshard). The reduce-
     scatter stream's own pool then holds at least every sharded gradient at once."""
-    from memplan.states.engines.fsdp2.step import ALL_GATHER_STREAM, REDUCE_SCATTER_STREAM
+    from memplan.states.engines.fsdp2.buffers import ALL_GATHER_STREAM, REDUCE_SCATTER_STREAM
 
     spec = make_spec(parallelism={"engine": "fsdp2", "data": 2}, hardware={"gpu": "H100-80GB"})
     inventory = from_config(TINY_LLAMA)

@@ -17,8 +17,9 @@ from memplan.states.engines.base import (
     embedding_backward,
 )
 from memplan.states.engines.fsdp2 import pipeline, tp
+from memplan.states.engines.fsdp2.buffers import REDUCE_SCATTER_STREAM
 from memplan.states.engines.fsdp2.groups import fsdp2_root_gradients, groups_of
-from memplan.states.engines.fsdp2.step import REDUCE_SCATTER_STREAM, shard_dtype, step_buffers
+from memplan.states.engines.fsdp2.step import shard_dtype, step_buffers
 
 
 def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:

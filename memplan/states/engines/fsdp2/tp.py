@@ -58,7 +58,7 @@ def backward_end(
     TP-local groups sharded `world` (data) ways; `param`/`grad`/`reduce` are the bytes per
     element of FSDP2's unsharded parameters (MixedPrecisionPolicy.param_dtype), gradients and
     reduce-scatter buffers (reduce_dtype; None: the gradients',
-    memplan.states.engines.fsdp2.step._RS_DTYPE)."""
+    memplan.states.engines.fsdp2.buffers.RS_DTYPE)."""
     out: list[Transient] = []
     rs = reduce or grad
     if groups.layers:
