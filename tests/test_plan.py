@@ -299,3 +299,41 @@ def test_pin_selective_op_recomputes_every_second_matmul() -> None:
     )  # fmt: skip
     extra = flops_per_token(shape, "selective-op") - flops_per_token(shape, "none")
     assert extra == 2 * 32 * 4096 * (4096 + 14336)
+
+
+SHIPPED = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if "plan-" not in p.name)
+
+
+@pytest.mark.parametrize("config", SHIPPED + ["plan-llama-3.1-405b.yaml"])
+def test_the_floor_plan_prunes_on_is_never_above_a_peak(config: str) -> None:
+    """assemble_within prunes a layout before building its timelines when some stage's floor
+    (memplan.step.timeline.floor_bytes) exceeds the budget: a budget of exactly the report's
+    peak never prunes (no stage's floor is above its own timeline's peak), on every shipped
+    spec and on 405B pipeline layouts (first, interior and last stages), and a budget under
+    the model states always does."""
+    from memplan.model.finetune import lora as finetune
+    from memplan.report.estimate import assemble_within, model_states
+
+    loaded = load_spec(ROOT / "configs" / config)
+    inventory = load_inventory(loaded)
+    specs = [loaded.spec]
+    if loaded.spec.plan is not None:
+        pipelined = ParallelismSpec(engine="megatron", data=4, tensor=8, pipeline=18,
+                                    zero_stage=1, sequence_parallel=True)  # fmt: skip
+        fsdp = pipelined.model_copy(update={"engine": "fsdp2"})
+        training = loaded.spec.training.model_copy(update={"gradient_accumulation_steps": 32})
+        specs = [loaded.spec.model_copy(update={"parallelism": p, "plan": None,
+                                                "training": training})
+                 for p in (pipelined, fsdp)]  # fmt: skip
+    for spec in specs:
+        trained = finetune.apply(spec, inventory)
+        states = model_states(spec, trained)
+        report = estimate(spec, inventory)
+        assert len(report.stages) > 1 or spec.parallelism.pipeline == 1
+        for every_stage in (True, False):
+            kept = assemble_within(spec, inventory, trained, states, budget=report.peak_bytes,
+                                   every_stage=every_stage)  # fmt: skip
+            assert kept is not None and kept.peak_bytes == report.peak_bytes
+        resident = max(s.per_gpu.bytes_of("parameters") for s in states)
+        if report.activations.modelled:
+            assert assemble_within(spec, inventory, trained, states, budget=resident - 1) is None

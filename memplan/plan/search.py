@@ -32,7 +32,7 @@ from memplan.plan.space import (
 )
 from memplan.plan.steptime import Link, Shape, StepTime, step_time
 from memplan.plan.timing import link_of, shape_of, work_of
-from memplan.report.estimate import assemble, capacity_of, estimate, model_states
+from memplan.report.estimate import assemble_within, capacity_of, estimate, model_states
 from memplan.report.result import Report, verdict
 from memplan.states.engines.base import StepCache
 from memplan.states.stages import StageStates
@@ -254,6 +254,9 @@ class _Search:
                         continue
                     self.searched += 1
                     report = self._report(spec, trained, states, mbs, recompute)
+                    if report is None:
+                        self.pruned["does not fit: peak exceeds the budget"] += 1
+                        break  # a larger micro-batch only needs more
                     if self.activations_modelled and not _activations_modelled(report):
                         # A peak without activations would look falsely small: never rank it.
                         self.pruned["activations not modelled for this layout"] += 1
@@ -285,7 +288,8 @@ class _Search:
 
     def _report(
         self, spec: Spec, trained: Inventory, states: list[StageStates], mbs: int, recompute: str
-    ) -> Report:
+    ) -> Report | None:
+        """The layout's report, or None when its floor (assemble_within) exceeds the budget."""
         training = spec.training.model_copy(
             update={
                 "micro_batch_size": mbs,
@@ -294,13 +298,13 @@ class _Search:
                 "gradient_accumulation_steps": self.global_batch // (mbs * spec.parallelism.data),
             }
         )
-        return assemble(
+        return assemble_within(
             spec.model_copy(update={"training": training}),
             self.inventory,
             trained,
             states,
+            budget=self.budget,
             cache=self.cache,
-            every_stage=False,
         )
 
     def _candidate(
@@ -491,8 +495,14 @@ def _checked_by_replay(
 
 def _replay_fits(spec: Spec, inventory: Inventory, c: Candidate, p: PlanSpec) -> bool:
     """Whether row `c` fits as `estimate` judges its spec: the usable memory after the
-    replayed allocator and the terms outside it covers plan.reserve."""
-    headroom = estimate(row_spec(spec, c), inventory).usable_bytes
+    replayed allocator and the terms outside it covers plan.reserve. Only the stages plan
+    views are worked out (assemble's every_stage=False: the dominated interior ones cannot
+    be the most-loaded), then the most-loaded replayed as estimate replays it."""
+    row = row_spec(spec, c)
+    trained = finetune.apply(row, inventory)
+    report = assemble_within(row, inventory, trained, model_states(row, trained), replay=True)
+    assert report is not None  # no budget, nothing to prune
+    headroom = report.usable_bytes
     return headroom is None or headroom >= p.reserve
 
 

@@ -54,20 +54,16 @@ def capacity_of(spec: Spec) -> int | None:
     return spec.hardware.memory
 
 
-def _rank_view(
-    step: tl.StepSettings,
-    capacity: int | None,
-    cache: StepCache,
+def _saved_on(
     trained: Inventory,
     micro: acts.Activations,
+    step: tl.StepSettings,
     st: StageStates,
-    per_gpu: RankStates,
-    local: Inventory,
     checkpoint_every: int = 1,
-) -> tuple[acts.Activations, tl.Timeline]:
-    """One GPU of pipeline stage `st` (of TP rank `step.layout.tensor_rank`) holding
-    `per_gpu`'s states: its saved tensors at its peak and its step's timeline."""
-    saved = acts.on_rank(
+) -> acts.Activations:
+    """The saved tensors at its peak of one GPU of pipeline stage `st` (of TP rank
+    `step.layout.tensor_rank`)."""
+    return acts.on_rank(
         trained,
         micro,
         step.layout,
@@ -75,16 +71,31 @@ def _rank_view(
         step.accumulation_steps,
         checkpoint_every=checkpoint_every,
     )
-    timeline = tl.build(
+
+
+def _buffer_bytes(st: StageStates) -> int:
+    return sum(t.bytes for t in st.buffers)
+
+
+def _timeline_of(
+    step: tl.StepSettings,
+    capacity: int | None,
+    cache: StepCache,
+    st: StageStates,
+    per_gpu: RankStates,
+    local: Inventory,
+    saved: acts.Activations,
+) -> tl.Timeline:
+    """The step's timeline of one GPU of stage `st` holding `per_gpu`'s states and `saved`."""
+    return tl.build(
         step,
         local,
         per_gpu=per_gpu,
-        buffer_bytes=sum(t.bytes for t in st.buffers),
+        buffer_bytes=_buffer_bytes(st),
         saved=saved,
         capacity_bytes=capacity,
         cache=cache,
     )
-    return saved, timeline
 
 
 def step_settings(spec: Spec, layout: Layout) -> tl.StepSettings:
@@ -209,8 +220,32 @@ def assemble(
 
     Each pipeline rank gets its own activations and timeline; the most-loaded is the one with
     the highest peak. `every_stage=False` (plan) skips the interior ranks another interior rank
-    dominates: same layers and model states but fewer micro-batches in flight.
+    dominates: same layers and model states but fewer micro-batches in flight, and the
+    tensor-rank views and the allocator replay.
     """
+    report = assemble_within(
+        spec, model, trained, stages, every_stage=every_stage, cache=cache, replay=every_stage
+    )
+    assert report is not None  # no budget, nothing to prune
+    return report
+
+
+def assemble_within(
+    spec: Spec,
+    model: Inventory,
+    trained: Inventory,
+    stages: Sequence[StageStates],
+    *,
+    budget: int | None = None,
+    every_stage: bool = False,
+    replay: bool = False,
+    cache: StepCache | None = None,
+) -> Report | None:
+    """`assemble` for plan: None when some viewed stage with modelled activations has a
+    floor (memplan.step.timeline.floor_bytes: its timeline's points without the transient
+    terms) above `budget`, so that no peak can be under it: found before any timeline is
+    built. `replay` replays the most-loaded stage through the caching allocator (estimate's
+    verdict) even where `every_stage` is off."""
     layout = layout_of(spec)
     setting = setting_of(spec)
     capacity = capacity_of(spec)
@@ -223,20 +258,40 @@ def assemble(
     micro = acts.micro_batch(trained, setting, layout, spec.finetune)
     step = step_settings(spec, layout)
     cache = StepCache() if cache is None else cache
-    views: dict[int, tuple[acts.Activations, tl.Timeline]] = {}
-    for i in _stages_to_view(stages, every_stage):
-        st = stages[i]
-        views[i] = _rank_view(
+    viewed = _stages_to_view(stages, every_stage)
+    saved_on = {
+        i: _saved_on(trained, micro, step, stages[i], setting.checkpoint_every) for i in viewed
+    }
+    # A stage without modelled activations is not pruned here: plan says so instead.
+    if budget is not None and any(
+        saved_on[i].modelled
+        and tl.floor_bytes(
             step,
-            capacity,
-            cache,
-            trained,
-            micro,
-            st,
-            st.per_gpu,
-            local[st.stage],
-            setting.checkpoint_every,
+            local[stages[i].stage],
+            per_gpu=stages[i].per_gpu,
+            buffer_bytes=_buffer_bytes(stages[i]),
+            saved=saved_on[i],
+            cache=cache,
         )
+        > budget
+        for i in viewed
+    ):
+        return None
+    views: dict[int, tuple[acts.Activations, tl.Timeline]] = {
+        i: (
+            saved_on[i],
+            _timeline_of(
+                step,
+                capacity,
+                cache,
+                stages[i],
+                stages[i].per_gpu,
+                local[stages[i].stage],
+                saved_on[i],
+            ),
+        )
+        for i in viewed
+    }
     index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
     top = stages[index]
     saved, timeline = views[index]
@@ -248,7 +303,7 @@ def assemble(
     conf = alloc_conf(spec.hardware.alloc_conf)  # checked even where nothing is replayed
     allocator: rp.AllocatorView | None = None
     terms: tuple[device.DeviceTerm, ...] = ()
-    if every_stage and spec.hardware.device == "cuda":
+    if replay and spec.hardware.device == "cuda":
         terms = outside_allocator(spec, layout)
         limit = None if capacity is None else capacity - sum(t.bytes for t in terms)
         allocator = rp.replay(
@@ -427,17 +482,8 @@ def _tensor_views(
         rank_step = replace(step, layout=rank_layout)
         local = stage_inventories(inventory, rank_layout)[top.stage]
         micro = acts.micro_batch(inventory, setting, rank_layout, spec.finetune)
-        saved, rank_timeline = _rank_view(
-            rank_step,
-            capacity,
-            cache,
-            inventory,
-            micro,
-            top,
-            per_gpu,
-            local,
-            setting.checkpoint_every,
-        )
+        saved = _saved_on(inventory, micro, rank_step, top, setting.checkpoint_every)
+        rank_timeline = _timeline_of(rank_step, capacity, cache, top, per_gpu, local, saved)
         views.append(
             TensorRankView(
                 tensor_ranks=group,

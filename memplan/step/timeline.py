@@ -196,6 +196,32 @@ def build(
     )
 
 
+def floor_bytes(
+    step: StepSettings,
+    inventory: Inventory,
+    *,
+    per_gpu: RankStates,
+    buffer_bytes: int,
+    saved: Activations,
+    cache: StepCache,
+) -> int:
+    """Bytes no timeline `build` (of the same arguments) peaks under: its points without the
+    transient terms, the costly part of a timeline and never negative. Plan prunes a layout
+    on it before building any timeline."""
+    states = StepStates(
+        inventory=inventory,
+        per_gpu=per_gpu,
+        layout=step.layout,
+        recipe=step.recipe,
+        optimizer=step.optimizer,
+        device=step.device,
+    )
+    gradients = _gradients(step, states, cache)
+    activations = _activations(saved)
+    resident = per_gpu.bytes_of("parameters") + per_gpu.bytes_of("optimizer_states") + buffer_bytes
+    return resident + max(gradients[phase] + activations[phase] for phase in PHASES)
+
+
 def transients(
     step: StepSettings, states: StepStates, saved: Activations, cache: StepCache
 ) -> list[Transient]:
