@@ -212,6 +212,53 @@ def test_profile_of_mixed_layers_equals_real_tensors(name: str, attention: str) 
         assert predicted == _alive_bytes(model, batch=batch, sequence=seq), (batch, seq)
 
 
+# Pipeline splits over the mixed layers: (layers_per_stage, microbatches).
+SPLITS = {"deepseek_v3": ((2, 2), 4), "llama4_text": ((3, 3), 3)}
+
+
+@pytest.mark.parametrize("name", list(SPLITS))
+def test_pipeline_stages_hold_the_kinds_the_config_puts_there(name: str) -> None:
+    """A profile with several layer structures splits over pipeline stages (activations.
+    on_rank): each stage's layer blocks count the kinds the config's own rule (GROUPS, the
+    independent oracle) puts in its layers, the micro-batches in flight (1F1B, 2 stages)
+    hold them again, and the stages' layers add up to the whole model's."""
+    from memplan.activations import on_rank
+    from memplan.model.inventory import Architecture, Inventory
+    from memplan.states.layout import Layout
+
+    config = CONFIGS[name]
+    depth = config["num_hidden_layers"]
+    doc = tracer.build(config, stream="bf16", matmul="bf16", autocast=False, attention="sdpa")
+    traced = profile.from_document(json.loads(json.dumps(doc)), origin="test")
+    micro = traced.activations(_setting(2, 16, "sdpa"), num_layers=depth)
+    kind_of = {i: kind for kind, idx in GROUPS[name].items() for i in idx}
+    name_of = {b.kind: b.name for b in traced.blocks if b.kind}
+    each = {b.name: b.bytes_each for b in micro.blocks if b.name.startswith("layers")}
+    arch = Architecture(model_type=config["model_type"], hidden_size=32, num_layers=depth,
+                        vocab_size=300)  # fmt: skip
+    inventory = Inventory(name=name, architecture=arch, parameters=())
+    split, microbatches = SPLITS[name]
+    layout = Layout(engine="megatron", pipeline=2, layers_per_stage=split)
+    first_layer, total = 0, 0
+    for rank, n in enumerate(split):
+        mine = [name_of[kind_of[i]] for i in range(first_layer, first_layer + n)]
+        first_layer += n
+        saved = on_rank(inventory, micro, layout, rank, microbatches)
+        assert saved.modelled, saved.notes
+        now = {b.name: b.count for b in saved.blocks if b.name.startswith("layers")}
+        held = {
+            b.name.removeprefix("in_flight."): b.count
+            for b in saved.blocks
+            if b.name.startswith("in_flight.layers")
+        }
+        alive = min(microbatches, 2 - rank)  # 1F1B: P - rank micro-batches in flight
+        for block in each:
+            assert now.get(block, 0) == mine.count(block), (rank, block)
+            assert held.get(block, 0) == (alive - 1) * mine.count(block), (rank, block)
+        total += sum(each[b] * mine.count(b) for b in each)
+    assert total == sum(b.bytes for b in micro.blocks if b.name.startswith("layers"))
+
+
 def test_check_refuses_layers_the_structure_does_not_tell_apart() -> None:
     """Unit test of `structure.check`: a layer whose full-model storages differ from its
     group's fit is named (a forward reading a per-layer config list by layer_idx would)."""

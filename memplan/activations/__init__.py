@@ -16,6 +16,7 @@ layer spec, none / full / selective).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from functools import lru_cache
 
@@ -188,14 +189,20 @@ def on_rank(
     arch = inventory.architecture
     if lay.pipeline == 1 or arch is None or not micro.modelled:
         return micro
-    if micro.source == "profile" and any(b.name.startswith("layers.") for b in micro.blocks):
-        return layout.refused(
-            "activations from a traced profile with several layer kinds are not split over "
-            "pipeline stages yet"
-        )
     p = lay.pipeline
     every = chunk_layers(arch.num_layers, lay)
     mine = [c for c in range(len(every)) if lay.chunk_rank(c) == rank]
+    kinds = None
+    if any(b.name.startswith("layers.") for b in micro.blocks):
+        if len(micro.layer_order) != arch.num_layers or checkpoint_every > 1:
+            return layout.refused(
+                "activations from a traced profile with several layer kinds are split over "
+                "pipeline stages only where the profile records each kind's layers "
+                "(re-trace it with this memplan: `memplan profile SPEC`), and not with "
+                "training.checkpoint_every"
+            )
+        starts = [sum(every[:c]) for c in range(len(every))]
+        kinds = tuple(Counter(micro.layer_order[starts[c] : starts[c] + every[c]]) for c in mine)
     alive = layout.in_flight(
         lay.schedule, p, lay.virtual_stages, rank, microbatches, runtime=lay.pipeline_runtime
     )
@@ -217,6 +224,7 @@ def on_rank(
         first=0 in mine,
         last=len(every) - 1 in mine,
         source=source,
+        kinds=kinds,
     )
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from functools import lru_cache
 
@@ -349,23 +349,33 @@ def stage(
     first: bool,
     last: bool,
     source: str = SRC_SCHEDULE,
+    kinds: Sequence[Mapping[str, int]] | None = None,
 ) -> Activations:
     """One pipeline rank's activations at its peak from one micro-batch's (`micro`, every
     layer): the layers of its chunks (`chunk_layers`, one count per model chunk), the
     embeddings on the first rank, the head and loss on the last, each times the micro-batches
     in flight (`alive`, per chunk). The micro-batch whose backward starts the peak keeps the
-    ordinary blocks; the others are `in_flight.*` blocks."""
+    ordinary blocks; the others are `in_flight.*` blocks. With several decoder-layer blocks
+    (a traced profile's `layers.<kind>` beside `layers`), `kinds` gives each chunk's layers
+    by block name (Activations.layer_order); a kind the rank does not hold is left out, and
+    `layers` is kept (one layer's bytes are what the engines' terms read) even at count 0."""
     if not micro.modelled:
         return micro
     by = {b.name: b for b in micro.blocks}
-    layers = by["layers"]
+    names = [b.name for b in micro.blocks if b.name == "layers" or b.name.startswith("layers.")]
+    per_chunk = kinds if kinds is not None else [{"layers": n} for n in chunk_layers]
     # The first backward is the last chunk's (the deepest layers of the first micro-batch).
-    current = chunk_layers[-1]
-    held = sum(n * k for n, k in zip(chunk_layers, alive, strict=True)) - current
+    current = per_chunk[-1]
+    held = {
+        n: sum(c.get(n, 0) * k for c, k in zip(per_chunk, alive, strict=True)) - current.get(n, 0)
+        for n in names
+    }
     blocks: list[Block] = []
     if first:
         blocks.append(by["embeddings"])
-    blocks.append(layers.repeated(current))
+    blocks += [
+        by[n].repeated(current.get(n, 0)) for n in names if n == "layers" or current.get(n, 0)
+    ]
     if last:
         blocks += [by["head"], by["loss"]]
 
@@ -375,7 +385,8 @@ def stage(
 
     if first:
         more(by["embeddings"], alive[0] - 1)
-    more(layers, held)
+    for n in names:
+        more(by[n], held[n])
     if last:
         more(by["head"], alive[-1] - 1)
         more(by["loss"], alive[-1] - 1)

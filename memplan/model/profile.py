@@ -148,6 +148,23 @@ class Profile:
     """The head traced (memplan.verify.trace.heads): lm, sequence_classification,
     token_classification or question_answering."""
     num_labels: int = 2
+    layer_groups: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """(kind, its decoder-layer indices in the full model): the tracer's grouping
+    (memplan.verify.trace.structure); () in profiles that do not record it."""
+
+    def layer_order(self) -> tuple[str, ...]:
+        """The block name of each decoder layer, in model order, when the profile has several
+        layer kinds and records where each one is; else ()."""
+        kinds = {blk.kind: blk.name for blk in self.blocks if blk.kind}
+        if len(kinds) < 2 or {kind for kind, _ in self.layer_groups} != set(kinds):
+            return ()
+        order: dict[int, str] = {}
+        for kind, indices in self.layer_groups:
+            for i in indices:
+                order[i] = kinds[kind]
+        if sorted(order) != list(range(len(order))):
+            return ()
+        return tuple(order[i] for i in range(len(order)))
 
     def activations(self, st: Setting, *, num_layers: int) -> Activations:
         """The saved tensors of one forward at `st`'s batch and sequence, with `num_layers`
@@ -187,6 +204,7 @@ class Profile:
             notes=tuple(notes),
             source="profile",
             versions=tuple(sorted(self.versions.items())),
+            layer_order=self.layer_order(),
         )
 
     def _logits(self, st: Setting) -> tuple[int, int]:
@@ -258,6 +276,10 @@ def from_document(doc: Any, *, origin: str) -> Profile:
             experts=str(doc["model"].get("experts", "")),
             head=_head(doc["model"].get("head", "lm")),
             num_labels=int(doc["model"].get("num_labels", 2)),
+            layer_groups=tuple(
+                (str(kind), tuple(int(i) for i in indices))
+                for kind, indices in doc["model"].get("layer_groups", {}).items()
+            ),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise MemplanError(

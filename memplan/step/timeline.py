@@ -237,7 +237,9 @@ def transients(
         _engine_view(states.inventory, saved, activation_terms, step.recipe),
         microbatches=step.accumulation_steps,
         layers_in_flight=sum(
-            b.count for b in saved.blocks if b.name in ("layers", "in_flight.layers")
+            b.count
+            for b in saved.blocks
+            if b.name.removeprefix("in_flight.").split(".", 1)[0] == "layers"
         )
         if saved.modelled
         else 0,

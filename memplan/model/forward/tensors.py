@@ -194,6 +194,10 @@ class Activations:
     megatron_spec: Literal["local", "te"] | None = None
     """Megatron-Core's layer spec (model.megatron_spec) when `implementation` is megatron-core,
     else None."""
+    layer_order: tuple[str, ...] = ()
+    """With several decoder-layer blocks (a traced profile's `layers.<kind>` beside `layers`):
+    the block of each decoder layer, in model order (what a pipeline stage's layers are);
+    () when there is one layer block, or when the profile does not say."""
 
     @property
     def bytes(self) -> int:
