@@ -7,7 +7,6 @@ from __future__ import annotations
 from memplan.activations import predict
 from memplan.config.plan import PlanSpec
 from memplan.config.spec import Spec
-from memplan.model.forward.tensors import Activations
 from memplan.model.inventory import Inventory
 from memplan.plan.steptime import COMPILE_SPEEDUP_CODE
 from memplan.report.estimate import setting_of
@@ -83,28 +82,17 @@ def compile_options(spec: Spec, inventory: Inventory, recompute: str) -> tuple[b
     options = IMPLEMENTATION_COMPILE[spec.model.implementation]
     if len(options) == 1 or spec.model.implementation in COMPILE_SPEEDUP_CODE:
         return options
-    eager, compiled = (
-        _saved(
-            predict(
-                inventory,
-                setting_of(
-                    spec.model_copy(
-                        update={
-                            "training": t.model_copy(
-                                update={"compile": c, "activation_checkpointing": recompute}
-                            )
-                        }
-                    )
-                ),
-            )
-        )
-        for c in (False, True)
-    )
+    eager, compiled = (_saved(spec, inventory, recompute, c) for c in (False, True))
     return options if eager != compiled else (False,)
 
 
-def _saved(acts: Activations) -> tuple[object, ...]:
-    """What a prediction holds in bytes, its notes aside."""
+def _saved(spec: Spec, inventory: Inventory, recompute: str, compiled: bool) -> tuple[object, ...]:
+    """What one device's forward saves at `recompute`, compiled or not, in bytes (the notes
+    aside): the layouts split these same layers."""
+    training = spec.training.model_copy(
+        update={"compile": compiled, "activation_checkpointing": recompute}
+    )
+    acts = predict(inventory, setting_of(spec.model_copy(update={"training": training})))
     return (acts.blocks, acts.logits_bytes, acts.upcast_bytes, acts.loss_gradient_bytes)
 
 
