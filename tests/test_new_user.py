@@ -163,6 +163,7 @@ def test_plan_uses_estimate_verdict() -> None:
                 "micro_batch_size": c.micro_batch_size,
                 "gradient_accumulation_steps": c.gradient_accumulation_steps,
                 "activation_checkpointing": c.recompute,
+                "compile": c.compile,
             }
         )
         spec = loaded.spec.model_copy(update={"parallelism": par, "training": training})

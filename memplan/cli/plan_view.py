@@ -40,7 +40,9 @@ def shared_assumptions(layouts: tuple[Candidate, ...]) -> str:
     if not layouts:
         return ""
     first = layouts[0]
-    said = [f"model code {first.implementation}", "compiled" if first.compile else "eager"]
+    said = [f"model code {first.implementation}"]
+    if len({c.compile for c in layouts}) == 1:
+        said.append("compiled" if first.compile else "eager")
     wraps = {c.fsdp_wrap for c in layouts if c.fsdp_wrap}
     if len(wraps) == 1:
         said.append(f"FSDP2 wrapping {wraps.pop()}")
@@ -78,10 +80,14 @@ def plan_view(result: PlanResult) -> RenderableType:
 
 
 def layouts_table(layouts: tuple[Candidate, ...]) -> Table:
-    """One row per layout, numbered from 1."""
+    """One row per layout, numbered from 1; a `compile` column when the rows differ in it
+    (else shared_assumptions says it once)."""
     table = Table(box=box.SIMPLE_HEAVY)
+    mixed = len({c.compile for c in layouts}) > 1
     for name in COLUMNS:
         table.add_column(name, justify="left" if name in TEXT_COLUMNS else "right")
+        if name == "recompute" and mixed:
+            table.add_column("compile", justify="left")
     for i, c in enumerate(layouts, 1):
         table.add_row(
             str(i),
@@ -89,6 +95,7 @@ def layouts_table(layouts: tuple[Candidate, ...]) -> Table:
             f"{c.engine} z{c.zero_stage}",
             f"{c.micro_batch_size} x {c.gradient_accumulation_steps}",
             c.recompute,
+            *(["yes" if c.compile else "no"] if mixed else []),
             c.offload,
             human(c.peak_bytes),
             human(c.headroom_bytes),

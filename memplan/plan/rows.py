@@ -18,6 +18,7 @@ def row_spec(spec: Spec, c: Candidate) -> Spec:
             "micro_batch_size": c.micro_batch_size,
             "activation_checkpointing": c.recompute,
             "gradient_accumulation_steps": c.gradient_accumulation_steps,
+            "compile": c.compile,
         }
     )
     return spec.model_copy(update={"parallelism": c.parallelism, "training": training})

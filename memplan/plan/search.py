@@ -24,13 +24,22 @@ from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS
 from memplan.plan.rows import row_spec
 from memplan.plan.space import (
     ENGINE_STAGES,
+    IMPLEMENTATION_COMPILE,
     IMPLEMENTATION_ENGINES,
+    compile_options,
     divisors,
     pipeline_split,
     recompute_policies,
     search_engines,
 )
-from memplan.plan.steptime import Link, Shape, StepTime, step_time
+from memplan.plan.steptime import (
+    COMPILE_SPEEDUP,
+    COMPILE_SPEEDUP_CODE,
+    Link,
+    Shape,
+    StepTime,
+    step_time,
+)
 from memplan.plan.timing import link_of, shape_of, work_of
 from memplan.report.estimate import assemble_within, capacity_of, estimate, model_states
 from memplan.report.result import Report, verdict
@@ -237,6 +246,7 @@ class _Search:
         layouts = list(self.layouts())
         out: list[Candidate] = []
         recomputes = recompute_policies(self.plan.allow_recompute, self.spec.model.implementation)
+        compiles = {r: compile_options(self.spec, self.inventory, r) for r in recomputes}
         shape = shape_of(self.inventory, self.spec, self.global_batch)
         link = link_of(self.spec, self.plan)
         for i, (par, offload) in enumerate(layouts):
@@ -248,12 +258,13 @@ class _Search:
             if max(s.model_state_bytes for s in states) > self.budget:
                 self.pruned["does not fit: model states alone exceed the budget"] += 1
                 continue
-            for recompute in recomputes:
+            eager: dict[tuple[str, int], Candidate] = {}
+            for recompute, compiled in ((r, c) for r in recomputes for c in compiles[r]):
                 for mbs in self.plan.micro_batch_sizes:
                     if self.global_batch % (mbs * par.data):
                         continue
                     self.searched += 1
-                    report = self._report(spec, trained, states, mbs, recompute)
+                    report = self._report(spec, trained, states, mbs, recompute, compiled)
                     if report is None:
                         self.pruned["does not fit: peak exceeds the budget"] += 1
                         break  # a larger micro-batch only needs more
@@ -276,7 +287,15 @@ class _Search:
                     ):
                         self.pruned["does not fit: the allocator's reserve exceeds the budget"] += 1
                         break
-                    c = self._candidate(report, par, mbs, recompute, offload, shape, link, headroom)
+                    c = self._candidate(
+                        report, par, mbs, recompute, compiled, offload, shape, link, headroom
+                    )
+                    twin = eager.get((recompute, mbs))
+                    if twin is None:
+                        eager[recompute, mbs] = c
+                    elif twin.time.total_s <= c.time.total_s and twin.peak_bytes <= c.peak_bytes:
+                        self.pruned["compiled: neither faster nor smaller than its eager twin"] += 1
+                        continue
                     if first:
                         if _replay_fits(self.spec, self.inventory, c, self.plan):
                             return [c]
@@ -287,13 +306,20 @@ class _Search:
         return sorted(out, key=lambda c: (c.time.total_s, c.peak_bytes))
 
     def _report(
-        self, spec: Spec, trained: Inventory, states: list[StageStates], mbs: int, recompute: str
+        self,
+        spec: Spec,
+        trained: Inventory,
+        states: list[StageStates],
+        mbs: int,
+        recompute: str,
+        compiled: bool,
     ) -> Report | None:
         """The layout's report, or None when its floor (assemble_within) exceeds the budget."""
         training = spec.training.model_copy(
             update={
                 "micro_batch_size": mbs,
                 "activation_checkpointing": recompute,
+                "compile": compiled,
                 # pipeline ranks keep up to this many micro-batches in flight
                 "gradient_accumulation_steps": self.global_batch // (mbs * spec.parallelism.data),
             }
@@ -313,12 +339,13 @@ class _Search:
         par: ParallelismSpec,
         mbs: int,
         recompute: str,
+        compiled: bool,
         offload: str,
         shape: Shape,
         link: Link,
         headroom: int,
     ) -> Candidate:
-        work = work_of(self.spec, report, mbs, recompute)
+        work = work_of(self.spec, report, mbs, recompute, compiled)
         return Candidate(
             data=par.data,
             tensor=par.tensor,
@@ -337,7 +364,7 @@ class _Search:
             schedule=par.schedule,
             implementation=report.layout.implementation,
             fsdp_wrap=report.layout.fsdp_groups if par.engine == "fsdp2" else None,
-            compile=self.spec.training.compile,
+            compile=compiled,
             peak_bytes=report.peak_bytes,
             headroom_bytes=headroom,
             time=step_time(shape, report.layout, work, link),
@@ -462,12 +489,36 @@ def _notes(spec: Spec, engines: tuple[str, ...]) -> tuple[str, ...]:
             f"{', '.join(IMPLEMENTATION_ENGINES[spec.model.implementation])}: plan.engines "
             f"{', '.join(left)} not searched."
         )
+    compile_note = _compile_note(spec)
+    if compile_note:
+        out.append(compile_note)
     if not spec.hardware.gpu:
         out.append(
             "no hardware.gpu named: layouts are ranked by the H100-80GB's speed "
             "(memplan.hardware.CATALOG); name hardware.gpu to rank by another GPU's."
         )
     return tuple(out)
+
+
+def _compile_note(spec: Spec) -> str:
+    """How the rows' training.compile was chosen, and what it does to their step time."""
+    code = spec.model.implementation
+    if "compile" in spec.training.model_fields_set:
+        return ""  # the spec pins it: every row says it (shared_assumptions, --emit)
+    if len(IMPLEMENTATION_COMPILE[code]) == 1:
+        return f"training.compile is not modelled for model.implementation {code}: not searched."
+    if code in COMPILE_SPEEDUP_CODE:
+        return (
+            f"training.compile searched (set it in the spec to pin it): a compiled row's compute "
+            f"runs {COMPILE_SPEEDUP:.3f}x faster (torchtitan's published Llama 3.1 8B TPS/GPU, "
+            "compile against eager: memplan.plan.steptime.COMPILE_SPEEDUP)."
+        )
+    return (
+        "training.compile searched (set it in the spec to pin it): no compile speed-up is "
+        f"published for the {code} model code, so a compiled row takes its eager twin's step time "
+        "and ranks by its memory; where compile leaves the saved tensors as eager, no compiled "
+        "row is listed."
+    )
 
 
 def _checked_by_replay(

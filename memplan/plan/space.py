@@ -1,10 +1,15 @@
 """What `memplan plan` searches: the degrees that divide the GPUs, the engines and ZeRO stages,
-and the engines and recomputation policies each model implementation runs under."""
+and the engines, recomputation policies and torch.compile each model implementation runs
+under."""
 
 from __future__ import annotations
 
+from memplan.activations import predict
 from memplan.config.plan import PlanSpec
 from memplan.config.spec import Spec
+from memplan.model.inventory import Inventory
+from memplan.plan.steptime import COMPILE_SPEEDUP_CODE
+from memplan.report.estimate import setting_of
 
 # Engine -> ZeRO stages the search tries (each engine's own range; see memplan.config.spec).
 ENGINE_STAGES = {"deepspeed": (0, 1, 2, 3), "fsdp2": (2, 3), "megatron": (0, 1), "ddp": (0, 1)}
@@ -47,6 +52,48 @@ IMPLEMENTATION_RECOMPUTE: dict[str, tuple[str, ...]] = {
     "litgpt": ("none", "full"),
     "megatron-core": ("none", "selective", "full"),
 }
+
+
+# training.compile values each implementation's code runs with, as memplan models it.
+IMPLEMENTATION_COMPILE: dict[str, tuple[bool, ...]] = {
+    # Each decoder layer compiled (memplan.model.forward.compiled: transformers'
+    # LlamaDecoderLayer traced alike).
+    "transformers": (False, True),
+    # torchtitan's compile.enable compiles each TransformerBlock (memplan.model.stacks.torchtitan).
+    "torchtitan": (False, True),
+    # Refused as not modelled: memplan.model.stacks.litgpt.unsupported (pretrain.py compiles the
+    # whole GPT) and memplan.model.stacks.megatron.unsupported.
+    "litgpt": (False,),
+    "megatron-core": (False,),
+}
+
+
+def compile_options(spec: Spec, inventory: Inventory, recompute: str) -> tuple[bool, ...]:
+    """The training.compile values a plan of `spec` searches at `recompute`: the spec's own
+    when it sets `training.compile` (a pinned value, as plan.tensor pins the tensor degree);
+    else those its implementation runs with (IMPLEMENTATION_COMPILE), leaving out a compiled
+    twin that cannot differ from its eager one: where no compile speed-up is published for the
+    code (memplan.plan.steptime.COMPILE_SPEEDUP_CODE) and compile leaves what the layers save
+    unchanged at `recompute` (full checkpointing, or a layer the compiled rule does not cover:
+    memplan.model.forward.compiled), its memory and its time are the eager row's."""
+    t = spec.training
+    if "compile" in t.model_fields_set:
+        return (t.compile,)
+    options = IMPLEMENTATION_COMPILE[spec.model.implementation]
+    if len(options) == 1 or spec.model.implementation in COMPILE_SPEEDUP_CODE:
+        return options
+    eager, compiled = (_saved(spec, inventory, recompute, c) for c in (False, True))
+    return options if eager != compiled else (False,)
+
+
+def _saved(spec: Spec, inventory: Inventory, recompute: str, compiled: bool) -> tuple[object, ...]:
+    """What one device's forward saves at `recompute`, compiled or not, in bytes (the notes
+    aside): the layouts split these same layers."""
+    training = spec.training.model_copy(
+        update={"compile": compiled, "activation_checkpointing": recompute}
+    )
+    acts = predict(inventory, setting_of(spec.model_copy(update={"training": training})))
+    return (acts.blocks, acts.logits_bytes, acts.upcast_bytes, acts.loss_gradient_bytes)
 
 
 def recompute_policies(allow: bool, implementation: str = "transformers") -> tuple[str, ...]:

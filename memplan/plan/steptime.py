@@ -32,6 +32,10 @@ step = (compute + tensor/context/expert communication) x pipeline factor
 - context parallelism (ring attention): each layer passes K and V around the ring, c-1 times
   forward and twice as many bytes backward (K, V and their gradients).
 - optimizer offload: gradients to the host and parameters back over PCIe, per step.
+- torch.compile (`training.compile`): the compute (and the bubble, its idle share) runs
+  COMPILE_SPEEDUP times faster where that speed-up is published for the model code
+  (COMPILE_SPEEDUP_CODE: torchtitan's per-block compile); compile changes the kernels, not the
+  collectives. Other model code's compiled rows take their eager twins' time.
 No overlap of communication with compute is assumed: the figure ranks layouts and errs long.
 """
 
@@ -50,6 +54,15 @@ LATENCY_INTER_S = 20e-6
 # PCIe Gen4 x16 host link, one direction (offload traffic).
 PCIE_BYTES_PER_S = 32e9
 ACTIVATION_BYTES = 2  # bf16/fp16 activations on the wire
+# torch.compile'd decoder blocks against eager, the same layout, batch and recomputation:
+# tokens/s per GPU 6,667 / 5,762 = 1.157 (pytorch/torchtitan benchmarks/
+# llama3_h100_202412_torchtitan.md @ 31a17bfd, Table 1: Llama 3.1 8B, FSDP 8 on one host of
+# H100s, per-op SAC, local batch 2 x 8192; torchtitan 9dec370 compiled each TransformerBlock,
+# the loss ran eager). The same file's Table 3 (128 GPUs) gives 6,514 / 5,605 = 1.162: the
+# one-host ratio, the smaller, is taken. Measured for torchtitan's model code only.
+COMPILE_SPEEDUP = 6667 / 5762
+COMPILE_SPEEDUP_CODE = ("torchtitan",)
+"""The model implementations whose compiled step COMPILE_SPEEDUP was measured on."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,6 +97,9 @@ class Work:
     """Bytes of one full set of this rank's gradients as communicated."""
     param_bytes: int
     """Bytes of one full set of this rank's 16-bit parameters (before DP sharding)."""
+    compiled: bool = False
+    """The decoder blocks run torch.compile'd by model code whose speed-up is published
+    (COMPILE_SPEEDUP_CODE): the compute runs COMPILE_SPEEDUP times faster."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,6 +181,8 @@ def step_time(shape: Shape, layout: Layout, work: Work, link: Link) -> StepTime:
         * flops_per_token(shape, work.recompute)
         / (layout.world_size * link.peak_flops * link.mfu)
     )
+    if work.compiled:
+        compute /= COMPILE_SPEEDUP
     micro_batches = max(1, shape.global_batch // (layout.data * work.micro_batch))
     p, v = layout.pipeline, layout.virtual_stages
     bubble = compute * (p - 1) / (v * micro_batches) if p > 1 else 0.0

@@ -7,7 +7,7 @@ from memplan.config.plan import PlanSpec
 from memplan.config.spec import Spec
 from memplan.hardware import CATALOG
 from memplan.model.inventory import Inventory
-from memplan.plan.steptime import Link, Shape, StepTime, Work, step_time
+from memplan.plan.steptime import COMPILE_SPEEDUP_CODE, Link, Shape, StepTime, Work, step_time
 from memplan.precision import dtype_bytes
 from memplan.report.result import Report
 from memplan.states.engines.megatron import main_grad_dtype
@@ -47,8 +47,11 @@ def link_of(spec: Spec, plan: PlanSpec) -> Link:
     )
 
 
-def work_of(spec: Spec, report: Report, mbs: int, recompute: str) -> Work:
-    """What one rank of `report`'s layout computes and communicates per step."""
+def work_of(
+    spec: Spec, report: Report, mbs: int, recompute: str, compiled: bool | None = None
+) -> Work:
+    """What one rank of `report`'s layout computes and communicates per step (`compiled`:
+    training.compile of the row, default the spec's)."""
     recipe = spec.recipe()
     per_rank = max(s.num_parameters for s in report.stages)
     engine = report.layout.engine
@@ -58,6 +61,8 @@ def work_of(spec: Spec, report: Report, mbs: int, recompute: str) -> Work:
         recompute=recompute,
         grad_bytes=per_rank * dtype_bytes(grad_dtype),
         param_bytes=per_rank * dtype_bytes(recipe.parameters),
+        compiled=(spec.training.compile if compiled is None else compiled)
+        and spec.model.implementation in COMPILE_SPEEDUP_CODE,
     )
 
 
