@@ -7,7 +7,9 @@ kernels off), forward + its vocab-parallel cross entropy, what it holds for back
 by the storages still alive, against memplan.model.stacks.megatron, for fp32 and bf16
 (Float16Module) x recompute none / full (uniform, one layer per checkpoint) / selective
 (core_attn) x batch 1 and 2 x GQA (2 of 4 heads), MQA (1 of 4, 3 layers, sequence 32) and
-multi-head (4 of 4) x dropout 0 and 0.1.
+multi-head (4 of 4) x dropout 0 and 0.1; then the same over TP = 2 and 4 gloo ranks (the shapes
+whose heads TP divides; no sequence parallelism, which the local spec refuses), every rank
+against memplan's estimate of that spec.
 
 Part 2, `llama31_8b`: one decoder layer of Llama 3.1 8B (dim 4096, 32 heads, 8 k/v heads, ffn
 14336), bf16 everywhere (the model cast to bf16, no autocast), no dropout, no recompute, batch
@@ -42,10 +44,12 @@ import torch  # noqa: E402
 from benchmarks.peers import megatron as theoretical  # noqa: E402
 from benchmarks.stamp import stamp  # noqa: E402
 from memplan import activations  # noqa: E402
+from memplan.config.load import validate  # noqa: E402
 from memplan.model.forward.tensors import Setting  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
 from memplan.model.stacks import megatron as rule  # noqa: E402
-from memplan.verify.megatron_core import Shape, held  # noqa: E402
+from memplan.report.estimate import estimate  # noqa: E402
+from memplan.verify.megatron_core import Shape, held, held_tensor_parallel  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "megatron-activations.json"
 
@@ -179,9 +183,56 @@ def llama31_8b(seq: int) -> dict[str, Any]:
     return out
 
 
+def tensor_parallel_matrix() -> list[dict[str, Any]]:
+    """Part 1 over TP = 2 and 4 gloo ranks (one process each), every rank measured, against
+    memplan's `estimate` of the same spec (engine megatron, no sequence parallelism: the
+    local spec's torch norms refuse it); the shapes whose heads and kv heads TP divides."""
+    rows = []
+    for tp in (2, 4):
+        cases, specs = [], []
+        for dtype in ("fp32", "bf16"):
+            for mode in ("none", "full", "selective"):
+                for name, shape in SHAPES:
+                    if shape.heads % tp or shape.kv_heads % tp:
+                        continue
+                    for dropout in (0.0, 0.1):
+                        cases.append((dtype, shape, mode, dropout))
+                        specs.append((dtype, mode, name, shape, dropout))
+        measured = held_tensor_parallel(cases, tp)
+        for (dtype, mode, name, shape, dropout), ranks in zip(specs, measured, strict=True):
+            doc = {
+                "model": {"architecture": tiny(shape), "implementation": "megatron-core"},
+                "precision": "fp32" if dtype == "fp32" else "bf16-mixed",
+                "training": {
+                    "micro_batch_size": shape.batch,
+                    "sequence_length": shape.seq,
+                    "activation_checkpointing": mode,
+                    "dropout": dropout > 0,
+                },
+                "parallelism": {"engine": "megatron", "tensor": tp, "sequence_parallel": False},
+                "hardware": {"device": "cpu"},
+            }
+            loaded = validate(doc)
+            predicted = estimate(loaded.spec, from_config(tiny(shape))).activations.bytes
+            rows.append(
+                {
+                    "tensor": tp,
+                    "dtype": dtype,
+                    "recompute": mode,
+                    "shape": name,
+                    "dropout": dropout,
+                    "measured_per_rank": [r.bytes for r in ranks],
+                    "predicted": predicted,
+                    "equal": all(r.bytes == predicted for r in ranks),
+                }
+            )
+    return rows
+
+
 def main() -> None:
     started = time.time()
     rows = matrix()
+    tp_rows = tensor_parallel_matrix()
     doc = {
         "stamp": stamp(
             torch=torch.__version__,
@@ -191,6 +242,9 @@ def main() -> None:
         "matrix": rows,
         "matrix_equal": sum(r["equal"] for r in rows),
         "matrix_cases": len(rows),
+        "tensor_parallel": tp_rows,
+        "tensor_parallel_equal": sum(r["equal"] for r in tp_rows),
+        "tensor_parallel_cases": len(tp_rows),
         "llama31_8b_bytes_per_token_per_layer": [llama31_8b(8192), llama31_8b(4096)],
         "te_spec_on_cpu": (
             "import transformer_engine: ModuleNotFoundError (Transformer Engine's PyTorch "
@@ -202,6 +256,10 @@ def main() -> None:
     }
     OUT.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{doc['matrix_equal']}/{doc['matrix_cases']} equal to the byte")
+    print(
+        f"tensor parallel: {doc['tensor_parallel_equal']}/{doc['tensor_parallel_cases']} "
+        "equal to the byte on every rank"
+    )
     print(json.dumps(doc["llama31_8b_bytes_per_token_per_layer"], indent=2))
 
 

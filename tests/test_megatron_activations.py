@@ -89,6 +89,56 @@ def test_rule_matches_megatron_core_to_the_byte(
     assert saved.bytes == measured.bytes
 
 
+def test_tensor_parallel_rule_matches_megatron_core_on_two_ranks() -> None:
+    """Over two TP ranks (gloo, one process each: memplan.verify.megatron_core.
+    held_tensor_parallel), every rank holds what the rule says for one TP rank (heads, kv
+    heads, ffn and vocabulary rows / 2, VocabParallelEmbedding's mask), to the byte, in each
+    setting of CASES (the full matrix: benchmarks/megatron_activations.py)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("megatron.core")
+    from memplan.verify.megatron_core import Shape, held_tensor_parallel
+
+    cases = [
+        (dtype, Shape(batch=batch, kv_heads=kv), mode, 0.1 if dropout else 0.0)
+        for dtype, mode, batch, kv, dropout in CASES
+    ]
+    measured = held_tensor_parallel(cases, 2)
+    for (dtype, mode, batch, kv, dropout), ranks in zip(CASES, measured, strict=True):
+        spec = make_spec(
+            model={"architecture": tiny(kv_heads=kv), "implementation": "megatron-core"},
+            precision="fp32" if dtype == "fp32" else "bf16-mixed",
+            training={
+                "micro_batch_size": batch,
+                "sequence_length": 16,
+                "activation_checkpointing": mode,
+                "dropout": dropout,
+            },
+            parallelism={"engine": "megatron", "tensor": 2, "sequence_parallel": False},
+            hardware={"device": "cpu"},
+        )
+        saved = estimate(spec, from_config(tiny(kv_heads=kv))).activations
+        assert saved.modelled, saved.notes
+        for rank in ranks:
+            assert rank.bytes == saved.bytes, (dtype, mode, batch, kv, dropout)
+
+
+def test_local_spec_sequence_parallel_is_refused_as_megatron_refuses_it() -> None:
+    """Megatron-Core's local spec asserts no sequence parallelism (its torch norms:
+    SRC_NO_SP_LOCAL); the TE spec is split by it."""
+    inv = from_config(tiny())
+    for spec_name, modelled in (("local", False), ("te", True)):
+        spec = make_spec(
+            model={"architecture": tiny(), "implementation": "megatron-core",
+                   "megatron_spec": spec_name},
+            parallelism={"engine": "megatron", "tensor": 2, "sequence_parallel": True},
+            hardware={"device": "cuda"},
+        )  # fmt: skip
+        saved = estimate(spec, inv).activations
+        assert saved.modelled is modelled, saved.notes
+        if not modelled:
+            assert "sequence parallelism" in saved.notes[0]
+
+
 def _llama_like(h: int, a: int, ffn: int, vocab: int) -> dict[str, Any]:
     return {
         **tiny(),
@@ -172,14 +222,15 @@ def test_megatron_spec_without_megatron_core_is_refused() -> None:
         make_spec(model={"architecture": tiny(), "megatron_spec": "te"})
 
 
-def test_tensor_parallel_and_lora_are_refused() -> None:
+def test_context_parallel_and_lora_are_refused() -> None:
     inv = from_config(tiny())
-    tp = make_spec(
+    cp = make_spec(
         model={"architecture": tiny(), "implementation": "megatron-core"},
-        parallelism={"engine": "megatron", "tensor": 2},
+        training={"attention": "sdpa"},
+        parallelism={"engine": "megatron", "context": 2},
     )
-    saved = micro_batch_of(tp, inv)
-    assert not saved.modelled and "tensor = context = expert = 1" in saved.notes[0]
+    saved = micro_batch_of(cp, inv)
+    assert not saved.modelled and "context = expert = 1" in saved.notes[0]
     lora = make_spec(
         model={"architecture": tiny(), "implementation": "megatron-core"},
         finetune={"method": "lora"},

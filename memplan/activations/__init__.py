@@ -312,24 +312,52 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
 
 
 def _megatron(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
-    """Megatron-Core's GPTModel on one GPU (memplan.model.stacks.megatron): modelled at TP = CP
-    = EP = 1 for full training; pipeline stages split its layers as any other."""
+    """Megatron-Core's GPTModel on one GPU (memplan.model.stacks.megatron) for full training, at
+    CP = EP = 1: one TP rank's slice (with or without sequence parallelism); pipeline stages
+    split its layers as any other."""
     why = ""
     if ft.method != "full" or ft.freeze:
         why = (
             "activations of Megatron-Core's model code are not modelled for LoRA, QLoRA or "
             "frozen parameters"
         )
-    elif lay.tensor > 1 or lay.context > 1 or lay.expert > 1:
+    elif lay.context > 1 or lay.expert > 1:
         why = (
-            "activations of Megatron-Core's model code are modelled at tensor = context = "
-            "expert = 1 (its TP / SP / CP split is not modelled yet)"
+            "activations of Megatron-Core's model code are modelled at context = expert = 1 "
+            "(its CP and EP splits are not modelled yet)"
         )
+    elif lay.tensor > 1 and lay.sequence_parallel and st.megatron_spec == "local":
+        why = (
+            "Megatron-Core's local spec runs no sequence parallelism (its torch norms refuse "
+            f"it: {megatron.SRC_NO_SP_LOCAL}): set sequence_parallel: false or "
+            "model.megatron_spec: te"
+        )
+    arch = inventory.architecture
+    if not why and lay.tensor > 1 and arch is not None:
+        why = layout.check(arch, st, lay)
     if why:
         return replace(
             layout.refused(why), implementation="megatron-core", megatron_spec=st.megatron_spec
         )
-    return predict(inventory, st)
+    if lay.tensor == 1 or arch is None:
+        return predict(inventory, st)
+    # Megatron's TP (memplan.model.stacks.megatron: the rule at one TP rank's heads,
+    # intermediate size and vocabulary rows), sequence parallelism splitting what TP leaves
+    # whole (its linears save their sequence shard and gather it again in backward).
+    local = predict(replace(inventory, architecture=layout.local_architecture(arch, lay)), st)
+    if not local.modelled:
+        return local
+    mask = megatron.tensor_parallel_embedding(st)
+    local = replace(
+        local,
+        blocks=tuple(
+            replace(b, tensors=(*b.tensors, mask)) if b.name == "embeddings" else b
+            for b in local.blocks
+        ),
+    )
+    if lay.sequence_parallel:
+        local = layout.split(predict(inventory, st), local, st, lay)
+    return replace(local, buffers=(*local.buffers, *layout.buffers(arch, st, lay)))
 
 
 EP_OVER_PROFILE = (

@@ -74,7 +74,7 @@ SRC_SCHEDULE = (
 )
 
 # Saved tensors Megatron keeps whole on every TP rank under sequence parallelism (see above).
-_NOT_SEQUENCE_SPLIT = (".indices", "rotary_emb.", "experts.")
+_NOT_SEQUENCE_SPLIT = (".indices", ".input_mask", "rotary_emb.", "rotary.", "experts.")
 # The inputs of the column-parallel linears. torch DTensor sequence parallelism all-gathers
 # them before the linear as a separate op (torch/distributed/tensor/parallel/style.py, 2.13:
 # PrepareModuleInput._prepare_input_arg redistributes Shard(1) -> Replicate, and
@@ -204,6 +204,8 @@ def _split_tokens(shape: tuple[int, ...], st: Setting, parts: int) -> tuple[int,
     """`shape` with its token dimension ([tokens, ...] or [batch, seq, ...]) / parts."""
     if len(shape) >= 3 and shape[:2] == (st.batch, st.sequence):
         return (shape[0], shape[1] // parts, *shape[2:])
+    if len(shape) >= 3 and shape[:2] == (st.sequence, st.batch):
+        return (shape[0] // parts, *shape[1:])  # Megatron's [s, b, h]
     if shape and shape[0] == st.tokens:
         return (shape[0] // parts, *shape[1:])
     return None

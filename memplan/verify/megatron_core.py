@@ -41,8 +41,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -132,7 +135,15 @@ def one_rank() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def build(dtype: str, shape: Shape, recompute: str = "none", *, dropout: float = 0.0) -> Any:
+def build(
+    dtype: str,
+    shape: Shape,
+    recompute: str = "none",
+    *,
+    dropout: float = 0.0,
+    tensor: int = 1,
+    sequence_parallel: bool = False,
+) -> Any:
     """GPTModel with get_gpt_layer_local_spec at `shape` (inside `one_rank`), parameters in
     `dtype` (bf16: a `bf16=True` TransformerConfig and the model wrapped in Float16Module,
     as Megatron-LM trains), `recompute` none / full (recompute_granularity full, method
@@ -175,13 +186,15 @@ def build(dtype: str, shape: Shape, recompute: str = "none", *, dropout: float =
         use_cpu_initialization=True,
         params_dtype=DTYPES[dtype],
         bf16=dtype == "bf16",
+        tensor_model_parallel_size=tensor,
+        sequence_parallel=sequence_parallel,
         **knobs,
     )
     with cpu_stand_ins():
         model = GPTModel(
             cfg,
             get_gpt_layer_local_spec(normalization="RMSNorm"),
-            vocab_size=shape.vocab,
+            vocab_size=padded_vocab(shape.vocab, tensor),
             max_sequence_length=max(128, shape.seq),
             position_embedding_type="rope",
             share_embeddings_and_output_weights=False,
@@ -193,6 +206,18 @@ def build(dtype: str, shape: Shape, recompute: str = "none", *, dropout: float =
 
         model = Float16Module(cfg, model)
     return model
+
+
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
+"""Megatron-LM's --make-vocab-size-divisible-by default (megatron/training/arguments.py)."""
+
+
+def padded_vocab(vocab: int, tensor: int) -> int:
+    """The vocabulary Megatron-LM builds its GPTModel with: padded to a multiple of
+    make_vocab_size_divisible_by x TP (Megatron-LM megatron/training/tokenizer/tokenizer.py::
+    _vocab_size_with_padding; the training script pads, Megatron-Core takes what it is given)."""
+    multiple = MAKE_VOCAB_SIZE_DIVISIBLE_BY * tensor
+    return -(-vocab // multiple) * multiple
 
 
 class _Made(TorchDispatchMode):
@@ -246,8 +271,19 @@ def held(
         return _held(dtype, shape, recompute, dropout)
 
 
-def _held(dtype: str, shape: Shape, recompute: str, dropout: float) -> Held:
-    model = build(dtype, shape, recompute, dropout=dropout)
+def _held(
+    dtype: str,
+    shape: Shape,
+    recompute: str,
+    dropout: float,
+    *,
+    tensor: int = 1,
+    sequence_parallel: bool = False,
+) -> Held:
+    model = build(
+        dtype, shape, recompute, dropout=dropout, tensor=tensor,
+        sequence_parallel=sequence_parallel,
+    )
     model.train()
     tokens, position, labels = _inputs(shape)
     # Warm-up: makes the global memory buffer, RoPE's cached table and the causal mask.
@@ -260,17 +296,89 @@ def _held(dtype: str, shape: Shape, recompute: str, dropout: float) -> Held:
     with spy:
         loss = model(tokens, position, None, labels=labels)
     # The loss all-reduces its max, predicted logits and sum (cross_entropy.py, over the TP
-    # group): gloo's worker thread can still hold the last one's tensor for a moment after
-    # the call returns. A barrier behind it waits until the worker has moved on.
-    torch.distributed.barrier()
+    # group): gloo's worker threads (two per process group) can still hold the last one's
+    # tensor for a moment after the call returns. A barrier behind it on each thread, then a
+    # moment for the worker to drop its reference, before anything is read.
+    for _ in range(2):
+        torch.distributed.barrier()
+    time.sleep(0.05)
+    gc.collect()
     before.add(loss.untyped_storage().data_ptr())
     alive: dict[int, tuple[str, tuple[int, ...], str, int]] = {}
     for ref, key, n, op, shp, dt in spy.made:
         if not ref.expired() and key not in before and key not in alive:
             alive[key] = (op, shp, str(dt).removeprefix("torch."), n)
-    total = sum(v[3] for v in alive.values()) + tokens.nbytes
+    # One TP rank embeds the ids themselves (they exist before the forward: added here); over
+    # more TP ranks VocabParallelEmbedding embeds a masked copy made in the forward (counted).
+    total = sum(v[3] for v in alive.values()) + (tokens.nbytes if tensor == 1 else 0)
     loss.sum().backward()  # the backward these tensors serve runs to the end
     return Held(bytes=total, tensors=tuple(alive.values()))
+
+
+Case = tuple[str, Shape, str, float]
+"""(dtype, shape, recompute, dropout): one measure of `held`."""
+
+
+def held_tensor_parallel(
+    cases: list[Case], tensor: int, *, sequence_parallel: bool = False
+) -> list[list[Held]]:
+    """What each of `tensor` TP ranks holds (`held`'s measure, [case][rank]): Megatron-Core's
+    model-parallel state at TP = `tensor` over that many gloo ranks, one spawned process each
+    (a TCP store on a free local port), the same stand-ins on every rank."""
+    import json
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from memplan.verify.launch import free_port
+
+    with tempfile.TemporaryDirectory() as out:
+        spawn: Any = mp
+        spawn.start_processes(
+            _tensor_rank,
+            args=(tensor, free_port(), cases, sequence_parallel, out),
+            nprocs=tensor,
+            join=True,
+            start_method="spawn",
+        )
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(tensor)]
+    return [
+        [Held(bytes=r[i]["bytes"], tensors=tuple(map(tuple, r[i]["tensors"]))) for r in ranks]
+        for i in range(len(cases))
+    ]
+
+
+def _tensor_rank(
+    rank: int, world: int, port: int, cases: list[Case], sequence_parallel: bool, out: str
+) -> None:
+    import datetime
+    import json
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    try:
+        parallel_state.initialize_model_parallel(world, 1)
+        results = []
+        with cpu_stand_ins():
+            for dtype, shape, recompute, dropout in cases:
+                h = _held(
+                    dtype, shape, recompute, dropout, tensor=world,
+                    sequence_parallel=sequence_parallel,
+                )  # fmt: skip
+                results.append({"bytes": h.bytes, "tensors": h.tensors})
+        Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 def _global_buffers() -> list[torch.Tensor]:

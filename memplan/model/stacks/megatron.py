@@ -263,6 +263,27 @@ def _te_layer(arch: Architecture, st: Setting) -> tuple[list[Saved], list[Saved]
     return whole, selective
 
 
+SRC_EMBEDDING = SRC + "tensor_parallel/layers.py::VocabParallelEmbedding.forward"
+SRC_NO_SP_LOCAL = (
+    SRC + "transformer/torch_norm.py::WrappedTorchNorm.__new__ (`assert not "
+    'config.sequence_parallel, "sequence parallel not supported by torch LayerNorm"`)'
+)
+
+
+def tensor_parallel_embedding(st: Setting) -> Saved:
+    """What VocabParallelEmbedding keeps over more than one TP rank beside the ids it embeds
+    (then a masked copy, `input_.clone() - vocab_start_index`, the rule's `indices`): the mask
+    of the ids outside its rows, [b, s] bool, which `output_parallel[input_mask, :] = 0.0`
+    (index_put_) saves (SRC_EMBEDDING)."""
+    return kernels.saved(
+        "word_embeddings.input_mask",
+        (st.batch, st.sequence),
+        "bool",
+        "IndexPutBackward0",
+        SRC_EMBEDDING,
+    )
+
+
 def persistent_buffers(arch: Architecture, st: Setting) -> tuple[Transient, ...]:
     """What the local spec's DotProductAttention keeps across steps, outside autograd: the
     global memory buffer its `baddbmm` writes the scores into, and the cached causal mask its
