@@ -271,6 +271,10 @@ def trace(repo: Path, float8: bool, layers: int = LAYERS, batch: int = BATCH) ->
             labels = torch.randint(0, VOCAB, (batch, SEQ))
             rec = Recorder()
             rec.existing([*model.parameters(), *model.buffers(), tokens, labels])
+            for param in model.parameters():
+                # FSDP2 reduce-scatters each unsharded gradient and frees it (the sharded fp32
+                # gradients are memplan's, allocated in the replay's init)
+                param.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
             with loss_parallel():  # train.py: train_context(loss_parallel_enabled)
                 track = Track(rec)
                 with track:
@@ -376,7 +380,7 @@ def replay_events(rec: Recorder, row: dict[str, Any]) -> list[tuple[Any, ...]]:
                 live.discard(e[1])
             elif step == 1:
                 out.append(e)
-        out += [("free", (step, i)) for i in sorted(live)]  # the bf16 .grad's FSDP2 would shard
+        out += [("free", (step, i)) for i in sorted(live)]
         out.append(("free", ("root", step)))
     return out
 
