@@ -175,8 +175,10 @@ def test_event_sequence_of_a_tiny_step() -> None:
         *layer(0),
         *layer(1),
         ("phase", "loss"),
-        a(("transient", "logits"), 800),
+        # the head's saved tensors (final norm, the output layer's input) come before the
+        # logits the output layer makes, the loss's after them
         a(("saved", 1, HEAD, 0, 0), 512),
+        a(("transient", "logits"), 800),
         a(("saved", 1, LOSS, 0, 0), 1536),
         ("phase", "backward_start"),
         f(("transient", "logits")),

@@ -21,8 +21,11 @@ What the event order assumes (the timeline's own phases, made into a sequence):
   than the 512-byte rounding of each block).
 - Forward: non-layered blocks (embeddings, in-flight micro-batches of a pipeline rank) first,
   then each decoder layer's saved tensors one by one, its forward working set allocated before
-  them and freed after. At the loss: the logits and their fp32 copy (the phase's transients),
-  then the head's and the loss's saved tensors.
+  them and freed after. At the loss: the head's saved tensors (the final norm's, the output
+  layer's input: the forward makes them before the logits), the logits and their fp32 copy
+  (the phase's transients), then the loss's saved tensors. (Placing the head's after the
+  logits put the logits in a hole the real order never offers: torchtitan's 70B TP 8 row,
+  traced op by op, benchmarks/torchtitan_70b_trace.py.)
 - Backward, layer by layer from the last: the backward working set, the layer's saved tensors
   freed, its gradients allocated (the layer's share of the parameters: equal per layer of the
   block), the working set freed. The head's gradients come before the first layer, the rest
@@ -208,6 +211,10 @@ class _StepEvents:
             moment = [t for t in self.momentary if t.momentary == phase]
             for t in moment:
                 self.ev.alloc(("momentary", step, t.name), t.bytes, stream=t.stream)
+            if phase == "loss":
+                # The head's saved tensors (the final norm's, the output layer's input) exist
+                # before the logits and the loss's transients: the forward makes them first.
+                self.blocks(step, [b for b in self.at_loss if b.name == "head"], free=False)
             self.transients_to(phase)
             for t in moment:
                 self.ev.free(("momentary", step, t.name))
@@ -220,7 +227,7 @@ class _StepEvents:
                 self.blocks(step, self.kept, free=False)
                 self.layers_forward(step)
             elif phase == "loss":
-                self.blocks(step, self.at_loss, free=False)
+                self.blocks(step, [b for b in self.at_loss if b.name != "head"], free=False)
             elif phase == "backward":
                 self.layers_backward(step)
 

@@ -281,7 +281,11 @@ def _held(
     sequence_parallel: bool = False,
 ) -> Held:
     model = build(
-        dtype, shape, recompute, dropout=dropout, tensor=tensor,
+        dtype,
+        shape,
+        recompute,
+        dropout=dropout,
+        tensor=tensor,
         sequence_parallel=sequence_parallel,
     )
     model.train()
