@@ -67,9 +67,21 @@ META = (
 )
 
 
-def base(row: Row) -> dict[str, object]:
+# Whose model code the activations are: transformers' LlamaForCausalLM (memplan's default), or
+# Megatron-Core's GPTModel with Transformer Engine's fused modules (model.implementation
+# megatron-core, megatron_spec te: its TP split proved on gloo ranks with the local spec,
+# benchmarks/megatron_activations.py; context parallelism not modelled for it yet).
+CODES: dict[str, dict[str, str]] = {
+    "transformers": {},
+    "megatron-core te": {"implementation": "megatron-core", "megatron_spec": "te"},
+}
+TOP = 5
+"""Issue 21's ranking check: is Meta's layout among plan's first TOP rows?"""
+
+
+def base(row: Row, code: str = "transformers") -> dict[str, object]:
     return {
-        "model": {"preset": "llama-3.1-405b"},
+        "model": {"preset": "llama-3.1-405b", **CODES[code]},
         "precision": "bf16-mixed",
         "optimizer": {"name": "adamw"},
         "training": {"sequence_length": row.seq, "attention": "sdpa"},
@@ -77,8 +89,8 @@ def base(row: Row) -> dict[str, object]:
     }
 
 
-def plan_spec(row: Row) -> Spec:
-    doc = base(row) | {
+def plan_spec(row: Row, code: str = "transformers") -> Spec:
+    doc = base(row, code) | {
         "plan": {
             "gpus": row.gpus,
             "global_batch_size": row.global_batch,
@@ -89,8 +101,8 @@ def plan_spec(row: Row) -> Spec:
     return validate(doc).spec
 
 
-def meta_spec(row: Row, recompute: str, virtual: int) -> Spec:
-    doc = base(row)
+def meta_spec(row: Row, recompute: str, virtual: int, code: str = "transformers") -> Spec:
+    doc = base(row, code)
     doc["training"] = {
         "sequence_length": row.seq,
         "attention": "sdpa",
@@ -123,6 +135,7 @@ def layout(c: Any) -> dict[str, Any]:
         "zero_stage": c.zero_stage,
         "micro_batch_size": c.micro_batch_size,
         "recompute": c.recompute,
+        "compile": c.compile,
         "peak_bytes": c.peak_bytes,
         "step_s": c.time.total_s,
     }
@@ -135,6 +148,7 @@ def describe(result: PlanResult, row: Row) -> dict[str, Any]:
         return (
             f"dp{c.data} tp{c.tensor} pp{c.pipeline}x{c.virtual_stages} cp{c.context} "  # type: ignore[attr-defined]
             f"ZeRO-{c.zero_stage} mbs{c.micro_batch_size} {c.recompute:<9} "  # type: ignore[attr-defined]
+            f"{'compiled' if c.compile else 'eager   '} "  # type: ignore[attr-defined]
             f"peak {c.peak_bytes / GIB:5.1f} GiB step {c.time.total_s:6.2f} s"  # type: ignore[attr-defined]
         )
 
@@ -154,20 +168,22 @@ def describe(result: PlanResult, row: Row) -> dict[str, Any]:
         "top": [layout(c) for c in result.layouts[:3]],
         "fitting": len(result.layouts),
         "meta_rank": ranks[0][0] if ranks else None,
+        "in_top": bool(ranks) and ranks[0][0] <= TOP,
+        "pruned": dict(result.pruned),
     }
 
 
-def main() -> None:
+def run(code: str) -> list[dict[str, Any]]:
+    """Every row of META planned and measured with `code`'s activations."""
     inventory: Inventory | None = None
-    start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for row in META:
-        spec = plan_spec(row)
+        spec = plan_spec(row, code)
         if inventory is None:
-            inventory = load_inventory(validate(base(row)))
+            inventory = load_inventory(validate(base(row, code)))
         print(
-            f"\n{row.gpus:,} GPUs, sequence {row.seq:,}, global batch {row.global_batch:,}: "
-            f"Meta used TP{row.tp} CP{row.cp} PP{row.pp} DP{row.dp}"
+            f"\n[{code}] {row.gpus:,} GPUs, sequence {row.seq:,}, global batch "
+            f"{row.global_batch:,}: Meta used TP{row.tp} CP{row.cp} PP{row.pp} DP{row.dp}"
         )
         result = plan(spec, inventory, suggest=False)
         record: dict[str, Any] = {
@@ -177,22 +193,14 @@ def main() -> None:
             "meta": {"tensor": row.tp, "context": row.cp, "pipeline": row.pp, "data": row.dp},
             **describe(result, row),
         }
-        layer = estimate(meta_spec(row, "none", 1), inventory).activations.block("layers")
-        assert layer is not None
-        # theoretical_memory_usage.py::compute_activation_memory (SP + selective recompute):
-        # s b h (18 + 4 ffn / h) / t bytes per layer, Korthikanti's Table 2 with a 4h GELU MLP.
-        s, h, ffn = row.seq // row.cp, 16384, 53248
-        megatron = s * h * (18 + 4 * ffn / h) / row.tp
-        print(
-            f"  one layer, one micro-batch: memplan {layer.bytes_each / GIB:.3f} GiB, Megatron's "
-            f"formula {megatron / GIB:.3f} GiB (x{layer.bytes_each / megatron:.2f})"
-        )
-        record["layer_bytes"] = {"memplan": layer.bytes_each, "megatron_formula": megatron}
         record["meta_layout_peak_bytes"] = {}
         for virtual in (1, 2):
             peaks = []
             for recompute in ("none", "selective", "full"):
-                report = estimate(meta_spec(row, recompute, virtual), inventory)
+                report = estimate(meta_spec(row, recompute, virtual, code), inventory)
+                if not report.activations.modelled:
+                    peaks.append(f"{recompute} not modelled")
+                    continue
                 peaks.append(
                     f"{recompute} {report.peak_bytes / GIB:6.1f} GiB (stage {report.stage})"
                 )
@@ -200,8 +208,34 @@ def main() -> None:
                     report.peak_bytes
                 )
             print(f"  memplan on Meta's layout, {virtual} chunk(s)/rank: " + ", ".join(peaks))
+        saved = estimate(meta_spec(row, "none", 1, code), inventory).activations
+        layer = saved.block("layers")
+        if layer is not None and saved.modelled:
+            # theoretical_memory_usage.py::compute_activation_memory (SP + selective
+            # recompute): s b h (18 + 4 ffn / h) / t bytes per layer, Korthikanti's Table 2
+            # with a 4h GELU MLP.
+            s, h, ffn = row.seq // row.cp, 16384, 53248
+            megatron = s * h * (18 + 4 * ffn / h) / row.tp
+            print(
+                f"  one layer, one micro-batch: memplan {layer.bytes_each / GIB:.3f} GiB, "
+                f"Megatron's formula {megatron / GIB:.3f} GiB "
+                f"(x{layer.bytes_each / megatron:.2f})"
+            )
+            record["layer_bytes"] = {"memplan": layer.bytes_each, "megatron_formula": megatron}
+        else:
+            record["not_modelled"] = next(iter(saved.notes), "")
+            print(f"  Meta's layout: {record['not_modelled']}")
         rows.append(record)
+    return rows
+
+
+def main() -> None:
+    start = time.perf_counter()
+    runs = {code: run(code) for code in CODES}
     seconds = time.perf_counter() - start
+    for code, rows in runs.items():
+        hits = sum(r["in_top"] for r in rows)
+        print(f"[{code}] Meta's layout in plan's top {TOP}: {hits} of {len(rows)} rows")
     print(f"\n{seconds:.1f} s")
     sys.path.insert(0, str(ROOT))
     from benchmarks.stamp import stamp
@@ -209,7 +243,9 @@ def main() -> None:
     doc = {
         "stamp": stamp(seconds=round(seconds, 1)),
         "source": "The Llama 3 Herd of Models (arXiv 2407.21783), Table 4 and section 3.3.2",
-        "rows": rows,
+        "top": TOP,
+        "rows": runs["transformers"],
+        "rows_megatron_core_te": runs["megatron-core te"],
     }
     out = ROOT / "benchmarks" / "results" / "published-layouts.json"
     out.write_text(json.dumps(doc, indent=1) + "\n")

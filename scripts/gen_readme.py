@@ -443,24 +443,55 @@ def published_layouts(doc: Doc) -> str:
         f"{of(pp, len(rows), 'rows')}, and is Meta's layout exactly in "
         f"{of(len(exact), len(rows), 'rows')}"
         + (f" ({'; '.join(layouts)})" if layouts else "")
-        + f"; Meta's degrees rank {ranks} ({where(doc)}): "
-        "[benchmarks/results/published-layouts.md](benchmarks/results/published-layouts.md) "
+        + f"; Meta's degrees rank {ranks} ({where(doc)}). "
+        + _top_sentence(doc)
+        + "[benchmarks/results/published-layouts.md](benchmarks/results/published-layouts.md) "
         "explains each row.\n"
     )
 
 
-def megatron_ratio(doc: Doc) -> str:
-    ratios = sorted(
-        {
-            round(r["layer_bytes"]["memplan"] / r["layer_bytes"]["megatron_formula"], 2)
-            for r in doc["rows"]
-        }
+def _top_sentence(doc: Doc) -> str:
+    """How often Meta's layout is in plan's top rows, with transformers' model code and with
+    Megatron-Core's TE code (issue 21's ranking check)."""
+    top = doc.get("top", 5)
+    te = doc.get("rows_megatron_core_te", [])
+
+    def hits(rows: list[Doc]) -> int:
+        return sum(1 for r in rows if r["meta_rank"] and r["meta_rank"] <= top)
+
+    if not te:
+        return ""
+    te_ranks = ", ".join(
+        f"#{r['meta_rank']} of {n(r['fitting'])}" if r["meta_rank"] else "not searchable"
+        for r in te
     )
-    ratio = " to ".join(f"{x:.2f}" for x in ratios)
     return (
-        "Activations are transformers' saved tensors: Megatron-Core with Transformer Engine "
-        f"fuses norms and SwiGLU and saves less ({ratio}x less per Llama-3.1-405B layer by "
-        "Megatron's own formula, `benchmarks/published_layouts.py`, "
+        f"Meta's layout is in plan's top {top} in {of(hits(doc['rows']), len(doc['rows']), 'rows')}"
+        " with transformers' model code and in "
+        f"{of(hits(te), len(te), 'rows')} with Megatron-Core's Transformer Engine code "
+        f"({te_ranks}; Megatron-Core's context parallelism is not modelled yet). "
+    )
+
+
+def megatron_ratio(doc: Doc) -> str:
+    def ratios(rows: list[Doc]) -> str:
+        found = sorted(
+            {
+                round(r["layer_bytes"]["memplan"] / r["layer_bytes"]["megatron_formula"], 2)
+                for r in rows
+                if "layer_bytes" in r
+            }
+        )
+        return " to ".join(f"{x:.2f}" for x in found)
+
+    te = ratios(doc.get("rows_megatron_core_te", []))
+    return (
+        "Activations are transformers' saved tensors unless `model.implementation` names other "
+        "model code: Megatron-Core with Transformer Engine fuses norms and SwiGLU and saves "
+        f"less (a Llama-3.1-405B layer of transformers' code saves {ratios(doc['rows'])}x what "
+        "Megatron's own formula gives"
+        + (f", memplan's `megatron-core` TE rule {te}x" if te else "")
+        + ", `benchmarks/published_layouts.py`, "
         "[benchmarks/results/published-layouts.md](benchmarks/results/published-layouts.md)).\n"
     )
 
