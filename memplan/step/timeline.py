@@ -139,6 +139,17 @@ class StepSettings:
     keeps them allocated through the next forward and backward (torch engines only:
     ZEROED_GRADIENT_ENGINES)."""
 
+    def states(self, inventory: Inventory, per_gpu: RankStates) -> StepStates:
+        """The model states of one GPU (`inventory`: its own model) as the engines read them."""
+        return StepStates(
+            inventory=inventory,
+            per_gpu=per_gpu,
+            layout=self.layout,
+            recipe=self.recipe,
+            optimizer=self.optimizer,
+            device=self.device,
+        )
+
 
 # The engines whose gradients are the parameters' .grad tensors that the trainer's
 # optimizer.zero_grad() clears (torch/optim/optimizer.py::Optimizer.zero_grad, set_to_none
@@ -159,14 +170,7 @@ def build(
     cache: StepCache,
 ) -> Timeline:
     """The step's timeline on the most-loaded GPU (`inventory`: its own model)."""
-    states = StepStates(
-        inventory=inventory,
-        per_gpu=per_gpu,
-        layout=step.layout,
-        recipe=step.recipe,
-        optimizer=step.optimizer,
-        device=step.device,
-    )
+    states = step.states(inventory, per_gpu)
     terms = tuple(transients(step, states, saved, cache))
     gradients = _gradients(step, states, cache)
     activations = _activations(saved)
@@ -208,14 +212,7 @@ def floor_bytes(
     """Bytes no timeline `build` (of the same arguments) peaks under: its points without the
     transient terms, the costly part of a timeline and never negative. Plan prunes a layout
     on it before building any timeline."""
-    states = StepStates(
-        inventory=inventory,
-        per_gpu=per_gpu,
-        layout=step.layout,
-        recipe=step.recipe,
-        optimizer=step.optimizer,
-        device=step.device,
-    )
+    states = step.states(inventory, per_gpu)
     gradients = _gradients(step, states, cache)
     activations = _activations(saved)
     resident = per_gpu.bytes_of("parameters") + per_gpu.bytes_of("optimizer_states") + buffer_bytes

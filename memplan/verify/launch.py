@@ -6,6 +6,7 @@ torch.multiprocessing (spawn) on a free localhost port.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import queue
 import socket
@@ -88,6 +89,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def local_group(rank: int, world: int, port: int, backend: str = "gloo") -> Iterator[None]:
+    """Rank `rank` of a `world`-rank default process group over a TCP store on this host's
+    `port`, destroyed on exit."""
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def _worker(rank: int, job: Job, port: int, events: Any) -> None:
     """One spawned rank: join the group, measure, send the result (or the traceback) back."""
     try:
@@ -97,13 +115,8 @@ def _worker(rank: int, job: Job, port: int, events: Any) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.world))
         if job.device == "cuda":
             torch.cuda.set_device(rank)
-        dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=job.world
-        )
-        try:
+        with local_group(rank, job.world, port, backend):
             result = measure_rank(job, rank, lambda what: events.put((rank, what, None)))
-        finally:
-            dist.destroy_process_group()
         events.put((rank, "done", result))
     except MemplanError as err:  # a refusal made while building: its message, no traceback
         events.put((rank, "error", str(err)))

@@ -355,34 +355,27 @@ def held_tensor_parallel(
 def _tensor_rank(
     rank: int, world: int, port: int, cases: list[Case], sequence_parallel: bool, out: str
 ) -> None:
-    import datetime
     import json
 
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from memplan.verify.launch import local_group
+
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    try:
+    with local_group(rank, world, port):
         parallel_state.initialize_model_parallel(world, 1)
-        results = []
-        with cpu_stand_ins():
-            for dtype, shape, recompute, dropout in cases:
-                h = _held(
-                    dtype, shape, recompute, dropout, tensor=world,
-                    sequence_parallel=sequence_parallel,
-                )  # fmt: skip
-                results.append({"bytes": h.bytes, "tensors": h.tensors})
-        Path(out, f"rank{rank}.json").write_text(json.dumps(results))
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+        try:
+            results = []
+            with cpu_stand_ins():
+                for dtype, shape, recompute, dropout in cases:
+                    h = _held(
+                        dtype, shape, recompute, dropout, tensor=world,
+                        sequence_parallel=sequence_parallel,
+                    )  # fmt: skip
+                    results.append({"bytes": h.bytes, "tensors": h.tensors})
+            Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+        finally:
+            parallel_state.destroy_model_parallel()
 
 
 def _global_buffers() -> list[torch.Tensor]:
