@@ -222,15 +222,14 @@ def test_megatron_spec_without_megatron_core_is_refused() -> None:
         make_spec(model={"architecture": tiny(), "megatron_spec": "te"})
 
 
-def test_context_parallel_and_lora_are_refused() -> None:
+def test_expert_parallel_and_lora_are_refused() -> None:
     inv = from_config(tiny())
-    cp = make_spec(
+    ep = make_spec(
         model={"architecture": tiny(), "implementation": "megatron-core"},
-        training={"attention": "sdpa"},
-        parallelism={"engine": "megatron", "context": 2},
+        parallelism={"engine": "megatron", "expert": 2, "data": 2},
     )
-    saved = micro_batch_of(cp, inv)
-    assert not saved.modelled and "context = expert = 1" in saved.notes[0]
+    saved = micro_batch_of(ep, inv)
+    assert not saved.modelled and "expert = 1" in saved.notes[0]
     lora = make_spec(
         model={"architecture": tiny(), "implementation": "megatron-core"},
         finetune={"method": "lora"},
@@ -282,3 +281,35 @@ def test_pin_llama31_8b_te_layer_per_token() -> None:
     assert layer is not None
     per_token = 8 * h + 2 * 48 * 128 + 2 * 40 * 128 + 2 * h + 4 * ffn + 2 * ffn + 8 + 4 * 32
     assert layer.bytes_each == per_token * 8192 + 16
+
+
+def test_pin_te_context_parallel_saves_what_the_ring_attention_keeps() -> None:
+    """A pinning test (the TE spec cannot run here; the rule is read from Transformer Engine's
+    AttnFuncWithCPAndKVP2P, SRC_TE_CP): over CP ranks the layer is the rule at sequence / CP
+    less linear_qkv's output and the roped k (the attention no longer saves v, a view of it),
+    plus the last received [2, tokens, kv x head dim] chunk and one rng state per further ring
+    step; the local spec, whose attention refuses CP, is refused."""
+    arch = tiny()
+    inv = from_config(arch)
+
+    def layer(cp: int, seq: int, spec_name: str = "te") -> Any:
+        spec = make_spec(
+            model={"architecture": arch, "implementation": "megatron-core",
+                   "megatron_spec": spec_name},
+            training={"micro_batch_size": 2, "sequence_length": seq, "attention": "sdpa"},
+            parallelism={"engine": "megatron", "context": cp},
+            hardware={"device": "cuda"},
+        )  # fmt: skip
+        return estimate(spec, inv).activations
+
+    ring, plain = layer(2, 32), layer(1, 16)
+    assert ring.modelled, ring.notes
+    got = {t.name: t.bytes for t in ring.block("layers").tensors}
+    want = {t.name: t.bytes for t in plain.block("layers").tensors}
+    tokens, kv_width = 2 * 16, 2 * 16  # batch x sequence / CP; kv heads x head dim
+    assert set(want) - set(got) == {"linear_qkv.output", "attn.k"}
+    assert got["attn.kv_chunk"] == 2 * tokens * kv_width * 2  # bf16
+    assert got["attn.rng_state_ring"] == 2 * 8  # CP - 1 further steps, 2 int64 each
+    assert all(got[n] == b for n, b in want.items() if n in got)
+    local = layer(2, 32, "local")
+    assert not local.modelled and "context parallelism" in local.notes[0]

@@ -321,10 +321,15 @@ def _megatron(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) 
             "activations of Megatron-Core's model code are not modelled for LoRA, QLoRA or "
             "frozen parameters"
         )
-    elif lay.context > 1 or lay.expert > 1:
+    elif lay.expert > 1:
         why = (
-            "activations of Megatron-Core's model code are modelled at context = expert = 1 "
-            "(its CP and EP splits are not modelled yet)"
+            "activations of Megatron-Core's model code are modelled at expert = 1 (memplan's "
+            "Megatron-Core rule is a dense Llama-like GPTModel)"
+        )
+    elif lay.context > 1 and st.megatron_spec == "local":
+        why = (
+            "Megatron-Core's local spec runs no context parallelism (its attention refuses it: "
+            f"{megatron.SRC_NO_CP_LOCAL}): set model.megatron_spec: te"
         )
     elif lay.tensor > 1 and lay.sequence_parallel and st.megatron_spec == "local":
         why = (
@@ -339,25 +344,35 @@ def _megatron(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) 
         return replace(
             layout.refused(why), implementation="megatron-core", megatron_spec=st.megatron_spec
         )
-    if lay.tensor == 1 or arch is None:
+    if (lay.tensor == 1 and lay.context == 1) or arch is None:
         return predict(inventory, st)
     # Megatron's TP (memplan.model.stacks.megatron: the rule at one TP rank's heads,
     # intermediate size and vocabulary rows), sequence parallelism splitting what TP leaves
-    # whole (its linears save their sequence shard and gather it again in backward).
-    local = predict(replace(inventory, architecture=layout.local_architecture(arch, lay)), st)
+    # whole (its linears save their sequence shard and gather it again in backward), CP
+    # running sequence / CP tokens through TE's ring attention.
+    local_st = layout.local_setting(st, lay)
+    local_arch = layout.local_architecture(arch, lay)
+    local = predict(replace(inventory, architecture=local_arch), local_st)
     if not local.modelled:
         return local
-    mask = megatron.tensor_parallel_embedding(st)
-    local = replace(
-        local,
-        blocks=tuple(
-            replace(b, tensors=(*b.tensors, mask)) if b.name == "embeddings" else b
-            for b in local.blocks
-        ),
+    extra = {}
+    if lay.tensor > 1:
+        extra["embeddings"] = (megatron.tensor_parallel_embedding(local_st),)
+    blocks = tuple(
+        replace(b, tensors=(*b.tensors, *extra[b.name])) if b.name in extra else b
+        for b in local.blocks
     )
+    if lay.context > 1:
+        blocks = tuple(
+            megatron.te_context_parallel(b, local_st, local_arch, lay.context)
+            if b.name == "layers"
+            else b
+            for b in blocks
+        )
+    local = replace(local, blocks=blocks)
     if lay.sequence_parallel:
-        local = layout.split(predict(inventory, st), local, st, lay)
-    return replace(local, buffers=(*local.buffers, *layout.buffers(arch, st, lay)))
+        local = layout.split(predict(inventory, local_st), local, local_st, lay)
+    return replace(local, buffers=(*local.buffers, *layout.buffers(arch, local_st, lay)))
 
 
 EP_OVER_PROFILE = (

@@ -284,6 +284,43 @@ def tensor_parallel_embedding(st: Setting) -> Saved:
     )
 
 
+SRC_NO_CP_LOCAL = (
+    SRC + "transformer/dot_product_attention.py::DotProductAttention.__init__ (asserts "
+    "config.context_parallel_size == 1: context parallelism is TEDotProductAttention's)"
+)
+SRC_TE_CP = (
+    "TransformerEngine pytorch/attention/dot_product_attention/context_parallel.py::"
+    "AttnFuncWithCPAndKVP2P.forward (f16: `p2p_comm_buffers[0] = torch.cat((k.view(-1), "
+    "v.view(-1)))`, `kv = p2p_comm_buffers[-1]`, saves q, kv, out, softmax_lse and one rng "
+    "state per step)"
+)
+
+
+def te_context_parallel(layer: Block, st: Setting, arch: Architecture, cp: int) -> Block:
+    """One TE-spec layer over `cp` context-parallel ranks (`st` and `arch`: one CP and TP
+    rank's), read from the source (SRC_TE_CP), not run: the attention saves q, the last key/
+    value chunk it received ([2, tokens, kv heads x head dim], a new tensor), its output, the
+    softmax statistics and one rng state per ring step, no longer v (so no longer
+    linear_qkv's output) nor the roped k. What the layer saves otherwise is the rule at
+    sequence / CP. Under selective recompute the checkpoint still keeps q, k and v as its
+    inputs, and the recomputed core makes the chunk and the further rng states."""
+    _, _, kv, d = kernels.attention_dims(arch)
+    chunk = kernels.saved("attn.kv_chunk", (2, st.tokens, kv * d), st.matmul,
+                          "AttnFuncWithCPAndKVP2P", SRC_TE_CP)  # fmt: skip
+    more_rng = kernels.saved("attn.rng_state_ring", ((cp - 1) * RNG_STATE[0],), kernels.INT64,
+                             "AttnFuncWithCPAndKVP2P", SRC_TE_CP)  # fmt: skip
+    gone = {"linear_qkv.output", "attn.k"}
+
+    def ring(tensors: tuple[Saved, ...]) -> tuple[Saved, ...]:
+        return (*(t for t in tensors if t.name not in gone), chunk, more_rng)
+
+    if st.checkpointing == "selective":
+        return replace(layer, recompute=(*layer.recompute, chunk, more_rng))
+    if st.checkpointing == "full":
+        return replace(layer, recompute=ring(layer.recompute))
+    return replace(layer, tensors=ring(layer.tensors))
+
+
 def persistent_buffers(arch: Architecture, st: Setting) -> tuple[Transient, ...]:
     """What the local spec's DotProductAttention keeps across steps, outside autograd: the
     global memory buffer its `baddbmm` writes the scores into, and the cached causal mask its
