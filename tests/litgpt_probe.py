@@ -170,3 +170,101 @@ def _run(call: Any, model: torch.nn.Module, shape: Shape, *, key: Any) -> int:
     before.add(key(loss.untyped_storage()))
     alive = {k: n for ref, k, n in spy.made if not ref.expired() and k not in before}
     return sum(alive.values()) + tokens.nbytes + targets.nbytes
+
+
+@dataclass(frozen=True)
+class Lora:
+    """LitGPT's LoRA flags (litgpt/lora.py::Config: lora_r, lora_alpha, lora_dropout and
+    lora_query/key/value/projection/mlp/head), as finetune/lora.py::setup passes them."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    query: bool = True
+    key: bool = False
+    value: bool = True
+    projection: bool = False
+    mlp: bool = False
+    head: bool = False
+
+
+def lora_config(shape: Shape, lora: Lora) -> Any:
+    """litgpt.lora.Config at `shape` with `lora`'s flags (the fields of `config`)."""
+    from dataclasses import asdict
+
+    from litgpt.lora import Config
+
+    base = {k: v for k, v in asdict(config(shape)).items() if k in _CONFIG_KEYS}
+    flags = {f"lora_{k}": v for k, v in asdict(lora).items()}
+    return Config(**base, **flags)
+
+
+_CONFIG_KEYS = (
+    "name",
+    "block_size",
+    "vocab_size",
+    "padded_vocab_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_query_groups",
+    "rotary_percentage",
+    "parallel_residual",
+    "bias",
+    "norm_class_name",
+    "mlp_class_name",
+    "intermediate_size",
+    "rope_base",
+)
+
+
+def held_bytes_lora(precision: str, mode: str, shape: Shape = Shape(), lora: Lora = Lora()) -> int:
+    """`held_bytes` for litgpt 0.5.9's finetune/lora.py: `litgpt.lora.GPT` with `lora`'s flags,
+    `mark_only_lora_as_trainable` (every parameter but the lora_A / lora_B frozen), the model
+    in training mode (LoRA dropout active when > 0), and its fit loop's forward and loss:
+    `logits = model(input_ids, lm_head_chunk_size=128)`, `logits[-1] = logits[-1][..., :-1,
+    :]`, `chunked_cross_entropy(logits, targets[..., 1:])`. LoRAQKVLinear's index buffer
+    (`lora_ind`, made lazily by its first forward) is made before the measure: a buffer."""
+    import lightning as L
+    from litgpt.lora import GPT, LoRAQKVLinear, mark_only_lora_as_trainable
+
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=PRECISION[precision])  # type: ignore[arg-type]
+    with fabric.init_module():
+        model = GPT(lora_config(shape, lora))
+    mark_only_lora_as_trainable(model)
+    for m in model.modules():
+        if isinstance(m, LoRAQKVLinear) and any(m.enable_lora) and m.r > 0:
+            m.lora_ind  # noqa: B018 - the lazy buffer, made before the measure
+    if mode == "full":
+        checkpoint(model)
+    elif mode != "none":
+        raise ValueError(mode)
+    wrapped = fabric.setup(model)
+    return _run_lora(wrapped, model, shape)
+
+
+def _run_lora(call: Any, model: torch.nn.Module, shape: Shape) -> int:
+    """Forward + loss as finetune/lora.py::fit runs them; the token ids and targets are made
+    inside the measure and dropped after it, so they count only when autograd keeps them
+    (with the embedding frozen it does not keep the ids; nll_loss keeps views or copies of
+    the targets)."""
+    from litgpt.utils import chunked_cross_entropy
+
+    key = lambda st: st.data_ptr()  # noqa: E731
+    before = {key(t.untyped_storage()) for t in (*model.parameters(), *model.buffers())}
+    spy = _Made(key)
+    with spy:
+        tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+        targets = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+        logits = call(tokens, lm_head_chunk_size=HEAD_CHUNK)
+        logits[-1] = logits[-1][..., :-1, :]
+        loss = chunked_cross_entropy(logits, targets[..., 1:])
+    del logits, tokens, targets
+    before.add(key(loss.untyped_storage()))
+    alive = {k: n for ref, k, n in spy.made if not ref.expired() and k not in before}
+    return sum(alive.values())
+
+
+HEAD_CHUNK = 128
+"""finetune/lora.py::fit's `model(input_ids, lm_head_chunk_size=128)`."""
