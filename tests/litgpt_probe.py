@@ -244,14 +244,43 @@ def held_bytes_lora(precision: str, mode: str, shape: Shape = Shape(), lora: Lor
     return _run_lora(wrapped, model, shape)
 
 
-def _run_lora(call: Any, model: torch.nn.Module, shape: Shape) -> int:
+def held_bytes_lora_fake(precision: str, mode: str, shape: Shape, lora: Lora = Lora()) -> int:
+    """`held_bytes_lora` under FakeTensorMode (the CPU kernels' meta functions, no memory),
+    without Fabric: its precision plugin done by hand (`model.to(bf16)` for bf16-true, each
+    output chunk's `.float()` for convert_output). Storages are told apart by their
+    StorageImpl."""
+    from litgpt.lora import GPT, LoRAQKVLinear, mark_only_lora_as_trainable
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError("the fake probe runs 32-true and bf16-true")
+    with torch.device("meta"):
+        model = GPT(lora_config(shape, lora))
+        if precision == "bf16":
+            model = model.to(torch.bfloat16)
+    mark_only_lora_as_trainable(model)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to_empty(device="cpu")
+        for m in model.modules():
+            if isinstance(m, LoRAQKVLinear) and any(m.enable_lora) and m.r > 0:
+                m.lora_ind  # noqa: B018 - the lazy buffer, made before the measure
+        if mode == "full":
+            checkpoint(model)
+
+        def call(tokens: torch.Tensor, lm_head_chunk_size: int) -> list[torch.Tensor]:
+            return [y.float() for y in model(tokens, lm_head_chunk_size=lm_head_chunk_size)]
+
+        return _run_lora(call, model, shape, key=lambda st: int(st._cdata))
+
+
+def _run_lora(call: Any, model: torch.nn.Module, shape: Shape, *, key: Any = None) -> int:
     """Forward + loss as finetune/lora.py::fit runs them; the token ids and targets are made
     inside the measure and dropped after it, so they count only when autograd keeps them
     (with the embedding frozen it does not keep the ids; nll_loss keeps views or copies of
     the targets)."""
     from litgpt.utils import chunked_cross_entropy
 
-    key = lambda st: st.data_ptr()  # noqa: E731
+    key = key or (lambda st: st.data_ptr())
     before = {key(t.untyped_storage()) for t in (*model.parameters(), *model.buffers())}
     spy = _Made(key)
     with spy:

@@ -93,9 +93,7 @@ class Flags:
         return (self.query, self.key, self.value)
 
 
-def flags_of(
-    targets: tuple[str, ...] | str | None, *, rank: int, dropout: float
-) -> Flags | str:
+def flags_of(targets: tuple[str, ...] | str | None, *, rank: int, dropout: float) -> Flags | str:
     """LitGPT's flags for peft's `target_modules` (None: peft's Llama default q_proj,
     v_proj, which is also finetune/lora.py::setup's default lora_query + lora_value), or why
     LitGPT cannot express them."""
@@ -191,8 +189,9 @@ def _layer(arch: Architecture, st: Setting, fl: Flags, g_in: bool) -> tuple[list
             widths = (a * d, kv * d, kv * d)
             padded = sum(w for w, on in zip(widths, fl.qkv, strict=True) if on)
             out.append(
-                kernels.saved("attn.qkv.lora_B.output", (t, padded), dtype, "IndexCopyBackward0",
-                              SRC_QKV)
+                kernels.saved(
+                    "attn.qkv.lora_B.output", (t, padded), dtype, "IndexCopyBackward0", SRC_QKV
+                )
             )
     g_qkv = g_in or bool(fl.r and parts)
     if g_qkv:
@@ -245,9 +244,8 @@ def _head(arch: Architecture, st: Setting, fl: Flags, g: bool) -> list[Saved]:
             name, shape = "transformer.ln_f.output", (t, h)
         else:
             name, shape = f"lm_head.{i}.input", (b * c, h)
-        x = kernels.saved(name, shape, dtype, "MmBackward0", SRC_LINEAR)
-        if view and i:
-            x = None
+        first = not (view and i)
+        x = kernels.saved(name, shape, dtype, "MmBackward0", SRC_LINEAR) if first else None
         out += _adapter(f"lm_head.{i}", x, (b * c, h), 1, fl, st, x_grad=g, src=SRC_LINEAR)
     return out
 
@@ -307,12 +305,20 @@ def saved(arch: Architecture, st: Setting, fl: Flags) -> Activations:
         else:
             runs.append((layer, 1))
         g = g_out
-    for i, (layer, count) in enumerate(runs):
-        name = "layers" if len(runs) == 1 else f"layers.{i}"
-        if st.checkpointing == "full":
-            kept = kernels.saved("checkpoint.x", (b, s, h), st.stream, "Noop", litgpt.SRC_CHECKPOINT)
-            blocks.append(Block(name=name, count=count, tensors=(kept,), recompute=tuple(layer),
-                                layered=True))
+    for layer, count in runs:
+        name = "layers"  # one block per run of equal layers, as memplan.activations.lora
+        if st.checkpointing == "full" and layer:
+            kept = kernels.saved(
+                "checkpoint.x", (b, s, h), st.stream, "Noop", litgpt.SRC_CHECKPOINT
+            )
+            blocks.append(
+                Block(name=name, count=count, tensors=(kept,), recompute=tuple(layer), layered=True)
+            )
+        elif st.checkpointing == "full":
+            # A block that records nothing packs no saved tensor: nothing references the
+            # checkpoint's frame, which holds the block input (torch/utils/checkpoint.py::
+            # _CheckpointFrame.save_inputs, kept alive only by the packed tensors' hooks).
+            blocks.append(Block(name=name, count=count, tensors=(), layered=True))
         else:
             blocks.append(Block(name=name, count=count, tensors=tuple(layer), layered=True))
     blocks.append(Block(name="head", count=1, tensors=tuple(_head(arch, st, fl, g))))
