@@ -297,3 +297,55 @@ def _run_lora(call: Any, model: torch.nn.Module, shape: Shape, *, key: Any = Non
 
 HEAD_CHUNK = 128
 """finetune/lora.py::fit's `model(input_ids, lm_head_chunk_size=128)`."""
+
+
+class _Alive(_Made):
+    """`_Made` that also follows, after every op, the bytes of the storages it has seen that
+    are still alive, and their most while `measuring`."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda st: st.data_ptr())
+        self.measuring = False
+        self.most = 0
+
+    def alive(self) -> int:
+        live = {k: n for ref, k, n in self.made if not ref.expired()}
+        return sum(live.values())
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.measuring:
+            self.most = max(self.most, self.alive())
+        return out
+
+
+def loss_backward_excess(precision: str, shape: Shape, lora: Lora = Lora()) -> int:
+    """The most the backward of finetune/lora.py's loss holds beyond what was alive when it
+    began: forward + loss as `held_bytes_lora` runs them, then `torch.autograd.grad` of the
+    loss with respect to the fp32 logits chunks Fabric returned (the loss's nodes only: the
+    head's backward and the layers' are left out), the bytes of every storage made since the
+    forward began followed after each op."""
+    import lightning as L
+    from litgpt.lora import GPT, mark_only_lora_as_trainable
+    from litgpt.utils import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=PRECISION[precision])  # type: ignore[arg-type]
+    with fabric.init_module():
+        model = GPT(lora_config(shape, lora))
+    mark_only_lora_as_trainable(model)
+    wrapped = fabric.setup(model)
+    spy = _Alive()
+    with spy:
+        tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+        targets = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+        logits = wrapped(tokens, lm_head_chunk_size=HEAD_CHUNK)
+        chunks = list(logits)
+        logits[-1] = logits[-1][..., :-1, :]
+        loss = chunked_cross_entropy(logits, targets[..., 1:])
+        start = spy.alive()
+        spy.measuring = True
+        grads = torch.autograd.grad(loss, chunks)
+        spy.measuring = False
+    del grads
+    return spy.most - start

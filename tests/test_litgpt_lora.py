@@ -30,10 +30,14 @@ def lora_spec(
     batch: int = 2,
     seq: int = 16,
     layers: int = 2,
+    vocab: int = 256,
     **finetune: Any,
 ) -> Any:
     return make_spec(
-        model={"architecture": tiny(layers, kv), "implementation": "litgpt"},
+        model={
+            "architecture": {**tiny(layers, kv), "vocab_size": vocab},
+            "implementation": "litgpt",
+        },
         precision=precision,
         training={
             "micro_batch_size": batch,
@@ -181,3 +185,31 @@ def test_pin_litgpt_adapters_are_held_in_the_model_dtype() -> None:
     assert states["exp_avg"].dtype == "bf16" and states["exp_avg_sq"].dtype == "bf16"
     # q + v on 2 layers: lora_A [8, 64] x 2 and lora_B [64 + 32, 8] per layer.
     assert states["exp_avg"].elements == 2 * (2 * 8 * 64 + (64 + 32) * 8)
+
+
+@pytest.mark.parametrize(("batch", "seq"), [(2, 300), (1, 100)])
+def test_chunked_loss_gradient_matches_litgpt(batch: int, seq: int) -> None:
+    """The loss's backward (memplan.model.stacks.litgpt_lora.loss_gradient, the step's
+    `logits_gradient` at backward_start) against the most litgpt's own loss holds beyond
+    what was alive when its backward began. The measure is lower by the small tensors the
+    backward has freed by then (later chunks' int64 targets, the divisor), at most the loss
+    block's int64 tensors."""
+    pytest.importorskip("torch")
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.lora")
+    from memplan.model.stacks.litgpt_lora import loss_gradient
+    from tests.litgpt_probe import Shape, loss_backward_excess
+
+    vocab = 4096  # the logits dominate what the loss's backward makes
+    measured = loss_backward_excess("bf16", Shape(batch=batch, seq=seq, vocab=vocab))
+    predicted = loss_gradient(batch, seq, vocab)
+    saved = micro_batch_of(
+        lora_spec(batch=batch, seq=seq, vocab=vocab), from_config({**tiny(), "vocab_size": vocab})
+    )
+    loss = saved.block("loss")
+    assert loss is not None and saved.loss_gradient_bytes == predicted
+    small = sum(t.bytes for t in loss.tensors if t.dtype == "int64")
+    assert 0 <= predicted - measured <= small
+    timeline = estimate(lora_spec(batch=batch, seq=seq), from_config(tiny())).timeline
+    held = [t for t in timeline.transient_at("backward_start") if t.name == "logits_gradient"]
+    assert [t.bytes for t in held] == [loss_gradient(batch, seq, 256)]

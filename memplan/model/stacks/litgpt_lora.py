@@ -276,6 +276,18 @@ def loss(batch: int, seq: int, vocab: int) -> list[Saved]:
     ]
 
 
+def loss_gradient(batch: int, seq: int, vocab: int) -> int:
+    """The most the chunked loss's backward holds at once beyond the saved tensors: the
+    engine runs each chunk's nll_loss backward then its log_softmax backward (the last chunk
+    first); while chunk k's log_softmax backward writes its [batch x chunk, vocab] fp32
+    gradient, nll_loss's gradient of the same size is alive, and every later chunk's
+    log_softmax gradient has taken the place of that chunk's saved log-softmax, freed once
+    its node ran (torch/csrc/autograd/engine.cpp releases a node's saved variables after
+    it runs): two gradients of the largest chunk. Measured on CPU against litgpt 0.5.9 by
+    tests/test_litgpt_lora.py (tests/litgpt_probe.py::loss_backward_excess)."""
+    return 2 * batch * max(_chunks(seq - 1)) * vocab * dtype_bytes(kernels.FP32)
+
+
 def unsupported(st: Setting) -> str:
     """What LitGPT's LoRA rule does not cover beyond memplan.model.stacks.litgpt's, or ''."""
     if st.autocast or st.stream not in (kernels.FP32, "bf16"):
@@ -338,6 +350,7 @@ def saved(arch: Architecture, st: Setting, fl: Flags) -> Activations:
         logits_bytes=t * vocab * dtype_bytes(st.matmul),
         upcast_bytes=t * vocab * dtype_bytes(kernels.FP32) if st.matmul != kernels.FP32 else 0,
         hidden_bytes=t * h * dtype_bytes(st.stream),
+        loss_gradient_bytes=loss_gradient(b, s, vocab),
         notes=notes,
         implementation="litgpt",
     )
