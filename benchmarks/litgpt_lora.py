@@ -5,12 +5,13 @@ Part 1, `matrix`: `litgpt.lora.GPT` built tiny on CPU (tests/litgpt_probe.py: n_
 4 heads, LLaMAMLP 192, vocab 256), `mark_only_lora_as_trainable`, run by Lightning Fabric's
 own precision plugin with finetune/lora.py::fit's forward and loss (`lm_head_chunk_size=128`,
 the last position dropped, `chunked_cross_entropy`), what it holds for backward measured by
-the storages still alive (tests/litgpt_probe.py::held_bytes_lora), for 32-true / bf16-true
-(memplan fp32 / bf16) x no checkpointing / LitGPT's per-Block checkpointing x five target
-sets (q+v: finetune/lora.py's default; q+k+v+o; q+v+mlp; o only; all-linear+head) x LoRA
-dropout 0 and 0.05 x 4 (MHA: one grouped conv1d) and 2 (GQA: a conv1d per part) k/v heads x
-(batch, sequence) (1, 200), (2, 16), (2, 300) (one head chunk, or several with a short last
-one; one sequence, whose head chunks and targets are views, or two, whose are copies).
+the storages still alive (tests/litgpt_probe.py::held_bytes_lora), for 32-true / bf16-true /
+bf16-mixed (memplan fp32 / bf16 / amp-bf16) x no checkpointing / LitGPT's per-Block
+checkpointing x five target sets (q+v: finetune/lora.py's default; q+k+v+o; q+v+mlp; o only;
+all-linear+head) x LoRA dropout 0 and 0.05 x 4 (MHA: one grouped conv1d) and 2 (GQA: a
+conv1d per part) k/v heads x (batch, sequence) (1, 200), (2, 16), (2, 300) (one head chunk,
+or several with a short last one; one sequence, whose head chunks and targets are views, or
+two, whose are copies).
 
 Part 2, `llama2_7b_fake`: two blocks of Llama 2 7B (n_embd 4096, 32 heads, MHA, LLaMAMLP
 11008, vocab 32000) under FakeTensorMode at the published rows' 1304 tokens, micro-batch 1
@@ -115,7 +116,7 @@ def predict(
 
 def matrix() -> list[dict[str, Any]]:
     rows = []
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", "amp-bf16"):
         for mode in ("none", "full"):
             for name, targets in TARGETS.items():
                 for dropout in (0.0, 0.05):

@@ -27,6 +27,10 @@ linear keeps no input, a frozen RMSNorm weight drops the normalized input, and a
 input does not require grad (the first, after the frozen embedding) records nothing before its
 first adapter.
 
+Precision as Fabric's plugins run it (memplan.model.stacks.litgpt): 32-true, bf16-true and
+bf16-mixed (torch.autocast over the fp32 model: every frozen weight is cast per call, once per
+head chunk, and the adapters' inputs and weights are cast for their matmuls).
+
 Proved on CPU against litgpt 0.5.9's real LoRA model, run by Fabric, by
 tests/test_litgpt_lora.py (benchmarks/litgpt_lora.py: the whole matrix).
 """
@@ -143,83 +147,139 @@ def _norm(prefix: str, t: int, h: int, st: Setting) -> list[Saved]:
     return [s for s in litgpt.norm(prefix, t, h, st) if not s.name.endswith(".normalized")]
 
 
+SRC_CAST = "aten/src/ATen/autocast_mode.h::cached_cast"
+
+
+def _autocast(st: Setting) -> bool:
+    """torch.autocast casts the fp32 stream and weights to the matmul dtype (bf16-mixed)."""
+    return st.autocast and st.stream != st.matmul
+
+
+def _weight_cast(name: str, shape: tuple[int, int], st: Setting, *, x_grad: bool) -> list[Saved]:
+    """A frozen base linear under autocast: its weight is cast for every call (cached_cast
+    caches only leaves that require grad) and the matmul keeps that copy when its input
+    requires grad (for the input's gradient); the cast input is not kept (no weight
+    gradient)."""
+    if not (_autocast(st) and x_grad):
+        return []
+    return [kernels.saved(f"{name}.weight_cast", shape, st.matmul, "MmBackward0", SRC_CAST)]
+
+
 def _adapter(
     prefix: str,
     x: Saved | None,
     shape: tuple[int, int],
+    out_width: int,
     parts: int,
     fl: Flags,
     st: Setting,
     *,
+    x_dtype: str,
     x_grad: bool,
     src: str,
 ) -> list[Saved]:
     """What one adapter keeps: lora_A's input (`x` itself, a Saved of the input's storage,
-    with dropout off; else the dropout output and, when x requires grad, its mask) and
-    lora_B's input, lora_A's output [tokens, r x parts]."""
+    with dropout off; else the dropout output and, when x requires grad, its mask; under
+    autocast, an input not in the matmul dtype is cast for lora_A, a new copy each adapter)
+    and lora_B's input, lora_A's output [tokens, r x parts]. Under autocast lora_A is cast
+    too (kept when x requires grad: for x's gradient) and lora_B (always: lora_A's output
+    requires grad), [r x parts, width] and [out, r] in the matmul dtype."""
     t, width = shape
-    dtype = st.stream
+    mm = st.matmul
+    cast = _autocast(st) and x_dtype != mm
     out: list[Saved] = []
     if fl.dropout > 0:
-        out.append(kernels.saved(f"{prefix}.lora_dropout.output", shape, dtype, "MmBackward0", src))
         if x_grad:
-            out.append(kernels.dropout(f"{prefix}.lora_dropout.mask", shape, dtype, st))
+            out.append(kernels.dropout(f"{prefix}.lora_dropout.mask", shape, x_dtype, st))
+        name = f"{prefix}.lora_dropout.output" + ("_cast" if cast else "")
+        out.append(kernels.saved(name, shape, mm if cast else x_dtype, "MmBackward0", src))
+    elif cast:
+        out.append(kernels.saved(f"{prefix}.input_cast", shape, mm, "MmBackward0", SRC_CAST))
     elif x is not None:
         out.append(x)
-    after_a = (t, fl.r * parts)
     by = "ConvolutionBackward0" if prefix == "attn.qkv" else "MmBackward0"
-    out.append(kernels.saved(f"{prefix}.lora_A.output", after_a, dtype, by, src))
+    if _autocast(st):
+        if x_grad:
+            a_shape = (fl.r * parts, width)
+            out.append(kernels.saved(f"{prefix}.lora_A.cast", a_shape, mm, "MmBackward0", SRC_CAST))
+        b_shape = (out_width, fl.r)
+        out.append(kernels.saved(f"{prefix}.lora_B.cast", b_shape, mm, by, SRC_CAST))
+    out.append(kernels.saved(f"{prefix}.lora_A.output", (t, fl.r * parts), mm, by, src))
     return out
 
 
 def _layer(arch: Architecture, st: Setting, fl: Flags, g_in: bool) -> tuple[list[Saved], bool]:
     """One Block's saved tensors with LitGPT's LoRA, and whether its output requires grad.
-    `g_in`: its input requires grad."""
+    `g_in`: its input requires grad. The norms' outputs are in the stream dtype, the
+    matmuls' (attention, MLP) in the matmul dtype."""
     h, a, kv, d = kernels.attention_dims(arch)
-    t, inter, dtype = st.tokens, arch.intermediate_size, st.stream
+    t, inter, stream, mm = st.tokens, arch.intermediate_size, st.stream, st.matmul
     out: list[Saved] = []
     if g_in:
         out += _norm("norm_1", t, h, st)
-    # norm_1's output (the stream dtype), as lora_A keeps it with dropout off.
-    normed = kernels.saved("norm_1.output", (t, h), dtype, "MmBackward0", SRC_QKV)
+    out += _weight_cast("attn.qkv", ((a + 2 * kv) * d, h), st, x_grad=g_in)
+    # norm_1's output, as lora_A keeps it with dropout off.
+    normed = kernels.saved("norm_1.output", (t, h), stream, "MmBackward0", SRC_QKV)
     parts = sum(fl.qkv)
     if fl.r and parts:
-        out += _adapter("attn.qkv", normed, (t, h), parts, fl, st, x_grad=g_in, src=SRC_QKV)
+        widths = (a * d, kv * d, kv * d)
+        padded = sum(w for w, on in zip(widths, fl.qkv, strict=True) if on)
+        out += _adapter(
+            "attn.qkv",
+            normed,
+            (t, h),
+            padded,
+            parts,
+            fl,
+            st,
+            x_dtype=stream,
+            x_grad=g_in,
+            src=SRC_QKV,
+        )
         if parts < 3:
-            widths = (a * d, kv * d, kv * d)
-            padded = sum(w for w, on in zip(widths, fl.qkv, strict=True) if on)
             out.append(
                 kernels.saved(
-                    "attn.qkv.lora_B.output", (t, padded), dtype, "IndexCopyBackward0", SRC_QKV
+                    "attn.qkv.lora_B.output", (t, padded), mm, "IndexCopyBackward0", SRC_QKV
                 )
             )
     g_qkv = g_in or bool(fl.r and parts)
     if g_qkv:
         out += [s for s in litgpt.attention_saves(arch, st) if s.name != "attn.proj.input"]
-    y = kernels.saved("attn.proj.input", (t, a * d), dtype, "MmBackward0", SRC_LINEAR)
+    out += _weight_cast("attn.proj", (h, a * d), st, x_grad=g_qkv)
+    y = kernels.saved("attn.proj.input", (t, a * d), mm, "MmBackward0", SRC_LINEAR)
     if fl.r and fl.projection:
-        out += _adapter("attn.proj", y, (t, a * d), 1, fl, st, x_grad=g_qkv, src=SRC_LINEAR)
+        out += _adapter(
+            "attn.proj", y, (t, a * d), h, 1, fl, st, x_dtype=mm, x_grad=g_qkv, src=SRC_LINEAR
+        )
     g_res = g_in or g_qkv or bool(fl.r and fl.projection)
     if g_res:
         out += _norm("norm_2", t, h, st)
+    out += _weight_cast("mlp.fc_1", (inter, h), st, x_grad=g_res)
+    out += _weight_cast("mlp.fc_2", (inter, h), st, x_grad=g_res)
     mlp = bool(fl.r and fl.mlp)
-    normed2 = kernels.saved("norm_2.output", (t, h), dtype, "MmBackward0", SRC_LINEAR)
+    normed2 = kernels.saved("norm_2.output", (t, h), stream, "MmBackward0", SRC_LINEAR)
     if mlp:
-        # With dropout off both lora_A keep the same norm_2 output: one storage.
+        # With dropout off (and no cast) both lora_A keep the same norm_2 output: one storage.
         for name, x in (("mlp.fc_1", normed2), ("mlp.fc_2", None)):
-            out += _adapter(name, x, (t, h), 1, fl, st, x_grad=g_res, src=SRC_LINEAR)
-    if g_res or mlp:
+            out += _adapter(
+                name, x, (t, h), inter, 1, fl, st, x_dtype=stream, x_grad=g_res, src=SRC_LINEAR
+            )
+    g_fc = g_res or mlp
+    if g_fc:
         # silu(fc_1(x)) * fc_2(x): silu keeps fc_1's output, the product both its inputs.
         src = litgpt.SRC
         out += [
-            kernels.saved("mlp.fc_1.output", (t, inter), dtype, "SiluBackward0", src),
-            kernels.saved("mlp.silu.output", (t, inter), dtype, "MulBackward0", src),
-            kernels.saved("mlp.fc_2.output", (t, inter), dtype, "MulBackward0", src),
+            kernels.saved("mlp.fc_1.output", (t, inter), mm, "SiluBackward0", src),
+            kernels.saved("mlp.silu.output", (t, inter), mm, "MulBackward0", src),
+            kernels.saved("mlp.fc_2.output", (t, inter), mm, "MulBackward0", src),
         ]
+    out += _weight_cast("mlp.proj", (h, inter), st, x_grad=g_fc)
     if mlp:
-        prod = kernels.saved("mlp.proj.input", (t, inter), dtype, "MmBackward0", SRC_LINEAR)
-        out += _adapter("mlp.proj", prod, (t, inter), 1, fl, st, x_grad=True, src=SRC_LINEAR)
-    return out, g_res or mlp
+        prod = kernels.saved("mlp.proj.input", (t, inter), mm, "MmBackward0", SRC_LINEAR)
+        out += _adapter(
+            "mlp.proj", prod, (t, inter), h, 1, fl, st, x_dtype=mm, x_grad=True, src=SRC_LINEAR
+        )
+    return out, g_fc
 
 
 def _chunks(n: int) -> list[int]:
@@ -229,15 +289,18 @@ def _chunks(n: int) -> list[int]:
 
 
 def _head(arch: Architecture, st: Setting, fl: Flags, g: bool) -> list[Saved]:
-    """ln_f (frozen) and the chunked head: the frozen head keeps nothing; with lora_head every
-    128-position slice `x_i` of ln_f's output has its own adapter. lora_A reads `x_i` through
-    matmul's `reshape(-1, h)`: a view when the slice is contiguous (one sequence, or one
-    slice), else a copy [B x chunk, h] that lora_A keeps."""
-    h, t, b, s, dtype = arch.hidden_size, st.tokens, st.batch, st.sequence, st.stream
+    """ln_f (frozen) and the chunked head: the frozen head keeps nothing (under autocast, its
+    weight's cast, once per chunk); with lora_head every 128-position slice `x_i` of ln_f's
+    output has its own adapter. lora_A reads `x_i` through matmul's `reshape(-1, h)`: a view
+    when the slice is contiguous (one sequence, or one slice), else a copy [B x chunk, h]
+    that lora_A keeps."""
+    h, t, b, s, stream = arch.hidden_size, st.tokens, st.batch, st.sequence, st.stream
     out = _norm("transformer.ln_f", t, h, st) if g else []
+    chunks = _chunks(s)
+    for i, _ in enumerate(chunks):
+        out += _weight_cast(f"lm_head.{i}", (arch.vocab_size, h), st, x_grad=g)
     if not (fl.r and fl.head):
         return out
-    chunks = _chunks(s)
     view = b == 1 or len(chunks) == 1
     for i, c in enumerate(chunks):
         if view:  # views of ln_f's output, one storage
@@ -245,8 +308,19 @@ def _head(arch: Architecture, st: Setting, fl: Flags, g: bool) -> list[Saved]:
         else:
             name, shape = f"lm_head.{i}.input", (b * c, h)
         first = not (view and i)
-        x = kernels.saved(name, shape, dtype, "MmBackward0", SRC_LINEAR) if first else None
-        out += _adapter(f"lm_head.{i}", x, (b * c, h), 1, fl, st, x_grad=g, src=SRC_LINEAR)
+        x = kernels.saved(name, shape, stream, "MmBackward0", SRC_LINEAR) if first else None
+        out += _adapter(
+            f"lm_head.{i}",
+            x,
+            (b * c, h),
+            arch.vocab_size,
+            1,
+            fl,
+            st,
+            x_dtype=stream,
+            x_grad=g,
+            src=SRC_LINEAR,
+        )
     return out
 
 
@@ -290,10 +364,14 @@ def loss_gradient(batch: int, seq: int, vocab: int) -> int:
 
 def unsupported(st: Setting) -> str:
     """What LitGPT's LoRA rule does not cover beyond memplan.model.stacks.litgpt's, or ''."""
-    if st.autocast or st.stream not in (kernels.FP32, "bf16"):
+    if (st.stream, st.matmul) not in (
+        (kernels.FP32, kernels.FP32),
+        ("bf16", "bf16"),
+        (kernels.FP32, "bf16"),
+    ):
         return (
-            "LitGPT's LoRA is proved for 32-true and bf16-true (memplan precision fp32, bf16): "
-            "bf16-mixed and 16-true are not modelled"
+            "LitGPT's LoRA is proved for 32-true, bf16-true and bf16-mixed (memplan precision "
+            "fp32, bf16, amp-bf16): 16-true and 16-mixed are not modelled"
         )
     if st.sequence < 2:
         return "finetune/lora.py drops the last position: a sequence needs 2 tokens or more"
