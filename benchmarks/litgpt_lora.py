@@ -18,7 +18,7 @@ Part 2, `llama2_7b_fake`: two blocks of Llama 2 7B (n_embd 4096, 32 heads, MHA, 
 and 2, bf16-true, LoRA r 8 dropout 0.05 on query + value (the settings of
 benchmarks/reference/litgpt-lora-a100.md), against the rule.
 
-    PYTHONPATH=$PWD python benchmarks/litgpt_lora.py   # ~15 s on 2 cores
+    PYTHONPATH=$PWD python benchmarks/litgpt_lora.py   # ~1 min on 2 cores
     # writes benchmarks/results/litgpt-lora.json
 
 Installed with: pip install --no-deps litgpt==0.5.9 lightning==2.6.6
