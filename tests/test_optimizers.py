@@ -122,6 +122,31 @@ def test_pin_bnb_paged_32bit_adam_states(name: str, dtype: str) -> None:
     assert opt.is_paged and not opt.is_8bit
 
 
+@pytest.mark.parametrize("name", ["paged_adamw", "paged_adam"])
+def test_paged_32bit_adam_states_match_bitsandbytes(name: str) -> None:
+    """The rule against bitsandbytes' own PagedAdamW / PagedAdam, one step on CPU (where
+    get_state_buffer gives ordinary memory: paging is CUDA's), bf16 and fp32 parameters.
+    Skipped where bitsandbytes is not installed (checked with bitsandbytes 0.50.2)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    cls = {"paged_adamw": bnb.optim.PagedAdamW, "paged_adam": bnb.optim.PagedAdam}[name]
+    memplan_name = {v: k for k, v in TORCH_NAMES.items()}
+    for dtype in ("bf16", "fp32"):
+        shapes = ((64, 63), (300, 400))
+        params = [torch.nn.Parameter(torch.zeros(s, dtype=_torch_dtype(dtype))) for s in shapes]
+        opt = cls(params)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for p in params:
+            held = sorted(
+                (k, tuple(v.shape), memplan_name[str(v.dtype).removeprefix("torch.")])
+                for k, v in opt.state[p].items()
+                if isinstance(v, torch.Tensor)
+            )
+            rule = state_tensors(OptimizerConfig(name=name), tuple(p.shape), dtype)
+            assert held == sorted((s.name, s.shape, s.dtype) for s in rule)
+
+
 def test_paged_32bit_states_of_large_tensors_leave_the_gpu() -> None:
     """get_state_buffer pages CUDA states of >= 1e5 elements (memplan.optimizers.
     is_paged_state, the rule the paged 8-bit optimizers follow): counted on the host."""
