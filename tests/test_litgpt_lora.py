@@ -171,7 +171,7 @@ def test_litgpt_refuses_qlora_and_fp16_lora() -> None:
         finetune={"method": "qlora"},
     )
     saved = micro_batch_of(qlora, from_config(tiny()))
-    assert not saved.modelled and "bitsandbytes runs on CUDA only" in saved.notes[0]
+    assert not saved.modelled and "Lightning quantizes on CUDA only" in saved.notes[0]
     half = lora_spec(precision="fp16")
     saved = micro_batch_of(half, from_config(tiny()))
     assert not saved.modelled and "16-true and 16-mixed are not modelled" in saved.notes[0]

@@ -313,9 +313,11 @@ def _litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activatio
     if ft.method == "qlora":
         why = (
             "qlora under LitGPT (finetune/lora.py --quantize bnb.nf4: Lightning's "
-            "BitsandbytesPrecision quantizes every Linear, the head included, and swaps the "
-            "embedding for bitsandbytes' StableEmbedding) is not modelled: bitsandbytes runs "
-            "on CUDA only, so the rule cannot be proved here"
+            "BitsandbytesPrecision quantizes every Linear, the head included, and litgpt "
+            "0.5.9 swaps the embedding for bitsandbytes' StableEmbedding) is not modelled: "
+            "Lightning quantizes on CUDA only (lightning 2.6 fabric/plugins/precision/"
+            "bitsandbytes.py::_Linear4bit.quantize raises on any other device), so no rule "
+            "is proved for it"
         )
     elif ft.freeze or ft.modules_to_save or ft.exclude_modules or ft.bias != "none":
         why = (
