@@ -96,6 +96,9 @@ class Row:
     left out of the counts."""
     trace: bool = False
     """No hand activation rule: trace a profile first (needs torch and transformers)."""
+    notes: tuple[str, ...] = ()
+    """What the source ran that differs from what memplan models, with its size where known
+    (the row stays in the counts)."""
 
     @property
     def metric(self) -> str:
@@ -206,6 +209,28 @@ def litgpt(mbs: int, quantize: str | None = None) -> dict[str, Any]:
     }
 
 
+# lit-gpt 8641822 (git show 8641822:lit_gpt/rmsnorm.py, lit_gpt/model.py, lit_gpt/lora.py,
+# finetune/lora.py) against the litgpt 0.5.9 memplan models (memplan.model.stacks.litgpt_lora).
+LITGPT_2023 = (
+    "version gap: the source ran lit-gpt 8641822 (Oct 2023), memplan models litgpt 0.5.9. "
+    "Same in both: LoRAQKVLinear/LoRALinear, mark_only_lora_as_trainable, "
+    "model(input_ids, lm_head_chunk_size=128), logits[-1][..., :-1, :], "
+    "chunked_cross_entropy, AdamW over the bf16 adapters.",
+    "8641822's RMSNorm (lit_gpt/rmsnorm.py: `x * x`, `x * rsqrt(...)`, `weight * x_normed`, "
+    "no `x.float()`) keeps its bf16 input and a bf16 rsqrt where 0.5.9's keeps an fp32 copy, "
+    "an fp32 rsqrt and the weight's fp32 copy: 0.5.9 saves tokens x 4096 x 2 B more per norm "
+    "whose input requires grad (63 + ln_f here), about 0.64 GiB at micro-batch 1 and 1.27 GiB "
+    "at 2 (not subtracted).",
+    "8641822's attention calls flash_attn.flash_attn_func when flash-attn is installed (its "
+    "scaled_dot_product_attention), else SDPA: memplan models SDPA.",
+)
+LITGPT_QLORA_2023 = (
+    "lit-gpt 8641822 with --quantize: Lightning's BitsandbytesPrecision quantizes every "
+    "nn.Linear, the head included (transformers' BitsAndBytesConfig skips lm_head), and the "
+    "optimizer is bnb.optim.PagedAdamW (memplan optimizer paged_adamw); 0.5.9 also swaps the "
+    "embedding for bitsandbytes' StableEmbedding.",
+)
+
 TITAN_2025 = (
     "torchao float8 all-gather of the FSDP weights (enable_fsdp_float8_all_gather), "
     "precompute_float8_dynamic_scale_for_fsdp and force_recompute_fp8_weight_in_bwd",
@@ -231,11 +256,12 @@ ROWS = (
         titan_h200(32), TITAN_2025),
     Row("titan-h200", "FSDP 64, per-op SAC, compile + Float8, local batch 2", 46.97, "GiB",
         titan_h200(64), TITAN_2025),
-    Row("litgpt", "Llama 2 7B, LoRA, micro-batch 1", 21.30, "GB", litgpt(1)),
-    Row("litgpt", "Llama 2 7B, LoRA, micro-batch 2", 29.07, "GB", litgpt(2)),
-    Row("litgpt", "Llama 2 7B, LoRA, bnb.nf4, micro-batch 1", 14.14, "GB", litgpt(1, "bnb.nf4")),
+    Row("litgpt", "Llama 2 7B, LoRA, micro-batch 1", 21.30, "GB", litgpt(1), notes=LITGPT_2023),
+    Row("litgpt", "Llama 2 7B, LoRA, micro-batch 2", 29.07, "GB", litgpt(2), notes=LITGPT_2023),
+    Row("litgpt", "Llama 2 7B, LoRA, bnb.nf4, micro-batch 1", 14.14, "GB", litgpt(1, "bnb.nf4"),
+        notes=LITGPT_QLORA_2023),
     Row("litgpt", "Llama 2 7B, LoRA, bnb.nf4-dq, micro-batch 1", 13.84, "GB",
-        litgpt(1, "bnb.nf4-dq")),
+        litgpt(1, "bnb.nf4-dq"), notes=LITGPT_QLORA_2023),
 )  # fmt: skip
 
 
@@ -263,6 +289,7 @@ def measure(row: Row) -> dict[str, Any]:
         "unit": row.unit,
         "published_gib": row.published * UNIT_BYTES[row.unit] / GIB,
         "unmodelled": list(row.unmodelled),
+        "notes": list(row.notes),
         "spec": row.spec,
     }
     try:

@@ -27,6 +27,8 @@ OptimizerName = Literal[
     "adam8bit",
     "paged_adamw8bit",
     "paged_adam8bit",
+    "paged_adamw",
+    "paged_adam",
 ]
 OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
 # torch.optim classes with a fused kernel in 2.13 (`fused=True` accepted by __init__, on CPU
@@ -62,6 +64,13 @@ BNB_QMAP_ELEMS = 256
 # caching allocator (not in memory_allocated()). Smaller tensors, the absmax tensors and any
 # CPU run (`p.device.type == "cpu"`: zeros_like, a warning) get ordinary device memory.
 BNB_PAGED_MIN_NUMEL = 100_000
+# bitsandbytes optim/adamw.py::PagedAdamW and optim/adam.py::PagedAdam (0.41-0.50): an
+# Optimizer2State("adam", ..., optim_bits=32, is_paged=True), the one code path for both
+# names (AdamW is Adam with decoupled weight decay in the same 32-bit kernel).
+# optimizer.py::Optimizer2State.init_state with optim_bits 32: `state["step"] = 0` (a Python
+# int), `state1` and `state2` = get_state_buffer(p, dtype=torch.float32) (fp32 whatever the
+# parameter's dtype, paged by the rule above), no qmaps (fill_qmap runs for uint8 states only).
+BNB_32BIT_PAGED = ("paged_adamw", "paged_adam")
 BNB_PAGED_STATES = ("state1", "state2")
 PAGED_SUFFIX = " (paged)"
 
@@ -166,6 +175,8 @@ def state_tensors(opt: OptimizerConfig, shape: tuple[int, ...], dtype: str) -> l
         return [like("exp_avg")]
     if opt.is_8bit:
         return _bnb_8bit_states(shape)
+    if name in BNB_32BIT_PAGED:
+        return [StateTensor("state1", shape, "fp32"), StateTensor("state2", shape, "fp32")]
     raise ValueError(f"unknown optimizer {name!r}")  # the spec validates names first
 
 

@@ -170,3 +170,182 @@ def _run(call: Any, model: torch.nn.Module, shape: Shape, *, key: Any) -> int:
     before.add(key(loss.untyped_storage()))
     alive = {k: n for ref, k, n in spy.made if not ref.expired() and k not in before}
     return sum(alive.values()) + tokens.nbytes + targets.nbytes
+
+
+@dataclass(frozen=True)
+class Lora:
+    """LitGPT's LoRA flags (litgpt/lora.py::Config: lora_r, lora_alpha, lora_dropout and
+    lora_query/key/value/projection/mlp/head), as finetune/lora.py::setup passes them."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    query: bool = True
+    key: bool = False
+    value: bool = True
+    projection: bool = False
+    mlp: bool = False
+    head: bool = False
+
+
+def lora_config(shape: Shape, lora: Lora) -> Any:
+    """litgpt.lora.Config at `shape` with `lora`'s flags (the fields of `config`)."""
+    from dataclasses import asdict
+
+    from litgpt.lora import Config
+
+    base = {k: v for k, v in asdict(config(shape)).items() if k in _CONFIG_KEYS}
+    flags = {f"lora_{k}": v for k, v in asdict(lora).items()}
+    return Config(**base, **flags)
+
+
+_CONFIG_KEYS = (
+    "name",
+    "block_size",
+    "vocab_size",
+    "padded_vocab_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_query_groups",
+    "rotary_percentage",
+    "parallel_residual",
+    "bias",
+    "norm_class_name",
+    "mlp_class_name",
+    "intermediate_size",
+    "rope_base",
+)
+
+
+def held_bytes_lora(precision: str, mode: str, shape: Shape = Shape(), lora: Lora = Lora()) -> int:
+    """`held_bytes` for litgpt 0.5.9's finetune/lora.py: `litgpt.lora.GPT` with `lora`'s flags,
+    `mark_only_lora_as_trainable` (every parameter but the lora_A / lora_B frozen), the model
+    in training mode (LoRA dropout active when > 0), and its fit loop's forward and loss:
+    `logits = model(input_ids, lm_head_chunk_size=128)`, `logits[-1] = logits[-1][..., :-1,
+    :]`, `chunked_cross_entropy(logits, targets[..., 1:])`. LoRAQKVLinear's index buffer
+    (`lora_ind`, made lazily by its first forward) is made before the measure: a buffer."""
+    import lightning as L
+    from litgpt.lora import GPT, LoRAQKVLinear, mark_only_lora_as_trainable
+
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=PRECISION[precision])  # type: ignore[arg-type]
+    with fabric.init_module():
+        model = GPT(lora_config(shape, lora))
+    mark_only_lora_as_trainable(model)
+    for m in model.modules():
+        if isinstance(m, LoRAQKVLinear) and any(m.enable_lora) and m.r > 0:
+            m.lora_ind  # noqa: B018 - the lazy buffer, made before the measure
+    if mode == "full":
+        checkpoint(model)
+    elif mode != "none":
+        raise ValueError(mode)
+    wrapped = fabric.setup(model)
+    return _run_lora(wrapped, model, shape)
+
+
+def held_bytes_lora_fake(precision: str, mode: str, shape: Shape, lora: Lora = Lora()) -> int:
+    """`held_bytes_lora` under FakeTensorMode (the CPU kernels' meta functions, no memory),
+    without Fabric: its precision plugin done by hand (`model.to(bf16)` for bf16-true, each
+    output chunk's `.float()` for convert_output). Storages are told apart by their
+    StorageImpl."""
+    from litgpt.lora import GPT, LoRAQKVLinear, mark_only_lora_as_trainable
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError("the fake probe runs 32-true and bf16-true")
+    with torch.device("meta"):
+        model = GPT(lora_config(shape, lora))
+        if precision == "bf16":
+            model = model.to(torch.bfloat16)
+    mark_only_lora_as_trainable(model)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to_empty(device="cpu")
+        for m in model.modules():
+            if isinstance(m, LoRAQKVLinear) and any(m.enable_lora) and m.r > 0:
+                m.lora_ind  # noqa: B018 - the lazy buffer, made before the measure
+        if mode == "full":
+            checkpoint(model)
+
+        def call(tokens: torch.Tensor, lm_head_chunk_size: int) -> list[torch.Tensor]:
+            return [y.float() for y in model(tokens, lm_head_chunk_size=lm_head_chunk_size)]
+
+        return _run_lora(call, model, shape, key=lambda st: int(st._cdata))
+
+
+def _run_lora(call: Any, model: torch.nn.Module, shape: Shape, *, key: Any = None) -> int:
+    """Forward + loss as finetune/lora.py::fit runs them; the token ids and targets are made
+    inside the measure and dropped after it, so they count only when autograd keeps them
+    (with the embedding frozen it does not keep the ids; nll_loss keeps views or copies of
+    the targets)."""
+    from litgpt.utils import chunked_cross_entropy
+
+    key = key or (lambda st: st.data_ptr())
+    before = {key(t.untyped_storage()) for t in (*model.parameters(), *model.buffers())}
+    spy = _Made(key)
+    with spy:
+        tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+        targets = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+        logits = call(tokens, lm_head_chunk_size=HEAD_CHUNK)
+        logits[-1] = logits[-1][..., :-1, :]
+        loss = chunked_cross_entropy(logits, targets[..., 1:])
+    del logits, tokens, targets
+    before.add(key(loss.untyped_storage()))
+    alive = {k: n for ref, k, n in spy.made if not ref.expired() and k not in before}
+    return sum(alive.values())
+
+
+HEAD_CHUNK = 128
+"""finetune/lora.py::fit's `model(input_ids, lm_head_chunk_size=128)`."""
+
+
+class _Alive(_Made):
+    """`_Made` that also follows, after every op, the bytes of the storages it has seen that
+    are still alive, and their most while `measuring`."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda st: st.data_ptr())
+        self.measuring = False
+        self.most = 0
+
+    def alive(self) -> int:
+        live = {k: n for ref, k, n in self.made if not ref.expired()}
+        return sum(live.values())
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.measuring:
+            self.most = max(self.most, self.alive())
+        return out
+
+
+def loss_backward_excess(precision: str, shape: Shape, lora: Lora = Lora()) -> int:
+    """The most the backward of finetune/lora.py's loss holds beyond what was alive when it
+    began: forward + loss as `held_bytes_lora` runs them, then `torch.autograd.grad` of the
+    loss with respect to the fp32 logits chunks Fabric returned (the loss's nodes only: the
+    head's backward and the layers' are left out), the bytes of every storage made since the
+    forward began followed after each op."""
+    import lightning as L
+    from litgpt.lora import GPT, mark_only_lora_as_trainable
+    from litgpt.utils import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=PRECISION[precision])  # type: ignore[arg-type]
+    with fabric.init_module():
+        model = GPT(lora_config(shape, lora))
+    mark_only_lora_as_trainable(model)
+    wrapped = fabric.setup(model)
+    spy = _Alive()
+    with spy:
+        tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+        targets = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+        logits = wrapped(tokens, lm_head_chunk_size=HEAD_CHUNK)
+        chunks = list(logits)
+        logits[-1] = logits[-1][..., :-1, :]
+        loss = chunked_cross_entropy(logits, targets[..., 1:])
+        start = spy.alive()
+        spy.measuring = True
+        grads = torch.autograd.grad(loss, chunks)
+        spy.measuring = False
+    del grads
+    return spy.most - start

@@ -33,7 +33,7 @@ def report(**overrides: Any) -> Report:
     return estimate.estimate(spec, from_config(arch))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit", "adamw"])
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit", "paged_adamw", "adamw"])
 def test_optimizer_state_breakdown_sums_to_optimizer_states(optimizer: str) -> None:
     # bitsandbytes keeps uint8 state1/state2 for tensors of >= min_8bit_size (4096) elements and
     # fp32 state1/state2 for smaller ones (bitsandbytes/optim/optimizer.py::

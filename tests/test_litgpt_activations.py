@@ -155,7 +155,7 @@ def test_litgpt_refuses_what_it_does_not_run(training: dict[str, Any], why: str)
     assert saved.implementation == "litgpt"
 
 
-def test_litgpt_refuses_model_parallelism_and_lora() -> None:
+def test_litgpt_refuses_model_parallelism_and_frozen_parameters() -> None:
     inv = from_config(tiny())
     for par in ({"engine": "fsdp2", "data": 4, "tensor": 2}, {"data": 1, "pipeline": 2}):
         spec = make_spec(
@@ -164,10 +164,12 @@ def test_litgpt_refuses_model_parallelism_and_lora() -> None:
         saved = micro_batch_of(spec, inv)
         assert not saved.modelled and "data parallelism only" in saved.notes[0], par
         assert saved.implementation == "litgpt"
-    lora = make_spec(
-        model={"architecture": tiny(), "implementation": "litgpt"}, finetune={"method": "lora"}
+    # LoRA is LitGPT's own (tests/test_litgpt_lora.py); freezing by pattern is not.
+    frozen = make_spec(
+        model={"architecture": tiny(), "implementation": "litgpt"},
+        finetune={"freeze": ["model.norm.*"]},
     )
-    saved = micro_batch_of(lora, inv)
+    saved = micro_batch_of(frozen, inv)
     assert not saved.modelled and "LitGPT's model code" in saved.notes[0]
     data = make_spec(
         model={"architecture": tiny(), "implementation": "litgpt"},

@@ -102,6 +102,86 @@ def test_bnb_8bit_states(shape, expected):  # type: ignore[no-untyped-def]
     assert "step" not in {s.name for s in states}  # a Python int in bitsandbytes
 
 
+@pytest.mark.parametrize("name", ["paged_adamw", "paged_adam"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_pin_bnb_paged_32bit_adam_states(name: str, dtype: str) -> None:
+    """Pinning (bitsandbytes is not installed here; read from its source, 0.41-0.50):
+    optim/adamw.py::PagedAdamW and optim/adam.py::PagedAdam are Optimizer2State("adam", ...,
+    optim_bits=32, is_paged=True); Optimizer2State.init_state with 32 bits keeps `step` as a
+    Python int and state1 / state2 = get_state_buffer(p, dtype=torch.float32): 8 B per
+    element whatever the parameter's dtype, no block absmax, no qmaps (fill_qmap is for
+    uint8 states)."""
+    opt = OptimizerConfig(name=name)
+    for shape in ((64, 63), (1000, 1000)):
+        states = state_tensors(opt, shape, dtype)
+        assert [(s.name, s.shape, s.dtype) for s in states] == [
+            ("state1", shape, "fp32"),
+            ("state2", shape, "fp32"),
+        ]
+    assert shared_state_tensors(opt) == []
+    assert opt.is_paged and not opt.is_8bit
+
+
+@pytest.mark.parametrize("name", ["paged_adamw", "paged_adam"])
+def test_paged_32bit_adam_states_match_bitsandbytes(name: str) -> None:
+    """The rule against bitsandbytes' own PagedAdamW / PagedAdam, one step on CPU (where
+    get_state_buffer gives ordinary memory: paging is CUDA's), bf16 and fp32 parameters.
+    Skipped where bitsandbytes is not installed (checked with bitsandbytes 0.50.2)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    cls = {"paged_adamw": bnb.optim.PagedAdamW, "paged_adam": bnb.optim.PagedAdam}[name]
+    memplan_name = {v: k for k, v in TORCH_NAMES.items()}
+    for dtype in ("bf16", "fp32"):
+        shapes = ((64, 63), (300, 400))
+        params = [torch.nn.Parameter(torch.zeros(s, dtype=_torch_dtype(dtype))) for s in shapes]
+        opt = cls(params)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for p in params:
+            held = sorted(
+                (k, tuple(v.shape), memplan_name[str(v.dtype).removeprefix("torch.")])
+                for k, v in opt.state[p].items()
+                if isinstance(v, torch.Tensor)
+            )
+            rule = state_tensors(OptimizerConfig(name=name), tuple(p.shape), dtype)
+            assert held == sorted((s.name, s.shape, s.dtype) for s in rule)
+
+
+def test_paged_32bit_states_of_large_tensors_leave_the_gpu() -> None:
+    """get_state_buffer pages CUDA states of >= 1e5 elements (memplan.optimizers.
+    is_paged_state, the rule the paged 8-bit optimizers follow): counted on the host."""
+    from memplan.model.sources import from_config
+    from memplan.report.estimate import estimate
+    from tests.conftest import make_spec
+
+    config = {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 256,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 256,
+        "max_position_embeddings": 128,
+    }
+    spec = make_spec(
+        model={"architecture": config},
+        precision="bf16",
+        optimizer={"name": "paged_adamw"},
+        finetune={"method": "lora", "rank": 32, "target_modules": ["q_proj", "v_proj"]},
+        parallelism={"engine": "ddp"},
+    )
+    gpu = estimate(spec, from_config(config)).per_gpu
+    host = {t.name: t for t in gpu.host_terms}
+    device = {t.name: t for t in gpu.terms}
+    # lora_A [32, 4096] (q, v) and q's lora_B [4096, 32]: 131,072 elements each, paged;
+    # v's lora_B [1024, 32] (32,768) stays on the GPU. fp32 adapters (peft's autocast).
+    assert host["state1 (paged)"].elements == 3 * 131_072
+    assert host["state2 (paged)"].dtype == "fp32"
+    assert device["state1"].elements == 32_768
+    assert "qmap1" not in device
+
+
 def test_bnb_qmaps_are_shared_once():
     maps = shared_state_tensors(OptimizerConfig(name="paged_adamw8bit"))
     assert sum(m.numel * DTYPE_BYTES[m.dtype] for m in maps) == 2 * 256 * 4

@@ -9,7 +9,8 @@ checkpointing none/full/selective, on CUDA or CPU kernels. Families without rule
 the saved tensors are those of torchtitan's own Llama 3 (memplan.model.stacks.torchtitan:
 none, full, its per-op `selective-op` and every-Nth-layer `checkpoint_every`), never a profile
 traced from transformers; with `model.implementation: litgpt` those of LitGPT's own GPT
-(memplan.model.stacks.litgpt: none and full, one device or data parallelism); with
+(memplan.model.stacks.litgpt: none and full, one device or data parallelism; its LoRA:
+memplan.model.stacks.litgpt_lora); with
 `megatron-core`, those of Megatron-Core's GPTModel (memplan.model.stacks.megatron: local or TE
 layer spec, none / full / selective).
 """
@@ -37,7 +38,7 @@ from memplan.model.forward.tensors import (
     not_modelled,
 )
 from memplan.model.inventory import Architecture, Inventory
-from memplan.model.stacks import litgpt, megatron, torchtitan
+from memplan.model.stacks import litgpt, litgpt_lora, megatron, torchtitan
 from memplan.states.layout import Layout
 from memplan.states.parallel import chunk_layers
 
@@ -251,6 +252,8 @@ def micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec
 def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
     """`micro_batch`, cached by value (inventories hash by identity)."""
     arch = inventory.architecture
+    if st.implementation == "litgpt" and ft.method != "full" and arch is not None:
+        return _litgpt_lora(arch, st, ft)
     if st.implementation != "transformers" and (ft.method != "full" or ft.freeze):
         who = "torchtitan's" if st.implementation == "torchtitan" else "LitGPT's"
         return replace(
@@ -309,6 +312,33 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     if lay.sequence_parallel:
         local = layout.split(predict(inventory, local_st), local, local_st, lay)
     return replace(local, buffers=layout.buffers(arch, local_st, lay))
+
+
+def _litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activations:
+    """LitGPT's LoRA (memplan.model.stacks.litgpt_lora): litgpt 0.5.9's finetune/lora.py,
+    whose options are lora.py::Config's flags; what they cannot say is refused."""
+    why = ""
+    if ft.method == "qlora":
+        why = (
+            "qlora under LitGPT (finetune/lora.py --quantize bnb.nf4: Lightning's "
+            "BitsandbytesPrecision quantizes every Linear, the head included, and litgpt "
+            "0.5.9 swaps the embedding for bitsandbytes' StableEmbedding) is not modelled: "
+            "Lightning quantizes on CUDA only (lightning 2.6 fabric/plugins/precision/"
+            "bitsandbytes.py::_Linear4bit.quantize raises on any other device), so no rule "
+            "is proved for it"
+        )
+    elif ft.freeze or ft.modules_to_save or ft.exclude_modules or ft.bias != "none":
+        why = (
+            "LitGPT's LoRA trains the adapters only (lora.py::mark_only_lora_as_trainable, "
+            "bias 'none' as finetune/lora.py calls it): finetune.freeze, modules_to_save, "
+            "exclude_modules and bias are not LitGPT options"
+        )
+    flags = litgpt_lora.flags_of(ft.target_modules, rank=ft.rank, dropout=ft.dropout)
+    if not why and isinstance(flags, str):
+        why = flags
+    if why or isinstance(flags, str):
+        return litgpt.refused(f"activations not modelled: {why}.")
+    return litgpt_lora.saved(arch, st, flags)
 
 
 def _megatron(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:

@@ -218,7 +218,8 @@ def _recipe(table: PrecisionTable) -> Recipe:
 
 
 class OptimizerSpec(Frozen):
-    """The optimizer, by torch.optim name (plus lion and bitsandbytes 8-bit Adam)."""
+    """The optimizer, by torch.optim name (plus lion, bitsandbytes 8-bit Adam and its paged
+    32-bit Adam)."""
 
     name: OptimizerName = "adamw"
     momentum: float = Field(0.0, ge=0)

@@ -67,6 +67,8 @@ def activation_terms(saved: Activations) -> list[Transient]:
     ]
     if saved.implementation == "litgpt":
         out[:2] = [litgpt_logits(saved)]
+        if saved.loss_gradient_bytes is not None:
+            out[1] = litgpt_chunked_loss_gradient(saved.loss_gradient_bytes)
     layers = saved.block("layers")
     if layers is not None:
         inner = layers.recompute or layers.tensors
@@ -109,6 +111,23 @@ def litgpt_logits(saved: Activations) -> Transient:
         "until the next forward returns)",
         source="litgpt 0.5.9 pretrain.py::fit, finetune/full.py::fit; lightning/fabric/"
         "wrappers.py::_FabricModule.forward",
+    )
+
+
+def litgpt_chunked_loss_gradient(size: int) -> Transient:
+    """The gradient of LitGPT's chunked loss (finetune/lora.py: the head and
+    chunked_cross_entropy in 128-position chunks), in place of the whole-vocabulary one:
+    two [batch x chunk, vocab] fp32 gradients of the largest chunk at once
+    (memplan.model.stacks.litgpt_lora.loss_gradient)."""
+    return Transient(
+        name="logits_gradient",
+        bytes=size,
+        phases=("backward_start",),
+        formula="2 x [batch x 128, vocab] x 4 B (one chunk's nll_loss and log_softmax "
+        "backward outputs; the later chunks' gradients replace their freed log-softmax)",
+        source="litgpt 0.5.9 finetune/lora.py::fit, utils.py::chunked_cross_entropy; "
+        "memplan.model.stacks.litgpt_lora.loss_gradient",
+        pieces=2,
     )
 
 

@@ -74,6 +74,10 @@ def adapter_dtype(spec: Spec) -> str | None:
     engine.py::DeepSpeedEngine._configure_distributed_model: `self.module.bfloat16()`;
     megatron/core/transformer/module.py::Float16Module), so adapters follow the recipe there.
     """
+    if spec.model.implementation == "litgpt":
+        # No peft: litgpt 0.5.9 finetune/lora.py::main builds the LoRA GPT (lora_A, lora_B
+        # included) under `fabric.init_module()`, in the precision plugin's dtype.
+        return None
     recipe = spec.recipe()
     engine = spec.parallelism.engine
     held = recipe.parameters

@@ -116,7 +116,7 @@ def unsupported(arch: Architecture, st: Setting) -> str:
     return ""
 
 
-def _norm(prefix: str, t: int, h: int, st: Setting) -> list[Saved]:
+def norm(prefix: str, t: int, h: int, st: Setting) -> list[Saved]:
     """LitGPT's RMSNorm over a stream-dtype input (SRC_NORM). `x * x` saves x in fp32 (x
     itself when the stream is fp32, else the `x.float()` copy), rsqrt its result [t, 1] fp32,
     `x * rsqrt` x again and that result, `x_normed * weight.float()` x_normed [t, h] fp32 and,
@@ -135,7 +135,7 @@ def _norm(prefix: str, t: int, h: int, st: Setting) -> list[Saved]:
     return out
 
 
-def _attention(arch: Architecture, st: Setting) -> list[Saved]:
+def attention_saves(arch: Architecture, st: Setting) -> list[Saved]:
     """q, k, v as SDPA gets them and what SDPA and `proj` save (SRC_ATTN). RoPE's multiplies
     save only the cos/sin buffers. q and k are new tensors (`torch.cat`); with grouped queries
     k and v are `repeat_interleave` copies at every query head; with as many k/v heads as query
@@ -158,11 +158,11 @@ def _layer(arch: Architecture, st: Setting) -> list[Saved]:
     """One Block's saved tensors without checkpointing."""
     h, a, kv, d = kernels.attention_dims(arch)
     t, inter = st.tokens, arch.intermediate_size
-    out = _norm("norm_1", t, h, st)
+    out = norm("norm_1", t, h, st)
     out += kernels.linear_inputs(["attn.qkv"], t, h, st.stream, st)
-    out += _attention(arch, st)
+    out += attention_saves(arch, st)
     # `attn(...) + x`: a new tensor in the stream dtype, saved by norm_2.
-    out += _norm("norm_2", t, h, st)
+    out += norm("norm_2", t, h, st)
     out += kernels.linear_inputs(["mlp.fc_1", "mlp.fc_2"], t, h, st.stream, st)
     mlp = gated_mlp_saves("mlp", t, inter, "silu", st)
     assert mlp is not None  # silu has a rule
@@ -214,7 +214,7 @@ def saved(arch: Architecture, st: Setting) -> Activations:
     """litgpt.model.GPT's forward and pretrain.py's loss on one GPU: see the module docstring."""
     why = unsupported(arch, st)
     if why:
-        return _refused(f"activations not modelled: {why}.")
+        return refused(f"activations not modelled: {why}.")
     h, vocab, t, b, s = arch.hidden_size, arch.vocab_size, st.tokens, st.batch, st.sequence
     layer = _layer(arch, st)
     n = arch.num_layers
@@ -230,7 +230,7 @@ def saved(arch: Architecture, st: Setting) -> Activations:
         )
     else:
         layers = Block(name="layers", count=n, tensors=tuple(layer), layered=True)
-    head = _norm("transformer.ln_f", t, h, st)
+    head = norm("transformer.ln_f", t, h, st)
     head += kernels.linear_inputs(["lm_head"], t, h, st.stream, st)
     head += kernels.weight_casts([("lm_head", (vocab, h))], st)
     upcast = t * vocab * dtype_bytes(kernels.FP32) if st.matmul != kernels.FP32 else 0
@@ -258,6 +258,6 @@ def saved(arch: Architecture, st: Setting) -> Activations:
     )
 
 
-def _refused(why: str) -> Activations:
+def refused(why: str) -> Activations:
     out = not_modelled(why)
     return Activations(modelled=False, notes=out.notes, implementation="litgpt")

@@ -1,0 +1,434 @@
+"""LitGPT's LoRA (`model.implementation: litgpt` with `finetune.method: lora`): what
+`litgpt.lora.GPT` and the fit loop of finetune/lora.py save for backward.
+
+Read from litgpt 0.5.9 (litgpt/lora.py; the model around the adapters is
+memplan.model.stacks.litgpt's):
+- finetune/lora.py::main: `mark_only_lora_as_trainable(model)` freezes every parameter whose
+  name lacks "lora_" (bias "none"): the embedding, norms, base linears and head are frozen.
+- lora.py::LoRAQKVLinear.forward (the fused `attn.qkv`, adapted parts from `lora_query`,
+  `lora_key`, `lora_value`): `pretrained = self.linear(x)`; `after_A = F.linear(
+  lora_dropout(x), lora_A)` [tokens, r x parts]; `after_B = conv1d(after_A.T, lora_B)` (one
+  grouped conv with as many k/v heads as heads, else `chunk` -> one conv per part ->
+  `torch.cat`) [B, out', T]; `zero_pad(after_B)` (when not every part is adapted:
+  `new_zeros(..., out).index_copy_(-1, lora_ind, after_B)`, whose backward keeps the source);
+  `pretrained + lora * scaling`.
+- lora.py::LoRALinear.forward (`attn.proj` with `lora_projection`; `mlp.fc_1`, `mlp.fc_2`,
+  `mlp.proj` with `lora_mlp`; `lm_head` with `lora_head`), each with its own `nn.Dropout`:
+  `pretrained + (lora_dropout(x) @ lora_A.T @ lora_B.T) * scaling`.
+- finetune/lora.py::fit: `logits = model(input_ids, lm_head_chunk_size=128)` (model.py::
+  GPT.forward: the head runs on `x.split(128, dim=1)`, one [B, chunk, vocab] output per
+  chunk), `logits[-1] = logits[-1][..., :-1, :]`, `chunked_cross_entropy(logits,
+  targets[..., 1:])` (utils.py: one `cross_entropy(reduction="none")` per chunk, on
+  `chunk.reshape(-1, vocab)` and `target_chunk.reshape(-1)`).
+
+Autograd keeps what each node needs for the gradients it must produce (derivatives.yaml; the
+generated code saves an input only when the other operand's gradient is wanted): a frozen
+linear keeps no input, a frozen RMSNorm weight drops the normalized input, and a layer whose
+input does not require grad (the first, after the frozen embedding) records nothing before its
+first adapter.
+
+Precision as Fabric's plugins run it (memplan.model.stacks.litgpt): 32-true, bf16-true and
+bf16-mixed (torch.autocast over the fp32 model: every frozen weight is cast per call, once per
+head chunk, and the adapters' inputs and weights are cast for their matmuls).
+
+Proved on CPU against litgpt 0.5.9's real LoRA model, run by Fabric, by
+tests/test_litgpt_lora.py (benchmarks/litgpt_lora.py: the whole matrix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.model.forward import kernels
+from memplan.model.forward.tensors import Activations, Block, Saved, Setting
+from memplan.model.inventory import Architecture
+from memplan.model.stacks import litgpt
+from memplan.precision import dtype_bytes
+
+SRC_LORA = f"litgpt {litgpt.VERSION} litgpt/lora.py"
+SRC_QKV = (
+    f"{SRC_LORA}::LoRAQKVLinear.forward (F.linear(lora_dropout(x), lora_A), conv1d, zero_pad's "
+    "index_copy_); " + kernels.DERIV
+)
+SRC_LINEAR = (
+    f"{SRC_LORA}::LoRALinear.forward (lora_dropout(x) @ lora_A.T @ lora_B.T); " + kernels.DERIV
+)
+SRC_FIT = (
+    f"litgpt {litgpt.VERSION} finetune/lora.py::fit (model(input_ids, lm_head_chunk_size=128), "
+    "logits[-1][..., :-1, :], chunked_cross_entropy(logits, targets[..., 1:])); "
+    "litgpt/utils.py::chunked_cross_entropy (list branch); " + kernels.DERIV
+)
+
+HEAD_CHUNK = 128
+"""finetune/lora.py::fit's `lm_head_chunk_size=128`: the head runs per 128-token slice."""
+
+PEFT_NAMES = {
+    "q_proj": "query",
+    "k_proj": "key",
+    "v_proj": "value",
+    "o_proj": "projection",
+    "lm_head": "head",
+}
+"""peft's Llama module names -> LitGPT's flags (lora.py::Config: lora_query, lora_key,
+lora_value: the parts of the fused `attn.qkv`; lora_projection: `attn.proj`; lora_head).
+LitGPT's `lora_mlp` adapts fc_1, fc_2 and proj together: peft's gate_proj, up_proj and
+down_proj, all three or none (MLP_NAMES)."""
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", *MLP_NAMES)
+"""peft's `all-linear` on a causal LM: every Linear but the output layer
+(peft tuners_utils.py::_maybe_include_all_linear_layers)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Flags:
+    """LitGPT's LoRA settings (lora.py::Config) memplan's spec expresses."""
+
+    r: int
+    dropout: float
+    query: bool
+    key: bool
+    value: bool
+    projection: bool
+    mlp: bool
+    head: bool
+
+    @property
+    def qkv(self) -> tuple[bool, bool, bool]:
+        return (self.query, self.key, self.value)
+
+
+def flags_of(targets: tuple[str, ...] | str | None, *, rank: int, dropout: float) -> Flags | str:
+    """LitGPT's flags for peft's `target_modules` (None: peft's Llama default q_proj,
+    v_proj, which is also finetune/lora.py::setup's default lora_query + lora_value), or why
+    LitGPT cannot express them."""
+    if targets is None:
+        names: tuple[str, ...] = ("q_proj", "v_proj")
+    elif targets == "all-linear":
+        names = ALL_LINEAR
+    elif isinstance(targets, str):
+        return (
+            f"finetune.target_modules {targets!r}: under model.implementation litgpt give a "
+            "list of peft's Llama names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+            "down_proj, lm_head) or all-linear; LitGPT's LoRA is set by flags, not a regex"
+        )
+    else:
+        names = targets
+    unknown = [n for n in names if n not in PEFT_NAMES and n not in MLP_NAMES]
+    if unknown:
+        return (
+            f"finetune.target_modules {', '.join(unknown)}: LitGPT's LoRA (lora.py::Config) "
+            "adapts only the query, key, value, attention projection, MLP and head linears "
+            "(peft names q_proj, k_proj, v_proj, o_proj, gate_proj + up_proj + down_proj, "
+            "lm_head)"
+        )
+    mlp = [n for n in MLP_NAMES if n in names]
+    if mlp and len(mlp) != len(MLP_NAMES):
+        return (
+            f"finetune.target_modules has {', '.join(mlp)} without the rest of gate_proj, "
+            "up_proj, down_proj: LitGPT's lora_mlp adapts fc_1, fc_2 and proj together"
+        )
+    on = {PEFT_NAMES[n] for n in names if n in PEFT_NAMES}
+    return Flags(
+        r=rank,
+        dropout=dropout,
+        query="query" in on,
+        key="key" in on,
+        value="value" in on,
+        projection="projection" in on,
+        mlp=bool(mlp),
+        head="head" in on,
+    )
+
+
+def _norm(prefix: str, t: int, h: int, st: Setting) -> list[Saved]:
+    """LitGPT's RMSNorm with a frozen weight, its input requiring grad (litgpt.SRC_NORM): `x *
+    x` and `x * rsqrt` keep x in fp32 and the rsqrt; `x_normed * weight.float()` keeps only
+    the weight's side (the fp32 copy of a 16-bit weight), not x_normed."""
+    return [s for s in litgpt.norm(prefix, t, h, st) if not s.name.endswith(".normalized")]
+
+
+SRC_CAST = "aten/src/ATen/autocast_mode.h::cached_cast"
+
+
+def _autocast(st: Setting) -> bool:
+    """torch.autocast casts the fp32 stream and weights to the matmul dtype (bf16-mixed)."""
+    return st.autocast and st.stream != st.matmul
+
+
+def _weight_cast(name: str, shape: tuple[int, int], st: Setting, *, x_grad: bool) -> list[Saved]:
+    """A frozen base linear under autocast: its weight is cast for every call (cached_cast
+    caches only leaves that require grad) and the matmul keeps that copy when its input
+    requires grad (for the input's gradient); the cast input is not kept (no weight
+    gradient)."""
+    if not (_autocast(st) and x_grad):
+        return []
+    return [kernels.saved(f"{name}.weight_cast", shape, st.matmul, "MmBackward0", SRC_CAST)]
+
+
+def _adapter(
+    prefix: str,
+    x: Saved | None,
+    shape: tuple[int, int],
+    out_width: int,
+    parts: int,
+    fl: Flags,
+    st: Setting,
+    *,
+    x_dtype: str,
+    x_grad: bool,
+    src: str,
+) -> list[Saved]:
+    """What one adapter keeps: lora_A's input (`x` itself, a Saved of the input's storage,
+    with dropout off; else the dropout output and, when x requires grad, its mask; under
+    autocast, an input not in the matmul dtype is cast for lora_A, a new copy each adapter)
+    and lora_B's input, lora_A's output [tokens, r x parts]. Under autocast lora_A is cast
+    too (kept when x requires grad: for x's gradient) and lora_B (always: lora_A's output
+    requires grad), [r x parts, width] and [out, r] in the matmul dtype."""
+    t, width = shape
+    mm = st.matmul
+    cast = _autocast(st) and x_dtype != mm
+    out: list[Saved] = []
+    if fl.dropout > 0:
+        if x_grad:
+            out.append(kernels.dropout(f"{prefix}.lora_dropout.mask", shape, x_dtype, st))
+        name = f"{prefix}.lora_dropout.output" + ("_cast" if cast else "")
+        out.append(kernels.saved(name, shape, mm if cast else x_dtype, "MmBackward0", src))
+    elif cast:
+        out.append(kernels.saved(f"{prefix}.input_cast", shape, mm, "MmBackward0", SRC_CAST))
+    elif x is not None:
+        out.append(x)
+    by = "ConvolutionBackward0" if prefix == "attn.qkv" else "MmBackward0"
+    if _autocast(st):
+        if x_grad:
+            a_shape = (fl.r * parts, width)
+            out.append(kernels.saved(f"{prefix}.lora_A.cast", a_shape, mm, "MmBackward0", SRC_CAST))
+        b_shape = (out_width, fl.r)
+        out.append(kernels.saved(f"{prefix}.lora_B.cast", b_shape, mm, by, SRC_CAST))
+    out.append(kernels.saved(f"{prefix}.lora_A.output", (t, fl.r * parts), mm, by, src))
+    return out
+
+
+def _layer(arch: Architecture, st: Setting, fl: Flags, g_in: bool) -> tuple[list[Saved], bool]:
+    """One Block's saved tensors with LitGPT's LoRA, and whether its output requires grad.
+    `g_in`: its input requires grad. The norms' outputs are in the stream dtype, the
+    matmuls' (attention, MLP) in the matmul dtype."""
+    h, a, kv, d = kernels.attention_dims(arch)
+    t, inter, stream, mm = st.tokens, arch.intermediate_size, st.stream, st.matmul
+    out: list[Saved] = []
+    if g_in:
+        out += _norm("norm_1", t, h, st)
+    out += _weight_cast("attn.qkv", ((a + 2 * kv) * d, h), st, x_grad=g_in)
+    # norm_1's output, as lora_A keeps it with dropout off.
+    normed = kernels.saved("norm_1.output", (t, h), stream, "MmBackward0", SRC_QKV)
+    parts = sum(fl.qkv)
+    if fl.r and parts:
+        widths = (a * d, kv * d, kv * d)
+        padded = sum(w for w, on in zip(widths, fl.qkv, strict=True) if on)
+        out += _adapter(
+            "attn.qkv",
+            normed,
+            (t, h),
+            padded,
+            parts,
+            fl,
+            st,
+            x_dtype=stream,
+            x_grad=g_in,
+            src=SRC_QKV,
+        )
+        if parts < 3:
+            out.append(
+                kernels.saved(
+                    "attn.qkv.lora_B.output", (t, padded), mm, "IndexCopyBackward0", SRC_QKV
+                )
+            )
+    g_qkv = g_in or bool(fl.r and parts)
+    if g_qkv:
+        out += [s for s in litgpt.attention_saves(arch, st) if s.name != "attn.proj.input"]
+    out += _weight_cast("attn.proj", (h, a * d), st, x_grad=g_qkv)
+    y = kernels.saved("attn.proj.input", (t, a * d), mm, "MmBackward0", SRC_LINEAR)
+    if fl.r and fl.projection:
+        out += _adapter(
+            "attn.proj", y, (t, a * d), h, 1, fl, st, x_dtype=mm, x_grad=g_qkv, src=SRC_LINEAR
+        )
+    g_res = g_in or g_qkv or bool(fl.r and fl.projection)
+    if g_res:
+        out += _norm("norm_2", t, h, st)
+    out += _weight_cast("mlp.fc_1", (inter, h), st, x_grad=g_res)
+    out += _weight_cast("mlp.fc_2", (inter, h), st, x_grad=g_res)
+    mlp = bool(fl.r and fl.mlp)
+    normed2 = kernels.saved("norm_2.output", (t, h), stream, "MmBackward0", SRC_LINEAR)
+    if mlp:
+        # With dropout off (and no cast) both lora_A keep the same norm_2 output: one storage.
+        for name, x in (("mlp.fc_1", normed2), ("mlp.fc_2", None)):
+            out += _adapter(
+                name, x, (t, h), inter, 1, fl, st, x_dtype=stream, x_grad=g_res, src=SRC_LINEAR
+            )
+    g_fc = g_res or mlp
+    if g_fc:
+        # silu(fc_1(x)) * fc_2(x): silu keeps fc_1's output, the product both its inputs.
+        src = litgpt.SRC
+        out += [
+            kernels.saved("mlp.fc_1.output", (t, inter), mm, "SiluBackward0", src),
+            kernels.saved("mlp.silu.output", (t, inter), mm, "MulBackward0", src),
+            kernels.saved("mlp.fc_2.output", (t, inter), mm, "MulBackward0", src),
+        ]
+    out += _weight_cast("mlp.proj", (h, inter), st, x_grad=g_fc)
+    if mlp:
+        prod = kernels.saved("mlp.proj.input", (t, inter), mm, "MmBackward0", SRC_LINEAR)
+        out += _adapter(
+            "mlp.proj", prod, (t, inter), h, 1, fl, st, x_dtype=mm, x_grad=True, src=SRC_LINEAR
+        )
+    return out, g_fc
+
+
+def _chunks(n: int) -> list[int]:
+    """`n` positions split in HEAD_CHUNK slices (the last one shorter)."""
+    full, last = divmod(n, HEAD_CHUNK)
+    return [HEAD_CHUNK] * full + ([last] if last else [])
+
+
+def _head(arch: Architecture, st: Setting, fl: Flags, g: bool) -> list[Saved]:
+    """ln_f (frozen) and the chunked head: the frozen head keeps nothing (under autocast, its
+    weight's cast, once per chunk); with lora_head every 128-position slice `x_i` of ln_f's
+    output has its own adapter. lora_A reads `x_i` through matmul's `reshape(-1, h)`: a view
+    when the slice is contiguous (one sequence, or one slice), else a copy [B x chunk, h]
+    that lora_A keeps."""
+    h, t, b, s, stream = arch.hidden_size, st.tokens, st.batch, st.sequence, st.stream
+    out = _norm("transformer.ln_f", t, h, st) if g else []
+    chunks = _chunks(s)
+    for i, _ in enumerate(chunks):
+        out += _weight_cast(f"lm_head.{i}", (arch.vocab_size, h), st, x_grad=g)
+    if not (fl.r and fl.head):
+        return out
+    view = b == 1 or len(chunks) == 1
+    for i, c in enumerate(chunks):
+        if view:  # views of ln_f's output, one storage
+            name, shape = "transformer.ln_f.output", (t, h)
+        else:
+            name, shape = f"lm_head.{i}.input", (b * c, h)
+        first = not (view and i)
+        x = kernels.saved(name, shape, stream, "MmBackward0", SRC_LINEAR) if first else None
+        out += _adapter(
+            f"lm_head.{i}",
+            x,
+            (b * c, h),
+            arch.vocab_size,
+            1,
+            fl,
+            st,
+            x_dtype=stream,
+            x_grad=g,
+            src=SRC_LINEAR,
+        )
+    return out
+
+
+def loss(batch: int, seq: int, vocab: int) -> list[Saved]:
+    """finetune/lora.py's loss (SRC_FIT) over the batch's first seq - 1 positions, in the
+    head's 128-position chunks: each `cross_entropy(reduction="none")` keeps its log-softmax
+    [batch x chunk, vocab] fp32 and a 0-dim fp32 total_weight; nll_loss keeps its target
+    chunk, `targets[..., 1:]` split and reshaped: views of the whole int64 targets [batch,
+    seq] for one sequence, else a copy [batch x chunk] each; the divisor is 0-dim int64."""
+    fp32, i64 = kernels.FP32, kernels.INT64
+    chunks = _chunks(seq - 1)
+    out = [
+        kernels.saved(f"log_softmax.{i}", (batch * c, vocab), fp32, "LogSoftmaxBackward0", SRC_FIT)
+        for i, c in enumerate(chunks)
+    ]
+    if batch == 1:
+        out.append(kernels.saved("targets", (batch * seq,), i64, "NllLossBackward0", SRC_FIT))
+    else:
+        out += [
+            kernels.saved(f"targets.{i}", (batch * c,), i64, "NllLossBackward0", SRC_FIT)
+            for i, c in enumerate(chunks)
+        ]
+    return [
+        *out,
+        kernels.saved("total_weight", (len(chunks),), fp32, "NllLossBackward0", SRC_FIT),
+        kernels.saved("divisor", (), i64, "DivBackward0", SRC_FIT),
+    ]
+
+
+def loss_gradient(batch: int, seq: int, vocab: int) -> int:
+    """The most the chunked loss's backward holds at once beyond the saved tensors: the
+    engine runs each chunk's nll_loss backward then its log_softmax backward (the last chunk
+    first); while chunk k's log_softmax backward writes its [batch x chunk, vocab] fp32
+    gradient, nll_loss's gradient of the same size is alive, and every later chunk's
+    log_softmax gradient has taken the place of that chunk's saved log-softmax, freed once
+    its node ran (torch/csrc/autograd/engine.cpp releases a node's saved variables after
+    it runs): two gradients of the largest chunk. Measured on CPU against litgpt 0.5.9 by
+    tests/test_litgpt_lora.py (tests/litgpt_probe.py::loss_backward_excess)."""
+    return 2 * batch * max(_chunks(seq - 1)) * vocab * dtype_bytes(kernels.FP32)
+
+
+def unsupported(st: Setting) -> str:
+    """What LitGPT's LoRA rule does not cover beyond memplan.model.stacks.litgpt's, or ''."""
+    if (st.stream, st.matmul) not in (
+        (kernels.FP32, kernels.FP32),
+        ("bf16", "bf16"),
+        (kernels.FP32, "bf16"),
+    ):
+        return (
+            "LitGPT's LoRA is proved for 32-true, bf16-true and bf16-mixed (memplan precision "
+            "fp32, bf16, amp-bf16): 16-true and 16-mixed are not modelled"
+        )
+    if st.sequence < 2:
+        return "finetune/lora.py drops the last position: a sequence needs 2 tokens or more"
+    return ""
+
+
+def saved(arch: Architecture, st: Setting, fl: Flags) -> Activations:
+    """litgpt.lora.GPT's forward and finetune/lora.py's loss on one GPU: see the module
+    docstring."""
+    why = litgpt.unsupported(arch, st) or unsupported(st)
+    if why:
+        return litgpt.refused(f"activations not modelled: {why}.")
+    h, vocab, t, b, s = arch.hidden_size, arch.vocab_size, st.tokens, st.batch, st.sequence
+    blocks = [Block(name="embeddings", count=1, tensors=())]
+    g = False  # the frozen embedding's output does not require grad
+    runs: list[tuple[list[Saved], int]] = []
+    for _ in range(arch.num_layers):
+        layer, g_out = _layer(arch, st, fl, g)
+        if runs and runs[-1][0] == layer:
+            runs[-1] = (layer, runs[-1][1] + 1)
+        else:
+            runs.append((layer, 1))
+        g = g_out
+    for layer, count in runs:
+        name = "layers"  # one block per run of equal layers, as memplan.activations.lora
+        if st.checkpointing == "full" and layer:
+            kept = kernels.saved(
+                "checkpoint.x", (b, s, h), st.stream, "Noop", litgpt.SRC_CHECKPOINT
+            )
+            blocks.append(
+                Block(name=name, count=count, tensors=(kept,), recompute=tuple(layer), layered=True)
+            )
+        elif st.checkpointing == "full":
+            # A block that records nothing packs no saved tensor: nothing references the
+            # checkpoint's frame, which holds the block input (torch/utils/checkpoint.py::
+            # _CheckpointFrame.save_inputs, kept alive only by the packed tensors' hooks).
+            blocks.append(Block(name=name, count=count, tensors=(), layered=True))
+        else:
+            blocks.append(Block(name=name, count=count, tensors=tuple(layer), layered=True))
+    blocks.append(Block(name="head", count=1, tensors=tuple(_head(arch, st, fl, g))))
+    blocks.append(Block(name="loss", count=1, tensors=tuple(loss(b, s, vocab))))
+    notes = (
+        f"litgpt {litgpt.VERSION}'s LoRA GPT (lora.py; r={fl.r}, dropout={fl.dropout}, "
+        f"query={fl.query}, key={fl.key}, value={fl.value}, projection={fl.projection}, "
+        f"mlp={fl.mlp}, head={fl.head}), every other parameter frozen "
+        "(mark_only_lora_as_trainable), the head and chunked_cross_entropy in 128-position "
+        "chunks as finetune/lora.py::fit runs them.",
+        "LitGPT's fit loop keeps Fabric's fp32 logits chunks until the next forward returns: "
+        "the step holds them in every phase (memplan.step.transients.litgpt_logits).",
+    )
+    return Activations(
+        modelled=True,
+        blocks=tuple(blocks),
+        logits_bytes=t * vocab * dtype_bytes(st.matmul),
+        upcast_bytes=t * vocab * dtype_bytes(kernels.FP32) if st.matmul != kernels.FP32 else 0,
+        hidden_bytes=t * h * dtype_bytes(st.stream),
+        loss_gradient_bytes=loss_gradient(b, s, vocab),
+        notes=notes,
+        implementation="litgpt",
+    )
