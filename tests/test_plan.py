@@ -439,3 +439,18 @@ def test_pin_compile_divides_the_compute_by_the_published_speedup() -> None:
     assert compiled.compute_s == pytest.approx(eager.compute_s / COMPILE_SPEEDUP)
     assert compiled.bubble_s == pytest.approx(eager.bubble_s / COMPILE_SPEEDUP)
     assert (compiled.data_s, compiled.pipeline_s) == (eager.data_s, eager.pipeline_s)
+
+
+def test_layouts_estimate_refuses_are_pruned_not_fatal() -> None:
+    """LoRA under tensor parallelism is refused by `estimate` (memplan.model.finetune.lora):
+    plan prunes those layouts with the refused field and ranks the rest, every one at TP 1."""
+    spec = make_spec(
+        model={"architecture": TINY_LLAMA},
+        finetune={"method": "lora"},
+        training={"sequence_length": 32},
+        hardware={"gpu": "H100-80GB", "gpus_per_node": 8},
+        plan={"gpus": 4, "global_batch_size": 8},
+    )
+    result = plan(spec, from_config(TINY_LLAMA), suggest=False)
+    assert result.pruned["estimate refuses this layout (finetune.method)"] > 0
+    assert result.layouts and all(c.tensor == 1 for c in result.layouts)

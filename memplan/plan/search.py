@@ -253,8 +253,14 @@ class _Search:
             if progress:
                 progress(i, len(layouts))
             spec = self.spec.model_copy(update={"parallelism": par})
-            trained = finetune.apply(spec, self.inventory)
-            states = model_states(spec, trained)
+            try:
+                trained = finetune.apply(spec, self.inventory)
+                states = model_states(spec, trained)
+            except MemplanError as err:
+                # What `estimate` refuses for this layout (LoRA under tensor parallelism,
+                # QLoRA's engines, ...) is pruned with its field, never a failed search.
+                self.pruned[f"estimate refuses this layout ({err.field or 'parallelism'})"] += 1
+                continue
             if max(s.model_state_bytes for s in states) > self.budget:
                 self.pruned["does not fit: model states alone exceed the budget"] += 1
                 continue
