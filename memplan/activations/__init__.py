@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import lru_cache
 
-from memplan.activations import layout, lora, torchtitan_parallel
+from memplan.activations import lora
 from memplan.config.finetune import FinetuneSpec
 from memplan.model import profile
 from memplan.model.families import family_of, modelled_model_types
@@ -36,9 +36,12 @@ from memplan.model.forward.tensors import (
     not_modelled,
 )
 from memplan.model.inventory import Architecture, Inventory
-from memplan.model.stacks import litgpt, megatron, torchtitan
 from memplan.states.layout import Layout
 from memplan.states.parallel import chunk_layers
+
+# memplan.activations.layout, .torchtitan_parallel and the stacks' rules (memplan.model.stacks)
+# are imported in the functions below, where a spec needs them: a pipeline or model-parallel
+# layout, another stack's model code (issue 21: `estimate` imports no work it does not do).
 
 
 def predict(inventory: Inventory, setting: Setting) -> Activations:
@@ -50,12 +53,18 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
             "a preset or an architecture)."
         )
     if setting.implementation == "torchtitan":
+        from memplan.model.stacks import torchtitan
+
         # torchtitan's own model code: its rule, never a profile traced from transformers.
         return torchtitan.saved(arch, setting)
     if setting.implementation == "litgpt":
+        from memplan.model.stacks import litgpt
+
         # LitGPT's own model code: its rule, never a profile traced from transformers.
         return litgpt.saved(arch, setting)
     if setting.implementation == "megatron-core":
+        from memplan.model.stacks import megatron
+
         # Megatron-Core's GPTModel: its rule, never a profile traced from transformers.
         return megatron.saved(arch, setting, setting.megatron_spec)
     why = _transformers_refuses(setting)
@@ -188,6 +197,8 @@ def on_rank(
     arch = inventory.architecture
     if lay.pipeline == 1 or arch is None or not micro.modelled:
         return micro
+    from memplan.activations import layout, torchtitan_parallel
+
     if micro.source == "profile" and any(b.name.startswith("layers.") for b in micro.blocks):
         return layout.refused(
             "activations from a traced profile with several layer kinds are not split over "
@@ -227,6 +238,8 @@ def micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec
     if st.implementation == "litgpt" and (
         lay.tensor > 1 or lay.context > 1 or lay.expert > 1 or lay.pipeline > 1
     ):
+        from memplan.activations import layout
+
         # litgpt 0.5.9's training scripts shard with FSDP (data parallelism) only.
         return replace(
             layout.refused(
@@ -244,6 +257,8 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     """`micro_batch`, cached by value (inventories hash by identity)."""
     arch = inventory.architecture
     if st.implementation != "transformers" and (ft.method != "full" or ft.freeze):
+        from memplan.activations import layout
+
         who = "torchtitan's" if st.implementation == "torchtitan" else "LitGPT's"
         return replace(
             layout.refused(
@@ -257,6 +272,8 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
         return _megatron(inventory, st, lay, ft)
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
+    from memplan.activations import layout, torchtitan_parallel
+
     if st.implementation == "torchtitan":
         return torchtitan_parallel.micro_batch(arch, st, lay)
     family = family_of(arch.model_type)
@@ -306,6 +323,8 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
 def _megatron(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
     """Megatron-Core's GPTModel on one GPU (memplan.model.stacks.megatron): modelled at TP = CP
     = EP = 1 for full training; pipeline stages split its layers as any other."""
+    from memplan.activations import layout
+
     why = ""
     if ft.method != "full" or ft.freeze:
         why = (
