@@ -5,10 +5,10 @@ Each rule returns `RankStates` for every class of identical ranks, so that the r
 the most-loaded rank to the byte, and every rank when asked. The rules are read from each
 engine's source (cited per function) and proved on torch.distributed ranks by tests and by
 `memplan verify`.
-
-An engine's modules are imported when its rule or step is first asked for, not with this
-package: `memplan estimate` on a DeepSpeed spec does not import FSDP2's (issue 21).
 """
+
+# An engine's modules are imported when its rule or step is first asked for, not with this
+# package: `memplan estimate` on a DeepSpeed spec does not import FSDP2's (issue 21).
 
 from __future__ import annotations
 
