@@ -5,9 +5,10 @@ floor, the wall time of `python -c "import typer, rich, pydantic, yaml"` measure
 run. It replaces issue 3's fixed 300 ms, which said nothing about the machine: the ratio does.
 
 Every command is one fresh process (what a user waits for), run round-robin so that a change in
-the machine's load hits every row alike; each row is the median of --runs. The children run with
-bytecode writing allowed and one untimed warm-up each, so that no row pays for compiling memplan
-(as after `pip install`). Two reference rows, not targets, show the part of the wait that belongs
+the machine's load hits every row alike; each row is the median of --runs, in wall time (the
+target's measure) and in the child's CPU time (user + system: on a shared machine the steadier
+of the two for comparing rows). The children run with bytecode writing allowed and one untimed
+warm-up each, so that no row pays for compiling memplan (as after `pip install`). Two reference rows, not targets, show the part of the wait that belongs
 to memplan's dependencies rather than to memplan: the floor plus pydantic's BaseModel (the spec
 is pydantic models), and an empty typer app with `estimate`'s options (typer 0.29 coerces every
 option through a pydantic TypeAdapter when the command runs, which `import typer` does not pay).
@@ -111,19 +112,32 @@ def child_env(checkout: Path) -> dict[str, str]:
 
 
 class Row:
+    """One command: its wall times (what the target is about) and its CPU times (user + system
+    of the child: what a shared machine's other work moves least, to compare rows by)."""
+
     def __init__(self, name: str, argv: list[str], cwd: Path, *, kind: str) -> None:
         self.name, self.argv, self.cwd, self.kind = name, argv, cwd, kind
         self.env = child_env(cwd)
         self.times: list[float] = []
+        self.cpu: list[float] = []
 
-    def run(self) -> float:
+    def run(self) -> tuple[float, float]:
         start = time.perf_counter()
-        subprocess.run(self.argv, check=True, stdout=subprocess.DEVNULL, cwd=self.cwd, env=self.env)
-        return (time.perf_counter() - start) * 1000
+        child = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, cwd=self.cwd, env=self.env)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = (time.perf_counter() - start) * 1000
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode:
+            raise subprocess.CalledProcessError(child.returncode, self.argv)
+        return wall, (usage.ru_utime + usage.ru_stime) * 1000
 
     @property
     def median(self) -> float:
         return statistics.median(self.times)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu)
 
 
 def rows(baseline: Path | None) -> list[Row]:
@@ -162,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         row.run()
     for _ in range(args.runs):
         for row in table:
-            row.times.append(row.run())
+            wall, cpu = row.run()
+            row.times.append(wall)
+            row.cpu.append(cpu)
     phases: dict[str, list[float]] = {}
     for _ in range(args.runs):
         out = subprocess.run(
@@ -178,20 +194,24 @@ def main(argv: list[str] | None = None) -> None:
     python = table[0].median
     floor = table[1].median
     print(f"median of {args.runs} runs (wall clock, one process each, round-robin)")
-    print(f"  {'ms':>8}  {'floor':>6}  {'python':>6}")
+    cpu_floor = table[1].cpu_median
+    print(f"  {'wall ms':>8}  {'floor':>6}  {'python':>6}  {'cpu ms':>7}  {'floor':>6}")
     for row in table:
         tag = "  [before]" if row.kind == "before" else ""
         ratios = f"{row.median / floor:5.2f}x  {row.median / python:5.2f}x"
-        print(f"  {row.median:8.1f}  {ratios}  {row.name}{tag}")
+        cpu_cols = f"{row.cpu_median:7.1f}  {row.cpu_median / cpu_floor:5.2f}x"
+        print(f"  {row.median:8.1f}  {ratios}  {cpu_cols}  {row.name}{tag}")
     estimates = [r for r in table if r.kind == "memplan" and r.name.startswith("memplan estimate")]
     before = {r.name: r for r in table if r.kind == "before"}
     if before:
-        print("before -> after (ms, and as a ratio to the floor):")
+        print("before -> after: wall ms, as a ratio to the floor; CPU ms")
         for r in estimates:
             b = before[r.name]
             print(
                 f"  {b.median:6.1f} -> {r.median:6.1f} ms  {b.median / floor:4.2f}x -> "
-                f"{r.median / floor:4.2f}x  ({r.median - b.median:+6.1f} ms)  {r.name}"
+                f"{r.median / floor:4.2f}x  ({r.median - b.median:+6.1f} ms);  cpu "
+                f"{b.cpu_median:6.1f} -> {r.cpu_median:6.1f} ms "
+                f"({r.cpu_median - b.cpu_median:+6.1f})  {r.name}"
             )
     print(f"where `memplan estimate {CONFIGS[0]} --json` spends its time (median ms, in-process):")
     print(f"  {python:8.1f}  python start-up (python -c pass, wall)")
@@ -229,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
                 "kind": r.kind,
                 "median_ms": round(r.median, 1),
                 "ratio_to_floor": round(r.median / floor, 2),
+                "cpu_median_ms": round(r.cpu_median, 1),
+                "cpu_ratio_to_floor": round(r.cpu_median / cpu_floor, 2),
                 "runs_ms": [round(t, 1) for t in r.times],
             }
             for r in table
