@@ -8,10 +8,13 @@ Every command is one fresh process (what a user waits for), run round-robin so t
 the machine's load hits every row alike; each row is the median of --runs, in wall time (the
 target's measure) and in the child's CPU time (user + system: on a shared machine the steadier
 of the two for comparing rows). The children run with bytecode writing allowed and one untimed
-warm-up each, so that no row pays for compiling memplan (as after `pip install`). Two reference rows, not targets, show the part of the wait that belongs
-to memplan's dependencies rather than to memplan: the floor plus pydantic's BaseModel (the spec
-is pydantic models), and an empty typer app with `estimate`'s options (typer 0.29 coerces every
-option through a pydantic TypeAdapter when the command runs, which `import typer` does not pay).
+warm-up each, so that no row pays for compiling memplan (as after `pip install`).
+
+Two reference rows, not targets, show the part of the wait that belongs to memplan's
+dependencies rather than to memplan: the floor plus pydantic's BaseModel (the spec is pydantic
+models), and an empty typer app with `estimate`'s options (typer 0.29 coerces every option
+through a pydantic TypeAdapter when the command runs, which `import typer` does not pay). The
+last block splits one `estimate --json` run into its phases, in process (PHASES below).
 
 Run:  python benchmarks/estimate_speed.py    # prints, writes benchmarks/results/estimate-speed.json
       python benchmarks/estimate_speed.py --baseline /tmp/memplan-106a436  # before/after rows
