@@ -8,6 +8,7 @@ missing or duplicated). The `test_peft_*` tests compare the records with peft's 
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import re
 from collections import Counter
@@ -15,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from memplan.model.families import BY_MODEL_TYPE, FAMILIES, family_of, supported_model_types
+from memplan.model.families import (
+    BY_MODEL_TYPE,
+    FAMILIES,
+    REGISTRY,
+    Family,
+    family_of,
+    supported_model_types,
+)
 from memplan.model.load import find_inventory
 from memplan.model.sources import from_config
 
@@ -43,6 +51,23 @@ def test_structure_each_model_type_has_one_family() -> None:
     counts = Counter(t for f in FAMILIES for t in f.model_types)
     assert [t for t, n in counts.items() if n > 1] == []
     assert sorted(counts) == supported_model_types() == sorted(BY_MODEL_TYPE)
+
+
+def test_structure_registry_names_every_record() -> None:
+    """The registry that imports a family's module on lookup names, for each record, exactly
+    the model_types the record serves, and every family module of the folder is in it."""
+    for module, attribute, model_types in REGISTRY:
+        record = getattr(importlib.import_module(f"memplan.model.families.{module}"), attribute)
+        assert isinstance(record, Family), (module, attribute)
+        assert record.model_types == model_types, (module, attribute)
+    records = [
+        (p.stem, name)
+        for p in sorted(FAMILY_DIR.glob("*.py"))
+        if not p.stem.startswith("_") and p.stem != "record"
+        for name, value in vars(importlib.import_module(f"memplan.model.families.{p.stem}")).items()
+        if isinstance(value, Family)
+    ]
+    assert sorted(records) == sorted((m, a) for m, a, _ in REGISTRY)
 
 
 @pytest.mark.parametrize("model_type", supported_model_types())

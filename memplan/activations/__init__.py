@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import replace
 from functools import lru_cache
 
-from memplan.activations import layout, lora, torchtitan_parallel
+from memplan.activations import lora
 from memplan.config.finetune import FinetuneSpec
 from memplan.model import profile
 from memplan.model.families import family_of, modelled_model_types
@@ -38,9 +38,12 @@ from memplan.model.forward.tensors import (
     not_modelled,
 )
 from memplan.model.inventory import Architecture, Inventory
-from memplan.model.stacks import litgpt, litgpt_lora, megatron, torchtitan
 from memplan.states.layout import Layout
 from memplan.states.parallel import chunk_layers
+
+# memplan.activations.layout, .torchtitan_parallel and the stacks' rules (memplan.model.stacks)
+# are imported in the functions below, where a spec needs them: a pipeline or model-parallel
+# layout, another stack's model code (issue 21: `estimate` imports no work it does not do).
 
 
 def predict(inventory: Inventory, setting: Setting) -> Activations:
@@ -52,12 +55,18 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
             "a preset or an architecture)."
         )
     if setting.implementation == "torchtitan":
+        from memplan.model.stacks import torchtitan
+
         # torchtitan's own model code: its rule, never a profile traced from transformers.
         return torchtitan.saved(arch, setting)
     if setting.implementation == "litgpt":
+        from memplan.model.stacks import litgpt
+
         # LitGPT's own model code: its rule, never a profile traced from transformers.
         return litgpt.saved(arch, setting)
     if setting.implementation == "megatron-core":
+        from memplan.model.stacks import megatron
+
         # Megatron-Core's GPTModel: its rule, never a profile traced from transformers.
         return megatron.saved(arch, setting, setting.megatron_spec)
     why = _transformers_refuses(setting)
@@ -190,6 +199,8 @@ def on_rank(
     arch = inventory.architecture
     if lay.pipeline == 1 or arch is None or not micro.modelled:
         return micro
+    from memplan.activations import layout, torchtitan_parallel
+
     p = lay.pipeline
     every = chunk_layers(arch.num_layers, lay)
     mine = [c for c in range(len(every)) if lay.chunk_rank(c) == rank]
@@ -236,6 +247,8 @@ def micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec
     if st.implementation == "litgpt" and (
         lay.tensor > 1 or lay.context > 1 or lay.expert > 1 or lay.pipeline > 1
     ):
+        from memplan.activations import layout
+
         # litgpt 0.5.9's training scripts shard with FSDP (data parallelism) only.
         return replace(
             layout.refused(
@@ -255,6 +268,8 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     if st.implementation == "litgpt" and ft.method != "full" and arch is not None:
         return _litgpt_lora(arch, st, ft)
     if st.implementation != "transformers" and (ft.method != "full" or ft.freeze):
+        from memplan.activations import layout
+
         who = "torchtitan's" if st.implementation == "torchtitan" else "LitGPT's"
         return replace(
             layout.refused(
@@ -268,6 +283,8 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
         return _megatron(inventory, st, lay, ft)
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
+    from memplan.activations import layout, torchtitan_parallel
+
     if st.implementation == "torchtitan":
         return torchtitan_parallel.micro_batch(arch, st, lay)
     family = family_of(arch.model_type)
@@ -317,6 +334,8 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
 def _litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activations:
     """LitGPT's LoRA (memplan.model.stacks.litgpt_lora): litgpt 0.5.9's finetune/lora.py,
     whose options are lora.py::Config's flags; what they cannot say is refused."""
+    from memplan.model.stacks import litgpt, litgpt_lora
+
     why = ""
     if ft.method == "qlora":
         why = (
@@ -343,8 +362,11 @@ def _litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activatio
 
 def _megatron(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
     """Megatron-Core's GPTModel on one GPU (memplan.model.stacks.megatron) for full training, at
-    CP = EP = 1: one TP rank's slice (with or without sequence parallelism); pipeline stages
+    EP = 1: one TP and CP rank's slice (with or without sequence parallelism); pipeline stages
     split its layers as any other."""
+    from memplan.activations import layout
+    from memplan.model.stacks import megatron
+
     why = ""
     if ft.method != "full" or ft.freeze:
         why = (

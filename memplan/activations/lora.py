@@ -37,7 +37,7 @@ from memplan.activations.lora_flow import (
     scopes,
 )
 from memplan.config.finetune import FinetuneSpec
-from memplan.model.families import FAMILIES, family_of
+from memplan.model.families import all_families, family_of
 from memplan.model.families.record import ModelEnds
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Inventory
@@ -62,7 +62,7 @@ def adjust(
     family = family_of(arch.model_type)
     ends = family.lora_ends if family else None
     if ends is None:
-        modelled = [t for f in FAMILIES if f.lora_ends for t in f.model_types]
+        modelled = [t for f in all_families() if f.lora_ends for t in f.model_types]
         return not_modelled(
             f"activations of model_type {arch.model_type!r} with frozen parameters or LoRA "
             f"are not modelled (modelled: {', '.join(modelled)}): "

@@ -16,11 +16,9 @@ from memplan.config.spec import MODEL_SOURCES
 from memplan.errors import MemplanError
 from memplan.hardware import nearest
 from memplan.model import sources as models
-from memplan.model import stored
 from memplan.model.families import family_of
 from memplan.model.profile import Profile, config_hash, from_document, other_head
 from memplan.model.sources import Inventory, TensorSpec
-from memplan.model.sources import safetensors as safetensors_header
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -123,6 +121,8 @@ def find_inventory(config: Mapping[str, Any]) -> Inventory | None:
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         return None
+    from memplan.model import stored
+
     digest = config_hash(config)
     for folder in profile_dirs():
         file = folder / stored.file_name(model_type, digest)
@@ -186,6 +186,8 @@ def _config_object(file: Path, *, what: str) -> dict[str, Any]:
 
 def load_checkpoint(path: Path) -> Inventory:
     """The inventory of a safetensors checkpoint, from its headers (and a config.json beside)."""
+    from memplan.model.sources import safetensors as safetensors_header
+
     checkpoint = safetensors_header.read_checkpoint(path)
     config_file = checkpoint.directory / "config.json"
     config = _config_object(config_file, what="config.json") if config_file.is_file() else None

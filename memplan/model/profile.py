@@ -18,7 +18,6 @@ Pure: no torch, no I/O (memplan.model.load finds the files; memplan.verify.trace
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,8 @@ _NOT_HASHED = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", 
 
 def config_hash(config: Mapping[str, Any]) -> str:
     """The key of a config.json mapping: sha256 of its canonical JSON, provenance keys dropped."""
+    import hashlib  # here: OpenSSL's start-up is paid only where a profile is looked up
+
     kept = {k: v for k, v in config.items() if k not in _NOT_HASHED}
     text = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -12,7 +12,6 @@ from memplan import versions
 from memplan.activations import Activations, Block, Saved
 from memplan.memory import Transient
 from memplan.model.inventory import Inventory, TensorSpec
-from memplan.model.sources import counts
 from memplan.report import schema as s
 from memplan.states.engines import RankStates, Term
 from memplan.states.stages import StageStates
@@ -287,6 +286,8 @@ def inventory_json(inventory: Inventory, dtype: str) -> dict[str, Any]:
         return s.InventoryTensor(
             name=t.name, shape=list(t.shape), dtype=t.dtype or dtype, numel=t.numel
         )
+
+    from memplan.model.sources import counts
 
     big = counts.largest_tensor(inventory)
     layer = counts.largest_layer(inventory)

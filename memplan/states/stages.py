@@ -288,7 +288,8 @@ def _stage_states(
 ) -> tuple[StageStates, ...]:
     """Every stage's states for a `_states_key` layout (cached by value: plan re-estimates
     thousands of layouts that share few keys)."""
-    rule = sharding.engine_rule(layout.engine, layout.stage, sharding.DeepSpeedKnobs.of(layout))
+    knobs = sharding.DeepSpeedKnobs.of(layout) if layout.engine == "deepspeed" else None
+    rule = sharding.engine_rule(layout.engine, layout.stage, knobs)
     held = (
         stage_layers(inventory.num_layers, layout)
         if inventory.architecture

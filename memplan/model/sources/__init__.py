@@ -9,7 +9,6 @@ from typing import Any
 from memplan.errors import MemplanError
 from memplan.model.families import family_of, supported_model_types
 from memplan.model.inventory import Architecture, Inventory, TensorSpec
-from memplan.model.sources import checkpoint
 
 
 def from_config(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
@@ -74,6 +73,8 @@ def from_tensors(
     with a note (the tensors alone still give the model states). See
     `memplan.model.sources.checkpoint`.
     """
+    from memplan.model.sources import checkpoint  # its name patterns compile on import
+
     notes: list[str] = []
     reference = None
     if config is not None:

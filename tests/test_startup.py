@@ -1,0 +1,132 @@
+"""`memplan estimate` imports what the spec needs and nothing else (issue 21: "within 1.5x the
+import floor: lazy imports, no work at import time").
+
+Each case runs the CLI in a fresh interpreter and reads `sys.modules` afterwards: the tests
+check which modules a command imported, never how long anything took (the timing is
+benchmarks/estimate_speed.py, measured beside the floor; benchmarks/results/estimate-speed.json).
+An engine, a family, another stack's rules, the pipeline and model-parallel activations, the
+`--json` document models and rich's tables are each imported only by the spec or the output
+that needs them; torch and transformers never.
+
+The oracle is the spec itself: it names the model type, the engine, the model code and the
+layout, so which rule modules a correct run needs is known without running memplan (each case
+also checks that the modules it needs were imported, so that a run which imported nothing
+cannot pass).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+PROBE = """
+import contextlib, io, json, sys
+from memplan.cli.app import app
+code = 0
+try:
+    with contextlib.redirect_stdout(io.StringIO()):
+        app(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+HEAVY = ("torch", "transformers", "peft", "matplotlib", "numpy", "safetensors")
+"""Third-party packages `estimate` never imports (verify, profile and --plot do)."""
+
+FAMILY_HELPERS = {"record", "_decoder", "_llama_decoder", "_classic", "_siglip"}
+"""memplan.model.families modules that are building blocks, not one family's record."""
+
+
+def imported(*argv: str) -> set[str]:
+    """The modules a fresh interpreter holds after `memplan ARGV` (its exit code checked)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    doc = json.loads(proc.stdout.splitlines()[-1])
+    assert doc["code"] == 0, proc.stderr
+    return set(doc["modules"])
+
+
+def under(modules: set[str], package: str) -> set[str]:
+    """The direct children of `package` in `modules` (`a.b.c` counts as `c` under `a.b`)."""
+    prefix = package + "."
+    return {m[len(prefix) :].split(".")[0] for m in modules if m.startswith(prefix)}
+
+
+def top_level(modules: set[str]) -> set[str]:
+    return {m.split(".")[0] for m in modules}
+
+
+# (spec, --json?, the family module its model_type needs, the engine, the stack's rule or None)
+CASES = [
+    ("llama-3-8b.yaml", True, "llama", "deepspeed", None),
+    ("llama-3-8b.yaml", False, "llama", "deepspeed", None),
+    ("mistral-7b.yaml", True, "llama", "fsdp2", None),
+    ("mixtral-8x7b.yaml", True, "mixtral", "deepspeed", None),
+    ("plan-llama-3.1-8b-torchtitan.yaml", True, "llama", "ddp", "torchtitan"),
+]
+
+
+@pytest.mark.parametrize(("spec", "as_json", "family", "engine", "stack"), CASES)
+def test_estimate_imports_only_what_the_spec_needs(
+    spec: str, as_json: bool, family: str, engine: str, stack: str | None
+) -> None:
+    modules = imported("estimate", f"configs/{spec}", *(["--json"] if as_json else []))
+    assert not top_level(modules) & set(HEAVY), sorted(top_level(modules) & set(HEAVY))
+    # One family: the one the config.json model_type names (memplan.model.families.REGISTRY).
+    assert under(modules, "memplan.model.families") - FAMILY_HELPERS == {family}
+    # One engine: the spec's (memplan.states.engines.STEPS imports it on lookup).
+    engines = {"ddp", "fsdp2", "deepspeed", "megatron"}
+    assert under(modules, "memplan.states.engines") & engines == {engine}
+    # Another stack's rules only under its model.implementation; no pipeline / model-parallel
+    # activations for these data-parallel layouts.
+    assert under(modules, "memplan.model.stacks") == ({stack} if stack else set())
+    assert under(modules, "memplan.activations") <= {"lora", "lora_flow"}
+    # The plan search, traced inventories, checkpoint headers: other commands' and specs'.
+    assert not under(modules, "memplan.plan")
+    for module in (
+        "memplan.model.stored",
+        "memplan.model.sources.checkpoint",
+        "memplan.model.sources.safetensors",
+        "memplan.model.sources.counts",
+        "memplan.verify.trace.meta",
+    ):
+        assert module not in modules, module
+    # The output: the --json document models, or rich's tables, never both.
+    if as_json:
+        assert "memplan.report.schema" in modules
+        assert "rich" not in top_level(modules)
+        assert not under(modules, "memplan.cli") - {"app"}
+    else:
+        assert "memplan.report.schema" not in modules
+        assert {"rich.table", "memplan.cli.estimate_view"} <= modules
+
+
+def test_importing_the_registries_imports_no_family_or_engine() -> None:
+    """The packages that hold the rules are registries: importing them (as every command does)
+    imports no family, engine or stack module."""
+    code = (
+        "import json, sys\n"
+        "import memplan.cli.app, memplan.model.families, memplan.states.engines, "
+        "memplan.model.stacks, memplan.activations\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    modules = set(json.loads(proc.stdout))
+    assert under(modules, "memplan.model.families") == {"record"}
+    assert under(modules, "memplan.states.engines") == {"base"}
+    assert under(modules, "memplan.model.stacks") == set()
+    assert not top_level(modules) & {*HEAVY, "rich"}
