@@ -633,7 +633,7 @@ def render_json() -> str:
         "```",
         "",
     ]
-    for command, model in schema.DOCUMENTS.items():
+    for command, model in schema.documents().items():
         document = schema.json_schema(command)
         defs = document.get("$defs", {})
         rows: list[list[object]] = []
@@ -665,7 +665,7 @@ def render_index() -> str:
         "",
     ]
     lines += [f"- [{title}]({name})" for name, title in PAGES.items()]
-    schemas = ", ".join(f"[{c}](schema/{c}.schema.json)" for c in schema.DOCUMENTS)
+    schemas = ", ".join(f"[{c}](schema/{c}.schema.json)" for c in schema.documents())
     lines.append(f"- JSON Schemas of the reports: {schemas}")
     return "\n".join(lines) + "\n"
 
@@ -747,7 +747,7 @@ def pages() -> dict[str, str]:
         "json.md": render_json(),
         "architecture.md": render_architecture(),
     }
-    for command in schema.DOCUMENTS:
+    for command in schema.documents():
         out[f"schema/{command}.schema.json"] = (
             json.dumps(schema.json_schema(command), indent=2) + "\n"
         )

@@ -41,13 +41,13 @@ def published(command: str) -> dict[str, Any]:
 
 def check(command: str, document: Any) -> None:
     """Valid for the pydantic model (strict, from Python and from JSON) and the JSON Schema."""
-    model = schema.DOCUMENTS[command]
+    model = schema.documents()[command]
     try:
         model.model_validate(document)
         model.model_validate_json(json.dumps(document))
     except ValidationError as err:
         raise AssertionError(
-            f"`memplan {command} --json` no longer matches memplan/report/schema.py: describe the "
+            f"`memplan {command} --json` no longer matches memplan/report/schema/: describe the "
             f"change there, then run `python scripts/gen_docs.py`.\n{err}"
         ) from None
     jsonschema.validate(document, published(command))
@@ -62,7 +62,7 @@ def write(tmp_path: Path, spec: dict[str, Any]) -> str:
 # --- the schemas themselves ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", sorted(schema.DOCUMENTS))
+@pytest.mark.parametrize("command", sorted(schema.documents()))
 def test_schema_command_prints_a_valid_draft_2020_12_schema(command: str) -> None:
     document = published(command)
     assert document["$schema"] == "https://json-schema.org/draft/2020-12/schema"
@@ -70,7 +70,7 @@ def test_schema_command_prints_a_valid_draft_2020_12_schema(command: str) -> Non
     assert document == schema.json_schema(command)
 
 
-@pytest.mark.parametrize("command", sorted(schema.DOCUMENTS))
+@pytest.mark.parametrize("command", sorted(schema.documents()))
 def test_published_schema_files_are_the_command_output(command: str) -> None:
     out = runner.invoke(app, ["schema", command])
     path = ROOT / "docs" / "schema" / f"{command}.schema.json"
@@ -87,7 +87,7 @@ def test_every_field_is_described() -> None:
     """Every key of every report has a one-line meaning (it becomes docs/json.md): its own
     docstring, or the docstring of the object it holds."""
     missing = []
-    for command in schema.DOCUMENTS:
+    for command in schema.documents():
         document = schema.json_schema(command)
         defs = document["$defs"]
         for name, defn in {command: document, **defs}.items():
@@ -156,9 +156,9 @@ def test_estimate_shapes_validate(tmp_path: Path, overrides: dict[str, Any]) -> 
 
 def test_the_schema_refuses_drift(tmp_path: Path) -> None:
     """A key the schema does not know, a missing key, or a retyped value is an error: the
-    tests above then fail until memplan/report/schema.py (and the docs) follow the producer."""
+    tests above then fail until memplan/report/schema/ (and the docs) follow the producer."""
     _, doc = cli_json("estimate", write(tmp_path, {"model": {"architecture": TINY_LLAMA}}))
-    model = schema.EstimateReport
+    model = schema.documents()["estimate"]
     extra = json.loads(json.dumps(doc))
     extra["per_gpu"]["surprise"] = 1
     missing = json.loads(json.dumps(doc))

@@ -105,7 +105,9 @@ def test_estimate_imports_only_what_the_spec_needs(
         assert module not in modules, module
     # The output: the --json document models, or rich's tables, never both.
     if as_json:
-        assert "memplan.report.schema" in modules
+        # estimate's own document model, not plan's, verify's or inventory's
+        assert "memplan.report.schema.estimate" in modules
+        assert not under(modules, "memplan.report.schema") - {"base", "estimate"}
         assert "rich" not in top_level(modules)
         assert not under(modules, "memplan.cli") - {"app"}
     else:

@@ -7,8 +7,8 @@ from typing import Any, cast
 
 from memplan.config.parallelism import Engine
 from memplan.plan.search import Candidate, PlanResult
-from memplan.report import schema as s
 from memplan.report.json import dump
+from memplan.report.schema import plan as s
 
 
 def plan_json(result: PlanResult) -> dict[str, Any]:

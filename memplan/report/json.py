@@ -12,7 +12,8 @@ from memplan import versions
 from memplan.activations import Activations, Block, Saved
 from memplan.memory import Transient
 from memplan.model.inventory import Inventory, TensorSpec
-from memplan.report import schema as s
+from memplan.report.schema import estimate as s
+from memplan.report.schema.base import Doc
 from memplan.states.engines import RankStates, Term
 from memplan.states.stages import StageStates
 from memplan.step.timeline import Point, Timeline
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from memplan.report.result import Report
 
 
-def dump(document: s.EstimateReport | s.PlanReport) -> dict[str, Any]:
+def dump(document: Doc) -> dict[str, Any]:
     """A document model as the JSON the CLI prints."""
     return document.model_dump(mode="json")
 
@@ -282,16 +283,17 @@ def inventory_json(inventory: Inventory, dtype: str) -> dict[str, Any]:
     """The `memplan inventory --json` document (schema: memplan.report.schema.InventoryReport);
     `dtype` is the recipe's parameter dtype, for tensors without their own."""
 
-    def tensor(t: TensorSpec) -> s.InventoryTensor:
-        return s.InventoryTensor(
+    from memplan.model.sources import counts
+    from memplan.report.schema import inventory as schema
+
+    def tensor(t: TensorSpec) -> schema.InventoryTensor:
+        return schema.InventoryTensor(
             name=t.name, shape=list(t.shape), dtype=t.dtype or dtype, numel=t.numel
         )
 
-    from memplan.model.sources import counts
-
     big = counts.largest_tensor(inventory)
     layer = counts.largest_layer(inventory)
-    return s.InventoryReport(
+    return schema.InventoryReport(
         name=inventory.name,
         num_parameters=inventory.num_parameters,
         num_parameter_tensors=len(inventory.parameters),
@@ -301,14 +303,14 @@ def inventory_json(inventory: Inventory, dtype: str) -> dict[str, Any]:
         active_parameters_definition=counts.ACTIVE_DEFINITION,
         largest_tensor=None
         if big is None
-        else s.LargestTensor(name=big.name, shape=list(big.shape), numel=big.numel),
+        else schema.LargestTensor(name=big.name, shape=list(big.shape), numel=big.numel),
         largest_layer=None
         if layer is None
-        else s.LargestLayer(layer=layer[0], num_parameters=layer[1]),
+        else schema.LargestLayer(layer=layer[0], num_parameters=layer[1]),
         tied=[list(pair) for pair in inventory.tied],
         parameters=[tensor(t) for t in inventory.parameters],
         buffers=[
-            s.InventoryBuffer(**tensor(t).model_dump(), persistent=t.persistent)
+            schema.InventoryBuffer(**tensor(t).model_dump(), persistent=t.persistent)
             for t in inventory.buffers
         ],
         notes=list(inventory.notes),

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from memplan.report import schema
+from memplan.report.schema import verify as schema
 
 # Tolerances of issue 6, relative to the predicted bytes. Model states are counted tensor by
 # tensor on both sides, so any difference is a bug; activations depend on kernel choices

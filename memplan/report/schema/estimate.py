@@ -1,39 +1,17 @@
-"""The `--json` documents of `estimate`, `plan`, `verify` and `inventory`, defined once, as typed
-models.
-
-The producers build these models and dump them: `memplan.report.json.estimate_json` and
-`memplan.plan.json.plan_json` (from a Report and a PlanResult) and
-`memplan.verify.result.to_json`, so a document's keys, their order and their types are the
-fields below. `memplan schema NAME` prints the JSON Schema of each (draft 2020-12),
-`scripts/gen_docs.py` writes the same schemas to docs/schema/ and the field tables to
-docs/json.md, and tests/test_schema.py validates real outputs against them. Building a model
-validates it (strict: no coercion, unknown keys refused). All sizes are integer bytes.
-"""
+"""`memplan estimate --json`: the report of one training step."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from memplan.config.parallelism import Engine
+from memplan.report.schema.base import Doc
 from memplan.states.terms import Category
 
-JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
-
-class _Doc(BaseModel):
-    # Validators are built on first use (defer_build), so a command builds only the models of
-    # its own document; descriptions are Field(description=...), since use_attribute_docstrings
-    # reads this file's source back at import. Importing these models and building the first
-    # `estimate --json` document took 40 ms of CPU with attribute docstrings, 22 ms so (issue 17).
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, defer_build=True)
-
-
-# --- memplan estimate --json -------------------------------------------------------------------
-
-
-class ModelInfo(_Doc):
+class ModelInfo(Doc):
     """The model the spec names."""
 
     name: str = Field(
@@ -66,7 +44,7 @@ class ModelInfo(_Doc):
     )
 
 
-class PrecisionInfo(_Doc):
+class PrecisionInfo(Doc):
     """The precision recipe: the dtype each kind of tensor is kept in."""
 
     name: str = Field(description="Preset name (`bf16-mixed`, ...) or `custom`.")
@@ -88,13 +66,13 @@ class PrecisionInfo(_Doc):
     compute: str = Field(description="Dtype of the forward and backward math.")
 
 
-class OptimizerInfo(_Doc):
+class OptimizerInfo(Doc):
     name: str = Field(
         description="Optimizer name as the spec gives it (`adamw`, `sgd`, `adamw8bit`, ...)."
     )
 
 
-class ParallelismInfo(_Doc):
+class ParallelismInfo(Doc):
     engine: Engine = Field(description="deepspeed, fsdp2, ddp or megatron.")
     data: int = Field(description="Data-parallel degree.")
     zero_stage: int = Field(description="ZeRO stage with the engine's default filled in (0-3).")
@@ -125,7 +103,7 @@ class ParallelismInfo(_Doc):
     )
 
 
-class Row(_Doc):
+class Row(Doc):
     """One row of one rank's model states, exactly as the formula function built it."""
 
     category: Category = Field(description="parameters, gradients, optimizer_states or buffers.")
@@ -149,7 +127,7 @@ class Row(_Doc):
     )
 
 
-class ReservedPhase(_Doc):
+class ReservedPhase(Doc):
     """One phase of the replayed step (memplan.step.replay)."""
 
     phase: str = Field(description="The timeline's phase (timeline.phases[].phase).")
@@ -159,7 +137,7 @@ class ReservedPhase(_Doc):
     peak_reserved: int = Field(description="Most bytes its segments held in the phase.")
 
 
-class DeviceTermRow(_Doc):
+class DeviceTermRow(Doc):
     """One block of GPU memory outside torch's caching allocator."""
 
     name: str = Field(description="`cuda_context`, `nccl_data_ring`, ...")
@@ -168,7 +146,7 @@ class DeviceTermRow(_Doc):
     source: str = Field(description="Where the figure comes from (measured, NCCL source, ...).")
 
 
-class PerGpu(_Doc):
+class PerGpu(Doc):
     """The most-loaded GPU (rank `rank` of the most-loaded pipeline stage)."""
 
     rank: int = Field(description="The first data-parallel rank of the most-loaded class.")
@@ -243,7 +221,7 @@ class PerGpu(_Doc):
     )
 
 
-class SavedTensor(_Doc):
+class SavedTensor(Doc):
     """One storage autograd keeps for backward."""
 
     name: str = Field(description="What it is, relative to its block (`self_attn.softmax`).")
@@ -256,7 +234,7 @@ class SavedTensor(_Doc):
     source: str = Field(description="The kernel or modeling file the rule is read from.")
 
 
-class ActivationBlock(_Doc):
+class ActivationBlock(Doc):
     """Saved tensors of one part of the model (embeddings, decoder layers, head, loss)."""
 
     name: str = Field(description="`embeddings`, `layers`, `head`, `loss`, ...")
@@ -272,7 +250,7 @@ class ActivationBlock(_Doc):
     tensors: list[SavedTensor] = Field(description="What one copy of the block saves.")
 
 
-class ActivationsInfo(_Doc):
+class ActivationsInfo(Doc):
     """The activations of one forward pass on the most-loaded GPU."""
 
     modelled: bool = Field(
@@ -315,7 +293,7 @@ class ActivationsInfo(_Doc):
     )
 
 
-class TimelinePhase(_Doc):
+class TimelinePhase(Doc):
     """Bytes alive at one phase of the step, by category."""
 
     phase: str = Field(
@@ -334,13 +312,13 @@ class TimelinePhase(_Doc):
     transients: list[str] = Field(description="Names of the transient buffers alive at this phase.")
 
 
-class TimelinePeak(_Doc):
+class TimelinePeak(Doc):
     phase: str = Field(description="The phase with the most bytes alive (the earliest on a tie).")
     label: str = Field(description="That phase in words.")
     bytes: int = Field(description="Bytes alive at the peak phase (= per_gpu.peak).")
 
 
-class TransientRow(_Doc):
+class TransientRow(Doc):
     """A temporary buffer of the step."""
 
     name: str = Field(description="What the buffer is.")
@@ -364,7 +342,7 @@ class TransientRow(_Doc):
     )
 
 
-class TimelineInfo(_Doc):
+class TimelineInfo(Doc):
     """One training step as bytes alive per phase on the most-loaded GPU."""
 
     phases: list[TimelinePhase] = Field(description="Every phase of the step, in order.")
@@ -382,7 +360,7 @@ class TimelineInfo(_Doc):
     )
 
 
-class RankClass(_Doc):
+class RankClass(Doc):
     """Data-parallel ranks that hold the same bytes."""
 
     ranks: list[int] = Field(description="The data-parallel ranks of the class.")
@@ -406,7 +384,7 @@ class RankClass(_Doc):
     )
 
 
-class StageInfo(_Doc):
+class StageInfo(Doc):
     """One pipeline stage's most-loaded rank."""
 
     stage: int = Field(description="Pipeline stage index.")
@@ -433,7 +411,7 @@ class StageInfo(_Doc):
     )
 
 
-class PerHost(_Doc):
+class PerHost(Doc):
     """Host (CPU) memory."""
 
     total: int = Field(
@@ -457,7 +435,7 @@ class PerHost(_Doc):
     )
 
 
-class HardwareInfo(_Doc):
+class HardwareInfo(Doc):
     gpu: str | None = Field(description="The catalog GPU, or null.")
     memory_bytes: int | None = Field(
         description=(
@@ -498,7 +476,7 @@ class HardwareInfo(_Doc):
     )
 
 
-class RulesInfo(_Doc):
+class RulesInfo(Doc):
     """The library versions memplan's rules describe (memplan/versions.py)."""
 
     torch: str = Field(
@@ -515,7 +493,7 @@ class RulesInfo(_Doc):
     )
 
 
-class EstimateReport(_Doc):
+class EstimateReport(Doc):
     """`memplan estimate SPEC --json`: memory of one training step."""
 
     model: ModelInfo = Field(description="The model the spec names.")
@@ -537,341 +515,3 @@ class EstimateReport(_Doc):
         description="What the estimate assumed or left out, one sentence each."
     )
     rules: RulesInfo = Field(description="The library versions the rules describe.")
-
-
-# --- memplan plan --json ---------------------------------------------------------------------
-
-
-class StepTimeBreakdown(_Doc):
-    """Seconds per part of the estimated step (memplan.plan.steptime: a ranking model)."""
-
-    compute: float = Field(description="Matmul time at the assumed MFU.")
-    bubble: float = Field(description="Pipeline bubble.")
-    tensor: float = Field(description="Tensor-parallel collectives left exposed.")
-    pipeline: float = Field(description="Pipeline send/receive.")
-    data: float = Field(
-        description="Data-parallel gradient reduction and ZeRO gathers left exposed."
-    )
-    expert: float = Field(description="Expert-parallel all-to-all.")
-    context: float = Field(description="Context-parallel exchanges.")
-    offload: float = Field(description="Host-device copies of offloaded states.")
-
-
-class LayoutPeak(_Doc):
-    peak: int = Field(description="The layout's predicted peak bytes on its most-loaded GPU.")
-
-
-class PlanLayout(_Doc):
-    """One layout that fits."""
-
-    data: int = Field(description="Data-parallel degree.")
-    tensor: int = Field(description="Tensor-parallel degree.")
-    pipeline: int = Field(description="Pipeline-parallel degree.")
-    context: int = Field(description="Context-parallel degree.")
-    expert: int = Field(description="Expert-parallel degree.")
-    engine: Engine = Field(description="deepspeed, fsdp2, ddp or megatron.")
-    zero_stage: int = Field(description="ZeRO stage (0-3).")
-    micro_batch_size: int = Field(description="Sequences per GPU per forward pass.")
-    gradient_accumulation_steps: int = Field(description="Micro-batches per optimizer step.")
-    recompute: str = Field(description="none, selective or full.")
-    offload: str = Field(description="none or cpu (optimizer offload).")
-    layers_per_stage: list[int] | None = Field(
-        description=(
-            "An uneven pipeline split (one entry per model chunk), or null for an even one."
-        )
-    )
-    virtual_stages: int = Field(
-        description="Model chunks per pipeline rank: > 1 is Megatron's interleaved 1F1B schedule."
-    )
-    sequence_parallel: bool = Field(
-        default=False,
-        description="Sequence parallelism with TP (the row spec's parallelism.sequence_parallel).",
-    )
-    schedule: str = Field(
-        default="1f1b",
-        description="The pipeline schedule (parallelism.schedule): 1f1b, or interleaved.",
-    )
-    implementation: str = Field(
-        default="transformers",
-        description="Whose model code the activations are (model.implementation).",
-    )
-    fsdp_wrap: str | None = Field(
-        default=None,
-        description="FSDP2's fully_shard groups (parallelism.fsdp_wrap); null: not FSDP2.",
-    )
-    compile: bool = Field(
-        default=False, description="training.compile of the row's spec (torch.compile)."
-    )
-    per_gpu: LayoutPeak = Field(description="Memory of the layout's most-loaded GPU.")
-    headroom_bytes: int = Field(
-        description=(
-            "The usable memory left, as `estimate`'s timeline computes it "
-            "(timeline.usable_bytes: a packing bound of reserved, not the allocator replay "
-            "behind estimate's hardware.headroom_bytes, which plan leaves out of its search) "
-            "minus plan.reserve: budget_bytes - what the allocator likely reserves at the peak."
-        )
-    )
-    step_time_s: float = Field(description="Estimated seconds per optimizer step.")
-    tokens_per_s: float = Field(description="Tokens per second of the whole job at that step time.")
-    step_time_breakdown_s: StepTimeBreakdown = Field(description="The step time by part.")
-
-
-class PlanReport(_Doc):
-    """`memplan plan SPEC --json`: the layouts that fit, fastest first."""
-
-    gpus: int = Field(description="GPUs planned for.")
-    global_batch_size: int = Field(description="Sequences per optimizer step.")
-    budget_bytes: int = Field(
-        description=(
-            "GPU memory a layout may use: capacity minus the CUDA context (outside the allocator) "
-            "minus plan.reserve; a layout fits when the allocator's likely reserve at its peak is "
-            "within it (the same verdict as `estimate`)."
-        )
-    )
-    capacity_bytes: int = Field(description="Memory of one GPU.")
-    notes: list[str] = Field(
-        description=(
-            "What the plan assumed, one sentence each (e.g. whose speed ranks the layouts)."
-        )
-    )
-    layouts: list[PlanLayout] = Field(description="The fastest `plan.top` layouts.")
-    num_fitting: int = Field(description="All layouts that fit (layouts lists the first plan.top).")
-    searched: int = Field(description="Layouts evaluated.")
-    pruned: dict[str, int] = Field(description="Layouts skipped, by reason.")
-    message: str = Field(description="When nothing fits: what would; else empty.")
-
-
-# --- memplan verify --json -------------------------------------------------------------------
-
-
-class VerifySetup(_Doc):
-    """What ran."""
-
-    model: str = Field(description="Display name of the model.")
-    model_type: str | None = Field(description="config.json `model_type`.")
-    num_parameters: int = Field(description="Parameter elements of the full model.")
-    device: Literal["cpu", "cuda"] = Field(description="cpu or cuda.")
-    fake: bool = Field(description="FakeTensorMode: no real memory.")
-    engine: Engine = Field(description="ddp or fsdp2 (the engines torch runs itself).")
-    zero_stage: int = Field(description="ZeRO stage (0-3).")
-    ranks: int = Field(description="Processes run (torch.distributed world size, or 1).")
-    distributed: bool = Field(description="Ranks on torch.distributed.")
-    precision: str = Field(description="Precision recipe name.")
-    optimizer: str = Field(description="Optimizer name.")
-    optimizer_implementation: str = Field(
-        description="torch.optim kernel: foreach, fused or for_loop."
-    )
-    layers: int = Field(description="Decoder layers built.")
-    full_layers: int = Field(description="Decoder layers of the spec's model.")
-    micro_batch_size: int = Field(description="Sequences per forward pass.")
-    sequence_length: int = Field(description="Tokens per sequence.")
-    attention: str = Field(
-        description=(
-            "The attention implementation transformers ran (`config._attn_implementation`): eager "
-            "when training.attention is eager; for sdpa, transformers' default (sdpa, or eager "
-            "for a class without sdpa support)."
-        )
-    )
-    activation_checkpointing: Literal["none", "selective", "full"] = Field(
-        description=(
-            "training.activation_checkpointing as built: full (transformers' "
-            "activation_checkpointing_enable, non-reentrant) or selective (each attention core "
-            "under torch.utils.checkpoint)."
-        )
-    )
-    activation_offload: bool = Field(
-        description=(
-            "training.activation_offload: the checkpointed layer inputs in pinned host memory."
-        )
-    )
-    dropout: bool | None = Field(
-        description=(
-            "training.dropout: true/false forced on the config's dropout probabilities; null: the "
-            "config's own."
-        )
-    )
-    use_cache: bool = Field(
-        description=(
-            "transformers' key/value cache during the step (always false: a training step keeps "
-            "none)."
-        )
-    )
-    steps: int = Field(description="Training steps run; the last one is measured.")
-    activations_source: Literal["rule", "profile", "none"] | None = Field(
-        default=None,
-        description=(
-            "Where the predicted activations come from: a hand-written family's rule, a traced "
-            "profile (for a model_type with no family: stored, or traced by verify itself), or "
-            "none (not modelled: measured, not checked)."
-        ),
-    )
-    activations_profile: str | None = Field(
-        default=None, description="The profile's name (file stem) when one serves, else null."
-    )
-    activations_profile_origin: Literal["stored", "traced now"] | None = Field(
-        default=None,
-        description=(
-            "stored: found in $MEMPLAN_CACHE/profiles or shipped with memplan; traced now: traced "
-            "by this verify run under FakeTensorMode (not stored)."
-        ),
-    )
-    torch: str = Field(description="torch version.")
-    transformers: str = Field(description="transformers version.")
-
-
-class VerifyRow(_Doc):
-    """One category on one rank."""
-
-    predicted: int | None = Field(
-        description="memplan's bytes; null when the calculator does not model the category."
-    )
-    measured: int | None = Field(
-        description=(
-            "Bytes measured on real (or fake) tensors; null when the run cannot measure it."
-        )
-    )
-    delta: int | None = Field(description="measured - predicted.")
-    ratio: float | None = Field(
-        description="measured / predicted (null when either is null or predicted is 0)."
-    )
-    tolerance: float = Field(
-        description=(
-            "Allowed |delta| / predicted: 0.0 for model states, 0.01 activations, 0.03 peak."
-        )
-    )
-    checked: bool = Field(description="Both sides are known, so the row is held to its tolerance.")
-    ok: bool | None = Field(description="Within tolerance; null when the row is not checked.")
-
-
-class AllocatorPhase(_Doc):
-    """CUDA allocator counters at the end of one phase of the measured step."""
-
-    name: str = Field(description="The phase of the step (forward, backward, optimizer step, ...).")
-    allocated: int = Field(description="torch.cuda.memory_allocated() at the end of the phase.")
-    max_allocated: int = Field(description="torch.cuda.max_memory_allocated() during the phase.")
-    reserved: int = Field(description="torch.cuda.memory_reserved() at the end of the phase.")
-
-
-class FullDepthRow(_Doc):
-    predicted: int | None = Field(description="The prediction at the model's full depth.")
-    extrapolated: int | None = Field(
-        description="The K-layer measurement extrapolated with the measured per-layer bytes."
-    )
-
-
-class VerifyReport(_Doc):
-    """`memplan verify SPEC --json`: predicted against measured bytes."""
-
-    ok: bool = Field(
-        description=(
-            "Every checked row on every rank is within its tolerance (exit code 0, else 3)."
-        )
-    )
-    setup: VerifySetup = Field(description="What ran.")
-    rank: int = Field(
-        description=(
-            "The rank `categories` describes: the one memplan predicts to be the most loaded."
-        )
-    )
-    categories: dict[str, VerifyRow] = Field(
-        description=(
-            "Category (parameters, gradients, optimizer_states, each state by name, buffers, "
-            "activations, peak) -> row, for `rank`."
-        )
-    )
-    ranks: list[dict[str, VerifyRow]] | None = Field(
-        None, description="Present with several ranks: ranks[i] is rank i's categories."
-    )
-    phases: list[AllocatorPhase] | None = Field(
-        None, description="Present on CUDA: allocator counters per phase."
-    )
-    full_depth: dict[str, FullDepthRow] | None = Field(
-        None,
-        description=(
-            "Present with --layers K: category -> full-depth prediction and extrapolation."
-        ),
-    )
-    failures: list[str] = Field(description="One sentence per row out of tolerance.")
-    notes: list[str] = Field(description="What the run could not check, or how it measured.")
-    warnings: list[str] = Field(
-        [],
-        description=(
-            "Installed torch or transformers whose major.minor differs from the versions the "
-            "rules describe (also printed on stderr)."
-        ),
-    )
-
-
-# --- memplan inventory --json ------------------------------------------------------------------
-
-
-class InventoryTensor(_Doc):
-    """One parameter tensor, as `named_parameters()` lists it."""
-
-    name: str = Field(description="Fully qualified name.")
-    shape: list[int] = Field(description="Shape in elements.")
-    dtype: str = Field(description="Its dtype: its own, or the precision recipe's parameter dtype.")
-    numel: int = Field(description="Elements.")
-
-
-class InventoryBuffer(InventoryTensor):
-    """One buffer, as `named_buffers()` lists it."""
-
-    persistent: bool = Field(description="Saved in the state dict (False: persistent=False).")
-
-
-class LargestTensor(_Doc):
-    """The parameter tensor with the most elements."""
-
-    name: str = Field(description="Its name.")
-    shape: list[int] = Field(description="Its shape.")
-    numel: int = Field(description="Its elements.")
-
-
-class LargestLayer(_Doc):
-    """The repeated block (decoder layer) with the most parameters."""
-
-    layer: int = Field(description="Its index.")
-    num_parameters: int = Field(description="Its parameters.")
-
-
-class InventoryReport(_Doc):
-    """`memplan inventory --json`: every tensor of the model, and its counts."""
-
-    name: str = Field(description="Display name of the model.")
-    num_parameters: int = Field(description="Elements over distinct parameter tensors.")
-    num_parameter_tensors: int = Field(description="Distinct parameter tensors.")
-    num_non_embedding_parameters: int | None = Field(
-        description="Parameters outside the embeddings, positions and LM head; null: cannot say."
-    )
-    num_active_parameters: int | None = Field(
-        description="Parameters one token runs through (active_parameters_definition)."
-    )
-    num_active_non_embedding_parameters: int | None = Field(
-        description="The active parameters outside the embeddings, positions and LM head."
-    )
-    active_parameters_definition: str = Field(description="What counts as active.")
-    largest_tensor: LargestTensor | None = Field(description="The largest parameter tensor.")
-    largest_layer: LargestLayer | None = Field(description="The largest repeated block.")
-    tied: list[list[str]] = Field(description="(alias, owner) pairs of tied parameters.")
-    parameters: list[InventoryTensor] = Field(description="Every distinct parameter tensor.")
-    buffers: list[InventoryBuffer] = Field(description="Every buffer.")
-    notes: list[str] = Field(description="What the inventory ignored or assumed.")
-
-
-DOCUMENTS: dict[str, type[_Doc]] = {
-    "estimate": EstimateReport,
-    "plan": PlanReport,
-    "verify": VerifyReport,
-    "inventory": InventoryReport,
-}
-"""Command -> the model of its `--json` document."""
-
-
-def json_schema(command: str) -> dict[str, Any]:
-    """The JSON Schema of `memplan COMMAND --json` (draft 2020-12)."""
-    model = DOCUMENTS[command]
-    return {
-        "$schema": JSON_SCHEMA_DIALECT,
-        **model.model_json_schema(),
-    }
