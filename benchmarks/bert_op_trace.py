@@ -104,19 +104,7 @@ def replay_events(rec: Recorder, params: list[int]) -> list[tuple[Any, ...]]:
     out: list[tuple[Any, ...]] = []
     for kind in ("param", "grad", "exp_avg", "exp_avg_sq"):
         out += [("alloc", (kind, i), n) for i, n in enumerate(params)]
-    for step in (0, 1):
-        live: set[int] = set()
-        for e in rec.events:
-            if e[0] == "alloc":
-                out.append(("alloc", (step, e[1]), e[2]))
-                live.add(e[1])
-            elif e[0] == "free":
-                out.append(("free", (step, e[1])))
-                live.discard(e[1])
-            elif step == 1:
-                out.append(e)
-        out += [("free", (step, i)) for i in sorted(live)]
-    return out
+    return out + rec.steps(2)
 
 
 def memplan_figures(batch: int) -> dict[str, float]:

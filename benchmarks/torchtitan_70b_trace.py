@@ -168,6 +168,24 @@ class Recorder:
         self.events: list[tuple[Any, ...]] = []
         self.made: dict[int, tuple[str, tuple[int, ...], str]] = {}
 
+    def steps(self, count: int = 2) -> list[tuple[Any, ...]]:
+        """The recorded step `count` times over (ids keyed by step, what a step leaves alive
+        freed at its end), the phase markers on the last."""
+        out: list[tuple[Any, ...]] = []
+        for step in range(count):
+            live: set[int] = set()
+            for e in self.events:
+                if e[0] == "alloc":
+                    out.append(("alloc", (step, e[1]), e[2]))
+                    live.add(e[1])
+                elif e[0] == "free":
+                    out.append(("free", (step, e[1])))
+                    live.discard(e[1])
+                elif step == count - 1:
+                    out.append(e)
+            out += [("free", (step, i)) for i in sorted(live)]
+        return out
+
     def existing(self, tensors: Any) -> None:
         """Storages made before the step (parameters, buffers, inputs): never counted."""
         for t in tensors:
@@ -368,20 +386,14 @@ def replay_events(rec: Recorder, row: dict[str, Any]) -> list[tuple[Any, ...]]:
     out.append(("alloc", "gradients", row["gradients_bytes"]))
     for stream, n in row["side_stream_pools"].items():
         out.append(("alloc", ("pool", stream), n, stream))
-    for step in (0, 1):
-        out.append(("alloc", ("root", step), row["root_unsharded_bytes"]))
-        live: set[int] = set()
-        for e in rec.events:
-            if e[0] == "alloc":
-                out.append(("alloc", (step, e[1]), e[2]))
-                live.add(e[1])
-            elif e[0] == "free":
-                out.append(("free", (step, e[1])))
-                live.discard(e[1])
-            elif step == 1:
-                out.append(e)
-        out += [("free", (step, i)) for i in sorted(live)]
-        out.append(("free", ("root", step)))
+    # The root's unsharded parameters are alive through each step: around the first step's
+    # events, and around the second's (rec.steps keys them by step).
+    events = rec.steps(2)
+    split = next(i for i, e in enumerate(events) if e[0] == "phase" or e[1][0] == 1)
+    first, second = events[:split], events[split:]
+    out.append(("alloc", ("root", 0), row["root_unsharded_bytes"]))
+    out += [*first, ("free", ("root", 0)), ("alloc", ("root", 1), row["root_unsharded_bytes"])]
+    out += [*second, ("free", ("root", 1))]
     return out
 
 
