@@ -148,8 +148,8 @@ class Block:
         names copies held for later micro-batches: not freed layer by layer in this backward,
         nothing to re-create."""
         out = object.__new__(Block)
-        for f in fields(Block):
-            object.__setattr__(out, f.name, getattr(self, f.name))
+        for name in _BLOCK_FIELDS:
+            object.__setattr__(out, name, getattr(self, name))
         object.__setattr__(out, "count", count)
         if held_as is not None:
             object.__setattr__(out, "name", held_as)
@@ -161,6 +161,10 @@ class Block:
     @property
     def bytes(self) -> int:
         return self.count * self.bytes_each
+
+
+_BLOCK_FIELDS = tuple(f.name for f in fields(Block))
+"""Block's fields, every one (`repeated` copies them; plan repeats blocks millions of times)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -25,7 +25,10 @@ The sharded gradients appear only in `perform_reduce_grad` (GradientLife.pipelin
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from memplan.memory import Transient
+from memplan.model.inventory import Inventory
 from memplan.precision import dtype_bytes
 from memplan.states.engines.base import StepActivations, StepStates
 
@@ -59,7 +62,7 @@ def accumulated_gradients(states: StepStates, acts: StepActivations) -> list[Tra
     backward done: its saved tensors gone, every gradient of the stage made)."""
     if states.layout.pipeline <= 1:
         return []
-    elements = sum(t.numel for t in states.inventory.parameters if t.trainable)
+    elements, layers = _trainable_and_layers(states.inventory)
     dtype = accumulated_dtype(states)
     n_bytes = elements * dtype_bytes(dtype)
     if n_bytes <= 0:
@@ -68,7 +71,6 @@ def accumulated_gradients(states: StepStates, acts: StepActivations) -> list[Tra
         f"{elements:,} stage parameters (unsharded) x {dtype_bytes(dtype)} B ({dtype}): every "
         "group's unsharded_accumulated_grad, kept until the last micro-batch's reduce-scatter"
     )
-    layers = len({t.layer for t in states.inventory.parameters if t.layer is not None})
     steady = acts.layer is None or acts.layers_in_flight < acts.microbatches * layers
     if steady:
         return [
@@ -103,3 +105,12 @@ def accumulated_gradients(states: StepStates, acts: StepActivations) -> list[Tra
             )
         )
     return out
+
+
+@lru_cache(maxsize=64)
+def _trainable_and_layers(inventory: Inventory) -> tuple[int, int]:
+    """The stage's trainable elements and its decoder layers (inventories hash by identity;
+    plan asks for every layout of a search)."""
+    elements = sum(t.numel for t in inventory.parameters if t.trainable)
+    layers = len({t.layer for t in inventory.parameters if t.layer is not None})
+    return elements, layers
