@@ -118,8 +118,13 @@ def test_tensor_parallel_rule_matches_megatron_core_on_two_ranks() -> None:
         )
         saved = estimate(spec, from_config(tiny(kv_heads=kv))).activations
         assert saved.modelled, saved.notes
-        for rank in ranks:
-            assert rank.bytes == saved.bytes, (dtype, mode, batch, kv, dropout)
+        # gloo's race (memplan.verify.megatron_core._held): a worker thread may still hold the
+        # loss's last all-reduced [tokens] fp32 tensor on one rank; another rank of the same
+        # run then measures the prediction exactly (the rule test_verify_tp follows).
+        race = batch * 16 * 4
+        measured = [rank.bytes for rank in ranks]
+        assert saved.bytes in measured, (dtype, mode, batch, kv, dropout, measured)
+        assert set(measured) <= {saved.bytes, saved.bytes + race}, measured
 
 
 def test_local_spec_sequence_parallel_is_refused_as_megatron_refuses_it() -> None:
