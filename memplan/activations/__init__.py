@@ -297,10 +297,12 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
             buffers=layout.buffers(arch, st, lay),
             notes=(*whole.notes, EP_OVER_PROFILE),
         )
+    if no_rule and lay.tensor > 1 and lay.context == 1 and lay.expert == 1:
+        return _tensor_parallel_profile(inventory, arch, st, lay, ft)
     if traced is not None:
         return layout.refused(
-            "activations from a traced profile are not split for tensor, context or expert "
-            "parallelism yet (the profile holds whole tensors)"
+            "activations from a traced profile are not split for context or expert "
+            "parallelism combined with tensor parallelism yet (the profile holds whole tensors)"
         )
     why = layout.check(arch, st, lay)
     if why:
@@ -425,6 +427,61 @@ def _megatron(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) 
     if lay.sequence_parallel:
         local = layout.split(predict(inventory, local_st), local, local_st, lay)
     return replace(local, buffers=(*local.buffers, *layout.buffers(arch, local_st, lay)))
+
+
+def _tensor_parallel_profile(
+    inventory: Inventory, arch: Architecture, st: Setting, lay: Layout, ft: FinetuneSpec
+) -> Activations:
+    """A model without a hand rule on one TP rank (CP = EP = 1), as the hand rules do it: the
+    profile traced for the rank's slice (memplan.verify.trace.tp.local_config, the profile's
+    `tensor` and `vocab_rows`), the whole vocabulary's head and loss from the TP-1 profile
+    without loss_parallel under DTensor, sequence parallelism splitting what the slice leaves
+    as wide as the TP-1 profile (memplan.activations.layout.split_traced), and the layout's
+    communication buffers."""
+    from memplan.activations import layout
+
+    rows = layout.local_architecture(arch, lay).vocab_size
+    local_p = profile.serving(inventory.profiles, st, tensor=lay.tensor, vocab_rows=rows)
+    whole_p = profile.serving(inventory.profiles, st)
+    if local_p is None:
+        return layout.refused(
+            f"activations from a traced profile under tensor parallelism need the profile of "
+            f"one TP rank's slice (tensor {lay.tensor}, {rows} vocabulary rows), not traced: "
+            "with torch and transformers installed `memplan estimate` and `plan` trace it"
+        )
+    why = layout.check(arch, st, lay)
+    if why:
+        return layout.refused(why)
+    if ft.method != "full" or ft.freeze:
+        return layout.refused(
+            "activations not modelled for fine-tuning under tensor, context or expert parallelism"
+        )
+    needs_whole = lay.sequence_parallel or (
+        lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss
+    )
+    if needs_whole and whole_p is None:
+        return layout.refused(
+            "activations from a traced profile under sequence parallelism or without "
+            "loss_parallel need the whole model's profile beside the TP slice's, not traced"
+        )
+    if lay.sequence_parallel and arch.num_experts:
+        return layout.refused(
+            "activations from a traced profile of a MoE model are not split for sequence "
+            "parallelism yet (Megatron gathers the experts' tokens over TP; no traced rule "
+            "for it): set sequence_parallel: false"
+        )
+    if local_p.head != "lm":
+        return layout.refused(
+            f"activations of a {local_p.head} head from a traced profile are not split for "
+            "tensor parallelism (memplan slices language-model heads only)"
+        )
+    local = _from_profile(local_p, arch, st)
+    full = _from_profile(whole_p, arch, st) if whole_p is not None else local
+    if lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss:
+        local = layout.whole_vocabulary_loss(local, full)
+    if lay.sequence_parallel:
+        local = layout.split_traced(full, local, st, lay, local_p.token_major())
+    return replace(local, buffers=layout.buffers(arch, st, lay))
 
 
 EP_OVER_PROFILE = (

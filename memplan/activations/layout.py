@@ -174,6 +174,55 @@ def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Ac
     return replace(local, blocks=blocks, hidden_bytes=local.hidden_bytes // lay.tensor)
 
 
+# A traced profile's names (memplan.model.profile: the module that saved a storage first, and
+# its order there): a linear's only saved activation is its input, so the column-parallel
+# linears' inputs are these.
+_COLUMN_INPUT_TRACED = re.compile(
+    r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|c_attn|c_fc|"
+    r"query_key_value|dense_h_to_4h|query|key|value|lm_head|embed_out)#\d+$"
+)
+
+
+def split_traced(
+    full: Activations,
+    local: Activations,
+    st: Setting,
+    lay: Layout,
+    token_major: frozenset[tuple[str, str]],
+) -> Activations:
+    """`split` for activations read from traced profiles (memplan.model.profile): their saved
+    tensors are flat element counts, so a tensor is split over the TP ranks when its fit is
+    tokens x width alone (`token_major`: (block, name), memplan.model.profile.Profile.
+    token_major), the TP slice leaves it as wide as the whole model's (`full`: the TP-1
+    profile's), and it is none of the tensors Megatron keeps whole (the loss's, the
+    embedding's integer indices, the experts'), nor, under DTensor, a column-parallel linear's
+    gathered input."""
+    if not (lay.sequence_parallel and lay.tensor > 1):
+        return local
+    whole = {(b.name, t.name): t.shape for b in full.blocks for t in (*b.tensors, *b.recompute)}
+
+    def sp(block: Block, t: Saved) -> Saved:
+        if block.name == "loss" or (block.name, t.name) not in token_major:
+            return t
+        if t.dtype.startswith(("int", "uint")) or "experts" in t.name:
+            return t
+        if lay.gathered_inputs and _COLUMN_INPUT_TRACED.search(t.name):
+            return t
+        if whole.get((block.name, t.name)) != t.shape or t.shape[0] % st.tokens:
+            return t  # split by TP already
+        return replace(t, shape=(t.shape[0] // lay.tensor,))
+
+    blocks = tuple(
+        replace(
+            b,
+            tensors=tuple(sp(b, t) for t in b.tensors),
+            recompute=tuple(sp(b, t) for t in b.recompute),
+        )
+        for b in local.blocks
+    )
+    return replace(local, blocks=blocks, hidden_bytes=local.hidden_bytes // lay.tensor)
+
+
 SRC_NO_LOSS_PARALLEL = (
     "torchtitan 0.3.0 torchtitan/models/llama3/parallelize.py::apply_tp (output: "
     "ColwiseParallel(output_layouts=Shard(-1) if loss_parallel else Replicate()))"
