@@ -113,7 +113,78 @@ def test_a_model_deriving_head_dim_from_the_heads_is_refused() -> None:
     """Slicing the heads of a model whose head width is hidden // heads would trace wider
     heads: refused, naming why (GPT-2's config has no head_dim)."""
     gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 512}
-    with pytest.raises(MemplanError, match="num_attention_heads|head_dim"):
+    with pytest.raises(MemplanError, match="num_attention_heads"):
         tp.local_config(gpt2, 2, 256)
     with pytest.raises(MemplanError, match="not divisible by tensor 3"):
         tp.local_config(CONFIG, 3, 347)
+
+
+MIXTRAL = {
+    "model_type": "mixtral",
+    "hidden_size": 48,
+    "intermediate_size": 128,  # / TP: a 16-byte row stride, as grouped_mm's meta kernel asks
+    "num_hidden_layers": 2,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "vocab_size": 777,
+    "max_position_embeddings": 1024,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "sliding_window": None,
+    "attention_dropout": 0.0,
+}
+QWEN2_MOE = {
+    **{k: v for k, v in MIXTRAL.items() if k not in ("num_local_experts", "sliding_window")},
+    "model_type": "qwen2_moe",
+    "moe_intermediate_size": 64,
+    "shared_expert_intermediate_size": 56,
+    "num_experts": 4,
+}
+MOE_CASES = [
+    pytest.param(MIXTRAL, {"engine": "megatron", "sequence_parallel": True}, id="mixtral-mg-sp"),
+    pytest.param(QWEN2_MOE, {"engine": "fsdp2"}, id="qwen2_moe-dtensor"),
+    pytest.param(QWEN2_MOE, {"engine": "megatron", "sequence_parallel": True}, id="qwen2_moe-sp"),
+]
+
+
+@pytest.mark.parametrize(("config", "parallelism"), MOE_CASES)
+def test_traced_moe_tp_slice_equals_the_hand_rule(
+    config: dict[str, Any], parallelism: dict[str, Any]
+) -> None:
+    """MoE layers (grouped_mm experts at moe/intermediate / TP, a shared expert) on one TP rank:
+    the profile path equals the Mixtral and Qwen2-MoE rules, and their dispatch buffers."""
+    spec = make_spec(
+        model={"architecture": config},
+        precision="bf16",
+        training={"micro_batch_size": 2, "sequence_length": 32, "attention": "sdpa"},
+        parallelism={"data": 1, "tensor": 2, **parallelism},
+    )
+    inv = from_config(config)
+    assert inv.architecture is not None
+    rule = micro_batch_of(spec, inv)
+    rows = act_layout.local_architecture(inv.architecture, layout_of(spec)).vocab_size
+    docs = [
+        tracer.for_setting(config, spec, tensor=t, vocab_rows=r) for t, r in ((1, 0), (2, rows))
+    ]
+    hidden = dataclasses.replace(inv.architecture, model_type="moe_without_rule")
+    unruled = dataclasses.replace(
+        inv,
+        architecture=hidden,
+        profiles=tuple(profile.from_document(d, origin="t") for d in docs),
+    )
+    traced = micro_batch_of(spec, unruled)
+    assert rule.modelled and traced.modelled and traced.source == "profile", traced.notes
+    assert _by_block(traced) == _by_block(rule)
+    assert traced.buffers == rule.buffers and traced.hidden_bytes == rule.hidden_bytes
+    if parallelism["engine"] == "fsdp2":
+        sp = layout_of(
+            spec.model_copy(
+                update={
+                    "parallelism": spec.parallelism.model_copy(update={"sequence_parallel": True})
+                }
+            )
+        )
+        from memplan.activations import micro_batch
+
+        refused = micro_batch(unruled, setting_of(spec), sp, spec.finetune)
+        assert not refused.modelled and "DTensor sequence parallelism" in refused.notes[0]

@@ -464,11 +464,16 @@ def _tensor_parallel_profile(
             "activations from a traced profile under sequence parallelism or without "
             "loss_parallel need the whole model's profile beside the TP slice's, not traced"
         )
-    if lay.sequence_parallel and arch.num_experts:
+    if lay.sequence_parallel and arch.num_experts and lay.gathered_inputs:
+        # A single-device trace lists a storage once, under its first saver: where the router
+        # and a shared expert's column-parallel linear both save the layer's input (Qwen2-MoE),
+        # DTensor SP keeps the router's shard and the linear's gathered copy, which the trace
+        # cannot tell apart (measured: 3,584 B per layer above the hand rule, tiny Qwen2-MoE,
+        # TP 2, 2 x 32 tokens; Megatron SP gathers no inputs and agrees).
         return layout.refused(
-            "activations from a traced profile of a MoE model are not split for sequence "
-            "parallelism yet (Megatron gathers the experts' tokens over TP; no traced rule "
-            "for it): set sequence_parallel: false"
+            "activations from a traced profile of a MoE model are not split for DTensor "
+            "sequence parallelism (engines fsdp2, ddp) yet: set sequence_parallel: false, or "
+            "engine megatron or deepspeed"
         )
     if local_p.head != "lm":
         return layout.refused(

@@ -194,9 +194,9 @@ def split_traced(
     tensors are flat element counts, so a tensor is split over the TP ranks when its fit is
     tokens x width alone (`token_major`: (block, name), memplan.model.profile.Profile.
     token_major), the TP slice leaves it as wide as the whole model's (`full`: the TP-1
-    profile's), and it is none of the tensors Megatron keeps whole (the loss's, the
-    embedding's integer indices, the experts'), nor, under DTensor, a column-parallel linear's
-    gathered input."""
+    profile's), and it is none of the tensors Megatron keeps whole (`_NOT_SEQUENCE_SPLIT`: the
+    loss's, the embedding's integer indices, the experts'), nor, under DTensor, a
+    column-parallel linear's gathered input."""
     if not (lay.sequence_parallel and lay.tensor > 1):
         return local
     whole = {(b.name, t.name): t.shape for b in full.blocks for t in (*b.tensors, *b.recompute)}
@@ -204,7 +204,9 @@ def split_traced(
     def sp(block: Block, t: Saved) -> Saved:
         if block.name == "loss" or (block.name, t.name) not in token_major:
             return t
-        if t.dtype.startswith(("int", "uint")) or "experts" in t.name:
+        if block.name == "embeddings" and t.dtype.startswith(("int", "uint")):
+            return t  # the embedding's indices (`_NOT_SEQUENCE_SPLIT`'s ".indices")
+        if "experts" in t.name:
             return t
         if lay.gathered_inputs and _COLUMN_INPUT_TRACED.search(t.name):
             return t

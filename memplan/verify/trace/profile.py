@@ -318,18 +318,19 @@ def _blocks(
     checkpointing: str,
     dropout: bool | None = None,
     device: str = "cpu",
-    head_dim: int | None = None,
+    head_dim: tuple[int, bool] | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int], list[str], dict[str, Any]]:
     """Fitted tensors per block: embeddings, one per layer kind (`layer:<kind>`), head, loss.
 
     The model is built at full depth and two layers of each structure are traced in their
     places (memplan.verify.trace.structure), the grouping checked on one full forward.
-    `head_dim`: a TP-local config's pinned head width, checked on the built model (tp)."""
+    `head_dim`: a TP-local config's pinned head width, and whether the whole config lacked
+    it, checked on the built model (memplan.verify.trace.tp.check_heads)."""
     model, mode = _build(
         config, stream=stream, attention=attention, checkpointing=checkpointing, dropout=dropout
     )
     if head_dim is not None:
-        tp.check_heads(model, head_dim)
+        tp.check_heads(model, head_dim[0], required=head_dim[1])
     two = structure.stacks(model)
     if two:  # encoder-decoder: every layer traced, kinds "encoder" and "decoder"
         layer_list = torch.nn.ModuleList([m for _, stack in two for m in stack])
@@ -493,8 +494,9 @@ def build(
     config = copy.deepcopy(dict(config))
     pinned = None
     if tensor > 1:
+        required = tp.pinned_without_key(config)
         config = tp.local_config(config, tensor, vocab_rows)
-        pinned = int(config["head_dim"])
+        pinned = (int(config["head_dim"]), required)
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     common: dict[str, Any] = {
         "stream": stream,

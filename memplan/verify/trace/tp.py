@@ -47,13 +47,15 @@ def local_config(config: Mapping[str, Any], tensor: int, vocab_rows: int) -> dic
         raise MemplanError(f"transformers cannot build model_type {model_type!r}: {err}") from None
     head_dim = getattr(cfg, "head_dim", None)
     why = ""
-    if "num_attention_heads" not in config:
-        why = "its config.json has no top-level num_attention_heads (a nested text model)"
-    elif not isinstance(head_dim, int):
+    if not isinstance(config.get("num_attention_heads"), int):
         why = (
-            "its config has no head_dim, so its attention may derive the head width as "
-            "hidden_size // num_attention_heads, which slicing the heads would change"
+            "its config.json has no top-level num_attention_heads (a nested text model, or "
+            "other names for the widths)"
         )
+    elif not isinstance(head_dim, int):
+        # transformers' convention where the config leaves head_dim out; the built model must
+        # then show it reads the pinned value (check_heads with `required`)
+        head_dim = int(cfg.hidden_size) // int(config["num_attention_heads"])
     unknown = sorted(
         k
         for k, v in config.items()
@@ -88,11 +90,20 @@ def local_config(config: Mapping[str, Any], tensor: int, vocab_rows: int) -> dic
     return local
 
 
-def check_heads(model: torch.nn.Module, head_dim: int) -> None:
+def pinned_without_key(config: Mapping[str, Any]) -> bool:
+    """Whether `local_config` pinned a head_dim the whole config did not give (then the model
+    built from the slice must show it reads it: `check_heads(..., required=True)`)."""
+    return not isinstance(config.get("head_dim"), int)
+
+
+def check_heads(model: torch.nn.Module, head_dim: int, *, required: bool = False) -> None:
     """Refuse a TP-local model whose attention modules hold a head width other than the whole
-    model's `head_dim` (code that derives it from hidden_size // num_attention_heads)."""
+    model's `head_dim` (code that derives it from hidden_size // num_attention_heads); with
+    `required` (the whole config had no head_dim), also one where no module holds it."""
+    seen = False
     for name, module in model.named_modules():
         width = getattr(module, "head_dim", None)
+        seen = seen or width == head_dim
         if isinstance(width, int) and width != head_dim:
             raise MemplanError(
                 f"activations of {type(model).__name__} under tensor parallelism are not "
@@ -100,3 +111,10 @@ def check_heads(model: torch.nn.Module, head_dim: int) -> None:
                 f"(the whole model's is {head_dim}): the code does not read config.head_dim.",
                 field="parallelism.tensor",
             )
+    if required and not seen:
+        raise MemplanError(
+            f"activations of {type(model).__name__} under tensor parallelism are not traced: "
+            "its config has no head_dim and no module of the model shows the head width it "
+            "uses, so slicing its heads could trace other widths.",
+            field="parallelism.tensor",
+        )
