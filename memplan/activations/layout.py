@@ -138,6 +138,16 @@ def local_architecture(arch: Architecture, lay: Layout) -> Architecture:
     )
 
 
+def profile_slices(arch: Architecture, lay: Layout) -> tuple[tuple[int, int], ...]:
+    """(TP degree, vocabulary rows) of each TP rank class of `lay` whose activations a model
+    without a hand rule takes from a profile of its slice (CP = EP = 1: memplan.activations.
+    _tensor_parallel_profile; memplan.verify.trace.traced_profiles traces them)."""
+    if lay.tensor == 1 or lay.context > 1 or lay.expert > 1:
+        return ()
+    rows = vocab_rows(arch.vocab_size, lay.tensor, lay.vocab_multiple, lay.vocab_split)
+    return tuple(sorted({(lay.tensor, r) for r in rows if r}))
+
+
 def local_setting(st: Setting, lay: Layout) -> Setting:
     """One context-parallel rank's forward pass: sequence / CP tokens per sequence."""
     if lay.context == 1:

@@ -51,13 +51,22 @@ def _run(debug: bool, work: Callable[[], T]) -> T:
         raise typer.Exit(err.exit_code) from None
 
 
-def _traced(loaded: Any, inventory: Any, checkpointing: tuple[str, ...], said: list[str]) -> Any:
+def _traced(
+    loaded: Any,
+    inventory: Any,
+    checkpointing: tuple[str, ...],
+    said: list[str],
+    tensor_slices: tuple[tuple[int, int], ...] | None = None,
+) -> Any:
     """`inventory` with the activation profiles traced for it (memplan.verify.trace.
-    traced_profiles); what each trace did goes to `said`, shown (`_say`) once the command
-    succeeds, so that an error stays one paragraph."""
+    traced_profiles: with `tensor_slices` None, those of the spec's own layout); what each
+    trace did goes to `said`, shown (`_say`) once the command succeeds, so that an error stays
+    one paragraph."""
     from memplan.verify.trace import traced_profiles
 
-    inventory, lines = traced_profiles(loaded, inventory, checkpointing=checkpointing)
+    inventory, lines = traced_profiles(
+        loaded, inventory, checkpointing=checkpointing, tensor_slices=tensor_slices
+    )
     said.extend(lines)
     return inventory
 
@@ -336,7 +345,8 @@ def plan(
                 inv = model_load.load_inventory(loaded, unsupported=fallback_inventory)
                 if trace:
                     recompute = recompute_options(settings, loaded.spec.model.implementation)
-                    inv = _traced(loaded, inv, recompute, said)
+                    slices = planner.tensor_slices(run_spec, inv)  # the TP ranks it tries
+                    inv = _traced(loaded, inv, recompute, said, slices)
                 return planner.plan(run_spec, inv, progress=progress)
         finally:
             if progress_bar is not None:

@@ -40,11 +40,7 @@ def local_config(config: Mapping[str, Any], tensor: int, vocab_rows: int) -> dic
     / tensor, head_dim pinned to the whole model's, `vocab_rows` vocabulary rows. One
     MemplanError when the slice is not sound."""
     model_type = config.get("model_type")
-    kwargs = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype", "dtype")}
-    try:
-        cfg = transformers.AutoConfig.for_model(str(model_type), **kwargs)
-    except (KeyError, ValueError) as err:
-        raise MemplanError(f"transformers cannot build model_type {model_type!r}: {err}") from None
+    cfg = _config(config)
     head_dim = getattr(cfg, "head_dim", None)
     why = ""
     if not isinstance(config.get("num_attention_heads"), int):
@@ -91,9 +87,18 @@ def local_config(config: Mapping[str, Any], tensor: int, vocab_rows: int) -> dic
 
 
 def pinned_without_key(config: Mapping[str, Any]) -> bool:
-    """Whether `local_config` pinned a head_dim the whole config did not give (then the model
-    built from the slice must show it reads it: `check_heads(..., required=True)`)."""
-    return not isinstance(config.get("head_dim"), int)
+    """Whether `local_config` pinned a head_dim the whole config's class does not give (then
+    the model built from the slice must show it reads it: `check_heads(..., required=True)`)."""
+    return not isinstance(getattr(_config(config), "head_dim", None), int)
+
+
+def _config(config: Mapping[str, Any]) -> Any:
+    model_type = config.get("model_type")
+    kwargs = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype", "dtype")}
+    try:
+        return transformers.AutoConfig.for_model(str(model_type), **kwargs)
+    except (KeyError, ValueError) as err:
+        raise MemplanError(f"transformers cannot build model_type {model_type!r}: {err}") from None
 
 
 def check_heads(model: torch.nn.Module, head_dim: int, *, required: bool = False) -> None:
