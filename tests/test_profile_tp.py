@@ -47,14 +47,17 @@ def _by_block(acts: Any) -> dict[str, int]:
     return {b.name: b.bytes for b in acts.blocks}
 
 
-_CACHE: dict[tuple[int, int], profile.Profile] = {}
+_CACHE: dict[tuple[str, int, int], profile.Profile] = {}
 
 
-def _profile(spec: Any, tensor: int, rows: int) -> profile.Profile:
-    if (tensor, rows) not in _CACHE:
-        doc = tracer.for_setting(CONFIG, spec, tensor=tensor, vocab_rows=rows)
-        _CACHE[tensor, rows] = profile.from_document(json.loads(json.dumps(doc)), origin="t")
-    return _CACHE[tensor, rows]
+def _profile(spec: Any, tensor: int, rows: int, config: dict[str, Any] = CONFIG) -> profile.Profile:
+    """The profile of `config` (of one TP rank's slice for `tensor` > 1) at `spec`'s setting,
+    traced once per module (every spec here has one setting: bf16, sdpa, cuda, none)."""
+    key = (json.dumps(config, sort_keys=True), tensor, rows)
+    if key not in _CACHE:
+        doc = tracer.for_setting(config, spec, tensor=tensor, vocab_rows=rows)
+        _CACHE[key] = profile.from_document(json.loads(json.dumps(doc)), origin="t")
+    return _CACHE[key]
 
 
 LAYOUTS = [
@@ -142,6 +145,11 @@ QWEN2_MOE = {
 }
 MOE_CASES = [
     pytest.param(MIXTRAL, {"engine": "megatron", "sequence_parallel": True}, id="mixtral-mg-sp"),
+    pytest.param(
+        MIXTRAL,
+        {"engine": "megatron", "sequence_parallel": True, "data": 2, "expert": 2},
+        id="mixtral-mg-sp-ep2",
+    ),
     pytest.param(QWEN2_MOE, {"engine": "fsdp2"}, id="qwen2_moe-dtensor"),
     pytest.param(QWEN2_MOE, {"engine": "megatron", "sequence_parallel": True}, id="qwen2_moe-sp"),
 ]
@@ -163,18 +171,21 @@ def test_traced_moe_tp_slice_equals_the_hand_rule(
     assert inv.architecture is not None
     rule = micro_batch_of(spec, inv)
     rows = act_layout.local_architecture(inv.architecture, layout_of(spec)).vocab_size
-    docs = [
-        tracer.for_setting(config, spec, tensor=t, vocab_rows=r) for t, r in ((1, 0), (2, rows))
-    ]
     hidden = dataclasses.replace(inv.architecture, model_type="moe_without_rule")
     unruled = dataclasses.replace(
         inv,
         architecture=hidden,
-        profiles=tuple(profile.from_document(d, origin="t") for d in docs),
+        profiles=(_profile(spec, 1, 0, config), _profile(spec, 2, rows, config)),
     )
     traced = micro_batch_of(spec, unruled)
     assert rule.modelled and traced.modelled and traced.source == "profile", traced.notes
-    assert _by_block(traced) == _by_block(rule)
+    got, want = _by_block(traced), _by_block(rule)
+    if parallelism.get("expert", 1) > 1:
+        # EP_OVER_PROFILE: the grouped GEMM's [E] int32 offsets counted whole, [E / EP] in the
+        # rule: (4 - 2) x 4 B in each of the 2 layers; nothing else differs
+        assert got["layers"] - want["layers"] == 2 * (4 - 2) * 4
+        got["layers"] = want["layers"]
+    assert got == want
     assert traced.buffers == rule.buffers and traced.hidden_bytes == rule.hidden_bytes
     if parallelism["engine"] == "fsdp2":
         sp = layout_of(
@@ -188,3 +199,66 @@ def test_traced_moe_tp_slice_equals_the_hand_rule(
 
         refused = micro_batch(unruled, setting_of(spec), sp, spec.finetune)
         assert not refused.modelled and "DTensor sequence parallelism" in refused.notes[0]
+
+
+GRANITE = {
+    "model_type": "granite",  # no memplan family, no head_dim key: the slice pins hidden // heads
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 1024,
+    "attention_dropout": 0.0,
+}
+
+
+def test_estimate_traces_the_slice_of_its_own_layout(tmp_path: Any, monkeypatch: Any) -> None:
+    """`estimate`'s tracing (memplan.verify.trace.traced_profiles) traces the whole model and
+    the spec's TP slice of a model without a rule, caches both, and the TP rank's activations
+    come from them; a second call finds them in the cache."""
+    from memplan.config.load import validate
+    from memplan.model.load import load_inventory
+    from memplan.verify.trace import fallback_inventory, traced_profiles
+
+    monkeypatch.setenv("MEMPLAN_CACHE", str(tmp_path))
+    loaded = validate(
+        {
+            "model": {"architecture": GRANITE},
+            "precision": "bf16",
+            "optimizer": {"name": "adamw"},
+            "training": {"micro_batch_size": 2, "sequence_length": 64},
+            "parallelism": {
+                "engine": "megatron",
+                "data": 1,
+                "tensor": 2,
+                "sequence_parallel": True,
+            },
+        }
+    )
+    inv = load_inventory(loaded, unsupported=fallback_inventory)
+    assert not micro_batch_of(loaded.spec, inv).modelled
+    inv, lines = traced_profiles(loaded, inv)
+    assert len(lines) == 2 and "one rank of tensor 2 with 256 vocabulary rows" in lines[1], lines
+    acts = micro_batch_of(loaded.spec, inv)
+    assert acts.modelled and "-tp2-vocab256" in acts.notes[0], acts.notes
+    again, more = traced_profiles(loaded, load_inventory(loaded, unsupported=fallback_inventory))
+    assert more == [] and len(again.profiles) == 2
+
+
+def test_pin_plan_traces_the_slices_it_searches() -> None:
+    """plan's slices (memplan.plan.search.tensor_slices) are those of the TP degrees its layouts
+    try at CP = EP = 1: DTensor's torch.chunk rows and Megatron's padded rows (pinning:
+    memplan.states.parallel.vocab_rows is their formula)."""
+    from memplan.plan.search import tensor_slices
+
+    spec = make_spec(
+        model={"architecture": GRANITE},
+        hardware={"gpu": "H100-80GB", "gpus_per_node": 4},
+        plan={"gpus": 4},
+    )
+    # any inventory with these widths: 4 key/value heads (TP 4 divides them), 1,000 rows
+    inv = from_config(dict(GRANITE, model_type="llama", num_key_value_heads=4, vocab_size=1000))
+    # TP 2: torch.chunk's 500 rows, Megatron's 1,024 padded / 2; TP 4: 250, 1,024 / 4
+    assert tensor_slices(spec, inv) == ((2, 500), (2, 512), (4, 250), (4, 256))

@@ -297,12 +297,12 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
             buffers=layout.buffers(arch, st, lay),
             notes=(*whole.notes, EP_OVER_PROFILE),
         )
-    if no_rule and lay.tensor > 1 and lay.context == 1 and lay.expert == 1:
+    if no_rule and lay.tensor > 1 and lay.context == 1:
         return _tensor_parallel_profile(inventory, arch, st, lay, ft)
     if traced is not None:
         return layout.refused(
-            "activations from a traced profile are not split for context or expert "
-            "parallelism combined with tensor parallelism yet (the profile holds whole tensors)"
+            "activations from a traced profile are not split for context parallelism yet (the "
+            "profile holds whole tensors)"
         )
     why = layout.check(arch, st, lay)
     if why:
@@ -432,12 +432,13 @@ def _megatron(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) 
 def _tensor_parallel_profile(
     inventory: Inventory, arch: Architecture, st: Setting, lay: Layout, ft: FinetuneSpec
 ) -> Activations:
-    """A model without a hand rule on one TP rank (CP = EP = 1), as the hand rules do it: the
+    """A model without a hand rule on one TP rank (CP = 1), as the hand rules do it: the
     profile traced for the rank's slice (memplan.verify.trace.tp.local_config, the profile's
     `tensor` and `vocab_rows`), the whole vocabulary's head and loss from the TP-1 profile
     without loss_parallel under DTensor, sequence parallelism splitting what the slice leaves
     as wide as the TP-1 profile (memplan.activations.layout.split_traced), and the layout's
-    communication buffers."""
+    communication buffers. With EP > 1 as over a TP-1 profile (EP_OVER_PROFILE: dropless
+    routing, grouped_mm experts whose saved tensors hold per rank)."""
     from memplan.activations import layout
 
     rows = layout.local_architecture(arch, lay).vocab_size
@@ -475,6 +476,13 @@ def _tensor_parallel_profile(
             "sequence parallelism (engines fsdp2, ddp) yet: set sequence_parallel: false, or "
             "engine megatron or deepspeed"
         )
+    if lay.expert > 1 and not (
+        lay.expert_capacity_factor is None and local_p.experts == "grouped_mm"
+    ):
+        return layout.refused(
+            "activations from a traced profile are split over experts with dropless routing "
+            "of transformers' grouped_mm experts only (no expert_capacity_factor)"
+        )
     if local_p.head != "lm":
         return layout.refused(
             f"activations of a {local_p.head} head from a traced profile are not split for "
@@ -486,7 +494,8 @@ def _tensor_parallel_profile(
         local = layout.whole_vocabulary_loss(local, full)
     if lay.sequence_parallel:
         local = layout.split_traced(full, local, st, lay, local_p.token_major())
-    return replace(local, buffers=layout.buffers(arch, st, lay))
+    notes = (EP_OVER_PROFILE,) if lay.expert > 1 else ()
+    return replace(local, buffers=layout.buffers(arch, st, lay), notes=(*local.notes, *notes))
 
 
 EP_OVER_PROFILE = (
