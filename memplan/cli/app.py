@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -56,7 +57,7 @@ def _traced(
     inventory: Any,
     checkpointing: tuple[str, ...],
     said: list[str],
-    tensor_slices: tuple[tuple[int, int], ...] | None = None,
+    tensor_slices: Callable[[], tuple[tuple[int, int], ...]] | None = None,
 ) -> Any:
     """`inventory` with the activation profiles traced for it (memplan.verify.trace.
     traced_profiles: with `tensor_slices` None, those of the spec's own layout); what each
@@ -345,8 +346,9 @@ def plan(
                 inv = model_load.load_inventory(loaded, unsupported=fallback_inventory)
                 if trace:
                     recompute = recompute_options(settings, loaded.spec.model.implementation)
-                    slices = planner.tensor_slices(run_spec, inv)  # the TP ranks it tries
-                    inv = _traced(loaded, inv, recompute, said, slices)
+                    inv = _traced(  # and the TP ranks it tries, for a model without a rule
+                        loaded, inv, recompute, said, partial(planner.tensor_slices, run_spec, inv)
+                    )
                 return planner.plan(run_spec, inv, progress=progress)
         finally:
             if progress_bar is not None:

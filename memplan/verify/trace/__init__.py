@@ -11,13 +11,16 @@ a model_type has no hand-written family (memplan.model.families) or `memplan pro
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.util import find_spec
 from typing import Any
 
 from memplan.errors import MemplanError
 from memplan.model.families import supported_model_types
 from memplan.model.inventory import Inventory
+
+Slices = tuple[tuple[int, int], ...]
+"""(TP degree, vocabulary rows) of TP rank slices (memplan.activations.layout.profile_slices)."""
 
 TORCH_CPU_WHEELS = "https://download.pytorch.org/whl/cpu"
 
@@ -54,18 +57,18 @@ def traced_profiles(
     inventory: Inventory,
     *,
     checkpointing: tuple[str, ...] = (),
-    tensor_slices: tuple[tuple[int, int], ...] | None = None,
+    tensor_slices: Slices | Callable[[], Slices] | None = None,
 ) -> tuple[Inventory, list[str]]:
     """`inventory` with a profile traced and cached for each activation setting no hand rule
     and no stored profile serves (the spec's own, and the spec with each `checkpointing` value
     plan searches), of the whole model and of each TP rank's slice in `tensor_slices` ((TP
-    degree, vocabulary rows): memplan.plan.search.tensor_slices; None: the spec's own layout's,
-    memplan.activations.layout.profile_slices), when torch and transformers are installed; and
-    one line per trace for the user. Without them, or when the model has no config to trace,
-    `inventory` unchanged (the report then says activations are not modelled and how to get a
-    profile). A model the tracer refuses (its MemplanError: a MoE recipe fake tensors cannot
-    run, ...) is reported in the lines, not raised: the estimate goes on without activations,
-    as it does without torch."""
+    degree, vocabulary rows): memplan.plan.search.tensor_slices, called only for a model that
+    has no rule; None: the spec's own layout's, memplan.activations.layout.profile_slices),
+    when torch and transformers are installed; and one line per trace for the user. Without
+    them, or when the model has no config to trace, `inventory` unchanged (the report then
+    says activations are not modelled and how to get a profile). A model the tracer refuses
+    (its MemplanError: a MoE recipe fake tensors cannot run, ...) is reported in the lines,
+    not raised: the estimate goes on without activations, as it does without torch."""
     from dataclasses import replace
 
     from memplan.model import profile as profile_doc
@@ -88,6 +91,8 @@ def traced_profiles(
         from memplan.report.estimate import layout_of
 
         tensor_slices = profile_slices(arch, layout_of(loaded.spec))
+    elif callable(tensor_slices):
+        tensor_slices = tensor_slices()
     lines: list[str] = []
     profiles = inventory.profiles
     stored_beside = False
