@@ -245,6 +245,12 @@ def test_estimate_traces_the_slice_of_its_own_layout(tmp_path: Any, monkeypatch:
     assert acts.modelled and "-tp2-vocab256" in acts.notes[0], acts.notes
     again, more = traced_profiles(loaded, load_inventory(loaded, unsupported=fallback_inventory))
     assert more == [] and len(again.profiles) == 2
+    # the slice's profile apart (memplan.model.load.TENSOR_PARALLEL_DIR): a memplan without
+    # Key.tensor globbing the folder never takes it for the whole model's
+    assert [p.name.endswith("-tp2-vocab256.json") for p in tmp_path.rglob("*.json")].count(
+        True
+    ) == 1
+    assert not list((tmp_path / "profiles").glob("*-tp2-*.json"))
 
 
 def test_pin_plan_traces_the_slices_it_searches() -> None:

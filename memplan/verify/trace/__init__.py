@@ -126,7 +126,7 @@ def traced_profiles(
 
             config = model_load.model_config(loaded)
             if config is not None:
-                stored.write(config, path.parent)
+                stored.write(config, model_load.cache_dir())
                 stored_beside = True
         profiles = (
             *(p for p in profiles if p is not served),

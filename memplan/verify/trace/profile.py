@@ -638,7 +638,7 @@ def for_spec(
     doc = for_setting(config, loaded.spec, tensor=tensor, vocab_rows=vocab_rows)
     return (
         doc,
-        model_load.cache_dir() / f"{from_document(doc, origin='trace').key.file_stem()}.json",
+        model_load.profile_file(model_load.cache_dir(), from_document(doc, origin="trace").key),
     )
 
 
