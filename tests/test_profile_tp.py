@@ -34,11 +34,12 @@ from tests.conftest import TINY_LLAMA, make_spec, micro_batch_of  # noqa: E402
 CONFIG = {**TINY_LLAMA, "attention_dropout": 0.0, "max_position_embeddings": 1024}
 
 
-def _spec(**parallelism: Any) -> Any:
+def _spec(checkpointing: str = "none", **parallelism: Any) -> Any:
+    training = {"micro_batch_size": 2, "sequence_length": 32, "attention": "sdpa"}
     return make_spec(
         model={"architecture": CONFIG},
         precision="bf16",
-        training={"micro_batch_size": 2, "sequence_length": 32, "attention": "sdpa"},
+        training={**training, "activation_checkpointing": checkpointing},
         parallelism={"data": 1, **parallelism},
     )
 
@@ -47,13 +48,13 @@ def _by_block(acts: Any) -> dict[str, int]:
     return {b.name: b.bytes for b in acts.blocks}
 
 
-_CACHE: dict[tuple[str, int, int], profile.Profile] = {}
+_CACHE: dict[tuple[str, str, int, int], profile.Profile] = {}
 
 
 def _profile(spec: Any, tensor: int, rows: int, config: dict[str, Any] = CONFIG) -> profile.Profile:
     """The profile of `config` (of one TP rank's slice for `tensor` > 1) at `spec`'s setting,
-    traced once per module (every spec here has one setting: bf16, sdpa, cuda, none)."""
-    key = (json.dumps(config, sort_keys=True), tensor, rows)
+    traced once per module (every spec here is bf16, sdpa, cuda; checkpointing is keyed)."""
+    key = (json.dumps(config, sort_keys=True), setting_of(spec).checkpointing, tensor, rows)
     if key not in _CACHE:
         doc = tracer.for_setting(config, spec, tensor=tensor, vocab_rows=rows)
         _CACHE[key] = profile.from_document(json.loads(json.dumps(doc)), origin="t")
@@ -66,6 +67,10 @@ LAYOUTS = [
     pytest.param({"tensor": 2, "engine": "fsdp2", "sequence_parallel": True}, id="dtensor-sp"),
     pytest.param({"tensor": 2, "engine": "megatron"}, id="megatron"),
     pytest.param({"tensor": 2, "engine": "megatron", "sequence_parallel": True}, id="megatron-sp"),
+    pytest.param(
+        {"tensor": 2, "engine": "fsdp2", "sequence_parallel": True, "checkpointing": "selective"},
+        id="dtensor-sp-selective",
+    ),
 ]
 
 
@@ -93,6 +98,8 @@ def test_traced_tp_slice_equals_the_hand_rule(parallelism: dict[str, Any]) -> No
         rule.hidden_bytes,
     )
     assert traced.buffers == rule.buffers
+    recomputed = [sorted(t.bytes for t in b.recompute) for b in traced.blocks]
+    assert recomputed == [sorted(t.bytes for t in b.recompute) for b in rule.blocks]
 
 
 def test_tp_profile_is_keyed_apart_and_required() -> None:

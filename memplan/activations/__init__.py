@@ -469,8 +469,9 @@ def _tensor_parallel_profile(
         # A single-device trace lists a storage once, under its first saver: where the router
         # and a shared expert's column-parallel linear both save the layer's input (Qwen2-MoE),
         # DTensor SP keeps the router's shard and the linear's gathered copy, which the trace
-        # cannot tell apart (measured: 3,584 B per layer above the hand rule, tiny Qwen2-MoE,
-        # TP 2, 2 x 32 tokens; Megatron SP gathers no inputs and agrees).
+        # cannot tell apart (measured: the shared expert's gate_proj input whole, 3,072 B per
+        # layer above the hand rule, tiny Qwen2-MoE, TP 2, 2 x 32 tokens; Mixtral, without a
+        # shared expert, agrees; Megatron SP gathers no inputs and agrees for both).
         return layout.refused(
             "activations from a traced profile of a MoE model are not split for DTensor "
             "sequence parallelism (engines fsdp2, ddp) yet: set sequence_parallel: false, or "
@@ -491,6 +492,9 @@ def _tensor_parallel_profile(
     local = _from_profile(local_p, arch, st)
     full = _from_profile(whole_p, arch, st) if whole_p is not None else local
     if lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss:
+        # The head (final norm, the LM head's input) and the loss are as wide as the hidden
+        # size and the vocabulary, never the sliced heads or MLP: the TP-1 profile's are the
+        # slice's with the whole vocabulary (the rule's `whole`; tests/test_profile_tp.py).
         local = layout.whole_vocabulary_loss(local, full)
     if lay.sequence_parallel:
         local = layout.split_traced(full, local, st, lay, local_p.token_major())
