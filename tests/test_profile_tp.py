@@ -35,7 +35,7 @@ CONFIG = {**TINY_LLAMA, "attention_dropout": 0.0, "max_position_embeddings": 102
 
 
 def _spec(checkpointing: str = "none", **parallelism: Any) -> Any:
-    training = {"micro_batch_size": 2, "sequence_length": 32, "attention": "sdpa"}
+    training = {"micro_batch_size": 2, "sequence_length": 64, "attention": "sdpa"}
     return make_spec(
         model={"architecture": CONFIG},
         precision="bf16",
@@ -71,6 +71,12 @@ LAYOUTS = [
         {"tensor": 2, "engine": "fsdp2", "sequence_parallel": True, "checkpointing": "selective"},
         id="dtensor-sp-selective",
     ),
+    # context parallelism: the profile at sequence / CP, as the rules (ring attention's SDPA)
+    pytest.param({"context": 2, "engine": "fsdp2"}, id="dtensor-cp2"),
+    pytest.param(
+        {"tensor": 2, "context": 2, "engine": "megatron", "sequence_parallel": True},
+        id="megatron-sp-cp2",
+    ),
 ]
 
 
@@ -86,9 +92,8 @@ def test_traced_tp_slice_equals_the_hand_rule(parallelism: dict[str, Any]) -> No
     lay = layout_of(spec)
     rows = act_layout.local_architecture(inv.architecture, lay).vocab_size
     hidden = dataclasses.replace(inv.architecture, model_type="llama_without_rule")
-    unruled = dataclasses.replace(
-        inv, architecture=hidden, profiles=(_profile(spec, 1, 0), _profile(spec, 2, rows))
-    )
+    tp = (_profile(spec, 2, rows),) if lay.tensor > 1 else ()
+    unruled = dataclasses.replace(inv, architecture=hidden, profiles=(_profile(spec, 1, 0), *tp))
     traced = micro_batch_of(spec, unruled)
     assert traced.modelled and traced.source == "profile", traced.notes
     assert _by_block(traced) == _by_block(rule)

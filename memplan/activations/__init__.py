@@ -297,13 +297,10 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
             buffers=layout.buffers(arch, st, lay),
             notes=(*whole.notes, EP_OVER_PROFILE),
         )
-    if no_rule and lay.tensor > 1 and lay.context == 1:
+    if no_rule and (lay.tensor > 1 or lay.context > 1):
         return _tensor_parallel_profile(inventory, arch, st, lay, ft)
     if traced is not None:
-        return layout.refused(
-            "activations from a traced profile are not split for context parallelism yet (the "
-            "profile holds whole tensors)"
-        )
+        return layout.refused(EP_REFUSED)
     why = layout.check(arch, st, lay)
     if why:
         return layout.refused(why)
@@ -432,16 +429,18 @@ def _megatron(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) 
 def _tensor_parallel_profile(
     inventory: Inventory, arch: Architecture, st: Setting, lay: Layout, ft: FinetuneSpec
 ) -> Activations:
-    """A model without a hand rule on one TP rank (CP = 1), as the hand rules do it: the
+    """A model without a hand rule on one TP and CP rank, as the hand rules do it: the
     profile traced for the rank's slice (memplan.verify.trace.tp.local_config, the profile's
-    `tensor` and `vocab_rows`), the whole vocabulary's head and loss from the TP-1 profile
-    without loss_parallel under DTensor, sequence parallelism splitting what the slice leaves
-    as wide as the TP-1 profile (memplan.activations.layout.split_traced), and the layout's
-    communication buffers. With EP > 1 as over a TP-1 profile (EP_OVER_PROFILE: dropless
-    routing, grouped_mm experts whose saved tensors hold per rank)."""
+    `tensor` and `vocab_rows`; the whole model's at TP 1) at sequence / CP (layout.
+    local_setting: ring attention saves the SDPA's tensors at the local length), the whole
+    vocabulary's head and loss from the TP-1 profile without loss_parallel under DTensor,
+    sequence parallelism splitting what the slice leaves as wide as the TP-1 profile
+    (memplan.activations.layout.split_traced), and the layout's communication buffers. With
+    EP > 1 as over a TP-1 profile (EP_OVER_PROFILE: dropless routing, grouped_mm experts whose
+    saved tensors hold per rank)."""
     from memplan.activations import layout
 
-    rows = layout.local_architecture(arch, lay).vocab_size
+    rows = layout.local_architecture(arch, lay).vocab_size if lay.tensor > 1 else 0
     local_p = profile.serving(inventory.profiles, st, tensor=lay.tensor, vocab_rows=rows)
     whole_p = profile.serving(inventory.profiles, st)
     if local_p is None:
@@ -480,15 +479,13 @@ def _tensor_parallel_profile(
     if lay.expert > 1 and not (
         lay.expert_capacity_factor is None and local_p.experts == "grouped_mm"
     ):
-        return layout.refused(
-            "activations from a traced profile are split over experts with dropless routing "
-            "of transformers' grouped_mm experts only (no expert_capacity_factor)"
-        )
+        return layout.refused(EP_REFUSED)
     if local_p.head != "lm":
         return layout.refused(
             f"activations of a {local_p.head} head from a traced profile are not split for "
             "tensor parallelism (memplan slices language-model heads only)"
         )
+    st = layout.local_setting(st, lay)  # CP: one rank's sequence / CP tokens, as the rules
     local = _from_profile(local_p, arch, st)
     full = _from_profile(whole_p, arch, st) if whole_p is not None else local
     if lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss:
@@ -502,6 +499,10 @@ def _tensor_parallel_profile(
     return replace(local, buffers=layout.buffers(arch, st, lay), notes=(*local.notes, *notes))
 
 
+EP_REFUSED = (
+    "activations from a traced profile are split over experts with dropless routing of "
+    "transformers' grouped_mm experts only (no expert_capacity_factor)"
+)
 EP_OVER_PROFILE = (
     "expert parallelism over a traced profile: on balanced dropless routing a rank's experts "
     "receive top_k x tokens (token, expert) pairs, the rows the traced grouped_mm experts save "

@@ -140,9 +140,9 @@ def local_architecture(arch: Architecture, lay: Layout) -> Architecture:
 
 def profile_slices(arch: Architecture, lay: Layout) -> tuple[tuple[int, int], ...]:
     """(TP degree, vocabulary rows) of each TP rank class of `lay` whose activations a model
-    without a hand rule takes from a profile of its slice (CP = 1: memplan.activations.
+    without a hand rule takes from a profile of its slice (memplan.activations.
     _tensor_parallel_profile; memplan.verify.trace.traced_profiles traces them)."""
-    if lay.tensor == 1 or lay.context > 1:
+    if lay.tensor == 1:
         return ()
     rows = vocab_rows(arch.vocab_size, lay.tensor, lay.vocab_multiple, lay.vocab_split)
     return tuple(sorted({(lay.tensor, r) for r in rows if r}))

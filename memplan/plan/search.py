@@ -381,7 +381,7 @@ class _Search:
 
 
 def tensor_slices(spec: Spec, inventory: Inventory) -> tuple[tuple[int, int], ...]:
-    """(TP degree, vocabulary rows) of every TP rank the search of `spec` tries at CP = 1
+    """(TP degree, vocabulary rows) of every TP rank the search of `spec` tries
     (the layouts `_Search.layouts` yields): the slices a model without a hand rule needs a
     profile of (memplan.activations.layout.profile_slices; the CLI traces them first)."""
     from memplan.activations.layout import profile_slices
@@ -404,7 +404,7 @@ def tensor_slices(spec: Spec, inventory: Inventory) -> tuple[tuple[int, int], ..
     )
     out: set[tuple[int, int]] = set()
     for par, _ in search.layouts():
-        if par.tensor > 1 and par.context == 1:
+        if par.tensor > 1:
             impl = spec.model.implementation
             lay = Layout.of(par, device=spec.hardware.device, implementation=impl)
             out.update(profile_slices(arch, lay))
