@@ -2,16 +2,18 @@
 
 DeepSeek-V3 has no hand activation rule: its activations come from profiles traced from
 transformers' model code. Before profiles of one TP rank's slice existed, every layout with
-tensor parallelism was pruned as "activations not modelled". This runs benchmarks/plan_speed.py's
-DeepSeek-V3 search (2,048 H100s) twice, in a fresh profile cache (MEMPLAN_CACHE in a temporary
-folder, so every trace is timed):
+tensor or context parallelism was pruned as "activations not modelled" (1,071 of the search's
+evaluations, 39 fitting: benchmarks/results/plan-speed.json). This runs benchmarks/
+plan_speed.py's DeepSeek-V3 search (2,048 H100s) twice, in a fresh profile cache (MEMPLAN_CACHE
+in a temporary folder, so every trace is timed):
 
-- before: the whole model's profiles only (what `memplan plan` traced until now);
-- after: also the profile of every TP rank slice the search tries at CP = EP = 1
+- before: the whole model's profiles only (what `memplan plan` traced until now; CP and EP
+  layouts at TP 1 are read from them);
+- after: also the profile of every TP rank slice the search tries
   (memplan.plan.search.tensor_slices), as `memplan plan` now traces them,
 
-and records the layouts searched, pruned as "activations not modelled", and fitting, with the
-trace times.
+and records the evaluations searched, pruned as "activations not modelled", and fitting, with
+the trace times.
 
 Run: python benchmarks/plan_tp_profiles.py   # writes benchmarks/results/plan-tp-profiles.json
 (--no-write to only print).

@@ -1,6 +1,7 @@
 """Traced activation profiles under tensor parallelism (issues 19/21): the profile of one TP
 rank's slice (memplan.verify.trace.tp.local_config), read by memplan.activations._micro_batch
-as the hand rules read their TP-local prediction.
+as the hand rules read their TP-local prediction (and at sequence / CP under context
+parallelism, as the rules do).
 
 Oracle: a family WITH a hand rule (the tiny Llama) whose TP prediction equals real 2-rank
 DTensor runs to the byte (tests/test_tp_activations_real.py, tests/test_tp_sp_activations_real.
@@ -8,7 +9,9 @@ py): the same inventory with its rule hidden (a model_type no family knows) take
 path, and its per-rank activations must equal the rule's, block by block, with and without
 sequence parallelism, under DTensor (fsdp2: torch.chunk's vocabulary rows, loss_parallel on
 and off) and Megatron (padded rows). The trace itself is transformers' model code under
-FakeTensorMode, not memplan's rule: an independent oracle for the profile path.
+FakeTensorMode, not memplan's rule: an independent oracle for the profile path. The MoE cases
+(Mixtral, Qwen2-MoE) and the CP cases hold the profile path to those families' rules at the
+same layouts (the rules' own evidence for MoE and CP is theirs, not re-proven here).
 """
 
 from __future__ import annotations
