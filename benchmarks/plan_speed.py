@@ -38,14 +38,19 @@ def deepseek() -> dict[str, object]:
     """DeepSeek-V3 on 2,048 GPUs: its activation profiles traced first (untimed), then the
     search timed RUNS times."""
     from memplan.config.load import validate
+    from memplan.plan.search import tensor_slices
     from memplan.plan.space import recompute_options
     from memplan.verify.trace import traced_profiles
 
     loaded = validate(DEEPSEEK)
     settings = loaded.spec.plan
     assert settings is not None
-    inventory, _ = traced_profiles(
-        loaded, load_inventory(loaded), checkpointing=recompute_options(settings)
+    inventory = load_inventory(loaded)
+    inventory, _ = traced_profiles(  # as `memplan plan` traces them (its TP slices too)
+        loaded,
+        inventory,
+        checkpointing=recompute_options(settings),
+        tensor_slices=tensor_slices(loaded.spec, inventory),
     )
     times, result = [], None
     for _ in range(RUNS):

@@ -138,6 +138,16 @@ def local_architecture(arch: Architecture, lay: Layout) -> Architecture:
     )
 
 
+def profile_slices(arch: Architecture, lay: Layout) -> tuple[tuple[int, int], ...]:
+    """(TP degree, vocabulary rows) of each TP rank class of `lay` whose activations a model
+    without a hand rule takes from a profile of its slice (memplan.activations.
+    _tensor_parallel_profile; memplan.verify.trace.traced_profiles traces them)."""
+    if lay.tensor == 1:
+        return ()
+    rows = vocab_rows(arch.vocab_size, lay.tensor, lay.vocab_multiple, lay.vocab_split)
+    return tuple(sorted({(lay.tensor, r) for r in rows if r}))
+
+
 def local_setting(st: Setting, lay: Layout) -> Setting:
     """One context-parallel rank's forward pass: sequence / CP tokens per sequence."""
     if lay.context == 1:
@@ -162,6 +172,57 @@ def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Ac
             return t  # split by TP already
         shape = _split_tokens(t.shape, st, lay.tensor)
         return t if shape is None else replace(t, shape=shape)
+
+    blocks = tuple(
+        replace(
+            b,
+            tensors=tuple(sp(b, t) for t in b.tensors),
+            recompute=tuple(sp(b, t) for t in b.recompute),
+        )
+        for b in local.blocks
+    )
+    return replace(local, blocks=blocks, hidden_bytes=local.hidden_bytes // lay.tensor)
+
+
+# A traced profile's names (memplan.model.profile: the module that saved a storage first, and
+# its order there): a linear's only saved activation is its input, so the column-parallel
+# linears' inputs are these.
+_COLUMN_INPUT_TRACED = re.compile(
+    r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|c_attn|c_fc|"
+    r"query_key_value|dense_h_to_4h|query|key|value|lm_head|embed_out)#\d+$"
+)
+
+
+def split_traced(
+    full: Activations,
+    local: Activations,
+    st: Setting,
+    lay: Layout,
+    token_major: frozenset[tuple[str, str]],
+) -> Activations:
+    """`split` for activations read from traced profiles (memplan.model.profile): their saved
+    tensors are flat element counts, so a tensor is split over the TP ranks when its fit is
+    tokens x width alone (`token_major`: (block, name), memplan.model.profile.Profile.
+    token_major), the TP slice leaves it as wide as the whole model's (`full`: the TP-1
+    profile's), and it is none of the tensors Megatron keeps whole (`_NOT_SEQUENCE_SPLIT`: the
+    loss's, the embedding's integer indices, the experts'), nor, under DTensor, a
+    column-parallel linear's gathered input."""
+    if not (lay.sequence_parallel and lay.tensor > 1):
+        return local
+    whole = {(b.name, t.name): t.shape for b in full.blocks for t in (*b.tensors, *b.recompute)}
+
+    def sp(block: Block, t: Saved) -> Saved:
+        if block.name == "loss" or (block.name, t.name) not in token_major:
+            return t
+        if block.name == "embeddings" and t.dtype.startswith(("int", "uint")):
+            return t  # the embedding's indices (`_NOT_SEQUENCE_SPLIT`'s ".indices")
+        if "experts" in t.name:
+            return t
+        if lay.gathered_inputs and _COLUMN_INPUT_TRACED.search(t.name):
+            return t
+        if whole.get((block.name, t.name)) != t.shape or t.shape[0] % st.tokens:
+            return t  # split by TP already
+        return replace(t, shape=(t.shape[0] // lay.tensor,))
 
     blocks = tuple(
         replace(

@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -51,13 +52,22 @@ def _run(debug: bool, work: Callable[[], T]) -> T:
         raise typer.Exit(err.exit_code) from None
 
 
-def _traced(loaded: Any, inventory: Any, checkpointing: tuple[str, ...], said: list[str]) -> Any:
+def _traced(
+    loaded: Any,
+    inventory: Any,
+    checkpointing: tuple[str, ...],
+    said: list[str],
+    tensor_slices: Callable[[], tuple[tuple[int, int], ...]] | None = None,
+) -> Any:
     """`inventory` with the activation profiles traced for it (memplan.verify.trace.
-    traced_profiles); what each trace did goes to `said`, shown (`_say`) once the command
-    succeeds, so that an error stays one paragraph."""
+    traced_profiles: with `tensor_slices` None, those of the spec's own layout); what each
+    trace did goes to `said`, shown (`_say`) once the command succeeds, so that an error stays
+    one paragraph."""
     from memplan.verify.trace import traced_profiles
 
-    inventory, lines = traced_profiles(loaded, inventory, checkpointing=checkpointing)
+    inventory, lines = traced_profiles(
+        loaded, inventory, checkpointing=checkpointing, tensor_slices=tensor_slices
+    )
     said.extend(lines)
     return inventory
 
@@ -336,7 +346,9 @@ def plan(
                 inv = model_load.load_inventory(loaded, unsupported=fallback_inventory)
                 if trace:
                     recompute = recompute_options(settings, loaded.spec.model.implementation)
-                    inv = _traced(loaded, inv, recompute, said)
+                    inv = _traced(  # and the TP ranks it tries, for a model without a rule
+                        loaded, inv, recompute, said, partial(planner.tensor_slices, run_spec, inv)
+                    )
                 return planner.plan(run_spec, inv, progress=progress)
         finally:
             if progress_bar is not None:

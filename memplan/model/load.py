@@ -17,6 +17,7 @@ from memplan.errors import MemplanError
 from memplan.hardware import nearest
 from memplan.model import sources as models
 from memplan.model.families import family_of
+from memplan.model.profile import Key as ProfileKey
 from memplan.model.profile import Profile, config_hash, from_document, other_head
 from memplan.model.sources import Inventory, TensorSpec
 
@@ -98,14 +99,28 @@ def cache_dir() -> Path:
     return base / "profiles"
 
 
+TENSOR_PARALLEL_DIR = "tensor-parallel"
+"""The subfolder of a profile folder holding the profiles of TP rank slices (Key.tensor > 1):
+apart, so that a memplan reading profiles without `tensor` never takes one for the whole
+model's."""
+
+
+def profile_file(folder: Path, key: ProfileKey) -> Path:
+    """Where a profile with `key` is stored in `folder`."""
+    sub = folder / TENSOR_PARALLEL_DIR if key.tensor > 1 else folder
+    return sub / f"{key.file_stem()}.json"
+
+
 def find_profiles(config: dict[str, Any]) -> tuple[Profile, ...]:
-    """Every stored profile traced from this config (any recipe, kernel, checkpointing)."""
+    """Every stored profile traced from this config (any recipe, kernel, checkpointing, TP
+    slice)."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         return ()
     stem = f"{model_type}-{config_hash(config)[:12]}-"
     found: dict[str, Profile] = {}
-    for folder in profile_dirs():
+    folders = (f for base in profile_dirs() for f in (base, base / TENSOR_PARALLEL_DIR))
+    for folder in folders:
         if not folder.is_dir():
             continue
         for file in sorted(folder.glob(stem + "*.json")):

@@ -68,8 +68,20 @@ class Key:
     checkpointing: str
     dropout: bool | None = None
     """`training.dropout` the trace applied: None, the config's probabilities."""
+    tensor: int = 1
+    """The tensor-parallel degree: > 1, the profile of one TP rank's slice of the config
+    (memplan.verify.trace.tp.local_config: heads, key/value heads and intermediate sizes / TP,
+    head_dim kept), traced as its own model (memplan.activations.layout.local_architecture's
+    slice, for profiles)."""
+    vocab_rows: int = 0
+    """With `tensor` > 1: the vocabulary rows of the rank traced (the layout's padded or
+    chunked rows, memplan.states.parallel.vocab_rows); 0 at tensor 1 (the config's own)."""
 
-    def serves(self, st: Setting) -> bool:
+    def serves(self, st: Setting, *, tensor: int = 1, vocab_rows: int = 0) -> bool:
+        """Whether this profile is the one traced for `st` on a TP rank of `tensor` ranks that
+        holds `vocab_rows` vocabulary rows (tensor 1: the whole model)."""
+        if (self.tensor, self.vocab_rows) != (tensor, vocab_rows if tensor > 1 else 0):
+            return False
         return (
             st.stream,
             st.matmul,
@@ -91,9 +103,11 @@ class Key:
     def file_stem(self) -> str:
         cast = "-autocast" if self.autocast else ""
         forced = "" if self.dropout is None else f"-dropout-{'on' if self.dropout else 'off'}"
+        # tensor 1 keeps the stem it always had (the cache and the shipped profiles)
+        tp = f"-tp{self.tensor}-vocab{self.vocab_rows}" if self.tensor > 1 else ""
         return (
             f"{self.model_type}-{self.config_hash[:12]}-{self.stream}-{self.matmul}{cast}-"
-            f"{self.attention}-{self.device}-{self.checkpointing}{forced}"
+            f"{self.attention}-{self.device}-{self.checkpointing}{forced}{tp}"
         )
 
 
@@ -166,6 +180,18 @@ class Profile:
         if sorted(order) != list(range(len(order))):
             return ()
         return tuple(order[i] for i in range(len(order)))
+
+    def token_major(self) -> frozenset[tuple[str, str]]:
+        """(block, tensor name) of the storages whose element count is tokens x a width alone
+        (fitted on batches of 2 and more: only the b*s coefficient), the tensors sequence
+        parallelism can split (memplan.activations.layout.split_traced); a batch-1 storage is
+        one when its batch >= 2 namesake is."""
+        out = set()
+        for blk in self.blocks:
+            for t in (*blk.tensors, *blk.recompute):
+                if t.numel[3] > 0 and not any(c for i, c in enumerate(t.numel) if i != 3):
+                    out.add((blk.name, t.name))
+        return frozenset(out)
 
     def activations(self, st: Setting, *, num_layers: int) -> Activations:
         """The saved tensors of one forward at `st`'s batch and sequence, with `num_layers`
@@ -253,6 +279,8 @@ def from_document(doc: Any, *, origin: str) -> Profile:
             device=str(k["device"]),
             checkpointing=str(k["checkpointing"]),
             dropout=None if k.get("dropout") is None else bool(k["dropout"]),
+            tensor=int(k.get("tensor", 1)),
+            vocab_rows=int(k.get("vocab_rows", 0)),
         )
         blocks = tuple(
             ProfileBlock(
@@ -317,6 +345,11 @@ def _tensor(t: Mapping[str, Any]) -> Tensor:
     return Tensor(name=str(t["name"]), dtype=dtype, numel=numel)
 
 
-def serving(profiles: Sequence[Profile], st: Setting) -> Profile | None:
-    """The profile traced for `st`'s recipe, attention, device and checkpointing, if any."""
-    return next((p for p in profiles if p.key.serves(st)), None)
+def serving(
+    profiles: Sequence[Profile], st: Setting, *, tensor: int = 1, vocab_rows: int = 0
+) -> Profile | None:
+    """The profile traced for `st`'s recipe, attention, device and checkpointing, if any: of
+    the whole model, or with `tensor` > 1 of one TP rank's slice holding `vocab_rows` rows."""
+    return next(
+        (p for p in profiles if p.key.serves(st, tensor=tensor, vocab_rows=vocab_rows)), None
+    )

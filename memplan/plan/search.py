@@ -44,6 +44,7 @@ from memplan.plan.timing import link_of, shape_of, work_of
 from memplan.report.estimate import assemble_within, capacity_of, estimate, model_states
 from memplan.report.result import Report, verdict
 from memplan.states.engines.base import StepCache
+from memplan.states.layout import Layout
 from memplan.states.stages import StageStates
 
 Progress = Callable[[int, int], None]
@@ -377,6 +378,37 @@ class _Search:
             tokens_per_step=self.global_batch * self.spec.training.sequence_length,
             parallelism=par,
         )
+
+
+def tensor_slices(spec: Spec, inventory: Inventory) -> tuple[tuple[int, int], ...]:
+    """(TP degree, vocabulary rows) of every TP rank the search of `spec` tries
+    (the layouts `_Search.layouts` yields): the slices a model without a hand rule needs a
+    profile of (memplan.activations.layout.profile_slices; the CLI traces them first)."""
+    from memplan.activations.layout import profile_slices
+
+    p = spec.plan or PlanSpec()
+    arch = inventory.architecture
+    gpus = p.gpus or (p.nodes * spec.hardware.gpus_per_node if p.nodes else None)
+    if arch is None or gpus is None or gpus > MAX_DEGREE:
+        return ()
+    seq = spec.training.sequence_length
+    tokens = p.global_batch_tokens
+    search = _Search(
+        engines=search_engines(spec),
+        spec=spec,
+        inventory=inventory,
+        plan=p,
+        gpus=gpus,
+        global_batch=tokens // seq if tokens else p.global_batch_size or gpus,
+        budget=0,
+    )
+    out: set[tuple[int, int]] = set()
+    for par, _ in search.layouts():
+        if par.tensor > 1:
+            impl = spec.model.implementation
+            lay = Layout.of(par, device=spec.hardware.device, implementation=impl)
+            out.update(profile_slices(arch, lay))
+    return tuple(sorted(out))
 
 
 def plan(

@@ -11,13 +11,16 @@ a model_type has no hand-written family (memplan.model.families) or `memplan pro
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.util import find_spec
 from typing import Any
 
 from memplan.errors import MemplanError
 from memplan.model.families import supported_model_types
 from memplan.model.inventory import Inventory
+
+Slices = tuple[tuple[int, int], ...]
+"""(TP degree, vocabulary rows) of TP rank slices (memplan.activations.layout.profile_slices)."""
 
 TORCH_CPU_WHEELS = "https://download.pytorch.org/whl/cpu"
 
@@ -50,15 +53,22 @@ def fallback_inventory(config: Mapping[str, Any], origin: str) -> Inventory:
 
 
 def traced_profiles(
-    loaded: Any, inventory: Inventory, *, checkpointing: tuple[str, ...] = ()
+    loaded: Any,
+    inventory: Inventory,
+    *,
+    checkpointing: tuple[str, ...] = (),
+    tensor_slices: Slices | Callable[[], Slices] | None = None,
 ) -> tuple[Inventory, list[str]]:
     """`inventory` with a profile traced and cached for each activation setting no hand rule
     and no stored profile serves (the spec's own, and the spec with each `checkpointing` value
-    plan searches), when torch and transformers are installed; and one line per trace for the
-    user. Without them, or when the model has no config to trace, `inventory` unchanged (the
-    report then says activations are not modelled and how to get a profile). A model the tracer
-    refuses (its MemplanError: a MoE recipe fake tensors cannot run, ...) is reported in the
-    lines, not raised: the estimate goes on without activations, as it does without torch."""
+    plan searches), of the whole model and of each TP rank's slice in `tensor_slices` ((TP
+    degree, vocabulary rows): memplan.plan.search.tensor_slices, called only for a model that
+    has no rule; None: the spec's own layout's, memplan.activations.layout.profile_slices),
+    when torch and transformers are installed; and one line per trace for the user. Without
+    them, or when the model has no config to trace, `inventory` unchanged (the report then
+    says activations are not modelled and how to get a profile). A model the tracer refuses
+    (its MemplanError: a MoE recipe fake tensors cannot run, ...) is reported in the lines,
+    not raised: the estimate goes on without activations, as it does without torch."""
     from dataclasses import replace
 
     from memplan.model import profile as profile_doc
@@ -76,13 +86,23 @@ def traced_profiles(
         if value != loaded.spec.training.activation_checkpointing:
             training = loaded.spec.training.model_copy(update={"activation_checkpointing": value})
             specs.append(loaded.spec.model_copy(update={"training": training}))
+    if tensor_slices is None:
+        from memplan.activations.layout import profile_slices
+        from memplan.report.estimate import layout_of
+
+        tensor_slices = profile_slices(arch, layout_of(loaded.spec))
+    elif callable(tensor_slices):
+        tensor_slices = tensor_slices()
     lines: list[str] = []
     profiles = inventory.profiles
     stored_beside = False
     installed = installed_versions()
-    for spec in specs:
+    for spec, (tp, rows) in ((s, t) for s in specs for t in ((1, 0), *tensor_slices)):
         st = setting_of(spec)
-        served = profile_doc.serving(profiles, st)
+        served = profile_doc.serving(profiles, st, tensor=tp, vocab_rows=rows)
+        what = f"{st.checkpointing} recomputation" + (
+            f", one rank of tensor {tp} with {rows:,} vocabulary rows" if tp > 1 else ""
+        )
         stale = served is not None and any(
             served.versions.get(name) != version for name, version in installed.items()
         )
@@ -92,13 +112,10 @@ def traced_profiles(
 
         started = _now()
         try:
-            doc, path = tracer.for_spec(replace(loaded, spec=spec))
+            doc, path = tracer.for_spec(replace(loaded, spec=spec), tensor=tp, vocab_rows=rows)
         except MemplanError as err:
             kept = " (the stored profile, traced with other versions, serves)" if stale else ""
-            lines.append(
-                f"activations of {arch.model_type!r} ({st.checkpointing} recomputation) not "
-                f"traced: {err}{kept}"
-            )
+            lines.append(f"activations of {arch.model_type!r} ({what}) not traced: {err}{kept}")
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(tracer.dumps(doc), encoding="utf-8")
@@ -109,7 +126,7 @@ def traced_profiles(
 
             config = model_load.model_config(loaded)
             if config is not None:
-                stored.write(config, path.parent)
+                stored.write(config, model_load.cache_dir())
                 stored_beside = True
         profiles = (
             *(p for p in profiles if p is not served),
@@ -122,7 +139,7 @@ def traced_profiles(
             else "no stored profile"
         )
         lines.append(
-            f"traced the activations of {arch.model_type!r} ({st.checkpointing} recomputation; "
+            f"traced the activations of {arch.model_type!r} ({what}; "
             f"no hand rule, {why}) in {_now() - started:.1f} s; cached at {path}."
         )
     return replace(inventory, profiles=profiles), lines

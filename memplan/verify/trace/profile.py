@@ -51,7 +51,7 @@ from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document
 from memplan.report.estimate import setting_of
 from memplan.verify import selective as selective_
 from memplan.verify.build import force_dropout
-from memplan.verify.trace import cuda, heads, masks, moe, structure
+from memplan.verify.trace import cuda, heads, masks, moe, structure, tp
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
 
@@ -318,14 +318,19 @@ def _blocks(
     checkpointing: str,
     dropout: bool | None = None,
     device: str = "cpu",
+    head_dim: tuple[int, bool] | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int], list[str], dict[str, Any]]:
     """Fitted tensors per block: embeddings, one per layer kind (`layer:<kind>`), head, loss.
 
     The model is built at full depth and two layers of each structure are traced in their
-    places (memplan.verify.trace.structure), the grouping checked on one full forward."""
+    places (memplan.verify.trace.structure), the grouping checked on one full forward.
+    `head_dim`: a TP-local config's pinned head width, and whether the whole config lacked
+    it, checked on the built model (memplan.verify.trace.tp.check_heads)."""
     model, mode = _build(
         config, stream=stream, attention=attention, checkpointing=checkpointing, dropout=dropout
     )
+    if head_dim is not None:
+        tp.check_heads(model, head_dim[0], required=head_dim[1])
     two = structure.stacks(model)
     if two:  # encoder-decoder: every layer traced, kinds "encoder" and "decoder"
         layer_list = torch.nn.ModuleList([m for _, stack in two for m in stack])
@@ -467,8 +472,12 @@ def build(
     checkpointing: str = "none",
     device: str = "cpu",
     dropout: bool | None = None,
+    tensor: int = 1,
+    vocab_rows: int = 0,
 ) -> dict[str, Any]:
-    """The profile document of `config` (a config.json mapping) for one recipe and kernel."""
+    """The profile document of `config` (a config.json mapping) for one recipe and kernel;
+    with `tensor` > 1, of one TP rank's slice holding `vocab_rows` vocabulary rows
+    (memplan.verify.trace.tp.local_config), keyed by the whole config."""
     if device not in ("cpu", "cuda"):
         raise MemplanError(f"device {device!r}: profiles are traced for cpu or cuda.")
     if device == "cuda":
@@ -483,6 +492,11 @@ def build(
     # a copy, or `estimate` (memplan.model.load.find_profiles) would never find the profile.
     hashed = config_hash(config)
     config = copy.deepcopy(dict(config))
+    pinned = None
+    if tensor > 1:
+        required = tp.pinned_without_key(config)
+        config = tp.local_config(config, tensor, vocab_rows)
+        pinned = (int(config["head_dim"]), required)
     transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     common: dict[str, Any] = {
         "stream": stream,
@@ -491,12 +505,22 @@ def build(
         "attention": attention,
     }
     blocks, counts, kinds, facts = _blocks(
-        config, checkpointing=checkpointing, dropout=dropout, device=device, **common
+        config,
+        checkpointing=checkpointing,
+        dropout=dropout,
+        device=device,
+        head_dim=pinned,
+        **common,
     )
     recompute: dict[str, list[dict[str, Any]]] = {}
     if checkpointing == "full":
         plain, _, _, _ = _blocks(
-            config, checkpointing="none", dropout=dropout, device=device, **common
+            config,
+            checkpointing="none",
+            dropout=dropout,
+            device=device,
+            head_dim=pinned,
+            **common,
         )
         recompute = {k: v for k, v in plain.items() if k.startswith("layer:")}
     if checkpointing == "selective":
@@ -521,6 +545,8 @@ def build(
         dropout=dropout,
         device=device,
         checkpointing=checkpointing,
+        tensor=tensor,
+        vocab_rows=vocab_rows if tensor > 1 else 0,
         **common,
     )
     kind_names = list(counts)
@@ -554,6 +580,7 @@ def build(
             "device": device,
             "checkpointing": checkpointing,
             **({} if dropout is None else {"dropout": dropout}),
+            **({} if tensor == 1 else {"tensor": tensor, "vocab_rows": vocab_rows}),
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "model": {**facts, "layer_counts": counts},
@@ -575,19 +602,32 @@ def build(
             *([structure.ENCODER_DECODER_NOTE] if facts["encoder_decoder"] else []),
             *(cuda.CUDA_ASSUMPTIONS if device == "cuda" else ()),
             *([selective_.NOTE] if checkpointing == "selective" else []),
+            *([_tp_note(tensor, vocab_rows)] if tensor > 1 else []),
         ],
         "blocks": doc_blocks,
         "build_seconds": round(time.perf_counter() - started, 3),
     }
 
 
+def _tp_note(tensor: int, vocab_rows: int) -> str:
+    return (
+        f"one rank of tensor parallelism {tensor}: traced as the slice it runs (heads, "
+        "key/value heads and intermediate sizes / TP, head_dim kept, "
+        f"{vocab_rows} vocabulary rows: memplan.verify.trace.tp.local_config), as "
+        "memplan.activations.layout.local_architecture slices a hand-ruled family."
+    )
+
+
 def dumps(doc: Mapping[str, Any]) -> str:
     return json.dumps(doc, indent=1) + "\n"
 
 
-def for_spec(loaded: LoadedSpec) -> tuple[dict[str, Any], Path]:
+def for_spec(
+    loaded: LoadedSpec, *, tensor: int = 1, vocab_rows: int = 0
+) -> tuple[dict[str, Any], Path]:
     """The profile a spec's estimate would use (its model's config, recipe, attention and
-    checkpointing), and where it is stored (memplan.model.load.cache_dir)."""
+    checkpointing; with `tensor` > 1 one TP rank's slice), and where it is stored
+    (memplan.model.load.cache_dir)."""
     config = model_load.model_config(loaded)
     if config is None:
         raise MemplanError(
@@ -595,14 +635,16 @@ def for_spec(loaded: LoadedSpec) -> tuple[dict[str, Any], Path]:
             "architecture); a parameter count or a safetensors header has no forward to trace.",
             field="model",
         )
-    doc = for_setting(config, loaded.spec)
+    doc = for_setting(config, loaded.spec, tensor=tensor, vocab_rows=vocab_rows)
     return (
         doc,
-        model_load.cache_dir() / f"{from_document(doc, origin='trace').key.file_stem()}.json",
+        model_load.profile_file(model_load.cache_dir(), from_document(doc, origin="trace").key),
     )
 
 
-def for_setting(config: Mapping[str, Any], spec: Any) -> dict[str, Any]:
+def for_setting(
+    config: Mapping[str, Any], spec: Any, *, tensor: int = 1, vocab_rows: int = 0
+) -> dict[str, Any]:
     """The profile document of `config` for the activation setting `spec` describes (its
     recipe, attention, device, checkpointing and dropout); the model code's own failure named in
     one MemplanError."""
@@ -619,6 +661,8 @@ def for_setting(config: Mapping[str, Any], spec: Any) -> dict[str, Any]:
             checkpointing=st.checkpointing,
             device=st.device,
             dropout=st.dropout,
+            tensor=tensor,
+            vocab_rows=vocab_rows,
         )
     except MemplanError:
         raise
