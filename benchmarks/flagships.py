@@ -18,8 +18,9 @@ The layout, the same for every model so the rows compare: bf16-mixed AdamW, torc
 for the model: gpt-oss); the data-parallel degree (`gpus`) grows with the parameter count (8 to
 256 GPUs). Expert parallelism (`expert`) where the model's experts run transformers'
 grouped_mm (a traced profile holds per EP rank on balanced dropless routing,
-memplan.activations.EP_OVER_PROFILE); Llama 4's own expert code is not split, so it runs plain
-FSDP2, which shards each expert tensor's first dimension (16 experts: a rank holds at least one).
+memplan.activations.traced.EP_OVER_PROFILE); Llama 4's own expert code is not split, so it runs
+plain FSDP2, which shards each expert tensor's first dimension (16 experts: a rank holds at least
+one).
 Under FSDP2 with expert parallelism memplan gathers a decoder layer's routed experts over the
 expert-data ranks and the rest over the data-parallel group, as torchtitan wraps them
 (memplan.states.engines.fsdp2.groups.EDP). `--device cuda` (the default): the

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from memplan import activations as acts
-from memplan.activations import layout
+from memplan.activations import pipeline
 from memplan.errors import MemplanError
 from memplan.model.sources import Inventory, from_config
 from memplan.report.estimate import estimate
@@ -129,7 +129,7 @@ def test_context_parallel_needs_the_sequence_to_divide() -> None:
 def test_megatron_schedule_table() -> None:
     """model_parallel_config.py's docstring: PP=2 VP=2, group 2, 4 micro-batches:
     rank 0 runs 0 1 0 1 2 3 2 3."""
-    table = list(layout._schedule_table(4, 2, 2))
+    table = list(pipeline._schedule_table(4, 2, 2))
     assert [mb for mb, _ in table] == [0, 1, 0, 1, 2, 3, 2, 3]
     assert [c for _, c in table] == [0, 0, 1, 1, 0, 0, 1, 1]
 
@@ -137,11 +137,12 @@ def test_megatron_schedule_table() -> None:
 @pytest.mark.parametrize("p", [2, 4, 8])
 def test_in_flight_micro_batches(p: int) -> None:
     m = 64
-    assert [layout.in_flight("1f1b", p, 1, r, m) for r in range(p)] == [(p - r,) for r in range(p)]
-    assert layout.in_flight("1f1b", p, 1, 0, 2) == (min(p, 2),)
-    assert layout.in_flight("gpipe", p, 1, p - 1, m) == (m,)
+    got = [pipeline.in_flight("1f1b", p, 1, r, m) for r in range(p)]
+    assert got == [(p - r,) for r in range(p)]
+    assert pipeline.in_flight("1f1b", p, 1, 0, 2) == (min(p, 2),)
+    assert pipeline.in_flight("gpipe", p, 1, p - 1, m) == (m,)
     for v in (2, 4):
-        alive = layout.in_flight("interleaved", p, v, 0, m)
+        alive = pipeline.in_flight("interleaved", p, v, 0, m)
         # Megatron's interleaved penalty on the first stage: L (1 + (P - 1) / (P v))
         # layer-micro-batches for L / (P v) layers per chunk.
         layers = p * v  # one layer per chunk

@@ -1,4 +1,4 @@
-"""Expert parallelism over a traced profile (memplan.activations: EP_OVER_PROFILE).
+"""Expert parallelism over a traced profile (memplan.activations.traced: EP_OVER_PROFILE).
 
 The claim the layout rests on, proved on real tensors: transformers' grouped_mm experts save the
 same bytes whatever the routing (all tokens sent to the same top_k experts, or spread by a random

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from memplan.activations import layout
+from memplan.activations import pipeline
 from memplan.config.load import validate
 from tests.conftest import TINY_LLAMA
 
@@ -95,7 +95,7 @@ def test_torch_in_flight_matches_torch_schedules(schedule: str, p: int, v: int, 
     rank."""
     for rank in range(p):
         expected = _torch_peak(schedule, p, v, rank, m)
-        got = layout.in_flight(schedule, p, v, rank, m, runtime="torch")
+        got = pipeline.in_flight(schedule, p, v, rank, m, runtime="torch")
         assert got == expected, (schedule, p, v, m, rank)
 
 
@@ -103,9 +103,9 @@ def test_torch_interleaved_differs_from_megatron() -> None:
     """Where torch's rounds differ from Megatron's groups of P (P does not divide m), the
     counts per local stage differ: P 4, m 6, v 2, rank 0: torch groups forwards by
     mpr = 6 (one round), Megatron by 4."""
-    torch_counts = layout.in_flight("interleaved", 4, 2, 0, 6, runtime="torch")
+    torch_counts = pipeline.in_flight("interleaved", 4, 2, 0, 6, runtime="torch")
     assert torch_counts == _torch_peak("interleaved", 4, 2, 0, 6)
-    assert torch_counts != layout.in_flight("interleaved", 4, 2, 0, 6)
+    assert torch_counts != pipeline.in_flight("interleaved", 4, 2, 0, 6)
 
 
 def test_zbv_places_first_and_last_stage_on_rank_zero() -> None:

@@ -199,7 +199,7 @@ def on_rank(
     arch = inventory.architecture
     if lay.pipeline == 1 or arch is None or not micro.modelled:
         return micro
-    from memplan.activations import layout, torchtitan_parallel
+    from memplan.activations import layout, pipeline, torchtitan_parallel
 
     p = lay.pipeline
     every = chunk_layers(arch.num_layers, lay)
@@ -215,10 +215,12 @@ def on_rank(
             )
         starts = [sum(every[:c]) for c in range(len(every))]
         kinds = tuple(Counter(micro.layer_order[starts[c] : starts[c] + every[c]]) for c in mine)
-    alive = layout.in_flight(
+    alive = pipeline.in_flight(
         lay.schedule, p, lay.virtual_stages, rank, microbatches, runtime=lay.pipeline_runtime
     )
-    source = layout.SRC_TORCH_SCHEDULE if lay.pipeline_runtime == "torch" else layout.SRC_SCHEDULE
+    source = (
+        pipeline.SRC_TORCH_SCHEDULE if lay.pipeline_runtime == "torch" else pipeline.SRC_SCHEDULE
+    )
     if checkpoint_every > 1:
         return torchtitan_parallel.stage_every(
             micro,
@@ -229,7 +231,7 @@ def on_rank(
             last=len(every) - 1 in mine,
             source=source,
         )
-    return layout.stage(
+    return pipeline.stage(
         micro,
         chunk_layers=tuple(every[c] for c in mine),
         alive=alive,
@@ -266,7 +268,9 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     """`micro_batch`, cached by value (inventories hash by identity)."""
     arch = inventory.architecture
     if st.implementation == "litgpt" and ft.method != "full" and arch is not None:
-        return _litgpt_lora(arch, st, ft)
+        from memplan.activations import stacks
+
+        return stacks.litgpt_lora(arch, st, ft)
     if st.implementation != "transformers" and (ft.method != "full" or ft.freeze):
         from memplan.activations import layout
 
@@ -280,34 +284,34 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
             implementation=st.implementation,
         )
     if st.implementation == "megatron-core":
-        return _megatron(inventory, st, lay, ft)
+        from memplan.activations import stacks
+
+        return stacks.megatron_core(inventory, st, lay, ft)
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
-    from memplan.activations import layout, torchtitan_parallel
+    from memplan.activations import layout, torchtitan_parallel, traced
 
     if st.implementation == "torchtitan":
         return torchtitan_parallel.micro_batch(arch, st, lay)
     family = family_of(arch.model_type)
     no_rule = family is None or isinstance(family.saved, str) or bool(_unsupported(arch))
-    traced = profile.serving(inventory.profiles, st) if no_rule else None
-    if traced is not None and _expert_parallel_only(traced, lay):
+    traced_p = profile.serving(inventory.profiles, st) if no_rule else None
+    if traced_p is not None and traced.expert_parallel_only(traced_p, lay):
         whole = lora.apply(ft, inventory, predict(inventory, st), st)
         return replace(
             whole,
             buffers=layout.buffers(arch, st, lay),
-            notes=(*whole.notes, EP_OVER_PROFILE),
+            notes=(*whole.notes, traced.EP_OVER_PROFILE),
         )
     if no_rule and (lay.tensor > 1 or lay.context > 1):
-        return _tensor_parallel_profile(inventory, arch, st, lay, ft)
-    if traced is not None:
-        return layout.refused(EP_REFUSED)
+        return traced.tensor_parallel_profile(inventory, arch, st, lay, ft)
+    if traced_p is not None:
+        return layout.refused(traced.EP_REFUSED)
     why = layout.check(arch, st, lay)
     if why:
         return layout.refused(why)
     if ft.method != "full" or ft.freeze:
-        return layout.refused(
-            "activations not modelled for fine-tuning under tensor, context or expert parallelism"
-        )
+        return layout.refused(FINETUNE_PARALLEL)
     local_st = layout.local_setting(st, lay)
     if arch.num_experts:
         local_st = replace(
@@ -330,198 +334,9 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
     return replace(local, buffers=layout.buffers(arch, local_st, lay))
 
 
-def _litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activations:
-    """LitGPT's LoRA (memplan.model.stacks.litgpt_lora): litgpt 0.5.9's finetune/lora.py,
-    whose options are lora.py::Config's flags; what they cannot say is refused."""
-    from memplan.model.stacks import litgpt, litgpt_lora
-
-    why = ""
-    if ft.method == "qlora":
-        why = (
-            "qlora under LitGPT (finetune/lora.py --quantize bnb.nf4: Lightning's "
-            "BitsandbytesPrecision quantizes every Linear, the head included, and litgpt "
-            "0.5.9 swaps the embedding for bitsandbytes' StableEmbedding) is not modelled: "
-            "Lightning quantizes on CUDA only (lightning 2.6 fabric/plugins/precision/"
-            "bitsandbytes.py::_Linear4bit.quantize raises on any other device), so no rule "
-            "is proved for it"
-        )
-    elif ft.freeze or ft.modules_to_save or ft.exclude_modules or ft.bias != "none":
-        why = (
-            "LitGPT's LoRA trains the adapters only (lora.py::mark_only_lora_as_trainable, "
-            "bias 'none' as finetune/lora.py calls it): finetune.freeze, modules_to_save, "
-            "exclude_modules and bias are not LitGPT options"
-        )
-    flags = litgpt_lora.flags_of(ft.target_modules, rank=ft.rank, dropout=ft.dropout)
-    if not why and isinstance(flags, str):
-        why = flags
-    if why or isinstance(flags, str):
-        return litgpt.refused(f"activations not modelled: {why}.")
-    return litgpt_lora.saved(arch, st, flags)
-
-
-def _megatron(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
-    """Megatron-Core's GPTModel on one GPU (memplan.model.stacks.megatron) for full training, at
-    EP = 1: one TP and CP rank's slice (with or without sequence parallelism); pipeline stages
-    split its layers as any other."""
-    from memplan.activations import layout
-    from memplan.model.stacks import megatron
-
-    why = ""
-    if ft.method != "full" or ft.freeze:
-        why = (
-            "activations of Megatron-Core's model code are not modelled for LoRA, QLoRA or "
-            "frozen parameters"
-        )
-    elif lay.expert > 1:
-        why = (
-            "activations of Megatron-Core's model code are modelled at expert = 1 (memplan's "
-            "Megatron-Core rule is a dense Llama-like GPTModel)"
-        )
-    elif lay.context > 1 and st.megatron_spec == "local":
-        why = (
-            "Megatron-Core's local spec runs no context parallelism (its attention refuses it: "
-            f"{megatron.SRC_NO_CP_LOCAL}): set model.megatron_spec: te"
-        )
-    elif lay.tensor > 1 and lay.sequence_parallel and st.megatron_spec == "local":
-        why = (
-            "Megatron-Core's local spec runs no sequence parallelism (its torch norms refuse "
-            f"it: {megatron.SRC_NO_SP_LOCAL}): set sequence_parallel: false or "
-            "model.megatron_spec: te"
-        )
-    arch = inventory.architecture
-    if not why and lay.tensor > 1 and arch is not None:
-        why = layout.check(arch, st, lay)
-    if why:
-        return replace(
-            layout.refused(why), implementation="megatron-core", megatron_spec=st.megatron_spec
-        )
-    if (lay.tensor == 1 and lay.context == 1) or arch is None:
-        return predict(inventory, st)
-    # Megatron's TP (memplan.model.stacks.megatron: the rule at one TP rank's heads,
-    # intermediate size and vocabulary rows), sequence parallelism splitting what TP leaves
-    # whole (its linears save their sequence shard and gather it again in backward), CP
-    # running sequence / CP tokens through TE's ring attention.
-    local_st = layout.local_setting(st, lay)
-    local_arch = layout.local_architecture(arch, lay)
-    local = predict(replace(inventory, architecture=local_arch), local_st)
-    if not local.modelled:
-        return local
-    extra = {}
-    if lay.tensor > 1:
-        extra["embeddings"] = (megatron.tensor_parallel_embedding(local_st),)
-    blocks = tuple(
-        replace(b, tensors=(*b.tensors, *extra[b.name])) if b.name in extra else b
-        for b in local.blocks
-    )
-    if lay.context > 1:
-        blocks = tuple(
-            megatron.te_context_parallel(b, local_st, local_arch, lay.context)
-            if b.name == "layers"
-            else b
-            for b in blocks
-        )
-    local = replace(local, blocks=blocks)
-    if lay.sequence_parallel:
-        local = layout.split(predict(inventory, local_st), local, local_st, lay)
-    return replace(local, buffers=(*local.buffers, *layout.buffers(arch, local_st, lay)))
-
-
-def _tensor_parallel_profile(
-    inventory: Inventory, arch: Architecture, st: Setting, lay: Layout, ft: FinetuneSpec
-) -> Activations:
-    """A model without a hand rule on one TP and CP rank, as the hand rules do it: the
-    profile traced for the rank's slice (memplan.verify.trace.tp.local_config, the profile's
-    `tensor` and `vocab_rows`; the whole model's at TP 1) at sequence / CP (layout.
-    local_setting: ring attention saves the SDPA's tensors at the local length), the whole
-    vocabulary's head and loss from the TP-1 profile without loss_parallel under DTensor,
-    sequence parallelism splitting what the slice leaves as wide as the TP-1 profile
-    (memplan.activations.layout.split_traced), and the layout's communication buffers. With
-    EP > 1 as over a TP-1 profile (EP_OVER_PROFILE: dropless routing, grouped_mm experts whose
-    saved tensors hold per rank)."""
-    from memplan.activations import layout
-
-    rows = layout.local_architecture(arch, lay).vocab_size if lay.tensor > 1 else 0
-    local_p = profile.serving(inventory.profiles, st, tensor=lay.tensor, vocab_rows=rows)
-    whole_p = profile.serving(inventory.profiles, st)
-    if local_p is None:
-        return layout.refused(
-            f"activations from a traced profile under tensor parallelism need the profile of "
-            f"one TP rank's slice (tensor {lay.tensor}, {rows} vocabulary rows), not traced: "
-            "with torch and transformers installed `memplan estimate` and `plan` trace it"
-        )
-    why = layout.check(arch, st, lay)
-    if why:
-        return layout.refused(why)
-    if ft.method != "full" or ft.freeze:
-        return layout.refused(
-            "activations not modelled for fine-tuning under tensor, context or expert parallelism"
-        )
-    needs_whole = lay.sequence_parallel or (
-        lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss
-    )
-    if needs_whole and whole_p is None:
-        return layout.refused(
-            "activations from a traced profile under sequence parallelism or without "
-            "loss_parallel need the whole model's profile beside the TP slice's, not traced"
-        )
-    if lay.sequence_parallel and arch.num_experts and lay.gathered_inputs:
-        # A single-device trace lists a storage once, under its first saver: where the router
-        # and a shared expert's column-parallel linear both save the layer's input (Qwen2-MoE),
-        # DTensor SP keeps the router's shard and the linear's gathered copy, which the trace
-        # cannot tell apart (measured: the shared expert's gate_proj input whole, 3,072 B per
-        # layer above the hand rule, tiny Qwen2-MoE, TP 2, 2 x 32 tokens; Mixtral, without a
-        # shared expert, agrees; Megatron SP gathers no inputs and agrees for both).
-        return layout.refused(
-            "activations from a traced profile of a MoE model are not split for DTensor "
-            "sequence parallelism (engines fsdp2, ddp) yet: set sequence_parallel: false, or "
-            "engine megatron or deepspeed"
-        )
-    if lay.expert > 1 and not (
-        lay.expert_capacity_factor is None and local_p.experts == "grouped_mm"
-    ):
-        return layout.refused(EP_REFUSED)
-    if local_p.head != "lm":
-        return layout.refused(
-            f"activations of a {local_p.head} head from a traced profile are not split for "
-            "tensor parallelism (memplan slices language-model heads only)"
-        )
-    st = layout.local_setting(st, lay)  # CP: one rank's sequence / CP tokens, as the rules
-    local = _from_profile(local_p, arch, st)
-    full = _from_profile(whole_p, arch, st) if whole_p is not None else local
-    if lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss:
-        # The head (final norm, the LM head's input) and the loss are as wide as the hidden
-        # size and the vocabulary, never the sliced heads or MLP: the TP-1 profile's are the
-        # slice's with the whole vocabulary (the rule's `whole`; tests/test_profile_tp.py).
-        local = layout.whole_vocabulary_loss(local, full)
-    if lay.sequence_parallel:
-        local = layout.split_traced(full, local, st, lay, local_p.token_major())
-    notes = (EP_OVER_PROFILE,) if lay.expert > 1 else ()
-    return replace(local, buffers=layout.buffers(arch, st, lay), notes=(*local.notes, *notes))
-
-
-EP_REFUSED = (
-    "activations from a traced profile are split over experts with dropless routing of "
-    "transformers' grouped_mm experts only (no expert_capacity_factor)"
+FINETUNE_PARALLEL = (
+    "activations not modelled for fine-tuning under tensor, context or expert parallelism"
 )
-EP_OVER_PROFILE = (
-    "expert parallelism over a traced profile: on balanced dropless routing a rank's experts "
-    "receive top_k x tokens (token, expert) pairs, the rows the traced grouped_mm experts save "
-    "whatever the routing, so the profile's tensors hold per rank (memplan.activations.layout."
-    "expert_pairs); tensors sized by the expert count (the grouped GEMM's [E] offsets) are "
-    "counted whole."
-)
-
-
-def _expert_parallel_only(traced: profile.Profile, lay: Layout) -> bool:
-    """A profile serves a layout split only over experts, with dropless routing, when its
-    experts ran transformers' grouped_mm (sizes independent of the routing)."""
-    return (
-        lay.expert > 1
-        and lay.tensor == 1
-        and lay.context == 1
-        and lay.expert_capacity_factor is None
-        and traced.experts == "grouped_mm"
-    )
 
 
 def _unsupported(arch: Architecture) -> str:

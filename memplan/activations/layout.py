@@ -38,12 +38,9 @@ by tensor. A model-parallel rank runs the same layer on a slice, the way Megatro
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
-from functools import lru_cache
 
 from memplan.errors import MemplanError
 from memplan.memory import Transient
@@ -69,10 +66,6 @@ SRC_MOE = (
     "megatron/core/transformer/moe/token_dispatcher.py::MoEAlltoAllTokenDispatcher "
     "(permute -> all_to_all -> TP all-gather; combine mirrors it)"
 )
-SRC_SCHEDULE = (
-    "megatron/core/pipeline_parallel/schedules.py::get_pp_rank_microbatches, get_schedule_table"
-)
-
 # Saved tensors Megatron keeps whole on every TP rank under sequence parallelism (see above).
 _NOT_SEQUENCE_SPLIT = (".indices", ".input_mask", "rotary_emb.", "rotary.", "experts.")
 # The inputs of the column-parallel linears. torch DTensor sequence parallelism all-gathers
@@ -140,8 +133,8 @@ def local_architecture(arch: Architecture, lay: Layout) -> Architecture:
 
 def profile_slices(arch: Architecture, lay: Layout) -> tuple[tuple[int, int], ...]:
     """(TP degree, vocabulary rows) of each TP rank class of `lay` whose activations a model
-    without a hand rule takes from a profile of its slice (memplan.activations.
-    _tensor_parallel_profile; memplan.verify.trace.traced_profiles traces them)."""
+    without a hand rule takes from a profile of its slice (memplan.activations.traced;
+    memplan.verify.trace.traced_profiles traces them)."""
     if lay.tensor == 1:
         return ()
     rows = vocab_rows(arch.vocab_size, lay.tensor, lay.vocab_multiple, lay.vocab_split)
@@ -270,204 +263,6 @@ def _split_tokens(shape: tuple[int, ...], st: Setting, parts: int) -> tuple[int,
     if shape and shape[0] == st.tokens:
         return (shape[0] // parts, *shape[1:])
     return None
-
-
-@lru_cache(maxsize=4096)
-def in_flight(
-    schedule: str,
-    pipeline: int,
-    virtual: int,
-    rank: int,
-    microbatches: int,
-    *,
-    runtime: str = "megatron",
-) -> tuple[int, ...]:
-    """Micro-batches whose activations pipeline `rank` holds at its peak, per model chunk.
-
-    `runtime` "torch": torch.distributed.pipelining's schedules (engines ddp and fsdp2, as
-    torchtitan runs them: `torch_in_flight`); else Megatron's (megatron, deepspeed):
-    the peak is when the first backward starts: the warmup forwards and one more are alive.
-    1F1B: min(P - rank, m) (warmup P - rank - 1); GPipe: all m; interleaved: the first
-    min(warmup + 1, m x v) entries of Megatron's schedule table, warmup = 2 (P - rank - 1) +
-    (v - 1) x P, micro-batches grouped by P (SRC_SCHEDULE). On the first stage that is
-    L x (1 + (P - 1) / (P v)) layer-micro-batches, the penalty in Megatron's
-    theoretical_memory_usage.py.
-    """
-    p, v, m = pipeline, virtual, microbatches
-    if p == 1:
-        return (1,)
-    if runtime == "torch":
-        return torch_in_flight(schedule, p, v, rank, m)
-    if schedule == "gpipe":
-        return (m,) * v
-    if schedule == "1f1b" or v == 1:
-        return (min(p - rank, m),)
-    total = m * v
-    alive = min((p - rank - 1) * 2 + (v - 1) * p + 1, total)
-    counts = [0] * v
-    for _, chunk in itertools.islice(_schedule_table(m, v, p), alive):
-        counts[chunk] += 1
-    return tuple(counts)
-
-
-SRC_TORCH_SCHEDULE = (
-    "torch 2.13 torch/distributed/pipelining/schedules.py: Schedule1F1B._get_pipeline_order, "
-    "ScheduleGPipe._get_pipeline_order, ScheduleInterleaved1F1B._calculate_single_rank_"
-    "operations (_get_warmup_ops, _get_1f1b_rank_ops), ScheduleZBVZeroBubble._calculate_"
-    "single_rank_operations; _backward.py::stage_backward_input (retain_graph=True until W)"
-)
-
-
-def torch_in_flight(schedule: str, p: int, v: int, rank: int, m: int) -> tuple[int, ...]:
-    """torch.distributed.pipelining's micro-batches in flight per local stage at rank
-    `rank`'s peak (the most forwards not yet backwarded; SRC_TORCH_SCHEDULE):
-
-    - ScheduleGPipe: all m forwards, then the backwards;
-    - Schedule1F1B: P - 1 - rank warmup forwards, then one forward and one backward: min(P -
-      rank, m);
-    - ScheduleInterleaved1F1B: warmup = min((v - 1) x mpr + 2 (P - 1 - rank), m v)
-      (_get_warmup_ops), then one forward and one backward, so warmup + 1 (at most m v) are
-      alive; forward k runs local stage (k // mpr) % v, mpr = m / max(1, m // P) micro-batches
-      per round (not Megatron's P: they differ when P does not divide m);
-    - ScheduleZBVZeroBubble (two stages per rank in a V: stages rank and 2P - 1 - rank): its
-      op list, walked; a micro-batch's saved tensors stay until its weight backward W (the
-      input backward I keeps the graph: retain_graph=True).
-    Counts are per local stage in model order."""
-    if schedule == "gpipe":
-        return (m,) * v
-    if schedule == "1f1b" or v == 1:
-        return (min(p - rank, m),)
-    if schedule == "zbv":
-        return _zbv_in_flight(p, rank, m)
-    # torch refuses m not a multiple of the rounds (ScheduleInterleaved1F1B.__init__), and
-    # Schedule1F1B m < P (Schedule1F1B.__init__); memplan counts them as the formulas give
-    # (plan's search reaches such layouts; refusing them there is not done yet).
-    rounds = max(1, m // p)
-    per_round = m // rounds
-    warmup = min((v - 1) * per_round + 2 * (p - 1 - rank), m * v)
-    counts = [0] * v
-    for step in range(min(warmup + 1, m * v)):
-        counts[(step // per_round) % v] += 1
-    return tuple(counts)
-
-
-def _zbv_in_flight(p: int, rank: int, m: int) -> tuple[int, int]:
-    """ScheduleZBVZeroBubble._calculate_single_rank_operations (torch 2.13) replayed for
-    its forwards (F) and weight backwards (W) per chunk, micro-batches >= m dropped (the
-    schedule pads to max(2P - 1, m) and blanks them); the counts at the first moment with
-    the most forwards not yet W'd."""
-    n = max(2 * p - 1, m)
-    ops: list[tuple[int, str, int]] = []
-    f = [0, 0]
-    b = [0, 0]
-
-    def fwd(c: int) -> None:
-        ops.append((c, "F", f[c]))
-        f[c] += 1
-
-    def back(c: int) -> None:  # I then W of the same micro-batch
-        ops.append((c, "W", b[c]))
-        b[c] += 1
-
-    for _ in range(2 * (p - rank) - 1):
-        fwd(0)
-    for _ in range(rank):
-        fwd(1)
-        fwd(0)
-    for _ in range(p - rank):
-        fwd(1)
-        back(1)
-    while f[1] < f[0] or f[0] < n:
-        if f[0] < n:
-            fwd(0)
-        back(0)
-        fwd(1)
-        back(1)
-    # The cool-down only runs backwards: it cannot raise the count.
-    alive = [0, 0]
-    best: tuple[int, int] = (0, 0)
-    for c, kind, mb in ops:
-        if mb >= m:
-            continue
-        alive[c] += 1 if kind == "F" else -1
-        if kind == "F" and sum(alive) > sum(best):
-            best = (alive[0], alive[1])
-    return best
-
-
-def _schedule_table(microbatches: int, chunks: int, group: int) -> Iterator[tuple[int, int]]:
-    """(micro-batch, model chunk) in forward order (schedules.py::get_schedule_table)."""
-    for first in range(0, microbatches, group):
-        last = min(first + group, microbatches)
-        for c in range(chunks):
-            for mb in range(first, last):
-                yield mb, c
-
-
-def stage(
-    micro: Activations,
-    *,
-    chunk_layers: Sequence[int],
-    alive: Sequence[int],
-    first: bool,
-    last: bool,
-    source: str = SRC_SCHEDULE,
-    kinds: Sequence[Mapping[str, int]] | None = None,
-) -> Activations:
-    """One pipeline rank's activations at its peak from one micro-batch's (`micro`, every
-    layer): the layers of its chunks (`chunk_layers`, one count per model chunk), the
-    embeddings on the first rank, the head and loss on the last, each times the micro-batches
-    in flight (`alive`, per chunk). The micro-batch whose backward starts the peak keeps the
-    ordinary blocks; the others are `in_flight.*` blocks. With several decoder-layer blocks
-    (a traced profile's `layers.<kind>` beside `layers`), `kinds` gives each chunk's layers
-    by block name (Activations.layer_order); a kind the rank does not hold is left out, and
-    `layers` is kept (one layer's bytes are what the engines' terms read) even at count 0."""
-    if not micro.modelled:
-        return micro
-    by = {b.name: b for b in micro.blocks}
-    names = [b.name for b in micro.blocks if b.name == "layers" or b.name.startswith("layers.")]
-    per_chunk = kinds if kinds is not None else [{"layers": n} for n in chunk_layers]
-    # The first backward is the last chunk's (the deepest layers of the first micro-batch).
-    current = per_chunk[-1]
-    held = {
-        n: sum(c.get(n, 0) * k for c, k in zip(per_chunk, alive, strict=True)) - current.get(n, 0)
-        for n in names
-    }
-    blocks: list[Block] = []
-    if first:
-        blocks.append(by["embeddings"])
-    blocks += [
-        by[n].repeated(current.get(n, 0)) for n in names if n == "layers" or current.get(n, 0)
-    ]
-    if last:
-        blocks += [by["head"], by["loss"]]
-
-    def more(b: Block, count: int) -> None:
-        if count > 0:
-            blocks.append(b.repeated(count, held_as=f"in_flight.{b.name}"))
-
-    if first:
-        more(by["embeddings"], alive[0] - 1)
-    for n in names:
-        more(by[n], held[n])
-    if last:
-        more(by["head"], alive[-1] - 1)
-        more(by["loss"], alive[-1] - 1)
-    notes = micro.notes
-    if len(alive) > 1 or alive[0] > 1:
-        notes = (
-            *notes,
-            f"pipeline: {sum(n * k for n, k in zip(chunk_layers, alive, strict=True))} "
-            f"layer-micro-batches in flight at the peak ({', '.join(map(str, alive))} "
-            f"micro-batches per model chunk; {source}).",
-        )
-    return replace(
-        micro,
-        blocks=tuple(blocks),
-        logits_bytes=micro.logits_bytes if last else 0,
-        upcast_bytes=micro.upcast_bytes if last else 0,
-        notes=notes,
-    )
 
 
 def buffers(arch: Architecture, st: Setting, lay: Layout) -> tuple[Transient, ...]:

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from memplan.activations import layout
+from memplan.activations import layout, pipeline
 from memplan.memory import Transient
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting
@@ -295,18 +295,18 @@ def stage_every(
     every: int,
     first: bool,
     last: bool,
-    source: str = layout.SRC_SCHEDULE,
+    source: str = pipeline.SRC_SCHEDULE,
 ) -> Activations:
-    """One pipeline rank's activations at its peak (memplan.activations.layout.stage) when
+    """One pipeline rank's activations at its peak (memplan.activations.pipeline.stage) when
     torchtitan checkpoints every `every`-th block: `micro`'s two layer kinds (checkpointed, the
     block with a recompute, and plain) split over the rank's chunks as SRC_LAYER_SAC counts
-    them, each staged like memplan.activations.layout.stage stages one kind."""
+    them, each staged like memplan.activations.pipeline.stage stages one kind."""
     kinds = [b for b in micro.blocks if b.name == "layers"]
     ckpt = next(b for b in kinds if b.recompute)
     plain = next((b for b in kinds if not b.recompute), None)
     others = tuple(b for b in micro.blocks if b.name != "layers")
     ck = checkpointed_per_chunk(chunk_layers, every)
-    staged = layout.stage(
+    staged = pipeline.stage(
         replace(micro, blocks=(*others, ckpt)),
         chunk_layers=ck,
         alive=alive,
@@ -317,7 +317,7 @@ def stage_every(
     if plain is None:
         return staged
     rest = tuple(n - c for n, c in zip(chunk_layers, ck, strict=True))
-    more = layout.stage(
+    more = pipeline.stage(
         replace(micro, blocks=(*others, plain)),
         chunk_layers=rest,
         alive=alive,

@@ -70,7 +70,7 @@ class StepActivations:
     micro-batches)."""
     layers_in_flight: int = 0
     """Decoder-layer micro-batches whose saved tensors this rank holds at its peak (the
-    running one's included; memplan.activations.layout.stage)."""
+    running one's included; memplan.activations.pipeline.stage)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

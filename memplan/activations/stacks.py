@@ -1,0 +1,110 @@
+"""One micro-batch's activations of the stacks' own model code where a layout or fine-tuning
+method needs more than their single-device rule: LitGPT's LoRA (memplan.model.stacks.
+litgpt_lora) and Megatron-Core's GPTModel under tensor, sequence and context parallelism
+(memplan.model.stacks.megatron). memplan.activations.micro_batch dispatches here."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from memplan.activations import predict
+from memplan.config.finetune import FinetuneSpec
+from memplan.model.forward.tensors import Activations, Setting
+from memplan.model.inventory import Architecture, Inventory
+from memplan.states.layout import Layout
+
+
+def litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activations:
+    """LitGPT's LoRA (memplan.model.stacks.litgpt_lora): litgpt 0.5.9's finetune/lora.py,
+    whose options are lora.py::Config's flags; what they cannot say is refused."""
+    from memplan.model.stacks import litgpt, litgpt_lora
+
+    why = ""
+    if ft.method == "qlora":
+        why = (
+            "qlora under LitGPT (finetune/lora.py --quantize bnb.nf4: Lightning's "
+            "BitsandbytesPrecision quantizes every Linear, the head included, and litgpt "
+            "0.5.9 swaps the embedding for bitsandbytes' StableEmbedding) is not modelled: "
+            "Lightning quantizes on CUDA only (lightning 2.6 fabric/plugins/precision/"
+            "bitsandbytes.py::_Linear4bit.quantize raises on any other device), so no rule "
+            "is proved for it"
+        )
+    elif ft.freeze or ft.modules_to_save or ft.exclude_modules or ft.bias != "none":
+        why = (
+            "LitGPT's LoRA trains the adapters only (lora.py::mark_only_lora_as_trainable, "
+            "bias 'none' as finetune/lora.py calls it): finetune.freeze, modules_to_save, "
+            "exclude_modules and bias are not LitGPT options"
+        )
+    flags = litgpt_lora.flags_of(ft.target_modules, rank=ft.rank, dropout=ft.dropout)
+    if not why and isinstance(flags, str):
+        why = flags
+    if why or isinstance(flags, str):
+        return litgpt.refused(f"activations not modelled: {why}.")
+    return litgpt_lora.saved(arch, st, flags)
+
+
+def megatron_core(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
+    """Megatron-Core's GPTModel on one GPU (memplan.model.stacks.megatron) for full training, at
+    EP = 1: one TP and CP rank's slice (with or without sequence parallelism); pipeline stages
+    split its layers as any other."""
+    from memplan.activations import layout
+    from memplan.model.stacks import megatron
+
+    why = ""
+    if ft.method != "full" or ft.freeze:
+        why = (
+            "activations of Megatron-Core's model code are not modelled for LoRA, QLoRA or "
+            "frozen parameters"
+        )
+    elif lay.expert > 1:
+        why = (
+            "activations of Megatron-Core's model code are modelled at expert = 1 (memplan's "
+            "Megatron-Core rule is a dense Llama-like GPTModel)"
+        )
+    elif lay.context > 1 and st.megatron_spec == "local":
+        why = (
+            "Megatron-Core's local spec runs no context parallelism (its attention refuses it: "
+            f"{megatron.SRC_NO_CP_LOCAL}): set model.megatron_spec: te"
+        )
+    elif lay.tensor > 1 and lay.sequence_parallel and st.megatron_spec == "local":
+        why = (
+            "Megatron-Core's local spec runs no sequence parallelism (its torch norms refuse "
+            f"it: {megatron.SRC_NO_SP_LOCAL}): set sequence_parallel: false or "
+            "model.megatron_spec: te"
+        )
+    arch = inventory.architecture
+    if not why and lay.tensor > 1 and arch is not None:
+        why = layout.check(arch, st, lay)
+    if why:
+        return replace(
+            layout.refused(why), implementation="megatron-core", megatron_spec=st.megatron_spec
+        )
+    if (lay.tensor == 1 and lay.context == 1) or arch is None:
+        return predict(inventory, st)
+    # Megatron's TP (memplan.model.stacks.megatron: the rule at one TP rank's heads,
+    # intermediate size and vocabulary rows), sequence parallelism splitting what TP leaves
+    # whole (its linears save their sequence shard and gather it again in backward), CP
+    # running sequence / CP tokens through TE's ring attention.
+    local_st = layout.local_setting(st, lay)
+    local_arch = layout.local_architecture(arch, lay)
+    local = predict(replace(inventory, architecture=local_arch), local_st)
+    if not local.modelled:
+        return local
+    extra = {}
+    if lay.tensor > 1:
+        extra["embeddings"] = (megatron.tensor_parallel_embedding(local_st),)
+    blocks = tuple(
+        replace(b, tensors=(*b.tensors, *extra[b.name])) if b.name in extra else b
+        for b in local.blocks
+    )
+    if lay.context > 1:
+        blocks = tuple(
+            megatron.te_context_parallel(b, local_st, local_arch, lay.context)
+            if b.name == "layers"
+            else b
+            for b in blocks
+        )
+    local = replace(local, blocks=blocks)
+    if lay.sequence_parallel:
+        local = layout.split(predict(inventory, local_st), local, local_st, lay)
+    return replace(local, buffers=(*local.buffers, *layout.buffers(arch, local_st, lay)))

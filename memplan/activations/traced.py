@@ -1,0 +1,110 @@
+"""One micro-batch's activations from traced profiles (models without a hand rule) under
+tensor, sequence, context and expert parallelism, as the hand rules split theirs.
+memplan.activations.micro_batch dispatches here."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from memplan.activations import FINETUNE_PARALLEL, _from_profile
+from memplan.config.finetune import FinetuneSpec
+from memplan.model import profile
+from memplan.model.forward.tensors import Activations, Setting
+from memplan.model.inventory import Architecture, Inventory
+from memplan.states.layout import Layout
+
+
+def tensor_parallel_profile(
+    inventory: Inventory, arch: Architecture, st: Setting, lay: Layout, ft: FinetuneSpec
+) -> Activations:
+    """A model without a hand rule on one TP and CP rank, as the hand rules do it: the
+    profile traced for the rank's slice (memplan.verify.trace.tp.local_config, the profile's
+    `tensor` and `vocab_rows`; the whole model's at TP 1) at sequence / CP (layout.
+    local_setting: ring attention saves the SDPA's tensors at the local length), the whole
+    vocabulary's head and loss from the TP-1 profile without loss_parallel under DTensor,
+    sequence parallelism splitting what the slice leaves as wide as the TP-1 profile
+    (memplan.activations.layout.split_traced), and the layout's communication buffers. With
+    EP > 1 as over a TP-1 profile (EP_OVER_PROFILE: dropless routing, grouped_mm experts whose
+    saved tensors hold per rank)."""
+    from memplan.activations import layout
+
+    rows = layout.local_architecture(arch, lay).vocab_size if lay.tensor > 1 else 0
+    local_p = profile.serving(inventory.profiles, st, tensor=lay.tensor, vocab_rows=rows)
+    whole_p = profile.serving(inventory.profiles, st)
+    if local_p is None:
+        return layout.refused(
+            f"activations from a traced profile under tensor parallelism need the profile of "
+            f"one TP rank's slice (tensor {lay.tensor}, {rows} vocabulary rows), not traced: "
+            "with torch and transformers installed `memplan estimate` and `plan` trace it"
+        )
+    why = layout.check(arch, st, lay)
+    if why:
+        return layout.refused(why)
+    if ft.method != "full" or ft.freeze:
+        return layout.refused(FINETUNE_PARALLEL)
+    needs_whole = lay.sequence_parallel or (
+        lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss
+    )
+    if needs_whole and whole_p is None:
+        return layout.refused(
+            "activations from a traced profile under sequence parallelism or without "
+            "loss_parallel need the whole model's profile beside the TP slice's, not traced"
+        )
+    if lay.sequence_parallel and arch.num_experts and lay.gathered_inputs:
+        # A single-device trace lists a storage once, under its first saver: where the router
+        # and a shared expert's column-parallel linear both save the layer's input (Qwen2-MoE),
+        # DTensor SP keeps the router's shard and the linear's gathered copy, which the trace
+        # cannot tell apart (measured: the shared expert's gate_proj input whole, 3,072 B per
+        # layer above the hand rule, tiny Qwen2-MoE, TP 2, 2 x 32 tokens; Mixtral, without a
+        # shared expert, agrees; Megatron SP gathers no inputs and agrees for both).
+        return layout.refused(
+            "activations from a traced profile of a MoE model are not split for DTensor "
+            "sequence parallelism (engines fsdp2, ddp) yet: set sequence_parallel: false, or "
+            "engine megatron or deepspeed"
+        )
+    if lay.expert > 1 and not (
+        lay.expert_capacity_factor is None and local_p.experts == "grouped_mm"
+    ):
+        return layout.refused(EP_REFUSED)
+    if local_p.head != "lm":
+        return layout.refused(
+            f"activations of a {local_p.head} head from a traced profile are not split for "
+            "tensor parallelism (memplan slices language-model heads only)"
+        )
+    st = layout.local_setting(st, lay)  # CP: one rank's sequence / CP tokens, as the rules
+    local = _from_profile(local_p, arch, st)
+    full = _from_profile(whole_p, arch, st) if whole_p is not None else local
+    if lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss:
+        # The head (final norm, the LM head's input) and the loss are as wide as the hidden
+        # size and the vocabulary, never the sliced heads or MLP: the TP-1 profile's are the
+        # slice's with the whole vocabulary (the rule's `whole`; tests/test_profile_tp.py).
+        local = layout.whole_vocabulary_loss(local, full)
+    if lay.sequence_parallel:
+        local = layout.split_traced(full, local, st, lay, local_p.token_major())
+    notes = (EP_OVER_PROFILE,) if lay.expert > 1 else ()
+    return replace(local, buffers=layout.buffers(arch, st, lay), notes=(*local.notes, *notes))
+
+
+EP_REFUSED = (
+    "activations from a traced profile are split over experts with dropless routing of "
+    "transformers' grouped_mm experts only (no expert_capacity_factor)"
+)
+EP_OVER_PROFILE = (
+    "expert parallelism over a traced profile: on balanced dropless routing a rank's experts "
+    "receive top_k x tokens (token, expert) pairs, the rows the traced grouped_mm experts save "
+    "whatever the routing, so the profile's tensors hold per rank (memplan.activations.layout."
+    "expert_pairs); tensors sized by the expert count (the grouped GEMM's [E] offsets) are "
+    "counted whole."
+)
+
+
+def expert_parallel_only(traced: profile.Profile, lay: Layout) -> bool:
+    """A profile serves a layout split only over experts, with dropless routing, when its
+    experts ran transformers' grouped_mm (sizes independent of the routing)."""
+    return (
+        lay.expert > 1
+        and lay.tensor == 1
+        and lay.context == 1
+        and lay.expert_capacity_factor is None
+        and traced.experts == "grouped_mm"
+    )
