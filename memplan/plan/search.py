@@ -24,17 +24,15 @@ from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS
 from memplan.plan.rows import row_spec
 from memplan.plan.space import (
     ENGINE_STAGES,
-    IMPLEMENTATION_COMPILE,
     IMPLEMENTATION_ENGINES,
     compile_options,
     divisors,
     pipeline_split,
     recompute_policies,
     search_engines,
+    search_notes,
 )
 from memplan.plan.steptime import (
-    COMPILE_SPEEDUP,
-    COMPILE_SPEEDUP_CODE,
     Link,
     Shape,
     StepTime,
@@ -380,6 +378,33 @@ class _Search:
         )
 
 
+def _job(spec: Spec, p: PlanSpec) -> tuple[int, int]:
+    """The GPUs a plan of `spec` searches over and its global batch in sequences, each checked
+    with the field that sets it."""
+    gpn = spec.hardware.gpus_per_node
+    gpus = p.gpus or (p.nodes * gpn if p.nodes else None)
+    if gpus is None:
+        raise MemplanError(
+            "say how many GPUs to plan for: plan.gpus or plan.nodes.", field="plan.gpus"
+        )
+    if gpus > MAX_DEGREE:
+        raise MemplanError(
+            f"plan.nodes x hardware.gpus_per_node = {gpus:,} GPUs; plan searches at most "
+            f"{MAX_DEGREE:,}.",
+            field="plan.nodes",
+        )
+    seq = spec.training.sequence_length
+    if p.global_batch_tokens:
+        if p.global_batch_tokens % seq:
+            raise MemplanError(
+                f"global_batch_tokens {p.global_batch_tokens:,} is not a multiple "
+                f"of the sequence length {seq:,}.",
+                field="plan.global_batch_tokens",
+            )
+        return gpus, p.global_batch_tokens // seq
+    return gpus, p.global_batch_size or gpus
+
+
 def tensor_slices(spec: Spec, inventory: Inventory) -> tuple[tuple[int, int], ...]:
     """(TP degree, vocabulary rows) of every TP rank the search of `spec` tries
     (the layouts `_Search.layouts` yields): the slices a model without a hand rule needs a
@@ -388,18 +413,19 @@ def tensor_slices(spec: Spec, inventory: Inventory) -> tuple[tuple[int, int], ..
 
     p = spec.plan or PlanSpec()
     arch = inventory.architecture
-    gpus = p.gpus or (p.nodes * spec.hardware.gpus_per_node if p.nodes else None)
-    if arch is None or gpus is None or gpus > MAX_DEGREE:
+    try:
+        gpus, global_batch = _job(spec, p)
+    except MemplanError:
+        return ()  # plan() itself says what is wrong
+    if arch is None:
         return ()
-    seq = spec.training.sequence_length
-    tokens = p.global_batch_tokens
     search = _Search(
         engines=search_engines(spec),
         spec=spec,
         inventory=inventory,
         plan=p,
         gpus=gpus,
-        global_batch=tokens // seq if tokens else p.global_batch_size or gpus,
+        global_batch=global_batch,
         budget=0,
     )
     out: set[tuple[int, int]] = set()
@@ -431,35 +457,13 @@ def plan(
             "architecture: give hf_config, preset or architecture.",
             field="model",
         )
-    gpn = spec.hardware.gpus_per_node
-    gpus = p.gpus or (p.nodes * gpn if p.nodes else None)
-    if gpus is None:
-        raise MemplanError(
-            "say how many GPUs to plan for: plan.gpus or plan.nodes.", field="plan.gpus"
-        )
-    if gpus > MAX_DEGREE:
-        raise MemplanError(
-            f"plan.nodes x hardware.gpus_per_node = {gpus:,} GPUs; plan searches at most "
-            f"{MAX_DEGREE:,}.",
-            field="plan.nodes",
-        )
+    gpus, global_batch = _job(spec, p)
     capacity = capacity_of(spec)
     if capacity is None:
         raise MemplanError(
             "plan needs the GPU memory: hardware.gpu (e.g. H100-80GB) or hardware.memory.",
             field="hardware",
         )
-    seq = spec.training.sequence_length
-    if p.global_batch_tokens:
-        if p.global_batch_tokens % seq:
-            raise MemplanError(
-                f"global_batch_tokens {p.global_batch_tokens:,} is not a multiple "
-                f"of the sequence length {seq:,}.",
-                field="plan.global_batch_tokens",
-            )
-        global_batch = p.global_batch_tokens // seq
-    else:
-        global_batch = p.global_batch_size or gpus
     # One plain torch process (ddp, no wrapper): it runs with any precision (DeepSpeed ZeRO-0
     # refuses some, see sharding/deepspeed.py) and tells whether activations are modelled.
     plain = estimate(
@@ -517,49 +521,7 @@ def plan(
         pruned=dict(search.pruned.most_common()),
         suggestion=suggestion,
         top=p.top,
-        notes=_notes(spec, engines),
-    )
-
-
-def _notes(spec: Spec, engines: tuple[str, ...]) -> tuple[str, ...]:
-    p = spec.plan or PlanSpec()
-    out = []
-    left = [e for e in p.engines if e not in engines]
-    if left:
-        out.append(
-            f"model.implementation {spec.model.implementation} runs under "
-            f"{', '.join(IMPLEMENTATION_ENGINES[spec.model.implementation])}: plan.engines "
-            f"{', '.join(left)} not searched."
-        )
-    compile_note = _compile_note(spec)
-    if compile_note:
-        out.append(compile_note)
-    if not spec.hardware.gpu:
-        out.append(
-            "no hardware.gpu named: layouts are ranked by the H100-80GB's speed "
-            "(memplan.hardware.CATALOG); name hardware.gpu to rank by another GPU's."
-        )
-    return tuple(out)
-
-
-def _compile_note(spec: Spec) -> str:
-    """How the rows' training.compile was chosen, and what it does to their step time."""
-    code = spec.model.implementation
-    if "compile" in spec.training.model_fields_set:
-        return ""  # the spec pins it: every row says it (shared_assumptions, --emit)
-    if len(IMPLEMENTATION_COMPILE[code]) == 1:
-        return f"training.compile is not modelled for model.implementation {code}: not searched."
-    if code in COMPILE_SPEEDUP_CODE:
-        return (
-            f"training.compile searched (set it in the spec to pin it): a compiled row's compute "
-            f"runs {COMPILE_SPEEDUP:.3f}x faster (torchtitan's published Llama 3.1 8B TPS/GPU, "
-            "compile against eager: memplan.plan.steptime.COMPILE_SPEEDUP)."
-        )
-    return (
-        "training.compile searched (set it in the spec to pin it): no compile speed-up is "
-        f"published for the {code} model code, so a compiled row takes its eager twin's step time "
-        "and ranks by its memory; where compile leaves the saved tensors as eager, no compiled "
-        "row is listed."
+        notes=search_notes(spec, engines),
     )
 
 

@@ -8,7 +8,7 @@ from memplan.activations import predict
 from memplan.config.plan import PlanSpec
 from memplan.config.spec import Spec
 from memplan.model.inventory import Inventory
-from memplan.plan.steptime import COMPILE_SPEEDUP_CODE
+from memplan.plan.steptime import COMPILE_SPEEDUP, COMPILE_SPEEDUP_CODE
 from memplan.report.estimate import setting_of
 
 # Engine -> ZeRO stages the search tries (each engine's own range; see memplan.config.spec).
@@ -112,3 +112,47 @@ def search_engines(spec: Spec) -> tuple[str, ...]:
     p = spec.plan or PlanSpec()
     runs = IMPLEMENTATION_ENGINES[spec.model.implementation]
     return tuple(e for e in p.engines if e in runs)
+
+
+def search_notes(spec: Spec, engines: tuple[str, ...]) -> tuple[str, ...]:
+    """What a plan of `spec` searched differently from what it asked: engines its model code
+    does not run under, how compile was chosen, the GPU the step time assumes."""
+    p = spec.plan or PlanSpec()
+    out = []
+    left = [e for e in p.engines if e not in engines]
+    if left:
+        out.append(
+            f"model.implementation {spec.model.implementation} runs under "
+            f"{', '.join(IMPLEMENTATION_ENGINES[spec.model.implementation])}: plan.engines "
+            f"{', '.join(left)} not searched."
+        )
+    compile_note = _compile_note(spec)
+    if compile_note:
+        out.append(compile_note)
+    if not spec.hardware.gpu:
+        out.append(
+            "no hardware.gpu named: layouts are ranked by the H100-80GB's speed "
+            "(memplan.hardware.CATALOG); name hardware.gpu to rank by another GPU's."
+        )
+    return tuple(out)
+
+
+def _compile_note(spec: Spec) -> str:
+    """How the rows' training.compile was chosen, and what it does to their step time."""
+    code = spec.model.implementation
+    if "compile" in spec.training.model_fields_set:
+        return ""  # the spec pins it: every row says it (shared_assumptions, --emit)
+    if len(IMPLEMENTATION_COMPILE[code]) == 1:
+        return f"training.compile is not modelled for model.implementation {code}: not searched."
+    if code in COMPILE_SPEEDUP_CODE:
+        return (
+            f"training.compile searched (set it in the spec to pin it): a compiled row's compute "
+            f"runs {COMPILE_SPEEDUP:.3f}x faster (torchtitan's published Llama 3.1 8B TPS/GPU, "
+            "compile against eager: memplan.plan.steptime.COMPILE_SPEEDUP)."
+        )
+    return (
+        "training.compile searched (set it in the spec to pin it): no compile speed-up is "
+        f"published for the {code} model code, so a compiled row takes its eager twin's step time "
+        "and ranks by its memory; where compile leaves the saved tensors as eager, no compiled "
+        "row is listed."
+    )
