@@ -149,6 +149,15 @@ class ParallelismSpec(Frozen):
     final norm and the output projection together, not resharded after forward (with a
     tied head all three in one group, as `layers`). None: `torchtitan` with
     `model.implementation: torchtitan`, else `layers`."""
+    async_tp: bool = False
+    """torch's asynchronous (micro-pipelined) tensor parallelism, torchtitan's
+    `experimental.enable_async_tensor_parallel` (9dec370 parallelisms/parallelize_llama.py::
+    apply_tp: `torch._inductor.config._micro_pipeline_tp = True` and
+    `enable_symm_mem_for_group` on the TP group): Inductor fuses the compiled blocks' TP
+    all-gathers and reduce-scatters with their matmuls into symmetric-memory ops, whose
+    workspace lives outside the caching allocator (memplan.step.device.
+    symmetric_memory_workspace). Needs tensor > 1, sequence_parallel, engine fsdp2,
+    model.implementation torchtitan and training.compile."""
     offload: OffloadSpec = OffloadSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """DeepSpeed config keys (used when engine is deepspeed)."""
@@ -226,6 +235,21 @@ class ParallelismSpec(Frozen):
         if self.sequence_parallel and self.tensor == 1:
             raise ValueError(
                 "sequence_parallel splits activations over tensor ranks: set tensor > 1"
+            )
+        if self.async_tp and not (
+            self.tensor > 1 and self.sequence_parallel and self.engine == "fsdp2"
+        ):
+            # torchtitan 9dec370 applies it in apply_tp (TP > 1, whose plan always shards the
+            # norms: sequence parallel) and composes TP with FSDP2 only (parallelize_llama:
+            # "DDP has not supported > 1D parallelism"); Inductor's micro_pipeline_tp pass
+            # fuses the all-gather / reduce-scatter that sequence parallelism puts around
+            # each block's matmuls.
+            raise ValueError(
+                "async_tp fuses the all-gathers and reduce-scatters of sequence-parallel TP "
+                "with their matmuls, as torchtitan runs it: it needs tensor > 1, "
+                "sequence_parallel: true and engine: fsdp2 (got tensor "
+                f"{self.tensor}, sequence_parallel {str(self.sequence_parallel).lower()}, "
+                f"engine {self.engine})"
             )
         if self.engine == "fsdp2" and "nvme" in (self.offload.optimizer, self.offload.parameters):
             # torch/distributed/fsdp/_fully_shard/_fsdp_api.py (2.13): FSDP2's only offload
