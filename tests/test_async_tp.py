@@ -210,3 +210,44 @@ def test_refused_outside_torchtitan_compiled(
         estimate(loaded.spec, load_inventory(loaded))
     assert err.value.field == "parallelism.async_tp"
     assert words in str(err.value)
+
+
+# --- benchmarks/async_tp_trace.py's edits of a traced event list ---------------------------------
+
+
+def test_trace_edits_on_a_hand_written_block() -> None:
+    """One forward block as benchmarks/torchtitan_70b_trace.py records it (the attention's fp8
+    all-gather, wait and cat; wo's _scaled_mm, cat, reduce-scatter and wait) and a backward
+    reduce-scatter of a gradient sum: the waits become their collectives' storages, and AsyncTP
+    drops the gather's collective output and the fused reduce-scatter's cat only."""
+    pytest.importorskip("torch")
+    from benchmarks import async_tp_trace as a
+
+    made = {
+        0: (a.ALL_GATHER, (128, 1024, 8192), "float8_e4m3fn"),
+        1: (a.WAIT, (128, 1024, 8192), "float8_e4m3fn"),
+        2: (a.CAT, (16, 8192, 8192), "uint8"),
+        3: (a.SCALED_MM, (131072, 8192), "bfloat16"),
+        4: (a.CAT, (128, 1024, 8192), "bfloat16"),
+        5: (a.REDUCE_SCATTER, (16, 1024, 8192), "bfloat16"),
+        6: (a.WAIT, (16, 1024, 8192), "bfloat16"),
+        7: ("aten.add.Tensor", (16, 8192, 8192), "bfloat16"),
+        8: (a.CAT, (128, 1024, 8192), "bfloat16"),
+        9: (a.REDUCE_SCATTER, (16, 1024, 8192), "bfloat16"),
+    }
+    g, big, shard = 1 << 30, 2 << 30, 1 << 28
+    events = [
+        ("alloc", 0, g), ("alloc", 1, g), ("alloc", 2, g), ("free", 0), ("free", 1),
+        ("alloc", 3, big), ("alloc", 4, big), ("alloc", 5, shard), ("alloc", 6, shard),
+        ("free", 4), ("free", 5), ("free", 2), ("free", 3), ("free", 6),
+        ("alloc", 7, big), ("alloc", 8, big), ("alloc", 9, shard), ("free", 8), ("free", 7),
+        ("free", 9),
+    ]  # fmt: skip
+    fixed = a.waits_aliased(events, made)
+    assert [e for e in fixed if e[0] == "alloc" and e[1] in (1, 6)] == []
+    # the reduce-scatter's storage lives on as the wait's did
+    assert fixed.index(("free", 5)) > fixed.index(("free", 3))
+    fused, counts = a.async_tp(fixed, made)
+    assert counts == {"all_gather_matmul": 1, "matmul_reduce_scatter": 1}
+    kept = {e[1] for e in fused if e[0] == "alloc"}
+    assert kept == {2, 3, 5, 7, 8, 9}

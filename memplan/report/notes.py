@@ -124,7 +124,8 @@ ASYNC_TP_NOTE = (
     "(torch 2.13 _functional_collectives.py all_gather_single, reduce_scatter_single: a copy "
     "whenever the batch is > 1), is not itemized in "
     "memplan's per-layer working set; torchtitan measured max reserved 4.3 GiB lower with "
-    "AsyncTP on Llama 3.1 70B (FSDP 32 x TP 8)."
+    "AsyncTP on Llama 3.1 70B (FSDP 32 x TP 8), of which those copies account for 0 to 1.0 GiB "
+    "in an op-by-op replay (benchmarks/async_tp_trace.py)."
 )
 
 
