@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from memplan.config.base import Degree, Frozen, PositiveInt
 
@@ -162,6 +162,26 @@ class ParallelismSpec(Frozen):
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """DeepSpeed config keys (used when engine is deepspeed)."""
 
+    @field_validator("async_tp")
+    @classmethod
+    def _async_tp_needs_sequence_parallel_fsdp2(cls, value: bool, info: ValidationInfo) -> bool:
+        """torchtitan 9dec370 applies AsyncTP in apply_tp (TP > 1, whose plan always shards the
+        norms: sequence parallel) and composes TP with FSDP2 only (parallelize_llama: "DDP has
+        not supported > 1D parallelism"); Inductor's micro_pipeline_tp pass fuses the
+        all-gathers / reduce-scatters that sequence parallelism puts around each block's
+        matmuls. (Its model code and compile: memplan.report.estimate.layout_of.)"""
+        tensor = info.data.get("tensor", 1)
+        sequence_parallel = info.data.get("sequence_parallel", False)
+        engine = info.data.get("engine")
+        if value and not (tensor > 1 and sequence_parallel and engine == "fsdp2"):
+            raise ValueError(
+                "async_tp fuses the all-gathers and reduce-scatters of sequence-parallel TP "
+                "with their matmuls, as torchtitan runs it: it needs tensor > 1, "
+                f"sequence_parallel: true and engine: fsdp2; this spec has tensor {tensor}, "
+                f"sequence_parallel {str(sequence_parallel).lower()} and engine {engine}"
+            )
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _default_engine(cls, data: Any) -> Any:
@@ -235,21 +255,6 @@ class ParallelismSpec(Frozen):
         if self.sequence_parallel and self.tensor == 1:
             raise ValueError(
                 "sequence_parallel splits activations over tensor ranks: set tensor > 1"
-            )
-        if self.async_tp and not (
-            self.tensor > 1 and self.sequence_parallel and self.engine == "fsdp2"
-        ):
-            # torchtitan 9dec370 applies it in apply_tp (TP > 1, whose plan always shards the
-            # norms: sequence parallel) and composes TP with FSDP2 only (parallelize_llama:
-            # "DDP has not supported > 1D parallelism"); Inductor's micro_pipeline_tp pass
-            # fuses the all-gather / reduce-scatter that sequence parallelism puts around
-            # each block's matmuls.
-            raise ValueError(
-                "async_tp fuses the all-gathers and reduce-scatters of sequence-parallel TP "
-                "with their matmuls, as torchtitan runs it: it needs tensor > 1, "
-                "sequence_parallel: true and engine: fsdp2 (got tensor "
-                f"{self.tensor}, sequence_parallel {str(self.sequence_parallel).lower()}, "
-                f"engine {self.engine})"
             )
         if self.engine == "fsdp2" and "nvme" in (self.offload.optimizer, self.offload.parameters):
             # torch/distributed/fsdp/_fully_shard/_fsdp_api.py (2.13): FSDP2's only offload

@@ -519,9 +519,9 @@ def symmetric_memory_workspace(*, tokens: int, hidden: int, tensor: int, width: 
     return DeviceTerm(
         name="symmetric_memory_workspace",
         bytes=block,
-        formula=f"round_up(2 x [ceil({tokens:,} / {tensor}), {hidden:,}] x {width} B "
-        f"(= {request:,} B) + {SYMM_SIGNAL_PAD} B signal pad, "
-        f"{SYMM_GRANULARITY // MIB} MiB granularity)",
+        formula=f"round_up(2 x ceil({tokens:,} tokens / TP {tensor}) x {hidden:,} x {width} B "
+        f"(= {request:,} B) + {SYMM_SIGNAL_PAD:,} B signal pad, to "
+        f"{SYMM_GRANULARITY // MIB} MiB)",
         source=SRC_SYMM_WORKSPACE,
     )
 
