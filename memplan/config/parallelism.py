@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from memplan.config.base import Degree, Frozen, PositiveInt
 
@@ -149,9 +149,38 @@ class ParallelismSpec(Frozen):
     final norm and the output projection together, not resharded after forward (with a
     tied head all three in one group, as `layers`). None: `torchtitan` with
     `model.implementation: torchtitan`, else `layers`."""
+    async_tp: bool = False
+    """torch's asynchronous (micro-pipelined) tensor parallelism, torchtitan's
+    `experimental.enable_async_tensor_parallel` (9dec370 parallelisms/parallelize_llama.py::
+    apply_tp: `torch._inductor.config._micro_pipeline_tp = True` and
+    `enable_symm_mem_for_group` on the TP group): Inductor fuses the compiled blocks' TP
+    all-gathers and reduce-scatters with their matmuls into symmetric-memory ops, whose
+    workspace lives outside the caching allocator (memplan.step.device.
+    symmetric_memory_workspace). Needs tensor > 1, sequence_parallel, engine fsdp2,
+    model.implementation torchtitan and training.compile."""
     offload: OffloadSpec = OffloadSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """DeepSpeed config keys (used when engine is deepspeed)."""
+
+    @field_validator("async_tp")
+    @classmethod
+    def _async_tp_needs_sequence_parallel_fsdp2(cls, value: bool, info: ValidationInfo) -> bool:
+        """torchtitan 9dec370 applies AsyncTP in apply_tp (TP > 1, whose plan always shards the
+        norms: sequence parallel) and composes TP with FSDP2 only (parallelize_llama: "DDP has
+        not supported > 1D parallelism"); Inductor's micro_pipeline_tp pass fuses the
+        all-gathers / reduce-scatters that sequence parallelism puts around each block's
+        matmuls. (Its model code and compile: memplan.report.estimate.layout_of.)"""
+        tensor = info.data.get("tensor", 1)
+        sequence_parallel = info.data.get("sequence_parallel", False)
+        engine = info.data.get("engine")
+        if value and not (tensor > 1 and sequence_parallel and engine == "fsdp2"):
+            raise ValueError(
+                "async_tp fuses the all-gathers and reduce-scatters of sequence-parallel TP "
+                "with their matmuls, as torchtitan runs it: it needs tensor > 1, "
+                f"sequence_parallel: true and engine: fsdp2; this spec has tensor {tensor}, "
+                f"sequence_parallel {str(sequence_parallel).lower()} and engine {engine}"
+            )
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -15,6 +15,7 @@ from memplan.errors import MemplanError
 from memplan.hardware import CATALOG
 from memplan.model.finetune import lora as finetune
 from memplan.model.sources import Inventory
+from memplan.precision import dtype_bytes
 from memplan.report import notes
 from memplan.report.result import ModelSummary, Report, TensorRankView
 from memplan.states import fp8
@@ -186,9 +187,41 @@ def _torchao_float8(fp8_recipe: str) -> Literal["none", "tensorwise", "rowwise"]
 
 def layout_of(spec: Spec) -> Layout:
     """The layout `spec.parallelism` describes, on `spec.hardware.device`."""
+    _check_async_tp(spec)
     return Layout.of(
         spec.parallelism, device=spec.hardware.device, implementation=spec.model.implementation
     )
+
+
+def _check_async_tp(spec: Spec) -> None:
+    """parallelism.async_tp as torchtitan runs it: its own model code, compiled
+    (9dec370 parallelize_llama.py: "Async TP requires --training.compile"; the fusion is an
+    Inductor pass), on CUDA (symmetric memory needs CUDA's virtual memory API)."""
+    par = spec.parallelism
+    if not par.async_tp:
+        return
+    why = [
+        text
+        for text, wrong in (
+            ("model.implementation: torchtitan", spec.model.implementation != "torchtitan"),
+            ("training.compile: true", not spec.training.compile),
+            ("hardware.device: cuda", spec.hardware.device != "cuda"),
+            (
+                "tensor > 1, sequence_parallel: true and engine: fsdp2",
+                not (par.tensor > 1 and par.sequence_parallel and par.engine == "fsdp2"),
+            ),
+        )
+        if wrong
+    ]
+    if why:
+        raise MemplanError(
+            "async_tp is torchtitan's enable_async_tensor_parallel: an Inductor pass "
+            "(torch._inductor.config._micro_pipeline_tp) over its compiled blocks, with "
+            "CUDA symmetric memory; memplan models it only as torchtitan runs it: set "
+            + "; ".join(why)
+            + ", or leave async_tp out.",
+            field="parallelism.async_tp",
+        )
 
 
 def model_states(spec: Spec, trained: Inventory) -> list[StageStates]:
@@ -305,7 +338,8 @@ def assemble_within(
     allocator: rp.AllocatorView | None = None
     terms: tuple[device.DeviceTerm, ...] = ()
     if replay and spec.hardware.device == "cuda":
-        terms = outside_allocator(spec, layout)
+        arch = trained.architecture
+        terms = outside_allocator(spec, layout, hidden=None if arch is None else arch.hidden_size)
         limit = None if capacity is None else capacity - sum(t.bytes for t in terms)
         allocator = rp.replay(
             timeline,
@@ -389,11 +423,15 @@ def alloc_conf(text: str) -> AllocConf:
     return AllocConf.parse(text)
 
 
-def outside_allocator(spec: Spec, layout: Layout) -> tuple[device.DeviceTerm, ...]:
+def outside_allocator(
+    spec: Spec, layout: Layout, *, hidden: int | None = None
+) -> tuple[device.DeviceTerm, ...]:
     """The GPU memory one rank holds outside the caching allocator (memplan.step.device): the
     CUDA context for hardware.gpu, CUDA version and module loading (hardware.cuda_context
-    overrides it), then NCCL's buffers for each communicator of the layout. A GPU outside
-    device.SM (hardware.memory only, or not NVIDIA's) keeps the assumed context and no NVLS."""
+    overrides it), then NCCL's buffers for each communicator of the layout, then under
+    AsyncTP the TP group's symmetric-memory workspace (`hidden`: the model's hidden size;
+    None, no architecture: not charged). A GPU outside device.SM (hardware.memory only, or
+    not NVIDIA's) keeps the assumed context and no NVLS."""
     hw = spec.hardware
     gpu = hw.gpu if hw.gpu in device.SM else None
     if gpu is None:
@@ -425,7 +463,18 @@ def outside_allocator(spec: Spec, layout: Layout) -> tuple[device.DeviceTerm, ..
         gpus_per_node=hw.gpus_per_node,
     )
     nccl = [t for c in comms for t in device.communicator_terms(c, gpu=gpu, nvls=hw.nccl_nvls)]
-    return (*context, *nccl)
+    symm: tuple[device.DeviceTerm, ...] = ()
+    if layout.async_tp and hidden is not None:
+        t = spec.training
+        symm = (
+            device.symmetric_memory_workspace(
+                tokens=t.micro_batch_size * (t.sequence_length // layout.context),
+                hidden=hidden,
+                tensor=layout.tensor,
+                width=dtype_bytes(spec.recipe().compute),
+            ),
+        )
+    return (*context, *nccl, *symm)
 
 
 def _tensor_views(

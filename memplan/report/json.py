@@ -51,6 +51,7 @@ def estimate_document(report: Report) -> s.EstimateReport:
             data_replicate=report.layout.data_replicate,
             zero_hpz_partition_size=report.layout.deepspeed.zero_hpz_partition_size,
             mics_shard_size=report.layout.deepspeed.mics_shard_size,
+            async_tp=report.layout.async_tp,
         ),
         per_gpu=_per_gpu(report),
         activations=_activations(report.activations),

@@ -107,7 +107,26 @@ def engine_notes(par: Layout) -> list[str]:
             "the sequence split of activations is the same, Ulysses' head all-to-all buffers "
             "are not modelled."
         )
+    if par.async_tp:
+        notes.append(ASYNC_TP_NOTE)
     return notes
+
+
+ASYNC_TP_NOTE = (
+    "async_tp: the TP group's symmetric-memory workspace is outside the caching allocator "
+    "(per_gpu.device_terms: symmetric_memory_workspace), so it adds to device_used, not to "
+    "reserved. Allocated and reserved are modelled as without it: the fused ops take from the "
+    "caching allocator what the unfused ones did (torch 2.13 _symmetric_memory/__init__.py: "
+    "_fused_all_gather_matmul_impl allocates the whole gathered A even with return_A=False, "
+    "and each [tokens, N] output; _fused_matmul_reduce_scatter_impl the [tokens, N] "
+    "stacked partials and the reduced shard). What they avoid, functional collectives' "
+    "chunk + cat copies for a gather / scatter along the sequence dimension "
+    "(torch 2.13 _functional_collectives.py all_gather_single, reduce_scatter_single: a copy "
+    "whenever the batch is > 1), is not itemized in "
+    "memplan's per-layer working set; torchtitan measured max reserved 4.3 GiB lower with "
+    "AsyncTP on Llama 3.1 70B (FSDP 32 x TP 8), of which those copies account for 0 to 1.0 GiB "
+    "in an op-by-op replay (benchmarks/async_tp_trace.py)."
+)
 
 
 TORCHAO_NOTE = (

@@ -71,6 +71,9 @@ class Layout:
     fsdp_groups: Literal["layers", "torchtitan"] = "layers"
     """FSDP2's parameter groups (ParallelismSpec.fsdp_wrap, torchtitan's filled in with
     implementation torchtitan)."""
+    async_tp: bool = False
+    """torch's micro-pipelined TP (ParallelismSpec.async_tp): a symmetric-memory workspace per
+    TP group outside the caching allocator (memplan.step.device.symmetric_memory_workspace)."""
     tensor_rank: int = 0
     """The TP rank whose shards these are: only the vocabulary rows of a "chunk" split differ
     between TP ranks, and rank 0 holds the most (`for_tensor_rank`)."""
@@ -127,6 +130,7 @@ class Layout:
             and par.loss_parallel is not False,
             fsdp_groups=wrap,
             data_replicate=par.data_replicate,
+            async_tp=par.async_tp,
         )
 
     @property

@@ -1,7 +1,8 @@
 """What a GPU holds outside torch's caching allocator: nvidia-smi's used memory for a training
-process is `torch.cuda.max_memory_reserved()` plus the terms here (the CUDA context and NCCL's
-communicator buffers). cuBLAS/cuBLASLt workspaces are *not* among them: torch allocates them
-through the caching allocator, so they are already inside reserved (`allocator_workspaces`
+process is `torch.cuda.max_memory_reserved()` plus the terms here (the CUDA context, NCCL's
+communicator buffers and, under AsyncTP, torch's symmetric-memory workspace).
+cuBLAS/cuBLASLt workspaces are *not* among them: torch allocates them through the caching
+allocator, so they are already inside reserved (`allocator_workspaces`
 sizes them for the timeline).
 
 Every term names its source; where no measurement exists the term says "assumed" and keeps
@@ -477,6 +478,52 @@ def communicators(
             ),
         )
     return tuple(groups)
+
+
+# --- torch symmetric memory (AsyncTP) ---------------------------------------------------------
+
+SRC_SYMM_WORKSPACE = (
+    "torch 2.13 torch/distributed/_symmetric_memory/__init__.py (the same in pytorch/pytorch "
+    "as stored, 2025): get_symm_mem_workspace keeps one workspace per group, re-allocated to "
+    "max(size, min_size) when a request exceeds it; _pipelined_produce_and_all2all "
+    "(_fused_matmul_reduce_scatter_impl) asks 2 x out_chunks[0] bytes, "
+    "_pipelined_multi_all_gather_and_consume (_fused_all_gather_matmul_impl) the shard's "
+    "bytes; pytorch/pytorch torch/csrc/distributed/c10d/CUDASymmetricMemory.cu (2024) "
+    "CUDASymmetricMemoryAllocator::alloc: signal_pad_offset = round_up(size, 16), block = "
+    "round_up(offset + signal_pad_size 2048, granularity), cuMemCreate + cuMemMap: outside "
+    "c10::cuda::CUDACachingAllocator, so not in torch.cuda.memory_reserved()"
+)
+SYMM_SIGNAL_PAD = 2048
+"""CUDASymmetricMemory.cu (2024) `constexpr size_t signal_pad_size = 2048`."""
+SYMM_GRANULARITY = 2 * MIB
+"""cuMemGetAllocationGranularity(CU_MEM_ALLOC_GRANULARITY_RECOMMENDED), a driver query; assumed
+2 MiB (the page of CUDA's virtual memory management on current NVIDIA GPUs)."""
+
+
+def symmetric_memory_workspace(*, tokens: int, hidden: int, tensor: int, width: int) -> DeviceTerm:
+    """The TP group's symmetric-memory workspace under AsyncTP (ParallelismSpec.async_tp), on
+    one GPU: the largest request of the fused ops Inductor's micro_pipeline_tp pass puts in a
+    sequence-parallel block (torch/_inductor/fx_passes/micro_pipeline_tp.py::
+    fuse_all_gather_matmul, fuse_matmul_reduce_scatter). A matmul + reduce-scatter (wo and w2
+    in forward, the column-parallel input gradients in backward) asks for two output chunks of
+    [ceil(tokens / TP), hidden] in the output dtype (`width` bytes), which is at least twice
+    an all-gather + matmul's request (its shard, [tokens / TP, hidden] in bf16 or fp8), so
+    that is the size the workspace grows to in the first step and keeps (`tokens`: one
+    micro-batch's tokens on this rank). SRC_SYMM_WORKSPACE: allocated outside the caching
+    allocator. Not charged: the peers' workspaces this rank maps (their memory, on their
+    GPUs), the multicast object (bound to this same allocation) and the two [TP] pointer
+    arrays CUDASymmetricMemory takes from the caching allocator (raw_alloc, 2 x TP x 8 B)."""
+    chunk = -(-tokens // tensor) * hidden * width
+    request = 2 * chunk
+    block = _align(_align(request, 16) + SYMM_SIGNAL_PAD, SYMM_GRANULARITY)
+    return DeviceTerm(
+        name="symmetric_memory_workspace",
+        bytes=block,
+        formula=f"round_up(2 x ceil({tokens:,} tokens / TP {tensor}) x {hidden:,} x {width} B "
+        f"(= {request:,} B) + {SYMM_SIGNAL_PAD:,} B signal pad, to "
+        f"{SYMM_GRANULARITY // MIB} MiB)",
+        source=SRC_SYMM_WORKSPACE,
+    )
 
 
 def device_terms(

@@ -101,6 +101,13 @@ class ParallelismInfo(Doc):
         -1,
         description="DeepSpeed MiCS: ranks each shard group spans (-1 or 0: off).",
     )
+    async_tp: bool = Field(
+        False,
+        description=(
+            "torch's micro-pipelined TP (parallelism.async_tp): its symmetric-memory workspace "
+            "is a `per_gpu.device_terms` entry, `symmetric_memory_workspace`."
+        ),
+    )
 
 
 class Row(Doc):
