@@ -101,6 +101,20 @@ def _zbv_in_flight(p: int, rank: int, m: int) -> tuple[int, int]:
     its forwards (F) and weight backwards (W) per chunk, micro-batches >= m dropped (the
     schedule pads to max(2P - 1, m) and blanks them); the counts at the first moment with
     the most forwards not yet W'd."""
+    alive = [0, 0]
+    best: tuple[int, int] = (0, 0)
+    for c, kind, _ in _zbv_ops(p, rank, m):
+        alive[c] += 1 if kind == "F" else -1
+        if kind == "F" and sum(alive) > sum(best):
+            best = (alive[0], alive[1])
+    return best
+
+
+def _zbv_ops(p: int, rank: int, m: int) -> list[tuple[int, str, int]]:
+    """Rank `rank`'s (chunk, "F" or "W", micro-batch) in ScheduleZBVZeroBubble's order
+    (_calculate_single_rank_operations, torch 2.13), the padding micro-batches (>= m)
+    dropped. The cool-down only runs backwards, so it is left out: it cannot raise the
+    count of micro-batches in flight."""
     n = max(2 * p - 1, m)
     ops: list[tuple[int, str, int]] = []
     f = [0, 0]
@@ -128,16 +142,39 @@ def _zbv_in_flight(p: int, rank: int, m: int) -> tuple[int, int]:
         back(0)
         fwd(1)
         back(1)
-    # The cool-down only runs backwards: it cannot raise the count.
+    return [op for op in ops if op[2] < m]
+
+
+def torch_outputs_held(schedule: str, p: int, m: int) -> int:
+    """The last stage's outputs of earlier micro-batches that torch.distributed.pipelining
+    holds in `stage.output_chunks` when the rank holding that stage peaks (memplan.step.
+    transients.SRC_OUTPUT_CHUNKS:
+    every micro-batch's output is kept until the next step; backward only detaches it).
+
+    The peak taken is the latest forward that brings the rank to its most micro-batches in
+    flight (torch_in_flight's count): the held outputs only grow. The outputs held are the
+    last stage's forwards done before that one (a forward of the last stage there is the
+    current micro-batch's, whose output the step's own `logits` term holds). Schedule1F1B,
+    ScheduleGPipe and ScheduleInterleaved1F1B reach it at the last stage's last forward, with
+    m - 1 held; ScheduleZBVZeroBubble (the last stage on rank 0) earlier, its op list walked.
+    tests/test_torch_schedules.py checks both against torch's own action lists."""
+    if schedule != "zbv":
+        return m - 1
+    ops = _zbv_ops(p, 0, m)
+    peak = sum(_zbv_in_flight(p, 0, m))
     alive = [0, 0]
-    best: tuple[int, int] = (0, 0)
-    for c, kind, mb in ops:
-        if mb >= m:
-            continue
+    done = held = 0
+    for c, kind, _ in ops:
         alive[c] += 1 if kind == "F" else -1
-        if kind == "F" and sum(alive) > sum(best):
-            best = (alive[0], alive[1])
-    return best
+        if kind != "F":
+            continue
+        if c == 1:
+            if sum(alive) == peak:
+                held = done
+            done += 1
+        elif sum(alive) == peak:
+            held = done
+    return held
 
 
 def _schedule_table(microbatches: int, chunks: int, group: int) -> Iterator[tuple[int, int]]:

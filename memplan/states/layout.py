@@ -71,6 +71,9 @@ class Layout:
     fsdp_groups: Literal["layers", "torchtitan"] = "layers"
     """FSDP2's parameter groups (ParallelismSpec.fsdp_wrap, torchtitan's filled in with
     implementation torchtitan)."""
+    pipeline_outputs_held: bool = False
+    """torch.distributed.pipelining keeps the last stage's output of every micro-batch until
+    the next step (ParallelismSpec.pipeline_return_outputs, its default filled in)."""
     tensor_rank: int = 0
     """The TP rank whose shards these are: only the vocabulary rows of a "chunk" split differ
     between TP ranks, and rank 0 holds the most (`for_tensor_rank`)."""
@@ -127,6 +130,14 @@ class Layout:
             and par.loss_parallel is not False,
             fsdp_groups=wrap,
             data_replicate=par.data_replicate,
+            pipeline_outputs_held=par.pipeline > 1
+            and par.engine in ("ddp", "fsdp2")
+            and (
+                par.pipeline_return_outputs
+                if par.pipeline_return_outputs is not None
+                # torchtitan 0.3.0 trainer.py::forward_backward_step: return_outputs=False.
+                else implementation != "torchtitan"
+            ),
         )
 
     @property
