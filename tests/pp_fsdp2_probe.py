@@ -15,7 +15,9 @@ With `head` (an LM head's [vocab, hidden] shape) the input is [micro-batches x b
 hidden] and the last stage ends in that head: its output, the logits, is
 `F.linear(h, weight)` as FSDP2's bf16 parameters make it. The last stage then records the
 bytes its `stage.output_chunks` holds (torch/distributed/pipelining/stage.py) before each
-forward and at REDUCE_GRAD, and a second step runs with `return_outputs=False`.
+forward and at REDUCE_GRAD, and a second step runs with `return_outputs=False`. Every stage
+also records its receive buffers (input and gradient, stage.args_recv_info and
+grad_recv_info) at REDUCE_GRAD and the most outputs its `fwd_cache` held after a forward.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ def _output_bytes(chunks: list[Any]) -> int:
     return sum(seen.values())
 
 
+def _buffers(infos: dict[int, Any]) -> list[Any]:
+    """The receive buffers of every micro-batch's `_RecvInfo`s (root inputs have none)."""
+    return [i.buffer for chunk in infos.values() for i in chunk if i.buffer is not None]
+
+
 def _rank(
     rank: int, world: int, port: int, stages: list[Any], out: str, head: list[int] | None
 ) -> None:
@@ -112,9 +119,14 @@ def _rank(
         chunks_before_forward: list[int] = []
         forward_one_chunk = stage.forward_one_chunk
 
+        cached_outputs: list[int] = []
+
         def record_forward(*args: Any, **kwargs: Any) -> Any:
             chunks_before_forward.append(_output_bytes(stage.output_chunks))
-            return forward_one_chunk(*args, **kwargs)
+            out = forward_one_chunk(*args, **kwargs)
+            outputs = [t for entry in stage.fwd_cache.values() for t in entry[0]]
+            cached_outputs.append(_output_bytes(outputs))
+            return out
 
         stage.forward_one_chunk = record_forward  # type: ignore[method-assign]
 
@@ -145,6 +157,9 @@ def _rank(
                 states=sorted(unsharded),
                 elements=sum(p.numel() for p in module.parameters()),
                 output_chunks=_output_bytes(stage.output_chunks),
+                input_recv_buffers=_output_bytes(_buffers(stage.args_recv_info)),
+                grad_recv_buffers=_output_bytes(_buffers(stage.grad_recv_info)),
+                most_cached_outputs=max(cached_outputs),
                 output_chunks_before_forward=list(chunks_before_forward),
                 output_shapes=[list(t.shape) for t in stage.output_chunks],
                 output_dtypes=sorted({str(t.dtype) for t in stage.output_chunks}),

@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
+from memplan.activations import for_stages
 from memplan.config.load import validate
 from memplan.model.sources import from_config
-from memplan.report.estimate import estimate
+from memplan.report.estimate import estimate, setting_of
 from memplan.states.engines.base import StepActivations, StepStates
 from memplan.states.engines.fsdp2 import pipeline
 from memplan.states.parallel import stage_inventories
@@ -97,7 +98,10 @@ def test_pp_fsdp2_measured(tmp_path: Path) -> None:
       pipeline_output_chunks): the bytes it holds before the last micro-batch's forward are
       memplan's `pipeline_output_chunks` (forward to optimizer step), at REDUCE_GRAD that
       plus `pipeline_output_chunks_current`; with `return_outputs=False` it holds nothing,
-      and memplan's `pipeline_return_outputs: false` drops both terms."""
+      and memplan's `pipeline_return_outputs: false` drops both terms;
+    - every stage's receive buffers (an input one per micro-batch unless first, a gradient
+      one unless last) at REDUCE_GRAD, and the most outputs its fwd_cache held: memplan's
+      `pipeline_recv_buffers` (+ `_in_flight`) and `pipeline_stage_outputs`."""
     pytest.importorskip("torch.distributed.pipelining")
     from tests.pp_fsdp2_probe import run
 
@@ -110,6 +114,11 @@ def test_pp_fsdp2_measured(tmp_path: Path) -> None:
     assert held.phases[0] == "forward" and held.phases[-1] == "optimizer_step"
     assert current.phases[0] == "backward_start"
     hidden = VOCAB_ARCH["hidden_size"]
+    lay = report.layout
+    buffers = [
+        a.buffers
+        for a in for_stages(from_config(VOCAB_ARCH), setting_of(spec), lay, spec.finetune, 4)
+    ]
     ranks = run(shapes, tmp_path, head=[VOCAB_ARCH["vocab_size"], hidden])
     for r in ranks:
         assert r["dtypes"] == ["torch.float32"]
@@ -124,6 +133,16 @@ def test_pp_fsdp2_measured(tmp_path: Path) -> None:
         assert r["output_chunks_before_forward"][-1] == held.bytes, r
         assert r["output_chunks"] == held.bytes + current.bytes, r
         assert r["output_chunks_step2"] == 0
+    # The stages' receive buffers and in-flight outputs (memplan.activations.pipeline.
+    # torch_stage_buffers), on every rank.
+    for r in ranks:
+        saved = buffers[r["stage"]]
+        end = sum(t.bytes for t in saved if "backward_end" in t.phases)
+        assert end == r["input_recv_buffers"] + r["grad_recv_buffers"], r
+        outputs = sum(t.bytes for t in saved if t.name == "pipeline_stage_outputs")
+        if r["stage"] == 1:  # the last stage's fwd_cache holds its in-flight logits
+            outputs = current.bytes
+        assert outputs == r["most_cached_outputs"], r
     off = estimate(_spec(arch=VOCAB_ARCH, pipeline_return_outputs=False), from_config(VOCAB_ARCH))
     assert not {"pipeline_output_chunks", "pipeline_output_chunks_current"} & {
         t.name for t in off.timeline.transients

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from functools import lru_cache
 
+from memplan.memory import FORWARD_BACKWARD, PHASES, Phase, Transient
 from memplan.model.forward.tensors import Activations, Block
 
 SRC_SCHEDULE = (
@@ -175,6 +176,64 @@ def torch_outputs_held(schedule: str, p: int, m: int) -> int:
         elif sum(alive) == peak:
             held = done
     return held
+
+
+SRC_STAGE_BUFFERS = (
+    "torch 2.13 torch/distributed/pipelining/stage.py: PipelineStage._setup_forward_recv_info "
+    "(an input receive buffer per micro-batch on every non-first stage, made at the first "
+    "step and kept), _setup_backward_recv_info / _create_grad_recv_info (a gradient receive "
+    "buffer per micro-batch on every non-last stage), _retrieve_recv_activations (the input "
+    "buffer is the stage's input tensor), forward_one_chunk (fwd_cache keeps the output of "
+    "each micro-batch until its backward)"
+)
+
+
+def torch_stage_buffers(
+    hidden: int, *, stages: Sequence[tuple[bool, bool]], alive: Sequence[int], m: int
+) -> tuple[Transient, ...]:
+    """What torch.distributed.pipelining's stages on one rank hold beside the layers' saved
+    tensors (SRC_STAGE_BUFFERS), each a stage-boundary hidden state of `hidden` bytes (the
+    rank's slice under SP and CP): per local stage (`stages`: (first, last) of each, `alive`:
+    its micro-batches in flight at the peak), m input receive buffers unless it is the first
+    stage, of which the `alive` in-flight ones are its first layer's saved input (counted
+    there until the end of backward), m gradient receive buffers and the in-flight
+    micro-batches' outputs unless it is the last stage."""
+    if hidden <= 0:
+        return ()
+    inputs = sum(m - k for (first, _), k in zip(stages, alive, strict=True) if not first)
+    after = sum(k for (first, _), k in zip(stages, alive, strict=True) if not first)
+    grads = sum(m for _, last in stages if not last)
+    outputs = sum(k for (_, last), k in zip(stages, alive, strict=True) if not last)
+    terms: tuple[tuple[str, int, tuple[Phase, ...], str], ...] = (
+        (
+            "pipeline_recv_buffers",
+            inputs + grads,
+            PHASES[1:],
+            f"({inputs} input + {grads} gradient) receive buffers x {hidden:,} B, kept from "
+            "the first step on",
+        ),
+        (
+            "pipeline_recv_buffers_in_flight",
+            after,
+            ("backward_end", "optimizer_step"),
+            f"{after} input receive buffers x {hidden:,} B that hold the in-flight "
+            "micro-batches' inputs (their first layer's saved input until then)",
+        ),
+        (
+            "pipeline_stage_outputs",
+            outputs,
+            FORWARD_BACKWARD,
+            f"{outputs} in-flight micro-batches' stage outputs x {hidden:,} B (fwd_cache, "
+            "until their backward)",
+        ),
+    )
+    return tuple(
+        Transient(
+            name=name, bytes=n * hidden, phases=phases, formula=formula, source=SRC_STAGE_BUFFERS
+        )
+        for name, n, phases, formula in terms
+        if n > 0
+    )
 
 
 def _schedule_table(microbatches: int, chunks: int, group: int) -> Iterator[tuple[int, int]]:
