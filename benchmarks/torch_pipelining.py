@@ -17,7 +17,9 @@ PP terms do to torchtitan's published Llama 3.1 405B PP 8 rows.
    without `return_outputs`, which torch only gained in Oct 2025 (pytorch#165822).
 3. The same rows' ranks walked along torch's own action lists (`walk`): the terms that change
    during a step (in-flight layer micro-batches, the fp32 accumulated gradients of each local
-   stage from its first backward on, the last stage's held outputs), at every forward and
+   stage from its first backward on, the last stage's held outputs) and the stages' receive
+   buffers and in-flight outputs (memplan's pipeline_recv_buffers, pipeline_stage_outputs),
+   at every forward and
    every backward (a backward counted with its micro-batch still in flight and its stage's
    gradients made: an upper bound of that moment), to show where each rank peaks and which
    rank is the maximum under each schedule (benchmarks/published.py's notes on table 5).
@@ -160,6 +162,7 @@ def walk() -> dict[str, Any]:
         report = estimate(loaded.spec, inventory)
         lay = report.layout
         layer_mb = report.activations.block("layers").bytes_each  # type: ignore[union-attr]
+        hidden = report.activations.hidden_bytes  # a stage boundary: [4, 8192 / TP, 16384]
         per_rank = stage_inventories(inventory, lay)
         layers = list(lay.layers_per_stage or [])
         starts = [sum(layers[:s]) for s in range(len(layers))]
@@ -194,10 +197,17 @@ def walk() -> dict[str, Any]:
                     alive[s] += 1
                 elif kind == "B":
                     backed.add(s)
+                # Receive buffers (inputs beyond the in-flight ones, which are their first
+                # layer's saved input; gradients) and non-last stages' outputs in fwd_cache.
+                boundary = sum(
+                    (m - alive[x] if x > 0 else 0) + (m + alive[x] if x < last else 0)
+                    for x in stages
+                )
                 parts = {
                     "activations": sum(alive[x] * layers[x] for x in stages) * layer_mb,
                     "accumulated_grads": sum(grads[x] for x in backed),
                     "held_outputs": held * logits,
+                    "stage_buffers": boundary * hidden,
                 }
                 total = sum(parts.values()) / GIB
                 if total > best["gib"]:
@@ -217,6 +227,7 @@ def walk() -> dict[str, Any]:
             "max_rank": max(range(p), key=lambda r: ranks[r]["gib"]),
             "sizes_gib": {
                 "layer_micro_batch": round(layer_mb / GIB, 4),
+                "stage_boundary": round(hidden / GIB, 4),
                 "logits": round(logits / GIB, 4),
                 "stage_accumulated_grads": [round(g / GIB, 2) for g in grads],
             },
