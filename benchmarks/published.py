@@ -121,6 +121,10 @@ ASYNC_TP = (
     "symmetric-memory workspace is outside the allocator; the copies its fused ops avoid give "
     "0.0 GiB with expandable segments, -1.0 GiB without, in benchmarks/async_tp_trace.py)",
 )
+# 9dec370's train.py calls pp_schedule.step() with no return_outputs (torch gained it in
+# pytorch#165822, Oct 2025; torchtitan passes False since e5ef99a): torch kept the last
+# stage's output of every micro-batch until the next step (memplan's pipeline_output_chunks).
+KEEP_OUTPUTS = {"pipeline_return_outputs": True}
 
 # Every row of the source's tables 1-6 (`local batch x seq`: micro_batch_size x sequence_length).
 ROWS = (
@@ -160,7 +164,7 @@ ROWS = (
     *(
         Row(5, "llama-3.1-405b", 512,
             f"FSDP 8, TP 8, PP 8 {name}, full AC, compile + Float8 + AsyncTP", gib,
-            {"data": 8, "tensor": 8, "pipeline": 8, **schedule, **ASYNC},
+            {"data": 8, "tensor": 8, "pipeline": 8, **KEEP_OUTPUTS, **schedule, **ASYNC},
             {"micro_batch_size": 4, "gradient_accumulation_steps": 8,
              "activation_checkpointing": "full", **COMPILE}, FLOAT8, ASYNC_TP)
         for name, schedule, gib in (
@@ -174,7 +178,7 @@ ROWS = (
             f"FSDP {8 // cp}, CP {cp}, TP 8, PP 8 1F1B, {seq // 1024}K, full AC, "
             "compile + Float8 + AsyncTP", gib,
             {"data": 8 // cp, "context": cp, "tensor": 8, "pipeline": 8, "schedule": "1f1b",
-             "layers_per_stage": split(126, 8), **ASYNC},
+             "layers_per_stage": split(126, 8), **KEEP_OUTPUTS, **ASYNC},
             {"sequence_length": seq, "gradient_accumulation_steps": 8,
              "activation_checkpointing": "full", **COMPILE}, FLOAT8, ASYNC_TP)
         for cp, seq, gib in ((1, 32768, 75.3), (2, 65536, 75.9), (4, 131072, 77.1),
@@ -228,7 +232,59 @@ GAP_70B_TP8 = (
 )
 """Table 4's FSDP 32 x TP 8 rows: what was measured about their gap (issue 19), so that the
 next person starts there."""
-GAPS = {(4, "llama-3.1-70b"): GAP_70B_TP8}
+GAP_405B_PP8 = (
+    "Table 5's two schedules (1F1B 82.5, interleaved 72.7 GiB measured: 9.8 GiB apart) are not "
+    "9.8 GiB apart in torch's schedules as memplan reads them (issue 19; "
+    "benchmarks/torch_pipelining.py, results/torch-pipelining.json `walk_405b_pp8`).",
+    "Found and modelled, each measured on gloo ranks by tests/test_pp_fsdp2.py: (1) the "
+    "measured code (torch 1963fc8, torchtitan 9dec370, whose train.py calls "
+    "pp_schedule.step() without return_outputs, an argument torch gained in Oct 2025, "
+    "pytorch#165822) kept the last stage's output of every micro-batch, the TP-local bf16 "
+    "logits [4, 8192, 16032] = 0.98 GiB each, in stage.output_chunks until the next step "
+    "(pipeline_output_chunks): interleaved's last rank becomes its maximum (rank 7, 61.4 -> "
+    "69.2 GiB allocated, above rank 4's 66.7; reserved 71.7 -> 76.8 GiB) while 1F1B's stays on "
+    "rank 1 (65.7; its last rank 54.4 -> 62.2). (2) Every stage's receive buffers, one "
+    "[4, 1024, 16384] bf16 = 0.125 GiB input buffer per micro-batch unless it is the first "
+    "stage and one gradient buffer unless it is the last, kept for the run, and a non-last "
+    "stage's in-flight outputs in fwd_cache (pipeline_recv_buffers, pipeline_stage_outputs): "
+    "+2.0 GiB on 1F1B's rank 1, +2.9 on interleaved's rank 7 (two stages per rank). "
+    "Together: 1F1B 70.7 -> 72.7 GiB reserved (-14.3% -> -11.9%), interleaved 71.7 -> 79.7 "
+    "(-1.4% -> +9.6%), table 6's CP rows 70.7-71.3 -> 72.7-73.3.",
+    "Walked along torch 2.13's own action lists (the terms that change during the step: "
+    "layers in flight x 0.125 GiB, each local stage's fp32 accumulated gradients from its "
+    "first backward on, 11.4-23.8 GiB per rank, the held outputs, the receive buffers and "
+    "in-flight outputs), 1F1B peaks at 40.3 GiB (rank 0, its 8 micro-batches in flight at its "
+    "first backward) and 39.8 (rank 1); interleaved at 42.1 GiB on rank 7 (stage 15 done, its "
+    "8 outputs held, while stage 7's 8 micro-batches are in flight at their first backward) "
+    "and at most 35.8 on the others (a rank's earlier stage starts its backwards after the "
+    "rank's in-flight peak). Without the held outputs interleaved would peak 4.5 GiB below "
+    "1F1B; with them, as the measured code ran, 1.8 GiB above. The schedules give 1F1B no 9.8 "
+    "GiB excess.",
+    "Ruled out, each from its source: Schedule1F1B's in-flight counts then (warmup min(m, P - "
+    "rank) forwards, then backward first: the same min(P - rank, m) as torch 2.13); FSDP2's "
+    "accumulation under PP (stage.py::backward_maybe_with_nosync is per stage, the same under "
+    "PipelineScheduleSingle and PipelineScheduleMulti); reshard_after_forward=False under PP "
+    "(9dec370 apply_fsdp: each rank keeps its layers' bf16 parameters unsharded, 11.1-11.9 "
+    "GiB, the same under both schedules, 15-16 layers per rank either way); step()'s "
+    "_merge_outputs at the end (2 x 7.8 GiB on the last rank after the gradients' "
+    "reduce-scatter: about 27 GiB there, far below the peak). torch 2.13's "
+    "_backward.py::stage_backward drops each input gradient once sent (`val.grad = None`, "
+    "proposed in Oct 2025 as pytorch#164329); a torch without it keeps up to m of them per "
+    "non-first stage until the next step, 1 GiB per stage here: more on interleaved's two "
+    "stages per rank again, so not the 1F1B excess either (not modelled).",
+    "The 1F1B row against its twin: table 6's FSDP 8, CP 1 row runs the same layout and "
+    "schedule with the same tokens per micro-batch (1 x 32768 for 4 x 8192) and measured 75.3 "
+    "GiB, 7.2 GiB below table 5's 1F1B; every term memplan has, and any that scales with the "
+    "tokens of a micro-batch, is the same for both (memplan: 72.7 GiB each, -11.9% and -3.5%). "
+    "What is left of the 1F1B row's gap is not such a term; AsyncTP and Float8's casts and "
+    "fp8 all-gather are not modelled.",
+)
+"""Tables 5 and 6's pipeline rows: what was measured about them (issue 19)."""
+GAPS = {
+    (4, "llama-3.1-70b"): GAP_70B_TP8,
+    (5, "llama-3.1-405b"): GAP_405B_PP8,
+    (6, "llama-3.1-405b"): GAP_405B_PP8,
+}
 
 # The source's TPS/GPU column, row for row in ROWS' order (tokens per second per GPU, read at
 # the 90th iteration): memplan's step-time model (memplan.plan.steptime, a ranking model at

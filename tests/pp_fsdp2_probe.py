@@ -10,6 +10,14 @@ state, so every parameter gets a full-size gradient. torch's Schedule1F1B runs 4
 micro-batches; right before the schedule's REDUCE_GRAD action (stage.perform_reduce_grad)
 each rank records the bytes and dtypes of every FSDPParam's `unsharded_accumulated_grad`
 and of any `unsharded_param.grad` left, and whether the groups are still unsharded.
+
+With `head` (an LM head's [vocab, hidden] shape) the input is [micro-batches x batch, seq,
+hidden] and the last stage ends in that head: its output, the logits, is
+`F.linear(h, weight)` as FSDP2's bf16 parameters make it. The last stage then records the
+bytes its `stage.output_chunks` holds (torch/distributed/pipelining/stage.py) before each
+forward and at REDUCE_GRAD, and a second step runs with `return_outputs=False`. Every stage
+also records its receive buffers (input and gradient, stage.args_recv_info and
+grad_recv_info) at REDUCE_GRAD and the most outputs its `fwd_cache` held after a forward.
 """
 
 from __future__ import annotations
@@ -24,9 +32,10 @@ import torch.distributed as dist
 
 MICROBATCHES = 4
 WIDTH = 8
+SEQ = 16
 
 
-def _stage_module(shapes: list[list[list[int]]]) -> torch.nn.Module:
+def _stage_module(shapes: list[list[list[int]]], head: list[int] | None) -> torch.nn.Module:
     class Layer(torch.nn.Module):
         def __init__(self, layer_shapes: list[list[int]]) -> None:
             super().__init__()
@@ -35,9 +44,13 @@ def _stage_module(shapes: list[list[list[int]]]) -> torch.nn.Module:
             )
 
         def forward(self, h: torch.Tensor) -> torch.Tensor:
+            weight = None
             for p in self.params:
-                h = h + p.sum()
-            return h
+                if head is not None and list(p.shape) == head and weight is None:
+                    weight = p
+                else:
+                    h = h + p.sum()
+            return h if weight is None else torch.nn.functional.linear(h, weight)
 
     class Stage(torch.nn.Module):
         def __init__(self) -> None:
@@ -52,7 +65,23 @@ def _stage_module(shapes: list[list[list[int]]]) -> torch.nn.Module:
     return Stage()
 
 
-def _rank(rank: int, world: int, port: int, stages: list[Any], out: str) -> None:
+def _output_bytes(chunks: list[Any]) -> int:
+    """Bytes of the distinct storages `stage.output_chunks` holds."""
+    seen: dict[int, int] = {}
+    for t in chunks:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _buffers(infos: dict[int, Any]) -> list[Any]:
+    """The receive buffers of every micro-batch's `_RecvInfo`s (root inputs have none)."""
+    return [i.buffer for chunk in infos.values() for i in chunk if i.buffer is not None]
+
+
+def _rank(
+    rank: int, world: int, port: int, stages: list[Any], out: str, head: list[int] | None
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -69,7 +98,8 @@ def _rank(rank: int, world: int, port: int, stages: list[Any], out: str) -> None
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("pp", "dp"))
         pp = mesh.get_local_rank("pp")
         torch.manual_seed(0)
-        module = _stage_module(stages[pp])
+        last = pp == 1
+        module = _stage_module(stages[pp], head if last else None)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         layers: Any = module.layers
         for layer in layers:
@@ -78,13 +108,33 @@ def _rank(rank: int, world: int, port: int, stages: list[Any], out: str) -> None
         stage = PipelineStage(module, pp, 2, torch.device("cpu"), group=mesh.get_group("pp"))
 
         def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            if head is not None:
+                return output.float().pow(2).mean() + 0 * target.sum()
             return (output.float() - target).pow(2).mean()
 
         schedule = Schedule1F1B(stage, MICROBATCHES, loss_fn=loss_fn)
         seen: dict[str, Any] = {}
         original = stage.perform_reduce_grad
 
+        chunks_before_forward: list[int] = []
+        forward_one_chunk = stage.forward_one_chunk
+
+        cached_outputs: list[int] = []
+
+        def record_forward(*args: Any, **kwargs: Any) -> Any:
+            chunks_before_forward.append(_output_bytes(stage.output_chunks))
+            out = forward_one_chunk(*args, **kwargs)
+            outputs = [t for entry in stage.fwd_cache.values() for t in entry[0]]
+            cached_outputs.append(_output_bytes(outputs))
+            return out
+
+        stage.forward_one_chunk = record_forward  # type: ignore[method-assign]
+
         def measure(*args: Any, **kwargs: Any) -> None:
+            if "accumulated" in seen:  # the second step: its held outputs only
+                seen["output_chunks_step2"] = _output_bytes(stage.output_chunks)
+                original(*args, **kwargs)
+                return
             accumulated = 0
             left = 0
             dtypes = set()
@@ -106,12 +156,20 @@ def _rank(rank: int, world: int, port: int, stages: list[Any], out: str) -> None
                 dtypes=sorted(dtypes),
                 states=sorted(unsharded),
                 elements=sum(p.numel() for p in module.parameters()),
+                output_chunks=_output_bytes(stage.output_chunks),
+                input_recv_buffers=_output_bytes(_buffers(stage.args_recv_info)),
+                grad_recv_buffers=_output_bytes(_buffers(stage.grad_recv_info)),
+                most_cached_outputs=max(cached_outputs),
+                output_chunks_before_forward=list(chunks_before_forward),
+                output_shapes=[list(t.shape) for t in stage.output_chunks],
+                output_dtypes=sorted({str(t.dtype) for t in stage.output_chunks}),
             )
             original(*args, **kwargs)
 
         stage.perform_reduce_grad = measure  # type: ignore[method-assign]
-        x = torch.randn(MICROBATCHES * 2, WIDTH)
-        target = torch.zeros(MICROBATCHES * 2, WIDTH)
+        shape = [MICROBATCHES * 2, WIDTH] if head is None else [MICROBATCHES * 2, SEQ, head[1]]
+        x = torch.randn(*shape)
+        target = torch.zeros(*shape)
         if pp == 0:
             schedule.step(x)
         else:
@@ -119,14 +177,26 @@ def _rank(rank: int, world: int, port: int, stages: list[Any], out: str) -> None
         grads: list[Any] = [p.grad for p in module.parameters() if p.grad is not None]
         sharded = sum(g.to_local().nbytes for g in grads)
         seen.update(stage=pp, sharded_grads_after=sharded)
+        if head is not None:
+            # torch 2.13 schedules.py::PipelineScheduleSingle.step(return_outputs=False):
+            # forward_one_chunk(save_forward_output=False), nothing kept.
+            if pp == 0:
+                schedule.step(x, return_outputs=False)
+            else:
+                schedule.step(target=target, return_outputs=False)
         Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
     finally:
         dist.destroy_process_group()
 
 
-def run(stages: list[list[list[list[int]]]], out: Path, world: int = 4) -> list[dict[str, Any]]:
+def run(
+    stages: list[list[list[list[int]]]],
+    out: Path,
+    world: int = 4,
+    head: list[int] | None = None,
+) -> list[dict[str, Any]]:
     """Every rank's measurement (index = rank): `stages[s]` lists stage s's layers, each a
-    list of parameter shapes."""
+    list of parameter shapes; `head` the LM head's shape on the last stage (module doc)."""
     import torch.multiprocessing as mp
 
     from memplan.verify.launch import free_port
@@ -134,7 +204,7 @@ def run(stages: list[list[list[list[int]]]], out: Path, world: int = 4) -> list[
     multiprocessing: Any = mp
     multiprocessing.start_processes(
         _rank,
-        args=(world, free_port(), stages, str(out)),
+        args=(world, free_port(), stages, str(out), head),
         nprocs=world,
         join=True,
         start_method="spawn",

@@ -99,6 +99,39 @@ def test_torch_in_flight_matches_torch_schedules(schedule: str, p: int, v: int, 
         assert got == expected, (schedule, p, v, m, rank)
 
 
+def _torch_outputs_held(schedule: str, p: int, v: int, m: int) -> int:
+    """The last stage's outputs done before the latest forward at which its rank holds its
+    most micro-batches in flight (a forward of the last stage there is the current one)."""
+    last, rank = (2 * p - 1, 0) if schedule == "zbv" else (p * v - 1, p - 1)
+    order = _torch_order(schedule, p, v, m)[rank]
+    if schedule == "zbv":
+        local, frees = {rank: 0, 2 * p - 1 - rank: 1}, {"W"}
+    else:
+        local, frees = {rank + c * p: c for c in range(v)}, {"B"}
+    peak = sum(_torch_peak(schedule, p, v, rank, m))
+    alive = [0] * v
+    done = held = 0
+    for action in order:
+        if action is None:
+            continue
+        kind = str(action.computation_type.value)
+        if kind == "F":
+            alive[local[action.stage_index]] += 1
+            if sum(alive) == peak:
+                held = done
+            done += action.stage_index == last
+        elif kind in frees:
+            alive[local[action.stage_index]] -= 1
+    return held
+
+
+@pytest.mark.parametrize(("schedule", "p", "v", "m"), CASES)
+def test_torch_outputs_held_matches_torch_schedules(schedule: str, p: int, v: int, m: int) -> None:
+    """memplan's count of the last stage's outputs held in stage.output_chunks at its rank's
+    peak (pipeline.torch_outputs_held) against torch's own action lists."""
+    assert pipeline.torch_outputs_held(schedule, p, m) == _torch_outputs_held(schedule, p, v, m)
+
+
 def test_torch_interleaved_differs_from_megatron() -> None:
     """Where torch's rounds differ from Megatron's groups of P (P does not divide m), the
     counts per local stage differ: P 4, m 6, v 2, rank 0: torch groups forwards by

@@ -231,7 +231,7 @@ def on_rank(
             last=len(every) - 1 in mine,
             source=source,
         )
-    return pipeline.stage(
+    staged = pipeline.stage(
         micro,
         chunk_layers=tuple(every[c] for c in mine),
         alive=alive,
@@ -240,6 +240,15 @@ def on_rank(
         source=source,
         kinds=kinds,
     )
+    if lay.pipeline_runtime != "torch":
+        return staged
+    buffers = pipeline.torch_stage_buffers(
+        micro.hidden_bytes,
+        stages=tuple((c == 0, c == len(every) - 1) for c in mine),
+        alive=alive,
+        m=microbatches,
+    )
+    return replace(staged, buffers=(*staged.buffers, *buffers))
 
 
 def micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:

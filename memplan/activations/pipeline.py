@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from functools import lru_cache
 
+from memplan.memory import FORWARD_BACKWARD, PHASES, Phase, Transient
 from memplan.model.forward.tensors import Activations, Block
 
 SRC_SCHEDULE = (
@@ -101,6 +102,20 @@ def _zbv_in_flight(p: int, rank: int, m: int) -> tuple[int, int]:
     its forwards (F) and weight backwards (W) per chunk, micro-batches >= m dropped (the
     schedule pads to max(2P - 1, m) and blanks them); the counts at the first moment with
     the most forwards not yet W'd."""
+    alive = [0, 0]
+    best: tuple[int, int] = (0, 0)
+    for c, kind, _ in _zbv_ops(p, rank, m):
+        alive[c] += 1 if kind == "F" else -1
+        if kind == "F" and sum(alive) > sum(best):
+            best = (alive[0], alive[1])
+    return best
+
+
+def _zbv_ops(p: int, rank: int, m: int) -> list[tuple[int, str, int]]:
+    """Rank `rank`'s (chunk, "F" or "W", micro-batch) in ScheduleZBVZeroBubble's order
+    (_calculate_single_rank_operations, torch 2.13), the padding micro-batches (>= m)
+    dropped. The cool-down only runs backwards, so it is left out: it cannot raise the
+    count of micro-batches in flight."""
     n = max(2 * p - 1, m)
     ops: list[tuple[int, str, int]] = []
     f = [0, 0]
@@ -128,16 +143,97 @@ def _zbv_in_flight(p: int, rank: int, m: int) -> tuple[int, int]:
         back(0)
         fwd(1)
         back(1)
-    # The cool-down only runs backwards: it cannot raise the count.
+    return [op for op in ops if op[2] < m]
+
+
+def torch_outputs_held(schedule: str, p: int, m: int) -> int:
+    """The last stage's outputs of earlier micro-batches that torch.distributed.pipelining
+    holds in `stage.output_chunks` when the rank holding that stage peaks (memplan.step.
+    transients.SRC_OUTPUT_CHUNKS:
+    every micro-batch's output is kept until the next step; backward only detaches it).
+
+    The peak taken is the latest forward that brings the rank to its most micro-batches in
+    flight (torch_in_flight's count): the held outputs only grow. The outputs held are the
+    last stage's forwards done before that one (a forward of the last stage there is the
+    current micro-batch's, whose output the step's own `logits` term holds). Schedule1F1B,
+    ScheduleGPipe and ScheduleInterleaved1F1B reach it at the last stage's last forward, with
+    m - 1 held; ScheduleZBVZeroBubble (the last stage on rank 0) earlier, its op list walked.
+    tests/test_torch_schedules.py checks both against torch's own action lists."""
+    if schedule != "zbv":
+        return m - 1
+    ops = _zbv_ops(p, 0, m)
+    peak = sum(_zbv_in_flight(p, 0, m))
     alive = [0, 0]
-    best: tuple[int, int] = (0, 0)
-    for c, kind, mb in ops:
-        if mb >= m:
-            continue
+    done = held = 0
+    for c, kind, _ in ops:
         alive[c] += 1 if kind == "F" else -1
-        if kind == "F" and sum(alive) > sum(best):
-            best = (alive[0], alive[1])
-    return best
+        if kind != "F":
+            continue
+        if c == 1:
+            if sum(alive) == peak:
+                held = done
+            done += 1
+        elif sum(alive) == peak:
+            held = done
+    return held
+
+
+SRC_STAGE_BUFFERS = (
+    "torch 2.13 torch/distributed/pipelining/stage.py: PipelineStage._setup_forward_recv_info "
+    "(an input receive buffer per micro-batch on every non-first stage, made at the first "
+    "step and kept), _setup_backward_recv_info / _create_grad_recv_info (a gradient receive "
+    "buffer per micro-batch on every non-last stage), _retrieve_recv_activations (the input "
+    "buffer is the stage's input tensor), forward_one_chunk (fwd_cache keeps the output of "
+    "each micro-batch until its backward)"
+)
+
+
+def torch_stage_buffers(
+    hidden: int, *, stages: Sequence[tuple[bool, bool]], alive: Sequence[int], m: int
+) -> tuple[Transient, ...]:
+    """What torch.distributed.pipelining's stages on one rank hold beside the layers' saved
+    tensors (SRC_STAGE_BUFFERS), each a stage-boundary hidden state of `hidden` bytes (the
+    rank's slice under SP and CP): per local stage (`stages`: (first, last) of each, `alive`:
+    its micro-batches in flight at the peak), m input receive buffers unless it is the first
+    stage, of which the `alive` in-flight ones are its first layer's saved input (counted
+    there until the end of backward), m gradient receive buffers and the in-flight
+    micro-batches' outputs unless it is the last stage."""
+    if hidden <= 0:
+        return ()
+    inputs = sum(m - k for (first, _), k in zip(stages, alive, strict=True) if not first)
+    after = sum(k for (first, _), k in zip(stages, alive, strict=True) if not first)
+    grads = sum(m for _, last in stages if not last)
+    outputs = sum(k for (_, last), k in zip(stages, alive, strict=True) if not last)
+    terms: tuple[tuple[str, int, tuple[Phase, ...], str], ...] = (
+        (
+            "pipeline_recv_buffers",
+            inputs + grads,
+            PHASES[1:],
+            f"({inputs} input + {grads} gradient) receive buffers x {hidden:,} B, kept from "
+            "the first step on",
+        ),
+        (
+            "pipeline_recv_buffers_in_flight",
+            after,
+            ("backward_end", "optimizer_step"),
+            f"{after} input receive buffers x {hidden:,} B that hold the in-flight "
+            "micro-batches' inputs (their first layer's saved input until then)",
+        ),
+        (
+            "pipeline_stage_outputs",
+            outputs,
+            FORWARD_BACKWARD,
+            f"{outputs} in-flight micro-batches' stage outputs x {hidden:,} B (fwd_cache, "
+            "until their backward)",
+        ),
+    )
+    return tuple(
+        Transient(
+            name=name, bytes=n * hidden, phases=phases, formula=formula, source=SRC_STAGE_BUFFERS
+        )
+        for name, n, phases, formula in terms
+        if n > 0
+    )
 
 
 def _schedule_table(microbatches: int, chunks: int, group: int) -> Iterator[tuple[int, int]]:

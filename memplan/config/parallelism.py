@@ -135,6 +135,15 @@ class ParallelismSpec(Frozen):
     whole [tokens, vocabulary] logits on every TP rank (torchtitan/models/llama3/
     parallelize.py::apply_tp, ColwiseParallel(output_layouts=Replicate())). Megatron and
     DeepSpeed always run Megatron's vocabulary-parallel cross entropy."""
+    pipeline_return_outputs: bool | None = None
+    """torch.distributed.pipelining's `schedule.step(return_outputs=...)` (engines ddp and
+    fsdp2, pipeline > 1): true keeps the last stage's output (the logits) of every
+    micro-batch in `stage.output_chunks` until the next step and concatenates them when the
+    step ends (torch 2.13 pipelining/stage.py::forward_one_chunk, schedules.py `step`; the
+    only behaviour before pytorch#165822, Oct 2025: torchtitan 9dec370's train.py, Dec 2024).
+    false: torchtitan's trainer since e5ef99a (2025-10-22; 0.3.0 trainer.py passes
+    `return_outputs=False`). None: false with `model.implementation: torchtitan`, else true
+    (torch's default)."""
     data_replicate: Degree = 1
     """HSDP (engine fsdp2): the data-parallel ranks form a 2-D (replicate, shard) DeviceMesh of
     data_replicate x (data / data_replicate) ranks; FSDP2 shards the model states over the
@@ -251,6 +260,14 @@ class ParallelismSpec(Frozen):
                 "loss_parallel is torch's DTensor tensor parallelism's choice: it needs "
                 "tensor > 1 and engine ddp or fsdp2 (Megatron-LM and DeepSpeed always run "
                 "Megatron's vocabulary-parallel cross entropy)"
+            )
+        if self.pipeline_return_outputs is not None and (
+            self.pipeline == 1 or self.engine not in ("ddp", "fsdp2")
+        ):
+            raise ValueError(
+                "pipeline_return_outputs is torch.distributed.pipelining's step() argument: it "
+                "needs pipeline > 1 and engine ddp or fsdp2 (Megatron-LM's and DeepSpeed's "
+                "schedules keep no outputs)"
             )
         if self.sequence_parallel and self.tensor == 1:
             raise ValueError(

@@ -74,6 +74,9 @@ class Layout:
     async_tp: bool = False
     """torch's micro-pipelined TP (ParallelismSpec.async_tp): a symmetric-memory workspace per
     TP group outside the caching allocator (memplan.step.device.symmetric_memory_workspace)."""
+    pipeline_outputs_held: bool = False
+    """torch.distributed.pipelining keeps the last stage's output of every micro-batch until
+    the next step (ParallelismSpec.pipeline_return_outputs, its default filled in)."""
     tensor_rank: int = 0
     """The TP rank whose shards these are: only the vocabulary rows of a "chunk" split differ
     between TP ranks, and rank 0 holds the most (`for_tensor_rank`)."""
@@ -131,6 +134,14 @@ class Layout:
             fsdp_groups=wrap,
             data_replicate=par.data_replicate,
             async_tp=par.async_tp,
+            pipeline_outputs_held=par.pipeline > 1
+            and par.engine in ("ddp", "fsdp2")
+            and (
+                par.pipeline_return_outputs
+                if par.pipeline_return_outputs is not None
+                # torchtitan 0.3.0 trainer.py::forward_backward_step: return_outputs=False.
+                else implementation != "torchtitan"
+            ),
         )
 
     @property

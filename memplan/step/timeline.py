@@ -242,6 +242,12 @@ def transients(
         else 0,
     )
     out += activation_terms
+    lay = step.layout
+    if lay.pipeline_outputs_held and saved.modelled:
+        from memplan.activations import pipeline  # only pipelines need the schedules
+
+        held = pipeline.torch_outputs_held(lay.schedule, lay.pipeline, step.accumulation_steps)
+        out += own.pipeline_output_chunks(saved, held=held)
     out += engine.loss(states, acts)
     out += saved.buffers
     out += engine.backward_end(states, acts, cache)

@@ -95,6 +95,55 @@ def activation_terms(saved: Activations) -> list[Transient]:
     return out
 
 
+SRC_OUTPUT_CHUNKS = (
+    "torch 2.13 torch/distributed/pipelining/stage.py::_PipelineStageBase.forward_one_chunk "
+    "(`if self.is_last and save_forward_output: self.output_chunks.append(output)`), "
+    "clear_runtime_states (`output_chunks.clear()`, at the start of the next step()); "
+    "schedules.py::PipelineScheduleSingle.step / PipelineScheduleMulti.step "
+    "(return_outputs=True by default: _merge_outputs(output_chunks) at the end)"
+)
+
+
+def pipeline_output_chunks(saved: Activations, *, held: int) -> list[Transient]:
+    """torch.distributed.pipelining's last stage keeps its output (the logits, as the model
+    returns them: TP-local under loss_parallel) of every micro-batch in `stage.output_chunks`
+    until the next step() clears them; the backward only detaches it (SRC_OUTPUT_CHUNKS).
+    `held` earlier micro-batches' outputs are alive at the rank's peak (memplan.activations.
+    pipeline.torch_outputs_held), from its forward to the optimizer step; the current
+    micro-batch's output, which the `logits` term holds at the loss only, stays too from the
+    loss's backward on. Empty on the other stages (no logits there).
+
+    Not in the timeline: step()'s `_merge_outputs` concatenates the m outputs when the
+    schedule ends (m more outputs for a moment, after the gradients' reduce-scatter and
+    before the optimizer step); it holds less than the peak on the 405B rows (see
+    benchmarks/published.py's notes)."""
+    if saved.logits_bytes <= 0:
+        return []
+    out = []
+    if held > 0:
+        out.append(
+            Transient(
+                name="pipeline_output_chunks",
+                bytes=held * saved.logits_bytes,
+                phases=PHASES[1:],
+                formula=f"{held} earlier micro-batches x {saved.logits_bytes:,} B (the last "
+                "stage's output, kept in stage.output_chunks until the next step)",
+                source=SRC_OUTPUT_CHUNKS,
+            )
+        )
+    out.append(
+        Transient(
+            name="pipeline_output_chunks_current",
+            bytes=saved.logits_bytes,
+            phases=("backward_start", "backward", "backward_end", "optimizer_step"),
+            formula=f"{saved.logits_bytes:,} B: the current micro-batch's output, kept in "
+            "stage.output_chunks after its loss",
+            source=SRC_OUTPUT_CHUNKS,
+        )
+    )
+    return out
+
+
 def litgpt_logits(saved: Activations) -> Transient:
     """The logits of LitGPT's training loops, in place of the model output and the loss's
     upcast: Fabric's `_FabricModule.forward` returns the output cast to fp32 (precision
