@@ -51,6 +51,8 @@ import sys
 import time
 import types
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -305,6 +307,20 @@ class Track(TorchDispatchMode):
         self.rec.events.append(("phase", name))
 
 
+@contextmanager
+def metadata_unrecorded() -> Iterator[None]:
+    """DTensor's sharding propagation runs each op at global shapes to read its output's
+    metadata: not an allocation of the step (SUPPRESS)."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    propagate = ShardingPropagator._propagate_tensor_meta_non_cached
+    ShardingPropagator._propagate_tensor_meta_non_cached = _suppressed(propagate)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ShardingPropagator._propagate_tensor_meta_non_cached = propagate  # type: ignore[method-assign]
+
+
 def _flash_sdpa(q: Any, k: Any, v: Any, is_causal: bool = False, **_: Any) -> Any:
     """SDPA as the CUDA flash kernel runs it (its output and logsumexp saved)."""
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal)[0]
@@ -315,7 +331,6 @@ def trace(repo: Path, float8: bool, shape: Shape = ROW) -> Recorder:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor._sharding_prop import ShardingPropagator
     from torch.distributed.tensor.parallel import loss_parallel
 
     model_code, apply_tp = load_torchtitan(repo)
@@ -340,32 +355,27 @@ def trace(repo: Path, float8: bool, shape: Shape = ROW) -> Recorder:
     apply_tp(model, mesh, loss_parallel=True, enable_float8=float8, enable_async_tp=False)
     for name, block in model.layers.named_children():  # _apply_ac_to_transformer_block, "full"
         model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
-    propagate = ShardingPropagator._propagate_tensor_meta_non_cached
-    ShardingPropagator._propagate_tensor_meta_non_cached = _suppressed(propagate)  # type: ignore[method-assign]
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            model.to_empty(device="cpu")
-            tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
-            labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
-            rec = Recorder()
-            rec.existing([*model.parameters(), *model.buffers(), tokens, labels])
-            for param in model.parameters():
-                # FSDP2 reduce-scatters each unsharded gradient and frees it (the sharded fp32
-                # gradients are memplan's, allocated in the replay's init)
-                param.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
-            with loss_parallel():  # train.py: train_context(loss_parallel_enabled)
-                track = Track(rec)
-                with track:
-                    track.mark("forward")
-                    pred = model(tokens)
-                    track.mark("loss")
-                    loss = F.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1))
-                    del pred
-                    track.mark("backward")
-                    loss.backward()
-                    track.mark("end")
-    finally:
-        ShardingPropagator._propagate_tensor_meta_non_cached = propagate  # type: ignore[method-assign]
+    with metadata_unrecorded(), FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+        labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+        rec = Recorder()
+        rec.existing([*model.parameters(), *model.buffers(), tokens, labels])
+        for param in model.parameters():
+            # FSDP2 reduce-scatters each unsharded gradient and frees it (the sharded fp32
+            # gradients are memplan's, allocated in the replay's init)
+            param.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
+        with loss_parallel():  # train.py: train_context(loss_parallel_enabled)
+            track = Track(rec)
+            with track:
+                track.mark("forward")
+                pred = model(tokens)
+                track.mark("loss")
+                loss = F.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1))
+                del pred
+                track.mark("backward")
+                loss.backward()
+                track.mark("end")
     return rec
 
 

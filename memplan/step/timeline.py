@@ -243,7 +243,7 @@ def transients(
     )
     out += activation_terms
     out += engine.loss(states, acts)
-    out += saved.buffers
+    out += [t for t in saved.buffers if t.beside is None or saved.block(t.beside) is not None]
     out += engine.backward_end(states, acts, cache)
     if step.device == "cuda":
         shards = engine.storage_shards(step.layout)
