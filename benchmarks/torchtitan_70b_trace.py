@@ -37,7 +37,7 @@ set but not the eager head and loss, see the notes), FSDP2's own buffers (taken 
 AsyncTP. The CUDA caching allocator is memplan's model of it (tests/test_allocator.py), not a
 GPU.
 
-    PYTHONPATH=$PWD python benchmarks/torchtitan_70b_trace.py   # ~3 min on 2 quiet cores
+    PYTHONPATH=$PWD python benchmarks/torchtitan_70b_trace.py   # ~4 min on 2 quiet cores
     # writes benchmarks/results/torchtitan-70b-trace.json
 """
 
@@ -431,7 +431,8 @@ def memplan_row(shape: Shape = ROW) -> dict[str, Any]:
     from memplan.report.estimate import estimate
 
     loaded = validate(spec_doc(shape))
-    report = estimate(loaded.spec, load_inventory(loaded))
+    inventory = load_inventory(loaded)
+    report = estimate(loaded.spec, inventory)
     assert report.allocator is not None
     tl = report.timeline
     points = {p.phase: p for p in tl.points}
@@ -441,9 +442,13 @@ def memplan_row(shape: Shape = ROW) -> dict[str, Any]:
     root = next(t.bytes for t in tl.transients if t.name == "fsdp2_unsharded_root")
     side = {s: n for s, n in report.allocator.reserved_by_stream if s != "compute"}
     at = points["backward_start"]
+    doc = spec_doc(shape)
+    doc["hardware"] = {k: v for k, v in doc["hardware"].items() if k != "alloc_conf"}
+    default = estimate(validate(doc).spec, inventory).peak_reserved
     return {
         "allocated_gib": report.peak_bytes / GIB,
         "reserved_gib": report.peak_reserved / GIB if report.peak_reserved else None,
+        "reserved_default_alloc_conf_gib": default / GIB if default else None,
         "states_bytes": states,
         "gradients_bytes": grads,
         "root_unsharded_bytes": root,
@@ -531,6 +536,36 @@ def loss_layout(rec: Recorder, row: dict[str, Any]) -> list[str]:
     return lines
 
 
+MATRIX = (2, 3, 4, 8, 16)
+"""Layer counts of the matrix (the row's widths and batch): the holes' placement differs with
+the number of saved block inputs below them, so memplan's phase-level replay is checked at
+several (tests/test_sequence_parallel_trace.py runs 3 and 4 layers)."""
+
+
+def layer_matrix(repo: Path, layers: tuple[int, ...]) -> list[dict[str, Any]]:
+    """memplan's phase-level replay against the traced step replayed op by op (expandable
+    segments), Float8 and bf16 blocks, at the row's widths with each of `layers` layers."""
+    out = []
+    for n in layers:
+        shape = replace(ROW, layers=n)
+        row = memplan_row(shape)
+        entry: dict[str, Any] = {"layers": n, "memplan_gib": round(row["reserved_gib"], 3)}
+        for float8 in (True, False):
+            rec = trace(repo, float8, shape)
+            events = replay_events(rec, row)
+            got = allocator.replay(events, AllocConf.parse("expandable_segments:True"))
+            entry["float8_gib" if float8 else "bf16_gib"] = round(got.peak_reserved / GIB, 3)
+        entry["error_vs_float8"] = round(entry["memplan_gib"] / entry["float8_gib"] - 1, 4)
+        entry["error_vs_bf16"] = round(entry["memplan_gib"] / entry["bf16_gib"] - 1, 4)
+        print(
+            f"{n:3d} layers: memplan {entry['memplan_gib']:6.2f} GiB, replayed op by op "
+            f"{entry['float8_gib']:6.2f} (Float8, {entry['error_vs_float8']:+.1%}) "
+            f"{entry['bf16_gib']:6.2f} (bf16, {entry['error_vs_bf16']:+.1%})"
+        )
+        out.append(entry)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -579,6 +614,7 @@ def main() -> None:
             )
             for line in variant["layout_at_the_loss_backward"]:
                 print("    ", line)
+        by_layers = layer_matrix(ns.torchtitan_repo, MATRIX)
     finally:
         dist.destroy_process_group()
     out = {
@@ -589,6 +625,7 @@ def main() -> None:
         "layers": ns.layers,
         "memplan": {k: v for k, v in row.items() if k.endswith("gib")},
         "variants": variants,
+        "by_layers": by_layers,
         "elapsed_s": round(time.perf_counter() - start, 1),
     }
     OUT.write_text(json.dumps(out, indent=2) + "\n")
