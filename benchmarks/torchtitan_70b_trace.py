@@ -22,20 +22,22 @@ What runs (CPU, no GPU, nothing downloaded):
   every op's real output shapes. A TorchDispatchMode records, in order, every storage an op
   makes and the moment it dies (DTensor and Float8 tensors by their inner tensors; DTensor's
   sharding propagation, which runs the op at global shapes to read its output metadata, is
-  not counted).
+  not counted; `_c10d_functional.wait_tensor`'s output is its input's memory, as on a device,
+  not the new tensor its Meta kernel makes under FakeTensorMode: `Recorder.alias`).
 - The recorded allocations and frees (two steps) are replayed through
   memplan.step.allocator with `expandable_segments:True` (the single-node launcher's
   setting) and with torch's default (no PYTORCH_CUDA_ALLOC_CONF: what the repo's multi-node
   launcher, multinode_trainer.slurm at 9dec370, sets), with the model states, the root's
-  unsharded parameters and FSDP2's side-stream pools at the bytes memplan's own estimate of the
-  row gives them (FSDP2 itself is not traced).
+  unsharded parameters and FSDP2's side-stream pools (the reduce-scatter stream's holds the
+  sharded gradients) at the bytes memplan's own estimate of the row gives them (FSDP2 itself
+  is not traced).
 
 Not traced: torch.compile (the real run compiled each block, which changes the blocks' working
 set but not the eager head and loss, see the notes), FSDP2's own buffers (taken from memplan),
 AsyncTP. The CUDA caching allocator is memplan's model of it (tests/test_allocator.py), not a
 GPU.
 
-    PYTHONPATH=$PWD python benchmarks/torchtitan_70b_trace.py   # ~3 min on 2 quiet cores
+    PYTHONPATH=$PWD python benchmarks/torchtitan_70b_trace.py   # ~4 min on 2 quiet cores
     # writes benchmarks/results/torchtitan-70b-trace.json
 """
 
@@ -49,6 +51,9 @@ import sys
 import time
 import types
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +69,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from benchmarks.stamp import stamp  # noqa: E402
+from memplan.states.engines.fsdp2.buffers import REDUCE_SCATTER_STREAM  # noqa: E402
 from memplan.step import allocator  # noqa: E402
 from memplan.step.alloc_conf import AllocConf  # noqa: E402
 
@@ -71,8 +77,41 @@ OUT = ROOT / "benchmarks" / "results" / "torchtitan-70b-trace.json"
 COMMIT = "9dec370"
 GIB = 1 << 30
 TP = 8
-BATCH, SEQ, LAYERS, VOCAB = 16, 8192, 80, 128256
 PUBLISHED_GIB = 71.9
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The traced model and micro-batch: ModelArgs' fields and the row's batch x sequence."""
+
+    dim: int = 8192
+    layers: int = 80
+    heads: int = 64
+    kv_heads: int = 8
+    multiplier: float = 1.3
+    multiple_of: int = 4096
+    vocab: int = 128256
+    batch: int = 16
+    seq: int = 8192
+
+    def ffn(self) -> int:
+        """FeedForward's hidden_dim (9dec370 model.py::FeedForward.__init__)."""
+        hidden = int(self.multiplier * int(2 * 4 * self.dim / 3))
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def architecture(self) -> dict[str, Any]:
+        """The same model as a config.json for memplan (model.architecture)."""
+        return {
+            "model_type": "llama", "hidden_size": self.dim, "intermediate_size": self.ffn(),
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
+            "max_position_embeddings": self.seq, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "tie_word_embeddings": False,
+        }  # fmt: skip
+
+
+ROW = Shape()
+"""torchtitan/models/llama/__init__.py "70B" at 9dec370, 16 x 8192 per rank."""
 CONFS = {"expandable_segments:True": "expandable_segments:True", "default": None}
 
 # --- torchtitan 9dec370's code, read from its repository ---------------------------------------
@@ -167,6 +206,8 @@ class Recorder:
         self.live: dict[int, tuple[Any, int]] = {}
         self.events: list[tuple[Any, ...]] = []
         self.made: dict[int, tuple[str, tuple[int, ...], str]] = {}
+        self.holders: Counter[int] = Counter()
+        """Live storages per recorded id (a collective's output and its waited alias)."""
 
     def steps(self, count: int = 2) -> list[tuple[Any, ...]]:
         """The recorded step `count` times over (ids keyed by step, what a step leaves alive
@@ -191,12 +232,28 @@ class Recorder:
         for t in tensors:
             ref = StorageWeakRef(_inner(t).untyped_storage())
             self.live[ref.cdata] = (ref, -1)
+            self.holders[-1] += 1
 
     def collect(self) -> None:
         for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
             _, i = self.live.pop(key)
-            if i >= 0:
+            self.holders[i] -= 1
+            if i >= 0 and not self.holders[i]:
                 self.events.append(("free", i))
+
+    def alias(self, out: torch.Tensor, of: torch.Tensor) -> None:
+        """`out` is `of`'s memory: `_c10d_functional.wait_tensor` returns its input on a
+        device (torch/csrc/distributed/c10d/Functional.cpp::wait_tensor: `return tensor`),
+        but its Meta kernel, which FakeTensorMode runs, makes a new tensor (torch/distributed/
+        _functional_collectives.py::_wait_tensor_meta: `torch.empty_like(self)`). The
+        collective's output is freed when both are."""
+        src = self.live.get(StorageWeakRef(of.untyped_storage()).cdata)
+        ref = StorageWeakRef(out.untyped_storage())
+        if src is None or ref.cdata in self.live:
+            self.record(out, "wait_tensor")
+            return
+        self.live[ref.cdata] = (ref, src[1])
+        self.holders[src[1]] += 1
 
     def record(self, out: Any, func: Any) -> None:
         from torch._subclasses.fake_tensor import FakeTensor
@@ -210,6 +267,7 @@ class Recorder:
                 continue  # a view, or an input
             i = len(self.made)
             self.live[ref.cdata] = (ref, i)
+            self.holders[i] += 1
             self.events.append(("alloc", i, st.nbytes()))
             self.made[i] = (str(func), tuple(t.shape), str(t.dtype).removeprefix("torch."))
 
@@ -238,7 +296,10 @@ class Track(TorchDispatchMode):
             return func(*args, **kwargs)
         self.rec.collect()
         out = func(*args, **kwargs)
-        self.rec.record(out, func)
+        if func is torch.ops._c10d_functional.wait_tensor.default:
+            self.rec.alias(out, args[0])
+        else:
+            self.rec.record(out, func)
         return out
 
     def mark(self, name: str) -> None:
@@ -246,17 +307,30 @@ class Track(TorchDispatchMode):
         self.rec.events.append(("phase", name))
 
 
+@contextmanager
+def metadata_unrecorded() -> Iterator[None]:
+    """DTensor's sharding propagation runs each op at global shapes to read its output's
+    metadata: not an allocation of the step (SUPPRESS)."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    propagate = ShardingPropagator._propagate_tensor_meta_non_cached
+    ShardingPropagator._propagate_tensor_meta_non_cached = _suppressed(propagate)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ShardingPropagator._propagate_tensor_meta_non_cached = propagate  # type: ignore[method-assign]
+
+
 def _flash_sdpa(q: Any, k: Any, v: Any, is_causal: bool = False, **_: Any) -> Any:
     """SDPA as the CUDA flash kernel runs it (its output and logsumexp saved)."""
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal)[0]
 
 
-def trace(repo: Path, float8: bool, layers: int = LAYERS, batch: int = BATCH) -> Recorder:
+def trace(repo: Path, float8: bool, shape: Shape = ROW) -> Recorder:
     """One training step of TP rank 0, recorded."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor._sharding_prop import ShardingPropagator
     from torch.distributed.tensor.parallel import loss_parallel
 
     model_code, apply_tp = load_torchtitan(repo)
@@ -264,9 +338,10 @@ def trace(repo: Path, float8: bool, layers: int = LAYERS, batch: int = BATCH) ->
         **{**F.__dict__, "scaled_dot_product_attention": _flash_sdpa}
     )
     mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
-    args = model_code.ModelArgs(  # torchtitan/models/llama/__init__.py "70B" at 9dec370
-        dim=8192, n_layers=layers, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3,
-        multiple_of=4096, rope_theta=500000, vocab_size=VOCAB, max_seq_len=SEQ,
+    args = model_code.ModelArgs(
+        dim=shape.dim, n_layers=shape.layers, n_heads=shape.heads, n_kv_heads=shape.kv_heads,
+        ffn_dim_multiplier=shape.multiplier, multiple_of=shape.multiple_of, rope_theta=500000,
+        vocab_size=shape.vocab, max_seq_len=shape.seq,
     )  # fmt: skip
     with torch.device("meta"):
         model = model_code.Transformer.from_model_args(args)
@@ -280,32 +355,27 @@ def trace(repo: Path, float8: bool, layers: int = LAYERS, batch: int = BATCH) ->
     apply_tp(model, mesh, loss_parallel=True, enable_float8=float8, enable_async_tp=False)
     for name, block in model.layers.named_children():  # _apply_ac_to_transformer_block, "full"
         model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
-    propagate = ShardingPropagator._propagate_tensor_meta_non_cached
-    ShardingPropagator._propagate_tensor_meta_non_cached = _suppressed(propagate)  # type: ignore[method-assign]
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            model.to_empty(device="cpu")
-            tokens = torch.randint(0, VOCAB, (batch, SEQ))
-            labels = torch.randint(0, VOCAB, (batch, SEQ))
-            rec = Recorder()
-            rec.existing([*model.parameters(), *model.buffers(), tokens, labels])
-            for param in model.parameters():
-                # FSDP2 reduce-scatters each unsharded gradient and frees it (the sharded fp32
-                # gradients are memplan's, allocated in the replay's init)
-                param.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
-            with loss_parallel():  # train.py: train_context(loss_parallel_enabled)
-                track = Track(rec)
-                with track:
-                    track.mark("forward")
-                    pred = model(tokens)
-                    track.mark("loss")
-                    loss = F.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1))
-                    del pred
-                    track.mark("backward")
-                    loss.backward()
-                    track.mark("end")
-    finally:
-        ShardingPropagator._propagate_tensor_meta_non_cached = propagate  # type: ignore[method-assign]
+    with metadata_unrecorded(), FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+        labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+        rec = Recorder()
+        rec.existing([*model.parameters(), *model.buffers(), tokens, labels])
+        for param in model.parameters():
+            # FSDP2 reduce-scatters each unsharded gradient and frees it (the sharded fp32
+            # gradients are memplan's, allocated in the replay's init)
+            param.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
+        with loss_parallel():  # train.py: train_context(loss_parallel_enabled)
+            track = Track(rec)
+            with track:
+                track.mark("forward")
+                pred = model(tokens)
+                track.mark("loss")
+                loss = F.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1))
+                del pred
+                track.mark("backward")
+                loss.backward()
+                track.mark("end")
     return rec
 
 
@@ -337,18 +407,32 @@ def peak(rec: Recorder) -> tuple[int, list[dict[str, Any]]]:
     return top, alive
 
 
-def memplan_row() -> dict[str, Any]:
-    """memplan's estimate of the published row (benchmarks/published.py), and the bytes the
-    replay takes from it: the model states, the root's unsharded parameters and FSDP2's
-    side-stream pools."""
+def spec_doc(shape: Shape = ROW) -> dict[str, Any]:
+    """The published row's spec (benchmarks/published.py), at `shape` (the row's own preset
+    when it is the row's)."""
     from benchmarks.published import ROWS
+
+    row = next(r for r in ROWS if r.table == 4 and not r.unmodelled)
+    doc = row.doc()
+    if shape != ROW:
+        doc["model"] = {"architecture": shape.architecture(), "implementation": "torchtitan"}
+        doc["training"] = {
+            **doc["training"], "micro_batch_size": shape.batch, "sequence_length": shape.seq,
+        }  # fmt: skip
+    return doc
+
+
+def memplan_row(shape: Shape = ROW) -> dict[str, Any]:
+    """memplan's estimate of the published row (at `shape`), and the bytes the replay takes
+    from it: the model states, the root's unsharded parameters and FSDP2's side-stream
+    pools."""
     from memplan.config.load import validate
     from memplan.model.load import load_inventory
     from memplan.report.estimate import estimate
 
-    row = next(r for r in ROWS if r.table == 4 and not r.unmodelled)
-    loaded = validate(row.doc())
-    report = estimate(loaded.spec, load_inventory(loaded))
+    loaded = validate(spec_doc(shape))
+    inventory = load_inventory(loaded)
+    report = estimate(loaded.spec, inventory)
     assert report.allocator is not None
     tl = report.timeline
     points = {p.phase: p for p in tl.points}
@@ -358,9 +442,13 @@ def memplan_row() -> dict[str, Any]:
     root = next(t.bytes for t in tl.transients if t.name == "fsdp2_unsharded_root")
     side = {s: n for s, n in report.allocator.reserved_by_stream if s != "compute"}
     at = points["backward_start"]
+    doc = spec_doc(shape)
+    doc["hardware"] = {k: v for k, v in doc["hardware"].items() if k != "alloc_conf"}
+    default = estimate(validate(doc).spec, inventory).peak_reserved
     return {
         "allocated_gib": report.peak_bytes / GIB,
         "reserved_gib": report.peak_reserved / GIB if report.peak_reserved else None,
+        "reserved_default_alloc_conf_gib": default / GIB if default else None,
         "states_bytes": states,
         "gradients_bytes": grads,
         "root_unsharded_bytes": root,
@@ -380,10 +468,13 @@ def memplan_row() -> dict[str, Any]:
 
 
 def replay_events(rec: Recorder, row: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """Init (states, gradients, side-stream pools) and two traced steps, the root's unsharded
-    parameters alive through each; markers on the second step."""
+    """Init (states, side-stream pools) and two traced steps, the root's unsharded parameters
+    alive through each; markers on the second step. FSDP2's sharded gradients are the
+    reduce-scatter stream's (memplan.states.engines.fsdp2: `gradient_stream`), so that
+    stream's pool holds them; they are on the compute stream only when it has no pool."""
     out: list[tuple[Any, ...]] = [("alloc", "states", row["states_bytes"])]
-    out.append(("alloc", "gradients", row["gradients_bytes"]))
+    if REDUCE_SCATTER_STREAM not in row["side_stream_pools"]:
+        out.append(("alloc", "gradients", row["gradients_bytes"]))
     for stream, n in row["side_stream_pools"].items():
         out.append(("alloc", ("pool", stream), n, stream))
     # The root's unsharded parameters are alive through each step: around the first step's
@@ -403,11 +494,9 @@ def loss_layout(rec: Recorder, row: dict[str, Any]) -> list[str]:
     expandable segments): where the holes are."""
     state = allocator._Allocator(AllocConf.parse("expandable_segments:True"), None)
     blocks: dict[Any, Any] = {"states": state.malloc(row["states_bytes"])}
-    blocks["gradients"] = state.malloc(row["gradients_bytes"])
     blocks["root"] = state.malloc(row["root_unsharded_bytes"])
     names: dict[int, str] = {
         id(blocks["states"]): "model states (memplan's)",
-        id(blocks["gradients"]): "sharded gradients (memplan's)",
         id(blocks["root"]): "the root's unsharded parameters (memplan's)",
     }
     big = 7 * GIB
@@ -447,12 +536,42 @@ def loss_layout(rec: Recorder, row: dict[str, Any]) -> list[str]:
     return lines
 
 
+MATRIX = (2, 3, 4, 8, 16)
+"""Layer counts of the matrix (the row's widths and batch): the holes' placement differs with
+the number of saved block inputs below them, so memplan's phase-level replay is checked at
+several (tests/test_sequence_parallel_trace.py runs 3 and 4 layers)."""
+
+
+def layer_matrix(repo: Path, layers: tuple[int, ...]) -> list[dict[str, Any]]:
+    """memplan's phase-level replay against the traced step replayed op by op (expandable
+    segments), Float8 and bf16 blocks, at the row's widths with each of `layers` layers."""
+    out = []
+    for n in layers:
+        shape = replace(ROW, layers=n)
+        row = memplan_row(shape)
+        entry: dict[str, Any] = {"layers": n, "memplan_gib": round(row["reserved_gib"], 3)}
+        for float8 in (True, False):
+            rec = trace(repo, float8, shape)
+            events = replay_events(rec, row)
+            got = allocator.replay(events, AllocConf.parse("expandable_segments:True"))
+            entry["float8_gib" if float8 else "bf16_gib"] = round(got.peak_reserved / GIB, 3)
+        entry["error_vs_float8"] = round(entry["memplan_gib"] / entry["float8_gib"] - 1, 4)
+        entry["error_vs_bf16"] = round(entry["memplan_gib"] / entry["bf16_gib"] - 1, 4)
+        print(
+            f"{n:3d} layers: memplan {entry['memplan_gib']:6.2f} GiB, replayed op by op "
+            f"{entry['float8_gib']:6.2f} (Float8, {entry['error_vs_float8']:+.1%}) "
+            f"{entry['bf16_gib']:6.2f} (bf16, {entry['error_vs_bf16']:+.1%})"
+        )
+        out.append(entry)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--torchtitan-repo", type=Path, default=Path("/work/.mirror/pytorch+torchtitan/repo")
     )
-    parser.add_argument("--layers", type=int, default=LAYERS)
+    parser.add_argument("--layers", type=int, default=ROW.layers)
     ns = parser.parse_args()
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -463,7 +582,7 @@ def main() -> None:
     try:
         for float8 in (True, False):
             t0 = time.perf_counter()
-            rec = trace(ns.torchtitan_repo, float8, layers=ns.layers)
+            rec = trace(ns.torchtitan_repo, float8, replace(ROW, layers=ns.layers))
             top, alive = peak(rec)
             events = replay_events(rec, row)
             reserved = {}
@@ -495,6 +614,7 @@ def main() -> None:
             )
             for line in variant["layout_at_the_loss_backward"]:
                 print("    ", line)
+        by_layers = layer_matrix(ns.torchtitan_repo, MATRIX)
     finally:
         dist.destroy_process_group()
     out = {
@@ -505,6 +625,7 @@ def main() -> None:
         "layers": ns.layers,
         "memplan": {k: v for k, v in row.items() if k.endswith("gib")},
         "variants": variants,
+        "by_layers": by_layers,
         "elapsed_s": round(time.perf_counter() - start, 1),
     }
     OUT.write_text(json.dumps(out, indent=2) + "\n")

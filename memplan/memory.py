@@ -66,7 +66,12 @@ class Transient:
     momentary: Phase | None = None
     """A buffer alive only for a moment as this phase begins, below the phase's peak, so no
     phase point holds it (`phases` is empty): the allocator replay makes it as the phase
-    begins, before the phase's own transients, and frees it after them."""
+    begins, before the phase's own transients, and frees it after them (the loss phase's once
+    the head's saved tensors are made, before the logits: memplan.step.replay)."""
+    beside: str | None = None
+    """The saved block (memplan.model.forward.tensors.Block.name) the step makes it beside: a
+    GPU whose activations hold no such block (a pipeline rank without the embeddings or the
+    head) makes none."""
 
 
 def round_block(n_bytes: int) -> int:

@@ -154,7 +154,7 @@ def micro_batch(
         logits_bytes=logits,
         upcast_bytes=upcast,
         notes=tuple(notes),
-        buffers=ring_buffers(arch, local_st, lay),
+        buffers=(*ring_buffers(arch, local_st, lay), *sequence_parallel_ends(arch, local_st, lay)),
     )
 
 
@@ -266,6 +266,70 @@ def ring_buffers(arch: Architecture, st: Setting, lay: Layout) -> tuple[Transien
             source=SRC_RING,
         ),
     )
+
+
+SRC_GATHER = (
+    "torch 2.13 torch/distributed/_functional_collectives.py::all_gather_single "
+    "(all_gather_into_tensor along dim 0, then torch/_utils.py::_maybe_view_chunk_cat: a view "
+    "when the gathered dim 0 is the group size, else torch.cat of the chunks along "
+    "gather_dim); torchtitan 9dec370 parallelisms/parallelize_llama.py::apply_tp (`output`: "
+    "ColwiseParallel(input_layouts=Shard(1)))"
+)
+SRC_SCATTER = (
+    "torch 2.13 torch/distributed/_functional_collectives.py::reduce_scatter_single "
+    "(scatter_dim != 0: torch/_utils.py::_chunk_or_narrow_cat, a torch.cat of the chunks "
+    "along dim 0, then reduce_scatter_tensor); torchtitan 9dec370 parallelisms/"
+    "parallelize_llama.py::apply_tp (`tok_embeddings`: RowwiseParallel(input_layouts="
+    "Replicate(), output_layouts=Shard(1)): the lookup on the rank's rows is a Partial "
+    "[batch, sequence, hidden], reduce-scattered along the sequence)"
+)
+
+
+def sequence_parallel_ends(arch: Architecture, st: Setting, lay: Layout) -> tuple[Transient, ...]:
+    """The two sequence-parallel collectives outside the decoder layers, momentary buffers
+    the step makes around the tensors it keeps (`st` the rank's local setting; none without
+    TP + SP; each only on a GPU that holds its block, `beside`):
+
+    - forward, before the first layer (SRC_SCATTER): the embedding's Partial output [batch,
+      sequence, hidden] and its chunks concatenated for the reduce-scatter, both alive while
+      the rank's [batch, sequence / TP, hidden] output (the first layer's saved input) is made;
+    - loss, before the logits (SRC_GATHER): the output layer's input (the final norm's
+      sequence shard) all-gathered: the collective's [TP x batch, sequence / TP, hidden]
+      output, then, with a micro-batch above 1, its chunks concatenated into the [batch,
+      sequence, hidden] tensor the output matmul saves (the head's `norm.output`), the
+      gather's output freed once copied. The output layer is not a Float8 linear
+      (torchtitan's float8 filter skips `output`), so it is gathered in the compute dtype."""
+    if lay.tensor == 1 or not lay.sequence_parallel:
+        return ()
+    whole = st.tokens * arch.hidden_size
+    out = [
+        Transient(
+            name="tp_embedding_reduce_scatter",
+            bytes=2 * whole * dtype_bytes(st.stream),
+            phases=(),
+            formula=f"2 x [tokens, hidden] ({st.tokens:,} x {arch.hidden_size:,}) in "
+            f"{st.stream}: the embedding's Partial output and its chunks concatenated for the "
+            "reduce-scatter",
+            source=SRC_SCATTER,
+            momentary="forward",
+            beside="embeddings",
+        )
+    ]
+    if st.batch > 1:
+        out.append(
+            Transient(
+                name="tp_head_input_all_gather",
+                bytes=whole * dtype_bytes(st.matmul),
+                phases=(),
+                formula=f"[tokens, hidden] ({st.tokens:,} x {arch.hidden_size:,}) in "
+                f"{st.matmul}: the all-gather's output, copied into the output layer's saved "
+                "input",
+                source=SRC_GATHER,
+                momentary="loss",
+                beside="head",
+            )
+        )
+    return tuple(out)
 
 
 SRC_LAYER_SAC = (

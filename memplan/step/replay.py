@@ -21,11 +21,14 @@ What the event order assumes (the timeline's own phases, made into a sequence):
   than the 512-byte rounding of each block).
 - Forward: non-layered blocks (embeddings, in-flight micro-batches of a pipeline rank) first,
   then each decoder layer's saved tensors one by one, its forward working set allocated before
-  them and freed after. At the loss: the head's saved tensors (the final norm's, the output
-  layer's input: the forward makes them before the logits), the logits and their fp32 copy
-  (the phase's transients), then the loss's saved tensors. (Placing the head's after the
-  logits put the logits in a hole the real order never offers: torchtitan's 70B TP 8 row,
-  traced op by op, benchmarks/torchtitan_70b_trace.py.)
+  them and freed after; a fully checkpointed layer's saved tensors (its inputs: the previous
+  layer's output, made once that layer's working set is freed) come before its working set
+  instead, so they fill the holes below it as the real forward's do. At the loss: the head's
+  saved tensors (the final norm's, the output layer's input: the forward makes them before the
+  logits; the loss phase's momentary buffers, the all-gather output of that input under
+  sequence parallelism, are freed right after them), the logits and their fp32 copy (the
+  phase's transients), then the loss's saved tensors. (Both orders are the real step's:
+  torchtitan's 70B TP 8 row, traced op by op, benchmarks/torchtitan_70b_trace.py.)
 - Backward, layer by layer from the last: the backward working set, the layer's saved tensors
   freed, its gradients allocated (the layer's share of the parameters: equal per layer of the
   block), the working set freed. The head's gradients come before the first layer, the rest
@@ -113,6 +116,14 @@ def _layer_gradient_share(inventory: Inventory) -> float:
     if not total:
         return 0.0
     return sum(t.numel for t in inventory.parameters if t.layer is not None) / total
+
+
+def _inputs_only(block: Block) -> bool:
+    """A fully checkpointed layer: it keeps only its checkpointed region's inputs (the rules
+    name them `checkpoint.*`), which exist before the layer runs: the previous layer's output,
+    made at that layer's end once its working set is freed (torch/utils/checkpoint.py: the
+    non-reentrant checkpoint saves the region's inputs and nothing it makes)."""
+    return bool(block.recompute) and all(t.name.startswith("checkpoint.") for t in block.tensors)
 
 
 class _Events:
@@ -214,7 +225,12 @@ class _StepEvents:
             if phase == "loss":
                 # The head's saved tensors (the final norm's, the output layer's input) exist
                 # before the logits and the loss's transients: the forward makes them first.
+                # The loss phase's momentary buffers are the head's (its sequence-parallel
+                # input's all-gather output), freed once that input is copied out.
                 self.blocks(step, [b for b in self.at_loss if b.name == "head"], free=False)
+                for t in moment:
+                    self.ev.free(("momentary", step, t.name))
+                moment = []
             self.transients_to(phase)
             for t in moment:
                 self.ev.free(("momentary", step, t.name))
@@ -276,14 +292,19 @@ class _StepEvents:
         return t if t is not None and held else None
 
     def layers_forward(self, step: int) -> None:
-        """Each layer's saved tensors, its forward working set alive while it runs."""
+        """Each layer's saved tensors, its forward working set alive while it runs; a fully
+        checkpointed layer's saved inputs before it (`_inputs_only`)."""
         fws = self.working_set(FORWARD_WORKING_SET, "forward")
         for b in self.layered:
+            first = _inputs_only(b)
             for c in range(b.count):
                 key = ("fws", step, self.place[id(b)], c)
+                if first:
+                    self.alloc_block(step, b, c)
                 if fws is not None:
                     self.ev.alloc(key, fws.bytes)
-                self.alloc_block(step, b, c)
+                if not first:
+                    self.alloc_block(step, b, c)
                 if fws is not None:
                     self.ev.free(key)
 

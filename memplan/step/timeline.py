@@ -249,7 +249,7 @@ def transients(
         held = pipeline.torch_outputs_held(lay.schedule, lay.pipeline, step.accumulation_steps)
         out += own.pipeline_output_chunks(saved, held=held)
     out += engine.loss(states, acts)
-    out += saved.buffers
+    out += [t for t in saved.buffers if t.beside is None or saved.block(t.beside) is not None]
     out += engine.backward_end(states, acts, cache)
     if step.device == "cuda":
         shards = engine.storage_shards(step.layout)
