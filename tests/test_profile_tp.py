@@ -51,13 +51,14 @@ def _by_block(acts: Any) -> dict[str, int]:
     return {b.name: b.bytes for b in acts.blocks}
 
 
-_CACHE: dict[tuple[str, str, int, int], profile.Profile] = {}
+_CACHE: dict[tuple[str, str, str, int, int], profile.Profile] = {}
 
 
 def _profile(spec: Any, tensor: int, rows: int, config: dict[str, Any] = CONFIG) -> profile.Profile:
     """The profile of `config` (of one TP rank's slice for `tensor` > 1) at `spec`'s setting,
-    traced once per module (every spec here is bf16, sdpa, cuda; checkpointing is keyed)."""
-    key = (json.dumps(config, sort_keys=True), setting_of(spec).checkpointing, tensor, rows)
+    traced once per module (every spec here is bf16, sdpa; checkpointing and device keyed)."""
+    st = setting_of(spec)
+    key = (json.dumps(config, sort_keys=True), st.checkpointing, st.device, tensor, rows)
     if key not in _CACHE:
         doc = tracer.for_setting(config, spec, tensor=tensor, vocab_rows=rows)
         _CACHE[key] = profile.from_document(json.loads(json.dumps(doc)), origin="t")
@@ -167,21 +168,31 @@ MOE_CASES = [
     ),
     pytest.param(QWEN2_MOE, {"engine": "fsdp2"}, id="qwen2_moe-dtensor"),
     pytest.param(QWEN2_MOE, {"engine": "megatron", "sequence_parallel": True}, id="qwen2_moe-sp"),
+    # DTensor SP: the MoE block whole on the gathered sequence (layout.gathered_blocks), both
+    # paths proved against real ranks below
+    pytest.param(
+        QWEN2_MOE, {"engine": "fsdp2", "sequence_parallel": True}, id="qwen2_moe-dtensor-sp"
+    ),
+    pytest.param(
+        MIXTRAL,
+        {"engine": "fsdp2", "sequence_parallel": True, "data": 2, "expert": 2},
+        id="mixtral-dtensor-sp-ep2",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("config", "parallelism"), MOE_CASES)
-def test_traced_moe_tp_slice_equals_the_hand_rule(
-    config: dict[str, Any], parallelism: dict[str, Any]
-) -> None:
-    """MoE layers (grouped_mm experts at moe/intermediate / TP, a shared expert) on one TP rank:
-    the profile path equals the Mixtral and Qwen2-MoE rules, and their dispatch buffers."""
-    spec = make_spec(
+def _moe_spec(config: dict[str, Any], device: str = "cuda", **parallelism: Any) -> Any:
+    return make_spec(
         model={"architecture": config},
         precision="bf16",
+        hardware={"device": device},
         training={"micro_batch_size": 2, "sequence_length": 32, "attention": "sdpa"},
         parallelism={"data": 1, "tensor": 2, **parallelism},
     )
+
+
+def _rule_and_traced(config: dict[str, Any], spec: Any) -> tuple[Any, Any]:
+    """The hand rule's TP rank and the profile path's, the family hidden."""
     inv = from_config(config)
     assert inv.architecture is not None
     rule = micro_batch_of(spec, inv)
@@ -192,7 +203,16 @@ def test_traced_moe_tp_slice_equals_the_hand_rule(
         architecture=hidden,
         profiles=(_profile(spec, 1, 0, config), _profile(spec, 2, rows, config)),
     )
-    traced = micro_batch_of(spec, unruled)
+    return rule, micro_batch_of(spec, unruled)
+
+
+@pytest.mark.parametrize(("config", "parallelism"), MOE_CASES)
+def test_traced_moe_tp_slice_equals_the_hand_rule(
+    config: dict[str, Any], parallelism: dict[str, Any]
+) -> None:
+    """MoE layers (grouped_mm experts at moe/intermediate / TP, a shared expert) on one TP rank:
+    the profile path equals the Mixtral and Qwen2-MoE rules, and their dispatch buffers."""
+    rule, traced = _rule_and_traced(config, _moe_spec(config, **parallelism))
     assert rule.modelled and traced.modelled and traced.source == "profile", traced.notes
     got, want = _by_block(traced), _by_block(rule)
     if parallelism.get("expert", 1) > 1:
@@ -202,18 +222,44 @@ def test_traced_moe_tp_slice_equals_the_hand_rule(
         got["layers"] = want["layers"]
     assert got == want
     assert traced.buffers == rule.buffers and traced.hidden_bytes == rule.hidden_bytes
-    if parallelism["engine"] == "fsdp2":
-        sp = layout_of(
-            spec.model_copy(
-                update={
-                    "parallelism": spec.parallelism.model_copy(update={"sequence_parallel": True})
-                }
-            )
-        )
-        from memplan.activations import micro_batch
 
-        refused = micro_batch(unruled, setting_of(spec), sp, spec.finetune)
-        assert not refused.modelled and "DTensor sequence parallelism" in refused.notes[0]
+
+MOE_RANKS = {"qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL}
+
+
+@pytest.fixture(scope="module")
+def moe_sp_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Two real gloo ranks of each tiny MoE model under torch DTensor TP 2 + SP, laid out as
+    torchtitan lays out a MoE layer (tests/tp_sp_moe_probe.py), bf16, 2 x 32 tokens."""
+    from tests.tp_probe import Case
+    from tests.tp_sp_moe_probe import run_ranks
+
+    return run_ranks(MOE_RANKS, [Case("bf16", "sdpa")], tmp_path_factory.mktemp("moe-sp"))
+
+
+@pytest.mark.parametrize("name", sorted(MOE_RANKS))
+def test_traced_moe_under_dtensor_sp_equals_real_ranks(
+    moe_sp_ranks: list[dict[str, Any]], name: str
+) -> None:
+    """Independent oracle: each decoder layer of a real DTensor TP + SP rank (the MoE block's
+    input all-gathered once and read by the router, the shared expert and the experts) saves
+    to the byte what the profile path predicts for one layer, and what the hand rule does.
+    Before layout.gathered_blocks, the profile path split the router's tensors and Mixtral's
+    shared input (named by their first saver, the router) and was refused; the hand rule split
+    the router's, the shared expert gate's and output's: 7,232 B per layer under on Qwen2-MoE."""
+    config = MOE_RANKS[name]
+    rule, traced = _rule_and_traced(
+        config, _moe_spec(config, "cpu", engine="fsdp2", sequence_parallel=True)
+    )
+    assert traced.modelled and traced.source == "profile", traced.notes
+    per_layer = {b.name: b.bytes_each for b in traced.blocks}["layers"]
+    assert {b.name: b.bytes_each for b in rule.blocks}["layers"] == per_layer
+    for res in moe_sp_ranks:
+        run = res[f"{name}/bf16-sdpa"]
+        assert run["max_logit_diff"] < 5e-2  # the plan computes the whole model's logits
+        regions = run["sp"]["regions"]
+        measured = [sum(s["bytes"] for s in regions[f"layers.{i}"]) for i in range(2)]
+        assert measured == [per_layer, per_layer]
 
 
 GRANITE = {

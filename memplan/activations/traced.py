@@ -23,7 +23,9 @@ def tensor_parallel_profile(
     local_setting: ring attention saves the SDPA's tensors at the local length), the whole
     vocabulary's head and loss from the TP-1 profile without loss_parallel under DTensor,
     sequence parallelism splitting what the slice leaves as wide as the TP-1 profile
-    (memplan.activations.layout.split_traced), and the layout's communication buffers. With
+    (memplan.activations.layout.split_traced; under DTensor never inside a MoE block or an MLA
+    attention, which torchtitan's plan runs on the all-gathered sequence: layout.
+    gathered_blocks), and the layout's communication buffers. With
     EP > 1 as over a TP-1 profile (EP_OVER_PROFILE: dropless routing, grouped_mm experts whose
     saved tensors hold per rank)."""
     from memplan.activations import layout
@@ -49,18 +51,6 @@ def tensor_parallel_profile(
         return layout.refused(
             "activations from a traced profile under sequence parallelism or without "
             "loss_parallel need the whole model's profile beside the TP slice's, not traced"
-        )
-    if lay.sequence_parallel and arch.num_experts and lay.gathered_inputs:
-        # A single-device trace lists a storage once, under its first saver: where the router
-        # and a shared expert's column-parallel linear both save the layer's input (Qwen2-MoE),
-        # DTensor SP keeps the router's shard and the linear's gathered copy, which the trace
-        # cannot tell apart (measured: the shared expert's gate_proj input whole, 3,072 B per
-        # layer above the hand rule, tiny Qwen2-MoE, TP 2, 2 x 32 tokens; Mixtral, without a
-        # shared expert, agrees; Megatron SP gathers no inputs and agrees for both).
-        return layout.refused(
-            "activations from a traced profile of a MoE model are not split for DTensor "
-            "sequence parallelism (engines fsdp2, ddp) yet: set sequence_parallel: false, or "
-            "engine megatron or deepspeed"
         )
     if lay.expert > 1 and not (
         lay.expert_capacity_factor is None and local_p.experts == "grouped_mm"
