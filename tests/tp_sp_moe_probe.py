@@ -56,13 +56,35 @@ def sequence_parallel(model: Any, mesh: Any) -> None:
 
     tp, rank = mesh.size(), mesh.get_local_rank()
     for layer in model.model.layers:
-        plan: dict[str, Any] = {f"self_attn.{n}_proj": ColwiseParallel() for n in ("q", "k", "v")}
+        plan: dict[str, Any] = {name: SequenceParallel() for name in NORMS}
+        attn = layer.self_attn
         plan["self_attn.o_proj"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
-        plan.update({name: SequenceParallel() for name in NORMS})
-        plan["self_attn"] = PrepareModuleInput(
-            input_kwarg_layouts={"hidden_states": Shard(1)},
-            desired_input_kwarg_layouts={"hidden_states": Replicate()},
-        )
+        if hasattr(attn, "kv_a_proj_with_mqa"):
+            # MLA (torchtitan deepseek_v3 apply_non_moe_tp): the attention's input gathered
+            # once, the low-rank projections and their norms replicated (NoParallel: plain
+            # tensors here), the up-projections column-parallel over the heads
+            plan["self_attn"] = PrepareModuleInput(
+                input_kwarg_layouts={"hidden_states": Shard(1)},
+                desired_input_kwarg_layouts={"hidden_states": Replicate()},
+                use_local_output=True,
+            )
+            up = ("q_b_proj" if attn.q_lora_rank is not None else "q_proj", "kv_b_proj")
+            plan.update({f"self_attn.{n}": ColwiseParallel() for n in up})
+        else:
+            plan["self_attn"] = PrepareModuleInput(
+                input_kwarg_layouts={"hidden_states": Shard(1)},
+                desired_input_kwarg_layouts={"hidden_states": Replicate()},
+            )
+            plan.update({f"self_attn.{n}_proj": ColwiseParallel() for n in ("q", "k", "v")})
+        if not hasattr(layer.mlp, "experts"):  # a dense layer: torchtitan's Llama MLP plan
+            plan["mlp"] = PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+            )
+            plan["mlp.gate_proj"] = ColwiseParallel()
+            plan["mlp.up_proj"] = ColwiseParallel()
+            plan["mlp.down_proj"] = RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+            parallelize_module(layer, mesh, plan)
+            continue
         plan["mlp"] = PrepareModuleInputOutput(
             input_layouts=(Shard(1),),
             desired_input_layouts=(Replicate(),),
@@ -71,10 +93,11 @@ def sequence_parallel(model: Any, mesh: Any) -> None:
             desired_output_layouts=(Shard(1),),
             use_local_output=False,
         )
-        if hasattr(layer.mlp, "shared_expert"):
-            plan["mlp.shared_expert.gate_proj"] = ColwiseParallel()
-            plan["mlp.shared_expert.up_proj"] = ColwiseParallel()
-            plan["mlp.shared_expert.down_proj"] = RowwiseParallel(output_layouts=Partial())
+        for shared in ("shared_expert", "shared_experts"):
+            if hasattr(layer.mlp, shared):
+                plan[f"mlp.{shared}.gate_proj"] = ColwiseParallel()
+                plan[f"mlp.{shared}.up_proj"] = ColwiseParallel()
+                plan[f"mlp.{shared}.down_proj"] = RowwiseParallel(output_layouts=Partial())
         parallelize_module(layer, mesh, plan)
         experts = layer.mlp.experts
         inter = experts.gate_up_proj.shape[1] // 2

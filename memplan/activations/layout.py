@@ -158,20 +158,27 @@ SRC_GATHERED_BLOCKS = (
 )
 
 
+# The submodules that name such a module: a MoE block's routed experts; MLA's latent key/value
+# projections and norm (transformers deepseek_v2/v3 DeepseekV3Attention; a traced profile names
+# a storage by its first saver, so kv_a_proj_with_mqa, which shares q_a_proj's input, may not
+# appear, while kv_a_layernorm and kv_b_proj always save their own).
+_GATHERED_MARKERS = (".experts", ".kv_a_proj_with_mqa", ".kv_a_layernorm", ".kv_b_proj")
+
+
 def gathered_blocks(names: Iterable[str]) -> tuple[str, ...]:
     """Modules (relative to a decoder layer) that torch DTensor sequence parallelism runs
     entirely on the all-gathered sequence, as torchtitan lays them out (SRC_GATHERED_BLOCKS):
     a MoE block (the module holding `.experts`) gathers its input ONCE at its boundary, its
     router, shared experts and routed experts all read that one whole-sequence storage and its
     partial output is reduce-scattered back to the sequence shards; an MLA attention (the module
-    holding `kv_a_proj_with_mqa`) gathers its input before the replicated low-rank projections
-    and their norms, and leaves only through o_proj's reduce-scatter. Nothing such a module
-    saves is split over the sequence. Measured on 2 gloo ranks for Qwen2-MoE and Mixtral
-    (tests/tp_sp_moe_probe.py, tests/test_profile_tp.py)."""
+    holding `kv_a_layernorm`: _GATHERED_MARKERS) gathers its input before the replicated
+    low-rank projections and their norms, and leaves only through o_proj's reduce-scatter.
+    Nothing such a module saves is split over the sequence. Measured on 2 gloo ranks for
+    Qwen2-MoE, Mixtral and DeepSeek-V3 (tests/tp_sp_moe_probe.py, tests/test_profile_tp.py)."""
     out: set[str] = set()
     for name in names:
         base = "." + name.split("#")[0]
-        for marker in (".experts", ".kv_a_proj_with_mqa"):
+        for marker in _GATHERED_MARKERS:
             if marker in base:
                 prefix = base.split(marker)[0][1:]
                 if prefix:
