@@ -153,8 +153,14 @@ SRC_GATHERED_BLOCKS = (
     "torchtitan 05a6cb3 torchtitan/models/llama4/infra/parallelize.py::apply_moe_ep_tp ('moe': "
     "PrepareModuleInputOutput(Shard(1) -> Replicate, use_local_input=True, output Partial -> "
     "Shard(1)), router NoParallel, shared experts ColwiseParallel / RowwiseParallel(Partial), "
-    "experts ExpertTensorParallel); torchtitan/models/deepseek_v3/infra/parallelize.py::"
-    "apply_non_moe_tp (MLA: 'attention' gathered, wkv_a / kv_norm / wq_a / q_norm NoParallel)"
+    "experts TensorParallel or, with EP, ExpertTensorParallel); torchtitan 3e3a19f "
+    "torchtitan/models/deepseek_v3/infra/parallelize.py::apply_non_moe_tp (MLA: 'attention' "
+    "PrepareModuleInput(Shard(1) -> Replicate), wkv_a / kv_norm / wq_a / q_norm NoParallel)"
+)
+GATHERED_NOTE = (
+    "DTensor sequence parallelism over a MoE block or an MLA attention as torchtitan lays it "
+    "out: the module's input all-gathered once, everything it saves at the whole sequence "
+    f"({SRC_GATHERED_BLOCKS})."
 )
 
 
@@ -224,7 +230,13 @@ def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Ac
         )
         for b in local.blocks
     )
-    return replace(local, blocks=blocks, hidden_bytes=local.hidden_bytes // lay.tensor)
+    notes = (GATHERED_NOTE,) if any(gathered.values()) else ()
+    return replace(
+        local,
+        blocks=blocks,
+        hidden_bytes=local.hidden_bytes // lay.tensor,
+        notes=(*local.notes, *notes),
+    )
 
 
 # A traced profile's names (memplan.model.profile: the module that saved a storage first, and
@@ -285,7 +297,13 @@ def split_traced(
         )
         for b in local.blocks
     )
-    return replace(local, blocks=blocks, hidden_bytes=local.hidden_bytes // lay.tensor)
+    notes = (GATHERED_NOTE,) if any(gathered.values()) else ()
+    return replace(
+        local,
+        blocks=blocks,
+        hidden_bytes=local.hidden_bytes // lay.tensor,
+        notes=(*local.notes, *notes),
+    )
 
 
 SRC_NO_LOSS_PARALLEL = (
