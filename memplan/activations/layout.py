@@ -42,6 +42,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import replace
+from functools import lru_cache
 
 from memplan.errors import MemplanError
 from memplan.memory import Transient
@@ -171,6 +172,14 @@ GATHERED_NOTE = (
 _GATHERED_MARKERS = (".experts", ".kv_a_proj_with_mqa", ".kv_a_layernorm", ".kv_b_proj")
 
 
+@lru_cache(maxsize=64)
+def _gathered_names(names: tuple[str, ...]) -> frozenset[str]:
+    """Those of a block's tensor `names` saved inside a module `gathered_blocks` names (a
+    profile's or a rule's names repeat over plan's layouts: cached)."""
+    prefixes = tuple(f"{m}{c}" for m in gathered_blocks(names) for c in ".#")
+    return frozenset(n for n in names if prefixes and n.startswith(prefixes))
+
+
 def gathered_blocks(names: Iterable[str]) -> tuple[str, ...]:
     """Modules (relative to a decoder layer) that torch DTensor sequence parallelism runs
     entirely on the all-gathered sequence, as torchtitan lays them out (SRC_GATHERED_BLOCKS):
@@ -192,10 +201,6 @@ def gathered_blocks(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
-def _inside(name: str, modules: tuple[str, ...]) -> bool:
-    return any(name.startswith((m + ".", m + "#")) for m in modules)
-
-
 def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Activations:
     """`local` (the TP slice's activations at sequence / CP) with sequence parallelism applied:
     the tensors TP leaves whole (same shape in `full`, the whole model's prediction at the same
@@ -204,9 +209,9 @@ def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Ac
         return local
     whole = {(b.name, t.name): t.shape for b in full.blocks for t in (*b.tensors, *b.recompute)}
     gathered = {
-        b.name: gathered_blocks(t.name for t in (*b.tensors, *b.recompute))
+        b.name: _gathered_names(tuple(t.name for t in (*b.tensors, *b.recompute)))
         if lay.gathered_inputs
-        else ()
+        else frozenset()
         for b in local.blocks
     }
 
@@ -215,7 +220,7 @@ def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Ac
             return t
         if lay.gathered_inputs and _COLUMN_INPUT.search(t.name):
             return t
-        if _inside(t.name, gathered[block.name]):
+        if t.name in gathered[block.name]:
             return t  # run on the whole sequence (gathered_blocks)
         if whole.get((block.name, t.name)) != t.shape:
             return t  # split by TP already
@@ -268,16 +273,16 @@ def split_traced(
         return local
     whole = {(b.name, t.name): t.shape for b in full.blocks for t in (*b.tensors, *b.recompute)}
     gathered = {
-        b.name: gathered_blocks(t.name for t in (*b.tensors, *b.recompute))
+        b.name: _gathered_names(tuple(t.name for t in (*b.tensors, *b.recompute)))
         if lay.gathered_inputs
-        else ()
+        else frozenset()
         for b in local.blocks
     }
 
     def sp(block: Block, t: Saved) -> Saved:
         if block.name == "loss" or (block.name, t.name) not in token_major:
             return t
-        if _inside(t.name, gathered[block.name]):
+        if t.name in gathered[block.name]:
             return t  # run on the whole sequence (gathered_blocks)
         if block.name == "embeddings" and t.dtype.startswith(("int", "uint")):
             return t  # the embedding's indices (`_NOT_SEQUENCE_SPLIT`'s ".indices")

@@ -63,7 +63,8 @@ def tensor_parallel_profile(
         )
     st = layout.local_setting(st, lay)  # CP: one rank's sequence / CP tokens, as the rules
     local = _from_profile(local_p, arch, st)
-    full = _from_profile(whole_p, arch, st) if whole_p is not None else local
+    # the TP-1 profile's tensors serve only these two (needs_whole); plan evaluates thousands
+    full = _from_profile(whole_p, arch, st) if needs_whole and whole_p is not None else local
     if lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss:
         # The head (final norm, the LM head's input) and the loss are as wide as the hidden
         # size and the vocabulary, never the sliced heads or MLP: the TP-1 profile's are the
