@@ -1,10 +1,12 @@
 """Measure what one MoE decoder layer saves on a real tensor + sequence parallel rank (CPU, gloo).
 
-Used by tests/test_profile_tp.py (the traced MoE profile under DTensor SP). Each spawned rank
-shards a tiny transformers MoE model (Qwen2-MoE with its shared expert, Mixtral without) the way
-torchtitan lays out a MoE decoder layer under TP + SP (torchtitan's apply_moe_ep_tp, e.g.
-torchtitan/models/llama4/infra/parallelize.py at 2645c02 and deepseek_v3's; torchtitan 0.3.0's
-models/common/moe_sharding.py::_moe_sharding_config keeps the same layouts with EP off):
+Used by tests/test_profile_tp.py and benchmarks/moe_sp_ranks.py (traced MoE profiles under
+DTensor SP). Each spawned rank shards a tiny transformers MoE model (Qwen2-MoE with its shared
+expert, Mixtral without, DeepSeek-V3 with MLA and a dense first layer) the way torchtitan lays
+out MoE and MLA layers under TP + SP (torchtitan 05a6cb3 torchtitan/models/llama4/infra/
+parallelize.py::apply_moe_ep_tp; 3e3a19f torchtitan/models/deepseek_v3/infra/parallelize.py::
+apply_non_moe_tp; the installed torchtitan 0.3.0's models/common/moe_sharding.py::
+_moe_sharding_config keeps the same layouts with EP off):
 
 - attention and norms as tests/tp_sp_probe.py (torchtitan's Llama plan): `SequenceParallel`
   norms, `PrepareModuleInput(Shard(1) -> Replicate)` on self_attn, ColwiseParallel q/k/v,
@@ -18,7 +20,11 @@ models/common/moe_sharding.py::_moe_sharding_config keeps the same layouts with 
   down `RowwiseParallel(output_layouts=Partial())` (Qwen2-MoE; its `shared_expert_gate`
   replicated), and the routed experts' weights sliced on their intermediate dimension
   (torchtitan's `TensorParallel` on GroupedExperts: w1/w3 Shard(1), w2 Shard(2), run on local
-  tensors), gate and up halves of transformers' fused gate_up_proj sliced alike.
+  tensors), gate and up halves of transformers' fused gate_up_proj sliced alike;
+- MLA attention (DeepSeek-V3): its input gathered once (`PrepareModuleInput`, plain output),
+  q_a_proj / kv_a_proj_with_mqa and their norms replicated (NoParallel), q_b_proj and kv_b_proj
+  ColwiseParallel over the heads, o_proj as above; a dense layer's MLP as torchtitan's Llama
+  (`PrepareModuleInput` on mlp, ColwiseParallel gate/up, `RowwiseParallel(Shard(1))` down).
 
 Every saved storage is attributed as in tp_sp_probe (layers.<i>, by the innermost module).
 """
