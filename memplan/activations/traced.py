@@ -62,9 +62,9 @@ def tensor_parallel_profile(
             "tensor parallelism (memplan slices language-model heads only)"
         )
     st = layout.local_setting(st, lay)  # CP: one rank's sequence / CP tokens, as the rules
-    local = _from_profile(local_p, arch, st)
-    # the TP-1 profile's tensors serve only these two (needs_whole); plan evaluates thousands
-    full = _from_profile(whole_p, arch, st) if needs_whole and whole_p is not None else local
+    local = _read(local_p, arch, st)
+    # the TP-1 profile's tensors serve only these two (needs_whole)
+    full = _read(whole_p, arch, st) if needs_whole and whole_p is not None else local
     if lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss:
         # The head (final norm, the LM head's input) and the loss are as wide as the hidden
         # size and the vocabulary, never the sliced heads or MLP: the TP-1 profile's are the
@@ -74,6 +74,24 @@ def tensor_parallel_profile(
         local = layout.split_traced(full, local, st, lay, local_p.token_major())
     notes = (EP_OVER_PROFILE,) if lay.expert > 1 else ()
     return replace(local, buffers=layout.buffers(arch, st, lay), notes=(*local.notes, *notes))
+
+
+_READ: dict[tuple[int, int, Setting], tuple[profile.Profile, Activations]] = {}
+
+
+def _read(traced: profile.Profile, arch: Architecture, st: Setting) -> Activations:
+    """`_from_profile`, kept per profile object, layer count and setting: plan's layouts read
+    the same few slices at the same few settings thousands of times (a profile holds a dict,
+    so it is keyed by identity, the entry holding the profile itself)."""
+    key = (id(traced), arch.num_layers, st)
+    hit = _READ.get(key)
+    if hit is not None and hit[0] is traced:
+        return hit[1]
+    if len(_READ) >= 512:
+        _READ.clear()
+    acts = _from_profile(traced, arch, st)
+    _READ[key] = (traced, acts)
+    return acts
 
 
 EP_REFUSED = (
