@@ -11,7 +11,10 @@ sequence parallelism, under DTensor (fsdp2: torch.chunk's vocabulary rows, loss_
 and off) and Megatron (padded rows). The trace itself is transformers' model code under
 FakeTensorMode, not memplan's rule: an independent oracle for the profile path. The MoE cases
 (Mixtral, Qwen2-MoE) and the CP cases hold the profile path to those families' rules at the
-same layouts (the rules' own evidence for MoE and CP is theirs, not re-proven here).
+same layouts (the rules' own evidence for MoE and CP is theirs, not re-proven here). Under
+DTensor SP the MoE cases (and DeepSeek-V3's MLA, which has no rule) are held to real 2-rank
+DTensor TP + SP runs laid out as torchtitan lays out MoE layers (tests/tp_sp_moe_probe.py;
+benchmarks/moe_sp_ranks.py runs eager attention too).
 """
 
 from __future__ import annotations
@@ -51,13 +54,15 @@ def _by_block(acts: Any) -> dict[str, int]:
     return {b.name: b.bytes for b in acts.blocks}
 
 
-_CACHE: dict[tuple[str, str, int, int], profile.Profile] = {}
+_CACHE: dict[tuple[Any, ...], profile.Profile] = {}
 
 
 def _profile(spec: Any, tensor: int, rows: int, config: dict[str, Any] = CONFIG) -> profile.Profile:
     """The profile of `config` (of one TP rank's slice for `tensor` > 1) at `spec`'s setting,
-    traced once per module (every spec here is bf16, sdpa, cuda; checkpointing is keyed)."""
-    key = (json.dumps(config, sort_keys=True), setting_of(spec).checkpointing, tensor, rows)
+    traced once per module and setting."""
+    st = setting_of(spec)
+    at = (st.checkpointing, st.device, st.stream, st.matmul, str(st.autocast), st.attention)
+    key = (json.dumps(config, sort_keys=True), *at, tensor, rows)
     if key not in _CACHE:
         doc = tracer.for_setting(config, spec, tensor=tensor, vocab_rows=rows)
         _CACHE[key] = profile.from_document(json.loads(json.dumps(doc)), origin="t")
@@ -158,6 +163,29 @@ QWEN2_MOE = {
     "shared_expert_intermediate_size": 56,
     "num_experts": 4,
 }
+DEEPSEEK_V3 = {
+    "model_type": "deepseek_v3",  # MLA with a q LoRA, a dense first layer, a shared expert
+    "hidden_size": 48,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 16,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+    "n_routed_experts": 4,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "vocab_size": 777,
+    "max_position_embeddings": 1024,
+    "attention_dropout": 0.0,
+}
 MOE_CASES = [
     pytest.param(MIXTRAL, {"engine": "megatron", "sequence_parallel": True}, id="mixtral-mg-sp"),
     pytest.param(
@@ -167,21 +195,37 @@ MOE_CASES = [
     ),
     pytest.param(QWEN2_MOE, {"engine": "fsdp2"}, id="qwen2_moe-dtensor"),
     pytest.param(QWEN2_MOE, {"engine": "megatron", "sequence_parallel": True}, id="qwen2_moe-sp"),
+    # DTensor SP: the MoE block whole on the gathered sequence (layout.gathered_blocks), both
+    # paths proved against real ranks below
+    pytest.param(
+        QWEN2_MOE, {"engine": "fsdp2", "sequence_parallel": True}, id="qwen2_moe-dtensor-sp"
+    ),
+    pytest.param(
+        MIXTRAL,
+        {"engine": "fsdp2", "sequence_parallel": True, "data": 2, "expert": 2},
+        id="mixtral-dtensor-sp-ep2",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("config", "parallelism"), MOE_CASES)
-def test_traced_moe_tp_slice_equals_the_hand_rule(
-    config: dict[str, Any], parallelism: dict[str, Any]
-) -> None:
-    """MoE layers (grouped_mm experts at moe/intermediate / TP, a shared expert) on one TP rank:
-    the profile path equals the Mixtral and Qwen2-MoE rules, and their dispatch buffers."""
-    spec = make_spec(
+def _moe_spec(
+    config: dict[str, Any],
+    device: str = "cuda",
+    precision: str = "bf16",
+    attention: str = "sdpa",
+    **parallelism: Any,
+) -> Any:
+    return make_spec(
         model={"architecture": config},
-        precision="bf16",
-        training={"micro_batch_size": 2, "sequence_length": 32, "attention": "sdpa"},
+        precision=precision,
+        hardware={"device": device},
+        training={"micro_batch_size": 2, "sequence_length": 32, "attention": attention},
         parallelism={"data": 1, "tensor": 2, **parallelism},
     )
+
+
+def _rule_and_traced(config: dict[str, Any], spec: Any) -> tuple[Any, Any]:
+    """The hand rule's TP rank and the profile path's, the family hidden."""
     inv = from_config(config)
     assert inv.architecture is not None
     rule = micro_batch_of(spec, inv)
@@ -192,7 +236,16 @@ def test_traced_moe_tp_slice_equals_the_hand_rule(
         architecture=hidden,
         profiles=(_profile(spec, 1, 0, config), _profile(spec, 2, rows, config)),
     )
-    traced = micro_batch_of(spec, unruled)
+    return rule, micro_batch_of(spec, unruled)
+
+
+@pytest.mark.parametrize(("config", "parallelism"), MOE_CASES)
+def test_traced_moe_tp_slice_equals_the_hand_rule(
+    config: dict[str, Any], parallelism: dict[str, Any]
+) -> None:
+    """MoE layers (grouped_mm experts at moe/intermediate / TP, a shared expert) on one TP rank:
+    the profile path equals the Mixtral and Qwen2-MoE rules, and their dispatch buffers."""
+    rule, traced = _rule_and_traced(config, _moe_spec(config, **parallelism))
     assert rule.modelled and traced.modelled and traced.source == "profile", traced.notes
     got, want = _by_block(traced), _by_block(rule)
     if parallelism.get("expert", 1) > 1:
@@ -202,18 +255,63 @@ def test_traced_moe_tp_slice_equals_the_hand_rule(
         got["layers"] = want["layers"]
     assert got == want
     assert traced.buffers == rule.buffers and traced.hidden_bytes == rule.hidden_bytes
-    if parallelism["engine"] == "fsdp2":
-        sp = layout_of(
-            spec.model_copy(
-                update={
-                    "parallelism": spec.parallelism.model_copy(update={"sequence_parallel": True})
-                }
-            )
-        )
-        from memplan.activations import micro_batch
 
-        refused = micro_batch(unruled, setting_of(spec), sp, spec.finetune)
-        assert not refused.modelled and "DTensor sequence parallelism" in refused.notes[0]
+
+MOE_RANKS = {"qwen2_moe": QWEN2_MOE, "mixtral": MIXTRAL, "deepseek_v3": DEEPSEEK_V3}
+
+
+@pytest.fixture(scope="module")
+def moe_sp_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Two real gloo ranks of each tiny MoE model under torch DTensor TP 2 + SP, laid out as
+    torchtitan lays out MoE and MLA layers (tests/tp_sp_moe_probe.py), bf16, 2 x 32 tokens."""
+    from tests.tp_probe import Case
+    from tests.tp_sp_moe_probe import run_ranks
+
+    return run_ranks(MOE_RANKS, [Case("bf16", "sdpa")], tmp_path_factory.mktemp("moe-sp"))
+
+
+@pytest.mark.parametrize("name", sorted(MOE_RANKS))
+def test_traced_moe_under_dtensor_sp_equals_real_ranks(
+    moe_sp_ranks: list[dict[str, Any]], name: str
+) -> None:
+    """Independent oracle: each decoder layer of a real DTensor TP + SP rank (the MoE block's
+    input all-gathered once and read by the router, the shared expert and the experts; MLA's
+    latent projections on the gathered sequence) holds for backward, to the byte, what the
+    profile path predicts for that layer, and what the hand rule does where there is one.
+    Before layout.gathered_blocks the profile path was refused here, and the hand rule split
+    the router's tensors, the shared expert gate's and its output: 7,232 B per layer under on
+    Qwen2-MoE, 4,480 B on Mixtral. DeepSeek-V3's layers: dense first (first_k_dense_replace)."""
+    traced, rule = dtensor_sp_layers(MOE_RANKS[name], "bf16", "sdpa")
+    assert rule is None or rule == traced
+    for res in moe_sp_ranks:
+        run = res[f"{name}/bf16-sdpa"]
+        assert run["max_logit_diff"] < 5e-2  # the plan computes the whole model's logits
+        assert held_per_layer(run) == traced
+
+
+def dtensor_sp_layers(
+    config: dict[str, Any], precision: str, attention: str
+) -> tuple[list[int], list[int] | None]:
+    """Bytes each of the 2 decoder layers saves on one DTensor TP 2 + SP rank (CPU kernels):
+    the profile path's (the family hidden) and the hand rule's (None without one). DeepSeek-V3's
+    layer 0 is dense and layer 1 MoE (first_k_dense_replace)."""
+    spec = _moe_spec(config, "cpu", precision, attention, engine="fsdp2", sequence_parallel=True)
+    rule, traced = _rule_and_traced(config, spec)
+    assert traced.modelled and traced.source == "profile", traced.notes
+    kinds = {b.name: b.bytes_each for b in traced.blocks if b.name.startswith("layers")}
+    if len(kinds) == 1:
+        ruled = {b.name: b.bytes_each for b in rule.blocks}["layers"] if rule.modelled else None
+        return [kinds["layers"]] * 2, None if ruled is None else [ruled] * 2
+    moe = next(k for k in kinds if "MoE" in k)
+    return [kinds["layers"], kinds[moe]], None
+
+
+def held_per_layer(run: dict[str, Any]) -> list[int]:
+    """Bytes of each decoder layer's saved storages that a node of the loss's graph holds
+    (tests/tp_sp_moe_probe.py; DeepSeek's group routing saves three int/bool tensors, 1,792 B,
+    in nodes the graph drops before backward)."""
+    regions = run["sp"]["regions"]
+    return [sum(s["bytes"] for s in regions[f"layers.{i}"] if s["saved_by"]) for i in range(2)]
 
 
 GRANITE = {

@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import replace
+from functools import lru_cache
 
 from memplan.errors import MemplanError
 from memplan.memory import Transient
@@ -148,6 +150,57 @@ def local_setting(st: Setting, lay: Layout) -> Setting:
     return replace(st, sequence=st.sequence // lay.context)
 
 
+SRC_GATHERED_BLOCKS = (
+    "torchtitan 05a6cb3 torchtitan/models/llama4/infra/parallelize.py::apply_moe_ep_tp ('moe': "
+    "PrepareModuleInputOutput(Shard(1) -> Replicate, use_local_input=True, output Partial -> "
+    "Shard(1)), router NoParallel, shared experts ColwiseParallel / RowwiseParallel(Partial), "
+    "experts TensorParallel or, with EP, ExpertTensorParallel); torchtitan 3e3a19f "
+    "torchtitan/models/deepseek_v3/infra/parallelize.py::apply_non_moe_tp (MLA: 'attention' "
+    "PrepareModuleInput(Shard(1) -> Replicate), wkv_a / kv_norm / wq_a / q_norm NoParallel)"
+)
+GATHERED_NOTE = (
+    "DTensor sequence parallelism over a MoE block or an MLA attention as torchtitan lays it "
+    "out: the module's input all-gathered once, everything it saves at the whole sequence "
+    f"({SRC_GATHERED_BLOCKS})."
+)
+
+
+# The submodules that name such a module: a MoE block's routed experts; MLA's latent key/value
+# projections and norm (transformers deepseek_v2/v3 DeepseekV3Attention; a traced profile names
+# a storage by its first saver, so kv_a_proj_with_mqa, which shares q_a_proj's input, may not
+# appear, while kv_a_layernorm and kv_b_proj always save their own).
+_GATHERED_MARKERS = (".experts", ".kv_a_proj_with_mqa", ".kv_a_layernorm", ".kv_b_proj")
+
+
+@lru_cache(maxsize=64)
+def _gathered_names(names: tuple[str, ...]) -> frozenset[str]:
+    """Those of a block's tensor `names` saved inside a module `gathered_blocks` names (a
+    profile's or a rule's names repeat over plan's layouts: cached)."""
+    prefixes = tuple(f"{m}{c}" for m in gathered_blocks(names) for c in ".#")
+    return frozenset(n for n in names if prefixes and n.startswith(prefixes))
+
+
+def gathered_blocks(names: Iterable[str]) -> tuple[str, ...]:
+    """Modules (relative to a decoder layer) that torch DTensor sequence parallelism runs
+    entirely on the all-gathered sequence, as torchtitan lays them out (SRC_GATHERED_BLOCKS):
+    a MoE block (the module holding `.experts`) gathers its input ONCE at its boundary, its
+    router, shared experts and routed experts all read that one whole-sequence storage and its
+    partial output is reduce-scattered back to the sequence shards; an MLA attention (the module
+    holding `kv_a_layernorm`: _GATHERED_MARKERS) gathers its input before the replicated
+    low-rank projections and their norms, and leaves only through o_proj's reduce-scatter.
+    Nothing such a module saves is split over the sequence. Measured on 2 gloo ranks for
+    Qwen2-MoE, Mixtral and DeepSeek-V3 (tests/tp_sp_moe_probe.py, tests/test_profile_tp.py)."""
+    out: set[str] = set()
+    for name in names:
+        base = "." + name.split("#")[0]
+        for marker in _GATHERED_MARKERS:
+            if marker in base:
+                prefix = base.split(marker)[0][1:]
+                if prefix:
+                    out.add(prefix)
+    return tuple(sorted(out))
+
+
 def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Activations:
     """`local` (the TP slice's activations at sequence / CP) with sequence parallelism applied:
     the tensors TP leaves whole (same shape in `full`, the whole model's prediction at the same
@@ -155,12 +208,20 @@ def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Ac
     if not (lay.sequence_parallel and lay.tensor > 1):
         return local
     whole = {(b.name, t.name): t.shape for b in full.blocks for t in (*b.tensors, *b.recompute)}
+    gathered = {
+        b.name: _gathered_names(tuple(t.name for t in (*b.tensors, *b.recompute)))
+        if lay.gathered_inputs
+        else frozenset()
+        for b in local.blocks
+    }
 
     def sp(block: Block, t: Saved) -> Saved:
         if block.name == "loss" or any(k in t.name for k in _NOT_SEQUENCE_SPLIT):
             return t
         if lay.gathered_inputs and _COLUMN_INPUT.search(t.name):
             return t
+        if t.name in gathered[block.name]:
+            return t  # run on the whole sequence (gathered_blocks)
         if whole.get((block.name, t.name)) != t.shape:
             return t  # split by TP already
         shape = _split_tokens(t.shape, st, lay.tensor)
@@ -174,7 +235,13 @@ def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Ac
         )
         for b in local.blocks
     )
-    return replace(local, blocks=blocks, hidden_bytes=local.hidden_bytes // lay.tensor)
+    notes = (GATHERED_NOTE,) if any(gathered.values()) else ()
+    return replace(
+        local,
+        blocks=blocks,
+        hidden_bytes=local.hidden_bytes // lay.tensor,
+        notes=(*local.notes, *notes),
+    )
 
 
 # A traced profile's names (memplan.model.profile: the module that saved a storage first, and
@@ -199,14 +266,24 @@ def split_traced(
     token_major), the TP slice leaves it as wide as the whole model's (`full`: the TP-1
     profile's), and it is none of the tensors Megatron keeps whole (`_NOT_SEQUENCE_SPLIT`: the
     loss's, the embedding's integer indices, the experts'), nor, under DTensor, a
-    column-parallel linear's gathered input."""
+    column-parallel linear's gathered input or anything a module `gathered_blocks` names saves
+    (a MoE block, an MLA attention: on one device their one input storage is listed under its
+    first saver, the router or a shared expert's linear, whatever the plan gathers)."""
     if not (lay.sequence_parallel and lay.tensor > 1):
         return local
     whole = {(b.name, t.name): t.shape for b in full.blocks for t in (*b.tensors, *b.recompute)}
+    gathered = {
+        b.name: _gathered_names(tuple(t.name for t in (*b.tensors, *b.recompute)))
+        if lay.gathered_inputs
+        else frozenset()
+        for b in local.blocks
+    }
 
     def sp(block: Block, t: Saved) -> Saved:
         if block.name == "loss" or (block.name, t.name) not in token_major:
             return t
+        if t.name in gathered[block.name]:
+            return t  # run on the whole sequence (gathered_blocks)
         if block.name == "embeddings" and t.dtype.startswith(("int", "uint")):
             return t  # the embedding's indices (`_NOT_SEQUENCE_SPLIT`'s ".indices")
         if "experts" in t.name:
@@ -225,7 +302,13 @@ def split_traced(
         )
         for b in local.blocks
     )
-    return replace(local, blocks=blocks, hidden_bytes=local.hidden_bytes // lay.tensor)
+    notes = (GATHERED_NOTE,) if any(gathered.values()) else ()
+    return replace(
+        local,
+        blocks=blocks,
+        hidden_bytes=local.hidden_bytes // lay.tensor,
+        notes=(*local.notes, *notes),
+    )
 
 
 SRC_NO_LOSS_PARALLEL = (

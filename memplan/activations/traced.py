@@ -23,7 +23,9 @@ def tensor_parallel_profile(
     local_setting: ring attention saves the SDPA's tensors at the local length), the whole
     vocabulary's head and loss from the TP-1 profile without loss_parallel under DTensor,
     sequence parallelism splitting what the slice leaves as wide as the TP-1 profile
-    (memplan.activations.layout.split_traced), and the layout's communication buffers. With
+    (memplan.activations.layout.split_traced; under DTensor never inside a MoE block or an MLA
+    attention, which torchtitan's plan runs on the all-gathered sequence: layout.
+    gathered_blocks), and the layout's communication buffers. With
     EP > 1 as over a TP-1 profile (EP_OVER_PROFILE: dropless routing, grouped_mm experts whose
     saved tensors hold per rank)."""
     from memplan.activations import layout
@@ -50,18 +52,6 @@ def tensor_parallel_profile(
             "activations from a traced profile under sequence parallelism or without "
             "loss_parallel need the whole model's profile beside the TP slice's, not traced"
         )
-    if lay.sequence_parallel and arch.num_experts and lay.gathered_inputs:
-        # A single-device trace lists a storage once, under its first saver: where the router
-        # and a shared expert's column-parallel linear both save the layer's input (Qwen2-MoE),
-        # DTensor SP keeps the router's shard and the linear's gathered copy, which the trace
-        # cannot tell apart (measured: the shared expert's gate_proj input whole, 3,072 B per
-        # layer above the hand rule, tiny Qwen2-MoE, TP 2, 2 x 32 tokens; Mixtral, without a
-        # shared expert, agrees; Megatron SP gathers no inputs and agrees for both).
-        return layout.refused(
-            "activations from a traced profile of a MoE model are not split for DTensor "
-            "sequence parallelism (engines fsdp2, ddp) yet: set sequence_parallel: false, or "
-            "engine megatron or deepspeed"
-        )
     if lay.expert > 1 and not (
         lay.expert_capacity_factor is None and local_p.experts == "grouped_mm"
     ):
@@ -72,8 +62,9 @@ def tensor_parallel_profile(
             "tensor parallelism (memplan slices language-model heads only)"
         )
     st = layout.local_setting(st, lay)  # CP: one rank's sequence / CP tokens, as the rules
-    local = _from_profile(local_p, arch, st)
-    full = _from_profile(whole_p, arch, st) if whole_p is not None else local
+    local = _read(local_p, arch, st)
+    # the TP-1 profile's tensors serve only these two (needs_whole)
+    full = _read(whole_p, arch, st) if needs_whole and whole_p is not None else local
     if lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss:
         # The head (final norm, the LM head's input) and the loss are as wide as the hidden
         # size and the vocabulary, never the sliced heads or MLP: the TP-1 profile's are the
@@ -83,6 +74,24 @@ def tensor_parallel_profile(
         local = layout.split_traced(full, local, st, lay, local_p.token_major())
     notes = (EP_OVER_PROFILE,) if lay.expert > 1 else ()
     return replace(local, buffers=layout.buffers(arch, st, lay), notes=(*local.notes, *notes))
+
+
+_READ: dict[tuple[int, int, Setting], tuple[profile.Profile, Activations]] = {}
+
+
+def _read(traced: profile.Profile, arch: Architecture, st: Setting) -> Activations:
+    """`_from_profile`, kept per profile object, layer count and setting: plan's layouts read
+    the same few slices at the same few settings thousands of times (a profile holds a dict,
+    so it is keyed by identity, the entry holding the profile itself)."""
+    key = (id(traced), arch.num_layers, st)
+    hit = _READ.get(key)
+    if hit is not None and hit[0] is traced:
+        return hit[1]
+    if len(_READ) >= 512:
+        _READ.clear()
+    acts = _from_profile(traced, arch, st)
+    _READ[key] = (traced, acts)
+    return acts
 
 
 EP_REFUSED = (
