@@ -454,3 +454,48 @@ def test_layouts_estimate_refuses_are_pruned_not_fatal() -> None:
     result = plan(spec, from_config(TINY_LLAMA), suggest=False)
     assert result.pruned["estimate refuses this layout (finetune.method)"] > 0
     assert result.layouts and all(c.tensor == 1 for c in result.layouts)
+
+
+def test_the_specs_own_parallelism_keys_are_kept_on_the_layouts_they_apply_to() -> None:
+    """parallelism keys the spec sets itself (reduce_dtype, data_replicate, loss_parallel, ...)
+    are not searched: a plan keeps them on the layouts of the engines they belong to, every
+    such row names them (so `estimate` on its spec reproduces its bytes), a layout that cannot
+    run one is pruned with the key named, and the notes say what was kept. Structure and
+    reproduction, not an oracle: fp32 against bf16 reduction moves FSDP2's reduce-scatter
+    buffers (tests/test_fsdp2_reduce_dtype.py proves them on torch's own fully_shard)."""
+    doc = {
+        "model": {"preset": "llama-3.1-8b"},
+        "precision": "bf16-mixed",
+        "training": {"sequence_length": 4096},
+        "parallelism": {"engine": "fsdp2", "data": 8, "data_replicate": 4},
+        "hardware": {"gpu": "H100-80GB", "gpus_per_node": 8},
+        "plan": {"gpus": 16, "global_batch_size": 64, "engines": ["fsdp2", "megatron"]},
+    }
+    peaks = {}
+    for reduce in ("bf16", "fp32"):
+        doc["parallelism"]["reduce_dtype"] = reduce  # type: ignore[index]
+        loaded = validate(doc)
+        inventory = load_inventory(loaded)
+        result = plan(loaded.spec, inventory, suggest=False)
+        fsdp2 = [c for c in result.layouts if c.engine == "fsdp2"]
+        assert fsdp2 and all(
+            c.parallelism.reduce_dtype == reduce and c.parallelism.data_replicate == 4
+            for c in fsdp2
+        )
+        assert all(c.parallelism.reduce_dtype is None for c in result.layouts if c not in fsdp2)
+        # HSDP needs data % 4 == 0 and no context/expert parallelism: the others are pruned
+        # naming data_replicate, never reduce_dtype (it runs on every FSDP2 layout).
+        assert result.pruned["the spec's parallelism.data_replicate cannot run this layout"] > 0
+        assert not any("reduce_dtype cannot" in k for k in result.pruned)
+        assert any("kept from the spec's parallelism" in n and reduce in n for n in result.notes)
+        best = fsdp2[0]
+        assert estimate(row_spec(loaded.spec, best), inventory).peak_bytes == best.peak_bytes
+        document = row_document(loaded.spec, best)
+        assert document["parallelism"]["reduce_dtype"] == reduce  # type: ignore[index]
+        peaks[reduce] = {
+            (c.data, c.tensor, c.pipeline, c.context, c.zero_stage, c.micro_batch_size,
+             c.recompute, c.compile): c.peak_bytes
+            for c in fsdp2
+        }  # fmt: skip
+    common = peaks["bf16"].keys() & peaks["fp32"].keys()
+    assert common and any(peaks["bf16"][k] != peaks["fp32"][k] for k in common)

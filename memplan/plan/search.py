@@ -25,8 +25,10 @@ from memplan.plan.rows import row_spec
 from memplan.plan.space import (
     ENGINE_STAGES,
     IMPLEMENTATION_ENGINES,
+    carried_knobs,
     compile_options,
     divisors,
+    knobs_for,
     pipeline_split,
     recompute_policies,
     search_engines,
@@ -101,6 +103,18 @@ class PlanResult:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+def _refused(base: dict[str, object], knobs: dict[str, object]) -> list[str]:
+    """The carried keys a layout (`base`, valid alone) refuses: each that fails on its own, or
+    all of them when only their combination fails."""
+    alone = []
+    for key, value in knobs.items():
+        try:
+            ParallelismSpec(**base, **{key: value})
+        except ValueError:
+            alone.append(key)
+    return alone or list(knobs)
+
+
 @dataclass(slots=True)
 class _Search:
     spec: Spec
@@ -117,6 +131,8 @@ class _Search:
     """What the step's timelines derive from the model, shared by every layout of the search."""
     engines: tuple[str, ...] = ()
     """The engines searched (search_engines: plan.engines the implementation runs under)."""
+    carried: dict[str, object] = field(default_factory=dict)
+    """The spec's own parallelism keys kept on the layouts they apply to (carried_knobs)."""
 
     def degrees(self) -> Iterator[tuple[int, int, int, int, int, tuple[int, ...] | None]]:
         """(tensor, pipeline, virtual stages, context, expert, layers_per_stage (one entry per
@@ -219,24 +235,33 @@ class _Search:
                     for offload in offloads:
                         if offload != "none" and engine in ("ddp", "megatron"):
                             continue
+                        base = {
+                            "engine": engine,
+                            "data": dp,
+                            "zero_stage": stage,
+                            "tensor": tp,
+                            "pipeline": pp,
+                            "context": cp,
+                            "expert": ep,
+                            "layers_per_stage": split,
+                            "schedule": "interleaved" if vp > 1 else "1f1b",
+                            "virtual_stages": vp,
+                            "sequence_parallel": tp > 1,
+                            "offload": OffloadSpec(optimizer=offload),
+                        }
                         try:
-                            par = ParallelismSpec(
-                                engine=engine,
-                                data=dp,
-                                zero_stage=stage,
-                                tensor=tp,
-                                pipeline=pp,
-                                context=cp,
-                                expert=ep,
-                                layers_per_stage=split,
-                                schedule="interleaved" if vp > 1 else "1f1b",
-                                virtual_stages=vp,
-                                sequence_parallel=tp > 1,
-                                offload=OffloadSpec(optimizer=offload),
-                            )
+                            par = ParallelismSpec(**base)
                         except ValueError:
                             self.pruned["engine cannot run this layout"] += 1
                             continue
+                        knobs = knobs_for(self.carried, engine, {"tensor": tp, "pipeline": pp})
+                        if knobs:
+                            try:
+                                par = ParallelismSpec(**base, **knobs)
+                            except ValueError:
+                                keys = ", ".join(f"parallelism.{k}" for k in _refused(base, knobs))
+                                self.pruned[f"the spec's {keys} cannot run this layout"] += 1
+                                continue
                         yield par, offload
 
     def run(self, progress: Progress | None, first: bool = False) -> list[Candidate]:
@@ -269,7 +294,15 @@ class _Search:
                     if self.global_batch % (mbs * par.data):
                         continue
                     self.searched += 1
-                    report = self._report(spec, trained, states, mbs, recompute, compiled)
+                    try:
+                        report = self._report(spec, trained, states, mbs, recompute, compiled)
+                    except MemplanError as err:
+                        # What estimate refuses at this recompute / compile / micro-batch
+                        # (parallelism.async_tp without compile, ...): pruned with its field.
+                        self.pruned[
+                            f"estimate refuses this layout ({err.field or 'training'})"
+                        ] += 1
+                        break
                     if report is None:
                         self.pruned["does not fit: peak exceeds the budget"] += 1
                         break  # a larger micro-batch only needs more
@@ -421,6 +454,7 @@ def tensor_slices(spec: Spec, inventory: Inventory) -> tuple[tuple[int, int], ..
         return ()
     search = _Search(
         engines=search_engines(spec),
+        carried=carried_knobs(spec),
         spec=spec,
         inventory=inventory,
         plan=p,
@@ -492,6 +526,7 @@ def plan(
         )
     search = _Search(
         engines=engines,
+        carried=carried_knobs(spec),
         spec=spec,
         inventory=inventory,
         plan=p,

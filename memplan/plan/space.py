@@ -106,6 +106,43 @@ def recompute_options(settings: PlanSpec, implementation: str = "transformers") 
     return recompute_policies(settings.allow_recompute, implementation)
 
 
+# The spec's own `parallelism` keys a plan keeps (the user's engine knobs, not a searched
+# dimension), each on the layouts it applies to: its engines, and the degree it needs above 1
+# (None: any layout of those engines). Elsewhere the key means nothing and is left out;
+# where it applies but the layout cannot run it (data_replicate not dividing data, hpZ below
+# ZeRO-3), the layout is pruned with the key named.
+CARRIED: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "reduce_dtype": (("fsdp2",), None),
+    "fsdp_wrap": (("fsdp2",), None),
+    "data_replicate": (("fsdp2",), None),
+    "async_tp": (("fsdp2",), "tensor"),
+    "loss_parallel": (("ddp", "fsdp2"), "tensor"),
+    "pipeline_return_outputs": (("ddp", "fsdp2"), "pipeline"),
+    "gradient_as_bucket_view": (("ddp",), None),
+    "deepspeed": (("deepspeed",), None),
+    "make_vocab_size_divisible_by": (("megatron", "deepspeed", "fsdp2", "ddp"), None),
+    "expert_capacity_factor": (("megatron", "deepspeed", "fsdp2", "ddp"), None),
+}
+
+
+def carried_knobs(spec: Spec) -> dict[str, object]:
+    """The spec's `parallelism` keys (CARRIED) it sets itself, as a plan keeps them."""
+    par = spec.parallelism
+    return {k: getattr(par, k) for k in CARRIED if k in par.model_fields_set}
+
+
+def knobs_for(
+    carried: dict[str, object], engine: str, degrees: dict[str, int]
+) -> dict[str, object]:
+    """The carried keys that apply to a layout of `engine` with `degrees` (tensor, pipeline)."""
+    out = {}
+    for key, value in carried.items():
+        engines, degree = CARRIED[key]
+        if engine in engines and (degree is None or degrees[degree] > 1):
+            out[key] = value
+    return out
+
+
 def search_engines(spec: Spec) -> tuple[str, ...]:
     """The engines a plan of `spec` searches: plan.engines that its model implementation
     runs under (IMPLEMENTATION_ENGINES)."""
@@ -129,12 +166,31 @@ def search_notes(spec: Spec, engines: tuple[str, ...]) -> tuple[str, ...]:
     compile_note = _compile_note(spec)
     if compile_note:
         out.append(compile_note)
+    carried = carried_knobs(spec)
+    if carried:
+        kept = "; ".join(
+            f"{k} {_shown(v)} ({', '.join(e for e in CARRIED[k][0] if e in engines)}"
+            + (f", {CARRIED[k][1]} > 1" if CARRIED[k][1] else "")
+            + ")"
+            for k, v in carried.items()
+        )
+        out.append(
+            f"kept from the spec's parallelism on the layouts they apply to: {kept}; every "
+            "row that has them names them (--emit)."
+        )
     if not spec.hardware.gpu:
         out.append(
             "no hardware.gpu named: layouts are ranked by the H100-80GB's speed "
             "(memplan.hardware.CATALOG); name hardware.gpu to rank by another GPU's."
         )
     return tuple(out)
+
+
+def _shown(value: object) -> str:
+    """A carried key's value as the spec writes it."""
+    if hasattr(value, "model_dump"):
+        return str(value.model_dump(mode="json", exclude_defaults=True))
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _compile_note(spec: Spec) -> str:
