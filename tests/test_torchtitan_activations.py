@@ -245,9 +245,9 @@ def _qwen3_spec(cfg: dict[str, Any], **overrides: Any) -> Any:
 
 def test_qwen3_refusals_name_what_torchtitan_does_not_run() -> None:
     """Qwen3-MoE (torchtitan's own MoE code: no rule yet), a sliding window (torchtitan's Qwen3
-    has none), training.compile (traced on the Llama block only) and tensor parallelism (its
-    q/k norms on DTensor head shards: not measured) are refused, each with its reason; context
-    parallelism runs the rule at the rank's sequence."""
+    has none) and training.compile (traced on the Llama block only) are refused, each with its
+    reason; tensor parallelism (tests/test_torchtitan_tp_activations.py) and context
+    parallelism are modelled."""
     moe = {**qwen3(), "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2}
     moe["moe_intermediate_size"] = 32
     saved = micro_batch_of(_qwen3_spec(moe), from_config(moe))
@@ -261,8 +261,7 @@ def test_qwen3_refusals_name_what_torchtitan_does_not_run() -> None:
     assert not saved.modelled and "training.compile" in saved.notes[0]
     tp = _qwen3_spec(qwen3(), parallelism={"data": 4, "tensor": 2})
     saved = micro_batch_of(tp, inv)
-    assert not saved.modelled and "tensor parallelism" in saved.notes[0]
-    assert saved.implementation == "torchtitan"
+    assert saved.modelled and saved.implementation == "torchtitan"
     cp = _qwen3_spec(qwen3(), parallelism={"data": 4, "context": 2})
     assert micro_batch_of(cp, inv).modelled
 

@@ -27,6 +27,14 @@ local_architecture), with these differences, each measured on 2 gloo ranks
   [tokens, V / TP] fp32 and the labels, and no total_weight (9dec370 ran torch's
   `loss_parallel()` on F.cross_entropy instead: its temporaries are another term).
 
+torchtitan's dense Qwen3 (memplan.model.stacks.torchtitan) is split the same way: 0.3.0's
+models/qwen3/sharding.py::set_qwen3_sharding_config gives its attention, FFN, norms, embedding
+and head the same plans (models/common/decoder_sharding.py), and its q_norm / k_norm run on the
+Shard(2) head shards with a replicated weight, so they save per local head, as the rule on the
+rank's slice has them. Measured on 2 gloo ranks with 0.3.0's own sharding configs and
+Module.parallelize (DTensor backend), for Qwen3 and, alike, Llama 3
+(tests/torchtitan_tp_probe.py::own_tp).
+
 Context parallelism (torch.distributed.tensor.experimental context_parallel, torchtitan 0.3.0
 distributed/context_parallel/api.py::apply_cp_to_forward for SDPA) shards the inputs, labels and
 RoPE positions along the sequence (load-balanced chunks, the same count per rank), so every
@@ -83,14 +91,8 @@ _WHOLE = (
 )
 
 
-def refusal(st: Setting, lay: Layout, arch: Architecture | None = None) -> str:
-    """Why this layout is outside the torchtitan rule (for `arch`, when given), or ''."""
-    if arch is not None and arch.model_type == torchtitan.QWEN3 and lay.tensor > 1:
-        return (
-            "activations of torchtitan's Qwen3 under tensor parallelism are not modelled yet "
-            "(its q_norm / k_norm run on DTensor head shards, models/qwen3/sharding.py; the TP "
-            "rule was measured on torchtitan's Llama 3)"
-        )
+def refusal(st: Setting, lay: Layout) -> str:
+    """Why this layout is outside the torchtitan rule, or ''."""
     if lay.expert > 1:
         return "activations of torchtitan's model code are not split for expert parallelism yet"
     if st.compile and lay.tensor > 1 and st.checkpointing != "full":
@@ -108,7 +110,7 @@ def micro_batch(
     """One micro-batch's saved tensors on one GPU of a TP (+ SP) x CP layout (module docstring),
     every layer, on TP rank `lay.tensor_rank`; `fused_qkv` as in memplan.model.stacks.
     torchtitan.saved (False: 9dec370's wq, wk, wv)."""
-    why = layout.check(arch, st, lay) or refusal(st, lay, arch)
+    why = layout.check(arch, st, lay) or refusal(st, lay)
     if why:
         return replace(layout.refused(why), implementation="torchtitan")
     local_st = layout.local_setting(st, lay)
