@@ -1,5 +1,5 @@
-"""torchtitan's Llama 3 (memplan.model.stacks.torchtitan) on one rank of a tensor-, sequence-
-and context-parallel layout, as torchtitan lays it out.
+"""torchtitan's Llama 3 and Qwen3 (memplan.model.stacks.torchtitan) on one rank of a tensor-,
+sequence- and context-parallel layout, as torchtitan lays it out.
 
 Tensor parallelism is torch's DTensor TP with torchtitan's plan (0.3.0
 models/llama3/sharding.py + models/common/decoder_sharding.py; the same plan as 9dec370's
