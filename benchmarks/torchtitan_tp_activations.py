@@ -1,5 +1,5 @@
-"""torchtitan's Llama 3 under tensor (+ sequence) parallelism: memplan's rule
-(memplan.activations.torchtitan_parallel) against the real model on 2 gloo ranks, per rank.
+"""torchtitan's Llama 3 and dense Qwen3 under tensor (+ sequence) parallelism: memplan's rule
+(memplan.activations.torchtitan_parallel) against the real models on 2 gloo ranks, per rank.
 
 torchtitan 0.3.0's Llama 3 built tiny on CPU (tests/torchtitan_probe.py: dim 64, 4 heads, 2 k/v
 heads, ffn 192, sequence 16, batch 2, SDPA), sharded with torchtitan's TP plan
@@ -9,8 +9,12 @@ each rank holds for backward (the storages still alive, DTensors by their local 
 `memplan estimate`'s activations for the same spec (engine fsdp2, tensor 2), for fp32 and bf16
 x none / full / selective-op x sequence parallelism on and off x fused wqkv (0.3.0) or wq/wk/wv
 (9dec370), a vocabulary TP does not divide (255: 128 and 127 rows), and loss parallel off.
+Then torchtitan 0.3.0's own TP (its sharding configs and Module.parallelize, DTensor backend:
+tests/torchtitan_tp_probe.py::own_tp) on its Qwen3 (q_norm / k_norm on head shards, heads x
+head_dim = 2 x dim) and on its Llama 3, fp32 and bf16 x none / full / selective-op x SP on and
+off x wqkv or wq/wk/wv.
 
-    PYTHONPATH=$PWD python benchmarks/torchtitan_tp_activations.py   # ~2 min on 2 cores
+    PYTHONPATH=$PWD python benchmarks/torchtitan_tp_activations.py   # ~3 min on 2 cores
     # writes benchmarks/results/torchtitan-tp-activations.json
 """
 
@@ -30,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torchtitan  # noqa: E402
 
+from benchmarks.stamp import stamp  # noqa: E402
 from memplan.activations import torchtitan_parallel  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
 from memplan.report.estimate import layout_of, setting_of  # noqa: E402
@@ -41,6 +46,16 @@ OUT = ROOT / "benchmarks" / "results" / "torchtitan-tp-activations.json"
 
 
 def config(case: Case) -> dict[str, Any]:
+    if case.model == "qwen3":
+        shape = case.shape
+        return {
+            **config(Case(case.dtype, case.mode, layers=case.layers, vocab=case.vocab)),
+            "model_type": "qwen3",
+            "hidden_size": shape.dim,
+            "num_attention_heads": shape.heads,
+            "head_dim": shape.head_dim,
+            "tie_word_embeddings": shape.tied,
+        }
     return {
         "model_type": "llama",
         "hidden_size": DIM,
@@ -95,6 +110,14 @@ CASES = (
         for m in ("none", "full")
         for sp in (True, False)
     ]
+    + [
+        Case(d, m, sp, fused, model=model, plan="0.3.0")
+        for model in ("qwen3", "llama")
+        for d in ("fp32", "bf16")
+        for m in ("none", "full", "selective-op")
+        for sp in (True, False)
+        for fused in (True, False)
+    ]
 )
 
 
@@ -115,6 +138,7 @@ def main() -> None:
             )
     exact = sum(row["measured_bytes"] == row["memplan_bytes"] for row in rows)
     doc = {
+        "stamp": stamp(),
         "command": "PYTHONPATH=$PWD python benchmarks/torchtitan_tp_activations.py",
         "torch": torch.__version__,
         "torchtitan": getattr(torchtitan, "__version__", "0.3.0"),

@@ -1,5 +1,5 @@
-"""torchtitan's Llama 3 under tensor (+ sequence) parallelism and context parallelism
-(memplan.activations.torchtitan_parallel).
+"""torchtitan's Llama 3 and dense Qwen3 under tensor (+ sequence) parallelism and context
+parallelism (memplan.activations.torchtitan_parallel).
 
 The oracle for TP is torchtitan 0.3.0's own model sharded with torchtitan's TP plan on 2 gloo
 ranks (tests/torchtitan_tp_probe.py), per rank, to the byte; the whole matrix (60 rank-cases:
@@ -46,6 +46,8 @@ def test_tp_rule_matches_torchtitan_on_two_gloo_ranks(tmp_path: Path) -> None:
         Case("bf16", "full", True),
         Case("bf16", "selective-op", True, vocab=255),
         Case("fp32", "selective-op", False, fused_qkv=False),
+        # torchtitan 0.3.0's own Qwen3 sharding (q_norm / k_norm on head shards)
+        Case("bf16", "none", True, model="qwen3", plan="0.3.0"),
     ]
     ranks = run(cases, tmp_path)
     for case in cases:

@@ -1,8 +1,11 @@
-"""Measure what torchtitan's own Llama 3 holds for backward after forward + its loss (CPU).
+"""Measure what torchtitan's own Llama 3 or Qwen3 holds for backward after forward + its loss
+(CPU).
 
 Used by tests/test_torchtitan_activations.py and benchmarks/torchtitan_activations.py. Builds
-torchtitan 0.3.0's `Llama3Model` from its own config factory (`_build_llama3_layers`) with a
-tiny shape and SDPA as the inner attention (`ScaledDotProductAttention`, the attention of
+torchtitan 0.3.0's `Llama3Model` from its own config factory (`_build_llama3_layers`), or its
+`Qwen3Model` from `_build_qwen3_layers` (`Shape.model` "qwen3": q_norm / k_norm, an explicit
+head_dim, CosSinRoPE, optionally tied embeddings, as its flavors in models/qwen3/__init__.py),
+with a tiny shape and SDPA as the inner attention (`ScaledDotProductAttention`, the attention of
 torchtitan's Dec 2024 Llama; 0.3.0's language-model configs default to flex, which needs
 compile on CPU), applies torchtitan's own checkpointing (`FullAC`, `SelectiveAC`,
 distributed/activation_checkpoint.py) and runs `model(tokens)` + `cross_entropy_loss`.
@@ -43,6 +46,17 @@ class Shape:
     kv_heads: int = KV_HEADS
     ffn: int = FFN
     vocab: int = VOCAB
+    model: str = "llama"
+    """"llama" (Llama3Model) or "qwen3" (Qwen3Model, dense)."""
+    head_dim: int = 0
+    """Qwen3's explicit head_dim (0: dim // heads)."""
+    tied: bool = False
+    """Qwen3's enable_weight_tying (its 0.6B, 1.7B and 4B flavors)."""
+
+
+QWEN3_TINY = Shape(model="qwen3", head_dim=32, tied=True)
+"""Qwen3 0.6B's structure shrunk: heads x head_dim = 2 x dim (16 x 128 = 2 x 1024), 2 query
+heads per k/v head, tied embeddings."""
 
 
 LLAMA31_8B = Shape(
@@ -69,7 +83,9 @@ class _Made(TorchDispatchMode):
 
 
 def config(shape: Shape) -> Any:
-    """torchtitan's Llama 3 config at `shape`, SDPA as the inner attention."""
+    """torchtitan's Llama 3 (or Qwen3) config at `shape`, SDPA as the inner attention."""
+    if shape.model == "qwen3":
+        return qwen3_config(shape)
     import torchtitan.models.llama3 as llama3
     from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
     from torchtitan.models.common.attention import ScaledDotProductAttention
@@ -102,6 +118,44 @@ def config(shape: Shape) -> Any:
         )
     finally:
         llama3.get_attention_config = original
+
+
+def qwen3_config(shape: Shape) -> Any:
+    """torchtitan's dense Qwen3 config at `shape` (models/qwen3/__init__.py::_0_6b's
+    structure: `_qwen3_norm`s, `_build_qwen3_layers` with fused or separate q/k/v,
+    CosSinRoPE theta 1e6), SDPA as the inner attention."""
+    import torchtitan.models.qwen3 as qwen3
+    from torchtitan.models.common import CosSinRoPE, Embedding, Linear
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    head_dim = shape.head_dim or shape.dim // shape.heads
+    sdpa = ScaledDotProductAttention.Config()
+    original = qwen3.get_attention_config
+    qwen3.get_attention_config = lambda backend: sdpa  # 0.3.0 refuses "sdpa" for LMs
+    try:
+        return qwen3.Qwen3Model.Config(
+            vocab_size=shape.vocab,
+            dim=shape.dim,
+            norm=qwen3._qwen3_norm(shape.dim),
+            enable_weight_tying=shape.tied,
+            tok_embeddings=Embedding.Config(num_embeddings=shape.vocab, embedding_dim=shape.dim),
+            lm_head=Linear.Config(in_features=shape.dim, out_features=shape.vocab),
+            layers=qwen3._build_qwen3_layers(
+                fuse_qkv=shape.fused_qkv,
+                n_layers=shape.layers,
+                dim=shape.dim,
+                n_heads=shape.heads,
+                n_kv_heads=shape.kv_heads,
+                head_dim=head_dim,
+                hidden_dim=shape.ffn,
+                attn_backend="sdpa",
+                rope=CosSinRoPE.Config(
+                    dim=head_dim, max_seq_len=max(128, shape.seq), theta=1000000.0
+                ),
+            ),
+        )
+    finally:
+        qwen3.get_attention_config = original
 
 
 def build(dtype: str, shape: Shape) -> torch.nn.Module:

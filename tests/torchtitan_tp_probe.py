@@ -23,6 +23,15 @@ contiguous row split gives each rank whole groups, models/common/attention.py::F
   (`disable_loss_parallel`) the output is all-gathered (Replicate, a local tensor) and the
   plain cross-entropy runs on the whole vocabulary.
 
+torchtitan's Qwen3 (`Case.model` "qwen3": tests/torchtitan_probe.py's Qwen3Model, heads x
+head_dim = 2 x dim, untied) is sharded by torchtitan 0.3.0's own code instead, as
+models/qwen3/parallelize.py::parallelize_qwen3 does with the DTensor backend
+(`spmd_backend="partial_dtensor"`): models/qwen3/sharding.py::set_qwen3_sharding_config on the
+config (the decoder's, the attention's and the FFN's plans of models/common/decoder_sharding.py,
+and q_norm / k_norm on the Shard(2) head shards with a replicated weight), then
+`Module.parallelize(ParallelDims(tp=2))` (protocols/module.py). `Case.plan` "0.3.0" runs
+Llama 3 the same way (models/llama3/sharding.py::set_llama3_sharding_config).
+
 Checkpointing is applied after TP, as parallelize_llama does. The measure is
 tests/torchtitan_probe.py's (a TorchDispatchMode records every storage an op returns; the
 storages alive after forward + loss are what forward holds), with a DTensor counted by its local
@@ -34,7 +43,7 @@ from __future__ import annotations
 import datetime
 import gc
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +64,73 @@ class Case:
     layers: int = 2
     vocab: int = probe.VOCAB
     loss_parallel: bool = True
+    model: str = "llama"
+    """"llama" or "qwen3" (tests/torchtitan_probe.py's QWEN3_TINY shape, untied)."""
+    plan: str = "9dec370"
+    """"9dec370": `apply_tp` below (Llama only); "0.3.0": torchtitan 0.3.0's own sharding
+    configs and Module.parallelize (the only plan for Qwen3)."""
 
     @property
     def name(self) -> str:
         sp = "sp" if self.sequence_parallel else "nosp"
         qkv = "wqkv" if self.fused_qkv else "wq-wk-wv"
         lp = "" if self.loss_parallel else "-no-loss-parallel"
-        return f"{self.dtype}-{self.mode}-{sp}-{qkv}-{self.layers}l-v{self.vocab}{lp}"
+        own = "" if self.model == "llama" and self.plan == "9dec370" else f"{self.model}-0.3.0-"
+        return f"{own}{self.dtype}-{self.mode}-{sp}-{qkv}-{self.layers}l-v{self.vocab}{lp}"
+
+    @property
+    def shape(self) -> probe.Shape:
+        shape = probe.Shape(layers=self.layers, fused_qkv=self.fused_qkv, vocab=self.vocab)
+        if self.model == "qwen3":
+            return replace(
+                probe.QWEN3_TINY,
+                layers=self.layers,
+                fused_qkv=self.fused_qkv,
+                vocab=self.vocab,
+                tied=False,
+            )
+        return shape
+
+
+def own_tp(case: Case, world: int) -> Any:
+    """torchtitan 0.3.0's own TP (module docstring): the sharding configs set on the model's
+    config, the model built and `Module.parallelize`d over a (tp=world) ParallelDims with the
+    DTensor backend, on CPU."""
+    import importlib
+
+    import torchtitan.distributed.parallel_dims as parallel_dims
+    from torchtitan.distributed import ParallelDims
+
+    assert case.loss_parallel, "0.3.0's own plan: loss parallel (decoder_sharding.py)"
+    importlib.import_module("torch.testing._internal.distributed.fake_pg")  # "fake" groups
+    parallel_dims.device_type = "cpu"  # torchtitan.tools.utils picks cuda when present
+    dims = ParallelDims(
+        dp_replicate=1,
+        dp_shard=1,
+        cp=1,
+        tp=world,
+        pp=1,
+        ep=1,
+        world_size=world,
+        spmd_backend="partial_dtensor",
+    )
+    dims.build_mesh()
+    cfg = probe.config(case.shape)
+    if case.model == "qwen3":
+        from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
+
+        set_qwen3_sharding_config(cfg, enable_sp=case.sequence_parallel, enable_ep=False)
+    else:
+        from torchtitan.models.llama3.sharding import set_llama3_sharding_config
+
+        set_llama3_sharding_config(cfg, enable_sp=case.sequence_parallel)
+    torch.manual_seed(0)
+    model = cfg.build()
+    model.init_states()
+    for p in model.parameters():
+        p.data = p.data.to(probe.DTYPES[case.dtype])
+    model.parallelize(dims)
+    return model
 
 
 def apply_tp(
@@ -174,15 +243,18 @@ def held(case: Case, mesh: Any, detail: bool = False) -> Any:
 
     set_spmd_backend("partial_dtensor")  # the DTensor TP path (0.3.0 parallelize_llama)
 
-    shape = probe.Shape(layers=case.layers, fused_qkv=case.fused_qkv, vocab=case.vocab)
-    model = probe.build(case.dtype, shape)
-    apply_tp(
-        model,
-        mesh,
-        sequence_parallel=case.sequence_parallel,
-        fused_qkv=case.fused_qkv,
-        loss_parallel=case.loss_parallel,
-    )
+    shape = case.shape
+    if case.model == "qwen3" or case.plan == "0.3.0":
+        model = own_tp(case, mesh.size())
+    else:
+        model = probe.build(case.dtype, shape)
+        apply_tp(
+            model,
+            mesh,
+            sequence_parallel=case.sequence_parallel,
+            fused_qkv=case.fused_qkv,
+            loss_parallel=case.loss_parallel,
+        )
     probe.checkpoint(model, case.mode)
     torch.manual_seed(1)  # the same tokens on every rank
     tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))

@@ -6,7 +6,7 @@ inventory describes (the rules were read from 5.24, which differs only in Falcon
 eager or SDPA attention, dropout on or off, any precision recipe (autocast included), activation
 checkpointing none/full/selective, on CUDA or CPU kernels. Families without rules say so
 (`Activations.modelled` is False) instead of guessing. With `model.implementation: torchtitan`
-the saved tensors are those of torchtitan's own Llama 3 (memplan.model.stacks.torchtitan:
+the saved tensors are those of torchtitan's own Llama 3/Qwen3 (memplan.model.stacks.torchtitan:
 none, full, its per-op `selective-op` and every-Nth-layer `checkpoint_every`), never a profile
 traced from transformers; with `model.implementation: litgpt` those of LitGPT's own GPT
 (memplan.model.stacks.litgpt: none and full, one device or data parallelism; its LoRA:

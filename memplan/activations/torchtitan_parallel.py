@@ -1,5 +1,5 @@
-"""torchtitan's Llama 3 (memplan.model.stacks.torchtitan) on one rank of a tensor-, sequence-
-and context-parallel layout, as torchtitan lays it out.
+"""torchtitan's Llama 3 and Qwen3 (memplan.model.stacks.torchtitan) on one rank of a tensor-,
+sequence- and context-parallel layout, as torchtitan lays it out.
 
 Tensor parallelism is torch's DTensor TP with torchtitan's plan (0.3.0
 models/llama3/sharding.py + models/common/decoder_sharding.py; the same plan as 9dec370's
@@ -26,6 +26,14 @@ local_architecture), with these differences, each measured on 2 gloo ranks
 - the loss is 0.3.0's components/loss.py::_LossParallelCrossEntropy: it saves log_probs
   [tokens, V / TP] fp32 and the labels, and no total_weight (9dec370 ran torch's
   `loss_parallel()` on F.cross_entropy instead: its temporaries are another term).
+
+torchtitan's dense Qwen3 (memplan.model.stacks.torchtitan) is split the same way: 0.3.0's
+models/qwen3/sharding.py::set_qwen3_sharding_config gives its attention, FFN, norms, embedding
+and head the same plans (models/common/decoder_sharding.py), and its q_norm / k_norm run on the
+Shard(2) head shards with a replicated weight, so they save per local head, as the rule on the
+rank's slice has them. Measured on 2 gloo ranks with 0.3.0's own sharding configs and
+Module.parallelize (DTensor backend), for Qwen3 and, alike, Llama 3
+(tests/torchtitan_tp_probe.py::own_tp).
 
 Context parallelism (torch.distributed.tensor.experimental context_parallel, torchtitan 0.3.0
 distributed/context_parallel/api.py::apply_cp_to_forward for SDPA) shards the inputs, labels and

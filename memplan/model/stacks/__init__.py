@@ -11,11 +11,14 @@ MODEL_TYPES = ("llama",)
 """HF model_types whose shape every stack's Llama-style code builds (each rule's model)."""
 
 
-def llama_refusal(arch: Architecture, stack: str, covers: str) -> str:
+def llama_refusal(
+    arch: Architecture, stack: str, covers: str, *, model_types: tuple[str, ...] = MODEL_TYPES
+) -> str:
     """Why `stack`'s Llama-style rule (the model it `covers`, in words) does not fit `arch`'s
-    shape: another model_type, biases, or an MLP other than SwiGLU; '' when it fits."""
+    shape: a model_type outside `model_types`, biases, or an MLP other than SwiGLU; '' when it
+    fits."""
     x = arch.extra
-    if arch.model_type not in MODEL_TYPES:
+    if arch.model_type not in model_types:
         return (
             f"activations of model_type {arch.model_type!r} under model.implementation "
             f"{stack} are not modelled (memplan models {covers})"

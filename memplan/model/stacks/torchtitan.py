@@ -1,6 +1,6 @@
-"""torchtitan's own Llama 3 (`model.implementation: torchtitan`): what its forward and loss
-save for backward, with no checkpointing, torchtitan's `FullAC`, its per-op `SelectiveAC`
-(`selective-op`) and every-Nth-layer full checkpointing (`checkpoint_every`).
+"""torchtitan's own Llama 3 and dense Qwen3 (`model.implementation: torchtitan`): what their
+forward and loss save for backward, with no checkpointing, torchtitan's `FullAC`, its per-op
+`SelectiveAC` (`selective-op`) and every-Nth-layer full checkpointing (`checkpoint_every`).
 
 Read from torchtitan 0.3.0 (torchtitan/, pip `torchtitan==0.3.0`):
 - models/llama3/model.py::Llama3TransformerBlock.forward:
@@ -26,6 +26,21 @@ Read from torchtitan 0.3.0 (torchtitan/, pip `torchtitan==0.3.0`):
 - distributed/activation_checkpoint.py: FullAC and SelectiveAC wrap each block in
   `ptd_checkpoint_wrapper` (torch.utils.checkpoint, non-reentrant).
 
+Qwen3 (model_type qwen3, dense) is the same decoder (models/common/decoder.py::Decoder) with
+these differences, read from torchtitan 0.3.0:
+- models/qwen3/model.py::Qwen3TransformerBlock.forward: `x = x + attention(attention_norm(x));
+  x = x + feed_forward(ffn_norm(x))`, the Llama block's dataflow.
+- models/qwen3/__init__.py::_build_qwen3_layers: `make_gqa_config(..., head_dim=head_dim,
+  qk_norm=RMSNorm.Config(head_dim))` with an explicit head_dim (n_heads x head_dim need not be
+  dim: 0.6B, 4B, 32B) and CosSinRoPE; enable_weight_tying in 0.6B, 1.7B and 4B (one weight,
+  no saved tensor changes).
+- models/common/attention.py::GQAttention.forward: `q_norm(xq)`, `k_norm(xk)` (torch's RMSNorm
+  over head_dim on [b, s, heads, head_dim]) before RoPE, `scale=head_dim ** -0.5` to SDPA.
+- models/common/rope.py::CosSinRoPE.apply_rotary_emb: `q.float() * cos + rotate_half(q.float())
+  * sin`, `.type_as(q)`: the multiplies save only cos and sin, views of the fp32 buffer.
+- models/qwen3/parallelize.py::parallelize_qwen3 applies the same `ac_config.build(...).apply`
+  (FullAC / SelectiveAC, the same default save ops) and `apply_compile` as parallelize_llama.
+
 The model runs wholly in the compute dtype (FSDP2 `param_dtype`, no autocast: memplan.report.
 estimate.setting_of); autocast (torchtitan without FSDP) is not modelled. Proved on CPU against
 torchtitan's real model by tests/test_torchtitan_activations.py.
@@ -39,11 +54,19 @@ from memplan.model.forward import attention, compiled, kernels
 from memplan.model.forward.mlp import gated_mlp_saves
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import llama_refusal
+from memplan.model.stacks import MODEL_TYPES, llama_refusal
 from memplan.precision import dtype_bytes
 
 VERSION = "0.3.0"
 SRC = f"torchtitan {VERSION} models/llama3/model.py, models/common/*.py"
+SRC_QK_NORM = (
+    f"torchtitan {VERSION} models/common/attention.py::GQAttention.forward (q_norm, k_norm: "
+    "models/qwen3/__init__.py::_build_qwen3_layers `qk_norm=_qwen3_norm(head_dim)`)"
+)
+QWEN3 = "qwen3"
+TORCHTITAN_MODEL_TYPES = (*MODEL_TYPES, QWEN3)
+"""The model_types torchtitan's own model code is modelled for: Llama 3 (models/llama3) and
+dense Qwen3 (models/qwen3)."""
 SRC_NORM_CPU = (
     "aten native/layer_norm.cpp::rms_norm_composite (torch 2.13: `_fused_rms_norm` is "
     "CompositeImplicitAutograd on CPU): x.to(fp32), pow, mean, rsqrt, * rstd, * weight, "
@@ -75,17 +98,31 @@ SRC_SAC = (
 
 
 def unsupported(arch: Architecture, st: Setting) -> str:
-    """Why torchtitan's Llama 3 rule does not cover this model or setting, or ''."""
+    """Why torchtitan's Llama 3 / Qwen3 rule does not cover this model or setting, or ''."""
     why = llama_refusal(
         arch,
         "torchtitan",
-        "torchtitan's Llama 3 code, models/llama3: model_type llama; torchtitan's own qwen3, "
-        "deepseek_v3 and gpt_oss models have no rule yet",
+        "torchtitan's Llama 3 and dense Qwen3 code, models/llama3 and models/qwen3: "
+        "model_types llama and qwen3; torchtitan's own Qwen3-MoE, deepseek_v3 and gpt_oss "
+        "models have no rule yet",
+        model_types=TORCHTITAN_MODEL_TYPES,
     )
     if why:
         return why
-    if arch.head_dim * arch.num_attention_heads != arch.hidden_size:
+    qwen3 = arch.model_type == QWEN3
+    if not qwen3 and arch.head_dim * arch.num_attention_heads != arch.hidden_size:
         return "torchtitan's Llama 3 takes head_dim = dim // n_heads"
+    if qwen3 and isinstance(arch.extra.get("sliding_window"), int):
+        return (
+            "torchtitan's Qwen3 (models/qwen3) has no sliding-window attention: this config "
+            "sets use_sliding_window"
+        )
+    if qwen3 and st.compile:
+        return (
+            "training.compile for torchtitan's Qwen3 is not modelled: the compiled saved set "
+            "was traced on Llama3TransformerBlock (memplan.model.forward.compiled), and "
+            "Qwen3's q_norm / k_norm change what Inductor's partition keeps"
+        )
     if st.autocast:
         return (
             "torchtitan under torch.autocast (no FSDP2 sharding: DDP or one device) is not "
@@ -160,8 +197,11 @@ def _layer(arch: Architecture, st: Setting) -> tuple[list[Saved], attention.Core
     h, a, kv, d = kernels.attention_dims(arch)
     b, s, t, x = st.batch, st.sequence, st.tokens, st.stream
     out = _norm("attention_norm", t, h, x, st)
+    if arch.model_type == QWEN3:
+        out += qk_norms(arch, st)
     # RoPE's `.float()` / `.type_as(q)` leave q and k in the compute dtype; the projections'
-    # q, k, v copies are not saved (RoPE's multiply saves only the cache).
+    # q, k, v copies are not saved (RoPE's multiply saves only the cache; Qwen3's q_norm and
+    # k_norm save theirs, qk_norms).
     heads = attention.Heads(batch=b, seq=s, heads=a, kv_heads=kv, head_dim=d)
     qkv = attention.Qkv(q=x, k=x, v=x)
     core = attention.sdpa(st, heads, qkv, dropout_on=False)
@@ -178,6 +218,19 @@ def _layer(arch: Architecture, st: Setting) -> tuple[list[Saved], attention.Core
     }
     out += [kernels.saved(names[m.name], m.shape, m.dtype, m.saved_by, SRC) for m in mlp]
     return out, core
+
+
+def qk_norms(arch: Architecture, st: Setting) -> list[Saved]:
+    """Qwen3's q_norm and k_norm (SRC_QK_NORM): `torch.nn.RMSNorm(head_dim)` over the q and k
+    that FusedQKVLinear / QKVLinear hand out, [b, s, heads, head_dim] in the compute dtype
+    (`.contiguous()` copies of the projection's split: new tensors). What each saves is
+    rms_norm's over [tokens x heads, head_dim]; their outputs go to RoPE, whose `.float()`
+    and multiplies by the fp32 cos / sin buffer save nothing of them."""
+    _, a, kv, d = kernels.attention_dims(arch)
+    t, x = st.tokens, st.stream
+    norms = [*rms_norm("attention.q_norm", t * a, d, x, st)]
+    norms += rms_norm("attention.k_norm", t * kv, d, x, st)
+    return [replace(n, source=f"{SRC_QK_NORM}; {n.source}") for n in norms]
 
 
 def _selective_op(
@@ -221,8 +274,8 @@ def checkpointed_layers(num_layers: int, every: int) -> int:
 def saved(
     arch: Architecture, st: Setting, *, fused_qkv: bool = True, whole: Architecture | None = None
 ) -> Activations:
-    """torchtitan's Llama 3 forward and loss on one GPU (no model parallelism): see the module
-    docstring. `fused_qkv`: 0.3.0's one `wqkv` projection (default) or 9dec370's three.
+    """torchtitan's Llama 3 or Qwen3 forward and loss on one GPU (no model parallelism): see the
+    module docstring. `fused_qkv`: 0.3.0's one `wqkv` projection (default) or 9dec370's three.
     `whole`: the whole model when `arch` is one tensor-parallel rank's slice of it
     (memplan.activations.torchtitan_parallel), which the rule's conditions are checked on."""
     why = unsupported(whole or arch, st)
@@ -290,7 +343,9 @@ def saved(
         # The logits are the saved graph input now, and no fp32 copy is made.
         loss_gradient, logits_bytes, upcast = logits_bytes, 0, 0
     notes = [
-        f"torchtitan {VERSION}'s Llama 3 model code"
+        f"torchtitan {VERSION}'s "
+        + ("Qwen3" if arch.model_type == QWEN3 else "Llama 3")
+        + " model code"
         + (" (fused wqkv)" if fused_qkv else " (wq, wk, wv)")
         + ", loss CrossEntropyLoss on the whole logits"
         + (" (compiled)" if st.compile_loss else "")
