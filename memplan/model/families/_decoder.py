@@ -370,6 +370,25 @@ def read_dims(cfg: Config) -> Dims:
     )
 
 
+RULE_KEYS = (
+    "hidden_act",
+    "hidden_activation",
+    "activation_function",
+    "attention_bias",
+    "mlp_bias",
+    "attention_dropout",
+    "attention_probs_dropout_prob",
+    "attn_pdrop",
+    "embd_pdrop",
+    "hidden_dropout",
+    "hidden_dropout_prob",
+    "resid_pdrop",
+)
+"""config.json keys the activation rules and the stacks' refusals read from
+`Architecture.extra` (the MLP's activation, the biases, the dropout probabilities): carried
+from the config itself, so no rule reads its default where the config says otherwise."""
+
+
 def architecture(
     cfg: Config,
     model_type: str,
@@ -380,8 +399,9 @@ def architecture(
     top_k: int = 0,
     extra: Mapping[str, Any] | None = None,
 ) -> Architecture:
-    """The `Architecture` of every family: `dims`, the experts, `extra` (family facts) and
-    `max_positions` (None: the config's `max_position_embeddings`, read here)."""
+    """The `Architecture` of every family: `dims`, the experts, `extra` (family facts, over the
+    config's own RULE_KEYS) and `max_positions` (None: the config's `max_position_embeddings`,
+    read here)."""
     if max_positions is None:
         max_positions = cfg.int("max_position_embeddings")
     return Architecture(
@@ -396,5 +416,8 @@ def architecture(
         num_experts=experts,
         num_experts_per_token=top_k,
         max_position_embeddings=max_positions,
-        extra={} if extra is None else extra,
+        extra={
+            **{k: cfg.get(k) for k in RULE_KEYS if k in cfg},
+            **({} if extra is None else extra),
+        },
     )
