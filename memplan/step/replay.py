@@ -34,6 +34,12 @@ What the event order assumes (the timeline's own phases, made into a sequence):
   block), the working set freed. The head's gradients come before the first layer, the rest
   (embeddings) at the end of backward; an engine that makes its gradients after backward
   (FSDP2's root group) makes them at the optimizer step, as the timeline says.
+- Each working set is the tensors its term names (Transient.parts, in the order the step makes
+  them: memplan.step.transients.working_sets), one allocation each, so that the allocator can
+  place them in free blocks smaller than their sum as it places the real step's tensors (as
+  one block as large as their sum, torch's default allocator needs a segment of that size:
+  the 70B TP 8 row replayed 79.89 GiB against 70.54-70.79 when its traced step is replayed op
+  by op, benchmarks/torchtitan_70b_trace.py); all of them are freed at the layer's end.
 - Transients other than the two working sets are one allocation each (`pieces` equal ones for
   a term of several tensors, such as the eager loss's two gradients), made at the first phase
   they are alive in and freed when a phase no longer holds them; those alive in every phase
