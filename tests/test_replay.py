@@ -249,7 +249,10 @@ def test_pin_working_set_parts_are_the_rules_tensors() -> None:
     gradient, each tensor the rule recomputes in its order, the largest one's gradient and its
     input's, and the input gradient; its parts sum to its bytes, none above the largest saved
     tensor (the traced step's backward makes no tensor above it either:
-    benchmarks/torchtitan_70b_trace.py)."""
+    benchmarks/torchtitan_70b_trace.py). Under sequence parallelism the forward's is the
+    gathered input (the largest saved tensor) beside a row-parallel output and its chunks
+    concatenated, each [tokens, hidden] (half the embedding's reduce-scatter term); without
+    it, the largest saved tensor and its input."""
     from benchmarks.torchtitan_70b_trace import ROW, spec_doc
     from memplan.config.load import validate
 
@@ -262,9 +265,22 @@ def test_pin_working_set_parts_are_the_rules_tensors() -> None:
     largest = max(t.bytes for t in layers.recompute)
     hidden = report.activations.hidden_bytes
     recomputed = tuple(t.bytes for t in layers.recompute if t.bytes)
-    assert fws.parts == (largest, largest) and sum(fws.parts) == fws.bytes
+    whole = terms["tp_embedding_reduce_scatter"].bytes // 2
+    assert whole == largest == 2 << 30
+    assert fws.parts == (largest, whole, whole) and sum(fws.parts) == fws.bytes
     assert bws.parts == (hidden, *recomputed, largest, largest, hidden)
-    assert sum(bws.parts) == bws.bytes and max(bws.parts) == largest == 2 << 30
+    assert sum(bws.parts) == bws.bytes and max(bws.parts) == largest
+
+    doc = spec_doc(replace(ROW, layers=2))
+    doc["parallelism"] = {**doc["parallelism"], "sequence_parallel": False}
+    loaded = validate(doc)
+    report = estimate(loaded.spec, load_inventory(loaded))
+    layers = report.activations.block("layers")
+    assert layers is not None
+    largest = max(t.bytes for t in layers.recompute)
+    terms = {t.name: t for t in report.timeline.transients}
+    assert "tp_embedding_reduce_scatter" not in terms
+    assert terms["forward_working_set"].parts == (largest, largest)
 
 
 def test_second_step_frees_the_first_steps_gradients_and_temporaries() -> None:

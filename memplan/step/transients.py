@@ -9,6 +9,7 @@ memplan.states.engines (EngineStep) and memplan.states.optimizer_step.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 from memplan import memory
 from memplan.config.finetune import FinetuneSpec
@@ -82,12 +83,30 @@ SRC_RECOMPUTE = (
 )
 
 
+SP_SCATTER = "tp_embedding_reduce_scatter"
+"""The embedding's sequence-parallel reduce-scatter under DTensor SP (memplan.activations.
+torchtitan_parallel.sequence_parallel_ends: 2 x [tokens, hidden], a RowwiseParallel output with
+output_layouts=Shard(1)): the decoder layer's attention.wo and feed_forward.w2 are the same
+style at the same shape (torchtitan's apply_tp), so its presence and size are theirs too."""
+SRC_LAYER_SCATTER = (
+    "torchtitan 9dec370 parallelisms/parallelize_llama.py::apply_tp (`attention.wo`, "
+    "`feed_forward.w2`: RowwiseParallel(output_layouts=Shard(1)), the layer input gathered by "
+    "SequenceParallel / PrepareModuleInput and kept by the attention and feed-forward until "
+    "their output is reduce-scattered); torch 2.13 torch/distributed/_functional_collectives.py"
+    "::reduce_scatter_single (scatter_dim != 0: torch/_utils.py::_chunk_or_narrow_cat); "
+    "traced op by op: benchmarks/torchtitan_70b_trace.py"
+)
+
+
 def working_sets(saved: Activations, layers: Block) -> list[Transient]:
     """A decoder layer's working sets, as the tensors the step makes (`parts`, in the order it
     makes them; the allocator replay allocates each, so a working set fills the free blocks
     below it as the real step's tensors do, not one block as large as their sum):
     - forward: the op producing the layer's largest saved tensor (of what it re-creates under
-      checkpointing) with its input alive: two tensors of that size.
+      checkpointing) with its input alive: two tensors of that size. Under torchtitan's
+      sequence parallelism (SP_SCATTER), the largest saved tensor (the gathered layer input)
+      alive while a row-parallel output and its chunks concatenated are made for the
+      reduce-scatter (SRC_LAYER_SCATTER): three tensors, as the traced step makes them.
     - backward: the layer's output gradient (made by the layer above, or the head); what
       checkpointing re-creates, each saved tensor of the rule's `recompute` list in forward
       order (SRC_RECOMPUTE); the largest saved tensor's gradient and its input's; the layer's
@@ -99,15 +118,27 @@ def working_sets(saved: Activations, layers: Block) -> list[Transient]:
     largest = max((t.bytes for t in inner), default=0)
     hidden = saved.hidden_bytes
     recomputed = tuple(t.bytes for t in layers.recompute if t.bytes > 0)
+    forward = Transient(
+        name="forward_working_set",
+        bytes=2 * largest,
+        phases=("forward",),
+        formula=f"2 x {largest:,} B (a layer's largest saved tensor and its input)",
+        source="memplan estimate (checked by memplan verify's measured peak)",
+        parts=(largest, largest),
+    )
+    scatter = next((t.bytes for t in saved.buffers if t.name == SP_SCATTER), 0) // 2
+    if 2 * scatter > largest:
+        forward = replace(
+            forward,
+            bytes=largest + 2 * scatter,
+            formula=f"{largest:,} B (a layer's largest saved tensor: its gathered input) + "
+            f"2 x {scatter:,} B (a row-parallel output, Partial, and its chunks concatenated "
+            "for the sequence-parallel reduce-scatter)",
+            source=SRC_LAYER_SCATTER,
+            parts=(largest, scatter, scatter),
+        )
     return [
-        Transient(
-            name="forward_working_set",
-            bytes=2 * largest,
-            phases=("forward",),
-            formula=f"2 x {largest:,} B (a layer's largest saved tensor and its input)",
-            source="memplan estimate (checked by memplan verify's measured peak)",
-            parts=(largest, largest),
-        ),
+        forward,
         Transient(
             name="backward_working_set",
             bytes=2 * largest + 2 * hidden + layers.recompute_bytes,
