@@ -6,15 +6,19 @@ What runs (CPU, no GPU, nothing downloaded): transformers' BertForSequenceClassi
 bert-large-uncased's config (benchmarks/published_others.py BERT_LARGE: 24 layers, hidden 1024,
 eager attention, dropout 0.1), fp32, batch 4 x 512, under FakeTensorMode with memplan's CUDA
 kernel emulation (memplan/verify/trace/cuda.py: dropout's fused kernel with its bool mask, layer
-norm's fp32 statistics), then `torch.optim.AdamW(foreach=False)` (the page's default
-`adamw_hf` is a per-parameter loop too). A TorchDispatchMode records every storage an op makes
-and the moment it dies (benchmarks/torchtitan_70b_trace.py's Recorder).
+norm's fp32 statistics), then the row's optimizer as memplan's spec of it names it:
+`torch.optim.AdamW(foreach=False)` (the page's default `adamw_hf` is a per-parameter loop too),
+and, for the page's Adafactor row, `torch.optim.Adafactor(foreach=True)` (memplan's
+`adafactor`: torch's states and its default foreach step). A TorchDispatchMode records every
+storage an op makes and the moment it dies (benchmarks/torchtitan_70b_trace.py's Recorder).
+The page's 8-bit Adam row is not traced: bitsandbytes' optimizer needs CUDA.
 
 The replay (memplan.step.allocator, torch's default allocator settings; the page set no
 PYTORCH_CUDA_ALLOC_CONF) allocates what a real run allocates before its first step, one tensor
 at a time as `.to("cuda")` and the first step make them: the parameters (model order), the
 gradients (transformers 4.16's Trainer zeroes them with set_to_none=False, so they stay), the
-optimizer's exp_avg and exp_avg_sq (made by its first step), then two traced steps. Its peak
+optimizer's states (made by its first step: AdamW's exp_avg and exp_avg_sq, Adafactor's row
+and column factors), then two traced steps. Its peak
 reserved plus the page's measured CUDA context (1341 MiB) is what nvidia-smi would show.
 
 Not the real run: transformers 4.16 / torch 1.10 (the page's) are not installable here, so the
@@ -22,7 +26,7 @@ model is transformers 5.25's BERT (the same saved tensors: memplan's profile of 
 activations both use), and the op order is torch 2.13's CPU autograd engine's (a CUDA run's
 frees follow the same reference counts).
 
-    PYTHONPATH=$PWD python benchmarks/bert_op_trace.py   # ~1 min; writes
+    PYTHONPATH=$PWD python benchmarks/bert_op_trace.py   # ~2 min; writes
                                                        # benchmarks/results/bert-op-trace.json
 """
 
@@ -38,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from benchmarks.published_others import BERT_LARGE, SOURCES, hf_bert  # noqa: E402
 from benchmarks.stamp import stamp  # noqa: E402
@@ -47,12 +52,46 @@ from memplan.step import allocator  # noqa: E402
 OUT = ROOT / "benchmarks" / "results" / "bert-op-trace.json"
 MIB, GIB = 1 << 20, 1 << 30
 CONTEXT_MIB = 1341  # the page's idle reading less its tensor's segment (published_others)
-PUBLISHED_MIB = {4: 14949}  # "bs 4, fp32, AdamW": nvidia-smi after trainer.train()
+PUBLISHED_MIB = {
+    (4, "adamw"): 14949,  # "bs 4, fp32, AdamW": nvidia-smi after trainer.train()
+    (4, "adafactor"): 12295,  # "bs 4, Adafactor"
+}
+"""The page's rows traced: (batch, memplan's optimizer name) -> published MiB."""
+HOST_STATES = frozenset({"step"})
+"""Optimizer state kept on the host: torch.optim's `step` is a CPU scalar tensor unless the
+optimizer is capturable or fused (torch 2.13 torch/optim/adamw.py and _adafactor.py
+::_init_group)."""
 
 
-def trace(batch: int, seq: int = 512) -> tuple[Recorder, list[int], list[str]]:
-    """One training step recorded; the parameters' storage bytes in model order, and the names
-    of the ops that made each recorded storage (for the report)."""
+def optimizer(params: Any, name: str) -> torch.optim.Optimizer:
+    """The optimizer memplan's spec of the row names (benchmarks/published_others.py hf_bert):
+    `adamw` with `implementation: for_loop` (the page's `adamw_hf` is a per-parameter loop),
+    `adafactor` as torch.optim.Adafactor with memplan's default `implementation: foreach`
+    (memplan.optimizers: torch/optim/_adafactor.py's states)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-5, foreach=False)
+    assert name == "adafactor", name
+    return torch.optim.Adafactor(params, lr=1e-2, foreach=True)
+
+
+class Scalars(TorchDispatchMode):
+    """`.item()` of a fake tensor answered 1.0: torch.optim.Adafactor reads its step and each
+    parameter's norm as Python floats (torch 2.13 _adafactor.py::_multi_tensor_adafactor),
+    which FakeTensorMode cannot give; the values scale the update, never a tensor's shape, so
+    what the step allocates is the same."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return 1.0
+        return func(*args, **(kwargs or {}))
+
+
+def trace(
+    batch: int, optim: str = "adamw", seq: int = 512
+) -> tuple[Recorder, list[tuple[str, int, int]], list[str]]:
+    """One training step recorded; what the run holds before it, (kind, index, storage bytes)
+    in the order `replay_events` allocates them, and the names of the ops that made each
+    recorded storage (for the report)."""
     import transformers
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -68,10 +107,22 @@ def trace(batch: int, seq: int = 512) -> tuple[Recorder, list[int], list[str]]:
         ids = torch.randint(0, config.vocab_size, (batch, seq))
         labels = torch.randint(0, 2, (batch,))
         params = [p.untyped_storage().nbytes() for p in model.parameters()]
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)
+        opt = optimizer(model.parameters(), optim)
         for p in model.parameters():  # zero_grad(set_to_none=False): gradients stay allocated
             p.grad = torch.zeros_like(p)
-        opt.step()  # makes exp_avg and exp_avg_sq (the replay allocates them at init)
+        with Scalars():
+            opt.step()  # makes the optimizer's states (the replay allocates them at init)
+        held = [("param", i, n) for i, n in enumerate(params)]
+        held += [("grad", i, n) for i, n in enumerate(params)]
+        states = [opt.state[p] for p in model.parameters()]
+        kinds = list(dict.fromkeys(k for state in states for k in state))
+        held += [
+            (kind, i, state[kind].untyped_storage().nbytes())
+            for kind in kinds
+            if kind not in HOST_STATES
+            for i, state in enumerate(states)
+            if isinstance(state.get(kind), torch.Tensor)
+        ]
         rec = Recorder()
         rec.existing(
             [*model.parameters(), *model.buffers(), ids, labels]
@@ -88,26 +139,26 @@ def trace(batch: int, seq: int = 512) -> tuple[Recorder, list[int], list[str]]:
                 loss.backward()
                 del loss
                 track.mark("optimizer_step")
-                opt.step()
+                with Scalars():
+                    opt.step()
                 for p in model.parameters():
                     assert p.grad is not None
                     p.grad.zero_()
                 track.mark("end")
         rec.collect()
         del mode
-    return rec, params, [rec.made[i][0] for i in sorted(rec.made)]
+    return rec, held, [rec.made[i][0] for i in sorted(rec.made)]
 
 
-def replay_events(rec: Recorder, params: list[int]) -> list[tuple[Any, ...]]:
-    """Parameters, gradients and the two AdamW states tensor by tensor (as the run made them
-    before its steady state), then two traced steps (markers on the second)."""
-    out: list[tuple[Any, ...]] = []
-    for kind in ("param", "grad", "exp_avg", "exp_avg_sq"):
-        out += [("alloc", (kind, i), n) for i, n in enumerate(params)]
+def replay_events(rec: Recorder, held: list[tuple[str, int, int]]) -> list[tuple[Any, ...]]:
+    """Parameters, gradients and the optimizer's states tensor by tensor, kind by kind (as the
+    run made them before its steady state: AdamW's exp_avg, then exp_avg_sq), then two traced
+    steps (markers on the second)."""
+    out: list[tuple[Any, ...]] = [("alloc", (kind, i), n) for kind, i, n in held]
     return out + rec.steps(2)
 
 
-def memplan_figures(batch: int) -> dict[str, float]:
+def memplan_figures(batch: int, optim: str = "adamw") -> dict[str, float]:
     """memplan's own estimate of the row (its profile traced into a temporary cache)."""
     import os
     import tempfile
@@ -119,7 +170,7 @@ def memplan_figures(batch: int) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as cache:
         os.environ["MEMPLAN_CACHE"] = cache
-        loaded = validate(hf_bert(batch, 1))
+        loaded = validate(hf_bert(batch, 1, optim=optim))
         trace_profile(loaded)
         report = estimate(loaded.spec, load_inventory(loaded))
     assert report.allocator is not None
@@ -133,14 +184,15 @@ def memplan_figures(batch: int) -> dict[str, float]:
 def main() -> None:
     started = time.time()
     rows = []
-    for batch in PUBLISHED_MIB:
-        rec, params, _ = trace(batch)
-        result = allocator.replay(replay_events(rec, params))
-        mine = memplan_figures(batch)
-        published = PUBLISHED_MIB[batch] / 1024
+    for batch, optim in PUBLISHED_MIB:
+        rec, held, _ = trace(batch, optim)
+        result = allocator.replay(replay_events(rec, held))
+        mine = memplan_figures(batch, optim)
+        published = PUBLISHED_MIB[batch, optim] / 1024
         traced_used = result.peak_reserved / GIB + CONTEXT_MIB / 1024
         row = {
             "batch": batch,
+            "optimizer": optim,
             "published_nvidia_smi_gib": published,
             "traced_replay": {
                 "peak_allocated_gib": result.peak_allocated / GIB,
@@ -162,7 +214,7 @@ def main() -> None:
         }
         rows.append(row)
         print(
-            f"batch {batch}: published {published:.2f} GiB (nvidia-smi); op-level replay "
+            f"batch {batch}, {optim}: published {published:.2f} GiB (nvidia-smi); op-level replay "
             f"allocated {result.peak_allocated / GIB:.2f}, reserved "
             f"{result.peak_reserved / GIB:.2f} -> {traced_used:.2f} GiB "
             f"({row['traced_replay']['error']:+.1%}); memplan allocated "

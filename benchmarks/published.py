@@ -201,8 +201,10 @@ GAP_70B_TP8 = (
     "8-rank group) and replayed through memplan's allocator model (memplan's states, root "
     "parameters and FSDP2 side-stream pools beside it) holds 65.81 GiB under expandable "
     "segments (-8.5%) and 70.54 GiB under torch's default (-1.9%), with Float8 and bf16 blocks "
-    "alike; memplan's phase-level replay gives 65.00 GiB, 1.2% under the traced step. The rest "
-    "of the gap to the published 71.9 GiB is outside what the eager trace holds.",
+    "alike; memplan's phase-level replay gives 65.00 GiB, 1.2% under the traced step, and "
+    "68.82 GiB under the default, 2.4% under (79.89, 13% over, before each layer's working "
+    "sets were replayed as the tensors the rule names: memplan.step.transients.working_sets). "
+    "The rest of the gap to the published 71.9 GiB is outside what the eager trace holds.",
     "Allocated: the trace peaks at the loss's backward, `(grad_input + exp(x))`, with 54.07 GiB "
     "besides the states and FSDP2's buffers (four [131072, 16032] fp32 tensors, 80 saved block "
     "inputs, the output's all-gathered input, the final norm's saved tensors); memplan's terms "

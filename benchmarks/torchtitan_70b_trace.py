@@ -543,25 +543,35 @@ several (tests/test_sequence_parallel_trace.py runs 3 and 4 layers)."""
 
 
 def layer_matrix(repo: Path, layers: tuple[int, ...]) -> list[dict[str, Any]]:
-    """memplan's phase-level replay against the traced step replayed op by op (expandable
-    segments), Float8 and bf16 blocks, at the row's widths with each of `layers` layers."""
+    """memplan's phase-level replay against the traced step replayed op by op, Float8 and bf16
+    blocks, at the row's widths with each of `layers` layers: under expandable segments (the
+    keys without a suffix) and under torch's default allocator (`_default`)."""
     out = []
     for n in layers:
         shape = replace(ROW, layers=n)
         row = memplan_row(shape)
-        entry: dict[str, Any] = {"layers": n, "memplan_gib": round(row["reserved_gib"], 3)}
+        entry: dict[str, Any] = {
+            "layers": n,
+            "memplan_gib": round(row["reserved_gib"], 3),
+            "memplan_default_gib": round(row["reserved_default_alloc_conf_gib"], 3),
+        }
         for float8 in (True, False):
             rec = trace(repo, float8, shape)
             events = replay_events(rec, row)
-            got = allocator.replay(events, AllocConf.parse("expandable_segments:True"))
-            entry["float8_gib" if float8 else "bf16_gib"] = round(got.peak_reserved / GIB, 3)
-        entry["error_vs_float8"] = round(entry["memplan_gib"] / entry["float8_gib"] - 1, 4)
-        entry["error_vs_bf16"] = round(entry["memplan_gib"] / entry["bf16_gib"] - 1, 4)
-        print(
-            f"{n:3d} layers: memplan {entry['memplan_gib']:6.2f} GiB, replayed op by op "
-            f"{entry['float8_gib']:6.2f} (Float8, {entry['error_vs_float8']:+.1%}) "
-            f"{entry['bf16_gib']:6.2f} (bf16, {entry['error_vs_bf16']:+.1%})"
-        )
+            kind = "float8" if float8 else "bf16"
+            for suffix, conf in (("", "expandable_segments:True"), ("_default", None)):
+                got = allocator.replay(events, AllocConf.parse(conf) if conf else None)
+                entry[f"{kind}{suffix}_gib"] = round(got.peak_reserved / GIB, 3)
+                entry[f"error_vs_{kind}{suffix}"] = round(
+                    entry[f"memplan{suffix}_gib"] / entry[f"{kind}{suffix}_gib"] - 1, 4
+                )
+        for suffix, name in (("", "expandable"), ("_default", "default")):
+            print(
+                f"{n:3d} layers, {name:10s}: memplan {entry[f'memplan{suffix}_gib']:6.2f} GiB, "
+                f"replayed op by op {entry[f'float8{suffix}_gib']:6.2f} (Float8, "
+                f"{entry[f'error_vs_float8{suffix}']:+.1%}) {entry[f'bf16{suffix}_gib']:6.2f} "
+                f"(bf16, {entry[f'error_vs_bf16{suffix}']:+.1%})"
+            )
         out.append(entry)
     return out
 
@@ -588,10 +598,13 @@ def main() -> None:
             reserved = {}
             for name, conf in CONFS.items():
                 r = allocator.replay(events, AllocConf.parse(conf) if conf else None)
+                mine = row["reserved_gib" if conf else "reserved_default_alloc_conf_gib"]
                 reserved[name] = {
                     "allocated_gib": round(r.peak_allocated / GIB, 2),
                     "reserved_gib": round(r.peak_reserved / GIB, 2),
                     "error_vs_published": round(r.peak_reserved / GIB / PUBLISHED_GIB - 1, 4),
+                    # memplan's phase-level replay under the same setting, against this one
+                    "memplan_error": round(mine / (r.peak_reserved / GIB) - 1, 4),
                 }
             variant = {
                 "variant": "Float8 (torchao tensorwise), eager blocks" if float8 else

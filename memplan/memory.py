@@ -60,6 +60,9 @@ class Transient:
     pieces: int = 1
     """How many equal tensors it is, made one after another (the allocator replay allocates
     each)."""
+    parts: tuple[int, ...] = ()
+    """The sizes of the tensors it is, in the order the step makes them (`bytes` is their sum;
+    the allocator replay allocates each, in place of `pieces`); empty: `pieces` equal ones."""
     stream: str = COMPUTE_STREAM
     """The CUDA stream it is allocated on (the allocator replay keeps it in that stream's
     pool)."""

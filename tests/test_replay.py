@@ -204,6 +204,85 @@ def test_event_sequence_of_a_tiny_step() -> None:
     assert got == expected
 
 
+def test_working_sets_are_made_as_their_parts() -> None:
+    """A working set that names its tensors (Transient.parts) is one allocation per non-empty
+    part, in the parts' order, all alive until the layer's end and freed there (the order the
+    replay's docstring states, written out by hand for the second layer's forward and the
+    first layer's backward)."""
+    timeline, states, saved, inventory = tiny_step()
+    parted = {
+        "forward_working_set": (128, 128),
+        "backward_working_set": (64, 0, 256, 64),  # an empty part (a 0-byte tensor): none
+    }
+    terms = tuple(
+        replace(t, parts=parted[t.name]) if t.name in parted else t for t in timeline.transients
+    )
+    timeline = replace(timeline, transients=terms)
+    got = rp.events(timeline, per_gpu=states, buffers=(), saved=saved, inventory=inventory, steps=1)
+    fws, bws = ("fws", 1, LAYERS, 1), ("bws", 1, LAYERS, 0)
+    i = got.index(("alloc", (fws, 0), 128))
+    assert got[i : i + 5] == [
+        ("alloc", (fws, 0), 128),
+        ("alloc", (fws, 1), 128),
+        ("alloc", (("saved", 1, LAYERS, 1, 0), 0), 2048),
+        ("alloc", (("saved", 1, LAYERS, 1, 1), 0), 3072),
+        ("free", (fws, 0)),
+    ]
+    assert got[i + 5] == ("free", (fws, 1))
+    j = got.index(("alloc", (bws, 0), 64))
+    assert got[j : j + 9] == [
+        ("alloc", (bws, 0), 64),
+        ("alloc", (bws, 1), 256),
+        ("alloc", (bws, 2), 64),
+        ("free", (("saved", 1, LAYERS, 0, 0), 0)),
+        ("free", (("saved", 1, LAYERS, 0, 1), 0)),
+        ("alloc", (("gradients", 1, "layer", LAYERS, 0), 0), 1024),
+        ("free", (bws, 0)),
+        ("free", (bws, 1)),
+        ("free", (bws, 2)),
+    ]
+
+
+def test_pin_working_set_parts_are_the_rules_tensors() -> None:
+    """Pinning (memplan's own decomposition, memplan.step.transients.working_sets): on the
+    70B TP 8 block (full AC, 2 layers), the backward working set is the layer's output
+    gradient, each tensor the rule recomputes in its order, the largest one's gradient and its
+    input's, and the input gradient; its parts sum to its bytes, none above the largest saved
+    tensor (the traced step's backward makes no tensor above it either:
+    benchmarks/torchtitan_70b_trace.py). Under sequence parallelism the forward's is the
+    gathered input (the largest saved tensor) beside a row-parallel output and its chunks
+    concatenated, each [tokens, hidden] (half the embedding's reduce-scatter term); without
+    it, the largest saved tensor and its input."""
+    from benchmarks.torchtitan_70b_trace import ROW, spec_doc
+    from memplan.config.load import validate
+
+    loaded = validate(spec_doc(replace(ROW, layers=2)))
+    report = estimate(loaded.spec, load_inventory(loaded))
+    layers = report.activations.block("layers")
+    assert layers is not None and layers.recompute
+    terms = {t.name: t for t in report.timeline.transients}
+    fws, bws = terms["forward_working_set"], terms["backward_working_set"]
+    largest = max(t.bytes for t in layers.recompute)
+    hidden = report.activations.hidden_bytes
+    recomputed = tuple(t.bytes for t in layers.recompute if t.bytes)
+    whole = terms["tp_embedding_reduce_scatter"].bytes // 2
+    assert whole == largest == 2 << 30
+    assert fws.parts == (largest, whole, whole) and sum(fws.parts) == fws.bytes
+    assert bws.parts == (hidden, *recomputed, largest, largest, hidden)
+    assert sum(bws.parts) == bws.bytes and max(bws.parts) == largest
+
+    doc = spec_doc(replace(ROW, layers=2))
+    doc["parallelism"] = {**doc["parallelism"], "sequence_parallel": False}
+    loaded = validate(doc)
+    report = estimate(loaded.spec, load_inventory(loaded))
+    layers = report.activations.block("layers")
+    assert layers is not None
+    largest = max(t.bytes for t in layers.recompute)
+    terms = {t.name: t for t in report.timeline.transients}
+    assert "tp_embedding_reduce_scatter" not in terms
+    assert terms["forward_working_set"].parts == (largest, largest)
+
+
 def test_second_step_frees_the_first_steps_gradients_and_temporaries() -> None:
     """zero_grad(set_to_none=True) after the step: the second (marked) step's start frees the
     optimizer's temporaries, then the gradients (newest first), and nothing else happens

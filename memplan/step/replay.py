@@ -34,6 +34,12 @@ What the event order assumes (the timeline's own phases, made into a sequence):
   block), the working set freed. The head's gradients come before the first layer, the rest
   (embeddings) at the end of backward; an engine that makes its gradients after backward
   (FSDP2's root group) makes them at the optimizer step, as the timeline says.
+- Each working set is the tensors its term names (Transient.parts, in the order the step makes
+  them: memplan.step.transients.working_sets), one allocation each, so that the allocator can
+  place them in free blocks smaller than their sum as it places the real step's tensors (as
+  one block as large as their sum, torch's default allocator needs a segment of that size:
+  the 70B TP 8 row replayed 79.89 GiB against 70.54-70.79 when its traced step is replayed op
+  by op, benchmarks/torchtitan_70b_trace.py); all of them are freed at the layer's end.
 - Transients other than the two working sets are one allocation each (`pieces` equal ones for
   a term of several tensors, such as the eager loss's two gradients), made at the first phase
   they are alive in and freed when a phase no longer holds them; those alive in every phase
@@ -134,16 +140,29 @@ class _Events:
         self.live: dict[Hashable, int] = {}
 
     def alloc(
-        self, key: Hashable, nbytes: int, pieces: int = 1, stream: str = COMPUTE_STREAM
+        self,
+        key: Hashable,
+        nbytes: int,
+        pieces: int = 1,
+        stream: str = COMPUTE_STREAM,
+        parts: Sequence[int] = (),
     ) -> None:
-        """`nbytes` as `pieces` allocations (the last one takes the remainder) on `stream`."""
+        """`nbytes` as `pieces` allocations (the last one takes the remainder) on `stream`, or
+        as one allocation per non-empty size of `parts` (which sum to `nbytes`)."""
         if nbytes > 0:
-            each = nbytes // pieces
-            for i in range(pieces):
-                n = each if i < pieces - 1 else nbytes - each * (pieces - 1)
+            if parts:
+                sizes = [n for n in parts if n > 0]
+            else:
+                each = nbytes // pieces
+                sizes = [each] * (pieces - 1) + [nbytes - each * (pieces - 1)]
+            for i, n in enumerate(sizes):
                 event = ("alloc", (key, i), n)
                 self.out.append(event if stream == COMPUTE_STREAM else (*event, stream))
-            self.live[key] = pieces
+            self.live[key] = len(sizes)
+
+    def alloc_term(self, key: Hashable, term: Transient) -> None:
+        """A transient term as the tensors it is (`parts`, else `pieces`) on its stream."""
+        self.alloc(key, term.bytes, term.pieces, term.stream, term.parts)
 
     def free(self, key: Hashable) -> None:
         pieces = self.live.pop(key, None)
@@ -270,7 +289,7 @@ class _StepEvents:
                 self.ev.free(key)
         for t in moving:
             if phase in t.phases and ("transient", t.name) not in self.ev.live:
-                self.ev.alloc(("transient", t.name), t.bytes, t.pieces, t.stream)
+                self.ev.alloc_term(("transient", t.name), t)
 
     def blocks(self, step: int, blocks: Sequence[Block], *, free: bool) -> None:
         for b in blocks:
@@ -302,7 +321,7 @@ class _StepEvents:
                 if first:
                     self.alloc_block(step, b, c)
                 if fws is not None:
-                    self.ev.alloc(key, fws.bytes)
+                    self.ev.alloc_term(key, fws)
                 if not first:
                     self.alloc_block(step, b, c)
                 if fws is not None:
@@ -316,7 +335,7 @@ class _StepEvents:
             for c in reversed(range(b.count)):
                 key = ("bws", step, self.place[id(b)], c)
                 if bws is not None:
-                    self.ev.alloc(key, bws.bytes)
+                    self.ev.alloc_term(key, bws)
                 self.free_block(step, b, c)
                 grad = ("gradients", step, "layer", self.place[id(b)], c)
                 self.ev.alloc(grad, self.per_layer_grad, stream=self.gradient_stream)

@@ -9,13 +9,14 @@ memplan.states.engines (EngineStep) and memplan.states.optimizer_step.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 from memplan import memory
 from memplan.config.finetune import FinetuneSpec
 from memplan.memory import PHASES, Transient
 from memplan.model.finetune import qlora
 from memplan.model.forward import compiled
-from memplan.model.forward.tensors import Activations
+from memplan.model.forward.tensors import Activations, Block
 from memplan.model.inventory import Inventory
 from memplan.precision import Recipe, dtype_bytes
 from memplan.states import fp8
@@ -27,7 +28,7 @@ def activation_terms(saved: Activations) -> list[Transient]:
     gradient of the log-softmax (two [tokens, vocab] fp32 tensors at once: nll_loss_backward's
     output and log_softmax_backward's), and working sets (an estimate: the op producing the
     largest saved tensor of a layer has its input alive too; in backward, that tensor's
-    gradient and its input's, plus two hidden-state gradients)."""
+    gradient and its input's, plus two hidden-state gradients: `working_sets`)."""
     if not saved.modelled:
         return []
     src = "transformers loss/loss_utils.py::ForCausalLMLoss; " + "tools/autograd/derivatives.yaml"
@@ -71,28 +72,84 @@ def activation_terms(saved: Activations) -> list[Transient]:
             out[1] = litgpt_chunked_loss_gradient(saved.loss_gradient_bytes)
     layers = saved.block("layers")
     if layers is not None:
-        inner = layers.recompute or layers.tensors
-        largest = max((t.bytes for t in inner), default=0)
-        out.append(
-            Transient(
-                name="forward_working_set",
-                bytes=2 * largest,
-                phases=("forward",),
-                formula=f"2 x {largest:,} B (a layer's largest saved tensor and its input)",
-                source="memplan estimate (checked by memplan verify's measured peak)",
-            )
-        )
-        out.append(
-            Transient(
-                name="backward_working_set",
-                bytes=2 * largest + 2 * saved.hidden_bytes + layers.recompute_bytes,
-                phases=("backward",),
-                formula=f"2 x {largest:,} B + 2 x {saved.hidden_bytes:,} B (hidden-state "
-                f"gradients) + {layers.recompute_bytes:,} B recomputed by checkpointing",
-                source="memplan estimate; recompute: torch/utils/checkpoint.py",
-            )
-        )
+        out += working_sets(saved, layers)
     return out
+
+
+SRC_RECOMPUTE = (
+    "torch 2.13 torch/utils/checkpoint.py::_checkpoint_without_reentrant_generator "
+    "(unpack_hook: the first saved tensor the backward unpacks reruns the region's forward, "
+    "whose saved tensors are made in forward order and kept until their node's backward)"
+)
+
+
+SP_SCATTER = "tp_embedding_reduce_scatter"
+"""The embedding's sequence-parallel reduce-scatter under DTensor SP (memplan.activations.
+torchtitan_parallel.sequence_parallel_ends: 2 x [tokens, hidden], a RowwiseParallel output with
+output_layouts=Shard(1)): the decoder layer's attention.wo and feed_forward.w2 are the same
+style at the same shape (torchtitan's apply_tp), so its presence and size are theirs too."""
+SRC_LAYER_SCATTER = (
+    "torchtitan 9dec370 parallelisms/parallelize_llama.py::apply_tp (`attention.wo`, "
+    "`feed_forward.w2`: RowwiseParallel(output_layouts=Shard(1)), the layer input gathered by "
+    "SequenceParallel / PrepareModuleInput and kept by the attention and feed-forward until "
+    "their output is reduce-scattered); torch 2.13 torch/distributed/_functional_collectives.py"
+    "::reduce_scatter_single (scatter_dim != 0: torch/_utils.py::_chunk_or_narrow_cat); "
+    "traced op by op: benchmarks/torchtitan_70b_trace.py"
+)
+
+
+def working_sets(saved: Activations, layers: Block) -> list[Transient]:
+    """A decoder layer's working sets, as the tensors the step makes (`parts`, in the order it
+    makes them; the allocator replay allocates each, so a working set fills the free blocks
+    below it as the real step's tensors do, not one block as large as their sum):
+    - forward: the op producing the layer's largest saved tensor (of what it re-creates under
+      checkpointing) with its input alive: two tensors of that size. Under torchtitan's
+      sequence parallelism (SP_SCATTER), the largest saved tensor (the gathered layer input)
+      alive while a row-parallel output and its chunks concatenated are made for the
+      reduce-scatter (SRC_LAYER_SCATTER): three tensors, as the traced step makes them.
+    - backward: the layer's output gradient (made by the layer above, or the head); what
+      checkpointing re-creates, each saved tensor of the rule's `recompute` list in forward
+      order (SRC_RECOMPUTE); the largest saved tensor's gradient and its input's; the layer's
+      input gradient (the layer's last op, passed on to the layer below).
+    The sizes are the rule's own tensors; an estimate of which are alive at once, checked by
+    memplan verify's measured peak and, op by op, against traced steps
+    (benchmarks/torchtitan_70b_trace.py, benchmarks/bert_op_trace.py)."""
+    inner = layers.recompute or layers.tensors
+    largest = max((t.bytes for t in inner), default=0)
+    hidden = saved.hidden_bytes
+    recomputed = tuple(t.bytes for t in layers.recompute if t.bytes > 0)
+    forward = Transient(
+        name="forward_working_set",
+        bytes=2 * largest,
+        phases=("forward",),
+        formula=f"2 x {largest:,} B (a layer's largest saved tensor and its input)",
+        source="memplan estimate (checked by memplan verify's measured peak)",
+        parts=(largest, largest),
+    )
+    scatter = next((t.bytes for t in saved.buffers if t.name == SP_SCATTER), 0) // 2
+    if 2 * scatter > largest:
+        forward = replace(
+            forward,
+            bytes=largest + 2 * scatter,
+            formula=f"{largest:,} B (a layer's largest saved tensor: its gathered input) + "
+            f"2 x {scatter:,} B (a row-parallel output, Partial, and its chunks concatenated "
+            "for the sequence-parallel reduce-scatter)",
+            source=SRC_LAYER_SCATTER,
+            parts=(largest, scatter, scatter),
+        )
+    return [
+        forward,
+        Transient(
+            name="backward_working_set",
+            bytes=2 * largest + 2 * hidden + layers.recompute_bytes,
+            phases=("backward",),
+            formula=f"2 x {largest:,} B + 2 x {hidden:,} B (hidden-state gradients) + "
+            f"{layers.recompute_bytes:,} B recomputed by checkpointing ({len(recomputed)} "
+            "tensors)",
+            source="memplan estimate; recompute: " + SRC_RECOMPUTE,
+            parts=(hidden, *recomputed, largest, largest, hidden),
+        ),
+    ]
 
 
 SRC_OUTPUT_CHUNKS = (
