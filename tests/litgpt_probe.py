@@ -52,6 +52,10 @@ class Shape:
     kv_heads: int = KV_HEADS
     ffn: int = FFN
     vocab: int = VOCAB
+    arch: str = "llama"
+    """A key of ARCHS: which of litgpt/config.py's architectures the tiny model mirrors."""
+    head_size: int | None = None
+    """litgpt's `head_size` when it is not n_embd // n_head (Gemma 7B: 256 x 16 > 3072)."""
 
 
 LLAMA31_8B = Shape(
@@ -60,27 +64,52 @@ LLAMA31_8B = Shape(
 """Two blocks of Llama 3.1 8B (litgpt/config.py "Llama-3.1-8B{}") at 1 x 8192 (fake tensors)."""
 
 
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    # "Qwen2.5-7B" (and every Qwen2.5 entry): Llama's fields plus a bias on the fused qkv.
+    "qwen2.5": {"attn_bias": True, "norm_eps": 1e-6, "rope_base": 1000000},
+    # "Mistral-7B-v0.1": Llama's fields plus sliding_window_size=4096 on every layer.
+    "mistral": {"sliding_window_size": 4096, "rope_base": 10000},
+    # "Phi-3-mini-4k-instruct": Llama's fields, multi-head, sliding_window_size=2048.
+    "phi-3": {"sliding_window_size": 2048, "rope_base": 10000},
+    # "Gemma-2b" / "Gemma-7b": GemmaMLP (gelu tanh), RMSNorm with add_unit_offset (the
+    # name holds "Gemma": Config.norm_class), the embedding scaled by sqrt(n_embd).
+    "gemma": {
+        "name": "Gemma-memplan-probe",
+        "scale_embeddings": True,
+        "mlp_class_name": "GemmaMLP",
+        "gelu_approximate": "tanh",
+        "rope_base": 10000,
+    },
+}
+"""Each architecture's fields beside the Llama 3.1 ones `config` sets, as litgpt/config.py's
+named entry sets them (the sizes are `Shape`'s)."""
+
+
 def config(shape: Shape) -> Any:
-    """litgpt's Config at `shape`: the fields of its Llama 3.1 entry (litgpt/config.py)."""
+    """litgpt's Config at `shape`: the fields of its Llama 3.1 entry (litgpt/config.py), with
+    `ARCHS[shape.arch]`'s in their place."""
     from litgpt.config import Config
 
-    return Config(
-        name="memplan-probe",
-        block_size=max(128, shape.seq),
-        vocab_size=shape.vocab,
-        padded_vocab_size=shape.vocab,
-        n_layer=shape.layers,
-        n_head=shape.heads,
-        n_embd=shape.dim,
-        n_query_groups=shape.kv_heads,
-        rotary_percentage=1.0,
-        parallel_residual=False,
-        bias=False,
-        norm_class_name="RMSNorm",
-        mlp_class_name="LLaMAMLP",
-        intermediate_size=shape.ffn,
-        rope_base=500000,
-    )
+    fields: dict[str, Any] = {
+        "name": "memplan-probe",
+        "block_size": max(128, shape.seq),
+        "vocab_size": shape.vocab,
+        "padded_vocab_size": shape.vocab,
+        "n_layer": shape.layers,
+        "n_head": shape.heads,
+        "n_embd": shape.dim,
+        "n_query_groups": shape.kv_heads,
+        "rotary_percentage": 1.0,
+        "parallel_residual": False,
+        "bias": False,
+        "norm_class_name": "RMSNorm",
+        "mlp_class_name": "LLaMAMLP",
+        "intermediate_size": shape.ffn,
+        "rope_base": 500000,
+        "head_size": shape.head_size,
+    }
+    return Config(**{**fields, **ARCHS[shape.arch]})
 
 
 def checkpoint(model: torch.nn.Module) -> None:
@@ -215,6 +244,12 @@ _CONFIG_KEYS = (
     "mlp_class_name",
     "intermediate_size",
     "rope_base",
+    "head_size",
+    "attn_bias",
+    "norm_eps",
+    "sliding_window_size",
+    "scale_embeddings",
+    "gelu_approximate",
 )
 
 

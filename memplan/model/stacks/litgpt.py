@@ -4,19 +4,29 @@ recomputation (`full`: a checkpoint around every `Block`).
 
 Read from litgpt 0.5.9 (pip `litgpt==0.5.9`), for the Llama-shaped configs of
 litgpt/config.py (Llama 2/3: `norm_class_name="RMSNorm"`, `mlp_class_name="LLaMAMLP"`,
-`parallel_residual=False`, `bias=False`, rotary_percentage 1.0):
-- model.py::GPT.forward: `wte(idx)` -> every `Block` -> `ln_f` -> `lm_head` (one [B, T, V]
-  logits tensor: pretrain.py and finetune/full.py call `model(input_ids)` with no
-  `lm_head_chunk_size`).
+`parallel_residual=False`, `bias=False`, rotary_percentage 1.0) and the ones that differ from
+them only as `ARCHITECTURES` says (Qwen2.5, Mistral, Phi-3, Gemma):
+- model.py::GPT.forward: `wte(idx)` (times `torch.tensor(n_embd**0.5, dtype=x.dtype)` with
+  `scale_embeddings`) -> every `Block` -> `ln_f` -> `lm_head` (one [B, T, V] logits tensor:
+  pretrain.py and finetune/full.py call `model(input_ids)` with no `lm_head_chunk_size`).
 - model.py::Block.forward: `x = attn(norm_1(x)) + x; return mlp(norm_2(x)) + x`.
 - model.py::RMSNorm.forward (LitGPT's own, not torch's): `x = x.float(); norm_x = mean(x * x);
-  x_normed = x * rsqrt(norm_x + eps); (x_normed * weight.float()).to(dtype)`.
+  x_normed = x * rsqrt(norm_x + eps); weight = (1 + self.weight) if add_unit_offset else
+  self.weight; (x_normed * weight.float()).to(dtype)` (config.py::Config.norm_class sets
+  add_unit_offset when the config's name holds "Gemma").
 - model.py::CausalSelfAttention.forward: one fused `qkv` Linear, split into views; RoPE
   (`apply_rope`: `(x * cos) + (rotated * sin)`, cos/sin are the model's buffers) and
   `torch.cat` make q and k new tensors; with grouped queries k and v are
   `repeat_interleave`d to every head (copies) before `F.scaled_dot_product_attention(...,
-  is_causal=True)`; `y.transpose(1, 2).reshape(B, T, C)` copies the output for `proj`.
-- model.py::LLaMAMLP.forward: `proj(silu(fc_1(x)) * fc_2(x))`.
+  is_causal=True)`; `y.transpose(1, 2).reshape(B, T, C)` copies the output for `proj`. On a
+  layer with `sliding_window_size` set (`sliding_window_indices`, all layers unless given) the
+  layer builds its own additive mask `torch.ones(T, T, dtype=q.dtype).triu(1)` [1, 1, T, T]
+  plus the window's bias, whatever T is (a window longer than the sequence masks nothing but
+  the mask is made all the same), and SDPA gets `attn_mask=mask` and keeps it.
+- model.py::LLaMAMLP.forward: `proj(silu(fc_1(x)) * fc_2(x))`; GemmaMLP.forward:
+  `proj(gelu(fc_1(x), approximate="tanh") * fc_2(x))`.
+- A bias on a Linear (Qwen2.5's `attn_bias` on `qkv`) saves nothing more: addmm saves its two
+  matrices, the bias's gradient is a sum of the output's (measured: the same bytes as without).
 - utils.py::chunked_cross_entropy as pretrain.py::fit calls it, `chunked_cross_entropy(logits,
   targets)`: its default chunk_size=128 splits the flattened logits into 128-token chunks and
   takes `cross_entropy(chunk, target_chunk, reduction="none")` of each; every chunk keeps its
@@ -49,7 +59,6 @@ from memplan.model.forward import attention, kernels
 from memplan.model.forward.mlp import gated_mlp_saves
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import llama_refusal
 from memplan.precision import dtype_bytes
 
 VERSION = "0.5.9"
@@ -72,6 +81,49 @@ SRC_CHECKPOINT = (
     f"(checkpoint_wrapper per Block, litgpt {VERSION} finetune/full.py)"
 )
 
+ARCHITECTURES = {
+    "llama": "litgpt/config.py's Llama 2 / 3 entries: the rule as written",
+    "mistral": "Mistral-7B-v0.1 / v0.3: Llama's fields, plus "
+    "sliding_window_size (v0.1: 4096) when the HF config sets `sliding_window`",
+    "qwen2": "Qwen2.5 (every size): Llama's fields plus `attn_bias=True` (a bias on qkv)",
+    "phi3": "Phi-3-mini-4k / 128k: Llama's fields (LLaMAMLP: convert_hf_checkpoint splits "
+    "gate_up_proj), multi-head, sliding_window_size 2048 / 262145",
+    "gemma": "Gemma 2B / 7B: GemmaMLP (gelu tanh), RMSNorm add_unit_offset, "
+    "scale_embeddings, head_size 256 whatever n_embd // n_head is",
+}
+"""The HF model_types the rule covers, and what LitGPT's config for them sets beside Llama's
+(litgpt 0.5.9 config.py)."""
+
+NOT_COVERED = {
+    "gemma2": "Gemma 2's attention_logit_softcapping (LitGPT then runs q @ k.mT, tanh and "
+    "softmax by hand instead of SDPA), its final_logit_softcapping on the logits and its "
+    "post_attention_norm / post_mlp_norm",
+    "gemma3_text": "Gemma 3's q/k norms (norm_qk), post norms and per-layer rope_indices",
+    "gpt_neox": "GPT-NeoX / Pythia's torch LayerNorm, GptNeoxMLP (GELU), parallel_residual "
+    "and rotary_percentage 0.25",
+    "phi": "Phi-2's LayerNorm, GptNeoxMLP, parallel_residual with shared_attention_norm, "
+    "partial rotary and lm_head bias",
+    "falcon": "Falcon's LayerNorm, GptNeoxMLP and parallel_residual",
+    "olmo": "OLMo's non-affine LayerNorm",
+    "olmo2": "OLMo 2's q/k norms (norm_qk_type olmo2) and post norms",
+    "mixtral": "LLaMAMoE",
+    "qwen3": "Qwen3's q/k norms (norm_qk)",
+}
+"""Model types LitGPT trains whose ops the rule does not cover, with what it lacks."""
+
+SRC_MASK = (
+    f"litgpt {VERSION} litgpt/model.py::CausalSelfAttention.forward (apply_sliding_window_"
+    "attention: torch.ones(T, T, dtype=q.dtype).triu(1), masked_fill_, view(1, 1, T, T), "
+    "mask += sliding_window_bias) and scaled_dot_product_attention(attn_mask=mask)"
+)
+SRC_EMBED = (
+    f"litgpt {VERSION} litgpt/model.py::GPT.forward (`x * torch.tensor(n_embd**0.5, "
+    "dtype=x.dtype)`); " + kernels.DERIV + ": mul saves `other`"
+)
+EFFICIENT_MASK_ALIGN = 16
+"""The memory-efficient CUDA kernel wants the mask's rows 16-element aligned, else torch pads it
+(aten/src/ATen/native/transformers/attention.cpp::preprocess_mask, mem_eff_alignment 16)."""
+
 LOSS_CHUNK = 128
 """Tokens per cross-entropy chunk: utils.py::chunked_cross_entropy's default `chunk_size`, which
 pretrain.py and finetune/full.py keep."""
@@ -79,17 +131,21 @@ pretrain.py and finetune/full.py keep."""
 
 def unsupported(arch: Architecture, st: Setting) -> str:
     """Why the LitGPT rule does not cover this model or setting, or ''."""
-    why = llama_refusal(
-        arch,
-        "litgpt",
-        "litgpt.model.GPT with its Llama configs: RMSNorm, LLaMAMLP, fused qkv, model_type "
-        "llama; LitGPT's other MLPs (GptNeoxMLP, GemmaMLP, LLaMAMoE), parallel residuals, q/k "
-        "norms, sliding windows and softcapping have no rule yet",
-    )
+    why = architecture_refusal(arch)
     if why:
         return why
-    if arch.head_dim * arch.num_attention_heads != arch.hidden_size:
-        return "the LitGPT rule is proved with head_size = n_embd // n_head only"
+    if (
+        window(arch)
+        and st.device == "cuda"
+        and st.sequence % EFFICIENT_MASK_ALIGN
+        and st.attention == "sdpa"
+    ):
+        return (
+            "with a sliding window LitGPT passes SDPA a [1, 1, T, T] mask; on CUDA the "
+            "memory-efficient kernel pads a mask whose rows are not a multiple of "
+            f"{EFFICIENT_MASK_ALIGN} elements, which is not modelled: use a sequence_length "
+            f"that is a multiple of {EFFICIENT_MASK_ALIGN}"
+        )
     if st.attention != "sdpa":
         return (
             "LitGPT's attention is F.scaled_dot_product_attention (without softcapping): use "
@@ -116,12 +172,57 @@ def unsupported(arch: Architecture, st: Setting) -> str:
     return ""
 
 
-def norm(prefix: str, t: int, h: int, st: Setting) -> list[Saved]:
+def architecture_refusal(arch: Architecture) -> str:
+    """Why litgpt.model.GPT as LitGPT configures `arch`'s model_type is not covered, or ''."""
+    mt = arch.model_type
+    covered = "model_types " + ", ".join(ARCHITECTURES)
+    if mt in NOT_COVERED:
+        return (
+            f"activations of model_type {mt!r} under model.implementation litgpt are not "
+            f"modelled: memplan's LitGPT rule lacks {NOT_COVERED[mt]} (it covers {covered})"
+        )
+    if mt not in ARCHITECTURES:
+        return (
+            f"activations of model_type {mt!r} under model.implementation litgpt are not "
+            f"modelled (memplan's LitGPT rule covers {covered})"
+        )
+    x = arch.extra
+    if mt != "gemma" and str(x.get("hidden_act", "silu")) not in ("silu", "swish"):
+        return "the litgpt rule is for LLaMAMLP's SwiGLU (hidden_act silu) on this model_type"
+    if mt == "llama" and (x.get("attention_bias") or x.get("mlp_bias")):
+        return "LitGPT's Llama configs have no biases (attention_bias / mlp_bias set)"
+    rotary = x.get("rotary_dim")
+    if rotary is not None and rotary != arch.head_dim:
+        return (
+            "the LitGPT rule is proved with rotary_percentage 1.0 only (this config rotates "
+            f"{rotary} of {arch.head_dim} head dims)"
+        )
+    return ""
+
+
+def window(arch: Architecture) -> bool:
+    """True when LitGPT's config for `arch` sets `sliding_window_size` on every layer: the HF
+    config's `sliding_window` (Mistral v0.1's 4096, Phi-3's 2047 / 262144; Qwen2's only with
+    `use_sliding_window`, which Qwen2.5's configs leave off, as LitGPT's Qwen2.5 entries do).
+    Phi-3.5-mini's HF config sets one that LitGPT's entry does not: there the rule counts a
+    mask per layer that LitGPT does not make."""
+    return arch.model_type in ("mistral", "qwen2", "phi3") and bool(
+        arch.extra.get("sliding_window")
+    )
+
+
+def unit_offset(arch: Architecture) -> bool:
+    """Config.norm_class: RMSNorm(add_unit_offset="Gemma" in name), Gemma's configs."""
+    return arch.model_type == "gemma"
+
+
+def norm(prefix: str, t: int, h: int, st: Setting, *, offset: bool = False) -> list[Saved]:
     """LitGPT's RMSNorm over a stream-dtype input (SRC_NORM). `x * x` saves x in fp32 (x
     itself when the stream is fp32, else the `x.float()` copy), rsqrt its result [t, 1] fp32,
     `x * rsqrt` x again and that result, `x_normed * weight.float()` x_normed [t, h] fp32 and,
     when the weight is 16-bit, its fp32 copy [h] (an fp32 weight's `.float()` is the parameter
-    itself). The output, cast to the stream dtype, is saved by whichever linear reads it."""
+    itself); with `offset` (Gemma's add_unit_offset) `1 + weight`, a new [h] fp32 tensor in
+    every precision. The output, cast to the stream dtype, is saved by whichever linear reads it."""
     fp32 = kernels.FP32
     by = "MulBackward0"
     name = "input" if st.stream == fp32 else "input_fp32"
@@ -130,7 +231,11 @@ def norm(prefix: str, t: int, h: int, st: Setting) -> list[Saved]:
         kernels.saved(f"{prefix}.rstd", (t, 1), fp32, "RsqrtBackward0", SRC_NORM),
         kernels.saved(f"{prefix}.normalized", (t, h), fp32, by, SRC_NORM),
     ]
-    if st.stream != fp32:
+    if offset:
+        # `1 + self.weight` is a new tensor (its `.float()` copy when the weight is 16-bit):
+        # [h] fp32 saved in every precision.
+        out.append(kernels.saved(f"{prefix}.weight_plus_one_fp32", (h,), fp32, by, SRC_NORM))
+    elif st.stream != fp32:
         out.append(kernels.saved(f"{prefix}.weight_fp32", (h,), fp32, by, SRC_NORM))
     return out
 
@@ -139,15 +244,21 @@ def attention_saves(arch: Architecture, st: Setting) -> list[Saved]:
     """q, k, v as SDPA gets them and what SDPA and `proj` save (SRC_ATTN). RoPE's multiplies
     save only the cos/sin buffers. q and k are new tensors (`torch.cat`); with grouped queries
     k and v are `repeat_interleave` copies at every query head; with as many k/v heads as query
-    heads v is a view of the `qkv` output, whose whole storage SDPA then keeps."""
+    heads v is a view of the `qkv` output, whose whole storage SDPA then keeps. With a sliding
+    window SDPA also keeps the layer's [1, 1, T, T] mask (SRC_MASK); on CUDA the mask sends
+    SDPA to the memory-efficient kernel (memplan.model.forward.attention.sdpa_kernel)."""
     h, a, kv, d = kernels.attention_dims(arch)
     b, s, t, mm = st.batch, st.sequence, st.tokens, st.matmul
     heads = attention.Heads(batch=b, seq=s, heads=a, kv_heads=a, head_dim=d)
-    qkv = attention.Qkv(q=mm, k=mm, v=mm, q_contiguous=True)
+    masked = window(arch)
+    qkv = attention.Qkv(q=mm, k=mm, v=mm, q_contiguous=True, mask=masked)
     core = attention.sdpa(st, heads, qkv, dropout_on=False)
     # With as many k/v heads as query heads, v is a view of the qkv output: SDPA keeps that.
     qkv_out = kernels.saved("attn.qkv.output", (t, (a + 2 * kv) * d), mm, "SdpaBackward", SRC_ATTN)
-    out = [qkv_out if c.name == "attn.value" and kv == a else c for c in core.core]
+    # The layer's own mask, [1, 1, T, T] in q's dtype (the batch broadcast): SRC_MASK.
+    mask = kernels.saved("attn.mask", (1, 1, s, s), mm, "SdpaBackward", SRC_MASK)
+    swap = {"attn.mask": mask, "attn.value": qkv_out if kv == a else None}
+    out = [swap.get(c.name) or c for c in core.core]
     out += [
         kernels.saved("attn.proj.input", o.shape, o.dtype, o.saved_by, SRC) for o in core.output
     ]
@@ -158,17 +269,20 @@ def _layer(arch: Architecture, st: Setting) -> list[Saved]:
     """One Block's saved tensors without checkpointing."""
     h, a, kv, d = kernels.attention_dims(arch)
     t, inter = st.tokens, arch.intermediate_size
-    out = norm("norm_1", t, h, st)
+    offset = unit_offset(arch)
+    out = norm("norm_1", t, h, st, offset=offset)
     out += kernels.linear_inputs(["attn.qkv"], t, h, st.stream, st)
     out += attention_saves(arch, st)
     # `attn(...) + x`: a new tensor in the stream dtype, saved by norm_2.
-    out += norm("norm_2", t, h, st)
+    out += norm("norm_2", t, h, st, offset=offset)
     out += kernels.linear_inputs(["mlp.fc_1", "mlp.fc_2"], t, h, st.stream, st)
-    mlp = gated_mlp_saves("mlp", t, inter, "silu", st)
-    assert mlp is not None  # silu has a rule
+    # LLaMAMLP's silu, GemmaMLP's gelu(approximate="tanh"): both save their input.
+    act = "gelu_pytorch_tanh" if arch.model_type == "gemma" else "silu"
+    mlp = gated_mlp_saves("mlp", t, inter, act, st)
+    assert mlp is not None  # silu and gelu have a rule
     names = {
         "mlp.gate_proj.output": "mlp.fc_1.output",
-        "mlp.act_output": "mlp.silu.output",
+        "mlp.act_output": f"mlp.{act}.output",
         "mlp.up_proj.output": "mlp.fc_2.output",
         "mlp.down_proj.input": "mlp.proj.input",
     }
@@ -218,11 +332,12 @@ def saved(arch: Architecture, st: Setting) -> Activations:
     h, vocab, t, b, s = arch.hidden_size, arch.vocab_size, st.tokens, st.batch, st.sequence
     layer = _layer(arch, st)
     n = arch.num_layers
-    embeddings = Block(
-        name="embeddings",
-        count=1,
-        tensors=(kernels.embedding_indices("transformer.wte.indices", (b, s)),),
-    )
+    embed = [kernels.embedding_indices("transformer.wte.indices", (b, s))]
+    if arch.model_type == "gemma":
+        # scale_embeddings: the 0-dim sqrt(n_embd) in the embedding's dtype (SRC_EMBED).
+        scale = kernels.saved("transformer.wte.scale", (), st.stream, "MulBackward0", SRC_EMBED)
+        embed.append(scale)
+    embeddings = Block(name="embeddings", count=1, tensors=tuple(embed))
     if st.checkpointing == "full":
         kept = kernels.saved("checkpoint.x", (b, s, h), st.stream, "Noop", SRC_CHECKPOINT)
         layers = Block(
@@ -230,18 +345,26 @@ def saved(arch: Architecture, st: Setting) -> Activations:
         )
     else:
         layers = Block(name="layers", count=n, tensors=tuple(layer), layered=True)
-    head = norm("transformer.ln_f", t, h, st)
+    head = norm("transformer.ln_f", t, h, st, offset=unit_offset(arch))
     head += kernels.linear_inputs(["lm_head"], t, h, st.stream, st)
     head += kernels.weight_casts([("lm_head", (vocab, h))], st)
     upcast = t * vocab * dtype_bytes(kernels.FP32) if st.matmul != kernels.FP32 else 0
-    notes = (
-        f"litgpt {VERSION}'s GPT (Llama config), loss chunked_cross_entropy (chunk 128) on "
+    notes: tuple[str, ...] = (
+        f"litgpt {VERSION}'s GPT ({arch.model_type}: {ARCHITECTURES[arch.model_type]}), "
+        "loss chunked_cross_entropy (chunk 128) on "
         "the fp32 logits Fabric returns, as pretrain.py::fit computes it (finetune/full.py "
         "drops the last position: one token per sequence fewer).",
         "LitGPT's fit loops keep Fabric's fp32 logits (`logits = model(input_ids)`) until "
         "the next forward returns: the step holds them in every phase "
         "(memplan.step.transients.litgpt_logits).",
     )
+    if arch.model_type == "gemma":
+        notes += (
+            "LitGPT's GPT keeps lm_head apart from wte (model.py::GPT.__init__; "
+            "scripts/convert_hf_checkpoint.py copies a tied checkpoint's embedding into it): "
+            "memplan's model states follow the config's tied inventory, one [vocab, hidden] "
+            "matrix fewer than LitGPT trains.",
+        )
     return Activations(
         modelled=True,
         blocks=(
