@@ -63,6 +63,56 @@ LLAMA31_8B = Shape(
 )
 """Two blocks of Llama 3.1 8B (litgpt/config.py "Llama-3.1-8B{}") at 1 x 8192 (fake tensors)."""
 
+AT_SCALE = {
+    "qwen2.5": Shape(
+        arch="qwen2.5",
+        layers=2,
+        batch=1,
+        seq=4096,
+        dim=3584,
+        heads=28,
+        kv_heads=4,
+        ffn=18944,
+        vocab=152064,
+    ),
+    "mistral": Shape(
+        arch="mistral",
+        layers=2,
+        batch=1,
+        seq=4096,
+        dim=4096,
+        heads=32,
+        kv_heads=8,
+        ffn=14336,
+        vocab=32000,
+    ),
+    "phi-3": Shape(
+        arch="phi-3",
+        layers=2,
+        batch=1,
+        seq=4096,
+        dim=3072,
+        heads=32,
+        kv_heads=32,
+        ffn=8192,
+        vocab=32064,
+    ),
+    "gemma": Shape(
+        arch="gemma",
+        layers=2,
+        batch=1,
+        seq=4096,
+        dim=3072,
+        heads=16,
+        kv_heads=16,
+        ffn=24576,
+        vocab=256000,
+        head_size=256,
+    ),
+}
+"""Two blocks of litgpt/config.py's "Qwen2.5-7B", "Mistral-7B-v0.1", "Phi-3-mini-4k-instruct"
+and "Gemma-7b" (head_size 256 x 16 heads over n_embd 3072) at 1 x 4096 (fake tensors)."""
+
 
 ARCHS: dict[str, dict[str, Any]] = {
     "llama": {},
@@ -84,6 +134,34 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 """Each architecture's fields beside the Llama 3.1 ones `config` sets, as litgpt/config.py's
 named entry sets them (the sizes are `Shape`'s)."""
+
+
+HF_CONFIG: dict[str, dict[str, Any]] = {
+    "llama": {"model_type": "llama"},
+    "qwen2.5": {"model_type": "qwen2"},
+    "mistral": {"model_type": "mistral", "sliding_window": 4096},
+    "phi-3": {"model_type": "phi3", "sliding_window": 2047},
+    "gemma": {"model_type": "gemma"},
+}
+"""What the Hugging Face config.json of each ARCHS entry's checkpoint says beside the sizes
+(Qwen2.5's `use_sliding_window: false`, Mistral-7B-v0.1's `sliding_window: 4096`,
+Phi-3-mini-4k's `sliding_window: 2047`)."""
+
+
+def hf_config(shape: Shape) -> dict[str, Any]:
+    """The config.json memplan reads for the model `config(shape)` builds."""
+    head_dim = shape.head_size or shape.dim // shape.heads
+    return {
+        "hidden_size": shape.dim,
+        "intermediate_size": shape.ffn,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": shape.vocab,
+        "max_position_embeddings": max(128, shape.seq),
+        **HF_CONFIG[shape.arch],
+    }
 
 
 def config(shape: Shape) -> Any:
