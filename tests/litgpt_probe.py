@@ -109,9 +109,22 @@ AT_SCALE = {
         vocab=256000,
         head_size=256,
     ),
+    "gemma-2": Shape(
+        arch="gemma-2",
+        layers=2,
+        batch=1,
+        seq=4096,
+        dim=3584,
+        heads=16,
+        kv_heads=8,
+        ffn=14336,
+        vocab=256000,
+        head_size=256,
+    ),
 }
 """Two blocks of litgpt/config.py's "Qwen2.5-7B", "Mistral-7B-v0.1", "Phi-3-mini-4k-instruct"
-and "Gemma-7b" (head_size 256 x 16 heads over n_embd 3072) at 1 x 4096 (fake tensors)."""
+"Gemma-7b" (head_size 256 x 16 heads over n_embd 3072) and "gemma-2-9b" at 1 x 4096 (fake
+tensors)."""
 
 
 ARCHS: dict[str, dict[str, Any]] = {
@@ -131,6 +144,21 @@ ARCHS: dict[str, dict[str, Any]] = {
         "gelu_approximate": "tanh",
         "rope_base": 10000,
     },
+    # "gemma-2-9b" / "gemma-2-2b": Gemma's fields plus post-norms, score and logit
+    # softcapping, attention_scores_scalar (its head_size), and the sliding window on
+    # every other layer (sliding_window_indices set per n_layer in `config`).
+    "gemma-2": {
+        "name": "Gemma-2-memplan-probe",
+        "scale_embeddings": True,
+        "mlp_class_name": "GemmaMLP",
+        "gelu_approximate": "tanh",
+        "rope_base": 10000,
+        "post_attention_norm": True,
+        "post_mlp_norm": True,
+        "attention_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window_size": 4096,
+    },
 }
 """Each architecture's fields beside the Llama 3.1 ones `config` sets, as litgpt/config.py's
 named entry sets them (the sizes are `Shape`'s)."""
@@ -142,6 +170,7 @@ HF_CONFIG: dict[str, dict[str, Any]] = {
     "mistral": {"model_type": "mistral", "sliding_window": 4096},
     "phi-3": {"model_type": "phi3", "sliding_window": 2047},
     "gemma": {"model_type": "gemma"},
+    "gemma-2": {"model_type": "gemma2", "sliding_window": 4096},
 }
 """What the Hugging Face config.json of each ARCHS entry's checkpoint says beside the sizes
 (Qwen2.5's `use_sliding_window: false`, Mistral-7B-v0.1's `sliding_window: 4096`,
@@ -187,6 +216,10 @@ def config(shape: Shape) -> Any:
         "rope_base": 500000,
         "head_size": shape.head_size,
     }
+    if shape.arch == "gemma-2":
+        head = shape.head_size or shape.dim // shape.heads
+        fields["attention_scores_scalar"] = head
+        fields["sliding_window_indices"] = [1 - i % 2 for i in range(shape.layers)]
     return Config(**{**fields, **ARCHS[shape.arch]})
 
 
@@ -328,6 +361,12 @@ _CONFIG_KEYS = (
     "sliding_window_size",
     "scale_embeddings",
     "gelu_approximate",
+    "post_attention_norm",
+    "post_mlp_norm",
+    "attention_logit_softcapping",
+    "final_logit_softcapping",
+    "sliding_window_indices",
+    "attention_scores_scalar",
 )
 
 

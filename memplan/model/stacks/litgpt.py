@@ -5,7 +5,7 @@ recomputation (`full`: a checkpoint around every `Block`).
 Read from litgpt 0.5.9 (pip `litgpt==0.5.9`), for the Llama-shaped configs of
 litgpt/config.py (Llama 2/3: `norm_class_name="RMSNorm"`, `mlp_class_name="LLaMAMLP"`,
 `parallel_residual=False`, `bias=False`, rotary_percentage 1.0) and the ones that differ from
-them only as `ARCHITECTURES` says (Qwen2.5, Mistral, Phi-3, Gemma):
+them only as `ARCHITECTURES` says (Qwen2.5, Mistral, Phi-3, Gemma, Gemma 2):
 - model.py::GPT.forward: `wte(idx)` (times `torch.tensor(n_embd**0.5, dtype=x.dtype)` with
   `scale_embeddings`) -> every `Block` -> `ln_f` -> `lm_head` (one [B, T, V] logits tensor:
   pretrain.py and finetune/full.py call `model(input_ids)` with no `lm_head_chunk_size`).
@@ -25,6 +25,12 @@ them only as `ARCHITECTURES` says (Qwen2.5, Mistral, Phi-3, Gemma):
   the mask is made all the same), and SDPA gets `attn_mask=mask` and keeps it.
 - model.py::LLaMAMLP.forward: `proj(silu(fc_1(x)) * fc_2(x))`; GemmaMLP.forward:
   `proj(gelu(fc_1(x), approximate="tanh") * fc_2(x))`.
+- Gemma 2 (`attention_logit_softcapping`): CausalSelfAttention.scaled_dot_product_attention
+  runs `scores = q @ k.mT * scale; tanh(scores / cap) * cap; + mask; softmax(dtype=float)
+  .to(q.dtype); scores @ v` by hand instead of SDPA (SRC_SOFTCAP), so the sliding window's
+  mask is only added, never kept; Block.forward normalises the attention's and the MLP's
+  outputs (post_attention_norm, post_mlp_norm) before their residuals; GPT.forward caps the
+  logits, `tanh(lm_head(x) / cap) * cap` (final_logit_softcapping).
 - A bias on a Linear (Qwen2.5's `attn_bias` on `qkv`) saves nothing more: addmm saves its two
   matrices, the bias's gradient is a sum of the output's (measured: the same bytes as without).
 - utils.py::chunked_cross_entropy as pretrain.py::fit calls it, `chunked_cross_entropy(logits,
@@ -90,14 +96,13 @@ ARCHITECTURES = {
     "gate_up_proj), multi-head, sliding_window_size 2048 / 262145",
     "gemma": "Gemma 2B / 7B: GemmaMLP (gelu tanh), RMSNorm add_unit_offset, "
     "scale_embeddings, head_size 256 whatever n_embd // n_head is",
+    "gemma2": "Gemma 2 2B / 9B / 27B: Gemma's fields plus post_attention_norm, post_mlp_norm, "
+    "attention_logit_softcapping (attention by hand) and final_logit_softcapping",
 }
 """The HF model_types the rule covers, and what LitGPT's config for them sets beside Llama's
 (litgpt 0.5.9 config.py)."""
 
 NOT_COVERED = {
-    "gemma2": "Gemma 2's attention_logit_softcapping (LitGPT then runs q @ k.mT, tanh and "
-    "softmax by hand instead of SDPA), its final_logit_softcapping on the logits and its "
-    "post_attention_norm / post_mlp_norm",
     "gemma3_text": "Gemma 3's q/k norms (norm_qk), post norms and per-layer rope_indices",
     "gpt_neox": "GPT-NeoX / Pythia's torch LayerNorm, GptNeoxMLP (GELU), parallel_residual "
     "and rotary_percentage 0.25",
@@ -115,6 +120,11 @@ SRC_MASK = (
     f"litgpt {VERSION} litgpt/model.py::CausalSelfAttention.forward (apply_sliding_window_"
     "attention: torch.ones(T, T, dtype=q.dtype).triu(1), masked_fill_, view(1, 1, T, T), "
     "mask += sliding_window_bias) and scaled_dot_product_attention(attn_mask=mask)"
+)
+SRC_SOFTCAP = (
+    f"litgpt {VERSION} litgpt/model.py::CausalSelfAttention.scaled_dot_product_attention "
+    "(attention_logit_softcapping: q @ k.mT * scale, do_softcapping = tanh(x / thresh) * "
+    "thresh, + mask, F.softmax(dtype=torch.float).to(q.dtype), scores @ v); " + kernels.DERIV
 )
 SRC_EMBED = (
     f"litgpt {VERSION} litgpt/model.py::GPT.forward (`x * torch.tensor(n_embd**0.5, "
@@ -189,6 +199,11 @@ def architecture_refusal(arch: Architecture) -> str:
     x = arch.extra
     if mt != "gemma" and str(x.get("hidden_act", "silu")) not in ("silu", "swish"):
         return "the litgpt rule is for LLaMAMLP's SwiGLU (hidden_act silu) on this model_type"
+    if mt == "gemma2" and x.get("attn_logit_softcapping") is None:
+        return (
+            "LitGPT's Gemma 2 configs cap the attention scores (attention_logit_softcapping "
+            "50): a Gemma 2 config without attn_logit_softcapping is not what LitGPT runs"
+        )
     if mt == "llama" and (x.get("attention_bias") or x.get("mlp_bias")):
         return "LitGPT's Llama configs have no biases (attention_bias / mlp_bias set)"
     rotary = x.get("rotary_dim")
@@ -213,7 +228,12 @@ def window(arch: Architecture) -> bool:
 
 def unit_offset(arch: Architecture) -> bool:
     """Config.norm_class: RMSNorm(add_unit_offset="Gemma" in name), Gemma's configs."""
-    return arch.model_type == "gemma"
+    return arch.model_type in ("gemma", "gemma2")
+
+
+def softcapped(arch: Architecture) -> bool:
+    """Gemma 2: attention_logit_softcapping set (architecture_refusal asks for it)."""
+    return arch.model_type == "gemma2"
 
 
 def norm(prefix: str, t: int, h: int, st: Setting, *, offset: bool = False) -> list[Saved]:
@@ -265,6 +285,39 @@ def attention_saves(arch: Architecture, st: Setting) -> list[Saved]:
     return out
 
 
+def softcapped_attention_saves(arch: Architecture, st: Setting) -> list[Saved]:
+    """The attention LitGPT runs by hand with attention_logit_softcapping (SRC_SOFTCAP).
+    `q @ k.mT` (matmul of 4-D tensors: bmm over views, q and k being contiguous [b, a, s, d])
+    saves q (the RoPE `cat`) and k (the `cat`, or its repeat_interleave copy with grouped
+    queries); `* scale` and `/ cap`, `* cap` by a number save nothing; tanh saves its output;
+    `+ mask` nothing (the mask is not kept); softmax(dtype=float) its fp32 output; `.to(q.dtype)`
+    is a new tensor unless q is fp32; `scores @ v` saves those scores and v: the repeat_interleave
+    copy with grouped queries, else a view of the qkv output at batch 1 or matmul's copy
+    (memplan.model.forward.attention.bmm_reshape_is_view). `y.transpose(1, 2).reshape(...)`
+    copies the output for `proj`."""
+    h, a, kv, d = kernels.attention_dims(arch)
+    b, s, t, mm = st.batch, st.sequence, st.tokens, st.matmul
+    fp32 = kernels.FP32
+    by = "BmmBackward0"
+    out = [
+        kernels.saved("attn.query", (b, a, s, d), mm, by, SRC_SOFTCAP),
+        kernels.saved("attn.key", (b, a, s, d), mm, by, SRC_SOFTCAP),
+        kernels.saved("attn.softcap.tanh", (b, a, s, s), mm, "TanhBackward0", SRC_SOFTCAP),
+        kernels.saved("attn.softmax", (b, a, s, s), fp32, "SoftmaxBackward0", SRC_SOFTCAP),
+    ]
+    if mm != fp32:
+        out.append(kernels.saved("attn.probs", (b, a, s, s), mm, by, SRC_SOFTCAP))
+    heads = attention.Heads(batch=b, seq=s, heads=a, kv_heads=kv, head_dim=d)
+    if kv != a:
+        out.append(kernels.saved("attn.value", (b, a, s, d), mm, by, SRC_SOFTCAP))
+    elif attention.bmm_reshape_is_view(heads):
+        out.append(kernels.saved("attn.qkv.output", (t, (a + 2 * kv) * d), mm, by, SRC_SOFTCAP))
+    else:
+        out.append(kernels.saved("attn.value", (b * a, s, d), mm, by, SRC_SOFTCAP))
+    out.append(kernels.saved("attn.proj.input", (t, a * d), mm, "MmBackward0", SRC_SOFTCAP))
+    return out
+
+
 def _layer(arch: Architecture, st: Setting) -> list[Saved]:
     """One Block's saved tensors without checkpointing."""
     h, a, kv, d = kernels.attention_dims(arch)
@@ -272,12 +325,17 @@ def _layer(arch: Architecture, st: Setting) -> list[Saved]:
     offset = unit_offset(arch)
     out = norm("norm_1", t, h, st, offset=offset)
     out += kernels.linear_inputs(["attn.qkv"], t, h, st.stream, st)
-    out += attention_saves(arch, st)
+    if softcapped(arch):
+        out += softcapped_attention_saves(arch, st)
+        # post_attention_norm of proj's output (its fp32 copy, or itself when fp32).
+        out += norm("post_attention_norm", t, h, st, offset=offset)
+    else:
+        out += attention_saves(arch, st)
     # `attn(...) + x`: a new tensor in the stream dtype, saved by norm_2.
     out += norm("norm_2", t, h, st, offset=offset)
     out += kernels.linear_inputs(["mlp.fc_1", "mlp.fc_2"], t, h, st.stream, st)
     # LLaMAMLP's silu, GemmaMLP's gelu(approximate="tanh"): both save their input.
-    act = "gelu_pytorch_tanh" if arch.model_type == "gemma" else "silu"
+    act = "gelu_pytorch_tanh" if unit_offset(arch) else "silu"
     mlp = gated_mlp_saves("mlp", t, inter, act, st)
     assert mlp is not None  # silu and gelu have a rule
     names = {
@@ -287,6 +345,8 @@ def _layer(arch: Architecture, st: Setting) -> list[Saved]:
         "mlp.down_proj.input": "mlp.proj.input",
     }
     out += [kernels.saved(names[m.name], m.shape, m.dtype, m.saved_by, SRC) for m in mlp]
+    if softcapped(arch):
+        out += norm("post_mlp_norm", t, h, st, offset=offset)
     out += kernels.weight_casts(
         [
             ("attn.qkv", ((a + 2 * kv) * d, h)),
@@ -333,7 +393,7 @@ def saved(arch: Architecture, st: Setting) -> Activations:
     layer = _layer(arch, st)
     n = arch.num_layers
     embed = [kernels.embedding_indices("transformer.wte.indices", (b, s))]
-    if arch.model_type == "gemma":
+    if unit_offset(arch):
         # scale_embeddings: the 0-dim sqrt(n_embd) in the embedding's dtype (SRC_EMBED).
         scale = kernels.saved("transformer.wte.scale", (), st.stream, "MulBackward0", SRC_EMBED)
         embed.append(scale)
@@ -348,6 +408,10 @@ def saved(arch: Architecture, st: Setting) -> Activations:
     head = norm("transformer.ln_f", t, h, st, offset=unit_offset(arch))
     head += kernels.linear_inputs(["lm_head"], t, h, st.stream, st)
     head += kernels.weight_casts([("lm_head", (vocab, h))], st)
+    if arch.extra.get("final_logit_softcapping") is not None:
+        # GPT.forward's do_softcapping of the logits: tanh keeps its [t, vocab] output.
+        tanh = kernels.saved("lm_head.softcap.tanh", (t, vocab), st.matmul, "TanhBackward0", SRC)
+        head.append(tanh)
     upcast = t * vocab * dtype_bytes(kernels.FP32) if st.matmul != kernels.FP32 else 0
     notes: tuple[str, ...] = (
         f"litgpt {VERSION}'s GPT ({arch.model_type}: {ARCHITECTURES[arch.model_type]}), "
@@ -358,7 +422,7 @@ def saved(arch: Architecture, st: Setting) -> Activations:
         "the next forward returns: the step holds them in every phase "
         "(memplan.step.transients.litgpt_logits).",
     )
-    if arch.model_type == "gemma":
+    if unit_offset(arch):
         notes += (
             "LitGPT's GPT keeps lm_head apart from wte (model.py::GPT.__init__; "
             "scripts/convert_hf_checkpoint.py copies a tied checkpoint's embedding into it): "
