@@ -109,6 +109,17 @@ AT_SCALE = {
         vocab=256000,
         head_size=256,
     ),
+    "pythia": Shape(
+        arch="pythia",
+        layers=2,
+        batch=1,
+        seq=2048,
+        dim=2048,
+        heads=8,
+        kv_heads=8,
+        ffn=8192,
+        vocab=50304,
+    ),
     "gemma-2": Shape(
         arch="gemma-2",
         layers=2,
@@ -122,9 +133,9 @@ AT_SCALE = {
         head_size=256,
     ),
 }
-"""Two blocks of litgpt/config.py's "Qwen2.5-7B", "Mistral-7B-v0.1", "Phi-3-mini-4k-instruct"
-"Gemma-7b" (head_size 256 x 16 heads over n_embd 3072) and "gemma-2-9b" at 1 x 4096 (fake
-tensors)."""
+"""Two blocks of litgpt/config.py's "Qwen2.5-7B", "Mistral-7B-v0.1", "Phi-3-mini-4k-instruct",
+"Gemma-7b" (head_size 256 x 16 heads over n_embd 3072) and "gemma-2-9b" at 1 x 4096, and of
+"pythia-1b" at 1 x 2048 (its block_size), under fake tensors."""
 
 
 ARCHS: dict[str, dict[str, Any]] = {
@@ -159,6 +170,17 @@ ARCHS: dict[str, dict[str, Any]] = {
         "final_logit_softcapping": 30.0,
         "sliding_window_size": 4096,
     },
+    # "pythia-160m" ... "pythia-12b": LayerNorm, parallel residual, GptNeoxMLP (exact GELU,
+    # 4 x n_embd), biases everywhere but lm_head, a quarter of each head rotated.
+    "pythia": {
+        "norm_class_name": "LayerNorm",
+        "mlp_class_name": "GptNeoxMLP",
+        "parallel_residual": True,
+        "bias": True,
+        "rotary_percentage": 0.25,
+        "rope_base": 10000,
+        "norm_eps": 1e-5,
+    },
 }
 """Each architecture's fields beside the Llama 3.1 ones `config` sets, as litgpt/config.py's
 named entry sets them (the sizes are `Shape`'s)."""
@@ -171,6 +193,12 @@ HF_CONFIG: dict[str, dict[str, Any]] = {
     "phi-3": {"model_type": "phi3", "sliding_window": 2047},
     "gemma": {"model_type": "gemma"},
     "gemma-2": {"model_type": "gemma2", "sliding_window": 4096},
+    "pythia": {
+        "model_type": "gpt_neox",
+        "rotary_pct": 0.25,
+        "use_parallel_residual": True,
+        "hidden_act": "gelu",
+    },
 }
 """What the Hugging Face config.json of each ARCHS entry's checkpoint says beside the sizes
 (Qwen2.5's `use_sliding_window: false`, Mistral-7B-v0.1's `sliding_window: 4096`,

@@ -4,8 +4,8 @@ Fabric's own precision plugins, to the byte (tests/litgpt_probe.py measures): no
 and LitGPT's per-Block checkpointing, 32-true / bf16-true / bf16-mixed, grouped, multi-head
 and multi-query attention, the 128-token loss chunks; and at Llama 3.1 8B's shape under
 FakeTensorMode. LitGPT's other architectures the rule covers (Qwen2.5, Mistral, Phi-3, Gemma,
-Gemma 2: litgpt's own Config with a named entry's fields) likewise, and Mistral-7B-v0.1,
-Gemma-7b and gemma-2-9b at 1 x 4096 under FakeTensorMode.
+Gemma 2, Pythia: litgpt's own Config with a named entry's fields) likewise, and
+Mistral-7B-v0.1, Gemma-7b, gemma-2-9b and pythia-1b at scale under FakeTensorMode.
 
 The oracle is LitGPT's own code (`pip install --no-deps litgpt==0.5.9 lightning==2.6.6
 lightning-utilities==0.15.3 torchmetrics==1.9.0`); the full matrix is
@@ -153,6 +153,9 @@ ARCH_CASES = [
     # softcapped attention by hand, post-norms, capped logits, window on every other layer
     ("gemma-2", "amp-bf16", "none", 2, None, 2, 16, 3),
     ("gemma-2", "bf16", "full", 4, None, 2, 100, 2),  # multi-head at batch 2: v copied
+    # LayerNorm x 2 of one input, parallel residual, GELU MLP, biases, rotary_percentage 0.25
+    ("pythia", "amp-bf16", "none", 4, None, 2, 16, 3),
+    ("pythia", "bf16", "full", 4, None, 1, 100, 2),
 ]
 
 
@@ -170,7 +173,7 @@ def test_rule_matches_litgpt_other_architectures_to_the_byte(
     layers: int,
 ) -> None:
     """litgpt's own GPT built from its own Config with a named entry's fields (Qwen2.5-7B,
-    Mistral-7B-v0.1, Phi-3-mini-4k-instruct, Gemma-2b / 7b, gemma-2-9b) against the rule
+    Mistral-7B-v0.1, Phi-3-mini-4k-instruct, Gemma-2b / 7b, gemma-2-9b, pythia) against the rule
     applied to the config.json of that checkpoint's type; the whole matrix is benchmarks/
     litgpt_activations.py's `architectures` part."""
     pytest.importorskip("torch")
@@ -184,11 +187,12 @@ def test_rule_matches_litgpt_other_architectures_to_the_byte(
     assert saved.bytes == held_bytes(precision, mode, shape)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "gemma", "gemma-2"])
+@pytest.mark.parametrize("arch", ["mistral", "gemma", "gemma-2", "pythia"])
 def test_rule_matches_litgpt_at_7b_shapes_under_fake_tensors(arch: str) -> None:
     """Two blocks of Mistral-7B-v0.1 (the 4096-window mask at 4096 tokens), Gemma-7b
     (head_size 256 x 16 heads over n_embd 3072, vocab 256000) and gemma-2-9b (the softcapped
-    scores [16, 4096, 4096], the capped logits) at 1 x 4096, bf16-true."""
+    scores [16, 4096, 4096], the capped logits) at 1 x 4096, and pythia-1b at 1 x 2048,
+    bf16-true."""
     pytest.importorskip("torch")
     pytest.importorskip("litgpt.model")
     from tests.litgpt_probe import AT_SCALE, held_bytes_fake, hf_config
@@ -205,7 +209,7 @@ def test_rule_matches_litgpt_at_7b_shapes_under_fake_tensors(arch: str) -> None:
         ({"model_type": "gemma3_text", "head_dim": 16}, "q/k norms"),
         ({"model_type": "mixtral"}, "LLaMAMoE"),
         ({"model_type": "phi3", "partial_rotary_factor": 0.75}, "rotary_percentage 1.0"),
-        ({"model_type": "gpt_neox"}, "parallel_residual"),
+        ({"model_type": "gpt_neox", "use_parallel_residual": False}, "parallel_residual"),
     ],
 )
 def test_litgpt_refuses_architectures_it_does_not_cover(config: dict[str, Any], why: str) -> None:

@@ -5,7 +5,7 @@ recomputation (`full`: a checkpoint around every `Block`).
 Read from litgpt 0.5.9 (pip `litgpt==0.5.9`), for the Llama-shaped configs of
 litgpt/config.py (Llama 2/3: `norm_class_name="RMSNorm"`, `mlp_class_name="LLaMAMLP"`,
 `parallel_residual=False`, `bias=False`, rotary_percentage 1.0) and the ones that differ from
-them only as `ARCHITECTURES` says (Qwen2.5, Mistral, Phi-3, Gemma, Gemma 2):
+them only as `ARCHITECTURES` says (Qwen2.5, Mistral, Phi-3, Gemma, Gemma 2, Pythia):
 - model.py::GPT.forward: `wte(idx)` (times `torch.tensor(n_embd**0.5, dtype=x.dtype)` with
   `scale_embeddings`) -> every `Block` -> `ln_f` -> `lm_head` (one [B, T, V] logits tensor:
   pretrain.py and finetune/full.py call `model(input_ids)` with no `lm_head_chunk_size`).
@@ -31,6 +31,13 @@ them only as `ARCHITECTURES` says (Qwen2.5, Mistral, Phi-3, Gemma, Gemma 2):
   mask is only added, never kept; Block.forward normalises the attention's and the MLP's
   outputs (post_attention_norm, post_mlp_norm) before their residuals; GPT.forward caps the
   logits, `tanh(lm_head(x) / cap) * cap` (final_logit_softcapping).
+- GPT-NeoX / Pythia (`parallel_residual=True`, `norm_class_name="LayerNorm"`,
+  `mlp_class_name="GptNeoxMLP"`, `bias=True`, rotary_percentage 0.25): Block.forward takes
+  `norm_1(x)` for the attention and `norm_2(x)` for the MLP, both torch LayerNorms of the same
+  block input, and returns `mlp(norm_2(x)) + attn(norm_1(x)) + x`; GptNeoxMLP.forward is
+  `proj(gelu(fc(x)))`; RoPE on the first rope_n_elem dims of each head saves nothing the full
+  rotation does not (the multiplies keep the cos/sin buffers; `torch.cat` makes q and k new
+  either way).
 - A bias on a Linear (Qwen2.5's `attn_bias` on `qkv`) saves nothing more: addmm saves its two
   matrices, the bias's gradient is a sum of the output's (measured: the same bytes as without).
 - utils.py::chunked_cross_entropy as pretrain.py::fit calls it, `chunked_cross_entropy(logits,
@@ -96,6 +103,8 @@ ARCHITECTURES = {
     "gate_up_proj), multi-head, sliding_window_size 2048 / 262145",
     "gemma": "Gemma 2B / 7B: GemmaMLP (gelu tanh), RMSNorm add_unit_offset, "
     "scale_embeddings, head_size 256 whatever n_embd // n_head is",
+    "gpt_neox": "Pythia (every size) and GPT-NeoX-20B: LayerNorm, parallel_residual, "
+    "GptNeoxMLP (exact GELU), biases, rotary_percentage 0.25",
     "gemma2": "Gemma 2 2B / 9B / 27B: Gemma's fields plus post_attention_norm, post_mlp_norm, "
     "attention_logit_softcapping (attention by hand) and final_logit_softcapping",
 }
@@ -104,8 +113,6 @@ ARCHITECTURES = {
 
 NOT_COVERED = {
     "gemma3_text": "Gemma 3's q/k norms (norm_qk), post norms and per-layer rope_indices",
-    "gpt_neox": "GPT-NeoX / Pythia's torch LayerNorm, GptNeoxMLP (GELU), parallel_residual "
-    "and rotary_percentage 0.25",
     "phi": "Phi-2's LayerNorm, GptNeoxMLP, parallel_residual with shared_attention_norm, "
     "partial rotary and lm_head bias",
     "falcon": "Falcon's LayerNorm, GptNeoxMLP and parallel_residual",
@@ -197,7 +204,23 @@ def architecture_refusal(arch: Architecture) -> str:
             f"modelled (memplan's LitGPT rule covers {covered})"
         )
     x = arch.extra
-    if mt != "gemma" and str(x.get("hidden_act", "silu")) not in ("silu", "swish"):
+    if mt == "gpt_neox":
+        if not x.get("use_parallel_residual", True):
+            return (
+                "LitGPT's GPT-NeoX configs are parallel_residual: use_parallel_residual "
+                "false is not what it runs"
+            )
+        if str(x.get("hidden_act", "gelu")) != "gelu":
+            return (
+                "LitGPT's GptNeoxMLP runs exact GELU (gelu_approximate none): hidden_act gelu only"
+            )
+        if x.get("model_class", "GPTNeoXForCausalLM") != "GPTNeoXForCausalLM":
+            return "the LitGPT rule is for a causal LM (GPTNeoXForCausalLM)"
+        return ""
+    if mt in ("llama", "mistral", "qwen2", "phi3") and str(x.get("hidden_act", "silu")) not in (
+        "silu",
+        "swish",
+    ):
         return "the litgpt rule is for LLaMAMLP's SwiGLU (hidden_act silu) on this model_type"
     if mt == "gemma2" and x.get("attn_logit_softcapping") is None:
         return (
@@ -207,7 +230,7 @@ def architecture_refusal(arch: Architecture) -> str:
     if mt == "llama" and (x.get("attention_bias") or x.get("mlp_bias")):
         return "LitGPT's Llama configs have no biases (attention_bias / mlp_bias set)"
     rotary = x.get("rotary_dim")
-    if rotary is not None and rotary != arch.head_dim:
+    if mt != "gpt_neox" and rotary is not None and rotary != arch.head_dim:
         return (
             "the LitGPT rule is proved with rotary_percentage 1.0 only (this config rotates "
             f"{rotary} of {arch.head_dim} head dims)"
@@ -318,8 +341,41 @@ def softcapped_attention_saves(arch: Architecture, st: Setting) -> list[Saved]:
     return out
 
 
+def _neox_layer(arch: Architecture, st: Setting) -> list[Saved]:
+    """One parallel-residual Block (GPT-NeoX / Pythia) without checkpointing: norm_1 and norm_2
+    are LayerNorms of the same block input, kept once (kernels.layer_norm: the input, mean and
+    rstd), each with its own statistics; qkv reads norm_1's output, fc norm_2's; GELU keeps
+    fc's output and proj reads GELU's."""
+    h, a, kv, d = kernels.attention_dims(arch)
+    t, inter, mm = st.tokens, arch.intermediate_size, st.matmul
+    out = kernels.layer_norm("norm_1", t, h, st.stream, st)
+    out += [
+        s for s in kernels.layer_norm("norm_2", t, h, st.stream, st) if s.name != "norm_2.input"
+    ]
+    out += kernels.linear_inputs(["attn.qkv"], t, h, st.stream, st)
+    out += attention_saves(arch, st)
+    out += kernels.linear_inputs(["mlp.fc"], t, h, st.stream, st)
+    src = SRC + "::GptNeoxMLP.forward; " + kernels.DERIV
+    out += [
+        kernels.saved("mlp.fc.output", (t, inter), mm, "GeluBackward0", src),
+        kernels.saved("mlp.proj.input", (t, inter), mm, "MmBackward0", src),
+    ]
+    out += kernels.weight_casts(
+        [
+            ("attn.qkv", ((a + 2 * kv) * d, h)),
+            ("attn.proj", (h, a * d)),
+            ("mlp.fc", (inter, h)),
+            ("mlp.proj", (h, inter)),
+        ],
+        st,
+    )
+    return out
+
+
 def _layer(arch: Architecture, st: Setting) -> list[Saved]:
     """One Block's saved tensors without checkpointing."""
+    if arch.model_type == "gpt_neox":
+        return _neox_layer(arch, st)
     h, a, kv, d = kernels.attention_dims(arch)
     t, inter = st.tokens, arch.intermediate_size
     offset = unit_offset(arch)
@@ -405,7 +461,10 @@ def saved(arch: Architecture, st: Setting) -> Activations:
         )
     else:
         layers = Block(name="layers", count=n, tensors=tuple(layer), layered=True)
-    head = norm("transformer.ln_f", t, h, st, offset=unit_offset(arch))
+    if arch.model_type == "gpt_neox":
+        head = kernels.layer_norm("transformer.ln_f", t, h, st.stream, st)
+    else:
+        head = norm("transformer.ln_f", t, h, st, offset=unit_offset(arch))
     head += kernels.linear_inputs(["lm_head"], t, h, st.stream, st)
     head += kernels.weight_casts([("lm_head", (vocab, h))], st)
     if arch.extra.get("final_logit_softcapping") is not None:

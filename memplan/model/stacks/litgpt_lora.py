@@ -382,6 +382,11 @@ def saved(arch: Architecture, st: Setting, fl: Flags) -> Activations:
     """litgpt.lora.GPT's forward and finetune/lora.py's loss on one GPU: see the module
     docstring."""
     why = litgpt.unsupported(arch, st) or unsupported(st)
+    if not why and arch.model_type == "gpt_neox":
+        why = (
+            "LitGPT's LoRA is proved on its Llama-shaped configs (Llama, Qwen2.5, Mistral, "
+            "Phi-3): the LoRA rule has no LayerNorm, parallel residual or GptNeoxMLP"
+        )
     if not why and litgpt.unit_offset(arch):
         # Measured: +256 B per norm on the tiny Gemma in fp32 and bf16-mixed (the frozen
         # `1 + weight`), not in bf16-true; the LoRA rule's frozen norms have no such term yet.
