@@ -360,3 +360,17 @@ def test_pin_litgpt_loop_holds_the_fp32_logits_in_every_phase() -> None:
     assert not [t for t in timeline.transients if t.name == "loss_fp32_upcast"]
     plain = estimate(make_spec(), from_config(tiny())).timeline
     assert [t for t in plain.transient_at("forward") if t.name == "logits"] == []
+
+
+def test_litgpt_says_when_the_config_ties_what_litgpt_does_not() -> None:
+    """litgpt 0.5.9 model.py::GPT.__init__ builds lm_head and wte apart (read, not run): a tied
+    config (Gemma's default) is said in the notes; an untied one is not."""
+    for config, tied in (
+        ({**tiny(), "model_type": "gemma", "head_dim": 16}, True),
+        (tiny(), False),
+    ):
+        inv = from_config(config)
+        assert bool(inv.tied) is tied
+        spec = make_spec(model={"architecture": config, "implementation": "litgpt"})
+        notes = activations.predict(inv, setting_of(spec)).notes
+        assert any("keeps lm_head apart from wte" in n for n in notes) is tied

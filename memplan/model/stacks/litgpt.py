@@ -440,8 +440,9 @@ def loss(tokens: int, vocab: int) -> list[Saved]:
     ]
 
 
-def saved(arch: Architecture, st: Setting) -> Activations:
-    """litgpt.model.GPT's forward and pretrain.py's loss on one GPU: see the module docstring."""
+def saved(arch: Architecture, st: Setting, *, tied: bool = False) -> Activations:
+    """litgpt.model.GPT's forward and pretrain.py's loss on one GPU: see the module docstring.
+    `tied`: the config ties lm_head to the embedding (said in the notes)."""
     why = unsupported(arch, st)
     if why:
         return refused(f"activations not modelled: {why}.")
@@ -481,12 +482,13 @@ def saved(arch: Architecture, st: Setting) -> Activations:
         "the next forward returns: the step holds them in every phase "
         "(memplan.step.transients.litgpt_logits).",
     )
-    if unit_offset(arch):
+    if tied:
         notes += (
             "LitGPT's GPT keeps lm_head apart from wte (model.py::GPT.__init__; "
-            "scripts/convert_hf_checkpoint.py copies a tied checkpoint's embedding into it): "
-            "memplan's model states follow the config's tied inventory, one [vocab, hidden] "
-            "matrix fewer than LitGPT trains.",
+            "scripts/convert_hf_checkpoint.py copies a tied checkpoint's embedding into it; "
+            "pretrain.py ties them only with train.tie_embeddings): memplan's model states "
+            "follow this config's tied inventory, one [vocab, hidden] matrix fewer than "
+            "LitGPT's finetune scripts train.",
         )
     return Activations(
         modelled=True,
