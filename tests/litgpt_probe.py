@@ -120,6 +120,17 @@ AT_SCALE = {
         ffn=8192,
         vocab=50304,
     ),
+    "falcon-7b": Shape(
+        arch="falcon-7b",
+        layers=2,
+        batch=1,
+        seq=2048,
+        dim=4544,
+        heads=71,
+        kv_heads=1,
+        ffn=18176,
+        vocab=65024,
+    ),
     "gemma-2": Shape(
         arch="gemma-2",
         layers=2,
@@ -135,7 +146,8 @@ AT_SCALE = {
 }
 """Two blocks of litgpt/config.py's "Qwen2.5-7B", "Mistral-7B-v0.1", "Phi-3-mini-4k-instruct",
 "Gemma-7b" (head_size 256 x 16 heads over n_embd 3072) and "gemma-2-9b" at 1 x 4096, and of
-"pythia-1b" at 1 x 2048 (its block_size), under fake tensors."""
+"pythia-1b" and "falcon-7b" (71 heads, one k/v head) at 1 x 2048 (their block_size), under
+fake tensors."""
 
 
 ARCHS: dict[str, dict[str, Any]] = {
@@ -181,6 +193,23 @@ ARCHS: dict[str, dict[str, Any]] = {
         "rope_base": 10000,
         "norm_eps": 1e-5,
     },
+    # "falcon-7b": Pythia's block with one shared norm (shared_attention_norm), no biases,
+    # all of each head rotated, multi-query; "falcon-40b": two norms, grouped queries.
+    "falcon-7b": {
+        "norm_class_name": "LayerNorm",
+        "mlp_class_name": "GptNeoxMLP",
+        "parallel_residual": True,
+        "shared_attention_norm": True,
+        "bias": False,
+        "rope_base": 10000,
+    },
+    "falcon-40b": {
+        "norm_class_name": "LayerNorm",
+        "mlp_class_name": "GptNeoxMLP",
+        "parallel_residual": True,
+        "bias": False,
+        "rope_base": 10000,
+    },
 }
 """Each architecture's fields beside the Llama 3.1 ones `config` sets, as litgpt/config.py's
 named entry sets them (the sizes are `Shape`'s)."""
@@ -193,6 +222,12 @@ HF_CONFIG: dict[str, dict[str, Any]] = {
     "phi-3": {"model_type": "phi3", "sliding_window": 2047},
     "gemma": {"model_type": "gemma"},
     "gemma-2": {"model_type": "gemma2", "sliding_window": 4096},
+    "falcon-7b": {"model_type": "falcon", "multi_query": True, "parallel_attn": True},
+    "falcon-40b": {
+        "model_type": "falcon",
+        "new_decoder_architecture": True,
+        "parallel_attn": True,
+    },
     "pythia": {
         "model_type": "gpt_neox",
         "rotary_pct": 0.25,
@@ -206,9 +241,12 @@ Phi-3-mini-4k's `sliding_window: 2047`)."""
 
 
 def hf_config(shape: Shape) -> dict[str, Any]:
-    """The config.json memplan reads for the model `config(shape)` builds."""
+    """The config.json memplan reads for the model `config(shape)` builds (Falcon's names its
+    k/v heads `num_kv_heads` and its MLP width `ffn_hidden_size`)."""
     head_dim = shape.head_size or shape.dim // shape.heads
+    falcon = {"num_kv_heads": shape.kv_heads, "ffn_hidden_size": shape.ffn}
     return {
+        **(falcon if shape.arch.startswith("falcon") else {}),
         "hidden_size": shape.dim,
         "intermediate_size": shape.ffn,
         "num_hidden_layers": shape.layers,

@@ -4,7 +4,7 @@ Fabric's own precision plugins, to the byte (tests/litgpt_probe.py measures): no
 and LitGPT's per-Block checkpointing, 32-true / bf16-true / bf16-mixed, grouped, multi-head
 and multi-query attention, the 128-token loss chunks; and at Llama 3.1 8B's shape under
 FakeTensorMode. LitGPT's other architectures the rule covers (Qwen2.5, Mistral, Phi-3, Gemma,
-Gemma 2, Pythia: litgpt's own Config with a named entry's fields) likewise, and
+Gemma 2, Pythia, Falcon: litgpt's own Config with a named entry's fields) likewise, and
 Mistral-7B-v0.1, Gemma-7b, gemma-2-9b and pythia-1b at scale under FakeTensorMode.
 
 The oracle is LitGPT's own code (`pip install --no-deps litgpt==0.5.9 lightning==2.6.6
@@ -156,6 +156,8 @@ ARCH_CASES = [
     # LayerNorm x 2 of one input, parallel residual, GELU MLP, biases, rotary_percentage 0.25
     ("pythia", "amp-bf16", "none", 4, None, 2, 16, 3),
     ("pythia", "bf16", "full", 4, None, 1, 100, 2),
+    ("falcon-7b", "amp-bf16", "none", 1, None, 2, 16, 2),  # one norm feeds qkv and fc
+    ("falcon-40b", "fp32", "none", 2, None, 2, 16, 2),
 ]
 
 
@@ -173,7 +175,8 @@ def test_rule_matches_litgpt_other_architectures_to_the_byte(
     layers: int,
 ) -> None:
     """litgpt's own GPT built from its own Config with a named entry's fields (Qwen2.5-7B,
-    Mistral-7B-v0.1, Phi-3-mini-4k-instruct, Gemma-2b / 7b, gemma-2-9b, pythia) against the rule
+    Mistral-7B-v0.1, Phi-3-mini-4k-instruct, Gemma-2b / 7b, gemma-2-9b, pythia, falcon-7b /
+    40b) against the rule
     applied to the config.json of that checkpoint's type; the whole matrix is benchmarks/
     litgpt_activations.py's `architectures` part."""
     pytest.importorskip("torch")
@@ -208,6 +211,7 @@ def test_rule_matches_litgpt_at_7b_shapes_under_fake_tensors(arch: str) -> None:
         ({"model_type": "gemma2", "head_dim": 16, "attn_logit_softcapping": None}, "cap"),
         ({"model_type": "gemma3_text", "head_dim": 16}, "q/k norms"),
         ({"model_type": "mixtral"}, "LLaMAMoE"),
+        ({"model_type": "falcon", "alibi": True}, "alibi"),
         ({"model_type": "phi3", "partial_rotary_factor": 0.75}, "rotary_percentage 1.0"),
         ({"model_type": "gpt_neox", "use_parallel_residual": False}, "parallel_residual"),
     ],

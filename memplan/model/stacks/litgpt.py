@@ -5,7 +5,7 @@ recomputation (`full`: a checkpoint around every `Block`).
 Read from litgpt 0.5.9 (pip `litgpt==0.5.9`), for the Llama-shaped configs of
 litgpt/config.py (Llama 2/3: `norm_class_name="RMSNorm"`, `mlp_class_name="LLaMAMLP"`,
 `parallel_residual=False`, `bias=False`, rotary_percentage 1.0) and the ones that differ from
-them only as `ARCHITECTURES` says (Qwen2.5, Mistral, Phi-3, Gemma, Gemma 2, Pythia):
+them only as `ARCHITECTURES` says (Qwen2.5, Mistral, Phi-3, Gemma, Gemma 2, Pythia, Falcon):
 - model.py::GPT.forward: `wte(idx)` (times `torch.tensor(n_embd**0.5, dtype=x.dtype)` with
   `scale_embeddings`) -> every `Block` -> `ln_f` -> `lm_head` (one [B, T, V] logits tensor:
   pretrain.py and finetune/full.py call `model(input_ids)` with no `lm_head_chunk_size`).
@@ -37,7 +37,8 @@ them only as `ARCHITECTURES` says (Qwen2.5, Mistral, Phi-3, Gemma, Gemma 2, Pyth
   block input, and returns `mlp(norm_2(x)) + attn(norm_1(x)) + x`; GptNeoxMLP.forward is
   `proj(gelu(fc(x)))`; RoPE on the first rope_n_elem dims of each head saves nothing the full
   rotation does not (the multiplies keep the cos/sin buffers; `torch.cat` makes q and k new
-  either way).
+  either way). Falcon-7B (`shared_attention_norm=True`) has no norm_2: the MLP reads
+  norm_1's output, `mlp(norm_1(x)) + attn(norm_1(x)) + x`; Falcon-40B / 180B have both.
 - A bias on a Linear (Qwen2.5's `attn_bias` on `qkv`) saves nothing more: addmm saves its two
   matrices, the bias's gradient is a sum of the output's (measured: the same bytes as without).
 - utils.py::chunked_cross_entropy as pretrain.py::fit calls it, `chunked_cross_entropy(logits,
@@ -105,6 +106,8 @@ ARCHITECTURES = {
     "scale_embeddings, head_size 256 whatever n_embd // n_head is",
     "gpt_neox": "Pythia (every size) and GPT-NeoX-20B: LayerNorm, parallel_residual, "
     "GptNeoxMLP (exact GELU), biases, rotary_percentage 0.25",
+    "falcon": "Falcon-7B (multi-query, shared_attention_norm) and Falcon-40B / 180B "
+    "(new_decoder_architecture: grouped queries, two norms): Pythia's block without biases",
     "gemma2": "Gemma 2 2B / 9B / 27B: Gemma's fields plus post_attention_norm, post_mlp_norm, "
     "attention_logit_softcapping (attention by hand) and final_logit_softcapping",
 }
@@ -115,7 +118,6 @@ NOT_COVERED = {
     "gemma3_text": "Gemma 3's q/k norms (norm_qk), post norms and per-layer rope_indices",
     "phi": "Phi-2's LayerNorm, GptNeoxMLP, parallel_residual with shared_attention_norm, "
     "partial rotary and lm_head bias",
-    "falcon": "Falcon's LayerNorm, GptNeoxMLP and parallel_residual",
     "olmo": "OLMo's non-affine LayerNorm",
     "olmo2": "OLMo 2's q/k norms (norm_qk_type olmo2) and post norms",
     "mixtral": "LLaMAMoE",
@@ -216,6 +218,15 @@ def architecture_refusal(arch: Architecture) -> str:
             )
         if x.get("model_class", "GPTNeoXForCausalLM") != "GPTNeoXForCausalLM":
             return "the LitGPT rule is for a causal LM (GPTNeoXForCausalLM)"
+        return ""
+    if mt == "falcon":
+        if not x.get("parallel_attn", True) or x.get("alibi"):
+            return (
+                "LitGPT's Falcon configs are parallel_residual with RoPE: parallel_attn false "
+                "or alibi true is not what it runs"
+            )
+        if x.get("model_class", "FalconForCausalLM") != "FalconForCausalLM":
+            return "the LitGPT rule is for a causal LM (FalconForCausalLM)"
         return ""
     if mt in ("llama", "mistral", "qwen2", "phi3") and str(x.get("hidden_act", "silu")) not in (
         "silu",
@@ -341,20 +352,38 @@ def softcapped_attention_saves(arch: Architecture, st: Setting) -> list[Saved]:
     return out
 
 
+def shared_norm(arch: Architecture) -> bool:
+    """Falcon-7B's shared_attention_norm: HF's parallel_attn with one LayerNorm
+    (num_ln_in_parallel_attn 1, or unset without new_decoder_architecture)."""
+    if arch.model_type != "falcon":
+        return False
+    x = arch.extra
+    num_ln = x.get("num_ln_in_parallel_attn")
+    if num_ln is None:
+        num_ln = 2 if x.get("new_decoder_architecture") else 1
+    return num_ln == 1
+
+
 def _neox_layer(arch: Architecture, st: Setting) -> list[Saved]:
-    """One parallel-residual Block (GPT-NeoX / Pythia) without checkpointing: norm_1 and norm_2
-    are LayerNorms of the same block input, kept once (kernels.layer_norm: the input, mean and
-    rstd), each with its own statistics; qkv reads norm_1's output, fc norm_2's; GELU keeps
-    fc's output and proj reads GELU's."""
+    """One parallel-residual Block (GPT-NeoX / Pythia, Falcon) without checkpointing: norm_1
+    and norm_2 are LayerNorms of the same block input, kept once (kernels.layer_norm: the
+    input, mean and rstd), each with its own statistics; qkv reads norm_1's output, fc
+    norm_2's (norm_1's when the norm is shared: one storage, or one autocast copy per linear);
+    GELU keeps fc's output and proj reads GELU's."""
     h, a, kv, d = kernels.attention_dims(arch)
     t, inter, mm = st.tokens, arch.intermediate_size, st.matmul
+    shared = shared_norm(arch)
     out = kernels.layer_norm("norm_1", t, h, st.stream, st)
-    out += [
-        s for s in kernels.layer_norm("norm_2", t, h, st.stream, st) if s.name != "norm_2.input"
-    ]
-    out += kernels.linear_inputs(["attn.qkv"], t, h, st.stream, st)
+    if not shared:
+        norm_2 = kernels.layer_norm("norm_2", t, h, st.stream, st)
+        out += [s for s in norm_2 if s.name != "norm_2.input"]
+    if shared:
+        out += kernels.linear_inputs(["attn.qkv", "mlp.fc"], t, h, st.stream, st)
+    else:
+        out += kernels.linear_inputs(["attn.qkv"], t, h, st.stream, st)
     out += attention_saves(arch, st)
-    out += kernels.linear_inputs(["mlp.fc"], t, h, st.stream, st)
+    if not shared:
+        out += kernels.linear_inputs(["mlp.fc"], t, h, st.stream, st)
     src = SRC + "::GptNeoxMLP.forward; " + kernels.DERIV
     out += [
         kernels.saved("mlp.fc.output", (t, inter), mm, "GeluBackward0", src),
@@ -374,7 +403,7 @@ def _neox_layer(arch: Architecture, st: Setting) -> list[Saved]:
 
 def _layer(arch: Architecture, st: Setting) -> list[Saved]:
     """One Block's saved tensors without checkpointing."""
-    if arch.model_type == "gpt_neox":
+    if arch.model_type in ("gpt_neox", "falcon"):
         return _neox_layer(arch, st)
     h, a, kv, d = kernels.attention_dims(arch)
     t, inter = st.tokens, arch.intermediate_size
@@ -462,7 +491,7 @@ def saved(arch: Architecture, st: Setting, *, tied: bool = False) -> Activations
         )
     else:
         layers = Block(name="layers", count=n, tensors=tuple(layer), layered=True)
-    if arch.model_type == "gpt_neox":
+    if arch.model_type in ("gpt_neox", "falcon"):
         head = kernels.layer_norm("transformer.ln_f", t, h, st.stream, st)
     else:
         head = norm("transformer.ln_f", t, h, st, offset=unit_offset(arch))
