@@ -212,7 +212,7 @@ def test_rule_matches_litgpt_at_7b_shapes_under_fake_tensors(arch: str) -> None:
         ({"model_type": "gemma3_text", "head_dim": 16}, "q/k norms"),
         ({"model_type": "mixtral"}, "LLaMAMoE"),
         ({"model_type": "falcon", "alibi": True}, "alibi"),
-        ({"model_type": "phi3", "partial_rotary_factor": 0.75}, "rotary_percentage 1.0"),
+        ({"model_type": "phi3", "partial_rotary_factor": 0.75}, "rotate whole heads"),
         ({"model_type": "gpt_neox", "use_parallel_residual": False}, "parallel_residual"),
     ],
 )

@@ -243,8 +243,9 @@ def architecture_refusal(arch: Architecture) -> str:
     rotary = x.get("rotary_dim")
     if mt != "gpt_neox" and rotary is not None and rotary != arch.head_dim:
         return (
-            "the LitGPT rule is proved with rotary_percentage 1.0 only (this config rotates "
-            f"{rotary} of {arch.head_dim} head dims)"
+            f"litgpt 0.5.9's {mt} configs rotate whole heads (rotary_percentage 1.0); this "
+            f"config rotates {rotary} of {arch.head_dim} head dims (Phi-4-mini's 0.75), which "
+            "no LitGPT config of that type does"
         )
     return ""
 
