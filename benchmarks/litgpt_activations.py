@@ -19,6 +19,7 @@ covers, each a tiny model built with litgpt's own Config and the fields of a nam
 (tests/litgpt_probe.py::ARCHS) against the HF config.json memplan reads for it
 (tests/litgpt_probe.py::hf_config): Qwen2.5 (qkv bias, 2 k/v heads), Mistral-7B-v0.1
 (sliding window on every layer, 2 k/v heads), Phi-3-mini-4k (sliding window, multi-head),
+Phi-4-mini (rotary_percentage 0.75 of a 32-dim head, 2 k/v heads),
 Gemma (multi-query, head_size 32 over n_embd 64, and 4 heads of 16), gemma-2-9b (score and
 logit softcapping, post-norms, the window on every other layer; 2 and 4 k/v heads), Pythia
 (LayerNorm, parallel residual, GptNeoxMLP, biases, a quarter of each head rotated), Falcon-7B
@@ -155,6 +156,7 @@ VARIANTS = {
     "qwen2.5": {"kv_heads": 2},
     "mistral": {"kv_heads": 2},
     "phi-3": {"kv_heads": 4},
+    "phi-4-mini": {"kv_heads": 2, "head_size": 32},
     "gemma-mqa": {"kv_heads": 1, "head_size": 32},
     "gemma-mha": {"kv_heads": 4},
     "gemma-2": {"kv_heads": 2},

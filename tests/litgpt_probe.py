@@ -158,6 +158,8 @@ ARCHS: dict[str, dict[str, Any]] = {
     "mistral": {"sliding_window_size": 4096, "rope_base": 10000},
     # "Phi-3-mini-4k-instruct": Llama's fields, multi-head, sliding_window_size=2048.
     "phi-3": {"sliding_window_size": 2048, "rope_base": 10000},
+    # "Phi-4-mini-instruct": Phi-3's, with rotary_percentage 0.75 and grouped queries.
+    "phi-4-mini": {"sliding_window_size": 262145, "rotary_percentage": 0.75, "rope_base": 10000},
     # "Gemma-2b" / "Gemma-7b": GemmaMLP (gelu tanh), RMSNorm with add_unit_offset (the
     # name holds "Gemma": Config.norm_class), the embedding scaled by sqrt(n_embd).
     "gemma": {
@@ -220,6 +222,7 @@ HF_CONFIG: dict[str, dict[str, Any]] = {
     "qwen2.5": {"model_type": "qwen2"},
     "mistral": {"model_type": "mistral", "sliding_window": 4096},
     "phi-3": {"model_type": "phi3", "sliding_window": 2047},
+    "phi-4-mini": {"model_type": "phi3", "sliding_window": 262144, "partial_rotary_factor": 0.75},
     "gemma": {"model_type": "gemma"},
     "gemma-2": {"model_type": "gemma2", "sliding_window": 4096},
     "falcon-7b": {"model_type": "falcon", "multi_query": True, "parallel_attn": True},

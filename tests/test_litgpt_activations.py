@@ -147,6 +147,7 @@ ARCH_CASES = [
     ("mistral", "bf16", "none", 2, None, 2, 100, 2),  # its own [1, 1, T, T] mask per layer
     ("mistral", "amp-bf16", "full", 2, None, 1, 16, 3),
     ("phi-3", "fp32", "none", 4, None, 1, 16, 2),  # multi-head + sliding window
+    ("phi-4-mini", "amp-bf16", "none", 2, 32, 2, 16, 2),  # rotary 0.75: 24 of 32 dims
     ("gemma", "fp32", "none", 1, 32, 2, 16, 2),  # 1 + weight, sqrt(n_embd), gelu; MQA
     ("gemma", "amp-bf16", "full", 4, None, 2, 16, 2),
     ("gemma", "bf16", "none", 4, 32, 1, 100, 2),
@@ -212,7 +213,7 @@ def test_rule_matches_litgpt_at_7b_shapes_under_fake_tensors(arch: str) -> None:
         ({"model_type": "gemma3_text", "head_dim": 16}, "q/k norms"),
         ({"model_type": "mixtral"}, "LLaMAMoE"),
         ({"model_type": "falcon", "alibi": True}, "alibi"),
-        ({"model_type": "phi3", "partial_rotary_factor": 0.75}, "rotate whole heads"),
+        ({"model_type": "qwen2", "use_sliding_window": True}, "no sliding window"),
         ({"model_type": "gpt_neox", "use_parallel_residual": False}, "parallel_residual"),
     ],
 )

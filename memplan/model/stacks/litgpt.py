@@ -37,8 +37,9 @@ them only as `ARCHITECTURES` says (Qwen2.5, Mistral, Phi-3, Gemma, Gemma 2, Pyth
   block input, and returns `mlp(norm_2(x)) + attn(norm_1(x)) + x`; GptNeoxMLP.forward is
   `proj(gelu(fc(x)))`; RoPE on the first rope_n_elem dims of each head saves nothing the full
   rotation does not (the multiplies keep the cos/sin buffers; `torch.cat` makes q and k new
-  either way). Falcon-7B (`shared_attention_norm=True`) has no norm_2: the MLP reads
-  norm_1's output, `mlp(norm_1(x)) + attn(norm_1(x)) + x`; Falcon-40B / 180B have both.
+  either way): so too Phi-4-mini's rotary_percentage 0.75. Falcon-7B
+  (`shared_attention_norm=True`) has no norm_2: the MLP reads norm_1's output,
+  `mlp(norm_1(x)) + attn(norm_1(x)) + x`; Falcon-40B / 180B have both.
 - A bias on a Linear (Qwen2.5's `attn_bias` on `qkv`) saves nothing more: addmm saves its two
   matrices, the bias's gradient is a sum of the output's (measured: the same bytes as without).
 - utils.py::chunked_cross_entropy as pretrain.py::fit calls it, `chunked_cross_entropy(logits,
@@ -100,8 +101,9 @@ ARCHITECTURES = {
     "mistral": "Mistral-7B-v0.1 / v0.3: Llama's fields, plus "
     "sliding_window_size (v0.1: 4096) when the HF config sets `sliding_window`",
     "qwen2": "Qwen2.5 (every size): Llama's fields plus `attn_bias=True` (a bias on qkv)",
-    "phi3": "Phi-3-mini-4k / 128k: Llama's fields (LLaMAMLP: convert_hf_checkpoint splits "
-    "gate_up_proj), multi-head, sliding_window_size 2048 / 262145",
+    "phi3": "Phi-3-mini-4k / 128k, Phi-4-mini: Llama's fields (LLaMAMLP: convert_hf_checkpoint "
+    "splits gate_up_proj), sliding_window_size 2048 / 262145; Phi-4-mini rotates 0.75 of "
+    "each head",
     "gemma": "Gemma 2B / 7B: GemmaMLP (gelu tanh), RMSNorm add_unit_offset, "
     "scale_embeddings, head_size 256 whatever n_embd // n_head is",
     "gpt_neox": "Pythia (every size) and GPT-NeoX-20B: LayerNorm, parallel_residual, "
@@ -240,25 +242,21 @@ def architecture_refusal(arch: Architecture) -> str:
         )
     if mt == "llama" and (x.get("attention_bias") or x.get("mlp_bias")):
         return "LitGPT's Llama configs have no biases (attention_bias / mlp_bias set)"
-    rotary = x.get("rotary_dim")
-    if mt != "gpt_neox" and rotary is not None and rotary != arch.head_dim:
+    if mt == "qwen2" and x.get("sliding_window"):
         return (
-            f"litgpt 0.5.9's {mt} configs rotate whole heads (rotary_percentage 1.0); this "
-            f"config rotates {rotary} of {arch.head_dim} head dims (Phi-4-mini's 0.75), which "
-            "no LitGPT config of that type does"
+            "LitGPT's Qwen2.5 configs have no sliding window (sliding_window_size unset): a "
+            "qwen2 config with use_sliding_window true is not what it runs"
         )
     return ""
 
 
 def window(arch: Architecture) -> bool:
     """True when LitGPT's config for `arch` sets `sliding_window_size` on every layer: the HF
-    config's `sliding_window` (Mistral v0.1's 4096, Phi-3's 2047 / 262144; Qwen2's only with
-    `use_sliding_window`, which Qwen2.5's configs leave off, as LitGPT's Qwen2.5 entries do).
-    Phi-3.5-mini's HF config sets one that LitGPT's entry does not: there the rule counts a
-    mask per layer that LitGPT does not make."""
-    return arch.model_type in ("mistral", "qwen2", "phi3") and bool(
-        arch.extra.get("sliding_window")
-    )
+    config's `sliding_window` (Mistral v0.1's and Mathstral's 4096, Phi-3-mini's 2047 /
+    262144, Phi-4-mini's 262144; LitGPT's entries: 4096, 2048 / 262145, 262145). Phi-3.5-mini's
+    HF config sets one that LitGPT's entry does not: there the rule counts a mask per layer
+    that LitGPT does not make."""
+    return arch.model_type in ("mistral", "phi3") and bool(arch.extra.get("sliding_window"))
 
 
 def unit_offset(arch: Architecture) -> bool:
