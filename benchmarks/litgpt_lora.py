@@ -16,9 +16,10 @@ two, whose are copies).
 Part 1b, `architectures`: the same for litgpt/config.py's Llama-shaped relatives the LoRA rule
 covers (tests/litgpt_probe.py::ARCHS, against the config.json of each: hf_config): Qwen2.5
 (qkv bias, 2 k/v heads), Mistral-7B-v0.1 (a sliding-window mask per layer, 2 k/v heads),
-Phi-3-mini-4k (sliding window, multi-head) x 32-true / bf16-true / bf16-mixed x none / full x
-q+v and all+head x LoRA dropout 0.05 x (batch, sequence) (1, 200), (2, 300). Gemma and Pythia
-are refused by the LoRA rule (memplan.model.stacks.litgpt_lora.saved says why).
+Phi-3-mini-4k (sliding window, multi-head), Phi-4-mini (rotary_percentage 0.75) x 32-true /
+bf16-true / bf16-mixed x none / full x q+v and all+head x LoRA dropout 0.05 x (batch,
+sequence) (1, 200), (2, 300). Gemma, Gemma 2, Pythia and Falcon are refused by the LoRA rule
+(memplan.model.stacks.litgpt_lora.saved says why).
 
 Part 2, `llama2_7b_fake`: two blocks of Llama 2 7B (n_embd 4096, 32 heads, MHA, LLaMAMLP
 11008, vocab 32000) under FakeTensorMode at the published rows' 1304 tokens, micro-batch 1
@@ -153,7 +154,7 @@ def matrix() -> list[dict[str, Any]]:
     return rows
 
 
-ARCH_KV = {"qwen2.5": 2, "mistral": 2, "phi-3": 4}
+ARCH_KV = {"qwen2.5": 2, "mistral": 2, "phi-3": 4, "phi-4-mini": 2}
 """Part 1b's architectures and their k/v heads (Phi-3-mini is multi-head)."""
 
 
