@@ -106,7 +106,7 @@ ARCHITECTURES = {
     "each head",
     "gemma": "Gemma 2B / 7B: GemmaMLP (gelu tanh), RMSNorm add_unit_offset, "
     "scale_embeddings, head_size 256 whatever n_embd // n_head is",
-    "gpt_neox": "Pythia (every size) and GPT-NeoX-20B: LayerNorm, parallel_residual, "
+    "gpt_neox": "Pythia (14M to 12B, deduped or not): LayerNorm, parallel_residual, "
     "GptNeoxMLP (exact GELU), biases, rotary_percentage 0.25",
     "falcon": "Falcon-7B (multi-query, shared_attention_norm) and Falcon-40B / 180B "
     "(new_decoder_architecture: grouped queries, two norms): Pythia's block without biases",
