@@ -14,6 +14,24 @@ Part 1b, `fsdp_bf16_mixed`: Lightning's FSDPPrecision("bf16-mixed") without the 
 held_bytes_fsdp_mixed) against the rule memplan applies to amp-bf16 over fsdp2 (bf16, no
 autocast: memplan.report.estimate.setting_of).
 
+Part 1c, `architectures`: the same measure for litgpt/config.py's other architectures the rule
+covers, each a tiny model built with litgpt's own Config and the fields of a named entry
+(tests/litgpt_probe.py::ARCHS) against the HF config.json memplan reads for it
+(tests/litgpt_probe.py::hf_config): Qwen2.5 (qkv bias, 2 k/v heads), Mistral-7B-v0.1
+(sliding window on every layer, 2 k/v heads), Phi-3-mini-4k (sliding window, multi-head),
+Phi-4-mini (rotary_percentage 0.75 of a 32-dim head, 2 k/v heads),
+Gemma (multi-query, head_size 32 over n_embd 64, and 4 heads of 16), gemma-2-9b (score and
+logit softcapping, post-norms, the window on every other layer; 2 and 4 k/v heads), Pythia
+(LayerNorm, parallel residual, GptNeoxMLP, biases, a quarter of each head rotated), Falcon-7B
+(one shared norm, multi-query) and Falcon-40B (two norms, 2 k/v heads), x 32-true /
+bf16-true /
+bf16-mixed x none / full x batch 1 and 2 x 2 and 3 layers x sequence 16 and 100.
+
+Part 1d, `at_scale_fake`: two blocks of "Qwen2.5-7B", "Mistral-7B-v0.1",
+"Phi-3-mini-4k-instruct", "Gemma-7b" and "gemma-2-9b" at 1 x 4096 and "pythia-1b" and
+"falcon-7b" at 1 x 2048 under FakeTensorMode, fp32 and bf16, none and full
+(tests/litgpt_probe.py::AT_SCALE).
+
 Part 2, `llama31_8b_fake`: two blocks of Llama 3.1 8B at 1 x 8192 under FakeTensorMode (CPU
 kernels' meta functions), fp32 and bf16, none and full, against the rule.
 
@@ -49,12 +67,14 @@ from memplan.config.load import validate  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
 from memplan.report.estimate import setting_of  # noqa: E402
 from tests.litgpt_probe import (  # noqa: E402
+    AT_SCALE,
     LLAMA31_8B,
     PRECISION,
     Shape,
     held_bytes,
     held_bytes_fake,
     held_bytes_fsdp_mixed,
+    hf_config,
 )
 
 OUT = ROOT / "benchmarks" / "results" / "litgpt-activations.json"
@@ -129,6 +149,83 @@ def matrix() -> list[dict[str, Any]]:
                                 }
                             )
                             print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+VARIANTS = {
+    "qwen2.5": {"kv_heads": 2},
+    "mistral": {"kv_heads": 2},
+    "phi-3": {"kv_heads": 4},
+    "phi-4-mini": {"kv_heads": 2, "head_size": 32},
+    "gemma-mqa": {"kv_heads": 1, "head_size": 32},
+    "gemma-mha": {"kv_heads": 4},
+    "gemma-2": {"kv_heads": 2},
+    "gemma-2-mha": {"kv_heads": 4},
+    "pythia": {"kv_heads": 4, "ffn": 256},
+    "falcon-7b": {"kv_heads": 1, "ffn": 256},
+    "falcon-40b": {"kv_heads": 2, "ffn": 256},
+}
+"""Part 1c's tiny models: each architecture's k/v heads (Phi-3-mini and Gemma-7b are
+multi-head, Gemma-2b multi-query) and Gemma's head_size apart from n_embd // n_head."""
+
+
+def architectures() -> list[dict[str, Any]]:
+    rows = []
+    for variant, fields in VARIANTS.items():
+        arch = variant.removesuffix("-mqa").removesuffix("-mha")
+        for precision in PRECISION:
+            for mode in ("none", "full"):
+                for batch in (1, 2):
+                    for layers in (2, 3):
+                        for seq in (16, 100):
+                            shape = Shape(layers=layers, batch=batch, seq=seq, arch=arch, **fields)
+                            measured = held_bytes(precision, mode, shape)
+                            memplan = predict(
+                                hf_config(shape), precision, mode, batch=batch, seq=seq
+                            ).bytes
+                            rows.append(
+                                {
+                                    "architecture": variant,
+                                    "model_type": hf_config(shape)["model_type"],
+                                    "precision": precision,
+                                    "checkpointing": mode,
+                                    "kv_heads": shape.kv_heads,
+                                    "head_size": shape.head_size or shape.dim // shape.heads,
+                                    "batch": batch,
+                                    "layers": layers,
+                                    "sequence": seq,
+                                    "measured": measured,
+                                    "memplan": memplan,
+                                    "exact": measured == memplan,
+                                }
+                            )
+                            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def at_scale_fake() -> list[dict[str, Any]]:
+    rows = []
+    for name, shape in AT_SCALE.items():
+        for precision in ("fp32", "bf16"):
+            for mode in ("none", "full"):
+                measured = held_bytes_fake(precision, mode, shape)
+                memplan = predict(
+                    hf_config(shape), precision, mode, batch=shape.batch, seq=shape.seq
+                ).bytes
+                rows.append(
+                    {
+                        "architecture": name,
+                        "precision": precision,
+                        "checkpointing": mode,
+                        "layers": shape.layers,
+                        "batch": shape.batch,
+                        "sequence": shape.seq,
+                        "measured": measured,
+                        "memplan": memplan,
+                        "exact": measured == memplan,
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -222,6 +319,8 @@ def main() -> None:
     start = time.time()
     rows = matrix()
     fsdp = fsdp_bf16_mixed()
+    archs = architectures()
+    scale = at_scale_fake()
     fake = llama31_8b_fake()
     versus = vs_transformers()
     doc = {
@@ -234,12 +333,19 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "summary": {
-            "cases": len(rows) + len(fsdp) + len(fake),
-            "exact": sum(r["exact"] for r in (*rows, *fsdp, *fake)),
+            "cases": len(rows) + len(fsdp) + len(archs) + len(scale) + len(fake),
+            "exact": sum(r["exact"] for r in (*rows, *fsdp, *archs, *scale, *fake)),
+            "architectures": {
+                v: f"{sum(r['exact'] for r in archs if r['architecture'] == v)} of "
+                f"{sum(r['architecture'] == v for r in archs)} exact"
+                for v in VARIANTS
+            },
             "seconds": round(time.time() - start, 1),
         },
         "matrix": rows,
         "fsdp_bf16_mixed": fsdp,
+        "architectures": archs,
+        "at_scale_fake": scale,
         "llama31_8b_fake": fake,
         "vs_transformers_llama31_8b": versus,
     }

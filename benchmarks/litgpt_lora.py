@@ -13,6 +13,14 @@ conv1d per part) k/v heads x (batch, sequence) (1, 200), (2, 16), (2, 300) (one 
 or several with a short last one; one sequence, whose head chunks and targets are views, or
 two, whose are copies).
 
+Part 1b, `architectures`: the same for litgpt/config.py's Llama-shaped relatives the LoRA rule
+covers (tests/litgpt_probe.py::ARCHS, against the config.json of each: hf_config): Qwen2.5
+(qkv bias, 2 k/v heads), Mistral-7B-v0.1 (a sliding-window mask per layer, 2 k/v heads),
+Phi-3-mini-4k (sliding window, multi-head), Phi-4-mini (rotary_percentage 0.75) x 32-true /
+bf16-true / bf16-mixed x none / full x q+v and all+head x LoRA dropout 0.05 x (batch,
+sequence) (1, 200), (2, 300). Gemma, Gemma 2, Pythia and Falcon are refused by the LoRA rule
+(memplan.model.stacks.litgpt_lora.saved says why).
+
 Part 2, `llama2_7b_fake`: two blocks of Llama 2 7B (n_embd 4096, 32 heads, MHA, LLaMAMLP
 11008, vocab 32000) under FakeTensorMode at the published rows' 1304 tokens, micro-batch 1
 and 2, bf16-true, LoRA r 8 dropout 0.05 on query + value (the settings of
@@ -52,6 +60,7 @@ from tests.litgpt_probe import (  # noqa: E402
     Shape,
     held_bytes_lora,
     held_bytes_lora_fake,
+    hf_config,
 )
 
 OUT = ROOT / "benchmarks" / "results" / "litgpt-lora.json"
@@ -85,7 +94,7 @@ def flags(targets: tuple[str, ...] | str, dropout: float) -> Lora:
 def predict(
     shape: Shape, precision: str, mode: str, targets: tuple[str, ...] | str, dropout: float
 ) -> activations.Activations:
-    cfg = config(shape)
+    cfg = config(shape) if shape.arch == "llama" else hf_config(shape)
     loaded = validate(
         {
             "model": {"architecture": cfg, "implementation": "litgpt"},
@@ -145,6 +154,42 @@ def matrix() -> list[dict[str, Any]]:
     return rows
 
 
+ARCH_KV = {"qwen2.5": 2, "mistral": 2, "phi-3": 4, "phi-4-mini": 2}
+"""Part 1b's architectures and their k/v heads (Phi-3-mini is multi-head)."""
+
+
+def architectures() -> list[dict[str, Any]]:
+    rows = []
+    for arch, kv in ARCH_KV.items():
+        for precision in ("fp32", "bf16", "amp-bf16"):
+            for mode in ("none", "full"):
+                for name in ("q+v", "all+head"):
+                    targets = TARGETS[name]
+                    for batch, seq in ((1, 200), (2, 300)):
+                        shape = Shape(arch=arch, layers=2, batch=batch, seq=seq, kv_heads=kv)
+                        lora = flags(targets, 0.05)
+                        measured = held_bytes_lora(precision, mode, shape, lora)
+                        memplan = predict(shape, precision, mode, targets, 0.05).bytes
+                        rows.append(
+                            {
+                                "architecture": arch,
+                                "model_type": hf_config(shape)["model_type"],
+                                "precision": precision,
+                                "checkpointing": mode,
+                                "targets": name,
+                                "dropout": 0.05,
+                                "kv_heads": kv,
+                                "batch": batch,
+                                "sequence": seq,
+                                "measured": measured,
+                                "memplan": memplan,
+                                "exact": measured == memplan,
+                            }
+                        )
+                        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 LLAMA2_7B = Shape(
     layers=2, batch=1, seq=1304, dim=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000
 )
@@ -179,6 +224,7 @@ def llama2_7b_fake() -> list[dict[str, Any]]:
 def main() -> None:
     start = time.time()
     rows = matrix()
+    archs = architectures()
     fake = llama2_7b_fake()
     doc = {
         "stamp": stamp(),
@@ -190,11 +236,17 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "summary": {
-            "cases": len(rows) + len(fake),
-            "exact": sum(r["exact"] for r in (*rows, *fake)),
+            "cases": len(rows) + len(archs) + len(fake),
+            "exact": sum(r["exact"] for r in (*rows, *archs, *fake)),
+            "architectures": {
+                a: f"{sum(r['exact'] for r in archs if r['architecture'] == a)} of "
+                f"{sum(r['architecture'] == a for r in archs)} exact"
+                for a in ARCH_KV
+            },
             "seconds": round(time.time() - start, 1),
         },
         "matrix": rows,
+        "architectures": archs,
         "llama2_7b_fake": fake,
     }
     OUT.write_text(json.dumps(doc, indent=1) + "\n")

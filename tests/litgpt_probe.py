@@ -52,6 +52,10 @@ class Shape:
     kv_heads: int = KV_HEADS
     ffn: int = FFN
     vocab: int = VOCAB
+    arch: str = "llama"
+    """A key of ARCHS: which of litgpt/config.py's architectures the tiny model mirrors."""
+    head_size: int | None = None
+    """litgpt's `head_size` when it is not n_embd // n_head (Gemma 7B: 256 x 16 > 3072)."""
 
 
 LLAMA31_8B = Shape(
@@ -59,28 +63,233 @@ LLAMA31_8B = Shape(
 )
 """Two blocks of Llama 3.1 8B (litgpt/config.py "Llama-3.1-8B{}") at 1 x 8192 (fake tensors)."""
 
+AT_SCALE = {
+    "qwen2.5": Shape(
+        arch="qwen2.5",
+        layers=2,
+        batch=1,
+        seq=4096,
+        dim=3584,
+        heads=28,
+        kv_heads=4,
+        ffn=18944,
+        vocab=152064,
+    ),
+    "mistral": Shape(
+        arch="mistral",
+        layers=2,
+        batch=1,
+        seq=4096,
+        dim=4096,
+        heads=32,
+        kv_heads=8,
+        ffn=14336,
+        vocab=32000,
+    ),
+    "phi-3": Shape(
+        arch="phi-3",
+        layers=2,
+        batch=1,
+        seq=4096,
+        dim=3072,
+        heads=32,
+        kv_heads=32,
+        ffn=8192,
+        vocab=32064,
+    ),
+    "gemma": Shape(
+        arch="gemma",
+        layers=2,
+        batch=1,
+        seq=4096,
+        dim=3072,
+        heads=16,
+        kv_heads=16,
+        ffn=24576,
+        vocab=256000,
+        head_size=256,
+    ),
+    "pythia": Shape(
+        arch="pythia",
+        layers=2,
+        batch=1,
+        seq=2048,
+        dim=2048,
+        heads=8,
+        kv_heads=8,
+        ffn=8192,
+        vocab=50304,
+    ),
+    "falcon-7b": Shape(
+        arch="falcon-7b",
+        layers=2,
+        batch=1,
+        seq=2048,
+        dim=4544,
+        heads=71,
+        kv_heads=1,
+        ffn=18176,
+        vocab=65024,
+    ),
+    "gemma-2": Shape(
+        arch="gemma-2",
+        layers=2,
+        batch=1,
+        seq=4096,
+        dim=3584,
+        heads=16,
+        kv_heads=8,
+        ffn=14336,
+        vocab=256000,
+        head_size=256,
+    ),
+}
+"""Two blocks of litgpt/config.py's "Qwen2.5-7B", "Mistral-7B-v0.1", "Phi-3-mini-4k-instruct",
+"Gemma-7b" (head_size 256 x 16 heads over n_embd 3072) and "gemma-2-9b" at 1 x 4096, and of
+"pythia-1b" and "falcon-7b" (71 heads, one k/v head) at 1 x 2048 (their block_size), under
+fake tensors."""
+
+
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    # "Qwen2.5-7B" (and every Qwen2.5 entry): Llama's fields plus a bias on the fused qkv.
+    "qwen2.5": {"attn_bias": True, "norm_eps": 1e-6, "rope_base": 1000000},
+    # "Mistral-7B-v0.1": Llama's fields plus sliding_window_size=4096 on every layer.
+    "mistral": {"sliding_window_size": 4096, "rope_base": 10000},
+    # "Phi-3-mini-4k-instruct": Llama's fields, multi-head, sliding_window_size=2048.
+    "phi-3": {"sliding_window_size": 2048, "rope_base": 10000},
+    # "Phi-4-mini-instruct": Phi-3's, with rotary_percentage 0.75 and grouped queries.
+    "phi-4-mini": {"sliding_window_size": 262145, "rotary_percentage": 0.75, "rope_base": 10000},
+    # "Gemma-2b" / "Gemma-7b": GemmaMLP (gelu tanh), RMSNorm with add_unit_offset (the
+    # name holds "Gemma": Config.norm_class), the embedding scaled by sqrt(n_embd).
+    "gemma": {
+        "name": "Gemma-memplan-probe",
+        "scale_embeddings": True,
+        "mlp_class_name": "GemmaMLP",
+        "gelu_approximate": "tanh",
+        "rope_base": 10000,
+    },
+    # "gemma-2-9b" / "gemma-2-2b": Gemma's fields plus post-norms, score and logit
+    # softcapping, attention_scores_scalar (its head_size), and the sliding window on
+    # every other layer (sliding_window_indices set per n_layer in `config`).
+    "gemma-2": {
+        "name": "Gemma-2-memplan-probe",
+        "scale_embeddings": True,
+        "mlp_class_name": "GemmaMLP",
+        "gelu_approximate": "tanh",
+        "rope_base": 10000,
+        "post_attention_norm": True,
+        "post_mlp_norm": True,
+        "attention_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window_size": 4096,
+    },
+    # "pythia-160m" ... "pythia-12b": LayerNorm, parallel residual, GptNeoxMLP (exact GELU,
+    # 4 x n_embd), biases everywhere but lm_head, a quarter of each head rotated.
+    "pythia": {
+        "norm_class_name": "LayerNorm",
+        "mlp_class_name": "GptNeoxMLP",
+        "parallel_residual": True,
+        "bias": True,
+        "rotary_percentage": 0.25,
+        "rope_base": 10000,
+        "norm_eps": 1e-5,
+    },
+    # "falcon-7b": Pythia's block with one shared norm (shared_attention_norm), no biases,
+    # all of each head rotated, multi-query; "falcon-40b": two norms, grouped queries.
+    "falcon-7b": {
+        "norm_class_name": "LayerNorm",
+        "mlp_class_name": "GptNeoxMLP",
+        "parallel_residual": True,
+        "shared_attention_norm": True,
+        "bias": False,
+        "rope_base": 10000,
+    },
+    "falcon-40b": {
+        "norm_class_name": "LayerNorm",
+        "mlp_class_name": "GptNeoxMLP",
+        "parallel_residual": True,
+        "bias": False,
+        "rope_base": 10000,
+    },
+}
+"""Each architecture's fields beside the Llama 3.1 ones `config` sets, as litgpt/config.py's
+named entry sets them (the sizes are `Shape`'s)."""
+
+
+HF_CONFIG: dict[str, dict[str, Any]] = {
+    "llama": {"model_type": "llama"},
+    "qwen2.5": {"model_type": "qwen2"},
+    "mistral": {"model_type": "mistral", "sliding_window": 4096},
+    "phi-3": {"model_type": "phi3", "sliding_window": 2047},
+    "phi-4-mini": {"model_type": "phi3", "sliding_window": 262144, "partial_rotary_factor": 0.75},
+    "gemma": {"model_type": "gemma"},
+    "gemma-2": {"model_type": "gemma2", "sliding_window": 4096},
+    "falcon-7b": {"model_type": "falcon", "multi_query": True, "parallel_attn": True},
+    "falcon-40b": {
+        "model_type": "falcon",
+        "new_decoder_architecture": True,
+        "parallel_attn": True,
+    },
+    "pythia": {
+        "model_type": "gpt_neox",
+        "rotary_pct": 0.25,
+        "use_parallel_residual": True,
+        "hidden_act": "gelu",
+    },
+}
+"""What the Hugging Face config.json of each ARCHS entry's checkpoint says beside the sizes
+(Qwen2.5's `use_sliding_window: false`, Mistral-7B-v0.1's `sliding_window: 4096`,
+Phi-3-mini-4k's `sliding_window: 2047`)."""
+
+
+def hf_config(shape: Shape) -> dict[str, Any]:
+    """The config.json memplan reads for the model `config(shape)` builds (Falcon's names its
+    k/v heads `num_kv_heads` and its MLP width `ffn_hidden_size`)."""
+    head_dim = shape.head_size or shape.dim // shape.heads
+    falcon = {"num_kv_heads": shape.kv_heads, "ffn_hidden_size": shape.ffn}
+    return {
+        **(falcon if shape.arch.startswith("falcon") else {}),
+        "hidden_size": shape.dim,
+        "intermediate_size": shape.ffn,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": shape.vocab,
+        "max_position_embeddings": max(128, shape.seq),
+        **HF_CONFIG[shape.arch],
+    }
+
 
 def config(shape: Shape) -> Any:
-    """litgpt's Config at `shape`: the fields of its Llama 3.1 entry (litgpt/config.py)."""
+    """litgpt's Config at `shape`: the fields of its Llama 3.1 entry (litgpt/config.py), with
+    `ARCHS[shape.arch]`'s in their place."""
     from litgpt.config import Config
 
-    return Config(
-        name="memplan-probe",
-        block_size=max(128, shape.seq),
-        vocab_size=shape.vocab,
-        padded_vocab_size=shape.vocab,
-        n_layer=shape.layers,
-        n_head=shape.heads,
-        n_embd=shape.dim,
-        n_query_groups=shape.kv_heads,
-        rotary_percentage=1.0,
-        parallel_residual=False,
-        bias=False,
-        norm_class_name="RMSNorm",
-        mlp_class_name="LLaMAMLP",
-        intermediate_size=shape.ffn,
-        rope_base=500000,
-    )
+    fields: dict[str, Any] = {
+        "name": "memplan-probe",
+        "block_size": max(128, shape.seq),
+        "vocab_size": shape.vocab,
+        "padded_vocab_size": shape.vocab,
+        "n_layer": shape.layers,
+        "n_head": shape.heads,
+        "n_embd": shape.dim,
+        "n_query_groups": shape.kv_heads,
+        "rotary_percentage": 1.0,
+        "parallel_residual": False,
+        "bias": False,
+        "norm_class_name": "RMSNorm",
+        "mlp_class_name": "LLaMAMLP",
+        "intermediate_size": shape.ffn,
+        "rope_base": 500000,
+        "head_size": shape.head_size,
+    }
+    if shape.arch == "gemma-2":
+        head = shape.head_size or shape.dim // shape.heads
+        fields["attention_scores_scalar"] = head
+        fields["sliding_window_indices"] = [1 - i % 2 for i in range(shape.layers)]
+    return Config(**{**fields, **ARCHS[shape.arch]})
 
 
 def checkpoint(model: torch.nn.Module) -> None:
@@ -215,6 +424,18 @@ _CONFIG_KEYS = (
     "mlp_class_name",
     "intermediate_size",
     "rope_base",
+    "head_size",
+    "attn_bias",
+    "norm_eps",
+    "sliding_window_size",
+    "scale_embeddings",
+    "gelu_approximate",
+    "post_attention_norm",
+    "post_mlp_norm",
+    "attention_logit_softcapping",
+    "final_logit_softcapping",
+    "sliding_window_indices",
+    "attention_scores_scalar",
 )
 
 

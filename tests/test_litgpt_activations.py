@@ -3,7 +3,9 @@
 Fabric's own precision plugins, to the byte (tests/litgpt_probe.py measures): no checkpointing
 and LitGPT's per-Block checkpointing, 32-true / bf16-true / bf16-mixed, grouped, multi-head
 and multi-query attention, the 128-token loss chunks; and at Llama 3.1 8B's shape under
-FakeTensorMode.
+FakeTensorMode. LitGPT's other architectures the rule covers (Qwen2.5, Mistral, Phi-3, Gemma,
+Gemma 2, Pythia, Falcon: litgpt's own Config with a named entry's fields) likewise, and
+Mistral-7B-v0.1, Gemma-7b, gemma-2-9b and pythia-1b at scale under FakeTensorMode.
 
 The oracle is LitGPT's own code (`pip install --no-deps litgpt==0.5.9 lightning==2.6.6
 lightning-utilities==0.15.3 torchmetrics==1.9.0`); the full matrix is
@@ -131,10 +133,132 @@ def test_pin_litgpt_layer_against_transformers_at_8b_bf16() -> None:
 
 
 def test_a_transformers_profile_never_serves_litgpt() -> None:
-    cfg = {**tiny(), "model_type": "qwen2"}
+    cfg = {**tiny(), "model_type": "qwen3"}
     saved = predicted(cfg, "bf16", "none", batch=1, seq=16)
     assert not saved.modelled
-    assert "model_type 'qwen2' under model.implementation litgpt" in saved.notes[0]
+    assert "model_type 'qwen3' under model.implementation litgpt" in saved.notes[0]
+    assert "q/k norms" in saved.notes[0]
+
+
+ARCH_CASES = [
+    # architecture (tests/litgpt_probe.py::ARCHS), precision, mode, k/v heads, head_size,
+    # batch, sequence, layers
+    ("qwen2.5", "amp-bf16", "none", 2, None, 2, 16, 2),  # qkv bias: nothing more saved
+    ("mistral", "bf16", "none", 2, None, 2, 100, 2),  # its own [1, 1, T, T] mask per layer
+    ("mistral", "amp-bf16", "full", 2, None, 1, 16, 3),
+    ("phi-3", "fp32", "none", 4, None, 1, 16, 2),  # multi-head + sliding window
+    ("phi-4-mini", "amp-bf16", "none", 2, 32, 2, 16, 2),  # rotary 0.75: 24 of 32 dims
+    ("gemma", "fp32", "none", 1, 32, 2, 16, 2),  # 1 + weight, sqrt(n_embd), gelu; MQA
+    ("gemma", "amp-bf16", "full", 4, None, 2, 16, 2),
+    ("gemma", "bf16", "none", 4, 32, 1, 100, 2),
+    # softcapped attention by hand, post-norms, capped logits, window on every other layer
+    ("gemma-2", "amp-bf16", "none", 2, None, 2, 16, 3),
+    ("gemma-2", "bf16", "full", 4, None, 2, 100, 2),  # multi-head at batch 2: v copied
+    # LayerNorm x 2 of one input, parallel residual, GELU MLP, biases, rotary_percentage 0.25
+    ("pythia", "amp-bf16", "none", 4, None, 2, 16, 3),
+    ("pythia", "bf16", "full", 4, None, 1, 100, 2),
+    ("falcon-7b", "amp-bf16", "none", 1, None, 2, 16, 2),  # one norm feeds qkv and fc
+    ("falcon-40b", "fp32", "none", 2, None, 2, 16, 2),
+]
+
+
+@pytest.mark.parametrize(
+    ("arch", "precision", "mode", "kv", "head_size", "batch", "seq", "layers"), ARCH_CASES
+)
+def test_rule_matches_litgpt_other_architectures_to_the_byte(
+    arch: str,
+    precision: str,
+    mode: str,
+    kv: int,
+    head_size: int | None,
+    batch: int,
+    seq: int,
+    layers: int,
+) -> None:
+    """litgpt's own GPT built from its own Config with a named entry's fields (Qwen2.5-7B,
+    Mistral-7B-v0.1, Phi-3-mini-4k-instruct, Gemma-2b / 7b, gemma-2-9b, pythia, falcon-7b /
+    40b) against the rule
+    applied to the config.json of that checkpoint's type; the whole matrix is benchmarks/
+    litgpt_activations.py's `architectures` part."""
+    pytest.importorskip("torch")
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.model")
+    from tests.litgpt_probe import Shape, held_bytes, hf_config
+
+    shape = Shape(arch=arch, layers=layers, batch=batch, seq=seq, kv_heads=kv, head_size=head_size)
+    saved = predicted(hf_config(shape), precision, mode, batch=batch, seq=seq)
+    assert saved.modelled, saved.notes
+    assert saved.bytes == held_bytes(precision, mode, shape)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma", "gemma-2", "pythia"])
+def test_rule_matches_litgpt_at_7b_shapes_under_fake_tensors(arch: str) -> None:
+    """Two blocks of Mistral-7B-v0.1 (the 4096-window mask at 4096 tokens), Gemma-7b
+    (head_size 256 x 16 heads over n_embd 3072, vocab 256000) and gemma-2-9b (the softcapped
+    scores [16, 4096, 4096], the capped logits) at 1 x 4096, and pythia-1b at 1 x 2048,
+    bf16-true."""
+    pytest.importorskip("torch")
+    pytest.importorskip("litgpt.model")
+    from tests.litgpt_probe import AT_SCALE, held_bytes_fake, hf_config
+
+    shape = AT_SCALE[arch]
+    saved = predicted(hf_config(shape), "bf16", "none", batch=1, seq=shape.seq)
+    assert saved.bytes == held_bytes_fake("bf16", "none", shape)
+
+
+@pytest.mark.parametrize(
+    ("config", "why"),
+    [
+        ({"model_type": "gemma2", "head_dim": 16, "attn_logit_softcapping": None}, "cap"),
+        ({"model_type": "gemma3_text", "head_dim": 16}, "q/k norms"),
+        ({"model_type": "mixtral"}, "LLaMAMoE"),
+        ({"model_type": "falcon", "alibi": True}, "alibi"),
+        ({"model_type": "qwen2", "use_sliding_window": True}, "no sliding window"),
+        ({"model_type": "gpt_neox", "use_parallel_residual": False}, "parallel_residual"),
+    ],
+)
+def test_litgpt_refuses_architectures_it_does_not_cover(config: dict[str, Any], why: str) -> None:
+    cfg = {**tiny(), **config}
+    saved = predicted(cfg, "bf16", "none", batch=1, seq=16)
+    assert not saved.modelled and why in saved.notes[0], saved.notes
+
+
+def test_litgpt_refuses_an_unaligned_sliding_window_mask_on_cuda() -> None:
+    cfg = {**tiny(), "model_type": "mistral", "sliding_window": 4096}
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "litgpt"},
+        training={"micro_batch_size": 1, "sequence_length": 100},
+    )
+    saved = activations.predict(from_config(cfg), setting_of(spec))
+    assert not saved.modelled and "multiple of 16" in saved.notes[0]
+    aligned = make_spec(
+        model={"architecture": cfg, "implementation": "litgpt"},
+        training={"micro_batch_size": 1, "sequence_length": 128},
+    )
+    assert activations.predict(from_config(cfg), setting_of(aligned)).modelled
+
+
+def test_pin_litgpt_sliding_window_mask_on_cuda() -> None:
+    """Pinning (the rule's own arithmetic, read from litgpt 0.5.9 model.py and torch's SDPA
+    kernel choice, not measured on a GPU): on CUDA a sliding-window layer's mask sends SDPA to
+    the memory-efficient kernel, which keeps the [1, 1, T, T] bf16 mask; its output is laid
+    out [b, s, a, d], so `proj` reads a view of it, where the flash kernel's output follows
+    the contiguous q and `reshape` copies it for `proj` (one [b, a, s, d] bf16 storage
+    fewer), and it keeps no philox tensors (24 B fewer). Both keep a [b, a, 128] logsumexp."""
+    plain = {**tiny(), "model_type": "mistral", "sliding_window": None}
+    windowed = {**plain, "sliding_window": 4096}
+    seq = 128
+    spec = make_spec(
+        model={"architecture": windowed, "implementation": "litgpt"},
+        precision="bf16",
+        training={"micro_batch_size": 1, "sequence_length": seq},
+    )
+    with_mask = activations.predict(from_config(windowed), setting_of(spec)).block("layers")
+    no_mask = activations.predict(from_config(plain), setting_of(spec)).block("layers")
+    assert with_mask is not None and no_mask is not None
+    heads, head_dim = 4, 16
+    output = seq * heads * head_dim * 2
+    assert with_mask.bytes_each - no_mask.bytes_each == seq * seq * 2 - output - 24
 
 
 @pytest.mark.parametrize(
@@ -241,3 +365,17 @@ def test_pin_litgpt_loop_holds_the_fp32_logits_in_every_phase() -> None:
     assert not [t for t in timeline.transients if t.name == "loss_fp32_upcast"]
     plain = estimate(make_spec(), from_config(tiny())).timeline
     assert [t for t in plain.transient_at("forward") if t.name == "logits"] == []
+
+
+def test_litgpt_says_when_the_config_ties_what_litgpt_does_not() -> None:
+    """litgpt 0.5.9 model.py::GPT.__init__ builds lm_head and wte apart (read, not run): a tied
+    config (Gemma's default) is said in the notes; an untied one is not."""
+    for config, tied in (
+        ({**tiny(), "model_type": "gemma", "head_dim": 16}, True),
+        (tiny(), False),
+    ):
+        inv = from_config(config)
+        assert bool(inv.tied) is tied
+        spec = make_spec(model={"architecture": config, "implementation": "litgpt"})
+        notes = activations.predict(inv, setting_of(spec)).notes
+        assert any("keeps lm_head apart from wte" in n for n in notes) is tied

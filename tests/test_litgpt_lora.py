@@ -216,3 +216,69 @@ def test_chunked_loss_gradient_matches_litgpt(batch: int, seq: int) -> None:
     timeline = estimate(lora_spec(batch=batch, seq=seq), from_config(tiny())).timeline
     held = [t for t in timeline.transient_at("backward_start") if t.name == "logits_gradient"]
     assert [t.bytes for t in held] == [loss_gradient(batch, seq, 256)]
+
+
+@pytest.mark.parametrize(
+    ("arch", "precision", "targets"),
+    [
+        ("qwen2.5", "amp-bf16", ["q_proj", "v_proj", "o_proj", "lm_head"]),  # qkv bias
+        ("mistral", "bf16", "all-linear"),  # the sliding window's mask per layer
+        ("phi-3", "fp32", ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]),
+    ],
+)
+def test_rule_matches_litgpt_lora_on_other_architectures(
+    arch: str, precision: str, targets: Any
+) -> None:
+    """litgpt.lora.GPT built from litgpt's own Config with Qwen2.5-7B's, Mistral-7B-v0.1's
+    and Phi-3-mini-4k's fields (tests/litgpt_probe.py::ARCHS) against the LoRA rule on the
+    config.json of that type."""
+    pytest.importorskip("torch")
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.lora")
+    from tests.litgpt_probe import Lora, Shape, held_bytes_lora, hf_config
+
+    kv = 4 if arch == "phi-3" else 2
+    shape = Shape(arch=arch, layers=2, batch=2, seq=100, kv_heads=kv)
+    cfg = hf_config(shape)
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "litgpt"},
+        precision=precision,
+        training={"micro_batch_size": 2, "sequence_length": 100},
+        finetune={"method": "lora", "rank": 8, "alpha": 16, "target_modules": targets},
+        hardware={"device": "cpu"},
+    )
+    saved = micro_batch_of(spec, from_config(cfg))
+    assert saved.modelled, saved.notes
+    fl = flags_of(spec.finetune.target_modules, rank=8, dropout=0.0)
+    assert isinstance(fl, Flags)
+    lora = Lora(
+        query=fl.query,
+        key=fl.key,
+        value=fl.value,
+        projection=fl.projection,
+        mlp=fl.mlp,
+        head=fl.head,
+    )
+    assert saved.bytes == held_bytes_lora(precision, "none", shape, lora)
+
+
+def test_litgpt_lora_refuses_pythia() -> None:
+    cfg = {**tiny(), "model_type": "gpt_neox"}
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "litgpt"},
+        finetune={"method": "lora", "rank": 8, "alpha": 16, "target_modules": ["q_proj"]},
+    )
+    saved = micro_batch_of(spec, from_config(cfg))
+    assert not saved.modelled and "GptNeoxMLP" in saved.notes[0], saved.notes
+
+
+def test_litgpt_lora_refuses_gemma() -> None:
+    """Measured, not modelled: litgpt.lora.GPT with Gemma's fields holds 256 B per frozen
+    RMSNorm more than the LoRA rule in 32-true (its `1 + weight`), so the rule refuses it."""
+    cfg = {**tiny(), "model_type": "gemma", "head_dim": 16}
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "litgpt"},
+        finetune={"method": "lora", "rank": 8, "alpha": 16},
+    )
+    saved = micro_batch_of(spec, from_config(cfg))
+    assert not saved.modelled and "add_unit_offset" in saved.notes[0]

@@ -63,7 +63,7 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
         from memplan.model.stacks import litgpt
 
         # LitGPT's own model code: its rule, never a profile traced from transformers.
-        return litgpt.saved(arch, setting)
+        return litgpt.saved(arch, setting, tied=bool(inventory.tied))
     if setting.implementation == "megatron-core":
         from memplan.model.stacks import megatron
 

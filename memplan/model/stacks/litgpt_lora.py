@@ -382,6 +382,19 @@ def saved(arch: Architecture, st: Setting, fl: Flags) -> Activations:
     """litgpt.lora.GPT's forward and finetune/lora.py's loss on one GPU: see the module
     docstring."""
     why = litgpt.unsupported(arch, st) or unsupported(st)
+    if not why and arch.model_type in ("gpt_neox", "falcon"):
+        why = (
+            "LitGPT's LoRA is proved on its Llama-shaped configs (Llama, Qwen2.5, Mistral, "
+            "Phi-3): the LoRA rule has no LayerNorm, parallel residual or GptNeoxMLP"
+        )
+    if not why and litgpt.unit_offset(arch):
+        # Measured: +256 B per norm on the tiny Gemma in fp32 and bf16-mixed (the frozen
+        # `1 + weight`), not in bf16-true; the LoRA rule's frozen norms have no such term yet.
+        why = (
+            "LitGPT's LoRA is proved on its Llama-shaped configs (Llama, Qwen2.5, Mistral, "
+            "Phi-3): Gemma's frozen add_unit_offset norms (`1 + weight`, a new fp32 tensor the "
+            "multiply keeps) are not in the LoRA rule"
+        )
     if why:
         return litgpt.refused(f"activations not modelled: {why}.")
     h, vocab, t, b, s = arch.hidden_size, arch.vocab_size, st.tokens, st.batch, st.sequence
