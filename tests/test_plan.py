@@ -499,3 +499,51 @@ def test_the_specs_own_parallelism_keys_are_kept_on_the_layouts_they_apply_to() 
         }  # fmt: skip
     common = peaks["bf16"].keys() & peaks["fp32"].keys()
     assert common and any(peaks["bf16"][k] != peaks["fp32"][k] for k in common)
+
+
+def test_torch_pipelined_rows_return_no_outputs_unless_the_spec_says() -> None:
+    """A plan's torch-pipelined rows (fsdp2/ddp with pipeline > 1) call step(return_outputs=
+    False): the same step time, never more memory than torch's default (the last stage keeps
+    no outputs: memplan.activations.pipeline, measured in tests/test_pp_fsdp2.py). Each such
+    row says so in its spec (estimate reproduces its bytes) and JSON; other rows have null; a
+    spec that sets the key pins it (carried). Structure and reproduction, not an oracle."""
+    doc = {
+        "model": {"architecture": {**TINY_LLAMA, "num_hidden_layers": 8}},
+        "precision": "bf16-mixed",
+        "training": {"sequence_length": 256},
+        "hardware": {"gpu": "H100-80GB", "gpus_per_node": 8},
+        "plan": {"gpus": 8, "global_batch_size": 32, "engines": ["fsdp2", "megatron"], "top": 400},
+    }
+    loaded = validate(doc)
+    inventory = load_inventory(loaded)
+    result = plan(loaded.spec, inventory, suggest=False)
+    piped = [c for c in result.layouts if c.pipeline > 1 and c.engine == "fsdp2"]
+    assert piped and all(c.parallelism.pipeline_return_outputs is False for c in piped)
+    assert all(
+        c.parallelism.pipeline_return_outputs is None
+        for c in result.layouts
+        if c.pipeline == 1 or c.engine == "megatron"
+    )
+    assert any("return_outputs=False" in n for n in result.notes)
+    row = piped[0]
+    assert estimate(row_spec(loaded.spec, row), inventory).peak_bytes == row.peak_bytes
+    emitted = row_spec(loaded.spec, row)
+    held = emitted.model_copy(
+        update={"parallelism": row.parallelism.model_copy(update={"pipeline_return_outputs": True})}
+    )
+    # torch's default keeps the last stage's outputs: more bytes on that row, never fewer.
+    assert estimate(held, inventory).peak_bytes >= row.peak_bytes
+    pinned = loaded.spec.model_copy(
+        update={
+            "parallelism": loaded.spec.parallelism.model_copy(
+                update={"engine": "fsdp2", "pipeline": 2, "pipeline_return_outputs": True}
+            )
+        }
+    )
+    kept = plan(pinned, inventory, suggest=False)
+    assert all(
+        c.parallelism.pipeline_return_outputs is True
+        for c in kept.layouts
+        if c.pipeline > 1 and c.engine == "fsdp2"
+    )
+    assert not any("return_outputs=False" in n for n in kept.notes)

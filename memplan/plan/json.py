@@ -52,6 +52,7 @@ def _layout(c: Candidate) -> s.PlanLayout:
         schedule=c.schedule,
         implementation=c.implementation,
         fsdp_wrap=c.fsdp_wrap,
+        pipeline_return_outputs=c.parallelism.pipeline_return_outputs,
         compile=c.compile,
         per_gpu=s.LayoutPeak(peak=c.peak_bytes),
         headroom_bytes=c.headroom_bytes,

@@ -25,6 +25,7 @@ from memplan.plan.rows import row_spec
 from memplan.plan.space import (
     ENGINE_STAGES,
     IMPLEMENTATION_ENGINES,
+    TORCH_PIPELINE_ENGINES,
     carried_knobs,
     compile_options,
     divisors,
@@ -109,7 +110,7 @@ def _refused(base: dict[str, object], knobs: dict[str, object]) -> list[str]:
     alone = []
     for key, value in knobs.items():
         try:
-            ParallelismSpec(**base, **{key: value})
+            ParallelismSpec(**{**base, key: value})
         except ValueError:
             alone.append(key)
     return alone or list(knobs)
@@ -249,6 +250,11 @@ class _Search:
                             "sequence_parallel": tp > 1,
                             "offload": OffloadSpec(optimizer=offload),
                         }
+                        if pp > 1 and engine in TORCH_PIPELINE_ENGINES:
+                            # The trainer's step(return_outputs=False): the same step time
+                            # and never more memory than torch's default (TORCH_PIPELINE_NOTE);
+                            # a spec's own value is carried below instead.
+                            base["pipeline_return_outputs"] = False
                         try:
                             par = ParallelismSpec(**base)
                         except ValueError:
@@ -257,7 +263,7 @@ class _Search:
                         knobs = knobs_for(self.carried, engine, {"tensor": tp, "pipeline": pp})
                         if knobs:
                             try:
-                                par = ParallelismSpec(**base, **knobs)
+                                par = ParallelismSpec(**{**base, **knobs})
                             except ValueError:
                                 keys = ", ".join(f"parallelism.{k}" for k in _refused(base, knobs))
                                 self.pruned[f"the spec's {keys} cannot run this layout"] += 1

@@ -125,6 +125,16 @@ CARRIED: dict[str, tuple[tuple[str, ...], str | None]] = {
 }
 
 
+TORCH_PIPELINE_ENGINES = ("ddp", "fsdp2")
+"""Engines whose pipeline layouts run torch.distributed.pipelining (its schedules, its step)."""
+TORCH_PIPELINE_NOTE = (
+    "torch-pipelined rows (engines ddp, fsdp2) call the schedule's step(return_outputs=False), "
+    "as torchtitan's trainer does: torch's default keeps the last stage's output of every "
+    "micro-batch until the step ends (memplan.activations.pipeline), the same step time for "
+    "more memory (set parallelism.pipeline_return_outputs in the spec to pin it)."
+)
+
+
 def carried_knobs(spec: Spec) -> dict[str, object]:
     """The spec's `parallelism` keys (CARRIED) it sets itself, as a plan keeps them."""
     par = spec.parallelism
@@ -167,6 +177,8 @@ def search_notes(spec: Spec, engines: tuple[str, ...]) -> tuple[str, ...]:
     if compile_note:
         out.append(compile_note)
     carried = carried_knobs(spec)
+    if "pipeline_return_outputs" not in carried and set(engines) & set(TORCH_PIPELINE_ENGINES):
+        out.append(TORCH_PIPELINE_NOTE)
     if carried:
         kept = "; ".join(
             f"{k} {_shown(v)} ({', '.join(e for e in CARRIED[k][0] if e in engines)}"

@@ -65,6 +65,14 @@ class PlanLayout(Doc):
         default=None,
         description="FSDP2's fully_shard groups (parallelism.fsdp_wrap); null: not FSDP2.",
     )
+    pipeline_return_outputs: bool | None = Field(
+        default=None,
+        description=(
+            "torch.distributed.pipelining's step(return_outputs=...) of the row "
+            "(parallelism.pipeline_return_outputs): false unless the spec sets it; null: not a "
+            "torch-pipelined row (engines ddp and fsdp2 with pipeline > 1)."
+        ),
+    )
     compile: bool = Field(
         default=False, description="training.compile of the row's spec (torch.compile)."
     )
