@@ -395,3 +395,21 @@ def test_torchtitan_refuses_what_its_rule_does_not_split() -> None:
     saved = micro_batch_of(lora, inv)
     assert not saved.modelled and "LoRA" in saved.notes[0]
     assert saved.implementation == "torchtitan"
+
+
+def test_tied_embeddings_under_pipeline_are_refused_as_torchtitan_refuses_them() -> None:
+    """torchtitan 0.3.0 raises NotImplementedError for weight tying under pipeline parallelism
+    (models/common/decoder.py::Decoder.Config.update_from_config, read from the installed
+    package below): estimate refuses the job, naming parallelism.pipeline; untied, or one
+    stage, it runs."""
+    import inspect
+
+    from torchtitan.models.common import decoder
+
+    assert "Weight tying is not supported with Pipeline Parallel" in inspect.getsource(decoder)
+    spec = _qwen3_spec(qwen3(4), parallelism={"data": 2, "pipeline": 2})
+    with pytest.raises(MemplanError) as err:
+        estimate(spec, from_config(qwen3(4)))
+    assert err.value.field == "parallelism.pipeline" and "tied" in str(err.value)
+    untied = qwen3(4, tied=False)
+    assert estimate(spec, from_config(untied)).activations.modelled

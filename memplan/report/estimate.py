@@ -224,9 +224,25 @@ def _check_async_tp(spec: Spec) -> None:
         )
 
 
+def _check_torchtitan_tied_pipeline(spec: Spec, trained: Inventory) -> None:
+    """torchtitan refuses to build a model whose output weight is tied to its embedding under
+    pipeline parallelism (torchtitan 0.3.0 models/common/decoder.py::Decoder.Config.
+    update_from_config: NotImplementedError "Weight tying is not supported with Pipeline
+    Parallel."); memplan says so instead of estimating a job that cannot start."""
+    if spec.model.implementation == "torchtitan" and spec.parallelism.pipeline > 1 and trained.tied:
+        raise MemplanError(
+            "torchtitan does not run a model whose lm_head is tied to its embedding under "
+            "pipeline parallelism (0.3.0 models/common/decoder.py::Decoder.Config."
+            'update_from_config: "Weight tying is not supported with Pipeline Parallel."): '
+            "set parallelism.pipeline: 1, or model.implementation: transformers.",
+            field="parallelism.pipeline",
+        )
+
+
 def model_states(spec: Spec, trained: Inventory) -> list[StageStates]:
     """Parameters, gradients and optimizer states of every stage and rank class; `trained` is
     the inventory the job trains (`finetune.apply`)."""
+    _check_torchtitan_tied_pipeline(spec, trained)
     return stage_states(
         trained, recipe=spec.recipe(), opt=spec.optimizer.config(), layout=layout_of(spec)
     )
