@@ -25,11 +25,10 @@ from memplan.plan.rows import row_spec
 from memplan.plan.space import (
     ENGINE_STAGES,
     IMPLEMENTATION_ENGINES,
-    TORCH_PIPELINE_ENGINES,
     carried_knobs,
     compile_options,
     divisors,
-    knobs_for,
+    layout_spec,
     pipeline_split,
     recompute_policies,
     search_engines,
@@ -102,18 +101,6 @@ class PlanResult:
     suggestion: str = ""
     top: int = 10
     notes: tuple[str, ...] = field(default_factory=tuple)
-
-
-def _refused(base: dict[str, object], knobs: dict[str, object]) -> list[str]:
-    """The carried keys a layout (`base`, valid alone) refuses: each that fails on its own, or
-    all of them when only their combination fails."""
-    alone = []
-    for key, value in knobs.items():
-        try:
-            ParallelismSpec(**{**base, key: value})
-        except ValueError:
-            alone.append(key)
-    return alone or list(knobs)
 
 
 @dataclass(slots=True)
@@ -250,24 +237,10 @@ class _Search:
                             "sequence_parallel": tp > 1,
                             "offload": OffloadSpec(optimizer=offload),
                         }
-                        if pp > 1 and engine in TORCH_PIPELINE_ENGINES:
-                            # The trainer's step(return_outputs=False): the same step time
-                            # and never more memory than torch's default (TORCH_PIPELINE_NOTE);
-                            # a spec's own value is carried below instead.
-                            base["pipeline_return_outputs"] = False
-                        try:
-                            par = ParallelismSpec(**base)
-                        except ValueError:
-                            self.pruned["engine cannot run this layout"] += 1
+                        par = layout_spec(base, self.carried)
+                        if isinstance(par, str):
+                            self.pruned[par] += 1
                             continue
-                        knobs = knobs_for(self.carried, engine, {"tensor": tp, "pipeline": pp})
-                        if knobs:
-                            try:
-                                par = ParallelismSpec(**{**base, **knobs})
-                            except ValueError:
-                                keys = ", ".join(f"parallelism.{k}" for k in _refused(base, knobs))
-                                self.pruned[f"the spec's {keys} cannot run this layout"] += 1
-                                continue
                         yield par, offload
 
     def run(self, progress: Progress | None, first: bool = False) -> list[Candidate]:

@@ -4,7 +4,10 @@ under."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from memplan.activations import predict
+from memplan.config.parallelism import ParallelismSpec
 from memplan.config.plan import PlanSpec
 from memplan.config.spec import Spec
 from memplan.model.inventory import Inventory
@@ -141,16 +144,42 @@ def carried_knobs(spec: Spec) -> dict[str, object]:
     return {k: getattr(par, k) for k in CARRIED if k in par.model_fields_set}
 
 
-def knobs_for(
-    carried: dict[str, object], engine: str, degrees: dict[str, int]
-) -> dict[str, object]:
-    """The carried keys that apply to a layout of `engine` with `degrees` (tensor, pipeline)."""
-    out = {}
-    for key, value in carried.items():
-        engines, degree = CARRIED[key]
-        if engine in engines and (degree is None or degrees[degree] > 1):
-            out[key] = value
-    return out
+def layout_spec(base: dict[str, Any], carried: dict[str, object]) -> ParallelismSpec | str:
+    """The `parallelism` of one searched layout (`base`: its engine, degrees and schedule),
+    with the trainer's step(return_outputs=False) on torch's pipeline schedules
+    (TORCH_PIPELINE_NOTE) and the spec's `carried` keys that apply to it; or why it is pruned:
+    the engine cannot run it, or a carried key cannot (named)."""
+    engine = base["engine"]
+    if base["pipeline"] > 1 and engine in TORCH_PIPELINE_ENGINES:
+        base = {**base, "pipeline_return_outputs": False}
+    try:
+        par = ParallelismSpec(**base)
+    except ValueError:
+        return "engine cannot run this layout"
+    knobs = {key: value for key, value in carried.items() if _applies(key, base)}
+    if not knobs:
+        return par
+    try:
+        return ParallelismSpec(**{**base, **knobs})
+    except ValueError:
+        pass
+    refused = [k for k, v in knobs.items() if not _runs(base, k, v)] or list(knobs)
+    return f"the spec's {', '.join(f'parallelism.{k}' for k in refused)} cannot run this layout"
+
+
+def _applies(key: str, base: dict[str, Any]) -> bool:
+    """Whether the carried `key` means anything on the layout `base` (CARRIED)."""
+    engines, degree = CARRIED[key]
+    return base["engine"] in engines and (degree is None or base[degree] > 1)
+
+
+def _runs(base: dict[str, Any], key: str, value: object) -> bool:
+    """Whether the layout `base` runs with the one carried key `key` set to `value`."""
+    try:
+        ParallelismSpec(**{**base, key: value})
+    except ValueError:
+        return False
+    return True
 
 
 def search_engines(spec: Spec) -> tuple[str, ...]:
