@@ -116,6 +116,19 @@ ARCHITECTURES = {
 """The HF model_types the rule covers, and what LitGPT's config for them sets beside Llama's
 (litgpt 0.5.9 config.py)."""
 
+# What LitGPT's config entries set beside Llama's, as sets of the model_types above (the quirks
+# as data; litgpt 0.5.9 config.py).
+NEOX_BLOCK = frozenset({"gpt_neox", "falcon"})
+"""LayerNorms and a parallel residual (Pythia's and Falcon's Block, GptNeoxMLP or Falcon's)."""
+FALCON = frozenset({"falcon"})
+"""shared_attention_norm or two norms, as the HF config's new_decoder_architecture says."""
+WINDOWED = frozenset({"mistral", "phi3"})
+"""sliding_window_size from the HF config's `sliding_window` (Mistral v0.1, Phi-3)."""
+UNIT_OFFSET = frozenset({"gemma", "gemma2"})
+"""RMSNorm(add_unit_offset=True) (Config.norm_class: "Gemma" in the name)."""
+SOFTCAPPED = frozenset({"gemma2"})
+"""attention_logit_softcapping: attention computed by hand (Gemma 2)."""
+
 NOT_COVERED = {
     "gemma3_text": "Gemma 3's q/k norms (norm_qk), post norms and per-layer rope_indices",
     "phi": "Phi-2's LayerNorm, GptNeoxMLP, parallel_residual with shared_attention_norm, "
@@ -256,17 +269,17 @@ def window(arch: Architecture) -> bool:
     262144, Phi-4-mini's 262144; LitGPT's entries: 4096, 2048 / 262145, 262145). Phi-3.5-mini's
     HF config sets one that LitGPT's entry does not: there the rule counts a mask per layer
     that LitGPT does not make."""
-    return arch.model_type in ("mistral", "phi3") and bool(arch.extra.get("sliding_window"))
+    return arch.model_type in WINDOWED and bool(arch.extra.get("sliding_window"))
 
 
 def unit_offset(arch: Architecture) -> bool:
     """Config.norm_class: RMSNorm(add_unit_offset="Gemma" in name), Gemma's configs."""
-    return arch.model_type in ("gemma", "gemma2")
+    return arch.model_type in UNIT_OFFSET
 
 
 def softcapped(arch: Architecture) -> bool:
     """Gemma 2: attention_logit_softcapping set (architecture_refusal asks for it)."""
-    return arch.model_type == "gemma2"
+    return arch.model_type in SOFTCAPPED
 
 
 def norm(prefix: str, t: int, h: int, st: Setting, *, offset: bool = False) -> list[Saved]:
@@ -354,7 +367,7 @@ def softcapped_attention_saves(arch: Architecture, st: Setting) -> list[Saved]:
 def shared_norm(arch: Architecture) -> bool:
     """Falcon-7B's shared_attention_norm: HF's parallel_attn with one LayerNorm
     (num_ln_in_parallel_attn 1, or unset without new_decoder_architecture)."""
-    if arch.model_type != "falcon":
+    if arch.model_type not in FALCON:
         return False
     x = arch.extra
     num_ln = x.get("num_ln_in_parallel_attn")
@@ -402,7 +415,7 @@ def _neox_layer(arch: Architecture, st: Setting) -> list[Saved]:
 
 def _layer(arch: Architecture, st: Setting) -> list[Saved]:
     """One Block's saved tensors without checkpointing."""
-    if arch.model_type in ("gpt_neox", "falcon"):
+    if arch.model_type in NEOX_BLOCK:
         return _neox_layer(arch, st)
     h, a, kv, d = kernels.attention_dims(arch)
     t, inter = st.tokens, arch.intermediate_size
@@ -490,7 +503,7 @@ def saved(arch: Architecture, st: Setting, *, tied: bool = False) -> Activations
         )
     else:
         layers = Block(name="layers", count=n, tensors=tuple(layer), layered=True)
-    if arch.model_type in ("gpt_neox", "falcon"):
+    if arch.model_type in NEOX_BLOCK:
         head = kernels.layer_norm("transformer.ln_f", t, h, st.stream, st)
     else:
         head = norm("transformer.ln_f", t, h, st, offset=unit_offset(arch))

@@ -382,7 +382,7 @@ def saved(arch: Architecture, st: Setting, fl: Flags) -> Activations:
     """litgpt.lora.GPT's forward and finetune/lora.py's loss on one GPU: see the module
     docstring."""
     why = litgpt.unsupported(arch, st) or unsupported(st)
-    if not why and arch.model_type in ("gpt_neox", "falcon"):
+    if not why and arch.model_type in litgpt.NEOX_BLOCK:
         why = (
             "LitGPT's LoRA is proved on its Llama-shaped configs (Llama, Qwen2.5, Mistral, "
             "Phi-3): the LoRA rule has no LayerNorm, parallel residual or GptNeoxMLP"
