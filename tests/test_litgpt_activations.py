@@ -379,3 +379,30 @@ def test_litgpt_says_when_the_config_ties_what_litgpt_does_not() -> None:
         spec = make_spec(model={"architecture": config, "implementation": "litgpt"})
         notes = activations.predict(inv, setting_of(spec)).notes
         assert any("keeps lm_head apart from wte" in n for n in notes) is tied
+
+
+@pytest.mark.parametrize("arch", ["gemma", "qwen2.5", "llama"])
+def test_litgpt_model_states_count_the_parameters_litgpts_gpt_has(arch: str) -> None:
+    """Independent oracle: litgpt 0.5.9's own GPT built (on the meta device) from the probe's
+    Config has as many parameters as memplan's inventory of the HF config under
+    `model.implementation: litgpt`; a config that ties lm_head (Gemma's, a tied Qwen2.5's)
+    gets LitGPT's own lm_head (one [vocab, hidden] matrix more than the tied config), an
+    untied one is unchanged."""
+    import torch
+    from litgpt.model import GPT
+
+    from memplan.model.finetune import lora as finetune
+    from tests.litgpt_probe import Shape, config, hf_config
+
+    shape = Shape(arch=arch, head_size=16 if arch == "gemma" else None)
+    cfg = {**hf_config(shape), "tie_word_embeddings": arch != "llama"}
+    with torch.device("meta"):
+        model = GPT(config(shape))
+    litgpts = sum(p.numel() for p in model.parameters())
+    inventory = from_config(cfg)
+    spec = make_spec(model={"architecture": cfg, "implementation": "litgpt"})
+    trained = finetune.apply(spec, inventory)
+    assert trained.num_parameters == litgpts
+    untied_by_litgpt = litgpts - inventory.num_parameters
+    assert untied_by_litgpt == (shape.vocab * shape.dim if arch != "llama" else 0)
+    assert finetune.apply(spec, inventory) is trained  # one object: plan's caches key on it

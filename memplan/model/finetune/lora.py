@@ -251,6 +251,10 @@ def apply(spec: Spec, inventory: Inventory) -> Inventory:
     """The inventory the job trains (see the module docstring); the input itself for a full
     fine-tune without freeze patterns. Apply it once, to the model's own inventory
     (memplan.report.estimate.estimate does)."""
+    if spec.model.implementation == "litgpt":
+        from memplan.model.stacks import litgpt
+
+        inventory = litgpt.own_inventory(inventory)  # LitGPT's lm_head is never tied
     ft = spec.finetune
     if ft.method == "full" and not ft.freeze:
         return inventory

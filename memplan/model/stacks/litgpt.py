@@ -70,10 +70,13 @@ Proved on CPU against litgpt's real model, run by Fabric, by tests/test_litgpt_a
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import lru_cache
+
 from memplan.model.forward import attention, kernels
 from memplan.model.forward.mlp import gated_mlp_saves
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
-from memplan.model.inventory import Architecture
+from memplan.model.inventory import Architecture, Inventory
 from memplan.precision import dtype_bytes
 
 VERSION = "0.5.9"
@@ -139,6 +142,37 @@ NOT_COVERED = {
     "qwen3": "Qwen3's q/k norms (norm_qk)",
 }
 """Model types LitGPT trains whose ops the rule does not cover, with what it lacks."""
+
+
+HEAD = "lm_head.weight"
+"""The output projection's weight, as transformers' causal LMs name it (`lm_head.weight`)."""
+
+
+@lru_cache(maxsize=64)
+def own_inventory(inventory: Inventory) -> Inventory:
+    """The model as LitGPT builds it: model.py::GPT.__init__ makes `lm_head` its own Linear and
+    never ties it to `transformer.wte` (scripts/convert_hf_checkpoint.py copies a tied
+    checkpoint's embedding into it; finetune/*.py refuse `train.tie_embeddings`, pretrain.py
+    leaves it off by default), so a config that ties the head gets its own [vocab, hidden]
+    `lm_head.weight`, with the embedding's shape and dtype, trained like every other weight.
+    Cached: plan asks once per layout, and caches keyed on an inventory want the same one."""
+    head = tuple((a, o) for a, o in inventory.tied if a.endswith(HEAD))
+    by_name = {t.name: t for t in inventory.parameters}
+    untied = tuple(replace(by_name[o], name=a, role="head") for a, o in head if o in by_name)
+    if not untied:
+        return inventory
+    note = (
+        f"LitGPT's GPT keeps lm_head apart from the embedding ({SRC}::GPT.__init__): "
+        f"{', '.join(t.name for t in untied)} counted as its own parameter, though this config "
+        "ties it."
+    )
+    return replace(
+        inventory,
+        parameters=(*inventory.parameters, *untied),
+        tied=tuple(p for p in inventory.tied if p not in head),
+        notes=(*inventory.notes, note),
+    )
+
 
 SRC_MASK = (
     f"litgpt {VERSION} litgpt/model.py::CausalSelfAttention.forward (apply_sliding_window_"
@@ -527,9 +561,8 @@ def saved(arch: Architecture, st: Setting, *, tied: bool = False) -> Activations
         notes += (
             "LitGPT's GPT keeps lm_head apart from wte (model.py::GPT.__init__; "
             "scripts/convert_hf_checkpoint.py copies a tied checkpoint's embedding into it; "
-            "pretrain.py ties them only with train.tie_embeddings): memplan's model states "
-            "follow this config's tied inventory, one [vocab, hidden] matrix fewer than "
-            "LitGPT's finetune scripts train.",
+            "pretrain.py ties them only with train.tie_embeddings, off by default): memplan's "
+            "model states count LitGPT's own lm_head (own_inventory).",
         )
     return Activations(
         modelled=True,
