@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from functools import lru_cache
 
@@ -201,12 +201,12 @@ def gathered_blocks(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
-def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Activations:
-    """`local` (the TP slice's activations at sequence / CP) with sequence parallelism applied:
-    the tensors TP leaves whole (same shape in `full`, the whole model's prediction at the same
-    sequence) have their token dimension split over the TP ranks."""
-    if not (lay.sequence_parallel and lay.tensor > 1):
-        return local
+def _whole_and_gathered(
+    full: Activations, local: Activations, lay: Layout
+) -> tuple[dict[tuple[str, str], tuple[int, ...]], dict[str, frozenset[str]]]:
+    """For `split` and `split_traced`: each (block, tensor)'s shape in the whole model's
+    prediction `full`, and per block of `local` the tensor names a `gathered_blocks` module
+    saves (none unless the layout gathers inputs: DTensor)."""
     whole = {(b.name, t.name): t.shape for b in full.blocks for t in (*b.tensors, *b.recompute)}
     gathered = {
         b.name: _gathered_names(tuple(t.name for t in (*b.tensors, *b.recompute)))
@@ -214,19 +214,17 @@ def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Ac
         else frozenset()
         for b in local.blocks
     }
+    return whole, gathered
 
-    def sp(block: Block, t: Saved) -> Saved:
-        if block.name == "loss" or any(k in t.name for k in _NOT_SEQUENCE_SPLIT):
-            return t
-        if lay.gathered_inputs and _COLUMN_INPUT.search(t.name):
-            return t
-        if t.name in gathered[block.name]:
-            return t  # run on the whole sequence (gathered_blocks)
-        if whole.get((block.name, t.name)) != t.shape:
-            return t  # split by TP already
-        shape = _split_tokens(t.shape, st, lay.tensor)
-        return t if shape is None else replace(t, shape=shape)
 
+def _split_each(
+    local: Activations,
+    lay: Layout,
+    gathered: dict[str, frozenset[str]],
+    sp: Callable[[Block, Saved], Saved],
+) -> Activations:
+    """`local` with `sp` applied to every saved and recomputed tensor, the hidden-state
+    gradient split over the TP ranks, and GATHERED_NOTE where a module ran gathered."""
     blocks = tuple(
         replace(
             b,
@@ -242,6 +240,29 @@ def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Ac
         hidden_bytes=local.hidden_bytes // lay.tensor,
         notes=(*local.notes, *notes),
     )
+
+
+def split(full: Activations, local: Activations, st: Setting, lay: Layout) -> Activations:
+    """`local` (the TP slice's activations at sequence / CP) with sequence parallelism applied:
+    the tensors TP leaves whole (same shape in `full`, the whole model's prediction at the same
+    sequence) have their token dimension split over the TP ranks."""
+    if not (lay.sequence_parallel and lay.tensor > 1):
+        return local
+    whole, gathered = _whole_and_gathered(full, local, lay)
+
+    def sp(block: Block, t: Saved) -> Saved:
+        if block.name == "loss" or any(k in t.name for k in _NOT_SEQUENCE_SPLIT):
+            return t
+        if lay.gathered_inputs and _COLUMN_INPUT.search(t.name):
+            return t
+        if t.name in gathered[block.name]:
+            return t  # run on the whole sequence (gathered_blocks)
+        if whole.get((block.name, t.name)) != t.shape:
+            return t  # split by TP already
+        shape = _split_tokens(t.shape, st, lay.tensor)
+        return t if shape is None else replace(t, shape=shape)
+
+    return _split_each(local, lay, gathered, sp)
 
 
 # A traced profile's names (memplan.model.profile: the module that saved a storage first, and
@@ -271,13 +292,7 @@ def split_traced(
     first saver, the router or a shared expert's linear, whatever the plan gathers)."""
     if not (lay.sequence_parallel and lay.tensor > 1):
         return local
-    whole = {(b.name, t.name): t.shape for b in full.blocks for t in (*b.tensors, *b.recompute)}
-    gathered = {
-        b.name: _gathered_names(tuple(t.name for t in (*b.tensors, *b.recompute)))
-        if lay.gathered_inputs
-        else frozenset()
-        for b in local.blocks
-    }
+    whole, gathered = _whole_and_gathered(full, local, lay)
 
     def sp(block: Block, t: Saved) -> Saved:
         if block.name == "loss" or (block.name, t.name) not in token_major:
@@ -294,21 +309,7 @@ def split_traced(
             return t  # split by TP already
         return replace(t, shape=(t.shape[0] // lay.tensor,))
 
-    blocks = tuple(
-        replace(
-            b,
-            tensors=tuple(sp(b, t) for t in b.tensors),
-            recompute=tuple(sp(b, t) for t in b.recompute),
-        )
-        for b in local.blocks
-    )
-    notes = (GATHERED_NOTE,) if any(gathered.values()) else ()
-    return replace(
-        local,
-        blocks=blocks,
-        hidden_bytes=local.hidden_bytes // lay.tensor,
-        notes=(*local.notes, *notes),
-    )
+    return _split_each(local, lay, gathered, sp)
 
 
 SRC_NO_LOSS_PARALLEL = (
