@@ -163,6 +163,9 @@ def micro_batch(
         upcast_bytes=upcast,
         notes=tuple(notes),
         buffers=(*ring_buffers(arch, local_st, lay), *sequence_parallel_ends(arch, local_st, lay)),
+        layer_scatter_bytes=local_st.tokens * arch.hidden_size * dtype_bytes(local_st.stream)
+        if lay.sequence_parallel
+        else 0,
     )
 
 

@@ -83,11 +83,6 @@ SRC_RECOMPUTE = (
 )
 
 
-SP_SCATTER = "tp_embedding_reduce_scatter"
-"""The embedding's sequence-parallel reduce-scatter under DTensor SP (memplan.activations.
-torchtitan_parallel.sequence_parallel_ends: 2 x [tokens, hidden], a RowwiseParallel output with
-output_layouts=Shard(1)): the decoder layer's attention.wo and feed_forward.w2 are the same
-style at the same shape (torchtitan's apply_tp), so its presence and size are theirs too."""
 SRC_LAYER_SCATTER = (
     "torchtitan 9dec370 parallelisms/parallelize_llama.py::apply_tp (`attention.wo`, "
     "`feed_forward.w2`: RowwiseParallel(output_layouts=Shard(1)), the layer input gathered by "
@@ -104,9 +99,10 @@ def working_sets(saved: Activations, layers: Block) -> list[Transient]:
     below it as the real step's tensors do, not one block as large as their sum):
     - forward: the op producing the layer's largest saved tensor (of what it re-creates under
       checkpointing) with its input alive: two tensors of that size. Under torchtitan's
-      sequence parallelism (SP_SCATTER), the largest saved tensor (the gathered layer input)
-      alive while a row-parallel output and its chunks concatenated are made for the
-      reduce-scatter (SRC_LAYER_SCATTER): three tensors, as the traced step makes them.
+      sequence parallelism (Activations.layer_scatter_bytes), the largest saved tensor (the
+      gathered layer input) alive while a row-parallel output and its chunks concatenated are
+      made for the reduce-scatter (SRC_LAYER_SCATTER): three tensors, as the traced step makes
+      them.
     - backward: the layer's output gradient (made by the layer above, or the head); what
       checkpointing re-creates, each saved tensor of the rule's `recompute` list in forward
       order (SRC_RECOMPUTE); the largest saved tensor's gradient and its input's; the layer's
@@ -126,7 +122,7 @@ def working_sets(saved: Activations, layers: Block) -> list[Transient]:
         source="memplan estimate (checked by memplan verify's measured peak)",
         parts=(largest, largest),
     )
-    scatter = next((t.bytes for t in saved.buffers if t.name == SP_SCATTER), 0) // 2
+    scatter = saved.layer_scatter_bytes
     if 2 * scatter > largest:
         forward = replace(
             forward,

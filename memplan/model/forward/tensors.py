@@ -187,6 +187,12 @@ class Activations:
     buffers: tuple[Transient, ...] = ()
     """Communication buffers of a model-parallel layout (memplan.activations.layout.buffers):
     transient, not saved."""
+    layer_scatter_bytes: int = 0
+    """Under sequence parallelism that reduce-scatters each decoder layer's row-parallel output
+    along the sequence (torchtitan's apply_tp: attention.wo, feed_forward.w2): that Partial
+    output, [tokens, hidden] in the stream dtype, which the layer's forward holds beside its
+    chunks concatenated for the collective (memplan.step.transients.working_sets); 0
+    otherwise."""
     notes: tuple[str, ...] = ()
     source: Literal["rule", "profile"] = "rule"
     """Where the saved tensors come from: a family's hand rule or a traced profile
