@@ -36,7 +36,7 @@ from memplan.activations import predict  # noqa: E402
 from memplan.errors import MemplanError  # noqa: E402
 from memplan.model import profile  # noqa: E402
 from memplan.model.forward.tensors import Activations, Setting  # noqa: E402
-from memplan.verify.trace import cuda  # noqa: E402
+from memplan.verify.trace import cuda, forward  # noqa: E402
 from memplan.verify.trace import profile as tracer  # noqa: E402
 from tests.test_activations import inventory  # noqa: E402
 from tests.test_activations_families import CARRIED, NO_SDPA, with_dropout  # noqa: E402
@@ -356,8 +356,8 @@ def test_gpu_profile_equals_real_cuda_run(
     torch.manual_seed(0)
     kwargs = {k: v for k, v in config.items() if k != "model_type"}
     cfg = transformers.AutoConfig.for_model(config["model_type"], **kwargs)
-    model = tracer._head_class(config)(
-        cfg, dtype=tracer.DTYPES[stream], attn_implementation=attention
+    model = forward.head_constructor(config)(
+        cfg, dtype=forward.DTYPES[stream], attn_implementation=attention
     )
     model.to("cuda").train()
     assert _measure_cuda(model, 3, 96) == predicted

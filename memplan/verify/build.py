@@ -109,7 +109,7 @@ def build_model(
     predicts there).
 
     `unruled` (a model_type with no hand family, predicted from a traced profile): the class
-    the trace builds (memplan.verify.trace.profile._head_class: the `architectures`
+    the trace builds (memplan.verify.trace.forward.head_constructor: the `architectures`
     language-model head, else AutoModelForCausalLM), so both describe one model."""
     import transformers
 
@@ -123,9 +123,9 @@ def build_model(
     kind, head = heads.head_class(config)
     make: Any = auto.from_config
     if unruled:
-        from memplan.verify.trace.profile import _head_class
+        from memplan.verify.trace.forward import head_constructor
 
-        make = _head_class(config)
+        make = head_constructor(config)
     if head is not None and kind != "lm":  # a classification / QA head, and its loss
         make = head._from_config
     torch.manual_seed(SEED)

@@ -1,14 +1,9 @@
 """Trace what a model saves for backward and write it as a profile (memplan.model.profile).
 
-The model is built at full depth with transformers' `AutoModelForCausalLM.from_config` inside
-torch's FakeTensorMode (two layers of each distinct layer structure traced in their places, the
-others stood in for: memplan.verify.trace.structure; parameters are fake tensors: no memory, any
-size), put in train mode, and run forward + causal-LM loss (labels = input_ids, the loss
-transformers computes) under `torch.autograd.graph.saved_tensors_hooks`. Each saved storage is
-recorded once, under the first module that saves it, parameters and buffers excluded (the
-contract of memplan.model.forward.tensors, as tests/activation_probe.py measures it on real
-tensors; fake tensors have no data pointer, so a storage is known by its StorageImpl, `_cdata`),
-and counted when a saved tensor still holds it at the end of the forward.
+The model is built at full depth inside torch's FakeTensorMode and its forward + loss traced by
+memplan.verify.trace.forward (two layers of each distinct layer structure traced in their
+places, the others stood in for: memplan.verify.trace.structure); here the records become a
+profile.
 
 Blocks: what is saved before the first decoder layer runs is the embeddings', what each decoder
 layer saves is that layer's (a storage saved by more than one layer, e.g. RoPE's cos/sin or a
@@ -31,18 +26,15 @@ refused there).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import time
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memplan.config.load import LoadedSpec
 from memplan.errors import MemplanError
@@ -50,24 +42,11 @@ from memplan.model import load as model_load
 from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document, terms
 from memplan.report.estimate import setting_of
 from memplan.verify import selective as selective_
-from memplan.verify.build import force_dropout
-from memplan.verify.trace import cuda, heads, masks, moe, structure, tp
+from memplan.verify.trace import cuda, heads, moe, structure, tp
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
+from memplan.verify.trace.forward import any_layers, build_fake, decoder_layers, trace_once
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-NAMES = {
-    torch.float32: "fp32",
-    torch.bfloat16: "bf16",
-    torch.float16: "fp16",
-    torch.int64: "int64",
-    torch.int32: "int32",
-    torch.bool: "bool",
-    torch.uint8: "uint8",
-    torch.int8: "int8",
-    torch.uint64: "uint64",
-    torch.complex64: "complex64",
-}
 GRID = ((2, 1), (3, 1), (2, 2), (3, 2), (2, 3), (3, 3))
 """(batch, sequence multiple) sizes fitted for batch >= 2: {2, 3} x {1, 2, 3} spans BASIS."""
 CHECK = (4, 5)
@@ -114,200 +93,6 @@ def far_sequence(unit: int, limit: int) -> int:
     return far if far > CHECK[1] * unit else 0
 
 
-def _build(
-    config: Mapping[str, Any],
-    *,
-    stream: str,
-    attention: str,
-    checkpointing: str,
-    dropout: bool | None = None,
-) -> tuple[torch.nn.Module, FakeTensorMode]:
-    kwargs = {k: v for k, v in config.items() if k != "model_type"}
-    kwargs.pop("torch_dtype", None)
-    kwargs.pop("dtype", None)
-    try:
-        cfg = transformers.AutoConfig.for_model(config["model_type"], **kwargs)
-    except (KeyError, ValueError) as err:
-        raise MemplanError(
-            f"transformers cannot build model_type {config.get('model_type')!r}: {err}"
-        ) from None
-    force_dropout(cfg, dropout)  # training.dropout, as verify applies it
-    seq2seq = getattr(cfg, "is_encoder_decoder", False)  # decoder as long as the encoder
-    head = transformers.AutoModelForSeq2SeqLM.from_config if seq2seq else _head_class(config)
-    # `sdpa` is transformers' default, as verify builds it (memplan/verify/build.py::
-    # build_model): sdpa where the class supports it, else eager (gpt_oss: attention sinks).
-    impl = {"attn_implementation": "eager"} if attention == "eager" else {}
-    mode = FakeTensorMode()
-    with mode:
-        model = head(cfg, dtype=DTYPES[stream], **impl)
-    if moe.is_moe(cfg):
-        moe.check(model, stream)
-    model.train()
-    if checkpointing == "full":
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
-    return model, mode
-
-
-def _head_class(config: Mapping[str, Any]) -> Any:
-    """The class config.json's `architectures` names when it is a head the trace runs with its
-    loss (memplan.verify.trace.heads: language-model, sequence and token classification,
-    question answering), else AutoModelForCausalLM."""
-    _, cls = heads.head_class(config)
-    return cls._from_config if cls is not None else transformers.AutoModelForCausalLM.from_config
-
-
-def _layers(model: torch.nn.Module, n: int) -> tuple[str, torch.nn.ModuleList]:
-    """The decoder layers: the ModuleList of `n` modules holding the most parameters."""
-    best: tuple[int, str, torch.nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            size = sum(p.numel() for p in module.parameters())
-            if best is None or size > best[0]:
-                best = (size, name, module)
-    if best is None:
-        raise MemplanError(f"no list of {n} layers found in {type(model).__name__}.")
-    return best[1], best[2]
-
-
-def trace_once(
-    model: torch.nn.Module,
-    mode: FakeTensorMode,
-    *,
-    batch: int,
-    sequence: int,
-    autocast: str | None,
-    layer_count: int,
-    device: str = "cpu",
-    selective: bool = False,
-) -> list[fit_.Record]:
-    """One forward + loss; every saved storage once, with its block and module (device cuda:
-    the CUDA kernels' tensors, memplan.verify.trace.cuda). `selective`: every attention core
-    checkpointed, then backward, whose recomputations are recorded as `recompute:<block>`
-    (memplan.verify.trace.recompute)."""
-    lists = structure.stacks(model) or [_layers(model, layer_count)]
-    layers = [m for _, stack in lists for m in stack]
-    paths = [f"{prefix}.{j}" for prefix, stack in lists for j in range(len(stack))]
-    # after an encoder's last layer its final norm and the decoder's embeddings run: per forward
-    ends = {id(stack[len(stack) - 1]): "embeddings" for _, stack in lists[:-1]}
-    ends[id(layers[-1])] = "head"
-    names = {m: n for n, m in model.named_modules()}
-    stack: list[str] = []
-    state = {"block": "embeddings"}
-    layer_of = {id(m): i for i, m in enumerate(layers)}
-    hooks = []
-
-    def pre(module: torch.nn.Module, *_: Any) -> None:
-        stack.append(names.get(module, "?"))
-        if id(module) in layer_of:
-            state["block"] = f"layer.{layer_of[id(module)]}"
-
-    def post(module: torch.nn.Module, *_: Any) -> None:
-        if stack:
-            stack.pop()
-        if id(module) in ends:
-            state["block"] = ends[id(module)]
-
-    for module in model.modules():
-        hooks.append(module.register_forward_pre_hook(pre))
-        hooks.append(module.register_forward_hook(post))
-    loss_fn: Any = model.loss_function
-
-    def loss_function(*args: Any, **kwargs: Any) -> Any:
-        state["block"] = "loss"
-        stack.append("loss")
-        try:
-            return loss_fn(*args, **kwargs)
-        finally:
-            stack.pop()
-
-    model.loss_function = loss_function  # type: ignore[assignment]
-    skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
-    records: dict[Any, fit_.Record] = {}
-    # A saved tensor whose graph node is dropped in the forward (a branch the loss does not
-    # reach, e.g. DeepSeek's group-limited routing) frees its storage, and a later storage can
-    # take its StorageImpl's address: a key whose saved tensors are all gone is a new storage,
-    # and only storages some live saved tensor holds at the end of the forward are counted.
-    refs: dict[Any, list[weakref.ref[torch.Tensor]]] = {}
-    reused: dict[int, int] = {}
-    stream = NAMES[next(model.parameters()).dtype]
-    em = cuda.Emulation(stream=stream) if device == "cuda" else None
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        key: Any = (storage._cdata, reused.get(storage._cdata, 0))
-        if key in refs and all(r() is None for r in refs[key]):
-            reused[storage._cdata] = key[1] + 1
-            key = (storage._cdata, key[1] + 1)
-        refs.setdefault(key, []).append(weakref.ref(t))
-        if key[0] in skip:
-            return t
-        block = state["block"]
-        if key not in records:
-            module = stack[-1] if stack else ""
-            layer_name = f"{paths[int(block.split('.')[1])]}." if block.startswith("layer.") else ""
-            rel = module.removeprefix(layer_name) if layer_name else module
-            if layer_name and module == layer_name[:-1]:
-                rel = ""  # the layer itself (checkpoint's saved inputs)
-            dtype = NAMES.get(t.dtype)
-            if dtype is None:
-                raise MemplanError(f"a saved tensor of dtype {t.dtype} memplan does not know.")
-            records[key] = fit_.Record(
-                block, rel or "(block)", dtype, storage.nbytes() // t.element_size()
-            )
-        records[key].savers.add(block)
-        return t
-
-    cast = torch.autocast("cpu", dtype=DTYPES[autocast]) if autocast else contextlib.nullcontext()
-    recomputed = recompute_.Recomputed(lambda: state["block"], skip, NAMES)
-    cores: Any = (
-        selective_.attention_cores(model, recompute_context=recomputed.context)
-        if selective
-        else contextlib.nullcontext()
-    )
-    try:
-        with (
-            mode,
-            cuda.cuda_kernels(em) if em is not None else contextlib.nullcontext(),
-            masks.real_tensor_masks(),
-            cores as run,
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-            cast,
-        ):
-            ids = torch.zeros((batch, sequence), dtype=torch.int64)
-            kind = heads.kind_of_name(type(model).__name__) or "lm"
-            labels = int(getattr(model.config, "num_labels", 2))
-            targets = heads.loss_inputs(kind, ids, labels)
-            out = model(input_ids=ids, use_cache=False, **targets)
-            alive = {k: r for k, r in records.items() if any(w() is not None for w in refs[k])}
-        if selective:
-            if not run.calls:
-                raise MemplanError(selective_.no_core_message(model))
-            with (
-                mode,
-                cuda.cuda_kernels(em) if em is not None else contextlib.nullcontext(),
-                selective_.recomputed_saves(recomputed.save),
-            ):
-                out.loss.backward()  # the cores' recomputations run the same kernels
-            for p in model.parameters():
-                p.grad = None
-        del out
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.loss_function = loss_fn
-    host: set[int] = set()
-    if em is not None:
-        em.check()
-        host = em.host_storages()  # host memory on CUDA (known once the op returned)
-    again = zip(recomputed.records, recomputed.storages, strict=True)
-    return [
-        *(r for key, r in alive.items() if key[0] not in host),
-        *(r for r, key in again if key not in host),
-    ]
-
-
 def _blocks(
     config: Mapping[str, Any],
     *,
@@ -326,7 +111,7 @@ def _blocks(
     places (memplan.verify.trace.structure), the grouping checked on one full forward.
     `head_dim`: a TP-local config's pinned head width, and whether the whole config lacked
     it, checked on the built model (memplan.verify.trace.tp.check_heads)."""
-    model, mode = _build(
+    model, mode = build_fake(
         config, stream=stream, attention=attention, checkpointing=checkpointing, dropout=dropout
     )
     if head_dim is not None:
@@ -338,8 +123,8 @@ def _blocks(
         types = ["encoder"] * len(two[0][1]) + ["decoder"] * len(two[1][1])
         plan = structure.plan(layer_list, types, keep_all=True)
     else:
-        depth = int(getattr(model.config, "num_hidden_layers", 0) or len(_layers_any(model)))
-        _, layer_list = _layers(model, depth)
+        depth = int(getattr(model.config, "num_hidden_layers", 0) or len(any_layers(model)))
+        _, layer_list = decoder_layers(model, depth)
         plan = structure.plan(layer_list, getattr(model.config, "layer_types", None))
     counts = plan.counts
     n = depth
@@ -453,13 +238,6 @@ def _blocks(
         "encoder_decoder": bool(two),
     }
     return out, counts, kinds, model_facts
-
-
-def _layers_any(model: torch.nn.Module) -> torch.nn.ModuleList:
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        raise MemplanError(f"{type(model).__name__} has no list of layers.")
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
 def build(
