@@ -547,3 +547,25 @@ def test_torch_pipelined_rows_return_no_outputs_unless_the_spec_says() -> None:
         if c.pipeline > 1 and c.engine == "fsdp2"
     )
     assert not any("return_outputs=False" in n for n in kept.notes)
+
+
+@pytest.mark.parametrize(
+    ("config", "gpus"), [("plan-llama-3-8b.yaml", 8), ("plan-llama-3.1-8b-torchtitan.yaml", 8)]
+)
+def test_dominated_policies_skipped_find_the_same_rows(config: str, gpus: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The search skips a policy at a micro-batch where one that saves less already peaked
+    above the budget (memplan.plan.search.DOMINATED): the rows are those of the search that
+    evaluates every policy, and the skip did happen."""
+    from memplan.plan import search
+
+    loaded = load_spec(ROOT / "configs" / config)
+    spec = loaded.spec.model_copy(
+        update={"plan": loaded.spec.plan.model_copy(update={"gpus": gpus, "global_batch_size": 64})}
+    )
+    skipped = plan(spec, load_inventory(loaded))
+    monkeypatch.setattr(search, "SKIP_DOMINATED", False)
+    every = plan(spec, load_inventory(loaded))
+    assert skipped.pruned.get(search.DOMINATED, 0) > 0
+    assert search.DOMINATED not in every.pruned
+    assert skipped.searched < every.searched
+    assert skipped.layouts == every.layouts

@@ -49,6 +49,12 @@ from memplan.states.stages import StageStates
 
 Progress = Callable[[int, int], None]
 
+DOMINATED = "does not fit: a policy that saves less already peaks above the budget"
+"""Pruned without evaluating: at this layout and micro-batch (or a smaller one) a
+recomputation policy that saves a subset of this one's tensors peaked above the budget."""
+SKIP_DOMINATED = True
+"""Whether the search skips those (off only in the test that checks the skip loses no row)."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Candidate:
@@ -268,10 +274,16 @@ class _Search:
                 self.pruned["does not fit: model states alone exceed the budget"] += 1
                 continue
             eager: dict[tuple[str, int], Candidate] = {}
+            # compile flag -> the smallest micro-batch at which a policy that saves less (tried
+            # earlier: IMPLEMENTATION_RECOMPUTE's order) already peaked above the budget.
+            over: dict[bool, int] = {}
             for recompute, compiled in ((r, c) for r in recomputes for c in compiles[r]):
                 for mbs in self.plan.micro_batch_sizes:
                     if self.global_batch % (mbs * par.data):
                         continue
+                    if SKIP_DOMINATED and mbs >= over.get(compiled, mbs + 1):
+                        self.pruned[DOMINATED] += 1
+                        break
                     self.searched += 1
                     try:
                         report = self._report(spec, trained, states, mbs, recompute, compiled)
@@ -282,6 +294,8 @@ class _Search:
                             f"estimate refuses this layout ({err.field or 'training'})"
                         ] += 1
                         break
+                    if report is None or report.peak_bytes > self.budget:
+                        over[compiled] = min(over.get(compiled, mbs), mbs)
                     if report is None:
                         self.pruned["does not fit: peak exceeds the budget"] += 1
                         break  # a larger micro-batch only needs more

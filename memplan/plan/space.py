@@ -48,12 +48,17 @@ IMPLEMENTATION_ENGINES: dict[str, tuple[str, ...]] = {
     # Megatron-Core's GPTModel runs under Megatron's own DDP and distributed optimizer.
     "megatron-core": ("megatron",),
 }
+# Each implementation's policies in the order the search tries them: the one that saves least
+# first (full keeps each layer's input; selective and selective-op keep a subset of what none
+# keeps). At one layout and micro-batch a policy never peaks under one tried before it, so
+# where one exceeds the budget the later ones are not evaluated there
+# (tests/test_plan.py::test_dominated_policies_skipped_find_the_same_rows).
 IMPLEMENTATION_RECOMPUTE: dict[str, tuple[str, ...]] = {
-    "transformers": ("none", "selective", "full"),
+    "transformers": ("full", "selective", "none"),
     # torchtitan's activation_checkpoint.mode: none, full, selective (per-op SAC).
-    "torchtitan": ("none", "selective-op", "full"),
-    "litgpt": ("none", "full"),
-    "megatron-core": ("none", "selective", "full"),
+    "torchtitan": ("full", "selective-op", "none"),
+    "litgpt": ("full", "none"),
+    "megatron-core": ("full", "selective", "none"),
 }
 
 
