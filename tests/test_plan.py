@@ -101,9 +101,10 @@ def test_every_proposed_layout_fits_its_own_estimate():
             expert=c.expert,
             sequence_parallel=c.tensor > 1,
             layers_per_stage=c.layers_per_stage,
-            schedule="interleaved" if c.virtual_stages > 1 else "1f1b",
+            schedule=c.schedule,
             virtual_stages=c.virtual_stages,
             offload={"optimizer": c.offload},
+            pipeline_return_outputs=c.parallelism.pipeline_return_outputs,
         )
         one = spec.model_copy(
             update={"parallelism": par, "training": spec.training.model_copy(update=training)}

@@ -112,21 +112,32 @@ def _zbv_in_flight(p: int, rank: int, m: int) -> tuple[int, int]:
 
 
 def _zbv_ops(p: int, rank: int, m: int) -> list[tuple[int, str, int]]:
-    """Rank `rank`'s (chunk, "F" or "W", micro-batch) in ScheduleZBVZeroBubble's order
-    (_calculate_single_rank_operations, torch 2.13), the padding micro-batches (>= m)
-    dropped. The cool-down only runs backwards, so it is left out: it cannot raise the
-    count of micro-batches in flight."""
+    """Rank `rank`'s forwards (F) and weight backwards (W) per local chunk in
+    ScheduleZBVZeroBubble's order (zbv_order; the input backwards I left out: a micro-batch's
+    saved tensors stay until its W)."""
+    return [op for op in zbv_order(p, rank, m) if op is not None and op[1] != "I"]
+
+
+ZbvOp = tuple[int, str, int]
+"""(local chunk: 0 for stage rank, 1 for stage 2P - 1 - rank; "F", "I" or "W"; micro-batch)."""
+
+
+def zbv_order(p: int, rank: int, m: int) -> list[ZbvOp | None]:
+    """Rank `rank`'s actions in ScheduleZBVZeroBubble's order, as torch 2.13 lists them
+    (schedules.py::ScheduleZBVZeroBubble._calculate_single_rank_operations): `rank` empty
+    slots first, then warm-up, stable and cool-down phases over max(2P - 1, m) micro-batches,
+    those >= m blanked to None (tests/test_torch_schedules.py checks it against torch's own
+    pipeline_order)."""
     n = max(2 * p - 1, m)
-    ops: list[tuple[int, str, int]] = []
-    f = [0, 0]
-    b = [0, 0]
+    ops: list[ZbvOp | None] = [None] * rank
+    f, b = [0, 0], [0, 0]
 
     def fwd(c: int) -> None:
         ops.append((c, "F", f[c]))
         f[c] += 1
 
-    def back(c: int) -> None:  # I then W of the same micro-batch
-        ops.append((c, "W", b[c]))
+    def back(c: int) -> None:  # input backward, then weight backward of the same micro-batch
+        ops.extend(((c, "I", b[c]), (c, "W", b[c])))
         b[c] += 1
 
     for _ in range(2 * (p - rank) - 1):
@@ -143,7 +154,20 @@ def _zbv_ops(p: int, rank: int, m: int) -> list[tuple[int, str, int]]:
         back(0)
         fwd(1)
         back(1)
-    return [op for op in ops if op[2] < m]
+    w = list(b)
+    for _ in range(rank):  # cool-down: input backwards first, weight backwards after
+        for c in (0, 1):
+            ops.append((c, "I", b[c]))
+            b[c] += 1
+    for _ in range(p - rank):
+        ops.extend(((0, "I", b[0]), (0, "W", w[0])))
+        b[0] += 1
+        w[0] += 1
+    for c in (1, 0):
+        while w[c] < b[c]:
+            ops.append((c, "W", w[c]))
+            w[c] += 1
+    return [op if op is not None and op[2] < m else None for op in ops]
 
 
 def torch_outputs_held(schedule: str, p: int, m: int) -> int:

@@ -25,6 +25,7 @@ from memplan.plan.rows import row_spec
 from memplan.plan.space import (
     ENGINE_STAGES,
     IMPLEMENTATION_ENGINES,
+    TORCH_PIPELINE_ENGINES,
     carried_knobs,
     compile_options,
     divisors,
@@ -156,6 +157,17 @@ class _Search:
                         continue
                     yield from self._context_expert(tp, pp, vp, split)
 
+    @staticmethod
+    def _schedules(engine: str, vp: int) -> tuple[str, ...]:
+        """The pipeline schedules of `vp` model chunks per rank under `engine`: 1F1B for one,
+        interleaved for more; two chunks under torch's runtime (ddp, fsdp2) also run torch's
+        ScheduleZBVZeroBubble (its V: exactly two stages per rank)."""
+        if vp == 1:
+            return ("1f1b",)
+        if vp == 2 and engine in TORCH_PIPELINE_ENGINES:
+            return ("interleaved", "zbv")
+        return ("interleaved",)
+
     def _virtual(self, pp: int) -> list[int]:
         """Model chunks per pipeline rank to try: 1, and the interleaved schedules' 2, 4, ...
         up to plan.max_virtual_stages (Megatron's, and torch's ScheduleInterleaved1F1B under
@@ -226,7 +238,9 @@ class _Search:
                     if engine == "deepspeed" and pp > 1 and stage >= 2:
                         self.pruned["DeepSpeed ZeRO-2/3 does not run with pipeline"] += 1
                         continue
-                    for offload in offloads:
+                    for offload, schedule in (
+                        (o, s) for o in offloads for s in self._schedules(engine, vp)
+                    ):
                         if offload != "none" and engine in ("ddp", "megatron"):
                             continue
                         base = {
@@ -238,7 +252,7 @@ class _Search:
                             "context": cp,
                             "expert": ep,
                             "layers_per_stage": split,
-                            "schedule": "interleaved" if vp > 1 else "1f1b",
+                            "schedule": schedule,
                             "virtual_stages": vp,
                             "sequence_parallel": tp > 1,
                             "offload": OffloadSpec(optimizer=offload),

@@ -21,7 +21,9 @@ step = (compute + tensor/context/expert communication) x pipeline factor
   forward, 2 backward; Narayanan et al. 2021, arXiv 2104.04473, sec. 3.2), 2 more with full
   recomputation. Sequence parallelism moves the same bytes (all-gather + reduce-scatter).
 - pipeline: the 1F1B bubble (p-1)/m of the compute (interleaved: (p-1)/(v m)); GPipe the same
-  bubble (Huang et al. 2019); activations sent and their gradients received per micro-batch.
+  bubble (Huang et al. 2019); torch's ScheduleZBVZeroBubble the idle share of its own action
+  lists run with dependencies (memplan.plan.schedules: near zero once m >= 2p, Qi et al. 2024);
+  activations sent and their gradients received per micro-batch.
 - data parallelism, once per step: DDP all-reduces the gradients; ZeRO-1/2 and Megatron's
   distributed optimizer reduce-scatter the gradients and all-gather the 16-bit parameters;
   ZeRO-3/FSDP all-gather the parameters twice (forward, backward) and reduce-scatter the
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memplan.plan import schedules
 from memplan.states.layout import Layout
 
 # Named assumptions (override in `plan:`). MFU 0.4: the utilisation large dense runs report on
@@ -185,7 +188,12 @@ def step_time(shape: Shape, layout: Layout, work: Work, link: Link) -> StepTime:
         compute /= COMPILE_SPEEDUP
     micro_batches = max(1, shape.global_batch // (layout.data * work.micro_batch))
     p, v = layout.pipeline, layout.virtual_stages
-    bubble = compute * (p - 1) / (v * micro_batches) if p > 1 else 0.0
+    if p == 1:
+        bubble = 0.0
+    elif layout.schedule == "zbv":
+        bubble = compute * schedules.zbv_idle_share(p, micro_batches)
+    else:
+        bubble = compute * (p - 1) / (v * micro_batches)
 
     t, c, d = layout.tensor, layout.context, layout.data
     layers_here = shape.layers / p

@@ -39,7 +39,9 @@ class PlanLayout(Doc):
     zero_stage: int = Field(description="ZeRO stage (0-3).")
     micro_batch_size: int = Field(description="Sequences per GPU per forward pass.")
     gradient_accumulation_steps: int = Field(description="Micro-batches per optimizer step.")
-    recompute: str = Field(description="none, selective or full.")
+    recompute: str = Field(
+        description="none, selective, selective-op (torchtitan's per-op policy) or full."
+    )
     offload: str = Field(description="none or cpu (optimizer offload).")
     layers_per_stage: list[int] | None = Field(
         description=(
@@ -47,7 +49,10 @@ class PlanLayout(Doc):
         )
     )
     virtual_stages: int = Field(
-        description="Model chunks per pipeline rank: > 1 is Megatron's interleaved 1F1B schedule."
+        description=(
+            "Model chunks per pipeline rank: > 1 is an interleaved 1F1B schedule (Megatron's "
+            "or torch's), 2 also torch's zbv."
+        )
     )
     sequence_parallel: bool = Field(
         default=False,
@@ -55,7 +60,10 @@ class PlanLayout(Doc):
     )
     schedule: str = Field(
         default="1f1b",
-        description="The pipeline schedule (parallelism.schedule): 1f1b, or interleaved.",
+        description=(
+            "The pipeline schedule (parallelism.schedule): 1f1b, interleaved, or zbv "
+            "(torch's ScheduleZBVZeroBubble, engines ddp and fsdp2)."
+        ),
     )
     implementation: str = Field(
         default="transformers",
