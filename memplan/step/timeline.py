@@ -209,14 +209,26 @@ def floor_bytes(
     saved: Activations,
     cache: StepCache,
 ) -> int:
-    """Bytes no timeline `build` (of the same arguments) peaks under: its points without the
-    transient terms, the costly part of a timeline and never negative. Plan prunes a layout
+    """Bytes no timeline `build` (of the same arguments) peaks under: its points with only
+    the transient terms that cost little (the rest are never negative). Plan prunes a layout
     on it before building any timeline."""
     states = step.states(inventory, per_gpu)
     gradients = _gradients(step, states, cache)
     activations = _activations(saved)
+    # The transient terms that cost little and are already worked out: the engine's
+    # model-state buffers (remembered per StepStates), the step's activation terms and the
+    # layout's communication buffers.
+    engine = STEPS[step.layout.engine]
+    some = (
+        *cache.get(("engine states", states), lambda: tuple(engine.states(states, cache))),
+        *own.activation_terms(saved),
+        *_buffers(saved),
+    )
     resident = per_gpu.bytes_of("parameters") + per_gpu.bytes_of("optimizer_states") + buffer_bytes
-    return resident + max(gradients[phase] + activations[phase] for phase in PHASES)
+    return resident + max(
+        gradients[phase] + activations[phase] + sum(t.bytes for t in some if phase in t.phases)
+        for phase in PHASES
+    )
 
 
 def transients(
@@ -249,7 +261,7 @@ def transients(
         held = pipeline.torch_outputs_held(lay.schedule, lay.pipeline, step.accumulation_steps)
         out += own.pipeline_output_chunks(saved, held=held)
     out += engine.loss(states, acts)
-    out += [t for t in saved.buffers if t.beside is None or saved.block(t.beside) is not None]
+    out += _buffers(saved)
     out += engine.backward_end(states, acts, cache)
     if step.device == "cuda":
         shards = engine.storage_shards(step.layout)
@@ -269,6 +281,12 @@ def transients(
     if dequantized is not None:
         out.append(dequantized)
     return [t for t in out if t.bytes > 0]
+
+
+def _buffers(saved: Activations) -> list[Transient]:
+    """The layout's communication buffers that are alive: those beside a block only where
+    that block is saved."""
+    return [t for t in saved.buffers if t.beside is None or saved.block(t.beside) is not None]
 
 
 def _engine_view(
