@@ -342,7 +342,7 @@ class _Search:
                         self.pruned["compiled: neither faster nor smaller than its eager twin"] += 1
                         continue
                     if first:
-                        if _replay_fits(self.spec, self.inventory, c, self.plan):
+                        if _replay_fits(self.spec, self.inventory, c, self.plan, self.cache):
                             return [c]
                         break
                     out.append(c)
@@ -543,7 +543,11 @@ def plan(
         activations_modelled=_activations_modelled(plain),
     )
     found = search.run(progress, first=first)
-    layouts = found if first else _checked_by_replay(spec, inventory, found, p, search.pruned)
+    layouts = (
+        found
+        if first
+        else _checked_by_replay(spec, inventory, found, p, search.pruned, search.cache)
+    )
     from memplan.plan.suggest import what_would_fit  # it searches again with plan()
 
     suggestion = (
@@ -568,7 +572,12 @@ def plan(
 
 
 def _checked_by_replay(
-    spec: Spec, inventory: Inventory, layouts: list[Candidate], p: PlanSpec, pruned: Counter[str]
+    spec: Spec,
+    inventory: Inventory,
+    layouts: list[Candidate],
+    p: PlanSpec,
+    pruned: Counter[str],
+    cache: StepCache,
 ) -> list[Candidate]:
     """`layouts` (fastest first) with the rows plan shows checked as `estimate` checks a spec:
     the step replayed through the caching allocator (memplan.step.replay) plus the terms
@@ -582,7 +591,7 @@ def _checked_by_replay(
         if shown == p.top:
             out.extend(layouts[i:])
             break
-        if not _replay_fits(spec, inventory, c, p):
+        if not _replay_fits(spec, inventory, c, p, cache):
             pruned["does not fit: the replayed allocator (as estimate) exceeds the budget"] += 1
             continue
         out.append(c)
@@ -590,14 +599,18 @@ def _checked_by_replay(
     return out
 
 
-def _replay_fits(spec: Spec, inventory: Inventory, c: Candidate, p: PlanSpec) -> bool:
+def _replay_fits(
+    spec: Spec, inventory: Inventory, c: Candidate, p: PlanSpec, cache: StepCache | None = None
+) -> bool:
     """Whether row `c` fits as `estimate` judges its spec: the usable memory after the
     replayed allocator and the terms outside it covers plan.reserve. Only the stages plan
     views are worked out (assemble's every_stage=False: the dominated interior ones cannot
     be the most-loaded), then the most-loaded replayed as estimate replays it."""
     row = row_spec(spec, c)
     trained = finetune.apply(row, inventory)
-    report = assemble_within(row, inventory, trained, model_states(row, trained), replay=True)
+    report = assemble_within(
+        row, inventory, trained, model_states(row, trained), replay=True, cache=cache
+    )
     assert report is not None  # no budget, nothing to prune
     headroom = report.usable_bytes
     return headroom is None or headroom >= p.reserve
