@@ -25,6 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memplan.errors import MemplanError
 from memplan.verify import selective as selective_
 from memplan.verify.build import force_dropout
+from memplan.verify.trace import autocast as autocast_
 from memplan.verify.trace import cuda, heads, masks, moe, structure
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
@@ -111,11 +112,14 @@ def trace_once(
     layer_count: int,
     device: str = "cpu",
     selective: bool = False,
+    autocast_lists: str | None = None,
 ) -> list[fit_.Record]:
     """One forward + loss; every saved storage once, with its block and module (device cuda:
     the CUDA kernels' tensors, memplan.verify.trace.cuda). `selective`: every attention core
     checkpointed, then backward, whose recomputations are recorded as `recompute:<block>`
-    (memplan.verify.trace.recompute)."""
+    (memplan.verify.trace.recompute). `autocast` runs torch's CPU autocast, or with device cuda
+    CUDA's lists emulated (memplan.verify.trace.autocast); `autocast_lists` ("cpu", "cuda")
+    forces the emulation with those lists."""
     lists = structure.stacks(model) or [decoder_layers(model, layer_count)]
     layers = [m for _, stack in lists for m in stack]
     paths = [f"{prefix}.{j}" for prefix, stack in lists for j in range(len(stack))]
@@ -189,7 +193,13 @@ def trace_once(
         records[key].savers.add(block)
         return t
 
-    cast = torch.autocast("cpu", dtype=DTYPES[autocast]) if autocast else contextlib.nullcontext()
+    cast_lists = autocast_lists or ("cuda" if device == "cuda" else None)
+    emulated: Any = contextlib.nullcontext()
+    cast: Any = contextlib.nullcontext()
+    if autocast and cast_lists:
+        emulated = autocast_.kernels(cast_lists, DTYPES[autocast])
+    elif autocast:
+        cast = torch.autocast("cpu", dtype=DTYPES[autocast])
     recomputed = recompute_.Recomputed(lambda: state["block"], skip, NAMES)
     cores: Any = (
         selective_.attention_cores(model, recompute_context=recomputed.context)
@@ -199,11 +209,12 @@ def trace_once(
     try:
         with (
             mode,
+            emulated as region,
             cuda.cuda_kernels(em) if em is not None else contextlib.nullcontext(),
             masks.real_tensor_masks(),
             cores as run,
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-            cast,
+            region.autocast() if region is not None else cast,
         ):
             ids = torch.zeros((batch, sequence), dtype=torch.int64)
             kind = heads.kind_of_name(type(model).__name__) or "lm"
@@ -216,6 +227,11 @@ def trace_once(
                 raise MemplanError(selective_.no_core_message(model))
             with (
                 mode,
+                (
+                    autocast_.kernels(region.lists, region.dtype)
+                    if region is not None
+                    else contextlib.nullcontext()
+                ),
                 cuda.cuda_kernels(em) if em is not None else contextlib.nullcontext(),
                 selective_.recomputed_saves(recomputed.save),
             ):

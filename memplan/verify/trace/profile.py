@@ -20,8 +20,9 @@ core's recomputation re-creates, memplan.verify.trace.recompute).
 Precision as memplan's Setting: the model is built in the stream dtype and, when the recipe
 autocasts, run under torch.autocast(device, matmul dtype). Fake tensors run the CPU kernels'
 meta functions; a device=cuda profile is traced on the same fake CPU tensors with the ops whose
-CUDA kernels save other tensors run as CUDA runs them (memplan.verify.trace.cuda; autocast
-refused there).
+CUDA kernels save other tensors run as CUDA runs them (memplan.verify.trace.cuda) and, when the
+recipe autocasts, CUDA autocast's op lists run at the CPU autocast key
+(memplan.verify.trace.autocast).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from memplan.model import load as model_load
 from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document, terms
 from memplan.report.estimate import setting_of
 from memplan.verify import selective as selective_
+from memplan.verify.trace import autocast as autocast_
 from memplan.verify.trace import cuda, heads, moe, structure, tp
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
@@ -258,8 +260,6 @@ def build(
     (memplan.verify.trace.tp.local_config), keyed by the whole config."""
     if device not in ("cpu", "cuda"):
         raise MemplanError(f"device {device!r}: profiles are traced for cpu or cuda.")
-    if device == "cuda":
-        cuda.refuse_autocast(autocast)
     if checkpointing not in ("none", "full", "selective"):
         raise MemplanError(
             f"checkpointing {checkpointing!r}: profiles trace none, full or selective."
@@ -379,6 +379,7 @@ def build(
             *([moe_note] if facts["moe"] else []),
             *([structure.ENCODER_DECODER_NOTE] if facts["encoder_decoder"] else []),
             *(cuda.CUDA_ASSUMPTIONS if device == "cuda" else ()),
+            *([autocast_.DIFFERENCES_NOTE] if device == "cuda" and autocast else []),
             *([selective_.NOTE] if checkpointing == "selective" else []),
             *([_tp_note(tensor, vocab_rows)] if tensor > 1 else []),
         ],
@@ -427,8 +428,6 @@ def for_setting(
     recipe, attention, device, checkpointing and dropout); the model code's own failure named in
     one MemplanError."""
     st = setting_of(spec)
-    if st.device == "cuda":
-        cuda.refuse_autocast(st.autocast)
     try:
         return build(
             config,
