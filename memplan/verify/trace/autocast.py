@@ -366,6 +366,14 @@ CPU_POLICY: dict[str, str] = {
 
 POLICIES = {"cpu": CPU_POLICY, "cuda": CUDA_POLICY}
 
+HELD = "autocast_cache:"
+"""The tracer's block prefix of the cast cache's copies that no saved tensor holds at the end
+of the forward: held by autocast_mode.cpp's `cached_casts` alone, from the op that cast them
+until the autocast region exits (after the loss, in transformers' models), then freed. Under
+full checkpointing every layer's weight copies are (the layers save nothing but their inputs
+in the forward); without it, the copies of the biases (addmm saves neither its `self` nor
+`beta`'s operand: derivatives.yaml addmm)."""
+
 DIFFERENCES_NOTE = (
     "CUDA autocast emulated on the CPU build (memplan.verify.trace.autocast): the ops on "
     "AutocastCUDA's lists of torch 2.13.0 (aten/src/ATen/autocast_mode.h AT_FORALL_*: matmuls, "
@@ -391,9 +399,11 @@ class Region:
     """The listed ops the region ran (their autocast kernels)."""
 
     @contextlib.contextmanager
-    def autocast(self) -> Iterator[Region]:
+    def autocast(self, on_cast: Callable[[torch.Tensor], None] | None = None) -> Iterator[Region]:
         """torch.autocast("cpu", dtype): the AutocastCPU key on, and the cast cache cleared
-        when the region exits (autocast_mode.cpp: `clear_cache` at nesting 0)."""
+        when the region exits (autocast_mode.cpp: `clear_cache` at nesting 0); `on_cast` is
+        called with each cached copy as it is made."""
+        self.on_cast = on_cast
         try:
             with torch.autocast("cpu", dtype=self.dtype):
                 yield self

@@ -14,6 +14,7 @@ forward.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -179,19 +180,30 @@ def trace_once(
             return t
         block = state["block"]
         if key not in records:
-            module = stack[-1] if stack else ""
-            layer_name = f"{paths[int(block.split('.')[1])]}." if block.startswith("layer.") else ""
-            rel = module.removeprefix(layer_name) if layer_name else module
-            if layer_name and module == layer_name[:-1]:
-                rel = ""  # the layer itself (checkpoint's saved inputs)
-            dtype = NAMES.get(t.dtype)
-            if dtype is None:
-                raise MemplanError(f"a saved tensor of dtype {t.dtype} memplan does not know.")
-            records[key] = fit_.Record(
-                block, rel or "(block)", dtype, storage.nbytes() // t.element_size()
-            )
+            records[key] = record(block, t)
         records[key].savers.add(block)
         return t
+
+    def record(block: str, t: torch.Tensor) -> fit_.Record:
+        """A storage made in `block`, under the innermost module running."""
+        module = stack[-1] if stack else ""
+        layer_name = f"{paths[int(block.split('.')[1])]}." if block.startswith("layer.") else ""
+        rel = module.removeprefix(layer_name) if layer_name else module
+        if layer_name and module == layer_name[:-1]:
+            rel = ""  # the layer itself (checkpoint's saved inputs)
+        dtype = NAMES.get(t.dtype)
+        if dtype is None:
+            raise MemplanError(f"a saved tensor of dtype {t.dtype} memplan does not know.")
+        storage = t.untyped_storage()
+        return fit_.Record(block, rel or "(block)", dtype, storage.nbytes() // t.element_size())
+
+    # The cast cache's copies (emulated autocast), each recorded where it was made: those no
+    # saved tensor holds at the end of the forward are the cache's alone (autocast_.HELD).
+    cached: list[tuple[fit_.Record, torch.Tensor]] = []
+
+    def on_cast(t: torch.Tensor) -> None:
+        made = record(state["block"], t)
+        cached.append((dataclasses.replace(made, block=autocast_.HELD + made.block), t))
 
     cast_lists = autocast_lists or ("cuda" if device == "cuda" else None)
     emulated: Any = contextlib.nullcontext()
@@ -214,7 +226,7 @@ def trace_once(
             masks.real_tensor_masks(),
             cores as run,
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-            region.autocast() if region is not None else cast,
+            region.autocast(on_cast) if region is not None else cast,
         ):
             ids = torch.zeros((batch, sequence), dtype=torch.int64)
             kind = heads.kind_of_name(type(model).__name__) or "lm"
@@ -222,6 +234,8 @@ def trace_once(
             targets = heads.loss_inputs(kind, ids, labels)
             out = model(input_ids=ids, use_cache=False, **targets)
             alive = {k: r for k, r in records.items() if any(w() is not None for w in refs[k])}
+            kept = {k[0] for k in alive}
+            held = [r for r, t in cached if t.untyped_storage()._cdata not in kept]
         if selective:
             if not run.calls:
                 raise MemplanError(selective_.no_core_message(model))
@@ -251,6 +265,7 @@ def trace_once(
     return [
         *(r for key, r in alive.items() if key[0] not in host),
         *(r for r, key in again if key not in host),
+        *held,
     ]
 
 

@@ -141,6 +141,7 @@ def _blocks(
             f"{CHECK[1] * unit} tokens)."
         )
     cast = matmul if autocast else None
+    emulated = bool(cast) and device == "cuda"  # the cast cache is known (autocast_.HELD)
     selective = checkpointing == "selective"
     once: dict[str, Any] = {
         "autocast": cast,
@@ -163,13 +164,9 @@ def _blocks(
         fits = traced[: len(sizes)]
         fitted: dict[str, list[dict[str, Any]]] = {}
         recomputed = [f"{recompute_.PREFIX}layer.{i}" for i in plan.kept]
-        for block in (
-            "embeddings",
-            *(f"layer.{i}" for i in plan.kept),
-            "head",
-            "loss",
-            *(recomputed if selective else ()),
-        ):
+        base = ("embeddings", *(f"layer.{i}" for i in plan.kept), "head", "loss")
+        held = [f"{autocast_.HELD}{b}" for b in base] if emulated else []
+        for block in (*base, *(recomputed if selective else ()), *held):
             fitted[block] = fit_.fit(fits, sizes, block)
             for check, seen in zip(checks, traced[len(sizes) :], strict=True):
                 expected = [
@@ -201,6 +198,14 @@ def _blocks(
             key = f"{recompute_.PREFIX}layer:{kind}{suffix}"
             if out.setdefault(key, fitted[name]) != fitted[name]:
                 raise MemplanError(f"layers of kind {kind!r} recompute different tensors.")
+        if emulated:
+            h = autocast_.HELD
+            for name in ("embeddings", "head", "loss"):
+                out[f"{h}{name}{suffix}"] = fitted[f"{h}{name}"]
+            for i, kind in zip(plan.kept, kinds, strict=True):
+                key = f"{h}layer:{kind}{suffix}"
+                if out.setdefault(key, fitted[f"{h}layer.{i}"]) != fitted[f"{h}layer.{i}"]:
+                    raise MemplanError(f"layers of kind {kind!r} cast different weights.")
     if len(plan.kept) < depth:  # the grouping, checked on the full-depth model at one size
         size = (GRID[0][0], GRID[0][1] * unit)
         full = fit_.split(trace_once(model, mode, batch=size[0], sequence=size[1], **once))
@@ -315,6 +320,10 @@ def build(
         if kind:
             out["recompute"] = fit_.named(recompute.get(src, []))
             out["recompute_b1"] = fit_.named(recompute.get(src + "@b1", []))
+        held = autocast_.HELD + src
+        if held in blocks:  # CUDA autocast: the cast cache's own copies (autocast_.HELD)
+            out["autocast_cache"] = fit_.named(blocks[held])
+            out["autocast_cache_b1"] = fit_.named(blocks[held + "@b1"])
         return out
 
     key = Key(
