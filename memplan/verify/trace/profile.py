@@ -22,7 +22,9 @@ autocasts, run under torch.autocast(device, matmul dtype). Fake tensors run the 
 meta functions; a device=cuda profile is traced on the same fake CPU tensors with the ops whose
 CUDA kernels save other tensors run as CUDA runs them (memplan.verify.trace.cuda) and, when the
 recipe autocasts, CUDA autocast's op lists run at the CPU autocast key
-(memplan.verify.trace.autocast).
+(memplan.verify.trace.autocast); each block then also lists the cast copies autocast's cache
+alone holds until the forward's autocast region exits (`autocast_cache`, fitted like the saved
+tensors: memplan.model.forward.tensors.Block.held).
 """
 
 from __future__ import annotations
