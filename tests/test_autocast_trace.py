@@ -297,3 +297,50 @@ def test_pin_rule_and_trace_hold_the_same_weight_copies_under_full_checkpointing
     assert term.bytes == layers.count * sum(t.bytes for t in layers.held)
     plain = predict(inventory(config), dataclasses.replace(st, checkpointing="none"))
     assert transients.autocast_cache(plain) is None  # the layers save every weight copy
+
+
+GPU_CASES = [("llama", "sdpa", "bf16"), ("bert", "eager", "fp16"), ("gpt2", "sdpa", "fp16")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("family", "attention", "dtype"), GPU_CASES)
+def test_gpu_autocast_profile_equals_real_cuda_autocast_run(
+    family: str, attention: str, dtype: str
+) -> None:
+    """The emulated CUDA autocast profile = the CUDA storages a real forward saves under
+    torch.autocast("cuda") (independent oracle: CUDA autocast itself), at a size the fit never
+    saw. Not run here (no GPU lent to this task)."""
+    import transformers
+
+    from memplan.model import profile
+    from memplan.model.forward.tensors import Setting
+    from memplan.verify.trace import forward
+    from memplan.verify.trace import profile as tracer
+    from tests.test_profile_cuda import _measure_cuda
+
+    config = cuda_config(family, True)
+    doc = tracer.build(
+        config, stream="fp32", matmul=dtype, autocast=True, attention=attention, device="cuda"
+    )
+    st = Setting(
+        batch=3,
+        sequence=96,
+        stream="fp32",
+        matmul=dtype,
+        autocast=True,
+        device="cuda",
+        attention=attention,  # type: ignore[arg-type]
+        dropout=None,
+        checkpointing="none",
+    )
+    predicted = profile.from_document(doc, origin="test").activations(st, num_layers=2).bytes
+    torch.manual_seed(0)
+    kwargs = {k: v for k, v in config.items() if k != "model_type"}
+    cfg = transformers.AutoConfig.for_model(config["model_type"], **kwargs)
+    model = forward.head_constructor(config)(
+        cfg, dtype=torch.float32, attn_implementation=attention
+    )
+    model.to("cuda").train()
+    with torch.autocast("cuda", dtype=forward.DTYPES[dtype]):
+        assert _measure_cuda(model, 3, 96) == predicted
