@@ -12,7 +12,7 @@
   proves the trace and the rule agree, not that CUDA does. The full matrix (every ruled family,
   eager/sdpa x fp32/bf16 x dropout off/on) is benchmarks/cuda_profiles.py, its result
   benchmarks/results/cuda-profiles.json.
-- The CLI builds and uses a CUDA profile, and refuses autocast with one message.
+- The CLI builds and uses a CUDA profile, autocast recipes included.
 - `test_gpu_profile_equals_real_cuda_run` (marked gpu, skipped without CUDA) compares a CUDA
   profile with the storages a real CUDA forward saves.
 """
@@ -33,7 +33,6 @@ transformers = pytest.importorskip("transformers")
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 from memplan.activations import predict  # noqa: E402
-from memplan.errors import MemplanError  # noqa: E402
 from memplan.model import profile  # noqa: E402
 from memplan.model.forward.tensors import Activations, Setting  # noqa: E402
 from memplan.verify.trace import cuda, forward  # noqa: E402
@@ -229,7 +228,7 @@ def test_pin_cuda_rule_equals_emulated_trace(
     assert got["rule"] == got["trace"]
 
 
-def test_cuda_profile_key_and_autocast_refusal() -> None:
+def test_cuda_profile_key() -> None:
     doc = tracer.build(
         cuda_config("gpt2", False),
         stream="bf16",
@@ -254,21 +253,13 @@ def test_cuda_profile_key_and_autocast_refusal() -> None:
         checkpointing="none",
     )
     assert traced.key.serves(st) and not traced.key.serves(dataclasses.replace(st, device="cpu"))
-    with pytest.raises(MemplanError, match="autocast recipe"):
-        tracer.build(
-            RULED["gpt2"],
-            stream="fp32",
-            matmul="bf16",
-            autocast=True,
-            attention="sdpa",
-            device="cuda",
-        )
+    # autocast recipes are traced too (memplan.verify.trace.autocast, tests/test_autocast_trace.py)
 
 
 def test_cli_builds_and_uses_a_cuda_profile(tmp_path: Path, monkeypatch: Any) -> None:
     """A spec on the default device (cuda) without a rule: `memplan profile` traces the CUDA
-    profile, estimate reports activations.source profile; amp-bf16 is refused, naming
-    `precision`."""
+    profile, estimate reports activations.source profile; amp-bf16 gets its own (CUDA autocast
+    emulated)."""
     from typer.testing import CliRunner
 
     from memplan.cli.app import app
@@ -291,10 +282,14 @@ def test_cli_builds_and_uses_a_cuda_profile(tmp_path: Path, monkeypatch: Any) ->
     after = json.loads(runner.invoke(app, ["estimate", str(spec), "--json"]).stdout)
     assert after["activations"]["source"] == "profile"
     assert after["activations"]["bytes"] > 0
+    # amp-bf16: CUDA autocast emulated (memplan.verify.trace.autocast), its own profile
     spec.write_text(body.format(p="amp-bf16"))
-    refused = runner.invoke(app, ["profile", str(spec)])
-    assert refused.exit_code != 0
-    assert "precision" in refused.output and "autocast" in refused.output
+    result = runner.invoke(app, ["profile", str(spec)])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "cache" / "profiles").glob("*-cuda-none.json"))) == 2
+    amp = json.loads(runner.invoke(app, ["estimate", str(spec), "--json"]).stdout)
+    assert amp["activations"]["source"] == "profile"
+    assert 0 < amp["activations"]["bytes"] != after["activations"]["bytes"]
 
 
 def _measure_cuda(model: Any, batch: int, sequence: int) -> int:

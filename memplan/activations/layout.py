@@ -230,6 +230,7 @@ def _split_each(
             b,
             tensors=tuple(sp(b, t) for t in b.tensors),
             recompute=tuple(sp(b, t) for t in b.recompute),
+            held=tuple(sp(b, t) for t in b.held),
         )
         for b in local.blocks
     )

@@ -112,7 +112,11 @@ def _layer_blocks(
         recompute = layer_tensors(block.recompute, flow, sc, st)
         # Under full checkpointing the adapters' tensors are made again in backward.
         (recompute if full else tensors).extend(adapter_tensors(flow, sc, st))
-        out.append(replace(block, count=count, tensors=tuple(tensors), recompute=tuple(recompute)))
+        # held=(): frozen weights are not cached (autocast_mode.cpp::cached_cast needs
+        # requires_grad); the adapters' own cached copies are not modelled (a few MB at most)
+        out.append(
+            replace(block, count=count, tensors=tuple(tensors), recompute=tuple(recompute), held=())
+        )
     return out
 
 

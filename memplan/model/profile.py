@@ -141,6 +141,10 @@ class ProfileBlock:
     recompute: tuple[Tensor, ...] = ()
     """Full checkpointing: what one layer re-creates in its backward (the layer untraced)."""
     recompute_b1: tuple[Tensor, ...] = ()
+    autocast_cache: tuple[Tensor, ...] = ()
+    """CUDA autocast: the cast copies autocast's cache alone holds until the forward's autocast
+    region exits (memplan.model.forward.tensors.Block.held); () in other profiles."""
+    autocast_cache_b1: tuple[Tensor, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -207,6 +211,9 @@ class Profile:
                     count=count,
                     tensors=_saved(blk.tensors_b1 if b == 1 else blk.tensors, b, s, self),
                     recompute=_saved(blk.recompute_b1 if b == 1 else blk.recompute, b, s, self),
+                    held=_saved(
+                        blk.autocast_cache_b1 if b == 1 else blk.autocast_cache, b, s, self
+                    ),
                     layered=bool(blk.kind),
                 )
             )
@@ -291,6 +298,8 @@ def from_document(doc: Any, *, origin: str) -> Profile:
                 tensors_b1=tuple(_tensor(t) for t in blk["tensors_b1"]),
                 recompute=tuple(_tensor(t) for t in blk.get("recompute", ())),
                 recompute_b1=tuple(_tensor(t) for t in blk.get("recompute_b1", ())),
+                autocast_cache=tuple(_tensor(t) for t in blk.get("autocast_cache", ())),
+                autocast_cache_b1=tuple(_tensor(t) for t in blk.get("autocast_cache_b1", ())),
             )
             for blk in doc["blocks"]
         )

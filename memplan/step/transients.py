@@ -73,7 +73,36 @@ def activation_terms(saved: Activations) -> list[Transient]:
     layers = saved.block("layers")
     if layers is not None:
         out += working_sets(saved, layers)
+    cache = autocast_cache(saved)
+    if cache is not None:
+        out.append(cache)
     return out
+
+
+SRC_AUTOCAST_CACHE = (
+    "torch 2.13 aten/src/ATen/autocast_mode.cpp::cached_cast (lower-precision casts of fp32 "
+    "leaf tensors that require grad kept in `cached_casts`), clear_cache (called when the "
+    "outermost torch.autocast exits: torch/amp/autocast_mode.py::autocast.__exit__)"
+)
+
+
+def autocast_cache(saved: Activations) -> Transient | None:
+    """The copies autocast's cast cache alone holds (Block.held: the weights' casts under full
+    checkpointing, whose layers save nothing else in the forward; the biases', which no op
+    saves): made as the forward runs, all alive at its end and through the loss (transformers'
+    models compute it inside their forward, in the autocast region), freed when the region
+    exits. One allocation per copy, in forward order."""
+    parts = tuple(t.bytes for b in saved.blocks for _ in range(b.count) for t in b.held)
+    if not sum(parts):
+        return None
+    return Transient(
+        name="autocast_cast_cache",
+        bytes=sum(parts),
+        phases=("forward", "loss"),
+        formula=f"{len(parts)} cast copies held by autocast's cache and no saved tensor",
+        source=SRC_AUTOCAST_CACHE,
+        parts=parts,
+    )
 
 
 SRC_RECOMPUTE = (

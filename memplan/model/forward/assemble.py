@@ -90,6 +90,9 @@ def finish(model: Model, st: Setting) -> Activations:
             recompute=full,
             layered=True,
             on_host=st.offload,
+            # autocast's cached weight copies: the checkpointed forward saves none of them,
+            # the cache holds each until the autocast region exits (kernels.weight_casts)
+            held=tuple(x for x in full if x.name.endswith(".weight_cast")),
         )
         embeddings = (*embeddings, *model.checkpoint_args)
     elif st.checkpointing == "selective":

@@ -131,6 +131,10 @@ class Block:
     """True for decoder layers: freed one by one during backward."""
     on_host: bool = False
     """Offloaded to pinned host memory (not on the GPU)."""
+    held: tuple[Saved, ...] = ()
+    """Under autocast: the cast copies one copy of the block makes that only autocast's cast
+    cache holds (aten/src/ATen/autocast_mode.cpp::cached_cast), alive until the forward's
+    autocast region exits (memplan.step.transients.autocast_cache)."""
 
     bytes_each: int = field(init=False, repr=False)
     recompute_bytes: int = field(init=False, repr=False)
@@ -155,6 +159,7 @@ class Block:
             object.__setattr__(out, "name", held_as)
             object.__setattr__(out, "layered", False)
             object.__setattr__(out, "recompute", ())
+            object.__setattr__(out, "held", ())
             object.__setattr__(out, "recompute_bytes", 0)
         return out
 

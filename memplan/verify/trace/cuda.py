@@ -40,10 +40,10 @@ the efficient kernel's philox seed and offset (cuda/attention.cu::_efficient_att
 kernel's `rng_state` [2] and `_unused` [] uint64 are CUDA tensors
 (cuda/flash_attn/flash_api.cpp::mha_fwd), kept.
 
-Autocast is refused (`refuse_autocast`): CUDA autocast's op lists (aten/src/ATen/autocast_mode.cpp:
-layer_norm, softmax, pow on the fp32 list, ...) differ from CPU's, and a CPU build cannot switch
-on CUDA autocast. None of the FSDP2/DeepSpeed/Megatron recipes autocast (memplan.precision: only
-amp-bf16 and amp-fp16 do).
+Autocast (amp-bf16, amp-fp16): CUDA autocast's op lists (aten/src/ATen/autocast_mode.h:
+layer_norm, softmax, pow, ... in fp32) differ from CPU's, and a CPU build cannot switch CUDA
+autocast on; memplan.verify.trace.autocast runs CUDA's lists at the AutocastCPU key for the
+trace, above these kernels (the SDPA backend is then picked for the cast q, k, v).
 """
 
 from __future__ import annotations
@@ -90,20 +90,6 @@ CUDA_ASSUMPTIONS = (
 def sequence_unit(unit: int) -> int:
     """The traced sequence multiple, rounded up to a multiple of SEQUENCE_MULTIPLE."""
     return -(-unit // SEQUENCE_MULTIPLE) * SEQUENCE_MULTIPLE
-
-
-def refuse_autocast(autocast: bool) -> None:
-    """A CUDA profile of an autocast recipe cannot be traced on a CPU build."""
-    if autocast:
-        raise MemplanError(
-            "a CUDA profile of an autocast recipe (amp-bf16, amp-fp16) is not traced: CUDA "
-            "autocast casts other ops than CPU autocast (aten/src/ATen/autocast_mode.cpp: "
-            "layer_norm, softmax, pow, ... run in fp32 on CUDA only) and a CPU build of torch "
-            "cannot switch CUDA autocast on. Trace a recipe without autocast (bf16, "
-            "bf16-mixed, fp16-mixed, fp32: what FSDP2, DeepSpeed and Megatron run), or "
-            "hardware.device: cpu.",
-            field="precision",
-        )
 
 
 @dataclass

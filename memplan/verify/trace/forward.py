@@ -14,6 +14,7 @@ forward.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memplan.errors import MemplanError
 from memplan.verify import selective as selective_
 from memplan.verify.build import force_dropout
+from memplan.verify.trace import autocast as autocast_
 from memplan.verify.trace import cuda, heads, masks, moe, structure
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
@@ -111,11 +113,14 @@ def trace_once(
     layer_count: int,
     device: str = "cpu",
     selective: bool = False,
+    autocast_lists: str | None = None,
 ) -> list[fit_.Record]:
     """One forward + loss; every saved storage once, with its block and module (device cuda:
     the CUDA kernels' tensors, memplan.verify.trace.cuda). `selective`: every attention core
     checkpointed, then backward, whose recomputations are recorded as `recompute:<block>`
-    (memplan.verify.trace.recompute)."""
+    (memplan.verify.trace.recompute). `autocast` runs torch's CPU autocast, or with device cuda
+    CUDA's lists emulated (memplan.verify.trace.autocast); `autocast_lists` ("cpu", "cuda")
+    forces the emulation with those lists."""
     lists = structure.stacks(model) or [decoder_layers(model, layer_count)]
     layers = [m for _, stack in lists for m in stack]
     paths = [f"{prefix}.{j}" for prefix, stack in lists for j in range(len(stack))]
@@ -175,21 +180,38 @@ def trace_once(
             return t
         block = state["block"]
         if key not in records:
-            module = stack[-1] if stack else ""
-            layer_name = f"{paths[int(block.split('.')[1])]}." if block.startswith("layer.") else ""
-            rel = module.removeprefix(layer_name) if layer_name else module
-            if layer_name and module == layer_name[:-1]:
-                rel = ""  # the layer itself (checkpoint's saved inputs)
-            dtype = NAMES.get(t.dtype)
-            if dtype is None:
-                raise MemplanError(f"a saved tensor of dtype {t.dtype} memplan does not know.")
-            records[key] = fit_.Record(
-                block, rel or "(block)", dtype, storage.nbytes() // t.element_size()
-            )
+            records[key] = record(block, t)
         records[key].savers.add(block)
         return t
 
-    cast = torch.autocast("cpu", dtype=DTYPES[autocast]) if autocast else contextlib.nullcontext()
+    def record(block: str, t: torch.Tensor) -> fit_.Record:
+        """A storage made in `block`, under the innermost module running."""
+        module = stack[-1] if stack else ""
+        layer_name = f"{paths[int(block.split('.')[1])]}." if block.startswith("layer.") else ""
+        rel = module.removeprefix(layer_name) if layer_name else module
+        if layer_name and module == layer_name[:-1]:
+            rel = ""  # the layer itself (checkpoint's saved inputs)
+        dtype = NAMES.get(t.dtype)
+        if dtype is None:
+            raise MemplanError(f"a saved tensor of dtype {t.dtype} memplan does not know.")
+        storage = t.untyped_storage()
+        return fit_.Record(block, rel or "(block)", dtype, storage.nbytes() // t.element_size())
+
+    # The cast cache's copies (emulated autocast), each recorded where it was made: those no
+    # saved tensor holds at the end of the forward are the cache's alone (autocast_.HELD).
+    cached: list[tuple[fit_.Record, torch.Tensor]] = []
+
+    def on_cast(t: torch.Tensor) -> None:
+        made = record(state["block"], t)
+        cached.append((dataclasses.replace(made, block=autocast_.HELD + made.block), t))
+
+    cast_lists = autocast_lists or ("cuda" if device == "cuda" else None)
+    emulated: Any = contextlib.nullcontext()
+    cast: Any = contextlib.nullcontext()
+    if autocast and cast_lists:
+        emulated = autocast_.kernels(cast_lists, DTYPES[autocast])
+    elif autocast:
+        cast = torch.autocast("cpu", dtype=DTYPES[autocast])
     recomputed = recompute_.Recomputed(lambda: state["block"], skip, NAMES)
     cores: Any = (
         selective_.attention_cores(model, recompute_context=recomputed.context)
@@ -199,11 +221,12 @@ def trace_once(
     try:
         with (
             mode,
+            emulated as region,
             cuda.cuda_kernels(em) if em is not None else contextlib.nullcontext(),
             masks.real_tensor_masks(),
             cores as run,
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-            cast,
+            region.autocast(on_cast) if region is not None else cast,
         ):
             ids = torch.zeros((batch, sequence), dtype=torch.int64)
             kind = heads.kind_of_name(type(model).__name__) or "lm"
@@ -211,11 +234,18 @@ def trace_once(
             targets = heads.loss_inputs(kind, ids, labels)
             out = model(input_ids=ids, use_cache=False, **targets)
             alive = {k: r for k, r in records.items() if any(w() is not None for w in refs[k])}
+            kept = {k[0] for k in alive}
+            held = [r for r, t in cached if t.untyped_storage()._cdata not in kept]
         if selective:
             if not run.calls:
                 raise MemplanError(selective_.no_core_message(model))
             with (
                 mode,
+                (
+                    autocast_.kernels(region.lists, region.dtype)
+                    if region is not None
+                    else contextlib.nullcontext()
+                ),
                 cuda.cuda_kernels(em) if em is not None else contextlib.nullcontext(),
                 selective_.recomputed_saves(recomputed.save),
             ):
@@ -235,6 +265,7 @@ def trace_once(
     return [
         *(r for key, r in alive.items() if key[0] not in host),
         *(r for r, key in again if key not in host),
+        *held,
     ]
 
 

@@ -20,8 +20,11 @@ core's recomputation re-creates, memplan.verify.trace.recompute).
 Precision as memplan's Setting: the model is built in the stream dtype and, when the recipe
 autocasts, run under torch.autocast(device, matmul dtype). Fake tensors run the CPU kernels'
 meta functions; a device=cuda profile is traced on the same fake CPU tensors with the ops whose
-CUDA kernels save other tensors run as CUDA runs them (memplan.verify.trace.cuda; autocast
-refused there).
+CUDA kernels save other tensors run as CUDA runs them (memplan.verify.trace.cuda) and, when the
+recipe autocasts, CUDA autocast's op lists run at the CPU autocast key
+(memplan.verify.trace.autocast); each block then also lists the cast copies autocast's cache
+alone holds until the forward's autocast region exits (`autocast_cache`, fitted like the saved
+tensors: memplan.model.forward.tensors.Block.held).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from memplan.model import load as model_load
 from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document, terms
 from memplan.report.estimate import setting_of
 from memplan.verify import selective as selective_
+from memplan.verify.trace import autocast as autocast_
 from memplan.verify.trace import cuda, heads, moe, structure, tp
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
@@ -139,6 +143,7 @@ def _blocks(
             f"{CHECK[1] * unit} tokens)."
         )
     cast = matmul if autocast else None
+    emulated = bool(cast) and device == "cuda"  # the cast cache is known (autocast_.HELD)
     selective = checkpointing == "selective"
     once: dict[str, Any] = {
         "autocast": cast,
@@ -161,13 +166,9 @@ def _blocks(
         fits = traced[: len(sizes)]
         fitted: dict[str, list[dict[str, Any]]] = {}
         recomputed = [f"{recompute_.PREFIX}layer.{i}" for i in plan.kept]
-        for block in (
-            "embeddings",
-            *(f"layer.{i}" for i in plan.kept),
-            "head",
-            "loss",
-            *(recomputed if selective else ()),
-        ):
+        base = ("embeddings", *(f"layer.{i}" for i in plan.kept), "head", "loss")
+        held = [f"{autocast_.HELD}{b}" for b in base] if emulated else []
+        for block in (*base, *(recomputed if selective else ()), *held):
             fitted[block] = fit_.fit(fits, sizes, block)
             for check, seen in zip(checks, traced[len(sizes) :], strict=True):
                 expected = [
@@ -199,6 +200,14 @@ def _blocks(
             key = f"{recompute_.PREFIX}layer:{kind}{suffix}"
             if out.setdefault(key, fitted[name]) != fitted[name]:
                 raise MemplanError(f"layers of kind {kind!r} recompute different tensors.")
+        if emulated:
+            h = autocast_.HELD
+            for name in ("embeddings", "head", "loss"):
+                out[f"{h}{name}{suffix}"] = fitted[f"{h}{name}"]
+            for i, kind in zip(plan.kept, kinds, strict=True):
+                key = f"{h}layer:{kind}{suffix}"
+                if out.setdefault(key, fitted[f"{h}layer.{i}"]) != fitted[f"{h}layer.{i}"]:
+                    raise MemplanError(f"layers of kind {kind!r} cast different weights.")
     if len(plan.kept) < depth:  # the grouping, checked on the full-depth model at one size
         size = (GRID[0][0], GRID[0][1] * unit)
         full = fit_.split(trace_once(model, mode, batch=size[0], sequence=size[1], **once))
@@ -258,8 +267,6 @@ def build(
     (memplan.verify.trace.tp.local_config), keyed by the whole config."""
     if device not in ("cpu", "cuda"):
         raise MemplanError(f"device {device!r}: profiles are traced for cpu or cuda.")
-    if device == "cuda":
-        cuda.refuse_autocast(autocast)
     if checkpointing not in ("none", "full", "selective"):
         raise MemplanError(
             f"checkpointing {checkpointing!r}: profiles trace none, full or selective."
@@ -315,6 +322,10 @@ def build(
         if kind:
             out["recompute"] = fit_.named(recompute.get(src, []))
             out["recompute_b1"] = fit_.named(recompute.get(src + "@b1", []))
+        held = autocast_.HELD + src
+        if held in blocks:  # CUDA autocast: the cast cache's own copies (autocast_.HELD)
+            out["autocast_cache"] = fit_.named(blocks[held])
+            out["autocast_cache_b1"] = fit_.named(blocks[held + "@b1"])
         return out
 
     key = Key(
@@ -379,6 +390,7 @@ def build(
             *([moe_note] if facts["moe"] else []),
             *([structure.ENCODER_DECODER_NOTE] if facts["encoder_decoder"] else []),
             *(cuda.CUDA_ASSUMPTIONS if device == "cuda" else ()),
+            *([autocast_.DIFFERENCES_NOTE] if device == "cuda" and autocast else []),
             *([selective_.NOTE] if checkpointing == "selective" else []),
             *([_tp_note(tensor, vocab_rows)] if tensor > 1 else []),
         ],
@@ -427,8 +439,6 @@ def for_setting(
     recipe, attention, device, checkpointing and dropout); the model code's own failure named in
     one MemplanError."""
     st = setting_of(spec)
-    if st.device == "cuda":
-        cuda.refuse_autocast(st.autocast)
     try:
         return build(
             config,
