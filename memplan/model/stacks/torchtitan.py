@@ -54,7 +54,7 @@ from memplan.model.forward import attention, compiled, kernels
 from memplan.model.forward.mlp import gated_mlp_saves
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import MODEL_TYPES, llama_refusal
+from memplan.model.stacks import MODEL_TYPES, llama_refusal, torchtitan_moe
 from memplan.precision import dtype_bytes
 
 VERSION = "0.3.0"
@@ -64,9 +64,11 @@ SRC_QK_NORM = (
     "models/qwen3/__init__.py::_build_qwen3_layers `qk_norm=_qwen3_norm(head_dim)`)"
 )
 QWEN3 = "qwen3"
-TORCHTITAN_MODEL_TYPES = (*MODEL_TYPES, QWEN3)
-"""The model_types torchtitan's own model code is modelled for: Llama 3 (models/llama3) and
-dense Qwen3 (models/qwen3)."""
+QWEN3_FAMILY = (QWEN3, *torchtitan_moe.MODEL_TYPES)
+"""Built by torchtitan's models/qwen3 (Qwen3Model, q_norm / k_norm, explicit head_dim)."""
+TORCHTITAN_MODEL_TYPES = (*MODEL_TYPES, *QWEN3_FAMILY)
+"""The model_types torchtitan's own model code is modelled for: Llama 3 (models/llama3),
+dense Qwen3 and Qwen3-MoE (models/qwen3; the MoE block: memplan.model.stacks.torchtitan_moe)."""
 SRC_NORM_CPU = (
     "aten native/layer_norm.cpp::rms_norm_composite (torch 2.13: `_fused_rms_norm` is "
     "CompositeImplicitAutograd on CPU): x.to(fp32), pow, mean, rsqrt, * rstd, * weight, "
@@ -102,14 +104,14 @@ def unsupported(arch: Architecture, st: Setting) -> str:
     why = llama_refusal(
         arch,
         "torchtitan",
-        "torchtitan's Llama 3 and dense Qwen3 code, models/llama3 and models/qwen3: "
-        "model_types llama and qwen3; torchtitan's own Qwen3-MoE, deepseek_v3 and gpt_oss "
-        "models have no rule yet",
+        "torchtitan's Llama 3, dense Qwen3 and Qwen3-MoE code, models/llama3 and "
+        "models/qwen3: model_types llama, qwen3 and qwen3_moe; torchtitan's own deepseek_v3 "
+        "and gpt_oss models have no rule yet",
         model_types=TORCHTITAN_MODEL_TYPES,
     )
     if why:
         return why
-    qwen3 = arch.model_type == QWEN3
+    qwen3 = arch.model_type in QWEN3_FAMILY
     if not qwen3 and arch.head_dim * arch.num_attention_heads != arch.hidden_size:
         return "torchtitan's Llama 3 takes head_dim = dim // n_heads"
     if qwen3 and isinstance(arch.extra.get("sliding_window"), int):
@@ -117,11 +119,15 @@ def unsupported(arch: Architecture, st: Setting) -> str:
             "torchtitan's Qwen3 (models/qwen3) has no sliding-window attention: this config "
             "sets use_sliding_window"
         )
+    if torchtitan_moe.is_moe(arch):
+        why = torchtitan_moe.unsupported(arch, st)
+        if why:
+            return why
     if qwen3 and st.compile:
         return (
             "training.compile for torchtitan's Qwen3 is not modelled: the compiled saved set "
             "was traced on Llama3TransformerBlock (memplan.model.forward.compiled), and "
-            "Qwen3's q_norm / k_norm change what Inductor's partition keeps"
+            "Qwen3's q_norm / k_norm (and its MoE block) change what Inductor's partition keeps"
         )
     if st.autocast:
         return (
@@ -182,6 +188,10 @@ def _matmuls(arch: Architecture, *, fused_qkv: bool) -> list[tuple[str, int]]:
         if fused_qkv
         else [("attention.wq", a * d), ("attention.wk", kv * d), ("attention.wv", kv * d)]
     )
+    if torchtitan_moe.is_moe(arch):
+        # The router's gate is recomputed uncounted, the grouped mms are not mm ops
+        # (memplan.model.stacks.torchtitan_moe.SRC_SAC).
+        return [*qkv, ("attention.wo", h)]
     inter = arch.intermediate_size
     return [
         *qkv,
@@ -197,7 +207,7 @@ def _layer(arch: Architecture, st: Setting) -> tuple[list[Saved], attention.Core
     h, a, kv, d = kernels.attention_dims(arch)
     b, s, t, x = st.batch, st.sequence, st.tokens, st.stream
     out = _norm("attention_norm", t, h, x, st)
-    if arch.model_type == QWEN3:
+    if arch.model_type in QWEN3_FAMILY:
         out += qk_norms(arch, st)
     # RoPE's `.float()` / `.type_as(q)` leave q and k in the compute dtype; the projections'
     # q, k, v copies are not saved (RoPE's multiply saves only the cache; Qwen3's q_norm and
@@ -207,6 +217,10 @@ def _layer(arch: Architecture, st: Setting) -> tuple[list[Saved], attention.Core
     core = attention.sdpa(st, heads, qkv, dropout_on=False)
     out += [*core.core, *core.output]
     # h = x + wo(...): a new tensor, saved by ffn_norm.
+    if torchtitan_moe.is_moe(arch):
+        # ffn_norm's output is saved by the router's gate (or cast to fp32 for it).
+        out += rms_norm("ffn_norm", t, h, x, st) + torchtitan_moe.saves(arch, st)
+        return out, core
     out += _norm("ffn_norm", t, h, x, st)
     mlp = gated_mlp_saves("feed_forward.w1", t, arch.intermediate_size, "silu", st)
     assert mlp is not None  # silu has a rule
@@ -255,6 +269,8 @@ def _selective_op(
             for c in (*core.core, *core.output)
             if c.name in ("attn.output", "attn.logsumexp", "attn.rng_state", "attn.unused")
         ]
+    if torchtitan_moe.is_moe(arch):
+        kept += torchtitan_moe.selective_kept(arch, st)
     return kept
 
 
@@ -279,6 +295,8 @@ def saved(
     `whole`: the whole model when `arch` is one tensor-parallel rank's slice of it
     (memplan.activations.torchtitan_parallel), which the rule's conditions are checked on."""
     why = unsupported(whole or arch, st)
+    if not why and whole is not None and torchtitan_moe.is_moe(whole):
+        why = torchtitan_moe.MODEL_PARALLEL
     if why:
         return replace(
             not_modelled(f"activations not modelled: {why}."), implementation="torchtitan"
@@ -344,7 +362,7 @@ def saved(
         loss_gradient, logits_bytes, upcast = logits_bytes, 0, 0
     notes = [
         f"torchtitan {VERSION}'s "
-        + ("Qwen3" if arch.model_type == QWEN3 else "Llama 3")
+        + _MODEL_NAMES.get(arch.model_type, "Llama 3")
         + " model code"
         + (" (fused wqkv)" if fused_qkv else " (wq, wk, wv)")
         + ", loss CrossEntropyLoss on the whole logits"
@@ -367,6 +385,9 @@ def saved(
         notes=tuple(x for x in notes if x),
         implementation="torchtitan",
     )
+
+
+_MODEL_NAMES = {QWEN3: "Qwen3", torchtitan_moe.QWEN3_MOE: "Qwen3-MoE"}
 
 
 def _compiled(arch: Architecture, st: Setting, layers: list[Block]) -> tuple[list[Block], str]:
