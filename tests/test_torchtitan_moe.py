@@ -1,8 +1,9 @@
-"""`model.implementation: torchtitan` on torchtitan's own MoE code: the Qwen3-MoE rule
-(memplan.model.stacks.torchtitan_moe) against torchtitan 0.3.0's real Qwen3Model built from
-its MoE layer factory on CPU, to the byte (tests/torchtitan_probe.py measures), a subset of
-benchmarks/torchtitan_moe.py's matrix (benchmarks/results/torchtitan-moe.json: 195 of 195
-exact); the refusals; the report's model-code note. The rest needs no torch.
+"""`model.implementation: torchtitan` on torchtitan's own MoE code: the Qwen3-MoE and
+DeepSeek-V3 rules (memplan.model.stacks.torchtitan_moe, torchtitan_mla) against torchtitan
+0.3.0's real Qwen3Model and DeepSeekV3Model built from their own layer factories on CPU, to the
+byte (tests/torchtitan_probe.py measures), a subset of benchmarks/torchtitan_moe.py's matrix
+(benchmarks/results/torchtitan-moe.json); the refusals; the report's model-code note. The rest
+needs no torch.
 """
 
 from __future__ import annotations
@@ -172,3 +173,116 @@ def test_pin_qwen3_30b_a3b_router_on_cuda_runs_in_fp32() -> None:
         "moe.router.topk_scores": t * 8 * 2,
         "moe.router.topk_sum": t * 2,
     }
+
+
+def deepseek_v3(layers: int = 3, **mla: Any) -> dict[str, Any]:
+    """tests/torchtitan_probe.py's DeepSeek-V3 shape (Shape(model="deepseek_v3"), Mla) as a
+    Hugging Face deepseek_v3 config."""
+    m = {"q_lora": 0, "dense_layers": 1, "groups": 4, "limited": 2, "route_norm": True, **mla}
+    return {
+        "model_type": "deepseek_v3",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": 256,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 24,
+        "norm_topk_prob": m["route_norm"],
+        "q_lora_rank": m["q_lora"] or None,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "first_k_dense_replace": m["dense_layers"],
+        "n_shared_experts": 1,
+        "n_group": m["groups"] or None,
+        "topk_group": m["limited"] or None,
+        "routed_scaling_factor": 2.5,
+    }
+
+
+DEEPSEEK_CASES = [
+    # dtype, mode, batch, q_lora, dense layers, routing
+    ("bf16", "none", 2, 16, 1, "seeded"),
+    ("fp32", "none", 1, 0, 1, "seeded"),  # fp32 at batch 1: v's bmm saves wkv_b's output
+    ("bf16", "selective-op", 2, 0, 1, "collapsed"),  # the group topks' outputs kept
+    ("fp32", "full", 2, 16, 2, "balanced"),
+]
+
+
+@pytest.mark.parametrize(("dtype", "mode", "batch", "q_lora", "dense", "routing"), DEEPSEEK_CASES)
+def test_deepseek_v3_rule_matches_torchtitan_to_the_byte(
+    dtype: str, mode: str, batch: int, q_lora: int, dense: int, routing: str
+) -> None:
+    """Independent oracle: torchtitan's own DeepSeek-V3 (MLA, dense first layers, sigmoid
+    router with node-limited groups, shared experts) run on CPU."""
+    pytest.importorskip("torch")
+    pytest.importorskip("torchtitan.models.deepseek_v3")
+    from memplan.model.stacks import torchtitan
+    from tests.torchtitan_probe import Mla, Shape, held_bytes
+
+    mla = Mla(q_lora=q_lora, dense_layers=dense)
+    shape = Shape(
+        model="deepseek_v3",
+        layers=3,
+        batch=batch,
+        ffn=128,
+        experts=8,
+        top_k=2,
+        moe_ffn=24,
+        mla=mla,
+        routing=routing,
+    )
+    with pytest.warns(UserWarning, match="CPU autocast"):
+        measured = held_bytes(dtype, mode, shape)
+    cfg = deepseek_v3(3, q_lora=q_lora, dense_layers=dense)
+    spec = _spec(
+        cfg,
+        precision="fp32" if dtype == "fp32" else "bf16-mixed",
+        training={
+            "micro_batch_size": batch,
+            "sequence_length": 16,
+            "activation_checkpointing": mode,
+        },
+        hardware={"device": "cpu"},
+    )
+    arch = from_config(cfg).architecture
+    assert arch is not None
+    saved = torchtitan.saved(arch, setting_of(spec))
+    assert saved.modelled, saved.notes
+    assert saved.bytes == measured
+    kinds = [b.name for b in saved.blocks if b.layered]
+    assert kinds[0] == "layers.dense" and saved.layer_order[:dense] == ("layers.dense",) * dense
+
+
+def test_deepseek_v3_refusals_name_what_is_not_covered() -> None:
+    """On CUDA (the inner attention's kernel for MLA's unequal head dims is not established),
+    and layer SAC over two layer kinds."""
+    from memplan.config.load import validate
+    from memplan.model.load import load_inventory
+
+    loaded = validate(
+        {
+            "model": {"preset": "deepseek-v3", "implementation": "torchtitan"},
+            "precision": "bf16-mixed",
+            "optimizer": {"name": "adamw"},
+            "training": {"micro_batch_size": 1, "sequence_length": 4096},
+            "parallelism": {"engine": "fsdp2", "data": 256},
+            "hardware": {"gpu": "H100-80GB"},
+        }
+    )
+    saved = activations.predict(load_inventory(loaded), setting_of(loaded.spec))
+    assert not saved.modelled and "on CUDA is not modelled" in saved.notes[0]
+    cpu = {"device": "cpu"}
+    cfg = deepseek_v3(4)
+    training = {"activation_checkpointing": "full", "checkpoint_every": 2}
+    saved = micro_batch_of(_spec(cfg, hardware=cpu, training=training), from_config(cfg))
+    assert not saved.modelled and "two layer kinds" in saved.notes[0], saved.notes
+    tp = _spec(cfg, hardware=cpu, parallelism={"data": 4, "tensor": 2})
+    saved = micro_batch_of(tp, from_config(cfg))
+    assert not saved.modelled and "tensor or context parallelism" in saved.notes[0]

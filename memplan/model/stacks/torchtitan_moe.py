@@ -58,8 +58,15 @@ from memplan.model.inventory import Architecture
 
 VERSION = "0.3.0"
 QWEN3_MOE = "qwen3_moe"
-MODEL_TYPES = (QWEN3_MOE,)
-"""The MoE model_types torchtitan's own code is modelled for (models/qwen3 MoE flavors)."""
+DEEPSEEK_V3 = "deepseek_v3"
+MODEL_TYPES = (QWEN3_MOE, DEEPSEEK_V3)
+"""The MoE model_types torchtitan's own code is modelled for (models/qwen3 MoE flavors,
+models/deepseek_v3)."""
+SRC_DEEPSEEK = (
+    f"torchtitan {VERSION} models/deepseek_v3/__init__.py::build_mla_moe_layers (layers below "
+    "n_dense_layers dense; router sigmoid with node-limited groups, route_norm, route_scale; "
+    "shared experts a FeedForward of moe_hidden_dim x num_shared_experts)"
+)
 BF16 = "bf16"
 SRC_ROUTER = f"torchtitan {VERSION} models/common/moe.py::TokenChoiceTopKRouter.forward"
 SRC_DISPATCH = (
@@ -91,9 +98,20 @@ def is_moe(arch: Architecture) -> bool:
     return arch.model_type in MODEL_TYPES
 
 
+def dense_layers(arch: Architecture) -> int:
+    """The dense layers before the first MoE layer (DeepSeek-V3's first_k_dense_replace);
+    0 for Qwen3-MoE."""
+    layers = tuple(arch.extra.get("moe_layers", range(arch.num_layers)))
+    return layers[0] if layers else arch.num_layers
+
+
 def unsupported(arch: Architecture, st: Setting) -> str:
     """Why torchtitan's MoE rule does not cover this MoE config or setting, or ''."""
     x = arch.extra
+    if st.expert_pairs is not None or (st.local_experts not in (None, arch.num_experts)):
+        return "activations of torchtitan's MoE under expert parallelism are not modelled yet"
+    if arch.model_type == DEEPSEEK_V3:
+        return _deepseek_unsupported(arch, st)
     layers = tuple(x.get("moe_layers", range(arch.num_layers)))
     if not arch.num_experts or len(layers) != arch.num_layers:
         return (
@@ -106,8 +124,41 @@ def unsupported(arch: Architecture, st: Setting) -> str:
             "torchtitan's Qwen3-MoE router normalises the top-k scores (route_norm=True): "
             "this config sets norm_topk_prob false"
         )
-    if st.expert_pairs is not None or (st.local_experts not in (None, arch.num_experts)):
-        return "activations of torchtitan's MoE under expert parallelism are not modelled yet"
+    return ""
+
+
+def _deepseek_unsupported(arch: Architecture, st: Setting) -> str:
+    x = arch.extra
+    k = dense_layers(arch)
+    if tuple(x.get("moe_layers", ())) != tuple(range(k, arch.num_layers)) or not arch.num_experts:
+        return (
+            "torchtitan's DeepSeek-V3 has dense layers first and MoE layers after "
+            "(build_mla_moe_layers): this config's MoE layers are not the last ones "
+            "(moe_layer_freq > 1?)"
+        )
+    groups, limited = x.get("n_group"), x.get("topk_group")
+    if bool(groups) != bool(limited) or (groups and arch.num_experts // int(groups) < 2):
+        return (
+            "torchtitan's node-limited routing takes n_group and topk_group together, with at "
+            "least 2 experts per group (TokenChoiceTopKRouter._get_node_limited_routing_scores)"
+        )
+    if str(x.get("hidden_act", "silu")) not in ("silu", "swish"):
+        return "torchtitan's DeepSeek-V3 experts are SwiGLU (hidden_act silu)"
+    if st.device == "cuda":
+        return (
+            "torchtitan's DeepSeek-V3 on CUDA is not modelled: its ScaledDotProductAttention "
+            "allows cuDNN, flash and math only (models/common/attention.py), flash refuses "
+            "MLA's unequal q/k and v head dims, and which of cuDNN and math runs is not "
+            "established without a GPU (0.3.0's flavors default to flex attention); the rule "
+            "is proved on CPU"
+        )
+    if st.compile:
+        return "training.compile for torchtitan's DeepSeek-V3 is not modelled"
+    if st.checkpoint_every > 1 and k:
+        return (
+            "checkpoint_every > 1 over DeepSeek-V3's dense and MoE layers is not modelled "
+            "(two layer kinds)"
+        )
     return ""
 
 
@@ -126,25 +177,42 @@ def saves(arch: Architecture, st: Setting) -> list[Saved]:
     t, x = st.tokens, st.stream
     n = t * k
     r = router_dtype(st)
+    deepseek = arch.model_type == DEEPSEEK_V3
+    shared = int(arch.extra.get("n_shared_experts") or 0) * inter if deepseek else 0
 
     def add(name: str, shape: tuple[int, ...], dtype: str, by: str, src: str) -> Saved:
         return kernels.saved(f"moe.{name}", shape, dtype, by, src)
 
     if r == x:
-        # The gate saves ffn_norm's output itself.
+        # The gate saves ffn_norm's output itself (and the shared experts' w1, w3 with it).
         out = [add("router.gate.input", (t, h), x, "MmBackward0", SRC_ROUTER)]
     else:
         out = [
             add("router.gate.input_fp32", (t, h), r, "MmBackward0", SRC_AUTOCAST),
             add("router.gate.weight_fp32", (e, h), r, "MmBackward0", SRC_AUTOCAST),
         ]
+        if shared:
+            out.append(add("shared_experts.w1.input", (t, h), x, "MmBackward0", SRC_DEEPSEEK))
+    # softmax (Qwen3) or sigmoid (DeepSeek-V3) saves its output, which gather saves too (one
+    # storage). The node-limited group choice only feeds topk's indices (no grad): nothing
+    # of it is saved.
+    score = (
+        ("router.sigmoid", "SigmoidBackward0")
+        if deepseek
+        else ("router.softmax", "SoftmaxBackward0")
+    )
     out += [
-        # softmax saves its output, which gather saves too (one storage).
-        add("router.softmax", (t, e), r, "SoftmaxBackward0", SRC_ROUTER),
+        add(score[0], (t, e), r, score[1], SRC_ROUTER),
         add("router.topk_indices", (t, k), kernels.INT64, "TopkBackward0", SRC_ROUTER),
+    ]
+    if not deepseek or arch.extra.get("norm_topk_prob"):
         # route_norm: the gathered scores and their sum (+ 1e-20), saved by the division.
-        add("router.topk_scores", (t, k), r, "DivBackward0", SRC_ROUTER),
-        add("router.topk_sum", (t, 1), r, "DivBackward0", SRC_ROUTER),
+        out += [
+            add("router.topk_scores", (t, k), r, "DivBackward0", SRC_ROUTER),
+            add("router.topk_sum", (t, 1), r, "DivBackward0", SRC_ROUTER),
+        ]
+    # `* route_scale` (a Python float) saves no tensor.
+    out += [
         # argsort's order, saved by `scores.view(-1)[order]`.
         add("dispatch.order", (n,), kernels.INT64, "IndexBackward0", SRC_DISPATCH),
         # order // top_k: saved by `x[...]` and by the scatter_add (an expanded view).
@@ -171,7 +239,24 @@ def saves(arch: Architecture, st: Setting) -> list[Saved]:
         add("combine.output_fp32", (n, h), kernels.FP32, "MulBackward0", SRC_DISPATCH),
         add("combine.scores_sorted", (n,), r, "MulBackward0", SRC_DISPATCH),
     ]
+    if shared:
+        # MoE.forward: `shared_experts(x)`, a FeedForward (w2(silu(w1(x)) * w3(x))).
+        mlp = gated_mlp_saves("moe.shared_experts", t, shared, "silu", st)
+        assert mlp is not None
+        out += [replace(m, source=SRC_DEEPSEEK) for m in mlp]
     return out
+
+
+def shared_matmuls(arch: Architecture) -> list[tuple[str, int]]:
+    """The shared experts' matmuls, counted by SelectiveAC after the uncounted gate."""
+    if arch.model_type != DEEPSEEK_V3 or not arch.extra.get("n_shared_experts"):
+        return []
+    inter = int(arch.extra["moe_intermediate_size"]) * int(arch.extra["n_shared_experts"])
+    return [
+        ("moe.shared_experts.w1", inter),
+        ("moe.shared_experts.w3", inter),
+        ("moe.shared_experts.w2", arch.hidden_size),
+    ]
 
 
 def selective_kept(arch: Architecture, st: Setting) -> list[Saved]:
@@ -181,7 +266,25 @@ def selective_kept(arch: Architecture, st: Setting) -> list[Saved]:
     config_utils.py::make_moe_config), which FSDP2's param_dtype does not cast. The gate's mm
     is recomputed and not counted; the grouped mms are neither saved nor counted."""
     t, k = st.tokens, arch.num_experts_per_token
-    return [
+    kept = []
+    groups, limited = arch.extra.get("n_group"), arch.extra.get("topk_group")
+    if arch.model_type == DEEPSEEK_V3 and groups and limited:
+        # _get_node_limited_routing_scores: `topk(2)` in each group, then `topk(limited)` of
+        # the group scores: both topks' outputs are kept too.
+        g, lim = int(groups), int(limited)
+        kept += [
+            kernels.saved(
+                "moe.router.group_top2_values", (t, g, 2), kernels.FP32, "MUST_SAVE", SRC_SAC
+            ),
+            kernels.saved(
+                "moe.router.group_top2_indices", (t, g, 2), kernels.INT64, "MUST_SAVE", SRC_SAC
+            ),
+            kernels.saved("moe.router.group_values", (t, lim), kernels.FP32, "MUST_SAVE", SRC_SAC),
+            kernels.saved(
+                "moe.router.group_indices", (t, lim), kernels.INT64, "MUST_SAVE", SRC_SAC
+            ),
+        ]
+    return kept + [
         kernels.saved("moe.router.topk_values", (t, k), kernels.FP32, "MUST_SAVE", SRC_SAC),
         kernels.saved("moe.router.topk_indices", (t, k), kernels.INT64, "MUST_SAVE", SRC_SAC),
     ]
