@@ -22,8 +22,10 @@ Read from torchtitan 0.3.0 (pip `torchtitan==0.3.0`):
   its math kernel (aten native/transformers/attention.cpp::_scaled_dot_product_attention_math,
   measured): q and k scaled and upcast to fp32, the fp32 softmax [b, h, s, s], v upcast.
   On CUDA the same ScaledDotProductAttention allows cuDNN, flash and math only
-  (`sdpa_backends`); flash refuses unequal head dims, and which of cuDNN and math takes MLA's
-  is not established here: refused (memplan.model.stacks.torchtitan_moe.unsupported).
+  (`sdpa_backends`); flash refuses unequal head dims, and cuDNN takes head dims up to 256
+  only on Hopper with cuDNN >= 9.10 (128 otherwise: torch aten native/transformers/cuda/
+  sdp_utils.cpp::check_cudnn_tensor_shapes), so the kernel depends on the cuDNN runtime:
+  refused (memplan.model.stacks.torchtitan_moe.unsupported).
 """
 
 from __future__ import annotations

@@ -148,9 +148,11 @@ def _deepseek_unsupported(arch: Architecture, st: Setting) -> str:
         return (
             "torchtitan's DeepSeek-V3 on CUDA is not modelled: its ScaledDotProductAttention "
             "allows cuDNN, flash and math only (models/common/attention.py), flash refuses "
-            "MLA's unequal q/k and v head dims, and which of cuDNN and math runs is not "
-            "established without a GPU (0.3.0's flavors default to flex attention); the rule "
-            "is proved on CPU"
+            "MLA's unequal q/k and v head dims, and cuDNN takes a 192-wide q/k head only on "
+            "Hopper with cuDNN >= 9.10 (torch sdp_utils.cpp::check_cudnn_tensor_shapes), so "
+            "the kernel (cuDNN, or math with an fp32 [b, h, s, s] softmax per layer) depends "
+            "on the cuDNN runtime (0.3.0's flavors default to flex attention); the rule is "
+            "proved on CPU"
         )
     if st.compile:
         return "training.compile for torchtitan's DeepSeek-V3 is not modelled"
