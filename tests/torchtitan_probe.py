@@ -36,6 +36,24 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
+class Mla:
+    """DeepSeek-V3's multi-head latent attention and MoE layout (Shape.model "deepseek_v3"),
+    as models/deepseek_v3/__init__.py::build_mla_moe_layers takes them."""
+
+    q_lora: int = 0
+    kv_lora: int = 32
+    nope: int = 16
+    rope: int = 8
+    v_dim: int = 16
+    dense_layers: int = 1
+    shared: int = 1
+    groups: int = 4
+    limited: int = 2
+    route_scale: float = 2.5
+    route_norm: bool = True
+
+
+@dataclass(frozen=True)
 class Shape:
     layers: int = 2
     batch: int = BATCH
@@ -52,11 +70,29 @@ class Shape:
     """Qwen3's explicit head_dim (0: dim // heads)."""
     tied: bool = False
     """Qwen3's enable_weight_tying (its 0.6B, 1.7B and 4B flavors)."""
+    experts: int = 8
+    """"qwen3_moe": routed experts per layer."""
+    top_k: int = 2
+    """"qwen3_moe": experts per token."""
+    moe_ffn: int = 48
+    """"qwen3_moe": each expert's hidden width (moe_hidden_dim)."""
+    mla: Mla = Mla()
+    """"deepseek_v3": the attention and MoE layout (`ffn` is the dense layers' hidden)."""
+    routing: str = "seeded"
+    """"qwen3_moe": "seeded" (the router's gate as `build` initialises it, seed 0),
+    "balanced" (torchtitan's own `_debug_force_load_balance` round-robin) or "collapsed"
+    (a zero gate and an expert bias that sends every token to the same top_k experts: the
+    other experts get no token)."""
 
 
 QWEN3_TINY = Shape(model="qwen3", head_dim=32, tied=True)
 """Qwen3 0.6B's structure shrunk: heads x head_dim = 2 x dim (16 x 128 = 2 x 1024), 2 query
 heads per k/v head, tied embeddings."""
+
+QWEN3_MOE_TINY = Shape(model="qwen3_moe", head_dim=32, experts=8, top_k=2, moe_ffn=48)
+"""Qwen3-30B-A3B's structure shrunk (models/qwen3/__init__.py::_30b_a3b): heads x head_dim =
+2 x dim (32 x 128 = 2 x 2048), 2 query heads per k/v head (32 / 4 there), top_k / experts =
+1 / 4 (8 / 128 there), moe_hidden_dim < dim (768 < 2048), untied, every layer MoE."""
 
 
 LLAMA31_8B = Shape(
@@ -84,8 +120,10 @@ class _Made(TorchDispatchMode):
 
 def config(shape: Shape) -> Any:
     """torchtitan's Llama 3 (or Qwen3) config at `shape`, SDPA as the inner attention."""
-    if shape.model == "qwen3":
+    if shape.model in ("qwen3", "qwen3_moe"):
         return qwen3_config(shape)
+    if shape.model == "deepseek_v3":
+        return deepseek_v3_config(shape)
     import torchtitan.models.llama3 as llama3
     from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
     from torchtitan.models.common.attention import ScaledDotProductAttention
@@ -129,6 +167,7 @@ def qwen3_config(shape: Shape) -> Any:
     from torchtitan.models.common.attention import ScaledDotProductAttention
 
     head_dim = shape.head_dim or shape.dim // shape.heads
+    rope = CosSinRoPE.Config(dim=head_dim, max_seq_len=max(128, shape.seq), theta=1000000.0)
     sdpa = ScaledDotProductAttention.Config()
     original = qwen3.get_attention_config
     qwen3.get_attention_config = lambda backend: sdpa  # 0.3.0 refuses "sdpa" for LMs
@@ -140,22 +179,116 @@ def qwen3_config(shape: Shape) -> Any:
             enable_weight_tying=shape.tied,
             tok_embeddings=Embedding.Config(num_embeddings=shape.vocab, embedding_dim=shape.dim),
             lm_head=Linear.Config(in_features=shape.dim, out_features=shape.vocab),
-            layers=qwen3._build_qwen3_layers(
-                fuse_qkv=shape.fused_qkv,
-                n_layers=shape.layers,
-                dim=shape.dim,
-                n_heads=shape.heads,
-                n_kv_heads=shape.kv_heads,
-                head_dim=head_dim,
-                hidden_dim=shape.ffn,
-                attn_backend="sdpa",
-                rope=CosSinRoPE.Config(
-                    dim=head_dim, max_seq_len=max(128, shape.seq), theta=1000000.0
-                ),
-            ),
+            layers=_qwen3_layers(qwen3, shape, head_dim, rope),
         )
     finally:
         qwen3.get_attention_config = original
+
+
+def deepseek_v3_config(shape: Shape) -> Any:
+    """torchtitan's DeepSeek-V3 config at `shape` (models/deepseek_v3/__init__.py::_671b's
+    structure: `_build_dsv3_layers`, MLA, dense first layers, sigmoid router with
+    node-limited groups, route_norm, route_scale, shared experts, yarn ComplexRoPE; no MTP
+    layer, the 0.3.0 default), SDPA as the inner attention."""
+    import torchtitan.models.deepseek_v3 as ds
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    m = shape.mla
+    sdpa = ScaledDotProductAttention.Config()
+    original = ds.get_attention_config
+    ds.get_attention_config = lambda backend: sdpa  # 0.3.0 refuses "sdpa" for LMs
+    try:
+        layers = ds._build_dsv3_layers(
+            n_layers=shape.layers,
+            n_dense_layers=m.dense_layers,
+            dim=shape.dim,
+            n_heads=shape.heads,
+            q_lora_rank=m.q_lora,
+            kv_lora_rank=m.kv_lora,
+            qk_nope_head_dim=m.nope,
+            qk_rope_head_dim=m.rope,
+            v_head_dim=m.v_dim,
+            mscale=1.0,
+            dense_hidden_dim=shape.ffn,
+            moe_hidden_dim=shape.moe_ffn,
+            num_experts=shape.experts,
+            num_shared_experts=m.shared,
+            router_top_k=shape.top_k,
+            router_score_func="sigmoid",
+            router_num_expert_groups=m.groups or None,
+            router_num_limited_groups=m.limited or None,
+            router_route_scale=m.route_scale,
+            router_route_norm=m.route_norm,
+            attn_backend="sdpa",
+            moe_comm_backend="standard",
+            non_blocking_capacity_factor=None,
+            rope=ComplexRoPE.Config(
+                dim=m.rope,
+                max_seq_len=max(128, shape.seq),
+                theta=10000.0,
+                scaling="yarn",
+                rope_factor=40.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                original_seq_len=16,
+            ),
+        )
+    finally:
+        ds.get_attention_config = original
+    if shape.routing == "balanced":
+        for layer in layers:
+            if layer.moe is not None:
+                layer.moe.router._debug_force_load_balance = True
+    return ds.DeepSeekV3Model.Config(
+        vocab_size=shape.vocab,
+        dim=shape.dim,
+        tok_embeddings=Embedding.Config(num_embeddings=shape.vocab, embedding_dim=shape.dim),
+        norm=RMSNorm.Config(normalized_shape=shape.dim),
+        lm_head=Linear.Config(in_features=shape.dim, out_features=shape.vocab),
+        layers=layers,
+    )
+
+
+def _qwen3_layers(qwen3: Any, shape: Shape, head_dim: int, rope: Any) -> Any:
+    """torchtitan's own Qwen3 layer configs: dense (`_build_qwen3_layers`) or MoE
+    (`_build_qwen3_moe_layers`, the `standard` token dispatcher, local at EP 1)."""
+    common = {
+        "fuse_qkv": shape.fused_qkv,
+        "n_layers": shape.layers,
+        "dim": shape.dim,
+        "n_heads": shape.heads,
+        "n_kv_heads": shape.kv_heads,
+        "head_dim": head_dim,
+        "attn_backend": "sdpa",
+        "rope": rope,
+    }
+    if shape.model == "qwen3":
+        return qwen3._build_qwen3_layers(hidden_dim=shape.ffn, **common)
+    layers = qwen3._build_qwen3_moe_layers(
+        moe_hidden_dim=shape.moe_ffn,
+        num_experts=shape.experts,
+        top_k=shape.top_k,
+        moe_comm_backend="standard",
+        **common,
+    )
+    if shape.routing == "balanced":
+        for layer in layers:
+            layer.moe.router._debug_force_load_balance = True
+    return layers
+
+
+def route(model: torch.nn.Module, shape: Shape) -> None:
+    """`shape.routing` "collapsed": every MoE router's gate zeroed and its expert bias set so
+    that topk picks experts 0 .. top_k - 1 for every token."""
+    if shape.routing != "collapsed":
+        return
+    for m in model.modules():
+        if hasattr(m, "expert_bias_E") and m.expert_bias_E is not None:
+            with torch.no_grad():
+                m.router.gate.weight.zero_()
+                m.expert_bias_E.zero_()
+                m.expert_bias_E[: shape.top_k] = 1.0
 
 
 def build(dtype: str, shape: Shape) -> torch.nn.Module:
@@ -164,6 +297,7 @@ def build(dtype: str, shape: Shape) -> torch.nn.Module:
     torch.manual_seed(0)
     model = config(shape).build()
     model.init_states()
+    route(model, shape)
     for p in model.parameters():
         p.data = p.data.to(DTYPES[dtype])
     return model

@@ -41,6 +41,11 @@ these differences, read from torchtitan 0.3.0:
 - models/qwen3/parallelize.py::parallelize_qwen3 applies the same `ac_config.build(...).apply`
   (FullAC / SelectiveAC, the same default save ops) and `apply_compile` as parallelize_llama.
 
+Qwen3-MoE (models/qwen3 MoE flavors) is this Qwen3 block with torchtitan's MoE as its
+feed-forward half (memplan.model.stacks.torchtitan_moe); DeepSeek-V3 (models/deepseek_v3) has
+MLA as its attention (memplan.model.stacks.torchtitan_mla), dense feed-forwards in its first
+layers (a second layer kind, `layers.dense`) and the MoE with shared experts after.
+
 The model runs wholly in the compute dtype (FSDP2 `param_dtype`, no autocast: memplan.report.
 estimate.setting_of); autocast (torchtitan without FSDP) is not modelled. Proved on CPU against
 torchtitan's real model by tests/test_torchtitan_activations.py.
@@ -54,7 +59,7 @@ from memplan.model.forward import attention, compiled, kernels
 from memplan.model.forward.mlp import gated_mlp_saves
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import MODEL_TYPES, llama_refusal
+from memplan.model.stacks import MODEL_TYPES, llama_refusal, torchtitan_mla, torchtitan_moe
 from memplan.precision import dtype_bytes
 
 VERSION = "0.3.0"
@@ -64,9 +69,13 @@ SRC_QK_NORM = (
     "models/qwen3/__init__.py::_build_qwen3_layers `qk_norm=_qwen3_norm(head_dim)`)"
 )
 QWEN3 = "qwen3"
-TORCHTITAN_MODEL_TYPES = (*MODEL_TYPES, QWEN3)
-"""The model_types torchtitan's own model code is modelled for: Llama 3 (models/llama3) and
-dense Qwen3 (models/qwen3)."""
+QWEN3_FAMILY = (QWEN3, *torchtitan_moe.MODEL_TYPES)
+"""Built by torchtitan's models/qwen3 (Qwen3Model, q_norm / k_norm, explicit head_dim)."""
+DEEPSEEK_V3 = torchtitan_moe.DEEPSEEK_V3
+TORCHTITAN_MODEL_TYPES = (*MODEL_TYPES, *QWEN3_FAMILY, DEEPSEEK_V3)
+"""The model_types torchtitan's own model code is modelled for: Llama 3 (models/llama3),
+dense Qwen3 and Qwen3-MoE (models/qwen3; the MoE block: memplan.model.stacks.torchtitan_moe)
+and DeepSeek-V3 on CPU (models/deepseek_v3; MLA: memplan.model.stacks.torchtitan_mla)."""
 SRC_NORM_CPU = (
     "aten native/layer_norm.cpp::rms_norm_composite (torch 2.13: `_fused_rms_norm` is "
     "CompositeImplicitAutograd on CPU): x.to(fp32), pow, mean, rsqrt, * rstd, * weight, "
@@ -102,26 +111,31 @@ def unsupported(arch: Architecture, st: Setting) -> str:
     why = llama_refusal(
         arch,
         "torchtitan",
-        "torchtitan's Llama 3 and dense Qwen3 code, models/llama3 and models/qwen3: "
-        "model_types llama and qwen3; torchtitan's own Qwen3-MoE, deepseek_v3 and gpt_oss "
-        "models have no rule yet",
+        "torchtitan's Llama 3, dense Qwen3, Qwen3-MoE and DeepSeek-V3 code, models/llama3, "
+        "models/qwen3 and models/deepseek_v3: model_types llama, qwen3, qwen3_moe and "
+        "deepseek_v3; torchtitan's own gpt_oss model has no rule yet",
         model_types=TORCHTITAN_MODEL_TYPES,
     )
     if why:
         return why
-    qwen3 = arch.model_type == QWEN3
-    if not qwen3 and arch.head_dim * arch.num_attention_heads != arch.hidden_size:
+    qwen3 = arch.model_type in QWEN3_FAMILY
+    mla = arch.model_type == DEEPSEEK_V3
+    if not (qwen3 or mla) and arch.head_dim * arch.num_attention_heads != arch.hidden_size:
         return "torchtitan's Llama 3 takes head_dim = dim // n_heads"
     if qwen3 and isinstance(arch.extra.get("sliding_window"), int):
         return (
             "torchtitan's Qwen3 (models/qwen3) has no sliding-window attention: this config "
             "sets use_sliding_window"
         )
+    if torchtitan_moe.is_moe(arch):
+        why = torchtitan_moe.unsupported(arch, st)
+        if why:
+            return why
     if qwen3 and st.compile:
         return (
             "training.compile for torchtitan's Qwen3 is not modelled: the compiled saved set "
             "was traced on Llama3TransformerBlock (memplan.model.forward.compiled), and "
-            "Qwen3's q_norm / k_norm change what Inductor's partition keeps"
+            "Qwen3's q_norm / k_norm (and its MoE block) change what Inductor's partition keeps"
         )
     if st.autocast:
         return (
@@ -173,40 +187,60 @@ def _norm(prefix: str, t: int, h: int, x_dtype: str, st: Setting) -> list[Saved]
     return out
 
 
-def _matmuls(arch: Architecture, *, fused_qkv: bool) -> list[tuple[str, int]]:
+def _matmuls(arch: Architecture, *, fused_qkv: bool, moe: bool) -> list[tuple[str, int]]:
     """The block's matmuls in the order its forward runs them, with their output widths: the
-    order SelectiveAC counts them in (`meta["forward_mm_count"]`, restarted per block)."""
+    order SelectiveAC counts them in (`meta["forward_mm_count"]`, restarted per block).
+    `moe`: the block's feed-forward half is a MoE."""
     h, a, kv, d = kernels.attention_dims(arch)
-    qkv = (
-        [("attention.wqkv", (a + 2 * kv) * d)]
-        if fused_qkv
-        else [("attention.wq", a * d), ("attention.wk", kv * d), ("attention.wv", kv * d)]
-    )
+    if arch.model_type == DEEPSEEK_V3:
+        attn = torchtitan_mla.matmuls(arch)
+    else:
+        qkv = (
+            [("attention.wqkv", (a + 2 * kv) * d)]
+            if fused_qkv
+            else [("attention.wq", a * d), ("attention.wk", kv * d), ("attention.wv", kv * d)]
+        )
+        attn = [*qkv, ("attention.wo", h)]
+    if moe:
+        # The router's gate is recomputed uncounted, the grouped mms are not mm ops
+        # (memplan.model.stacks.torchtitan_moe.SRC_SAC); DeepSeek's shared experts are.
+        return [*attn, *torchtitan_moe.shared_matmuls(arch)]
     inter = arch.intermediate_size
     return [
-        *qkv,
-        ("attention.wo", h),
+        *attn,
         ("feed_forward.w1", inter),
         ("feed_forward.w3", inter),
         ("feed_forward.w2", h),
     ]
 
 
-def _layer(arch: Architecture, st: Setting) -> tuple[list[Saved], attention.Core]:
-    """One block's saved tensors without checkpointing, and its attention core."""
+def _layer(
+    arch: Architecture, st: Setting, *, moe: bool
+) -> tuple[list[Saved], attention.Core | None]:
+    """One block's saved tensors without checkpointing, and its SDPA core (None for MLA's
+    math kernel). `moe`: the feed-forward half is a MoE."""
     h, a, kv, d = kernels.attention_dims(arch)
     b, s, t, x = st.batch, st.sequence, st.tokens, st.stream
     out = _norm("attention_norm", t, h, x, st)
-    if arch.model_type == QWEN3:
-        out += qk_norms(arch, st)
-    # RoPE's `.float()` / `.type_as(q)` leave q and k in the compute dtype; the projections'
-    # q, k, v copies are not saved (RoPE's multiply saves only the cache; Qwen3's q_norm and
-    # k_norm save theirs, qk_norms).
-    heads = attention.Heads(batch=b, seq=s, heads=a, kv_heads=kv, head_dim=d)
-    qkv = attention.Qkv(q=x, k=x, v=x)
-    core = attention.sdpa(st, heads, qkv, dropout_on=False)
-    out += [*core.core, *core.output]
+    core: attention.Core | None = None
+    if arch.model_type == DEEPSEEK_V3:
+        # attention_norm's output is read by wq (wq_a) and wkv_a.
+        out = [*out[:-1], *torchtitan_mla.saves(arch, st, out[-1])]
+    else:
+        if arch.model_type in QWEN3_FAMILY:
+            out += qk_norms(arch, st)
+        # RoPE's `.float()` / `.type_as(q)` leave q and k in the compute dtype; the
+        # projections' q, k, v copies are not saved (RoPE's multiply saves only the cache;
+        # Qwen3's q_norm and k_norm save theirs, qk_norms).
+        heads = attention.Heads(batch=b, seq=s, heads=a, kv_heads=kv, head_dim=d)
+        qkv = attention.Qkv(q=x, k=x, v=x)
+        core = attention.sdpa(st, heads, qkv, dropout_on=False)
+        out += [*core.core, *core.output]
     # h = x + wo(...): a new tensor, saved by ffn_norm.
+    if moe:
+        # ffn_norm's output is saved by the router's gate (or cast to fp32 for it).
+        out += rms_norm("ffn_norm", t, h, x, st) + torchtitan_moe.saves(arch, st)
+        return out, core
     out += _norm("ffn_norm", t, h, x, st)
     mlp = gated_mlp_saves("feed_forward.w1", t, arch.intermediate_size, "silu", st)
     assert mlp is not None  # silu has a rule
@@ -234,7 +268,7 @@ def qk_norms(arch: Architecture, st: Setting) -> list[Saved]:
 
 
 def _selective_op(
-    arch: Architecture, st: Setting, core: attention.Core, *, fused_qkv: bool
+    arch: Architecture, st: Setting, core: attention.Core | None, *, fused_qkv: bool, moe: bool
 ) -> list[Saved]:
     """What a block under SelectiveAC holds after its forward (SRC_SAC): the checkpoint's
     input, the outputs of the odd-numbered matmuls (1st, 3rd, ...: `forward_mm_count % 2 == 1`)
@@ -244,23 +278,55 @@ def _selective_op(
     kernel, `_scaled_dot_product_flash_attention_for_cpu`, is in neither list: recomputed."""
     t = st.tokens
     kept = [_block_input(arch, st)]
-    for i, (name, width) in enumerate(_matmuls(arch, fused_qkv=fused_qkv), start=1):
+    for i, (name, width) in enumerate(_matmuls(arch, fused_qkv=fused_qkv, moe=moe), start=1):
         if i % 2 == 1:
             kept.append(
                 kernels.saved(f"{name}.output", (t, width), st.matmul, "MUST_SAVE", SRC_SAC)
             )
-    if st.device == "cuda":
+    if core is None:
+        kept += torchtitan_mla.selective_kept(arch, st)
+    elif st.device == "cuda":
         kept += [
             kernels.saved(c.name, c.shape, c.dtype, "MUST_SAVE", SRC_SAC)
             for c in (*core.core, *core.output)
             if c.name in ("attn.output", "attn.logsumexp", "attn.rng_state", "attn.unused")
         ]
+    if moe:
+        kept += torchtitan_moe.selective_kept(arch, st)
     return kept
 
 
 def _block_input(arch: Architecture, st: Setting) -> Saved:
     shape = (st.batch, st.sequence, arch.hidden_size)
     return kernels.saved("checkpoint.hidden_states", shape, st.stream, "Noop", SRC_CHECKPOINT)
+
+
+def _layer_blocks(
+    arch: Architecture, st: Setting, n: int, name: str, *, moe: bool, fused_qkv: bool
+) -> list[Block]:
+    """`n` blocks of one kind (`moe`: MoE feed-forward) under `st`'s checkpointing."""
+    layer, core = _layer(arch, st, moe=moe)
+    if st.checkpointing == "full":
+        ckpt = checkpointed_layers(n, st.checkpoint_every)
+        out = [
+            Block(
+                name=name,
+                count=ckpt,
+                tensors=(_block_input(arch, st),),
+                recompute=tuple(layer),
+                layered=True,
+            )
+        ]
+        if n - ckpt:
+            out.append(Block(name=name, count=n - ckpt, tensors=tuple(layer), layered=True))
+        return out
+    if st.checkpointing == "selective-op":
+        kept = _selective_op(arch, st, core, fused_qkv=fused_qkv, moe=moe)
+        held = {k.name for k in kept}
+        # Backward re-runs the block; the cached outputs are reused, the rest made again.
+        again = tuple(x for x in layer if x.name not in held and x.name != "attn.output")
+        return [Block(name=name, count=n, tensors=tuple(kept), recompute=again, layered=True)]
+    return [Block(name=name, count=n, tensors=tuple(layer), layered=True)]
 
 
 def checkpointed_layers(num_layers: int, every: int) -> int:
@@ -279,39 +345,31 @@ def saved(
     `whole`: the whole model when `arch` is one tensor-parallel rank's slice of it
     (memplan.activations.torchtitan_parallel), which the rule's conditions are checked on."""
     why = unsupported(whole or arch, st)
+    if not why and whole is not None and torchtitan_moe.is_moe(whole):
+        why = torchtitan_moe.MODEL_PARALLEL
     if why:
         return replace(
             not_modelled(f"activations not modelled: {why}."), implementation="torchtitan"
         )
     h, vocab, t, b, s = arch.hidden_size, arch.vocab_size, st.tokens, st.batch, st.sequence
-    layer, core = _layer(arch, st)
     n = arch.num_layers
     embeddings = Block(
         name="embeddings",
         count=1,
         tensors=(kernels.embedding_indices("tok_embeddings.indices", (b, s)),),
     )
-    if st.checkpointing == "full":
-        ckpt = checkpointed_layers(n, st.checkpoint_every)
-        layers = [
-            Block(
-                name="layers",
-                count=ckpt,
-                tensors=(_block_input(arch, st),),
-                recompute=tuple(layer),
-                layered=True,
-            )
-        ]
-        if n - ckpt:
-            layers.append(Block(name="layers", count=n - ckpt, tensors=tuple(layer), layered=True))
-    elif st.checkpointing == "selective-op":
-        kept = _selective_op(arch, st, core, fused_qkv=fused_qkv)
-        held = {k.name for k in kept}
-        # Backward re-runs the block; the cached outputs are reused, the rest made again.
-        again = tuple(x for x in layer if x.name not in held and x.name != "attn.output")
-        layers = [Block(name="layers", count=n, tensors=tuple(kept), recompute=again, layered=True)]
-    else:
-        layers = [Block(name="layers", count=n, tensors=tuple(layer), layered=True)]
+    moe = torchtitan_moe.is_moe(arch)
+    dense = torchtitan_moe.dense_layers(arch) if moe else n
+    layers = []
+    layer_order: tuple[str, ...] = ()
+    if dense and moe:
+        # DeepSeek-V3's dense first layers: a second layer kind, named as a traced profile
+        # names its other kinds (memplan.activations.pipeline stages them by layer_order).
+        layers += _layer_blocks(arch, st, dense, "layers.dense", moe=False, fused_qkv=fused_qkv)
+        layer_order = ("layers.dense",) * dense + ("layers",) * (n - dense)
+    layers += _layer_blocks(
+        arch, st, n - dense if moe else n, "layers", moe=moe, fused_qkv=fused_qkv
+    )
     compile_note = ""
     if st.compile:
         layers, compile_note = _compiled(arch, st, layers)
@@ -344,9 +402,15 @@ def saved(
         loss_gradient, logits_bytes, upcast = logits_bytes, 0, 0
     notes = [
         f"torchtitan {VERSION}'s "
-        + ("Qwen3" if arch.model_type == QWEN3 else "Llama 3")
+        + _MODEL_NAMES.get(arch.model_type, "Llama 3")
         + " model code"
-        + (" (fused wqkv)" if fused_qkv else " (wq, wk, wv)")
+        + (
+            " (MLA, no multi-token-prediction layer: 0.3.0's num_mtp_layers default 0)"
+            if arch.model_type == DEEPSEEK_V3
+            else " (fused wqkv)"
+            if fused_qkv
+            else " (wq, wk, wv)"
+        )
         + ", loss CrossEntropyLoss on the whole logits"
         + (" (compiled)" if st.compile_loss else "")
         + " (0.3.0's ChunkedLossWrapper: not modelled)."
@@ -360,6 +424,7 @@ def saved(
     return Activations(
         modelled=True,
         blocks=(embeddings, *layers, head, loss),
+        layer_order=layer_order,
         logits_bytes=logits_bytes,
         upcast_bytes=upcast,
         loss_gradient_bytes=loss_gradient,
@@ -367,6 +432,9 @@ def saved(
         notes=tuple(x for x in notes if x),
         implementation="torchtitan",
     )
+
+
+_MODEL_NAMES = {QWEN3: "Qwen3", torchtitan_moe.QWEN3_MOE: "Qwen3-MoE", DEEPSEEK_V3: "DeepSeek-V3"}
 
 
 def _compiled(arch: Architecture, st: Setting, layers: list[Block]) -> tuple[list[Block], str]:
