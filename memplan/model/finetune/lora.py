@@ -258,7 +258,12 @@ def apply(spec: Spec, inventory: Inventory) -> Inventory:
     ft = spec.finetune
     if ft.method == "full" and not ft.freeze:
         return inventory
-    return _apply(
+    lightning_4bit = spec.model.implementation == "litgpt" and ft.method == "qlora"
+    if lightning_4bit:
+        from memplan.model.stacks import litgpt_qlora
+
+        ft = litgpt_qlora.lightning_quantization(ft)  # Lightning's 4-bit linears, head included
+    out = _apply(
         inventory,
         ft,
         adapter=adapter_dtype(spec),
@@ -269,6 +274,9 @@ def apply(spec: Spec, inventory: Inventory) -> Inventory:
         stage=spec.parallelism.stage,
         tensor=spec.parallelism.tensor,
     )
+    if lightning_4bit:
+        out = litgpt_qlora.stable_embedding(out)  # LitGPT's QLoRA swaps in StableEmbedding
+    return out
 
 
 @lru_cache(maxsize=256)
