@@ -29,6 +29,7 @@ from memplan.config.finetune import FinetuneSpec
 from memplan.config.spec import Spec
 from memplan.errors import MemplanError
 from memplan.hardware import nearest
+from memplan.model.finetune import qlora
 from memplan.model.finetune.qlora import quantize_4bit
 from memplan.model.finetune.targets import (
     ADAPTER,
@@ -273,6 +274,7 @@ def apply(spec: Spec, inventory: Inventory) -> Inventory:
         engine=spec.parallelism.engine,
         stage=spec.parallelism.stage,
         tensor=spec.parallelism.tensor,
+        state_dtype=qlora.LIGHTNING_STATE_DTYPE if lightning_4bit else None,
     )
     if lightning_4bit:
         out = litgpt_qlora.stable_embedding(out)  # LitGPT's QLoRA swaps in StableEmbedding
@@ -291,6 +293,7 @@ def _apply(
     engine: str,
     stage: int,
     tensor: int,
+    state_dtype: str | None = None,
 ) -> Inventory:
     if inventory.is_bare_count or inventory.architecture is None:
         raise MemplanError(
@@ -315,7 +318,7 @@ def _apply(
         )
     out = inventory
     if ft.method == "qlora":
-        out = quantize_4bit(out, ft, compute=compute)
+        out = quantize_4bit(out, ft, compute=compute, state_dtype=state_dtype)
     if ft.method in ("lora", "qlora"):
         out = lora(out, ft, dtype=adapter, reference=inventory)
     out = freeze(out, ft.freeze)

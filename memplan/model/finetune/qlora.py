@@ -52,7 +52,9 @@ BNB_DYNAMIC_MAP_ELEMS = 256
 BNB_VALUES_PER_BYTE = 2
 
 
-def quantize_4bit(inventory: Inventory, ft: FinetuneSpec, *, compute: str) -> Inventory:
+def quantize_4bit(
+    inventory: Inventory, ft: FinetuneSpec, *, compute: str, state_dtype: str | None = None
+) -> Inventory:
     """transformers BitsAndBytesConfig(load_in_4bit=True) then peft
     prepare_model_for_kbit_training: which modules become bnb Linear4bit, and what each holds.
 
@@ -68,6 +70,7 @@ def quantize_4bit(inventory: Inventory, ft: FinetuneSpec, *, compute: str) -> In
     The quantization state is not a parameter; memplan lists it with the buffers (held whole
     by every rank, no gradient). prepare_kbit (peft utils/other.py::
     prepare_model_for_kbit_training) then casts every other 16-bit parameter to fp32.
+    `state_dtype`: as `dequantized_weight_bytes`'s (Lightning's fp16), for the note.
     """
     mods = modules(inventory)
     skip = default_skips(inventory) if ft.skip_modules is None else None
@@ -92,14 +95,17 @@ def quantize_4bit(inventory: Inventory, ft: FinetuneSpec, *, compute: str) -> In
             params.append(frozen(t))
     upcast = "; other parameters upcast to fp32 (prepare_model_for_kbit_training)"
     largest = max((t.numel for t in inventory.parameters if owner(t.name) in chosen), default=0)
-    transient = dequantized_weight_bytes(largest, compute=compute, double=ft.double_quant)
+    transient = dequantized_weight_bytes(
+        largest, compute=compute, double=ft.double_quant, state_dtype=state_dtype
+    )
+    held = compute if state_dtype in (None, compute) else f"{state_dtype}, then {compute}"
     note = (
         f"{FINETUNE_NOTE} {len(quantized)} Linear modules in 4-bit {ft.quant_type} "
         f"(blocksize {BNB_4BIT_BLOCKSIZE}, double quantization "
         f"{'on' if ft.double_quant else 'off'}), quantization state counted with the buffers"
         f"{upcast if ft.prepare_kbit else ''}. Each 4-bit Linear dequantizes its weight for "
         f"its matmuls: one layer's worth, {transient:,} B for the largest ({largest:,} "
-        f"elements in {compute}), alive during its forward and backward (transient "
+        f"elements in {held}), alive during its forward and backward (transient "
         "qlora_dequantized_weight)."
     )
     return replace(
