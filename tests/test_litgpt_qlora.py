@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from memplan.config.finetune import FinetuneSpec, bnb_keeps_input
+from memplan.errors import MemplanError
 from memplan.model.finetune import lora as finetune
 from memplan.model.finetune import qlora
 from memplan.model.inventory import TensorSpec
@@ -79,27 +80,6 @@ def test_lightning_quantizes_on_cuda_only() -> None:
         layer.quantize(layer.weight, torch.ones(32, 64), torch.device("cpu"))
 
 
-def _lightning_4bit_modules(lora: Any, shape: Any) -> dict[str, tuple[int, int]]:
-    """{name: (out, in)} of the Linears Lightning's BitsandbytesPrecision("nf4") makes 4-bit in
-    litgpt's LoRA GPT (convert_module on the meta device: the classes swapped, nothing
-    quantized)."""
-    import bitsandbytes as bnb
-    import torch
-    from lightning.fabric.plugins import BitsandbytesPrecision
-    from litgpt.lora import GPT
-
-    from tests.litgpt_probe import lora_config
-
-    with torch.device("meta"):
-        model = GPT(lora_config(shape, lora))
-    BitsandbytesPrecision("nf4", torch.bfloat16).convert_module(model)
-    return {
-        n: (m.out_features, m.in_features)
-        for n, m in model.named_modules()
-        if isinstance(m, bnb.nn.Linear4bit)
-    }
-
-
 @pytest.mark.parametrize("double", [False, True])
 def test_quantized_base_matches_lightning_and_bitsandbytes(double: bool) -> None:
     """Independent oracle: the Linears Lightning's own convert_module replaces in litgpt's LoRA
@@ -113,10 +93,10 @@ def test_quantized_base_matches_lightning_and_bitsandbytes(double: bool) -> None
     pytest.importorskip("litgpt.lora")
     import bitsandbytes.functional as F
 
-    from tests.litgpt_probe import Lora, Shape
+    from tests.litgpt_probe import Lora, Shape, lightning_4bit_modules
 
     shape = Shape(layers=2)
-    modules = _lightning_4bit_modules(Lora(), shape)
+    modules = lightning_4bit_modules(Lora(), shape)
     assert "lm_head.linear" in modules and "transformer.h.0.attn.qkv.linear" in modules
     real: dict[str, int] = {"packed": 0, "absmax": 0, "nested_absmax": 0, "code": 0}
     for out_f, in_f in modules.values():
@@ -182,60 +162,6 @@ def test_stable_embedding_matches_bitsandbytes() -> None:
     assert mine == real
 
 
-def _held_bytes_qlora(shape: Any, lora: Any, *, double: bool) -> int:
-    """What litgpt's LoRA GPT holds after finetune/lora.py's forward and loss with QLoRA on CPU:
-    Fabric bf16-true (its forward_context sets the default dtype to bf16, as
-    BitsandbytesPrecision's does; its output is cast to fp32 as both plugins do), every
-    Linear Lightning's convert_module picks made a bitsandbytes Linear4bit quantized by
-    bitsandbytes on CPU from fp16, and the embedding swapped for StableEmbedding as
-    finetune/lora.py::main swaps it."""
-    import bitsandbytes as bnb
-    import lightning as L
-    import torch
-    from litgpt.lora import GPT, LoRAQKVLinear, mark_only_lora_as_trainable
-
-    from tests.litgpt_probe import _run_lora, lora_config
-
-    names = set(_lightning_4bit_modules(lora, shape))
-    torch.manual_seed(0)
-    fabric = L.Fabric(accelerator="cpu", devices=1, precision="bf16-true")
-    with fabric.init_module():
-        model = GPT(lora_config(shape, lora))
-    mark_only_lora_as_trainable(model)
-    for name in names:
-        parent, _, attr = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        old = getattr(owner, attr)
-        new = bnb.nn.Linear4bit(
-            old.in_features,
-            old.out_features,
-            bias=old.bias is not None,
-            compute_dtype=torch.bfloat16,
-            quant_type="nf4",
-            compress_statistics=double,
-            device="meta",
-        )
-        new.weight = bnb.nn.Params4bit(
-            old.weight.data.to(torch.half),
-            requires_grad=False,
-            quant_type="nf4",
-            compress_statistics=double,
-            blocksize=64,
-        )
-        setattr(owner, attr, new.to("cpu"))  # bitsandbytes quantizes here
-    for m in model.modules():
-        if isinstance(m, LoRAQKVLinear) and any(m.enable_lora) and m.r > 0:
-            m.lora_ind  # noqa: B018 - the lazy buffer, made before the measure
-    wrapped = fabric.setup(model)
-    old = model.transformer.wte
-    model.transformer.wte = bnb.nn.StableEmbedding(old.num_embeddings, old.embedding_dim)
-    with torch.no_grad():
-        model.transformer.wte.weight.copy_(old.weight)
-    model.transformer.wte = model.transformer.wte.to(device="cpu", dtype=old.weight.dtype)
-    assert all(m.weight.dtype == torch.uint8 for n, m in model.named_modules() if n in names)
-    return _run_lora(wrapped, model, shape)
-
-
 @pytest.mark.parametrize(
     ("batch", "seq", "dropout", "double"), [(2, 16, 0.0, False), (1, 200, 0.05, True)]
 )
@@ -243,19 +169,19 @@ def test_rule_matches_litgpt_qlora_on_cpu_to_the_byte(
     batch: int, seq: int, dropout: float, double: bool
 ) -> None:
     """Independent oracle: litgpt's real LoRA GPT with bitsandbytes' own 4-bit linears and
-    StableEmbedding (`_held_bytes_qlora`) holds exactly what memplan's rule says (the
-    installed bitsandbytes, >= 0.43.2, keeps no matmul input)."""
+    StableEmbedding (tests/litgpt_probe.py::held_bytes_qlora) holds exactly what memplan's
+    rule says (the installed bitsandbytes, >= 0.43.2, keeps no matmul input)."""
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("torch")
     pytest.importorskip("lightning.fabric")
     pytest.importorskip("litgpt.lora")
-    from tests.litgpt_probe import Lora, Shape
+    from tests.litgpt_probe import Lora, Shape, held_bytes_qlora
 
     spec = qlora_spec(batch=batch, seq=seq, double=double, dropout=dropout)
     saved = micro_batch_of(spec, from_config(tiny()))
     assert saved.modelled, saved.notes
     shape = Shape(layers=2, batch=batch, seq=seq)
-    assert saved.bytes == _held_bytes_qlora(shape, Lora(dropout=dropout), double=double)
+    assert saved.bytes == held_bytes_qlora("bf16", shape, Lora(dropout=dropout), double=double)
 
 
 def test_installed_bitsandbytes_keeps_no_matmul_input() -> None:
@@ -322,6 +248,27 @@ def test_litgpt_qlora_refuses_what_litgpt_does_not_run(
     spec = qlora_spec(precision=precision, **finetune_keys)
     saved = micro_batch_of(spec, from_config(tiny()))
     assert not saved.modelled and why in saved.notes[0]
+
+
+def test_litgpt_qlora_refuses_recomputation_and_more_than_one_device() -> None:
+    """litgpt 0.5.9 finetune/lora.py::setup (read): --quantize raises NotImplementedError on
+    more than one device, and LitGPT recomputes only under the FSDPStrategy it builds for
+    more than one."""
+    spec = make_spec(
+        model={"architecture": tiny(), "implementation": "litgpt"},
+        training={"activation_checkpointing": "full"},
+        finetune={"method": "qlora"},
+    )
+    saved = micro_batch_of(spec, from_config(tiny()))
+    assert not saved.modelled and "activation_checkpointing none" in saved.notes[0]
+    two = make_spec(
+        model={"architecture": tiny(), "implementation": "litgpt"},
+        parallelism={"data": 2},
+        finetune={"method": "qlora"},
+    )
+    with pytest.raises(MemplanError, match="not supported for multi-GPU") as err:
+        finetune.apply(two, from_config(tiny()))
+    assert err.value.field == "parallelism"
 
 
 def test_old_bitsandbytes_is_refused_under_transformers() -> None:

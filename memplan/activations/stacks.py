@@ -30,6 +30,12 @@ def litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
             "included (Lightning's BitsandbytesPrecision, no ignore_modules), and never calls "
             "prepare_model_for_kbit_training"
         )
+    elif ft.method == "qlora" and st.checkpointing != "none":
+        why = (
+            "LitGPT recomputes only under its FSDPStrategy (finetune/lora.py::setup, more than "
+            "one device), which --quantize refuses: qlora runs with activation_checkpointing "
+            "none"
+        )
     elif ft.freeze or ft.modules_to_save or ft.exclude_modules or ft.bias != "none":
         why = (
             "LitGPT's LoRA trains the adapters only (lora.py::mark_only_lora_as_trainable, "

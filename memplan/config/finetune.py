@@ -67,9 +67,10 @@ class FinetuneSpec(Frozen):
     16-bit parameter to fp32)."""
     bnb_version: str | None = None
     """qlora: the bitsandbytes release the job runs, as a quoted string ("0.41.1"); default:
-    the one memplan's rules describe (0.50). Before 0.43.2 every 4-bit matmul keeps its input
-    for backward (autograd/_functions.py::MatMul4Bit.forward `ctx.tensors = (A, B)`; dropped
-    by bitsandbytes PR #1270), modelled under model.implementation litgpt."""
+    the one memplan's rules describe (0.50; litgpt 0.5.9's `extra` asks >=0.45.2,<0.45.5 on
+    Linux). Before 0.43.2 every 4-bit matmul keeps its input for backward
+    (autograd/_functions.py::MatMul4Bit.forward `ctx.tensors = (A, B)`; dropped by
+    bitsandbytes PR #1270), modelled under model.implementation litgpt."""
     freeze: tuple[str, ...] = ()
     """Parameters that do not train, as fnmatch patterns over their names (shell-style:
     `*` any characters dots included, `?` one, `[0-9]` one digit), e.g.

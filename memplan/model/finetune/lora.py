@@ -263,6 +263,15 @@ def apply(spec: Spec, inventory: Inventory) -> Inventory:
     if lightning_4bit:
         from memplan.model.stacks import litgpt_qlora
 
+        if spec.parallelism.world_size > 1:
+            raise MemplanError(
+                f"qlora under model.implementation litgpt runs on one device: litgpt "
+                f"{litgpt.VERSION} finetune/lora.py::setup refuses --quantize on more "
+                '(NotImplementedError: "Quantization is currently not supported for multi-GPU '
+                f'training"); this layout has {spec.parallelism.world_size} GPUs.',
+                field="parallelism",
+            )
+
         ft = litgpt_qlora.lightning_quantization(ft)  # Lightning's 4-bit linears, head included
     out = _apply(
         inventory,
