@@ -9,8 +9,8 @@ checkpointing none/full/selective, on CUDA or CPU kernels. Families without rule
 the saved tensors are those of torchtitan's own Llama 3/Qwen3 (memplan.model.stacks.torchtitan:
 none, full, its per-op `selective-op` and every-Nth-layer `checkpoint_every`), never a profile
 traced from transformers; with `model.implementation: litgpt` those of LitGPT's own GPT
-(memplan.model.stacks.litgpt: none and full, one device or data parallelism; its LoRA:
-memplan.model.stacks.litgpt_lora); with
+(memplan.model.stacks.litgpt: none and full, one device or data parallelism; its LoRA and
+QLoRA: memplan.model.stacks.litgpt_lora, litgpt_qlora); with
 `megatron-core`, those of Megatron-Core's GPTModel (memplan.model.stacks.megatron: local or TE
 layer spec, none / full / selective).
 """
