@@ -193,7 +193,12 @@ def litgpt(mbs: int, quantize: str | None = None) -> dict[str, Any]:
         "target_modules": ["q_proj", "v_proj"],
     }
     if quantize:
-        lora |= {"quant_type": "nf4", "double_quant": quantize == "bnb.nf4-dq"}
+        # The reference file's bitsandbytes 0.41.1: MatMul4Bit keeps each 4-bit matmul's input.
+        lora |= {
+            "quant_type": "nf4",
+            "double_quant": quantize == "bnb.nf4-dq",
+            "bnb_version": "0.41.1",
+        }
     return {
         "model": {"preset": "llama-2-7b", "implementation": "litgpt"},
         "precision": {"preset": "bf16"},  # Fabric --precision bf16-true
@@ -225,10 +230,19 @@ LITGPT_2023 = (
     "scaled_dot_product_attention), else SDPA: memplan models SDPA.",
 )
 LITGPT_QLORA_2023 = (
-    "lit-gpt 8641822 with --quantize: Lightning's BitsandbytesPrecision quantizes every "
-    "nn.Linear, the head included (transformers' BitsAndBytesConfig skips lm_head), and the "
-    "optimizer is bnb.optim.PagedAdamW (memplan optimizer paged_adamw); 0.5.9 also swaps the "
-    "embedding for bitsandbytes' StableEmbedding.",
+    "lit-gpt 8641822 with --quantize (git show 8641822:finetune/lora.py): Lightning's "
+    "BitsandbytesPrecision(quantize[4:], dtype) quantizes every nn.Linear, the head included, "
+    "and the optimizer is bnb.optim.PagedAdamW over the LoRA parameters, as litgpt 0.5.9 "
+    "(memplan.model.stacks.litgpt_qlora). bitsandbytes 0.41.1 keeps every 4-bit matmul's input "
+    "(MatMul4Bit.forward `ctx.tensors = (A, B)`, finetune.bnb_version 0.41.1): 1.82 GiB here; "
+    "with memplan's default bitsandbytes (>= 0.43.2, PR #1270) the rows would be 11.73 and "
+    "11.44 GiB (-10.9%, -11.2%).",
+    "version gap, not subtracted: 8641822 has no StableEmbedding swap (litgpt 0.5.9 "
+    "finetune/lora.py::main adds it), about 0.29 GiB that 0.5.9 holds more (the embedding's "
+    "bf16 gradient, 262,144,000 B; its LayerNorm's saved input; layer 0's norm and kept input); "
+    "and 8641822's RMSNorm keeps its bf16 input where 0.5.9 keeps an fp32 copy, 0.64 GiB at "
+    "micro-batch 1 (LITGPT_2023). Without the two, memplan would be about 4% under, as the "
+    "LoRA rows would be about 3.5% under without the second.",
 )
 
 TITAN_2025 = (

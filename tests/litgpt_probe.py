@@ -570,3 +570,77 @@ def loss_backward_excess(precision: str, shape: Shape, lora: Lora = Lora()) -> i
         spy.measuring = False
     del grads
     return spy.most - start
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""The dtype LitGPT's BitsandbytesPrecision computes in for 32-true and bf16-true."""
+
+
+def lightning_4bit_modules(lora: Lora, shape: Shape) -> dict[str, tuple[int, int]]:
+    """{name: (out, in)} of the Linears Lightning's BitsandbytesPrecision("nf4") makes 4-bit in
+    litgpt's LoRA GPT (convert_module on the meta device: the classes swapped, nothing
+    quantized)."""
+    import bitsandbytes as bnb
+    from lightning.fabric.plugins import BitsandbytesPrecision
+    from litgpt.lora import GPT
+
+    with torch.device("meta"):
+        model = GPT(lora_config(shape, lora))
+    BitsandbytesPrecision("nf4", torch.bfloat16).convert_module(model)
+    return {
+        n: (m.out_features, m.in_features)
+        for n, m in model.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
+
+
+def held_bytes_qlora(precision: str, shape: Shape, lora: Lora, *, double: bool) -> int:
+    """What litgpt's LoRA GPT holds after finetune/lora.py's forward and loss with QLoRA on CPU:
+    Fabric's `PRECISION[precision]`, 32-true or bf16-true (bf16-true's forward_context sets
+    the default dtype to bf16 as BitsandbytesPrecision's does; the output is cast to fp32 as
+    both plugins do), every
+    Linear Lightning's convert_module picks made a bitsandbytes Linear4bit quantized by
+    bitsandbytes on CPU from fp16, and the embedding swapped for StableEmbedding as
+    finetune/lora.py::main swaps it."""
+    import bitsandbytes as bnb
+    import lightning as L
+    from litgpt.lora import GPT, LoRAQKVLinear, mark_only_lora_as_trainable
+
+    names = set(lightning_4bit_modules(lora, shape))
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=PRECISION[precision])  # type: ignore[arg-type]
+    with fabric.init_module():
+        model = GPT(lora_config(shape, lora))
+    mark_only_lora_as_trainable(model)
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        old = getattr(owner, attr)
+        new = bnb.nn.Linear4bit(
+            old.in_features,
+            old.out_features,
+            bias=old.bias is not None,
+            compute_dtype=DTYPES[precision],
+            quant_type="nf4",
+            compress_statistics=double,
+            device="meta",
+        )
+        new.weight = bnb.nn.Params4bit(
+            old.weight.data.to(torch.half),
+            requires_grad=False,
+            quant_type="nf4",
+            compress_statistics=double,
+            blocksize=64,
+        )
+        setattr(owner, attr, new.to("cpu"))  # bitsandbytes quantizes here
+    for m in model.modules():
+        if isinstance(m, LoRAQKVLinear) and any(m.enable_lora) and m.r > 0:
+            m.lora_ind  # noqa: B018 - the lazy buffer, made before the measure
+    wrapped = fabric.setup(model)
+    old = model.transformer.wte
+    model.transformer.wte = bnb.nn.StableEmbedding(old.num_embeddings, old.embedding_dim)
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(old.weight)
+    model.transformer.wte = model.transformer.wte.to(device="cpu", dtype=old.weight.dtype)
+    assert all(m.weight.dtype == torch.uint8 for n, m in model.named_modules() if n in names)
+    return _run_lora(wrapped, model, shape)

@@ -165,13 +165,16 @@ def test_litgpt_lora_refuses_what_litgpt_cannot_express(finetune: dict[str, Any]
     assert saved.implementation == "litgpt"
 
 
-def test_litgpt_refuses_qlora_and_fp16_lora() -> None:
-    qlora = make_spec(
-        model={"architecture": tiny(), "implementation": "litgpt"},
-        finetune={"method": "qlora"},
-    )
-    saved = micro_batch_of(qlora, from_config(tiny()))
-    assert not saved.modelled and "Lightning quantizes on CUDA only" in saved.notes[0]
+def test_litgpt_refuses_transformers_qlora_keys_and_fp16_lora() -> None:
+    """QLoRA under LitGPT is modelled (tests/test_litgpt_qlora.py); transformers' and peft's
+    own QLoRA keys are not LitGPT options."""
+    for key in ({"skip_modules": ["lm_head"]}, {"prepare_kbit": False}):
+        qlora = make_spec(
+            model={"architecture": tiny(), "implementation": "litgpt"},
+            finetune={"method": "qlora", **key},
+        )
+        saved = micro_batch_of(qlora, from_config(tiny()))
+        assert not saved.modelled and "no ignore_modules" in saved.notes[0]
     half = lora_spec(precision="fp16")
     saved = micro_batch_of(half, from_config(tiny()))
     assert not saved.modelled and "16-true and 16-mixed are not modelled" in saved.notes[0]

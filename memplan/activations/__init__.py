@@ -9,8 +9,8 @@ checkpointing none/full/selective, on CUDA or CPU kernels. Families without rule
 the saved tensors are those of torchtitan's own Llama 3/Qwen3 (memplan.model.stacks.torchtitan:
 none, full, its per-op `selective-op` and every-Nth-layer `checkpoint_every`), never a profile
 traced from transformers; with `model.implementation: litgpt` those of LitGPT's own GPT
-(memplan.model.stacks.litgpt: none and full, one device or data parallelism; its LoRA:
-memplan.model.stacks.litgpt_lora); with
+(memplan.model.stacks.litgpt: none and full, one device or data parallelism; its LoRA and
+QLoRA: memplan.model.stacks.litgpt_lora, litgpt_qlora); with
 `megatron-core`, those of Megatron-Core's GPTModel (memplan.model.stacks.megatron: local or TE
 layer spec, none / full / selective).
 """
@@ -22,7 +22,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from memplan.activations import lora
-from memplan.config.finetune import FinetuneSpec
+from memplan.config.finetune import FinetuneSpec, bnb_keeps_input
 from memplan.model import profile
 from memplan.model.families import family_of, modelled_model_types
 from memplan.model.forward import compiled
@@ -280,6 +280,17 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
         from memplan.activations import stacks
 
         return stacks.litgpt_lora(arch, st, ft)
+    if ft.method == "qlora" and bnb_keeps_input(ft):
+        from memplan.activations import layout
+
+        return replace(
+            layout.refused(
+                f"finetune.bnb_version {ft.bnb_version}: a bitsandbytes before 0.43.2 keeps "
+                "every 4-bit matmul's input for backward, modelled under model.implementation "
+                "litgpt only (memplan.model.stacks.litgpt_lora)"
+            ),
+            implementation=st.implementation,
+        )
     if st.implementation != "transformers" and (ft.method != "full" or ft.freeze):
         from memplan.activations import layout
 

@@ -15,19 +15,26 @@ from memplan.states.layout import Layout
 
 
 def litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activations:
-    """LitGPT's LoRA (memplan.model.stacks.litgpt_lora): litgpt 0.5.9's finetune/lora.py,
-    whose options are lora.py::Config's flags; what they cannot say is refused."""
-    from memplan.model.stacks import litgpt, litgpt_lora
+    """LitGPT's LoRA and QLoRA (memplan.model.stacks.litgpt_lora): litgpt 0.5.9's
+    finetune/lora.py, whose options are lora.py::Config's flags and --quantize bnb.*; what
+    they cannot say is refused."""
+    from memplan.config.finetune import bnb_keeps_input
+    from memplan.model.stacks import litgpt, litgpt_lora, litgpt_qlora
 
     why = ""
-    if ft.method == "qlora":
+    lightning = ("skip_modules", "prepare_kbit")
+    if ft.method == "qlora" and any(k in ft.model_fields_set for k in lightning):
         why = (
-            "qlora under LitGPT (finetune/lora.py --quantize bnb.nf4: Lightning's "
-            "BitsandbytesPrecision quantizes every Linear, the head included, and litgpt "
-            "0.5.9 swaps the embedding for bitsandbytes' StableEmbedding) is not modelled: "
-            "Lightning quantizes on CUDA only (lightning 2.6 fabric/plugins/precision/"
-            "bitsandbytes.py::_Linear4bit.quantize raises on any other device), so no rule "
-            "is proved for it"
+            "finetune.skip_modules and prepare_kbit are transformers' and peft's: LitGPT's "
+            "QLoRA (finetune/lora.py --quantize bnb.*) quantizes every Linear, the head "
+            "included (Lightning's BitsandbytesPrecision, no ignore_modules), and never calls "
+            "prepare_model_for_kbit_training"
+        )
+    elif ft.method == "qlora" and st.checkpointing != "none":
+        why = (
+            "LitGPT recomputes only under its FSDPStrategy (finetune/lora.py::setup, more than "
+            "one device), which --quantize refuses: qlora runs with activation_checkpointing "
+            "none"
         )
     elif ft.freeze or ft.modules_to_save or ft.exclude_modules or ft.bias != "none":
         why = (
@@ -40,7 +47,10 @@ def litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
         why = flags
     if why or isinstance(flags, str):
         return litgpt.refused(f"activations not modelled: {why}.")
-    return litgpt_lora.saved(arch, st, flags)
+    quant = None
+    if ft.method == "qlora":
+        quant = litgpt_qlora.Quant(keeps_input=bnb_keeps_input(ft))
+    return litgpt_lora.saved(arch, st, flags, quant)
 
 
 def megatron_core(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:

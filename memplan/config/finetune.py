@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from memplan.config.base import Frozen, PositiveInt
 
@@ -20,7 +20,7 @@ _ADAPTER_KEYS = (
     "bias",
     "autocast_adapter_dtype",
 )
-_QLORA_KEYS = ("quant_type", "double_quant", "skip_modules", "prepare_kbit")
+_QLORA_KEYS = ("quant_type", "double_quant", "skip_modules", "prepare_kbit", "bnb_version")
 
 
 class FinetuneSpec(Frozen):
@@ -65,10 +65,28 @@ class FinetuneSpec(Frozen):
     prepare_kbit: bool = True
     """qlora: peft `prepare_model_for_kbit_training` was called (casts every non-quantized
     16-bit parameter to fp32)."""
+    bnb_version: str | None = None
+    """qlora: the bitsandbytes release the job runs, as a quoted string ("0.41.1"); default:
+    the one memplan's rules describe (0.50; litgpt 0.5.9's `extra` asks >=0.45.2,<0.45.5 on
+    Linux). Before 0.43.2 every 4-bit matmul keeps its input for backward
+    (autograd/_functions.py::MatMul4Bit.forward `ctx.tensors = (A, B)`; dropped by
+    bitsandbytes PR #1270), modelled under model.implementation litgpt."""
     freeze: tuple[str, ...] = ()
     """Parameters that do not train, as fnmatch patterns over their names (shell-style:
     `*` any characters dots included, `?` one, `[0-9]` one digit), e.g.
     `model.embed_tokens.*`, `model.layers.[0-9].*`."""
+
+    @field_validator("bnb_version", mode="before")
+    @classmethod
+    def _bnb_version(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            # YAML reads 0.50 as the number 0.5: only a string keeps the version.
+            raise ValueError('write the version as a string, e.g. "0.41.1" (quoted)')
+        if bnb_release(value) is None:
+            raise ValueError(f"{value!r} is not a version (expected MAJOR.MINOR[.PATCH])")
+        return value.strip()
 
     @model_validator(mode="after")
     def _keys_fit_method(self) -> FinetuneSpec:
@@ -85,3 +103,26 @@ class FinetuneSpec(Frozen):
             if stray:
                 raise ValueError(f"{', '.join(stray)} apply to method: qlora only")
         return self
+
+
+BNB_KEEPS_INPUT_BEFORE = (0, 43, 2)
+"""bitsandbytes' MatMul4Bit keeps its input A for backward before 0.43.2 (0.41.1
+autograd/_functions.py::MatMul4Bit.forward: `ctx.tensors = (A, B)` when any input needs
+grad; commit 9e75374 "fix QLoRA mem bug: delete useless buffered activation" (#1270), first
+tagged 0.43.2, keeps `(None, B)`)."""
+
+
+def bnb_release(version: str) -> tuple[int, int, int] | None:
+    """(major, minor, patch) of "0.41.1" or "0.43" (patch 0); None when not a version."""
+    parts = version.strip().split(".")
+    if not 2 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+        return None
+    major, minor, patch = (int(p) for p in (*parts, "0")[:3])
+    return major, minor, patch
+
+
+def bnb_keeps_input(ft: FinetuneSpec) -> bool:
+    """Whether the job's bitsandbytes keeps each 4-bit matmul's input (BNB_KEEPS_INPUT_BEFORE);
+    False for memplan's default release."""
+    release = bnb_release(ft.bnb_version) if ft.bnb_version else None
+    return release is not None and release < BNB_KEEPS_INPUT_BEFORE

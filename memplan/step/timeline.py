@@ -276,7 +276,10 @@ def transients(
             )
         )
     dequantized = own.qlora_dequantized(
-        states.inventory, step.finetune, compute=step.recipe.compute
+        states.inventory,
+        step.finetune,
+        compute=step.recipe.compute,
+        implementation=saved.implementation,
     )
     if dequantized is not None:
         out.append(dequantized)

@@ -352,11 +352,15 @@ def fp8_weights(
 
 
 def qlora_dequantized(
-    inventory: Inventory, finetune: FinetuneSpec, *, compute: str
+    inventory: Inventory, finetune: FinetuneSpec, *, compute: str, implementation: str = ""
 ) -> Transient | None:
     """The largest 4-bit weight QLoRA dequantizes for its matmul (memplan.model.finetune.qlora);
-    None without QLoRA."""
-    dequantized = qlora.dequantize_transient(inventory, finetune, compute=compute)
+    None without QLoRA. Under LitGPT, Lightning quantized it from fp16
+    (qlora.LIGHTNING_STATE_DTYPE)."""
+    state = qlora.LIGHTNING_STATE_DTYPE if implementation == "litgpt" else None
+    dequantized = qlora.dequantize_transient(
+        inventory, finetune, compute=compute, state_dtype=state
+    )
     if dequantized is None:
         return None
     return Transient(

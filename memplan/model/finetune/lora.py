@@ -29,6 +29,7 @@ from memplan.config.finetune import FinetuneSpec
 from memplan.config.spec import Spec
 from memplan.errors import MemplanError
 from memplan.hardware import nearest
+from memplan.model.finetune import qlora
 from memplan.model.finetune.qlora import quantize_4bit
 from memplan.model.finetune.targets import (
     ADAPTER,
@@ -258,7 +259,21 @@ def apply(spec: Spec, inventory: Inventory) -> Inventory:
     ft = spec.finetune
     if ft.method == "full" and not ft.freeze:
         return inventory
-    return _apply(
+    lightning_4bit = spec.model.implementation == "litgpt" and ft.method == "qlora"
+    if lightning_4bit:
+        from memplan.model.stacks import litgpt_qlora
+
+        if spec.parallelism.world_size > 1:
+            raise MemplanError(
+                f"qlora under model.implementation litgpt runs on one device: litgpt "
+                f"{litgpt.VERSION} finetune/lora.py::setup refuses --quantize on more "
+                '(NotImplementedError: "Quantization is currently not supported for multi-GPU '
+                f'training"); this layout has {spec.parallelism.world_size} GPUs.',
+                field="parallelism",
+            )
+
+        ft = litgpt_qlora.lightning_quantization(ft)  # Lightning's 4-bit linears, head included
+    out = _apply(
         inventory,
         ft,
         adapter=adapter_dtype(spec),
@@ -268,7 +283,11 @@ def apply(spec: Spec, inventory: Inventory) -> Inventory:
         engine=spec.parallelism.engine,
         stage=spec.parallelism.stage,
         tensor=spec.parallelism.tensor,
+        state_dtype=qlora.LIGHTNING_STATE_DTYPE if lightning_4bit else None,
     )
+    if lightning_4bit:
+        out = litgpt_qlora.stable_embedding(out)  # LitGPT's QLoRA swaps in StableEmbedding
+    return out
 
 
 @lru_cache(maxsize=256)
@@ -283,6 +302,7 @@ def _apply(
     engine: str,
     stage: int,
     tensor: int,
+    state_dtype: str | None = None,
 ) -> Inventory:
     if inventory.is_bare_count or inventory.architecture is None:
         raise MemplanError(
@@ -307,7 +327,7 @@ def _apply(
         )
     out = inventory
     if ft.method == "qlora":
-        out = quantize_4bit(out, ft, compute=compute)
+        out = quantize_4bit(out, ft, compute=compute, state_dtype=state_dtype)
     if ft.method in ("lora", "qlora"):
         out = lora(out, ft, dtype=adapter, reference=inventory)
     out = freeze(out, ft.freeze)

@@ -29,6 +29,15 @@ SRC_BNB_DEQUANT = (
     "ctx.state).to(dtype)), backends/cuda/ops.py::_gemm_4bit_use_custom_cuda"
 )
 
+SRC_LIGHTNING_QUANT = (
+    "lightning 2.6 fabric/plugins/precision/bitsandbytes.py::_Linear4bit.quantize "
+    "(`weight.contiguous().to(device=device, dtype=torch.half)`, then quantize_4bit with the "
+    "Params4bit's blocksize, compress_statistics and quant_type)"
+)
+LIGHTNING_STATE_DTYPE = "fp16"
+"""The dtype Lightning quantizes every weight from (SRC_LIGHTNING_QUANT): QuantState.dtype,
+what dequantize_4bit returns before MatMul4Bit's `.to(A.dtype)`."""
+
 # bitsandbytes: Params4bit / quantize_4bit's default blocksize (transformers passes none), the
 # nested (double) quantization of the absmax in blocks of 256 with the 8-bit dynamic map
 # (functional.py::quantize_4bit: `quantize_blockwise(_absmax - offset, blocksize=256)`), the
@@ -43,7 +52,9 @@ BNB_DYNAMIC_MAP_ELEMS = 256
 BNB_VALUES_PER_BYTE = 2
 
 
-def quantize_4bit(inventory: Inventory, ft: FinetuneSpec, *, compute: str) -> Inventory:
+def quantize_4bit(
+    inventory: Inventory, ft: FinetuneSpec, *, compute: str, state_dtype: str | None = None
+) -> Inventory:
     """transformers BitsAndBytesConfig(load_in_4bit=True) then peft
     prepare_model_for_kbit_training: which modules become bnb Linear4bit, and what each holds.
 
@@ -59,6 +70,7 @@ def quantize_4bit(inventory: Inventory, ft: FinetuneSpec, *, compute: str) -> In
     The quantization state is not a parameter; memplan lists it with the buffers (held whole
     by every rank, no gradient). prepare_kbit (peft utils/other.py::
     prepare_model_for_kbit_training) then casts every other 16-bit parameter to fp32.
+    `state_dtype`: as `dequantized_weight_bytes`'s (Lightning's fp16), for the note.
     """
     mods = modules(inventory)
     skip = default_skips(inventory) if ft.skip_modules is None else None
@@ -83,14 +95,17 @@ def quantize_4bit(inventory: Inventory, ft: FinetuneSpec, *, compute: str) -> In
             params.append(frozen(t))
     upcast = "; other parameters upcast to fp32 (prepare_model_for_kbit_training)"
     largest = max((t.numel for t in inventory.parameters if owner(t.name) in chosen), default=0)
-    transient = dequantized_weight_bytes(largest, compute=compute, double=ft.double_quant)
+    transient = dequantized_weight_bytes(
+        largest, compute=compute, double=ft.double_quant, state_dtype=state_dtype
+    )
+    held = compute if state_dtype in (None, compute) else f"{state_dtype}, then {compute}"
     note = (
         f"{FINETUNE_NOTE} {len(quantized)} Linear modules in 4-bit {ft.quant_type} "
         f"(blocksize {BNB_4BIT_BLOCKSIZE}, double quantization "
         f"{'on' if ft.double_quant else 'off'}), quantization state counted with the buffers"
         f"{upcast if ft.prepare_kbit else ''}. Each 4-bit Linear dequantizes its weight for "
         f"its matmuls: one layer's worth, {transient:,} B for the largest ({largest:,} "
-        f"elements in {compute}), alive during its forward and backward (transient "
+        f"elements in {held}), alive during its forward and backward (transient "
         "qlora_dequantized_weight)."
     )
     return replace(
@@ -101,13 +116,22 @@ def quantize_4bit(inventory: Inventory, ft: FinetuneSpec, *, compute: str) -> In
     )
 
 
-def dequantized_weight_bytes(numel: int, *, compute: str, double: bool) -> int:
+def dequantized_weight_bytes(
+    numel: int, *, compute: str, double: bool, state_dtype: str | None = None
+) -> int:
     """The transient of one 4-bit Linear's matmul: bitsandbytes MatMul4Bit dequantizes the
     whole weight into the compute dtype (autograd/_functions.py::MatMul4Bit.backward:
     `F.dequantize_4bit(B, ctx.state).to(grad_output.dtype)`, 0.50.1; the forward too up to
     0.49, and in 0.50 for more than a few rows: backends/cuda/ops.py::
     _gemm_4bit_use_custom_cuda), after dequantizing a nested absmax to fp32
-    (functional.py::dequantize_4bit). Only one layer's weight is alive at a time."""
+    (functional.py::dequantize_4bit). Only one layer's weight is alive at a time.
+
+    `state_dtype`: the dtype the weight was quantized from (QuantState.dtype, what
+    dequantize_4bit returns) when it differs from the compute dtype, as under Lightning
+    (SRC_LIGHTNING_QUANT: fp16): `.to(compute)` then copies the fp16 weight while it is
+    alive, two copies at once (the nested absmax is freed when dequantize_4bit returns)."""
+    if state_dtype is not None and state_dtype != compute:
+        return numel * (dtype_bytes(state_dtype) + dtype_bytes(compute))
     blocks = -(-numel // BNB_4BIT_BLOCKSIZE)
     return numel * dtype_bytes(compute) + (blocks * dtype_bytes("fp32") if double else 0)
 
@@ -137,18 +161,25 @@ def _skipped(name: str, ft: FinetuneSpec, default: set[str] | None) -> bool:
 
 
 def dequantize_transient(
-    inventory: Inventory, ft: FinetuneSpec, *, compute: str
+    inventory: Inventory, ft: FinetuneSpec, *, compute: str, state_dtype: str | None = None
 ) -> tuple[int, str] | None:
     """(bytes, formula) of the largest 4-bit weight dequantized for its matmul
     (`dequantized_weight_bytes`), from the packed weights of a `quantize_4bit` inventory;
-    None without qlora."""
+    None without qlora. `state_dtype`: as `dequantized_weight_bytes`'s."""
     if ft.method != "qlora":
         return None
     rows = max((t.shape[0] for t in inventory.parameters if _is_packed(t)), default=0)
     if not rows:
         return None
     numel = rows * BNB_VALUES_PER_BYTE
-    n = dequantized_weight_bytes(numel, compute=compute, double=ft.double_quant)
+    n = dequantized_weight_bytes(
+        numel, compute=compute, double=ft.double_quant, state_dtype=state_dtype
+    )
+    if state_dtype is not None and state_dtype != compute:
+        return n, (
+            f"the largest 4-bit weight, {numel:,} elements, dequantized to {state_dtype} "
+            f"({dtype_bytes(state_dtype)} B) and copied to {compute} ({dtype_bytes(compute)} B)"
+        )
     return n, (
         f"the largest 4-bit weight, {numel:,} elements x {dtype_bytes(compute)} B ({compute})"
         + (" + its nested absmax in fp32" if ft.double_quant else "")

@@ -33,16 +33,36 @@ head chunk, and the adapters' inputs and weights are cast for their matmuls).
 
 Proved on CPU against litgpt 0.5.9's real LoRA model, run by Fabric, by
 tests/test_litgpt_lora.py (benchmarks/litgpt_lora.py: the whole matrix).
+
+QLoRA (`finetune.method: qlora`: finetune/lora.py `--quantize bnb.nf4` / `bnb.nf4-dq` /
+`bnb.fp4` / `bnb.fp4-dq`), from source only: Lightning quantizes on CUDA only (lightning 2.6
+fabric/plugins/precision/bitsandbytes.py::_Linear4bit.quantize: `if device.type != "cuda":
+raise RuntimeError(f"Unexpected device type: {device.type}")`), so the rule is proved on
+LitGPT's published rows (benchmarks/published_others.py) and bitsandbytes' own quantize_4bit
+and MatMul4Bit on CPU (tests/test_litgpt_qlora.py):
+- setup: `BitsandbytesPrecision(quantize[4:], dtype)` with no ignore_modules;
+  convert_module -> _convert_layers replaces every torch.nn.Linear, the LoRA layers' `linear`
+  and `lm_head` included, by bnb Linear4bit (`lightning_quantization`: the quantized sizes
+  are memplan.model.finetune.qlora's); `--precision *-mixed` is refused there ("Quantization
+  and mixed precision is not supported.").
+- main: after `instantiate_bnb_optimizer(optimizer, model.parameters())` (PagedAdamW over the
+  parameters as they are then) the embedding is swapped for bitsandbytes' StableEmbedding
+  (litgpt_qlora.stable_embedding): a new module, so its weight and its LayerNorm's weight and bias
+  require grad though no optimizer holds them; its forward saves the indices and the
+  LayerNorm's input, mean and rstd, and every layer's input then requires grad.
+- bitsandbytes before 0.43.2 (finetune.bnb_version) keeps every 4-bit matmul's input A
+  (litgpt_qlora.Quant.keeps_input); every release dequantizes the weight per call (a step transient,
+  memplan.step.transients.qlora_dequantized).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import litgpt
+from memplan.model.stacks import litgpt, litgpt_qlora
 from memplan.precision import dtype_bytes
 
 SRC_LORA = f"litgpt {litgpt.VERSION} litgpt/lora.py"
@@ -208,25 +228,40 @@ def _adapter(
     return out
 
 
-def _layer(arch: Architecture, st: Setting, fl: Flags, g_in: bool) -> tuple[list[Saved], bool]:
+def _kept(x: Saved, keep: bool) -> tuple[list[Saved], Saved | None]:
+    """A 4-bit matmul's input kept by MatMul4Bit (`keep`: bitsandbytes before 0.43.2 and the
+    input requires grad, litgpt_qlora.SRC_KEEPS_A): ([x], None), so that an adapter reading the same
+    storage does not count it again; else ([], x)."""
+    if keep:
+        return [replace(x, saved_by="MatMul4BitBackward", source=litgpt_qlora.SRC_KEEPS_A)], None
+    return [], x
+
+
+def _layer(
+    arch: Architecture, st: Setting, fl: Flags, g_in: bool, q: litgpt_qlora.Quant | None = None
+) -> tuple[list[Saved], bool]:
     """One Block's saved tensors with LitGPT's LoRA, and whether its output requires grad.
     `g_in`: its input requires grad. The norms' outputs are in the stream dtype, the
-    matmuls' (attention, MLP) in the matmul dtype."""
+    matmuls' (attention, MLP) in the matmul dtype. `q`: the base linears are bnb 4-bit."""
     h, a, kv, d = kernels.attention_dims(arch)
     t, inter, stream, mm = st.tokens, arch.intermediate_size, st.stream, st.matmul
+    keeps = q is not None and q.keeps_input
     out: list[Saved] = []
     if g_in:
         out += _norm("norm_1", t, h, st)
     out += _weight_cast("attn.qkv", ((a + 2 * kv) * d, h), st, x_grad=g_in)
     # norm_1's output, as lora_A keeps it with dropout off.
-    normed = kernels.saved("norm_1.output", (t, h), stream, "MmBackward0", SRC_QKV)
+    kept, normed_x = _kept(
+        kernels.saved("norm_1.output", (t, h), stream, "MmBackward0", SRC_QKV), keeps and g_in
+    )
+    out += kept
     parts = sum(fl.qkv)
     if fl.r and parts:
         widths = (a * d, kv * d, kv * d)
         padded = sum(w for w, on in zip(widths, fl.qkv, strict=True) if on)
         out += _adapter(
             "attn.qkv",
-            normed,
+            normed_x,
             (t, h),
             padded,
             parts,
@@ -246,7 +281,11 @@ def _layer(arch: Architecture, st: Setting, fl: Flags, g_in: bool) -> tuple[list
     if g_qkv:
         out += [s for s in litgpt.attention_saves(arch, st) if s.name != "attn.proj.input"]
     out += _weight_cast("attn.proj", (h, a * d), st, x_grad=g_qkv)
-    y = kernels.saved("attn.proj.input", (t, a * d), mm, "MmBackward0", SRC_LINEAR)
+    kept, y = _kept(
+        kernels.saved("attn.proj.input", (t, a * d), mm, "MmBackward0", SRC_LINEAR),
+        keeps and g_qkv,
+    )
+    out += kept
     if fl.r and fl.projection:
         out += _adapter(
             "attn.proj", y, (t, a * d), h, 1, fl, st, x_dtype=mm, x_grad=g_qkv, src=SRC_LINEAR
@@ -257,7 +296,12 @@ def _layer(arch: Architecture, st: Setting, fl: Flags, g_in: bool) -> tuple[list
     out += _weight_cast("mlp.fc_1", (inter, h), st, x_grad=g_res)
     out += _weight_cast("mlp.fc_2", (inter, h), st, x_grad=g_res)
     mlp = bool(fl.r and fl.mlp)
-    normed2 = kernels.saved("norm_2.output", (t, h), stream, "MmBackward0", SRC_LINEAR)
+    # fc_1 and fc_2 read the same norm_2 output: one storage, kept once.
+    kept, normed2 = _kept(
+        kernels.saved("norm_2.output", (t, h), stream, "MmBackward0", SRC_LINEAR),
+        keeps and g_res,
+    )
+    out += kept
     if mlp:
         # With dropout off (and no cast) both lora_A keep the same norm_2 output: one storage.
         for name, x in (("mlp.fc_1", normed2), ("mlp.fc_2", None)):
@@ -274,8 +318,12 @@ def _layer(arch: Architecture, st: Setting, fl: Flags, g_in: bool) -> tuple[list
             kernels.saved("mlp.fc_2.output", (t, inter), mm, "MulBackward0", src),
         ]
     out += _weight_cast("mlp.proj", (h, inter), st, x_grad=g_fc)
+    kept, prod = _kept(
+        kernels.saved("mlp.proj.input", (t, inter), mm, "MmBackward0", SRC_LINEAR),
+        keeps and g_fc,
+    )
+    out += kept
     if mlp:
-        prod = kernels.saved("mlp.proj.input", (t, inter), mm, "MmBackward0", SRC_LINEAR)
         out += _adapter(
             "mlp.proj", prod, (t, inter), h, 1, fl, st, x_dtype=mm, x_grad=True, src=SRC_LINEAR
         )
@@ -288,17 +336,25 @@ def _chunks(n: int) -> list[int]:
     return [HEAD_CHUNK] * full + ([last] if last else [])
 
 
-def _head(arch: Architecture, st: Setting, fl: Flags, g: bool) -> list[Saved]:
+def _head(
+    arch: Architecture, st: Setting, fl: Flags, g: bool, q: litgpt_qlora.Quant | None = None
+) -> list[Saved]:
     """ln_f (frozen) and the chunked head: the frozen head keeps nothing (under autocast, its
     weight's cast, once per chunk); with lora_head every 128-position slice `x_i` of ln_f's
     output has its own adapter. lora_A reads `x_i` through matmul's `reshape(-1, h)`: a view
     when the slice is contiguous (one sequence, or one slice), else a copy [B x chunk, h]
-    that lora_A keeps."""
+    that lora_A keeps. A 4-bit head keeping its input (`q.keeps_input`) keeps each slice
+    `x_i` itself (Linear4bit passes it to matmul_4bit unreshaped): views of ln_f's output,
+    one storage."""
     h, t, b, s, stream = arch.hidden_size, st.tokens, st.batch, st.sequence, st.stream
     out = _norm("transformer.ln_f", t, h, st) if g else []
     chunks = _chunks(s)
     for i, _ in enumerate(chunks):
         out += _weight_cast(f"lm_head.{i}", (arch.vocab_size, h), st, x_grad=g)
+    kept = q is not None and q.keeps_input and g
+    if kept:
+        ln_f = kernels.saved("transformer.ln_f.output", (t, h), stream, "MmBackward0", SRC_LINEAR)
+        out += _kept(ln_f, True)[0]
     if not (fl.r and fl.head):
         return out
     view = b == 1 or len(chunks) == 1
@@ -307,7 +363,7 @@ def _head(arch: Architecture, st: Setting, fl: Flags, g: bool) -> list[Saved]:
             name, shape = "transformer.ln_f.output", (t, h)
         else:
             name, shape = f"lm_head.{i}.input", (b * c, h)
-        first = not (view and i)
+        first = not (view and i) and not (view and kept)
         x = kernels.saved(name, shape, stream, "MmBackward0", SRC_LINEAR) if first else None
         out += _adapter(
             f"lm_head.{i}",
@@ -378,10 +434,17 @@ def unsupported(st: Setting) -> str:
     return ""
 
 
-def saved(arch: Architecture, st: Setting, fl: Flags) -> Activations:
+def saved(
+    arch: Architecture, st: Setting, fl: Flags, q: litgpt_qlora.Quant | None = None
+) -> Activations:
     """litgpt.lora.GPT's forward and finetune/lora.py's loss on one GPU: see the module
-    docstring."""
+    docstring. `q`: QLoRA (finetune/lora.py --quantize bnb.*)."""
     why = litgpt.unsupported(arch, st) or unsupported(st)
+    if not why and q is not None and st.stream != st.matmul:
+        why = (
+            'finetune/lora.py refuses --quantize with a *-mixed precision ("Quantization and '
+            'mixed precision is not supported."): use precision bf16 or fp32'
+        )
     if not why and arch.model_type in litgpt.NEOX_BLOCK:
         why = (
             "LitGPT's LoRA is proved on its Llama-shaped configs (Llama, Qwen2.5, Mistral, "
@@ -398,11 +461,18 @@ def saved(arch: Architecture, st: Setting, fl: Flags) -> Activations:
     if why:
         return litgpt.refused(f"activations not modelled: {why}.")
     h, vocab, t, b, s = arch.hidden_size, arch.vocab_size, st.tokens, st.batch, st.sequence
-    blocks = [Block(name="embeddings", count=1, tensors=())]
-    g = False  # the frozen embedding's output does not require grad
+    blocks = [
+        Block(
+            name="embeddings",
+            count=1,
+            tensors=tuple(litgpt_qlora.stable_embedding_saves(arch, st, q)),
+        )
+    ]
+    # The frozen embedding's output does not require grad; StableEmbedding's does.
+    g = q is not None
     runs: list[tuple[list[Saved], int]] = []
     for _ in range(arch.num_layers):
-        layer, g_out = _layer(arch, st, fl, g)
+        layer, g_out = _layer(arch, st, fl, g, q)
         if runs and runs[-1][0] == layer:
             runs[-1] = (layer, runs[-1][1] + 1)
         else:
@@ -424,9 +494,9 @@ def saved(arch: Architecture, st: Setting, fl: Flags) -> Activations:
             blocks.append(Block(name=name, count=count, tensors=(), layered=True))
         else:
             blocks.append(Block(name=name, count=count, tensors=tuple(layer), layered=True))
-    blocks.append(Block(name="head", count=1, tensors=tuple(_head(arch, st, fl, g))))
+    blocks.append(Block(name="head", count=1, tensors=tuple(_head(arch, st, fl, g, q))))
     blocks.append(Block(name="loss", count=1, tensors=tuple(loss(b, s, vocab))))
-    notes = (
+    notes: tuple[str, ...] = (
         f"litgpt {litgpt.VERSION}'s LoRA GPT (lora.py; r={fl.r}, dropout={fl.dropout}, "
         f"query={fl.query}, key={fl.key}, value={fl.value}, projection={fl.projection}, "
         f"mlp={fl.mlp}, head={fl.head}), every other parameter frozen "
@@ -435,6 +505,19 @@ def saved(arch: Architecture, st: Setting, fl: Flags) -> Activations:
         "LitGPT's fit loop keeps Fabric's fp32 logits chunks until the next forward returns: "
         "the step holds them in every phase (memplan.step.transients.litgpt_logits).",
     )
+    if q is not None:
+        notes += (
+            "QLoRA as finetune/lora.py --quantize bnb.* runs it: every Linear, lm_head "
+            "included, a bnb Linear4bit (Lightning's BitsandbytesPrecision); the embedding "
+            "swapped for bitsandbytes' StableEmbedding, whose weight requires grad: its "
+            "indices and LayerNorm are saved and every layer's input requires grad"
+            + (
+                "; bitsandbytes before 0.43.2 keeps every 4-bit matmul's input "
+                "(MatMul4Bit ctx.tensors = (A, B))."
+                if q.keeps_input
+                else "; bitsandbytes from 0.43.2 keeps no 4-bit matmul input."
+            ),
+        )
     return Activations(
         modelled=True,
         blocks=tuple(blocks),
