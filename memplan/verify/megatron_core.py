@@ -68,6 +68,11 @@ class Shape:
     kv_heads: int = 2
     ffn: int = 192
     vocab: int = 256
+    experts: int = 0
+    """Routed experts per layer (0: the dense MLP): Megatron-Core's MoELayer with the local
+    spec's SequentialMLP, TopKRouter (softmax, aux_loss balancing at AUX_LOSS_COEFF) and the
+    default allgather token dispatcher; every layer an MoE layer (Mixtral)."""
+    top_k: int = 2
 
 
 @contextlib.contextmanager
@@ -88,6 +93,39 @@ def cpu_stand_ins() -> Iterator[None]:
     finally:
         torch.cuda.current_device, mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = saved
         fused_softmax.get_default_causal_mask = mask
+
+
+ROUTING_PULL = 1e3
+"""What the balanced-routing stand-in adds to a chosen expert's router logit: far above the
+real logits (a tiny model's are under 1), so top-k picks exactly the chosen experts."""
+
+
+@contextlib.contextmanager
+def balanced_routing() -> Iterator[None]:
+    """Token i (in the router's flattened [s b] order) routed to experts (i k + j) mod E,
+    j < k: every expert receives tokens x k / E (token, expert) pairs from every rank, the
+    balanced routing memplan's MoE rule assumes. transformer/moe/router.py::Router.gating's
+    logits get a constant (no grad) added, `ROUTING_PULL` on the chosen experts: the add saves
+    nothing (AddBackward0) and its output replaces the logits tensor byte for byte, which
+    nothing saved (F.linear keeps its input and weight), so what autograd holds is the real
+    router's."""
+    from megatron.core.transformer.moe.router import Router
+
+    gating = Router.gating
+
+    def steered(self: Any, input: torch.Tensor) -> torch.Tensor:
+        logits = gating(self, input)
+        e, k = self.config.num_moe_experts, self.config.moe_router_topk
+        n = logits.numel() // e
+        chosen = (torch.arange(n).unsqueeze(1) * k + torch.arange(k)) % e
+        pull = torch.zeros(n, e).scatter_(1, chosen, ROUTING_PULL)
+        return logits + pull.view(logits.shape).to(logits.dtype)
+
+    Router.gating = steered  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Router.gating = gating  # type: ignore[method-assign]
 
 
 @functools.lru_cache(maxsize=32)
@@ -143,6 +181,7 @@ def build(
     dropout: float = 0.0,
     tensor: int = 1,
     sequence_parallel: bool = False,
+    expert: int = 1,
 ) -> Any:
     """GPTModel with get_gpt_layer_local_spec at `shape` (inside `one_rank`), parameters in
     `dtype` (bf16: a `bf16=True` TransformerConfig and the model wrapped in Float16Module,
@@ -189,11 +228,12 @@ def build(
         tensor_model_parallel_size=tensor,
         sequence_parallel=sequence_parallel,
         **knobs,
+        **_moe_knobs(shape, expert),
     )
     with cpu_stand_ins():
         model = GPTModel(
             cfg,
-            get_gpt_layer_local_spec(normalization="RMSNorm"),
+            get_gpt_layer_local_spec(num_experts=shape.experts or None, normalization="RMSNorm"),
             vocab_size=padded_vocab(shape.vocab, tensor),
             max_sequence_length=max(128, shape.seq),
             position_embedding_type="rope",
@@ -206,6 +246,26 @@ def build(
 
         model = Float16Module(cfg, model)
     return model
+
+
+AUX_LOSS_COEFF = 1e-2
+"""--moe-aux-loss-coeff of Megatron-LM's Mixtral recipe (examples/mixtral/
+train_mixtral_8x7b_distributed.sh; TransformerConfig.moe_aux_loss_coeff's comment: "1e-2 would
+be a good start value"): the switch load-balancing loss runs, so its softmax scores are saved."""
+
+
+def _moe_knobs(shape: Shape, expert: int) -> dict[str, Any]:
+    if not shape.experts:
+        return {}
+    return {
+        "num_moe_experts": shape.experts,
+        "moe_router_topk": shape.top_k,
+        "moe_router_load_balancing_type": "aux_loss",
+        "moe_aux_loss_coeff": AUX_LOSS_COEFF,
+        "moe_token_dispatcher_type": "allgather",
+        "moe_grouped_gemm": False,
+        "expert_model_parallel_size": expert,
+    }
 
 
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
@@ -267,7 +327,7 @@ def held(
 ) -> Held:
     """Bytes Megatron-Core's GPTModel (local spec) holds for backward after forward + its loss
     (module docstring), then its backward run to the end."""
-    with one_rank(), cpu_stand_ins():
+    with one_rank(), cpu_stand_ins(), balanced_routing():
         return _held(dtype, shape, recompute, dropout)
 
 
@@ -293,7 +353,7 @@ def _held(
     # Warm-up: makes the global memory buffer, RoPE's cached table and the causal mask.
     model(tokens, position, None, labels=labels).sum().backward()
     model.zero_grad(set_to_none=True)
-    persistent = (*model.parameters(), *model.buffers(), *_global_buffers())
+    persistent = (*model.parameters(), *model.buffers(), *_global_buffers(), *_moe_tracker())
     persistent += (_causal_mask(shape.seq), tokens, position, labels)
     before = {t.untyped_storage().data_ptr() for t in persistent}
     spy = _Made()
@@ -376,6 +436,15 @@ def _tensor_rank(
             Path(out, f"rank{rank}.json").write_text(json.dumps(results))
         finally:
             parallel_state.destroy_model_parallel()
+
+
+def _moe_tracker() -> list[torch.Tensor]:
+    """parallel_state's MoE logging tracker (moe_utils.py::save_to_aux_losses_tracker: a
+    [layers] fp32 tensor per loss, made by the first forward and kept: persistent)."""
+    from megatron.core import parallel_state
+
+    tracker = parallel_state.get_moe_layer_wise_logging_tracker()
+    return [v["values"] for v in tracker.values()]
 
 
 def _global_buffers() -> list[torch.Tensor]:
