@@ -312,6 +312,15 @@ class Held:
     bytes: int
     tensors: tuple[tuple[str, tuple[int, ...], str, int], ...]
     """(op that made it, shape, dtype, storage bytes), in the order made."""
+    persistent: int = 0
+    """Bytes kept across steps outside autograd: parallel_state's global memory buffer, the
+    cached causal mask, the MoE aux-loss tracker (memplan.model.stacks.megatron.
+    persistent_buffers lists them)."""
+    parameters: tuple[int, int] = (0, 0)
+    """The rank's (dense, expert) parameter elements: Megatron marks expert parameters
+    `allreduce = False` (transformer/moe/experts.py), which its DDP buckets and distributed
+    optimizer keep apart over the expert-data-parallel group
+    (distributed/distributed_data_parallel.py, `expert_parallel_params`)."""
 
 
 def _inputs(shape: Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -338,8 +347,10 @@ def _held(
     dropout: float,
     *,
     tensor: int = 1,
+    expert: int = 1,
     sequence_parallel: bool = False,
 ) -> Held:
+    _fresh_persistent_state()
     model = build(
         dtype,
         shape,
@@ -347,6 +358,7 @@ def _held(
         dropout=dropout,
         tensor=tensor,
         sequence_parallel=sequence_parallel,
+        expert=expert,
     )
     model.train()
     tokens, position, labels = _inputs(shape)
@@ -376,7 +388,16 @@ def _held(
     # more TP ranks VocabParallelEmbedding embeds a masked copy made in the forward (counted).
     total = sum(v[3] for v in alive.values()) + (tokens.nbytes if tensor == 1 else 0)
     loss.sum().backward()  # the backward these tensors serve runs to the end
-    return Held(bytes=total, tensors=tuple(alive.values()))
+    params = list(model.parameters())
+    experts = sum(p.numel() for p in params if not getattr(p, "allreduce", True))
+    dense = sum(p.numel() for p in params) - experts
+    kept = (*_global_buffers(), *_moe_tracker(), _causal_mask(shape.seq))
+    return Held(
+        bytes=total,
+        tensors=tuple(alive.values()),
+        persistent=sum(t.untyped_storage().nbytes() for t in kept),
+        parameters=(dense, experts),
+    )
 
 
 Case = tuple[str, Shape, str, float]
@@ -389,6 +410,17 @@ def held_tensor_parallel(
     """What each of `tensor` TP ranks holds (`held`'s measure, [case][rank]): Megatron-Core's
     model-parallel state at TP = `tensor` over that many gloo ranks, one spawned process each
     (a TCP store on a free local port), the same stand-ins on every rank."""
+    return held_parallel(cases, tensor=tensor, sequence_parallel=sequence_parallel)
+
+
+def held_parallel(
+    cases: list[Case], *, tensor: int = 1, expert: int = 1, sequence_parallel: bool = False
+) -> list[list[Held]]:
+    """`held_tensor_parallel` over max(TP, EP) gloo ranks: parallel_state.
+    initialize_model_parallel(TP, 1, expert_model_parallel_size=EP), EP carved out of the
+    data-parallel ranks as Megatron-LM does (TP x EP ranks: TP = 1 and EP = 2 is two
+    data-parallel ranks holding two experts each). MoE shapes run under `balanced_routing`;
+    every rank embeds the same tokens."""
     import json
     import tempfile
 
@@ -396,24 +428,40 @@ def held_tensor_parallel(
 
     from memplan.verify.launch import free_port
 
+    world = tensor * expert
     with tempfile.TemporaryDirectory() as out:
         spawn: Any = mp
         spawn.start_processes(
-            _tensor_rank,
-            args=(tensor, free_port(), cases, sequence_parallel, out),
-            nprocs=tensor,
+            _parallel_rank,
+            args=(world, tensor, expert, free_port(), cases, sequence_parallel, out),
+            nprocs=world,
             join=True,
             start_method="spawn",
         )
-        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(tensor)]
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
     return [
-        [Held(bytes=r[i]["bytes"], tensors=tuple(map(tuple, r[i]["tensors"]))) for r in ranks]
+        [
+            Held(
+                bytes=r[i]["bytes"],
+                tensors=tuple(map(tuple, r[i]["tensors"])),
+                persistent=r[i]["persistent"],
+                parameters=tuple(r[i]["parameters"]),
+            )
+            for r in ranks
+        ]
         for i in range(len(cases))
     ]
 
 
-def _tensor_rank(
-    rank: int, world: int, port: int, cases: list[Case], sequence_parallel: bool, out: str
+def _parallel_rank(
+    rank: int,
+    world: int,
+    tensor: int,
+    expert: int,
+    port: int,
+    cases: list[Case],
+    sequence_parallel: bool,
+    out: str,
 ) -> None:
     import json
 
@@ -423,19 +471,37 @@ def _tensor_rank(
 
     torch.set_num_threads(1)
     with local_group(rank, world, port):
-        parallel_state.initialize_model_parallel(world, 1)
+        parallel_state.initialize_model_parallel(tensor, 1, expert_model_parallel_size=expert)
         try:
             results = []
-            with cpu_stand_ins():
+            with cpu_stand_ins(), balanced_routing():
                 for dtype, shape, recompute, dropout in cases:
                     h = _held(
-                        dtype, shape, recompute, dropout, tensor=world,
+                        dtype, shape, recompute, dropout, tensor=tensor, expert=expert,
                         sequence_parallel=sequence_parallel,
                     )  # fmt: skip
-                    results.append({"bytes": h.bytes, "tensors": h.tensors})
+                    results.append(
+                        {
+                            "bytes": h.bytes,
+                            "tensors": h.tensors,
+                            "persistent": h.persistent,
+                            "parameters": h.parameters,
+                        }
+                    )
             Path(out, f"rank{rank}.json").write_text(json.dumps(results))
         finally:
             parallel_state.destroy_model_parallel()
+
+
+def _fresh_persistent_state() -> None:
+    """A new global memory buffer and an empty MoE tracker, as a fresh process has: what one
+    case measures as persistent is then its own (parallel_state keeps both per process)."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    ps: Any = parallel_state
+    ps._GLOBAL_MEMORY_BUFFER = GlobalMemoryBuffer()
+    ps._MOE_LAYER_WISE_LOGGING_TRACKER = {}
 
 
 def _moe_tracker() -> list[torch.Tensor]:
