@@ -264,6 +264,8 @@ def _moe_knobs(shape: Shape, expert: int) -> dict[str, Any]:
         "moe_aux_loss_coeff": AUX_LOSS_COEFF,
         "moe_token_dispatcher_type": "allgather",
         "moe_grouped_gemm": False,
+        # TransformerConfig.__post_init__ asks for it with top-1 (and only then is it set).
+        "moe_router_pre_softmax": shape.top_k == 1,
         "expert_model_parallel_size": expert,
     }
 

@@ -15,7 +15,9 @@ GPTModel on CPU (memplan/verify/megatron_core.py, one rank and EP = 2 gloo ranks
   (pre_mlp_layernorm's output: the dense rule's `pre_mlp_layernorm.output`) and weight.
   moe_utils.py::topk_softmax_with_capacity (score_function softmax, use_pre_softmax False, no
   capacity): `torch.topk(logits, k)` saves its int64 indices [t, k]; `softmax(scores,
-  dtype=float32).type_as(logits)` saves its fp32 output [t, k]; the probs scattered into
+  dtype=float32).type_as(logits)` saves its fp32 output [t, k] (top-1, which TransformerConfig
+  runs only with moe_router_pre_softmax: the softmax of every logit before top-k, [t, E]
+  fp32, whose `type_as` copy nothing keeps); the probs scattered into
   [t, E] (`zeros_like(logits).scatter(1, top_indices, probs)`, the logits' dtype) and the bool
   routing map [t, E].
 - TopKRouter.aux_loss_load_balancing (moe_router_load_balancing_type aux_loss) with
@@ -37,7 +39,9 @@ GPTModel on CPU (memplan/verify/megatron_core.py, one rank and EP = 2 gloo ranks
   experts' output [pairs, h].
 - MoEAllGatherTokenDispatcher.token_unpermutation: `local_probs.T.contiguous().masked_select(
   local_map.T.contiguous())` saves both transposed copies ([local experts, T]: the probs' dtype
-  and bool; derivatives.yaml masked_select: masked_select_backward(grad, self, mask)); `hidden
+  and bool; derivatives.yaml masked_select: masked_select_backward(grad, self, mask); with one
+  local expert the transpose is contiguous already, so no copies: local_probs and local_map
+  themselves); `hidden
   * permuted_probs.unsqueeze(-1)` saves the experts' output and the permuted probs [pairs];
   moe_utils.py::unpermute's `scatter_add_` saves the expanded sorted_indices (a view).
 - Recompute: full (transformer_block.py::_checkpointed_forward) runs the layer under no_grad,
@@ -68,6 +72,10 @@ from memplan.model.inventory import Architecture
 VERSION = "0.12.0"
 SRC = f"megatron-core {VERSION} megatron/core/transformer/moe/"
 SRC_ROUTER = SRC + "moe_utils.py::topk_softmax_with_capacity"
+SRC_PRE_SOFTMAX = (
+    f"megatron-core {VERSION} megatron/core/transformer/transformer_config.py::"
+    "TransformerConfig.__post_init__ ('Please use --moe-router-pre-softmax when topk is 1.')"
+)
 SRC_AUX = (
     SRC + "router.py::TopKRouter.aux_loss_load_balancing; moe_utils.py::"
     "switch_load_balancing_loss_func, MoEAuxLossAutoScaler.forward"
@@ -118,9 +126,12 @@ def expert_parallel(arch: Architecture, st: Setting) -> tuple[int, int, int]:
 def _router(arch: Architecture, st: Setting) -> list[Saved]:
     t, e, k = st.tokens, arch.num_experts, arch.num_experts_per_token
     fp32, i64 = kernels.FP32, kernels.INT64
+    # Top-1 needs moe_router_pre_softmax (SRC_PRE_SOFTMAX): the softmax runs over every
+    # expert's logit before top-k and saves [t, E] fp32; else over the top-k scores, [t, k].
+    probs = (t, e) if k == 1 else (t, k)
     return [
         kernels.saved("router.topk_indices", (t, k), i64, "TopkBackward0", SRC_ROUTER),
-        kernels.saved("router.topk_probs", (t, k), fp32, "SoftmaxBackward0", SRC_ROUTER),
+        kernels.saved("router.softmax", probs, fp32, "SoftmaxBackward0", SRC_ROUTER),
         kernels.saved("router.aux_scores", (t, e), fp32, "SoftmaxBackward0", SRC_AUX),
         kernels.saved("router.tokens_per_expert", (e,), i64, "MulBackward0", SRC_AUX),
         kernels.saved("router.aux_loss", (), fp32, "MoEAuxLossAutoScaler", SRC_AUX),
@@ -154,12 +165,17 @@ def moe_mlp(arch: Architecture, st: Setting) -> list[Saved]:
     out.append(kernels.saved("experts.input", (pairs, h), c, "LinearWithGrad", SRC_EXPERTS))
     out += megatron.mlp("experts.", pairs, inter, c, fused=False)
     by = "MaskedSelectBackward0"
-    out += [
-        kernels.saved("experts.output", (pairs, h), c, "MulBackward0", SRC_UNPERMUTE),
-        kernels.saved("dispatcher.probs_t", (local, rows), c, by, SRC_UNPERMUTE),
-        kernels.saved("dispatcher.map_t", (local, rows), "bool", by, SRC_UNPERMUTE),
-        kernels.saved("dispatcher.permuted_probs", (pairs,), c, "MulBackward0", SRC_UNPERMUTE),
-    ]
+    out.append(kernels.saved("experts.output", (pairs, h), c, "MulBackward0", SRC_UNPERMUTE))
+    if local > 1:
+        # With one local expert the transpose of [T, 1] is already contiguous: `.contiguous()`
+        # returns local_probs and local_map themselves (dispatcher_state lists them).
+        out += [
+            kernels.saved("dispatcher.probs_t", (local, rows), c, by, SRC_UNPERMUTE),
+            kernels.saved("dispatcher.map_t", (local, rows), "bool", by, SRC_UNPERMUTE),
+        ]
+    out.append(
+        kernels.saved("dispatcher.permuted_probs", (pairs,), c, "MulBackward0", SRC_UNPERMUTE)
+    )
     return out
 
 
