@@ -465,7 +465,7 @@ def saved(arch: Architecture, st: Setting, spec: MegatronSpec = "local") -> Acti
         upcast_bytes=0,
         hidden_bytes=t * h * dtype_bytes(c),
         buffers=persistent_buffers(arch, st) if spec == "local" else (),
-        notes=(note,),
+        notes=(note, megatron_moe.NOTE) if megatron_moe.is_moe(arch) else (note,),
         implementation=IMPLEMENTATION,
         megatron_spec=spec,
     )

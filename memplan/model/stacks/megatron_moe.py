@@ -96,6 +96,13 @@ SRC_TP = (
 )
 
 
+NOTE = (
+    "Megatron-Core MoE layers (local spec): TopKRouter with the aux loss (moe_aux_loss_coeff "
+    "> 0), the allgather token dispatcher, SequentialMLP; balanced dropless routing assumed "
+    "(every expert tokens x top_k / E pairs from every rank)."
+)
+
+
 def is_moe(arch: Architecture) -> bool:
     """A model whose layers run Megatron-Core's MoELayer (routed experts)."""
     return arch.num_experts > 0
