@@ -142,7 +142,9 @@ def test_qwen_moe_shared_experts_are_refused() -> None:
         "moe_intermediate_size": 96,
         "shared_expert_intermediate_size": 192,
     }
-    assert "qwen2_moe" in _refusal(qwen)
+    assert "without its gate" in _refusal(qwen)
+    qwen3 = {**qwen, "model_type": "qwen3_moe", "shared_expert_intermediate_size": 0}
+    assert "q/k RMSNorm" in _refusal(qwen3)
 
 
 def test_pin_mixtral_8x7b_layer_on_eight_expert_ranks() -> None:

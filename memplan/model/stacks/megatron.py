@@ -107,7 +107,7 @@ or not."""
 
 def unsupported(arch: Architecture, st: Setting, spec: MegatronSpec) -> str:
     """Why the Megatron-Core rule does not cover this model or setting, or ''."""
-    why = llama_refusal(
+    why = megatron_moe.family_refusal(arch.model_type) or llama_refusal(
         arch,
         "megatron-core",
         "Megatron-Core's GPTModel built Llama-like: model_type llama, or with Mixtral's MoE "

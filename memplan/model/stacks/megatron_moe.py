@@ -108,6 +108,30 @@ def is_moe(arch: Architecture) -> bool:
     return arch.num_experts > 0
 
 
+SRC_SHARED_GATE = (
+    f"megatron-core {VERSION} megatron/core/models/gpt/moe_module_specs.py::get_moe_module_spec "
+    "(`ModuleSpec(module=SharedExpertMLP, params={'gate': False})`)"
+)
+OTHER_FAMILIES = {
+    "qwen2_moe": (
+        "Qwen2-MoE's shared expert is sigmoid-gated, and the GPT layer specs build "
+        f"Megatron-Core's shared expert without its gate ({SRC_SHARED_GATE})"
+    ),
+    "qwen3_moe": (
+        "Qwen3-MoE's per-head q/k RMSNorm (the local spec's qk_layernorm) and its "
+        "norm_topk_prob routing are not measured under Megatron-Core"
+    ),
+}
+"""MoE model_types the megatron-core rule refuses, with why (deepseek falls to the generic
+refusal: MLA and shared experts)."""
+
+
+def family_refusal(model_type: str) -> str:
+    """Why an MoE family other than Mixtral is refused under megatron-core, or ''."""
+    why = OTHER_FAMILIES.get(model_type, "")
+    return f"{why}: memplan models Megatron-Core's MoE layer for Mixtral only" if why else ""
+
+
 def unsupported(arch: Architecture) -> str:
     """Why this MoE model is outside the rule (module docstring), or ''."""
     x = arch.extra
