@@ -13,7 +13,8 @@ against memplan's estimate of that spec.
 
 Part 1b, `moe_matrix` / `moe_expert_parallel`: the same GPTModel with Mixtral's MoE layers
 (memplan.model.stacks.megatron_moe: TopKRouter with the aux loss at 1e-2, the allgather
-dispatcher, SequentialMLP; 4 or 8 experts, top-2 or top-1) under balanced routing
+dispatcher, SequentialMLP; 4 or 8 experts, top-2 or top-1; and Qwen3-MoE's shape: per-head q/k
+RMSNorm (qk_layernorm), head_dim 32 beside hidden 64 / 4 heads) under balanced routing
 (memplan/verify/megatron_core.py::balanced_routing), fp32 and bf16 x none / full / selective x
 batch 1 and 2 x 1 and 3 layers, on one rank and on EP = 2 and 4 gloo ranks (expert parallelism
 over the data-parallel ranks): held bytes, persistent buffers (global memory buffer, causal
@@ -248,11 +249,27 @@ MOE_SHAPES = [
     ("batch 1", Shape(experts=4, batch=1)),
     ("top-1", Shape(experts=4, top_k=1)),
     ("8 experts 3 layers seq 32 mqa", Shape(layers=3, seq=32, kv_heads=1, experts=8)),
+    ("qwen3-like: q/k norm, head_dim 32", Shape(experts=4, qk_norm=True, head_dim=32)),
+    (
+        "qwen3-like multi-head",
+        Shape(layers=1, kv_heads=4, experts=4, qk_norm=True, head_dim=32),
+    ),
 ]
 
 
 def moe_config(shape: Shape) -> dict[str, Any]:
-    """The tiny GPTModel with MoE layers as a Mixtral config memplan reads."""
+    """The tiny GPTModel with MoE layers as a config memplan reads: Mixtral's, or Qwen3-MoE's
+    where the shape has q/k norms (norm_topk_prob true, every layer sparse)."""
+    if shape.qk_norm:
+        return {
+            **tiny(shape),
+            "model_type": "qwen3_moe",
+            "head_dim": shape.head_dim,
+            "moe_intermediate_size": shape.ffn,
+            "num_experts": shape.experts,
+            "num_experts_per_tok": shape.top_k,
+            "norm_topk_prob": True,
+        }
     return {
         **tiny(shape),
         "model_type": "mixtral",

@@ -54,26 +54,43 @@ def spec(
     )
 
 
+def qwen3(layers: int = 1) -> dict[str, Any]:
+    """Shape(experts=4, qk_norm=True, head_dim=32) as a Qwen3-MoE config."""
+    return {
+        **mixtral(layers),
+        "model_type": "qwen3_moe",
+        "head_dim": 32,
+        "moe_intermediate_size": 192,
+        "num_experts": 4,
+        "norm_topk_prob": True,
+    }
+
+
 ONE_RANK = [
-    # dtype, recompute, batch, layers, top_k
-    ("bf16", "none", 2, 2, 2),
-    ("fp32", "full", 1, 1, 1),  # top-1: moe_router_pre_softmax
+    # dtype, recompute, batch, layers, top_k, qwen3
+    ("bf16", "none", 2, 2, 2, False),
+    ("fp32", "full", 1, 1, 1, False),  # top-1: moe_router_pre_softmax
+    ("fp32", "none", 1, 1, 2, True),  # q/k norm keeps linear_qkv's output (fp32 on CPU)
 ]
 
 
-@pytest.mark.parametrize(("dtype", "mode", "batch", "layers", "top_k"), ONE_RANK)
+@pytest.mark.parametrize(("dtype", "mode", "batch", "layers", "top_k", "qwen"), ONE_RANK)
 def test_moe_rule_matches_megatron_core_to_the_byte(
-    dtype: str, mode: str, batch: int, layers: int, top_k: int
+    dtype: str, mode: str, batch: int, layers: int, top_k: int, qwen: bool
 ) -> None:
     """Held bytes and the persistent buffers (global memory buffer, causal mask, the MoE
-    aux-loss tracker) of the real GPTModel with MoE layers, one rank."""
+    aux-loss tracker) of the real GPTModel with MoE layers, one rank: Mixtral's shape, and
+    Qwen3-MoE's (per-head q/k RMSNorm, head_dim 32 beside hidden 64 / 4 heads)."""
     pytest.importorskip("torch")
     pytest.importorskip("megatron.core")
     from memplan.verify.megatron_core import Shape, held
 
-    shape = Shape(layers=layers, batch=batch, experts=4, top_k=top_k)
+    shape = Shape(
+        layers=layers, batch=batch, experts=4, top_k=top_k, qk_norm=qwen,
+        head_dim=32 if qwen else None,
+    )  # fmt: skip
     measured = held(dtype, shape, mode)
-    arch = mixtral(layers, top_k=top_k)
+    arch = qwen3(layers) if qwen else mixtral(layers, top_k=top_k)
     acts = estimate(spec(arch, dtype, mode, batch), from_config(arch)).activations
     assert acts.modelled, acts.notes
     assert acts.bytes == measured.bytes
@@ -134,7 +151,7 @@ def test_what_the_rule_cannot_prove_is_refused_with_its_source() -> None:
     assert "sliding window" in window
 
 
-def test_qwen_moe_shared_experts_are_refused() -> None:
+def test_qwen2_moe_and_what_qwen3_moe_routes_otherwise_are_refused() -> None:
     qwen = {
         **mixtral(),
         "model_type": "qwen2_moe",
@@ -143,8 +160,8 @@ def test_qwen_moe_shared_experts_are_refused() -> None:
         "shared_expert_intermediate_size": 192,
     }
     assert "without its gate" in _refusal(qwen)
-    qwen3 = {**qwen, "model_type": "qwen3_moe", "shared_expert_intermediate_size": 0}
-    assert "q/k RMSNorm" in _refusal(qwen3)
+    assert "norm_topk_prob false" in _refusal({**qwen3(), "norm_topk_prob": False})
+    assert "every layer an MoE layer" in _refusal({**qwen3(2), "mlp_only_layers": [0]})
 
 
 def test_pin_mixtral_8x7b_layer_on_eight_expert_ranks() -> None:

@@ -73,6 +73,11 @@ class Shape:
     spec's SequentialMLP, TopKRouter (softmax, aux_loss balancing at AUX_LOSS_COEFF) and the
     default allgather token dispatcher; every layer an MoE layer (Mixtral)."""
     top_k: int = 2
+    qk_norm: bool = False
+    """Per-head RMSNorm of the queries and keys (TransformerConfig.qk_layernorm: the local
+    spec's q_layernorm / k_layernorm, torch RMSNorm over head_dim; Qwen3)."""
+    head_dim: int | None = None
+    """kv_channels when not dim / heads (Qwen3-MoE: 128 with hidden 2048 and 32 heads)."""
 
 
 @contextlib.contextmanager
@@ -229,11 +234,17 @@ def build(
         sequence_parallel=sequence_parallel,
         **knobs,
         **_moe_knobs(shape, expert),
+        qk_layernorm=shape.qk_norm,
+        **({"kv_channels": shape.head_dim} if shape.head_dim else {}),
     )
     with cpu_stand_ins():
         model = GPTModel(
             cfg,
-            get_gpt_layer_local_spec(num_experts=shape.experts or None, normalization="RMSNorm"),
+            get_gpt_layer_local_spec(
+                num_experts=shape.experts or None,
+                qk_layernorm=shape.qk_norm,
+                normalization="RMSNorm",
+            ),
             vocab_size=padded_vocab(shape.vocab, tensor),
             max_sequence_length=max(128, shape.seq),
             position_embedding_type="rope",

@@ -95,9 +95,9 @@ SRC_TE_NORM_LINEAR = (
 SRC_TE_ATTN = (
     SRC + "extensions/transformer_engine.py::TEDotProductAttention; TE flash / fused attention"
 )
-MODEL_TYPES = ("llama", "mixtral")
-"""The HF model_types the rule builds: Llama's dense layers, Mixtral's MoE layers
-(memplan.model.stacks.megatron_moe)."""
+MODEL_TYPES = ("llama", "mixtral", "qwen3_moe")
+"""The HF model_types the rule builds: Llama's dense layers, Mixtral's and Qwen3-MoE's MoE
+layers (memplan.model.stacks.megatron_moe; Qwen3's per-head q/k norm: `_qk_norm`)."""
 MASK_TYPE_BYTES = 4
 """`torch.tensor([attn_mask_type.value], dtype=torch.int)`: one int32 (SRC_SELECTIVE)."""
 RNG_STATE = (2,)
@@ -110,8 +110,8 @@ def unsupported(arch: Architecture, st: Setting, spec: MegatronSpec) -> str:
     why = megatron_moe.family_refusal(arch.model_type) or llama_refusal(
         arch,
         "megatron-core",
-        "Megatron-Core's GPTModel built Llama-like: model_type llama, or with Mixtral's MoE "
-        "layers: mixtral",
+        "Megatron-Core's GPTModel built Llama-like: model_type llama, or with MoE layers: "
+        "mixtral, qwen3_moe",
         model_types=MODEL_TYPES,
     )
     if not why and megatron_moe.is_moe(arch):
@@ -226,6 +226,37 @@ def mlp(prefix: str, t: int, f: int, c: str, *, fused: bool) -> list[Saved]:
     return out
 
 
+SRC_QK_NORM = (
+    SRC + "transformer/attention.py::SelfAttention.get_query_key_value_tensors (qk_layernorm: "
+    "`query.reshape(s, b, -1, hn)`, q_layernorm(query), k_layernorm(key): torch RMSNorm over "
+    "head_dim)"
+)
+
+
+def _qk_norm(arch: Architecture, st: Setting, held: set[str]) -> list[Saved]:
+    """The per-head RMSNorm of the queries and keys (qk_layernorm, Qwen3; SRC_QK_NORM): what
+    torch.nn.RMSNorm saves over [t x heads, head dim], its output RoPE's input (RoPE keeps only
+    cos and sin). Where the norm keeps its input itself (fp32 on CPU; the fused CUDA kernel),
+    that input is the key's view of linear_qkv's output, and the query's too without GQA (with
+    GQA `reshape` copies the query out of the grouped layout): storages in `held` are not
+    counted again."""
+    _, a, kv, d = kernels.attention_dims(arch)
+    t, c = st.tokens, st.matmul
+    out: list[Saved] = []
+    for who, heads in (("q", a), ("k", kv)):
+        norm = torchtitan.rms_norm(f"attn.{who}_layernorm", t * heads, d, c, st)
+        copies = st.device == "cpu" and c != kernels.FP32
+        if not copies:
+            # The norm's input is x itself: name it by its storage.
+            view = who == "k" or a == kv
+            name = "linear_qkv.output" if view else "attn.q_reshaped"
+            shape = (t, (a + 2 * kv) * d) if view else (t, a * d)
+            norm[0] = replace(norm[0], name=name, shape=shape, dtype=c)
+        out += [x for x in norm if x.name not in held]
+        held |= {x.name for x in norm}
+    return out
+
+
 def _local_layer(arch: Architecture, st: Setting) -> tuple[list[Saved], list[Saved]]:
     """One local-spec layer: (everything it saves with no recompute, what it saves with its
     attention core checkpointed)."""
@@ -244,6 +275,9 @@ def _local_layer(arch: Architecture, st: Setting) -> tuple[list[Saved], list[Sav
     whole = [*norm1, *_rope(s, d, c), *core, *out, *rest]
     mask = kernels.saved("attn.mask_type", (1,), "int32", "CheckpointFunction", SRC_SELECTIVE)
     selective = [*norm1, *_rope(s, d, c), *inputs, mask, *out, *rest]
+    if arch.extra.get("qk_norm"):
+        whole += _qk_norm(arch, st, {x.name for x in whole})
+        selective += _qk_norm(arch, st, {x.name for x in selective})
     return whole, selective
 
 

@@ -117,19 +117,16 @@ OTHER_FAMILIES = {
         "Qwen2-MoE's shared expert is sigmoid-gated, and the GPT layer specs build "
         f"Megatron-Core's shared expert without its gate ({SRC_SHARED_GATE})"
     ),
-    "qwen3_moe": (
-        "Qwen3-MoE's per-head q/k RMSNorm (the local spec's qk_layernorm) and its "
-        "norm_topk_prob routing are not measured under Megatron-Core"
-    ),
 }
 """MoE model_types the megatron-core rule refuses, with why (deepseek falls to the generic
 refusal: MLA and shared experts)."""
 
 
 def family_refusal(model_type: str) -> str:
-    """Why an MoE family other than Mixtral is refused under megatron-core, or ''."""
+    """Why an MoE family the rule does not build is refused under megatron-core, or ''."""
     why = OTHER_FAMILIES.get(model_type, "")
-    return f"{why}: memplan models Megatron-Core's MoE layer for Mixtral only" if why else ""
+    covered = "memplan models Megatron-Core's MoE layer for Mixtral and Qwen3-MoE"
+    return f"{why}: {covered}" if why else ""
 
 
 def unsupported(arch: Architecture) -> str:
@@ -137,6 +134,11 @@ def unsupported(arch: Architecture) -> str:
     x = arch.extra
     if x.get("shared_expert_intermediate_size") or x.get("n_shared_experts"):
         return "Megatron-Core's shared experts (Qwen MoE, DeepSeek) are not modelled"
+    if arch.num_experts_per_token > 1 and x.get("norm_topk_prob") is False:
+        return (
+            "Megatron-Core's router renormalises the top-k probabilities (softmax over the "
+            f"top-k logits, {SRC_ROUTER}): norm_topk_prob false is not what it computes"
+        )
     if x.get("sliding_window"):
         return "Megatron-Core's local attention has no sliding window (Mixtral sliding_window set)"
     if tuple(x.get("moe_layers", ())) != tuple(range(arch.num_layers)):
