@@ -1,7 +1,7 @@
 """Model code other than transformers': the tensors another stack's own model saves for
 backward (`torchtitan`: torchtitan's Llama 3; `litgpt`: LitGPT's GPT, `litgpt_lora`: its
-LoRA; `megatron`: Megatron-Core's GPTModel, local and Transformer Engine layer specs), in the
-vocabulary of memplan.model.forward."""
+LoRA; `megatron`: Megatron-Core's GPTModel, local and Transformer Engine layer specs,
+`megatron_moe`: its MoE layer), in the vocabulary of memplan.model.forward."""
 
 from __future__ import annotations
 

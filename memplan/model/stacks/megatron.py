@@ -4,6 +4,9 @@ or the Transformer Engine one (`te`), for no recompute, full recompute (recomput
 full, method uniform, one layer per checkpoint) and selective recompute of the attention core
 (recompute_granularity selective, recompute_modules [core_attn]).
 
+MoE layers (Mixtral, Qwen3-MoE: router, allgather dispatcher, SequentialMLP, expert
+parallelism) are memplan.model.stacks.megatron_moe's.
+
 Read from megatron-core 0.12.0 (megatron/core/, pip `megatron-core==0.12.0`), TP = PP = 1:
 - models/gpt/gpt_model.py::GPTModel.forward: embedding -> decoder -> output_layer ->
   compute_language_model_loss; models/common/embeddings/language_model_embedding.py::

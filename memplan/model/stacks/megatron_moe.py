@@ -1,7 +1,11 @@
 """Megatron-Core's MoE layer (`model.implementation: megatron-core`, local spec, model_type
-mixtral): what its router, its token dispatcher and its experts save for backward, in the
-vocabulary of memplan.model.forward; the rest of the layer is the dense rule's
-(memplan.model.stacks.megatron).
+mixtral and qwen3_moe): what its router, its token dispatcher and its experts save for
+backward, in the vocabulary of memplan.model.forward; the rest of the layer is the dense rule's
+(memplan.model.stacks.megatron, with Qwen3's per-head q/k RMSNorm: `_qk_norm`). The experts'
+MLPs are the dense rule's (megatron.mlp) over the (token, expert) pairs; the transformers MoE
+rule (memplan.model.forward.mlp.sparse_moe) shares the vocabulary and the balanced-routing
+pair count (memplan.activations.layout.expert_pairs), not the tensors: grouped_mm there,
+SequentialMLP here.
 
 Read from megatron-core 0.12.0 (megatron/core/transformer/moe/), as
 models/gpt/moe_module_specs.py::get_moe_module_spec builds it for the local spec
@@ -58,8 +62,10 @@ pairs from every rank, so a rank's local experts process tokens x top_k pairs at
 Refused, with the source: GroupedMLP (moe_grouped_gemm: the `grouped_gemm` CUDA extension,
 moe/grouped_gemm_util.py) and TEGroupedMLP (Transformer Engine: CUDA only); the TE spec's MoE;
 TP > 1 (the local spec refuses sequence parallelism and moe_layer.py::MoELayer.forward raises
-for MoE with TP but without it); a capacity factor; shared experts (Qwen MoE) and
-sliding-window attention.
+for MoE with TP but without it); a capacity factor; shared experts (Qwen2-MoE's gated one:
+SRC_SHARED_GATE; DeepSeek); Qwen's norm_topk_prob false; dense layers beside MoE layers
+(mlp_only_layers, decoder_sparse_step); sliding-window attention; recompute_modules ["moe"]
+(moe_layer_recompute: no memplan setting names it).
 """
 
 from __future__ import annotations
