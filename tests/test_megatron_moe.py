@@ -102,16 +102,14 @@ def test_moe_rule_matches_megatron_core_on_two_expert_parallel_ranks() -> None:
     held_parallel): each rank's held bytes, persistent buffers (the dispatcher's all-gather
     grows the global memory buffer) and expert parameter elements (Megatron's
     `allreduce = False` parameters, which its distributed optimizer shards over the
-    expert-data-parallel group) against memplan's estimate of that rank; two experts (one per
-    rank, top-1) and four (two per rank, top-2)."""
+    expert-data-parallel group) against memplan's estimate of that rank: four experts, two a
+    rank, top-2, selective recompute. One case (the spawned ranks' imports dominate); one
+    expert a rank, top-1 and EP = 4 are in the benchmark's matrix."""
     pytest.importorskip("torch")
     pytest.importorskip("megatron.core")
     from memplan.verify.megatron_core import Shape, held_parallel
 
-    cases = [
-        ("bf16", Shape(layers=1, experts=4), "selective", 0.0),
-        ("bf16", Shape(layers=1, experts=2, top_k=1), "none", 0.0),
-    ]
+    cases = [("bf16", Shape(layers=1, experts=4), "selective", 0.0)]
     measured = held_parallel(cases, expert=2)
     for (dtype, shape, mode, _), ranks in zip(cases, measured, strict=True):
         arch = mixtral(1, experts=shape.experts, top_k=shape.top_k)
