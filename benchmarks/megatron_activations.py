@@ -11,6 +11,16 @@ multi-head (4 of 4) x dropout 0 and 0.1; then the same over TP = 2 and 4 gloo ra
 whose heads TP divides; no sequence parallelism, which the local spec refuses), every rank
 against memplan's estimate of that spec.
 
+Part 1b, `moe_matrix` / `moe_expert_parallel`: the same GPTModel with Mixtral's MoE layers
+(memplan.model.stacks.megatron_moe: TopKRouter with the aux loss at 1e-2, the allgather
+dispatcher, SequentialMLP; 4 or 8 experts, top-2 or top-1; and Qwen3-MoE's shape: per-head q/k
+RMSNorm (qk_layernorm), head_dim 32 beside hidden 64 / 4 heads) under balanced routing
+(memplan/verify/megatron_core.py::balanced_routing), fp32 and bf16 x none / full / selective x
+batch 1 and 2 x 1 and 3 layers, on one rank and on EP = 2 and 4 gloo ranks (expert parallelism
+over the data-parallel ranks): held bytes, persistent buffers (global memory buffer, causal
+mask, MoE tracker) and each rank's expert parameters, against memplan's estimate. TP with MoE
+does not train under the local spec (`moe_not_run`).
+
 Part 2, `llama31_8b`: one decoder layer of Llama 3.1 8B (dim 4096, 32 heads, 8 k/v heads, ffn
 14336), bf16 everywhere (the model cast to bf16, no autocast), no dropout, no recompute, batch
 1 x sequence 8192 (and 4096), in bytes per token: transformers 5.25's LlamaDecoderLayer (SDPA)
@@ -49,7 +59,12 @@ from memplan.model.forward.tensors import Setting  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
 from memplan.model.stacks import megatron as rule  # noqa: E402
 from memplan.report.estimate import estimate  # noqa: E402
-from memplan.verify.megatron_core import Shape, held, held_tensor_parallel  # noqa: E402
+from memplan.verify.megatron_core import (  # noqa: E402
+    Shape,
+    held,
+    held_parallel,
+    held_tensor_parallel,
+)
 
 OUT = ROOT / "benchmarks" / "results" / "megatron-activations.json"
 
@@ -229,10 +244,163 @@ def tensor_parallel_matrix() -> list[dict[str, Any]]:
     return rows
 
 
+MOE_SHAPES = [
+    ("mixtral-like 4 experts top-2", Shape(experts=4)),
+    ("batch 1", Shape(experts=4, batch=1)),
+    ("top-1", Shape(experts=4, top_k=1)),
+    ("8 experts 3 layers seq 32 mqa", Shape(layers=3, seq=32, kv_heads=1, experts=8)),
+    ("qwen3-like: q/k norm, head_dim 32", Shape(experts=4, qk_norm=True, head_dim=32)),
+    (
+        "qwen3-like multi-head",
+        Shape(layers=1, kv_heads=4, experts=4, qk_norm=True, head_dim=32),
+    ),
+]
+
+
+def moe_config(shape: Shape) -> dict[str, Any]:
+    """The tiny GPTModel with MoE layers as a config memplan reads: Mixtral's, or Qwen3-MoE's
+    where the shape has q/k norms (norm_topk_prob true, every layer sparse)."""
+    if shape.qk_norm:
+        return {
+            **tiny(shape),
+            "model_type": "qwen3_moe",
+            "head_dim": shape.head_dim,
+            "moe_intermediate_size": shape.ffn,
+            "num_experts": shape.experts,
+            "num_experts_per_tok": shape.top_k,
+            "norm_topk_prob": True,
+        }
+    return {
+        **tiny(shape),
+        "model_type": "mixtral",
+        "num_local_experts": shape.experts,
+        "num_experts_per_tok": shape.top_k,
+    }
+
+
+def moe_doc(dtype: str, mode: str, shape: Shape, dropout: float, expert: int) -> dict[str, Any]:
+    return {
+        "model": {"architecture": moe_config(shape), "implementation": "megatron-core"},
+        "precision": "fp32" if dtype == "fp32" else "bf16-mixed",
+        "training": {
+            "micro_batch_size": shape.batch,
+            "sequence_length": shape.seq,
+            "activation_checkpointing": mode,
+            "dropout": dropout > 0,
+        },
+        "parallelism": {"engine": "megatron", "data": expert, "expert": expert, "zero_stage": 1},
+        "hardware": {"device": "cpu"},
+    }
+
+
+def moe_cases() -> list[tuple[str, str, str, Shape, float]]:
+    out = []
+    for dtype in ("fp32", "bf16"):
+        for mode in ("none", "full", "selective"):
+            for name, shape in MOE_SHAPES:
+                out.append((dtype, mode, name, shape, 0.0))
+    out.append(("bf16", "none", "mixtral-like, dropout 0.1", Shape(experts=4), 0.1))
+    return out
+
+
+def moe_matrix() -> list[dict[str, Any]]:
+    """Megatron-Core's GPTModel with MoE layers (memplan.model.stacks.megatron_moe) on one
+    rank, under balanced routing: what it holds for backward, its persistent buffers, against
+    memplan's estimate."""
+    rows = []
+    for dtype, mode, name, shape, dropout in moe_cases():
+        measured = held(dtype, shape, mode, dropout=dropout)
+        loaded = validate(moe_doc(dtype, mode, shape, dropout, 1))
+        acts = estimate(loaded.spec, from_config(moe_config(shape))).activations
+        assert acts.modelled, acts.notes
+        buffers = sum(b.bytes for b in acts.buffers)
+        rows.append(
+            {
+                "dtype": dtype,
+                "recompute": mode,
+                "shape": name,
+                "batch": shape.batch,
+                "sequence": shape.seq,
+                "layers": shape.layers,
+                "experts": shape.experts,
+                "top_k": shape.top_k,
+                "dropout": dropout,
+                "measured": measured.bytes,
+                "predicted": acts.bytes,
+                "persistent_measured": measured.persistent,
+                "persistent_predicted": buffers,
+                "equal": measured.bytes == acts.bytes and measured.persistent == buffers,
+            }
+        )
+    return rows
+
+
+def moe_expert_parallel() -> list[dict[str, Any]]:
+    """The MoE matrix over EP = 2 and 4 gloo ranks (data-parallel ranks holding E / EP
+    experts each, TP = 1): every rank's held bytes and persistent buffers against memplan's
+    estimate of engine megatron, data = expert = EP; each rank's expert parameter elements
+    (Megatron's `allreduce = False` parameters) against memplan's `parameters (experts)`."""
+    rows = []
+    for ep in (2, 4):
+        chosen = [c for c in moe_cases() if c[3].experts % ep == 0]
+        cases = [(dtype, shape, mode, dropout) for dtype, mode, _, shape, dropout in chosen]
+        measured = held_parallel(cases, expert=ep)
+        for (dtype, mode, name, shape, dropout), ranks in zip(chosen, measured, strict=True):
+            loaded = validate(moe_doc(dtype, mode, shape, dropout, ep))
+            est = estimate(loaded.spec, from_config(moe_config(shape)))
+            acts = est.activations
+            buffers = sum(b.bytes for b in acts.buffers)
+            width = 4 if dtype == "fp32" else 2
+            experts = (
+                sum(t.bytes for t in est.per_gpu.terms if t.name == "parameters (experts)") // width
+            )
+            rows.append(
+                {
+                    "expert": ep,
+                    "dtype": dtype,
+                    "recompute": mode,
+                    "shape": name,
+                    "dropout": dropout,
+                    "measured_per_rank": [r.bytes for r in ranks],
+                    "predicted": acts.bytes,
+                    "persistent_per_rank": [r.persistent for r in ranks],
+                    "persistent_predicted": buffers,
+                    "expert_parameters_per_rank": [r.parameters[1] for r in ranks],
+                    "expert_parameters_predicted": experts,
+                    "equal": all(
+                        r.bytes == acts.bytes
+                        and r.persistent == buffers
+                        and r.parameters[1] == experts
+                        for r in ranks
+                    ),
+                }
+            )
+    return rows
+
+
+MOE_NOT_RUN = {
+    "tensor_parallel": (
+        "megatron-core 0.12.0 transformer/moe/moe_layer.py::MoELayer.forward raises "
+        "ValueError('During training, performance may degrade if MoE and tensor parallelism"
+        "are enabled without also enabling sequence parallelism.') for TP > 1 without SP, "
+        "and the local spec's torch norms refuse SP (transformer/torch_norm.py::"
+        "WrappedTorchNorm.__new__: 'sequence parallel not supported by torch LayerNorm'): no "
+        "local-spec MoE layout with TP > 1 trains"
+    ),
+    "grouped_gemm": (
+        "moe_grouped_gemm: GroupedMLP needs the grouped_gemm CUDA extension "
+        "(transformer/moe/grouped_gemm_util.py: 'Grouped GEMM is not available'), "
+        "TEGroupedMLP Transformer Engine (CUDA only)"
+    ),
+}
+
+
 def main() -> None:
     started = time.time()
     rows = matrix()
     tp_rows = tensor_parallel_matrix()
+    moe_rows = moe_matrix()
+    ep_rows = moe_expert_parallel()
     doc = {
         "stamp": stamp(
             torch=torch.__version__,
@@ -245,6 +413,18 @@ def main() -> None:
         "tensor_parallel": tp_rows,
         "tensor_parallel_equal": sum(r["equal"] for r in tp_rows),
         "tensor_parallel_cases": len(tp_rows),
+        "moe_matrix": moe_rows,
+        "moe_matrix_equal": sum(r["equal"] for r in moe_rows),
+        "moe_matrix_cases": len(moe_rows),
+        "moe_expert_parallel": ep_rows,
+        "moe_expert_parallel_equal": sum(r["equal"] for r in ep_rows),
+        "moe_expert_parallel_cases": len(ep_rows),
+        "moe_routing": (
+            "balanced: token i routed to experts (i k + j) mod E, j < k "
+            "(memplan.verify.megatron_core.balanced_routing); moe_aux_loss_coeff 1e-2, "
+            "allgather dispatcher, SequentialMLP"
+        ),
+        "moe_not_run": MOE_NOT_RUN,
         "llama31_8b_bytes_per_token_per_layer": [llama31_8b(8192), llama31_8b(4096)],
         "te_spec_on_cpu": (
             "import transformer_engine: ModuleNotFoundError (Transformer Engine's PyTorch "
@@ -259,6 +439,11 @@ def main() -> None:
     print(
         f"tensor parallel: {doc['tensor_parallel_equal']}/{doc['tensor_parallel_cases']} "
         "equal to the byte on every rank"
+    )
+    print(f"moe one rank: {doc['moe_matrix_equal']}/{doc['moe_matrix_cases']} equal")
+    print(
+        f"moe expert parallel: {doc['moe_expert_parallel_equal']}/"
+        f"{doc['moe_expert_parallel_cases']} equal on every rank"
     )
     print(json.dumps(doc["llama31_8b_bytes_per_token_per_layer"], indent=2))
 

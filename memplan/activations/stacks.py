@@ -54,22 +54,35 @@ def litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
 
 
 def megatron_core(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
-    """Megatron-Core's GPTModel on one GPU (memplan.model.stacks.megatron) for full training, at
-    EP = 1: one TP and CP rank's slice (with or without sequence parallelism); pipeline stages
-    split its layers as any other."""
+    """Megatron-Core's GPTModel on one GPU (memplan.model.stacks.megatron) for full training:
+    one TP and CP rank's slice (with or without sequence parallelism), and with MoE layers
+    (memplan.model.stacks.megatron_moe) one EP rank's experts; pipeline stages split its
+    layers as any other."""
     from memplan.activations import layout
-    from memplan.model.stacks import megatron
+    from memplan.model.stacks import megatron, megatron_moe
 
     why = ""
+    arch = inventory.architecture
+    moe = arch is not None and megatron_moe.is_moe(arch)
     if ft.method != "full" or ft.freeze:
         why = (
             "activations of Megatron-Core's model code are not modelled for LoRA, QLoRA or "
             "frozen parameters"
         )
-    elif lay.expert > 1:
+    elif lay.expert > 1 and not moe:
         why = (
-            "activations of Megatron-Core's model code are modelled at expert = 1 (memplan's "
-            "Megatron-Core rule is a dense Llama-like GPTModel)"
+            "activations of Megatron-Core's model code are modelled at expert = 1 for a dense "
+            "model (expert parallelism splits MoE layers' experts)"
+        )
+    elif moe and lay.expert_capacity_factor is not None:
+        why = (
+            "Megatron-Core's MoE layer is modelled dropless (no expert_capacity_factor: "
+            f"memplan's rule assumes balanced routing, {megatron_moe.SRC_ROUTER})"
+        )
+    elif moe and lay.tensor > 1 and st.megatron_spec == "local":
+        why = (
+            "Megatron-Core's MoE layer under the local spec runs no tensor parallelism "
+            f"({megatron_moe.SRC_TP})"
         )
     elif lay.context > 1 and st.megatron_spec == "local":
         why = (
@@ -82,12 +95,18 @@ def megatron_core(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSp
             f"it: {megatron.SRC_NO_SP_LOCAL}): set sequence_parallel: false or "
             "model.megatron_spec: te"
         )
-    arch = inventory.architecture
     if not why and lay.tensor > 1 and arch is not None:
         why = layout.check(arch, st, lay)
     if why:
         return replace(
             layout.refused(why), implementation="megatron-core", megatron_spec=st.megatron_spec
+        )
+    if moe and arch is not None and lay.expert > 1:
+        # One EP rank's experts (memplan.model.stacks.megatron_moe: balanced, dropless).
+        st = replace(
+            st,
+            expert_pairs=layout.expert_pairs(arch, st.tokens, lay),
+            local_experts=arch.num_experts // lay.expert,
         )
     if (lay.tensor == 1 and lay.context == 1) or arch is None:
         return predict(inventory, st)

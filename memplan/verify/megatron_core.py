@@ -68,6 +68,16 @@ class Shape:
     kv_heads: int = 2
     ffn: int = 192
     vocab: int = 256
+    experts: int = 0
+    """Routed experts per layer (0: the dense MLP): Megatron-Core's MoELayer with the local
+    spec's SequentialMLP, TopKRouter (softmax, aux_loss balancing at AUX_LOSS_COEFF) and the
+    default allgather token dispatcher; every layer an MoE layer (Mixtral)."""
+    top_k: int = 2
+    qk_norm: bool = False
+    """Per-head RMSNorm of the queries and keys (TransformerConfig.qk_layernorm: the local
+    spec's q_layernorm / k_layernorm, torch RMSNorm over head_dim; Qwen3)."""
+    head_dim: int | None = None
+    """kv_channels when not dim / heads (Qwen3-MoE: 128 with hidden 2048 and 32 heads)."""
 
 
 @contextlib.contextmanager
@@ -88,6 +98,39 @@ def cpu_stand_ins() -> Iterator[None]:
     finally:
         torch.cuda.current_device, mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = saved
         fused_softmax.get_default_causal_mask = mask
+
+
+ROUTING_PULL = 1e3
+"""What the balanced-routing stand-in adds to a chosen expert's router logit: far above the
+real logits (a tiny model's are under 1), so top-k picks exactly the chosen experts."""
+
+
+@contextlib.contextmanager
+def balanced_routing() -> Iterator[None]:
+    """Token i (in the router's flattened [s b] order) routed to experts (i k + j) mod E,
+    j < k: every expert receives tokens x k / E (token, expert) pairs from every rank, the
+    balanced routing memplan's MoE rule assumes. transformer/moe/router.py::Router.gating's
+    logits get a constant (no grad) added, `ROUTING_PULL` on the chosen experts: the add saves
+    nothing (AddBackward0) and its output replaces the logits tensor byte for byte, which
+    nothing saved (F.linear keeps its input and weight), so what autograd holds is the real
+    router's."""
+    from megatron.core.transformer.moe.router import Router
+
+    gating = Router.gating
+
+    def steered(self: Any, input: torch.Tensor) -> torch.Tensor:
+        logits = gating(self, input)
+        e, k = self.config.num_moe_experts, self.config.moe_router_topk
+        n = logits.numel() // e
+        chosen = (torch.arange(n).unsqueeze(1) * k + torch.arange(k)) % e
+        pull = torch.zeros(n, e).scatter_(1, chosen, ROUTING_PULL)
+        return logits + pull.view(logits.shape).to(logits.dtype)
+
+    Router.gating = steered  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Router.gating = gating  # type: ignore[method-assign]
 
 
 @functools.lru_cache(maxsize=32)
@@ -143,6 +186,7 @@ def build(
     dropout: float = 0.0,
     tensor: int = 1,
     sequence_parallel: bool = False,
+    expert: int = 1,
 ) -> Any:
     """GPTModel with get_gpt_layer_local_spec at `shape` (inside `one_rank`), parameters in
     `dtype` (bf16: a `bf16=True` TransformerConfig and the model wrapped in Float16Module,
@@ -189,11 +233,18 @@ def build(
         tensor_model_parallel_size=tensor,
         sequence_parallel=sequence_parallel,
         **knobs,
+        **_moe_knobs(shape, expert),
+        qk_layernorm=shape.qk_norm,
+        **({"kv_channels": shape.head_dim} if shape.head_dim else {}),
     )
     with cpu_stand_ins():
         model = GPTModel(
             cfg,
-            get_gpt_layer_local_spec(normalization="RMSNorm"),
+            get_gpt_layer_local_spec(
+                num_experts=shape.experts or None,
+                qk_layernorm=shape.qk_norm,
+                normalization="RMSNorm",
+            ),
             vocab_size=padded_vocab(shape.vocab, tensor),
             max_sequence_length=max(128, shape.seq),
             position_embedding_type="rope",
@@ -206,6 +257,28 @@ def build(
 
         model = Float16Module(cfg, model)
     return model
+
+
+AUX_LOSS_COEFF = 1e-2
+"""--moe-aux-loss-coeff of Megatron-LM's Mixtral recipe (examples/mixtral/
+train_mixtral_8x7b_distributed.sh; TransformerConfig.moe_aux_loss_coeff's comment: "1e-2 would
+be a good start value"): the switch load-balancing loss runs, so its softmax scores are saved."""
+
+
+def _moe_knobs(shape: Shape, expert: int) -> dict[str, Any]:
+    if not shape.experts:
+        return {}
+    return {
+        "num_moe_experts": shape.experts,
+        "moe_router_topk": shape.top_k,
+        "moe_router_load_balancing_type": "aux_loss",
+        "moe_aux_loss_coeff": AUX_LOSS_COEFF,
+        "moe_token_dispatcher_type": "allgather",
+        "moe_grouped_gemm": False,
+        # TransformerConfig.__post_init__ asks for it with top-1 (and only then is it set).
+        "moe_router_pre_softmax": shape.top_k == 1,
+        "expert_model_parallel_size": expert,
+    }
 
 
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
@@ -252,6 +325,15 @@ class Held:
     bytes: int
     tensors: tuple[tuple[str, tuple[int, ...], str, int], ...]
     """(op that made it, shape, dtype, storage bytes), in the order made."""
+    persistent: int = 0
+    """Bytes kept across steps outside autograd: parallel_state's global memory buffer, the
+    cached causal mask, the MoE aux-loss tracker (memplan.model.stacks.megatron.
+    persistent_buffers lists them)."""
+    parameters: tuple[int, int] = (0, 0)
+    """The rank's (dense, expert) parameter elements: Megatron marks expert parameters
+    `allreduce = False` (transformer/moe/experts.py), which its DDP buckets and distributed
+    optimizer keep apart over the expert-data-parallel group
+    (distributed/distributed_data_parallel.py, `expert_parallel_params`)."""
 
 
 def _inputs(shape: Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -267,7 +349,7 @@ def held(
 ) -> Held:
     """Bytes Megatron-Core's GPTModel (local spec) holds for backward after forward + its loss
     (module docstring), then its backward run to the end."""
-    with one_rank(), cpu_stand_ins():
+    with one_rank(), cpu_stand_ins(), balanced_routing():
         return _held(dtype, shape, recompute, dropout)
 
 
@@ -278,8 +360,10 @@ def _held(
     dropout: float,
     *,
     tensor: int = 1,
+    expert: int = 1,
     sequence_parallel: bool = False,
 ) -> Held:
+    _fresh_persistent_state()
     model = build(
         dtype,
         shape,
@@ -287,13 +371,14 @@ def _held(
         dropout=dropout,
         tensor=tensor,
         sequence_parallel=sequence_parallel,
+        expert=expert,
     )
     model.train()
     tokens, position, labels = _inputs(shape)
     # Warm-up: makes the global memory buffer, RoPE's cached table and the causal mask.
     model(tokens, position, None, labels=labels).sum().backward()
     model.zero_grad(set_to_none=True)
-    persistent = (*model.parameters(), *model.buffers(), *_global_buffers())
+    persistent = (*model.parameters(), *model.buffers(), *_global_buffers(), *_moe_tracker())
     persistent += (_causal_mask(shape.seq), tokens, position, labels)
     before = {t.untyped_storage().data_ptr() for t in persistent}
     spy = _Made()
@@ -316,7 +401,16 @@ def _held(
     # more TP ranks VocabParallelEmbedding embeds a masked copy made in the forward (counted).
     total = sum(v[3] for v in alive.values()) + (tokens.nbytes if tensor == 1 else 0)
     loss.sum().backward()  # the backward these tensors serve runs to the end
-    return Held(bytes=total, tensors=tuple(alive.values()))
+    params = list(model.parameters())
+    experts = sum(p.numel() for p in params if not getattr(p, "allreduce", True))
+    dense = sum(p.numel() for p in params) - experts
+    kept = (*_global_buffers(), *_moe_tracker(), _causal_mask(shape.seq))
+    return Held(
+        bytes=total,
+        tensors=tuple(alive.values()),
+        persistent=sum(t.untyped_storage().nbytes() for t in kept),
+        parameters=(dense, experts),
+    )
 
 
 Case = tuple[str, Shape, str, float]
@@ -329,6 +423,17 @@ def held_tensor_parallel(
     """What each of `tensor` TP ranks holds (`held`'s measure, [case][rank]): Megatron-Core's
     model-parallel state at TP = `tensor` over that many gloo ranks, one spawned process each
     (a TCP store on a free local port), the same stand-ins on every rank."""
+    return held_parallel(cases, tensor=tensor, sequence_parallel=sequence_parallel)
+
+
+def held_parallel(
+    cases: list[Case], *, tensor: int = 1, expert: int = 1, sequence_parallel: bool = False
+) -> list[list[Held]]:
+    """`held_tensor_parallel` over max(TP, EP) gloo ranks: parallel_state.
+    initialize_model_parallel(TP, 1, expert_model_parallel_size=EP), EP carved out of the
+    data-parallel ranks as Megatron-LM does (TP x EP ranks: TP = 1 and EP = 2 is two
+    data-parallel ranks holding two experts each). MoE shapes run under `balanced_routing`;
+    every rank embeds the same tokens."""
     import json
     import tempfile
 
@@ -336,24 +441,40 @@ def held_tensor_parallel(
 
     from memplan.verify.launch import free_port
 
+    world = tensor * expert
     with tempfile.TemporaryDirectory() as out:
         spawn: Any = mp
         spawn.start_processes(
-            _tensor_rank,
-            args=(tensor, free_port(), cases, sequence_parallel, out),
-            nprocs=tensor,
+            _parallel_rank,
+            args=(world, tensor, expert, free_port(), cases, sequence_parallel, out),
+            nprocs=world,
             join=True,
             start_method="spawn",
         )
-        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(tensor)]
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
     return [
-        [Held(bytes=r[i]["bytes"], tensors=tuple(map(tuple, r[i]["tensors"]))) for r in ranks]
+        [
+            Held(
+                bytes=r[i]["bytes"],
+                tensors=tuple(map(tuple, r[i]["tensors"])),
+                persistent=r[i]["persistent"],
+                parameters=tuple(r[i]["parameters"]),
+            )
+            for r in ranks
+        ]
         for i in range(len(cases))
     ]
 
 
-def _tensor_rank(
-    rank: int, world: int, port: int, cases: list[Case], sequence_parallel: bool, out: str
+def _parallel_rank(
+    rank: int,
+    world: int,
+    tensor: int,
+    expert: int,
+    port: int,
+    cases: list[Case],
+    sequence_parallel: bool,
+    out: str,
 ) -> None:
     import json
 
@@ -363,19 +484,46 @@ def _tensor_rank(
 
     torch.set_num_threads(1)
     with local_group(rank, world, port):
-        parallel_state.initialize_model_parallel(world, 1)
+        parallel_state.initialize_model_parallel(tensor, 1, expert_model_parallel_size=expert)
         try:
             results = []
-            with cpu_stand_ins():
+            with cpu_stand_ins(), balanced_routing():
                 for dtype, shape, recompute, dropout in cases:
                     h = _held(
-                        dtype, shape, recompute, dropout, tensor=world,
+                        dtype, shape, recompute, dropout, tensor=tensor, expert=expert,
                         sequence_parallel=sequence_parallel,
                     )  # fmt: skip
-                    results.append({"bytes": h.bytes, "tensors": h.tensors})
+                    results.append(
+                        {
+                            "bytes": h.bytes,
+                            "tensors": h.tensors,
+                            "persistent": h.persistent,
+                            "parameters": h.parameters,
+                        }
+                    )
             Path(out, f"rank{rank}.json").write_text(json.dumps(results))
         finally:
             parallel_state.destroy_model_parallel()
+
+
+def _fresh_persistent_state() -> None:
+    """A new global memory buffer and an empty MoE tracker, as a fresh process has: what one
+    case measures as persistent is then its own (parallel_state keeps both per process)."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    ps: Any = parallel_state
+    ps._GLOBAL_MEMORY_BUFFER = GlobalMemoryBuffer()
+    ps._MOE_LAYER_WISE_LOGGING_TRACKER = {}
+
+
+def _moe_tracker() -> list[torch.Tensor]:
+    """parallel_state's MoE logging tracker (moe_utils.py::save_to_aux_losses_tracker: a
+    [layers] fp32 tensor per loss, made by the first forward and kept: persistent)."""
+    from megatron.core import parallel_state
+
+    tracker = parallel_state.get_moe_layer_wise_logging_tracker()
+    return [v["values"] for v in tracker.values()]
 
 
 def _global_buffers() -> list[torch.Tensor]:

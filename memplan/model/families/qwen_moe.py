@@ -153,6 +153,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         "mlp_only_layers": mlp_only,
         "moe_layers": moe_layers,
         "norm_topk_prob": cfg.bool("norm_topk_prob", False),
+        "qk_norm": not qwen2,  # Qwen3MoeAttention's per-head q_norm / k_norm
     }
     if qwen2:
         extra["shared_expert_intermediate_size"] = shared_inter

@@ -2,8 +2,8 @@
 backward (`torchtitan`: torchtitan's Llama 3, Qwen3, Qwen3-MoE and DeepSeek-V3, with
 `torchtitan_moe` and `torchtitan_mla`; `litgpt`: LitGPT's GPT, `litgpt_lora`: its LoRA,
 `litgpt_qlora`: its QLoRA's 4-bit model and StableEmbedding; `megatron`: Megatron-Core's
-GPTModel, local and Transformer Engine layer specs), in the vocabulary of
-memplan.model.forward."""
+GPTModel, local and Transformer Engine layer specs, `megatron_moe`: its MoE layer), in the
+vocabulary of memplan.model.forward."""
 
 from __future__ import annotations
 

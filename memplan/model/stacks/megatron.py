@@ -4,6 +4,9 @@ or the Transformer Engine one (`te`), for no recompute, full recompute (recomput
 full, method uniform, one layer per checkpoint) and selective recompute of the attention core
 (recompute_granularity selective, recompute_modules [core_attn]).
 
+MoE layers (Mixtral, Qwen3-MoE: router, allgather dispatcher, SequentialMLP, expert
+parallelism) are memplan.model.stacks.megatron_moe's.
+
 Read from megatron-core 0.12.0 (megatron/core/, pip `megatron-core==0.12.0`), TP = PP = 1:
 - models/gpt/gpt_model.py::GPTModel.forward: embedding -> decoder -> output_layer ->
   compute_language_model_loss; models/common/embeddings/language_model_embedding.py::
@@ -70,7 +73,7 @@ from memplan.memory import ALWAYS, Transient
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import llama_refusal, torchtitan
+from memplan.model.stacks import llama_refusal, megatron_moe, torchtitan
 from memplan.precision import dtype_bytes
 
 MegatronSpec = Literal["local", "te"]
@@ -95,6 +98,9 @@ SRC_TE_NORM_LINEAR = (
 SRC_TE_ATTN = (
     SRC + "extensions/transformer_engine.py::TEDotProductAttention; TE flash / fused attention"
 )
+MODEL_TYPES = ("llama", "mixtral", "qwen3_moe")
+"""The HF model_types the rule builds: Llama's dense layers, Mixtral's and Qwen3-MoE's MoE
+layers (memplan.model.stacks.megatron_moe; Qwen3's per-head q/k norm: `_qk_norm`)."""
 MASK_TYPE_BYTES = 4
 """`torch.tensor([attn_mask_type.value], dtype=torch.int)`: one int32 (SRC_SELECTIVE)."""
 RNG_STATE = (2,)
@@ -104,9 +110,20 @@ or not."""
 
 def unsupported(arch: Architecture, st: Setting, spec: MegatronSpec) -> str:
     """Why the Megatron-Core rule does not cover this model or setting, or ''."""
-    why = llama_refusal(
-        arch, "megatron-core", "Megatron-Core's GPTModel built Llama-like: model_type llama"
+    why = megatron_moe.family_refusal(arch.model_type) or llama_refusal(
+        arch,
+        "megatron-core",
+        "Megatron-Core's GPTModel built Llama-like: model_type llama, or with MoE layers: "
+        "mixtral, qwen3_moe",
+        model_types=MODEL_TYPES,
     )
+    if not why and megatron_moe.is_moe(arch):
+        why = megatron_moe.unsupported(arch)
+        if not why and spec == "te":
+            why = (
+                "Megatron-Core's MoE layer is modelled with the local spec (SequentialMLP); "
+                "the TE spec's experts are Transformer Engine's (" + megatron_moe.SRC_GROUPED + ")"
+            )
     if why:
         return why
     if st.autocast:
@@ -200,14 +217,46 @@ def _local_core(arch: Architecture, st: Setting) -> tuple[list[Saved], list[Save
     return inputs, kept + core
 
 
-def _mlp(t: int, f: int, c: str, *, fused: bool) -> list[Saved]:
+def mlp(prefix: str, t: int, f: int, c: str, *, fused: bool) -> list[Saved]:
     """linear_fc1's output [t, 2F] (both chunks are views of it), the SwiGLU and linear_fc2's
     input. Fused (bias_swiglu_impl) keeps only its input; unfused, silu keeps the gate chunk,
-    the product silu's output and the up chunk (SRC_MLP)."""
-    out = [kernels.saved("linear_fc1.output", (t, 2 * f), c, "SiluBackward0", SRC_MLP)]
+    the product silu's output and the up chunk (SRC_MLP). `prefix` names the module (''
+    for the dense MLP; MoE experts: the sum over experts of their tokens, `t`)."""
+    out = [kernels.saved(f"{prefix}linear_fc1.output", (t, 2 * f), c, "SiluBackward0", SRC_MLP)]
     if not fused:
-        out.append(kernels.saved("mlp.silu_output", (t, f), c, "MulBackward0", SRC_MLP))
-    out.append(kernels.saved("linear_fc2.input", (t, f), c, "LinearWithGrad", SRC_LINEAR))
+        out.append(kernels.saved(f"{prefix}mlp.silu_output", (t, f), c, "MulBackward0", SRC_MLP))
+    out.append(kernels.saved(f"{prefix}linear_fc2.input", (t, f), c, "LinearWithGrad", SRC_LINEAR))
+    return out
+
+
+SRC_QK_NORM = (
+    SRC + "transformer/attention.py::SelfAttention.get_query_key_value_tensors (qk_layernorm: "
+    "`query.reshape(s, b, -1, hn)`, q_layernorm(query), k_layernorm(key): torch RMSNorm over "
+    "head_dim)"
+)
+
+
+def _qk_norm(arch: Architecture, st: Setting, held: set[str]) -> list[Saved]:
+    """The per-head RMSNorm of the queries and keys (qk_layernorm, Qwen3; SRC_QK_NORM): what
+    torch.nn.RMSNorm saves over [t x heads, head dim], its output RoPE's input (RoPE keeps only
+    cos and sin). Where the norm keeps its input itself (fp32 on CPU; the fused CUDA kernel),
+    that input is the key's view of linear_qkv's output, and the query's too without GQA (with
+    GQA `reshape` copies the query out of the grouped layout): storages in `held` are not
+    counted again."""
+    _, a, kv, d = kernels.attention_dims(arch)
+    t, c = st.tokens, st.matmul
+    out: list[Saved] = []
+    for who, heads in (("q", a), ("k", kv)):
+        norm = torchtitan.rms_norm(f"attn.{who}_layernorm", t * heads, d, c, st)
+        copies = st.device == "cpu" and c != kernels.FP32
+        if not copies:
+            # The norm's input is x itself: name it by its storage.
+            view = who == "k" or a == kv
+            name = "linear_qkv.output" if view else "attn.q_reshaped"
+            shape = (t, (a + 2 * kv) * d) if view else (t, a * d)
+            norm[0] = replace(norm[0], name=name, shape=shape, dtype=c)
+        out += [x for x in norm if x.name not in held]
+        held |= {x.name for x in norm}
     return out
 
 
@@ -221,11 +270,17 @@ def _local_layer(arch: Architecture, st: Setting) -> tuple[list[Saved], list[Sav
     out = [kernels.saved("linear_proj.input", (t, a * d), c, "LinearWithGrad", SRC_LINEAR)]
     rest = _dropout("self_attn_bda.dropout", (t, h), c, st)
     rest += _norm("pre_mlp_layernorm", t, h, c, st)
-    rest += _mlp(t, arch.intermediate_size, c, fused=False)
+    if megatron_moe.is_moe(arch):
+        rest += megatron_moe.moe_mlp(arch, st)
+    else:
+        rest += mlp("", t, arch.intermediate_size, c, fused=False)
     rest += _dropout("mlp_bda.dropout", (t, h), c, st)
     whole = [*norm1, *_rope(s, d, c), *core, *out, *rest]
     mask = kernels.saved("attn.mask_type", (1,), "int32", "CheckpointFunction", SRC_SELECTIVE)
     selective = [*norm1, *_rope(s, d, c), *inputs, mask, *out, *rest]
+    if arch.extra.get("qk_norm"):
+        whole += _qk_norm(arch, st, {x.name for x in whole})
+        selective += _qk_norm(arch, st, {x.name for x in selective})
     return whole, selective
 
 
@@ -253,7 +308,7 @@ def _te_layer(arch: Architecture, st: Setting) -> tuple[list[Saved], list[Saved]
     )
     rest = _dropout("self_attn_bda.dropout", (t, h), c, st)
     rest += _te_norm_linear("linear_fc1", t, h, c)
-    rest += _mlp(t, arch.intermediate_size, c, fused=True)
+    rest += mlp("", t, arch.intermediate_size, c, fused=True)
     rest += _dropout("mlp_bda.dropout", (t, h), c, st)
     norm1 = _te_norm_linear("linear_qkv", t, h, c)
     whole = [*norm1, *qkv, *core, *rest]
@@ -328,13 +383,32 @@ def persistent_buffers(arch: Architecture, st: Setting) -> tuple[Transient, ...]
     _, a, _, _ = kernels.attention_dims(arch)
     b, s = st.batch, st.sequence
     c = st.matmul
+    scores = b * a * s * s
+    formula = f"batch {b} x heads {a} x seq {s} x seq {s} x {dtype_bytes(c)} B ({c})"
+    source = SRC + "utils.py::GlobalMemoryBuffer.get_tensor (name 'mpu'); " + SRC_CORE
+    moe: tuple[Transient, ...] = ()
+    if megatron_moe.is_moe(arch):
+        moe = (megatron_moe.aux_loss_tracker(arch),)
+        ep = megatron_moe.expert_parallel(arch, st)[0]
+        gathered = st.tokens * ep * arch.hidden_size
+        if ep > 1 and gathered > scores:
+            # The allgather dispatcher gathers the hidden states into the same 'mpu' buffer,
+            # which get_tensor grows to the larger request and keeps.
+            scores = gathered
+            formula = (
+                f"tokens {st.tokens} x EP {ep} x hidden {arch.hidden_size} x "
+                f"{dtype_bytes(c)} B ({c}): the MoE dispatcher's all-gather, larger than the "
+                "attention scores"
+            )
+            source += "; " + megatron_moe.SRC_DISPATCH
     return (
+        *moe,
         Transient(
             name="megatron global memory buffer",
-            bytes=b * a * s * s * dtype_bytes(c),
+            bytes=scores * dtype_bytes(c),
             phases=ALWAYS,
-            formula=f"batch {b} x heads {a} x seq {s} x seq {s} x {dtype_bytes(c)} B ({c})",
-            source=SRC + "utils.py::GlobalMemoryBuffer.get_tensor (name 'mpu'); " + SRC_CORE,
+            formula=formula,
+            source=source,
         ),
         Transient(
             name="megatron causal mask",
@@ -369,10 +443,12 @@ def saved(arch: Architecture, st: Setting, spec: MegatronSpec = "local") -> Acti
     emb = [kernels.embedding_indices("word_embeddings.indices", (st.batch, st.sequence))]
     emb += _dropout("embedding_dropout", (t, h), c, st)
     if st.checkpointing == "full":
+        # The MoE dispatcher's attributes outlive the no-grad forward (megatron_moe).
+        kept = megatron_moe.dispatcher_state(arch, st) if megatron_moe.is_moe(arch) else []
         layer = Block(
             name="layers",
             count=n,
-            tensors=(_layer_input(arch, st),),
+            tensors=(_layer_input(arch, st), *kept),
             recompute=tuple(whole),
             layered=True,
         )
@@ -426,7 +502,7 @@ def saved(arch: Architecture, st: Setting, spec: MegatronSpec = "local") -> Acti
         upcast_bytes=0,
         hidden_bytes=t * h * dtype_bytes(c),
         buffers=persistent_buffers(arch, st) if spec == "local" else (),
-        notes=(note,),
+        notes=(note, megatron_moe.NOTE) if megatron_moe.is_moe(arch) else (note,),
         implementation=IMPLEMENTATION,
         megatron_spec=spec,
     )
