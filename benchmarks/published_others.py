@@ -148,6 +148,11 @@ def hf_bert(
             "activation_checkpointing": "full" if gc else "none",
             # Trainer 4.16: model.zero_grad(), torch 1.10's set_to_none=False.
             "zero_grad": "zero",
+            # torch 1.10's SoftmaxBackward0 keeps softmax's input beside its output (1.10.0
+            # wheel, autograd/generated/Functions.h: `self_`, `result_`; pytorch/pytorch#64000,
+            # fixed in 1.11): one [batch, 16, 512, 512] fp32 tensor more per layer
+            # (benchmarks/reference/bert-2022-gap.md, benchmarks/bert_2022_stack.py).
+            "softmax_saves_input": True,
         },
         "hardware": {
             "gpu": "V100-32GB",

@@ -54,6 +54,21 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
             "activations not modelled: the model is a bare parameter count (give hf_config, "
             "a preset or an architecture)."
         )
+    if setting.softmax_input:
+        # torch before 1.11 (training.softmax_saves_input): only a trace keeps every softmax's
+        # input (memplan.verify.trace.forward.SoftmaxInputs); the hand rules describe 2.13.
+        traced = (
+            profile.serving(inventory.profiles, setting)
+            if setting.implementation == "transformers"
+            else None
+        )
+        if traced is not None:
+            return _from_profile(traced, arch, setting)
+        return not_modelled(
+            "training.softmax_saves_input: true (torch before 1.11) is modelled from a profile "
+            "traced with it, for transformers' model code only: per_gpu.activations is 0 and the "
+            "peak leaves them out." + _profile_hint(inventory.profiles)
+        )
     if setting.implementation == "torchtitan":
         from memplan.model.stacks import torchtitan
 
@@ -149,7 +164,8 @@ def source(inventory: Inventory, setting: Setting) -> tuple[str, profile.Profile
     if setting.implementation != "transformers":
         return ("rule" if predict(inventory, setting).modelled else "none"), None
     family = family_of(arch.model_type)
-    if family is not None and not isinstance(family.saved, str) and not _unsupported(arch):
+    hand = family is not None and not isinstance(family.saved, str) and not _unsupported(arch)
+    if hand and not setting.softmax_input:  # the hand rules describe torch 2.13's softmax
         return "rule", None
     traced = profile.serving(inventory.profiles, setting)
     return ("profile", traced) if traced is not None else ("none", None)

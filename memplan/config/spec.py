@@ -296,6 +296,13 @@ class TrainingSpec(Frozen):
     """How the trainer clears gradients after the optimizer step: set_to_none (torch's
     default since 2.0) frees them; zero (`zero_grad(set_to_none=False)`, torch before 2.0 and
     some trainers) keeps them allocated through the next forward and backward."""
+    softmax_saves_input: bool = False
+    """torch before 1.11 keeps softmax's and log_softmax's input for their backward as well as
+    their output (torch 1.10.0's generated SoftmaxBackward0 / LogSoftmaxBackward0 hold
+    `self_` and `result_`; 1.11 holds `self_scalar_type`: pytorch/pytorch#64000, fixed by
+    #66018): true adds every such input to the saved activations (eager attention: one
+    [batch, heads, seq, seq] tensor per layer). Modelled from traced profiles (memplan.verify.
+    trace.forward); false: torch 1.11 and later."""
 
     @model_validator(mode="after")
     def _offload_needs_full(self) -> TrainingSpec:

@@ -76,6 +76,9 @@ class Key:
     vocab_rows: int = 0
     """With `tensor` > 1: the vocabulary rows of the rank traced (the layout's padded or
     chunked rows, memplan.states.parallel.vocab_rows); 0 at tensor 1 (the config's own)."""
+    softmax_input: bool = False
+    """Traced with softmax and log_softmax keeping their input (torch before 1.11,
+    `training.softmax_saves_input`; memplan.verify.trace.forward.SoftmaxInputs)."""
 
     def serves(self, st: Setting, *, tensor: int = 1, vocab_rows: int = 0) -> bool:
         """Whether this profile is the one traced for `st` on a TP rank of `tensor` ranks that
@@ -90,6 +93,7 @@ class Key:
             st.device,
             st.checkpointing,
             st.dropout,
+            st.softmax_input,
         ) == (
             self.stream,
             self.matmul,
@@ -98,6 +102,7 @@ class Key:
             self.device,
             self.checkpointing,
             self.dropout,
+            self.softmax_input,
         )
 
     def file_stem(self) -> str:
@@ -105,9 +110,10 @@ class Key:
         forced = "" if self.dropout is None else f"-dropout-{'on' if self.dropout else 'off'}"
         # tensor 1 keeps the stem it always had (the cache and the shipped profiles)
         tp = f"-tp{self.tensor}-vocab{self.vocab_rows}" if self.tensor > 1 else ""
+        old_softmax = "-softmax-input" if self.softmax_input else ""
         return (
             f"{self.model_type}-{self.config_hash[:12]}-{self.stream}-{self.matmul}{cast}-"
-            f"{self.attention}-{self.device}-{self.checkpointing}{forced}{tp}"
+            f"{self.attention}-{self.device}-{self.checkpointing}{forced}{tp}{old_softmax}"
         )
 
 
@@ -288,6 +294,7 @@ def from_document(doc: Any, *, origin: str) -> Profile:
             dropout=None if k.get("dropout") is None else bool(k["dropout"]),
             tensor=int(k.get("tensor", 1)),
             vocab_rows=int(k.get("vocab_rows", 0)),
+            softmax_input=bool(k.get("softmax_input", False)),
         )
         blocks = tuple(
             ProfileBlock(

@@ -151,6 +151,7 @@ def setting_of(spec: Spec) -> Setting:
             else t.compile and spec.model.implementation == "torchtitan"
         ),
         float8=_torchao_float8(spec.precision.fp8),
+        softmax_input=t.softmax_saves_input,
     )
 
 

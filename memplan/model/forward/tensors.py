@@ -86,6 +86,9 @@ class Setting:
     compile_loss: bool = False
     """The loss runs torch.compile'd too (training.compile_loss, resolved: torchtitan 0.3.0
     compiles it with the model)."""
+    softmax_input: bool = False
+    """softmax and log_softmax keep their input for backward (training.softmax_saves_input:
+    torch before 1.11)."""
 
     @property
     def tokens(self) -> int:

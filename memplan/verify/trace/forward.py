@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import transformers
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memplan.errors import MemplanError
 from memplan.verify import selective as selective_
@@ -114,13 +115,15 @@ def trace_once(
     device: str = "cpu",
     selective: bool = False,
     autocast_lists: str | None = None,
+    softmax_input: bool = False,
 ) -> list[fit_.Record]:
     """One forward + loss; every saved storage once, with its block and module (device cuda:
     the CUDA kernels' tensors, memplan.verify.trace.cuda). `selective`: every attention core
     checkpointed, then backward, whose recomputations are recorded as `recompute:<block>`
     (memplan.verify.trace.recompute). `autocast` runs torch's CPU autocast, or with device cuda
     CUDA's lists emulated (memplan.verify.trace.autocast); `autocast_lists` ("cpu", "cuda")
-    forces the emulation with those lists."""
+    forces the emulation with those lists. `softmax_input`: softmax and log_softmax keep their
+    input too, as torch before 1.11 (SoftmaxInputs)."""
     lists = structure.stacks(model) or [decoder_layers(model, layer_count)]
     layers = [m for _, stack in lists for m in stack]
     paths = [f"{prefix}.{j}" for prefix, stack in lists for j in range(len(stack))]
@@ -227,6 +230,7 @@ def trace_once(
             cores as run,
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             region.autocast(on_cast) if region is not None else cast,
+            SoftmaxInputs() if softmax_input else contextlib.nullcontext(),
         ):
             ids = torch.zeros((batch, sequence), dtype=torch.int64)
             kind = heads.kind_of_name(type(model).__name__) or "lm"
@@ -267,6 +271,30 @@ def trace_once(
         *(r for r, key in again if key not in host),
         *held,
     ]
+
+
+class SoftmaxInputs(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """torch before 1.11: softmax and log_softmax keep their input for backward beside their
+    output. torch 1.10.0's generated SoftmaxBackward0 and LogSoftmaxBackward0 (torch/include/
+    torch/csrc/autograd/generated/Functions.h in its wheels) hold `SavedVariable self_` and
+    `result_`; 2.13's hold `self_scalar_type` and `result_` (pytorch/pytorch#64000, fixed by
+    #65242, relanded as #66018 on 2021-10-01, first released in 1.11). Every input of
+    `aten._softmax` / `aten._log_softmax` that autograd records (grad mode on, the input
+    requiring grad) goes to the innermost saved-tensor pack hook, as 1.10's SavedVariable
+    would (the trace's own records it; non-reentrant checkpointing's keeps only a handle), and
+    what the hook returns is held until the trace ends (a backward frees it with the node)."""
+
+    OPS = (torch.ops.aten._softmax.default, torch.ops.aten._log_softmax.default)
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.held: list[Any] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in self.OPS and torch.is_grad_enabled() and args[0].requires_grad:
+            hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            self.held.append(hooks[0](args[0]) if hooks else args[0])
+        return func(*args, **(kwargs or {}))
 
 
 def any_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -108,6 +108,7 @@ def _blocks(
     dropout: bool | None = None,
     device: str = "cpu",
     head_dim: tuple[int, bool] | None = None,
+    softmax_input: bool = False,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int], list[str], dict[str, Any]]:
     """Fitted tensors per block: embeddings, one per layer kind (`layer:<kind>`), head, loss.
 
@@ -150,6 +151,7 @@ def _blocks(
         "layer_count": n,
         "device": device,
         "selective": selective,
+        "softmax_input": softmax_input,
     }
     out: dict[str, list[dict[str, Any]]] = {}
     far = far_sequence(unit, limit)
@@ -261,6 +263,7 @@ def build(
     dropout: bool | None = None,
     tensor: int = 1,
     vocab_rows: int = 0,
+    softmax_input: bool = False,
 ) -> dict[str, Any]:
     """The profile document of `config` (a config.json mapping) for one recipe and kernel;
     with `tensor` > 1, of one TP rank's slice holding `vocab_rows` vocabulary rows
@@ -295,6 +298,7 @@ def build(
         dropout=dropout,
         device=device,
         head_dim=pinned,
+        softmax_input=softmax_input,
         **common,
     )
     recompute: dict[str, list[dict[str, Any]]] = {}
@@ -305,6 +309,7 @@ def build(
             dropout=dropout,
             device=device,
             head_dim=pinned,
+            softmax_input=softmax_input,
             **common,
         )
         recompute = {k: v for k, v in plain.items() if k.startswith("layer:")}
@@ -336,6 +341,7 @@ def build(
         checkpointing=checkpointing,
         tensor=tensor,
         vocab_rows=vocab_rows if tensor > 1 else 0,
+        softmax_input=softmax_input,
         **common,
     )
     kind_names = list(counts)
@@ -370,6 +376,7 @@ def build(
             "checkpointing": checkpointing,
             **({} if dropout is None else {"dropout": dropout}),
             **({} if tensor == 1 else {"tensor": tensor, "vocab_rows": vocab_rows}),
+            **({"softmax_input": True} if softmax_input else {}),
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "model": {**facts, "layer_counts": counts},
@@ -393,10 +400,18 @@ def build(
             *([autocast_.DIFFERENCES_NOTE] if device == "cuda" and autocast else []),
             *([selective_.NOTE] if checkpointing == "selective" else []),
             *([_tp_note(tensor, vocab_rows)] if tensor > 1 else []),
+            *([SOFTMAX_INPUT_NOTE] if softmax_input else []),
         ],
         "blocks": doc_blocks,
         "build_seconds": round(time.perf_counter() - started, 3),
     }
+
+
+SOFTMAX_INPUT_NOTE = (
+    "training.softmax_saves_input: softmax and log_softmax keep their input for backward, as "
+    "torch before 1.11 does (1.10.0's SoftmaxBackward0 / LogSoftmaxBackward0 hold self_; "
+    "pytorch/pytorch#64000, fixed by #66018): memplan.verify.trace.forward.SoftmaxInputs."
+)
 
 
 def _tp_note(tensor: int, vocab_rows: int) -> str:
@@ -451,6 +466,7 @@ def for_setting(
             dropout=st.dropout,
             tensor=tensor,
             vocab_rows=vocab_rows,
+            softmax_input=st.softmax_input,
         )
     except MemplanError:
         raise
