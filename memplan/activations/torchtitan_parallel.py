@@ -91,10 +91,21 @@ _WHOLE = (
 )
 
 
+EP_NOTE = (
+    "expert parallelism {ep} as torchtitan runs it (AllToAllTokenDispatcher): balanced routing "
+    "assumed, every rank receiving tokens x top_k rows (torchtitan's _debug_force_load_balance "
+    "routing, measured); real routing varies the received rows per rank and step."
+)
+
+
 def refusal(st: Setting, lay: Layout) -> str:
     """Why this layout is outside the torchtitan rule, or ''."""
-    if lay.expert > 1:
-        return "activations of torchtitan's model code are not split for expert parallelism yet"
+    if lay.expert > 1 and (lay.tensor > 1 or lay.context > 1):
+        return (
+            "activations of torchtitan's MoE under expert parallelism with tensor or context "
+            "parallelism are not modelled yet (apply_moe_ep_tp's token sharding over the TP "
+            "axis, models/common/moe_sharding.py, is not proved)"
+        )
     if st.compile and lay.tensor > 1 and st.checkpointing != "full":
         return (
             "activations of torchtitan's compiled blocks under tensor parallelism are not "
@@ -117,6 +128,16 @@ def micro_batch(
     eager_loss = lay.tensor > 1 and local_st.compile_loss
     if eager_loss:
         local_st = replace(local_st, compile_loss=False)
+    if lay.expert > 1:
+        # Expert parallelism alone (refusal): the whole model's rule with this rank's E / EP
+        # experts (memplan.model.stacks.torchtitan_moe, SRC_EP), and the all-to-all's input
+        # and output alive together while it runs (layout.buffers' moe_token_dispatch).
+        ep_st = replace(local_st, local_experts=arch.num_experts // lay.expert)
+        local = torchtitan.saved(arch, ep_st, fused_qkv=fused_qkv)
+        if local.modelled:
+            notes = (*local.notes, EP_NOTE.format(ep=lay.expert))
+            local = replace(local, notes=notes, buffers=layout.buffers(arch, ep_st, lay))
+        return local
     local = torchtitan.saved(
         layout.local_architecture(arch, lay), local_st, fused_qkv=fused_qkv, whole=arch
     )

@@ -1,0 +1,253 @@
+"""Measure torchtitan 0.3.0's own Qwen3-MoE per rank under its expert parallelism and its FSDP2
+expert sharding (CPU, gloo ranks).
+
+Used by tests/test_torchtitan_moe_ep.py and benchmarks/torchtitan_moe_ep.py. Each rank builds
+tests/torchtitan_probe.py's tiny Qwen3Model (`_build_qwen3_moe_layers`, the `standard` token
+dispatcher: AllToAllTokenDispatcher once an EP mesh is wired) and lays it out as torchtitan's
+models/qwen3/parallelize.py::parallelize_qwen3 does with the DTensor backend
+(`spmd_backend="partial_dtensor"`):
+
+- `ParallelDims(dp_shard=world, ep=ep)` and its `build_mesh` (distributed/parallel_dims.py: the
+  sparse mesh (dp_replicate, efsdp, ep) with efsdp = dp_shard / ep, EP fastest);
+- models/qwen3/sharding.py::set_qwen3_sharding_config(enable_sp=False, enable_ep=True) on the
+  config, then `model.parallelize(dims)` (protocols/module.py; the routed experts' weights
+  Shard(0) over `ep`, RoutedExperts.parallelize wiring the dispatcher's EP mesh);
+- torchtitan's own checkpointing (tests/torchtitan_probe.py::checkpoint);
+- for the model states, distributed/fsdp.py::apply_fsdp_to_decoder over the `fsdp` mesh with
+  `ep_degree` and the `efsdp` mesh (Shard(1) on the experts when efsdp x EP exceeds the expert
+  count), bf16 parameters and fp32 reduction (torchtitan's defaults), then one AdamW step
+  (reduce-scatters forced to SUM: gloo has no PREMUL_SUM, which apply_fsdp_to_decoder's
+  gradient divide factor 1.0 asks for).
+
+Routing: torchtitan's own balanced round-robin (`_debug_force_load_balance`,
+models/common/moe.py::TokenChoiceTopKRouter._debug_force_load_balance_routing: token-expert
+pair i goes to expert i mod E), so every rank sends and receives tokens x top_k rows when E
+divides tokens x top_k. The tokens differ per rank (seed 1 + rank), as data parallelism gives
+them.
+
+`held`: the activations measure of tests/torchtitan_tp_probe.py (every storage an op makes
+during forward + loss still alive afterwards, a DTensor or an AsyncCollectiveTensor counted by
+its local tensor's storage), plus the labels nll_loss saves and the token ids the embedding
+saves. `states`: after the step, the distinct storages of the rank's parameters (FSDP2's padded
+sharded storages), of their gradients and of AdamW's exp_avg / exp_avg_sq (its `step` counters
+are host scalars, not counted).
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tests import torchtitan_probe as probe
+
+
+@dataclass(frozen=True)
+class Case:
+    dtype: str
+    mode: str
+    ep: int
+    layers: int = 2
+    batch: int = 2
+    experts: int = 8
+    top_k: int = 2
+    moe_ffn: int = 48
+    what: str = "held"
+    """"held" (activations, no FSDP) or "states" (FSDP2 model states after one step)."""
+
+    @property
+    def name(self) -> str:
+        return (
+            f"{self.what}-{self.dtype}-{self.mode}-ep{self.ep}-{self.layers}l-b{self.batch}-"
+            f"e{self.experts}k{self.top_k}f{self.moe_ffn}"
+        )
+
+    @property
+    def shape(self) -> probe.Shape:
+        return replace(
+            probe.QWEN3_MOE_TINY,
+            layers=self.layers,
+            batch=self.batch,
+            experts=self.experts,
+            top_k=self.top_k,
+            moe_ffn=self.moe_ffn,
+            routing="balanced",
+        )
+
+
+def _dims(world: int, ep: int) -> Any:
+    import importlib
+
+    import torchtitan.distributed.parallel_dims as parallel_dims
+    from torchtitan.distributed import ParallelDims
+
+    importlib.import_module("torch.testing._internal.distributed.fake_pg")  # "fake" groups
+    parallel_dims.device_type = "cpu"  # torchtitan.tools.utils picks cuda when present
+    dims = ParallelDims(
+        dp_replicate=1,
+        dp_shard=world,
+        cp=1,
+        tp=1,
+        pp=1,
+        ep=ep,
+        world_size=world,
+        spmd_backend="partial_dtensor",
+    )
+    dims.build_mesh()
+    return dims
+
+
+def build(case: Case, dims: Any, dtype: torch.dtype) -> Any:
+    """The model laid out by torchtitan's own EP (module docstring), parameters in `dtype`."""
+    from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
+
+    cfg = probe.config(case.shape)
+    set_qwen3_sharding_config(cfg, enable_sp=False, enable_ep=case.ep > 1)
+    torch.manual_seed(0)
+    model = cfg.build()
+    model.init_states()
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    if case.ep > 1:
+        model.parallelize(dims)
+    return model
+
+
+def _tokens(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = case.shape
+    torch.manual_seed(1 + dist.get_rank())
+    tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+    labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+    return tokens, labels
+
+
+def held(case: Case, dims: Any, detail: bool = False) -> Any:
+    """Bytes this rank's forward + loss hold for backward (module docstring)."""
+    from torchtitan.components.loss import cross_entropy_loss
+
+    from tests.torchtitan_tp_probe import _Made, _storage
+
+    model = build(case, dims, probe.DTYPES[case.dtype])
+    probe.checkpoint(model, case.mode)
+    tokens, labels = _tokens(case)
+
+    def key(st: Any) -> int:
+        return int(st.data_ptr())
+
+    before = {key(_storage(t)) for t in (*model.parameters(), *model.buffers(), tokens, labels)}
+    spy = _Made(key)
+    with spy:
+        logits = model(tokens)
+        loss = cross_entropy_loss(logits, labels)
+    del logits
+    dist.barrier()  # gloo drops a collective's output reference once its work is done
+    gc.collect()
+    before.add(key(_storage(loss)))
+    alive = {k: n for ref, k, n in spy.made if not ref.expired() and k not in before}
+    found = sorted(spy.shapes[k] for k in alive)
+    loss.backward()  # the saved tensors are usable: backward runs
+    if detail:
+        return found
+    return sum(alive.values()) + tokens.nbytes + labels.nbytes
+
+
+def states(case: Case, dims: Any) -> dict[str, int]:
+    """This rank's model states after one FSDP2 step (module docstring)."""
+    from torchtitan.components.loss import cross_entropy_loss
+    from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
+
+    from tests.torchtitan_tp_probe import _storage
+
+    model = build(case, dims, torch.float32)
+    probe.checkpoint(model, case.mode)
+    edp = dims.get_optional_mesh(["efsdp"]) if case.ep > 1 else None
+    apply_fsdp_to_decoder(
+        model,
+        dims.get_mesh(["fsdp"]),
+        param_dtype=probe.DTYPES[case.dtype],
+        reduce_dtype=torch.float32,
+        pp_enabled=False,
+        ep_degree=case.ep,
+        edp_mesh=edp,
+    )
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            # gloo has no PREMUL_SUM (apply_fsdp_to_decoder's gradient_divide_factor 1.0 asks
+            # for it): a SUM reduction with an in-place division holds the same states.
+            m.set_force_sum_reduction_for_comms(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    tokens, labels = _tokens(case)
+    loss = cross_entropy_loss(model(tokens), labels)
+    loss.backward()
+    opt.step()
+    dist.barrier()
+
+    def total(tensors: Any) -> int:
+        seen = {}
+        for t in tensors:
+            st = _storage(t)
+            seen[st.data_ptr()] = st.nbytes()
+        return sum(seen.values())
+
+    params = list(model.parameters())
+    moments = [v for s in opt.state.values() for k, v in s.items() if k != "step"]
+    return {
+        "parameters": total(params),
+        "gradients": total(p.grad for p in params if p.grad is not None),
+        "optimizer": total(moments),
+    }
+
+
+def _rank(rank: int, world: int, port: int, cases: list[Case], out: str, detail: bool) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    try:
+        from torchtitan.distributed.utils import set_spmd_backend
+
+        set_spmd_backend("partial_dtensor")
+        result: dict[str, Any] = {}
+        meshes: dict[int, Any] = {}
+        for c in cases:
+            dims = meshes.setdefault(c.ep, _dims(world, c.ep))
+            result[c.name] = held(c, dims, detail) if c.what == "held" else states(c, dims)
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def run(cases: list[Case], out: Path, world: int, detail: bool = False) -> list[dict[str, Any]]:
+    """Every case's measure on each of `world` spawned gloo ranks (index = rank)."""
+    import warnings
+
+    import torch.multiprocessing as mp
+
+    from memplan.verify.launch import free_port
+
+    multiprocessing: Any = mp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        multiprocessing.start_processes(
+            _rank,
+            args=(world, free_port(), cases, str(out), detail),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
+    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+__all__ = ["Case", "asdict", "build", "held", "run", "states"]
