@@ -60,16 +60,31 @@ class Case:
     moe_ffn: int = 48
     what: str = "held"
     """"held" (activations, no FSDP) or "states" (FSDP2 model states after one step)."""
+    model: str = "qwen3_moe"
+    """"qwen3_moe" or "deepseek_v3" (tests/torchtitan_probe.py's DeepSeek-V3 shape: MLA, one
+    dense layer first, one shared expert, 4 groups of which 2 are kept, dense hidden 128)."""
 
     @property
     def name(self) -> str:
+        own = "" if self.model == "qwen3_moe" else f"{self.model}-"
         return (
-            f"{self.what}-{self.dtype}-{self.mode}-ep{self.ep}-{self.layers}l-b{self.batch}-"
+            f"{own}{self.what}-{self.dtype}-{self.mode}-ep{self.ep}-{self.layers}l-b{self.batch}-"
             f"e{self.experts}k{self.top_k}f{self.moe_ffn}"
         )
 
     @property
     def shape(self) -> probe.Shape:
+        if self.model == "deepseek_v3":
+            return probe.Shape(
+                model="deepseek_v3",
+                layers=self.layers,
+                batch=self.batch,
+                ffn=128,
+                experts=self.experts,
+                top_k=self.top_k,
+                moe_ffn=self.moe_ffn,
+                routing="balanced",
+            )
         return replace(
             probe.QWEN3_MOE_TINY,
             layers=self.layers,
@@ -105,10 +120,15 @@ def _dims(world: int, ep: int) -> Any:
 
 def build(case: Case, dims: Any, dtype: torch.dtype) -> Any:
     """The model laid out by torchtitan's own EP (module docstring), parameters in `dtype`."""
-    from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
-
     cfg = probe.config(case.shape)
-    set_qwen3_sharding_config(cfg, enable_sp=False, enable_ep=case.ep > 1)
+    if case.model == "deepseek_v3":
+        from torchtitan.models.deepseek_v3.sharding import set_deepseek_v3_sharding_config
+
+        set_deepseek_v3_sharding_config(cfg, enable_sp=False, enable_ep=case.ep > 1)
+    else:
+        from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
+
+        set_qwen3_sharding_config(cfg, enable_sp=False, enable_ep=case.ep > 1)
     torch.manual_seed(0)
     model = cfg.build()
     model.init_states()
@@ -251,3 +271,67 @@ def run(cases: list[Case], out: Path, world: int, detail: bool = False) -> list[
 
 
 __all__ = ["Case", "asdict", "build", "held", "run", "states"]
+
+
+QWEN3_30B_A3B = replace(
+    probe.QWEN3_MOE_TINY,
+    layers=2,
+    dim=2048,
+    heads=32,
+    kv_heads=4,
+    head_dim=128,
+    vocab=151936,
+    experts=128,
+    top_k=8,
+    moe_ffn=768,
+)
+"""Two blocks of torchtitan's Qwen3-30B-A3B (models/qwen3/__init__.py::_30b_a3b)."""
+
+
+def fake_sharded(world: int, ep: int, shape: probe.Shape = QWEN3_30B_A3B) -> dict[str, int]:
+    """Rank 0's FSDP2 shards of torchtitan's Qwen3-MoE at `shape` over a fake `world`-rank
+    process group (torch's fake backend; the model on the meta device, no memory), laid out as
+    `states` lays it (EP through ParallelDims + Module.parallelize, then
+    apply_fsdp_to_decoder): parameter name -> elements of its padded sharded storage
+    (`FSDPParam.padded_sharded_param_size`), read back from torch's FSDP state."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.testing._internal.distributed import fake_pg
+    from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
+    from torchtitan.distributed.utils import set_spmd_backend
+
+    dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=0, world_size=world)
+    try:
+        set_spmd_backend("partial_dtensor")
+        dims = _dims(world, ep)
+        case = Case("bf16", "none", ep)
+        cfg = probe.config(shape)
+        if ep > 1:
+            from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
+
+            set_qwen3_sharding_config(cfg, enable_sp=False, enable_ep=True)
+        with torch.device("meta"):
+            model = cfg.build()
+            if case.ep > 1:
+                model.parallelize(dims)
+        apply_fsdp_to_decoder(
+            model,
+            dims.get_mesh(["fsdp"]),
+            param_dtype=torch.bfloat16,
+            reduce_dtype=torch.float32,
+            pp_enabled=False,
+            ep_degree=ep,
+            edp_mesh=dims.get_optional_mesh(["efsdp"]) if ep > 1 else None,
+        )
+        names = {id(m): n for n, m in model.named_modules()}
+        out: dict[str, int] = {}
+        for m in model.modules():
+            if not isinstance(m, FSDPModule):
+                continue
+            for group in m._get_fsdp_state()._fsdp_param_groups:
+                for p in group.fsdp_params:
+                    info = p._module_info
+                    name = f"{names[id(info.module)]}.{info.param_name}"
+                    out[name] = p.padded_sharded_param_size.numel()
+        return out
+    finally:
+        dist.destroy_process_group()

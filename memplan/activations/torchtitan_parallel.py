@@ -56,7 +56,7 @@ from memplan.memory import Transient
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import torchtitan
+from memplan.model.stacks import torchtitan, torchtitan_moe
 from memplan.precision import dtype_bytes
 from memplan.states.layout import Layout
 
@@ -100,6 +100,8 @@ EP_NOTE = (
 
 def refusal(st: Setting, lay: Layout) -> str:
     """Why this layout is outside the torchtitan rule, or ''."""
+    if lay.expert_capacity_factor is not None:
+        return torchtitan_moe.DROPLESS
     if lay.expert > 1 and (lay.tensor > 1 or lay.context > 1):
         return (
             "activations of torchtitan's MoE under expert parallelism with tensor or context "

@@ -125,6 +125,12 @@ MODEL_PARALLEL = (
 )
 
 
+DROPLESS = (
+    "torchtitan's `standard` token dispatcher is dropless (models/common/token_dispatcher.py): "
+    "parallelism.expert_capacity_factor does not apply to its MoE"
+)
+
+
 def is_moe(arch: Architecture) -> bool:
     return arch.model_type in MODEL_TYPES
 
@@ -140,10 +146,7 @@ def unsupported(arch: Architecture, st: Setting) -> str:
     """Why torchtitan's MoE rule does not cover this MoE config or setting, or ''."""
     x = arch.extra
     if st.expert_pairs is not None:
-        return (
-            "torchtitan's token dispatchers are dropless: an expert capacity factor "
-            "(parallelism.expert_capacity_factor) does not apply to its MoE"
-        )
+        return DROPLESS
     if arch.model_type == DEEPSEEK_V3:
         return _deepseek_unsupported(arch, st)
     layers = tuple(x.get("moe_layers", range(arch.num_layers)))
