@@ -31,13 +31,19 @@ from tests.test_torchtitan_moe import deepseek_v3, qwen3_moe
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _spec(cfg: dict[str, Any], dtype: str, mode: str, world: int, ep: int, **par: Any) -> Any:
+def _spec(
+    cfg: dict[str, Any], dtype: str, mode: str, world: int, ep: int, batch: int = 2, **par: Any
+) -> Any:
     return make_spec(
         model={"architecture": cfg, "implementation": "torchtitan"},
         parallelism={"engine": "fsdp2", "data": world, "expert": ep, **par},
         precision="fp32" if dtype == "fp32" else "bf16-mixed",
         optimizer={"name": "adamw"},
-        training={"micro_batch_size": 2, "sequence_length": 16, "activation_checkpointing": mode},
+        training={
+            "micro_batch_size": batch,
+            "sequence_length": 16,
+            "activation_checkpointing": mode,
+        },
         hardware={"device": "cpu"},
     )
 
@@ -54,7 +60,7 @@ def config_of(case: Any) -> dict[str, Any]:
 def predicted(case: Any, world: int) -> Any:
     """memplan's figure for a probe case on every rank: held bytes, or the model states."""
     cfg = config_of(case)
-    spec = _spec(cfg, case.dtype, case.mode, world, case.ep)
+    spec = _spec(cfg, case.dtype, case.mode, world, case.ep, case.batch)
     if case.what == "held":
         saved = micro_batch_of(spec, from_config(cfg))
         assert saved.modelled, saved.notes
