@@ -130,6 +130,9 @@ def micro_batch(
     eager_loss = lay.tensor > 1 and local_st.compile_loss
     if eager_loss:
         local_st = replace(local_st, compile_loss=False)
+    if lay.expert > 1 and not torchtitan_moe.is_moe(arch):
+        why = "expert parallelism splits the routed experts of torchtitan's MoE models only"
+        return replace(layout.refused(why), implementation="torchtitan")
     if lay.expert > 1:
         # Expert parallelism alone (refusal): the whole model's rule with this rank's E / EP
         # experts (memplan.model.stacks.torchtitan_moe, SRC_EP), and the all-to-all's input
@@ -137,8 +140,8 @@ def micro_batch(
         ep_st = replace(local_st, local_experts=arch.num_experts // lay.expert)
         local = torchtitan.saved(arch, ep_st, fused_qkv=fused_qkv)
         if local.modelled:
-            notes = (*local.notes, EP_NOTE.format(ep=lay.expert))
-            local = replace(local, notes=notes, buffers=layout.buffers(arch, ep_st, lay))
+            ep_notes = (*local.notes, EP_NOTE.format(ep=lay.expert))
+            local = replace(local, notes=ep_notes, buffers=layout.buffers(arch, ep_st, lay))
         return local
     local = torchtitan.saved(
         layout.local_architecture(arch, lay), local_st, fused_qkv=fused_qkv, whole=arch
