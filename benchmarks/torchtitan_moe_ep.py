@@ -11,7 +11,9 @@ by its own ParallelDims(dp_shard=world, ep), sharding configs and Module.paralle
 its balanced round-robin routing; per rank, what forward + loss hold for backward (fp32 and
 bf16 x none / full / selective-op x EP 2 and 4 x batch 1 and 2) and, after
 apply_fsdp_to_decoder and one AdamW step, the parameters, gradients and AdamW moments
-(EP 1, 2, 4; 8 experts, and 2 experts so that efsdp x EP exceeds them: dim-1 shards).
+(EP 1, 2, 4; 8 experts, and 2 experts so that efsdp x EP exceeds them: dim-1 shards); and
+Qwen3-MoE under torchtitan's own TP 2 (EP 1; world 2: fp32 and bf16 x none / full /
+selective-op x SP on and off; world 4, data 2 x TP 2: bf16 with SP), its model states too.
 
 Part 2, `fake`: FSDP2's own padded shard sizes of two blocks of torchtitan's Qwen3-30B-A3B
 (128 experts) over a fake process group of 64, 128, 256 and 512 ranks at EP 1, 8 and 16
@@ -72,6 +74,11 @@ def cases(world: int) -> list[Case]:
             if experts % ep:
                 continue  # EP must divide the experts (memplan refuses; FSDP2 fails at init)
             out.append(Case("bf16", "none", ep, experts=experts, what="states"))
+    for dtype in ("bf16", "fp32") if world == 2 else ("bf16",):
+        for mode in MODES:
+            for sp in (True, False) if world == 2 else (True,):
+                out.append(Case(dtype, mode, 1, tp=2, sp=sp))
+    out.append(Case("bf16", "none", 1, tp=2, what="states"))
     if world == 2:
         for dtype in ("bf16", "fp32"):
             for mode in MODES:

@@ -6,9 +6,10 @@ against torchtitan 0.3.0 itself.
 Independent oracles, a subset of benchmarks/torchtitan_moe_ep.py's matrix
 (benchmarks/results/torchtitan-moe-ep.json):
 - torchtitan's Qwen3-MoE and DeepSeek-V3 laid out by its own ParallelDims, sharding configs,
-  Module.parallelize (EP) and apply_fsdp_to_decoder on 2 gloo ranks, what each rank holds for
-  backward and its model states after one AdamW step measured (tests/torchtitan_ep_probe.py),
-  under torchtitan's balanced round-robin routing (the routing the rule states);
+  Module.parallelize (EP, or TP for Qwen3-MoE) and apply_fsdp_to_decoder on 2 gloo ranks, what
+  each rank holds for backward and its model states after one AdamW step measured
+  (tests/torchtitan_ep_probe.py), under torchtitan's balanced round-robin routing (the routing
+  the EP rule states; TP runs the seeded router, the rule at EP 1 holding for any routing);
 - FSDP2's own padded shard sizes of two blocks of Qwen3-30B-A3B over a fake process group of
   64 and 256 ranks, EP 1 and 8 (tests/torchtitan_ep_probe.py::fake_sharded): at data 256 the
   experts are sharded on dim 1 (efsdp x EP = 256 > 128 experts), the case memplan overstated
@@ -60,7 +61,8 @@ def config_of(case: Any) -> dict[str, Any]:
 def predicted(case: Any, world: int) -> Any:
     """memplan's figure for a probe case on every rank: held bytes, or the model states."""
     cfg = config_of(case)
-    spec = _spec(cfg, case.dtype, case.mode, world, case.ep, case.batch)
+    tp = {"tensor": case.tp, "sequence_parallel": case.sp} if case.tp > 1 else {}
+    spec = _spec(cfg, case.dtype, case.mode, world // case.tp, case.ep, case.batch, **tp)
     if case.what == "held":
         saved = micro_batch_of(spec, from_config(cfg))
         assert saved.modelled, saved.notes
@@ -75,13 +77,14 @@ def predicted(case: Any, world: int) -> Any:
                 "gradients": r.bytes_of("gradients"),
                 "optimizer": moments,
             }
-    return [out[k] for k in range(world)]
+    return [out[k // case.tp] for k in range(world)]  # TP innermost; TP ranks hold alike
 
 
 def test_ep_rule_matches_torchtitan_ranks(tmp_path: Path) -> None:
     """Independent oracle: 2 gloo ranks of torchtitan's own EP 2 (module docstring): Qwen3-MoE
     with no checkpointing (the permutation's indices, E / EP offsets) and SelectiveAC (the
-    all-to-alls' outputs kept), DeepSeek-V3 with none; FSDP2's model states at EP 2."""
+    all-to-alls' outputs kept), DeepSeek-V3 with none; FSDP2's model states at EP 2; and
+    Qwen3-MoE under torchtitan's own TP 2 + SP with SelectiveAC (EP 1)."""
     pytest.importorskip("torchtitan.models.qwen3")
     from tests.torchtitan_ep_probe import Case, run
 
@@ -90,6 +93,7 @@ def test_ep_rule_matches_torchtitan_ranks(tmp_path: Path) -> None:
         Case("bf16", "selective-op", 2),
         Case("bf16", "none", 2, layers=3, moe_ffn=24, model="deepseek_v3"),
         Case("bf16", "none", 2, what="states"),
+        Case("bf16", "selective-op", 1, tp=2),
     ]
     ranks = run(cases, tmp_path, world=2)
     for case in cases:

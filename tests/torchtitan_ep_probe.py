@@ -12,6 +12,9 @@ models/qwen3/parallelize.py::parallelize_qwen3 does with the DTensor backend
 - models/qwen3/sharding.py::set_qwen3_sharding_config(enable_sp=False, enable_ep=True) on the
   config, then `model.parallelize(dims)` (protocols/module.py; the routed experts' weights
   Shard(0) over `ep`, RoutedExperts.parallelize wiring the dispatcher's EP mesh);
+- with `Case.tp` > 1 (EP 1), torchtitan's own tensor parallelism of the same model instead:
+  ParallelDims(dp_shard=world / tp, tp), set_qwen3_sharding_config(enable_sp=Case.sp,
+  enable_ep=False) and Module.parallelize (the MoE's plan: models/common/moe_sharding.py);
 - torchtitan's own checkpointing (tests/torchtitan_probe.py::checkpoint);
 - for the model states, distributed/fsdp.py::apply_fsdp_to_decoder over the `fsdp` mesh with
   `ep_degree` and the `efsdp` mesh (Shard(1) on the experts when efsdp x EP exceeds the expert
@@ -22,8 +25,9 @@ models/qwen3/parallelize.py::parallelize_qwen3 does with the DTensor backend
 Routing: torchtitan's own balanced round-robin (`_debug_force_load_balance`,
 models/common/moe.py::TokenChoiceTopKRouter._debug_force_load_balance_routing: token-expert
 pair i goes to expert i mod E), so every rank sends and receives tokens x top_k rows when E
-divides tokens x top_k. The tokens differ per rank (seed 1 + rank), as data parallelism gives
-them.
+divides tokens x top_k (under TP the seeded router: torchtitan's balanced routing fails there,
+`Case.shape`). The tokens differ per data-parallel rank (seed 1 + rank // TP), as data
+parallelism gives them.
 
 `held`: the activations measure of tests/torchtitan_tp_probe.py (every storage an op makes
 during forward + loss still alive afterwards, a DTensor or an AsyncCollectiveTensor counted by
@@ -60,6 +64,12 @@ class Case:
     moe_ffn: int = 48
     what: str = "held"
     """"held" (activations, no FSDP) or "states" (FSDP2 model states after one step)."""
+    tp: int = 1
+    """torchtitan's own tensor parallelism of the MoE (EP 1 only): experts Shard(1) / Shard(2)
+    on their hidden dim, the router and the experts on the whole sequence
+    (models/common/moe_sharding.py with enable_ep False), the rest as its dense TP."""
+    sp: bool = True
+    """Sequence parallelism with TP (torchtitan's default)."""
     model: str = "qwen3_moe"
     """"qwen3_moe" or "deepseek_v3" (tests/torchtitan_probe.py's DeepSeek-V3 shape: MLA, one
     dense layer first, one shared expert, 4 groups of which 2 are kept, dense hidden 128)."""
@@ -67,6 +77,8 @@ class Case:
     @property
     def name(self) -> str:
         own = "" if self.model == "qwen3_moe" else f"{self.model}-"
+        if self.tp > 1:
+            own += f"tp{self.tp}-{'sp' if self.sp else 'nosp'}-"
         return (
             f"{own}{self.what}-{self.dtype}-{self.mode}-ep{self.ep}-{self.layers}l-b{self.batch}-"
             f"e{self.experts}k{self.top_k}f{self.moe_ffn}"
@@ -92,11 +104,14 @@ class Case:
             experts=self.experts,
             top_k=self.top_k,
             moe_ffn=self.moe_ffn,
-            routing="balanced",
+            # torchtitan's balanced routing fails under TP (its arange index meets the DTensor
+            # scores in `gather`: "got mixed torch.Tensor and DTensor"); at EP 1 every routed
+            # tensor has tokens x top_k rows whatever the routing, so TP runs the seeded router.
+            routing="seeded" if self.tp > 1 else "balanced",
         )
 
 
-def _dims(world: int, ep: int) -> Any:
+def _dims(world: int, ep: int, tp: int = 1) -> Any:
     import importlib
 
     import torchtitan.distributed.parallel_dims as parallel_dims
@@ -106,9 +121,9 @@ def _dims(world: int, ep: int) -> Any:
     parallel_dims.device_type = "cpu"  # torchtitan.tools.utils picks cuda when present
     dims = ParallelDims(
         dp_replicate=1,
-        dp_shard=world,
+        dp_shard=world // tp,
         cp=1,
-        tp=1,
+        tp=tp,
         pp=1,
         ep=ep,
         world_size=world,
@@ -128,20 +143,21 @@ def build(case: Case, dims: Any, dtype: torch.dtype) -> Any:
     else:
         from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
 
-        set_qwen3_sharding_config(cfg, enable_sp=False, enable_ep=case.ep > 1)
+        sp = case.sp and case.tp > 1
+        set_qwen3_sharding_config(cfg, enable_sp=sp, enable_ep=case.ep > 1)
     torch.manual_seed(0)
     model = cfg.build()
     model.init_states()
     for p in model.parameters():
         p.data = p.data.to(dtype)
-    if case.ep > 1:
+    if case.ep > 1 or case.tp > 1:
         model.parallelize(dims)
     return model
 
 
 def _tokens(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     shape = case.shape
-    torch.manual_seed(1 + dist.get_rank())
+    torch.manual_seed(1 + dist.get_rank() // case.tp)  # TP innermost: one batch per TP group
     tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
     labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
     return tokens, labels
@@ -174,7 +190,8 @@ def held(case: Case, dims: Any, detail: bool = False) -> Any:
     loss.backward()  # the saved tensors are usable: backward runs
     if detail:
         return found
-    return sum(alive.values()) + tokens.nbytes + labels.nbytes
+    # Under TP, 0.3.0's vocab-parallel lookup saves its own clamped copy of the token ids.
+    return sum(alive.values()) + (tokens.nbytes if case.tp == 1 else 0) + labels.nbytes
 
 
 def states(case: Case, dims: Any) -> dict[str, int]:
@@ -240,9 +257,11 @@ def _rank(rank: int, world: int, port: int, cases: list[Case], out: str, detail:
 
         set_spmd_backend("partial_dtensor")
         result: dict[str, Any] = {}
-        meshes: dict[int, Any] = {}
+        meshes: dict[tuple[int, int], Any] = {}
         for c in cases:
-            dims = meshes.setdefault(c.ep, _dims(world, c.ep))
+            if (c.ep, c.tp) not in meshes:
+                meshes[c.ep, c.tp] = _dims(world, c.ep, c.tp)
+            dims = meshes[c.ep, c.tp]
             result[c.name] = held(c, dims, detail) if c.what == "held" else states(c, dims)
     finally:
         dist.destroy_process_group()

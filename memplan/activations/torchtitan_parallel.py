@@ -123,7 +123,11 @@ def micro_batch(
     """One micro-batch's saved tensors on one GPU of a TP (+ SP) x CP layout (module docstring),
     every layer, on TP rank `lay.tensor_rank`; `fused_qkv` as in memplan.model.stacks.
     torchtitan.saved (False: 9dec370's wq, wk, wv)."""
-    why = layout.check(arch, st, lay) or refusal(st, lay)
+    why = (
+        layout.check(arch, st, lay)
+        or refusal(st, lay)
+        or torchtitan_moe.model_parallel(arch, lay.tensor, lay.context)
+    )
     if why:
         return replace(layout.refused(why), implementation="torchtitan")
     local_st = layout.local_setting(st, lay)

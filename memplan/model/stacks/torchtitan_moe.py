@@ -62,6 +62,9 @@ Under SelectiveAC `_c10d_functional.all_to_all_single` is in the save list (comm
 dispatch and combine all-to-alls' outputs ([R, D] and [N, D], the stream dtype) and the
 count exchange's [EP, E / EP] int64 output are kept (SRC_SAC_EP).
 
+Tensor parallelism (EP 1, Qwen3-MoE): see `model_parallel`; EP together with TP or CP, and
+DeepSeek-V3 under TP, are refused.
+
 FSDP2 (distributed/fsdp.py::apply_fsdp_to_decoder): with expert parallelism 1 a MoE block is
 one `fully_shard` group, as a dense block; the experts go on dim 1 when the FSDP degree
 (efsdp x EP under EP) exceeds the number of experts (memplan.states.engines.fsdp2.sharding.
@@ -120,9 +123,26 @@ SRC_SAC = (
 
 
 MODEL_PARALLEL = (
-    "activations of torchtitan's MoE model code under tensor or context parallelism are not "
-    "modelled yet (its MoE sharding plan, models/common/moe_sharding.py, is not proved)"
+    "activations of torchtitan's MoE model code under tensor or context parallelism are "
+    "modelled for Qwen3-MoE under tensor parallelism only (DeepSeek-V3's MLA sharding plan and "
+    "ring attention over MoE blocks are not proved)"
 )
+
+
+def model_parallel(arch: Architecture, tensor: int, context: int) -> str:
+    """Why torchtitan's MoE under this TP x CP is outside the rules, or ''. Under TP alone
+    (expert parallelism 1) Qwen3-MoE's plan (models/common/moe_sharding.py::
+    set_moe_sharding_config, enable_ep False: the block's input gathered to Replicate, the
+    router and the experts on the whole sequence, each expert's hidden dim split: w1 / w3
+    Shard(1), w2 Shard(2), the output Partial reduce-scattered to the sequence shard) is the
+    single-device rule on the TP rank's slice (moe_intermediate_size / TP) with the dense TP
+    splits around it (memplan.activations.torchtitan_parallel), measured by tests/
+    torchtitan_ep_probe.py on 2 gloo ranks."""
+    if not is_moe(arch) or (tensor == 1 and context == 1):
+        return ""
+    if context > 1 or arch.model_type == DEEPSEEK_V3:
+        return MODEL_PARALLEL
+    return ""
 
 
 DROPLESS = (
