@@ -98,6 +98,23 @@ EP_NOTE = (
 )
 
 
+def token_dispatch(arch: Architecture, st: Setting) -> Transient:
+    """torchtitan's EP all-to-all on one rank, per MoE layer while it runs (read from the
+    source, not measured: a transient, not a saved tensor): the reordered tokens [N, D] sent
+    and the [R, D] received (R = N, balanced) alive together in dispatch, and the unpermuted
+    [R, D] with the [N, D] returned in combine, in the stream dtype. The same name and bytes as
+    the hand rules' Megatron dispatcher term (memplan.activations.layout.buffers)."""
+    pairs = st.tokens * arch.num_experts_per_token
+    return Transient(
+        name="moe_token_dispatch",
+        bytes=2 * pairs * arch.hidden_size * dtype_bytes(st.stream),
+        phases=("forward", "backward"),
+        formula=f"2 x [{pairs}, {arch.hidden_size}] (the tokens sent and received by the "
+        "all-to-all)",
+        source=f"{torchtitan_moe.SRC_EP}; torch 2.13 _functional_collectives.py::all_to_all_single",
+    )
+
+
 def refusal(st: Setting, lay: Layout) -> str:
     """Why this layout is outside the torchtitan rule, or ''."""
     if lay.expert_capacity_factor is not None:
@@ -140,12 +157,12 @@ def micro_batch(
     if lay.expert > 1:
         # Expert parallelism alone (refusal): the whole model's rule with this rank's E / EP
         # experts (memplan.model.stacks.torchtitan_moe, SRC_EP), and the all-to-all's input
-        # and output alive together while it runs (layout.buffers' moe_token_dispatch).
+        # and output alive together while it runs (token_dispatch).
         ep_st = replace(local_st, local_experts=arch.num_experts // lay.expert)
         local = torchtitan.saved(arch, ep_st, fused_qkv=fused_qkv)
         if local.modelled:
             ep_notes = (*local.notes, EP_NOTE.format(ep=lay.expert))
-            local = replace(local, notes=ep_notes, buffers=layout.buffers(arch, ep_st, lay))
+            local = replace(local, notes=ep_notes, buffers=(token_dispatch(arch, ep_st),))
         return local
     local = torchtitan.saved(
         layout.local_architecture(arch, lay), local_st, fused_qkv=fused_qkv, whole=arch
