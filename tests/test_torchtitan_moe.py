@@ -111,9 +111,9 @@ def test_qwen3_moe_estimate_names_the_model_code() -> None:
         ({"mlp_only_layers": [0]}, {}, "dense layers"),
         ({"decoder_sparse_step": 2}, {}, "dense layers"),
         ({"norm_topk_prob": False}, {}, "norm_topk_prob"),
-        ({}, {"data": 4, "tensor": 2}, "tensor or context parallelism"),
         ({}, {"data": 4, "context": 2}, "tensor or context parallelism"),
-        ({}, {"data": 4, "expert": 2}, "expert parallelism"),
+        ({}, {"data": 4, "expert": 2, "tensor": 2}, "tensor or context parallelism"),
+        ({}, {"data": 4, "expert": 2, "expert_capacity_factor": 1.0}, "dropless"),
     ],
 )
 def test_qwen3_moe_refusals_name_what_is_not_covered(

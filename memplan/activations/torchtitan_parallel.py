@@ -56,7 +56,7 @@ from memplan.memory import Transient
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import torchtitan
+from memplan.model.stacks import torchtitan, torchtitan_moe
 from memplan.precision import dtype_bytes
 from memplan.states.layout import Layout
 
@@ -91,10 +91,40 @@ _WHOLE = (
 )
 
 
+EP_NOTE = (
+    "expert parallelism {ep} as torchtitan runs it (AllToAllTokenDispatcher): balanced routing "
+    "assumed, every rank receiving tokens x top_k rows (torchtitan's _debug_force_load_balance "
+    "routing, measured); real routing varies the received rows per rank and step."
+)
+
+
+def token_dispatch(arch: Architecture, st: Setting) -> Transient:
+    """torchtitan's EP all-to-all on one rank, per MoE layer while it runs (read from the
+    source, not measured: a transient, not a saved tensor): the reordered tokens [N, D] sent
+    and the [R, D] received (R = N, balanced) alive together in dispatch, and the unpermuted
+    [R, D] with the [N, D] returned in combine, in the stream dtype. The same name and bytes as
+    the hand rules' Megatron dispatcher term (memplan.activations.layout.buffers)."""
+    pairs = st.tokens * arch.num_experts_per_token
+    return Transient(
+        name="moe_token_dispatch",
+        bytes=2 * pairs * arch.hidden_size * dtype_bytes(st.stream),
+        phases=("forward", "backward"),
+        formula=f"2 x [{pairs}, {arch.hidden_size}] (the tokens sent and received by the "
+        "all-to-all)",
+        source=f"{torchtitan_moe.SRC_EP}; torch 2.13 _functional_collectives.py::all_to_all_single",
+    )
+
+
 def refusal(st: Setting, lay: Layout) -> str:
     """Why this layout is outside the torchtitan rule, or ''."""
-    if lay.expert > 1:
-        return "activations of torchtitan's model code are not split for expert parallelism yet"
+    if lay.expert_capacity_factor is not None:
+        return torchtitan_moe.DROPLESS
+    if lay.expert > 1 and (lay.tensor > 1 or lay.context > 1):
+        return (
+            "activations of torchtitan's MoE under expert parallelism with tensor or context "
+            "parallelism are not modelled yet (apply_moe_ep_tp's token sharding over the TP "
+            "axis, models/common/moe_sharding.py, is not proved)"
+        )
     if st.compile and lay.tensor > 1 and st.checkpointing != "full":
         return (
             "activations of torchtitan's compiled blocks under tensor parallelism are not "
@@ -110,13 +140,30 @@ def micro_batch(
     """One micro-batch's saved tensors on one GPU of a TP (+ SP) x CP layout (module docstring),
     every layer, on TP rank `lay.tensor_rank`; `fused_qkv` as in memplan.model.stacks.
     torchtitan.saved (False: 9dec370's wq, wk, wv)."""
-    why = layout.check(arch, st, lay) or refusal(st, lay)
+    why = (
+        layout.check(arch, st, lay)
+        or refusal(st, lay)
+        or torchtitan_moe.model_parallel(arch, lay.tensor, lay.context)
+    )
     if why:
         return replace(layout.refused(why), implementation="torchtitan")
     local_st = layout.local_setting(st, lay)
     eager_loss = lay.tensor > 1 and local_st.compile_loss
     if eager_loss:
         local_st = replace(local_st, compile_loss=False)
+    if lay.expert > 1 and not torchtitan_moe.is_moe(arch):
+        why = "expert parallelism splits the routed experts of torchtitan's MoE models only"
+        return replace(layout.refused(why), implementation="torchtitan")
+    if lay.expert > 1:
+        # Expert parallelism alone (refusal): the whole model's rule with this rank's E / EP
+        # experts (memplan.model.stacks.torchtitan_moe, SRC_EP), and the all-to-all's input
+        # and output alive together while it runs (token_dispatch).
+        ep_st = replace(local_st, local_experts=arch.num_experts // lay.expert)
+        local = torchtitan.saved(arch, ep_st, fused_qkv=fused_qkv)
+        if local.modelled:
+            ep_notes = (*local.notes, EP_NOTE.format(ep=lay.expert))
+            local = replace(local, notes=ep_notes, buffers=(token_dispatch(arch, ep_st),))
+        return local
     local = torchtitan.saved(
         layout.local_architecture(arch, lay), local_st, fused_qkv=fused_qkv, whole=arch
     )

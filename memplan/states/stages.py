@@ -142,6 +142,7 @@ STATES_FIELDS = (
     "deepspeed",
     "device",
     "data_replicate",
+    "fsdp_groups",  # torchtitan's FSDP2 wrapping shards experts on dim 1 (fsdp2.sharding)
 )
 
 

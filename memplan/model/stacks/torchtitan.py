@@ -345,8 +345,6 @@ def saved(
     `whole`: the whole model when `arch` is one tensor-parallel rank's slice of it
     (memplan.activations.torchtitan_parallel), which the rule's conditions are checked on."""
     why = unsupported(whole or arch, st)
-    if not why and whole is not None and torchtitan_moe.is_moe(whole):
-        why = torchtitan_moe.MODEL_PARALLEL
     if why:
         return replace(
             not_modelled(f"activations not modelled: {why}."), implementation="torchtitan"

@@ -42,9 +42,33 @@ SelectiveAC (distributed/activation_checkpoint.py::SelectiveAC, `_get_default_sa
 counting it, `aten.topk` is in the save list (both its outputs kept), `_grouped_mm` is in
 neither the save list nor `mm_ops` (recomputed, not counted).
 
+Expert parallelism (`parallelism.expert` > 1, no tensor or context parallelism; memplan.
+activations.torchtitan_parallel passes `Setting.local_experts` = E / EP): the `standard`
+backend's models/common/token_dispatcher.py::AllToAllTokenDispatcher.dispatch, once
+RoutedExperts.parallelize has wired the EP mesh (the experts' weights Shard(0) over `ep`,
+models/common/moe_sharding.py::expert_param_placement_sparse): the local reorder as above,
+the token counts exchanged (`_token_count_exchange`, an all_to_all_single of the [EP, E / EP]
+int64 counts, without grad), `all_to_all_single` of the reordered tokens, then `_permute` to
+expert-major order: `routed_input_RD[permuted_indices, :]` saves `permuted_indices` [R] int64
+(the same storage `_unpermute`'s index_put saves in combine); the grouped experts run on the
+[R, D] tokens of the E / EP local experts (offsets [E / EP]); combine unpermutes,
+all-to-alls back to N rows and scores them as at EP 1. The all-to-alls' autograd
+(torch 2.13 _functional_collectives.py, register_autograd) saves no tensor.
+Routing under EP: the rule assumes every rank receives as many rows as it sends, R = N =
+tokens x top_k (balanced routing: torchtitan's `_debug_force_load_balance` round-robin, with
+E dividing tokens x top_k, is what tests/torchtitan_ep_probe.py measures). With real routing
+R differs per rank and per step: the rule is then the balanced average, not a bound.
+Under SelectiveAC `_c10d_functional.all_to_all_single` is in the save list (comm_ops): the
+dispatch and combine all-to-alls' outputs ([R, D] and [N, D], the stream dtype) and the
+count exchange's [EP, E / EP] int64 output are kept (SRC_SAC_EP).
+
+Tensor parallelism (EP 1, Qwen3-MoE): see `model_parallel`; EP together with TP or CP, and
+DeepSeek-V3 under TP, are refused.
+
 FSDP2 (distributed/fsdp.py::apply_fsdp_to_decoder): with expert parallelism 1 a MoE block is
-one `fully_shard` group, as a dense block (experts on dim 1 when the FSDP degree exceeds the
-number of experts, which changes no byte memplan counts).
+one `fully_shard` group, as a dense block; the experts go on dim 1 when the FSDP degree
+(efsdp x EP under EP) exceeds the number of experts (memplan.states.engines.fsdp2.sharding.
+SRC_DIM1).
 """
 
 from __future__ import annotations
@@ -81,6 +105,16 @@ SRC_AUTOCAST = (
     "aten/src/ATen/autocast_mode.h::cached_cast (the gate under CUDA autocast fp32); torch "
     "2.13 torch/amp/autocast_mode.py::autocast.__init__ disables CPU autocast for fp32"
 )
+SRC_EP = (
+    f"torchtitan {VERSION} models/common/token_dispatcher.py::AllToAllTokenDispatcher.dispatch, "
+    "_permute (routed_input_RD[permuted_indices, :]), _unpermute, combine"
+)
+SRC_SAC_EP = (
+    f"torchtitan {VERSION} distributed/activation_checkpoint.py::_get_default_save_ops "
+    "(comm_ops: _c10d_functional.all_to_all_single.default); token_dispatcher.py::"
+    "AllToAllTokenDispatcher._token_count_exchange, _dispatch_token_exchange, "
+    "_combine_token_exchange"
+)
 SRC_SAC = (
     f"torchtitan {VERSION} distributed/activation_checkpoint.py::SelectiveAC._wrap_block "
     "(force_recompute_mm_shapes_by_fqns moe.router.gate) and _get_default_save_ops "
@@ -89,8 +123,31 @@ SRC_SAC = (
 
 
 MODEL_PARALLEL = (
-    "activations of torchtitan's MoE model code under tensor or context parallelism are not "
-    "modelled yet (its MoE sharding plan, models/common/moe_sharding.py, is not proved)"
+    "activations of torchtitan's MoE model code under tensor or context parallelism are "
+    "modelled for Qwen3-MoE under tensor parallelism only (DeepSeek-V3's MLA sharding plan and "
+    "ring attention over MoE blocks are not proved)"
+)
+
+
+def model_parallel(arch: Architecture, tensor: int, context: int) -> str:
+    """Why torchtitan's MoE under this TP x CP is outside the rules, or ''. Under TP alone
+    (expert parallelism 1) Qwen3-MoE's plan (models/common/moe_sharding.py::
+    set_moe_sharding_config, enable_ep False: the block's input gathered to Replicate, the
+    router and the experts on the whole sequence, each expert's hidden dim split: w1 / w3
+    Shard(1), w2 Shard(2), the output Partial reduce-scattered to the sequence shard) is the
+    single-device rule on the TP rank's slice (moe_intermediate_size / TP) with the dense TP
+    splits around it (memplan.activations.torchtitan_parallel), measured by tests/
+    torchtitan_ep_probe.py on 2 gloo ranks."""
+    if not is_moe(arch) or (tensor == 1 and context == 1):
+        return ""
+    if context > 1 or arch.model_type == DEEPSEEK_V3:
+        return MODEL_PARALLEL
+    return ""
+
+
+DROPLESS = (
+    "torchtitan's `standard` token dispatcher is dropless (models/common/token_dispatcher.py): "
+    "parallelism.expert_capacity_factor does not apply to its MoE"
 )
 
 
@@ -108,8 +165,8 @@ def dense_layers(arch: Architecture) -> int:
 def unsupported(arch: Architecture, st: Setting) -> str:
     """Why torchtitan's MoE rule does not cover this MoE config or setting, or ''."""
     x = arch.extra
-    if st.expert_pairs is not None or (st.local_experts not in (None, arch.num_experts)):
-        return "activations of torchtitan's MoE under expert parallelism are not modelled yet"
+    if st.expert_pairs is not None:
+        return DROPLESS
     if arch.model_type == DEEPSEEK_V3:
         return _deepseek_unsupported(arch, st)
     layers = tuple(x.get("moe_layers", range(arch.num_layers)))
@@ -178,6 +235,7 @@ def saves(arch: Architecture, st: Setting) -> list[Saved]:
     inter = int(arch.extra.get("moe_intermediate_size", arch.intermediate_size))
     t, x = st.tokens, st.stream
     n = t * k
+    local = expert_count(arch, st)
     r = router_dtype(st)
     deepseek = arch.model_type == DEEPSEEK_V3
     shared = int(arch.extra.get("n_shared_experts") or 0) * inter if deepseek else 0
@@ -220,6 +278,9 @@ def saves(arch: Architecture, st: Setting) -> list[Saved]:
         # order // top_k: saved by `x[...]` and by the scatter_add (an expanded view).
         add("dispatch.token_indices", (n,), kernels.INT64, "IndexBackward0", SRC_DISPATCH),
     ]
+    if local < e:
+        # EP: the received rows (R = n, balanced) put in expert-major order by index.
+        out.append(add("dispatch.permuted_indices", (n,), kernels.INT64, "IndexBackward0", SRC_EP))
     if x == BF16:
         out.append(add("experts.input", (n, h), x, "GroupedMmBackward0", SRC_EXPERTS))
     else:
@@ -227,11 +288,11 @@ def saves(arch: Architecture, st: Setting) -> list[Saved]:
         out += [
             add("experts.w1.input_bf16", (n, h), BF16, "GroupedMmBackward0", SRC_EXPERTS),
             add("experts.w3.input_bf16", (n, h), BF16, "GroupedMmBackward0", SRC_EXPERTS),
-            add("experts.w1_bf16", (e, inter, h), BF16, "GroupedMmBackward0", SRC_EXPERTS),
-            add("experts.w3_bf16", (e, inter, h), BF16, "GroupedMmBackward0", SRC_EXPERTS),
-            add("experts.w2_bf16", (e, h, inter), BF16, "GroupedMmBackward0", SRC_EXPERTS),
+            add("experts.w1_bf16", (local, inter, h), BF16, "GroupedMmBackward0", SRC_EXPERTS),
+            add("experts.w3_bf16", (local, inter, h), BF16, "GroupedMmBackward0", SRC_EXPERTS),
+            add("experts.w2_bf16", (local, h, inter), BF16, "GroupedMmBackward0", SRC_EXPERTS),
         ]
-    out.append(add("experts.offsets", (e,), "int32", "GroupedMmBackward0", SRC_EXPERTS))
+    out.append(add("experts.offsets", (local,), "int32", "GroupedMmBackward0", SRC_EXPERTS))
     # silu(w1 x) * (w3 x), then w2: the gated MLP's four [N, inter] saves, in bf16.
     mlp = gated_mlp_saves("moe.experts", n, inter, "silu", replace(st, matmul=BF16))
     assert mlp is not None  # silu has a rule
@@ -247,6 +308,11 @@ def saves(arch: Architecture, st: Setting) -> list[Saved]:
         assert mlp is not None
         out += [replace(m, source=SRC_DEEPSEEK) for m in mlp]
     return out
+
+
+def expert_count(arch: Architecture, st: Setting) -> int:
+    """The routed experts this rank runs: E / EP under expert parallelism, else E."""
+    return st.local_experts or arch.num_experts
 
 
 def shared_matmuls(arch: Architecture) -> list[tuple[str, int]]:
@@ -286,7 +352,19 @@ def selective_kept(arch: Architecture, st: Setting) -> list[Saved]:
                 "moe.router.group_indices", (t, lim), kernels.INT64, "MUST_SAVE", SRC_SAC
             ),
         ]
-    return kept + [
+    kept += [
         kernels.saved("moe.router.topk_values", (t, k), kernels.FP32, "MUST_SAVE", SRC_SAC),
         kernels.saved("moe.router.topk_indices", (t, k), kernels.INT64, "MUST_SAVE", SRC_SAC),
     ]
+    local = expert_count(arch, st)
+    if local < arch.num_experts:
+        # EP: the all-to-alls' outputs (SRC_SAC_EP), R = N = t x top_k rows (balanced).
+        ep, h, x = arch.num_experts // local, arch.hidden_size, st.stream
+        kept += [
+            kernels.saved(
+                "moe.dispatch.token_counts", (ep, local), kernels.INT64, "MUST_SAVE", SRC_SAC_EP
+            ),
+            kernels.saved("moe.dispatch.all_to_all", (t * k, h), x, "MUST_SAVE", SRC_SAC_EP),
+            kernels.saved("moe.combine.all_to_all", (t * k, h), x, "MUST_SAVE", SRC_SAC_EP),
+        ]
+    return kept

@@ -79,8 +79,9 @@ TITAN_WRAP = "torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder (torchtitan 
 # (_fsdp_param_group.py::post_backward pops the previous inputs only in the module's last
 # group, L647-658). memplan's model states already shard experts over Layout.expert_data
 # under EP for every engine (memplan.states.stages._rank_states), so the gather follows.
-# Not modelled: torchtitan's Shard(1) placement when edp x EP exceeds the expert count
-# (dim-1 padding instead of dim-0).
+# torchtitan's Shard(1) placement of the experts when efsdp x EP (the fsdp mesh at EP 1)
+# exceeds the expert count: an even dim-1 share, no padding
+# (memplan.states.engines.fsdp2.sharding.SRC_DIM1, `padded_elements` with `wrap`).
 EDP = "torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder, ep_degree > 1 (torchtitan 0.3.0)"
 
 
@@ -96,7 +97,7 @@ def fsdp2_groups(
     for t in inventory.parameters:
         if t.layer is not None:
             layers.setdefault(t.layer, []).append(t)
-    blocks = [_fsdp2_group(ts, world, expert_world) for ts in layers.values()]
+    blocks = [_fsdp2_group(ts, world, expert_world, wrap) for ts in layers.values()]
     block = max(blocks, key=lambda b: b.padded, default=_fsdp2_group([], world))
     if wrap == "torchtitan" and not tied:
         first = [t for t in roots if t.role in ("embedding", "position")]
@@ -119,7 +120,7 @@ def fsdp2_groups(
 
 
 def _fsdp2_group(
-    tensors: list[TensorSpec], world: int, expert_world: int | None = None
+    tensors: list[TensorSpec], world: int, expert_world: int | None = None, wrap: str = "layers"
 ) -> Fsdp2Group:
     train = [t for t in tensors if t.trainable]
     experts = [t for t in tensors if t.role == "experts"] if expert_world else []
@@ -132,12 +133,14 @@ def _fsdp2_group(
             grads=sum(t.numel for t in train),
             last=train[-1].numel if train else 0,
             expert_world=expert_world,
-            expert_padded=padded_elements(experts, expert_world),
-            expert_grad_padded=padded_elements([t for t in experts if t.trainable], expert_world),
+            expert_padded=padded_elements(experts, expert_world, wrap),
+            expert_grad_padded=padded_elements(
+                [t for t in experts if t.trainable], expert_world, wrap
+            ),
         )
     return Fsdp2Group(
-        padded=padded_elements(tensors, world),
-        grad_padded=padded_elements(train, world),
+        padded=padded_elements(tensors, world, wrap),
+        grad_padded=padded_elements(train, world, wrap),
         grads=sum(t.numel for t in train),
         last=train[-1].numel if train else 0,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
+from memplan.errors import MemplanError
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe, dtype_bytes
@@ -30,6 +31,43 @@ def fsdp2_rows(dim0: int, world: int, rank: int) -> int:
     return max(0, min(chunk, dim0 - rank * chunk))
 
 
+# torchtitan 0.3.0 torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder: the routed experts
+# of a MoE block are placed Shard(1) (their hidden dim, not the expert dim) when the ranks they
+# are sharded over times EP exceed the expert count (`efsdp_ep_size > num_experts`, efsdp x EP
+# under expert parallelism, the fsdp mesh without), "to avoid padding"; torch 2.13
+# _fsdp_param.py::FSDPParam._init_sharded_param then requires an even split of that dim
+# (NotImplementedError "FSDP does not support uneven sharding on dim 1") and pads nothing.
+SRC_DIM1 = (
+    "torchtitan 0.3.0 torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder (expert_shard_"
+    "placement Shard(1) when efsdp x EP > num_experts); torch 2.13 _fsdp_param.py::"
+    "FSDPParam._init_sharded_param (even dim-1 shards only)"
+)
+
+
+def dim1_experts(p: TensorSpec, world: int, wrap: str) -> bool:
+    """Whether FSDP2 shards `p` on dim 1 (SRC_DIM1): torchtitan's wrapping, a routed-expert
+    tensor [local experts, *, *] over more ranks than it has experts (local experts x EP =
+    the expert count, `world` x EP = efsdp x EP)."""
+    return wrap == "torchtitan" and p.role == "experts" and len(p.shape) == 3 and world > p.shape[0]
+
+
+def _dim1_rows(p: TensorSpec, world: int) -> int:
+    """Dim 1 of torchtitan's own expert weight behind `p`, checked to split evenly over
+    `world`: w1_EFD / w3_EFD [E, F, D] are transformers' fused gate_up_proj [E, 2F, D] halves,
+    w2_EDF [E, D, F] its down_proj (models/common/moe.py::GroupedExperts)."""
+    rows = p.shape[1] // 2 if p.name.endswith("gate_up_proj") else p.shape[1]
+    if rows % world:
+        raise MemplanError(
+            f"torchtitan shards each routed expert weight on dim 1 over the {world} ranks that "
+            f"shard the experts (more ranks than the layer's {p.shape[0]} local experts), and "
+            f"torch FSDP2 refuses an uneven dim-1 split: {p.name} has {rows} rows there "
+            f"({SRC_DIM1}). Use a data (or expert) degree whose expert-sharding ranks divide "
+            f"{rows}.",
+            field="parallelism.data",
+        )
+    return rows
+
+
 def fsdp2(
     inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, layout: Layout, world: int
 ) -> list[RankStates]:
@@ -46,12 +84,16 @@ def fsdp2(
     grad_dtype = recipe.gradient_accumulation or at_rest
     params = inventory.parameters
     train = trainable(params)
+    wrap = layout.fsdp_groups
+    dim1 = {p.shape: p for p in params if dim1_experts(p, world, wrap)}
+    for p in dim1.values():
+        _dim1_rows(p, world)
     # Frozen parameters are sharded like the others (fully_shard shards every parameter of
     # the module); only parameters with a gradient enter the reduce-scatter
     # (_fsdp_param_group.py::FSDPParamGroup.post_backward: `fsdp_params_with_grad`).
     common = [
-        *_padded_terms("parameters", "parameters", at_rest, params, world),
-        *_padded_terms("gradients", "gradients", grad_dtype, train, world),
+        *_padded_terms("parameters", "parameters", at_rest, params, world, wrap),
+        *_padded_terms("gradients", "gradients", grad_dtype, train, world, wrap),
     ]
     fsdp_recipe = _without_master(recipe, at_rest)
 
@@ -59,6 +101,8 @@ def fsdp2(
     # see identical shards, so each class is computed once.
     breaks = {0, world}
     for p in params:
+        if p.shape in dim1:
+            continue  # an even dim-1 split: every rank the same
         if p.shape and p.shape[0]:  # a tensor with no rows gives every rank nothing
             chunk = ceil_div(p.shape[0], world)
             full = p.shape[0] // chunk
@@ -68,6 +112,9 @@ def fsdp2(
     for lo, hi in zip(edges, edges[1:], strict=False):
         local: dict[tuple[int, ...], tuple[int, ...]] = {}  # layers repeat their shapes
         for shape in {p.shape for p in train}:
+            if shape in dim1:
+                local[shape] = (shape[0], shape[1] // world, *shape[2:])
+                continue
             local[shape] = (fsdp2_rows(shape[0], world, lo), *shape[1:]) if shape else shape
         shapes = [local[p.shape] for p in train]
         device, host = optimizer_terms_by_dtype(
@@ -85,13 +132,18 @@ def fsdp2(
     return out
 
 
-def padded_elements(tensors: Iterable[TensorSpec], world: int) -> int:
+def padded_elements(tensors: Iterable[TensorSpec], world: int, wrap: str = "layers") -> int:
     """Elements of one rank's padded dim-0 shards of `tensors`: ceil(dim0 / world) rows each,
     whatever the rank, 0-dim tensors whole (SRC_FSDP2: `padded_sharded_param_size`, the
-    storage a sharded parameter and its gradient live in). The all-gather output and the
-    unsharded parameters are world x this (memplan.states.engines.fsdp2.step)."""
+    storage a sharded parameter and its gradient live in); under torchtitan's wrapping
+    (`wrap`), routed experts over more ranks than experts an even dim-1 share (SRC_DIM1). The
+    all-gather output and the unsharded parameters are world x this
+    (memplan.states.engines.fsdp2.step)."""
     total = 0
     for p in tensors:
+        if dim1_experts(p, world, wrap):
+            total += p.numel // world
+            continue
         row = p.numel // p.shape[0] if p.shape and p.shape[0] else 0
         total += ceil_div(p.shape[0], world) * row if p.shape else p.numel
     return total
@@ -103,13 +155,14 @@ def _padded_terms(
     default: str,
     tensors: Sequence[TensorSpec],
     world: int,
+    wrap: str = "layers",
 ) -> list[Term]:
     """One padded-shard row per held dtype (one row when every tensor follows the recipe; a
     tensor held in a fixed dtype has its gradient in that dtype too)."""
     groups = by_dtype(tensors, default) or {default: []}
     out = []
     for dtype, group in groups.items():
-        elems = padded_elements(group, world)
+        elems = padded_elements(group, world, wrap)
         out.append(
             term(
                 category,

@@ -1,0 +1,147 @@
+"""torchtitan's own MoE under its expert parallelism and its FSDP2 expert sharding (issue 19):
+memplan's rules (memplan.model.stacks.torchtitan_moe under `Setting.local_experts`,
+memplan.activations.torchtitan_parallel; memplan.states.engines.fsdp2.sharding.dim1_experts)
+against torchtitan 0.3.0 itself.
+
+Independent oracles, a subset of benchmarks/torchtitan_moe_ep.py's matrix
+(benchmarks/results/torchtitan-moe-ep.json):
+- torchtitan's Qwen3-MoE and DeepSeek-V3 laid out by its own ParallelDims, sharding configs,
+  Module.parallelize (EP, or TP for Qwen3-MoE) and apply_fsdp_to_decoder on 2 gloo ranks, what
+  each rank holds for backward and its model states after one AdamW step measured
+  (tests/torchtitan_ep_probe.py), under torchtitan's balanced round-robin routing (the routing
+  the EP rule states; TP runs the seeded router, the rule at EP 1 holding for any routing);
+- FSDP2's own padded shard sizes of two blocks of Qwen3-30B-A3B over a fake process group of
+  64 and 256 ranks, EP 1 and 8 (tests/torchtitan_ep_probe.py::fake_sharded): at data 256 the
+  experts are sharded on dim 1 (efsdp x EP = 256 > 128 experts), the case memplan overstated
+  2x before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memplan.errors import MemplanError
+from memplan.model.sources import from_config
+from memplan.report.estimate import estimate
+from tests.conftest import make_spec, micro_batch_of
+from tests.test_torchtitan_moe import deepseek_v3, qwen3_moe
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _spec(
+    cfg: dict[str, Any], dtype: str, mode: str, world: int, ep: int, batch: int = 2, **par: Any
+) -> Any:
+    return make_spec(
+        model={"architecture": cfg, "implementation": "torchtitan"},
+        parallelism={"engine": "fsdp2", "data": world, "expert": ep, **par},
+        precision="fp32" if dtype == "fp32" else "bf16-mixed",
+        optimizer={"name": "adamw"},
+        training={
+            "micro_batch_size": batch,
+            "sequence_length": 16,
+            "activation_checkpointing": mode,
+        },
+        hardware={"device": "cpu"},
+    )
+
+
+def config_of(case: Any) -> dict[str, Any]:
+    """tests/torchtitan_ep_probe.py's Case as a Hugging Face config."""
+    if case.model == "deepseek_v3":
+        cfg = deepseek_v3(case.layers, q_lora=0, dense_layers=1)
+        return {**cfg, "n_routed_experts": case.experts, "moe_intermediate_size": case.moe_ffn}
+    cfg = qwen3_moe(case.layers, experts=case.experts, top_k=case.top_k)
+    return {**cfg, "moe_intermediate_size": case.moe_ffn}
+
+
+def predicted(case: Any, world: int) -> Any:
+    """memplan's figure for a probe case on every rank: held bytes, or the model states."""
+    cfg = config_of(case)
+    tp = {"tensor": case.tp, "sequence_parallel": case.sp} if case.tp > 1 else {}
+    spec = _spec(cfg, case.dtype, case.mode, world // case.tp, case.ep, case.batch, **tp)
+    if case.what == "held":
+        saved = micro_batch_of(spec, from_config(cfg))
+        assert saved.modelled, saved.notes
+        return [saved.bytes] * world
+    report = estimate(spec, from_config(cfg))
+    out: dict[int, dict[str, int]] = {}
+    for r in report.ranks:
+        moments = sum(t.bytes for t in r.terms if t.name.split(" ")[0] in MOMENTS)
+        for k in r.ranks:
+            out[k] = {
+                "parameters": r.bytes_of("parameters"),
+                "gradients": r.bytes_of("gradients"),
+                "optimizer": moments,
+            }
+    return [out[k // case.tp] for k in range(world)]  # TP innermost; TP ranks hold alike
+
+
+def test_ep_rule_matches_torchtitan_ranks(tmp_path: Path) -> None:
+    """Independent oracle: 2 gloo ranks of torchtitan's own EP 2 (module docstring): Qwen3-MoE
+    with no checkpointing (the permutation's indices, E / EP offsets) and SelectiveAC (the
+    all-to-alls' outputs kept), DeepSeek-V3 with none; FSDP2's model states at EP 2; and
+    Qwen3-MoE under torchtitan's own TP 2 + SP with SelectiveAC (EP 1)."""
+    pytest.importorskip("torchtitan.models.qwen3")
+    from tests.torchtitan_ep_probe import Case, run
+
+    cases = [
+        Case("bf16", "none", 2),
+        Case("bf16", "selective-op", 2),
+        Case("bf16", "none", 2, layers=3, moe_ffn=24, model="deepseek_v3"),
+        Case("bf16", "none", 2, what="states"),
+        Case("bf16", "selective-op", 1, tp=2),
+    ]
+    ranks = run(cases, tmp_path, world=2)
+    for case in cases:
+        assert [r[case.name] for r in ranks] == predicted(case, 2), case.name
+
+
+@pytest.mark.parametrize(("world", "ep"), [(256, 1), (256, 8), (64, 8)])
+def test_fsdp2_expert_shards_match_torchtitan_at_scale(world: int, ep: int) -> None:
+    """Independent oracle: FSDP2's own padded shards of torchtitan's Qwen3-30B-A3B (two
+    blocks, 128 experts) as apply_fsdp_to_decoder places them over a fake process group.
+    At 256 ranks the experts go on dim 1 (an even share, no padding); at 64 x EP 8 (efsdp 8 x
+    EP 8 = 64 <= 128) on dim 0 over the 8 expert-data ranks."""
+    pytest.importorskip("torchtitan.models.qwen3")
+    from tests.torchtitan_ep_probe import QWEN3_30B_A3B, fake_sharded
+
+    s = QWEN3_30B_A3B
+    cfg = {
+        **qwen3_moe(s.layers, experts=s.experts, top_k=s.top_k),
+        "hidden_size": s.dim,
+        "num_attention_heads": s.heads,
+        "num_key_value_heads": s.kv_heads,
+        "head_dim": s.head_dim,
+        "vocab_size": s.vocab,
+        "moe_intermediate_size": s.moe_ffn,
+    }
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "torchtitan"},
+        parallelism={"engine": "fsdp2", "data": world, "expert": ep},
+        precision="bf16-mixed",
+        training={"micro_batch_size": 1, "sequence_length": 64},
+    )
+    report = estimate(spec, from_config(cfg))
+    measured = fake_sharded(world, ep)
+    assert report.ranks[0].bytes_of("parameters") == 4 * sum(measured.values())  # fp32 shards
+
+
+def test_ep_refusals_name_what_is_not_covered() -> None:
+    cfg = qwen3_moe()
+    tp = micro_batch_of(_spec(cfg, "bf16", "none", 4, 2, tensor=2), from_config(cfg))
+    assert not tp.modelled and "expert parallelism with tensor or context" in tp.notes[0]
+    ep = micro_batch_of(_spec(cfg, "bf16", "none", 4, 2), from_config(cfg))
+    assert ep.modelled and any("balanced routing" in n for n in ep.notes)
+
+
+def test_uneven_dim1_expert_shards_are_refused_as_fsdp2_refuses_them() -> None:
+    """torch FSDP2 raises NotImplementedError on an uneven dim-1 shard (_fsdp_param.py::
+    FSDPParam._init_sharded_param): 8 experts of hidden 48 over 32 ranks cannot run."""
+    cfg = qwen3_moe(experts=8)
+    with pytest.raises(MemplanError, match="uneven dim-1") as err:
+        estimate(_spec(cfg, "bf16", "none", 32, 1), from_config(cfg))
+    assert err.value.field == "parallelism.data"
