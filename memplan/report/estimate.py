@@ -87,8 +87,10 @@ def _timeline_of(
     per_gpu: RankStates,
     local: Inventory,
     saved: acts.Activations,
+    shared: tl.StepParts | None = None,
 ) -> tl.Timeline:
-    """The step's timeline of one GPU of stage `st` holding `per_gpu`'s states and `saved`."""
+    """The step's timeline of one GPU of stage `st` holding `per_gpu`'s states and `saved`
+    (`shared`: what its floor already worked out, tl.parts)."""
     return tl.build(
         step,
         local,
@@ -97,6 +99,7 @@ def _timeline_of(
         saved=saved,
         capacity_bytes=capacity,
         cache=cache,
+        shared=shared,
     )
 
 
@@ -312,6 +315,20 @@ def assemble_within(
     saved_on = {
         i: _saved_on(trained, micro, step, stages[i], setting.checkpoint_every) for i in viewed
     }
+    # What a stage's floor and its timeline both work out, made once (tl.parts).
+    shared: dict[int, tl.StepParts] = {}
+
+    def parts_of(i: int) -> tl.StepParts:
+        if i not in shared:
+            shared[i] = tl.parts(
+                step,
+                local[stages[i].stage],
+                per_gpu=stages[i].per_gpu,
+                saved=saved_on[i],
+                cache=cache,
+            )
+        return shared[i]
+
     # A stage without modelled activations is not pruned here: plan says so instead.
     if budget is not None and any(
         saved_on[i].modelled
@@ -322,6 +339,7 @@ def assemble_within(
             buffer_bytes=_buffer_bytes(stages[i]),
             saved=saved_on[i],
             cache=cache,
+            shared=parts_of(i),
         )
         > budget
         for i in viewed
@@ -338,6 +356,7 @@ def assemble_within(
                 stages[i].per_gpu,
                 local[stages[i].stage],
                 saved_on[i],
+                parts_of(i),
             ),
         )
         for i in viewed
