@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal
 
@@ -283,6 +283,39 @@ def assemble(
     return report
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What `assemble_within` works out from a spec's layout alone, not its training keys
+    (plan evaluates each layout at several micro-batches, recomputation policies and compile
+    flags: `prepare` once, then pass it to each)."""
+
+    layout: Layout
+    local: tuple[Inventory, ...]
+    """Each stage's own model (stage_inventories)."""
+    stages: list[StageStates]
+    """The stages' states with fp8's scaling state among their buffers."""
+    viewed: list[int]
+    """_stages_to_view."""
+
+
+def prepare(
+    spec: Spec, trained: Inventory, stages: Sequence[StageStates], *, every_stage: bool = False
+) -> Prepared:
+    """`Prepared` for `spec`'s layout (its training keys are not read)."""
+    layout = Layout.of(
+        spec.parallelism, device=spec.hardware.device, implementation=spec.model.implementation
+    )
+    local = (
+        stage_inventories(trained, layout)
+        if trained.architecture is not None
+        else (trained,) * len(stages)
+    )
+    staged = [_with_fp8_state(spec, st, local[st.stage]) for st in stages]
+    return Prepared(
+        layout=layout, local=local, stages=staged, viewed=_stages_to_view(staged, every_stage)
+    )
+
+
 def assemble_within(
     spec: Spec,
     model: Inventory,
@@ -293,25 +326,24 @@ def assemble_within(
     every_stage: bool = False,
     replay: bool = False,
     cache: StepCache | None = None,
+    prepared: Prepared | None = None,
 ) -> Report | None:
     """`assemble` for plan: None when some viewed stage with modelled activations has a
     floor (memplan.step.timeline.floor_bytes: its timeline's points without the transient
     terms) above `budget`, so that no peak can be under it: found before any timeline is
     built. `replay` replays the most-loaded stage through the caching allocator (estimate's
-    verdict) even where `every_stage` is off."""
-    layout = layout_of(spec)
+    verdict) even where `every_stage` is off. `prepared`: `prepare(spec, trained, stages,
+    every_stage=every_stage)` of a spec with the same layout, when already worked out."""
+    _check_async_tp(spec)  # reads training.compile: checked for every spec
     setting = setting_of(spec)
     capacity = capacity_of(spec)
-    local = (
-        stage_inventories(trained, layout)
-        if trained.architecture is not None
-        else (trained,) * len(stages)
-    )
-    stages = [_with_fp8_state(spec, st, local[st.stage]) for st in stages]
+    if prepared is None:
+        prepared = prepare(spec, trained, stages, every_stage=every_stage)
+    layout, local, viewed = prepared.layout, prepared.local, prepared.viewed
+    stages = prepared.stages
     micro = acts.micro_batch(trained, setting, layout, spec.finetune)
     step = step_settings(spec, layout)
     cache = StepCache() if cache is None else cache
-    viewed = _stages_to_view(stages, every_stage)
     saved_on = {
         i: _saved_on(trained, micro, step, stages[i], setting.checkpoint_every) for i in viewed
     }
