@@ -287,7 +287,7 @@ def transients(
     if activation_terms is None:
         activation_terms = own.activation_terms(saved)
     acts = replace(
-        _engine_view(states.inventory, saved, activation_terms, step.recipe),
+        _engine_view(states.inventory, saved, activation_terms, step.recipe, cache),
         microbatches=step.accumulation_steps,
         layers_in_flight=sum(
             b.count
@@ -337,13 +337,17 @@ def _buffers(saved: Activations) -> list[Transient]:
 
 
 def _engine_view(
-    inventory: Inventory, saved: Activations, terms: list[Transient], recipe: Recipe
+    inventory: Inventory,
+    saved: Activations,
+    terms: list[Transient],
+    recipe: Recipe,
+    cache: StepCache | None = None,
 ) -> StepActivations:
     """The activation side of the step as the engines' terms need it (`terms`: the step's
     activation terms)."""
     embedding = None
     if saved.modelled and saved.block("embeddings") is not None:
-        embedding = own.embedding_backward(inventory, saved, recipe.gradients)
+        embedding = own.embedding_backward(inventory, saved, recipe.gradients, cache)
     loss_fp32 = saved.upcast_bytes or saved.logits_bytes
     layers = saved.block("layers") if saved.modelled else None
     if layers is None:
