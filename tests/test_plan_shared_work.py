@@ -98,3 +98,24 @@ def test_pin_floor_and_timeline_share_their_parts() -> None:
     assert shared.transients == alone.transients
     assert alone.peak_bytes == report.peak_bytes
     assert floor <= alone.peak_bytes
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pin_budget_settles_on_the_report_peak(name: str) -> None:
+    """With a budget, assemble_within gives None exactly when the report it gives without one
+    peaks above the budget (plan stops building stages at the first timeline over it)."""
+    loaded = _spec(CASES[name], 2, "none")
+    spec = loaded.spec
+    inventory = load_inventory(loaded)
+    trained = finetune.apply(spec, inventory)
+    states = model_states(spec, trained)
+    report = assemble_within(spec, inventory, trained, states)
+    assert report is not None and len(report.stage_peaks) > 1
+    peak = report.peak_bytes
+    assert assemble_within(spec, inventory, trained, states, budget=peak - 1) is None
+    within = assemble_within(spec, inventory, trained, states, budget=peak)
+    assert within is not None and within.peak_bytes == peak
+    assert within.stage_peaks == report.stage_peaks
+    # Below every stage's peak but the highest's too: still None.
+    lowest = min(p[1] for p in report.stage_peaks if p is not None)
+    assert assemble_within(spec, inventory, trained, states, budget=lowest - 1) is None

@@ -331,9 +331,11 @@ def assemble_within(
     """`assemble` for plan: None when some viewed stage with modelled activations has a
     floor (memplan.step.timeline.floor_bytes: its timeline's points without the transient
     terms) above `budget`, so that no peak can be under it: found before any timeline is
-    built. `replay` replays the most-loaded stage through the caching allocator (estimate's
-    verdict) even where `every_stage` is off. `prepared`: `prepare(spec, trained, stages,
-    every_stage=every_stage)` of a spec with the same layout, when already worked out."""
+    built; and, where every viewed stage's activations are modelled, when some viewed stage's
+    timeline peaks above `budget` (the report's peak would). `replay` replays the most-loaded
+    stage through the caching allocator (estimate's verdict) even where `every_stage` is off.
+    `prepared`: `prepare(spec, trained, stages, every_stage=every_stage)` of a spec with the
+    same layout, when already worked out."""
     _check_async_tp(spec)  # reads training.compile: checked for every spec
     setting = setting_of(spec)
     capacity = capacity_of(spec)
@@ -362,37 +364,44 @@ def assemble_within(
         return shared[i]
 
     # A stage without modelled activations is not pruned here: plan says so instead.
-    if budget is not None and any(
-        saved_on[i].modelled
-        and tl.floor_bytes(
-            step,
-            local[stages[i].stage],
-            per_gpu=stages[i].per_gpu,
-            buffer_bytes=_buffer_bytes(stages[i]),
-            saved=saved_on[i],
-            cache=cache,
-            shared=parts_of(i),
-        )
-        > budget
-        for i in viewed
-    ):
-        return None
-    views: dict[int, tuple[acts.Activations, tl.Timeline]] = {
-        i: (
-            saved_on[i],
-            _timeline_of(
+    floors: dict[int, int] = {}
+    if budget is not None:
+        for i in viewed:
+            if not saved_on[i].modelled:
+                continue
+            floors[i] = tl.floor_bytes(
                 step,
-                capacity,
-                cache,
-                stages[i],
-                stages[i].per_gpu,
                 local[stages[i].stage],
-                saved_on[i],
-                parts_of(i),
-            ),
+                per_gpu=stages[i].per_gpu,
+                buffer_bytes=_buffer_bytes(stages[i]),
+                saved=saved_on[i],
+                cache=cache,
+                shared=parts_of(i),
+            )
+            if floors[i] > budget:
+                return None
+    # With a budget and every viewed stage's activations modelled, the first timeline that
+    # peaks above the budget settles it (the report's peak is its highest stage's, and plan
+    # reads nothing else of a report over the budget): None, as for a floor. The stages are
+    # built highest floor first, the likeliest to.
+    settle = budget is not None and len(floors) == len(viewed)
+    order = sorted(viewed, key=lambda i: -floors[i]) if settle else viewed
+    timelines: dict[int, tl.Timeline] = {}
+    for i in order:
+        timelines[i] = _timeline_of(
+            step,
+            capacity,
+            cache,
+            stages[i],
+            stages[i].per_gpu,
+            local[stages[i].stage],
+            saved_on[i],
+            parts_of(i),
         )
-        for i in viewed
-    }
+        if settle and budget is not None and timelines[i].peak_bytes > budget:
+            alloc_conf(spec.hardware.alloc_conf)  # checked as below
+            return None
+    views = {i: (saved_on[i], timelines[i]) for i in viewed}
     index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
     top = stages[index]
     saved, timeline = views[index]
