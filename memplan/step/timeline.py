@@ -108,7 +108,8 @@ class Timeline:
         """GPU memory left after the CUDA context and the allocator's reserved segments."""
         if self.capacity_bytes is None:
             return None
-        used = self.reserved_bytes if self.reserved_bytes is not None else self.peak_bytes
+        reserved = self.reserved_bytes  # worked out on each call: once here
+        used = reserved if reserved is not None else self.peak_bytes
         return self.capacity_bytes - self.cuda_context_bytes - used
 
     def transient_at(self, phase: Phase) -> tuple[Transient, ...]:
