@@ -598,7 +598,7 @@ def _checked_by_replay(
     layouts: list[Candidate],
     p: PlanSpec,
     pruned: Counter[str],
-    cache: StepCache,
+    cache: StepCache | None = None,
 ) -> list[Candidate]:
     """`layouts` (fastest first) with the rows plan shows checked as `estimate` checks a spec:
     the step replayed through the caching allocator (memplan.step.replay) plus the terms
