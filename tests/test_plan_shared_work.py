@@ -81,23 +81,39 @@ def test_pin_floor_and_timeline_share_their_parts() -> None:
     top = prepared.stages[report.stage]
     local = prepared.local[top.stage]
     buffers = sum(t.bytes for t in top.buffers)
-    args = {"per_gpu": top.per_gpu, "saved": report.activations}
+    per_gpu, saved = top.per_gpu, report.activations
     cache = StepCache()
-    parts = tl.parts(step, local, cache=cache, **args)
-    floor = tl.floor_bytes(step, local, buffer_bytes=buffers, cache=StepCache(), **args)
-    assert tl.floor_bytes(step, local, buffer_bytes=buffers, cache=cache, shared=parts, **args) == (
-        floor
-    )
-    alone = tl.build(
-        step, local, buffer_bytes=buffers, capacity_bytes=None, cache=StepCache(), **args
-    )
-    shared = tl.build(
-        step, local, buffer_bytes=buffers, capacity_bytes=None, cache=cache, shared=parts, **args
-    )
+    parts = tl.parts(step, local, per_gpu=per_gpu, saved=saved, cache=cache)
+
+    def floor(cache: StepCache, shared: tl.StepParts | None = None) -> int:
+        return tl.floor_bytes(
+            step,
+            local,
+            per_gpu=per_gpu,
+            buffer_bytes=buffers,
+            saved=saved,
+            cache=cache,
+            shared=shared,
+        )
+
+    def build(cache: StepCache, shared: tl.StepParts | None = None) -> tl.Timeline:
+        return tl.build(
+            step,
+            local,
+            per_gpu=per_gpu,
+            buffer_bytes=buffers,
+            saved=saved,
+            capacity_bytes=None,
+            cache=cache,
+            shared=shared,
+        )
+
+    assert floor(cache, parts) == floor(StepCache())
+    alone, shared = build(StepCache()), build(cache, parts)
     assert shared.points == alone.points
     assert shared.transients == alone.transients
     assert alone.peak_bytes == report.peak_bytes
-    assert floor <= alone.peak_bytes
+    assert floor(cache, parts) <= alone.peak_bytes
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

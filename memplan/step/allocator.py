@@ -522,6 +522,7 @@ def replay(events: Iterable[Event], conf: AllocConf | None = None, *,
     for index, event in enumerate(events):
         kind = event[0]
         if kind == "alloc":
+            stream: Hashable
             if len(event) == 3 and type(event[2]) is int and event[2] >= 0:
                 key, nbytes, stream = event[1], event[2], COMPUTE  # the common, valid case
             else:
