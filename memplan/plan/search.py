@@ -42,7 +42,14 @@ from memplan.plan.steptime import (
     step_time,
 )
 from memplan.plan.timing import link_of, shape_of, work_of
-from memplan.report.estimate import assemble_within, capacity_of, estimate, model_states
+from memplan.report.estimate import (
+    Prepared,
+    assemble_within,
+    capacity_of,
+    estimate,
+    model_states,
+    prepare,
+)
 from memplan.report.result import Report, verdict
 from memplan.states.engines.base import StepCache
 from memplan.states.layout import Layout
@@ -287,6 +294,9 @@ class _Search:
             if max(s.model_state_bytes for s in states) > self.budget:
                 self.pruned["does not fit: model states alone exceed the budget"] += 1
                 continue
+            # What every evaluation of this layout shares (assemble_within's `prepared`),
+            # worked out by its first evaluation that gets that far.
+            prepared: list[Prepared] = []
             eager: dict[tuple[str, int], Candidate] = {}
             # compile flag -> the smallest micro-batch at which a policy that saves less (tried
             # earlier: IMPLEMENTATION_RECOMPUTE's order) already peaked above the budget.
@@ -300,7 +310,9 @@ class _Search:
                         break
                     self.searched += 1
                     try:
-                        report = self._report(spec, trained, states, mbs, recompute, compiled)
+                        report = self._report(
+                            spec, trained, states, mbs, recompute, compiled, prepared
+                        )
                     except MemplanError as err:
                         # What estimate refuses at this recompute / compile / micro-batch
                         # (parallelism.async_tp without compile, ...): pruned with its field.
@@ -358,8 +370,10 @@ class _Search:
         mbs: int,
         recompute: str,
         compiled: bool,
+        prepared: list[Prepared],
     ) -> Report | None:
-        """The layout's report, or None when its floor (assemble_within) exceeds the budget."""
+        """The layout's report, or None when its floor (assemble_within) exceeds the budget.
+        `prepared`: empty, or what assemble_within prepares for this layout (filled here)."""
         training = spec.training.model_copy(
             update={
                 "micro_batch_size": mbs,
@@ -369,13 +383,20 @@ class _Search:
                 "gradient_accumulation_steps": self.global_batch // (mbs * spec.parallelism.data),
             }
         )
+        row = spec.model_copy(update={"training": training})
+        if not prepared:
+            try:
+                prepared.append(prepare(row, trained, states))
+            except MemplanError:
+                pass  # assemble_within raises it below (or what it checks first)
         return assemble_within(
-            spec.model_copy(update={"training": training}),
+            row,
             self.inventory,
             trained,
             states,
             budget=self.budget,
             cache=self.cache,
+            prepared=prepared[0] if prepared else None,
         )
 
     def _candidate(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal
 
@@ -87,8 +87,10 @@ def _timeline_of(
     per_gpu: RankStates,
     local: Inventory,
     saved: acts.Activations,
+    shared: tl.StepParts | None = None,
 ) -> tl.Timeline:
-    """The step's timeline of one GPU of stage `st` holding `per_gpu`'s states and `saved`."""
+    """The step's timeline of one GPU of stage `st` holding `per_gpu`'s states and `saved`
+    (`shared`: what its floor already worked out, tl.parts)."""
     return tl.build(
         step,
         local,
@@ -97,6 +99,7 @@ def _timeline_of(
         saved=saved,
         capacity_bytes=capacity,
         cache=cache,
+        shared=shared,
     )
 
 
@@ -281,6 +284,39 @@ def assemble(
     return report
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What `assemble_within` works out from a spec's layout alone, not its training keys
+    (plan evaluates each layout at several micro-batches, recomputation policies and compile
+    flags: `prepare` once, then pass it to each)."""
+
+    layout: Layout
+    local: tuple[Inventory, ...]
+    """Each stage's own model (stage_inventories)."""
+    stages: list[StageStates]
+    """The stages' states with fp8's scaling state among their buffers."""
+    viewed: list[int]
+    """_stages_to_view."""
+
+
+def prepare(
+    spec: Spec, trained: Inventory, stages: Sequence[StageStates], *, every_stage: bool = False
+) -> Prepared:
+    """`Prepared` for `spec`'s layout (its training keys are not read)."""
+    layout = Layout.of(
+        spec.parallelism, device=spec.hardware.device, implementation=spec.model.implementation
+    )
+    local = (
+        stage_inventories(trained, layout)
+        if trained.architecture is not None
+        else (trained,) * len(stages)
+    )
+    staged = [_with_fp8_state(spec, st, local[st.stage]) for st in stages]
+    return Prepared(
+        layout=layout, local=local, stages=staged, viewed=_stages_to_view(staged, every_stage)
+    )
+
+
 def assemble_within(
     spec: Spec,
     model: Inventory,
@@ -291,58 +327,82 @@ def assemble_within(
     every_stage: bool = False,
     replay: bool = False,
     cache: StepCache | None = None,
+    prepared: Prepared | None = None,
 ) -> Report | None:
     """`assemble` for plan: None when some viewed stage with modelled activations has a
     floor (memplan.step.timeline.floor_bytes: its timeline's points without the transient
     terms) above `budget`, so that no peak can be under it: found before any timeline is
-    built. `replay` replays the most-loaded stage through the caching allocator (estimate's
-    verdict) even where `every_stage` is off."""
-    layout = layout_of(spec)
+    built; and, where every viewed stage's activations are modelled, when some viewed stage's
+    timeline peaks above `budget` (the report's peak would). `replay` replays the most-loaded
+    stage through the caching allocator (estimate's verdict) even where `every_stage` is off.
+    `prepared`: `prepare(spec, trained, stages, every_stage=every_stage)` of a spec with the
+    same layout, when already worked out."""
+    _check_async_tp(spec)  # reads training.compile: checked for every spec
     setting = setting_of(spec)
     capacity = capacity_of(spec)
-    local = (
-        stage_inventories(trained, layout)
-        if trained.architecture is not None
-        else (trained,) * len(stages)
-    )
-    stages = [_with_fp8_state(spec, st, local[st.stage]) for st in stages]
+    if prepared is None:
+        prepared = prepare(spec, trained, stages, every_stage=every_stage)
+    layout, local, viewed = prepared.layout, prepared.local, prepared.viewed
+    stages = prepared.stages
     micro = acts.micro_batch(trained, setting, layout, spec.finetune)
     step = step_settings(spec, layout)
     cache = StepCache() if cache is None else cache
-    viewed = _stages_to_view(stages, every_stage)
     saved_on = {
         i: _saved_on(trained, micro, step, stages[i], setting.checkpoint_every) for i in viewed
     }
-    # A stage without modelled activations is not pruned here: plan says so instead.
-    if budget is not None and any(
-        saved_on[i].modelled
-        and tl.floor_bytes(
-            step,
-            local[stages[i].stage],
-            per_gpu=stages[i].per_gpu,
-            buffer_bytes=_buffer_bytes(stages[i]),
-            saved=saved_on[i],
-            cache=cache,
-        )
-        > budget
-        for i in viewed
-    ):
-        return None
-    views: dict[int, tuple[acts.Activations, tl.Timeline]] = {
-        i: (
-            saved_on[i],
-            _timeline_of(
+    # What a stage's floor and its timeline both work out, made once (tl.parts).
+    shared: dict[int, tl.StepParts] = {}
+
+    def parts_of(i: int) -> tl.StepParts:
+        if i not in shared:
+            shared[i] = tl.parts(
                 step,
-                capacity,
-                cache,
-                stages[i],
-                stages[i].per_gpu,
                 local[stages[i].stage],
-                saved_on[i],
-            ),
+                per_gpu=stages[i].per_gpu,
+                saved=saved_on[i],
+                cache=cache,
+            )
+        return shared[i]
+
+    # A stage without modelled activations is not pruned here: plan says so instead.
+    floors: dict[int, int] = {}
+    if budget is not None:
+        for i in viewed:
+            if not saved_on[i].modelled:
+                continue
+            floors[i] = tl.floor_bytes(
+                step,
+                local[stages[i].stage],
+                per_gpu=stages[i].per_gpu,
+                buffer_bytes=_buffer_bytes(stages[i]),
+                saved=saved_on[i],
+                cache=cache,
+                shared=parts_of(i),
+            )
+            if floors[i] > budget:
+                return None
+    # With a budget and every viewed stage's activations modelled, the first timeline that
+    # peaks above the budget settles it (the report's peak is its highest stage's, and plan
+    # reads nothing else of a report over the budget): None, as for a floor. The stages are
+    # built highest floor first, the likeliest to.
+    settle = budget is not None and len(floors) == len(viewed)
+    order = sorted(viewed, key=lambda i: -floors[i]) if settle else viewed
+    timelines: dict[int, tl.Timeline] = {}
+    for i in order:
+        timelines[i] = _timeline_of(
+            step,
+            capacity,
+            cache,
+            stages[i],
+            stages[i].per_gpu,
+            local[stages[i].stage],
+            saved_on[i],
+            parts_of(i),
         )
-        for i in viewed
-    }
+        if settle and budget is not None and timelines[i].peak_bytes > budget:
+            alloc_conf(spec.hardware.alloc_conf)  # checked as below
+            return None
+    views = {i: (saved_on[i], timelines[i]) for i in viewed}
     index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
     top = stages[index]
     saved, timeline = views[index]

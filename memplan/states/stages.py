@@ -28,6 +28,7 @@ from memplan.states.parallel import (
     check_degrees,
     local_shape,
     split_experts,
+    stage_inventories,
     stage_inventory,
     stage_layers,
     tensor_rank_classes,
@@ -302,10 +303,10 @@ def _stage_states(
         tuple[list[RankStates], dict[int, tuple[Term, ...]]],
     ] = {}
     out = []
+    every = stage_inventories(inventory, layout)
     for index in range(layout.pipeline):
-        local = stage_inventory(inventory, layout, index)
-        # What a stage's states depend on, per tensor.
-        key = tuple((t.shape, t.trainable, t.dtype) for t in local.parameters)
+        local = every[index]
+        key = _shapes_key(local)
         if key not in by_shapes:
             by_shapes[key] = _rank_states(local, rule, recipe, opt, layout)
         moved, nvme = by_shapes[key]
@@ -322,6 +323,13 @@ def _stage_states(
             )
         )
     return tuple(out)
+
+
+@lru_cache(maxsize=1024)
+def _shapes_key(local: Inventory) -> tuple[tuple[tuple[int, ...], bool, str | None], ...]:
+    """What a stage's states depend on, per tensor (cached per stage inventory: inventories
+    hash by identity, and stage_inventories gives plan's layouts the same objects)."""
+    return tuple((t.shape, t.trainable, t.dtype) for t in local.parameters)
 
 
 def _rank_states(

@@ -205,6 +205,8 @@ class _Allocator:
         self.allocated_at_peak = 0
         self.marks: list[list[Any]] = []  # [name, allocated, reserved, peak alloc., peak res.]
         self._bases = 0
+        self._rounded: dict[int, int] = {}
+        """conf.round_size of each request size met (replays repeat a few sizes)."""
 
     def _base(self) -> int:
         self._bases += 1
@@ -235,7 +237,9 @@ class _Allocator:
         """DeviceCachingAllocator::malloc: a cached block (get_free_block), else a new segment
         (alloc_block), else free oversize cached blocks and retry, else free every cached
         block and retry; then alloc_found_block. None: out of memory."""
-        size = self.conf.round_size(nbytes)
+        size = self._rounded.get(nbytes)
+        if size is None:
+            size = self._rounded[nbytes] = self.conf.round_size(nbytes)
         small, large = self._pools(stream)
         pool = small if size <= SMALL_SIZE else large
         block = self._free_block_for(pool, size)
@@ -518,7 +522,11 @@ def replay(events: Iterable[Event], conf: AllocConf | None = None, *,
     for index, event in enumerate(events):
         kind = event[0]
         if kind == "alloc":
-            key, nbytes, stream = _alloc_event(index, event)
+            stream: Hashable
+            if len(event) == 3 and type(event[2]) is int and event[2] >= 0:
+                key, nbytes, stream = event[1], event[2], COMPUTE  # the common, valid case
+            else:
+                key, nbytes, stream = _alloc_event(index, event)
             if key in live:
                 raise _event_error(index, event, f"id {key!r} is already allocated")
             # CUDACachingAllocator's allocate(): a 0-byte request does not reach malloc.

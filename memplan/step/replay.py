@@ -297,12 +297,22 @@ class _StepEvents:
                 (self.free_block if free else self.alloc_block)(step, b, c)
 
     def alloc_block(self, step: int, block: Block, copy: int) -> None:
+        """Each saved tensor of one copy of `block`: _Events.alloc of one piece on the compute
+        stream, written out (the replay's most frequent event)."""
+        place, out, live = self.place[id(block)], self.ev.out, self.ev.live
         for j, tensor in enumerate(block.tensors):
-            self.ev.alloc(("saved", step, self.place[id(block)], copy, j), tensor.bytes)
+            if tensor.bytes > 0:
+                key = ("saved", step, place, copy, j)
+                out.append(("alloc", (key, 0), tensor.bytes))
+                live[key] = 1
 
     def free_block(self, step: int, block: Block, copy: int) -> None:
+        """alloc_block's tensors freed: _Events.free of each, written out."""
+        place, out, live = self.place[id(block)], self.ev.out, self.ev.live
         for j in range(len(block.tensors)):
-            self.ev.free(("saved", step, self.place[id(block)], copy, j))
+            key = ("saved", step, place, copy, j)
+            if live.pop(key, None):
+                out.append(("free", (key, 0)))
 
     def working_set(self, name: str, phase: Phase) -> Transient | None:
         """A working set the replay allocates once per layer, if the phase holds it."""

@@ -108,7 +108,8 @@ class Timeline:
         """GPU memory left after the CUDA context and the allocator's reserved segments."""
         if self.capacity_bytes is None:
             return None
-        used = self.reserved_bytes if self.reserved_bytes is not None else self.peak_bytes
+        reserved = self.reserved_bytes  # worked out on each call: once here
+        used = reserved if reserved is not None else self.peak_bytes
         return self.capacity_bytes - self.cuda_context_bytes - used
 
     def transient_at(self, phase: Phase) -> tuple[Transient, ...]:
@@ -159,6 +160,36 @@ class StepSettings:
 ZEROED_GRADIENT_ENGINES = frozenset({"ddp", "fsdp2"})
 
 
+@dataclass(frozen=True, slots=True)
+class StepParts:
+    """What `floor_bytes` and `build` of the same arguments both work out (plan asks the
+    floor of a stage, then builds its timeline: `parts` makes them once)."""
+
+    states: StepStates
+    gradients: dict[Phase, int]
+    activations: dict[Phase, int]
+    activation_terms: list[Transient]
+    """transients.activation_terms(saved)"""
+
+
+def parts(
+    step: StepSettings,
+    inventory: Inventory,
+    *,
+    per_gpu: RankStates,
+    saved: Activations,
+    cache: StepCache,
+) -> StepParts:
+    """The pieces of one GPU's step that `floor_bytes` and `build` share."""
+    states = step.states(inventory, per_gpu)
+    return StepParts(
+        states=states,
+        gradients=_gradients(step, states, cache),
+        activations=_activations(saved),
+        activation_terms=own.activation_terms(saved),
+    )
+
+
 def build(
     step: StepSettings,
     inventory: Inventory,
@@ -168,12 +199,16 @@ def build(
     saved: Activations,
     capacity_bytes: int | None,
     cache: StepCache,
+    shared: StepParts | None = None,
 ) -> Timeline:
-    """The step's timeline on the most-loaded GPU (`inventory`: its own model)."""
-    states = step.states(inventory, per_gpu)
-    terms = tuple(transients(step, states, saved, cache))
-    gradients = _gradients(step, states, cache)
-    activations = _activations(saved)
+    """The step's timeline on the most-loaded GPU (`inventory`: its own model); `shared`:
+    `parts` of the same arguments, when already worked out."""
+    if shared is None:
+        shared = parts(step, inventory, per_gpu=per_gpu, saved=saved, cache=cache)
+    states = shared.states
+    terms = tuple(transients(step, states, saved, cache, activation_terms=shared.activation_terms))
+    gradients = shared.gradients
+    activations = shared.activations
     params, opt = per_gpu.bytes_of("parameters"), per_gpu.bytes_of("optimizer_states")
     points = []
     for phase in PHASES:
@@ -208,20 +243,23 @@ def floor_bytes(
     buffer_bytes: int,
     saved: Activations,
     cache: StepCache,
+    shared: StepParts | None = None,
 ) -> int:
     """Bytes no timeline `build` (of the same arguments) peaks under: its points with only
     the transient terms that cost little (the rest are never negative). Plan prunes a layout
-    on it before building any timeline."""
-    states = step.states(inventory, per_gpu)
-    gradients = _gradients(step, states, cache)
-    activations = _activations(saved)
+    on it before building any timeline. `shared`: `parts` of the same arguments."""
+    if shared is None:
+        shared = parts(step, inventory, per_gpu=per_gpu, saved=saved, cache=cache)
+    states = shared.states
+    gradients = shared.gradients
+    activations = shared.activations
     # The transient terms that cost little and are already worked out: the engine's
     # model-state buffers (remembered per StepStates), the step's activation terms and the
     # layout's communication buffers.
     engine = STEPS[step.layout.engine]
     some = (
         *cache.get(("engine states", states), lambda: tuple(engine.states(states, cache))),
-        *own.activation_terms(saved),
+        *shared.activation_terms,
         *_buffers(saved),
     )
     resident = per_gpu.bytes_of("parameters") + per_gpu.bytes_of("optimizer_states") + buffer_bytes
@@ -232,18 +270,25 @@ def floor_bytes(
 
 
 def transients(
-    step: StepSettings, states: StepStates, saved: Activations, cache: StepCache
+    step: StepSettings,
+    states: StepStates,
+    saved: Activations,
+    cache: StepCache,
+    *,
+    activation_terms: list[Transient] | None = None,
 ) -> list[Transient]:
     """Every transient term of the step, in this order: the engine's model-state buffers
     (remembered per StepStates: plan asks again for every micro-batch size and recompute
     option of a layout), the step's activation terms, the engine's terms beside the loss,
     the layout's communication buffers, the end of backward (the engine's, or the
-    embedding's backward), the allocator's rounding, fp8's and QLoRA's weight copies."""
+    embedding's backward), the allocator's rounding, fp8's and QLoRA's weight copies.
+    `activation_terms`: own.activation_terms(saved), when already worked out."""
     engine = STEPS[step.layout.engine]
     out = list(cache.get(("engine states", states), lambda: tuple(engine.states(states, cache))))
-    activation_terms = own.activation_terms(saved)
+    if activation_terms is None:
+        activation_terms = own.activation_terms(saved)
     acts = replace(
-        _engine_view(states.inventory, saved, activation_terms, step.recipe),
+        _engine_view(states.inventory, saved, activation_terms, step.recipe, cache),
         microbatches=step.accumulation_steps,
         layers_in_flight=sum(
             b.count
@@ -293,13 +338,17 @@ def _buffers(saved: Activations) -> list[Transient]:
 
 
 def _engine_view(
-    inventory: Inventory, saved: Activations, terms: list[Transient], recipe: Recipe
+    inventory: Inventory,
+    saved: Activations,
+    terms: list[Transient],
+    recipe: Recipe,
+    cache: StepCache | None = None,
 ) -> StepActivations:
     """The activation side of the step as the engines' terms need it (`terms`: the step's
     activation terms)."""
     embedding = None
     if saved.modelled and saved.block("embeddings") is not None:
-        embedding = own.embedding_backward(inventory, saved, recipe.gradients)
+        embedding = own.embedding_backward(inventory, saved, recipe.gradients, cache)
     loss_fp32 = saved.upcast_bytes or saved.logits_bytes
     layers = saved.block("layers") if saved.modelled else None
     if layers is None:

@@ -17,7 +17,7 @@ from memplan.memory import PHASES, Transient
 from memplan.model.finetune import qlora
 from memplan.model.forward import compiled
 from memplan.model.forward.tensors import Activations, Block
-from memplan.model.inventory import Inventory
+from memplan.model.inventory import Inventory, TensorSpec
 from memplan.precision import Recipe, dtype_bytes
 from memplan.states import fp8
 from memplan.states.engines.base import StepCache
@@ -92,7 +92,7 @@ def autocast_cache(saved: Activations) -> Transient | None:
     saves): made as the forward runs, all alive at its end and through the loss (transformers'
     models compute it inside their forward, in the autocast region), freed when the region
     exits. One allocation per copy, in forward order."""
-    parts = tuple(t.bytes for b in saved.blocks for _ in range(b.count) for t in b.held)
+    parts = tuple(t.bytes for b in saved.blocks if b.held for _ in range(b.count) for t in b.held)
     if not sum(parts):
         return None
     return Transient(
@@ -262,7 +262,9 @@ def litgpt_chunked_loss_gradient(size: int) -> Transient:
     )
 
 
-def embedding_backward(inventory: Inventory, saved: Activations, grad: str) -> Transient:
+def embedding_backward(
+    inventory: Inventory, saved: Activations, grad: str, cache: StepCache | None = None
+) -> Transient:
     """The last op of backward: the embedding's gradient is built from the hidden-state
     gradient [tokens, hidden] (aten embedding_dense_backward: a zeroed [vocab, hidden] tensor
     that becomes `.grad`). With the LM head tied to the embedding, `.grad` already holds the
@@ -271,10 +273,10 @@ def embedding_backward(inventory: Inventory, saved: Activations, grad: str) -> T
     width = dtype_bytes(grad)
     # The word embedding as this rank holds it (vocab-parallel under TP); tied to a head on
     # the same rank only without pipeline parallelism (the last stage keeps its own copy).
-    table = max(
-        (t for t in inventory.parameters if t.role == "embedding"),
-        key=lambda t: t.numel,
-        default=None,
+    table = (
+        _embedding_table(inventory)
+        if cache is None
+        else cache.get(("embedding table", inventory), lambda: _embedding_table(inventory))
     )
     tied_here = bool(inventory.tied) and saved.block("head") is not None
     tied = 2 * table.numel * width if tied_here and table is not None else 0
@@ -286,6 +288,15 @@ def embedding_backward(inventory: Inventory, saved: Activations, grad: str) -> T
         + (f" + 2 x {list(table.shape)} x {width} B (tied head)" if table and tied else ""),
         source="aten native/Embedding.cpp::embedding_dense_backward_cpu; "
         "torch/csrc/autograd/functions/accumulate_grad.h",
+    )
+
+
+def _embedding_table(inventory: Inventory) -> TensorSpec | None:
+    """The largest word-embedding tensor this rank holds (None: none)."""
+    return max(
+        (t for t in inventory.parameters if t.role == "embedding"),
+        key=lambda t: t.numel,
+        default=None,
     )
 
 
