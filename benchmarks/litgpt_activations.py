@@ -65,7 +65,7 @@ from benchmarks.stamp import stamp  # noqa: E402
 from memplan import activations  # noqa: E402
 from memplan.config.load import validate  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
-from memplan.report.estimate import setting_of  # noqa: E402
+from memplan.report.settings import setting_of  # noqa: E402
 from tests.litgpt_probe import (  # noqa: E402
     AT_SCALE,
     LLAMA31_8B,

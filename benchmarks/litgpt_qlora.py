@@ -53,7 +53,7 @@ from memplan.model.finetune import lora as finetune  # noqa: E402
 from memplan.model.load import load_inventory  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
 from memplan.precision import dtype_bytes  # noqa: E402
-from memplan.report.estimate import layout_of, setting_of  # noqa: E402
+from memplan.report.settings import layout_of, setting_of  # noqa: E402
 from tests.litgpt_probe import PRECISION, Shape, held_bytes_qlora  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "litgpt-qlora.json"

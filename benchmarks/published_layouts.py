@@ -37,7 +37,8 @@ from memplan.config.load import validate
 from memplan.config.spec import Spec
 from memplan.model.load import load_inventory
 from memplan.model.sources import Inventory
-from memplan.plan.search import PlanResult, plan
+from memplan.plan.result import PlanResult
+from memplan.plan.search import plan
 from memplan.plan.space import pipeline_split
 from memplan.report.estimate import estimate
 

@@ -63,7 +63,8 @@ from memplan.config.load import validate  # noqa: E402
 from memplan.model.load import load_inventory  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
 from memplan.model.stacks import torchtitan as rule  # noqa: E402
-from memplan.report.estimate import estimate, setting_of  # noqa: E402
+from memplan.report.estimate import estimate  # noqa: E402
+from memplan.report.settings import setting_of  # noqa: E402
 from tests.torchtitan_probe import (  # noqa: E402
     QWEN3_MOE_TINY,
     Mla,

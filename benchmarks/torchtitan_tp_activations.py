@@ -37,7 +37,7 @@ import torchtitan  # noqa: E402
 from benchmarks.stamp import stamp  # noqa: E402
 from memplan.activations import torchtitan_parallel  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
-from memplan.report.estimate import layout_of, setting_of  # noqa: E402
+from memplan.report.settings import layout_of, setting_of  # noqa: E402
 from tests.conftest import make_spec  # noqa: E402
 from tests.torchtitan_probe import BATCH, DIM, FFN, HEADS, KV_HEADS, SEQ  # noqa: E402
 from tests.torchtitan_tp_probe import WORLD, Case, run  # noqa: E402

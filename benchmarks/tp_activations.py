@@ -32,7 +32,7 @@ TP = 2
 def predicted(config: dict[str, Any], case: Any, engine: str, tensor: int, sp: bool) -> int:
     from memplan import activations as acts
     from memplan.model.sources import from_config
-    from memplan.report.estimate import layout_of, setting_of
+    from memplan.report.settings import layout_of, setting_of
     from tests.conftest import make_spec
     from tests.tp_probe import BATCH, SEQ
 

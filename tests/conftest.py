@@ -117,7 +117,7 @@ def tiny_inventory():  # type: ignore[no-untyped-def]
 def micro_batch_of(spec: Spec, inventory: Inventory) -> Activations:
     """memplan.activations.micro_batch for a spec, unpacked as memplan.report.estimate does."""
     from memplan import activations
-    from memplan.report.estimate import layout_of, setting_of
+    from memplan.report.settings import layout_of, setting_of
 
     return activations.micro_batch(inventory, setting_of(spec), layout_of(spec), spec.finetune)
 
@@ -125,7 +125,7 @@ def micro_batch_of(spec: Spec, inventory: Inventory) -> Activations:
 def on_rank_of(spec: Spec, inventory: Inventory, micro: Activations, rank: int) -> Activations:
     """memplan.activations.on_rank for a spec's layout and gradient accumulation steps."""
     from memplan import activations
-    from memplan.report.estimate import layout_of
+    from memplan.report.settings import layout_of
 
     steps = spec.training.gradient_accumulation_steps
     return activations.on_rank(inventory, micro, layout_of(spec), rank, steps)

@@ -24,7 +24,8 @@ from memplan.model.finetune import lora as finetune
 from memplan.model.inventory import Inventory
 from memplan.model.sources import from_config
 from memplan.precision import TORCH_NAMES
-from memplan.report.estimate import estimate, layout_of, setting_of
+from memplan.report.estimate import estimate
+from memplan.report.settings import layout_of, setting_of
 from tests.conftest import TINY_LLAMA
 from tests.test_verify_support import TINY_GPT2, loaded, model_state_rows_exact, run
 

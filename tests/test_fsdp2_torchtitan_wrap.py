@@ -23,7 +23,8 @@ import pytest
 
 from memplan.config.load import LoadedSpec, validate
 from memplan.model.sources import from_config
-from memplan.report.estimate import estimate, layout_of
+from memplan.report.estimate import estimate
+from memplan.report.settings import layout_of
 from memplan.states.engines.fsdp2.groups import fsdp2_groups
 from tests.fsdp2_oracle import padded_groups
 from tests.test_fsdp2_peak import MODELS, _check_peak

@@ -21,8 +21,9 @@ from memplan.errors import MemplanError
 from memplan.model.forward.tensors import Setting
 from memplan.model.sources import from_config
 from memplan.model.stacks import megatron
-from memplan.report.estimate import estimate, setting_of
+from memplan.report.estimate import estimate
 from memplan.report.json import estimate_json
+from memplan.report.settings import setting_of
 from tests.conftest import make_spec, micro_batch_of
 
 FFN, VOCAB = 192, 256

@@ -18,8 +18,9 @@ from memplan.config.plan import PlanSpec
 from memplan.errors import MemplanError
 from memplan.model.load import PRESET_DIR, load_inventory, read_json
 from memplan.model.sources import from_config
+from memplan.plan.result import Candidate, PlanResult
 from memplan.plan.rows import row_document, row_spec
-from memplan.plan.search import Candidate, PlanResult, plan
+from memplan.plan.search import plan
 from memplan.plan.space import pipeline_split
 from memplan.report.estimate import estimate
 from tests.conftest import TINY_LLAMA, make_spec
@@ -422,7 +423,7 @@ def test_pin_compile_divides_the_compute_by_the_published_speedup() -> None:
     """Pinning: a compiled torchtitan step's compute (and bubble) is the eager one over
     COMPILE_SPEEDUP (6,667 / 5,762, torchtitan's Table 1); its collectives are unchanged."""
     from memplan.plan.steptime import COMPILE_SPEEDUP, Link, Shape, Work, step_time
-    from memplan.report.estimate import layout_of
+    from memplan.report.settings import layout_of
 
     shape = Shape(
         parameters=8_000_000_000, total_parameters=8_000_000_000, layers=32, moe_layers=0,

@@ -10,7 +10,8 @@ import pytest
 from memplan.config.load import validate
 from memplan.model.finetune import lora as finetune
 from memplan.model.load import load_inventory
-from memplan.report.estimate import assemble_within, model_states, prepare, step_settings
+from memplan.report.estimate import assemble_within, model_states, prepare
+from memplan.report.settings import step_settings
 from memplan.states.engines.base import StepCache
 from memplan.step import timeline as tl
 

@@ -22,7 +22,8 @@ import pytest
 from memplan.activations import for_stages
 from memplan.config.load import validate
 from memplan.model.sources import from_config
-from memplan.report.estimate import estimate, setting_of
+from memplan.report.estimate import estimate
+from memplan.report.settings import setting_of
 from memplan.states.engines.base import StepActivations, StepStates
 from memplan.states.engines.fsdp2 import pipeline
 from memplan.states.parallel import stage_inventories

@@ -32,7 +32,7 @@ from memplan.activations import layout as act_layout  # noqa: E402
 from memplan.errors import MemplanError  # noqa: E402
 from memplan.model import profile  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
-from memplan.report.estimate import layout_of, setting_of  # noqa: E402
+from memplan.report.settings import layout_of, setting_of  # noqa: E402
 from memplan.verify.trace import profile as tracer  # noqa: E402
 from memplan.verify.trace import tp  # noqa: E402
 from tests.conftest import TINY_LLAMA, make_spec, micro_batch_of  # noqa: E402

@@ -19,8 +19,9 @@ import pytest
 from memplan import activations
 from memplan.errors import MemplanError
 from memplan.model.sources import from_config
-from memplan.report.estimate import estimate, setting_of
+from memplan.report.estimate import estimate
 from memplan.report.json import estimate_json
+from memplan.report.settings import setting_of
 from tests.conftest import make_spec, micro_batch_of
 
 FFN, VOCAB = 192, 256

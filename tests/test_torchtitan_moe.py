@@ -15,7 +15,8 @@ import pytest
 
 from memplan import activations
 from memplan.model.sources import from_config
-from memplan.report.estimate import estimate, setting_of
+from memplan.report.estimate import estimate
+from memplan.report.settings import setting_of
 from tests.conftest import make_spec, micro_batch_of
 
 

@@ -20,7 +20,8 @@ import pytest
 from memplan import activations
 from memplan.activations import torchtitan_parallel
 from memplan.model.sources import from_config
-from memplan.report.estimate import estimate, layout_of, setting_of
+from memplan.report.estimate import estimate
+from memplan.report.settings import layout_of, setting_of
 from tests.conftest import make_spec, micro_batch_of
 
 LLAMA_70B = {

@@ -316,6 +316,7 @@ def plan(
     from memplan.config.plan import PlanSpec
     from memplan.model import load as model_load
     from memplan.plan import search as planner
+    from memplan.plan.result import PlanResult
     from memplan.plan.space import recompute_options
     from memplan.verify.trace import fallback_inventory
 
@@ -333,7 +334,7 @@ def plan(
         if progress_bar is not None:
             progress_bar.update(0, completed=done)
 
-    def work() -> planner.PlanResult:
+    def work() -> PlanResult:
         loaded = load.load_spec(spec)
         settings = loaded.spec.plan or PlanSpec()
         update = {k: v for k, v in (("top", top), ("gpus", gpus)) if v is not None}

@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from memplan.cli.render import human
-from memplan.plan.search import Candidate, PlanResult
+from memplan.plan.result import Candidate, PlanResult
 from memplan.plan.steptime import StepTime
 
 # Column -> what it shows of a layout; the text columns are left-aligned.

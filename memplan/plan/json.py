@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from memplan.config.parallelism import Engine
-from memplan.plan.search import Candidate, PlanResult
+from memplan.plan.result import Candidate, PlanResult
 from memplan.report.json import dump
 from memplan.report.schema import plan as s
 

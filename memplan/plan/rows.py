@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from memplan.config.spec import Spec
 
 if TYPE_CHECKING:
-    from memplan.plan.search import Candidate
+    from memplan.plan.result import Candidate
 
 
 def row_spec(spec: Spec, c: Candidate) -> Spec:

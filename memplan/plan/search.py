@@ -21,6 +21,7 @@ from memplan.errors import MemplanError
 from memplan.model.finetune import lora as finetune
 from memplan.model.inventory import Inventory
 from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS
+from memplan.plan.result import Candidate, PlanResult
 from memplan.plan.rows import row_spec
 from memplan.plan.space import (
     ENGINE_STAGES,
@@ -38,19 +39,12 @@ from memplan.plan.space import (
 from memplan.plan.steptime import (
     Link,
     Shape,
-    StepTime,
     step_time,
 )
 from memplan.plan.timing import link_of, shape_of, work_of
-from memplan.report.estimate import (
-    Prepared,
-    assemble_within,
-    capacity_of,
-    estimate,
-    model_states,
-    prepare,
-)
+from memplan.report.estimate import Prepared, assemble_within, estimate, model_states, prepare
 from memplan.report.result import Report, verdict
+from memplan.report.settings import capacity_of
 from memplan.states.engines.base import StepCache
 from memplan.states.layout import Layout
 from memplan.states.stages import StageStates
@@ -62,59 +56,6 @@ DOMINATED = "does not fit: a policy that saves less already peaks above the budg
 recomputation policy that saves a subset of this one's tensors peaked above the budget."""
 SKIP_DOMINATED = True
 """Whether the search skips those (off only in the test that checks the skip loses no row)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Candidate:
-    """One layout that fits, with its memory and estimated time."""
-
-    data: int
-    tensor: int
-    pipeline: int
-    context: int
-    expert: int
-    engine: str
-    zero_stage: int
-    micro_batch_size: int
-    gradient_accumulation_steps: int
-    recompute: str
-    offload: str
-    layers_per_stage: tuple[int, ...] | None
-    virtual_stages: int
-    """Model chunks per pipeline rank (> 1: Megatron's interleaved 1F1B schedule)."""
-    sequence_parallel: bool
-    schedule: str
-    implementation: str
-    """Whose model code the row's activations are (model.implementation)."""
-    fsdp_wrap: str | None
-    """FSDP2's grouping as the row's layout resolves it; None for other engines."""
-    compile: bool
-    peak_bytes: int
-    headroom_bytes: int
-    time: StepTime
-    tokens_per_step: int
-    parallelism: ParallelismSpec = field(repr=False, compare=False)
-    """The layout as a spec's `parallelism` (with the micro-batch, recomputation and
-    accumulation above, `row_spec` gives the spec `memplan estimate` reproduces it from)."""
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens_per_step / self.time.total_s
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PlanResult:
-    gpus: int
-    global_batch_size: int
-    budget_bytes: int
-    capacity_bytes: int
-    layouts: tuple[Candidate, ...]
-    """Fitting layouts, fastest first (all of them; `top` says how many to show)."""
-    searched: int
-    pruned: dict[str, int]
-    suggestion: str = ""
-    top: int = 10
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from memplan.config.plan import PlanSpec
 from memplan.config.spec import Spec
 from memplan.model.inventory import Inventory
 from memplan.plan.steptime import COMPILE_SPEEDUP, COMPILE_SPEEDUP_CODE
-from memplan.report.estimate import setting_of
+from memplan.report.settings import setting_of
 
 # Engine -> ZeRO stages the search tries (each engine's own range; see memplan.config.spec).
 ENGINE_STAGES = {"deepspeed": (0, 1, 2, 3), "fsdp2": (2, 3), "megatron": (0, 1), "ddp": (0, 1)}

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memplan.report.estimate import layout_of
+from memplan.report.settings import layout_of
 from memplan.verify import build, measure, peft_support, tensor_parallel
 from memplan.verify.job import STEPS, Job
 from memplan.verify.result import Phase

@@ -29,7 +29,7 @@ from memplan.model.families import family_of
 from memplan.model.load import find_profiles
 from memplan.model.profile import Profile, from_document, serving
 from memplan.model.sources import Inventory
-from memplan.report.estimate import setting_of
+from memplan.report.settings import setting_of
 
 Source = Literal["rule", "profile", "none"]
 

@@ -73,7 +73,7 @@ def traced_profiles(
 
     from memplan.model import profile as profile_doc
     from memplan.model.families import family_of
-    from memplan.report.estimate import setting_of
+    from memplan.report.settings import setting_of
 
     arch = inventory.architecture
     if arch is None or missing_libraries():
@@ -88,7 +88,7 @@ def traced_profiles(
             specs.append(loaded.spec.model_copy(update={"training": training}))
     if tensor_slices is None:
         from memplan.activations.layout import profile_slices
-        from memplan.report.estimate import layout_of
+        from memplan.report.settings import layout_of
 
         tensor_slices = profile_slices(arch, layout_of(loaded.spec))
     elif callable(tensor_slices):

@@ -43,7 +43,7 @@ from memplan.config.load import LoadedSpec
 from memplan.errors import MemplanError
 from memplan.model import load as model_load
 from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document, terms
-from memplan.report.estimate import setting_of
+from memplan.report.settings import setting_of
 from memplan.verify import selective as selective_
 from memplan.verify.trace import autocast as autocast_
 from memplan.verify.trace import cuda, heads, moe, structure, tp
