@@ -72,7 +72,9 @@ QWEN3 = "qwen3"
 QWEN3_FAMILY = (QWEN3, *torchtitan_moe.MODEL_TYPES)
 """Built by torchtitan's models/qwen3 (Qwen3Model, q_norm / k_norm, explicit head_dim)."""
 DEEPSEEK_V3 = torchtitan_moe.DEEPSEEK_V3
-TORCHTITAN_MODEL_TYPES = (*MODEL_TYPES, *QWEN3_FAMILY, DEEPSEEK_V3)
+GPT_OSS = "gpt_oss"
+"""torchtitan's models/gpt_oss: its own rule, memplan.model.stacks.torchtitan_gptoss."""
+TORCHTITAN_MODEL_TYPES = (*MODEL_TYPES, *QWEN3_FAMILY, DEEPSEEK_V3, GPT_OSS)
 """The model_types torchtitan's own model code is modelled for: Llama 3 (models/llama3),
 dense Qwen3 and Qwen3-MoE (models/qwen3; the MoE block: memplan.model.stacks.torchtitan_moe)
 and DeepSeek-V3 on CPU (models/deepseek_v3; MLA: memplan.model.stacks.torchtitan_mla)."""
@@ -106,14 +108,23 @@ SRC_SAC = (
 )
 
 
+LLAMA4 = (
+    f"torchtitan {VERSION} has no Llama 4 model: its models/ are common, deepseek_v3, flux, "
+    "gpt_oss, kimi_k2_7, llama3, muse_glimmer, qwen3 and qwen3_5 (pip torchtitan==0.3.0); "
+    "use model.implementation transformers for Llama 4"
+)
+
+
 def unsupported(arch: Architecture, st: Setting) -> str:
     """Why torchtitan's Llama 3 / Qwen3 rule does not cover this model or setting, or ''."""
+    if arch.model_type.startswith("llama4"):
+        return LLAMA4
     why = llama_refusal(
         arch,
         "torchtitan",
-        "torchtitan's Llama 3, dense Qwen3, Qwen3-MoE and DeepSeek-V3 code, models/llama3, "
-        "models/qwen3 and models/deepseek_v3: model_types llama, qwen3, qwen3_moe and "
-        "deepseek_v3; torchtitan's own gpt_oss model has no rule yet",
+        "torchtitan's Llama 3, dense Qwen3, Qwen3-MoE, DeepSeek-V3 and gpt-oss code, "
+        "models/llama3, models/qwen3, models/deepseek_v3 and models/gpt_oss: model_types "
+        "llama, qwen3, qwen3_moe, deepseek_v3 and gpt_oss",
         model_types=TORCHTITAN_MODEL_TYPES,
     )
     if why:
@@ -344,6 +355,15 @@ def saved(
     module docstring. `fused_qkv`: 0.3.0's one `wqkv` projection (default) or 9dec370's three.
     `whole`: the whole model when `arch` is one tensor-parallel rank's slice of it
     (memplan.activations.torchtitan_parallel), which the rule's conditions are checked on."""
+    if (whole or arch).model_type == GPT_OSS:
+        from memplan.model.stacks import torchtitan_gptoss
+
+        if whole is not None:
+            why = "tensor or context parallelism for torchtitan's gpt-oss is not modelled"
+            return replace(
+                not_modelled(f"activations not modelled: {why}."), implementation="torchtitan"
+            )
+        return torchtitan_gptoss.saved(arch, st)
     why = unsupported(whole or arch, st)
     if why:
         return replace(
