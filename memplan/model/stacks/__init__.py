@@ -1,9 +1,9 @@
 """Model code other than transformers': the tensors another stack's own model saves for
 backward (`torchtitan`: torchtitan's Llama 3, Qwen3, Qwen3-MoE and DeepSeek-V3, with
-`torchtitan_moe` and `torchtitan_mla`; `litgpt`: LitGPT's GPT, `litgpt_lora`: its LoRA,
-`litgpt_qlora`: its QLoRA's 4-bit model and StableEmbedding; `megatron`: Megatron-Core's
-GPTModel, local and Transformer Engine layer specs, `megatron_moe`: its MoE layer), in the
-vocabulary of memplan.model.forward."""
+`torchtitan_moe` and `torchtitan_mla`, and its gpt-oss, `torchtitan_gptoss`; `litgpt`:
+LitGPT's GPT, `litgpt_lora`: its LoRA, `litgpt_qlora`: its QLoRA's 4-bit model and
+StableEmbedding; `megatron`: Megatron-Core's GPTModel, local and Transformer Engine layer specs,
+`megatron_moe`: its MoE layer), in the vocabulary of memplan.model.forward."""
 
 from __future__ import annotations
 

@@ -44,7 +44,9 @@ these differences, read from torchtitan 0.3.0:
 Qwen3-MoE (models/qwen3 MoE flavors) is this Qwen3 block with torchtitan's MoE as its
 feed-forward half (memplan.model.stacks.torchtitan_moe); DeepSeek-V3 (models/deepseek_v3) has
 MLA as its attention (memplan.model.stacks.torchtitan_mla), dense feed-forwards in its first
-layers (a second layer kind, `layers.dense`) and the MoE with shared experts after.
+layers (a second layer kind, `layers.dense`) and the MoE with shared experts after. gpt-oss
+(models/gpt_oss) has its own rule, memplan.model.stacks.torchtitan_gptoss, which `saved`
+dispatches to. 0.3.0 has no Llama 4 model (LLAMA4).
 
 The model runs wholly in the compute dtype (FSDP2 `param_dtype`, no autocast: memplan.report.
 estimate.setting_of); autocast (torchtitan without FSDP) is not modelled. Proved on CPU against
