@@ -1,6 +1,6 @@
 """What a torch.compile'd decoder layer keeps for backward beyond Llama's: Qwen3's per-head q/k
-norms and Qwen2's (and a biased Llama's) projection biases, traced against memplan's compiled
-rule (memplan.model.forward.compiled) over a grid of shapes.
+norms, Qwen2's (and a biased Llama's) projection biases and OLMo 2's layer, traced against
+memplan's compiled rule (memplan.model.forward.compiled) over a grid of shapes.
 
 Each case runs the real layer on real CPU tensors at two (batch, sequence) sizes through
 torch.compile's Inductor path up to code generation (memplan.verify.trace.compiled:
@@ -21,9 +21,12 @@ philox state):
   transformers Qwen3   transformers 5.25 Qwen3DecoderLayer, with and without attention_bias
   transformers Qwen2   Qwen2DecoderLayer (q/k/v biases; head_dim = hidden / heads)
   transformers Llama   LlamaDecoderLayer with attention_bias and mlp_bias (biases on all seven)
+  transformers OLMo 2  Olmo2DecoderLayer (full-width q/k norms, post-norms), with and without
+                       attention_bias; its cos / sin are fp32
 
 Shapes: GQA ratios 1 (MHA), 2, 5, 8 (MQA at 8 heads), head_dim equal to and different from
-hidden / heads (Qwen3 and Llama take an explicit head_dim; Qwen2 cannot), bf16 and fp32; and
+hidden / heads (Qwen3 and Llama take an explicit head_dim; Qwen2 and OLMo 2 do not), bf16 and
+fp32; and
 Qwen3-8B's widths (hidden 4096, 32 / 8 heads, head_dim 128, ffn 12288) compiled in bf16.
 
     PYTHONPATH=$PWD python benchmarks/compile_layers.py   # ~5 min on 2 quiet cores
@@ -152,6 +155,8 @@ def rule_per_token(
     elif kind == "full":
         # Full checkpointing keeps the layer's input alone (memplan.model.stacks.torchtitan).
         return Counter({(dtype, shape["hidden"] * (2 if dtype == "bf16" else 4)): 1})
+    elif kind == "olmo2":
+        layer = rule.olmo2_layer(**dims)
     else:
         layer = rule.llama_layer(qk_norm=qk_norm, float8=float8, **dims)
     return Counter((t.dtype, t.bytes // (b * s)) for t in layer)
@@ -213,6 +218,9 @@ def cases() -> list[dict[str, Any]]:
             lambda sh=shape: qwen3_block(sh, "bf16", lambda b: _sac(_float8(b, "tensorwise"))),
             kind="sac",
         )
+        # Qwen2 and OLMo 2 take head_dim = hidden / heads (their configs have no head_dim).
+        own = {**shape, "head_dim": shape["hidden"] // shape["heads"]}
+        own_name = f"{name.split('-')[0]}-d{own['head_dim']}"
         for dtype in ("bf16", "fp32"):
             add(
                 "transformers Qwen3DecoderLayer",
@@ -222,13 +230,20 @@ def cases() -> list[dict[str, Any]]:
                 lambda sh=shape, dt=dtype: hf_layer("qwen3", sh, dt),
                 qk_norm=True,
             )
-            qwen2 = {**shape, "head_dim": shape["hidden"] // shape["heads"]}
             add(
                 "transformers Qwen2DecoderLayer",
                 "compile",
-                f"{name.split('-')[0]}-d{qwen2['head_dim']}",
+                own_name,
                 dtype,
-                lambda sh=qwen2, dt=dtype: hf_layer("qwen2", sh, dt),
+                lambda sh=own, dt=dtype: hf_layer("qwen2", sh, dt),
+            )
+            add(
+                "transformers Olmo2DecoderLayer",
+                "compile",
+                own_name,
+                dtype,
+                lambda sh=own, dt=dtype: hf_layer("olmo2", sh, dt),
+                kind="olmo2",
             )
         add(
             "transformers Qwen3DecoderLayer",
@@ -237,6 +252,14 @@ def cases() -> list[dict[str, Any]]:
             "bf16",
             lambda sh=shape: hf_layer("qwen3", sh, "bf16", attention_bias=True),
             qk_norm=True,
+        )
+        add(
+            "transformers Olmo2DecoderLayer",
+            "attention_bias + compile",
+            own_name,
+            "bf16",
+            lambda sh=own: hf_layer("olmo2", sh, "bf16", attention_bias=True),
+            kind="olmo2",
         )
         add(
             "transformers LlamaDecoderLayer",

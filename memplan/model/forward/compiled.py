@@ -1,4 +1,4 @@
-"""What a torch.compile'd Llama-style decoder layer saves for backward (`training.compile`).
+"""What a torch.compile'd decoder layer saves for backward (`training.compile`): Llama's, OLMo 2's.
 
 torch.compile (Inductor, torch 2.13) partitions each compiled region's joint forward+backward
 graph with AOTAutograd's min-cut partitioner (torch/_functorch/partitioners.py::
@@ -46,9 +46,11 @@ cache (torch/utils/checkpoint.py::_CachingTorchDispatchMode) holds every MUST_SA
 read or not, until the layer's backward; the compiled graph drops the unread ones (w2's output,
 which only the residual add consumes).
 
-Covered: Llama-style layers (llama, mistral, qwen2, qwen3; biases or not), SDPA with no dropout,
+Covered: Llama-style layers (llama, mistral, qwen2, qwen3; biases or not) and OLMo 2's
+(`olmo2_layer`: full-width q/k norms, norms after each branch), SDPA with no dropout,
 no autocast (FSDP2's MixedPrecisionPolicy or bf16 parameters: the layer computes in one
-dtype), on CUDA. Only the decoder layers are compiled here (torchtitan's
+dtype), where SDPA runs a flash kernel (CPU's, or CUDA's for 16-bit q/k/v and a head_dim
+flash takes: `kernel_uncovered`). Only the decoder layers are compiled here (torchtitan's
 distributed/compile.py::apply_compile compiles each TransformerBlock; the embeddings, final
 norm and output projection run eager, and the loss unless `training.compile_loss`:
 memplan.model.stacks.torchtitan): the rest of the forward is unchanged. Not
@@ -58,14 +60,16 @@ set stands): MoE layers (torchtitan's apply_compile compiles an MoE block whole,
 torch._dynamo.config.capture_scalar_outputs for the data-dependent token counts of its
 dispatch: tracing it needs the partition's saved set at unbacked sizes, which
 memplan.verify.trace.compiled skips, fitted per routing as benchmarks/torchtitan_moe.py does),
-full-width q/k norms (OLMo 2), Gemma's layers, eager attention, dropout, autocast, sliding
-windows and Megatron-style selective checkpointing.
+Gemma's layers (and OLMo 2's under torchao Float8), eager attention, SDPA's memory-efficient and
+math kernels, dropout, autocast, sliding windows and Megatron-style selective checkpointing.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
+from memplan.model.forward import attention
 from memplan.model.forward.kernels import FP32, attention_dims, saved
 from memplan.model.forward.tensors import Activations, Saved, Setting
 from memplan.model.inventory import Architecture
@@ -175,7 +179,52 @@ def op_sac_layer(
     )
 
 
-COMPILED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+def olmo2_layer(
+    *,
+    batch: int,
+    seq: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    inter: int,
+    dtype: str,
+) -> tuple[Saved, ...]:
+    """One compiled OLMo 2 layer (transformers 5.25 models/olmo2/modeling_olmo2.py::
+    Olmo2DecoderLayer: no norm before attention or MLP; q_norm / k_norm, RMSNorms over the
+    whole q and k projections [a*d] / [g*d]; post_attention_layernorm and
+    post_feedforward_layernorm on each branch's output before its residual add), traced
+    (benchmarks/compile_layers.py): the layer's input (the projections' input), the q and k
+    projections' outputs and their norms' rstd (one per token each: full width), v, q and k
+    after RoPE, SDPA's output and logsumexp, o_proj's output and its post-norm's rstd, the
+    residual sum (gate/up's input), gate's and up's outputs, down's input, down's output and
+    its post-norm's rstd: w (4h + 3ad + 3gd + 3f) + 4a + 16 bytes per token."""
+    t, h, a, g, d, f, w = batch * seq, hidden, heads, kv_heads, head_dim, inter, dtype
+    return (
+        saved("input", (t, h), w, BY, SRC),
+        saved("attention.q_proj_out", (t, a * d), w, BY, SRC),
+        saved("attention.q_norm.rstd", (t, 1), FP32, BY, SRC),
+        saved("attention.k_proj_out", (t, g * d), w, BY, SRC),
+        saved("attention.k_norm.rstd", (t, 1), FP32, BY, SRC),
+        saved("attention.v", (t, g * d), w, BY, SRC),
+        saved("attention.q_rope", (t, a * d), w, BY, SRC),
+        saved("attention.k_rope", (t, g * d), w, BY, SRC),
+        saved("attention.sdpa_out", (t, a * d), w, BY, SRC),
+        saved("attention.logsumexp", (batch, a, seq), FP32, BY, SRC),
+        saved("attention.wo_out", (t, h), w, BY, SRC),
+        saved("post_attention_layernorm.rstd", (t, 1), FP32, BY, SRC),
+        saved("mlp.input", (t, h), w, BY, SRC),
+        saved("mlp.gate_out", (t, f), w, BY, SRC),
+        saved("mlp.up_out", (t, f), w, BY, SRC),
+        saved("mlp.down_in", (t, f), w, BY, SRC),
+        saved("mlp.down_out", (t, h), w, BY, SRC),
+        saved("post_feedforward_layernorm.rstd", (t, 1), FP32, BY, SRC),
+    )
+
+
+OLMO2_MODEL_TYPES = ("olmo2",)
+"""transformers families whose decoder layer is `olmo2_layer` (Olmo2DecoderLayer, traced)."""
+COMPILED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", *OLMO2_MODEL_TYPES)
 """transformers families whose decoder layer is the one traced: LlamaDecoderLayer (with and
 without attention_bias / mlp_bias), MistralDecoderLayer (the same layer), Qwen2DecoderLayer
 (q/k/v biases) and Qwen3DecoderLayer (per-head q/k norms, with and without attention_bias)."""
@@ -203,18 +252,36 @@ def uncovered(arch: Architecture, st: Setting) -> str:
         return "a sliding-window mask"
     if st.checkpointing == "selective":
         return "selective checkpointing of the attention core"
+    if arch.model_type in OLMO2_MODEL_TYPES and st.float8 != "none":
+        return "torchao Float8 on OLMo 2's layer"
+    return kernel_uncovered(arch, st)
+
+
+def kernel_uncovered(arch: Architecture, st: Setting) -> str:
+    """Why the traced set does not hold for the SDPA kernel this layer gets, or "". The
+    traces ran the CPU flash op, which keeps what CUDA's flash kernel keeps (q, k, v, the
+    output and a [b, a, s] fp32 logsumexp); on CUDA, fp32 or a head_dim flash does not take
+    (memplan.model.forward.attention.sdpa_kernel) gets the memory-efficient kernel (a padded
+    logsumexp) or, with grouped kv heads, the math one (a [b, a, s, s] softmax), not traced."""
+    _, a, g, d = attention_dims(arch)
+    heads = attention.Heads(batch=st.batch, seq=st.sequence, heads=a, kv_heads=g, head_dim=d)
+    gqa = g < a and d <= attention.FLASH_MAX_HEAD_DIM
+    kernel = attention.sdpa_kernel(st, heads, gqa=gqa, mask=False, dropout_on=False)
+    if kernel != "flash":
+        return f"SDPA's {kernel} kernel ({st.matmul}, head_dim {d} on {st.device})"
     return ""
 
 
 def apply(acts: Activations, arch: Architecture, st: Setting) -> Activations:
     """`acts` (the eager prediction) with each decoder layer compiled: under checkpointing
-    none the layers keep `llama_layer`; under full they keep their input, as eager. Where the
+    none the layers keep `llama_layer` (OLMo 2's: `olmo2_layer`); under full they keep their
+    input, as eager. Where the
     traced layer does not apply, the eager prediction with a note saying so."""
     why = uncovered(arch, st)
     if why:
         note = (
-            f"training.compile: the compiled layer's saved set is traced for Llama-style "
-            f"layers ({', '.join(COMPILED_MODEL_TYPES)}) with SDPA, no dropout, no autocast, "
+            f"training.compile: the compiled layer's saved set is traced for the layers "
+            f"of {', '.join(COMPILED_MODEL_TYPES)} with SDPA, no dropout, no autocast, "
             f"checkpointing none or full; not for "
             f"{why}: the eager saved set is used (compile saves no more)."
         )
@@ -229,17 +296,22 @@ def apply(acts: Activations, arch: Architecture, st: Setting) -> Activations:
             ),
         )
     _, a, g, d = attention_dims(arch)
-    layer = llama_layer(
-        batch=st.batch,
-        seq=st.sequence,
-        hidden=arch.hidden_size,
-        heads=a,
-        kv_heads=g,
-        head_dim=d,
-        inter=arch.intermediate_size,
-        dtype=st.matmul,
-        float8=st.float8 != "none",
-        qk_norm=arch.model_type in QK_NORM_MODEL_TYPES,
+    dims: dict[str, Any] = {
+        "batch": st.batch,
+        "seq": st.sequence,
+        "hidden": arch.hidden_size,
+        "heads": a,
+        "kv_heads": g,
+        "head_dim": d,
+        "inter": arch.intermediate_size,
+        "dtype": st.matmul,
+    }
+    layer = (
+        olmo2_layer(**dims)
+        if arch.model_type in OLMO2_MODEL_TYPES
+        else llama_layer(
+            float8=st.float8 != "none", qk_norm=arch.model_type in QK_NORM_MODEL_TYPES, **dims
+        )
     )
     blocks = tuple(replace(b, tensors=layer) if b.name == "layers" else b for b in acts.blocks)
     eager = acts.block("layers")

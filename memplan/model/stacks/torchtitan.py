@@ -138,6 +138,9 @@ def unsupported(arch: Architecture, st: Setting) -> str:
             "memplan.model.forward.compiled), not on an MoE block, whose token dispatch has "
             "data-dependent sizes under compile"
         )
+    kernel = compiled.kernel_uncovered(arch, st) if st.compile else ""
+    if kernel:
+        return f"training.compile is traced with SDPA's flash kernel, not {kernel}"
     if st.autocast:
         return (
             "torchtitan under torch.autocast (no FSDP2 sharding: DDP or one device) is not "

@@ -275,7 +275,13 @@ class TransformersLayer(nn.Module):
         modeling = importlib.import_module(
             f"transformers.models.{model_type}.modeling_{model_type}"
         )
-        prefix = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama", "mistral": "Mistral"}
+        prefix = {
+            "qwen2": "Qwen2",
+            "qwen3": "Qwen3",
+            "llama": "Llama",
+            "mistral": "Mistral",
+            "olmo2": "Olmo2",
+        }
         name = prefix[model_type]
         cfg = AutoConfig.for_model(
             model_type, num_hidden_layers=1, attn_implementation="sdpa", **config
@@ -286,9 +292,6 @@ class TransformersLayer(nn.Module):
         self.rotary = getattr(modeling, f"{name}RotaryEmbedding")(cfg)
         self.dtype = dtype
         self.hidden = int(cfg.hidden_size)
-        self.head_dim = int(
-            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Any:
         return self.layer(x, attention_mask=None, position_embeddings=(cos, sin))
@@ -300,6 +303,7 @@ class TransformersLayer(nn.Module):
 
     @property
     def rope_bytes_per_token(self) -> tuple[str, int]:
-        """(dtype, bytes per token) of each of cos and sin."""
-        width = torch.empty((), dtype=self.dtype).element_size()
-        return _dtype(self.dtype), self.head_dim * width
+        """(dtype, bytes per token) of each of cos and sin: the layer's dtype (`cos.to(x.dtype)`)
+        or fp32 (OLMo 2's rotary embedding returns them in fp32)."""
+        cos, _ = self.inputs(1, 1)[1:]
+        return _dtype(cos.dtype), cos.numel() * cos.element_size()
