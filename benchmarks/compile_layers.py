@@ -29,7 +29,7 @@ hidden / heads (Qwen3 and Llama take an explicit head_dim; Qwen2 and OLMo 2 do n
 fp32; and
 Qwen3-8B's widths (hidden 4096, 32 / 8 heads, head_dim 128, ffn 12288) compiled in bf16.
 
-    PYTHONPATH=$PWD python benchmarks/compile_layers.py   # ~5 min on 2 quiet cores
+    PYTHONPATH=$PWD python benchmarks/compile_layers.py   # ~6 min on 2 quiet cores
     # writes benchmarks/results/compile-layers.json; tests/test_compile_layers.py checks the
     # rule against every stored trace and re-traces a few cases
 """
