@@ -56,12 +56,18 @@ norm and output projection run eager, and the loss unless `training.compile_loss
 memplan.model.stacks.torchtitan): the rest of the forward is unchanged. Not
 modelled: the temporaries Inductor's fused kernels avoid in backward (the layers' working set
 stays the eager one, an upper bound). Not traced, so refused with the reason (the eager saved
-set stands): MoE layers (torchtitan's apply_compile compiles an MoE block whole, with
-torch._dynamo.config.capture_scalar_outputs for the data-dependent token counts of its
-dispatch: tracing it needs the partition's saved set at unbacked sizes, which
-memplan.verify.trace.compiled skips, fitted per routing as benchmarks/torchtitan_moe.py does),
-Gemma's layers (and OLMo 2's under torchao Float8), eager attention, SDPA's memory-efficient and
-math kernels, dropout, autocast, sliding windows and Megatron-style selective checkpointing.
+set stands): MoE layers, transformers' and torchtitan's. What a rule for torchtitan 0.3.0's
+Qwen3-MoE block would need (a first trace, not yet a rule: apply_compile compiles the block
+whole, with torch._dynamo.config.capture_scalar_outputs; at EP 1 every routed tensor has
+tokens x top_k rows, so the partition's shapes are static): the dense Qwen3 attention half
+above, ffn_norm's rstd and output, then per token the router's logits [E] w, the top-k indices
+[k] int64 and scores [k] w, two [k] int64 index tensors of the token reordering, the routed
+input [k, h] w, the grouped mms' outputs w1, w3 [k, F] w, w2's input [k, F] w and its output
+[k, h] w, and a zeros [h] w tensor; to prove at the three routings, under SelectiveAC and
+under EP as benchmarks/torchtitan_moe.py and torchtitan_moe_ep.py do (its eager rule:
+memplan.model.stacks.torchtitan_moe). Not traced either: Gemma's layers (and OLMo 2's under
+torchao Float8), eager attention, SDPA's memory-efficient and math kernels, dropout, autocast,
+sliding windows and Megatron-style selective checkpointing.
 """
 
 from __future__ import annotations

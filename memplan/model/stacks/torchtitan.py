@@ -135,8 +135,8 @@ def unsupported(arch: Architecture, st: Setting) -> str:
         return (
             "training.compile for torchtitan's Qwen3-MoE is not modelled: the compiled saved "
             "set is traced on the dense blocks (Llama3TransformerBlock, Qwen3TransformerBlock: "
-            "memplan.model.forward.compiled), not on an MoE block, whose token dispatch has "
-            "data-dependent sizes under compile"
+            "memplan.model.forward.compiled), not yet on an MoE block (its router, token "
+            "reordering and grouped experts)"
         )
     kernel = compiled.kernel_uncovered(arch, st) if st.compile else ""
     if kernel:
