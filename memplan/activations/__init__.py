@@ -110,10 +110,7 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
         return not_modelled(f"activations not modelled: {model}.")
     acts = finish(model, setting)
     if setting.compile:
-        biased = any(
-            t.name.endswith(".bias") and ".layers." in f".{t.name}" for t in inventory.parameters
-        )
-        acts = compiled.apply(acts, arch, setting, biased=biased)
+        acts = compiled.apply(acts, arch, setting)
     return acts
 
 

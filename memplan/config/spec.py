@@ -284,7 +284,10 @@ class TrainingSpec(Frozen):
     `compile.enable` compiles each TransformerBlock (embeddings and head stay eager; the loss
     too unless `compile_loss`):
     a layer saves what AOTAutograd's min-cut partitioner keeps (memplan.model.forward.compiled:
-    Llama-style layers, checkpointing none or full) instead of the eager tensors."""
+    transformers' llama, mistral, qwen2, qwen3 and olmo2 layers, torchtitan's Llama 3 and dense
+    Qwen3 blocks; checkpointing none or full, and torchtitan's selective-op) instead of the
+    eager tensors; elsewhere (MoE layers, SDPA's non-flash kernels, ...) transformers' eager
+    set stands, with a note, and torchtitan's code is refused with the reason."""
     compile_loss: bool | None = None
     """With `compile: true` and `model.implementation: torchtitan`, whether the loss is compiled
     too: torchtitan 0.3.0 compiles it by default (config/configs.py::CompileConfig.components

@@ -144,12 +144,16 @@ def unsupported(arch: Architecture, st: Setting) -> str:
         why = torchtitan_moe.unsupported(arch, st)
         if why:
             return why
-    if qwen3 and st.compile:
+    if torchtitan_moe.is_moe(arch) and st.compile:
         return (
-            "training.compile for torchtitan's Qwen3 is not modelled: the compiled saved set "
-            "was traced on Llama3TransformerBlock (memplan.model.forward.compiled), and "
-            "Qwen3's q_norm / k_norm (and its MoE block) change what Inductor's partition keeps"
+            "training.compile for torchtitan's Qwen3-MoE is not modelled: the compiled saved "
+            "set is traced on the dense blocks (Llama3TransformerBlock, Qwen3TransformerBlock: "
+            "memplan.model.forward.compiled), not yet on an MoE block (its router, token "
+            "reordering and grouped experts)"
         )
+    kernel = compiled.kernel_uncovered(arch, st) if st.compile else ""
+    if kernel:
+        return f"training.compile is traced with SDPA's flash kernel, not {kernel}"
     if st.autocast:
         return (
             "torchtitan under torch.autocast (no FSDP2 sharding: DDP or one device) is not "
@@ -469,6 +473,7 @@ def _compiled(arch: Architecture, st: Setting, layers: list[Block]) -> tuple[lis
         )
     _, a, g, d = kernels.attention_dims(arch)
     op_sac = st.checkpointing == "selective-op"
+    qwen3 = arch.model_type == QWEN3  # q_norm / k_norm: traced on Qwen3TransformerBlock
     kept = (compiled.op_sac_layer if op_sac else compiled.llama_layer)(
         batch=st.batch,
         seq=st.sequence,
@@ -478,7 +483,7 @@ def _compiled(arch: Architecture, st: Setting, layers: list[Block]) -> tuple[lis
         head_dim=d,
         inter=arch.intermediate_size,
         dtype=st.matmul,
-        **({} if op_sac else {"float8": st.float8 != "none"}),
+        **({} if op_sac else {"float8": st.float8 != "none", "qk_norm": qwen3}),
     )
     eager = layers[0].bytes_each
     out = [replace(b, tensors=kept) for b in layers]

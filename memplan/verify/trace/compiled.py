@@ -215,3 +215,95 @@ def bf16_parameters(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.data = p.data.to(torch.bfloat16)
     return module
+
+
+def torchtitan_qwen3_block(
+    *,
+    dim: int,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    hidden_dim: int,
+    max_seq_len: int = 4096,
+) -> nn.Module:
+    """torchtitan 0.3.0's dense Qwen3TransformerBlock (models/qwen3/__init__.py::
+    _build_qwen3_layers: fused wqkv, per-head q_norm / k_norm RMSNorm(head_dim, eps 1e-6),
+    CosSinRoPE theta 1e6 over an explicit head_dim, SwiGLU) with SDPA attention, in fp32
+    (`bf16_parameters` as for `torchtitan_llama3_block`). 0.3.0 refuses `attn_backend="sdpa"`
+    for language models (config_utils.py::get_attention_config): the builder's lookup is
+    pointed at ScaledDotProductAttention for the call, as tests/torchtitan_probe.py does."""
+    import torchtitan.models.qwen3 as qwen3  # type: ignore[import-untyped]
+    from torchtitan.models.common import CosSinRoPE  # type: ignore[import-untyped]
+    from torchtitan.models.common.attention import (  # type: ignore[import-untyped]
+        ScaledDotProductAttention,
+    )
+
+    rope = CosSinRoPE.Config(dim=head_dim, max_seq_len=max_seq_len, theta=1000000.0)
+    original = qwen3.get_attention_config
+    qwen3.get_attention_config = lambda backend: ScaledDotProductAttention.Config()
+    try:
+        (config,) = qwen3._build_qwen3_layers(
+            n_layers=1,
+            dim=dim,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            hidden_dim=hidden_dim,
+            attn_backend="sdpa",
+            rope=rope,
+        )
+    finally:
+        qwen3.get_attention_config = original
+    block: nn.Module = config.build()
+    return block
+
+
+class TransformersLayer(nn.Module):
+    """One transformers decoder layer (LlamaDecoderLayer, Qwen2DecoderLayer, Qwen3DecoderLayer,
+    ...: `model_type` picks models/<model_type>/modeling_<model_type>.py) with SDPA, called as
+    its model calls it: `layer(x, attention_mask=None, position_embeddings=(cos, sin))`. RoPE's
+    cos and sin are the model's (made once per forward by its rotary embedding, `rope(x, s)`):
+    inputs here, so a trace counts them, [b, s, head_dim] each, and `rope_bytes_per_token`
+    says how much of it they are."""
+
+    def __init__(self, model_type: str, dtype: torch.dtype, **config: Any) -> None:
+        super().__init__()
+        import importlib
+
+        from transformers import AutoConfig
+
+        modeling = importlib.import_module(
+            f"transformers.models.{model_type}.modeling_{model_type}"
+        )
+        prefix = {
+            "qwen2": "Qwen2",
+            "qwen3": "Qwen3",
+            "llama": "Llama",
+            "mistral": "Mistral",
+            "olmo2": "Olmo2",
+        }
+        name = prefix[model_type]
+        cfg = AutoConfig.for_model(
+            model_type, num_hidden_layers=1, attn_implementation="sdpa", **config
+        )
+        self.layer = getattr(modeling, f"{name}DecoderLayer")(cfg, 0)
+        if dtype != torch.float32:
+            self.layer.to(dtype)
+        self.rotary = getattr(modeling, f"{name}RotaryEmbedding")(cfg)
+        self.dtype = dtype
+        self.hidden = int(cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Any:
+        return self.layer(x, attention_mask=None, position_embeddings=(cos, sin))
+
+    def inputs(self, b: int, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = torch.randn(b, s, self.hidden, dtype=self.dtype, requires_grad=True)
+        cos, sin = self.rotary(x, torch.arange(s)[None].expand(b, s))
+        return x, cos, sin
+
+    @property
+    def rope_bytes_per_token(self) -> tuple[str, int]:
+        """(dtype, bytes per token) of each of cos and sin: the layer's dtype (`cos.to(x.dtype)`)
+        or fp32 (OLMo 2's rotary embedding returns them in fp32)."""
+        cos, _ = self.inputs(1, 1)[1:]
+        return _dtype(cos.dtype), cos.numel() * cos.element_size()
