@@ -18,7 +18,9 @@ RMSNorm (qk_layernorm), head_dim 32 beside hidden 64 / 4 heads) under balanced r
 (memplan/verify/megatron_core.py::balanced_routing), fp32 and bf16 x none / full / selective x
 batch 1 and 2 x 1 and 3 layers, on one rank and on EP = 2 and 4 gloo ranks (expert parallelism
 over the data-parallel ranks): held bytes, persistent buffers (global memory buffer, causal
-mask, MoE tracker) and each rank's expert parameters, against memplan's estimate. TP with MoE
+mask, MoE tracker) and each rank's expert parameters, against memplan's estimate; every case
+twice, with the allgather dispatcher and with the alltoall one (MoEAlltoAllTokenDispatcher,
+`parallelism.moe_dispatcher: alltoall`; gloo runs its all_to_all_single). TP with MoE
 does not train under the local spec (`moe_not_run`).
 
 Part 2, `llama31_8b`: one decoder layer of Llama 3.1 8B (dim 4096, 32 heads, 8 k/v heads, ffn
@@ -42,6 +44,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +282,9 @@ def moe_config(shape: Shape) -> dict[str, Any]:
 
 
 def moe_doc(dtype: str, mode: str, shape: Shape, dropout: float, expert: int) -> dict[str, Any]:
+    par: dict[str, Any] = {"engine": "megatron", "data": expert, "expert": expert}
+    if shape.dispatcher != "allgather":
+        par["moe_dispatcher"] = shape.dispatcher
     return {
         "model": {"architecture": moe_config(shape), "implementation": "megatron-core"},
         "precision": "fp32" if dtype == "fp32" else "bf16-mixed",
@@ -288,18 +294,19 @@ def moe_doc(dtype: str, mode: str, shape: Shape, dropout: float, expert: int) ->
             "activation_checkpointing": mode,
             "dropout": dropout > 0,
         },
-        "parallelism": {"engine": "megatron", "data": expert, "expert": expert, "zero_stage": 1},
+        "parallelism": {**par, "zero_stage": 1},
         "hardware": {"device": "cpu"},
     }
 
 
-def moe_cases() -> list[tuple[str, str, str, Shape, float]]:
+def moe_cases(dispatcher: str = "allgather") -> list[tuple[str, str, str, Shape, float]]:
     out = []
     for dtype in ("fp32", "bf16"):
         for mode in ("none", "full", "selective"):
             for name, shape in MOE_SHAPES:
-                out.append((dtype, mode, name, shape, 0.0))
-    out.append(("bf16", "none", "mixtral-like, dropout 0.1", Shape(experts=4), 0.1))
+                out.append((dtype, mode, name, replace(shape, dispatcher=dispatcher), 0.0))
+    mixtral = Shape(experts=4, dispatcher=dispatcher)
+    out.append(("bf16", "none", "mixtral-like, dropout 0.1", mixtral, 0.1))
     return out
 
 
@@ -308,7 +315,7 @@ def moe_matrix() -> list[dict[str, Any]]:
     rank, under balanced routing: what it holds for backward, its persistent buffers, against
     memplan's estimate."""
     rows = []
-    for dtype, mode, name, shape, dropout in moe_cases():
+    for dtype, mode, name, shape, dropout in moe_cases() + moe_cases("alltoall"):
         measured = held(dtype, shape, mode, dropout=dropout)
         loaded = validate(moe_doc(dtype, mode, shape, dropout, 1))
         acts = estimate(loaded.spec, from_config(moe_config(shape))).activations
@@ -324,6 +331,7 @@ def moe_matrix() -> list[dict[str, Any]]:
                 "layers": shape.layers,
                 "experts": shape.experts,
                 "top_k": shape.top_k,
+                "dispatcher": shape.dispatcher,
                 "dropout": dropout,
                 "measured": measured.bytes,
                 "predicted": acts.bytes,
@@ -342,7 +350,8 @@ def moe_expert_parallel() -> list[dict[str, Any]]:
     (Megatron's `allreduce = False` parameters) against memplan's `parameters (experts)`."""
     rows = []
     for ep in (2, 4):
-        chosen = [c for c in moe_cases() if c[3].experts % ep == 0]
+        every = moe_cases() + moe_cases("alltoall")
+        chosen = [c for c in every if c[3].experts % ep == 0]
         cases = [(dtype, shape, mode, dropout) for dtype, mode, _, shape, dropout in chosen]
         measured = held_parallel(cases, expert=ep)
         for (dtype, mode, name, shape, dropout), ranks in zip(chosen, measured, strict=True):
@@ -357,6 +366,7 @@ def moe_expert_parallel() -> list[dict[str, Any]]:
             rows.append(
                 {
                     "expert": ep,
+                    "dispatcher": shape.dispatcher,
                     "dtype": dtype,
                     "recompute": mode,
                     "shape": name,
@@ -422,7 +432,7 @@ def main() -> None:
         "moe_routing": (
             "balanced: token i routed to experts (i k + j) mod E, j < k "
             "(memplan.verify.megatron_core.balanced_routing); moe_aux_loss_coeff 1e-2, "
-            "allgather dispatcher, SequentialMLP"
+            "allgather dispatcher (and alltoall: rows with dispatcher alltoall), SequentialMLP"
         ),
         "moe_not_run": MOE_NOT_RUN,
         "llama31_8b_bytes_per_token_per_layer": [llama31_8b(8192), llama31_8b(4096)],

@@ -113,6 +113,13 @@ class ParallelismSpec(Frozen):
     """MoE expert capacity factor (Megatron --moe-expert-capacity-factor with
     --moe-pad-expert-input-to-capacity): each expert's token buffer is padded to
     ceil(tokens x top_k / experts x factor). None: dropless, balanced routing assumed."""
+    moe_dispatcher: Literal["allgather", "alltoall"] | None = None
+    """Megatron-Core's MoE token dispatcher (`--moe-token-dispatcher-type`, TransformerConfig.
+    moe_token_dispatcher_type; model.implementation megatron-core only): allgather
+    (MoEAllGatherTokenDispatcher: every TP x EP rank's tokens gathered, each rank keeps its
+    experts' share) or alltoall (MoEAlltoAllTokenDispatcher: each rank sends its tokens' pairs
+    to the experts' ranks). None: allgather, Megatron-Core 0.12.0's default
+    (transformer/transformer_config.py)."""
     make_vocab_size_divisible_by: PositiveInt = 128
     """Megatron pads the vocabulary to a multiple of this x tensor (its default, 128); torch's
     own tensor parallelism (engine fsdp2 or ddp) does not pad

@@ -12,8 +12,10 @@ models/gpt/moe_module_specs.py::get_moe_module_spec builds it for the local spec
 (get_gpt_layer_local_spec(num_experts=E), moe_grouped_gemm False): MoELayer with TopKRouter,
 the default `moe_token_dispatcher_type` allgather (MoEAllGatherTokenDispatcher) and
 SequentialMLP (one transformer/mlp.py::MLP per local expert, ColumnParallelLinear /
-RowParallelLinear); no shared experts. Every storage below is measured against the real
-GPTModel on CPU (memplan/verify/megatron_core.py, one rank and EP = 2 gloo ranks).
+RowParallelLinear), or with `parallelism.moe_dispatcher: alltoall` the
+MoEAlltoAllTokenDispatcher (below); no shared experts. Every storage below is measured
+against the real GPTModel on CPU (memplan/verify/megatron_core.py, one rank and EP = 2 and 4
+gloo ranks).
 
 - router.py::TopKRouter.forward -> Router.gating: `F.linear(input, weight)` saves its input
   (pre_mlp_layernorm's output: the dense rule's `pre_mlp_layernorm.output`) and weight.
@@ -48,6 +50,20 @@ GPTModel on CPU (memplan/verify/megatron_core.py, one rank and EP = 2 gloo ranks
   themselves); `hidden
   * permuted_probs.unsqueeze(-1)` saves the experts' output and the permuted probs [pairs];
   moe_utils.py::unpermute's `scatter_add_` saves the expanded sorted_indices (a view).
+- token_dispatcher.py::MoEAlltoAllTokenDispatcher (`alltoall`, dropless): token_permutation
+  keeps the router's own probs and routing map ([tokens, E]) as `self.probs` /
+  `self.routing_map` and permute's sorted indices of the rank's tokens x top_k pairs; the
+  permuted tokens go over the EP all-to-all (tensor_parallel/mappings.py::_AllToAll saves
+  nothing; at EP 1 it returns its input) and, with more than one local expert,
+  sort_chunks_by_idxs's split + cat (nothing saved) orders them by local expert: the experts
+  save their input [pairs, h] as above. token_unpermutation sends the experts' output back
+  (cat / all-to-all: nothing saved) and moe_utils.py::unpermute multiplies the rank's own
+  tokens x top_k rows by `probs.T.contiguous().masked_select(routing_map.T.contiguous())`:
+  the returned tokens, the permuted probs and both transposed copies [E, tokens] saved. No
+  global memory buffer (all_to_all_single allocates its output). Its split sizes and
+  per-expert counts (`input_splits`, `num_global_tokens_per_local_expert`, ...) are moved to
+  the host (moe_utils.py::maybe_move_tensor_to_cpu): no device memory. Measured equal at EP
+  1, 2 and 4 (benchmarks/megatron_activations.py).
 - Recompute: full (transformer_block.py::_checkpointed_forward) runs the layer under no_grad,
   which skips the aux loss (apply_load_balancing_loss runs only when grad is enabled) but still
   sets the dispatcher's three attributes: they stay alive beside the checkpointed input.
@@ -89,6 +105,11 @@ SRC_AUX = (
 SRC_DISPATCH = SRC + "token_dispatcher.py::MoEAllGatherTokenDispatcher.token_permutation"
 SRC_PERMUTE = SRC + "moe_utils.py::permute"
 SRC_UNPERMUTE = SRC + "token_dispatcher.py::MoEAllGatherTokenDispatcher.token_unpermutation"
+SRC_A2A = SRC + "token_dispatcher.py::MoEAlltoAllTokenDispatcher.token_permutation"
+SRC_A2A_UNPERMUTE = (
+    SRC + "token_dispatcher.py::MoEAlltoAllTokenDispatcher.token_unpermutation; moe_utils.py::"
+    "unpermute"
+)
 SRC_EXPERTS = SRC + "experts.py::SequentialMLP.forward"
 SRC_TRACKER = SRC + "moe_utils.py::save_to_aux_losses_tracker"
 SRC_GROUPED = (
@@ -107,6 +128,11 @@ NOTE = (
     "> 0), the allgather token dispatcher, SequentialMLP; balanced dropless routing assumed "
     "(every expert tokens x top_k / E pairs from every rank)."
 )
+
+
+def note(st: Setting) -> str:
+    """NOTE, naming the token dispatcher `st` runs (parallelism.moe_dispatcher)."""
+    return NOTE.replace("the allgather token", f"the {st.moe_dispatcher} token")
 
 
 def is_moe(arch: Architecture) -> bool:
@@ -178,11 +204,23 @@ def _router(arch: Architecture, st: Setting) -> list[Saved]:
 
 
 def dispatcher_state(arch: Architecture, st: Setting) -> list[Saved]:
-    """What MoEAllGatherTokenDispatcher keeps as attributes until the next forward, grad or
-    not: the rank's routing map and probs over the T = tokens x EP gathered rows, and the
-    permutation's sorted indices."""
+    """What the token dispatcher keeps as attributes until the next forward, grad or not.
+    MoEAllGatherTokenDispatcher: the rank's routing map and probs over the T = tokens x EP
+    gathered rows, and the permutation's sorted indices. MoEAlltoAllTokenDispatcher
+    (`alltoall`): the router's own probs and routing map ([tokens, E], `self.probs`,
+    `self.routing_map`) and the sorted indices of the rank's own tokens x top_k pairs
+    (dropless: `num_out_tokens`); its split sizes and token counts are host copies on CUDA
+    (moe_utils.py::maybe_move_tensor_to_cpu), no device memory."""
     ep, local, pairs = expert_parallel(arch, st)
     rows, c = st.tokens * ep, st.matmul
+    if st.moe_dispatcher == "alltoall":
+        t, e, sent = st.tokens, arch.num_experts, st.tokens * arch.num_experts_per_token
+        return [
+            kernels.saved("dispatcher.probs", (t, e), c, "attribute", SRC_A2A),
+            kernels.saved("dispatcher.routing_map", (t, e), "bool", "attribute", SRC_A2A),
+            kernels.saved("dispatcher.sorted_indices", (sent,), kernels.INT64,
+                          "IndexSelectBackward0", SRC_PERMUTE),
+        ]  # fmt: skip
     return [
         kernels.saved("dispatcher.local_probs", (rows, local), c, "attribute", SRC_DISPATCH),
         kernels.saved("dispatcher.local_map", (rows, local), "bool", "attribute", SRC_DISPATCH),
@@ -204,6 +242,8 @@ def moe_mlp(arch: Architecture, st: Setting) -> list[Saved]:
     out.append(kernels.saved("experts.input", (pairs, h), c, "LinearWithGrad", SRC_EXPERTS))
     out += megatron.mlp("experts.", pairs, inter, c, fused=False)
     by = "MaskedSelectBackward0"
+    if st.moe_dispatcher == "alltoall":
+        return out + _alltoall_combine(arch, st)
     out.append(kernels.saved("experts.output", (pairs, h), c, "MulBackward0", SRC_UNPERMUTE))
     if local > 1:
         # With one local expert the transpose of [T, 1] is already contiguous: `.contiguous()`
@@ -215,6 +255,26 @@ def moe_mlp(arch: Architecture, st: Setting) -> list[Saved]:
     out.append(
         kernels.saved("dispatcher.permuted_probs", (pairs,), c, "MulBackward0", SRC_UNPERMUTE)
     )
+    return out
+
+
+def _alltoall_combine(arch: Architecture, st: Setting) -> list[Saved]:
+    """MoEAlltoAllTokenDispatcher.token_unpermutation (SRC_A2A_UNPERMUTE): the experts' output
+    goes back over the EP all-to-all (tensor_parallel/mappings.py::_AllToAll saves nothing)
+    to the rank's own tokens x top_k pairs, which moe_utils.py::unpermute multiplies by the
+    permuted probs (the multiply saves both); the probs are picked by `probs.T.contiguous().
+    masked_select(routing_map.T.contiguous())` over all E experts, so both transposed copies
+    [E, tokens] are saved (with one token the transpose is contiguous: the router's own)."""
+    t, e, h, c = st.tokens, arch.num_experts, arch.hidden_size, st.matmul
+    sent = t * arch.num_experts_per_token
+    by, src = "MaskedSelectBackward0", SRC_A2A_UNPERMUTE
+    out = [kernels.saved("experts.output", (sent, h), c, "MulBackward0", src)]
+    if t > 1:
+        out += [
+            kernels.saved("dispatcher.probs_t", (e, t), c, by, src),
+            kernels.saved("dispatcher.map_t", (e, t), "bool", by, src),
+        ]
+    out.append(kernels.saved("dispatcher.permuted_probs", (sent,), c, "MulBackward0", src))
     return out
 
 
