@@ -21,7 +21,8 @@ over the data-parallel ranks): held bytes, persistent buffers (global memory buf
 mask, MoE tracker) and each rank's expert parameters, against memplan's estimate; every case
 twice, with the allgather dispatcher and with the alltoall one (MoEAlltoAllTokenDispatcher,
 `parallelism.moe_dispatcher: alltoall`; gloo runs its all_to_all_single). TP with MoE
-does not train under the local spec (`moe_not_run`).
+does not train under the local spec: `moe_tensor_parallel_raised` runs TP 2 (with and without
+sequence parallelism) and TP 2 x EP 2 and records what every rank raises.
 
 Part 2, `llama31_8b`: one decoder layer of Llama 3.1 8B (dim 4096, 32 heads, 8 k/v heads, ffn
 14336), bf16 everywhere (the model cast to bf16, no autocast), no dropout, no recompute, batch
@@ -67,6 +68,7 @@ from memplan.verify.megatron_core import (  # noqa: E402
     held,
     held_parallel,
     held_tensor_parallel,
+    refusals_parallel,
 )
 
 OUT = ROOT / "benchmarks" / "results" / "megatron-activations.json"
@@ -405,12 +407,38 @@ MOE_NOT_RUN = {
 }
 
 
+def moe_tensor_parallel_raised() -> list[dict[str, Any]]:
+    """TP with MoE under the local spec, run: TP 2 with and without sequence parallelism and
+    TP 2 x EP 2 with it, both dispatchers, what every rank raises (memplan.verify.
+    megatron_core.refusals_parallel). memplan refuses the layout with this source."""
+    rows = []
+    for tp, ep, sp in ((2, 1, True), (2, 1, False), (2, 2, True)):
+        dispatchers = ("allgather", "alltoall")
+        cases = [
+            ("bf16", Shape(layers=1, experts=4, dispatcher=d), "none", 0.0) for d in dispatchers
+        ]
+        raised = refusals_parallel(cases, tensor=tp, expert=ep, sequence_parallel=sp)
+        for d, ranks in zip(dispatchers, raised, strict=True):
+            rows.append(
+                {
+                    "tensor": tp,
+                    "expert": ep,
+                    "sequence_parallel": sp,
+                    "dispatcher": d,
+                    "raised_per_rank": ranks,
+                    "every_rank_raised": all(ranks),
+                }
+            )
+    return rows
+
+
 def main() -> None:
     started = time.time()
     rows = matrix()
     tp_rows = tensor_parallel_matrix()
     moe_rows = moe_matrix()
     ep_rows = moe_expert_parallel()
+    tp_moe = moe_tensor_parallel_raised()
     doc = {
         "stamp": stamp(
             torch=torch.__version__,
@@ -435,6 +463,7 @@ def main() -> None:
             "allgather dispatcher (and alltoall: rows with dispatcher alltoall), SequentialMLP"
         ),
         "moe_not_run": MOE_NOT_RUN,
+        "moe_tensor_parallel_raised": tp_moe,
         "llama31_8b_bytes_per_token_per_layer": [llama31_8b(8192), llama31_8b(4096)],
         "te_spec_on_cpu": (
             "import transformer_engine: ModuleNotFoundError (Transformer Engine's PyTorch "
@@ -455,6 +484,8 @@ def main() -> None:
         f"moe expert parallel: {doc['moe_expert_parallel_equal']}/"
         f"{doc['moe_expert_parallel_cases']} equal on every rank"
     )
+    raised = sum(r["every_rank_raised"] for r in tp_moe)
+    print(f"moe under TP (local spec): {raised}/{len(tp_moe)} layouts raised on every rank")
     print(json.dumps(doc["llama31_8b_bytes_per_token_per_layer"], indent=2))
 
 

@@ -574,6 +574,70 @@ def _parallel_rank(
             parallel_state.destroy_model_parallel()
 
 
+def refusals_parallel(
+    cases: list[Case], *, tensor: int = 1, expert: int = 1, sequence_parallel: bool = False
+) -> list[list[str]]:
+    """What Megatron-Core raises for each case on each of TP x EP gloo ranks ([case][rank]:
+    `Type: message`, '' where it ran): `held_parallel` for layouts it refuses (TP with MoE
+    under the local spec: every rank raises at the same point, before or after the same
+    collectives, so none waits on another)."""
+    import json
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from memplan.verify.launch import free_port
+
+    world = tensor * expert
+    with tempfile.TemporaryDirectory() as out:
+        spawn: Any = mp
+        spawn.start_processes(
+            _refusal_rank,
+            args=(world, tensor, expert, free_port(), cases, sequence_parallel, out),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    return [[r[i] for r in ranks] for i in range(len(cases))]
+
+
+def _refusal_rank(
+    rank: int,
+    world: int,
+    tensor: int,
+    expert: int,
+    port: int,
+    cases: list[Case],
+    sequence_parallel: bool,
+    out: str,
+) -> None:
+    import json
+
+    from megatron.core import parallel_state
+
+    from memplan.verify.launch import local_group
+
+    torch.set_num_threads(1)
+    with local_group(rank, world, port):
+        parallel_state.initialize_model_parallel(tensor, 1, expert_model_parallel_size=expert)
+        try:
+            errors = []
+            with cpu_stand_ins(), balanced_routing():
+                for dtype, shape, recompute, dropout in cases:
+                    try:
+                        _held(
+                            dtype, shape, recompute, dropout, tensor=tensor, expert=expert,
+                            sequence_parallel=sequence_parallel,
+                        )  # fmt: skip
+                        errors.append("")
+                    except Exception as exc:  # noqa: BLE001 - what Megatron raises is the result
+                        errors.append(f"{type(exc).__name__}: {exc}")
+            Path(out, f"rank{rank}.json").write_text(json.dumps(errors))
+        finally:
+            parallel_state.destroy_model_parallel()
+
+
 def _fresh_persistent_state() -> None:
     """A new global memory buffer and an empty MoE tracker, as a fresh process has: what one
     case measures as persistent is then its own (parallel_state keeps both per process)."""

@@ -119,7 +119,11 @@ SRC_GROUPED = (
 )
 SRC_TP = (
     SRC + "moe_layer.py::MoELayer.forward (raises for training with tensor parallelism and no "
-    "sequence parallelism, which the local spec's torch norms refuse)"
+    "sequence parallelism, which the local spec's torch norms refuse: transformer/torch_norm.py"
+    "::WrappedTorchNorm asserts 'sequence parallel not supported by torch LayerNorm', and "
+    "models/gpt/gpt_layer_specs.py::get_gpt_layer_local_spec takes WrappedTorchNorm for "
+    "RMSNorm even where apex is installed; both raised on 2 and 4 gloo ranks, TP 2 and TP 2 x "
+    "EP 2, either dispatcher: benchmarks/megatron_activations.py `moe_not_run`)"
 )
 
 
