@@ -287,6 +287,8 @@ def moe_doc(dtype: str, mode: str, shape: Shape, dropout: float, expert: int) ->
     par: dict[str, Any] = {"engine": "megatron", "data": expert, "expert": expert}
     if shape.dispatcher != "allgather":
         par["moe_dispatcher"] = shape.dispatcher
+    if shape.capacity_factor is not None:
+        par["expert_capacity_factor"] = shape.capacity_factor
     return {
         "model": {"architecture": moe_config(shape), "implementation": "megatron-core"},
         "precision": "fp32" if dtype == "fp32" else "bf16-mixed",
@@ -301,14 +303,29 @@ def moe_doc(dtype: str, mode: str, shape: Shape, dropout: float, expert: int) ->
     }
 
 
-def moe_cases(dispatcher: str = "allgather") -> list[tuple[str, str, str, Shape, float]]:
+def moe_cases(
+    dispatcher: str = "allgather", capacity_factor: float | None = None
+) -> list[tuple[str, str, str, Shape, float]]:
     out = []
+    routed = {"dispatcher": dispatcher, "capacity_factor": capacity_factor}
     for dtype in ("fp32", "bf16"):
         for mode in ("none", "full", "selective"):
             for name, shape in MOE_SHAPES:
-                out.append((dtype, mode, name, replace(shape, dispatcher=dispatcher), 0.0))
-    mixtral = Shape(experts=4, dispatcher=dispatcher)
+                out.append((dtype, mode, name, replace(shape, **routed), 0.0))
+    mixtral = Shape(experts=4, **routed)  # type: ignore[arg-type]
     out.append(("bf16", "none", "mixtral-like, dropout 0.1", mixtral, 0.1))
+    return out
+
+
+def every_moe_case() -> list[tuple[str, str, str, Shape, float]]:
+    """Both dispatchers dropless; alltoall with drop and pad at capacity factor 1.5 (every
+    expert's buffer padded past its balanced share), and at 1.0 and 0.5 (tokens dropped) on
+    Mixtral's shape."""
+    out = moe_cases() + moe_cases("alltoall") + moe_cases("alltoall", 1.5)
+    for factor in (1.0, 0.5):
+        for mode in ("none", "full"):
+            shape = Shape(experts=4, dispatcher="alltoall", capacity_factor=factor)
+            out.append(("bf16", mode, f"mixtral-like, capacity {factor}", shape, 0.0))
     return out
 
 
@@ -317,7 +334,7 @@ def moe_matrix() -> list[dict[str, Any]]:
     rank, under balanced routing: what it holds for backward, its persistent buffers, against
     memplan's estimate."""
     rows = []
-    for dtype, mode, name, shape, dropout in moe_cases() + moe_cases("alltoall"):
+    for dtype, mode, name, shape, dropout in every_moe_case():
         measured = held(dtype, shape, mode, dropout=dropout)
         loaded = validate(moe_doc(dtype, mode, shape, dropout, 1))
         acts = estimate(loaded.spec, from_config(moe_config(shape))).activations
@@ -334,6 +351,7 @@ def moe_matrix() -> list[dict[str, Any]]:
                 "experts": shape.experts,
                 "top_k": shape.top_k,
                 "dispatcher": shape.dispatcher,
+                "capacity_factor": shape.capacity_factor,
                 "dropout": dropout,
                 "measured": measured.bytes,
                 "predicted": acts.bytes,
@@ -352,8 +370,7 @@ def moe_expert_parallel() -> list[dict[str, Any]]:
     (Megatron's `allreduce = False` parameters) against memplan's `parameters (experts)`."""
     rows = []
     for ep in (2, 4):
-        every = moe_cases() + moe_cases("alltoall")
-        chosen = [c for c in every if c[3].experts % ep == 0]
+        chosen = [c for c in every_moe_case() if c[3].experts % ep == 0]
         cases = [(dtype, shape, mode, dropout) for dtype, mode, _, shape, dropout in chosen]
         measured = held_parallel(cases, expert=ep)
         for (dtype, mode, name, shape, dropout), ranks in zip(chosen, measured, strict=True):
@@ -369,6 +386,7 @@ def moe_expert_parallel() -> list[dict[str, Any]]:
                 {
                     "expert": ep,
                     "dispatcher": shape.dispatcher,
+                    "capacity_factor": shape.capacity_factor,
                     "dtype": dtype,
                     "recompute": mode,
                     "shape": name,

@@ -149,6 +149,36 @@ def test_alltoall_rule_matches_megatron_core_on_one_rank() -> None:
     assert sum(b.bytes for b in acts.buffers) == measured.persistent
 
 
+def test_alltoall_drop_and_pad_matches_megatron_core_on_one_rank() -> None:
+    """parallelism.expert_capacity_factor 0.5 with the alltoall dispatcher (Megatron's
+    moe_expert_capacity_factor + moe_pad_expert_input_to_capacity): half the tokens dropped,
+    every expert's buffer padded to capacity 8; the real model's held bytes against memplan's
+    estimate. Factors 1.0 and 1.5, EP 2 and 4: the benchmark."""
+    pytest.importorskip("torch")
+    pytest.importorskip("megatron.core")
+    from memplan.verify.megatron_core import Shape, held
+
+    shape = Shape(layers=1, experts=4, dispatcher="alltoall", capacity_factor=0.5)
+    measured = held("bf16", shape, "none")
+    arch = mixtral(1)
+    chosen = {"moe_dispatcher": "alltoall", "expert_capacity_factor": 0.5}
+    acts = estimate(spec(arch, "bf16", "none", 2, **chosen), from_config(arch)).activations
+    assert acts.modelled, acts.notes
+    assert "capacity" in acts.notes[-1]
+    assert acts.bytes == measured.bytes
+    assert sum(b.bytes for b in acts.buffers) == measured.persistent
+
+
+def test_capacity_over_the_ranks_tokens_is_refused() -> None:
+    """Megatron-Core's router picks each expert's tokens with topk(k=capacity) over the
+    rank's tokens: a factor above E / top_k (here 3.0: capacity ceil(32 x 2 / 4 x 3) = 48 of
+    the 32 tokens) raises there, so memplan refuses it (source: moe_utils.py::
+    topk_softmax_with_capacity)."""
+    arch = mixtral(1)
+    why = _refusal(arch, parallelism={"moe_dispatcher": "alltoall", "expert_capacity_factor": 3.0})
+    assert "capacity of 48 tokens" in why and "up to E / top_k = 2" in why
+
+
 def test_moe_dispatcher_is_megatron_cores_and_named_when_wrong() -> None:
     """parallelism.moe_dispatcher picks Megatron-Core's dispatcher: with other model code,
     or a value Megatron-Core 0.12.0 runs but memplan does not model (flex: DeepEP, CUDA),

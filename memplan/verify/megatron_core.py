@@ -87,7 +87,10 @@ class Shape:
     """kv_channels when not dim / heads (Qwen3-MoE: 128 with hidden 2048 and 32 heads)."""
     dispatcher: str = "allgather"
     """moe_token_dispatcher_type: allgather (MoEAllGatherTokenDispatcher) or alltoall
-    (MoEAlltoAllTokenDispatcher, run with `alltoall_stand_ins`)."""
+    (MoEAlltoAllTokenDispatcher; `cpu_stand_ins` 4 and 5)."""
+    capacity_factor: float | None = None
+    """moe_expert_capacity_factor with moe_pad_expert_input_to_capacity (drop and pad: every
+    expert's buffer padded to its capacity); None: dropless."""
 
 
 @contextlib.contextmanager
@@ -343,6 +346,14 @@ def _moe_knobs(shape: Shape, expert: int) -> dict[str, Any]:
         # TransformerConfig.__post_init__ asks for it with top-1 (and only then is it set).
         "moe_router_pre_softmax": shape.top_k == 1,
         "expert_model_parallel_size": expert,
+        **(
+            {
+                "moe_expert_capacity_factor": shape.capacity_factor,
+                "moe_pad_expert_input_to_capacity": True,
+            }
+            if shape.capacity_factor is not None
+            else {}
+        ),
     }
 
 

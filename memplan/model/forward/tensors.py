@@ -70,6 +70,10 @@ class Setting:
     moe_dispatcher: Literal["allgather", "alltoall"] = "allgather"
     """With model.implementation megatron-core: its MoE token dispatcher
     (parallelism.moe_dispatcher; memplan.model.stacks.megatron_moe)."""
+    expert_capacity: int | None = None
+    """With model.implementation megatron-core: each expert's capacity from each rank under
+    drop-and-pad (parallelism.expert_capacity_factor; memplan.model.stacks.megatron_moe);
+    None: dropless."""
     transformers: str = RULES_TRANSFORMERS
     """The transformers release whose modeling code runs (major.minor): rules that differ
     between supported releases pick by it (memplan.versions)."""

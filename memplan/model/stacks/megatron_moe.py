@@ -64,13 +64,27 @@ gloo ranks).
   per-expert counts (`input_splits`, `num_global_tokens_per_local_expert`, ...) are moved to
   the host (moe_utils.py::maybe_move_tensor_to_cpu): no device memory. Measured equal at EP
   1, 2 and 4 (benchmarks/megatron_activations.py).
+- Drop and pad (`parallelism.expert_capacity_factor` c with the alltoall dispatcher:
+  moe_expert_capacity_factor with moe_pad_expert_input_to_capacity): each expert takes
+  capacity = ceil(tokens x top_k / E x c) tokens from each rank (moe_utils.py::get_capacity),
+  padded. The router's topk_softmax_with_capacity keeps the same [tokens, E] probs
+  (`topk_masked_gates * final_map`, which saves the bool map) and map; permute's sorted
+  indices are argsort's first `capacity` per expert ([E x capacity] int64); every rank sends
+  and receives E x capacity rows (fixed splits), the experts run E x capacity pairs
+  (memplan.activations.layout.expert_pairs); unpermute picks the probs with
+  `index_select` (saves only its int64 indices [E x capacity], no transposed copies) and
+  multiplies the returned E x capacity rows by them. preprocess's per-expert counts are
+  `torch.full` with no device: host memory on CUDA, counted on the CPU. Measured equal at
+  factors 0.5 (dropping), 1.0 and 1.5, EP 1, 2 and 4. A capacity over the rank's tokens
+  (c > E / top_k) makes the router's `topk(k=capacity)` raise: refused.
 - Recompute: full (transformer_block.py::_checkpointed_forward) runs the layer under no_grad,
   which skips the aux loss (apply_load_balancing_loss runs only when grad is enabled) but still
   sets the dispatcher's three attributes: they stay alive beside the checkpointed input.
   Selective core_attn leaves the MoE layer as it is.
 
-Routing: balanced and dropless. Every expert receives tokens x top_k / E (token, expert)
-pairs from every rank, so a rank's local experts process tokens x top_k pairs at any EP
+Routing: balanced and dropless (or padded to capacity, above). Every expert receives tokens x
+top_k / E (token, expert) pairs from every rank, so a rank's local experts process tokens x
+top_k pairs at any EP
 (memplan.activations.layout.expert_pairs); the oracle forces that routing
 (memplan.verify.megatron_core.balanced_routing). Skewed routing moves the experts' share
 (pairs) between ranks; the router's and dispatcher's tensors do not depend on it.
@@ -78,13 +92,16 @@ pairs from every rank, so a rank's local experts process tokens x top_k pairs at
 Refused, with the source: GroupedMLP (moe_grouped_gemm: the `grouped_gemm` CUDA extension,
 moe/grouped_gemm_util.py) and TEGroupedMLP (Transformer Engine: CUDA only); the TE spec's MoE;
 TP > 1 (the local spec refuses sequence parallelism and moe_layer.py::MoELayer.forward raises
-for MoE with TP but without it); a capacity factor; shared experts (Qwen2-MoE's gated one:
+for MoE with TP but without it: run on gloo ranks, SRC_TP); a capacity factor with the
+allgather dispatcher (measured with alltoall only); shared experts (Qwen2-MoE's gated one:
 SRC_SHARED_GATE; DeepSeek); Qwen's norm_topk_prob false; dense layers beside MoE layers
 (mlp_only_layers, decoder_sparse_step); sliding-window attention; recompute_modules ["moe"]
 (moe_layer_recompute: no memplan setting names it).
 """
 
 from __future__ import annotations
+
+import math
 
 from memplan.memory import ALWAYS, Transient
 from memplan.model.forward import kernels
@@ -136,7 +153,15 @@ NOTE = (
 
 def note(st: Setting) -> str:
     """NOTE, naming the token dispatcher `st` runs (parallelism.moe_dispatcher)."""
-    return NOTE.replace("the allgather token", f"the {st.moe_dispatcher} token")
+    out = NOTE.replace("the allgather token", f"the {st.moe_dispatcher} token")
+    if st.expert_capacity is not None:
+        out = out.replace(
+            "balanced dropless routing assumed (every expert tokens x top_k / E pairs from "
+            "every rank)",
+            f"drop and pad: every expert's buffer {st.expert_capacity} tokens from every rank "
+            "(moe_pad_expert_input_to_capacity), whatever the routing",
+        )
+    return out
 
 
 def is_moe(arch: Architecture) -> bool:
@@ -207,6 +232,35 @@ def _router(arch: Architecture, st: Setting) -> list[Saved]:
     ]
 
 
+SRC_CAPACITY = SRC + "moe_utils.py::get_capacity, topk_softmax_with_capacity (pad_to_capacity)"
+SRC_PAD = (
+    SRC + "token_dispatcher.py::MoEAlltoAllTokenDispatcher.preprocess (drop_and_pad); "
+    "moe_utils.py::permute, unpermute (drop_and_pad)"
+)
+
+
+def capacity(arch: Architecture, tokens: int, factor: float) -> int:
+    """Each expert's capacity from one rank: ceil(tokens x top_k / E x factor)
+    (SRC_CAPACITY; the router and preprocess compute it alike)."""
+    k, e = arch.num_experts_per_token, arch.num_experts
+    return math.ceil((tokens * k / e) * factor)
+
+
+def capacity_refusal(arch: Architecture, tokens: int, factor: float) -> str:
+    """Why drop-and-pad does not run at this capacity, or '': the router picks each expert's
+    tokens with `torch.topk(topk_masked_gates, k=capacity, dim=0)`, which raises when the
+    capacity exceeds the rank's tokens (SRC_CAPACITY)."""
+    cap = capacity(arch, tokens, factor)
+    if cap <= tokens:
+        return ""
+    return (
+        f"expert_capacity_factor {factor} gives each expert a capacity of {cap} tokens, more "
+        f"than the {tokens} tokens a rank routes: Megatron-Core's router picks them with "
+        f"torch.topk(k=capacity) over the tokens, which raises ({SRC_CAPACITY}); use a factor "
+        f"up to E / top_k = {arch.num_experts / arch.num_experts_per_token:g}"
+    )
+
+
 def dispatcher_state(arch: Architecture, st: Setting) -> list[Saved]:
     """What the token dispatcher keeps as attributes until the next forward, grad or not.
     MoEAllGatherTokenDispatcher: the rank's routing map and probs over the T = tokens x EP
@@ -218,13 +272,22 @@ def dispatcher_state(arch: Architecture, st: Setting) -> list[Saved]:
     ep, local, pairs = expert_parallel(arch, st)
     rows, c = st.tokens * ep, st.matmul
     if st.moe_dispatcher == "alltoall":
-        t, e, sent = st.tokens, arch.num_experts, st.tokens * arch.num_experts_per_token
-        return [
+        t, e, sent = st.tokens, arch.num_experts, _sent(arch, st)
+        out = [
             kernels.saved("dispatcher.probs", (t, e), c, "attribute", SRC_A2A),
             kernels.saved("dispatcher.routing_map", (t, e), "bool", "attribute", SRC_A2A),
             kernels.saved("dispatcher.sorted_indices", (sent,), kernels.INT64,
                           "IndexSelectBackward0", SRC_PERMUTE),
         ]  # fmt: skip
+        if st.expert_capacity is not None and st.device == "cpu":
+            # Drop and pad: preprocess's `num_global_tokens_per_local_expert = torch.full((E x
+            # TP,), capacity)` has no device argument (permute_idx_device is None without
+            # moe_permute_fusion): host memory beside a GPU, the device's own on the CPU.
+            out.append(
+                kernels.saved("dispatcher.tokens_per_expert", (e,), kernels.INT64,
+                              "attribute", SRC_PAD)
+            )  # fmt: skip
+        return out
     return [
         kernels.saved("dispatcher.local_probs", (rows, local), c, "attribute", SRC_DISPATCH),
         kernels.saved("dispatcher.local_map", (rows, local), "bool", "attribute", SRC_DISPATCH),
@@ -262,6 +325,14 @@ def moe_mlp(arch: Architecture, st: Setting) -> list[Saved]:
     return out
 
 
+def _sent(arch: Architecture, st: Setting) -> int:
+    """Rows a rank sends to the experts (its permuted tokens): tokens x top_k dropless, E x
+    capacity padded (`num_out_tokens`, SRC_PAD)."""
+    if st.expert_capacity is not None:
+        return arch.num_experts * st.expert_capacity
+    return st.tokens * arch.num_experts_per_token
+
+
 def _alltoall_combine(arch: Architecture, st: Setting) -> list[Saved]:
     """MoEAlltoAllTokenDispatcher.token_unpermutation (SRC_A2A_UNPERMUTE): the experts' output
     goes back over the EP all-to-all (tensor_parallel/mappings.py::_AllToAll saves nothing)
@@ -270,9 +341,18 @@ def _alltoall_combine(arch: Architecture, st: Setting) -> list[Saved]:
     masked_select(routing_map.T.contiguous())` over all E experts, so both transposed copies
     [E, tokens] are saved (with one token the transpose is contiguous: the router's own)."""
     t, e, h, c = st.tokens, arch.num_experts, arch.hidden_size, st.matmul
-    sent = t * arch.num_experts_per_token
+    sent = _sent(arch, st)
     by, src = "MaskedSelectBackward0", SRC_A2A_UNPERMUTE
     out = [kernels.saved("experts.output", (sent, h), c, "MulBackward0", src)]
+    if st.expert_capacity is not None:
+        # Drop and pad: unpermute picks the permuted probs with `probs.T.contiguous().view(-1)
+        # .index_select(0, indices_1D)`, which saves only the int64 indices [E x capacity]
+        # (derivatives.yaml index_select), not the transposed copy.
+        return out + [
+            kernels.saved("dispatcher.probs_index", (sent,), kernels.INT64,
+                          "IndexSelectBackward0", SRC_PAD),
+            kernels.saved("dispatcher.permuted_probs", (sent,), c, "MulBackward0", SRC_PAD),
+        ]  # fmt: skip
     if t > 1:
         out += [
             kernels.saved("dispatcher.probs_t", (e, t), c, by, src),
