@@ -36,7 +36,8 @@ theoretical_memory_usage.py::compute_activation_memory (`h (18 + 4 ffn / h)`, be
 megatron.py).
 
     pip install --no-deps megatron-core==0.12.0
-    PYTHONPATH=$PWD python benchmarks/megatron_activations.py   # ~1 min on 2 cores
+    PYTHONPATH=$PWD python benchmarks/megatron_activations.py
+    # 1091 s on 2 cores at load average 12 (results' `seconds`)
     # writes benchmarks/results/megatron-activations.json
 """
 
@@ -307,12 +308,12 @@ def moe_cases(
     dispatcher: str = "allgather", capacity_factor: float | None = None
 ) -> list[tuple[str, str, str, Shape, float]]:
     out = []
-    routed = {"dispatcher": dispatcher, "capacity_factor": capacity_factor}
+    routed: dict[str, Any] = {"dispatcher": dispatcher, "capacity_factor": capacity_factor}
     for dtype in ("fp32", "bf16"):
         for mode in ("none", "full", "selective"):
             for name, shape in MOE_SHAPES:
                 out.append((dtype, mode, name, replace(shape, **routed), 0.0))
-    mixtral = Shape(experts=4, **routed)  # type: ignore[arg-type]
+    mixtral = Shape(experts=4, **routed)
     out.append(("bf16", "none", "mixtral-like, dropout 0.1", mixtral, 0.1))
     return out
 

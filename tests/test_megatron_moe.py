@@ -118,7 +118,9 @@ def test_moe_rule_matches_megatron_core_on_two_expert_parallel_ranks() -> None:
     measured = held_parallel(cases, expert=2)
     for (dtype, shape, mode, _), ranks in zip(cases, measured, strict=True):
         arch = mixtral(1, experts=shape.experts, top_k=shape.top_k)
-        chosen = {} if shape.dispatcher == "allgather" else {"moe_dispatcher": shape.dispatcher}
+        chosen: dict[str, Any] = (
+            {} if shape.dispatcher == "allgather" else {"moe_dispatcher": shape.dispatcher}
+        )
         est = estimate(spec(arch, dtype, mode, data=2, expert=2, **chosen), from_config(arch))
         acts = est.activations
         assert acts.modelled, acts.notes
@@ -161,7 +163,7 @@ def test_alltoall_drop_and_pad_matches_megatron_core_on_one_rank() -> None:
     shape = Shape(layers=1, experts=4, dispatcher="alltoall", capacity_factor=0.5)
     measured = held("bf16", shape, "none")
     arch = mixtral(1)
-    chosen = {"moe_dispatcher": "alltoall", "expert_capacity_factor": 0.5}
+    chosen: dict[str, Any] = {"moe_dispatcher": "alltoall", "expert_capacity_factor": 0.5}
     acts = estimate(spec(arch, "bf16", "none", 2, **chosen), from_config(arch)).activations
     assert acts.modelled, acts.notes
     assert "capacity" in acts.notes[-1]
