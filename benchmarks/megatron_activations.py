@@ -18,8 +18,11 @@ RMSNorm (qk_layernorm), head_dim 32 beside hidden 64 / 4 heads) under balanced r
 (memplan/verify/megatron_core.py::balanced_routing), fp32 and bf16 x none / full / selective x
 batch 1 and 2 x 1 and 3 layers, on one rank and on EP = 2 and 4 gloo ranks (expert parallelism
 over the data-parallel ranks): held bytes, persistent buffers (global memory buffer, causal
-mask, MoE tracker) and each rank's expert parameters, against memplan's estimate. TP with MoE
-does not train under the local spec (`moe_not_run`).
+mask, MoE tracker) and each rank's expert parameters, against memplan's estimate; every case
+twice, with the allgather dispatcher and with the alltoall one (MoEAlltoAllTokenDispatcher,
+`parallelism.moe_dispatcher: alltoall`; gloo runs its all_to_all_single). TP with MoE
+does not train under the local spec: `moe_tensor_parallel_raised` runs TP 2 (with and without
+sequence parallelism) and TP 2 x EP 2 and records what every rank raises.
 
 Part 2, `llama31_8b`: one decoder layer of Llama 3.1 8B (dim 4096, 32 heads, 8 k/v heads, ffn
 14336), bf16 everywhere (the model cast to bf16, no autocast), no dropout, no recompute, batch
@@ -33,7 +36,8 @@ theoretical_memory_usage.py::compute_activation_memory (`h (18 + 4 ffn / h)`, be
 megatron.py).
 
     pip install --no-deps megatron-core==0.12.0
-    PYTHONPATH=$PWD python benchmarks/megatron_activations.py   # ~1 min on 2 cores
+    PYTHONPATH=$PWD python benchmarks/megatron_activations.py
+    # 1091 s on 2 cores at load average 12 (results' `seconds`)
     # writes benchmarks/results/megatron-activations.json
 """
 
@@ -42,6 +46,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +69,7 @@ from memplan.verify.megatron_core import (  # noqa: E402
     held,
     held_parallel,
     held_tensor_parallel,
+    refusals_parallel,
 )
 
 OUT = ROOT / "benchmarks" / "results" / "megatron-activations.json"
@@ -279,6 +285,11 @@ def moe_config(shape: Shape) -> dict[str, Any]:
 
 
 def moe_doc(dtype: str, mode: str, shape: Shape, dropout: float, expert: int) -> dict[str, Any]:
+    par: dict[str, Any] = {"engine": "megatron", "data": expert, "expert": expert}
+    if shape.dispatcher != "allgather":
+        par["moe_dispatcher"] = shape.dispatcher
+    if shape.capacity_factor is not None:
+        par["expert_capacity_factor"] = shape.capacity_factor
     return {
         "model": {"architecture": moe_config(shape), "implementation": "megatron-core"},
         "precision": "fp32" if dtype == "fp32" else "bf16-mixed",
@@ -288,18 +299,34 @@ def moe_doc(dtype: str, mode: str, shape: Shape, dropout: float, expert: int) ->
             "activation_checkpointing": mode,
             "dropout": dropout > 0,
         },
-        "parallelism": {"engine": "megatron", "data": expert, "expert": expert, "zero_stage": 1},
+        "parallelism": {**par, "zero_stage": 1},
         "hardware": {"device": "cpu"},
     }
 
 
-def moe_cases() -> list[tuple[str, str, str, Shape, float]]:
+def moe_cases(
+    dispatcher: str = "allgather", capacity_factor: float | None = None
+) -> list[tuple[str, str, str, Shape, float]]:
     out = []
+    routed: dict[str, Any] = {"dispatcher": dispatcher, "capacity_factor": capacity_factor}
     for dtype in ("fp32", "bf16"):
         for mode in ("none", "full", "selective"):
             for name, shape in MOE_SHAPES:
-                out.append((dtype, mode, name, shape, 0.0))
-    out.append(("bf16", "none", "mixtral-like, dropout 0.1", Shape(experts=4), 0.1))
+                out.append((dtype, mode, name, replace(shape, **routed), 0.0))
+    mixtral = Shape(experts=4, **routed)
+    out.append(("bf16", "none", "mixtral-like, dropout 0.1", mixtral, 0.1))
+    return out
+
+
+def every_moe_case() -> list[tuple[str, str, str, Shape, float]]:
+    """Both dispatchers dropless; alltoall with drop and pad at capacity factor 1.5 (every
+    expert's buffer padded past its balanced share), and at 1.0 and 0.5 (tokens dropped) on
+    Mixtral's shape."""
+    out = moe_cases() + moe_cases("alltoall") + moe_cases("alltoall", 1.5)
+    for factor in (1.0, 0.5):
+        for mode in ("none", "full"):
+            shape = Shape(experts=4, dispatcher="alltoall", capacity_factor=factor)
+            out.append(("bf16", mode, f"mixtral-like, capacity {factor}", shape, 0.0))
     return out
 
 
@@ -308,7 +335,7 @@ def moe_matrix() -> list[dict[str, Any]]:
     rank, under balanced routing: what it holds for backward, its persistent buffers, against
     memplan's estimate."""
     rows = []
-    for dtype, mode, name, shape, dropout in moe_cases():
+    for dtype, mode, name, shape, dropout in every_moe_case():
         measured = held(dtype, shape, mode, dropout=dropout)
         loaded = validate(moe_doc(dtype, mode, shape, dropout, 1))
         acts = estimate(loaded.spec, from_config(moe_config(shape))).activations
@@ -324,6 +351,8 @@ def moe_matrix() -> list[dict[str, Any]]:
                 "layers": shape.layers,
                 "experts": shape.experts,
                 "top_k": shape.top_k,
+                "dispatcher": shape.dispatcher,
+                "capacity_factor": shape.capacity_factor,
                 "dropout": dropout,
                 "measured": measured.bytes,
                 "predicted": acts.bytes,
@@ -342,7 +371,7 @@ def moe_expert_parallel() -> list[dict[str, Any]]:
     (Megatron's `allreduce = False` parameters) against memplan's `parameters (experts)`."""
     rows = []
     for ep in (2, 4):
-        chosen = [c for c in moe_cases() if c[3].experts % ep == 0]
+        chosen = [c for c in every_moe_case() if c[3].experts % ep == 0]
         cases = [(dtype, shape, mode, dropout) for dtype, mode, _, shape, dropout in chosen]
         measured = held_parallel(cases, expert=ep)
         for (dtype, mode, name, shape, dropout), ranks in zip(chosen, measured, strict=True):
@@ -357,6 +386,8 @@ def moe_expert_parallel() -> list[dict[str, Any]]:
             rows.append(
                 {
                     "expert": ep,
+                    "dispatcher": shape.dispatcher,
+                    "capacity_factor": shape.capacity_factor,
                     "dtype": dtype,
                     "recompute": mode,
                     "shape": name,
@@ -395,12 +426,38 @@ MOE_NOT_RUN = {
 }
 
 
+def moe_tensor_parallel_raised() -> list[dict[str, Any]]:
+    """TP with MoE under the local spec, run: TP 2 with and without sequence parallelism and
+    TP 2 x EP 2 with it, both dispatchers, what every rank raises (memplan.verify.
+    megatron_core.refusals_parallel). memplan refuses the layout with this source."""
+    rows = []
+    for tp, ep, sp in ((2, 1, True), (2, 1, False), (2, 2, True)):
+        dispatchers = ("allgather", "alltoall")
+        cases = [
+            ("bf16", Shape(layers=1, experts=4, dispatcher=d), "none", 0.0) for d in dispatchers
+        ]
+        raised = refusals_parallel(cases, tensor=tp, expert=ep, sequence_parallel=sp)
+        for d, ranks in zip(dispatchers, raised, strict=True):
+            rows.append(
+                {
+                    "tensor": tp,
+                    "expert": ep,
+                    "sequence_parallel": sp,
+                    "dispatcher": d,
+                    "raised_per_rank": ranks,
+                    "every_rank_raised": all(ranks),
+                }
+            )
+    return rows
+
+
 def main() -> None:
     started = time.time()
     rows = matrix()
     tp_rows = tensor_parallel_matrix()
     moe_rows = moe_matrix()
     ep_rows = moe_expert_parallel()
+    tp_moe = moe_tensor_parallel_raised()
     doc = {
         "stamp": stamp(
             torch=torch.__version__,
@@ -422,9 +479,10 @@ def main() -> None:
         "moe_routing": (
             "balanced: token i routed to experts (i k + j) mod E, j < k "
             "(memplan.verify.megatron_core.balanced_routing); moe_aux_loss_coeff 1e-2, "
-            "allgather dispatcher, SequentialMLP"
+            "allgather dispatcher (and alltoall: rows with dispatcher alltoall), SequentialMLP"
         ),
         "moe_not_run": MOE_NOT_RUN,
+        "moe_tensor_parallel_raised": tp_moe,
         "llama31_8b_bytes_per_token_per_layer": [llama31_8b(8192), llama31_8b(4096)],
         "te_spec_on_cpu": (
             "import transformer_engine: ModuleNotFoundError (Transformer Engine's PyTorch "
@@ -445,6 +503,8 @@ def main() -> None:
         f"moe expert parallel: {doc['moe_expert_parallel_equal']}/"
         f"{doc['moe_expert_parallel_cases']} equal on every rank"
     )
+    raised = sum(r["every_rank_raised"] for r in tp_moe)
+    print(f"moe under TP (local spec): {raised}/{len(tp_moe)} layouts raised on every rank")
     print(json.dumps(doc["llama31_8b_bytes_per_token_per_layer"], indent=2))
 
 

@@ -74,11 +74,15 @@ def megatron_core(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSp
             "activations of Megatron-Core's model code are modelled at expert = 1 for a dense "
             "model (expert parallelism splits MoE layers' experts)"
         )
-    elif moe and lay.expert_capacity_factor is not None:
+    elif moe and lay.expert_capacity_factor is not None and st.moe_dispatcher != "alltoall":
         why = (
-            "Megatron-Core's MoE layer is modelled dropless (no expert_capacity_factor: "
-            f"memplan's rule assumes balanced routing, {megatron_moe.SRC_ROUTER})"
+            "Megatron-Core's MoE layer with expert_capacity_factor (drop and pad) is modelled "
+            "for the alltoall dispatcher, where it was measured (set parallelism."
+            "moe_dispatcher: alltoall); with allgather it is modelled dropless only "
+            f"({megatron_moe.SRC_ROUTER})"
         )
+    elif moe and arch is not None and lay.expert_capacity_factor is not None:
+        why = megatron_moe.capacity_refusal(arch, st.tokens, lay.expert_capacity_factor)
     elif moe and lay.tensor > 1 and st.megatron_spec == "local":
         why = (
             "Megatron-Core's MoE layer under the local spec runs no tensor parallelism "
@@ -101,12 +105,17 @@ def megatron_core(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSp
         return replace(
             layout.refused(why), implementation="megatron-core", megatron_spec=st.megatron_spec
         )
-    if moe and arch is not None and lay.expert > 1:
-        # One EP rank's experts (memplan.model.stacks.megatron_moe: balanced, dropless).
+    if moe and arch is not None and (lay.expert > 1 or lay.expert_capacity_factor is not None):
+        # One EP rank's experts (memplan.model.stacks.megatron_moe: balanced and dropless, or
+        # padded to capacity).
+        factor = lay.expert_capacity_factor
         st = replace(
             st,
             expert_pairs=layout.expert_pairs(arch, st.tokens, lay),
             local_experts=arch.num_experts // lay.expert,
+            expert_capacity=(
+                None if factor is None else megatron_moe.capacity(arch, st.tokens, factor)
+            ),
         )
     if (lay.tensor == 1 and lay.context == 1) or arch is None:
         return predict(inventory, st)

@@ -112,7 +112,16 @@ class ParallelismSpec(Frozen):
     expert_capacity_factor: float | None = Field(None, gt=0, le=1024)
     """MoE expert capacity factor (Megatron --moe-expert-capacity-factor with
     --moe-pad-expert-input-to-capacity): each expert's token buffer is padded to
-    ceil(tokens x top_k / experts x factor). None: dropless, balanced routing assumed."""
+    ceil(tokens x top_k / experts x factor). None: dropless, balanced routing assumed. With
+    model.implementation megatron-core it needs moe_dispatcher: alltoall (drop and pad is
+    measured there; memplan.model.stacks.megatron_moe)."""
+    moe_dispatcher: Literal["allgather", "alltoall"] | None = None
+    """Megatron-Core's MoE token dispatcher (`--moe-token-dispatcher-type`, TransformerConfig.
+    moe_token_dispatcher_type; model.implementation megatron-core only): allgather
+    (MoEAllGatherTokenDispatcher: every TP x EP rank's tokens gathered, each rank keeps its
+    experts' share) or alltoall (MoEAlltoAllTokenDispatcher: each rank sends its tokens' pairs
+    to the experts' ranks). None: allgather, Megatron-Core 0.12.0's default
+    (transformer/transformer_config.py)."""
     make_vocab_size_divisible_by: PositiveInt = 128
     """Megatron pads the vocabulary to a multiple of this x tensor (its default, 128); torch's
     own tensor parallelism (engine fsdp2 or ddp) does not pad

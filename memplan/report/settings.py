@@ -45,6 +45,7 @@ def setting_of(spec: Spec) -> Setting:
     in the parameter dtype and matmuls run in the compute dtype; otherwise the model is cast to
     the compute dtype and everything runs in it.
     """
+    check_moe_dispatcher(spec)
     recipe = spec.recipe()
     t = spec.training
     # Megatron-Core runs its model cast to the compute dtype (megatron/core/transformer/
@@ -65,6 +66,7 @@ def setting_of(spec: Spec) -> Setting:
         transformers=versions.rules_release(spec.model.transformers_version),
         implementation=spec.model.implementation,
         megatron_spec=spec.model.megatron_spec or "local",
+        moe_dispatcher=spec.parallelism.moe_dispatcher or "allgather",
         checkpoint_every=t.checkpoint_every,
         compile=t.compile,
         compile_loss=(
@@ -114,6 +116,21 @@ def layout_of(spec: Spec) -> Layout:
     return Layout.of(
         spec.parallelism, device=spec.hardware.device, implementation=spec.model.implementation
     )
+
+
+def check_moe_dispatcher(spec: Spec) -> None:
+    """parallelism.moe_dispatcher names Megatron-Core's token dispatcher: other model code
+    has its own (torchtitan's EP always runs all-to-all; transformers' MoE none)."""
+    chosen = spec.parallelism.moe_dispatcher
+    if chosen is not None and spec.model.implementation != "megatron-core":
+        raise MemplanError(
+            f"moe_dispatcher {chosen} picks Megatron-Core's MoE token dispatcher "
+            "(--moe-token-dispatcher-type), but model.implementation is "
+            f"{spec.model.implementation}: set model.implementation: megatron-core, or leave "
+            "moe_dispatcher out (torchtitan's expert parallelism always runs its all-to-all "
+            "dispatcher).",
+            field="parallelism.moe_dispatcher",
+        )
 
 
 def check_async_tp(spec: Spec) -> None:

@@ -5,8 +5,9 @@ Megatron-Core 0.12.0 (`pip install --no-deps megatron-core==0.12.0`) builds its 
 with `use_cpu_initialization=True`, TP = PP = 1 over a one-rank gloo group
 (parallel_state.initialize_model_parallel), the fused kernels off (bias_activation_fusion,
 masked_softmax_fusion, gradient_accumulation_fusion, persist_layer_norm, apply_rope_fusion,
-bias_dropout_fusion all False). Three CUDA-only calls remain on its forward path; `cpu_stand_ins`
-replaces each for the run, none of which changes what autograd saves:
+bias_dropout_fusion all False). Three CUDA-only calls remain on its forward path (five with
+the alltoall MoE dispatcher: 4 and 5 below); `cpu_stand_ins` replaces each for the run, none
+of which changes what autograd saves:
 
 1. models/common/embeddings/rotary_pos_embedding.py::RotaryEmbedding.forward moves `inv_freq`
    to `torch.cuda.current_device()`, and utils.py::GlobalMemoryBuffer.get_tensor allocates the
@@ -24,6 +25,12 @@ replaces each for the run, none of which changes what autograd saves:
    forward_torch_softmax takes when no mask is passed) builds `torch.triu(torch.ones(sq, sq,
    device="cuda"), diagonal=1).bool()`: the same on the CPU. The mask is cached across steps
    (`masked_fill_` saves it, but it is made once: a persistent tensor, not a per-step one).
+4. transformer/moe/token_dispatcher.py::MoEAlltoAllTokenDispatcher makes a `torch.cuda.Stream`
+   for its device-to-host copies and enters it: `_Stream`, bookkeeping only.
+5. moe_utils.py::maybe_move_tensor_to_cpu copies the alltoall dispatcher's split sizes and
+   token counts to the host on CUDA and leaves CPU tensors as they are (which
+   all_to_all_single refuses as sizes): `_to_host` answers as on CUDA, and the host copies
+   are not counted as held.
 
 What is held is measured as tests/torchtitan_probe.py measures torchtitan's (Megatron's
 CheckpointFunction saves through `ctx.save_for_backward`, which saved_tensors_hooks see, but the
@@ -78,6 +85,12 @@ class Shape:
     spec's q_layernorm / k_layernorm, torch RMSNorm over head_dim; Qwen3)."""
     head_dim: int | None = None
     """kv_channels when not dim / heads (Qwen3-MoE: 128 with hidden 2048 and 32 heads)."""
+    dispatcher: str = "allgather"
+    """moe_token_dispatcher_type: allgather (MoEAllGatherTokenDispatcher) or alltoall
+    (MoEAlltoAllTokenDispatcher; `cpu_stand_ins` 4 and 5)."""
+    capacity_factor: float | None = None
+    """moe_expert_capacity_factor with moe_pad_expert_input_to_capacity (drop and pad: every
+    expert's buffer padded to its capacity); None: dropless."""
 
 
 @contextlib.contextmanager
@@ -88,16 +101,71 @@ def cpu_stand_ins() -> Iterator[None]:
     from megatron.core.tensor_parallel import random as mrandom
 
     saved = (torch.cuda.current_device, mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state)
+    streams = (torch.cuda.Stream, torch.cuda.current_stream, torch.cuda.stream)
     mask = fused_softmax.get_default_causal_mask
     fused_softmax.get_default_causal_mask = _causal_mask
     torch.cuda.current_device = lambda: torch.device("cpu")
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda s, *a, **k: torch.set_rng_state(s)
+    from megatron.core.transformer.moe import token_dispatcher
+
+    to_host = token_dispatcher.maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = _to_host
+    cuda: Any = torch.cuda
+    cuda.Stream = _Stream
+    cuda.current_stream = lambda *a, **k: _Stream.CURRENT
+    cuda.stream = lambda s: contextlib.nullcontext()
     try:
         yield
     finally:
         torch.cuda.current_device, mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state = saved
+        cuda.Stream, cuda.current_stream, cuda.stream = streams
+        token_dispatcher.maybe_move_tensor_to_cpu = to_host
         fused_softmax.get_default_causal_mask = mask
+
+
+class _Stream:
+    """Stand-in 4 (the alltoall dispatcher): transformer/moe/token_dispatcher.py::
+    MoEAlltoAllTokenDispatcher.__init__ makes `torch.cuda.Stream()` for its device-to-host
+    copies of the split sizes, and `_maybe_dtoh_and_synchronize` compares it with
+    `torch.cuda.current_stream()`, waits on it and enters `torch.cuda.stream(...)`: on the CPU
+    the copies are `maybe_move_tensor_to_cpu`'s no-op (`tensor.is_cuda` False), so the stream
+    is bookkeeping only (wait_stream, synchronize do nothing)."""
+
+    CURRENT: _Stream
+
+    def wait_stream(self, other: object) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
+_Stream.CURRENT = _Stream()
+
+_HOST: list[tuple[StorageWeakRef, int]] = []
+"""Storages `_to_host` made: host memory on CUDA, left out of what the device holds (those
+still alive: a dead one's address may be reused by a device tensor)."""
+
+
+def _to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """Stand-in 5 (the alltoall dispatcher): transformer/moe/moe_utils.py::
+    maybe_move_tensor_to_cpu copies its split sizes and token counts to the host when they are
+    on the GPU (`tensor.to("cpu", non_blocking=True)`, then `.numpy()` for the splits, which
+    all_to_all_single takes as sizes) and the device tensor dies; on the CPU it returns them
+    as they are, tensors that all_to_all_single refuses as sizes and that stay alive as the
+    dispatcher's attributes. Answered as on CUDA: a host copy (a numpy array, or a tensor
+    whose storage `_held` counts as host memory, not the device's)."""
+    if not torch.is_tensor(tensor):
+        return tensor
+    if as_numpy:
+        import numpy as np
+
+        return np.array(tensor.tolist())
+    copy = tensor.detach().clone()
+    storage = copy.untyped_storage()
+    _HOST.append((StorageWeakRef(storage), storage.data_ptr()))
+    return copy
 
 
 ROUTING_PULL = 1e3
@@ -273,11 +341,19 @@ def _moe_knobs(shape: Shape, expert: int) -> dict[str, Any]:
         "moe_router_topk": shape.top_k,
         "moe_router_load_balancing_type": "aux_loss",
         "moe_aux_loss_coeff": AUX_LOSS_COEFF,
-        "moe_token_dispatcher_type": "allgather",
+        "moe_token_dispatcher_type": shape.dispatcher,
         "moe_grouped_gemm": False,
         # TransformerConfig.__post_init__ asks for it with top-1 (and only then is it set).
         "moe_router_pre_softmax": shape.top_k == 1,
         "expert_model_parallel_size": expert,
+        **(
+            {
+                "moe_expert_capacity_factor": shape.capacity_factor,
+                "moe_pad_expert_input_to_capacity": True,
+            }
+            if shape.capacity_factor is not None
+            else {}
+        ),
     }
 
 
@@ -382,6 +458,7 @@ def _held(
     persistent += (_causal_mask(shape.seq), tokens, position, labels)
     before = {t.untyped_storage().data_ptr() for t in persistent}
     spy = _Made()
+    _HOST.clear()
     with spy:
         loss = model(tokens, position, None, labels=labels)
     # The loss all-reduces its max, predicted logits and sum (cross_entropy.py, over the TP
@@ -393,6 +470,8 @@ def _held(
     time.sleep(0.05)
     gc.collect()
     before.add(loss.untyped_storage().data_ptr())
+    # The alltoall dispatcher's host copies (stand-in 5).
+    before |= {ptr for ref, ptr in _HOST if not ref.expired()}
     alive: dict[int, tuple[str, tuple[int, ...], str, int]] = {}
     for ref, key, n, op, shp, dt in spy.made:
         if not ref.expired() and key not in before and key not in alive:
@@ -502,6 +581,70 @@ def _parallel_rank(
                         }
                     )
             Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+        finally:
+            parallel_state.destroy_model_parallel()
+
+
+def refusals_parallel(
+    cases: list[Case], *, tensor: int = 1, expert: int = 1, sequence_parallel: bool = False
+) -> list[list[str]]:
+    """What Megatron-Core raises for each case on each of TP x EP gloo ranks ([case][rank]:
+    `Type: message`, '' where it ran): `held_parallel` for layouts it refuses (TP with MoE
+    under the local spec: every rank raises at the same point, before or after the same
+    collectives, so none waits on another)."""
+    import json
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from memplan.verify.launch import free_port
+
+    world = tensor * expert
+    with tempfile.TemporaryDirectory() as out:
+        spawn: Any = mp
+        spawn.start_processes(
+            _refusal_rank,
+            args=(world, tensor, expert, free_port(), cases, sequence_parallel, out),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    return [[r[i] for r in ranks] for i in range(len(cases))]
+
+
+def _refusal_rank(
+    rank: int,
+    world: int,
+    tensor: int,
+    expert: int,
+    port: int,
+    cases: list[Case],
+    sequence_parallel: bool,
+    out: str,
+) -> None:
+    import json
+
+    from megatron.core import parallel_state
+
+    from memplan.verify.launch import local_group
+
+    torch.set_num_threads(1)
+    with local_group(rank, world, port):
+        parallel_state.initialize_model_parallel(tensor, 1, expert_model_parallel_size=expert)
+        try:
+            errors = []
+            with cpu_stand_ins(), balanced_routing():
+                for dtype, shape, recompute, dropout in cases:
+                    try:
+                        _held(
+                            dtype, shape, recompute, dropout, tensor=tensor, expert=expert,
+                            sequence_parallel=sequence_parallel,
+                        )  # fmt: skip
+                        errors.append("")
+                    except Exception as exc:  # noqa: BLE001 - what Megatron raises is the result
+                        errors.append(f"{type(exc).__name__}: {exc}")
+            Path(out, f"rank{rank}.json").write_text(json.dumps(errors))
         finally:
             parallel_state.destroy_model_parallel()
 

@@ -67,6 +67,13 @@ class Setting:
     them (memplan.activations.layout.expert_pairs); None: top_k x tokens."""
     local_experts: int | None = None
     """Experts on this GPU (expert parallelism); None: all of them."""
+    moe_dispatcher: Literal["allgather", "alltoall"] = "allgather"
+    """With model.implementation megatron-core: its MoE token dispatcher
+    (parallelism.moe_dispatcher; memplan.model.stacks.megatron_moe)."""
+    expert_capacity: int | None = None
+    """With model.implementation megatron-core: each expert's capacity from each rank under
+    drop-and-pad (parallelism.expert_capacity_factor; memplan.model.stacks.megatron_moe);
+    None: dropless."""
     transformers: str = RULES_TRANSFORMERS
     """The transformers release whose modeling code runs (major.minor): rules that differ
     between supported releases pick by it (memplan.versions)."""

@@ -4,7 +4,7 @@ or the Transformer Engine one (`te`), for no recompute, full recompute (recomput
 full, method uniform, one layer per checkpoint) and selective recompute of the attention core
 (recompute_granularity selective, recompute_modules [core_attn]).
 
-MoE layers (Mixtral, Qwen3-MoE: router, allgather dispatcher, SequentialMLP, expert
+MoE layers (Mixtral, Qwen3-MoE: router, allgather or alltoall dispatcher, SequentialMLP, expert
 parallelism) are memplan.model.stacks.megatron_moe's.
 
 Read from megatron-core 0.12.0 (megatron/core/, pip `megatron-core==0.12.0`), TP = PP = 1:
@@ -391,9 +391,10 @@ def persistent_buffers(arch: Architecture, st: Setting) -> tuple[Transient, ...]
         moe = (megatron_moe.aux_loss_tracker(arch),)
         ep = megatron_moe.expert_parallel(arch, st)[0]
         gathered = st.tokens * ep * arch.hidden_size
-        if ep > 1 and gathered > scores:
+        if ep > 1 and gathered > scores and st.moe_dispatcher == "allgather":
             # The allgather dispatcher gathers the hidden states into the same 'mpu' buffer,
-            # which get_tensor grows to the larger request and keeps.
+            # which get_tensor grows to the larger request and keeps (the alltoall one's
+            # all_to_all_single allocates its output: no global buffer).
             scores = gathered
             formula = (
                 f"tokens {st.tokens} x EP {ep} x hidden {arch.hidden_size} x "
@@ -502,7 +503,7 @@ def saved(arch: Architecture, st: Setting, spec: MegatronSpec = "local") -> Acti
         upcast_bytes=0,
         hidden_bytes=t * h * dtype_bytes(c),
         buffers=persistent_buffers(arch, st) if spec == "local" else (),
-        notes=(note, megatron_moe.NOTE) if megatron_moe.is_moe(arch) else (note,),
+        notes=(note, megatron_moe.note(st)) if megatron_moe.is_moe(arch) else (note,),
         implementation=IMPLEMENTATION,
         megatron_spec=spec,
     )
