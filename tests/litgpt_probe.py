@@ -671,6 +671,8 @@ class OptimizerHeld:
 
     state_bytes: int
     """Bytes of every tensor in `optimizer.state` (bitsandbytes' state1 / state2)."""
+    by_key: dict[str, tuple[int, int]]
+    """`optimizer.state` by key (state1, exp_avg, step, ...): (tensors, bytes)."""
     with_state: tuple[str, ...]
     """Names (model.named_parameters()) of the parameters that have optimizer state."""
     kept_grads: dict[str, int]
@@ -689,14 +691,44 @@ def qlora_optimizer_held(
     bitsandbytes' own PagedAdamW, which on CPU keeps ordinary tensors, warning "Paged
     optimizers are not supported on CPU"), the StableEmbedding swap, setup_optimizers, then
     `steps` of fit's forward, loss, fabric.backward, optimizer.step(), optimizer.zero_grad()."""
+    fabric, model = _qlora_model(precision, shape, lora, double=double)
+    return _optimizer_held(fabric, model, shape, quantized=True, steps=steps)
+
+
+def lora_optimizer_held(
+    precision: str, shape: Shape, lora: Lora, *, steps: int = 2
+) -> OptimizerHeld:
+    """`qlora_optimizer_held` without --quantize: finetune/lora.py::main's
+    instantiate_torch_optimizer("AdamW", model.parameters()) (torch.optim.AdamW over every
+    parameter, the frozen ones included) on litgpt's LoRA GPT, no swap."""
+    import lightning as L
+    from litgpt.lora import GPT, mark_only_lora_as_trainable
+
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=PRECISION[precision])  # type: ignore[arg-type]
+    with fabric.init_module():
+        model = GPT(lora_config(shape, lora))
+    mark_only_lora_as_trainable(model)
+    return _optimizer_held(fabric, model, shape, quantized=False, steps=steps)
+
+
+def _optimizer_held(
+    fabric: Any, model: Any, shape: Shape, *, quantized: bool, steps: int
+) -> OptimizerHeld:
     import warnings
 
-    from litgpt.utils import chunked_cross_entropy, instantiate_bnb_optimizer
+    from litgpt.utils import (
+        chunked_cross_entropy,
+        instantiate_bnb_optimizer,
+        instantiate_torch_optimizer,
+    )
 
-    fabric, model = _qlora_model(precision, shape, lora, double=double)
     wrapped = fabric.setup_module(model)
-    optimizer = instantiate_bnb_optimizer("AdamW", wrapped.parameters())
-    swap_stable_embedding(model)
+    if quantized:
+        optimizer = instantiate_bnb_optimizer("AdamW", wrapped.parameters())
+        swap_stable_embedding(model)
+    else:
+        optimizer = instantiate_torch_optimizer("AdamW", wrapped.parameters())
     optimizer = fabric.setup_optimizers(optimizer)
     for _ in range(steps):
         tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
@@ -715,6 +747,13 @@ def qlora_optimizer_held(
         state_bytes=sum(
             t.nbytes for s in state.values() for t in s.values() if isinstance(t, torch.Tensor)
         ),
+        by_key={
+            key: (
+                sum(1 for s in state.values() if isinstance(s.get(key), torch.Tensor)),
+                sum(s[key].nbytes for s in state.values() if isinstance(s.get(key), torch.Tensor)),
+            )
+            for key in {k for s in state.values() for k in s}
+        },
         with_state=tuple(name_of[id(p)] for p in state),
         kept_grads={n: p.grad.nbytes for n, p in model.named_parameters() if p.grad is not None},
         outside_model=sum(p.nbytes for p in given if id(p) not in name_of),
