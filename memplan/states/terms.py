@@ -372,12 +372,13 @@ def grad_dtype(recipe: Recipe) -> str:
     return recipe.gradient_accumulation or recipe.gradients
 
 
-def kept_gradient_bytes(inventory: Inventory, recipe: Recipe) -> int:
+def kept_gradient_bytes(inventory: Inventory, gradients: str) -> int:
     """Bytes of the gradients no optimizer clears: the trainable parameters it does not hold
     (`stepped` False, SRC_NOT_STEPPED), alive in every phase from the second step on (their
-    `.grad` accumulates across steps), in the dtype ddp's gradients row gives them."""
+    `.grad` accumulates across steps), in the dtype ddp's gradients row gives them (their
+    own, or `gradients`: grad_dtype of the recipe)."""
     return sum(
-        t.numel * dtype_bytes(t.dtype or grad_dtype(recipe))
+        t.numel * dtype_bytes(t.dtype or gradients)
         for t in inventory.parameters
         if t.trainable and not t.stepped
     )

@@ -31,7 +31,7 @@ from memplan.states import fp8
 from memplan.states.engines import STEPS, RankStates
 from memplan.states.engines.base import StepActivations, StepCache, StepStates
 from memplan.states.layout import Layout
-from memplan.states.terms import kept_gradient_bytes
+from memplan.states.terms import grad_dtype, kept_gradient_bytes
 from memplan.step import transients as own
 
 Category = Literal[
@@ -375,8 +375,8 @@ def _gradients(step: StepSettings, states: StepStates, cache: StepCache) -> dict
     life = STEPS[step.layout.engine].gradients(states, cache)
     # Gradients of trainable tensors the optimizer does not hold: never cleared, every phase.
     kept = cache.get(
-        ("kept gradients", states.inventory, states.recipe),
-        lambda: kept_gradient_bytes(states.inventory, states.recipe),
+        ("kept gradients", states.inventory, grad_dtype(states.recipe)),
+        lambda: kept_gradient_bytes(states.inventory, grad_dtype(states.recipe)),
     )
     grads = states.per_gpu.bytes_of("gradients") - life.held_bytes - kept
     alive: tuple[Phase, ...] = ("backward", "backward_end", "optimizer_step")
