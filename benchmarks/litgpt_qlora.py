@@ -21,6 +21,14 @@ quantized by bitsandbytes' quantize_4bit on CPU (nf4, nf4-dq): the packed weight
 quantization state's bytes against memplan's inventory of the published rows' model (the
 quantization codes differ by memplan's two more weights per layer: transformers' q, k, v).
 
+Part 3, `optimizer_held`: finetune/lora.py::main's order (setup_module, litgpt's own
+instantiate_bnb_optimizer -> bitsandbytes' PagedAdamW over model.parameters(), then the
+StableEmbedding swap) run for two real steps on CPU (PagedAdamW keeps ordinary tensors there)
+at 32-true / bf16-true x nf4 with and without double quantization x the five target sets: the
+optimizer's state bytes, the gradients still allocated after zero_grad (the StableEmbedding's),
+the replaced embedding weight its param_groups keep, and how many trainable parameters have
+no state, against memplan's estimate.
+
     PYTHONPATH=$PWD python benchmarks/litgpt_qlora.py   # ~3 min on 2 cores
     # writes benchmarks/results/litgpt-qlora.json
 
@@ -52,18 +60,26 @@ from memplan.config.load import validate  # noqa: E402
 from memplan.model.finetune import lora as finetune  # noqa: E402
 from memplan.model.load import load_inventory  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
+from memplan.model.stacks import litgpt_qlora  # noqa: E402
 from memplan.precision import dtype_bytes  # noqa: E402
+from memplan.report.estimate import estimate  # noqa: E402
 from memplan.report.settings import layout_of, setting_of  # noqa: E402
-from tests.litgpt_probe import PRECISION, Shape, held_bytes_qlora  # noqa: E402
+from tests.litgpt_probe import (  # noqa: E402
+    PRECISION,
+    Shape,
+    held_bytes_qlora,
+    qlora_optimizer_held,
+)
 
 OUT = ROOT / "benchmarks" / "results" / "litgpt-qlora.json"
 
 
-def predict(
+def spec_of(
     shape: Shape, precision: str, targets: tuple[str, ...] | str, dropout: float, double: bool
-) -> activations.Activations:
+) -> Any:
+    """The memplan spec of one matrix case (validated)."""
     cfg = config(shape)
-    loaded = validate(
+    return validate(
         {
             "model": {"architecture": cfg, "implementation": "litgpt"},
             "precision": precision,
@@ -80,8 +96,14 @@ def predict(
             },
             "hardware": {"device": "cpu"},
         }
-    )
-    spec = loaded.spec
+    ).spec
+
+
+def predict(
+    shape: Shape, precision: str, targets: tuple[str, ...] | str, dropout: float, double: bool
+) -> activations.Activations:
+    cfg = config(shape)
+    spec = spec_of(shape, precision, targets, dropout, double)
     saved = activations.micro_batch(
         from_config(cfg), setting_of(spec), layout_of(spec), spec.finetune
     )
@@ -117,6 +139,55 @@ def matrix() -> list[dict[str, Any]]:
                                 }
                             )
                             print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def optimizer_held() -> list[dict[str, Any]]:
+    """Part 3: the optimizer litgpt instantiates, run for two steps after the StableEmbedding
+    swap (tests/litgpt_probe.py::qlora_optimizer_held), against memplan's estimate."""
+    rows = []
+    for precision in ("fp32", "bf16"):
+        for double in (False, True):
+            for name, targets in TARGETS.items():
+                shape = Shape(layers=2, batch=2, seq=16)
+                real = qlora_optimizer_held(precision, shape, flags(targets, 0.0), double=double)
+                spec = spec_of(shape, precision, targets, 0.0, double)
+                inventory = from_config(config(shape))
+                report = estimate(spec, inventory)
+                held = finetune.apply(spec, inventory)
+                start = dict(report.timeline.points[0].by_category)
+                replaced = [
+                    t for t in held.parameters if t.name.startswith(litgpt_qlora.REPLACED_PREFIX)
+                ]
+                measured = {
+                    "state_bytes": real.state_bytes,
+                    "kept_gradient_bytes": sum(real.kept_grads.values()),
+                    "replaced_weight_bytes": real.outside_model,
+                    "trainable_without_state": len(set(real.trainable) - set(real.with_state)),
+                }
+                mine = {
+                    "state_bytes": report.per_gpu.bytes_of("optimizer_states")
+                    + sum(t.bytes for t in report.per_gpu.host_terms),
+                    "kept_gradient_bytes": start["gradients"],
+                    "replaced_weight_bytes": sum(
+                        t.numel * dtype_bytes(t.dtype or spec.recipe().parameters) for t in replaced
+                    ),
+                    "trainable_without_state": sum(
+                        t.trainable and not t.stepped for t in held.parameters
+                    ),
+                }
+                rows.append(
+                    {
+                        "precision": precision,
+                        "double_quant": double,
+                        "targets": name,
+                        "with_state": list(real.with_state),
+                        "measured": measured,
+                        "memplan": mine,
+                        "exact": measured == mine,
+                    }
+                )
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "with_state"}))
     return rows
 
 
@@ -188,6 +259,7 @@ def main() -> None:
 
     start = time.time()
     quant = llama2_7b_quant_state()
+    held = optimizer_held()
     rows = matrix()
     doc = {
         "stamp": stamp(),
@@ -208,9 +280,14 @@ def main() -> None:
                 f"{r['memplan_minus_bitsandbytes']:+,} B in all (codes of its 64 more weights)"
                 for r in quant
             },
+            "optimizer_held": {
+                "cases": len(held),
+                "exact": sum(r["exact"] for r in held),
+            },
             "seconds": round(time.time() - start, 1),
         },
         "matrix": rows,
+        "optimizer_held": held,
         "llama2_7b_quant_state": quant,
     }
     OUT.write_text(json.dumps(doc, indent=1) + "\n")

@@ -240,11 +240,13 @@ LITGPT_QLORA_2023 = (
     "and the optimizer is bnb.optim.PagedAdamW over the LoRA parameters, as litgpt 0.5.9 "
     "(memplan.model.stacks.litgpt_qlora). bitsandbytes 0.41.1 keeps every 4-bit matmul's input "
     "(MatMul4Bit.forward `ctx.tensors = (A, B)`, finetune.bnb_version 0.41.1): 1.82 GiB here; "
-    "with memplan's default bitsandbytes (>= 0.43.2, PR #1270) the rows would be 11.73 and "
-    "11.44 GiB (-10.9%, -11.2%).",
+    "with memplan's default bitsandbytes (>= 0.43.2, PR #1270) the rows would be 11.97 and "
+    "11.69 GiB (-9.1%, -9.3%).",
     "version gap, not subtracted: 8641822 has no StableEmbedding swap (litgpt 0.5.9 "
-    "finetune/lora.py::main adds it), about 0.29 GiB that 0.5.9 holds more (the embedding's "
-    "bf16 gradient, 262,144,000 B; its LayerNorm's saved input; layer 0's norm and kept input); "
+    "finetune/lora.py::main adds it), about 0.53 GiB that 0.5.9 holds more (the embedding's "
+    "bf16 gradient, which its PagedAdamW never holds or clears, and the replaced embedding "
+    "weight that optimizer's param_groups keep, 262,144,000 B each; no optimizer state for "
+    "either; its LayerNorm's saved input; layer 0's norm and kept input); "
     "and 8641822's RMSNorm keeps its bf16 input where 0.5.9 keeps an fp32 copy, 0.64 GiB at "
     "micro-batch 1 (LITGPT_2023). Without the two, memplan would be about 4% under, as the "
     "LoRA rows would be about 3.5% under without the second.",
@@ -333,6 +335,7 @@ def measure(row: Row) -> dict[str, Any]:
         "expressible": True,
         "activations_source": report.activations.source,
         "allocated_gib": report.peak_bytes / GIB,
+        "host_gib": report.host_bytes / GIB,
         "reserved_gib": report.peak_reserved / GIB,
         "device_used_gib": report.device_used / GIB,
         "device_terms": {t.name: t.bytes for t in report.device_terms},

@@ -602,6 +602,16 @@ def held_bytes_qlora(precision: str, shape: Shape, lora: Lora, *, double: bool) 
     Linear Lightning's convert_module picks made a bitsandbytes Linear4bit quantized by
     bitsandbytes on CPU from fp16, and the embedding swapped for StableEmbedding as
     finetune/lora.py::main swaps it."""
+    fabric, model = _qlora_model(precision, shape, lora, double=double)
+    wrapped = fabric.setup(model)
+    swap_stable_embedding(model)
+    return _run_lora(wrapped, model, shape)
+
+
+def _qlora_model(precision: str, shape: Shape, lora: Lora, *, double: bool) -> tuple[Any, Any]:
+    """(Fabric, litgpt's LoRA GPT after mark_only_lora_as_trainable with every Linear
+    Lightning's convert_module picks made a bitsandbytes Linear4bit, quantized on CPU from
+    fp16), not yet set up."""
     import bitsandbytes as bnb
     import lightning as L
     from litgpt.lora import GPT, LoRAQKVLinear, mark_only_lora_as_trainable
@@ -636,11 +646,116 @@ def held_bytes_qlora(precision: str, shape: Shape, lora: Lora, *, double: bool) 
     for m in model.modules():
         if isinstance(m, LoRAQKVLinear) and any(m.enable_lora) and m.r > 0:
             m.lora_ind  # noqa: B018 - the lazy buffer, made before the measure
-    wrapped = fabric.setup(model)
+    assert all(m.weight.dtype == torch.uint8 for n, m in model.named_modules() if n in names)
+    return fabric, model
+
+
+def swap_stable_embedding(model: Any) -> Any:
+    """finetune/lora.py::main's swap of `transformer.wte` for bitsandbytes' StableEmbedding
+    (the same statements, on CPU); returns the old embedding module."""
+    import bitsandbytes as bnb
+
     old = model.transformer.wte
     model.transformer.wte = bnb.nn.StableEmbedding(old.num_embeddings, old.embedding_dim)
     with torch.no_grad():
         model.transformer.wte.weight.copy_(old.weight)
-    model.transformer.wte = model.transformer.wte.to(device="cpu", dtype=old.weight.dtype)
-    assert all(m.weight.dtype == torch.uint8 for n, m in model.named_modules() if n in names)
-    return _run_lora(wrapped, model, shape)
+    model.transformer.wte = model.transformer.wte.to(
+        device=old.weight.device, dtype=old.weight.dtype
+    )
+    return old
+
+
+@dataclass(frozen=True)
+class OptimizerHeld:
+    """What litgpt's QLoRA optimizer holds after real steps (`qlora_optimizer_held`)."""
+
+    state_bytes: int
+    """Bytes of every tensor in `optimizer.state` (bitsandbytes' state1 / state2)."""
+    by_key: dict[str, tuple[int, int]]
+    """`optimizer.state` by key (state1, exp_avg, step, ...): (tensors, bytes)."""
+    with_state: tuple[str, ...]
+    """Names (model.named_parameters()) of the parameters that have optimizer state."""
+    kept_grads: dict[str, int]
+    """Parameters whose `.grad` is still allocated after optimizer.zero_grad(): name -> bytes."""
+    outside_model: int
+    """Bytes of the param_groups tensors that are no longer the model's parameters."""
+    trainable: tuple[str, ...]
+    """Names of the parameters with requires_grad."""
+
+
+def qlora_optimizer_held(
+    precision: str, shape: Shape, lora: Lora, *, double: bool, steps: int = 2
+) -> OptimizerHeld:
+    """litgpt 0.5.9 finetune/lora.py::main's order on CPU: Fabric setup_module, the optimizer
+    litgpt instantiates (utils.py::instantiate_bnb_optimizer("AdamW", model.parameters()):
+    bitsandbytes' own PagedAdamW, which on CPU keeps ordinary tensors, warning "Paged
+    optimizers are not supported on CPU"), the StableEmbedding swap, setup_optimizers, then
+    `steps` of fit's forward, loss, fabric.backward, optimizer.step(), optimizer.zero_grad()."""
+    fabric, model = _qlora_model(precision, shape, lora, double=double)
+    return _optimizer_held(fabric, model, shape, quantized=True, steps=steps)
+
+
+def lora_optimizer_held(
+    precision: str, shape: Shape, lora: Lora, *, steps: int = 2
+) -> OptimizerHeld:
+    """`qlora_optimizer_held` without --quantize: finetune/lora.py::main's
+    instantiate_torch_optimizer("AdamW", model.parameters()) (torch.optim.AdamW over every
+    parameter, the frozen ones included) on litgpt's LoRA GPT, no swap."""
+    import lightning as L
+    from litgpt.lora import GPT, mark_only_lora_as_trainable
+
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=PRECISION[precision])  # type: ignore[arg-type]
+    with fabric.init_module():
+        model = GPT(lora_config(shape, lora))
+    mark_only_lora_as_trainable(model)
+    return _optimizer_held(fabric, model, shape, quantized=False, steps=steps)
+
+
+def _optimizer_held(
+    fabric: Any, model: Any, shape: Shape, *, quantized: bool, steps: int
+) -> OptimizerHeld:
+    import warnings
+
+    from litgpt.utils import (
+        chunked_cross_entropy,
+        instantiate_bnb_optimizer,
+        instantiate_torch_optimizer,
+    )
+
+    wrapped = fabric.setup_module(model)
+    if quantized:
+        optimizer = instantiate_bnb_optimizer("AdamW", wrapped.parameters())
+        swap_stable_embedding(model)
+    else:
+        optimizer = instantiate_torch_optimizer("AdamW", wrapped.parameters())
+    optimizer = fabric.setup_optimizers(optimizer)
+    for _ in range(steps):
+        tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+        logits = wrapped(tokens, lm_head_chunk_size=HEAD_CHUNK)
+        logits[-1] = logits[-1][..., :-1, :]
+        loss = chunked_cross_entropy(logits, tokens[..., 1:])
+        fabric.backward(loss)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Paged optimizers are not supported on CPU")
+            optimizer.step()
+        optimizer.zero_grad()
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    state = optimizer.optimizer.state
+    given = [p for g in optimizer.param_groups for p in g["params"]]
+    return OptimizerHeld(
+        state_bytes=sum(
+            t.nbytes for s in state.values() for t in s.values() if isinstance(t, torch.Tensor)
+        ),
+        by_key={
+            key: (
+                sum(1 for s in state.values() if isinstance(s.get(key), torch.Tensor)),
+                sum(s[key].nbytes for s in state.values() if isinstance(s.get(key), torch.Tensor)),
+            )
+            for key in {k for s in state.values() for k in s}
+        },
+        with_state=tuple(name_of[id(p)] for p in state),
+        kept_grads={n: p.grad.nbytes for n, p in model.named_parameters() if p.grad is not None},
+        outside_model=sum(p.nbytes for p in given if id(p) not in name_of),
+        trainable=tuple(n for n, p in model.named_parameters() if p.requires_grad),
+    )

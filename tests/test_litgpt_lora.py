@@ -193,6 +193,32 @@ def test_pin_litgpt_adapters_are_held_in_the_model_dtype() -> None:
     assert states["exp_avg"].elements == 2 * (2 * 8 * 64 + (64 + 32) * 8)
 
 
+def test_optimizer_state_matches_litgpt_adamw_on_cpu() -> None:
+    """Independent oracle: finetune/lora.py::main without --quantize run on CPU (tests/
+    litgpt_probe.py::lora_optimizer_held: litgpt's own instantiate_torch_optimizer("AdamW",
+    model.parameters()), every parameter given, two real steps with zero_grad): only the
+    trainable LoRA tensors get state, nothing outlives zero_grad, and memplan's exp_avg and
+    exp_avg_sq are the same bytes. Known difference: memplan lists q's and v's adapters apart
+    (transformers' names) where LitGPT's LoRAQKVLinear fuses them into one lora_A and one
+    lora_B per layer (same elements), so it counts twice the 0-dim fp32 `step` tensors (here
+    16 B; 256 B at Llama 2 7B, host memory on CUDA)."""
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.lora")
+    from tests.litgpt_probe import Lora, Shape, lora_optimizer_held
+
+    real = lora_optimizer_held("bf16", Shape(layers=2), Lora())
+    assert set(real.with_state) == set(real.trainable)
+    assert all("lora_" in n for n in real.trainable)
+    assert real.kept_grads == {} and real.outside_model == 0
+    report = estimate(lora_spec(kv=2), from_config(tiny()))
+    mine = {t.name: (t.tensors, t.bytes) for t in report.per_gpu.terms}
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert mine[key][1] == real.by_key[key][1]
+    assert mine["step"] == (2 * real.by_key["step"][0], 2 * real.by_key["step"][1])
+    assert not report.per_gpu.host_terms
+    assert dict(report.timeline.points[0].by_category)["gradients"] == 0
+
+
 @pytest.mark.parametrize(("batch", "seq"), [(2, 300), (1, 100)])
 def test_chunked_loss_gradient_matches_litgpt(batch: int, seq: int) -> None:
     """The loss's backward (memplan.model.stacks.litgpt_lora.loss_gradient, the step's

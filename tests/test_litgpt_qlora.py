@@ -162,6 +162,74 @@ def test_stable_embedding_matches_bitsandbytes() -> None:
     assert mine == real
 
 
+def test_optimizer_state_matches_litgpt_paged_adamw_on_cpu() -> None:
+    """Independent oracle: finetune/lora.py::main's order run on CPU (tests/litgpt_probe.py::
+    qlora_optimizer_held: setup_module, litgpt's own instantiate_bnb_optimizer -> bitsandbytes'
+    PagedAdamW over model.parameters(), the StableEmbedding swap, two real steps with
+    zero_grad). Only the LoRA tensors get state; the StableEmbedding's weight and LayerNorm
+    require grad but have none, and their gradients outlive zero_grad; the replaced embedding
+    weight stays in the optimizer's param_groups. memplan's state bytes, kept gradients (the
+    step's start: alive before any backward) and held replaced weight equal them."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("torch")
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.lora")
+    from tests.litgpt_probe import Lora, Shape, qlora_optimizer_held
+
+    real = qlora_optimizer_held("bf16", Shape(layers=2), Lora(), double=False)
+    stable = {"transformer.wte.weight", "transformer.wte.norm.weight", "transformer.wte.norm.bias"}
+    assert all("lora_" in n for n in real.with_state)
+    assert set(real.trainable) - set(real.with_state) == stable == set(real.kept_grads)
+
+    spec = qlora_spec()
+    report = estimate(spec, from_config(tiny()))
+    inv = finetune.apply(spec, from_config(tiny()))
+    assert report.per_gpu.bytes_of("optimizer_states") == real.state_bytes
+    assert not report.per_gpu.host_terms
+    start = dict(report.timeline.points[0].by_category)
+    assert report.timeline.points[0].phase == "start"
+    assert start["gradients"] == sum(real.kept_grads.values())
+    unstepped = [t for t in inv.parameters if t.trainable and not t.stepped]
+    assert len(unstepped) == len(stable)
+    replaced = [t for t in inv.parameters if t.name.startswith(litgpt_qlora.REPLACED_PREFIX)]
+    assert len(replaced) == 1 and not replaced[0].trainable
+    assert replaced[0].numel * dtype_bytes("bf16") == real.outside_model
+
+
+def test_pin_published_rows_have_no_paged_state() -> None:
+    """Pinning (bitsandbytes 0.50 optim/optimizer.py::Optimizer8bit.get_state_buffer pages a
+    state of >= 1e5 elements; memplan.optimizers.is_paged_state): at Llama 2 7B's shapes the
+    only stepped tensors are LoRA's ([8, 4096] and [4096, 8]: 32,768 elements), so PagedAdamW
+    pages nothing and the host table is empty; the StableEmbedding (131,072,000 elements,
+    1,048,576,000 B of paged state before this rule) has no state at all."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import published_others
+
+    from memplan.config.load import validate
+    from memplan.model.load import load_inventory
+
+    loaded = validate(published_others.litgpt(1, "bnb.nf4"))
+    report = estimate(loaded.spec, load_inventory(loaded))
+    assert report.host_bytes == 0
+    assert report.per_gpu.bytes_of("optimizer_states") == 4_194_304 * 2 * 4  # LoRA's r x (in + out)
+
+
+def test_litgpt_qlora_refuses_deepspeed() -> None:
+    """litgpt 0.5.9 finetune/lora.py::setup: one device runs Fabric's strategy "auto"."""
+    spec = make_spec(
+        model={"architecture": tiny(), "implementation": "litgpt"},
+        parallelism={"engine": "deepspeed", "zero_stage": 0},
+        finetune={"method": "qlora"},
+        optimizer={"name": "paged_adamw"},
+    )
+    with pytest.raises(MemplanError, match="Fabric's default strategy") as err:
+        finetune.apply(spec, from_config(tiny()))
+    assert err.value.field == "parallelism.engine"
+
+
 @pytest.mark.parametrize(
     ("batch", "seq", "dropout", "double"), [(2, 16, 0.0, False), (1, 200, 0.05, True)]
 )

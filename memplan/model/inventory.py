@@ -38,6 +38,12 @@ class TensorSpec:
     """For parameters: `requires_grad` (False: frozen by fine-tuning, memplan.model.finetune.lora;
     it
     then has no gradient and no optimizer state)."""
+    stepped: bool = True
+    """For trainable parameters: whether the optimizer holds it. False for a parameter that
+    requires grad but was never given to the optimizer (LitGPT QLoRA's StableEmbedding, made
+    after its optimizer: memplan.model.stacks.litgpt_qlora): autograd still fills its `.grad`,
+    held to the end (the optimizer's zero_grad clears only its own param_groups), but it gets
+    no optimizer state and no update (memplan.states.terms.stepped)."""
     numel: int = field(init=False, repr=False, compare=False)
     """Number of elements (computed once: plan reads it millions of times)."""
 

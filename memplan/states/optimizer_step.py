@@ -132,10 +132,13 @@ def step_temporaries(states: StepStates, cache: StepCache, *, shards: int) -> Tr
 
 
 def updated_sizes(inventory: Inventory, shards: int) -> tuple[int, ...]:
-    """The trainable tensors in `model.parameters()` order (the order the optimizer steps
-    them), each as ceil(numel / `shards`) elements."""
+    """The tensors the optimizer steps (trainable and held by it: memplan.states.terms.stepped)
+    in `model.parameters()` order (the order it steps them), each as ceil(numel / `shards`)
+    elements."""
     return tuple(
-        -(-t.numel // shards) for t in inventory.parameters if t.kind == "parameter" and t.trainable
+        -(-t.numel // shards)
+        for t in inventory.parameters
+        if t.kind == "parameter" and t.trainable and t.stepped
     )
 
 

@@ -243,8 +243,27 @@ SRC_FROZEN = (
 
 
 def trainable(params: Iterable[TensorSpec]) -> tuple[TensorSpec, ...]:
-    """The parameters that get gradients and optimizer states."""
+    """The parameters that get gradients (and, unless not `stepped`, optimizer states)."""
     return tuple(p for p in params if p.trainable)
+
+
+# A trainable parameter the optimizer was never given (`TensorSpec.stepped` False) keeps its
+# gradient but has no optimizer state and no update: an optimizer keeps state only for the
+# tensors of its param_groups (torch/optim/optimizer.py::Optimizer; bitsandbytes 0.50
+# optim/optimizer.py::Optimizer8bit.step loops `self.param_groups`), and its zero_grad clears
+# only theirs (torch/optim/optimizer.py::Optimizer.zero_grad, 2.13), so autograd's `.grad`
+# of such a parameter stays allocated (accumulating) to the end.
+SRC_NOT_STEPPED = (
+    "torch 2.13 optim/optimizer.py::Optimizer.zero_grad and bitsandbytes 0.50 optim/"
+    "optimizer.py::Optimizer8bit.step: state and zero_grad cover the param_groups only"
+)
+
+
+def stepped(params: Iterable[TensorSpec]) -> tuple[TensorSpec, ...]:
+    """The parameters the optimizer updates: trainable and held by it (`TensorSpec.stepped`,
+    SRC_NOT_STEPPED). Only engine ddp models a trainable parameter outside the optimizer
+    (memplan.model.stacks.litgpt_qlora refuses the others)."""
+    return tuple(p for p in params if p.trainable and p.stepped)
 
 
 def by_dtype(params: Iterable[TensorSpec], default: str) -> dict[str, list[TensorSpec]]:
@@ -351,6 +370,18 @@ _SHARED_NAMES = frozenset({"qmap1", "qmap2"})
 def grad_dtype(recipe: Recipe) -> str:
     """Gradients accumulate in the main_grad dtype when the recipe has one (Megatron)."""
     return recipe.gradient_accumulation or recipe.gradients
+
+
+def kept_gradient_bytes(inventory: Inventory, gradients: str) -> int:
+    """Bytes of the gradients no optimizer clears: the trainable parameters it does not hold
+    (`stepped` False, SRC_NOT_STEPPED), alive in every phase from the second step on (their
+    `.grad` accumulates across steps), in the dtype ddp's gradients row gives them (their
+    own, or `gradients`: grad_dtype of the recipe)."""
+    return sum(
+        t.numel * dtype_bytes(t.dtype or gradients)
+        for t in inventory.parameters
+        if t.trainable and not t.stepped
+    )
 
 
 def buffer_terms(inventory: Inventory, recipe: Recipe, *, engine: str = "") -> list[Term]:

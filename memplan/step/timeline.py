@@ -31,6 +31,7 @@ from memplan.states import fp8
 from memplan.states.engines import STEPS, RankStates
 from memplan.states.engines.base import StepActivations, StepCache, StepStates
 from memplan.states.layout import Layout
+from memplan.states.terms import grad_dtype, kept_gradient_bytes
 from memplan.step import transients as own
 
 Category = Literal[
@@ -372,7 +373,12 @@ def _gradients(step: StepSettings, states: StepStates, cache: StepCache) -> dict
     micro-batches; the engine may keep them for the whole run, hold some from init, or make
     them only in its post-backward (EngineStep.gradients)."""
     life = STEPS[step.layout.engine].gradients(states, cache)
-    grads = states.per_gpu.bytes_of("gradients") - life.held_bytes
+    # Gradients of trainable tensors the optimizer does not hold: never cleared, every phase.
+    kept = cache.get(
+        ("kept gradients", states.inventory, grad_dtype(states.recipe)),
+        lambda: kept_gradient_bytes(states.inventory, grad_dtype(states.recipe)),
+    )
+    grads = states.per_gpu.bytes_of("gradients") - life.held_bytes - kept
     alive: tuple[Phase, ...] = ("backward", "backward_end", "optimizer_step")
     zeroed = step.zero_grad == "zero" and step.layout.engine in ZEROED_GRADIENT_ENGINES
     if life.whole_run or zeroed:
@@ -391,7 +397,7 @@ def _gradients(step: StepSettings, states: StepStates, cache: StepCache) -> dict
             g = head if late is None else 0
         elif alive[0] == "backward" and phase == "backward_end" and late is not None:
             g = grads - late
-        out[phase] = g + life.held_bytes
+        out[phase] = g + life.held_bytes + kept
     return out
 
 

@@ -271,6 +271,11 @@ def apply(spec: Spec, inventory: Inventory) -> Inventory:
                 f'training"); this layout has {spec.parallelism.world_size} GPUs.',
                 field="parallelism",
             )
+        if spec.parallelism.engine != "ddp":
+            raise MemplanError(
+                litgpt_qlora.one_device_engine(spec.parallelism.engine),
+                field="parallelism.engine",
+            )
 
         ft = litgpt_qlora.lightning_quantization(ft)  # Lightning's 4-bit linears, head included
     out = _apply(

@@ -53,22 +53,50 @@ def lightning_quantization(ft: FinetuneSpec) -> FinetuneSpec:
     return ft.model_copy(update={"skip_modules": (), "prepare_kbit": False})
 
 
+SRC_NOT_STEPPED = (
+    f"litgpt {litgpt.VERSION} finetune/lora.py::main (`optimizer = instantiate_bnb_optimizer("
+    "optimizer, model.parameters())` before the swap: the old embedding weight is in its "
+    "param_groups, the StableEmbedding's tensors are not; `old_embedding` stays a local of main "
+    "through fit); utils.py::instantiate_bnb_optimizer (bnb.optim.PagedAdamW); bitsandbytes "
+    "0.50 optim/optimizer.py::Optimizer8bit.step (state only for param_groups tensors with a "
+    "grad)"
+)
+REPLACED_PREFIX = "optimizer.param_groups."
+"""The name memplan gives the replaced embedding weight the optimizer still holds: this prefix
+and its old name (it is no longer in `model.named_parameters()`)."""
+REPLACED_ROLE = "replaced"
+
+
+def one_device_engine(engine: str) -> str:
+    """Why LitGPT's QLoRA is modelled under engine ddp only (one process, no wrapper)."""
+    return (
+        f"qlora under model.implementation litgpt runs on one device with Fabric's default "
+        f'strategy (litgpt {litgpt.VERSION} finetune/lora.py::setup: strategy = "auto" for '
+        f"devices=1), not {engine}: use parallelism.engine ddp (one rank, no wrapper)."
+    )
+
+
 @lru_cache(maxsize=64)
 def stable_embedding(inventory: Inventory) -> Inventory:
     """The model after finetune/lora.py::main swaps `transformer.wte` for bitsandbytes'
     StableEmbedding (SRC_STABLE): a new module built after mark_only_lora_as_trainable, so
     its weight requires grad again, plus a LayerNorm of [hidden] weight and bias, moved to
-    the old weight's dtype (`.to(device=..., dtype=old_embedding.weight.dtype)`). The
-    optimizer was built before the swap: these three get gradients but no optimizer state
-    in LitGPT (memplan's optimizer rows count them, see the note). Cached: caches keyed on
-    an inventory want the same one per layout."""
+    the old weight's dtype (`.to(device=..., dtype=old_embedding.weight.dtype)`).
+
+    The PagedAdamW was built before the swap over `model.parameters()` (SRC_NOT_STEPPED):
+    these three get gradients but no optimizer state (`stepped=False`: their gradients are
+    held to the end, never cleared by that optimizer's zero_grad), and the old, frozen
+    embedding weight stays alive in its param_groups (no gradient, no state), listed as a
+    frozen parameter `optimizer.param_groups.<name>`. Proved on litgpt's model and
+    bitsandbytes' PagedAdamW on CPU (tests/test_litgpt_qlora.py). Cached: caches keyed on an
+    inventory want the same one per layout."""
     params: list[TensorSpec] = []
-    swapped = ""
+    swapped: TensorSpec | None = None
     for t in inventory.parameters:
-        if not swapped and t.role == "embedding" and len(t.shape) == 2:
-            swapped = t.name
+        if swapped is None and t.role == "embedding" and len(t.shape) == 2:
+            swapped = t
             hidden = t.shape[1]
-            params.append(replace(t, trainable=True))
+            params.append(replace(t, trainable=True, stepped=False))
             params += [
                 TensorSpec(
                     f"{owner(t.name)}.{STABLE_NORM}.{leaf}",
@@ -77,19 +105,31 @@ def stable_embedding(inventory: Inventory) -> Inventory:
                     t.dtype,
                     role="norm",
                     trainable=True,
+                    stepped=False,
                 )
                 for leaf in ("weight", "bias")
             ]
         else:
             params.append(t)
-    if not swapped:
+    if swapped is None:
         return inventory
+    params.append(
+        replace(
+            swapped,
+            name=REPLACED_PREFIX + swapped.name,
+            role=REPLACED_ROLE,
+            trainable=False,
+            stepped=True,
+        )
+    )
     note = (
-        f"LitGPT's QLoRA swaps the embedding for bitsandbytes' StableEmbedding ({SRC_STABLE}): "
-        f"{swapped} and its LayerNorm's weight and bias require grad, but the PagedAdamW "
-        "LitGPT built before the swap does not hold them; memplan counts their gradients "
-        "(held to the end, never zeroed by that optimizer) and, as for every trainable "
-        "tensor, optimizer state LitGPT does not have (paged: outside max_allocated)."
+        f"LitGPT's QLoRA swaps the embedding for bitsandbytes' StableEmbedding ({SRC_STABLE}) "
+        f"after building its PagedAdamW ({SRC_NOT_STEPPED}): {swapped.name} and its "
+        "LayerNorm's weight and bias require grad but the optimizer does not hold them, so "
+        "memplan counts their gradients (held to the end, never zeroed by that optimizer) and "
+        "no optimizer state; the replaced embedding weight stays allocated in the optimizer's "
+        f"param_groups ({REPLACED_PREFIX}{swapped.name}, frozen: "
+        f"{swapped.numel:,} elements in the parameters row)."
     )
     return replace(inventory, parameters=tuple(params), notes=(*inventory.notes, note))
 

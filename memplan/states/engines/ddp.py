@@ -24,6 +24,7 @@ from memplan.states.terms import (
     optimizer_terms,
     optimizer_terms_by_dtype,
     own_dtype,
+    stepped,
     trainable,
     whole,
     whole_by_dtype,
@@ -35,16 +36,18 @@ def replicated(
 ) -> list[RankStates]:
     """Plain DDP (ZeRO stage 0): every rank holds everything; frozen parameters have no
     gradient (the reducer buckets only `requires_grad` parameters:
-    distributed.py::DistributedDataParallel._build_params_for_reducer). Source: SRC_DDP."""
+    distributed.py::DistributedDataParallel._build_params_for_reducer); a trainable parameter
+    the optimizer does not hold has a gradient and no state (terms.stepped). Source: SRC_DDP."""
     params = inventory.parameters
     train = trainable(params)
     terms = [
         *whole_by_dtype("parameters", "parameters", recipe.parameters, params, SRC_DDP),
         *whole_by_dtype("gradients", "gradients", grad_dtype(recipe), train, SRC_DDP),
     ]
+    updated = stepped(params)
     device, host = optimizer_terms_by_dtype(
-        train,
-        [p.shape for p in train],
+        updated,
+        [p.shape for p in updated],
         opt=opt,
         recipe=recipe,
         layout=layout,
@@ -76,9 +79,10 @@ def zero_redundancy(
 ) -> list[RankStates]:
     """DDP + ZeroRedundancyOptimizer (ZeRO-1): full parameters and gradients, whole-tensor
     optimizer states on the owning rank only; the optimizer is given the trainable
-    parameters, so only they are partitioned. Source: SRC_ZERO_RO."""
+    parameters it holds (terms.stepped), so only they are partitioned. Source: SRC_ZERO_RO."""
     params = inventory.parameters
     train = trainable(params)
+    updated = stepped(params)
     common = [
         *whole_by_dtype("parameters", "parameters", recipe.parameters, params, SRC_DDP),
         *whole_by_dtype("gradients", "gradients", grad_dtype(recipe), train, SRC_DDP),
@@ -93,7 +97,7 @@ def zero_redundancy(
                 "optimizer_states",
                 "master_weights",
                 recipe.master_weights,
-                [p for p in train if own_dtype(p, recipe) is None],
+                [p for p in updated if own_dtype(p, recipe) is None],
                 SRC_ZERO_RO + "::_sync_params: updated tensors are broadcast",
             )
         )
@@ -112,12 +116,12 @@ def zero_redundancy(
         )
         ranks = tuple(range(world))
         return [RankStates(ranks=ranks, terms=(*common, *device), host_terms=tuple(host))]
-    owned = zero_redundancy_partition([p.numel for p in train], world)
+    owned = zero_redundancy_partition([p.numel for p in updated], world)
     out = []
     for rank, indices in enumerate(owned):
         device, host = optimizer_terms_by_dtype(
-            [train[i] for i in indices],
-            [train[i].shape for i in indices],
+            [updated[i] for i in indices],
+            [updated[i].shape for i in indices],
             opt=opt,
             recipe=recipe,
             layout=layout,
