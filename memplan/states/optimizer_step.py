@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 from memplan.memory import Transient
 from memplan.model.inventory import Inventory
@@ -61,6 +62,12 @@ FOR_LOOP_TEMPORARIES = {
     "adamax": (1, 0),
     "adafactor": (1, 1),
 }
+# Optimizers whose foreach list is one full-size tensor per updated tensor whatever their state
+# keeps: torch's Adafactor (`var_estimates = [row_var @ col_var ...]`, torch/optim/_adafactor.py::
+# _multi_tensor_adafactor, 2.13), whose >= 2-D tensors keep only row and column factors, so
+# the largest state row undercounts the list (measured: tests/test_activations_timeline.py::
+# test_optimizer_step_temporaries, adafactor foreach).
+FOREACH_FULL_SIZE = frozenset({"adafactor"})
 # Fused kernels (memplan.optimizers.FUSED_OPTIMIZERS) make no temporaries (measured: 0 B).
 OPTIM_FILES = {"adafactor": "_adafactor", "adamw": "adam"}  # AdamW subclasses Adam in 2.13
 # Optimizer-state rows that are not one tensor per updated parameter (scalars, the fp32
@@ -214,13 +221,39 @@ def step_temporaries(states: StepStates, cache: StepCache, *, shards: int) -> Tr
     sizes = cache.get(
         ("updated sizes", inventory, shards), lambda: updated_sizes(inventory, shards)
     )
-    return torch_optimizer_step(
-        name=states.optimizer.name,
-        implementation=states.optimizer.implementation,
-        updated=max(per_state.values(), default=0) or max(rows, default=0),
+    name, implementation = states.optimizer.name, states.optimizer.implementation
+    full_size = name in FOREACH_FULL_SIZE and implementation == "foreach"
+    updated = max(per_state.values(), default=0) or max(rows, default=0)
+    if full_size:
+        updated_sizes_here = _updated_tensors_here(states, sizes)
+        updated = sum(updated_sizes_here)
+    step = torch_optimizer_step(
+        name=name,
+        implementation=implementation,
+        updated=updated,
         sizes=sizes,
         dtype=states.recipe.optimizer_states,
     )
+    if step is None or not full_size:
+        return step
+    # one tensor per updated tensor, each allocated by the foreach op: the replay places each
+    width = dtype_bytes(states.recipe.optimizer_states)
+    lists = FOREACH_LISTS[name]
+    return replace(step, parts=tuple(n * width for n in updated_sizes_here) * lists)
+
+
+def _updated_tensors_here(states: StepStates, sizes: Sequence[int]) -> tuple[int, ...]:
+    """The elements of each tensor this rank's optimizer updates: every trainable tensor
+    under DDP, the largest ZeroRedundancyOptimizer partition under ZeRO-1 (memplan.states.
+    engines.ddp.zero_redundancy_partition; `per_gpu` is the most-loaded rank)."""
+    layout = states.layout
+    if layout.engine != "ddp" or layout.stage != 1 or layout.data <= 1:
+        return tuple(sizes)
+    from memplan.states.engines.ddp import zero_redundancy_partition
+
+    owned = zero_redundancy_partition(sizes, layout.data)
+    largest = max(owned, key=lambda indices: sum(sizes[i] for i in indices))
+    return tuple(sizes[i] for i in sorted(largest))
 
 
 def updated_sizes(inventory: Inventory, shards: int) -> tuple[int, ...]:
