@@ -9,7 +9,10 @@ kernel emulation (memplan/verify/trace/cuda.py: dropout's fused kernel with its 
 norm's fp32 statistics), then the row's optimizer as memplan's spec of it names it:
 `torch.optim.AdamW(foreach=False)` (the page's default `adamw_hf` is a per-parameter loop too),
 and, for the page's Adafactor row, `torch.optim.Adafactor(foreach=True)` (memplan's
-`adafactor`: torch's states and its default foreach step). A TorchDispatchMode records every
+`adafactor`: torch's states and its default foreach step) and the page's own optimizer,
+transformers.optimization.Adafactor(scale_parameter=False, relative_step=False) (memplan's
+`adafactor-hf`; the row then compares the optimizer step's allocated bytes, traced against
+memplan's). A TorchDispatchMode records every
 storage an op makes and the moment it dies (benchmarks/torchtitan_70b_trace.py's Recorder).
 The page's 8-bit Adam row is not traced: bitsandbytes' optimizer needs CUDA.
 
@@ -54,7 +57,8 @@ MIB, GIB = 1 << 20, 1 << 30
 CONTEXT_MIB = 1341  # the page's idle reading less its tensor's segment (published_others)
 PUBLISHED_MIB = {
     (4, "adamw"): 14949,  # "bs 4, fp32, AdamW": nvidia-smi after trainer.train()
-    (4, "adafactor"): 12295,  # "bs 4, Adafactor"
+    (4, "adafactor"): 12295,  # "bs 4, Adafactor", as torch.optim.Adafactor
+    (4, "adafactor-hf"): 12295,  # the same row with the page's own optimizer (transformers')
 }
 """The page's rows traced: (batch, memplan's optimizer name) -> published MiB."""
 HOST_STATES = frozenset({"step"})
@@ -67,9 +71,18 @@ def optimizer(params: Any, name: str) -> torch.optim.Optimizer:
     """The optimizer memplan's spec of the row names (benchmarks/published_others.py hf_bert):
     `adamw` with `implementation: for_loop` (the page's `adamw_hf` is a per-parameter loop),
     `adafactor` as torch.optim.Adafactor with memplan's default `implementation: foreach`
-    (memplan.optimizers: torch/optim/_adafactor.py's states)."""
+    (memplan.optimizers: torch/optim/_adafactor.py's states), `adafactor-hf` as the HF
+    Trainer's `optim="adafactor"` builds transformers.optimization.Adafactor (memplan.verify.
+    build.HF_TRAINER_ADAFACTOR)."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-5, foreach=False)
+    if name == "adafactor-hf":
+        from transformers.optimization import Adafactor
+
+        from memplan.verify.build import HF_TRAINER_ADAFACTOR
+
+        hf: torch.optim.Optimizer = Adafactor(params, **HF_TRAINER_ADAFACTOR)
+        return hf
     assert name == "adafactor", name
     return torch.optim.Adafactor(params, lr=1e-2, foreach=True)
 
@@ -174,11 +187,18 @@ def memplan_figures(batch: int, optim: str = "adamw") -> dict[str, float]:
         trace_profile(loaded)
         report = estimate(loaded.spec, load_inventory(loaded))
     assert report.allocator is not None
+    step = [p for p in report.allocator.phases if p.phase == "optimizer_step"]
     return {
+        "step_allocated_gib": step[0].peak_allocated / GIB,
         "allocated_gib": report.peak_bytes / GIB,
         "reserved_gib": report.allocator.peak_reserved / GIB,
         "device_used_gib": (report.device_used or 0) / GIB,
     }
+
+
+def step_phase(result: Any) -> int:
+    """The replayed trace's peak allocated bytes in its optimizer_step phase."""
+    return next(p.peak_allocated for p in result.phases if p.name == "optimizer_step")
 
 
 def main() -> None:
@@ -219,7 +239,9 @@ def main() -> None:
             f"{result.peak_reserved / GIB:.2f} -> {traced_used:.2f} GiB "
             f"({row['traced_replay']['error']:+.1%}); memplan allocated "
             f"{mine['allocated_gib']:.2f}, reserved {mine['reserved_gib']:.2f} -> "
-            f"{mine['device_used_gib']:.2f} GiB ({row['memplan']['error']:+.1%})"
+            f"{mine['device_used_gib']:.2f} GiB ({row['memplan']['error']:+.1%}); optimizer "
+            f"step allocated: traced {step_phase(result) / GIB:.4f}, memplan "
+            f"{mine['step_allocated_gib']:.4f} GiB"
         )
     doc = {
         **stamp(torch=torch.__version__),

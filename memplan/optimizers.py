@@ -19,6 +19,7 @@ OptimizerName = Literal[
     "adagrad",
     "rmsprop",
     "adafactor",
+    "adafactor-hf",
     "nadam",
     "radam",
     "adamax",
@@ -36,11 +37,30 @@ OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
 # raise TypeError (measured: tests/test_optimizers.py::test_step_temporaries_match_torch).
 FUSED_OPTIMIZERS = frozenset({"adam", "adamw", "sgd", "adagrad"})
 NOT_FUSED_OPTIMIZERS = frozenset({"rmsprop", "nadam", "radam", "adamax", "adafactor"})
+# Optimizers that are not torch.optim classes and have one kernel, a Python loop over the
+# parameters: `implementation` foreach and for_loop both mean it, fused is refused.
+# adafactor-hf: transformers.optimization.Adafactor (transformers 5.25 optimization.py::
+# Adafactor.__init__ takes no foreach/fused argument; Adafactor.step loops over p).
+LOOP_ONLY_OPTIMIZERS = frozenset({"adafactor-hf"})
 # torch optimizers whose step fails on FSDP2's dim-0-sharded DTensor parameters: Adafactor's
 # in-place square of a column norm (a Partial placement) is refused by DTensor dispatch
 # (torch/optim/_adafactor.py:399 and :559, 2.13; reproduced on 2 gloo ranks, foreach and
 # for-loop, tests/test_optimizers.py::test_adafactor_fails_on_fsdp2).
-FSDP2_REFUSED_OPTIMIZERS = frozenset({"adafactor"})
+# transformers' Adafactor (adafactor-hf) makes its states as plain tensors of the gradient's
+# global shape (`torch.zeros(grad_shape[:-1]).to(grad)`, transformers 5.25 optimization.py:1237)
+# and adds the DTensor `update.mean(dim=-1)` into them (:1266): DTensor dispatch refuses "aten.
+# add_.Tensor got mixed torch.Tensor and DTensor" (reproduced on 2 gloo ranks, torch 2.13).
+FSDP2_REFUSALS = {
+    "adafactor": "its step squares a column norm in place (torch/optim/_adafactor.py::"
+    "_single_tensor_adafactor `torch.norm(grad, dim=-2).square_()`, _multi_tensor_adafactor "
+    "`_foreach_mul_`, torch 2.13), which a dim-0-sharded DTensor refuses ('in-place operations "
+    "that require placement changes are not supported')",
+    "adafactor-hf": "transformers' Adafactor keeps its factored second moment as plain tensors "
+    "of the gradient's global shape and adds the DTensor gradient's row means into them "
+    "(transformers 5.25 optimization.py::Adafactor.step), which DTensor refuses ('aten.add_."
+    "Tensor got mixed torch.Tensor and DTensor')",
+}
+FSDP2_REFUSED_OPTIMIZERS = frozenset(FSDP2_REFUSALS)
 
 # The dtype torch gives the per-tensor `step` counter: `_get_scalar_dtype()` is float32
 # unless the default dtype is float64 (torch/optim/optimizer.py::_get_scalar_dtype, 2.13).
@@ -158,6 +178,8 @@ def state_tensors(opt: OptimizerConfig, shape: tuple[int, ...], dtype: str) -> l
             col = (*shape[:-2], 1, shape[-1])
             return [step, StateTensor("row_var", row, dtype), StateTensor("col_var", col, dtype)]
         return [step, like("variance")]
+    if name == "adafactor-hf":
+        return _hf_adafactor_states(shape, dtype)
     if name == "nadam":
         # torch/optim/nadam.py::NAdam._init_group: mu_product is a 0-dim fp32 like step
         return [
@@ -178,6 +200,48 @@ def state_tensors(opt: OptimizerConfig, shape: tuple[int, ...], dtype: str) -> l
     if name in BNB_32BIT_PAGED:
         return [StateTensor("state1", shape, "fp32"), StateTensor("state2", shape, "fp32")]
     raise ValueError(f"unknown optimizer {name!r}")  # the spec validates names first
+
+
+# transformers' own Adafactor, as the HF Trainer builds it for `optim="adafactor"`
+# (transformers 5.25 trainer_optimizer.py::_get_adafactor: `scale_parameter=False,
+# relative_step=False`, lr=args.learning_rate; beta1 left at its default None, so no exp_avg).
+# Its state, optimization.py::Adafactor.step (5.25, lines 1218-1257):
+# - `grad = grad.float()` for fp16/bf16 gradients (:1221) and every state is made `.to(grad)`
+#   (:1237-1240): fp32 whatever the 16-bit parameter dtype (HF_ADAFACTOR_WIDENED).
+# - `state["step"] = 0` (:1231): a Python int, no tensor.
+# - factored (`len(param_shape) >= 2`, _get_options :1186): `exp_avg_sq_row` of
+#   grad_shape[:-1] and `exp_avg_sq_col` of grad_shape[:-2] + grad_shape[-1:] (:1237-1238),
+#   else `exp_avg_sq` like grad (:1240).
+# - `state["RMS"] = self._rms(p_data_fp32)` (:1257): `tensor.norm(2) / (numel ** 0.5)` (_rms,
+#   :1191-1192), a 0-dim tensor in the (fp32) dtype of p_data_fp32.
+HF_ADAFACTOR_WIDENED = frozenset({"bf16", "fp16"})
+
+
+def hf_adafactor_dtype(dtype: str) -> str:
+    """The dtype transformers' Adafactor computes and keeps its state in for a parameter of
+    `dtype`: fp32 for fp16/bf16 (`grad.float()`, optimization.py:1221, 5.25), else its own."""
+    return "fp32" if dtype in HF_ADAFACTOR_WIDENED else dtype
+
+
+def hf_adafactor_factors(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(row, column) elements of a factored tensor's second moment, None for an unfactored
+    one (transformers 5.25 optimization.py::Adafactor._get_options: factored when ndim >= 2)."""
+    if len(shape) < 2:
+        return None
+    return math.prod(shape[:-1]), math.prod(shape[:-2]) * shape[-1]
+
+
+def _hf_adafactor_states(shape: tuple[int, ...], dtype: str) -> list[StateTensor]:
+    """transformers.optimization.Adafactor's state for one parameter (see above)."""
+    kept = hf_adafactor_dtype(dtype)
+    rms = StateTensor("RMS", (), kept)
+    if len(shape) >= 2:
+        return [
+            StateTensor("exp_avg_sq_row", shape[:-1], kept),
+            StateTensor("exp_avg_sq_col", (*shape[:-2], shape[-1]), kept),
+            rms,
+        ]
+    return [StateTensor("exp_avg_sq", shape, kept), rms]
 
 
 def _bnb_8bit_states(shape: tuple[int, ...]) -> list[StateTensor]:

@@ -199,6 +199,7 @@ def test_fsdp2_no_gloo_copy_on_cuda() -> None:
         ("adagrad", "for_loop"),
         ("rmsprop", "for_loop"),
         ("adamax", "foreach"),
+        ("adafactor", "foreach"),
     ],
 )
 def test_optimizer_step_temporaries(name: str, implementation: str) -> None:

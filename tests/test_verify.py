@@ -115,6 +115,30 @@ def test_an_optimizer_outside_torch_is_refused() -> None:
         run(loaded(optimizer={"name": "lion"}))
 
 
+def test_transformers_adafactor_is_verified() -> None:
+    """`optimizer: adafactor-hf` runs transformers.optimization.Adafactor with the Trainer's
+    arguments: its states (fp32 row/column factors and RMS of bf16 parameters) to the byte."""
+    result = run(loaded(precision="bf16", optimizer={"name": "adafactor-hf"}))
+    model_state_rows_exact(result)
+    names = {r.name for r in result.headline.rows}
+    assert {"exp_avg_sq_row", "exp_avg_sq_col", "RMS"} <= names
+
+
+def test_transformers_adafactor_without_transformers_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = loaded(optimizer={"name": "adafactor-hf"})
+    real = jobs.importlib.util.find_spec
+    monkeypatch.setattr(
+        jobs.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "transformers" else real(name, *a),
+    )
+    with pytest.raises(MemplanError, match="adafactor-hf.*transformers is not installed") as err:
+        jobs.check_supported(spec.spec, spec.spec.recipe())
+    assert err.value.field == "optimizer.name"
+
+
 def test_a_recipe_torch_cannot_realise_is_refused() -> None:
     spec = loaded(precision={"preset": "bf16-mixed", "gradient_accumulation": "fp32"})
     with pytest.raises(MemplanError, match="gradient_accumulation buffer"):

@@ -21,7 +21,12 @@ from memplan.config.machine import HardwareSpec
 from memplan.config.parallelism import ParallelismSpec
 from memplan.config.plan import PlanSpec
 from memplan.hardware import nearest
-from memplan.optimizers import NOT_FUSED_OPTIMIZERS, OptimizerConfig, OptimizerName
+from memplan.optimizers import (
+    LOOP_ONLY_OPTIMIZERS,
+    NOT_FUSED_OPTIMIZERS,
+    OptimizerConfig,
+    OptimizerName,
+)
 from memplan.precision import PRESETS, DType, Recipe
 
 
@@ -219,7 +224,8 @@ def _recipe(table: PrecisionTable) -> Recipe:
 
 class OptimizerSpec(Frozen):
     """The optimizer, by torch.optim name (plus lion, bitsandbytes 8-bit Adam and its paged
-    32-bit Adam)."""
+    32-bit Adam, and adafactor-hf: transformers' own Adafactor as the HF Trainer's
+    `optim="adafactor"` builds it)."""
 
     name: OptimizerName = "adamw"
     momentum: float = Field(0.0, ge=0)
@@ -229,10 +235,18 @@ class OptimizerSpec(Frozen):
     centered: bool = False
     """RMSprop: keep grad_avg."""
     implementation: Literal["foreach", "fused", "for_loop"] = "foreach"
-    """torch.optim kernel: foreach (the CUDA default), fused, or for_loop (the CPU default)."""
+    """torch.optim kernel: foreach (the CUDA default), fused, or for_loop (the CPU default).
+    adafactor-hf has one kernel, a loop: foreach and for_loop both mean it."""
 
     @model_validator(mode="after")
     def _fused_exists(self) -> OptimizerSpec:
+        if self.implementation == "fused" and self.name in LOOP_ONLY_OPTIMIZERS:
+            raise ValueError(
+                f"{self.name} (transformers.optimization.Adafactor) has no fused kernel: its "
+                "step is one Python loop over the parameters (transformers 5.25 "
+                "optimization.py::Adafactor.step): set implementation: foreach or for_loop "
+                "(both mean that loop)"
+            )
         if self.implementation == "fused" and self.name in NOT_FUSED_OPTIMIZERS:
             raise ValueError(
                 f"torch.optim has no fused {self.name} (2.13: fused=True is accepted by adam, "

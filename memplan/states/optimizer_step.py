@@ -7,12 +7,16 @@ their own (memplan.states.engines.deepspeed.step, memplan.states.engines.megatro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 from memplan.memory import Transient
 from memplan.model.inventory import Inventory
-from memplan.precision import dtype_bytes
+from memplan.optimizers import hf_adafactor_dtype, hf_adafactor_factors
+from memplan.precision import Recipe, dtype_bytes
 from memplan.states.engines.base import StepCache, StepStates
+from memplan.states.terms import own_dtype
 
 # Temporaries of one torch.optim step (torch 2.13), measured with MemTracker on a real CPU step
 # for every optimizer and kernel (tests/test_optimizers.py::test_step_temporaries_match_torch).
@@ -58,12 +62,18 @@ FOR_LOOP_TEMPORARIES = {
     "adamax": (1, 0),
     "adafactor": (1, 1),
 }
+# Optimizers whose foreach list is one full-size tensor per updated tensor whatever their state
+# keeps: torch's Adafactor (`var_estimates = [row_var @ col_var ...]`, torch/optim/_adafactor.py::
+# _multi_tensor_adafactor, 2.13), whose >= 2-D tensors keep only row and column factors, so
+# the largest state row undercounts the list (measured: tests/test_activations_timeline.py::
+# test_optimizer_step_temporaries, adafactor foreach).
+FOREACH_FULL_SIZE = frozenset({"adafactor"})
 # Fused kernels (memplan.optimizers.FUSED_OPTIMIZERS) make no temporaries (measured: 0 B).
 OPTIM_FILES = {"adafactor": "_adafactor", "adamw": "adam"}  # AdamW subclasses Adam in 2.13
 # Optimizer-state rows that are not one tensor per updated parameter (scalars, the fp32
 # master copy, bitsandbytes' quantization maps and block scales): no foreach list spans them.
 _NOT_PER_ELEMENT = frozenset(
-    {"step", "mu_product", "master_weights", "qmap1", "qmap2", "absmax1", "absmax2"}
+    {"step", "mu_product", "RMS", "master_weights", "qmap1", "qmap2", "absmax1", "absmax2"}
 )
 _EXPERTS = " (experts)"
 
@@ -107,11 +117,100 @@ def torch_optimizer_step(
     )
 
 
+# transformers' own Adafactor (`adafactor-hf`; transformers 5.25 optimization.py::
+# Adafactor.step, lines 1216-1292) has one kernel, a loop over the parameters; each one's
+# temporaries are freed before the next one's, except what a loop variable keeps. Per parameter
+# of n elements, in its compute dtype (fp32 for 16-bit parameters: memplan.optimizers.
+# hf_adafactor_dtype), at the step's two largest moments (measured with MemTracker on the real
+# step: tests/test_optimizers.py::test_hf_adafactor_matches_transformers):
+# - HF_ADAFACTOR_UPDATE: two n-element tensors alive at once. `update = (grad**2) +
+#   group["eps"][0]` (:1261) holds `grad**2` while the sum is made; `update =
+#   self._approx_sq_grad(...)` (:1270) makes `torch.mul(r_factor, c_factor)` (_approx_sq_grad,
+#   :1200) while the previous `update` is alive; the same for `exp_avg_sq.rsqrt()` (:1276) of
+#   an unfactored tensor and for `p_data_fp32.add_(-update)` (:1289).
+# - HF_ADAFACTOR_FP32_COPIES: a 16-bit parameter adds `grad = grad.float()` (:1221) and
+#   `p_data_fp32 = p_data_fp32.float()` (:1254), alive for its whole iteration.
+# - factored tensors: `r_factor` (grad_shape[:-1] elements, :1198) and `c_factor`
+#   (grad_shape[:-2] + grad_shape[-1:], :1199) are alive while `torch.mul` makes the product.
+# - the previous tensor's `update` stays bound to the loop variable until `update = (grad**2)
+#   + eps` (:1261) of the next tensor is assigned: n_previous beside that line's two tensors.
+# Peak over tensors i: max((UPDATE + COPIES_i) x n_i + rows_i + cols_i,
+#                          n_(i-1) + (UPDATE + COPIES_i) x n_i). 0-dim temporaries (`_rms`,
+# the clip divisor) are not alive at either moment.
+HF_ADAFACTOR_UPDATE = 2
+HF_ADAFACTOR_FP32_COPIES = 2
+HF_ADAFACTOR_SOURCE = "transformers/optimization.py::Adafactor.step, _approx_sq_grad (5.25)"
+
+
+def hf_adafactor_peak(tensors: Sequence[tuple[tuple[int, ...], str]]) -> tuple[int, ...]:
+    """The tensors alive at the peak of transformers' Adafactor step over `tensors` ((shape,
+    dtype of the updated tensor), in step order), in bytes, in the order the step makes them:
+    the rule above. Their sum is the step's peak temporary bytes."""
+    peak: tuple[int, ...] = ()
+    before: tuple[int, ...] = ()
+    for shape, dtype in tensors:
+        n = math.prod(shape)
+        compute = hf_adafactor_dtype(dtype)
+        width = dtype_bytes(compute)
+        copies = (n * width,) * (HF_ADAFACTOR_FP32_COPIES if compute != dtype else 0)
+        update = (n * width,) * HF_ADAFACTOR_UPDATE
+        factors = hf_adafactor_factors(shape)
+        # `update`, r_factor, c_factor, then torch.mul's product (:1261, :1198-1200)
+        at_mul = (*copies, update[0], *(f * width for f in factors or ()), *update[1:])
+        at_square = (*before, *copies, *update)  # the previous `update`, then :1261
+        for moment in (at_mul, at_square):
+            if sum(moment) > sum(peak):
+                peak = moment
+        before = (n * width,)
+    return peak
+
+
+def hf_adafactor_step(tensors: Sequence[tuple[tuple[int, ...], str]]) -> Transient | None:
+    """`hf_adafactor_peak` as the step's transient (None when nothing is updated)."""
+    parts = hf_adafactor_peak(tensors)
+    if not parts:
+        return None
+    peak = sum(parts)
+    return Transient(
+        name="optimizer_step_temporaries",
+        bytes=peak,
+        phases=("optimizer_step",),
+        formula=(
+            f"max over {len(tensors)} tensors of ({HF_ADAFACTOR_UPDATE} + "
+            f"{HF_ADAFACTOR_FP32_COPIES} fp32 copies if 16-bit) x this + its row and column "
+            f"factors, or the previous `update` + that = {peak:,} B"
+        ),
+        source=HF_ADAFACTOR_SOURCE,
+        parts=parts,
+    )
+
+
+def updated_tensors(
+    inventory: Inventory, recipe: Recipe
+) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """The trainable tensors in `model.parameters()` order, each as (shape, dtype of the
+    tensor the optimizer updates: its own fixed dtype, else the master or parameter dtype)."""
+    held = recipe.master_weights or recipe.parameters
+    return tuple(
+        (t.shape, own_dtype(t, recipe) or held)
+        for t in inventory.parameters
+        if t.kind == "parameter" and t.trainable
+    )
+
+
 def step_temporaries(states: StepStates, cache: StepCache, *, shards: int) -> Transient | None:
     """`torch_optimizer_step` over this rank's optimizer states: a foreach list spans every
     tensor the optimizer updates (the largest per-element state row; a state kept for dense
     and expert tensors as two rows, "exp_avg" and "exp_avg (experts)", is one list), and the
-    for-loop steps the trainable tensors in order, each as one rank's 1 / `shards` of it."""
+    for-loop steps the trainable tensors in order, each as one rank's 1 / `shards` of it.
+    transformers' Adafactor (`adafactor-hf`) steps whole tensors (`shards` is 1: it does not
+    run on FSDP2, memplan.states.stages) with its own rule (`hf_adafactor_step`)."""
+    if states.optimizer.name == "adafactor-hf":
+        inventory, recipe = states.inventory, states.recipe
+        return cache.get(
+            ("hf adafactor step", inventory, recipe),
+            lambda: hf_adafactor_step(updated_tensors(inventory, recipe)),
+        )
     per_state: dict[str, int] = {}
     for t in states.per_gpu.terms:
         if t.category == "optimizer_states" and t.name not in _NOT_PER_ELEMENT:
@@ -122,13 +221,39 @@ def step_temporaries(states: StepStates, cache: StepCache, *, shards: int) -> Tr
     sizes = cache.get(
         ("updated sizes", inventory, shards), lambda: updated_sizes(inventory, shards)
     )
-    return torch_optimizer_step(
-        name=states.optimizer.name,
-        implementation=states.optimizer.implementation,
-        updated=max(per_state.values(), default=0) or max(rows, default=0),
+    name, implementation = states.optimizer.name, states.optimizer.implementation
+    full_size = name in FOREACH_FULL_SIZE and implementation == "foreach"
+    updated = max(per_state.values(), default=0) or max(rows, default=0)
+    if full_size:
+        updated_sizes_here = _updated_tensors_here(states, sizes)
+        updated = sum(updated_sizes_here)
+    step = torch_optimizer_step(
+        name=name,
+        implementation=implementation,
+        updated=updated,
         sizes=sizes,
         dtype=states.recipe.optimizer_states,
     )
+    if step is None or not full_size:
+        return step
+    # one tensor per updated tensor, each allocated by the foreach op: the replay places each
+    width = dtype_bytes(states.recipe.optimizer_states)
+    lists = FOREACH_LISTS[name]
+    return replace(step, parts=tuple(n * width for n in updated_sizes_here) * lists)
+
+
+def _updated_tensors_here(states: StepStates, sizes: Sequence[int]) -> tuple[int, ...]:
+    """The elements of each tensor this rank's optimizer updates: every trainable tensor
+    under DDP, the largest ZeroRedundancyOptimizer partition under ZeRO-1 (memplan.states.
+    engines.ddp.zero_redundancy_partition; `per_gpu` is the most-loaded rank)."""
+    layout = states.layout
+    if layout.engine != "ddp" or layout.stage != 1 or layout.data <= 1:
+        return tuple(sizes)
+    from memplan.states.engines.ddp import zero_redundancy_partition
+
+    owned = zero_redundancy_partition(sizes, layout.data)
+    largest = max(owned, key=lambda indices: sum(sizes[i] for i in indices))
+    return tuple(sizes[i] for i in sorted(largest))
 
 
 def updated_sizes(inventory: Inventory, shards: int) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from memplan.errors import MemplanError
 from memplan.model.inventory import Inventory, fold_name
-from memplan.optimizers import FSDP2_REFUSED_OPTIMIZERS, OptimizerConfig
+from memplan.optimizers import FSDP2_REFUSALS, FSDP2_REFUSED_OPTIMIZERS, OptimizerConfig
 from memplan.precision import Recipe
 from memplan.states import engines as sharding
 from memplan.states import terms
@@ -101,11 +101,8 @@ def stage_states(
     check_degrees(inventory, layout)
     if layout.engine == "fsdp2" and opt.name in FSDP2_REFUSED_OPTIMIZERS:
         raise MemplanError(
-            f"{opt.name} does not run on FSDP2: its step squares a column norm in place "
-            "(torch/optim/_adafactor.py::_single_tensor_adafactor `torch.norm(grad, dim=-2)"
-            ".square_()`, _multi_tensor_adafactor `_foreach_mul_`, torch 2.13), which a "
-            "dim-0-sharded DTensor refuses ('in-place operations that require placement "
-            "changes are not supported'). Use engine: ddp or deepspeed, or another optimizer.",
+            f"{opt.name} does not run on FSDP2: {FSDP2_REFUSALS[opt.name]}. Use engine: ddp "
+            "or deepspeed, or another optimizer.",
             field="optimizer.name",
         )
     arch = inventory.architecture

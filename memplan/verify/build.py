@@ -20,7 +20,7 @@ from torch import nn
 from memplan.config.spec import Spec, TrainingSpec
 from memplan.errors import MemplanError
 from memplan.precision import TORCH_NAMES, Recipe
-from memplan.verify.job import TORCH_OPTIMIZERS
+from memplan.verify.job import TORCH_OPTIMIZERS, TRANSFORMERS_OPTIMIZERS
 from memplan.verify.trace import heads
 
 SEED = 0
@@ -210,14 +210,28 @@ def decoder_layers(model: nn.Module, count: int) -> nn.ModuleList | None:
 
 
 def optimizer_class(spec: Spec) -> type[torch.optim.Optimizer]:
-    cls = getattr(torch.optim, TORCH_OPTIMIZERS[spec.optimizer.name])
+    name = spec.optimizer.name
+    if name in TRANSFORMERS_OPTIMIZERS:
+        from transformers import optimization
+
+        cls = getattr(optimization, TRANSFORMERS_OPTIMIZERS[name])
+    else:
+        cls = getattr(torch.optim, TORCH_OPTIMIZERS[name])
     assert isinstance(cls, type)
     return cls
+
+
+# What the HF Trainer passes transformers' Adafactor for `optim="adafactor"` (transformers 5.25
+# trainer_optimizer.py::_get_adafactor: `scale_parameter=False, relative_step=False`, and
+# trainer.py::get_optimizer_cls_and_kwargs `{"lr": args.learning_rate}`, 5e-5 by default).
+HF_TRAINER_ADAFACTOR = {"lr": 5e-5, "scale_parameter": False, "relative_step": False}
 
 
 def optimizer_kwargs(spec: Spec) -> dict[str, Any]:
     """The spec's optimizer settings as torch.optim keyword arguments."""
     opt = spec.optimizer
+    if opt.name == "adafactor-hf":
+        return dict(HF_TRAINER_ADAFACTOR)  # one kernel, a loop: no foreach/fused argument
     kwargs: dict[str, Any] = {}
     if opt.name in ("adam", "adamw"):
         kwargs["amsgrad"] = opt.amsgrad

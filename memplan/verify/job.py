@@ -42,6 +42,10 @@ TORCH_OPTIMIZERS = {
     "adamax": "Adamax",
 }
 
+# Optimizers verify builds from transformers (spec name -> class in transformers.optimization),
+# with the keyword arguments the HF Trainer passes (memplan.verify.build.optimizer_kwargs).
+TRANSFORMERS_OPTIMIZERS = {"adafactor-hf": "Adafactor"}
+
 # Optimizer steps per run: the first creates the optimizer state lazily, the second is the
 # steady state that is measured (and the one whose peak is reported).
 STEPS = 2
@@ -235,10 +239,18 @@ def check_supported(spec: Spec, recipe: Recipe) -> None:
                 field="finetune",
             )
     name = spec.optimizer.name
-    if name not in TORCH_OPTIMIZERS:
+    if name in TRANSFORMERS_OPTIMIZERS:
+        if importlib.util.find_spec("transformers") is None:
+            raise MemplanError(
+                f"optimizer {name!r} is transformers' own "
+                f"transformers.optimization.{TRANSFORMERS_OPTIMIZERS[name]}, and transformers "
+                "is not installed: pip install 'memplan[verify]' (or transformers) to verify it.",
+                field="optimizer.name",
+            )
+    elif name not in TORCH_OPTIMIZERS:
         raise MemplanError(
             f"optimizer {name!r} is not in torch.optim, so verify cannot build it; verifiable: "
-            f"{', '.join(TORCH_OPTIMIZERS)}.",
+            f"{', '.join([*TORCH_OPTIMIZERS, *TRANSFORMERS_OPTIMIZERS])}.",
             field="optimizer.name",
         )
     at_rest = recipe.master_weights or recipe.parameters
