@@ -107,8 +107,39 @@ class Case:
             # torchtitan's balanced routing fails under TP (its arange index meets the DTensor
             # scores in `gather`: "got mixed torch.Tensor and DTensor"); at EP 1 every routed
             # tensor has tokens x top_k rows whatever the routing, so TP runs the seeded router.
-            routing="seeded" if self.tp > 1 else "balanced",
+            # Under EP x TP the probe's own round-robin on each rank's token shard
+            # (`_local_round_robin`) stands in for it.
+            routing="seeded" if self.tp > 1 and self.ep == 1 else "balanced",
         )
+
+
+def _local_round_robin() -> None:
+    """torchtitan's `_debug_force_load_balance` round-robin, made to run on DTensor scores
+    (under EP x TP the router's scores are Shard(1) over TP, and 0.3.0's own
+    `TokenChoiceTopKRouter._debug_force_load_balance_routing` fails in `gather`: "got mixed
+    torch.Tensor and DTensor"): the same `arange(tokens x top_k) % E` on each rank's local
+    token shard, wrapped as a DTensor of the scores' placements, so that every rank sends
+    tokens x top_k / E rows to every expert. The saved tensors are the original's (gather
+    saves the int64 indices)."""
+    from torch.distributed.tensor import DTensor
+    from torchtitan.models.common.moe import TokenChoiceTopKRouter
+
+    original = TokenChoiceTopKRouter._debug_force_load_balance_routing
+    if getattr(original, "_local", False):
+        return
+
+    def routing(self: Any, scores: Any) -> Any:
+        if not isinstance(scores, DTensor):
+            return original(self, scores)
+        bs, slen, _ = scores.to_local().shape
+        ids = torch.arange(bs * slen * self.top_k, dtype=torch.int64).reshape(bs, slen, -1)
+        ids = DTensor.from_local(
+            ids % self.num_experts, scores.device_mesh, scores.placements, run_check=False
+        )
+        return ids, scores.gather(dim=-1, index=ids)
+
+    routing._local = True  # type: ignore[attr-defined]
+    TokenChoiceTopKRouter._debug_force_load_balance_routing = routing  # type: ignore[method-assign]
 
 
 def _dims(world: int, ep: int, tp: int = 1) -> Any:
@@ -256,6 +287,7 @@ def _rank(rank: int, world: int, port: int, cases: list[Case], out: str, detail:
         from torchtitan.distributed.utils import set_spmd_backend
 
         set_spmd_backend("partial_dtensor")
+        _local_round_robin()
         result: dict[str, Any] = {}
         meshes: dict[tuple[int, int], Any] = {}
         for c in cases:

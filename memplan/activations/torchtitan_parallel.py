@@ -119,11 +119,10 @@ def refusal(st: Setting, lay: Layout) -> str:
     """Why this layout is outside the torchtitan rule, or ''."""
     if lay.expert_capacity_factor is not None:
         return torchtitan_moe.DROPLESS
-    if lay.expert > 1 and (lay.tensor > 1 or lay.context > 1):
+    if lay.expert > 1 and lay.context > 1:
         return (
-            "activations of torchtitan's MoE under expert parallelism with tensor or context "
-            "parallelism are not modelled yet (apply_moe_ep_tp's token sharding over the TP "
-            "axis, models/common/moe_sharding.py, is not proved)"
+            "activations of torchtitan's MoE under expert parallelism with context "
+            "parallelism are not modelled yet (ring attention needs CUDA kernels: not run)"
         )
     if st.compile and lay.tensor > 1 and st.checkpointing != "full":
         return (
@@ -154,6 +153,8 @@ def micro_batch(
     if lay.expert > 1 and not torchtitan_moe.is_moe(arch):
         why = "expert parallelism splits the routed experts of torchtitan's MoE models only"
         return replace(layout.refused(why), implementation="torchtitan")
+    if lay.expert > 1 and lay.tensor > 1:
+        return _expert_tensor_parallel(arch, local_st, lay, fused_qkv=fused_qkv)
     if lay.expert > 1:
         # Expert parallelism alone (refusal): the whole model's rule with this rank's E / EP
         # experts (memplan.model.stacks.torchtitan_moe, SRC_EP), and the all-to-all's input
@@ -213,6 +214,84 @@ def micro_batch(
         layer_scatter_bytes=local_st.tokens * arch.hidden_size * dtype_bytes(local_st.stream)
         if lay.sequence_parallel
         else 0,
+    )
+
+
+SRC_EP_TP = (
+    f"torchtitan {torchtitan.VERSION} models/common/moe_sharding.py::_moe_sharding_config, "
+    "_router_sharding_config, _routed_experts_sharding_configs (enable_ep True: the MoE's "
+    "input Shard(1) over TP, the router and the dispatcher on the rank's token shard, the "
+    "routed experts expert_param_placement_sparse: Shard(0) over `ep` only, not split over "
+    "TP); models/common/token_dispatcher.py::AllToAllTokenDispatcher.dispatch ('With SP, "
+    "x_TD/topk_scores_TK/topk_expert_ids_TK are already the local SP shard')"
+)
+EP_TP_NOTE = (
+    "expert parallelism {ep} with tensor parallelism {tp} as torchtitan runs it: the router "
+    "and the all-to-all dispatch on each TP rank's 1 / {tp} of the tokens, the routed experts "
+    "whole (not split over TP), balanced routing assumed (memplan.activations."
+    "torchtitan_parallel)."
+)
+
+
+def _moe_first(tensors: tuple[Saved, ...], moe: list[Saved]) -> tuple[Saved, ...]:
+    """`tensors` with its MoE tensors (named `moe.`) replaced by `moe`, where the first was."""
+    at = next((i for i, t in enumerate(tensors) if t.name.startswith("moe.")), None)
+    if at is None:
+        return tensors
+    rest = tuple(t for t in tensors if not t.name.startswith("moe."))
+    return (*rest[:at], *moe, *rest[at:])
+
+
+def _expert_tensor_parallel(
+    arch: Architecture, st: Setting, lay: Layout, *, fused_qkv: bool
+) -> Activations:
+    """EP x TP (SRC_EP_TP), measured on 4 gloo ranks (tests/torchtitan_ep_probe.py): the
+    attention, the norms, the embedding and the loss are the TP rule's (with sequence
+    parallelism, torchtitan's default); the MoE half is the EP rule on the rank's token
+    shard (sequence / TP tokens: the MoE's input stays Shard(1), so the router's gate saves
+    the shard, not an all-gathered sequence) with E / EP whole experts; its output is already
+    the sequence shard (no reduce-scatter). The all-to-all's transients are of the shard."""
+    if not lay.sequence_parallel:
+        why = (
+            "torchtitan's MoE under expert x tensor parallelism is modelled with sequence "
+            "parallelism only (torchtitan's default, enable_sequence_parallel): without it the "
+            "MoE's output is redistributed Shard(1) -> Partial -> Replicate "
+            "(moe_sharding.py::_moe_sharding_config), which is not measured"
+        )
+        return replace(layout.refused(why), implementation="torchtitan")
+    if arch.model_type != torchtitan_moe.QWEN3_MOE:
+        return replace(
+            layout.refused(torchtitan_moe.MODEL_PARALLEL), implementation="torchtitan"
+        )
+    ep_st = replace(st, local_experts=arch.num_experts // lay.expert)
+    tp_lay = replace(lay, expert=1)
+    extra = {**layout.local_architecture(arch, lay).extra}
+    extra["moe_intermediate_size"] = arch.extra.get("moe_intermediate_size")
+    whole_experts = replace(layout.local_architecture(arch, lay), extra=extra)
+    shard = replace(ep_st, sequence=ep_st.sequence // lay.tensor)
+    local = micro_batch(arch, st, tp_lay, fused_qkv=fused_qkv)
+    if not local.modelled:
+        return local
+    ours = torchtitan.saved(whole_experts, shard, fused_qkv=fused_qkv, whole=arch)
+    blocks = []
+    for b in local.blocks:
+        mine = ours.block(b.name)
+        if not b.name.startswith("layers") or mine is None:
+            blocks.append(b)
+            continue
+        moe = [t for t in mine.tensors if t.name.startswith("moe.")]
+        again = [t for t in mine.recompute if t.name.startswith("moe.")]
+        tensors = _moe_first(b.tensors, moe)
+        if st.checkpointing == "selective-op":
+            # No reduce-scatter at the MoE's output: it is the sequence shard already.
+            tensors = tuple(t for t in tensors if t.name != "feed_forward.w2.reduce_scatter")
+        blocks.append(replace(b, tensors=tensors, recompute=_moe_first(b.recompute, again)))
+    notes = (*local.notes, EP_TP_NOTE.format(ep=lay.expert, tp=lay.tensor))
+    return replace(
+        local,
+        blocks=tuple(blocks),
+        notes=notes,
+        buffers=(*local.buffers, token_dispatch(arch, shard)),
     )
 
 
