@@ -55,7 +55,7 @@ def config_of(case: Any) -> dict[str, Any]:
         cfg = deepseek_v3(case.layers, q_lora=0, dense_layers=1)
         return {**cfg, "n_routed_experts": case.experts, "moe_intermediate_size": case.moe_ffn}
     cfg = qwen3_moe(case.layers, experts=case.experts, top_k=case.top_k)
-    return {**cfg, "moe_intermediate_size": case.moe_ffn}
+    return {**cfg, "moe_intermediate_size": case.moe_ffn, "num_key_value_heads": case.kv_heads}
 
 
 def predicted(case: Any, world: int) -> Any:

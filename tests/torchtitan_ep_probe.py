@@ -70,6 +70,8 @@ class Case:
     (models/common/moe_sharding.py with enable_ep False), the rest as its dense TP."""
     sp: bool = True
     """Sequence parallelism with TP (torchtitan's default)."""
+    kv_heads: int = 2
+    """Qwen3-MoE's key/value heads: 4 (as many as the query heads) lets TP 4 split them."""
     model: str = "qwen3_moe"
     """"qwen3_moe" or "deepseek_v3" (tests/torchtitan_probe.py's DeepSeek-V3 shape: MLA, one
     dense layer first, one shared expert, 4 groups of which 2 are kept, dense hidden 128)."""
@@ -79,6 +81,8 @@ class Case:
         own = "" if self.model == "qwen3_moe" else f"{self.model}-"
         if self.tp > 1:
             own += f"tp{self.tp}-{'sp' if self.sp else 'nosp'}-"
+        if self.kv_heads != 2:
+            own += f"kv{self.kv_heads}-"
         return (
             f"{own}{self.what}-{self.dtype}-{self.mode}-ep{self.ep}-{self.layers}l-b{self.batch}-"
             f"e{self.experts}k{self.top_k}f{self.moe_ffn}"
@@ -104,6 +108,7 @@ class Case:
             experts=self.experts,
             top_k=self.top_k,
             moe_ffn=self.moe_ffn,
+            kv_heads=self.kv_heads,
             # torchtitan's balanced routing fails under TP (its arange index meets the DTensor
             # scores in `gather`: "got mixed torch.Tensor and DTensor"); at EP 1 every routed
             # tensor has tokens x top_k rows whatever the routing, so TP runs the seeded router.

@@ -253,10 +253,12 @@ def _expert_tensor_parallel(
     the sequence shard (no reduce-scatter). The all-to-all's transients are of the shard."""
     if not lay.sequence_parallel:
         why = (
-            "torchtitan's MoE under expert x tensor parallelism is modelled with sequence "
-            "parallelism only (torchtitan's default, enable_sequence_parallel): without it the "
-            "MoE's output is redistributed Shard(1) -> Partial -> Replicate "
-            "(moe_sharding.py::_moe_sharding_config), which is not measured"
+            "torchtitan 0.3.0 cannot run its MoE under expert x tensor parallelism without "
+            "sequence parallelism: models/common/moe_sharding.py::_routed_experts_sharding_"
+            "configs asks the routed experts' Shard(1) output for Partial, and torch 2.13's "
+            "DTensor.redistribute raises \"RuntimeError: Can not redistribute from S(1) to "
+            "P(sum), redistributing to Partial is for internal use only!\" (run on 4 gloo "
+            "ranks); turn parallelism.sequence_parallel on (torchtitan's default)"
         )
         return replace(layout.refused(why), implementation="torchtitan")
     if arch.model_type != torchtitan_moe.QWEN3_MOE:

@@ -48,6 +48,8 @@ SPLIT_FIELDS = (
     "tensor_impl",
     "make_vocab_size_divisible_by",
     "tensor_rank",
+    "implementation",  # with engine: torchtitan's experts are not split over TP
+    "engine",  # (Layout.titan_experts)
 )
 
 # Name patterns (the module's last path component before .weight/.bias) -> how TP splits it.
@@ -139,7 +141,7 @@ def local_shape(t: TensorSpec, layout: Layout, model_type: str) -> tuple[int, ..
     if _EXPERTS.search(t.name):
         # fused experts [E, 2I, H] (gate_up: column) / [E, H, I] (down: row)
         shape[0] //= ep
-        if tp > 1:
+        if tp > 1 and not layout.titan_experts:  # torchtitan's: not split over TP
             shape[1 if t.name.endswith("gate_up_proj") else 2] //= tp
         return tuple(shape)
     if tp == 1:
@@ -338,7 +340,15 @@ def _stage_inventories(inventory: Inventory, layout: Layout) -> tuple[Inventory,
 
 
 # The Layout fields that decide a tensor's TP/EP-local shape (`local_shape`).
-_LOCAL_FIELDS = ("tensor", "expert", "tensor_impl", "make_vocab_size_divisible_by", "tensor_rank")
+_LOCAL_FIELDS = (
+    "tensor",
+    "expert",
+    "tensor_impl",
+    "make_vocab_size_divisible_by",
+    "tensor_rank",
+    "implementation",  # with engine: Layout.titan_experts
+    "engine",
+)
 
 
 @lru_cache(maxsize=64)
