@@ -84,7 +84,9 @@ def test_ep_rule_matches_torchtitan_ranks(tmp_path: Path) -> None:
     """Independent oracle: 2 gloo ranks of torchtitan's own EP 2 (module docstring): Qwen3-MoE
     with no checkpointing (the permutation's indices, E / EP offsets) and SelectiveAC (the
     all-to-alls' outputs kept), DeepSeek-V3 with none; FSDP2's model states at EP 2; and
-    Qwen3-MoE under torchtitan's own TP 2 + SP with SelectiveAC (EP 1)."""
+    Qwen3-MoE under torchtitan's own TP 2 + SP with SelectiveAC (EP 1); and EP 2 x TP 2 + SP
+    with SelectiveAC and its model states (the experts not split over TP: the old rule refused
+    it, expert 2 not dividing data 1)."""
     pytest.importorskip("torchtitan.models.qwen3")
     from tests.torchtitan_ep_probe import Case, run
 
@@ -94,6 +96,10 @@ def test_ep_rule_matches_torchtitan_ranks(tmp_path: Path) -> None:
         Case("bf16", "none", 2, layers=3, moe_ffn=24, model="deepseek_v3"),
         Case("bf16", "none", 2, what="states"),
         Case("bf16", "selective-op", 1, tp=2),
+        # EP x TP (EP 2 over the TP 2 ranks: efsdp 1): the MoE on each rank's token shard,
+        # experts whole over TP, FSDP2's expert shards over efsdp.
+        Case("bf16", "selective-op", 2, tp=2),
+        Case("bf16", "none", 2, tp=2, what="states"),
     ]
     ranks = run(cases, tmp_path, world=2)
     for case in cases:
@@ -131,11 +137,32 @@ def test_fsdp2_expert_shards_match_torchtitan_at_scale(world: int, ep: int) -> N
 
 
 def test_ep_refusals_name_what_is_not_covered() -> None:
+    """EP x TP without sequence parallelism is refused with the error torchtitan 0.3.0 itself
+    raises on 4 gloo ranks (benchmarks/results/torchtitan-moe-ep.json, `refused`); with it,
+    modelled (EP x TP's notes say so); EP x CP stays refused."""
     cfg = qwen3_moe()
     tp = micro_batch_of(_spec(cfg, "bf16", "none", 4, 2, tensor=2), from_config(cfg))
-    assert not tp.modelled and "expert parallelism with tensor or context" in tp.notes[0]
+    assert not tp.modelled and "Can not redistribute from S(1) to P(sum)" in tp.notes[0]
+    sp = _spec(cfg, "bf16", "none", 4, 2, tensor=2, sequence_parallel=True)
+    both = micro_batch_of(sp, from_config(cfg))
+    assert both.modelled and any("with tensor parallelism 2" in n for n in both.notes)
+    cp = micro_batch_of(_spec(cfg, "bf16", "none", 4, 2, context=2), from_config(cfg))
+    assert not cp.modelled and "context" in cp.notes[0]
     ep = micro_batch_of(_spec(cfg, "bf16", "none", 4, 2), from_config(cfg))
     assert ep.modelled and any("balanced routing" in n for n in ep.notes)
+
+
+def test_titan_expert_degree_borrows_tensor_ranks() -> None:
+    """torchtitan's EP borrows ranks from data x context x tensor (its ParallelDims: efsdp =
+    dp_shard * cp * tp / ep): EP 4 over data 2 x TP 2 runs (measured on 4 gloo ranks in
+    benchmarks/torchtitan_moe_ep.py), EP 8 there cannot."""
+    cfg = qwen3_moe()
+    ok = _spec(cfg, "bf16", "none", 2, 4, tensor=2, sequence_parallel=True)
+    assert estimate(ok, from_config(cfg)).ranks
+    bad = _spec(cfg, "bf16", "none", 2, 8, tensor=2, sequence_parallel=True)
+    with pytest.raises(MemplanError, match="data x context x tensor") as err:
+        estimate(bad, from_config(cfg))
+    assert err.value.field == "parallelism.expert"
 
 
 def test_uneven_dim1_expert_shards_are_refused_as_fsdp2_refuses_them() -> None:

@@ -175,7 +175,8 @@ def build(case: Case, dims: Any, dtype: torch.dtype) -> Any:
     if case.model == "deepseek_v3":
         from torchtitan.models.deepseek_v3.sharding import set_deepseek_v3_sharding_config
 
-        set_deepseek_v3_sharding_config(cfg, enable_sp=False, enable_ep=case.ep > 1)
+        sp = case.sp and case.tp > 1
+        set_deepseek_v3_sharding_config(cfg, enable_sp=sp, enable_ep=case.ep > 1)
     else:
         from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
 
@@ -299,7 +300,10 @@ def _rank(rank: int, world: int, port: int, cases: list[Case], out: str, detail:
             if (c.ep, c.tp) not in meshes:
                 meshes[c.ep, c.tp] = _dims(world, c.ep, c.tp)
             dims = meshes[c.ep, c.tp]
-            result[c.name] = held(c, dims, detail) if c.what == "held" else states(c, dims)
+            try:
+                result[c.name] = held(c, dims, detail) if c.what == "held" else states(c, dims)
+            except RuntimeError as e:  # what torchtitan itself refuses (EP x TP without SP)
+                result[c.name] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"}
     finally:
         dist.destroy_process_group()
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))

@@ -262,9 +262,12 @@ def _expert_tensor_parallel(
         )
         return replace(layout.refused(why), implementation="torchtitan")
     if arch.model_type != torchtitan_moe.QWEN3_MOE:
-        return replace(
-            layout.refused(torchtitan_moe.MODEL_PARALLEL), implementation="torchtitan"
+        why = (
+            "torchtitan's DeepSeek-V3 under expert x tensor parallelism is not modelled (its "
+            "shared experts gather the token shard the router reads: not measured); EP x TP is "
+            "modelled for Qwen3-MoE, TP alone for both"
         )
+        return replace(layout.refused(why), implementation="torchtitan")
     ep_st = replace(st, local_experts=arch.num_experts // lay.expert)
     tp_lay = replace(lay, expert=1)
     extra = {**layout.local_architecture(arch, lay).extra}
@@ -330,13 +333,18 @@ def _tensor_parallel(block: Block, st: Setting, lay: Layout, hidden: int) -> Blo
     if not lay.sequence_parallel:
         return block
     tensors = tuple(_sp(t, st, lay.tensor) for t in block.tensors)
-    if block.name == "layers" and st.checkpointing == "selective-op":
+    if block.name in ("layers", "layers.dense") and st.checkpointing == "selective-op":
         # SelectiveAC keeps every reduce_scatter_tensor output (SRC_SAC_COMM): with SP, wo's
-        # and w2's reduce-scatters back to the sequence shard.
+        # and w2's (or the routed experts') reduce-scatters back to the sequence shard, and
+        # DeepSeek-V3's shared experts' own (moe_sharding.py::_shared_experts_sharding_configs:
+        # w2's Partial output to the sequence shard before the add).
         shard = (st.batch, st.sequence // lay.tensor, hidden)
+        names = ["attention.wo", "feed_forward.w2"]
+        if any(t.name.startswith("moe.shared_experts.") for t in block.recompute):
+            names.append("moe.shared_experts.w2")
         tensors += tuple(
             kernels.saved(f"{name}.reduce_scatter", shard, st.matmul, "MUST_SAVE", SRC_SAC_COMM)
-            for name in ("attention.wo", "feed_forward.w2")
+            for name in names
         )
     return replace(
         block,

@@ -140,7 +140,7 @@ def model_parallel(arch: Architecture, tensor: int, context: int) -> str:
     torchtitan_ep_probe.py on 2 gloo ranks."""
     if not is_moe(arch) or (tensor == 1 and context == 1):
         return ""
-    if context > 1 or arch.model_type == DEEPSEEK_V3:
+    if context > 1:
         return MODEL_PARALLEL
     return ""
 
