@@ -35,6 +35,16 @@ rank's slice has them. Measured on 2 gloo ranks with 0.3.0's own sharding config
 Module.parallelize (DTensor backend), for Qwen3 and, alike, Llama 3
 (tests/torchtitan_tp_probe.py::own_tp).
 
+Expert parallelism with tensor parallelism (torchtitan's MoE, `_expert_tensor_parallel`): EP
+borrows its ranks from data x TP (0.3.0 distributed/parallel_dims.py: the sparse mesh
+(efsdp, ep) over the same ranks as the dense (fsdp, tp), efsdp = fsdp x TP / EP), and with
+enable_ep the MoE keeps its input on the sequence shard (SRC_EP_TP): the router, the
+all-to-all dispatch and the grouped experts run on sequence / TP tokens, with E / EP experts
+that TP does not split; the attention and the rest are the TP rule's. Measured equal on 2 and 4
+gloo ranks (TP 2 x EP 2, TP 2 x EP 4, TP 4 x EP 2, TP 4 x EP 4; benchmarks/
+torchtitan_moe_ep.py). Without sequence parallelism torchtitan 0.3.0 itself fails (refused
+with its error).
+
 Context parallelism (torch.distributed.tensor.experimental context_parallel, torchtitan 0.3.0
 distributed/context_parallel/api.py::apply_cp_to_forward for SDPA) shards the inputs, labels and
 RoPE positions along the sequence (load-balanced chunks, the same count per rank), so every
@@ -156,7 +166,7 @@ def micro_batch(
     if lay.expert > 1 and lay.tensor > 1:
         return _expert_tensor_parallel(arch, local_st, lay, fused_qkv=fused_qkv)
     if lay.expert > 1:
-        # Expert parallelism alone (refusal): the whole model's rule with this rank's E / EP
+        # Expert parallelism without TP: the whole model's rule with this rank's E / EP
         # experts (memplan.model.stacks.torchtitan_moe, SRC_EP), and the all-to-all's input
         # and output alive together while it runs (token_dispatch).
         ep_st = replace(local_st, local_experts=arch.num_experts // lay.expert)
@@ -233,6 +243,29 @@ EP_TP_NOTE = (
 )
 
 
+_SHARED = "moe.shared_experts."
+
+
+def _ep_tp_moe(
+    whole: tuple[Saved, ...], shard: tuple[Saved, ...], st: Setting, hidden: int
+) -> list[Saved]:
+    """A MoE block's tensors under EP x TP: the router's, the dispatcher's and the routed
+    experts' of the token shard (`shard`), and DeepSeek-V3's shared experts as TP alone runs
+    them (`whole`: moe_sharding.py::_shared_experts_sharding_configs gathers their input to
+    Replicate, w1 / w3 column-parallel, w2 row-parallel). That gathered [tokens, hidden] input
+    is a storage of its own (TP alone shares it with the router's gate input), saved by w1 and
+    w3: added where the block's whole saved set is (the router's gate input is in it)."""
+    routed = [t for t in shard if t.name.startswith("moe.") and not t.name.startswith(_SHARED)]
+    shared = [t for t in whole if t.name.startswith(_SHARED)]
+    names = {t.name for t in (*routed, *shared)}
+    if shared and "moe.router.gate.input" in names and f"{_SHARED}w1.input" not in names:
+        gathered = kernels.saved(
+            f"{_SHARED}w1.input", (st.tokens, hidden), st.stream, "MmBackward0", SRC_EP_TP
+        )
+        shared = [gathered, *shared]
+    return routed + shared
+
+
 def _moe_first(tensors: tuple[Saved, ...], moe: list[Saved]) -> tuple[Saved, ...]:
     """`tensors` with its MoE tensors (named `moe.`) replaced by `moe`, where the first was."""
     at = next((i for i, t in enumerate(tensors) if t.name.startswith("moe.")), None)
@@ -261,13 +294,6 @@ def _expert_tensor_parallel(
             "ranks); turn parallelism.sequence_parallel on (torchtitan's default)"
         )
         return replace(layout.refused(why), implementation="torchtitan")
-    if arch.model_type != torchtitan_moe.QWEN3_MOE:
-        why = (
-            "torchtitan's DeepSeek-V3 under expert x tensor parallelism is not modelled (its "
-            "shared experts gather the token shard the router reads: not measured); EP x TP is "
-            "modelled for Qwen3-MoE, TP alone for both"
-        )
-        return replace(layout.refused(why), implementation="torchtitan")
     ep_st = replace(st, local_experts=arch.num_experts // lay.expert)
     tp_lay = replace(lay, expert=1)
     extra = {**layout.local_architecture(arch, lay).extra}
@@ -284,11 +310,12 @@ def _expert_tensor_parallel(
         if not b.name.startswith("layers") or mine is None:
             blocks.append(b)
             continue
-        moe = [t for t in mine.tensors if t.name.startswith("moe.")]
-        again = [t for t in mine.recompute if t.name.startswith("moe.")]
+        moe = _ep_tp_moe(b.tensors, mine.tensors, st, arch.hidden_size)
+        again = _ep_tp_moe(b.recompute, mine.recompute, st, arch.hidden_size)
         tensors = _moe_first(b.tensors, moe)
-        if st.checkpointing == "selective-op":
-            # No reduce-scatter at the MoE's output: it is the sequence shard already.
+        if moe and st.checkpointing == "selective-op":
+            # No reduce-scatter at the routed experts' output: it is the sequence shard
+            # already (the shared experts' own stays).
             tensors = tuple(t for t in tensors if t.name != "feed_forward.w2.reduce_scatter")
         blocks.append(replace(b, tensors=tensors, recompute=_moe_first(b.recompute, again)))
     notes = (*local.notes, EP_TP_NOTE.format(ep=lay.expert, tp=lay.tensor))
