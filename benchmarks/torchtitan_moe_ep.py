@@ -98,6 +98,27 @@ def cases(world: int) -> list[Case]:
         out.append(
             Case("bf16", "none", 2, layers=3, moe_ffn=24, model="deepseek_v3", what="states")
         )
+        # DeepSeek-V3 under TP 2 (EP 1): the experts' hidden 32 / TP = 16 (torch's
+        # _grouped_mm needs 16-byte strides: 24 / 2 = 12 bf16 fails on CPU).
+        ds = {"layers": 3, "moe_ffn": 32, "model": "deepseek_v3", "tp": 2}
+        for dtype in ("bf16", "fp32"):
+            for mode in MODES:
+                out.append(Case(dtype, mode, 1, **ds))
+        for mode in ("none", "selective-op"):
+            out.append(Case("bf16", mode, 1, sp=False, **ds))
+        out.append(Case("bf16", "none", 1, batch=1, **ds))
+        out.append(Case("bf16", "none", 1, what="states", **ds))
+        # ... and under EP 2 x TP 2.
+        for dtype in ("bf16", "fp32"):
+            for mode in MODES:
+                out.append(Case(dtype, mode, 2, **ds))
+        out.append(Case("bf16", "none", 2, what="states", **ds))
+    if world == 4:
+        ds = {"layers": 3, "moe_ffn": 32, "model": "deepseek_v3", "tp": 2}
+        for ep in (2, 4):
+            for mode in ("none", "selective-op"):
+                out.append(Case("bf16", mode, ep, **ds))
+            out.append(Case("bf16", "none", ep, what="states", **ds))
     return out
 
 

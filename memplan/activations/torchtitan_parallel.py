@@ -40,9 +40,10 @@ borrows its ranks from data x TP (0.3.0 distributed/parallel_dims.py: the sparse
 (efsdp, ep) over the same ranks as the dense (fsdp, tp), efsdp = fsdp x TP / EP), and with
 enable_ep the MoE keeps its input on the sequence shard (SRC_EP_TP): the router, the
 all-to-all dispatch and the grouped experts run on sequence / TP tokens, with E / EP experts
-that TP does not split; the attention and the rest are the TP rule's. Measured equal on 2 and 4
-gloo ranks (TP 2 x EP 2, TP 2 x EP 4, TP 4 x EP 2, TP 4 x EP 4; benchmarks/
-torchtitan_moe_ep.py). Without sequence parallelism torchtitan 0.3.0 itself fails (refused
+that TP does not split; DeepSeek-V3's shared experts gather the whole sequence for themselves
+(`_ep_tp_moe`); the attention and the rest are the TP rule's. Measured equal on 2 and 4 gloo
+ranks (Qwen3-MoE at TP 2 x EP 2, TP 2 x EP 4, TP 4 x EP 2, TP 4 x EP 4; DeepSeek-V3 at TP 2 x
+EP 2 and 4; benchmarks/torchtitan_moe_ep.py). Without sequence parallelism torchtitan 0.3.0 itself fails (refused
 with its error).
 
 Context parallelism (torch.distributed.tensor.experimental context_parallel, torchtitan 0.3.0

@@ -64,11 +64,11 @@ dispatch and combine all-to-alls' outputs ([R, D] and [N, D], the stream dtype) 
 count exchange's [EP, E / EP] int64 output are kept (SRC_SAC_EP).
 
 Tensor parallelism (EP 1, Qwen3-MoE and DeepSeek-V3): see `model_parallel`. Expert and tensor
-parallelism together (Qwen3-MoE, with sequence parallelism): memplan.activations.
-torchtitan_parallel (SRC_EP_TP): the router and the dispatcher run on each TP rank's token
-shard, the routed experts whole over TP. Refused: EP or TP together with CP on MoE blocks,
-DeepSeek-V3 under EP x TP, EP x TP without sequence parallelism (torchtitan 0.3.0 itself
-fails there).
+parallelism together (with sequence parallelism): memplan.activations.torchtitan_parallel
+(SRC_EP_TP): the router and the dispatcher run on each TP rank's token shard, the routed
+experts whole over TP, DeepSeek-V3's shared experts as under TP alone. Refused: context
+parallelism on MoE blocks, EP x TP without sequence parallelism (torchtitan 0.3.0 itself fails
+there, with the error quoted).
 
 FSDP2 (distributed/fsdp.py::apply_fsdp_to_decoder): with expert parallelism 1 a MoE block is
 one `fully_shard` group, as a dense block; the experts go on dim 1 when the FSDP degree
