@@ -1,15 +1,16 @@
 """torchtitan's own MoE under its expert parallelism and its FSDP2 expert sharding (issue 19):
 memplan's rules (memplan.model.stacks.torchtitan_moe under `Setting.local_experts`,
 memplan.activations.torchtitan_parallel; memplan.states.engines.fsdp2.sharding.dim1_experts)
-against torchtitan 0.3.0 itself.
+against torchtitan 0.3.0 itself, alone and with TP (EP x TP; DeepSeek-V3 under TP).
 
 Independent oracles, a subset of benchmarks/torchtitan_moe_ep.py's matrix
 (benchmarks/results/torchtitan-moe-ep.json):
 - torchtitan's Qwen3-MoE and DeepSeek-V3 laid out by its own ParallelDims, sharding configs,
-  Module.parallelize (EP, or TP for Qwen3-MoE) and apply_fsdp_to_decoder on 2 gloo ranks, what
+  Module.parallelize (EP, TP, or both) and apply_fsdp_to_decoder on 2 gloo ranks, what
   each rank holds for backward and its model states after one AdamW step measured
   (tests/torchtitan_ep_probe.py), under torchtitan's balanced round-robin routing (the routing
-  the EP rule states; TP runs the seeded router, the rule at EP 1 holding for any routing);
+  the EP rule states; under EP x TP the same round-robin on each rank's token shard; TP alone
+  runs the seeded router, the rule at EP 1 holding for any routing);
 - FSDP2's own padded shard sizes of two blocks of Qwen3-30B-A3B over a fake process group of
   64 and 256 ranks, EP 1 and 8 (tests/torchtitan_ep_probe.py::fake_sharded): at data 256 the
   experts are sharded on dim 1 (efsdp x EP = 256 > 128 experts), the case memplan overstated
@@ -86,7 +87,8 @@ def test_ep_rule_matches_torchtitan_ranks(tmp_path: Path) -> None:
     all-to-alls' outputs kept), DeepSeek-V3 with none; FSDP2's model states at EP 2; and
     Qwen3-MoE under torchtitan's own TP 2 + SP with SelectiveAC (EP 1); and EP 2 x TP 2 + SP
     with SelectiveAC and its model states (the experts not split over TP: the old rule refused
-    it, expert 2 not dividing data 1)."""
+    it, expert 2 not dividing data 1), and DeepSeek-V3 under EP 2 x TP 2 (the routed half on the
+    token shard, the shared experts on their own all-gathered input)."""
     pytest.importorskip("torchtitan.models.qwen3")
     from tests.torchtitan_ep_probe import Case, run
 
@@ -100,6 +102,8 @@ def test_ep_rule_matches_torchtitan_ranks(tmp_path: Path) -> None:
         # experts whole over TP, FSDP2's expert shards over efsdp.
         Case("bf16", "selective-op", 2, tp=2),
         Case("bf16", "none", 2, tp=2, what="states"),
+        # DeepSeek-V3 under EP 2 x TP 2: the shared experts gather their own input.
+        Case("bf16", "none", 2, tp=2, layers=3, moe_ffn=32, model="deepseek_v3"),
     ]
     ranks = run(cases, tmp_path, world=2)
     for case in cases:

@@ -12,9 +12,12 @@ models/qwen3/parallelize.py::parallelize_qwen3 does with the DTensor backend
 - models/qwen3/sharding.py::set_qwen3_sharding_config(enable_sp=False, enable_ep=True) on the
   config, then `model.parallelize(dims)` (protocols/module.py; the routed experts' weights
   Shard(0) over `ep`, RoutedExperts.parallelize wiring the dispatcher's EP mesh);
-- with `Case.tp` > 1 (EP 1), torchtitan's own tensor parallelism of the same model instead:
-  ParallelDims(dp_shard=world / tp, tp), set_qwen3_sharding_config(enable_sp=Case.sp,
-  enable_ep=False) and Module.parallelize (the MoE's plan: models/common/moe_sharding.py);
+- with `Case.tp` > 1, torchtitan's own tensor parallelism of the same model:
+  ParallelDims(dp_shard=world / tp, tp, ep), set_qwen3_sharding_config (or
+  set_deepseek_v3_sharding_config) with enable_sp=Case.sp, enable_ep=Case.ep > 1 and
+  Module.parallelize (the MoE's plan: models/common/moe_sharding.py); with EP as well, EP
+  borrows its ranks from data x TP (efsdp = dp_shard x tp / ep, EP fastest: at TP 2 x EP 2
+  the EP group is the TP group);
 - torchtitan's own checkpointing (tests/torchtitan_probe.py::checkpoint);
 - for the model states, distributed/fsdp.py::apply_fsdp_to_decoder over the `fsdp` mesh with
   `ep_degree` and the `efsdp` mesh (Shard(1) on the experts when efsdp x EP exceeds the expert
@@ -25,8 +28,10 @@ models/qwen3/parallelize.py::parallelize_qwen3 does with the DTensor backend
 Routing: torchtitan's own balanced round-robin (`_debug_force_load_balance`,
 models/common/moe.py::TokenChoiceTopKRouter._debug_force_load_balance_routing: token-expert
 pair i goes to expert i mod E), so every rank sends and receives tokens x top_k rows when E
-divides tokens x top_k (under TP the seeded router: torchtitan's balanced routing fails there,
-`Case.shape`). The tokens differ per data-parallel rank (seed 1 + rank // TP), as data
+divides tokens x top_k (under TP alone the seeded router: torchtitan's balanced routing fails
+there, `Case.shape`; under EP x TP the same round-robin on each rank's token shard,
+`_local_round_robin`). A case torchtitan itself fails on records its RuntimeError. The tokens
+differ per data-parallel rank (seed 1 + rank // TP), as data
 parallelism gives them.
 
 `held`: the activations measure of tests/torchtitan_tp_probe.py (every storage an op makes

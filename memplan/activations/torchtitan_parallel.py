@@ -43,8 +43,8 @@ all-to-all dispatch and the grouped experts run on sequence / TP tokens, with E 
 that TP does not split; DeepSeek-V3's shared experts gather the whole sequence for themselves
 (`_ep_tp_moe`); the attention and the rest are the TP rule's. Measured equal on 2 and 4 gloo
 ranks (Qwen3-MoE at TP 2 x EP 2, TP 2 x EP 4, TP 4 x EP 2, TP 4 x EP 4; DeepSeek-V3 at TP 2 x
-EP 2 and 4; benchmarks/torchtitan_moe_ep.py). Without sequence parallelism torchtitan 0.3.0 itself fails (refused
-with its error).
+EP 2 and 4; benchmarks/torchtitan_moe_ep.py). Without sequence parallelism torchtitan 0.3.0
+itself fails (refused with its error).
 
 Context parallelism (torch.distributed.tensor.experimental context_parallel, torchtitan 0.3.0
 distributed/context_parallel/api.py::apply_cp_to_forward for SDPA) shards the inputs, labels and
@@ -290,8 +290,8 @@ def _expert_tensor_parallel(
             "torchtitan 0.3.0 cannot run its MoE under expert x tensor parallelism without "
             "sequence parallelism: models/common/moe_sharding.py::_routed_experts_sharding_"
             "configs asks the routed experts' Shard(1) output for Partial, and torch 2.13's "
-            "DTensor.redistribute raises \"RuntimeError: Can not redistribute from S(1) to "
-            "P(sum), redistributing to Partial is for internal use only!\" (run on 4 gloo "
+            'DTensor.redistribute raises "RuntimeError: Can not redistribute from S(1) to '
+            'P(sum), redistributing to Partial is for internal use only!" (run on 4 gloo '
             "ranks); turn parallelism.sequence_parallel on (torchtitan's default)"
         )
         return replace(layout.refused(why), implementation="torchtitan")
