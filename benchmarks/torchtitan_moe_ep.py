@@ -2,7 +2,7 @@
 memplan's rules (memplan.model.stacks.torchtitan_moe with `Setting.local_experts`,
 memplan.activations.torchtitan_parallel, memplan.states.engines.fsdp2.sharding.dim1_experts)
 against torchtitan 0.3.0 itself, the whole matrix, then `memplan estimate` of Qwen3-30B-A3B
-at EP 1 and EP 8 on 64 GPUs and at data 256.
+at EP 1 and EP 8 on 64 GPUs (also as data 32 x TP 2) and at data 256.
 
 Part 1, `ranks`: tests/torchtitan_ep_probe.py on 2 and 4 gloo ranks: torchtitan's tiny
 Qwen3-MoE (dim 64, 8 experts top 2 of hidden 48; 2 experts of hidden 48 for the dim-1 states)
@@ -13,7 +13,13 @@ bf16 x none / full / selective-op x EP 2 and 4 x batch 1 and 2) and, after
 apply_fsdp_to_decoder and one AdamW step, the parameters, gradients and AdamW moments
 (EP 1, 2, 4; 8 experts, and 2 experts so that efsdp x EP exceeds them: dim-1 shards); and
 Qwen3-MoE under torchtitan's own TP 2 (EP 1; world 2: fp32 and bf16 x none / full /
-selective-op x SP on and off; world 4, data 2 x TP 2: bf16 with SP), its model states too.
+selective-op x SP on and off; world 4, data 2 x TP 2: bf16 with SP), its model states too;
+EP x TP with SP (EP borrowing ranks from data x TP): Qwen3-MoE at TP 2 x EP 2 on 2 and 4 ranks,
+TP 2 x EP 4, TP 4 x EP 2 and TP 4 x EP 4 on 4 (4 key/value heads at TP 4), held and states;
+without SP torchtitan itself fails, and the row compares memplan's refusal, which quotes the
+error, with the error each rank records; DeepSeek-V3 (experts' hidden 32, so that TP's halves
+keep _grouped_mm's 16-byte strides) under TP 2 at EP 1 (SP on and off, batch 1 and 2) and EP 2
+on 2 ranks, EP 2 and 4 on 4, with a q_lora_rank too.
 
 Part 2, `fake`: FSDP2's own padded shard sizes of two blocks of torchtitan's Qwen3-30B-A3B
 (128 experts) over a fake process group of 64, 128, 256 and 512 ranks at EP 1, 8 and 16
@@ -24,9 +30,10 @@ both refuse.
 
 Part 3, `estimates`: `memplan estimate` of Qwen3-30B-A3B (memplan's preset) with torchtitan's
 code, FSDP2 over 64 GPUs, 2 x 4096, bf16-mixed AdamW, H100-80GB, expandable segments, EP 1 and
-EP 8 x none / full / selective-op; and at data 256, EP 1 (the experts' dim-1 shards).
+EP 8 x none / full / selective-op; at data 256, EP 1 and 8 (the experts' dim-1 shards); and
+at data 32 x TP 2 (+ SP), EP 1 and 8 (EP x TP: the MoE on the token shard).
 
-    PYTHONPATH=$PWD python benchmarks/torchtitan_moe_ep.py   # ~3 min on 2 busy cores
+    PYTHONPATH=$PWD python benchmarks/torchtitan_moe_ep.py   # ~7 min on 2 busy cores
     # writes benchmarks/results/torchtitan-moe-ep.json
 """
 
@@ -113,6 +120,10 @@ def cases(world: int) -> list[Case]:
             for mode in MODES:
                 out.append(Case(dtype, mode, 2, **ds))
         out.append(Case("bf16", "none", 2, what="states", **ds))
+        # MLA with a q_lora_rank (wq_a and q_norm replicated, wq_b column-parallel).
+        for ep in (1, 2):
+            for dtype, mode in (("bf16", "none"), ("bf16", "selective-op"), ("fp32", "none")):
+                out.append(Case(dtype, mode, ep, q_lora=16, **ds))
     if world == 4:
         ds = {"layers": 3, "moe_ffn": 32, "model": "deepseek_v3", "tp": 2}
         for ep in (2, 4):
@@ -212,7 +223,8 @@ def fake() -> list[dict[str, Any]]:
     return rows
 
 
-def spec_of(mode: str, data: int, ep: int) -> dict[str, Any]:
+def spec_of(mode: str, data: int, ep: int, tp: int = 1) -> dict[str, Any]:
+    tensor = {"tensor": tp, "sequence_parallel": True} if tp > 1 else {}
     return {
         "model": {"preset": "qwen3-30b-a3b", "implementation": "torchtitan"},
         "precision": "bf16-mixed",
@@ -222,17 +234,18 @@ def spec_of(mode: str, data: int, ep: int) -> dict[str, Any]:
             "sequence_length": 4096,
             "activation_checkpointing": mode,
         },
-        "parallelism": {"engine": "fsdp2", "data": data, "expert": ep},
+        "parallelism": {"engine": "fsdp2", "data": data, "expert": ep, **tensor},
         "hardware": {"gpu": "H100-80GB", "alloc_conf": "expandable_segments:True"},
     }
 
 
 def estimates() -> list[dict[str, Any]]:
     rows = []
-    for data, eps, modes in ((64, (1, 8), MODES), (256, (1, 8), ("full",))):
+    rows_of = ((64, (1, 8), MODES, 1), (256, (1, 8), ("full",), 1), (32, (1, 8), MODES, 2))
+    for data, eps, modes, tp in rows_of:
         for ep in eps:
             for mode in modes:
-                loaded = validate(spec_of(mode, data, ep))
+                loaded = validate(spec_of(mode, data, ep, tp))
                 report = estimate(loaded.spec, load_inventory(loaded))
                 reserved = report.peak_reserved
                 assert reserved is not None and report.activations.modelled
@@ -240,6 +253,7 @@ def estimates() -> list[dict[str, Any]]:
                 row = {
                     "model": "Qwen3-30B-A3B",
                     "data": data,
+                    "tensor": tp,
                     "expert": ep,
                     "checkpointing": mode,
                     "parameters_gib": round(g.bytes_of("parameters") / GIB, 3),

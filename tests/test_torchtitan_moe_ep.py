@@ -53,7 +53,7 @@ def _spec(
 def config_of(case: Any) -> dict[str, Any]:
     """tests/torchtitan_ep_probe.py's Case as a Hugging Face config."""
     if case.model == "deepseek_v3":
-        cfg = deepseek_v3(case.layers, q_lora=0, dense_layers=1)
+        cfg = deepseek_v3(case.layers, q_lora=case.q_lora, dense_layers=1)
         return {**cfg, "n_routed_experts": case.experts, "moe_intermediate_size": case.moe_ffn}
     cfg = qwen3_moe(case.layers, experts=case.experts, top_k=case.top_k)
     return {**cfg, "moe_intermediate_size": case.moe_ffn, "num_key_value_heads": case.kv_heads}

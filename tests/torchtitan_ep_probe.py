@@ -77,6 +77,8 @@ class Case:
     """Sequence parallelism with TP (torchtitan's default)."""
     kv_heads: int = 2
     """Qwen3-MoE's key/value heads: 4 (as many as the query heads) lets TP 4 split them."""
+    q_lora: int = 0
+    """DeepSeek-V3's q_lora_rank (0: wq; > 0: wq_a, q_norm, wq_b)."""
     model: str = "qwen3_moe"
     """"qwen3_moe" or "deepseek_v3" (tests/torchtitan_probe.py's DeepSeek-V3 shape: MLA, one
     dense layer first, one shared expert, 4 groups of which 2 are kept, dense hidden 128)."""
@@ -84,6 +86,8 @@ class Case:
     @property
     def name(self) -> str:
         own = "" if self.model == "qwen3_moe" else f"{self.model}-"
+        if self.q_lora:
+            own += f"q{self.q_lora}-"
         if self.tp > 1:
             own += f"tp{self.tp}-{'sp' if self.sp else 'nosp'}-"
         if self.kv_heads != 2:
@@ -105,6 +109,7 @@ class Case:
                 top_k=self.top_k,
                 moe_ffn=self.moe_ffn,
                 routing="balanced",
+                mla=replace(probe.Mla(), q_lora=self.q_lora),
             )
         return replace(
             probe.QWEN3_MOE_TINY,

@@ -48,9 +48,16 @@ SPLIT_FIELDS = (
     "tensor_impl",
     "make_vocab_size_divisible_by",
     "tensor_rank",
-    "implementation",  # with engine: torchtitan's experts are not split over TP
-    "engine",  # (Layout.titan_experts)
 )
+TITAN_FIELDS = ("implementation", "engine")
+"""Kept beside SPLIT_FIELDS only under Layout.titan_experts (torchtitan's routed experts are not
+split over TP): other layouts of one plan search keep sharing their splits."""
+
+
+def split_fields(layout: Layout) -> tuple[str, ...]:
+    """The fields `layout`'s split of the tensors reads (SPLIT_FIELDS, TITAN_FIELDS)."""
+    return (*SPLIT_FIELDS, *TITAN_FIELDS) if layout.titan_experts else SPLIT_FIELDS
+
 
 # Name patterns (the module's last path component before .weight/.bias) -> how TP splits it.
 _COLUMN = re.compile(
@@ -286,7 +293,7 @@ def stage_inventory(inventory: Inventory, layout: Layout, stage: int) -> Invento
 
 def stage_inventories(inventory: Inventory, layout: Layout) -> tuple[Inventory, ...]:
     """`stage_inventory` of every stage, in one pass over the tensors."""
-    return _stage_inventories(inventory, layout.keep(*SPLIT_FIELDS))
+    return _stage_inventories(inventory, layout.keep(*split_fields(layout)))
 
 
 @lru_cache(maxsize=256)
@@ -301,7 +308,8 @@ def _stage_inventories(inventory: Inventory, layout: Layout) -> tuple[Inventory,
         layer: s for s, held in enumerate(stage_layers(arch.num_layers, layout)) for layer in held
     }
     last = layout.chunk_rank(layout.pipeline * layout.virtual_stages - 1)
-    local = _localised(inventory, layout.keep(*_LOCAL_FIELDS))
+    titan = TITAN_FIELDS if layout.titan_experts else ()
+    local = _localised(inventory, layout.keep(*_LOCAL_FIELDS, *titan))
 
     def stage_of(t: TensorSpec) -> int:
         if layout.pipeline == 1:
@@ -340,15 +348,7 @@ def _stage_inventories(inventory: Inventory, layout: Layout) -> tuple[Inventory,
 
 
 # The Layout fields that decide a tensor's TP/EP-local shape (`local_shape`).
-_LOCAL_FIELDS = (
-    "tensor",
-    "expert",
-    "tensor_impl",
-    "make_vocab_size_divisible_by",
-    "tensor_rank",
-    "implementation",  # with engine: Layout.titan_experts
-    "engine",
-)
+_LOCAL_FIELDS = ("tensor", "expert", "tensor_impl", "make_vocab_size_divisible_by", "tensor_rank")
 
 
 @lru_cache(maxsize=64)

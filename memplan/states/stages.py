@@ -25,6 +25,7 @@ from memplan.states.engines import offload as offload_rules
 from memplan.states.layout import Layout
 from memplan.states.parallel import (
     SPLIT_FIELDS,
+    TITAN_FIELDS,
     check_degrees,
     local_shape,
     split_experts,
@@ -156,7 +157,8 @@ def _states_key(inventory: Inventory, layout: Layout, held: list[list[int]] | No
     weights as data-parallel ones, so they fold into `data` (`Layout.data_shards`); and with
     identical layers only how many each pipeline rank holds matters, not which, so an
     interleaved placement is the contiguous split with the same counts."""
-    key = replace(layout.keep(*STATES_FIELDS), data=layout.data_shards)
+    titan = TITAN_FIELDS if layout.titan_experts else ()
+    key = replace(layout.keep(*STATES_FIELDS, *titan), data=layout.data_shards)
     if (
         held is not None
         and layout.pipeline > 1
