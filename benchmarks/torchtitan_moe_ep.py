@@ -2,7 +2,7 @@
 memplan's rules (memplan.model.stacks.torchtitan_moe with `Setting.local_experts`,
 memplan.activations.torchtitan_parallel, memplan.states.engines.fsdp2.sharding.dim1_experts)
 against torchtitan 0.3.0 itself, the whole matrix, then `memplan estimate` of Qwen3-30B-A3B
-at EP 1 and EP 8 on 64 GPUs and at data 256.
+at EP 1 and EP 8 on 64 GPUs (also as data 32 x TP 2) and at data 256.
 
 Part 1, `ranks`: tests/torchtitan_ep_probe.py on 2 and 4 gloo ranks: torchtitan's tiny
 Qwen3-MoE (dim 64, 8 experts top 2 of hidden 48; 2 experts of hidden 48 for the dim-1 states)
@@ -13,7 +13,13 @@ bf16 x none / full / selective-op x EP 2 and 4 x batch 1 and 2) and, after
 apply_fsdp_to_decoder and one AdamW step, the parameters, gradients and AdamW moments
 (EP 1, 2, 4; 8 experts, and 2 experts so that efsdp x EP exceeds them: dim-1 shards); and
 Qwen3-MoE under torchtitan's own TP 2 (EP 1; world 2: fp32 and bf16 x none / full /
-selective-op x SP on and off; world 4, data 2 x TP 2: bf16 with SP), its model states too.
+selective-op x SP on and off; world 4, data 2 x TP 2: bf16 with SP), its model states too;
+EP x TP with SP (EP borrowing ranks from data x TP): Qwen3-MoE at TP 2 x EP 2 on 2 and 4 ranks,
+TP 2 x EP 4, TP 4 x EP 2 and TP 4 x EP 4 on 4 (4 key/value heads at TP 4), held and states;
+without SP torchtitan itself fails, and the row compares memplan's refusal, which quotes the
+error, with the error each rank records; DeepSeek-V3 (experts' hidden 32, so that TP's halves
+keep _grouped_mm's 16-byte strides) under TP 2 at EP 1 (SP on and off, batch 1 and 2) and EP 2
+on 2 ranks, EP 2 and 4 on 4, with a q_lora_rank too.
 
 Part 2, `fake`: FSDP2's own padded shard sizes of two blocks of torchtitan's Qwen3-30B-A3B
 (128 experts) over a fake process group of 64, 128, 256 and 512 ranks at EP 1, 8 and 16
@@ -24,9 +30,10 @@ both refuse.
 
 Part 3, `estimates`: `memplan estimate` of Qwen3-30B-A3B (memplan's preset) with torchtitan's
 code, FSDP2 over 64 GPUs, 2 x 4096, bf16-mixed AdamW, H100-80GB, expandable segments, EP 1 and
-EP 8 x none / full / selective-op; and at data 256, EP 1 (the experts' dim-1 shards).
+EP 8 x none / full / selective-op; at data 256, EP 1 and 8 (the experts' dim-1 shards); and
+at data 32 x TP 2 (+ SP), EP 1 and 8 (EP x TP: the MoE on the token shard).
 
-    PYTHONPATH=$PWD python benchmarks/torchtitan_moe_ep.py   # ~3 min on 2 busy cores
+    PYTHONPATH=$PWD python benchmarks/torchtitan_moe_ep.py   # ~7 min on 2 busy cores
     # writes benchmarks/results/torchtitan-moe-ep.json
 """
 
@@ -79,6 +86,18 @@ def cases(world: int) -> list[Case]:
             for sp in (True, False) if world == 2 else (True,):
                 out.append(Case(dtype, mode, 1, tp=2, sp=sp))
     out.append(Case("bf16", "none", 1, tp=2, what="states"))
+    # EP x TP (+ SP): EP borrows ranks from data x TP (efsdp = data x TP / EP); TP 4 needs the
+    # 4 key/value heads. Without SP torchtitan itself fails (`refused`).
+    shapes = ((2, 2, 2),) if world == 2 else ((2, 2, 2), (4, 2, 2), (2, 4, 4), (4, 4, 4))
+    for ep, tp, kv in shapes:
+        for dtype in ("bf16", "fp32") if (ep, tp) == (2, 2) else ("bf16",):
+            for mode in MODES if tp == 2 else ("none", "selective-op"):
+                out.append(Case(dtype, mode, ep, tp=tp, kv_heads=kv))
+        out.append(Case("bf16", "none", ep, tp=tp, kv_heads=kv, what="states"))
+    if world == 4:
+        out.append(Case("bf16", "none", 2, tp=2, experts=2, what="states"))
+        out.append(Case("bf16", "none", 2, tp=2, batch=1))
+        out.append(Case("bf16", "none", 2, tp=2, sp=False))
     if world == 2:
         for dtype in ("bf16", "fp32"):
             for mode in MODES:
@@ -86,6 +105,31 @@ def cases(world: int) -> list[Case]:
         out.append(
             Case("bf16", "none", 2, layers=3, moe_ffn=24, model="deepseek_v3", what="states")
         )
+        # DeepSeek-V3 under TP 2 (EP 1): the experts' hidden 32 / TP = 16 (torch's
+        # _grouped_mm needs 16-byte strides: 24 / 2 = 12 bf16 fails on CPU).
+        ds = {"layers": 3, "moe_ffn": 32, "model": "deepseek_v3", "tp": 2}
+        for dtype in ("bf16", "fp32"):
+            for mode in MODES:
+                out.append(Case(dtype, mode, 1, **ds))
+        for mode in ("none", "selective-op"):
+            out.append(Case("bf16", mode, 1, sp=False, **ds))
+        out.append(Case("bf16", "none", 1, batch=1, **ds))
+        out.append(Case("bf16", "none", 1, what="states", **ds))
+        # ... and under EP 2 x TP 2.
+        for dtype in ("bf16", "fp32"):
+            for mode in MODES:
+                out.append(Case(dtype, mode, 2, **ds))
+        out.append(Case("bf16", "none", 2, what="states", **ds))
+        # MLA with a q_lora_rank (wq_a and q_norm replicated, wq_b column-parallel).
+        for ep in (1, 2):
+            for dtype, mode in (("bf16", "none"), ("bf16", "selective-op"), ("fp32", "none")):
+                out.append(Case(dtype, mode, ep, q_lora=16, **ds))
+    if world == 4:
+        ds = {"layers": 3, "moe_ffn": 32, "model": "deepseek_v3", "tp": 2}
+        for ep in (2, 4):
+            for mode in ("none", "selective-op"):
+                out.append(Case("bf16", mode, ep, **ds))
+            out.append(Case("bf16", "none", ep, what="states", **ds))
     return out
 
 
@@ -97,7 +141,8 @@ def ranks() -> list[dict[str, Any]]:
             measured = run(matrix, Path(d), world=world)
         for case in matrix:
             got = [r[case.name] for r in measured]
-            want = predicted(case, world)
+            ep_tp_off = case.tp > 1 and case.ep > 1 and not case.sp
+            want = refused(case, world) if ep_tp_off else predicted(case, world)
             rows.append(
                 {
                     "world": world,
@@ -112,6 +157,22 @@ def ranks() -> list[dict[str, Any]]:
             )
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def refused(case: Case, world: int) -> Any:
+    """What memplan says of a case torchtitan fails on: its refusal, quoting torchtitan's
+    error, on every rank (equal to what the probe records when the error is the same)."""
+    from memplan.model.sources import from_config
+    from tests.conftest import micro_batch_of
+    from tests.test_torchtitan_moe_ep import _spec, config_of
+
+    cfg = config_of(case)
+    tp = {"tensor": case.tp, "sequence_parallel": case.sp}
+    spec = _spec(cfg, case.dtype, case.mode, world // case.tp, case.ep, case.batch, **tp)
+    saved = micro_batch_of(spec, from_config(cfg))
+    assert not saved.modelled
+    quoted = saved.notes[0].split('raises "')[1].split('" (run')[0]
+    return [{"error": quoted}] * world
 
 
 def fake() -> list[dict[str, Any]]:
@@ -162,7 +223,8 @@ def fake() -> list[dict[str, Any]]:
     return rows
 
 
-def spec_of(mode: str, data: int, ep: int) -> dict[str, Any]:
+def spec_of(mode: str, data: int, ep: int, tp: int = 1) -> dict[str, Any]:
+    tensor = {"tensor": tp, "sequence_parallel": True} if tp > 1 else {}
     return {
         "model": {"preset": "qwen3-30b-a3b", "implementation": "torchtitan"},
         "precision": "bf16-mixed",
@@ -172,17 +234,18 @@ def spec_of(mode: str, data: int, ep: int) -> dict[str, Any]:
             "sequence_length": 4096,
             "activation_checkpointing": mode,
         },
-        "parallelism": {"engine": "fsdp2", "data": data, "expert": ep},
+        "parallelism": {"engine": "fsdp2", "data": data, "expert": ep, **tensor},
         "hardware": {"gpu": "H100-80GB", "alloc_conf": "expandable_segments:True"},
     }
 
 
 def estimates() -> list[dict[str, Any]]:
     rows = []
-    for data, eps, modes in ((64, (1, 8), MODES), (256, (1, 8), ("full",))):
+    rows_of = ((64, (1, 8), MODES, 1), (256, (1, 8), ("full",), 1), (32, (1, 8), MODES, 2))
+    for data, eps, modes, tp in rows_of:
         for ep in eps:
             for mode in modes:
-                loaded = validate(spec_of(mode, data, ep))
+                loaded = validate(spec_of(mode, data, ep, tp))
                 report = estimate(loaded.spec, load_inventory(loaded))
                 reserved = report.peak_reserved
                 assert reserved is not None and report.activations.modelled
@@ -190,6 +253,7 @@ def estimates() -> list[dict[str, Any]]:
                 row = {
                     "model": "Qwen3-30B-A3B",
                     "data": data,
+                    "tensor": tp,
                     "expert": ep,
                     "checkpointing": mode,
                     "parameters_gib": round(g.bytes_of("parameters") / GIB, 3),

@@ -112,8 +112,8 @@ def test_qwen3_moe_estimate_names_the_model_code() -> None:
         ({"mlp_only_layers": [0]}, {}, "dense layers"),
         ({"decoder_sparse_step": 2}, {}, "dense layers"),
         ({"norm_topk_prob": False}, {}, "norm_topk_prob"),
-        ({}, {"data": 4, "context": 2}, "tensor or context parallelism"),
-        ({}, {"data": 4, "expert": 2, "tensor": 2}, "tensor or context parallelism"),
+        ({}, {"data": 4, "context": 2}, "context parallelism"),
+        ({}, {"data": 4, "expert": 2, "tensor": 2}, "Can not redistribute from S(1) to P(sum)"),
         ({}, {"data": 4, "expert": 2, "expert_capacity_factor": 1.0}, "dropless"),
     ],
 )
@@ -263,7 +263,7 @@ def test_deepseek_v3_rule_matches_torchtitan_to_the_byte(
 
 def test_deepseek_v3_refusals_name_what_is_not_covered() -> None:
     """On CUDA (the inner attention's kernel for MLA's unequal head dims is not established),
-    and layer SAC over two layer kinds."""
+    layer SAC over two layer kinds, and context parallelism (TP is modelled)."""
     from memplan.config.load import validate
     from memplan.model.load import load_inventory
 
@@ -284,6 +284,6 @@ def test_deepseek_v3_refusals_name_what_is_not_covered() -> None:
     training = {"activation_checkpointing": "full", "checkpoint_every": 2}
     saved = micro_batch_of(_spec(cfg, hardware=cpu, training=training), from_config(cfg))
     assert not saved.modelled and "two layer kinds" in saved.notes[0], saved.notes
-    tp = _spec(cfg, hardware=cpu, parallelism={"data": 4, "tensor": 2})
-    saved = micro_batch_of(tp, from_config(cfg))
-    assert not saved.modelled and "tensor or context parallelism" in saved.notes[0]
+    cp = _spec(cfg, hardware=cpu, parallelism={"data": 4, "context": 2})
+    saved = micro_batch_of(cp, from_config(cfg))
+    assert not saved.modelled and "context parallelism" in saved.notes[0]

@@ -12,9 +12,12 @@ models/qwen3/parallelize.py::parallelize_qwen3 does with the DTensor backend
 - models/qwen3/sharding.py::set_qwen3_sharding_config(enable_sp=False, enable_ep=True) on the
   config, then `model.parallelize(dims)` (protocols/module.py; the routed experts' weights
   Shard(0) over `ep`, RoutedExperts.parallelize wiring the dispatcher's EP mesh);
-- with `Case.tp` > 1 (EP 1), torchtitan's own tensor parallelism of the same model instead:
-  ParallelDims(dp_shard=world / tp, tp), set_qwen3_sharding_config(enable_sp=Case.sp,
-  enable_ep=False) and Module.parallelize (the MoE's plan: models/common/moe_sharding.py);
+- with `Case.tp` > 1, torchtitan's own tensor parallelism of the same model:
+  ParallelDims(dp_shard=world / tp, tp, ep), set_qwen3_sharding_config (or
+  set_deepseek_v3_sharding_config) with enable_sp=Case.sp, enable_ep=Case.ep > 1 and
+  Module.parallelize (the MoE's plan: models/common/moe_sharding.py); with EP as well, EP
+  borrows its ranks from data x TP (efsdp = dp_shard x tp / ep, EP fastest: at TP 2 x EP 2
+  the EP group is the TP group);
 - torchtitan's own checkpointing (tests/torchtitan_probe.py::checkpoint);
 - for the model states, distributed/fsdp.py::apply_fsdp_to_decoder over the `fsdp` mesh with
   `ep_degree` and the `efsdp` mesh (Shard(1) on the experts when efsdp x EP exceeds the expert
@@ -25,8 +28,10 @@ models/qwen3/parallelize.py::parallelize_qwen3 does with the DTensor backend
 Routing: torchtitan's own balanced round-robin (`_debug_force_load_balance`,
 models/common/moe.py::TokenChoiceTopKRouter._debug_force_load_balance_routing: token-expert
 pair i goes to expert i mod E), so every rank sends and receives tokens x top_k rows when E
-divides tokens x top_k (under TP the seeded router: torchtitan's balanced routing fails there,
-`Case.shape`). The tokens differ per data-parallel rank (seed 1 + rank // TP), as data
+divides tokens x top_k (under TP alone the seeded router: torchtitan's balanced routing fails
+there, `Case.shape`; under EP x TP the same round-robin on each rank's token shard,
+`_local_round_robin`). A case torchtitan itself fails on records its RuntimeError. The tokens
+differ per data-parallel rank (seed 1 + rank // TP), as data
 parallelism gives them.
 
 `held`: the activations measure of tests/torchtitan_tp_probe.py (every storage an op makes
@@ -70,6 +75,10 @@ class Case:
     (models/common/moe_sharding.py with enable_ep False), the rest as its dense TP."""
     sp: bool = True
     """Sequence parallelism with TP (torchtitan's default)."""
+    kv_heads: int = 2
+    """Qwen3-MoE's key/value heads: 4 (as many as the query heads) lets TP 4 split them."""
+    q_lora: int = 0
+    """DeepSeek-V3's q_lora_rank (0: wq; > 0: wq_a, q_norm, wq_b)."""
     model: str = "qwen3_moe"
     """"qwen3_moe" or "deepseek_v3" (tests/torchtitan_probe.py's DeepSeek-V3 shape: MLA, one
     dense layer first, one shared expert, 4 groups of which 2 are kept, dense hidden 128)."""
@@ -77,8 +86,12 @@ class Case:
     @property
     def name(self) -> str:
         own = "" if self.model == "qwen3_moe" else f"{self.model}-"
+        if self.q_lora:
+            own += f"q{self.q_lora}-"
         if self.tp > 1:
             own += f"tp{self.tp}-{'sp' if self.sp else 'nosp'}-"
+        if self.kv_heads != 2:
+            own += f"kv{self.kv_heads}-"
         return (
             f"{own}{self.what}-{self.dtype}-{self.mode}-ep{self.ep}-{self.layers}l-b{self.batch}-"
             f"e{self.experts}k{self.top_k}f{self.moe_ffn}"
@@ -96,6 +109,7 @@ class Case:
                 top_k=self.top_k,
                 moe_ffn=self.moe_ffn,
                 routing="balanced",
+                mla=replace(probe.Mla(), q_lora=self.q_lora),
             )
         return replace(
             probe.QWEN3_MOE_TINY,
@@ -104,11 +118,43 @@ class Case:
             experts=self.experts,
             top_k=self.top_k,
             moe_ffn=self.moe_ffn,
+            kv_heads=self.kv_heads,
             # torchtitan's balanced routing fails under TP (its arange index meets the DTensor
             # scores in `gather`: "got mixed torch.Tensor and DTensor"); at EP 1 every routed
             # tensor has tokens x top_k rows whatever the routing, so TP runs the seeded router.
-            routing="seeded" if self.tp > 1 else "balanced",
+            # Under EP x TP the probe's own round-robin on each rank's token shard
+            # (`_local_round_robin`) stands in for it.
+            routing="seeded" if self.tp > 1 and self.ep == 1 else "balanced",
         )
+
+
+def _local_round_robin() -> None:
+    """torchtitan's `_debug_force_load_balance` round-robin, made to run on DTensor scores
+    (under EP x TP the router's scores are Shard(1) over TP, and 0.3.0's own
+    `TokenChoiceTopKRouter._debug_force_load_balance_routing` fails in `gather`: "got mixed
+    torch.Tensor and DTensor"): the same `arange(tokens x top_k) % E` on each rank's local
+    token shard, wrapped as a DTensor of the scores' placements, so that every rank sends
+    tokens x top_k / E rows to every expert. The saved tensors are the original's (gather
+    saves the int64 indices)."""
+    from torch.distributed.tensor import DTensor
+    from torchtitan.models.common.moe import TokenChoiceTopKRouter
+
+    original = TokenChoiceTopKRouter._debug_force_load_balance_routing
+    if getattr(original, "_local", False):
+        return
+
+    def routing(self: Any, scores: Any) -> Any:
+        if not isinstance(scores, DTensor):
+            return original(self, scores)
+        bs, slen, _ = scores.to_local().shape
+        ids = torch.arange(bs * slen * self.top_k, dtype=torch.int64).reshape(bs, slen, -1)
+        ids = DTensor.from_local(
+            ids % self.num_experts, scores.device_mesh, scores.placements, run_check=False
+        )
+        return ids, scores.gather(dim=-1, index=ids)
+
+    routing._local = True  # type: ignore[attr-defined]
+    TokenChoiceTopKRouter._debug_force_load_balance_routing = routing  # type: ignore[method-assign]
 
 
 def _dims(world: int, ep: int, tp: int = 1) -> Any:
@@ -139,7 +185,8 @@ def build(case: Case, dims: Any, dtype: torch.dtype) -> Any:
     if case.model == "deepseek_v3":
         from torchtitan.models.deepseek_v3.sharding import set_deepseek_v3_sharding_config
 
-        set_deepseek_v3_sharding_config(cfg, enable_sp=False, enable_ep=case.ep > 1)
+        sp = case.sp and case.tp > 1
+        set_deepseek_v3_sharding_config(cfg, enable_sp=sp, enable_ep=case.ep > 1)
     else:
         from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
 
@@ -256,13 +303,17 @@ def _rank(rank: int, world: int, port: int, cases: list[Case], out: str, detail:
         from torchtitan.distributed.utils import set_spmd_backend
 
         set_spmd_backend("partial_dtensor")
+        _local_round_robin()
         result: dict[str, Any] = {}
         meshes: dict[tuple[int, int], Any] = {}
         for c in cases:
             if (c.ep, c.tp) not in meshes:
                 meshes[c.ep, c.tp] = _dims(world, c.ep, c.tp)
             dims = meshes[c.ep, c.tp]
-            result[c.name] = held(c, dims, detail) if c.what == "held" else states(c, dims)
+            try:
+                result[c.name] = held(c, dims, detail) if c.what == "held" else states(c, dims)
+            except RuntimeError as e:  # what torchtitan itself refuses (EP x TP without SP)
+                result[c.name] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"}
     finally:
         dist.destroy_process_group()
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))

@@ -35,6 +35,17 @@ rank's slice has them. Measured on 2 gloo ranks with 0.3.0's own sharding config
 Module.parallelize (DTensor backend), for Qwen3 and, alike, Llama 3
 (tests/torchtitan_tp_probe.py::own_tp).
 
+Expert parallelism with tensor parallelism (torchtitan's MoE, `_expert_tensor_parallel`): EP
+borrows its ranks from data x TP (0.3.0 distributed/parallel_dims.py: the sparse mesh
+(efsdp, ep) over the same ranks as the dense (fsdp, tp), efsdp = fsdp x TP / EP), and with
+enable_ep the MoE keeps its input on the sequence shard (SRC_EP_TP): the router, the
+all-to-all dispatch and the grouped experts run on sequence / TP tokens, with E / EP experts
+that TP does not split; DeepSeek-V3's shared experts gather the whole sequence for themselves
+(`_ep_tp_moe`); the attention and the rest are the TP rule's. Measured equal on 2 and 4 gloo
+ranks (Qwen3-MoE at TP 2 x EP 2, TP 2 x EP 4, TP 4 x EP 2, TP 4 x EP 4; DeepSeek-V3 at TP 2 x
+EP 2 and 4; benchmarks/torchtitan_moe_ep.py). Without sequence parallelism torchtitan 0.3.0
+itself fails (refused with its error).
+
 Context parallelism (torch.distributed.tensor.experimental context_parallel, torchtitan 0.3.0
 distributed/context_parallel/api.py::apply_cp_to_forward for SDPA) shards the inputs, labels and
 RoPE positions along the sequence (load-balanced chunks, the same count per rank), so every
@@ -119,11 +130,10 @@ def refusal(st: Setting, lay: Layout) -> str:
     """Why this layout is outside the torchtitan rule, or ''."""
     if lay.expert_capacity_factor is not None:
         return torchtitan_moe.DROPLESS
-    if lay.expert > 1 and (lay.tensor > 1 or lay.context > 1):
+    if lay.expert > 1 and lay.context > 1:
         return (
-            "activations of torchtitan's MoE under expert parallelism with tensor or context "
-            "parallelism are not modelled yet (apply_moe_ep_tp's token sharding over the TP "
-            "axis, models/common/moe_sharding.py, is not proved)"
+            "activations of torchtitan's MoE under expert parallelism with context "
+            "parallelism are not modelled yet (ring attention needs CUDA kernels: not run)"
         )
     if st.compile and lay.tensor > 1 and st.checkpointing != "full":
         return (
@@ -154,8 +164,10 @@ def micro_batch(
     if lay.expert > 1 and not torchtitan_moe.is_moe(arch):
         why = "expert parallelism splits the routed experts of torchtitan's MoE models only"
         return replace(layout.refused(why), implementation="torchtitan")
+    if lay.expert > 1 and lay.tensor > 1:
+        return _expert_tensor_parallel(arch, local_st, lay, fused_qkv=fused_qkv)
     if lay.expert > 1:
-        # Expert parallelism alone (refusal): the whole model's rule with this rank's E / EP
+        # Expert parallelism without TP: the whole model's rule with this rank's E / EP
         # experts (memplan.model.stacks.torchtitan_moe, SRC_EP), and the all-to-all's input
         # and output alive together while it runs (token_dispatch).
         ep_st = replace(local_st, local_experts=arch.num_experts // lay.expert)
@@ -216,6 +228,106 @@ def micro_batch(
     )
 
 
+SRC_EP_TP = (
+    f"torchtitan {torchtitan.VERSION} models/common/moe_sharding.py::_moe_sharding_config, "
+    "_router_sharding_config, _routed_experts_sharding_configs (enable_ep True: the MoE's "
+    "input Shard(1) over TP, the router and the dispatcher on the rank's token shard, the "
+    "routed experts expert_param_placement_sparse: Shard(0) over `ep` only, not split over "
+    "TP); models/common/token_dispatcher.py::AllToAllTokenDispatcher.dispatch ('With SP, "
+    "x_TD/topk_scores_TK/topk_expert_ids_TK are already the local SP shard')"
+)
+EP_TP_NOTE = (
+    "expert parallelism {ep} with tensor parallelism {tp} as torchtitan runs it: the router "
+    "and the all-to-all dispatch on each TP rank's 1 / {tp} of the tokens, the routed experts "
+    "whole (not split over TP), balanced routing assumed (memplan.activations."
+    "torchtitan_parallel)."
+)
+
+
+_SHARED = "moe.shared_experts."
+
+
+def _ep_tp_moe(
+    whole: tuple[Saved, ...], shard: tuple[Saved, ...], st: Setting, hidden: int
+) -> list[Saved]:
+    """A MoE block's tensors under EP x TP: the router's, the dispatcher's and the routed
+    experts' of the token shard (`shard`), and DeepSeek-V3's shared experts as TP alone runs
+    them (`whole`: moe_sharding.py::_shared_experts_sharding_configs gathers their input to
+    Replicate, w1 / w3 column-parallel, w2 row-parallel). That gathered [tokens, hidden] input
+    is a storage of its own (TP alone shares it with the router's gate input), saved by w1 and
+    w3: added where the block's whole saved set is (the router's gate input is in it)."""
+    routed = [t for t in shard if t.name.startswith("moe.") and not t.name.startswith(_SHARED)]
+    shared = [t for t in whole if t.name.startswith(_SHARED)]
+    names = {t.name for t in (*routed, *shared)}
+    if shared and "moe.router.gate.input" in names and f"{_SHARED}w1.input" not in names:
+        gathered = kernels.saved(
+            f"{_SHARED}w1.input", (st.tokens, hidden), st.stream, "MmBackward0", SRC_EP_TP
+        )
+        shared = [gathered, *shared]
+    return routed + shared
+
+
+def _moe_first(tensors: tuple[Saved, ...], moe: list[Saved]) -> tuple[Saved, ...]:
+    """`tensors` with its MoE tensors (named `moe.`) replaced by `moe`, where the first was."""
+    at = next((i for i, t in enumerate(tensors) if t.name.startswith("moe.")), None)
+    if at is None:
+        return tensors
+    rest = tuple(t for t in tensors if not t.name.startswith("moe."))
+    return (*rest[:at], *moe, *rest[at:])
+
+
+def _expert_tensor_parallel(
+    arch: Architecture, st: Setting, lay: Layout, *, fused_qkv: bool
+) -> Activations:
+    """EP x TP (SRC_EP_TP), measured on 4 gloo ranks (tests/torchtitan_ep_probe.py): the
+    attention, the norms, the embedding and the loss are the TP rule's (with sequence
+    parallelism, torchtitan's default); the MoE half is the EP rule on the rank's token
+    shard (sequence / TP tokens: the MoE's input stays Shard(1), so the router's gate saves
+    the shard, not an all-gathered sequence) with E / EP whole experts; its output is already
+    the sequence shard (no reduce-scatter). The all-to-all's transients are of the shard."""
+    if not lay.sequence_parallel:
+        why = (
+            "torchtitan 0.3.0 cannot run its MoE under expert x tensor parallelism without "
+            "sequence parallelism: models/common/moe_sharding.py::_routed_experts_sharding_"
+            "configs asks the routed experts' Shard(1) output for Partial, and torch 2.13's "
+            'DTensor.redistribute raises "RuntimeError: Can not redistribute from S(1) to '
+            'P(sum), redistributing to Partial is for internal use only!" (run on 4 gloo '
+            "ranks); turn parallelism.sequence_parallel on (torchtitan's default)"
+        )
+        return replace(layout.refused(why), implementation="torchtitan")
+    ep_st = replace(st, local_experts=arch.num_experts // lay.expert)
+    tp_lay = replace(lay, expert=1)
+    extra = {**layout.local_architecture(arch, lay).extra}
+    extra["moe_intermediate_size"] = arch.extra.get("moe_intermediate_size")
+    whole_experts = replace(layout.local_architecture(arch, lay), extra=extra)
+    shard = replace(ep_st, sequence=ep_st.sequence // lay.tensor)
+    local = micro_batch(arch, st, tp_lay, fused_qkv=fused_qkv)
+    if not local.modelled:
+        return local
+    ours = torchtitan.saved(whole_experts, shard, fused_qkv=fused_qkv, whole=arch)
+    blocks = []
+    for b in local.blocks:
+        mine = ours.block(b.name)
+        if not b.name.startswith("layers") or mine is None:
+            blocks.append(b)
+            continue
+        moe = _ep_tp_moe(b.tensors, mine.tensors, st, arch.hidden_size)
+        again = _ep_tp_moe(b.recompute, mine.recompute, st, arch.hidden_size)
+        tensors = _moe_first(b.tensors, moe)
+        if moe and st.checkpointing == "selective-op":
+            # No reduce-scatter at the routed experts' output: it is the sequence shard
+            # already (the shared experts' own stays).
+            tensors = tuple(t for t in tensors if t.name != "feed_forward.w2.reduce_scatter")
+        blocks.append(replace(b, tensors=tensors, recompute=_moe_first(b.recompute, again)))
+    notes = (*local.notes, EP_TP_NOTE.format(ep=lay.expert, tp=lay.tensor))
+    return replace(
+        local,
+        blocks=tuple(blocks),
+        notes=notes,
+        buffers=(*local.buffers, token_dispatch(arch, shard)),
+    )
+
+
 def _tensor_parallel(block: Block, st: Setting, lay: Layout, hidden: int) -> Block:
     b, s = st.batch, st.sequence
     if block.name == "embeddings":
@@ -249,13 +361,18 @@ def _tensor_parallel(block: Block, st: Setting, lay: Layout, hidden: int) -> Blo
     if not lay.sequence_parallel:
         return block
     tensors = tuple(_sp(t, st, lay.tensor) for t in block.tensors)
-    if block.name == "layers" and st.checkpointing == "selective-op":
+    if block.name in ("layers", "layers.dense") and st.checkpointing == "selective-op":
         # SelectiveAC keeps every reduce_scatter_tensor output (SRC_SAC_COMM): with SP, wo's
-        # and w2's reduce-scatters back to the sequence shard.
+        # and w2's (or the routed experts') reduce-scatters back to the sequence shard, and
+        # DeepSeek-V3's shared experts' own (moe_sharding.py::_shared_experts_sharding_configs:
+        # w2's Partial output to the sequence shard before the add).
         shard = (st.batch, st.sequence // lay.tensor, hidden)
+        names = ["attention.wo", "feed_forward.w2"]
+        if any(t.name.startswith("moe.shared_experts.") for t in block.recompute):
+            names.append("moe.shared_experts.w2")
         tensors += tuple(
             kernels.saved(f"{name}.reduce_scatter", shard, st.matmul, "MUST_SAVE", SRC_SAC_COMM)
-            for name in ("attention.wo", "feed_forward.w2")
+            for name in names
         )
     return replace(
         block,

@@ -74,7 +74,8 @@ class OffloadSpec(Frozen):
 
 class ParallelismSpec(Frozen):
     """How the job is spread over GPUs. Degrees left out are 1; world size is
-    data x tensor x pipeline x context (expert ranks are carved out of data)."""
+    data x tensor x pipeline x context (expert ranks are carved out of data; under
+    model.implementation torchtitan, out of data x context x tensor)."""
 
     engine: Engine = "ddp"
     """ddp (torch DistributedDataParallel; ZeroRedundancyOptimizer at zero_stage 1), fsdp2
@@ -106,7 +107,9 @@ class ParallelismSpec(Frozen):
     layers_per_stage: tuple[PositiveInt, ...] | None = None
     """An explicit split of the layers over the (virtual) stages; else an even split."""
     expert: Degree = 1
-    """Expert-parallel degree (MoE): each rank holds num_experts / expert of each MoE layer."""
+    """Expert-parallel degree (MoE): each rank holds num_experts / expert of each MoE layer.
+    It divides data x context; with torchtitan's model code it divides data x context x tensor
+    (torchtitan's EP borrows TP ranks; its experts are not split over TP)."""
     context: Degree = 1
     """Context-parallel degree (ring attention / Megatron CP): the sequence is split."""
     expert_capacity_factor: float | None = Field(None, gt=0, le=1024)

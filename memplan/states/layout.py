@@ -200,10 +200,32 @@ class Layout:
         return self.shard_group
 
     @property
+    def titan_experts(self) -> bool:
+        """torchtitan's own MoE under expert parallelism with FSDP2: the routed experts on the
+        sparse mesh (pp, dp_replicate, efsdp, ep), Shard(0) over `ep` only and not split over
+        TP (models/common/moe_sharding.py::expert_param_placement_sparse), sharded by FSDP2
+        over efsdp (`expert_data`)."""
+        return self.implementation == "torchtitan" and self.expert > 1 and self.engine == "fsdp2"
+
+    @property
     def expert_data(self) -> int:
         """Ranks that hold replicas of the same experts: Megatron's expert-data-parallel size,
         data x context / expert with expert tensor parallelism equal to TP
-        (megatron/core/parallel_state.py::initialize_model_parallel)."""
+        (megatron/core/parallel_state.py::initialize_model_parallel). torchtitan's own MoE
+        (`titan_experts`) borrows its expert ranks from data x context x tensor: its efsdp
+        mesh, data x context x tensor / expert (torchtitan 0.3.0 distributed/parallel_dims.py::
+        ParallelDims.build_mesh, `efsdp = fsdp * tp // ep`)."""
+        if self.titan_experts:
+            ranks = self.data_shards * self.tensor
+            if ranks % self.expert:
+                raise MemplanError(
+                    f"expert degree {self.expert} must divide data x context x tensor = {ranks}"
+                    " (torchtitan borrows its expert-parallel ranks from the data, context and "
+                    "tensor ranks: dp_shard * cp * tp == efsdp * ep, torchtitan 0.3.0 "
+                    "config/configs.py::ParallelismConfig.expert_parallel_degree).",
+                    field="parallelism.expert",
+                )
+            return ranks // self.expert
         if self.data_shards % self.expert:
             raise MemplanError(
                 f"expert degree {self.expert} must divide the data-parallel degree "

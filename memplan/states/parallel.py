@@ -49,6 +49,15 @@ SPLIT_FIELDS = (
     "make_vocab_size_divisible_by",
     "tensor_rank",
 )
+TITAN_FIELDS = ("implementation", "engine")
+"""Kept beside SPLIT_FIELDS only under Layout.titan_experts (torchtitan's routed experts are not
+split over TP): other layouts of one plan search keep sharing their splits."""
+
+
+def split_fields(layout: Layout) -> tuple[str, ...]:
+    """The fields `layout`'s split of the tensors reads (SPLIT_FIELDS, TITAN_FIELDS)."""
+    return (*SPLIT_FIELDS, *TITAN_FIELDS) if layout.titan_experts else SPLIT_FIELDS
+
 
 # Name patterns (the module's last path component before .weight/.bias) -> how TP splits it.
 _COLUMN = re.compile(
@@ -139,7 +148,7 @@ def local_shape(t: TensorSpec, layout: Layout, model_type: str) -> tuple[int, ..
     if _EXPERTS.search(t.name):
         # fused experts [E, 2I, H] (gate_up: column) / [E, H, I] (down: row)
         shape[0] //= ep
-        if tp > 1:
+        if tp > 1 and not layout.titan_experts:  # torchtitan's: not split over TP
             shape[1 if t.name.endswith("gate_up_proj") else 2] //= tp
         return tuple(shape)
     if tp == 1:
@@ -284,7 +293,7 @@ def stage_inventory(inventory: Inventory, layout: Layout, stage: int) -> Invento
 
 def stage_inventories(inventory: Inventory, layout: Layout) -> tuple[Inventory, ...]:
     """`stage_inventory` of every stage, in one pass over the tensors."""
-    return _stage_inventories(inventory, layout.keep(*SPLIT_FIELDS))
+    return _stage_inventories(inventory, layout.keep(*split_fields(layout)))
 
 
 @lru_cache(maxsize=256)
@@ -299,7 +308,8 @@ def _stage_inventories(inventory: Inventory, layout: Layout) -> tuple[Inventory,
         layer: s for s, held in enumerate(stage_layers(arch.num_layers, layout)) for layer in held
     }
     last = layout.chunk_rank(layout.pipeline * layout.virtual_stages - 1)
-    local = _localised(inventory, layout.keep(*_LOCAL_FIELDS))
+    titan = TITAN_FIELDS if layout.titan_experts else ()
+    local = _localised(inventory, layout.keep(*_LOCAL_FIELDS, *titan))
 
     def stage_of(t: TensorSpec) -> int:
         if layout.pipeline == 1:

@@ -25,6 +25,7 @@ from memplan.states.engines import offload as offload_rules
 from memplan.states.layout import Layout
 from memplan.states.parallel import (
     SPLIT_FIELDS,
+    TITAN_FIELDS,
     check_degrees,
     local_shape,
     split_experts,
@@ -68,10 +69,13 @@ def most_loaded(ranks: Sequence[RankStates]) -> RankStates:
 
 
 def _merge(
-    dense: list[RankStates], experts: list[RankStates], degree: int, ep: int
+    dense: list[RankStates], experts: list[RankStates], degree: int, ep: int, tp: tuple[int, int]
 ) -> list[RankStates]:
     """Per data-parallel rank r: its dense states plus the expert states of expert-data rank
-    r // ep (Megatron orders expert-parallel ranks fastest within the data-parallel group)."""
+    r // ep (Megatron orders expert-parallel ranks fastest within the data-parallel group);
+    with `tp` = (TP degree, TP rank) of torchtitan's efsdp x ep mesh over data x TP ranks
+    (Layout.titan_experts, EP fastest, TP innermost in the dense mesh), (r x TP + rank) // ep."""
+    size, q = tp
 
     def by_rank(classes: list[RankStates]) -> dict[int, RankStates]:
         return {r: c for c in classes for r in c.ranks}
@@ -79,7 +83,7 @@ def _merge(
     d, e = by_rank(dense), by_rank(experts)
     merged = []
     for rank in range(degree):
-        a, b = d[rank], e[rank // ep]
+        a, b = d[rank], e[(rank * size + q) // ep]
         merged.append(
             RankStates(
                 ranks=(rank,),
@@ -150,7 +154,8 @@ def _states_key(inventory: Inventory, layout: Layout, held: list[list[int]] | No
     weights as data-parallel ones, so they fold into `data` (`Layout.data_shards`); and with
     identical layers only how many each pipeline rank holds matters, not which, so an
     interleaved placement is the contiguous split with the same counts."""
-    key = replace(layout.keep(*STATES_FIELDS), data=layout.data_shards)
+    titan = TITAN_FIELDS if layout.titan_experts else ()
+    key = replace(layout.keep(*STATES_FIELDS, *titan), data=layout.data_shards)
     if (
         held is not None
         and layout.pipeline > 1
@@ -360,7 +365,8 @@ def _rank_states(
         ]
     if experts.parameters:
         expert_ranks = rule(experts, recipe, opt, layout, layout.expert_data)
-        ranks = _merge(ranks, expert_ranks, layout.data_shards, layout.expert)
+        tp = (layout.tensor, layout.tensor_rank) if layout.titan_experts else (1, 0)
+        ranks = _merge(ranks, expert_ranks, layout.data_shards, layout.expert, tp)
     moved, nvme = [], {}
     for r in ranks:
         states, nvme[r.ranks[0]] = offload_rules.apply(

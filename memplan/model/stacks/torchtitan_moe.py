@@ -42,8 +42,9 @@ SelectiveAC (distributed/activation_checkpoint.py::SelectiveAC, `_get_default_sa
 counting it, `aten.topk` is in the save list (both its outputs kept), `_grouped_mm` is in
 neither the save list nor `mm_ops` (recomputed, not counted).
 
-Expert parallelism (`parallelism.expert` > 1, no tensor or context parallelism; memplan.
-activations.torchtitan_parallel passes `Setting.local_experts` = E / EP): the `standard`
+Expert parallelism (`parallelism.expert` > 1, no context parallelism; memplan.
+activations.torchtitan_parallel passes `Setting.local_experts` = E / EP, and under TP the
+rank's token shard): the `standard`
 backend's models/common/token_dispatcher.py::AllToAllTokenDispatcher.dispatch, once
 RoutedExperts.parallelize has wired the EP mesh (the experts' weights Shard(0) over `ep`,
 models/common/moe_sharding.py::expert_param_placement_sparse): the local reorder as above,
@@ -62,8 +63,12 @@ Under SelectiveAC `_c10d_functional.all_to_all_single` is in the save list (comm
 dispatch and combine all-to-alls' outputs ([R, D] and [N, D], the stream dtype) and the
 count exchange's [EP, E / EP] int64 output are kept (SRC_SAC_EP).
 
-Tensor parallelism (EP 1, Qwen3-MoE): see `model_parallel`; EP together with TP or CP, and
-DeepSeek-V3 under TP, are refused.
+Tensor parallelism (EP 1, Qwen3-MoE and DeepSeek-V3): see `model_parallel`. Expert and tensor
+parallelism together (with sequence parallelism): memplan.activations.torchtitan_parallel
+(SRC_EP_TP): the router and the dispatcher run on each TP rank's token shard, the routed
+experts whole over TP, DeepSeek-V3's shared experts as under TP alone. Refused: context
+parallelism on MoE blocks, EP x TP without sequence parallelism (torchtitan 0.3.0 itself fails
+there, with the error quoted).
 
 FSDP2 (distributed/fsdp.py::apply_fsdp_to_decoder): with expert parallelism 1 a MoE block is
 one `fully_shard` group, as a dense block; the experts go on dim 1 when the FSDP degree
@@ -123,9 +128,8 @@ SRC_SAC = (
 
 
 MODEL_PARALLEL = (
-    "activations of torchtitan's MoE model code under tensor or context parallelism are "
-    "modelled for Qwen3-MoE under tensor parallelism only (DeepSeek-V3's MLA sharding plan and "
-    "ring attention over MoE blocks are not proved)"
+    "activations of torchtitan's MoE model code under context parallelism are not modelled "
+    "(ring attention over MoE blocks needs CUDA kernels: not proved)"
 )
 
 
@@ -137,10 +141,14 @@ def model_parallel(arch: Architecture, tensor: int, context: int) -> str:
     Shard(1), w2 Shard(2), the output Partial reduce-scattered to the sequence shard) is the
     single-device rule on the TP rank's slice (moe_intermediate_size / TP) with the dense TP
     splits around it (memplan.activations.torchtitan_parallel), measured by tests/
-    torchtitan_ep_probe.py on 2 gloo ranks."""
+    torchtitan_ep_probe.py on 2 gloo ranks. DeepSeek-V3 alike (models/deepseek_v3/sharding.py::
+    _set_deepseek_v3_layer_sharding: MLA's input all-gathered once, wkv_a / kv_norm (and wq_a /
+    q_norm) replicated on the whole sequence, wq (wq_b) and wkv_b column-parallel over the
+    heads, wo row-parallel; the shared experts column / row parallel, reduce-scattered to the
+    sequence shard on their own), measured the same way."""
     if not is_moe(arch) or (tensor == 1 and context == 1):
         return ""
-    if context > 1 or arch.model_type == DEEPSEEK_V3:
+    if context > 1:
         return MODEL_PARALLEL
     return ""
 
