@@ -136,3 +136,35 @@ def test_pin_budget_settles_on_the_report_peak(name: str) -> None:
     # Below every stage's peak but the highest's too: still None.
     lowest = min(p[1] for p in report.stage_peaks if p is not None)
     assert assemble_within(spec, inventory, trained, states, budget=lowest - 1) is None
+
+
+def test_pin_floor_over_budget_works_out_one_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A floor above the budget ends the evaluation before the later stages' saved tensors
+    are worked out (assemble_within asks each stage's when first read); without a budget
+    every viewed stage's are, once each, and the report is unchanged."""
+    from memplan.report import estimate as est
+
+    loaded = _spec(CASES["fsdp2-pp4-tp2"], 2, "none")
+    spec = loaded.spec
+    inventory = load_inventory(loaded)
+    trained = finetune.apply(spec, inventory)
+    states = model_states(spec, trained)
+    before = assemble_within(spec, inventory, trained, states)
+    assert before is not None
+    asked: list[int] = []
+    saved_on = est._saved_on
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        asked.append(args[3].stage)
+        return saved_on(*args, **kwargs)
+
+    monkeypatch.setattr(est, "_saved_on", counted)
+    assert assemble_within(spec, inventory, trained, states, budget=0) is None
+    assert asked == [0]
+    asked.clear()
+    report = assemble_within(spec, inventory, trained, states)
+    assert report is not None
+    viewed = prepare(spec, trained, states).viewed
+    assert sorted(asked) == sorted(viewed) and len(viewed) > 1
+    assert report.stage_peaks == before.stage_peaks
+    assert report.timeline.points == before.timeline.points

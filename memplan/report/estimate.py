@@ -219,9 +219,15 @@ def assemble_within(
     micro = acts.micro_batch(trained, setting, layout, spec.finetune)
     step = step_settings(spec, layout)
     cache = StepCache() if cache is None else cache
-    saved_on = {
-        i: _saved_on(trained, micro, step, stages[i], setting.checkpoint_every) for i in viewed
-    }
+    # Each viewed stage's saved tensors, worked out when first read: a floor above the budget
+    # ends the evaluation before the later stages' are needed (nothing in them raises).
+    saved_on: dict[int, acts.Activations] = {}
+
+    def saved_of(i: int) -> acts.Activations:
+        if i not in saved_on:
+            saved_on[i] = _saved_on(trained, micro, step, stages[i], setting.checkpoint_every)
+        return saved_on[i]
+
     # What a stage's floor and its timeline both work out, made once (tl.parts).
     shared: dict[int, tl.StepParts] = {}
 
@@ -231,7 +237,7 @@ def assemble_within(
                 step,
                 local[stages[i].stage],
                 per_gpu=stages[i].per_gpu,
-                saved=saved_on[i],
+                saved=saved_of(i),
                 cache=cache,
             )
         return shared[i]
@@ -240,7 +246,7 @@ def assemble_within(
     floors: dict[int, int] = {}
     if budget is not None:
         for i in viewed:
-            if not saved_on[i].modelled:
+            if not saved_of(i).modelled:
                 continue
             floors[i] = tl.floor_bytes(
                 step,
@@ -253,6 +259,8 @@ def assemble_within(
             )
             if floors[i] > budget:
                 return None
+    for i in viewed:
+        saved_of(i)
     # With a budget and every viewed stage's activations modelled, the first timeline that
     # peaks above the budget settles it (the report's peak is its highest stage's, and plan
     # reads nothing else of a report over the budget): None, as for a floor. The stages are
