@@ -571,3 +571,28 @@ def test_dominated_policies_skipped_find_the_same_rows(config: str, gpus: int, m
     assert search.DOMINATED not in every.pruned
     assert skipped.searched < every.searched
     assert skipped.layouts == every.layouts
+
+
+def test_torchtitan_moe_rows_borrow_expert_ranks_from_tensor() -> None:
+    """torchtitan's EP takes its ranks from data x context x tensor (efsdp = dp_shard x cp x
+    tp / ep: torchtitan 0.3.0 parallel_dims.py; measured on gloo ranks by
+    tests/test_torchtitan_moe_ep.py), so plan searches expert degrees above the data degree
+    there, and such a row reproduces under estimate. Structure and reproduction, not an
+    oracle."""
+    doc = {
+        "model": {"preset": "qwen3-30b-a3b", "implementation": "torchtitan"},
+        "precision": "bf16-mixed",
+        "training": {"sequence_length": 4096},
+        "hardware": {"gpu": "H100-80GB", "gpus_per_node": 8},
+        "plan": {
+            "gpus": 8, "global_batch_size": 16, "engines": ["fsdp2"], "max_pipeline": 1,
+            "micro_batch_sizes": [1, 2], "top": 400,
+        },
+    }  # fmt: skip
+    loaded = validate(doc)
+    inventory = load_inventory(loaded)
+    result = plan(loaded.spec, inventory, suggest=False)
+    borrowed = [c for c in result.layouts if c.expert > c.data]
+    assert borrowed and all(c.expert <= c.data * c.tensor * c.context for c in borrowed)
+    row = borrowed[0]
+    assert estimate(row_spec(loaded.spec, row), inventory).peak_bytes == row.peak_bytes

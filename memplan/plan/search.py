@@ -148,7 +148,11 @@ class _Search:
                 continue
             experts = [1]
             if arch.num_experts:
-                experts = [e for e in divisors(dp) if arch.num_experts % e == 0]
+                # torchtitan's EP borrows its ranks from data x context x tensor (efsdp =
+                # dp_shard x cp x tp / ep: torchtitan 0.3.0 parallel_dims.py; memplan.states.
+                # layout.Layout.titan_experts); the other stacks take them from data alone.
+                pool = dp * cp * tp if self.spec.model.implementation == "torchtitan" else dp
+                experts = [e for e in divisors(pool) if arch.num_experts % e == 0]
             for ep in experts:
                 even = len(set(split)) == 1
                 yield tp, pp, vp, cp, ep, None if even else split
