@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -474,8 +475,25 @@ def render_console(stderr: bool = False) -> Any:
     return Console(stderr=stderr)
 
 
+PLUGINS_OFF = "PYDANTIC_DISABLE_PLUGINS"
+"""pydantic 2.13's switch for its plugins (pydantic/plugin/_loader.py::get_plugins): with it
+unset, building the first model validator imports importlib.metadata and reads the entry points
+of every installed distribution (12 ms of `memplan estimate`'s start on the 2-core machine;
+benchmarks/results/estimate-speed.json). The CLI's models (the spec, the --json documents) are
+its own, for no plugin to observe: `main` turns plugins off for them as typer 0.29 does for its
+option adapters (typer/_adapters.py::disabled_pydantic_plugins), unless the user set the
+variable (an empty value, `PYDANTIC_DISABLE_PLUGINS=`, keeps every plugin on)."""
+
+
 def main() -> None:
-    app()
+    if PLUGINS_OFF in os.environ:
+        app()
+        return
+    os.environ[PLUGINS_OFF] = "1"
+    try:
+        app()
+    finally:
+        del os.environ[PLUGINS_OFF]
 
 
 if __name__ == "__main__":
