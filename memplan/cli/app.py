@@ -495,7 +495,8 @@ def main() -> None:
     # (benchmarks/results/estimate-speed.json), and a run leaves little cyclic garbage:
     # `plan` on configs/plan-llama-3.1-405b.yaml peaks at the same RSS with it off (180.0 vs
     # 178.5 MB, output identical). The commands that run torch (verify, profile) turn it back
-    # on first: `verify` measures memory that cyclic garbage would hold.
+    # on first (`verify` measures memory that cyclic garbage would hold), and so does
+    # memplan.verify.trace.traced_profiles before it traces a model with torch.
     gc.disable()
     if PLUGINS_OFF in os.environ:
         app()
