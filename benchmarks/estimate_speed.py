@@ -13,7 +13,8 @@ warm-up each, so that no row pays for compiling memplan (as after `pip install`)
 Two reference rows, not targets, show the part of the wait that belongs to memplan's
 dependencies rather than to memplan: the floor plus pydantic's BaseModel (the spec is pydantic
 models), and an empty typer app with `estimate`'s options (typer 0.29 coerces every option
-through a pydantic TypeAdapter when the command runs, which `import typer` does not pay). The
+through a pydantic TypeAdapter when the command runs, which `import typer` does not pay: the
+cost is mostly importing pydantic's fields and types, which the spec's models need anyway). The
 last block splits one `estimate --json` run into its phases, in process (PHASES below).
 
 Run:  python benchmarks/estimate_speed.py    # prints, writes benchmarks/results/estimate-speed.json
@@ -73,10 +74,12 @@ app(["estimate", "configs/llama-3-8b.yaml", "--json"])
 
 
 # Where the time of `memplan estimate SPEC --json` goes, in one process, in the order the CLI
-# does it (memplan/cli/app.py::estimate): each phase's wall time, perf_counter around it.
+# does it (memplan/cli/app.py::main and ::estimate): each phase's wall time, perf_counter around
+# it. Like `main`, it runs with the cyclic garbage collector off and pydantic's plugins off.
 PHASES = """
-import json, sys, time
+import gc, json, os, sys, time
 from pathlib import Path
+gc.disable(); os.environ["PYDANTIC_DISABLE_PLUGINS"] = "1"  # as memplan.cli.app.main
 marks = [("start", time.perf_counter())]
 def mark(name): marks.append((name, time.perf_counter()))
 import typer, rich, pydantic, yaml; mark("floor: import typer, rich, pydantic, yaml")
@@ -87,9 +90,7 @@ group = get_command(memplan.cli.app.app); mark("typer: the click commands from t
 parent = group.make_context("memplan", ["estimate", sys.argv[1], "--json"])
 command = group.get_command(parent, "estimate")
 command.make_context("estimate", [sys.argv[1], "--json"], parent=parent)
-mark("typer: the arguments parsed (a pydantic TypeAdapter per option)")
-from pydantic.plugin._loader import get_plugins; get_plugins()
-mark("pydantic: its plugin scan over every installed distribution (importlib.metadata)")
+mark("typer: the arguments parsed (its TypeAdapters import pydantic's fields and types)")
 from memplan.config import load; mark("memplan: import the spec models (memplan.config)")
 from memplan.model import load as model_load; mark("memplan: import memplan.model.load")
 from memplan.report import estimate as calc; mark("memplan: import the calculator")
@@ -99,8 +100,9 @@ with load.locating(loaded):
     inv = model_load.load_inventory(loaded, unsupported=fallback_inventory)
     mark("memplan: the model's inventory")
     report = calc.estimate(loaded.spec, inv); mark("memplan: the estimate (calculation)")
-from memplan.report.json import estimate_json; mark("memplan: import the --json models")
-text = json.dumps(estimate_json(report), indent=2); mark("memplan: build and dump the document")
+from memplan.report.json import estimate_json; mark("memplan: import memplan.report.json")
+text = json.dumps(estimate_json(report), indent=2)
+mark("memplan: build and dump the document (plain dicts)")
 print(json.dumps([[b[0], (b[1] - a[1]) * 1000] for a, b in zip(marks, marks[1:])]))
 """
 

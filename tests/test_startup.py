@@ -112,14 +112,18 @@ def test_estimate_imports_only_what_the_spec_needs(
         assert module not in modules, module
     # The output: the --json document models, or rich's tables, never both.
     if as_json:
-        # estimate's own document model, not plan's, verify's or inventory's
-        assert "memplan.report.schema.estimate" in modules
-        assert not under(modules, "memplan.report.schema") - {"base", "estimate"}
+        # no document model: the document is built as plain dicts (memplan.report.json.
+        # estimate_json; tests/test_json_fast.py proves it equal to the models' dump)
+        assert "memplan.report.json" in modules
+        assert "memplan.report.schema" not in modules
         assert "rich" not in top_level(modules)
         assert not under(modules, "memplan.cli") - {"app"}
     else:
         assert "memplan.report.schema" not in modules
         assert {"rich.table", "memplan.cli.estimate_view"} <= modules
+        # the console renders no emoji codes (memplan.cli.render.console): rich's table of
+        # 3,600 of them is never loaded
+        assert "rich._emoji_codes" not in modules
 
 
 def test_importing_the_registries_imports_no_family_or_engine() -> None:
@@ -139,3 +143,59 @@ def test_importing_the_registries_imports_no_family_or_engine() -> None:
     assert under(modules, "memplan.states.engines") == {"base"}
     assert under(modules, "memplan.model.stacks") == set()
     assert not top_level(modules) & {*HEAVY, "rich"}
+
+
+MAIN_PROBE = """
+import gc, json, os, sys
+from memplan.cli.app import main
+sys.argv = ["memplan", *sys.argv[1:]]
+seen = {}
+import memplan.cli.app as cli
+real = cli.app
+def app():  # what the command sees
+    seen["plugins"] = os.environ.get("PYDANTIC_DISABLE_PLUGINS")
+    seen["gc_at_start"] = gc.isenabled()
+    real()
+cli.app = app
+try:
+    main()
+except SystemExit:
+    pass
+seen["gc_after"] = gc.isenabled()
+seen["plugins_after"] = os.environ.get("PYDANTIC_DISABLE_PLUGINS")
+print(json.dumps(seen))
+"""
+
+
+def main_probe(*argv: str, env: dict[str, str] | None = None) -> dict[str, object]:
+    import os
+
+    environ = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", MAIN_PROBE, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**environ, **(env or {})},
+    )
+    return json.loads(proc.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_main_runs_commands_without_plugins_or_the_cyclic_collector() -> None:
+    """`main` (the console script and `python -m memplan`) turns pydantic's plugins off for the
+    command and leaves the environment as it found it; the cyclic collector stays off."""
+    seen = main_probe("schema", "estimate")
+    assert seen == {"plugins": "1", "gc_at_start": False, "gc_after": False, "plugins_after": None}
+
+
+def test_main_keeps_the_users_plugin_setting() -> None:
+    seen = main_probe("schema", "estimate", env={"PYDANTIC_DISABLE_PLUGINS": ""})
+    assert seen["plugins"] == "" and seen["plugins_after"] == ""
+
+
+def test_verify_turns_the_cyclic_collector_back_on() -> None:
+    """verify measures memory that cyclic garbage would hold: it runs with the collector on
+    (checked on its cheapest path, a refused --device)."""
+    seen = main_probe("verify", "configs/gpt2.yaml", "--device", "tpu")
+    assert seen["gc_after"] is True

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -214,6 +216,7 @@ def verify(
     Under torchrun (any number of nodes) every process is one rank of the spec's layout and
     rank 0 reports: torchrun --nnodes N --nproc-per-node P -m memplan verify SPEC
     """
+    gc.enable()  # main turned it off for start-up; verify measures memory
     if device not in ("cpu", "cuda"):
         typer.echo(f"error: --device must be cpu or cuda, got {device!r}.", err=True)
         raise typer.Exit(2)
@@ -422,6 +425,7 @@ def profile(
 
     Example: memplan profile configs/my-model.yaml
     """
+    gc.enable()  # main turned it off for start-up; tracing runs torch
     from memplan.config import load
     from memplan.model import load as model_load
     from memplan.model.families import family_of
@@ -474,8 +478,34 @@ def render_console(stderr: bool = False) -> Any:
     return Console(stderr=stderr)
 
 
+PLUGINS_OFF = "PYDANTIC_DISABLE_PLUGINS"
+"""pydantic 2.13's switch for its plugins (pydantic/plugin/_loader.py::get_plugins): with it
+unset, building the first model validator reads the entry points of every installed
+distribution (3.9 ms of `memplan estimate`'s start on the 2-core machine, 157 distributions;
+importlib.metadata itself is imported either way, by pydantic/plugin/_loader.py). The CLI's
+models (the spec, the --json documents) are its own, for no plugin to observe: `main` turns
+plugins off for them as typer 0.29 does for its option adapters (typer/_adapters.py::
+disabled_pydantic_plugins), unless the user set the variable (an empty value,
+`PYDANTIC_DISABLE_PLUGINS=`, keeps every plugin on)."""
+
+
 def main() -> None:
-    app()
+    # One command, then exit: the cyclic garbage collector's passes over the objects that
+    # importing typer, pydantic and memplan creates cost `memplan estimate` 10-20 ms of CPU
+    # (benchmarks/results/estimate-speed.json), and a run leaves little cyclic garbage:
+    # `plan` on configs/plan-llama-3.1-405b.yaml peaks at the same RSS with it off (180.0 vs
+    # 178.5 MB, output identical). The commands that run torch (verify, profile) turn it back
+    # on first (`verify` measures memory that cyclic garbage would hold), and so does
+    # memplan.verify.trace.traced_profiles before it traces a model with torch.
+    gc.disable()
+    if PLUGINS_OFF in os.environ:
+        app()
+        return
+    os.environ[PLUGINS_OFF] = "1"
+    try:
+        app()
+    finally:
+        del os.environ[PLUGINS_OFF]
 
 
 if __name__ == "__main__":

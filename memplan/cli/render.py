@@ -21,4 +21,8 @@ def human(n_bytes: int) -> str:
 
 
 def console(width: int | None = None) -> Console:
-    return Console(width=width, highlight=False, soft_wrap=False)
+    # emoji=False: memplan prints no emoji, and rich would otherwise replace every `:name:` of
+    # its 3,600 codes in each cell (`:a:` turns into one) after importing their table (2.4 ms
+    # of CPU); the tables of every config and preset, with --ranks and --explain, are the
+    # same bytes either way.
+    return Console(width=width, highlight=False, soft_wrap=False, emoji=False)

@@ -52,7 +52,8 @@ def modules(inventory: Inventory) -> dict[str, Module]:
     out: dict[str, Module] = {}
     for name, tensors in owned.items():
         for parent in _parents(name):
-            out.setdefault(parent, Module(name=parent, kind="other", tensors=()))
+            if parent not in out:  # not setdefault: it would build a Module for every call
+                out[parent] = Module(name=parent, kind="other", tensors=())
         out[name] = _classify(name, tensors, conv1d, vocab, alias=name in aliases)
     return out
 

@@ -2,24 +2,33 @@
 memplan.report.schema: the keys, their order and their types are defined there once (the same
 models print the JSON Schemas), and here only which figure of a Report or a PlanResult fills
 each field. Building a model validates it (strict: no coercion), so a producer and its schema
-cannot drift apart."""
+cannot drift apart.
+
+`estimate --json` itself takes a faster road to the same bytes: `estimate_json` runs the same
+builders with every model replaced by `dict` (PLAIN), so that the CLI neither imports the
+document models nor validates them (17 ms of its start: benchmarks/estimate_speed.py). That
+holds only while every builder passes every field of its model, in the model's order, as the
+JSON value the model would dump (lists, not tuples; str, int, bool, None): tests/test_json_fast.py
+checks `estimate_json(r) == dump(estimate_document(r))`, key order and types included, on every
+shipped config and preset, and `estimate_document` (validated) stays the contract."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from memplan import versions
-from memplan.activations import Activations, Block, Saved
-from memplan.memory import Transient
-from memplan.model.inventory import Inventory, TensorSpec
-from memplan.report.schema import estimate as s
-from memplan.report.schema.base import Doc
-from memplan.states.engines import RankStates, Term
-from memplan.states.stages import StageStates
-from memplan.step.timeline import Point, Timeline
 
 if TYPE_CHECKING:
+    from memplan.activations import Activations, Block, Saved
+    from memplan.memory import Transient
+    from memplan.model.inventory import Inventory, TensorSpec
     from memplan.report.result import Report
+    from memplan.report.schema import estimate as s
+    from memplan.report.schema.base import Doc
+    from memplan.states.engines import RankStates, Term
+    from memplan.states.stages import StageStates
+    from memplan.step.timeline import Point, Timeline
 
 
 def dump(document: Doc) -> dict[str, Any]:
@@ -27,19 +36,42 @@ def dump(document: Doc) -> dict[str, Any]:
     return document.model_dump(mode="json")
 
 
+class _Plain:
+    """memplan.report.schema.estimate with every model replaced by `dict`: `PLAIN.Row(...)` is
+    the dict of the fields as given, in the order given (the fast road of `estimate_json`)."""
+
+    def __getattr__(self, name: str) -> Callable[..., dict[str, Any]]:
+        return dict
+
+
+PLAIN: Any = _Plain()
+
+
 # --- memplan estimate --json ---------------------------------------------------------------------
 
 
 def estimate_json(report: Report) -> dict[str, Any]:
-    """The `memplan estimate --json` document (schema: memplan.report.schema.EstimateReport)."""
-    return dump(estimate_document(report))
+    """The `memplan estimate --json` document (schema: memplan.report.schema.EstimateReport):
+    what `dump(estimate_document(report))` gives, built as plain dicts (see the module
+    docstring)."""
+    document: dict[str, Any] = _estimate(report, PLAIN)
+    return document
 
 
 def estimate_document(report: Report) -> s.EstimateReport:
-    """`report` as the EstimateReport model, section by section."""
+    """`report` as the EstimateReport model, section by section (validated)."""
+    from memplan.report.schema import estimate as models
+
+    document: s.EstimateReport = _estimate(report, models)
+    return document
+
+
+def _estimate(report: Report, s: Any) -> Any:
+    """`report` as the EstimateReport document, each model built by `s`: the module
+    memplan.report.schema.estimate, or PLAIN."""
     return s.EstimateReport(
-        model=_model(report),
-        precision=_precision(report),
+        model=_model(report, s),
+        precision=_precision(report, s),
         optimizer=s.OptimizerInfo(name=report.optimizer.name),
         parallelism=s.ParallelismInfo(
             engine=report.layout.engine,
@@ -53,14 +85,15 @@ def estimate_document(report: Report) -> s.EstimateReport:
             mics_shard_size=report.layout.deepspeed.mics_shard_size,
             async_tp=report.layout.async_tp,
         ),
-        per_gpu=_per_gpu(report),
-        activations=_activations(report.activations),
-        timeline=_timeline(report.timeline),
-        ranks=[_rank(r, report) for r in report.ranks],
+        per_gpu=_per_gpu(report, s),
+        activations=_activations(report.activations, s),
+        timeline=_timeline(report.timeline, s),
+        ranks=[_rank(r, report, s) for r in report.ranks],
         per_stage=[
-            _stage(st, peaks) for st, peaks in zip(report.stages, report.stage_peaks, strict=True)
+            _stage(st, peaks, s)
+            for st, peaks in zip(report.stages, report.stage_peaks, strict=True)
         ],
-        per_host=_per_host(report),
+        per_host=_per_host(report, s),
         hardware=s.HardwareInfo(
             gpu=report.gpu,
             memory_bytes=report.capacity_bytes,
@@ -77,7 +110,7 @@ def estimate_document(report: Report) -> s.EstimateReport:
     )
 
 
-def _model(report: Report) -> s.ModelInfo:
+def _model(report: Report, s: Any) -> Any:
     m = report.model
     return s.ModelInfo(
         name=m.name,
@@ -90,7 +123,7 @@ def _model(report: Report) -> s.ModelInfo:
     )
 
 
-def _precision(report: Report) -> s.PrecisionInfo:
+def _precision(report: Report, s: Any) -> Any:
     r = report.recipe
     return s.PrecisionInfo(
         name=r.name,
@@ -103,7 +136,7 @@ def _precision(report: Report) -> s.PrecisionInfo:
     )
 
 
-def _row(term: Term) -> s.Row:
+def _row(term: Term, s: Any) -> Any:
     return s.Row(
         category=term.category,
         name=term.name,
@@ -116,7 +149,7 @@ def _row(term: Term) -> s.Row:
     )
 
 
-def _per_gpu(report: Report) -> s.PerGpu:
+def _per_gpu(report: Report, s: Any) -> Any:
     gpu, alloc = report.per_gpu, report.allocator
     # Rows that share a name (bitsandbytes' uint8 state1 and its fp32 absmax both named
     # state1) are summed, so the breakdown always adds up to optimizer_states.
@@ -152,11 +185,11 @@ def _per_gpu(report: Report) -> s.PerGpu:
             s.DeviceTermRow(name=t.name, bytes=t.bytes, formula=t.formula, source=t.source)
             for t in report.device_terms
         ],
-        rows=[_row(t) for t in (*gpu.terms, *report.buffers)],
+        rows=[_row(t, s) for t in (*gpu.terms, *report.buffers)],
     )
 
 
-def _saved(t: Saved) -> s.SavedTensor:
+def _saved(t: Saved, s: Any) -> Any:
     return s.SavedTensor(
         name=t.name,
         shape=list(t.shape),
@@ -167,7 +200,7 @@ def _saved(t: Saved) -> s.SavedTensor:
     )
 
 
-def _block(b: Block) -> s.ActivationBlock:
+def _block(b: Block, s: Any) -> Any:
     return s.ActivationBlock(
         name=b.name,
         count=b.count,
@@ -175,18 +208,18 @@ def _block(b: Block) -> s.ActivationBlock:
         bytes=b.bytes,
         recompute_bytes=b.recompute_bytes,
         on_host=b.on_host,
-        tensors=[_saved(t) for t in b.tensors],
+        tensors=[_saved(t, s) for t in b.tensors],
     )
 
 
-def _activations(saved: Activations) -> s.ActivationsInfo:
+def _activations(saved: Activations, s: Any) -> Any:
     return s.ActivationsInfo(
         modelled=saved.modelled,
         bytes=saved.bytes,
         host_bytes=saved.host_bytes,
         logits_bytes=saved.logits_bytes,
         loss_upcast_bytes=saved.upcast_bytes,
-        blocks=[_block(b) for b in saved.blocks],
+        blocks=[_block(b, s) for b in saved.blocks],
         notes=list(saved.notes),
         source=saved.source if saved.modelled else "none",
         profile_versions=dict(saved.versions) if saved.source == "profile" else None,
@@ -195,7 +228,7 @@ def _activations(saved: Activations) -> s.ActivationsInfo:
     )
 
 
-def _phase(p: Point) -> s.TimelinePhase:
+def _phase(p: Point, s: Any) -> Any:
     return s.TimelinePhase(
         phase=p.phase,
         label=p.label,
@@ -210,7 +243,7 @@ def _phase(p: Point) -> s.TimelinePhase:
     )
 
 
-def _transient(t: Transient) -> s.TransientRow:
+def _transient(t: Transient, s: Any) -> Any:
     return s.TransientRow(
         name=t.name,
         bytes=t.bytes,
@@ -222,19 +255,19 @@ def _transient(t: Transient) -> s.TransientRow:
     )
 
 
-def _timeline(timeline: Timeline) -> s.TimelineInfo:
+def _timeline(timeline: Timeline, s: Any) -> Any:
     peak = timeline.peak
     return s.TimelineInfo(
-        phases=[_phase(p) for p in timeline.points],
+        phases=[_phase(p, s) for p in timeline.points],
         peak=s.TimelinePeak(phase=peak.phase, label=peak.label, bytes=peak.total_bytes),
-        transients=[_transient(t) for t in timeline.transients],
+        transients=[_transient(t, s) for t in timeline.transients],
         cuda_context_bytes=timeline.cuda_context_bytes,
         reserved_bytes=timeline.reserved_bytes,
         usable_bytes=timeline.usable_bytes,
     )
 
 
-def _rank(states: RankStates, report: Report) -> s.RankClass:
+def _rank(states: RankStates, report: Report, s: Any) -> Any:
     tp = dict(report.degrees)["tp"]
     tensor_ranks = list(states.tensor_ranks) or list(range(tp))
     return s.RankClass(
@@ -248,7 +281,7 @@ def _rank(states: RankStates, report: Report) -> s.RankClass:
     )
 
 
-def _stage(stage: StageStates, peaks: tuple[int, int] | None) -> s.StageInfo:
+def _stage(stage: StageStates, peaks: tuple[int, int] | None, s: Any) -> Any:
     gpu = stage.per_gpu
     return s.StageInfo(
         stage=stage.stage,
@@ -263,14 +296,14 @@ def _stage(stage: StageStates, peaks: tuple[int, int] | None) -> s.StageInfo:
     )
 
 
-def _per_host(report: Report) -> s.PerHost:
+def _per_host(report: Report, s: Any) -> Any:
     per_node, capacity = report.host_bytes_per_node, report.host_capacity_bytes
     return s.PerHost(
         total=per_node,
         per_rank=report.host_bytes,
         gpus_per_node=report.gpus_per_node,
         ranks_per_node=report.ranks_per_node,
-        rows=[_row(t) for t in report.per_gpu.host_terms],
+        rows=[_row(t, s) for t in report.per_gpu.host_terms],
         nvme=sum(t.bytes for t in report.stages[report.stage].nvme),
         memory_bytes=capacity,
         fits=None if capacity is None else per_node <= capacity,

@@ -6,6 +6,7 @@ transforms that add the adapters are memplan.model.finetune.lora."""
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from memplan.config.finetune import FinetuneSpec
 from memplan.errors import MemplanError
@@ -79,7 +80,15 @@ def _in_names(names: tuple[str, ...] | str, key: str) -> bool:
     an entry or ending with `.entry`."""
     if isinstance(names, str):
         return re.fullmatch(names, key) is not None
-    return key in names or any(key.endswith(f".{n}") for n in names)
+    # `key` ends with `.n` exactly when n is what follows one of its dots: one set lookup per
+    # dot instead of one endswith per name (all-linear lists every Linear of the model).
+    wanted = _name_set(names)
+    return key in wanted or any(key[i + 1 :] in wanted for i, char in enumerate(key) if char == ".")
+
+
+@lru_cache(maxsize=32)
+def _name_set(names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(names)
 
 
 def is_saved_module(ft: FinetuneSpec, key: str) -> bool:

@@ -11,6 +11,7 @@ a model_type has no hand-written family (memplan.model.families) or `memplan pro
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Mapping
 from importlib.util import find_spec
 from typing import Any
@@ -110,6 +111,7 @@ def traced_profiles(
             continue
         from memplan.verify.trace import profile as tracer  # torch: only when tracing
 
+        gc.enable()  # torch's tracing: the collector back on (memplan.cli.app.main turns it off)
         started = _now()
         try:
             doc, path = tracer.for_spec(replace(loaded, spec=spec), tensor=tp, vocab_rows=rows)
