@@ -17,8 +17,10 @@ cannot pass).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,11 +45,12 @@ FAMILY_HELPERS = {"record", "_decoder", "_llama_decoder", "_classic", "_siglip"}
 """memplan.model.families modules that are building blocks, not one family's record."""
 
 
-def imported(*argv: str) -> set[str]:
+def imported(*argv: str, env: dict[str, str] | None = None) -> set[str]:
     """The modules a fresh interpreter holds after `memplan ARGV` (its exit code checked)."""
     proc = subprocess.run(
         [sys.executable, "-c", PROBE, *argv],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         check=True,
@@ -199,3 +202,13 @@ def test_verify_turns_the_cyclic_collector_back_on() -> None:
     (checked on its cheapest path, a refused --device)."""
     seen = main_probe("verify", "configs/gpt2.yaml", "--device", "tpu")
     assert seen["gc_after"] is True
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_estimates_without_torch(spec: str, tmp_path: Path) -> None:
+    # A rule or a stored profile serves every shipped config: estimate traces nothing (a
+    # trace imports torch), with an empty profile cache.
+    env = {**os.environ, "MEMPLAN_CACHE": str(tmp_path)}
+    modules = imported("estimate", f"configs/{spec}", "--json", env=env)
+    assert not top_level(modules) & set(HEAVY), sorted(top_level(modules) & set(HEAVY))
+    assert "memplan.verify.trace.profile" not in modules

@@ -60,16 +60,17 @@ def traced_profiles(
     checkpointing: tuple[str, ...] = (),
     tensor_slices: Slices | Callable[[], Slices] | None = None,
 ) -> tuple[Inventory, list[str]]:
-    """`inventory` with a profile traced and cached for each activation setting no hand rule
-    and no stored profile serves (the spec's own, and the spec with each `checkpointing` value
-    plan searches), of the whole model and of each TP rank's slice in `tensor_slices` ((TP
-    degree, vocabulary rows): memplan.plan.search.tensor_slices, called only for a model that
-    has no rule; None: the spec's own layout's, memplan.activations.layout.profile_slices),
-    when torch and transformers are installed; and one line per trace for the user. Without
-    them, or when the model has no config to trace, `inventory` unchanged (the report then
-    says activations are not modelled and how to get a profile). A model the tracer refuses
-    (its MemplanError: a MoE recipe fake tensors cannot run, ...) is reported in the lines,
-    not raised: the estimate goes on without activations, as it does without torch."""
+    """`inventory` with a profile traced and cached for each activation setting of transformers'
+    model code that no hand rule and no stored profile serves (the spec's own, and the spec with
+    each `checkpointing` value plan searches), of the whole model and of each TP rank's slice in
+    `tensor_slices` ((TP degree, vocabulary rows): memplan.plan.search.tensor_slices, called
+    only for a model that has no rule; None: the spec's own layout's,
+    memplan.activations.layout.profile_slices), when torch and transformers are installed; and
+    one line per trace for the user. Without them, or when the model has no config to trace,
+    `inventory` unchanged (the report then says activations are not modelled and how to get a
+    profile). A model the tracer refuses (its MemplanError: a MoE recipe fake tensors cannot
+    run, ...) is reported in the lines, not raised: the estimate goes on without activations, as
+    it does without torch."""
     from dataclasses import replace
 
     from memplan.model import profile as profile_doc
@@ -78,6 +79,10 @@ def traced_profiles(
 
     arch = inventory.architecture
     if arch is None or missing_libraries():
+        return inventory, []
+    if loaded.spec.model.implementation != "transformers":
+        # Another stack's model code has its own rule and never reads a profile traced from
+        # transformers (memplan.activations.predict): tracing one would only cost time.
         return inventory, []
     family = family_of(arch.model_type)
     if family is not None and family.modelled:
