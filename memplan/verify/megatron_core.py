@@ -513,24 +513,7 @@ def held_parallel(
     data-parallel ranks as Megatron-LM does (TP x EP ranks: TP = 1 and EP = 2 is two
     data-parallel ranks holding two experts each). MoE shapes run under `balanced_routing`;
     every rank embeds the same tokens."""
-    import json
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    from memplan.verify.launch import free_port
-
-    world = tensor * expert
-    with tempfile.TemporaryDirectory() as out:
-        spawn: Any = mp
-        spawn.start_processes(
-            _parallel_rank,
-            args=(world, tensor, expert, free_port(), cases, sequence_parallel, out),
-            nprocs=world,
-            join=True,
-            start_method="spawn",
-        )
-        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    ranks = _on_ranks(cases, tensor, expert, sequence_parallel, refusals=False)
     return [
         [
             Held(
@@ -545,46 +528,6 @@ def held_parallel(
     ]
 
 
-def _parallel_rank(
-    rank: int,
-    world: int,
-    tensor: int,
-    expert: int,
-    port: int,
-    cases: list[Case],
-    sequence_parallel: bool,
-    out: str,
-) -> None:
-    import json
-
-    from megatron.core import parallel_state
-
-    from memplan.verify.launch import local_group
-
-    torch.set_num_threads(1)
-    with local_group(rank, world, port):
-        parallel_state.initialize_model_parallel(tensor, 1, expert_model_parallel_size=expert)
-        try:
-            results = []
-            with cpu_stand_ins(), balanced_routing():
-                for dtype, shape, recompute, dropout in cases:
-                    h = _held(
-                        dtype, shape, recompute, dropout, tensor=tensor, expert=expert,
-                        sequence_parallel=sequence_parallel,
-                    )  # fmt: skip
-                    results.append(
-                        {
-                            "bytes": h.bytes,
-                            "tensors": h.tensors,
-                            "persistent": h.persistent,
-                            "parameters": h.parameters,
-                        }
-                    )
-            Path(out, f"rank{rank}.json").write_text(json.dumps(results))
-        finally:
-            parallel_state.destroy_model_parallel()
-
-
 def refusals_parallel(
     cases: list[Case], *, tensor: int = 1, expert: int = 1, sequence_parallel: bool = False
 ) -> list[list[str]]:
@@ -592,6 +535,15 @@ def refusals_parallel(
     `Type: message`, '' where it ran): `held_parallel` for layouts it refuses (TP with MoE
     under the local spec: every rank raises at the same point, before or after the same
     collectives, so none waits on another)."""
+    ranks = _on_ranks(cases, tensor, expert, sequence_parallel, refusals=True)
+    return [[r[i] for r in ranks] for i in range(len(cases))]
+
+
+def _on_ranks(
+    cases: list[Case], tensor: int, expert: int, sequence_parallel: bool, *, refusals: bool
+) -> list[list[Any]]:
+    """Each of TP x EP spawned gloo ranks' results ([rank][case], `_rank`'s), read back from
+    the JSON file each rank writes."""
     import json
     import tempfile
 
@@ -603,17 +555,16 @@ def refusals_parallel(
     with tempfile.TemporaryDirectory() as out:
         spawn: Any = mp
         spawn.start_processes(
-            _refusal_rank,
-            args=(world, tensor, expert, free_port(), cases, sequence_parallel, out),
+            _rank,
+            args=(world, tensor, expert, free_port(), cases, sequence_parallel, out, refusals),
             nprocs=world,
             join=True,
             start_method="spawn",
         )
-        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
-    return [[r[i] for r in ranks] for i in range(len(cases))]
+        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
 
 
-def _refusal_rank(
+def _rank(
     rank: int,
     world: int,
     tensor: int,
@@ -622,7 +573,10 @@ def _refusal_rank(
     cases: list[Case],
     sequence_parallel: bool,
     out: str,
+    refusals: bool,
 ) -> None:
+    """One gloo rank of `_on_ranks`: every case's `_held` measure, or with `refusals` what it
+    raises ('' where it ran)."""
     import json
 
     from megatron.core import parallel_state
@@ -633,18 +587,30 @@ def _refusal_rank(
     with local_group(rank, world, port):
         parallel_state.initialize_model_parallel(tensor, 1, expert_model_parallel_size=expert)
         try:
-            errors = []
+            results: list[Any] = []
             with cpu_stand_ins(), balanced_routing():
                 for dtype, shape, recompute, dropout in cases:
                     try:
-                        _held(
+                        h = _held(
                             dtype, shape, recompute, dropout, tensor=tensor, expert=expert,
                             sequence_parallel=sequence_parallel,
                         )  # fmt: skip
-                        errors.append("")
                     except Exception as exc:  # noqa: BLE001 - what Megatron raises is the result
-                        errors.append(f"{type(exc).__name__}: {exc}")
-            Path(out, f"rank{rank}.json").write_text(json.dumps(errors))
+                        if not refusals:
+                            raise
+                        results.append(f"{type(exc).__name__}: {exc}")
+                        continue
+                    results.append(
+                        ""
+                        if refusals
+                        else {
+                            "bytes": h.bytes,
+                            "tensors": h.tensors,
+                            "persistent": h.persistent,
+                            "parameters": h.parameters,
+                        }
+                    )
+            Path(out, f"rank{rank}.json").write_text(json.dumps(results))
         finally:
             parallel_state.destroy_model_parallel()
 
