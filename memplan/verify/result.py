@@ -233,6 +233,7 @@ def _row(row: Row) -> schema.VerifyRow:
         tolerance=row.tolerance,
         checked=row.checked,
         ok=row.ok,
+        slack_bytes=row.slack,
     )
 
 
