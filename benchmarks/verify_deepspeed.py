@@ -18,6 +18,14 @@ partitions and optimizer state, and compared with memplan's prediction for that 
 file keeps, per case and rank, predicted and measured bytes of every model-state row (and,
 with hpZ, of its secondary partitions at the end of backward and of the optimizer step).
 
+`--step` runs only the optimizer step's grid (about 3 min): ZeRO-0..3 in fp32 and bf16-mixed on
+2 ranks, each rank's boundary engine.step() profiled allocation by allocation (memplan.verify.
+deepspeed_engine.step_peak: the most bytes it allocates and holds at once, gloo's collective
+staging left out) against memplan's step transients (memplan.verify.runner.deepspeed_step);
+writes benchmarks/results/verify-deepspeed-step.json (ZeRO-3 measured, not predicted).
+
+    DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/verify_deepspeed.py --step
+
 hpZ (`zero_hpz_partition_size` 2) and MiCS (`mics_shard_size` 2) run on 4 ranks with
 `stage3_param_persistence_threshold` 1,000, so that the tiny model's matrices are partitioned
 and only its norms persist. MiCS was removed in DeepSpeed 0.19.7 (its config refuses the key),
@@ -54,6 +62,10 @@ HIERARCHY_RANKS = 4
 HPZ = {"zero_hpz_partition_size": 2, "stage3_param_persistence_threshold": 1000}
 MICS = {"mics_shard_size": 2, "stage3_param_persistence_threshold": 1000}
 MICS_DEEPSPEED = "0.19.2"
+# --step: what the boundary engine.step() allocates, per rank (memplan.verify.result.
+# STEP_TRANSIENT), on 2 ranks; written to verify-deepspeed-step.json.
+STEP_RANKS = 2
+STEP_TRANSIENT = "deepspeed step transient"  # memplan.verify.result.STEP_TRANSIENT
 
 
 def case(
@@ -89,7 +101,7 @@ def case(
         r[name]["predicted"] == r[name]["measured"]
         for r in rows
         for name in r
-        if name != "activations"
+        if name not in ("activations", STEP_TRANSIENT)
     )
     import deepspeed as ds
 
@@ -137,12 +149,58 @@ def mics_case(precision: str, site: str) -> dict[str, Any]:
     return out
 
 
+def step_grid() -> None:
+    """What DeepSpeed's boundary engine.step() allocates above the level it started at, against
+    memplan's step transients (memplan.states.engines.deepspeed.step.ALLOCATED_IN_STEP)."""
+    import deepspeed
+
+    cases = []
+    for precision in PRECISIONS:
+        for stage in STAGES:
+            out = case(precision, stage, STEP_RANKS)
+            ranks = [r[STEP_TRANSIENT] for r in out["per_rank"]]
+            # ZeRO-3: measured, not predicted (memplan.verify.runner.deepspeed_step)
+            residue = [
+                None if r["predicted"] is None else r["measured"] - r["predicted"] for r in ranks
+            ]
+            cases.append(
+                {
+                    "precision": precision,
+                    "zero_stage": stage,
+                    "ranks": STEP_RANKS,
+                    "deepspeed": out["deepspeed"],
+                    "model_states_exact": out["model_states_exact"],
+                    "seconds": out["seconds"],
+                    "step_transient": ranks,
+                    "residue_bytes": residue,
+                }
+            )
+            print(
+                f"{precision:10} ZeRO-{stage} x{STEP_RANKS}: step transient "
+                f"{[(r['predicted'], r['measured']) for r in ranks]} residue {residue} "
+                f"({out['seconds']} s)",
+                flush=True,
+            )
+            path = ROOT / "benchmarks" / "results" / "verify-deepspeed-step.json"
+            doc = {"stamp": stamp(deepspeed=deepspeed.__version__), "cases": cases}
+            path.write_text(json.dumps(doc, indent=2) + "\n")
+    print("wrote benchmarks/results/verify-deepspeed-step.json")
+
+
 def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mics-deepspeed", help="a pip --target install of deepspeed 0.19.2")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--step",
+        action="store_true",
+        help="only the optimizer step's transient, ZeRO-0..3 x fp32/bf16-mixed on 2 ranks",
+    )
     args = parser.parse_args()
+    if args.step:
+        step_grid()
+        return
     if args.child:  # one case, printed as JSON (mics_case's child)
         print(json.dumps(case(*json.loads(args.child))), flush=True)
         return

@@ -30,6 +30,7 @@ DTYPE_BYTES: dict[str, int] = {
     "bool": 1,
     "uint64": 8,
     "complex64": 8,  # two fp32: Llama 4's rotary freqs_cis, saved by its attention (a trace)
+    "fp64": 8,  # IEEE 754 binary64: DeepSpeed's gradient-norm dtype (zero/utils.py::get_norm_dtype)
 }
 
 # The name torch gives each dtype, for the tables and for verify.
@@ -45,6 +46,7 @@ TORCH_NAMES: dict[str, str] = {
     "bool": "bool",
     "uint64": "uint64",
     "complex64": "complex64",
+    "fp64": "float64",
 }
 
 

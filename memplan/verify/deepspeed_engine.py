@@ -25,6 +25,11 @@ counted once (memplan.verify.measure.Ledger), read against deepspeed 0.19.8:
   the end of a micro-batch's backward, and what exists where the optimizer step drops them
   (`invalidate_secondary_tensor`); neither is a model state (the step frees them).
 
+On CPU, the boundary engine.step() of the measured step is profiled allocation by allocation
+(`step_peak`, the `deepspeed step transient` row): the most bytes it allocates and holds at
+once, gloo's collective staging left out (GLOO_SCOPES), against memplan.verify.runner.
+deepspeed_step.
+
 MiCS (`mics_shard_size`) runs on deepspeed 0.19.2 (0.19.7 refuses the key; 0.19.3 to 0.19.6
 hang with more than one shard group: memplan.verify.job), its gathers issued one by one on
 gloo (`_gather_without_coalescing_manager`).
@@ -41,7 +46,7 @@ import torch
 
 from memplan.verify import build, measure
 from memplan.verify.job import DEEPSPEED_MICRO_BATCHES, DEEPSPEED_OPTIMIZERS, STEPS, Job
-from memplan.verify.result import HPZ_BACKWARD, HPZ_STEP
+from memplan.verify.result import HPZ_BACKWARD, HPZ_STEP, STEP_TRANSIENT
 
 MICRO_BATCHES = DEEPSPEED_MICRO_BATCHES
 
@@ -209,6 +214,41 @@ def _gather_without_coalescing_manager(deepspeed: Any) -> None:
     backend.all_gather_coalesced = all_gather_coalesced
 
 
+# Collectives on gloo stage their buffers in new tensors (torch 2.13 torch/csrc/distributed/
+# c10d/ProcessGroupGloo.cpp: `_allgather_base` -> AsyncAllgatherWork, `newLikeFlat` of the
+# whole output; flattened inputs) that NCCL, writing in place, does not make: allocations
+# inside these profiler scopes are gloo's, not DeepSpeed's, and are left out.
+GLOO_SCOPES = ("c10d::", "gloo:")
+
+
+def step_peak(run: Callable[[], None]) -> int:
+    """The most bytes that `run` allocates and holds at once: every CPU allocation inside it,
+    and every free of one of them, in time order, from torch's profiler (`profile_memory`:
+    c10's CPU allocator reports each one, DeepSpeed's C++ ops included), less those made
+    inside a gloo collective (GLOO_SCOPES). Frees of tensors made before `run` are not seen
+    (the profiler has no record of their size): this is what the step adds on top of what it
+    started with, at its worst moment, as if nothing older were released."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = prof.profiler.kineto_results.events()
+    gloo = [(e.start_ns(), e.end_ns()) for e in events if e.name().startswith(GLOO_SCOPES)]
+    memory = sorted(
+        (
+            (e.start_ns(), e.nbytes())
+            for e in events
+            if e.name() == "[memory]" and not any(a <= e.start_ns() <= b for a, b in gloo)
+        ),
+        key=lambda pair: pair[0],
+    )
+    level = peak = 0
+    for _, nbytes in memory:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
 def _step_once(engine: Any, ids: torch.Tensor) -> None:
     """One optimizer step: MICRO_BATCHES forward/backward passes (engine.step() is a no-op
     until the accumulation boundary)."""
@@ -264,7 +304,10 @@ def measure_rank(job: Job, rank: int, progress: Callable[[str], None], index: in
         if hpz:
             sec = _sum(_secondary_partitions(engine), set())
             first[HPZ_BACKWARD] = max(first.get(HPZ_BACKWARD, 0), sec)
-        engine.step()
+        if micro == MICRO_BATCHES - 1 and job.device == "cpu":
+            first[STEP_TRANSIENT] = step_peak(engine.step)
+        else:
+            engine.step()
     progress("step")
     seen: set[int] = set()
     out: dict[str, int] = {
@@ -272,6 +315,8 @@ def measure_rank(job: Job, rank: int, progress: Callable[[str], None], index: in
         "gradients": first["gradients"],
         "buffers": _sum(engine.module.buffers(), seen),
     }
+    if STEP_TRANSIENT in first:
+        out[STEP_TRANSIENT] = first[STEP_TRANSIENT]
     for name in (HPZ_BACKWARD, HPZ_STEP) if hpz else ():
         out[name] = first.get(name, 0)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)

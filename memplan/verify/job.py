@@ -97,6 +97,11 @@ class Job:
     builds it (build.build_model's `unruled`)."""
     served: Served = RULE
     """Where the prediction's activations come from (a rule, a stored or a fresh profile)."""
+    persistent_elements: int = 0
+    """DeepSpeed ZeRO-3: elements of the all-gather buffers of the parameters kept gathered
+    (numel <= stage3_param_persistence_threshold), each padded to ceil(numel / world) x world
+    (memplan.states.engines.deepspeed.sharding, the parameters row), in the built model (the
+    step all-gathers them again: memplan.verify.runner.deepspeed_step)."""
 
     @property
     def engine(self) -> str:
@@ -459,6 +464,13 @@ def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | No
         layer_key=key,
         unruled=is_unruled(config),
         served=served,
+        persistent_elements=sum(
+            -(-p.numel // world) * world
+            for p in inventory.parameters
+            if p.numel <= par.deepspeed.stage3_param_persistence_threshold
+        )
+        if par.engine == "deepspeed" and par.stage == 3
+        else 0,
     )
     return job, report, full
 

@@ -8,14 +8,17 @@ from typing import TYPE_CHECKING, Any
 from memplan import versions
 from memplan.config.load import LoadedSpec, installed_version
 from memplan.memory import Phase
+from memplan.precision import dtype_bytes
 from memplan.report.result import Report
 from memplan.states.engines import RankStates
+from memplan.states.engines.deepspeed.step import ALLOCATED_IN_STEP
 from memplan.states.engines.deepspeed.step import HPZ_SECONDARY as HPZ_PREFIX
 from memplan.verify import job as jobs
 from memplan.verify.job import Event, Job, Options, activations_modelled
 from memplan.verify.result import (
     HPZ_BACKWARD,
     HPZ_STEP,
+    STEP_TRANSIENT,
     RankResult,
     Row,
     VerifyResult,
@@ -95,6 +98,36 @@ def predicted(
     return out, list(dict.fromkeys(names))
 
 
+def deepspeed_step(report: Report, *, persistent_elements: int = 0) -> int | None:
+    """What DeepSpeed's boundary engine.step() allocates and holds at once, gloo's collective
+    staging left out (memplan.verify.deepspeed_engine.step_peak): the step's transients
+    DeepSpeed allocates inside it (memplan.states.engines.deepspeed.step.ALLOCATED_IN_STEP).
+
+    ZeRO-3 also re-allocates model states: the step releases every parameter (stage3.py::
+    step -> _partition_all_parameters, 0.19.8) and `_post_step` all-gathers the persistent
+    ones again (`persistent_parameters[0].all_gather(...)`: each a whole tensor, numel <=
+    stage3_param_persistence_threshold, in the parameters' dtype: `persistent_elements`,
+    memplan.verify.job.Job), after the fp32 gradient
+    partition is dropped (_release_sub_group). The profiler sees those allocations but not the
+    release before them (tensors made before it), so the measured step holds the larger of the
+    two; on a GPU the release offsets the gather, and memplan's timeline keeps the parameters
+    alive throughout (its parameters row), adding only the transient.
+
+    None (shown, not checked) under ZeRO++ hpZ and MiCS: their steps (secondary partitions
+    made and dropped, gathers over the shard group) have not been measured this way."""
+    layout = report.layout
+    if layout.deepspeed.zero_hpz_partition_size > 1 or layout.deepspeed.mics:
+        return None
+    in_step = sum(
+        t.bytes
+        for t in report.timeline.transient_at("optimizer_step")
+        if t.name in ALLOCATED_IN_STEP
+    )
+    if layout.stage != 3:
+        return in_step
+    return max(in_step, persistent_elements * dtype_bytes(report.recipe.parameters))
+
+
 def _setup(job: Job, report: Report, measured: list[RankMeasurement]) -> dict[str, Any]:
     import torch
     import transformers
@@ -145,6 +178,10 @@ def compare(
     ranks = []
     for m in measured:
         pred, names = predicted(report, job.data_rank(m.rank), job.tensor_rank(m.rank))
+        if STEP_TRANSIENT in m.bytes:
+            pred[STEP_TRANSIENT] = deepspeed_step(
+                report, persistent_elements=job.persistent_elements
+            )
         rows = rows_for(
             predicted=pred,
             measured=dict(m.bytes),

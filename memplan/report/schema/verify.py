@@ -107,6 +107,13 @@ class VerifyRow(Doc):
     )
     checked: bool = Field(description="Both sides are known, so the row is held to its tolerance.")
     ok: bool | None = Field(description="Within tolerance; null when the row is not checked.")
+    slack_bytes: int = Field(
+        0,
+        description=(
+            "Allowed |delta| in bytes on top of the tolerance: 1,024 for the DeepSpeed step "
+            "transient (its 0-dim tensors), else 0."
+        ),
+    )
 
 
 class AllocatorPhase(Doc):

@@ -73,13 +73,19 @@ def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
             )
         )
     masters = sum(t.elements for t in states.per_gpu.terms if t.name == "master_weights")
+    partition = masters or -(-inventory.num_parameters // layout.data)
+    largest = max((p.numel for p in inventory.parameters if p.trainable), default=0)
     out.append(
         step.step_grads(
             stage=zero,
-            partition=masters or -(-inventory.num_parameters // layout.data),
+            partition=partition,
             sub_group=ds.sub_group_size,
             grad=recipe.gradient_accumulation or recipe.gradients,
             bf16_optimizer=bf16_optimizer,
+            parameters=recipe.parameters,
+            # the largest gradient piece the norm casts: a whole tensor within the partition
+            # (stage 1/2), or one rank's share of it (stage 3: every tensor is partitioned)
+            largest_piece=-(-largest // layout.data) if zero == 3 else min(largest, partition),
         )
     )
     return [t for t in out if t is not None]

@@ -127,6 +127,15 @@ def hpz_secondary(
     ]
 
 
+# The step's transients that DeepSpeed allocates inside the boundary engine.step() (the rest
+# exist before it: the reduction bucket and BF16_Optimizer's all-reduce belong to the
+# backward's epilogue, ZeRO-3's gathered parameters to forward and backward, hpZ's released
+# secondaries to the forward). memplan verify measures what engine.step() allocates on CPU
+# (memplan.verify.deepspeed_engine.step_peak) against their sum.
+FP32_GRADIENT_PARTITION = "deepspeed_fp32_gradient_partition"
+ALLOCATED_IN_STEP = frozenset({FP32_GRADIENT_PARTITION, HPZ_SECONDARY_PERSISTENT})
+
+
 def module_sizes(inventory: Inventory) -> tuple[int, int]:
     """(elements of the largest decoder layer, of the largest tensor outside the layers)."""
     return _largest_layer(inventory.parameters), _largest_root(inventory.parameters)
@@ -181,12 +190,26 @@ def bf16_grad_reduce(
 
 
 def step_grads(
-    *, stage: int, partition: int, sub_group: int, grad: str, bf16_optimizer: bool = False
+    *,
+    stage: int,
+    partition: int,
+    sub_group: int,
+    grad: str,
+    bf16_optimizer: bool = False,
+    parameters: str = "",
+    largest_piece: int = 0,
 ) -> Transient:
     """DeepSpeed converts this rank's gradient partition to fp32 for the optimizer, one group
-    (stage 1/2) or sub-group (stage 3) at a time: a flattened 16-bit copy plus its fp32 cast.
-    Source: stage_1_and_2.py::DeepSpeedZeroOptimizer.step, stage3.py::
-    _prepare_fp32_grad_for_sub_group (0.19.6).
+    (stage 1/2) or sub-group (stage 3) at a time (SRC_STEP_GRADS, 0.19.8):
+    `self.flatten(averaged_gradients).to(fp32)`, a flat copy in the gradients' dtype (made
+    whatever that dtype, fp32 included: `flatten_dense_tensors` concatenates) plus its fp32
+    cast when that dtype is not fp32; both are alive until the cast returns. Under ZeRO-2 with
+    fp32 accumulation of a 16-bit model the gradients already sit in one compact flat fp32
+    partition (`_use_compact_grad_partition_buffer`): its view is used, no copy. Before that,
+    the gradient norm (get_grad_norm_direct) casts each gradient piece of the partition to
+    fp64 (NORM_DTYPE) in turn: `largest_piece` elements x 8 B, freed before the flatten. The
+    two moments follow each other: the term is the larger. Measured on CPU gloo ranks for
+    ZeRO-1/2 (benchmarks/verify_deepspeed.py --step).
 
     Stage 0 with 16-bit gradients steps through FP16_Optimizer (engine.py::
     _do_optimizer_sanity_check picks FP16/DDP_BFLOAT16 when model and accumulation dtypes agree,
@@ -217,17 +240,45 @@ def step_grads(
             formula=f"{partition:,} elements x (4 + 4) B (fp32 copies + flat fp32 gradient)",
             source="deepspeed/runtime/fp16/fused_optimizer.py::FP16_Optimizer.step (0.19.8)",
         )
+    if stage == 0:
+        return Transient(
+            name=FP32_GRADIENT_PARTITION,
+            bytes=0,
+            phases=("optimizer_step",),
+            formula="fp32 gradients, no wrapper: the optimizer steps the parameters' .grad",
+            source="deepspeed/runtime/engine.py::_configure_optimizer (0.19.8)",
+        )
     elems = min(partition, sub_group) if stage == 3 else partition
-    per = dtype_bytes(grad) + dtype_bytes("fp32") if grad != "fp32" else 0
-    return Transient(
-        name="deepspeed_fp32_gradient_partition",
-        bytes=elems * per,
-        phases=("optimizer_step",),
-        formula=f"{elems:,} elements x ({dtype_bytes(grad)} + 4) B"
-        if per
-        else "gradients already fp32: no copy",
-        source="deepspeed/runtime/zero/stage_1_and_2.py::step, stage3.py (0.19.6)",
+    compact = stage in (1, 2) and grad == "fp32" and parameters not in ("fp32", "")
+    flat = 0 if compact else elems * dtype_bytes(grad)
+    cast = elems * dtype_bytes("fp32") if grad != "fp32" else 0
+    norm = largest_piece * dtype_bytes(NORM_DTYPE)
+    prepared = (
+        "compact fp32 buffer: a view, no copy"
+        if compact
+        else (
+            f"{elems:,} x {dtype_bytes(grad)} B (flatten)"
+            + (f" + {elems:,} x 4 B (.to(fp32))" if cast else "")
+        )
     )
+    return Transient(
+        name=FP32_GRADIENT_PARTITION,
+        bytes=max(norm, flat + cast),
+        phases=("optimizer_step",),
+        formula=f"max({largest_piece:,} x {dtype_bytes(NORM_DTYPE)} B (largest gradient piece "
+        f"cast to {NORM_DTYPE} for the norm), {prepared})",
+        source=SRC_STEP_GRADS,
+    )
+
+
+# Gradient norms accumulate in fp64 (deepspeed/runtime/zero/utils.py::get_norm_dtype, 0.19.8:
+# `torch.double` wherever the accelerator supports fp64, CUDA and CPU included).
+NORM_DTYPE = "fp64"
+SRC_STEP_GRADS = (
+    "deepspeed/runtime/zero/stage_1_and_2.py::DeepSpeedZeroOptimizer.step, get_grad_norm_direct, "
+    "_get_preflattened_grad_partition; stage3.py::_prepare_fp32_grad_for_sub_group, "
+    "_get_norm_groups; zero/utils.py::get_norm_dtype (0.19.8)"
+)
 
 
 def _largest_layer(params: Iterable[TensorSpec]) -> int:
