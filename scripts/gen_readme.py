@@ -720,6 +720,24 @@ def stacks_deepspeed(doc: Doc) -> str:
     )
 
 
+def stacks_deepspeed_step(doc: Doc) -> str:
+    cases = doc["cases"]
+    ranks = [r for c in cases for r in c["step_transient"]]
+    residues = [r["measured"] - r["predicted"] for r in ranks]
+    exact = sum(x == 0 for x in residues)
+    stages = sorted({c["zero_stage"] for c in cases})
+    precisions = sorted({c["precision"] for c in cases})
+    return (
+        f"Its optimizer step too (`engine.step()` under torch's memory profiler on each rank, "
+        f"gloo's own copies of collective outputs left out): the most bytes the step holds "
+        f"beyond model states, predicted against measured on {len(ranks)} rank-steps "
+        f"(ZeRO-{stages[0]} to {stages[-1]}, {' and '.join(precisions)}): measured minus "
+        f"predicted {min(residues):,} to {max(residues):,} B, {exact} to the byte (the rest "
+        f"0-dim norm and overflow scalars; `benchmarks/verify_deepspeed.py --step`, "
+        f"{where(doc)}).\n"
+    )
+
+
 def stacks_pipelining(doc: Doc) -> str:
     sched = doc["schedules"]
     wrong = len(sched["mismatches"])
@@ -834,6 +852,7 @@ BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
     "stacks-torchtitan": ("torchtitan-activations.json", stacks_torchtitan),
     "stacks-fsdp2": ("fsdp2-torchtitan.json", stacks_fsdp2),
     "stacks-deepspeed": ("verify-deepspeed.json", stacks_deepspeed),
+    "stacks-deepspeed-step": ("verify-deepspeed-step.json", stacks_deepspeed_step),
     "stacks-pipelining": ("torch-pipelining.json", stacks_pipelining),
     "stacks-compile": ("compile-float8.json", stacks_compile),
 }
