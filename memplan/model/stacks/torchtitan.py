@@ -540,6 +540,6 @@ def _compiled_moe(
     out = [replace(b, tensors=kept) for b in layers]
     return out, (
         f"training.compile: each MoE block keeps what Inductor's min-cut partition keeps "
-        f"({out[0].bytes_each:,} B per block, eager {eager:,} B); embeddings, norm, output "
-        "and loss run eager."
+        f"({out[0].bytes_each:,} B per block, eager {eager:,} B); embeddings, norm and output "
+        "run eager, the loss as training.compile_loss says."
     )
