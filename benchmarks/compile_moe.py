@@ -27,13 +27,14 @@ torchtitan's `_debug_force_load_balance` round-robin; "collapsed": every token o
 parameters' dtype); fp32 parameters; torchtitan's per-op SelectiveAC (the CPU flash op added to
 its save list, as benchmarks/compile_layers.py does, as cuDNN's / flash's is on CUDA) and
 FullAC, each wrapped before compile as parallelize_qwen3 does; and a few crossings of these.
+And one Qwen3-30B-A3B block at its full widths (QWEN3_30B_A3B), bf16, both routers.
 
 Part 2, `estimates`: `memplan estimate` of Qwen3-30B-A3B (memplan's preset), torchtitan's
 model code, FSDP2 over 64 ranks, local batch 2 x 4096 (config_registry.py::qwen3_30b_a3b's),
 bf16-mixed AdamW, H100-80GB, expandable_segments: activations and peak allocated for
 training.compile false and true under none / full / selective-op.
 
-    PYTHONPATH=$PWD python benchmarks/compile_moe.py   # ~6 min on 2 quiet cores
+    PYTHONPATH=$PWD python benchmarks/compile_moe.py   # ~6 min on 2 quiet cores, 4.5 GB
     # writes benchmarks/results/compile-moe.json; tests/test_compile_moe.py checks the rule
     # against every stored trace and re-traces one case
 """
@@ -84,6 +85,19 @@ SHAPES |= {
     f"e{e}k{k}": {**SHAPES["e8k2"], "experts": e, "top_k": k}
     for e, k in ((9, 2), (10, 2), (46, 2), (47, 2), (16, 5), (128, 8))
 }
+QWEN3_30B_A3B = {
+    "hidden": 2048,
+    "heads": 32,
+    "kv_heads": 4,
+    "head_dim": 128,
+    "experts": 128,
+    "top_k": 8,
+    "moe_inter": 768,
+}
+"""huggingface.co/Qwen/Qwen3-30B-A3B config.json (torchtitan 0.3.0 models/qwen3/__init__.py::
+_30b_a3b): hidden_size 2048, 32 / 4 heads, head_dim 128, 128 experts, top 8, expert hidden
+768: one block at its full widths, traced with both routers (about 20 s each, 4.5 GB)."""
+WIDE = {"qwen3-30b-a3b": QWEN3_30B_A3B}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 WRAPS = {"none": None, "selective-op": _sac, "full": _full}
 
@@ -196,7 +210,13 @@ def cases() -> list[dict[str, Any]]:
     add("e8k2", "bf16", "selective-op", "collapsed", False)
     add("e8k2", "bf16", "selective-op", "seeded", True)
     add("e8k2", "fp32", "selective-op", "seeded", False)
+    add("qwen3-30b-a3b", "bf16", "none", "seeded", False)
+    add("qwen3-30b-a3b", "bf16", "none", "seeded", True)
     return out
+
+
+def shape_of(name: str) -> dict[str, int]:
+    return {**SHAPES, **WIDE}[name]
 
 
 def spec_of(mode: str, compile_: bool) -> dict[str, Any]:
@@ -249,7 +269,7 @@ def main() -> None:
     rows = []
     for case in cases():
         t0 = time.time()
-        shape = SHAPES[case["shape"]]
+        shape = shape_of(case["shape"])
         kept, constants = traced(
             shape, case["dtype"], case["mode"], case["routing"], case["cuda_router"]
         )

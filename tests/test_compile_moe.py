@@ -43,6 +43,7 @@ def test_rule_matches_every_stored_trace() -> None:
     assert {c["cuda_router"] for c in cases} == {True, False}
     assert {c["dtype"] for c in cases} == {"bf16", "fp32"}
     assert {c["dims"]["experts"] for c in cases} >= {9, 10, 46, 47, 128}
+    assert {c["cuda_router"] for c in cases if c["shape"] == "qwen3-30b-a3b"} == {True, False}
     for case in cases:
         per_token, constants = bench.rule_tensors(
             case["dims"], case["dtype"], case["mode"], case["cuda_router"]
@@ -115,6 +116,7 @@ def test_estimate_keeps_the_traced_block(device: str, experts: int, mode: str) -
         c
         for c in _stored()
         if c["dims"]["experts"] == experts
+        and c["dims"]["hidden"] == 64
         and c["dims"]["top_k"] == top_k
         and c["dtype"] == "bf16"
         and c["mode"] == mode
@@ -134,3 +136,29 @@ def test_compile_under_expert_parallelism_is_refused_with_the_reason() -> None:
     saved = _micro(qwen3_moe(), parallelism={"data": 4, "expert": 2})
     assert not saved.modelled
     assert "expert parallelism" in saved.notes[0] and "training.compile" in saved.notes[0]
+
+
+def test_estimate_of_qwen3_30b_a3b_keeps_its_traced_block() -> None:
+    """memplan's Qwen3-30B-A3B preset with torchtitan's code, compiled, on an H100 (the fp32
+    router): each layer block holds what the stored trace of one block at the model's full
+    widths keeps, at 2 x 32 tokens."""
+    from memplan.config.load import validate
+    from memplan.model.load import load_inventory
+
+    (case,) = (c for c in _stored() if c["shape"] == "qwen3-30b-a3b" and c["cuda_router"])
+    loaded = validate(
+        {
+            "model": {"preset": "qwen3-30b-a3b", "implementation": "torchtitan"},
+            "precision": "bf16-mixed",
+            "optimizer": {"name": "adamw"},
+            "training": {"micro_batch_size": 2, "sequence_length": 32, "compile": True},
+            "parallelism": {"engine": "fsdp2", "data": 64},
+            "hardware": {"gpu": "H100-80GB"},
+        }
+    )
+    saved = micro_batch_of(loaded.spec, load_inventory(loaded))
+    assert saved.modelled, saved.notes
+    traced = sum(n * k for _, n, k in case["traced"]) * 2 * 32
+    traced += sum(n * k for _, n, k in case["traced_constants"])
+    (layers,) = (b for b in saved.blocks if b.name == "layers")
+    assert layers.count == 48 and layers.bytes_each == traced
