@@ -209,8 +209,9 @@ def test_pin_qwen3_qk_norm_terms() -> None:
 
 
 def test_compile_on_moe_layers_keeps_eager_and_says_why() -> None:
-    """MoE layers are not traced under compile: transformers' keep the eager set with a note
-    naming MoE; torchtitan's Qwen3-MoE is refused with the reason."""
+    """transformers' MoE layers are not traced under compile: they keep the eager set with a
+    note naming MoE; torchtitan's Qwen3-MoE is traced at expert parallelism 1
+    (tests/test_compile_moe.py) and refused under EP with the reason."""
     moe = {
         **_TINY_QWEN3, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
         "moe_intermediate_size": 64, "norm_topk_prob": True, "decoder_sparse_step": 1,
@@ -225,12 +226,13 @@ def test_compile_on_moe_layers_keeps_eager_and_says_why() -> None:
             "model": {"architecture": moe, "implementation": "torchtitan"},
             "precision": "bf16-mixed",
             "training": {"micro_batch_size": 1, "sequence_length": 64, "compile": True},
-            "parallelism": {"engine": "fsdp2", "data": 8},
+            "parallelism": {"engine": "fsdp2", "data": 4, "expert": 2},
         }
     )
     saved = micro_batch_of(spec, from_config(moe))
     assert not saved.modelled
     assert "training.compile" in saved.notes[0] and "Qwen3-MoE" in saved.notes[0]
+    assert "expert parallelism" in saved.notes[0]
 
 
 def test_compile_where_cuda_runs_another_sdpa_kernel_keeps_eager_and_says_why() -> None:

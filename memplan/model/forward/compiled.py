@@ -56,18 +56,46 @@ norm and output projection run eager, and the loss unless `training.compile_loss
 memplan.model.stacks.torchtitan): the rest of the forward is unchanged. Not
 modelled: the temporaries Inductor's fused kernels avoid in backward (the layers' working set
 stays the eager one, an upper bound). Not traced, so refused with the reason (the eager saved
-set stands): MoE layers, transformers' and torchtitan's. What a rule for torchtitan 0.3.0's
-Qwen3-MoE block would need (a first trace, not yet a rule: apply_compile compiles the block
-whole, with torch._dynamo.config.capture_scalar_outputs; at EP 1 every routed tensor has
-tokens x top_k rows, so the partition's shapes are static): the dense Qwen3 attention half
-above, ffn_norm's rstd and output, then per token the router's logits [E] w, the top-k indices
-[k] int64 and scores [k] w, two [k] int64 index tensors of the token reordering, the routed
-input [k, h] w, the grouped mms' outputs w1, w3 [k, F] w, w2's input [k, F] w and its output
-[k, h] w, and a zeros [h] w tensor; to prove at the three routings, under SelectiveAC and
-under EP as benchmarks/torchtitan_moe.py and torchtitan_moe_ep.py do (its eager rule:
-memplan.model.stacks.torchtitan_moe). Not traced either: Gemma's layers (and OLMo 2's under
+set stands): transformers' MoE layers. torchtitan 0.3.0's Qwen3-MoE block is traced
+(`qwen3_moe_layer`, below). Not traced either: Gemma's layers (and OLMo 2's under
 torchao Float8), eager attention, SDPA's memory-efficient and math kernels, dropout, autocast,
 sliding windows and Megatron-style selective checkpointing.
+
+torchtitan 0.3.0's Qwen3-MoE block (`qwen3_moe_layer`; memplan.verify.trace.compiled.
+torchtitan_qwen3_moe_block, benchmarks/compile_moe.py, results/compile-moe.json): 0.3.0's
+distributed/compile.py::apply_compile compiles each TransformerBlock whole
+(`transformer_block.compile(backend="inductor", fullgraph=True)`, after AC wrapping, before
+FSDP) with `torch._dynamo.config.capture_scalar_outputs = True`. At expert parallelism 1 the
+`standard` dispatcher is local (LocalTokenDispatcher: no padding, no drop), every routed
+tensor has N = tokens x top_k rows whatever the routing, so the partition's shapes are static
+and the same at every routing (traced: seeded, torchtitan's balanced round-robin, and every
+token on the same top_k experts). Per layer, with the dense Qwen3 attention half above (through
+ffn_norm's rstd), experts E, top_k k, expert hidden F, the router's dtype r (the gate under
+`torch.autocast(float32)`: fp32 on CUDA, the model's dtype w on CPU, where autocast disables
+itself for fp32):
+
+    ffn_norm's output [t, h] r (the gate's input; on CUDA its fp32 cast, which the partitioner
+        keeps instead of the w one)    the gate weight's fp32 cast [E, h] (r != w only)
+    softmax's output [t, E] r, or from SOFTMAX_STATS_FROM experts on the gate's output [t, E] r
+        and softmax's row max and sum [t, 1] fp32 each (the min-cut's weights tip over)
+    topk's indices [t, k] int64        gathered scores [t, k] r
+    route_norm's denominator [t, 1] r when top_k > 4 (the sum over k is then a reduction
+        partitioners.py::should_ban_recomputation will not recompute: Qwen3-30B-A3B's top 8)
+    the stable argsort's order [N] int64, order // k [N] int64 (the token reordering)
+    the routed input [N, h] bf16 (x[order // k] in bf16; a model not in bf16 keeps its bf16
+        cast, once, and the three expert weights' bf16 casts [E, F, h] each)
+    the grouped mms' offsets [E] int32  w1's and w3's outputs, silu(w1) * w3 [N, F] bf16 each
+    w2's output [N, h] bf16            the zeros [t, h] w that deterministic_scatter_add starts
+        from (the combine's base, a saved graph constant)
+
+The scores after the sort and the fp32 combine product are recomputed. Under torchtitan's
+SelectiveAC (`op_sac_moe_layer`) the compiled block keeps the checkpoint's input, wqkv's
+output (mm 1), SDPA's output and logsumexp, and topk's indices: eager SAC's cache also keeps
+topk's fp32 values (MUST_SAVE, unread by backward: dropped) and wo's output is mm 2
+(recomputed); the gate's mm is force-recomputed and the grouped mms are not mm ops. Under
+full checkpointing each block keeps its input. Not traced, so refused: expert parallelism
+(the all-to-all dispatcher), tensor or context parallelism (except full checkpointing),
+torchao Float8 on a MoE block, DeepSeek-V3's and gpt-oss' blocks.
 """
 
 from __future__ import annotations
@@ -76,7 +104,7 @@ from dataclasses import replace
 from typing import Any
 
 from memplan.model.forward import attention
-from memplan.model.forward.kernels import FP32, attention_dims, saved
+from memplan.model.forward.kernels import FP32, INT64, attention_dims, saved
 from memplan.model.forward.tensors import Activations, Saved, Setting
 from memplan.model.inventory import Architecture
 
@@ -225,6 +253,142 @@ def olmo2_layer(
         saved("mlp.down_in", (t, f), w, BY, SRC),
         saved("mlp.down_out", (t, h), w, BY, SRC),
         saved("post_feedforward_layernorm.rstd", (t, 1), FP32, BY, SRC),
+    )
+
+
+SRC_MOE = (
+    f"{SRC}; torchtitan 0.3.0 distributed/compile.py::apply_compile, models/common/moe.py, "
+    "models/common/token_dispatcher.py::LocalTokenDispatcher (traced: memplan.verify.trace."
+    "compiled.torchtitan_qwen3_moe_block, benchmarks/compile_moe.py)"
+)
+BF16 = "bf16"
+INT32 = "int32"
+BAN_REDUCTION_RATIO = 4
+"""torch 2.13 torch/_functorch/partitioners.py::should_ban_recomputation (`ban_if_reduction`):
+an op whose output is over 4x smaller than its inputs is never recomputed ("reduction op")."""
+SOFTMAX_STATS_FROM = {FP32: 10, BF16: 47}
+"""The router's softmax (`F.softmax` on the gate's [t, E] output, decomposed by Inductor into
+amax, sub, exp, sum, div, computed in fp32): below this many experts the partition keeps its
+output [t, E] (cast back to r), from it on the gate's output [t, E] r and the two [t, 1] fp32
+row statistics (amax, sum), recomputing exp and div: the min-cut's weights
+(partitioners.py::get_node_weight: bytes x 1.1 ** distance from the backward, x 2 unless
+materialized; `ban_if_reduction` forbids recomputing amax and sum) trade E bytes against the
+two statistics. Traced at E 8, 9, 10, 12, 14, 16, 32, 40, 42, 44, 46, 47, 48, 56, 64 and 128,
+top_k 2 and 8, hidden 64 and 128 (benchmarks/compile_moe.py stores E 8, 9, 10, 16, 46, 47 and
+128; the others were traced once by hand with the same tracer): the switch is between E 9 and
+10 with an fp32 gate (CUDA autocast, or an fp32 model) and between 46 and 47 with a bf16 one
+(CPU). A threshold of the weights, not of the token count (the same at 32 and 64 tokens)."""
+
+
+def qwen3_moe_layer(
+    *,
+    batch: int,
+    seq: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    experts: int,
+    top_k: int,
+    moe_inter: int,
+    dtype: str,
+    router: str,
+) -> tuple[Saved, ...]:
+    """One compiled torchtitan 0.3.0 Qwen3-MoE block at expert parallelism 1, no checkpointing
+    (module docstring): the dense Qwen3 attention half (`llama_layer(qk_norm=True)` through
+    ffn_norm's rstd), then the router's, the dispatcher's and the grouped experts' kept
+    tensors. `router`: the gate's dtype (fp32 under CUDA autocast, else `dtype`)."""
+    t, h, e, k, f, w, r = batch * seq, hidden, experts, top_k, moe_inter, dtype, router
+    n = t * k
+    dense = llama_layer(
+        qk_norm=True,
+        batch=batch,
+        seq=seq,
+        hidden=h,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        inter=0,
+        dtype=w,
+    )
+    attention_half = tuple(s for s in dense if not s.name.startswith(("ffn_norm.out", "feed_")))
+
+    def moe(name: str, shape: tuple[int, ...], dt: str) -> Saved:
+        return saved(f"moe.{name}", shape, dt, BY, SRC_MOE)
+
+    out = [
+        *attention_half,
+        saved("ffn_norm.out", (t, h), r, BY, SRC_MOE),
+    ]
+    if r != w:
+        out.append(moe("router.gate.weight_fp32", (e, h), r))
+    if e >= SOFTMAX_STATS_FROM[r]:
+        # The gate's logits and softmax's row max and sum: softmax is recomputed from them.
+        out += [
+            moe("router.gate_out", (t, e), r),
+            moe("router.softmax.amax", (t, 1), FP32),
+            moe("router.softmax.sum", (t, 1), FP32),
+        ]
+    else:
+        out.append(moe("router.softmax", (t, e), r))
+    out += [
+        moe("router.topk_indices", (t, k), INT64),
+        moe("router.topk_scores", (t, k), r),
+    ]
+    if k > BAN_REDUCTION_RATIO:
+        # route_norm's denominator, sum over the k scores: a reduction the partitioner will not
+        # recompute when its output is over 4x smaller than its input (k > 4), and the
+        # division's backward reads it.
+        out.append(moe("router.topk_sum", (t, 1), r))
+    out += [
+        moe("dispatch.order", (n,), INT64),
+        moe("dispatch.token_indices", (n,), INT64),
+        moe("experts.input", (n, h), BF16),
+    ]
+    if w != BF16:
+        out += [
+            moe("experts.w1_bf16", (e, f, h), BF16),
+            moe("experts.w3_bf16", (e, f, h), BF16),
+            moe("experts.w2_bf16", (e, h, f), BF16),
+        ]
+    out += [
+        moe("experts.offsets", (e,), INT32),
+        moe("experts.w1_out", (n, f), BF16),
+        moe("experts.w3_out", (n, f), BF16),
+        moe("experts.w2_in", (n, f), BF16),
+        moe("experts.w2_out", (n, h), BF16),
+        moe("combine.zeros", (t, h), w),
+    ]
+    return tuple(out)
+
+
+def op_sac_moe_layer(
+    *,
+    batch: int,
+    seq: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    top_k: int,
+    dtype: str,
+) -> tuple[Saved, ...]:
+    """One compiled torchtitan 0.3.0 Qwen3-MoE block under per-op SelectiveAC (module
+    docstring): `op_sac_layer`'s attention tensors (no w1: a MoE block has no dense mm after
+    wo) and topk's indices; topk's values, MUST_SAVE but unread by the backward, are dropped."""
+    dense = op_sac_layer(
+        batch=batch,
+        seq=seq,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        inter=0,
+        dtype=dtype,
+    )
+    return (
+        *(s for s in dense if not s.name.startswith("feed_forward.")),
+        saved("moe.router.topk_indices", (batch * seq, top_k), INT64, BY, SRC_MOE),
     )
 
 

@@ -56,6 +56,7 @@ torchtitan's real model by tests/test_torchtitan_activations.py.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from memplan.model.forward import attention, compiled, kernels
 from memplan.model.forward.mlp import gated_mlp_saves
@@ -145,12 +146,13 @@ def unsupported(arch: Architecture, st: Setting) -> str:
         if why:
             return why
     if torchtitan_moe.is_moe(arch) and st.compile:
-        return (
-            "training.compile for torchtitan's Qwen3-MoE is not modelled: the compiled saved "
-            "set is traced on the dense blocks (Llama3TransformerBlock, Qwen3TransformerBlock: "
-            "memplan.model.forward.compiled), not yet on an MoE block (its router, token "
-            "reordering and grouped experts)"
-        )
+        why = compiled_moe_uncovered(arch, st)
+        if why:
+            return (
+                "training.compile for torchtitan's Qwen3-MoE is traced at expert parallelism "
+                "1 with checkpointing none, full or selective-op (memplan.model.forward."
+                f"compiled.qwen3_moe_layer), not under {why}"
+            )
     kernel = compiled.kernel_uncovered(arch, st) if st.compile else ""
     if kernel:
         return f"training.compile is traced with SDPA's flash kernel, not {kernel}"
@@ -173,6 +175,18 @@ def unsupported(arch: Architecture, st: Setting) -> str:
             "activation_checkpointing selective is Megatron's attention-core recompute, which "
             "torchtitan does not offer: use selective-op (its SelectiveAC) or full"
         )
+    return ""
+
+
+def compiled_moe_uncovered(arch: Architecture, st: Setting) -> str:
+    """Why the traced compiled Qwen3-MoE block (memplan.model.forward.compiled.qwen3_moe_layer,
+    op_sac_moe_layer) does not cover this MoE setting under training.compile, or ''."""
+    if arch.model_type != torchtitan_moe.QWEN3_MOE:
+        return f"model_type {arch.model_type!r} (DeepSeek-V3's MLA and shared experts)"
+    if torchtitan_moe.expert_count(arch, st) < arch.num_experts:
+        return "expert parallelism (the all-to-all dispatcher's compiled graph is not traced)"
+    if st.float8 != "none":
+        return "torchao Float8 (not traced on a MoE block)"
     return ""
 
 
@@ -473,6 +487,8 @@ def _compiled(arch: Architecture, st: Setting, layers: list[Block]) -> tuple[lis
         )
     _, a, g, d = kernels.attention_dims(arch)
     op_sac = st.checkpointing == "selective-op"
+    if torchtitan_moe.is_moe(arch):
+        return _compiled_moe(arch, st, layers, op_sac=op_sac)
     qwen3 = arch.model_type == QWEN3  # q_norm / k_norm: traced on Qwen3TransformerBlock
     kept = (compiled.op_sac_layer if op_sac else compiled.llama_layer)(
         batch=st.batch,
@@ -491,4 +507,39 @@ def _compiled(arch: Architecture, st: Setting, layers: list[Block]) -> tuple[lis
         f"training.compile: each block keeps what Inductor's min-cut partition keeps "
         f"({out[0].bytes_each:,} B per block, eager {eager:,} B); embeddings, norm, output "
         "and loss run eager."
+    )
+
+
+def _compiled_moe(
+    arch: Architecture, st: Setting, layers: list[Block], *, op_sac: bool
+) -> tuple[list[Block], str]:
+    """torchtitan's Qwen3-MoE blocks compiled (memplan.model.forward.compiled.qwen3_moe_layer,
+    op_sac_moe_layer; traced by benchmarks/compile_moe.py), checkpointing none or
+    selective-op (full: `_compiled`, each block keeps its input as eager)."""
+    _, a, g, d = kernels.attention_dims(arch)
+    dims: dict[str, Any] = {
+        "batch": st.batch,
+        "seq": st.sequence,
+        "hidden": arch.hidden_size,
+        "heads": a,
+        "kv_heads": g,
+        "head_dim": d,
+        "top_k": arch.num_experts_per_token,
+        "dtype": st.matmul,
+    }
+    if op_sac:
+        kept = compiled.op_sac_moe_layer(**dims)
+    else:
+        kept = compiled.qwen3_moe_layer(
+            **dims,
+            experts=arch.num_experts,
+            moe_inter=int(arch.extra.get("moe_intermediate_size", arch.intermediate_size)),
+            router=torchtitan_moe.router_dtype(st),
+        )
+    eager = layers[0].bytes_each
+    out = [replace(b, tensors=kept) for b in layers]
+    return out, (
+        f"training.compile: each MoE block keeps what Inductor's min-cut partition keeps "
+        f"({out[0].bytes_each:,} B per block, eager {eager:,} B); embeddings, norm and output "
+        "run eager, the loss as training.compile_loss says."
     )

@@ -307,3 +307,79 @@ class TransformersLayer(nn.Module):
         or fp32 (OLMo 2's rotary embedding returns them in fp32)."""
         cos, _ = self.inputs(1, 1)[1:]
         return _dtype(cos.dtype), cos.numel() * cos.element_size()
+
+
+def torchtitan_qwen3_moe_block(
+    *,
+    dim: int,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    moe_hidden_dim: int,
+    num_experts: int,
+    top_k: int,
+    routing: str = "seeded",
+    cuda_router: bool = False,
+    max_seq_len: int = 4096,
+) -> nn.Module:
+    """torchtitan 0.3.0's Qwen3-MoE TransformerBlock (models/qwen3/__init__.py::
+    _build_qwen3_moe_layers: the dense Qwen3 attention above, then models/common/moe.py::MoE
+    with a softmax TokenChoiceTopKRouter, route_norm, the fp32 `expert_bias_E` buffer, the
+    `standard` token dispatcher, local at expert parallelism 1, and GroupedExperts on
+    `torch._grouped_mm`), SDPA attention, in fp32 (`bf16_parameters` as for the dense block),
+    parameters initialised by torchtitan's `init_states` under seed 0.
+
+    `routing`: "seeded" (the gate as initialised), "balanced" (torchtitan's own
+    `_debug_force_load_balance` round-robin) or "collapsed" (the gate zeroed and the expert
+    bias set so that every token goes to experts 0 .. top_k - 1; the others get none).
+    `cuda_router`: the gate's `torch.autocast(dtype=float32)` region as CUDA autocast runs it
+    (aten/src/ATen/autocast_mode.h::cached_cast: input and weight cast to fp32, then the
+    matmul), written out as those casts; CPU autocast disables itself for fp32 (torch 2.13
+    torch/amp/autocast_mode.py), so on CPU the gate runs in the parameters' dtype."""
+    import torchtitan.models.qwen3 as qwen3
+    from torchtitan.models.common import CosSinRoPE
+    from torchtitan.models.common.attention import (
+        ScaledDotProductAttention,
+    )
+
+    rope = CosSinRoPE.Config(dim=head_dim, max_seq_len=max_seq_len, theta=1000000.0)
+    original = qwen3.get_attention_config
+    qwen3.get_attention_config = lambda backend: ScaledDotProductAttention.Config()
+    try:
+        (config,) = qwen3._build_qwen3_moe_layers(
+            n_layers=1,
+            dim=dim,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            moe_hidden_dim=moe_hidden_dim,
+            num_experts=num_experts,
+            top_k=top_k,
+            attn_backend="sdpa",
+            moe_comm_backend="standard",
+            rope=rope,
+        )
+    finally:
+        qwen3.get_attention_config = original
+    torch.manual_seed(0)
+    block: Any = config.build()
+    block.init_states()
+    router: Any = block.moe.router
+    if routing == "balanced":
+        router._debug_force_load_balance = True
+    elif routing == "collapsed":
+        with torch.no_grad():
+            router.gate.weight.zero_()
+            block.moe.expert_bias_E.zero_()
+            block.moe.expert_bias_E[:top_k] = 1.0
+    elif routing != "seeded":
+        raise ValueError(f"routing {routing!r}: seeded, balanced or collapsed")
+    if cuda_router:
+        gate: Any = router.gate
+
+        def fp32_gate(x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(x.float(), gate.weight.float())
+
+        gate.forward = fp32_gate
+    built: nn.Module = block
+    return built
