@@ -21,10 +21,10 @@ from tests.conftest import TINY_LLAMA, make_spec, micro_batch_of
 
 def _layouts(base: Layout) -> list[Layout]:
     """Layouts of 8 layers that differ in every field on_rank reads, and in ones it does not
-    (ZeRO stage, data degree, offload's engine choice)."""
+    (ZeRO stage, data degree), over all four engines."""
     out = []
     for engine, stage, p, v, schedule, split, data in product(
-        ("megatron", "fsdp2", "ddp"),
+        ("megatron", "deepspeed", "fsdp2", "ddp"),
         (0, 1),
         (2, 4),
         (1, 2, 4),

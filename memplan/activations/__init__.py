@@ -213,7 +213,8 @@ def on_rank(
         return micro
     # Cached by identity of `inventory` and `micro` (pinned in the value, so an id is never
     # reused while its entry lives) and by the layout fields _on_rank reads: plan evaluates
-    # the same stage of one micro-batch under each ZeRO stage and offload of an engine.
+    # the same stage of one micro-batch under each ZeRO stage and offload of an engine, and
+    # under each engine of one pipeline runtime.
     key = (
         id(inventory),
         id(micro),
@@ -232,10 +233,11 @@ def on_rank(
     return out
 
 
-STAGED_FIELDS = ("pipeline", "virtual_stages", "layers_per_stage", "schedule", "engine")
-"""The Layout fields `_on_rank` reads: chunk_layers (pipeline, virtual_stages,
+STAGED_FIELDS = ("pipeline", "virtual_stages", "layers_per_stage", "schedule", "pipeline_runtime")
+"""The Layout fields (and property) `_on_rank` reads: chunk_layers (pipeline, virtual_stages,
 layers_per_stage), Layout.chunk_rank (pipeline, schedule), pipeline.in_flight (schedule,
-pipeline, virtual_stages) and Layout.pipeline_runtime (engine)."""
+pipeline, virtual_stages) and Layout.pipeline_runtime (of the engine: Megatron's and
+DeepSpeed's layouts share one entry, ddp's and fsdp2's another)."""
 STAGED_ENTRIES = 4096
 """The most `on_rank` results kept (emptied when full)."""
 _STAGED: dict[tuple[object, ...], tuple[Inventory, Activations, Activations]] = {}
