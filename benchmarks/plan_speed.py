@@ -5,14 +5,19 @@ GPUs under 1 s, and DeepSeek-V3 (671B, MoE with expert parallelism) on 2,048 GPU
 2 cores. DeepSeek-V3 has no hand activation rule: its profiles are traced (torch and
 transformers needed) in an untimed first run and read from memplan's cache in the timed ones.
 Run: python benchmarks/plan_speed.py            # prints; writes benchmarks/results/plan-speed.json
-(--no-write to only print). scripts/gen_readme.py quotes the file in the README.
+(--no-write to only print). `--baseline DIR` also times the memplan in DIR (a checkout, e.g.
+`git archive HEAD | tar -x -C DIR`) in a subprocess of the same run, right before this one, and
+records both (wall and CPU seconds: the machine may be shared). scripts/gen_readme.py quotes
+the file in the README.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,16 +57,17 @@ def deepseek() -> dict[str, object]:
         checkpointing=recompute_options(settings),
         tensor_slices=tensor_slices(loaded.spec, inventory),
     )
-    times, result = [], None
+    times, cpu, result = [], [], None
     for _ in range(RUNS):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = plan(loaded.spec, inventory)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     assert result is not None
     median = statistics.median(times)
     print(
         f"DeepSeek-V3 on {result.gpus} GPUs: {result.searched:,} layouts evaluated, "
-        f"{len(result.layouts):,} fit; median {median:.2f} s "
+        f"{len(result.layouts):,} fit; median {median:.2f} s (CPU {statistics.median(cpu):.2f} s) "
         f"({'meets' if median < DEEPSEEK_TARGET_S else 'MISSES'} the "
         f"{DEEPSEEK_TARGET_S:.0f} s target)"
     )
@@ -73,23 +79,23 @@ def deepseek() -> dict[str, object]:
         "pruned": dict(result.pruned),
         "runs_s": [round(t, 3) for t in times],
         "median_s": round(median, 3),
+        "cpu_s": [round(t, 3) for t in cpu],
+        "median_cpu_s": round(statistics.median(cpu), 3),
         "target_s": DEEPSEEK_TARGET_S,
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Throughput of memplan plan's search.")
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    args = parser.parse_args(argv)
+def llama() -> dict[str, object]:
+    """Llama-3.1-405B on 1,024 GPUs, timed RUNS times (wall and CPU seconds)."""
     loaded = load_spec(ROOT / "configs" / "plan-llama-3.1-405b.yaml")
-    inventory = load_inventory(loaded)
-    times, result = [], None
+    times, cpu, result = [], [], None
     for _ in range(RUNS):
         # A fresh inventory object each run, so no cache survives from the previous one.
         inventory = load_inventory(loaded)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = plan(loaded.spec, inventory)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     assert result is not None
     best = result.layouts[0] if result.layouts else None
     median = statistics.median(times)
@@ -98,8 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(result.layouts):,} fit, pruned {sum(result.pruned.values()):,}"
     )
     print(
-        f"median {median:.2f} s over {len(times)} runs = {result.searched / median:,.0f} "
-        f"layouts/s; {'meets' if median < TARGET_S else 'MISSES'} the {TARGET_S:.1f} s target"
+        f"median {median:.2f} s (CPU {statistics.median(cpu):.2f} s) over {len(times)} runs = "
+        f"{result.searched / median:,.0f} layouts/s; "
+        f"{'meets' if median < TARGET_S else 'MISSES'} the {TARGET_S:.1f} s target"
     )
     if best:
         print(
@@ -107,25 +114,62 @@ def main(argv: list[str] | None = None) -> None:
             f"{best.engine} ZeRO-{best.zero_stage} mbs {best.micro_batch_size} "
             f"recompute {best.recompute}: {best.tokens_per_s:,.0f} tokens/s (model)"
         )
-    moe = deepseek()
+    return {
+        "spec": "configs/plan-llama-3.1-405b.yaml",
+        "gpus": result.gpus,
+        "searched": result.searched,
+        "fit": len(result.layouts),
+        "pruned": sum(result.pruned.values()),
+        "runs_s": [round(t, 3) for t in times],
+        "median_s": round(median, 3),
+        "cpu_s": [round(t, 3) for t in cpu],
+        "median_cpu_s": round(statistics.median(cpu), 3),
+        "target_s": TARGET_S,
+    }
+
+
+def baseline(directory: Path) -> dict[str, object]:
+    """This benchmark's timings with the memplan package of `directory` (its own `--times`
+    run in a subprocess whose import path starts there)."""
+    env = {**os.environ, "PYTHONPATH": str(directory.resolve())}
+    done = subprocess.run(
+        [sys.executable, __file__, "--times"], env=env, capture_output=True, text=True, check=True
+    )
+    doc: dict[str, object] = json.loads(done.stdout.splitlines()[-1])
+    return doc
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Throughput of memplan plan's search.")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--baseline", type=Path, help="a checkout to time first, for a before")
+    parser.add_argument("--times", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.times:  # --baseline's subprocess: the timings as one JSON line, nothing written
+        doc = llama()
+        doc["deepseek_v3"] = deepseek()
+        print(json.dumps(doc))
+        return
+    before = None
+    if args.baseline is not None:
+        print(f"baseline {args.baseline}:")
+        before = baseline(args.baseline)
+        print(
+            f"  Llama-3.1-405B median {before['median_s']} s (CPU {before['median_cpu_s']} s); "
+            f"DeepSeek-V3 median {before['deepseek_v3']['median_s']} s "  # type: ignore[index]
+            f"(CPU {before['deepseek_v3']['median_cpu_s']} s)"  # type: ignore[index]
+        )
+        print("this checkout:")
+    doc = llama()
+    doc["deepseek_v3"] = deepseek()
+    if before is not None:
+        doc["baseline"] = {"directory": str(args.baseline), **before}
     if not args.no_write:
         sys.path.insert(0, str(ROOT))
         from benchmarks.stamp import stamp
 
-        doc = {
-            "stamp": stamp(),
-            "spec": "configs/plan-llama-3.1-405b.yaml",
-            "gpus": result.gpus,
-            "searched": result.searched,
-            "fit": len(result.layouts),
-            "pruned": sum(result.pruned.values()),
-            "runs_s": [round(t, 3) for t in times],
-            "median_s": round(median, 3),
-            "target_s": TARGET_S,
-            "deepseek_v3": moe,
-        }
         out = ROOT / "benchmarks" / "results" / "plan-speed.json"
-        out.write_text(json.dumps(doc, indent=1) + "\n")
+        out.write_text(json.dumps({"stamp": stamp(), **doc}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

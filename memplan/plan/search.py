@@ -42,7 +42,7 @@ from memplan.plan.steptime import (
     step_time,
 )
 from memplan.plan.timing import link_of, shape_of, work_of
-from memplan.report.estimate import Prepared, assemble_within, estimate, model_states, prepare
+from memplan.report.estimate import Prepared, assemble_within, model_states, prepare
 from memplan.report.result import Report, verdict
 from memplan.report.settings import capacity_of
 from memplan.states.engines.base import StepCache
@@ -473,9 +473,14 @@ def plan(
         )
     # One plain torch process (ddp, no wrapper): it runs with any precision (DeepSpeed ZeRO-0
     # refuses some, see sharding/deepspeed.py) and tells whether activations are modelled.
-    plain = estimate(
-        spec.model_copy(update={"parallelism": ParallelismSpec(engine="ddp")}), inventory
+    # Plan reads its activations, timeline and per-GPU states, never its allocator replay
+    # (estimate's: tens of milliseconds for a 405B model's every tensor), so none is made.
+    plain_spec = spec.model_copy(update={"parallelism": ParallelismSpec(engine="ddp")})
+    plain_trained = finetune.apply(plain_spec, inventory)
+    plain = assemble_within(
+        plain_spec, inventory, plain_trained, model_states(plain_spec, plain_trained)
     )
+    assert plain is not None  # no budget, nothing to prune
     if not _activations_modelled(plain):
         # A peak without activations is partial (memplan.report.result.verdict): ranking it as a
         # fit would be a false yes.
