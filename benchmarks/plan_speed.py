@@ -6,9 +6,9 @@ GPUs under 1 s, and DeepSeek-V3 (671B, MoE with expert parallelism) on 2,048 GPU
 transformers needed) in an untimed first run and read from memplan's cache in the timed ones.
 Run: python benchmarks/plan_speed.py            # prints; writes benchmarks/results/plan-speed.json
 (--no-write to only print). `--baseline DIR` also times the memplan in DIR (a checkout, e.g.
-`git archive HEAD | tar -x -C DIR`) in a subprocess of the same run, right before this one, and
-records both (wall and CPU seconds: the machine may be shared). scripts/gen_readme.py quotes
-the file in the README.
+`git archive HEAD | tar -x -C DIR`): both checkouts then run as subprocesses, alternated
+ROUNDS times, and both are recorded (wall and CPU seconds: the machine may be shared).
+scripts/gen_readme.py quotes the file in the README.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from memplan.config.load import load_spec
 from memplan.model.load import load_inventory
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGET_S = 1.0
 DEEPSEEK_TARGET_S = 2.0
 RUNS = 3
+ROUNDS = 2
+"""With --baseline: the before / after subprocess pairs, alternated."""
 DEEPSEEK = {
     "model": {"preset": "deepseek-v3"},
     "precision": "bf16-mixed",
@@ -128,41 +131,66 @@ def llama() -> dict[str, object]:
     }
 
 
-def baseline(directory: Path) -> dict[str, object]:
+def timed(directory: Path) -> dict[str, Any]:
     """This benchmark's timings with the memplan package of `directory` (its own `--times`
     run in a subprocess whose import path starts there)."""
     env = {**os.environ, "PYTHONPATH": str(directory.resolve())}
     done = subprocess.run(
         [sys.executable, __file__, "--times"], env=env, capture_output=True, text=True, check=True
     )
-    doc: dict[str, object] = json.loads(done.stdout.splitlines()[-1])
+    doc: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
     return doc
+
+
+def merged(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several `--times` documents of one checkout as one: every run's seconds and their
+    medians, for the 405B search and for DeepSeek-V3's."""
+
+    def pooled(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        wall = [t for p in parts for t in p["runs_s"]]
+        cpu = [t for p in parts for t in p["cpu_s"]]
+        return {
+            **parts[-1],
+            "runs_s": wall,
+            "cpu_s": cpu,
+            "median_s": round(statistics.median(wall), 3),
+            "median_cpu_s": round(statistics.median(cpu), 3),
+        }
+
+    return {**pooled(runs), "deepseek_v3": pooled([r["deepseek_v3"] for r in runs])}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Throughput of memplan plan's search.")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--baseline", type=Path, help="a checkout to time first, for a before")
+    parser.add_argument(
+        "--baseline", type=Path, help="another checkout, timed alternately with this one"
+    )
     parser.add_argument("--times", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.times:  # --baseline's subprocess: the timings as one JSON line, nothing written
+    doc: dict[str, Any]
+    if args.times:  # --baseline's subprocesses: the timings as one JSON line, nothing written
         doc = llama()
         doc["deepseek_v3"] = deepseek()
         print(json.dumps(doc))
         return
-    before = None
-    if args.baseline is not None:
-        print(f"baseline {args.baseline}:")
-        before = baseline(args.baseline)
-        print(
-            f"  Llama-3.1-405B median {before['median_s']} s (CPU {before['median_cpu_s']} s); "
-            f"DeepSeek-V3 median {before['deepseek_v3']['median_s']} s "  # type: ignore[index]
-            f"(CPU {before['deepseek_v3']['median_cpu_s']} s)"  # type: ignore[index]
-        )
-        print("this checkout:")
-    doc = llama()
-    doc["deepseek_v3"] = deepseek()
-    if before is not None:
+    if args.baseline is None:
+        doc = llama()
+        doc["deepseek_v3"] = deepseek()
+    else:
+        # Before and after alternate, each its own subprocess, ROUNDS times: on a shared
+        # machine whose speed drifts, neither side always runs first or on a warmer CPU.
+        befores, afters = [], []
+        for _ in range(ROUNDS):
+            befores.append(timed(args.baseline))
+            afters.append(timed(ROOT))
+        before, doc = merged(befores), merged(afters)
+        for name, d in (("baseline " + str(args.baseline), before), ("this checkout", doc)):
+            print(
+                f"{name}: Llama-3.1-405B median {d['median_s']} s (CPU {d['median_cpu_s']} s) "
+                f"over {len(d['runs_s'])} runs; DeepSeek-V3 median "
+                f"{d['deepseek_v3']['median_s']} s (CPU {d['deepseek_v3']['median_cpu_s']} s)"
+            )
         doc["baseline"] = {"directory": str(args.baseline), **before}
     if not args.no_write:
         sys.path.insert(0, str(ROOT))

@@ -435,7 +435,21 @@ def plan_speed(doc: Doc) -> str:
         f"{where(doc)}, load average {stamp_of(doc)['load_average_1min']:.1f}): "
         f"{'within' if met else 'over'} the {doc['target_s']:.1f} s target."
         + _deepseek_speed(doc.get("deepseek_v3"))
+        + _baseline_speed(doc.get("baseline"))
         + "\n"
+    )
+
+
+def _baseline_speed(before: Doc | None) -> str:
+    """The checkout timed alternately with this one (plan_speed.py --baseline), if any: the
+    same search's spread there says how much of a difference is the machine's."""
+    if not before:
+        return ""
+    runs = before["runs_s"]
+    return (
+        f" The baseline checkout, timed alternately in the same run: {min(runs):.2f} to "
+        f"{max(runs):.2f} s (median {before['median_s']:.2f} s) for the 405B search, "
+        f"{before['deepseek_v3']['median_s']:.2f} s for DeepSeek-V3."
     )
 
 
