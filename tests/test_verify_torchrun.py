@@ -150,13 +150,16 @@ def test_two_nodes_match_the_self_spawned_ranks(tmp_path: Path) -> None:
     127.0.0.1: each node's rank measures itself, rank 0 (node 0) prints every rank's rows."""
     parallelism = {"engine": "fsdp2", "zero_stage": 3, "data": 2}
     spec = _spec(tmp_path, **parallelism)
+    # The oracle first: its own gloo ranks take a free port too, which could be the one
+    # picked for torchrun before torchrun binds it (the likely cause, not proved, of a
+    # SIGABRT on torchrun's rank 0 seen once in .ci/run under load).
+    oracle = _self_spawned(**parallelism)
     port = str(_free_port())
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1"]
     procs = [
         _torchrun([*common, "--master-port", port, "--node-rank", str(node)], spec, "--json")
         for node in (0, 1)
     ]
-    oracle = _self_spawned(**parallelism)
     (code0, out0, err0), (code1, out1, err1) = _finish(procs)
     assert code0 == 0, err0[-3000:]
     assert code1 == 0, err1[-3000:]
@@ -173,8 +176,8 @@ def test_four_ranks_on_one_node_match_the_self_spawned_ranks(tmp_path: Path) -> 
     partition gives every rank its own optimizer-state bytes."""
     parallelism = {"engine": "ddp", "zero_stage": 1, "data": 4}
     spec = _spec(tmp_path, **parallelism)
+    oracle = _self_spawned(**parallelism)  # first, as above: no two launches race for a port
     [proc] = [_torchrun(["--standalone", "--nproc-per-node", "4"], spec, "--json")]
-    oracle = _self_spawned(**parallelism)
     [(code, out, err)] = _finish([proc])
     assert code == 0, err[-3000:]
     doc = json.loads(out)
