@@ -209,51 +209,9 @@ def on_rank(
     `checkpoint_every` > 1 (training.checkpoint_every: torchtitan's layer SAC) the rank
     checkpoints every N-th of its own blocks (memplan.activations.torchtitan_parallel.
     stage_every)."""
-    if lay.pipeline == 1 or inventory.architecture is None or not micro.modelled:
-        return micro
-    # Cached by identity of `inventory` and `micro` (pinned in the value, so an id is never
-    # reused while its entry lives) and by the layout fields _on_rank reads: plan evaluates
-    # the same stage of one micro-batch under each ZeRO stage and offload of an engine, and
-    # under each engine of one pipeline runtime.
-    key = (
-        id(inventory),
-        id(micro),
-        tuple(getattr(lay, n) for n in STAGED_FIELDS),
-        rank,
-        microbatches,
-        checkpoint_every,
-    )
-    hit = _STAGED.get(key)
-    if hit is not None and hit[0] is inventory and hit[1] is micro:
-        return hit[2]
-    out = _on_rank(inventory, micro, lay, rank, microbatches, checkpoint_every)
-    if len(_STAGED) >= STAGED_ENTRIES:
-        _STAGED.clear()
-    _STAGED[key] = (inventory, micro, out)
-    return out
-
-
-STAGED_FIELDS = ("pipeline", "virtual_stages", "layers_per_stage", "schedule", "pipeline_runtime")
-"""The Layout fields (and property) `_on_rank` reads: chunk_layers (pipeline, virtual_stages,
-layers_per_stage), Layout.chunk_rank (pipeline, schedule), pipeline.in_flight (schedule,
-pipeline, virtual_stages) and Layout.pipeline_runtime (of the engine: Megatron's and
-DeepSpeed's layouts share one entry, ddp's and fsdp2's another)."""
-STAGED_ENTRIES = 4096
-"""The most `on_rank` results kept (emptied when full)."""
-_STAGED: dict[tuple[object, ...], tuple[Inventory, Activations, Activations]] = {}
-
-
-def _on_rank(
-    inventory: Inventory,
-    micro: Activations,
-    lay: Layout,
-    rank: int,
-    microbatches: int,
-    checkpoint_every: int,
-) -> Activations:
-    """`on_rank` of a pipelined layout whose micro-batch's activations are modelled."""
     arch = inventory.architecture
-    assert arch is not None
+    if lay.pipeline == 1 or arch is None or not micro.modelled:
+        return micro
     from memplan.activations import layout, pipeline, torchtitan_parallel
 
     p = lay.pipeline
