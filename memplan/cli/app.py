@@ -10,7 +10,7 @@ from collections.abc import Callable
 from enum import Enum
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -273,7 +273,7 @@ def _verify_torchrun(
             raise
         if lead or isinstance(err, torchrun.RankFailed):
             typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(err.exit_code) from None
+        _end_rank(err.exit_code)
     result = outcome.result
     if lead:
         from memplan.verify import runner
@@ -286,8 +286,21 @@ def _verify_torchrun(
             from memplan.cli import render
 
             render.console(width).print(vrender.verify_view(result))
-    if not outcome.ok:
-        raise typer.Exit(3)
+    _end_rank(0 if outcome.ok else 3)
+
+
+def _end_rank(code: int) -> NoReturn:
+    """End a torchrun rank without the interpreter's finalization, as multiprocessing ends
+    the self-spawned ranks (its children leave through os._exit). gloo's worker threads
+    (`pt_gloo_runloop`) outlive destroy_process_group (measured: still running after it and
+    a gc.collect(), torch 2.13) and may drop the last reference to a tensor of the final
+    collective; if that happens while the main thread finalizes, the thread's wait for the
+    GIL ends it by forced unwinding and the rank dies of SIGABRT ("terminate called without
+    an active exception"): the likely cause, not proved, of the two rank deaths .ci/run saw
+    under load (pytorch/pytorch PR #179291 describes the same crash)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @app.command()

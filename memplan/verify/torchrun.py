@@ -188,6 +188,7 @@ def verify(spec_path: Path, options: Options, world: World, on_event: Event) -> 
             except MemplanError as err:
                 verdict = [str(err)]
         dist.broadcast_object_list(verdict, src=0)
+        dist.barrier()  # no rank leaves while another still reads the verdict
         if isinstance(verdict[0], str):
             raise MemplanError(verdict[0])
         return Outcome(result=result, ok=bool(verdict[0]))
