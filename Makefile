@@ -1,7 +1,7 @@
 # make test: install the test extras (torch CPU build first) and run lint, types and tests.
 PY ?= python
 
-.PHONY: test dev lint types pytest test-min gpu gpu-check bench
+.PHONY: test dev lint types pytest test-slow test-all test-min gpu gpu-check bench
 
 test: dev lint types pytest
 
@@ -28,7 +28,17 @@ lint:
 types:
 	$(PY) -m mypy
 
+# The default run leaves out the tests marked slow (real engines on gloo ranks, fake-tensor
+# runs at full scale, real torchrun launches: 211 tests, about 10 minutes on 2 cores), so that
+# `make test` and .ci/run stay well under 15 minutes; `make test-slow` runs them, `make
+# test-all` runs everything after lint and types.
 pytest:
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+test-slow: dev
+	$(PY) -m pytest -q -p no:cacheprovider -m slow
+
+test-all: dev lint types
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # The calculator alone, without torch: what `memplan estimate` needs. Runs the tests whose
