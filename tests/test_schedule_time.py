@@ -82,3 +82,30 @@ def test_zbv_idles_less_than_zb_h1_once_micro_batches_fill_the_v(p: int) -> None
 def test_a_deadlocked_order_is_refused() -> None:
     with pytest.raises(ValueError, match="deadlock"):
         idle_share({0: [(0, "B", 0)], 1: [(1, "B", 0)]}, 2)
+
+
+def _zbv_full(p: int, m: int) -> float:
+    """ScheduleZBVZeroBubble's idle share with every micro-batch's actions run."""
+    orders = {
+        r: [
+            None if a is None else (r if a[0] == 0 else 2 * p - 1 - r, a[1], a[2])
+            for a in zbv_order(p, r, m)
+        ]
+        for r in range(p)
+    }
+    return idle_share(orders, 2 * p)
+
+
+@pytest.mark.parametrize("p", range(1, 13))
+def test_zbv_shortcut_is_the_full_run(p: int) -> None:
+    """zbv_idle_share runs only min(m, 2P) micro-batches (past them the stable phase only
+    repeats): equal to the bit to running all m, for every m up to 8P."""
+    for m in range(1, 8 * p + 1):
+        assert zbv_idle_share.__wrapped__(p, m) == _zbv_full(p, m), m
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("p", "m"), [(16, 1024), (32, 2048), (13, 301)])
+def test_zbv_shortcut_is_the_full_run_at_plan_scale(p: int, m: int) -> None:
+    """The sizes plan meets on 1,024-2,048 GPUs (the full run takes seconds)."""
+    assert zbv_idle_share.__wrapped__(p, m) == _zbv_full(p, m)
