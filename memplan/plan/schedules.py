@@ -47,7 +47,7 @@ def idle_time(orders: Mapping[int, Sequence[Action | None]], stages: int) -> tup
         [
             (
                 key(stage, kind, mb),
-                -1 if (need := _needs(stage, kind, mb, stages)) is None else key(*need),
+                -1 if (dep := _needs(stage, kind, mb, stages)) is None else key(*dep),
                 COST[kind],
                 key(stage, "I", mb) if kind == "B" else -1,
             )
