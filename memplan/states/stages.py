@@ -35,7 +35,6 @@ from memplan.states.parallel import (
     tensor_rank_classes,
     tp_split,
 )
-from memplan.states.terms import group_ranks
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,17 +80,33 @@ def _merge(
         return {r: c for c in classes for r in c.ranks}
 
     d, e = by_rank(dense), by_rank(experts)
-    merged = []
+    # group_ranks(per-rank merges, key=(terms, host_terms)), without building the merge of
+    # every rank: consecutive ranks with the same pair of classes join the last group
+    # unseen, and each expert class is tagged once (DeepSeek-V3 on 2,048 GPUs: 1.4 million
+    # `replace` calls before, three quarters of plan's time).
+    tagged: dict[int, tuple[tuple[Term, ...], tuple[Term, ...]]] = {}
+    groups: list[tuple[RankStates, list[int]]] = []
+    last: tuple[RankStates, RankStates] | None = None
     for rank in range(degree):
         a, b = d[rank], e[(rank * size + q) // ep]
-        merged.append(
-            RankStates(
-                ranks=(rank,),
-                terms=(*a.terms, *_tagged(b.terms)),
-                host_terms=(*a.host_terms, *_tagged(b.host_terms)),
-            )
+        if last is not None and last[0] is a and last[1] is b:
+            groups[-1][1].append(rank)
+            continue
+        last = (a, b)
+        if id(b) not in tagged:
+            tagged[id(b)] = (_tagged(b.terms), _tagged(b.host_terms))
+        terms, host_terms = tagged[id(b)]
+        states = RankStates(
+            ranks=(rank,), terms=(*a.terms, *terms), host_terms=(*a.host_terms, *host_terms)
         )
-    return group_ranks(merged, key=lambda r: (r.terms, r.host_terms))
+        if groups and (groups[-1][0].terms, groups[-1][0].host_terms) == (
+            states.terms,
+            states.host_terms,
+        ):
+            groups[-1][1].append(rank)
+        else:
+            groups.append((states, [rank]))
+    return [replace(states, ranks=tuple(ranks)) for states, ranks in groups]
 
 
 def _tagged(terms: Sequence[Term]) -> tuple[Term, ...]:
