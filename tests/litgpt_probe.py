@@ -869,3 +869,30 @@ def adapter_optimizer_held(
         cache_bytes=sum(storages.values()),
         cache_dtypes=tuple(sorted({str(t.dtype) for t in caches})),
     )
+
+
+def held_bytes_adapter(
+    precision: str, shape: Shape, method: str, *, start: int = 2, length: int = 10
+) -> int:
+    """`held_bytes_lora` for litgpt 0.5.9's finetune/adapter(_v2).py: the adapter GPT under
+    fabric.init_module, mark_only_adapter(_v2)_as_trainable, fit's no-grad validation forward
+    first (fills every adapted layer's adapter_kv_cache, made before the measure), then fit's
+    training forward and chunked loss, what is held for backward measured."""
+    import importlib
+
+    import lightning as L
+
+    module = importlib.import_module(f"litgpt.{method}")
+    base = {k: v for k, v in asdict(config(shape)).items() if k in _CONFIG_KEYS}
+    fields = {"adapter_start_layer": start, "adapter_prompt_length": length}
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=PRECISION[precision])  # type: ignore[arg-type]
+    with fabric.init_module():
+        model = module.GPT(module.Config(**base, **fields))
+    getattr(module, f"mark_only_{method}_as_trainable")(model)
+    wrapped = fabric.setup(model)
+    model.eval()
+    with torch.no_grad():
+        wrapped(torch.randint(0, shape.vocab, (shape.batch, shape.seq)))
+    model.train()
+    return _run_lora(wrapped, model, shape)
