@@ -494,15 +494,19 @@ def held_bytes_lora_fake(precision: str, mode: str, shape: Shape, lora: Lora = L
         return _run_lora(call, model, shape, key=lambda st: int(st._cdata))
 
 
-def _run_lora(call: Any, model: torch.nn.Module, shape: Shape, *, key: Any = None) -> int:
+def _run_lora(
+    call: Any, model: torch.nn.Module, shape: Shape, *, key: Any = None, held: tuple[Any, ...] = ()
+) -> int:
     """Forward + loss as finetune/lora.py::fit runs them; the token ids and targets are made
     inside the measure and dropped after it, so they count only when autograd keeps them
     (with the embedding frozen it does not keep the ids; nll_loss keeps views or copies of
-    the targets)."""
+    the targets). `held`: tensors the model holds beside its parameters and buffers, not
+    counted."""
     from litgpt.utils import chunked_cross_entropy
 
     key = key or (lambda st: st.data_ptr())
-    before = {key(t.untyped_storage()) for t in (*model.parameters(), *model.buffers())}
+    kept = (*model.parameters(), *model.buffers(), *held)
+    before = {key(t.untyped_storage()) for t in kept}
     spy = _Made(key)
     with spy:
         tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
@@ -895,4 +899,7 @@ def held_bytes_adapter(
     with torch.no_grad():
         wrapped(torch.randint(0, shape.vocab, (shape.batch, shape.seq)))
     model.train()
-    return _run_lora(wrapped, model, shape)
+    # The caches are the model's (memplan counts them as buffers): views SDPA takes of them
+    # during the measure are not activations.
+    caches = tuple(t for m in model.modules() for t in getattr(m, "adapter_kv_cache", None) or ())
+    return _run_lora(wrapped, model, shape, held=caches)
