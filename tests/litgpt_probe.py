@@ -30,7 +30,7 @@ wrapper stashes per block (made outside the dispatcher).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -494,15 +494,19 @@ def held_bytes_lora_fake(precision: str, mode: str, shape: Shape, lora: Lora = L
         return _run_lora(call, model, shape, key=lambda st: int(st._cdata))
 
 
-def _run_lora(call: Any, model: torch.nn.Module, shape: Shape, *, key: Any = None) -> int:
+def _run_lora(
+    call: Any, model: torch.nn.Module, shape: Shape, *, key: Any = None, held: tuple[Any, ...] = ()
+) -> int:
     """Forward + loss as finetune/lora.py::fit runs them; the token ids and targets are made
     inside the measure and dropped after it, so they count only when autograd keeps them
     (with the embedding frozen it does not keep the ids; nll_loss keeps views or copies of
-    the targets)."""
+    the targets). `held`: tensors the model holds beside its parameters and buffers, not
+    counted."""
     from litgpt.utils import chunked_cross_entropy
 
     key = key or (lambda st: st.data_ptr())
-    before = {key(t.untyped_storage()) for t in (*model.parameters(), *model.buffers())}
+    kept = (*model.parameters(), *model.buffers(), *held)
+    before = {key(t.untyped_storage()) for t in kept}
     spy = _Made(key)
     with spy:
         tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
@@ -681,6 +685,12 @@ class OptimizerHeld:
     """Bytes of the param_groups tensors that are no longer the model's parameters."""
     trainable: tuple[str, ...]
     """Names of the parameters with requires_grad."""
+    grad_bytes: int = 0
+    """Bytes of the parameters' `.grad` after the last backward, before optimizer.step()."""
+    cache_bytes: int = 0
+    """LitGPT adapter: bytes of the storages every layer's `adapter_kv_cache` holds."""
+    cache_dtypes: tuple[str, ...] = ()
+    """LitGPT adapter: the dtypes of those tensors."""
 
 
 def qlora_optimizer_held(
@@ -713,7 +723,7 @@ def lora_optimizer_held(
 
 
 def _optimizer_held(
-    fabric: Any, model: Any, shape: Shape, *, quantized: bool, steps: int
+    fabric: Any, model: Any, shape: Shape, *, quantized: bool, steps: int, wrapped: Any = None
 ) -> OptimizerHeld:
     import warnings
 
@@ -723,7 +733,7 @@ def _optimizer_held(
         instantiate_torch_optimizer,
     )
 
-    wrapped = fabric.setup_module(model)
+    wrapped = wrapped or fabric.setup_module(model)
     if quantized:
         optimizer = instantiate_bnb_optimizer("AdamW", wrapped.parameters())
         swap_stable_embedding(model)
@@ -736,6 +746,7 @@ def _optimizer_held(
         logits[-1] = logits[-1][..., :-1, :]
         loss = chunked_cross_entropy(logits, tokens[..., 1:])
         fabric.backward(loss)
+        grad_bytes = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Paged optimizers are not supported on CPU")
             optimizer.step()
@@ -758,4 +769,137 @@ def _optimizer_held(
         kept_grads={n: p.grad.nbytes for n, p in model.named_parameters() if p.grad is not None},
         outside_model=sum(p.nbytes for p in given if id(p) not in name_of),
         trainable=tuple(n for n, p in model.named_parameters() if p.requires_grad),
+        grad_bytes=grad_bytes,
     )
+
+
+def adapter_parameters(
+    name: str, method: str, precision: str, **fields: Any
+) -> dict[str, tuple[tuple[int, ...], str, bool]]:
+    """`adapter_parameters_of` for litgpt's own config entry `name` (Config.from_name, with
+    `fields` overridden: n_layer, adapter_start_layer, adapter_prompt_length)."""
+    import importlib
+
+    module = importlib.import_module(f"litgpt.{method}")
+    return adapter_parameters_of(module.Config.from_name(name, **fields), method, precision)
+
+
+def adapter_parameters_of(
+    config: Any, method: str, precision: str
+) -> dict[str, tuple[tuple[int, ...], str, bool]]:
+    """{name: (shape, str(dtype), requires_grad)} of litgpt 0.5.9's `litgpt.adapter.GPT` or
+    `litgpt.adapter_v2.GPT` as finetune/adapter(_v2).py::main builds it: under Fabric's
+    precision plugin's module_init_context (the dtype Fabric's init_module gives; the meta
+    device instead of the CPU, so whole published models fit), then
+    mark_only_adapter_as_trainable / mark_only_adapter_v2_as_trainable. `config` is any
+    litgpt Config; its fields are carried into the method's own Config."""
+    import importlib
+    from dataclasses import fields as dataclass_fields
+
+    import lightning as L
+
+    module = importlib.import_module(f"litgpt.{method}")
+    names = {f.name for f in dataclass_fields(module.Config) if f.init}
+    own = module.Config(**{k: getattr(config, k) for k in names if hasattr(config, k)})
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=precision)  # type: ignore[arg-type]
+    with torch.device("meta"), fabric.strategy.precision.module_init_context():
+        model = module.GPT(own)
+    mark = getattr(module, f"mark_only_{method}_as_trainable")
+    mark(model)
+    return {n: (tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()}
+
+
+def adapter_fit_grads(config: Any, method: str) -> dict[str, bool]:
+    """{name: whether it gets a gradient} in litgpt 0.5.9's finetune/adapter(_v2).py::fit, on
+    the meta device: fit first runs `validate` (under @torch.no_grad(), model.eval(); the
+    sanity check or the initial validation, one of the two always), whose forward fills every
+    adapted layer's `adapter_kv_cache` (adapter.py::CausalSelfAttention.
+    scaled_dot_product_attention) without a graph; then the training forward
+    (lm_head_chunk_size=128), the chunked loss and backward."""
+    import importlib
+    from dataclasses import fields as dataclass_fields
+
+    from litgpt.utils import chunked_cross_entropy
+
+    module = importlib.import_module(f"litgpt.{method}")
+    names = {f.name for f in dataclass_fields(module.Config) if f.init}
+    own = module.Config(**{k: getattr(config, k) for k in names if hasattr(config, k)})
+    with torch.device("meta"):
+        model = module.GPT(own)
+        getattr(module, f"mark_only_{method}_as_trainable")(model)
+        tokens = torch.zeros(1, 8, dtype=torch.long)
+        model.eval()
+        with torch.no_grad():
+            model(tokens)
+        model.train()
+        logits = model(tokens, lm_head_chunk_size=HEAD_CHUNK)
+        logits[-1] = logits[-1][..., :-1, :]
+        loss = chunked_cross_entropy(logits, tokens[..., 1:])
+        if loss.requires_grad:  # else nothing trains (fit's backward would raise)
+            loss.backward()
+    return {n: p.grad is not None for n, p in model.named_parameters()}
+
+
+def adapter_optimizer_held(
+    precision: str, shape: Shape, method: str, *, steps: int = 2
+) -> OptimizerHeld:
+    """`lora_optimizer_held` for finetune/adapter.py / adapter_v2.py::main: litgpt's adapter
+    GPT (default adapter_start_layer 2, adapter_prompt_length 10) under fabric.init_module,
+    mark_only_adapter(_v2)_as_trainable, instantiate_torch_optimizer("AdamW",
+    model.parameters()), then `steps` of fit's forward, chunked loss, backward, step and
+    zero_grad."""
+    import importlib
+
+    import lightning as L
+
+    module = importlib.import_module(f"litgpt.{method}")
+    base = {k: v for k, v in asdict(config(shape)).items() if k in _CONFIG_KEYS}
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=PRECISION[precision])  # type: ignore[arg-type]
+    with fabric.init_module():
+        model = module.GPT(module.Config(**base))
+    getattr(module, f"mark_only_{method}_as_trainable")(model)
+    wrapped = fabric.setup_module(model)
+    # fit's validate before training (@torch.no_grad(), eval mode): fills adapter_kv_cache.
+    model.eval()
+    with torch.no_grad():
+        wrapped(torch.randint(0, shape.vocab, (shape.batch, shape.seq)))
+    model.train()
+    held = _optimizer_held(fabric, model, shape, quantized=False, steps=steps, wrapped=wrapped)
+    caches = [t for m in model.modules() for t in getattr(m, "adapter_kv_cache", None) or ()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in caches}
+    return replace(
+        held,
+        cache_bytes=sum(storages.values()),
+        cache_dtypes=tuple(sorted({str(t.dtype) for t in caches})),
+    )
+
+
+def held_bytes_adapter(
+    precision: str, shape: Shape, method: str, *, start: int = 2, length: int = 10
+) -> int:
+    """`held_bytes_lora` for litgpt 0.5.9's finetune/adapter(_v2).py: the adapter GPT under
+    fabric.init_module, mark_only_adapter(_v2)_as_trainable, fit's no-grad validation forward
+    first (fills every adapted layer's adapter_kv_cache, made before the measure), then fit's
+    training forward and chunked loss, what is held for backward measured."""
+    import importlib
+
+    import lightning as L
+
+    module = importlib.import_module(f"litgpt.{method}")
+    base = {k: v for k, v in asdict(config(shape)).items() if k in _CONFIG_KEYS}
+    fields = {"adapter_start_layer": start, "adapter_prompt_length": length}
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=PRECISION[precision])  # type: ignore[arg-type]
+    with fabric.init_module():
+        model = module.GPT(module.Config(**base, **fields))
+    getattr(module, f"mark_only_{method}_as_trainable")(model)
+    wrapped = fabric.setup(model)
+    model.eval()
+    with torch.no_grad():
+        wrapped(torch.randint(0, shape.vocab, (shape.batch, shape.seq)))
+    model.train()
+    # The caches are the model's (memplan counts them as buffers): views SDPA takes of them
+    # during the measure are not activations.
+    caches = tuple(t for m in model.modules() for t in getattr(m, "adapter_kv_cache", None) or ())
+    return _run_lora(wrapped, model, shape, held=caches)

@@ -18,12 +18,23 @@ def litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
     """LitGPT's LoRA and QLoRA (memplan.model.stacks.litgpt_lora): litgpt 0.5.9's
     finetune/lora.py, whose options are lora.py::Config's flags and --quantize bnb.*; what
     they cannot say is refused."""
-    from memplan.config.finetune import bnb_keeps_input
+    from memplan.config.finetune import LITGPT_ADAPTERS, bnb_keeps_input
     from memplan.model.stacks import litgpt, litgpt_lora, litgpt_qlora
 
     why = ""
     lightning = ("skip_modules", "prepare_kbit")
-    if ft.method == "qlora" and any(k in ft.model_fields_set for k in lightning):
+    if ft.method in LITGPT_ADAPTERS:
+        # Not measured yet: the prefix's keys and values (qkv of adapter_wte), the second
+        # attention over them, the gate's multiply and the adapter_v2 scale and bias change
+        # what is saved; no rule is given rather than a guess.
+        why = (
+            f"LitGPT's {ft.method} (litgpt {litgpt.VERSION} litgpt/{ft.method}.py) is modelled "
+            "for parameters, gradients and optimizer states only: the saved activations of "
+            "its forward (the prefix's keys and values, the gated second attention"
+            + (", every AdapterV2Linear's scale and bias" if ft.method == "adapter_v2" else "")
+            + ") are not"
+        )
+    elif ft.method == "qlora" and any(k in ft.model_fields_set for k in lightning):
         why = (
             "finetune.skip_modules and prepare_kbit are transformers' and peft's: LitGPT's "
             "QLoRA (finetune/lora.py --quantize bnb.*) quantizes every Linear, the head "

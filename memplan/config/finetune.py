@@ -1,5 +1,6 @@
 """The spec's `finetune:` section: full fine-tuning, LoRA or QLoRA, and frozen parameters
-(peft's and transformers' own names and defaults)."""
+(peft's and transformers' own names and defaults); LitGPT's adapter and adapter_v2
+(litgpt's own names and defaults, under model.implementation litgpt only)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pydantic import Field, field_validator, model_validator
 
 from memplan.config.base import Frozen, PositiveInt
 
-FinetuneMethod = Literal["full", "lora", "qlora"]
+FinetuneMethod = Literal["full", "lora", "qlora", "adapter", "adapter_v2"]
+LITGPT_ADAPTERS = ("adapter", "adapter_v2")
+"""LitGPT's own fine-tuning methods (litgpt 0.5.9 finetune/adapter.py, finetune/adapter_v2.py),
+modelled under model.implementation litgpt only."""
 _ADAPTER_KEYS = (
     "rank",
     "alpha",
@@ -21,6 +25,7 @@ _ADAPTER_KEYS = (
     "autocast_adapter_dtype",
 )
 _QLORA_KEYS = ("quant_type", "double_quant", "skip_modules", "prepare_kbit", "bnb_version")
+_PREFIX_KEYS = ("adapter_prompt_length", "adapter_start_layer")
 
 
 class FinetuneSpec(Frozen):
@@ -32,7 +37,10 @@ class FinetuneSpec(Frozen):
 
     method: FinetuneMethod = "full"
     """full: every parameter trains; lora: peft LoRA adapters, the model frozen; qlora: the
-    same on a bitsandbytes 4-bit base."""
+    same on a bitsandbytes 4-bit base; adapter / adapter_v2 (model.implementation litgpt
+    only): LitGPT's LLaMA-Adapter (litgpt/adapter.py: a learned prefix and gate per layer from
+    adapter_start_layer) and LLaMA-Adapter v2 (litgpt/adapter_v2.py: that, plus a bias and
+    scale on every Linear and the norms trained), every other parameter frozen."""
     rank: PositiveInt = 8
     """LoRA rank r (peft `r`, default 8): lora_A is [r, in], lora_B [out, r]."""
     alpha: PositiveInt = 8
@@ -71,6 +79,14 @@ class FinetuneSpec(Frozen):
     Linux). Before 0.43.2 every 4-bit matmul keeps its input for backward
     (autograd/_functions.py::MatMul4Bit.forward `ctx.tensors = (A, B)`; dropped by
     bitsandbytes PR #1270), modelled under model.implementation litgpt."""
+    adapter_prompt_length: PositiveInt = 10
+    """adapter / adapter_v2: positions of the learned prefix each adapted layer attends to
+    (litgpt 0.5.9 adapter.py::Config `adapter_prompt_length`, default 10): `adapter_wte` is
+    an Embedding [adapter_prompt_length, hidden]."""
+    adapter_start_layer: int = Field(2, ge=0)
+    """adapter / adapter_v2: the first layer with a prefix (adapter.py::Config
+    `adapter_start_layer`, default 2): layers from it on get `adapter_wte` and
+    `gating_factor`."""
     freeze: tuple[str, ...] = ()
     """Parameters that do not train, as fnmatch patterns over their names (shell-style:
     `*` any characters dots included, `?` one, `[0-9]` one digit), e.g.
@@ -102,6 +118,22 @@ class FinetuneSpec(Frozen):
             stray = [k for k in _QLORA_KEYS if k in given]
             if stray:
                 raise ValueError(f"{', '.join(stray)} apply to method: qlora only")
+        if self.method in LITGPT_ADAPTERS:
+            stray = [k for k in (*_ADAPTER_KEYS, *_QLORA_KEYS, "freeze") if k in given]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} set but method is {self.method}: LitGPT's "
+                    f"finetune/{self.method}.py trains its own adapter parameters "
+                    "(adapter_prompt_length, adapter_start_layer), not LoRA, QLoRA or freeze "
+                    "patterns"
+                )
+        else:
+            stray = [k for k in _PREFIX_KEYS if k in given]
+            if stray:
+                raise ValueError(
+                    f"{', '.join(stray)} set but method is {self.method}; they apply to "
+                    "method: adapter or adapter_v2 (LitGPT's)"
+                )
         return self
 
 

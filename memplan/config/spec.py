@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from memplan import versions
 from memplan.config.base import Frozen, Implementation, PositiveInt
-from memplan.config.finetune import FinetuneSpec
+from memplan.config.finetune import LITGPT_ADAPTERS, FinetuneSpec
 from memplan.config.machine import HardwareSpec
 from memplan.config.parallelism import ParallelismSpec
 from memplan.config.plan import PlanSpec
@@ -376,6 +376,18 @@ class Spec(Frozen):
                 )
             return {"preset": value}
         return value
+
+    @model_validator(mode="after")
+    def _litgpt_adapters_need_litgpt(self) -> Spec:
+        method = self.finetune.method
+        if method in LITGPT_ADAPTERS and self.model.implementation != "litgpt":
+            raise ValueError(
+                f"finetune.method {method} is LitGPT's (litgpt 0.5.9 finetune/{method}.py, "
+                f"its litgpt.{method} GPT): set model.implementation: litgpt (it is "
+                f"{self.model.implementation!r}); peft's adapters under transformers are "
+                "method: lora or qlora"
+            )
+        return self
 
     def recipe(self) -> Recipe:
         """The precision recipe with the preset resolved."""

@@ -12,6 +12,8 @@
   peft's `base_model.model.` prefix, as `PeftModel.named_parameters()` gives them.
 - `qlora`: transformers' BitsAndBytesConfig 4-bit quantization of every Linear / Conv1D (but
   the skipped ones), peft's `prepare_model_for_kbit_training`, then the same LoRA.
+- `adapter`, `adapter_v2` (model.implementation litgpt only): litgpt's own adapter GPTs in
+  LitGPT's names (memplan.model.stacks.litgpt_adapter).
 
 Frozen tensors keep their parameter bytes and get no gradient and no optimizer state: each
 engine rule (memplan.states.engines) reads `TensorSpec.trainable`. Pure: no torch, no I/O. The
@@ -25,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from functools import lru_cache
 
-from memplan.config.finetune import FinetuneSpec
+from memplan.config.finetune import LITGPT_ADAPTERS, FinetuneSpec
 from memplan.config.spec import Spec
 from memplan.errors import MemplanError
 from memplan.hardware import nearest
@@ -335,6 +337,10 @@ def _apply(
         out = quantize_4bit(out, ft, compute=compute, state_dtype=state_dtype)
     if ft.method in ("lora", "qlora"):
         out = lora(out, ft, dtype=adapter, reference=inventory)
+    if ft.method in LITGPT_ADAPTERS:
+        from memplan.model.stacks import litgpt_adapter
+
+        out = litgpt_adapter.inventory(out, ft, compute=compute, held=held_default)
     out = freeze(out, ft.freeze)
     if not any(t.trainable for t in out.parameters):
         raise MemplanError(

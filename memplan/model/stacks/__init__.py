@@ -2,8 +2,9 @@
 backward (`torchtitan`: torchtitan's Llama 3, Qwen3, Qwen3-MoE and DeepSeek-V3, with
 `torchtitan_moe` and `torchtitan_mla`, and its gpt-oss, `torchtitan_gptoss`; `litgpt`:
 LitGPT's GPT, `litgpt_lora`: its LoRA, `litgpt_qlora`: its QLoRA's 4-bit model and
-StableEmbedding; `megatron`: Megatron-Core's GPTModel, local and Transformer Engine layer specs,
-`megatron_moe`: its MoE layer), in the vocabulary of memplan.model.forward."""
+StableEmbedding, `litgpt_adapter`: its adapter and adapter_v2 models, in LitGPT's names;
+`megatron`: Megatron-Core's GPTModel, local and Transformer Engine layer specs, `megatron_moe`:
+its MoE layer), in the vocabulary of memplan.model.forward."""
 
 from __future__ import annotations
 

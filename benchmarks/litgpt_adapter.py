@@ -1,0 +1,222 @@
+"""LitGPT's adapter and adapter_v2 (`model.implementation: litgpt`, `finetune.method: adapter`
+or `adapter_v2`): memplan's inventory (memplan.model.stacks.litgpt_adapter) against litgpt
+0.5.9's own adapter GPTs, and what their forward saves, measured for the rule to come.
+
+Part 1, `inventory`: memplan's presets against litgpt's own config entries (Llama-3-8B,
+Qwen2.5-0.5B, Mistral-7B-v0.1, Llama-2-7b-hf) x adapter / adapter_v2 x Fabric's 32-true /
+bf16-true / bf16-mixed (memplan fp32 / bf16 / amp-bf16): `litgpt.adapter(_v2).GPT` built on
+the meta device under Fabric's precision plugin's module_init_context, marked by its own
+mark_only_adapter(_v2)_as_trainable (tests/litgpt_probe.py::adapter_parameters), with the
+trainable flag of what gets a gradient in finetune/adapter(_v2).py::fit's order
+(adapter_fit_grads: the no-grad validation first, then training). A row is exact when every
+name, shape, dtype and trainable flag is equal.
+
+Part 2, `optimizer`: the tiny model (n_embd 64, 4 heads, 4 layers) run on CPU in fit's order
+with litgpt's own instantiate_torch_optimizer("AdamW", model.parameters()), two steps
+(tests/litgpt_probe.py::adapter_optimizer_held): the parameters with state, exp_avg and
+exp_avg_sq bytes, gradient bytes and the adapter_kv_cache storages against memplan's
+estimate.
+
+Part 3, `activations_measured`: what litgpt's adapter forward and fit's chunked loss hold for
+backward on the tiny model (tests/litgpt_probe.py::held_bytes_adapter), for the rule memplan
+does not have yet (estimate says "activations not modelled" for these methods).
+
+    PYTHONPATH=$PWD python benchmarks/litgpt_adapter.py   # ~2 min on 2 cores
+    # writes benchmarks/results/litgpt-adapter.json
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.stamp import stamp  # noqa: E402
+from memplan.config.load import validate  # noqa: E402
+from memplan.model.finetune import lora as finetune  # noqa: E402
+from memplan.model.load import load_inventory  # noqa: E402
+from memplan.model.sources import from_config  # noqa: E402
+from memplan.precision import dtype_bytes  # noqa: E402
+from memplan.report.estimate import estimate  # noqa: E402
+from tests.litgpt_probe import (  # noqa: E402
+    PRECISION,
+    Shape,
+    adapter_fit_grads,
+    adapter_optimizer_held,
+    adapter_parameters,
+    held_bytes_adapter,
+)
+from tests.test_litgpt_activations import tiny  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "litgpt-adapter.json"
+MODELS = [
+    ("llama-3-8b", "Llama-3-8B"),
+    ("qwen2.5-0.5b", "Qwen2.5-0.5B"),
+    ("mistral-7b", "Mistral-7B-v0.1"),
+    ("llama-2-7b", "Llama-2-7b-hf"),
+]
+METHODS = ("adapter", "adapter_v2")
+DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}
+
+
+def spec_of(model: dict[str, Any], method: str, precision: str) -> Any:
+    return validate(
+        {
+            "model": {**model, "implementation": "litgpt"},
+            "precision": precision,
+            "optimizer": {"name": "adamw"},
+            "finetune": {"method": method},
+            "training": {"micro_batch_size": 2, "sequence_length": 16},
+            "hardware": {"device": "cpu"},
+        }
+    )
+
+
+def inventory() -> list[dict[str, Any]]:
+    rows = []
+    for preset, name in MODELS:
+        for method in METHODS:
+            config = importlib.import_module(f"litgpt.{method}").Config.from_name(name)
+            trained = adapter_fit_grads(config, method)
+            for precision in ("fp32", "bf16", "amp-bf16"):
+                raw = adapter_parameters(name, method, PRECISION[precision])
+                real = {n: (s, DTYPE_NAMES[d], trained[n]) for n, (s, d, _) in raw.items()}
+                loaded = spec_of({"preset": preset}, method, precision)
+                inv = finetune.apply(loaded.spec, load_inventory(loaded))
+                held = loaded.spec.recipe().parameters
+                mine = {t.name: (t.shape, t.dtype or held, t.trainable) for t in inv.parameters}
+                numel = {n: int(torch.Size(s).numel()) for n, (s, _, _) in real.items()}
+                rows.append(
+                    {
+                        "model": name,
+                        "preset": preset,
+                        "method": method,
+                        "precision": precision,
+                        "fabric_precision": PRECISION[precision],
+                        "tensors": len(real),
+                        "elements": sum(numel.values()),
+                        "marked_trainable_elements": sum(numel[n] for n in raw if raw[n][2]),
+                        "trained_elements": sum(numel[n] for n, v in real.items() if v[2]),
+                        "memplan_trainable_elements": sum(
+                            t.numel for t in inv.parameters if t.trainable
+                        ),
+                        "adapter_kv_cache_bytes": sum(
+                            b.numel * dtype_bytes(b.dtype or held)
+                            for b in inv.buffers
+                            if "adapter_kv_cache" in b.name
+                        ),
+                        "exact": mine == real,
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def optimizer() -> list[dict[str, Any]]:
+    rows = []
+    for method in METHODS:
+        for precision in ("fp32", "bf16", "amp-bf16"):
+            for kv in (4, 2, 1):
+                layers = 4
+                real = adapter_optimizer_held(precision, Shape(layers=layers, kv_heads=kv), method)
+                loaded = spec_of({"architecture": tiny(layers, kv)}, method, precision)
+                spec = loaded.spec
+                inv = finetune.apply(spec, from_config(tiny(layers, kv)))
+                report = estimate(spec, from_config(tiny(layers, kv)))
+                terms = {t.name: t.bytes for t in report.per_gpu.terms}
+                held = spec.recipe().parameters
+                cache = sum(
+                    b.numel * dtype_bytes(b.dtype or held)
+                    for b in inv.buffers
+                    if "adapter_kv_cache" in b.name
+                )
+                grads = sum(t.bytes for t in report.per_gpu.terms if t.category == "gradients")
+                row = {
+                    "method": method,
+                    "precision": precision,
+                    "kv_heads": kv,
+                    "layers": layers,
+                    "with_state": len(real.with_state),
+                    "memplan_trainable_tensors": sum(t.trainable for t in inv.parameters),
+                    "exp_avg_measured": real.by_key["exp_avg"][1],
+                    "exp_avg_memplan": terms["exp_avg"],
+                    "grad_bytes_measured": real.grad_bytes,
+                    "grad_bytes_memplan": grads,
+                    "cache_bytes_measured": real.cache_bytes,
+                    "cache_bytes_memplan": cache,
+                }
+                row["exact"] = (
+                    set(real.with_state) == {t.name for t in inv.parameters if t.trainable}
+                    and row["exp_avg_measured"] == row["exp_avg_memplan"]
+                    and row["grad_bytes_measured"] == row["grad_bytes_memplan"]
+                    and row["cache_bytes_measured"] == row["cache_bytes_memplan"]
+                )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def activations_measured() -> list[dict[str, Any]]:
+    rows = []
+    for method in METHODS:
+        for precision in ("fp32", "bf16", "amp-bf16"):
+            for start in (0, 2):
+                for kv in (4, 2):
+                    for batch, seq in ((2, 16), (1, 200)):
+                        shape = Shape(layers=3, kv_heads=kv, batch=batch, seq=seq)
+                        measured = held_bytes_adapter(precision, shape, method, start=start)
+                        rows.append(
+                            {
+                                "method": method,
+                                "precision": precision,
+                                "adapter_start_layer": start,
+                                "layers": 3,
+                                "kv_heads": kv,
+                                "batch": batch,
+                                "sequence": seq,
+                                "measured": measured,
+                                "memplan": None,
+                            }
+                        )
+                        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    start = time.time()
+    inv, opt, act = inventory(), optimizer(), activations_measured()
+    doc = {
+        "stamp": stamp(),
+        "command": "PYTHONPATH=$PWD python benchmarks/litgpt_adapter.py",
+        "versions": {
+            "torch": torch.__version__,
+            "litgpt": version("litgpt"),
+            "lightning": version("lightning"),
+            "python": platform.python_version(),
+        },
+        "summary": {
+            "inventory": f"{sum(r['exact'] for r in inv)} of {len(inv)} exact",
+            "optimizer": f"{sum(r['exact'] for r in opt)} of {len(opt)} exact",
+            "activations": f"{len(act)} measured, not modelled (estimate refuses them)",
+            "seconds": round(time.time() - start, 1),
+        },
+        "inventory": inv,
+        "optimizer": opt,
+        "activations_measured": act,
+    }
+    OUT.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(doc["summary"]))
+
+
+if __name__ == "__main__":
+    main()

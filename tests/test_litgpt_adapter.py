@@ -1,0 +1,304 @@
+"""LitGPT's adapter and adapter_v2 (`model.implementation: litgpt`, `finetune.method: adapter`
+or `adapter_v2`): the inventory (memplan.model.stacks.litgpt_adapter) against litgpt 0.5.9's
+own `litgpt.adapter.GPT` / `litgpt.adapter_v2.GPT`, built on the meta device in Fabric's
+precision dtype and marked by its own mark_only_adapter(_v2)_as_trainable (tests/litgpt_probe.py
+::adapter_parameters): every name, shape and dtype; the trainable flag against which of
+those parameters get a gradient when finetune/adapter(_v2).py::fit runs them (its no-grad
+validation first, then training: tests/litgpt_probe.py::adapter_fit_grads): adapter_wte
+requires grad but never gets one (litgpt 0.5.9's adapter_kv_cache); the optimizer states,
+gradients and the cache itself against litgpt's AdamW run on CPU in fit's order. The
+activations are refused, not guessed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memplan.config.load import validate
+from memplan.errors import MemplanError
+from memplan.model.finetune import lora as finetune
+from memplan.model.load import load_inventory
+from memplan.model.sources import from_config
+from memplan.precision import dtype_bytes
+from memplan.report.estimate import estimate
+from tests.conftest import make_spec, micro_batch_of
+from tests.test_litgpt_activations import tiny
+
+PRESETS = [
+    ("llama-3-8b", "Llama-3-8B"),
+    ("qwen2.5-0.5b", "Qwen2.5-0.5B"),  # qkv bias, tied embedding untied by LitGPT
+    ("mistral-7b", "Mistral-7B-v0.1"),
+    ("llama-2-7b", "Llama-2-7b-hf"),
+]
+DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}
+
+
+def memplan_parameters(spec_data: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str, bool]]:
+    """{name: (shape, dtype, trainable)} of the inventory memplan trains for a spec."""
+    loaded = validate(spec_data)
+    inv = finetune.apply(loaded.spec, load_inventory(loaded))
+    held = loaded.spec.recipe().parameters
+    return {t.name: (t.shape, t.dtype or held, t.trainable) for t in inv.parameters}
+
+
+@pytest.mark.parametrize("method", ["adapter", "adapter_v2"])
+@pytest.mark.parametrize(("preset", "name"), PRESETS)
+def test_inventory_matches_litgpts_adapter_gpt(preset: str, name: str, method: str) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.adapter_v2")
+    import importlib
+
+    from tests.litgpt_probe import adapter_fit_grads, adapter_parameters
+
+    real = adapter_parameters(name, method, "bf16-true")
+    config = importlib.import_module(f"litgpt.{method}").Config.from_name(name)
+    trained = adapter_fit_grads(config, method)
+    # What mark_only_* marks but fit never trains: the prefix embedding, and only it.
+    marked = {n for n, (_, _, g) in real.items() if g}
+    assert {n for n in marked if not trained[n]} == {n for n in marked if "adapter_wte" in n}
+    assert any("adapter_wte" in n for n in marked)
+    real = {n: (s, d, trained[n]) for n, (s, d, _) in real.items()}
+    mine = memplan_parameters(
+        {
+            "model": {"preset": preset, "implementation": "litgpt"},
+            "precision": "bf16",
+            "finetune": {"method": method},
+            "training": {"micro_batch_size": 1, "sequence_length": 128},
+        }
+    )
+    assert mine == {n: (s, DTYPE_NAMES[d], g) for n, (s, d, g) in real.items()}
+
+
+@pytest.mark.parametrize(
+    ("method", "precision", "start", "length"),
+    [
+        ("adapter", "bf16-mixed", 0, 4),  # every layer, fp32 parameters under autocast
+        ("adapter_v2", "32-true", 1, 7),
+        ("adapter", "bf16-true", 5, 10),  # start past the last layer: nothing would train
+        ("adapter_v2", "bf16-true", 5, 10),  # the norms and adapter_bias/scale still train
+    ],
+)
+def test_inventory_follows_start_layer_prompt_length_and_precision(
+    method: str, precision: str, start: int, length: int
+) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.adapter_v2")
+    import importlib
+
+    from tests.litgpt_probe import adapter_fit_grads, adapter_parameters
+
+    memplan_precision = {"bf16-mixed": "amp-bf16", "32-true": "fp32", "bf16-true": "bf16"}
+    spec = {
+        "model": {"preset": "llama-2-7b", "implementation": "litgpt"},
+        "precision": memplan_precision[precision],
+        "finetune": {
+            "method": method,
+            "adapter_start_layer": start,
+            "adapter_prompt_length": length,
+        },
+        "training": {"micro_batch_size": 1, "sequence_length": 128},
+    }
+    # Two layers of Llama 2 7B (start 5 lies past them).
+    fields = {"n_layer": 2, "adapter_start_layer": start, "adapter_prompt_length": length}
+    real = adapter_parameters("Llama-2-7b-hf", method, precision, **fields)
+    config = importlib.import_module(f"litgpt.{method}").Config.from_name("Llama-2-7b-hf", **fields)
+    trained = adapter_fit_grads(config, method)
+    real = {n: (s, d, trained[n]) for n, (s, d, _) in real.items()}
+    if not any(g for _, _, g in real.values()):
+        with pytest.raises(MemplanError, match="every parameter is frozen"):
+            memplan_parameters(_two_layers(spec))
+        return
+    mine = memplan_parameters(_two_layers(spec))
+    assert mine == {n: (s, DTYPE_NAMES[d], g) for n, (s, d, g) in real.items()}
+
+
+def _two_layers(spec: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    import memplan.model
+
+    preset = Path(memplan.model.__file__).parent / "presets" / "llama-2-7b.json"
+    config = {**json.loads(preset.read_text()), "num_hidden_layers": 2}
+    return {**spec, "model": {"architecture": config, "implementation": "litgpt"}}
+
+
+def test_inventory_matches_litgpt_on_phi3_fused_projections() -> None:
+    """Phi-3's HF tensors are fused already (qkv_proj; gate_up_proj, which LitGPT splits into
+    fc_1 and fc_2): litgpt's GPT with Phi-3-mini-4k's fields (tests/litgpt_probe.py::ARCHS)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.adapter_v2")
+    from tests.litgpt_probe import (
+        Shape,
+        adapter_fit_grads,
+        adapter_parameters_of,
+        config,
+        hf_config,
+    )
+
+    shape = Shape(arch="phi-3", layers=3, kv_heads=4)
+    real = adapter_parameters_of(config(shape), "adapter_v2", "bf16-true")
+    trained = adapter_fit_grads(config(shape), "adapter_v2")
+    real = {n: (s, d, trained[n]) for n, (s, d, _) in real.items()}
+    mine = memplan_parameters(
+        {
+            "model": {"architecture": hf_config(shape), "implementation": "litgpt"},
+            "precision": "bf16",
+            "finetune": {"method": "adapter_v2"},
+            "training": {"micro_batch_size": 1, "sequence_length": 128},
+        }
+    )
+    assert mine == {n: (s, DTYPE_NAMES[d], g) for n, (s, d, g) in real.items()}
+
+
+@pytest.mark.parametrize("method", ["adapter", "adapter_v2"])
+def test_optimizer_states_and_gradients_match_litgpt_adamw_on_cpu(method: str) -> None:
+    """Independent oracle: finetune/adapter(_v2).py::main on CPU (tests/litgpt_probe.py::
+    adapter_optimizer_held: litgpt's own instantiate_torch_optimizer("AdamW",
+    model.parameters()) after mark_only_*, two real steps of the tiny model's forward and
+    chunked loss, zero_grad between): the tensors with state are memplan's trainable ones,
+    and exp_avg, exp_avg_sq and step are the same tensors and bytes; no gradient outlives
+    zero_grad (set_to_none)."""
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.adapter_v2")
+    from tests.litgpt_probe import Shape, adapter_optimizer_held
+
+    layers = 3  # adapter_start_layer 2: one adapted layer
+    real = adapter_optimizer_held("bf16", Shape(layers=layers), method)
+    spec = adapter_spec(method, layers=layers)
+    inv = finetune.apply(spec, from_config(tiny(layers, 2)))
+    assert set(real.with_state) == {t.name for t in inv.parameters if t.trainable}
+    assert real.kept_grads == {} and real.outside_model == 0
+    report = estimate(spec, from_config(tiny(layers, 2)))
+    mine = {t.name: (t.tensors, t.bytes) for t in report.per_gpu.terms}
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert mine[key] == real.by_key[key]
+    host = {t.name: (t.tensors, t.bytes) for t in report.per_gpu.host_terms}
+    assert mine.get("step", host.get("step")) == real.by_key["step"]
+    grads = sum(t.bytes for t in report.per_gpu.terms if t.category == "gradients")
+    assert grads == real.grad_bytes
+
+
+@pytest.mark.parametrize(
+    ("method", "precision", "kv"),
+    [
+        ("adapter", "amp-bf16", 2),  # the matmul dtype: bf16
+        ("adapter_v2", "amp-bf16", 4),  # adapter_scale promotes qkv's output: fp32
+        ("adapter", "fp32", 1),  # multi-query: k and v views of one qkv output
+        ("adapter_v2", "bf16", 1),
+        ("adapter_v2", "bf16", 4),  # repeat_interleave(1) still copies
+    ],
+)
+def test_adapter_kv_cache_matches_what_litgpt_holds(method: str, precision: str, kv: int) -> None:
+    """The prefix keys and values every adapted layer keeps after fit's validation (tests/
+    litgpt_probe.py::adapter_optimizer_held: the storages of each `adapter_kv_cache`, after
+    two training steps) against memplan's buffers of that name, bytes and dtype."""
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.adapter_v2")
+    from tests.litgpt_probe import Shape, adapter_optimizer_held
+
+    real = adapter_optimizer_held(precision, Shape(layers=4, kv_heads=kv), method)
+    spec = adapter_spec(method, layers=4, kv=kv, precision=precision)
+    inv = finetune.apply(spec, from_config(tiny(4, kv)))
+    cache = [b for b in inv.buffers if "adapter_kv_cache" in b.name]
+    held = spec.recipe().parameters
+    assert real.cache_bytes > 0
+    assert sum(b.numel * dtype_bytes(b.dtype or held) for b in cache) == real.cache_bytes
+    assert {DTYPE_NAMES[d] for d in real.cache_dtypes} == {b.dtype for b in cache}
+
+
+def adapter_spec(
+    method: str, *, layers: int = 3, kv: int = 2, precision: str = "bf16", **finetune: Any
+) -> Any:
+    return make_spec(
+        model={"architecture": tiny(layers, kv), "implementation": "litgpt"},
+        precision=precision,
+        training={"micro_batch_size": 2, "sequence_length": 16},
+        finetune={"method": method, **finetune},
+        hardware={"device": "cpu"},
+    )
+
+
+@pytest.mark.parametrize("method", ["adapter", "adapter_v2"])
+def test_activations_are_refused_not_guessed(method: str) -> None:
+    spec = adapter_spec(method)
+    saved = micro_batch_of(spec, from_config(tiny(3, 2)))
+    assert not saved.modelled and saved.implementation == "litgpt"
+    assert f"LitGPT's {method}" in saved.notes[0] and "are not" in saved.notes[0]
+
+
+def test_verdict_does_not_say_fits_on_model_states_alone(tmp_path: Path) -> None:
+    """The activations are unknown: the verdict says so instead of "fits"."""
+    from typer.testing import CliRunner
+
+    from memplan.cli.app import app
+
+    spec = tmp_path / "a.yaml"
+    spec.write_text(
+        "model: {preset: llama-3-8b, implementation: litgpt}\nprecision: bf16\n"
+        "finetune: {method: adapter}\ntraining: {micro_batch_size: 1, sequence_length: 512}\n"
+        "hardware: {gpu: H100-80GB}\n"
+    )
+    result = CliRunner().invoke(app, ["estimate", str(spec), "--width", "140"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "model states fit; activations unknown" in text
+    assert "activations not modelled: LitGPT's adapter" in text
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (
+            {"model": {"preset": "llama-3-8b"}, "finetune": {"method": "adapter"}},
+            "finetune.method adapter is LitGPT's .* set model.implementation: litgpt",
+        ),
+        (
+            {
+                "model": {"preset": "llama-3-8b", "implementation": "torchtitan"},
+                "finetune": {"method": "adapter_v2"},
+            },
+            "set model.implementation: litgpt \\(it is 'torchtitan'\\)",
+        ),
+        (
+            {
+                "model": {"preset": "llama-3-8b", "implementation": "litgpt"},
+                "finetune": {"method": "adapter", "rank": 8},
+            },
+            "rank set but method is adapter",
+        ),
+        (
+            {
+                "model": {"preset": "llama-3-8b", "implementation": "litgpt"},
+                "finetune": {"method": "lora", "adapter_prompt_length": 4},
+            },
+            "adapter_prompt_length set but method is lora",
+        ),
+        (
+            {
+                "model": {"preset": "llama-3-8b", "implementation": "litgpt"},
+                "finetune": {"method": "adapter", "adapter_prompt_length": 0},
+            },
+            "adapter_prompt_length",
+        ),
+    ],
+)
+def test_spec_keys_refused_where_litgpt_has_no_such_recipe(
+    data: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(MemplanError, match=match):
+        validate(data)
+
+
+def test_adapter_refuses_model_types_it_does_not_cover() -> None:
+    cfg = {**tiny(), "model_type": "gpt_neox"}
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "litgpt"}, finetune={"method": "adapter"}
+    )
+    with pytest.raises(MemplanError, match="modelled on its Llama-shaped configs"):
+        finetune.apply(spec, from_config(cfg))
