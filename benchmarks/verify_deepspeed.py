@@ -22,7 +22,7 @@ with hpZ, of its secondary partitions at the end of backward and of the optimize
 2 ranks, each rank's boundary engine.step() profiled allocation by allocation (memplan.verify.
 deepspeed_engine.step_peak: the most bytes it allocates and holds at once, gloo's collective
 staging left out) against memplan's step transients (memplan.verify.runner.deepspeed_step);
-writes benchmarks/results/verify-deepspeed-step.json (ZeRO-3 measured, not predicted).
+writes benchmarks/results/verify-deepspeed-step.json.
 
     DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/verify_deepspeed.py --step
 
