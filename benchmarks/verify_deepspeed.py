@@ -26,11 +26,12 @@ writes benchmarks/results/verify-deepspeed-step.json.
 
     DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/verify_deepspeed.py --step
 
-`--step-hierarchy` (about 6 min) measures the same step under hpZ and MiCS on 4 ranks (below),
-fp32 and bf16-mixed, and hpZ once more with every parameter persistent
-(`stage3_param_persistence_threshold` 10**6: `_post_step` then re-gathers the whole model while
-the persistent secondary partitions are alive, memplan.verify.runner.deepspeed_step); its rows
-join the --step file's (each with its own stamp), whose 2-rank rows it leaves as they are.
+`--step-hierarchy` (about 10 min) measures the same step under hpZ and MiCS on 4 ranks (below),
+fp32 and bf16-mixed, and each once more with every parameter persistent
+(`stage3_param_persistence_threshold` 10**6: the step's end, where `_post_step` re-gathers the
+whole model, hpZ's persistent secondary partitions still alive, is then its peak: memplan.
+verify.runner.deepspeed_step); its rows join the --step file's (each with its own stamp),
+whose 2-rank rows it leaves as they are.
 
     DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/verify_deepspeed.py --step-hierarchy \
         --mics-deepspeed /tmp/ds0192
@@ -71,9 +72,10 @@ HIERARCHY_RANKS = 4
 HPZ = {"zero_hpz_partition_size": 2, "stage3_param_persistence_threshold": 1000}
 MICS = {"mics_shard_size": 2, "stage3_param_persistence_threshold": 1000}
 MICS_DEEPSPEED = "0.19.2"
-# --step-hierarchy's extra hpZ case: every parameter persistent (numel <= 10**6 > the largest,
+# --step-hierarchy's extra cases: every parameter persistent (numel <= 10**6 > the largest,
 # the 1,041 x 64 embedding), so that the step's end, not its gradient copy, is its peak.
 HPZ_ALL_PERSISTENT = {"zero_hpz_partition_size": 2, "stage3_param_persistence_threshold": 10**6}
+MICS_ALL_PERSISTENT = {"mics_shard_size": 2, "stage3_param_persistence_threshold": 10**6}
 # --step: what the boundary engine.step() allocates, per rank (memplan.verify.result.
 # STEP_TRANSIENT), on 2 ranks; written to verify-deepspeed-step.json.
 STEP_RANKS = 2
@@ -229,8 +231,9 @@ def step_hierarchy(mics_site: str) -> None:
             cases.append(_step_row(case(precision, 3, HIERARCHY_RANKS, config)))
             cases[-1]["stamp"] = stamp(deepspeed=deepspeed.__version__)
     for precision in PRECISIONS:
-        cases.append(_step_row(mics_case(precision, mics_site)))
-        cases[-1]["stamp"] = stamp(deepspeed=MICS_DEEPSPEED)
+        for config in (MICS, MICS_ALL_PERSISTENT):
+            cases.append(_step_row(mics_case(precision, mics_site, config)))
+            cases[-1]["stamp"] = stamp(deepspeed=MICS_DEEPSPEED)
     _write_step({**doc, "cases": flat + cases})
     print(f"wrote {STEP_RESULTS.relative_to(ROOT)}")
 
