@@ -22,9 +22,19 @@ with hpZ, of its secondary partitions at the end of backward and of the optimize
 2 ranks, each rank's boundary engine.step() profiled allocation by allocation (memplan.verify.
 deepspeed_engine.step_peak: the most bytes it allocates and holds at once, gloo's collective
 staging left out) against memplan's step transients (memplan.verify.runner.deepspeed_step);
-writes benchmarks/results/verify-deepspeed-step.json (ZeRO-3 measured, not predicted).
+writes benchmarks/results/verify-deepspeed-step.json.
 
     DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/verify_deepspeed.py --step
+
+`--step-hierarchy` (about 10 min) measures the same step under hpZ and MiCS on 4 ranks (below),
+fp32 and bf16-mixed, and each once more with every parameter persistent
+(`stage3_param_persistence_threshold` 10**6: the step's end, where `_post_step` re-gathers the
+whole model, hpZ's persistent secondary partitions still alive, is then its peak: memplan.
+verify.runner.deepspeed_step); its rows join the --step file's (each with its own stamp),
+whose 2-rank rows it leaves as they are.
+
+    DS_ACCELERATOR=cpu PYTHONPATH=. python benchmarks/verify_deepspeed.py --step-hierarchy \
+        --mics-deepspeed /tmp/ds0192
 
 hpZ (`zero_hpz_partition_size` 2) and MiCS (`mics_shard_size` 2) run on 4 ranks with
 `stage3_param_persistence_threshold` 1,000, so that the tiny model's matrices are partitioned
@@ -62,6 +72,10 @@ HIERARCHY_RANKS = 4
 HPZ = {"zero_hpz_partition_size": 2, "stage3_param_persistence_threshold": 1000}
 MICS = {"mics_shard_size": 2, "stage3_param_persistence_threshold": 1000}
 MICS_DEEPSPEED = "0.19.2"
+# --step-hierarchy's extra cases: every parameter persistent (numel <= 10**6 > the largest,
+# the 1,041 x 64 embedding), so that the step's end, not its gradient copy, is its peak.
+HPZ_ALL_PERSISTENT = {"zero_hpz_partition_size": 2, "stage3_param_persistence_threshold": 10**6}
+MICS_ALL_PERSISTENT = {"mics_shard_size": 2, "stage3_param_persistence_threshold": 10**6}
 # --step: what the boundary engine.step() allocates, per rank (memplan.verify.result.
 # STEP_TRANSIENT), on 2 ranks; written to verify-deepspeed-step.json.
 STEP_RANKS = 2
@@ -128,11 +142,16 @@ def _report(out: dict[str, Any]) -> None:
     )
 
 
-def mics_case(precision: str, site: str) -> dict[str, Any]:
+def mics_case(precision: str, site: str, deepspeed: dict[str, Any] = MICS) -> dict[str, Any]:
     """One MiCS case in a child process whose deepspeed is the one installed under `site`."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([site, str(ROOT)])}
     done = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps([precision, 3, HIERARCHY_RANKS, MICS])],
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            json.dumps([precision, 3, HIERARCHY_RANKS, deepspeed]),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -149,42 +168,74 @@ def mics_case(precision: str, site: str) -> dict[str, Any]:
     return out
 
 
+STEP_RESULTS = ROOT / "benchmarks" / "results" / "verify-deepspeed-step.json"
+
+
+def _step_row(out: dict[str, Any]) -> dict[str, Any]:
+    """One case's step transients per rank, from `case`'s output."""
+    ranks = [r[STEP_TRANSIENT] for r in out["per_rank"]]
+    residue = [None if r["predicted"] is None else r["measured"] - r["predicted"] for r in ranks]
+    row = {
+        "precision": out["precision"],
+        "zero_stage": out["zero_stage"],
+        "ranks": out["ranks"],
+        "deepspeed": out["deepspeed"],
+        "model_states_exact": out["model_states_exact"],
+        "seconds": out["seconds"],
+        "step_transient": ranks,
+        "residue_bytes": residue,
+    }
+    if out["deepspeed_config"]:
+        row["deepspeed_config"] = out["deepspeed_config"]
+    keys = " ".join(f"{k} {v}" for k, v in out["deepspeed_config"].items())
+    print(
+        f"{out['precision']:10} ZeRO-{out['zero_stage']} x{out['ranks']} {keys} (deepspeed "
+        f"{out['deepspeed']}): step transient {[(r['predicted'], r['measured']) for r in ranks]} "
+        f"residue {residue} ({out['seconds']} s)",
+        flush=True,
+    )
+    return row
+
+
+def _write_step(doc: dict[str, Any]) -> None:
+    STEP_RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+
+
 def step_grid() -> None:
     """What DeepSpeed's boundary engine.step() allocates above the level it started at, against
-    memplan's step transients (memplan.states.engines.deepspeed.step.ALLOCATED_IN_STEP)."""
+    memplan's step transients (memplan.states.engines.deepspeed.step.ALLOCATED_IN_STEP); the
+    file's hierarchical rows (--step-hierarchy) are kept."""
     import deepspeed
 
+    old = json.loads(STEP_RESULTS.read_text()) if STEP_RESULTS.exists() else {"cases": []}
+    kept = [c for c in old["cases"] if c.get("deepspeed_config")]
     cases = []
     for precision in PRECISIONS:
         for stage in STAGES:
-            out = case(precision, stage, STEP_RANKS)
-            ranks = [r[STEP_TRANSIENT] for r in out["per_rank"]]
-            # ZeRO-3: measured, not predicted (memplan.verify.runner.deepspeed_step)
-            residue = [
-                None if r["predicted"] is None else r["measured"] - r["predicted"] for r in ranks
-            ]
-            cases.append(
-                {
-                    "precision": precision,
-                    "zero_stage": stage,
-                    "ranks": STEP_RANKS,
-                    "deepspeed": out["deepspeed"],
-                    "model_states_exact": out["model_states_exact"],
-                    "seconds": out["seconds"],
-                    "step_transient": ranks,
-                    "residue_bytes": residue,
-                }
-            )
-            print(
-                f"{precision:10} ZeRO-{stage} x{STEP_RANKS}: step transient "
-                f"{[(r['predicted'], r['measured']) for r in ranks]} residue {residue} "
-                f"({out['seconds']} s)",
-                flush=True,
-            )
-            path = ROOT / "benchmarks" / "results" / "verify-deepspeed-step.json"
-            doc = {"stamp": stamp(deepspeed=deepspeed.__version__), "cases": cases}
-            path.write_text(json.dumps(doc, indent=2) + "\n")
-    print("wrote benchmarks/results/verify-deepspeed-step.json")
+            cases.append(_step_row(case(precision, stage, STEP_RANKS)))
+            doc = {"stamp": stamp(deepspeed=deepspeed.__version__), "cases": cases + kept}
+            _write_step(doc)
+    print(f"wrote {STEP_RESULTS.relative_to(ROOT)}")
+
+
+def step_hierarchy(mics_site: str) -> None:
+    """The step under hpZ (deepspeed installed here) and MiCS (0.19.2 under `mics_site`) on
+    HIERARCHY_RANKS ranks, replacing the file's hierarchical rows and keeping the rest."""
+    import deepspeed
+
+    doc = json.loads(STEP_RESULTS.read_text())
+    flat = [c for c in doc["cases"] if not c.get("deepspeed_config")]
+    cases: list[dict[str, Any]] = []
+    for precision in PRECISIONS:
+        for config in (HPZ, HPZ_ALL_PERSISTENT):
+            cases.append(_step_row(case(precision, 3, HIERARCHY_RANKS, config)))
+            cases[-1]["stamp"] = stamp(deepspeed=deepspeed.__version__)
+    for precision in PRECISIONS:
+        for config in (MICS, MICS_ALL_PERSISTENT):
+            cases.append(_step_row(mics_case(precision, mics_site, config)))
+            cases[-1]["stamp"] = stamp(deepspeed=MICS_DEEPSPEED)
+    _write_step({**doc, "cases": flat + cases})
+    print(f"wrote {STEP_RESULTS.relative_to(ROOT)}")
 
 
 def main() -> None:
@@ -197,9 +248,19 @@ def main() -> None:
         action="store_true",
         help="only the optimizer step's transient, ZeRO-0..3 x fp32/bf16-mixed on 2 ranks",
     )
+    parser.add_argument(
+        "--step-hierarchy",
+        action="store_true",
+        help="only the optimizer step under hpZ and MiCS on 4 ranks (needs --mics-deepspeed)",
+    )
     args = parser.parse_args()
     if args.step:
         step_grid()
+        return
+    if args.step_hierarchy:
+        if not args.mics_deepspeed:
+            parser.error("--step-hierarchy needs --mics-deepspeed DIR (see the docstring)")
+        step_hierarchy(args.mics_deepspeed)
         return
     if args.child:  # one case, printed as JSON (mics_case's child)
         print(json.dumps(case(*json.loads(args.child))), flush=True)

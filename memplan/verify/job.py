@@ -21,6 +21,7 @@ from memplan.model.sources import Inventory
 from memplan.precision import Recipe
 from memplan.report.estimate import estimate
 from memplan.report.result import Report
+from memplan.states.engines.deepspeed.sharding import DeepSpeedKnobs, zero3_persistent_elements
 from memplan.verify.unruled import RULE, Served, is_unruled
 
 Device = Literal["cpu", "cuda"]
@@ -99,9 +100,10 @@ class Job:
     """Where the prediction's activations come from (a rule, a stored or a fresh profile)."""
     persistent_elements: int = 0
     """DeepSpeed ZeRO-3: elements of the all-gather buffers of the parameters kept gathered
-    (numel <= stage3_param_persistence_threshold), each padded to ceil(numel / world) x world
-    (memplan.states.engines.deepspeed.sharding, the parameters row), in the built model (the
-    step all-gathers them again: memplan.verify.runner.deepspeed_step)."""
+    (numel <= stage3_param_persistence_threshold), each padded to a whole number of partitions,
+    over MiCS's shard group where there is one (sharding.zero3_persistent_elements, the
+    parameters row's), in the built model (the step all-gathers them again: memplan.verify.
+    runner.deepspeed_step)."""
 
     @property
     def engine(self) -> str:
@@ -464,10 +466,8 @@ def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | No
         layer_key=key,
         unruled=is_unruled(config),
         served=served,
-        persistent_elements=sum(
-            -(-p.numel // world) * world
-            for p in inventory.parameters
-            if p.numel <= par.deepspeed.stage3_param_persistence_threshold
+        persistent_elements=zero3_persistent_elements(
+            (p.numel for p in inventory.parameters), DeepSpeedKnobs.of(report.layout), world
         )
         if par.engine == "deepspeed" and par.stage == 3
         else 0,

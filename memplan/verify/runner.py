@@ -11,7 +11,7 @@ from memplan.memory import Phase
 from memplan.precision import dtype_bytes
 from memplan.report.result import Report
 from memplan.states.engines import RankStates
-from memplan.states.engines.deepspeed.step import ALLOCATED_IN_STEP
+from memplan.states.engines.deepspeed.step import ALLOCATED_IN_STEP, HPZ_SECONDARY_PERSISTENT
 from memplan.states.engines.deepspeed.step import HPZ_SECONDARY as HPZ_PREFIX
 from memplan.verify import job as jobs
 from memplan.verify.job import Event, Job, Options, activations_modelled
@@ -98,7 +98,7 @@ def predicted(
     return out, list(dict.fromkeys(names))
 
 
-def deepspeed_step(report: Report, *, persistent_elements: int = 0) -> int | None:
+def deepspeed_step(report: Report, *, persistent_elements: int = 0) -> int:
     """What DeepSpeed's boundary engine.step() allocates and holds at once, gloo's collective
     staging left out (memplan.verify.deepspeed_engine.step_peak): the step's transients
     DeepSpeed allocates inside it (memplan.states.engines.deepspeed.step.ALLOCATED_IN_STEP).
@@ -113,19 +113,21 @@ def deepspeed_step(report: Report, *, persistent_elements: int = 0) -> int | Non
     two; on a GPU the release offsets the gather, and memplan's timeline keeps the parameters
     alive throughout (its parameters row), adding only the transient.
 
-    None (shown, not checked) under ZeRO++ hpZ and MiCS: their steps (secondary partitions
-    made and dropped, gathers over the shard group) have not been measured this way."""
+    ZeRO++ hpZ: `_partition_all_parameters` gives each persistent parameter its secondary
+    partition (step.HPZ_SECONDARY_PERSISTENT, in ALLOCATED_IN_STEP), and `_post_step` drops
+    them (`invalidate_secondary_tensor`) only after the persistent all-gather, so they are
+    alive at both moments (stage3.py::_post_step, 0.19.8; measured with every parameter
+    persistent, benchmarks/verify_deepspeed.py --step-hierarchy). MiCS (0.19.2, whose
+    mics.py::MiCS_Optimizer keeps stage3.py's step) has no secondaries: its step is ZeRO-3's
+    over the shard group's partition, which the report's partition already is."""
     layout = report.layout
-    if layout.deepspeed.zero_hpz_partition_size > 1 or layout.deepspeed.mics:
-        return None
-    in_step = sum(
-        t.bytes
-        for t in report.timeline.transient_at("optimizer_step")
-        if t.name in ALLOCATED_IN_STEP
-    )
+    transients = report.timeline.transient_at("optimizer_step")
+    in_step = sum(t.bytes for t in transients if t.name in ALLOCATED_IN_STEP)
     if layout.stage != 3:
         return in_step
-    return max(in_step, persistent_elements * dtype_bytes(report.recipe.parameters))
+    secondaries = sum(t.bytes for t in transients if t.name == HPZ_SECONDARY_PERSISTENT)
+    gathered = persistent_elements * dtype_bytes(report.recipe.parameters)
+    return max(in_step, gathered + secondaries)
 
 
 def _setup(job: Job, report: Report, measured: list[RankMeasurement]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ The defaults of the config keys are in deepspeed/runtime/zero/config.py::DeepSpe
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from itertools import accumulate
 
@@ -346,6 +346,16 @@ def hpz_secondary_elements(numel: int, world: int, hpz: int) -> int:
     return round_up(numel, world) // hpz
 
 
+def zero3_persistent_elements(numels: Iterable[int], knobs: DeepSpeedKnobs, world: int) -> int:
+    """Elements of ZeRO-3's persistent parameters (numel <= stage3_param_persistence_threshold)
+    in their all-gather buffers: each padded to ceil(numel / shard) x shard, shard the ranks
+    it is partitioned over (zero3_partition_ranks: MiCS's shard group, else every data rank;
+    the sources are at `stage3`'s parameters row, which uses this)."""
+    shard = zero3_partition_ranks(knobs, world)
+    threshold = knobs.stage3_param_persistence_threshold
+    return sum(ceil_div(numel, shard) * shard for numel in numels if numel <= threshold)
+
+
 def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
     def rule(
         inventory: Inventory, recipe: Recipe, opt: OptimizerConfig, layout: Layout, world: int
@@ -375,7 +385,7 @@ def stage3(knobs: DeepSpeedKnobs) -> EngineRule:
         # benchmarks/results/verify-deepspeed.json). MiCS gathers over its shard group:
         # `t_size = p.ds_tensor.ds_numel * param_shard_size` (SRC_MICS
         # ._flat_all_gather_with_coalescing_manager).
-        persist_elems = sum(ceil_div(p.numel, shard) * shard for p in persistent)
+        persist_elems = zero3_persistent_elements((p.numel for p in params), knobs, world)
         p_dtype, g_dtype = recipe.parameters, grad_dtype(recipe)
         terms = [
             term(
