@@ -741,14 +741,19 @@ def stacks_deepspeed_step(doc: Doc) -> str:
     exact = sum(x == 0 for x in residues)
     stages = sorted({c["zero_stage"] for c in cases})
     precisions = sorted({c["precision"] for c in cases})
+    configs = [c.get("deepspeed_config", {}) for c in cases]
+    hpz = sum(1 for c in configs if c.get("zero_hpz_partition_size", 1) > 1)
+    mics = sum(1 for c in configs if c.get("mics_shard_size", -1) > 0)
     return (
         f"Its optimizer step too (`engine.step()` under torch's memory profiler on each rank, "
         f"gloo's own copies of collective outputs left out): the most bytes the step holds "
         f"beyond model states, predicted against measured on {len(ranks)} rank-steps "
-        f"(ZeRO-{stages[0]} to {stages[-1]}, {' and '.join(precisions)}): measured minus "
-        f"predicted {min(residues):,} to {max(residues):,} B, {exact} to the byte (the rest "
-        f"0-dim norm and overflow scalars; `benchmarks/verify_deepspeed.py --step`, "
-        f"{where(doc)}).\n"
+        f"(ZeRO-{stages[0]} to {stages[-1]}, {' and '.join(precisions)}; {hpz} of the "
+        f"{len(cases)} cases ZeRO++ hpZ and {mics} MiCS on 4 ranks, half of them with every "
+        f"parameter persistent, where the step ends holding hpZ's secondary partitions beside "
+        f"the re-gathered parameters): measured minus predicted {min(residues):,} to "
+        f"{max(residues):,} B, {exact} to the byte (the rest 0-dim norm and overflow scalars; "
+        f"`benchmarks/verify_deepspeed.py --step` and `--step-hierarchy`, {where(doc)}).\n"
     )
 
 

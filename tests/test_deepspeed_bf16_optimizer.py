@@ -195,6 +195,7 @@ def test_zero1_nvme_offload_is_refused_under_bf16_optimizer() -> None:
 @pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not importable"
 )
+@pytest.mark.slow
 def test_live_zero1_world2_matches_memplan() -> None:
     from tests.record_deepspeed_bf16_optimizer import measure
 
