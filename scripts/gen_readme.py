@@ -430,7 +430,8 @@ def plan_speed(doc: Doc) -> str:
     return (
         f"`memplan plan` searches {n(doc['searched'])} layouts ({n(doc['fit'])} fit) for "
         f"Llama-3.1-405B on {n(doc['gpus'])} GPUs in {min(runs):.2f} to {max(runs):.2f} s over "
-        f"{len(runs)} runs (median {doc['median_s']:.2f} s, about "
+        f"{len(runs)} runs, each with memplan's in-process caches emptied as in a fresh "
+        f"`memplan plan` (median {doc['median_s']:.2f} s, about "
         f"{n(doc['searched'] / doc['median_s'])} layouts/s; `benchmarks/plan_speed.py`, "
         f"{where(doc)}, load average {stamp_of(doc)['load_average_1min']:.1f}): "
         f"{'within' if met else 'over'} the {doc['target_s']:.1f} s target."
