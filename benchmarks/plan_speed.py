@@ -48,6 +48,8 @@ def cold() -> None:
                 clear = getattr(obj, "cache_clear", None)
                 if callable(clear) and getattr(obj, "__module__", None) == name:
                     clear()
+
+
 DEEPSEEK = {
     "model": {"preset": "deepseek-v3"},
     "precision": "bf16-mixed",
