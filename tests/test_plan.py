@@ -573,6 +573,31 @@ def test_dominated_policies_skipped_find_the_same_rows(config: str, gpus: int, m
     assert skipped.layouts == every.layouts
 
 
+def test_megatron_moe_rows_carve_expert_ranks_from_data_and_context() -> None:
+    """Outside torchtitan, EP is carved from data x context (memplan.states.layout.Layout.
+    expert_data; Megatron's expert-data group spans the context ranks), so plan searches
+    expert degrees above the data degree when context > 1, and such a row reproduces under
+    estimate. Before, plan took them from data alone: none of these rows was searched.
+    Structure and reproduction, not an oracle."""
+    doc = {
+        "model": {"preset": "mixtral-8x7b"},
+        "precision": "bf16-mixed",
+        "training": {"sequence_length": 8192},
+        "hardware": {"gpu": "H100-80GB", "gpus_per_node": 8},
+        "plan": {
+            "gpus": 16, "global_batch_size": 16, "engines": ["megatron"], "max_pipeline": 1,
+            "micro_batch_sizes": [1], "top": 400,
+        },
+    }  # fmt: skip
+    loaded = validate(doc)
+    inventory = load_inventory(loaded)
+    result = plan(loaded.spec, inventory, suggest=False)
+    carved = [c for c in result.layouts if c.expert > c.data]
+    assert carved and all(c.context > 1 and c.expert <= c.data * c.context for c in carved)
+    row = carved[0]
+    assert estimate(row_spec(loaded.spec, row), inventory).peak_bytes == row.peak_bytes
+
+
 def test_torchtitan_moe_rows_borrow_expert_ranks_from_tensor() -> None:
     """torchtitan's EP takes its ranks from data x context x tensor (efsdp = dp_shard x cp x
     tp / ep: torchtitan 0.3.0 parallel_dims.py; measured on gloo ranks by

@@ -148,10 +148,12 @@ class _Search:
                 continue
             experts = [1]
             if arch.num_experts:
-                # torchtitan's EP borrows its ranks from data x context x tensor (efsdp =
-                # dp_shard x cp x tp / ep: torchtitan 0.3.0 parallel_dims.py; memplan.states.
-                # layout.Layout.titan_experts); the other stacks take them from data alone.
-                pool = dp * cp * tp if self.spec.model.implementation == "torchtitan" else dp
+                # The ranks EP is carved from, as memplan.states.layout.Layout.expert_data
+                # takes them: torchtitan's EP borrows data x context x tensor (efsdp =
+                # dp_shard x cp x tp / ep: torchtitan 0.3.0 parallel_dims.py), the other
+                # stacks data x context (Megatron's expert-data group spans the context ranks:
+                # megatron/core/parallel_state.py::initialize_model_parallel).
+                pool = dp * cp * tp if self.spec.model.implementation == "torchtitan" else dp * cp
                 experts = [e for e in divisors(pool) if arch.num_experts % e == 0]
             for ep in experts:
                 even = len(set(split)) == 1
