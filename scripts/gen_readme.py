@@ -450,7 +450,8 @@ def _baseline_speed(before: Doc | None) -> str:
     return (
         f" The baseline checkout, timed alternately in the same run: {min(runs):.2f} to "
         f"{max(runs):.2f} s (median {before['median_s']:.2f} s) for the 405B search, "
-        f"{before['deepseek_v3']['median_s']:.2f} s for DeepSeek-V3."
+        f"{before['deepseek_v3']['median_s']:.2f} s for DeepSeek-V3 "
+        f"({n(before['deepseek_v3']['searched'])} layouts searched there)."
     )
 
 
