@@ -755,8 +755,18 @@ def stacks_deepspeed_step(doc: Doc) -> str:
         f"parameter persistent, where the step ends holding hpZ's secondary partitions beside "
         f"the re-gathered parameters): measured minus predicted {min(residues):,} to "
         f"{max(residues):,} B, {exact} to the byte (the rest 0-dim norm and overflow scalars; "
-        f"`benchmarks/verify_deepspeed.py --step` and `--step-hierarchy`, {where(doc)}).\n"
+        f"`benchmarks/verify_deepspeed.py --step`, {where(doc)}"
+        + "".join(
+            f"; `--step-hierarchy`, {where({'stamp': stamp})}" for stamp in _latest_row_stamp(cases)
+        )
+        + ").\n"
     )
+
+
+def _latest_row_stamp(cases: list[Doc]) -> list[Doc]:
+    """The newest of the stamps rows carry when measured after the file's own (none: [])."""
+    stamps = [c["stamp"] for c in cases if c.get("stamp")]
+    return [max(stamps, key=lambda s: s.get("date", ""))] if stamps else []
 
 
 def stacks_pipelining(doc: Doc) -> str:
