@@ -32,6 +32,7 @@ k, v, output, fp32 logsumexp [b, heads, s]) less the flash kernel's 16-byte phil
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,14 +235,9 @@ def torchtitan_qwen3_block(
     pointed at ScaledDotProductAttention for the call, as tests/torchtitan_probe.py does."""
     import torchtitan.models.qwen3 as qwen3  # type: ignore[import-untyped]
     from torchtitan.models.common import CosSinRoPE  # type: ignore[import-untyped]
-    from torchtitan.models.common.attention import (  # type: ignore[import-untyped]
-        ScaledDotProductAttention,
-    )
 
     rope = CosSinRoPE.Config(dim=head_dim, max_seq_len=max_seq_len, theta=1000000.0)
-    original = qwen3.get_attention_config
-    qwen3.get_attention_config = lambda backend: ScaledDotProductAttention.Config()
-    try:
+    with _qwen3_sdpa(qwen3):
         (config,) = qwen3._build_qwen3_layers(
             n_layers=1,
             dim=dim,
@@ -252,10 +248,25 @@ def torchtitan_qwen3_block(
             attn_backend="sdpa",
             rope=rope,
         )
-    finally:
-        qwen3.get_attention_config = original
     block: nn.Module = config.build()
     return block
+
+
+@contextlib.contextmanager
+def _qwen3_sdpa(qwen3: Any) -> Iterator[None]:
+    """torchtitan 0.3.0's qwen3 builders with their attention lookup pointed at
+    ScaledDotProductAttention for the call (config_utils.py::get_attention_config refuses
+    `attn_backend="sdpa"` for language models), restored after."""
+    from torchtitan.models.common.attention import (  # type: ignore[import-untyped]
+        ScaledDotProductAttention,
+    )
+
+    original = qwen3.get_attention_config
+    qwen3.get_attention_config = lambda backend: ScaledDotProductAttention.Config()
+    try:
+        yield
+    finally:
+        qwen3.get_attention_config = original
 
 
 class TransformersLayer(nn.Module):
@@ -338,14 +349,9 @@ def torchtitan_qwen3_moe_block(
     torch/amp/autocast_mode.py), so on CPU the gate runs in the parameters' dtype."""
     import torchtitan.models.qwen3 as qwen3
     from torchtitan.models.common import CosSinRoPE
-    from torchtitan.models.common.attention import (
-        ScaledDotProductAttention,
-    )
 
     rope = CosSinRoPE.Config(dim=head_dim, max_seq_len=max_seq_len, theta=1000000.0)
-    original = qwen3.get_attention_config
-    qwen3.get_attention_config = lambda backend: ScaledDotProductAttention.Config()
-    try:
+    with _qwen3_sdpa(qwen3):
         (config,) = qwen3._build_qwen3_moe_layers(
             n_layers=1,
             dim=dim,
@@ -359,8 +365,6 @@ def torchtitan_qwen3_moe_block(
             moe_comm_backend="standard",
             rope=rope,
         )
-    finally:
-        qwen3.get_attention_config = original
     torch.manual_seed(0)
     block: Any = config.build()
     block.init_states()
