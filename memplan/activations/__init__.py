@@ -23,6 +23,7 @@ from functools import lru_cache
 
 from memplan.activations import lora
 from memplan.config.finetune import FinetuneSpec, bnb_keeps_input
+from memplan.memo import IdentityMemo
 from memplan.model import profile
 from memplan.model.families import family_of, modelled_model_types
 from memplan.model.forward import compiled
@@ -212,6 +213,39 @@ def on_rank(
     arch = inventory.architecture
     if lay.pipeline == 1 or arch is None or not micro.modelled:
         return micro
+    # What `_on_rank` reads (the schedule's runtime, not the engine): plan's layouts of
+    # several engines and ZeRO stages share it.
+    key = (
+        arch.num_layers,
+        lay.pipeline,
+        lay.schedule,
+        lay.virtual_stages,
+        lay.layers_per_stage,
+        lay.pipeline_runtime,
+        rank,
+        microbatches,
+        checkpoint_every,
+    )
+    hit = _ON_RANK.get((micro,), key)
+    if hit is not None:
+        return hit
+    return _ON_RANK.put(
+        (micro,), key, _on_rank(arch, micro, lay, rank, microbatches, checkpoint_every)
+    )
+
+
+_ON_RANK: IdentityMemo[Activations] = IdentityMemo(4096)
+
+
+def _on_rank(
+    arch: Architecture,
+    micro: Activations,
+    lay: Layout,
+    rank: int,
+    microbatches: int,
+    checkpoint_every: int,
+) -> Activations:
+    """`on_rank` of a pipeline layout, worked out."""
     from memplan.activations import layout, pipeline, torchtitan_parallel
 
     p = lay.pipeline
