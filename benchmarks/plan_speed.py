@@ -3,7 +3,10 @@
 Targets (issue 21; issue 8 asked 2 s for the first): the full search for Llama-3.1-405B on 1,024
 GPUs under 1 s, and DeepSeek-V3 (671B, MoE with expert parallelism) on 2,048 GPUs under 2 s, on
 2 cores. DeepSeek-V3 has no hand activation rule: its profiles are traced (torch and
-transformers needed) in an untimed first run and read from memplan's cache in the timed ones.
+transformers needed) in an untimed first run, in a subprocess, and read from memplan's cache in
+the timed ones (so this process never imports torch, after which the search would not fork).
+Each search is timed as `memplan plan` runs it, on every CPU (memplan.plan.workers.
+default_workers), and in one process (`--jobs 1`); CPU seconds include the workers'.
 Run: python benchmarks/plan_speed.py            # prints; writes benchmarks/results/plan-speed.json
 (--no-write to only print). `--baseline DIR` also times the memplan in DIR (a checkout, e.g.
 `git archive HEAD | tar -x -C DIR`): both checkouts then run as subprocesses, alternated
@@ -27,6 +30,18 @@ from memplan.config.load import load_spec
 from memplan.model.load import load_inventory
 from memplan.plan.search import plan
 
+try:  # a --baseline checkout may predate the workers and the identity memos
+    from memplan.memo import IdentityMemo
+    from memplan.plan.workers import default_workers
+except ImportError:  # pragma: no cover
+
+    class IdentityMemo:  # type: ignore[no-redef]
+        pass
+
+    def default_workers() -> int:
+        return 1
+
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_S = 1.0
 DEEPSEEK_TARGET_S = 2.0
@@ -37,16 +52,19 @@ ROUNDS = 2
 
 def cold() -> None:
     """Empty memplan's in-process memo tables (functools caches of its modules' functions and
-    classes' methods) before a timed run, so that every run pays what `memplan plan` pays in
-    a fresh process (before, runs after the first found ScheduleZBVZeroBubble's idle shares
-    and the pipeline in-flight counts already worked out: 3.5-4.4 s against 5.3-6.1 s)."""
+    classes' methods, and its IdentityMemo tables) before a timed run, so that every run pays
+    what `memplan plan` pays in a fresh process (before, runs after the first found
+    ScheduleZBVZeroBubble's idle shares and the pipeline in-flight counts already worked out:
+    3.5-4.4 s against 5.3-6.1 s)."""
     for name, module in list(sys.modules.items()):
         if not name.startswith("memplan") or module is None:
             continue
         for value in list(vars(module).values()):
             for obj in (value, *vars(value).values()) if isinstance(value, type) else (value,):
                 clear = getattr(obj, "cache_clear", None)
-                if callable(clear) and getattr(obj, "__module__", None) == name:
+                if callable(clear) and (
+                    getattr(obj, "__module__", None) == name or isinstance(obj, IdentityMemo)
+                ):
                     clear()
 
 
@@ -59,9 +77,56 @@ DEEPSEEK = {
 }
 
 
+def searched(spec: Any, inventory: Any, workers: int) -> tuple[Any, float, float]:
+    """One cold search: its result, wall seconds and CPU seconds (this process's and its
+    workers')."""
+    import inspect
+
+    cold()
+    kwargs = {"workers": workers} if "workers" in inspect.signature(plan).parameters else {}
+    before = os.times()
+    start = time.perf_counter()
+    result = plan(spec, inventory, **kwargs)
+    wall = time.perf_counter() - start
+    after = os.times()
+    cpu = sum(after[:4]) - sum(before[:4])  # user + system, this process and reaped children
+    return result, wall, cpu
+
+
+def one_process(times: list[float], cpu: list[float]) -> dict[str, object]:
+    return {
+        "runs_s": [round(t, 3) for t in times],
+        "median_s": round(statistics.median(times), 3),
+        "cpu_s": [round(t, 3) for t in cpu],
+        "median_cpu_s": round(statistics.median(cpu), 3),
+    }
+
+
+def warm_deepseek() -> None:
+    """Trace DeepSeek-V3's profiles into memplan's cache (what the untimed first run of
+    `memplan plan` does), in this process: `--warm`'s subprocess."""
+    from memplan.config.load import validate
+    from memplan.plan.search import tensor_slices
+    from memplan.plan.space import recompute_options
+    from memplan.verify.trace import traced_profiles
+
+    loaded = validate(DEEPSEEK)
+    settings = loaded.spec.plan
+    assert settings is not None
+    inventory = load_inventory(loaded)
+    traced_profiles(
+        loaded,
+        inventory,
+        checkpointing=recompute_options(settings),
+        tensor_slices=tensor_slices(loaded.spec, inventory),
+    )
+
+
 def deepseek() -> dict[str, object]:
-    """DeepSeek-V3 on 2,048 GPUs: its activation profiles traced first (untimed), then the
-    search timed RUNS times."""
+    """DeepSeek-V3 on 2,048 GPUs: its activation profiles traced first (untimed, in a
+    subprocess), then the search timed RUNS times on every CPU and RUNS times in one
+    process."""
+    subprocess.run([sys.executable, __file__, "--warm"], check=True)
     from memplan.config.load import validate
     from memplan.plan.search import tensor_slices
     from memplan.plan.space import recompute_options
@@ -77,22 +142,27 @@ def deepseek() -> dict[str, object]:
         checkpointing=recompute_options(settings),
         tensor_slices=tensor_slices(loaded.spec, inventory),
     )
-    times, cpu, result = [], [], None
+    workers = default_workers()
+    forks = "torch" not in sys.modules
+    times, cpu, alone, alone_cpu, result = [], [], [], [], None
     for _ in range(RUNS):
-        cold()
-        start, start_cpu = time.perf_counter(), time.process_time()
-        result = plan(loaded.spec, inventory)
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
+        for n, wall, cpus in ((workers, times, cpu), (1, alone, alone_cpu)):
+            result, t, c = searched(loaded.spec, inventory, n)
+            wall.append(t)
+            cpus.append(c)
     assert result is not None
     median = statistics.median(times)
     print(
         f"DeepSeek-V3 on {result.gpus} GPUs: {result.searched:,} layouts evaluated, "
-        f"{len(result.layouts):,} fit; median {median:.2f} s (CPU {statistics.median(cpu):.2f} s) "
+        f"{len(result.layouts):,} fit; median {median:.2f} s on {workers} workers (CPU "
+        f"{statistics.median(cpu):.2f} s), {statistics.median(alone):.2f} s in one process "
         f"({'meets' if median < DEEPSEEK_TARGET_S else 'MISSES'} the "
         f"{DEEPSEEK_TARGET_S:.0f} s target)"
     )
     return {
+        "workers": workers,
+        "forked": forks and workers > 1,
+        "one_process": one_process(alone, alone_cpu),
         "spec": DEEPSEEK,
         "gpus": result.gpus,
         "searched": result.searched,
@@ -109,15 +179,15 @@ def deepseek() -> dict[str, object]:
 def llama() -> dict[str, object]:
     """Llama-3.1-405B on 1,024 GPUs, timed RUNS times (wall and CPU seconds)."""
     loaded = load_spec(ROOT / "configs" / "plan-llama-3.1-405b.yaml")
-    times, cpu, result = [], [], None
+    workers = default_workers()
+    forks = "torch" not in sys.modules
+    times, cpu, alone, alone_cpu, result = [], [], [], [], None
     for _ in range(RUNS):
-        # A fresh inventory object each run, so no cache survives from the previous one.
-        inventory = load_inventory(loaded)
-        cold()
-        start, start_cpu = time.perf_counter(), time.process_time()
-        result = plan(loaded.spec, inventory)
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
+        for n, wall, cpus in ((workers, times, cpu), (1, alone, alone_cpu)):
+            # A fresh inventory object each run, so no cache survives from the previous one.
+            result, t, c = searched(loaded.spec, load_inventory(loaded), n)
+            wall.append(t)
+            cpus.append(c)
     assert result is not None
     best = result.layouts[0] if result.layouts else None
     median = statistics.median(times)
@@ -126,8 +196,9 @@ def llama() -> dict[str, object]:
         f"{len(result.layouts):,} fit, pruned {sum(result.pruned.values()):,}"
     )
     print(
-        f"median {median:.2f} s (CPU {statistics.median(cpu):.2f} s) over {len(times)} runs = "
-        f"{result.searched / median:,.0f} layouts/s; "
+        f"median {median:.2f} s on {workers} workers (CPU {statistics.median(cpu):.2f} s) over "
+        f"{len(times)} runs = {result.searched / median:,.0f} layouts/s "
+        f"({statistics.median(alone):.2f} s in one process); "
         f"{'meets' if median < TARGET_S else 'MISSES'} the {TARGET_S:.1f} s target"
     )
     if best:
@@ -137,6 +208,9 @@ def llama() -> dict[str, object]:
             f"recompute {best.recompute}: {best.tokens_per_s:,.0f} tokens/s (model)"
         )
     return {
+        "workers": workers,
+        "forked": forks and workers > 1,
+        "one_process": one_process(alone, alone_cpu),
         "spec": "configs/plan-llama-3.1-405b.yaml",
         "gpus": result.gpus,
         "searched": result.searched,
@@ -186,7 +260,11 @@ def main(argv: list[str] | None = None) -> None:
         "--baseline", type=Path, help="another checkout, timed alternately with this one"
     )
     parser.add_argument("--times", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.warm:
+        warm_deepseek()
+        return
     doc: dict[str, Any]
     if args.times:  # --baseline's subprocesses: the timings as one JSON line, nothing written
         doc = llama()

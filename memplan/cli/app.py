@@ -320,6 +320,15 @@ def plan(
     ] = None,
     width: WidthOpt = None,
     trace: TraceOpt = True,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            min=1,
+            help="Processes to search with (default: every CPU, at most 16; large searches "
+            "only, on Linux). The answer is the same with any number.",
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Search the layouts that fit the GPUs' memory and rank them by estimated step time.
@@ -366,7 +375,10 @@ def plan(
                     inv = _traced(  # and the TP ranks it tries, for a model without a rule
                         loaded, inv, recompute, said, partial(planner.tensor_slices, run_spec, inv)
                     )
-                return planner.plan(run_spec, inv, progress=progress)
+                from memplan.plan.workers import default_workers
+
+                workers = jobs or default_workers()
+                return planner.plan(run_spec, inv, progress=progress, workers=workers)
         finally:
             if progress_bar is not None:
                 progress_bar.stop()

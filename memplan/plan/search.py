@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import groupby
 
 from memplan.config.base import MAX_DEGREE
 from memplan.config.parallelism import OffloadSpec, ParallelismSpec
@@ -42,6 +43,7 @@ from memplan.plan.steptime import (
     step_time,
 )
 from memplan.plan.timing import link_of, shape_of, work_of
+from memplan.plan.workers import ordered_map, workers_help
 from memplan.report.estimate import Prepared, assemble_within, model_states, prepare
 from memplan.report.result import Report, verdict
 from memplan.report.settings import capacity_of
@@ -56,6 +58,16 @@ DOMINATED = "does not fit: a policy that saves less already peaks above the budg
 recomputation policy that saves a subset of this one's tensors peaked above the budget."""
 SKIP_DOMINATED = True
 """Whether the search skips those (off only in the test that checks the skip loses no row)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Common:
+    """What every layout's evaluation of one search reads (`_Search.run` works it out)."""
+
+    recomputes: tuple[str, ...]
+    compiles: dict[str, tuple[bool, ...]]
+    shape: Shape
+    link: Link
 
 
 @dataclass(slots=True)
@@ -76,6 +88,8 @@ class _Search:
     """The engines searched (search_engines: plan.engines the implementation runs under)."""
     carried: dict[str, object] = field(default_factory=dict)
     """The spec's own parallelism keys kept on the layouts they apply to (carried_knobs)."""
+    common: _Common | None = None
+    """Set by `run`."""
 
     def degrees(self) -> Iterator[tuple[int, int, int, int, int, tuple[int, ...] | None]]:
         """(tensor, pipeline, virtual stages, context, expert, layers_per_stage (one entry per
@@ -217,97 +231,137 @@ class _Search:
                             continue
                         yield par, offload
 
-    def run(self, progress: Progress | None, first: bool = False) -> list[Candidate]:
+    def run(
+        self, progress: Progress | None, first: bool = False, workers: int = 1
+    ) -> list[Candidate]:
         """Every layout that fits, fastest first; with `first`, only the first one found that
-        also fits as `estimate` judges its spec (the allocator replayed), or none."""
+        also fits as `estimate` judges its spec (the allocator replayed), or none. `workers` >
+        1 spreads the layouts over that many forked processes (memplan.plan.workers): the
+        same rows, counts and order as one process."""
         layouts = list(self.layouts())
+        self.common = _Common(
+            recomputes=(
+                rs := recompute_policies(self.plan.allow_recompute, self.spec.model.implementation)
+            ),
+            compiles={r: compile_options(self.spec, self.inventory, r) for r in rs},
+            shape=shape_of(self.inventory, self.spec, self.global_batch),
+            link=link_of(self.spec, self.plan),
+        )
         out: list[Candidate] = []
-        recomputes = recompute_policies(self.plan.allow_recompute, self.spec.model.implementation)
-        compiles = {r: compile_options(self.spec, self.inventory, r) for r in recomputes}
-        shape = shape_of(self.inventory, self.spec, self.global_batch)
-        link = link_of(self.spec, self.plan)
-        for i, (par, offload) in enumerate(layouts):
-            if progress:
-                progress(i, len(layouts))
-            spec = self.spec.model_copy(update={"parallelism": par})
-            try:
-                trained = finetune.apply(spec, self.inventory)
-                states = model_states(spec, trained)
-            except MemplanError as err:
-                # What `estimate` refuses for this layout (LoRA under tensor parallelism,
-                # QLoRA's engines, ...) is pruned with its field, never a failed search.
-                self.pruned[f"estimate refuses this layout ({err.field or 'parallelism'})"] += 1
-                continue
-            if max(s.model_state_bytes for s in states) > self.budget:
-                self.pruned["does not fit: model states alone exceed the budget"] += 1
-                continue
-            # What every evaluation of this layout shares (assemble_within's `prepared`),
-            # worked out by its first evaluation that gets that far.
-            prepared: list[Prepared] = []
-            eager: dict[tuple[str, int], Candidate] = {}
-            # compile flag -> the smallest micro-batch at which a policy that saves less (tried
-            # earlier: IMPLEMENTATION_RECOMPUTE's order) already peaked above the budget.
-            over: dict[bool, int] = {}
-            for recompute, compiled in ((r, c) for r in recomputes for c in compiles[r]):
-                for mbs in self.plan.micro_batch_sizes:
-                    if self.global_batch % (mbs * par.data):
-                        continue
-                    if SKIP_DOMINATED and mbs >= over.get(compiled, mbs + 1):
-                        self.pruned[DOMINATED] += 1
-                        break
-                    self.searched += 1
-                    try:
-                        report = self._report(
-                            spec, trained, states, mbs, recompute, compiled, prepared
-                        )
-                    except MemplanError as err:
-                        # What estimate refuses at this recompute / compile / micro-batch
-                        # (parallelism.async_tp without compile, ...): pruned with its field.
-                        self.pruned[
-                            f"estimate refuses this layout ({err.field or 'training'})"
-                        ] += 1
-                        break
-                    if report is None or report.peak_bytes > self.budget:
-                        over[compiled] = min(over.get(compiled, mbs), mbs)
-                    if report is None:
-                        self.pruned["does not fit: peak exceeds the budget"] += 1
-                        break  # a larger micro-batch only needs more
-                    if self.activations_modelled and not _activations_modelled(report):
-                        # A peak without activations would look falsely small: never rank it.
-                        self.pruned["activations not modelled for this layout"] += 1
-                        break
-                    # The peak is a lower bound of what the allocator reserves: most layouts
-                    # that miss are pruned without working out the reserve.
-                    if report.peak_bytes > self.budget:
-                        self.pruned["does not fit: peak exceeds the budget"] += 1
-                        break  # a larger micro-batch only needs more
-                    headroom = (report.usable_bytes or 0) - self.plan.reserve
-                    if (
-                        verdict(
-                            usable_bytes=headroom,
-                            activations_modelled=_activations_modelled(report),
-                        )
-                        != "fits"
-                    ):
-                        self.pruned["does not fit: the allocator's reserve exceeds the budget"] += 1
-                        break
-                    c = self._candidate(
-                        report, par, mbs, recompute, compiled, offload, shape, link, headroom
-                    )
-                    twin = eager.get((recompute, mbs))
-                    if twin is None:
-                        eager[recompute, mbs] = c
-                    elif twin.time.total_s <= c.time.total_s and twin.peak_bytes <= c.peak_bytes:
-                        self.pruned["compiled: neither faster nor smaller than its eager twin"] += 1
-                        continue
-                    if first:
-                        if _replay_fits(self.spec, self.inventory, c, self.plan, self.cache):
-                            return [c]
-                        break
-                    out.append(c)
+        if first or not workers_help(workers, len(layouts)):
+            for i, (par, offload) in enumerate(layouts):
+                if progress:
+                    progress(i, len(layouts))
+                found = self._layout(par, offload, first)
+                if first and found:
+                    return found
+                out.extend(found)
+        else:
+            # Adjacent layouts share their degrees (and so the workers' caches): dealt out
+            # in runs of the same degrees, answered per layout, joined in the layouts' order.
+            runs = [list(run) for _, run in groupby(layouts, key=lambda lo: _degrees_of(lo[0]))]
+            answers = ordered_map(
+                self._alone,
+                runs,
+                workers,
+                (lambda n: progress(n, len(layouts))) if progress else None,
+            )
+            for found, pruned, searched in answers:
+                out.extend(found)
+                self.pruned.update(dict(pruned))
+                self.searched += searched
         if progress:
             progress(len(layouts), len(layouts))
         return sorted(out, key=lambda c: (c.time.total_s, c.peak_bytes))
+
+    def _alone(
+        self, layout: tuple[ParallelismSpec, str]
+    ) -> tuple[list[Candidate], list[tuple[str, int]], int]:
+        """`_layout` in a worker (a fork of the search): what fits of `layout`, and the
+        prunes and evaluations it counted, in the order it counted them."""
+        self.pruned, self.searched = Counter(), 0
+        return self._layout(*layout), list(self.pruned.items()), self.searched
+
+    def _layout(self, par: ParallelismSpec, offload: str, first: bool = False) -> list[Candidate]:
+        """What fits of one layout, over its recomputation policies, compile flags and
+        micro-batches (`first`: the first that also fits as `estimate` judges it, or none);
+        what does not is counted in `pruned`."""
+        sh = self.common
+        assert sh is not None  # set by run()
+        spec = self.spec.model_copy(update={"parallelism": par})
+        try:
+            trained = finetune.apply(spec, self.inventory)
+            states = model_states(spec, trained)
+        except MemplanError as err:
+            # What `estimate` refuses for this layout (LoRA under tensor parallelism,
+            # QLoRA's engines, ...) is pruned with its field, never a failed search.
+            self.pruned[f"estimate refuses this layout ({err.field or 'parallelism'})"] += 1
+            return []
+        if max(s.model_state_bytes for s in states) > self.budget:
+            self.pruned["does not fit: model states alone exceed the budget"] += 1
+            return []
+        out: list[Candidate] = []
+        # What every evaluation of this layout shares (assemble_within's `prepared`),
+        # worked out by its first evaluation that gets that far.
+        prepared: list[Prepared] = []
+        eager: dict[tuple[str, int], Candidate] = {}
+        # compile flag -> the smallest micro-batch at which a policy that saves less (tried
+        # earlier: IMPLEMENTATION_RECOMPUTE's order) already peaked above the budget.
+        over: dict[bool, int] = {}
+        for recompute, compiled in ((r, c) for r in sh.recomputes for c in sh.compiles[r]):
+            for mbs in self.plan.micro_batch_sizes:
+                if self.global_batch % (mbs * par.data):
+                    continue
+                if SKIP_DOMINATED and mbs >= over.get(compiled, mbs + 1):
+                    self.pruned[DOMINATED] += 1
+                    break
+                self.searched += 1
+                try:
+                    report = self._report(spec, trained, states, mbs, recompute, compiled, prepared)
+                except MemplanError as err:
+                    # What estimate refuses at this recompute / compile / micro-batch
+                    # (parallelism.async_tp without compile, ...): pruned with its field.
+                    self.pruned[f"estimate refuses this layout ({err.field or 'training'})"] += 1
+                    break
+                if report is None or report.peak_bytes > self.budget:
+                    over[compiled] = min(over.get(compiled, mbs), mbs)
+                if report is None:
+                    self.pruned["does not fit: peak exceeds the budget"] += 1
+                    break  # a larger micro-batch only needs more
+                if self.activations_modelled and not _activations_modelled(report):
+                    # A peak without activations would look falsely small: never rank it.
+                    self.pruned["activations not modelled for this layout"] += 1
+                    break
+                # The peak is a lower bound of what the allocator reserves: most layouts
+                # that miss are pruned without working out the reserve.
+                if report.peak_bytes > self.budget:
+                    self.pruned["does not fit: peak exceeds the budget"] += 1
+                    break  # a larger micro-batch only needs more
+                headroom = (report.usable_bytes or 0) - self.plan.reserve
+                if (
+                    verdict(
+                        usable_bytes=headroom,
+                        activations_modelled=_activations_modelled(report),
+                    )
+                    != "fits"
+                ):
+                    self.pruned["does not fit: the allocator's reserve exceeds the budget"] += 1
+                    break
+                c = self._candidate(
+                    report, par, mbs, recompute, compiled, offload, sh.shape, sh.link, headroom
+                )
+                twin = eager.get((recompute, mbs))
+                if twin is None:
+                    eager[recompute, mbs] = c
+                elif twin.time.total_s <= c.time.total_s and twin.peak_bytes <= c.peak_bytes:
+                    self.pruned["compiled: neither faster nor smaller than its eager twin"] += 1
+                    continue
+                if first:
+                    if _replay_fits(self.spec, self.inventory, c, self.plan, self.cache):
+                        return [c]
+                    break
+                out.append(c)
+        return [] if first else out
 
     def _report(
         self,
@@ -453,12 +507,14 @@ def plan(
     progress: Progress | None = None,
     suggest: bool = True,
     first: bool = False,
+    workers: int = 1,
 ) -> PlanResult:
     """Every layout of `spec.plan` that fits, fastest first, and what was pruned and why.
 
     When nothing fits and `suggest` is set, `suggestion` says what would (each hint is a
     search of its own, run with `suggest=False` so the hints do not recurse). With `first`,
-    the search stops at the first layout that fits (what `_fits` asks)."""
+    the search stops at the first layout that fits (what `_fits` asks). `workers`: processes
+    the search may spread its layouts over (memplan.plan.workers; the answer is the same)."""
     p = spec.plan or PlanSpec()
     if inventory.architecture is None:
         raise MemplanError(
@@ -515,11 +571,13 @@ def plan(
         budget=budget,
         activations_modelled=_activations_modelled(plain),
     )
-    found = search.run(progress, first=first)
+    found = search.run(progress, first=first, workers=workers)
     layouts = (
         found
         if first
-        else _checked_by_replay(spec, inventory, found, p, search.pruned, search.cache)
+        else _checked_by_replay(
+            spec, inventory, found, p, search.pruned, search.cache, workers=workers
+        )
     )
     from memplan.plan.suggest import what_would_fit  # it searches again with plan()
 
@@ -551,25 +609,40 @@ def _checked_by_replay(
     p: PlanSpec,
     pruned: Counter[str],
     cache: StepCache | None = None,
+    workers: int = 1,
 ) -> list[Candidate]:
     """`layouts` (fastest first) with the rows plan shows checked as `estimate` checks a spec:
     the step replayed through the caching allocator (memplan.step.replay) plus the terms
     outside it, against capacity - plan.reserve. The search itself uses the packing bound
     (timeline.usable_bytes: a replay per layout would cost milliseconds each), so a row near
     the limit can pass the search and fail the replay: it is dropped here and the next one
-    checked, until `p.top` rows hold or none are left. Rows past those shown are unchecked."""
+    checked, until `p.top` rows hold or none are left. Rows past those shown are unchecked.
+    The rows still wanted are replayed together, on `workers` processes where they help."""
     out: list[Candidate] = []
-    shown = 0
-    for i, c in enumerate(layouts):
-        if shown == p.top:
-            out.extend(layouts[i:])
-            break
-        if not _replay_fits(spec, inventory, c, p, cache):
-            pruned["does not fit: the replayed allocator (as estimate) exceeds the budget"] += 1
-            continue
-        out.append(c)
-        shown += 1
-    return out
+    shown = i = 0
+    while shown < p.top and i < len(layouts):
+        batch = layouts[i : i + p.top - shown]
+        i += len(batch)
+
+        def fits(c: Candidate) -> bool:
+            return _replay_fits(spec, inventory, c, p, cache)
+
+        if workers_help(workers, len(batch), least=REPLAYS_WORTH_A_FORK):
+            answers = ordered_map(fits, [[c] for c in batch], workers)
+        else:
+            answers = [fits(c) for c in batch]
+        for c, ok in zip(batch, answers, strict=True):
+            if ok:
+                out.append(c)
+                shown += 1
+            else:
+                pruned["does not fit: the replayed allocator (as estimate) exceeds the budget"] += 1
+    return out + layouts[i:]
+
+
+REPLAYS_WORTH_A_FORK = 4
+"""The fewest rows replayed on several processes: a replay of a large model's step takes
+tens of milliseconds, a fork of the search a few."""
 
 
 def _replay_fits(
@@ -587,6 +660,11 @@ def _replay_fits(
     assert report is not None  # no budget, nothing to prune
     headroom = report.usable_bytes
     return headroom is None or headroom >= p.reserve
+
+
+def _degrees_of(par: ParallelismSpec) -> tuple[object, ...]:
+    """What the search's layouts of one run of `_Search.layouts` share: the degrees."""
+    return (par.tensor, par.pipeline, par.virtual_stages, par.context, par.expert)
 
 
 def _activations_modelled(report: Report) -> bool:

@@ -1,0 +1,101 @@
+"""Plan's search over several processes: the layouts are independent, so a large search is
+split into chunks that forked copies of the search evaluate, and their answers are joined in
+the layouts' own order (the same rows, counts and order as one process).
+
+Only where it helps and is safe: Linux's `fork` (the workers inherit the search and its
+warm caches; nothing is pickled but the chunks' answers), more than one worker, a search large
+enough to repay the fork (MIN_LAYOUTS), and torch not imported in this process (a fork after
+torch has started its threads can hang: `memplan plan` imports torch only to trace a profile,
+and then searches in one process).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+MIN_LAYOUTS = 64
+"""The fewest layouts a search spreads over workers: below it (every shipped plan config but
+the 405B one; tens of milliseconds of work) forking costs more than it saves."""
+SHARES = 8
+"""Tasks per worker: enough that the workers finish together although layouts differ in
+cost by 10x and more (a TP-8 pipeline's interleaved schedule against plain FSDP)."""
+MAX_WORKERS = 16
+
+
+def available() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """`memplan plan`'s worker count when --jobs is not given: every CPU, at most
+    MAX_WORKERS."""
+    return min(available(), MAX_WORKERS)
+
+
+def workers_help(workers: int, items: int, least: int | None = None) -> bool:
+    """Whether `items` pieces of work (layouts, unless `least` says how many are worth a
+    fork) go to `workers` forked processes."""
+    return (
+        workers > 1
+        and items >= (MIN_LAYOUTS if least is None else least)
+        and sys.platform == "linux"
+        and "torch" not in sys.modules
+    )
+
+
+_EACH: Callable[[Any], Any] | None = None
+"""The function the forked workers apply (set before the pool forks them: inherited, never
+pickled)."""
+
+
+def _apply(task: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    assert _EACH is not None
+    return [(i, _EACH(item)) for i, item in task]
+
+
+def deal(groups: Sequence[Sequence[T]], tasks: int) -> list[list[tuple[int, T]]]:
+    """`groups` (runs of adjacent items, numbered in order across the groups) dealt round
+    robin into `tasks` tasks, each item with its number: the items of a group stay together
+    (they share the workers' caches) and every task gets some of the early groups and some
+    of the late ones."""
+    out: list[list[tuple[int, T]]] = [[] for _ in range(min(tasks, len(groups)))]
+    n = 0
+    for g, group in enumerate(groups):
+        out[g % len(out)].extend((n + k, item) for k, item in enumerate(group))
+        n += len(group)
+    return out
+
+
+def ordered_map(
+    each: Callable[[T], R],
+    groups: Sequence[Sequence[T]],
+    workers: int,
+    done: Callable[[int], object] | None = None,
+) -> list[R]:
+    """`each` of every item of `groups`, in their order, worked out by `workers` forked
+    processes (`deal`); `done(n)` after each task with the items answered so far."""
+    import multiprocessing
+
+    global _EACH
+    tasks = deal(groups, workers * SHARES)
+    answers: dict[int, Any] = {}
+    _EACH = each
+    try:
+        with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+            for answer in pool.imap_unordered(_apply, tasks):
+                answers.update(answer)
+                if done is not None:
+                    done(len(answers))
+    finally:
+        _EACH = None
+    return [answers[i] for i in range(len(answers))]
