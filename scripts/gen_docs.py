@@ -711,7 +711,15 @@ def render_architecture() -> str:
                 lines += [f"- `{f.name}`: {_first_paragraph(_docstring(f))}" for f in files]
                 lines.append("")
                 continue
-            if rel in ("errors", "versions", "hardware", "precision", "optimizers", "__main__"):
+            if rel in (
+                "errors",
+                "versions",
+                "hardware",
+                "precision",
+                "optimizers",
+                "memo",
+                "__main__",
+            ):
                 continue
             folder = pkg / rel
             if not folder.is_dir():

@@ -1,7 +1,7 @@
 """The import direction is a contract: memplan's folders are the stages of its pipeline, and a
 module imports only from its own stage or an earlier one.
 
-    errors, versions, hardware, precision, optimizers   the vocabulary every stage shares
+    errors, versions, hardware, precision, optimizers, memo   the vocabulary every stage shares
     config     the spec and how it is read
     memory     phases of a step, a transient buffer, the allocator's rounding
     model      inventories, model files, families, the forward's saved tensors, fine-tuning
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("memplan", "memplan.errors", "memplan.versions", "memplan.hardware", "memplan.precision",
-     "memplan.optimizers"),
+     "memplan.optimizers", "memplan.memo"),
     ("memplan.config",),
     ("memplan.memory",),
     ("memplan.model",),
