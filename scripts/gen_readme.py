@@ -430,14 +430,36 @@ def plan_speed(doc: Doc) -> str:
     return (
         f"`memplan plan` searches {n(doc['searched'])} layouts ({n(doc['fit'])} fit) for "
         f"Llama-3.1-405B on {n(doc['gpus'])} GPUs in {min(runs):.2f} to {max(runs):.2f} s over "
-        f"{len(runs)} runs, each with memplan's in-process caches emptied as in a fresh "
-        f"`memplan plan` (median {doc['median_s']:.2f} s, about "
+        f"{len(runs)} runs{_workers(doc)}, each with memplan's in-process caches emptied as in "
+        f"a fresh `memplan plan` (median {doc['median_s']:.2f} s, about "
         f"{n(doc['searched'] / doc['median_s'])} layouts/s; `benchmarks/plan_speed.py`, "
         f"{where(doc)}, load average {stamp_of(doc)['load_average_1min']:.1f}): "
         f"{'within' if met else 'over'} the {doc['target_s']:.1f} s target."
+        + _one_process(doc)
         + _deepseek_speed(doc.get("deepseek_v3"))
         + _baseline_speed(doc.get("baseline"))
         + "\n"
+    )
+
+
+def _workers(doc: Doc) -> str:
+    """How the timed searches ran: on how many forked workers (plan_speed.py records it)."""
+    if not doc.get("forked"):
+        return " in one process"
+    return (
+        f" on {doc['workers']} worker processes (every CPU of the machine, `memplan plan`'s "
+        "default)"
+    )
+
+
+def _one_process(doc: Doc) -> str:
+    alone = doc.get("one_process")
+    if not alone or not doc.get("forked"):
+        return ""
+    return (
+        f" In one process (`--jobs 1`), alternated with those runs: a median "
+        f"{alone['median_s']:.2f} s; CPU seconds, workers included: {doc['median_cpu_s']:.2f} "
+        f"on {doc['workers']} workers against {alone['median_cpu_s']:.2f} in one process."
     )
 
 
@@ -448,7 +470,8 @@ def _baseline_speed(before: Doc | None) -> str:
         return ""
     runs = before["runs_s"]
     return (
-        f" The baseline checkout, timed alternately in the same run: {min(runs):.2f} to "
+        f" The baseline checkout, timed alternately in the same run{_workers(before)}: "
+        f"{min(runs):.2f} to "
         f"{max(runs):.2f} s (median {before['median_s']:.2f} s) for the 405B search, "
         f"{before['deepseek_v3']['median_s']:.2f} s for DeepSeek-V3 "
         f"({n(before['deepseek_v3']['searched'])} layouts searched there)."
@@ -459,10 +482,12 @@ def _deepseek_speed(moe: Doc | None) -> str:
     if not moe:
         return ""
     met = moe["median_s"] < moe["target_s"]
+    alone = moe.get("one_process")
+    one = f" ({alone['median_s']:.2f} s in one process)" if alone and moe.get("forked") else ""
     return (
         f" DeepSeek-V3 (MoE, its activations traced once and cached) on {n(moe['gpus'])} GPUs: "
-        f"{n(moe['searched'])} layouts ({n(moe['fit'])} fit) in a median {moe['median_s']:.2f} s, "
-        f"{'within' if met else 'over'} the {moe['target_s']:.1f} s target."
+        f"{n(moe['searched'])} layouts ({n(moe['fit'])} fit) in a median {moe['median_s']:.2f} s"
+        f"{_workers(moe)}{one}, {'within' if met else 'over'} the {moe['target_s']:.1f} s target."
     )
 
 
