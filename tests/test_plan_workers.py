@@ -130,3 +130,31 @@ def test_no_fork_for_one_worker_a_small_search_or_after_torch(
     assert workers_help(2, 4, least=4)
     monkeypatch.setitem(sys.modules, "torch", object())
     assert not workers_help(2, 10_000)
+
+
+DIES = """
+import os
+from memplan.errors import MemplanError
+from memplan.plan import workers
+
+try:
+    workers.ordered_map(lambda x: os._exit(3) if x == 2 else x, [[1], [2], [3]], 2)
+except MemplanError as err:
+    print("error:", err.field, err)
+"""
+
+
+def test_a_worker_that_dies_ends_the_search_with_an_error_not_a_wait() -> None:
+    """multiprocessing.Pool waits forever for the answer of a killed worker; the search
+    says what happened and how to search without workers instead."""
+    done = subprocess.run(
+        [sys.executable, "-c", DIES],
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert done.stdout.startswith("error: --jobs "), done.stdout + done.stderr
+    assert "`--jobs 1`" in done.stdout

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from memplan.errors import MemplanError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -83,19 +85,31 @@ def ordered_map(
     done: Callable[[int], object] | None = None,
 ) -> list[R]:
     """`each` of every item of `groups`, in their order, worked out by `workers` forked
-    processes (`deal`); `done(n)` after each task with the items answered so far."""
+    processes (`deal`); `done(n)` after each task with the items answered so far. A worker
+    that dies (killed for memory, say) ends the call with a MemplanError, never a wait for
+    an answer that cannot come (concurrent.futures notices the death: BrokenProcessPool)."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     global _EACH
     tasks = deal(groups, workers * SHARES)
     answers: dict[int, Any] = {}
     _EACH = each
     try:
-        with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
-            for answer in pool.imap_unordered(_apply, tasks):
-                answers.update(answer)
+        with ProcessPoolExecutor(
+            min(workers, len(tasks)), mp_context=multiprocessing.get_context("fork")
+        ) as pool:
+            for future in as_completed([pool.submit(_apply, task) for task in tasks]):
+                answers.update(future.result())
                 if done is not None:
                     done(len(answers))
+    except BrokenProcessPool as err:
+        raise MemplanError(
+            "a worker process of the search ended abruptly (killed for lack of memory?): "
+            "`--jobs 1` searches in this process alone.",
+            field="--jobs",
+        ) from err
     finally:
         _EACH = None
     return [answers[i] for i in range(len(answers))]
