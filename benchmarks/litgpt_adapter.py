@@ -25,7 +25,9 @@ they are equal.
 Part 4, `activations`: the rule against the same measure over the Llama-, Qwen2.5-, Mistral-
 and Phi-3-shaped tiny configs (tests/litgpt_probe.py::ARCHS; Llama also multi-query) x adapter
 / adapter_v2 x 32-true / bf16-true / bf16-mixed x adapter_start_layer 0 / 2 x (batch,
-sequence, adapter_prompt_length) (1, 200, 10) / (2, 300, 7), three layers.
+sequence, adapter_prompt_length) (1, 200, 10) / (2, 300, 7), three layers, and (2, 300, 7)
+again with LitGPT's recomputation (every Block checkpointed:
+tests/test_litgpt_adapter.py::held_bytes_adapter_checkpointed).
 
     PYTHONPATH=$PWD python benchmarks/litgpt_adapter.py   # every part
     PYTHONPATH=$PWD python benchmarks/litgpt_adapter.py --activations   # parts 3 and 4 only
@@ -67,6 +69,7 @@ from tests.litgpt_probe import (  # noqa: E402
     hf_config,
 )
 from tests.test_litgpt_activations import tiny  # noqa: E402
+from tests.test_litgpt_adapter import held_bytes_adapter_checkpointed  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "litgpt-adapter.json"
 MODELS = [
@@ -176,7 +179,9 @@ def optimizer() -> list[dict[str, Any]]:
     return rows
 
 
-def predict(shape: Shape, method: str, precision: str, start: int, length: int) -> Any:
+def predict(
+    shape: Shape, method: str, precision: str, start: int, length: int, mode: str = "none"
+) -> Any:
     """memplan's activations for the tiny model `shape` (its config.json: hf_config)."""
     cfg = hf_config(shape)
     loaded = validate(
@@ -189,7 +194,11 @@ def predict(shape: Shape, method: str, precision: str, start: int, length: int) 
                 "adapter_start_layer": start,
                 "adapter_prompt_length": length,
             },
-            "training": {"micro_batch_size": shape.batch, "sequence_length": shape.seq},
+            "training": {
+                "micro_batch_size": shape.batch,
+                "sequence_length": shape.seq,
+                "activation_checkpointing": mode,
+            },
             "hardware": {"device": "cpu"},
         }
     )
@@ -200,6 +209,8 @@ def predict(shape: Shape, method: str, precision: str, start: int, length: int) 
 
 
 ARCH_KV = (("llama", 2), ("llama", 1), ("qwen2.5", 2), ("mistral", 2), ("phi-3", 4))
+CASES = (("none", 1, 200, 10), ("none", 2, 300, 7), ("full", 2, 300, 7))
+"""(activation_checkpointing, batch, sequence, adapter_prompt_length) of each part 4 row."""
 """Part 4's tiny architectures and their k/v heads (Phi-3-mini is multi-head; Llama also
 multi-query, where the cached k/v are views of one head)."""
 
@@ -210,12 +221,15 @@ def activations() -> list[dict[str, Any]]:
         for method in METHODS:
             for precision in ("fp32", "bf16", "amp-bf16"):
                 for start in (0, 2):
-                    for batch, seq, length in ((1, 200, 10), (2, 300, 7)):
+                    for mode, batch, seq, length in CASES:
                         shape = Shape(arch=arch, layers=3, kv_heads=kv, batch=batch, seq=seq)
-                        measured = held_bytes_adapter(
-                            precision, shape, method, start=start, length=length
+                        probe = (
+                            held_bytes_adapter
+                            if mode == "none"
+                            else held_bytes_adapter_checkpointed
                         )
-                        saved = predict(shape, method, precision, start, length)
+                        measured = probe(precision, shape, method, start=start, length=length)
+                        saved = predict(shape, method, precision, start, length, mode)
                         memplan = saved.bytes if saved.modelled else None
                         rows.append(
                             {
@@ -223,6 +237,7 @@ def activations() -> list[dict[str, Any]]:
                                 "model_type": hf_config(shape)["model_type"],
                                 "method": method,
                                 "precision": precision,
+                                "checkpointing": mode,
                                 "adapter_start_layer": start,
                                 "adapter_prompt_length": length,
                                 "layers": 3,

@@ -9,8 +9,8 @@ requires grad but never gets one (litgpt 0.5.9's adapter_kv_cache); the optimize
 gradients and the cache itself against litgpt's AdamW run on CPU in fit's order. The
 activations (memplan.model.stacks.litgpt_adapter.activations) against what litgpt's own adapter
 GPT, run by Fabric in fit's order, holds for backward on CPU, to the byte (tests/litgpt_probe.py
-::held_bytes_adapter; the whole matrix is benchmarks/litgpt_adapter.py); on CUDA and with
-checkpointing they are refused, not guessed.
+::held_bytes_adapter, with LitGPT's recomputation too; the whole matrix is
+benchmarks/litgpt_adapter.py); on CUDA they are refused, not guessed.
 """
 
 from __future__ import annotations
@@ -215,6 +215,39 @@ def test_adapter_kv_cache_matches_what_litgpt_holds(method: str, precision: str,
     assert {DTYPE_NAMES[d] for d in real.cache_dtypes} == {b.dtype for b in cache}
 
 
+def held_bytes_adapter_checkpointed(
+    precision: str, shape: Any, method: str, *, start: int, length: int = 10
+) -> int:
+    """tests/litgpt_probe.py::held_bytes_adapter with LitGPT's recomputation: every Block
+    wrapped by Lightning's _setup_activation_checkpointing (tests/litgpt_probe.py::checkpoint,
+    as FSDPStrategy(activation_checkpointing_policy={Block}) does in finetune/adapter(_v2).py
+    ::setup) before Fabric's setup; fit's no-grad validation then fills the caches."""
+    import importlib
+    from dataclasses import asdict
+
+    import lightning as L
+    import torch
+
+    from tests.litgpt_probe import _CONFIG_KEYS, PRECISION, _run_lora, checkpoint, config
+
+    module = importlib.import_module(f"litgpt.{method}")
+    base = {k: v for k, v in asdict(config(shape)).items() if k in _CONFIG_KEYS}
+    fields = {"adapter_start_layer": start, "adapter_prompt_length": length}
+    torch.manual_seed(0)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=PRECISION[precision])  # type: ignore[arg-type]
+    with fabric.init_module():
+        model = module.GPT(module.Config(**base, **fields))
+    getattr(module, f"mark_only_{method}_as_trainable")(model)
+    checkpoint(model)
+    wrapped = fabric.setup(model)
+    model.eval()
+    with torch.no_grad():
+        wrapped(torch.randint(0, shape.vocab, (shape.batch, shape.seq)))
+    model.train()
+    caches = tuple(t for m in model.modules() for t in getattr(m, "adapter_kv_cache", None) or ())
+    return int(_run_lora(wrapped, model, shape, held=caches))
+
+
 ACTIVATION_CASES = [
     # method, precision, start layer, arch, k/v heads, batch, sequence, prompt length
     ("adapter", "fp32", 0, "llama", 2, 2, 16, 10),  # prefix on CPU's math path (batch 2)
@@ -268,10 +301,49 @@ def test_activations_match_litgpts_adapter_gpt_to_the_byte(
     assert saved.bytes == held_bytes_adapter(precision, shape, method, start=start, length=length)
 
 
+CHECKPOINT_CASES = [
+    ("adapter", "fp32", 2, "llama", 2, 2, 16),  # layers before the prefix keep no frame
+    ("adapter", "amp-bf16", 0, "mistral", 2, 1, 200),
+    ("adapter_v2", "bf16", 0, "llama", 1, 2, 300),
+    ("adapter_v2", "amp-bf16", 2, "phi-3", 4, 2, 16),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "precision", "start", "arch", "kv", "batch", "seq"), CHECKPOINT_CASES
+)
+def test_checkpointed_activations_match_litgpt_to_the_byte(
+    method: str, precision: str, start: int, arch: str, kv: int, batch: int, seq: int
+) -> None:
+    """activation_checkpointing full: what LitGPT's checkpointed Blocks keep after forward
+    (each recording block's input; a block before the prefix records nothing, so keeps no
+    frame), the head and the loss."""
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.adapter_v2")
+    from tests.litgpt_probe import Shape, hf_config
+
+    shape = Shape(arch=arch, layers=3, kv_heads=kv, batch=batch, seq=seq)
+    cfg = hf_config(shape)
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "litgpt"},
+        precision=precision,
+        training={
+            "micro_batch_size": batch,
+            "sequence_length": seq,
+            "activation_checkpointing": "full",
+        },
+        finetune={"method": method, "adapter_start_layer": start},
+        hardware={"device": "cpu"},
+    )
+    saved = micro_batch_of(spec, from_config(cfg))
+    assert saved.modelled, saved.notes
+    assert saved.bytes == held_bytes_adapter_checkpointed(precision, shape, method, start=start)
+
+
 @pytest.mark.parametrize("method", ["adapter", "adapter_v2"])
-def test_activations_are_refused_on_cuda_and_with_checkpointing(method: str) -> None:
-    """The prefix attention's CUDA kernel is not read from torch 2.13's own source here, and
-    LitGPT's checkpointed blocks were not measured: refused, not guessed."""
+def test_activations_are_refused_on_cuda(method: str) -> None:
+    """The prefix attention's CUDA kernel is not settled from torch 2.13's own source here
+    and no GPU measured it: refused, not guessed."""
     cuda = make_spec(
         model={"architecture": tiny(3, 2), "implementation": "litgpt"},
         precision="bf16",
@@ -281,9 +353,6 @@ def test_activations_are_refused_on_cuda_and_with_checkpointing(method: str) -> 
     saved = micro_batch_of(cuda, from_config(tiny(3, 2)))
     assert not saved.modelled and saved.implementation == "litgpt"
     assert "on CUDA the kernel of the prefix attention" in saved.notes[0]
-    full = adapter_spec(method, activation_checkpointing="full")
-    saved = micro_batch_of(full, from_config(tiny(3, 2)))
-    assert not saved.modelled and "activation_checkpointing none" in saved.notes[0]
 
 
 def adapter_spec(

@@ -30,8 +30,8 @@ trainable flags of whole published models).
 
 Activations (`activations`, below): what the adapter GPTs' forward and fit's chunked loss save
 for backward on one CPU device, proved to the byte against litgpt's own models run by Fabric
-in fit's order (benchmarks/litgpt_adapter.py, `activations_measured` and `activations`); CUDA
-and recomputation are refused (docs/litgpt-adapter.md says why).
+in fit's order, with and without LitGPT's recomputation (benchmarks/litgpt_adapter.py,
+`activations_measured` and `activations`); CUDA is refused (docs/litgpt-adapter.md says why).
 """
 
 from __future__ import annotations
@@ -455,11 +455,6 @@ def activations(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
             "docs/litgpt-adapter.md) and was not measured; the rule is proved on CPU "
             "(hardware.device: cpu)"
         )
-    if not why and st.checkpointing != "none":
-        why = (
-            "LitGPT recomputes only under its FSDPStrategy (more than one device); the "
-            "adapter's checkpointed blocks were not measured: activation_checkpointing none"
-        )
     if why:
         return litgpt.refused(f"activations not modelled: {why}.")
     v2 = ft.method == "adapter_v2"
@@ -475,10 +470,27 @@ def activations(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
             runs[-1] = (layer, runs[-1][1] + 1)
         else:
             runs.append((layer, 1))
-    blocks += [
-        Block(name="layers", count=count, tensors=tuple(layer), layered=True)
-        for layer, count in runs
-    ]
+    for layer, count in runs:
+        if st.checkpointing == "full" and layer:
+            # LitGPT's checkpoint around every Block (as memplan.model.stacks.litgpt_lora): the
+            # block input kept, the layer's tensors recomputed in backward.
+            kept = kernels.saved(
+                "checkpoint.x", (b, s, h), st.stream, "Noop", litgpt.SRC_CHECKPOINT
+            )
+            blocks.append(
+                Block(
+                    name="layers",
+                    count=count,
+                    tensors=(kept,),
+                    recompute=tuple(layer),
+                    layered=True,
+                )
+            )
+        elif st.checkpointing == "full":
+            # A block that records nothing packs nothing: its checkpoint frame is not kept.
+            blocks.append(Block(name="layers", count=count, tensors=(), layered=True))
+        else:
+            blocks.append(Block(name="layers", count=count, tensors=tuple(layer), layered=True))
     head = _v2_head(arch, st) if v2 else litgpt_lora._head(arch, st, _FROZEN, g)
     blocks.append(Block(name="head", count=1, tensors=tuple(head)))
     blocks.append(Block(name="loss", count=1, tensors=tuple(litgpt_lora.loss(b, s, vocab))))
