@@ -398,7 +398,10 @@ def test_verdict_does_not_say_fits_on_model_states_alone_on_a_gpu(tmp_path: Path
 
 
 @pytest.mark.parametrize("method", ["adapter", "adapter_v2"])
-def test_estimate_on_cpu_gives_a_verdict_with_activations(method: str, tmp_path: Path) -> None:
+def test_estimate_on_cpu_counts_the_activations(method: str, tmp_path: Path) -> None:
+    """`memplan estimate --json` on a CPU spec: the activations are modelled and counted."""
+    import json
+
     from typer.testing import CliRunner
 
     from memplan.cli.app import app
@@ -411,8 +414,9 @@ def test_estimate_on_cpu_gives_a_verdict_with_activations(method: str, tmp_path:
     )
     result = CliRunner().invoke(app, ["estimate", str(spec), "--json"])
     assert result.exit_code == 0, result.output
-    assert "activations unknown" not in result.stdout
-    assert "activations not modelled" not in result.stdout
+    per_gpu = json.loads(result.stdout)["per_gpu"]
+    assert per_gpu["activations_modelled"] is True
+    assert per_gpu["activations"] > 0
 
 
 @pytest.mark.parametrize(
