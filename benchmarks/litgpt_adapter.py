@@ -18,10 +18,19 @@ exp_avg_sq bytes, gradient bytes and the adapter_kv_cache storages against mempl
 estimate.
 
 Part 3, `activations_measured`: what litgpt's adapter forward and fit's chunked loss hold for
-backward on the tiny model (tests/litgpt_probe.py::held_bytes_adapter), for the rule memplan
-does not have yet (estimate says "activations not modelled" for these methods).
+backward on the tiny model (tests/litgpt_probe.py::held_bytes_adapter), each row's `memplan`
+now the rule's bytes (memplan.model.stacks.litgpt_adapter.activations) and `exact` whether
+they are equal.
 
-    PYTHONPATH=$PWD python benchmarks/litgpt_adapter.py   # ~2 min on 2 cores
+Part 4, `activations`: the rule against the same measure over the Llama-, Qwen2.5-, Mistral-
+and Phi-3-shaped tiny configs (tests/litgpt_probe.py::ARCHS; Llama also multi-query) x adapter
+/ adapter_v2 x 32-true / bf16-true / bf16-mixed x adapter_start_layer 0 / 2 x (batch,
+sequence, adapter_prompt_length) (1, 200, 10) / (2, 300, 7), three layers, and (2, 300, 7)
+again with LitGPT's recomputation (every Block checkpointed:
+tests/test_litgpt_adapter.py::held_bytes_adapter_checkpointed).
+
+    PYTHONPATH=$PWD python benchmarks/litgpt_adapter.py   # every part
+    PYTHONPATH=$PWD python benchmarks/litgpt_adapter.py --activations   # parts 3 and 4 only
     # writes benchmarks/results/litgpt-adapter.json
 """
 
@@ -42,12 +51,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.stamp import stamp  # noqa: E402
+from memplan import activations as memplan_activations  # noqa: E402
 from memplan.config.load import validate  # noqa: E402
 from memplan.model.finetune import lora as finetune  # noqa: E402
 from memplan.model.load import load_inventory  # noqa: E402
 from memplan.model.sources import from_config  # noqa: E402
 from memplan.precision import dtype_bytes  # noqa: E402
 from memplan.report.estimate import estimate  # noqa: E402
+from memplan.report.settings import layout_of, setting_of  # noqa: E402
 from tests.litgpt_probe import (  # noqa: E402
     PRECISION,
     Shape,
@@ -55,8 +66,10 @@ from tests.litgpt_probe import (  # noqa: E402
     adapter_optimizer_held,
     adapter_parameters,
     held_bytes_adapter,
+    hf_config,
 )
 from tests.test_litgpt_activations import tiny  # noqa: E402
+from tests.test_litgpt_adapter import held_bytes_adapter_checkpointed  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "litgpt-adapter.json"
 MODELS = [
@@ -166,6 +179,80 @@ def optimizer() -> list[dict[str, Any]]:
     return rows
 
 
+def predict(
+    shape: Shape, method: str, precision: str, start: int, length: int, mode: str = "none"
+) -> Any:
+    """memplan's activations for the tiny model `shape` (its config.json: hf_config)."""
+    cfg = hf_config(shape)
+    loaded = validate(
+        {
+            "model": {"architecture": cfg, "implementation": "litgpt"},
+            "precision": precision,
+            "optimizer": {"name": "adamw"},
+            "finetune": {
+                "method": method,
+                "adapter_start_layer": start,
+                "adapter_prompt_length": length,
+            },
+            "training": {
+                "micro_batch_size": shape.batch,
+                "sequence_length": shape.seq,
+                "activation_checkpointing": mode,
+            },
+            "hardware": {"device": "cpu"},
+        }
+    )
+    spec = loaded.spec
+    return memplan_activations.micro_batch(
+        from_config(cfg), setting_of(spec), layout_of(spec), spec.finetune
+    )
+
+
+ARCH_KV = (("llama", 2), ("llama", 1), ("qwen2.5", 2), ("mistral", 2), ("phi-3", 4))
+CASES = (("none", 1, 200, 10), ("none", 2, 300, 7), ("full", 2, 300, 7))
+"""(activation_checkpointing, batch, sequence, adapter_prompt_length) of each part 4 row."""
+"""Part 4's tiny architectures and their k/v heads (Phi-3-mini is multi-head; Llama also
+multi-query, where the cached k/v are views of one head)."""
+
+
+def activations() -> list[dict[str, Any]]:
+    rows = []
+    for arch, kv in ARCH_KV:
+        for method in METHODS:
+            for precision in ("fp32", "bf16", "amp-bf16"):
+                for start in (0, 2):
+                    for mode, batch, seq, length in CASES:
+                        shape = Shape(arch=arch, layers=3, kv_heads=kv, batch=batch, seq=seq)
+                        probe = (
+                            held_bytes_adapter
+                            if mode == "none"
+                            else held_bytes_adapter_checkpointed
+                        )
+                        measured = probe(precision, shape, method, start=start, length=length)
+                        saved = predict(shape, method, precision, start, length, mode)
+                        memplan = saved.bytes if saved.modelled else None
+                        rows.append(
+                            {
+                                "architecture": arch,
+                                "model_type": hf_config(shape)["model_type"],
+                                "method": method,
+                                "precision": precision,
+                                "checkpointing": mode,
+                                "adapter_start_layer": start,
+                                "adapter_prompt_length": length,
+                                "layers": 3,
+                                "kv_heads": kv,
+                                "batch": batch,
+                                "sequence": seq,
+                                "measured": measured,
+                                "memplan": memplan,
+                                "exact": measured == memplan,
+                            }
+                        )
+                        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def activations_measured() -> list[dict[str, Any]]:
     rows = []
     for method in METHODS:
@@ -175,6 +262,8 @@ def activations_measured() -> list[dict[str, Any]]:
                     for batch, seq in ((2, 16), (1, 200)):
                         shape = Shape(layers=3, kv_heads=kv, batch=batch, seq=seq)
                         measured = held_bytes_adapter(precision, shape, method, start=start)
+                        saved = predict(shape, method, precision, start, 10)
+                        memplan = saved.bytes if saved.modelled else None
                         rows.append(
                             {
                                 "method": method,
@@ -185,7 +274,8 @@ def activations_measured() -> list[dict[str, Any]]:
                                 "batch": batch,
                                 "sequence": seq,
                                 "measured": measured,
-                                "memplan": None,
+                                "memplan": memplan,
+                                "exact": measured == memplan,
                             }
                         )
                         print(json.dumps(rows[-1]), flush=True)
@@ -193,26 +283,42 @@ def activations_measured() -> list[dict[str, Any]]:
 
 
 def main() -> None:
+    """Every part; with `--activations`, parts 3 and 4 only, the other parts' rows and summary
+    lines kept from the results file."""
     start = time.time()
-    inv, opt, act = inventory(), optimizer(), activations_measured()
+    only = "--activations" in sys.argv[1:]
+    old = json.loads(OUT.read_text()) if only else {}
+    inv = old["inventory"] if only else inventory()
+    opt = old["optimizer"] if only else optimizer()
+    act, matrix = activations_measured(), activations()
+    summary = {
+        "inventory": f"{sum(r['exact'] for r in inv)} of {len(inv)} exact",
+        "optimizer": f"{sum(r['exact'] for r in opt)} of {len(opt)} exact",
+        "activations_measured": (
+            f"{sum(r['exact'] for r in act)} of {len(act)} exact (the rule against part 3's "
+            "measured cases)"
+        ),
+        "activations": f"{sum(r['exact'] for r in matrix)} of {len(matrix)} exact",
+        "seconds": round(time.time() - start, 1),
+    }
+    if only:
+        summary["seconds_activations_only"] = summary.pop("seconds")
+        summary["seconds"] = old["summary"].get("seconds")
     doc = {
         "stamp": stamp(),
-        "command": "PYTHONPATH=$PWD python benchmarks/litgpt_adapter.py",
+        "command": "PYTHONPATH=$PWD python benchmarks/litgpt_adapter.py"
+        + (" --activations" if only else ""),
         "versions": {
             "torch": torch.__version__,
             "litgpt": version("litgpt"),
             "lightning": version("lightning"),
             "python": platform.python_version(),
         },
-        "summary": {
-            "inventory": f"{sum(r['exact'] for r in inv)} of {len(inv)} exact",
-            "optimizer": f"{sum(r['exact'] for r in opt)} of {len(opt)} exact",
-            "activations": f"{len(act)} measured, not modelled (estimate refuses them)",
-            "seconds": round(time.time() - start, 1),
-        },
+        "summary": summary,
         "inventory": inv,
         "optimizer": opt,
         "activations_measured": act,
+        "activations": matrix,
     }
     OUT.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc["summary"]))

@@ -1,7 +1,8 @@
 """One micro-batch's activations of the stacks' own model code where a layout or fine-tuning
 method needs more than their single-device rule: LitGPT's LoRA (memplan.model.stacks.
-litgpt_lora) and Megatron-Core's GPTModel under tensor, sequence and context parallelism
-(memplan.model.stacks.megatron). memplan.activations.micro_batch dispatches here."""
+litgpt_lora), adapter and adapter_v2 (memplan.model.stacks.litgpt_adapter) and Megatron-Core's
+GPTModel under tensor, sequence and context parallelism (memplan.model.stacks.megatron).
+memplan.activations.micro_batch dispatches here."""
 
 from __future__ import annotations
 
@@ -17,24 +18,19 @@ from memplan.states.layout import Layout
 def litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activations:
     """LitGPT's LoRA and QLoRA (memplan.model.stacks.litgpt_lora): litgpt 0.5.9's
     finetune/lora.py, whose options are lora.py::Config's flags and --quantize bnb.*; what
-    they cannot say is refused."""
+    they cannot say is refused. Its adapter and adapter_v2: memplan.model.stacks.
+    litgpt_adapter.activations."""
     from memplan.config.finetune import LITGPT_ADAPTERS, bnb_keeps_input
     from memplan.model.stacks import litgpt, litgpt_lora, litgpt_qlora
 
     why = ""
     lightning = ("skip_modules", "prepare_kbit")
     if ft.method in LITGPT_ADAPTERS:
-        # Not measured yet: the prefix's keys and values (qkv of adapter_wte), the second
-        # attention over them, the gate's multiply and the adapter_v2 scale and bias change
-        # what is saved; no rule is given rather than a guess.
-        why = (
-            f"LitGPT's {ft.method} (litgpt {litgpt.VERSION} litgpt/{ft.method}.py) is modelled "
-            "for parameters, gradients and optimizer states only: the saved activations of "
-            "its forward (the prefix's keys and values, the gated second attention"
-            + (", every AdapterV2Linear's scale and bias" if ft.method == "adapter_v2" else "")
-            + ") are not"
-        )
-    elif ft.method == "qlora" and any(k in ft.model_fields_set for k in lightning):
+        # litgpt 0.5.9's adapter / adapter_v2 GPT (memplan.model.stacks.litgpt_adapter).
+        from memplan.model.stacks import litgpt_adapter
+
+        return litgpt_adapter.activations(arch, st, ft)
+    if ft.method == "qlora" and any(k in ft.model_fields_set for k in lightning):
         why = (
             "finetune.skip_modules and prepare_kbit are transformers' and peft's: LitGPT's "
             "QLoRA (finetune/lora.py --quantize bnb.*) quantizes every Linear, the head "
