@@ -358,15 +358,36 @@ def _localised(inventory: Inventory, layout: Layout) -> tuple[TensorSpec, ...]:
     arch = inventory.architecture
     assert arch is not None
     shapes: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
-
-    def localise(t: TensorSpec) -> TensorSpec:
-        key = (_LAYER_INDEX.sub(".", t.name), t.shape)  # layers share their split
+    out = []
+    for t, key in zip(inventory.parameters, _split_keys(inventory), strict=True):
         shape = shapes.get(key)
         if shape is None:
             shape = shapes[key] = local_shape(t, layout, arch.model_type)
-        return t if shape == t.shape else replace(t, shape=shape)
+        if shape == t.shape:
+            out.append(t)
+        else:  # replace(t, shape=shape), without dataclasses.replace's field walk
+            out.append(
+                TensorSpec(
+                    name=t.name,
+                    shape=shape,
+                    kind=t.kind,
+                    dtype=t.dtype,
+                    persistent=t.persistent,
+                    layer=t.layer,
+                    role=t.role,
+                    trainable=t.trainable,
+                    stepped=t.stepped,
+                )
+            )
+    return tuple(out)
 
-    return tuple(localise(t) for t in inventory.parameters)
+
+@lru_cache(maxsize=64)
+def _split_keys(inventory: Inventory) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Per parameter, what its local shape depends on besides the layout: its name without
+    the layer index (layers share their split) and its shape. The same for every layout, so
+    worked out once per inventory (hashed by identity)."""
+    return tuple((_LAYER_INDEX.sub(".", t.name), t.shape) for t in inventory.parameters)
 
 
 _LAYER_INDEX = re.compile(r"\.\d+\.")
@@ -377,8 +398,11 @@ def _is_final_norm(t: TensorSpec) -> bool:
     return t.role == "norm" and t.layer is None and "embed" not in t.name
 
 
+@lru_cache(maxsize=1024)
 def split_experts(inventory: Inventory) -> tuple[Inventory, Inventory]:
-    """(dense tensors, expert tensors): experts shard over the expert-data-parallel group."""
+    """(dense tensors, expert tensors): experts shard over the expert-data-parallel group
+    (cached per inventory, hashed by identity: plan splits the same stage inventories, from
+    `stage_inventories`, for every engine and data degree)."""
     dense = tuple(t for t in inventory.parameters if t.role != "experts")
     experts = tuple(t for t in inventory.parameters if t.role == "experts")
     return (

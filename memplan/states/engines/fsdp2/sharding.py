@@ -18,7 +18,9 @@ from memplan.states.terms import (
     by_dtype,
     ceil_div,
     fmt,
-    optimizer_terms_by_dtype,
+    optimizer_terms_by_dtype_counted,
+    relabel_shapes,
+    shape_counts_by_dtype,
     term,
     trainable,
 )
@@ -108,18 +110,22 @@ def fsdp2(
             full = p.shape[0] // chunk
             breaks.update(r for r in (full, full + 1) if 0 < r < world)
     edges = sorted(breaks)
+    # A tensor's local shape follows from its shape alone, so the tensors are counted by
+    # (held dtype, shape) once and each rank class relabels the counts: the same groups and
+    # order as optimizer_terms_by_dtype(train, per-tensor local shapes) (layers repeat their
+    # shapes: DeepSeek-V3's 900 tensors have a few dozen).
+    counts = shape_counts_by_dtype(train, fsdp_recipe)
+    distinct = {shape for group in counts.values() for shape in group}
     out = []
     for lo, hi in zip(edges, edges[1:], strict=False):
-        local: dict[tuple[int, ...], tuple[int, ...]] = {}  # layers repeat their shapes
-        for shape in {p.shape for p in train}:
+        local: dict[tuple[int, ...], tuple[int, ...]] = {}
+        for shape in distinct:
             if shape in dim1:
                 local[shape] = (shape[0], shape[1] // world, *shape[2:])
                 continue
             local[shape] = (fsdp2_rows(shape[0], world, lo), *shape[1:]) if shape else shape
-        shapes = [local[p.shape] for p in train]
-        device, host = optimizer_terms_by_dtype(
-            train,
-            shapes,
+        device, host = optimizer_terms_by_dtype_counted(
+            {fixed: relabel_shapes(group, local) for fixed, group in counts.items()},
             opt=opt,
             recipe=fsdp_recipe,
             layout=layout,
@@ -140,12 +146,15 @@ def padded_elements(tensors: Iterable[TensorSpec], world: int, wrap: str = "laye
     all-gather output and the unsharded parameters are world x this
     (memplan.states.engines.fsdp2.step)."""
     total = 0
+    titan = wrap == "torchtitan"
     for p in tensors:
-        if dim1_experts(p, world, wrap):
-            total += p.numel // world
-            continue
-        row = p.numel // p.shape[0] if p.shape and p.shape[0] else 0
-        total += ceil_div(p.shape[0], world) * row if p.shape else p.numel
+        shape = p.shape
+        if not shape:
+            total += p.numel
+        elif titan and p.role == "experts" and len(shape) == 3 and world > shape[0]:
+            total += p.numel // world  # dim1_experts, inlined: plan calls this per layout
+        elif shape[0]:
+            total += -(-shape[0] // world) * (p.numel // shape[0])
     return total
 
 
