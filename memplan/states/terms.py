@@ -310,7 +310,12 @@ def whole_by_dtype(
 def own_dtype(t: TensorSpec, recipe: Recipe) -> str | None:
     """The fixed dtype a trainable tensor is held and updated in, when it differs from the
     recipe's parameter dtype (then it has no master copy); None otherwise."""
-    return t.dtype if t.dtype and t.dtype != recipe.parameters else None
+    return own_dtype_of(t.dtype, recipe)
+
+
+def own_dtype_of(dtype: str | None, recipe: Recipe) -> str | None:
+    """`own_dtype` of a tensor whose fixed dtype is `dtype` (None: the recipe's)."""
+    return dtype if dtype and dtype != recipe.parameters else None
 
 
 def optimizer_terms_by_dtype(

@@ -168,8 +168,19 @@ def megatron(
     # rank whose total equals its class's joins it, and each class's states are made once,
     # with its ranks.
     groups: list[tuple[list[Term], list[Term], int, list[int]]] = []
-    for rank in range(world):
-        pieces = tuple(sorted(owned_elements(spans, rank * shard, (rank + 1) * shard)))
+    rank = first = 0  # spans[first]: the first parameter that ends after the shard starts
+    while rank < world:
+        lo, hi = rank * shard, (rank + 1) * shard
+        while first < len(spans) and spans[first][1] <= lo:
+            first += 1
+        if shard and first < len(spans) and spans[first][0] <= lo and hi <= spans[first][1]:
+            # This shard lies inside one parameter, as do the next ones up to its end: one
+            # piece of `shard` elements each (what owned_elements gives them).
+            upto = min(world, spans[first][1] // shard)
+            pieces: tuple[int, ...] = (shard,)
+        else:
+            upto = rank + 1
+            pieces = tuple(sorted(owned_elements(spans, lo, hi)))
         key = (len(pieces), sum(pieces)) if by_total else pieces
         hit = seen.get(key)
         if hit is None:
@@ -185,9 +196,10 @@ def megatron(
             hit = seen[key] = (dev, hst, common_bytes + sum(t.bytes for t in dev))
         device, host, total = hit
         if groups and groups[-1][2] == total:
-            groups[-1][3].append(rank)
+            groups[-1][3].extend(range(rank, upto))
         else:
-            groups.append((device, host, total, [rank]))
+            groups.append((device, host, total, list(range(rank, upto))))
+        rank = upto
     return [
         RankStates(ranks=tuple(ranks), terms=(*terms, *device), host_terms=tuple(host))
         for device, host, _, ranks in groups
