@@ -408,3 +408,36 @@ def test_split_experts_is_shared_per_inventory() -> None:
     assert Counter(t.role for t in experts.parameters) == {"experts": len(experts.parameters)}
     assert "experts" not in {t.role for t in dense.parameters}
     assert dense.num_parameters + experts.num_parameters == local.num_parameters
+
+
+@pytest.mark.parametrize(
+    ("preset", "layout"),
+    [
+        ("llama-3.1-8b", Layout(pipeline=4, virtual_stages=2, tensor=2)),
+        ("llama-3.1-8b", Layout(pipeline=2, virtual_stages=2, schedule="zbv")),
+        ("qwen2.5-0.5b", Layout(pipeline=2)),  # tied embeddings: the head's own copy
+        ("deepseek-v3", Layout(pipeline=4, layers_per_stage=DS_STAGES, expert=8)),
+        ("gpt2", Layout(pipeline=3)),
+    ],
+)
+def test_stage_inventories_place_each_tensor_like_its_layer(preset: str, layout: Layout) -> None:
+    """Per-run placement against every tensor placed on its own: a decoder layer's tensors on
+    the rank that holds the layer (stage_layers), the head and final norm on the last model
+    chunk's rank, the rest on rank 0, each stage in inventory order."""
+    inventory = _preset(preset)
+    arch = inventory.architecture
+    assert arch is not None
+    stages_ = parallel.stage_inventories(inventory, layout)
+    held = parallel.stage_layers(arch.num_layers, layout)
+    last = layout.chunk_rank(layout.pipeline * layout.virtual_stages - 1)
+    local = parallel._localised(inventory, layout.keep(*parallel._LOCAL_FIELDS))
+    for s, st in enumerate(stages_):
+        want = [
+            mine
+            for t, mine in zip(inventory.parameters, local, strict=True)
+            if (t.layer in held[s] if t.layer is not None else s == (
+                last if t.role == "head" or (t.role == "norm" and "embed" not in t.name) else 0
+            ))
+        ]  # fmt: skip
+        aliases = len(inventory.tied) if s == last and last > 0 else 0
+        assert list(st.parameters[: len(st.parameters) - aliases]) == want

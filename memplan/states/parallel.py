@@ -327,8 +327,13 @@ def _stage_inventories(inventory: Inventory, layout: Layout) -> tuple[Inventory,
         return last if t.role == "head" or _is_final_norm(t) else 0
 
     params: list[list[TensorSpec]] = [[] for _ in range(layout.pipeline)]
-    for t, mine in zip(inventory.parameters, local, strict=True):
-        params[stage_of(t)].append(mine)
+    if layout.pipeline == 1:
+        params[0] = list(local)
+    else:
+        # stage_of per run of consecutive tensors that share their place (a layer's tensors),
+        # not per tensor: the runs are the inventory's, worked out once (`_placements`).
+        for lo, hi in _placements(inventory):
+            params[stage_of(inventory.parameters[lo])].extend(local[lo:hi])
     if last > 0 and inventory.tied:
         # The last stage's own copy of the tied word embedding (the output layer's weight).
         owners = {t.name: mine for t, mine in zip(inventory.parameters, local, strict=True)}
@@ -345,6 +350,28 @@ def _stage_inventories(inventory: Inventory, layout: Layout) -> tuple[Inventory,
         replace(inventory, parameters=tuple(params[s]), buffers=tuple(buffers[s]))
         for s in range(layout.pipeline)
     )
+
+
+@lru_cache(maxsize=64)
+def _placements(inventory: Inventory) -> tuple[tuple[int, int], ...]:
+    """[lo, hi) runs of consecutive parameters that every pipeline split places on one stage
+    (`_stage_inventories`' stage_of reads a tensor's layer, or else whether it is the head or
+    the final norm): the same layer, or no layer and the same answer (cached per inventory,
+    hashed by identity)."""
+
+    def place(t: TensorSpec) -> tuple[int | None, bool]:
+        return (t.layer, t.layer is None and (t.role == "head" or _is_final_norm(t)))
+
+    runs: list[tuple[int, int]] = []
+    last: tuple[int | None, bool] | None = None
+    for i, t in enumerate(inventory.parameters):
+        mine = place(t)
+        if runs and mine == last:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+            last = mine
+    return tuple(runs)
 
 
 # The Layout fields that decide a tensor's TP/EP-local shape (`local_shape`).
