@@ -327,8 +327,13 @@ def _stage_inventories(inventory: Inventory, layout: Layout) -> tuple[Inventory,
         return last if t.role == "head" or _is_final_norm(t) else 0
 
     params: list[list[TensorSpec]] = [[] for _ in range(layout.pipeline)]
-    for t, mine in zip(inventory.parameters, local, strict=True):
-        params[stage_of(t)].append(mine)
+    if layout.pipeline == 1:
+        params[0] = list(local)
+    else:
+        # stage_of per run of consecutive tensors that share their place (a layer's tensors),
+        # not per tensor: the runs are the inventory's, worked out once (`_placements`).
+        for lo, hi in _placements(inventory):
+            params[stage_of(inventory.parameters[lo])].extend(local[lo:hi])
     if last > 0 and inventory.tied:
         # The last stage's own copy of the tied word embedding (the output layer's weight).
         owners = {t.name: mine for t, mine in zip(inventory.parameters, local, strict=True)}
@@ -347,6 +352,28 @@ def _stage_inventories(inventory: Inventory, layout: Layout) -> tuple[Inventory,
     )
 
 
+@lru_cache(maxsize=64)
+def _placements(inventory: Inventory) -> tuple[tuple[int, int], ...]:
+    """[lo, hi) runs of consecutive parameters that every pipeline split places on one stage
+    (`_stage_inventories`' stage_of reads a tensor's layer, or else whether it is the head or
+    the final norm): the same layer, or no layer and the same answer (cached per inventory,
+    hashed by identity)."""
+
+    def place(t: TensorSpec) -> tuple[int | None, bool]:
+        return (t.layer, t.layer is None and (t.role == "head" or _is_final_norm(t)))
+
+    runs: list[tuple[int, int]] = []
+    last: tuple[int | None, bool] | None = None
+    for i, t in enumerate(inventory.parameters):
+        mine = place(t)
+        if runs and mine == last:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+            last = mine
+    return tuple(runs)
+
+
 # The Layout fields that decide a tensor's TP/EP-local shape (`local_shape`).
 _LOCAL_FIELDS = ("tensor", "expert", "tensor_impl", "make_vocab_size_divisible_by", "tensor_rank")
 
@@ -358,15 +385,36 @@ def _localised(inventory: Inventory, layout: Layout) -> tuple[TensorSpec, ...]:
     arch = inventory.architecture
     assert arch is not None
     shapes: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
-
-    def localise(t: TensorSpec) -> TensorSpec:
-        key = (_LAYER_INDEX.sub(".", t.name), t.shape)  # layers share their split
+    out = []
+    for t, key in zip(inventory.parameters, _split_keys(inventory), strict=True):
         shape = shapes.get(key)
         if shape is None:
             shape = shapes[key] = local_shape(t, layout, arch.model_type)
-        return t if shape == t.shape else replace(t, shape=shape)
+        if shape == t.shape:
+            out.append(t)
+        else:  # replace(t, shape=shape), without dataclasses.replace's field walk
+            out.append(
+                TensorSpec(
+                    name=t.name,
+                    shape=shape,
+                    kind=t.kind,
+                    dtype=t.dtype,
+                    persistent=t.persistent,
+                    layer=t.layer,
+                    role=t.role,
+                    trainable=t.trainable,
+                    stepped=t.stepped,
+                )
+            )
+    return tuple(out)
 
-    return tuple(localise(t) for t in inventory.parameters)
+
+@lru_cache(maxsize=64)
+def _split_keys(inventory: Inventory) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Per parameter, what its local shape depends on besides the layout: its name without
+    the layer index (layers share their split) and its shape. The same for every layout, so
+    worked out once per inventory (hashed by identity)."""
+    return tuple((_LAYER_INDEX.sub(".", t.name), t.shape) for t in inventory.parameters)
 
 
 _LAYER_INDEX = re.compile(r"\.\d+\.")
@@ -377,8 +425,11 @@ def _is_final_norm(t: TensorSpec) -> bool:
     return t.role == "norm" and t.layer is None and "embed" not in t.name
 
 
+@lru_cache(maxsize=1024)
 def split_experts(inventory: Inventory) -> tuple[Inventory, Inventory]:
-    """(dense tensors, expert tensors): experts shard over the expert-data-parallel group."""
+    """(dense tensors, expert tensors): experts shard over the expert-data-parallel group
+    (cached per inventory, hashed by identity: plan splits the same stage inventories, from
+    `stage_inventories`, for every engine and data degree)."""
     dense = tuple(t for t in inventory.parameters if t.role != "experts")
     experts = tuple(t for t in inventory.parameters if t.role == "experts")
     return (

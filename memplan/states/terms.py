@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Literal, cast
@@ -171,9 +171,32 @@ def optimizer_terms(
     for optimizers that count steps in a Python int (DeepSpeed FusedAdam). Returns (device
     terms, host terms).
     """
+    return optimizer_terms_counted(
+        Counter(shapes),  # models repeat shapes: work out each one's states once
+        opt=opt,
+        recipe=recipe,
+        layout=layout,
+        view=view,
+        source=source,
+        step_is_int=step_is_int,
+    )
+
+
+def optimizer_terms_counted(
+    by_shape: Mapping[tuple[int, ...], int],
+    *,
+    opt: OptimizerConfig,
+    recipe: Recipe,
+    layout: Layout,
+    view: str,
+    source: str,
+    step_is_int: bool = False,
+) -> tuple[list[Term], list[Term]]:
+    """`optimizer_terms` of the tensors `by_shape` counts (local shape -> how many, in the
+    order the shapes first appear: `Counter(shapes)`), for callers that count once and
+    reuse the counts."""
     state_dtype = recipe.optimizer_states
     host_step = step_on_host(layout, opt)
-    by_shape = Counter(shapes)  # models repeat shapes: work out each one's states once
     count = sum(by_shape.values())
     master_elems = sum(math.prod(shape) * k for shape, k in by_shape.items())
     acc: dict[tuple[str, str], list[int]] = {}
@@ -287,7 +310,12 @@ def whole_by_dtype(
 def own_dtype(t: TensorSpec, recipe: Recipe) -> str | None:
     """The fixed dtype a trainable tensor is held and updated in, when it differs from the
     recipe's parameter dtype (then it has no master copy); None otherwise."""
-    return t.dtype if t.dtype and t.dtype != recipe.parameters else None
+    return own_dtype_of(t.dtype, recipe)
+
+
+def own_dtype_of(dtype: str | None, recipe: Recipe) -> str | None:
+    """`own_dtype` of a tensor whose fixed dtype is `dtype` (None: the recipe's)."""
+    return dtype if dtype and dtype != recipe.parameters else None
 
 
 def optimizer_terms_by_dtype(
@@ -306,13 +334,63 @@ def optimizer_terms_by_dtype(
     model) are updated in place: torch.optim keeps their states like them
     (`torch.zeros_like(p)`) and there is no master copy. Rows of the same name and dtype
     are merged."""
-    groups: dict[str | None, list[tuple[int, ...]]] = {}
+    groups: dict[str | None, Counter[tuple[int, ...]]] = {}
     for t, shape in zip(tensors, shapes, strict=True):
         fixed = own_dtype(t, recipe)
-        groups.setdefault(fixed, []).append(shape)
+        groups.setdefault(fixed, Counter())[shape] += 1
+    return optimizer_terms_by_dtype_counted(
+        groups,
+        opt=opt,
+        recipe=recipe,
+        layout=layout,
+        view=view,
+        source=source,
+        step_is_int=step_is_int,
+    )
+
+
+def shape_counts_by_dtype(
+    tensors: Iterable[TensorSpec], recipe: Recipe
+) -> dict[str | None, dict[tuple[int, ...], int]]:
+    """The groups `optimizer_terms_by_dtype` makes of `tensors` (by `own_dtype`, in order),
+    each counting the tensors' own shapes (in first-appearance order): a rule that gives
+    every tensor of one shape the same local shape counts once and relabels the counts per
+    rank class (`relabel_shapes`)."""
+    groups: dict[str | None, dict[tuple[int, ...], int]] = {}
+    for t in tensors:
+        counts = groups.setdefault(own_dtype(t, recipe), {})
+        counts[t.shape] = counts.get(t.shape, 0) + 1
+    return groups
+
+
+def relabel_shapes(
+    counts: Mapping[tuple[int, ...], int], local: Mapping[tuple[int, ...], tuple[int, ...]]
+) -> dict[tuple[int, ...], int]:
+    """`counts` with each shape replaced by `local[shape]`, counts of shapes that become the
+    same added: what `Counter` of the tensors' local shapes gives, in the same order (a local
+    shape first appears where the first of the shapes it comes from does)."""
+    out: dict[tuple[int, ...], int] = {}
+    for shape, k in counts.items():
+        mine = local[shape]
+        out[mine] = out.get(mine, 0) + k
+    return out
+
+
+def optimizer_terms_by_dtype_counted(
+    groups: Mapping[str | None, Mapping[tuple[int, ...], int]],
+    *,
+    opt: OptimizerConfig,
+    recipe: Recipe,
+    layout: Layout,
+    view: str,
+    source: str,
+    step_is_int: bool = False,
+) -> tuple[list[Term], list[Term]]:
+    """`optimizer_terms_by_dtype` of the local shapes counted per held dtype (None: the
+    recipe's), as `shape_counts_by_dtype` groups them."""
     if list(groups) in ([], [None]):
-        return optimizer_terms(
-            groups.get(None, []),
+        return optimizer_terms_counted(
+            groups.get(None, {}),
             opt=opt,
             recipe=recipe,
             layout=layout,
@@ -328,7 +406,7 @@ def optimizer_terms_by_dtype(
             if fixed is None
             else replace(recipe, master_weights=None, optimizer_states=fixed)
         )
-        d, h = optimizer_terms(
+        d, h = optimizer_terms_counted(
             group,
             opt=opt,
             recipe=own,

@@ -30,7 +30,6 @@ from memplan.states.terms import (
     Term,
     elementwise,
     fmt,
-    group_ranks,
     optimizer_terms,
     round_up,
     term,
@@ -84,7 +83,8 @@ def owned_elements(spans: list[tuple[int, int]], lo: int, hi: int) -> list[int]:
     _build_model_gbuf_param_range_map)."""
     first = max(bisect.bisect_right(spans, (lo, math.inf)) - 1, 0)
     pieces = []
-    for a, b in spans[first:]:
+    for i in range(first, len(spans)):  # not spans[first:]: a copy of the rest per rank
+        a, b = spans[i]
         if a >= hi:
             break
         overlap = min(b, hi) - max(a, lo)
@@ -158,17 +158,33 @@ def megatron(
         ),
     )
     spans.sort()
-    per_rank: list[RankStates] = []
     # Ranks whose shards cut the same piece sizes have the same states (most shards lie
-    # inside one large tensor): work each set out once.
-    seen: dict[tuple[int, ...], tuple[list[Term], list[Term]]] = {}
+    # inside one large tensor): work each set out once, with its total bytes.
+    seen: dict[tuple[int, ...], tuple[list[Term], list[Term], int]] = {}
     # With an elementwise optimizer only the number of pieces and their total matter.
     by_total = elementwise(opt, mega_recipe.optimizer_states)
-    for rank in range(world):
-        pieces = tuple(sorted(owned_elements(spans, rank * shard, (rank + 1) * shard)))
+    common_bytes = sum(t.bytes for t in terms)
+    # group_ranks(per-rank states, key=total_bytes) without building every rank's states: a
+    # rank whose total equals its class's joins it, and each class's states are made once,
+    # with its ranks.
+    groups: list[tuple[list[Term], list[Term], int, list[int]]] = []
+    rank = first = 0  # spans[first]: the first parameter that ends after the shard starts
+    while rank < world:
+        lo, hi = rank * shard, (rank + 1) * shard
+        while first < len(spans) and spans[first][1] <= lo:
+            first += 1
+        if shard and first < len(spans) and spans[first][0] <= lo and hi <= spans[first][1]:
+            # This shard lies inside one parameter, as do the next ones up to its end: one
+            # piece of `shard` elements each (what owned_elements gives them).
+            upto = min(world, spans[first][1] // shard)
+            pieces: tuple[int, ...] = (shard,)
+        else:
+            upto = rank + 1
+            pieces = tuple(sorted(owned_elements(spans, lo, hi)))
         key = (len(pieces), sum(pieces)) if by_total else pieces
-        if key not in seen:
-            seen[key] = optimizer_terms(
+        hit = seen.get(key)
+        if hit is None:
+            dev, hst = optimizer_terms(
                 [(n,) for n in pieces],
                 opt=opt,
                 recipe=mega_recipe,
@@ -177,9 +193,17 @@ def megatron(
                 source=SRC_DIST_OPT,
                 step_is_int=True,
             )
-        device, host = seen[key]
-        per_rank.append(RankStates(ranks=(rank,), terms=(*terms, *device), host_terms=tuple(host)))
-    return group_ranks(per_rank, key=lambda r: r.total_bytes)
+            hit = seen[key] = (dev, hst, common_bytes + sum(t.bytes for t in dev))
+        device, host, total = hit
+        if groups and groups[-1][2] == total:
+            groups[-1][3].extend(range(rank, upto))
+        else:
+            groups.append((device, host, total, list(range(rank, upto))))
+        rank = upto
+    return [
+        RankStates(ranks=tuple(ranks), terms=(*terms, *device), host_terms=tuple(host))
+        for device, host, _, ranks in groups
+    ]
 
 
 def main_grads_fp32(elements: int) -> Transient:

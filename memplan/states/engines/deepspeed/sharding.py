@@ -27,7 +27,6 @@ from memplan.states.terms import (
     ceil_div,
     fmt,
     grad_dtype,
-    group_ranks,
     optimizer_terms,
     round_up,
     term,
@@ -280,8 +279,19 @@ def stage12(stage: int) -> EngineRule:
             per_rank = [part] * world
         else:
             per_rank = grads_in_partition([p.numel for p in params], world, part)
-        per_rank_states: list[RankStates] = []
+        # group_ranks(per-rank states, key=the gradients row's elements) without building the
+        # states of every rank: a class is a run of ranks with equal `per_rank`, its row and
+        # states made once, for its first rank (a row per class, not per rank: the rows of
+        # its other ranks were dropped by group_ranks unread).
+        runs: list[list[int]] = []
         for rank, elems in enumerate(per_rank):
+            if runs and per_rank[runs[-1][0]] == elems:
+                runs[-1].append(rank)
+            else:
+                runs.append([rank])
+        out = []
+        for ranks in runs:
+            rank, elems = ranks[0], per_rank[ranks[0]]
             grads = term(
                 "gradients",
                 "gradients",
@@ -293,12 +303,14 @@ def stage12(stage: int) -> EngineRule:
                 f"{dtype_bytes(g_dtype)} B ({g_dtype})",
                 SRC_S12 + "::copy_grads_in_partition",
             )
-            per_rank_states.append(
+            out.append(
                 RankStates(
-                    ranks=(rank,), terms=(*flat_terms, grads, *device), host_terms=tuple(host)
+                    ranks=tuple(ranks),
+                    terms=(*flat_terms, grads, *device),
+                    host_terms=tuple(host),
                 )
             )
-        return group_ranks(per_rank_states, key=lambda r: r.terms[len(flat_terms)].elements)
+        return out
 
     return rule
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import replace
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from memplan.errors import MemplanError
 from memplan.model.inventory import Inventory, TensorSpec
@@ -15,12 +17,12 @@ from memplan.states.terms import (
     Category,
     RankStates,
     Term,
-    by_dtype,
     ceil_div,
     fmt,
-    optimizer_terms_by_dtype,
+    optimizer_terms_by_dtype_counted,
+    own_dtype_of,
+    relabel_shapes,
     term,
-    trainable,
 )
 
 
@@ -82,44 +84,55 @@ def fsdp2(
     """
     at_rest = recipe.master_weights or recipe.parameters
     grad_dtype = recipe.gradient_accumulation or at_rest
-    params = inventory.parameters
-    train = trainable(params)
+    # What every rank's shards depend on, per tensor, counted once per inventory (plan shards
+    # the same stage inventories over many data degrees and ZeRO stages).
+    counted = _counted(inventory)
     wrap = layout.fsdp_groups
-    dim1 = {p.shape: p for p in params if dim1_experts(p, world, wrap)}
+    dim1 = (
+        {shape: p for shape, p in counted.experts_3d.items() if world > shape[0]}
+        if wrap == "torchtitan"
+        else {}
+    )  # dim1_experts of each tensor: the last tensor of each shape, in first-seen order
     for p in dim1.values():
         _dim1_rows(p, world)
     # Frozen parameters are sharded like the others (fully_shard shards every parameter of
     # the module); only parameters with a gradient enter the reduce-scatter
     # (_fsdp_param_group.py::FSDPParamGroup.post_backward: `fsdp_params_with_grad`).
     common = [
-        *_padded_terms("parameters", "parameters", at_rest, params, world, wrap),
-        *_padded_terms("gradients", "gradients", grad_dtype, train, world, wrap),
+        *_padded_counted("parameters", "parameters", at_rest, counted.parameters, world, wrap),
+        *_padded_counted("gradients", "gradients", grad_dtype, counted.trainable, world, wrap),
     ]
     fsdp_recipe = _without_master(recipe, at_rest)
 
     # Ranks between two consecutive "breakpoints" (where some tensor's shard changes size)
     # see identical shards, so each class is computed once.
     breaks = {0, world}
-    for p in params:
-        if p.shape in dim1:
+    for shape in counted.shapes:
+        if shape in dim1:
             continue  # an even dim-1 split: every rank the same
-        if p.shape and p.shape[0]:  # a tensor with no rows gives every rank nothing
-            chunk = ceil_div(p.shape[0], world)
-            full = p.shape[0] // chunk
+        if shape and shape[0]:  # a tensor with no rows gives every rank nothing
+            chunk = ceil_div(shape[0], world)
+            full = shape[0] // chunk
             breaks.update(r for r in (full, full + 1) if 0 < r < world)
     edges = sorted(breaks)
+    # A tensor's local shape follows from its shape alone, so each rank class relabels the
+    # counts of (held dtype, shape): the same groups and order as optimizer_terms_by_dtype of
+    # every trainable tensor's local shape (DeepSeek-V3's 909 tensors have 16 shapes).
+    counts: dict[str | None, dict[tuple[int, ...], int]] = {}
+    for (dtype, shape, _), k in counted.trainable.items():
+        group = counts.setdefault(own_dtype_of(dtype, fsdp_recipe), {})
+        group[shape] = group.get(shape, 0) + k
+    distinct = {shape for _, shape, _ in counted.trainable}
     out = []
     for lo, hi in zip(edges, edges[1:], strict=False):
-        local: dict[tuple[int, ...], tuple[int, ...]] = {}  # layers repeat their shapes
-        for shape in {p.shape for p in train}:
+        local: dict[tuple[int, ...], tuple[int, ...]] = {}
+        for shape in distinct:
             if shape in dim1:
                 local[shape] = (shape[0], shape[1] // world, *shape[2:])
                 continue
             local[shape] = (fsdp2_rows(shape[0], world, lo), *shape[1:]) if shape else shape
-        shapes = [local[p.shape] for p in train]
-        device, host = optimizer_terms_by_dtype(
-            train,
-            shapes,
+        device, host = optimizer_terms_by_dtype_counted(
+            {fixed: relabel_shapes(group, local) for fixed, group in counts.items()},
             opt=opt,
             recipe=fsdp_recipe,
             layout=layout,
@@ -140,37 +153,91 @@ def padded_elements(tensors: Iterable[TensorSpec], world: int, wrap: str = "laye
     all-gather output and the unsharded parameters are world x this
     (memplan.states.engines.fsdp2.step)."""
     total = 0
+    titan = wrap == "torchtitan"
     for p in tensors:
-        if dim1_experts(p, world, wrap):
-            total += p.numel // world
-            continue
-        row = p.numel // p.shape[0] if p.shape and p.shape[0] else 0
-        total += ceil_div(p.shape[0], world) * row if p.shape else p.numel
+        shape = p.shape
+        if not shape:
+            total += p.numel
+        elif titan and p.role == "experts" and len(shape) == 3 and world > shape[0]:
+            total += p.numel // world  # dim1_experts, inlined: plan calls this per layout
+        elif shape[0]:
+            total += -(-shape[0] // world) * (p.numel // shape[0])
     return total
 
 
-def _padded_terms(
+@dataclass(frozen=True, slots=True)
+class _Counts:
+    """An inventory's parameters as FSDP2's rule reads them, counted (read-only dicts)."""
+
+    parameters: dict[tuple[str | None, tuple[int, ...], bool], int]
+    """(fixed dtype or None, shape, a 3-D routed-expert tensor) -> how many parameters, in
+    the order each key first appears."""
+    trainable: dict[tuple[str | None, tuple[int, ...], bool], int]
+    """The same over the trainable parameters."""
+    experts_3d: dict[tuple[int, ...], TensorSpec]
+    """The last 3-D routed-expert tensor of each shape (shapes in first-seen order): those
+    `dim1_experts` may shard on dim 1."""
+    shapes: tuple[tuple[int, ...], ...]
+    """Every parameter shape, once."""
+
+
+@lru_cache(maxsize=1024)
+def _counted(inventory: Inventory) -> _Counts:
+    """`inventory`'s `_Counts` (cached per inventory, hashed by identity: stage_inventories
+    and split_experts give plan's layouts the same objects)."""
+    params: dict[tuple[str | None, tuple[int, ...], bool], int] = {}
+    train: dict[tuple[str | None, tuple[int, ...], bool], int] = {}
+    experts_3d: dict[tuple[int, ...], TensorSpec] = {}
+    for p in inventory.parameters:
+        expert_3d = p.role == "experts" and len(p.shape) == 3
+        key = (p.dtype, p.shape, expert_3d)
+        params[key] = params.get(key, 0) + 1
+        if p.trainable:
+            train[key] = train.get(key, 0) + 1
+        if expert_3d:
+            experts_3d[p.shape] = p
+    shapes = tuple(dict.fromkeys(shape for _, shape, _ in params))
+    return _Counts(parameters=params, trainable=train, experts_3d=experts_3d, shapes=shapes)
+
+
+def _padded_one(shape: tuple[int, ...], expert_3d: bool, world: int, titan: bool) -> int:
+    """`padded_elements` of one tensor of `shape` (`expert_3d`: a 3-D routed-expert tensor;
+    `titan`: torchtitan's wrapping)."""
+    numel = math.prod(shape)
+    if not shape:
+        return numel
+    if titan and expert_3d and world > shape[0]:
+        return numel // world
+    return ceil_div(shape[0], world) * (numel // shape[0]) if shape[0] else 0
+
+
+def _padded_counted(
     category: Category,
     name: str,
     default: str,
-    tensors: Sequence[TensorSpec],
+    counts: dict[tuple[str | None, tuple[int, ...], bool], int],
     world: int,
-    wrap: str = "layers",
+    wrap: str,
 ) -> list[Term]:
     """One padded-shard row per held dtype (one row when every tensor follows the recipe; a
-    tensor held in a fixed dtype has its gradient in that dtype too)."""
-    groups = by_dtype(tensors, default) or {default: []}
+    tensor held in a fixed dtype has its gradient in that dtype too): by_dtype of the
+    tensors `counts` counts, each group's `padded_elements`."""
+    titan = wrap == "torchtitan"
+    groups: dict[str, list[int]] = {}
+    for (dtype, shape, expert_3d), k in counts.items():
+        group = groups.setdefault(dtype or default, [0, 0])
+        group[0] += k
+        group[1] += k * _padded_one(shape, expert_3d, world, titan)
     out = []
-    for dtype, group in groups.items():
-        elems = padded_elements(group, world, wrap)
+    for dtype, (tensors, elems) in (groups or {default: [0, 0]}).items():
         out.append(
             term(
                 category,
                 name,
                 dtype,
-                len(group),
+                tensors,
                 elems,
-                f"{len(group)} tensors, sum of ceil(dim0 / {world}) rows = {fmt(elems)} "
+                f"{tensors} tensors, sum of ceil(dim0 / {world}) rows = {fmt(elems)} "
                 f"elements (padded to the largest chunk) x {dtype_bytes(dtype)} B ({dtype})",
                 SRC_FSDP2,
             )
