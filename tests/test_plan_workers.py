@@ -83,7 +83,7 @@ def _both(spec: str, *args: str) -> dict[str, object]:
     [
         ("configs/plan-llama-3-8b.yaml", None),
         # torch's pipeline schedules (interleaved, ZBV), torchtitan's wrapping, compile
-        ("configs/plan-llama-3.1-8b-torchtitan.yaml", "64"),
+        pytest.param("configs/plan-llama-3.1-8b-torchtitan.yaml", "64", marks=pytest.mark.slow),
     ],
 )
 def test_two_workers_answer_as_one_process(spec: str, gpus: str | None) -> None:
