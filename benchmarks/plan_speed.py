@@ -61,7 +61,7 @@ def cold() -> None:
             continue
         for value in list(vars(module).values()):
             for obj in (value, *vars(value).values()) if isinstance(value, type) else (value,):
-                clear = getattr(obj, "cache_clear", None)
+                clear = None if isinstance(obj, type) else getattr(obj, "cache_clear", None)
                 if callable(clear) and (
                     getattr(obj, "__module__", None) == name or isinstance(obj, IdentityMemo)
                 ):
@@ -242,12 +242,14 @@ def merged(runs: list[dict[str, Any]]) -> dict[str, Any]:
     def pooled(parts: list[dict[str, Any]]) -> dict[str, Any]:
         wall = [t for p in parts for t in p["runs_s"]]
         cpu = [t for p in parts for t in p["cpu_s"]]
+        alone = [p["one_process"] for p in parts if "one_process" in p]
         return {
             **parts[-1],
             "runs_s": wall,
             "cpu_s": cpu,
             "median_s": round(statistics.median(wall), 3),
             "median_cpu_s": round(statistics.median(cpu), 3),
+            **({"one_process": pooled(alone)} if alone else {}),
         }
 
     return {**pooled(runs), "deepseek_v3": pooled([r["deepseek_v3"] for r in runs])}
