@@ -442,10 +442,12 @@ def plan_speed(doc: Doc) -> str:
     )
 
 
-def _workers(doc: Doc) -> str:
+def _workers(doc: Doc, short: bool = False) -> str:
     """How the timed searches ran: on how many forked workers (plan_speed.py records it)."""
     if not doc.get("forked"):
         return " in one process"
+    if short:
+        return f" on {doc['workers']} worker processes"
     return (
         f" on {doc['workers']} worker processes (every CPU of the machine, `memplan plan`'s "
         "default)"
@@ -483,11 +485,12 @@ def _deepseek_speed(moe: Doc | None) -> str:
         return ""
     met = moe["median_s"] < moe["target_s"]
     alone = moe.get("one_process")
-    one = f" ({alone['median_s']:.2f} s in one process)" if alone and moe.get("forked") else ""
+    one = f", {alone['median_s']:.2f} s in one process" if alone and moe.get("forked") else ""
     return (
         f" DeepSeek-V3 (MoE, its activations traced once and cached) on {n(moe['gpus'])} GPUs: "
         f"{n(moe['searched'])} layouts ({n(moe['fit'])} fit) in a median {moe['median_s']:.2f} s"
-        f"{_workers(moe)}{one}, {'within' if met else 'over'} the {moe['target_s']:.1f} s target."
+        f"{_workers(moe, short=True)}{one}: {'within' if met else 'over'} the "
+        f"{moe['target_s']:.1f} s target."
     )
 
 
