@@ -158,3 +158,19 @@ def test_a_worker_that_dies_ends_the_search_with_an_error_not_a_wait() -> None:
     )
     assert done.stdout.startswith("error: --jobs "), done.stdout + done.stderr
     assert "`--jobs 1`" in done.stdout
+
+
+def test_without_semaphores_the_items_are_answered_in_this_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where multiprocessing has no working sem_open (some containers), making the pool fails
+    with OSError: the search goes on in one process instead of failing."""
+    import concurrent.futures
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", refuse)
+    seen: list[int] = []
+    assert workers.ordered_map(lambda x: -x, [[1], [2, 3]], 2, seen.append) == [-1, -2, -3]
+    assert seen == [3]

@@ -94,12 +94,21 @@ def ordered_map(
 
     global _EACH
     tasks = deal(groups, workers * SHARES)
+    try:
+        pool = ProcessPoolExecutor(
+            min(workers, len(tasks)), mp_context=multiprocessing.get_context("fork")
+        )
+    except (OSError, ImportError, NotImplementedError):
+        # No working semaphores here (sem_open: some containers, a missing /dev/shm): the
+        # items are answered in this process, as with one worker.
+        out = [each(item) for group in groups for item in group]
+        if done is not None:
+            done(len(out))
+        return out
     answers: dict[int, Any] = {}
     _EACH = each
     try:
-        with ProcessPoolExecutor(
-            min(workers, len(tasks)), mp_context=multiprocessing.get_context("fork")
-        ) as pool:
+        with pool:
             for future in as_completed([pool.submit(_apply, task) for task in tasks]):
                 answers.update(future.result())
                 if done is not None:
