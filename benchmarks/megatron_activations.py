@@ -478,7 +478,7 @@ def main() -> None:
         "moe_expert_parallel_cases": len(ep_rows),
         "moe_routing": (
             "balanced: token i routed to experts (i k + j) mod E, j < k "
-            "(memplan.verify.megatron_core.balanced_routing); moe_aux_loss_coeff 1e-2, "
+            "(memplan.verify.megatron_cpu.balanced_routing); moe_aux_loss_coeff 1e-2, "
             "allgather dispatcher (and alltoall: rows with dispatcher alltoall), SequentialMLP"
         ),
         "moe_not_run": MOE_NOT_RUN,

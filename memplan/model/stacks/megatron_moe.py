@@ -86,7 +86,7 @@ Routing: balanced and dropless (or padded to capacity, above). Every expert rece
 top_k / E (token, expert) pairs from every rank, so a rank's local experts process tokens x
 top_k pairs at any EP
 (memplan.activations.layout.expert_pairs); the oracle forces that routing
-(memplan.verify.megatron_core.balanced_routing). Skewed routing moves the experts' share
+(memplan.verify.megatron_cpu.balanced_routing). Skewed routing moves the experts' share
 (pairs) between ranks; the router's and dispatcher's tensors do not depend on it.
 
 Refused, with the source: GroupedMLP (moe_grouped_gemm: the `grouped_gemm` CUDA extension,
