@@ -27,7 +27,7 @@ and Phi-3-shaped tiny configs (tests/litgpt_probe.py::ARCHS; Llama also multi-qu
 / adapter_v2 x 32-true / bf16-true / bf16-mixed x adapter_start_layer 0 / 2 x (batch,
 sequence, adapter_prompt_length) (1, 200, 10) / (2, 300, 7), three layers, and (2, 300, 7)
 again with LitGPT's recomputation (every Block checkpointed:
-tests/test_litgpt_adapter.py::held_bytes_adapter_checkpointed).
+tests/litgpt_probe.py::held_bytes_adapter, checkpointed).
 
     PYTHONPATH=$PWD python benchmarks/litgpt_adapter.py   # every part
     PYTHONPATH=$PWD python benchmarks/litgpt_adapter.py --activations   # parts 3 and 4 only
@@ -69,7 +69,6 @@ from tests.litgpt_probe import (  # noqa: E402
     hf_config,
 )
 from tests.test_litgpt_activations import tiny  # noqa: E402
-from tests.test_litgpt_adapter import held_bytes_adapter_checkpointed  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "litgpt-adapter.json"
 MODELS = [
@@ -223,12 +222,14 @@ def activations() -> list[dict[str, Any]]:
                 for start in (0, 2):
                     for mode, batch, seq, length in CASES:
                         shape = Shape(arch=arch, layers=3, kv_heads=kv, batch=batch, seq=seq)
-                        probe = (
-                            held_bytes_adapter
-                            if mode == "none"
-                            else held_bytes_adapter_checkpointed
+                        measured = held_bytes_adapter(
+                            precision,
+                            shape,
+                            method,
+                            start=start,
+                            length=length,
+                            checkpointed=mode != "none",
                         )
-                        measured = probe(precision, shape, method, start=start, length=length)
                         saved = predict(shape, method, precision, start, length, mode)
                         memplan = saved.bytes if saved.modelled else None
                         rows.append(

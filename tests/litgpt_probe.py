@@ -876,12 +876,21 @@ def adapter_optimizer_held(
 
 
 def held_bytes_adapter(
-    precision: str, shape: Shape, method: str, *, start: int = 2, length: int = 10
+    precision: str,
+    shape: Shape,
+    method: str,
+    *,
+    start: int = 2,
+    length: int = 10,
+    checkpointed: bool = False,
 ) -> int:
     """`held_bytes_lora` for litgpt 0.5.9's finetune/adapter(_v2).py: the adapter GPT under
     fabric.init_module, mark_only_adapter(_v2)_as_trainable, fit's no-grad validation forward
     first (fills every adapted layer's adapter_kv_cache, made before the measure), then fit's
-    training forward and chunked loss, what is held for backward measured."""
+    training forward and chunked loss, what is held for backward measured. `checkpointed`:
+    LitGPT's recomputation, every Block wrapped (`checkpoint`, as FSDPStrategy(
+    activation_checkpointing_policy={Block}) does in finetune/adapter(_v2).py::setup) before
+    Fabric's setup."""
     import importlib
 
     import lightning as L
@@ -894,6 +903,8 @@ def held_bytes_adapter(
     with fabric.init_module():
         model = module.GPT(module.Config(**base, **fields))
     getattr(module, f"mark_only_{method}_as_trainable")(model)
+    if checkpointed:
+        checkpoint(model)
     wrapped = fabric.setup(model)
     model.eval()
     with torch.no_grad():

@@ -215,39 +215,6 @@ def test_adapter_kv_cache_matches_what_litgpt_holds(method: str, precision: str,
     assert {DTYPE_NAMES[d] for d in real.cache_dtypes} == {b.dtype for b in cache}
 
 
-def held_bytes_adapter_checkpointed(
-    precision: str, shape: Any, method: str, *, start: int, length: int = 10
-) -> int:
-    """tests/litgpt_probe.py::held_bytes_adapter with LitGPT's recomputation: every Block
-    wrapped by Lightning's _setup_activation_checkpointing (tests/litgpt_probe.py::checkpoint,
-    as FSDPStrategy(activation_checkpointing_policy={Block}) does in finetune/adapter(_v2).py
-    ::setup) before Fabric's setup; fit's no-grad validation then fills the caches."""
-    import importlib
-    from dataclasses import asdict
-
-    import lightning as L
-    import torch
-
-    from tests.litgpt_probe import _CONFIG_KEYS, PRECISION, _run_lora, checkpoint, config
-
-    module = importlib.import_module(f"litgpt.{method}")
-    base = {k: v for k, v in asdict(config(shape)).items() if k in _CONFIG_KEYS}
-    fields = {"adapter_start_layer": start, "adapter_prompt_length": length}
-    torch.manual_seed(0)
-    fabric = L.Fabric(accelerator="cpu", devices=1, precision=PRECISION[precision])  # type: ignore[arg-type]
-    with fabric.init_module():
-        model = module.GPT(module.Config(**base, **fields))
-    getattr(module, f"mark_only_{method}_as_trainable")(model)
-    checkpoint(model)
-    wrapped = fabric.setup(model)
-    model.eval()
-    with torch.no_grad():
-        wrapped(torch.randint(0, shape.vocab, (shape.batch, shape.seq)))
-    model.train()
-    caches = tuple(t for m in model.modules() for t in getattr(m, "adapter_kv_cache", None) or ())
-    return int(_run_lora(wrapped, model, shape, held=caches))
-
-
 ACTIVATION_CASES = [
     # method, precision, start layer, arch, k/v heads, batch, sequence, prompt length
     ("adapter", "fp32", 0, "llama", 2, 2, 16, 10),  # prefix on CPU's math path (batch 2)
@@ -279,6 +246,27 @@ def test_activations_match_litgpts_adapter_gpt_to_the_byte(
     """The rule against litgpt 0.5.9's adapter GPT on CPU: fit's no-grad validation fills the
     prefix caches, then its training forward and chunked loss; every storage made and still
     held for backward counted (tests/litgpt_probe.py::held_bytes_adapter)."""
+    memplan, litgpt = _rule_and_litgpt(
+        method, precision, start, arch, kv, batch, seq, length=length
+    )
+    assert memplan == litgpt
+
+
+def _rule_and_litgpt(
+    method: str,
+    precision: str,
+    start: int,
+    arch: str,
+    kv: int,
+    batch: int,
+    seq: int,
+    *,
+    length: int = 10,
+    recompute: str = "none",
+) -> tuple[int, int]:
+    """memplan's saved bytes for the tiny `arch` adapter GPT on CPU, and what litgpt 0.5.9
+    holds (tests/litgpt_probe.py::held_bytes_adapter; `recompute` full: every Block
+    checkpointed)."""
     pytest.importorskip("lightning.fabric")
     pytest.importorskip("litgpt.adapter_v2")
     from tests.litgpt_probe import Shape, held_bytes_adapter, hf_config
@@ -288,7 +276,11 @@ def test_activations_match_litgpts_adapter_gpt_to_the_byte(
     spec = make_spec(
         model={"architecture": cfg, "implementation": "litgpt"},
         precision=precision,
-        training={"micro_batch_size": batch, "sequence_length": seq},
+        training={
+            "micro_batch_size": batch,
+            "sequence_length": seq,
+            "activation_checkpointing": recompute,
+        },
         finetune={
             "method": method,
             "adapter_start_layer": start,
@@ -298,7 +290,10 @@ def test_activations_match_litgpts_adapter_gpt_to_the_byte(
     )
     saved = micro_batch_of(spec, from_config(cfg))
     assert saved.modelled, saved.notes
-    assert saved.bytes == held_bytes_adapter(precision, shape, method, start=start, length=length)
+    held = held_bytes_adapter(
+        precision, shape, method, start=start, length=length, checkpointed=recompute == "full"
+    )
+    return saved.bytes, held
 
 
 CHECKPOINT_CASES = [
@@ -318,26 +313,10 @@ def test_checkpointed_activations_match_litgpt_to_the_byte(
     """activation_checkpointing full: what LitGPT's checkpointed Blocks keep after forward
     (each recording block's input; a block before the prefix records nothing, so keeps no
     frame), the head and the loss."""
-    pytest.importorskip("lightning.fabric")
-    pytest.importorskip("litgpt.adapter_v2")
-    from tests.litgpt_probe import Shape, hf_config
-
-    shape = Shape(arch=arch, layers=3, kv_heads=kv, batch=batch, seq=seq)
-    cfg = hf_config(shape)
-    spec = make_spec(
-        model={"architecture": cfg, "implementation": "litgpt"},
-        precision=precision,
-        training={
-            "micro_batch_size": batch,
-            "sequence_length": seq,
-            "activation_checkpointing": "full",
-        },
-        finetune={"method": method, "adapter_start_layer": start},
-        hardware={"device": "cpu"},
+    memplan, litgpt = _rule_and_litgpt(
+        method, precision, start, arch, kv, batch, seq, recompute="full"
     )
-    saved = micro_batch_of(spec, from_config(cfg))
-    assert saved.modelled, saved.notes
-    assert saved.bytes == held_bytes_adapter_checkpointed(precision, shape, method, start=start)
+    assert memplan == litgpt
 
 
 @pytest.mark.parametrize("method", ["adapter", "adapter_v2"])
