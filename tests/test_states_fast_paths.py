@@ -441,3 +441,29 @@ def test_stage_inventories_place_each_tensor_like_its_layer(preset: str, layout:
         ]  # fmt: skip
         aliases = len(inventory.tied) if s == last and last > 0 else 0
         assert list(st.parameters[: len(st.parameters) - aliases]) == want
+
+
+def test_reshaped_is_replace_of_the_shape_for_every_field() -> None:
+    """TensorSpec.reshaped (the TP/EP split's fast copy) against dataclasses.replace, on a
+    tensor whose every init field but the shape differs from its default: a field added to
+    TensorSpec and not copied by `reshaped` fails here."""
+    import dataclasses
+
+    from memplan.model.inventory import TensorSpec
+
+    base = TensorSpec(name="w", shape=(4, 6))
+    odd: dict[str, object] = {}
+    for f in dataclasses.fields(TensorSpec):
+        if not f.init or f.name in ("name", "shape"):
+            continue
+        value = getattr(base, f.name)
+        if isinstance(value, bool):
+            odd[f.name] = not value
+        elif isinstance(value, str):
+            odd[f.name] = value + "x"
+        else:  # None: dtype, layer
+            odd[f.name] = "fp32" if f.name == "dtype" else 3
+    odd["kind"] = "buffer"
+    t = dataclasses.replace(base, **odd)
+    assert t.reshaped((2, 6)) == dataclasses.replace(t, shape=(2, 6))
+    assert [getattr(t.reshaped((2, 6)), k) for k in odd] == list(odd.values())

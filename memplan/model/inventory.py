@@ -50,6 +50,22 @@ class TensorSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "numel", math.prod(self.shape))
 
+    def reshaped(self, shape: tuple[int, ...]) -> TensorSpec:
+        """This tensor with another shape: `dataclasses.replace(self, shape=shape)` without its
+        field walk (plan splits tens of thousands of tensors per search). A field added above
+        is copied here too (tests/test_states_fast_paths.py holds it to `replace`)."""
+        return TensorSpec(
+            name=self.name,
+            shape=shape,
+            kind=self.kind,
+            dtype=self.dtype,
+            persistent=self.persistent,
+            layer=self.layer,
+            role=self.role,
+            trainable=self.trainable,
+            stepped=self.stepped,
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Architecture:

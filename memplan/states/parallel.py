@@ -392,20 +392,8 @@ def _localised(inventory: Inventory, layout: Layout) -> tuple[TensorSpec, ...]:
             shape = shapes[key] = local_shape(t, layout, arch.model_type)
         if shape == t.shape:
             out.append(t)
-        else:  # replace(t, shape=shape), without dataclasses.replace's field walk
-            out.append(
-                TensorSpec(
-                    name=t.name,
-                    shape=shape,
-                    kind=t.kind,
-                    dtype=t.dtype,
-                    persistent=t.persistent,
-                    layer=t.layer,
-                    role=t.role,
-                    trainable=t.trainable,
-                    stepped=t.stepped,
-                )
-            )
+        else:
+            out.append(t.reshaped(shape))
     return tuple(out)
 
 
