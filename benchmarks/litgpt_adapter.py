@@ -19,7 +19,7 @@ estimate.
 
 Part 3, `activations_measured`: what litgpt's adapter forward and fit's chunked loss hold for
 backward on the tiny model (tests/litgpt_probe.py::held_bytes_adapter), each row's `memplan`
-now the rule's bytes (memplan.model.stacks.litgpt_adapter.activations) and `exact` whether
+now the rule's bytes (memplan.model.stacks.litgpt_adapter_saved.activations) and `exact` whether
 they are equal.
 
 Part 4, `activations`: the rule against the same measure over the Llama-, Qwen2.5-, Mistral-

@@ -7,9 +7,9 @@ those parameters get a gradient when finetune/adapter(_v2).py::fit runs them (it
 validation first, then training: tests/litgpt_probe.py::adapter_fit_grads): adapter_wte
 requires grad but never gets one (litgpt 0.5.9's adapter_kv_cache); the optimizer states,
 gradients and the cache itself against litgpt's AdamW run on CPU in fit's order. The
-activations (memplan.model.stacks.litgpt_adapter.activations) against what litgpt's own adapter
-GPT, run by Fabric in fit's order, holds for backward on CPU, to the byte (tests/litgpt_probe.py
-::held_bytes_adapter, with LitGPT's recomputation too; the whole matrix is
+activations (memplan.model.stacks.litgpt_adapter_saved.activations) against what litgpt's own
+adapter GPT, run by Fabric in fit's order, holds for backward on CPU, to the byte
+(tests/litgpt_probe.py::held_bytes_adapter, with LitGPT's recomputation too; the whole matrix is
 benchmarks/litgpt_adapter.py); on CUDA they are refused, not guessed.
 """
 

@@ -1,6 +1,6 @@
 """One micro-batch's activations of the stacks' own model code where a layout or fine-tuning
 method needs more than their single-device rule: LitGPT's LoRA (memplan.model.stacks.
-litgpt_lora), adapter and adapter_v2 (memplan.model.stacks.litgpt_adapter) and Megatron-Core's
+litgpt_lora), adapter and adapter_v2 (memplan.model.stacks.litgpt_adapter_saved) and Megatron-Core's
 GPTModel under tensor, sequence and context parallelism (memplan.model.stacks.megatron).
 memplan.activations.micro_batch dispatches here."""
 
@@ -19,17 +19,17 @@ def litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
     """LitGPT's LoRA and QLoRA (memplan.model.stacks.litgpt_lora): litgpt 0.5.9's
     finetune/lora.py, whose options are lora.py::Config's flags and --quantize bnb.*; what
     they cannot say is refused. Its adapter and adapter_v2: memplan.model.stacks.
-    litgpt_adapter.activations."""
+    litgpt_adapter_saved.activations."""
     from memplan.config.finetune import LITGPT_ADAPTERS, bnb_keeps_input
     from memplan.model.stacks import litgpt, litgpt_lora, litgpt_qlora
 
     why = ""
     lightning = ("skip_modules", "prepare_kbit")
     if ft.method in LITGPT_ADAPTERS:
-        # litgpt 0.5.9's adapter / adapter_v2 GPT (memplan.model.stacks.litgpt_adapter).
-        from memplan.model.stacks import litgpt_adapter
+        # litgpt 0.5.9's adapter / adapter_v2 GPT (memplan.model.stacks.litgpt_adapter_saved).
+        from memplan.model.stacks import litgpt_adapter_saved
 
-        return litgpt_adapter.activations(arch, st, ft)
+        return litgpt_adapter_saved.activations(arch, st, ft)
     if ft.method == "qlora" and any(k in ft.model_fields_set for k in lightning):
         why = (
             "finetune.skip_modules and prepare_kbit are transformers' and peft's: LitGPT's "

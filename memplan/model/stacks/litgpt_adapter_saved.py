@@ -1,0 +1,267 @@
+"""LitGPT's adapter and adapter_v2 (memplan.model.stacks.litgpt_adapter, their tensors): what
+litgpt.adapter(_v2).GPT's forward and finetune/adapter(_v2).py::fit's loss save for backward on
+one device, after fit's no-grad validation filled every adapted layer's adapter_kv_cache
+(litgpt_adapter.SRC_CACHE: the cached prefix keys and values need no gradient).
+
+Proved to the byte on one CPU device against litgpt's own models run by Fabric in fit's order,
+with and without LitGPT's recomputation (benchmarks/litgpt_adapter.py, `activations_measured`
+and `activations`; tests/test_litgpt_adapter.py); CUDA is refused (docs/litgpt-adapter.md says
+why).
+"""
+
+from __future__ import annotations
+
+from memplan.config.finetune import FinetuneSpec
+from memplan.model.forward import kernels
+from memplan.model.forward.tensors import Activations, Block, Saved, Setting
+from memplan.model.inventory import Architecture
+from memplan.model.stacks import litgpt, litgpt_lora
+from memplan.model.stacks.litgpt_adapter import COVERED, SRC_ADAPTER, SRC_ADAPTER_V2
+from memplan.precision import dtype_bytes
+
+SRC_PREFIX = (
+    f"{SRC_ADAPTER}::CausalSelfAttention.scaled_dot_product_attention (`amask = torch.ones(T, "
+    "aT, dtype=torch.bool)`, `ay = super().scaled_dot_product_attention(q, ak, av, amask)`, "
+    "`y + self.gating_factor * ay`); " + kernels.DERIV
+)
+SRC_SDPA_CPU = (
+    "pytorch aten/src/ATen/native/transformers/sdp_utils_cpp.h::"
+    "check_batch_size_and_num_heads_dense (read at 0119c205: the CPU flash kernel wants q, k "
+    "and v of one batch size and head count; the cached k/v have batch 1 and, under "
+    "multi-query, one head) and attention.cpp::_scaled_dot_product_attention_math (fp32 "
+    "upcast; matmul expands k^T and v to q's batch; softmax's output kept); which path runs "
+    "and what it keeps measured on torch 2.13.0+cpu (benchmarks/litgpt_adapter.py)"
+)
+SRC_CAST = "aten/src/ATen/autocast_mode.h::cached_cast (CPU autocast's lower-precision list)"
+SRC_V2_LINEAR = (
+    f"{SRC_ADAPTER_V2}::AdapterV2Linear.forward (`adapter_scale * (linear(x) + adapter_bias)`: "
+    "the frozen linear keeps no input, the multiply keeps the sum for adapter_scale's "
+    "gradient); " + kernels.DERIV
+)
+SRC_FIT_ADAPTER = (
+    f"litgpt {litgpt.VERSION} finetune/adapter.py::fit and adapter_v2.py::fit "
+    "(model(input_ids, lm_head_chunk_size=128), chunked_cross_entropy(logits, targets[..., 1:]), "
+    "as finetune/lora.py::fit)"
+)
+_FROZEN = litgpt_lora.Flags(
+    r=0, dropout=0.0, query=False, key=False, value=False, projection=False, mlp=False, head=False
+)
+"""No LoRA adapter: litgpt_lora's rule for the frozen base GPT around the prefix."""
+
+
+def prefix_attention(
+    arch: Architecture, st: Setting, aT: int, *, q_grad: bool, cast: bool = False
+) -> list[Saved]:
+    """The gated attention over the cached prefix (SRC_PREFIX) in an adapted layer. `ay` (q's
+    dtype, [B, T, n_head, head_size]) is kept by `gating_factor * ay` for the gate's gradient.
+    When q requires grad SDPA keeps more: on CPU, with q's batch 1 and k/v of every head, its
+    flash kernel (SRC_SDPA_CPU) keeps the bool mask converted to q's dtype [T, aT], the
+    logsumexp [B, n_head, T] fp32 and its output (that `ay`); otherwise the math path keeps
+    k^T and v expanded to q's batch [B n_head, head_size, aT] / [B n_head, aT, head_size] and
+    the softmax [B, n_head, T, aT], in fp32 (the cache needs no gradient: q itself is not
+    kept)."""
+    h, a, kv, d = kernels.attention_dims(arch)
+    b, s, mm, fp32 = st.batch, st.sequence, st.matmul, kernels.FP32
+    ay = kernels.saved("attn.prefix.output", (b, s, a, d), mm, "MulBackward0", SRC_PREFIX)
+    if not q_grad:
+        return [ay]
+    if b == 1 and kv != 1:
+        casts = [
+            kernels.saved(f"attn.prefix.{n}_cast", shape, mm, "SdpaBackward", SRC_CAST)
+            for n, shape in (
+                ("query", (b, a, s, d)),
+                ("key", (1, a, aT, d)),
+                ("value", (1, a, aT, d)),
+            )
+        ]
+        return [
+            *(casts if cast else []),
+            kernels.saved("attn.prefix.mask", (s, aT), mm, "SdpaBackward", SRC_SDPA_CPU),
+            kernels.saved("attn.prefix.logsumexp", (b, a, s), fp32, "SdpaBackward", SRC_SDPA_CPU),
+            ay,
+        ]
+    softmax = kernels.saved(
+        "attn.prefix.softmax", (b, a, s, aT), fp32, "SoftmaxBackward0", SRC_SDPA_CPU
+    )
+    if kv == 1:
+        # One cached head: matmul's expand of the fp32 [1, 1, aT, head_size] k^T and v to
+        # [B, n_head, ...] has stride 0 in both batch dims, so its reshape is a view: bmm keeps
+        # the scaled k (a new fp32 tensor) and v's fp32 upcast, which is the cache itself when
+        # the cache is fp32 (32-true: nothing new).
+        out = [kernels.saved("attn.prefix.key_t", (1, d, aT), fp32, "BmmBackward0", SRC_SDPA_CPU)]
+        out.append(softmax)
+        if mm != fp32:
+            value = kernels.saved(
+                "attn.prefix.value", (1, aT, d), fp32, "BmmBackward0", SRC_SDPA_CPU
+            )
+            out.append(value)
+        return [*out, ay]
+    return [
+        kernels.saved("attn.prefix.key_t", (b * a, d, aT), fp32, "BmmBackward0", SRC_SDPA_CPU),
+        softmax,
+        kernels.saved("attn.prefix.value", (b * a, aT, d), fp32, "BmmBackward0", SRC_SDPA_CPU),
+        ay,
+    ]
+
+
+def _v1_layer(arch: Architecture, st: Setting, aT: int, adapted: bool, g_in: bool) -> list[Saved]:
+    """One Block of litgpt.adapter.GPT. Every base weight is frozen, so it saves what
+    litgpt_lora's frozen layer saves (nothing when its input needs no gradient), plus the
+    prefix attention of an adapted layer; the first adapted layer after frozen ones (input
+    without gradient) keeps only `ay` in its attention, then proj's weight cast (autocast),
+    norm_2 and the MLP as a layer whose residual requires grad."""
+    if not adapted:
+        return litgpt_lora._layer(arch, st, _FROZEN, g_in)[0]
+    full = litgpt_lora._layer(arch, st, _FROZEN, True)[0]
+    if g_in:
+        return [*full, *prefix_attention(arch, st, aT, q_grad=True)]
+    kept = [x for x in full if x.name.startswith(("attn.proj.", "norm_2.", "mlp."))]
+    return [*prefix_attention(arch, st, aT, q_grad=False), *kept]
+
+
+def _v2_sum(name: str, shape: tuple[int, ...], st: Setting) -> Saved:
+    """AdapterV2Linear's `linear(x) + adapter_bias`, kept by the scale's multiply: in the
+    parameters' dtype (stream), the bias's promotion lifting autocast's bf16 output to fp32."""
+    return kernels.saved(f"{name}.adapter_sum", shape, st.stream, "MulBackward0", SRC_V2_LINEAR)
+
+
+def _v2_layer(arch: Architecture, st: Setting, aT: int, adapted: bool, g_in: bool) -> list[Saved]:
+    """One Block of litgpt.adapter_v2.GPT: the trainable norms keep x_normed (and, when the
+    input requires grad, all of litgpt.norm); every AdapterV2Linear keeps its sum (_v2_sum)
+    and under autocast its frozen weight's cast; q, k, v reach SDPA as litgpt.attention_saves
+    says, except under autocast, where SDPA casts the fp32 qkv output's q, k and v to bf16
+    (v a new copy even with one key per query head); the MLP's silu and product run in the
+    stream dtype."""
+    h, a, kv, d = kernels.attention_dims(arch)
+    t, inter = st.tokens, arch.intermediate_size
+    qkv_out = (a + 2 * kv) * d
+    casts = {
+        "attn.qkv": (qkv_out, h),
+        "attn.proj": (h, a * d),
+        "mlp.fc_1": (inter, h),
+        "mlp.fc_2": (inter, h),
+        "mlp.proj": (h, inter),
+    }
+
+    def cast(name: str) -> list[Saved]:
+        return litgpt_lora._weight_cast(name, casts[name], st, x_grad=True)
+
+    out: list[Saved] = []
+    norm1 = litgpt.norm("norm_1", t, h, st)
+    out += norm1 if g_in else [x for x in norm1 if x.name.endswith(".normalized")]
+    out += [*cast("attn.qkv"), _v2_sum("attn.qkv", (t, qkv_out), st)]
+    main = [x for x in litgpt.attention_saves(arch, st) if x.name != "attn.proj.input"]
+    if st.stream != st.matmul:
+        value = kernels.saved(
+            "attn.value", (st.batch, a, st.sequence, d), st.matmul, "SdpaBackward", litgpt.SRC_ATTN
+        )
+        main = [value if x.name == "attn.qkv.output" else x for x in main]
+    out += main
+    if adapted:
+        out += prefix_attention(arch, st, aT, q_grad=True, cast=st.stream != st.matmul)
+    out += [*cast("attn.proj"), _v2_sum("attn.proj", (t, h), st)]
+    out += litgpt.norm("norm_2", t, h, st)
+    src = SRC_V2_LINEAR
+    out += [
+        *cast("mlp.fc_1"),
+        _v2_sum("mlp.fc_1", (t, inter), st),
+        *cast("mlp.fc_2"),
+        _v2_sum("mlp.fc_2", (t, inter), st),
+        kernels.saved("mlp.fc_1.output", (t, inter), st.stream, "SiluBackward0", src),
+        kernels.saved("mlp.silu.output", (t, inter), st.stream, "MulBackward0", src),
+        kernels.saved("mlp.fc_2.output", (t, inter), st.stream, "MulBackward0", src),
+        *cast("mlp.proj"),
+        _v2_sum("mlp.proj", (t, h), st),
+    ]
+    return out
+
+
+def _v2_head(arch: Architecture, st: Setting) -> list[Saved]:
+    """adapter_v2's head: ln_f trains (all of litgpt.norm), and every 128-position chunk's
+    AdapterV2Linear lm_head keeps its weight's cast (autocast) and its sum [B, chunk, vocab]."""
+    h, vocab, b = arch.hidden_size, arch.vocab_size, st.batch
+    out = litgpt.norm("transformer.ln_f", st.tokens, h, st)
+    for i, c in enumerate(litgpt_lora._chunks(st.sequence)):
+        out += litgpt_lora._weight_cast(f"lm_head.{i}", (vocab, h), st, x_grad=True)
+        out.append(_v2_sum(f"lm_head.{i}", (b, c, vocab), st))
+    return out
+
+
+def activations(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activations:
+    """litgpt.adapter(_v2).GPT's forward and fit's chunked loss on one device (see the
+    comments above), or why not."""
+    why = litgpt.unsupported(arch, st) or litgpt_lora.unsupported(st)
+    if not why and arch.model_type not in COVERED:
+        why = (
+            f"LitGPT's {ft.method} is modelled on its Llama-shaped configs (model types "
+            f"{', '.join(sorted(COVERED))})"
+        )
+    if not why and st.device == "cuda":
+        why = (
+            "on CUDA the kernel of the prefix attention (the cached k/v of batch 1 against q's "
+            "batch, with a bool mask) is not settled from torch 2.13's source (sdp_utils.cpp::"
+            "select_sdp_backend: its order depends on the runtime cuDNN and the GPU; "
+            "docs/litgpt-adapter.md) and was not measured; the rule is proved on CPU "
+            "(hardware.device: cpu)"
+        )
+    if why:
+        return litgpt.refused(f"activations not modelled: {why}.")
+    v2 = ft.method == "adapter_v2"
+    h, vocab, t, b, s = arch.hidden_size, arch.vocab_size, st.tokens, st.batch, st.sequence
+    blocks = [Block(name="embeddings", count=1, tensors=())]
+    g = False  # the frozen embedding's output needs no gradient
+    runs: list[tuple[list[Saved], int]] = []
+    for i in range(arch.num_layers):
+        adapted = i >= ft.adapter_start_layer
+        layer = (_v2_layer if v2 else _v1_layer)(arch, st, ft.adapter_prompt_length, adapted, g)
+        g = g or adapted or v2
+        if runs and runs[-1][0] == layer:
+            runs[-1] = (layer, runs[-1][1] + 1)
+        else:
+            runs.append((layer, 1))
+    for layer, count in runs:
+        if st.checkpointing == "full" and layer:
+            # LitGPT's checkpoint around every Block (as memplan.model.stacks.litgpt_lora): the
+            # block input kept, the layer's tensors recomputed in backward.
+            kept = kernels.saved(
+                "checkpoint.x", (b, s, h), st.stream, "Noop", litgpt.SRC_CHECKPOINT
+            )
+            blocks.append(
+                Block(
+                    name="layers",
+                    count=count,
+                    tensors=(kept,),
+                    recompute=tuple(layer),
+                    layered=True,
+                )
+            )
+        elif st.checkpointing == "full":
+            # A block that records nothing packs nothing: its checkpoint frame is not kept.
+            blocks.append(Block(name="layers", count=count, tensors=(), layered=True))
+        else:
+            blocks.append(Block(name="layers", count=count, tensors=tuple(layer), layered=True))
+    head = _v2_head(arch, st) if v2 else litgpt_lora._head(arch, st, _FROZEN, g)
+    blocks.append(Block(name="head", count=1, tensors=tuple(head)))
+    blocks.append(Block(name="loss", count=1, tensors=tuple(litgpt_lora.loss(b, s, vocab))))
+    src = SRC_ADAPTER_V2 if v2 else SRC_ADAPTER
+    notes: tuple[str, ...] = (
+        f"{src}: the adapter GPT's forward on CPU after fit's no-grad validation filled the "
+        f"prefix caches; prefix attention from layer {ft.adapter_start_layer} "
+        f"({ft.adapter_prompt_length} positions), {SRC_FIT_ADAPTER}.",
+        "LitGPT's fit loop keeps Fabric's fp32 logits chunks until the next forward returns: "
+        "the step holds them in every phase (memplan.step.transients.litgpt_logits).",
+    )
+    return Activations(
+        modelled=True,
+        blocks=tuple(blocks),
+        logits_bytes=t * vocab * dtype_bytes(st.stream if v2 else st.matmul),
+        upcast_bytes=(
+            t * vocab * dtype_bytes(kernels.FP32)
+            if (st.stream if v2 else st.matmul) != kernels.FP32
+            else 0
+        ),
+        hidden_bytes=t * h * dtype_bytes(st.stream),
+        loss_gradient_bytes=litgpt_lora.loss_gradient(b, s, vocab),
+        notes=notes,
+        implementation="litgpt",
+    )
