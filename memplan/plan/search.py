@@ -86,11 +86,10 @@ class _Search(LayoutSpace):
         1 spreads the layouts over that many forked processes (memplan.plan.workers): the
         same rows, counts and order as one process."""
         layouts = list(self.layouts())
+        recomputes = recompute_policies(self.plan.allow_recompute, self.spec.model.implementation)
         self.common = _Common(
-            recomputes=(
-                rs := recompute_policies(self.plan.allow_recompute, self.spec.model.implementation)
-            ),
-            compiles={r: compile_options(self.spec, self.inventory, r) for r in rs},
+            recomputes=recomputes,
+            compiles={r: compile_options(self.spec, self.inventory, r) for r in recomputes},
             shape=shape_of(self.inventory, self.spec, self.global_batch),
             link=link_of(self.spec, self.plan),
         )
@@ -115,7 +114,7 @@ class _Search(LayoutSpace):
             )
             for found, pruned, searched in answers:
                 out.extend(found)
-                self.pruned.update(dict(pruned))
+                self.pruned.update(dict(pruned))  # adds the counts, in the order counted
                 self.searched += searched
         if progress:
             progress(len(layouts), len(layouts))
