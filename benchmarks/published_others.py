@@ -6,8 +6,9 @@ Sources (each copied with its settings and our assumptions under benchmarks/refe
   memory after `trainer.train()` (hf-transformers-bert-large-v100.md).
 - titan-h200: torchtitan `benchmarks/llama3_8b_h200_2025-06_torchtitan.md` (Trainy, June 2025):
   Llama 3.1 8B, FSDP over 32 and 64 H200s, max reserved (torchtitan-llama3-8b-h200-trainy.md).
-- litgpt: LitGPT `tutorials/resource-tables.md` (October 2023): LoRA on Llama 2 7B on one A100
-  40GB, max allocated (litgpt-lora-a100.md).
+- litgpt: LitGPT `tutorials/resource-tables.md` (October 2023): LoRA on Llama 2 7B and 13B on
+  one A100 40GB, max allocated (litgpt-lora-a100.md). The runs it printed as "OOM" are rows too:
+  memplan's verdict on them must be "does not fit".
 
 The metric maps to memplan's figure of the same spec (its most loaded rank):
 `max_allocated` -> `per_gpu.peak`, `max_reserved` -> `per_gpu.peak_reserved`, `nvidia_smi` ->
@@ -87,7 +88,9 @@ class Row:
     """A key of SOURCES."""
     label: str
     """The source's words for the run."""
-    published: float
+    published: float | None
+    """None: the source printed "OOM" (the run did not fit the GPU): memplan's verdict on the
+    row's spec must be that it does not fit."""
     unit: Literal["MiB", "GiB", "GB"]
     """As the source prints it (NVML's `// 1024**2` "MB" are MiB; LitGPT's `/ 1e9` "GB" are GB)."""
     spec: dict[str, Any]
@@ -189,8 +192,27 @@ def titan_h200(gpus: int) -> dict[str, Any]:
     }
 
 
-def litgpt(mbs: int, quantize: str | None = None) -> dict[str, Any]:
-    """lit-gpt 8641822 finetune/lora.py on Llama 2 7B (the reference file)."""
+# meta-llama/Llama-2-13b-hf config.json (https://huggingface.co/meta-llama/Llama-2-13b-hf/blob/
+# main/config.json), its size keys; the same sizes as litgpt 0.5.9 config.py's "Llama-2-13b{}-hf"
+# entry (n_layer 40, n_head 40, n_embd 5120, intermediate_size 13824, vocab_size 32000).
+LLAMA_2_13B: dict[str, Any] = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_act": "silu",
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "max_position_embeddings": 4096,
+    "num_attention_heads": 40,
+    "num_hidden_layers": 40,
+    "num_key_value_heads": 40,
+    "rms_norm_eps": 1e-05,
+    "tie_word_embeddings": False,
+    "vocab_size": 32000,
+}
+
+
+def litgpt(mbs: int, quantize: str | None = None, size: str = "7b") -> dict[str, Any]:
+    """lit-gpt 8641822 finetune/lora.py on Llama 2 7B or 13B (the reference file)."""
     lora: dict[str, Any] = {
         "method": "qlora" if quantize else "lora",
         "rank": 8,
@@ -206,7 +228,9 @@ def litgpt(mbs: int, quantize: str | None = None) -> dict[str, Any]:
             "bnb_version": "0.41.1",
         }
     return {
-        "model": {"preset": "llama-2-7b", "implementation": "litgpt"},
+        "model": {"preset": "llama-2-7b", "implementation": "litgpt"}
+        if size == "7b"
+        else {"architecture": LLAMA_2_13B, "implementation": "litgpt"},
         "precision": {"preset": "bf16"},  # Fabric --precision bf16-true
         # torch.optim.AdamW; with --quantize, bnb.optim.PagedAdamW (32-bit, paged).
         "optimizer": {"name": "paged_adamw" if quantize else "adamw"},
@@ -253,6 +277,25 @@ LITGPT_QLORA_2023 = (
     "LoRA rows would be about 3.5% under without the second.",
 )
 
+# The same gaps at Llama 2 13B's sizes (hidden 5120, 40 layers, embedding 32,000 x 5,120).
+LITGPT_13B_2023 = (
+    LITGPT_2023[0],
+    "8641822's RMSNorm keeps its bf16 input and a bf16 rsqrt where 0.5.9's keeps an fp32 copy, "
+    "an fp32 rsqrt and the weight's fp32 copy (LITGPT_2023): 0.5.9 saves tokens x 5120 x 2 B "
+    "more per norm whose input requires grad (79 + ln_f here), about 0.99 GiB at micro-batch 1 "
+    "(not subtracted).",
+    LITGPT_2023[2],
+)
+LITGPT_QLORA_13B_2023 = (
+    "lit-gpt 8641822 with --quantize, as the 7B rows (LITGPT_QLORA_2023). bitsandbytes 0.41.1 "
+    "keeps every 4-bit matmul's input (finetune.bnb_version 0.41.1): 2.85 GiB here; with "
+    "memplan's default bitsandbytes (>= 0.43.2) the rows would be 20.90 and 20.30 GB (-9.7%, "
+    "-10.0%).",
+    "version gap, not subtracted: 0.5.9's StableEmbedding swap holds two 327,680,000 B tensors "
+    "more (the embedding's bf16 gradient and the replaced weight: 0.61 GiB) and its RMSNorm "
+    "about 0.99 GiB more at micro-batch 1 (LITGPT_13B_2023).",
+)
+
 TITAN_2025 = (
     "torchao float8 all-gather of the FSDP weights (enable_fsdp_float8_all_gather), "
     "precompute_float8_dynamic_scale_for_fsdp and force_recompute_fp8_weight_in_bwd",
@@ -288,6 +331,17 @@ ROWS = (
         notes=LITGPT_QLORA_2023),
     Row("litgpt", "Llama 2 7B, LoRA, bnb.nf4-dq, micro-batch 1", 13.84, "GB",
         litgpt(1, "bnb.nf4-dq"), notes=LITGPT_QLORA_2023),
+    Row("litgpt", "Llama 2 7B, LoRA, micro-batch 4", None, "GB", litgpt(4), notes=LITGPT_2023),
+    Row("litgpt", "Llama 2 13B, LoRA, micro-batch 1", 38.12, "GB", litgpt(1, size="13b"),
+        notes=LITGPT_13B_2023),
+    Row("litgpt", "Llama 2 13B, LoRA, bnb.nf4, micro-batch 1", 23.14, "GB",
+        litgpt(1, "bnb.nf4", size="13b"), notes=LITGPT_QLORA_13B_2023),
+    Row("litgpt", "Llama 2 13B, LoRA, bnb.nf4-dq, micro-batch 1", 22.55, "GB",
+        litgpt(1, "bnb.nf4-dq", size="13b"), notes=LITGPT_QLORA_13B_2023),
+    Row("litgpt", "Llama 2 13B, LoRA, micro-batch 2", None, "GB", litgpt(2, size="13b"),
+        notes=LITGPT_13B_2023),
+    Row("litgpt", "Llama 2 13B, LoRA, micro-batch 4", None, "GB", litgpt(4, size="13b"),
+        notes=LITGPT_13B_2023),
 )  # fmt: skip
 
 
@@ -313,7 +367,9 @@ def measure(row: Row) -> dict[str, Any]:
         "figure": FIGURE[row.metric],
         "published": row.published,
         "unit": row.unit,
-        "published_gib": row.published * UNIT_BYTES[row.unit] / GIB,
+        "published_gib": None
+        if row.published is None
+        else row.published * UNIT_BYTES[row.unit] / GIB,
         "unmodelled": list(row.unmodelled),
         "notes": list(row.notes),
         "spec": row.spec,
@@ -336,7 +392,7 @@ def measure(row: Row) -> dict[str, Any]:
         "max_reserved": report.peak_reserved,
         "nvidia_smi": report.device_used,
     }
-    return record | {
+    record |= {
         "expressible": True,
         "activations_source": report.activations.source,
         "allocated_gib": report.peak_bytes / GIB,
@@ -345,8 +401,13 @@ def measure(row: Row) -> dict[str, Any]:
         "device_used_gib": report.device_used / GIB,
         "device_terms": {t.name: t.bytes for t in report.device_terms},
         "memplan_gib": figures[row.metric] / GIB,
-        "error": figures[row.metric] / (row.published * UNIT_BYTES[row.unit]) - 1,
+        "verdict": report.verdict,
     }
+    if row.published is None:
+        # An "OOM" row: memplan agrees when its verdict (device_used against the GPU) is
+        # that the spec does not fit.
+        return record | {"error": None, "agrees": report.fits is False}
+    return record | {"error": figures[row.metric] / (row.published * UNIT_BYTES[row.unit]) - 1}
 
 
 def main() -> None:
@@ -356,7 +417,12 @@ def main() -> None:
         rows = [measure(row) for row in ROWS]
     for r in rows:
         head = f"{r['source']:<10} {r['label']:<54} {r['metric']:<13}"
-        if r["expressible"]:
+        if r["expressible"] and r["published"] is None:
+            print(
+                f"{head} published OOM         memplan {r['device_used_gib']:6.2f} GiB on the "
+                f"device: {r['verdict']} ({'agrees' if r['agrees'] else 'DISAGREES'})"
+            )
+        elif r["expressible"]:
             print(
                 f"{head} published {r['published_gib']:6.2f} GiB  memplan "
                 f"{r['memplan_gib']:6.2f} GiB  {r['error']:+6.1%}"
@@ -366,7 +432,10 @@ def main() -> None:
             print(f"{head} not expressible: {r['why'][:150]}")
     elapsed = time.perf_counter() - start
     print(f"{elapsed:.1f} s")
-    done = [r for r in rows if r["expressible"] and not r["unmodelled"]]
+    done = [
+        r for r in rows if r["expressible"] and not r["unmodelled"] and r["published"] is not None
+    ]
+    oom = [r for r in rows if r["expressible"] and r["published"] is None]
     out = {
         **stamp(),
         "sources": SOURCES,
@@ -376,6 +445,8 @@ def main() -> None:
         "expressible": len(done),
         "within_10pct": sum(abs(r["error"]) <= 0.10 for r in done),
         "under_5pct": sum(r["error"] < -0.05 for r in done),
+        "oom_rows": len(oom),
+        "oom_agree": sum(r["agrees"] for r in oom),
         "elapsed_s": elapsed,
     }
     path = ROOT / "benchmarks" / "results" / "published-others.json"

@@ -868,7 +868,12 @@ def published_others(doc: Doc) -> str:
     head = ["source", "run", "metric", "published", "memplan", "error"]
     rows = []
     for r in doc["rows"]:
-        if r["expressible"]:
+        published = "OOM" if r["published"] is None else f"{r['published_gib']:.2f} GiB"
+        if r["expressible"] and r["published"] is None:
+            # An "OOM" row: memplan's verdict on the device, not an error.
+            memplan = f"{r['device_used_gib']:.2f} GiB on the device"
+            error = ("agrees: " if r["agrees"] else "DISAGREES: ") + r["verdict"].replace("_", " ")
+        elif r["expressible"]:
             error = signed_pct(r["error"])
             if r["unmodelled"]:
                 error += " (not modelled: " + ", ".join(short(u) for u in r["unmodelled"]) + ")"
@@ -876,8 +881,7 @@ def published_others(doc: Doc) -> str:
         else:
             memplan, error = "-", "not expressible: " + short(r["why"])
         rows.append(
-            [r["source"], r["label"], r["metric"].replace("_", " "),
-             f"{r['published_gib']:.2f} GiB", memplan, error]
+            [r["source"], r["label"], r["metric"].replace("_", " "), published, memplan, error]
         )  # fmt: skip
     sources = "; ".join(f"`{key}`: [{s['title']}]({s['url']})" for key, s in doc["sources"].items())
     done = doc["expressible"]
@@ -887,7 +891,9 @@ def published_others(doc: Doc) -> str:
         f"-> `per_gpu.peak`, max reserved -> `per_gpu.peak_reserved`, nvidia-smi -> "
         f"`per_gpu.device_used`; settings and assumptions in `benchmarks/reference/`): "
         f"{sources}. {count[0].upper() + count[1:]} without unmodelled "
-        f"techniques within 10%, {doc['under_5pct']} under by more than 5% "
+        f"techniques within 10%, {doc['under_5pct']} under by more than 5%; "
+        f"of the {doc['oom_rows']} runs a source printed as out of memory (OOM), memplan says "
+        f"\"does not fit\" for {doc['oom_agree']} "
         f"(`benchmarks/published_others.py`, {where(doc)}).\n\n" + table(head, rows, right=3)
     )
 

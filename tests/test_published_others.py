@@ -44,7 +44,10 @@ def test_every_published_figure_is_in_its_reference_file() -> None:
         text = (ROOT / source["reference"]).read_text()
         assert source["url"].split("/")[-1] in text, key
         for row in (r for r in script.ROWS if r.source == key):
-            figure = f"{row.published:.2f}" if row.unit != "MiB" else f"{row.published:.0f}"
+            if row.published is None:
+                figure = "OOM"
+            else:
+                figure = f"{row.published:.2f}" if row.unit != "MiB" else f"{row.published:.0f}"
             assert figure in text, row.label
 
 
@@ -62,6 +65,7 @@ def test_pin_recorded_figures_match_todays_memplan() -> None:
         if now["expressible"]:
             assert now["memplan_gib"] == rec["memplan_gib"], row.label
             assert now["error"] == rec["error"], row.label
+            assert now["verdict"] == rec["verdict"], row.label
         else:
             assert now["why"] == rec["why"], row.label
 
@@ -77,6 +81,8 @@ def test_errors_are_the_recorded_figure_over_the_published_one() -> None:
         if not r["expressible"]:
             assert r["why"]
             continue
+        if r["published"] is None:
+            continue  # an OOM row: a verdict, no error (test_oom_rows_are_verdicts)
         published = r["published"] * unit[r["unit"]] / 2**30
         assert abs(r["memplan_gib"] / published - 1 - r["error"]) < 1e-12
         if not r["unmodelled"]:
@@ -84,3 +90,18 @@ def test_errors_are_the_recorded_figure_over_the_published_one() -> None:
     assert doc["expressible"] == len(done)
     assert doc["within_10pct"] == sum(abs(r["error"]) <= 0.10 for r in done)
     assert doc["under_5pct"] == sum(r["error"] < -0.05 for r in done)
+
+
+def test_oom_rows_are_verdicts() -> None:
+    """A run its source printed as "OOM" is a row without a figure: recorded with memplan's
+    verdict and whether it agrees (does not fit), and counted apart from the errors. The
+    independent fact is the source's OOM; every recorded one agrees today."""
+    doc = recorded()
+    oom = [r for r in doc["rows"] if r["published"] is None]
+    assert oom and all(r["expressible"] and r["error"] is None for r in oom)
+    for r in oom:
+        assert r["agrees"] == (r["verdict"] == "does_not_fit"), r["label"]
+        # does not fit: what nvidia-smi would show is more than the GPU has (A100 40GB)
+        assert r["device_used_gib"] > 40.0, r["label"]
+    assert doc["oom_rows"] == len(oom)
+    assert doc["oom_agree"] == sum(r["agrees"] for r in oom) == len(oom)
