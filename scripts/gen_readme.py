@@ -893,7 +893,7 @@ def published_others(doc: Doc) -> str:
         f"{sources}. {count[0].upper() + count[1:]} without unmodelled "
         f"techniques within 10%, {doc['under_5pct']} under by more than 5%; "
         f"of the {doc['oom_rows']} runs a source printed as out of memory (OOM), memplan says "
-        f"\"does not fit\" for {doc['oom_agree']} "
+        f'"does not fit" for {doc["oom_agree"]} '
         f"(`benchmarks/published_others.py`, {where(doc)}).\n\n" + table(head, rows, right=3)
     )
 
