@@ -241,3 +241,32 @@ def test_litgpt_lora_refuses_what_litgpt_does_not_run_on_gpt_neox() -> None:
     )
     saved = micro_batch_of(spec, from_config(cfg))
     assert not saved.modelled and "parallel_residual" in saved.notes[0], saved.notes
+
+
+def test_default_adapters_match_litgpt_adamw_on_pythia() -> None:
+    """Independent oracle for the model states of the default spec (no target_modules, as
+    the published StableLM rows run it): finetune/lora.py::main on CPU (tests/litgpt_probe.py::
+    lora_optimizer_held: litgpt's LoRA GPT with lora_query + lora_value, AdamW over every
+    parameter, two real steps). memplan counts peft's adapter on GPT-NeoX's fused
+    query_key_value ([r, h] + [3h, r]); LitGPT's LoRAQKVLinear on q and v is [2r, h] +
+    [2h, r]: the same elements with as many k/v heads as heads, so exp_avg and exp_avg_sq
+    are the same bytes."""
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.lora")
+    from memplan.report.estimate import estimate
+    from tests.litgpt_probe import Lora, Shape, hf_config, lora_optimizer_held
+
+    shape = Shape(arch="pythia", layers=2, kv_heads=4)
+    real = lora_optimizer_held("bf16", shape, Lora())
+    assert all("lora_" in n for n in real.trainable)
+    cfg = hf_config(shape)
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "litgpt"},
+        precision="bf16",
+        training={"micro_batch_size": 2, "sequence_length": 16},
+        finetune={"method": "lora", "rank": 8, "alpha": 16},
+        hardware={"device": "cpu"},
+    )
+    mine = {t.name: t.bytes for t in estimate(spec, from_config(cfg)).per_gpu.terms}
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert mine[key] == real.by_key[key][1]
