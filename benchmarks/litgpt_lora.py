@@ -18,8 +18,9 @@ covers (tests/litgpt_probe.py::ARCHS, against the config.json of each: hf_config
 (qkv bias, 2 k/v heads), Mistral-7B-v0.1 (a sliding-window mask per layer, 2 k/v heads),
 Phi-3-mini-4k (sliding window, multi-head), Phi-4-mini (rotary_percentage 0.75) x 32-true /
 bf16-true / bf16-mixed x none / full x q+v and all+head x LoRA dropout 0.05 x (batch,
-sequence) (1, 200), (2, 300). Gemma, Gemma 2, Pythia and Falcon are refused by the LoRA rule
-(memplan.model.stacks.litgpt_lora.saved says why).
+sequence) (1, 200), (2, 300). Gemma and Gemma 2 are refused by the LoRA rule
+(memplan.model.stacks.litgpt_lora.saved says why); Pythia, StableLM Alpha and Falcon are
+benchmarks/litgpt_lora_neox.py's.
 
 Part 2, `llama2_7b_fake`: two blocks of Llama 2 7B (n_embd 4096, 32 heads, MHA, LLaMAMLP
 11008, vocab 32000) under FakeTensorMode at the published rows' 1304 tokens, micro-batch 1

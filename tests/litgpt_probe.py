@@ -419,6 +419,7 @@ _CONFIG_KEYS = (
     "n_query_groups",
     "rotary_percentage",
     "parallel_residual",
+    "shared_attention_norm",
     "bias",
     "norm_class_name",
     "mlp_class_name",
@@ -639,6 +640,8 @@ def _qlora_model(precision: str, shape: Shape, lora: Lora, *, double: bool) -> t
             compress_statistics=double,
             device="meta",
         )
+        if old.bias is not None:  # _convert_layers' _replace_param: a frozen copy
+            new.bias = torch.nn.Parameter(old.bias.data.clone(), requires_grad=False)
         new.weight = bnb.nn.Params4bit(
             old.weight.data.to(torch.half),
             requires_grad=False,

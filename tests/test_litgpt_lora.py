@@ -291,16 +291,6 @@ def test_rule_matches_litgpt_lora_on_other_architectures(
     assert saved.bytes == held_bytes_lora(precision, "none", shape, lora)
 
 
-def test_litgpt_lora_refuses_pythia() -> None:
-    cfg = {**tiny(), "model_type": "gpt_neox"}
-    spec = make_spec(
-        model={"architecture": cfg, "implementation": "litgpt"},
-        finetune={"method": "lora", "rank": 8, "alpha": 16, "target_modules": ["q_proj"]},
-    )
-    saved = micro_batch_of(spec, from_config(cfg))
-    assert not saved.modelled and "GptNeoxMLP" in saved.notes[0], saved.notes
-
-
 def test_litgpt_lora_refuses_gemma() -> None:
     """Measured, not modelled: litgpt.lora.GPT with Gemma's fields holds 256 B per frozen
     RMSNorm more than the LoRA rule in 32-true (its `1 + weight`), so the rule refuses it."""

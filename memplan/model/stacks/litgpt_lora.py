@@ -27,12 +27,22 @@ linear keeps no input, a frozen RMSNorm weight drops the normalized input, and a
 input does not require grad (the first, after the frozen embedding) records nothing before its
 first adapter.
 
+GPT-NeoX (Pythia, StableLM Alpha) and Falcon, litgpt.model's parallel-residual Block
+(memplan.model.stacks.litgpt._neox_layer; `_neox_layer` here): the same LoRAQKVLinear on
+the fused q|k|v (lora.py::LoRAQKVLinear.lora_ind: the query, key and value columns in that
+order, as for Llama); lora.py::GptNeoxMLP makes `fc` and `proj` create_lora_linear layers,
+adapted together by `lora_mlp`; norm_1, norm_2 and ln_f are frozen torch LayerNorms, which
+keep their input, mean and rstd whenever their input requires grad; the MLP reads the block
+input's norm, so on a layer whose input needs no gradient it records nothing unless
+lora_mlp adapts it.
+
 Precision as Fabric's plugins run it (memplan.model.stacks.litgpt): 32-true, bf16-true and
 bf16-mixed (torch.autocast over the fp32 model: every frozen weight is cast per call, once per
 head chunk, and the adapters' inputs and weights are cast for their matmuls).
 
 Proved on CPU against litgpt 0.5.9's real LoRA model, run by Fabric, by
-tests/test_litgpt_lora.py (benchmarks/litgpt_lora.py: the whole matrix).
+tests/test_litgpt_lora.py (benchmarks/litgpt_lora.py: the whole matrix, Pythia- and
+Falcon-shaped models and two blocks of StableLM Alpha 3B under fake tensors included).
 
 QLoRA (`finetune.method: qlora`: finetune/lora.py `--quantize bnb.nf4` / `bnb.nf4-dq` /
 `bnb.fp4` / `bnb.fp4-dq`), from source only: Lightning quantizes on CUDA only (lightning 2.6
@@ -243,6 +253,8 @@ def _layer(
     """One Block's saved tensors with LitGPT's LoRA, and whether its output requires grad.
     `g_in`: its input requires grad. The norms' outputs are in the stream dtype, the
     matmuls' (attention, MLP) in the matmul dtype. `q`: the base linears are bnb 4-bit."""
+    if arch.model_type in litgpt.NEOX_BLOCK:
+        return _neox_layer(arch, st, fl, g_in, q)
     h, a, kv, d = kernels.attention_dims(arch)
     t, inter, stream, mm = st.tokens, arch.intermediate_size, st.stream, st.matmul
     keeps = q is not None and q.keeps_input
@@ -330,6 +342,116 @@ def _layer(
     return out, g_fc
 
 
+SRC_NEOX = (
+    f"litgpt {litgpt.VERSION} litgpt/model.py::Block.forward (parallel_residual: norm_1(x), "
+    "norm_2(x) or norm_1's with shared_attention_norm, mlp(x_normed) + attn(...) + x), "
+    "GptNeoxMLP.forward (proj(gelu(fc(x)))); litgpt/lora.py::GptNeoxMLP (fc, proj: "
+    "create_lora_linear, lora_mlp); " + kernels.DERIV
+)
+
+
+def _layer_norms(prefix: str, t: int, h: int, st: Setting, *, shared: bool) -> list[Saved]:
+    """Block's frozen torch LayerNorms of its input (SRC_NEOX): native_layer_norm keeps its
+    input, mean and rstd whatever its weight and bias need (kernels.layer_norm); norm_2 reads
+    the same block input (one storage) with its own statistics; none with a shared norm."""
+    out = kernels.layer_norm(f"{prefix}norm_1", t, h, st.stream, st)
+    if not shared:
+        norm_2 = kernels.layer_norm(f"{prefix}norm_2", t, h, st.stream, st)
+        out += [s for s in norm_2 if not s.name.endswith(".input")]
+    return out
+
+
+def _neox_layer(
+    arch: Architecture, st: Setting, fl: Flags, g_in: bool, q: litgpt_qlora.Quant | None = None
+) -> tuple[list[Saved], bool]:
+    """`_layer` for the parallel-residual Block of GPT-NeoX / Pythia / StableLM Alpha and
+    Falcon (SRC_NEOX): norm_1 and norm_2 are frozen LayerNorms of the block input, recorded
+    only when it requires grad; `attn.qkv` (LoRAQKVLinear on the fused q|k|v, laid out as
+    Llama's: lora.py::LoRAQKVLinear.lora_ind) reads norm_1's output, GptNeoxMLP's `fc`
+    norm_2's (norm_1's with Falcon-7B's shared_attention_norm: the same storage, counted
+    once when both keep it). The MLP needs a gradient only when the block input does or
+    lora_mlp adapts fc (its input is not the attention's output); exact GELU keeps fc's
+    output, `proj` reads GELU's. The sum `mlp + attn + x` keeps nothing. Linear biases
+    (Pythia's) save nothing: addmm keeps its matrices, the frozen bias no copy."""
+    h, a, kv, d = kernels.attention_dims(arch)
+    t, inter, stream, mm = st.tokens, arch.intermediate_size, st.stream, st.matmul
+    keeps = q is not None and q.keeps_input
+    shared = litgpt.shared_norm(arch)
+    out: list[Saved] = _layer_norms("", t, h, st, shared=shared) if g_in else []
+    out += _weight_cast("attn.qkv", ((a + 2 * kv) * d, h), st, x_grad=g_in)
+    normed_1 = kernels.saved("norm_1.output", (t, h), stream, "MmBackward0", SRC_QKV)
+    kept, normed_x = _kept(normed_1, keeps and g_in)
+    out += kept
+    counted = bool(kept)  # norm_1's output already listed (for the shared norm's MLP)
+    parts = sum(fl.qkv)
+    if fl.r and parts:
+        widths = (a * d, kv * d, kv * d)
+        padded = sum(w for w, on in zip(widths, fl.qkv, strict=True) if on)
+        adapted = _adapter(
+            "attn.qkv",
+            normed_x,
+            (t, h),
+            padded,
+            parts,
+            fl,
+            st,
+            x_dtype=stream,
+            x_grad=g_in,
+            src=SRC_QKV,
+        )
+        counted = counted or any(s is normed_x for s in adapted)
+        out += adapted
+        if parts < 3:
+            out.append(
+                kernels.saved(
+                    "attn.qkv.lora_B.output", (t, padded), mm, "IndexCopyBackward0", SRC_QKV
+                )
+            )
+    g_qkv = g_in or bool(fl.r and parts)
+    if g_qkv:
+        out += [s for s in litgpt.attention_saves(arch, st) if s.name != "attn.proj.input"]
+    out += _weight_cast("attn.proj", (h, a * d), st, x_grad=g_qkv)
+    kept, y = _kept(
+        kernels.saved("attn.proj.input", (t, a * d), mm, "MmBackward0", SRC_LINEAR),
+        keeps and g_qkv,
+    )
+    out += kept
+    if fl.r and fl.projection:
+        out += _adapter(
+            "attn.proj", y, (t, a * d), h, 1, fl, st, x_dtype=mm, x_grad=g_qkv, src=SRC_LINEAR
+        )
+    # GptNeoxMLP reads norm_2's output (norm_1's when shared): requires grad iff g_in.
+    mlp = bool(fl.r and fl.mlp)
+    out += _weight_cast("mlp.fc", (inter, h), st, x_grad=g_in)
+    if shared:
+        # qkv's keep (or its lora_A with dropout off) listed norm_1's output already.
+        kept, normed_2 = [], None if counted else normed_1
+    else:
+        n2 = kernels.saved("norm_2.output", (t, h), stream, "MmBackward0", SRC_LINEAR)
+        kept, normed_2 = _kept(n2, keeps and g_in)
+    out += kept
+    if mlp:
+        x_fc = normed_2
+        out += _adapter(
+            "mlp.fc", x_fc, (t, h), inter, 1, fl, st, x_dtype=stream, x_grad=g_in, src=SRC_LINEAR
+        )
+    g_fc = g_in or mlp
+    if g_fc:
+        # F.gelu(approximate="none") keeps its input, fc's output.
+        out.append(kernels.saved("mlp.fc.output", (t, inter), mm, "GeluBackward0", SRC_NEOX))
+    out += _weight_cast("mlp.proj", (h, inter), st, x_grad=g_fc)
+    kept, act = _kept(
+        kernels.saved("mlp.proj.input", (t, inter), mm, "MmBackward0", SRC_LINEAR),
+        keeps and g_fc,
+    )
+    out += kept
+    if mlp:
+        out += _adapter(
+            "mlp.proj", act, (t, inter), h, 1, fl, st, x_dtype=mm, x_grad=True, src=SRC_LINEAR
+        )
+    return out, g_in or g_qkv or bool(fl.r and fl.projection) or g_fc
+
+
 def _chunks(n: int) -> list[int]:
     """`n` positions split in HEAD_CHUNK slices (the last one shorter)."""
     full, last = divmod(n, HEAD_CHUNK)
@@ -347,7 +469,11 @@ def _head(
     `x_i` itself (Linear4bit passes it to matmul_4bit unreshaped): views of ln_f's output,
     one storage."""
     h, t, b, s, stream = arch.hidden_size, st.tokens, st.batch, st.sequence, st.stream
-    out = _norm("transformer.ln_f", t, h, st) if g else []
+    out: list[Saved] = []
+    if g and arch.model_type in litgpt.NEOX_BLOCK:
+        out = kernels.layer_norm("transformer.ln_f", t, h, stream, st)  # frozen LayerNorm
+    elif g:
+        out = _norm("transformer.ln_f", t, h, st)
     chunks = _chunks(s)
     for i, _ in enumerate(chunks):
         out += _weight_cast(f"lm_head.{i}", (arch.vocab_size, h), st, x_grad=g)
@@ -444,11 +570,6 @@ def saved(
         why = (
             'finetune/lora.py refuses --quantize with a *-mixed precision ("Quantization and '
             'mixed precision is not supported."): use precision bf16 or fp32'
-        )
-    if not why and arch.model_type in litgpt.NEOX_BLOCK:
-        why = (
-            "LitGPT's LoRA is proved on its Llama-shaped configs (Llama, Qwen2.5, Mistral, "
-            "Phi-3): the LoRA rule has no LayerNorm, parallel residual or GptNeoxMLP"
         )
     if not why and litgpt.unit_offset(arch):
         # Measured: +256 B per norm on the tiny Gemma in fp32 and bf16-mixed (the frozen
