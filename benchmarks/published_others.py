@@ -6,9 +6,9 @@ Sources (each copied with its settings and our assumptions under benchmarks/refe
   memory after `trainer.train()` (hf-transformers-bert-large-v100.md).
 - titan-h200: torchtitan `benchmarks/llama3_8b_h200_2025-06_torchtitan.md` (Trainy, June 2025):
   Llama 3.1 8B, FSDP over 32 and 64 H200s, max reserved (torchtitan-llama3-8b-h200-trainy.md).
-- litgpt: LitGPT `tutorials/resource-tables.md` (October 2023): LoRA on Llama 2 7B and 13B on
-  one A100 40GB, max allocated (litgpt-lora-a100.md). The runs it printed as "OOM" are rows too:
-  memplan's verdict on them must be "does not fit".
+- litgpt: LitGPT `tutorials/resource-tables.md` (October 2023): LoRA on Llama 2 7B and 13B and
+  StableLM Alpha 3B on one A100 40GB, max allocated (litgpt-lora-a100.md). The runs it
+  printed as "OOM" are rows too: memplan's verdict on them must be "does not fit".
 
 The metric maps to memplan's figure of the same spec (its most loaded rank):
 `max_allocated` -> `per_gpu.peak`, `max_reserved` -> `per_gpu.peak_reserved`, `nvidia_smi` ->
@@ -211,8 +211,39 @@ LLAMA_2_13B: dict[str, Any] = {
 }
 
 
+# stabilityai/stablelm-base-alpha-3b config.json
+# (https://huggingface.co/stabilityai/stablelm-base-alpha-3b/blob/main/config.json), its size
+# keys: GPT-NeoX with parallel residual and a quarter of each head rotated; the same sizes as
+# litgpt 0.5.9 config.py's "stablelm-base-alpha-3b" entry (Config's defaults: n_layer 16,
+# n_head 32, n_embd 4096, GptNeoxMLP 4 x n_embd, rotary_percentage 0.25, LayerNorm, biases,
+# padded vocabulary 50688).
+STABLELM_ALPHA_3B: dict[str, Any] = {
+    "model_type": "gpt_neox",
+    "architectures": ["GPTNeoXForCausalLM"],
+    "hidden_act": "gelu",
+    "hidden_size": 4096,
+    "intermediate_size": 16384,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 4096,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 16,
+    "rotary_emb_base": 10000,
+    "rotary_pct": 0.25,
+    "tie_word_embeddings": False,
+    "use_parallel_residual": True,
+    "vocab_size": 50688,
+}
+LITGPT_MODELS: dict[str, dict[str, Any]] = {
+    "13b": {"architecture": LLAMA_2_13B, "implementation": "litgpt"},
+    "stablelm-3b": {"architecture": STABLELM_ALPHA_3B, "implementation": "litgpt"},
+}
+LONGEST = {"7b": 1304, "13b": 1304, "stablelm-3b": 1034}
+"""The longest Alpaca example in each model's tokens (the reference file): forced first."""
+
+
 def litgpt(mbs: int, quantize: str | None = None, size: str = "7b") -> dict[str, Any]:
-    """lit-gpt 8641822 finetune/lora.py on Llama 2 7B or 13B (the reference file)."""
+    """lit-gpt 8641822 finetune/lora.py on Llama 2 7B or 13B, or StableLM Alpha 3B (the
+    reference file)."""
     lora: dict[str, Any] = {
         "method": "qlora" if quantize else "lora",
         "rank": 8,
@@ -220,6 +251,10 @@ def litgpt(mbs: int, quantize: str | None = None, size: str = "7b") -> dict[str,
         "dropout": 0.05,
         "target_modules": ["q_proj", "v_proj"],
     }
+    if size == "stablelm-3b":
+        # peft's Llama names match no GPT-NeoX module; left out, the targets are LitGPT's
+        # default, lora_query + lora_value (memplan.model.stacks.litgpt_lora.flags_of).
+        del lora["target_modules"]
     if quantize:
         # The reference file's bitsandbytes 0.41.1: MatMul4Bit keeps each 4-bit matmul's input.
         lora |= {
@@ -228,16 +263,14 @@ def litgpt(mbs: int, quantize: str | None = None, size: str = "7b") -> dict[str,
             "bnb_version": "0.41.1",
         }
     return {
-        "model": {"preset": "llama-2-7b", "implementation": "litgpt"}
-        if size == "7b"
-        else {"architecture": LLAMA_2_13B, "implementation": "litgpt"},
+        "model": LITGPT_MODELS.get(size, {"preset": "llama-2-7b", "implementation": "litgpt"}),
         "precision": {"preset": "bf16"},  # Fabric --precision bf16-true
         # torch.optim.AdamW; with --quantize, bnb.optim.PagedAdamW (32-bit, paged).
         "optimizer": {"name": "paged_adamw" if quantize else "adamw"},
         "finetune": lora,
         "training": {
             "micro_batch_size": mbs,
-            "sequence_length": 1304,  # the longest Llama 2 Alpaca example, forced first
+            "sequence_length": LONGEST[size],
             "gradient_accumulation_steps": 128 // mbs,
         },
         "hardware": {"gpu": "A100-40GB"},
@@ -296,6 +329,24 @@ LITGPT_QLORA_13B_2023 = (
     "about 0.99 GiB more at micro-batch 1 (LITGPT_13B_2023).",
 )
 
+LITGPT_STABLELM_2023 = (
+    LITGPT_2023[0],
+    "StableLM Alpha's LayerNorm is torch.nn.LayerNorm in both lit-gpt 8641822 and litgpt "
+    "0.5.9 (no RMSNorm gap, unlike the Llama rows); the LoRA rule for LitGPT's "
+    "parallel-residual Block is proved against litgpt 0.5.9's model on CPU "
+    "(benchmarks/litgpt_lora_neox.py: 423 of 423 cases exact, StableLM 3B at 1034 tokens too).",
+    LITGPT_2023[2],
+)
+LITGPT_QLORA_STABLELM_2023 = (
+    "lit-gpt 8641822 with --quantize, as the Llama rows (LITGPT_QLORA_2023), bitsandbytes "
+    "0.41.1 keeping every 4-bit matmul's input (finetune.bnb_version 0.41.1).",
+    "version gap, not subtracted: litgpt 0.5.9's StableEmbedding swap, absent from 8641822, "
+    "holds 0.936 GB more here by the rule's own terms (the embedding's bf16 gradient and the "
+    "replaced weight its PagedAdamW keeps, 50,688 x 4,096 x 2 B = 415 MB each; the "
+    "StableEmbedding's saved LayerNorm input, 8.5 MB; layer 0's kept input, 97 MB): without "
+    "it memplan would be about 6.51 and 6.35 GB (+2.5%, +2.6%).",
+)
+
 TITAN_2025 = (
     "torchao float8 all-gather of the FSDP weights (enable_fsdp_float8_all_gather), "
     "precompute_float8_dynamic_scale_for_fsdp and force_recompute_fp8_weight_in_bwd",
@@ -342,6 +393,16 @@ ROWS = (
         notes=LITGPT_13B_2023),
     Row("litgpt", "Llama 2 13B, LoRA, micro-batch 4", None, "GB", litgpt(4, size="13b"),
         notes=LITGPT_13B_2023),
+    Row("litgpt", "StableLM Alpha 3B, LoRA, micro-batch 1", 9.69, "GB",
+        litgpt(1, size="stablelm-3b"), notes=LITGPT_STABLELM_2023),
+    Row("litgpt", "StableLM Alpha 3B, LoRA, micro-batch 2", 12.10, "GB",
+        litgpt(2, size="stablelm-3b"), notes=LITGPT_STABLELM_2023),
+    Row("litgpt", "StableLM Alpha 3B, LoRA, micro-batch 4", 16.92, "GB",
+        litgpt(4, size="stablelm-3b"), notes=LITGPT_STABLELM_2023),
+    Row("litgpt", "StableLM Alpha 3B, LoRA, bnb.nf4, micro-batch 1", 6.35, "GB",
+        litgpt(1, "bnb.nf4", size="stablelm-3b"), notes=LITGPT_QLORA_STABLELM_2023),
+    Row("litgpt", "StableLM Alpha 3B, LoRA, bnb.nf4-dq, micro-batch 1", 6.19, "GB",
+        litgpt(1, "bnb.nf4-dq", size="stablelm-3b"), notes=LITGPT_QLORA_STABLELM_2023),
 )  # fmt: skip
 
 
