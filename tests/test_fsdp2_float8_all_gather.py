@@ -132,3 +132,14 @@ def test_rerun_fp8_all_gather_on_two_gloo_ranks() -> None:
         layer = rank["fp8_all_gather"]["groups"]["layer"]
         assert layer["unsharded"] == layer["all_gather_output"] == now["layer_unsharded"]
         assert layer["pre_all_gather_peak"] == now["layer_cast_peak"]
+
+
+def test_notes_give_the_measured_precomputed_scale_bytes() -> None:
+    """With fp8_precompute_scale the estimate's note gives the bytes of the scales tensor the
+    recorded run held (14 Float8Linear weights x 4 B = 56 B on tiny Llama)."""
+    measured = recorded()["measured"]["fp8_all_gather_precompute"][0]["precomputed_storage"]
+    loaded = validate(_spec(fp8_all_gather=True, fp8_precompute_scale=True))
+    notes = estimate(loaded.spec, load_inventory(loaded)).notes
+    assert any("fp8_precompute_scale: " in n and f" {measured:,} B here" in n for n in notes)
+    off = estimate(validate(_spec()).spec, load_inventory(validate(_spec()))).notes
+    assert any("precision.fp8_all_gather: off here" in n for n in off)

@@ -74,6 +74,8 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
                 param=recipe.parameters,
                 precompute=states.fp8_precompute_scale,
                 stream=ALL_GATHER_STREAM,
+                wrap=layout.fsdp_groups,
+                expert_parallel=layout.expert > 1,
             )
     if layout.tensor > 1:
         out += tp.backward_end(

@@ -130,7 +130,8 @@ def unsharded_formula(g: Fsdp2Group, world: int, param: str) -> str:
     return (
         f"{world} ranks x ({g.padded - g.fp8_padded:,} padded shard elements x "
         f"{dtype_bytes(param)} B ({param}) + {g.fp8_padded:,} Float8Linear weight elements x "
-        f"{FP8_BYTES} B (fp8 all-gather))"
+        f"{FP8_BYTES} B (fp8 all-gather: torchao 0.18 fsdp_pre_all_gather, memplan.states."
+        "engines.fsdp2.fp8))"
     )
 
 
