@@ -173,7 +173,14 @@ def titan_h200(gpus: int) -> dict[str, Any]:
     """torchtitan e7c0cae's llama3_8b.toml with the run's overrides (the reference file)."""
     return {
         "model": {"preset": "llama-3.1-8b", "implementation": "torchtitan"},
-        "precision": {"preset": "bf16-mixed", "fp8": "torchao-tensorwise"},
+        # --float8.enable_fsdp_float8_all_gather --float8.precompute_float8_dynamic_scale_for_fsdp
+        # (e7c0cae components/quantization/float8.py::Float8Converter: tensorwise).
+        "precision": {
+            "preset": "bf16-mixed",
+            "fp8": "torchao-tensorwise",
+            "fp8_all_gather": True,
+            "fp8_precompute_scale": True,
+        },
         "optimizer": {"name": "adamw", "implementation": "foreach"},
         "training": {
             "micro_batch_size": 2,
@@ -347,10 +354,15 @@ LITGPT_QLORA_STABLELM_2023 = (
     "it memplan would be about 6.51 and 6.35 GB (+2.5%, +2.6%).",
 )
 
-TITAN_2025 = (
-    "torchao float8 all-gather of the FSDP weights (enable_fsdp_float8_all_gather), "
-    "precompute_float8_dynamic_scale_for_fsdp and force_recompute_fp8_weight_in_bwd",
-)
+# The run's float8 flags, each now modelled or shown to change nothing:
+# enable_fsdp_float8_all_gather is precision.fp8_all_gather (memplan.states.engines.fsdp2.fp8,
+# measured to the byte by benchmarks/fsdp2_float8_all_gather.py);
+# precompute_float8_dynamic_scale_for_fsdp is precision.fp8_precompute_scale (one fp32 scale per
+# Float8Linear kept between steps: 224 x 4 = 896 B here, in a note); and
+# force_recompute_fp8_weight_in_bwd did nothing at the run's torchao 0afa4c1 (2025-06-13): it
+# contains pytorch/ao#2356 (03c850afa, "make float8 training's force_recompute_fp8_weight_in_bwd
+# flag do nothing"), after which float8/config.py only warns that the flag is deprecated.
+TITAN_2025: tuple[str, ...] = ()
 
 ROWS = (
     Row("hf-bert", "bs 4, fp32, AdamW", 14949, "MiB", hf_bert(4, 1), trace=True),

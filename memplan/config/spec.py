@@ -176,6 +176,17 @@ class PrecisionTable(Frozen):
     the layers save their 16-bit inputs as without fp8 (memplan.model.forward.compiled)."""
     fp8_amax_history: PositiveInt = 1024
     """DelayedScaling.amax_history_len."""
+    fp8_all_gather: bool = False
+    """With `fp8: torchao-tensorwise` under FSDP2 (parallelism.engine: fsdp2): torchao's
+    Float8LinearConfig(enable_fsdp_float8_all_gather=True), torchtitan's
+    `--float8.enable_fsdp_float8_all_gather` (on only where FSDP shards: dp_shard > 1). FSDP2
+    all-gathers each Float8Linear weight in fp8, 1 B per element instead of the
+    MixedPrecisionPolicy.param_dtype (memplan.states.engines.fsdp2.fp8)."""
+    fp8_precompute_scale: bool = False
+    """With `fp8_all_gather`: torchao's precompute_float8_dynamic_scale_for_fsdp after each
+    optimizer step (torchtitan's `--float8.precompute_float8_dynamic_scale_for_fsdp`): one fp32
+    scale per Float8Linear kept between steps (a note gives its bytes; the cast of each weight
+    shard holds no more than without it)."""
 
     @field_validator("preset")
     @classmethod
@@ -185,6 +196,24 @@ class PrecisionTable(Frozen):
                 f"unknown precision preset {value!r}; choose one of {', '.join(PRESETS)}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _fp8_all_gather_needs_tensorwise(self) -> PrecisionTable:
+        if self.fp8_all_gather and self.fp8 != "torchao-tensorwise":
+            raise ValueError(
+                f"fp8_all_gather is torchao's enable_fsdp_float8_all_gather, which supports "
+                f"tensorwise scaling only (torchao 0.18 float8/config.py::Float8LinearConfig."
+                f"__post_init__): set fp8: torchao-tensorwise (it is {self.fp8!r}), or "
+                "fp8_all_gather: false"
+            )
+        if self.fp8_precompute_scale and not self.fp8_all_gather:
+            raise ValueError(
+                "fp8_precompute_scale precomputes the scales of the weights FSDP2 all-gathers "
+                "in fp8 (torchao precompute_float8_dynamic_scale_for_fsdp; torchtitan applies it "
+                "only with enable_fsdp_float8_all_gather): set fp8_all_gather: true, or "
+                "fp8_precompute_scale: false"
+            )
+        return self
 
     def recipe(self) -> Recipe:
         return _recipe(self)
@@ -201,7 +230,14 @@ class PrecisionTable(Frozen):
         return Recipe(
             name=self.preset
             if self.preset
-            and self.model_copy(update={"fp8": "none", "fp8_amax_history": 1024})
+            and self.model_copy(
+                update={
+                    "fp8": "none",
+                    "fp8_amax_history": 1024,
+                    "fp8_all_gather": False,
+                    "fp8_precompute_scale": False,
+                }
+            )
             == PrecisionTable(preset=self.preset)
             else "custom",
             parameters=params,

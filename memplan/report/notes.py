@@ -134,16 +134,50 @@ TORCHAO_NOTE = (
     "nn.Linear does (torchao/float8/float8_linear.py::matmul_with_hp_or_float8_args.forward, "
     "0.18: ctx.save_for_backward(input_hp, weight_hp_t)); compiled layers save less "
     "(training.compile). Not modelled: the fp8 casts of each GEMM's input, weight and output "
-    "gradient (1 B per element, transients of one GEMM at a time) and FSDP2's fp8 all-gather "
-    "(enable_fsdp_float8_all_gather: unsharded Linear weights 1 B per element, not 2)."
+    "gradient (1 B per element, transients of one GEMM at a time). FSDP2's fp8 all-gather "
+    "(torchao enable_fsdp_float8_all_gather: unsharded Float8Linear weights 1 B per element, "
+    "not 2) is precision.fp8_all_gather: off here."
 )
+
+TORCHAO_ALL_GATHER_NOTE = (
+    "fp8_all_gather (torchao enable_fsdp_float8_all_gather, 0.18): FSDP2 gathers each decoder "
+    "layer's Float8Linear weights in fp8, so their all-gather output and unsharded storage are "
+    "1 B per element (a group mixing fp8 and 16-bit parameters is gathered as uint8 bytes: "
+    "torch 2.13 _fsdp_collectives.py::_get_all_gather_input_metadatas), and the GEMMs get the "
+    "weight already in fp8 (no weight cast in forward or for the input gradient); each "
+    "weight's shard is cast before the all-gather (fsdp2_fp8_weight_cast: two fp32 copies and "
+    "the fp8 shard at most; measured to the byte on gloo ranks, "
+    "benchmarks/results/fsdp2-float8-all-gather.json). Not counted: each unsharded weight's "
+    "fp32 scale without precomputed scales (4 B, a 512 B block on CUDA). "
+    "force_recompute_fp8_weight_in_bwd changes nothing at torchao 0.18 (nor since 2025-06-13, "
+    "pytorch/ao#2356: float8/config.py only warns that it is deprecated)."
+)
+
+
+def precompute_note(n_bytes: int) -> str:
+    """precision.fp8_precompute_scale's bytes (memplan.states.engines.fsdp2.fp8.SRC_PRECOMPUTE)."""
+    return (
+        f"fp8_precompute_scale: precompute_float8_dynamic_scale_for_fsdp keeps one fp32 scale "
+        f"per Float8Linear weight between steps, {n_bytes:,} B here (one tensor; on CUDA a "
+        "512 B block at least), not added; its temporaries while it runs after the optimizer "
+        "step (the weights' infinity norms stacked, an fp64 copy and the scales) are as small, "
+        "and the weights' casts keep no scale of their own."
+    )
 
 
 def fp8_notes(spec: Spec, local: Inventory, saved: acts.Activations) -> list[str]:
     if spec.precision.fp8 == "none" or not saved.modelled:
         return []
     if spec.precision.fp8 not in fp8.TE_RECIPES:
-        return [TORCHAO_NOTE]
+        if not spec.precision.fp8_all_gather:
+            return [TORCHAO_NOTE]
+        out = [TORCHAO_NOTE.split(" FSDP2's fp8 all-gather")[0], TORCHAO_ALL_GATHER_NOTE]
+        if spec.precision.fp8_precompute_scale:
+            # Imported here: only an FSDP2 spec loads the engine's rules (tests/test_startup.py).
+            from memplan.states.engines.fsdp2 import fp8 as fsdp2_fp8
+
+            out.append(precompute_note(fsdp2_fp8.precompute_bytes(local.parameters)))
+        return out
     t = fp8.terms(
         local.parameters, tokens=spec.training.micro_batch_size * spec.training.sequence_length
     )

@@ -24,6 +24,7 @@ def capacity_of(spec: Spec) -> int | None:
 
 def step_settings(spec: Spec, layout: Layout) -> tl.StepSettings:
     """What the step's timeline reads of the spec."""
+    check_fp8_all_gather(spec, layout)
     return tl.StepSettings(
         layout=layout,
         recipe=spec.recipe(),
@@ -34,8 +35,34 @@ def step_settings(spec: Spec, layout: Layout) -> tl.StepSettings:
         cuda_context_bytes=spec.hardware.cuda_context,
         fp8=spec.precision.fp8,
         finetune=spec.finetune,
+        fp8_all_gather=spec.precision.fp8_all_gather,
+        fp8_precompute_scale=spec.precision.fp8_precompute_scale,
         zero_grad=spec.training.zero_grad,
     )
+
+
+def check_fp8_all_gather(spec: Spec, layout: Layout) -> None:
+    """precision.fp8_all_gather is an FSDP2 all-gather extension (torch 2.13
+    _fsdp_param.py::FSDPParam.all_gather_inputs calls the weight's fsdp_pre_all_gather): it
+    needs FSDP2 and torchao's Float8Linear, which memplan models in the decoder layers of
+    transformers' and torchtitan's model code."""
+    if not spec.precision.fp8_all_gather:
+        return
+    if layout.engine != "fsdp2":
+        raise MemplanError(
+            "fp8_all_gather is torchao's enable_fsdp_float8_all_gather: the Float8Linear "
+            "weights' fsdp_pre_all_gather / fsdp_post_all_gather hooks, which only torch "
+            f"FSDP2 (fully_shard) calls; parallelism.engine is {layout.engine}: set engine: "
+            "fsdp2, or fp8_all_gather: false.",
+            field="precision.fp8_all_gather",
+        )
+    if spec.model.implementation not in ("transformers", "torchtitan"):
+        raise MemplanError(
+            "fp8_all_gather gathers torchao Float8Linear weights, which memplan models in "
+            "transformers' and torchtitan's decoder layers only; model.implementation is "
+            f"{spec.model.implementation}: set fp8_all_gather: false.",
+            field="precision.fp8_all_gather",
+        )
 
 
 def setting_of(spec: Spec) -> Setting:

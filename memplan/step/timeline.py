@@ -136,6 +136,10 @@ class StepSettings:
     fp8: str
     """precision.fp8: Transformer Engine's fp8 recipe, torchao's, or none."""
     finetune: FinetuneSpec
+    fp8_all_gather: bool = False
+    """precision.fp8_all_gather: FSDP2 all-gathers the Float8Linear weights in fp8."""
+    fp8_precompute_scale: bool = False
+    """precision.fp8_precompute_scale: their scales precomputed after the optimizer step."""
     zero_grad: str = "set_to_none"
     """training.zero_grad: set_to_none frees the gradients after the optimizer step; zero
     keeps them allocated through the next forward and backward (torch engines only:
@@ -150,6 +154,8 @@ class StepSettings:
             recipe=self.recipe,
             optimizer=self.optimizer,
             device=self.device,
+            fp8_all_gather=self.fp8_all_gather,
+            fp8_precompute_scale=self.fp8_precompute_scale,
         )
 
 

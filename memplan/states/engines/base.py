@@ -43,6 +43,11 @@ class StepStates:
     """The optimizer and its torch.optim kernel (foreach, for_loop or fused)."""
     device: str
     """Where the step runs: cuda, or cpu (gloo collectives)."""
+    fp8_all_gather: bool = False
+    """precision.fp8_all_gather: FSDP2 all-gathers the Float8Linear weights in fp8
+    (memplan.states.engines.fsdp2.fp8)."""
+    fp8_precompute_scale: bool = False
+    """precision.fp8_precompute_scale: the scales of those weights precomputed."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,8 +16,8 @@ from memplan.states.engines.base import (
     StepStates,
     embedding_backward,
 )
-from memplan.states.engines.fsdp2 import pipeline, tp
-from memplan.states.engines.fsdp2.buffers import REDUCE_SCATTER_STREAM
+from memplan.states.engines.fsdp2 import fp8, pipeline, tp
+from memplan.states.engines.fsdp2.buffers import ALL_GATHER_STREAM, REDUCE_SCATTER_STREAM
 from memplan.states.engines.fsdp2.groups import fsdp2_root_gradients, groups_of
 from memplan.states.engines.fsdp2.step import shard_dtype, step_buffers
 
@@ -67,6 +67,16 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
             loss_in_forward=layout.implementation != "torchtitan",
             replicate=layout.data_replicate,
         )
+        if states.fp8_all_gather:
+            out += fp8.layer_cast_terms(
+                states.inventory.parameters,
+                layout.fsdp_world,
+                param=recipe.parameters,
+                precompute=states.fp8_precompute_scale,
+                stream=ALL_GATHER_STREAM,
+                wrap=layout.fsdp_groups,
+                expert_parallel=layout.expert > 1,
+            )
     if layout.tensor > 1:
         out += tp.backward_end(
             states.inventory,

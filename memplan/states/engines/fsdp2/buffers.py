@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.memory import COMPUTE_STREAM, Phase, Transient
+from memplan.precision import dtype_bytes
+from memplan.states.engines.fsdp2.fp8 import FP8_BYTES
 from memplan.states.engines.fsdp2.groups import Fsdp2Group
 
 # torch FSDP2 (`fully_shard`, torch 2.13) as memplan verify wraps a model
@@ -94,7 +96,8 @@ class Fsdp2Bytes:
     """The buffers of one group, in bytes (see step_buffers())."""
 
     unsharded: int
-    """world x padded x param dtype: the all-gather output, and again the parameters."""
+    """world x padded x param dtype: the all-gather output, and again the parameters (with
+    fp8 all-gather, world x fp8_padded of them at 1 B: memplan.states.engines.fsdp2.fp8)."""
     grads: int
     reduce_in: int
     """world x grad_padded x the reduce dtype (RS_IN, RS_DTYPE)."""
@@ -107,13 +110,28 @@ def fsdp2_bytes(
     g: Fsdp2Group, world: int, param: int, grad: int, shard: int, reduce: int
 ) -> Fsdp2Bytes:
     ew = g.expert_world
+    # fp8 all-gather (fsdp2.fp8, SRC_GATHER): the Float8Linear weights' share at 1 B each.
+    fp8 = world * g.fp8_padded * (param - FP8_BYTES)
     return Fsdp2Bytes(
-        unsharded=(world * g.padded + ew * g.expert_padded) * param,
+        unsharded=(world * g.padded + ew * g.expert_padded) * param - fp8,
         grads=g.grads * grad,
         reduce_in=(world * g.grad_padded + ew * g.expert_grad_padded) * reduce,
         reduce_out=(g.grad_padded + g.expert_grad_padded) * reduce,
         sharded_grads=(g.grad_padded + g.expert_grad_padded) * shard,
         last=g.last * grad,
+    )
+
+
+def unsharded_formula(g: Fsdp2Group, world: int, param: str) -> str:
+    """How `fsdp2_bytes(g, ...).unsharded` is made up, in words."""
+    if not g.fp8_padded:
+        p = dtype_bytes(param)
+        return f"{world} ranks x {g.padded:,} padded shard elements x {p} B ({param})"
+    return (
+        f"{world} ranks x ({g.padded - g.fp8_padded:,} padded shard elements x "
+        f"{dtype_bytes(param)} B ({param}) + {g.fp8_padded:,} Float8Linear weight elements x "
+        f"{FP8_BYTES} B (fp8 all-gather: torchao 0.18 fsdp_pre_all_gather, memplan.states."
+        "engines.fsdp2.fp8))"
     )
 
 

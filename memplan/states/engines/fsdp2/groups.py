@@ -6,11 +6,12 @@ parallelism. memplan.states.engines.fsdp2.step sizes the buffers each group hold
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.precision import dtype_bytes
 from memplan.states.engines.base import StepCache, StepStates
+from memplan.states.engines.fsdp2.fp8 import check_even, fp8_shard_elements
 from memplan.states.engines.fsdp2.sharding import padded_elements
 
 
@@ -35,6 +36,9 @@ class Fsdp2Group:
     expert_padded: int = 0
     """The routed experts' padded shard elements over `expert_world` ranks (as `padded`)."""
     expert_grad_padded: int = 0
+    fp8_padded: int = 0
+    """With precision.fp8_all_gather: the elements of `padded` that FSDP2 gathers in fp8, the
+    Float8Linear weights' shards (memplan.states.engines.fsdp2.fp8)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +90,23 @@ EDP = "torchtitan/distributed/fsdp.py::apply_fsdp_to_decoder, ep_degree > 1 (tor
 
 
 def fsdp2_groups(
-    inventory: Inventory, world: int, wrap: str = "layers", expert_world: int | None = None
+    inventory: Inventory,
+    world: int,
+    wrap: str = "layers",
+    expert_world: int | None = None,
+    fp8: bool = False,
 ) -> Fsdp2Groups:
     """FSDP2's groups of `inventory` sharded `world` ways (see Fsdp2Group), as `wrap`
     (Layout.fsdp_groups) groups them; with `expert_world` (expert parallelism) the routed
-    experts of each layer are sharded over that many expert-data ranks instead (EDP)."""
+    experts of each layer are sharded over that many expert-data ranks instead (EDP); with
+    `fp8` (precision.fp8_all_gather) the Float8Linear weights are gathered in fp8
+    (Fsdp2Group.fp8_padded)."""
+    if fp8:
+        check_even(inventory.parameters, world)
+        groups = fsdp2_groups(inventory, world, wrap, expert_world)
+        # Only decoder layers hold Float8Linear weights (fp8_gathered): the root and
+        # torchtitan's head group gather as without fp8.
+        return replace(groups, block=_largest_fp8_block(inventory, world, expert_world, wrap))
     tied = bool(inventory.tied)
     roots = [t for t in inventory.parameters if t.layer is None]
     layers: dict[int, list[TensorSpec]] = {}
@@ -116,6 +132,30 @@ def fsdp2_groups(
         block=block,
         layers=len(layers),
         head_grads=sum(t.numel for t in head if t.trainable),
+    )
+
+
+def _with_fp8(group: Fsdp2Group, tensors: list[TensorSpec], world: int) -> Fsdp2Group:
+    """`group` with the fp8-gathered elements of its `tensors` (none outside the layers)."""
+    return replace(group, fp8_padded=fp8_shard_elements(tensors, world))
+
+
+def _largest_fp8_block(
+    inventory: Inventory, world: int, expert_world: int | None, wrap: str
+) -> Fsdp2Group:
+    """The decoder layer whose unsharded bytes are the largest with its fp8 weights at 1 B
+    (ties: the most padded elements, as fsdp2_groups picks without fp8)."""
+    layers: dict[int, list[TensorSpec]] = {}
+    for t in inventory.parameters:
+        if t.layer is not None:
+            layers.setdefault(t.layer, []).append(t)
+    blocks = [
+        _with_fp8(_fsdp2_group(ts, world, expert_world, wrap), ts, world) for ts in layers.values()
+    ]
+    return max(
+        blocks,
+        key=lambda b: (b.padded - b.fp8_padded, b.padded),
+        default=_fsdp2_group([], world),
     )
 
 
@@ -157,7 +197,9 @@ def groups_of(states: StepStates, cache: StepCache) -> Fsdp2Groups:
     layout = states.layout
     inventory, world, wrap = states.inventory, layout.fsdp_world, layout.fsdp_groups
     experts = layout.expert_data if layout.expert > 1 else None
+    # torchtitan turns the fp8 all-gather on only where FSDP shards (fsdp2.fp8).
+    fp8 = states.fp8_all_gather and world > 1
     return cache.get(
-        ("fsdp2 groups", inventory, world, wrap, experts),
-        lambda: fsdp2_groups(inventory, world, wrap, experts),
+        ("fsdp2 groups", inventory, world, wrap, experts, fp8),
+        lambda: fsdp2_groups(inventory, world, wrap, experts, fp8),
     )

@@ -31,8 +31,9 @@ from memplan.states.engines.fsdp2.buffers import (
     Fsdp2Bytes,
     fsdp2_bytes,
     term,
+    unsharded_formula,
 )
-from memplan.states.engines.fsdp2.groups import TITAN_WRAP, Fsdp2Groups
+from memplan.states.engines.fsdp2.groups import TITAN_WRAP, Fsdp2Group, Fsdp2Groups
 from memplan.states.engines.fsdp2.moments import between_phases, layer_backward
 
 
@@ -206,10 +207,8 @@ def _head_group_buffers(
         embedding=embedding,
     )
 
-    def up(elements: int) -> str:
-        return (
-            f"{world} ranks x {elements:,} padded shard elements x {dtype_bytes(param)} B ({param})"
-        )
+    def up(g: Fsdp2Group) -> str:
+        return unsharded_formula(g, world, param)
 
     src = f"{TITAN_WRAP}; {AG_COPY_OUT}; {RESHARD}"
     emb_end: tuple[Phase, ...] = () if at_reduce else ("backward_end",)
@@ -218,7 +217,7 @@ def _head_group_buffers(
         "fsdp2_unsharded_embedding",
         root.unsharded,
         (() if reshard else whole) + emb_end,
-        up(groups.root.padded)
+        up(groups.root)
         + ": the embedding group's all-gathered parameters"
         + (
             " (resharded after its forward, gathered again in the first layer's backward)"
@@ -237,7 +236,7 @@ def _head_group_buffers(
         "fsdp2_unsharded_head",
         head.unsharded,
         ("loss", "backward_start"),
-        up(groups.head.padded) + ": the head group's all-gathered parameters (final norm, "
+        up(groups.head) + ": the head group's all-gathered parameters (final norm, "
         "output; reshard_after_forward=False), from after the last layer's forward to its "
         "post-backward",
         src,
@@ -246,7 +245,7 @@ def _head_group_buffers(
         "fsdp2_all_gather_output_head",
         head.unsharded if loss_in_forward else 0,
         ("loss",),
-        up(groups.head.padded) + ": the head group's flat all-gather output, kept until the "
+        up(groups.head) + ": the head group's flat all-gather output, kept until the "
         "root's post-forward, after the loss (computed inside the model's forward)",
         f"{AG_OUT}; {AG_KEPT}",
         stream=ALL_GATHER_STREAM,
@@ -256,7 +255,7 @@ def _head_group_buffers(
             "fsdp2_unsharded_block",
             block.unsharded if layers else 0,
             ("forward", "backward"),
-            up(groups.block.padded) + ": the decoder layer that runs",
+            up(groups.block) + ": the decoder layer that runs",
             src,
         )
         gathered: tuple[Phase, ...] = ("forward", "backward") if layers > 1 else ("forward",)
@@ -264,7 +263,7 @@ def _head_group_buffers(
             "fsdp2_all_gather_output",
             block.unsharded if layers else 0,
             gathered,
-            up(groups.block.padded) + ": one layer's flat all-gather output (in forward the "
+            up(groups.block) + ": one layer's flat all-gather output (in forward the "
             "running layer's; in backward the next layer's, prefetched; the last layer's is "
             "prefetched by the head group's pre-backward, after the loss gradient, so not at "
             "backward_start)",
@@ -276,7 +275,7 @@ def _head_group_buffers(
             "fsdp2_unsharded_blocks",
             layers * block.unsharded,
             whole,
-            f"{layers} layers x " + up(groups.block.padded) + ": every layer stays "
+            f"{layers} layers x " + up(groups.block) + ": every layer stays "
             "unsharded from its forward to its post-backward (reshard_after_forward=False)",
             src,
         )
@@ -284,7 +283,7 @@ def _head_group_buffers(
             "fsdp2_all_gather_output",
             block.unsharded if layers else 0,
             ("forward",),
-            up(groups.block.padded) + ": the last layer's flat all-gather output",
+            up(groups.block) + ": the last layer's flat all-gather output",
             f"{AG_OUT}; {AG_KEPT}",
             stream=ALL_GATHER_STREAM,
         )
@@ -382,16 +381,14 @@ def _unsharded(
     from forward to the backward point, and at `end`)."""
     layers = groups.layers
 
-    def up(elements: int) -> str:
-        return (
-            f"{world} ranks x {elements:,} padded shard elements x {dtype_bytes(param)} B ({param})"
-        )
+    def up(g: Fsdp2Group) -> str:
+        return unsharded_formula(g, world, param)
 
     out = term(
         "fsdp2_unsharded_root",
         root.unsharded,
         ("forward", "loss", "backward_start", "backward", *end),
-        up(groups.root.padded) + ": the root's all-gathered parameters (from its "
+        up(groups.root) + ": the root's all-gathered parameters (from its "
         "pre-forward to its post-forward, again from its pre-backward to its post-backward)",
         f"{AG_COPY_OUT}; {RESHARD}",
     )
@@ -411,14 +408,14 @@ def _unsharded(
             "fsdp2_unsharded_block",
             block.unsharded if layers else 0,
             ("forward", "backward"),
-            up(groups.block.padded) + ": the decoder layer that runs",
+            up(groups.block) + ": the decoder layer that runs",
             f"{AG_COPY_OUT}; {RESHARD}",
         )
         out += term(
             "fsdp2_all_gather_output",
             block.unsharded if layers else 0,
             ("forward", "loss", "backward_start") + (("backward",) if layers > 1 else ()),
-            up(groups.block.padded) + ": one layer's flat all-gather output (the last "
+            up(groups.block) + ": one layer's flat all-gather output (the last "
             "layer's, kept until the root's post-forward; in backward the next layer's, "
             "prefetched)",
             f"{AG_OUT}; {AG_KEPT}; {PREFETCH}",
@@ -429,7 +426,7 @@ def _unsharded(
         "fsdp2_unsharded_blocks",
         layers * block.unsharded,
         ("forward", "loss", "backward_start", "backward"),
-        f"{layers} layers x " + up(groups.block.padded) + ": every layer stays "
+        f"{layers} layers x " + up(groups.block) + ": every layer stays "
         "unsharded from its forward to its post-backward (reshard_after_forward=False)",
         f"{AG_COPY_OUT}; {RESHARD}",
     )
@@ -437,7 +434,7 @@ def _unsharded(
         "fsdp2_all_gather_output",
         block.unsharded if layers else 0,
         ("forward", "loss"),
-        up(groups.block.padded) + ": the last layer's flat all-gather output, "
+        up(groups.block) + ": the last layer's flat all-gather output, "
         "kept until the root's post-forward",
         f"{AG_OUT}; {AG_KEPT}",
         stream=ALL_GATHER_STREAM,
