@@ -60,11 +60,12 @@ router's gate is recomputed uncounted, and so is any mm whose weight has the gat
 [E, D] (SelectiveAC matches `force_recompute_mm_shapes_by_fqns` by shape: traced with shared
 experts 2 x 32 wide and 64 experts); the grouped mms are not mm ops) except w2's (only the
 residual add reads it), topk's indices (its values, MUST_SAVE in eager SAC's cache, are not
-read by backward; neither are the group topks'), and, for a 16-bit model, the math SDPA's
-two bmm outputs in fp32, q k^T [b H, s, s] and softmax v [b H, s, V]. In fp32 the two bmms are
-recomputed (traced: Inductor's joint-graph pattern pass rewrites the fp32 attention and the
-rewritten bmm nodes are no longer tagged MUST_SAVE). Under full checkpointing each block keeps
-its input, as eager.
+read by backward; neither are the group topks'; under torchtitan's `_debug_force_load_balance`
+routing, whose round-robin replaces topk's indices, those are not kept either: traced), and,
+for a 16-bit model, the math SDPA's two bmm outputs in fp32, q k^T [b H, s, s] and softmax v
+[b H, s, V]. In fp32 the two bmms are recomputed (traced: Inductor's joint-graph pattern pass
+rewrites the fp32 attention and the rewritten bmm nodes are no longer tagged MUST_SAVE). Under
+full checkpointing each block keeps its input, as eager.
 
 Not traced, so refused with the reason (memplan.model.stacks.torchtitan.unsupported): CUDA
 (the attention kernel, memplan.model.stacks.torchtitan_moe), expert parallelism (the
