@@ -58,7 +58,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from memplan.model.forward import attention, compiled, kernels
+from memplan.model.forward import attention, compiled, compiled_mla, kernels
 from memplan.model.forward.mlp import gated_mlp_saves
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
@@ -145,7 +145,15 @@ def unsupported(arch: Architecture, st: Setting) -> str:
         why = torchtitan_moe.unsupported(arch, st)
         if why:
             return why
-    if torchtitan_moe.is_moe(arch) and st.compile:
+    if arch.model_type == DEEPSEEK_V3 and st.compile:
+        why = compiled_mla.uncovered(arch, st)
+        if why:
+            return (
+                "training.compile for torchtitan's DeepSeek-V3 is traced at expert parallelism "
+                "1 on CPU in bf16 or fp32 with checkpointing none, full or selective-op "
+                f"(memplan.model.forward.compiled_mla), not under {why}"
+            )
+    elif torchtitan_moe.is_moe(arch) and st.compile:
         why = compiled_moe_uncovered(arch, st)
         if why:
             return (
@@ -487,6 +495,8 @@ def _compiled(arch: Architecture, st: Setting, layers: list[Block]) -> tuple[lis
         )
     _, a, g, d = kernels.attention_dims(arch)
     op_sac = st.checkpointing == "selective-op"
+    if arch.model_type == DEEPSEEK_V3:
+        return compiled_mla.blocks(arch, st, layers)
     if torchtitan_moe.is_moe(arch):
         return _compiled_moe(arch, st, layers, op_sac=op_sac)
     qwen3 = arch.model_type == QWEN3  # q_norm / k_norm: traced on Qwen3TransformerBlock

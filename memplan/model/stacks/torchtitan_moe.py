@@ -219,8 +219,6 @@ def _deepseek_unsupported(arch: Architecture, st: Setting) -> str:
             "on the cuDNN runtime (0.3.0's flavors default to flex attention); the rule is "
             "proved on CPU"
         )
-    if st.compile:
-        return "training.compile for torchtitan's DeepSeek-V3 is not modelled"
     if st.checkpoint_every > 1 and k:
         return (
             "checkpoint_every > 1 over DeepSeek-V3's dense and MoE layers is not modelled "
