@@ -93,8 +93,9 @@ SelectiveAC (`op_sac_moe_layer`) the compiled block keeps the checkpoint's input
 output (mm 1), SDPA's output and logsumexp, and topk's indices: eager SAC's cache also keeps
 topk's fp32 values (MUST_SAVE, unread by backward: dropped) and wo's output is mm 2
 (recomputed); the gate's mm is force-recomputed and the grouped mms are not mm ops. Under
-full checkpointing each block keeps its input. Not traced, so refused: expert parallelism
-(the all-to-all dispatcher), tensor or context parallelism (except full checkpointing),
+full checkpointing each block keeps its input. Expert parallelism (the all-to-all
+dispatcher): memplan.model.forward.compiled_ep. Not traced, so refused: tensor or context
+parallelism (except full checkpointing),
 torchao Float8 on a MoE block, DeepSeek-V3's and gpt-oss' blocks.
 """
 

@@ -58,7 +58,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from memplan.model.forward import attention, compiled, compiled_mla, kernels
+from memplan.model.forward import attention, compiled, compiled_ep, compiled_mla, kernels
 from memplan.model.forward.mlp import gated_mlp_saves
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
@@ -159,7 +159,8 @@ def unsupported(arch: Architecture, st: Setting) -> str:
             return (
                 "training.compile for torchtitan's Qwen3-MoE is traced at expert parallelism "
                 "1 with checkpointing none, full or selective-op (memplan.model.forward."
-                f"compiled.qwen3_moe_layer), not under {why}"
+                "compiled.qwen3_moe_layer) and at 2 and 4 with none or selective-op "
+                f"(compiled_ep), not under {why}"
             )
     kernel = compiled.kernel_uncovered(arch, st) if st.compile else ""
     if kernel:
@@ -190,11 +191,14 @@ def compiled_moe_uncovered(arch: Architecture, st: Setting) -> str:
     """Why the traced compiled Qwen3-MoE block (memplan.model.forward.compiled.qwen3_moe_layer,
     op_sac_moe_layer) does not cover this MoE setting under training.compile, or ''."""
     if arch.model_type != torchtitan_moe.QWEN3_MOE:
-        return f"model_type {arch.model_type!r} (DeepSeek-V3's MLA and shared experts)"
-    if torchtitan_moe.expert_count(arch, st) < arch.num_experts:
-        return "expert parallelism (the all-to-all dispatcher's compiled graph is not traced)"
+        return (
+            f"model_type {arch.model_type!r} (traced MoE blocks: Qwen3-MoE here, DeepSeek-V3 "
+            "in memplan.model.forward.compiled_mla)"
+        )
     if st.float8 != "none":
         return "torchao Float8 (not traced on a MoE block)"
+    if torchtitan_moe.expert_count(arch, st) < arch.num_experts and st.checkpointing == "full":
+        return compiled_ep.FULL_AC_FAILS
     return ""
 
 
@@ -537,7 +541,19 @@ def _compiled_moe(
         "top_k": arch.num_experts_per_token,
         "dtype": st.matmul,
     }
-    if op_sac:
+    local = torchtitan_moe.expert_count(arch, st)
+    if local < arch.num_experts:
+        # Expert parallelism: the all-to-all dispatcher's compiled block, balanced routing.
+        ep_dims = {**dims, "experts": arch.num_experts, "ep": arch.num_experts // local}
+        if op_sac:
+            kept = compiled_ep.op_sac_moe_ep_layer(**ep_dims)
+        else:
+            kept = compiled_ep.qwen3_moe_ep_layer(
+                **ep_dims,
+                moe_inter=int(arch.extra.get("moe_intermediate_size", arch.intermediate_size)),
+                router=torchtitan_moe.router_dtype(st),
+            )
+    elif op_sac:
         kept = compiled.op_sac_moe_layer(**dims)
     else:
         kept = compiled.qwen3_moe_layer(
