@@ -1,5 +1,5 @@
 """LitGPT's LoRA and QLoRA on its parallel-residual Block (GPT-NeoX: Pythia, StableLM Alpha;
-Falcon): memplan's rule (memplan.model.stacks.litgpt_lora._neox_layer) against litgpt 0.5.9's
+Falcon): memplan's rule (memplan.model.stacks.litgpt_lora_neox.neox_layer) against litgpt 0.5.9's
 real `litgpt.lora.GPT` on CPU, the sibling of benchmarks/litgpt_lora.py (Llama-shaped) and
 benchmarks/litgpt_qlora.py.
 

@@ -260,7 +260,7 @@ def litgpt(mbs: int, quantize: str | None = None, size: str = "7b") -> dict[str,
     }
     if size == "stablelm-3b":
         # peft's Llama names match no GPT-NeoX module; left out, the targets are LitGPT's
-        # default, lora_query + lora_value (memplan.model.stacks.litgpt_lora.flags_of).
+        # default, lora_query + lora_value (memplan.model.stacks.litgpt_lora_adapters.flags_of).
         del lora["target_modules"]
     if quantize:
         # The reference file's bitsandbytes 0.41.1: MatMul4Bit keeps each 4-bit matmul's input.

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from memplan.model.sources import from_config
-from memplan.model.stacks.litgpt_lora import Flags, flags_of
+from memplan.model.stacks.litgpt_lora_adapters import Flags, flags_of
 from memplan.report.estimate import estimate
 from tests.conftest import make_spec, micro_batch_of
 from tests.test_litgpt_activations import tiny

@@ -1,5 +1,5 @@
 """LitGPT's LoRA and QLoRA on its parallel-residual Block (GPT-NeoX: Pythia, StableLM Alpha;
-Falcon): memplan.model.stacks.litgpt_lora._neox_layer against litgpt 0.5.9's real
+Falcon): memplan.model.stacks.litgpt_lora_neox.neox_layer against litgpt 0.5.9's real
 `litgpt.lora.GPT` on CPU, to the byte.
 
 Oracles: the stored matrix (benchmarks/litgpt_lora_neox.py -> benchmarks/results/
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from memplan.model.sources import from_config
-from memplan.model.stacks.litgpt_lora import Flags, flags_of
+from memplan.model.stacks.litgpt_lora_adapters import Flags, flags_of
 from tests.conftest import make_spec, micro_batch_of
 
 ROOT = Path(__file__).resolve().parent.parent

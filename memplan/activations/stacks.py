@@ -21,7 +21,7 @@ def litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
     they cannot say is refused. Its adapter and adapter_v2: memplan.model.stacks.
     litgpt_adapter_saved.activations."""
     from memplan.config.finetune import LITGPT_ADAPTERS, bnb_keeps_input
-    from memplan.model.stacks import litgpt, litgpt_lora, litgpt_qlora
+    from memplan.model.stacks import litgpt, litgpt_lora, litgpt_lora_adapters, litgpt_qlora
 
     why = ""
     lightning = ("skip_modules", "prepare_kbit")
@@ -49,7 +49,7 @@ def litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
             "bias 'none' as finetune/lora.py calls it): finetune.freeze, modules_to_save, "
             "exclude_modules and bias are not LitGPT options"
         )
-    flags = litgpt_lora.flags_of(ft.target_modules, rank=ft.rank, dropout=ft.dropout)
+    flags = litgpt_lora_adapters.flags_of(ft.target_modules, rank=ft.rank, dropout=ft.dropout)
     if not why and isinstance(flags, str):
         why = flags
     if why or isinstance(flags, str):

@@ -15,7 +15,7 @@ from memplan.config.finetune import FinetuneSpec
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import litgpt, litgpt_lora
+from memplan.model.stacks import litgpt, litgpt_lora, litgpt_lora_adapters
 from memplan.model.stacks.litgpt_adapter import COVERED, SRC_ADAPTER, SRC_ADAPTER_V2
 from memplan.precision import dtype_bytes
 
@@ -43,7 +43,7 @@ SRC_FIT_ADAPTER = (
     "(model(input_ids, lm_head_chunk_size=128), chunked_cross_entropy(logits, targets[..., 1:]), "
     "as finetune/lora.py::fit)"
 )
-_FROZEN = litgpt_lora.Flags(
+_FROZEN = litgpt_lora_adapters.Flags(
     r=0, dropout=0.0, query=False, key=False, value=False, projection=False, mlp=False, head=False
 )
 """No LoRA adapter: litgpt_lora's rule for the frozen base GPT around the prefix."""
@@ -144,7 +144,7 @@ def _v2_layer(arch: Architecture, st: Setting, aT: int, adapted: bool, g_in: boo
     }
 
     def cast(name: str) -> list[Saved]:
-        return litgpt_lora._weight_cast(name, casts[name], st, x_grad=True)
+        return litgpt_lora_adapters.weight_cast(name, casts[name], st, x_grad=True)
 
     out: list[Saved] = []
     norm1 = litgpt.norm("norm_1", t, h, st)
@@ -182,7 +182,7 @@ def _v2_head(arch: Architecture, st: Setting) -> list[Saved]:
     h, vocab, b = arch.hidden_size, arch.vocab_size, st.batch
     out = litgpt.norm("transformer.ln_f", st.tokens, h, st)
     for i, c in enumerate(litgpt_lora._chunks(st.sequence)):
-        out += litgpt_lora._weight_cast(f"lm_head.{i}", (vocab, h), st, x_grad=True)
+        out += litgpt_lora_adapters.weight_cast(f"lm_head.{i}", (vocab, h), st, x_grad=True)
         out.append(_v2_sum(f"lm_head.{i}", (b, c, vocab), st))
     return out
 

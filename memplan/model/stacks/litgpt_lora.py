@@ -28,13 +28,12 @@ input does not require grad (the first, after the frozen embedding) records noth
 first adapter.
 
 GPT-NeoX (Pythia, StableLM Alpha) and Falcon, litgpt.model's parallel-residual Block
-(memplan.model.stacks.litgpt._neox_layer; `_neox_layer` here): the same LoRAQKVLinear on
-the fused q|k|v (lora.py::LoRAQKVLinear.lora_ind: the query, key and value columns in that
-order, as for Llama); lora.py::GptNeoxMLP makes `fc` and `proj` create_lora_linear layers,
-adapted together by `lora_mlp`; norm_1, norm_2 and ln_f are frozen torch LayerNorms, which
-keep their input, mean and rstd whenever their input requires grad; the MLP reads the block
-input's norm, so on a layer whose input needs no gradient it records nothing unless
-lora_mlp adapts it.
+(memplan.model.stacks.litgpt._neox_layer; with LoRA, memplan.model.stacks.litgpt_lora_neox): the
+same LoRAQKVLinear on the fused q|k|v (lora.py::LoRAQKVLinear.lora_ind: the query, key and value
+columns in that order, as for Llama); lora.py::GptNeoxMLP makes `fc` and `proj` create_lora_linear
+layers, adapted together by `lora_mlp`; norm_1, norm_2 and ln_f are frozen torch LayerNorms, which
+keep their input, mean and rstd whenever their input requires grad; the MLP reads the block input's
+norm, so on a layer whose input needs no gradient it records nothing unless lora_mlp adapts it.
 
 Precision as Fabric's plugins run it (memplan.model.stacks.litgpt): 32-true, bf16-true and
 bf16-mixed (torch.autocast over the fp32 model: every frozen weight is cast per call, once per
@@ -67,22 +66,20 @@ and MatMul4Bit on CPU (tests/test_litgpt_qlora.py):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import litgpt, litgpt_qlora
+from memplan.model.stacks import litgpt, litgpt_lora_neox, litgpt_qlora
+from memplan.model.stacks.litgpt_lora_adapters import (
+    SRC_LINEAR,
+    SRC_QKV,
+    Flags,
+    adapter_saves,
+    kept_by_4bit,
+    weight_cast,
+)
 from memplan.precision import dtype_bytes
 
-SRC_LORA = f"litgpt {litgpt.VERSION} litgpt/lora.py"
-SRC_QKV = (
-    f"{SRC_LORA}::LoRAQKVLinear.forward (F.linear(lora_dropout(x), lora_A), conv1d, zero_pad's "
-    "index_copy_); " + kernels.DERIV
-)
-SRC_LINEAR = (
-    f"{SRC_LORA}::LoRALinear.forward (lora_dropout(x) @ lora_A.T @ lora_B.T); " + kernels.DERIV
-)
 SRC_FIT = (
     f"litgpt {litgpt.VERSION} finetune/lora.py::fit (model(input_ids, lm_head_chunk_size=128), "
     "logits[-1][..., :-1, :], chunked_cross_entropy(logits, targets[..., 1:])); "
@@ -92,159 +89,12 @@ SRC_FIT = (
 HEAD_CHUNK = 128
 """finetune/lora.py::fit's `lm_head_chunk_size=128`: the head runs per 128-token slice."""
 
-PEFT_NAMES = {
-    "q_proj": "query",
-    "k_proj": "key",
-    "v_proj": "value",
-    "o_proj": "projection",
-    "lm_head": "head",
-}
-"""peft's Llama module names -> LitGPT's flags (lora.py::Config: lora_query, lora_key,
-lora_value: the parts of the fused `attn.qkv`; lora_projection: `attn.proj`; lora_head).
-LitGPT's `lora_mlp` adapts fc_1, fc_2 and proj together: peft's gate_proj, up_proj and
-down_proj, all three or none (MLP_NAMES)."""
-MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", *MLP_NAMES)
-"""peft's `all-linear` on a causal LM: every Linear but the output layer
-(peft tuners_utils.py::_maybe_include_all_linear_layers)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Flags:
-    """LitGPT's LoRA settings (lora.py::Config) memplan's spec expresses."""
-
-    r: int
-    dropout: float
-    query: bool
-    key: bool
-    value: bool
-    projection: bool
-    mlp: bool
-    head: bool
-
-    @property
-    def qkv(self) -> tuple[bool, bool, bool]:
-        return (self.query, self.key, self.value)
-
-
-def flags_of(targets: tuple[str, ...] | str | None, *, rank: int, dropout: float) -> Flags | str:
-    """LitGPT's flags for peft's `target_modules` (None: peft's Llama default q_proj,
-    v_proj, which is also finetune/lora.py::setup's default lora_query + lora_value), or why
-    LitGPT cannot express them."""
-    if targets is None:
-        names: tuple[str, ...] = ("q_proj", "v_proj")
-    elif targets == "all-linear":
-        names = ALL_LINEAR
-    elif isinstance(targets, str):
-        return (
-            f"finetune.target_modules {targets!r}: under model.implementation litgpt give a "
-            "list of peft's Llama names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
-            "down_proj, lm_head) or all-linear; LitGPT's LoRA is set by flags, not a regex"
-        )
-    else:
-        names = targets
-    unknown = [n for n in names if n not in PEFT_NAMES and n not in MLP_NAMES]
-    if unknown:
-        return (
-            f"finetune.target_modules {', '.join(unknown)}: LitGPT's LoRA (lora.py::Config) "
-            "adapts only the query, key, value, attention projection, MLP and head linears "
-            "(peft names q_proj, k_proj, v_proj, o_proj, gate_proj + up_proj + down_proj, "
-            "lm_head)"
-        )
-    mlp = [n for n in MLP_NAMES if n in names]
-    if mlp and len(mlp) != len(MLP_NAMES):
-        return (
-            f"finetune.target_modules has {', '.join(mlp)} without the rest of gate_proj, "
-            "up_proj, down_proj: LitGPT's lora_mlp adapts fc_1, fc_2 and proj together"
-        )
-    on = {PEFT_NAMES[n] for n in names if n in PEFT_NAMES}
-    return Flags(
-        r=rank,
-        dropout=dropout,
-        query="query" in on,
-        key="key" in on,
-        value="value" in on,
-        projection="projection" in on,
-        mlp=bool(mlp),
-        head="head" in on,
-    )
-
 
 def _norm(prefix: str, t: int, h: int, st: Setting) -> list[Saved]:
     """LitGPT's RMSNorm with a frozen weight, its input requiring grad (litgpt.SRC_NORM): `x *
     x` and `x * rsqrt` keep x in fp32 and the rsqrt; `x_normed * weight.float()` keeps only
     the weight's side (the fp32 copy of a 16-bit weight), not x_normed."""
     return [s for s in litgpt.norm(prefix, t, h, st) if not s.name.endswith(".normalized")]
-
-
-SRC_CAST = "aten/src/ATen/autocast_mode.h::cached_cast"
-
-
-def _autocast(st: Setting) -> bool:
-    """torch.autocast casts the fp32 stream and weights to the matmul dtype (bf16-mixed)."""
-    return st.autocast and st.stream != st.matmul
-
-
-def _weight_cast(name: str, shape: tuple[int, int], st: Setting, *, x_grad: bool) -> list[Saved]:
-    """A frozen base linear under autocast: its weight is cast for every call (cached_cast
-    caches only leaves that require grad) and the matmul keeps that copy when its input
-    requires grad (for the input's gradient); the cast input is not kept (no weight
-    gradient)."""
-    if not (_autocast(st) and x_grad):
-        return []
-    return [kernels.saved(f"{name}.weight_cast", shape, st.matmul, "MmBackward0", SRC_CAST)]
-
-
-def _adapter(
-    prefix: str,
-    x: Saved | None,
-    shape: tuple[int, int],
-    out_width: int,
-    parts: int,
-    fl: Flags,
-    st: Setting,
-    *,
-    x_dtype: str,
-    x_grad: bool,
-    src: str,
-) -> list[Saved]:
-    """What one adapter keeps: lora_A's input (`x` itself, a Saved of the input's storage,
-    with dropout off; else the dropout output and, when x requires grad, its mask; under
-    autocast, an input not in the matmul dtype is cast for lora_A, a new copy each adapter)
-    and lora_B's input, lora_A's output [tokens, r x parts]. Under autocast lora_A is cast
-    too (kept when x requires grad: for x's gradient) and lora_B (always: lora_A's output
-    requires grad), [r x parts, width] and [out, r] in the matmul dtype."""
-    t, width = shape
-    mm = st.matmul
-    cast = _autocast(st) and x_dtype != mm
-    out: list[Saved] = []
-    if fl.dropout > 0:
-        if x_grad:
-            out.append(kernels.dropout(f"{prefix}.lora_dropout.mask", shape, x_dtype, st))
-        name = f"{prefix}.lora_dropout.output" + ("_cast" if cast else "")
-        out.append(kernels.saved(name, shape, mm if cast else x_dtype, "MmBackward0", src))
-    elif cast:
-        out.append(kernels.saved(f"{prefix}.input_cast", shape, mm, "MmBackward0", SRC_CAST))
-    elif x is not None:
-        out.append(x)
-    by = "ConvolutionBackward0" if prefix == "attn.qkv" else "MmBackward0"
-    if _autocast(st):
-        if x_grad:
-            a_shape = (fl.r * parts, width)
-            out.append(kernels.saved(f"{prefix}.lora_A.cast", a_shape, mm, "MmBackward0", SRC_CAST))
-        b_shape = (out_width, fl.r)
-        out.append(kernels.saved(f"{prefix}.lora_B.cast", b_shape, mm, by, SRC_CAST))
-    out.append(kernels.saved(f"{prefix}.lora_A.output", (t, fl.r * parts), mm, by, src))
-    return out
-
-
-def _kept(x: Saved, keep: bool) -> tuple[list[Saved], Saved | None]:
-    """A 4-bit matmul's input kept by MatMul4Bit (`keep`: bitsandbytes before 0.43.2 and the
-    input requires grad, litgpt_qlora.SRC_KEEPS_A): ([x], None), so that an adapter reading the same
-    storage does not count it again; else ([], x)."""
-    if keep:
-        return [replace(x, saved_by="MatMul4BitBackward", source=litgpt_qlora.SRC_KEEPS_A)], None
-    return [], x
 
 
 def _layer(
@@ -254,16 +104,16 @@ def _layer(
     `g_in`: its input requires grad. The norms' outputs are in the stream dtype, the
     matmuls' (attention, MLP) in the matmul dtype. `q`: the base linears are bnb 4-bit."""
     if arch.model_type in litgpt.NEOX_BLOCK:
-        return _neox_layer(arch, st, fl, g_in, q)
+        return litgpt_lora_neox.neox_layer(arch, st, fl, g_in, q)
     h, a, kv, d = kernels.attention_dims(arch)
     t, inter, stream, mm = st.tokens, arch.intermediate_size, st.stream, st.matmul
     keeps = q is not None and q.keeps_input
     out: list[Saved] = []
     if g_in:
         out += _norm("norm_1", t, h, st)
-    out += _weight_cast("attn.qkv", ((a + 2 * kv) * d, h), st, x_grad=g_in)
+    out += weight_cast("attn.qkv", ((a + 2 * kv) * d, h), st, x_grad=g_in)
     # norm_1's output, as lora_A keeps it with dropout off.
-    kept, normed_x = _kept(
+    kept, normed_x = kept_by_4bit(
         kernels.saved("norm_1.output", (t, h), stream, "MmBackward0", SRC_QKV), keeps and g_in
     )
     out += kept
@@ -271,7 +121,7 @@ def _layer(
     if fl.r and parts:
         widths = (a * d, kv * d, kv * d)
         padded = sum(w for w, on in zip(widths, fl.qkv, strict=True) if on)
-        out += _adapter(
+        out += adapter_saves(
             "attn.qkv",
             normed_x,
             (t, h),
@@ -292,24 +142,24 @@ def _layer(
     g_qkv = g_in or bool(fl.r and parts)
     if g_qkv:
         out += [s for s in litgpt.attention_saves(arch, st) if s.name != "attn.proj.input"]
-    out += _weight_cast("attn.proj", (h, a * d), st, x_grad=g_qkv)
-    kept, y = _kept(
+    out += weight_cast("attn.proj", (h, a * d), st, x_grad=g_qkv)
+    kept, y = kept_by_4bit(
         kernels.saved("attn.proj.input", (t, a * d), mm, "MmBackward0", SRC_LINEAR),
         keeps and g_qkv,
     )
     out += kept
     if fl.r and fl.projection:
-        out += _adapter(
+        out += adapter_saves(
             "attn.proj", y, (t, a * d), h, 1, fl, st, x_dtype=mm, x_grad=g_qkv, src=SRC_LINEAR
         )
     g_res = g_in or g_qkv or bool(fl.r and fl.projection)
     if g_res:
         out += _norm("norm_2", t, h, st)
-    out += _weight_cast("mlp.fc_1", (inter, h), st, x_grad=g_res)
-    out += _weight_cast("mlp.fc_2", (inter, h), st, x_grad=g_res)
+    out += weight_cast("mlp.fc_1", (inter, h), st, x_grad=g_res)
+    out += weight_cast("mlp.fc_2", (inter, h), st, x_grad=g_res)
     mlp = bool(fl.r and fl.mlp)
     # fc_1 and fc_2 read the same norm_2 output: one storage, kept once.
-    kept, normed2 = _kept(
+    kept, normed2 = kept_by_4bit(
         kernels.saved("norm_2.output", (t, h), stream, "MmBackward0", SRC_LINEAR),
         keeps and g_res,
     )
@@ -317,7 +167,7 @@ def _layer(
     if mlp:
         # With dropout off (and no cast) both lora_A keep the same norm_2 output: one storage.
         for name, x in (("mlp.fc_1", normed2), ("mlp.fc_2", None)):
-            out += _adapter(
+            out += adapter_saves(
                 name, x, (t, h), inter, 1, fl, st, x_dtype=stream, x_grad=g_res, src=SRC_LINEAR
             )
     g_fc = g_res or mlp
@@ -329,127 +179,17 @@ def _layer(
             kernels.saved("mlp.silu.output", (t, inter), mm, "MulBackward0", src),
             kernels.saved("mlp.fc_2.output", (t, inter), mm, "MulBackward0", src),
         ]
-    out += _weight_cast("mlp.proj", (h, inter), st, x_grad=g_fc)
-    kept, prod = _kept(
+    out += weight_cast("mlp.proj", (h, inter), st, x_grad=g_fc)
+    kept, prod = kept_by_4bit(
         kernels.saved("mlp.proj.input", (t, inter), mm, "MmBackward0", SRC_LINEAR),
         keeps and g_fc,
     )
     out += kept
     if mlp:
-        out += _adapter(
+        out += adapter_saves(
             "mlp.proj", prod, (t, inter), h, 1, fl, st, x_dtype=mm, x_grad=True, src=SRC_LINEAR
         )
     return out, g_fc
-
-
-SRC_NEOX = (
-    f"litgpt {litgpt.VERSION} litgpt/model.py::Block.forward (parallel_residual: norm_1(x), "
-    "norm_2(x) or norm_1's with shared_attention_norm, mlp(x_normed) + attn(...) + x), "
-    "GptNeoxMLP.forward (proj(gelu(fc(x)))); litgpt/lora.py::GptNeoxMLP (fc, proj: "
-    "create_lora_linear, lora_mlp); " + kernels.DERIV
-)
-
-
-def _layer_norms(prefix: str, t: int, h: int, st: Setting, *, shared: bool) -> list[Saved]:
-    """Block's frozen torch LayerNorms of its input (SRC_NEOX): native_layer_norm keeps its
-    input, mean and rstd whatever its weight and bias need (kernels.layer_norm); norm_2 reads
-    the same block input (one storage) with its own statistics; none with a shared norm."""
-    out = kernels.layer_norm(f"{prefix}norm_1", t, h, st.stream, st)
-    if not shared:
-        norm_2 = kernels.layer_norm(f"{prefix}norm_2", t, h, st.stream, st)
-        out += [s for s in norm_2 if not s.name.endswith(".input")]
-    return out
-
-
-def _neox_layer(
-    arch: Architecture, st: Setting, fl: Flags, g_in: bool, q: litgpt_qlora.Quant | None = None
-) -> tuple[list[Saved], bool]:
-    """`_layer` for the parallel-residual Block of GPT-NeoX / Pythia / StableLM Alpha and
-    Falcon (SRC_NEOX): norm_1 and norm_2 are frozen LayerNorms of the block input, recorded
-    only when it requires grad; `attn.qkv` (LoRAQKVLinear on the fused q|k|v, laid out as
-    Llama's: lora.py::LoRAQKVLinear.lora_ind) reads norm_1's output, GptNeoxMLP's `fc`
-    norm_2's (norm_1's with Falcon-7B's shared_attention_norm: the same storage, counted
-    once when both keep it). The MLP needs a gradient only when the block input does or
-    lora_mlp adapts fc (its input is not the attention's output); exact GELU keeps fc's
-    output, `proj` reads GELU's. The sum `mlp + attn + x` keeps nothing. Linear biases
-    (Pythia's) save nothing: addmm keeps its matrices, the frozen bias no copy."""
-    h, a, kv, d = kernels.attention_dims(arch)
-    t, inter, stream, mm = st.tokens, arch.intermediate_size, st.stream, st.matmul
-    keeps = q is not None and q.keeps_input
-    shared = litgpt.shared_norm(arch)
-    out: list[Saved] = _layer_norms("", t, h, st, shared=shared) if g_in else []
-    out += _weight_cast("attn.qkv", ((a + 2 * kv) * d, h), st, x_grad=g_in)
-    normed_1 = kernels.saved("norm_1.output", (t, h), stream, "MmBackward0", SRC_QKV)
-    kept, normed_x = _kept(normed_1, keeps and g_in)
-    out += kept
-    counted = bool(kept)  # norm_1's output already listed (for the shared norm's MLP)
-    parts = sum(fl.qkv)
-    if fl.r and parts:
-        widths = (a * d, kv * d, kv * d)
-        padded = sum(w for w, on in zip(widths, fl.qkv, strict=True) if on)
-        adapted = _adapter(
-            "attn.qkv",
-            normed_x,
-            (t, h),
-            padded,
-            parts,
-            fl,
-            st,
-            x_dtype=stream,
-            x_grad=g_in,
-            src=SRC_QKV,
-        )
-        counted = counted or any(s is normed_x for s in adapted)
-        out += adapted
-        if parts < 3:
-            out.append(
-                kernels.saved(
-                    "attn.qkv.lora_B.output", (t, padded), mm, "IndexCopyBackward0", SRC_QKV
-                )
-            )
-    g_qkv = g_in or bool(fl.r and parts)
-    if g_qkv:
-        out += [s for s in litgpt.attention_saves(arch, st) if s.name != "attn.proj.input"]
-    out += _weight_cast("attn.proj", (h, a * d), st, x_grad=g_qkv)
-    kept, y = _kept(
-        kernels.saved("attn.proj.input", (t, a * d), mm, "MmBackward0", SRC_LINEAR),
-        keeps and g_qkv,
-    )
-    out += kept
-    if fl.r and fl.projection:
-        out += _adapter(
-            "attn.proj", y, (t, a * d), h, 1, fl, st, x_dtype=mm, x_grad=g_qkv, src=SRC_LINEAR
-        )
-    # GptNeoxMLP reads norm_2's output (norm_1's when shared): requires grad iff g_in.
-    mlp = bool(fl.r and fl.mlp)
-    out += _weight_cast("mlp.fc", (inter, h), st, x_grad=g_in)
-    if shared:
-        # qkv's keep (or its lora_A with dropout off) listed norm_1's output already.
-        kept, normed_2 = [], None if counted else normed_1
-    else:
-        n2 = kernels.saved("norm_2.output", (t, h), stream, "MmBackward0", SRC_LINEAR)
-        kept, normed_2 = _kept(n2, keeps and g_in)
-    out += kept
-    if mlp:
-        x_fc = normed_2
-        out += _adapter(
-            "mlp.fc", x_fc, (t, h), inter, 1, fl, st, x_dtype=stream, x_grad=g_in, src=SRC_LINEAR
-        )
-    g_fc = g_in or mlp
-    if g_fc:
-        # F.gelu(approximate="none") keeps its input, fc's output.
-        out.append(kernels.saved("mlp.fc.output", (t, inter), mm, "GeluBackward0", SRC_NEOX))
-    out += _weight_cast("mlp.proj", (h, inter), st, x_grad=g_fc)
-    kept, act = _kept(
-        kernels.saved("mlp.proj.input", (t, inter), mm, "MmBackward0", SRC_LINEAR),
-        keeps and g_fc,
-    )
-    out += kept
-    if mlp:
-        out += _adapter(
-            "mlp.proj", act, (t, inter), h, 1, fl, st, x_dtype=mm, x_grad=True, src=SRC_LINEAR
-        )
-    return out, g_in or g_qkv or bool(fl.r and fl.projection) or g_fc
 
 
 def _chunks(n: int) -> list[int]:
@@ -476,11 +216,11 @@ def _head(
         out = _norm("transformer.ln_f", t, h, st)
     chunks = _chunks(s)
     for i, _ in enumerate(chunks):
-        out += _weight_cast(f"lm_head.{i}", (arch.vocab_size, h), st, x_grad=g)
+        out += weight_cast(f"lm_head.{i}", (arch.vocab_size, h), st, x_grad=g)
     kept = q is not None and q.keeps_input and g
     if kept:
         ln_f = kernels.saved("transformer.ln_f.output", (t, h), stream, "MmBackward0", SRC_LINEAR)
-        out += _kept(ln_f, True)[0]
+        out += kept_by_4bit(ln_f, True)[0]
     if not (fl.r and fl.head):
         return out
     view = b == 1 or len(chunks) == 1
@@ -491,7 +231,7 @@ def _head(
             name, shape = f"lm_head.{i}.input", (b * c, h)
         first = not (view and i) and not (view and kept)
         x = kernels.saved(name, shape, stream, "MmBackward0", SRC_LINEAR) if first else None
-        out += _adapter(
+        out += adapter_saves(
             f"lm_head.{i}",
             x,
             (b * c, h),

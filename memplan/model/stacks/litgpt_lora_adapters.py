@@ -1,0 +1,168 @@
+"""The LoRA adapters as litgpt 0.5.9's lora.py makes and runs them: which of LitGPT's flags
+peft's module names set (`flags_of`), and what one adapted linear, a frozen base linear under
+autocast and a 4-bit matmul's kept input add to the saved tensors. The building blocks of
+memplan.model.stacks.litgpt_lora (Llama-shaped blocks, the head, the loss) and
+memplan.model.stacks.litgpt_lora_neox (the parallel-residual Block)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from memplan.model.forward import kernels
+from memplan.model.forward.tensors import Saved, Setting
+from memplan.model.stacks import litgpt, litgpt_qlora
+
+SRC_LORA = f"litgpt {litgpt.VERSION} litgpt/lora.py"
+SRC_QKV = (
+    f"{SRC_LORA}::LoRAQKVLinear.forward (F.linear(lora_dropout(x), lora_A), conv1d, zero_pad's "
+    "index_copy_); " + kernels.DERIV
+)
+SRC_LINEAR = (
+    f"{SRC_LORA}::LoRALinear.forward (lora_dropout(x) @ lora_A.T @ lora_B.T); " + kernels.DERIV
+)
+SRC_CAST = "aten/src/ATen/autocast_mode.h::cached_cast"
+
+
+PEFT_NAMES = {
+    "q_proj": "query",
+    "k_proj": "key",
+    "v_proj": "value",
+    "o_proj": "projection",
+    "lm_head": "head",
+}
+"""peft's Llama module names -> LitGPT's flags (lora.py::Config: lora_query, lora_key,
+lora_value: the parts of the fused `attn.qkv`; lora_projection: `attn.proj`; lora_head).
+LitGPT's `lora_mlp` adapts fc_1, fc_2 and proj together: peft's gate_proj, up_proj and
+down_proj, all three or none (MLP_NAMES)."""
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", *MLP_NAMES)
+"""peft's `all-linear` on a causal LM: every Linear but the output layer
+(peft tuners_utils.py::_maybe_include_all_linear_layers)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Flags:
+    """LitGPT's LoRA settings (lora.py::Config) memplan's spec expresses."""
+
+    r: int
+    dropout: float
+    query: bool
+    key: bool
+    value: bool
+    projection: bool
+    mlp: bool
+    head: bool
+
+    @property
+    def qkv(self) -> tuple[bool, bool, bool]:
+        return (self.query, self.key, self.value)
+
+
+def flags_of(targets: tuple[str, ...] | str | None, *, rank: int, dropout: float) -> Flags | str:
+    """LitGPT's flags for peft's `target_modules` (None: peft's Llama default q_proj,
+    v_proj, which is also finetune/lora.py::setup's default lora_query + lora_value), or why
+    LitGPT cannot express them."""
+    if targets is None:
+        names: tuple[str, ...] = ("q_proj", "v_proj")
+    elif targets == "all-linear":
+        names = ALL_LINEAR
+    elif isinstance(targets, str):
+        return (
+            f"finetune.target_modules {targets!r}: under model.implementation litgpt give a "
+            "list of peft's Llama names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+            "down_proj, lm_head) or all-linear; LitGPT's LoRA is set by flags, not a regex"
+        )
+    else:
+        names = targets
+    unknown = [n for n in names if n not in PEFT_NAMES and n not in MLP_NAMES]
+    if unknown:
+        return (
+            f"finetune.target_modules {', '.join(unknown)}: LitGPT's LoRA (lora.py::Config) "
+            "adapts only the query, key, value, attention projection, MLP and head linears "
+            "(peft names q_proj, k_proj, v_proj, o_proj, gate_proj + up_proj + down_proj, "
+            "lm_head)"
+        )
+    mlp = [n for n in MLP_NAMES if n in names]
+    if mlp and len(mlp) != len(MLP_NAMES):
+        return (
+            f"finetune.target_modules has {', '.join(mlp)} without the rest of gate_proj, "
+            "up_proj, down_proj: LitGPT's lora_mlp adapts fc_1, fc_2 and proj together"
+        )
+    on = {PEFT_NAMES[n] for n in names if n in PEFT_NAMES}
+    return Flags(
+        r=rank,
+        dropout=dropout,
+        query="query" in on,
+        key="key" in on,
+        value="value" in on,
+        projection="projection" in on,
+        mlp=bool(mlp),
+        head="head" in on,
+    )
+
+
+def autocast_casts(st: Setting) -> bool:
+    """torch.autocast casts the fp32 stream and weights to the matmul dtype (bf16-mixed)."""
+    return st.autocast and st.stream != st.matmul
+
+
+def weight_cast(name: str, shape: tuple[int, int], st: Setting, *, x_grad: bool) -> list[Saved]:
+    """A frozen base linear under autocast: its weight is cast for every call (cached_cast
+    caches only leaves that require grad) and the matmul keeps that copy when its input
+    requires grad (for the input's gradient); the cast input is not kept (no weight
+    gradient)."""
+    if not (autocast_casts(st) and x_grad):
+        return []
+    return [kernels.saved(f"{name}.weight_cast", shape, st.matmul, "MmBackward0", SRC_CAST)]
+
+
+def adapter_saves(
+    prefix: str,
+    x: Saved | None,
+    shape: tuple[int, int],
+    out_width: int,
+    parts: int,
+    fl: Flags,
+    st: Setting,
+    *,
+    x_dtype: str,
+    x_grad: bool,
+    src: str,
+) -> list[Saved]:
+    """What one adapter keeps: lora_A's input (`x` itself, a Saved of the input's storage,
+    with dropout off; else the dropout output and, when x requires grad, its mask; under
+    autocast, an input not in the matmul dtype is cast for lora_A, a new copy each adapter)
+    and lora_B's input, lora_A's output [tokens, r x parts]. Under autocast lora_A is cast
+    too (kept when x requires grad: for x's gradient) and lora_B (always: lora_A's output
+    requires grad), [r x parts, width] and [out, r] in the matmul dtype."""
+    t, width = shape
+    mm = st.matmul
+    cast = autocast_casts(st) and x_dtype != mm
+    out: list[Saved] = []
+    if fl.dropout > 0:
+        if x_grad:
+            out.append(kernels.dropout(f"{prefix}.lora_dropout.mask", shape, x_dtype, st))
+        name = f"{prefix}.lora_dropout.output" + ("_cast" if cast else "")
+        out.append(kernels.saved(name, shape, mm if cast else x_dtype, "MmBackward0", src))
+    elif cast:
+        out.append(kernels.saved(f"{prefix}.input_cast", shape, mm, "MmBackward0", SRC_CAST))
+    elif x is not None:
+        out.append(x)
+    by = "ConvolutionBackward0" if prefix == "attn.qkv" else "MmBackward0"
+    if autocast_casts(st):
+        if x_grad:
+            a_shape = (fl.r * parts, width)
+            out.append(kernels.saved(f"{prefix}.lora_A.cast", a_shape, mm, "MmBackward0", SRC_CAST))
+        b_shape = (out_width, fl.r)
+        out.append(kernels.saved(f"{prefix}.lora_B.cast", b_shape, mm, by, SRC_CAST))
+    out.append(kernels.saved(f"{prefix}.lora_A.output", (t, fl.r * parts), mm, by, src))
+    return out
+
+
+def kept_by_4bit(x: Saved, keep: bool) -> tuple[list[Saved], Saved | None]:
+    """A 4-bit matmul's input kept by MatMul4Bit (`keep`: bitsandbytes before 0.43.2 and the
+    input requires grad, litgpt_qlora.SRC_KEEPS_A): ([x], None), so that an adapter reading the same
+    storage does not count it again; else ([], x)."""
+    if keep:
+        return [replace(x, saved_by="MatMul4BitBackward", source=litgpt_qlora.SRC_KEEPS_A)], None
+    return [], x
