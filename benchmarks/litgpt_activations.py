@@ -23,13 +23,14 @@ Phi-4-mini (rotary_percentage 0.75 of a 32-dim head, 2 k/v heads),
 Gemma (multi-query, head_size 32 over n_embd 64, and 4 heads of 16), gemma-2-9b (score and
 logit softcapping, post-norms, the window on every other layer; 2 and 4 k/v heads), Pythia
 (LayerNorm, parallel residual, GptNeoxMLP, biases, a quarter of each head rotated), Falcon-7B
-(one shared norm, multi-query) and Falcon-40B (two norms, 2 k/v heads), x 32-true /
+(one shared norm, multi-query), Falcon-40B (two norms, 2 k/v heads) and phi-1.5 / phi-2
+(one shared norm, biases, GELU tanh, half / 0.4 of each head rotated, lm_head bias), x 32-true /
 bf16-true /
 bf16-mixed x none / full x batch 1 and 2 x 2 and 3 layers x sequence 16 and 100.
 
 Part 1d, `at_scale_fake`: two blocks of "Qwen2.5-7B", "Mistral-7B-v0.1",
-"Phi-3-mini-4k-instruct", "Gemma-7b" and "gemma-2-9b" at 1 x 4096 and "pythia-1b" and
-"falcon-7b" at 1 x 2048 under FakeTensorMode, fp32 and bf16, none and full
+"Phi-3-mini-4k-instruct", "Gemma-7b" and "gemma-2-9b" at 1 x 4096 and "pythia-1b",
+"falcon-7b" and "phi-2" at 1 x 2048 under FakeTensorMode, fp32 and bf16, none and full
 (tests/litgpt_probe.py::AT_SCALE).
 
 Part 2, `llama31_8b_fake`: two blocks of Llama 3.1 8B at 1 x 8192 under FakeTensorMode (CPU
@@ -164,6 +165,8 @@ VARIANTS = {
     "pythia": {"kv_heads": 4, "ffn": 256},
     "falcon-7b": {"kv_heads": 1, "ffn": 256},
     "falcon-40b": {"kv_heads": 2, "ffn": 256},
+    "phi-1.5": {"kv_heads": 4, "ffn": 256},
+    "phi-2": {"kv_heads": 4, "ffn": 256},
 }
 """Part 1c's tiny models: each architecture's k/v heads (Phi-3-mini and Gemma-7b are
 multi-head, Gemma-2b multi-query) and Gemma's head_size apart from n_embd // n_head."""

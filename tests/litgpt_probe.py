@@ -143,11 +143,22 @@ AT_SCALE = {
         vocab=256000,
         head_size=256,
     ),
+    "phi-2": Shape(
+        arch="phi-2",
+        layers=2,
+        batch=1,
+        seq=2048,
+        dim=2560,
+        heads=32,
+        kv_heads=32,
+        ffn=10240,
+        vocab=51200,
+    ),
 }
 """Two blocks of litgpt/config.py's "Qwen2.5-7B", "Mistral-7B-v0.1", "Phi-3-mini-4k-instruct",
 "Gemma-7b" (head_size 256 x 16 heads over n_embd 3072) and "gemma-2-9b" at 1 x 4096, and of
-"pythia-1b" and "falcon-7b" (71 heads, one k/v head) at 1 x 2048 (their block_size), under
-fake tensors."""
+"pythia-1b", "falcon-7b" (71 heads, one k/v head) and "phi-2" (padded vocab 51200) at 1 x 2048
+(their block_size), under fake tensors."""
 
 
 ARCHS: dict[str, dict[str, Any]] = {
@@ -212,6 +223,33 @@ ARCHS: dict[str, dict[str, Any]] = {
         "bias": False,
         "rope_base": 10000,
     },
+    # "phi-1_5" / "phi-2": Falcon-7B's shared_attention_norm with Pythia's biases, multi-head,
+    # GptNeoxMLP's GELU tanh, half (phi-1.5) or 0.4 (phi-2) of each head rotated, a bias on
+    # lm_head (Config's defaults for the rest: LayerNorm, GptNeoxMLP, rope_base 10000).
+    "phi-1.5": {
+        "norm_class_name": "LayerNorm",
+        "mlp_class_name": "GptNeoxMLP",
+        "parallel_residual": True,
+        "shared_attention_norm": True,
+        "bias": True,
+        "rotary_percentage": 0.5,
+        "lm_head_bias": True,
+        "gelu_approximate": "tanh",
+        "rope_base": 10000,
+        "norm_eps": 1e-5,
+    },
+    "phi-2": {
+        "norm_class_name": "LayerNorm",
+        "mlp_class_name": "GptNeoxMLP",
+        "parallel_residual": True,
+        "shared_attention_norm": True,
+        "bias": True,
+        "rotary_percentage": 0.4,
+        "lm_head_bias": True,
+        "gelu_approximate": "tanh",
+        "rope_base": 10000,
+        "norm_eps": 1e-5,
+    },
 }
 """Each architecture's fields beside the Llama 3.1 ones `config` sets, as litgpt/config.py's
 named entry sets them (the sizes are `Shape`'s)."""
@@ -237,6 +275,8 @@ HF_CONFIG: dict[str, dict[str, Any]] = {
         "use_parallel_residual": True,
         "hidden_act": "gelu",
     },
+    "phi-1.5": {"model_type": "phi", "partial_rotary_factor": 0.5, "hidden_act": "gelu_new"},
+    "phi-2": {"model_type": "phi", "partial_rotary_factor": 0.4, "hidden_act": "gelu_new"},
 }
 """What the Hugging Face config.json of each ARCHS entry's checkpoint says beside the sizes
 (Qwen2.5's `use_sliding_window: false`, Mistral-7B-v0.1's `sliding_window: 4096`,
@@ -431,6 +471,7 @@ _CONFIG_KEYS = (
     "sliding_window_size",
     "scale_embeddings",
     "gelu_approximate",
+    "lm_head_bias",
     "post_attention_norm",
     "post_mlp_norm",
     "attention_logit_softcapping",

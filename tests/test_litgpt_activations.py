@@ -4,7 +4,7 @@ Fabric's own precision plugins, to the byte (tests/litgpt_probe.py measures): no
 and LitGPT's per-Block checkpointing, 32-true / bf16-true / bf16-mixed, grouped, multi-head
 and multi-query attention, the 128-token loss chunks; and at Llama 3.1 8B's shape under
 FakeTensorMode. LitGPT's other architectures the rule covers (Qwen2.5, Mistral, Phi-3, Gemma,
-Gemma 2, Pythia, Falcon: litgpt's own Config with a named entry's fields) likewise, and
+Gemma 2, Pythia, Falcon, Phi: litgpt's own Config with a named entry's fields) likewise, and
 Mistral-7B-v0.1, Gemma-7b, gemma-2-9b and pythia-1b at scale under FakeTensorMode.
 
 The oracle is LitGPT's own code (`pip install --no-deps litgpt==0.5.9 lightning==2.6.6
@@ -160,6 +160,9 @@ ARCH_CASES = [
     ("pythia", "bf16", "full", 4, None, 1, 100, 2),
     ("falcon-7b", "amp-bf16", "none", 1, None, 2, 16, 2),  # one norm feeds qkv and fc
     ("falcon-40b", "fp32", "none", 2, None, 2, 16, 2),
+    # shared norm + biases + GELU tanh + lm_head bias, half (0.4) of each head rotated
+    ("phi-1.5", "amp-bf16", "none", 4, None, 2, 16, 2),
+    ("phi-2", "bf16", "full", 4, None, 1, 100, 2),
 ]
 
 
@@ -178,7 +181,7 @@ def test_rule_matches_litgpt_other_architectures_to_the_byte(
 ) -> None:
     """litgpt's own GPT built from its own Config with a named entry's fields (Qwen2.5-7B,
     Mistral-7B-v0.1, Phi-3-mini-4k-instruct, Gemma-2b / 7b, gemma-2-9b, pythia, falcon-7b /
-    40b) against the rule
+    40b, phi-1_5 / phi-2) against the rule
     applied to the config.json of that checkpoint's type; the whole matrix is benchmarks/
     litgpt_activations.py's `architectures` part."""
     pytest.importorskip("torch")
@@ -216,6 +219,8 @@ def test_rule_matches_litgpt_at_7b_shapes_under_fake_tensors(arch: str) -> None:
         ({"model_type": "falcon", "alibi": True}, "alibi"),
         ({"model_type": "qwen2", "use_sliding_window": True}, "no sliding window"),
         ({"model_type": "gpt_neox", "use_parallel_residual": False}, "parallel_residual"),
+        ({"model_type": "phi", "hidden_act": "gelu"}, "GELU tanh"),
+        ({"model_type": "phi", "qk_layernorm": True}, "q/k LayerNorms"),
     ],
 )
 def test_litgpt_refuses_architectures_it_does_not_cover(config: dict[str, Any], why: str) -> None:

@@ -149,7 +149,6 @@ UNRULED: dict[str, tuple[str, dict[str, Any]]] = {
     "seed_oss": ("SeedOssForCausalLM", {}),
     "smollm3": ("SmolLM3ForCausalLM", {}),
     "starcoder2": ("Starcoder2ForCausalLM", {}),
-    "phi": ("PhiForCausalLM", {}),
     "cohere": ("CohereForCausalLM", {}),
     "stablelm": ("StableLmForCausalLM", {}),
     "glm4": ("Glm4ForCausalLM", {}),

@@ -23,6 +23,7 @@ REGISTRY: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("gemma", "FAMILY", ("gemma", "gemma2", "gemma3_text")),
     ("gemma", "GEMMA3", ("gemma3",)),
     ("phi3", "FAMILY", ("phi3",)),
+    ("phi", "FAMILY", ("phi",)),
     ("olmo2", "FAMILY", ("olmo2",)),
     ("deepseek", "FAMILY", ("deepseek_v2", "deepseek_v3")),
     ("gpt2", "FAMILY", ("gpt2",)),

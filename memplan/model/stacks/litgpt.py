@@ -5,7 +5,8 @@ recomputation (`full`: a checkpoint around every `Block`).
 Read from litgpt 0.5.9 (pip `litgpt==0.5.9`), for the Llama-shaped configs of
 litgpt/config.py (Llama 2/3: `norm_class_name="RMSNorm"`, `mlp_class_name="LLaMAMLP"`,
 `parallel_residual=False`, `bias=False`, rotary_percentage 1.0) and the ones that differ from
-them only as `ARCHITECTURES` says (Qwen2.5, Mistral, Phi-3, Gemma, Gemma 2, Pythia, Falcon):
+them only as `ARCHITECTURES` says (Qwen2.5, Mistral, Phi-3, Gemma, Gemma 2, Pythia, Falcon,
+Phi-1.5 / Phi-2):
 - model.py::GPT.forward: `wte(idx)` (times `torch.tensor(n_embd**0.5, dtype=x.dtype)` with
   `scale_embeddings`) -> every `Block` -> `ln_f` -> `lm_head` (one [B, T, V] logits tensor:
   pretrain.py and finetune/full.py call `model(input_ids)` with no `lm_head_chunk_size`).
@@ -40,6 +41,10 @@ them only as `ARCHITECTURES` says (Qwen2.5, Mistral, Phi-3, Gemma, Gemma 2, Pyth
   either way): so too Phi-4-mini's rotary_percentage 0.75. Falcon-7B
   (`shared_attention_norm=True`) has no norm_2: the MLP reads norm_1's output,
   `mlp(norm_1(x)) + attn(norm_1(x)) + x`; Falcon-40B / 180B have both.
+- phi-1_5 / phi-2 (litgpt config.py): Falcon-7B's shared norm with multi-head attention and
+  biases, rotary_percentage 0.5 / 0.4; GptNeoxMLP's `F.gelu(x, approximate="tanh")`
+  (gelu_approximate) keeps its input as the exact GELU does (GeluBackward0 saves `self`); the
+  bias on lm_head (lm_head_bias) saves nothing more (see the next point).
 - A bias on a Linear (Qwen2.5's `attn_bias` on `qkv`) saves nothing more: addmm saves its two
   matrices, the bias's gradient is a sum of the output's (measured: the same bytes as without).
 - utils.py::chunked_cross_entropy as pretrain.py::fit calls it, `chunked_cross_entropy(logits,
@@ -115,16 +120,21 @@ ARCHITECTURES = {
     "(new_decoder_architecture: grouped queries, two norms): Pythia's block without biases",
     "gemma2": "Gemma 2 2B / 9B / 27B: Gemma's fields plus post_attention_norm, post_mlp_norm, "
     "attention_logit_softcapping (attention by hand) and final_logit_softcapping",
+    "phi": "phi-1.5 / phi-2: Falcon-7B's block (shared_attention_norm) with multi-head "
+    "attention, biases, GptNeoxMLP's GELU tanh (gelu_approximate), rotary_percentage 0.5 / 0.4 "
+    "and a bias on lm_head",
 }
 """The HF model_types the rule covers, and what LitGPT's config for them sets beside Llama's
 (litgpt 0.5.9 config.py)."""
 
 # What LitGPT's config entries set beside Llama's, as sets of the model_types above (the quirks
 # as data; litgpt 0.5.9 config.py).
-NEOX_BLOCK = frozenset({"gpt_neox", "falcon"})
-"""LayerNorms and a parallel residual (Pythia's and Falcon's Block, GptNeoxMLP or Falcon's)."""
+NEOX_BLOCK = frozenset({"gpt_neox", "falcon", "phi"})
+"""LayerNorms and a parallel residual (Pythia's, Falcon's and Phi's Block, GptNeoxMLP)."""
 FALCON = frozenset({"falcon"})
 """shared_attention_norm or two norms, as the HF config's new_decoder_architecture says."""
+SHARED_NORM = frozenset({"phi"})
+"""shared_attention_norm=True whatever the HF config says (phi-1_5 / phi-2)."""
 WINDOWED = frozenset({"mistral", "phi3"})
 """sliding_window_size from the HF config's `sliding_window` (Mistral v0.1, Phi-3)."""
 UNIT_OFFSET = frozenset({"gemma", "gemma2"})
@@ -134,8 +144,6 @@ SOFTCAPPED = frozenset({"gemma2"})
 
 NOT_COVERED = {
     "gemma3_text": "Gemma 3's q/k norms (norm_qk), post norms and per-layer rope_indices",
-    "phi": "Phi-2's LayerNorm, GptNeoxMLP, parallel_residual with shared_attention_norm, "
-    "partial rotary and lm_head bias",
     "olmo": "OLMo's non-affine LayerNorm",
     "olmo2": "OLMo 2's q/k norms (norm_qk_type olmo2) and post norms",
     "mixtral": "LLaMAMoE",
@@ -277,6 +285,17 @@ def architecture_refusal(arch: Architecture) -> str:
         if x.get("model_class", "FalconForCausalLM") != "FalconForCausalLM":
             return "the LitGPT rule is for a causal LM (FalconForCausalLM)"
         return ""
+    if mt == "phi":
+        if str(x.get("hidden_act", "gelu_new")) not in ("gelu_new", "gelu_pytorch_tanh"):
+            return (
+                "LitGPT's Phi configs run GELU tanh (gelu_approximate tanh): hidden_act "
+                "gelu_new only"
+            )
+        if x.get("qk_layernorm"):
+            return "LitGPT's Phi configs have no q/k LayerNorms: qk_layernorm true is not modelled"
+        if x.get("model_class", "PhiForCausalLM") != "PhiForCausalLM":
+            return "the LitGPT rule is for a causal LM (PhiForCausalLM)"
+        return ""
     if mt in ("llama", "mistral", "qwen2", "phi3") and str(x.get("hidden_act", "silu")) not in (
         "silu",
         "swish",
@@ -399,8 +418,11 @@ def softcapped_attention_saves(arch: Architecture, st: Setting) -> list[Saved]:
 
 
 def shared_norm(arch: Architecture) -> bool:
-    """Falcon-7B's shared_attention_norm: HF's parallel_attn with one LayerNorm
-    (num_ln_in_parallel_attn 1, or unset without new_decoder_architecture)."""
+    """shared_attention_norm: Falcon-7B's (HF's parallel_attn with one LayerNorm:
+    num_ln_in_parallel_attn 1, or unset without new_decoder_architecture) and every Phi's (HF's
+    PhiDecoderLayer has only input_layernorm)."""
+    if arch.model_type in SHARED_NORM:
+        return True
     if arch.model_type not in FALCON:
         return False
     x = arch.extra
