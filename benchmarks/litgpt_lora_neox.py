@@ -7,7 +7,9 @@ The models are litgpt's own Config with the fields of tests/litgpt_probe.py::ARC
 "pythia" (LayerNorm with bias, parallel_residual, GptNeoxMLP exact GELU, biases, rotary
 0.25; part `configs` checks that these are litgpt/config.py's own "stablelm-base-alpha-3b"
 and "pythia-1b" entries but for the sizes), "falcon-7b" (shared_attention_norm, one k/v
-head, no biases) and "falcon-40b" (two norms, grouped queries), each against the config.json
+head, no biases), "falcon-40b" (two norms, grouped queries) and "phi-1.5" / "phi-2"
+(shared_attention_norm, biases, GELU tanh, rotary 0.5 / 0.4, lm_head bias: litgpt's
+"phi-1_5" / "phi-2" entries but for the sizes), each against the config.json
 of its checkpoint type (tests/litgpt_probe.py::hf_config), stored with every row so that
 tests/test_litgpt_lora_neox.py can replay the rule without torch.
 
@@ -18,7 +20,7 @@ x no checkpointing / LitGPT's per-Block checkpointing x benchmarks/litgpt_lora.p
 target sets (q+v, q+k+v+o, q+v+mlp, o, all-linear+head) x LoRA dropout 0 and 0.05 x (batch,
 sequence) (1, 200), (2, 16), (2, 300): the whole matrix for pythia (4 heads, multi-head: one
 grouped conv1d), and q+v and all+head at dropout 0 and 0.05 for the two Falcons (a conv1d
-per part).
+per part) and the two Phis.
 
 Part 2, `qlora`: tests/litgpt_probe.py::held_bytes_qlora (every Linear a bitsandbytes
 Linear4bit quantized on CPU, its bias a frozen copy as Lightning's _convert_layers makes it,
@@ -30,6 +32,9 @@ Part 3, `stablelm_3b_fake`: two blocks of StableLM Alpha 3B (n_embd 4096, 32 hea
 GptNeoxMLP 16384, padded vocab 50688) under FakeTensorMode at the 1034 tokens of LitGPT's
 published resource table (micro-batch 1, 2, 4), bf16-true, r 8, dropout 0.05 on query +
 value (finetune/lora.py's defaults).
+
+Part 4, `phi_1_5_fake`: the same for two blocks of phi-1.5 (n_embd 2048, 32 heads, GptNeoxMLP
+8192, padded vocab 51200) at the published table's 1044 tokens.
 
     PYTHONPATH=$PWD python benchmarks/litgpt_lora_neox.py   # ~5 min on 2 cores
     # writes benchmarks/results/litgpt-lora-neox.json
@@ -71,9 +76,9 @@ from tests.litgpt_probe import (  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "litgpt-lora-neox.json"
 
-KV = {"pythia": 4, "falcon-7b": 1, "falcon-40b": 2}
+KV = {"pythia": 4, "falcon-7b": 1, "falcon-40b": 2, "phi-1.5": 4, "phi-2": 4}
 """Each architecture's k/v heads of 4 (Pythia multi-head, Falcon-7B multi-query, Falcon-40B
-grouped)."""
+grouped, phi-1.5 / phi-2 multi-head)."""
 SHAPES = ((1, 200), (2, 16), (2, 300))
 
 
@@ -217,6 +222,47 @@ STABLELM_3B = Shape(
 at the published table's 1034 tokens."""
 
 
+PHI_1_5 = Shape(
+    arch="phi-1.5",
+    layers=2,
+    batch=1,
+    seq=1044,
+    dim=2048,
+    heads=32,
+    kv_heads=32,
+    ffn=8192,
+    vocab=51200,
+)
+"""Two blocks of litgpt/config.py's "phi-1_5" (part `configs`: the same fields) at the
+published table's 1044 tokens."""
+
+
+def phi_1_5_fake() -> list[dict[str, Any]]:
+    rows = []
+    for batch in (1, 2, 4):
+        shape = Shape(**{**PHI_1_5.__dict__, "batch": batch})
+        cfg = hf_config(shape)
+        targets = TARGETS["q+v"]
+        measured = held_bytes_lora_fake("bf16", "none", shape, flags(targets, 0.05))
+        memplan = predict(spec_doc(cfg, "bf16", "none", batch, shape.seq, targets, 0.05))
+        rows.append(
+            _row(
+                "phi-1_5",
+                shape,
+                cfg,
+                precision="bf16",
+                checkpointing="none",
+                targets="q+v",
+                dropout=0.05,
+                measured=measured,
+                memplan=memplan,
+                exact=measured == memplan,
+            )
+        )
+        print(json.dumps({**rows[-1], "config": "..."}), flush=True)
+    return rows
+
+
 def stablelm_3b_fake() -> list[dict[str, Any]]:
     rows = []
     for batch in (1, 2, 4):
@@ -252,6 +298,8 @@ def configs() -> dict[str, list[str]]:
     sizes = {
         "stablelm-base-alpha-3b": STABLELM_3B,
         "pythia-1b": Shape(arch="pythia", dim=2048, heads=8, kv_heads=8, ffn=8192, vocab=50304),
+        "phi-1_5": PHI_1_5,
+        "phi-2": Shape(arch="phi-2", dim=2560, heads=32, kv_heads=32, ffn=10240, vocab=51200),
     }
     out = {}
     for name, shape in sizes.items():
@@ -268,7 +316,8 @@ def main() -> None:
     rows = lora()
     quant = qlora()
     fake = stablelm_3b_fake()
-    every = (*rows, *quant, *fake)
+    phi = phi_1_5_fake()
+    every = (*rows, *quant, *fake, *phi)
     doc = {
         "stamp": stamp(),
         "command": "PYTHONPATH=$PWD python benchmarks/litgpt_lora_neox.py",
@@ -285,7 +334,7 @@ def main() -> None:
             "by_architecture": {
                 a: f"{sum(r['exact'] for r in every if r['architecture'] == a)} of "
                 f"{sum(r['architecture'] == a for r in every)} exact"
-                for a in (*KV, "stablelm-base-alpha-3b")
+                for a in (*KV, "stablelm-base-alpha-3b", "phi-1_5")
             },
             "configs_differ_from_litgpt_entries_in": same,
             "seconds": round(time.time() - start, 1),
@@ -293,6 +342,7 @@ def main() -> None:
         "lora": rows,
         "qlora": quant,
         "stablelm_3b_fake": fake,
+        "phi_1_5_fake": phi,
     }
     OUT.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc["summary"]))

@@ -1,6 +1,7 @@
 """LitGPT's LoRA and QLoRA on its parallel-residual Block (GPT-NeoX: Pythia, StableLM Alpha;
 Falcon): memplan.model.stacks.litgpt_lora_neox.neox_layer against litgpt 0.5.9's real
-`litgpt.lora.GPT` on CPU, to the byte.
+`litgpt.lora.GPT` on CPU, to the byte; Phi (phi-1.5 / phi-2: Falcon-7B's shared norm with
+biases, GELU tanh and an lm_head bias) too.
 
 Oracles: the stored matrix (benchmarks/litgpt_lora_neox.py -> benchmarks/results/
 litgpt-lora-neox.json, measured by tests/litgpt_probe.py::held_bytes_lora / held_bytes_qlora /
@@ -65,7 +66,13 @@ def _stored() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("part", "method"), [("lora", "lora"), ("qlora", "qlora"), ("stablelm_3b_fake", "lora")]
+    ("part", "method"),
+    [
+        ("lora", "lora"),
+        ("qlora", "qlora"),
+        ("stablelm_3b_fake", "lora"),
+        ("phi_1_5_fake", "lora"),
+    ],
 )
 def test_rule_matches_the_stored_litgpt_measures(part: str, method: str) -> None:
     """Every stored case: the rule as it is now against what litgpt's model held when
@@ -84,14 +91,20 @@ def test_rule_matches_the_stored_litgpt_measures(part: str, method: str) -> None
 def test_stored_matrix_covers_every_architecture_and_setting() -> None:
     doc = _stored()
     lora = doc["lora"]
-    assert {r["architecture"] for r in lora} == {"pythia", "falcon-7b", "falcon-40b"}
+    archs = {"pythia", "falcon-7b", "falcon-40b", "phi-1.5", "phi-2"}
+    assert {r["architecture"] for r in lora} == archs
     pythia = [r for r in lora if r["architecture"] == "pythia"]
     assert {r["targets"] for r in pythia} == set(TARGETS)
     assert {(r["precision"], r["checkpointing"], r["dropout"]) for r in pythia} == {
         (p, m, d) for p in ("fp32", "bf16", "amp-bf16") for m in ("none", "full") for d in (0, 0.05)
     }
-    assert {r["architecture"] for r in doc["qlora"]} == {"pythia", "falcon-7b", "falcon-40b"}
+    assert {r["architecture"] for r in doc["qlora"]} == archs
     assert [r["batch"] for r in doc["stablelm_3b_fake"]] == [1, 2, 4]
+    assert [(r["batch"], r["sequence"]) for r in doc["phi_1_5_fake"]] == [
+        (1, 1044),
+        (2, 1044),
+        (4, 1044),
+    ]
     assert doc["summary"]["exact"] == doc["summary"]["cases"]
 
 
@@ -102,6 +115,8 @@ def test_probe_configs_are_litgpts_own_entries() -> None:
     same = _stored()["summary"]["configs_differ_from_litgpt_entries_in"]
     assert set(same["stablelm-base-alpha-3b"]) <= {"name", "hf_config", "vocab_size"}
     assert set(same["pythia-1b"]) <= {"name", "hf_config", "vocab_size", "padding_multiple"}
+    assert set(same["phi-1_5"]) <= {"name", "hf_config", "vocab_size"}
+    assert set(same["phi-2"]) <= {"name", "hf_config", "vocab_size"}
 
 
 def _lora(targets: tuple[str, ...], dropout: float) -> Any:
@@ -127,6 +142,7 @@ LIVE = [
     ("pythia", 4, "fp32", "none", 2, 16, "o", 0.0),  # the first layer's MLP records nothing
     ("falcon-7b", 1, "fp32", "none", 2, 16, "q+v+mlp", 0.0),  # one norm: one storage
     ("falcon-40b", 2, "bf16", "none", 2, 16, "attention", 0.05),  # two norms, grouped queries
+    ("phi-1.5", 4, "amp-bf16", "none", 2, 16, "q+v+mlp", 0.05),  # shared norm, GELU tanh, biases
 ]
 
 

@@ -1,5 +1,5 @@
 """LitGPT's LoRA on its parallel-residual Block (`model.implementation: litgpt`,
-`finetune.method: lora` or `qlora`, model types gpt_neox and falcon): what one layer of
+`finetune.method: lora` or `qlora`, model types gpt_neox, falcon and phi): what one layer of
 litgpt.lora.GPT saves for backward, from litgpt 0.5.9's model.py::Block and lora.py::GptNeoxMLP
 (see the docstring of memplan.model.stacks.litgpt_lora, which assembles the model and whose
 `_layer` dispatches here). Proved against litgpt's real model on CPU by
@@ -42,8 +42,9 @@ def layer_norms(prefix: str, t: int, h: int, st: Setting, *, shared: bool) -> li
 def neox_layer(
     arch: Architecture, st: Setting, fl: Flags, g_in: bool, q: litgpt_qlora.Quant | None = None
 ) -> tuple[list[Saved], bool]:
-    """litgpt_lora._layer for the parallel-residual Block of GPT-NeoX / Pythia / StableLM Alpha and
-    Falcon (SRC_NEOX): norm_1 and norm_2 are frozen LayerNorms of the block input, recorded only
+    """litgpt_lora._layer for the parallel-residual Block of GPT-NeoX / Pythia / StableLM Alpha,
+    Falcon and Phi (SRC_NEOX; Phi's GELU tanh keeps fc's output as the exact GELU does): norm_1
+    and norm_2 are frozen LayerNorms of the block input, recorded only
     when it requires grad; `attn.qkv` (LoRAQKVLinear on the fused q|k|v, laid out as Llama's:
     lora.py::LoRAQKVLinear.lora_ind) reads norm_1's output, GptNeoxMLP's `fc` norm_2's (norm_1's
     with Falcon-7B's shared_attention_norm: the same storage, counted once when both keep it). The
