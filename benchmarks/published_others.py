@@ -240,16 +240,36 @@ STABLELM_ALPHA_3B: dict[str, Any] = {
     "use_parallel_residual": True,
     "vocab_size": 50688,
 }
+# microsoft/phi-1_5 config.json (https://huggingface.co/microsoft/phi-1_5/blob/main/config.json),
+# its size keys (transformers 5.25 PhiConfig's defaults are the same); the same sizes as litgpt
+# 0.5.9 config.py's "phi-1_5" entry (n_layer 24, n_embd 2048, n_head 32, GptNeoxMLP 4 x n_embd,
+# rotary_percentage 0.5, shared_attention_norm, biases, lm_head_bias, gelu_approximate tanh,
+# padded vocabulary 51200; tests/test_phi_family.py checks the parameter count).
+PHI_1_5: dict[str, Any] = {
+    "model_type": "phi",
+    "architectures": ["PhiForCausalLM"],
+    "hidden_act": "gelu_new",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 2048,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 24,
+    "partial_rotary_factor": 0.5,
+    "tie_word_embeddings": False,
+    "vocab_size": 51200,
+}
 LITGPT_MODELS: dict[str, dict[str, Any]] = {
     "13b": {"architecture": LLAMA_2_13B, "implementation": "litgpt"},
     "stablelm-3b": {"architecture": STABLELM_ALPHA_3B, "implementation": "litgpt"},
+    "phi-1.5": {"architecture": PHI_1_5, "implementation": "litgpt"},
 }
-LONGEST = {"7b": 1304, "13b": 1304, "stablelm-3b": 1034}
+LONGEST = {"7b": 1304, "13b": 1304, "stablelm-3b": 1034, "phi-1.5": 1044}
 """The longest Alpaca example in each model's tokens (the reference file): forced first."""
 
 
 def litgpt(mbs: int, quantize: str | None = None, size: str = "7b") -> dict[str, Any]:
-    """lit-gpt 8641822 finetune/lora.py on Llama 2 7B or 13B, or StableLM Alpha 3B (the
+    """lit-gpt 8641822 finetune/lora.py on Llama 2 7B or 13B, StableLM Alpha 3B or phi-1.5 (the
     reference file)."""
     lora: dict[str, Any] = {
         "method": "qlora" if quantize else "lora",
@@ -258,8 +278,8 @@ def litgpt(mbs: int, quantize: str | None = None, size: str = "7b") -> dict[str,
         "dropout": 0.05,
         "target_modules": ["q_proj", "v_proj"],
     }
-    if size == "stablelm-3b":
-        # peft's Llama names match no GPT-NeoX module; left out, the targets are LitGPT's
+    if size in ("stablelm-3b", "phi-1.5"):
+        # peft's Llama names match no GPT-NeoX / Phi module; left out, the targets are LitGPT's
         # default, lora_query + lora_value (memplan.model.stacks.litgpt_lora_adapters.flags_of).
         del lora["target_modules"]
     if quantize:
@@ -341,7 +361,7 @@ LITGPT_STABLELM_2023 = (
     "StableLM Alpha's LayerNorm is torch.nn.LayerNorm in both lit-gpt 8641822 and litgpt "
     "0.5.9 (no RMSNorm gap, unlike the Llama rows); the LoRA rule for LitGPT's "
     "parallel-residual Block is proved against litgpt 0.5.9's model on CPU "
-    "(benchmarks/litgpt_lora_neox.py: 423 of 423 cases exact, StableLM 3B at 1034 tokens too).",
+    "(benchmarks/litgpt_lora_neox.py: 634 of 634 cases exact, StableLM 3B at 1034 tokens too).",
     LITGPT_2023[2],
 )
 LITGPT_QLORA_STABLELM_2023 = (
@@ -352,6 +372,25 @@ LITGPT_QLORA_STABLELM_2023 = (
     "replaced weight its PagedAdamW keeps, 50,688 x 4,096 x 2 B = 415 MB each; the "
     "StableEmbedding's saved LayerNorm input, 8.5 MB; layer 0's kept input, 97 MB): without "
     "it memplan would be about 6.51 and 6.35 GB (+2.5%, +2.6%).",
+)
+LITGPT_PHI_2023 = (
+    LITGPT_2023[0],
+    "phi-1.5's LayerNorm is torch.nn.LayerNorm in both (no RMSNorm gap, unlike the Llama rows). "
+    "lit-gpt 8641822's own phi-1_5 entry was not read: memplan assumes litgpt 0.5.9's "
+    "(shared_attention_norm, GptNeoxMLP with GELU tanh, rotary 0.5, biases, lm_head bias, "
+    "padded vocabulary 51200). The LoRA rule for LitGPT's Phi Block is proved against litgpt "
+    "0.5.9's model on CPU (benchmarks/litgpt_lora_neox.py: 634 of 634 cases exact, 208 of "
+    "them Phi's, phi-1.5 at 1044 tokens too).",
+    LITGPT_2023[2],
+)
+LITGPT_QLORA_PHI_2023 = (
+    "lit-gpt 8641822 with --quantize, as the Llama rows (LITGPT_QLORA_2023), bitsandbytes "
+    "0.41.1 keeping every 4-bit matmul's input (finetune.bnb_version 0.41.1).",
+    "version gap, not subtracted: litgpt 0.5.9's StableEmbedding swap, absent from 8641822, "
+    "holds about 0.47 GB more here by the rule's own terms (the embedding's bf16 gradient and "
+    "the replaced weight its PagedAdamW keeps, 51,200 x 2,048 x 2 B = 210 MB each; the "
+    "StableEmbedding's saved LayerNorm input, 4.3 MB; layer 0's kept inputs, about 45 MB): "
+    "without it memplan would be about 3.99 and 3.93 GB (+5.4%, +5.5%).",
 )
 
 # The run's float8 flags, each now modelled or shown to change nothing:
@@ -415,6 +454,16 @@ ROWS = (
         litgpt(1, "bnb.nf4", size="stablelm-3b"), notes=LITGPT_QLORA_STABLELM_2023),
     Row("litgpt", "StableLM Alpha 3B, LoRA, bnb.nf4-dq, micro-batch 1", 6.19, "GB",
         litgpt(1, "bnb.nf4-dq", size="stablelm-3b"), notes=LITGPT_QLORA_STABLELM_2023),
+    Row("litgpt", "phi-1.5, LoRA, micro-batch 1", 4.82, "GB",
+        litgpt(1, size="phi-1.5"), notes=LITGPT_PHI_2023),
+    Row("litgpt", "phi-1.5, LoRA, bnb.nf4, micro-batch 1", 3.78, "GB",
+        litgpt(1, "bnb.nf4", size="phi-1.5"), notes=LITGPT_QLORA_PHI_2023),
+    Row("litgpt", "phi-1.5, LoRA, bnb.nf4-dq, micro-batch 1", 3.72, "GB",
+        litgpt(1, "bnb.nf4-dq", size="phi-1.5"), notes=LITGPT_QLORA_PHI_2023),
+    Row("litgpt", "phi-1.5, LoRA, micro-batch 2", 6.76, "GB",
+        litgpt(2, size="phi-1.5"), notes=LITGPT_PHI_2023),
+    Row("litgpt", "phi-1.5, LoRA, micro-batch 4", 10.68, "GB",
+        litgpt(4, size="phi-1.5"), notes=LITGPT_PHI_2023),
 )  # fmt: skip
 
 
