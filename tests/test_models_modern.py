@@ -242,6 +242,10 @@ SMALL: dict[str, dict[str, Any]] = {
     "phi3-partial-rotary-tied": small(
         "phi3", pad_token_id=0, partial_rotary_factor=0.75, tie_word_embeddings=True
     ),
+    "phi": small("phi"),
+    "phi-gqa-qk-norm-rotary-0.4-tied": small(
+        "phi", qk_layernorm=True, partial_rotary_factor=0.4, tie_word_embeddings=True
+    ),
     "olmo2": small("olmo2"),
     "olmo2-mha-bias-tied": small(
         "olmo2", num_key_value_heads=None, attention_bias=True, tie_word_embeddings=True
@@ -332,6 +336,7 @@ def test_every_modern_family_is_covered() -> None:
         "gemma3_text",
         "gemma3",
         "phi3",
+        "phi",
         "olmo2",
         "deepseek_v2",
         "deepseek_v3",

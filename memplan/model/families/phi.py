@@ -116,7 +116,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
         *stamp_layers(
             [layer(hidden, inter, heads, kv_heads, d, qk_norm=qk_norm)] * layers, "layers"
         ),
-        *rotary_buffers("rotary_emb", rot, role="rotary"),
+        *rotary_buffers("rotary_emb", rot),
         *layer_norm("final_layernorm", hidden),
     ]
     tensors, tied = with_class_head(
