@@ -118,3 +118,23 @@ def test_probe_fields_are_litgpts_own_entries(name: str, arch: str, dims: dict[s
 def test_phi_is_a_hand_family_without_transformers_activations() -> None:
     family = family_of("phi")
     assert family is not None and isinstance(family.saved, str)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_litgpt_lora_default_targets_train_the_published_count(method: str) -> None:
+    """finetune/lora.py's default (lora_query, lora_value) on phi-1.5 trains 1,572,864
+    parameters: LitGPT's resource table (tutorials/resource-tables.md, "Trainable parameters",
+    benchmarks/reference/litgpt-lora-a100.md). peft's own Phi default (q_proj, v_proj, fc1, fc2)
+    is not what LitGPT adapts (96 modules, 5,505,024 adapter elements)."""
+    from memplan.model.finetune.lora import apply, num_trainable
+    from tests.conftest import make_spec
+
+    spec = make_spec(
+        model={"architecture": PHI_1_5, "implementation": "litgpt"},
+        precision="bf16",
+        optimizer={"name": "paged_adamw" if method == "qlora" else "adamw"},
+        finetune={"method": method, "rank": 8, "alpha": 16, "dropout": 0.05},
+    )
+    params = apply(spec, from_config(PHI_1_5)).parameters
+    # the adapters (QLoRA's StableEmbedding also trains: memplan.model.stacks.litgpt_qlora)
+    assert num_trainable(t for t in params if "lora_" in t.name) == 1_572_864

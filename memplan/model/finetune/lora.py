@@ -261,6 +261,10 @@ def apply(spec: Spec, inventory: Inventory) -> Inventory:
     ft = spec.finetune
     if ft.method == "full" and not ft.freeze:
         return inventory
+    if spec.model.implementation == "litgpt":
+        from memplan.model.stacks import litgpt_lora_adapters
+
+        ft = litgpt_lora_adapters.default_targets(ft, inventory)
     lightning_4bit = spec.model.implementation == "litgpt" and ft.method == "qlora"
     if lightning_4bit:
         from memplan.model.stacks import litgpt_qlora

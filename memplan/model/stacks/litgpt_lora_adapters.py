@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from memplan.config.finetune import FinetuneSpec
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Saved, Setting
+from memplan.model.inventory import Inventory
 from memplan.model.stacks import litgpt, litgpt_qlora
 
 SRC_LORA = f"litgpt {litgpt.VERSION} litgpt/lora.py"
@@ -99,6 +101,24 @@ def flags_of(targets: tuple[str, ...] | str | None, *, rank: int, dropout: float
         mlp=bool(mlp),
         head="head" in on,
     )
+
+
+LITGPT_DEFAULT = ("q_proj", "v_proj")
+"""finetune/lora.py::setup's defaults, lora_query and lora_value, in peft's names."""
+
+
+def default_targets(ft: FinetuneSpec, inventory: Inventory) -> FinetuneSpec:
+    """`ft` with LitGPT's default targets in peft's names (LITGPT_DEFAULT) when it gives none
+    and the model names its linears so (Llama-shaped models, Phi), for the model states: peft's
+    own default for the model_type may differ (Phi's adds fc1 and fc2, peft 0.21.2
+    utils/constants.py), while LitGPT adapts only the query and the value (flags_of(None)).
+    GPT-NeoX and Falcon (one fused query_key_value, no such names) keep peft's default."""
+    if ft.method not in ("lora", "qlora") or ft.target_modules is not None:
+        return ft
+    names = {t.name.rsplit(".", 2)[-2] for t in inventory.parameters if t.name.count(".") >= 2}
+    if not set(LITGPT_DEFAULT) <= names:
+        return ft
+    return ft.model_copy(update={"target_modules": LITGPT_DEFAULT})
 
 
 def autocast_casts(st: Setting) -> bool:
