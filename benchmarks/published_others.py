@@ -390,7 +390,7 @@ LITGPT_QLORA_PHI_2023 = (
     "holds about 0.47 GB more here by the rule's own terms (the embedding's bf16 gradient and "
     "the replaced weight its PagedAdamW keeps, 51,200 x 2,048 x 2 B = 210 MB each; the "
     "StableEmbedding's saved LayerNorm input, 4.3 MB; layer 0's kept inputs, about 45 MB): "
-    "without it memplan would be about 3.99 and 3.93 GB (+5.4%, +5.5%).",
+    "without it memplan would be about 3.94 and 3.88 GB (+4.2%, +4.2%).",
 )
 
 # The run's float8 flags, each now modelled or shown to change nothing:
