@@ -14,7 +14,7 @@ import pytest
 
 from memplan.model.families import family_of
 from memplan.model.sources import from_config
-from memplan.model.stacks import litgpt
+from memplan.model.stacks import litgpt, litgpt_configs
 
 PHI_1_5 = {
     # microsoft/phi-1_5 config.json (the fields memplan reads)
@@ -89,8 +89,8 @@ def test_litgpt_inventory_counts_litgpts_own_gpt(name: str, config: dict[str, An
     inv = litgpt.own_inventory(from_config(config))
     assert inv.num_parameters == sum(p.numel() for p in model.parameters())
     arch = inv.architecture
-    assert arch is not None and litgpt.architecture_refusal(arch) == ""
-    assert litgpt.shared_norm(arch)
+    assert arch is not None and litgpt_configs.architecture_refusal(arch) == ""
+    assert litgpt_configs.shared_norm(arch)
 
 
 @pytest.mark.parametrize(

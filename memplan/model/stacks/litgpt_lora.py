@@ -69,7 +69,7 @@ from __future__ import annotations
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import litgpt, litgpt_lora_neox, litgpt_qlora
+from memplan.model.stacks import litgpt, litgpt_configs, litgpt_lora_neox, litgpt_qlora
 from memplan.model.stacks.litgpt_lora_adapters import (
     SRC_LINEAR,
     SRC_QKV,
@@ -103,7 +103,7 @@ def _layer(
     """One Block's saved tensors with LitGPT's LoRA, and whether its output requires grad.
     `g_in`: its input requires grad. The norms' outputs are in the stream dtype, the
     matmuls' (attention, MLP) in the matmul dtype. `q`: the base linears are bnb 4-bit."""
-    if arch.model_type in litgpt.NEOX_BLOCK:
+    if arch.model_type in litgpt_configs.NEOX_BLOCK:
         return litgpt_lora_neox.neox_layer(arch, st, fl, g_in, q)
     h, a, kv, d = kernels.attention_dims(arch)
     t, inter, stream, mm = st.tokens, arch.intermediate_size, st.stream, st.matmul
@@ -210,7 +210,7 @@ def _head(
     one storage."""
     h, t, b, s, stream = arch.hidden_size, st.tokens, st.batch, st.sequence, st.stream
     out: list[Saved] = []
-    if g and arch.model_type in litgpt.NEOX_BLOCK:
+    if g and arch.model_type in litgpt_configs.NEOX_BLOCK:
         out = kernels.layer_norm("transformer.ln_f", t, h, stream, st)  # frozen LayerNorm
     elif g:
         out = _norm("transformer.ln_f", t, h, st)
@@ -311,7 +311,7 @@ def saved(
             'finetune/lora.py refuses --quantize with a *-mixed precision ("Quantization and '
             'mixed precision is not supported."): use precision bf16 or fp32'
         )
-    if not why and litgpt.unit_offset(arch):
+    if not why and litgpt_configs.unit_offset(arch):
         # Measured: +256 B per norm on the tiny Gemma in fp32 and bf16-mixed (the frozen
         # `1 + weight`), not in bf16-true; the LoRA rule's frozen norms have no such term yet.
         why = (

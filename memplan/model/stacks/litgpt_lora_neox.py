@@ -10,7 +10,7 @@ from __future__ import annotations
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Saved, Setting
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import litgpt, litgpt_qlora
+from memplan.model.stacks import litgpt, litgpt_configs, litgpt_qlora
 from memplan.model.stacks.litgpt_lora_adapters import (
     SRC_LINEAR,
     SRC_QKV,
@@ -55,7 +55,7 @@ def neox_layer(
     h, a, kv, d = kernels.attention_dims(arch)
     t, inter, stream, mm = st.tokens, arch.intermediate_size, st.stream, st.matmul
     keeps = q is not None and q.keeps_input
-    shared = litgpt.shared_norm(arch)
+    shared = litgpt_configs.shared_norm(arch)
     out: list[Saved] = layer_norms("", t, h, st, shared=shared) if g_in else []
     out += weight_cast("attn.qkv", ((a + 2 * kv) * d, h), st, x_grad=g_in)
     normed_1 = kernels.saved("norm_1.output", (t, h), stream, "MmBackward0", SRC_QKV)
