@@ -72,9 +72,9 @@ from memplan.model.inventory import Architecture
 from memplan.model.stacks import litgpt, litgpt_configs, litgpt_lora_neox, litgpt_qlora
 from memplan.model.stacks.litgpt_lora_adapters import (
     SRC_LINEAR,
-    SRC_QKV,
     Flags,
     adapter_saves,
+    attention_half,
     kept_by_4bit,
     weight_cast,
 )
@@ -111,47 +111,8 @@ def _layer(
     out: list[Saved] = []
     if g_in:
         out += _norm("norm_1", t, h, st)
-    out += weight_cast("attn.qkv", ((a + 2 * kv) * d, h), st, x_grad=g_in)
-    # norm_1's output, as lora_A keeps it with dropout off.
-    kept, normed_x = kept_by_4bit(
-        kernels.saved("norm_1.output", (t, h), stream, "MmBackward0", SRC_QKV), keeps and g_in
-    )
-    out += kept
-    parts = sum(fl.qkv)
-    if fl.r and parts:
-        widths = (a * d, kv * d, kv * d)
-        padded = sum(w for w, on in zip(widths, fl.qkv, strict=True) if on)
-        out += adapter_saves(
-            "attn.qkv",
-            normed_x,
-            (t, h),
-            padded,
-            parts,
-            fl,
-            st,
-            x_dtype=stream,
-            x_grad=g_in,
-            src=SRC_QKV,
-        )
-        if parts < 3:
-            out.append(
-                kernels.saved(
-                    "attn.qkv.lora_B.output", (t, padded), mm, "IndexCopyBackward0", SRC_QKV
-                )
-            )
-    g_qkv = g_in or bool(fl.r and parts)
-    if g_qkv:
-        out += [s for s in litgpt.attention_saves(arch, st) if s.name != "attn.proj.input"]
-    out += weight_cast("attn.proj", (h, a * d), st, x_grad=g_qkv)
-    kept, y = kept_by_4bit(
-        kernels.saved("attn.proj.input", (t, a * d), mm, "MmBackward0", SRC_LINEAR),
-        keeps and g_qkv,
-    )
-    out += kept
-    if fl.r and fl.projection:
-        out += adapter_saves(
-            "attn.proj", y, (t, a * d), h, 1, fl, st, x_dtype=mm, x_grad=g_qkv, src=SRC_LINEAR
-        )
+    attention, g_qkv, _ = attention_half(arch, st, fl, g_in=g_in, keeps=keeps)
+    out += attention
     g_res = g_in or g_qkv or bool(fl.r and fl.projection)
     if g_res:
         out += _norm("norm_2", t, h, st)

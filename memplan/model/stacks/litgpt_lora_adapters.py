@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from memplan.config.finetune import FinetuneSpec
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Saved, Setting
-from memplan.model.inventory import Inventory
+from memplan.model.inventory import Architecture, Inventory
 from memplan.model.stacks import litgpt, litgpt_qlora
 
 SRC_LORA = f"litgpt {litgpt.VERSION} litgpt/lora.py"
@@ -186,3 +186,61 @@ def kept_by_4bit(x: Saved, keep: bool) -> tuple[list[Saved], Saved | None]:
     if keep:
         return [replace(x, saved_by="MatMul4BitBackward", source=litgpt_qlora.SRC_KEEPS_A)], None
     return [], x
+
+
+def attention_half(
+    arch: Architecture, st: Setting, fl: Flags, *, g_in: bool, keeps: bool
+) -> tuple[list[Saved], bool, bool]:
+    """What a LoRA Block saves from norm_1's output to `attn.proj` (the same in the Llama-shaped
+    and the parallel-residual Block): the fused `attn.qkv` (its frozen weight's cast, its
+    4-bit kept input, the adapters on the adapted q/k/v parts and zero_pad's index_copy
+    source when not all three are), the attention, and `attn.proj` with its adapter. `g_in`:
+    the block input requires grad; `keeps`: 4-bit matmuls keep their inputs. Returns the
+    saves, whether qkv's output requires grad, and whether norm_1's output is among the
+    saves (a shared norm's MLP reads the same storage)."""
+    h, a, kv, d = kernels.attention_dims(arch)
+    t, stream, mm = st.tokens, st.stream, st.matmul
+    out = weight_cast("attn.qkv", ((a + 2 * kv) * d, h), st, x_grad=g_in)
+    # norm_1's output, as lora_A keeps it with dropout off.
+    normed_1 = kernels.saved("norm_1.output", (t, h), stream, "MmBackward0", SRC_QKV)
+    kept, normed_x = kept_by_4bit(normed_1, keeps and g_in)
+    out += kept
+    listed = bool(kept)
+    parts = sum(fl.qkv)
+    if fl.r and parts:
+        widths = (a * d, kv * d, kv * d)
+        padded = sum(w for w, on in zip(widths, fl.qkv, strict=True) if on)
+        adapted = adapter_saves(
+            "attn.qkv",
+            normed_x,
+            (t, h),
+            padded,
+            parts,
+            fl,
+            st,
+            x_dtype=stream,
+            x_grad=g_in,
+            src=SRC_QKV,
+        )
+        listed = listed or any(s is normed_x for s in adapted)
+        out += adapted
+        if parts < 3:
+            out.append(
+                kernels.saved(
+                    "attn.qkv.lora_B.output", (t, padded), mm, "IndexCopyBackward0", SRC_QKV
+                )
+            )
+    g_qkv = g_in or bool(fl.r and parts)
+    if g_qkv:
+        out += [s for s in litgpt.attention_saves(arch, st) if s.name != "attn.proj.input"]
+    out += weight_cast("attn.proj", (h, a * d), st, x_grad=g_qkv)
+    kept, y = kept_by_4bit(
+        kernels.saved("attn.proj.input", (t, a * d), mm, "MmBackward0", SRC_LINEAR),
+        keeps and g_qkv,
+    )
+    out += kept
+    if fl.r and fl.projection:
+        out += adapter_saves(
+            "attn.proj", y, (t, a * d), h, 1, fl, st, x_dtype=mm, x_grad=g_qkv, src=SRC_LINEAR
+        )
+    return out, g_qkv, listed

@@ -16,6 +16,7 @@ from memplan.model.stacks.litgpt_lora_adapters import (
     SRC_QKV,
     Flags,
     adapter_saves,
+    attention_half,
     kept_by_4bit,
     weight_cast,
 )
@@ -57,54 +58,16 @@ def neox_layer(
     keeps = q is not None and q.keeps_input
     shared = litgpt_configs.shared_norm(arch)
     out: list[Saved] = layer_norms("", t, h, st, shared=shared) if g_in else []
-    out += weight_cast("attn.qkv", ((a + 2 * kv) * d, h), st, x_grad=g_in)
-    normed_1 = kernels.saved("norm_1.output", (t, h), stream, "MmBackward0", SRC_QKV)
-    kept, normed_x = kept_by_4bit(normed_1, keeps and g_in)
-    out += kept
-    counted = bool(kept)  # norm_1's output already listed (for the shared norm's MLP)
-    parts = sum(fl.qkv)
-    if fl.r and parts:
-        widths = (a * d, kv * d, kv * d)
-        padded = sum(w for w, on in zip(widths, fl.qkv, strict=True) if on)
-        adapted = adapter_saves(
-            "attn.qkv",
-            normed_x,
-            (t, h),
-            padded,
-            parts,
-            fl,
-            st,
-            x_dtype=stream,
-            x_grad=g_in,
-            src=SRC_QKV,
-        )
-        counted = counted or any(s is normed_x for s in adapted)
-        out += adapted
-        if parts < 3:
-            out.append(
-                kernels.saved(
-                    "attn.qkv.lora_B.output", (t, padded), mm, "IndexCopyBackward0", SRC_QKV
-                )
-            )
-    g_qkv = g_in or bool(fl.r and parts)
-    if g_qkv:
-        out += [s for s in litgpt.attention_saves(arch, st) if s.name != "attn.proj.input"]
-    out += weight_cast("attn.proj", (h, a * d), st, x_grad=g_qkv)
-    kept, y = kept_by_4bit(
-        kernels.saved("attn.proj.input", (t, a * d), mm, "MmBackward0", SRC_LINEAR),
-        keeps and g_qkv,
-    )
-    out += kept
-    if fl.r and fl.projection:
-        out += adapter_saves(
-            "attn.proj", y, (t, a * d), h, 1, fl, st, x_dtype=mm, x_grad=g_qkv, src=SRC_LINEAR
-        )
+    attention, g_qkv, counted = attention_half(arch, st, fl, g_in=g_in, keeps=keeps)
+    out += attention
     # GptNeoxMLP reads norm_2's output (norm_1's when shared): requires grad iff g_in.
     mlp = bool(fl.r and fl.mlp)
     out += weight_cast("mlp.fc", (inter, h), st, x_grad=g_in)
+    kept: list[Saved] = []
     if shared:
-        # qkv's keep (or its lora_A with dropout off) listed norm_1's output already.
-        kept, normed_2 = [], None if counted else normed_1
+        # Unless qkv's keep (or its lora_A with dropout off) listed norm_1's output already.
+        normed_1 = kernels.saved("norm_1.output", (t, h), stream, "MmBackward0", SRC_QKV)
+        normed_2 = None if counted else normed_1
     else:
         n2 = kernels.saved("norm_2.output", (t, h), stream, "MmBackward0", SRC_LINEAR)
         kept, normed_2 = kept_by_4bit(n2, keeps and g_in)
