@@ -266,6 +266,53 @@ def test_deepseek_v3_rule_matches_torchtitan_to_the_byte(
     assert kinds[0] == "layers.dense" and saved.layer_order[:dense] == ("layers.dense",) * dense
 
 
+@pytest.mark.parametrize(
+    ("experts", "moe_ffn", "q_lora"),
+    [
+        (8, 8, 0),  # the shared expert's w1 and w3: [8, 64], the gate's shape
+        (40, 24, 0),  # wkv_a: kv_lora 32 + rope 8 = 40 rows
+        (16, 24, 16),  # wq_a: q_lora 16 rows
+    ],
+)
+def test_deepseek_v3_selective_op_recomputes_every_mm_of_the_gates_shape(
+    experts: int, moe_ffn: int, q_lora: int
+) -> None:
+    """Independent oracle: torchtitan's real DeepSeek-V3 under SelectiveAC, where a matmul's
+    weight has the router gate's shape [experts, hidden]: `_wrap_block` matches
+    force_recompute_mm_shapes_by_fqns by shape, so that mm is recomputed and not counted,
+    which moves every later mm's parity. Before the rule matched by shape these were off by
+    -1,024, -16,384 and +21,504 bytes."""
+    pytest.importorskip("torch")
+    pytest.importorskip("torchtitan.models.deepseek_v3")
+    from memplan.model.stacks import torchtitan
+    from tests.torchtitan_probe import Mla, Shape, held_bytes
+
+    shape = Shape(
+        model="deepseek_v3",
+        layers=3,
+        batch=2,
+        ffn=128,
+        experts=experts,
+        top_k=2,
+        moe_ffn=moe_ffn,
+        mla=Mla(q_lora=q_lora),
+        routing="seeded",
+    )
+    with pytest.warns(UserWarning, match="CPU autocast"):
+        measured = held_bytes("bf16", "selective-op", shape)
+    cfg = deepseek_v3(3, q_lora=q_lora)
+    cfg.update(n_routed_experts=experts, moe_intermediate_size=moe_ffn)
+    training = {
+        "micro_batch_size": 2,
+        "sequence_length": 16,
+        "activation_checkpointing": "selective-op",
+    }
+    spec = _spec(cfg, precision="bf16-mixed", training=training, hardware={"device": "cpu"})
+    arch = from_config(cfg).architecture
+    assert arch is not None
+    assert torchtitan.saved(arch, setting_of(spec)).bytes == measured
+
+
 def test_deepseek_v3_refusals_name_what_is_not_covered() -> None:
     """On CUDA (the inner attention's kernel for MLA's unequal head dims is not established),
     layer SAC over two layer kinds, and context parallelism (TP is modelled)."""

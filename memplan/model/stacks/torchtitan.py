@@ -231,30 +231,39 @@ def _norm(prefix: str, t: int, h: int, x_dtype: str, st: Setting) -> list[Saved]
 
 
 def _matmuls(arch: Architecture, *, fused_qkv: bool, moe: bool) -> list[tuple[str, int]]:
-    """The block's matmuls in the order its forward runs them, with their output widths: the
-    order SelectiveAC counts them in (`meta["forward_mm_count"]`, restarted per block).
-    `moe`: the block's feed-forward half is a MoE."""
+    """The block's matmuls SelectiveAC counts (`meta["forward_mm_count"]`, restarted per
+    block), in the order its forward runs them, with their output widths. `moe`: the block's
+    feed-forward half is a MoE, whose router gate SelectiveAC recomputes uncounted
+    (`force_recompute_mm_shapes_by_fqns=["moe.router.gate"]`) with every other mm whose
+    weight has the gate's shape, [experts, hidden] (`_wrap_block` matches by shape: MLA's
+    wq / wq_a or wkv_a, or the shared experts' w1 and w3, when their width equals the expert
+    count); the grouped mms are not mm ops (memplan.model.stacks.torchtitan_moe.SRC_SAC)."""
     h, a, kv, d = kernels.attention_dims(arch)
     if arch.model_type == DEEPSEEK_V3:
         attn = torchtitan_mla.matmuls(arch)
     else:
         qkv = (
-            [("attention.wqkv", (a + 2 * kv) * d)]
+            [("attention.wqkv", h, (a + 2 * kv) * d)]
             if fused_qkv
-            else [("attention.wq", a * d), ("attention.wk", kv * d), ("attention.wv", kv * d)]
+            else [
+                ("attention.wq", h, a * d),
+                ("attention.wk", h, kv * d),
+                ("attention.wv", h, kv * d),
+            ]
         )
-        attn = [*qkv, ("attention.wo", h)]
+        attn = [*qkv, ("attention.wo", a * d, h)]
     if moe:
-        # The router's gate is recomputed uncounted, the grouped mms are not mm ops
-        # (memplan.model.stacks.torchtitan_moe.SRC_SAC); DeepSeek's shared experts are.
-        return [*attn, *torchtitan_moe.shared_matmuls(arch)]
+        gate = (h, arch.num_experts)
+        counted = [*attn, *torchtitan_moe.shared_matmuls(arch)]
+        return [(name, out) for name, i, out in counted if (i, out) != gate]
     inter = arch.intermediate_size
-    return [
+    dense = [
         *attn,
-        ("feed_forward.w1", inter),
-        ("feed_forward.w3", inter),
-        ("feed_forward.w2", h),
+        ("feed_forward.w1", h, inter),
+        ("feed_forward.w3", h, inter),
+        ("feed_forward.w2", inter, h),
     ]
+    return [(name, out) for name, _, out in dense]
 
 
 def _layer(

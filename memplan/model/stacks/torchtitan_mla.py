@@ -55,19 +55,21 @@ def dims(arch: Architecture) -> tuple[int, int, int, int, int, int]:
     )
 
 
-def matmuls(arch: Architecture) -> list[tuple[str, int]]:
-    """MLA's matmuls in forward order with their output widths (SelectiveAC's count)."""
+def matmuls(arch: Architecture) -> list[tuple[str, int, int]]:
+    """MLA's matmuls in forward order, (name, input width, output width): SelectiveAC's count
+    order."""
     ql, r, nope, rope, v, h = dims(arch)
+    d = arch.hidden_size
     q = (
-        [("attention.wq_a", ql), ("attention.wq_b", h * (nope + rope))]
+        [("attention.wq_a", d, ql), ("attention.wq_b", ql, h * (nope + rope))]
         if ql
-        else [("attention.wq", h * (nope + rope))]
+        else [("attention.wq", d, h * (nope + rope))]
     )
     return [
         *q,
-        ("attention.wkv_a", r + rope),
-        ("attention.wkv_b", h * (nope + v)),
-        ("attention.wo", arch.hidden_size),
+        ("attention.wkv_a", d, r + rope),
+        ("attention.wkv_b", r, h * (nope + v)),
+        ("attention.wo", h * v, d),
     ]
 
 

@@ -321,15 +321,17 @@ def expert_count(arch: Architecture, st: Setting) -> int:
     return st.local_experts or arch.num_experts
 
 
-def shared_matmuls(arch: Architecture) -> list[tuple[str, int]]:
-    """The shared experts' matmuls, counted by SelectiveAC after the uncounted gate."""
+def shared_matmuls(arch: Architecture) -> list[tuple[str, int, int]]:
+    """The shared experts' matmuls, (name, input width, output width), counted by
+    SelectiveAC after the uncounted gate."""
     if arch.model_type != DEEPSEEK_V3 or not arch.extra.get("n_shared_experts"):
         return []
+    h = arch.hidden_size
     inter = int(arch.extra["moe_intermediate_size"]) * int(arch.extra["n_shared_experts"])
     return [
-        ("moe.shared_experts.w1", inter),
-        ("moe.shared_experts.w3", inter),
-        ("moe.shared_experts.w2", arch.hidden_size),
+        ("moe.shared_experts.w1", h, inter),
+        ("moe.shared_experts.w3", h, inter),
+        ("moe.shared_experts.w2", inter, h),
     ]
 
 
