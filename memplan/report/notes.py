@@ -176,7 +176,8 @@ def fp8_notes(spec: Spec, local: Inventory, saved: acts.Activations) -> list[str
             # Imported here: only an FSDP2 spec loads the engine's rules (tests/test_startup.py).
             from memplan.states.engines.fsdp2 import fp8 as fsdp2_fp8
 
-            out.append(precompute_note(fsdp2_fp8.precompute_bytes(local.parameters)))
+            tensor = spec.parallelism.tensor
+            out.append(precompute_note(fsdp2_fp8.precompute_bytes(local.parameters, tensor)))
         return out
     t = fp8.terms(
         local.parameters, tokens=spec.training.micro_batch_size * spec.training.sequence_length
