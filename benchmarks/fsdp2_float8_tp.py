@@ -30,6 +30,11 @@ pre-all-gather peak, precomputed scales).
 
 memplan's figures for each TP rank (the TP-local inventory of that rank, sharded over "dp") are
 written beside the measured ones. Writes benchmarks/results/fsdp2-float8-tp.json.
+
+One trial run (MLP-176 case alone, load average above 10) gave one rank a cast peak 4 B above
+the rule (34,080 B for 34,076): one fp32 scalar, most likely the amax all-reduce's output that
+gloo's asynchronous work released a moment late; the stored run, the slow test's rerun and the
+2-rank FSDP2-only runs match to the byte.
 """
 
 from __future__ import annotations
