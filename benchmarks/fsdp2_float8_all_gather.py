@@ -108,52 +108,20 @@ def _tracker() -> Any:
     return Live
 
 
-def _case(rank: int, case: str, world: int) -> dict[str, Any]:
-    import torch
+def keep_fp8(mod: Any, fqn: str) -> bool:
+    """torchtitan components/quantization/utils.py::module_filter_fn with filter_fqns=[output]:
+    a Linear whose in and out features are multiples of 16, the LM head skipped (checked on
+    the whole module, before any parallelism)."""
+    dims = mod.in_features % 16 == 0 and mod.out_features % 16 == 0
+    return bool(dims) and "lm_head" not in fqn
+
+
+def probe_forward(model: Any, ids: Any) -> dict[str, Any]:
+    """One forward and backward of `model` (already stepped) with FSDP2's all-gather of each
+    group's first unshard recorded (the quantities in the module docstring), and the storage
+    under the Float8Linear weights' precomputed scales."""
     import torch.distributed.fsdp._fully_shard._fsdp_collectives as coll
     import torch.distributed.fsdp._fully_shard._fsdp_param_group as pg
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.conftest import TINY_LLAMA
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
-    fp8_ag = case.startswith("fp8_all_gather")
-    precompute = case == "fp8_all_gather_precompute"
-    if case != "bf16":
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-        def keep(mod: torch.nn.Module, fqn: str) -> bool:
-            # torchtitan components/quantization/utils.py::module_filter_fn, filter_fqns=[output]
-            dims = mod.in_features % 16 == 0 and mod.out_features % 16 == 0  # type: ignore[operator]
-            return bool(dims) and "lm_head" not in fqn
-
-        convert_to_float8_training(
-            model,
-            config=Float8LinearConfig(enable_fsdp_float8_all_gather=fp8_ag),
-            module_filter_fn=keep,
-        )
-    mesh = init_device_mesh("cpu", (world,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (BATCH, SEQUENCE))
-
-    def step() -> None:
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if precompute:
-            from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
-
-            precompute_float8_dynamic_scale_for_fsdp(model)
-
-    for _ in range(2):
-        step()
 
     live = _tracker()
     records: dict[str, dict[str, Any]] = {}
@@ -226,7 +194,49 @@ def _case(rank: int, case: str, world: int) -> dict[str, Any]:
         )
         is not None
     }
-    return {"rank": rank, "groups": records, "precomputed_storage": sum(pre.values())}
+    return {"groups": records, "precomputed_storage": sum(pre.values())}
+
+
+def _case(rank: int, case: str, world: int) -> dict[str, Any]:
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import TINY_LLAMA
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
+    fp8_ag = case.startswith("fp8_all_gather")
+    precompute = case == "fp8_all_gather_precompute"
+    if case != "bf16":
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        convert_to_float8_training(
+            model,
+            config=Float8LinearConfig(enable_fsdp_float8_all_gather=fp8_ag),
+            module_filter_fn=keep_fp8,
+        )
+    mesh = init_device_mesh("cpu", (world,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (BATCH, SEQUENCE))
+
+    def step() -> None:
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if precompute:
+            from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+            precompute_float8_dynamic_scale_for_fsdp(model)
+
+    for _ in range(2):
+        step()
+    return {"rank": rank, **probe_forward(model, ids)}
 
 
 def _rank(rank: int, world: int, port: int, cases: tuple[str, ...], out: str) -> None:

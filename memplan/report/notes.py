@@ -147,7 +147,9 @@ TORCHAO_ALL_GATHER_NOTE = (
     "weight already in fp8 (no weight cast in forward or for the input gradient); each "
     "weight's shard is cast before the all-gather (fsdp2_fp8_weight_cast: two fp32 copies and "
     "the fp8 shard at most; measured to the byte on gloo ranks, "
-    "benchmarks/results/fsdp2-float8-all-gather.json). Not counted: each unsharded weight's "
+    "benchmarks/results/fsdp2-float8-all-gather.json, and under DTensor TP with torchao's "
+    "Float8 TP styles on each rank's TP-local weights, benchmarks/results/fsdp2-float8-tp.json)."
+    " Not counted: each unsharded weight's "
     "fp32 scale without precomputed scales (4 B, a 512 B block on CUDA). "
     "force_recompute_fp8_weight_in_bwd changes nothing at torchao 0.18 (nor since 2025-06-13, "
     "pytorch/ao#2356: float8/config.py only warns that it is deprecated)."
@@ -176,7 +178,8 @@ def fp8_notes(spec: Spec, local: Inventory, saved: acts.Activations) -> list[str
             # Imported here: only an FSDP2 spec loads the engine's rules (tests/test_startup.py).
             from memplan.states.engines.fsdp2 import fp8 as fsdp2_fp8
 
-            out.append(precompute_note(fsdp2_fp8.precompute_bytes(local.parameters)))
+            tensor = spec.parallelism.tensor
+            out.append(precompute_note(fsdp2_fp8.precompute_bytes(local.parameters, tensor)))
         return out
     t = fp8.terms(
         local.parameters, tokens=spec.training.micro_batch_size * spec.training.sequence_length

@@ -76,6 +76,7 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
                 stream=ALL_GATHER_STREAM,
                 wrap=layout.fsdp_groups,
                 expert_parallel=layout.expert > 1,
+                tensor=layout.tensor,
             )
     if layout.tensor > 1:
         out += tp.backward_end(

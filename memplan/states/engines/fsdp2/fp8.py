@@ -25,6 +25,21 @@ and converts every Linear whose dims are multiples of 16 and whose name matches 
 `filter_fqns` (components/quantization/utils.py::module_filter_fn; llama3 configs filter
 `output`). torchtitan 0.3.0's Float8LinearConverter has no fp8 all-gather option any more
 (recipe_name rowwise only, or emulate).
+
+Under DTensor tensor parallelism (SRC_TP) torchtitan converts the whole Linears to Float8Linear,
+then applies TP with torchao's Float8 styles, then FSDP2 over the data mesh: FSDP2 shards each
+weight's TP-local tensor (the WeightWithDynamicFloat8CastTensor under the DTensor) and gathers
+it over the data ranks as above. Measured on 4 gloo ranks (dp 2 x tp 2, tiny Llama,
+benchmarks/fsdp2_float8_tp.py, tests/test_fsdp2_float8_tp.py): every rank's layer all-gather,
+unsharded storage, cast peak and precomputed scales are this rule's on its TP-local tensors, with
+sequence parallelism on or off; which Linears are converted is decided on the whole Linear
+(linear_features), not on the rank's shard. The fp8 all-gather of sequence-parallel activations
+(PrepareFloat8ModuleInput) fails in gloo ("RuntimeError: Invalid scalar type": gloo has no
+float8 dtypes; NCCL has), so the measurement runs that collective on uint8 views; it is outside
+these weights' buffers. Neither torchtitan nor torchao refuses TP with the fp8 all-gather:
+torchtitan uses the Float8 styles for tensorwise recipes (rowwise ones get plain TP), and
+torchao's styles refuse only a non-Float8Linear or non-dynamic scaling, both outside
+precision.fp8_all_gather (tensorwise only).
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ from memplan.memory import Transient
 from memplan.model.inventory import TensorSpec
 from memplan.precision import dtype_bytes
 from memplan.states.engines.fsdp2.sharding import padded_elements
+from memplan.states.parallel import tp_split
 
 SRC_PRE = (
     "torchao 0.18 float8/fsdp_utils.py::WeightWithDynamicFloat8CastTensor.fsdp_pre_all_gather "
@@ -62,6 +78,15 @@ SRC_UNEVEN = (
     "_init_sharded_param L316-326) and torch 2.13 checks the padded size only for the 5-argument "
     "hook (all_gather_inputs L876-891)"
 )
+SRC_TP = (
+    "torchtitan 018740b models/llama3/infra/parallelize.py::parallelize_llama "
+    "(enable_float8_tensorwise_tp: a float8 converter and no rowwise recipe) and ::apply_tp "
+    "(Float8ColwiseParallel q/k/v, w1/w3; Float8RowwiseParallel wo, w2; PrepareFloat8ModuleInput; "
+    "sequence parallel always); torchao 0.18 float8/fsdp_utils.py (the order: "
+    "convert_to_float8_training, then TP, then FSDP2 sharding the DTensor's local "
+    "WeightWithDynamicFloat8CastTensor on dim 0) and float8_tensor_parallel.py::"
+    "Float8ColwiseParallel._apply"
+)
 SRC_PRECOMPUTE = (
     "torchao 0.18 float8/fsdp_utils.py::precompute_float8_dynamic_scale_for_fsdp (one "
     "[Float8Linears] fp32 tensor; each weight's _precomputed_scale a view of it)"
@@ -83,36 +108,50 @@ FP8_TILE = 16
 _ROLES = ("attention", "mlp")
 
 
-def fp8_gathered(t: TensorSpec) -> bool:
-    """Whether FSDP2 gathers `t` in fp8: a decoder layer's attention or MLP Linear weight whose
-    dims are multiples of 16 (torchtitan's module_filter_fn; the output projection is outside
-    the layers and `filter_fqns` skips it). Routed experts (3-D) and routers are not counted:
-    torchtitan's Float8LinearConverter converts Linear modules only, and memplan models
-    Float8Linear in the attention and MLP projections."""
-    return (
-        t.layer is not None
-        and t.role in _ROLES
-        and len(t.shape) == 2
-        and t.name.endswith("weight")
-        and t.shape[0] % FP8_TILE == 0
-        and t.shape[1] % FP8_TILE == 0
-    )
+def linear_features(t: TensorSpec, tensor: int = 1) -> tuple[int, int]:
+    """(out, in) features of the whole Linear whose TP-local weight is `t` (shape [out, in],
+    nn.Linear's layout: torchao converts nn.Linear only, never transformers' Conv1D). torchtitan
+    converts to Float8Linear before it applies TP (SRC_TP: module_filter_fn sees the whole
+    Linear), so a column-parallel weight (split on dim 0) or a row-parallel one (dim 1,
+    memplan.states.parallel.tp_split) is `tensor` times wider there than on its rank."""
+    out_features, in_features = t.shape
+    split = tp_split(t) if tensor > 1 else "replicated"
+    if split == "column":
+        out_features *= tensor
+    elif split == "row":
+        in_features *= tensor
+    return out_features, in_features
 
 
-def fp8_shard_elements(tensors: Iterable[TensorSpec], world: int) -> int:
+def fp8_gathered(t: TensorSpec, tensor: int = 1) -> bool:
+    """Whether FSDP2 gathers `t` (a TP-local tensor under `tensor`-way TP) in fp8: a decoder
+    layer's attention or MLP Linear weight whose whole Linear's dims are multiples of 16
+    (torchtitan's module_filter_fn, before TP: linear_features; the output projection is
+    outside the layers and `filter_fqns` skips it). Routed experts (3-D) and routers are not
+    counted: torchtitan's Float8LinearConverter converts Linear modules only, and memplan
+    models Float8Linear in the attention and MLP projections."""
+    if not (
+        t.layer is not None and t.role in _ROLES and len(t.shape) == 2 and t.name.endswith("weight")
+    ):
+        return False
+    out_features, in_features = linear_features(t, tensor)
+    return out_features % FP8_TILE == 0 and in_features % FP8_TILE == 0
+
+
+def fp8_shard_elements(tensors: Iterable[TensorSpec], world: int, tensor: int = 1) -> int:
     """Elements of one rank's shards of the fp8-gathered weights among `tensors` (each
     dim 0 / `world` rows: check_even holds every rank to the same)."""
-    return sum(t.numel // world for t in tensors if fp8_gathered(t))
+    return sum(t.numel // world for t in tensors if fp8_gathered(t, tensor))
 
 
-def check_even(tensors: Iterable[TensorSpec], world: int) -> None:
+def check_even(tensors: Iterable[TensorSpec], world: int, tensor: int = 1) -> None:
     """torchao's pre-all-gather hook gathers the unpadded shard (SRC_UNEVEN): where a weight's
     rows do not split evenly, the ranks' all-gather inputs differ in size and the collective
     fails (measured: tiny Llama's Float8Linear layers, 64, 32 and 160 rows, over 3 gloo ranks
     abort in gloo: "Received data size doesn't match expected size",
     benchmarks/fsdp2_float8_all_gather.py)."""
     for t in tensors:
-        if fp8_gathered(t) and t.shape[0] % world:
+        if fp8_gathered(t, tensor) and t.shape[0] % world:
             raise MemplanError(
                 f"FSDP2 shards {t.name} ({t.shape[0]} rows) over "
                 f"{world} ranks unevenly, and torchao's fp8 all-gather sends each rank's "
@@ -124,7 +163,13 @@ def check_even(tensors: Iterable[TensorSpec], world: int) -> None:
 
 
 def cast_peak_bytes(
-    tensors: Sequence[TensorSpec], world: int, *, other_padded: int, param: str, precompute: bool
+    tensors: Sequence[TensorSpec],
+    world: int,
+    *,
+    other_padded: int,
+    param: str,
+    precompute: bool,
+    tensor: int = 1,
 ) -> int:
     """The most a group's fsdp_pre_all_gather calls hold at once, before its all-gather
     output exists (SRC_CAST): the weights are cast in the group's parameter order, each
@@ -140,7 +185,7 @@ def cast_peak_bytes(
     done = 0
     peak = 0
     for t in tensors:
-        if not fp8_gathered(t):
+        if not fp8_gathered(t, tensor):
             continue
         n = t.numel // world
         peak = max(peak, done + n * (CAST_FP32_COPIES * SCALE_BYTES + FP8_BYTES) + kept)
@@ -156,12 +201,13 @@ def cast_term(
     param: str,
     precompute: bool,
     stream: str,
+    tensor: int = 1,
 ) -> list[Transient]:
     """The cast of a decoder layer's fp8 weights before its all-gather (cast_peak_bytes), a
     momentary buffer on the all-gather stream as forward begins (each layer's all-gather
     holds more: its output and unsharded parameters)."""
     n_bytes = cast_peak_bytes(
-        tensors, world, other_padded=other_padded, param=param, precompute=precompute
+        tensors, world, other_padded=other_padded, param=param, precompute=precompute, tensor=tensor
     )
     if n_bytes <= 0:
         return []
@@ -192,6 +238,7 @@ def layer_cast_terms(
     stream: str,
     wrap: str = "layers",
     expert_parallel: bool = False,
+    tensor: int = 1,
 ) -> list[Transient]:
     """cast_term of the decoder layer whose cast holds the most. Under expert parallelism the
     routed experts are another parameter group, gathered over the expert-data mesh by their
@@ -202,16 +249,23 @@ def layer_cast_terms(
             layers.setdefault(t.layer, []).append(t)
     best: list[Transient] = []
     for ts in layers.values():
-        other = padded_elements([t for t in ts if not fp8_gathered(t)], world, wrap)
+        other = padded_elements([t for t in ts if not fp8_gathered(t, tensor)], world, wrap)
         terms = cast_term(
-            ts, world, other_padded=other, param=param, precompute=precompute, stream=stream
+            ts,
+            world,
+            other_padded=other,
+            param=param,
+            precompute=precompute,
+            stream=stream,
+            tensor=tensor,
         )
         if terms and (not best or terms[0].bytes > best[0].bytes):
             best = terms
     return best
 
 
-def precompute_bytes(tensors: Iterable[TensorSpec]) -> int:
+def precompute_bytes(tensors: Iterable[TensorSpec], tensor: int = 1) -> int:
     """Bytes precompute_float8_dynamic_scale_for_fsdp keeps between steps (SRC_PRECOMPUTE):
-    one fp32 scale per fp8-gathered weight of the model (the rank's stage)."""
-    return SCALE_BYTES * sum(1 for t in tensors if fp8_gathered(t))
+    one fp32 scale per fp8-gathered weight of the model (the rank's stage; under TP one per
+    Float8Linear all the same, its DTensor weight's amax all-reduced over the whole mesh)."""
+    return SCALE_BYTES * sum(1 for t in tensors if fp8_gathered(t, tensor))

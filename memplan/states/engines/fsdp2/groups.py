@@ -95,18 +95,21 @@ def fsdp2_groups(
     wrap: str = "layers",
     expert_world: int | None = None,
     fp8: bool = False,
+    tensor: int = 1,
 ) -> Fsdp2Groups:
     """FSDP2's groups of `inventory` sharded `world` ways (see Fsdp2Group), as `wrap`
     (Layout.fsdp_groups) groups them; with `expert_world` (expert parallelism) the routed
     experts of each layer are sharded over that many expert-data ranks instead (EDP); with
     `fp8` (precision.fp8_all_gather) the Float8Linear weights are gathered in fp8
-    (Fsdp2Group.fp8_padded)."""
+    (Fsdp2Group.fp8_padded); `tensor`: the TP degree `inventory`'s TP-local shapes are of
+    (which Linears torchao converts is decided on the whole Linears, fsdp2.fp8.fp8_gathered)."""
     if fp8:
-        check_even(inventory.parameters, world)
+        check_even(inventory.parameters, world, tensor)
         groups = fsdp2_groups(inventory, world, wrap, expert_world)
         # Only decoder layers hold Float8Linear weights (fp8_gathered): the root and
         # torchtitan's head group gather as without fp8.
-        return replace(groups, block=_largest_fp8_block(inventory, world, expert_world, wrap))
+        block = _largest_fp8_block(inventory, world, expert_world, wrap, tensor)
+        return replace(groups, block=block)
     tied = bool(inventory.tied)
     roots = [t for t in inventory.parameters if t.layer is None]
     layers: dict[int, list[TensorSpec]] = {}
@@ -135,13 +138,13 @@ def fsdp2_groups(
     )
 
 
-def _with_fp8(group: Fsdp2Group, tensors: list[TensorSpec], world: int) -> Fsdp2Group:
+def _with_fp8(group: Fsdp2Group, tensors: list[TensorSpec], world: int, tensor: int) -> Fsdp2Group:
     """`group` with the fp8-gathered elements of its `tensors` (none outside the layers)."""
-    return replace(group, fp8_padded=fp8_shard_elements(tensors, world))
+    return replace(group, fp8_padded=fp8_shard_elements(tensors, world, tensor))
 
 
 def _largest_fp8_block(
-    inventory: Inventory, world: int, expert_world: int | None, wrap: str
+    inventory: Inventory, world: int, expert_world: int | None, wrap: str, tensor: int
 ) -> Fsdp2Group:
     """The decoder layer whose unsharded bytes are the largest with its fp8 weights at 1 B
     (ties: the most padded elements, as fsdp2_groups picks without fp8)."""
@@ -150,7 +153,8 @@ def _largest_fp8_block(
         if t.layer is not None:
             layers.setdefault(t.layer, []).append(t)
     blocks = [
-        _with_fp8(_fsdp2_group(ts, world, expert_world, wrap), ts, world) for ts in layers.values()
+        _with_fp8(_fsdp2_group(ts, world, expert_world, wrap), ts, world, tensor)
+        for ts in layers.values()
     ]
     return max(
         blocks,
@@ -199,7 +203,8 @@ def groups_of(states: StepStates, cache: StepCache) -> Fsdp2Groups:
     experts = layout.expert_data if layout.expert > 1 else None
     # torchtitan turns the fp8 all-gather on only where FSDP shards (fsdp2.fp8).
     fp8 = states.fp8_all_gather and world > 1
+    tensor = layout.tensor
     return cache.get(
-        ("fsdp2 groups", inventory, world, wrap, experts, fp8),
-        lambda: fsdp2_groups(inventory, world, wrap, experts, fp8),
+        ("fsdp2 groups", inventory, world, wrap, experts, fp8, tensor),
+        lambda: fsdp2_groups(inventory, world, wrap, experts, fp8, tensor),
     )
