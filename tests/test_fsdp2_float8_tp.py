@@ -145,3 +145,37 @@ def test_rerun_fp8_all_gather_on_four_gloo_ranks() -> None:
         assert layer["unsharded"] == layer["all_gather_output"] == ours["layer_unsharded"]
         assert got["groups"]["root"]["unsharded"] == ours["root_unsharded"]
         assert layer["pre_all_gather_peak"] == ours["layer_cast_peak"]
+
+
+def test_gpt2_conv1d_blocks_gather_as_without_fp8() -> None:
+    """Independent oracle: torchao's convert_to_float8_training on transformers' GPT-2 swaps
+    no module of its blocks (Conv1D is not nn.Linear), so fp8_all_gather gathers nothing in fp8
+    there: the estimate equals the one without it."""
+    pytest.importorskip("torchao")
+    transformers = pytest.importorskip("transformers")
+    from torchao.float8 import convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
+
+    cfg = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256}
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
+    convert_to_float8_training(model)
+    converted = [n for n, m in model.named_modules() if isinstance(m, Float8Linear)]
+    assert not [n for n in converted if ".h." in f".{n}"], converted
+
+    def peak(on: bool) -> int:
+        spec = {
+            "model": {"architecture": {**cfg, "n_positions": 128}},
+            "precision": {
+                "preset": "bf16-mixed",
+                "fp8": "torchao-tensorwise",
+                "fp8_all_gather": on,
+            },
+            "optimizer": {"name": "adamw"},
+            "training": {"micro_batch_size": 1, "sequence_length": 64},
+            "parallelism": {"engine": "fsdp2", "data": 2},
+            "hardware": {"device": "cpu"},
+        }
+        loaded = validate(spec)
+        return estimate(loaded.spec, load_inventory(loaded)).peak_bytes
+
+    assert peak(True) == peak(False)

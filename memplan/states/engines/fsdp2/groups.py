@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from memplan.model.families import family_of
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.precision import dtype_bytes
 from memplan.states.engines.base import StepCache, StepStates
@@ -103,6 +104,11 @@ def fsdp2_groups(
     `fp8` (precision.fp8_all_gather) the Float8Linear weights are gathered in fp8
     (Fsdp2Group.fp8_padded); `tensor`: the TP degree `inventory`'s TP-local shapes are of
     (which Linears torchao converts is decided on the whole Linears, fsdp2.fp8.fp8_gathered)."""
+    if fp8 and _conv1d_blocks(inventory):
+        # torchao 0.18 float8/float8_linear_utils.py::convert_to_float8_training swaps
+        # nn.Linear modules only: GPT-2's Conv1D blocks keep their 16-bit weights, gathered
+        # as without fp8.
+        fp8 = False
     if fp8:
         check_even(inventory.parameters, world, tensor)
         groups = fsdp2_groups(inventory, world, wrap, expert_world)
@@ -136,6 +142,14 @@ def fsdp2_groups(
         layers=len(layers),
         head_grads=sum(t.numel for t in head if t.trainable),
     )
+
+
+def _conv1d_blocks(inventory: Inventory) -> bool:
+    """Whether the model's decoder layers are built of transformers' Conv1D (GPT-2's c_attn,
+    c_proj, c_fc), which torchao never converts to Float8Linear."""
+    arch = inventory.architecture
+    family = family_of(arch.model_type) if arch else None
+    return bool(family and family.conv1d)
 
 
 def _with_fp8(group: Fsdp2Group, tensors: list[TensorSpec], world: int, tensor: int) -> Fsdp2Group:
