@@ -179,3 +179,25 @@ def test_gpt2_conv1d_blocks_gather_as_without_fp8() -> None:
         return estimate(loaded.spec, load_inventory(loaded)).peak_bytes
 
     assert peak(True) == peak(False)
+
+
+def test_torchtitan_tensorwise_is_said_to_predate_0_3_0() -> None:
+    """torchtitan 0.3.0's own Float8LinearConverter takes the rowwise recipes only (its Config's
+    recipe_name Literal), so an estimate of torchtitan's code with tensorwise says so."""
+    import typing
+
+    pytest.importorskip("torchao")
+    float8 = pytest.importorskip("torchtitan.components.quantization.float8")
+    hints = typing.get_type_hints(float8.Float8LinearConverter.Config)
+    assert "tensorwise" not in typing.get_args(hints["recipe_name"])
+    spec = {
+        "model": {"architecture": TINY_LLAMA, "implementation": "torchtitan"},
+        "precision": {"preset": "bf16-mixed", "fp8": "torchao-tensorwise"},
+        "optimizer": {"name": "adamw"},
+        "training": {"micro_batch_size": 1, "sequence_length": 64},
+        "parallelism": {"engine": "fsdp2", "data": 2},
+        "hardware": {"device": "cpu"},
+    }
+    loaded = validate(spec)
+    notes = estimate(loaded.spec, load_inventory(loaded)).notes
+    assert any("rowwise recipes only" in n for n in notes), notes

@@ -167,13 +167,35 @@ def precompute_note(n_bytes: int) -> str:
     )
 
 
+def _torchao_scope(spec: Spec, local: Inventory) -> list[str]:
+    """What torchao Float8 does not reach in this spec's model code, said beside its notes."""
+    out = []
+    arch = local.architecture
+    if arch is not None and arch.model_type == "gpt2":
+        out.append(
+            "fp8: torchao's convert_to_float8_training swaps nn.Linear modules only (0.18 "
+            "float8/float8_linear_utils.py), and GPT-2's blocks are transformers' Conv1D: "
+            "they run and are gathered in 16-bit."
+        )
+    if spec.model.implementation == "torchtitan" and spec.precision.fp8 == "torchao-tensorwise":
+        out.append(
+            "fp8: torchtitan 0.3.0's Float8LinearConverter takes the rowwise recipes only "
+            "(components/quantization/float8.py: recipe_name rowwise or rowwise_with_gw_hp); "
+            "tensorwise scaling, its fp8 all-gather and precomputed scales are modelled as "
+            "torchao 0.18 runs them under the torchtitan that offered them (018740b: "
+            "float8.enable_fsdp_float8_all_gather)."
+        )
+    return out
+
+
 def fp8_notes(spec: Spec, local: Inventory, saved: acts.Activations) -> list[str]:
     if spec.precision.fp8 == "none" or not saved.modelled:
         return []
     if spec.precision.fp8 not in fp8.TE_RECIPES:
+        out = [*_torchao_scope(spec, local)]
         if not spec.precision.fp8_all_gather:
-            return [TORCHAO_NOTE]
-        out = [TORCHAO_NOTE.split(" FSDP2's fp8 all-gather")[0], TORCHAO_ALL_GATHER_NOTE]
+            return [TORCHAO_NOTE, *out]
+        out = [TORCHAO_NOTE.split(" FSDP2's fp8 all-gather")[0], TORCHAO_ALL_GATHER_NOTE, *out]
         if spec.precision.fp8_precompute_scale:
             # Imported here: only an FSDP2 spec loads the engine's rules (tests/test_startup.py).
             from memplan.states.engines.fsdp2 import fp8 as fsdp2_fp8
