@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from memplan.config.finetune import FinetuneSpec
+from memplan.errors import MemplanError
+from memplan.model.finetune.targets import ADAPTER
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Saved, Setting
 from memplan.model.inventory import Architecture, Inventory
+from memplan.model.module_tree import FINETUNE_NOTE
 from memplan.model.stacks import litgpt, litgpt_qlora
 
 SRC_LORA = f"litgpt {litgpt.VERSION} litgpt/lora.py"
@@ -105,20 +108,90 @@ def flags_of(targets: tuple[str, ...] | str | None, *, rank: int, dropout: float
 
 LITGPT_DEFAULT = ("q_proj", "v_proj")
 """finetune/lora.py::setup's defaults, lora_query and lora_value, in peft's names."""
+FUSED_QKV = "query_key_value"
+"""GPT-NeoX's and Falcon's fused q|k|v Linear (HF name), which LitGPT builds as `attn.qkv`."""
+SRC_QKV_INIT = (
+    f"{SRC_LORA}::LoRAQKVLinear.__init__ (lora_A [r x sum(enable_lora), in_features], lora_B "
+    "[head_size x (n_head, n_query_groups, n_query_groups) of the enabled parts, r]); lit-gpt "
+    "8641822 lit_gpt/lora.py::LoRAQKVLinear.__init__ the same (kv_embd_size = in_features // "
+    "(n_head // n_query_groups))"
+)
+
+
+def fused_targets(fl: Flags) -> tuple[str, ...]:
+    """The HF modules of a GPT-NeoX / Falcon checkpoint whose LitGPT counterparts the flags
+    adapt (litgpt 0.5.9 lora.py::Config): any of query, key, value -> the fused
+    query_key_value (`attn.qkv`); projection -> the attention's `dense` (`attn.proj`); mlp ->
+    dense_h_to_4h and dense_4h_to_h (lora.py::GptNeoxMLP's `fc` and `proj`); head -> lm_head."""
+    names: list[str] = []
+    if any(fl.qkv):
+        names.append(FUSED_QKV)
+    if fl.projection:
+        names.append("dense")
+    if fl.mlp:
+        names += ["dense_h_to_4h", "dense_4h_to_h"]
+    if fl.head:
+        names.append("lm_head")
+    return tuple(names)
+
+
+def _module_leaves(inventory: Inventory) -> set[str]:
+    return {t.name.rsplit(".", 2)[-2] for t in inventory.parameters if t.name.count(".") >= 2}
 
 
 def default_targets(ft: FinetuneSpec, inventory: Inventory) -> FinetuneSpec:
-    """`ft` with LitGPT's default targets in peft's names (LITGPT_DEFAULT) when it gives none
-    and the model names its linears so (Llama-shaped models, Phi), for the model states: peft's
-    own default for the model_type may differ (Phi's adds fc1 and fc2, peft 0.21.2
-    utils/constants.py), while LitGPT adapts only the query and the value (flags_of(None)).
-    GPT-NeoX and Falcon (one fused query_key_value, no such names) keep peft's default."""
-    if ft.method not in ("lora", "qlora") or ft.target_modules is not None:
+    """`ft` with the modules LitGPT adapts, in the model's HF names, for the model states.
+
+    Llama-shaped models and Phi (separate q_proj / v_proj): with no targets, LitGPT's default
+    (LITGPT_DEFAULT): peft's own default for the model_type may differ (Phi's adds fc1 and
+    fc2, peft 0.21.2 utils/constants.py), while LitGPT adapts only the query and the value
+    (flags_of(None)); given targets are kept. GPT-NeoX and Falcon (one fused query_key_value):
+    the flags' modules (fused_targets), default or given; peft's adapter on the fused module is
+    then reshaped to LitGPT's by `fused_qkv_adapters`."""
+    if ft.method not in ("lora", "qlora"):
         return ft
-    names = {t.name.rsplit(".", 2)[-2] for t in inventory.parameters if t.name.count(".") >= 2}
-    if not set(LITGPT_DEFAULT) <= names:
+    names = _module_leaves(inventory)
+    if FUSED_QKV in names:
+        fl = flags_of(ft.target_modules, rank=ft.rank, dropout=ft.dropout)
+        if isinstance(fl, str):
+            raise MemplanError(fl, field="finetune.target_modules")
+        return ft.model_copy(update={"target_modules": fused_targets(fl)})
+    if ft.target_modules is not None or not set(LITGPT_DEFAULT) <= names:
         return ft
     return ft.model_copy(update={"target_modules": LITGPT_DEFAULT})
+
+
+def fused_qkv_adapters(inventory: Inventory, ft: FinetuneSpec) -> Inventory:
+    """The LoRA inventory with LitGPT's adapter on a fused query_key_value (SRC_QKV_INIT) in
+    place of peft's [r, h] + [(n_head + 2 n_kv) head_dim, r]: lora_A [r x parts, h], lora_B
+    [sum of the enabled q / k / v widths, r]. Under lora_query + lora_value Falcon-7B (71 heads,
+    one k/v head) trains 3 r h + 64 r elements per layer where peft's shape gives 2 r h + 128 r.
+    `ft` is the user's (LitGPT's flags); other inventories come back unchanged."""
+    arch = inventory.architecture
+    suffix_a = f".{FUSED_QKV}.lora_A.{ADAPTER}.weight"
+    suffix_b = f".{FUSED_QKV}.lora_B.{ADAPTER}.weight"
+    if arch is None or not any(t.name.endswith(suffix_a) for t in inventory.parameters):
+        return inventory
+    fl = flags_of(ft.target_modules, rank=ft.rank, dropout=ft.dropout)
+    if isinstance(fl, str):
+        raise MemplanError(fl, field="finetune.target_modules")
+    h, a, kv, d = kernels.attention_dims(arch)
+    widths = (a * d, kv * d, kv * d)
+    shape_a = (fl.r * sum(fl.qkv), h)
+    shape_b = (sum(w for w, on in zip(widths, fl.qkv, strict=True) if on), fl.r)
+    params = tuple(
+        t.reshaped(shape_a)
+        if t.name.endswith(suffix_a)
+        else t.reshaped(shape_b)
+        if t.name.endswith(suffix_b)
+        else t
+        for t in inventory.parameters
+    )
+    note = (
+        f"{FINETUNE_NOTE} LitGPT's LoRAQKVLinear on {FUSED_QKV}: lora_A {list(shape_a)}, "
+        f"lora_B {list(shape_b)} ({SRC_QKV_INIT})."
+    )
+    return replace(inventory, parameters=params, notes=(*inventory.notes, note))
 
 
 def autocast_casts(st: Setting) -> bool:
