@@ -299,8 +299,8 @@ def apply(spec: Spec, inventory: Inventory) -> Inventory:
     if lightning_4bit:
         out = litgpt_qlora.stable_embedding(out)  # LitGPT's QLoRA swaps in StableEmbedding
     if spec.model.implementation == "litgpt":
-        # LitGPT's LoRAQKVLinear on GPT-NeoX / Falcon's fused q|k|v, not peft's adapter shape
-        out = litgpt_lora_adapters.fused_qkv_adapters(out, spec.finetune)
+        # LitGPT's adapters on fused modules (q|k|v; Phi-3's gate|up), not peft's shapes
+        out = litgpt_lora_adapters.fused_adapters(out, spec.finetune)
     return out
 
 
