@@ -3,7 +3,8 @@ or `adapter_v2`): memplan's inventory (memplan.model.stacks.litgpt_adapter) agai
 0.5.9's own adapter GPTs, and what their forward saves, measured for the rule to come.
 
 Part 1, `inventory`: memplan's presets against litgpt's own config entries (Llama-3-8B,
-Qwen2.5-0.5B, Mistral-7B-v0.1, Llama-2-7b-hf) x adapter / adapter_v2 x Fabric's 32-true /
+Qwen2.5-0.5B, Mistral-7B-v0.1, Llama-2-7b-hf; phi-1_5 and phi-2 from their config.json sizes)
+x adapter / adapter_v2 x Fabric's 32-true /
 bf16-true / bf16-mixed (memplan fp32 / bf16 / amp-bf16): `litgpt.adapter(_v2).GPT` built on
 the meta device under Fabric's precision plugin's module_init_context, marked by its own
 mark_only_adapter(_v2)_as_trainable (tests/litgpt_probe.py::adapter_parameters), with the
@@ -11,7 +12,8 @@ trainable flag of what gets a gradient in finetune/adapter(_v2).py::fit's order
 (adapter_fit_grads: the no-grad validation first, then training). A row is exact when every
 name, shape, dtype and trainable flag is equal.
 
-Part 2, `optimizer`: the tiny model (n_embd 64, 4 heads, 4 layers) run on CPU in fit's order
+Part 2, `optimizer`: the tiny model (n_embd 64, 4 heads, 4 layers; Llama-shaped with 4, 2
+and 1 k/v heads, and Phi-1.5-shaped) run on CPU in fit's order
 with litgpt's own instantiate_torch_optimizer("AdamW", model.parameters()), two steps
 (tests/litgpt_probe.py::adapter_optimizer_held): the parameters with state, exp_avg and
 exp_avg_sq bytes, gradient bytes and the adapter_kv_cache storages against memplan's
@@ -22,8 +24,9 @@ backward on the tiny model (tests/litgpt_probe.py::held_bytes_adapter), each row
 now the rule's bytes (memplan.model.stacks.litgpt_adapter_saved.activations) and `exact` whether
 they are equal.
 
-Part 4, `activations`: the rule against the same measure over the Llama-, Qwen2.5-, Mistral-
-and Phi-3-shaped tiny configs (tests/litgpt_probe.py::ARCHS; Llama also multi-query) x adapter
+Part 4, `activations`: the rule against the same measure over the Llama-, Qwen2.5-, Mistral-,
+Phi-3-, phi-1.5- and phi-2-shaped tiny configs (phi: the parallel-residual Block with one
+shared LayerNorm) (tests/litgpt_probe.py::ARCHS; Llama also multi-query) x adapter
 / adapter_v2 x 32-true / bf16-true / bf16-mixed x adapter_start_layer 0 / 2 x (batch,
 sequence, adapter_prompt_length) (1, 200, 10) / (2, 300, 7), three layers, and (2, 300, 7)
 again with LitGPT's recomputation (every Block checkpointed:
@@ -50,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.published_others import PHI_1_5  # noqa: E402
 from benchmarks.stamp import stamp  # noqa: E402
 from memplan import activations as memplan_activations  # noqa: E402
 from memplan.config.load import validate  # noqa: E402
@@ -71,12 +75,24 @@ from tests.litgpt_probe import (  # noqa: E402
 from tests.test_litgpt_activations import tiny  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "litgpt-adapter.json"
-MODELS = [
+PHI_2: dict[str, Any] = {
+    **PHI_1_5,
+    "hidden_size": 2560,
+    "intermediate_size": 10240,
+    "num_hidden_layers": 32,
+    "partial_rotary_factor": 0.4,
+}
+"""microsoft/phi-2 config.json's sizes (hidden 2560, 32 layers, 32 heads, intermediate 10240,
+partial_rotary_factor 0.4, vocabulary 51200), litgpt 0.5.9 config.py's "phi-2" entry."""
+MODELS: list[tuple[str | dict[str, Any], str]] = [
     ("llama-3-8b", "Llama-3-8B"),
     ("qwen2.5-0.5b", "Qwen2.5-0.5B"),
     ("mistral-7b", "Mistral-7B-v0.1"),
     ("llama-2-7b", "Llama-2-7b-hf"),
+    (PHI_1_5, "phi-1_5"),
+    (PHI_2, "phi-2"),
 ]
+"""memplan's preset (or config.json) and litgpt's own config entry of each part 1 model."""
 METHODS = ("adapter", "adapter_v2")
 DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}
 
@@ -103,7 +119,8 @@ def inventory() -> list[dict[str, Any]]:
             for precision in ("fp32", "bf16", "amp-bf16"):
                 raw = adapter_parameters(name, method, PRECISION[precision])
                 real = {n: (s, DTYPE_NAMES[d], trained[n]) for n, (s, d, _) in raw.items()}
-                loaded = spec_of({"preset": preset}, method, precision)
+                model = {"preset": preset} if isinstance(preset, str) else {"architecture": preset}
+                loaded = spec_of(model, method, precision)
                 inv = finetune.apply(loaded.spec, load_inventory(loaded))
                 held = loaded.spec.recipe().parameters
                 mine = {t.name: (t.shape, t.dtype or held, t.trainable) for t in inv.parameters}
@@ -111,7 +128,7 @@ def inventory() -> list[dict[str, Any]]:
                 rows.append(
                     {
                         "model": name,
-                        "preset": preset,
+                        "preset": preset if isinstance(preset, str) else None,
                         "method": method,
                         "precision": precision,
                         "fabric_precision": PRECISION[precision],
@@ -138,13 +155,15 @@ def optimizer() -> list[dict[str, Any]]:
     rows = []
     for method in METHODS:
         for precision in ("fp32", "bf16", "amp-bf16"):
-            for kv in (4, 2, 1):
+            for arch, kv in (("llama", 4), ("llama", 2), ("llama", 1), ("phi-1.5", 4)):
                 layers = 4
-                real = adapter_optimizer_held(precision, Shape(layers=layers, kv_heads=kv), method)
-                loaded = spec_of({"architecture": tiny(layers, kv)}, method, precision)
+                shape = Shape(arch=arch, layers=layers, kv_heads=kv)
+                real = adapter_optimizer_held(precision, shape, method)
+                cfg = tiny(layers, kv) if arch == "llama" else hf_config(shape)
+                loaded = spec_of({"architecture": cfg}, method, precision)
                 spec = loaded.spec
-                inv = finetune.apply(spec, from_config(tiny(layers, kv)))
-                report = estimate(spec, from_config(tiny(layers, kv)))
+                inv = finetune.apply(spec, from_config(cfg))
+                report = estimate(spec, from_config(cfg))
                 terms = {t.name: t.bytes for t in report.per_gpu.terms}
                 held = spec.recipe().parameters
                 cache = sum(
@@ -156,6 +175,7 @@ def optimizer() -> list[dict[str, Any]]:
                 row = {
                     "method": method,
                     "precision": precision,
+                    "architecture": arch,
                     "kv_heads": kv,
                     "layers": layers,
                     "with_state": len(real.with_state),
@@ -207,7 +227,15 @@ def predict(
     )
 
 
-ARCH_KV = (("llama", 2), ("llama", 1), ("qwen2.5", 2), ("mistral", 2), ("phi-3", 4))
+ARCH_KV = (
+    ("llama", 2),
+    ("llama", 1),
+    ("qwen2.5", 2),
+    ("mistral", 2),
+    ("phi-3", 4),
+    ("phi-1.5", 4),
+    ("phi-2", 4),
+)
 CASES = (("none", 1, 200, 10), ("none", 2, 300, 7), ("full", 2, 300, 7))
 """(activation_checkpointing, batch, sequence, adapter_prompt_length) of each part 4 row."""
 """Part 4's tiny architectures and their k/v heads (Phi-3-mini is multi-head; Llama also
@@ -248,6 +276,7 @@ def activations() -> list[dict[str, Any]]:
                                 "measured": measured,
                                 "memplan": memplan,
                                 "exact": measured == memplan,
+                                "config": hf_config(shape),
                             }
                         )
                         print(json.dumps(rows[-1]), flush=True)

@@ -6,8 +6,9 @@ Sources (each copied with its settings and our assumptions under benchmarks/refe
   memory after `trainer.train()` (hf-transformers-bert-large-v100.md).
 - titan-h200: torchtitan `benchmarks/llama3_8b_h200_2025-06_torchtitan.md` (Trainy, June 2025):
   Llama 3.1 8B, FSDP over 32 and 64 H200s, max reserved (torchtitan-llama3-8b-h200-trainy.md).
-- litgpt: LitGPT `tutorials/resource-tables.md` (October 2023): LoRA on Llama 2 7B and 13B and
-  StableLM Alpha 3B on one A100 40GB, max allocated (litgpt-lora-a100.md). The runs it
+- litgpt: LitGPT `tutorials/resource-tables.md` (October 2023): LoRA on Llama 2 7B and 13B,
+  StableLM Alpha 3B, phi-1.5 and Falcon 40B on one A100 40GB, max allocated
+  (litgpt-lora-a100.md; why its adapter rows are not here: the same file). The runs it
   printed as "OOM" are rows too: memplan's verdict on them must be "does not fit".
 
 The metric maps to memplan's figure of the same spec (its most loaded rank):
@@ -259,18 +260,38 @@ PHI_1_5: dict[str, Any] = {
     "tie_word_embeddings": False,
     "vocab_size": 51200,
 }
+# tiiuae/falcon-40b config.json (https://huggingface.co/tiiuae/falcon-40b/blob/main/config.json),
+# its size keys; the same sizes as lit-gpt 8641822 lit_gpt/config.py's "falcon-40b" entry
+# (n_layer 60, n_head 128, n_embd 8192, n_query_groups 8, bias False, rotary_percentage 1.0,
+# padded_vocab_size 65024; Config's defaults: parallel_residual, two LayerNorms, GptNeoxMLP
+# 4 x n_embd) and litgpt 0.5.9's.
+FALCON_40B: dict[str, Any] = {
+    "model_type": "falcon",
+    "architectures": ["FalconForCausalLM"],
+    "alibi": False,
+    "bias": False,
+    "hidden_size": 8192,
+    "layer_norm_epsilon": 1e-05,
+    "new_decoder_architecture": True,
+    "num_attention_heads": 128,
+    "num_hidden_layers": 60,
+    "num_kv_heads": 8,
+    "parallel_attn": True,
+    "vocab_size": 65024,
+}
 LITGPT_MODELS: dict[str, dict[str, Any]] = {
     "13b": {"architecture": LLAMA_2_13B, "implementation": "litgpt"},
     "stablelm-3b": {"architecture": STABLELM_ALPHA_3B, "implementation": "litgpt"},
     "phi-1.5": {"architecture": PHI_1_5, "implementation": "litgpt"},
+    "falcon-40b": {"architecture": FALCON_40B, "implementation": "litgpt"},
 }
-LONGEST = {"7b": 1304, "13b": 1304, "stablelm-3b": 1034, "phi-1.5": 1044}
+LONGEST = {"7b": 1304, "13b": 1304, "stablelm-3b": 1034, "phi-1.5": 1044, "falcon-40b": 1079}
 """The longest Alpaca example in each model's tokens (the reference file): forced first."""
 
 
 def litgpt(mbs: int, quantize: str | None = None, size: str = "7b") -> dict[str, Any]:
-    """lit-gpt 8641822 finetune/lora.py on Llama 2 7B or 13B, StableLM Alpha 3B or phi-1.5 (the
-    reference file)."""
+    """lit-gpt 8641822 finetune/lora.py on Llama 2 7B or 13B, StableLM Alpha 3B, phi-1.5 or
+    Falcon 40B (the reference file)."""
     lora: dict[str, Any] = {
         "method": "qlora" if quantize else "lora",
         "rank": 8,
@@ -278,9 +299,9 @@ def litgpt(mbs: int, quantize: str | None = None, size: str = "7b") -> dict[str,
         "dropout": 0.05,
         "target_modules": ["q_proj", "v_proj"],
     }
-    if size in ("stablelm-3b", "phi-1.5"):
-        # peft's Llama names match no GPT-NeoX / Phi module; left out, the targets are LitGPT's
-        # default, lora_query + lora_value (memplan.model.stacks.litgpt_lora_adapters.flags_of).
+    if size in ("stablelm-3b", "phi-1.5", "falcon-40b"):
+        # Left out, the targets are LitGPT's default, lora_query + lora_value
+        # (memplan.model.stacks.litgpt_lora_adapters.flags_of and default_targets).
         del lora["target_modules"]
     if quantize:
         # The reference file's bitsandbytes 0.41.1: MatMul4Bit keeps each 4-bit matmul's input.
@@ -392,6 +413,21 @@ LITGPT_QLORA_PHI_2023 = (
     "StableEmbedding's saved LayerNorm input, 4.3 MB; layer 0's kept inputs, about 45 MB): "
     "without it memplan would be about 3.94 and 3.88 GB (+4.2%, +4.2%).",
 )
+LITGPT_FALCON_2023 = (
+    LITGPT_2023[0],
+    "Falcon 40B's LayerNorms are torch.nn.LayerNorm in both lit-gpt 8641822 and litgpt 0.5.9; "
+    "8641822's LoRAQKVLinear has 0.5.9's shapes (12,042,240 trainable, as the table says). "
+    "Published OOM at every setting: compared by verdict (the A100 40GB must not fit).",
+    LITGPT_2023[2],
+)
+LITGPT_QLORA_FALCON_2023 = (
+    "lit-gpt 8641822 with --quantize, as the Llama rows (LITGPT_QLORA_2023), bitsandbytes "
+    "0.41.1 keeping every 4-bit matmul's input (finetune.bnb_version 0.41.1); litgpt 0.5.9's "
+    "StableEmbedding swap, absent from 8641822, is in memplan's figure (not subtracted).",
+    "The verdict rests on bitsandbytes 0.41.1: its kept inputs put memplan at 47.00 / 45.18 GiB "
+    "on the device (nf4 / nf4-dq); with bitsandbytes >= 0.43.2 (no input kept) memplan says "
+    "39.80 / 38.02 GiB, which fits the A100 40GB.",
+)
 
 # The run's float8 flags, each now modelled or shown to change nothing:
 # enable_fsdp_float8_all_gather is precision.fp8_all_gather (memplan.states.engines.fsdp2.fp8,
@@ -464,6 +500,12 @@ ROWS = (
         litgpt(2, size="phi-1.5"), notes=LITGPT_PHI_2023),
     Row("litgpt", "phi-1.5, LoRA, micro-batch 4", 10.68, "GB",
         litgpt(4, size="phi-1.5"), notes=LITGPT_PHI_2023),
+    Row("litgpt", "Falcon 40B, LoRA, micro-batch 1", None, "GB",
+        litgpt(1, size="falcon-40b"), notes=LITGPT_FALCON_2023),
+    Row("litgpt", "Falcon 40B, LoRA, bnb.nf4, micro-batch 1", None, "GB",
+        litgpt(1, "bnb.nf4", size="falcon-40b"), notes=LITGPT_QLORA_FALCON_2023),
+    Row("litgpt", "Falcon 40B, LoRA, bnb.nf4-dq, micro-batch 1", None, "GB",
+        litgpt(1, "bnb.nf4-dq", size="falcon-40b"), notes=LITGPT_QLORA_FALCON_2023),
 )  # fmt: skip
 
 

@@ -449,3 +449,140 @@ def test_adapter_refuses_model_types_it_does_not_cover() -> None:
     )
     with pytest.raises(MemplanError, match="modelled on its Llama-shaped configs"):
         finetune.apply(spec, from_config(cfg))
+
+
+STORED = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "litgpt-adapter.json"
+
+
+def test_stored_activation_matrix_matches_the_rule() -> None:
+    """Every stored part-4 row of benchmarks/litgpt_adapter.py (litgpt's adapter GPTs run by
+    Fabric on CPU, Phi's parallel-residual Block included) against the rule as it is now:
+    the row's measured bytes, not its stored memplan column. No torch: each row keeps its
+    config.json."""
+    import json
+
+    rows = json.loads(STORED.read_text())["activations"]
+    assert {"phi-1.5", "phi-2"} <= {r["architecture"] for r in rows}
+    wrong = []
+    for row in rows:
+        spec = make_spec(
+            model={"architecture": row["config"], "implementation": "litgpt"},
+            precision=row["precision"],
+            training={
+                "micro_batch_size": row["batch"],
+                "sequence_length": row["sequence"],
+                "activation_checkpointing": row["checkpointing"],
+            },
+            finetune={
+                "method": row["method"],
+                "adapter_start_layer": row["adapter_start_layer"],
+                "adapter_prompt_length": row["adapter_prompt_length"],
+            },
+            hardware={"device": "cpu"},
+        )
+        saved = micro_batch_of(spec, from_config(row["config"]))
+        if not saved.modelled or saved.bytes != row["measured"]:
+            wrong.append((row["architecture"], row["method"], row["precision"], saved.bytes))
+    assert not wrong, wrong
+
+
+def test_phi_adapter_trains_the_prefix_and_gates_only() -> None:
+    """phi-1.5 (24 layers, 32 heads, n_embd 2048) under adapter's defaults (prompt length 10
+    from layer 2): adapter.py::adapter_filter marks 22 x (10 x 2048 + 32) = 451,264 elements;
+    fit's cache leaves the gates (22 x 32) to train. Refused before Phi was covered."""
+    from benchmarks.published_others import PHI_1_5
+
+    spec = make_spec(
+        model={"architecture": PHI_1_5, "implementation": "litgpt"},
+        precision="bf16",
+        finetune={"method": "adapter"},
+    )
+    params = finetune.apply(spec, from_config(PHI_1_5)).parameters
+    prefix = [t for t in params if "adapter_wte" in t.name or "gating_factor" in t.name]
+    assert sum(t.numel for t in prefix) == 22 * (10 * 2048 + 32)
+    assert sum(t.numel for t in params if t.trainable) == 22 * 32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["phi-1.5", "phi-2"])
+@pytest.mark.parametrize("method", ["adapter", "adapter_v2"])
+def test_inventory_matches_litgpt_on_phi(arch: str, method: str) -> None:
+    """Phi's HF tensors (q/k/v_proj, dense, fc1, fc2, input_layernorm, final_layernorm, biases,
+    lm_head's bias) against litgpt's adapter GPT with the probe's phi fields."""
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.adapter_v2")
+    from tests.litgpt_probe import (
+        Shape,
+        adapter_fit_grads,
+        adapter_parameters_of,
+        config,
+        hf_config,
+    )
+
+    shape = Shape(arch=arch, layers=3, kv_heads=4)
+    real = adapter_parameters_of(config(shape), method, "bf16-true")
+    trained = adapter_fit_grads(config(shape), method)
+    mine = memplan_parameters(
+        {
+            "model": {"architecture": hf_config(shape), "implementation": "litgpt"},
+            "precision": "bf16",
+            "finetune": {"method": method},
+            "training": {"micro_batch_size": 1, "sequence_length": 128},
+        }
+    )
+    assert mine == {n: (s, DTYPE_NAMES[d], trained[n]) for n, (s, d, _) in real.items()}
+
+
+PHI_CASES = [
+    ("adapter", "amp-bf16", 2, "phi-1.5", 4, 1, 200, "none"),  # first adapted: `ay` and proj
+    ("adapter_v2", "amp-bf16", 0, "phi-1.5", 4, 2, 300, "none"),  # trainable shared LayerNorm
+    ("adapter_v2", "bf16", 2, "phi-2", 4, 2, 300, "full"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "precision", "start", "arch", "kv", "batch", "seq", "mode"), PHI_CASES
+)
+def test_phi_activations_match_litgpt_to_the_byte(
+    method: str, precision: str, start: int, arch: str, kv: int, batch: int, seq: int, mode: str
+) -> None:
+    memplan, litgpt = _rule_and_litgpt(
+        method, precision, start, arch, kv, batch, seq, recompute=mode
+    )
+    assert memplan == litgpt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adapter", "adapter_v2"])
+def test_phi_optimizer_states_and_gradients_match_litgpt_adamw(method: str) -> None:
+    """test_optimizer_states_and_gradients_match_litgpt_adamw_on_cpu on the Phi Block."""
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.adapter_v2")
+    from tests.litgpt_probe import Shape, adapter_optimizer_held, hf_config
+
+    shape = Shape(arch="phi-1.5", layers=3, kv_heads=4)
+    real = adapter_optimizer_held("bf16", shape, method)
+    cfg = hf_config(shape)
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "litgpt"},
+        precision="bf16",
+        training={"micro_batch_size": shape.batch, "sequence_length": shape.seq},
+        finetune={"method": method},
+        hardware={"device": "cpu"},
+    )
+    inv = finetune.apply(spec, from_config(cfg))
+    assert set(real.with_state) == {t.name for t in inv.parameters if t.trainable}
+    report = estimate(spec, from_config(cfg))
+    mine = {t.name: (t.tensors, t.bytes) for t in report.per_gpu.terms}
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert mine[key] == real.by_key[key]
+    assert sum(t.bytes for t in report.per_gpu.terms if t.category == "gradients") == (
+        real.grad_bytes
+    )
+    cache = sum(
+        b.numel * dtype_bytes(b.dtype or spec.recipe().parameters)
+        for b in inv.buffers
+        if "adapter_kv_cache" in b.name
+    )
+    assert cache == real.cache_bytes

@@ -263,10 +263,11 @@ def test_default_adapters_match_litgpt_adamw_on_pythia() -> None:
     """Independent oracle for the model states of the default spec (no target_modules, as
     the published StableLM rows run it): finetune/lora.py::main on CPU (tests/litgpt_probe.py::
     lora_optimizer_held: litgpt's LoRA GPT with lora_query + lora_value, AdamW over every
-    parameter, two real steps). memplan counts peft's adapter on GPT-NeoX's fused
-    query_key_value ([r, h] + [3h, r]); LitGPT's LoRAQKVLinear on q and v is [2r, h] +
-    [2h, r]: the same elements with as many k/v heads as heads, so exp_avg and exp_avg_sq
-    are the same bytes."""
+    parameter, two real steps). memplan gives GPT-NeoX's fused query_key_value LitGPT's
+    LoRAQKVLinear on q and v, [2r, h] + [2h, r] (litgpt_lora_adapters.fused_adapters);
+    with as many k/v heads as heads peft's [r, h] + [3h, r] has as many elements, so this
+    test passed before that too: test_falcon_7b_default_spec_matches_litgpt_step is the one
+    where the shapes tell."""
     pytest.importorskip("lightning.fabric")
     pytest.importorskip("litgpt.lora")
     from memplan.report.estimate import estimate
@@ -283,6 +284,167 @@ def test_default_adapters_match_litgpt_adamw_on_pythia() -> None:
         finetune={"method": "lora", "rank": 8, "alpha": 16},
         hardware={"device": "cpu"},
     )
+    mine = {t.name: t.bytes for t in estimate(spec, from_config(cfg)).per_gpu.terms}
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert mine[key] == real.by_key[key][1]
+
+
+FALCON_40B: dict[str, Any] = {
+    "model_type": "falcon",
+    "hidden_size": 8192,
+    "num_attention_heads": 128,
+    "num_kv_heads": 8,
+    "num_hidden_layers": 60,
+    "vocab_size": 65024,
+    "new_decoder_architecture": True,
+    "parallel_attn": True,
+    "bias": False,
+}
+"""tiiuae/falcon-40b config.json's sizes (n_head 128, n_head_kv 8, n_layer 60, in
+transformers' FalconConfig names); litgpt 0.5.9 config.py's "falcon-40b" entry has the same
+(n_embd 8192, n_head 128, n_query_groups 8, n_layer 60)."""
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_falcon_40b_default_targets_train_the_published_count(method: str) -> None:
+    """finetune/lora.py's default (lora_query, lora_value) on Falcon 40B trains 12,042,240
+    parameters: LitGPT's resource table (tutorials/resource-tables.md, "Finetuning with LoRA
+    on 1 GPU", Falcon 40B rows). LitGPT's LoRAQKVLinear: [2r, h] + [(128 + 8) x 64, r] per
+    layer; peft's adapter on the fused query_key_value ([r, h] + [(128 + 2 x 8) x 64, r])
+    would give 8,355,840."""
+    from memplan.model.finetune.lora import apply, num_trainable
+
+    spec = make_spec(
+        model={"architecture": FALCON_40B, "implementation": "litgpt"},
+        precision="bf16",
+        optimizer={"name": "paged_adamw" if method == "qlora" else "adamw"},
+        finetune={"method": method, "rank": 8, "alpha": 16, "dropout": 0.05},
+    )
+    params = apply(spec, from_config(FALCON_40B)).parameters
+    assert num_trainable(t for t in params if "lora_" in t.name) == 12_042_240
+
+
+def test_litgpt_lora_on_fused_qkv_refuses_a_regex() -> None:
+    """Under litgpt the model states read LitGPT's flags, as the activations do."""
+    from memplan.errors import MemplanError
+    from memplan.model.finetune.lora import apply
+
+    spec = make_spec(
+        model={"architecture": FALCON_40B, "implementation": "litgpt"},
+        finetune={"method": "lora", "rank": 8, "alpha": 16, "target_modules": ".*qkv"},
+    )
+    with pytest.raises(MemplanError, match="LitGPT's LoRA is set by flags"):
+        apply(spec, from_config(FALCON_40B))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("arch", "kv"),
+    [
+        ("falcon-7b", 1),
+        ("falcon-40b", 2),
+        ("pythia", 4),
+        ("phi-1.5", 4),  # dense, fc1, fc2: peft's o_proj / MLP names match nothing
+        ("phi-3", 4),  # qkv_proj, gate_up_proj fused
+        ("phi-4-mini", 2),  # qkv_proj with grouped queries
+        ("llama", 2),
+    ],
+)
+def test_lora_trainable_tensors_match_litgpt(arch: str, kv: int) -> None:
+    """memplan's trainable LoRA tensors against litgpt 0.5.9's own `litgpt.lora.GPT` after
+    mark_only_lora_as_trainable, built on the meta device, for the default targets (none
+    given) and every target set of TARGETS: the same elements; the same shapes where the
+    checkpoint fuses q|k|v as LitGPT does (GPT-NeoX, Falcon). Where it has separate q/k/v
+    (peft's one adapter per module, LitGPT's one LoRAQKVLinear) or Phi-3's gate_up_proj, the
+    elements only (litgpt_lora_adapters.fused_adapters)."""
+    pytest.importorskip("litgpt.lora")
+    import torch
+    from litgpt.lora import GPT, mark_only_lora_as_trainable
+
+    from memplan.model.finetune.lora import apply
+    from tests.litgpt_probe import Lora, Shape, hf_config, lora_config
+
+    shape = Shape(arch=arch, layers=2, kv_heads=kv)
+    cfg = hf_config(shape)
+    for name, targets in [("default", None), *TARGETS.items()]:
+        extra = {} if targets is None else {"target_modules": list(targets)}
+        spec = make_spec(
+            model={"architecture": cfg, "implementation": "litgpt"},
+            finetune={"method": "lora", "rank": 8, "alpha": 16, **extra},
+        )
+        mine = [t for t in apply(spec, from_config(cfg)).parameters if t.trainable]
+        lora = Lora() if targets is None else _lora(targets, 0.0)
+        with torch.device("meta"):
+            model = GPT(lora_config(shape, lora))
+        mark_only_lora_as_trainable(model)
+        real = [p for p in model.parameters() if p.requires_grad]
+        assert sum(t.numel for t in mine) == sum(p.numel() for p in real), name
+        if arch in ("falcon-7b", "falcon-40b", "pythia"):
+            assert sorted(t.shape for t in mine) == sorted(tuple(p.shape) for p in real), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("arch", "kv", "targets"),
+    [
+        ("phi-1.5", 4, "q+v+mlp"),
+        ("phi-1.5", 4, "o"),
+        ("phi-4-mini", 2, None),
+        ("phi-3", 4, "q+v+mlp"),
+    ],
+)
+def test_lora_optimizer_states_match_litgpt_adamw(arch: str, kv: int, targets: str | None) -> None:
+    """AdamW's exp_avg / exp_avg_sq after two real steps of litgpt's LoRA GPT on CPU
+    (tests/litgpt_probe.py::lora_optimizer_held) against memplan's estimate: Phi's MLP and
+    projection adapters (fc1, fc2, dense), Phi-4-mini's grouped-query LoRAQKVLinear, Phi-3's
+    fc_1 / fc_2 adapters."""
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.lora")
+    from memplan.report.estimate import estimate
+    from tests.litgpt_probe import Lora, Shape, hf_config, lora_optimizer_held
+
+    shape = Shape(arch=arch, layers=2, kv_heads=kv)
+    cfg = hf_config(shape)
+    extra = {} if targets is None else {"target_modules": list(TARGETS[targets])}
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "litgpt"},
+        precision="bf16",
+        training={"micro_batch_size": shape.batch, "sequence_length": shape.seq},
+        finetune={"method": "lora", "rank": 8, "alpha": 16, **extra},
+        hardware={"device": "cpu"},
+    )
+    lora = Lora() if targets is None else _lora(TARGETS[targets], 0.0)
+    real = lora_optimizer_held("bf16", shape, lora)
+    mine = {t.name: t.bytes for t in estimate(spec, from_config(cfg)).per_gpu.terms}
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert mine[key] == real.by_key[key][1], key
+
+
+@pytest.mark.slow
+def test_falcon_7b_default_spec_matches_litgpt_step() -> None:
+    """Falcon-7B's default LoRA spec (no target_modules: finetune/lora.py's lora_query +
+    lora_value, dropout 0.05) against litgpt's own run on CPU: what the forward saves
+    (tests/litgpt_probe.py::held_bytes_lora) and AdamW's states after two real steps
+    (lora_optimizer_held): multi-query, so peft's fused-adapter shape would differ."""
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.lora")
+    from memplan.report.estimate import estimate
+    from tests.litgpt_probe import Lora, Shape, held_bytes_lora, hf_config, lora_optimizer_held
+
+    shape = Shape(arch="falcon-7b", layers=2, batch=2, seq=16, kv_heads=1)
+    cfg = hf_config(shape)
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "litgpt"},
+        precision="bf16",
+        training={"micro_batch_size": 2, "sequence_length": 16},
+        finetune={"method": "lora", "rank": 8, "alpha": 16, "dropout": 0.05},
+        hardware={"device": "cpu"},
+    )
+    lora = Lora(dropout=0.05)
+    saved = micro_batch_of(spec, from_config(cfg))
+    assert saved.modelled, saved.notes
+    assert saved.bytes == held_bytes_lora("bf16", "none", shape, lora)
+    real = lora_optimizer_held("bf16", shape, lora)
     mine = {t.name: t.bytes for t in estimate(spec, from_config(cfg)).per_gpu.terms}
     for key in ("exp_avg", "exp_avg_sq"):
         assert mine[key] == real.by_key[key][1]

@@ -105,3 +105,30 @@ def test_oom_rows_are_verdicts() -> None:
         assert r["device_used_gib"] > 40.0, r["label"]
     assert doc["oom_rows"] == len(oom)
     assert doc["oom_agree"] == sum(r["agrees"] for r in oom) == len(oom)
+
+
+PUBLISHED_TRAINABLE = {
+    "Llama 2 7B": 4_194_304,
+    "Llama 2 13B": 6_553_600,
+    "StableLM Alpha 3B": 2_097_152,
+    "phi-1.5": 1_572_864,
+    "Falcon 40B": 12_042_240,
+}
+"""LitGPT resource table's "Trainable parameters" column of its LoRA rows."""
+
+
+def test_litgpt_rows_train_the_published_trainable_count() -> None:
+    """Each LitGPT model's first LoRA row: memplan's adapters (LitGPT's default targets, its
+    LoRAQKVLinear shape on Falcon's fused qkv) have the table's trainable count, which its
+    reference file copies."""
+    from memplan.config.load import validate
+    from memplan.model.finetune.lora import apply, num_trainable
+    from memplan.model.load import load_inventory
+
+    text = (ROOT / script.SOURCES["litgpt"]["reference"]).read_text()
+    for model, count in PUBLISHED_TRAINABLE.items():
+        assert f"{count:,}" in text, model
+        row = next(r for r in script.ROWS if r.source == "litgpt" and r.label.startswith(model))
+        loaded = validate(row.spec)
+        params = apply(loaded.spec, load_inventory(loaded)).parameters
+        assert num_trainable(t for t in params if "lora_" in t.name) == count, model

@@ -298,6 +298,9 @@ def apply(spec: Spec, inventory: Inventory) -> Inventory:
     )
     if lightning_4bit:
         out = litgpt_qlora.stable_embedding(out)  # LitGPT's QLoRA swaps in StableEmbedding
+    if spec.model.implementation == "litgpt":
+        # LitGPT's adapters on fused modules (q|k|v; Phi-3's gate|up), not peft's shapes
+        out = litgpt_lora_adapters.fused_adapters(out, spec.finetune)
     return out
 
 

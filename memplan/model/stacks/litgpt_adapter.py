@@ -44,9 +44,12 @@ from memplan.model.stacks import litgpt
 SRC_ADAPTER = f"litgpt {litgpt.VERSION} litgpt/adapter.py"
 SRC_ADAPTER_V2 = f"litgpt {litgpt.VERSION} litgpt/adapter_v2.py"
 
-COVERED = frozenset({"llama", "mistral", "qwen2", "phi3"})
-"""The Llama-shaped model types (RMSNorm, LLaMAMLP, sequential residual) whose HF tensors map
-onto LitGPT's GPT one to one, as memplan.model.stacks.litgpt_lora covers them."""
+COVERED = frozenset({"llama", "mistral", "qwen2", "phi3", "phi"})
+"""The model types whose HF tensors map onto LitGPT's GPT one to one: the Llama-shaped ones
+(RMSNorm, LLaMAMLP, sequential residual), as memplan.model.stacks.litgpt_lora covers them, and
+Phi (phi-1.5 / phi-2: litgpt config.py's "phi-1_5" / "phi-2", the parallel-residual Block with
+one shared LayerNorm, GptNeoxMLP `fc` / `proj`, biases, lm_head's bias; HF names as litgpt
+scripts/convert_hf_checkpoint.py::copy_weights_phi maps them)."""
 
 SRC_CACHE = (
     f"{SRC_ADAPTER}::CausalSelfAttention.scaled_dot_product_attention (`if self.adapter_kv_cache "
@@ -80,15 +83,19 @@ _LAYER = {
     "mlp.up_proj": "mlp.fc_2",
     "mlp.down_proj": "mlp.proj",
     "self_attn.qkv_proj": "attn.qkv",  # Phi-3: fused already
+    "self_attn.dense": "attn.proj",  # Phi
+    "mlp.fc1": "mlp.fc",  # Phi: GptNeoxMLP
+    "mlp.fc2": "mlp.proj",
 }
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GATE_UP = "mlp.gate_up_proj"  # Phi-3: LitGPT splits it into fc_1 and fc_2
 _TOP = {
     "model.embed_tokens": "transformer.wte",
     "model.norm": "transformer.ln_f",
+    "model.final_layernorm": "transformer.ln_f",  # Phi
     "lm_head": "lm_head",
 }
-_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc_1", "mlp.fc_2", "mlp.proj", "lm_head")
+_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc_1", "mlp.fc_2", "mlp.fc", "mlp.proj", "lm_head")
 """The modules adapter_v2.py makes AdapterV2Linear."""
 
 
@@ -102,8 +109,8 @@ def refusal(inventory: Inventory) -> str:
         )
     if arch.model_type not in COVERED:
         return (
-            f"LitGPT's adapter and adapter_v2 are modelled on its Llama-shaped configs "
-            f"(model types {', '.join(sorted(COVERED))}); {arch.model_type!r} is not one"
+            f"LitGPT's adapter and adapter_v2 are modelled on its Llama-shaped configs and "
+            f"Phi (model types {', '.join(sorted(COVERED))}); {arch.model_type!r} is not one"
         )
     return ""
 

@@ -15,7 +15,7 @@ from memplan.config.finetune import FinetuneSpec
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import litgpt, litgpt_lora, litgpt_lora_adapters
+from memplan.model.stacks import litgpt, litgpt_configs, litgpt_lora, litgpt_lora_adapters
 from memplan.model.stacks.litgpt_adapter import COVERED, SRC_ADAPTER, SRC_ADAPTER_V2
 from memplan.precision import dtype_bytes
 
@@ -119,6 +119,23 @@ def _v1_layer(arch: Architecture, st: Setting, aT: int, adapted: bool, g_in: boo
     return [*prefix_attention(arch, st, aT, q_grad=False), *kept]
 
 
+def _v1_neox_layer(
+    arch: Architecture, st: Setting, aT: int, adapted: bool, g_in: bool
+) -> list[Saved]:
+    """`_v1_layer` for Phi's parallel-residual Block (`mlp(norm_1(x)) + attn(norm_1(x)) + x`):
+    the frozen Block as litgpt_lora_neox.neox_layer saves it, plus the prefix attention of an
+    adapted layer. When the block input needs no gradient only the attention's output does
+    (through the gate): `ay` and attn.proj's kept input (and its weight's cast under
+    autocast); the MLP reads the shared norm's output, which needs none, and saves nothing."""
+    if not adapted:
+        return litgpt_lora._layer(arch, st, _FROZEN, g_in)[0]
+    full = litgpt_lora._layer(arch, st, _FROZEN, True)[0]
+    if g_in:
+        return [*full, *prefix_attention(arch, st, aT, q_grad=True)]
+    kept = [x for x in full if x.name.startswith("attn.proj.")]
+    return [*prefix_attention(arch, st, aT, q_grad=False), *kept]
+
+
 def _v2_sum(name: str, shape: tuple[int, ...], st: Setting) -> Saved:
     """AdapterV2Linear's `linear(x) + adapter_bias`, kept by the scale's multiply: in the
     parameters' dtype (stream), the bias's promotion lifting autocast's bf16 output to fp32."""
@@ -176,11 +193,58 @@ def _v2_layer(arch: Architecture, st: Setting, aT: int, adapted: bool, g_in: boo
     return out
 
 
+def _v2_neox_layer(
+    arch: Architecture, st: Setting, aT: int, adapted: bool, g_in: bool
+) -> list[Saved]:
+    """`_v2_layer` for Phi's parallel-residual Block: the one shared LayerNorm trains, so
+    native_layer_norm records its input, mean and rstd whether or not the input requires grad
+    (kernels.layer_norm); qkv, proj, the MLP's fc and proj are AdapterV2Linears (their sums,
+    their weights' casts under autocast); the GELU keeps its input, fc's adapted output, in
+    the stream dtype; the sum `mlp + attn + x` keeps nothing."""
+    h, a, kv, d = kernels.attention_dims(arch)
+    t, inter = st.tokens, arch.intermediate_size
+    qkv_out = (a + 2 * kv) * d
+    casts = {
+        "attn.qkv": (qkv_out, h),
+        "attn.proj": (h, a * d),
+        "mlp.fc": (inter, h),
+        "mlp.proj": (h, inter),
+    }
+
+    def cast(name: str) -> list[Saved]:
+        return litgpt_lora_adapters.weight_cast(name, casts[name], st, x_grad=True)
+
+    out: list[Saved] = kernels.layer_norm("norm_1", t, h, st.stream, st)
+    out += [*cast("attn.qkv"), _v2_sum("attn.qkv", (t, qkv_out), st)]
+    main = [x for x in litgpt.attention_saves(arch, st) if x.name != "attn.proj.input"]
+    if st.stream != st.matmul:
+        value = kernels.saved(
+            "attn.value", (st.batch, a, st.sequence, d), st.matmul, "SdpaBackward", litgpt.SRC_ATTN
+        )
+        main = [value if x.name == "attn.qkv.output" else x for x in main]
+    out += main
+    if adapted:
+        out += prefix_attention(arch, st, aT, q_grad=True, cast=st.stream != st.matmul)
+    out += [*cast("attn.proj"), _v2_sum("attn.proj", (t, h), st)]
+    src = SRC_V2_LINEAR
+    out += [
+        *cast("mlp.fc"),
+        _v2_sum("mlp.fc", (t, inter), st),
+        kernels.saved("mlp.fc.output", (t, inter), st.stream, "GeluBackward0", src),
+        *cast("mlp.proj"),
+        _v2_sum("mlp.proj", (t, h), st),
+    ]
+    return out
+
+
 def _v2_head(arch: Architecture, st: Setting) -> list[Saved]:
     """adapter_v2's head: ln_f trains (all of litgpt.norm), and every 128-position chunk's
     AdapterV2Linear lm_head keeps its weight's cast (autocast) and its sum [B, chunk, vocab]."""
     h, vocab, b = arch.hidden_size, arch.vocab_size, st.batch
-    out = litgpt.norm("transformer.ln_f", st.tokens, h, st)
+    if arch.model_type in litgpt_configs.NEOX_BLOCK:
+        out = kernels.layer_norm("transformer.ln_f", st.tokens, h, st.stream, st)  # Phi's
+    else:
+        out = litgpt.norm("transformer.ln_f", st.tokens, h, st)
     for i, c in enumerate(litgpt_lora._chunks(st.sequence)):
         out += litgpt_lora_adapters.weight_cast(f"lm_head.{i}", (vocab, h), st, x_grad=True)
         out.append(_v2_sum(f"lm_head.{i}", (b, c, vocab), st))
@@ -193,8 +257,8 @@ def activations(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
     why = litgpt.unsupported(arch, st) or litgpt_lora.unsupported(st)
     if not why and arch.model_type not in COVERED:
         why = (
-            f"LitGPT's {ft.method} is modelled on its Llama-shaped configs (model types "
-            f"{', '.join(sorted(COVERED))})"
+            f"LitGPT's {ft.method} is modelled on its Llama-shaped configs and Phi (model "
+            f"types {', '.join(sorted(COVERED))})"
         )
     if not why and st.device == "cuda":
         why = (
@@ -207,13 +271,18 @@ def activations(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
     if why:
         return litgpt.refused(f"activations not modelled: {why}.")
     v2 = ft.method == "adapter_v2"
+    neox = arch.model_type in litgpt_configs.NEOX_BLOCK
+    if v2:
+        rule = _v2_neox_layer if neox else _v2_layer
+    else:
+        rule = _v1_neox_layer if neox else _v1_layer
     h, vocab, t, b, s = arch.hidden_size, arch.vocab_size, st.tokens, st.batch, st.sequence
     blocks = [Block(name="embeddings", count=1, tensors=())]
     g = False  # the frozen embedding's output needs no gradient
     runs: list[tuple[list[Saved], int]] = []
     for i in range(arch.num_layers):
         adapted = i >= ft.adapter_start_layer
-        layer = (_v2_layer if v2 else _v1_layer)(arch, st, ft.adapter_prompt_length, adapted, g)
+        layer = rule(arch, st, ft.adapter_prompt_length, adapted, g)
         g = g or adapted or v2
         if runs and runs[-1][0] == layer:
             runs[-1] = (layer, runs[-1][1] + 1)

@@ -9,9 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from memplan.config.finetune import FinetuneSpec
+from memplan.errors import MemplanError
+from memplan.model.finetune.targets import ADAPTER
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Saved, Setting
 from memplan.model.inventory import Architecture, Inventory
+from memplan.model.module_tree import FINETUNE_NOTE
 from memplan.model.stacks import litgpt, litgpt_qlora
 
 SRC_LORA = f"litgpt {litgpt.VERSION} litgpt/lora.py"
@@ -103,22 +106,157 @@ def flags_of(targets: tuple[str, ...] | str | None, *, rank: int, dropout: float
     )
 
 
-LITGPT_DEFAULT = ("q_proj", "v_proj")
-"""finetune/lora.py::setup's defaults, lora_query and lora_value, in peft's names."""
+FUSED_QKV = ("query_key_value", "qkv_proj")
+"""HF names of a fused q|k|v Linear, which LitGPT builds as `attn.qkv`: GPT-NeoX's and Falcon's
+query_key_value, Phi-3's qkv_proj."""
+FUSED_GATE_UP = "gate_up_proj"
+"""Phi-3's fused gate|up Linear, which litgpt's convert_hf_checkpoint splits into fc_1, fc_2."""
+SRC_QKV_INIT = (
+    f"{SRC_LORA}::LoRAQKVLinear.__init__ (lora_A [r x sum(enable_lora), in_features], lora_B "
+    "[head_size x (n_head, n_query_groups, n_query_groups) of the enabled parts, r]); lit-gpt "
+    "8641822 lit_gpt/lora.py::LoRAQKVLinear.__init__ the same (kv_embd_size = in_features // "
+    "(n_head // n_query_groups))"
+)
+SRC_MLP = (
+    f"{SRC_LORA}::LLaMAMLP (fc_1, fc_2, proj) and GptNeoxMLP (fc, proj): create_lora_linear "
+    "with r = lora_r if lora_mlp, one LoRALinear ([r, in] + [out, r]) each"
+)
+
+LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "llama": {
+        "query": ("q_proj",),
+        "key": ("k_proj",),
+        "value": ("v_proj",),
+        "projection": ("o_proj",),
+        "mlp": MLP_NAMES,
+        "head": ("lm_head",),
+    },
+    "phi3": {
+        "query": ("qkv_proj",),
+        "key": ("qkv_proj",),
+        "value": ("qkv_proj",),
+        "projection": ("o_proj",),
+        "mlp": (FUSED_GATE_UP, "down_proj"),
+        "head": ("lm_head",),
+    },
+    "phi": {
+        "query": ("q_proj",),
+        "key": ("k_proj",),
+        "value": ("v_proj",),
+        "projection": ("dense",),
+        "mlp": ("fc1", "fc2"),
+        "head": ("lm_head",),
+    },
+    "neox": {
+        "query": ("query_key_value",),
+        "key": ("query_key_value",),
+        "value": ("query_key_value",),
+        "projection": ("dense",),
+        "mlp": ("dense_h_to_4h", "dense_4h_to_h"),
+        "head": ("lm_head",),
+    },
+}
+"""The HF modules each of LitGPT's flags adapts, by how the checkpoint names its linears (the
+modules litgpt's convert_hf_checkpoint.py maps to `attn.qkv`, `attn.proj`, the MLP's
+fc_1 / fc_2 / proj or fc / proj, and `lm_head`): Llama-shaped (q/k/v_proj, o_proj,
+gate/up/down_proj), Phi-3 (qkv_proj, gate_up_proj), Phi (dense, fc1, fc2), GPT-NeoX / Falcon
+(query_key_value, dense, dense_h_to_4h, dense_4h_to_h)."""
+
+
+def layout_of(leaves: set[str]) -> str:
+    """Which LAYOUTS entry a model's Linear names (leaves) follow."""
+    if "query_key_value" in leaves:
+        return "neox"
+    if "qkv_proj" in leaves:
+        return "phi3"
+    if {"fc1", "fc2", "dense"} <= leaves:
+        return "phi"
+    return "llama"
+
+
+def hf_targets(fl: Flags, layout: str) -> tuple[str, ...]:
+    """The HF modules whose LitGPT counterparts the flags adapt (LAYOUTS), in flag order."""
+    names: list[str] = []
+    on = {
+        "query": fl.query,
+        "key": fl.key,
+        "value": fl.value,
+        "projection": fl.projection,
+        "mlp": fl.mlp,
+        "head": fl.head,
+    }
+    for flag, enabled in on.items():
+        if enabled:
+            names += [n for n in LAYOUTS[layout][flag] if n not in names]
+    return tuple(names)
+
+
+def _module_leaves(inventory: Inventory) -> set[str]:
+    return {t.name.rsplit(".", 2)[-2] for t in inventory.parameters if t.name.count(".") >= 2}
 
 
 def default_targets(ft: FinetuneSpec, inventory: Inventory) -> FinetuneSpec:
-    """`ft` with LitGPT's default targets in peft's names (LITGPT_DEFAULT) when it gives none
-    and the model names its linears so (Llama-shaped models, Phi), for the model states: peft's
-    own default for the model_type may differ (Phi's adds fc1 and fc2, peft 0.21.2
-    utils/constants.py), while LitGPT adapts only the query and the value (flags_of(None)).
-    GPT-NeoX and Falcon (one fused query_key_value, no such names) keep peft's default."""
-    if ft.method not in ("lora", "qlora") or ft.target_modules is not None:
+    """`ft` with the HF modules LitGPT adapts for its flags (flags_of: the targets in peft's
+    Llama names, none given: finetune/lora.py's default lora_query + lora_value), for the model
+    states: LitGPT's own choice whatever peft's default for the model_type (Phi's adds fc1 and
+    fc2, peft 0.21.2 utils/constants.py) and whatever the checkpoint calls its linears
+    (LAYOUTS). A fused module's peft adapter is then reshaped to LitGPT's by
+    `fused_adapters`."""
+    if ft.method not in ("lora", "qlora"):
         return ft
-    names = {t.name.rsplit(".", 2)[-2] for t in inventory.parameters if t.name.count(".") >= 2}
-    if not set(LITGPT_DEFAULT) <= names:
-        return ft
-    return ft.model_copy(update={"target_modules": LITGPT_DEFAULT})
+    fl = flags_of(ft.target_modules, rank=ft.rank, dropout=ft.dropout)
+    if isinstance(fl, str):
+        raise MemplanError(fl, field="finetune.target_modules")
+    return ft.model_copy(
+        update={"target_modules": hf_targets(fl, layout_of(_module_leaves(inventory)))}
+    )
+
+
+def fused_adapters(inventory: Inventory, ft: FinetuneSpec) -> Inventory:
+    """The LoRA inventory with LitGPT's adapters in place of peft's on a fused module.
+
+    A fused q|k|v (query_key_value, qkv_proj; SRC_QKV_INIT): LitGPT's LoRAQKVLinear, lora_A
+    [r x parts, h] and lora_B [sum of the enabled q / k / v widths, r], in place of peft's
+    [r, h] + [(n_head + 2 n_kv) head_dim, r]. Under lora_query + lora_value Falcon-7B (71
+    heads, one k/v head) trains 3 r h + 64 r elements per layer where peft's shape gives
+    2 r h + 128 r. Phi-3's gate_up_proj (SRC_MLP): LitGPT adapts fc_1 and fc_2 apart, [r, h] +
+    [inter, r] each; memplan widens peft's lora_A to [2r, h] beside its [2 inter, r] lora_B:
+    the same elements and bytes in two tensors, not four (the optimizer's 0-dim `step`
+    tensors, one per tensor, are two fewer). `ft` is the user's (LitGPT's flags); other
+    inventories come back unchanged."""
+    arch = inventory.architecture
+    a_of = {f".{m}.lora_A.{ADAPTER}.weight": m for m in (*FUSED_QKV, FUSED_GATE_UP)}
+    b_of = {f".{m}.lora_B.{ADAPTER}.weight": m for m in (*FUSED_QKV, FUSED_GATE_UP)}
+
+    def fused(name: str, ends: dict[str, str]) -> str | None:
+        return next((m for suffix, m in ends.items() if name.endswith(suffix)), None)
+
+    if arch is None or not any(fused(t.name, a_of) for t in inventory.parameters):
+        return inventory
+    fl = flags_of(ft.target_modules, rank=ft.rank, dropout=ft.dropout)
+    if isinstance(fl, str):
+        raise MemplanError(fl, field="finetune.target_modules")
+    h, a, kv, d = kernels.attention_dims(arch)
+    widths = (a * d, kv * d, kv * d)
+    shapes = {("A", m): (fl.r * sum(fl.qkv), h) for m in FUSED_QKV} | {
+        ("B", m): (sum(w for w, on in zip(widths, fl.qkv, strict=True) if on), fl.r)
+        for m in FUSED_QKV
+    }
+    shapes[("A", FUSED_GATE_UP)] = (2 * fl.r, h)
+    params = []
+    for t in inventory.parameters:
+        m_a, m_b = fused(t.name, a_of), fused(t.name, b_of)
+        if m_a is not None:
+            t = t.reshaped(shapes[("A", m_a)])
+        elif m_b is not None and ("B", m_b) in shapes:
+            t = t.reshaped(shapes[("B", m_b)])
+        params.append(t)
+    note = (
+        f"{FINETUNE_NOTE} LitGPT's adapters on the fused modules: LoRAQKVLinear lora_A "
+        f"{list(shapes[('A', FUSED_QKV[0])])}, lora_B {list(shapes[('B', FUSED_QKV[0])])} "
+        f"({SRC_QKV_INIT}); fc_1 and fc_2's adapters in gate_up_proj's pair ({SRC_MLP})."
+    )
+    return replace(inventory, parameters=tuple(params), notes=(*inventory.notes, note))
 
 
 def autocast_casts(st: Setting) -> bool:
