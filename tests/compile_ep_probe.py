@@ -90,11 +90,18 @@ class Case:
         )
 
 
-def _build(case: Case, dims: Any) -> Any:
-    from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
-
+def _build(case: Any, dims: Any) -> Any:
+    """`case`: a Case, or tests/compile_mla_ep_probe.py's MlaCase (DeepSeek-V3's sharding:
+    models/deepseek_v3/sharding.py::set_deepseek_v3_sharding_config)."""
     cfg = probe.config(case.shape)
-    set_qwen3_sharding_config(cfg, enable_sp=False, enable_ep=True)
+    if case.shape.model == "deepseek_v3":
+        from torchtitan.models.deepseek_v3.sharding import set_deepseek_v3_sharding_config
+
+        set_deepseek_v3_sharding_config(cfg, enable_sp=False, enable_ep=True)
+    else:
+        from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
+
+        set_qwen3_sharding_config(cfg, enable_sp=False, enable_ep=True)
     torch.manual_seed(0)
     model = cfg.build()
     model.init_states()
@@ -105,7 +112,7 @@ def _build(case: Case, dims: Any) -> Any:
     return model
 
 
-def _tokens(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+def _tokens(case: Any) -> tuple[torch.Tensor, torch.Tensor]:
     shape = case.shape
     torch.manual_seed(1 + dist.get_rank())  # one batch per data-parallel rank
     tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
@@ -113,7 +120,7 @@ def _tokens(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, labels
 
 
-def _received(model: Any, case: Case, tokens: torch.Tensor) -> int:
+def _received(model: Any, case: Any, tokens: torch.Tensor) -> int:
     """R: the rows the dispatch all-to-all brings to this rank's experts (module docstring),
     from an eager forward's top-k ids."""
     ids: list[torch.Tensor] = []
@@ -142,7 +149,7 @@ def _own_storages(model: Any) -> set[int]:
     return out
 
 
-def trace(case: Case, dims: Any) -> dict[str, Any]:
+def trace(case: Any, dims: Any) -> dict[str, Any]:
     """This rank's received rows and the tensors the compiled block's forward passes to its
     backward: [name, dtype, shape, bytes] each (module docstring)."""
     from torch._inductor.compile_fx import compile_fx
@@ -203,7 +210,7 @@ def trace(case: Case, dims: Any) -> dict[str, Any]:
     return {"received": received, "tokens": case.batch * case.seq, "kept": kept}
 
 
-def _rank(rank: int, world: int, port: int, cases: list[Case], out: str) -> None:
+def _rank(rank: int, world: int, port: int, cases: list[Any], out: str) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     dist.init_process_group(
@@ -231,7 +238,7 @@ def _rank(rank: int, world: int, port: int, cases: list[Case], out: str) -> None
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def run(cases: list[Case], out: Path, world: int) -> list[dict[str, Any]]:
+def run(cases: list[Any], out: Path, world: int) -> list[dict[str, Any]]:
     """Every case traced on each of `world` spawned gloo ranks at EP = world (index = rank),
     each case in its own fresh processes (no compiled state carried from one to the next)."""
     import torch.multiprocessing as mp

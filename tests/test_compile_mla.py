@@ -165,7 +165,6 @@ def test_estimate_keeps_the_traced_blocks(mode: str, dtype: str, batch: int, seq
 @pytest.mark.parametrize(
     ("training", "reason"),
     [
-        ({"parallelism": {"data": 4, "expert": 2}}, "expert parallelism"),
         ({"precision": {"preset": "bf16-mixed", "fp8": "torchao-tensorwise"}}, "Float8"),
         ({"device": "cuda"}, "CUDA"),
     ],

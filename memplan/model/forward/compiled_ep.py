@@ -117,23 +117,41 @@ def qwen3_moe_ep_layer(
         dtype=dtype,
         router=router,
     )
+    return on_ep_rank(whole, n=n, received=r, local=local, hidden=hidden, dtype=dtype, src=SRC_EP)
+
+
+def on_ep_rank(
+    whole: tuple[Saved, ...],
+    *,
+    n: int,
+    received: int,
+    local: int,
+    hidden: int,
+    dtype: str,
+    src: str,
+) -> tuple[Saved, ...]:
+    """An EP 1 compiled MoE block's kept set (compiled.qwen3_moe_layer, compiled_mla.moe_layer:
+    the same expert-half names) on one rank of expert parallelism (module docstring): the
+    experts' rows on the `received` R, their weights' casts and offsets on the `local` experts,
+    w2's output [`n`, h] replaced by the combine all-to-all's output in the model's `dtype`, and
+    the permutation's indices [R] int64 after the local reorder's."""
     out: list[Saved] = []
     for s in whole:
         name = s.name.removeprefix("moe.")
         if name in EXPERT_ROWS:
-            out.append(replace(s, shape=(r, *s.shape[1:]), source=SRC_EP))
+            out.append(replace(s, shape=(received, *s.shape[1:]), source=src))
         elif name in EXPERT_WEIGHT_CASTS:
-            out.append(replace(s, shape=(local, *s.shape[1:]), source=SRC_EP))
+            out.append(replace(s, shape=(local, *s.shape[1:]), source=src))
         elif name == "experts.offsets":
-            out.append(replace(s, shape=(local,), source=SRC_EP))
+            out.append(replace(s, shape=(local,), source=src))
         elif name == "experts.w2_out":
             # The combine all-to-all's output: w2's output back on this rank, in the model's
             # dtype (GroupedExperts.forward's `type_as(x)`).
-            out.append(saved("moe.combine.received", (n, hidden), dtype, compiled.BY, SRC_EP))
+            out.append(saved("moe.combine.received", (n, hidden), dtype, compiled.BY, src))
         else:
             out.append(s)
         if name == "dispatch.token_indices":
-            out.append(saved("moe.dispatch.permuted_indices", (r,), INT64, compiled.BY, SRC_EP))
+            out.append(saved("moe.dispatch.permuted_indices", (received,), INT64, compiled.BY, src))
     return tuple(out)
 
 
@@ -168,7 +186,17 @@ def op_sac_moe_ep_layer(
     )
     return (
         *base,
-        saved("moe.dispatch.counts", (ep, experts // ep), INT64, compiled.BY, SRC_SAC_EP),
-        saved("moe.dispatch.received", (r, hidden), dtype, compiled.BY, SRC_SAC_EP),
-        saved("moe.combine.received", (n, hidden), dtype, compiled.BY, SRC_SAC_EP),
+        *all_to_alls(ep=ep, experts=experts, n=n, received=r, hidden=hidden, dtype=dtype),
+    )
+
+
+def all_to_alls(
+    *, ep: int, experts: int, n: int, received: int, hidden: int, dtype: str, src: str = SRC_SAC_EP
+) -> tuple[Saved, ...]:
+    """The three all-to-alls' outputs SelectiveAC saves (MUST_SAVE) under EP: the token-count
+    exchange [EP, E / EP] int64, the dispatch [R, h] and the combine [n, h] in `dtype`."""
+    return (
+        saved("moe.dispatch.counts", (ep, experts // ep), INT64, compiled.BY, src),
+        saved("moe.dispatch.received", (received, hidden), dtype, compiled.BY, src),
+        saved("moe.combine.received", (n, hidden), dtype, compiled.BY, src),
     )

@@ -67,16 +67,39 @@ for a 16-bit model, the math SDPA's two bmm outputs in fp32, q k^T [b H, s, s] a
 rewrites the fp32 attention and the rewritten bmm nodes are no longer tagged MUST_SAVE). Under
 full checkpointing each block keeps its input, as eager.
 
+Expert parallelism (`moe_ep_layer`, `op_sac_ep_layer`; traced on 2 and 4 gloo ranks by
+benchmarks/compile_mla_ep.py with tests/compile_mla_ep_probe.py: torchtitan's MoE block laid
+out by models/deepseek_v3/sharding.py::set_deepseek_v3_sharding_config(enable_ep=True) and
+`Module.parallelize`, then checkpointed, then compiled, as parallelize_deepseekv3 orders them;
+results/compile-mla-ep.json): the AllToAllTokenDispatcher's functional all-to-alls are in the
+one fullgraph block, and what the partition keeps is what it keeps for Qwen3-MoE under EP
+(memplan.model.forward.compiled_ep, `on_ep_rank`): `moe_layer`'s set, attention, router, local
+reorder, the scatter-add's zeros and the shared experts unchanged on the rank's t tokens, with
+the routed experts' input, w1's, w3's outputs and their product on the R rows the dispatch
+brings to this rank's E / EP experts, the offsets [E / EP] (and a model not in bf16 the local
+experts' bf16 weight casts [E / EP, ...]), the permutation's indices [R] int64, and the combine
+all-to-all's output [t k, D] in the model's dtype in place of w2's output. Under SelectiveAC:
+`op_sac_layer`'s set and the three all-to-alls' outputs (the counts [EP, E / EP] int64, the
+dispatch [R, D] w, the combine [t k, D] w: MUST_SAVE). The node-limited routing and q_lora
+change nothing there beyond EP 1's rule (traced with and without). R depends on the routing
+(traced seeded, balanced, collapsed: rank 0 gets EP x t k rows, the other ranks none); `memplan
+estimate` uses the balanced R = t k, the mean over the EP ranks (the kept bytes are affine in
+R, the ranks' R sum to EP x t k), not the most-loaded rank's bound. The dense blocks hold no
+expert: EP does not touch them (set_deepseek_v3_sharding_config shards the MoE alone), so they
+keep `dense_layer`'s set (not traced under EP). Under FullAC the compiled MoE block runs under
+EP and keeps its input alone, as at EP 1 (traced: seeded, collapsed, fp32, q_lora, top 6, EP 2
+and 4), unlike Qwen3-MoE's, on which torch 2.13 fails there (compiled_ep.FULL_AC_FAILS).
+
 Not traced, so refused with the reason (memplan.model.stacks.torchtitan.unsupported): CUDA
-(the attention kernel, memplan.model.stacks.torchtitan_moe), expert parallelism (the
-all-to-all dispatcher), tensor and context parallelism (memplan.activations.
-torchtitan_parallel), torchao Float8, fp16, checkpoint_every > 1.
+(the attention kernel, memplan.model.stacks.torchtitan_moe), tensor and context parallelism
+(memplan.activations.torchtitan_parallel), torchao Float8, fp16, checkpoint_every > 1.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from memplan.model.forward import compiled_ep
 from memplan.model.forward.compiled import BAN_REDUCTION_RATIO, BF16, BY, INT32
 from memplan.model.forward.compiled import SRC as SRC_PARTITION
 from memplan.model.forward.kernels import FP32, INT64, saved
@@ -92,6 +115,12 @@ SRC_SAC = (
     f"{SRC}; torchtitan 0.3.0 distributed/activation_checkpoint.py::SelectiveAC (odd mm "
     "outputs, topk MUST_SAVE)"
 )
+SRC_EP = (
+    f"{SRC}; {compiled_ep.SRC_EP}; models/deepseek_v3/sharding.py::"
+    "set_deepseek_v3_sharding_config (traced: benchmarks/compile_mla_ep.py, "
+    "results/compile-mla-ep.json)"
+)
+SRC_SAC_EP = f"{SRC_SAC}; {compiled_ep.SRC_SAC_EP}; benchmarks/compile_mla_ep.py"
 TRACED_DTYPES = (BF16, FP32)
 """The model dtypes traced (FSDP2's param_dtype bf16, or fp32)."""
 
@@ -237,6 +266,62 @@ def moe_layer(*, batch: int, seq: int, mla: Mla, moe: Moe, dtype: str) -> tuple[
     return tuple(out)
 
 
+def moe_ep_layer(
+    *, batch: int, seq: int, mla: Mla, moe: Moe, dtype: str, ep: int, received: int | None = None
+) -> tuple[Saved, ...]:
+    """One compiled DeepSeek-V3 MoE block on one rank of expert parallelism `ep` on CPU, no
+    checkpointing (module docstring, "Expert parallelism"): `moe_layer`'s set with the expert
+    half on the `received` R rows (None: the balanced tokens x top_k) and the local experts,
+    the combine all-to-all's output in place of w2's, and the permutation's indices [R]."""
+    n = batch * seq * moe.top_k
+    return compiled_ep.on_ep_rank(
+        moe_layer(batch=batch, seq=seq, mla=mla, moe=moe, dtype=dtype),
+        n=n,
+        received=n if received is None else received,
+        local=moe.experts // ep,
+        hidden=mla.hidden,
+        dtype=dtype,
+        src=SRC_EP,
+    )
+
+
+def op_sac_ep_layer(
+    *,
+    batch: int,
+    seq: int,
+    mla: Mla,
+    moe: Moe,
+    dtype: str,
+    ep: int,
+    received: int | None = None,
+) -> tuple[Saved, ...]:
+    """One compiled DeepSeek-V3 MoE block under per-op SelectiveAC on one rank of expert
+    parallelism `ep` (module docstring): `op_sac_layer`'s set and the three all-to-alls'
+    outputs (compiled_ep.all_to_alls)."""
+    n = batch * seq * moe.top_k
+    base = op_sac_layer(
+        batch=batch,
+        seq=seq,
+        mla=mla,
+        tail=feed_forward("moe.shared_experts", mla.hidden, moe.shared_inter),
+        experts=moe.experts,
+        top_k=moe.top_k,
+        dtype=dtype,
+    )
+    return (
+        *base,
+        *compiled_ep.all_to_alls(
+            ep=ep,
+            experts=moe.experts,
+            n=n,
+            received=n if received is None else received,
+            hidden=mla.hidden,
+            dtype=dtype,
+            src=SRC_SAC_EP,
+        ),
+    )
+
+
 def matmuls(mla: Mla, tail: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     """MLA's matmuls in forward order, (name, input width, output width), then `tail` (the
     dense feed-forward's or the shared experts' w1, w3, w2): SelectiveAC's count order
@@ -335,8 +420,6 @@ def uncovered(arch: Architecture, st: Setting) -> str:
     """Why the traced compiled DeepSeek-V3 block does not cover this setting, or ''. CUDA is
     refused before (memplan.model.stacks.torchtitan_moe); tensor and context parallelism by
     memplan.activations.torchtitan_parallel."""
-    if st.local_experts and st.local_experts < arch.num_experts:
-        return "expert parallelism (the all-to-all dispatcher's compiled graph is not traced)"
     if st.float8 != "none":
         return "torchao Float8 (not traced on a DeepSeek-V3 block)"
     if st.matmul not in TRACED_DTYPES:
@@ -357,7 +440,15 @@ def blocks(arch: Architecture, st: Setting, layers: list[Block]) -> tuple[list[B
     dense_inter = arch.intermediate_size
     op_sac = st.checkpointing == "selective-op"
 
+    local = st.local_experts or moe.experts
+    ep = moe.experts // local
+
     def kept(dense: bool) -> tuple[Saved, ...]:
+        if ep > 1 and not dense:
+            # Expert parallelism: the all-to-all dispatcher's compiled block, balanced routing
+            # (R = tokens x top_k: the mean over the EP ranks; module docstring).
+            fn = op_sac_ep_layer if op_sac else moe_ep_layer
+            return fn(batch=b, seq=s, mla=mla, moe=moe, dtype=w, ep=ep)
         if op_sac:
             tail = (
                 feed_forward("feed_forward", mla.hidden, dense_inter)
@@ -378,12 +469,18 @@ def blocks(arch: Architecture, st: Setting, layers: list[Block]) -> tuple[list[B
         return moe_layer(batch=b, seq=s, mla=mla, moe=moe, dtype=w)
 
     out = [replace(block, tensors=kept(block.name == "layers.dense")) for block in layers]
+    routed = (
+        f"; at expert parallelism {ep} each MoE block's experts take the balanced tokens x "
+        "top_k rows, the mean over the EP ranks (a rank may receive more)"
+        if ep > 1
+        else ""
+    )
     sizes = ", ".join(
         f"{o.name} {o.bytes_each:,} B (eager {e.bytes_each:,})"
         for o, e in zip(out, layers, strict=True)
     )
     return out, (
         f"training.compile: each DeepSeek-V3 block keeps what Inductor's min-cut partition "
-        f"keeps (traced on torchtitan 0.3.0's blocks: {sizes}); embeddings, norm and output "
-        "run eager, the loss as training.compile_loss says."
+        f"keeps (traced on torchtitan 0.3.0's blocks: {sizes}){routed}; embeddings, norm and "
+        "output run eager, the loss as training.compile_loss says."
     )

@@ -149,8 +149,8 @@ def unsupported(arch: Architecture, st: Setting) -> str:
         why = compiled_mla.uncovered(arch, st)
         if why:
             return (
-                "training.compile for torchtitan's DeepSeek-V3 is traced at expert parallelism "
-                "1 on CPU in bf16 or fp32 with checkpointing none, full or selective-op "
+                "training.compile for torchtitan's DeepSeek-V3 is traced on CPU in bf16 or fp32 "
+                "at expert parallelism 1, 2 and 4 with checkpointing none, full or selective-op "
                 f"(memplan.model.forward.compiled_mla), not under {why}"
             )
     elif torchtitan_moe.is_moe(arch) and st.compile:
