@@ -159,6 +159,35 @@ def test_full_checkpointing_under_ep_is_refused_quoting_what_torch_raised() -> N
     assert failed[0]["error"][0] in saved.notes[0] and "training.compile" in saved.notes[0]
 
 
+def test_full_checkpointing_under_ep_is_refused_with_tensor_parallelism_too() -> None:
+    """Expert x tensor parallelism (with sequence parallelism, as torchtitan needs) took the
+    TP rule's whole-model path, which never asked the MoE rule at E / EP experts: compile +
+    FullAC was accepted there as 'each block keeps its input' although torch 2.13 fails on it
+    without TP (stored) and it is not traced with TP. It is refused with the same reason."""
+    cfg = qwen3_moe(1)
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "torchtitan"},
+        precision="bf16-mixed",
+        training={
+            "micro_batch_size": 2,
+            "sequence_length": 16,
+            "activation_checkpointing": "full",
+            "compile": True,
+        },
+        parallelism={
+            "engine": "fsdp2",
+            "data": 2,
+            "expert": 2,
+            "tensor": 2,
+            "sequence_parallel": True,
+        },
+        hardware={"device": "cpu"},
+    )
+    saved = micro_batch_of(spec, from_config(cfg))
+    assert not saved.modelled
+    assert compiled_ep.FULL_AC_FAILS in saved.notes[0]
+
+
 def test_compile_under_ep_and_float8_is_still_refused_with_the_reason() -> None:
     """torchao Float8 on a compiled MoE block is not traced (at any EP): refused, saying so."""
     cfg = qwen3_moe(1)

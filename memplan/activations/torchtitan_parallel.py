@@ -305,6 +305,9 @@ def _expert_tensor_parallel(
     if not local.modelled:
         return local
     ours = torchtitan.saved(whole_experts, shard, fused_qkv=fused_qkv, whole=arch)
+    if not ours.modelled:
+        # What the rule refuses at this rank's E / EP experts (compiled FullAC under EP, ...).
+        return ours
     blocks = []
     for b in local.blocks:
         mine = ours.block(b.name)
