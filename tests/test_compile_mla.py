@@ -103,9 +103,11 @@ def test_dropping_any_tensor_breaks_the_match(case: tuple[str, str, str, str]) -
         assert Counter((t.dtype, t.bytes) for t in less) != traced, kept[i].name
 
 
+@pytest.mark.slow
 def test_torchtitan_deepseek_v3_block_saves_what_inductor_partition_keeps() -> None:
     """torchtitan 0.3.0's DeepSeek-V3 MoE block compiled and traced now, bf16, seeded (about
-    11 s: three sizes)."""
+    11 s: three sizes; slow: the default run checks the rule against the 57 stored traces, and
+    test_compile_moe's live trace keeps the tracer itself exercised)."""
     pytest.importorskip("torchtitan.models.deepseek_v3")
     shape = bench.SHAPES["base"]
     traced = bench.traced(shape, "moe", "bf16", "none", "seeded")
