@@ -250,7 +250,11 @@ def _on_rank(
 
     p = lay.pipeline
     every = chunk_layers(arch.num_layers, lay)
-    mine = [c for c in range(len(every)) if lay.chunk_rank(c) == rank]
+    mine = (
+        [c for c in range(len(every)) if lay.chunk_rank(c) == rank]
+        if lay.schedule == "zbv"
+        else list(range(rank, len(every), p))  # Layout.chunk_rank: chunk % P
+    )
     kinds = None
     if any(b.name.startswith("layers.") for b in micro.blocks):
         if len(micro.layer_order) != arch.num_layers or checkpoint_every > 1:
