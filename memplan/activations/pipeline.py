@@ -285,6 +285,7 @@ def stage(
     last: bool,
     source: str = SRC_SCHEDULE,
     kinds: Sequence[Mapping[str, int]] | None = None,
+    buffers: Sequence[Transient] = (),
 ) -> Activations:
     """One pipeline rank's activations at its peak from one micro-batch's (`micro`, every
     layer): the layers of its chunks (`chunk_layers`, one count per model chunk), the
@@ -293,7 +294,8 @@ def stage(
     ordinary blocks; the others are `in_flight.*` blocks. With several decoder-layer blocks
     (a traced profile's `layers.<kind>` beside `layers`), `kinds` gives each chunk's layers
     by block name (Activations.layer_order); a kind the rank does not hold is left out, and
-    `layers` is kept (one layer's bytes are what the engines' terms read) even at count 0."""
+    `layers` is kept (one layer's bytes are what the engines' terms read) even at count 0.
+    `buffers` join micro's (torch's stage buffers: torch_stage_buffers)."""
     if not micro.modelled:
         return micro
     by = {b.name: b for b in micro.blocks}
@@ -339,4 +341,5 @@ def stage(
         logits_bytes=micro.logits_bytes if last else 0,
         upcast_bytes=micro.upcast_bytes if last else 0,
         notes=notes,
+        buffers=(*micro.buffers, *buffers) if buffers else micro.buffers,
     )
