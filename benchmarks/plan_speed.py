@@ -6,7 +6,9 @@ GPUs under 1 s, and DeepSeek-V3 (671B, MoE with expert parallelism) on 2,048 GPU
 transformers needed) in an untimed first run, in a subprocess, and read from memplan's cache in
 the timed ones (so this process never imports torch, after which the search would not fork).
 Each search is timed as `memplan plan` runs it, on every CPU (memplan.plan.workers.
-default_workers), and in one process (`--jobs 1`); CPU seconds include the workers'.
+default_workers), and in one process (`--jobs 1`), with the cyclic garbage collector off as
+the CLI runs (results before commit 'benchmark: GC off' timed it on: ~15% more CPU); CPU
+seconds include the workers'.
 Run: python benchmarks/plan_speed.py            # prints; writes benchmarks/results/plan-speed.json
 (--no-write to only print). `--baseline DIR` also times the memplan in DIR (a checkout, e.g.
 `git archive HEAD | tar -x -C DIR`): both checkouts then run as subprocesses, alternated
@@ -17,6 +19,7 @@ scripts/gen_readme.py quotes the file in the README.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -84,11 +87,19 @@ def searched(spec: Any, inventory: Any, workers: int) -> tuple[Any, float, float
 
     cold()
     kwargs = {"workers": workers} if "workers" in inspect.signature(plan).parameters else {}
-    before = os.times()
-    start = time.perf_counter()
-    result = plan(spec, inventory, **kwargs)
-    wall = time.perf_counter() - start
-    after = os.times()
+    # As `memplan plan` runs it: memplan.cli.app.main turns the cyclic garbage collector off
+    # for the whole command (its workers inherit that). The earlier runs' garbage is collected
+    # first, untimed.
+    gc.collect()
+    gc.disable()
+    try:
+        before = os.times()
+        start = time.perf_counter()
+        result = plan(spec, inventory, **kwargs)
+        wall = time.perf_counter() - start
+        after = os.times()
+    finally:
+        gc.enable()
     cpu = sum(after[:4]) - sum(before[:4])  # user + system, this process and reaped children
     return result, wall, cpu
 

@@ -103,19 +103,21 @@ def test_two_workers_answer_as_one_process(spec: str, gpus: str | None) -> None:
 
 
 def test_deal_keeps_runs_together_and_numbers_items_in_order() -> None:
-    """Pins behaviour: runs of adjacent items are dealt round robin, each item numbered by
-    its place in the whole sequence (ordered_map joins the answers by those numbers)."""
+    """Pins behaviour: adjacent runs go to one task, about as many items each (a run goes
+    where its middle item falls), the last task first; each item numbered by its place in the
+    whole sequence (ordered_map joins the answers by those numbers)."""
     runs = [["a", "b"], ["c"], ["d", "e", "f"], ["g"]]
     assert deal(runs, 2) == [
-        [(0, "a"), (1, "b"), (3, "d"), (4, "e"), (5, "f")],
-        [(2, "c"), (6, "g")],
+        [(3, "d"), (4, "e"), (5, "f"), (6, "g")],
+        [(0, "a"), (1, "b"), (2, "c")],
     ]
     assert deal(runs, 9) == [
-        [(0, "a"), (1, "b")],
-        [(2, "c")],
-        [(3, "d"), (4, "e"), (5, "f")],
         [(6, "g")],
+        [(3, "d"), (4, "e"), (5, "f")],
+        [(2, "c")],
+        [(0, "a"), (1, "b")],
     ]
+    assert deal([], 4) == []
 
 
 def test_no_fork_for_one_worker_a_small_search_or_after_torch(

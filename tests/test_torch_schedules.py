@@ -99,6 +99,16 @@ def test_torch_in_flight_matches_torch_schedules(schedule: str, p: int, v: int, 
         assert got == expected, (schedule, p, v, m, rank)
 
 
+@pytest.mark.parametrize(("p", "m"), [(2, 24), (3, 40), (4, 48), (5, 61), (8, 96)])
+def test_zbv_in_flight_many_micro_batches(p: int, m: int) -> None:
+    """ScheduleZBVZeroBubble with far more micro-batches than 2P (plan's layouts reach
+    thousands): memplan walks only 2P of them (pipeline._zbv_in_flight); torch's whole list
+    agrees, every rank."""
+    for rank in range(p):
+        expected = _torch_peak("zbv", p, 2, rank, m)
+        assert pipeline.in_flight("zbv", p, 2, rank, m, runtime="torch") == expected, (p, m, rank)
+
+
 def _torch_outputs_held(schedule: str, p: int, v: int, m: int) -> int:
     """The last stage's outputs done before the latest forward at which its rank holds its
     most micro-batches in flight (a forward of the last stage there is the current one)."""

@@ -250,7 +250,11 @@ def _on_rank(
 
     p = lay.pipeline
     every = chunk_layers(arch.num_layers, lay)
-    mine = [c for c in range(len(every)) if lay.chunk_rank(c) == rank]
+    mine = (
+        [c for c in range(len(every)) if lay.chunk_rank(c) == rank]
+        if lay.schedule == "zbv"
+        else list(range(rank, len(every), p))  # Layout.chunk_rank: chunk % P
+    )
     kinds = None
     if any(b.name.startswith("layers.") for b in micro.blocks):
         if len(micro.layer_order) != arch.num_layers or checkpoint_every > 1:
@@ -278,7 +282,19 @@ def _on_rank(
             last=len(every) - 1 in mine,
             source=source,
         )
-    staged = pipeline.stage(
+    # Under torch's runtime the stages' receive and output buffers join the rank's buffers
+    # (in the same replace as its blocks).
+    buffers = (
+        pipeline.torch_stage_buffers(
+            micro.hidden_bytes,
+            stages=tuple((c == 0, c == len(every) - 1) for c in mine),
+            alive=alive,
+            m=microbatches,
+        )
+        if lay.pipeline_runtime == "torch"
+        else ()
+    )
+    return pipeline.stage(
         micro,
         chunk_layers=tuple(every[c] for c in mine),
         alive=alive,
@@ -286,16 +302,8 @@ def _on_rank(
         last=len(every) - 1 in mine,
         source=source,
         kinds=kinds,
+        buffers=buffers,
     )
-    if lay.pipeline_runtime != "torch":
-        return staged
-    buffers = pipeline.torch_stage_buffers(
-        micro.hidden_bytes,
-        stages=tuple((c == 0, c == len(every) - 1) for c in mine),
-        alive=alive,
-        m=microbatches,
-    )
-    return replace(staged, buffers=(*staged.buffers, *buffers))
 
 
 def micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:

@@ -101,7 +101,14 @@ def _zbv_in_flight(p: int, rank: int, m: int) -> tuple[int, int]:
     """ScheduleZBVZeroBubble._calculate_single_rank_operations (torch 2.13) replayed for
     its forwards (F) and weight backwards (W) per chunk, micro-batches >= m dropped (the
     schedule pads to max(2P - 1, m) and blanks them); the counts at the first moment with
-    the most forwards not yet W'd."""
+    the most forwards not yet W'd.
+
+    Only min(m, 2P) micro-batches are walked: past 2P - 1 the list differs only by more
+    rounds of the stable phase (F, I, W of each chunk: the count in flight back where the
+    round began) and a longer cool-down (no forwards), so the moment is the same
+    (tests/test_torch_schedules.py holds it to torch's lists up to m = 12P). Plan meets m in
+    the thousands, for every rank of every ZBV layout."""
+    m = min(m, 2 * p)
     alive = [0, 0]
     best: tuple[int, int] = (0, 0)
     for c, kind, _ in _zbv_ops(p, rank, m):
@@ -278,6 +285,7 @@ def stage(
     last: bool,
     source: str = SRC_SCHEDULE,
     kinds: Sequence[Mapping[str, int]] | None = None,
+    buffers: Sequence[Transient] = (),
 ) -> Activations:
     """One pipeline rank's activations at its peak from one micro-batch's (`micro`, every
     layer): the layers of its chunks (`chunk_layers`, one count per model chunk), the
@@ -286,7 +294,8 @@ def stage(
     ordinary blocks; the others are `in_flight.*` blocks. With several decoder-layer blocks
     (a traced profile's `layers.<kind>` beside `layers`), `kinds` gives each chunk's layers
     by block name (Activations.layer_order); a kind the rank does not hold is left out, and
-    `layers` is kept (one layer's bytes are what the engines' terms read) even at count 0."""
+    `layers` is kept (one layer's bytes are what the engines' terms read) even at count 0.
+    `buffers` join micro's (torch's stage buffers: torch_stage_buffers)."""
     if not micro.modelled:
         return micro
     by = {b.name: b for b in micro.blocks}
@@ -332,4 +341,5 @@ def stage(
         logits_bytes=micro.logits_bytes if last else 0,
         upcast_bytes=micro.upcast_bytes if last else 0,
         notes=notes,
+        buffers=(*micro.buffers, *buffers) if buffers else micro.buffers,
     )

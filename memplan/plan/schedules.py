@@ -110,6 +110,14 @@ def zbv_idle_share(p: int, m: int) -> float:
     tests/test_schedule_time.py holds the shortcut to the full run for every P <= 12 and
     m <= 8P, and a few larger."""
     run = min(m, 2 * p)
+    idle, work = _zbv_idle_time(p, run)
+    return idle / (work / run * m)  # every rank's work: 6 forwards per micro-batch
+
+
+@lru_cache(maxsize=256)
+def _zbv_idle_time(p: int, run: int) -> tuple[float, float]:
+    """`idle_time` of ScheduleZBVZeroBubble's lists over `run` micro-batches (zbv_idle_share:
+    every m >= 2P runs 2P, so plan's many accumulation counts share a few of these)."""
     orders = {
         r: [
             None if a is None else (r if a[0] == 0 else 2 * p - 1 - r, a[1], a[2])
@@ -117,5 +125,4 @@ def zbv_idle_share(p: int, m: int) -> float:
         ]
         for r in range(p)
     }
-    idle, work = idle_time(orders, 2 * p)
-    return idle / (work / run * m)  # every rank's work: 6 forwards per micro-batch
+    return idle_time(orders, 2 * p)

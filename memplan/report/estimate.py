@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from memplan import activations as acts
@@ -24,7 +24,7 @@ from memplan.report.settings import (
 )
 from memplan.states import fp8
 from memplan.states.engines import STEPS, RankStates, Term
-from memplan.states.engines.base import StepCache
+from memplan.states.engines.base import StepCache, StepStates
 from memplan.states.layout import Layout
 from memplan.states.parallel import stage_inventories
 from memplan.states.stages import StageStates, stage_states
@@ -85,9 +85,10 @@ def _timeline_of(
     local: Inventory,
     saved: acts.Activations,
     shared: tl.StepParts | None = None,
+    worked: tl.StepTotals | None = None,
 ) -> tl.Timeline:
     """The step's timeline of one GPU of stage `st` holding `per_gpu`'s states and `saved`
-    (`shared`: what its floor already worked out, tl.parts)."""
+    (`shared`: what its floor already worked out, tl.parts; `worked`: its tl.totals)."""
     return tl.build(
         step,
         local,
@@ -97,6 +98,7 @@ def _timeline_of(
         capacity_bytes=capacity,
         cache=cache,
         shared=shared,
+        worked=worked,
     )
 
 
@@ -169,6 +171,10 @@ class Prepared:
     """The stages' states with fp8's scaling state among their buffers."""
     viewed: list[int]
     """_stages_to_view."""
+    step_states: dict[int, StepStates] = field(default_factory=dict)
+    """Each viewed stage's model states as the engines read them (StepSettings.states: the
+    layout, precision, optimizer and device, none of them training keys), made by the first
+    evaluation that reads them."""
 
 
 def prepare(
@@ -233,12 +239,18 @@ def assemble_within(
 
     def parts_of(i: int) -> tl.StepParts:
         if i not in shared:
+            states = prepared.step_states.get(i)
+            if states is None:
+                states = prepared.step_states[i] = step.states(
+                    local[stages[i].stage], stages[i].per_gpu
+                )
             shared[i] = tl.parts(
                 step,
                 local[stages[i].stage],
                 per_gpu=stages[i].per_gpu,
                 saved=saved_of(i),
                 cache=cache,
+                states=states,
             )
         return shared[i]
 
@@ -267,25 +279,36 @@ def assemble_within(
     # built highest floor first, the likeliest to.
     settle = budget is not None and len(floors) == len(viewed)
     order = sorted(viewed, key=lambda i: -floors[i]) if settle else viewed
-    timelines: dict[int, tl.Timeline] = {}
+    # Each viewed stage's peak (tl.totals); the Timeline only of the highest.
+    worked: dict[int, tl.StepTotals] = {}
     for i in order:
-        timelines[i] = _timeline_of(
+        worked[i] = tl.totals(
             step,
-            capacity,
-            cache,
-            stages[i],
-            stages[i].per_gpu,
             local[stages[i].stage],
-            saved_on[i],
-            parts_of(i),
+            per_gpu=stages[i].per_gpu,
+            buffer_bytes=_buffer_bytes(stages[i]),
+            saved=saved_on[i],
+            cache=cache,
+            shared=parts_of(i),
         )
-        if settle and budget is not None and timelines[i].peak_bytes > budget:
+        if settle and budget is not None and worked[i].peak_bytes > budget:
             alloc_conf(spec.hardware.alloc_conf)  # checked as below
             return None
-    views = {i: (saved_on[i], timelines[i]) for i in viewed}
-    index = max(views, key=lambda i: (views[i][1].peak_bytes, -i))
+    views = {i: (saved_on[i], worked[i].peak_bytes) for i in viewed}
+    index = max(views, key=lambda i: (views[i][1], -i))
     top = stages[index]
-    saved, timeline = views[index]
+    saved = saved_on[index]
+    timeline = _timeline_of(
+        step,
+        capacity,
+        cache,
+        top,
+        top.per_gpu,
+        local[top.stage],
+        saved,
+        parts_of(index),
+        worked[index],
+    )
     tensor_views = (
         _tensor_views(spec, trained, step, capacity, cache, top, saved.bytes, timeline)
         if every_stage
@@ -325,8 +348,7 @@ def assemble_within(
         stages=tuple(stages),
         stage=top.stage,
         stage_peaks=tuple(
-            (views[i][0].bytes, views[i][1].peak_bytes) if i in views else None
-            for i in range(len(stages))
+            (views[i][0].bytes, views[i][1]) if i in views else None for i in range(len(stages))
         ),
         ranks=top.ranks,
         per_gpu=top.per_gpu,

@@ -17,13 +17,14 @@ one by one while gradients appear), so the peak of the step is at one of them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 from memplan import memory
 from memplan.activations import Activations
 from memplan.config.finetune import FinetuneSpec
 from memplan.config.spec import OptimizerSpec
+from memplan.memo import IdentityMemo
 from memplan.memory import PHASES, Phase, Transient
 from memplan.model.inventory import Inventory
 from memplan.precision import Recipe
@@ -179,6 +180,48 @@ class StepParts:
     """transients.activation_terms(saved)"""
 
 
+@dataclass(frozen=True, slots=True)
+class _OfSaved:
+    """What the step reads of one GPU's saved tensors alone (`_of_saved`)."""
+
+    activations: dict[Phase, int]
+    """_activations"""
+    activation_terms: tuple[Transient, ...]
+    """transients.activation_terms"""
+    buffers: tuple[Transient, ...]
+    """_buffers"""
+    layers_in_flight: int
+    """Decoder-layer micro-batches held (StepActivations.layers_in_flight)."""
+
+
+_OF_SAVED: IdentityMemo[_OfSaved] = IdentityMemo(4096)
+"""Per saved-tensor object: plan's layouts that differ only in what the saved tensors do not
+depend on (engine, ZeRO stage, offload, ...) get the same Activations object from
+memplan.activations (its memos), and ask again for each."""
+
+
+def _of_saved(saved: Activations) -> _OfSaved:
+    hit = _OF_SAVED.get((saved,), None)
+    if hit is not None:
+        return hit
+    return _OF_SAVED.put(
+        (saved,),
+        None,
+        _OfSaved(
+            activations=_activations(saved),
+            activation_terms=tuple(own.activation_terms(saved)),
+            buffers=tuple(_buffers(saved)),
+            layers_in_flight=sum(
+                b.count
+                for b in saved.blocks
+                if b.name.removeprefix("in_flight.").split(".", 1)[0] == "layers"
+            )
+            if saved.modelled
+            else 0,
+        ),
+    )
+
+
 def parts(
     step: StepSettings,
     inventory: Inventory,
@@ -186,15 +229,77 @@ def parts(
     per_gpu: RankStates,
     saved: Activations,
     cache: StepCache,
+    states: StepStates | None = None,
 ) -> StepParts:
-    """The pieces of one GPU's step that `floor_bytes` and `build` share."""
-    states = step.states(inventory, per_gpu)
+    """The pieces of one GPU's step that `floor_bytes` and `build` share (`states`:
+    `step.states(inventory, per_gpu)`, when already made)."""
+    if states is None:
+        states = step.states(inventory, per_gpu)
+    of = _of_saved(saved)
     return StepParts(
         states=states,
-        gradients=_gradients(step, states, cache),
-        activations=_activations(saved),
-        activation_terms=own.activation_terms(saved),
+        gradients=cache.get(
+            ("gradients", states, step.accumulation_steps > 1, step.zero_grad),
+            lambda: _gradients(step, states, cache),
+        ),
+        activations=of.activations,
+        activation_terms=list(of.activation_terms),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class StepTotals:
+    """A timeline's numbers before its points are made (`totals`): plan asks every viewed
+    stage's peak, and builds the Timeline of the highest only."""
+
+    terms: tuple[Transient, ...]
+    """Every transient term (`transients`)."""
+    rows: dict[Phase, tuple[tuple[Category, int], ...]]
+    """Bytes alive per category at each phase (Point.by_category)."""
+    alive: dict[Phase, list[Transient]]
+    """The transient terms alive at each phase, in the terms' order."""
+    peak_bytes: int
+    """The most bytes alive at any phase (Timeline.peak_bytes)."""
+
+
+def totals(
+    step: StepSettings,
+    inventory: Inventory,
+    *,
+    per_gpu: RankStates,
+    buffer_bytes: int,
+    saved: Activations,
+    cache: StepCache,
+    shared: StepParts | None = None,
+) -> StepTotals:
+    """`build`'s numbers (`shared`: `parts` of the same arguments, when already worked
+    out)."""
+    if shared is None:
+        shared = parts(step, inventory, per_gpu=per_gpu, saved=saved, cache=cache)
+    states = shared.states
+    terms = tuple(transients(step, states, saved, cache, activation_terms=shared.activation_terms))
+    gradients = shared.gradients
+    activations = shared.activations
+    params, opt = per_gpu.bytes_of("parameters"), per_gpu.bytes_of("optimizer_states")
+    # Each phase's transient terms, in the terms' order: one pass over the terms.
+    alive: dict[Phase, list[Transient]] = {phase: [] for phase in PHASES}
+    for t in terms:
+        for phase in t.phases:
+            alive[phase].append(t)
+    rows: dict[Phase, tuple[tuple[Category, int], ...]] = {}
+    sums: list[int] = []
+    for phase in PHASES:
+        transient = sum(t.bytes for t in alive[phase])
+        rows[phase] = (
+            ("parameters", params),
+            ("gradients", gradients[phase]),
+            ("optimizer_states", opt),
+            ("buffers", buffer_bytes),
+            ("activations", activations[phase]),
+            ("transient", transient),
+        )
+        sums.append(params + gradients[phase] + opt + buffer_bytes + activations[phase] + transient)
+    return StepTotals(terms=terms, rows=rows, alive=alive, peak_bytes=max(sums))
 
 
 def build(
@@ -207,35 +312,35 @@ def build(
     capacity_bytes: int | None,
     cache: StepCache,
     shared: StepParts | None = None,
+    worked: StepTotals | None = None,
 ) -> Timeline:
     """The step's timeline on the most-loaded GPU (`inventory`: its own model); `shared`:
-    `parts` of the same arguments, when already worked out."""
-    if shared is None:
-        shared = parts(step, inventory, per_gpu=per_gpu, saved=saved, cache=cache)
-    states = shared.states
-    terms = tuple(transients(step, states, saved, cache, activation_terms=shared.activation_terms))
-    gradients = shared.gradients
-    activations = shared.activations
-    params, opt = per_gpu.bytes_of("parameters"), per_gpu.bytes_of("optimizer_states")
-    points = []
-    for phase in PHASES:
-        alive = [t for t in terms if phase in t.phases]
-        by: tuple[tuple[Category, int], ...] = (
-            ("parameters", params),
-            ("gradients", gradients[phase]),
-            ("optimizer_states", opt),
-            ("buffers", buffer_bytes),
-            ("activations", activations[phase]),
-            ("transient", sum(t.bytes for t in alive)),
+    `parts` of the same arguments, `worked`: their `totals`, when already worked out."""
+    if worked is None:
+        worked = totals(
+            step,
+            inventory,
+            per_gpu=per_gpu,
+            buffer_bytes=buffer_bytes,
+            saved=saved,
+            cache=cache,
+            shared=shared,
         )
-        points.append(Point(phase=phase, by_category=by, transients=tuple(t.name for t in alive)))
+    points = tuple(
+        Point(
+            phase=phase,
+            by_category=worked.rows[phase],
+            transients=tuple(t.name for t in worked.alive[phase]),
+        )
+        for phase in PHASES
+    )
     cuda = step.device == "cuda"
     context = (
         memory.CUDA_CONTEXT_BYTES if step.cuda_context_bytes is None else step.cuda_context_bytes
     )
     return Timeline(
-        points=tuple(points),
-        transients=terms,
+        points=points,
+        transients=worked.terms,
         cuda_context_bytes=context if cuda else 0,
         capacity_bytes=capacity_bytes,
         reserved=(lambda tl: _reserved(tl, per_gpu, buffer_bytes, saved)) if cuda else None,
@@ -267,13 +372,14 @@ def floor_bytes(
     some = (
         *cache.get(("engine states", states), lambda: tuple(engine.states(states, cache))),
         *shared.activation_terms,
-        *_buffers(saved),
+        *_of_saved(saved).buffers,
     )
     resident = per_gpu.bytes_of("parameters") + per_gpu.bytes_of("optimizer_states") + buffer_bytes
-    return resident + max(
-        gradients[phase] + activations[phase] + sum(t.bytes for t in some if phase in t.phases)
-        for phase in PHASES
-    )
+    moving = {phase: gradients[phase] + activations[phase] for phase in PHASES}
+    for t in some:
+        for phase in t.phases:
+            moving[phase] += t.bytes
+    return resident + max(moving.values())
 
 
 def transients(
@@ -294,16 +400,15 @@ def transients(
     out = list(cache.get(("engine states", states), lambda: tuple(engine.states(states, cache))))
     if activation_terms is None:
         activation_terms = own.activation_terms(saved)
-    acts = replace(
-        _engine_view(states.inventory, saved, activation_terms, step.recipe, cache),
+    of = _of_saved(saved)
+    acts = _engine_view(
+        states.inventory,
+        saved,
+        activation_terms,
+        step.recipe,
+        cache,
         microbatches=step.accumulation_steps,
-        layers_in_flight=sum(
-            b.count
-            for b in saved.blocks
-            if b.name.removeprefix("in_flight.").split(".", 1)[0] == "layers"
-        )
-        if saved.modelled
-        else 0,
+        layers_in_flight=of.layers_in_flight,
     )
     out += activation_terms
     lay = step.layout
@@ -313,7 +418,7 @@ def transients(
         held = pipeline.torch_outputs_held(lay.schedule, lay.pipeline, step.accumulation_steps)
         out += own.pipeline_output_chunks(saved, held=held)
     out += engine.loss(states, acts)
-    out += _buffers(saved)
+    out += of.buffers
     out += engine.backward_end(states, acts, cache)
     if step.device == "cuda":
         shards = engine.storage_shards(step.layout)
@@ -350,16 +455,25 @@ def _engine_view(
     terms: list[Transient],
     recipe: Recipe,
     cache: StepCache | None = None,
+    *,
+    microbatches: int = 1,
+    layers_in_flight: int = 0,
 ) -> StepActivations:
     """The activation side of the step as the engines' terms need it (`terms`: the step's
-    activation terms)."""
+    activation terms; `microbatches`, `layers_in_flight`: StepActivations')."""
     embedding = None
     if saved.modelled and saved.block("embeddings") is not None:
         embedding = own.embedding_backward(inventory, saved, recipe.gradients, cache)
     loss_fp32 = saved.upcast_bytes or saved.logits_bytes
     layers = saved.block("layers") if saved.modelled else None
     if layers is None:
-        return StepActivations(loss_fp32=loss_fp32, embedding_backward=embedding, layer=None)
+        return StepActivations(
+            loss_fp32=loss_fp32,
+            embedding_backward=embedding,
+            layer=None,
+            microbatches=microbatches,
+            layers_in_flight=layers_in_flight,
+        )
     by_name = {t.name: t.bytes for t in terms}
     return StepActivations(
         loss_fp32=loss_fp32,
@@ -369,6 +483,8 @@ def _engine_view(
         logits_gradient=by_name.get("logits_gradient", 0),
         backward_working_set=by_name.get("backward_working_set", 0),
         hidden_gradient=saved.hidden_bytes,
+        microbatches=microbatches,
+        layers_in_flight=layers_in_flight,
     )
 
 

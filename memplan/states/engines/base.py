@@ -12,7 +12,7 @@ the step.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
 from memplan.config.spec import OptimizerSpec
@@ -48,6 +48,24 @@ class StepStates:
     (memplan.states.engines.fsdp2.fp8)."""
     fp8_precompute_scale: bool = False
     """precision.fp8_precompute_scale: the scales of those weights precomputed."""
+    _hash: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __hash__(self) -> int:
+        """Worked out once (its optimizer is a pydantic model, slow to hash): plan looks the
+        same StepStates up in its StepCache several times per timeline."""
+        if self._hash is None:
+            key = (
+                self.inventory,
+                self.per_gpu,
+                self.layout,
+                self.recipe,
+                self.optimizer,
+                self.device,
+                self.fp8_all_gather,
+                self.fp8_precompute_scale,
+            )
+            object.__setattr__(self, "_hash", hash(key))
+        return cast(int, self._hash)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

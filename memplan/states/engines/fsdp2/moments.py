@@ -1,11 +1,13 @@
 """torch FSDP2's moments between the timeline's phase points: a layer's all-gather in forward,
 the root's pre-backward all-gather, and the decoder layers' backward with their
-reduce-scatters, each counted as its excess over the nearest point
+reduce-scatters, each counted as its excess over the nearest point; and the end of backward,
+the embedding's backward or the root's reduce-scatter, whichever holds more
 (memplan.states.engines.fsdp2.step puts them in the step)."""
 
 from __future__ import annotations
 
 from memplan.memory import Transient
+from memplan.precision import dtype_bytes
 from memplan.states.engines.base import StepActivations
 from memplan.states.engines.fsdp2.buffers import (
     AG_COPY_OUT,
@@ -16,13 +18,16 @@ from memplan.states.engines.fsdp2.buffers import (
     POST_BW,
     POST_BW_HOOK,
     PREFETCH,
+    REDUCE_SCATTER_STREAM,
+    RS_CAST,
     RS_DTYPE,
     RS_IN,
     RS_LAST,
     RS_OUT,
     Fsdp2Bytes,
+    term,
 )
-from memplan.states.engines.fsdp2.groups import TITAN_WRAP
+from memplan.states.engines.fsdp2.groups import TITAN_WRAP, Fsdp2Groups
 
 
 def between_phases(
@@ -229,3 +234,138 @@ def layer_backward(
         source=f"{POST_BW}; {POST_BW_HOOK}; {RS_IN}; {RS_OUT}; {RS_DTYPE}; {RS_LAST}; "
         f"{GLOO_RS}; {PREFETCH}",
     )
+
+
+def end_of_backward(
+    groups: Fsdp2Groups,
+    root: Fsdp2Bytes,
+    block: Fsdp2Bytes,
+    *,
+    world: int,
+    grad: str,
+    reduce: str,
+    shard: str,
+    gloo: bool,
+    embedding: Transient | None,
+) -> tuple[bool, list[Transient]]:
+    """(whether the root's reduce-scatter holds more than the embedding's backward, the
+    backward_end terms of the larger moment besides the root's unsharded parameters and the
+    embedding's backward itself)."""
+    widths = (0, dtype_bytes(grad), dtype_bytes(shard), dtype_bytes(reduce))
+    at_reduce = reduce_holds_more(
+        groups, root, block, widths=widths, gloo=gloo, embedding=embedding
+    )
+    end = end_terms(
+        at_reduce,
+        groups,
+        root,
+        block,
+        world=world,
+        grad=grad,
+        reduce=reduce,
+        shard=shard,
+        gloo=gloo,
+    )
+    return at_reduce, end
+
+
+def reduce_holds_more(
+    groups: Fsdp2Groups,
+    root: Fsdp2Bytes,
+    block: Fsdp2Bytes,
+    *,
+    widths: tuple[int, int, int, int],
+    gloo: bool,
+    embedding: Transient | None,
+) -> bool:
+    """Whether the root's reduce-scatter holds more than the embedding's backward
+    (`widths`: fsdp2_bytes' param, grad, shard and reduce dtype bytes)."""
+    o, r = widths[2], widths[3]
+    at_embedding = root.unsharded + root.grads + (block.reduce_in if groups.layers else 0)
+    copy = root.reduce_in if gloo else 0
+    at_reduce = root.reduce_in + root.reduce_out + root.last + copy
+    cast = root.reduce_in + root.reduce_out + root.sharded_grads + root.last if r != o else 0
+    return max(at_reduce, cast) > at_embedding + (embedding.bytes if embedding else 0)
+
+
+def end_terms(
+    at_reduce: bool,
+    groups: Fsdp2Groups,
+    root: Fsdp2Bytes,
+    block: Fsdp2Bytes,
+    *,
+    world: int,
+    grad: str,
+    reduce: str,
+    shard: str,
+    gloo: bool,
+) -> list[Transient]:
+    """end_of_backward's terms of the moment `at_reduce` picks."""
+    g, o, r = dtype_bytes(grad), dtype_bytes(shard), dtype_bytes(reduce)
+    copy = root.reduce_in if gloo else 0
+    at_reduce_bytes = root.reduce_in + root.reduce_out + root.last + copy
+    cast = root.reduce_in + root.reduce_out + root.sharded_grads + root.last if r != o else 0
+    if not at_reduce:
+        return [
+            *term(
+                "fsdp2_unsharded_root_grads",
+                root.grads,
+                ("backward_end",),
+                f"{groups.root.grads:,} elements x {g} B ({grad}): every root gradient, "
+                "unsharded, at the embedding's backward",
+                POST_BW,
+            ),
+            *term(
+                "fsdp2_reduce_scatter_input_block",
+                block.reduce_in if groups.layers else 0,
+                ("backward_end",),
+                f"{world} x {groups.block.grad_padded:,} elements x {r} B ({reduce}): the "
+                "first layer's reduce-scatter input, held until the root's post-backward",
+                f"{RS_IN}; {RS_DTYPE}",
+            ),
+        ]
+    rs = f"{groups.root.grad_padded:,} padded elements x {r} B ({reduce})"
+    out = [
+        *term(
+            "fsdp2_reduce_scatter_input_root",
+            root.reduce_in,
+            ("backward_end",),
+            f"{world} x {rs}: the root's reduce-scatter input",
+            f"{RS_IN}; {RS_DTYPE}",
+        ),
+        *term(
+            "fsdp2_reduce_scatter_output_root",
+            root.reduce_out,
+            ("backward_end",),
+            f"{rs}: the root's reduce-scatter output",
+            f"{RS_OUT}; {RS_DTYPE}",
+            stream=REDUCE_SCATTER_STREAM,
+        ),
+        *term(
+            "fsdp2_last_unsharded_grad",
+            root.last,
+            ("backward_end",),
+            f"{groups.root.last:,} elements x {g} B ({grad}): the root's last gradient, "
+            "unsharded, through its reduce-scatter",
+            RS_LAST,
+        ),
+    ]
+    if at_reduce_bytes >= cast:
+        out += term(
+            "gloo_reduce_scatter_copy",
+            copy,
+            ("backward_end",),
+            f"{world} x {rs}: gloo's copy of the reduce-scatter input",
+            GLOO_RS,
+        )
+    else:
+        out += term(
+            "fsdp2_sharded_root_grads",
+            root.sharded_grads,
+            ("backward_end",),
+            f"{groups.root.grad_padded:,} elements x {o} B ({shard}): the root's "
+            f"sharded gradients, cast from {reduce} beside the reduce-scatter output",
+            RS_CAST,
+            stream=REDUCE_SCATTER_STREAM,
+        )
+    return out

@@ -6,8 +6,9 @@ runs by tests/test_fsdp2_peak.py.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
+from memplan.memo import IdentityMemo
 from memplan.memory import Phase, Transient
 from memplan.precision import Recipe, dtype_bytes
 from memplan.states.engines.base import StepActivations
@@ -17,24 +18,25 @@ from memplan.states.engines.fsdp2.buffers import (
     AG_OUT,
     AG_STREAMS,
     ALL_GATHER_STREAM,
-    GLOO_RS,
     HSDP_HOLD,
     POST_BW,
     PREFETCH,
     REDUCE_SCATTER_STREAM,
     RESHARD,
     RS_CAST,
-    RS_DTYPE,
-    RS_IN,
-    RS_LAST,
-    RS_OUT,
     Fsdp2Bytes,
     fsdp2_bytes,
     term,
     unsharded_formula,
 )
 from memplan.states.engines.fsdp2.groups import TITAN_WRAP, Fsdp2Group, Fsdp2Groups
-from memplan.states.engines.fsdp2.moments import between_phases, layer_backward
+from memplan.states.engines.fsdp2.moments import (
+    between_phases,
+    end_of_backward,
+    end_terms,
+    layer_backward,
+    reduce_holds_more,
+)
 
 
 def step_buffers(
@@ -75,15 +77,20 @@ def step_buffers(
     the loss runs inside the root module's forward (transformers' `labels`), which keeps the
     last group's all-gather output until after it."""
     reduce = reduce or grad
-    p, g, o, r = dtype_bytes(param), dtype_bytes(grad), dtype_bytes(shard), dtype_bytes(reduce)
-    root = fsdp2_bytes(groups.root, world, p, g, o, r)
-    block = fsdp2_bytes(groups.block, world, p, g, o, r)
-    held = _hsdp_held(groups, block, replicate=replicate, reduce=reduce, shard=shard)
-    if held:
-        # Each reduced layer keeps its all-reduced output besides its sharded gradients.
-        block = replace(block, sharded_grads=block.sharded_grads + block.reduce_out)
+    fixed = _fixed_of(
+        groups,
+        world=world,
+        param=param,
+        grad=grad,
+        shard=shard,
+        reshard=reshard,
+        gloo=gloo,
+        reduce=reduce,
+        replicate=replicate,
+    )
+    root, block, held = fixed.root, fixed.block, list(fixed.held)
     if groups.head is not None:
-        head = fsdp2_bytes(groups.head, world, p, g, o, r)
+        head = fsdp2_bytes(groups.head, world, *fixed.widths)
         return (
             _head_group_buffers(
                 groups,
@@ -104,29 +111,7 @@ def step_buffers(
         )
     saved = acts.layer  # None: no decoder layer's activations modelled
     embedding = acts.embedding_backward if saved is not None else None
-    at_reduce, end = _end_of_backward(
-        groups,
-        root,
-        block,
-        world=world,
-        grad=grad,
-        reduce=reduce,
-        shard=shard,
-        gloo=gloo,
-        embedding=embedding,
-    )
-    # At the embedding's backward the root is still unsharded.
-    root_end: tuple[Phase, ...] = () if at_reduce else ("backward_end",)
-    out = _unsharded(groups, root, block, world=world, param=param, reshard=reshard, end=root_end)
-    out += term(
-        "fsdp2_unsharded_head_grads",
-        groups.head_grads * g,
-        ("backward",),
-        f"{groups.head_grads:,} elements x {g} B ({grad}): the root's gradients computed "
-        "before the layers' backward (LM head, final norm), unsharded until the root's "
-        "post-backward",
-        POST_BW,
-    )
+    at_reduce, end, out = fixed.end_of_backward(embedding)
     layer = layer_backward(
         block,
         layers=groups.layers,
@@ -145,6 +130,127 @@ def step_buffers(
             root, block, layers=groups.layers, reshard=reshard, layer=saved, acts=acts
         )
     return out + held + ([embedding] if embedding is not None and not at_reduce else [])
+
+
+@dataclass(frozen=True, slots=True)
+class _Fixed:
+    """What `step_buffers` works out from the groups and the dtypes alone, not the step's
+    activations (plan asks again for every micro-batch size and recomputation policy of a
+    layout): the groups' bytes, HSDP's held outputs, and per end of backward (`at_reduce`,
+    end_of_backward) its terms and the unsharded parameters and the head's gradients before
+    them."""
+
+    groups: Fsdp2Groups
+    world: int
+    param: str
+    grad: str
+    reduce: str
+    shard: str
+    reshard: bool
+    gloo: bool
+    widths: tuple[int, int, int, int]
+    """dtype_bytes of param, grad, shard and reduce (fsdp2_bytes' order)."""
+    root: Fsdp2Bytes
+    block: Fsdp2Bytes
+    held: tuple[Transient, ...]
+    ends: dict[bool, tuple[list[Transient], list[Transient]]] = field(default_factory=dict)
+
+    def end_of_backward(
+        self, embedding: Transient | None
+    ) -> tuple[bool, list[Transient], list[Transient]]:
+        """(at_reduce, its backward_end terms, the unsharded parameters and the head's
+        gradients), fresh lists."""
+        at_reduce = reduce_holds_more(
+            self.groups,
+            self.root,
+            self.block,
+            widths=self.widths,
+            gloo=self.gloo,
+            embedding=embedding,
+        )
+        if at_reduce not in self.ends:
+            self.ends[at_reduce] = self._end(at_reduce)
+        end, before = self.ends[at_reduce]
+        return at_reduce, list(end), list(before)
+
+    def _end(self, at_reduce: bool) -> tuple[list[Transient], list[Transient]]:
+        groups, g = self.groups, self.widths[1]
+        end = end_terms(
+            at_reduce,
+            groups,
+            self.root,
+            self.block,
+            world=self.world,
+            grad=self.grad,
+            reduce=self.reduce,
+            shard=self.shard,
+            gloo=self.gloo,
+        )
+        # At the embedding's backward the root is still unsharded.
+        root_end: tuple[Phase, ...] = () if at_reduce else ("backward_end",)
+        before = _unsharded(
+            groups,
+            self.root,
+            self.block,
+            world=self.world,
+            param=self.param,
+            reshard=self.reshard,
+            end=root_end,
+        )
+        before += term(
+            "fsdp2_unsharded_head_grads",
+            groups.head_grads * g,
+            ("backward",),
+            f"{groups.head_grads:,} elements x {g} B ({self.grad}): the root's gradients "
+            "computed before the layers' backward (LM head, final norm), unsharded until the "
+            "root's post-backward",
+            POST_BW,
+        )
+        return end, before
+
+
+_FIXED: IdentityMemo[_Fixed] = IdentityMemo(4096)
+
+
+def _fixed_of(
+    groups: Fsdp2Groups,
+    *,
+    world: int,
+    param: str,
+    grad: str,
+    shard: str,
+    reshard: bool,
+    gloo: bool,
+    reduce: str,
+    replicate: int,
+) -> _Fixed:
+    """`_Fixed` of these arguments, remembered per groups object."""
+    key = (world, param, grad, shard, reshard, gloo, reduce, replicate)
+    hit = _FIXED.get((groups,), key)
+    if hit is not None:
+        return hit
+    p, g, o, r = dtype_bytes(param), dtype_bytes(grad), dtype_bytes(shard), dtype_bytes(reduce)
+    root = fsdp2_bytes(groups.root, world, p, g, o, r)
+    block = fsdp2_bytes(groups.block, world, p, g, o, r)
+    held = _hsdp_held(groups, block, replicate=replicate, reduce=reduce, shard=shard)
+    if held:
+        # Each reduced layer keeps its all-reduced output besides its sharded gradients.
+        block = replace(block, sharded_grads=block.sharded_grads + block.reduce_out)
+    fixed = _Fixed(
+        groups=groups,
+        world=world,
+        param=param,
+        grad=grad,
+        reduce=reduce,
+        shard=shard,
+        reshard=reshard,
+        gloo=gloo,
+        widths=(p, g, o, r),
+        root=root,
+        block=block,
+        held=tuple(held),
+    )
+    return _FIXED.put((groups,), key, fixed)
 
 
 def _hsdp_held(
@@ -195,7 +301,7 @@ def _head_group_buffers(
     o = dtype_bytes(shard)
     saved = acts.layer  # None: no decoder layer's activations modelled
     embedding = acts.embedding_backward if saved is not None else None
-    at_reduce, end = _end_of_backward(
+    at_reduce, end = end_of_backward(
         groups,
         root,
         block,
@@ -440,92 +546,6 @@ def _unsharded(
         stream=ALL_GATHER_STREAM,
     )
     return out
-
-
-def _end_of_backward(
-    groups: Fsdp2Groups,
-    root: Fsdp2Bytes,
-    block: Fsdp2Bytes,
-    *,
-    world: int,
-    grad: str,
-    reduce: str,
-    shard: str,
-    gloo: bool,
-    embedding: Transient | None,
-) -> tuple[bool, list[Transient]]:
-    """(whether the root's reduce-scatter holds more than the embedding's backward, the
-    backward_end terms of the larger moment besides the root's unsharded parameters and the
-    embedding's backward itself)."""
-    g, o, r = dtype_bytes(grad), dtype_bytes(shard), dtype_bytes(reduce)
-    at_embedding = root.unsharded + root.grads + (block.reduce_in if groups.layers else 0)
-    copy = root.reduce_in if gloo else 0
-    at_reduce = root.reduce_in + root.reduce_out + root.last + copy
-    cast = root.reduce_in + root.reduce_out + root.sharded_grads + root.last if r != o else 0
-    if max(at_reduce, cast) <= at_embedding + (embedding.bytes if embedding else 0):
-        return False, [
-            *term(
-                "fsdp2_unsharded_root_grads",
-                root.grads,
-                ("backward_end",),
-                f"{groups.root.grads:,} elements x {g} B ({grad}): every root gradient, "
-                "unsharded, at the embedding's backward",
-                POST_BW,
-            ),
-            *term(
-                "fsdp2_reduce_scatter_input_block",
-                block.reduce_in if groups.layers else 0,
-                ("backward_end",),
-                f"{world} x {groups.block.grad_padded:,} elements x {r} B ({reduce}): the "
-                "first layer's reduce-scatter input, held until the root's post-backward",
-                f"{RS_IN}; {RS_DTYPE}",
-            ),
-        ]
-    rs = f"{groups.root.grad_padded:,} padded elements x {r} B ({reduce})"
-    out = [
-        *term(
-            "fsdp2_reduce_scatter_input_root",
-            root.reduce_in,
-            ("backward_end",),
-            f"{world} x {rs}: the root's reduce-scatter input",
-            f"{RS_IN}; {RS_DTYPE}",
-        ),
-        *term(
-            "fsdp2_reduce_scatter_output_root",
-            root.reduce_out,
-            ("backward_end",),
-            f"{rs}: the root's reduce-scatter output",
-            f"{RS_OUT}; {RS_DTYPE}",
-            stream=REDUCE_SCATTER_STREAM,
-        ),
-        *term(
-            "fsdp2_last_unsharded_grad",
-            root.last,
-            ("backward_end",),
-            f"{groups.root.last:,} elements x {g} B ({grad}): the root's last gradient, "
-            "unsharded, through its reduce-scatter",
-            RS_LAST,
-        ),
-    ]
-    if at_reduce >= cast:
-        out += term(
-            "gloo_reduce_scatter_copy",
-            copy,
-            ("backward_end",),
-            f"{world} x {rs}: gloo's copy of the reduce-scatter input",
-            GLOO_RS,
-        )
-    else:
-        out += term(
-            "fsdp2_sharded_root_grads",
-            root.sharded_grads,
-            ("backward_end",),
-            f"{groups.root.grad_padded:,} elements x {o} B ({shard}): the root's "
-            f"sharded gradients, cast from {reduce} beside the reduce-scatter output",
-            RS_CAST,
-            stream=REDUCE_SCATTER_STREAM,
-        )
-    return True, out
 
 
 def shard_dtype(recipe: Recipe) -> str:
