@@ -7,6 +7,7 @@ from __future__ import annotations
 from memplan import activations as acts
 from memplan.config.spec import Spec
 from memplan.errors import MemplanError
+from memplan.model.families import family_of
 from memplan.model.sources import Inventory
 from memplan.states import fp8
 from memplan.states.layout import Layout
@@ -171,11 +172,13 @@ def _torchao_scope(spec: Spec, local: Inventory) -> list[str]:
     """What torchao Float8 does not reach in this spec's model code, said beside its notes."""
     out = []
     arch = local.architecture
-    if arch is not None and arch.model_type == "gpt2":
+    family = family_of(arch.model_type) if arch else None
+    if arch and family and family.conv1d:
         out.append(
             "fp8: torchao's convert_to_float8_training swaps nn.Linear modules only (0.18 "
-            "float8/float8_linear_utils.py), and GPT-2's blocks are transformers' Conv1D: "
-            "they run and are gathered in 16-bit."
+            f"float8/float8_linear_utils.py), and {arch.model_type}'s "
+            f"{', '.join(sorted(family.conv1d))} are transformers' Conv1D: they run and are "
+            "gathered in 16-bit."
         )
     if spec.model.implementation == "torchtitan" and spec.precision.fp8 == "torchao-tensorwise":
         out.append(
