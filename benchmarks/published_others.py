@@ -326,14 +326,15 @@ def litgpt(mbs: int, quantize: str | None = None, size: str = "7b") -> dict[str,
     }
 
 
-def litgpt_adapter(method: str) -> dict[str, Any]:
-    """lit-gpt 8641822 finetune/adapter.py or adapter_v2.py on Llama 2 7B, micro-batch 1, no
+def litgpt_adapter(method: str, size: str = "7b") -> dict[str, Any]:
+    """lit-gpt 8641822 finetune/adapter.py or adapter_v2.py on Llama 2 7B or StableLM Alpha 3B
+    (LONGEST: 1304 or 1034 tokens), micro-batch 1, no
     quantization (the reference file's adapter rows): `torch.optim.AdamW(trainable_params,
     lr=3e-3, weight_decay=0.02)`, Fabric `--precision bf16-true`, one device (no FSDP, so no
     activation checkpointing: `activation_checkpointing_policy` only under devices > 1),
     `model(input_ids, lm_head_chunk_size=128)` and `chunked_cross_entropy`; the adapter
     defaults adapter_prompt_length 10, adapter_start_layer 2 (memplan's defaults too)."""
-    spec = litgpt(1)
+    spec = litgpt(1, size=size)
     return spec | {"finetune": {"method": method}}
 
 
@@ -471,6 +472,21 @@ LITGPT_ADAPTER_2023 = (
     "the source's run (not added).",
 )
 
+LITGPT_ADAPTER_STABLELM_2023 = (
+    LITGPT_ADAPTER_2023[0],
+    "StableLM Alpha's LayerNorm is torch.nn.LayerNorm in both lit-gpt 8641822 and litgpt "
+    "0.5.9 (no RMSNorm gap, unlike the Llama rows). The adapter rule for LitGPT's GPT-NeoX "
+    "Block (adapter and adapter_v2) is proved against litgpt 0.5.9's Pythia-shaped model on "
+    "CPU (benchmarks/litgpt_adapter.py's matrix, `pythia` rows: 32-true, bf16-true, "
+    "bf16-mixed; adapter_start_layer 0 and 2; checkpointed too), and the inventory against "
+    "litgpt's own stablelm-base-alpha-3b adapter GPTs (names, shapes, dtypes, what trains: "
+    "exact).",
+    LITGPT_2023[2],
+    "torch 2.1 vs 2.13 (LITGPT_ADAPTER_2023): the torch 2.1-era mask expand-then-pad keeps "
+    "[1, 32, 1034, 16] bf16 (1.06 MB) per adapted layer where 2.13 keeps [1034, 16]: about "
+    "0.014 GB more in the source's run (not added).",
+)
+
 TITAN_2025: tuple[str, ...] = ()
 
 ROWS = (
@@ -528,6 +544,10 @@ ROWS = (
         litgpt(1, "bnb.nf4", size="stablelm-3b"), notes=LITGPT_QLORA_STABLELM_2023),
     Row("litgpt", "StableLM Alpha 3B, LoRA, bnb.nf4-dq, micro-batch 1", 6.19, "GB",
         litgpt(1, "bnb.nf4-dq", size="stablelm-3b"), notes=LITGPT_QLORA_STABLELM_2023),
+    Row("litgpt", "StableLM Alpha 3B, adapter, micro-batch 1", 9.10, "GB",
+        litgpt_adapter("adapter", "stablelm-3b"), notes=LITGPT_ADAPTER_STABLELM_2023),
+    Row("litgpt", "StableLM Alpha 3B, adapter_v2, micro-batch 1", 10.71, "GB",
+        litgpt_adapter("adapter_v2", "stablelm-3b"), notes=LITGPT_ADAPTER_STABLELM_2023),
     Row("litgpt", "phi-1.5, LoRA, micro-batch 1", 4.82, "GB",
         litgpt(1, size="phi-1.5"), notes=LITGPT_PHI_2023),
     Row("litgpt", "phi-1.5, LoRA, bnb.nf4, micro-batch 1", 3.78, "GB",

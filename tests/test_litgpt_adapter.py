@@ -77,6 +77,34 @@ def test_inventory_matches_litgpts_adapter_gpt(preset: str, name: str, method: s
     assert mine == {n: (s, DTYPE_NAMES[d], g) for n, (s, d, g) in real.items()}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adapter", "adapter_v2"])
+def test_inventory_matches_litgpts_stablelm_alpha_adapter_gpt(method: str) -> None:
+    """GPT-NeoX (StableLM Alpha 3B, litgpt's "stablelm-base-alpha-3b"): HF's gpt_neox names
+    mapped to LitGPT's, every name, shape, dtype and trained flag as litgpt's own GPT."""
+    pytest.importorskip("torch")
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.adapter_v2")
+    import importlib
+
+    from benchmarks.published_others import STABLELM_ALPHA_3B
+    from tests.litgpt_probe import adapter_fit_grads, adapter_parameters
+
+    name = "stablelm-base-alpha-3b"
+    real = adapter_parameters(name, method, "bf16-true")
+    config = importlib.import_module(f"litgpt.{method}").Config.from_name(name)
+    trained = adapter_fit_grads(config, method)
+    mine = memplan_parameters(
+        {
+            "model": {"architecture": STABLELM_ALPHA_3B, "implementation": "litgpt"},
+            "precision": "bf16",
+            "finetune": {"method": method},
+            "training": {"micro_batch_size": 1, "sequence_length": 128},
+        }
+    )
+    assert mine == {n: (s, DTYPE_NAMES[d], trained[n]) for n, (s, d, _) in real.items()}
+
+
 @pytest.mark.parametrize(
     ("method", "precision", "start", "length"),
     [
@@ -577,7 +605,7 @@ def test_spec_keys_refused_where_litgpt_has_no_such_recipe(
 
 
 def test_adapter_refuses_model_types_it_does_not_cover() -> None:
-    cfg = {**tiny(), "model_type": "gpt_neox"}
+    cfg = {**tiny(), "model_type": "gemma"}
     spec = make_spec(
         model={"architecture": cfg, "implementation": "litgpt"}, finetune={"method": "adapter"}
     )

@@ -255,7 +255,8 @@ def _v2_layer(arch: Architecture, st: Setting, aT: int, adapted: bool, g_in: boo
 def _v2_neox_layer(
     arch: Architecture, st: Setting, aT: int, adapted: bool, g_in: bool
 ) -> list[Saved]:
-    """`_v2_layer` for Phi's parallel-residual Block: the one shared LayerNorm trains, so
+    """`_v2_layer` for the parallel-residual Block (Phi's and GPT-NeoX's): the one shared
+    LayerNorm (Phi) trains, or both (GPT-NeoX, whose norm_2 adds its own mean and rstd), so
     native_layer_norm records its input, mean and rstd whether or not the input requires grad
     (kernels.layer_norm); qkv, proj, the MLP's fc and proj are AdapterV2Linears (their sums,
     their weights' casts under autocast); the GELU keeps its input, fc's adapted output, in
@@ -274,6 +275,11 @@ def _v2_neox_layer(
         return litgpt_lora_adapters.weight_cast(name, casts[name], st, x_grad=True)
 
     out: list[Saved] = kernels.layer_norm("norm_1", t, h, st.stream, st)
+    if not litgpt_configs.shared_norm(arch):
+        # GPT-NeoX's own norm_2 (trainable too) over the same block input: its statistics;
+        # the input is norm_1's storage.
+        norm_2 = kernels.layer_norm("norm_2", t, h, st.stream, st)
+        out += [x for x in norm_2 if x.name != "norm_2.input"]
     out += [*cast("attn.qkv"), _v2_sum("attn.qkv", (t, qkv_out), st)]
     main = [x for x in litgpt.attention_saves(arch, st) if x.name != "attn.proj.input"]
     if st.stream != st.matmul:
@@ -316,8 +322,8 @@ def activations(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
     why = litgpt.unsupported(arch, st) or litgpt_lora.unsupported(st)
     if not why and arch.model_type not in COVERED:
         why = (
-            f"LitGPT's {ft.method} is modelled on its Llama-shaped configs and Phi (model "
-            f"types {', '.join(sorted(COVERED))})"
+            f"LitGPT's {ft.method} is modelled on its Llama-shaped configs, Phi and GPT-NeoX "
+            f"(model types {', '.join(sorted(COVERED))})"
         )
     if not why and st.device == "cuda":
         why = cuda_refusal(arch, st)
