@@ -26,10 +26,11 @@ they are equal.
 
 Part 4, `activations`: the rule against the same measure over the Llama-, Qwen2.5-, Mistral-,
 Phi-3-, phi-1.5- and phi-2-shaped tiny configs (phi: the parallel-residual Block with one
-shared LayerNorm) (tests/litgpt_probe.py::ARCHS; Llama also multi-query) x adapter
-/ adapter_v2 x 32-true / bf16-true / bf16-mixed x adapter_start_layer 0 / 2 x (batch,
-sequence, adapter_prompt_length) (1, 200, 10) / (2, 300, 7), three layers, and (2, 300, 7)
-again with LitGPT's recomputation (every Block checkpointed:
+shared LayerNorm) and a Pythia-shaped one (GPT-NeoX, StableLM Alpha's Block: two LayerNorms,
+a quarter of each head rotated) (tests/litgpt_probe.py::ARCHS; Llama also
+multi-query) x adapter / adapter_v2 x 32-true / bf16-true / bf16-mixed x adapter_start_layer
+0 / 2 x (batch, sequence, adapter_prompt_length) (1, 200, 10) / (2, 300, 7), three layers, and
+(2, 300, 7) again with LitGPT's recomputation (every Block checkpointed:
 tests/litgpt_probe.py::held_bytes_adapter, checkpointed).
 
     PYTHONPATH=$PWD python benchmarks/litgpt_adapter.py   # every part
@@ -235,6 +236,7 @@ ARCH_KV = (
     ("phi-3", 4),
     ("phi-1.5", 4),
     ("phi-2", 4),
+    ("pythia", 4),
 )
 CASES = (("none", 1, 200, 10), ("none", 2, 300, 7), ("full", 2, 300, 7))
 """(activation_checkpointing, batch, sequence, adapter_prompt_length) of each part 4 row."""

@@ -8,7 +8,8 @@ Sources (each copied with its settings and our assumptions under benchmarks/refe
   Llama 3.1 8B, FSDP over 32 and 64 H200s, max reserved (torchtitan-llama3-8b-h200-trainy.md).
 - litgpt: LitGPT `tutorials/resource-tables.md` (October 2023): LoRA on Llama 2 7B and 13B,
   StableLM Alpha 3B, phi-1.5 and Falcon 40B on one A100 40GB, max allocated
-  (litgpt-lora-a100.md; why its adapter rows are not here: the same file). The runs it
+  (litgpt-lora-a100.md), and its Llama 2 7B adapter / adapter_v2 rows without quantization
+  (the other adapter rows are not here: the same file says why). The runs it
   printed as "OOM" are rows too: memplan's verdict on them must be "does not fit".
 
 The metric maps to memplan's figure of the same spec (its most loaded rank):
@@ -325,6 +326,18 @@ def litgpt(mbs: int, quantize: str | None = None, size: str = "7b") -> dict[str,
     }
 
 
+def litgpt_adapter(method: str, size: str = "7b") -> dict[str, Any]:
+    """lit-gpt 8641822 finetune/adapter.py or adapter_v2.py on Llama 2 7B or StableLM Alpha 3B
+    (LONGEST: 1304 or 1034 tokens), micro-batch 1, no
+    quantization (the reference file's adapter rows): `torch.optim.AdamW(trainable_params,
+    lr=3e-3, weight_decay=0.02)`, Fabric `--precision bf16-true`, one device (no FSDP, so no
+    activation checkpointing: `activation_checkpointing_policy` only under devices > 1),
+    `model(input_ids, lm_head_chunk_size=128)` and `chunked_cross_entropy`; the adapter
+    defaults adapter_prompt_length 10, adapter_start_layer 2 (memplan's defaults too)."""
+    spec = litgpt(1, size=size)
+    return spec | {"finetune": {"method": method}}
+
+
 # lit-gpt 8641822 (git show 8641822:lit_gpt/rmsnorm.py, lit_gpt/model.py, lit_gpt/lora.py,
 # finetune/lora.py) against the litgpt 0.5.9 memplan models (memplan.model.stacks.litgpt_lora).
 LITGPT_2023 = (
@@ -437,6 +450,43 @@ LITGPT_QLORA_FALCON_2023 = (
 # force_recompute_fp8_weight_in_bwd did nothing at the run's torchao 0afa4c1 (2025-06-13): it
 # contains pytorch/ao#2356 (03c850afa, "make float8 training's force_recompute_fp8_weight_in_bwd
 # flag do nothing"), after which float8/config.py only warns that the flag is deprecated.
+LITGPT_ADAPTER_2023 = (
+    "version gap: the source ran lit-gpt 8641822 (Oct 2023), memplan models litgpt 0.5.9. "
+    "Same in both (git show 8641822:finetune/adapter.py, adapter_v2.py, lit_gpt/adapter.py, "
+    "lit_gpt/adapter_v2.py): the prefix of 10 positions from layer 2, fit's no-grad "
+    "validate() filling adapter_kv_cache before training (adapter_wte never gets a gradient), "
+    "AdamW over the marked parameters, model(input_ids, lm_head_chunk_size=128), "
+    "chunked_cross_entropy, no checkpointing on one device.",
+    "8641822's RMSNorm keeps its bf16 input and a bf16 rsqrt where 0.5.9's keeps an fp32 copy, "
+    "an fp32 rsqrt and the weight's fp32 copy (LITGPT_2023): by the LoRA rows' tokens x 4096 x "
+    "2 B per norm whose input requires grad, 0.5.9 holds about 0.64 GB more under adapter (59 "
+    "norms + ln_f: none before the first adapted layer's attention) and about 0.68 GB more "
+    "under adapter_v2 (63 + ln_f; its norms train too, so the per-norm gap there is an "
+    "estimate, not derived). Not subtracted: without it memplan would be about 3% under.",
+    LITGPT_2023[2],
+    "torch 2.1 vs 2.13: the prefix attention runs the memory-efficient kernel in both (flash "
+    "refuses the mask); a torch 2.1-era attention.cpp (pytorch bc8cb280, not confirmed as "
+    "2.1.0's) expands the additive mask to [1, 32, T, 10] before padding it, so its saved "
+    "bias is [1, 32, 1304, 16] bf16 "
+    "(1.34 MB) per adapted layer where 2.13 keeps [1304, 16] (42 kB): about 0.04 GB more in "
+    "the source's run (not added).",
+)
+
+LITGPT_ADAPTER_STABLELM_2023 = (
+    LITGPT_ADAPTER_2023[0],
+    "StableLM Alpha's LayerNorm is torch.nn.LayerNorm in both lit-gpt 8641822 and litgpt "
+    "0.5.9 (no RMSNorm gap, unlike the Llama rows). The adapter rule for LitGPT's GPT-NeoX "
+    "Block (adapter and adapter_v2) is proved against litgpt 0.5.9's Pythia-shaped model on "
+    "CPU (benchmarks/litgpt_adapter.py's matrix, `pythia` rows: 32-true, bf16-true, "
+    "bf16-mixed; adapter_start_layer 0 and 2; checkpointed too), and the inventory against "
+    "litgpt's own stablelm-base-alpha-3b adapter GPTs (names, shapes, dtypes, what trains: "
+    "exact).",
+    LITGPT_2023[2],
+    "torch 2.1 vs 2.13 (LITGPT_ADAPTER_2023): the torch 2.1-era mask expand-then-pad keeps "
+    "[1, 32, 1034, 16] bf16 (1.06 MB) per adapted layer where 2.13 keeps [1034, 16]: about "
+    "0.014 GB more in the source's run (not added).",
+)
+
 TITAN_2025: tuple[str, ...] = ()
 
 ROWS = (
@@ -470,6 +520,10 @@ ROWS = (
     Row("litgpt", "Llama 2 7B, LoRA, bnb.nf4-dq, micro-batch 1", 13.84, "GB",
         litgpt(1, "bnb.nf4-dq"), notes=LITGPT_QLORA_2023),
     Row("litgpt", "Llama 2 7B, LoRA, micro-batch 4", None, "GB", litgpt(4), notes=LITGPT_2023),
+    Row("litgpt", "Llama 2 7B, adapter, micro-batch 1", 19.98, "GB", litgpt_adapter("adapter"),
+        notes=LITGPT_ADAPTER_2023),
+    Row("litgpt", "Llama 2 7B, adapter_v2, micro-batch 1", 25.51, "GB",
+        litgpt_adapter("adapter_v2"), notes=LITGPT_ADAPTER_2023),
     Row("litgpt", "Llama 2 13B, LoRA, micro-batch 1", 38.12, "GB", litgpt(1, size="13b"),
         notes=LITGPT_13B_2023),
     Row("litgpt", "Llama 2 13B, LoRA, bnb.nf4, micro-batch 1", 23.14, "GB",
@@ -490,6 +544,10 @@ ROWS = (
         litgpt(1, "bnb.nf4", size="stablelm-3b"), notes=LITGPT_QLORA_STABLELM_2023),
     Row("litgpt", "StableLM Alpha 3B, LoRA, bnb.nf4-dq, micro-batch 1", 6.19, "GB",
         litgpt(1, "bnb.nf4-dq", size="stablelm-3b"), notes=LITGPT_QLORA_STABLELM_2023),
+    Row("litgpt", "StableLM Alpha 3B, adapter, micro-batch 1", 9.10, "GB",
+        litgpt_adapter("adapter", "stablelm-3b"), notes=LITGPT_ADAPTER_STABLELM_2023),
+    Row("litgpt", "StableLM Alpha 3B, adapter_v2, micro-batch 1", 10.71, "GB",
+        litgpt_adapter("adapter_v2", "stablelm-3b"), notes=LITGPT_ADAPTER_STABLELM_2023),
     Row("litgpt", "phi-1.5, LoRA, micro-batch 1", 4.82, "GB",
         litgpt(1, size="phi-1.5"), notes=LITGPT_PHI_2023),
     Row("litgpt", "phi-1.5, LoRA, bnb.nf4, micro-batch 1", 3.78, "GB",

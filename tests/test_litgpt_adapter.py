@@ -10,7 +10,8 @@ gradients and the cache itself against litgpt's AdamW run on CPU in fit's order.
 activations (memplan.model.stacks.litgpt_adapter_saved.activations) against what litgpt's own
 adapter GPT, run by Fabric in fit's order, holds for backward on CPU, to the byte
 (tests/litgpt_probe.py::held_bytes_adapter, with LitGPT's recomputation too; the whole matrix is
-benchmarks/litgpt_adapter.py); on CUDA they are refused, not guessed.
+benchmarks/litgpt_adapter.py); on CUDA the prefix attention's kernel as torch's source
+chooses it, its tensors against the aten op under memplan.verify.trace.cuda.
 """
 
 from __future__ import annotations
@@ -74,6 +75,34 @@ def test_inventory_matches_litgpts_adapter_gpt(preset: str, name: str, method: s
         }
     )
     assert mine == {n: (s, DTYPE_NAMES[d], g) for n, (s, d, g) in real.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adapter", "adapter_v2"])
+def test_inventory_matches_litgpts_stablelm_alpha_adapter_gpt(method: str) -> None:
+    """GPT-NeoX (StableLM Alpha 3B, litgpt's "stablelm-base-alpha-3b"): HF's gpt_neox names
+    mapped to LitGPT's, every name, shape, dtype and trained flag as litgpt's own GPT."""
+    pytest.importorskip("torch")
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.adapter_v2")
+    import importlib
+
+    from benchmarks.published_others import STABLELM_ALPHA_3B
+    from tests.litgpt_probe import adapter_fit_grads, adapter_parameters
+
+    name = "stablelm-base-alpha-3b"
+    real = adapter_parameters(name, method, "bf16-true")
+    config = importlib.import_module(f"litgpt.{method}").Config.from_name(name)
+    trained = adapter_fit_grads(config, method)
+    mine = memplan_parameters(
+        {
+            "model": {"architecture": STABLELM_ALPHA_3B, "implementation": "litgpt"},
+            "precision": "bf16",
+            "finetune": {"method": method},
+            "training": {"micro_batch_size": 1, "sequence_length": 128},
+        }
+    )
+    assert mine == {n: (s, DTYPE_NAMES[d], trained[n]) for n, (s, d, _) in real.items()}
 
 
 @pytest.mark.parametrize(
@@ -319,19 +348,131 @@ def test_checkpointed_activations_match_litgpt_to_the_byte(
     assert memplan == litgpt
 
 
-@pytest.mark.parametrize("method", ["adapter", "adapter_v2"])
-def test_activations_are_refused_on_cuda(method: str) -> None:
-    """The prefix attention's CUDA kernel is not settled from torch 2.13's own source here
-    and no GPU measured it: refused, not guessed."""
-    cuda = make_spec(
+def _emulated_prefix_bytes(batch: int, seq: int, aT: int, dtype: str, heads: int, d: int) -> int:
+    """Bytes of the new storages `scaled_dot_product_attention(q, ak, av, amask)` keeps for
+    backward as a CUDA build runs it (memplan.verify.trace.cuda: the aten op the chosen
+    backend calls, under FakeTensorMode, autograd's own node saving; host tensors dropped);
+    q (the main attention keeps it too) and the cache (buffers) are not new."""
+    import torch
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memplan.verify.trace import cuda
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    em = cuda.Emulation(stream=dtype)
+    kept: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept.append(t)
+        return t
+
+    with FakeTensorMode(), cuda.cuda_kernels(em):
+        q = torch.empty(batch, heads, seq, d, dtype=torch_dtype, requires_grad=True)
+        ak = torch.empty(1, heads, aT, d, dtype=torch_dtype)
+        av = torch.empty(1, heads, aT, d, dtype=torch_dtype)
+        amask = torch.ones(seq, aT, dtype=torch.bool)  # litgpt/adapter.py's amask
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ay = F.scaled_dot_product_attention(q, ak, av, amask)
+        inputs = {t.untyped_storage()._cdata for t in (q, ak, av)}
+        host = em.host_storages()
+        storages = {
+            t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+            for t in (*kept, ay)  # ay: the gate's multiply keeps it too
+            if t.untyped_storage()._cdata not in inputs | host
+        }
+    assert em.kernels == ["efficient"]
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    ("precision", "seq", "aT"),
+    [("bf16", 1304, 10), ("bf16", 200, 16), ("fp32", 37, 7), ("bf16", 64, 3)],
+)
+def test_cuda_prefix_attention_matches_the_efficient_kernel(
+    precision: str, seq: int, aT: int
+) -> None:
+    """On CUDA at micro-batch 1 the prefix attention runs the memory-efficient kernel; its
+    padded mask, logsumexp (padded to 32 positions) and output against the aten op's own
+    node under the CUDA emulation."""
+    pytest.importorskip("torch")
+    from memplan.model.stacks import litgpt_adapter_saved as saved_rule
+    from memplan.report.settings import setting_of
+
+    spec = make_spec(
         model={"architecture": tiny(3, 2), "implementation": "litgpt"},
-        precision="bf16",
-        finetune={"method": method},
-        hardware={"gpu": "H100-80GB"},
+        precision=precision,
+        training={"micro_batch_size": 1, "sequence_length": seq},
+        finetune={"method": "adapter", "adapter_prompt_length": aT},
+        hardware={"gpu": "A100-40GB"},
     )
-    saved = micro_batch_of(cuda, from_config(tiny(3, 2)))
-    assert not saved.modelled and saved.implementation == "litgpt"
-    assert "on CUDA the kernel of the prefix attention" in saved.notes[0]
+    st = setting_of(spec)
+    arch = from_config(tiny(3, 2)).architecture
+    assert arch is not None and st.device == "cuda"
+    rule = saved_rule.prefix_attention(arch, st, aT, q_grad=True)
+    assert sum(x.bytes for x in rule) == _emulated_prefix_bytes(1, seq, aT, precision, 4, 16)
+
+
+@pytest.mark.parametrize("method", ["adapter", "adapter_v2"])
+def test_activations_are_modelled_on_cuda_at_micro_batch_1(method: str) -> None:
+    """CUDA at micro-batch 1: the memory-efficient kernel's tensors replace the CPU flash
+    kernel's (the mask padded to 8 columns, the logsumexp to 32 positions); elsewhere the
+    layer is the CPU rule's."""
+    config = tiny(3, 2)
+
+    def of(hardware: dict[str, Any]) -> Any:
+        spec = make_spec(
+            model={"architecture": config, "implementation": "litgpt"},
+            precision="bf16",
+            training={"micro_batch_size": 1, "sequence_length": 200},
+            finetune={"method": method, "adapter_prompt_length": 10},
+            hardware=hardware,
+        )
+        return micro_batch_of(spec, from_config(config))
+
+    gpu, cpu = of({"gpu": "A100-40GB"}), of({"device": "cpu"})
+    assert gpu.modelled and cpu.modelled
+
+    def prefix(saved: Any) -> list[tuple[str, tuple[int, ...], str]]:
+        return [
+            (t.name, t.shape, t.dtype)
+            for b in saved.blocks
+            for t in b.tensors
+            if t.name.startswith("attn.prefix.")
+        ]
+
+    # adapter_start_layer 2 of 3 layers: under adapter the one adapted layer's q needs no
+    # gradient (only `ay` is kept); adapter_v2's does.
+    tail = [("attn.prefix.output", (1, 200, 4, 16), "bf16")]
+    if method == "adapter":
+        assert prefix(gpu) == prefix(cpu) == tail
+    else:
+        assert prefix(cpu) == [
+            ("attn.prefix.mask", (200, 10), "bf16"),
+            ("attn.prefix.logsumexp", (1, 4, 200), "fp32"),
+            *tail,
+        ]
+        assert prefix(gpu) == [
+            ("attn.prefix.mask", (200, 16), "bf16"),
+            ("attn.prefix.logsumexp", (1, 4, 224), "fp32"),
+            *tail,
+        ]
+
+
+def test_cuda_refuses_a_head_size_the_efficient_kernel_refuses() -> None:
+    """head_size 12 in bf16 is no multiple of 8: SDPA would fall to math at batch 1, which
+    no proof covers."""
+    config = {**tiny(3, 2), "hidden_size": 48}
+    spec = make_spec(
+        model={"architecture": config, "implementation": "litgpt"},
+        precision="bf16",
+        training={"micro_batch_size": 1, "sequence_length": 64},
+        finetune={"method": "adapter"},
+        hardware={"gpu": "A100-40GB"},
+    )
+    saved = micro_batch_of(spec, from_config(config))
+    assert not saved.modelled
+    assert "head_size a multiple of 8" in saved.notes[0]
 
 
 def adapter_spec(
@@ -358,7 +499,30 @@ def adapter_spec(
 
 
 def test_verdict_does_not_say_fits_on_model_states_alone_on_a_gpu(tmp_path: Path) -> None:
-    """On a GPU the activations are unknown: the verdict says so instead of "fits"."""
+    """Where the CUDA activations are refused (head_size 12 in bf16: the efficient kernel
+    refuses it) the verdict says they are unknown instead of "fits"."""
+    from typer.testing import CliRunner
+
+    from memplan.cli.app import app
+
+    spec = tmp_path / "a.yaml"
+    spec.write_text(
+        "model:\n  implementation: litgpt\n  architecture: {model_type: llama, hidden_size: 48,"
+        " intermediate_size: 192, num_hidden_layers: 3, num_attention_heads: 4,"
+        " num_key_value_heads: 2, vocab_size: 256, max_position_embeddings: 128}\n"
+        "precision: bf16\n"
+        "finetune: {method: adapter}\ntraining: {micro_batch_size: 1, sequence_length: 64}\n"
+        "hardware: {gpu: A100-40GB}\n"
+    )
+    result = CliRunner().invoke(app, ["estimate", str(spec), "--width", "140"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "model states fit; activations unknown" in text
+    assert "the prefix attention's memory-efficient kernel needs head_size" in text
+
+
+def test_verdict_counts_the_activations_on_an_a100(tmp_path: Path) -> None:
+    """Llama 3 8B adapter at micro-batch 1 on an A100: modelled, so the verdict is a verdict."""
     from typer.testing import CliRunner
 
     from memplan.cli.app import app
@@ -367,13 +531,11 @@ def test_verdict_does_not_say_fits_on_model_states_alone_on_a_gpu(tmp_path: Path
     spec.write_text(
         "model: {preset: llama-3-8b, implementation: litgpt}\nprecision: bf16\n"
         "finetune: {method: adapter}\ntraining: {micro_batch_size: 1, sequence_length: 512}\n"
-        "hardware: {gpu: H100-80GB}\n"
+        "hardware: {gpu: A100-80GB}\n"
     )
-    result = CliRunner().invoke(app, ["estimate", str(spec), "--width", "140"])
+    result = CliRunner().invoke(app, ["estimate", str(spec), "--width", "140", "--json"])
     assert result.exit_code == 0, result.output
-    text = " ".join(result.stdout.split())
-    assert "model states fit; activations unknown" in text
-    assert "activations not modelled: on CUDA the kernel of the prefix attention" in text
+    assert "activations not modelled" not in result.stdout
 
 
 @pytest.mark.parametrize("method", ["adapter", "adapter_v2"])
@@ -443,7 +605,7 @@ def test_spec_keys_refused_where_litgpt_has_no_such_recipe(
 
 
 def test_adapter_refuses_model_types_it_does_not_cover() -> None:
-    cfg = {**tiny(), "model_type": "gpt_neox"}
+    cfg = {**tiny(), "model_type": "gemma"}
     spec = make_spec(
         model={"architecture": cfg, "implementation": "litgpt"}, finetune={"method": "adapter"}
     )

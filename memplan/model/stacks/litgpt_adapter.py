@@ -44,12 +44,14 @@ from memplan.model.stacks import litgpt
 SRC_ADAPTER = f"litgpt {litgpt.VERSION} litgpt/adapter.py"
 SRC_ADAPTER_V2 = f"litgpt {litgpt.VERSION} litgpt/adapter_v2.py"
 
-COVERED = frozenset({"llama", "mistral", "qwen2", "phi3", "phi"})
+COVERED = frozenset({"llama", "mistral", "qwen2", "phi3", "phi", "gpt_neox"})
 """The model types whose HF tensors map onto LitGPT's GPT one to one: the Llama-shaped ones
 (RMSNorm, LLaMAMLP, sequential residual), as memplan.model.stacks.litgpt_lora covers them, and
 Phi (phi-1.5 / phi-2: litgpt config.py's "phi-1_5" / "phi-2", the parallel-residual Block with
 one shared LayerNorm, GptNeoxMLP `fc` / `proj`, biases, lm_head's bias; HF names as litgpt
-scripts/convert_hf_checkpoint.py::copy_weights_phi maps them)."""
+scripts/convert_hf_checkpoint.py::copy_weights_phi maps them), and GPT-NeoX (StableLM Alpha,
+Pythia: the parallel-residual Block with two LayerNorms, GptNeoxMLP, biases; HF names as
+copy_weights_gpt_neox maps them)."""
 
 SRC_CACHE = (
     f"{SRC_ADAPTER}::CausalSelfAttention.scaled_dot_product_attention (`if self.adapter_kv_cache "
@@ -86,6 +88,10 @@ _LAYER = {
     "self_attn.dense": "attn.proj",  # Phi
     "mlp.fc1": "mlp.fc",  # Phi: GptNeoxMLP
     "mlp.fc2": "mlp.proj",
+    "attention.query_key_value": "attn.qkv",  # GPT-NeoX: fused already
+    "attention.dense": "attn.proj",
+    "mlp.dense_h_to_4h": "mlp.fc",
+    "mlp.dense_4h_to_h": "mlp.proj",
 }
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GATE_UP = "mlp.gate_up_proj"  # Phi-3: LitGPT splits it into fc_1 and fc_2
@@ -93,6 +99,8 @@ _TOP = {
     "model.embed_tokens": "transformer.wte",
     "model.norm": "transformer.ln_f",
     "model.final_layernorm": "transformer.ln_f",  # Phi
+    "gpt_neox.embed_in": "transformer.wte",  # GPT-NeoX
+    "gpt_neox.final_layer_norm": "transformer.ln_f",
     "lm_head": "lm_head",
 }
 _LINEARS = ("attn.qkv", "attn.proj", "mlp.fc_1", "mlp.fc_2", "mlp.fc", "mlp.proj", "lm_head")
@@ -109,8 +117,9 @@ def refusal(inventory: Inventory) -> str:
         )
     if arch.model_type not in COVERED:
         return (
-            f"LitGPT's adapter and adapter_v2 are modelled on its Llama-shaped configs and "
-            f"Phi (model types {', '.join(sorted(COVERED))}); {arch.model_type!r} is not one"
+            f"LitGPT's adapter and adapter_v2 are modelled on its Llama-shaped configs, "
+            f"Phi and GPT-NeoX (model types {', '.join(sorted(COVERED))}); "
+            f"{arch.model_type!r} is not one"
         )
     return ""
 
@@ -118,10 +127,10 @@ def refusal(inventory: Inventory) -> str:
 def _split(name: str) -> tuple[str, str, str]:
     """(module, suffix under model.layers.{i}. or '', leaf) of an HF parameter name."""
     module, leaf = name.rsplit(".", 1)
-    if module.startswith("model.layers."):
-        rest = module[len("model.layers.") :]
-        index, _, suffix = rest.partition(".")
-        return f"transformer.h.{index}", suffix, leaf
+    for stack in ("model.layers.", "gpt_neox.layers."):
+        if module.startswith(stack):
+            index, _, suffix = module[len(stack) :].partition(".")
+            return f"transformer.h.{index}", suffix, leaf
     return module, "", leaf
 
 

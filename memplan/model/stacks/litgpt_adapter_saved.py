@@ -5,14 +5,16 @@ one device, after fit's no-grad validation filled every adapted layer's adapter_
 
 Proved to the byte on one CPU device against litgpt's own models run by Fabric in fit's order,
 with and without LitGPT's recomputation (benchmarks/litgpt_adapter.py, `activations_measured`
-and `activations`; tests/test_litgpt_adapter.py); CUDA is refused (docs/litgpt-adapter.md says
-why).
+and `activations`; tests/test_litgpt_adapter.py). On CUDA the prefix attention's kernel is
+settled from torch's source (SRC_SDPA_CUDA, docs/litgpt-adapter.md), its tensors tested against
+the aten op under memplan.verify.trace.cuda; the rest of the layer is the CPU rule's, whose
+kernels (litgpt.attention_saves) already know the device.
 """
 
 from __future__ import annotations
 
 from memplan.config.finetune import FinetuneSpec
-from memplan.model.forward import kernels
+from memplan.model.forward import attention, kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting
 from memplan.model.inventory import Architecture
 from memplan.model.stacks import litgpt, litgpt_configs, litgpt_lora, litgpt_lora_adapters
@@ -32,6 +34,23 @@ SRC_SDPA_CPU = (
     "upcast; matmul expands k^T and v to q's batch; softmax's output kept); which path runs "
     "and what it keeps measured on torch 2.13.0+cpu (benchmarks/litgpt_adapter.py)"
 )
+SRC_SDPA_CUDA = (
+    "pytorch aten/src/ATen/native/transformers/cuda/sdp_utils.cpp::select_sdp_backend (read "
+    "at 001f694a, torch 2.13's tag cf30153c not stored): torch 2.13.0's include/ATen/"
+    "Context.h default order flash, "
+    "efficient, math, cuDNN (check_prefer_cudnn_attention puts cuDNN first only on sm90/sm10x "
+    "with a runtime cuDNN > 9.15); flash refuses any attn_mask (check_for_attn_mask); the "
+    "memory-efficient kernel wants q, k, v of one batch size and head count "
+    "(sdp_utils_cpp.h::check_batch_size_and_num_heads_dense, as torch 2.13.0's wheel ships it "
+    "in torch/include) and head_dim a multiple of minimum_gemm_alignment (8 for 16-bit, 4 "
+    "for fp32 on sm80+); attention.cpp::preprocess_mask pads the additive mask "
+    "(convert_boolean_attn_mask, q's dtype) to a multiple of 8 columns (mem_eff_alignment, "
+    "memplan.verify.trace.cuda) and the node keeps query, key, value, attn_bias, output, "
+    "log_sumexp and the host philox seed/offset (torch 2.13.0 include/torch/csrc/autograd/"
+    "generated/Functions.h::ScaledDotProductEfficientAttentionBackward0); logsumexp "
+    "[B, n_head, ceil(T / 32) * 32] fp32 (torch/_meta_registrations.py::"
+    "meta__scaled_dot_product_efficient_attention)"
+)
 SRC_CAST = "aten/src/ATen/autocast_mode.h::cached_cast (CPU autocast's lower-precision list)"
 SRC_V2_LINEAR = (
     f"{SRC_ADAPTER_V2}::AdapterV2Linear.forward (`adapter_scale * (linear(x) + adapter_bias)`: "
@@ -49,6 +68,37 @@ _FROZEN = litgpt_lora_adapters.Flags(
 """No LoRA adapter: litgpt_lora's rule for the frozen base GPT around the prefix."""
 
 
+EFFICIENT_MASK_ALIGN = 8
+"""attention.cpp::preprocess_mask's `mem_eff_alignment` in torch 2.13 (memplan.verify.trace.
+cuda.MEM_EFF_ALIGNMENT): a mask whose row stride is not a multiple of it is padded (pad_bias)."""
+
+
+def efficient_mask_columns(aT: int) -> int:
+    """Columns of the storage the memory-efficient kernel keeps for the [T, aT] prefix mask:
+    preprocess_mask leaves a mask whose row stride aT is a multiple of EFFICIENT_MASK_ALIGN
+    alone, else pad_bias pads `EFFICIENT_MASK_ALIGN - aT % EFFICIENT_MASK_ALIGN` columns and
+    slices the view back (SRC_SDPA_CUDA)."""
+    if aT % EFFICIENT_MASK_ALIGN == 0:
+        return aT
+    return aT + EFFICIENT_MASK_ALIGN - aT % EFFICIENT_MASK_ALIGN
+
+
+def cuda_refusal(arch: Architecture, st: Setting) -> str:
+    """Why the prefix attention's CUDA kernel is not modelled here, or ''. At batch 1 with the
+    cache at every head the memory-efficient kernel needs head_dim a multiple of
+    minimum_gemm_alignment (SRC_SDPA_CUDA: 8 for 16-bit q, 4 for fp32, sm80+); otherwise SDPA
+    falls to the math path at batch 1, which the CPU proof never ran."""
+    _, _, kv, d = kernels.attention_dims(arch)
+    align = 4 if st.matmul == kernels.FP32 else 8
+    if st.batch == 1 and kv != 1 and d % align:
+        return (
+            f"on CUDA the prefix attention's memory-efficient kernel needs head_size a "
+            f"multiple of {align} (sdp_utils.cpp::check_head_dim_size_mem_efficient; this "
+            f"model's is {d}), and the math path it falls to at micro-batch 1 is not proved"
+        )
+    return ""
+
+
 def prefix_attention(
     arch: Architecture, st: Setting, aT: int, *, q_grad: bool, cast: bool = False
 ) -> list[Saved]:
@@ -59,13 +109,22 @@ def prefix_attention(
     logsumexp [B, n_head, T] fp32 and its output (that `ay`); otherwise the math path keeps
     k^T and v expanded to q's batch [B n_head, head_size, aT] / [B n_head, aT, head_size] and
     the softmax [B, n_head, T, aT], in fp32 (the cache needs no gradient: q itself is not
-    kept)."""
+    kept). On CUDA (an sm80+ GPU, the default backend order: SRC_SDPA_CUDA) the same split
+    holds: at batch 1 with k/v at every head the memory-efficient kernel runs (flash refuses
+    the mask) and keeps the mask padded to `efficient_mask_columns(aT)` in q's dtype, the
+    logsumexp [B, n_head, ceil(T / 32) * 32] fp32 and its output; otherwise the efficient
+    kernel refuses the batch or head mismatch and the same math path runs."""
     h, a, kv, d = kernels.attention_dims(arch)
     b, s, mm, fp32 = st.batch, st.sequence, st.matmul, kernels.FP32
     ay = kernels.saved("attn.prefix.output", (b, s, a, d), mm, "MulBackward0", SRC_PREFIX)
     if not q_grad:
         return [ay]
     if b == 1 and kv != 1:
+        if st.device == "cuda":
+            lse = -(-s // attention.EFFICIENT_LSE_ALIGN) * attention.EFFICIENT_LSE_ALIGN
+            mask_shape, lse_shape, src = (s, efficient_mask_columns(aT)), (b, a, lse), SRC_SDPA_CUDA
+        else:
+            mask_shape, lse_shape, src = (s, aT), (b, a, s), SRC_SDPA_CPU
         casts = [
             kernels.saved(f"attn.prefix.{n}_cast", shape, mm, "SdpaBackward", SRC_CAST)
             for n, shape in (
@@ -76,8 +135,8 @@ def prefix_attention(
         ]
         return [
             *(casts if cast else []),
-            kernels.saved("attn.prefix.mask", (s, aT), mm, "SdpaBackward", SRC_SDPA_CPU),
-            kernels.saved("attn.prefix.logsumexp", (b, a, s), fp32, "SdpaBackward", SRC_SDPA_CPU),
+            kernels.saved("attn.prefix.mask", mask_shape, mm, "SdpaBackward", src),
+            kernels.saved("attn.prefix.logsumexp", lse_shape, fp32, "SdpaBackward", src),
             ay,
         ]
     softmax = kernels.saved(
@@ -196,7 +255,8 @@ def _v2_layer(arch: Architecture, st: Setting, aT: int, adapted: bool, g_in: boo
 def _v2_neox_layer(
     arch: Architecture, st: Setting, aT: int, adapted: bool, g_in: bool
 ) -> list[Saved]:
-    """`_v2_layer` for Phi's parallel-residual Block: the one shared LayerNorm trains, so
+    """`_v2_layer` for the parallel-residual Block (Phi's and GPT-NeoX's): the one shared
+    LayerNorm (Phi) trains, or both (GPT-NeoX, whose norm_2 adds its own mean and rstd), so
     native_layer_norm records its input, mean and rstd whether or not the input requires grad
     (kernels.layer_norm); qkv, proj, the MLP's fc and proj are AdapterV2Linears (their sums,
     their weights' casts under autocast); the GELU keeps its input, fc's adapted output, in
@@ -215,6 +275,11 @@ def _v2_neox_layer(
         return litgpt_lora_adapters.weight_cast(name, casts[name], st, x_grad=True)
 
     out: list[Saved] = kernels.layer_norm("norm_1", t, h, st.stream, st)
+    if not litgpt_configs.shared_norm(arch):
+        # GPT-NeoX's own norm_2 (trainable too) over the same block input: its statistics;
+        # the input is norm_1's storage.
+        norm_2 = kernels.layer_norm("norm_2", t, h, st.stream, st)
+        out += [x for x in norm_2 if x.name != "norm_2.input"]
     out += [*cast("attn.qkv"), _v2_sum("attn.qkv", (t, qkv_out), st)]
     main = [x for x in litgpt.attention_saves(arch, st) if x.name != "attn.proj.input"]
     if st.stream != st.matmul:
@@ -257,17 +322,11 @@ def activations(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
     why = litgpt.unsupported(arch, st) or litgpt_lora.unsupported(st)
     if not why and arch.model_type not in COVERED:
         why = (
-            f"LitGPT's {ft.method} is modelled on its Llama-shaped configs and Phi (model "
-            f"types {', '.join(sorted(COVERED))})"
+            f"LitGPT's {ft.method} is modelled on its Llama-shaped configs, Phi and GPT-NeoX "
+            f"(model types {', '.join(sorted(COVERED))})"
         )
     if not why and st.device == "cuda":
-        why = (
-            "on CUDA the kernel of the prefix attention (the cached k/v of batch 1 against q's "
-            "batch, with a bool mask) is not settled from torch 2.13's source (sdp_utils.cpp::"
-            "select_sdp_backend: its order depends on the runtime cuDNN and the GPU; "
-            "docs/litgpt-adapter.md) and was not measured; the rule is proved on CPU "
-            "(hardware.device: cpu)"
-        )
+        why = cuda_refusal(arch, st)
     if why:
         return litgpt.refused(f"activations not modelled: {why}.")
     v2 = ft.method == "adapter_v2"
@@ -320,6 +379,16 @@ def activations(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
         "LitGPT's fit loop keeps Fabric's fp32 logits chunks until the next forward returns: "
         "the step holds them in every phase (memplan.step.transients.litgpt_logits).",
     )
+    if st.device == "cuda":
+        notes += (
+            "CUDA: the prefix attention's kernel read from torch's source, not measured "
+            "(litgpt_adapter_saved.SRC_SDPA_CUDA): the memory-efficient kernel at micro-batch "
+            "1 with the cache at every head, else math; this assumes SDPA's default backend "
+            "order, which holds on sm80-sm89 GPUs (A100, A10G, L4, L40S) whatever the cuDNN, "
+            "and on H100/H200/B200 only with a runtime cuDNN <= 9.15 or "
+            "TORCH_CUDNN_SDPA_DEPRIORITIZED=1 (else cuDNN attention runs, whose saved tensors "
+            "are not modelled).",
+        )
     return Activations(
         modelled=True,
         blocks=tuple(blocks),
