@@ -476,14 +476,18 @@ def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | No
 
 
 def _inventory(config: dict[str, Any], loaded: LoadedSpec, spec: Spec) -> tuple[Inventory, Served]:
-    """The inventory verify predicts from: the hand family's, or for a model_type with none the
-    meta build with a traced profile (memplan.verify.unruled)."""
+    """The inventory verify predicts from: the hand family's (with a profile where the family
+    has no activation rule), or for a model_type with none the meta build with a traced profile
+    (memplan.verify.unruled)."""
     try:
-        if is_unruled(config):
-            from memplan.verify import unruled
+        from memplan.verify import unruled
 
+        if is_unruled(config):
             return unruled.inventory(config, spec, origin="model")
-        return models.from_config(config, origin="model"), RULE
+        inventory = models.from_config(config, origin="model")
+        if unruled.lacks_rule(config):
+            return unruled.with_profile(inventory, config, spec)
+        return inventory, RULE
     except MemplanError as err:
         raise err.located(field="model", where=loaded.where("model")) from None
 

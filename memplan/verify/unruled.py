@@ -57,11 +57,25 @@ def is_unruled(config: Mapping[str, Any]) -> bool:
     return isinstance(model_type, str) and family_of(model_type) is None
 
 
+def lacks_rule(config: Mapping[str, Any]) -> bool:
+    """True when a hand-written family serves the config's model_type with its inventory but
+    has no activation rule (Family.modelled: Phi, RoBERTa, T5, ...): as `memplan estimate`
+    does (memplan.verify.trace.traced_profiles), verify predicts its activations from a
+    profile."""
+    model_type = config.get("model_type")
+    family = family_of(model_type) if isinstance(model_type, str) else None
+    return family is not None and not family.modelled
+
+
 def inventory(config: Mapping[str, Any], spec: Spec, *, origin: str) -> tuple[Inventory, Served]:
     """The inventory of an unruled config (meta build) with the profile serving `spec`."""
     from memplan.verify.trace.meta import inventory_from_config
 
-    inv = inventory_from_config(config, origin=origin)
+    return with_profile(inventory_from_config(config, origin=origin), config, spec)
+
+
+def with_profile(inv: Inventory, config: Mapping[str, Any], spec: Spec) -> tuple[Inventory, Served]:
+    """`inv` with the profile of `config` serving `spec`: a stored one, else one traced now."""
     st = setting_of(spec)
     stored = serving(find_profiles(dict(config)), st)
     if stored is not None:
