@@ -13,6 +13,8 @@ kernels (litgpt.attention_saves) already know the device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from memplan.config.finetune import FinetuneSpec
 from memplan.model.forward import attention, kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting
@@ -225,17 +227,7 @@ def _v2_layer(arch: Architecture, st: Setting, aT: int, adapted: bool, g_in: boo
     out: list[Saved] = []
     norm1 = litgpt.norm("norm_1", t, h, st)
     out += norm1 if g_in else [x for x in norm1 if x.name.endswith(".normalized")]
-    out += [*cast("attn.qkv"), _v2_sum("attn.qkv", (t, qkv_out), st)]
-    main = [x for x in litgpt.attention_saves(arch, st) if x.name != "attn.proj.input"]
-    if st.stream != st.matmul:
-        value = kernels.saved(
-            "attn.value", (st.batch, a, st.sequence, d), st.matmul, "SdpaBackward", litgpt.SRC_ATTN
-        )
-        main = [value if x.name == "attn.qkv.output" else x for x in main]
-    out += main
-    if adapted:
-        out += prefix_attention(arch, st, aT, q_grad=True, cast=st.stream != st.matmul)
-    out += [*cast("attn.proj"), _v2_sum("attn.proj", (t, h), st)]
+    out += _v2_attention(arch, st, aT, adapted, cast)
     out += litgpt.norm("norm_2", t, h, st)
     src = SRC_V2_LINEAR
     out += [
@@ -250,6 +242,27 @@ def _v2_layer(arch: Architecture, st: Setting, aT: int, adapted: bool, g_in: boo
         _v2_sum("mlp.proj", (t, h), st),
     ]
     return out
+
+
+def _v2_attention(
+    arch: Architecture, st: Setting, aT: int, adapted: bool, cast: Callable[[str], list[Saved]]
+) -> list[Saved]:
+    """adapter_v2's attention half, the same in both Blocks: qkv's and proj's AdapterV2Linear
+    (their weights' casts and sums), the main attention (under autocast SDPA's value is the
+    matmul-dtype copy, not qkv's output) and, in an adapted layer, the prefix attention."""
+    h, a, kv, d = kernels.attention_dims(arch)
+    t = st.tokens
+    out = [*cast("attn.qkv"), _v2_sum("attn.qkv", (t, (a + 2 * kv) * d), st)]
+    main = [x for x in litgpt.attention_saves(arch, st) if x.name != "attn.proj.input"]
+    if st.stream != st.matmul:
+        value = kernels.saved(
+            "attn.value", (st.batch, a, st.sequence, d), st.matmul, "SdpaBackward", litgpt.SRC_ATTN
+        )
+        main = [value if x.name == "attn.qkv.output" else x for x in main]
+    out += main
+    if adapted:
+        out += prefix_attention(arch, st, aT, q_grad=True, cast=st.stream != st.matmul)
+    return [*out, *cast("attn.proj"), _v2_sum("attn.proj", (t, h), st)]
 
 
 def _v2_neox_layer(
@@ -280,17 +293,7 @@ def _v2_neox_layer(
         # the input is norm_1's storage.
         norm_2 = kernels.layer_norm("norm_2", t, h, st.stream, st)
         out += [x for x in norm_2 if x.name != "norm_2.input"]
-    out += [*cast("attn.qkv"), _v2_sum("attn.qkv", (t, qkv_out), st)]
-    main = [x for x in litgpt.attention_saves(arch, st) if x.name != "attn.proj.input"]
-    if st.stream != st.matmul:
-        value = kernels.saved(
-            "attn.value", (st.batch, a, st.sequence, d), st.matmul, "SdpaBackward", litgpt.SRC_ATTN
-        )
-        main = [value if x.name == "attn.qkv.output" else x for x in main]
-    out += main
-    if adapted:
-        out += prefix_attention(arch, st, aT, q_grad=True, cast=st.stream != st.matmul)
-    out += [*cast("attn.proj"), _v2_sum("attn.proj", (t, h), st)]
+    out += _v2_attention(arch, st, aT, adapted, cast)
     src = SRC_V2_LINEAR
     out += [
         *cast("mlp.fc"),
