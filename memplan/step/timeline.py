@@ -175,9 +175,17 @@ class StepParts:
 
     states: StepStates
     gradients: dict[Phase, int]
-    activations: dict[Phase, int]
-    activation_terms: list[Transient]
-    """transients.activation_terms(saved)"""
+    of: _OfSaved
+    """What the step reads of the saved tensors alone (`_of_saved`)."""
+
+    @property
+    def activations(self) -> dict[Phase, int]:
+        return self.of.activations
+
+    @property
+    def activation_terms(self) -> tuple[Transient, ...]:
+        """transients.activation_terms(saved)"""
+        return self.of.activation_terms
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,24 +250,39 @@ def parts(
             ("gradients", states, step.accumulation_steps > 1, step.zero_grad),
             lambda: _gradients(step, states, cache),
         ),
-        activations=of.activations,
-        activation_terms=list(of.activation_terms),
+        of=of,
     )
 
 
 @dataclass(frozen=True, slots=True)
 class StepTotals:
     """A timeline's numbers before its points are made (`totals`): plan asks every viewed
-    stage's peak, and builds the Timeline of the highest only."""
+    stage's peak, and builds the Timeline of the highest only (its rows are made then)."""
 
     terms: tuple[Transient, ...]
     """Every transient term (`transients`)."""
-    rows: dict[Phase, tuple[tuple[Category, int], ...]]
-    """Bytes alive per category at each phase (Point.by_category)."""
     alive: dict[Phase, list[Transient]]
     """The transient terms alive at each phase, in the terms' order."""
+    resident: tuple[int, int, int]
+    """Parameters, optimizer states and buffers: the same bytes at every phase."""
+    gradients: dict[Phase, int]
+    activations: dict[Phase, int]
+    transient: dict[Phase, int]
+    """Bytes of the terms alive at each phase."""
     peak_bytes: int
     """The most bytes alive at any phase (Timeline.peak_bytes)."""
+
+    def row(self, phase: Phase) -> tuple[tuple[Category, int], ...]:
+        """Bytes alive per category at `phase` (Point.by_category)."""
+        params, opt, buffers = self.resident
+        return (
+            ("parameters", params),
+            ("gradients", self.gradients[phase]),
+            ("optimizer_states", opt),
+            ("buffers", buffers),
+            ("activations", self.activations[phase]),
+            ("transient", self.transient[phase]),
+        )
 
 
 def totals(
@@ -276,30 +299,31 @@ def totals(
     out)."""
     if shared is None:
         shared = parts(step, inventory, per_gpu=per_gpu, saved=saved, cache=cache)
-    states = shared.states
-    terms = tuple(transients(step, states, saved, cache, activation_terms=shared.activation_terms))
+    terms = tuple(transients(step, shared.states, saved, cache, of=shared.of))
     gradients = shared.gradients
     activations = shared.activations
-    params, opt = per_gpu.bytes_of("parameters"), per_gpu.bytes_of("optimizer_states")
-    # Each phase's transient terms, in the terms' order: one pass over the terms.
+    # Each phase's transient terms, in the terms' order, and their bytes: one pass.
     alive: dict[Phase, list[Transient]] = {phase: [] for phase in PHASES}
+    transient = dict.fromkeys(PHASES, 0)
     for t in terms:
         for phase in t.phases:
             alive[phase].append(t)
-    rows: dict[Phase, tuple[tuple[Category, int], ...]] = {}
-    sums: list[int] = []
-    for phase in PHASES:
-        transient = sum(t.bytes for t in alive[phase])
-        rows[phase] = (
-            ("parameters", params),
-            ("gradients", gradients[phase]),
-            ("optimizer_states", opt),
-            ("buffers", buffer_bytes),
-            ("activations", activations[phase]),
-            ("transient", transient),
-        )
-        sums.append(params + gradients[phase] + opt + buffer_bytes + activations[phase] + transient)
-    return StepTotals(terms=terms, rows=rows, alive=alive, peak_bytes=max(sums))
+            transient[phase] += t.bytes
+    resident = (
+        per_gpu.bytes_of("parameters"),
+        per_gpu.bytes_of("optimizer_states"),
+        buffer_bytes,
+    )
+    moving = max(gradients[p] + activations[p] + transient[p] for p in PHASES)
+    return StepTotals(
+        terms=terms,
+        alive=alive,
+        resident=resident,
+        gradients=gradients,
+        activations=activations,
+        transient=transient,
+        peak_bytes=sum(resident) + moving,
+    )
 
 
 def build(
@@ -329,7 +353,7 @@ def build(
     points = tuple(
         Point(
             phase=phase,
-            by_category=worked.rows[phase],
+            by_category=worked.row(phase),
             transients=tuple(t.name for t in worked.alive[phase]),
         )
         for phase in PHASES
@@ -371,8 +395,8 @@ def floor_bytes(
     engine = STEPS[step.layout.engine]
     some = (
         *cache.get(("engine states", states), lambda: tuple(engine.states(states, cache))),
-        *shared.activation_terms,
-        *_of_saved(saved).buffers,
+        *shared.of.activation_terms,
+        *shared.of.buffers,
     )
     resident = per_gpu.bytes_of("parameters") + per_gpu.bytes_of("optimizer_states") + buffer_bytes
     moving = {phase: gradients[phase] + activations[phase] for phase in PHASES}
@@ -388,19 +412,19 @@ def transients(
     saved: Activations,
     cache: StepCache,
     *,
-    activation_terms: list[Transient] | None = None,
+    of: _OfSaved | None = None,
 ) -> list[Transient]:
     """Every transient term of the step, in this order: the engine's model-state buffers
     (remembered per StepStates: plan asks again for every micro-batch size and recompute
     option of a layout), the step's activation terms, the engine's terms beside the loss,
     the layout's communication buffers, the end of backward (the engine's, or the
     embedding's backward), the allocator's rounding, fp8's and QLoRA's weight copies.
-    `activation_terms`: own.activation_terms(saved), when already worked out."""
+    `of`: `_of_saved(saved)`, when already looked up."""
     engine = STEPS[step.layout.engine]
     out = list(cache.get(("engine states", states), lambda: tuple(engine.states(states, cache))))
-    if activation_terms is None:
-        activation_terms = own.activation_terms(saved)
-    of = _of_saved(saved)
+    if of is None:
+        of = _of_saved(saved)
+    activation_terms = of.activation_terms
     acts = _engine_view(
         states.inventory,
         saved,
