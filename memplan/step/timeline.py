@@ -16,7 +16,7 @@ one by one while gradients appear), so the peak of the step is at one of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -476,7 +476,7 @@ def _buffers(saved: Activations) -> list[Transient]:
 def _engine_view(
     inventory: Inventory,
     saved: Activations,
-    terms: list[Transient],
+    terms: Sequence[Transient],
     recipe: Recipe,
     cache: StepCache | None = None,
     *,
