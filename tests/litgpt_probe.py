@@ -853,6 +853,29 @@ def adapter_parameters_of(
     return {n: (tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()}
 
 
+def lora_parameters_of(
+    config: Any, lora: Lora, precision: str
+) -> dict[str, tuple[tuple[int, ...], str, bool]]:
+    """{name: (shape, str(dtype), requires_grad)} of litgpt 0.5.9's `litgpt.lora.GPT` as
+    finetune/lora.py::main builds it (without --quantize): `config`'s fields (any litgpt
+    Config: Config.from_name's entries or `config(shape)`) with `lora`'s flags, built under
+    Fabric's precision plugin's module_init_context on the meta device (so whole published
+    models fit), then `mark_only_lora_as_trainable(model)` (bias "none", as main calls it)."""
+    from dataclasses import fields as dataclass_fields
+
+    import lightning as L
+    from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+
+    names = {f.name for f in dataclass_fields(Config) if f.init and not f.name.startswith("lora_")}
+    flags = {f"lora_{k}": v for k, v in asdict(lora).items()}
+    own = Config(**{k: getattr(config, k) for k in names if hasattr(config, k)}, **flags)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=precision)  # type: ignore[arg-type]
+    with torch.device("meta"), fabric.strategy.precision.module_init_context():
+        model = GPT(own)
+    mark_only_lora_as_trainable(model)
+    return {n: (tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()}
+
+
 def adapter_fit_grads(config: Any, method: str) -> dict[str, bool]:
     """{name: whether it gets a gradient} in litgpt 0.5.9's finetune/adapter(_v2).py::fit, on
     the meta device: fit first runs `validate` (under @torch.no_grad(), model.eval(); the

@@ -6,6 +6,7 @@ memplan.model.stacks.litgpt_lora_neox (the parallel-residual Block)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from memplan.config.finetune import FinetuneSpec
@@ -13,7 +14,7 @@ from memplan.errors import MemplanError
 from memplan.model.finetune.targets import ADAPTER
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Saved, Setting
-from memplan.model.inventory import Architecture, Inventory
+from memplan.model.inventory import Architecture, Inventory, TensorSpec
 from memplan.model.module_tree import FINETUNE_NOTE
 from memplan.model.stacks import litgpt, litgpt_qlora
 
@@ -200,8 +201,8 @@ def default_targets(ft: FinetuneSpec, inventory: Inventory) -> FinetuneSpec:
     Llama names, none given: finetune/lora.py's default lora_query + lora_value), for the model
     states: LitGPT's own choice whatever peft's default for the model_type (Phi's adds fc1 and
     fc2, peft 0.21.2 utils/constants.py) and whatever the checkpoint calls its linears
-    (LAYOUTS). A fused module's peft adapter is then reshaped to LitGPT's by
-    `fused_adapters`."""
+    (LAYOUTS). peft's adapters are then laid out as LitGPT's tensors (one LoRAQKVLinear
+    pair per layer on the q|k|v, fc_1's and fc_2's apart) by `fused_adapters`."""
     if ft.method not in ("lora", "qlora"):
         return ft
     fl = flags_of(ft.target_modules, rank=ft.rank, dropout=ft.dropout)
@@ -212,50 +213,89 @@ def default_targets(ft: FinetuneSpec, inventory: Inventory) -> FinetuneSpec:
     )
 
 
+SPLIT_QKV = ("q_proj", "k_proj", "v_proj")
+"""HF names of separate q, k, v Linears (Llama-shaped checkpoints, Gemma, Phi), which
+litgpt's convert_hf_checkpoint.py stacks into one `attn.qkv` and LoRA adapts with one
+LoRAQKVLinear (SRC_QKV_INIT)."""
+FUSED_NAME = "qkv_proj"
+"""The name memplan gives LitGPT's LoRAQKVLinear adapter pair where the checkpoint has
+separate q, k, v (Phi-3's checkpoint name for the fused q|k|v)."""
+SPLIT_GATE_UP = ("gate_proj", "up_proj")
+"""The names memplan gives LitGPT's fc_1 and fc_2 adapters split from Phi-3's gate_up_proj
+(Llama's checkpoint names for the two halves)."""
+
+_ADAPTER_PARAM = re.compile(
+    rf"^(?P<parent>.+)\.(?P<mod>[^.]+)\.lora_(?P<ab>[AB])\.{ADAPTER}\.weight$"
+)
+"""peft's adapter weights as memplan.model.finetune.lora.lora_tensors names them."""
+
+
 def fused_adapters(inventory: Inventory, ft: FinetuneSpec) -> Inventory:
-    """The LoRA inventory with LitGPT's adapters in place of peft's on a fused module.
+    """The LoRA inventory with LitGPT's adapter tensors in place of peft's, tensor for tensor
+    as litgpt.lora.GPT after mark_only_lora_as_trainable holds them (proved on the meta device
+    for every model type the LitGPT stack covers: tests/test_litgpt_lora_inventory.py).
 
-    A fused q|k|v (query_key_value, qkv_proj; SRC_QKV_INIT): LitGPT's LoRAQKVLinear, lora_A
-    [r x parts, h] and lora_B [sum of the enabled q / k / v widths, r], in place of peft's
-    [r, h] + [(n_head + 2 n_kv) head_dim, r]. Under lora_query + lora_value Falcon-7B (71
-    heads, one k/v head) trains 3 r h + 64 r elements per layer where peft's shape gives
-    2 r h + 128 r. Phi-3's gate_up_proj (SRC_MLP): LitGPT adapts fc_1 and fc_2 apart, [r, h] +
-    [inter, r] each; memplan widens peft's lora_A to [2r, h] beside its [2 inter, r] lora_B:
-    the same elements and bytes in two tensors, not four (the optimizer's 0-dim `step`
-    tensors, one per tensor, are two fewer). `ft` is the user's (LitGPT's flags); other
-    inventories come back unchanged."""
+    The q|k|v of a layer (SRC_QKV_INIT): one LoRAQKVLinear pair, lora_A [r x parts, h] and
+    lora_B [sum of the enabled q / k / v widths, r], whatever the checkpoint calls its
+    linears: on a fused query_key_value / qkv_proj in place of peft's [r, h] + [(n_head +
+    2 n_kv) head_dim, r] (under lora_query + lora_value Falcon-7B, 71 heads and one k/v head,
+    trains 3 r h + 64 r elements per layer where peft's shape gives 2 r h + 128 r); on
+    separate q_proj / k_proj / v_proj (Llama-shaped, Gemma, Phi) in place of one peft pair
+    each: the same elements in two tensors, not two per adapted part, named `qkv_proj`
+    (FUSED_NAME). Phi-3's gate_up_proj (SRC_MLP): LitGPT adapts fc_1 and fc_2 apart, [r, h] +
+    [inter, r] each, four tensors where peft has two ([r, h] + [2 inter, r]), named
+    gate_proj and up_proj (SPLIT_GATE_UP). The count matters beside the bytes: AdamW keeps a
+    0-dim `step` tensor per trainable tensor and the CUDA allocator rounds each to its
+    blocks. `ft` is the user's (LitGPT's flags); other inventories come back unchanged."""
     arch = inventory.architecture
-    a_of = {f".{m}.lora_A.{ADAPTER}.weight": m for m in (*FUSED_QKV, FUSED_GATE_UP)}
-    b_of = {f".{m}.lora_B.{ADAPTER}.weight": m for m in (*FUSED_QKV, FUSED_GATE_UP)}
-
-    def fused(name: str, ends: dict[str, str]) -> str | None:
-        return next((m for suffix, m in ends.items() if name.endswith(suffix)), None)
-
-    if arch is None or not any(fused(t.name, a_of) for t in inventory.parameters):
+    matched = [(t, _ADAPTER_PARAM.match(t.name)) for t in inventory.parameters]
+    qkv_mods = (*FUSED_QKV, *SPLIT_QKV)
+    if arch is None or not any(m and m["mod"] in (*qkv_mods, FUSED_GATE_UP) for _, m in matched):
         return inventory
     fl = flags_of(ft.target_modules, rank=ft.rank, dropout=ft.dropout)
     if isinstance(fl, str):
         raise MemplanError(fl, field="finetune.target_modules")
     h, a, kv, d = kernels.attention_dims(arch)
     widths = (a * d, kv * d, kv * d)
-    shapes = {("A", m): (fl.r * sum(fl.qkv), h) for m in FUSED_QKV} | {
-        ("B", m): (sum(w for w, on in zip(widths, fl.qkv, strict=True) if on), fl.r)
-        for m in FUSED_QKV
+    qkv_shapes = {
+        "A": (fl.r * sum(fl.qkv), h),
+        "B": (sum(w for w, on in zip(widths, fl.qkv, strict=True) if on), fl.r),
     }
-    shapes[("A", FUSED_GATE_UP)] = (2 * fl.r, h)
-    params = []
-    for t in inventory.parameters:
-        m_a, m_b = fused(t.name, a_of), fused(t.name, b_of)
-        if m_a is not None:
-            t = t.reshaped(shapes[("A", m_a)])
-        elif m_b is not None and ("B", m_b) in shapes:
-            t = t.reshaped(shapes[("B", m_b)])
-        params.append(t)
-    note = (
-        f"{FINETUNE_NOTE} LitGPT's adapters on the fused modules: LoRAQKVLinear lora_A "
-        f"{list(shapes[('A', FUSED_QKV[0])])}, lora_B {list(shapes[('B', FUSED_QKV[0])])} "
-        f"({SRC_QKV_INIT}); fc_1 and fc_2's adapters in gate_up_proj's pair ({SRC_MLP})."
-    )
+    params: list[TensorSpec] = []
+    done: set[tuple[str, str]] = set()  # (parent, A / B) of the q|k|v pairs already made
+    for t, m in matched:
+        if m is None or m["mod"] not in (*qkv_mods, FUSED_GATE_UP):
+            params.append(t)
+        elif m["mod"] in qkv_mods:
+            key = (m["parent"], m["ab"])
+            if key not in done:
+                done.add(key)
+                mod = m["mod"] if m["mod"] in FUSED_QKV else FUSED_NAME
+                name = f"{m['parent']}.{mod}.lora_{m['ab']}.{ADAPTER}.weight"
+                params.append(replace(t.reshaped(qkv_shapes[m["ab"]]), name=name))
+        elif m["ab"] == "A":  # gate_up_proj's lora_A [r, h]: fc_1's and fc_2's
+            params += [
+                replace(t, name=f"{m['parent']}.{half}.lora_A.{ADAPTER}.weight")
+                for half in SPLIT_GATE_UP
+            ]
+        else:  # gate_up_proj's lora_B [2 inter, r]: [inter, r] each
+            half_shape = (t.shape[0] // 2, *t.shape[1:])
+            params += [
+                replace(
+                    t.reshaped(half_shape), name=f"{m['parent']}.{half}.lora_B.{ADAPTER}.weight"
+                )
+                for half in SPLIT_GATE_UP
+            ]
+    said = []
+    if done:
+        said.append(
+            f"one LoRAQKVLinear pair per layer on the q|k|v, lora_A {list(qkv_shapes['A'])}, "
+            f"lora_B {list(qkv_shapes['B'])} ({SRC_QKV_INIT}), named after the checkpoint's "
+            f"fused module or {FUSED_NAME}"
+        )
+    if any(m and m["mod"] == FUSED_GATE_UP for _, m in matched):
+        said.append(f"fc_1's and fc_2's apart, named {' and '.join(SPLIT_GATE_UP)} ({SRC_MLP})")
+    note = f"{FINETUNE_NOTE} LitGPT's adapter tensors: {'; '.join(said)}."
     return replace(inventory, parameters=tuple(params), notes=(*inventory.notes, note))
 
 
