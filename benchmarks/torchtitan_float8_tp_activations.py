@@ -12,9 +12,11 @@ sequence parallelism on and off x fused wqkv (0.3.0) or wq / wk / wv (018740b). 
 float8 type, so the fp8 activation all-gather runs on uint8 views of the same storages
 (benchmarks/fsdp2_float8_tp.py::gloo_fp8_shim). One more case, an FFN width of 200 (not a
 multiple of 16: w1 / w2 / w3 stay nn.Linear), records the error torchao raises and memplan's
-refusal.
+refusal. Then the first decoder layer's forward (checkpointing none): what it keeps and the most
+it holds for a moment beyond that, bf16 and Float8, SP on and off, beside memplan's forward
+working set (no Float8 cast term: the casts' fp32 copies are not modelled).
 
-    PYTHONPATH=$PWD python benchmarks/torchtitan_float8_tp_activations.py   # ~30 s on 2 cores
+    PYTHONPATH=$PWD python benchmarks/torchtitan_float8_tp_activations.py   # ~2 min on 2 cores
     # writes benchmarks/results/torchtitan-float8-tp-activations.json
 """
 
@@ -104,6 +106,26 @@ def cases() -> list[Any]:
     ] + [Case(True, "none", True, True, ffn=REFUSED_FFN)]
 
 
+def layer_cases() -> list[Any]:
+    """The first decoder layer's forward, checkpointing none, fused wqkv (layer_forward)."""
+    from tests.torchtitan_float8_tp_probe import Case
+
+    return [Case(f8, "none", sp, True) for f8 in (False, True) for sp in (True, False)]
+
+
+def working_set(*, float8: bool, sequence_parallel: bool, rank: int) -> int:
+    """memplan's forward working set of a decoder layer for the case (memplan.step.transients.
+    working_sets, read here, not changed: no Float8 cast term)."""
+    from memplan.step.transients import working_sets
+
+    saved = predicted_activations(
+        float8=float8, mode="none", sequence_parallel=sequence_parallel, fused_qkv=True, rank=rank
+    )
+    layers = saved.block("layers")
+    assert layers is not None
+    return working_sets(saved, layers)[0].bytes
+
+
 def main() -> None:
     import torch
     import torchao  # type: ignore[import-untyped]
@@ -151,6 +173,24 @@ def main() -> None:
                     "memplan_bytes": saved.bytes,
                 }
             )
+    with tempfile.TemporaryDirectory() as out:
+        layer_ranks = run(layer_cases(), Path(out), detail="layer")
+    layer_rows = []
+    for case in layer_cases():
+        for r in range(WORLD):
+            got = layer_ranks[r][case.name]
+            layer_rows.append(
+                {
+                    "case": case.name,
+                    "rank": r,
+                    **got,
+                    "kept_bytes": got["end"] - got["start"],
+                    "transient_bytes": got["peak"] - got["end"],
+                    "memplan_forward_working_set": working_set(
+                        float8=case.float8, sequence_parallel=case.sequence_parallel, rank=r
+                    ),
+                }
+            )
     exact = sum(row["measured_bytes"] == row["memplan_bytes"] for row in rows)
     doc = {
         "stamp": stamp(),
@@ -163,6 +203,13 @@ def main() -> None:
         "exact": f"{exact} of {len(rows)}",
         "rows": rows,
         "refused": refused,
+        "layer_forward": {
+            "what": "the first decoder layer's forward (checkpointing none, fused wqkv): bytes "
+            "of storages made since the forward began alive when it starts (start), ends (end) "
+            "and at most after any op (peak); transient = peak - end, what the layer holds for "
+            "a moment beyond what it keeps (tests/torchtitan_float8_tp_probe.py::layer_forward)",
+            "rows": layer_rows,
+        },
     }
     OUT.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{exact} of {len(rows)} rank-cases to the byte; wrote {OUT}")
@@ -171,6 +218,8 @@ def main() -> None:
             print("  differs:", row)
     for row in refused:
         print("  refused:", row)
+    for row in layer_rows:
+        print("  layer forward:", row)
 
 
 if __name__ == "__main__":

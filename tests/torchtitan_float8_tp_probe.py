@@ -150,15 +150,74 @@ class _Made(probe._Made):  # noqa: SLF001
         return out
 
 
-def held(case: Case, mesh: Any, detail: bool = False) -> Any:
-    """Bytes this rank's forward + loss hold for backward (tests/torchtitan_tp_probe.py::held's
-    measure, Float8TrainingTensors by their storages)."""
+class _Peak(_Made):
+    """_Made that, while `tracking`, records the most bytes of made storages alive after any op
+    (the storages of `before` not counted)."""
+
+    def __init__(self, key: Any) -> None:
+        super().__init__(key)
+        self.tracking = False
+        self.peak = 0
+        self.before: set[int] = set()
+
+    def alive(self) -> int:
+        live: dict[int, int] = {}
+        for ref, k, n in self.made:
+            if not ref.expired() and k not in self.before:
+                live[k] = n
+        return sum(live.values())
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.tracking:
+            self.peak = max(self.peak, self.alive())
+        return out
+
+
+def layer_forward(case: Case, mesh: Any) -> dict[str, int]:
+    """The first decoder layer's forward on this rank (checkpointing none): the bytes of the
+    storages made since the forward began alive when the layer starts (`start`) and ends
+    (`end`), and the most alive after any of its ops (`peak`); peak - end is what the layer
+    holds beyond what it leaves (its momentary buffers: the SP all-gather and reduce-scatter,
+    the casts)."""
     from torchtitan.components.loss import cross_entropy_loss
     from torchtitan.distributed.utils import set_spmd_backend
 
     set_spmd_backend("partial_dtensor")
-    shape = case.shape
-    model = probe.build("bf16", shape)
+    model = _built(case, mesh)
+    tokens = torch.randint(0, case.shape.vocab, (case.shape.batch, case.shape.seq))
+    labels = torch.randint(0, case.shape.vocab, (case.shape.batch, case.shape.seq))
+
+    def key(st: Any) -> int:
+        return int(st.data_ptr())
+
+    inputs = (*model.parameters(), *model.buffers(), tokens, labels)
+    spy = _Peak(key)
+    spy.before = {key(s) for t in inputs for s in _storages(t)}
+    got: dict[str, int] = {}
+    layer = next(iter(model.layers.values()))
+
+    def pre(*_: Any) -> None:
+        dist.barrier()
+        got["start"] = spy.alive()
+        spy.peak, spy.tracking = 0, True
+
+    def post(*_: Any) -> None:
+        spy.tracking = False
+        got["end"] = spy.alive()
+        got["peak"] = spy.peak
+
+    layer.register_forward_pre_hook(pre)
+    layer.register_forward_hook(post)
+    with spy:
+        loss = cross_entropy_loss(model(tokens), labels)
+    loss.backward()
+    return got
+
+
+def _built(case: Case, mesh: Any) -> Any:
+    """The case's model, converted, sharded and checkpointed (held's), tokens seeded."""
+    model = probe.build("bf16", case.shape)
     if case.float8:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
@@ -170,6 +229,18 @@ def held(case: Case, mesh: Any, detail: bool = False) -> Any:
         )
     probe.checkpoint(model, case.mode)
     torch.manual_seed(1)
+    return model
+
+
+def held(case: Case, mesh: Any, detail: bool = False) -> Any:
+    """Bytes this rank's forward + loss hold for backward (tests/torchtitan_tp_probe.py::held's
+    measure, Float8TrainingTensors by their storages)."""
+    from torchtitan.components.loss import cross_entropy_loss
+    from torchtitan.distributed.utils import set_spmd_backend
+
+    set_spmd_backend("partial_dtensor")
+    shape = case.shape
+    model = _built(case, mesh)
     tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
     labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
 
@@ -193,7 +264,9 @@ def held(case: Case, mesh: Any, detail: bool = False) -> Any:
     return sum(alive.values()) + labels.nbytes
 
 
-def _rank(rank: int, world: int, port: int, cases: list[Case], out: str, detail: bool) -> None:
+def _rank(
+    rank: int, world: int, port: int, cases: list[Case], out: str, detail: bool | str
+) -> None:
     from benchmarks.fsdp2_float8_tp import gloo_fp8_shim
 
     gloo_fp8_shim()
@@ -212,6 +285,9 @@ def _rank(rank: int, world: int, port: int, cases: list[Case], out: str, detail:
         result: dict[str, Any] = {}
         for c in cases:
             try:
+                if detail == "layer":
+                    result[c.name] = layer_forward(c, mesh)
+                    continue
                 result[c.name] = held(c, mesh, detail)
             except (ValueError, AssertionError) as err:  # a plan torchao refuses
                 import traceback
@@ -227,9 +303,10 @@ def _rank(rank: int, world: int, port: int, cases: list[Case], out: str, detail:
 
 
 def run(
-    cases: list[Case], out: Path, world: int = WORLD, detail: bool = False
+    cases: list[Case], out: Path, world: int = WORLD, detail: bool | str = False
 ) -> list[dict[str, Any]]:
-    """Every case's held bytes on each of `world` spawned gloo ranks (index = rank)."""
+    """Every case's held bytes on each of `world` spawned gloo ranks (index = rank); with
+    `detail` True the held storages listed, with "layer" layer_forward's figures instead."""
     import torch.multiprocessing as mp
 
     from memplan.verify.launch import free_port
