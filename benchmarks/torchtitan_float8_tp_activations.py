@@ -14,7 +14,7 @@ float8 type, so the fp8 activation all-gather runs on uint8 views of the same st
 multiple of 16: w1 / w2 / w3 stay nn.Linear), records the error torchao raises and memplan's
 refusal. Then the first decoder layer's forward (checkpointing none): what it keeps and the most
 it holds for a moment beyond that, bf16 and Float8, SP on and off, beside memplan's forward
-working set (no Float8 cast term: the casts' fp32 copies are not modelled).
+working set and Float8 cast term (memplan.activations.torchtitan_float8.casts).
 
     PYTHONPATH=$PWD python benchmarks/torchtitan_float8_tp_activations.py   # ~2 min on 2 cores
     # writes benchmarks/results/torchtitan-float8-tp-activations.json
@@ -113,9 +113,10 @@ def layer_cases() -> list[Any]:
     return [Case(f8, "none", sp, True) for f8 in (False, True) for sp in (True, False)]
 
 
-def working_set(*, float8: bool, sequence_parallel: bool, rank: int) -> int:
-    """memplan's forward working set of a decoder layer for the case (memplan.step.transients.
-    working_sets, read here, not changed: no Float8 cast term)."""
+def forward_terms(*, float8: bool, sequence_parallel: bool, rank: int) -> dict[str, int]:
+    """memplan's forward terms of a decoder layer for the case: the working set (memplan.step.
+    transients.working_sets, read here) and the Float8 cast (memplan.activations.
+    torchtitan_float8.casts; 0 without Float8). Pure: no torch."""
     from memplan.step.transients import working_sets
 
     saved = predicted_activations(
@@ -123,7 +124,11 @@ def working_set(*, float8: bool, sequence_parallel: bool, rank: int) -> int:
     )
     layers = saved.block("layers")
     assert layers is not None
-    return working_sets(saved, layers)[0].bytes
+    cast = sum(t.bytes for t in saved.buffers if t.name == "float8_cast_forward")
+    return {
+        "memplan_forward_working_set": working_sets(saved, layers)[0].bytes,
+        "memplan_float8_cast_forward": cast,
+    }
 
 
 def main() -> None:
@@ -186,7 +191,7 @@ def main() -> None:
                     **got,
                     "kept_bytes": got["end"] - got["start"],
                     "transient_bytes": got["peak"] - got["end"],
-                    "memplan_forward_working_set": working_set(
+                    **forward_terms(
                         float8=case.float8, sequence_parallel=case.sequence_parallel, rank=r
                     ),
                 }
@@ -207,7 +212,9 @@ def main() -> None:
             "what": "the first decoder layer's forward (checkpointing none, fused wqkv): bytes "
             "of storages made since the forward began alive when it starts (start), ends (end) "
             "and at most after any op (peak); transient = peak - end, what the layer holds for "
-            "a moment beyond what it keeps (tests/torchtitan_float8_tp_probe.py::layer_forward)",
+            "a moment beyond what it keeps; momentary: the storages alive at the peak and "
+            "freed by the end, [bytes, dtype] (tests/torchtitan_float8_tp_probe.py::"
+            "layer_forward)",
             "rows": layer_rows,
         },
     }

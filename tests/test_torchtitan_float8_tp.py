@@ -123,6 +123,40 @@ def test_unconverted_linear_is_refused_as_torchao_fails() -> None:
     assert "torchao-rowwise" in saved.notes[0]
 
 
+def _layer_rows() -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = recorded()["layer_forward"]["rows"]
+    assert len(rows) == 8
+    return rows
+
+
+def test_float8_cast_term_is_the_measured_cast() -> None:
+    """At the first layer's forward peak under Float8 the storages freed by the layer's end
+    include one fp8 cast (w2's weight, 6,144 elements): two fp32 tensors and the fp8 result;
+    memplan's float8_cast_forward is those three, on every rank, SP on or off."""
+    for row in _layer_rows():
+        terms = bench.forward_terms(
+            float8=row["case"].startswith("float8"),
+            sequence_parallel="-nosp-" not in row["case"],
+            rank=row["rank"],
+        )
+        cast = [n for n, dtype in row["momentary"] if dtype.endswith(("float32", "e4m3fn"))]
+        cast = [n for n in cast if n > 4]  # the 4 B scale goes on with the result
+        assert terms["memplan_float8_cast_forward"] == sum(cast), row["case"]
+
+
+def test_forward_terms_cover_the_measured_layer_transient() -> None:
+    """What the layer holds for a moment beyond what it keeps (peak - end) is within memplan's
+    forward working set plus the Float8 cast term; without the cast term (16-bit accounting)
+    the Float8 rows' 63,492 B and 65,540 B exceed the 14,336 B and 16,384 B working sets."""
+    for row in _layer_rows():
+        terms = bench.forward_terms(
+            float8=row["case"].startswith("float8"),
+            sequence_parallel="-nosp-" not in row["case"],
+            rank=row["rank"],
+        )
+        assert row["transient_bytes"] <= sum(terms.values()), row["case"]
+
+
 @pytest.mark.slow
 def test_live_float8_tp_on_two_gloo_ranks(tmp_path: Path) -> None:
     pytest.importorskip("torchao.float8")

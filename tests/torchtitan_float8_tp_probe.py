@@ -159,27 +159,31 @@ class _Peak(_Made):
         self.tracking = False
         self.peak = 0
         self.before: set[int] = set()
+        self.at_peak: dict[int, str] = {}
 
     def alive(self) -> int:
-        live: dict[int, int] = {}
-        for ref, k, n in self.made:
-            if not ref.expired() and k not in self.before:
-                live[k] = n
-        return sum(live.values())
+        return sum(self.live().values())
+
+    def live(self) -> dict[int, int]:
+        return {k: n for ref, k, n in self.made if not ref.expired() and k not in self.before}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if self.tracking:
-            self.peak = max(self.peak, self.alive())
+            live = self.live()
+            if sum(live.values()) > self.peak:
+                self.peak = sum(live.values())
+                self.at_peak = {k: self.shapes[k][3] for k in live}
         return out
 
 
-def layer_forward(case: Case, mesh: Any) -> dict[str, int]:
+def layer_forward(case: Case, mesh: Any) -> dict[str, Any]:
     """The first decoder layer's forward on this rank (checkpointing none): the bytes of the
     storages made since the forward began alive when the layer starts (`start`) and ends
     (`end`), and the most alive after any of its ops (`peak`); peak - end is what the layer
     holds beyond what it leaves (its momentary buffers: the SP all-gather and reduce-scatter,
-    the casts)."""
+    the casts); `momentary` lists the storages alive at the peak and freed by the end
+    ([bytes, dtype])."""
     from torchtitan.components.loss import cross_entropy_loss
     from torchtitan.distributed.utils import set_spmd_backend
 
@@ -194,7 +198,8 @@ def layer_forward(case: Case, mesh: Any) -> dict[str, int]:
     inputs = (*model.parameters(), *model.buffers(), tokens, labels)
     spy = _Peak(key)
     spy.before = {key(s) for t in inputs for s in _storages(t)}
-    got: dict[str, int] = {}
+    got: dict[str, Any] = {}
+    momentary: list[list[Any]] = []
     layer = next(iter(model.layers.values()))
 
     def pre(*_: Any) -> None:
@@ -204,15 +209,19 @@ def layer_forward(case: Case, mesh: Any) -> dict[str, int]:
 
     def post(*_: Any) -> None:
         spy.tracking = False
-        got["end"] = spy.alive()
+        live = spy.live()
+        got["end"] = sum(live.values())
         got["peak"] = spy.peak
+        # The storages alive at the peak and freed by the layer's end, as [bytes, dtype].
+        gone = [[spy.shapes[k][0], d] for k, d in spy.at_peak.items() if k not in live]
+        momentary.extend(sorted(gone, reverse=True))
 
     layer.register_forward_pre_hook(pre)
     layer.register_forward_hook(post)
     with spy:
         loss = cross_entropy_loss(model(tokens), labels)
     loss.backward()
-    return got
+    return {**got, "momentary": momentary}
 
 
 def _built(case: Case, mesh: Any) -> Any:

@@ -31,16 +31,23 @@ inputs themselves are recomputed. Full checkpointing keeps the block input, as w
 Measured on 2 gloo ranks (torchtitan 0.3.0's Llama 3 with 018740b's Float8 plan, tests/
 torchtitan_float8_tp_probe.py; benchmarks/torchtitan_float8_tp_activations.py): bf16 and
 Float8 x none / full / selective-op x SP on / off x wqkv or wq / wk / wv, every rank to the byte.
+
+Each fp8 cast holds its scaled fp32 tensor, the clamp of it and the fp8 result at once (casts:
+9 B per element of the largest cast, a buffer per phase beside the layer's working set). In the
+first layer's forward the measured peak holds exactly that for w2's weight; the backward's
+casts (the weights again, the output gradients) are read from the source, not measured.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from memplan.memory import Phase, Transient
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Block, Saved, Setting
 from memplan.model.inventory import Architecture
 from memplan.model.stacks import torchtitan_moe
+from memplan.precision import dtype_bytes
 from memplan.states.layout import Layout
 
 SRC_FLOAT8_TP = (
@@ -167,10 +174,61 @@ def block(b: Block, st: Setting, local: Architecture, *, fused_qkv: bool) -> Blo
     return replace(b, tensors=tensors, recompute=recompute)
 
 
+SRC_CAST = (
+    "torchao 0.18 float8/float8_training_tensor.py::_ToFloat8ConstrFunc.forward "
+    "(`tensor_scaled = tensor.to(torch.float32) * scale`, float8_utils.py::to_fp8_saturated: "
+    "`x.clamp(...)`, `.to(float8_dtype)`: the scaled fp32 tensor, its clamp and the fp8 result "
+    "alive at once); float8_linear.py::matmul_with_hp_or_float8_args (the weight cast in "
+    "forward and again for the input gradient, the output gradient cast in backward); "
+    "float8_tensor_parallel.py (the input casts; NoopFwToFloat8BwDynamic casts the output "
+    "gradient)"
+)
+CAST_BYTES_PER_ELEMENT = 2 * dtype_bytes("fp32") + dtype_bytes("fp8")
+"""One cast's peak per element of its tensor (SRC_CAST): the scaled fp32 tensor and its clamp,
+4 B each, and the 1 B result (a 16-bit tensor's `.to(float32)` copy is freed by the multiply).
+Measured: the first layer's forward peak on 2 gloo ranks holds w2's weight cast as 24,576 B +
+24,576 B fp32 + 6,144 B fp8 for its 6,144 elements (benchmarks/results/
+torchtitan-float8-tp-activations.json, layer_forward)."""
+
+
+def casts(
+    local: Architecture, st: Setting, lay: Layout, *, fused_qkv: bool
+) -> tuple[Transient, ...]:
+    """The largest fp8 cast of a decoder layer on this rank, in forward and in backward
+    (SRC_CAST, CAST_BYTES_PER_ELEMENT): one cast at a time, per layer while it runs, beside
+    the layer's working set. `local`: the rank's slice (heads / TP, intermediate / TP), `st`
+    its local setting. Forward casts: each Float8 Linear's TP-local weight, the attention and
+    FFN inputs before their all-gather (the sequence shard under SP), wo's and w2's inputs;
+    backward: the weights again and each Linear's output gradient (the colwise Linears'
+    [tokens, out / TP], the rowwise ones' [tokens (/ TP under SP), hidden])."""
+    hidden, heads, kv_heads, head_dim = kernels.attention_dims(local)
+    tokens, ffn = st.tokens, local.intermediate_size
+    shard = tokens // lay.tensor if lay.sequence_parallel else tokens
+    qkv = (heads + 2 * kv_heads) * head_dim
+    weights = max(qkv if fused_qkv else heads * head_dim, ffn) * hidden
+    forward = max(weights, shard * hidden, tokens * heads * head_dim, tokens * ffn)
+    backward = max(weights, tokens * qkv, tokens * ffn, shard * hidden)
+    out = []
+    sizes: tuple[tuple[Phase, int], ...] = (("forward", forward), ("backward", backward))
+    for phase, n in sizes:
+        out.append(
+            Transient(
+                name=f"float8_cast_{phase}",
+                bytes=n * CAST_BYTES_PER_ELEMENT,
+                phases=(phase,),
+                formula=f"{n:,} elements (a layer's largest fp8 cast in {phase}) x "
+                f"{CAST_BYTES_PER_ELEMENT} B (2 x fp32 + fp8)",
+                source=SRC_CAST,
+            )
+        )
+    return tuple(out)
+
+
 NOTE = (
     "fp8: torchao Float8 tensor parallelism as torchtitan 018740b applies it to tensorwise "
     "recipes (Float8ColwiseParallel, Float8RowwiseParallel, PrepareFloat8ModuleInput): each "
     "layer's attention and FFN inputs are cast to fp8 before the sequence-parallel all-gather "
-    "and saved in fp8, as are wo's and w2's inputs, each with a 4 B scale (memplan.activations."
-    "torchtitan_float8)."
+    "and saved in fp8, as are wo's and w2's inputs, each with a 4 B scale; the largest cast "
+    "of a layer (two fp32 copies and the fp8 result) is a buffer in forward and backward "
+    "(memplan.activations.torchtitan_float8)."
 )

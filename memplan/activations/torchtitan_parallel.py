@@ -184,8 +184,9 @@ def micro_batch(
     if not local.modelled or lay.tensor == 1:
         return replace(local, buffers=ring_buffers(arch, local_st, lay))
     blocks = [_tensor_parallel(b, local_st, lay, arch.hidden_size) for b in local.blocks]
-    if float8.applies(arch, st, lay):  # torchao's Float8 TP styles (torchtitan_float8)
-        sliced = layout.local_architecture(arch, lay)
+    on_float8 = float8.applies(arch, st, lay)
+    sliced = layout.local_architecture(arch, lay)
+    if on_float8:  # torchao's Float8 TP styles (torchtitan_float8)
         blocks = [float8.block(b, local_st, sliced, fused_qkv=fused_qkv) for b in blocks]
     logits, upcast = local.logits_bytes, local.upcast_bytes
     if not lay.vocab_parallel_loss:
@@ -208,7 +209,7 @@ def micro_batch(
         + (" with sequence parallelism" if lay.sequence_parallel else "")
         + " (memplan.activations.torchtitan_parallel).",
     ]
-    if float8.applies(arch, st, lay):
+    if on_float8:
         notes.append(float8.NOTE)
     if eager_loss:
         notes.append(
@@ -228,7 +229,11 @@ def micro_batch(
         logits_bytes=logits,
         upcast_bytes=upcast,
         notes=tuple(notes),
-        buffers=(*ring_buffers(arch, local_st, lay), *sequence_parallel_ends(arch, local_st, lay)),
+        buffers=(
+            *ring_buffers(arch, local_st, lay),
+            *sequence_parallel_ends(arch, local_st, lay),
+            *(float8.casts(sliced, local_st, lay, fused_qkv=fused_qkv) if on_float8 else ()),
+        ),
         layer_scatter_bytes=local_st.tokens * arch.hidden_size * dtype_bytes(local_st.stream)
         if lay.sequence_parallel
         else 0,

@@ -196,8 +196,9 @@ def _torchao_scope(spec: Spec, local: Inventory) -> list[str]:
                 "fp8 under tensor parallelism: torchtitan (018740b apply_tp, "
                 "enable_float8_tensorwise_tp) gives tensorwise recipes torchao's Float8 TP "
                 "styles, which cast the decoder layers' Linear inputs to fp8 before the "
-                "sequence-parallel all-gather: those inputs are saved in fp8, not 16-bit "
-                "(memplan.activations.torchtitan_float8, measured on gloo ranks); MoE models "
+                "sequence-parallel all-gather: those inputs are saved in fp8, not 16-bit, and "
+                "each layer's largest cast is counted (float8_cast_forward / _backward; "
+                "memplan.activations.torchtitan_float8, measured on gloo ranks); MoE models "
                 "keep the 16-bit rule (not measured)."
             )
     return out
