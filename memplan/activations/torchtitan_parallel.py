@@ -63,6 +63,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from memplan.activations import layout, pipeline
+from memplan.activations import torchtitan_float8 as float8
 from memplan.memory import Transient
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting
@@ -154,6 +155,7 @@ def micro_batch(
         layout.check(arch, st, lay)
         or refusal(st, lay)
         or torchtitan_moe.model_parallel(arch, lay.tensor, lay.context)
+        or (float8.refusal(arch, fused_qkv=fused_qkv) if float8.applies(arch, st, lay) else "")
     )
     if why:
         return replace(layout.refused(why), implementation="torchtitan")
@@ -182,6 +184,10 @@ def micro_batch(
     if not local.modelled or lay.tensor == 1:
         return replace(local, buffers=ring_buffers(arch, local_st, lay))
     blocks = [_tensor_parallel(b, local_st, lay, arch.hidden_size) for b in local.blocks]
+    on_float8 = float8.applies(arch, st, lay)
+    sliced = layout.local_architecture(arch, lay)
+    if on_float8:  # torchao's Float8 TP styles (torchtitan_float8)
+        blocks = [float8.block(b, local_st, sliced, fused_qkv=fused_qkv) for b in blocks]
     logits, upcast = local.logits_bytes, local.upcast_bytes
     if not lay.vocab_parallel_loss:
         # parallelism.loss_parallel false (torchtitan's disable_loss_parallel): lm_head's
@@ -203,6 +209,8 @@ def micro_batch(
         + (" with sequence parallelism" if lay.sequence_parallel else "")
         + " (memplan.activations.torchtitan_parallel).",
     ]
+    if on_float8:
+        notes.append(float8.NOTE)
     if eager_loss:
         notes.append(
             "training.compile_loss under tensor parallelism: the loss is modelled eager "
@@ -221,7 +229,11 @@ def micro_batch(
         logits_bytes=logits,
         upcast_bytes=upcast,
         notes=tuple(notes),
-        buffers=(*ring_buffers(arch, local_st, lay), *sequence_parallel_ends(arch, local_st, lay)),
+        buffers=(
+            *ring_buffers(arch, local_st, lay),
+            *sequence_parallel_ends(arch, local_st, lay),
+            *(float8.casts(sliced, local_st, lay, fused_qkv=fused_qkv) if on_float8 else ()),
+        ),
         layer_scatter_bytes=local_st.tokens * arch.hidden_size * dtype_bytes(local_st.stream)
         if lay.sequence_parallel
         else 0,

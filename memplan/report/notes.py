@@ -135,7 +135,10 @@ TORCHAO_NOTE = (
     "nn.Linear does (torchao/float8/float8_linear.py::matmul_with_hp_or_float8_args.forward, "
     "0.18: ctx.save_for_backward(input_hp, weight_hp_t)); compiled layers save less "
     "(training.compile). Not modelled: the fp8 casts of each GEMM's input, weight and output "
-    "gradient (1 B per element, transients of one GEMM at a time). FSDP2's fp8 all-gather "
+    "gradient, transients of one GEMM at a time, each holding two fp32 copies of its tensor "
+    "and the 1 B result as it ends (float8_training_tensor.py::_ToFloat8ConstrFunc.forward: "
+    "`tensor.to(float32) * scale`, clamp, .to(fp8); measured under TP: benchmarks/results/"
+    "torchtitan-float8-tp-activations.json, layer_forward). FSDP2's fp8 all-gather "
     "(torchao enable_fsdp_float8_all_gather: unsharded Float8Linear weights 1 B per element, "
     "not 2) is precision.fp8_all_gather: off here."
 )
@@ -188,6 +191,16 @@ def _torchao_scope(spec: Spec, local: Inventory) -> list[str]:
             "torchao 0.18 runs them under the torchtitan that offered them (018740b: "
             "float8.enable_fsdp_float8_all_gather)."
         )
+        if spec.parallelism.tensor > 1:
+            out.append(
+                "fp8 under tensor parallelism: torchtitan (018740b apply_tp, "
+                "enable_float8_tensorwise_tp) gives tensorwise recipes torchao's Float8 TP "
+                "styles, which cast the decoder layers' Linear inputs to fp8 before the "
+                "sequence-parallel all-gather: those inputs are saved in fp8, not 16-bit, and "
+                "each layer's largest cast is counted (float8_cast_forward / _backward; "
+                "memplan.activations.torchtitan_float8, measured on gloo ranks); MoE models "
+                "keep the 16-bit rule (not measured)."
+            )
     return out
 
 
