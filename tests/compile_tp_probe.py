@@ -57,12 +57,16 @@ class Case:
     """Query heads (0: the model shape's); TP must divide the k/v heads (torchtitan 0.3.0's
     fused wqkv view fails otherwise, traced at TP 4 with 2 k/v heads)."""
     kv_heads: int = 0
+    routing: str = "balanced"
+    """Qwen3-MoE's routing (tests/torchtitan_probe.py::Shape.routing)."""
 
     @property
     def name(self) -> str:
         sp = "sp" if self.sequence_parallel else "nosp"
         heads = f"-a{self.heads}g{self.kv_heads}" if self.heads else ""
-        return f"{self.model}-{self.dtype}-{self.mode}-{sp}-b{self.batch}s{self.seq}{heads}"
+        routing = f"-{self.routing}" if self.routing != "balanced" else ""
+        name = f"{self.model}-{self.dtype}-{self.mode}-{sp}-b{self.batch}s{self.seq}"
+        return f"{name}{heads}{routing}"
 
     @property
     def shape(self) -> probe.Shape:
@@ -70,7 +74,7 @@ class Case:
             self.model, probe.Shape()
         )
         shape = replace(
-            base, layers=1, batch=self.batch, seq=self.seq, routing="balanced", tied=False
+            base, layers=1, batch=self.batch, seq=self.seq, routing=self.routing, tied=False
         )
         if self.heads:
             shape = replace(shape, heads=self.heads, kv_heads=self.kv_heads)
