@@ -65,7 +65,7 @@ from dataclasses import replace
 from memplan.activations import layout, pipeline
 from memplan.activations import torchtitan_float8 as float8
 from memplan.memory import Transient
-from memplan.model.forward import kernels
+from memplan.model.forward import compiled_tp, kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting
 from memplan.model.inventory import Architecture
 from memplan.model.stacks import torchtitan, torchtitan_moe
@@ -127,7 +127,7 @@ def token_dispatch(arch: Architecture, st: Setting) -> Transient:
     )
 
 
-def refusal(st: Setting, lay: Layout) -> str:
+def refusal(st: Setting, lay: Layout, arch: Architecture | None = None) -> str:
     """Why this layout is outside the torchtitan rule, or ''."""
     if lay.expert_capacity_factor is not None:
         return torchtitan_moe.DROPLESS
@@ -136,12 +136,14 @@ def refusal(st: Setting, lay: Layout) -> str:
             "activations of torchtitan's MoE under expert parallelism with context "
             "parallelism are not modelled yet (ring attention needs CUDA kernels: not run)"
         )
-    if st.compile and lay.tensor > 1 and st.checkpointing != "full":
-        return (
-            "activations of torchtitan's compiled blocks under tensor parallelism are not "
-            "modelled yet (the compiled saved set was traced on the whole block; with full "
-            "checkpointing each block keeps its input and is modelled)"
-        )
+    if st.compile and lay.tensor > 1:
+        why = compiled_tp.uncovered(arch, st, lay) if arch is not None else "this model"
+        if why:
+            return (
+                "activations of torchtitan's compiled blocks under tensor parallelism are "
+                "traced for dense Llama 3 and Qwen3 blocks with checkpointing none or "
+                f"selective-op (memplan.model.forward.compiled_tp), not under {why}"
+            )
     return ""
 
 
@@ -153,7 +155,7 @@ def micro_batch(
     torchtitan.saved (False: 9dec370's wq, wk, wv)."""
     why = (
         layout.check(arch, st, lay)
-        or refusal(st, lay)
+        or refusal(st, lay, arch)
         or torchtitan_moe.model_parallel(arch, lay.tensor, lay.context)
         or (float8.refusal(arch, fused_qkv=fused_qkv) if float8.applies(arch, st, lay) else "")
     )
@@ -222,7 +224,7 @@ def micro_batch(
             "(enable_sequence_parallel): this spec leaves parallelism.sequence_parallel off."
         )
     hidden = local.hidden_bytes // lay.tensor if lay.sequence_parallel else local.hidden_bytes
-    return replace(
+    tp_local = replace(
         local,
         blocks=tuple(blocks),
         hidden_bytes=hidden,
@@ -238,6 +240,7 @@ def micro_batch(
         if lay.sequence_parallel
         else 0,
     )
+    return compiled_tp.apply(tp_local, arch, local_st, lay)
 
 
 SRC_EP_TP = (

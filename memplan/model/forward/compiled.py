@@ -94,9 +94,10 @@ output (mm 1), SDPA's output and logsumexp, and topk's indices: eager SAC's cach
 topk's fp32 values (MUST_SAVE, unread by backward: dropped) and wo's output is mm 2
 (recomputed); the gate's mm is force-recomputed and the grouped mms are not mm ops. Under
 full checkpointing each block keeps its input. Expert parallelism (the all-to-all
-dispatcher): memplan.model.forward.compiled_ep. Not traced, so refused: tensor or context
-parallelism (except full checkpointing),
-torchao Float8 on a MoE block, DeepSeek-V3's and gpt-oss' blocks.
+dispatcher): memplan.model.forward.compiled_ep. Tensor parallelism (dense Llama 3 and Qwen3
+blocks): memplan.model.forward.compiled_tp. Not traced, so refused: a MoE block under tensor
+parallelism, context parallelism, torchao Float8 on a MoE block, DeepSeek-V3's and gpt-oss'
+blocks.
 """
 
 from __future__ import annotations
