@@ -10,12 +10,13 @@ target's measure) and in the child's CPU time (user + system: on a shared machin
 of the two for comparing rows). The children run with bytecode writing allowed and one untimed
 warm-up each, so that no row pays for compiling memplan (as after `pip install`).
 
-Two reference rows, not targets, show the part of the wait that belongs to memplan's
+Three reference rows, not targets, show the part of the wait that belongs to memplan's
 dependencies rather than to memplan: the floor plus pydantic's BaseModel (the spec is pydantic
-models), and an empty typer app with `estimate`'s options (typer 0.29 coerces every option
-through a pydantic TypeAdapter when the command runs, which `import typer` does not pay: the
-cost is mostly importing pydantic's fields and types, which the spec's models need anyway). The
-last block splits one `estimate --json` run into its phases, in process (PHASES below).
+models); an empty typer app with `estimate`'s options (typer 0.29 coerces every option through a
+pydantic TypeAdapter when the command runs, which `import typer` does not pay); and the floor
+without typer, which a plain `memplan estimate` no longer imports (memplan/cli/entry.py parses
+its options; any other command line still goes through typer). The last block splits one
+`estimate --json` run into its phases, in process (PHASES below).
 
 Run:  python benchmarks/estimate_speed.py    # prints, writes benchmarks/results/estimate-speed.json
       python benchmarks/estimate_speed.py --baseline /tmp/memplan-106a436  # before/after rows
@@ -74,23 +75,23 @@ app(["estimate", "configs/llama-3-8b.yaml", "--json"])
 
 
 # Where the time of `memplan estimate SPEC --json` goes, in one process, in the order the CLI
-# does it (memplan/cli/app.py::main and ::estimate): each phase's wall time, perf_counter around
-# it. Like `main`, it runs with the cyclic garbage collector off and pydantic's plugins off.
+# does it (memplan/cli/entry.py::main and memplan/cli/run.py::estimate): each phase's wall time,
+# perf_counter around it. Like `main`, it runs with the cyclic garbage collector off and
+# pydantic's plugins off. The first phase imports the floor's four packages, typer among them,
+# although a plain estimate imports no typer (memplan.cli.entry parses it): the phases after it
+# are memplan's own.
 PHASES = """
 import gc, json, os, sys, time
 from pathlib import Path
-gc.disable(); os.environ["PYDANTIC_DISABLE_PLUGINS"] = "1"  # as memplan.cli.app.main
+gc.disable(); os.environ["PYDANTIC_DISABLE_PLUGINS"] = "1"  # as memplan.cli.entry.main
 marks = [("start", time.perf_counter())]
 def mark(name): marks.append((name, time.perf_counter()))
 import typer, rich, pydantic, yaml; mark("floor: import typer, rich, pydantic, yaml")
-import memplan.cli.app; mark("import memplan.cli.app (the typer app, 6 commands)")
+from memplan.cli import entry, run
+options = entry.estimate_options(["estimate", sys.argv[1], "--json"], os.environ)
+assert options is not None
+mark("memplan.cli.entry: import, the arguments parsed (no typer)")
 from pydantic import BaseModel; mark("pydantic: BaseModel machinery (the spec's models need it)")
-from typer.main import get_command
-group = get_command(memplan.cli.app.app); mark("typer: the click commands from the signatures")
-parent = group.make_context("memplan", ["estimate", sys.argv[1], "--json"])
-command = group.get_command(parent, "estimate")
-command.make_context("estimate", [sys.argv[1], "--json"], parent=parent)
-mark("typer: the arguments parsed (its TypeAdapters import pydantic's fields and types)")
 from memplan.config import load; mark("memplan: import the spec models (memplan.config)")
 from memplan.model import load as model_load; mark("memplan: import memplan.model.load")
 from memplan.report import estimate as calc; mark("memplan: import the calculator")
@@ -157,6 +158,12 @@ def rows(baseline: Path | None) -> list[Row]:
             kind="reference",
         ),
         Row("empty typer app, estimate's options", [py, "-c", TYPER_APP], ROOT, kind="reference"),
+        Row(
+            'python -c "import rich, pydantic, yaml" (no typer)',
+            [py, "-c", "import rich, pydantic, yaml"],
+            ROOT,
+            kind="reference",
+        ),
         Row("memplan --version", [py, "-m", "memplan", "--version"], ROOT, kind="memplan"),
     ]
     checkouts = [(ROOT, "memplan")] + ([(baseline, "before")] if baseline else [])

@@ -1,3 +1,3 @@
-from memplan.cli.app import main
+from memplan.cli.entry import main
 
 main()

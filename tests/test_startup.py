@@ -120,13 +120,48 @@ def test_estimate_imports_only_what_the_spec_needs(
         assert "memplan.report.json" in modules
         assert "memplan.report.schema" not in modules
         assert "rich" not in top_level(modules)
-        assert not under(modules, "memplan.cli") - {"app"}
+        assert not under(modules, "memplan.cli") - {"app", "entry", "run"}
     else:
         assert "memplan.report.schema" not in modules
         assert {"rich.table", "memplan.cli.estimate_view"} <= modules
         # the console renders no emoji codes (memplan.cli.render.console): rich's table of
         # 3,600 of them is never loaded
         assert "rich._emoji_codes" not in modules
+
+
+MAIN_IMPORTS = """
+import contextlib, io, json, sys
+from memplan.cli.entry import main
+sys.argv = ["memplan", *sys.argv[1:]]
+code = 0
+try:
+    with contextlib.redirect_stdout(io.StringIO()):
+        main()
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_a_plain_estimate_never_imports_typer(as_json: bool) -> None:
+    """`main` (the console script) runs `memplan estimate SPEC [--json]` without typer or its
+    click (memplan.cli.entry): typer's import and its commands were a ninth of the start."""
+    flags = ["--json"] if as_json else []
+    proc = subprocess.run(
+        [sys.executable, "-c", MAIN_IMPORTS, "estimate", "configs/mistral-7b.yaml", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    doc = json.loads(proc.stdout.splitlines()[-1])
+    assert doc["code"] == 0, proc.stderr
+    modules = set(doc["modules"])
+    assert not top_level(modules) & {"typer", "click", "shellingham"}, sorted(modules)
+    assert "memplan.cli.app" not in modules
+    assert "memplan.states.engines.fsdp2" in modules  # it did estimate
 
 
 def test_importing_the_registries_imports_no_family_or_engine() -> None:

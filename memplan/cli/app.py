@@ -1,20 +1,22 @@
-"""The `memplan` command: parse, call the calculator, render. Nothing else lives here."""
+"""The `memplan` command's typer app: parse, call the calculator, render. Nothing else lives
+here. `main` (memplan.cli.entry, the console script) runs a plain `memplan estimate` without
+this module (memplan.cli.run.estimate, which this module's `estimate` calls too)."""
 
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
-from collections.abc import Callable
 from enum import Enum
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from memplan import __version__
+from memplan.cli import run
+from memplan.cli.entry import main
 from memplan.errors import MemplanError
 
 app = typer.Typer(
@@ -28,7 +30,6 @@ app = typer.Typer(
     epilog="Example: memplan estimate configs/llama-3-8b.yaml --explain",
 )
 
-T = TypeVar("T")
 SpecArg = Annotated[Path, typer.Argument(help="A memplan spec (YAML).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (stable keys).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
@@ -41,46 +42,6 @@ TraceOpt = Annotated[
         "trace one with torch and transformers (if installed) and cache it.",
     ),
 ]
-
-
-def _run(debug: bool, work: Callable[[], T]) -> T:
-    """Run `work`; a MemplanError becomes one paragraph on stderr and its exit code."""
-    try:
-        return work()
-    except MemplanError as err:
-        if debug:
-            raise
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(err.exit_code) from None
-
-
-def _traced(
-    loaded: Any,
-    inventory: Any,
-    checkpointing: tuple[str, ...],
-    said: list[str],
-    tensor_slices: Callable[[], tuple[tuple[int, int], ...]] | None = None,
-) -> Any:
-    """`inventory` with the activation profiles traced for it (memplan.verify.trace.
-    traced_profiles: with `tensor_slices` None, those of the spec's own layout); what each
-    trace did goes to `said`, shown (`_say`) once the command succeeds, so that an error stays
-    one paragraph."""
-    from memplan.verify.trace import traced_profiles
-
-    inventory, lines = traced_profiles(
-        loaded, inventory, checkpointing=checkpointing, tensor_slices=tensor_slices
-    )
-    said.extend(lines)
-    return inventory
-
-
-def _say(lines: list[str]) -> None:
-    for line in lines:
-        typer.echo(f"note: {line}", err=True)
-
-
-def _print_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 
 def _version(value: bool) -> None:
@@ -120,37 +81,16 @@ def estimate(
 
     Example: memplan estimate configs/llama-3-8b.yaml --ranks
     """
-    from memplan.config import load
-    from memplan.model import load as model_load
-    from memplan.report import estimate as calc
-    from memplan.report.result import Report
-    from memplan.verify.trace import fallback_inventory
-
-    said: list[str] = []
-
-    def work() -> Report:
-        loaded = load.load_spec(spec)
-        with load.locating(loaded):
-            inv = model_load.load_inventory(loaded, unsupported=fallback_inventory)
-            if trace:
-                inv = _traced(loaded, inv, (), said)
-            return calc.estimate(loaded.spec, inv)
-
-    report = _run(debug, work)
-    _say(said)
-    if plot is not None:
-        from memplan.cli.timeline_view import save_plot
-
-        _run(debug, lambda: save_plot(report, str(plot)))
-    if as_json:  # before the views are imported: rich's console is not needed for JSON
-        from memplan.report.json import estimate_json
-
-        _print_json(estimate_json(report))
-        return
-    from memplan.cli import render
-    from memplan.cli.estimate_view import estimate_view
-
-    render.console(width).print(estimate_view(report, show_ranks=ranks, explain=explain))
+    run.estimate(
+        spec,
+        as_json=as_json,
+        ranks=ranks,
+        plot=plot,
+        explain=explain,
+        width=width,
+        trace=trace,
+        debug=debug,
+    )
 
 
 @app.command()
@@ -175,11 +115,11 @@ def inventory(
             loaded, unsupported=fallback_inventory
         ), loaded.spec.recipe().parameters
 
-    inv, dtype = _run(debug, work)
+    inv, dtype = run.run(debug, work)
     if as_json:
         from memplan.report.json import inventory_json
 
-        _print_json(inventory_json(inv, dtype))
+        run.print_json(inventory_json(inv, dtype))
         return
     from memplan.cli import render
     from memplan.cli.inventory_view import inventory_table
@@ -228,7 +168,7 @@ def verify(
     options = Options(
         device="cuda" if device == "cuda" else "cpu", nproc=nproc, layers=layers, fake=fake
     )
-    world = _run(debug, torchrun.launched)
+    world = run.run(debug, torchrun.launched)
     if world is not None:
         _verify_torchrun(spec, options, world, as_json, width, debug)
         return
@@ -241,11 +181,11 @@ def verify(
             with load.locating(loaded):
                 return runner.verify(loaded, options, on_event)
 
-    result = _run(debug, work)
+    result = run.run(debug, work)
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     if as_json:
-        _print_json(runner.to_json(result))
+        run.print_json(runner.to_json(result))
     else:
         from memplan.cli import render
 
@@ -281,7 +221,7 @@ def _verify_torchrun(
         for warning in result.warnings:
             typer.echo(f"warning: {warning}", err=True)
         if as_json:
-            _print_json(runner.to_json(result))
+            run.print_json(runner.to_json(result))
         else:
             from memplan.cli import render
 
@@ -372,7 +312,7 @@ def plan(
                 inv = model_load.load_inventory(loaded, unsupported=fallback_inventory)
                 if trace:
                     recompute = recompute_options(settings, loaded.spec.model.implementation)
-                    inv = _traced(  # and the TP ranks it tries, for a model without a rule
+                    inv = run.traced(  # and the TP ranks it tries, for a model without a rule
                         loaded, inv, recompute, said, partial(planner.tensor_slices, run_spec, inv)
                     )
                 from memplan.plan.workers import default_workers
@@ -385,14 +325,14 @@ def plan(
 
     said: list[str] = []
     searched: list[Any] = []  # the spec the search ran on (--emit writes its rows)
-    result = _run(debug, work)
-    _say(said)
+    result = run.run(debug, work)
+    run.say(said)
     if emit is not None:
-        _run(debug, lambda: _emit_row(spec, searched[0], result, emit))
+        run.run(debug, lambda: _emit_row(spec, searched[0], result, emit))
     elif as_json:
         from memplan.plan.json import plan_json
 
-        _print_json(plan_json(result))
+        run.print_json(plan_json(result))
     else:
         from memplan.cli import render
         from memplan.cli.plan_view import plan_view
@@ -477,7 +417,7 @@ def profile(
             typer.echo(f"inventory written: {stored.write(config, target.parent)}")
         return target
 
-    written = _run(debug, work)
+    written = run.run(debug, work)
     typer.echo(f"profile written: {written}")
 
 
@@ -494,43 +434,13 @@ def schema(
     """
     from memplan.report.schema import json_schema
 
-    _print_json(json_schema(command.value))
+    run.print_json(json_schema(command.value))
 
 
 def render_console(stderr: bool = False) -> Any:
     from rich.console import Console
 
     return Console(stderr=stderr)
-
-
-PLUGINS_OFF = "PYDANTIC_DISABLE_PLUGINS"
-"""pydantic 2.13's switch for its plugins (pydantic/plugin/_loader.py::get_plugins): with it
-unset, building the first model validator reads the entry points of every installed
-distribution (3.9 ms of `memplan estimate`'s start on the 2-core machine, 157 distributions;
-importlib.metadata itself is imported either way, by pydantic/plugin/_loader.py). The CLI's
-models (the spec, the --json documents) are its own, for no plugin to observe: `main` turns
-plugins off for them as typer 0.29 does for its option adapters (typer/_adapters.py::
-disabled_pydantic_plugins), unless the user set the variable (an empty value,
-`PYDANTIC_DISABLE_PLUGINS=`, keeps every plugin on)."""
-
-
-def main() -> None:
-    # One command, then exit: the cyclic garbage collector's passes over the objects that
-    # importing typer, pydantic and memplan creates cost `memplan estimate` 10-20 ms of CPU
-    # (benchmarks/results/estimate-speed.json), and a run leaves little cyclic garbage:
-    # `plan` on configs/plan-llama-3.1-405b.yaml peaks at the same RSS with it off (180.0 vs
-    # 178.5 MB, output identical). The commands that run torch (verify, profile) turn it back
-    # on first (`verify` measures memory that cyclic garbage would hold), and so does
-    # memplan.verify.trace.traced_profiles before it traces a model with torch.
-    gc.disable()
-    if PLUGINS_OFF in os.environ:
-        app()
-        return
-    os.environ[PLUGINS_OFF] = "1"
-    try:
-        app()
-    finally:
-        del os.environ[PLUGINS_OFF]
 
 
 if __name__ == "__main__":
