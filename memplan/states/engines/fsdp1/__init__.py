@@ -1,0 +1,86 @@
+"""torch FSDP1 `FullyShardedDataParallel`, wrapped as accelerate wraps a transformers model:
+who holds which model states (sharding), the buffers its step adds (step), and the hooks
+that put them into the step's timeline (STEP)."""
+
+from __future__ import annotations
+
+from memplan.memory import Transient
+from memplan.precision import dtype_bytes
+from memplan.states import optimizer_step
+from memplan.states.engines.base import (
+    EngineStep,
+    GradientLife,
+    StepActivations,
+    StepCache,
+    StepStates,
+    embedding_backward,
+)
+from memplan.states.engines.fsdp1.sharding import FlatUnit, compute_dtype, flat_units, local_sizes
+from memplan.states.engines.fsdp1.step import step_buffers
+
+
+def _units(states: StepStates) -> tuple[FlatUnit, ...]:
+    layout = states.layout
+    return flat_units(states.inventory, compute_dtype(states.recipe), layout.data, layout.stage)
+
+
+def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
+    """The torch.optim step over this rank's 1-D pieces of the original parameters, in
+    model.parameters() order (memplan.states.optimizer_step.torch_optimizer_step; under a
+    sharded strategy the most-loaded rank's own pieces, fsdp1.sharding.local_sizes)."""
+    if states.optimizer.name == "adafactor-hf":
+        temporaries = optimizer_step.step_temporaries(states, cache, shards=1)
+        return [temporaries] if temporaries is not None else []
+    rank = states.per_gpu.ranks[0] if states.layout.stage else 0
+    units = _units(states)
+    sizes = cache.get(
+        ("fsdp1 local sizes", states.inventory, units, rank),
+        lambda: local_sizes(states.inventory, units, rank),
+    )
+    per_element = [
+        t.elements
+        for t in states.per_gpu.terms
+        if t.category == "optimizer_states" and t.name not in ("step", "mu_product")
+    ]
+    step = optimizer_step.torch_optimizer_step(
+        name=states.optimizer.name,
+        implementation=states.optimizer.implementation,
+        updated=max(per_element, default=0),
+        sizes=sizes,
+        dtype=states.recipe.optimizer_states,
+    )
+    return [step] if step is not None else []
+
+
+def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -> list[Transient]:
+    """FSDP1's buffers over more than one rank with a sharded strategy (fsdp1.step), else the
+    embedding's backward."""
+    layout, recipe = states.layout, states.recipe
+    if layout.data <= 1 or layout.stage == 0:
+        return embedding_backward(states, acts, cache)
+    return step_buffers(
+        _units(states),
+        stage=layout.stage,
+        world=layout.data,
+        param=compute_dtype(recipe),
+        at_rest=recipe.master_weights or recipe.parameters,
+        embedding_backward=acts.embedding_backward,
+    )
+
+
+def _gradients(states: StepStates, cache: StepCache) -> GradientLife:
+    """With a sharded strategy over more than one rank, each unit's sharded gradient is made
+    in its post-backward, the root's last (its shard of the at-rest gradient)."""
+    layout = states.layout
+    if layout.data <= 1 or layout.stage == 0:
+        return GradientLife()
+    root = next((u for u in _units(states) if u.name == "root"), None)
+    at_rest = states.recipe.master_weights or states.recipe.parameters
+    return GradientLife(post_backward_bytes=root.shard * dtype_bytes(at_rest) if root else 0)
+
+
+STEP = EngineStep(
+    states=_state_transients,
+    backward_end=_backward_end,
+    gradients=_gradients,
+)
