@@ -1,0 +1,88 @@
+"""torch FSDP1 (`FullyShardedDataParallel`) as `memplan verify` runs it: wrapped as accelerate
+1.16 wraps a transformers model for transformers 5.25's Trainer with `fsdp_version: 1`
+(memplan.states.engines.fsdp1), and the storage tracker its peak is measured with.
+
+On CPU ranks FSDP1 needs `device_id=torch.device("cpu")` (torch 2.13 fsdp/_init_utils.py::
+_init_device_handle raises "FSDP needs a non-CPU accelerator device, but no accelerator
+device is detected." for None) and sync_module_states=False (True raises "The module has CPU
+parameters or buffers when `sync_module_states=True`, which requires them to be on GPU.");
+every rank builds the model from the same seed, so the broadcast would change nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from memplan.verify import build
+
+
+def wrap(
+    model: nn.Module, layers: nn.ModuleList | None, *, stage: int, recipe: Any, device: str
+) -> nn.Module:
+    """FullyShardedDataParallel over `model`: transformer_auto_wrap_policy of the decoder
+    layer class (accelerate's TRANSFORMER_BASED_WRAP of `_no_split_modules`), the root unit
+    holding the rest; use_orig_params=True, limit_all_gathers=True, no backward or forward
+    prefetch (the Trainer's defaults); under a *-mixed recipe accelerate's
+    MixedPrecision(param_dtype, reduce_dtype, buffer_dtype all the compute dtype)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision, ShardingStrategy
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    strategy = {3: "FULL_SHARD", 2: "SHARD_GRAD_OP", 0: "NO_SHARD"}[stage]
+    classes = {type(block) for block in layers or []}
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=classes)
+    mixed = None
+    if recipe.master_weights:
+        low = build.torch_dtype(recipe.parameters)
+        mixed = MixedPrecision(param_dtype=low, reduce_dtype=low, buffer_dtype=low)
+    index = torch.cuda.current_device() if device == "cuda" else None
+    return FullyShardedDataParallel(
+        model,
+        sharding_strategy=ShardingStrategy[strategy],
+        auto_wrap_policy=policy if classes else None,
+        mixed_precision=mixed,
+        sync_module_states=device == "cuda",
+        backward_prefetch=None,
+        forward_prefetch=False,
+        use_orig_params=True,
+        limit_all_gathers=True,
+        device_id=torch.device("cuda", index) if index is not None else torch.device("cpu"),
+    )
+
+
+def inner_layers(layers: nn.ModuleList | None) -> nn.ModuleList | None:
+    """The decoder layers inside their FSDP1 wrappers (auto-wrap replaced each with a
+    FullyShardedDataParallel in the model's ModuleList): a hook on the layer itself runs after
+    the wrapper has gathered its flat parameter, so memplan.verify.measure.saved_tensors sees
+    the unsharded views as parameters and does not count them as activations."""
+    if layers is None:
+        return None
+    return nn.ModuleList([getattr(block, "_fsdp_wrapped_module", block) for block in layers])
+
+
+def storage_tracker() -> Any:
+    """torch's MemTracker without its per-module statistics: its module pre-forward hook
+    registers a post-accumulate-grad hook on every parameter, which FSDP1's unsharded views
+    (use_orig_params=True) refuse ("post accumulate grad hooks cannot be registered on
+    non-leaf tensors"). The storage accounting is MemTracker's own: every op's output
+    storage, freed by weakref, and UntypedStorage.resize_, with which FSDP1 frees and
+    re-allocates its unsharded flat parameters."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class StorageTracker(MemTracker):  # type: ignore[no-untyped-call]
+        def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
+            pass
+
+        def _post_fw_hook(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
+            pass
+
+        def _pre_bw_hook(self, module: nn.Module, args: Any) -> None:
+            pass
+
+        def _post_bw_hook(self, module: nn.Module, args: Any) -> None:
+            pass
+
+    return StorageTracker()
