@@ -12,13 +12,14 @@ from typing import Any
 import pytest
 
 from memplan.config.load import validate
+from memplan.config.plan import PlanSpec
 from memplan.errors import MemplanError
 from memplan.model.sources import from_config
 from memplan.report.estimate import estimate, model_states
 from memplan.report.json import estimate_json
 from memplan.states.engines.fsdp1.sharding import aligned_numel, flat_units
 from memplan.states.terms import RankStates
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_LLAMA, make_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "fsdp1.json"
@@ -204,3 +205,25 @@ def test_live_gloo_run_equals_memplan() -> None:
         _check_rank(_rank_of(list(stage.ranks), measured["rank"]), buffers, measured)
     for phase, error in phase_errors(case, CONFIG).items():
         assert abs(error) <= TOLERANCE[phase], (phase, error)
+
+
+def _plan_rows(engines: list[str]) -> list[Any]:
+    from memplan.plan.search import plan
+
+    spec = make_spec(
+        model={"architecture": TINY_LLAMA},
+        training={"sequence_length": 32},
+        hardware={"gpu": "H100-80GB", "gpus_per_node": 8},
+        plan={"gpus": 2, "global_batch_size": 4, "engines": engines},
+    )
+    return list(plan(spec, from_config(TINY_LLAMA), suggest=False).layouts)
+
+
+def test_plan_searches_fsdp1_only_where_listed() -> None:
+    """fsdp1 is not in plan.engines' default (shipped plans stay as they were); listed, its
+    three sharding strategies are searched, each row with the estimate of its layout."""
+    assert "fsdp1" not in PlanSpec().engines
+    rows = _plan_rows(["fsdp1"])
+    assert {c.engine for c in rows} == {"fsdp1"}
+    assert {c.zero_stage for c in rows} <= {0, 2, 3}
+    assert rows
