@@ -172,16 +172,23 @@ def fsdp1(
         _row("gradients", at_rest, len(units), shard, how),
     ]
     fsdp_recipe = replace(recipe, master_weights=None, optimizer_states=at_rest)
-    per_rank: dict[tuple[tuple[tuple[int, ...], int], ...], list[int]] = {}
-    for rank in range(world if layout.stage else 1):
-        pieces = Counter((n,) for u in units for n in u.local(rank) if n)
-        per_rank.setdefault(tuple(sorted(pieces.items())), []).append(rank)
-    if not layout.stage:
-        per_rank = {key: list(range(world)) for key in per_rank}
+    # Consecutive ranks whose pieces are the same multiset share one class (each rank's own
+    # shard decides its optimizer's tensors; NO_SHARD: every rank the whole).
+    classes: list[tuple[tuple[tuple[tuple[int, ...], int], ...], list[int]]] = []
+    for rank in range(world):
+        if not layout.stage and classes:
+            classes[-1][1].append(rank)
+            continue
+        pieces: Counter[tuple[int, ...]] = Counter((n,) for u in units for n in u.local(rank) if n)
+        key = tuple(sorted(pieces.items()))
+        if classes and classes[-1][0] == key:
+            classes[-1][1].append(rank)
+        else:
+            classes.append((key, [rank]))
     out = []
-    for key, ranks in per_rank.items():
+    for shapes, ranks in classes:
         device, host = optimizer_terms_counted(
-            dict(key),
+            dict(shapes),
             opt=opt,
             recipe=fsdp_recipe,
             layout=layout,
@@ -189,7 +196,7 @@ def fsdp1(
             source=f"{SRC_FSDP1}; {SRC_WRAP}",
         )
         out.append(RankStates(ranks=tuple(ranks), terms=(*common, *device), host_terms=tuple(host)))
-    return sorted(out, key=lambda s: s.ranks[0])
+    return out
 
 
 def _row(category: str, dtype: str, units: int, elements: int, how: str) -> Term:
