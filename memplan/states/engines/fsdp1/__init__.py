@@ -56,7 +56,7 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
     """FSDP1's buffers over more than one rank with a sharded strategy (fsdp1.step), else the
     embedding's backward."""
     layout, recipe = states.layout, states.recipe
-    if layout.data <= 1 or layout.stage == 0:
+    if layout.data <= 1 or (layout.stage == 0 and not recipe.master_weights):
         return embedding_backward(states, acts, cache)
     return step_buffers(
         _units(states),
@@ -72,7 +72,7 @@ def _gradients(states: StepStates, cache: StepCache) -> GradientLife:
     """With a sharded strategy over more than one rank, each unit's sharded gradient is made
     in its post-backward, the root's last (its shard of the at-rest gradient)."""
     layout = states.layout
-    if layout.data <= 1 or layout.stage == 0:
+    if layout.data <= 1 or (layout.stage == 0 and not states.recipe.master_weights):
         return GradientLife()
     root = next((u for u in _units(states) if u.name == "root"), None)
     at_rest = states.recipe.master_weights or states.recipe.parameters

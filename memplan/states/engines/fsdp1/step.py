@@ -46,18 +46,20 @@ REDUCE_ROOT = "fsdp1 root gradient reduction"
 
 
 def _reduction(
-    unit: FlatUnit, *, param: int, reduce: int, at_rest: int, world: int
+    unit: FlatUnit, *, param: int, reduce: int, at_rest: int, sharded: bool
 ) -> tuple[int, str]:
     """POST_BW of one unit, the unsharded parameter already freed: the unsharded gradient in
-    the compute dtype, the reduce-scatter output in the reduce dtype and its cast to the
-    at-rest dtype (CAST; no cast when the dtypes agree)."""
+    the compute dtype, the reduce-scatter output in the reduce dtype (NO_SHARD all-reduces
+    the gradient in place: _reduce_grad_no_shard) and its cast to the at-rest dtype (CAST;
+    no cast when the dtypes agree)."""
     grad = unit.padded * param
-    out = unit.shard * reduce
+    out = unit.shard * reduce if sharded else 0
     cast = unit.shard * at_rest if at_rest != reduce else 0
     return (
         grad + out + cast,
-        f"unsharded gradient {unit.padded:,} x {param} B + reduce-scatter output "
-        f"{unit.shard:,} x {reduce} B" + (f" + cast {unit.shard:,} x {at_rest} B" if cast else ""),
+        f"unsharded gradient {unit.padded:,} x {param} B"
+        + (f" + reduce-scatter output {unit.shard:,} x {reduce} B" if out else "")
+        + (f" + cast {unit.shard:,} x {at_rest} B" if cast else ""),
     )
 
 
@@ -70,8 +72,12 @@ def step_buffers(
     at_rest: str,
     embedding_backward: Transient | None,
 ) -> list[Transient]:
-    """FSDP1's buffers at each phase point (FULL_SHARD stage 3, SHARD_GRAD_OP stage 2)."""
+    """FSDP1's buffers at each phase point (FULL_SHARD stage 3, SHARD_GRAD_OP stage 2;
+    NO_SHARD stage 0 under MixedPrecision, its `_mp_shard` gathered and freed as FULL_SHARD
+    gathers and frees: _flat_param.py::FlatParamHandle.post_reshard frees it "until the
+    reshard", which POST_FW and POST_BW run)."""
     pb, rb, ab = dtype_bytes(param), dtype_bytes(param), dtype_bytes(at_rest)
+    sharded = stage != 0
     root = next((u for u in units if u.name == "root"), None)
     layers = [u for u in units if u.name != "root"]
     out: list[Transient] = []
@@ -89,7 +95,7 @@ def step_buffers(
     if layers:
         one = max(u.padded for u in layers) * pb
         many = sum(u.padded for u in layers) * pb
-        if stage == 3:
+        if stage in (3, 0):
             out.append(
                 Transient(
                     name=UNSHARDED_LAYERS,
@@ -111,7 +117,7 @@ def step_buffers(
                 )
             )
         worst = max(layers, key=lambda u: u.padded)
-        held, formula = _reduction(worst, param=pb, reduce=rb, at_rest=ab, world=world)
+        held, formula = _reduction(worst, param=pb, reduce=rb, at_rest=ab, sharded=sharded)
         # On top of the layer's unsharded parameter (UNSHARDED_LAYERS): before its
         # post-backward hook the unsharded gradient beside it; in the hook the parameter is
         # freed first, then the reduction's tensors: the larger excess counts.
@@ -128,7 +134,7 @@ def step_buffers(
             )
         )
     if root is not None:
-        held, formula = _reduction(root, param=pb, reduce=rb, at_rest=ab, world=world)
+        held, formula = _reduction(root, param=pb, reduce=rb, at_rest=ab, sharded=sharded)
         embedding = embedding_backward.bytes if embedding_backward is not None else 0
         if embedding + root_bytes > held:
             # the embedding's backward, the root still gathered, holds more
