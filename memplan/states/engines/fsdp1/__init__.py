@@ -16,7 +16,7 @@ from memplan.states.engines.base import (
     embedding_backward,
 )
 from memplan.states.engines.fsdp1.sharding import FlatUnit, compute_dtype, flat_units, local_sizes
-from memplan.states.engines.fsdp1.step import step_buffers
+from memplan.states.engines.fsdp1.step import root_gradient_pieces, step_buffers
 
 
 def _units(states: StepStates) -> tuple[FlatUnit, ...]:
@@ -56,8 +56,14 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
     """FSDP1's buffers over more than one rank with a sharded strategy (fsdp1.step), else the
     embedding's backward."""
     layout, recipe = states.layout, states.recipe
-    if layout.data <= 1 or (layout.stage == 0 and not recipe.master_weights):
+    if layout.data <= 1:
         return embedding_backward(states, acts, cache)
+    if layout.stage == 0 and not recipe.master_weights:
+        pieces = root_gradient_pieces(_units(states), param=recipe.parameters)
+        embedding = acts.embedding_backward
+        if pieces is None or (embedding is not None and embedding.bytes >= pieces.bytes):
+            return embedding_backward(states, acts, cache)
+        return [pieces]
     return step_buffers(
         _units(states),
         stage=layout.stage,

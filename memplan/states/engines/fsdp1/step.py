@@ -161,3 +161,25 @@ def step_buffers(
                 )
             )
     return out
+
+
+def root_gradient_pieces(units: tuple[FlatUnit, ...], *, param: str) -> Transient | None:
+    """NO_SHARD without MixedPrecision, at the end of backward: the root's flat gradient is
+    made (the backward of the flat parameter's split into its original parameters' views
+    concatenates their gradients: _flat_param.py::FlatParamHandle._get_unflat_views_aligned,
+    `split`) while those pieces are still alive; the timeline counts the flat gradients, the
+    pieces (the root's padded size in the parameters' dtype) come on top. The all-reduce is
+    in place (_reduce_grad_no_shard)."""
+    root = next((u for u in units if u.name == "root"), None)
+    if root is None:
+        return None
+    pb = dtype_bytes(param)
+    return Transient(
+        name="fsdp1 root gradient pieces",
+        bytes=root.padded * pb,
+        phases=("backward_end",),
+        formula=f"the root's original parameters' gradients, {root.padded:,} x {pb} B ({param}), "
+        "beside the flat gradient they are concatenated into",
+        source="torch/distributed/fsdp/_flat_param.py::FlatParamHandle._get_unflat_views_aligned "
+        "(2.13, torch.split); tools/autograd/derivatives.yaml: split_with_sizes_backward",
+    )
