@@ -119,17 +119,21 @@ def test_alignment_is_16_bytes_of_the_compute_dtype() -> None:
 
 
 # Each phase's measured peak (torch's MemTracker storage accounting, the input ids taken
-# out) against memplan's highest phase point in it: forward (the loss runs inside the
-# model's forward), backward (from the loss gradient to the root's post-backward), the
-# optimizer step. The model states, the activations and FSDP1's buffers
-# (memplan.states.engines.fsdp1.step) make them; the tolerance is the largest error over the
-# 12 stored cases, rounded up (benchmarks/results/fsdp1.json, `predicted` per case).
+# out; the most-loaded measured rank) against memplan's highest phase point in it: forward
+# (the loss runs inside the model's forward), backward (from the loss gradient to the root's
+# post-backward), the optimizer step. The model states, the activations and FSDP1's buffers
+# (memplan.states.engines.fsdp1.step) make them. The tolerances are the largest errors over
+# the 12 stored cases, rounded up: forward -0.4% to -3.8% (under: a moment of the forward,
+# 26,240 B under bf16 MixedPrecision on every world size, 5,760 B in fp32, that no phase
+# point holds; not found), backward -3.2% to +2.4% (the layers' post-backward moments taken
+# as one excess over the gathered layer), optimizer step within 0.01% (the for-loop AdamW's
+# two temporaries of the largest piece, on the rank with the largest pieces).
 PHASES = {
     "forward": ("forward", "loss"),
     "backward": ("backward_start", "backward", "backward_end"),
     "optimizer step": ("optimizer_step",),
 }
-TOLERANCE = {"forward": 0.05, "backward": 0.05, "optimizer step": 0.005}
+TOLERANCE = {"forward": 0.04, "backward": 0.035, "optimizer step": 0.001}
 
 
 def phase_errors(case: dict[str, Any], config: dict[str, Any]) -> dict[str, float]:
