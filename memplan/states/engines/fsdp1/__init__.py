@@ -4,6 +4,7 @@ that put them into the step's timeline (STEP)."""
 
 from __future__ import annotations
 
+from memplan.errors import MemplanError
 from memplan.memory import Transient
 from memplan.precision import dtype_bytes
 from memplan.states import optimizer_step
@@ -73,6 +74,16 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
     """FSDP1's buffers over more than one rank with a sharded strategy (fsdp1.step), else the
     embedding's backward."""
     layout, recipe = states.layout, states.recipe
+    if acts.microbatches > 1 and layout.data > 1:
+        raise MemplanError(
+            f"engine fsdp1 with {acts.microbatches} micro-batches per step is not modelled: "
+            "accelerate accumulates under FSDP1's no_sync() (its default, sync_each_batch "
+            "false), which keeps every unit's unsharded gradient (and, with SHARD_GRAD_OP, "
+            "its unsharded parameter) from the first micro-batch to the last "
+            "(torch/distributed/fsdp/_runtime_utils.py::_post_backward_hook returns before "
+            "the reduction when not syncing). Set training.gradient_accumulation_steps: 1.",
+            field="training.gradient_accumulation_steps",
+        )
     if layout.data <= 1:
         return embedding_backward(states, acts, cache)
     if layout.stage == 0 and not recipe.master_weights:
