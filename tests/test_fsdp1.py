@@ -49,7 +49,8 @@ def spec_of(case: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
         "model": {"architecture": {"model_type": "llama", **config}},
         "precision": PRECISION[case["mp"]],
         "optimizer": {"name": "adamw", "implementation": "for_loop"},
-        "training": {"micro_batch_size": 2, "sequence_length": 16},
+        # the probe builds eager attention (config._attn_implementation)
+        "training": {"micro_batch_size": 2, "sequence_length": 16, "attention": "eager"},
         "parallelism": {
             "engine": "fsdp1",
             "data": case["world"],
@@ -121,19 +122,20 @@ def test_alignment_is_16_bytes_of_the_compute_dtype() -> None:
 # Each phase's measured peak (torch's MemTracker storage accounting, the input ids taken
 # out; the most-loaded measured rank) against memplan's highest phase point in it: forward
 # (the loss runs inside the model's forward), backward (from the loss gradient to the root's
-# post-backward), the optimizer step. The model states, the activations and FSDP1's buffers
-# (memplan.states.engines.fsdp1.step) make them. The tolerances are the largest errors over
-# the 12 stored cases, rounded up: forward -0.4% to -3.8% (under: a moment of the forward,
-# 26,240 B under bf16 MixedPrecision on every world size, 5,760 B in fp32, that no phase
-# point holds; not found), backward -3.2% to +2.4% (the layers' post-backward moments taken
-# as one excess over the gathered layer), optimizer step within 0.01% (the for-loop AdamW's
-# two temporaries of the largest piece, on the rank with the largest pieces).
+# post-backward), the optimizer step. The model states, the activations (eager attention, as
+# the probe builds) and FSDP1's buffers (memplan.states.engines.fsdp1.step) make them. The
+# tolerances are the largest errors over the 12 stored cases, rounded up: SHARD_GRAD_OP and
+# NO_SHARD within 0.1% in every phase; FULL_SHARD's forward +0.2% (bf16) and +2.0% / +2.7%
+# (fp32, 2 / 4 ranks: 26,240 B over on both, a moment of the last layer's forward not
+# found), its backward +1.3% / +1.8% (bf16) and exact in fp32; the optimizer step within
+# 0.01% (the for-loop AdamW's two temporaries of the largest piece, on the rank with the
+# largest pieces).
 PHASES = {
     "forward": ("forward", "loss"),
     "backward": ("backward_start", "backward", "backward_end"),
     "optimizer step": ("optimizer_step",),
 }
-TOLERANCE = {"forward": 0.04, "backward": 0.035, "optimizer step": 0.001}
+TOLERANCE = {"forward": 0.03, "backward": 0.02, "optimizer step": 0.001}
 
 
 def phase_errors(case: dict[str, Any], config: dict[str, Any]) -> dict[str, float]:

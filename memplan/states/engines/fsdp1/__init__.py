@@ -99,7 +99,18 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
         param=compute_dtype(recipe),
         at_rest=recipe.master_weights or recipe.parameters,
         embedding_backward=acts.embedding_backward,
+        layer_done=_layer_done(acts),
     )
+
+
+def _layer_done(acts: StepActivations) -> int:
+    """What a decoder layer's backward has freed by its post-backward hook, against the
+    timeline's backward point (every layer's saved tensors and the backward working set): its
+    own saved tensors and its working set, less the input gradient it leaves (as FSDP2's
+    memplan.states.engines.fsdp2.moments.layer_backward counts it)."""
+    if acts.layer is None:
+        return 0
+    return acts.layer + max(0, acts.backward_working_set - acts.hidden_gradient)
 
 
 def _gradients(states: StepStates, cache: StepCache) -> GradientLife:

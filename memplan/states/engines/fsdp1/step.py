@@ -71,6 +71,7 @@ def step_buffers(
     param: str,
     at_rest: str,
     embedding_backward: Transient | None,
+    layer_done: int = 0,
 ) -> list[Transient]:
     """FSDP1's buffers at each phase point (FULL_SHARD stage 3, SHARD_GRAD_OP stage 2;
     NO_SHARD stage 0 under MixedPrecision, its `_mp_shard` gathered and freed as FULL_SHARD
@@ -118,21 +119,27 @@ def step_buffers(
             )
         worst = max(layers, key=lambda u: u.padded)
         held, formula = _reduction(worst, param=pb, reduce=rb, at_rest=ab, sharded=sharded)
-        # On top of the layer's unsharded parameter (UNSHARDED_LAYERS): before its
-        # post-backward hook the unsharded gradient beside it; in the hook the parameter is
-        # freed first, then the reduction's tensors: the larger excess counts.
+        # On top of the layer's unsharded parameter (UNSHARDED_LAYERS) at the backward
+        # point, the larger of two moments: at the end of the layer's backward the flat
+        # gradient made beside the parameter (its pieces, the original parameters'
+        # gradients, still alive where the layer's saved tensors were: counted as those);
+        # in the post-backward hook the parameter freed first, then the reduction's tensors,
+        # once the layer's backward has freed `layer_done` (its saved tensors and working
+        # set). Measured: the first holds more in fp32, the second under bf16 MixedPrecision
+        # (benchmarks/results/fsdp1.json).
         before = worst.padded * pb
-        excess = max(before, held - worst.padded * pb)
-        out.append(
+        excess = max(before, held - worst.padded * pb - layer_done)
+        out += [
             Transient(
                 name=REDUCE_LAYER,
                 bytes=excess,
                 phases=("backward",),
                 formula=f"max(unsharded gradient {before:,} B beside the parameter, "
-                f"{formula} - the freed parameter {worst.padded * pb:,} B)",
+                f"{formula} - the freed parameter {worst.padded * pb:,} B - the layer's "
+                f"freed saved tensors and working set {layer_done:,} B)",
                 source=f"{SRC_RT}::_post_backward_hook, _reduce_grad, _cast_grad_to_param_dtype",
             )
-        )
+        ][: 1 if excess > 0 else 0]
     if root is not None:
         held, formula = _reduction(root, param=pb, reduce=rb, at_rest=ab, sharded=sharded)
         embedding = embedding_backward.bytes if embedding_backward is not None else 0
