@@ -11,13 +11,14 @@ every rank builds the model from the same seed, so the broadcast would change no
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
 import torch
 from torch import nn
 
-from memplan.verify import build
+from memplan.verify import build, measure
 
 
 def wrap(
@@ -53,14 +54,19 @@ def wrap(
     )
 
 
-def inner_layers(layers: nn.ModuleList | None) -> nn.ModuleList | None:
-    """The decoder layers inside their FSDP1 wrappers (auto-wrap replaced each with a
-    FullyShardedDataParallel in the model's ModuleList): a hook on the layer itself runs after
-    the wrapper has gathered its flat parameter, so memplan.verify.measure.saved_tensors sees
-    the unsharded views as parameters and does not count them as activations."""
+def saved_tensors(
+    record: measure.SavedTensors, model: nn.Module, layers: nn.ModuleList | None
+) -> contextlib.AbstractContextManager[measure.SavedTensors]:
+    """memplan.verify.measure.saved_tensors over FSDP1's units: auto-wrap replaced each decoder
+    layer in the model's ModuleList (`layers`) with its FullyShardedDataParallel wrapper. The
+    layer's entry is taken at the layer itself, after the wrapper has gathered its flat
+    parameter (the unsharded views then count as parameters, not activations); its exit at
+    the wrapper, after the reshard has freed them (an activation later made at their address
+    is then counted)."""
     if layers is None:
-        return None
-    return nn.ModuleList([getattr(block, "_fsdp_wrapped_module", block) for block in layers])
+        return measure.saved_tensors(record, model, None)
+    inner = nn.ModuleList([getattr(block, "_fsdp_wrapped_module", block) for block in layers])
+    return measure.saved_tensors(record, model, inner, wrappers=layers)
 
 
 def storage_tracker() -> Any:

@@ -148,7 +148,6 @@ def _wrap(job: Job, device_index: int, device: str, mesh: Any) -> Wrapped:
         from memplan.verify import fsdp1_engine
 
         model = fsdp1_engine.wrap(model, layers, stage=job.stage, recipe=recipe, device=device)
-        layers = fsdp1_engine.inner_layers(layers)
     else:
         if master:
             dtype = build.torch_dtype(master)
@@ -319,7 +318,12 @@ def measure_rank(
     _phase(job, "before step", phases)
     saved = measure.SavedTensors()
     with _peak_tracker(job, w, [ids]) as peak:
-        saving = measure.saved_tensors(saved, w.model, w.layers)
+        if job.engine == "fsdp1":
+            from memplan.verify import fsdp1_engine
+
+            saving = fsdp1_engine.saved_tensors(saved, w.model, w.layers)
+        else:
+            saving = measure.saved_tensors(saved, w.model, w.layers)
         _step(job, w, ids, lambda name: _phase(job, name, phases), saving)
         peak_bytes = peak()
     pairs = zip(w.masters.params, w.masters.masters, strict=True) if w.masters else ()
