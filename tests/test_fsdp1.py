@@ -250,3 +250,24 @@ def test_gradient_accumulation_refused() -> None:
     with pytest.raises(MemplanError, match="no_sync") as err:
         estimate(spec, from_config(TINY_LLAMA))
     assert err.value.field == "training.gradient_accumulation_steps"
+
+
+def test_zero_grad_zero_keeps_the_sharded_gradients() -> None:
+    """optimizer.zero_grad(set_to_none=False) zeroes the original parameters' gradients,
+    views of the sharded flat gradient (use_orig_params), so the flat gradient stays from
+    step to step: held at the step's start like DDP's and FSDP2's (memplan.step.timeline.
+    ZEROED_GRADIENT_ENGINES)."""
+    spec = validate(
+        {
+            "model": {"architecture": TINY_LLAMA},
+            "training": {"zero_grad": "zero"},
+            "parallelism": {"engine": "fsdp1", "data": 2},
+            "hardware": {"device": "cpu"},
+        }
+    ).spec
+    inventory = from_config(TINY_LLAMA)
+    doc = estimate_json(estimate(spec, inventory))
+    start = doc["timeline"]["phases"][0]
+    assert start["phase"] == "start"
+    assert start["gradients"] == model_states(spec, inventory)[0].per_gpu.bytes_of("gradients")
+    assert not any("zero_grad" in note for note in doc["notes"])
