@@ -271,3 +271,15 @@ def test_zero_grad_zero_keeps_the_sharded_gradients() -> None:
     assert start["phase"] == "start"
     assert start["gradients"] == model_states(spec, inventory)[0].per_gpu.bytes_of("gradients")
     assert not any("zero_grad" in note for note in doc["notes"])
+
+
+def test_schema_lists_fsdp1() -> None:
+    """`memplan schema estimate` (and plan, verify) publish the new engine value."""
+    from typer.testing import CliRunner
+
+    from memplan.cli.app import app
+
+    for command in ("estimate", "plan", "verify"):
+        out = CliRunner().invoke(app, ["schema", command])
+        assert out.exit_code == 0, out.output
+        assert '"fsdp1"' in out.stdout
