@@ -126,8 +126,10 @@ def test_alignment_is_16_bytes_of_the_compute_dtype() -> None:
 # the probe builds) and FSDP1's buffers (memplan.states.engines.fsdp1.step) make them. The
 # tolerances are the largest errors over the 12 stored cases, rounded up: SHARD_GRAD_OP and
 # NO_SHARD within 0.1% in every phase; FULL_SHARD's forward +0.2% (bf16) and +2.0% / +2.7%
-# (fp32, 2 / 4 ranks: 26,240 B over on both, a moment of the last layer's forward not
-# found), its backward +1.3% / +1.8% (bf16) and exact in fp32; the optimizer step within
+# (fp32, 2 / 4 ranks: 26,240 B over on both; the measured peak is inside the last layer's
+# forward, the unsharded root and layer as predicted, and the activation timeline's forward
+# point, every layer's saved tensors and the forward working set, holds 26,240 B more than
+# the real moment), its backward +1.3% / +1.8% (bf16) and exact in fp32; the optimizer step within
 # 0.01% (the for-loop AdamW's two temporaries of the largest piece, on the rank with the
 # largest pieces).
 PHASES = {
