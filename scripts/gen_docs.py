@@ -244,6 +244,7 @@ ENGINES: list[tuple[str, tuple[int, ...], ModuleType]] = [
         ("fsdp2", (2, 3), "fsdp2.sharding"),
         ("deepspeed", (0, 1, 2, 3), "deepspeed.sharding"),
         ("megatron", (0, 1), "megatron"),
+        ("fsdp1", (3, 2, 0), "fsdp1.sharding"),
     )
 ]
 BASE = importlib.import_module("memplan.states.terms")

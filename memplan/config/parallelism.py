@@ -10,7 +10,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from memplan.config.base import Degree, Frozen, PositiveInt
 
-Engine = Literal["deepspeed", "fsdp2", "ddp", "megatron"]
+Engine = Literal["deepspeed", "fsdp2", "ddp", "megatron", "fsdp1"]
 
 
 class DeepSpeedSpec(Frozen):
@@ -79,14 +79,16 @@ class ParallelismSpec(Frozen):
 
     engine: Engine = "ddp"
     """ddp (torch DistributedDataParallel; ZeroRedundancyOptimizer at zero_stage 1), fsdp2
-    (torch fully_shard), deepspeed (ZeRO) or megatron (Megatron-LM DDP; zero_stage 1 = its
-    distributed optimizer). Default: torch's own engines, which `memplan verify` runs as is:
-    ddp (what torchrun, the HF Trainer and accelerate run with no FSDP or DeepSpeed config;
-    plain single-GPU training at data 1), or fsdp2 when zero_stage is 2 or 3."""
+    (torch fully_shard), deepspeed (ZeRO), megatron (Megatron-LM DDP; zero_stage 1 = its
+    distributed optimizer) or fsdp1 (torch FullyShardedDataParallel as accelerate and the HF
+    Trainer wrap it: zero_stage 3 FULL_SHARD, 2 SHARD_GRAD_OP, 0 NO_SHARD). Default: torch's
+    own engines, which `memplan verify` runs as is: ddp (what torchrun, the HF Trainer and
+    accelerate run with no FSDP or DeepSpeed config; plain single-GPU training at data 1), or
+    fsdp2 when zero_stage is 2 or 3."""
     data: Degree = 1
     """Data-parallel degree (ranks that hold a replica or a shard of the model states)."""
     zero_stage: int | None = Field(None, ge=0, le=3)
-    """ZeRO stage 0-3; default: 0 for deepspeed, ddp and megatron, 3 for fsdp2."""
+    """ZeRO stage 0-3; default: 0 for deepspeed, ddp and megatron, 3 for fsdp2 and fsdp1."""
     tensor: Degree = 1
     """Tensor-parallel degree (Megatron column/row-parallel linears, vocab-parallel embedding)."""
     sequence_parallel: bool = False
@@ -230,6 +232,8 @@ class ParallelismSpec(Frozen):
                 "Megatron-LM shards optimizer states only (zero_stage 1: "
                 "--use-distributed-optimizer); for stage 2 or 3 use engine: deepspeed or fsdp2"
             )
+        if self.engine == "fsdp1":
+            self._check_fsdp1()
         if self.data_replicate > 1:
             if self.engine != "fsdp2":
                 raise ValueError(
@@ -297,6 +301,33 @@ class ParallelismSpec(Frozen):
             raise ValueError("DeepSpeed offloads the optimizer with zero_stage 1, 2 or 3, not 0")
         return self
 
+    def _check_fsdp1(self) -> None:
+        """What memplan's fsdp1 engine models (memplan.states.engines.fsdp1): the sharding
+        strategies FULL_SHARD, SHARD_GRAD_OP and NO_SHARD over the data ranks, nothing else."""
+        if self.zero_stage == 1:
+            raise ValueError(
+                "fsdp1 has no ZeRO stage 1 (ShardingStrategy FULL_SHARD is stage 3, "
+                "SHARD_GRAD_OP 2, NO_SHARD 0); for stage 1 use engine: ddp or deepspeed"
+            )
+        other = [
+            f"{key} {getattr(self, key)}"
+            for key in ("tensor", "pipeline", "context", "expert")
+            if getattr(self, key) > 1
+        ]
+        if other:
+            raise ValueError(
+                f"engine fsdp1 is modelled over data ranks only, but this spec has "
+                f"{', '.join(other)}: FSDP1 composes with tensor, pipeline, context or expert "
+                "parallelism only through code memplan does not model; use engine: fsdp2 "
+                "(torch's DTensor TP and pipelining) or megatron"
+            )
+        if self.offload.parameters != "none" or self.offload.optimizer != "none":
+            raise ValueError(
+                "engine fsdp1 with offload is not modelled (FSDP1's CPUOffload moves the "
+                "sharded parameters and gradients to the host); use engine: fsdp2 "
+                "(CPUOffloadPolicy) or deepspeed, or set offload to none"
+            )
+
     def _check_deepspeed_hierarchy(self) -> None:
         """ZeRO++ hpZ and MiCS: DeepSpeed's ZeRO-3 over groups of data ranks."""
         ds = self.deepspeed
@@ -359,4 +390,4 @@ class ParallelismSpec(Frozen):
         """The ZeRO stage with the engine's default filled in."""
         if self.zero_stage is not None:
             return self.zero_stage
-        return 3 if self.engine == "fsdp2" else 0
+        return 3 if self.engine in ("fsdp2", "fsdp1") else 0

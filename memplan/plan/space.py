@@ -15,7 +15,13 @@ from memplan.plan.steptime import COMPILE_SPEEDUP, COMPILE_SPEEDUP_CODE
 from memplan.report.settings import setting_of
 
 # Engine -> ZeRO stages the search tries (each engine's own range; see memplan.config.spec).
-ENGINE_STAGES = {"deepspeed": (0, 1, 2, 3), "fsdp2": (2, 3), "megatron": (0, 1), "ddp": (0, 1)}
+ENGINE_STAGES = {
+    "deepspeed": (0, 1, 2, 3),
+    "fsdp2": (2, 3),
+    "megatron": (0, 1),
+    "ddp": (0, 1),
+    "fsdp1": (0, 2, 3),
+}
 
 
 def divisors(n: int) -> list[int]:
@@ -38,13 +44,16 @@ def pipeline_split(layers: int, pipeline: int) -> tuple[int, ...] | None:
 # What each model implementation offers, as its own code or trainer runs it: the engines
 # (the stack's data/model parallel code memplan models) and the recomputation policies.
 IMPLEMENTATION_ENGINES: dict[str, tuple[str, ...]] = {
-    "transformers": ("deepspeed", "fsdp2", "megatron", "ddp"),
+    # fsdp1: accelerate's FSDP plugin and the HF Trainer's `fsdp` (FullyShardedDataParallel);
+    # searched only where plan.engines lists it (not in PlanSpec's default).
+    "transformers": ("deepspeed", "fsdp2", "megatron", "ddp", "fsdp1"),
     # torchtitan parallelizes with FSDP2 / DDP and torch.distributed.pipelining
     # (torchtitan/models/llama3/parallelize.py, 0.3.0).
     "torchtitan": ("fsdp2", "ddp"),
     # LitGPT's scripts run Lightning's FSDP (FSDP1: its model states as FSDP2's, full shard) or
-    # one device; no model parallelism (memplan.model.stacks.litgpt).
-    "litgpt": ("fsdp2", "ddp"),
+    # one device; no model parallelism (memplan.model.stacks.litgpt). fsdp1 models Lightning's
+    # FSDPStrategy itself (auto_wrap_policy={Block}), where plan.engines lists it.
+    "litgpt": ("fsdp2", "ddp", "fsdp1"),
     # Megatron-Core's GPTModel runs under Megatron's own DDP and distributed optimizer.
     "megatron-core": ("megatron",),
 }

@@ -229,9 +229,10 @@ def step_time(shape: Shape, layout: Layout, work: Work, link: Link) -> StepTime:
     n = d * c
     if layout.engine in ("ddp",) or layout.stage == 0:
         data = _collective("all_reduce", n, work.grad_bytes, dp_span, link)
-    elif layout.engine == "fsdp2":
-        # FSDP2 all-gathers per micro-batch: twice with reshard_after_forward (stage 3), once
-        # when the unsharded parameters are kept from forward to backward (stage 2).
+    elif layout.engine in ("fsdp2", "fsdp1"):
+        # FSDP2 (and FSDP1) all-gathers per micro-batch: twice with reshard_after_forward
+        # (stage 3, FULL_SHARD), once when the unsharded parameters are kept from forward to
+        # backward (stage 2, SHARD_GRAD_OP).
         gathers = 2 if layout.stage == 3 else 1
         data = micro_batches * (
             gathers * _collective("all_gather", n, work.param_bytes, dp_span, link)

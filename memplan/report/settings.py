@@ -125,7 +125,9 @@ def _litgpt_fsdp(spec: Spec) -> bool:
     precision/fsdp.py::FSDPPrecision.mixed_precision_config, lightning 2.6), so the model runs
     in the compute dtype and the autocast around it casts nothing it runs."""
     par = spec.parallelism
-    return spec.model.implementation == "litgpt" and par.engine == "fsdp2" and par.data > 1
+    return (
+        spec.model.implementation == "litgpt" and par.engine in ("fsdp2", "fsdp1") and par.data > 1
+    )
 
 
 def _torchao_float8(fp8_recipe: str) -> Literal["none", "tensorwise", "rowwise"]:

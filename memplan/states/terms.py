@@ -88,7 +88,7 @@ def step_on_host(layout: Layout, opt: OptimizerConfig) -> bool:
     """Whether torch.optim keeps the `step` scalars in host memory: a CPU tensor unless
     capturable or fused (torch/optim/adam.py::_init_group, 2.13), so on a CUDA run of a torch
     optimizer (engines ddp and fsdp2) they live on the host."""
-    return layout.engine in ("ddp", "fsdp2") and layout.device == "cuda" and not opt.fused
+    return layout.engine in ("ddp", "fsdp2", "fsdp1") and layout.device == "cuda" and not opt.fused
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -472,10 +472,14 @@ def buffer_terms(inventory: Inventory, recipe: Recipe, *, engine: str = "") -> l
     held = recipe.parameters
     if engine == "fsdp2" and recipe.master_weights:
         held = recipe.master_weights
+    # FSDP1 under accelerate's MixedPrecision(buffer_dtype=param dtype) casts every buffer,
+    # fixed-dtype ones too (torch 2.13 fsdp/_runtime_utils.py::_cast_buffers_to_dtype_and_device
+    # from _root_pre_forward; accelerate 1.16 FullyShardedDataParallelPlugin.set_mixed_precision).
+    cast_all = engine == "fsdp1" and recipe.master_weights is not None
     terms: list[Term] = []
     by_dtype: dict[str, list[TensorSpec]] = {}
     for b in inventory.buffers:
-        by_dtype.setdefault(b.dtype or held, []).append(b)
+        by_dtype.setdefault(held if cast_all else (b.dtype or held), []).append(b)
     for dtype, tensors in by_dtype.items():
         terms.append(
             whole(

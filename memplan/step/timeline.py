@@ -165,7 +165,7 @@ class StepSettings:
 # default True since torch 2.0). DeepSpeed clears its own gradient partitions inside
 # engine.step() and Megatron keeps its gradient buffer for the whole run (GradientLife), so
 # the trainer's choice changes nothing there.
-ZEROED_GRADIENT_ENGINES = frozenset({"ddp", "fsdp2"})
+ZEROED_GRADIENT_ENGINES = frozenset({"ddp", "fsdp2", "fsdp1"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -222,7 +222,7 @@ def check_supported(spec: Spec, recipe: Recipe) -> None:
     offload = getattr(par, "offload", None)
     if offload is not None and (offload.optimizer != "none" or offload.parameters != "none"):
         unsupported.append("offload")
-    if par.engine not in ("ddp", "fsdp2") or unsupported:
+    if par.engine not in ("ddp", "fsdp2", "fsdp1") or unsupported:
         what = f"parallelism.engine: {par.engine}" if not unsupported else ", ".join(unsupported)
         raise MemplanError(
             f"{what} cannot be verified yet: verify runs data parallelism with torch "
@@ -374,6 +374,12 @@ def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | No
     """The job, the prediction for what is built, and (with --layers) the full-depth one."""
     spec = loaded.spec
     recipe = spec.recipe()
+    if spec.parallelism.engine == "fsdp1" and options.fake:
+        raise MemplanError(
+            "engine fsdp1 is verified on real tensors: FullyShardedDataParallel flattens and "
+            "shards real storages (no --fake). Use --layers K to build K decoder layers.",
+            field="parallelism.engine",
+        )
     if spec.parallelism.engine == "deepspeed" and (options.fake or options.layers):
         raise MemplanError(
             "engine deepspeed is verified on real tensors at full depth: DeepSpeed's flat "
@@ -459,7 +465,7 @@ def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | No
         recipe=recipe,
         device=options.device,
         world=world,
-        distributed=world > 1 or par.engine in ("fsdp2", "deepspeed") or par.stage == 1,
+        distributed=world > 1 or par.engine in ("fsdp2", "fsdp1", "deepspeed") or par.stage == 1,
         fake=options.fake,
         layers=layers,
         full_layers=full_layers,

@@ -156,14 +156,20 @@ def _tensors(value: object) -> Iterator[torch.Tensor]:
 
 @contextmanager
 def saved_tensors(
-    record: SavedTensors, model: nn.Module, layers: nn.ModuleList | None
+    record: SavedTensors,
+    model: nn.Module,
+    layers: nn.ModuleList | None,
+    wrappers: nn.ModuleList | None = None,
 ) -> Iterator[SavedTensors]:
     """Record into `record` what the forward inside the block saves
     (torch.autograd.graph.saved_tensors_hooks).
 
     The set of parameter storages is taken again at each layer's entry and exit (replaced, not
     extended), so the unsharded parameters FSDP2 gathers for a layer are excluded while they
-    live, and an address freed by a reshard cannot hide a later activation."""
+    live, and an address freed by a reshard cannot hide a later activation. `wrappers`: the
+    modules around the layers whose forward gathers and frees their parameters (FSDP1's
+    FullyShardedDataParallel units, memplan.verify.fsdp1_engine); the exit is then taken
+    after the wrapper's, once the layer's unsharded parameters are freed."""
 
     def model_storages() -> set[int]:
         tensors = [*model.parameters(), *model.buffers()]
@@ -191,7 +197,8 @@ def saved_tensors(
                 record.layer = None
 
             handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
-            handles.append(block.register_forward_hook(leave))
+            outer = wrappers[index] if wrappers is not None else block
+            handles.append(outer.register_forward_hook(leave))
     try:
         with torch.autograd.graph.saved_tensors_hooks(record.pack, lambda t: t):
             yield record

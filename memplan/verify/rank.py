@@ -92,10 +92,11 @@ def _wrap(job: Job, device_index: int, device: str, mesh: Any) -> Wrapped:
     recipe = job.recipe
     master = recipe.master_weights
     fsdp = job.engine == "fsdp2"
-    # FSDP2 keeps the sharded parameter in the dtype it was built in and casts to
-    # MixedPrecisionPolicy.param_dtype for compute, so a *-mixed model is built in the master
+    # FSDP2 (and FSDP1) keep the sharded parameter in the dtype it was built in and cast to
+    # the mixed-precision param_dtype for compute, so a *-mixed model is built in the master
     # dtype; everywhere else the module holds `recipe.parameters`.
-    at_rest = master if fsdp and master else recipe.parameters
+    sharded = fsdp or job.engine == "fsdp1"
+    at_rest = master if sharded and master else recipe.parameters
     model = build.build_model(
         job.config,
         build.torch_dtype(at_rest),
@@ -143,6 +144,10 @@ def _wrap(job: Job, device_index: int, device: str, mesh: Any) -> Wrapped:
             for block in layers or []:
                 fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
             fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    elif job.engine == "fsdp1":
+        from memplan.verify import fsdp1_engine
+
+        model = fsdp1_engine.wrap(model, layers, stage=job.stage, recipe=recipe, device=device)
     else:
         if master:
             dtype = build.torch_dtype(master)
@@ -202,6 +207,11 @@ def _peak_tracker(job: Job, w: Wrapped, extra: list[torch.Tensor]) -> Iterator[C
         tracker.track_inputs(tuple(extra))
         if w.masters:
             tracker.track_external(*w.masters.masters)
+    elif job.engine == "fsdp1":
+        from memplan.verify import fsdp1_engine
+
+        tracker = fsdp1_engine.storage_tracker()
+        tracker.track_external(w.model, w.optimizer, *extra)
     else:
         tracker = MemTracker()
         # ZeroRedundancyOptimizer keeps the state in its local optimizer, `.optim`.
@@ -308,7 +318,12 @@ def measure_rank(
     _phase(job, "before step", phases)
     saved = measure.SavedTensors()
     with _peak_tracker(job, w, [ids]) as peak:
-        saving = measure.saved_tensors(saved, w.model, w.layers)
+        if job.engine == "fsdp1":
+            from memplan.verify import fsdp1_engine
+
+            saving = fsdp1_engine.saved_tensors(saved, w.model, w.layers)
+        else:
+            saving = measure.saved_tensors(saved, w.model, w.layers)
         _step(job, w, ids, lambda name: _phase(job, name, phases), saving)
         peak_bytes = peak()
     pairs = zip(w.masters.params, w.masters.masters, strict=True) if w.masters else ()

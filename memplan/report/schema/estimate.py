@@ -73,7 +73,7 @@ class OptimizerInfo(Doc):
 
 
 class ParallelismInfo(Doc):
-    engine: Engine = Field(description="deepspeed, fsdp2, ddp or megatron.")
+    engine: Engine = Field(description="deepspeed, fsdp2, ddp, megatron or fsdp1.")
     data: int = Field(description="Data-parallel degree.")
     zero_stage: int = Field(description="ZeRO stage with the engine's default filled in (0-3).")
     pipeline: int = Field(description="Pipeline stages (entries of `per_stage`).")

@@ -35,7 +35,7 @@ class PlanLayout(Doc):
     pipeline: int = Field(description="Pipeline-parallel degree.")
     context: int = Field(description="Context-parallel degree.")
     expert: int = Field(description="Expert-parallel degree.")
-    engine: Engine = Field(description="deepspeed, fsdp2, ddp or megatron.")
+    engine: Engine = Field(description="deepspeed, fsdp2, ddp, megatron or fsdp1.")
     zero_stage: int = Field(description="ZeRO stage (0-3).")
     micro_batch_size: int = Field(description="Sequences per GPU per forward pass.")
     gradient_accumulation_steps: int = Field(description="Micro-batches per optimizer step.")

@@ -18,7 +18,9 @@ class VerifySetup(Doc):
     num_parameters: int = Field(description="Parameter elements of the full model.")
     device: Literal["cpu", "cuda"] = Field(description="cpu or cuda.")
     fake: bool = Field(description="FakeTensorMode: no real memory.")
-    engine: Engine = Field(description="ddp or fsdp2 (the engines torch runs itself).")
+    engine: Engine = Field(
+        description="ddp, fsdp2 or fsdp1 (the engines torch runs itself), or deepspeed."
+    )
     zero_stage: int = Field(description="ZeRO stage (0-3).")
     ranks: int = Field(description="Processes run (torch.distributed world size, or 1).")
     distributed: bool = Field(description="Ranks on torch.distributed.")

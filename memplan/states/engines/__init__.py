@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from memplan.states.engines.deepspeed.sharding import DeepSpeedKnobs
     from memplan.states.engines.fsdp2.sharding import fsdp2_rows
 
-ENGINES = ("ddp", "fsdp2", "deepspeed", "megatron")
+ENGINES = ("ddp", "fsdp2", "deepspeed", "megatron", "fsdp1")
 """The engines, each a module (or package) of this package that ends in its `STEP`."""
 
 
@@ -65,6 +65,10 @@ def engine_rule(engine: str, stage: int, knobs: DeepSpeedKnobs | None = None) ->
         from memplan.states.engines.fsdp2 import sharding
 
         return sharding.fsdp2
+    if engine == "fsdp1":
+        from memplan.states.engines.fsdp1 import sharding as fsdp1_sharding
+
+        return fsdp1_sharding.fsdp1
     if engine == "megatron":
         from memplan.states.engines import megatron
 

@@ -1,0 +1,131 @@
+"""torch FSDP1 `FullyShardedDataParallel`, wrapped as accelerate wraps a transformers model:
+who holds which model states (sharding), the buffers its step adds (step), and the hooks
+that put them into the step's timeline (STEP)."""
+
+from __future__ import annotations
+
+from memplan.errors import MemplanError
+from memplan.memory import Transient
+from memplan.precision import dtype_bytes
+from memplan.states import optimizer_step
+from memplan.states.engines.base import (
+    EngineStep,
+    GradientLife,
+    StepActivations,
+    StepCache,
+    StepStates,
+    embedding_backward,
+)
+from memplan.states.engines.fsdp1.sharding import FlatUnit, compute_dtype, flat_units, local_sizes
+from memplan.states.engines.fsdp1.step import root_gradient_pieces, step_buffers
+
+
+def _units(states: StepStates) -> tuple[FlatUnit, ...]:
+    layout = states.layout
+    return flat_units(states.inventory, compute_dtype(states.recipe), layout.data, layout.stage)
+
+
+def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
+    """The torch.optim step over a rank's 1-D pieces of the original parameters, in
+    model.parameters() order (memplan.states.optimizer_step.torch_optimizer_step; under a
+    sharded strategy each rank's own pieces, fsdp1.sharding.local_sizes). The pieces differ
+    from rank to rank far more than the model states do (a rank may hold a whole matrix
+    where another holds slivers), so the rank whose step holds the most counts: the job's
+    peak, not the most-loaded rank's alone (benchmarks/results/fsdp1.json: on 4 ranks the
+    for-loop step of rank 1 holds 47 KB more than rank 0's, whose states are 52 B more)."""
+    if states.optimizer.name == "adafactor-hf":
+        temporaries = optimizer_step.step_temporaries(states, cache, shards=1)
+        return [temporaries] if temporaries is not None else []
+    layout, units = states.layout, _units(states)
+    per_element = [
+        t.elements
+        for t in states.per_gpu.terms
+        if t.category == "optimizer_states" and t.name not in ("step", "mu_product")
+    ]
+
+    def worst() -> list[Transient]:
+        ranks = range(layout.data) if layout.stage else range(1)
+        every = dict.fromkeys(local_sizes(states.inventory, units, r) for r in ranks)
+        steps = [
+            optimizer_step.torch_optimizer_step(
+                name=states.optimizer.name,
+                implementation=states.optimizer.implementation,
+                updated=max(per_element, default=0),
+                sizes=sizes,
+                dtype=states.recipe.optimizer_states,
+            )
+            for sizes in every
+        ]
+        made = [t for t in steps if t is not None]
+        return [max(made, key=lambda t: t.bytes)] if made else []
+
+    key = (
+        "fsdp1 step",
+        states.inventory,
+        units,
+        states.optimizer,
+        states.recipe.optimizer_states,
+        max(per_element, default=0),
+    )
+    return cache.get(key, worst)
+
+
+def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -> list[Transient]:
+    """FSDP1's buffers over more than one rank with a sharded strategy (fsdp1.step), else the
+    embedding's backward."""
+    layout, recipe = states.layout, states.recipe
+    if acts.microbatches > 1 and layout.data > 1:
+        raise MemplanError(
+            f"engine fsdp1 with {acts.microbatches} micro-batches per step is not modelled: "
+            "accelerate accumulates under FSDP1's no_sync() (its default, sync_each_batch "
+            "false), which keeps every unit's unsharded gradient (and, with SHARD_GRAD_OP, "
+            "its unsharded parameter) from the first micro-batch to the last "
+            "(torch/distributed/fsdp/_runtime_utils.py::_post_backward_hook returns before "
+            "the reduction when not syncing). Set training.gradient_accumulation_steps: 1.",
+            field="training.gradient_accumulation_steps",
+        )
+    if layout.data <= 1:
+        return embedding_backward(states, acts, cache)
+    if layout.stage == 0 and not recipe.master_weights:
+        pieces = root_gradient_pieces(_units(states), param=recipe.parameters)
+        embedding = acts.embedding_backward
+        if pieces is None or (embedding is not None and embedding.bytes >= pieces.bytes):
+            return embedding_backward(states, acts, cache)
+        return [pieces]
+    return step_buffers(
+        _units(states),
+        stage=layout.stage,
+        world=layout.data,
+        param=compute_dtype(recipe),
+        at_rest=recipe.master_weights or recipe.parameters,
+        embedding_backward=acts.embedding_backward,
+        layer_done=_layer_done(acts),
+    )
+
+
+def _layer_done(acts: StepActivations) -> int:
+    """What a decoder layer's backward has freed by its post-backward hook, against the
+    timeline's backward point (every layer's saved tensors and the backward working set): its
+    own saved tensors and its working set, less the input gradient it leaves (as FSDP2's
+    memplan.states.engines.fsdp2.moments.layer_backward counts it)."""
+    if acts.layer is None:
+        return 0
+    return acts.layer + max(0, acts.backward_working_set - acts.hidden_gradient)
+
+
+def _gradients(states: StepStates, cache: StepCache) -> GradientLife:
+    """With a sharded strategy over more than one rank, each unit's sharded gradient is made
+    in its post-backward, the root's last (its shard of the at-rest gradient)."""
+    layout = states.layout
+    if layout.data <= 1 or (layout.stage == 0 and not states.recipe.master_weights):
+        return GradientLife()
+    root = next((u for u in _units(states) if u.name == "root"), None)
+    at_rest = states.recipe.master_weights or states.recipe.parameters
+    return GradientLife(post_backward_bytes=root.shard * dtype_bytes(at_rest) if root else 0)
+
+
+STEP = EngineStep(
+    states=_state_transients,
+    backward_end=_backward_end,
+    gradients=_gradients,
+)

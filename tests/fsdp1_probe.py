@@ -1,0 +1,280 @@
+"""torch FSDP1 (`FullyShardedDataParallel`) on gloo CPU ranks, wrapped as accelerate wraps a
+transformers model, measured: the independent oracle of memplan's fsdp1 engine
+(memplan.states.engines.fsdp1; tests/test_fsdp1.py, benchmarks/fsdp1.py).
+
+Run as a script (one JSON line per case on stdout):
+
+    PYTHONPATH=. python tests/fsdp1_probe.py --world 2 --strategy FULL_SHARD --mp bf16
+
+The wrapping is accelerate 1.16's for `fsdp_version: 1` under transformers' Trainer
+(transformers 5.25 training_args.py::_fsdp_plugin_args, accelerate/accelerator.py::
+prepare_model, accelerate/utils/dataclasses.py::FullyShardedDataParallelPlugin):
+TRANSFORMER_BASED_WRAP over the model's `_no_split_modules` (LlamaDecoderLayer), the root
+unit holding the rest; use_orig_params=True, sync_module_states=True, limit_all_gathers=True,
+backward_prefetch None (Trainer's "NO_PREFETCH"), forward_prefetch False; mixed precision bf16
+as accelerate's set_mixed_precision builds it: MixedPrecision(param_dtype=bf16,
+reduce_dtype=bf16, buffer_dtype=bf16) over an fp32 model. The optimizer is torch AdamW over
+`model.parameters()` (the original parameters, views into the flat shards), made after
+wrapping as the Trainer makes it.
+
+What it measures on each rank, from the objects after the second optimizer step (before
+zero_grad): every FlatParameter's unsharded (padded) and sharded numel and dtype, its
+gradient, and each optimizer state by name; the distinct storages of the flat parameters,
+their gradients and the optimizer's state, summed. Around the second step, torch's MemTracker
+(torch/distributed/_tools/mem_tracker.py, which follows FSDP1's storage resizes) gives the
+peak of forward, backward and optimizer step: each phase's peak is the tracker's peak with
+the peak counter restarted at the phase's start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# The tiny Llama: sizes chosen so that neither the per-tensor alignment (8 bf16 / 4 fp32
+# elements) nor the world sizes divide the flat parameters (hidden 60, vocabulary 251).
+CONFIG = {
+    "vocab_size": 251,
+    "hidden_size": 60,
+    "intermediate_size": 170,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 3,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
+BATCH, SEQ = 2, 16
+
+
+def build(layers: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**CONFIG, "num_hidden_layers": layers})
+    config._attn_implementation = "eager"
+    return LlamaForCausalLM(config)
+
+
+def wrap(model: torch.nn.Module, strategy: str, precision: str) -> torch.nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    policy = functools.partial(
+        transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer}
+    )
+    mixed = None
+    if precision == "bf16":
+        bf16 = torch.bfloat16
+        mixed = MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16)
+    return FSDP(
+        model,
+        sharding_strategy=ShardingStrategy[strategy],
+        auto_wrap_policy=policy,
+        mixed_precision=mixed,
+        sync_module_states=False,
+        backward_prefetch=None,
+        forward_prefetch=False,
+        use_orig_params=True,
+        limit_all_gathers=True,
+        device_id=torch.device("cpu"),
+    )
+
+
+def _storage_bytes(tensors: list[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr() if st.nbytes() else id(st)] = st.nbytes()
+    return sum(seen.values())
+
+
+def _handles(model: torch.nn.Module) -> list[Any]:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return [m._handle for m in FSDP.fsdp_modules(model) if m._handle is not None]
+
+
+def states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The rank's model states, read from FSDP1's handles and the optimizer's state."""
+    units = []
+    flats, grads = [], []
+    for h in _handles(model):
+        fp = h.flat_param
+        flats.append(fp)
+        if fp.grad is not None:
+            grads.append(fp.grad)
+        units.append(
+            {
+                "params": [
+                    {
+                        "fqn": fqn,
+                        "numel": n,
+                        "in_shard": info.in_shard,
+                        "local": info.numel_in_shard or 0,
+                    }
+                    for fqn, n, info in zip(
+                        fp._fqns,
+                        [s.numel() for s in fp._shapes],
+                        fp._shard_param_infos,
+                        strict=True,
+                    )
+                ],
+                "numels_with_padding": list(fp._numels_with_padding),
+                "unpadded_unsharded": int(fp._unpadded_unsharded_size.numel()),
+                # set for the sharded strategies only (FlatParamHandle._init_shard_metadata)
+                "padded_unsharded": int(
+                    getattr(fp, "_padded_unsharded_size", fp._unpadded_unsharded_size).numel()
+                ),
+                "sharded": int(fp.numel()),
+                "dtype": str(fp.dtype).removeprefix("torch."),
+                "grad": None
+                if fp.grad is None
+                else [int(fp.grad.numel()), str(fp.grad.dtype).removeprefix("torch.")],
+                "mp_shard_bytes": int(fp._mp_shard.untyped_storage().nbytes())
+                if hasattr(fp, "_mp_shard")
+                else None,
+                "full_param_padded_bytes": int(fp._full_param_padded.untyped_storage().nbytes())
+                if hasattr(fp, "_full_param_padded")
+                else None,
+            }
+        )
+    by_name: dict[str, list[int]] = {}
+    opt_tensors = []
+    for state in optimizer.state.values():
+        for name, v in state.items():
+            if isinstance(v, torch.Tensor):
+                row = by_name.setdefault(name, [0, 0, 0])
+                row[0] += 1
+                row[1] += v.numel()
+                row[2] += v.numel() * v.element_size()
+                opt_tensors.append(v)
+    orig_grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return {
+        "units": units,
+        "parameters_bytes": _storage_bytes(flats),
+        "gradients_bytes": _storage_bytes(grads),
+        "orig_grads_bytes": _storage_bytes(orig_grads),
+        "orig_grads_share_flat_grad": _storage_bytes(grads + orig_grads) == _storage_bytes(grads),
+        "optimizer": {
+            k: {"tensors": v[0], "elements": v[1], "bytes": v[2]} for k, v in by_name.items()
+        },
+        "optimizer_bytes": _storage_bytes(opt_tensors),
+        "buffers": {
+            n: [b.numel(), str(b.dtype).removeprefix("torch.")] for n, b in model.named_buffers()
+        },
+    }
+
+
+def storage_tracker() -> Any:
+    """torch's MemTracker without its per-module statistics: its module pre-forward hook
+    registers a post-accumulate-grad hook on every parameter, which FSDP1's unsharded
+    views (use_orig_params=True) refuse ("post accumulate grad hooks cannot be registered
+    on non-leaf tensors"). The storage accounting (every op's output storage, freed by
+    weakref, and UntypedStorage.resize_, which FSDP1 frees and re-allocates its flat
+    parameters with) is MemTracker's own."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class StorageTracker(MemTracker):
+        def _pre_fw_hook(self, module: Any, inputs: Any) -> None:
+            pass
+
+        def _post_fw_hook(self, module: Any, inputs: Any, outputs: Any) -> None:
+            pass
+
+        def _pre_bw_hook(self, module: Any, args: Any) -> None:
+            pass
+
+        def _post_bw_hook(self, module: Any, args: Any) -> None:
+            pass
+
+    return StorageTracker()
+
+
+def _peak(tracker: Any) -> int:
+    return sum(int(s["Total"]) for s in tracker.get_tracker_snapshot("peak").values())
+
+
+def _current(tracker: Any) -> int:
+    return sum(int(s["Total"]) for s in tracker.get_tracker_snapshot("current").values())
+
+
+def _restart_peak(tracker: Any) -> None:
+    """MemTracker's peak from now on (its private counters; torch 2.13 mem_tracker.py::
+    MemTracker.__enter__ sets them the same way)."""
+    tracker._peak_mem_snap = tracker.get_tracker_snapshot()
+    tracker._peak_mem = {dev: snap["Total"] for dev, snap in tracker._peak_mem_snap.items()}
+
+
+def _step(model: torch.nn.Module, optimizer: Any, ids: torch.Tensor, mark: Any) -> None:
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    mark("forward")
+    loss.backward()
+    del loss
+    mark("backward")
+    optimizer.step()
+    mark("optimizer step")
+
+
+def run_rank(rank: int, world: int, init: str, args: argparse.Namespace, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = wrap(build(args.layers), args.strategy, args.mp)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(
+        0, CONFIG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1)
+    )
+    _step(model, optimizer, ids, lambda _: None)
+    optimizer.zero_grad(set_to_none=True)
+    tracker = storage_tracker()
+    tracker.track_external(model, optimizer, ids)
+    phases: dict[str, dict[str, int]] = {}
+    with tracker:
+        start = _current(tracker)
+
+        def mark(name: str) -> None:
+            phases[name] = {"peak": _peak(tracker), "end": _current(tracker)}
+            _restart_peak(tracker)
+
+        _restart_peak(tracker)
+        _step(model, optimizer, ids, mark)
+    result = {"rank": rank, "start": start, "phases": phases, **states(model, optimizer)}
+    optimizer.zero_grad(set_to_none=True)
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure(world: int, strategy: str, precision: str, layers: int = 2) -> dict[str, Any]:
+    """Every rank's measurement of one case (spawned gloo ranks)."""
+    args = argparse.Namespace(strategy=strategy, mp=precision, layers=layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        init = f"file://{os.path.join(tmp, 'rdzv')}"
+        mp.spawn(run_rank, args=(world, init, args, tmp), nprocs=world, join=True)
+        ranks = [json.load(open(os.path.join(tmp, f"{r}.json"))) for r in range(world)]
+    return {"world": world, "strategy": strategy, "mp": precision, "layers": layers, "ranks": ranks}
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--strategy", default="FULL_SHARD")
+    p.add_argument("--mp", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--layers", type=int, default=2)
+    a = p.parse_args(argv)
+    print(json.dumps(measure(a.world, a.strategy, a.mp, a.layers)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
