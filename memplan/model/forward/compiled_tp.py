@@ -257,7 +257,7 @@ def apply(acts: Activations, arch: Architecture, st: Setting, lay: Layout) -> Ac
     if st.checkpointing == "selective-op":
         kept = op_sac_layer(**dims)
     else:
-        kept = layer(qk_norm=arch.model_type == "qwen3", **dims)
+        kept = layer(qk_norm=arch.model_type in compiled.QK_NORM_MODEL_TYPES, **dims)
     blocks = tuple(replace(b, tensors=kept) if b.name == "layers" else b for b in acts.blocks)
     per_block = sum(s.bytes for s in kept)
     note = (
