@@ -407,13 +407,16 @@ def peak(rec: Recorder) -> tuple[int, list[dict[str, Any]]]:
     return top, alive
 
 
-def spec_doc(shape: Shape = ROW) -> dict[str, Any]:
+def spec_doc(shape: Shape = ROW, float8: bool = True) -> dict[str, Any]:
     """The published row's spec (benchmarks/published.py), at `shape` (the row's own preset
-    when it is the row's)."""
+    when it is the row's); `float8` False: its blocks in bf16 (precision.fp8 dropped), as the
+    traced step's bf16 variant runs them."""
     from benchmarks.published import ROWS
 
     row = next(r for r in ROWS if r.table == 4 and not r.unmodelled)
     doc = row.doc()
+    if not float8:
+        doc["precision"] = {k: v for k, v in doc["precision"].items() if k != "fp8"}
     if shape != ROW:
         doc["model"] = {"architecture": shape.architecture(), "implementation": "torchtitan"}
         doc["training"] = {
@@ -422,7 +425,7 @@ def spec_doc(shape: Shape = ROW) -> dict[str, Any]:
     return doc
 
 
-def memplan_row(shape: Shape = ROW) -> dict[str, Any]:
+def memplan_row(shape: Shape = ROW, float8: bool = True) -> dict[str, Any]:
     """memplan's estimate of the published row (at `shape`), and the bytes the replay takes
     from it: the model states, the root's unsharded parameters and FSDP2's side-stream
     pools."""
@@ -430,7 +433,7 @@ def memplan_row(shape: Shape = ROW) -> dict[str, Any]:
     from memplan.model.load import load_inventory
     from memplan.report.estimate import estimate
 
-    loaded = validate(spec_doc(shape))
+    loaded = validate(spec_doc(shape, float8))
     inventory = load_inventory(loaded)
     report = estimate(loaded.spec, inventory)
     assert report.allocator is not None
@@ -442,7 +445,7 @@ def memplan_row(shape: Shape = ROW) -> dict[str, Any]:
     root = next(t.bytes for t in tl.transients if t.name == "fsdp2_unsharded_root")
     side = {s: n for s, n in report.allocator.reserved_by_stream if s != "compute"}
     at = points["backward_start"]
-    doc = spec_doc(shape)
+    doc = spec_doc(shape, float8)
     doc["hardware"] = {k: v for k, v in doc["hardware"].items() if k != "alloc_conf"}
     default = estimate(validate(doc).spec, inventory).peak_reserved
     return {

@@ -190,7 +190,7 @@ def test_phase_replay_matches_torchtitans_step_replayed_op_by_op(
     if not _has_9dec370():
         pytest.skip(f"no torchtitan checkout holding {tt.COMMIT} at {REPO}")
     shape = replace(tt.ROW, layers=layers)
-    row = tt.memplan_row(shape)
+    row = tt.memplan_row(shape, float8)
     rec = tt.trace(REPO, float8, shape)
     traced = allocator.replay(
         tt.replay_events(rec, row), AllocConf.parse("expandable_segments:True")
@@ -213,7 +213,7 @@ def test_default_allocator_phase_replay_near_the_op_level_replay(
     if not _has_9dec370():
         pytest.skip(f"no torchtitan checkout holding {tt.COMMIT} at {REPO}")
     shape = replace(tt.ROW, layers=layers)
-    row = tt.memplan_row(shape)
+    row = tt.memplan_row(shape, float8=False)
     rec = tt.trace(REPO, False, shape)
     traced = allocator.replay(tt.replay_events(rec, row)).peak_reserved / tt.GIB
     mine = row["reserved_default_alloc_conf_gib"]
