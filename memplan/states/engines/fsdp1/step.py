@@ -72,11 +72,14 @@ def step_buffers(
     at_rest: str,
     embedding_backward: Transient | None,
     layer_done: int = 0,
+    accumulating: bool = False,
 ) -> list[Transient]:
     """FSDP1's buffers at each phase point (FULL_SHARD stage 3, SHARD_GRAD_OP stage 2;
     NO_SHARD stage 0 under MixedPrecision, its `_mp_shard` gathered and freed as FULL_SHARD
     gathers and frees: _flat_param.py::FlatParamHandle.post_reshard frees it "until the
-    reshard", which POST_FW and POST_BW run)."""
+    reshard", which POST_FW and POST_BW run). `accumulating`: the last of several
+    micro-batches under no_sync() (memplan.states.engines.fsdp1.accumulation), whose root
+    gradient, accumulated in place, is alive beside the embedding's backward too."""
     pb, rb, ab = dtype_bytes(param), dtype_bytes(param), dtype_bytes(at_rest)
     sharded = stage != 0
     root = next((u for u in units if u.name == "root"), None)
@@ -143,7 +146,10 @@ def step_buffers(
     if root is not None:
         held, formula = _reduction(root, param=pb, reduce=rb, at_rest=ab, sharded=sharded)
         embedding = embedding_backward.bytes if embedding_backward is not None else 0
-        if embedding + root_bytes > held:
+        # with accumulation the root's unsharded gradient (the reduction's input, `held`'s
+        # first term) is alive during the embedding's backward too
+        kept = root.padded * pb if accumulating else 0
+        if embedding + root_bytes + kept > held:
             # the embedding's backward, the root still gathered, holds more
             out.append(
                 Transient(
@@ -155,6 +161,17 @@ def step_buffers(
                     source=f"{SRC_RT}::_post_backward_hook",
                 )
             )
+            if kept:
+                out.append(
+                    Transient(
+                        name="fsdp1 accumulated root gradient",
+                        bytes=kept,
+                        phases=("backward_end",),
+                        formula=f"the root's unsharded gradient {root.padded:,} x {pb} B, "
+                        "kept by no_sync() from the earlier micro-batches",
+                        source=f"{SRC_RT}::_post_backward_hook, _finalize_params",
+                    )
+                )
             if embedding_backward is not None:
                 out.append(embedding_backward)
         else:
