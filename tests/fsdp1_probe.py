@@ -64,9 +64,13 @@ def build(layers: int) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
-def wrap(model: torch.nn.Module, strategy: str, precision: str) -> torch.nn.Module:
+def wrap(
+    model: torch.nn.Module, strategy: str, precision: str, prefetch: str = "none"
+) -> torch.nn.Module:
+    """accelerate's wrapping; `prefetch` none (the Trainer's NO_PREFETCH), pre or post
+    (BackwardPrefetch.BACKWARD_PRE, torch's and Lightning's default, or BACKWARD_POST)."""
+    from torch.distributed.fsdp import BackwardPrefetch, MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -83,7 +87,11 @@ def wrap(model: torch.nn.Module, strategy: str, precision: str) -> torch.nn.Modu
         auto_wrap_policy=policy,
         mixed_precision=mixed,
         sync_module_states=False,
-        backward_prefetch=None,
+        backward_prefetch={
+            "none": None,
+            "pre": BackwardPrefetch.BACKWARD_PRE,
+            "post": BackwardPrefetch.BACKWARD_POST,
+        }[prefetch],
         forward_prefetch=False,
         use_orig_params=True,
         limit_all_gathers=True,
@@ -262,7 +270,7 @@ def held(model: torch.nn.Module) -> dict[str, Any]:
 def run_rank(rank: int, world: int, init: str, args: argparse.Namespace, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = wrap(build(args.layers), args.strategy, args.mp)
+    model = wrap(build(args.layers), args.strategy, args.mp, getattr(args, "prefetch", "none"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(
         0, CONFIG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1)
@@ -301,13 +309,18 @@ def run_rank(rank: int, world: int, init: str, args: argparse.Namespace, out: st
 
 
 def measure(
-    world: int, strategy: str, precision: str, layers: int = 2, accumulation: int = 1
+    world: int,
+    strategy: str,
+    precision: str,
+    layers: int = 2,
+    accumulation: int = 1,
+    prefetch: str = "none",
 ) -> dict[str, Any]:
     """Every rank's measurement of one case (spawned gloo ranks); `phases` holds each
     phase's highest peak over the step's micro-batches, `microbatches` (accumulation > 1)
     each micro-batch's, and what FSDP1 held after each backward but the last."""
     args = argparse.Namespace(
-        strategy=strategy, mp=precision, layers=layers, accumulation=accumulation
+        strategy=strategy, mp=precision, layers=layers, accumulation=accumulation, prefetch=prefetch
     )
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{os.path.join(tmp, 'rdzv')}"
@@ -316,6 +329,8 @@ def measure(
     case = {"world": world, "strategy": strategy, "mp": precision, "layers": layers}
     if accumulation > 1:
         case["accumulation"] = accumulation
+    if prefetch != "none":
+        case["backward_prefetch"] = prefetch
     return {**case, "ranks": ranks}
 
 
@@ -326,8 +341,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--mp", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--accumulation", type=int, default=1)
+    p.add_argument("--prefetch", default="none", choices=("none", "pre", "post"))
     a = p.parse_args(argv)
-    print(json.dumps(measure(a.world, a.strategy, a.mp, a.layers, a.accumulation)))
+    print(json.dumps(measure(a.world, a.strategy, a.mp, a.layers, a.accumulation, a.prefetch)))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,23 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
             "training.gradient_accumulation_steps: 1, or zero_stage 2 or 3 (modelled).",
             field="training.gradient_accumulation_steps",
         )
+    prefetch = layout.fsdp1_backward_prefetch
+    if layout.data > 1 and (prefetch == "post" or (prefetch == "pre" and layout.stage == 0)):
+        raise MemplanError(
+            f"engine fsdp1 with fsdp1_backward_prefetch {prefetch}"
+            + (" and NO_SHARD (zero_stage 0)" if prefetch == "pre" else "")
+            + " is not modelled: "
+            + (
+                "measured on 2 gloo ranks its backward peak is one reduce-scatter output "
+                "above NO_PREFETCH's, which memplan does not derive yet "
+                "(memplan.states.engines.fsdp1.prefetch)"
+                if prefetch == "post"
+                else "not measured"
+            )
+            + ". Set parallelism.fsdp1_backward_prefetch: none or pre (FULL_SHARD, "
+            "SHARD_GRAD_OP).",
+            field="parallelism.fsdp1_backward_prefetch",
+        )
     if layout.data <= 1:
         return embedding_backward(states, acts, cache)
     if layout.stage == 0 and not recipe.master_weights:
@@ -104,6 +121,7 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
         embedding_backward=acts.embedding_backward,
         layer_done=_layer_done(acts),
         accumulating=accumulating,
+        prefetch=layout.fsdp1_backward_prefetch,
     )
     return buffers + (accumulated_gradients(units, param=param) if accumulating else [])
 
