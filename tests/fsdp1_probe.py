@@ -64,9 +64,13 @@ def build(layers: int) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
-def wrap(model: torch.nn.Module, strategy: str, precision: str) -> torch.nn.Module:
+def wrap(
+    model: torch.nn.Module, strategy: str, precision: str, prefetch: str = "none"
+) -> torch.nn.Module:
+    """accelerate's wrapping; `prefetch` none (the Trainer's NO_PREFETCH), pre or post
+    (BackwardPrefetch.BACKWARD_PRE, torch's and Lightning's default, or BACKWARD_POST)."""
+    from torch.distributed.fsdp import BackwardPrefetch, MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -83,7 +87,11 @@ def wrap(model: torch.nn.Module, strategy: str, precision: str) -> torch.nn.Modu
         auto_wrap_policy=policy,
         mixed_precision=mixed,
         sync_module_states=False,
-        backward_prefetch=None,
+        backward_prefetch={
+            "none": None,
+            "pre": BackwardPrefetch.BACKWARD_PRE,
+            "post": BackwardPrefetch.BACKWARD_POST,
+        }[prefetch],
         forward_prefetch=False,
         use_orig_params=True,
         limit_all_gathers=True,
@@ -216,39 +224,83 @@ def _restart_peak(tracker: Any) -> None:
     tracker._peak_mem = {dev: snap["Total"] for dev, snap in tracker._peak_mem_snap.items()}
 
 
-def _step(model: torch.nn.Module, optimizer: Any, ids: torch.Tensor, mark: Any) -> None:
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    mark("forward")
-    loss.backward()
-    del loss
-    mark("backward")
+def _step(
+    model: torch.nn.Module, optimizer: Any, ids: torch.Tensor, mark: Any, accumulation: int = 1
+) -> None:
+    """One optimizer step over `accumulation` micro-batches, as accelerate 1.16 runs them
+    (Accelerator.accumulate with sync_each_batch False: every micro-batch but the last, its
+    forward and backward, inside FSDP1's no_sync(); accelerator.backward divides the loss by
+    the steps)."""
+    import contextlib
+
+    for micro in range(accumulation):
+        last = micro == accumulation - 1
+        sync: Any = contextlib.nullcontext() if last else model.no_sync()  # type: ignore[operator]
+        with sync:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            if accumulation > 1:
+                loss = loss / accumulation
+            mark("forward")
+            loss.backward()
+            del loss
+        mark("backward")
     optimizer.step()
     mark("optimizer step")
+
+
+def held(model: torch.nn.Module) -> dict[str, Any]:
+    """What FSDP1 holds between micro-batches: each FlatParameter's `.grad` (under no_sync()
+    the unsharded gradient) and its allocated unsharded parameter (`_full_param_padded`,
+    freed by resizing its storage to 0)."""
+    grads, gathered = [], 0
+    for h in _handles(model):
+        fp = h.flat_param
+        if fp.grad is not None:
+            grads.append(fp.grad)
+        if hasattr(fp, "_full_param_padded"):
+            gathered += int(fp._full_param_padded.untyped_storage().nbytes())
+    return {
+        "grad_bytes": _storage_bytes(grads),
+        "grad_numels": [int(g.numel()) for g in grads],
+        "grad_dtypes": sorted({str(g.dtype).removeprefix("torch.") for g in grads}),
+        "unsharded_param_bytes": gathered,
+    }
 
 
 def run_rank(rank: int, world: int, init: str, args: argparse.Namespace, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = wrap(build(args.layers), args.strategy, args.mp)
+    model = wrap(build(args.layers), args.strategy, args.mp, getattr(args, "prefetch", "none"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(
         0, CONFIG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1)
     )
-    _step(model, optimizer, ids, lambda _: None)
+    accumulation = getattr(args, "accumulation", 1)
+    _step(model, optimizer, ids, lambda _: None, accumulation)
     optimizer.zero_grad(set_to_none=True)
     tracker = storage_tracker()
     tracker.track_external(model, optimizer, ids)
     phases: dict[str, dict[str, int]] = {}
+    micro: list[dict[str, Any]] = [{}]
     with tracker:
         start = _current(tracker)
 
         def mark(name: str) -> None:
-            phases[name] = {"peak": _peak(tracker), "end": _current(tracker)}
+            now = {"peak": _peak(tracker), "end": _current(tracker)}
+            if name in micro[-1]:
+                micro.append({})
+            micro[-1][name] = now
+            if name == "backward" and len(micro) < accumulation:
+                micro[-1]["held"] = held(model)
+            seen = phases.get(name)
+            phases[name] = now if seen is None or now["peak"] > seen["peak"] else seen
             _restart_peak(tracker)
 
         _restart_peak(tracker)
-        _step(model, optimizer, ids, mark)
+        _step(model, optimizer, ids, mark, accumulation)
     result = {"rank": rank, "start": start, "phases": phases, **states(model, optimizer)}
+    if accumulation > 1:
+        result["microbatches"] = micro
     optimizer.zero_grad(set_to_none=True)
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -256,14 +308,30 @@ def run_rank(rank: int, world: int, init: str, args: argparse.Namespace, out: st
     dist.destroy_process_group()
 
 
-def measure(world: int, strategy: str, precision: str, layers: int = 2) -> dict[str, Any]:
-    """Every rank's measurement of one case (spawned gloo ranks)."""
-    args = argparse.Namespace(strategy=strategy, mp=precision, layers=layers)
+def measure(
+    world: int,
+    strategy: str,
+    precision: str,
+    layers: int = 2,
+    accumulation: int = 1,
+    prefetch: str = "none",
+) -> dict[str, Any]:
+    """Every rank's measurement of one case (spawned gloo ranks); `phases` holds each
+    phase's highest peak over the step's micro-batches, `microbatches` (accumulation > 1)
+    each micro-batch's, and what FSDP1 held after each backward but the last."""
+    args = argparse.Namespace(
+        strategy=strategy, mp=precision, layers=layers, accumulation=accumulation, prefetch=prefetch
+    )
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{os.path.join(tmp, 'rdzv')}"
         mp.spawn(run_rank, args=(world, init, args, tmp), nprocs=world, join=True)
         ranks = [json.load(open(os.path.join(tmp, f"{r}.json"))) for r in range(world)]
-    return {"world": world, "strategy": strategy, "mp": precision, "layers": layers, "ranks": ranks}
+    case = {"world": world, "strategy": strategy, "mp": precision, "layers": layers}
+    if accumulation > 1:
+        case["accumulation"] = accumulation
+    if prefetch != "none":
+        case["backward_prefetch"] = prefetch
+    return {**case, "ranks": ranks}
 
 
 def main(argv: list[str]) -> None:
@@ -272,8 +340,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--strategy", default="FULL_SHARD")
     p.add_argument("--mp", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--accumulation", type=int, default=1)
+    p.add_argument("--prefetch", default="none", choices=("none", "pre", "post"))
     a = p.parse_args(argv)
-    print(json.dumps(measure(a.world, a.strategy, a.mp, a.layers)))
+    print(json.dumps(measure(a.world, a.strategy, a.mp, a.layers, a.accumulation, a.prefetch)))
 
 
 if __name__ == "__main__":

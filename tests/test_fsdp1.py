@@ -223,7 +223,6 @@ def _plan_rows(engines: list[str]) -> list[Any]:
         model={"architecture": TINY_LLAMA},
         training={"sequence_length": 32},
         hardware={"gpu": "H100-80GB", "gpus_per_node": 8},
-        # one micro-batch per step: fsdp1 refuses gradient accumulation (below)
         plan={"gpus": 2, "global_batch_size": 2, "engines": engines},
     )
     return list(plan(spec, from_config(TINY_LLAMA), suggest=False).layouts)
@@ -237,21 +236,6 @@ def test_plan_searches_fsdp1_only_where_listed() -> None:
     assert {c.engine for c in rows} == {"fsdp1"}
     assert {c.zero_stage for c in rows} <= {0, 2, 3}
     assert rows
-
-
-def test_gradient_accumulation_refused() -> None:
-    """accelerate accumulates under FSDP1's no_sync(), which keeps every unit's unsharded
-    gradient across micro-batches: not modelled, so refused with the key to change."""
-    spec = validate(
-        {
-            "model": {"architecture": TINY_LLAMA},
-            "training": {"gradient_accumulation_steps": 2},
-            "parallelism": {"engine": "fsdp1", "data": 2},
-        }
-    ).spec
-    with pytest.raises(MemplanError, match="no_sync") as err:
-        estimate(spec, from_config(TINY_LLAMA))
-    assert err.value.field == "training.gradient_accumulation_steps"
 
 
 def test_zero_grad_zero_keeps_the_sharded_gradients() -> None:

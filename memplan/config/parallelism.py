@@ -181,6 +181,13 @@ class ParallelismSpec(Frozen):
     workspace lives outside the caching allocator (memplan.step.device.
     symmetric_memory_workspace). Needs tensor > 1, sequence_parallel, engine fsdp2,
     model.implementation torchtitan and training.compile."""
+    fsdp1_backward_prefetch: Literal["none", "pre", "post"] = "none"
+    """FSDP1's `backward_prefetch` (engine fsdp1): `none` (the HF Trainer's and accelerate's
+    NO_PREFETCH, the default), `pre` (BackwardPrefetch.BACKWARD_PRE, torch's and Lightning's
+    FSDPStrategy default: each unit's pre-backward hook gathers the next unit in backward
+    order) or `post` (BACKWARD_POST: its post-backward hook does, before the reduction)
+    (torch 2.13 fsdp/_runtime_utils.py::_get_handle_to_prefetch). Only FULL_SHARD gathers
+    in backward, so only zero_stage 3 is changed by it."""
     offload: OffloadSpec = OffloadSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """DeepSpeed config keys (used when engine is deepspeed)."""
@@ -251,6 +258,11 @@ class ParallelismSpec(Frozen):
                     "modelled: torchtitan carves those from the shard dimension"
                 )
         self._check_deepspeed_hierarchy()
+        if self.fsdp1_backward_prefetch != "none" and self.engine != "fsdp1":
+            raise ValueError(
+                f"fsdp1_backward_prefetch is FSDP1's backward_prefetch, but engine is "
+                f"{self.engine}: set engine: fsdp1 or leave fsdp1_backward_prefetch out"
+            )
         if self.fsdp_wrap is not None and self.engine != "fsdp2":
             raise ValueError(
                 f"fsdp_wrap groups FSDP2's fully_shard calls, but engine is {self.engine}: "

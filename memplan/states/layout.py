@@ -77,6 +77,8 @@ class Layout:
     pipeline_outputs_held: bool = False
     """torch.distributed.pipelining keeps the last stage's output of every micro-batch until
     the next step (ParallelismSpec.pipeline_return_outputs, its default filled in)."""
+    fsdp1_backward_prefetch: Literal["none", "pre", "post"] = "none"
+    """FSDP1's backward_prefetch (ParallelismSpec.fsdp1_backward_prefetch)."""
     tensor_rank: int = 0
     """The TP rank whose shards these are: only the vocabulary rows of a "chunk" split differ
     between TP ranks, and rank 0 holds the most (`for_tensor_rank`)."""
@@ -132,6 +134,7 @@ class Layout:
             and par.engine in ("ddp", "fsdp2")
             and par.loss_parallel is not False,
             fsdp_groups=wrap,
+            fsdp1_backward_prefetch=par.fsdp1_backward_prefetch,
             data_replicate=par.data_replicate,
             async_tp=par.async_tp,
             pipeline_outputs_held=par.pipeline > 1

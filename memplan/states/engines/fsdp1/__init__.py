@@ -16,6 +16,7 @@ from memplan.states.engines.base import (
     StepStates,
     embedding_backward,
 )
+from memplan.states.engines.fsdp1.accumulation import accumulated_gradients
 from memplan.states.engines.fsdp1.sharding import FlatUnit, compute_dtype, flat_units, local_sizes
 from memplan.states.engines.fsdp1.step import root_gradient_pieces, step_buffers
 
@@ -74,15 +75,33 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
     """FSDP1's buffers over more than one rank with a sharded strategy (fsdp1.step), else the
     embedding's backward."""
     layout, recipe = states.layout, states.recipe
-    if acts.microbatches > 1 and layout.data > 1:
+    accumulating = acts.microbatches > 1 and layout.data > 1
+    if accumulating and layout.stage == 0:
         raise MemplanError(
-            f"engine fsdp1 with {acts.microbatches} micro-batches per step is not modelled: "
-            "accelerate accumulates under FSDP1's no_sync() (its default, sync_each_batch "
-            "false), which keeps every unit's unsharded gradient (and, with SHARD_GRAD_OP, "
-            "its unsharded parameter) from the first micro-batch to the last "
+            f"engine fsdp1 NO_SHARD (zero_stage 0) with {acts.microbatches} micro-batches per "
+            "step is not modelled: accelerate accumulates under FSDP1's no_sync(), which "
+            "skips NO_SHARD's all-reduce and keeps the gradient in the compute dtype "
             "(torch/distributed/fsdp/_runtime_utils.py::_post_backward_hook returns before "
-            "the reduction when not syncing). Set training.gradient_accumulation_steps: 1.",
+            "the reduction when not syncing); not measured here. Set "
+            "training.gradient_accumulation_steps: 1, or zero_stage 2 or 3 (modelled).",
             field="training.gradient_accumulation_steps",
+        )
+    prefetch = layout.fsdp1_backward_prefetch
+    if layout.data > 1 and (prefetch == "post" or (prefetch == "pre" and layout.stage == 0)):
+        raise MemplanError(
+            f"engine fsdp1 with fsdp1_backward_prefetch {prefetch}"
+            + (" and NO_SHARD (zero_stage 0)" if prefetch == "pre" else "")
+            + " is not modelled: "
+            + (
+                "measured on 2 gloo ranks its backward peak is one reduce-scatter output "
+                "above NO_PREFETCH's, which memplan does not derive yet "
+                "(memplan.states.engines.fsdp1.prefetch)"
+                if prefetch == "post"
+                else "not measured"
+            )
+            + ". Set parallelism.fsdp1_backward_prefetch: none or pre (FULL_SHARD, "
+            "SHARD_GRAD_OP).",
+            field="parallelism.fsdp1_backward_prefetch",
         )
     if layout.data <= 1:
         return embedding_backward(states, acts, cache)
@@ -92,15 +111,19 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
         if pieces is None or (embedding is not None and embedding.bytes >= pieces.bytes):
             return embedding_backward(states, acts, cache)
         return [pieces]
-    return step_buffers(
-        _units(states),
+    units, param = _units(states), compute_dtype(recipe)
+    buffers = step_buffers(
+        units,
         stage=layout.stage,
         world=layout.data,
-        param=compute_dtype(recipe),
+        param=param,
         at_rest=recipe.master_weights or recipe.parameters,
         embedding_backward=acts.embedding_backward,
         layer_done=_layer_done(acts),
+        accumulating=accumulating,
+        prefetch=layout.fsdp1_backward_prefetch,
     )
+    return buffers + (accumulated_gradients(units, param=param) if accumulating else [])
 
 
 def _layer_done(acts: StepActivations) -> int:
@@ -115,13 +138,19 @@ def _layer_done(acts: StepActivations) -> int:
 
 def _gradients(states: StepStates, cache: StepCache) -> GradientLife:
     """With a sharded strategy over more than one rank, each unit's sharded gradient is made
-    in its post-backward, the root's last (its shard of the at-rest gradient)."""
+    in its post-backward, the root's last (its shard of the at-rest gradient); with
+    gradient accumulation only in the last micro-batch's (the earlier ones run under
+    no_sync(): memplan.states.engines.fsdp1.accumulation), so none is alive before the last
+    backward (`pipelined`: the same life as torch pipelining's gradients; it changes
+    nothing at one micro-batch)."""
     layout = states.layout
     if layout.data <= 1 or (layout.stage == 0 and not states.recipe.master_weights):
         return GradientLife()
     root = next((u for u in _units(states) if u.name == "root"), None)
     at_rest = states.recipe.master_weights or states.recipe.parameters
-    return GradientLife(post_backward_bytes=root.shard * dtype_bytes(at_rest) if root else 0)
+    return GradientLife(
+        post_backward_bytes=root.shard * dtype_bytes(at_rest) if root else 0, pipelined=True
+    )
 
 
 STEP = EngineStep(

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from memplan.memory import Transient
 from memplan.precision import dtype_bytes
+from memplan.states.engines.fsdp1.prefetch import prefetched_layer
 from memplan.states.engines.fsdp1.sharding import FlatUnit
 
 SRC_RT = "torch/distributed/fsdp/_runtime_utils.py (2.13)"
@@ -72,11 +73,17 @@ def step_buffers(
     at_rest: str,
     embedding_backward: Transient | None,
     layer_done: int = 0,
+    accumulating: bool = False,
+    prefetch: str = "none",
 ) -> list[Transient]:
     """FSDP1's buffers at each phase point (FULL_SHARD stage 3, SHARD_GRAD_OP stage 2;
     NO_SHARD stage 0 under MixedPrecision, its `_mp_shard` gathered and freed as FULL_SHARD
     gathers and frees: _flat_param.py::FlatParamHandle.post_reshard frees it "until the
-    reshard", which POST_FW and POST_BW run)."""
+    reshard", which POST_FW and POST_BW run). `accumulating`: the last of several
+    micro-batches under no_sync() (memplan.states.engines.fsdp1.accumulation), whose root
+    gradient, accumulated in place, is alive beside the embedding's backward too.
+    `prefetch` (FULL_SHARD only): FSDP1's backward_prefetch, `pre` modelled
+    (fsdp1.prefetch)."""
     pb, rb, ab = dtype_bytes(param), dtype_bytes(param), dtype_bytes(at_rest)
     sharded = stage != 0
     root = next((u for u in units if u.name == "root"), None)
@@ -96,6 +103,8 @@ def step_buffers(
     if layers:
         one = max(u.padded for u in layers) * pb
         many = sum(u.padded for u in layers) * pb
+        if prefetch == "pre" and stage == 3 and len(layers) > 1:
+            out += prefetched_layer(layers, param=param, pb=pb)
         if stage in (3, 0):
             out.append(
                 Transient(
@@ -143,7 +152,10 @@ def step_buffers(
     if root is not None:
         held, formula = _reduction(root, param=pb, reduce=rb, at_rest=ab, sharded=sharded)
         embedding = embedding_backward.bytes if embedding_backward is not None else 0
-        if embedding + root_bytes > held:
+        # with accumulation the root's unsharded gradient (the reduction's input, `held`'s
+        # first term) is alive during the embedding's backward too
+        kept = root.padded * pb if accumulating else 0
+        if embedding + root_bytes + kept > held:
             # the embedding's backward, the root still gathered, holds more
             out.append(
                 Transient(
@@ -155,6 +167,17 @@ def step_buffers(
                     source=f"{SRC_RT}::_post_backward_hook",
                 )
             )
+            if kept:
+                out.append(
+                    Transient(
+                        name="fsdp1 accumulated root gradient",
+                        bytes=kept,
+                        phases=("backward_end",),
+                        formula=f"the root's unsharded gradient {root.padded:,} x {pb} B, "
+                        "kept by no_sync() from the earlier micro-batches",
+                        source=f"{SRC_RT}::_post_backward_hook, _finalize_params",
+                    )
+                )
             if embedding_backward is not None:
                 out.append(embedding_backward)
         else:
