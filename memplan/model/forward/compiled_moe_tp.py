@@ -11,12 +11,14 @@ w2 Shard(2): `moe_intermediate_size / TP` per rank, all E experts on every rank)
 Partial, reduce-scattered to the sequence shard under SP, all-reduced without. Then
 distributed/compile.py::apply_compile compiles the block whole (fullgraph).
 
-Traced on 2 and 4 gloo ranks (tests/compile_tp_probe.py with torchtitan's real block;
+Traced on 2 gloo ranks (none) and on 2 and 4 (selective-op; tests/compile_tp_probe.py with
+torchtitan's real block;
 benchmarks/compile_moe_tp.py, results/compile-moe-tp.json), per rank, with t = batch x
 sequence tokens, t_sp = t / TP under SP (t without), N = t x top_k routed rows, w the compute
 dtype:
 
-checkpointing none (`layer`): the one-rank compiled set (memplan.model.forward.compiled.
+checkpointing none (`layer`, TP 2: at TP 4 the set differs, `NONE_ABOVE_TP2`, refused): the
+one-rank compiled set (memplan.model.forward.compiled.
 qwen3_moe_layer) on the rank's a / TP, g / TP heads and F / TP expert width (the grouped mms'
 outputs [N, F / TP]; their input [N, h], w2's output [N, h], the reorder indices [N], the
 offsets [E] and the combine's zeros [t, h] whole: every rank routes every token to every
@@ -83,6 +85,15 @@ gathers the router's DTensor scores with a plain torch.arange index, so eager fa
 routing (topk on the DTensor scores) traces; memplan's spec has no debug routing, so nothing
 is refused for it."""
 
+NONE_TRACED_TP = 2
+"""The TP degree whose no-checkpointing set `layer` is (SelectiveAC's: TP 2 and 4)."""
+NONE_ABOVE_TP2 = (
+    "Qwen3-MoE with checkpointing none above TP 2: at TP 4 (4 gloo ranks, SP on and off) the "
+    "compiled partition keeps the router's softmax and topk indices as this rank's own "
+    "[batch, sequence / TP, .] copies (at TP 2: views of the whole [t, .] tensors) and "
+    "ffn_norm's output [t, h] whole with SP off too, a set that differs from TP 2's and is not "
+    "ruled yet (benchmarks/results/compile-moe-tp.json)"
+)
 GROUPED_MM_ALIGN_BYTES = 16
 """torch 2.13's _grouped_mm wants each row of its bf16 input 16-byte aligned (the error below,
 raised by its fake-tensor meta under Dynamo, traced on 4 gloo ranks at expert width 48 / 4)."""

@@ -249,6 +249,8 @@ def uncovered(arch: Architecture, st: Setting, lay: Layout) -> str:
         )
         if misaligned:
             return misaligned
+        if lay.tensor > compiled_moe_tp.NONE_TRACED_TP and st.checkpointing == "none":
+            return compiled_moe_tp.NONE_ABOVE_TP2
     if st.float8 != "none":
         return "torchao Float8 (not traced under TP)"
     if lay.context > 1:
