@@ -59,14 +59,22 @@ class Case:
     kv_heads: int = 0
     routing: str = "balanced"
     """Qwen3-MoE's routing (tests/torchtitan_probe.py::Shape.routing)."""
+    experts: int = 0
+    """Qwen3-MoE's routed experts (0: QWEN3_MOE_TINY's 8)."""
+    top_k: int = 0
+    """Qwen3-MoE's experts per token (0: QWEN3_MOE_TINY's 2)."""
+    moe_ffn: int = 0
+    """Qwen3-MoE's expert width (0: QWEN3_MOE_TINY's 48)."""
 
     @property
     def name(self) -> str:
         sp = "sp" if self.sequence_parallel else "nosp"
         heads = f"-a{self.heads}g{self.kv_heads}" if self.heads else ""
         routing = f"-{self.routing}" if self.routing != "balanced" else ""
+        moe = f"-e{self.experts}k{self.top_k}" if self.experts else ""
+        moe += f"-f{self.moe_ffn}" if self.moe_ffn else ""
         name = f"{self.model}-{self.dtype}-{self.mode}-{sp}-b{self.batch}s{self.seq}"
-        return f"{name}{heads}{routing}"
+        return f"{name}{heads}{routing}{moe}"
 
     @property
     def shape(self) -> probe.Shape:
@@ -78,6 +86,10 @@ class Case:
         )
         if self.heads:
             shape = replace(shape, heads=self.heads, kv_heads=self.kv_heads)
+        if self.experts:
+            shape = replace(shape, experts=self.experts, top_k=self.top_k)
+        if self.moe_ffn:
+            shape = replace(shape, moe_ffn=self.moe_ffn)
         return shape
 
 

@@ -141,8 +141,9 @@ def refusal(st: Setting, lay: Layout, arch: Architecture | None = None) -> str:
         if why:
             return (
                 "activations of torchtitan's compiled blocks under tensor parallelism are "
-                "traced for dense Llama 3 and Qwen3 blocks with checkpointing none or "
-                f"selective-op (memplan.model.forward.compiled_tp), not under {why}"
+                "traced for dense Llama 3 and Qwen3 blocks and Qwen3-MoE blocks at expert "
+                "parallelism 1 with checkpointing none or selective-op (memplan.model."
+                f"forward.compiled_tp, compiled_moe_tp), not under {why}"
             )
     return ""
 

@@ -51,9 +51,11 @@ Qwen3's q_norm / k_norm (per head, on the rank's Shard(2) heads) add what they a
 selective-op. Under full checkpointing torch 2.13 itself failed on gloo ranks (`FULL_AC_FAILS`):
 modelled as eager (each block keeps its input, as before) with that failure as a note, since
 torchtitan's published Llama 3.1 70B / 405B rows ran compile + TP + FullAC (9dec370, with Dec
-2024's torch). Not traced, so refused: MoE and MLA blocks
-(Qwen3-MoE, DeepSeek-V3, gpt-oss) under TP, torchao Float8, context parallelism with TP,
-TP with fewer key/value heads than ranks (torchtitan 0.3.0 fails there itself: `KV_HEADS`).
+2024's torch). Qwen3-MoE's block at expert parallelism 1: memplan.model.forward.compiled_moe_tp
+(wired here, `_moe_kept`). Not traced, so refused: MLA and other MoE blocks (DeepSeek-V3,
+gpt-oss) under TP, Qwen3-MoE under EP x TP compiled or with an expert width TP does not divide,
+torchao Float8, context parallelism with TP, TP with fewer key/value heads than ranks
+(torchtitan 0.3.0 fails there itself: `KV_HEADS`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from memplan.model.forward import compiled
 from memplan.model.forward.kernels import attention_dims, saved
 from memplan.model.forward.tensors import Activations, Saved, Setting
 from memplan.model.inventory import Architecture
+from memplan.model.stacks import torchtitan_moe
 from memplan.states.layout import Layout
 
 SRC = (
@@ -99,7 +102,15 @@ FULL_AC_FAILS = (
 """The note on FullAC + compile under TP (traced: benchmarks/compile_tp.py): not refused, since
 torchtitan's published rows (9dec370, Dec 2024's torch) ran that layout."""
 TRACED_MODEL_TYPES = ("llama", "qwen3")
-"""torchtitan models whose compiled block is traced under TP (Llama 3, dense Qwen3)."""
+"""torchtitan models whose compiled dense block is traced under TP (Llama 3, dense Qwen3)."""
+MOE_MODEL_TYPE = "qwen3_moe"
+"""torchtitan's MoE model whose compiled block is traced under TP at expert parallelism 1
+(memplan.model.forward.compiled_moe_tp)."""
+
+
+def _moe_inter(arch: Architecture) -> int:
+    """Each routed expert's hidden width (Hugging Face's moe_intermediate_size)."""
+    return int(arch.extra.get("moe_intermediate_size", arch.intermediate_size))
 
 
 def _dims(
@@ -218,11 +229,28 @@ def uncovered(arch: Architecture, st: Setting, lay: Layout) -> str:
     FULL_AC_FAILS as a note: `apply`)."""
     if not st.compile or lay.tensor == 1 or st.checkpointing == "full":
         return ""
-    if arch.num_experts or arch.model_type not in TRACED_MODEL_TYPES:
+    moe = arch.model_type == MOE_MODEL_TYPE and lay.expert == 1
+    if not moe and (arch.num_experts or arch.model_type not in TRACED_MODEL_TYPES):
         return (
             f"model_type {arch.model_type!r} (traced under TP: torchtitan's dense "
-            f"{' and '.join(TRACED_MODEL_TYPES)} blocks; MoE and MLA blocks are not)"
+            f"{' and '.join(TRACED_MODEL_TYPES)} blocks and its Qwen3-MoE block at expert "
+            "parallelism 1; MLA blocks are not)"
         )
+    if moe and _moe_inter(arch) % lay.tensor:
+        return (
+            f"moe_intermediate_size {_moe_inter(arch)} that TP {lay.tensor} does not divide "
+            "(traced: even expert widths)"
+        )
+    if moe:
+        from memplan.model.forward import compiled_moe_tp
+
+        misaligned = compiled_moe_tp.grouped_mm_misaligned(
+            moe_inter=_moe_inter(arch), tp=lay.tensor
+        )
+        if misaligned:
+            return misaligned
+        if lay.tensor > compiled_moe_tp.NONE_TRACED_TP and st.checkpointing == "none":
+            return compiled_moe_tp.NONE_ABOVE_TP2
     if st.float8 != "none":
         return "torchao Float8 (not traced under TP)"
     if lay.context > 1:
@@ -254,7 +282,9 @@ def apply(acts: Activations, arch: Architecture, st: Setting, lay: Layout) -> Ac
         "tp": lay.tensor,
         "sequence_parallel": lay.sequence_parallel,
     }
-    if st.checkpointing == "selective-op":
+    if arch.model_type == MOE_MODEL_TYPE:
+        kept = _moe_kept(arch, st, dims)
+    elif st.checkpointing == "selective-op":
         kept = op_sac_layer(**dims)
     else:
         kept = layer(qk_norm=arch.model_type in compiled.QK_NORM_MODEL_TYPES, **dims)
@@ -268,3 +298,19 @@ def apply(acts: Activations, arch: Architecture, st: Setting, lay: Layout) -> Ac
     )
     notes = tuple(n for n in acts.notes if not n.startswith("training.compile: each block"))
     return replace(acts, blocks=blocks, notes=(*notes, note))
+
+
+def _moe_kept(arch: Architecture, st: Setting, dims: dict[str, Any]) -> tuple[Saved, ...]:
+    """A compiled Qwen3-MoE block on this TP rank (memplan.model.forward.compiled_moe_tp)."""
+    from memplan.model.forward import compiled_moe_tp
+
+    moe = {k: v for k, v in dims.items() if k != "inter"}
+    moe["top_k"] = arch.num_experts_per_token
+    if st.checkpointing == "selective-op":
+        return compiled_moe_tp.op_sac_layer(**moe)
+    return compiled_moe_tp.layer(
+        **moe,
+        experts=arch.num_experts,
+        moe_inter=_moe_inter(arch),
+        router=torchtitan_moe.router_dtype(st),
+    )
