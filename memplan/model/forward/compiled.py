@@ -95,9 +95,9 @@ topk's fp32 values (MUST_SAVE, unread by backward: dropped) and wo's output is m
 (recomputed); the gate's mm is force-recomputed and the grouped mms are not mm ops. Under
 full checkpointing each block keeps its input. Expert parallelism (the all-to-all
 dispatcher): memplan.model.forward.compiled_ep. Tensor parallelism (dense Llama 3 and Qwen3
-blocks): memplan.model.forward.compiled_tp. Not traced, so refused: a MoE block under tensor
-parallelism, context parallelism, torchao Float8 on a MoE block, DeepSeek-V3's and gpt-oss'
-blocks.
+blocks): memplan.model.forward.compiled_tp; Qwen3-MoE's at EP 1: compiled_moe_tp. Not traced,
+so refused: a MoE block under tensor parallelism beyond those cases, context parallelism,
+torchao Float8 on a MoE block, DeepSeek-V3's and gpt-oss' blocks.
 """
 
 from __future__ import annotations

@@ -61,14 +61,28 @@ torchao Float8, context parallelism with TP, TP with fewer key/value heads than 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from memplan.model.forward import compiled
 from memplan.model.forward.kernels import attention_dims, saved
 from memplan.model.forward.tensors import Activations, Saved, Setting
 from memplan.model.inventory import Architecture
 from memplan.model.stacks import torchtitan_moe
-from memplan.states.layout import Layout
+
+
+class Layout(Protocol):
+    """What these rules read of a layout (memplan.states.layout.Layout, a layer above this
+    one: the model layer does not import it)."""
+
+    @property
+    def tensor(self) -> int: ...
+    @property
+    def expert(self) -> int: ...
+    @property
+    def context(self) -> int: ...
+    @property
+    def sequence_parallel(self) -> bool: ...
+
 
 SRC = (
     f"{compiled.SRC}; torchtitan 0.3.0 distributed/compile.py::apply_compile, "
