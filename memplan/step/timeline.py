@@ -182,11 +182,6 @@ class StepParts:
     def activations(self) -> dict[Phase, int]:
         return self.of.activations
 
-    @property
-    def activation_terms(self) -> tuple[Transient, ...]:
-        """transients.activation_terms(saved)"""
-        return self.of.activation_terms
-
 
 @dataclass(frozen=True, slots=True)
 class _OfSaved:
