@@ -444,6 +444,23 @@ def kernel_uncovered(arch: Architecture, st: Setting) -> str:
     return ""
 
 
+def block_dims(arch: Architecture, st: Setting) -> dict[str, Any]:
+    """The keyword arguments the layer rules here take (`llama_layer`, `op_sac_layer`, ...):
+    the micro-batch, the model's widths (attention_dims' heads, k/v heads and head size) and
+    the matmul dtype. memplan.model.forward.compiled_tp passes them on with its TP degree."""
+    _, a, g, d = attention_dims(arch)
+    return {
+        "batch": st.batch,
+        "seq": st.sequence,
+        "hidden": arch.hidden_size,
+        "heads": a,
+        "kv_heads": g,
+        "head_dim": d,
+        "inter": arch.intermediate_size,
+        "dtype": st.matmul,
+    }
+
+
 def apply(acts: Activations, arch: Architecture, st: Setting) -> Activations:
     """`acts` (the eager prediction) with each decoder layer compiled: under checkpointing
     none the layers keep `llama_layer` (OLMo 2's: `olmo2_layer`); under full they keep their
@@ -467,17 +484,7 @@ def apply(acts: Activations, arch: Architecture, st: Setting) -> Activations:
                 "eager (traced); the recompute working set is the eager one (an upper bound).",
             ),
         )
-    _, a, g, d = attention_dims(arch)
-    dims: dict[str, Any] = {
-        "batch": st.batch,
-        "seq": st.sequence,
-        "hidden": arch.hidden_size,
-        "heads": a,
-        "kv_heads": g,
-        "head_dim": d,
-        "inter": arch.intermediate_size,
-        "dtype": st.matmul,
-    }
+    dims = block_dims(arch, st)
     layer = (
         olmo2_layer(**dims)
         if arch.model_type in OLMO2_MODEL_TYPES

@@ -60,11 +60,12 @@ torchao Float8, context parallelism with TP, TP with fewer key/value heads than 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
 from memplan.model.forward import compiled
-from memplan.model.forward.kernels import attention_dims, saved
+from memplan.model.forward.kernels import saved
 from memplan.model.forward.tensors import Activations, Saved, Setting
 from memplan.model.inventory import Architecture
 from memplan.model.stacks import torchtitan_moe
@@ -136,6 +137,28 @@ def _dims(
     return t, batch * (seq // tp) if sp else t, heads // tp, kv_heads // tp, inter // tp
 
 
+def _on_rank(
+    one_rank: Callable[..., tuple[Saved, ...]],
+    *,
+    batch: int,
+    seq: int,
+    heads: int,
+    kv_heads: int,
+    inter: int,
+    tp: int,
+    sequence_parallel: bool,
+    **rest: Any,
+) -> tuple[int, int, tuple[Saved, ...]]:
+    """(tokens, tokens on the residual stream's shard, `one_rank`'s compiled set at this TP
+    rank's heads, k/v heads and FFN width): the set the TP rules start from."""
+    t, ts, a, g, f = _dims(
+        batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, inter=inter, tp=tp,
+        sp=sequence_parallel,
+    )  # fmt: skip
+    local = one_rank(batch=batch, seq=seq, heads=a, kv_heads=g, inter=f, **rest)
+    return t, ts, local
+
+
 def _gathered(
     *, t: int, hidden: int, heads: int, head_dim: int, dtype: str, src: str
 ) -> tuple[Saved, ...]:
@@ -163,21 +186,11 @@ def layer(
 ) -> tuple[Saved, ...]:
     """One compiled torchtitan 0.3.0 dense block on one TP rank, no checkpointing (module
     docstring); `heads`, `kv_heads`, `inter` are the whole model's."""
-    t, ts, a, g, f = _dims(
-        batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, inter=inter, tp=tp,
-        sp=sequence_parallel,
+    t, ts, local = _on_rank(
+        compiled.llama_layer, qk_norm=qk_norm, batch=batch, seq=seq, hidden=hidden,
+        heads=heads, kv_heads=kv_heads, head_dim=head_dim, inter=inter, dtype=dtype, tp=tp,
+        sequence_parallel=sequence_parallel,
     )  # fmt: skip
-    local = compiled.llama_layer(
-        qk_norm=qk_norm,
-        batch=batch,
-        seq=seq,
-        hidden=hidden,
-        heads=a,
-        kv_heads=g,
-        head_dim=head_dim,
-        inter=f,
-        dtype=dtype,
-    )
     shard = {
         "input": (ts, hidden),
         "attention_norm.rstd": (ts, 1),
@@ -209,20 +222,11 @@ def op_sac_layer(
 ) -> tuple[Saved, ...]:
     """One compiled torchtitan 0.3.0 dense block on one TP rank under SelectiveAC (module
     docstring); `heads`, `kv_heads`, `inter` are the whole model's."""
-    t, ts, a, g, f = _dims(
-        batch=batch, seq=seq, heads=heads, kv_heads=kv_heads, inter=inter, tp=tp,
-        sp=sequence_parallel,
+    t, ts, local = _on_rank(
+        compiled.op_sac_layer, batch=batch, seq=seq, hidden=hidden, heads=heads,
+        kv_heads=kv_heads, head_dim=head_dim, inter=inter, dtype=dtype, tp=tp,
+        sequence_parallel=sequence_parallel,
     )  # fmt: skip
-    local = compiled.op_sac_layer(
-        batch=batch,
-        seq=seq,
-        hidden=hidden,
-        heads=a,
-        kv_heads=g,
-        head_dim=head_dim,
-        inter=f,
-        dtype=dtype,
-    )
     out = [
         replace(s, shape=(ts, hidden) if s.name == "input" else s.shape, source=SRC_SAC)
         for s in local
@@ -283,16 +287,8 @@ def apply(acts: Activations, arch: Architecture, st: Setting, lay: Layout) -> Ac
         return acts
     if st.checkpointing == "full":
         return replace(acts, notes=(*acts.notes, FULL_AC_FAILS + "."))
-    _, a, g, d = attention_dims(arch)
     dims: dict[str, Any] = {
-        "batch": st.batch,
-        "seq": st.sequence,
-        "hidden": arch.hidden_size,
-        "heads": a,
-        "kv_heads": g,
-        "head_dim": d,
-        "inter": arch.intermediate_size,
-        "dtype": st.matmul,
+        **compiled.block_dims(arch, st),
         "tp": lay.tensor,
         "sequence_parallel": lay.sequence_parallel,
     }
