@@ -262,32 +262,9 @@ def spec_of(mode: str, compile_: bool) -> dict[str, Any]:
 
 
 def estimates() -> list[dict[str, Any]]:
-    from memplan.config.load import validate
-    from memplan.model.load import load_inventory
-    from memplan.report.estimate import estimate
+    from benchmarks.compile_tp import estimates as of_spec
 
-    rows = []
-    for mode in MODES:
-        for compile_ in (False, True):
-            loaded = validate(spec_of(mode, compile_))
-            report = estimate(loaded.spec, load_inventory(loaded))
-            rows.append(
-                {
-                    "checkpointing": mode,
-                    "compile": compile_,
-                    "modelled": report.activations.modelled,
-                    "activations_bytes": report.activations.bytes,
-                    "peak_allocated_bytes": report.peak_bytes,
-                    "notes": [n for n in report.activations.notes if "compile" in n],
-                }
-            )
-            print(
-                f"Qwen3-30B-A3B TP 2 {mode:12s} compile {compile_!s:5s} activations "
-                f"{report.activations.bytes / 2**30:7.2f} GiB peak allocated "
-                f"{report.peak_bytes / 2**30:7.2f} GiB",
-                flush=True,
-            )
-    return rows
+    return of_spec(spec_of, MODES, "Qwen3-30B-A3B TP 2")
 
 
 def main() -> None:

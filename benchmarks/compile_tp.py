@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -235,15 +236,21 @@ def spec_of(mode: str, compile_: bool) -> dict[str, Any]:
     }
 
 
-def estimates() -> list[dict[str, Any]]:
+def estimates(
+    spec: Callable[[str, bool], dict[str, Any]] | None = None,
+    modes: tuple[str, ...] = MODES,
+    label: str = "Llama 3.1 70B TP 8",
+) -> list[dict[str, Any]]:
+    """memplan's estimate of `spec(mode, compile)` (default: this file's `spec_of`) for each
+    checkpointing mode, eager and compiled (benchmarks/compile_moe_tp.py reads it too)."""
     from memplan.config.load import validate
     from memplan.model.load import load_inventory
     from memplan.report.estimate import estimate
 
     rows = []
-    for mode in MODES:
+    for mode in modes:
         for compile_ in (False, True):
-            loaded = validate(spec_of(mode, compile_))
+            loaded = validate((spec or spec_of)(mode, compile_))
             report = estimate(loaded.spec, load_inventory(loaded))
             rows.append(
                 {
@@ -256,7 +263,7 @@ def estimates() -> list[dict[str, Any]]:
                 }
             )
             print(
-                f"Llama 3.1 70B TP 8 {mode:12s} compile {compile_!s:5s} activations "
+                f"{label} {mode:12s} compile {compile_!s:5s} activations "
                 f"{report.activations.bytes / 2**30:7.2f} GiB peak allocated "
                 f"{report.peak_bytes / 2**30:7.2f} GiB",
                 flush=True,
