@@ -221,10 +221,20 @@ def test_verify_lora_on_two_ranks(parallelism: dict) -> None:
     assert all(r.row("activations").delta == 0 for r in result.ranks)
 
 
-def test_verify_refuses_qlora() -> None:
+def test_verify_qlora_without_bitsandbytes_says_what_to_install(monkeypatch: Any) -> None:
+    """QLoRA is verified with bitsandbytes' own Linear4bit (tests/test_qlora_verify.py);
+    without the package verify says which release to install."""
+    import importlib.util
+
     from memplan.errors import MemplanError
 
-    with pytest.raises(MemplanError, match="qlora cannot be verified"):
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name == "bitsandbytes" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(MemplanError, match="bitsandbytes>=0.46"):
         run(loaded(precision="bf16", finetune={"method": "qlora"}))
 
 

@@ -86,7 +86,10 @@ def adjust(
             rope = any(f.rope for f in flows)
             blocks.append(_ends(block, ends, top, st, rope=rope, final=g, emb_grad=emb_grad))
         elif block.name == "head":
-            blocks.append(_ends(block, ends, top, st, rope=True, final=g, emb_grad=emb_grad))
+            head = _ends(block, ends, top, st, rope=True, final=g, emb_grad=emb_grad)
+            if st.autocast and top.four_bit:  # the head quantized too (skip_modules)
+                head = replace(head, tensors=tuple(four_bit(head.tensors, top.four_bit, st, {})))
+            blocks.append(head)
         else:
             blocks.append(block)
     return replace(saved, blocks=tuple(blocks))
@@ -112,6 +115,9 @@ def _layer_blocks(
         recompute = layer_tensors(block.recompute, flow, sc, st)
         # Under full checkpointing the adapters' tensors are made again in backward.
         (recompute if full else tensors).extend(adapter_tensors(flow, sc, st))
+        if st.autocast and sc.four_bit:
+            tensors = four_bit(tensors, sc.four_bit, st, flow.four_bit_outputs)
+            recompute = four_bit(recompute, sc.four_bit, st, flow.four_bit_outputs)
         # held=(): frozen weights are not cached (autocast_mode.cpp::cached_cast needs
         # requires_grad); the adapters' own cached copies are not modelled (a few MB at most)
         out.append(
@@ -171,6 +177,33 @@ def _ends(
     return replace(block, tensors=tuple(kept))
 
 
+def four_bit(
+    tensors: list[Saved] | tuple[Saved, ...],
+    quantized: frozenset[str],
+    st: Setting,
+    outputs: dict[str, tuple[str, ...]],
+) -> list[Saved]:
+    """What bitsandbytes' Linear4bit modules (`quantized`) change under autocast. Linear4bit
+    casts its input to the compute dtype itself and its output back to the input's dtype
+    (bitsandbytes 0.50 nn/modules.py::Linear4bit.forward: `x.to(self.compute_dtype)`, then
+    `bnb.matmul_4bit(...).to(inp_dtype)`), and MatMul4Bit keeps the packed weight, not a copy
+    (autograd/_functions.py::MatMul4Bit.forward: `ctx.tensors = (None, B)`). So unlike a
+    linear under autocast it saves no cast of its weight, and what is made from its output
+    before the next matmul (`outputs`, the layer's Flow.four_bit_outputs) stays in the
+    stream's dtype when its input was. Measured by `memplan verify` on the CPU
+    (benchmarks/qlora_verify.py)."""
+    out = []
+    for s in tensors:
+        base = s.name.removesuffix(".weight_cast")
+        if base != s.name and base in quantized:
+            continue
+        made_by = outputs.get(s.name)
+        if made_by and all(m in quantized for m in made_by):
+            s = replace(s, dtype=st.stream)
+        out.append(s)
+    return out
+
+
 def apply(ft: FinetuneSpec, inventory: Inventory, saved: Activations, st: Setting) -> Activations:
     """The hook memplan.activations.micro_batch calls: `saved` unchanged for a full fine-tune
     without frozen parameters, else `adjust`ed (`inventory` is memplan.model.finetune.lora's)."""
@@ -181,13 +214,18 @@ def apply(ft: FinetuneSpec, inventory: Inventory, saved: Activations, st: Settin
         inventory,
         st,
         dropout=ft.dropout if ft.method != "full" else 0.0,
-        input_grad=st.checkpointing == "full" or (ft.method == "qlora" and ft.prepare_kbit),
+        # transformers' activation_checkpointing_enable makes the embedding's output require
+        # grad (modeling_utils.py::_activation_checkpointing_enable); prepare_model_for_kbit_
+        # training does only with its use_gradient_checkpointing=True, which turns
+        # checkpointing on too (peft 0.21 utils/other.py): without checkpointing, not.
+        input_grad=st.checkpointing == "full",
     )
     if ft.method == "qlora" and out.modelled:
         note = (
-            "qlora activations follow the LoRA rules with the recipe's dtypes (not measured: "
-            "bitsandbytes needs CUDA); prepare_model_for_kbit_training's fp32 norms and "
-            "embeddings (an fp32 residual stream) are not modelled."
+            "qlora activations: the LoRA rules with bitsandbytes' 4-bit Linear (no weight copy "
+            "saved, its input's dtype handed back) and, under prepare_model_for_kbit_training, "
+            "an fp32 stream (measured by `memplan verify` on the CPU, bitsandbytes 0.50: "
+            "benchmarks/qlora_verify.py)."
         )
         out = replace(out, notes=(*out.notes, note))
     return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from memplan.model.families.record import ModelEnds
 from memplan.model.forward import kernels
@@ -18,6 +18,9 @@ SRC_LORA = "peft 0.21.2 tuners/lora/layer.py::Linear.forward"
 SRC_LORA_EMBEDDING = "peft 0.21.2 tuners/lora/layer.py::Embedding.forward"
 SRC_CAST = "aten/src/ATen/autocast_mode.h::cached_cast"
 PEFT_PREFIX = "base_model.model."
+PACKED_4BIT = "uint8"
+"""The dtype of a bitsandbytes 4-bit weight as the inventory holds it
+(memplan.model.finetune.qlora.packed_weight)."""
 
 # peft's adapter parameters: `<module>.lora_A.<adapter>.weight` (and lora_B, its optional
 # bias), `<module>.lora_embedding_A.<adapter>` (and B). Everything else is a module's own
@@ -50,6 +53,8 @@ class Scope:
     adapters: tuple[tuple[str, Adapter], ...] = ()
     dropout: float = 0.0
     """peft lora_dropout of the adapters."""
+    four_bit: frozenset[str] = frozenset()
+    """Modules whose weight is bitsandbytes' packed 4-bit weight (QLoRA's Linear4bit)."""
 
     def adapted(self, module: str) -> Adapter | None:
         return next((a for m, a in self.adapters if m == module), None)
@@ -84,6 +89,7 @@ def scopes(
     weights: dict[int | None, set[str]] = {}
     params: dict[int | None, set[str]] = {}
     parts: dict[int | None, dict[str, dict[str, tuple[tuple[int, ...], str]]]] = {}
+    packed: dict[int | None, set[str]] = {}
     frozen = False
     owners = {t.name: t for t in inventory.parameters}
     named = [(t.name, t) for t in inventory.parameters]
@@ -99,6 +105,8 @@ def scopes(
             )
             continue
         module, leaf = _plain(rel)
+        if leaf == "weight" and t.dtype == PACKED_4BIT:
+            packed.setdefault(t.layer, set()).add(module)
         if t.trainable:
             params.setdefault(t.layer, set()).add(module)
             if leaf == "weight":
@@ -127,6 +135,7 @@ def scopes(
             params=frozenset(params.get(layer, ())),
             adapters=tuple(found),
             dropout=dropout,
+            four_bit=frozenset(packed.get(layer, ())),
         )
 
     return tuple(scope(i) for i in range(num_layers)), scope(None), frozen
@@ -175,6 +184,11 @@ class Flow:
     """RoPE is recorded (q or k requires grad before it): it saves the shared cos/sin."""
     out: bool = False
     """The layer's output requires grad."""
+    four_bit_outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Saved tensors made from a linear's output before the next matmul, with the linears
+    that make them: where all of them are bitsandbytes 4-bit, which hand back their input's
+    dtype, the tensor stays in the stream's dtype under autocast (memplan.activations.lora.
+    four_bit)."""
 
 
 def _llama_flow(sc: Scope, g_in: bool, st: Setting, relu: bool) -> Flow:
@@ -237,7 +251,18 @@ def _llama_flow(sc: Scope, g_in: bool, st: Setting, relu: bool) -> Flow:
         "mlp.gate_proj.input": ("mlp.gate_proj", "mlp.up_proj"),
         "mlp.down_proj.input": ("mlp.down_proj",),
     }
-    return Flow(keep=keep, inputs=inputs, linears=linears, core=core, rope=q or k, out=h1 or down)
+    by_gate: tuple[str, ...] = ("mlp.gate_proj",)
+    outputs = {"mlp.gate_proj.output": by_gate, "mlp.act_output": by_gate}
+    outputs["mlp.up_proj.output"] = ("mlp.up_proj",)
+    return Flow(
+        keep=keep,
+        inputs=inputs,
+        linears=linears,
+        core=core,
+        rope=q or k,
+        out=h1 or down,
+        four_bit_outputs=outputs,
+    )
 
 
 def _gpt2_flow(sc: Scope, g_in: bool, st: Setting) -> Flow:
@@ -276,7 +301,20 @@ def _gpt2_flow(sc: Scope, g_in: bool, st: Setting) -> Flow:
         "mlp.c_fc.input": ("mlp.c_fc",),
         "mlp.c_proj.input": ("mlp.c_proj",),
     }
-    return Flow(keep=keep, inputs=inputs, linears=linears, core=qkv, out=h1 or mp)
+    # gelu_new's tensors are made from c_fc's output, the MLP's dropout mask from c_proj's,
+    # whose input is gelu's output (the attention's c_proj reads the core's output instead).
+    act = ("mlp.act.pow_input", "mlp.act.tanh", "mlp.act.half_x", "mlp.act.one_plus_tanh")
+    by_fc: tuple[str, ...] = ("mlp.c_fc",)
+    outputs = dict.fromkeys((*act, "mlp.act.input"), by_fc)
+    outputs["mlp.dropout.mask"] = ("mlp.c_fc", "mlp.c_proj")
+    return Flow(
+        keep=keep,
+        inputs=inputs,
+        linears=linears,
+        core=qkv,
+        out=h1 or mp,
+        four_bit_outputs=outputs,
+    )
 
 
 def _core(st: Setting, *, q: bool, k: bool, v: bool) -> dict[str, bool]:

@@ -79,11 +79,13 @@ def setting_of(spec: Spec) -> Setting:
     # module.py::Float16Module, 0.12), never under autocast.
     megatron = spec.model.implementation == "megatron-core"
     autocast = recipe.autocast and not (_torchtitan_fsdp(spec) or _litgpt_fsdp(spec) or megatron)
+    stream = recipe.parameters if autocast else recipe.compute
+    fp32 = not autocast and _kbit_prepared(spec)
     return Setting(
         batch=t.micro_batch_size,
         sequence=t.sequence_length,
-        stream=recipe.parameters if autocast else recipe.compute,
-        matmul=recipe.compute,
+        stream="fp32" if fp32 else stream,
+        matmul="fp32" if fp32 else recipe.compute,
         autocast=autocast,
         device=spec.hardware.device,
         attention=t.attention,
@@ -104,6 +106,18 @@ def setting_of(spec: Spec) -> Setting:
         float8=_torchao_float8(spec.precision.fp8),
         softmax_input=t.softmax_saves_input,
     )
+
+
+def _kbit_prepared(spec: Spec) -> bool:
+    """QLoRA under peft's prepare_model_for_kbit_training (transformers' model): every
+    parameter but the 4-bit weights is fp32 (peft 0.21 utils/other.py::
+    prepare_model_for_kbit_training casts each fp16/bf16 one), so the embeddings, norms, head
+    and adapters run in fp32, and bitsandbytes' Linear4bit hands back its input's dtype (nn/
+    modules.py::Linear4bit.forward, 0.50: the input cast to bnb_4bit_compute_dtype for the
+    matmul, `.to(inp_dtype)` after): without autocast the whole stream is fp32, as in an fp32
+    LoRA run (measured by `memplan verify` on the CPU: tests/test_qlora_verify.py)."""
+    ft = spec.finetune
+    return spec.model.implementation == "transformers" and ft.method == "qlora" and ft.prepare_kbit
 
 
 def _torchtitan_fsdp(spec: Spec) -> bool:

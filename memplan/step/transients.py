@@ -377,7 +377,11 @@ def qlora_dequantized(
     return Transient(
         name="qlora_dequantized_weight",
         bytes=dequantized[0],
-        phases=("forward", "loss", "backward_start", "backward"),
+        # Alive only inside a 4-bit matmul (MatMul4Bit's forward and its input's gradient):
+        # the last layer's forward and the first layer's backward, not the loss and its
+        # backward, where the step peaks (measured by `memplan verify` on the CPU:
+        # benchmarks/qlora_verify.py).
+        phases=("forward", "backward"),
         formula=dequantized[1],
         source=qlora.SRC_BNB_DEQUANT,
     )

@@ -386,6 +386,12 @@ def plan(loaded: LoadedSpec, options: Options) -> tuple[Job, Report, Report | No
             "buffers need real storage (no --fake) and span every layer (no --layers).",
             field="parallelism.engine",
         )
+    if spec.finetune.method == "qlora" and options.fake:
+        raise MemplanError(
+            "finetune.method qlora is verified on real tensors: bitsandbytes quantizes real "
+            "weights (no --fake). Use --layers K to build K decoder layers.",
+            field="finetune.method",
+        )
     check_supported(spec, recipe)
     tensor = spec.parallelism.tensor
     world = options.nproc if options.nproc is not None else spec.parallelism.data * tensor

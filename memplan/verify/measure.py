@@ -80,17 +80,20 @@ def model_states(
     optimizer_state: dict[torch.Tensor, dict[str, object]],
     *,
     masters: Iterable[tuple[torch.Tensor, torch.Tensor]] = (),
+    extra_buffers: Iterable[tuple[str, torch.Tensor]] = (),
 ) -> Ledger:
     """Parameters, gradients, buffers, master weights and each optimizer state by name.
 
     `optimizer_state` is `optimizer.state` (param -> {name: tensor}); `masters` pairs each
-    module parameter with the fp32 copy the optimizer updates (*-mixed recipes).
+    module parameter with the fp32 copy the optimizer updates (*-mixed recipes);
+    `extra_buffers`, tensors the model holds outside its parameters and buffers (QLoRA's
+    quantization state, memplan.verify.peft_support.quant_states), counted as buffers.
     """
     ledger = Ledger(bytes={"parameters": 0, "gradients": 0, "buffers": 0})
     names = {id(p): n for n, p in model.named_parameters()}
     for name, p in model.named_parameters():
         ledger.add("parameters", p, layer_of(name))
-    for name, b in model.named_buffers():
+    for name, b in [*model.named_buffers(), *extra_buffers]:
         ledger.add("buffers", b, layer_of(name))
     for name, p in model.named_parameters():
         if p.grad is not None:

@@ -5,11 +5,17 @@ LoRA, `requires_grad_(False)` for `freeze:` patterns), and `optimizer_params` gi
 optimizer what training scripts give it: the trainable parameters only (transformers
 trainer.py::Trainer.create_optimizer keeps `p.requires_grad`), with the *-mixed recipe's fp32
 masters made for the 16-bit ones only (peft's fp32 adapters are their own masters, as
-memplan.states.terms.own_dtype says). QLoRA needs CUDA and bitsandbytes: verify refuses it.
+memplan.states.terms.own_dtype says). QLoRA's base is loaded as transformers loads it
+(`quantized`): bitsandbytes 0.46 and later run its 4-bit Linear on the CPU too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,21 +24,14 @@ from torch import nn
 from memplan.config.spec import Spec
 from memplan.errors import MemplanError
 from memplan.model.finetune import lora as finetune
+from memplan.verify import build
 
 
 def prepare(spec: Spec, model: nn.Module) -> nn.Module:
     """The model the job trains: `model` itself for a full fine-tune, else wrapped/frozen."""
     ft = spec.finetune
-    if ft.method == "qlora":
-        raise MemplanError(
-            "finetune.method: qlora cannot be verified: bitsandbytes' 4-bit weights need CUDA "
-            "and are not built by verify. Verify the same spec with method: lora (the "
-            "adapters, gradients and optimizer states are the same); the 4-bit base is held "
-            "to bitsandbytes' own tensors by the GPU tests (tests/test_finetune_gpu.py).",
-            field="finetune.method",
-        )
-    out = model
-    if ft.method == "lora":
+    out = quantized(spec, model) if ft.method == "qlora" else model
+    if ft.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
@@ -44,12 +43,90 @@ def prepare(spec: Spec, model: nn.Module) -> nn.Module:
             lora_dropout=ft.dropout,
             bias=ft.bias,
         )
-        out = get_peft_model(model, config, autocast_adapter_dtype=ft.autocast_adapter_dtype)
+        out = get_peft_model(out, config, autocast_adapter_dtype=ft.autocast_adapter_dtype)
         out.train()
     for name, p in out.named_parameters():
         if any(finetune.freeze_matches(pattern, name) for pattern in ft.freeze):
             p.requires_grad_(False)
     return out
+
+
+def quantized(spec: Spec, model: nn.Module) -> nn.Module:
+    """QLoRA's base model as a training script loads it: `model` saved, then loaded again by
+    transformers with BitsAndBytesConfig(load_in_4bit=True) and the spec's quant_type,
+    double_quant, skip_modules and the recipe's compute dtype (transformers' own choice of the
+    modules to quantize: quantizers/quantizer_bnb_4bit.py, integrations/bitsandbytes.py::
+    replace_with_bnb_linear); then peft's prepare_model_for_kbit_training (`prepare_kbit`),
+    which freezes the model and casts every other 16-bit parameter to fp32. Checkpointing is
+    enabled as for any model (memplan.verify.build.checkpointing: transformers then makes the
+    embedding's output require grad, what prepare_model_for_kbit_training's own
+    use_gradient_checkpointing=True does; without checkpointing a script passes False)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MemplanError(
+            "finetune.method: qlora is verified with bitsandbytes' own 4-bit Linear, and "
+            "bitsandbytes is not installed: pip install 'bitsandbytes>=0.46' (its 4-bit "
+            "kernels run on the CPU from 0.46 on).",
+            field="finetune.method",
+        )
+    from transformers import BitsAndBytesConfig
+
+    ft = spec.finetune
+    config = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_4bit=True,
+        bnb_4bit_quant_type=ft.quant_type,
+        bnb_4bit_use_double_quant=ft.double_quant,
+        bnb_4bit_compute_dtype=build.torch_dtype(spec.recipe().compute),
+        llm_int8_skip_modules=list(ft.skip_modules) if ft.skip_modules is not None else None,
+    )
+    device = next(model.parameters()).device
+    cls: Any = type(model)
+    # transformers' loading imports DeepSpeed where it is installed (integrations/
+    # accelerate.py), whose logger prints to stdout: kept off `verify --json`'s stdout.
+    quiet = contextlib.redirect_stdout(sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="memplan-qlora-") as folder, quiet:
+        # Every rank writes and reads its own copy (ranks may be on other hosts): under
+        # torch.distributed save_pretrained writes on rank 0 only (transformers 5.25
+        # distributed/mixin.py::should_save_on_this_rank), so this model is told to write.
+        saving: Any = model
+        saving.should_save_on_this_rank = lambda is_main_process: True
+        saving.save_pretrained(folder)
+        out: nn.Module = cls.from_pretrained(
+            folder,
+            quantization_config=config,
+            dtype=next(model.parameters()).dtype,
+            device_map=str(device),
+            attn_implementation=getattr(model.config, "_attn_implementation", None),
+        )
+    out.train()
+    if ft.prepare_kbit:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            out, use_gradient_checkpointing=False
+        )
+    build.checkpointing(out, spec.training)
+    return out
+
+
+def quant_states(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of each bitsandbytes 4-bit weight's QuantState (absmax, the code, and with
+    double quantization the nested absmax, code and offset: bitsandbytes functional.py::
+    QuantState), which are neither parameters nor buffers; memplan lists them with the
+    buffers (memplan.model.finetune.qlora.quant_state)."""
+    for name, p in model.named_parameters():
+        state = getattr(p, "quant_state", None)
+        if state is None:
+            continue
+        nested = getattr(state, "state2", None)
+        for key, t in (
+            ("absmax", state.absmax),
+            ("quant_map", state.code),
+            ("nested_absmax", getattr(nested, "absmax", None)),
+            ("nested_quant_map", getattr(nested, "code", None)),
+            ("offset", getattr(state, "offset", None)),
+        ):
+            if isinstance(t, torch.Tensor):
+                yield f"{name}.{key}", t
 
 
 def _names(value: tuple[str, ...] | str | None) -> Any:

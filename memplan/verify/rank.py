@@ -317,7 +317,8 @@ def measure_rank(
     phases: list[Phase] = []
     _phase(job, "before step", phases)
     saved = measure.SavedTensors()
-    with _peak_tracker(job, w, [ids]) as peak:
+    quant = list(peft_support.quant_states(w.model))
+    with _peak_tracker(job, w, [ids, *(t for _, t in quant)]) as peak:
         if job.engine == "fsdp1":
             from memplan.verify import fsdp1_engine
 
@@ -327,7 +328,7 @@ def measure_rank(
         _step(job, w, ids, lambda name: _phase(job, name, phases), saving)
         peak_bytes = peak()
     pairs = zip(w.masters.params, w.masters.masters, strict=True) if w.masters else ()
-    ledger = measure.model_states(w.model, w.state, masters=pairs)
+    ledger = measure.model_states(w.model, w.state, masters=pairs, extra_buffers=quant)
     _zero_grad(w)
     progress("step")
     out = dict(ledger.bytes)

@@ -1,9 +1,10 @@
 """QLoRA's base model: transformers' BitsAndBytesConfig(load_in_4bit=True) and peft's
 prepare_model_for_kbit_training as an inventory transform (`quantize_4bit`), and the weight
 each 4-bit matmul dequantizes (`dequantized_weight_bytes`, a transient of the step). The LoRA
-adapters on top come from memplan.model.finetune.lora. Pure: no torch, no I/O; bitsandbytes needs
-CUDA,
-so the formulas are cited from its source and tests/test_finetune_gpu.py skips without one.
+adapters on top come from memplan.model.finetune.lora. Pure: no torch, no I/O. The formulas
+are cited from bitsandbytes' source and held to its own tensors by `memplan verify` on the CPU
+(bitsandbytes 0.46 and later run 4-bit there: tests/test_qlora_verify.py) and on CUDA
+(tests/test_finetune_gpu.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ SRC_BNB_QUANT = (
     "bitsandbytes 0.50.1 functional.py::quantize_4bit, _ops.py (quantize_4bit fake: packed "
     "[(n + 1) // 2, 1] uint8, absmax [ceil(n / blocksize)] fp32), nn/modules.py::Params4bit"
 )
+SRC_BNB_BIAS = "bitsandbytes 0.50.1 nn/modules.py::Linear4bit.forward"
 SRC_BNB_DEQUANT = (
     "bitsandbytes 0.50.1 autograd/_functions.py::MatMul4Bit (F.dequantize_4bit(B, "
     "ctx.state).to(dtype)), backends/cuda/ops.py::_gemm_4bit_use_custom_cuda"
@@ -89,6 +91,10 @@ def quantize_4bit(
         if owner(t.name) in chosen and leaf(t.name) == "weight":
             params.append(packed_weight(t))
             states += quant_state(t, double=ft.double_quant)
+        elif owner(t.name) in chosen and leaf(t.name) == "bias":
+            # Linear4bit's first forward casts its bias to the compute dtype for good
+            # (SRC_BNB_BIAS: `bias.data = bias.data.to(x.dtype)`), whatever prepare_kbit made.
+            params.append(replace(frozen(t), dtype=compute))
         elif ft.prepare_kbit and t.dtype is None:
             params.append(replace(t, dtype="fp32", trainable=False))
         else:

@@ -1,0 +1,142 @@
+"""QLoRA (transformers + bitsandbytes + peft) measured on the CPU by `memplan verify`.
+
+    PYTHONPATH=. python benchmarks/qlora_verify.py    # about 3 min on 2 cores; writes
+                                                      # benchmarks/results/qlora-verify.json
+
+bitsandbytes runs its 4-bit Linear on the CPU from 0.46 on, so `memplan verify` builds a QLoRA
+job as a training script does (memplan.verify.peft_support.quantized: the model saved and
+loaded again by transformers with BitsAndBytesConfig(load_in_4bit=True), peft's
+prepare_model_for_kbit_training, get_peft_model) and compares every category with memplan's
+prediction. Each case is the verify table's tiny Llama (benchmarks/verify_table.py) with one
+setting changed: the precision recipe (with and without autocast), recomputation, the 4-bit
+format, prepare_model_for_kbit_training, dropout, the adapters' targets, the quantized head,
+GPT-2's Conv1D, and DDP on two gloo ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.stamp import stamp  # noqa: E402
+from benchmarks.verify_table import LLAMA, TINY_GPT2, run_case, spec, training  # noqa: E402
+
+QLORA: dict[str, Any] = {
+    "method": "qlora",
+    "rank": 8,
+    "alpha": 16,
+    "dropout": 0.0,
+    "target_modules": "all-linear",
+    "quant_type": "nf4",
+    "double_quant": True,
+}
+
+
+def case(precision: str = "bf16", ft: dict[str, Any] | None = None, **steps: Any) -> dict[str, Any]:
+    return spec(
+        LLAMA,
+        precision=precision,
+        finetune={**QLORA, **(ft or {})},
+        training=training(**steps),
+    )
+
+
+def gpt2(precision: str = "bf16") -> dict[str, Any]:
+    return spec(
+        {"architecture": TINY_GPT2},
+        precision=precision,
+        finetune={**QLORA, "target_modules": ["c_attn", "c_proj", "c_fc"]},
+        training=training(),
+    )
+
+
+# (name, spec): the QLoRA paper's recipe first (nf4, double quantization, bf16 compute,
+# prepare_model_for_kbit_training, all linear layers), then one change each.
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("nf4 + double quant, bf16, all-linear", case()),
+    ("full recomputation", case(activation_checkpointing="full")),
+    ("fp16", case("fp16")),
+    ("fp32 compute", case("fp32")),
+    ("amp-bf16 (autocast)", case("amp-bf16")),
+    ("amp-bf16, full recomputation", case("amp-bf16", activation_checkpointing="full")),
+    ("bf16-mixed (autocast)", case("bf16-mixed")),
+    ("fp4, no double quant", case(ft={"quant_type": "fp4", "double_quant": False})),
+    ("without prepare_model_for_kbit_training", case(ft={"prepare_kbit": False})),
+    (
+        "without prepare_model_for_kbit_training, full recomputation",
+        case(ft={"prepare_kbit": False}, activation_checkpointing="full"),
+    ),
+    ("LoRA dropout 0.05", case(ft={"dropout": 0.05})),
+    ("q_proj and v_proj only", case(ft={"target_modules": ["q_proj", "v_proj"]})),
+    ("eager attention", case(attention="eager")),
+    ("amp-bf16, eager attention", case("amp-bf16", attention="eager")),
+    ("amp-bf16, LoRA dropout 0.05", case("amp-bf16", ft={"dropout": 0.05})),
+    ("amp-fp16", case("amp-fp16")),
+    (
+        "amp-bf16, without prepare_model_for_kbit_training",
+        case("amp-bf16", ft={"prepare_kbit": False}),
+    ),
+    ("the head quantized too (skip_modules: [])", case(ft={"skip_modules": []})),
+    ("amp-bf16, the head quantized too", case("amp-bf16", ft={"skip_modules": []})),
+    ("GPT-2 (Conv1D), bf16", gpt2()),
+    ("GPT-2 (Conv1D), amp-bf16", gpt2("amp-bf16")),
+    ("DDP, 2 gloo ranks", {**case(), "parallelism": {"engine": "ddp", "data": 2}}),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--only", help="run the cases whose name contains this")
+    args = parser.parse_args(argv)
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    cases = []
+    start = time.perf_counter()
+    for name, doc in CASES:
+        if args.only and args.only not in name:
+            continue
+        out = run_case(doc, {"nproc": 2} if doc["parallelism"]["data"] == 2 else {})
+        rows = {
+            k: (v["predicted"], v["measured"], v["ok"])
+            for k, v in out["categories"].items()
+            if v.get("checked")
+        }
+        print(f"{'ok ' if out['ok'] else 'MISS'} {name}")
+        for k, (p, m, ok) in rows.items():
+            if not ok or p != m:
+                print(f"      {k}: predicted {p:,} measured {m:,} ({(p - m) / m:+.2%})")
+        cases.append({"name": name, "spec": doc, "verify": out})
+    doc = {
+        **stamp(),
+        "command": "python benchmarks/qlora_verify.py",
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__,
+        },
+        "cases": cases,
+        "verified": sum(c["verify"]["ok"] for c in cases),
+        "elapsed_s": round(time.perf_counter() - start, 1),
+    }
+    if not args.only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / "qlora-verify.json"
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
