@@ -73,8 +73,14 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
     if setting.implementation == "torchtitan":
         from memplan.model.stacks import torchtitan
 
-        # torchtitan's own model code: its rule, never a profile traced from transformers.
-        return torchtitan.saved(arch, setting)
+        # torchtitan's own model code: its rule, never a profile traced from transformers;
+        # torchao Float8's GEMM casts beside it (eager, no tensor parallelism).
+        own = torchtitan.saved(arch, setting)
+        if setting.float8 == "none":
+            return own
+        from memplan.activations import torchtitan_float8_gemm
+
+        return torchtitan_float8_gemm.eager(own, arch, setting)
     if setting.implementation == "litgpt":
         from memplan.model.stacks import litgpt
 

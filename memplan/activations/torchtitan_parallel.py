@@ -64,6 +64,7 @@ from dataclasses import replace
 
 from memplan.activations import layout, pipeline
 from memplan.activations import torchtitan_float8 as float8
+from memplan.activations import torchtitan_float8_gemm as float8_gemm
 from memplan.memory import Transient
 from memplan.model.forward import compiled_tp, kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting
@@ -185,7 +186,8 @@ def micro_batch(
         layout.local_architecture(arch, lay), local_st, fused_qkv=fused_qkv, whole=arch
     )
     if not local.modelled or lay.tensor == 1:
-        return replace(local, buffers=ring_buffers(arch, local_st, lay))
+        local = replace(local, buffers=ring_buffers(arch, local_st, lay))
+        return float8_gemm.eager(local, arch, local_st, fused_qkv=fused_qkv)
     blocks = [_tensor_parallel(b, local_st, lay, arch.hidden_size) for b in local.blocks]
     on_float8 = float8.applies(arch, st, lay)
     sliced = layout.local_architecture(arch, lay)

@@ -130,15 +130,23 @@ ASYNC_TP_NOTE = (
 )
 
 
+TORCHAO_CASTS_UNMODELLED = (
+    " Not modelled: the fp8 casts of each GEMM's input, weight and output "
+    "gradient, transients of one GEMM at a time, each holding two fp32 copies of its tensor "
+    "and the 1 B result as it ends (float8_training_tensor.py::_ToFloat8ConstrFunc.forward: "
+    "`tensor.to(float32) * scale`, clamp, .to(fp8); modelled for torchtitan's model code: "
+    "benchmarks/results/torchtitan-float8-activations.json, torchtitan-float8-tp-activations."
+    "json)."
+)
+"""TORCHAO_NOTE's sentence where the step has no float8_cast_* buffer (the casts are counted
+for torchtitan's eager model code: memplan.activations.torchtitan_float8_gemm, and under its
+Float8 TP styles: memplan.activations.torchtitan_float8)."""
+
 TORCHAO_NOTE = (
     "fp8 (torchao Float8Linear): each converted Linear saves its 16-bit input and weight, as "
     "nn.Linear does (torchao/float8/float8_linear.py::matmul_with_hp_or_float8_args.forward, "
     "0.18: ctx.save_for_backward(input_hp, weight_hp_t)); compiled layers save less "
-    "(training.compile). Not modelled: the fp8 casts of each GEMM's input, weight and output "
-    "gradient, transients of one GEMM at a time, each holding two fp32 copies of its tensor "
-    "and the 1 B result as it ends (float8_training_tensor.py::_ToFloat8ConstrFunc.forward: "
-    "`tensor.to(float32) * scale`, clamp, .to(fp8); measured under TP: benchmarks/results/"
-    "torchtitan-float8-tp-activations.json, layer_forward). FSDP2's fp8 all-gather "
+    "(training.compile)." + TORCHAO_CASTS_UNMODELLED + " FSDP2's fp8 all-gather "
     "(torchao enable_fsdp_float8_all_gather: unsharded Float8Linear weights 1 B per element, "
     "not 2) is precision.fp8_all_gather: off here."
 )
@@ -209,9 +217,12 @@ def fp8_notes(spec: Spec, local: Inventory, saved: acts.Activations) -> list[str
         return []
     if spec.precision.fp8 not in fp8.TE_RECIPES:
         out = [*_torchao_scope(spec, local)]
+        note = TORCHAO_NOTE
+        if any(b.name.startswith("float8_cast_") for b in saved.buffers):
+            note = note.replace(TORCHAO_CASTS_UNMODELLED, "")
         if not spec.precision.fp8_all_gather:
-            return [TORCHAO_NOTE, *out]
-        out = [TORCHAO_NOTE.split(" FSDP2's fp8 all-gather")[0], TORCHAO_ALL_GATHER_NOTE, *out]
+            return [note, *out]
+        out = [note.split(" FSDP2's fp8 all-gather")[0], TORCHAO_ALL_GATHER_NOTE, *out]
         if spec.precision.fp8_precompute_scale:
             # Imported here: only an FSDP2 spec loads the engine's rules (tests/test_startup.py).
             from memplan.states.engines.fsdp2 import fp8 as fsdp2_fp8
