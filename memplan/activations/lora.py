@@ -92,7 +92,11 @@ def adjust(
             blocks.append(head)
         else:
             blocks.append(block)
-    return replace(saved, blocks=tuple(blocks))
+    out = replace(saved, blocks=tuple(blocks))
+    if st.autocast and ends.head in top.four_bit:
+        note = f"qlora: {FOUR_BIT_HEAD} (measured 5% above memplan's peak on the CPU)."
+        out = replace(out, notes=(*out.notes, note))
+    return out
 
 
 def _layer_blocks(
@@ -202,6 +206,14 @@ def four_bit(
             s = replace(s, dtype=st.stream)
         out.append(s)
     return out
+
+
+FOUR_BIT_HEAD = (
+    "a 4-bit LM head under autocast hands back fp32 logits and casts their gradient to the "
+    "compute dtype for its backward: that [tokens, vocab] copy is not modelled"
+)
+"""Measured on the CPU (benchmarks/qlora_verify.py, skip_modules: [] under amp-bf16): the
+peak 5% above memplan's; a term the figure leaves out (memplan.report.notes.NOT_MODELLED)."""
 
 
 def apply(ft: FinetuneSpec, inventory: Inventory, saved: Activations, st: Setting) -> Activations:

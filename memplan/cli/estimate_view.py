@@ -342,5 +342,7 @@ def verdict_line(report: Report, v: Verdict) -> Text:
     text = f"{VERDICT_TEXT[v]} {where}: {left}"
     if v == "model_states_fit_activations_unknown":
         text += " before activations (not modelled)"
+    elif report.not_modelled:
+        text += f", before {', '.join(report.not_modelled)} (not modelled: see the notes)"
     style = {"fits": "green", "model_states_fit_activations_unknown": "yellow"}.get(v, "bold red")
     return Text(text, style=style)

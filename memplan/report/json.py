@@ -100,6 +100,7 @@ def _estimate(report: Report, s: Any) -> Any:
             fits=report.fits,
             headroom_bytes=report.usable_bytes,
             verdict=report.verdict,
+            not_modelled=list(report.not_modelled),
         ),
         notes=list(report.notes),
         rules=s.RulesInfo(

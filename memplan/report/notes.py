@@ -4,15 +4,20 @@ sequence lengths no tensor could hold (refused)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from memplan import activations as acts
+from memplan.activations.lora import FOUR_BIT_HEAD
 from memplan.config.spec import Spec
 from memplan.errors import MemplanError
-from memplan.model.families import family_of
+from memplan.model.families import _llama_decoder, family_of
 from memplan.model.sources import Inventory
 from memplan.states import fp8
 from memplan.states.layout import Layout
 from memplan.step import replay as rp
 from memplan.step import timeline as tl
+
+ULYSSES_BUFFERS = "Ulysses' head all-to-all buffers are not modelled"
 
 
 def allocator_notes(allocator: rp.AllocatorView | None) -> list[str]:
@@ -105,8 +110,7 @@ def engine_notes(par: Layout) -> list[str]:
             "DeepSpeed has no ring context parallelism: its sequence parallelism is Ulysses "
             "(deepspeed/sequence/layer.py::DistributedAttention, all-to-all over heads). "
             "parallelism.context is modelled as a ring (Megatron CP / torch context_parallel): "
-            "the sequence split of activations is the same, Ulysses' head all-to-all buffers "
-            "are not modelled."
+            f"the sequence split of activations is the same, {ULYSSES_BUFFERS}."
         )
     if par.async_tp:
         notes.append(ASYNC_TP_NOTE)
@@ -239,3 +243,20 @@ def fp8_notes(spec: Spec, local: Inventory, saved: acts.Activations) -> list[str
         f"({t.input_saved_bytes:,} B per micro-batch where 16-bit inputs take "
         f"{t.input_bf16_bytes:,} B, each GEMM counted once), not applied."
     ]
+
+
+NOT_MODELLED: tuple[tuple[str, str], ...] = (
+    (TORCHAO_CASTS_UNMODELLED.strip(), "torchao's fp8 casts"),
+    (_llama_decoder.CUDA_MASK_PADDING, "the memory-efficient kernel's padded mask"),
+    (ULYSSES_BUFFERS, "Ulysses' all-to-all buffers"),
+    (FOUR_BIT_HEAD, "the 4-bit head's gradient cast"),
+)
+"""(the sentence a note carries, a short name) for each memory term the figure leaves out
+that would add to it: the verdict names them (Report.not_modelled, hardware.not_modelled)."""
+
+
+def not_modelled(said: Iterable[str]) -> tuple[str, ...]:
+    """The short names of the terms `said` (an estimate's notes) leaves out, in NOT_MODELLED's
+    order: a "fits" beside them is on a partial figure, and says so."""
+    text = "\n".join(said)
+    return tuple(name for sentence, name in NOT_MODELLED if sentence in text)

@@ -11,6 +11,7 @@ from memplan import activations as acts
 from memplan import versions
 from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe
+from memplan.report import notes as said
 from memplan.states.engines import RankStates, Term
 from memplan.states.layout import Layout
 from memplan.states.stages import StageStates
@@ -225,3 +226,9 @@ class Report:
     @property
     def fits(self) -> bool | None:
         return fits_of(self.verdict)
+
+    @property
+    def not_modelled(self) -> tuple[str, ...]:
+        """The memory terms the notes say this figure leaves out (memplan.report.notes.
+        NOT_MODELLED): a "fits" beside them is on a partial figure, and says so."""
+        return said.not_modelled(self.notes)

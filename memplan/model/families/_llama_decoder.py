@@ -20,6 +20,10 @@ from memplan.model.inventory import Architecture
 SRC = "transformers models/llama/modeling_llama.py"
 
 
+CUDA_MASK_PADDING = "on CUDA the memory-efficient kernel pads the mask (not modelled)"
+"""A term the figure leaves out (memplan.report.notes.NOT_MODELLED)."""
+
+
 def saved(arch: Architecture, st: Setting, *, tied: bool, qk_norm: bool = False) -> Model | str:
     """The Llama-style decoder's saved tensors, or why they are not modelled; `qk_norm`:
     Qwen3's per-head q_norm/k_norm (modeling_qwen3.py::Qwen3Attention.forward)."""
@@ -90,7 +94,7 @@ def saved(arch: Architecture, st: Setting, *, tied: bool, qk_norm: bool = False)
         num_layers=arch.num_layers,
         notes=(
             "sliding window shorter than the sequence: SDPA gets an explicit mask and repeated "
-            "k/v (modelled); on CUDA the memory-efficient kernel pads the mask (not modelled)."
+            "k/v (modelled)" + (f"; {CUDA_MASK_PADDING}." if st.device == "cuda" else ".")
             if mask
             else "",
         ),
