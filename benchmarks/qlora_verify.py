@@ -10,7 +10,7 @@ prepare_model_for_kbit_training, get_peft_model) and compares every category wit
 prediction. Each case is the verify table's tiny Llama (benchmarks/verify_table.py) with one
 setting changed: the precision recipe (with and without autocast), recomputation, the 4-bit
 format, prepare_model_for_kbit_training, dropout, the adapters' targets, the quantized head,
-GPT-2's Conv1D, and DDP on two gloo ranks.
+GPT-2's Conv1D, DDP on two gloo ranks, and bitsandbytes' 8-bit and paged optimizers.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.stamp import stamp  # noqa: E402
 from benchmarks.verify_table import LLAMA, TINY_GPT2, run_case, spec, training  # noqa: E402
 
+PAGED_8BIT = {"name": "paged_adamw8bit"}
 QLORA: dict[str, Any] = {
     "method": "qlora",
     "rank": 8,
@@ -88,6 +89,18 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("GPT-2 (Conv1D), bf16", gpt2()),
     ("GPT-2 (Conv1D), amp-bf16", gpt2("amp-bf16")),
     ("DDP, 2 gloo ranks", {**case(), "parallelism": {"engine": "ddp", "data": 2}}),
+    # bitsandbytes' optimizers (paged ones keep ordinary tensors on the CPU): tensors under
+    # min_8bit_size (4,096 elements) keep 32-bit states, rank 64 makes 8-bit ones.
+    ("paged_adamw8bit, rank 8 (32-bit states)", {**case(), "optimizer": PAGED_8BIT}),
+    (
+        "paged_adamw8bit, rank 64 (8-bit states)",
+        {**case(ft={"rank": 64}), "optimizer": PAGED_8BIT},
+    ),
+    ("paged_adamw (32-bit)", {**case(ft={"rank": 64}), "optimizer": {"name": "paged_adamw"}}),
+    (
+        "full fine-tune, no LoRA, adamw8bit",
+        spec(LLAMA, precision="bf16", optimizer={"name": "adamw8bit"}, training=training()),
+    ),
 ]
 
 

@@ -2,10 +2,10 @@
 
 bitsandbytes runs its 4-bit Linear on the CPU from 0.46 on, so `memplan verify` builds a QLoRA
 job as a training script does (memplan.verify.peft_support.quantized) and measures every
-category. benchmarks/qlora_verify.py stored those measurements for 22 settings
-(benchmarks/results/qlora-verify.json); the default run holds today's prediction to each
-stored measurement (the oracle is the real run, not memplan), and the slow test runs one case
-live.
+category. benchmarks/qlora_verify.py stored those measurements for 26 settings, bitsandbytes'
+8-bit and paged optimizers included (benchmarks/results/qlora-verify.json); the default run
+holds today's prediction to each stored measurement (the oracle is the real run, not memplan),
+and the slow test runs one case live.
 
 What the measurements showed memplan had wrong before (each fails here without its fix):
 - prepare_model_for_kbit_training's fp32 parameters make the whole stream fp32 without
@@ -16,7 +16,9 @@ What the measurements showed memplan had wrong before (each fails here without i
 - bitsandbytes casts a 4-bit Linear's bias to the compute dtype at its first forward
   (memplan.model.finetune.qlora.quantize_4bit);
 - the dequantized weight lives inside a 4-bit matmul only, not at the loss where the step
-  peaks (memplan.step.transients.qlora_dequantized).
+  peaks (memplan.step.transients.qlora_dequantized);
+- bitsandbytes makes its optimizer's qmaps with the first 8-bit state only: none where every
+  trainable tensor is under min_8bit_size (memplan.states.terms).
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def _cases() -> list[Any]:
 
 
 def test_the_stored_run_is_the_benchmark_s() -> None:
-    """22 settings, run by the versions the rules cite."""
-    assert len(DOC["cases"]) == 22
+    """26 settings, run by the versions the rules cite."""
+    assert len(DOC["cases"]) == 26
     assert DOC["versions"]["bitsandbytes"].startswith("0.50")
     assert DOC["versions"]["peft"] == "0.21.2"
 

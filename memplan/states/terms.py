@@ -240,7 +240,11 @@ def optimizer_terms_counted(
         )
         on_host = paged or (host_step and name in ("step", "mu_product"))
         (host if on_host else device).append(row)
-    for shared in shared_state_tensors(opt):
+    # bitsandbytes makes the qmaps with the first 8-bit state (optim/optimizer.py::
+    # Optimizer2State.init_state: fill_qmap for uint8 states only): none where every tensor is
+    # below min_8bit_size and keeps 32-bit states (measured: benchmarks/qlora_verify.py).
+    eight_bit = any(dtype == "uint8" for _, dtype in acc)
+    for shared in shared_state_tensors(opt) if eight_bit else ():
         device.append(
             term(
                 "optimizer_states",

@@ -20,7 +20,7 @@ from torch import nn
 from memplan.config.spec import Spec, TrainingSpec
 from memplan.errors import MemplanError
 from memplan.precision import TORCH_NAMES, Recipe
-from memplan.verify.job import TORCH_OPTIMIZERS, TRANSFORMERS_OPTIMIZERS
+from memplan.verify.job import BNB_OPTIMIZERS, TORCH_OPTIMIZERS, TRANSFORMERS_OPTIMIZERS
 from memplan.verify.trace import heads
 
 SEED = 0
@@ -211,7 +211,11 @@ def decoder_layers(model: nn.Module, count: int) -> nn.ModuleList | None:
 
 def optimizer_class(spec: Spec) -> type[torch.optim.Optimizer]:
     name = spec.optimizer.name
-    if name in TRANSFORMERS_OPTIMIZERS:
+    if name in BNB_OPTIMIZERS:
+        import bitsandbytes
+
+        cls = getattr(bitsandbytes.optim, BNB_OPTIMIZERS[name])
+    elif name in TRANSFORMERS_OPTIMIZERS:
         from transformers import optimization
 
         cls = getattr(optimization, TRANSFORMERS_OPTIMIZERS[name])
@@ -232,6 +236,8 @@ def optimizer_kwargs(spec: Spec) -> dict[str, Any]:
     opt = spec.optimizer
     if opt.name == "adafactor-hf":
         return dict(HF_TRAINER_ADAFACTOR)  # one kernel, a loop: no foreach/fused argument
+    if opt.name in BNB_OPTIMIZERS:
+        return {}  # bitsandbytes' own kernels: no foreach/fused argument
     kwargs: dict[str, Any] = {}
     if opt.name in ("adam", "adamw"):
         kwargs["amsgrad"] = opt.amsgrad

@@ -46,6 +46,13 @@ TORCH_OPTIMIZERS = {
 # Optimizers verify builds from transformers (spec name -> class in transformers.optimization),
 # with the keyword arguments the HF Trainer passes (memplan.verify.build.optimizer_kwargs).
 TRANSFORMERS_OPTIMIZERS = {"adafactor-hf": "Adafactor"}
+# ... and from bitsandbytes (bitsandbytes.optim; paged ones fall back to ordinary tensors on the
+# CPU, as memplan.optimizers.is_paged_state has them there).
+_BNB = {"adamw8bit": "AdamW8bit", "adam8bit": "Adam8bit", "adamw": "AdamW", "adam": "Adam"}
+BNB_OPTIMIZERS = {
+    **{n: c for n, c in _BNB.items() if n.endswith("8bit")},
+    **{f"paged_{n}": f"Paged{c}" for n, c in _BNB.items()},
+}
 
 # Optimizer steps per run: the first creates the optimizer state lazily, the second is the
 # steady state that is measured (and the one whose peak is reported).
@@ -246,7 +253,14 @@ def check_supported(spec: Spec, recipe: Recipe) -> None:
                 field="finetune",
             )
     name = spec.optimizer.name
-    if name in TRANSFORMERS_OPTIMIZERS:
+    if name in BNB_OPTIMIZERS:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise MemplanError(
+                f"optimizer {name!r} is bitsandbytes.optim.{BNB_OPTIMIZERS[name]}, and "
+                "bitsandbytes is not installed: pip install bitsandbytes to verify it.",
+                field="optimizer.name",
+            )
+    elif name in TRANSFORMERS_OPTIMIZERS:
         if importlib.util.find_spec("transformers") is None:
             raise MemplanError(
                 f"optimizer {name!r} is transformers' own "
@@ -257,7 +271,7 @@ def check_supported(spec: Spec, recipe: Recipe) -> None:
     elif name not in TORCH_OPTIMIZERS:
         raise MemplanError(
             f"optimizer {name!r} is not in torch.optim, so verify cannot build it; verifiable: "
-            f"{', '.join([*TORCH_OPTIMIZERS, *TRANSFORMERS_OPTIMIZERS])}.",
+            f"{', '.join([*TORCH_OPTIMIZERS, *TRANSFORMERS_OPTIMIZERS, *BNB_OPTIMIZERS])}.",
             field="optimizer.name",
         )
     at_rest = recipe.master_weights or recipe.parameters
