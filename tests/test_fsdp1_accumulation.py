@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from memplan.config.load import validate
-from memplan.errors import MemplanError
 from memplan.model.sources import from_config
 from memplan.report.estimate import estimate, model_states
 from memplan.report.json import estimate_json
@@ -106,23 +105,6 @@ def test_model_states_equal_measured(case: dict[str, Any]) -> None:
     buffers = sum(t.bytes for t in stage.buffers)
     for measured in case["ranks"]:
         single._check_rank(single._rank_of(list(stage.ranks), measured["rank"]), buffers, measured)
-
-
-def test_no_shard_fp32_accumulation_refused() -> None:
-    """NO_SHARD under no_sync() without MixedPrecision holds more than memplan derives
-    (benchmarks/results/fsdp1-offload.json; bf16-mixed is modelled, tests/
-    test_fsdp1_offload.py): refused with the key to change."""
-    spec = validate(
-        {
-            "model": {"architecture": TINY_LLAMA},
-            "precision": "fp32",
-            "training": {"gradient_accumulation_steps": 2},
-            "parallelism": {"engine": "fsdp1", "data": 2, "zero_stage": 0},
-        }
-    ).spec
-    with pytest.raises(MemplanError, match="second copy") as err:
-        estimate(spec, from_config(TINY_LLAMA))
-    assert err.value.field == "training.gradient_accumulation_steps"
 
 
 def test_plan_finds_rows_with_several_microbatches() -> None:

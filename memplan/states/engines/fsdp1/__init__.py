@@ -17,7 +17,10 @@ from memplan.states.engines.base import (
     embedding_backward,
 )
 from memplan.states.engines.fsdp1 import offload
-from memplan.states.engines.fsdp1.accumulation import accumulated_gradients
+from memplan.states.engines.fsdp1.accumulation import (
+    accumulated_gradients,
+    new_gradients_beside_kept,
+)
 from memplan.states.engines.fsdp1.sharding import FlatUnit, compute_dtype, flat_units, local_sizes
 from memplan.states.engines.fsdp1.step import root_gradient_pieces, step_buffers
 
@@ -98,16 +101,6 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
             "training.gradient_accumulation_steps: 1, or offload to none.",
             field="training.gradient_accumulation_steps",
         )
-    if accumulating and layout.stage == 0 and not recipe.master_weights:
-        raise MemplanError(
-            f"engine fsdp1 NO_SHARD (zero_stage 0) without MixedPrecision and "
-            f"{acts.microbatches} micro-batches per step is not modelled: measured on 2 gloo "
-            "ranks (fp32) its last backward holds a second copy of the accumulated gradients "
-            "that memplan does not derive (4.3% under, benchmarks/results/fsdp1-offload.json). "
-            "Set training.gradient_accumulation_steps: 1, precision bf16-mixed, or zero_stage "
-            "2 or 3 (modelled).",
-            field="training.gradient_accumulation_steps",
-        )
     prefetch = layout.fsdp1_backward_prefetch
     if layout.data > 1 and (prefetch == "post" or (prefetch == "pre" and layout.stage == 0)):
         raise MemplanError(
@@ -128,11 +121,13 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
     if layout.data <= 1:
         return embedding_backward(states, acts, cache)
     if layout.stage == 0 and not recipe.master_weights:
-        pieces = root_gradient_pieces(_units(states), param=recipe.parameters)
+        units = _units(states)
+        pieces = root_gradient_pieces(units, param=recipe.parameters)
+        kept = new_gradients_beside_kept(units, param=recipe.parameters) if accumulating else []
         embedding = acts.embedding_backward
         if pieces is None or (embedding is not None and embedding.bytes >= pieces.bytes):
-            return embedding_backward(states, acts, cache)
-        return [pieces]
+            return embedding_backward(states, acts, cache) + kept
+        return [pieces, *kept]
     units, param = _units(states), compute_dtype(recipe)
     buffers = step_buffers(
         units,
