@@ -240,3 +240,14 @@ def test_live_gloo_run_equals_memplan() -> None:
         assert sum(t.bytes for t in rank.host_terms) == measured["host_bytes"]
     for phase, error in phase_errors(case, CONFIG).items():
         assert abs(error) <= TOLERANCE[phase], (phase, error)
+
+
+def test_offload_with_prefetch_refused() -> None:
+    """Backward prefetch was measured without offload only: refused with the key to change."""
+    case = {"world": 2, "strategy": "FULL_SHARD", "mp": "bf16", "offload": True}
+    raw = _raw(case, _doc()["model"])
+    raw["parallelism"]["fsdp1_backward_prefetch"] = "pre"
+    spec = validate(raw).spec
+    with pytest.raises(MemplanError, match="offload") as err:
+        estimate(spec, from_config({"model_type": "llama", **_doc()["model"]}))
+    assert err.value.field == "parallelism.fsdp1_backward_prefetch"

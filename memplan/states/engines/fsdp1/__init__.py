@@ -102,20 +102,13 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
             field="training.gradient_accumulation_steps",
         )
     prefetch = layout.fsdp1_backward_prefetch
-    if layout.data > 1 and (prefetch == "post" or (prefetch == "pre" and layout.stage == 0)):
+    if layout.data > 1 and prefetch != "none" and (layout.stage == 0 or offloaded(states)):
         raise MemplanError(
-            f"engine fsdp1 with fsdp1_backward_prefetch {prefetch}"
-            + (" and NO_SHARD (zero_stage 0)" if prefetch == "pre" else "")
-            + " is not modelled: "
-            + (
-                "measured on 2 gloo ranks its backward peak is one reduce-scatter output "
-                "above NO_PREFETCH's, which memplan does not derive yet "
-                "(memplan.states.engines.fsdp1.prefetch)"
-                if prefetch == "post"
-                else "not measured"
-            )
-            + ". Set parallelism.fsdp1_backward_prefetch: none or pre (FULL_SHARD, "
-            "SHARD_GRAD_OP).",
+            f"engine fsdp1 with fsdp1_backward_prefetch {prefetch} and "
+            + ("NO_SHARD (zero_stage 0)" if layout.stage == 0 else "offload")
+            + " is not modelled: not measured (benchmarks/results/fsdp1-prefetch.json runs "
+            "FULL_SHARD and SHARD_GRAD_OP without offload). Set "
+            "parallelism.fsdp1_backward_prefetch: none.",
             field="parallelism.fsdp1_backward_prefetch",
         )
     if layout.data <= 1:
@@ -139,6 +132,7 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
         layer_done=_layer_done(acts),
         accumulating=accumulating,
         prefetch=layout.fsdp1_backward_prefetch,
+        gloo=states.device == "cpu",
     )
     if accumulating:
         buffers += accumulated_gradients(units, param=param)
