@@ -65,11 +65,23 @@ def build(layers: int) -> torch.nn.Module:
 
 
 def wrap(
-    model: torch.nn.Module, strategy: str, precision: str, prefetch: str = "none"
+    model: torch.nn.Module,
+    strategy: str,
+    precision: str,
+    prefetch: str = "none",
+    offload: bool = False,
 ) -> torch.nn.Module:
     """accelerate's wrapping; `prefetch` none (the Trainer's NO_PREFETCH), pre or post
-    (BackwardPrefetch.BACKWARD_PRE, torch's and Lightning's default, or BACKWARD_POST)."""
-    from torch.distributed.fsdp import BackwardPrefetch, MixedPrecision, ShardingStrategy
+    (BackwardPrefetch.BACKWARD_PRE, torch's and Lightning's default, or BACKWARD_POST);
+    `offload`: CPUOffload(offload_params=True), accelerate's `fsdp_offload_params: true`
+    (utils/dataclasses.py::FullyShardedDataParallelPlugin: `CPUOffload(offload_params=...)`),
+    the Trainer's `--fsdp "full_shard offload auto_wrap"`, Lightning's `cpu_offload=True`."""
+    from torch.distributed.fsdp import (
+        BackwardPrefetch,
+        CPUOffload,
+        MixedPrecision,
+        ShardingStrategy,
+    )
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -96,7 +108,24 @@ def wrap(
         use_orig_params=True,
         limit_all_gathers=True,
         device_id=torch.device("cpu"),
+        cpu_offload=CPUOffload(offload_params=offload),
     )
+
+
+def pin_memory_as_copy() -> None:
+    """CPUOffload on a CPU-only torch: FlatParamHandle.init_flat_param_attributes pins the
+    host shard and `_cpu_grad` (`_local_shard.pin_memory()`, `torch.zeros_like(...)
+    .pin_memory()`), which raises `RuntimeError: Cannot access accelerator device when none
+    is available.` (torch 2.13 _flat_param.py:1260). Tensor.pin_memory returns a copy in
+    page-locked memory; here a copy in ordinary memory (the same bytes, the same storages).
+    And the root's post-backward callback waits for the gradients' device-to-host copies
+    (_runtime_utils.py::_post_backward_final_callback:
+    `state._device_handle.current_stream().synchronize()`), which on the CPU raises
+    `AttributeError: 'Stream' object has no attribute 'synchronize'` (torch.cpu.Stream):
+    CPU copies are synchronous, so here it waits for nothing."""
+    if not torch.accelerator.is_available():
+        torch.Tensor.pin_memory = lambda self, *a, **k: self.clone()  # type: ignore[method-assign]
+        torch.cpu.Stream.synchronize = lambda self: None  # type: ignore[attr-defined]
 
 
 def _storage_bytes(tensors: list[torch.Tensor]) -> int:
@@ -116,7 +145,7 @@ def _handles(model: torch.nn.Module) -> list[Any]:
 def states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The rank's model states, read from FSDP1's handles and the optimizer's state."""
     units = []
-    flats, grads = [], []
+    flats, grads, host = [], [], []
     for h in _handles(model):
         fp = h.flat_param
         flats.append(fp)
@@ -155,8 +184,19 @@ def states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
                 "full_param_padded_bytes": int(fp._full_param_padded.untyped_storage().nbytes())
                 if hasattr(fp, "_full_param_padded")
                 else None,
+                # CPUOffload: the host shard and the host gradient (pinned on a GPU machine)
+                "local_shard": _tensor_row(getattr(fp, "_local_shard", None)),
+                "cpu_grad": _tensor_row(getattr(fp, "_cpu_grad", None)),
+                "grad_is_cpu_grad": fp.grad is not None
+                and getattr(fp, "_cpu_grad", None) is not None
+                and fp.grad.untyped_storage().data_ptr()
+                == fp._cpu_grad.untyped_storage().data_ptr(),
             }
         )
+        if getattr(fp, "_cpu_grad", None) is not None:
+            host.append(fp._cpu_grad)
+        if getattr(fp, "_local_shard", None) is not None and h._offload_params:
+            host.append(fp._local_shard)
     by_name: dict[str, list[int]] = {}
     opt_tensors = []
     for state in optimizer.state.values():
@@ -168,8 +208,13 @@ def states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
                 row[2] += v.numel() * v.element_size()
                 opt_tensors.append(v)
     orig_grads = [p.grad for p in model.parameters() if p.grad is not None]
+    offloaded = bool(host)
     return {
         "units": units,
+        # CPUOffload: what a GPU run keeps on the host (the shards, their gradients, the
+        # optimizer's states: the optimizer steps the host parameters), constant over a step
+        "host_bytes": _storage_bytes(host + opt_tensors) if offloaded else 0,
+        "pinned_bytes": _storage_bytes(host) if offloaded else 0,
         "parameters_bytes": _storage_bytes(flats),
         "gradients_bytes": _storage_bytes(grads),
         "orig_grads_bytes": _storage_bytes(orig_grads),
@@ -182,6 +227,12 @@ def states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
             n: [b.numel(), str(b.dtype).removeprefix("torch.")] for n, b in model.named_buffers()
         },
     }
+
+
+def _tensor_row(t: torch.Tensor | None) -> list[Any] | None:
+    if t is None:
+        return None
+    return [int(t.numel()), str(t.dtype).removeprefix("torch."), str(t.device)]
 
 
 def storage_tracker() -> Any:
@@ -270,7 +321,12 @@ def held(model: torch.nn.Module) -> dict[str, Any]:
 def run_rank(rank: int, world: int, init: str, args: argparse.Namespace, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = wrap(build(args.layers), args.strategy, args.mp, getattr(args, "prefetch", "none"))
+    offload = getattr(args, "offload", False)
+    if offload:
+        pin_memory_as_copy()
+    model = wrap(
+        build(args.layers), args.strategy, args.mp, getattr(args, "prefetch", "none"), offload
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(
         0, CONFIG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1)
@@ -279,7 +335,13 @@ def run_rank(rank: int, world: int, init: str, args: argparse.Namespace, out: st
     _step(model, optimizer, ids, lambda _: None, accumulation)
     optimizer.zero_grad(set_to_none=True)
     tracker = storage_tracker()
-    tracker.track_external(model, optimizer, ids)
+    # CPUOffload's `_cpu_grad` is reachable from no parameter once zero_grad has set the
+    # gradients to None, and FSDP1 only copies into it: tracked from the start, as the
+    # parameters and the optimizer's states are
+    host_grads = [
+        g for h in _handles(model) if (g := getattr(h.flat_param, "_cpu_grad", None)) is not None
+    ]
+    tracker.track_external(model, optimizer, ids, *host_grads)
     phases: dict[str, dict[str, int]] = {}
     micro: list[dict[str, Any]] = [{}]
     with tracker:
@@ -315,12 +377,18 @@ def measure(
     layers: int = 2,
     accumulation: int = 1,
     prefetch: str = "none",
+    offload: bool = False,
 ) -> dict[str, Any]:
     """Every rank's measurement of one case (spawned gloo ranks); `phases` holds each
     phase's highest peak over the step's micro-batches, `microbatches` (accumulation > 1)
     each micro-batch's, and what FSDP1 held after each backward but the last."""
     args = argparse.Namespace(
-        strategy=strategy, mp=precision, layers=layers, accumulation=accumulation, prefetch=prefetch
+        strategy=strategy,
+        mp=precision,
+        layers=layers,
+        accumulation=accumulation,
+        prefetch=prefetch,
+        offload=offload,
     )
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{os.path.join(tmp, 'rdzv')}"
@@ -331,6 +399,8 @@ def measure(
         case["accumulation"] = accumulation
     if prefetch != "none":
         case["backward_prefetch"] = prefetch
+    if offload:
+        case["offload"] = True
     return {**case, "ranks": ranks}
 
 
@@ -342,8 +412,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--accumulation", type=int, default=1)
     p.add_argument("--prefetch", default="none", choices=("none", "pre", "post"))
+    p.add_argument("--offload", action="store_true")
     a = p.parse_args(argv)
-    print(json.dumps(measure(a.world, a.strategy, a.mp, a.layers, a.accumulation, a.prefetch)))
+    case = measure(a.world, a.strategy, a.mp, a.layers, a.accumulation, a.prefetch, a.offload)
+    print(json.dumps(case))
 
 
 if __name__ == "__main__":

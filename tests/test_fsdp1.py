@@ -166,7 +166,7 @@ def test_phase_peaks_within_measured(case: dict[str, Any]) -> None:
         ({"tensor": 2}, "data ranks only"),
         ({"pipeline": 2}, "data ranks only"),
         ({"zero_stage": 1}, "no ZeRO stage 1"),
-        ({"offload": {"optimizer": "cpu"}}, "offload is not modelled"),
+        ({"offload": {"optimizer": "cpu"}}, "set offload.parameters: cpu"),
         ({"data_replicate": 2}, "set engine: fsdp2"),
         ({"fsdp_wrap": "torchtitan"}, "set engine: fsdp2"),
     ],

@@ -60,14 +60,15 @@ def phase_errors(case: dict[str, Any], config: dict[str, Any], prefetch: str) ->
     return out
 
 
-# The largest errors over the stored `pre` cases (docs/fsdp1.md lists each case's): forward
-# +2.0% (fp32: the single step's 26,240 B), backward +1.2% / -0.5% (bf16), the optimizer step within
-# 0.01%; the single-step tolerances of tests/test_fsdp1.py hold.
+# The largest errors over the stored `pre` and `post` cases (docs/fsdp1.md lists each
+# case's): forward +2.0% (fp32: the single step's 26,240 B), backward +1.2% / -0.5% (bf16),
+# exact (fp32), the optimizer step within 0.01%; the single-step tolerances of
+# tests/test_fsdp1.py hold.
 TOLERANCE = single.TOLERANCE
 
 
 def _modelled() -> list[dict[str, Any]]:
-    return [c for c in _cases() if c["backward_prefetch"] == "pre"]
+    return _cases()
 
 
 @pytest.mark.parametrize("case", _modelled(), ids=_case_id)
@@ -103,13 +104,12 @@ def test_model_states_equal_measured(case: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     "case", [c for c in _cases() if c["backward_prefetch"] == "post"], ids=_case_id
 )
-def test_backward_post_refused(case: dict[str, Any]) -> None:
-    """BACKWARD_POST is measured (stored) but not derived: memplan refuses it, naming the key."""
-    spec = _spec(case, _doc()["model"], "post")
-    inventory = from_config({"model_type": "llama", **_config(case, _doc()["model"])})
-    with pytest.raises(MemplanError, match="not modelled") as err:
-        estimate(spec, inventory)
-    assert err.value.field == "parallelism.fsdp1_backward_prefetch"
+def test_no_prefetch_rule_misses_backward_post(case: dict[str, Any]) -> None:
+    """BACKWARD_POST: the next layer gathered before the reduction (fsdp1.prefetch.post_freed)
+    is what takes the measured backward from 2.3% (bf16) and 5.1% (fp32) under the
+    NO_PREFETCH rule to within the tolerance (test_phase_peaks_within_measured)."""
+    error = phase_errors(case, _doc()["model"], "none")["backward"]
+    assert error < -single.TOLERANCE["backward"], error
 
 
 def test_prefetch_needs_fsdp1() -> None:
@@ -122,7 +122,8 @@ def test_prefetch_needs_fsdp1() -> None:
         )
 
 
-def test_no_shard_prefetch_refused() -> None:
+@pytest.mark.parametrize("prefetch", ["pre", "post"])
+def test_no_shard_prefetch_refused(prefetch: str) -> None:
     spec = validate(
         {
             "model": {"architecture": TINY_LLAMA},
@@ -130,7 +131,7 @@ def test_no_shard_prefetch_refused() -> None:
                 "engine": "fsdp1",
                 "data": 2,
                 "zero_stage": 0,
-                "fsdp1_backward_prefetch": "pre",
+                "fsdp1_backward_prefetch": prefetch,
             },
         }
     ).spec

@@ -67,7 +67,8 @@ class OffloadSpec(Frozen):
     optimizer: Literal["none", "cpu", "nvme"] = "none"
     """fp32 master weights, optimizer states and fp32 gradient partitions."""
     parameters: Literal["none", "cpu", "nvme"] = "none"
-    """Sharded parameters (ZeRO-3 / FSDP2 only)."""
+    """Sharded parameters (ZeRO-3, FSDP2; FSDP1 CPUOffload, with them its gradients and
+    optimizer)."""
     pin_memory: bool = True
     """Host buffers are page-locked (DeepSpeed `pin_memory`, FSDP2 CPUOffloadPolicy default)."""
 
@@ -305,7 +306,8 @@ class ParallelismSpec(Frozen):
             # torch/distributed/fsdp/_fully_shard/_fsdp_api.py (2.13): FSDP2's only offload
             # policy is CPUOffloadPolicy; there is no NVMe tier (DeepSpeed ZeRO-Infinity has one).
             raise ValueError("FSDP2 offloads to CPU only (CPUOffloadPolicy): use cpu, not nvme")
-        if self.offload.parameters != "none" and self.stage != 3:
+        if self.offload.parameters != "none" and self.stage != 3 and self.engine != "fsdp1":
+            # (FSDP1's CPUOffload runs with any sharding strategy: _check_fsdp1_offload)
             raise ValueError("parameter offload needs sharded parameters: zero_stage 3")
         if self.offload.optimizer != "none" and self.engine == "deepspeed" and self.stage == 0:
             # DeepSpeed config docs, zero_optimization.offload_optimizer: "Valid only with
@@ -333,11 +335,40 @@ class ParallelismSpec(Frozen):
                 "parallelism only through code memplan does not model; use engine: fsdp2 "
                 "(torch's DTensor TP and pipelining) or megatron"
             )
-        if self.offload.parameters != "none" or self.offload.optimizer != "none":
+        self._check_fsdp1_offload()
+
+    def _check_fsdp1_offload(self) -> None:
+        """FSDP1's CPUOffload(offload_params=True) as memplan models it
+        (memplan.states.engines.fsdp1.offload): FULL_SHARD or SHARD_GRAD_OP over more than
+        one rank, the parameters (and with them gradients and optimizer) on the host."""
+        off = self.offload
+        if off.parameters == "none" and off.optimizer == "none":
+            return
+        if "nvme" in (off.parameters, off.optimizer):
+            # torch 2.13 torch/distributed/fsdp/api.py::CPUOffload: offload_params only.
+            raise ValueError("FSDP1 offloads to CPU only (CPUOffload): use cpu, not nvme")
+        if off.parameters != "cpu":
             raise ValueError(
-                "engine fsdp1 with offload is not modelled (FSDP1's CPUOffload moves the "
-                "sharded parameters and gradients to the host); use engine: fsdp2 "
-                "(CPUOffloadPolicy) or deepspeed, or set offload to none"
+                "FSDP1 offloads the optimizer only with the parameters: CPUOffload("
+                "offload_params=True) keeps the sharded parameters and gradients on the host, "
+                "where the optimizer steps them; set offload.parameters: cpu"
+            )
+        if not off.pin_memory:
+            raise ValueError(
+                "FSDP1's CPUOffload always pins its host shards and gradients "
+                "(_flat_param.py::init_flat_param_attributes): leave offload.pin_memory true"
+            )
+        if self.zero_stage == 0 or self.data == 1:
+            # NO_SHARD (FSDP1 also falls back to it on one rank): with offload each
+            # pre-forward copies the whole flat parameter to the GPU (pre_unshard,
+            # flat_param_to), the original parameters, views of it, are saved by autograd
+            # for backward, and the pre-backward copies it again; a CPU run cannot make
+            # these copies (its compute device is the host), so they are not measured.
+            raise ValueError(
+                "engine fsdp1 with offload is modelled for FULL_SHARD and SHARD_GRAD_OP "
+                "(zero_stage 3 or 2) over more than one rank; NO_SHARD's copies of the whole "
+                "flat parameter to the GPU are not measured (a CPU-only run cannot make them). "
+                "Set zero_stage 3 or 2 and data > 1, or offload to none"
             )
 
     def _check_deepspeed_hierarchy(self) -> None:

@@ -13,7 +13,8 @@ DeepSpeed ZeRO-Offload / ZeRO-Infinity (deepspeed 0.19.6, see /docs/engines.md):
   partitions live on the CPU; persistent (gathered) parameters stay on the GPU.
 - `nvme`: the same bytes go to NVMe instead of host memory.
 torch FSDP2 `CPUOffloadPolicy` (_fully_shard/_fsdp_api.py): sharded parameters and gradients on
-the CPU, so the optimizer steps there and keeps its states there too.
+the CPU, so the optimizer steps there and keeps its states there too; FSDP1's
+`CPUOffload(offload_params=True)` the same (_flat_param.py, memplan.states.engines.fsdp1.offload).
 Megatron-LM `--optimizer-cpu-offload` (megatron/core/optimizer/cpu_offloading/
 hybrid_optimizer.py): fp32 main params and optimizer states on the CPU.
 """
@@ -67,8 +68,9 @@ def apply(
     def off(t: Term, target: str) -> None:
         (nvme if target == "nvme" else host).append(_moved(t, target))
 
-    if engine == "fsdp2":
-        # CPUOffloadPolicy moves sharded parameters and gradients; the optimizer follows them.
+    if engine in ("fsdp2", "fsdp1"):
+        # CPUOffloadPolicy (FSDP1: CPUOffload(offload_params=True), memplan.states.engines.
+        # fsdp1.offload) moves sharded parameters and gradients; the optimizer follows them.
         target = parameters if parameters != "none" else optimizer
         for t in states.terms:
             off(t, target)

@@ -16,9 +16,19 @@ from memplan.states.engines.base import (
     StepStates,
     embedding_backward,
 )
-from memplan.states.engines.fsdp1.accumulation import accumulated_gradients
+from memplan.states.engines.fsdp1 import offload
+from memplan.states.engines.fsdp1.accumulation import (
+    accumulated_gradients,
+    new_gradients_beside_kept,
+)
 from memplan.states.engines.fsdp1.sharding import FlatUnit, compute_dtype, flat_units, local_sizes
 from memplan.states.engines.fsdp1.step import root_gradient_pieces, step_buffers
+
+
+def offloaded(states: StepStates) -> bool:
+    """CPUOffload(offload_params=True): parallelism.offload.parameters cpu (the optimizer
+    follows the parameters to the host; memplan.config.parallelism checks the rest)."""
+    return states.layout.offload.parameters != "none"
 
 
 def _units(states: StepStates) -> tuple[FlatUnit, ...]:
@@ -34,6 +44,10 @@ def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
     where another holds slivers), so the rank whose step holds the most counts: the job's
     peak, not the most-loaded rank's alone (benchmarks/results/fsdp1.json: on 4 ranks the
     for-loop step of rank 1 holds 47 KB more than rank 0's, whose states are 52 B more)."""
+    if offloaded(states):
+        # CPUOffload: the optimizer steps the host shards (memplan.states.engines.fsdp1.offload);
+        # its temporaries are host memory, not the GPU's
+        return []
     if states.optimizer.name == "adafactor-hf":
         temporaries = optimizer_step.step_temporaries(states, cache, shards=1)
         return [temporaries] if temporaries is not None else []
@@ -76,41 +90,37 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
     embedding's backward."""
     layout, recipe = states.layout, states.recipe
     accumulating = acts.microbatches > 1 and layout.data > 1
-    if accumulating and layout.stage == 0:
+    if accumulating and offloaded(states):
         raise MemplanError(
-            f"engine fsdp1 NO_SHARD (zero_stage 0) with {acts.microbatches} micro-batches per "
-            "step is not modelled: accelerate accumulates under FSDP1's no_sync(), which "
-            "skips NO_SHARD's all-reduce and keeps the gradient in the compute dtype "
-            "(torch/distributed/fsdp/_runtime_utils.py::_post_backward_hook returns before "
-            "the reduction when not syncing); not measured here. Set "
-            "training.gradient_accumulation_steps: 1, or zero_stage 2 or 3 (modelled).",
+            f"engine fsdp1 with offload and {acts.microbatches} micro-batches per step is not "
+            "modelled: under no_sync() FSDP1 keeps the unsharded gradients on the GPU and "
+            "writes the original parameters' gradients back into the host shard "
+            "(torch/distributed/fsdp/_flat_param.py::_writeback_orig_params), which a CPU run "
+            "measures differently from a GPU's (2 gloo ranks, FULL_SHARD bf16, 2 micro-batches: "
+            "forward 27% over the rule, benchmarks/results/fsdp1-offload.json). Set "
+            "training.gradient_accumulation_steps: 1, or offload to none.",
             field="training.gradient_accumulation_steps",
         )
     prefetch = layout.fsdp1_backward_prefetch
-    if layout.data > 1 and (prefetch == "post" or (prefetch == "pre" and layout.stage == 0)):
+    if layout.data > 1 and prefetch != "none" and (layout.stage == 0 or offloaded(states)):
         raise MemplanError(
-            f"engine fsdp1 with fsdp1_backward_prefetch {prefetch}"
-            + (" and NO_SHARD (zero_stage 0)" if prefetch == "pre" else "")
-            + " is not modelled: "
-            + (
-                "measured on 2 gloo ranks its backward peak is one reduce-scatter output "
-                "above NO_PREFETCH's, which memplan does not derive yet "
-                "(memplan.states.engines.fsdp1.prefetch)"
-                if prefetch == "post"
-                else "not measured"
-            )
-            + ". Set parallelism.fsdp1_backward_prefetch: none or pre (FULL_SHARD, "
-            "SHARD_GRAD_OP).",
+            f"engine fsdp1 with fsdp1_backward_prefetch {prefetch} and "
+            + ("NO_SHARD (zero_stage 0)" if layout.stage == 0 else "offload")
+            + " is not modelled: not measured (benchmarks/results/fsdp1-prefetch.json runs "
+            "FULL_SHARD and SHARD_GRAD_OP without offload). Set "
+            "parallelism.fsdp1_backward_prefetch: none.",
             field="parallelism.fsdp1_backward_prefetch",
         )
     if layout.data <= 1:
         return embedding_backward(states, acts, cache)
     if layout.stage == 0 and not recipe.master_weights:
-        pieces = root_gradient_pieces(_units(states), param=recipe.parameters)
+        units = _units(states)
+        pieces = root_gradient_pieces(units, param=recipe.parameters)
+        kept = new_gradients_beside_kept(units, param=recipe.parameters) if accumulating else []
         embedding = acts.embedding_backward
         if pieces is None or (embedding is not None and embedding.bytes >= pieces.bytes):
-            return embedding_backward(states, acts, cache)
-        return [pieces]
+            return embedding_backward(states, acts, cache) + kept
+        return [pieces, *kept]
     units, param = _units(states), compute_dtype(recipe)
     buffers = step_buffers(
         units,
@@ -122,8 +132,37 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
         layer_done=_layer_done(acts),
         accumulating=accumulating,
         prefetch=layout.fsdp1_backward_prefetch,
+        gloo=states.device == "cpu",
     )
-    return buffers + (accumulated_gradients(units, param=param) if accumulating else [])
+    if accumulating:
+        buffers += accumulated_gradients(units, param=param)
+    if offloaded(states):
+        buffers += _offload_buffers(states, acts, units)
+    return buffers
+
+
+def _offload_buffers(
+    states: StepStates, acts: StepActivations, units: tuple[FlatUnit, ...]
+) -> list[Transient]:
+    """What CPUOffload keeps on the compute device besides step_buffers'
+    (memplan.states.engines.fsdp1.offload): the sharded gradients until the end of backward;
+    on a GPU the host shard's copy beside each all-gather, on CPU ranks (the compute device is
+    the host) FULL_SHARD's gradient shards from each pre-backward instead."""
+    recipe, layout = states.recipe, states.layout
+    at_rest = recipe.master_weights or recipe.parameters
+    out = offload.device_gradients(units, at_rest=at_rest)
+    if states.device == "cpu":
+        if layout.stage == 3:
+            out += offload.cpu_writeback(units, at_rest=at_rest)
+        return out
+    layer = acts.layer or 0
+    return out + offload.shard_copies(
+        [u for u in units if u.name != "root"],
+        at_rest=at_rest,
+        forward_room=layer + acts.forward_working_set,
+        backward_room=acts.backward_working_set,
+        stage=layout.stage,
+    )
 
 
 def _layer_done(acts: StepActivations) -> int:
@@ -144,6 +183,8 @@ def _gradients(states: StepStates, cache: StepCache) -> GradientLife:
     backward (`pipelined`: the same life as torch pipelining's gradients; it changes
     nothing at one micro-batch)."""
     layout = states.layout
+    if offloaded(states):
+        return GradientLife()  # on the host (the device's: fsdp1.offload.device_gradients)
     if layout.data <= 1 or (layout.stage == 0 and not states.recipe.master_weights):
         return GradientLife()
     root = next((u for u in _units(states) if u.name == "root"), None)

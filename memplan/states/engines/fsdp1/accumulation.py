@@ -27,8 +27,16 @@ FREE = _should_free_in_backward, FINAL = _finalize_params) and _flat_param.py
 The last micro-batch holds the most (the earlier ones hold the same unsharded gradients and
 no reduction), so memplan's timeline, which is the last micro-batch's, adds them there.
 Measured: benchmarks/results/fsdp1-accumulation.json (tests/test_fsdp1_accumulation.py).
-NO_SHARD (all-reduce skipped under no_sync(), the bf16 gradient kept under MixedPrecision)
-is not measured and stays refused.
+
+NO_SHARD the same (POST_BW returns before _reduce_grad_no_shard's all-reduce when not
+syncing): under MixedPrecision the kept `.grad` is the bf16 gradient of `_mp_shard`'s
+views, as above (accumulated_gradients); without it the kept `.grad` is the fp32 gradient,
+the model-state gradients themselves, alive from the first micro-batch (GradientLife's
+default), and in each later backward autograd makes a unit's new flat gradient (the
+concatenation of its original parameters' gradients, _flat_param.py::
+FlatParamHandle._get_unflat_views_aligned) beside it before adding it in
+(new_gradients_beside_kept). Measured: benchmarks/results/fsdp1-offload.json
+(tests/test_fsdp1_offload.py).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ SRC = (
     "accelerate/accelerator.py::Accelerator.accumulate (1.16)"
 )
 ACCUMULATED = "fsdp1 accumulated unsharded gradients"
+NEW_BESIDE_KEPT = "fsdp1 new flat gradient beside the kept one"
 
 
 def accumulated_gradients(units: tuple[FlatUnit, ...], *, param: str) -> list[Transient]:
@@ -65,3 +74,33 @@ def accumulated_gradients(units: tuple[FlatUnit, ...], *, param: str) -> list[Tr
             source=SRC,
         )
     ]
+
+
+def new_gradients_beside_kept(units: tuple[FlatUnit, ...], *, param: str) -> list[Transient]:
+    """NO_SHARD without MixedPrecision, accumulating: the largest decoder layer's new flat
+    gradient at the end of its backward (its pieces, the original parameters' gradients,
+    counted where its saved tensors were, as fsdp1.step counts them) beside the kept
+    `.grad`, which AccumulateGrad then adds it into; at the end of backward the root's
+    (beside its pieces: fsdp1.step.root_gradient_pieces)."""
+    pb = dtype_bytes(param)
+    layer = max((u.padded for u in units if u.name != "root"), default=0)
+    root = next((u.padded for u in units if u.name == "root"), 0)
+    out = []
+    for phase, elements, what in (
+        ("backward", layer, "a decoder layer's"),
+        ("backward_end", root, "the root's"),
+    ):
+        if elements:
+            out.append(
+                Transient(
+                    name=NEW_BESIDE_KEPT,
+                    bytes=elements * pb,
+                    phases=(phase,),  # type: ignore[arg-type]
+                    formula=f"{what} new flat gradient {elements:,} x {pb} B ({param}), "
+                    "beside the gradient kept from the earlier micro-batches",
+                    source="torch/distributed/fsdp/_flat_param.py::FlatParamHandle."
+                    "_get_unflat_views_aligned (2.13, torch.split); torch/csrc/autograd/"
+                    "functions/accumulate_grad.h::AccumulateGrad::accumulateGrad",
+                )
+            )
+    return out

@@ -11,10 +11,14 @@ _get_handle_to_prefetch):
   are gathered through backward (the running one and the next), and one already at the
   start of backward.
 - BACKWARD_POST (`post`): POST_BW frees the unit's parameter (_post_backward_reshard) and
-  then gathers the next unit, before the reduction. Measured (2 ranks, FULL_SHARD) the
-  backward peak rises over NO_PREFETCH's by one shard in the reduce dtype (40,324 B bf16,
-  80,640 B fp32), which memplan's moments of the reduction do not yet derive (2.3% / 5.1%
-  under): refused (memplan.states.engines.fsdp1._backward_end).
+  then gathers the next unit (PREFETCH, its `_needs_pre_backward_unshard` set by FULL_SHARD's
+  post-forward reshard), before the reduction (_reduce_grad): the reduction's moment holds
+  the next layer's unsharded parameter where NO_PREFETCH's has freed this one's, the same
+  size (post_freed). The last layer in backward order prefetches the root, already gathered
+  (FSDP1 does not reshard the root after forward): nothing. Measured (2 ranks, FULL_SHARD)
+  the backward peak rises over NO_PREFETCH's by 40,324 B bf16 and 80,640 B fp32, the
+  reduction's moment (unsharded gradient, next layer, reduce-scatter output, cast) over
+  NO_PREFETCH's highest (the gradient beside the parameter).
 - SHARD_GRAD_OP keeps every layer gathered from its forward to its post-backward, so there
   is nothing to prefetch (no unit needs a pre-backward unshard).
 
@@ -48,3 +52,12 @@ def prefetched_layer(layers: list[FlatUnit], *, param: str, pb: int) -> list[Tra
             source=SRC,
         )
     ]
+
+
+def post_freed(layers: list[FlatUnit], *, pb: int) -> int:
+    """BACKWARD_POST: what a decoder layer's post-backward hook has freed by its reduction,
+    net: its own padded flat parameter less the next layer's, gathered in between (the
+    largest layer against one of the same size: 0; with one decoder layer the next unit is
+    the root, already gathered, and the layer's own is freed)."""
+    one = max(u.padded for u in layers) * pb
+    return one if len(layers) < 2 else 0

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from memplan.memory import Transient
 from memplan.precision import dtype_bytes
-from memplan.states.engines.fsdp1.prefetch import prefetched_layer
+from memplan.states.engines.fsdp1.prefetch import post_freed, prefetched_layer
 from memplan.states.engines.fsdp1.sharding import FlatUnit
 
 SRC_RT = "torch/distributed/fsdp/_runtime_utils.py (2.13)"
@@ -72,9 +72,10 @@ def step_buffers(
     param: str,
     at_rest: str,
     embedding_backward: Transient | None,
-    layer_done: int = 0,
     accumulating: bool = False,
+    layer_done: int = 0,
     prefetch: str = "none",
+    gloo: bool = False,
 ) -> list[Transient]:
     """FSDP1's buffers at each phase point (FULL_SHARD stage 3, SHARD_GRAD_OP stage 2;
     NO_SHARD stage 0 under MixedPrecision, its `_mp_shard` gathered and freed as FULL_SHARD
@@ -82,8 +83,8 @@ def step_buffers(
     reshard", which POST_FW and POST_BW run). `accumulating`: the last of several
     micro-batches under no_sync() (memplan.states.engines.fsdp1.accumulation), whose root
     gradient, accumulated in place, is alive beside the embedding's backward too.
-    `prefetch` (FULL_SHARD only): FSDP1's backward_prefetch, `pre` modelled
-    (fsdp1.prefetch)."""
+    `prefetch` (FULL_SHARD only): FSDP1's backward_prefetch, `pre` and `post`
+    (fsdp1.prefetch). `gloo`: CPU ranks, whose reduce-scatter copies its input."""
     pb, rb, ab = dtype_bytes(param), dtype_bytes(param), dtype_bytes(at_rest)
     sharded = stage != 0
     root = next((u for u in units if u.name == "root"), None)
@@ -127,28 +128,32 @@ def step_buffers(
                 )
             )
         worst = max(layers, key=lambda u: u.padded)
-        held, formula = _reduction(worst, param=pb, reduce=rb, at_rest=ab, sharded=sharded)
-        # On top of the layer's unsharded parameter (UNSHARDED_LAYERS) at the backward
-        # point, the larger of two moments: at the end of the layer's backward the flat
-        # gradient made beside the parameter (its pieces, the original parameters'
-        # gradients, still alive where the layer's saved tensors were: counted as those);
-        # in the post-backward hook the parameter freed first, then the reduction's tensors,
-        # once the layer's backward has freed `layer_done` (its saved tensors and working
-        # set). Measured: the first holds more in fp32, the second under bf16 MixedPrecision
-        # (benchmarks/results/fsdp1.json).
-        before = worst.padded * pb
-        excess = max(before, held - worst.padded * pb - layer_done)
-        out += [
-            Transient(
-                name=REDUCE_LAYER,
-                bytes=excess,
-                phases=("backward",),
-                formula=f"max(unsharded gradient {before:,} B beside the parameter, "
-                f"{formula} - the freed parameter {worst.padded * pb:,} B - the layer's "
-                f"freed saved tensors and working set {layer_done:,} B)",
-                source=f"{SRC_RT}::_post_backward_hook, _reduce_grad, _cast_grad_to_param_dtype",
-            )
-        ][: 1 if excess > 0 else 0]
+        if prefetch == "post" and stage == 3:
+            out += post_reduction(worst, layers=layers, pb=pb, rb=rb, ab=ab, gloo=gloo)
+        else:
+            held, formula = _reduction(worst, param=pb, reduce=rb, at_rest=ab, sharded=sharded)
+            # On top of the layer's unsharded parameter (UNSHARDED_LAYERS) at the backward
+            # point, the larger of two moments: at the end of the layer's backward the flat
+            # gradient made beside the parameter (its pieces, the original parameters'
+            # gradients, still alive where the layer's saved tensors were: counted as those);
+            # in the post-backward hook the parameter freed first, then the reduction's tensors,
+            # once the layer's backward has freed `layer_done` (its saved tensors and working
+            # set). Measured: the first holds more in fp32, the second under bf16 MixedPrecision
+            # (benchmarks/results/fsdp1.json).
+            before = worst.padded * pb
+            excess = max(before, held - worst.padded * pb - layer_done)
+            out += [
+                Transient(
+                    name=REDUCE_LAYER,
+                    bytes=excess,
+                    phases=("backward",),
+                    formula=f"max(unsharded gradient {before:,} B beside the parameter, "
+                    f"{formula} - the freed parameter {worst.padded * pb:,} B - the layer's "
+                    f"freed saved tensors and working set {layer_done:,} B)",
+                    source=f"{SRC_RT}::_post_backward_hook, _reduce_grad, "
+                    "_cast_grad_to_param_dtype",
+                )
+            ][: 1 if excess > 0 else 0]
     if root is not None:
         held, formula = _reduction(root, param=pb, reduce=rb, at_rest=ab, sharded=sharded)
         embedding = embedding_backward.bytes if embedding_backward is not None else 0
@@ -213,3 +218,49 @@ def root_gradient_pieces(units: tuple[FlatUnit, ...], *, param: str) -> Transien
         source="torch/distributed/fsdp/_flat_param.py::FlatParamHandle._get_unflat_views_aligned "
         "(2.13, torch.split); tools/autograd/derivatives.yaml: split_with_sizes_backward",
     )
+
+
+def post_reduction(
+    worst: FlatUnit, *, layers: list[FlatUnit], pb: int, rb: int, ab: int, gloo: bool
+) -> list[Transient]:
+    """A decoder layer's end of backward on top of its unsharded parameter
+    (UNSHARDED_LAYERS) at the backward point: the larger of two moments. At the end of the
+    layer's backward its flat gradient (`before`, the compute dtype) is made beside the
+    parameter from its pieces, the original parameters' gradients (alive where the layer's
+    saved tensors were: counted as those). In the post-backward hook the pieces are gone (as
+    much as the flat gradient), the parameter is freed (under BACKWARD_POST the next layer
+    gathered in its place, fsdp1.prefetch.post_freed) and the reduction adds its output
+    (RST, the reduce dtype) and then its cast to the at-rest
+    dtype (CAST), or during the collective gloo's copy of the input (CPU ranks). Measured
+    (benchmarks/results/fsdp1.json, fsdp1-prefetch.json; hook by hook on 2 gloo ranks): the
+    first holds more without prefetch, the second under BACKWARD_POST (+40,324 B bf16,
+    +80,640 B fp32 over the first). (Without prefetch step_buffers keeps its earlier form of
+    the hook's moment, less the layer's saved tensors and working set: it never holds more
+    than the first moment there, and shipped estimates stay as they were.)"""
+    before = worst.padded * pb
+    out = worst.shard * rb
+    cast = worst.shard * ab if ab != rb else 0
+    copy = worst.padded * rb if gloo else 0
+    freed = post_freed(layers, pb=pb)
+    hook = out + max(copy, cast) - freed
+    excess = max(before, hook)
+    if excess <= 0:
+        return []
+    parts = [f"reduce-scatter output {worst.shard:,} x {rb} B"] if out else []
+    if copy or cast:
+        parts.append(
+            f"gloo's input copy {worst.padded:,} x {rb} B" if copy >= cast else f"cast {cast:,} B"
+        )
+    return [
+        Transient(
+            name=REDUCE_LAYER,
+            bytes=excess,
+            phases=("backward",),
+            formula=f"max(unsharded gradient {before:,} B beside the parameter, in the "
+            f"post-backward hook {' + '.join(parts) or '0 B'} - the freed parameter "
+            f"{freed:,} B (net of the next layer gathered in its place))",
+            source=f"{SRC_RT}::_post_backward_hook, _reduce_grad, _cast_grad_to_param_dtype; "
+            "_post_backward_reshard, _prefetch_handle"
+            + ("; ProcessGroupGloo.cpp::reduce_scatter (input cloned)" if copy else ""),
+        )
+    ]
