@@ -272,6 +272,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--baseline", type=Path, help="another checkout, timed alternately with this one"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=ROUNDS,
+        help=f"with --baseline: before / after pairs, alternated (default {ROUNDS})",
+    )
     parser.add_argument("--times", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         # Before and after alternate, each its own subprocess, ROUNDS times: on a shared
         # machine whose speed drifts, neither side always runs first or on a warmer CPU.
         befores, afters = [], []
-        for _ in range(ROUNDS):
+        for _ in range(args.rounds):
             befores.append(timed(args.baseline))
             afters.append(timed(ROOT))
         before, doc = merged(befores), merged(afters)

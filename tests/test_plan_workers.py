@@ -32,9 +32,9 @@ workers.MIN_LAYOUTS = 1
 forks = []
 real = workers.ordered_map
 
-def spy(each, groups, n, done=None):
+def spy(each, groups, n, done=None, **kw):
     forks.append(sum(len(g) for g in groups))
-    return real(each, groups, n, done)
+    return real(each, groups, n, done, **kw)
 
 search.ordered_map = spy
 import time
@@ -165,14 +165,82 @@ def test_a_worker_that_dies_ends_the_search_with_an_error_not_a_wait() -> None:
 def test_without_semaphores_the_items_are_answered_in_this_process(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Where multiprocessing has no working sem_open (some containers), making the pool fails
-    with OSError: the search goes on in one process instead of failing."""
-    import concurrent.futures
+    """Where multiprocessing has no working sem_open (some containers), making the workers'
+    lock fails with OSError: the search goes on in one process instead of failing."""
+    import multiprocessing.context
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise OSError(38, "Function not implemented")
 
-    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", refuse)
+    monkeypatch.setattr(multiprocessing.context.BaseContext, "Lock", refuse)
     seen: list[int] = []
     assert workers.ordered_map(lambda x: -x, [[1], [2, 3]], 2, seen.append) == [-1, -2, -3]
     assert seen == [3]
+
+
+def test_homes_keep_each_domain_on_one_worker_largest_first() -> None:
+    """Pins behaviour: a worker owns whole domains (the items that share its caches), the
+    largest domain first to the worker with the fewest items; tasks in the items' order."""
+    tasks = [[(0, "a")], [(1, "b"), (2, "c")], [(3, "d")], [(4, "e")], [(5, "f"), (6, "g")]]
+    domains = ["x", "y", "y", "z", "z"]
+    # y (3 items) -> worker 0, z (3) -> worker 1, then x (1) to the first of the two
+    # equally loaded, worker 0.
+    assert workers.homes(tasks, 2, domains) == [[0, 1, 2], [3, 4]]
+    assert workers.homes(tasks, 1, domains) == [[0, 1, 2, 3, 4]]
+
+
+def test_a_worker_out_of_its_own_tasks_takes_the_far_end_of_the_longest_queue() -> None:
+    """Pins behaviour: own tasks first, in order; then the last untaken task of the worker
+    with the most left (the farthest from where its owner works); None when all are taken."""
+    order = [[0, 1], [2, 3, 4], [5]]
+    taken = [0] * 6
+    assert workers._next(0, order, taken) == 0
+    taken[0] = taken[1] = taken[5] = 1
+    assert workers._next(0, order, taken) == 4
+    assert workers._next(2, order, taken) == 4
+    taken[2] = taken[3] = taken[4] = 1
+    assert workers._next(1, order, taken) is None
+
+
+def test_dealt_tasks_never_span_two_domains_and_number_items_in_order() -> None:
+    """Each task's items are of one domain, numbered by their place in the whole sequence,
+    and every item is dealt once."""
+    groups = [[("a", 1)], [("a", 2), ("a", 3)], [("b", 4)], [("b", 5)], [("c", 6)]]
+    tasks, domains = workers._dealt(groups, 2, lambda g: g[0][0])
+    assert sorted(i for t in tasks for i, _ in t) == list(range(6))
+    for task, name in zip(tasks, domains, strict=True):
+        assert {item[0] for _, item in task} == {name}
+        assert all(item[1] == i + 1 for i, item in task)
+
+
+RAISES = """
+from memplan.plan import workers
+
+def each(x):
+    if x == 5:
+        raise ValueError("item five")
+    return x
+
+try:
+    workers.ordered_map(each, [[1], [2], [3], [4], [5], [6]], 2, domain=lambda g: g[0] % 2)
+except ValueError as err:
+    print("raised:", err)
+print("answers:", workers.ordered_map(lambda x: -x, [[1], [2, 3], [4]], 2, domain=len))
+"""
+
+
+def test_an_error_in_a_worker_is_raised_by_the_search_and_answers_keep_their_order() -> None:
+    """A worker's exception reaches the caller (as concurrent.futures re-raised it before);
+    with domains dealt to the workers, the answers still come in the items' order."""
+    done = subprocess.run(
+        [sys.executable, "-c", RAISES],
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert done.stdout.splitlines() == ["raised: item five", "answers: [-1, -2, -3, -4]"], (
+        done.stdout + done.stderr
+    )

@@ -10,7 +10,7 @@ micro-batch, the search stops at the first micro-batch that does not fit.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 
@@ -104,13 +104,15 @@ class _Search(LayoutSpace):
                 out.extend(found)
         else:
             # Adjacent layouts share their degrees (and so the workers' caches): dealt out
-            # in runs of the same degrees, answered per layout, joined in the layouts' order.
+            # in runs of the same degrees, each tensor degree's runs on one worker while it
+            # has them (_tensor_of), answered per layout, joined in the layouts' order.
             runs = [list(run) for _, run in groupby(layouts, key=lambda lo: _degrees_of(lo[0]))]
             answers = ordered_map(
                 self._alone,
                 runs,
                 workers,
                 (lambda n: progress(n, len(layouts))) if progress else None,
+                domain=_tensor_of,
             )
             for found, pruned, searched in answers:
                 out.extend(found)
@@ -510,6 +512,13 @@ def _replay_fits(
 def _degrees_of(par: ParallelismSpec) -> tuple[object, ...]:
     """What the search's layouts of one run of `_Search.layouts` share: the degrees."""
     return (par.tensor, par.pipeline, par.virtual_stages, par.context, par.expert)
+
+
+def _tensor_of(run: Sequence[tuple[ParallelismSpec, str]]) -> int:
+    """The tensor degree of a run of layouts: the runs of one tensor degree share the
+    micro-batches' activations (keyed by the TP and CP slice, not the pipeline degree) and
+    their stage inventories, so one worker searches them (memplan.plan.workers.homes)."""
+    return run[0][0].tensor
 
 
 def _activations_modelled(report: Report) -> bool:

@@ -1,20 +1,27 @@
 """Plan's search over several processes: the layouts are independent, so a large search is
-split into chunks that forked copies of the search evaluate, and their answers are joined in
+split into tasks that forked copies of the search evaluate, and their answers are joined in
 the layouts' own order (the same rows, counts and order as one process).
 
+The workers share no cache, so each task goes where its layouts' cached work already is:
+the caller names each run's domain (plan: its tensor degree), each worker owns whole domains
+(`homes`) and takes another's tasks, from the far end, only once its own are done. The 405B
+search on 2 workers made 345-353 micro-batch activations so (one process: 268), against
+472-476 with the tasks dealt to whichever worker was free (concurrent.futures, before).
+
 Only where it helps and is safe: Linux's `fork` (the workers inherit the search and the
-function they run; only the tasks' layouts and their answers are pickled), more than one
-worker, a search large enough to repay the fork (MIN_LAYOUTS), and torch not imported in this
-process (a fork after torch has started its threads can hang: `memplan plan` imports torch
-only to trace a profile, and then searches in one process).
-"""
+function they run; only the tasks' answers are pickled), more than one worker, a search
+large enough to repay the fork (MIN_LAYOUTS), and torch not imported in this process (a fork
+after torch has started its threads can hang: `memplan plan` imports torch only to trace a
+profile, and then searches in one process)."""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+import traceback
+from collections.abc import Callable, Hashable, Sequence
+from itertools import groupby
+from typing import Any, TypeVar, cast
 
 from memplan.errors import MemplanError
 
@@ -25,14 +32,15 @@ MIN_LAYOUTS = 64
 """The fewest layouts a search spreads over workers. Measured on 2 cores: a layout costs 3 to
 7 ms to evaluate (the 405B search's 1,226 layouts in 3.3 s, plan-llama-3-8b's 210 in 1.4-1.7
 s), starting the pool and joining its answers 20-40 ms; 64 layouts are 0.2-0.4 s of work."""
-SHARES = 8
-"""Tasks per worker: enough that the workers finish together although layouts differ in
-cost (the 405B search's layouts in sixteen tasks of about equal count: the TP-8 pipelines
-cost the most, dealt first)."""
+SHARES = 32
+"""Tasks per worker: small enough that a worker that has run out of its own domains' tasks
+takes a short one off another's tail, so that the workers finish together although layouts
+differ in cost (the 405B search's TP-8 layouts cost 4x its TP-1 ones). Measured on the 405B
+search, 2 workers: with 8, the workers' evaluation CPU came out 1.37 s and 1.22 s (the last
+stolen task a quarter of a second long); with 32, 1.12-1.19 s and 1.17-1.24 s."""
 MAX_WORKERS = 16
-"""At most this many workers by default: the 405B search, the largest shipped, then gets
-about 10 layouts per task (1,226 over 16 x SHARES); more workers would fork for tasks too
-small to repay it. `--jobs` sets any number."""
+"""At most this many workers by default (`--jobs` sets any number): beyond them the largest
+shipped search, the 405B's 1,226 layouts, would be dealt in tasks of one or two layouts."""
 
 
 def available() -> int:
@@ -61,8 +69,7 @@ def workers_help(workers: int, items: int, least: int | None = None) -> bool:
 
 
 _EACH: Callable[[Any], Any] | None = None
-"""The function the forked workers apply (set before the pool forks them: inherited, never
-pickled)."""
+"""The function the forked workers apply (set before they fork: inherited, never pickled)."""
 
 
 def _apply(task: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
@@ -77,8 +84,8 @@ def deal(groups: Sequence[Sequence[T]], tasks: int) -> list[list[tuple[int, T]]]
     share the workers' caches: plan's runs of one tensor degree share model states and stage
     inventories (the 405B search on 2 workers made 254-266 model states and 159-167 stage
     inventories, against 370 and 264 with the runs dealt round robin, 217 and 132 in one
-    process). Plan's costliest runs, the tensor-parallel pipelines, come last in its order:
-    they start first, and the short ones even out the end."""
+    process). `ordered_map` deals each domain's runs so and takes its tasks in the items'
+    order."""
     total = sum(len(g) for g in groups) or 1
     out: list[list[tuple[int, T]]] = [[] for _ in range(min(tasks, len(groups)))]
     n = 0
@@ -90,26 +97,80 @@ def deal(groups: Sequence[Sequence[T]], tasks: int) -> list[list[tuple[int, T]]]
     return [task for task in reversed(out) if task]
 
 
+def homes(
+    tasks: Sequence[Sequence[tuple[int, Any]]], workers: int, domains: Sequence[Hashable]
+) -> list[list[int]]:
+    """Each worker's own tasks (numbers into `tasks`, in the order it takes them): whole
+    domains (`domains[k]`: task k's), the largest first to the worker with the fewest items,
+    so that the items that share a worker's caches stay on one worker; a worker that runs out
+    of its own takes the others' last untaken tasks (`_next`)."""
+    size: dict[Hashable, int] = {}
+    for task, key in zip(tasks, domains, strict=True):
+        size[key] = size.get(key, 0) + len(task)
+    load = [0] * workers
+    owner: dict[Hashable, int] = {}
+    for key in sorted(size, key=lambda k: -size[k]):  # stable: the first of equals first
+        w = load.index(min(load))
+        owner[key] = w
+        load[w] += size[key]
+    return [[k for k, key in enumerate(domains) if owner[key] == w] for w in range(workers)]
+
+
+def _next(me: int, order: list[list[int]], taken: Any) -> int | None:
+    """The task worker `me` takes next (with the lock held): its own first untaken one, else
+    the last untaken one of the worker with the most left; None when every task is taken."""
+    for k in order[me]:
+        if not taken[k]:
+            return k
+    left = [[k for k in own if not taken[k]] for own in order]
+    most = max(left, key=len)
+    return most[-1] if most else None
+
+
+def _work(
+    me: int, order: list[list[int]], tasks: list[Any], taken: Any, lock: Any, conn: Any
+) -> None:
+    """A forked worker: takes tasks (`_next`) until none is left and sends each answer, or
+    the error that stopped it."""
+    try:
+        while True:
+            with lock:
+                k = _next(me, order, taken)
+                if k is None:
+                    break
+                taken[k] = 1
+            conn.send(("ok", _apply(tasks[k])))
+    except Exception as err:  # sent to the parent, which raises it
+        try:
+            conn.send(("error", err))
+        except Exception:
+            conn.send(("error", RuntimeError(traceback.format_exc())))
+    finally:
+        conn.close()
+
+
 def ordered_map(
     each: Callable[[T], R],
     groups: Sequence[Sequence[T]],
     workers: int,
     done: Callable[[int], object] | None = None,
+    domain: Callable[[Sequence[T]], Hashable] | None = None,
 ) -> list[R]:
     """`each` of every item of `groups`, in their order, worked out by `workers` forked
-    processes (`deal`); `done(n)` after each task with the items answered so far. A worker
-    that dies (killed for memory, say) ends the call with a MemplanError, never a wait for
-    an answer that cannot come (concurrent.futures notices the death: BrokenProcessPool)."""
+    processes: `deal`'s tasks of the groups of each `domain` (groups whose items share
+    caches; None: all one), each worker taking its own domains' tasks first (`homes`) and
+    then the others' last ones; `done(n)` after each task with the items answered so far.
+    A worker that dies (killed for memory, say) ends the call with a MemplanError, never a
+    wait for an answer that cannot come; an error raised in a worker is raised here."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing.connection import Connection, wait
 
     global _EACH
-    tasks = deal(groups, workers * SHARES)
+    tasks, domains = _dealt(groups, workers, domain)
+    ctx = multiprocessing.get_context("fork")
     try:
-        pool = ProcessPoolExecutor(
-            min(workers, len(tasks)), mp_context=multiprocessing.get_context("fork")
-        )
+        lock = ctx.Lock()
+        taken = ctx.RawArray("b", len(tasks))
     except (OSError, ImportError, NotImplementedError):
         # No working semaphores here (sem_open: some containers, a missing /dev/shm): the
         # items are answered in this process, as with one worker.
@@ -117,20 +178,68 @@ def ordered_map(
         if done is not None:
             done(len(out))
         return out
+    order = homes(tasks, min(workers, len(tasks)), domains)
     answers: dict[int, Any] = {}
+    running: dict[Connection[Any, Any], Any] = {}
     _EACH = each
     try:
-        with pool:
-            for future in as_completed([pool.submit(_apply, task) for task in tasks]):
-                answers.update(future.result())
+        for me in range(len(order)):
+            receive, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_work, args=(me, order, tasks, taken, lock, send))
+            proc.daemon = True
+            proc.start()
+            send.close()
+            running[receive] = proc
+        while running:
+            for ready in wait(list(running)):
+                conn = cast("Connection[Any, Any]", ready)
+                try:
+                    kind, answer = conn.recv()
+                except EOFError:  # the worker is done, or died
+                    proc = running.pop(conn)
+                    proc.join()
+                    if proc.exitcode:
+                        raise _died() from None
+                    continue
+                if kind == "error":
+                    raise cast(BaseException, answer)
+                answers.update(cast("list[tuple[int, Any]]", answer))
                 if done is not None:
                     done(len(answers))
-    except BrokenProcessPool as err:
-        raise MemplanError(
-            "a worker process of the search ended abruptly (killed for lack of memory?): "
-            "`--jobs 1` searches in this process alone.",
-            field="--jobs",
-        ) from err
     finally:
         _EACH = None
+        for proc in running.values():
+            proc.terminate()
+            proc.join()
+    if len(answers) < sum(len(g) for g in groups):
+        raise _died()
     return [answers[i] for i in range(len(answers))]
+
+
+def _died() -> MemplanError:
+    return MemplanError(
+        "a worker process of the search ended abruptly (killed for lack of memory?): "
+        "`--jobs 1` searches in this process alone.",
+        field="--jobs",
+    )
+
+
+def _dealt(
+    groups: Sequence[Sequence[T]], workers: int, domain: Callable[[Sequence[T]], Hashable] | None
+) -> tuple[list[list[tuple[int, T]]], list[Hashable]]:
+    """The tasks of `ordered_map` in the items' order, none across two domains (about
+    workers x SHARES in all, each domain's share by its items), and each task's domain."""
+    key = domain or (lambda _: None)
+    total = sum(len(g) for g in groups) or 1
+    tasks: list[list[tuple[int, T]]] = []
+    domains: list[Hashable] = []
+    n = 0
+    for name, run in groupby(groups, key=key):
+        runs = list(run)
+        items = sum(len(g) for g in runs)
+        share = max(1, round(workers * SHARES * items / total))
+        for task in reversed(deal(runs, share)):
+            tasks.append([(n + i, item) for i, item in task])
+            domains.append(name)
+        n += items
+    return tasks, domains
