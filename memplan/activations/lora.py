@@ -37,6 +37,7 @@ from memplan.activations.lora_flow import (
     layer_tensors,
     scopes,
 )
+from memplan.activations.lora_moe import param_wrapped
 from memplan.config.finetune import FinetuneSpec
 from memplan.model.families import all_families, family_of
 from memplan.model.families.record import ModelEnds
@@ -69,6 +70,14 @@ def adjust(
             f"activations of model_type {arch.model_type!r} with frozen parameters or LoRA "
             f"are not modelled (modelled: {', '.join(modelled)}): "
             "per_gpu.activations is 0 and the peak leaves them out."
+        )
+    wrapped = sorted({m for sc in layers for m in param_wrapped(sc)}) if ends.moe else []
+    if wrapped:
+        return not_modelled(
+            f"activations with LoRA on the MoE block's {', '.join(wrapped)} are not modelled "
+            "(peft adapts the router and the fused 3-D experts with lora.ParamWrapper, whose "
+            "forward adds the adapter's product to the weight): per_gpu.activations is 0 and "
+            "the peak leaves them out. LoRA on the attention projections is modelled."
         )
     flow_of = layer_flow(ends, str(arch.extra.get("hidden_act", "")), arch.model_type)
     # transformers' activation_checkpointing_enable (modeling_utils.py::

@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
+from memplan.activations.lora_moe import moe_keep
 from memplan.model.families.record import ModelEnds
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Saved, Setting
@@ -203,7 +204,9 @@ def _norm(prefix: str, x_grad: bool, weight: bool) -> dict[str, bool]:
     }
 
 
-def _llama_flow(sc: Scope, g_in: bool, st: Setting, relu: bool, sandwich: bool = False) -> Flow:
+def _llama_flow(
+    sc: Scope, g_in: bool, st: Setting, relu: bool, sandwich: bool = False, moe: bool = False
+) -> Flow:
     """LlamaDecoderLayer (transformers models/llama/modeling_llama.py) and its copies: RMSNorm
     (`weight * y`: y saved for the weight's gradient only), q/k/v/o, RoPE, attention, the
     gated MLP `down(act(gate(x)) * up(x))`. Gemma's layers (models/gemma*/modeling_gemma*.py)
@@ -233,6 +236,9 @@ def _llama_flow(sc: Scope, g_in: bool, st: Setting, relu: bool, sandwich: bool =
     up = sc.out_grad("mlp.up_proj", n2)
     prod = gate or up
     down = sc.out_grad("mlp.down_proj", prod)
+    if moe:
+        moe_flags, down = moe_keep(sc, n2)
+        keep.update(moe_flags)
     out = h1 or down
     if sandwich:
         keep.update(_norm("post_feedforward_layernorm", down, t("post_feedforward_layernorm")))
@@ -256,6 +262,7 @@ def _llama_flow(sc: Scope, g_in: bool, st: Setting, relu: bool, sandwich: bool =
         "mlp.gate_proj": n2,
         "mlp.up_proj": n2,
         "mlp.down_proj": prod,
+        "mlp.gate": n2,  # a MoE block's router
     }
     qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     linears = {
@@ -266,6 +273,7 @@ def _llama_flow(sc: Scope, g_in: bool, st: Setting, relu: bool, sandwich: bool =
         "o_proj.input": ("self_attn.o_proj",),
         "mlp.gate_proj.input": ("mlp.gate_proj", "mlp.up_proj"),
         "mlp.down_proj.input": ("mlp.down_proj",),
+        "mlp.gate.input": ("mlp.gate",),
     }
     by_gate: tuple[str, ...] = ("mlp.gate_proj",)
     outputs = {"mlp.gate_proj.output": by_gate, "mlp.act_output": by_gate}
@@ -429,7 +437,12 @@ def layer_flow(
         return _phi3_flow
     relu = hidden_act == "relu"
     sandwich = model_type in ends.sandwich
-    return lambda sc, g, st: _llama_flow(sc, g, st, relu, sandwich)
+    moe = ends.moe
+    if model_type in ends.eager_attention:
+        return lambda sc, g, st: _llama_flow(
+            sc, g, replace(st, attention="eager"), relu, sandwich, moe
+        )
+    return lambda sc, g, st: _llama_flow(sc, g, st, relu, sandwich, moe)
 
 
 def layer_tensors(tensors: Iterable[Saved], flow: Flow, sc: Scope, st: Setting) -> list[Saved]:

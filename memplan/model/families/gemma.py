@@ -495,6 +495,7 @@ FAMILY = Family(
         final_prefix="norm",
         rms_norm=True,
         sandwich=frozenset({"gemma2", "gemma3_text"}),
+        eager_attention=frozenset({"gemma2"}),
         embed_scale=True,
         head_softcap="final_logit_softcapping",
     ),

@@ -47,6 +47,11 @@ class ModelEnds:
     sandwich: frozenset[str] = frozenset()
     """model_types whose layers norm each sublayer's output before the residual and the MLP's
     input after it (Gemma 2 / 3: post_attention_layernorm, pre_/post_feedforward_layernorm)."""
+    eager_attention: frozenset[str] = frozenset()
+    """model_types that run eager attention whatever attention is asked for (Gemma 2:
+    memplan.model.families.gemma._attention_kernel)."""
+    moe: bool = False
+    """The layers' MLP is a sparse MoE block (memplan.model.forward.mlp.sparse_moe)."""
     embed_scale: bool = False
     """The input embedding multiplies its lookup by a 0-dim `embed_scale` buffer
     (GemmaTextScaledWordEmbedding), which peft applies to an embedding adapter's output too."""
