@@ -343,7 +343,7 @@ def test_full_checkpointing_makes_the_embedding_output_require_grad(config: dict
     assert saved_bytes(model, spec, config) == predicted.bytes
 
 
-# --- 5. more families: Gemma 1/2/3, Phi-3, OLMo 2 ------------------------------------------------
+# --- 5. more families: Gemma 1/2/3, Phi-3, OLMo 2, Mixtral, Qwen-MoE --------------------------
 
 _SMALL: dict[str, Any] = {
     "hidden_size": 48,
@@ -399,6 +399,21 @@ _PHI3_FTS = [
     FROZEN_LAYER_0,
     {"method": "lora", "target_modules": ["qkv_proj", "embed_tokens"]},
 ]
+_MOE: dict[str, Any] = {
+    **_SMALL,
+    "moe_intermediate_size": 40,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+}
+QWEN2_MOE = {**_MOE, "model_type": "qwen2_moe", "shared_expert_intermediate_size": 56}
+QWEN3_MOE = {**_MOE, "model_type": "qwen3_moe", "head_dim": 16}
+_SHARED_FTS = [
+    {"method": "lora", "target_modules": ["v_proj", "shared_expert_gate", "down_proj"]},
+    {"method": "lora", "target_modules": ["gate_proj"], "modules_to_save": ["shared_expert_gate"]},
+    {"method": "lora", "target_modules": ["k_proj"], "modules_to_save": ["shared_expert"]},
+]
+# A trainable v_proj next to frozen q/k under autocast: each reader keeps its own cast.
+LLAMA_OWN_CAST = {"method": "lora", "target_modules": ["o_proj"], "modules_to_save": ["v_proj"]}
 _MOE_FTS = [
     QV,
     {"method": "lora", "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "dropout": 0.1},
@@ -414,6 +429,9 @@ MORE_CASES = [
     *[(PHI3, f) for f in _PHI3_FTS],
     *[(PHI3_DROPOUT, f) for f in _PHI3_FTS[:3]],
     *[(MIXTRAL, f) for f in _MOE_FTS],
+    *[(QWEN2_MOE, f) for f in (*_MOE_FTS, *_SHARED_FTS)],
+    *[(QWEN3_MOE, f) for f in _MOE_FTS],
+    (LLAMA3, LLAMA_OWN_CAST),
 ]
 # The default run: one case per family and rule (norms, sandwich norms, softcaps, the
 # embedding adapter's embed_scale cast, fused projections, o_proj's own copy of the core's
@@ -426,6 +444,8 @@ QUICK = [
     (PHI3, _PHI3_FTS[2], "sdpa-fp32"),
     (PHI3_DROPOUT, _PHI3_FTS[0], "sdpa-amp-bf16"),
     (MIXTRAL, _MOE_FTS[2], "sdpa-bf16"),
+    (QWEN2_MOE, _SHARED_FTS[1], "sdpa-amp-bf16"),
+    (LLAMA3, LLAMA_OWN_CAST, "sdpa-amp-bf16"),
 ]
 MORE_SETTINGS = [*SETTINGS, ("full", "fp32"), ("full", "amp-bf16")]
 
@@ -449,8 +469,9 @@ def _more_params() -> list[Any]:
 def test_saved_tensors_of_more_families_equal_the_prediction(
     config: dict, ft: dict, attention: str, precision: str
 ) -> None:
-    """Gemma 1/2/3, Phi-3 and OLMo 2 under LoRA and frozen parameters, every recipe kind, eager
-    and SDPA attention, full checkpointing: autograd's saved bytes equal the prediction.
+    """Gemma 1/2/3, Phi-3, OLMo 2, Mixtral and Qwen-MoE under LoRA and frozen parameters,
+    every recipe kind, eager and SDPA attention, full checkpointing: autograd's saved bytes
+    equal the prediction.
     (Gemma 2 has no SDPA in transformers: memplan predicts the eager attention it runs.)"""
     recipe: Any = AMP_BF16_BASE if precision == "amp-bf16-base" else precision
     checkpointing = attention == "full"
@@ -478,8 +499,11 @@ def test_saved_tensors_of_more_families_equal_the_prediction(
         ),
         (PHI3, {"method": "lora", "target_modules": ["qkv_proj", "o_proj"]}, "bf16-mixed"),
         (OLMO2, ALL_LINEAR, "bf16"),
+        (MIXTRAL, {**QV, "modules_to_save": ["lm_head"]}, "bf16-mixed"),
+        (QWEN2_MOE, _SHARED_FTS[0], "bf16"),
+        (QWEN3_MOE, {"method": "lora", "target_modules": ["q_proj", "k_proj", "v_proj"]}, "bf16"),
     ],
-    ids=["gemma", "gemma2", "gemma3_text", "phi3", "olmo2"],
+    ids=["gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe"],
 )
 def test_verify_lora_more_families(config: dict, ft: dict, precision: str) -> None:
     """`memplan verify` on one LoRA spec per family: model states and activations exact."""

@@ -37,7 +37,6 @@ from memplan.activations.lora_flow import (
     layer_tensors,
     scopes,
 )
-from memplan.activations.lora_moe import param_wrapped
 from memplan.config.finetune import FinetuneSpec
 from memplan.model.families import all_families, family_of
 from memplan.model.families.record import ModelEnds
@@ -71,7 +70,11 @@ def adjust(
             f"are not modelled (modelled: {', '.join(modelled)}): "
             "per_gpu.activations is 0 and the peak leaves them out."
         )
-    wrapped = sorted({m for sc in layers for m in param_wrapped(sc)}) if ends.moe else []
+    wrapped: list[str] = []
+    if arch.model_type in ends.moe:
+        from memplan.activations.lora_moe import param_wrapped  # MoE families only
+
+        wrapped = sorted({m for sc in layers for m in param_wrapped(sc)})
     if wrapped:
         return not_modelled(
             f"activations with LoRA on the MoE block's {', '.join(wrapped)} are not modelled "

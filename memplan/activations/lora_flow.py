@@ -8,12 +8,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from memplan.activations.lora_moe import moe_keep
 from memplan.model.families.record import ModelEnds
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Saved, Setting
 from memplan.model.inventory import Inventory
+
+if TYPE_CHECKING:
+    from memplan.activations.lora_moe import MoeFlow
 
 SRC_LORA = "peft 0.21.2 tuners/lora/layer.py::Linear.forward"
 SRC_LORA_EMBEDDING = "peft 0.21.2 tuners/lora/layer.py::Embedding.forward"
@@ -79,6 +82,10 @@ class Scope:
     def input_saved(self, module: str, st: Setting) -> bool:
         """Whether the module's input is saved: its weight trains, or its adapter reads it."""
         return module in self.weights or self.reads_x(module, st)
+
+
+MoeBlock = Callable[[Scope, bool], "MoeFlow"]
+"""A sparse MoE block's part of a layer's flow (memplan.activations.lora_moe.moe_flow)."""
 
 
 def scopes(
@@ -205,7 +212,12 @@ def _norm(prefix: str, x_grad: bool, weight: bool) -> dict[str, bool]:
 
 
 def _llama_flow(
-    sc: Scope, g_in: bool, st: Setting, relu: bool, sandwich: bool = False, moe: bool = False
+    sc: Scope,
+    g_in: bool,
+    st: Setting,
+    relu: bool,
+    sandwich: bool = False,
+    moe: MoeBlock | None = None,
 ) -> Flow:
     """LlamaDecoderLayer (transformers models/llama/modeling_llama.py) and its copies: RMSNorm
     (`weight * y`: y saved for the weight's gradient only), q/k/v/o, RoPE, attention, the
@@ -236,9 +248,10 @@ def _llama_flow(
     up = sc.out_grad("mlp.up_proj", n2)
     prod = gate or up
     down = sc.out_grad("mlp.down_proj", prod)
-    if moe:
-        moe_flags, down = moe_keep(sc, n2)
-        keep.update(moe_flags)
+    block = moe(sc, n2) if moe else None
+    if block:
+        keep.update(block.keep)
+        down = block.out
     out = h1 or down
     if sandwich:
         keep.update(_norm("post_feedforward_layernorm", down, t("post_feedforward_layernorm")))
@@ -262,7 +275,7 @@ def _llama_flow(
         "mlp.gate_proj": n2,
         "mlp.up_proj": n2,
         "mlp.down_proj": prod,
-        "mlp.gate": n2,  # a MoE block's router
+        **(block.inputs if block else {}),
     }
     qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     linears = {
@@ -273,7 +286,7 @@ def _llama_flow(
         "o_proj.input": ("self_attn.o_proj",),
         "mlp.gate_proj.input": ("mlp.gate_proj", "mlp.up_proj"),
         "mlp.down_proj.input": ("mlp.down_proj",),
-        "mlp.gate.input": ("mlp.gate",),
+        **(block.linears if block else {}),
     }
     by_gate: tuple[str, ...] = ("mlp.gate_proj",)
     outputs = {"mlp.gate_proj.output": by_gate, "mlp.act_output": by_gate}
@@ -437,7 +450,17 @@ def layer_flow(
         return _phi3_flow
     relu = hidden_act == "relu"
     sandwich = model_type in ends.sandwich
-    moe = ends.moe
+    moe: MoeBlock | None = None
+    kind = ends.moe.get(model_type)
+    if kind:
+        # imported here: only MoE families' LoRA estimates need it (tests/test_startup.py)
+        from memplan.activations.lora_moe import moe_flow
+
+        shared = kind == "shared"
+
+        def moe(sc: Scope, x_grad: bool) -> MoeFlow:
+            return moe_flow(sc, x_grad, shared=shared)
+
     if model_type in ends.eager_attention:
         return lambda sc, g, st: _llama_flow(
             sc, g, replace(st, attention="eager"), relu, sandwich, moe
@@ -448,10 +471,30 @@ def layer_flow(
 def layer_tensors(tensors: Iterable[Saved], flow: Flow, sc: Scope, st: Setting) -> list[Saved]:
     """The saved tensors of one layer its nodes still save."""
     tensors = list(tensors)
-    if any(s.name == "o_proj.input" for s in tensors):
+    names = {s.name for s in tensors}
+    if "o_proj.input" in names:
         # o_proj reads its own copy of the core's output (attention.sdpa: a flash kernel's
         # output laid out like a contiguous q): the core alone keeps attn.output.
         flow = replace(flow, keep={**flow.keep, "attn.output": flow.core})
+    if "attn.softmax" in names and not names & {
+        "attn.probs",
+        "attn.probs_cast",
+        "attn.probs_dropped",
+    }:
+        # No dropout or cast after the softmax: the second matmul saves the softmax's own
+        # output for v's gradient, so v alone requiring grad keeps it too.
+        v = flow.keep.get("attn.probs", False) or flow.keep.get("attn.probs_dropped", False)
+        soft = flow.keep.get("attn.softmax", True) or v
+        flow = replace(flow, keep={**flow.keep, "attn.softmax": soft})
+    # Where each reader saved its own cast (kernels.linear_inputs under autocast), the first
+    # reader's name is its cast alone, not the storage the readers would share.
+    own = {
+        name: readers[:1]
+        for name, readers in flow.linears.items()
+        if any(f"{m}.input" in names for m in readers[1:])
+    }
+    if own:
+        flow = replace(flow, linears={**flow.linears, **own})
     return [s for s in tensors if _kept(s, flow, sc, st)]
 
 

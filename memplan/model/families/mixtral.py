@@ -91,6 +91,6 @@ FAMILY = Family(
         final_norm="model.norm",
         final_prefix="norm",
         rms_norm=True,
-        moe=True,
+        moe={"mixtral": "routed"},
     ),
 )

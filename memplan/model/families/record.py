@@ -50,8 +50,9 @@ class ModelEnds:
     eager_attention: frozenset[str] = frozenset()
     """model_types that run eager attention whatever attention is asked for (Gemma 2:
     memplan.model.families.gemma._attention_kernel)."""
-    moe: bool = False
-    """The layers' MLP is a sparse MoE block (memplan.model.forward.mlp.sparse_moe)."""
+    moe: Mapping[str, Literal["routed", "shared"]] = field(default_factory=dict)
+    """model_type -> its layers' MLP is a sparse MoE block (memplan.model.forward.mlp.
+    sparse_moe), with a shared expert and its gate ("shared": Qwen2-MoE) or without."""
     embed_scale: bool = False
     """The input embedding multiplies its lookup by a 0-dim `embed_scale` buffer
     (GemmaTextScaledWordEmbedding), which peft applies to an embedding adapter's output too."""
