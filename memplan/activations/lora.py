@@ -8,10 +8,9 @@ an RMSNorm weight its normalized input), and a layer whose input does not requir
 first one after a frozen embedding — records nothing until its first adapter.
 
 `adjust` takes the full fine-tuning prediction of the family's rule (for the families whose
-record has `lora_ends`: llama's and gpt2's, memplan.model.families) and keeps each saved tensor
-only where its node still saves it, by the tensor's name and the trainability of the modules
-around it, then adds what each LoRA adapter saves (peft 0.21.2 tuners/lora/layer.py::
-Linear.forward:
+record has `lora_ends`, memplan.model.families) and keeps each saved tensor only where its
+node still saves it, by the tensor's name and the trainability of the modules around it,
+then adds what each LoRA adapter saves (peft 0.21.2 tuners/lora/layer.py::Linear.forward:
 `result + lora_B(lora_A(dropout(x))) * scaling`, x first cast to the adapter's dtype):
 - lora_A's input: x itself (the storage the base linear would save), or its cast to the
   adapter dtype, or the dropout output; with dropout active and x requiring grad, the mask;
@@ -27,6 +26,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from memplan.activations.lora_flow import (
+    SRC_LORA_EMBEDDING,
+    Adapter,
     Flow,
     Scope,
     adapter_saved,
@@ -39,6 +40,7 @@ from memplan.activations.lora_flow import (
 from memplan.config.finetune import FinetuneSpec
 from memplan.model.families import all_families, family_of
 from memplan.model.families.record import ModelEnds
+from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Inventory
 
@@ -68,7 +70,19 @@ def adjust(
             f"are not modelled (modelled: {', '.join(modelled)}): "
             "per_gpu.activations is 0 and the peak leaves them out."
         )
-    flow_of = layer_flow(ends, str(arch.extra.get("hidden_act", "")))
+    wrapped: list[str] = []
+    if arch.model_type in ends.moe:
+        from memplan.activations.lora_moe import param_wrapped  # MoE families only
+
+        wrapped = sorted({m for sc in layers for m in param_wrapped(sc)})
+    if wrapped:
+        return not_modelled(
+            f"activations with LoRA on the MoE block's {', '.join(wrapped)} are not modelled "
+            "(peft adapts the router and the fused 3-D experts with lora.ParamWrapper, whose "
+            "forward adds the adapter's product to the weight): per_gpu.activations is 0 and "
+            "the peak leaves them out. LoRA on the attention projections is modelled."
+        )
+    flow_of = layer_flow(ends, str(arch.extra.get("hidden_act", "")), arch.model_type)
     # transformers' activation_checkpointing_enable (modeling_utils.py::
     # _activation_checkpointing_enable) and peft's prepare_model_for_kbit_training call
     # enable_input_require_grads(): the input embedding's output requires grad.
@@ -164,6 +178,8 @@ def _ends(
                 keep = ends.final_norm in top.weights
             else:
                 keep = final if ends.rms_norm else nf
+        elif ends.head_softcap and prefix == ends.head_softcap:
+            keep = top.out_grad(ends.head, nf)  # tanh saves its result when the logits do
         elif prefix == ends.head:
             if rest == "input":
                 keep = top.input_saved(ends.head, st)
@@ -176,9 +192,24 @@ def _ends(
     for module, ad in top.adapters:
         if ad.embedding and block.name == "embeddings":
             kept += embedding_adapter_saved(module, ad, st)
+            if ends.embed_scale:
+                kept += _embed_scale_cast(module, ad, st)
         elif block.name == "head" and module == ends.head:
             kept += adapter_saved(module, ad, st, dropout=top.dropout, x_grad=nf)
     return replace(block, tensors=tuple(kept))
+
+
+def _embed_scale_cast(module: str, ad: Adapter, st: Setting) -> list[Saved]:
+    """peft 0.21.2 tuners/lora/layer.py::Embedding.forward scales the adapter's output by the
+    base layer's embed_scale (GemmaTextScaledWordEmbedding: a 0-dim buffer in the parameters'
+    dtype): `adapter_output * embed_scale.to(adapter_output.dtype)`, and the multiply saves
+    that cast, a new tensor where the adapter's output is in another dtype (the buffer itself,
+    not counted, where not)."""
+    out = st.matmul if st.autocast and st.matmul != ad.dtype else ad.dtype
+    if out == st.stream:
+        return []
+    by = "MulBackward0"
+    return [kernels.saved(f"{module}.embed_scale_cast", (), out, by, SRC_LORA_EMBEDDING)]
 
 
 def four_bit(

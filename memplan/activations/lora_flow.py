@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from memplan.model.families.record import ModelEnds
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Saved, Setting
 from memplan.model.inventory import Inventory
+
+if TYPE_CHECKING:
+    from memplan.activations.lora_moe import MoeFlow
 
 SRC_LORA = "peft 0.21.2 tuners/lora/layer.py::Linear.forward"
 SRC_LORA_EMBEDDING = "peft 0.21.2 tuners/lora/layer.py::Embedding.forward"
@@ -78,6 +82,10 @@ class Scope:
     def input_saved(self, module: str, st: Setting) -> bool:
         """Whether the module's input is saved: its weight trains, or its adapter reads it."""
         return module in self.weights or self.reads_x(module, st)
+
+
+MoeBlock = Callable[[Scope, bool], "MoeFlow"]
+"""A sparse MoE block's part of a layer's flow (memplan.activations.lora_moe.moe_flow)."""
 
 
 def scopes(
@@ -191,10 +199,32 @@ class Flow:
     four_bit)."""
 
 
-def _llama_flow(sc: Scope, g_in: bool, st: Setting, relu: bool) -> Flow:
+def _norm(prefix: str, x_grad: bool, weight: bool) -> dict[str, bool]:
+    """An RMSNorm's saved tensors: x in fp32, rstd (and Gemma's `1 + w`, saved for y's
+    gradient) when its input requires grad; y for the weight's gradient when the weight trains
+    (kernels.rms_norm, kernels.gemma_rms_norm)."""
+    return {
+        f"{prefix}.input_fp32": x_grad,
+        f"{prefix}.rstd": x_grad,
+        f"{prefix}.one_plus_weight": x_grad,
+        f"{prefix}.normalized": weight,
+    }
+
+
+def _llama_flow(
+    sc: Scope,
+    g_in: bool,
+    st: Setting,
+    relu: bool,
+    sandwich: bool = False,
+    moe: MoeBlock | None = None,
+) -> Flow:
     """LlamaDecoderLayer (transformers models/llama/modeling_llama.py) and its copies: RMSNorm
     (`weight * y`: y saved for the weight's gradient only), q/k/v/o, RoPE, attention, the
-    gated MLP `down(act(gate(x)) * up(x))`."""
+    gated MLP `down(act(gate(x)) * up(x))`. Gemma's layers (models/gemma*/modeling_gemma*.py)
+    have the same dataflow with GemmaRMSNorm (`y * (1 + w)`); `sandwich`: Gemma 2 / 3's
+    post_attention_layernorm normalises the attention's output before the residual and
+    pre_/post_feedforward_layernorm wrap the MLP (Gemma2DecoderLayer.forward)."""
     t = sc.weights.__contains__
     n1 = g_in or "input_layernorm" in sc.params
     q0 = sc.out_grad("self_attn.q_proj", n1)
@@ -204,31 +234,36 @@ def _llama_flow(sc: Scope, g_in: bool, st: Setting, relu: bool) -> Flow:
     k = k0 or "self_attn.k_norm" in sc.params
     core = q or k or v
     o = sc.out_grad("self_attn.o_proj", core)
-    h1 = g_in or o
-    n2 = h1 or "post_attention_layernorm" in sc.params
+    keep: dict[str, bool] = {}
+    if sandwich:
+        h1 = g_in or o or "post_attention_layernorm" in sc.params
+        n2 = h1 or "pre_feedforward_layernorm" in sc.params
+        keep.update(_norm("post_attention_layernorm", o, t("post_attention_layernorm")))
+        keep.update(_norm("pre_feedforward_layernorm", h1, t("pre_feedforward_layernorm")))
+    else:
+        h1 = g_in or o
+        n2 = h1 or "post_attention_layernorm" in sc.params
+        keep.update(_norm("post_attention_layernorm", h1, t("post_attention_layernorm")))
     gate = sc.out_grad("mlp.gate_proj", n2)
     up = sc.out_grad("mlp.up_proj", n2)
     prod = gate or up
     down = sc.out_grad("mlp.down_proj", prod)
-    keep = {
-        "input_layernorm.input_fp32": g_in,
-        "input_layernorm.rstd": g_in,
-        "input_layernorm.normalized": t("input_layernorm"),
-        "self_attn.q_norm.input_fp32": q0,
-        "self_attn.q_norm.rstd": q0,
-        "self_attn.q_norm.normalized": t("self_attn.q_norm"),
-        "self_attn.k_norm.input_fp32": k0,
-        "self_attn.k_norm.rstd": k0,
-        "self_attn.k_norm.normalized": t("self_attn.k_norm"),
-        "post_attention_layernorm.input_fp32": h1,
-        "post_attention_layernorm.rstd": h1,
-        "post_attention_layernorm.normalized": t("post_attention_layernorm"),
-        # silu saves its input (gate's output) when gate requires grad; the product saves
-        # each factor for the other's gradient (relu saves its output, the same storage).
-        "mlp.gate_proj.output": gate,
-        "mlp.act_output": up or (relu and gate),
-        "mlp.up_proj.output": gate,
-    }
+    block = moe(sc, n2) if moe else None
+    if block:
+        keep.update(block.keep)
+        down = block.out
+    out = h1 or down
+    if sandwich:
+        keep.update(_norm("post_feedforward_layernorm", down, t("post_feedforward_layernorm")))
+        out = out or "post_feedforward_layernorm" in sc.params
+    keep.update(_norm("input_layernorm", g_in, t("input_layernorm")))
+    keep.update(_norm("self_attn.q_norm", q0, t("self_attn.q_norm")))
+    keep.update(_norm("self_attn.k_norm", k0, t("self_attn.k_norm")))
+    # silu and gelu save their input (gate's output) when gate requires grad; the product
+    # saves each factor for the other's gradient (relu saves its output, the same storage).
+    keep["mlp.gate_proj.output"] = gate
+    keep["mlp.act_output"] = up or (relu and gate)
+    keep["mlp.up_proj.output"] = gate
     keep.update(_core(st, q=q, k=k, v=v))
     # The core's output is o_proj's input when no copy is made: an adapter reads it too.
     keep["attn.output"] = core or sc.reads_x("self_attn.o_proj", st)
@@ -240,6 +275,7 @@ def _llama_flow(sc: Scope, g_in: bool, st: Setting, relu: bool) -> Flow:
         "mlp.gate_proj": n2,
         "mlp.up_proj": n2,
         "mlp.down_proj": prod,
+        **(block.inputs if block else {}),
     }
     qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     linears = {
@@ -250,6 +286,7 @@ def _llama_flow(sc: Scope, g_in: bool, st: Setting, relu: bool) -> Flow:
         "o_proj.input": ("self_attn.o_proj",),
         "mlp.gate_proj.input": ("mlp.gate_proj", "mlp.up_proj"),
         "mlp.down_proj.input": ("mlp.down_proj",),
+        **(block.linears if block else {}),
     }
     by_gate: tuple[str, ...] = ("mlp.gate_proj",)
     outputs = {"mlp.gate_proj.output": by_gate, "mlp.act_output": by_gate}
@@ -260,7 +297,7 @@ def _llama_flow(sc: Scope, g_in: bool, st: Setting, relu: bool) -> Flow:
         linears=linears,
         core=core,
         rope=q or k,
-        out=h1 or down,
+        out=out,
         four_bit_outputs=outputs,
     )
 
@@ -317,6 +354,56 @@ def _gpt2_flow(sc: Scope, g_in: bool, st: Setting) -> Flow:
     )
 
 
+def _phi3_flow(sc: Scope, g_in: bool, st: Setting) -> Flow:
+    """Phi3DecoderLayer (transformers models/phi3/modeling_phi3.py): Llama's layer with fused
+    projections, which peft adapts whole: qkv_proj (q and k are new tensors after RoPE's cat,
+    v a view of its output, "qkv_proj.output" where kept), `gate, up = gate_up_proj(x).
+    chunk(2)` (the activation's input and the product's `up` both keep its whole output), and
+    resid_attn_dropout / resid_mlp_dropout on each sublayer's output."""
+    t = sc.weights.__contains__
+    n1 = g_in or "input_layernorm" in sc.params
+    qkv = sc.out_grad("self_attn.qkv_proj", n1)
+    o = sc.out_grad("self_attn.o_proj", qkv)
+    h1 = g_in or o
+    n2 = h1 or "post_attention_layernorm" in sc.params
+    gu = sc.out_grad("mlp.gate_up_proj", n2)
+    down = sc.out_grad("mlp.down_proj", gu)
+    keep = {
+        **_norm("input_layernorm", g_in, t("input_layernorm")),
+        **_norm("post_attention_layernorm", h1, t("post_attention_layernorm")),
+        "resid_attn_dropout.mask": o,
+        "mlp.gate_up_proj.output": gu,
+        "mlp.act_output": gu,
+        "resid_mlp_dropout.mask": down,
+        **_core(st, q=qkv, k=qkv, v=qkv),
+        "qkv_proj.output": qkv,
+    }
+    keep["attn.output"] = qkv or sc.reads_x("self_attn.o_proj", st)
+    inputs = {
+        "self_attn.qkv_proj": n1,
+        "self_attn.o_proj": qkv,
+        "mlp.gate_up_proj": n2,
+        "mlp.down_proj": gu,
+    }
+    linears: dict[str, tuple[str, ...]] = {
+        "self_attn.qkv_proj.input": ("self_attn.qkv_proj",),
+        "o_proj.input": ("self_attn.o_proj",),
+        "mlp.gate_up_proj.input": ("mlp.gate_up_proj",),
+        "mlp.down_proj.input": ("mlp.down_proj",),
+    }
+    by_gate_up: tuple[str, ...] = ("mlp.gate_up_proj",)
+    outputs = {"mlp.gate_up_proj.output": by_gate_up, "mlp.act_output": by_gate_up}
+    return Flow(
+        keep=keep,
+        inputs=inputs,
+        linears=linears,
+        core=qkv,
+        rope=qkv,
+        out=h1 or down,
+        four_bit_outputs=outputs,
+    )
+
+
 def _core(st: Setting, *, q: bool, k: bool, v: bool) -> dict[str, bool]:
     """The attention core. SDPA's fused kernels save q, k, v, the output and logsumexp
     whenever recorded (one backward formula for the three inputs). Eager attention and
@@ -334,6 +421,8 @@ def _core(st: Setting, *, q: bool, k: bool, v: bool) -> dict[str, bool]:
             "attn.probs": v,
             "attn.probs_cast": v,
             "attn.value": scores,
+            # Gemma 2's softcap: tanh(scores / cap) saves its result
+            "attn.softcap_tanh": scores,
         }
     return {
         "attn.query_scaled": k,
@@ -351,16 +440,61 @@ def _core(st: Setting, *, q: bool, k: bool, v: bool) -> dict[str, bool]:
     }
 
 
-def layer_flow(ends: ModelEnds, hidden_act: str) -> Callable[[Scope, bool, Setting], Flow]:
+def layer_flow(
+    ends: ModelEnds, hidden_act: str, model_type: str = ""
+) -> Callable[[Scope, bool, Setting], Flow]:
     """The dataflow of one layer of the family whose model ends are `ends`."""
     if ends.layer == "gpt2":
         return _gpt2_flow
+    if ends.layer == "phi3":
+        return _phi3_flow
     relu = hidden_act == "relu"
-    return lambda sc, g, st: _llama_flow(sc, g, st, relu)
+    sandwich = model_type in ends.sandwich
+    moe: MoeBlock | None = None
+    kind = ends.moe.get(model_type)
+    if kind:
+        # imported here: only MoE families' LoRA estimates need it (tests/test_startup.py)
+        from memplan.activations.lora_moe import moe_flow
+
+        shared = kind == "shared"
+
+        def moe(sc: Scope, x_grad: bool) -> MoeFlow:
+            return moe_flow(sc, x_grad, shared=shared)
+
+    if model_type in ends.eager_attention:
+        return lambda sc, g, st: _llama_flow(
+            sc, g, replace(st, attention="eager"), relu, sandwich, moe
+        )
+    return lambda sc, g, st: _llama_flow(sc, g, st, relu, sandwich, moe)
 
 
 def layer_tensors(tensors: Iterable[Saved], flow: Flow, sc: Scope, st: Setting) -> list[Saved]:
     """The saved tensors of one layer its nodes still save."""
+    tensors = list(tensors)
+    names = {s.name for s in tensors}
+    if "o_proj.input" in names:
+        # o_proj reads its own copy of the core's output (attention.sdpa: a flash kernel's
+        # output laid out like a contiguous q): the core alone keeps attn.output.
+        flow = replace(flow, keep={**flow.keep, "attn.output": flow.core})
+    if "attn.softmax" in names and not names & {
+        "attn.probs",
+        "attn.probs_cast",
+        "attn.probs_dropped",
+    }:
+        # No dropout or cast after the softmax: the second matmul saves the softmax's own
+        # output for v's gradient, so v alone requiring grad keeps it too.
+        v = flow.keep.get("attn.probs", False) or flow.keep.get("attn.probs_dropped", False)
+        soft = flow.keep.get("attn.softmax", True) or v
+        flow = replace(flow, keep={**flow.keep, "attn.softmax": soft})
+    # Where each reader saved its own cast (kernels.linear_inputs under autocast), the first
+    # reader's name is its cast alone, not the storage the readers would share.
+    own = {
+        name: readers[:1]
+        for name, readers in flow.linears.items()
+        if any(f"{m}.input" in names for m in readers[1:])
+    }
+    if own:
+        flow = replace(flow, linears={**flow.linears, **own})
     return [s for s in tensors if _kept(s, flow, sc, st)]
 
 

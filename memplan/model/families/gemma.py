@@ -66,7 +66,7 @@ from memplan.model.families._decoder import (
     self_attention,
 )
 from memplan.model.families._siglip import siglip_vision
-from memplan.model.families.record import PEFT_HAS_NONE, Family
+from memplan.model.families.record import PEFT_HAS_NONE, Family, ModelEnds
 from memplan.model.forward import attention, kernels
 from memplan.model.forward.assemble import Model, dropout_on
 from memplan.model.forward.mlp import gated_mlp_saves
@@ -488,6 +488,17 @@ FAMILY = Family(
     tensors=build,
     saved=saved,
     peft_targets=("q_proj", "v_proj"),
+    lora_ends=ModelEnds(
+        layer="llama",
+        embeddings=(("embed_tokens", "model.embed_tokens"),),
+        final_norm="model.norm",
+        final_prefix="norm",
+        rms_norm=True,
+        sandwich=frozenset({"gemma2", "gemma3_text"}),
+        eager_attention=frozenset({"gemma2"}),
+        embed_scale=True,
+        head_softcap="final_logit_softcapping",
+    ),
 )
 
 GEMMA3 = Family(

@@ -28,7 +28,7 @@ from memplan.model.families._decoder import (
     rotary_emb,
     self_attention,
 )
-from memplan.model.families.record import Family
+from memplan.model.families.record import Family, ModelEnds
 from memplan.model.inventory import Inventory
 
 # MixtralConfig dataclass defaults (transformers 5.24); head_dim None -> hidden // heads.
@@ -85,4 +85,12 @@ FAMILY = Family(
     saved=_llama_decoder.saved,  # Llama's layer with the sparse MoE MLP
     peft_targets=("q_proj", "v_proj"),
     peft_moe={"mixtral": "mixtral"},
+    lora_ends=ModelEnds(
+        layer="llama",
+        embeddings=(("embed_tokens", "model.embed_tokens"),),
+        final_norm="model.norm",
+        final_prefix="norm",
+        rms_norm=True,
+        moe={"mixtral": "routed"},
+    ),
 )

@@ -35,7 +35,7 @@ from memplan.model.families._decoder import (
     rotary_emb,
     self_attention,
 )
-from memplan.model.families.record import PEFT_HAS_NONE, Family
+from memplan.model.families.record import PEFT_HAS_NONE, Family, ModelEnds
 from memplan.model.forward import attention, kernels
 from memplan.model.forward.assemble import Model, dropout_on
 from memplan.model.forward.mlp import gated_mlp_saves
@@ -144,5 +144,19 @@ def saved(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
 
 
 FAMILY = Family(
-    name="olmo2", model_types=("olmo2",), tensors=build, saved=saved, peft_targets=PEFT_HAS_NONE
+    name="olmo2",
+    model_types=("olmo2",),
+    tensors=build,
+    saved=saved,
+    peft_targets=PEFT_HAS_NONE,
+    # Olmo2DecoderLayer: no input or pre-feed-forward norm; post_attention_layernorm and
+    # post_feedforward_layernorm norm each sublayer's output before its residual.
+    lora_ends=ModelEnds(
+        layer="llama",
+        embeddings=(("embed_tokens", "model.embed_tokens"),),
+        final_norm="model.norm",
+        final_prefix="norm",
+        rms_norm=True,
+        sandwich=frozenset({"olmo2"}),
+    ),
 )

@@ -38,7 +38,7 @@ from memplan.model.families._decoder import (
     rotary_buffers,
     rotary_dim,
 )
-from memplan.model.families.record import PEFT_HAS_NONE, Family
+from memplan.model.families.record import PEFT_HAS_NONE, Family, ModelEnds
 from memplan.model.forward import attention, kernels
 from memplan.model.forward.assemble import Model, dropout_on
 from memplan.model.forward.tensors import Saved, Setting, promote
@@ -185,5 +185,16 @@ def saved(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
 
 
 FAMILY = Family(
-    name="phi3", model_types=("phi3",), tensors=build, saved=saved, peft_targets=PEFT_HAS_NONE
+    name="phi3",
+    model_types=("phi3",),
+    tensors=build,
+    saved=saved,
+    peft_targets=PEFT_HAS_NONE,
+    lora_ends=ModelEnds(
+        layer="phi3",
+        embeddings=(("embed_tokens", "model.embed_tokens"),),
+        final_norm="model.norm",
+        final_prefix="norm",
+        rms_norm=True,
+    ),
 )

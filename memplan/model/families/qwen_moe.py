@@ -52,7 +52,7 @@ from memplan.model.families._decoder import (
     rotary_emb,
     self_attention,
 )
-from memplan.model.families.record import PEFT_HAS_NONE, Family
+from memplan.model.families.record import PEFT_HAS_NONE, Family, ModelEnds
 from memplan.model.forward import kernels
 from memplan.model.forward.assemble import Model
 from memplan.model.forward.mlp import gated_mlp_saves, sparse_moe
@@ -240,4 +240,12 @@ FAMILY = Family(
     saved=saved,
     peft_targets=PEFT_HAS_NONE,
     peft_moe={"qwen3_moe": "qwen2_moe"},
+    lora_ends=ModelEnds(
+        layer="llama",
+        embeddings=(("embed_tokens", "model.embed_tokens"),),
+        final_norm="model.norm",
+        final_prefix="norm",
+        rms_norm=True,
+        moe={"qwen2_moe": "shared", "qwen3_moe": "routed"},
+    ),
 )

@@ -34,8 +34,9 @@ class ModelEnds:
     """How the model ends (the modules outside the layers) of a family whose frozen / LoRA
     activations memplan.activations.lora models are laid out, relative to the model root."""
 
-    layer: Literal["llama", "gpt2"]
-    """The layer dataflow memplan.activations.lora_flow follows (`_llama_flow`, `_gpt2_flow`)."""
+    layer: Literal["llama", "gpt2", "phi3"]
+    """The layer dataflow memplan.activations.lora_flow follows (`_llama_flow`, `_gpt2_flow`,
+    `_phi3_flow`)."""
     embeddings: tuple[tuple[str, str], ...]
     """(saved-name prefix, embedding module) for each input embedding."""
     final_norm: str
@@ -43,6 +44,20 @@ class ModelEnds:
     rms_norm: bool
     """The final norm is an RMSNorm (else a LayerNorm)."""
     head: str = "lm_head"
+    sandwich: frozenset[str] = frozenset()
+    """model_types whose layers norm each sublayer's output before the residual and the MLP's
+    input after it (Gemma 2 / 3: post_attention_layernorm, pre_/post_feedforward_layernorm)."""
+    eager_attention: frozenset[str] = frozenset()
+    """model_types that run eager attention whatever attention is asked for (Gemma 2:
+    memplan.model.families.gemma._attention_kernel)."""
+    moe: Mapping[str, Literal["routed", "shared"]] = field(default_factory=dict)
+    """model_type -> its layers' MLP is a sparse MoE block (memplan.model.forward.mlp.
+    sparse_moe), with a shared expert and its gate ("shared": Qwen2-MoE) or without."""
+    embed_scale: bool = False
+    """The input embedding multiplies its lookup by a 0-dim `embed_scale` buffer
+    (GemmaTextScaledWordEmbedding), which peft applies to an embedding adapter's output too."""
+    head_softcap: str = ""
+    """Saved-name prefix of a tanh softcap on the logits (Gemma 2's final_logit_softcapping)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
