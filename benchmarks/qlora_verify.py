@@ -10,7 +10,8 @@ prepare_model_for_kbit_training, get_peft_model) and compares every category wit
 prediction. Each case is the verify table's tiny Llama (benchmarks/verify_table.py) with one
 setting changed: the precision recipe (with and without autocast), recomputation, the 4-bit
 format, prepare_model_for_kbit_training, dropout, the adapters' targets, the quantized head,
-GPT-2's Conv1D, DDP on two gloo ranks, and bitsandbytes' 8-bit and paged optimizers.
+GPT-2's Conv1D, Gemma, Phi-3 and OLMo 2, DDP on two gloo ranks, and bitsandbytes' 8-bit
+and paged optimizers.
 """
 
 from __future__ import annotations
@@ -46,6 +47,31 @@ def case(precision: str = "bf16", ft: dict[str, Any] | None = None, **steps: Any
         precision=precision,
         finetune={**QLORA, **(ft or {})},
         training=training(**steps),
+    )
+
+
+# The families LoRA's rules cover beside Llama's and GPT-2's (tests/test_finetune_peft.py's).
+_SMALL: dict[str, Any] = {
+    "hidden_size": 48,
+    "intermediate_size": 100,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "vocab_size": 777,
+    "max_position_embeddings": 128,
+    "pad_token_id": 0,
+}
+GEMMA = {**_SMALL, "model_type": "gemma", "head_dim": 16}
+PHI3 = {**_SMALL, "model_type": "phi3"}
+OLMO2 = {**_SMALL, "model_type": "olmo2"}
+
+
+def family(config: dict[str, Any], precision: str) -> dict[str, Any]:
+    return spec(
+        {"architecture": config},
+        precision=precision,
+        finetune=dict(QLORA),
+        training=training(),
     )
 
 
@@ -89,6 +115,11 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("GPT-2 (Conv1D), bf16", gpt2()),
     ("GPT-2 (Conv1D), amp-bf16", gpt2("amp-bf16")),
     ("DDP, 2 gloo ranks", {**case(), "parallelism": {"engine": "ddp", "data": 2}}),
+    *(
+        (f"{name}, {precision}", family(config, precision))
+        for name, config in (("Gemma", GEMMA), ("Phi-3", PHI3), ("OLMo 2", OLMO2))
+        for precision in ("bf16", "amp-bf16")
+    ),
     # bitsandbytes' optimizers (paged ones keep ordinary tensors on the CPU): tensors under
     # min_8bit_size (4,096 elements) keep 32-bit states, rank 64 makes 8-bit ones.
     ("paged_adamw8bit, rank 8 (32-bit states)", {**case(), "optimizer": PAGED_8BIT}),

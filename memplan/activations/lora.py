@@ -134,8 +134,10 @@ def _layer_blocks(
         # Under full checkpointing the adapters' tensors are made again in backward.
         (recompute if full else tensors).extend(adapter_tensors(flow, sc, st))
         if st.autocast and sc.four_bit:
-            tensors = four_bit(tensors, sc.four_bit, st, flow.four_bit_outputs)
-            recompute = four_bit(recompute, sc.four_bit, st, flow.four_bit_outputs)
+            tensors = four_bit(tensors, sc.four_bit, st, flow.four_bit_outputs, flow.four_bit_views)
+            recompute = four_bit(
+                recompute, sc.four_bit, st, flow.four_bit_outputs, flow.four_bit_views
+            )
         # held=(): frozen weights are not cached (autocast_mode.cpp::cached_cast needs
         # requires_grad); the adapters' own cached copies are not modelled (a few MB at most)
         out.append(
@@ -217,6 +219,7 @@ def four_bit(
     quantized: frozenset[str],
     st: Setting,
     outputs: dict[str, tuple[str, ...]],
+    views: dict[str, tuple[str, str, str]] | None = None,
 ) -> list[Saved]:
     """What bitsandbytes' Linear4bit modules (`quantized`) change under autocast. Linear4bit
     casts its input to the compute dtype itself and its output back to the input's dtype
@@ -225,10 +228,16 @@ def four_bit(
     (autograd/_functions.py::MatMul4Bit.forward: `ctx.tensors = (None, B)`). So unlike a
     linear under autocast it saves no cast of its weight, and what is made from its output
     before the next matmul (`outputs`, the layer's Flow.four_bit_outputs) stays in the
-    stream's dtype when its input was. Measured by `memplan verify` on the CPU
-    (benchmarks/qlora_verify.py)."""
+    stream's dtype when its input was, and a 16-bit output kept whole for a view the core
+    saves becomes the core's cast of that view (`views`, Flow.four_bit_views). Measured by
+    `memplan verify` on the CPU (benchmarks/qlora_verify.py)."""
+    shapes = {s.name: s.shape for s in tensors}
     out = []
     for s in tensors:
+        module, like, view = (views or {}).get(s.name, ("", "", ""))
+        if module in quantized and like in shapes:
+            out.append(replace(s, name=view, shape=shapes[like], dtype=st.matmul))
+            continue
         base = s.name.removesuffix(".weight_cast")
         if base != s.name and base in quantized:
             continue

@@ -192,11 +192,14 @@ class Flow:
     """RoPE is recorded (q or k requires grad before it): it saves the shared cos/sin."""
     out: bool = False
     """The layer's output requires grad."""
+    four_bit_views: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    """Storage kept whole for a view the core saves (Phi-3's v of qkv_proj's output) -> (the
+    linear, a tensor of the view's shape, the view's name): a 4-bit linear's output is not
+    16-bit, so under autocast the core saves its own cast of the view (lora.four_bit)."""
     four_bit_outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """Saved tensors made from a linear's output before the next matmul, with the linears
-    that make them: where all of them are bitsandbytes 4-bit, which hand back their input's
-    dtype, the tensor stays in the stream's dtype under autocast (memplan.activations.lora.
-    four_bit)."""
+    """Saved tensors made from a linear's output before the next matmul -> the linears that
+    make them: where all are bitsandbytes 4-bit (their input's dtype handed back), the tensor
+    stays in the stream's dtype under autocast (memplan.activations.lora.four_bit)."""
 
 
 def _norm(prefix: str, x_grad: bool, weight: bool) -> dict[str, bool]:
@@ -401,6 +404,8 @@ def _phi3_flow(sc: Scope, g_in: bool, st: Setting) -> Flow:
         rope=qkv,
         out=h1 or down,
         four_bit_outputs=outputs,
+        # v is k's shape (GQA's key/value heads alike)
+        four_bit_views={"qkv_proj.output": ("self_attn.qkv_proj", "attn.key", "attn.value")},
     )
 
 
