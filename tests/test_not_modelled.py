@@ -101,3 +101,23 @@ def test_every_marker_is_reached_above() -> None:
         "Ulysses' all-to-all buffers",
         "the 4-bit head's gradient cast",
     ]
+
+
+def test_plan_rows_say_what_they_fit_before(tmp_path: Path) -> None:
+    """plan's shown rows are replayed as estimate would: each carries its spec's not_modelled,
+    and the table says which rows fit before what."""
+    doc = spec(precision=FP8, training={"sequence_length": 64})
+    doc["plan"] = {"gpus": 2, "global_batch_size": 4, "top": 3}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    out = runner.invoke(app, ["plan", str(path), "--json", "--jobs", "1"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output)["layouts"]
+    assert rows and all(r["not_modelled"] == ["torchao's fp8 casts"] for r in rows[:3])
+    table = runner.invoke(app, ["plan", str(path), "--jobs", "1", "--width", "200"]).output
+    assert "rows 1, 2, 3 fit before torchao's fp8 casts" in table
+    plain = spec(training={"sequence_length": 64})
+    plain["plan"] = doc["plan"]
+    path.write_text(yaml.safe_dump(plain))
+    out = runner.invoke(app, ["plan", str(path), "--json", "--jobs", "1"])
+    assert all(r["not_modelled"] == [] for r in json.loads(out.output)["layouts"])

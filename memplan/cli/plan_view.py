@@ -67,6 +67,7 @@ def plan_view(result: PlanResult) -> RenderableType:
         parts.append(best_step(result.layouts[0].time))
     else:
         parts.append(Text(result.suggestion, style="bold red"))
+    parts.extend(Text(f"note: {n}", style="yellow") for n in partial_rows(result))
     parts.extend(Text(f"note: {n}", style="yellow") for n in result.notes)
     fitting = len(result.layouts)
     pruned = ", ".join(f"{n:,} {why}" for why, n in result.pruned.items()) or "none"
@@ -77,6 +78,19 @@ def plan_view(result: PlanResult) -> RenderableType:
         )
     )
     return Group(*parts)
+
+
+def partial_rows(result: PlanResult) -> list[str]:
+    """The shown rows whose fit is on a partial figure, by what they leave out."""
+    rows: dict[tuple[str, ...], list[str]] = {}
+    for i, c in enumerate(result.layouts[: result.top], 1):
+        if c.not_modelled:
+            rows.setdefault(c.not_modelled, []).append(str(i))
+    return [
+        f"row{'s' if len(ids) > 1 else ''} {', '.join(ids)} fit before {', '.join(missing)} "
+        "(not modelled: `memplan estimate` on the row's spec says more)"
+        for missing, ids in rows.items()
+    ]
 
 
 def layouts_table(layouts: tuple[Candidate, ...]) -> Table:

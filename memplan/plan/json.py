@@ -56,6 +56,7 @@ def _layout(c: Candidate) -> s.PlanLayout:
         compile=c.compile,
         per_gpu=s.LayoutPeak(peak=c.peak_bytes),
         headroom_bytes=c.headroom_bytes,
+        not_modelled=list(c.not_modelled),
         step_time_s=time.total_s,
         tokens_per_s=c.tokens_per_s,
         step_time_breakdown_s=s.StepTimeBreakdown(

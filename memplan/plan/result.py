@@ -41,6 +41,9 @@ class Candidate:
     parallelism: ParallelismSpec = field(repr=False, compare=False)
     """The layout as a spec's `parallelism` (with the micro-batch, recomputation and
     accumulation above, `row_spec` gives the spec `memplan estimate` reproduces it from)."""
+    not_modelled: tuple[str, ...] = ()
+    """The terms this row's figure leaves out (memplan.report.notes.NOT_MODELLED), for the
+    rows plan shows (replayed as estimate would); its fit is before them."""
 
     @property
     def tokens_per_s(self) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import groupby
 
 from memplan.config.base import MAX_DEGREE
@@ -471,16 +471,16 @@ def _checked_by_replay(
         batch = layouts[i : i + p.top - shown]
         i += len(batch)
 
-        def fits(c: Candidate) -> bool:
+        def fits(c: Candidate) -> tuple[bool, tuple[str, ...]]:
             return _replay_fits(spec, inventory, c, p, cache)
 
         if workers_help(workers, len(batch), least=REPLAYS_WORTH_A_FORK):
             answers = ordered_map(fits, [[c] for c in batch], workers)
         else:
             answers = [fits(c) for c in batch]
-        for c, ok in zip(batch, answers, strict=True):
+        for c, (ok, missing) in zip(batch, answers, strict=True):
             if ok:
-                out.append(c)
+                out.append(replace(c, not_modelled=missing) if missing else c)
                 shown += 1
             else:
                 pruned["does not fit: the replayed allocator (as estimate) exceeds the budget"] += 1
@@ -494,9 +494,10 @@ tens of milliseconds, a fork of the search a few."""
 
 def _replay_fits(
     spec: Spec, inventory: Inventory, c: Candidate, p: PlanSpec, cache: StepCache | None = None
-) -> bool:
+) -> tuple[bool, tuple[str, ...]]:
     """Whether row `c` fits as `estimate` judges its spec: the usable memory after the
-    replayed allocator and the terms outside it covers plan.reserve. Only the stages plan
+    replayed allocator and the terms outside it covers plan.reserve; and the terms its
+    figure leaves out (Report.not_modelled), which its fit is before. Only the stages plan
     views are worked out (assemble's every_stage=False: the dominated interior ones cannot
     be the most-loaded), then the most-loaded replayed as estimate replays it."""
     row = row_spec(spec, c)
@@ -506,7 +507,7 @@ def _replay_fits(
     )
     assert report is not None  # no budget, nothing to prune
     headroom = report.usable_bytes
-    return headroom is None or headroom >= p.reserve
+    return headroom is None or headroom >= p.reserve, report.not_modelled
 
 
 def _degrees_of(par: ParallelismSpec) -> tuple[object, ...]:

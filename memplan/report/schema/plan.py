@@ -93,6 +93,14 @@ class PlanLayout(Doc):
             "minus plan.reserve: budget_bytes - what the allocator likely reserves at the peak."
         )
     )
+    not_modelled: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Memory terms the row's figure leaves out and that would add to it, as estimate's "
+            "hardware.not_modelled for the row's spec: its fit is before them. Filled for the "
+            "rows plan shows (replayed as estimate would); empty for the others."
+        ),
+    )
     step_time_s: float = Field(description="Estimated seconds per optimizer step.")
     tokens_per_s: float = Field(description="Tokens per second of the whole job at that step time.")
     step_time_breakdown_s: StepTimeBreakdown = Field(description="The step time by part.")
