@@ -359,15 +359,15 @@ LITGPT_QLORA_2023 = (
     "and the optimizer is bnb.optim.PagedAdamW over the LoRA parameters, as litgpt 0.5.9 "
     "(memplan.model.stacks.litgpt_qlora). bitsandbytes 0.41.1 keeps every 4-bit matmul's input "
     "(MatMul4Bit.forward `ctx.tensors = (A, B)`, finetune.bnb_version 0.41.1): 1.82 GiB here; "
-    "with memplan's default bitsandbytes (>= 0.43.2, PR #1270) the rows would be 11.97 and "
-    "11.69 GiB (-9.1%, -9.3%).",
+    "with memplan's default bitsandbytes (>= 0.43.2, PR #1270) the rows would be 11.85 and "
+    "11.56 GiB (-10.0%, -10.3%).",
     "version gap, not subtracted: 8641822 has no StableEmbedding swap (litgpt 0.5.9 "
     "finetune/lora.py::main adds it), about 0.53 GiB that 0.5.9 holds more (the embedding's "
     "bf16 gradient, which its PagedAdamW never holds or clears, and the replaced embedding "
     "weight that optimizer's param_groups keep, 262,144,000 B each; no optimizer state for "
     "either; its LayerNorm's saved input; layer 0's norm and kept input); "
     "and 8641822's RMSNorm keeps its bf16 input where 0.5.9 keeps an fp32 copy, 0.64 GiB at "
-    "micro-batch 1 (LITGPT_2023). Without the two, memplan would be about 4% under, as the "
+    "micro-batch 1 (LITGPT_2023). Without the two, memplan would be about 5% under, as the "
     "LoRA rows would be about 3.5% under without the second.",
 )
 
@@ -383,8 +383,8 @@ LITGPT_13B_2023 = (
 LITGPT_QLORA_13B_2023 = (
     "lit-gpt 8641822 with --quantize, as the 7B rows (LITGPT_QLORA_2023). bitsandbytes 0.41.1 "
     "keeps every 4-bit matmul's input (finetune.bnb_version 0.41.1): 2.85 GiB here; with "
-    "memplan's default bitsandbytes (>= 0.43.2) the rows would be 20.90 and 20.30 GB (-9.7%, "
-    "-10.0%).",
+    "memplan's default bitsandbytes (>= 0.43.2) the rows would be 20.79 and 20.19 GB (-10.2%, "
+    "-10.5%).",
     "version gap, not subtracted: 0.5.9's StableEmbedding swap holds two 327,680,000 B tensors "
     "more (the embedding's bf16 gradient and the replaced weight: 0.61 GiB) and its RMSNorm "
     "about 0.99 GiB more at micro-batch 1 (LITGPT_13B_2023).",
@@ -405,7 +405,7 @@ LITGPT_QLORA_STABLELM_2023 = (
     "holds 0.936 GB more here by the rule's own terms (the embedding's bf16 gradient and the "
     "replaced weight its PagedAdamW keeps, 50,688 x 4,096 x 2 B = 415 MB each; the "
     "StableEmbedding's saved LayerNorm input, 8.5 MB; layer 0's kept input, 97 MB): without "
-    "it memplan would be about 6.51 and 6.35 GB (+2.5%, +2.6%).",
+    "it memplan would be about 6.32 and 6.16 GB (-0.5%, -0.6%).",
 )
 LITGPT_PHI_2023 = (
     LITGPT_2023[0],
@@ -424,7 +424,7 @@ LITGPT_QLORA_PHI_2023 = (
     "holds about 0.47 GB more here by the rule's own terms (the embedding's bf16 gradient and "
     "the replaced weight its PagedAdamW keeps, 51,200 x 2,048 x 2 B = 210 MB each; the "
     "StableEmbedding's saved LayerNorm input, 4.3 MB; layer 0's kept inputs, about 45 MB): "
-    "without it memplan would be about 3.94 and 3.88 GB (+4.2%, +4.2%).",
+    "without it memplan would be about 3.71 and 3.65 GB (-2.0%, -2.0%).",
 )
 LITGPT_FALCON_2023 = (
     LITGPT_2023[0],
