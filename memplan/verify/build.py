@@ -11,6 +11,7 @@ way, so what verify measures is what those tests hold the rules to.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -212,9 +213,9 @@ def decoder_layers(model: nn.Module, count: int) -> nn.ModuleList | None:
 def optimizer_class(spec: Spec) -> type[torch.optim.Optimizer]:
     name = spec.optimizer.name
     if name in BNB_OPTIMIZERS:
-        import bitsandbytes
-
-        cls = getattr(bitsandbytes.optim, BNB_OPTIMIZERS[name])
+        # an optional package (job.check_supported says how to install it): not typed here
+        optim = importlib.import_module("bitsandbytes.optim")
+        cls = getattr(optim, BNB_OPTIMIZERS[name])
     elif name in TRANSFORMERS_OPTIMIZERS:
         from transformers import optimization
 
