@@ -20,6 +20,7 @@ import pytest
 from memplan import activations
 from memplan.config.load import validate
 from memplan.config.spec import Spec
+from memplan.errors import MemplanError
 from memplan.model.finetune import lora as finetune
 from memplan.model.inventory import Inventory
 from memplan.model.sources import from_config
@@ -27,6 +28,7 @@ from memplan.precision import TORCH_NAMES
 from memplan.report.estimate import estimate
 from memplan.report.settings import layout_of, setting_of
 from tests.conftest import TINY_LLAMA
+from tests.test_models_modern import SMALL
 from tests.test_verify_support import TINY_GPT2, loaded, model_state_rows_exact, run
 
 torch = pytest.importorskip("torch")
@@ -412,6 +414,102 @@ _SHARED_FTS = [
     {"method": "lora", "target_modules": ["gate_proj"], "modules_to_save": ["shared_expert_gate"]},
     {"method": "lora", "target_modules": ["k_proj"], "modules_to_save": ["shared_expert"]},
 ]
+# --- LoRA on the MoE block: the router and the fused 3-D experts ------------------------------
+
+# peft 0.21.2 converts the v4 target names of the MoE families transformers 5 fuses
+# (utils/transformers_weight_conversion.py::_convert_peft_config_moe): the router and the
+# experts become `target_parameters`, each wrapped in a lora.ParamWrapper. Qwen2-MoE is not
+# converted (transformers has no conversion pattern for it): all-linear adapts its Linear
+# modules only, and its router is refused as a module.
+DEEPSEEK_V3 = SMALL["deepseek_v3"]
+DEEPSEEK_V2 = SMALL["deepseek_v2-no-q-lora"]
+_MIXTRAL_EXPERTS = ["gate", "w1", "w3", "w2"]
+_QWEN_EXPERTS = ["gate", "gate_proj", "up_proj", "down_proj"]
+MOE_INVENTORY_CASES = [
+    (MIXTRAL, ALL_LINEAR),
+    (MIXTRAL, {"method": "lora", "target_modules": ["q_proj", "gate"]}),
+    (MIXTRAL, {"method": "lora", "target_modules": _MIXTRAL_EXPERTS}),
+    (MIXTRAL, {"method": "lora", "target_modules": ["w2"], "modules_to_save": ["lm_head"]}),
+    (MIXTRAL, {"method": "lora", "target_modules": ["v_proj", "w1", "w3"], "rank": 4}),
+    (QWEN3_MOE, ALL_LINEAR),
+    (QWEN3_MOE, {"method": "lora", "target_modules": _QWEN_EXPERTS}),
+    (QWEN3_MOE, {"method": "lora", "target_modules": ["down_proj", "q_proj"]}),
+    (QWEN2_MOE, ALL_LINEAR),
+    (QWEN2_MOE, {"method": "lora", "target_modules": ["q_proj", "down_proj"]}),
+    # a dense first layer and shared experts: their Linear down_proj is not adapted once
+    # down_proj has moved to the parameter targets
+    (DEEPSEEK_V3, ALL_LINEAR),
+    (DEEPSEEK_V3, {"method": "lora", "target_modules": ["q_a_proj", *_QWEN_EXPERTS]}),
+    (DEEPSEEK_V2, {"method": "lora", "target_modules": ["down_proj", "kv_b_proj"]}),
+]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("config", "ft"), MOE_INVENTORY_CASES, ids=[_id(c, f) for c, f in MOE_INVENTORY_CASES]
+)
+def test_moe_parameter_list_equals_peft(config: dict, ft: dict, precision: str) -> None:
+    """Every parameter of peft's real model (name, shape, dtype, trainable): the router's
+    pair under `mlp.gate`, the experts' pairs under `mlp.experts` (down_proj, the outer
+    ParamWrapper) and `mlp.experts.base_layer` (gate_up_proj at rank 2r, the inner one).
+    Buffers too: DeepSeek-V3's router bias moves under the router's base_layer."""
+    test_parameter_list_equals_peft(config, ft, precision)
+    spec = make(config, ft, precision=precision)
+    inv = finetune.apply(spec, from_config(config))
+    real = sorted(n for n, _ in peft_model(config, spec).named_buffers())
+    assert sorted(b.name for b in inv.buffers) == real
+
+
+@pytest.mark.parametrize(
+    ("config", "peft_error"),
+    [
+        (MIXTRAL, "NoMatchingPeftModuleError"),
+        (QWEN3_MOE, "NoMatchingPeftModuleError"),
+        (DEEPSEEK_V3, "NoMatchingPeftModuleError"),
+    ],
+    ids=["mixtral", "qwen3_moe", "deepseek_v3"],
+)
+def test_moe_without_target_modules_is_refused_like_peft(config: dict, peft_error: str) -> None:
+    """peft converts the MoE config before it fills in its default targets, so Mixtral's
+    listed default (q_proj, v_proj) is never applied and get_peft_model raises."""
+    spec = make(config, {"method": "lora"})
+    with pytest.raises(Exception) as real:
+        peft_model(config, spec)
+    assert type(real.value).__name__ == peft_error
+    with pytest.raises(MemplanError, match=r"NoMatchingPeftModuleError.*finetune\.target_modules"):
+        finetune.apply(spec, from_config(config))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
+def test_verify_mixtral_all_linear_model_states(precision: str) -> None:
+    """`memplan verify` of Mixtral with all-linear (the router and the fused experts wrapped
+    by lora.ParamWrapper): parameters, gradients and AdamW states to the byte on the real peft
+    model after a real step; activations are reported not modelled, so verify leaves them."""
+    doc = {
+        "model": {"architecture": MIXTRAL},
+        "precision": precision,
+        "optimizer": {"name": "adamw"},
+        "training": {"micro_batch_size": 2, "sequence_length": 16, "attention": "sdpa"},
+        "parallelism": {"engine": "ddp", "data": 1},
+        "hardware": {"device": "cpu"},
+        "finetune": ALL_LINEAR,
+    }
+    result = run(validate(doc))
+    model_state_rows_exact(result)
+    rows = {r.name: r for r in result.headline.rows}
+    assert rows["gradients"].checked and rows["gradients"].predicted > 0
+    assert rows["optimizer_states"].checked and rows["optimizer_states"].predicted > 0
+
+
+def test_qwen2_moe_router_is_refused_like_peft() -> None:
+    """Qwen2-MoE is not converted: its router is a module peft cannot adapt."""
+    spec = make(QWEN2_MOE, {"method": "lora", "target_modules": ["q_proj", "gate"]})
+    with pytest.raises(ValueError, match="Target module Qwen2MoeTopKRouter"):
+        peft_model(QWEN2_MOE, spec)
+    with pytest.raises(MemplanError, match="not supported"):
+        finetune.apply(spec, from_config(QWEN2_MOE))
+
+
 # A trainable v_proj next to frozen q/k under autocast: each reader keeps its own cast.
 LLAMA_OWN_CAST = {"method": "lora", "target_modules": ["o_proj"], "modules_to_save": ["v_proj"]}
 _MOE_FTS = [

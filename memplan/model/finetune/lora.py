@@ -44,6 +44,9 @@ from memplan.model.finetune.targets import (
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.model.module_tree import FINETUNE_NOTE, Module, frozen, leaf, modules, owner
 
+BASE = ".base_layer"
+"""The segment a peft wrapper puts its wrapped module under."""
+
 # --- the transforms --------------------------------------------------------------------------
 
 
@@ -110,6 +113,13 @@ def lora(
         root = _root_of(t.name, roots)
         if root is not None:
             under.setdefault(root, []).append(t)
+    # peft wraps a module once per targeted parameter, in the module's registration order:
+    # the first is the innermost lora.ParamWrapper (SRC_PARAM_WRAPPER; tuners_utils.py::
+    # BaseTuner._inject_parameters). Each wrap moves the module under one more `base_layer`.
+    nested: dict[str, list[TensorSpec]] = {}
+    for t in inventory.parameters:
+        if t.name in wrapped:
+            nested.setdefault(owner(t.name), []).append(t)
     renamed: dict[str, str] = {}
     params: list[TensorSpec] = []
     for t in inventory.parameters:
@@ -123,8 +133,14 @@ def lora(
             params.append(_rename(t, f"{mod}.base_layer.{leaf(t.name)}", renamed))
             if t.name == last[mod]:
                 params += lora_tensors(mods[mod], rank=ft.rank, dtype=dtype)
-        elif t.name in wrapped:
-            params += [frozen(t), *param_lora_tensors(t, rank=wrapped[t.name], dtype=dtype)]
+        elif mod in nested:
+            inner = nested[mod]
+            depth = len(inner)
+            params.append(_rename(t, f"{mod}{BASE * depth}.{leaf(t.name)}", renamed))
+            if t.name == last[mod]:
+                for i, w in enumerate(inner):
+                    at = f"{mod}{BASE * (depth - 1 - i)}"
+                    params += param_lora_tensors(w, rank=wrapped[w.name], dtype=dtype, module=at)
         else:
             params.append(frozen(t))
     # Tied aliases (GPT-2's lm_head): the alias is renamed like its module and stays tied to
@@ -147,7 +163,9 @@ def lora(
     return replace(
         inventory,
         parameters=tuple(replace(t, name=PEFT_PREFIX + t.name) for t in params),
-        buffers=tuple(replace(b, name=PEFT_PREFIX + b.name) for b in inventory.buffers),
+        buffers=tuple(
+            replace(b, name=PEFT_PREFIX + _wrapped_name(b.name, nested)) for b in inventory.buffers
+        ),
         tied=tuple((PEFT_PREFIX + a, PEFT_PREFIX + o) for a, o in tied),
         notes=(*inventory.notes, _lora_note(ft, targets, set(roots), dtype)),
     )
@@ -172,6 +190,13 @@ def _copies(mod: str, tensors: Sequence[TensorSpec]) -> list[TensorSpec]:
         replace(t, name=f"{mod}.modules_to_save.{ADAPTER}.{t.name[len(mod) + 1 :]}", trainable=True)
         for t in tensors
     ]
+
+
+def _wrapped_name(name: str, nested: dict[str, list[TensorSpec]]) -> str:
+    """A buffer's name once its module is wrapped by lora.ParamWrappers (DeepSeek-V3's
+    router bias `e_score_correction_bias` moves under the router's `base_layer`)."""
+    mod = owner(name)
+    return f"{mod}{BASE * len(nested[mod])}.{leaf(name)}" if mod in nested else name
 
 
 def _rename(t: TensorSpec, name: str, renamed: dict[str, str]) -> TensorSpec:

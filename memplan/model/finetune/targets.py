@@ -114,6 +114,7 @@ def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) 
     model_type = arch.model_type if arch else ""
     targets: tuple[str, ...] | str
     if ft.target_modules is None:
+        _refuse_moe_default(ft, model_type)
         targets = _peft_targets(model_type)
         if not targets:
             raise MemplanError(
@@ -153,6 +154,36 @@ def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) 
             field="finetune.target_modules",
         )
     return found
+
+
+SRC_MOE_DEFAULT = (
+    f"{PEFT} tuners/tuners_utils.py::BaseTuner.inject_adapter (convert_peft_config_for_"
+    "transformers runs before _prepare_adapter_config; NoMatchingPeftModuleError)"
+)
+
+
+def _refuse_moe_default(ft: FinetuneSpec, model_type: str) -> None:
+    """peft's refusal of a converted MoE model without target_modules (SRC_MOE_DEFAULT).
+
+    BaseTuner.inject_adapter converts the config for transformers 5 (SRC_MOE_CONVERSION)
+    before LoraModel._prepare_adapter_config fills in the default targets: the conversion
+    turns `target_modules=None` into an empty set, so the defaults (Mixtral's q_proj, v_proj
+    in utils/constants.py) are never applied, nothing matches and get_peft_model raises
+    NoMatchingPeftModuleError. Measured on transformers 5.25 for mixtral, qwen3_moe (which
+    has no default anyway); qwen2_moe, not converted, raises peft's 'Please specify
+    `target_modules`' (memplan's no-default error)."""
+    family = family_of(model_type)
+    if ft.method == "full" or family is None or model_type not in family.peft_moe:
+        return
+    defaults = family.peft_targets
+    listed = f" (its listed default {', '.join(defaults)} is never applied)" if defaults else ""
+    raise MemplanError(
+        f"peft 0.21.2 with transformers 5 gives no default target_modules for model_type "
+        f"{model_type!r}{listed}: it converts the MoE config first and get_peft_model raises "
+        "NoMatchingPeftModuleError. Give finetune.target_modules (e.g. [q_proj, v_proj], "
+        "all-linear, or the v4 expert names).",
+        field="finetune.target_modules",
+    )
 
 
 def moe_conversion(
@@ -230,8 +261,15 @@ def param_targets(ft: FinetuneSpec, inventory: Inventory) -> dict[str, int]:
     }
 
 
-def param_lora_tensors(t: TensorSpec, *, rank: int, dtype: str | None) -> list[TensorSpec]:
-    """The adapter pair of one wrapped parameter (SRC_PARAM_WRAPPER): a 2-D [out, in] weight is
+def param_lora_tensors(
+    t: TensorSpec, *, rank: int, dtype: str | None, module: str
+) -> list[TensorSpec]:
+    """The adapter pair of one wrapped parameter, held by its lora.ParamWrapper, which takes
+    the place of the parameter's module: `module` is that wrapper's name (the module's own
+    name, with a `.base_layer` per wrapper outside it). Not the parameter's name: peft names
+    the router's pair `mlp.gate.lora_A.default.weight`, the fused experts' gate_up_proj pair
+    `mlp.experts.base_layer.lora_A...` when down_proj is wrapped around it
+    (SRC_PARAM_WRAPPER; measured on transformers 5.25). A 2-D [out, in] weight is
     one expert; a 3-D [E, d1, d2] one is E experts with in = d2, out = d1 (`swap_in_out_features`
     where the experts module is not `is_transposed`). lora_A = nn.Linear(in, r x E) -> weight
     [r x E, in]; lora_B = nn.Linear(r x E, out) -> weight [out, r x E]."""
@@ -242,7 +280,7 @@ def param_lora_tensors(t: TensorSpec, *, rank: int, dtype: str | None) -> list[T
     width = rank * experts
     return [
         TensorSpec(
-            f"{t.name}.lora_{x}.{ADAPTER}.weight",
+            f"{module}.lora_{x}.{ADAPTER}.weight",
             shape,
             "parameter",
             dtype,
