@@ -501,6 +501,18 @@ def test_verify_mixtral_all_linear_model_states(precision: str) -> None:
     assert rows["optimizer_states"].checked and rows["optimizer_states"].predicted > 0
 
 
+def test_dropout_on_moe_param_targets_is_refused_like_peft() -> None:
+    """lora.ParamWrapper refuses lora_dropout: peft raises, and so does memplan."""
+    spec = make(MIXTRAL, {"method": "lora", "target_modules": ["q_proj", "w2"], "dropout": 0.1})
+    with pytest.raises(ValueError, match="ParamWrapper does not work with lora_dropout"):
+        peft_model(MIXTRAL, spec)
+    with pytest.raises(MemplanError, match=r"finetune\.dropout.*ParamWrapper"):
+        finetune.apply(spec, from_config(MIXTRAL))
+    attention_only = make(MIXTRAL, {**QV, "dropout": 0.1})
+    peft_model(MIXTRAL, attention_only)  # attention adapters take dropout
+    assert finetune.apply(attention_only, from_config(MIXTRAL)).parameters
+
+
 def test_qwen2_moe_router_is_refused_like_peft() -> None:
     """Qwen2-MoE is not converted: its router is a module peft cannot adapt."""
     spec = make(QWEN2_MOE, {"method": "lora", "target_modules": ["q_proj", "gate"]})
@@ -634,3 +646,41 @@ def test_lora_on_moe_experts_or_router_is_not_modelled(targets: Any) -> None:
     predicted = most_saved(spec, from_config(MIXTRAL))
     assert not predicted.modelled
     assert "ParamWrapper" in " ".join(predicted.notes)
+
+
+def _saved(config: dict, ft: dict, precision: str) -> list[tuple[tuple[int, ...], str, int]]:
+    """(shape, dtype, bytes) of every storage autograd saves in one forward of peft's model."""
+    from tests.activation_probe import saved_storages
+
+    spec = make(config, ft, precision=precision)
+    model = peft_model(config, spec)
+    torch.manual_seed(0)
+    t = spec.training
+    ids = torch.randint(0, config["vocab_size"], (t.micro_batch_size, t.sequence_length))
+    with saved_storages([*model.parameters(), *model.buffers()]) as got:
+        model(input_ids=ids, labels=ids.clone(), use_cache=False)
+    return [(s.shape, s.dtype, s.nbytes) for s in got.storages.values()]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_lora_on_moe_saves_the_merged_expert_weight(precision: str) -> None:
+    """Why LoRA on the experts stays 'not modelled': peft's ParamWrapper folds B @ A into the
+    expert weight (baddbmm) and grouped_mm saves that merged [E, H, I] weight, one per layer,
+    a term the token-based flow does not have (memplan.activations.lora_moe.param_wrapped)."""
+    from collections import Counter
+
+    base = Counter(_saved(MIXTRAL, QV, precision))
+    wrapped = Counter(
+        _saved(MIXTRAL, {**QV, "target_modules": ["q_proj", "v_proj", "w2"]}, precision)
+    )
+    added = wrapped - base
+    width = 2 if precision == "bf16" else 4
+    experts, hidden, inter = (
+        MIXTRAL[k] for k in ("num_local_experts", "hidden_size", "intermediate_size")
+    )
+    merged = (experts, inter, hidden)  # the transposed view grouped_mm reads
+    assert (
+        added[(merged, precision, experts * hidden * inter * width)] == MIXTRAL["num_hidden_layers"]
+    )
+    spec = make(MIXTRAL, {**QV, "target_modules": ["q_proj", "v_proj", "w2"]}, precision=precision)
+    assert not most_saved(spec, from_config(MIXTRAL)).modelled

@@ -105,6 +105,15 @@ def lora(
     mods = modules(reference or inventory)
     targets = set(targets_of(ft, inventory, mods))
     wrapped = param_targets(ft, reference or inventory)
+    if wrapped and ft.dropout:
+        shown = ", ".join(sorted({owner(n) for n in wrapped})[:2])
+        raise MemplanError(
+            f"finetune.dropout {ft.dropout} with LoRA on {shown}...: peft adapts the MoE router "
+            "and fused experts with lora.ParamWrapper, which raises 'lora.ParamWrapper does not "
+            "work with lora_dropout != 0' (peft 0.21.2 tuners/lora/layer.py::ParamWrapper."
+            "__init__). Set finetune.dropout to 0, or target the attention projections only.",
+            field="finetune.dropout",
+        )
     roots = saved_roots(ft, mods)
     last: dict[str, str] = {}
     under: dict[str, list[TensorSpec]] = {}
