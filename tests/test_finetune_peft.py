@@ -431,6 +431,11 @@ MOE_INVENTORY_CASES = [
     (MIXTRAL, {"method": "lora", "target_modules": _MIXTRAL_EXPERTS}),
     (MIXTRAL, {"method": "lora", "target_modules": ["w2"], "modules_to_save": ["lm_head"]}),
     (MIXTRAL, {"method": "lora", "target_modules": ["v_proj", "w1", "w3"], "rank": 4}),
+    # a regex is resolved to leaf names: peft adapts q_proj in every layer, not layer 1 only
+    (MIXTRAL, {"method": "lora", "target_modules": r".*layers\.1\..*q_proj"}),
+    (MIXTRAL, {"method": "lora", "target_modules": r".*\.(q_proj|w2)"}),
+    (QWEN3_MOE, {"method": "lora", "target_modules": r".*\.(k_proj|gate_proj|up_proj)"}),
+    (QWEN2_MOE, {"method": "lora", "target_modules": r".*layers\.1\..*q_proj"}),
     (QWEN3_MOE, ALL_LINEAR),
     (QWEN3_MOE, {"method": "lora", "target_modules": _QWEN_EXPERTS}),
     (QWEN3_MOE, {"method": "lora", "target_modules": ["down_proj", "q_proj"]}),
@@ -499,6 +504,23 @@ def test_verify_mixtral_all_linear_model_states(precision: str) -> None:
     rows = {r.name: r for r in result.headline.rows}
     assert rows["gradients"].checked and rows["gradients"].predicted > 0
     assert rows["optimizer_states"].checked and rows["optimizer_states"].predicted > 0
+
+
+@pytest.mark.parametrize(
+    ("regex", "peft_error", "mine"),
+    [
+        (r".*experts.*", "Target module MixtralExperts", "LoRA cannot adapt"),
+        ("q_proj", "Target modules q_proj not found", "matches no module"),
+    ],
+    ids=["experts-module", "bare-name"],
+)
+def test_moe_regex_refusals_like_peft(regex: str, peft_error: str, mine: str) -> None:
+    """A regex naming the experts module itself, or one that matches nothing as a fullmatch."""
+    spec = make(MIXTRAL, {"method": "lora", "target_modules": regex})
+    with pytest.raises(ValueError, match=peft_error):
+        peft_model(MIXTRAL, spec)
+    with pytest.raises(MemplanError, match=mine):
+        finetune.apply(spec, from_config(MIXTRAL))
 
 
 def test_dropout_on_moe_param_targets_is_refused_like_peft() -> None:

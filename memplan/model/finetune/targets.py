@@ -13,7 +13,7 @@ from memplan.errors import MemplanError
 from memplan.hardware import nearest
 from memplan.model.families import family_of
 from memplan.model.inventory import Inventory, TensorSpec
-from memplan.model.module_tree import Module, leaf, modules
+from memplan.model.module_tree import Module, leaf, modules, owner
 
 PEFT = "peft 0.21.2"
 SRC_LORA_LAYER = (
@@ -130,7 +130,7 @@ def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) 
         )
     else:
         targets = ft.target_modules
-    converted = moe_conversion(ft, model_type, targets)
+    converted = moe_conversion(ft, model_type, targets, _keys(inventory))
     if converted is not None:
         targets = converted[0]
     found = [name for name in mods if is_target(ft, targets, name)]
@@ -186,8 +186,48 @@ def _refuse_moe_default(ft: FinetuneSpec, model_type: str) -> None:
     )
 
 
+def _keys(inventory: Inventory) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(module names, parameter names) of the model, as named_modules / named_parameters give
+    them (the modules: every prefix of a parameter's name)."""
+    params = tuple(t.name for t in inventory.parameters)
+    mods: dict[str, None] = {}
+    for name in params:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            mods[".".join(parts[:i])] = None
+    return tuple(mods), params
+
+
+def _resolve_regex(
+    ft: FinetuneSpec,
+    regex: str,
+    mapping: dict[str, str],
+    keys: tuple[tuple[str, ...], tuple[str, ...]],
+) -> set[str]:
+    r"""peft's resolution of a regex target_modules on a converted MoE model (peft 0.21.2
+    utils/transformers_weight_conversion.py::_resolve_string_target_modules): the LEAF names of
+    every module or parameter key it matches, so the list rule that follows adapts that leaf in
+    every layer (`.*layers\.1\..*q_proj` becomes q_proj everywhere: measured, peft builds it
+    so); a v4 expert name is added when the regex matches `<container>.<v4 name>` for a
+    container holding the fused parameter it became."""
+    module_keys, param_keys = keys
+    matched = {leaf(k) for k in (*module_keys, *param_keys) if is_target(ft, regex, k)}
+    containers: dict[str, list[str]] = {}
+    for name in param_keys:
+        containers.setdefault(leaf(name), []).append(owner(name))
+    for old, new in mapping.items():
+        if old in matched:
+            continue
+        if any(is_target(ft, regex, f"{c}.{old}") for c in containers.get(new, ())):
+            matched.add(old)
+    return matched
+
+
 def moe_conversion(
-    ft: FinetuneSpec, model_type: str, targets: tuple[str, ...] | str
+    ft: FinetuneSpec,
+    model_type: str,
+    targets: tuple[str, ...] | str,
+    keys: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
 ) -> tuple[tuple[str, ...], dict[str, int]] | None:
     """peft's v4 -> v5 MoE target conversion (SRC_MOE_CONVERSION), or None where it does not
     apply: (the module targets left, {target parameter suffix: LoRA rank}).
@@ -196,7 +236,7 @@ def moe_conversion(
     mapping (the router `gate` and the expert projections); a list keeps its entries. An entry
     naming a v4 expert projection or the router moves to the parameter targets; both halves
     of a fused `gate_up_proj` give it rank 2r (`rank_pattern`), one half alone is refused as
-    peft refuses it. A regex is left as it is (peft probes it against v4 names: not modelled).
+    peft refuses it. A regex is resolved to leaf names first (_resolve_regex).
     """
     family = family_of(model_type)
     base = family.peft_moe.get(model_type) if family else None
@@ -208,7 +248,9 @@ def moe_conversion(
     elif isinstance(targets, tuple):
         resolved = set(targets)
     else:
-        return None
+        resolved = _resolve_regex(ft, targets, mapping, keys)
+        if not resolved:
+            return None  # left to the not-found error, as peft leaves it
     left: set[str] = set()
     params: dict[str, int] = {}
     present: dict[str, set[str]] = {}
@@ -249,7 +291,7 @@ def param_targets(ft: FinetuneSpec, inventory: Inventory) -> dict[str, int]:
         )
     else:
         targets = ft.target_modules
-    converted = moe_conversion(ft, model_type, targets)
+    converted = moe_conversion(ft, model_type, targets, _keys(inventory))
     if converted is None:
         return {}
     suffixes = converted[1]
