@@ -436,6 +436,8 @@ MOE_INVENTORY_CASES = [
     (MIXTRAL, {"method": "lora", "target_modules": r".*\.(q_proj|w2)"}),
     (QWEN3_MOE, {"method": "lora", "target_modules": r".*\.(k_proj|gate_proj|up_proj)"}),
     (QWEN2_MOE, {"method": "lora", "target_modules": r".*layers\.1\..*q_proj"}),
+    # a wrapped expert inside a saved module: both copies hold the wrapper and its adapters
+    (MIXTRAL, {"method": "lora", "target_modules": ["w2"], "modules_to_save": ["mlp"]}),
     (QWEN3_MOE, ALL_LINEAR),
     (QWEN3_MOE, {"method": "lora", "target_modules": _QWEN_EXPERTS}),
     (QWEN3_MOE, {"method": "lora", "target_modules": ["down_proj", "q_proj"]}),
@@ -520,6 +522,22 @@ def test_moe_regex_refusals_like_peft(regex: str, peft_error: str, mine: str) ->
     with pytest.raises(ValueError, match=peft_error):
         peft_model(MIXTRAL, spec)
     with pytest.raises(MemplanError, match=mine):
+        finetune.apply(spec, from_config(MIXTRAL))
+
+
+@pytest.mark.parametrize(
+    "ft",
+    [
+        {"method": "lora", "target_modules": ["w2"], "modules_to_save": ["experts"]},
+        {"method": "lora", "target_modules": "all-linear", "modules_to_save": ["gate"]},
+    ],
+    ids=["experts", "router"],
+)
+def test_saving_a_param_wrapped_module_is_refused_like_peft(ft: dict) -> None:
+    spec = make(MIXTRAL, ft)
+    with pytest.raises(TypeError, match="cannot be applied to modules of type.*ParamWrapper"):
+        peft_model(MIXTRAL, spec)
+    with pytest.raises(MemplanError, match=r"finetune\.modules_to_save.*ParamWrapper"):
         finetune.apply(spec, from_config(MIXTRAL))
 
 
