@@ -20,6 +20,7 @@ import pytest
 from memplan import activations
 from memplan.config.load import validate
 from memplan.config.spec import Spec
+from memplan.errors import MemplanError
 from memplan.model.finetune import lora as finetune
 from memplan.model.inventory import Inventory
 from memplan.model.sources import from_config
@@ -27,6 +28,7 @@ from memplan.precision import TORCH_NAMES
 from memplan.report.estimate import estimate
 from memplan.report.settings import layout_of, setting_of
 from tests.conftest import TINY_LLAMA
+from tests.test_models_modern import SMALL
 from tests.test_verify_support import TINY_GPT2, loaded, model_state_rows_exact, run
 
 torch = pytest.importorskip("torch")
@@ -412,6 +414,154 @@ _SHARED_FTS = [
     {"method": "lora", "target_modules": ["gate_proj"], "modules_to_save": ["shared_expert_gate"]},
     {"method": "lora", "target_modules": ["k_proj"], "modules_to_save": ["shared_expert"]},
 ]
+# --- LoRA on the MoE block: the router and the fused 3-D experts ------------------------------
+
+# peft 0.21.2 converts the v4 target names of the MoE families transformers 5 fuses
+# (utils/transformers_weight_conversion.py::_convert_peft_config_moe): the router and the
+# experts become `target_parameters`, each wrapped in a lora.ParamWrapper. Qwen2-MoE is not
+# converted (transformers has no conversion pattern for it): all-linear adapts its Linear
+# modules only, and its router is refused as a module.
+DEEPSEEK_V3 = SMALL["deepseek_v3"]
+DEEPSEEK_V2 = SMALL["deepseek_v2-no-q-lora"]
+_MIXTRAL_EXPERTS = ["gate", "w1", "w3", "w2"]
+_QWEN_EXPERTS = ["gate", "gate_proj", "up_proj", "down_proj"]
+MOE_INVENTORY_CASES = [
+    (MIXTRAL, ALL_LINEAR),
+    (MIXTRAL, {"method": "lora", "target_modules": ["q_proj", "gate"]}),
+    (MIXTRAL, {"method": "lora", "target_modules": _MIXTRAL_EXPERTS}),
+    (MIXTRAL, {"method": "lora", "target_modules": ["w2"], "modules_to_save": ["lm_head"]}),
+    (MIXTRAL, {"method": "lora", "target_modules": ["v_proj", "w1", "w3"], "rank": 4}),
+    # a regex is resolved to leaf names: peft adapts q_proj in every layer, not layer 1 only
+    (MIXTRAL, {"method": "lora", "target_modules": r".*layers\.1\..*q_proj"}),
+    (MIXTRAL, {"method": "lora", "target_modules": r".*\.(q_proj|w2)"}),
+    (QWEN3_MOE, {"method": "lora", "target_modules": r".*\.(k_proj|gate_proj|up_proj)"}),
+    (QWEN2_MOE, {"method": "lora", "target_modules": r".*layers\.1\..*q_proj"}),
+    # a wrapped expert inside a saved module: both copies hold the wrapper and its adapters
+    (MIXTRAL, {"method": "lora", "target_modules": ["w2"], "modules_to_save": ["mlp"]}),
+    (QWEN3_MOE, ALL_LINEAR),
+    (QWEN3_MOE, {"method": "lora", "target_modules": _QWEN_EXPERTS}),
+    (QWEN3_MOE, {"method": "lora", "target_modules": ["down_proj", "q_proj"]}),
+    (QWEN2_MOE, ALL_LINEAR),
+    (QWEN2_MOE, {"method": "lora", "target_modules": ["q_proj", "down_proj"]}),
+    # a dense first layer and shared experts: their Linear down_proj is not adapted once
+    # down_proj has moved to the parameter targets
+    (DEEPSEEK_V3, ALL_LINEAR),
+    (DEEPSEEK_V3, {"method": "lora", "target_modules": ["q_a_proj", *_QWEN_EXPERTS]}),
+    (DEEPSEEK_V2, {"method": "lora", "target_modules": ["down_proj", "kv_b_proj"]}),
+]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("config", "ft"), MOE_INVENTORY_CASES, ids=[_id(c, f) for c, f in MOE_INVENTORY_CASES]
+)
+def test_moe_parameter_list_equals_peft(config: dict, ft: dict, precision: str) -> None:
+    """Every parameter of peft's real model (name, shape, dtype, trainable): the router's
+    pair under `mlp.gate`, the experts' pairs under `mlp.experts` (down_proj, the outer
+    ParamWrapper) and `mlp.experts.base_layer` (gate_up_proj at rank 2r, the inner one).
+    Buffers too: DeepSeek-V3's router bias moves under the router's base_layer."""
+    test_parameter_list_equals_peft(config, ft, precision)
+    spec = make(config, ft, precision=precision)
+    inv = finetune.apply(spec, from_config(config))
+    real = sorted(n for n, _ in peft_model(config, spec).named_buffers())
+    assert sorted(b.name for b in inv.buffers) == real
+
+
+@pytest.mark.parametrize(
+    ("config", "peft_error"),
+    [
+        (MIXTRAL, "NoMatchingPeftModuleError"),
+        (QWEN3_MOE, "NoMatchingPeftModuleError"),
+        (DEEPSEEK_V3, "NoMatchingPeftModuleError"),
+    ],
+    ids=["mixtral", "qwen3_moe", "deepseek_v3"],
+)
+def test_moe_without_target_modules_is_refused_like_peft(config: dict, peft_error: str) -> None:
+    """peft converts the MoE config before it fills in its default targets, so Mixtral's
+    listed default (q_proj, v_proj) is never applied and get_peft_model raises."""
+    spec = make(config, {"method": "lora"})
+    with pytest.raises(Exception) as real:
+        peft_model(config, spec)
+    assert type(real.value).__name__ == peft_error
+    with pytest.raises(MemplanError, match=r"NoMatchingPeftModuleError.*finetune\.target_modules"):
+        finetune.apply(spec, from_config(config))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
+def test_verify_mixtral_all_linear_model_states(precision: str) -> None:
+    """`memplan verify` of Mixtral with all-linear (the router and the fused experts wrapped
+    by lora.ParamWrapper): parameters, gradients and AdamW states to the byte on the real peft
+    model after a real step; activations are reported not modelled, so verify leaves them."""
+    doc = {
+        "model": {"architecture": MIXTRAL},
+        "precision": precision,
+        "optimizer": {"name": "adamw"},
+        "training": {"micro_batch_size": 2, "sequence_length": 16, "attention": "sdpa"},
+        "parallelism": {"engine": "ddp", "data": 1},
+        "hardware": {"device": "cpu"},
+        "finetune": ALL_LINEAR,
+    }
+    result = run(validate(doc))
+    model_state_rows_exact(result)
+    rows = {r.name: r for r in result.headline.rows}
+    assert rows["gradients"].checked and rows["gradients"].predicted > 0
+    assert rows["optimizer_states"].checked and rows["optimizer_states"].predicted > 0
+
+
+@pytest.mark.parametrize(
+    ("regex", "peft_error", "mine"),
+    [
+        (r".*experts.*", "Target module MixtralExperts", "LoRA cannot adapt"),
+        ("q_proj", "Target modules q_proj not found", "matches no module"),
+    ],
+    ids=["experts-module", "bare-name"],
+)
+def test_moe_regex_refusals_like_peft(regex: str, peft_error: str, mine: str) -> None:
+    """A regex naming the experts module itself, or one that matches nothing as a fullmatch."""
+    spec = make(MIXTRAL, {"method": "lora", "target_modules": regex})
+    with pytest.raises(ValueError, match=peft_error):
+        peft_model(MIXTRAL, spec)
+    with pytest.raises(MemplanError, match=mine):
+        finetune.apply(spec, from_config(MIXTRAL))
+
+
+@pytest.mark.parametrize(
+    "ft",
+    [
+        {"method": "lora", "target_modules": ["w2"], "modules_to_save": ["experts"]},
+        {"method": "lora", "target_modules": "all-linear", "modules_to_save": ["gate"]},
+    ],
+    ids=["experts", "router"],
+)
+def test_saving_a_param_wrapped_module_is_refused_like_peft(ft: dict) -> None:
+    spec = make(MIXTRAL, ft)
+    with pytest.raises(TypeError, match="cannot be applied to modules of type.*ParamWrapper"):
+        peft_model(MIXTRAL, spec)
+    with pytest.raises(MemplanError, match=r"finetune\.modules_to_save.*ParamWrapper"):
+        finetune.apply(spec, from_config(MIXTRAL))
+
+
+def test_dropout_on_moe_param_targets_is_refused_like_peft() -> None:
+    """lora.ParamWrapper refuses lora_dropout: peft raises, and so does memplan."""
+    spec = make(MIXTRAL, {"method": "lora", "target_modules": ["q_proj", "w2"], "dropout": 0.1})
+    with pytest.raises(ValueError, match="ParamWrapper does not work with lora_dropout"):
+        peft_model(MIXTRAL, spec)
+    with pytest.raises(MemplanError, match=r"finetune\.dropout.*ParamWrapper"):
+        finetune.apply(spec, from_config(MIXTRAL))
+    attention_only = make(MIXTRAL, {**QV, "dropout": 0.1})
+    peft_model(MIXTRAL, attention_only)  # attention adapters take dropout
+    assert finetune.apply(attention_only, from_config(MIXTRAL)).parameters
+
+
+def test_qwen2_moe_router_is_refused_like_peft() -> None:
+    """Qwen2-MoE is not converted: its router is a module peft cannot adapt."""
+    spec = make(QWEN2_MOE, {"method": "lora", "target_modules": ["q_proj", "gate"]})
+    with pytest.raises(ValueError, match="Target module Qwen2MoeTopKRouter"):
+        peft_model(QWEN2_MOE, spec)
+    with pytest.raises(MemplanError, match="not supported"):
+        finetune.apply(spec, from_config(QWEN2_MOE))
+
+
 # A trainable v_proj next to frozen q/k under autocast: each reader keeps its own cast.
 LLAMA_OWN_CAST = {"method": "lora", "target_modules": ["o_proj"], "modules_to_save": ["v_proj"]}
 _MOE_FTS = [
@@ -536,3 +686,41 @@ def test_lora_on_moe_experts_or_router_is_not_modelled(targets: Any) -> None:
     predicted = most_saved(spec, from_config(MIXTRAL))
     assert not predicted.modelled
     assert "ParamWrapper" in " ".join(predicted.notes)
+
+
+def _saved(config: dict, ft: dict, precision: str) -> list[tuple[tuple[int, ...], str, int]]:
+    """(shape, dtype, bytes) of every storage autograd saves in one forward of peft's model."""
+    from tests.activation_probe import saved_storages
+
+    spec = make(config, ft, precision=precision)
+    model = peft_model(config, spec)
+    torch.manual_seed(0)
+    t = spec.training
+    ids = torch.randint(0, config["vocab_size"], (t.micro_batch_size, t.sequence_length))
+    with saved_storages([*model.parameters(), *model.buffers()]) as got:
+        model(input_ids=ids, labels=ids.clone(), use_cache=False)
+    return [(s.shape, s.dtype, s.nbytes) for s in got.storages.values()]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_lora_on_moe_saves_the_merged_expert_weight(precision: str) -> None:
+    """Why LoRA on the experts stays 'not modelled': peft's ParamWrapper folds B @ A into the
+    expert weight (baddbmm) and grouped_mm saves that merged [E, H, I] weight, one per layer,
+    a term the token-based flow does not have (memplan.activations.lora_moe.param_wrapped)."""
+    from collections import Counter
+
+    base = Counter(_saved(MIXTRAL, QV, precision))
+    wrapped = Counter(
+        _saved(MIXTRAL, {**QV, "target_modules": ["q_proj", "v_proj", "w2"]}, precision)
+    )
+    added = wrapped - base
+    width = 2 if precision == "bf16" else 4
+    experts, hidden, inter = (
+        MIXTRAL[k] for k in ("num_local_experts", "hidden_size", "intermediate_size")
+    )
+    merged = (experts, inter, hidden)  # the transposed view grouped_mm reads
+    assert (
+        added[(merged, precision, experts * hidden * inter * width)] == MIXTRAL["num_hidden_layers"]
+    )
+    spec = make(MIXTRAL, {**QV, "target_modules": ["q_proj", "v_proj", "w2"]}, precision=precision)
+    assert not most_saved(spec, from_config(MIXTRAL)).modelled

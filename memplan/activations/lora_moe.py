@@ -78,7 +78,20 @@ def moe_flow(sc: Scope, x_grad: bool, *, shared: bool, prefix: str = "mlp") -> M
 def param_wrapped(sc: Scope, prefix: str = "mlp") -> list[str]:
     """The block's modules peft adapts with lora.ParamWrapper (its `target_parameters`: the
     router's weight, the fused 3-D expert weights; memplan.model.finetune.targets), whose
-    forward adds B @ A to the weight itself: what that saves is not modelled."""
+    forward adds B @ A to the weight itself: what that saves is not modelled.
+
+    Measured (tests/activation_probe.py, tiny Mixtral E=4 H=48 I=96, 3 layers, batch 2 x 16,
+    peft 0.21.2, torch 2.13 CPU; test_lora_on_moe_saves_the_merged_expert_weight): over the
+    same model with q_proj/v_proj adapters only, each layer saves
+    - per wrapped expert weight, the merged weight W + s * B @ A at the parameter's full size
+      and dtype (peft tuners/lora/layer.py::_LoraFactorsProxy.forward: `baddbmm`; grouped_mm
+      keeps it for the input's gradient), plus the grouped_mm's input (routed tokens x in);
+    - in 16-bit with fp32 adapters, baddbmm's 16-bit casts of B [E, out, r] and A [E, r, in];
+    - for the router, its input [tokens, H] and the merged weight [E, H] (under autocast with
+      fp32 weights: the 16-bit casts of x, A and B instead).
+    bf16: +175,104 bytes (w2), +331,776 (w1+w3), +10,368 (router); fp32: +294,912, +479,232,
+    +20,736. The merged weight scales with E x H x I per layer, not with tokens: a per-layer
+    term beside the token terms of memplan.activations.lora_flow, not yet wired there."""
     inside = (f"{prefix}.gate", f"{prefix}.experts")
     return [
         m for m, _ in sc.adapters if m in inside or m.startswith(tuple(f"{i}." for i in inside))

@@ -83,6 +83,9 @@ FAMILY = Family(
     model_types=("mixtral",),
     tensors=build,
     saved=_llama_decoder.saved,  # Llama's layer with the sparse MoE MLP
+    # peft's listed default, never applied under transformers 5: peft converts the MoE config
+    # (peft_moe) before it fills in defaults and raises NoMatchingPeftModuleError, as memplan
+    # does (memplan.model.finetune.targets._refuse_moe_default).
     peft_targets=("q_proj", "v_proj"),
     peft_moe={"mixtral": "mixtral"},
     lora_ends=ModelEnds(

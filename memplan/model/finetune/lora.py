@@ -44,6 +44,9 @@ from memplan.model.finetune.targets import (
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.model.module_tree import FINETUNE_NOTE, Module, frozen, leaf, modules, owner
 
+BASE = ".base_layer"
+"""The segment a peft wrapper puts its wrapped module under."""
+
 # --- the transforms --------------------------------------------------------------------------
 
 
@@ -102,29 +105,80 @@ def lora(
     mods = modules(reference or inventory)
     targets = set(targets_of(ft, inventory, mods))
     wrapped = param_targets(ft, reference or inventory)
+    if wrapped and ft.dropout:
+        shown = ", ".join(sorted({owner(n) for n in wrapped})[:2])
+        raise MemplanError(
+            f"finetune.dropout {ft.dropout} with LoRA on {shown}...: peft adapts the MoE router "
+            "and fused experts with lora.ParamWrapper, which raises 'lora.ParamWrapper does not "
+            "work with lora_dropout != 0' (peft 0.21.2 tuners/lora/layer.py::ParamWrapper."
+            "__init__). Set finetune.dropout to 0, or target the attention projections only.",
+            field="finetune.dropout",
+        )
     roots = saved_roots(ft, mods)
+    # peft wraps a module once per targeted parameter, in the module's registration order:
+    # the first is the innermost lora.ParamWrapper (SRC_PARAM_WRAPPER; tuners_utils.py::
+    # BaseTuner._inject_parameters). Each wrap moves the module under one more `base_layer`.
+    nested: dict[str, list[TensorSpec]] = {}
+    for t in inventory.parameters:
+        if t.name in wrapped:
+            nested.setdefault(owner(t.name), []).append(t)
+    saved_wrapper = next((m for m in nested if m in roots), None)
+    if saved_wrapper is not None:
+        raise MemplanError(
+            f"modules_to_save names {saved_wrapper}, which peft wraps in lora.ParamWrapper "
+            "(the MoE router or fused experts are LoRA targets here): peft raises "
+            "'modules_to_save cannot be applied to modules of type ParamWrapper' (peft 0.21.2 "
+            "utils/other.py::AuxiliaryTrainingWrapper.check_module). Drop it from "
+            "finetune.modules_to_save or from finetune.target_modules.",
+            field="finetune.modules_to_save",
+        )
     last: dict[str, str] = {}
-    under: dict[str, list[TensorSpec]] = {}
     for t in inventory.parameters:
         last[owner(t.name)] = t.name
+
+    def forms(t: TensorSpec) -> list[TensorSpec]:
+        """`t` as peft holds it once its module is wrapped (then, after the module's last
+        parameter, the wrappers' adapter pairs, innermost first)."""
+        mod = owner(t.name)
+        if mod not in nested:
+            return [t]
+        inner = nested[mod]
+        depth = len(inner)
+        out = [replace(t, name=f"{mod}{BASE * depth}.{leaf(t.name)}")]
+        if t.name == last[mod]:
+            for i, w in enumerate(inner):
+                at = f"{mod}{BASE * (depth - 1 - i)}"
+                out += param_lora_tensors(w, rank=wrapped[w.name], dtype=dtype, module=at)
+        return out
+
+    under: dict[str, list[TensorSpec]] = {}
+    last_under: dict[str, str] = {}
+    for t in inventory.parameters:
         root = _root_of(t.name, roots)
         if root is not None:
-            under.setdefault(root, []).append(t)
+            under.setdefault(root, []).extend(forms(t))
+            last_under[root] = t.name
     renamed: dict[str, str] = {}
     params: list[TensorSpec] = []
     for t in inventory.parameters:
         mod = owner(t.name)
         root = _root_of(t.name, roots)
         if root is not None:
-            params.append(_rename(t, f"{root}.original_module.{t.name[len(root) + 1 :]}", renamed))
-            if t is under[root][-1]:
+            # a wrapped module inside a saved one: ModulesToSaveWrapper copies the wrappers
+            # too, adapters included (measured: Mixtral, w2 with modules_to_save [mlp])
+            for x in forms(t):
+                name = f"{root}.original_module.{x.name[len(root) + 1 :]}"
+                params.append(_rename(x, name, renamed))
+                renamed[t.name] = renamed.get(t.name, name)
+            if t.name == last_under[root]:
                 params += _copies(root, under[root])
         elif mod in targets:
             params.append(_rename(t, f"{mod}.base_layer.{leaf(t.name)}", renamed))
             if t.name == last[mod]:
                 params += lora_tensors(mods[mod], rank=ft.rank, dtype=dtype)
-        elif t.name in wrapped:
-            params += [frozen(t), *param_lora_tensors(t, rank=wrapped[t.name], dtype=dtype)]
+        elif mod in nested:
+            head, *adapters = forms(t)
+            params += [_rename(t, head.name, renamed), *adapters]
         else:
             params.append(frozen(t))
     # Tied aliases (GPT-2's lm_head): the alias is renamed like its module and stays tied to
@@ -147,7 +201,9 @@ def lora(
     return replace(
         inventory,
         parameters=tuple(replace(t, name=PEFT_PREFIX + t.name) for t in params),
-        buffers=tuple(replace(b, name=PEFT_PREFIX + b.name) for b in inventory.buffers),
+        buffers=tuple(
+            replace(b, name=PEFT_PREFIX + _wrapped_name(b.name, nested)) for b in inventory.buffers
+        ),
         tied=tuple((PEFT_PREFIX + a, PEFT_PREFIX + o) for a, o in tied),
         notes=(*inventory.notes, _lora_note(ft, targets, set(roots), dtype)),
     )
@@ -172,6 +228,13 @@ def _copies(mod: str, tensors: Sequence[TensorSpec]) -> list[TensorSpec]:
         replace(t, name=f"{mod}.modules_to_save.{ADAPTER}.{t.name[len(mod) + 1 :]}", trainable=True)
         for t in tensors
     ]
+
+
+def _wrapped_name(name: str, nested: dict[str, list[TensorSpec]]) -> str:
+    """A buffer's name once its module is wrapped by lora.ParamWrappers (DeepSeek-V3's
+    router bias `e_score_correction_bias` moves under the router's `base_layer`)."""
+    mod = owner(name)
+    return f"{mod}{BASE * len(nested[mod])}.{leaf(name)}" if mod in nested else name
 
 
 def _rename(t: TensorSpec, name: str, renamed: dict[str, str]) -> TensorSpec:

@@ -13,7 +13,7 @@ from memplan.errors import MemplanError
 from memplan.hardware import nearest
 from memplan.model.families import family_of
 from memplan.model.inventory import Inventory, TensorSpec
-from memplan.model.module_tree import Module, leaf, modules
+from memplan.model.module_tree import Module, leaf, modules, owner
 
 PEFT = "peft 0.21.2"
 SRC_LORA_LAYER = (
@@ -114,6 +114,7 @@ def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) 
     model_type = arch.model_type if arch else ""
     targets: tuple[str, ...] | str
     if ft.target_modules is None:
+        _refuse_moe_default(ft, model_type)
         targets = _peft_targets(model_type)
         if not targets:
             raise MemplanError(
@@ -129,7 +130,7 @@ def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) 
         )
     else:
         targets = ft.target_modules
-    converted = moe_conversion(ft, model_type, targets)
+    converted = moe_conversion(ft, model_type, targets, _keys(inventory))
     if converted is not None:
         targets = converted[0]
     found = [name for name in mods if is_target(ft, targets, name)]
@@ -155,8 +156,78 @@ def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) 
     return found
 
 
+SRC_MOE_DEFAULT = (
+    f"{PEFT} tuners/tuners_utils.py::BaseTuner.inject_adapter (convert_peft_config_for_"
+    "transformers runs before _prepare_adapter_config; NoMatchingPeftModuleError)"
+)
+
+
+def _refuse_moe_default(ft: FinetuneSpec, model_type: str) -> None:
+    """peft's refusal of a converted MoE model without target_modules (SRC_MOE_DEFAULT).
+
+    BaseTuner.inject_adapter converts the config for transformers 5 (SRC_MOE_CONVERSION)
+    before LoraModel._prepare_adapter_config fills in the default targets: the conversion
+    turns `target_modules=None` into an empty set, so the defaults (Mixtral's q_proj, v_proj
+    in utils/constants.py) are never applied, nothing matches and get_peft_model raises
+    NoMatchingPeftModuleError. Measured on transformers 5.25 for mixtral, qwen3_moe (which
+    has no default anyway); qwen2_moe, not converted, raises peft's 'Please specify
+    `target_modules`' (memplan's no-default error)."""
+    family = family_of(model_type)
+    if ft.method == "full" or family is None or model_type not in family.peft_moe:
+        return
+    defaults = family.peft_targets
+    listed = f" (its listed default {', '.join(defaults)} is never applied)" if defaults else ""
+    raise MemplanError(
+        f"peft 0.21.2 with transformers 5 gives no default target_modules for model_type "
+        f"{model_type!r}{listed}: it converts the MoE config first and get_peft_model raises "
+        "NoMatchingPeftModuleError. Give finetune.target_modules (e.g. [q_proj, v_proj], "
+        "all-linear, or the v4 expert names).",
+        field="finetune.target_modules",
+    )
+
+
+def _keys(inventory: Inventory) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(module names, parameter names) of the model, as named_modules / named_parameters give
+    them (the modules: every prefix of a parameter's name)."""
+    params = tuple(t.name for t in inventory.parameters)
+    mods: dict[str, None] = {}
+    for name in params:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            mods[".".join(parts[:i])] = None
+    return tuple(mods), params
+
+
+def _resolve_regex(
+    ft: FinetuneSpec,
+    regex: str,
+    mapping: dict[str, str],
+    keys: tuple[tuple[str, ...], tuple[str, ...]],
+) -> set[str]:
+    r"""peft's resolution of a regex target_modules on a converted MoE model (peft 0.21.2
+    utils/transformers_weight_conversion.py::_resolve_string_target_modules): the LEAF names of
+    every module or parameter key it matches, so the list rule that follows adapts that leaf in
+    every layer (`.*layers\.1\..*q_proj` becomes q_proj everywhere: measured, peft builds it
+    so); a v4 expert name is added when the regex matches `<container>.<v4 name>` for a
+    container holding the fused parameter it became."""
+    module_keys, param_keys = keys
+    matched = {leaf(k) for k in (*module_keys, *param_keys) if is_target(ft, regex, k)}
+    containers: dict[str, list[str]] = {}
+    for name in param_keys:
+        containers.setdefault(leaf(name), []).append(owner(name))
+    for old, new in mapping.items():
+        if old in matched:
+            continue
+        if any(is_target(ft, regex, f"{c}.{old}") for c in containers.get(new, ())):
+            matched.add(old)
+    return matched
+
+
 def moe_conversion(
-    ft: FinetuneSpec, model_type: str, targets: tuple[str, ...] | str
+    ft: FinetuneSpec,
+    model_type: str,
+    targets: tuple[str, ...] | str,
+    keys: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
 ) -> tuple[tuple[str, ...], dict[str, int]] | None:
     """peft's v4 -> v5 MoE target conversion (SRC_MOE_CONVERSION), or None where it does not
     apply: (the module targets left, {target parameter suffix: LoRA rank}).
@@ -165,7 +236,7 @@ def moe_conversion(
     mapping (the router `gate` and the expert projections); a list keeps its entries. An entry
     naming a v4 expert projection or the router moves to the parameter targets; both halves
     of a fused `gate_up_proj` give it rank 2r (`rank_pattern`), one half alone is refused as
-    peft refuses it. A regex is left as it is (peft probes it against v4 names: not modelled).
+    peft refuses it. A regex is resolved to leaf names first (_resolve_regex).
     """
     family = family_of(model_type)
     base = family.peft_moe.get(model_type) if family else None
@@ -177,7 +248,9 @@ def moe_conversion(
     elif isinstance(targets, tuple):
         resolved = set(targets)
     else:
-        return None
+        resolved = _resolve_regex(ft, targets, mapping, keys)
+        if not resolved:
+            return None  # left to the not-found error, as peft leaves it
     left: set[str] = set()
     params: dict[str, int] = {}
     present: dict[str, set[str]] = {}
@@ -218,7 +291,7 @@ def param_targets(ft: FinetuneSpec, inventory: Inventory) -> dict[str, int]:
         )
     else:
         targets = ft.target_modules
-    converted = moe_conversion(ft, model_type, targets)
+    converted = moe_conversion(ft, model_type, targets, _keys(inventory))
     if converted is None:
         return {}
     suffixes = converted[1]
@@ -230,8 +303,15 @@ def param_targets(ft: FinetuneSpec, inventory: Inventory) -> dict[str, int]:
     }
 
 
-def param_lora_tensors(t: TensorSpec, *, rank: int, dtype: str | None) -> list[TensorSpec]:
-    """The adapter pair of one wrapped parameter (SRC_PARAM_WRAPPER): a 2-D [out, in] weight is
+def param_lora_tensors(
+    t: TensorSpec, *, rank: int, dtype: str | None, module: str
+) -> list[TensorSpec]:
+    """The adapter pair of one wrapped parameter, held by its lora.ParamWrapper, which takes
+    the place of the parameter's module: `module` is that wrapper's name (the module's own
+    name, with a `.base_layer` per wrapper outside it). Not the parameter's name: peft names
+    the router's pair `mlp.gate.lora_A.default.weight`, the fused experts' gate_up_proj pair
+    `mlp.experts.base_layer.lora_A...` when down_proj is wrapped around it
+    (SRC_PARAM_WRAPPER; measured on transformers 5.25). A 2-D [out, in] weight is
     one expert; a 3-D [E, d1, d2] one is E experts with in = d2, out = d1 (`swap_in_out_features`
     where the experts module is not `is_transposed`). lora_A = nn.Linear(in, r x E) -> weight
     [r x E, in]; lora_B = nn.Linear(r x E, out) -> weight [out, r x E]."""
@@ -242,7 +322,7 @@ def param_lora_tensors(t: TensorSpec, *, rank: int, dtype: str | None) -> list[T
     width = rank * experts
     return [
         TensorSpec(
-            f"{t.name}.lora_{x}.{ADAPTER}.weight",
+            f"{module}.lora_{x}.{ADAPTER}.weight",
             shape,
             "parameter",
             dtype,
