@@ -27,16 +27,14 @@ from dataclasses import replace
 
 from memplan.activations.lora_flow import (
     SRC_LORA_EMBEDDING,
-    Adapter,
     Flow,
-    Scope,
     adapter_saved,
     adapter_tensors,
     embedding_adapter_saved,
     layer_flow,
     layer_tensors,
-    scopes,
 )
+from memplan.activations.lora_scope import Adapter, Scope, scopes
 from memplan.config.finetune import FinetuneSpec
 from memplan.model.families import all_families, family_of
 from memplan.model.families.record import ModelEnds

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from memplan.activations.lora_flow import Scope
+    from memplan.activations.lora_scope import Scope
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
