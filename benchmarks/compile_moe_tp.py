@@ -42,6 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.compile_tp import traced_spec, traced_tensors  # noqa: E402
 from benchmarks.stamp import stamp  # noqa: E402
 from memplan.model.forward import compiled_moe_tp as rule  # noqa: E402
 
@@ -124,14 +125,9 @@ def rule_tensors(case: dict[str, Any], tp: int) -> Counter[tuple[str, int]]:
     return Counter((t.dtype, t.bytes) for t in kept)
 
 
-def traced_tensors(kept: list[list[Any]]) -> Counter[tuple[str, int]]:
-    return Counter((dtype, nbytes) for _, dtype, _, nbytes in kept)
-
-
 def tiny(case: dict[str, Any], tp: int) -> tuple[Any, dict[str, Any]]:
     """The memplan spec and architecture of a traced case: the probe's one-block Qwen3-MoE
     (torchtitan's code) at the case's batch, sequence, dtype, checkpointing and TP, compiled."""
-    from tests.conftest import make_spec
 
     dims = _dims(case, tp)
     cfg: dict[str, Any] = {
@@ -151,23 +147,7 @@ def tiny(case: dict[str, Any], tp: int) -> tuple[Any, dict[str, Any]]:
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False,
     }
-    spec = make_spec(
-        model={"architecture": cfg, "implementation": "torchtitan"},
-        precision="fp32" if case["dtype"] == "fp32" else "bf16-mixed",
-        training={
-            "micro_batch_size": case["batch"],
-            "sequence_length": case["seq"],
-            "activation_checkpointing": case["mode"],
-            "compile": True,
-        },
-        parallelism={
-            "engine": "fsdp2",
-            "tensor": tp,
-            "sequence_parallel": case["sequence_parallel"],
-        },
-        hardware={"device": "cpu"},
-    )
-    return spec, cfg
+    return traced_spec(cfg, case, tp), cfg
 
 
 def refused(case: dict[str, Any], tp: int) -> str:

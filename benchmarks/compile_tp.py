@@ -111,7 +111,6 @@ def traced_tensors(kept: list[list[Any]]) -> Counter[tuple[str, int]]:
 def tiny(case: dict[str, Any], tp: int) -> tuple[Any, dict[str, Any]]:
     """The memplan spec and architecture of a traced case: the probe's one-block model
     (torchtitan's code) at the case's batch, sequence, dtype, checkpointing and TP, compiled."""
-    from tests.conftest import make_spec
 
     dims = _dims(case, tp)
     cfg: dict[str, Any] = {
@@ -127,7 +126,15 @@ def tiny(case: dict[str, Any], tp: int) -> tuple[Any, dict[str, Any]]:
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
     }
-    spec = make_spec(
+    return traced_spec(cfg, case, tp), cfg
+
+
+def traced_spec(cfg: dict[str, Any], case: dict[str, Any], tp: int) -> Any:
+    """The memplan spec of a traced case's one-block model `cfg`: torchtitan's code, compiled,
+    at the case's batch, sequence, dtype, checkpointing, TP and sequence parallelism."""
+    from tests.conftest import make_spec
+
+    return make_spec(
         model={"architecture": cfg, "implementation": "torchtitan"},
         precision="fp32" if case["dtype"] == "fp32" else "bf16-mixed",
         training={
@@ -143,7 +150,6 @@ def tiny(case: dict[str, Any], tp: int) -> tuple[Any, dict[str, Any]]:
         },
         hardware={"device": "cpu"},
     )
-    return spec, cfg
 
 
 def refused(case: dict[str, Any], tp: int) -> str:
