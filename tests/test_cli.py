@@ -62,7 +62,7 @@ def test_default_engine_is_one_verify_runs(tmp_path, llama_config):  # type: ign
     """A spec that names no engine gets torch's (ddp, or fsdp2 at ZeRO 2/3), and verify
     accepts it: check_supported raises for what it cannot run (deepspeed, megatron)."""
     from memplan.config.load import load_spec
-    from memplan.verify.job import check_supported
+    from memplan.verify.refusals import check_supported
 
     bare = "model:\n  hf_config: config.json\n"
     for extra, engine in (

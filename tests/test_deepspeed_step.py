@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from memplan.verify import job as jobs
+from memplan.verify import refusals
 from memplan.verify.job import Options, plan
 from memplan.verify.result import STEP_SCALAR_SLACK, STEP_TRANSIENT
 from memplan.verify.runner import deepspeed_step
@@ -70,7 +70,7 @@ def test_recorded_step_transients_match_todays_prediction(monkeypatch: pytest.Mo
     under ZeRO-3 the prediction includes the persistent parameters the step gathers again
     (memplan.verify.runner.deepspeed_step)."""
     # The prediction needs no DeepSpeed; verify's job planning refuses a deepspeed spec where
-    # DeepSpeed is not installed (memplan.verify.job._check_deepspeed), which is the case in
+    # DeepSpeed is not installed (memplan.verify.refusals._check_deepspeed), which is the case in
     # `make test`'s environment: it is told DeepSpeed is there, and nothing here runs it.
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
@@ -101,8 +101,8 @@ def test_recorded_step_transients_match_todays_prediction(monkeypatch: pytest.Mo
     for case in doc["cases"]:
         assert case["model_states_exact"], case
         # MiCS ran on 0.19.2; verify's planning refuses MiCS where a later one is installed
-        # (memplan.verify.job._check_deepspeed): it is told the version the case ran on.
-        monkeypatch.setattr(jobs, "installed_version", lambda name, v=case["deepspeed"]: v)
+        # (memplan.verify.refusals._check_deepspeed): it is told the version the case ran on.
+        monkeypatch.setattr(refusals, "installed_version", lambda name, v=case["deepspeed"]: v)
         config = case.get("deepspeed_config")
         now = _prediction(case["precision"], case["zero_stage"], case["ranks"], config)
         for rank, row in enumerate(case["step_transient"]):

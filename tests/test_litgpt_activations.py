@@ -348,7 +348,7 @@ def test_report_names_litgpt_and_verify_refuses_it() -> None:
     doc = estimate_json(estimate(spec, from_config(tiny())))
     assert doc["activations"]["implementation"] == "litgpt"
     assert doc["activations"]["modelled"] is True
-    from memplan.verify.job import check_supported
+    from memplan.verify.refusals import check_supported
 
     with pytest.raises(MemplanError, match="model.implementation: litgpt cannot be verified"):
         check_supported(spec, spec.recipe())

@@ -20,6 +20,7 @@ from memplan.cli.app import app
 from memplan.config.load import load_spec, validate
 from memplan.errors import MemplanError
 from memplan.verify import job as jobs
+from memplan.verify import refusals
 from memplan.verify.result import EXACT, Row, rows_for
 from tests.test_verify_support import (
     has_family,
@@ -128,14 +129,14 @@ def test_transformers_adafactor_without_transformers_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     spec = loaded(optimizer={"name": "adafactor-hf"})
-    real = jobs.importlib.util.find_spec
+    real = refusals.importlib.util.find_spec
     monkeypatch.setattr(
-        jobs.importlib.util,
+        refusals.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "transformers" else real(name, *a),
     )
     with pytest.raises(MemplanError, match="adafactor-hf.*transformers is not installed") as err:
-        jobs.check_supported(spec.spec, spec.spec.recipe())
+        refusals.check_supported(spec.spec, spec.spec.recipe())
     assert err.value.field == "optimizer.name"
 
 

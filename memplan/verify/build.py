@@ -21,7 +21,7 @@ from torch import nn
 from memplan.config.spec import Spec, TrainingSpec
 from memplan.errors import MemplanError
 from memplan.precision import TORCH_NAMES, Recipe
-from memplan.verify.job import BNB_OPTIMIZERS, TORCH_OPTIMIZERS, TRANSFORMERS_OPTIMIZERS
+from memplan.verify.refusals import BNB_OPTIMIZERS, TORCH_OPTIMIZERS, TRANSFORMERS_OPTIMIZERS
 from memplan.verify.trace import heads
 
 SEED = 0
@@ -213,7 +213,7 @@ def decoder_layers(model: nn.Module, count: int) -> nn.ModuleList | None:
 def optimizer_class(spec: Spec) -> type[torch.optim.Optimizer]:
     name = spec.optimizer.name
     if name in BNB_OPTIMIZERS:
-        # an optional package (job.check_supported says how to install it): not typed here
+        # an optional package (refusals.check_supported says how to install it): not typed here
         optim = importlib.import_module("bitsandbytes.optim")
         cls = getattr(optim, BNB_OPTIMIZERS[name])
     elif name in TRANSFORMERS_OPTIMIZERS:

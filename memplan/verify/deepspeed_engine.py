@@ -45,7 +45,8 @@ from typing import Any
 import torch
 
 from memplan.verify import build, measure
-from memplan.verify.job import DEEPSPEED_MICRO_BATCHES, DEEPSPEED_OPTIMIZERS, STEPS, Job
+from memplan.verify.job import STEPS, Job
+from memplan.verify.refusals import DEEPSPEED_MICRO_BATCHES, DEEPSPEED_OPTIMIZERS
 from memplan.verify.result import HPZ_BACKWARD, HPZ_STEP, STEP_TRANSIENT
 
 MICRO_BATCHES = DEEPSPEED_MICRO_BATCHES

@@ -14,6 +14,7 @@ from memplan.states.engines import RankStates
 from memplan.states.engines.deepspeed.step import ALLOCATED_IN_STEP, HPZ_SECONDARY_PERSISTENT
 from memplan.states.engines.deepspeed.step import HPZ_SECONDARY as HPZ_PREFIX
 from memplan.verify import job as jobs
+from memplan.verify import refusals
 from memplan.verify.job import Event, Job, Options, activations_modelled
 from memplan.verify.result import (
     HPZ_BACKWARD,
@@ -238,7 +239,7 @@ def compare(
     if job.engine == "deepspeed":
         notes.append(
             f"DeepSpeed's own engine (deepspeed.initialize, ZeRO-{job.stage}) with "
-            f"{jobs.DEEPSPEED_MICRO_BATCHES} micro-batches per optimizer step: model "
+            f"{refusals.DEEPSPEED_MICRO_BATCHES} micro-batches per optimizer step: model "
             "states read from its flat buffers and fp32 partitions; gradients are the most "
             "held at the end of a micro-batch's backward outside the reduction bucket; the "
             "peak is not measured."

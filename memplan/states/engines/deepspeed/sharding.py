@@ -44,7 +44,7 @@ SRC_SELECT = "deepspeed/runtime/engine.py::_do_optimizer_sanity_check (0.19.8)"
 SRC_HPZ = "deepspeed/runtime/zero/partition_parameters.py::Init._partition_param_sec (0.19.8)"
 # MiCS: read at 0.19.6, the last release with it (0.19.7 removed it); run at 0.19.2, whose
 # mics.py differs only in a boundary test, since 0.19.3-0.19.6 hang with more than one shard
-# group (memplan/verify/job.py::_check_deepspeed says why).
+# group (memplan/verify/refusals.py::_check_deepspeed says why).
 SRC_MICS = (
     "deepspeed/runtime/zero/mics.py::MiCS_Init, MiCS_Optimizer (0.19.6; run at 0.19.2: "
     "benchmarks/results/verify-deepspeed.json)"
