@@ -226,20 +226,95 @@ def test_gpu_rule_on_cuda() -> None:
     assert step["total"] == step["buffers"]
 
 
+def in_flight_bound(case: dict[str, Any], config: dict[str, Any]) -> int:
+    """The most a live gloo run's backward peak has been seen to, and may, exceed the
+    timing-free one: the largest decoder layer's unsharded gradient in the reduce dtype, the
+    reduce-scatter input its post-backward hook holds (torch 2.13 _runtime_utils.py::
+    _reduce_grad, `padded_unsharded_grad`; bf16 80,648 B on the probe's model).
+
+    Run alone, FULL_SHARD bf16 with offload measures every phase's peak of both ranks equal
+    to the stored run's, run after run (8 runs, 3 of them beside two busy processes). With
+    the ranks' threads timed differently (the cycle collector off: 5 of 12 runs) the peak
+    moves from the layer's backward compute into a layer's post-backward hook (its
+    reduce-scatter output cast to fp32 and accumulated, _accumulate_sharded_grad) and is
+    20,620 or 40,324 B higher; one full test run measured the same +40,324 B on rank 0
+    (backward -4.25% against the 3% tolerance). No collective's tensors were found still held
+    by gloo when its call returned (their reference counts), so which tensor outlives its
+    moment was not pinned down: the bound is the hook's largest tensor."""
+    spec, inventory = _estimate(case, config)
+    compute = "bf16" if case["mp"] == "bf16" else "fp32"
+    units = flat_units(inventory, compute, case["world"], spec.parallelism.stage)
+    width = WIDTH["bfloat16" if compute == "bf16" else "float32"]
+    return max(u.padded for u in units if u.name != "root") * width
+
+
+def live_matches_stored(live: dict[str, Any], stored: dict[str, Any], bound: int) -> list[str]:
+    """What differs between a live run and the stored run of the same case, rank by rank:
+    the host bytes and every phase's end and peak must be equal, but the backward peak,
+    which may be higher by up to `bound` (the in-flight term, in_flight_bound)."""
+    out = []
+    for lr, sr in zip(live["ranks"], stored["ranks"], strict=True):
+        if lr["host_bytes"] != sr["host_bytes"]:
+            out.append(f"rank {lr['rank']} host {lr['host_bytes']} != {sr['host_bytes']}")
+        for phase, lp in lr["phases"].items():
+            sp = sr["phases"][phase]
+            excess = lp["peak"] - sp["peak"]
+            late = phase == "backward" and 0 <= excess <= bound
+            if lp["end"] != sp["end"] or (excess and not late):
+                out.append(f"rank {lr['rank']} {phase} {lp} != {sp}")
+    return out
+
+
 @pytest.mark.slow
 def test_live_gloo_run_equals_memplan() -> None:
-    """FSDP1 with CPUOffload run now on 2 gloo ranks (FULL_SHARD, bf16 MixedPrecision): host
-    states to the byte, the GPU's part of each phase within the stored tolerance."""
+    """FSDP1 with CPUOffload run now on 2 gloo ranks (FULL_SHARD, bf16 MixedPrecision): the
+    timing-free terms equal the stored run's to the byte (host states, every phase's end,
+    the forward and optimizer-step peaks), the backward peak at most the in-flight term
+    above it; memplan within the tolerance of the stored peaks (as
+    test_device_phase_peaks_within_measured) and never more than 3% over the live ones."""
     from tests.fsdp1_probe import CONFIG, measure
 
     case = measure(2, "FULL_SHARD", "bf16", offload=True)
+    stored = next(c for c in _modelled() if (c["strategy"], c["mp"]) == ("FULL_SHARD", "bf16"))
+    assert CONFIG == _doc()["model"]
     spec, inventory = _estimate(case, CONFIG)
     stage = model_states(spec, inventory)[0]
     for measured in case["ranks"]:
         rank = single._rank_of(list(stage.ranks), measured["rank"])
         assert sum(t.bytes for t in rank.host_terms) == measured["host_bytes"]
-    for phase, error in phase_errors(case, CONFIG).items():
+    assert live_matches_stored(case, stored, in_flight_bound(case, CONFIG)) == []
+    for phase, error in phase_errors(stored, CONFIG).items():
         assert abs(error) <= TOLERANCE[phase], (phase, error)
+    for phase, error in phase_errors(case, CONFIG).items():
+        assert error <= TOLERANCE[phase], (phase, error)
+
+
+def test_live_comparison_bounds_only_the_in_flight_term() -> None:
+    """live_matches_stored, on the stored case and edits of it: the +40,324 B backward of the
+    one failing full run passes, a backward 80,656 B higher (over the 80,648 B bound) or a
+    forward 8 B higher fails, and so does a backward lower than the stored one."""
+    case = next(c for c in _modelled() if (c["strategy"], c["mp"]) == ("FULL_SHARD", "bf16"))
+    bound = in_flight_bound(case, _doc()["model"])
+    assert bound == 80_648
+
+    def shifted(phase: str, bytes_: int) -> dict[str, Any]:
+        ranks = [
+            dict(
+                r,
+                phases={
+                    **r["phases"],
+                    phase: {**r["phases"][phase], "peak": r["phases"][phase]["peak"] + bytes_},
+                },
+            )
+            for r in case["ranks"]
+        ]
+        return dict(case, ranks=ranks)
+
+    assert live_matches_stored(case, case, bound) == []
+    assert live_matches_stored(shifted("backward", 40_324), case, bound) == []
+    assert live_matches_stored(shifted("backward", 80_656), case, bound) != []
+    assert live_matches_stored(shifted("backward", -8), case, bound) != []
+    assert live_matches_stored(shifted("forward", 8), case, bound) != []
 
 
 def test_offload_with_prefetch_refused() -> None:
