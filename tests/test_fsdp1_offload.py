@@ -41,13 +41,18 @@ def _cases(offload: bool, accumulation: int = 1) -> list[dict[str, Any]]:
 
 
 def _modelled() -> list[dict[str, Any]]:
-    """FULL_SHARD and SHARD_GRAD_OP with offload, one micro-batch (NO_SHARD's and
-    accumulation's offload are refused: test_refused_offload_cases)."""
-    return [c for c in _cases(True) if c["strategy"] != "NO_SHARD"]
+    """FULL_SHARD and SHARD_GRAD_OP with offload over 2 ranks, one micro-batch, FULL_SHARD
+    also with backward prefetch (NO_SHARD's, one rank's and accumulation's offload are
+    refused: test_refused_offload_cases)."""
+    return [c for c in _cases(True) if c["strategy"] != "NO_SHARD" and c["world"] > 1]
+
+
+def _prefetch(case: dict[str, Any]) -> str:
+    return str(case.get("backward_prefetch", "none"))
 
 
 def _case_id(case: dict[str, Any]) -> str:
-    return f"{single._case_id(case)}-x{case.get('accumulation', 1)}"
+    return f"{single._case_id(case)}-x{case.get('accumulation', 1)}-{_prefetch(case)}"
 
 
 def _raw(case: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -56,6 +61,8 @@ def _raw(case: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     if case.get("offload"):
         # accelerate's fsdp_offload_params: true
         raw["parallelism"]["offload"] = {"parameters": "cpu", "optimizer": "cpu"}
+    if _prefetch(case) != "none":
+        raw["parallelism"]["fsdp1_backward_prefetch"] = _prefetch(case)
     return raw
 
 
@@ -136,17 +143,29 @@ def test_device_phase_peaks_within_measured(case: dict[str, Any]) -> None:
         assert abs(error) <= TOLERANCE[phase], (phase, error)
 
 
+PREFETCH_RESULTS = ROOT / "benchmarks" / "results" / "fsdp1-prefetch.json"
+
+
+def _plain(case: dict[str, Any]) -> dict[str, Any]:
+    """The same case run without offload: benchmarks/results/fsdp1.json, or with backward
+    prefetch fsdp1-prefetch.json (2 decoder layers)."""
+    if _prefetch(case) == "none":
+        cases = single._cases()
+    else:
+        cases = [c for c in json.loads(PREFETCH_RESULTS.read_text())["cases"] if c["layers"] == 2]
+    key = (case["world"], case["strategy"], case["mp"], _prefetch(case))
+    return next(c for c in cases if (c["world"], c["strategy"], c["mp"], _prefetch(c)) == key)
+
+
 @pytest.mark.parametrize("case", _modelled(), ids=_case_id)
 def test_offload_adds_only_the_host_gradient_on_cpu_ranks(case: dict[str, Any]) -> None:
     """On CPU ranks the step is the same memory as without offload but `_cpu_grad` (the
     FlatParameter's `.grad` is the host gradient, the device one is freed), and FULL_SHARD's
-    backward also the root's and a layer's gradient shards from their pre-backward:
-    benchmarks/results/fsdp1.json's run of the same case is the oracle."""
-    plain = next(
-        c
-        for c in single._cases()
-        if (c["world"], c["strategy"], c["mp"]) == (case["world"], case["strategy"], case["mp"])
-    )
+    backward also the root's and a layer's gradient shards from their pre-backward, two
+    layers' with backward prefetch (the prefetched layer's writeback runs when it is
+    gathered): benchmarks/results/fsdp1.json's (fsdp1-prefetch.json's) run of the same case
+    is the oracle."""
+    plain = _plain(case)
     spec, inventory = _estimate(case, _doc()["model"])
     compute = "bf16" if case["mp"] == "bf16" else "fp32"
     units = flat_units(inventory, compute, case["world"], spec.parallelism.stage)
@@ -155,7 +174,8 @@ def test_offload_adds_only_the_host_gradient_on_cpu_ranks(case: dict[str, Any]) 
     for m, p in zip(case["ranks"], plain["ranks"], strict=True):
         cpu_grad = m["pinned_bytes"] - m["parameters_bytes"]
         assert m["phases"]["forward"]["peak"] - p["phases"]["forward"]["peak"] == cpu_grad
-        writeback = (root + layer) * 4 if case["strategy"] == "FULL_SHARD" else 0
+        layers = 1 if _prefetch(case) == "none" else 2
+        writeback = (root + layers * layer) * 4 if case["strategy"] == "FULL_SHARD" else 0
         backward = m["phases"]["backward"]["peak"] - p["phases"]["backward"]["peak"]
         assert backward == cpu_grad + writeback
 
@@ -181,11 +201,17 @@ def test_no_shard_accumulation(case: dict[str, Any]) -> None:
         assert abs(predicted - measured) / measured <= 0.01, phase
 
 
-@pytest.mark.parametrize("case", [c for c in _cases(True) if c not in _modelled()], ids=_case_id)
+@pytest.mark.parametrize(
+    "case",
+    [c for c in _doc()["cases"] if c.get("offload") and c not in _modelled()],
+    ids=_case_id,
+)
 def test_refused_offload_cases(case: dict[str, Any]) -> None:
-    """NO_SHARD with offload (its whole-parameter copies to the GPU: not measurable on CPU)
-    and offload with accumulation (the CPU run's writeback differs from a GPU's): refused."""
-    with pytest.raises(MemplanError, match="offload"):
+    """NO_SHARD with offload, on 2 ranks and on one (where FSDP1 runs NO_SHARD), and offload
+    with accumulation, each refused with the measured reason: the message quotes the stored
+    run's worst phase."""
+    match = "38%" if case["world"] == 1 or case["strategy"] == "NO_SHARD" else "27%"
+    with pytest.raises(MemplanError, match=match):
         estimate(*_estimate(case, _doc()["model"]))
 
 
@@ -317,12 +343,20 @@ def test_live_comparison_bounds_only_the_in_flight_term() -> None:
     assert live_matches_stored(shifted("forward", 8), case, bound) != []
 
 
-def test_offload_with_prefetch_refused() -> None:
-    """Backward prefetch was measured without offload only: refused with the key to change."""
-    case = {"world": 2, "strategy": "FULL_SHARD", "mp": "bf16", "offload": True}
+def test_prefetch_with_offload_under_shard_grad_op_refused() -> None:
+    """Backward prefetch with offload was measured under FULL_SHARD only: SHARD_GRAD_OP's is
+    refused with the key to change."""
+    case = {"world": 2, "strategy": "SHARD_GRAD_OP", "mp": "bf16", "offload": True}
     raw = _raw(case, _doc()["model"])
     raw["parallelism"]["fsdp1_backward_prefetch"] = "pre"
     spec = validate(raw).spec
-    with pytest.raises(MemplanError, match="offload") as err:
+    with pytest.raises(MemplanError, match="offload and SHARD_GRAD_OP") as err:
         estimate(spec, from_config({"model_type": "llama", **_doc()["model"]}))
     assert err.value.field == "parallelism.fsdp1_backward_prefetch"
+
+
+def test_prefetch_with_offload_is_measured() -> None:
+    """The stored grid holds FULL_SHARD with offload and each backward prefetch, bf16 and
+    fp32, on 2 ranks (what test_device_phase_peaks_within_measured holds memplan to)."""
+    got = {(c["mp"], _prefetch(c)) for c in _modelled() if c["strategy"] == "FULL_SHARD"}
+    assert got == {(mp, p) for mp in ("bf16", "fp32") for p in ("none", "pre", "post")}

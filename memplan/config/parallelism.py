@@ -359,16 +359,25 @@ class ParallelismSpec(Frozen):
                 "(_flat_param.py::init_flat_param_attributes): leave offload.pin_memory true"
             )
         if self.zero_stage == 0 or self.data == 1:
-            # NO_SHARD (FSDP1 also falls back to it on one rank): with offload each
-            # pre-forward copies the whole flat parameter to the GPU (pre_unshard,
-            # flat_param_to), the original parameters, views of it, are saved by autograd
-            # for backward, and the pre-backward copies it again; a CPU run cannot make
-            # these copies (its compute device is the host), so they are not measured.
+            # NO_SHARD (FSDP1 also runs it on one rank: torch 2.13 torch/distributed/fsdp/
+            # _init_utils.py::_init_core_state, `world_size == 1`): with offload each
+            # pre-forward and pre-backward copies the whole flat parameter to the GPU
+            # (_flat_param.py::pre_unshard, flat_param_to / _use_low_precision_shard), and
+            # autograd keeps the forward's copy alive through the original parameters' views
+            # saved for backward; a CPU run's compute device is the host, so it makes no
+            # copies. Measured on gloo CPU ranks (benchmarks/results/fsdp1-offload.json):
+            # the host rows are FSDP1's to the byte, but the device rule falls short of the
+            # phase peaks: 2 ranks fp32 backward -18% (bf16 within 0.5%), one rank bf16
+            # forward -18% and backward -38%, fp32 backward -18%.
             raise ValueError(
                 "engine fsdp1 with offload is modelled for FULL_SHARD and SHARD_GRAD_OP "
-                "(zero_stage 3 or 2) over more than one rank; NO_SHARD's copies of the whole "
-                "flat parameter to the GPU are not measured (a CPU-only run cannot make them). "
-                "Set zero_stage 3 or 2 and data > 1, or offload to none"
+                "(zero_stage 3 or 2) over more than one rank; NO_SHARD (zero_stage 0, and one "
+                "rank, where FSDP1 runs NO_SHARD) copies the whole flat parameter to the GPU "
+                "before each forward and backward (torch/distributed/fsdp/_flat_param.py::"
+                "pre_unshard), which a CPU-only run cannot make, and on gloo CPU ranks the "
+                "rule fell up to 38% short of the measured backward peak (one rank, bf16; "
+                "benchmarks/results/fsdp1-offload.json). Set zero_stage 3 or 2 and data > 1, "
+                "or offload to none"
             )
 
     def _check_deepspeed_hierarchy(self) -> None:

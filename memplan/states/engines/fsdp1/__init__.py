@@ -94,21 +94,31 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
         raise MemplanError(
             f"engine fsdp1 with offload and {acts.microbatches} micro-batches per step is not "
             "modelled: under no_sync() FSDP1 keeps the unsharded gradients on the GPU and "
-            "writes the original parameters' gradients back into the host shard "
-            "(torch/distributed/fsdp/_flat_param.py::_writeback_orig_params), which a CPU run "
-            "measures differently from a GPU's (2 gloo ranks, FULL_SHARD bf16, 2 micro-batches: "
-            "forward 27% over the rule, benchmarks/results/fsdp1-offload.json). Set "
+            "offloads them only after the last micro-batch (torch/distributed/fsdp/"
+            "fully_sharded_data_parallel.py::no_sync), and writes the original parameters' "
+            "gradients back into the host shard (_flat_param.py::_writeback_orig_params), "
+            "which a CPU run measures differently from a GPU's (2 gloo ranks, FULL_SHARD bf16, "
+            "2 micro-batches: the rule 27% short of the forward peak and 8% to 12% of the "
+            "backward's, benchmarks/results/fsdp1-offload.json). Set "
             "training.gradient_accumulation_steps: 1, or offload to none.",
             field="training.gradient_accumulation_steps",
         )
     prefetch = layout.fsdp1_backward_prefetch
-    if layout.data > 1 and prefetch != "none" and (layout.stage == 0 or offloaded(states)):
+    if layout.data > 1 and prefetch != "none" and layout.stage == 0:
         raise MemplanError(
-            f"engine fsdp1 with fsdp1_backward_prefetch {prefetch} and "
-            + ("NO_SHARD (zero_stage 0)" if layout.stage == 0 else "offload")
-            + " is not modelled: not measured (benchmarks/results/fsdp1-prefetch.json runs "
+            f"engine fsdp1 with fsdp1_backward_prefetch {prefetch} and NO_SHARD (zero_stage 0) "
+            "is not modelled: not measured (benchmarks/results/fsdp1-prefetch.json runs "
             "FULL_SHARD and SHARD_GRAD_OP without offload). Set "
             "parallelism.fsdp1_backward_prefetch: none.",
+            field="parallelism.fsdp1_backward_prefetch",
+        )
+    if layout.data > 1 and prefetch != "none" and offloaded(states) and layout.stage != 3:
+        # FULL_SHARD with offload and prefetch: measured (fsdp1-offload.json, 2 ranks)
+        raise MemplanError(
+            f"engine fsdp1 with fsdp1_backward_prefetch {prefetch}, offload and SHARD_GRAD_OP "
+            "(zero_stage 2) is not modelled: not measured (benchmarks/results/"
+            "fsdp1-offload.json runs offload with prefetch under FULL_SHARD only). Set "
+            "parallelism.fsdp1_backward_prefetch: none, or zero_stage 3.",
             field="parallelism.fsdp1_backward_prefetch",
         )
     if layout.data <= 1:
@@ -153,7 +163,9 @@ def _offload_buffers(
     out = offload.device_gradients(units, at_rest=at_rest)
     if states.device == "cpu":
         if layout.stage == 3:
-            out += offload.cpu_writeback(units, at_rest=at_rest)
+            out += offload.cpu_writeback(
+                units, at_rest=at_rest, prefetch=layout.fsdp1_backward_prefetch
+            )
         return out
     layer = acts.layer or 0
     return out + offload.shard_copies(

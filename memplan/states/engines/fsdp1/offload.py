@@ -107,18 +107,31 @@ def shard_copies(
     return out
 
 
-def cpu_writeback(units: tuple[FlatUnit, ...], *, at_rest: str) -> list[Transient]:
+def cpu_writeback(
+    units: tuple[FlatUnit, ...], *, at_rest: str, prefetch: str = "none"
+) -> list[Transient]:
     """CPU ranks, FULL_SHARD: WB / PREP_BW keep each unit's gradient shard from its
     pre-backward, so the root's (its pre-backward runs first, at the loss) and the running
     layer's are alive at the backward point, and the root's beside its own reduction at the
-    end of backward."""
+    end of backward. With backward prefetch (`pre` or `post`, memplan.states.engines.fsdp1.
+    prefetch) the next layer is gathered while the running one is (PREFETCH → `_unshard` →
+    PRE → WB), so its gradient shard is made then, one layer early: two layers' shards at the
+    backward point (measured on 2 gloo ranks, FULL_SHARD bf16 and fp32, pre and post: the
+    backward peak with offload over the same case without it is `_cpu_grad` + the root's +
+    two layers' shards, 221,672 B bf16, benchmarks/results/fsdp1-offload.json against
+    fsdp1-prefetch.json)."""
     ab = dtype_bytes(at_rest)
     root = next((u.shard for u in units if u.name == "root"), 0)
     layer = max((u.shard for u in units if u.name != "root"), default=0)
+    running = (
+        (layer, "the root's and the running layer's")
+        if prefetch == "none"
+        else (2 * layer, "the root's, the running layer's and the prefetched layer's")
+    )
     out = []
     for phases, elements, what in (
         (("backward_start", "backward_end"), root, "the root's"),
-        (("backward",), root + layer, "the root's and the running layer's"),
+        (("backward",), root + running[0], running[1]),
     ):
         if elements:
             out.append(
