@@ -292,16 +292,21 @@ def live_matches_stored(live: dict[str, Any], stored: dict[str, Any], bound: int
 
 
 @pytest.mark.slow
-def test_live_gloo_run_equals_memplan() -> None:
-    """FSDP1 with CPUOffload run now on 2 gloo ranks (FULL_SHARD, bf16 MixedPrecision): the
-    timing-free terms equal the stored run's to the byte (host states, every phase's end,
-    the forward and optimizer-step peaks), the backward peak at most the in-flight term
-    above it; memplan within the tolerance of the stored peaks (as
+@pytest.mark.parametrize("prefetch", ["none", "pre"])
+def test_live_gloo_run_equals_memplan(prefetch: str) -> None:
+    """FSDP1 with CPUOffload run now on 2 gloo ranks (FULL_SHARD, bf16 MixedPrecision, without
+    and with BACKWARD_PRE): the timing-free terms equal the stored run's to the byte (host
+    states, every phase's end, the forward and optimizer-step peaks), the backward peak at
+    most the in-flight term above it; memplan within the tolerance of the stored peaks (as
     test_device_phase_peaks_within_measured) and never more than 3% over the live ones."""
     from tests.fsdp1_probe import CONFIG, measure
 
-    case = measure(2, "FULL_SHARD", "bf16", offload=True)
-    stored = next(c for c in _modelled() if (c["strategy"], c["mp"]) == ("FULL_SHARD", "bf16"))
+    case = measure(2, "FULL_SHARD", "bf16", prefetch=prefetch, offload=True)
+    stored = next(
+        c
+        for c in _modelled()
+        if (c["strategy"], c["mp"], _prefetch(c)) == ("FULL_SHARD", "bf16", prefetch)
+    )
     assert CONFIG == _doc()["model"]
     spec, inventory = _estimate(case, CONFIG)
     stage = model_states(spec, inventory)[0]
@@ -319,7 +324,11 @@ def test_live_comparison_bounds_only_the_in_flight_term() -> None:
     """live_matches_stored, on the stored case and edits of it: the +40,324 B backward of the
     one failing full run passes, a backward 80,656 B higher (over the 80,648 B bound) or a
     forward 8 B higher fails, and so does a backward lower than the stored one."""
-    case = next(c for c in _modelled() if (c["strategy"], c["mp"]) == ("FULL_SHARD", "bf16"))
+    case = next(
+        c
+        for c in _modelled()
+        if (c["strategy"], c["mp"], _prefetch(c)) == ("FULL_SHARD", "bf16", "none")
+    )
     bound = in_flight_bound(case, _doc()["model"])
     assert bound == 80_648
 
