@@ -216,6 +216,35 @@ def test_refused_offload_cases(case: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
+    "case",
+    [
+        c
+        for c in _doc()["cases"]
+        if c.get("offload") and (c["world"] == 1 or c["strategy"] == "NO_SHARD")
+    ],
+    ids=_case_id,
+)
+def test_no_shard_offload_on_cpu_ranks_is_plain_no_shard_and_the_host_gradient(
+    case: dict[str, Any],
+) -> None:
+    """Why NO_SHARD's offload stays refused: on CPU ranks (2, and one, where FSDP1 runs
+    NO_SHARD) every phase's peak is exactly NO_SHARD's without offload (benchmarks/results/
+    fsdp1.json, 2 ranks) plus `_cpu_grad`, the whole gradient in fp32: the run never makes
+    the GPU's copies of the whole flat parameter that offload adds (pre_unshard's
+    flat_param_to: the compute device is the host), so it cannot prove a rule for them."""
+    plain = next(
+        c
+        for c in single._cases()
+        if (c["world"], c["strategy"], c["mp"]) == (2, "NO_SHARD", case["mp"])
+    )
+    for m, p in zip(case["ranks"], plain["ranks"], strict=False):
+        cpu_grad = m["pinned_bytes"] - m["parameters_bytes"]
+        assert cpu_grad == m["parameters_bytes"]  # the whole flat parameters' fp32 gradient
+        for phase in ("forward", "backward"):
+            assert m["phases"][phase]["peak"] - p["phases"][phase]["peak"] == cpu_grad, phase
+
+
+@pytest.mark.parametrize(
     ("offload", "extra", "match"),
     [
         ({"optimizer": "cpu"}, {}, "set offload.parameters: cpu"),
