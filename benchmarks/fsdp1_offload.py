@@ -4,7 +4,7 @@ measured on gloo CPU ranks: the oracle of memplan's fsdp1 offload rule
 (memplan.states.engines.fsdp1.accumulation); tests/test_fsdp1_offload.py reads the file this
 writes.
 
-    PYTHONPATH=. python benchmarks/fsdp1_offload.py   # about 8 min on 2 cores
+    PYTHONPATH=. python benchmarks/fsdp1_offload.py   # about 9 min on 2 cores
     # writes benchmarks/results/fsdp1-offload.json
 
 Each case is tests/fsdp1_probe.py's tiny Llama wrapped as benchmarks/fsdp1.py wraps it. With
