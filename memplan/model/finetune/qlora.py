@@ -13,6 +13,7 @@ import re
 from dataclasses import replace
 
 from memplan.config.finetune import FinetuneSpec
+from memplan.errors import MemplanError
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.model.module_tree import FINETUNE_NOTE, frozen, leaf, modules, owner
 from memplan.precision import dtype_bytes
@@ -76,6 +77,8 @@ def quantize_4bit(
     """
     mods = modules(inventory)
     skip = default_skips(inventory) if ft.skip_modules is None else None
+    if skip is None:
+        _refuse_tied_4bit(ft, [m.name for m in mods.values() if m.alias and m.kind == "linear"])
     quantized = [
         m.name
         for m in mods.values()
@@ -120,6 +123,26 @@ def quantize_4bit(
         buffers=(*inventory.buffers, *states),
         notes=(*inventory.notes, note),
     )
+
+
+def _refuse_tied_4bit(ft: FinetuneSpec, aliases: list[str]) -> None:
+    """skip_modules that leave a tied output embedding (`aliases`: GPT-2's and tied Llama's
+    lm_head) to be quantized describe a job that does not run: transformers replaces the
+    head with a Linear4bit and ties its weight back to the 16-bit embedding, and the first
+    forward fails in bitsandbytes 0.50.2 nn/modules.py::fix_4bit_weight_quant_state_from_module
+    (`assert module.weight.shape[1] == 1`: the weight is not packed). Measured by `memplan
+    verify` on the CPU (transformers 5.25, tie_word_embeddings: true, skip_modules: [])."""
+    quantized = [name for name in aliases if not _skipped(name, ft, None)]
+    if quantized:
+        raise MemplanError(
+            f"{list(ft.skip_modules or ())} leaves {', '.join(quantized)} to be quantized, but its "
+            "weight is tied to the input embedding: transformers ties the 16-bit embedding "
+            "back into the 4-bit Linear and bitsandbytes' first forward fails (nn/modules.py::"
+            "fix_4bit_weight_quant_state_from_module: `assert module.weight.shape[1] == 1`). "
+            f"Add {quantized[0]!r} to skip_modules, or leave skip_modules unset (transformers "
+            "then keeps tied weights unquantized).",
+            field="finetune.skip_modules",
+        )
 
 
 def dequantized_weight_bytes(
@@ -189,6 +212,103 @@ def dequantize_transient(
     return n, (
         f"the largest 4-bit weight, {numel:,} elements x {dtype_bytes(compute)} B ({compute})"
         + (" + its nested absmax in fp32" if ft.double_quant else "")
+    )
+
+
+SRC_BNB_BACKWARD = (
+    "bitsandbytes 0.50.2 autograd/_functions.py::MatMul4Bit.backward (`torch.matmul("
+    "grad_output, F.dequantize_4bit(B, ctx.state).to(grad_output.dtype))`), functional.py::"
+    "dequantize_4bit (returns QuantState.dtype, the dtype the weight was loaded in), nn/"
+    "modules.py::Linear4bit.forward (`bnb.matmul_4bit(x.to(self.compute_dtype), ...).to("
+    "inp_dtype)`: the matmul in bnb_4bit_compute_dtype, its output handed back in the input's)"
+)
+
+
+def backward_dequantized(
+    inventory: Inventory, ft: FinetuneSpec, *, compute: str, state_dtype: str
+) -> tuple[int, str] | None:
+    """(bytes, formula) of the largest 4-bit weight of a decoder layer dequantized for its
+    input's gradient (the LM head's is `head_backward`'s: its backward runs before the
+    layers'), when transformers loaded the model in `state_dtype` (the recipe's parameter
+    dtype: QuantState.dtype) and the matmul runs in `compute` (SRC_BNB_BACKWARD):
+    dequantize_4bit returns the weight in `state_dtype` and `.to(grad_output.dtype)` copies
+    it to `compute` while it is alive, both at once where they differ
+    (`dequantized_weight_bytes`). None without qlora. Measured on the CPU
+    (benchmarks/qlora_verify.py, amp-bf16: the weights loaded in fp32, dequantized to fp32 and
+    cast to bf16 in backward)."""
+    if ft.method != "qlora":
+        return None
+    rows = max(
+        (t.shape[0] for t in inventory.parameters if _is_packed(t) and t.role != "head"),
+        default=0,
+    )
+    if not rows:
+        return None
+    numel = rows * BNB_VALUES_PER_BYTE
+    n = dequantized_weight_bytes(
+        numel, compute=compute, double=ft.double_quant, state_dtype=state_dtype
+    )
+    if state_dtype == compute:
+        return n, (
+            f"the largest 4-bit weight of a layer, {numel:,} elements x "
+            f"{dtype_bytes(compute)} B ({compute})"
+            + (" + its nested absmax in fp32" if ft.double_quant else "")
+        )
+    return n, (
+        f"the largest 4-bit weight of a layer, {numel:,} elements, dequantized to "
+        f"{state_dtype} ({dtype_bytes(state_dtype)} B, the dtype it was loaded in) and cast to "
+        f"{compute} ({dtype_bytes(compute)} B) for its input's gradient"
+    )
+
+
+def head_backward(
+    inventory: Inventory,
+    ft: FinetuneSpec,
+    *,
+    compute: str,
+    state_dtype: str,
+    logits_elems: int,
+    loss_backward_bytes: int,
+) -> tuple[int, str] | None:
+    """(bytes, formula) the backward of a 4-bit LM head (`skip_modules` that do not keep it)
+    holds beyond the loss's backward just before it; None when the head is not 4-bit.
+
+    Linear4bit runs its matmul in the compute dtype and hands the logits back in its input's
+    dtype (SRC_BNB_BACKWARD), so by MatMul4Bit's backward the logits' gradient has been cast
+    to the compute dtype (by Linear4bit's `.to(inp_dtype)`, or by the loss's `.float()` where
+    the logits were 16-bit; the fp32 gradient is freed once cast), and the head's weight is
+    dequantized beside it (`dequantized_weight_bytes`, in the dtype it was loaded in, then
+    cast to the compute dtype). The loss's backward before it held its log-softmax and two
+    fp32 [tokens, vocab] gradients (`loss_backward_bytes`), all freed by then; the rest of
+    what is alive is the same at both moments. So the step's peak at the loss's backward is
+    the higher of the two, and this term is what the head's moment holds more (0 where
+    less). Measured on the CPU by `memplan verify` (benchmarks/qlora_verify.py: amp-bf16
+    with the head quantized, the head's moment 66,624 B above the loss's; bf16, below it)."""
+    if ft.method != "qlora":
+        return None
+    rows = max(
+        (t.shape[0] for t in inventory.parameters if _is_packed(t) and t.role == "head"),
+        default=0,
+    )
+    if not rows or logits_elems <= 0:
+        return None
+    numel = rows * BNB_VALUES_PER_BYTE
+    weight = dequantized_weight_bytes(
+        numel, compute=compute, double=ft.double_quant, state_dtype=state_dtype
+    )
+    gradient = logits_elems * dtype_bytes(compute)
+    held = gradient + weight
+    return max(0, held - loss_backward_bytes), (
+        f"the 4-bit head's backward: the logits' gradient, {logits_elems:,} elements x "
+        f"{dtype_bytes(compute)} B ({compute}), + its weight dequantized, {weight:,} B "
+        f"({numel:,} elements"
+        + (
+            f" in {state_dtype}, cast to {compute})"
+            if state_dtype != compute
+            else f" in {compute}" + (" + the nested absmax in fp32)" if ft.double_quant else ")")
+        )
+        + f" = {held:,} B, less the loss's log-softmax and gradients freed by then "
+        f"({loss_backward_bytes:,} B); 0 when less"
     )
 
 
