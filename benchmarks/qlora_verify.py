@@ -1,6 +1,6 @@
 """QLoRA (transformers + bitsandbytes + peft) measured on the CPU by `memplan verify`.
 
-    PYTHONPATH=. python benchmarks/qlora_verify.py    # about 4 min on 2 cores; writes
+    PYTHONPATH=. python benchmarks/qlora_verify.py    # about 5 min on 2 cores; writes
                                                       # benchmarks/results/qlora-verify.json
 
 bitsandbytes runs its 4-bit Linear on the CPU from 0.46 on, so `memplan verify` builds a QLoRA
@@ -11,7 +11,7 @@ prediction. Each case is the verify table's tiny Llama (benchmarks/verify_table.
 setting changed: the precision recipe (with and without autocast), recomputation, the 4-bit
 format, prepare_model_for_kbit_training, dropout, the adapters' targets, the quantized head
 (bf16, fp16, amp-bf16, amp-fp16), wide layers with a small vocabulary (the layers' backward
-peaks), GPT-2's Conv1D, Gemma, Phi-3 and OLMo 2, DDP on two gloo ranks, and bitsandbytes'
+peaks), GPT-2's Conv1D, Gemma, Phi-3 and OLMo 2, DDP and FSDP2 on two gloo ranks, and bitsandbytes'
 8-bit and paged optimizers.
 """
 
@@ -139,6 +139,18 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("GPT-2 (Conv1D), bf16", gpt2()),
     ("GPT-2 (Conv1D), amp-bf16", gpt2("amp-bf16")),
     ("DDP, 2 gloo ranks", {**case(), "parallelism": {"engine": "ddp", "data": 2}}),
+    # HF's FSDP-QLoRA recipe (bitsandbytes docs/source/fsdp_qlora.md): the packed weights in
+    # the load dtype (bnb_4bit_quant_storage), no prepare_model_for_kbit_training, FSDP2.
+    *(
+        (
+            f"FSDP2, 2 gloo ranks, {precision}, quant_storage {storage}",
+            {
+                **case(precision, ft={"prepare_kbit": False, "quant_storage": storage}),
+                "parallelism": {"engine": "fsdp2", "data": 2},
+            },
+        )
+        for precision, storage in (("bf16", "bf16"), ("bf16", "uint8"), ("amp-bf16", "bf16"))
+    ),
     *(
         (f"{name}, {precision}", family(config, precision))
         for name, config in (("Gemma", GEMMA), ("Phi-3", PHI3), ("OLMo 2", OLMO2))

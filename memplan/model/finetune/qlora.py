@@ -92,7 +92,7 @@ def quantize_4bit(
     states: list[TensorSpec] = []
     for t in inventory.parameters:
         if owner(t.name) in chosen and leaf(t.name) == "weight":
-            params.append(packed_weight(t))
+            params.append(packed_weight(t, ft.quant_storage))
             states += quant_state(t, double=ft.double_quant)
         elif owner(t.name) in chosen and leaf(t.name) == "bias":
             # Linear4bit's first forward casts its bias to the compute dtype for good
@@ -122,6 +122,55 @@ def quantize_4bit(
         parameters=tuple(params),
         buffers=(*inventory.buffers, *states),
         notes=(*inventory.notes, note),
+    )
+
+
+SRC_FSDP_QLORA = (
+    "bitsandbytes 0.50.2 docs/source/fsdp_qlora.md (bnb_4bit_quant_storage set to the load "
+    "dtype so FSDP can shard the packed weights), nn/modules.py::"
+    "fix_4bit_weight_quant_state_from_module (the quantization state restored from the "
+    "module after FSDP swaps the parameter)"
+)
+
+
+def refuse_engine(ft: FinetuneSpec, *, engine: str, stage: int) -> None:
+    """The engines QLoRA is modelled under: DDP, DeepSpeed ZeRO 0-2 (the frozen 4-bit base
+    whole on every rank) and FSDP2 (`fully_shard`) without prepare_model_for_kbit_training,
+    HF's FSDP-QLoRA recipe (SRC_FSDP_QLORA): every rank holds its dim-0 shard of each packed
+    weight and the whole quantization state, and all-gathers a unit's packed weights as any
+    other parameter. Each measured by `memplan verify` on two CPU gloo ranks
+    (benchmarks/qlora_verify.py, benchmarks/qlora_fsdp_probe.py for what does not run)."""
+    if engine in ("ddp",) or (engine == "deepspeed" and stage < 3):
+        return
+    if engine == "fsdp2" and not ft.prepare_kbit:
+        return
+    if engine == "fsdp2":
+        raise MemplanError(
+            "qlora under engine fsdp2 with prepare_kbit: true is not modelled: it runs "
+            "(torch 2.13 fully_shard, bitsandbytes 0.50.2, two CPU gloo ranks) and its model "
+            "states and activations are memplan's to the byte, but its peak was measured 35% "
+            "above memplan's, for a reason not yet found (the fp32 parameters "
+            "prepare_model_for_kbit_training makes are the difference from the verified "
+            "setting). HF's FSDP-QLoRA recipe does not call it: set finetune.prepare_kbit: "
+            "false (verified), or use engine ddp.",
+            field="finetune.prepare_kbit",
+        )
+    if engine == "fsdp1":
+        raise MemplanError(
+            "qlora under engine fsdp1 is not modelled: FullyShardedDataParallel flattens each "
+            "unit into one tensor and refuses the mix of the packed 4-bit weights and peft's "
+            'fp32 adapters (torch 2.13 fsdp/_flat_param.py: "Must flatten tensors with '
+            'uniform dtype but got torch.bfloat16 and torch.float32", measured on CPU with '
+            "bnb_4bit_quant_storage bf16 and a decoder-layer wrap policy). Use engine fsdp2 "
+            "with prepare_kbit: false, or ddp.",
+            field="parallelism.engine",
+        )
+    raise MemplanError(
+        f"qlora with engine {engine} (ZeRO stage {stage}) is not modelled: sharding 4-bit "
+        "weights needs bnb_4bit_quant_storage and keeps the quantization state per rank. "
+        "Use engine: ddp, fsdp2 (with prepare_kbit: false), or deepspeed with zero_stage 0-2 "
+        "(the frozen 4-bit base stays whole on every rank).",
+        field="finetune.method",
     )
 
 
@@ -197,10 +246,12 @@ def dequantize_transient(
     None without qlora. `state_dtype`: as `dequantized_weight_bytes`'s."""
     if ft.method != "qlora":
         return None
-    rows = max((t.shape[0] for t in inventory.parameters if _is_packed(t)), default=0)
-    if not rows:
+    numel = max(
+        (t.shape[0] * values_per_element(t) for t in inventory.parameters if _is_packed(t)),
+        default=0,
+    )
+    if not numel:
         return None
-    numel = rows * BNB_VALUES_PER_BYTE
     n = dequantized_weight_bytes(
         numel, compute=compute, double=ft.double_quant, state_dtype=state_dtype
     )
@@ -238,13 +289,16 @@ def backward_dequantized(
     cast to bf16 in backward)."""
     if ft.method != "qlora":
         return None
-    rows = max(
-        (t.shape[0] for t in inventory.parameters if _is_packed(t) and t.role != "head"),
+    numel = max(
+        (
+            t.shape[0] * values_per_element(t)
+            for t in inventory.parameters
+            if _is_packed(t) and t.role != "head"
+        ),
         default=0,
     )
-    if not rows:
+    if not numel:
         return None
-    numel = rows * BNB_VALUES_PER_BYTE
     n = dequantized_weight_bytes(
         numel, compute=compute, double=ft.double_quant, state_dtype=state_dtype
     )
@@ -286,13 +340,16 @@ def head_backward(
     with the head quantized, the head's moment 66,624 B above the loss's; bf16, below it)."""
     if ft.method != "qlora":
         return None
-    rows = max(
-        (t.shape[0] for t in inventory.parameters if _is_packed(t) and t.role == "head"),
+    numel = max(
+        (
+            t.shape[0] * values_per_element(t)
+            for t in inventory.parameters
+            if _is_packed(t) and t.role == "head"
+        ),
         default=0,
     )
-    if not rows or logits_elems <= 0:
+    if not numel or logits_elems <= 0:
         return None
-    numel = rows * BNB_VALUES_PER_BYTE
     weight = dequantized_weight_bytes(
         numel, compute=compute, double=ft.double_quant, state_dtype=state_dtype
     )
@@ -312,14 +369,29 @@ def head_backward(
     )
 
 
-def _is_packed(t: TensorSpec) -> bool:
-    return t.dtype == "uint8" and len(t.shape) == 2 and t.shape[1] == 1 and not t.trainable
+STORAGE_DTYPES = ("uint8", "bf16", "fp16", "fp32")
+"""The dtypes `bnb_4bit_quant_storage` may name (memplan.config.finetune.FinetuneSpec)."""
 
 
-def packed_weight(t: TensorSpec) -> TensorSpec:
-    """A bnb Params4bit: [(n + 1) // 2, 1] uint8, frozen (SRC_BNB_QUANT)."""
-    rows = (t.numel + 1) // BNB_VALUES_PER_BYTE
-    return replace(t, shape=(rows, 1), dtype="uint8", trainable=False)
+def is_packed(t: TensorSpec) -> bool:
+    """Whether `t` is a bnb Params4bit as `packed_weight` makes it: frozen, [rows, 1] in a
+    storage dtype. (A Linear's own weight is [out, in]: never [rows, 1] in practice.)"""
+    return t.dtype in STORAGE_DTYPES and len(t.shape) == 2 and t.shape[1] == 1 and not t.trainable
+
+
+_is_packed = is_packed
+
+
+def values_per_element(t: TensorSpec) -> int:
+    """4-bit values one element of a packed weight holds: two per byte of its dtype."""
+    return BNB_VALUES_PER_BYTE * dtype_bytes(t.dtype or "uint8")
+
+
+def packed_weight(t: TensorSpec, storage: str = "uint8") -> TensorSpec:
+    """A bnb Params4bit: [(n + 1) // (2 x width), 1] in the `storage` dtype
+    (bnb_4bit_quant_storage: uint8 by default), frozen (SRC_BNB_QUANT)."""
+    rows = (t.numel + 1) // (BNB_VALUES_PER_BYTE * dtype_bytes(storage))
+    return replace(t, shape=(rows, 1), dtype=storage, trainable=False)
 
 
 def quant_state(t: TensorSpec, *, double: bool) -> list[TensorSpec]:
