@@ -149,10 +149,11 @@ def refuse_engine(ft: FinetuneSpec, *, engine: str, stage: int) -> None:
             "qlora under engine fsdp2 with prepare_kbit: true is not modelled: it runs "
             "(torch 2.13 fully_shard, bitsandbytes 0.50.2, two CPU gloo ranks) and its model "
             "states and activations are memplan's to the byte, but its peak was measured 35% "
-            "above memplan's, for a reason not yet found (the fp32 parameters "
-            "prepare_model_for_kbit_training makes are the difference from the verified "
-            "setting). HF's FSDP-QLoRA recipe does not call it: set finetune.prepare_kbit: "
-            "false (verified), or use engine ddp.",
+            "above memplan's: memplan's FSDP2 terms size each all-gathered unit in the "
+            "recipe's parameter dtype, and prepare_model_for_kbit_training makes the root's "
+            "(embedding, head) fp32, half of the gap; the rest is not found. HF's FSDP-QLoRA "
+            "recipe does not call it: set finetune.prepare_kbit: false (verified), or use "
+            "engine ddp.",
             field="finetune.prepare_kbit",
         )
     if engine == "fsdp1":
