@@ -1,6 +1,6 @@
 """QLoRA (transformers + bitsandbytes + peft) measured on the CPU by `memplan verify`.
 
-    PYTHONPATH=. python benchmarks/qlora_verify.py    # about 3 min on 2 cores; writes
+    PYTHONPATH=. python benchmarks/qlora_verify.py    # about 5 min on 2 cores; writes
                                                       # benchmarks/results/qlora-verify.json
 
 bitsandbytes runs its 4-bit Linear on the CPU from 0.46 on, so `memplan verify` builds a QLoRA
@@ -9,9 +9,10 @@ loaded again by transformers with BitsAndBytesConfig(load_in_4bit=True), peft's
 prepare_model_for_kbit_training, get_peft_model) and compares every category with memplan's
 prediction. Each case is the verify table's tiny Llama (benchmarks/verify_table.py) with one
 setting changed: the precision recipe (with and without autocast), recomputation, the 4-bit
-format, prepare_model_for_kbit_training, dropout, the adapters' targets, the quantized head,
-GPT-2's Conv1D, Gemma, Phi-3 and OLMo 2, DDP on two gloo ranks, and bitsandbytes' 8-bit
-and paged optimizers.
+format, prepare_model_for_kbit_training, dropout, the adapters' targets, the quantized head
+(bf16, fp16, amp-bf16, amp-fp16), wide layers with a small vocabulary (the layers' backward
+peaks), GPT-2's Conv1D, Gemma, Phi-3 and OLMo 2, DDP and FSDP2 on two gloo ranks, and bitsandbytes'
+8-bit and paged optimizers.
 """
 
 from __future__ import annotations
@@ -84,6 +85,15 @@ def gpt2(precision: str = "bf16") -> dict[str, Any]:
     )
 
 
+WIDE = {**LLAMA["architecture"], "hidden_size": 128, "intermediate_size": 512, "vocab_size": 96}
+
+
+def wide(precision: str) -> dict[str, Any]:
+    return spec(
+        {"architecture": WIDE}, precision=precision, finetune=dict(QLORA), training=training()
+    )
+
+
 # (name, spec): the QLoRA paper's recipe first (nf4, double quantization, bf16 compute,
 # prepare_model_for_kbit_training, all linear layers), then one change each.
 CASES: list[tuple[str, dict[str, Any]]] = [
@@ -112,9 +122,35 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ),
     ("the head quantized too (skip_modules: [])", case(ft={"skip_modules": []})),
     ("amp-bf16, the head quantized too", case("amp-bf16", ft={"skip_modules": []})),
+    # The 4-bit head's backward (memplan.step.transients.qlora_head_backward): its logits'
+    # gradient in the compute dtype beside its weight dequantized in the dtype it was loaded
+    # in (fp32 under amp) and cast to the compute dtype.
+    ("amp-fp16, the head quantized too", case("amp-fp16", ft={"skip_modules": []})),
+    ("fp16, the head quantized too", case("fp16", ft={"skip_modules": []})),
+    (
+        "amp-bf16, the head quantized, without prepare_model_for_kbit_training",
+        case("amp-bf16", ft={"skip_modules": [], "prepare_kbit": False}),
+    ),
+    # The layers' backward peaks (a small vocabulary, wide layers): the largest layer weight
+    # dequantized for its input's gradient, in fp32 then bf16 under amp
+    # (memplan.model.finetune.qlora.backward_dequantized), beside the backward working set.
+    ("amp-bf16, wide layers, small vocabulary", wide("amp-bf16")),
+    ("bf16, wide layers, small vocabulary", wide("bf16")),
     ("GPT-2 (Conv1D), bf16", gpt2()),
     ("GPT-2 (Conv1D), amp-bf16", gpt2("amp-bf16")),
     ("DDP, 2 gloo ranks", {**case(), "parallelism": {"engine": "ddp", "data": 2}}),
+    # HF's FSDP-QLoRA recipe (bitsandbytes docs/source/fsdp_qlora.md): the packed weights in
+    # the load dtype (bnb_4bit_quant_storage), no prepare_model_for_kbit_training, FSDP2.
+    *(
+        (
+            f"FSDP2, 2 gloo ranks, {precision}, quant_storage {storage}",
+            {
+                **case(precision, ft={"prepare_kbit": False, "quant_storage": storage}),
+                "parallelism": {"engine": "fsdp2", "data": 2},
+            },
+        )
+        for precision, storage in (("bf16", "bf16"), ("bf16", "uint8"), ("amp-bf16", "bf16"))
+    ),
     *(
         (f"{name}, {precision}", family(config, precision))
         for name, config in (("Gemma", GEMMA), ("Phi-3", PHI3), ("OLMo 2", OLMO2))

@@ -104,11 +104,9 @@ def adjust(
             blocks.append(head)
         else:
             blocks.append(block)
-    out = replace(saved, blocks=tuple(blocks))
-    if st.autocast and ends.head in top.four_bit:
-        note = f"qlora: {FOUR_BIT_HEAD} (measured 5% above memplan's peak on the CPU)."
-        out = replace(out, notes=(*out.notes, note))
-    return out
+    # A 4-bit head's backward (its logits' gradient in the compute dtype beside its weight
+    # dequantized) is a step transient: memplan.step.transients.qlora_head_backward.
+    return replace(saved, blocks=tuple(blocks))
 
 
 def _layer_blocks(
@@ -244,14 +242,6 @@ def four_bit(
             s = replace(s, dtype=st.stream)
         out.append(s)
     return out
-
-
-FOUR_BIT_HEAD = (
-    "a 4-bit LM head under autocast hands back fp32 logits and casts their gradient to the "
-    "compute dtype for its backward: that [tokens, vocab] copy is not modelled"
-)
-"""Measured on the CPU (benchmarks/qlora_verify.py, skip_modules: [] under amp-bf16): the
-peak 5% above memplan's; a term the figure leaves out (memplan.report.notes.NOT_MODELLED)."""
 
 
 def apply(ft: FinetuneSpec, inventory: Inventory, saved: Activations, st: Setting) -> Activations:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from memplan.model.finetune import qlora
 from memplan.model.forward.tensors import Setting
 from memplan.model.inventory import Inventory
 
@@ -99,7 +100,7 @@ def scopes(
             )
             continue
         module, leaf = _plain(rel)
-        if leaf == "weight" and t.dtype == PACKED_4BIT:
+        if leaf == "weight" and (t.dtype == PACKED_4BIT or qlora.is_packed(t)):
             packed.setdefault(t.layer, set()).add(module)
         if t.trainable:
             params.setdefault(t.layer, set()).add(module)

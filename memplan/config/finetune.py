@@ -24,7 +24,14 @@ _ADAPTER_KEYS = (
     "bias",
     "autocast_adapter_dtype",
 )
-_QLORA_KEYS = ("quant_type", "double_quant", "skip_modules", "prepare_kbit", "bnb_version")
+_QLORA_KEYS = (
+    "quant_type",
+    "double_quant",
+    "skip_modules",
+    "prepare_kbit",
+    "bnb_version",
+    "quant_storage",
+)
 _PREFIX_KEYS = ("adapter_prompt_length", "adapter_start_layer")
 
 
@@ -73,6 +80,11 @@ class FinetuneSpec(Frozen):
     prepare_kbit: bool = True
     """qlora: peft `prepare_model_for_kbit_training` was called (casts every non-quantized
     16-bit parameter to fp32)."""
+    quant_storage: Literal["uint8", "bf16", "fp16", "fp32"] = "uint8"
+    """qlora: `bnb_4bit_quant_storage`, the dtype of the tensor the packed 4-bit codes are
+    stored in (transformers' default uint8): n values take (n + 1) // (2 x its width)
+    elements of it (bitsandbytes _ops.py::quantize_4bit), the same bytes. HF's FSDP-QLoRA
+    recipe sets it to the load dtype (transformers docs "FSDP QLoRA")."""
     bnb_version: str | None = None
     """qlora: the bitsandbytes release the job runs, as a quoted string ("0.41.1"); default:
     the one memplan's rules describe (0.50; litgpt 0.5.9's `extra` asks >=0.45.2,<0.45.5 on

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from memplan import activations as acts
-from memplan.activations.lora import FOUR_BIT_HEAD
 from memplan.config.spec import Spec
 from memplan.errors import MemplanError
 from memplan.model.families import _llama_decoder, family_of
@@ -249,7 +248,6 @@ NOT_MODELLED: tuple[tuple[str, str], ...] = (
     (TORCHAO_CASTS_UNMODELLED.strip(), "torchao's fp8 casts"),
     (_llama_decoder.CUDA_MASK_PADDING, "the memory-efficient kernel's padded mask"),
     (ULYSSES_BUFFERS, "Ulysses' all-to-all buffers"),
-    (FOUR_BIT_HEAD, "the 4-bit head's gradient cast"),
 )
 """(the sentence a note carries, a short name) for each memory term the figure leaves out
 that would add to it: the verdict names them (Report.not_modelled, hardware.not_modelled)."""

@@ -451,14 +451,16 @@ def transients(
                 gpu=step.gpu,
             )
         )
-    dequantized = own.qlora_dequantized(
+    out += own.qlora_dequantized(
         states.inventory,
         step.finetune,
         compute=step.recipe.compute,
         implementation=saved.implementation,
+        parameters=step.recipe.parameters,
     )
-    if dequantized is not None:
-        out.append(dequantized)
+    head = own.qlora_head_backward(states.inventory, step.finetune, saved, recipe=step.recipe)
+    if head is not None:
+        out.append(head)
     return [t for t in out if t.bytes > 0]
 
 

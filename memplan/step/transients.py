@@ -363,25 +363,89 @@ def fp8_weights(
 
 
 def qlora_dequantized(
-    inventory: Inventory, finetune: FinetuneSpec, *, compute: str, implementation: str = ""
-) -> Transient | None:
+    inventory: Inventory,
+    finetune: FinetuneSpec,
+    *,
+    compute: str,
+    implementation: str = "",
+    parameters: str | None = None,
+) -> list[Transient]:
     """The largest 4-bit weight QLoRA dequantizes for its matmul (memplan.model.finetune.qlora);
-    None without QLoRA. Under LitGPT, Lightning quantized it from fp16
-    (qlora.LIGHTNING_STATE_DTYPE)."""
+    [] without QLoRA. Under LitGPT, Lightning quantized it from fp16
+    (qlora.LIGHTNING_STATE_DTYPE). Under transformers the weights were loaded in `parameters`
+    (the recipe's parameter dtype): where the backward's copy differs from the forward's (the
+    weights loaded in fp32 under an amp recipe, or the LM head quantized too, whose backward
+    is `qlora_head_backward`'s), the forward's and the layers' backward's are two terms."""
     state = qlora.LIGHTNING_STATE_DTYPE if implementation == "litgpt" else None
     dequantized = qlora.dequantize_transient(
         inventory, finetune, compute=compute, state_dtype=state
     )
     if dequantized is None:
-        return None
-    return Transient(
+        return []
+    backward = None
+    if implementation != "litgpt" and parameters is not None:
+        backward = qlora.backward_dequantized(
+            inventory, finetune, compute=compute, state_dtype=parameters
+        )
+    if backward is not None and backward[0] == dequantized[0]:
+        backward = None
+    forward = Transient(
         name="qlora_dequantized_weight",
         bytes=dequantized[0],
         # Alive only inside a 4-bit matmul (MatMul4Bit's forward and its input's gradient):
         # the last layer's forward and the first layer's backward, not the loss and its
         # backward, where the step peaks (measured by `memplan verify` on the CPU:
         # benchmarks/qlora_verify.py).
-        phases=("forward", "backward"),
+        phases=("forward",) if backward is not None else ("forward", "backward"),
         formula=dequantized[1],
         source=qlora.SRC_BNB_DEQUANT,
+    )
+    if backward is None:
+        return [forward]
+    return [
+        forward,
+        Transient(
+            name="qlora_dequantized_weight_backward",
+            bytes=backward[0],
+            phases=("backward",),
+            formula=backward[1],
+            source=qlora.SRC_BNB_BACKWARD,
+        ),
+    ]
+
+
+def qlora_head_backward(
+    inventory: Inventory, finetune: FinetuneSpec, saved: Activations, *, recipe: Recipe
+) -> Transient | None:
+    """What the backward of a 4-bit LM head holds beyond the loss's backward before it
+    (memplan.model.finetune.qlora.head_backward), alive in that phase: transformers' model
+    with the eager loss, whose loss block saves the log-softmax; None otherwise."""
+    if (
+        finetune.method != "qlora"
+        or saved.implementation != "transformers"
+        or not saved.modelled
+        or saved.loss_gradient_bytes is not None
+    ):
+        return None
+    loss = saved.block("loss")
+    log_softmax = next((s for s in loss.tensors if s.name == "log_softmax"), None) if loss else None
+    if log_softmax is None:
+        return None
+    gradients = 2 * (saved.upcast_bytes or saved.logits_bytes)
+    head = qlora.head_backward(
+        inventory,
+        finetune,
+        compute=recipe.compute,
+        state_dtype=recipe.parameters,
+        logits_elems=log_softmax.numel,
+        loss_backward_bytes=log_softmax.bytes + gradients,
+    )
+    if head is None:
+        return None
+    return Transient(
+        name="qlora_head_backward",
+        bytes=head[0],
+        phases=("backward_start",),
+        formula=head[1],
+        source=qlora.SRC_BNB_BACKWARD,
     )

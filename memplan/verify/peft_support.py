@@ -77,6 +77,7 @@ def quantized(spec: Spec, model: nn.Module) -> nn.Module:
         bnb_4bit_use_double_quant=ft.double_quant,
         bnb_4bit_compute_dtype=build.torch_dtype(spec.recipe().compute),
         llm_int8_skip_modules=list(ft.skip_modules) if ft.skip_modules is not None else None,
+        bnb_4bit_quant_storage=build.torch_dtype(ft.quant_storage),
     )
     device = next(model.parameters()).device
     cls: Any = type(model)
@@ -112,11 +113,21 @@ def quant_states(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of each bitsandbytes 4-bit weight's QuantState (absmax, the code, and with
     double quantization the nested absmax, code and offset: bitsandbytes functional.py::
     QuantState), which are neither parameters nor buffers; memplan lists them with the
-    buffers (memplan.model.finetune.qlora.quant_state)."""
-    for name, p in model.named_parameters():
-        state = getattr(p, "quant_state", None)
-        if state is None:
+    buffers (memplan.model.finetune.qlora.quant_state). Read from each Linear4bit module:
+    its weight's, or, where FSDP2 has swapped the weight for a DTensor shard, the copy the
+    module keeps (bitsandbytes 0.50.2 nn/modules.py::Params4bit: `self.module.quant_state`,
+    fix_4bit_weight_quant_state_from_module: "the quant state got lost when the parameter got
+    converted. This happens for example for fsdp")."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        if "weight" not in module._parameters:  # peft's wrappers reach their base's
             continue
+        weight = module._parameters["weight"]
+        state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+        if state is None or id(state) in seen:
+            continue
+        seen.add(id(state))
+        name = f"{module_name}.weight"
         nested = getattr(state, "state2", None)
         for key, t in (
             ("absmax", state.absmax),

@@ -394,14 +394,8 @@ def _apply(
             "parallel rules do not know peft's adapter tensors); use tensor: 1.",
             field="finetune.method",
         )
-    if ft.method == "qlora" and not (engine == "ddp" or (engine == "deepspeed" and stage < 3)):
-        raise MemplanError(
-            f"qlora with engine {engine} (ZeRO stage {stage}) is not modelled: sharding 4-bit "
-            "weights needs bnb_4bit_quant_storage and keeps the quantization state per rank. "
-            "Use engine: ddp, or deepspeed with zero_stage 0-2 (the frozen 4-bit base stays "
-            "whole on every rank).",
-            field="finetune.method",
-        )
+    if ft.method == "qlora":
+        qlora.refuse_engine(ft, engine=engine, stage=stage)
     out = inventory
     if ft.method == "qlora":
         out = quantize_4bit(out, ft, compute=compute, state_dtype=state_dtype)

@@ -13,6 +13,7 @@ import re
 from dataclasses import replace
 
 from memplan.config.finetune import FinetuneSpec
+from memplan.errors import MemplanError
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.model.module_tree import FINETUNE_NOTE, frozen, leaf, modules, owner
 from memplan.precision import dtype_bytes
@@ -76,6 +77,8 @@ def quantize_4bit(
     """
     mods = modules(inventory)
     skip = default_skips(inventory) if ft.skip_modules is None else None
+    if skip is None:
+        _refuse_tied_4bit(ft, [m.name for m in mods.values() if m.alias and m.kind == "linear"])
     quantized = [
         m.name
         for m in mods.values()
@@ -89,7 +92,7 @@ def quantize_4bit(
     states: list[TensorSpec] = []
     for t in inventory.parameters:
         if owner(t.name) in chosen and leaf(t.name) == "weight":
-            params.append(packed_weight(t))
+            params.append(packed_weight(t, ft.quant_storage))
             states += quant_state(t, double=ft.double_quant)
         elif owner(t.name) in chosen and leaf(t.name) == "bias":
             # Linear4bit's first forward casts its bias to the compute dtype for good
@@ -120,6 +123,76 @@ def quantize_4bit(
         buffers=(*inventory.buffers, *states),
         notes=(*inventory.notes, note),
     )
+
+
+SRC_FSDP_QLORA = (
+    "bitsandbytes 0.50.2 docs/source/fsdp_qlora.md (bnb_4bit_quant_storage set to the load "
+    "dtype so FSDP can shard the packed weights), nn/modules.py::"
+    "fix_4bit_weight_quant_state_from_module (the quantization state restored from the "
+    "module after FSDP swaps the parameter)"
+)
+
+
+def refuse_engine(ft: FinetuneSpec, *, engine: str, stage: int) -> None:
+    """The engines QLoRA is modelled under: DDP, DeepSpeed ZeRO 0-2 (the frozen 4-bit base
+    whole on every rank) and FSDP2 (`fully_shard`) without prepare_model_for_kbit_training,
+    HF's FSDP-QLoRA recipe (SRC_FSDP_QLORA): every rank holds its dim-0 shard of each packed
+    weight and the whole quantization state, and all-gathers a unit's packed weights as any
+    other parameter. Each measured by `memplan verify` on two CPU gloo ranks
+    (benchmarks/qlora_verify.py, benchmarks/qlora_fsdp_probe.py for what does not run)."""
+    if engine in ("ddp",) or (engine == "deepspeed" and stage < 3):
+        return
+    if engine == "fsdp2" and not ft.prepare_kbit:
+        return
+    if engine == "fsdp2":
+        raise MemplanError(
+            "qlora under engine fsdp2 with prepare_kbit: true is not modelled: it runs "
+            "(torch 2.13 fully_shard, bitsandbytes 0.50.2, two CPU gloo ranks) and its model "
+            "states and activations are memplan's to the byte, but its peak was measured 35% "
+            "above memplan's: memplan's FSDP2 terms size each all-gathered unit in the "
+            "recipe's parameter dtype, and prepare_model_for_kbit_training makes the root's "
+            "(embedding, head) fp32, half of the gap; the rest is not found. HF's FSDP-QLoRA "
+            "recipe does not call it: set finetune.prepare_kbit: false (verified), or use "
+            "engine ddp.",
+            field="finetune.prepare_kbit",
+        )
+    if engine == "fsdp1":
+        raise MemplanError(
+            "qlora under engine fsdp1 is not modelled: FullyShardedDataParallel flattens each "
+            "unit into one tensor and refuses the mix of the packed 4-bit weights and peft's "
+            'fp32 adapters (torch 2.13 fsdp/_flat_param.py: "Must flatten tensors with '
+            'uniform dtype but got torch.bfloat16 and torch.float32", measured on CPU with '
+            "bnb_4bit_quant_storage bf16 and a decoder-layer wrap policy). Use engine fsdp2 "
+            "with prepare_kbit: false, or ddp.",
+            field="parallelism.engine",
+        )
+    raise MemplanError(
+        f"qlora with engine {engine} (ZeRO stage {stage}) is not modelled: sharding 4-bit "
+        "weights needs bnb_4bit_quant_storage and keeps the quantization state per rank. "
+        "Use engine: ddp, fsdp2 (with prepare_kbit: false), or deepspeed with zero_stage 0-2 "
+        "(the frozen 4-bit base stays whole on every rank).",
+        field="finetune.method",
+    )
+
+
+def _refuse_tied_4bit(ft: FinetuneSpec, aliases: list[str]) -> None:
+    """skip_modules that leave a tied output embedding (`aliases`: GPT-2's and tied Llama's
+    lm_head) to be quantized describe a job that does not run: transformers replaces the
+    head with a Linear4bit and ties its weight back to the 16-bit embedding, and the first
+    forward fails in bitsandbytes 0.50.2 nn/modules.py::fix_4bit_weight_quant_state_from_module
+    (`assert module.weight.shape[1] == 1`: the weight is not packed). Measured by `memplan
+    verify` on the CPU (transformers 5.25, tie_word_embeddings: true, skip_modules: [])."""
+    quantized = [name for name in aliases if not _skipped(name, ft, None)]
+    if quantized:
+        raise MemplanError(
+            f"{list(ft.skip_modules or ())} leaves {', '.join(quantized)} to be quantized, but its "
+            "weight is tied to the input embedding: transformers ties the 16-bit embedding "
+            "back into the 4-bit Linear and bitsandbytes' first forward fails (nn/modules.py::"
+            "fix_4bit_weight_quant_state_from_module: `assert module.weight.shape[1] == 1`). "
+            f"Add {quantized[0]!r} to skip_modules, or leave skip_modules unset (transformers "
+            "then keeps tied weights unquantized).",
+            field="finetune.skip_modules",
+        )
 
 
 def dequantized_weight_bytes(
@@ -174,10 +247,12 @@ def dequantize_transient(
     None without qlora. `state_dtype`: as `dequantized_weight_bytes`'s."""
     if ft.method != "qlora":
         return None
-    rows = max((t.shape[0] for t in inventory.parameters if _is_packed(t)), default=0)
-    if not rows:
+    numel = max(
+        (t.shape[0] * values_per_element(t) for t in inventory.parameters if _is_packed(t)),
+        default=0,
+    )
+    if not numel:
         return None
-    numel = rows * BNB_VALUES_PER_BYTE
     n = dequantized_weight_bytes(
         numel, compute=compute, double=ft.double_quant, state_dtype=state_dtype
     )
@@ -192,14 +267,132 @@ def dequantize_transient(
     )
 
 
-def _is_packed(t: TensorSpec) -> bool:
-    return t.dtype == "uint8" and len(t.shape) == 2 and t.shape[1] == 1 and not t.trainable
+SRC_BNB_BACKWARD = (
+    "bitsandbytes 0.50.2 autograd/_functions.py::MatMul4Bit.backward (`torch.matmul("
+    "grad_output, F.dequantize_4bit(B, ctx.state).to(grad_output.dtype))`), functional.py::"
+    "dequantize_4bit (returns QuantState.dtype, the dtype the weight was loaded in), nn/"
+    "modules.py::Linear4bit.forward (`bnb.matmul_4bit(x.to(self.compute_dtype), ...).to("
+    "inp_dtype)`: the matmul in bnb_4bit_compute_dtype, its output handed back in the input's)"
+)
 
 
-def packed_weight(t: TensorSpec) -> TensorSpec:
-    """A bnb Params4bit: [(n + 1) // 2, 1] uint8, frozen (SRC_BNB_QUANT)."""
-    rows = (t.numel + 1) // BNB_VALUES_PER_BYTE
-    return replace(t, shape=(rows, 1), dtype="uint8", trainable=False)
+def backward_dequantized(
+    inventory: Inventory, ft: FinetuneSpec, *, compute: str, state_dtype: str
+) -> tuple[int, str] | None:
+    """(bytes, formula) of the largest 4-bit weight of a decoder layer dequantized for its
+    input's gradient (the LM head's is `head_backward`'s: its backward runs before the
+    layers'), when transformers loaded the model in `state_dtype` (the recipe's parameter
+    dtype: QuantState.dtype) and the matmul runs in `compute` (SRC_BNB_BACKWARD):
+    dequantize_4bit returns the weight in `state_dtype` and `.to(grad_output.dtype)` copies
+    it to `compute` while it is alive, both at once where they differ
+    (`dequantized_weight_bytes`). None without qlora. Measured on the CPU
+    (benchmarks/qlora_verify.py, amp-bf16: the weights loaded in fp32, dequantized to fp32 and
+    cast to bf16 in backward)."""
+    if ft.method != "qlora":
+        return None
+    numel = max(
+        (
+            t.shape[0] * values_per_element(t)
+            for t in inventory.parameters
+            if _is_packed(t) and t.role != "head"
+        ),
+        default=0,
+    )
+    if not numel:
+        return None
+    n = dequantized_weight_bytes(
+        numel, compute=compute, double=ft.double_quant, state_dtype=state_dtype
+    )
+    if state_dtype == compute:
+        return n, (
+            f"the largest 4-bit weight of a layer, {numel:,} elements x "
+            f"{dtype_bytes(compute)} B ({compute})"
+            + (" + its nested absmax in fp32" if ft.double_quant else "")
+        )
+    return n, (
+        f"the largest 4-bit weight of a layer, {numel:,} elements, dequantized to "
+        f"{state_dtype} ({dtype_bytes(state_dtype)} B, the dtype it was loaded in) and cast to "
+        f"{compute} ({dtype_bytes(compute)} B) for its input's gradient"
+    )
+
+
+def head_backward(
+    inventory: Inventory,
+    ft: FinetuneSpec,
+    *,
+    compute: str,
+    state_dtype: str,
+    logits_elems: int,
+    loss_backward_bytes: int,
+) -> tuple[int, str] | None:
+    """(bytes, formula) the backward of a 4-bit LM head (`skip_modules` that do not keep it)
+    holds beyond the loss's backward just before it; None when the head is not 4-bit.
+
+    Linear4bit runs its matmul in the compute dtype and hands the logits back in its input's
+    dtype (SRC_BNB_BACKWARD), so by MatMul4Bit's backward the logits' gradient has been cast
+    to the compute dtype (by Linear4bit's `.to(inp_dtype)`, or by the loss's `.float()` where
+    the logits were 16-bit; the fp32 gradient is freed once cast), and the head's weight is
+    dequantized beside it (`dequantized_weight_bytes`, in the dtype it was loaded in, then
+    cast to the compute dtype). The loss's backward before it held its log-softmax and two
+    fp32 [tokens, vocab] gradients (`loss_backward_bytes`), all freed by then; the rest of
+    what is alive is the same at both moments. So the step's peak at the loss's backward is
+    the higher of the two, and this term is what the head's moment holds more (0 where
+    less). Measured on the CPU by `memplan verify` (benchmarks/qlora_verify.py: amp-bf16
+    with the head quantized, the head's moment 66,624 B above the loss's; bf16, below it)."""
+    if ft.method != "qlora":
+        return None
+    numel = max(
+        (
+            t.shape[0] * values_per_element(t)
+            for t in inventory.parameters
+            if _is_packed(t) and t.role == "head"
+        ),
+        default=0,
+    )
+    if not numel or logits_elems <= 0:
+        return None
+    weight = dequantized_weight_bytes(
+        numel, compute=compute, double=ft.double_quant, state_dtype=state_dtype
+    )
+    gradient = logits_elems * dtype_bytes(compute)
+    held = gradient + weight
+    return max(0, held - loss_backward_bytes), (
+        f"the 4-bit head's backward: the logits' gradient, {logits_elems:,} elements x "
+        f"{dtype_bytes(compute)} B ({compute}), + its weight dequantized, {weight:,} B "
+        f"({numel:,} elements"
+        + (
+            f" in {state_dtype}, cast to {compute})"
+            if state_dtype != compute
+            else f" in {compute}" + (" + the nested absmax in fp32)" if ft.double_quant else ")")
+        )
+        + f" = {held:,} B, less the loss's log-softmax and gradients freed by then "
+        f"({loss_backward_bytes:,} B); 0 when less"
+    )
+
+
+STORAGE_DTYPES = ("uint8", "bf16", "fp16", "fp32")
+"""The dtypes `bnb_4bit_quant_storage` may name (memplan.config.finetune.FinetuneSpec)."""
+
+
+def is_packed(t: TensorSpec) -> bool:
+    """Whether `t` is a bnb Params4bit as `packed_weight` makes it: frozen, [rows, 1] in a
+    storage dtype. (A Linear's own weight is [out, in]: never [rows, 1] in practice.)"""
+    return t.dtype in STORAGE_DTYPES and len(t.shape) == 2 and t.shape[1] == 1 and not t.trainable
+
+
+_is_packed = is_packed
+
+
+def values_per_element(t: TensorSpec) -> int:
+    """4-bit values one element of a packed weight holds: two per byte of its dtype."""
+    return BNB_VALUES_PER_BYTE * dtype_bytes(t.dtype or "uint8")
+
+
+def packed_weight(t: TensorSpec, storage: str = "uint8") -> TensorSpec:
+    """A bnb Params4bit: [(n + 1) // (2 x width), 1] in the `storage` dtype
+    (bnb_4bit_quant_storage: uint8 by default), frozen (SRC_BNB_QUANT)."""
+    rows = (t.numel + 1) // (BNB_VALUES_PER_BYTE * dtype_bytes(storage))
+    return replace(t, shape=(rows, 1), dtype=storage, trainable=False)
 
 
 def quant_state(t: TensorSpec, *, double: bool) -> list[TensorSpec]:

@@ -487,9 +487,8 @@ class HardwareInfo(Doc):
             "Memory terms the notes say the figure leaves out and that would add to it "
             "(memplan.report.notes.NOT_MODELLED: torchao's fp8 casts where not counted, the "
             "CUDA memory-efficient kernel's padded sliding-window mask, DeepSpeed Ulysses' "
-            "all-to-all buffers, a 4-bit LM head's gradient cast under autocast); empty when "
-            'none. A "fits" beside any of them is on a partial figure: the table says so '
-            "after the verdict."
+            'all-to-all buffers); empty when none. A "fits" beside any of them is on a '
+            "partial figure: the table says so after the verdict."
         ),
     )
 
