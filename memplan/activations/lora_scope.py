@@ -76,14 +76,16 @@ class Scope:
 
     def reads_x(self, module: str, st: Setting) -> bool:
         """Whether an adapter on `module` saves the module's input storage itself (lora_A's
-        input is x: no dropout, no cast to the adapter's dtype, no autocast)."""
+        input is x: no dropout, no cast to the adapter's dtype, and no autocast cast — none is
+        made where x, the adapter and autocast share one dtype, as with 16-bit adapters on a
+        16-bit model: measured, tests/test_lora_adapter_dtype.py)."""
         ad = self.adapted(module)
         return (
             ad is not None
             and not ad.embedding
             and self.dropout == 0
-            and not st.autocast
             and ad.dtype == st.matmul
+            and (not st.autocast or st.stream == st.matmul)
         )
 
     def input_saved(self, module: str, st: Setting) -> bool:
