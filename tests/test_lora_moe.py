@@ -175,3 +175,29 @@ def test_wrapped_w2_saves_one_merged_expert_weight_per_layer(precision: str) -> 
     assert not base - wrapped
     grown = sum(n * count for (_, _, n), count in added.items())
     assert wrapped_predicted - base_predicted == grown
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("parallelism", "precision", "targets"),
+    [
+        ({"engine": "fsdp2", "data": 2}, "bf16-mixed", "all-linear"),
+        ({"engine": "fsdp2", "data": 2}, "bf16", ["q_proj", "v_proj", "gate", "w2"]),
+        ({"engine": "ddp", "data": 2, "zero_stage": 1}, "bf16-mixed", "all-linear"),
+    ],
+    ids=["fsdp2-bf16-mixed-all-linear", "fsdp2-bf16-router-w2", "zero1-bf16-mixed-all-linear"],
+)
+def test_verify_wrapped_moe_on_two_ranks(parallelism: dict, precision: str, targets: Any) -> None:
+    """`memplan verify` on two gloo ranks (FSDP2 gathers the experts whole for the merge):
+    model states and activations to the byte on every rank."""
+    pytest.importorskip("peft")
+    from tests.test_verify_support import model_state_rows_exact, run
+
+    doc = spec_doc("mixtral", targets, "fp32", "none")
+    doc.update(precision=precision, parallelism=parallelism, optimizer={"name": "adamw"})
+    result = run(validate(doc))
+    model_state_rows_exact(result)
+    for rank in result.ranks:
+        row = rank.row("activations")
+        assert row.checked and row.predicted > 0
+        assert row.delta == 0
