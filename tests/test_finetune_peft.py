@@ -490,8 +490,8 @@ def test_moe_without_target_modules_is_refused_like_peft(config: dict, peft_erro
 @pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
 def test_verify_mixtral_all_linear_model_states(precision: str) -> None:
     """`memplan verify` of Mixtral with all-linear (the router and the fused experts wrapped
-    by lora.ParamWrapper): parameters, gradients and AdamW states to the byte on the real peft
-    model after a real step; activations are reported not modelled, so verify leaves them."""
+    by lora.ParamWrapper): parameters, gradients, AdamW states and activations to the byte on
+    the real peft model after a real step (the wrappers' tensors: tests/test_lora_moe.py)."""
     doc = {
         "model": {"architecture": MIXTRAL},
         "precision": precision,
@@ -506,6 +506,8 @@ def test_verify_mixtral_all_linear_model_states(precision: str) -> None:
     rows = {r.name: r for r in result.headline.rows}
     assert rows["gradients"].checked and rows["gradients"].predicted > 0
     assert rows["optimizer_states"].checked and rows["optimizer_states"].predicted > 0
+    assert rows["activations"].checked
+    assert rows["activations"].delta == 0
 
 
 @pytest.mark.parametrize(
@@ -672,55 +674,3 @@ def test_verify_lora_more_families(config: dict, ft: dict, precision: str) -> No
     rows = {r.name: r for r in result.headline.rows}
     assert rows["activations"].checked
     assert rows["activations"].delta == 0
-
-
-@pytest.mark.parametrize(
-    "targets",
-    ["all-linear", ["q_proj", "gate"], ["w1", "w3"]],
-    ids=["all-linear", "router", "w1w3"],
-)
-def test_lora_on_moe_experts_or_router_is_not_modelled(targets: Any) -> None:
-    """peft adapts Mixtral's router and fused 3-D experts with lora.ParamWrapper (its
-    target_parameters), whose saved tensors are not modelled: the activations say so."""
-    spec = make(MIXTRAL, {"method": "lora", "target_modules": targets})
-    predicted = most_saved(spec, from_config(MIXTRAL))
-    assert not predicted.modelled
-    assert "ParamWrapper" in " ".join(predicted.notes)
-
-
-def _saved(config: dict, ft: dict, precision: str) -> list[tuple[tuple[int, ...], str, int]]:
-    """(shape, dtype, bytes) of every storage autograd saves in one forward of peft's model."""
-    from tests.activation_probe import saved_storages
-
-    spec = make(config, ft, precision=precision)
-    model = peft_model(config, spec)
-    torch.manual_seed(0)
-    t = spec.training
-    ids = torch.randint(0, config["vocab_size"], (t.micro_batch_size, t.sequence_length))
-    with saved_storages([*model.parameters(), *model.buffers()]) as got:
-        model(input_ids=ids, labels=ids.clone(), use_cache=False)
-    return [(s.shape, s.dtype, s.nbytes) for s in got.storages.values()]
-
-
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_lora_on_moe_saves_the_merged_expert_weight(precision: str) -> None:
-    """Why LoRA on the experts stays 'not modelled': peft's ParamWrapper folds B @ A into the
-    expert weight (baddbmm) and grouped_mm saves that merged [E, H, I] weight, one per layer,
-    a term the token-based flow does not have (memplan.activations.lora_moe.param_wrapped)."""
-    from collections import Counter
-
-    base = Counter(_saved(MIXTRAL, QV, precision))
-    wrapped = Counter(
-        _saved(MIXTRAL, {**QV, "target_modules": ["q_proj", "v_proj", "w2"]}, precision)
-    )
-    added = wrapped - base
-    width = 2 if precision == "bf16" else 4
-    experts, hidden, inter = (
-        MIXTRAL[k] for k in ("num_local_experts", "hidden_size", "intermediate_size")
-    )
-    merged = (experts, inter, hidden)  # the transposed view grouped_mm reads
-    assert (
-        added[(merged, precision, experts * hidden * inter * width)] == MIXTRAL["num_hidden_layers"]
-    )
-    spec = make(MIXTRAL, {**QV, "target_modules": ["q_proj", "v_proj", "w2"]}, precision=precision)
-    assert not most_saved(spec, from_config(MIXTRAL)).modelled

@@ -68,18 +68,15 @@ def adjust(
             f"are not modelled (modelled: {', '.join(modelled)}): "
             "per_gpu.activations is 0 and the peak leaves them out."
         )
-    wrapped: list[str] = []
     if arch.model_type in ends.moe:
-        from memplan.activations.lora_moe import param_wrapped  # MoE families only
+        # LoRA on the MoE router and fused experts (lora.ParamWrapper): memplan.activations.
+        # lora_moe (imported here: MoE families only)
+        from memplan.activations.lora_moe import unmodelled, unwrap
 
-        wrapped = sorted({m for sc in layers for m in param_wrapped(sc)})
-    if wrapped:
-        return not_modelled(
-            f"activations with LoRA on the MoE block's {', '.join(wrapped)} are not modelled "
-            "(peft adapts the router and the fused 3-D experts with lora.ParamWrapper, whose "
-            "forward adds the adapter's product to the weight): per_gpu.activations is 0 and "
-            "the peak leaves them out. LoRA on the attention projections is modelled."
-        )
+        why = unmodelled(layers)
+        if why:
+            return not_modelled(why)
+        layers = tuple(unwrap(sc, arch) for sc in layers)
     flow_of = layer_flow(ends, str(arch.extra.get("hidden_act", "")), arch.model_type)
     # transformers' activation_checkpointing_enable (modeling_utils.py::
     # _activation_checkpointing_enable) and peft's prepare_model_for_kbit_training call

@@ -354,12 +354,16 @@ def layer_tensors(tensors: Iterable[Saved], flow: Flow, sc: Scope, st: Setting) 
 
 
 def adapter_tensors(flow: Flow, sc: Scope, st: Setting) -> list[Saved]:
-    """What the layer's Linear adapters save."""
+    """What the layer's Linear adapters and lora.ParamWrappers save."""
     out: list[Saved] = []
     for module, ad in sc.adapters:
         if not ad.embedding:
             x_grad = flow.inputs.get(module, True)
             out += adapter_saved(module, ad, st, dropout=sc.dropout, x_grad=x_grad)
+    if sc.wrapped:
+        from memplan.activations.lora_moe import wrapped_saved  # MoE families only
+
+        out += wrapped_saved(flow, sc, st)
     return out
 
 

@@ -1,14 +1,36 @@
-"""What a sparse MoE block saves when its router and experts are frozen or train (memplan.
-model.forward.mlp.sparse_moe's tensors, named `<prefix>.router.*` / `<prefix>.experts.*`),
-for memplan.activations.lora_flow's Llama-style layer (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+"""What a sparse MoE block saves when its router and experts are frozen, train, or carry LoRA
+(memplan.model.forward.mlp.sparse_moe's tensors, named `<prefix>.router.*` /
+`<prefix>.experts.*`), for memplan.activations.lora_flow's Llama-style layer (Mixtral,
+Qwen2-MoE, Qwen3-MoE).
+
+LoRA on the router's weight or the fused 3-D experts is peft's lora.ParamWrapper (its
+`target_parameters`; peft converts the v4 names gate / w1 / w3 / w2 into them), which adds the
+adapter's product into the parameter for the wrapped module's forward (peft 0.21.2
+tuners/lora/layer.py::ParamWrapper._activate_lora: a torch parametrization, computed once per
+forward under `parametrize.cached()`). The module then runs on that merged weight, which
+requires grad: its op saves the input for the weight's gradient and the merged weight (a new
+tensor, per layer, the parameter's size) for the input's (`wrapped_saved`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from memplan.activations.lora_scope import Adapter, Wrapped
+from memplan.model.forward import kernels
+from memplan.model.forward.tensors import Saved, Setting
+
 if TYPE_CHECKING:
+    from memplan.activations.lora_flow import Flow
     from memplan.activations.lora_scope import Scope
+    from memplan.model.inventory import Architecture
+
+PEFT_LAYER = "peft 0.21.2 tuners/lora/layer.py"
+SRC_FACTORS = f"{PEFT_LAYER}::_LoraFactorsProxy.forward, ParamWrapper.get_delta_factors"
+SRC_DELTA = f"{PEFT_LAYER}::_LoraParameterProxy.forward, Linear.get_delta_weight"
+SRC_GROUPED = "transformers integrations/moe.py::grouped_mm_experts_forward"
+SRC_ROUTER = "transformers models/mixtral/modeling_mixtral.py::MixtralTopKRouter.forward"
+SIXTEEN_BIT = ("bf16", "fp16")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -27,43 +49,54 @@ def moe_flow(sc: Scope, x_grad: bool, *, shared: bool, prefix: str = "mlp") -> M
     is saved when its weight trains; softmax, topk and the renormalisation save theirs when
     the logits require grad. Each grouped_mm saves its input for the experts' gradient and
     is recorded when either requires grad; the routing multiply saves each factor for the
-    other's gradient. `shared`: Qwen2-MoE's shared expert (a gated MLP) and its sigmoid gate
-    (modeling_qwen2_moe.py::Qwen2MoeSparseMoeBlock.forward), whose readers share the block's
-    input storage with the router (memplan.model.families.qwen_moe)."""
+    other's gradient. A fused weight requires grad where the experts train or a
+    lora.ParamWrapper merges an adapter into it (sc.wrapped; `wrapped_saved` adds the
+    merged weights and casts). `shared`: Qwen2-MoE's shared expert (a gated MLP) and its
+    sigmoid gate (modeling_qwen2_moe.py::Qwen2MoeSparseMoeBlock.forward), whose readers share
+    the block's input storage with the router (memplan.model.families.qwen_moe)."""
     r = sc.out_grad(f"{prefix}.gate", x_grad)  # router logits
+    wrapped = {name for name, _ in sc.wrapped}
     experts = f"{prefix}.experts" in sc.params
-    gu = x_grad or experts  # the experts' outputs
+    # which fused weight requires grad: the whole module trains, or a ParamWrapper's merge
+    up_w = experts or f"{prefix}.experts.gate_up_proj" in wrapped
+    down_w = experts or f"{prefix}.experts.down_proj" in wrapped
+    gu = x_grad or up_w  # the gate_up grouped_mm's output
+    down = gu or down_w  # the down grouped_mm's output
     keep = {
         f"{prefix}.router.softmax": r,
         f"{prefix}.router.topk_indices": r,
         f"{prefix}.router.topk_values": r,
         f"{prefix}.router.topk_sum": r,
+        # `hidden_states[perm // top_k]` keeps its index for x's gradient, `sample_weights
+        # [perm]` keeps perm for the routing weights' (SRC_GROUPED)
         f"{prefix}.experts.token_index": x_grad,
-        f"{prefix}.experts.perm": x_grad,
-        f"{prefix}.experts.offsets": gu,
-        f"{prefix}.experts.input": experts,
+        f"{prefix}.experts.perm": r,
+        f"{prefix}.experts.offsets": down,
+        f"{prefix}.experts.input": up_w,
         f"{prefix}.experts.gate_up_output": gu,
         f"{prefix}.experts.act_output": gu,
-        f"{prefix}.experts.down_input": experts,
-        f"{prefix}.experts.routing_weights": gu,
+        f"{prefix}.experts.down_input": down_w,
+        f"{prefix}.experts.routing_weights": down,
         f"{prefix}.experts.down_output": r,
-        f"{prefix}.experts.inverse_perm": gu or r,
+        f"{prefix}.experts.inverse_perm": down or r,
     }
     router = f"{prefix}.gate"
-    inputs = {router: x_grad}
+    # whether each wrapped parameter's op has an input requiring grad (wrapped_saved)
+    inputs = {router: x_grad, f"{prefix}.experts.gate_up_proj": x_grad}
+    inputs[f"{prefix}.experts.down_proj"] = gu
     linears: dict[str, tuple[str, ...]] = {f"{router}.input": (router,)}
-    out = gu or r
+    out = down or r
     if shared:
         se, sgate = f"{prefix}.shared_expert", f"{prefix}.shared_expert_gate"
         g = sc.out_grad(f"{se}.gate_proj", x_grad)
         u = sc.out_grad(f"{se}.up_proj", x_grad)
-        down = sc.out_grad(f"{se}.down_proj", g or u)
+        se_down = sc.out_grad(f"{se}.down_proj", g or u)
         gate = sc.out_grad(sgate, x_grad)
         keep[f"{se}.gate_proj.output"] = g
         keep[f"{se}.act_output"] = u
         keep[f"{se}.up_proj.output"] = g
         # sigmoid saves its result for its own gradient, the product for the expert's
-        keep[f"{sgate}.sigmoid"] = gate or down
+        keep[f"{sgate}.sigmoid"] = gate or se_down
         keep[f"{se}.output"] = gate
         readers = (router, f"{se}.gate_proj", f"{se}.up_proj", sgate)
         for m in readers[1:]:
@@ -71,28 +104,101 @@ def moe_flow(sc: Scope, x_grad: bool, *, shared: bool, prefix: str = "mlp") -> M
         inputs[f"{se}.down_proj"] = g or u
         linears = {f"{m}.input": (m,) for m in (*readers, f"{se}.down_proj")}
         linears[f"{router}.input"] = readers  # one storage when no cast is made
-        out = out or down or gate
+        out = out or se_down or gate
     return MoeFlow(keep=keep, inputs=inputs, linears=linears, out=out)
 
 
-def param_wrapped(sc: Scope, prefix: str = "mlp") -> list[str]:
-    """The block's modules peft adapts with lora.ParamWrapper (its `target_parameters`: the
-    router's weight, the fused 3-D expert weights; memplan.model.finetune.targets), whose
-    forward adds B @ A to the weight itself: what that saves is not modelled.
+def unwrap(sc: Scope, arch: Architecture, prefix: str = "mlp") -> Scope:
+    """`sc` with the adapters of peft's lora.ParamWrappers moved from `adapters` to `wrapped`:
+    the router's (`<prefix>.gate`, a [E, H] weight: its weight now trains, as far as what the
+    layer saves goes) and the fused experts' (`<prefix>.experts`, and `<prefix>.experts.
+    base_layer` where both are wrapped: memplan.model.finetune.targets.param_lora_tensors),
+    each told apart by its features: gate_up_proj [E, 2 x inter, H], down_proj [E, H, inter]."""
+    router, experts = f"{prefix}.gate", f"{prefix}.experts"
+    num = arch.num_experts
+    inter = int(arch.extra.get("moe_intermediate_size", arch.intermediate_size))
+    gate_up = (arch.hidden_size, 2 * inter)  # (in, out)
+    kept: list[tuple[str, Adapter]] = []
+    wrapped: list[tuple[str, Wrapped]] = []
+    for module, ad in sc.adapters:
+        if module == router:
+            shape: tuple[int, ...] = (ad.out_features, ad.in_features)
+            wrapped.append((f"{router}.weight", Wrapped(shape=shape, rank=ad.rank, dtype=ad.dtype)))
+        elif module in (experts, f"{experts}.base_layer") and num:
+            param = "gate_up_proj" if (ad.in_features, ad.out_features) == gate_up else "down_proj"
+            shape = (num, ad.out_features, ad.in_features)
+            w = Wrapped(shape=shape, rank=ad.rank // num, dtype=ad.dtype)
+            wrapped.append((f"{experts}.{param}", w))
+        else:
+            kept.append((module, ad))
+    if not wrapped:
+        return sc
+    routed = any(n == f"{router}.weight" for n, _ in wrapped)
+    trains = frozenset({router}) if routed else frozenset()
+    return replace(
+        sc,
+        adapters=tuple(kept),
+        wrapped=tuple(wrapped),
+        weights=sc.weights | trains,
+        params=sc.params | trains,
+    )
 
-    Measured (tests/activation_probe.py, tiny Mixtral E=4 H=48 I=96, 3 layers, batch 2 x 16,
-    peft 0.21.2, torch 2.13 CPU; test_lora_on_moe_saves_the_merged_expert_weight): over the
-    same model with q_proj/v_proj adapters only, each layer saves
-    - per wrapped expert weight, the merged weight W + s * B @ A at the parameter's full size
-      and dtype (peft tuners/lora/layer.py::_LoraFactorsProxy.forward: `baddbmm`; grouped_mm
-      keeps it for the input's gradient), plus the grouped_mm's input (routed tokens x in);
-    - in 16-bit with fp32 adapters, baddbmm's 16-bit casts of B [E, out, r] and A [E, r, in];
-    - for the router, its input [tokens, H] and the merged weight [E, H] (under autocast with
-      fp32 weights: the 16-bit casts of x, A and B instead).
-    bf16: +175,104 bytes (w2), +331,776 (w1+w3), +10,368 (router); fp32: +294,912, +479,232,
-    +20,736. The merged weight scales with E x H x I per layer, not with tokens: a per-layer
-    term beside the token terms of memplan.activations.lora_flow, not yet wired there."""
-    inside = (f"{prefix}.gate", f"{prefix}.experts")
-    return [
-        m for m, _ in sc.adapters if m in inside or m.startswith(tuple(f"{i}." for i in inside))
-    ]
+
+def unmodelled(layers: tuple[Scope, ...], prefix: str = "mlp") -> str:
+    """Why the activations of LoRA on the MoE block cannot be predicted, or ''."""
+    inside = (f"{prefix}.gate", f"{prefix}.experts", f"{prefix}.experts.base_layer")
+    wrapped = sorted({m for sc in layers for m, _ in sc.adapters if m in inside})
+    if wrapped and any(sc.four_bit for sc in layers):
+        return (
+            f"activations with QLoRA and LoRA on the MoE block's {', '.join(wrapped)} are not "
+            "modelled (lora.ParamWrapper beside bitsandbytes' 4-bit Linear was not measured): "
+            "per_gpu.activations is 0 and the peak leaves them out."
+        )
+    return ""
+
+
+def wrapped_saved(flow: Flow, sc: Scope, st: Setting) -> list[Saved]:
+    """What each lora.ParamWrapper of the layer saves beyond the module it wraps (which
+    memplan.model.forward.mlp.sparse_moe and `moe_flow` keep: the router's input, each
+    grouped_mm's input, once its weight trains).
+
+    Fused experts, [E, out, in] (`_LoraFactorsProxy`: `baddbmm(W, lhs, rhs, alpha=scaling)`
+    with autocast off, lhs = B as [E, out, r], rhs = A as [E, r, in], both `.to(W.dtype)`):
+    where the adapters are in another dtype than W, baddbmm saves those two casts (each for
+    the other's gradient; the adapters themselves are parameters); the grouped_mm keeps the
+    merged weight [E, out, in] in W's dtype for its input's gradient (SRC_GROUPED's
+    `_grouped_mm(input, weight.transpose(-2, -1))`), where that input requires grad.
+
+    Router, [E, H] (one expert: `_LoraParameterProxy`, `W + delta`, delta = `(B @ A) *
+    scaling` cast to W's dtype): the mm saves A and B where a cast was made — on the CPU
+    16-bit adapters are made fp32 first (Linear.get_delta_weight's cast_to_fp32), under
+    autocast the mm casts them to its dtype; F.linear keeps the merged weight for its input's
+    gradient: the weight itself where no autocast cast is made (else the family's
+    `mlp.gate.weight_cast`, its cast, kept by memplan.activations.lora_flow)."""
+    out: list[Saved] = []
+    mm = "MmBackward0"
+    for param, w in sc.wrapped:
+        module = param.removesuffix(".weight")
+        x_grad = flow.inputs.get(module, True)
+        if len(w.shape) == 3:
+            num, d_out, d_in = w.shape
+            if w.dtype != st.stream:
+                bmm = "BaddbmmBackward0"
+                b_shape, a_shape = (num, d_out, w.rank), (num, w.rank, d_in)
+                out += [
+                    kernels.saved(f"{param}.lora_B.cast", b_shape, st.stream, bmm, SRC_FACTORS),
+                    kernels.saved(f"{param}.lora_A.cast", a_shape, st.stream, bmm, SRC_FACTORS),
+                ]
+            if x_grad:
+                by = "GroupedMmBackward0"
+                out.append(kernels.saved(f"{param}.merged", w.shape, st.stream, by, SRC_GROUPED))
+            continue
+        d_out, d_in = w.shape
+        first = kernels.FP32 if st.device == "cpu" and w.dtype in SIXTEEN_BIT else w.dtype
+        last = st.matmul if st.autocast else first
+        if first != w.dtype or last != first:
+            out.append(kernels.saved(f"{param}.lora_B.cast", (d_out, w.rank), last, mm, SRC_DELTA))
+            out.append(kernels.saved(f"{param}.lora_A.cast", (w.rank, d_in), last, mm, SRC_DELTA))
+        if x_grad and not (st.autocast and st.stream != st.matmul):
+            out.append(kernels.saved(f"{param}.merged", w.shape, st.stream, mm, SRC_ROUTER))
+    return out

@@ -36,6 +36,20 @@ class Adapter:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Wrapped:
+    """One parameter peft adapts with lora.ParamWrapper (its `target_parameters`: an MoE
+    router's weight, the fused 3-D experts' gate_up_proj or down_proj), whose adapter is added
+    into the parameter in forward (memplan.activations.lora_moe)."""
+
+    shape: tuple[int, ...]
+    """The parameter's shape: [out, in] (one router) or [experts, out, in]."""
+    rank: int
+    """The LoRA rank per expert (lora_A holds rank x experts rows)."""
+    dtype: str
+    """The adapters' dtype."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Scope:
     """Trainability of the modules of one decoder layer, or of the modules outside the
     layers (names relative to the layer, or to the model)."""
@@ -50,6 +64,9 @@ class Scope:
     """peft lora_dropout of the adapters."""
     four_bit: frozenset[str] = frozenset()
     """Modules whose weight is bitsandbytes' packed 4-bit weight (QLoRA's Linear4bit)."""
+    wrapped: tuple[tuple[str, Wrapped], ...] = ()
+    """Parameters held by a lora.ParamWrapper, by name (`mlp.experts.down_proj`): their
+    adapters, moved out of `adapters` (memplan.activations.lora_moe.unwrap)."""
 
     def adapted(self, module: str) -> Adapter | None:
         return next((a for m, a in self.adapters if m == module), None)
@@ -60,14 +77,16 @@ class Scope:
 
     def reads_x(self, module: str, st: Setting) -> bool:
         """Whether an adapter on `module` saves the module's input storage itself (lora_A's
-        input is x: no dropout, no cast to the adapter's dtype, no autocast)."""
+        input is x: no dropout, no cast to the adapter's dtype, and no autocast cast — none is
+        made where x, the adapter and autocast share one dtype, as with 16-bit adapters on a
+        16-bit model: measured, tests/test_lora_adapter_dtype.py)."""
         ad = self.adapted(module)
         return (
             ad is not None
             and not ad.embedding
             and self.dropout == 0
-            and not st.autocast
             and ad.dtype == st.matmul
+            and (not st.autocast or st.stream == st.matmul)
         )
 
     def input_saved(self, module: str, st: Setting) -> bool:
