@@ -34,7 +34,7 @@ from memplan.activations.lora_flow import (
     layer_flow,
     layer_tensors,
 )
-from memplan.activations.lora_scope import Adapter, Scope, scopes
+from memplan.activations.lora_scope import Adapter, Scope, param_wrapped, scopes
 from memplan.config.finetune import FinetuneSpec
 from memplan.model.families import all_families, family_of
 from memplan.model.families.record import ModelEnds
@@ -59,6 +59,9 @@ def adjust(
     layers, top, frozen = scopes(inventory, arch.num_layers, dropout=dropout, default=st.stream)
     if not frozen and not top.adapters and not any(sc.adapters for sc in layers):
         return saved
+    wrapped_elsewhere = param_wrapped(inventory)
+    if wrapped_elsewhere:
+        return not_modelled(wrapped_elsewhere)
     family = family_of(arch.model_type)
     ends = family.lora_ends if family else None
     if ends is None:

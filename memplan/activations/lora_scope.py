@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from memplan.model.finetune import qlora
+from memplan.model.finetune.targets import WRAPPED_ROLE
 from memplan.model.forward.tensors import Setting
 from memplan.model.inventory import Inventory
 
@@ -153,6 +154,30 @@ def scopes(
         )
 
     return tuple(scope(i) for i in range(num_layers)), scope(None), frozen
+
+
+def param_wrapped(inventory: Inventory) -> str:
+    """Why the activations cannot be predicted where a lora.ParamWrapper holds a parameter
+    outside the MoE router and fused experts (finetune.target_parameters naming, e.g., a
+    Linear's weight), or ''. Its adapters have lora.Linear's names and shapes, but it merges
+    B @ A into the weight for the module's forward (peft 0.21.2 tuners/lora/layer.py::
+    ParamWrapper._activate_lora), which memplan.activations.lora_moe models for the MoE block
+    only: not measured elsewhere."""
+    names = sorted(
+        {
+            _ADAPTER.match(t.name.removeprefix(PEFT_PREFIX))["m"]  # type: ignore[index]
+            for t in inventory.parameters
+            if t.role == WRAPPED_ROLE and _ADAPTER.match(t.name.removeprefix(PEFT_PREFIX))
+        }
+    )
+    if not names:
+        return ""
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    return (
+        f"activations with finetune.target_parameters wrapping {names[0]}{more} in "
+        "lora.ParamWrapper are not modelled (its merged weight is measured for the MoE router "
+        "and fused experts only): per_gpu.activations is 0 and the peak leaves them out."
+    )
 
 
 def _relative(name: str, layer: int | None) -> str:

@@ -18,6 +18,7 @@ _ADAPTER_KEYS = (
     "rank",
     "alpha",
     "target_modules",
+    "target_parameters",
     "exclude_modules",
     "modules_to_save",
     "dropout",
@@ -57,6 +58,14 @@ class FinetuneSpec(Frozen):
     name equals one or ends with `.name`), a string (a regex that must match the whole module
     name), or `all-linear`. Default: peft's list for the model type (q_proj/v_proj for Llama,
     c_attn for GPT-2)."""
+    target_parameters: tuple[str, ...] | None = None
+    """Parameters adapted in place by peft's lora.ParamWrapper (peft `target_parameters`), a
+    list of parameter names: a parameter matches when its name equals an entry or ends with
+    `.entry` (no regex), e.g. `mlp.experts.down_proj` (fused 3-D experts), `mlp.gate.weight`
+    (an MoE router). 2-D or 3-D parameters only; lora_dropout must be 0. Beside
+    target_modules, both apply (a module may not be targeted by both); without it, peft still
+    adds its default target_modules for the model type, except on the MoE models it converts
+    (Mixtral, Qwen3-MoE), where set target_modules: [] to adapt only the parameters."""
     exclude_modules: tuple[str, ...] | str | None = None
     """Modules never targeted, matched like target_modules (peft `exclude_modules`)."""
     modules_to_save: tuple[str, ...] = ()
@@ -103,6 +112,18 @@ class FinetuneSpec(Frozen):
     """Parameters that do not train, as fnmatch patterns over their names (shell-style:
     `*` any characters dots included, `?` one, `[0-9]` one digit), e.g.
     `model.embed_tokens.*`, `model.layers.[0-9].*`."""
+
+    @field_validator("target_parameters", mode="before")
+    @classmethod
+    def _target_parameters(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            # peft 0.21.2 tuners/lora/config.py::LoraConfig.__post_init__ raises TypeError
+            raise ValueError(
+                f"give a list of parameter names, e.g. [{value}]: peft takes no string here "
+                "(no regex; LoraConfig raises '`target_parameters` must be a list of strings "
+                "or None')"
+            )
+        return value
 
     @field_validator("bnb_version", mode="before")
     @classmethod

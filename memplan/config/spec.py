@@ -423,6 +423,13 @@ class Spec(Frozen):
                 f"{self.model.implementation!r}); peft's adapters under transformers are "
                 "method: lora or qlora"
             )
+        if self.finetune.target_parameters and self.model.implementation == "litgpt":
+            raise ValueError(
+                "finetune.target_parameters is peft's (LoraConfig.target_parameters): LitGPT's "
+                "LoRA (litgpt 0.5.9 lora.py::Config) adapts Linear layers by its lora_* flags "
+                "only (finetune.target_modules); drop target_parameters under "
+                "model.implementation: litgpt"
+            )
         return self
 
     def recipe(self) -> Recipe:

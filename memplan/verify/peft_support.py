@@ -38,6 +38,7 @@ def prepare(spec: Spec, model: nn.Module) -> nn.Module:
             r=ft.rank,
             lora_alpha=ft.alpha,
             target_modules=_names(ft.target_modules),
+            target_parameters=list(ft.target_parameters) if ft.target_parameters else None,
             exclude_modules=_names(ft.exclude_modules),
             modules_to_save=list(ft.modules_to_save) or None,
             lora_dropout=ft.dropout,

@@ -35,11 +35,13 @@ from memplan.model.finetune import qlora
 from memplan.model.finetune.qlora import quantize_4bit
 from memplan.model.finetune.targets import (
     ADAPTER,
+    MOE_ROLES,
     PEFT_PREFIX,
     is_saved_module,
     param_lora_tensors,
     param_targets,
     targets_of,
+    user_parameter,
 )
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.model.module_tree import FINETUNE_NOTE, Module, frozen, leaf, modules, owner
@@ -109,11 +111,13 @@ def lora(
         shown = ", ".join(sorted({owner(n) for n in wrapped})[:2])
         raise MemplanError(
             f"finetune.dropout {ft.dropout} with LoRA on {shown}...: peft adapts the MoE router "
-            "and fused experts with lora.ParamWrapper, which raises 'lora.ParamWrapper does not "
-            "work with lora_dropout != 0' (peft 0.21.2 tuners/lora/layer.py::ParamWrapper."
-            "__init__). Set finetune.dropout to 0, or target the attention projections only.",
+            "and fused experts (and any finetune.target_parameters) with lora.ParamWrapper, "
+            "which raises 'lora.ParamWrapper does not work with lora_dropout != 0' (peft 0.21.2 "
+            "tuners/lora/layer.py::ParamWrapper.__init__). Set finetune.dropout to 0, or target "
+            "the attention projections only.",
             field="finetune.dropout",
         )
+    notes = _check_parameter_targets(ft, targets, wrapped, inventory, reference)
     roots = saved_roots(ft, mods)
     # peft wraps a module once per targeted parameter, in the module's registration order:
     # the first is the innermost lora.ParamWrapper (SRC_PARAM_WRAPPER; tuners_utils.py::
@@ -205,8 +209,57 @@ def lora(
             replace(b, name=PEFT_PREFIX + _wrapped_name(b.name, nested)) for b in inventory.buffers
         ),
         tied=tuple((PEFT_PREFIX + a, PEFT_PREFIX + o) for a, o in tied),
-        notes=(*inventory.notes, _lora_note(ft, targets, set(roots), dtype)),
+        notes=(*inventory.notes, _lora_note(ft, targets, set(roots), dtype), *notes),
     )
+
+
+def _check_parameter_targets(
+    ft: FinetuneSpec,
+    targets: set[str],
+    wrapped: dict[str, int],
+    inventory: Inventory,
+    reference: Inventory | None,
+) -> tuple[str, ...]:
+    """peft's checks of finetune.target_parameters (peft 0.21.2 tuners/tuners_utils.py::
+    BaseTuner._inject_parameters, inject_adapter), and the note on what they wrap."""
+    if not ft.target_parameters:
+        return ()
+    both = sorted({owner(n) for n in wrapped} & targets)
+    if both:
+        raise MemplanError(
+            f"{both[0]} is adapted by finetune.target_modules and its parameter by "
+            "finetune.target_parameters: peft raises 'Trying to wrap an `nn.Parameter` of layer "
+            f"'{both[0]}' ... which is not a valid target' (tuners_utils.py::BaseTuner."
+            "_inject_parameters). Drop the module from target_modules, or the parameter from "
+            "target_parameters (on a model with default targets, set target_modules: []).",
+            field="finetune.target_parameters",
+        )
+    own = [n for n in wrapped if user_parameter(ft, n)]
+    if not own:
+        return (
+            f"finetune.target_parameters {', '.join(ft.target_parameters)} match no parameter: "
+            "peft only warns ('were set but no parameter was matched') and adapts the "
+            "target_modules alone.",
+        )
+    dense = [n for n in own if not _in_moe_block(n, reference or inventory)]
+    if dense and ft.method == "qlora":
+        raise MemplanError(
+            f"{dense[0]} wrapped under QLoRA: lora.ParamWrapper on a "
+            "bitsandbytes 4-bit weight is not modelled (not measured). Use method: lora, or "
+            "target that module with target_modules.",
+            field="finetune.target_parameters",
+        )
+    shown = ", ".join(sorted({leaf(owner(n)) + "." + leaf(n) for n in own}))
+    return (
+        f"finetune.target_parameters: {len(own)} parameters wrapped by peft's "
+        f"lora.ParamWrapper ({shown}).",
+    )
+
+
+def _in_moe_block(name: str, inventory: Inventory) -> bool:
+    """Whether `name` is an MoE router's or fused experts' weight (the parameters whose
+    lora.ParamWrapper memplan.activations.lora_moe models), by the inventory's roles."""
+    return any(t.name == name and t.role in MOE_ROLES for t in inventory.parameters)
 
 
 def saved_roots(ft: FinetuneSpec, mods: dict[str, Module]) -> list[str]:

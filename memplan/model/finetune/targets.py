@@ -115,8 +115,8 @@ def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) 
     targets: tuple[str, ...] | str
     if ft.target_modules is None:
         _refuse_moe_default(ft, model_type)
-        targets = _peft_targets(model_type)
-        if not targets:
+        targets = _default_targets(ft, model_type)
+        if not targets and not ft.target_parameters:
             raise MemplanError(
                 f"peft has no default target_modules for model_type {model_type!r}: give "
                 "finetune.target_modules (module names such as q_proj, a regex, or all-linear).",
@@ -143,7 +143,9 @@ def targets_of(ft: FinetuneSpec, inventory: Inventory, mods: dict[str, Module]) 
             "is not supported'. Name the projections inside them (e.g. q_proj, v_proj).",
             field="finetune.target_modules",
         )
-    if not found and not (converted and converted[1]):
+    if not found and not (converted and converted[1]) and ft.target_parameters:
+        _refuse_unmatched_parameters(ft, inventory, targets)
+    if not found and not (converted and converted[1]) and not ft.target_parameters:
         linear = sorted({leaf(m.name) for m in mods.values() if m.kind in ("linear", "conv1d")})
         wanted = targets if isinstance(targets, str) else ", ".join(targets)
         hint = nearest(targets[0], linear) if isinstance(targets, tuple) and targets else ""
@@ -175,6 +177,8 @@ def _refuse_moe_default(ft: FinetuneSpec, model_type: str) -> None:
     family = family_of(model_type)
     if ft.method == "full" or family is None or model_type not in family.peft_moe:
         return
+    if ft.target_parameters:
+        return  # the parameters alone are adapted (_default_targets)
     defaults = family.peft_targets
     listed = f" (its listed default {', '.join(defaults)} is never applied)" if defaults else ""
     raise MemplanError(
@@ -278,13 +282,14 @@ def moe_conversion(
 def param_targets(ft: FinetuneSpec, inventory: Inventory) -> dict[str, int]:
     """{parameter name: LoRA rank} for the parameters peft wraps in lora.ParamWrapper: those
     whose name is a target parameter suffix (tuners_utils.py::BaseTuner.inject_adapter,
-    `key.endswith(f".{target_key}")`)."""
+    `key.endswith(f".{target_key}")`), from the MoE conversion or finetune.target_parameters
+    (`user_parameter`; peft unions the two sets, SRC_MOE_CONVERSION)."""
     arch = inventory.architecture
     model_type = arch.model_type if arch else ""
     mods = modules(inventory)
     targets: tuple[str, ...] | str
     if ft.target_modules is None:
-        targets = _peft_targets(model_type)
+        targets = _default_targets(ft, model_type)
     elif isinstance(ft.target_modules, str) and ft.target_modules.lower() == ALL_LINEAR:
         targets = tuple(
             m.name for m in mods.values() if m.kind in ("linear", "conv1d") and not m.output
@@ -292,15 +297,87 @@ def param_targets(ft: FinetuneSpec, inventory: Inventory) -> dict[str, int]:
     else:
         targets = ft.target_modules
     converted = moe_conversion(ft, model_type, targets, _keys(inventory))
-    if converted is None:
-        return {}
-    suffixes = converted[1]
-    return {
-        t.name: rank
-        for t in inventory.parameters
-        for suffix, rank in suffixes.items()
-        if t.name.endswith(f".{suffix}")
-    }
+    suffixes = converted[1] if converted is not None else {}
+    out: dict[str, int] = {}
+    for t in inventory.parameters:
+        # the conversion's rank_pattern `.*\.gate_up_proj` (2r) holds for the parameter
+        # however it was named; a user entry alone gives it rank r (measured)
+        rank = next((r for sfx, r in suffixes.items() if t.name.endswith(f".{sfx}")), None)
+        if rank is None and user_parameter(ft, t.name):
+            rank = ft.rank
+            if len(t.shape) not in (2, 3):
+                raise MemplanError(
+                    f"{t.name} is a {len(t.shape)}-D parameter {list(t.shape)}: peft's "
+                    "lora.ParamWrapper adapts 2-D and 3-D parameters only and raises "
+                    "'lora.ParamWrapper was initialized with "
+                    f"{len(t.shape)} dimensional Parameter' ({SRC_PARAM_WRAPPER_SHAPE}). Name "
+                    "a weight matrix or the fused experts instead.",
+                    field="finetune.target_parameters",
+                )
+        if rank is not None:
+            out[t.name] = rank
+    return out
+
+
+SRC_TARGET_PARAMETERS = f"{PEFT} tuners/tuners_utils.py::BaseTuner._inject_parameters"
+SRC_PARAM_WRAPPER_SHAPE = f"{PEFT} tuners/lora/layer.py::ParamWrapper._get_in_out_features"
+
+
+def user_parameter(ft: FinetuneSpec, name: str) -> bool:
+    """Whether parameter `name` is named by finetune.target_parameters: peft's rule
+    (SRC_TARGET_PARAMETERS) is `key in target_names or key.endswith(f".{target}")`, key being
+    the parameter's full name (its module's name, base_layer segments dropped, and the
+    parameter's own); no regex, and exclude_modules / modules_to_save are not consulted."""
+    return any(name == p or name.endswith(f".{p}") for p in ft.target_parameters or ())
+
+
+def _default_targets(ft: FinetuneSpec, model_type: str) -> tuple[str, ...]:
+    """peft's target_modules where none is given. LoraModel._prepare_adapter_config fills in
+    the family's list (SRC_DEFAULT_TARGETS) even beside target_parameters (measured: Llama
+    with target_parameters only gets q_proj/v_proj adapters too); on an MoE model peft
+    converts (SRC_MOE_CONVERSION) the config first turns None into an empty set, so nothing
+    is filled in and target_parameters alone are adapted."""
+    family = family_of(model_type)
+    if ft.target_parameters and family is not None and model_type in family.peft_moe:
+        return ()
+    return _peft_targets(model_type)
+
+
+def _refuse_unmatched_parameters(
+    ft: FinetuneSpec, inventory: Inventory, targets: tuple[str, ...] | str
+) -> None:
+    """peft's NoMatchingPeftModuleError where neither target_modules nor target_parameters
+    adapt anything (SRC_TARGETS' caller, BaseTuner.inject_adapter). Where something else is
+    adapted, peft only warns that target_parameters matched nothing (memplan notes it:
+    memplan.model.finetune.lora)."""
+    if any(user_parameter(ft, t.name) for t in inventory.parameters):
+        return
+    wanted = ", ".join(ft.target_parameters or ())
+    names = sorted({".".join(t.name.split(".")[-3:]) for t in inventory.parameters})
+    first = (ft.target_parameters or ("",))[0]
+    hint = nearest(first.split(".")[-1], sorted({leaf(t.name) for t in inventory.parameters}))
+    modules = (
+        f"target_modules {targets if isinstance(targets, str) else ', '.join(targets)} adapt "
+        "no module either"
+        if targets
+        else "no target_modules are adapted"
+    )
+    raise MemplanError(
+        f"target_parameters {wanted} matches no parameter of the model{hint}, and {modules}: "
+        "peft raises NoMatchingPeftModuleError. A parameter matches when its full name equals "
+        "an entry or ends with `.entry` (no regex); names here end like: "
+        f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}.",
+        field="finetune.target_parameters",
+    )
+
+
+MOE_ROLES = ("router", "experts")
+"""Inventory roles of the MoE parameters whose lora.ParamWrapper's activations are modelled
+(memplan.activations.lora_moe); a wrapper on any other parameter gets WRAPPED_ROLE."""
+WRAPPED_ROLE = "param_wrapper"
+"""The role of the adapter pair of a lora.ParamWrapper outside the MoE block (a
+finetune.target_parameters entry naming, e.g., a Linear's weight): its adapters have
+lora.Linear's names and shapes, but not its activations (memplan.activations.lora)."""
 
 
 def param_lora_tensors(
@@ -327,7 +404,7 @@ def param_lora_tensors(
             "parameter",
             dtype,
             layer=t.layer,
-            role="mlp",
+            role="mlp" if t.role in MOE_ROLES else WRAPPED_ROLE,
             trainable=True,
         )
         for x, shape in (("A", (width, inp)), ("B", (out, width)))
