@@ -621,3 +621,31 @@ def test_torchtitan_moe_rows_borrow_expert_ranks_from_tensor() -> None:
     assert borrowed and all(c.expert <= c.data * c.tensor * c.context for c in borrowed)
     row = borrowed[0]
     assert estimate(row_spec(loaded.spec, row), inventory).peak_bytes == row.peak_bytes
+
+
+def test_fsdp1_offload_rows_offload_the_parameters_and_reproduce():
+    """With plan.allow_offload, fsdp1 rows use FSDP1's only offload, CPUOffload(offload_params=
+    True): parameters, gradients and optimizer on the host (memplan.plan.layouts.offload_spec).
+    Llama-3-8B on 2 H100s, no accumulation (FSDP1 offload with accumulation is refused):
+    offload makes FULL_SHARD / SHARD_GRAD_OP settings fit that do not fit without it, and each
+    shown row's spec gives `estimate` the same peak (pins plan against estimate; the offload
+    rule itself is held to FSDP1's gloo runs in tests/test_fsdp1_offload.py)."""
+    inv = preset("llama-3-8b")
+    common = {"engines": ["fsdp1"], "global_batch_size": 2, "micro_batch_sizes": [1]}
+    spec = plan_spec("llama-3-8b", 2, **common)
+
+    def key(r: Candidate) -> tuple[object, ...]:
+        return r.zero_stage, r.recompute, r.compile
+
+    plain = {key(r) for r in plan(spec, inv, suggest=False).layouts}
+    offloaded = plan(plan_spec("llama-3-8b", 2, allow_offload=True, **common), inv, suggest=False)
+    rows = offloaded.layouts
+    assert {r.engine for r in rows} == {"fsdp1"}
+    assert any(r.offload == "cpu" and key(r) not in plain for r in rows)
+    assert {r.zero_stage for r in rows} <= {2, 3} and all(r.data == 2 for r in rows)
+    for row in rows:
+        off = row.parallelism.offload
+        assert (off.parameters, off.optimizer) == (row.offload, row.offload)
+    for row in rows[: offloaded.top]:
+        report = estimate(row_spec(spec, row), inv)
+        assert report.peak_bytes == row.peak_bytes

@@ -35,6 +35,9 @@ class PlanSpec(Frozen):
     micro_batch_sizes: tuple[PositiveInt, ...] = (1, 2, 4, 8, 16)
     allow_recompute: bool = True
     allow_offload: bool = False
+    """Also search host offload: `cpu` rows offload the optimizer (DeepSpeed's offload_optimizer;
+    FSDP2's CPUOffloadPolicy moves parameters, gradients and optimizer states together) and
+    under fsdp1 the parameters with it (CPUOffload(offload_params=True), its only switch)."""
     reserve: int = 0
     """Bytes to leave free on every GPU (accepts `4GiB`)."""
     top: PositiveInt = 10

@@ -23,6 +23,17 @@ from memplan.plan.space import (
 )
 
 
+def offload_spec(engine: str, where: str) -> OffloadSpec:
+    """A searched layout's `parallelism.offload` for the offload column `where` (none, cpu):
+    the optimizer (DeepSpeed's offload_optimizer, FSDP2's CPUOffloadPolicy, which moves
+    parameters, gradients and optimizer states together); under FSDP1 the parameters too, its
+    only switch (torch 2.13 torch/distributed/fsdp/api.py::CPUOffload(offload_params=True):
+    the sharded parameters and gradients on the host, where the optimizer steps them)."""
+    if engine == "fsdp1" and where != "none":
+        return OffloadSpec(optimizer=where, parameters=where)
+    return OffloadSpec(optimizer=where)
+
+
 @dataclass(slots=True, kw_only=True)
 class LayoutSpace:
     """The layouts of `gpus` GPUs a plan of `spec` searches (`layouts`)."""
@@ -171,7 +182,7 @@ class LayoutSpace:
                             "schedule": schedule,
                             "virtual_stages": vp,
                             "sequence_parallel": tp > 1,
-                            "offload": OffloadSpec(optimizer=offload),
+                            "offload": offload_spec(engine, offload),
                         }
                         par = layout_spec(base, self.carried)
                         if isinstance(par, str):
