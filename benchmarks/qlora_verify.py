@@ -11,7 +11,8 @@ prediction. Each case is the verify table's tiny Llama (benchmarks/verify_table.
 setting changed: the precision recipe (with and without autocast), recomputation, the 4-bit
 format, prepare_model_for_kbit_training, dropout, the adapters' targets, the quantized head
 (bf16, fp16, amp-bf16, amp-fp16), wide layers with a small vocabulary (the layers' backward
-peaks), GPT-2's Conv1D, Gemma, Phi-3 and OLMo 2, DDP and FSDP2 on two gloo ranks, and bitsandbytes'
+peaks), GPT-2's Conv1D, Gemma, Phi-3 and OLMo 2, DDP and FSDP2 on two gloo ranks (FSDP2 with and
+without prepare_model_for_kbit_training), and bitsandbytes'
 8-bit and paged optimizers.
 """
 
@@ -150,6 +151,20 @@ CASES: list[tuple[str, dict[str, Any]]] = [
             },
         )
         for precision, storage in (("bf16", "bf16"), ("bf16", "uint8"), ("amp-bf16", "bf16"))
+    ),
+    # The same with prepare_model_for_kbit_training: the root (embedding, final norm, head)
+    # and the layers' norms fp32, all-gathered in fp32 (memplan.states.engines.fsdp2.buffers.
+    # OWN_DTYPE).
+    *(
+        (
+            f"FSDP2, 2 gloo ranks, {precision}, quant_storage bf16, "
+            "prepare_model_for_kbit_training",
+            {
+                **case(precision, ft={"prepare_kbit": True, "quant_storage": "bf16"}),
+                "parallelism": {"engine": "fsdp2", "data": 2},
+            },
+        )
+        for precision in ("bf16", "amp-bf16")
     ),
     *(
         (f"{name}, {precision}", family(config, precision))

@@ -377,9 +377,10 @@ def test_qlora_skip_modules_follow_transformers_matching() -> None:
 
 
 def test_qlora_is_refused_where_not_modelled() -> None:
-    # FSDP2 is modelled without prepare_model_for_kbit_training only (tests/test_qlora_fsdp.py)
-    with pytest.raises(MemplanError, match="qlora under engine fsdp2 with prepare_kbit: true"):
-        transformed(spec(finetune={"method": "qlora"}, parallelism={"engine": "fsdp2", "data": 2}))
+    # FSDP2 is modelled with and without prepare_model_for_kbit_training, FSDP1 refused
+    # (tests/test_qlora_fsdp.py)
+    with pytest.raises(MemplanError, match="qlora under engine fsdp1 is not modelled"):
+        transformed(spec(finetune={"method": "qlora"}, parallelism={"engine": "fsdp1", "data": 2}))
     with pytest.raises(MemplanError, match="qlora with engine deepspeed .ZeRO stage 3"):
         transformed(
             spec(

@@ -2,7 +2,7 @@
 
 bitsandbytes runs its 4-bit Linear on the CPU from 0.46 on, so `memplan verify` builds a QLoRA
 job as a training script does (memplan.verify.peft_support.quantized) and measures every
-category. benchmarks/qlora_verify.py stored those measurements for 40 settings, bitsandbytes'
+category. benchmarks/qlora_verify.py stored those measurements for 42 settings, bitsandbytes'
 8-bit and paged optimizers and FSDP2 on two ranks included
 (benchmarks/results/qlora-verify.json); the default run holds today's prediction to each
 stored measurement (the oracle is the real run, not memplan), and the slow tests run cases
@@ -61,9 +61,9 @@ def _cases() -> list[Any]:
 
 
 def test_the_stored_run_is_the_benchmark_s() -> None:
-    """40 settings, run by the versions the rules cite."""
-    assert len(DOC["cases"]) == 40
-    assert len(FSDP2) == 3
+    """42 settings, run by the versions the rules cite."""
+    assert len(DOC["cases"]) == 42
+    assert len(FSDP2) == 5
     assert DOC["versions"]["bitsandbytes"].startswith("0.50")
     assert DOC["versions"]["peft"] == "0.21.2"
 
@@ -72,8 +72,10 @@ def test_the_stored_run_is_the_benchmark_s() -> None:
 def test_prediction_equals_the_measured_run(case: dict[str, Any]) -> None:
     """Model states and saved activations to the byte, on every rank; the peak within 0.2%
     (16 B apart without recomputation, 1-2 KB with full recomputation's replay of one layer),
-    within verify's 3% under FSDP2, and above by the known 5% where a layer's backward peaks
-    (WIDE)."""
+    under FSDP2 too (4 B apart under bf16: its buffers sized in each parameter's own dtype,
+    memplan.states.engines.fsdp2.buffers.OWN_DTYPE; at the recipe's width the fp32 adapters
+    made it 1.4% low with quant_storage bf16, the uint8 codes 0.28% high), and above by the
+    known 5% where a layer's backward peaks (WIDE)."""
     # estimate's report for the spec, as verify's job plan makes it (without verify's
     # check that bitsandbytes is installed: the oracle is the stored run)
     loaded = validate(case["spec"])
@@ -87,8 +89,6 @@ def test_prediction_equals_the_measured_run(case: dict[str, Any]) -> None:
         peak = (pred["peak"] or 0) / measured["peak"] - 1
         if case["name"] in WIDE:
             assert 0.04 < peak < 0.06, f"peak {peak:+.2%}"
-        elif case["name"] in FSDP2:
-            assert abs(peak) < 0.03, f"peak {peak:+.2%}"
         else:
             assert abs(peak) < 0.002, f"peak {peak:+.2%}"
 

@@ -135,27 +135,15 @@ SRC_FSDP_QLORA = (
 
 def refuse_engine(ft: FinetuneSpec, *, engine: str, stage: int) -> None:
     """The engines QLoRA is modelled under: DDP, DeepSpeed ZeRO 0-2 (the frozen 4-bit base
-    whole on every rank) and FSDP2 (`fully_shard`) without prepare_model_for_kbit_training,
-    HF's FSDP-QLoRA recipe (SRC_FSDP_QLORA): every rank holds its dim-0 shard of each packed
-    weight and the whole quantization state, and all-gathers a unit's packed weights as any
-    other parameter. Each measured by `memplan verify` on two CPU gloo ranks
-    (benchmarks/qlora_verify.py, benchmarks/qlora_fsdp_probe.py for what does not run)."""
-    if engine in ("ddp",) or (engine == "deepspeed" and stage < 3):
+    whole on every rank) and FSDP2 (`fully_shard`), HF's FSDP-QLoRA recipe
+    (SRC_FSDP_QLORA) with or without prepare_model_for_kbit_training: every rank holds its
+    dim-0 shard of each packed weight and the whole quantization state, and all-gathers a
+    unit's parameters each in its own dtype (memplan.states.engines.fsdp2.buffers.OWN_DTYPE:
+    the packed weights in quant_storage, peft's fp32 adapters, prepare_kbit's fp32 root).
+    Each measured by `memplan verify` on two CPU gloo ranks (benchmarks/qlora_verify.py,
+    benchmarks/qlora_fsdp_probe.py for what does not run)."""
+    if engine in ("ddp", "fsdp2") or (engine == "deepspeed" and stage < 3):
         return
-    if engine == "fsdp2" and not ft.prepare_kbit:
-        return
-    if engine == "fsdp2":
-        raise MemplanError(
-            "qlora under engine fsdp2 with prepare_kbit: true is not modelled: it runs "
-            "(torch 2.13 fully_shard, bitsandbytes 0.50.2, two CPU gloo ranks) and its model "
-            "states and activations are memplan's to the byte, but its peak was measured 35% "
-            "above memplan's: memplan's FSDP2 terms size each all-gathered unit in the "
-            "recipe's parameter dtype, and prepare_model_for_kbit_training makes the root's "
-            "(embedding, head) fp32, half of the gap; the rest is not found. HF's FSDP-QLoRA "
-            "recipe does not call it: set finetune.prepare_kbit: false (verified), or use "
-            "engine ddp.",
-            field="finetune.prepare_kbit",
-        )
     if engine == "fsdp1":
         raise MemplanError(
             "qlora under engine fsdp1 is not modelled: FullyShardedDataParallel flattens each "
@@ -163,13 +151,13 @@ def refuse_engine(ft: FinetuneSpec, *, engine: str, stage: int) -> None:
             'fp32 adapters (torch 2.13 fsdp/_flat_param.py: "Must flatten tensors with '
             'uniform dtype but got torch.bfloat16 and torch.float32", measured on CPU with '
             "bnb_4bit_quant_storage bf16 and a decoder-layer wrap policy). Use engine fsdp2 "
-            "with prepare_kbit: false, or ddp.",
+            "or ddp.",
             field="parallelism.engine",
         )
     raise MemplanError(
         f"qlora with engine {engine} (ZeRO stage {stage}) is not modelled: sharding 4-bit "
         "weights needs bnb_4bit_quant_storage and keeps the quantization state per rank. "
-        "Use engine: ddp, fsdp2 (with prepare_kbit: false), or deepspeed with zero_stage 0-2 "
+        "Use engine: ddp, fsdp2, or deepspeed with zero_stage 0-2 "
         "(the frozen 4-bit base stays whole on every rank).",
         field="finetune.method",
     )

@@ -66,6 +66,9 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
             # (torchtitan/trainer.py::Trainer.forward_backward_step, 0.3.0).
             loss_in_forward=layout.implementation != "torchtitan",
             replicate=layout.data_replicate,
+            # memplan verify's MixedPrecisionPolicy sets param_dtype only under master
+            # weights (memplan/verify/rank.py::_wrap).
+            cast=recipe.master_weights is not None,
         )
         if states.fp8_all_gather:
             out += fp8.layer_cast_terms(

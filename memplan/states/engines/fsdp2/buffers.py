@@ -106,32 +106,112 @@ class Fsdp2Bytes:
     last: int
 
 
+# A parameter held in a dtype of its own (Fsdp2Group.fixed) is all-gathered, unsharded,
+# given its gradient and reduced in that dtype unless MixedPrecisionPolicy casts it:
+# _fsdp_param.py::FSDPParam.init_dtype_attrs L586-600 clamps param_dtype to None where it
+# equals the sharded parameter's dtype or that dtype is not floating point (packed 4-bit
+# codes in uint8), and reduce_dtype to None where it equals param_dtype; the all-gather input
+# is the shard cast to param_dtype if set (_to_dtype_if_needed, L901-907), else the shard
+# itself. _fsdp_collectives.py::foreach_all_gather L338-353 gathers a group of mixed input
+# dtypes as bytes (_get_all_gather_input_metadatas L789-808 turns the output dtype into
+# uint8, each input `.view(torch.uint8)`), so the flat output holds each parameter's own
+# bytes, and foreach_all_gather_copy_out L453-462 allocates each unsharded parameter in its
+# all-gather input's dtype (_fsdp_param.py::FSDPParam.init_all_gather_outputs L617-628).
+# foreach_reduce L552-560 requires the group's gradients to be of one dtype (else
+# "FSDP reduce-scatter expects uniform gradient dtype") and reduces in `reduce_dtype or
+# grad_dtype`; the sharded gradient is cast back to the sharded parameter's dtype (L696).
+OWN_DTYPE = (
+    FSDP2_SRC + "_fsdp_param.py::FSDPParam.init_dtype_attrs L586-600, init_all_gather_outputs "
+    "L617-628; _fsdp_collectives.py::foreach_all_gather L338-353, "
+    "_get_all_gather_input_metadatas L789-808, foreach_reduce L552-560, L696"
+)
+FLOATING = frozenset({"fp32", "fp16", "bf16", "fp8", "fp64"})
+"""The dtypes torch calls floating point (`torch.dtype.is_floating_point`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OwnDtypes:
+    """MixedPrecisionPolicy as FSDP2 applies it to a parameter held in a fixed dtype."""
+
+    param_dtype: str | None
+    """MixedPrecisionPolicy.param_dtype (None: every parameter computes in its own dtype;
+    memplan verify sets it only under a recipe with master weights)."""
+    reduce_dtype: str | None
+    """MixedPrecisionPolicy.reduce_dtype (None: each group reduces in its gradients' dtype)."""
+
+    def gathered(self, held: str) -> str:
+        """The dtype a parameter held in `held` is all-gathered and computed in, and so its
+        unsharded gradient's (init_dtype_attrs L597-599)."""
+        if self.param_dtype is not None and held in FLOATING:
+            return self.param_dtype
+        return held
+
+    def reduced(self, held: str) -> str:
+        """The dtype its gradient is reduce-scattered in (init_dtype_attrs L592-593,
+        foreach_reduce L560)."""
+        if self.reduce_dtype is not None and self.reduce_dtype != self.param_dtype:
+            return self.reduce_dtype
+        return self.gathered(held)
+
+
 def fsdp2_bytes(
-    g: Fsdp2Group, world: int, param: int, grad: int, shard: int, reduce: int
+    g: Fsdp2Group,
+    world: int,
+    param: int,
+    grad: int,
+    shard: int,
+    reduce: int,
+    own: OwnDtypes | None = None,
 ) -> Fsdp2Bytes:
+    """`g`'s buffers with every parameter at the recipe's widths (param, grad, shard and
+    reduce bytes), and with `own` those held in a fixed dtype at their own (OWN_DTYPE)."""
     ew = g.expert_world
     # fp8 all-gather (fsdp2.fp8, SRC_GATHER): the Float8Linear weights' share at 1 B each.
     fp8 = world * g.fp8_padded * (param - FP8_BYTES)
+    unsharded = (world * g.padded + ew * g.expert_padded) * param - fp8
+    grads = g.grads * grad
+    reduce_in = (world * g.grad_padded + ew * g.expert_grad_padded) * reduce
+    reduce_out = (g.grad_padded + g.expert_grad_padded) * reduce
+    sharded_grads = (g.grad_padded + g.expert_grad_padded) * shard
+    last = g.last * grad
+    if own is not None:
+        for part in g.fixed:
+            up = dtype_bytes(own.gathered(part.dtype))
+            down = dtype_bytes(own.reduced(part.dtype))
+            unsharded += part.gathered * (up - param)
+            grads += part.grads * (up - grad)
+            reduce_in += part.reduce_in * (down - reduce)
+            reduce_out += part.reduce_out * (down - reduce)
+            sharded_grads += part.reduce_out * (dtype_bytes(part.dtype) - shard)
+        if g.last_dtype is not None:
+            last = g.last * dtype_bytes(own.gathered(g.last_dtype))
     return Fsdp2Bytes(
-        unsharded=(world * g.padded + ew * g.expert_padded) * param - fp8,
-        grads=g.grads * grad,
-        reduce_in=(world * g.grad_padded + ew * g.expert_grad_padded) * reduce,
-        reduce_out=(g.grad_padded + g.expert_grad_padded) * reduce,
-        sharded_grads=(g.grad_padded + g.expert_grad_padded) * shard,
-        last=g.last * grad,
+        unsharded=unsharded,
+        grads=grads,
+        reduce_in=reduce_in,
+        reduce_out=reduce_out,
+        sharded_grads=sharded_grads,
+        last=last,
     )
 
 
 def unsharded_formula(g: Fsdp2Group, world: int, param: str) -> str:
     """How `fsdp2_bytes(g, ...).unsharded` is made up, in words."""
+    own = (
+        "; of them "
+        + ", ".join(f"{p.gathered:,} gathered elements held in {p.dtype}" for p in g.fixed)
+        + ", at their own width where MixedPrecisionPolicy does not cast them (OWN_DTYPE)"
+        if g.fixed
+        else ""
+    )
     if not g.fp8_padded:
         p = dtype_bytes(param)
-        return f"{world} ranks x {g.padded:,} padded shard elements x {p} B ({param})"
+        return f"{world} ranks x {g.padded:,} padded shard elements x {p} B ({param}){own}"
     return (
         f"{world} ranks x ({g.padded - g.fp8_padded:,} padded shard elements x "
         f"{dtype_bytes(param)} B ({param}) + {g.fp8_padded:,} Float8Linear weight elements x "
         f"{FP8_BYTES} B (fp8 all-gather: torchao 0.18 fsdp_pre_all_gather, memplan.states."
-        "engines.fsdp2.fp8))"
+        "engines.fsdp2.fp8))" + own
     )
 
 

@@ -40,6 +40,29 @@ class Fsdp2Group:
     fp8_padded: int = 0
     """With precision.fp8_all_gather: the elements of `padded` that FSDP2 gathers in fp8, the
     Float8Linear weights' shards (memplan.states.engines.fsdp2.fp8)."""
+    fixed: tuple[FixedDtype, ...] = ()
+    """Its parameters held in a fixed dtype (TensorSpec.dtype: peft's fp32 adapters, packed
+    4-bit weights, prepare_model_for_kbit_training's fp32 root), per dtype: their share of
+    the element counts above, which FSDP2 may gather and reduce in their own dtype
+    (memplan.states.engines.fsdp2.buffers.fsdp2_bytes)."""
+    last_dtype: str | None = None
+    """The fixed dtype of its last parameter with a gradient (None: the recipe's)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FixedDtype:
+    """One group's parameters of one fixed dtype, in elements on one rank."""
+
+    dtype: str
+    """The dtype they are held (sharded) in."""
+    gathered: int
+    """Elements of the all-gather output they fill: world x padded (+ EDP x expert_padded)."""
+    reduce_in: int
+    """The same over those with a gradient: their share of the reduce-scatter input."""
+    reduce_out: int
+    """Their share of the reduce-scatter output (one rank's padded gradient shards)."""
+    grads: int
+    """Elements of their unsharded gradients (unpadded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +203,32 @@ def _largest_fp8_block(
 def _fsdp2_group(
     tensors: list[TensorSpec], world: int, expert_world: int | None = None, wrap: str = "layers"
 ) -> Fsdp2Group:
+    group = _plain_group(tensors, world, expert_world, wrap)
+    dtypes = dict.fromkeys(t.dtype for t in tensors if t.dtype)
+    if not dtypes:
+        return group
+    fixed = []
+    for dtype in dtypes:
+        part = _plain_group([t for t in tensors if t.dtype == dtype], world, expert_world, wrap)
+        ew = part.expert_world
+        fixed.append(
+            FixedDtype(
+                dtype=dtype,
+                gathered=world * part.padded + ew * part.expert_padded,
+                reduce_in=world * part.grad_padded + ew * part.expert_grad_padded,
+                reduce_out=part.grad_padded + part.expert_grad_padded,
+                grads=part.grads,
+            )
+        )
+    train = [t for t in tensors if t.trainable]
+    last = train[-1].dtype if train else None
+    return replace(group, fixed=tuple(fixed), last_dtype=last)
+
+
+def _plain_group(
+    tensors: list[TensorSpec], world: int, expert_world: int | None = None, wrap: str = "layers"
+) -> Fsdp2Group:
+    """A group's element counts, whatever each parameter's dtype."""
     train = [t for t in tensors if t.trainable]
     experts = [t for t in tensors if t.role == "experts"] if expert_world else []
     if experts:
@@ -207,7 +256,10 @@ def _fsdp2_group(
 def fsdp2_root_gradients(groups: Fsdp2Groups, *, shard: str) -> int:
     """Bytes of the root's sharded gradients, which FSDP2 makes only in the root's
     post-backward, after the whole backward (the timeline leaves them out before)."""
-    return groups.root.grad_padded * dtype_bytes(shard)
+    root, o = groups.root, dtype_bytes(shard)
+    # A parameter held in a fixed dtype gets its sharded gradient in that dtype
+    # (_fsdp_collectives.py::foreach_reduce L696, as memplan.states.engines.fsdp2.sharding).
+    return root.grad_padded * o + sum(p.reduce_out * (dtype_bytes(p.dtype) - o) for p in root.fixed)
 
 
 def groups_of(states: StepStates, cache: StepCache) -> Fsdp2Groups:

@@ -25,6 +25,7 @@ from memplan.states.engines.fsdp2.buffers import (
     RESHARD,
     RS_CAST,
     Fsdp2Bytes,
+    OwnDtypes,
     fsdp2_bytes,
     term,
     unsharded_formula,
@@ -52,6 +53,7 @@ def step_buffers(
     reduce: str | None = None,
     loss_in_forward: bool = True,
     replicate: int = 1,
+    cast: bool = False,
 ) -> list[Transient]:
     """FSDP2's buffers at each phase of the step, on top of the sharded model states.
 
@@ -61,7 +63,9 @@ def step_buffers(
     gradients' dtype. With `reshard` (ZeRO-3) a decoder layer is
     unsharded only while it runs (and the next one prefetched in backward); without it
     (ZeRO-2) every group stays unsharded from its forward until its post-backward. `gloo`:
-    the CPU process group, whose reduce-scatter copies its input (GLOO_RS).
+    the CPU process group, whose reduce-scatter copies its input (GLOO_RS). `cast`: whether
+    MixedPrecisionPolicy sets param_dtype (`param`); parameters held in a fixed dtype are
+    gathered and reduced in their own where it does not cast them (OWN_DTYPE).
 
     At the end of backward the larger of two moments counts: the embedding's backward (the
     root still unsharded with all its unsharded gradients, the first layer's reduce-scatter
@@ -76,6 +80,7 @@ def step_buffers(
     head's buffers follow its own life (_head_group_buffers); `loss_in_forward` says whether
     the loss runs inside the root module's forward (transformers' `labels`), which keeps the
     last group's all-gather output until after it."""
+    own = OwnDtypes(param_dtype=param if cast else None, reduce_dtype=reduce)
     reduce = reduce or grad
     fixed = _fixed_of(
         groups,
@@ -87,10 +92,11 @@ def step_buffers(
         gloo=gloo,
         reduce=reduce,
         replicate=replicate,
+        own=own,
     )
     root, block, held = fixed.root, fixed.block, list(fixed.held)
     if groups.head is not None:
-        head = fsdp2_bytes(groups.head, world, *fixed.widths)
+        head = fsdp2_bytes(groups.head, world, *fixed.widths, own)
         return (
             _head_group_buffers(
                 groups,
@@ -223,15 +229,16 @@ def _fixed_of(
     gloo: bool,
     reduce: str,
     replicate: int,
+    own: OwnDtypes,
 ) -> _Fixed:
     """`_Fixed` of these arguments, remembered per groups object."""
-    key = (world, param, grad, shard, reshard, gloo, reduce, replicate)
+    key = (world, param, grad, shard, reshard, gloo, reduce, replicate, own)
     hit = _FIXED.get((groups,), key)
     if hit is not None:
         return hit
     p, g, o, r = dtype_bytes(param), dtype_bytes(grad), dtype_bytes(shard), dtype_bytes(reduce)
-    root = fsdp2_bytes(groups.root, world, p, g, o, r)
-    block = fsdp2_bytes(groups.block, world, p, g, o, r)
+    root = fsdp2_bytes(groups.root, world, p, g, o, r, own)
+    block = fsdp2_bytes(groups.block, world, p, g, o, r, own)
     held = _hsdp_held(groups, block, replicate=replicate, reduce=reduce, shard=shard)
     if held:
         # Each reduced layer keeps its all-reduced output besides its sharded gradients.
