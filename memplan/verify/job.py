@@ -21,7 +21,8 @@ from memplan.model.sources import Inventory
 from memplan.precision import Recipe
 from memplan.report.estimate import estimate
 from memplan.report.result import Report
-from memplan.states.engines.deepspeed.sharding import DeepSpeedKnobs, zero3_persistent_elements
+from memplan.states.engines.deepspeed.sharding import DeepSpeedKnobs
+from memplan.states.engines.deepspeed.zero3 import zero3_persistent_elements
 from memplan.verify.refusals import check_supported
 from memplan.verify.unruled import RULE, Served, is_unruled
 
