@@ -82,9 +82,11 @@ CASES = [
 
 
 # A stack's rules: torchtitan's dense blocks share one module with its MoE and MLA halves'
-# checks (memplan.model.stacks.torchtitan imports both, a few small pure modules).
+# checks (memplan.model.stacks.torchtitan imports both, a few small pure modules), and its
+# activation checkpointing (torchtitan_ac: split out of torchtitan, which imports it for
+# every block it builds).
 STACK_MODULES: dict[str | None, set[str]] = {
-    "torchtitan": {"torchtitan", "torchtitan_moe", "torchtitan_mla"},
+    "torchtitan": {"torchtitan", "torchtitan_ac", "torchtitan_moe", "torchtitan_mla"},
 }
 
 
