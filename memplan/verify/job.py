@@ -85,7 +85,7 @@ class Job:
     persistent_elements: int = 0
     """DeepSpeed ZeRO-3: elements of the all-gather buffers of the parameters kept gathered
     (numel <= stage3_param_persistence_threshold), each padded to a whole number of partitions,
-    over MiCS's shard group where there is one (sharding.zero3_persistent_elements, the
+    over MiCS's shard group where there is one (zero3.zero3_persistent_elements, the
     parameters row's), in the built model (the step all-gathers them again: memplan.verify.
     runner.deepspeed_step)."""
 
