@@ -26,7 +26,8 @@ from memplan.errors import MemplanError
 from memplan.model import sources
 from memplan.report.estimate import estimate
 from memplan.states.engines.deepspeed import step as ds_step
-from memplan.states.engines.deepspeed.sharding import HPZ_FROZEN, hpz_secondary_elements
+from memplan.states.engines.deepspeed.sharding import HPZ_FROZEN
+from memplan.states.engines.deepspeed.zero3 import hpz_secondary_elements
 from tests.test_verify_support import spec_dict
 
 ROOT = Path(__file__).resolve().parent.parent

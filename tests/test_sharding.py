@@ -13,11 +13,8 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from memplan.model.sources import from_config, from_parameter_count
 from memplan.report.estimate import estimate
 from memplan.states.engines import fsdp2_rows, zero_redundancy_partition
-from memplan.states.engines.deepspeed.sharding import (
-    grads_in_partition,
-    stage12_partition,
-    sub_groups,
-)
+from memplan.states.engines.deepspeed.sharding import grads_in_partition, stage12_partition
+from memplan.states.engines.deepspeed.zero3 import sub_groups
 from tests.conftest import TINY_LLAMA, make_spec
 
 PSI = 7_500_000_000  # the ZeRO paper's example model (Fig. 1): 7.5B parameters, N_d = 64

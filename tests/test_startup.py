@@ -82,9 +82,17 @@ CASES = [
 
 
 # A stack's rules: torchtitan's dense blocks share one module with its MoE and MLA halves'
-# checks (memplan.model.stacks.torchtitan imports both, a few small pure modules).
+# checks (memplan.model.stacks.torchtitan imports both, a few small pure modules), its
+# activation checkpointing and its compiled blocks (torchtitan_ac, torchtitan_compile: split
+# out of torchtitan, which imports both at the top as it imported their code before).
 STACK_MODULES: dict[str | None, set[str]] = {
-    "torchtitan": {"torchtitan", "torchtitan_moe", "torchtitan_mla"},
+    "torchtitan": {
+        "torchtitan",
+        "torchtitan_ac",
+        "torchtitan_compile",
+        "torchtitan_moe",
+        "torchtitan_mla",
+    },
 }
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from memplan import activations
-from memplan.activations import torchtitan_parallel
+from memplan.activations import torchtitan_parallel, torchtitan_pipeline
 from memplan.model.sources import from_config
 from memplan.report.estimate import estimate
 from memplan.report.settings import layout_of, setting_of
@@ -179,8 +179,8 @@ def test_pipeline_rank_checkpoints_every_nth_of_its_own_blocks(layers: int, ever
 def test_pin_checkpointed_per_chunk_counts_across_a_ranks_chunks() -> None:
     """Pinning (9dec370's counter, read from the source): a rank with two chunks of 3 blocks
     and every 2 checkpoints its 2nd, 4th and 6th: one in the first chunk, two in the second."""
-    assert torchtitan_parallel.checkpointed_per_chunk((3, 3), 2) == (1, 2)
-    assert torchtitan_parallel.checkpointed_per_chunk((4,), 3) == (1,)
+    assert torchtitan_pipeline.checkpointed_per_chunk((3, 3), 2) == (1, 2)
+    assert torchtitan_pipeline.checkpointed_per_chunk((4,), 3) == (1,)
 
 
 def test_estimate_runs_for_torchtitan_pipeline_with_checkpoint_every() -> None:

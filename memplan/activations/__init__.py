@@ -214,7 +214,7 @@ def on_rank(
     """Pipeline rank `rank`'s activations from one micro-batch's (`micro_batch`): its model
     chunks' layers, times the micro-batches its schedule keeps in flight. With
     `checkpoint_every` > 1 (training.checkpoint_every: torchtitan's layer SAC) the rank
-    checkpoints every N-th of its own blocks (memplan.activations.torchtitan_parallel.
+    checkpoints every N-th of its own blocks (memplan.activations.torchtitan_pipeline.
     stage_every)."""
     arch = inventory.architecture
     if lay.pipeline == 1 or arch is None or not micro.modelled:
@@ -252,7 +252,7 @@ def _on_rank(
     checkpoint_every: int,
 ) -> Activations:
     """`on_rank` of a pipeline layout, worked out."""
-    from memplan.activations import layout, pipeline, torchtitan_parallel
+    from memplan.activations import layout, pipeline, torchtitan_pipeline
 
     p = lay.pipeline
     every = chunk_layers(arch.num_layers, lay)
@@ -279,7 +279,7 @@ def _on_rank(
         pipeline.SRC_TORCH_SCHEDULE if lay.pipeline_runtime == "torch" else pipeline.SRC_SCHEDULE
     )
     if checkpoint_every > 1:
-        return torchtitan_parallel.stage_every(
+        return torchtitan_pipeline.stage_every(
             micro,
             chunk_layers=tuple(every[c] for c in mine),
             alive=alive,

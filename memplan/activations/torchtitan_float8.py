@@ -122,7 +122,7 @@ def _cast(t: Saved) -> list[Saved]:
 def _fp8_inputs(tensors: tuple[Saved, ...], wo_input: Saved) -> tuple[Saved, ...]:
     """`tensors` with the Float8 Linears' inputs cast (_INPUTS) and wo's fp8 input after the
     attention output (before the FFN norm where the list has no attention output: CUDA's
-    SelectiveAC keeps it, memplan.model.stacks.torchtitan._selective_op)."""
+    SelectiveAC keeps it, memplan.model.stacks.torchtitan_ac._selective_op)."""
     out: list[Saved] = []
     names = {t.name for t in tensors}
     wo_at = "attn.output" if "attn.output" in names else None

@@ -21,7 +21,8 @@ from memplan.model.sources import Inventory
 from memplan.precision import Recipe
 from memplan.report.estimate import estimate
 from memplan.report.result import Report
-from memplan.states.engines.deepspeed.sharding import DeepSpeedKnobs, zero3_persistent_elements
+from memplan.states.engines.deepspeed.sharding import DeepSpeedKnobs
+from memplan.states.engines.deepspeed.zero3 import zero3_persistent_elements
 from memplan.verify.refusals import check_supported
 from memplan.verify.unruled import RULE, Served, is_unruled
 
@@ -84,7 +85,7 @@ class Job:
     persistent_elements: int = 0
     """DeepSpeed ZeRO-3: elements of the all-gather buffers of the parameters kept gathered
     (numel <= stage3_param_persistence_threshold), each padded to a whole number of partitions,
-    over MiCS's shard group where there is one (sharding.zero3_persistent_elements, the
+    over MiCS's shard group where there is one (zero3.zero3_persistent_elements, the
     parameters row's), in the built model (the step all-gathers them again: memplan.verify.
     runner.deepspeed_step)."""
 

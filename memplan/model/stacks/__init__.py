@@ -1,11 +1,11 @@
-"""Model code other than transformers': the tensors another stack's own model saves for
-backward (`torchtitan`: torchtitan's Llama 3, Qwen3, Qwen3-MoE and DeepSeek-V3, with
-`torchtitan_moe` and `torchtitan_mla`, and its gpt-oss, `torchtitan_gptoss`; `litgpt`:
-LitGPT's GPT, `litgpt_lora`: its LoRA, `litgpt_qlora`: its QLoRA's 4-bit model and
-StableEmbedding, `litgpt_adapter`: its adapter and adapter_v2 models, in LitGPT's names, and
-`litgpt_adapter_saved`: what they save;
-`megatron`: Megatron-Core's GPTModel, local and Transformer Engine layer specs, `megatron_moe`:
-its MoE layer), in the vocabulary of memplan.model.forward."""
+"""Model code other than transformers': the tensors another stack's own model saves for backward
+(`torchtitan`: torchtitan's Llama 3, Qwen3, Qwen3-MoE and DeepSeek-V3, with `torchtitan_moe` and
+`torchtitan_mla`, their activation checkpointing `torchtitan_ac` and compiled blocks
+`torchtitan_compile`, and its gpt-oss, `torchtitan_gptoss`; `litgpt`: LitGPT's GPT, `litgpt_lora`:
+its LoRA, `litgpt_qlora`: its QLoRA's 4-bit model and StableEmbedding, `litgpt_adapter`: its adapter
+and adapter_v2 models, in LitGPT's names, and `litgpt_adapter_saved`: what they save; `megatron`:
+Megatron-Core's GPTModel, local and Transformer Engine layer specs, `megatron_moe`: its MoE layer),
+in the vocabulary of memplan.model.forward."""
 
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ Read from torchtitan 0.3.0 (torchtitan/, pip `torchtitan==0.3.0`):
   wraps it in `ChunkedLossWrapper` (8 chunks, lm_head applied per chunk inside the loss), which
   is not modelled.
 - distributed/activation_checkpoint.py: FullAC and SelectiveAC wrap each block in
-  `ptd_checkpoint_wrapper` (torch.utils.checkpoint, non-reentrant).
+  `ptd_checkpoint_wrapper` (torch.utils.checkpoint, non-reentrant); what each keeps of a block
+  is memplan.model.stacks.torchtitan_ac's.
 
 Qwen3 (model_type qwen3, dense) is the same decoder (models/common/decoder.py::Decoder) with
 these differences, read from torchtitan 0.3.0:
@@ -50,19 +51,26 @@ dispatches to. 0.3.0 has no Llama 4 model (LLAMA4).
 
 The model runs wholly in the compute dtype (FSDP2 `param_dtype`, no autocast: memplan.report.
 estimate.setting_of); autocast (torchtitan without FSDP) is not modelled. Proved on CPU against
-torchtitan's real model by tests/test_torchtitan_activations.py.
+torchtitan's real model by tests/test_torchtitan_activations.py. Under training.compile the
+blocks are what Inductor keeps (memplan.model.stacks.torchtitan_compile).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
-from memplan.model.forward import attention, compiled, compiled_ep, compiled_mla, kernels
+from memplan.model.forward import attention, compiled, compiled_mla, kernels
 from memplan.model.forward.mlp import gated_mlp_saves
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import MODEL_TYPES, llama_refusal, torchtitan_mla, torchtitan_moe
+from memplan.model.stacks import (
+    MODEL_TYPES,
+    llama_refusal,
+    torchtitan_ac,
+    torchtitan_compile,
+    torchtitan_mla,
+    torchtitan_moe,
+)
 from memplan.precision import dtype_bytes
 
 VERSION = "0.3.0"
@@ -99,18 +107,6 @@ SRC_LOSS = f"torchtitan {VERSION} components/loss.py::cross_entropy_loss; " + ke
 SRC_COMPILED_LOSS = (
     f"torchtitan {VERSION} components/loss.py::BaseLoss._maybe_compile; {compiled.SRC}"
 )
-SRC_CHECKPOINT = (
-    "torch/utils/checkpoint.py::_checkpoint_without_reentrant_generator (_NoopSaveInputs keeps "
-    f"the block input); torchtitan {VERSION} distributed/activation_checkpoint.py::FullAC"
-)
-SRC_SAC = (
-    f"torchtitan {VERSION} distributed/activation_checkpoint.py::SelectiveAC._wrap_block "
-    "(MUST_SAVE: the save ops' outputs, every second mm/linear recomputed) and "
-    "_get_default_save_ops; torch/utils/checkpoint.py::_CachingTorchDispatchMode keeps each "
-    "MUST_SAVE output"
-)
-
-
 LLAMA4 = (
     f"torchtitan {VERSION} has no Llama 4 model: its models/ are common, deepseek_v3, flux, "
     "gpt_oss, kimi_k2_7, llama3, muse_glimmer, qwen3 and qwen3_5 (pip torchtitan==0.3.0); "
@@ -154,7 +150,7 @@ def unsupported(arch: Architecture, st: Setting) -> str:
                 f"(memplan.model.forward.compiled_mla), not under {why}"
             )
     elif torchtitan_moe.is_moe(arch) and st.compile:
-        why = compiled_moe_uncovered(arch, st)
+        why = torchtitan_compile.compiled_moe_uncovered(arch, st)
         if why:
             return (
                 "training.compile for torchtitan's Qwen3-MoE is traced at expert parallelism "
@@ -187,21 +183,6 @@ def unsupported(arch: Architecture, st: Setting) -> str:
     return ""
 
 
-def compiled_moe_uncovered(arch: Architecture, st: Setting) -> str:
-    """Why the traced compiled Qwen3-MoE block (memplan.model.forward.compiled.qwen3_moe_layer,
-    op_sac_moe_layer) does not cover this MoE setting under training.compile, or ''."""
-    if arch.model_type != torchtitan_moe.QWEN3_MOE:
-        return (
-            f"model_type {arch.model_type!r} (traced MoE blocks: Qwen3-MoE here, DeepSeek-V3 "
-            "in memplan.model.forward.compiled_mla)"
-        )
-    if st.float8 != "none":
-        return "torchao Float8 (not traced on a MoE block)"
-    if torchtitan_moe.expert_count(arch, st) < arch.num_experts and st.checkpointing == "full":
-        return compiled_ep.FULL_AC_FAILS
-    return ""
-
-
 def rms_norm(prefix: str, t: int, h: int, x_dtype: str, st: Setting) -> list[Saved]:
     """What `torch.nn.RMSNorm` over an `x_dtype` input [t, h] saves (not its output).
 
@@ -228,42 +209,6 @@ def _norm(prefix: str, t: int, h: int, x_dtype: str, st: Setting) -> list[Saved]
     out = rms_norm(prefix, t, h, x_dtype, st)
     out.append(kernels.saved(f"{prefix}.output", (t, h), x_dtype, "MmBackward0", kernels.DERIV))
     return out
-
-
-def _matmuls(arch: Architecture, *, fused_qkv: bool, moe: bool) -> list[tuple[str, int]]:
-    """The block's matmuls SelectiveAC counts (`meta["forward_mm_count"]`, restarted per
-    block), in the order its forward runs them, with their output widths. `moe`: the block's
-    feed-forward half is a MoE, whose router gate SelectiveAC recomputes uncounted
-    (`force_recompute_mm_shapes_by_fqns=["moe.router.gate"]`) with every other mm whose
-    weight has the gate's shape, [experts, hidden] (`_wrap_block` matches by shape: MLA's
-    wq / wq_a or wkv_a, or the shared experts' w1 and w3, when their width equals the expert
-    count); the grouped mms are not mm ops (memplan.model.stacks.torchtitan_moe.SRC_SAC)."""
-    h, a, kv, d = kernels.attention_dims(arch)
-    if arch.model_type == DEEPSEEK_V3:
-        attn = torchtitan_mla.matmuls(arch)
-    else:
-        qkv = (
-            [("attention.wqkv", h, (a + 2 * kv) * d)]
-            if fused_qkv
-            else [
-                ("attention.wq", h, a * d),
-                ("attention.wk", h, kv * d),
-                ("attention.wv", h, kv * d),
-            ]
-        )
-        attn = [*qkv, ("attention.wo", a * d, h)]
-    if moe:
-        gate = (h, arch.num_experts)
-        counted = [*attn, *torchtitan_moe.shared_matmuls(arch)]
-        return [(name, out) for name, i, out in counted if (i, out) != gate]
-    inter = arch.intermediate_size
-    dense = [
-        *attn,
-        ("feed_forward.w1", h, inter),
-        ("feed_forward.w3", h, inter),
-        ("feed_forward.w2", inter, h),
-    ]
-    return [(name, out) for name, _, out in dense]
 
 
 def _layer(
@@ -319,74 +264,13 @@ def qk_norms(arch: Architecture, st: Setting) -> list[Saved]:
     return [replace(n, source=f"{SRC_QK_NORM}; {n.source}") for n in norms]
 
 
-def _selective_op(
-    arch: Architecture, st: Setting, core: attention.Core | None, *, fused_qkv: bool, moe: bool
-) -> list[Saved]:
-    """What a block under SelectiveAC holds after its forward (SRC_SAC): the checkpoint's
-    input, the outputs of the odd-numbered matmuls (1st, 3rd, ...: `forward_mm_count % 2 == 1`)
-    and, on CUDA, every output of the flash attention op
-    (`aten._scaled_dot_product_flash_attention` is in torch._functorch.partitioners.
-    get_default_op_list().compute_intensive_ops): out, logsumexp and the philox state. The CPU
-    kernel, `_scaled_dot_product_flash_attention_for_cpu`, is in neither list: recomputed."""
-    t = st.tokens
-    kept = [_block_input(arch, st)]
-    for i, (name, width) in enumerate(_matmuls(arch, fused_qkv=fused_qkv, moe=moe), start=1):
-        if i % 2 == 1:
-            kept.append(
-                kernels.saved(f"{name}.output", (t, width), st.matmul, "MUST_SAVE", SRC_SAC)
-            )
-    if core is None:
-        kept += torchtitan_mla.selective_kept(arch, st)
-    elif st.device == "cuda":
-        kept += [
-            kernels.saved(c.name, c.shape, c.dtype, "MUST_SAVE", SRC_SAC)
-            for c in (*core.core, *core.output)
-            if c.name in ("attn.output", "attn.logsumexp", "attn.rng_state", "attn.unused")
-        ]
-    if moe:
-        kept += torchtitan_moe.selective_kept(arch, st)
-    return kept
-
-
-def _block_input(arch: Architecture, st: Setting) -> Saved:
-    shape = (st.batch, st.sequence, arch.hidden_size)
-    return kernels.saved("checkpoint.hidden_states", shape, st.stream, "Noop", SRC_CHECKPOINT)
-
-
 def _layer_blocks(
     arch: Architecture, st: Setting, n: int, name: str, *, moe: bool, fused_qkv: bool
 ) -> list[Block]:
-    """`n` blocks of one kind (`moe`: MoE feed-forward) under `st`'s checkpointing."""
+    """`n` blocks of one kind (`moe`: MoE feed-forward) under `st`'s checkpointing
+    (memplan.model.stacks.torchtitan_ac.layer_blocks)."""
     layer, core = _layer(arch, st, moe=moe)
-    if st.checkpointing == "full":
-        ckpt = checkpointed_layers(n, st.checkpoint_every)
-        out = [
-            Block(
-                name=name,
-                count=ckpt,
-                tensors=(_block_input(arch, st),),
-                recompute=tuple(layer),
-                layered=True,
-            )
-        ]
-        if n - ckpt:
-            out.append(Block(name=name, count=n - ckpt, tensors=tuple(layer), layered=True))
-        return out
-    if st.checkpointing == "selective-op":
-        kept = _selective_op(arch, st, core, fused_qkv=fused_qkv, moe=moe)
-        held = {k.name for k in kept}
-        # Backward re-runs the block; the cached outputs are reused, the rest made again.
-        again = tuple(x for x in layer if x.name not in held and x.name != "attn.output")
-        return [Block(name=name, count=n, tensors=tuple(kept), recompute=again, layered=True)]
-    return [Block(name=name, count=n, tensors=tuple(layer), layered=True)]
-
-
-def checkpointed_layers(num_layers: int, every: int) -> int:
-    """Blocks torchtitan's layer SAC checkpoints: it counts the blocks it wraps from 1 and
-    checkpoints block `count % every == 0` (9dec370 parallelize_llama.py::
-    _apply_ac_to_transformer_block: `ptd_checkpoint_wrapper._count += 1; if not ac_freq or
-    _count % ac_freq == 0`), i.e. layers every-1, 2 x every - 1, ...: num_layers // every."""
-    return num_layers // every
+    return torchtitan_ac.layer_blocks(arch, st, n, name, layer, core, moe=moe, fused_qkv=fused_qkv)
 
 
 def saved(
@@ -431,7 +315,9 @@ def saved(
     )
     compile_note = ""
     if st.compile:
-        layers, compile_note = _compiled(arch, st, layers)
+        # Qwen3's q_norm / k_norm: traced on Qwen3TransformerBlock.
+        qk_norm = arch.model_type == QWEN3
+        layers, compile_note = torchtitan_compile.blocks(arch, st, layers, qk_norm=qk_norm)
     head = Block(name="head", count=1, tensors=tuple(_norm("norm", t, h, st.stream, st)))
     loss = Block(
         name="loss",
@@ -494,87 +380,3 @@ def saved(
 
 
 _MODEL_NAMES = {QWEN3: "Qwen3", torchtitan_moe.QWEN3_MOE: "Qwen3-MoE", DEEPSEEK_V3: "DeepSeek-V3"}
-
-
-def _compiled(arch: Architecture, st: Setting, layers: list[Block]) -> tuple[list[Block], str]:
-    """The decoder blocks compiled (torchtitan's apply_compile compiles each block; embeddings,
-    norm, output and loss stay eager): what Inductor's min-cut partition keeps, traced on
-    torchtitan 0.3.0's block (memplan.model.forward.compiled; tests/test_compile.py). Full
-    checkpointing keeps each block's input either way."""
-    if st.checkpointing == "full":
-        return layers, (
-            "training.compile with full checkpointing: each block keeps its input, as eager "
-            "(traced); the recompute working set is the eager one (an upper bound)."
-        )
-    _, a, g, d = kernels.attention_dims(arch)
-    op_sac = st.checkpointing == "selective-op"
-    if arch.model_type == DEEPSEEK_V3:
-        return compiled_mla.blocks(arch, st, layers)
-    if torchtitan_moe.is_moe(arch):
-        return _compiled_moe(arch, st, layers, op_sac=op_sac)
-    qwen3 = arch.model_type == QWEN3  # q_norm / k_norm: traced on Qwen3TransformerBlock
-    kept = (compiled.op_sac_layer if op_sac else compiled.llama_layer)(
-        batch=st.batch,
-        seq=st.sequence,
-        hidden=arch.hidden_size,
-        heads=a,
-        kv_heads=g,
-        head_dim=d,
-        inter=arch.intermediate_size,
-        dtype=st.matmul,
-        **({} if op_sac else {"float8": st.float8 != "none", "qk_norm": qwen3}),
-    )
-    eager = layers[0].bytes_each
-    out = [replace(b, tensors=kept) for b in layers]
-    return out, (
-        f"training.compile: each block keeps what Inductor's min-cut partition keeps "
-        f"({out[0].bytes_each:,} B per block, eager {eager:,} B); embeddings, norm, output "
-        "and loss run eager."
-    )
-
-
-def _compiled_moe(
-    arch: Architecture, st: Setting, layers: list[Block], *, op_sac: bool
-) -> tuple[list[Block], str]:
-    """torchtitan's Qwen3-MoE blocks compiled (memplan.model.forward.compiled.qwen3_moe_layer,
-    op_sac_moe_layer; traced by benchmarks/compile_moe.py), checkpointing none or
-    selective-op (full: `_compiled`, each block keeps its input as eager)."""
-    _, a, g, d = kernels.attention_dims(arch)
-    dims: dict[str, Any] = {
-        "batch": st.batch,
-        "seq": st.sequence,
-        "hidden": arch.hidden_size,
-        "heads": a,
-        "kv_heads": g,
-        "head_dim": d,
-        "top_k": arch.num_experts_per_token,
-        "dtype": st.matmul,
-    }
-    local = torchtitan_moe.expert_count(arch, st)
-    if local < arch.num_experts:
-        # Expert parallelism: the all-to-all dispatcher's compiled block, balanced routing.
-        ep_dims = {**dims, "experts": arch.num_experts, "ep": arch.num_experts // local}
-        if op_sac:
-            kept = compiled_ep.op_sac_moe_ep_layer(**ep_dims)
-        else:
-            kept = compiled_ep.qwen3_moe_ep_layer(
-                **ep_dims,
-                moe_inter=int(arch.extra.get("moe_intermediate_size", arch.intermediate_size)),
-                router=torchtitan_moe.router_dtype(st),
-            )
-    elif op_sac:
-        kept = compiled.op_sac_moe_layer(**dims)
-    else:
-        kept = compiled.qwen3_moe_layer(
-            **dims,
-            experts=arch.num_experts,
-            moe_inter=int(arch.extra.get("moe_intermediate_size", arch.intermediate_size)),
-            router=torchtitan_moe.router_dtype(st),
-        )
-    eager = layers[0].bytes_each
-    out = [replace(b, tensors=kept) for b in layers]
-    return out, (
-        f"training.compile: each MoE block keeps what Inductor's min-cut partition keeps "
-        f"({out[0].bytes_each:,} B per block, eager {eager:,} B); embeddings, norm and output "
-        "run eager, the loss as training.compile_loss says."
-    )

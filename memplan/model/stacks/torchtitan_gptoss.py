@@ -59,7 +59,7 @@ from dataclasses import replace
 from memplan.model.forward import kernels
 from memplan.model.forward.tensors import Activations, Block, Saved, Setting, not_modelled
 from memplan.model.inventory import Architecture
-from memplan.model.stacks import torchtitan, torchtitan_moe
+from memplan.model.stacks import torchtitan, torchtitan_ac, torchtitan_moe
 from memplan.precision import dtype_bytes
 
 VERSION = torchtitan.VERSION
@@ -234,13 +234,13 @@ def selective_kept(arch: Architecture, st: Setting) -> list[Saved]:
 
 def _block_input(arch: Architecture, st: Setting) -> Saved:
     shape = (st.batch, st.sequence, arch.hidden_size)
-    return _s("checkpoint.hidden_states", shape, st.stream, "Noop", torchtitan.SRC_CHECKPOINT)
+    return _s("checkpoint.hidden_states", shape, st.stream, "Noop", torchtitan_ac.SRC_CHECKPOINT)
 
 
 def _blocks(arch: Architecture, st: Setting) -> list[Block]:
     n, full = arch.num_layers, layer(arch, st)
     if st.checkpointing == "full":
-        ckpt = torchtitan.checkpointed_layers(n, st.checkpoint_every)
+        ckpt = torchtitan_ac.checkpointed_layers(n, st.checkpoint_every)
         out = [
             Block(
                 name="layers",

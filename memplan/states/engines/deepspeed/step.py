@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from memplan.memory import ALWAYS, BACKWARD, FORWARD_BACKWARD, Phase, Transient
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.precision import dtype_bytes
-from memplan.states.engines.deepspeed.sharding import hpz_secondary_elements
+from memplan.states.engines.deepspeed.zero3 import hpz_secondary_elements
 
 
 def reduce_bucket_dtype(
