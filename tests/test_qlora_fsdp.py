@@ -22,27 +22,17 @@ from memplan.model.finetune import lora, qlora
 from memplan.model.inventory import TensorSpec
 from memplan.model.load import load_inventory
 from memplan.report.estimate import estimate
+from tests.conftest import TINY_LLAMA
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE: dict[str, Any] = json.loads(
     (ROOT / "benchmarks" / "results" / "qlora-fsdp-probe.json").read_text()
 )
-TINY: dict[str, Any] = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 160,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 1041,
-    "max_position_embeddings": 128,
-    "tie_word_embeddings": False,
-}
 
 
 def doc(engine: str = "fsdp2", **ft: Any) -> dict[str, Any]:
     return {
-        "model": {"architecture": TINY},
+        "model": {"architecture": TINY_LLAMA},
         "precision": "bf16",
         "optimizer": {"name": "adamw"},
         "training": {"micro_batch_size": 2, "sequence_length": 16},
@@ -131,7 +121,7 @@ def test_packed_weight_is_bitsandbytes_own(storage: str) -> None:
 
 
 def test_a_tied_head_left_to_quantize_is_refused() -> None:
-    tied = {**TINY, "tie_word_embeddings": True}
+    tied = {**TINY_LLAMA, "tie_word_embeddings": True}
     d = {**doc("ddp", skip_modules=[]), "model": {"architecture": tied}}
     d["parallelism"] = {"engine": "ddp", "data": 1}
     with pytest.raises(MemplanError, match="fix_4bit_weight_quant_state_from_module") as e:
@@ -150,7 +140,7 @@ def test_transformers_cannot_train_a_tied_4bit_head() -> None:
     import torch
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**{k: v for k, v in TINY.items() if k != "model_type"})
+    config = LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"})
     config.tie_word_embeddings = True
     with tempfile.TemporaryDirectory() as folder:
         LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
