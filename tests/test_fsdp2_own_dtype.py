@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 
-from memplan.model.inventory import TensorSpec
+from memplan.model.inventory import Inventory, TensorSpec
 from memplan.precision import dtype_bytes
+from memplan.states.engines.fsdp2 import tp
 from memplan.states.engines.fsdp2.buffers import OwnDtypes, fsdp2_bytes
-from memplan.states.engines.fsdp2.groups import Fsdp2Group, _fsdp2_group
+from memplan.states.engines.fsdp2.groups import Fsdp2Group, Fsdp2Groups, _fsdp2_group
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "fsdp2-own-dtype.json"
@@ -101,5 +102,60 @@ def test_live_measurement_matches_the_stored_one(tmp_path: Path) -> None:
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
         timeout=300,
     )
-    live = json.loads(out.read_text())["cases"]
-    assert [c["measured"] for c in live] == [c["measured"] for c in DOC["cases"]]
+    live = json.loads(out.read_text())
+    assert [c["measured"] for c in live["cases"]] == [c["measured"] for c in DOC["cases"]]
+    assert [c["measured"] for c in live["tp_cases"]] == [c["measured"] for c in TP_CASES]
+    # torch prints the set of dtypes in no fixed order: compare whether and what it raised.
+    raised = [(c["raised"] or "").split(" but got")[0] for c in live["refusals"]]
+    assert raised == [(c["raised"] or "").split(" but got")[0] for c in DOC["refusals"]]
+
+
+# Under tensor parallelism (issue 19): the root's unsharded parameters on FSDP2's one-rank
+# data mesh (memplan.states.engines.fsdp2.tp, tp_fsdp2_unsharded_root).
+
+
+def _tp_root_bytes(case: dict[str, Any], *, own: bool = True) -> int:
+    """memplan's tp_fsdp2_unsharded_root for the case's module (its TP-local shapes: dim 0 /
+    tensor where sharded), the recipe's widths as verify's policy has them."""
+    ways = case["tensor"]
+    tensors = [
+        TensorSpec(
+            name=n,
+            shape=(s[0] // ways, *s[1:]) if where == "shard0" else tuple(s),
+            dtype=d,
+            trainable=t,
+        )
+        for n, s, d, t, where in case["tensors"]
+    ]
+    held, param = case["held"], case["param_dtype"]
+    groups = Fsdp2Groups(
+        root=_fsdp2_group(tensors, 1), block=_fsdp2_group([], 1), layers=0, head_grads=0
+    )
+    inventory = Inventory(name="case", architecture=None, parameters=tuple(tensors))
+    width = dtype_bytes(param or held)
+    terms = tp.backward_end(
+        inventory,
+        groups,
+        world=1,
+        param=width,
+        grad=width,
+        own=OwnDtypes(param_dtype=param, reduce_dtype=None) if own else None,
+    )
+    (root,) = [t.bytes for t in terms if t.name == "tp_fsdp2_unsharded_root"]
+    return root
+
+
+TP_CASES: list[dict[str, Any]] = DOC["tp_cases"]
+
+
+@pytest.mark.parametrize("case", TP_CASES, ids=[c["name"] for c in TP_CASES])
+def test_tp_unsharded_root_equals_what_torch_allocated(case: dict[str, Any]) -> None:
+    assert _tp_root_bytes(case) == case["measured"]["unsharded_parameters"]
+
+
+def test_tp_root_at_the_recipe_width_was_wrong() -> None:
+    """Before, fsdp2.tp sized the root at the recipe's 2 B: the fp32 norm and adapters held in
+    their own 4 B count half (142,592 B of the 152,064 torch allocated)."""
+    case = TP_CASES[0]
+    assert case["held"] == "bf16" and case["param_dtype"] is None
+    assert _tp_root_bytes(case, own=False) == 142_592 != case["measured"]["unsharded_parameters"]

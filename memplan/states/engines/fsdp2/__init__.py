@@ -17,7 +17,11 @@ from memplan.states.engines.base import (
     embedding_backward,
 )
 from memplan.states.engines.fsdp2 import fp8, pipeline, tp
-from memplan.states.engines.fsdp2.buffers import ALL_GATHER_STREAM, REDUCE_SCATTER_STREAM
+from memplan.states.engines.fsdp2.buffers import (
+    ALL_GATHER_STREAM,
+    REDUCE_SCATTER_STREAM,
+    OwnDtypes,
+)
 from memplan.states.engines.fsdp2.groups import fsdp2_root_gradients, groups_of
 from memplan.states.engines.fsdp2.step import shard_dtype, step_buffers
 
@@ -89,6 +93,11 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
             param=dtype_bytes(recipe.parameters),
             grad=dtype_bytes(recipe.gradients),
             reduce=dtype_bytes(layout.reduce_dtype) if layout.reduce_dtype else None,
+            # As step_buffers' `cast`: the policy sets param_dtype only under master weights.
+            own=OwnDtypes(
+                param_dtype=recipe.parameters if recipe.master_weights is not None else None,
+                reduce_dtype=layout.reduce_dtype,
+            ),
         )
     return out
 

@@ -11,6 +11,7 @@ from memplan.errors import MemplanError
 from memplan.model.inventory import Inventory, TensorSpec
 from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe, dtype_bytes
+from memplan.states.engines.fsdp2.uniform import check_uniform_dtype
 from memplan.states.layout import Layout
 from memplan.states.terms import (
     SRC_FSDP2,
@@ -83,6 +84,7 @@ def fsdp2(
     (`_fsdp_collectives.py::foreach_reduce`). Source: SRC_FSDP2.
     """
     at_rest = recipe.master_weights or recipe.parameters
+    check_uniform_dtype(inventory, held=at_rest, wrap=layout.fsdp_groups, experts=layout.expert > 1)
     grad_dtype = recipe.gradient_accumulation or at_rest
     # What every rank's shards depend on, per tensor, counted once per inventory (plan shards
     # the same stage inventories over many data degrees and ZeRO stages).
