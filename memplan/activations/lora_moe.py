@@ -30,6 +30,7 @@ SRC_FACTORS = f"{PEFT_LAYER}::_LoraFactorsProxy.forward, ParamWrapper.get_delta_
 SRC_DELTA = f"{PEFT_LAYER}::_LoraParameterProxy.forward, Linear.get_delta_weight"
 SRC_GROUPED = "transformers integrations/moe.py::grouped_mm_experts_forward"
 SRC_ROUTER = "transformers models/mixtral/modeling_mixtral.py::MixtralTopKRouter.forward"
+SRC_LINEAR = "torch nn/modules/linear.py::Linear.forward"
 SIXTEEN_BIT = ("bf16", "fp16")
 
 
@@ -138,7 +139,7 @@ def unwrap(sc: Scope, arch: Architecture, prefix: str = "mlp") -> Scope:
     return replace(
         sc,
         adapters=tuple(kept),
-        wrapped=tuple(wrapped),
+        wrapped=sc.wrapped + tuple(wrapped),
         weights=sc.weights | trains,
         params=sc.params | trains,
     )
@@ -169,7 +170,10 @@ def wrapped_saved(flow: Flow, sc: Scope, st: Setting) -> list[Saved]:
     merged weight [E, out, in] in W's dtype for its input's gradient (SRC_GROUPED's
     `_grouped_mm(input, weight.transpose(-2, -1))`), where that input requires grad.
 
-    Router, [E, H] (one expert: `_LoraParameterProxy`, `W + delta`, delta = `(B @ A) *
+    Router [E, H], or a decoder layer's Linear weight [out, in] (`scopes` puts it in
+    sc.wrapped and its module in sc.weights, so the layer's rule keeps the Linear's input;
+    measured: benchmarks/lora_param_wrapper.py), one expert each
+    (`_LoraParameterProxy`, `W + delta`, delta = `(B @ A) *
     scaling` cast to W's dtype): the mm saves A and B where a cast was made — on the CPU
     16-bit adapters are made fp32 first (Linear.get_delta_weight's cast_to_fp32), under
     autocast the mm casts them to its dtype; F.linear keeps the merged weight for its input's
@@ -200,5 +204,6 @@ def wrapped_saved(flow: Flow, sc: Scope, st: Setting) -> list[Saved]:
             out.append(kernels.saved(f"{param}.lora_B.cast", (d_out, w.rank), last, mm, SRC_DELTA))
             out.append(kernels.saved(f"{param}.lora_A.cast", (w.rank, d_in), last, mm, SRC_DELTA))
         if x_grad and not (st.autocast and st.stream != st.matmul):
-            out.append(kernels.saved(f"{param}.merged", w.shape, st.stream, mm, SRC_ROUTER))
+            src = SRC_ROUTER if module.endswith(".gate") else SRC_LINEAR
+            out.append(kernels.saved(f"{param}.merged", w.shape, st.stream, mm, src))
     return out

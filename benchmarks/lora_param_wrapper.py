@@ -1,0 +1,175 @@
+"""peft's lora.ParamWrapper on a decoder layer's Linear weight, measured on the CPU.
+
+    PYTHONPATH=. python benchmarks/lora_param_wrapper.py   # about 1 min on 2 cores
+
+writes benchmarks/results/lora-param-wrapper.json.
+
+`finetune.target_parameters: [mlp.down_proj.weight]` (peft's `LoraConfig(target_parameters=
+...)`) wraps the Linear in lora.ParamWrapper, which runs it on its weight with the adapter's
+product merged in (peft 0.21.2 tuners/lora/layer.py::ParamWrapper.forward, _activate_lora,
+_LoraParameterProxy.forward; memplan.activations.lora_moe.wrapped_saved). Each case builds the
+tiny model with transformers 5.25, wraps it with peft as `memplan verify` does (memplan.verify.
+peft_support.prepare) and records what autograd saves (benchmarks/lora_moe.py's helpers,
+tests/activation_probe.py's contract):
+
+- `forward`: every storage saved by one forward + loss, for Llama, Qwen2, Qwen3, Mistral and
+  Gemma x wrapped targets x recipe x checkpointing {none, full};
+- `recompute`: under full checkpointing, what each decoder layer's recomputation saves in
+  backward with q_proj/v_proj adapters plus the wrapped weights, minus q_proj/v_proj alone.
+
+tests/test_lora_param_wrapper.py holds memplan's prediction to these numbers (torch-free).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.lora_moe import _SMALL, MIXTRAL, PRECISIONS  # noqa: E402
+from benchmarks.stamp import stamp  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "lora-param-wrapper.json"
+
+LLAMA: dict[str, Any] = {**_SMALL, "model_type": "llama", "intermediate_size": 96}
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": LLAMA,
+    "qwen2": {**LLAMA, "model_type": "qwen2"},  # q/k/v carry a bias
+    "qwen3": {**LLAMA, "model_type": "qwen3", "head_dim": 16},  # q_norm / k_norm
+    "mistral": {**LLAMA, "model_type": "mistral"},
+    "gemma": {**LLAMA, "model_type": "gemma", "head_dim": 16},  # GemmaRMSNorm, gelu
+    "mixtral": MIXTRAL,  # a wrapped Linear beside the wrapped router (lora_moe.unwrap)
+}
+QV = ["q_proj", "v_proj"]
+# finetune keys beside method / rank / alpha
+TARGETS: dict[str, dict[str, Any]] = {
+    # the MLP's last Linear alone: its input requires grad (gate and up train nothing, but
+    # the merged weight makes down_proj's output require grad from layer 0 on)
+    "down": {"target_modules": [], "target_parameters": ["mlp.down_proj.weight"]},
+    # the first Linear alone: layer 0's input does not require grad (no merged weight saved)
+    "q": {"target_modules": [], "target_parameters": ["self_attn.q_proj.weight"]},
+    # beside lora.Linear adapters
+    "qv+o,up": {"target_modules": QV, "target_parameters": ["o_proj.weight", "up_proj.weight"]},
+    # Mixtral: the attention's o_proj beside the MoE router, both wrapped
+    "qv+o,router": {"target_modules": QV, "target_parameters": ["o_proj.weight", "gate.weight"]},
+}
+
+
+def spec_doc(
+    family: str, target: str, precision: str, checkpointing: str = "none", **extra: Any
+) -> dict[str, Any]:
+    """The memplan spec of one case (batch 2 x 16 tokens, SDPA, DDP on the CPU)."""
+    training: dict[str, Any] = {"micro_batch_size": 2, "sequence_length": 16, "attention": "sdpa"}
+    if checkpointing == "full":
+        training["activation_checkpointing"] = "full"
+    return {
+        "model": {"architecture": FAMILIES[family]},
+        "precision": PRECISIONS[precision],
+        "finetune": {"method": "lora", "rank": 8, "alpha": 16, **TARGETS[target], **extra},
+        "training": training,
+        "parallelism": {"engine": "ddp"},
+        "hardware": {"device": "cpu"},
+    }
+
+
+def forward_cases() -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for target in ("down", "q", "qv+o,up"):
+        for precision in ("fp32", "bf16", "amp-bf16", "amp-bf16-base"):
+            for ck in ("none", "full"):
+                out.append({"family": "llama", "target": target, "precision": precision, "ck": ck})
+        out.append({"family": "llama", "target": target, "precision": "fp16", "ck": "none"})
+        # 16-bit adapters: the delta made fp32 on the CPU (Linear.get_delta_weight)
+        out.append(
+            {
+                "family": "llama",
+                "target": target,
+                "precision": "bf16",
+                "ck": "none",
+                "finetune": {"autocast_adapter_dtype": False},
+            }
+        )
+    for family in ("qwen2", "qwen3", "mistral", "gemma"):
+        for target in ("down", "q", "qv+o,up"):
+            for precision in ("bf16", "amp-bf16"):
+                out.append(
+                    {"family": family, "target": target, "precision": precision, "ck": "none"}
+                )
+        out.append({"family": family, "target": "qv+o,up", "precision": "bf16", "ck": "full"})
+    for precision in ("fp32", "bf16", "amp-bf16", "amp-bf16-base"):
+        case = {"family": "mixtral", "target": "qv+o,router", "precision": precision}
+        out.append({**case, "ck": "none"})
+    return out
+
+
+def recompute_cases() -> list[dict[str, Any]]:
+    return [
+        {"family": family, "target": target, "precision": precision}
+        for family, target in (("llama", "qv+o,up"), ("mixtral", "qv+o,router"))
+        for precision in ("fp32", "bf16", "amp-bf16", "amp-bf16-base")
+    ]
+
+
+def case_doc(case: dict[str, Any]) -> dict[str, Any]:
+    return spec_doc(
+        case["family"],
+        case["target"],
+        case["precision"],
+        case.get("ck", "full"),
+        **case.get("finetune", {}),
+    )
+
+
+def qv_doc(case: dict[str, Any]) -> dict[str, Any]:
+    """The recompute case's baseline: q_proj / v_proj adapters alone."""
+    doc = case_doc(case)
+    doc["finetune"] = {"method": "lora", "rank": 8, "alpha": 16, "target_modules": QV}
+    return doc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    import peft
+    import torch
+    import transformers
+
+    from benchmarks.lora_moe import measure_forward, measure_recompute
+
+    start = time.time()
+    forward = []
+    for case in forward_cases():
+        forward.append({**case, "measured_bytes": measure_forward(case_doc(case))})
+        print(forward[-1], flush=True)
+    recompute = []
+    for case in recompute_cases():
+        base = measure_recompute(qv_doc(case))
+        with_wrapped = measure_recompute(case_doc(case))
+        delta = [w - b for w, b in zip(with_wrapped, base, strict=True)]
+        recompute.append({**case, "measured_delta_per_layer": delta})
+        print(recompute[-1], flush=True)
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+    result = stamp(
+        command="python benchmarks/lora_param_wrapper.py",
+        versions=versions,
+        forward=forward,
+        recompute=recompute,
+        elapsed_s=round(time.time() - start, 1),
+    )
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
