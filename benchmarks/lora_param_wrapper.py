@@ -12,8 +12,8 @@ tiny model with transformers 5.25, wraps it with peft as `memplan verify` does (
 peft_support.prepare) and records what autograd saves (benchmarks/lora_moe.py's helpers,
 tests/activation_probe.py's contract):
 
-- `forward`: every storage saved by one forward + loss, for Llama, Qwen2, Qwen3, Mistral and
-  Gemma x wrapped targets x recipe x checkpointing {none, full};
+- `forward`: every storage saved by one forward + loss, for Llama, Qwen2, Qwen3, Mistral,
+  Gemma 1-3, OLMo 2 and Mixtral x wrapped targets x recipe x checkpointing {none, full};
 - `recompute`: under full checkpointing, what each decoder layer's recomputation saves in
   backward with q_proj/v_proj adapters plus the wrapped weights, minus q_proj/v_proj alone.
 
@@ -32,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.lora_moe import _SMALL, MIXTRAL, PRECISIONS  # noqa: E402
+from benchmarks.lora_moe import _SMALL, MIXTRAL, PRECISIONS, QWEN3_MOE  # noqa: E402
 from benchmarks.stamp import stamp  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "lora-param-wrapper.json"
@@ -44,7 +44,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3": {**LLAMA, "model_type": "qwen3", "head_dim": 16},  # q_norm / k_norm
     "mistral": {**LLAMA, "model_type": "mistral"},
     "gemma": {**LLAMA, "model_type": "gemma", "head_dim": 16},  # GemmaRMSNorm, gelu
+    "gemma2": {**LLAMA, "model_type": "gemma2", "head_dim": 16},  # sandwich norms, softcaps
+    "gemma3_text": {**LLAMA, "model_type": "gemma3_text", "head_dim": 16},
+    "olmo2": {**LLAMA, "model_type": "olmo2"},  # q_norm / k_norm on the whole projection
     "mixtral": MIXTRAL,  # a wrapped Linear beside the wrapped router (lora_moe.unwrap)
+    "qwen3_moe": QWEN3_MOE,
+    # the router is a Qwen2MoeTopKRouter (F.linear on a bare weight), not converted by peft:
+    # reached by target_parameters only
+    "qwen2_moe": {**QWEN3_MOE, "model_type": "qwen2_moe", "shared_expert_intermediate_size": 56},
 }
 QV = ["q_proj", "v_proj"]
 # finetune keys beside method / rank / alpha
@@ -58,6 +65,11 @@ TARGETS: dict[str, dict[str, Any]] = {
     "qv+o,up": {"target_modules": QV, "target_parameters": ["o_proj.weight", "up_proj.weight"]},
     # Mixtral: the attention's o_proj beside the MoE router, both wrapped
     "qv+o,router": {"target_modules": QV, "target_parameters": ["o_proj.weight", "gate.weight"]},
+    # Qwen2-MoE's shared expert and its sigmoid gate (Linear weights inside the MoE block)
+    "qv+shared": {
+        "target_modules": QV,
+        "target_parameters": ["shared_expert.down_proj.weight", "shared_expert_gate.weight"],
+    },
 }
 
 
@@ -95,23 +107,31 @@ def forward_cases() -> list[dict[str, Any]]:
                 "finetune": {"autocast_adapter_dtype": False},
             }
         )
-    for family in ("qwen2", "qwen3", "mistral", "gemma"):
+    for family in ("qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "olmo2"):
         for target in ("down", "q", "qv+o,up"):
             for precision in ("bf16", "amp-bf16"):
                 out.append(
                     {"family": family, "target": target, "precision": precision, "ck": "none"}
                 )
         out.append({"family": family, "target": "qv+o,up", "precision": "bf16", "ck": "full"})
-    for precision in ("fp32", "bf16", "amp-bf16", "amp-bf16-base"):
-        case = {"family": "mixtral", "target": "qv+o,router", "precision": precision}
-        out.append({**case, "ck": "none"})
+    moe = [("mixtral", "qv+o,router"), ("qwen3_moe", "qv+o,router")]
+    moe += [("qwen2_moe", "qv+o,router"), ("qwen2_moe", "qv+shared")]
+    for family, target in moe:
+        for precision in ("fp32", "bf16", "amp-bf16", "amp-bf16-base"):
+            case = {"family": family, "target": target, "precision": precision}
+            out.append({**case, "ck": "none"})
     return out
 
 
 def recompute_cases() -> list[dict[str, Any]]:
     return [
         {"family": family, "target": target, "precision": precision}
-        for family, target in (("llama", "qv+o,up"), ("mixtral", "qv+o,router"))
+        for family, target in (
+            ("llama", "qv+o,up"),
+            ("mixtral", "qv+o,router"),
+            ("qwen2_moe", "qv+o,router"),
+            ("qwen2_moe", "qv+shared"),
+        )
         for precision in ("fp32", "bf16", "amp-bf16", "amp-bf16-base")
     ]
 
