@@ -15,7 +15,10 @@ tests/activation_probe.py's contract):
 - `forward`: every storage saved by one forward + loss, for Llama, Qwen2, Qwen3, Mistral,
   Gemma 1-3, OLMo 2 and Mixtral x wrapped targets x recipe x checkpointing {none, full};
 - `recompute`: under full checkpointing, what each decoder layer's recomputation saves in
-  backward with q_proj/v_proj adapters plus the wrapped weights, minus q_proj/v_proj alone.
+  backward with q_proj/v_proj adapters plus the wrapped weights, minus q_proj/v_proj alone;
+- `parameters`: under QLoRA (bitsandbytes' 4-bit Linear on the CPU), peft's parameter list
+  (name, shape, dtype, requires_grad) where target_parameters names a 4-bit weight: peft
+  gives it bnb's LoRA Linear4bit, as target_modules would (forward cases too).
 
 tests/test_lora_param_wrapper.py holds memplan's prediction to these numbers (torch-free).
 """
@@ -71,6 +74,7 @@ TARGETS: dict[str, dict[str, Any]] = {
         "target_parameters": ["shared_expert.down_proj.weight", "shared_expert_gate.weight"],
     },
 }
+QLORA_DROPOUT: dict[str, Any] = {"method": "qlora", "dropout": 0.05}
 
 
 def spec_doc(
@@ -114,6 +118,22 @@ def forward_cases() -> list[dict[str, Any]]:
                     {"family": family, "target": target, "precision": precision, "ck": "none"}
                 )
         out.append({"family": family, "target": "qv+o,up", "precision": "bf16", "ck": "full"})
+    # QLoRA: a 4-bit Linear's weight gets bnb's LoRA Linear4bit, not a ParamWrapper
+    # (memplan.model.finetune.lora._bnb_dispatched); lora_dropout is accepted there
+    for target in ("down", "qv+o,up"):
+        for precision in ("bf16", "amp-bf16"):
+            for ck in ("none", "full"):
+                case = {"family": "llama", "target": target, "precision": precision, "ck": ck}
+                out.append({**case, "finetune": {"method": "qlora"}})
+        out.append(
+            {
+                "family": "llama",
+                "target": target,
+                "precision": "bf16",
+                "ck": "none",
+                "finetune": QLORA_DROPOUT,
+            }
+        )
     moe = [("mixtral", "qv+o,router"), ("qwen3_moe", "qv+o,router")]
     moe += [("qwen2_moe", "qv+o,router"), ("qwen2_moe", "qv+shared")]
     for family, target in moe:
@@ -133,6 +153,19 @@ def recompute_cases() -> list[dict[str, Any]]:
             ("qwen2_moe", "qv+shared"),
         )
         for precision in ("fp32", "bf16", "amp-bf16", "amp-bf16-base")
+    ] + [
+        {"family": "llama", "target": "qv+o,up", "precision": precision, "finetune": qlora}
+        for precision in ("bf16", "amp-bf16")
+        for qlora in ({"method": "qlora"}, QLORA_DROPOUT)
+    ]
+
+
+def parameter_cases() -> list[dict[str, Any]]:
+    """QLoRA: peft's parameter list where target_parameters names a 4-bit Linear's weight."""
+    return [
+        {"family": "llama", "target": target, "precision": precision, "finetune": QLORA_DROPOUT}
+        for target in ("down", "qv+o,up")
+        for precision in ("bf16", "amp-bf16")
     ]
 
 
@@ -149,7 +182,8 @@ def case_doc(case: dict[str, Any]) -> dict[str, Any]:
 def qv_doc(case: dict[str, Any]) -> dict[str, Any]:
     """The recompute case's baseline: q_proj / v_proj adapters alone."""
     doc = case_doc(case)
-    doc["finetune"] = {"method": "lora", "rank": 8, "alpha": 16, "target_modules": QV}
+    method = case.get("finetune", {}).get("method", "lora")
+    doc["finetune"] = {"method": method, "rank": 8, "alpha": 16, "target_modules": QV}
     return doc
 
 
@@ -162,8 +196,13 @@ def main() -> None:
     import transformers
 
     from benchmarks.lora_moe import measure_forward, measure_recompute
+    from benchmarks.lora_target_parameters import peft_parameters
 
     start = time.time()
+    parameters = []
+    for case in parameter_cases():
+        parameters.append({**case, "parameters": peft_parameters(case_doc(case))})
+        print(case, len(parameters[-1]["parameters"]), flush=True)
     forward = []
     for case in forward_cases():
         forward.append({**case, "measured_bytes": measure_forward(case_doc(case))})
@@ -183,6 +222,7 @@ def main() -> None:
     result = stamp(
         command="python benchmarks/lora_param_wrapper.py",
         versions=versions,
+        parameters=parameters,
         forward=forward,
         recompute=recompute,
         elapsed_s=round(time.time() - start, 1),

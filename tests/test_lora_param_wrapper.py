@@ -20,14 +20,17 @@ from benchmarks.lora_param_wrapper import (
     FAMILIES,
     case_doc,
     forward_cases,
+    parameter_cases,
     qv_doc,
     recompute_cases,
     spec_doc,
 )
 from memplan import activations
 from memplan.config.load import validate
+from memplan.errors import MemplanError
 from memplan.model.finetune import lora as finetune
 from memplan.model.sources import from_config
+from memplan.precision import TORCH_NAMES
 from memplan.report.settings import layout_of, setting_of
 
 RESULTS = (
@@ -66,6 +69,8 @@ def test_stored_results_cover_every_case() -> None:
     assert stored == forward_cases()
     stored = [{k: v for k, v in c.items() if k not in strip} for c in STORED["recompute"]]
     assert stored == recompute_cases()
+    stored = [{k: v for k, v in c.items() if k != "parameters"} for c in STORED["parameters"]]
+    assert stored == parameter_cases()
     assert STORED["dirty"] is False
     assert STORED["versions"]["peft"] == "0.21.2"
     assert STORED["versions"]["transformers"] == "5.25.0"
@@ -90,6 +95,31 @@ def test_recomputed_wrapper_tensors_equal_peft_measured(case: dict[str, Any]) ->
     delta = [w - b for w, b in zip(with_wrapped, base, strict=True)]
     assert delta == case["measured_delta_per_layer"]
     assert all(d > 0 for d in delta)
+
+
+@pytest.mark.parametrize("case", STORED["parameters"], ids=[_id(c) for c in STORED["parameters"]])
+def test_qlora_parameter_list_equals_peft(case: dict[str, Any]) -> None:
+    """QLoRA: target_parameters naming a 4-bit Linear's weight gives bitsandbytes' LoRA
+    Linear4bit (peft's dispatch_bnb_4bit comes first), lora_dropout accepted: memplan's
+    parameter list (name, shape, dtype, trainable) equals peft's, in order (before, refused)."""
+    doc = case_doc(case)
+    spec = validate(doc).spec
+    inv = finetune.apply(spec, from_config(doc["model"]["architecture"]))
+    held = spec.recipe().parameters
+    mine = [
+        [t.name, list(t.shape), TORCH_NAMES[t.dtype or held], t.trainable] for t in inv.parameters
+    ]
+    assert mine == case["parameters"]
+    assert any("Linear4bit, as target_modules" in n for n in inv.notes)
+
+
+def test_qlora_wrapper_on_an_unquantized_weight_is_refused() -> None:
+    """Under QLoRA a ParamWrapper on a weight bitsandbytes leaves unquantized (the LM head,
+    skipped by default) beside the 4-bit Linears was not measured: refused, naming the field."""
+    doc = spec_doc("llama", "down", "bf16", method="qlora")
+    doc["finetune"]["target_parameters"] = ["lm_head.weight"]
+    with pytest.raises(MemplanError, match=r"lm_head\.weight wrapped under QLoRA"):
+        finetune.apply(validate(doc).spec, from_config(doc["model"]["architecture"]))
 
 
 @pytest.mark.parametrize(
