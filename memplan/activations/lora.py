@@ -78,7 +78,7 @@ def adjust(
         # lora_moe (imported here: MoE families only)
         from memplan.activations.lora_moe import unmodelled, unwrap
 
-        why = unmodelled(layers)
+        why = unmodelled(layers, ends.moe[arch.model_type])
         if why:
             return not_modelled(why)
         layers = tuple(unwrap(sc, arch) for sc in layers)
