@@ -151,8 +151,8 @@ def unmodelled(layers: tuple[Scope, ...], kind: str, prefix: str = "mlp") -> str
     router and fused experts are no nn.Linear, so bitsandbytes leaves them unquantized and
     the wrappers save what they save under LoRA; benchmarks/lora_param_wrapper.py's
     `qlora_moe` cases), not for Qwen2-MoE's `shared` block, whose QLoRA prediction under
-    autocast was measured off without any wrapper (41,664 B over the 3 layers of the tiny
-    model, q_proj/v_proj only: the same benchmark's `qwen2_moe_qlora` case)."""
+    autocast was measured off without any wrapper (q_proj/v_proj only, the tiny model: 128 B
+    in bf16, 41,664 B under amp-bf16; the same benchmark's `qwen2_moe_qlora`)."""
     inside = (f"{prefix}.gate", f"{prefix}.experts", f"{prefix}.experts.base_layer")
     wrapped = sorted({m for sc in layers for m, _ in sc.adapters if m in inside})
     if wrapped and kind == "shared" and any(sc.four_bit for sc in layers):
