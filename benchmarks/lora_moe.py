@@ -198,8 +198,11 @@ def _model(doc: dict[str, Any]) -> tuple[Any, Any]:
     kwargs = {k: v for k, v in config.items() if k != "model_type"}
     cfg = transformers.AutoConfig.for_model(config["model_type"], **kwargs)
     dtype = getattr(torch, TORCH_NAMES[spec.recipe().parameters])
+    # Gemma 2 has no SDPA path in transformers 5.25 (its softcaps): eager, as memplan's
+    # family record says (lora_ends.eager_attention)
+    attention = "eager" if config["model_type"] == "gemma2" else "sdpa"
     model = transformers.AutoModelForCausalLM.from_config(
-        cfg, dtype=dtype, attn_implementation="sdpa"
+        cfg, dtype=dtype, attn_implementation=attention
     )
     if spec.training.activation_checkpointing == "full":
         model.activation_checkpointing_enable(

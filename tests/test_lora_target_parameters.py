@@ -93,15 +93,6 @@ def test_saved_bytes_equal_peft_measured(row: dict[str, Any]) -> None:
     assert predicted.bytes == row["measured_bytes"]
 
 
-def test_wrapping_a_linear_weight_leaves_activations_not_modelled() -> None:
-    """A lora.ParamWrapper on Llama's down_proj weight: its parameters are peft's (above), its
-    merged-weight forward was not measured, and the activations say so."""
-    doc = spec_doc("llama", {"target_modules": [], "target_parameters": ["mlp.down_proj.weight"]})
-    predicted = most_saved(doc)
-    assert not predicted.modelled
-    assert "target_parameters" in " ".join(predicted.notes)
-
-
 def test_unmatched_parameters_beside_modules_are_noted() -> None:
     """peft warns and adapts q_proj alone; memplan notes it."""
     doc = spec_doc("mixtral", {"target_modules": ["q_proj"], "target_parameters": ["nope"]})

@@ -59,11 +59,13 @@ def adjust(
     layers, top, frozen = scopes(inventory, arch.num_layers, dropout=dropout, default=st.stream)
     if not frozen and not top.adapters and not any(sc.adapters for sc in layers):
         return saved
-    wrapped_elsewhere = param_wrapped(inventory)
-    if wrapped_elsewhere:
-        return not_modelled(wrapped_elsewhere)
     family = family_of(arch.model_type)
     ends = family.lora_ends if family else None
+    wrapped_elsewhere = param_wrapped(
+        inventory, in_layers=ends is not None and ends.layer == "llama"
+    )
+    if wrapped_elsewhere:
+        return not_modelled(wrapped_elsewhere)
     if ends is None:
         modelled = [t for f in all_families() if f.lora_ends for t in f.model_types]
         return not_modelled(
@@ -76,7 +78,7 @@ def adjust(
         # lora_moe (imported here: MoE families only)
         from memplan.activations.lora_moe import unmodelled, unwrap
 
-        why = unmodelled(layers)
+        why = unmodelled(layers, ends.moe[arch.model_type])
         if why:
             return not_modelled(why)
         layers = tuple(unwrap(sc, arch) for sc in layers)

@@ -30,6 +30,7 @@ SRC_FACTORS = f"{PEFT_LAYER}::_LoraFactorsProxy.forward, ParamWrapper.get_delta_
 SRC_DELTA = f"{PEFT_LAYER}::_LoraParameterProxy.forward, Linear.get_delta_weight"
 SRC_GROUPED = "transformers integrations/moe.py::grouped_mm_experts_forward"
 SRC_ROUTER = "transformers models/mixtral/modeling_mixtral.py::MixtralTopKRouter.forward"
+SRC_LINEAR = "torch nn/modules/linear.py::Linear.forward"
 SIXTEEN_BIT = ("bf16", "fp16")
 
 
@@ -138,21 +139,28 @@ def unwrap(sc: Scope, arch: Architecture, prefix: str = "mlp") -> Scope:
     return replace(
         sc,
         adapters=tuple(kept),
-        wrapped=tuple(wrapped),
+        wrapped=sc.wrapped + tuple(wrapped),
         weights=sc.weights | trains,
         params=sc.params | trains,
     )
 
 
-def unmodelled(layers: tuple[Scope, ...], prefix: str = "mlp") -> str:
-    """Why the activations of LoRA on the MoE block cannot be predicted, or ''."""
+def unmodelled(layers: tuple[Scope, ...], kind: str, prefix: str = "mlp") -> str:
+    """Why the activations of LoRA on the MoE block cannot be predicted, or ''. QLoRA beside
+    wrapped routers and experts is measured for the routed blocks (Mixtral, Qwen3-MoE: the
+    router and fused experts are no nn.Linear, so bitsandbytes leaves them unquantized and
+    the wrappers save what they save under LoRA; benchmarks/lora_param_wrapper.py's
+    `qlora_moe` cases), not for Qwen2-MoE's `shared` block, whose QLoRA prediction under
+    autocast was measured off without any wrapper (q_proj/v_proj only, the tiny model: 128 B
+    in bf16, 41,664 B under amp-bf16; the same benchmark's `qwen2_moe_qlora`)."""
     inside = (f"{prefix}.gate", f"{prefix}.experts", f"{prefix}.experts.base_layer")
     wrapped = sorted({m for sc in layers for m, _ in sc.adapters if m in inside})
-    if wrapped and any(sc.four_bit for sc in layers):
+    if wrapped and kind == "shared" and any(sc.four_bit for sc in layers):
         return (
             f"activations with QLoRA and LoRA on the MoE block's {', '.join(wrapped)} are not "
-            "modelled (lora.ParamWrapper beside bitsandbytes' 4-bit Linear was not measured): "
-            "per_gpu.activations is 0 and the peak leaves them out."
+            "modelled for a block with a shared expert (lora.ParamWrapper beside bitsandbytes' "
+            "4-bit shared expert is not matched by measurement): per_gpu.activations is 0 and "
+            "the peak leaves them out."
         )
     return ""
 
@@ -169,7 +177,10 @@ def wrapped_saved(flow: Flow, sc: Scope, st: Setting) -> list[Saved]:
     merged weight [E, out, in] in W's dtype for its input's gradient (SRC_GROUPED's
     `_grouped_mm(input, weight.transpose(-2, -1))`), where that input requires grad.
 
-    Router, [E, H] (one expert: `_LoraParameterProxy`, `W + delta`, delta = `(B @ A) *
+    Router [E, H], or a decoder layer's Linear weight [out, in] (`scopes` puts it in
+    sc.wrapped and its module in sc.weights, so the layer's rule keeps the Linear's input;
+    measured: benchmarks/lora_param_wrapper.py), one expert each
+    (`_LoraParameterProxy`, `W + delta`, delta = `(B @ A) *
     scaling` cast to W's dtype): the mm saves A and B where a cast was made — on the CPU
     16-bit adapters are made fp32 first (Linear.get_delta_weight's cast_to_fp32), under
     autocast the mm casts them to its dtype; F.linear keeps the merged weight for its input's
@@ -200,5 +211,6 @@ def wrapped_saved(flow: Flow, sc: Scope, st: Setting) -> list[Saved]:
             out.append(kernels.saved(f"{param}.lora_B.cast", (d_out, w.rank), last, mm, SRC_DELTA))
             out.append(kernels.saved(f"{param}.lora_A.cast", (w.rank, d_in), last, mm, SRC_DELTA))
         if x_grad and not (st.autocast and st.stream != st.matmul):
-            out.append(kernels.saved(f"{param}.merged", w.shape, st.stream, mm, SRC_ROUTER))
+            src = SRC_ROUTER if module.endswith(".gate") else SRC_LINEAR
+            out.append(kernels.saved(f"{param}.merged", w.shape, st.stream, mm, src))
     return out

@@ -39,8 +39,9 @@ class Adapter:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Wrapped:
     """One parameter peft adapts with lora.ParamWrapper (its `target_parameters`: an MoE
-    router's weight, the fused 3-D experts' gate_up_proj or down_proj), whose adapter is added
-    into the parameter in forward (memplan.activations.lora_moe)."""
+    router's weight, the fused 3-D experts' gate_up_proj or down_proj, or a decoder layer's
+    Linear weight), whose adapter is added into the parameter in forward
+    (memplan.activations.lora_moe.wrapped_saved)."""
 
     shape: tuple[int, ...]
     """The parameter's shape: [out, in] (one router) or [experts, out, in]."""
@@ -66,8 +67,9 @@ class Scope:
     four_bit: frozenset[str] = frozenset()
     """Modules whose weight is bitsandbytes' packed 4-bit weight (QLoRA's Linear4bit)."""
     wrapped: tuple[tuple[str, Wrapped], ...] = ()
-    """Parameters held by a lora.ParamWrapper, by name (`mlp.experts.down_proj`): their
-    adapters, moved out of `adapters` (memplan.activations.lora_moe.unwrap)."""
+    """Parameters held by a lora.ParamWrapper, by name (`mlp.experts.down_proj`,
+    `mlp.down_proj.weight`): their adapters, not in `adapters` (a Linear's weight: `scopes`;
+    the MoE block's: memplan.activations.lora_moe.unwrap)."""
 
     def adapted(self, module: str) -> Adapter | None:
         return next((a for m, a in self.adapters if m == module), None)
@@ -105,6 +107,7 @@ def scopes(
     params: dict[int | None, set[str]] = {}
     parts: dict[int | None, dict[str, dict[str, tuple[tuple[int, ...], str]]]] = {}
     packed: dict[int | None, set[str]] = {}
+    linear_wrapped: dict[int | None, set[str]] = {}
     frozen = False
     owners = {t.name: t for t in inventory.parameters}
     named = [(t.name, t) for t in inventory.parameters]
@@ -118,6 +121,8 @@ def scopes(
                 t.shape,
                 t.dtype or default,
             )
+            if t.role == WRAPPED_ROLE:
+                linear_wrapped.setdefault(t.layer, set()).add(ad["m"])
             continue
         module, leaf = _plain(rel)
         if leaf == "weight" and (t.dtype == PACKED_4BIT or qlora.is_packed(t)):
@@ -129,10 +134,18 @@ def scopes(
 
     def scope(layer: int | None) -> Scope:
         found = []
+        wrapped = []
+        held = linear_wrapped.get(layer, set()) if layer is not None else set()
         for module, pair in sorted(parts.get(layer, {}).items()):
             emb = "lora_embedding_A" in pair
             a_shape, dtype = pair["lora_embedding_A" if emb else "lora_A"]
             b_shape, _ = pair["lora_embedding_B" if emb else "lora_B"]
+            if module in held:
+                # a Linear's weight [out, in] held by a lora.ParamWrapper: the weight the
+                # Linear runs on is merged and requires grad (lora_moe.wrapped_saved)
+                w = Wrapped(shape=(b_shape[0], a_shape[1]), rank=a_shape[0], dtype=dtype)
+                wrapped.append((f"{module}.weight", w))
+                continue
             found.append(
                 (
                     module,
@@ -145,38 +158,46 @@ def scopes(
                     ),
                 )
             )
+        trains = frozenset(held)  # as far as what the layer saves goes, the weight trains
         return Scope(
-            weights=frozenset(weights.get(layer, ())),
-            params=frozenset(params.get(layer, ())),
+            weights=frozenset(weights.get(layer, ())) | trains,
+            params=frozenset(params.get(layer, ())) | trains,
             adapters=tuple(found),
             dropout=dropout,
             four_bit=frozenset(packed.get(layer, ())),
+            wrapped=tuple(wrapped),
         )
 
     return tuple(scope(i) for i in range(num_layers)), scope(None), frozen
 
 
-def param_wrapped(inventory: Inventory) -> str:
+def param_wrapped(inventory: Inventory, *, in_layers: bool) -> str:
     """Why the activations cannot be predicted where a lora.ParamWrapper holds a parameter
     outside the MoE router and fused experts (finetune.target_parameters naming, e.g., a
-    Linear's weight), or ''. Its adapters have lora.Linear's names and shapes, but it merges
-    B @ A into the weight for the module's forward (peft 0.21.2 tuners/lora/layer.py::
-    ParamWrapper._activate_lora), which memplan.activations.lora_moe models for the MoE block
-    only: not measured elsewhere."""
+    Linear's weight), or ''. peft 0.21.2 tuners/lora/layer.py::ParamWrapper.forward runs the
+    wrapped module on its weight with B @ A merged in (_LoraParameterProxy.forward, applied
+    by ParamWrapper._activate_lora); `scopes` and memplan.activations.lora_moe.wrapped_saved
+    model it for a decoder layer's Linear of a Llama-style layer (`in_layers`: measured by
+    benchmarks/lora_param_wrapper.py), not for the model ends (an embedding or the LM head),
+    nor in GPT-2's Conv1D or Phi-3's layers: not measured there."""
     names = sorted(
         {
             _ADAPTER.match(t.name.removeprefix(PEFT_PREFIX))["m"]  # type: ignore[index]
             for t in inventory.parameters
-            if t.role == WRAPPED_ROLE and _ADAPTER.match(t.name.removeprefix(PEFT_PREFIX))
+            if t.role == WRAPPED_ROLE
+            and _ADAPTER.match(t.name.removeprefix(PEFT_PREFIX))
+            and not (in_layers and t.layer is not None)
         }
     )
     if not names:
         return ""
     more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    where = "outside the decoder layers" if in_layers else "in this family's layers"
     return (
         f"activations with finetune.target_parameters wrapping {names[0]}{more} in "
-        "lora.ParamWrapper are not modelled (its merged weight is measured for the MoE router "
-        "and fused experts only): per_gpu.activations is 0 and the peak leaves them out."
+        f"lora.ParamWrapper are not modelled {where} (its merged weight is measured for the "
+        "MoE router and fused experts and a Llama-style layer's Linear weights only): "
+        "per_gpu.activations is 0 and the peak leaves them out."
     )
 
 

@@ -107,6 +107,13 @@ def lora(
     mods = modules(reference or inventory)
     targets = set(targets_of(ft, inventory, mods))
     wrapped = param_targets(ft, reference or inventory)
+    notes = _check_parameter_targets(ft, targets, wrapped, inventory, reference)
+    four_bit = _bnb_dispatched(wrapped, inventory) if reference is not None else set()
+    if four_bit:
+        # a 4-bit Linear's weight named by target_parameters becomes bnb's LoRA Linear4bit,
+        # as if its module were in target_modules (`_bnb_dispatched`)
+        targets |= {owner(n) for n in four_bit}
+        wrapped = {n: r for n, r in wrapped.items() if n not in four_bit}
     if wrapped and ft.dropout:
         shown = ", ".join(sorted({owner(n) for n in wrapped})[:2])
         raise MemplanError(
@@ -117,7 +124,6 @@ def lora(
             "the attention projections only.",
             field="finetune.dropout",
         )
-    notes = _check_parameter_targets(ft, targets, wrapped, inventory, reference)
     roots = saved_roots(ft, mods)
     # peft wraps a module once per targeted parameter, in the module's registration order:
     # the first is the innermost lora.ParamWrapper (SRC_PARAM_WRAPPER; tuners_utils.py::
@@ -241,19 +247,44 @@ def _check_parameter_targets(
             "peft only warns ('were set but no parameter was matched') and adapts the "
             "target_modules alone.",
         )
-    dense = [n for n in own if not _in_moe_block(n, reference or inventory)]
+    four_bit = _bnb_dispatched(own, inventory) if reference is not None else set()
+    dense = [n for n in own if not _in_moe_block(n, reference or inventory) and n not in four_bit]
     if dense and ft.method == "qlora":
         raise MemplanError(
-            f"{dense[0]} wrapped under QLoRA: lora.ParamWrapper on a "
-            "bitsandbytes 4-bit weight is not modelled (not measured). Use method: lora, or "
-            "target that module with target_modules.",
+            f"{dense[0]} wrapped under QLoRA: lora.ParamWrapper on a weight bitsandbytes "
+            "does not quantize (beside its 4-bit Linears) is not modelled (not measured). "
+            "Use method: lora, or target that module with target_modules.",
             field="finetune.target_parameters",
         )
-    shown = ", ".join(sorted({leaf(owner(n)) + "." + leaf(n) for n in own}))
-    return (
-        f"finetune.target_parameters: {len(own)} parameters wrapped by peft's "
-        f"lora.ParamWrapper ({shown}).",
-    )
+    out = []
+    kept = [n for n in own if n not in four_bit]
+    if kept:
+        shown = ", ".join(sorted({leaf(owner(n)) + "." + leaf(n) for n in kept}))
+        out.append(
+            f"finetune.target_parameters: {len(kept)} parameters wrapped by peft's "
+            f"lora.ParamWrapper ({shown})."
+        )
+    if four_bit:
+        shown = ", ".join(sorted({leaf(owner(n)) for n in four_bit}))
+        out.append(
+            f"finetune.target_parameters: {len(four_bit)} 4-bit Linear weights ({shown}) get "
+            "bitsandbytes' LoRA Linear4bit, as target_modules would give them (peft 0.21.2 "
+            "tuners/lora/model.py::LoraModel._create_new_module tries dispatch_bnb_4bit "
+            "before dispatch_default, the only one that makes a lora.ParamWrapper)."
+        )
+    return tuple(out)
+
+
+def _bnb_dispatched(names: Iterable[str], inventory: Inventory) -> set[str]:
+    """The parameters among `names` that are bitsandbytes 4-bit weights in `inventory` (the
+    quantized model). peft 0.21.2 tuners/lora/model.py::LoraModel._create_new_module passes
+    a targeted parameter's module through its dispatchers in order, dispatch_bnb_4bit
+    (tuners/lora/bnb.py, which ignores `parameter_name`) before dispatch_default (tuners/lora/
+    layer.py, which alone makes a ParamWrapper): so such a weight gets lora.bnb.Linear4bit,
+    the very layer target_modules gives (measured on the CPU, bitsandbytes 0.50: the same
+    parameters and saved bytes, lora_dropout accepted; benchmarks/lora_param_wrapper.py)."""
+    wanted = set(names)
+    return {t.name for t in inventory.parameters if t.name in wanted and qlora.is_packed(t)}
 
 
 def _in_moe_block(name: str, inventory: Inventory) -> bool:
