@@ -28,36 +28,17 @@ from benchmarks.lora_param_wrapper import (
     recompute_cases,
     spec_doc,
 )
-from memplan import activations
 from memplan.config.load import validate
 from memplan.errors import MemplanError
 from memplan.model.finetune import lora as finetune
 from memplan.model.sources import from_config
 from memplan.precision import TORCH_NAMES
-from memplan.report.settings import layout_of, setting_of
+from tests.test_lora_moe import most_saved, recompute_per_layer
 
 RESULTS = (
     Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "lora-param-wrapper.json"
 )
 STORED = json.loads(RESULTS.read_text())
-
-
-def most_saved(doc: dict[str, Any]) -> activations.Activations:
-    spec = validate(doc).spec
-    trained = finetune.apply(spec, from_config(doc["model"]["architecture"]))
-    st, lay = setting_of(spec), layout_of(spec)
-    steps = spec.training.gradient_accumulation_steps
-    stages = activations.for_stages(trained, st, lay, spec.finetune, steps)
-    return max(stages, key=lambda a: a.bytes)
-
-
-def recompute_per_layer(doc: dict[str, Any]) -> list[int]:
-    """What memplan says each decoder layer re-creates in backward, in model order."""
-    out: list[int] = []
-    for block in most_saved(doc).blocks:
-        if block.name == "layers":
-            out += [block.recompute_bytes] * block.count
-    return out
 
 
 def _id(case: dict[str, Any]) -> str:
