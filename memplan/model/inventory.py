@@ -126,6 +126,15 @@ def numel_of(tensors: Iterable[TensorSpec]) -> int:
     return sum(t.numel for t in tensors)
 
 
+def by_layer(tensors: Iterable[TensorSpec]) -> dict[int, list[TensorSpec]]:
+    """The decoder-layer tensors among `tensors`, per layer index in order of appearance."""
+    layers: dict[int, list[TensorSpec]] = {}
+    for t in tensors:
+        if t.layer is not None:
+            layers.setdefault(t.layer, []).append(t)
+    return layers
+
+
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 

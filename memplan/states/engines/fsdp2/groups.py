@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from memplan.model.families import family_of
-from memplan.model.inventory import Inventory, TensorSpec
+from memplan.model.inventory import Inventory, TensorSpec, by_layer
 from memplan.precision import dtype_bytes
 from memplan.states.engines.base import StepCache, StepStates
 from memplan.states.engines.fsdp2.fp8 import check_even, fp8_shard_elements
@@ -141,10 +141,7 @@ def fsdp2_groups(
         return replace(groups, block=block)
     tied = bool(inventory.tied)
     roots = [t for t in inventory.parameters if t.layer is None]
-    layers: dict[int, list[TensorSpec]] = {}
-    for t in inventory.parameters:
-        if t.layer is not None:
-            layers.setdefault(t.layer, []).append(t)
+    layers = by_layer(inventory.parameters)
     blocks = [_fsdp2_group(ts, world, expert_world, wrap) for ts in layers.values()]
     block = max(blocks, key=lambda b: b.padded, default=_fsdp2_group([], world))
     if wrap == "torchtitan" and not tied:
@@ -185,10 +182,7 @@ def _largest_fp8_block(
 ) -> Fsdp2Group:
     """The decoder layer whose unsharded bytes are the largest with its fp8 weights at 1 B
     (ties: the most padded elements, as fsdp2_groups picks without fp8)."""
-    layers: dict[int, list[TensorSpec]] = {}
-    for t in inventory.parameters:
-        if t.layer is not None:
-            layers.setdefault(t.layer, []).append(t)
+    layers = by_layer(inventory.parameters)
     blocks = [
         _with_fp8(_fsdp2_group(ts, world, expert_world, wrap), ts, world, tensor)
         for ts in layers.values()

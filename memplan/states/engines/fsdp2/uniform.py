@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from memplan.errors import MemplanError
-from memplan.model.inventory import Inventory, TensorSpec
+from memplan.model.inventory import Inventory, TensorSpec, by_layer
 
 SRC_UNIFORM = (
     "torch 2.13 torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py::"
@@ -45,10 +45,7 @@ def mixed_trainable(tensors: Sequence[TensorSpec], held: str) -> tuple[TensorSpe
 def _groups(inventory: Inventory, wrap: str, experts: bool) -> list[tuple[str, list[TensorSpec]]]:
     """(what, parameters) of each group FSDP2 makes of `inventory` (as fsdp2_groups)."""
     roots = [t for t in inventory.parameters if t.layer is None]
-    layers: dict[int, list[TensorSpec]] = {}
-    for t in inventory.parameters:
-        if t.layer is not None:
-            layers.setdefault(t.layer, []).append(t)
+    layers = by_layer(inventory.parameters)
     out: list[tuple[str, list[TensorSpec]]] = []
     first = [t for t in roots if t.role in ("embedding", "position")]
     rest = [t for t in roots if t.role not in ("embedding", "position")]
