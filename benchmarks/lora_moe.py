@@ -27,6 +27,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +219,6 @@ def _forward(model: Any, spec: Any, hooks: Any = None) -> tuple[Any, Any]:
     import torch
 
     from memplan.precision import TORCH_NAMES
-    from tests.activation_probe import saved_storages
 
     recipe = spec.recipe()
     config = model.config
@@ -231,9 +231,43 @@ def _forward(model: Any, spec: Any, hooks: Any = None) -> tuple[Any, Any]:
         else contextlib.nullcontext()
     )
     extra = hooks if hooks is not None else contextlib.nullcontext()
-    with saved_storages([*model.parameters(), *model.buffers()]) as got, cast, extra:
+    with _saved_storages(model) as got, cast, extra:
         loss = model(input_ids=ids, labels=ids.clone(), use_cache=False).loss
     return got, loss
+
+
+@contextlib.contextmanager
+def _saved_storages(model: Any) -> Iterator[Any]:
+    """tests/activation_probe.py's saved_storages, with the parameters and buffers taken as
+    they are when a tensor is saved, not before the forward: bitsandbytes 0.50.2's
+    Linear4bit.forward replaces a bias of another dtype than its compute dtype
+    (nn/modules.py: `bias.data = bias.data.to(x.dtype)`, Qwen2-MoE's q/k/v under QLoRA after
+    prepare_model_for_kbit_training made them fp32), and a saved tensor allocated where the
+    old bias lay was taken for a parameter and left out (measured: one 128 B rstd of the
+    bf16 case, qwen2_moe_qlora)."""
+    import torch
+
+    from tests.activation_probe import NAMES, Measured, Storage
+
+    def current() -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+    skip = current()
+    out = Measured()
+
+    def pack(t: Any) -> Any:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in skip and ptr not in current():
+            skip.discard(ptr)  # a parameter's old storage, freed: not a parameter now
+        if ptr in skip:
+            out.parameter_saves += 1
+        elif ptr not in out.storages:
+            out.storages[ptr] = Storage(storage.nbytes(), tuple(t.shape), NAMES.get(t.dtype, "?"))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield out
 
 
 def measure_forward(doc: dict[str, Any]) -> int:
@@ -257,7 +291,6 @@ def measure_recompute(doc: dict[str, Any]) -> list[int]:
     from memplan.verify.selective import recomputed_saves
 
     model, spec = _model(doc)
-    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
     held: list[Any] = []
 
     def hold(t: Any) -> Any:
@@ -265,6 +298,8 @@ def measure_recompute(doc: dict[str, Any]) -> list[int]:
         return t
 
     _, loss = _forward(model, spec, torch.autograd.graph.saved_tensors_hooks(hold, lambda t: t))
+    # after the forward: Linear4bit may have replaced a bias in it (_saved_storages)
+    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
     forward = {t.untyped_storage().data_ptr() for t in held}
     groups: list[dict[int, int]] = []
 

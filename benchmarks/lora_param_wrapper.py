@@ -21,8 +21,10 @@ tests/activation_probe.py's contract):
   gives it bnb's LoRA Linear4bit, as target_modules would (forward cases too);
 - `qlora_moe`, `qlora_moe_recompute`: QLoRA beside Mixtral's and Qwen3-MoE's wrapped router
   and experts (saved bytes; per-layer recompute beside q_proj/v_proj minus q_proj/v_proj);
-- `qwen2_moe_qlora`: Qwen2-MoE under QLoRA with q_proj/v_proj alone (bf16, amp-bf16), where
-  memplan's amp-bf16 prediction is off (why its wrapped router stays not modelled there).
+- `qwen2_moe_qlora`: Qwen2-MoE under QLoRA with q_proj/v_proj alone (bf16, amp-bf16);
+  `qwen2_moe_qlora_wrapped`, `qwen2_moe_qlora_recompute`: beside its wrapped router or fused
+  experts, or with its 4-bit shared expert's down_proj / gate named (saved bytes; per-layer
+  recompute beside q_proj/v_proj minus q_proj/v_proj).
 
 tests/test_lora_param_wrapper.py holds memplan's prediction to these numbers (torch-free).
 """
@@ -72,6 +74,12 @@ TARGETS: dict[str, dict[str, Any]] = {
     "qv+o,up": {"target_modules": QV, "target_parameters": ["o_proj.weight", "up_proj.weight"]},
     # Mixtral: the attention's o_proj beside the MoE router, both wrapped
     "qv+o,router": {"target_modules": QV, "target_parameters": ["o_proj.weight", "gate.weight"]},
+    # Qwen2-MoE's router alone, and its fused experts (reached by target_parameters only)
+    "qv+router": {"target_modules": QV, "target_parameters": ["mlp.gate.weight"]},
+    "qv+experts": {
+        "target_modules": QV,
+        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    },
     # Qwen2-MoE's shared expert and its sigmoid gate (Linear weights inside the MoE block)
     "qv+shared": {
         "target_modules": QV,
@@ -210,11 +218,53 @@ def qlora_moe_doc(case: dict[str, Any], wrapped: bool = True) -> dict[str, Any]:
 
 
 def qwen2_moe_qlora_doc(precision: str) -> dict[str, Any]:
-    """Qwen2-MoE under QLoRA, q_proj / v_proj only: in amp-bf16 memplan's prediction is off
-    without any wrapper (recorded; memplan.activations.lora_moe.unmodelled)."""
+    """Qwen2-MoE under QLoRA, q_proj / v_proj only (memplan was off here until its shared
+    expert's 4-bit Linears handed back their input's dtype: memplan.activations.lora_moe.
+    moe_flow's four_bit_outputs)."""
     doc = spec_doc("qwen2_moe", "qv+shared", precision, "none", method="qlora")
     doc["finetune"] = {"method": "qlora", "rank": 8, "alpha": 16, "target_modules": QV}
     return doc
+
+
+QWEN2_MOE_QLORA_TARGETS = ("qv+router", "qv+experts", "qv+shared", "qv+o,router")
+
+
+def qwen2_moe_qlora_cases() -> list[dict[str, Any]]:
+    """QLoRA on Qwen2-MoE beside its wrapped router or fused experts (lora.ParamWrapper, left
+    unquantized: no nn.Linear), or with its 4-bit shared expert's down_proj and gate named
+    (bitsandbytes' LoRA Linear4bit), in the four QLoRA recipes."""
+    out: list[dict[str, Any]] = []
+    for target in QWEN2_MOE_QLORA_TARGETS:
+        for precision in ("bf16", "amp-bf16"):
+            for ck in ("none", "full"):
+                case = {"family": "qwen2_moe", "target": target, "precision": precision}
+                out.append({**case, "ck": ck, "finetune": {"method": "qlora"}})
+        out.append(
+            {
+                "family": "qwen2_moe",
+                "target": target,
+                "precision": "fp16",
+                "ck": "none",
+                "finetune": {"method": "qlora"},
+            }
+        )
+        for precision in ("bf16", "amp-bf16"):
+            case = {"family": "qwen2_moe", "target": target, "precision": precision, "ck": "none"}
+            out.append({**case, "finetune": {"method": "qlora", "prepare_kbit": False}})
+    return out
+
+
+def qwen2_moe_qlora_recompute_cases() -> list[dict[str, Any]]:
+    return [
+        {
+            "family": "qwen2_moe",
+            "target": target,
+            "precision": precision,
+            "finetune": {"method": "qlora"},
+        }
+        for target in QWEN2_MOE_QLORA_TARGETS
+        for precision in ("bf16", "amp-bf16")
+    ]
 
 
 def parameter_cases() -> list[dict[str, Any]]:
@@ -279,6 +329,17 @@ def main() -> None:
         precision: measure_forward(qwen2_moe_qlora_doc(precision))
         for precision in ("bf16", "amp-bf16")
     }
+    qwen2_moe_qlora_wrapped = []
+    for case in qwen2_moe_qlora_cases():
+        qwen2_moe_qlora_wrapped.append({**case, "measured_bytes": measure_forward(case_doc(case))})
+        print(qwen2_moe_qlora_wrapped[-1], flush=True)
+    qwen2_moe_qlora_recompute = []
+    for case in qwen2_moe_qlora_recompute_cases():
+        base = measure_recompute(qv_doc(case))
+        with_wrapped = measure_recompute(case_doc(case))
+        delta = [w - b for w, b in zip(with_wrapped, base, strict=True)]
+        qwen2_moe_qlora_recompute.append({**case, "measured_delta_per_layer": delta})
+        print(qwen2_moe_qlora_recompute[-1], flush=True)
     recompute = []
     for case in recompute_cases():
         base = measure_recompute(qv_doc(case))
@@ -298,6 +359,8 @@ def main() -> None:
         qlora_moe=qlora_moe,
         qlora_moe_recompute=qlora_moe_recompute,
         qwen2_moe_qlora=qwen2_moe_qlora,
+        qwen2_moe_qlora_wrapped=qwen2_moe_qlora_wrapped,
+        qwen2_moe_qlora_recompute=qwen2_moe_qlora_recompute,
         forward=forward,
         recompute=recompute,
         elapsed_s=round(time.time() - start, 1),

@@ -76,11 +76,8 @@ def adjust(
     if arch.model_type in ends.moe:
         # LoRA on the MoE router and fused experts (lora.ParamWrapper): memplan.activations.
         # lora_moe (imported here: MoE families only)
-        from memplan.activations.lora_moe import unmodelled, unwrap
+        from memplan.activations.lora_moe import unwrap
 
-        why = unmodelled(layers, ends.moe[arch.model_type])
-        if why:
-            return not_modelled(why)
         layers = tuple(unwrap(sc, arch) for sc in layers)
     flow_of = layer_flow(ends, str(arch.extra.get("hidden_act", "")), arch.model_type)
     # transformers' activation_checkpointing_enable (modeling_utils.py::

@@ -144,6 +144,7 @@ def _llama_flow(
     by_gate: tuple[str, ...] = ("mlp.gate_proj",)
     outputs = {"mlp.gate_proj.output": by_gate, "mlp.act_output": by_gate}
     outputs["mlp.up_proj.output"] = ("mlp.up_proj",)
+    outputs.update(block.four_bit_outputs if block else {})
     return Flow(
         keep=keep,
         inputs=inputs,

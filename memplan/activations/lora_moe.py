@@ -13,7 +13,7 @@ tensor, per layer, the parameter's size) for the input's (`wrapped_saved`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from memplan.activations.lora_scope import Adapter, Wrapped
@@ -43,6 +43,10 @@ class MoeFlow:
     linears: dict[str, tuple[str, ...]]
     out: bool
     """The block's output requires grad."""
+    four_bit_outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """The shared expert's saved tensors made from its Linears' outputs -> those Linears
+    (memplan.activations.lora_flow.Flow.four_bit_outputs): under QLoRA each is bitsandbytes'
+    Linear4bit, which hands its output back in its input's dtype."""
 
 
 def moe_flow(sc: Scope, x_grad: bool, *, shared: bool, prefix: str = "mlp") -> MoeFlow:
@@ -106,6 +110,15 @@ def moe_flow(sc: Scope, x_grad: bool, *, shared: bool, prefix: str = "mlp") -> M
         linears = {f"{m}.input": (m,) for m in (*readers, f"{se}.down_proj")}
         linears[f"{router}.input"] = readers  # one storage when no cast is made
         out = out or se_down or gate
+        # made from a Linear's output with no matmul between: in its dtype, the stream's
+        # where the Linear is 4-bit (bitsandbytes 0.50.2 nn/modules.py::Linear4bit.forward,
+        # `.to(inp_dtype)`), not autocast's (measured: qwen2_moe_qlora, -41,664 B before)
+        by_gate = (f"{se}.gate_proj",)
+        outputs = {f"{se}.gate_proj.output": by_gate, f"{se}.act_output": by_gate}
+        outputs[f"{se}.up_proj.output"] = (f"{se}.up_proj",)
+        outputs[f"{sgate}.sigmoid"] = (sgate,)
+        outputs[f"{se}.output"] = (f"{se}.down_proj",)
+        return MoeFlow(keep=keep, inputs=inputs, linears=linears, out=out, four_bit_outputs=outputs)
     return MoeFlow(keep=keep, inputs=inputs, linears=linears, out=out)
 
 
@@ -143,26 +156,6 @@ def unwrap(sc: Scope, arch: Architecture, prefix: str = "mlp") -> Scope:
         weights=sc.weights | trains,
         params=sc.params | trains,
     )
-
-
-def unmodelled(layers: tuple[Scope, ...], kind: str, prefix: str = "mlp") -> str:
-    """Why the activations of LoRA on the MoE block cannot be predicted, or ''. QLoRA beside
-    wrapped routers and experts is measured for the routed blocks (Mixtral, Qwen3-MoE: the
-    router and fused experts are no nn.Linear, so bitsandbytes leaves them unquantized and
-    the wrappers save what they save under LoRA; benchmarks/lora_param_wrapper.py's
-    `qlora_moe` cases), not for Qwen2-MoE's `shared` block, whose QLoRA prediction under
-    autocast was measured off without any wrapper (q_proj/v_proj only, the tiny model: 128 B
-    in bf16, 41,664 B under amp-bf16; the same benchmark's `qwen2_moe_qlora`)."""
-    inside = (f"{prefix}.gate", f"{prefix}.experts", f"{prefix}.experts.base_layer")
-    wrapped = sorted({m for sc in layers for m, _ in sc.adapters if m in inside})
-    if wrapped and kind == "shared" and any(sc.four_bit for sc in layers):
-        return (
-            f"activations with QLoRA and LoRA on the MoE block's {', '.join(wrapped)} are not "
-            "modelled for a block with a shared expert (lora.ParamWrapper beside bitsandbytes' "
-            "4-bit shared expert is not matched by measurement): per_gpu.activations is 0 and "
-            "the peak leaves them out."
-        )
-    return ""
 
 
 def wrapped_saved(flow: Flow, sc: Scope, st: Setting) -> list[Saved]:
