@@ -101,21 +101,6 @@ def test_recomputed_wrapper_tensors_equal_peft_measured(case: dict[str, Any]) ->
     assert all(d > 0 for d in delta)
 
 
-def test_qlora_beside_wrapped_shared_expert_moe_stays_not_modelled() -> None:
-    """Qwen2-MoE (a shared expert, 4-bit under QLoRA) with its router wrapped: not matched by
-    measurement (benchmarks/lora_param_wrapper.py's qwen2_moe_qlora case), so the
-    activations say not modelled and the peak leaves them out. Mixtral and Qwen3-MoE under
-    QLoRA: tests/test_lora_param_wrapper.py."""
-    from benchmarks.lora_target_parameters import spec_doc as parameters_doc
-
-    ft = {"target_modules": ["q_proj"], "target_parameters": ["mlp.gate.weight"]}
-    doc = parameters_doc("qwen2_moe", ft, "bf16")
-    doc["finetune"]["method"] = "qlora"
-    predicted = most_saved(doc)
-    assert not predicted.modelled
-    assert "ParamWrapper" in " ".join(predicted.notes)
-
-
 # --- live peft runs ------------------------------------------------------------------------
 
 

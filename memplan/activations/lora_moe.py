@@ -113,7 +113,7 @@ def moe_flow(sc: Scope, x_grad: bool, *, shared: bool, prefix: str = "mlp") -> M
         # made from a Linear's output with no matmul between: in its dtype, the stream's
         # where the Linear is 4-bit (bitsandbytes 0.50.2 nn/modules.py::Linear4bit.forward,
         # `.to(inp_dtype)`), not autocast's (measured: qwen2_moe_qlora, -41,664 B before)
-        by_gate = (f"{se}.gate_proj",)
+        by_gate: tuple[str, ...] = (f"{se}.gate_proj",)
         outputs = {f"{se}.gate_proj.output": by_gate, f"{se}.act_output": by_gate}
         outputs[f"{se}.up_proj.output"] = (f"{se}.up_proj",)
         outputs[f"{sgate}.sigmoid"] = (sgate,)
