@@ -61,8 +61,8 @@ def adjust(
         return saved
     family = family_of(arch.model_type)
     ends = family.lora_ends if family else None
-    wrapped_elsewhere = param_wrapped(
-        inventory, in_layers=ends is not None and ends.layer == "llama"
+    wrapped_elsewhere = (
+        param_wrapped(inventory, (*(m for _, m in ends.embeddings), ends.head)) if ends else ""
     )
     if wrapped_elsewhere:
         return not_modelled(wrapped_elsewhere)
@@ -186,6 +186,8 @@ def _ends(
             keep = True
         if keep:
             kept.append(s)
+    if top.wrapped:
+        kept += _ends_wrapped(block, ends, top, st, final=nf)
     for module, ad in top.adapters:
         if ad.embedding and block.name == "embeddings":
             kept += embedding_adapter_saved(module, ad, st)
@@ -194,6 +196,31 @@ def _ends(
         elif block.name == "head" and module == ends.head:
             kept += adapter_saved(module, ad, st, dropout=top.dropout, x_grad=nf)
     return replace(block, tensors=tuple(kept))
+
+
+def _ends_wrapped(
+    block: Block, ends: ModelEnds, top: Scope, st: Setting, *, final: bool
+) -> list[Saved]:
+    """What a lora.ParamWrapper on an input embedding's or the LM head's weight saves beyond
+    the module it wraps (memplan.activations.lora_moe.wrapped_saved: the adapters' casts where
+    the delta's mm made them; the merged weight where the module's op keeps its weight for
+    its input's gradient). The head's F.linear keeps it where its input requires grad
+    (`final`); an embedding never does (torch derivatives.yaml `embedding`: only the indices,
+    kept by `_ends` since the weight trains). Measured: benchmarks/lora_param_wrapper.py's
+    `ends` cases."""
+    from memplan.activations.lora_moe import wrapped_saved  # lora.ParamWrapper cases only
+
+    if block.name == "embeddings":
+        modules = {m for _, m in ends.embeddings}
+        inputs = dict.fromkeys(modules, False)
+    else:
+        modules = {ends.head}
+        inputs = {ends.head: final}
+    mine = tuple((n, w) for n, w in top.wrapped if n.removesuffix(".weight") in modules)
+    if not mine:
+        return []
+    flow = Flow(keep={}, inputs=inputs, linears={})
+    return wrapped_saved(flow, replace(top, wrapped=mine), st)
 
 
 def _embed_scale_cast(module: str, ad: Adapter, st: Setting) -> list[Saved]:

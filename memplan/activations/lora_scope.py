@@ -135,7 +135,9 @@ def scopes(
     def scope(layer: int | None) -> Scope:
         found = []
         wrapped = []
-        held = linear_wrapped.get(layer, set()) if layer is not None else set()
+        # layer None: the model ends' (an embedding's or the LM head's weight, memplan.
+        # activations.lora._ends_wrapped)
+        held = linear_wrapped.get(layer, set())
         for module, pair in sorted(parts.get(layer, {}).items()):
             emb = "lora_embedding_A" in pair
             a_shape, dtype = pair["lora_embedding_A" if emb else "lora_A"]
@@ -171,33 +173,34 @@ def scopes(
     return tuple(scope(i) for i in range(num_layers)), scope(None), frozen
 
 
-def param_wrapped(inventory: Inventory, *, in_layers: bool) -> str:
+def param_wrapped(inventory: Inventory, ends: tuple[str, ...]) -> str:
     """Why the activations cannot be predicted where a lora.ParamWrapper holds a parameter
-    outside the MoE router and fused experts (finetune.target_parameters naming, e.g., a
-    Linear's weight), or ''. peft 0.21.2 tuners/lora/layer.py::ParamWrapper.forward runs the
-    wrapped module on its weight with B @ A merged in (_LoraParameterProxy.forward, applied
-    by ParamWrapper._activate_lora); `scopes` and memplan.activations.lora_moe.wrapped_saved
-    model it for a decoder layer's Linear of a Llama-style layer (`in_layers`: measured by
-    benchmarks/lora_param_wrapper.py), not for the model ends (an embedding or the LM head),
-    nor in GPT-2's Conv1D or Phi-3's layers: not measured there."""
+    outside the decoder layers that is not an input embedding's or the LM head's weight
+    (`ends`, the family's ModelEnds modules), or ''. peft 0.21.2 tuners/lora/layer.py::
+    ParamWrapper.forward runs the wrapped module on its weight with B @ A merged in
+    (_LoraParameterProxy.forward, applied by ParamWrapper._activate_lora); `scopes` and
+    memplan.activations.lora_moe.wrapped_saved model it for a decoder layer's Linear (Llama-
+    style, GPT-2's Conv1D, Phi-3's fused projections), the MoE router and experts, and the
+    model ends (memplan.activations.lora._ends_wrapped), each measured by benchmarks/
+    lora_param_wrapper.py or lora_param_wrapper_ends.py."""
     names = sorted(
         {
-            _ADAPTER.match(t.name.removeprefix(PEFT_PREFIX))["m"]  # type: ignore[index]
+            m["m"]
             for t in inventory.parameters
             if t.role == WRAPPED_ROLE
-            and _ADAPTER.match(t.name.removeprefix(PEFT_PREFIX))
-            and not (in_layers and t.layer is not None)
+            and t.layer is None
+            and (m := _ADAPTER.match(t.name.removeprefix(PEFT_PREFIX)))
+            and m["m"] not in ends
         }
     )
     if not names:
         return ""
     more = f" and {len(names) - 1} more" if len(names) > 1 else ""
-    where = "outside the decoder layers" if in_layers else "in this family's layers"
     return (
         f"activations with finetune.target_parameters wrapping {names[0]}{more} in "
-        f"lora.ParamWrapper are not modelled {where} (its merged weight is measured for the "
-        "MoE router and fused experts and a Llama-style layer's Linear weights only): "
-        "per_gpu.activations is 0 and the peak leaves them out."
+        "lora.ParamWrapper are not modelled outside the decoder layers but for the input "
+        "embeddings and the LM head (not measured): per_gpu.activations is 0 and the peak "
+        "leaves them out."
     )
 
 

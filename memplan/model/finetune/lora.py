@@ -206,6 +206,12 @@ def lora(
         elif mod in targets:
             new_alias = f"{mod}.base_layer.{leaf(alias)}"
             extra += lora_tensors(mods[mod], rank=ft.rank, dtype=dtype)
+        elif alias in wrapped:
+            # a lora.ParamWrapper on the alias's own module (targets.param_targets): the
+            # owner keeps its name and stays frozen
+            new_alias = f"{mod}.base_layer.{leaf(alias)}"
+            like = replace(owners[target], name=alias, layer=None)
+            extra += param_lora_tensors(like, rank=wrapped[alias], dtype=dtype, module=mod)
         tied.append((new_alias, renamed.get(target, target)))
     params = [_bias_rule(t, ft, targets) for t in (*params, *extra)]
     return replace(

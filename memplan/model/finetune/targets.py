@@ -316,6 +316,14 @@ def param_targets(ft: FinetuneSpec, inventory: Inventory) -> dict[str, int]:
                 )
         if rank is not None:
             out[t.name] = rank
+    # a tied alias (GPT-2's lm_head.weight, tied to transformer.wte.weight) is its own
+    # module's parameter to peft, which walks named_modules() and each module's
+    # named_parameters(recurse=False) (SRC_TARGET_PARAMETERS): named, it is wrapped on that
+    # module alone (measured: benchmarks/lora_param_wrapper.py's `ends` parameter lists)
+    owners = {t.name: t for t in inventory.parameters}
+    for alias, target in inventory.tied:
+        if target in owners and alias not in out and user_parameter(ft, alias):
+            out[alias] = ft.rank
     return out
 
 
@@ -352,6 +360,8 @@ def _refuse_unmatched_parameters(
     memplan.model.finetune.lora)."""
     if any(user_parameter(ft, t.name) for t in inventory.parameters):
         return
+    if any(user_parameter(ft, alias) for alias, _ in inventory.tied):
+        return  # a tied alias is wrapped too (param_targets)
     wanted = ", ".join(ft.target_parameters or ())
     names = sorted({".".join(t.name.split(".")[-3:]) for t in inventory.parameters})
     first = (ft.target_parameters or ("",))[0]
