@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from benchmarks.lora_param_wrapper import (
-    FAMILIES,
     case_doc,
     forward_cases,
     parameter_cases,
@@ -179,24 +178,6 @@ def test_qlora_wrapper_on_an_unquantized_weight_is_refused() -> None:
     doc["finetune"]["target_parameters"] = ["lm_head.weight"]
     with pytest.raises(MemplanError, match=r"lm_head\.weight wrapped under QLoRA"):
         finetune.apply(validate(doc).spec, from_config(doc["model"]["architecture"]))
-
-
-@pytest.mark.parametrize(
-    ("architecture", "wrapped"),
-    [
-        ({"model_type": "gpt2", "n_embd": 48, "n_layer": 2, "n_head": 4}, "attn.c_attn.weight"),
-        (FAMILIES["llama"], "lm_head.weight"),
-    ],
-)
-def test_unmeasured_wrappers_stay_not_modelled(architecture: dict[str, Any], wrapped: str) -> None:
-    """GPT-2's Conv1D (addmm on a [in, out] weight) and the model ends (the LM head) were not
-    measured: the activations say not modelled, naming the wrapper."""
-    doc = spec_doc("llama", "down", "bf16")
-    doc["model"] = {"architecture": {**architecture, "vocab_size": 777}}
-    doc["finetune"]["target_parameters"] = [wrapped]
-    predicted = most_saved(doc)
-    assert not predicted.modelled
-    assert "ParamWrapper are not modelled" in " ".join(predicted.notes)
 
 
 @pytest.mark.slow

@@ -39,8 +39,9 @@ class Adapter:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Wrapped:
     """One parameter peft adapts with lora.ParamWrapper (its `target_parameters`: an MoE
-    router's weight, the fused 3-D experts' gate_up_proj or down_proj, or a decoder layer's
-    Linear weight), whose adapter is added into the parameter in forward
+    router's weight, the fused 3-D experts' gate_up_proj or down_proj, a decoder layer's
+    Linear or Conv1D weight, or an input embedding's or the LM head's), whose adapter is added
+    into the parameter in forward
     (memplan.activations.lora_moe.wrapped_saved)."""
 
     shape: tuple[int, ...]
