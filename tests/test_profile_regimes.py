@@ -231,6 +231,8 @@ def test_regime_choice_by_sequence_and_old_documents() -> None:
     assert short.blocks[0].tensors[0].numel[3] == 1
     longer = both.at_sequence(48)
     assert longer is not None and longer.blocks[0].tensors[0].numel[3] == 2
+    # the same object each time: plan's memos key on a profile's identity (memplan.memo)
+    assert both.at_sequence(47) is short and both.at_sequence(4096) is longer
     # another version's document is replaced, not merged
     stale = dict(below, versions={"torch": "old", "transformers": "x"})
     assert "regimes" not in merge(stale, past)

@@ -231,7 +231,13 @@ class Profile:
         pick = min(held, key=lambda r: r.max_sequence or sequence + 1)
         if pick is own:
             return self
-        return replace(
+        # One view per (profile, regime): plan's memos key on the profile's identity
+        # (memplan.memo), so each call must return the same object.
+        key = (id(self), id(pick))
+        seen = _VIEWS.get(key)
+        if seen is not None and seen[0] is self:
+            return seen[1]
+        view = replace(
             self,
             blocks=pick.blocks,
             min_sequence=pick.min_sequence,
@@ -239,6 +245,8 @@ class Profile:
             above_sequence=pick.above_sequence,
             regimes=tuple(r for r in (own, *self.regimes) if r is not pick),
         )
+        _VIEWS[key] = (self, view)
+        return view
 
     def layer_order(self) -> tuple[str, ...]:
         """The block name of each decoder layer, in model order, when the profile has several
@@ -325,6 +333,10 @@ class Profile:
         }[self.head]
         upcast = self.head in ("lm", "token_classification") and st.matmul != "fp32"
         return width * dtype_bytes(st.matmul), width * dtype_bytes("fp32") if upcast else 0
+
+
+_VIEWS: dict[tuple[int, int], tuple[Profile, Profile]] = {}
+"""Profile.at_sequence's views, each with the profile it was made from (which keeps its id)."""
 
 
 def _saved(tensors: Sequence[Tensor], b: int, s: int, profile: Profile) -> tuple[Saved, ...]:
