@@ -13,6 +13,13 @@ the b term for the loss's shifted labels, the s and s*s terms for per-forward Ro
 masks that do not grow with the batch). `Profile.activations` turns it into memplan's
 `Activations` for one Setting, so layout, LoRA and the timeline read it like a family's rule.
 
+A windowed model (sliding window, Llama 4's attention chunk) runs another code path below its
+window than past it, so its document holds one `Regime` per side, each fitted on its own sizes
+(`fit.max_sequence` bounds the one below, `fit.above_sequence` the one past it; `regimes` holds
+the other, traced when a sequence first needs it); `serving` picks the regime of the setting's
+sequence. Documents without those keys (every earlier one) hold one regime that serves every
+sequence, as before.
+
 Pure: no torch, no I/O (memplan.model.load finds the files; memplan.verify.trace writes them).
 """
 
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from memplan.errors import MemplanError
@@ -154,6 +161,28 @@ class ProfileBlock:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Regime:
+    """One range of sequence lengths a profile was traced for: windowed models run another code
+    path below their sliding window (or attention chunk) than past it (transformers 5.25
+    masking_utils.py::_ignore_causal_mask_sdpa gives sdpa an explicit mask from
+    kv_length >= the window on), so each side is traced and fitted on its own."""
+
+    min_sequence: int
+    """The shortest traced sequence (below it: extrapolated)."""
+    max_sequence: int
+    """The longest sequence this regime describes; 0: no bound."""
+    blocks: tuple[ProfileBlock, ...]
+    above_sequence: int = 0
+    """The regime past a window describes sequences longer than this (the regime below the
+    window holds up to it, traced when one needs it); 0: every sequence up to max_sequence."""
+
+    def holds(self, sequence: int) -> bool:
+        return self.above_sequence < sequence and (
+            not self.max_sequence or sequence <= self.max_sequence
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Profile:
     key: Key
     versions: Mapping[str, str]
@@ -163,12 +192,20 @@ class Profile:
     blocks: tuple[ProfileBlock, ...]
     assumptions: tuple[str, ...] = ()
     min_sequence: int = 1
+    """The shortest traced sequence: below it the model may run another code path (a sliding
+    window longer than the sequence)."""
+    max_sequence: int = 0
+    """The longest sequence `blocks` describe (a regime below a sliding window or attention
+    chunk: memplan.verify.trace.profile.below_window); 0: no bound."""
+    above_sequence: int = 0
+    """`blocks` describe sequences longer than this (Regime.above_sequence); 0: no bound."""
+    regimes: tuple[Regime, ...] = ()
+    """Other sequence ranges traced for the same key, stored beside `blocks` (the document's
+    `regimes`): `serving` picks the one a sequence needs (Profile.at_sequence)."""
     experts: str = ""
     """How the traced MoE layers run their experts: "grouped_mm" (transformers' experts
     interface: every saved tensor has tokens x top_k rows whatever the routing), "own" (the
     model's own expert code), "" (no experts)."""
-    """The shortest traced sequence: below it the model may run another code path (a sliding
-    window longer than the sequence)."""
     head: str = "lm"
     """The head traced (memplan.verify.trace.heads): lm, sequence_classification,
     token_classification or question_answering."""
@@ -176,6 +213,40 @@ class Profile:
     layer_groups: tuple[tuple[str, tuple[int, ...]], ...] = ()
     """(kind, its decoder-layer indices in the full model): the tracer's grouping
     (memplan.verify.trace.structure); () in profiles that do not record it."""
+
+    def at_sequence(self, sequence: int) -> Profile | None:
+        """This profile with the regime `sequence` runs in as its blocks (the bounded regime of
+        the smallest bound that reaches `sequence`, else the unbounded one); None when no
+        traced regime holds it (a profile traced below the window asked for a longer
+        sequence: memplan.verify.trace traces the other regime then)."""
+        own = Regime(
+            min_sequence=self.min_sequence,
+            max_sequence=self.max_sequence,
+            blocks=self.blocks,
+            above_sequence=self.above_sequence,
+        )
+        held = [r for r in (own, *self.regimes) if r.holds(sequence)]
+        if not held:
+            return None
+        pick = min(held, key=lambda r: r.max_sequence or sequence + 1)
+        if pick is own:
+            return self
+        # One view per (profile, regime): plan's memos key on the profile's identity
+        # (memplan.memo), so each call must return the same object.
+        key = (id(self), id(pick))
+        seen = _VIEWS.get(key)
+        if seen is not None and seen[0] is self:
+            return seen[1]
+        view = replace(
+            self,
+            blocks=pick.blocks,
+            min_sequence=pick.min_sequence,
+            max_sequence=pick.max_sequence,
+            above_sequence=pick.above_sequence,
+            regimes=tuple(r for r in (own, *self.regimes) if r is not pick),
+        )
+        _VIEWS[key] = (self, view)
+        return view
 
     def layer_order(self) -> tuple[str, ...]:
         """The block name of each decoder layer, in model order, when the profile has several
@@ -231,9 +302,10 @@ class Profile:
             *self.assumptions,
         ]
         if st.sequence < self.min_sequence:
+            where = "below the window" if self.max_sequence else "past the sliding window"
             notes.append(
                 f"sequence {st.sequence} is shorter than the shortest traced one "
-                f"({self.min_sequence}, past the sliding window): extrapolated."
+                f"({self.min_sequence}, {where}): extrapolated."
             )
         return Activations(
             modelled=True,
@@ -261,6 +333,10 @@ class Profile:
         }[self.head]
         upcast = self.head in ("lm", "token_classification") and st.matmul != "fp32"
         return width * dtype_bytes(st.matmul), width * dtype_bytes("fp32") if upcast else 0
+
+
+_VIEWS: dict[tuple[int, int], tuple[Profile, Profile]] = {}
+"""Profile.at_sequence's views, each with the profile it was made from (which keeps its id)."""
 
 
 def _saved(tensors: Sequence[Tensor], b: int, s: int, profile: Profile) -> tuple[Saved, ...]:
@@ -296,28 +372,26 @@ def from_document(doc: Any, *, origin: str) -> Profile:
             vocab_rows=int(k.get("vocab_rows", 0)),
             softmax_input=bool(k.get("softmax_input", False)),
         )
-        blocks = tuple(
-            ProfileBlock(
-                name=str(blk["name"]),
-                kind=str(blk.get("kind", "")),
-                count=int(blk["count"]),
-                tensors=tuple(_tensor(t) for t in blk["tensors"]),
-                tensors_b1=tuple(_tensor(t) for t in blk["tensors_b1"]),
-                recompute=tuple(_tensor(t) for t in blk.get("recompute", ())),
-                recompute_b1=tuple(_tensor(t) for t in blk.get("recompute_b1", ())),
-                autocast_cache=tuple(_tensor(t) for t in blk.get("autocast_cache", ())),
-                autocast_cache_b1=tuple(_tensor(t) for t in blk.get("autocast_cache_b1", ())),
-            )
-            for blk in doc["blocks"]
-        )
+        fit = doc.get("fit", {})
         return Profile(
             key=key,
             versions={str(a): str(v) for a, v in doc["versions"].items()},
             hidden_size=int(doc["model"]["hidden_size"]),
             vocab_size=int(doc["model"]["vocab_size"]),
-            blocks=blocks,
+            blocks=_blocks(doc["blocks"]),
             assumptions=tuple(str(a) for a in doc.get("assumptions", ())),
-            min_sequence=int(doc.get("fit", {}).get("min_sequence", 1)),
+            min_sequence=int(fit.get("min_sequence", 1)),
+            max_sequence=int(fit.get("max_sequence", 0)),
+            above_sequence=int(fit.get("above_sequence", 0)),
+            regimes=tuple(
+                Regime(
+                    min_sequence=int(r["fit"].get("min_sequence", 1)),
+                    max_sequence=int(r["fit"].get("max_sequence", 0)),
+                    above_sequence=int(r["fit"].get("above_sequence", 0)),
+                    blocks=_blocks(r["blocks"]),
+                )
+                for r in doc.get("regimes", ())
+            ),
             experts=str(doc["model"].get("experts", "")),
             head=_head(doc["model"].get("head", "lm")),
             num_labels=int(doc["model"].get("num_labels", 2)),
@@ -331,6 +405,23 @@ def from_document(doc: Any, *, origin: str) -> Profile:
             f"{origin} is not a memplan activation profile ({type(err).__name__}: {err}); "
             "rebuild it with `memplan profile SPEC`."
         ) from None
+
+
+def _blocks(docs: Any) -> tuple[ProfileBlock, ...]:
+    return tuple(
+        ProfileBlock(
+            name=str(blk["name"]),
+            kind=str(blk.get("kind", "")),
+            count=int(blk["count"]),
+            tensors=tuple(_tensor(t) for t in blk["tensors"]),
+            tensors_b1=tuple(_tensor(t) for t in blk["tensors_b1"]),
+            recompute=tuple(_tensor(t) for t in blk.get("recompute", ())),
+            recompute_b1=tuple(_tensor(t) for t in blk.get("recompute_b1", ())),
+            autocast_cache=tuple(_tensor(t) for t in blk.get("autocast_cache", ())),
+            autocast_cache_b1=tuple(_tensor(t) for t in blk.get("autocast_cache_b1", ())),
+        )
+        for blk in docs
+    )
 
 
 HEADS = ("lm", "sequence_classification", "token_classification", "question_answering")
@@ -365,7 +456,16 @@ def serving(
     profiles: Sequence[Profile], st: Setting, *, tensor: int = 1, vocab_rows: int = 0
 ) -> Profile | None:
     """The profile traced for `st`'s recipe, attention, device and checkpointing, if any: of
-    the whole model, or with `tensor` > 1 of one TP rank's slice holding `vocab_rows` rows."""
+    the whole model, or with `tensor` > 1 of one TP rank's slice holding `vocab_rows` rows; in
+    the regime `st.sequence` runs in (Profile.at_sequence), None when that one is not traced."""
+    found = matching(profiles, st, tensor=tensor, vocab_rows=vocab_rows)
+    return found.at_sequence(st.sequence) if found is not None else None
+
+
+def matching(
+    profiles: Sequence[Profile], st: Setting, *, tensor: int = 1, vocab_rows: int = 0
+) -> Profile | None:
+    """The profile whose key serves `st` (any sequence regime)."""
     return next(
         (p for p in profiles if p.key.serves(st, tensor=tensor, vocab_rows=vocab_rows)), None
     )

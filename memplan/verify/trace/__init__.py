@@ -105,7 +105,9 @@ def traced_profiles(
     installed = installed_versions()
     for spec, (tp, rows) in ((s, t) for s in specs for t in ((1, 0), *tensor_slices)):
         st = setting_of(spec)
-        served = profile_doc.serving(profiles, st, tensor=tp, vocab_rows=rows)
+        found = profile_doc.matching(profiles, st, tensor=tp, vocab_rows=rows)
+        # the regime st.sequence runs in (below or past a sliding window): traced when missing
+        served = found.at_sequence(st.sequence) if found is not None else None
         what = f"{st.checkpointing} recomputation" + (
             f", one rank of tensor {tp} with {rows:,} vocabulary rows" if tp > 1 else ""
         )
@@ -136,13 +138,15 @@ def traced_profiles(
                 stored.write(config, model_load.cache_dir())
                 stored_beside = True
         profiles = (
-            *(p for p in profiles if p is not served),
+            *(p for p in profiles if p is not found),
             profile_doc.from_document(doc, origin=str(path)),
         )
         why = (
             "the stored profile was traced with "
             + ", ".join(f"{k} {v}" for k, v in sorted(served.versions.items()))
             if stale and served is not None
+            else f"the stored profile holds no regime for sequence {st.sequence}"
+            if found is not None and served is None
             else "no stored profile"
         )
         lines.append(

@@ -32,6 +32,26 @@ def split(records: list[Record]) -> dict[str, list[Record]]:
     return out
 
 
+def collapse(records: list[Record]) -> list[Record]:
+    """Each run of consecutive storages of one module, dtype and size as one record of their
+    summed size: a per-token Python loop (recurrent_gemma's RG-LRU scan, transformers
+    modeling_recurrent_gemma.py::RecurrentGemmaRglru._rnn_scan, saves two (batch, lru_width)
+    fp32 storages per token in bf16) saves a number of storages that grows with the sequence,
+    which no per-storage fit over BASIS describes; their sum does. Used only on blocks whose
+    storage count differs between traced sizes (memplan.verify.trace.profile)."""
+    out: list[Record] = []
+    size = 0
+    for r in records:
+        last = out[-1] if out else None
+        if last is not None and (last.module, last.dtype, size) == (r.module, r.dtype, r.numel):
+            last.numel += r.numel
+            last.savers |= r.savers
+            continue
+        out.append(Record(r.block, r.module, r.dtype, r.numel, set(r.savers)))
+        size = r.numel
+    return out
+
+
 def solve(rows: list[tuple[int, ...]], values: list[int]) -> list[Fraction]:
     """Exact solution of the square system rows @ c = values (Gauss-Jordan over rationals)."""
     n = len(rows)

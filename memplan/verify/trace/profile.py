@@ -12,6 +12,13 @@ saved after the last layer and before transformers' loss function is the head's,
 loss's. Each storage's element count is fitted over `memplan.model.profile.BASIS` on a grid of
 (batch, sequence) sizes and checked on one more.
 
+Sequence regimes: a model with a sliding window (or attention chunk) W shorter than its
+max_position_embeddings is traced either below the window (sequences 8-40 tokens and up to 512
+or W - 1, `fit.max_sequence` W - 1: below_window) or past it (multiples of W + 1, the one regime
+before), as the sequence the profile is for needs; for_spec keeps a stored
+document's other regime beside the new one (merge). A block whose storage count grows with the
+sequence (a per-token loop) is fitted on its runs of equal storages summed (fit.collapse).
+
 Checkpointing as memplan's Setting: none; full (transformers' activation_checkpointing_enable,
 non-reentrant: `recompute` is each layer's untraced tensors); selective (every attention core
 under torch.utils.checkpoint, memplan.verify.selective, and a backward: `recompute` is what each
@@ -64,10 +71,9 @@ SEQ_UNIT = 8
 """Tokens per sequence multiple."""
 
 
-def sequence_unit(cfg: Any) -> int:
-    """Tokens per traced sequence multiple: 8, or one more than the sliding window, so that
-    every traced sequence is longer than the window (the code path changes where the window
-    starts to cut: sdpa gets an explicit mask). The profile holds from that length on."""
+def window_of(cfg: Any) -> int:
+    """The sliding window (or attention chunk) that changes the code path of sequences the
+    model takes; 0 when there is none."""
     window = getattr(cfg, "sliding_window", None)
     if not getattr(cfg, "use_sliding_window", True):
         window = None
@@ -75,10 +81,36 @@ def sequence_unit(cfg: Any) -> int:
     window = window or getattr(cfg, "attention_chunk_size", None)
     limit = int(getattr(cfg, "max_position_embeddings", 0) or 0)
     if not isinstance(window, int) or window <= 0:
-        return SEQ_UNIT
+        return 0
     if limit and window >= limit:
-        return SEQ_UNIT  # never cuts a sequence the model takes
-    return max(SEQ_UNIT, window + 1)
+        return 0  # never cuts a sequence the model takes
+    return window
+
+
+def sequence_unit(cfg: Any) -> int:
+    """Tokens per traced sequence multiple past the window: 8, or one more than the sliding
+    window, so that every traced sequence is longer than the window (the code path changes
+    where the window starts to cut: sdpa gets an explicit mask). That regime holds from that
+    length on; shorter sequences have their own (below_window)."""
+    window = window_of(cfg)
+    return max(SEQ_UNIT, window + 1) if window else SEQ_UNIT
+
+
+def below_window(cfg: Any, device: str = "cpu") -> int:
+    """The longest sequence of the regime below the window, traced at the ordinary unit; 0 when
+    the model has no window or the window is too short to trace that regime (its check size,
+    CHECK[1] units, must stay below it).
+
+    The window itself is past: transformers 5.25 masking_utils.py::_ignore_causal_mask_sdpa
+    returns False (sdpa gets an explicit mask) when `kv_length >= local_attention_size`, and
+    create_sliding_window_causal_mask / create_chunked_causal_mask pass the window or chunk
+    there; so the regime below holds up to window - 1 (tests/test_profile_regimes.py traces
+    the window's own length and finds the past regime's tensors)."""
+    window = window_of(cfg)
+    unit = cuda.sequence_unit(SEQ_UNIT) if device == "cuda" else SEQ_UNIT
+    if not window or CHECK[1] * unit > window - 1:
+        return 0
+    return window - 1
 
 
 FAR = 512
@@ -109,13 +141,16 @@ def _blocks(
     device: str = "cpu",
     head_dim: tuple[int, bool] | None = None,
     softmax_input: bool = False,
+    sequence: int | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int], list[str], dict[str, Any]]:
     """Fitted tensors per block: embeddings, one per layer kind (`layer:<kind>`), head, loss.
 
     The model is built at full depth and two layers of each structure are traced in their
     places (memplan.verify.trace.structure), the grouping checked on one full forward.
     `head_dim`: a TP-local config's pinned head width, and whether the whole config lacked
-    it, checked on the built model (memplan.verify.trace.tp.check_heads)."""
+    it, checked on the built model (memplan.verify.trace.tp.check_heads). `sequence`: the
+    sequence the profile is for; one below the model's window is traced in the regime below
+    it (below_window), else (and for None) past it."""
     model, mode = build_fake(
         config, stream=stream, attention=attention, checkpointing=checkpointing, dropout=dropout
     )
@@ -136,6 +171,15 @@ def _blocks(
     kinds = [plan.kind_of(i) for i in plan.kept]
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     unit = sequence_unit(model.config)
+    top = below_window(model.config, device)
+    above = top if sequence is not None else 0  # past the window: sequences above the one below
+    if sequence is None or not top or sequence > top:
+        top = 0
+    else:
+        above = 0
+    if top:  # the regime below the window: ordinary sizes, every one (far check too) below it
+        unit = SEQ_UNIT
+        limit = min(limit, top) if limit else top
     if device == "cuda":
         unit = cuda.sequence_unit(unit)
     if limit and CHECK[1] * unit > limit:
@@ -154,6 +198,7 @@ def _blocks(
         "softmax_input": softmax_input,
     }
     out: dict[str, list[dict[str, Any]]] = {}
+    collapsed: set[str] = set()
     far = far_sequence(unit, limit)
     for suffix, grid, chk in (("", GRID, CHECK), ("@b1", GRID_B1, CHECK_B1)):
         sizes = [(b, m * unit) for b, m in grid]
@@ -165,6 +210,12 @@ def _blocks(
                 fit_.split(trace_once(model, mode, batch=b, sequence=s, **once))
                 for b, s in (*sizes, *checks)
             ]
+        for name in sorted({name for t in traced for name in t}):
+            if len({len(t.get(name, [])) for t in traced}) > 1:  # a per-token loop: fit_.collapse
+                collapsed.add(name)
+                for t in traced:
+                    if name in t:
+                        t[name] = fit_.collapse(t[name])
         fits = traced[: len(sizes)]
         fitted: dict[str, list[dict[str, Any]]] = {}
         recomputed = [f"{recompute_.PREFIX}layer.{i}" for i in plan.kept]
@@ -213,6 +264,11 @@ def _blocks(
     if len(plan.kept) < depth:  # the grouping, checked on the full-depth model at one size
         size = (GRID[0][0], GRID[0][1] * unit)
         full = fit_.split(trace_once(model, mode, batch=size[0], sequence=size[1], **once))
+        kinds_collapsed = {plan.kind_of(i) for i in plan.kept if f"layer.{i}" in collapsed}
+        for name in list(full):
+            layer = name.startswith("layer.") and name[6:].isdigit()
+            if name in collapsed or (layer and plan.kind_of(int(name[6:])) in kinds_collapsed):
+                full[name] = fit_.collapse(full[name])
         at = terms(*size)
 
         def numels(tensors: list[dict[str, Any]]) -> list[tuple[str, int]]:
@@ -232,6 +288,17 @@ def _blocks(
     model_facts = {
         "sequence_unit": unit,
         "far_check_sequence": far,
+        "max_sequence": top,
+        "above_sequence": above,
+        "collapsed": sorted(
+            {
+                f"layers of kind {plan.kind_of(int(c[6:]))!r}" if c[6:].isdigit() else c
+                for c in (
+                    name.removeprefix(recompute_.PREFIX).removeprefix(autocast_.HELD)
+                    for name in collapsed
+                )
+            }
+        ),
         "hidden_size": int(mcfg.hidden_size),
         "vocab_size": int(mcfg.vocab_size),
         "traced_layers": n,
@@ -264,10 +331,13 @@ def build(
     tensor: int = 1,
     vocab_rows: int = 0,
     softmax_input: bool = False,
+    sequence: int | None = None,
 ) -> dict[str, Any]:
     """The profile document of `config` (a config.json mapping) for one recipe and kernel;
     with `tensor` > 1, of one TP rank's slice holding `vocab_rows` vocabulary rows
-    (memplan.verify.trace.tp.local_config), keyed by the whole config."""
+    (memplan.verify.trace.tp.local_config), keyed by the whole config. `sequence`: the
+    sequence it is for; below a sliding window (or attention chunk) the regime below it is
+    traced (below_window: fit.max_sequence bounds it), else (and for None) the one past it."""
     if device not in ("cpu", "cuda"):
         raise MemplanError(f"device {device!r}: profiles are traced for cpu or cuda.")
     if checkpointing not in ("none", "full", "selective"):
@@ -299,6 +369,7 @@ def build(
         device=device,
         head_dim=pinned,
         softmax_input=softmax_input,
+        sequence=sequence,
         **common,
     )
     recompute: dict[str, list[dict[str, Any]]] = {}
@@ -310,6 +381,7 @@ def build(
             device=device,
             head_dim=pinned,
             softmax_input=softmax_input,
+            sequence=sequence,
             **common,
         )
         recompute = {k: v for k, v in plain.items() if k.startswith("layer:")}
@@ -363,6 +435,9 @@ def build(
         {"name": "loss", "kind": "", "count": 1, **lists("loss")},
     ]
     moe_note = facts.pop("moe_note")
+    top = facts.pop("max_sequence")
+    above = facts.pop("above_sequence")
+    collapsed = facts.pop("collapsed")
     return {
         "schema": SCHEMA,
         "key": {
@@ -387,6 +462,8 @@ def build(
             "sizes_b1": [[b, m * facts["sequence_unit"]] for b, m in GRID_B1],
             "check_b1": [CHECK_B1[0], CHECK_B1[1] * facts["sequence_unit"]],
             "min_sequence": facts["sequence_unit"],
+            **({"max_sequence": top} if top else {}),
+            **({"above_sequence": above} if above else {}),
         },
         "assumptions": [
             "dropout as the config's probabilities say."
@@ -401,6 +478,7 @@ def build(
             *([selective_.NOTE] if checkpointing == "selective" else []),
             *([_tp_note(tensor, vocab_rows)] if tensor > 1 else []),
             *([SOFTMAX_INPUT_NOTE] if softmax_input else []),
+            *([_collapsed_note(collapsed)] if collapsed else []),
         ],
         "blocks": doc_blocks,
         "build_seconds": round(time.perf_counter() - started, 3),
@@ -412,6 +490,46 @@ SOFTMAX_INPUT_NOTE = (
     "torch before 1.11 does (1.10.0's SoftmaxBackward0 / LogSoftmaxBackward0 hold self_; "
     "pytorch/pytorch#64000, fixed by #66018): memplan.verify.trace.forward.SoftmaxInputs."
 )
+
+
+def _collapsed_note(blocks: list[str]) -> str:
+    return (
+        f"{', '.join(blocks)}: the number of storages saved grows with the sequence (a "
+        "per-token loop, such as recurrent_gemma's RG-LRU scan); each run of consecutive "
+        "storages of one module, dtype and size is listed as one storage of their summed size "
+        "(memplan.verify.trace.fit.collapse), so the CUDA allocator's 512-byte rounding is "
+        "counted once per run (exact where each storage is a multiple of 512 bytes)."
+    )
+
+
+REGIME_KEYS = ("fit", "blocks", "build_seconds")
+"""What one sequence regime of a profile document holds (beside the document's own)."""
+
+
+def merge(stored: Mapping[str, Any] | None, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """`doc` (one regime just traced) with the other regimes of `stored`, a document of the same
+    key traced with the same library versions, kept beside it under `regimes`
+    (memplan.model.profile.Regime); `doc` alone when `stored` is another key or versions."""
+    out = dict(doc)
+    if (
+        stored is None
+        or stored.get("key") != doc.get("key")
+        or stored.get("versions") != doc.get("versions")
+        or stored.get("schema") != doc.get("schema")
+    ):
+        return out
+    bound = int(doc["fit"].get("max_sequence", 0))
+    kept = [
+        r
+        for r in (
+            {k: stored[k] for k in REGIME_KEYS if k in stored},
+            *stored.get("regimes", ()),
+        )
+        if int(r["fit"].get("max_sequence", 0)) != bound
+    ]
+    if kept:
+        out["regimes"] = kept
+    return out
 
 
 def _tp_note(tensor: int, vocab_rows: int) -> str:
@@ -441,10 +559,19 @@ def for_spec(
             field="model",
         )
     doc = for_setting(config, loaded.spec, tensor=tensor, vocab_rows=vocab_rows)
-    return (
-        doc,
-        model_load.profile_file(model_load.cache_dir(), from_document(doc, origin="trace").key),
-    )
+    key = from_document(doc, origin="trace").key
+    path = model_load.profile_file(model_load.cache_dir(), key)
+    # The other sequence regime, if one is stored for this key (the cache's, else the shipped
+    # one), is kept beside the one traced now (merge).
+    for folder in model_load.profile_dirs():
+        found = model_load.profile_file(folder, key)
+        if found.is_file():
+            try:
+                stored = json.loads(found.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            return merge(stored, doc), path
+    return doc, path
 
 
 def for_setting(
@@ -467,6 +594,7 @@ def for_setting(
             tensor=tensor,
             vocab_rows=vocab_rows,
             softmax_input=st.softmax_input,
+            sequence=st.sequence,
         )
     except MemplanError:
         raise
