@@ -7,6 +7,9 @@ the caller names each run's domain (plan: its tensor degree), each worker owns w
 (`homes`) and takes another's tasks, from the far end, only once its own are done. The 405B
 search on 2 workers made 345-353 micro-batch activations so (one process: 268), against
 472-476 with the tasks dealt to whichever worker was free (concurrent.futures, before).
+The workers then stay (`Pool`) and replay the rows plan shows with those caches warm, one row
+at a time to each idle worker (`Pool.prefix`), where a second fork of the parent, whose caches
+the search never filled, spent 0.69 s of CPU on the 405B search's 11 replays against 0.37 s.
 
 Only where it helps and is safe: Linux's `fork` (the workers inherit the search and the
 function they run; only the tasks' answers are pickled), more than one worker, a search
