@@ -29,17 +29,29 @@ from memplan.plan import search, workers
 from memplan.plan.json import plan_json
 
 workers.MIN_LAYOUTS = 1
-forks = []
-real = workers.ordered_map
+forks, replays = [], []
+real, real_map, real_prefix = workers.ordered_map, workers.Pool.map, workers.Pool.prefix
 
 def spy(each, groups, n, done=None, **kw):
     forks.append(sum(len(g) for g in groups))
     return real(each, groups, n, done, **kw)
 
+def spy_map(self, each, groups, *args, **kw):
+    forks.append(sum(len(g) for g in groups))
+    return real_map(self, each, groups, *args, **kw)
+
+def spy_prefix(self, items, ok, want):
+    out = real_prefix(self, items, ok, want)
+    replays.append(len(out))
+    return out
+
 search.ordered_map = spy
+workers.Pool.map = spy_map
+workers.Pool.prefix = spy_prefix
 import time
 # Answers joined in the items' order, not as the workers finish: later items finish first.
 late_first = real(lambda x: time.sleep(0.05 * (6 - x)) or -x, [[0], [1], [2], [3], [4], [5]], 2)
+forks.clear()  # ordered_map maps with a Pool too
 loaded = load_spec(Path(sys.argv[1]))
 if len(sys.argv) > 2:
     plan = loaded.spec.plan.model_copy(update={"gpus": int(sys.argv[2])})
@@ -48,7 +60,7 @@ else:
     spec = loaded.spec
 inventory = load_inventory(loaded)
 one = search.plan(spec, inventory, workers=1)
-assert not forks, forks
+assert not forks and not replays, (forks, replays)
 seen = []
 two = search.plan(spec, inventory, workers=2, progress=lambda d, t: seen.append((d, t)))
 print(json.dumps({
@@ -57,6 +69,7 @@ print(json.dumps({
     "one_pruned": list(one.pruned.items()),
     "two_pruned": list(two.pruned.items()),
     "forks": forks,
+    "replays": replays,
     "progress": seen,
     "torch": "torch" in sys.modules,
     "late_first": late_first,
@@ -89,7 +102,10 @@ def _both(spec: str, *args: str) -> dict[str, object]:
 def test_two_workers_answer_as_one_process(spec: str, gpus: str | None) -> None:
     doc = _both(spec, *([gpus] if gpus else []))
     forks = doc["forks"]
-    assert isinstance(forks, list) and len(forks) >= 2, "the search and the replays forked"
+    # The search forked once; its workers replayed the rows shown (Pool.prefix), no fork more.
+    assert isinstance(forks, list) and len(forks) == 1, forks
+    replays = doc["replays"]
+    assert isinstance(replays, list) and len(replays) == 1 and replays[0] >= 1, replays
     assert doc["torch"] is False
     assert doc["late_first"] == [0, -1, -2, -3, -4, -5]
     assert doc["one"] == doc["two"]
@@ -244,3 +260,43 @@ def test_an_error_in_a_worker_is_raised_by_the_search_and_answers_keep_their_ord
     assert done.stdout.splitlines() == ["raised: item five", "answers: [-1, -2, -3, -4]"], (
         done.stdout + done.stderr
     )
+
+
+PREFIX = """
+import json, sys
+from memplan.plan import workers
+
+def after(x):
+    with open(sys.argv[1], "a") as log:  # each item the workers answer
+        log.write(f"{x}\\n")
+    return (x % 3 != 0, -x)
+
+with workers.Pool(2) as pool:
+    mapped = pool.map(lambda x: 10 * x, [[1], [2, 3]], after=after)
+    seven = pool.prefix(list(range(1, 20)), lambda a: a[0], 5)
+    none = pool.prefix([1, 2], lambda a: a[0], 0)
+    short = pool.prefix([3, 6, 4], lambda a: a[0], 2)
+print(json.dumps([mapped, seven, none, short]))
+"""
+
+
+def test_the_pool_answers_the_shortest_prefix_and_no_item_in_vain(tmp_path: Path) -> None:
+    """Pool.prefix gives what answering the items one by one until `want` are ok gives (the
+    rows plan replays: those before the p.top-th that fits), and never sends a worker an
+    item past them: 1..7 hold the five not divisible by 3, so 8..19 are never answered."""
+    log = tmp_path / "answered"
+    done = subprocess.run(
+        [sys.executable, "-c", PREFIX, str(log)],
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    mapped, seven, none, short = json.loads(done.stdout.splitlines()[-1])
+    assert mapped == [10, 20, 30]
+    assert seven == [[x % 3 != 0, -x] for x in range(1, 8)]
+    assert none == []
+    assert short == [[False, -3], [False, -6], [True, -4]]  # fewer ok than wanted: all
+    assert sorted(int(x) for x in log.read_text().split()) == sorted([*range(1, 8), 3, 6, 4])

@@ -38,7 +38,7 @@ from memplan.plan.steptime import (
     step_time,
 )
 from memplan.plan.timing import link_of, shape_of, work_of
-from memplan.plan.workers import ordered_map, workers_help
+from memplan.plan.workers import Pool, ordered_map, workers_help
 from memplan.report.estimate import Prepared, assemble_within, model_states, prepare
 from memplan.report.result import Report, verdict
 from memplan.report.settings import capacity_of
@@ -77,6 +77,8 @@ class _Search(LayoutSpace):
     """What the step's timelines derive from the model, shared by every layout of the search."""
     common: _Common | None = None
     """Set by `run`."""
+    pool: Pool | None = None
+    """The workers `run` forked, if it did: they replay the rows shown (`plan` closes them)."""
 
     def run(
         self, progress: Progress | None, first: bool = False, workers: int = 1
@@ -107,12 +109,13 @@ class _Search(LayoutSpace):
             # in runs of the same degrees, each tensor degree's runs on one worker while it
             # has them (_tensor_of), answered per layout, joined in the layouts' order.
             runs = [list(run) for _, run in groupby(layouts, key=lambda lo: _degrees_of(lo[0]))]
-            answers = ordered_map(
+            self.pool = pool = Pool(workers)
+            answers = pool.map(
                 self._alone,
                 runs,
-                workers,
                 (lambda n: progress(n, len(layouts))) if progress else None,
                 domain=_tensor_of,
+                after=self._replayed,
             )
             for found, pruned, searched in answers:
                 out.extend(found)
@@ -121,6 +124,11 @@ class _Search(LayoutSpace):
         if progress:
             progress(len(layouts), len(layouts))
         return sorted(out, key=lambda c: (c.time.total_s, c.peak_bytes))
+
+    def _replayed(self, c: Candidate) -> tuple[bool, tuple[str, ...]]:
+        """`_replay_fits` of row `c` in a worker of the search (`Pool.prefix`), with the
+        caches that worker's layouts made."""
+        return _replay_fits(self.spec, self.inventory, c, self.plan, self.cache)
 
     def _alone(
         self, layout: tuple[ParallelismSpec, str]
@@ -418,14 +426,28 @@ def plan(
         budget=budget,
         activations_modelled=_activations_modelled(plain),
     )
-    found = search.run(progress, first=first, workers=workers)
-    layouts = (
-        found
-        if first
-        else _checked_by_replay(
-            spec, inventory, found, p, search.pruned, search.cache, workers=workers
+    try:
+        found = search.run(progress, first=first, workers=workers)
+        layouts = (
+            found
+            if first
+            else _checked_by_replay(
+                spec,
+                inventory,
+                found,
+                p,
+                search.pruned,
+                search.cache,
+                workers=workers,
+                pool=search.pool,
+            )
         )
-    )
+    except BaseException:
+        if search.pool is not None:
+            search.pool.close(clean=False)
+        raise
+    if search.pool is not None:
+        search.pool.close()
     from memplan.plan.suggest import what_would_fit  # it searches again with plan()
 
     suggestion = (
@@ -457,6 +479,7 @@ def _checked_by_replay(
     pruned: Counter[str],
     cache: StepCache | None = None,
     workers: int = 1,
+    pool: Pool | None = None,
 ) -> list[Candidate]:
     """`layouts` (fastest first) with the rows plan shows checked as `estimate` checks a spec:
     the step replayed through the caching allocator (memplan.step.replay) plus the terms
@@ -464,8 +487,19 @@ def _checked_by_replay(
     (timeline.usable_bytes: a replay per layout would cost milliseconds each), so a row near
     the limit can pass the search and fail the replay: it is dropped here and the next one
     checked, until `p.top` rows hold or none are left. Rows past those shown are unchecked.
-    The rows still wanted are replayed together, on `workers` processes where they help."""
+    The rows still wanted are replayed together, on `workers` processes where they help;
+    with the search's `pool`, by its workers (their caches warm), one row at a time to each
+    idle one while the rows under way could still fall short of `p.top` (Pool.prefix):
+    the same rows checked as one by one."""
     out: list[Candidate] = []
+    if pool is not None and pool.started:
+        checked = pool.prefix(layouts, lambda answer: answer[0], p.top)
+        for c, (ok, missing) in zip(layouts[: len(checked)], checked, strict=True):
+            if ok:
+                out.append(replace(c, not_modelled=missing) if missing else c)
+            else:
+                pruned["does not fit: the replayed allocator (as estimate) exceeds the budget"] += 1
+        return out + layouts[len(checked) :]
     shown = i = 0
     while shown < p.top and i < len(layouts):
         batch = layouts[i : i + p.top - shown]

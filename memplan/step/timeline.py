@@ -31,7 +31,7 @@ from memplan.states.engines import STEPS, RankStates
 from memplan.states.engines.base import StepCache, StepStates
 from memplan.states.layout import Layout
 from memplan.states.terms import grad_dtype, kept_gradient_bytes
-from memplan.step.terms import OfSaved, of_saved, transients
+from memplan.step.terms import OfSaved, cheap_backward_end, of_saved, transients
 
 Category = Literal[
     "parameters", "gradients", "optimizer_states", "buffers", "activations", "transient"
@@ -333,21 +333,23 @@ def floor_bytes(
     shared: StepParts | None = None,
 ) -> int:
     """Bytes no timeline `build` (of the same arguments) peaks under: its points with only
-    the transient terms that cost little (the rest are never negative). Plan prunes a layout
-    on it before building any timeline. `shared`: `parts` of the same arguments."""
+    the transient terms that cost little (the rest are never negative), each one `totals`
+    counts at the same phases. Plan prunes a layout on it before building any timeline.
+    `shared`: `parts` of the same arguments."""
     if shared is None:
         shared = parts(step, inventory, per_gpu=per_gpu, saved=saved, cache=cache)
     states = shared.states
     gradients = shared.gradients
     activations = shared.activations
-    # The transient terms that cost little and are already worked out: the engine's
-    # model-state buffers (remembered per StepStates), the step's activation terms and the
-    # layout's communication buffers.
+    # The transient terms that cost little: the engine's model-state buffers (remembered
+    # per StepStates), the step's activation terms, the layout's communication buffers and
+    # the cheap part of the engine's end of backward (FSDP2's pipelined gradients).
     engine = STEPS[step.layout.engine]
     some = (
         *cache.get(("engine states", states), lambda: tuple(engine.states(states, cache))),
         *shared.of.activation_terms,
         *shared.of.buffers,
+        *cheap_backward_end(step, states, saved, cache, shared.of),
     )
     resident = per_gpu.bytes_of("parameters") + per_gpu.bytes_of("optimizer_states") + buffer_bytes
     moving = {phase: gradients[phase] + activations[phase] for phase in PHASES}
