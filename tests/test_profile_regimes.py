@@ -27,6 +27,7 @@ from benchmarks.profile_verify import MOE, tiny  # noqa: E402
 from benchmarks.profile_verify import spec as verify_spec  # noqa: E402
 from memplan.model import profile  # noqa: E402
 from memplan.model.forward.tensors import Setting  # noqa: E402
+from memplan.model.load import PROFILE_DIR  # noqa: E402
 
 WINDOW = 48
 """Long enough for the regime below it (its check at 5 x 8 = 40 tokens stays below)."""
@@ -272,3 +273,22 @@ def test_an_old_document_beside_a_regime_below_serves_only_past_it() -> None:
         view = both.at_sequence(sequence)
         assert view is not None and (view.min_sequence, view.max_sequence) == (49, 0), sequence
         assert view.blocks[0].tensors[0].numel[3] == 2
+
+
+LLAMA4_SCOUT = PROFILE_DIR / "llama4_text-19adbbe4dba4-bf16-bf16-sdpa-cuda-full.json"
+
+
+def test_shipped_llama4_profile_holds_both_sides_of_its_chunk() -> None:
+    """The shipped Llama 4 Scout profile (attention_chunk_size 8,192, device cuda: 32-token
+    units) holds the regime below the chunk (traced at 32-96 tokens, checked at 160 and 512) and,
+    unchanged beside it, the regime past it traced before (multiples of 8,224 tokens)."""
+    doc = json.loads(LLAMA4_SCOUT.read_text())
+    (past,) = doc["regimes"]
+    assert past["fit"]["min_sequence"] == 8224 and "max_sequence" not in past["fit"]
+    scout = profile.from_document(doc, origin=LLAMA4_SCOUT.name)
+    for sequence in (2048, 4096, 8191):
+        view = scout.at_sequence(sequence)
+        assert view is not None and (view.min_sequence, view.max_sequence) == (32, 8191)
+    for sequence in (8192, 8224, 32768):
+        view = scout.at_sequence(sequence)
+        assert view is not None and (view.min_sequence, view.max_sequence) == (8224, 0)
