@@ -23,10 +23,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from benchmarks.profile_verify import MOE, tiny  # noqa: E402
 from benchmarks.profile_verify import spec as verify_spec  # noqa: E402
-from benchmarks.profile_verify import tiny  # noqa: E402
 from memplan.model import profile  # noqa: E402
 from memplan.model.forward.tensors import Setting  # noqa: E402
+from memplan.model.load import PROFILE_DIR  # noqa: E402
 
 WINDOW = 48
 """Long enough for the regime below it (its check at 5 x 8 = 40 tokens stays below)."""
@@ -47,6 +48,12 @@ RECURRENT_GEMMA = {
     "pad_token_id": 0,
 }
 """Two recurrent (RG-LRU) layers and one local-attention layer, window 48."""
+LLAMA4 = tiny("llama4_text", **MOE, attention_chunk_size=WINDOW)
+"""Llama 4's chunked attention (masking_utils.py::create_chunked_causal_mask; the shipped
+Llama 4 Scout profile's chunk is 8,192), chunk 48, its own expert code; bf16 as
+benchmarks/profile_verify.py verifies it."""
+GPT_OSS = tiny("gpt_oss", **MOE, sliding_window=WINDOW)
+"""gpt-oss's sliding-window layers (window 48; grouped_mm experts take bf16 only)."""
 
 
 def _verify(config: dict[str, Any], sequence: int, precision: str = "fp32") -> dict[str, Any]:
@@ -82,16 +89,25 @@ def _traced_at(doc: dict[str, Any], batch: int, sequence: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("config", "sequences"),
-    [(STARCODER2, (40, 47, WINDOW, 64)), (RECURRENT_GEMMA, (32, WINDOW, 56))],
-    ids=["starcoder2", "recurrent_gemma"],
+    ("config", "sequences", "precision"),
+    [
+        (STARCODER2, (40, 47, WINDOW, 64), "fp32"),
+        (RECURRENT_GEMMA, (32, WINDOW, 56), "fp32"),
+        (LLAMA4, (40, 47, WINDOW, 64), "bf16"),
+        (GPT_OSS, (40, 47, WINDOW, 64), "bf16"),
+    ],
+    ids=["starcoder2", "recurrent_gemma", "llama4_text", "gpt_oss"],
 )
 def test_verify_below_at_and_past_the_window(
-    config: dict[str, Any], sequences: tuple[int, ...], tmp_path: Path, monkeypatch
+    config: dict[str, Any],
+    sequences: tuple[int, ...],
+    precision: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("MEMPLAN_CACHE", str(tmp_path / "cache"))
     for sequence in sequences:
-        doc = _verify(config, sequence)
+        doc = _verify(config, sequence, precision)
         acts = doc["categories"]["activations"]
         assert doc["setup"]["activations_source"] == "profile", (sequence, doc["notes"])
         assert acts["predicted"] == acts["measured"], (sequence, acts)
@@ -145,7 +161,9 @@ def _spec(tmp_path: Path, sequence: int) -> Path:
     return path
 
 
-def test_estimate_traces_each_regime_when_a_sequence_needs_it(tmp_path: Path, monkeypatch) -> None:
+def test_estimate_traces_each_regime_when_a_sequence_needs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A sequence below the window traces only the regime below it; a longer one then traces the
     regime past it and keeps both in the cached document; each later estimate reads its own."""
     from typer.testing import CliRunner
@@ -236,3 +254,41 @@ def test_regime_choice_by_sequence_and_old_documents() -> None:
     # another version's document is replaced, not merged
     stale = dict(below, versions={"torch": "old", "transformers": "x"})
     assert "regimes" not in merge(stale, past)
+
+
+def test_an_old_document_beside_a_regime_below_serves_only_past_it() -> None:
+    """A profile traced before regimes existed (no fit.above_sequence: it holds every sequence,
+    as the shipped Llama 4 one did) merged with a regime below the window: every sequence below
+    the window is the regime below's, however short (the bounded regime wins), the rest the old
+    one's."""
+    from memplan.verify.trace.profile import merge
+
+    old = _doc(min_sequence=49)
+    old["blocks"] = [_block("layers", (0, 0, 0, 2, 0, 0))]
+    both = profile.from_document(merge(old, _doc(min_sequence=8, max_sequence=47)), origin="m")
+    for sequence in (8, 16, 46, 47):
+        view = both.at_sequence(sequence)
+        assert view is not None and (view.min_sequence, view.max_sequence) == (8, 47), sequence
+    for sequence in (48, 4096):
+        view = both.at_sequence(sequence)
+        assert view is not None and (view.min_sequence, view.max_sequence) == (49, 0), sequence
+        assert view.blocks[0].tensors[0].numel[3] == 2
+
+
+LLAMA4_SCOUT = PROFILE_DIR / "llama4_text-19adbbe4dba4-bf16-bf16-sdpa-cuda-full.json"
+
+
+def test_shipped_llama4_profile_holds_both_sides_of_its_chunk() -> None:
+    """The shipped Llama 4 Scout profile (attention_chunk_size 8,192, device cuda: 32-token
+    units) holds the regime below the chunk (traced at 32-96 tokens, checked at 160 and 512) and,
+    unchanged beside it, the regime past it traced before (multiples of 8,224 tokens)."""
+    doc = json.loads(LLAMA4_SCOUT.read_text())
+    (past,) = doc["regimes"]
+    assert past["fit"]["min_sequence"] == 8224 and "max_sequence" not in past["fit"]
+    scout = profile.from_document(doc, origin=LLAMA4_SCOUT.name)
+    for sequence in (2048, 4096, 8191):
+        view = scout.at_sequence(sequence)
+        assert view is not None and (view.min_sequence, view.max_sequence) == (32, 8191)
+    for sequence in (8192, 8224, 32768):
+        view = scout.at_sequence(sequence)
+        assert view is not None and (view.min_sequence, view.max_sequence) == (8224, 0)

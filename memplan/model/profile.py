@@ -228,7 +228,10 @@ class Profile:
         held = [r for r in (own, *self.regimes) if r.holds(sequence)]
         if not held:
             return None
-        pick = min(held, key=lambda r: r.max_sequence or sequence + 1)
+        # Bounded regimes before the unbounded one: a document traced before regimes existed
+        # (no fit.above_sequence: it holds every sequence) kept beside a regime below the window
+        # must not win below that window.
+        pick = min(held, key=lambda r: (not r.max_sequence, r.max_sequence))
         if pick is own:
             return self
         # One view per (profile, regime): plan's memos key on the profile's identity
