@@ -75,7 +75,8 @@ def fit(
     if len({len(x) for x in lists}) != 1:
         raise MemplanError(
             "the forward saves different tensors at different sizes (block "
-            f"{block}: {[len(x) for x in lists]} saved storages at batch x sequence {sizes}), "
+            f"{block}: {[len(x) for x in lists]} saved storages at batch x sequence {sizes}, "
+            "each run of equal storages of one module counted once, as a per-token loop's), "
             "another code path at some lengths, such as a chunked linear-attention loop; the "
             "fit needs the same code path."
         )
