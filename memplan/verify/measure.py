@@ -9,6 +9,7 @@ keyed by their StorageImpl (`_cdata`). DTensors are measured by their local shar
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -124,7 +125,10 @@ class SavedTensors:
     (their storages are model states). `layer` attributes a storage to the decoder layer
     whose forward saved it first."""
 
-    exclude: set[int] = field(default_factory=set)
+    exclude: dict[int, list[weakref.ref[torch.Tensor]]] = field(default_factory=dict)
+    """The model's parameters and buffers by their storage's key when `saved_tensors` took them
+    (layer entry and exit): a saved storage under one of these keys is a model state only if
+    one of those tensors still holds its storage there (`is_model_state`)."""
     seen: set[int] = field(default_factory=set)
     bytes: int = 0
     layer_bytes: int = 0
@@ -133,10 +137,27 @@ class SavedTensors:
     """Storages every layer receives besides its hidden state (RoPE's cos/sin, masks): made once
     per forward, so a layer that saves them does not own them (--layers extrapolation)."""
 
+    def is_model_state(self, key: int) -> bool:
+        """Whether a parameter or buffer holds its storage at `key` at the moment of the save.
+
+        The set of keys alone is not enough: a module may move a parameter's data inside a
+        layer, after the set was taken (bitsandbytes 0.50.2 nn/modules.py::Linear4bit.forward
+        casts a bias of another dtype than its input's, `bias.data = bias.data.to(x.dtype)`:
+        the q/k/v biases prepare_model_for_kbit_training made fp32). The old storage is then
+        freed, and a tensor the layer saves later may be allocated at its address (the CPU's
+        malloc and CUDA's caching allocator both hand a freed block out again), or the old
+        storage itself may be held and saved: either is an activation, not a model state.
+        Each tensor is held by a weak reference, so taking the set keeps no storage alive."""
+        for ref in self.exclude.get(key, ()):
+            held = ref()
+            if held is not None and storage_key(local(held)) == key:
+                return True
+        return False
+
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         t_local = local(t)
         key = storage_key(t_local)
-        if key not in self.seen and key not in self.exclude:
+        if key not in self.seen and not self.is_model_state(key):
             self.seen.add(key)
             n = storage_bytes(t_local)
             self.bytes += n
@@ -169,14 +190,18 @@ def saved_tensors(
 
     The set of parameter storages is taken again at each layer's entry and exit (replaced, not
     extended), so the unsharded parameters FSDP2 gathers for a layer are excluded while they
-    live, and an address freed by a reshard cannot hide a later activation. `wrappers`: the
+    live, and an address freed by a reshard cannot hide a later activation; a parameter whose
+    data a module moves inside a layer is excluded at its old address no longer
+    (SavedTensors.is_model_state). `wrappers`: the
     modules around the layers whose forward gathers and frees their parameters (FSDP1's
     FullyShardedDataParallel units, memplan.verify.fsdp1_engine); the exit is then taken
     after the wrapper's, once the layer's unsharded parameters are freed."""
 
-    def model_storages() -> set[int]:
-        tensors = [*model.parameters(), *model.buffers()]
-        return {storage_key(local(t)) for t in tensors}
+    def model_storages() -> dict[int, list[weakref.ref[torch.Tensor]]]:
+        out: dict[int, list[weakref.ref[torch.Tensor]]] = {}
+        for t in [*model.parameters(), *model.buffers()]:
+            out.setdefault(storage_key(local(t)), []).append(weakref.ref(t))
+        return out
 
     record.exclude = model_storages()
     handles = []
