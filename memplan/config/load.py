@@ -25,7 +25,8 @@ from memplan.hardware import nearest
 Marks = dict[tuple[Any, ...], int]
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: compared by identity, never by value (see memplan/report/result.py)
+@dataclass(frozen=True, slots=True, eq=False)
 class LoadedSpec:
     spec: Spec
     path: Path | None
