@@ -16,7 +16,9 @@ models); an empty typer app with `estimate`'s options (typer 0.29 coerces every 
 pydantic TypeAdapter when the command runs, which `import typer` does not pay); and the floor
 without typer, which a plain `memplan estimate` no longer imports (memplan/cli/entry.py parses
 its options; any other command line still goes through typer). The last block splits one
-`estimate --json` run into its phases, in process (PHASES below).
+`estimate --json` run into its phases, in process (PHASES below), and one run of the table
+(`table_phases_ms`: the same phases to the estimate, then rich's console, the view and the
+render).
 
 Run:  python benchmarks/estimate_speed.py    # prints, writes benchmarks/results/estimate-speed.json
       python benchmarks/estimate_speed.py --baseline /tmp/memplan-106a436  # before/after rows
@@ -92,6 +94,13 @@ options = entry.estimate_options(["estimate", sys.argv[1], "--json"], os.environ
 assert options is not None
 mark("memplan.cli.entry: import, the arguments parsed (no typer)")
 from pydantic import BaseModel; mark("pydantic: BaseModel machinery (the spec's models need it)")
+# what every model with a Field needs, and what building its first validator imports (the
+# plugin loader, pydantic/plugin/_loader.py, imports importlib.metadata even with plugins off):
+# pydantic's, not memplan's, though `import pydantic` (the floor) pays for neither
+import pydantic.fields
+mark("pydantic: BaseModel fields (pydantic.fields, .types, annotated_types)")
+import importlib.metadata
+mark("pydantic: BaseModel validators' plugin loader (importlib.metadata)")
 from memplan.config import load; mark("memplan: import the spec models (memplan.config)")
 from memplan.model import load as model_load; mark("memplan: import memplan.model.load")
 from memplan.report import estimate as calc; mark("memplan: import the calculator")
@@ -101,9 +110,18 @@ with load.locating(loaded):
     inv = model_load.load_inventory(loaded, unsupported=fallback_inventory)
     mark("memplan: the model's inventory")
     report = calc.estimate(loaded.spec, inv); mark("memplan: the estimate (calculation)")
-from memplan.report.json import estimate_json; mark("memplan: import memplan.report.json")
-text = json.dumps(estimate_json(report), indent=2)
-mark("memplan: build and dump the document (plain dicts)")
+if sys.argv[2:] == ["table"]:  # the table: what `estimate` prints without --json
+    import io
+    from memplan.cli import render; mark("rich: import rich.console (memplan.cli.render)")
+    from memplan.cli.estimate_view import estimate_view
+    mark("memplan: import memplan.cli.estimate_view (rich.table, rich.box)")
+    console = render.console(120)
+    console.file = io.StringIO()
+    console.print(estimate_view(report)); mark("rich: render the table at 120 columns")
+else:
+    from memplan.report.json import estimate_json; mark("memplan: import memplan.report.json")
+    text = json.dumps(estimate_json(report), indent=2)
+    mark("memplan: build and dump the document (plain dicts)")
 print(json.dumps([[b[0], (b[1] - a[1]) * 1000] for a, b in zip(marks, marks[1:])]))
 """
 
@@ -192,17 +210,19 @@ def main(argv: list[str] | None = None) -> None:
             row.times.append(wall)
             row.cpu.append(cpu)
     phases: dict[str, list[float]] = {}
+    table_phases: dict[str, list[float]] = {}
     for _ in range(args.runs):
-        out = subprocess.run(
-            [sys.executable, "-c", PHASES, CONFIGS[0]],
-            check=True,
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env=child_env(ROOT),
-        ).stdout
-        for name, ms in json.loads(out):
-            phases.setdefault(name, []).append(ms)
+        for output, into in (([], phases), (["table"], table_phases)):
+            out = subprocess.run(
+                [sys.executable, "-c", PHASES, CONFIGS[0], *output],
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                env=child_env(ROOT),
+            ).stdout
+            for name, ms in json.loads(out):
+                into.setdefault(name, []).append(ms)
     python = table[0].median
     floor = table[1].median
     print(f"median of {args.runs} runs (wall clock, one process each, round-robin)")
@@ -228,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"where `memplan estimate {CONFIGS[0]} --json` spends its time (median ms, in-process):")
     print(f"  {python:8.1f}  python start-up (python -c pass, wall)")
     for name, times in phases.items():
+        print(f"  {statistics.median(times):8.1f}  {name}")
+    print(f"the table instead (`memplan estimate {CONFIGS[0]}`): its last phases (median ms)")
+    for name, times in list(table_phases.items())[-3:]:
         print(f"  {statistics.median(times):8.1f}  {name}")
     worst = max(estimates, key=lambda r: r.median)
     ratio = worst.median / floor
@@ -255,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
         "met": met,
         "baseline": str(args.baseline) if args.baseline else None,
         "phases_ms": {name: round(statistics.median(t), 1) for name, t in phases.items()},
+        "table_phases_ms": {
+            name: round(statistics.median(t), 1) for name, t in table_phases.items()
+        },
         "rows": [
             {
                 "command": r.name,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 MIB = 2**20
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Gpu:
     name: str
     memory_bytes: int

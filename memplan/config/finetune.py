@@ -2,8 +2,6 @@
 (peft's and transformers' own names and defaults); LitGPT's adapter and adapter_v2
 (litgpt's own names and defaults, under model.implementation litgpt only)."""
 
-from __future__ import annotations
-
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -138,7 +136,7 @@ class FinetuneSpec(Frozen):
         return value.strip()
 
     @model_validator(mode="after")
-    def _keys_fit_method(self) -> FinetuneSpec:
+    def _keys_fit_method(self) -> "FinetuneSpec":
         given = self.model_fields_set
         if self.method == "full":
             stray = [k for k in (*_ADAPTER_KEYS, *_QLORA_KEYS) if k in given]

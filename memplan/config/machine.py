@@ -1,7 +1,5 @@
 """The spec's `hardware:` section: the GPU, its memory and what lives beside it, the node."""
 
-from __future__ import annotations
-
 import re
 from decimal import Decimal
 from typing import Any, Literal

@@ -2,8 +2,6 @@
 data/tensor/pipeline/context/expert degrees (memplan.states.layout turns it into the one
 Layout every stage reads)."""
 
-from __future__ import annotations
-
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -224,7 +222,7 @@ class ParallelismSpec(Frozen):
         return data
 
     @model_validator(mode="after")
-    def _stage_fits_engine(self) -> ParallelismSpec:
+    def _stage_fits_engine(self) -> "ParallelismSpec":
         if self.engine == "fsdp2" and self.zero_stage in (0, 1):
             raise ValueError(
                 "fsdp2 shards parameters, so it runs ZeRO stage 3 (reshard_after_forward=True) "

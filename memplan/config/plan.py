@@ -1,7 +1,5 @@
 """The spec's `plan:` section: what `memplan plan` searches."""
 
-from __future__ import annotations
-
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
@@ -57,7 +55,7 @@ class PlanSpec(Frozen):
         return parse_bytes(value)
 
     @model_validator(mode="after")
-    def _one_batch(self) -> PlanSpec:
+    def _one_batch(self) -> "PlanSpec":
         if self.global_batch_size and self.global_batch_tokens:
             raise ValueError("give global_batch_size or global_batch_tokens, not both")
         return self

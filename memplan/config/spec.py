@@ -4,8 +4,6 @@ Every field has a documented default, so the smallest useful spec names a model,
 follows. Loading from YAML (with line numbers for errors) lives in `memplan.config.load`.
 """
 
-from __future__ import annotations
-
 import re
 from decimal import Decimal
 from functools import lru_cache
@@ -127,7 +125,7 @@ class ModelSpec(Frozen):
         return value
 
     @model_validator(mode="after")
-    def _megatron_spec_needs_megatron(self) -> ModelSpec:
+    def _megatron_spec_needs_megatron(self) -> "ModelSpec":
         if self.megatron_spec is not None and self.implementation != "megatron-core":
             raise ValueError(
                 "megatron_spec picks Megatron-Core's layer spec: set implementation: "
@@ -137,7 +135,7 @@ class ModelSpec(Frozen):
         return self
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> ModelSpec:
+    def _exactly_one(self) -> "ModelSpec":
         given = [k for k in MODEL_SOURCES if getattr(self, k) is not None]
         if len(given) != 1:
             what = "none" if not given else " and ".join(given)
@@ -198,7 +196,7 @@ class PrecisionTable(Frozen):
         return value
 
     @model_validator(mode="after")
-    def _fp8_all_gather_needs_tensorwise(self) -> PrecisionTable:
+    def _fp8_all_gather_needs_tensorwise(self) -> "PrecisionTable":
         if self.fp8_all_gather and self.fp8 != "torchao-tensorwise":
             raise ValueError(
                 f"fp8_all_gather is torchao's enable_fsdp_float8_all_gather, which supports "
@@ -275,7 +273,7 @@ class OptimizerSpec(Frozen):
     adafactor-hf has one kernel, a loop: foreach and for_loop both mean it."""
 
     @model_validator(mode="after")
-    def _fused_exists(self) -> OptimizerSpec:
+    def _fused_exists(self) -> "OptimizerSpec":
         if self.implementation == "fused" and self.name in LOOP_ONLY_OPTIMIZERS:
             raise ValueError(
                 f"{self.name} (transformers.optimization.Adafactor) has no fused kernel: its "
@@ -358,7 +356,7 @@ class TrainingSpec(Frozen):
     trace.forward); false: torch 1.11 and later."""
 
     @model_validator(mode="after")
-    def _offload_needs_full(self) -> TrainingSpec:
+    def _offload_needs_full(self) -> "TrainingSpec":
         if self.activation_offload and self.activation_checkpointing != "full":
             raise ValueError(
                 "activation_offload moves the inputs that full checkpointing keeps: set "
@@ -367,7 +365,7 @@ class TrainingSpec(Frozen):
         return self
 
     @model_validator(mode="after")
-    def _compile_loss_needs_compile(self) -> TrainingSpec:
+    def _compile_loss_needs_compile(self) -> "TrainingSpec":
         if self.compile_loss and not self.compile:
             raise ValueError(
                 "compile_loss compiles the loss beside the compiled layers: set compile: true "
@@ -376,7 +374,7 @@ class TrainingSpec(Frozen):
         return self
 
     @model_validator(mode="after")
-    def _every_needs_full(self) -> TrainingSpec:
+    def _every_needs_full(self) -> "TrainingSpec":
         if self.checkpoint_every > 1 and self.activation_checkpointing != "full":
             raise ValueError(
                 "checkpoint_every picks which layers full checkpointing recomputes: set "
@@ -414,7 +412,7 @@ class Spec(Frozen):
         return value
 
     @model_validator(mode="after")
-    def _litgpt_adapters_need_litgpt(self) -> Spec:
+    def _litgpt_adapters_need_litgpt(self) -> "Spec":
         method = self.finetune.method
         if method in LITGPT_ADAPTERS and self.model.implementation != "litgpt":
             raise ValueError(

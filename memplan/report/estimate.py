@@ -158,7 +158,8 @@ def assemble(
     return report
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: compared by identity, never by value (see memplan/report/result.py)
+@dataclass(frozen=True, slots=True, eq=False)
 class Prepared:
     """What `assemble_within` works out from a spec's layout alone, not its training keys
     (plan evaluates each layout at several micro-batches, recomputation policies and compile

@@ -1,6 +1,12 @@
 """What an estimate holds: the Report of one training step per rank, its model summary, its
 per-TP-rank views, and the one verdict the table, `--json` and `plan` share. Built by
-memplan.report.estimate."""
+memplan.report.estimate.
+
+ModelSummary, TensorRankView and Report are compared by identity (`eq=False`): nothing
+compares or hashes them (the documents are compared: memplan.report.json), and a dataclass's
+generated __eq__ and __hash__ are two functions compiled at import in every `memplan estimate`
+(issue 21). The same holds for memplan.report.estimate.Prepared and
+memplan.config.load.LoadedSpec."""
 
 from __future__ import annotations
 
@@ -55,7 +61,7 @@ def fits_of(v: Verdict | None) -> bool | None:
     return v == "fits"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class ModelSummary:
     name: str
     model_type: str | None
@@ -72,7 +78,7 @@ class ModelSummary:
     """Parameter tensors the job holds (adapters included)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class TensorRankView:
     """One class of TP ranks of the most-loaded stage that hold the same vocabulary rows
     (torch's DTensor gives the last TP ranks fewer rows of a vocabulary TP does not divide:
@@ -87,7 +93,7 @@ class TensorRankView:
     """Its timeline's highest phase."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Report:
     """Everything `memplan estimate` says, in bytes."""
 

@@ -109,7 +109,7 @@ def gemm_weights(parameters: Iterable[TensorSpec]) -> list[TensorSpec]:
     ]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Fp8Terms:
     """What fp8 training with TE adds on one GPU (bytes)."""
 

@@ -89,7 +89,7 @@ def _check_cuda(cuda_major: int) -> None:
 # --- CUDA context ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class ContextMeasurement:
     bytes: int
     source: str

@@ -167,7 +167,7 @@ def padded_elements(tensors: Iterable[TensorSpec], world: int, wrap: str = "laye
     return total
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class _Counts:
     """An inventory's parameters as FSDP2's rule reads them, counted (read-only dicts)."""
 

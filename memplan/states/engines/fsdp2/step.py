@@ -138,7 +138,7 @@ def step_buffers(
     return out + held + ([embedding] if embedding is not None and not at_reduce else [])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class _Fixed:
     """What `step_buffers` works out from the groups and the dtypes alone, not the step's
     activations (plan asks again for every micro-batch size and recomputation policy of a
