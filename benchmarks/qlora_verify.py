@@ -12,7 +12,7 @@ setting changed: the precision recipe (with and without autocast), recomputation
 format, prepare_model_for_kbit_training, dropout, the adapters' targets, the quantized head
 (bf16, fp16, amp-bf16, amp-fp16), wide layers with a small vocabulary (the layers' backward
 peaks), GPT-2's Conv1D, Gemma, Phi-3 and OLMo 2, DDP and FSDP2 on two gloo ranks (FSDP2 with and
-without prepare_model_for_kbit_training), and bitsandbytes'
+without prepare_model_for_kbit_training, and Qwen2's biased q/k/v), and bitsandbytes'
 8-bit and paged optimizers.
 """
 
@@ -66,6 +66,7 @@ _SMALL: dict[str, Any] = {
 GEMMA = {**_SMALL, "model_type": "gemma", "head_dim": 16}
 PHI3 = {**_SMALL, "model_type": "phi3"}
 OLMO2 = {**_SMALL, "model_type": "olmo2"}
+QWEN2 = {**_SMALL, "model_type": "qwen2"}
 
 
 def family(config: dict[str, Any], precision: str) -> dict[str, Any]:
@@ -165,6 +166,27 @@ CASES: list[tuple[str, dict[str, Any]]] = [
             },
         )
         for precision in ("bf16", "amp-bf16")
+    ),
+    # Qwen2's q/k/v biases under FSDP2: Linear4bit's bias cast reaches only the unsharded
+    # parameter, which keeps its compute-dtype copy between steps; the sharded bias keeps
+    # its own dtype (memplan.model.finetune.qlora.fsdp2_bias_copies). bf16 without
+    # prepare_model_for_kbit_training: no cast (the bias already bf16).
+    *(
+        (
+            f"FSDP2, 2 gloo ranks, Qwen2 (q/k/v biases), {precision}, quant_storage bf16"
+            + (", prepare_model_for_kbit_training" if prepare else ""),
+            {
+                **family(QWEN2, precision),
+                "finetune": {**QLORA, "prepare_kbit": prepare, "quant_storage": "bf16"},
+                "parallelism": {"engine": "fsdp2", "data": 2},
+            },
+        )
+        for precision, prepare in (
+            ("bf16", True),
+            ("amp-bf16", True),
+            ("amp-bf16", False),
+            ("bf16", False),
+        )
     ),
     *(
         (f"{name}, {precision}", family(config, precision))

@@ -142,6 +142,13 @@ def transients(
         implementation=saved.implementation,
         parameters=step.recipe.parameters,
     )
+    if step.layout.engine == "fsdp2":
+        out += own.qlora_fsdp2_bias(
+            states.inventory,
+            step.finetune,
+            compute=step.recipe.compute,
+            parameters=step.recipe.parameters,
+        )
     head = own.qlora_head_backward(states.inventory, step.finetune, saved, recipe=step.recipe)
     if head is not None:
         out.append(head)

@@ -414,6 +414,25 @@ def qlora_dequantized(
     ]
 
 
+def qlora_fsdp2_bias(
+    inventory: Inventory, finetune: FinetuneSpec, *, compute: str, parameters: str
+) -> list[Transient]:
+    """The 4-bit Linears' biases FSDP2 keeps unsharded in the compute dtype
+    (qlora.fsdp2_bias_copies): held through every phase of a steady-state step."""
+    copies = qlora.fsdp2_bias_copies(inventory, finetune, compute=compute, parameters=parameters)
+    if copies is None:
+        return []
+    return [
+        Transient(
+            name="qlora_fsdp2_bias_copy",
+            bytes=copies[0],
+            phases=PHASES,
+            formula=copies[1],
+            source=f"{qlora.SRC_BNB_BIAS}; {qlora.SRC_FSDP2_BIAS}",
+        )
+    ]
+
+
 def qlora_head_backward(
     inventory: Inventory, finetune: FinetuneSpec, saved: Activations, *, recipe: Recipe
 ) -> Transient | None:

@@ -488,7 +488,9 @@ def _apply(
         qlora.refuse_engine(ft, engine=engine, stage=stage)
     out = inventory
     if ft.method == "qlora":
-        out = quantize_4bit(out, ft, compute=compute, state_dtype=state_dtype)
+        out = quantize_4bit(
+            out, ft, compute=compute, state_dtype=state_dtype, sharded=engine == "fsdp2"
+        )
     if ft.method in ("lora", "qlora"):
         out = lora(out, ft, dtype=adapter, reference=inventory)
     if ft.method in LITGPT_ADAPTERS:

@@ -27,6 +27,12 @@ SRC_BNB_QUANT = (
     "[(n + 1) // 2, 1] uint8, absmax [ceil(n / blocksize)] fp32), nn/modules.py::Params4bit"
 )
 SRC_BNB_BIAS = "bitsandbytes 0.50.1 nn/modules.py::Linear4bit.forward"
+SRC_FSDP2_BIAS = (
+    "torch 2.13 distributed/fsdp/_fully_shard/_fsdp_param.py::FSDPParam.init_unsharded_param "
+    "(after the first all-gather the unsharded nn.Parameter is kept and later all-gathers "
+    "write into all_gather_outputs, which it no longer views once `.data` is reassigned), "
+    "to_unsharded / to_sharded (the module's attribute swapped between the two parameters)"
+)
 SRC_BNB_DEQUANT = (
     "bitsandbytes 0.50.1 autograd/_functions.py::MatMul4Bit (F.dequantize_4bit(B, "
     "ctx.state).to(dtype)), backends/cuda/ops.py::_gemm_4bit_use_custom_cuda"
@@ -56,7 +62,12 @@ BNB_VALUES_PER_BYTE = 2
 
 
 def quantize_4bit(
-    inventory: Inventory, ft: FinetuneSpec, *, compute: str, state_dtype: str | None = None
+    inventory: Inventory,
+    ft: FinetuneSpec,
+    *,
+    compute: str,
+    state_dtype: str | None = None,
+    sharded: bool = False,
 ) -> Inventory:
     """transformers BitsAndBytesConfig(load_in_4bit=True) then peft
     prepare_model_for_kbit_training: which modules become bnb Linear4bit, and what each holds.
@@ -94,9 +105,11 @@ def quantize_4bit(
         if owner(t.name) in chosen and leaf(t.name) == "weight":
             params.append(packed_weight(t, ft.quant_storage))
             states += quant_state(t, double=ft.double_quant)
-        elif owner(t.name) in chosen and leaf(t.name) == "bias":
+        elif owner(t.name) in chosen and leaf(t.name) == "bias" and not sharded:
             # Linear4bit's first forward casts its bias to the compute dtype for good
             # (SRC_BNB_BIAS: `bias.data = bias.data.to(x.dtype)`), whatever prepare_kbit made.
+            # Under FSDP2 that cast lands on the unsharded parameter only (SRC_FSDP2_BIAS):
+            # the sharded bias keeps the dtype below.
             params.append(replace(frozen(t), dtype=compute))
         elif ft.prepare_kbit and t.dtype is None:
             params.append(replace(t, dtype="fp32", trainable=False))
@@ -360,6 +373,36 @@ def head_backward(
 
 STORAGE_DTYPES = ("uint8", "bf16", "fp16", "fp32")
 """The dtypes `bnb_4bit_quant_storage` may name (memplan.config.finetune.FinetuneSpec)."""
+
+
+def fsdp2_bias_copies(
+    inventory: Inventory, ft: FinetuneSpec, *, compute: str, parameters: str
+) -> tuple[int, str] | None:
+    """(bytes, formula) of the 4-bit Linears' biases FSDP2 keeps unsharded in the compute
+    dtype on every rank, from a `quantize_4bit(sharded=True)` inventory; None where no bias
+    is cast. Linear4bit's forward (SRC_BNB_BIAS) reassigns `.data` of the module's bias, which
+    under FSDP2 is the unsharded parameter (to_unsharded): from the first forward on, that
+    nn.Parameter holds a private copy of the whole bias in `compute`, no longer a view of the
+    all-gather output, and FSDP2 keeps it between steps (init_unsharded_param returns early
+    after the first all-gather; reshard frees only all_gather_outputs) while the sharded bias
+    keeps its own dtype (SRC_FSDP2_BIAS; measured by benchmarks/qlora_verify.py's Qwen2
+    FSDP2 cases). `parameters`: the recipe's dtype of a parameter held in none of its own."""
+    if ft.method != "qlora":
+        return None
+    packed = {owner(t.name) for t in inventory.parameters if _is_packed(t)}
+    cast = [
+        t
+        for t in inventory.parameters
+        if leaf(t.name) == "bias" and owner(t.name) in packed and (t.dtype or parameters) != compute
+    ]
+    if not cast:
+        return None
+    numel = sum(t.numel for t in cast)
+    formula = (
+        f"{len(cast)} 4-bit Linear biases, {numel:,} elements x {dtype_bytes(compute)} B "
+        f"({compute}), whole on every rank"
+    )
+    return numel * dtype_bytes(compute), formula
 
 
 def is_packed(t: TensorSpec) -> bool:
