@@ -15,6 +15,7 @@ import pytest
 from memplan.config.load import load_spec
 from memplan.model.load import load_inventory
 from memplan.plan import search
+from memplan.step import terms as st
 from memplan.step import timeline as tl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +69,12 @@ def test_no_floor_of_a_search_is_above_its_timelines_peak(
         nonlocal floors
         floor = real(step, inventory, **kwargs)
         assert floor <= tl.totals(step, inventory, **kwargs).peak_bytes
+        # The floor's accumulated gradients (worked out from a view without the embedding's
+        # backward and working sets) are the very terms the step's full transients list.
+        shared, saved, cache = kwargs["shared"], kwargs["saved"], kwargs["cache"]
+        cheap = st.cheap_backward_end(step, shared.states, saved, cache, shared.of)
+        every = st.transients(step, shared.states, saved, cache, of=shared.of)
+        assert cheap == [t for t in every if t.name.startswith(ACCUMULATED)]
         floors += 1
         return floor
 
@@ -79,3 +86,28 @@ def test_no_floor_of_a_search_is_above_its_timelines_peak(
         spec = spec.model_copy(update={"plan": spec.plan.model_copy(update={"gpus": 64})})
     result = search.plan(spec, load_inventory(loaded), workers=1)
     assert result.layouts and floors > 1000
+
+
+def test_remembered_fsdp2_buffers_are_the_ones_worked_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP2's step buffers are remembered per groups object and arguments (fsdp2.step.
+    step_buffers): every call of the 405B search returns what `_step_buffers` works out of
+    the same arguments, in a fresh list (a caller that appends to it changes no later
+    answer)."""
+    from memplan.states.engines import fsdp2
+    from memplan.states.engines.fsdp2 import step as fsdp2_step
+
+    calls = 0
+    real = fsdp2.step_buffers
+
+    def checked(groups: Any, **kwargs: Any) -> list[Any]:
+        nonlocal calls
+        out = real(groups, **kwargs)
+        assert out == fsdp2_step._step_buffers(groups, **kwargs)
+        calls += 1
+        out.append(None)  # what a caller may do to its list
+        return out[:-1]
+
+    monkeypatch.setattr(fsdp2, "step_buffers", checked)
+    loaded = load_spec(ROOT / "configs" / "plan-llama-3.1-405b.yaml")
+    result = search.plan(loaded.spec, load_inventory(loaded), workers=1)
+    assert result.layouts and calls > 1000

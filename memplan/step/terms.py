@@ -170,12 +170,14 @@ def cheap_backward_end(
         return []
     from memplan.states.engines.fsdp2 import pipeline  # FSDP2's modules only where used
 
-    acts = _engine_view(
-        states.inventory,
-        saved,
-        of.activation_terms,
-        step.recipe,
-        cache,
+    # accumulated_gradients reads of the engine view only the decoder layer's saved bytes,
+    # the micro-batches and those in flight: the view `_engine_view` makes, less its
+    # embedding's backward and working sets (not read).
+    layers = saved.block("layers") if saved.modelled else None
+    acts = StepActivations(
+        loss_fp32=saved.upcast_bytes or saved.logits_bytes,
+        embedding_backward=None,
+        layer=None if layers is None else layers.bytes_each,
         microbatches=step.accumulation_steps,
         layers_in_flight=of.layers_in_flight,
     )

@@ -62,27 +62,38 @@ def accumulated_gradients(states: StepStates, acts: StepActivations) -> list[Tra
     backward done: its saved tensors gone, every gradient of the stage made)."""
     if states.layout.pipeline <= 1:
         return []
-    elements, layers = _trainable_and_layers(states.inventory)
-    dtype = accumulated_dtype(states)
+    _, layers = _trainable_and_layers(states.inventory)
+    steady = acts.layer is None or acts.layers_in_flight < acts.microbatches * layers
+    # Remembered per inventory (plan asks again for every micro-batch size, recomputation
+    # policy and engine view of a layout): a fresh list.
+    layer = None if steady else acts.layer or 0
+    return list(_accumulated(states.inventory, accumulated_dtype(states), layer))
+
+
+@lru_cache(maxsize=4096)
+def _accumulated(inventory: Inventory, dtype: str, layer: int | None) -> tuple[Transient, ...]:
+    """`accumulated_gradients` of a pipelined rank whose model is `inventory`, its gradients
+    accumulated in `dtype`: `layer` None in 1F1B's steady state, else one decoder layer's
+    saved bytes."""
+    elements, layers = _trainable_and_layers(inventory)
     n_bytes = elements * dtype_bytes(dtype)
     if n_bytes <= 0:
-        return []
+        return ()
     what = (
         f"{elements:,} stage parameters (unsharded) x {dtype_bytes(dtype)} B ({dtype}): every "
         "group's unsharded_accumulated_grad, kept until the last micro-batch's reduce-scatter"
     )
-    steady = acts.layer is None or acts.layers_in_flight < acts.microbatches * layers
-    if steady:
-        return [
+    if layer is None:
+        return (
             Transient(
                 name="fsdp2_pipeline_accumulated_grads",
                 bytes=n_bytes,
                 phases=("forward", "loss", "backward_start", "backward", "backward_end"),
                 formula=what,
                 source=SRC_PP_FSDP,
-            )
-        ]
-    one = layers * (acts.layer or 0)
+            ),
+        )
+    one = layers * layer
     out = [
         Transient(
             name="fsdp2_pipeline_accumulated_grads",
@@ -99,12 +110,12 @@ def accumulated_gradients(states: StepStates, acts: StepActivations) -> list[Tra
                 bytes=n_bytes - one,
                 phases=("backward",),
                 formula=f"{n_bytes:,} B accumulated gradients - {layers} layers x "
-                f"{acts.layer or 0:,} B saved by the micro-batch whose backward is done "
+                f"{layer:,} B saved by the micro-batch whose backward is done "
                 "(every micro-batch was in flight before the first backward)",
                 source=SRC_PP_FSDP,
             )
         )
-    return out
+    return tuple(out)
 
 
 @lru_cache(maxsize=64)

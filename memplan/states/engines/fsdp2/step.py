@@ -79,7 +79,56 @@ def step_buffers(
     With torchtitan's head group (`groups.head`) the root is the embedding group and the
     head's buffers follow its own life (_head_group_buffers); `loss_in_forward` says whether
     the loss runs inside the root module's forward (transformers' `labels`), which keeps the
-    last group's all-gather output until after it."""
+    last group's all-gather output until after it.
+
+    Remembered per groups object and the other arguments (plan's layouts that differ in
+    what these do not read, offload or the optimizer, and its micro-batches and
+    recomputation policies whose activations read the same, ask again): a fresh list."""
+    key = (world, param, grad, shard, reshard, gloo, acts, reduce, loss_in_forward, replicate, cast)
+    hit = _BUFFERS.get((groups,), key)
+    if hit is None:
+        hit = _BUFFERS.put(
+            (groups,),
+            key,
+            tuple(
+                _step_buffers(
+                    groups,
+                    world=world,
+                    param=param,
+                    grad=grad,
+                    shard=shard,
+                    reshard=reshard,
+                    gloo=gloo,
+                    acts=acts,
+                    reduce=reduce,
+                    loss_in_forward=loss_in_forward,
+                    replicate=replicate,
+                    cast=cast,
+                )
+            ),
+        )
+    return list(hit)
+
+
+_BUFFERS: IdentityMemo[tuple[Transient, ...]] = IdentityMemo(4096)
+
+
+def _step_buffers(
+    groups: Fsdp2Groups,
+    *,
+    world: int,
+    param: str,
+    grad: str,
+    shard: str,
+    reshard: bool,
+    gloo: bool,
+    acts: StepActivations,
+    reduce: str | None,
+    loss_in_forward: bool,
+    replicate: int,
+    cast: bool,
+) -> list[Transient]:
+    """`step_buffers`, worked out."""
     own = OwnDtypes(param_dtype=param if cast else None, reduce_dtype=reduce)
     reduce = reduce or grad
     fixed = _fixed_of(
