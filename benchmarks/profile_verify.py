@@ -99,7 +99,7 @@ TYPES: dict[str, dict[str, Any]] = {
     "falcon_h1": tiny("falcon_h1"),
     # MoE
     # A 16-token sliding window (the default 128 would make the trace's sequence unit 129 tokens,
-    # past max_position_embeddings: memplan/verify/trace/profile.py::sequence_unit).
+    # past max_position_embeddings: memplan/verify/trace/sizes.py::sequence_unit).
     "gpt_oss": tiny("gpt_oss", **MOE, sliding_window=16),
     "olmoe": tiny("olmoe", **MOE),
     "granitemoe": tiny("granitemoe", **MOE),

@@ -1,4 +1,4 @@
-"""Profiles of windowed models in two sequence regimes (memplan.verify.trace.profile.below_window,
+"""Profiles of windowed models in two sequence regimes (memplan.verify.trace.sizes.below_window,
 memplan.model.profile.Regime): below the sliding window the model runs another code path (sdpa
 without an explicit mask) than past it, so a sequence shorter than the window is traced at the
 ordinary sizes instead of being extrapolated from sequences past the window; the regime past the

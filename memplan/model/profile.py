@@ -196,7 +196,7 @@ class Profile:
     window longer than the sequence)."""
     max_sequence: int = 0
     """The longest sequence `blocks` describe (a regime below a sliding window or attention
-    chunk: memplan.verify.trace.profile.below_window); 0: no bound."""
+    chunk: memplan.verify.trace.sizes.below_window); 0: no bound."""
     above_sequence: int = 0
     """`blocks` describe sequences longer than this (Regime.above_sequence); 0: no bound."""
     regimes: tuple[Regime, ...] = ()

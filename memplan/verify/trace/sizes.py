@@ -1,0 +1,80 @@
+"""The sizes a profile is traced at (memplan.verify.trace.profile): the (batch, sequence) grid
+its fit spans and the sizes it is checked on, and the sequence regimes of a model with a sliding
+window or attention chunk (below the window at the ordinary unit, past it at multiples of
+W + 1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memplan.verify.trace import cuda
+
+GRID = ((2, 1), (3, 1), (2, 2), (3, 2), (2, 3), (3, 3))
+"""(batch, sequence multiple) sizes fitted for batch >= 2: {2, 3} x {1, 2, 3} spans BASIS."""
+CHECK = (4, 5)
+"""(batch, sequence multiple) the batch >= 2 fit is checked on."""
+GRID_B1 = ((1, 1), (1, 2), (1, 3))
+"""Batch 1 is fitted on its own over 1, s, s*s: torch saves other storages there (transformers'
+causal-LM loss shifts labels with `labels[..., 1:].contiguous()`, a view without a copy when
+the batch is 1: s + 1 elements, b * s otherwise)."""
+CHECK_B1 = (1, 5)
+SEQ_UNIT = 8
+"""Tokens per sequence multiple."""
+
+
+def window_of(cfg: Any) -> int:
+    """The sliding window (or attention chunk) that changes the code path of sequences the
+    model takes; 0 when there is none."""
+    window = getattr(cfg, "sliding_window", None)
+    if not getattr(cfg, "use_sliding_window", True):
+        window = None
+    # Llama 4's chunked attention cuts the same way (masking_utils.py::chunked_causal_mask).
+    window = window or getattr(cfg, "attention_chunk_size", None)
+    limit = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    if not isinstance(window, int) or window <= 0:
+        return 0
+    if limit and window >= limit:
+        return 0  # never cuts a sequence the model takes
+    return window
+
+
+def sequence_unit(cfg: Any) -> int:
+    """Tokens per traced sequence multiple past the window: 8, or one more than the sliding
+    window, so that every traced sequence is longer than the window (the code path changes
+    where the window starts to cut: sdpa gets an explicit mask). That regime holds from that
+    length on; shorter sequences have their own (below_window)."""
+    window = window_of(cfg)
+    return max(SEQ_UNIT, window + 1) if window else SEQ_UNIT
+
+
+def below_window(cfg: Any, device: str = "cpu") -> int:
+    """The longest sequence of the regime below the window, traced at the ordinary unit; 0 when
+    the model has no window or the window is too short to trace that regime (its check size,
+    CHECK[1] units, must stay below it).
+
+    The window itself is past: transformers 5.25 masking_utils.py::_ignore_causal_mask_sdpa
+    returns False (sdpa gets an explicit mask) when `kv_length >= local_attention_size`, and
+    create_sliding_window_causal_mask / create_chunked_causal_mask pass the window or chunk
+    there; so the regime below holds up to window - 1 (tests/test_profile_regimes.py traces
+    the window's own length and finds the past regime's tensors)."""
+    window = window_of(cfg)
+    unit = cuda.sequence_unit(SEQ_UNIT) if device == "cuda" else SEQ_UNIT
+    if not window or CHECK[1] * unit > window - 1:
+        return 0
+    return window - 1
+
+
+FAR = 512
+"""A long sequence every profile's fit is also checked on (below max_position_embeddings):
+code paths that change with the length past the traced sizes (a chunked linear-attention loop,
+chunk 64, saves per chunk) make the fit fail there instead of extrapolating wrongly."""
+
+
+def far_sequence(unit: int, limit: int) -> int:
+    """The far check's sequence: FAR rounded up to a multiple of `unit`, or the longest
+    multiple of `unit` the model takes when that is shorter; 0 when that is not past the
+    ordinary check (CHECK)."""
+    far = -(-FAR // unit) * unit
+    if limit and far > limit:
+        far = limit // unit * unit
+    return far if far > CHECK[1] * unit else 0
