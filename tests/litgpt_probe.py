@@ -640,17 +640,21 @@ def lightning_4bit_modules(lora: Lora, shape: Shape) -> dict[str, tuple[int, int
     }
 
 
-def held_bytes_qlora(precision: str, shape: Shape, lora: Lora, *, double: bool) -> int:
+def held_bytes_qlora(
+    precision: str, shape: Shape, lora: Lora, *, double: bool, stable_embedding: bool = True
+) -> int:
     """What litgpt's LoRA GPT holds after finetune/lora.py's forward and loss with QLoRA on CPU:
     Fabric's `PRECISION[precision]`, 32-true or bf16-true (bf16-true's forward_context sets
     the default dtype to bf16 as BitsandbytesPrecision's does; the output is cast to fp32 as
     both plugins do), every
     Linear Lightning's convert_module picks made a bitsandbytes Linear4bit quantized by
     bitsandbytes on CPU from fp16, and the embedding swapped for StableEmbedding as
-    finetune/lora.py::main swaps it."""
+    finetune/lora.py::main swaps it (litgpt >= 0.5.0; `stable_embedding=False`: no swap, the
+    frozen embedding as litgpt v0.4.13's main keeps it)."""
     fabric, model = _qlora_model(precision, shape, lora, double=double)
     wrapped = fabric.setup(model)
-    swap_stable_embedding(model)
+    if stable_embedding:
+        swap_stable_embedding(model)
     return _run_lora(wrapped, model, shape)
 
 
@@ -738,15 +742,22 @@ class OptimizerHeld:
 
 
 def qlora_optimizer_held(
-    precision: str, shape: Shape, lora: Lora, *, double: bool, steps: int = 2
+    precision: str,
+    shape: Shape,
+    lora: Lora,
+    *,
+    double: bool,
+    steps: int = 2,
+    stable_embedding: bool = True,
 ) -> OptimizerHeld:
     """litgpt 0.5.9 finetune/lora.py::main's order on CPU: Fabric setup_module, the optimizer
     litgpt instantiates (utils.py::instantiate_bnb_optimizer("AdamW", model.parameters()):
     bitsandbytes' own PagedAdamW, which on CPU keeps ordinary tensors, warning "Paged
-    optimizers are not supported on CPU"), the StableEmbedding swap, setup_optimizers, then
-    `steps` of fit's forward, loss, fabric.backward, optimizer.step(), optimizer.zero_grad()."""
+    optimizers are not supported on CPU"), the StableEmbedding swap (`stable_embedding=False`:
+    none, as litgpt v0.4.13's main), setup_optimizers, then `steps` of fit's forward, loss,
+    fabric.backward, optimizer.step(), optimizer.zero_grad()."""
     fabric, model = _qlora_model(precision, shape, lora, double=double)
-    return _optimizer_held(fabric, model, shape, quantized=True, steps=steps)
+    return _optimizer_held(fabric, model, shape, quantized=True, steps=steps, swap=stable_embedding)
 
 
 def lora_optimizer_held(
@@ -767,7 +778,14 @@ def lora_optimizer_held(
 
 
 def _optimizer_held(
-    fabric: Any, model: Any, shape: Shape, *, quantized: bool, steps: int, wrapped: Any = None
+    fabric: Any,
+    model: Any,
+    shape: Shape,
+    *,
+    quantized: bool,
+    steps: int,
+    wrapped: Any = None,
+    swap: bool = True,
 ) -> OptimizerHeld:
     import warnings
 
@@ -780,7 +798,8 @@ def _optimizer_held(
     wrapped = wrapped or fabric.setup_module(model)
     if quantized:
         optimizer = instantiate_bnb_optimizer("AdamW", wrapped.parameters())
-        swap_stable_embedding(model)
+        if swap:
+            swap_stable_embedding(model)
     else:
         optimizer = instantiate_torch_optimizer("AdamW", wrapped.parameters())
     optimizer = fabric.setup_optimizers(optimizer)

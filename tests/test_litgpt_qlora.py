@@ -380,3 +380,133 @@ def test_published_litgpt_qlora_rows(quantize: str, published_gb: float) -> None
     assert litgpt_qlora.SRC_KEEPS_A in {
         s.source for b in report.activations.blocks for s in b.tensors
     }
+
+
+# finetune.stable_embedding false: litgpt <= 0.4.13 (and lit-gpt 2023) ran no StableEmbedding
+# swap (litgpt PR #1770, commit ae798aba, first tagged v0.5.0). The oracle is the same real
+# run without the swap statements (tests/litgpt_probe.py, stable_embedding=False).
+
+
+@pytest.mark.parametrize(
+    ("batch", "seq", "dropout", "double"), [(2, 16, 0.0, False), (1, 200, 0.05, True)]
+)
+def test_no_swap_matches_litgpt_qlora_on_cpu_to_the_byte(
+    batch: int, seq: int, dropout: float, double: bool
+) -> None:
+    """Independent oracle: litgpt's real LoRA GPT with bitsandbytes' own 4-bit linears and the
+    frozen embedding (no StableEmbedding swap, as litgpt v0.4.13's main) holds exactly what
+    memplan's rule says with finetune.stable_embedding false, and less than with the swap."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("torch")
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.lora")
+    from tests.litgpt_probe import Lora, Shape, held_bytes_qlora
+
+    spec = qlora_spec(batch=batch, seq=seq, double=double, dropout=dropout, stable_embedding=False)
+    saved = micro_batch_of(spec, from_config(tiny()))
+    assert saved.modelled, saved.notes
+    shape = Shape(layers=2, batch=batch, seq=seq)
+    real = held_bytes_qlora(
+        "bf16", shape, Lora(dropout=dropout), double=double, stable_embedding=False
+    )
+    assert saved.bytes == real
+    swapped = micro_batch_of(
+        qlora_spec(batch=batch, seq=seq, double=double, dropout=dropout), from_config(tiny())
+    )
+    assert saved.bytes < swapped.bytes
+
+
+def test_no_swap_matches_litgpt_qlora_on_pythia() -> None:
+    """Independent oracle, the parallel-residual Block (the published StableLM, phi-1.5 and
+    Falcon rows' shape): Pythia with its frozen biases, no swap, to the byte."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.lora")
+    from tests.litgpt_probe import Lora, Shape, held_bytes_qlora, hf_config
+
+    shape = Shape(arch="pythia", layers=2, batch=2, seq=16, kv_heads=4)
+    cfg = hf_config(shape)
+    spec = make_spec(
+        model={"architecture": cfg, "implementation": "litgpt"},
+        precision="bf16",
+        training={"micro_batch_size": 2, "sequence_length": 16},
+        finetune={
+            "method": "qlora",
+            "rank": 8,
+            "alpha": 16,
+            "dropout": 0.05,
+            "target_modules": ["q_proj", "v_proj"],
+            "quant_type": "nf4",
+            "double_quant": True,
+            "stable_embedding": False,
+        },
+        optimizer={"name": "paged_adamw"},
+        hardware={"device": "cpu"},
+    )
+    saved = micro_batch_of(spec, from_config(cfg))
+    assert saved.modelled, saved.notes
+    real = held_bytes_qlora("bf16", shape, Lora(dropout=0.05), double=True, stable_embedding=False)
+    assert saved.bytes == real
+
+
+def test_no_swap_optimizer_matches_litgpt_paged_adamw_on_cpu() -> None:
+    """Independent oracle: main's order without the swap (litgpt v0.4.13), two real steps of
+    bitsandbytes' PagedAdamW: only the LoRA tensors train and get state, no gradient outlives
+    zero_grad, the optimizer holds nothing outside the model; memplan with
+    stable_embedding false has the same state bytes, no kept gradient, no unstepped or
+    replaced tensor, and 2 x 131,072 B (the embedding table and a LayerNorm pair's worth) less
+    in parameters than with the swap."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("torch")
+    pytest.importorskip("lightning.fabric")
+    pytest.importorskip("litgpt.lora")
+    from tests.litgpt_probe import Lora, Shape, qlora_optimizer_held
+
+    real = qlora_optimizer_held(
+        "bf16", Shape(layers=2), Lora(), double=False, stable_embedding=False
+    )
+    assert set(real.trainable) == set(real.with_state)
+    assert all("lora_" in n for n in real.trainable)
+    assert not real.kept_grads and real.outside_model == 0
+
+    spec = qlora_spec(stable_embedding=False)
+    report = estimate(spec, from_config(tiny()))
+    inv = finetune.apply(spec, from_config(tiny()))
+    assert report.per_gpu.bytes_of("optimizer_states") == real.state_bytes
+    start = dict(report.timeline.points[0].by_category)
+    assert start["gradients"] == sum(real.kept_grads.values()) == 0
+    assert sum(t.trainable for t in inv.parameters) == len(real.trainable)
+    assert not [t for t in inv.parameters if t.trainable and not t.stepped]
+    assert not [t for t in inv.parameters if t.name.startswith(litgpt_qlora.REPLACED_PREFIX)]
+    embedding = next(t for t in inv.parameters if t.role == "embedding")
+    assert not embedding.trainable
+
+
+def test_stable_embedding_default_is_litgpt_059s_swap() -> None:
+    """Pinning: unset is the swap (litgpt 0.5.9), the same inventory and saves as true."""
+    inv = from_config(tiny())
+    default = finetune.apply(qlora_spec(), inv)
+    swapped = finetune.apply(qlora_spec(stable_embedding=True), inv)
+    assert (default.parameters, default.notes) == (swapped.parameters, swapped.notes)
+    assert any(t.name.startswith(litgpt_qlora.REPLACED_PREFIX) for t in default.parameters)
+    saved = micro_batch_of(qlora_spec(), inv)
+    assert saved == micro_batch_of(qlora_spec(stable_embedding=True), inv)
+
+
+def test_stable_embedding_is_refused_where_it_means_nothing() -> None:
+    """Not qlora, or not model.implementation litgpt: one message naming the field."""
+    from pydantic import ValidationError
+
+    from memplan.config.load import validate
+
+    with pytest.raises(ValidationError, match="stable_embedding apply to method: qlora only"):
+        FinetuneSpec(method="lora", stable_embedding=False)
+    with pytest.raises(ValidationError, match="stable_embedding"):
+        FinetuneSpec(method="full", stable_embedding=True)
+    with pytest.raises(MemplanError, match="finetune.stable_embedding is LitGPT's"):
+        validate(
+            {
+                "model": {"preset": "llama-2-7b"},
+                "finetune": {"method": "qlora", "stable_embedding": False},
+            }
+        )

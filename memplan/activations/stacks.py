@@ -56,7 +56,9 @@ def litgpt_lora(arch: Architecture, st: Setting, ft: FinetuneSpec) -> Activation
         return litgpt.refused(f"activations not modelled: {why}.")
     quant = None
     if ft.method == "qlora":
-        quant = litgpt_qlora.Quant(keeps_input=bnb_keeps_input(ft))
+        quant = litgpt_qlora.Quant(
+            keeps_input=bnb_keeps_input(ft), stable_embedding=litgpt_qlora.swaps_embedding(ft)
+        )
     return litgpt_lora.saved(arch, st, flags, quant)
 
 

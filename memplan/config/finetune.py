@@ -30,6 +30,7 @@ _QLORA_KEYS = (
     "prepare_kbit",
     "bnb_version",
     "quant_storage",
+    "stable_embedding",
 )
 _PREFIX_KEYS = ("adapter_prompt_length", "adapter_start_layer")
 
@@ -98,6 +99,15 @@ class FinetuneSpec(Frozen):
     Linux). Before 0.43.2 every 4-bit matmul keeps its input for backward
     (autograd/_functions.py::MatMul4Bit.forward `ctx.tensors = (A, B)`; dropped by
     bitsandbytes PR #1270), modelled under model.implementation litgpt."""
+    stable_embedding: bool | None = None
+    """qlora under model.implementation litgpt: whether finetune/lora.py::main swaps the
+    embedding (`transformer.wte`) for bitsandbytes' StableEmbedding after building its
+    PagedAdamW (litgpt PR #1770, commit ae798aba, 2024-10-04, first tagged v0.5.0). None: true,
+    as litgpt >= 0.5.0 runs (0.5.9, the release memplan models): the new embedding and its
+    LayerNorm get gradients but no optimizer state, the optimizer's param_groups keep the
+    replaced weight, and every layer's input requires grad. false: the embedding stays the
+    frozen model's (no gradient, no optimizer state, its output needs no grad), as litgpt
+    <= 0.4.13 and lit-gpt (2023, e.g. commit 8641822 finetune/lora.py::main) ran."""
     adapter_prompt_length: PositiveInt = 10
     """adapter / adapter_v2: positions of the learned prefix each adapted layer attends to
     (litgpt 0.5.9 adapter.py::Config `adapter_prompt_length`, default 10): `adapter_wte` is

@@ -428,6 +428,12 @@ class Spec(Frozen):
                 "only (finetune.target_modules); drop target_parameters under "
                 "model.implementation: litgpt"
             )
+        if self.finetune.stable_embedding is not None and self.model.implementation != "litgpt":
+            raise ValueError(
+                "finetune.stable_embedding is LitGPT's QLoRA embedding swap (litgpt "
+                "finetune/lora.py::main, from v0.5.0): set model.implementation: litgpt (it is "
+                f"{self.model.implementation!r}) or leave stable_embedding out"
+            )
         return self
 
     def recipe(self) -> Recipe:

@@ -449,8 +449,8 @@ def apply(spec: Spec, inventory: Inventory) -> Inventory:
         tensor=spec.parallelism.tensor,
         state_dtype=qlora.LIGHTNING_STATE_DTYPE if lightning_4bit else None,
     )
-    if lightning_4bit:
-        out = litgpt_qlora.stable_embedding(out)  # LitGPT's QLoRA swaps in StableEmbedding
+    if lightning_4bit and litgpt_qlora.swaps_embedding(spec.finetune):
+        out = litgpt_qlora.stable_embedding(out)  # litgpt >= 0.5.0 swaps in StableEmbedding
     if spec.model.implementation == "litgpt":
         # LitGPT's adapters on fused modules (q|k|v; Phi-3's gate|up), not peft's shapes
         out = litgpt_lora_adapters.fused_adapters(out, spec.finetune)

@@ -58,7 +58,9 @@ and MatMul4Bit on CPU (tests/test_litgpt_qlora.py):
   parameters as they are then) the embedding is swapped for bitsandbytes' StableEmbedding
   (litgpt_qlora.stable_embedding): a new module, so its weight and its LayerNorm's weight and bias
   require grad though no optimizer holds them; its forward saves the indices and the
-  LayerNorm's input, mean and rstd, and every layer's input then requires grad.
+  LayerNorm's input, mean and rstd, and every layer's input then requires grad. The swap came in
+  litgpt v0.5.0 (PR #1770); `finetune.stable_embedding: false` models the releases before it
+  (and lit-gpt 2023): the frozen embedding, whose output needs no grad, as under LoRA.
 - bitsandbytes before 0.43.2 (finetune.bnb_version) keeps every 4-bit matmul's input A
   (litgpt_qlora.Quant.keeps_input); every release dequantizes the weight per call (a step transient,
   memplan.step.transients.qlora_dequantized).
@@ -290,8 +292,9 @@ def saved(
             tensors=tuple(litgpt_qlora.stable_embedding_saves(arch, st, q)),
         )
     ]
-    # The frozen embedding's output does not require grad; StableEmbedding's does.
-    g = q is not None
+    # The frozen embedding's output does not require grad (LoRA; QLoRA without the swap,
+    # litgpt_qlora.SRC_NO_SWAP); StableEmbedding's does (litgpt_qlora.SRC_STABLE).
+    g = q is not None and q.stable_embedding
     runs: list[tuple[list[Saved], int]] = []
     for _ in range(arch.num_layers):
         layer, g_out = _layer(arch, st, fl, g, q)
@@ -328,11 +331,18 @@ def saved(
         "the step holds them in every phase (memplan.step.transients.litgpt_logits).",
     )
     if q is not None:
+        embedding = (
+            "the embedding swapped for bitsandbytes' StableEmbedding (litgpt >= 0.5.0), whose "
+            "weight requires grad: its indices and LayerNorm are saved and every layer's input "
+            "requires grad"
+            if q.stable_embedding
+            else "the embedding the frozen model's (finetune.stable_embedding false: no "
+            "StableEmbedding swap, as litgpt <= 0.4.13 ran), its output needing no grad"
+        )
         notes += (
             "QLoRA as finetune/lora.py --quantize bnb.* runs it: every Linear, lm_head "
-            "included, a bnb Linear4bit (Lightning's BitsandbytesPrecision); the embedding "
-            "swapped for bitsandbytes' StableEmbedding, whose weight requires grad: its "
-            "indices and LayerNorm are saved and every layer's input requires grad"
+            "included, a bnb Linear4bit (Lightning's BitsandbytesPrecision); "
+            + embedding
             + (
                 "; bitsandbytes before 0.43.2 keeps every 4-bit matmul's input "
                 "(MatMul4Bit ctx.tensors = (A, B))."

@@ -37,12 +37,30 @@ STABLE_NORM = "norm"
 `<embedding>.norm.weight` and `.bias`."""
 
 
+SRC_NO_SWAP = (
+    "litgpt v0.4.13 finetune/lora.py::main (`instantiate_bnb_optimizer(optimizer, "
+    "model.parameters())`, no swap; the swap came in PR #1770, commit ae798aba, first tagged "
+    "v0.5.0); lit-gpt 8641822 finetune/lora.py::main (bnb.optim.PagedAdamW over the trainable "
+    "parameters, no swap)"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Quant:
-    """finetune/lora.py --quantize bnb.*: Lightning's 4-bit linears and the StableEmbedding."""
+    """finetune/lora.py --quantize bnb.*: Lightning's 4-bit linears and, from litgpt 0.5.0,
+    the StableEmbedding."""
 
     keeps_input: bool
     """bitsandbytes before 0.43.2: MatMul4Bit keeps its input when it needs grad (SRC_KEEPS_A)."""
+    stable_embedding: bool
+    """The embedding is swapped for StableEmbedding (SRC_STABLE; finetune.stable_embedding):
+    its output requires grad. False: the frozen model's embedding (SRC_NO_SWAP)."""
+
+
+def swaps_embedding(ft: FinetuneSpec) -> bool:
+    """Whether the job's finetune/lora.py swaps in StableEmbedding (finetune.stable_embedding,
+    None: true, as litgpt 0.5.9 runs); for qlora under model.implementation litgpt."""
+    return ft.stable_embedding is not False
 
 
 def lightning_quantization(ft: FinetuneSpec) -> FinetuneSpec:
@@ -135,11 +153,12 @@ def stable_embedding(inventory: Inventory) -> Inventory:
 
 
 def stable_embedding_saves(arch: Architecture, st: Setting, q: Quant | None) -> list[Saved]:
-    """What StableEmbedding's forward keeps (SRC_STABLE), nothing for the frozen embedding:
-    F.embedding its int64 indices (its weight requires grad), the LayerNorm its input (the
-    embedding output: `.to(torch.get_default_dtype())` is Fabric's forward dtype, no copy),
-    mean and rstd; its output, `.to(self.weight.dtype)`, is no copy either."""
-    if q is None:
+    """What StableEmbedding's forward keeps (SRC_STABLE), nothing for the frozen embedding
+    (LoRA, or QLoRA without the swap, SRC_NO_SWAP): F.embedding its int64 indices (its weight
+    requires grad), the LayerNorm its input (the embedding output: `.to(torch.
+    get_default_dtype())` is Fabric's forward dtype, no copy), mean and rstd; its output,
+    `.to(self.weight.dtype)`, is no copy either."""
+    if q is None or not q.stable_embedding:
         return []
     h, t = arch.hidden_size, st.tokens
     return [
