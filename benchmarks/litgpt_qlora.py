@@ -29,7 +29,15 @@ optimizer's state bytes, the gradients still allocated after zero_grad (the Stab
 the replaced embedding weight its param_groups keep, and how many trainable parameters have
 no state, against memplan's estimate.
 
-    PYTHONPATH=$PWD python benchmarks/litgpt_qlora.py   # ~3 min on 2 cores
+Parts 4-6, `*_no_stable_embedding`: the same without the StableEmbedding swap
+(`finetune.stable_embedding: false`: litgpt <= 0.4.13 and lit-gpt 2023 ran none; the swap came
+in litgpt PR #1770, commit ae798aba, first tagged v0.5.0): the probes skip the swap statements
+(tests/litgpt_probe.py, stable_embedding=False), so the embedding stays the frozen model's.
+Part 4 is Part 1's matrix; Part 5 the parallel-residual Block (benchmarks/litgpt_lora_neox.py's
+five architectures x 32-true / bf16-true x nf4 / nf4-dq x q+v / all+head x dropout 0 / 0.05 x
+(1, 200), (2, 16)); Part 6 is Part 3's optimizer run.
+
+    PYTHONPATH=$PWD python benchmarks/litgpt_qlora.py   # ~6 min on 2 cores
     # writes benchmarks/results/litgpt-qlora.json
 
 Needs bitsandbytes (pip install bitsandbytes; 0.50.2 here) besides benchmarks/litgpt_lora.py's
@@ -68,17 +76,31 @@ from tests.litgpt_probe import (  # noqa: E402
     PRECISION,
     Shape,
     held_bytes_qlora,
+    hf_config,
     qlora_optimizer_held,
 )
 
 OUT = ROOT / "benchmarks" / "results" / "litgpt-qlora.json"
 
 
+def cfg_of(shape: Shape) -> dict[str, Any]:
+    """The HF config of a probe shape: benchmarks.litgpt_activations' Llama-shaped one, else
+    the parallel-residual architectures' (tests/litgpt_probe.py::hf_config)."""
+    return config(shape) if shape.arch == "llama" else hf_config(shape)
+
+
 def spec_of(
-    shape: Shape, precision: str, targets: tuple[str, ...] | str, dropout: float, double: bool
+    shape: Shape,
+    precision: str,
+    targets: tuple[str, ...] | str,
+    dropout: float,
+    double: bool,
+    swap: bool = True,
 ) -> Any:
-    """The memplan spec of one matrix case (validated)."""
-    cfg = config(shape)
+    """The memplan spec of one matrix case (validated); `swap` False: finetune.
+    stable_embedding false (no StableEmbedding swap, litgpt <= 0.4.13)."""
+    cfg = cfg_of(shape)
+    swap_key = {} if swap else {"stable_embedding": False}
     return validate(
         {
             "model": {"architecture": cfg, "implementation": "litgpt"},
@@ -93,6 +115,7 @@ def spec_of(
                 "target_modules": list(targets),
                 "quant_type": "nf4",
                 "double_quant": double,
+                **swap_key,
             },
             "hardware": {"device": "cpu"},
         }
@@ -100,18 +123,24 @@ def spec_of(
 
 
 def predict(
-    shape: Shape, precision: str, targets: tuple[str, ...] | str, dropout: float, double: bool
+    shape: Shape,
+    precision: str,
+    targets: tuple[str, ...] | str,
+    dropout: float,
+    double: bool,
+    swap: bool = True,
 ) -> activations.Activations:
-    cfg = config(shape)
-    spec = spec_of(shape, precision, targets, dropout, double)
+    spec = spec_of(shape, precision, targets, dropout, double, swap)
     saved = activations.micro_batch(
-        from_config(cfg), setting_of(spec), layout_of(spec), spec.finetune
+        from_config(cfg_of(shape)), setting_of(spec), layout_of(spec), spec.finetune
     )
     assert saved.modelled, saved.notes
     return saved
 
 
-def matrix() -> list[dict[str, Any]]:
+def matrix(swap: bool = True) -> list[dict[str, Any]]:
+    """Part 1 (Part 4 with `swap` False: no StableEmbedding swap, finetune.stable_embedding
+    false, as litgpt <= 0.4.13's main)."""
     rows = []
     for precision in ("fp32", "bf16"):
         for double in (False, True):
@@ -121,10 +150,15 @@ def matrix() -> list[dict[str, Any]]:
                         for batch, seq in ((1, 200), (2, 16), (2, 300)):
                             shape = Shape(layers=2, batch=batch, seq=seq, kv_heads=kv)
                             lora = flags(targets, dropout)
-                            measured = held_bytes_qlora(precision, shape, lora, double=double)
-                            memplan = predict(shape, precision, targets, dropout, double).bytes
+                            measured = held_bytes_qlora(
+                                precision, shape, lora, double=double, stable_embedding=swap
+                            )
+                            memplan = predict(
+                                shape, precision, targets, dropout, double, swap
+                            ).bytes
                             rows.append(
                                 {
+                                    "stable_embedding": swap,
                                     "precision": precision,
                                     "fabric_precision": PRECISION[precision],
                                     "double_quant": double,
@@ -142,16 +176,61 @@ def matrix() -> list[dict[str, Any]]:
     return rows
 
 
-def optimizer_held() -> list[dict[str, Any]]:
+def neox_no_swap() -> list[dict[str, Any]]:
+    """Part 5: Part 4 on the parallel-residual Block (benchmarks/litgpt_lora_neox.py's
+    architectures and k/v heads: Pythia, Falcon-7B, Falcon-40B, phi-1.5, phi-2; the shape of
+    the published StableLM Alpha, phi-1.5 and Falcon rows), no StableEmbedding swap."""
+    from benchmarks.litgpt_lora_neox import KV
+
+    rows = []
+    for arch, kv in KV.items():
+        for precision in ("fp32", "bf16"):
+            for double in (False, True):
+                for name in ("q+v", "all+head"):
+                    for dropout in (0.0, 0.05):
+                        for batch, seq in ((1, 200), (2, 16)):
+                            shape = Shape(arch=arch, layers=2, batch=batch, seq=seq, kv_heads=kv)
+                            targets = TARGETS[name]
+                            lora = flags(targets, dropout)
+                            measured = held_bytes_qlora(
+                                precision, shape, lora, double=double, stable_embedding=False
+                            )
+                            memplan = predict(
+                                shape, precision, targets, dropout, double, swap=False
+                            ).bytes
+                            rows.append(
+                                {
+                                    "stable_embedding": False,
+                                    "arch": arch,
+                                    "precision": precision,
+                                    "double_quant": double,
+                                    "targets": name,
+                                    "dropout": dropout,
+                                    "kv_heads": kv,
+                                    "batch": batch,
+                                    "sequence": seq,
+                                    "measured": measured,
+                                    "memplan": memplan,
+                                    "exact": measured == memplan,
+                                }
+                            )
+                            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def optimizer_held(swap: bool = True) -> list[dict[str, Any]]:
     """Part 3: the optimizer litgpt instantiates, run for two steps after the StableEmbedding
-    swap (tests/litgpt_probe.py::qlora_optimizer_held), against memplan's estimate."""
+    swap (tests/litgpt_probe.py::qlora_optimizer_held), against memplan's estimate; `swap`
+    False (Part 6): without the swap, finetune.stable_embedding false."""
     rows = []
     for precision in ("fp32", "bf16"):
         for double in (False, True):
             for name, targets in TARGETS.items():
                 shape = Shape(layers=2, batch=2, seq=16)
-                real = qlora_optimizer_held(precision, shape, flags(targets, 0.0), double=double)
-                spec = spec_of(shape, precision, targets, 0.0, double)
+                real = qlora_optimizer_held(
+                    precision, shape, flags(targets, 0.0), double=double, stable_embedding=swap
+                )
+                spec = spec_of(shape, precision, targets, 0.0, double, swap)
                 inventory = from_config(config(shape))
                 report = estimate(spec, inventory)
                 held = finetune.apply(spec, inventory)
@@ -178,6 +257,7 @@ def optimizer_held() -> list[dict[str, Any]]:
                 }
                 rows.append(
                     {
+                        "stable_embedding": swap,
                         "precision": precision,
                         "double_quant": double,
                         "targets": name,
@@ -261,6 +341,9 @@ def main() -> None:
     quant = llama2_7b_quant_state()
     held = optimizer_held()
     rows = matrix()
+    held_no_swap = optimizer_held(swap=False)
+    rows_no_swap = matrix(swap=False)
+    neox = neox_no_swap()
     doc = {
         "stamp": stamp(),
         "command": "PYTHONPATH=$PWD python benchmarks/litgpt_qlora.py",
@@ -284,11 +367,20 @@ def main() -> None:
                 "cases": len(held),
                 "exact": sum(r["exact"] for r in held),
             },
+            "no_stable_embedding": {
+                "matrix": f"{sum(r['exact'] for r in rows_no_swap)} of {len(rows_no_swap)} exact",
+                "neox": f"{sum(r['exact'] for r in neox)} of {len(neox)} exact",
+                "optimizer_held": f"{sum(r['exact'] for r in held_no_swap)} of "
+                f"{len(held_no_swap)} exact",
+            },
             "seconds": round(time.time() - start, 1),
         },
         "matrix": rows,
         "optimizer_held": held,
         "llama2_7b_quant_state": quant,
+        "matrix_no_stable_embedding": rows_no_swap,
+        "neox_no_stable_embedding": neox,
+        "optimizer_held_no_stable_embedding": held_no_swap,
     }
     OUT.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc["summary"]))
