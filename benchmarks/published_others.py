@@ -306,10 +306,13 @@ def litgpt(mbs: int, quantize: str | None = None, size: str = "7b") -> dict[str,
         del lora["target_modules"]
     if quantize:
         # The reference file's bitsandbytes 0.41.1: MatMul4Bit keeps each 4-bit matmul's input.
+        # lit-gpt 8641822's finetune/lora.py::main has no StableEmbedding swap (litgpt PR #1770,
+        # commit ae798aba, first tagged v0.5.0): the embedding stays the frozen model's.
         lora |= {
             "quant_type": "nf4",
             "double_quant": quantize == "bnb.nf4-dq",
             "bnb_version": "0.41.1",
+            "stable_embedding": False,
         }
     return {
         "model": LITGPT_MODELS.get(size, {"preset": "llama-2-7b", "implementation": "litgpt"}),
@@ -358,17 +361,19 @@ LITGPT_QLORA_2023 = (
     "BitsandbytesPrecision(quantize[4:], dtype) quantizes every nn.Linear, the head included, "
     "and the optimizer is bnb.optim.PagedAdamW over the LoRA parameters, as litgpt 0.5.9 "
     "(memplan.model.stacks.litgpt_qlora). bitsandbytes 0.41.1 keeps every 4-bit matmul's input "
-    "(MatMul4Bit.forward `ctx.tensors = (A, B)`, finetune.bnb_version 0.41.1): 1.82 GiB here; "
-    "with memplan's default bitsandbytes (>= 0.43.2, PR #1270) the rows would be 11.85 and "
-    "11.56 GiB (-10.0%, -10.3%).",
-    "version gap, not subtracted: 8641822 has no StableEmbedding swap (litgpt 0.5.9 "
-    "finetune/lora.py::main adds it), about 0.53 GiB that 0.5.9 holds more (the embedding's "
-    "bf16 gradient, which its PagedAdamW never holds or clears, and the replaced embedding "
-    "weight that optimizer's param_groups keep, 262,144,000 B each; no optimizer state for "
-    "either; its LayerNorm's saved input; layer 0's norm and kept input); "
-    "and 8641822's RMSNorm keeps its bf16 input where 0.5.9 keeps an fp32 copy, 0.64 GiB at "
-    "micro-batch 1 (LITGPT_2023). Without the two, memplan would be about 5% under, as the "
-    "LoRA rows would be about 3.5% under without the second.",
+    "(MatMul4Bit.forward `ctx.tensors = (A, B)`, finetune.bnb_version 0.41.1): 1.80 GiB here; "
+    "with memplan's default bitsandbytes (>= 0.43.2, PR #1270) the rows would be 11.32 and "
+    "11.04 GiB (-14.0%, -14.4%).",
+    "version gap, modelled: 8641822 has no StableEmbedding swap (litgpt finetune/lora.py::main "
+    "adds it from v0.5.0, PR #1770, commit ae798aba), so the rows set finetune.stable_embedding "
+    "false: the embedding stays frozen. With the swap (litgpt 0.5.9, memplan's default) they "
+    "would be 572,435,456 B higher, +3.7% both (the embedding's bf16 gradient, which 0.5.9's "
+    "PagedAdamW never holds or clears, and the replaced weight its param_groups keep, "
+    "262,144,000 B each; the LayerNorm's weight and bias and their gradients; its saved input; "
+    "layer 0's norm and kept inputs). Version gaps left, not subtracted (LITGPT_2023): "
+    "8641822's RMSNorm keeps its bf16 input where 0.5.9 keeps an fp32 copy, 0.64 GiB at "
+    "micro-batch 1 (without it memplan would be about 5% under, as the LoRA rows would be about "
+    "3.5% under), and 8641822's flash-attn path where installed.",
 )
 
 # The same gaps at Llama 2 13B's sizes (hidden 5120, 40 layers, embedding 32,000 x 5,120).
@@ -382,12 +387,14 @@ LITGPT_13B_2023 = (
 )
 LITGPT_QLORA_13B_2023 = (
     "lit-gpt 8641822 with --quantize, as the 7B rows (LITGPT_QLORA_2023). bitsandbytes 0.41.1 "
-    "keeps every 4-bit matmul's input (finetune.bnb_version 0.41.1): 2.85 GiB here; with "
-    "memplan's default bitsandbytes (>= 0.43.2) the rows would be 20.79 and 20.19 GB (-10.2%, "
-    "-10.5%).",
-    "version gap, not subtracted: 0.5.9's StableEmbedding swap holds two 327,680,000 B tensors "
-    "more (the embedding's bf16 gradient and the replaced weight: 0.61 GiB) and its RMSNorm "
-    "about 0.99 GiB more at micro-batch 1 (LITGPT_13B_2023).",
+    "keeps every 4-bit matmul's input (finetune.bnb_version 0.41.1): 2.82 GiB here; with "
+    "memplan's default bitsandbytes (>= 0.43.2) the rows would be 20.08 and 19.48 GB (-13.2%, "
+    "-13.6%).",
+    "version gap, modelled: no StableEmbedding swap in 8641822 (finetune.stable_embedding "
+    "false, as the 7B rows); with 0.5.9's swap the rows would be 715,537,408 B higher, +3.0% "
+    "both (mostly two 327,680,000 B tensors: the embedding's bf16 gradient and the replaced "
+    "weight). Left, not subtracted: 0.5.9's RMSNorm holds about 0.99 GiB more at micro-batch 1 "
+    "(LITGPT_13B_2023; without it memplan would be about 5% under).",
 )
 
 LITGPT_STABLELM_2023 = (
@@ -401,11 +408,12 @@ LITGPT_STABLELM_2023 = (
 LITGPT_QLORA_STABLELM_2023 = (
     "lit-gpt 8641822 with --quantize, as the Llama rows (LITGPT_QLORA_2023), bitsandbytes "
     "0.41.1 keeping every 4-bit matmul's input (finetune.bnb_version 0.41.1).",
-    "version gap, not subtracted: litgpt 0.5.9's StableEmbedding swap, absent from 8641822, "
-    "holds 0.936 GB more here by the rule's own terms (the embedding's bf16 gradient and the "
-    "replaced weight its PagedAdamW keeps, 50,688 x 4,096 x 2 B = 415 MB each; the "
-    "StableEmbedding's saved LayerNorm input, 8.5 MB; layer 0's kept input, 97 MB): without "
-    "it memplan would be about 6.32 and 6.16 GB (-0.5%, -0.6%).",
+    "version gap, modelled: litgpt 0.5.9's StableEmbedding swap, absent from 8641822, is off "
+    "(finetune.stable_embedding false); with it the rows would be 953,363,968 B higher, "
+    "+14.2% / +14.6% (the embedding's bf16 gradient and the replaced weight its PagedAdamW "
+    "keeps, 50,688 x 4,096 x 2 B = 415 MB each; the StableEmbedding's saved LayerNorm input, "
+    "8.5 MB; layer 0's kept inputs, 97 MB). No RMSNorm gap here (LITGPT_STABLELM_2023); "
+    "8641822's flash-attn path is the gap left.",
 )
 LITGPT_PHI_2023 = (
     LITGPT_2023[0],
@@ -420,11 +428,12 @@ LITGPT_PHI_2023 = (
 LITGPT_QLORA_PHI_2023 = (
     "lit-gpt 8641822 with --quantize, as the Llama rows (LITGPT_QLORA_2023), bitsandbytes "
     "0.41.1 keeping every 4-bit matmul's input (finetune.bnb_version 0.41.1).",
-    "version gap, not subtracted: litgpt 0.5.9's StableEmbedding swap, absent from 8641822, "
-    "holds about 0.47 GB more here by the rule's own terms (the embedding's bf16 gradient and "
-    "the replaced weight its PagedAdamW keeps, 51,200 x 2,048 x 2 B = 210 MB each; the "
-    "StableEmbedding's saved LayerNorm input, 4.3 MB; layer 0's kept inputs, about 45 MB): "
-    "without it memplan would be about 3.71 and 3.65 GB (-2.0%, -2.0%).",
+    "version gap, modelled: litgpt 0.5.9's StableEmbedding swap, absent from 8641822, is off "
+    "(finetune.stable_embedding false); with it the rows would be 477,202,944 B higher, "
+    "+10.5% / +10.6% (the embedding's bf16 gradient and the replaced weight its PagedAdamW "
+    "keeps, 51,200 x 2,048 x 2 B = 210 MB each; the StableEmbedding's saved LayerNorm input, "
+    "4.3 MB; layer 0's kept inputs, about 45 MB). Gaps left (LITGPT_PHI_2023): 8641822's own "
+    "phi-1_5 config, not read, and its flash-attn path.",
 )
 LITGPT_FALCON_2023 = (
     LITGPT_2023[0],
@@ -436,10 +445,11 @@ LITGPT_FALCON_2023 = (
 LITGPT_QLORA_FALCON_2023 = (
     "lit-gpt 8641822 with --quantize, as the Llama rows (LITGPT_QLORA_2023), bitsandbytes "
     "0.41.1 keeping every 4-bit matmul's input (finetune.bnb_version 0.41.1); litgpt 0.5.9's "
-    "StableEmbedding swap, absent from 8641822, is in memplan's figure (not subtracted).",
-    "The verdict rests on bitsandbytes 0.41.1: its kept inputs put memplan at 47.00 / 45.18 GiB "
+    "StableEmbedding swap, absent from 8641822, is off (finetune.stable_embedding false: "
+    "2,455,647,744 B less than with it).",
+    "The verdict rests on bitsandbytes 0.41.1: its kept inputs put memplan at 46.43 / 44.63 GiB "
     "on the device (nf4 / nf4-dq); with bitsandbytes >= 0.43.2 (no input kept) memplan says "
-    "39.80 / 38.02 GiB, which fits the A100 40GB.",
+    "39.38 / 37.58 GiB, which fits the A100 40GB.",
 )
 
 # The run's float8 flags, each now modelled or shown to change nothing:
