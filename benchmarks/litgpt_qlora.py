@@ -37,7 +37,7 @@ Part 4 is Part 1's matrix; Part 5 the parallel-residual Block (benchmarks/litgpt
 five architectures x 32-true / bf16-true x nf4 / nf4-dq x q+v / all+head x dropout 0 / 0.05 x
 (1, 200), (2, 16)); Part 6 is Part 3's optimizer run.
 
-    PYTHONPATH=$PWD python benchmarks/litgpt_qlora.py   # ~6 min on 2 cores
+    PYTHONPATH=$PWD python benchmarks/litgpt_qlora.py   # ~2 min on 2 cores
     # writes benchmarks/results/litgpt-qlora.json
 
 Needs bitsandbytes (pip install bitsandbytes; 0.50.2 here) besides benchmarks/litgpt_lora.py's
