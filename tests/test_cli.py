@@ -167,6 +167,20 @@ BAD_INPUTS = [
     ),
     ("model:\n  hf_config: config.json\nhardware:\n  memory: 80XB\n", r"'80XB' is not a size"),
     ("model:\n  preset: llama-9\n", r"unknown preset 'llama-9'"),
+    # Checks across fields point at the key their message names, not at the section's line.
+    (
+        "model:\n  hf_config: config.json\ntraining:\n  micro_batch_size: 1\n"
+        "  activation_offload: true\n",
+        r"spec.yaml:5: training.activation_offload: activation_offload moves the inputs",
+    ),
+    (
+        "model:\n  hf_config: config.json\nfinetune:\n  method: qlora\n  stable_embedding: false\n",
+        r"spec.yaml:5: finetune.stable_embedding is LitGPT's QLoRA embedding swap",
+    ),
+    (
+        "model:\n  hf_config: config.json\nfinetune:\n  method: adapter\n",
+        r"spec.yaml:4: finetune.method adapter is LitGPT's",
+    ),
 ]
 
 

@@ -201,12 +201,31 @@ def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
+def _named_field(loc: tuple[Any, ...], message: str) -> tuple[Any, ...]:
+    """Where a check across fields points: pydantic locates a model validator's error at its
+    section (or at the whole spec), but its message starts with the key it is about
+    (`finetune.stable_embedding is LitGPT's ...`, `activation_offload moves ...`), whose line
+    is the one to show. That key's location under `loc` (or from the spec's root), when the
+    section has such a field; `loc` itself otherwise."""
+    if not _field_names(Spec, loc):
+        return loc  # an error of a field itself, not of a section
+    parts = tuple(message.split(" ", 1)[0].split("."))
+    for base in (loc, ()):
+        path = (*base, *parts)
+        if path[-1] in _field_names(Spec, path[:-1]):
+            return path
+    return loc
+
+
 def _describe(err: Mapping[str, Any], file: Path | None, marks: Marks) -> str:
     raw = tuple(err["loc"])
     # Drop the model-class tags pydantic puts in union locations; an unknown key is the
     # user's own (it may be capitalised), so the last part of its location always stays.
     cut = len(raw) - 1 if err["type"] == "extra_forbidden" else len(raw)
     loc = tuple(p for p in raw[:cut] if not (isinstance(p, str) and p[:1].isupper())) + raw[cut:]
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "value_error":
+        loc = _named_field(loc, message)
     dotted = ".".join(str(p) for p in loc) or "spec"
     where = locate(file, marks, loc)
     prefix = f"{where}: " if where else ""
@@ -214,10 +233,10 @@ def _describe(err: Mapping[str, Any], file: Path | None, marks: Marks) -> str:
         valid = _field_names(Spec, loc[:-1])
         hint = nearest(str(loc[-1]), valid)
         return f"{prefix}{dotted}: unknown key{hint}; valid keys here: {', '.join(valid)}."
-    message = str(err["msg"]).removeprefix("Value error, ")
     value = err.get("input")
     shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
-    return f"{prefix}{dotted}: {message}{shown}."
+    named = "" if message.startswith(f"{dotted} ") else f"{dotted}: "  # said once
+    return f"{prefix}{named}{message}{shown}."
 
 
 def validate(data: Any, *, path: Path | None = None, marks: Marks | None = None) -> LoadedSpec:
