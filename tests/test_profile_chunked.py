@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import weakref
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -233,3 +234,32 @@ def test_verify_qwen35_linear_attention(tmp_path: Any, monkeypatch: pytest.Monke
         assert out["setup"]["activations_source"] == "profile", out["notes"]
         assert acts["predicted"] == acts["measured"], (sequence, acts)
         assert not any("extrapolated" in n for n in out["notes"]), out["notes"]
+
+
+def test_the_shipped_qwen35_profile_pools_its_loop() -> None:
+    """Pins the shipped Qwen3.5-35B-A3B profile (benchmarks/flagships.py): its linear-attention
+    layers hold one pooled fp32 record over a divisor, traced on multiples of 128 tokens; at
+    4,096 tokens nothing is extrapolated, at 4,000 (not a multiple of 64) it is, and the working
+    set is two of the largest real tensor, not of the pool."""
+    import json
+
+    from memplan.model.load import PROFILE_DIR
+
+    path = PROFILE_DIR / "qwen3_5_moe_text-09668c2804de-bf16-bf16-sdpa-cuda-full.json"
+    doc = json.loads(path.read_text())
+    assert doc["fit"]["sequence_multiple"] == 64 and doc["fit"]["min_sequence"] == 128
+    prof = profile.from_document(doc, origin="test")
+    linear = next(b for b in prof.blocks if b.kind == "linear_attention")
+    pooled = [t for t in (*linear.tensors, *linear.recompute) if t.pooled]
+    assert pooled and all(t.dtype == "fp32" and t.divisor > 1 for t in pooled)
+    st = replace(_setting(1, 4096), stream="bf16", matmul="bf16", device="cuda")
+    st = replace(st, checkpointing="full")
+    acts = prof.activations(st, num_layers=40)
+    assert not any(n.startswith("sequence 4096") for n in acts.notes)
+    assert any("chunked loop" in n for n in acts.notes)
+    layers = next(b for b in acts.blocks if b.name == "layers")
+    largest = max(t.bytes for t in layers.recompute if not t.pooled)
+    assert max(t.bytes for t in layers.recompute) > largest  # the pool is the biggest record
+    assert working_sets(acts, layers)[0].parts == (largest, largest)
+    off = prof.activations(replace(st, sequence=4000), num_layers=40)
+    assert any(n.startswith("sequence 4000 is not a multiple of 64") for n in off.notes)
