@@ -1,6 +1,7 @@
 """Fitting what a trace saved: each saved storage's element count as exact integer
 coefficients over memplan.model.profile.BASIS, solved over rationals from traces at several
-(batch, sequence) sizes (memplan.verify.trace.profile runs them). No torch here."""
+(batch, sequence) sizes (memplan.verify.trace.profile runs them); a pooled record's (pool) as
+integers over a divisor. No torch here."""
 
 from __future__ import annotations
 
@@ -114,9 +115,10 @@ def fit(
         raise MemplanError(
             "the forward saves different tensors at different sizes (block "
             f"{block}: {[len(x) for x in lists]} saved storages at batch x sequence {sizes}, "
-            "each run of equal storages of one module counted once, as a per-token loop's), "
-            "another code path at some lengths, such as a chunked linear-attention loop; the "
-            "fit needs the same code path."
+            "each run of equal storages of one module counted once, as a per-token loop's, or "
+            "each varying module and dtype summed, as a chunked loop's), another code path at "
+            "some lengths, such as a chunked loop whose chunk memplan did not find "
+            "(memplan.verify.trace.sizes.loop_chunk); the fit needs the same code path."
         )
     out = []
     rows = [tuple(terms(b, s)[c] for c in columns) for b, s in sizes]

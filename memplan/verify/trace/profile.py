@@ -17,7 +17,10 @@ max_position_embeddings is traced either below the window (sequences 8-40 tokens
 or W - 1, `fit.max_sequence` W - 1: below_window) or past it (multiples of W + 1, the one regime
 before), as the sequence the profile is for needs; for_spec keeps a stored
 document's other regime beside the new one (merge). A block whose storage count grows with the
-sequence (a per-token loop) is fitted on its runs of equal storages summed (fit.collapse).
+sequence (a per-token loop) is fitted on its runs of equal storages summed (fit.collapse); where
+that leaves the counts unequal (a chunked loop, Qwen3.5's gated delta rule), on each varying
+(module, dtype) group summed (fit.pool), traced on multiples of twice the loop's chunk
+(sizes.loop_chunk, chunked_unit; `fit.sequence_multiple`).
 
 Checkpointing as memplan's Setting: none; full (transformers' activation_checkpointing_enable,
 non-reentrant: `recompute` is each layer's untraced tensors); selective (every attention core
