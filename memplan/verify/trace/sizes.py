@@ -91,7 +91,9 @@ def loop_chunk(model: Any) -> tuple[int, str]:
     its caller passes none; the same in qwen3_next, qwen3_5_moe, olmo_hybrid and others) pads
     the sequence to a multiple of the chunk and runs `for i in range(num_chunks)`, saving a
     recurrent state and a chunk of values per iteration: what it saves is linear in the
-    sequence only over multiples of the chunk (one chunk, or a padded last chunk, differs).
+    sequence only over multiples of the chunk (a padded last chunk differs: a tiny
+    qwen3_5_text's linear-attention layer, fp32, batch 2, saves 24,290,512 elements at 100
+    tokens, where the fit over multiples of 128 gives 23,414,964).
     The function is wrapped by `@use_kernel_func_from_hub_with_fallback` (a Module whose
     `forward` wraps it: unwrapped here). Several such functions: the least common multiple."""
     found: dict[int, str] = {}
@@ -120,7 +122,10 @@ def loop_chunk(model: Any) -> tuple[int, str]:
 def chunked_unit(unit: int, chunk: int) -> int:
     """The traced sequence multiple of a model with a chunked loop of `chunk` tokens: `unit`
     rounded up to a multiple of 2 x chunk, so that every traced sequence (the fit's 1, 2 and 3
-    units, its checks) is a whole number of chunks, two at least."""
+    units, its checks) is a whole number of chunks, two at least: a state carried from one
+    chunk to the next in each (a single chunk carries none; on the tiny qwen3_5_text, fp32,
+    it saves what the fit says, 14,627,328 elements at batch 2 x 64, but sequences below the
+    traced ones are still noted as extrapolated)."""
     if not chunk:
         return unit
     return -(-unit // (2 * chunk)) * (2 * chunk)
