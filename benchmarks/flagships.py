@@ -180,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument("--no-build", action="store_true", help="estimate with shipped files")
-    parser.add_argument("--only", nargs="*", help="presets to run (default: all)")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        help="presets to run (default: all); the stored rows of the others are kept, each with "
+        "the stamp it was made at",
+    )
     args = parser.parse_args(argv)
     # Stamped before the run: it rewrites the shipped profiles, which would read as a dirty tree.
     stamped = stamp(argv=["benchmarks/flagships.py", *(argv or sys.argv[1:])])
@@ -198,6 +203,15 @@ def main(argv: list[str] | None = None) -> int:
             row["estimate"] = estimate(spec, empty)
             print(json.dumps({k: row[k] for k in ("preset", "estimate")}, default=str))
             rows.append(row)
+    if args.only and RESULTS.is_file():  # the other presets' rows as stored, in FLAGSHIPS order
+        old = json.loads(RESULTS.read_text(encoding="utf-8"))
+        kept = {
+            r["preset"]: {"stamp": old.get("stamp"), **r}
+            for r in old.get("rows", ())
+            if r["preset"] not in args.only
+        }
+        new = {r["preset"]: {**r, "stamp": stamped} for r in rows}
+        rows = [{**kept, **new}[f["preset"]] for f in FLAGSHIPS if f["preset"] in {**kept, **new}]
     doc = {
         "layout": {**LAYOUT, "device": args.device},
         "rows": rows,

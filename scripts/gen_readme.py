@@ -621,6 +621,17 @@ def flagships(doc: Doc) -> str:
         "inventories). EP: expert parallelism over the data-parallel GPUs.\n\n"
     )
     text += table(head, rows)
+    own = doc["stamp"].get("commit")
+    older: dict[str, list[str]] = {}  # rows a `--only` run kept, by the commit they were made at
+    for r in doc["rows"]:
+        commit = (r.get("stamp") or {}).get("commit", own)
+        if commit != own:
+            older.setdefault(commit, []).append(r["label"])
+    if older:
+        text += "\nRows kept from earlier runs (`--only`): " + "; ".join(
+            f"{', '.join(labels)} at commit {commit}" for commit, labels in older.items()
+        )
+        text += ".\n"
     if missing:
         text += "\nNo profile yet (the trace's reason, in full in the results file): " + "; ".join(
             f"{r['label']}: {short(r.get('trace', {}).get('reason', 'not traced'))}"

@@ -13,6 +13,11 @@ the b term for the loss's shifted labels, the s and s*s terms for per-forward Ro
 masks that do not grow with the batch). `Profile.activations` turns it into memplan's
 `Activations` for one Setting, so layout, LoRA and the timeline read it like a family's rule.
 
+A record that sums a chunked loop's storages (`pooled`: memplan.verify.trace.fit.pool) may have
+rational coefficients, stored as integers over its `divisor` (documents without one: 1); a
+model with such a loop is traced on multiples of its chunk (`fit.sequence_multiple`), other
+sequences are extrapolated.
+
 A windowed model (sliding window, Llama 4's attention chunk) runs another code path below its
 window than past it, so its document holds one `Regime` per side, each fitted on its own sizes
 (`fit.max_sequence` bounds the one below, `fit.above_sequence` the one past it; `regimes` holds
@@ -132,10 +137,20 @@ class Tensor:
     """The module that saved it first, relative to its block, and its order there."""
     dtype: str
     numel: tuple[int, ...]
-    """Coefficients over `BASIS`."""
+    """Coefficients over `BASIS` (times `divisor`)."""
+    divisor: int = 1
+    """The element count is the polynomial over `divisor`: a pooled record holding a storage
+    per chunk of the sequence ([b, heads, s / 64]) has rational coefficients, kept exact
+    (the document's optional `divisor`; 1 in every document without it)."""
+    pooled: bool = False
+    """The sum of every storage of one module and dtype, not one storage (the document's
+    `pooled`: memplan.verify.trace.fit.pool, a chunked loop's)."""
 
     def at(self, batch: int, sequence: int) -> int:
-        return sum(c * x for c, x in zip(self.numel, terms(batch, sequence), strict=True))
+        total = sum(c * x for c, x in zip(self.numel, terms(batch, sequence), strict=True))
+        # Exact on the traced sequences (the chunk's multiples); off them, rounded up (as the
+        # loop pads the sequence) and extrapolated (Profile.sequence_multiple).
+        return total if self.divisor == 1 else -(-total // self.divisor)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -213,6 +228,10 @@ class Profile:
     layer_groups: tuple[tuple[str, tuple[int, ...]], ...] = ()
     """(kind, its decoder-layer indices in the full model): the tracer's grouping
     (memplan.verify.trace.structure); () in profiles that do not record it."""
+    sequence_multiple: int = 0
+    """The chunk of a chunked loop over the sequence the model runs (`fit.sequence_multiple`:
+    memplan.verify.trace.sizes.loop_chunk): traced on its multiples only, so another sequence
+    is extrapolated; 0: none."""
 
     def at_sequence(self, sequence: int) -> Profile | None:
         """This profile with the regime `sequence` runs in as its blocks (the bounded regime of
@@ -273,6 +292,8 @@ class Profile:
         out = set()
         for blk in self.blocks:
             for t in (*blk.tensors, *blk.recompute):
+                if t.pooled or t.divisor != 1:
+                    continue  # a sum of storages, not one tokens x width tensor
                 if t.numel[3] > 0 and not any(c for i, c in enumerate(t.numel) if i != 3):
                     out.add((blk.name, t.name))
         return frozenset(out)
@@ -309,6 +330,12 @@ class Profile:
             notes.append(
                 f"sequence {st.sequence} is shorter than the shortest traced one "
                 f"({self.min_sequence}, {where}): extrapolated."
+            )
+        if self.sequence_multiple and st.sequence % self.sequence_multiple:
+            notes.append(
+                f"sequence {st.sequence} is not a multiple of {self.sequence_multiple}, the "
+                "chunk of the model's chunked loop over the sequence, on whose multiples alone "
+                "it was traced (the loop pads the sequence there): extrapolated."
             )
         return Activations(
             modelled=True,
@@ -350,6 +377,7 @@ def _saved(tensors: Sequence[Tensor], b: int, s: int, profile: Profile) -> tuple
             dtype=t.dtype,
             saved_by="traced",
             source=f"traced with transformers {profile.versions.get('transformers', '?')}",
+            pooled=t.pooled,
         )
         for t in tensors
     )
@@ -402,6 +430,7 @@ def from_document(doc: Any, *, origin: str) -> Profile:
                 (str(kind), tuple(int(i) for i in indices))
                 for kind, indices in doc["model"].get("layer_groups", {}).items()
             ),
+            sequence_multiple=int(fit.get("sequence_multiple", 0)),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise MemplanError(
@@ -452,7 +481,16 @@ def _tensor(t: Mapping[str, Any]) -> Tensor:
     numel = tuple(int(c) for c in t["numel"])
     if len(numel) != len(BASIS):
         raise ValueError(f"{t.get('name')!r}: {len(numel)} coefficients, expected {len(BASIS)}")
-    return Tensor(name=str(t["name"]), dtype=dtype, numel=numel)
+    divisor = int(t.get("divisor", 1))
+    if divisor < 1:
+        raise ValueError(f"{t.get('name')!r}: divisor {divisor}, expected 1 or more")
+    return Tensor(
+        name=str(t["name"]),
+        dtype=dtype,
+        numel=numel,
+        divisor=divisor,
+        pooled=bool(t.get("pooled", False)),
+    )
 
 
 def serving(

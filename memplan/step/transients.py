@@ -140,7 +140,7 @@ def working_sets(saved: Activations, layers: Block) -> list[Transient]:
     memplan verify's measured peak and, op by op, against traced steps
     (benchmarks/torchtitan_70b_trace.py, benchmarks/bert_op_trace.py)."""
     inner = layers.recompute or layers.tensors
-    largest = max((t.bytes for t in inner), default=0)
+    largest = max((t.bytes for t in inner if not t.pooled), default=0)  # pooled: a sum
     hidden = saved.hidden_bytes
     recomputed = tuple(t.bytes for t in layers.recompute if t.bytes > 0)
     forward = Transient(

@@ -115,6 +115,10 @@ class Saved:
     """The autograd node that saves it (the first one, when several share the storage)."""
     source: str
     """Where the rule comes from: the kernel or modeling file that saves it."""
+    pooled: bool = False
+    """The sum of many storages, not one tensor (a traced profile's pooled record, a chunked
+    loop's: memplan.verify.trace.fit.pool): no working set is made of its size
+    (memplan.step.transients.working_sets)."""
 
     numel: int = field(init=False, repr=False)
     bytes: int = field(init=False, repr=False)

@@ -1,11 +1,13 @@
 """Fitting what a trace saved: each saved storage's element count as exact integer
 coefficients over memplan.model.profile.BASIS, solved over rationals from traces at several
-(batch, sequence) sizes (memplan.verify.trace.profile runs them). No torch here."""
+(batch, sequence) sizes (memplan.verify.trace.profile runs them); a pooled record's (pool) as
+integers over a divisor. No torch here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+from math import lcm
 from typing import Any
 
 from memplan.errors import MemplanError
@@ -19,6 +21,8 @@ class Record:
     dtype: str
     numel: int
     savers: set[str] = field(default_factory=set)
+    pooled: bool = False
+    """The sum of every storage of its module and dtype (pool)."""
 
 
 def split(records: list[Record]) -> dict[str, list[Record]]:
@@ -52,6 +56,41 @@ def collapse(records: list[Record]) -> list[Record]:
     return out
 
 
+def varying(lists: list[list[Record]]) -> set[tuple[str, str]]:
+    """The (module, dtype) groups whose number of storages differs between the traces of one
+    block (`lists`, one per traced size)."""
+    counts: list[dict[tuple[str, str], int]] = [{} for _ in lists]
+    for records, count in zip(lists, counts, strict=True):
+        for r in records:
+            count[(r.module, r.dtype)] = count.get((r.module, r.dtype), 0) + 1
+    groups = {g for count in counts for g in count}
+    return {g for g in groups if len({count.get(g, 0) for count in counts}) > 1}
+
+
+def pool(records: list[Record], groups: set[tuple[str, str]]) -> list[Record]:
+    """Every storage of each (module, dtype) group in `groups` as one record of their summed
+    size, where the group's first storage was (marked `pooled`); the other records as they are.
+    A chunked loop (transformers 5.25 modeling_qwen3_5.py::torch_chunk_gated_delta_rule, per
+    chunk a recurrent state, then a chunk of values, sizes that coincide at some dimensions)
+    saves a number of storages that grows with the sequence but no runs of equal storages
+    (collapse); their sum per group is linear in the sequence on the chunk's multiples. Used
+    only on blocks that collapse does not make the same at every traced size
+    (memplan.verify.trace.profile)."""
+    out: list[Record] = []
+    first: dict[tuple[str, str], Record] = {}
+    for r in records:
+        group = (r.module, r.dtype)
+        if group not in groups:
+            out.append(Record(r.block, r.module, r.dtype, r.numel, set(r.savers), r.pooled))
+        elif group in first:
+            first[group].numel += r.numel
+            first[group].savers |= r.savers
+        else:
+            first[group] = Record(r.block, r.module, r.dtype, r.numel, set(r.savers), True)
+            out.append(first[group])
+    return out
+
+
 def solve(rows: list[tuple[int, ...]], values: list[int]) -> list[Fraction]:
     """Exact solution of the square system rows @ c = values (Gauss-Jordan over rationals)."""
     n = len(rows)
@@ -76,9 +115,10 @@ def fit(
         raise MemplanError(
             "the forward saves different tensors at different sizes (block "
             f"{block}: {[len(x) for x in lists]} saved storages at batch x sequence {sizes}, "
-            "each run of equal storages of one module counted once, as a per-token loop's), "
-            "another code path at some lengths, such as a chunked linear-attention loop; the "
-            "fit needs the same code path."
+            "each run of equal storages of one module counted once, as a per-token loop's, or "
+            "each varying module and dtype summed, as a chunked loop's), another code path at "
+            "some lengths, such as a chunked loop whose chunk memplan did not find "
+            "(memplan.verify.trace.sizes.loop_chunk); the fit needs the same code path."
         )
     out = []
     rows = [tuple(terms(b, s)[c] for c in columns) for b, s in sizes]
@@ -87,16 +127,36 @@ def fit(
         if {(r.dtype, r.module) for r in column} != {(first.dtype, first.module)}:
             raise MemplanError(f"block {block}: tensor {i} differs between sizes ({first.module}).")
         coef = solve(rows, [r.numel for r in column])
-        if any(c.denominator != 1 for c in coef):
+        pooled = {r.pooled for r in column}
+        if len(pooled) != 1:
+            raise MemplanError(f"block {block}: tensor {i} differs between sizes ({first.module}).")
+        # A pooled record may hold a storage per chunk of the sequence: a rational coefficient
+        # (chunk_decay, [b, heads, s / chunk]); kept exact as integers over a divisor.
+        divisor = lcm(*(c.denominator for c in coef)) if first.pooled else 1
+        if any((c * divisor).denominator != 1 for c in coef):
             raise MemplanError(
                 f"block {block}: {first.module}'s size is not a polynomial over {BASIS} "
                 f"(fit {coef})."
             )
         numel = [0] * len(BASIS)
         for c, value in zip(columns, coef, strict=True):
-            numel[c] = int(value)
-        out.append({"module": first.module, "dtype": first.dtype, "numel": numel})
+            numel[c] = int(value * divisor)
+        out.append(
+            {
+                "module": first.module,
+                "dtype": first.dtype,
+                "numel": numel,
+                **({"divisor": divisor} if divisor > 1 else {}),
+                **({"pooled": True} if first.pooled else {}),
+            }
+        )
     return out
+
+
+def value(tensor: dict[str, Any], batch: int, sequence: int) -> int:
+    """A fitted tensor's element count at one size (as memplan.model.profile.Tensor.at)."""
+    total = sum(int(c) * x for c, x in zip(tensor["numel"], terms(batch, sequence), strict=True))
+    return -(-total // int(tensor.get("divisor", 1)))
 
 
 def named(tensors: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -105,5 +165,8 @@ def named(tensors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for t in tensors:
         k = seen.get(t["module"], 0)
         seen[t["module"]] = k + 1
-        out.append({"name": f"{t['module']}#{k}", "dtype": t["dtype"], "numel": t["numel"]})
+        extra: dict[str, Any] = {key: t[key] for key in ("divisor", "pooled") if key in t}
+        out.append(
+            {"name": f"{t['module']}#{k}", "dtype": t["dtype"], "numel": t["numel"], **extra}
+        )
     return out

@@ -17,7 +17,10 @@ max_position_embeddings is traced either below the window (sequences 8-40 tokens
 or W - 1, `fit.max_sequence` W - 1: below_window) or past it (multiples of W + 1, the one regime
 before), as the sequence the profile is for needs; for_spec keeps a stored
 document's other regime beside the new one (merge). A block whose storage count grows with the
-sequence (a per-token loop) is fitted on its runs of equal storages summed (fit.collapse).
+sequence (a per-token loop) is fitted on its runs of equal storages summed (fit.collapse); where
+that leaves the counts unequal (a chunked loop, Qwen3.5's gated delta rule), on each varying
+(module, dtype) group summed (fit.pool), traced on multiples of twice the loop's chunk
+(sizes.loop_chunk, chunked_unit; `fit.sequence_multiple`).
 
 Checkpointing as memplan's Setting: none; full (transformers' activation_checkpointing_enable,
 non-reentrant: `recompute` is each layer's untraced tensors); selective (every attention core
@@ -49,7 +52,7 @@ import transformers
 from memplan.config.load import LoadedSpec
 from memplan.errors import MemplanError
 from memplan.model import load as model_load
-from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document, terms
+from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document
 from memplan.report.settings import setting_of
 from memplan.verify import selective as selective_
 from memplan.verify.trace import autocast as autocast_
@@ -64,7 +67,9 @@ from memplan.verify.trace.sizes import (
     GRID_B1,
     SEQ_UNIT,
     below_window,
+    chunked_unit,
     far_sequence,
+    loop_chunk,
     sequence_unit,
 )
 
@@ -120,6 +125,8 @@ def _blocks(
     if top:  # the regime below the window: ordinary sizes, every one (far check too) below it
         unit = SEQ_UNIT
         limit = min(limit, top) if limit else top
+    chunk, chunk_source = loop_chunk(model)
+    unit = chunked_unit(unit, chunk)  # whole chunks, two at least
     if device == "cuda":
         unit = cuda.sequence_unit(unit)
     if limit and CHECK[1] * unit > limit:
@@ -139,6 +146,7 @@ def _blocks(
     }
     out: dict[str, list[dict[str, Any]]] = {}
     collapsed: set[str] = set()
+    pooled: dict[str, set[tuple[str, str]]] = {}  # block: its (module, dtype) groups pooled
     far = far_sequence(unit, limit)
     for suffix, grid, chk in (("", GRID, CHECK), ("@b1", GRID_B1, CHECK_B1)):
         sizes = [(b, m * unit) for b, m in grid]
@@ -152,10 +160,16 @@ def _blocks(
             ]
         for name in sorted({name for t in traced for name in t}):
             if len({len(t.get(name, [])) for t in traced}) > 1:  # a per-token loop: fit_.collapse
-                collapsed.add(name)
-                for t in traced:
+                merged = [fit_.collapse(t.get(name, [])) for t in traced]
+                if len({len(x) for x in merged}) == 1:
+                    collapsed.add(name)
+                else:  # a chunked loop: each varying (module, dtype) group summed (fit_.pool)
+                    groups = fit_.varying([t.get(name, []) for t in traced])
+                    pooled.setdefault(name, set()).update(groups)
+                    merged = [fit_.pool(t.get(name, []), groups) for t in traced]
+                for t, records in zip(traced, merged, strict=True):
                     if name in t:
-                        t[name] = fit_.collapse(t[name])
+                        t[name] = records
         fits = traced[: len(sizes)]
         fitted: dict[str, list[dict[str, Any]]] = {}
         recomputed = [f"{recompute_.PREFIX}layer.{i}" for i in plan.kept]
@@ -164,10 +178,7 @@ def _blocks(
         for block in (*base, *(recomputed if selective else ()), *held):
             fitted[block] = fit_.fit(fits, sizes, block)
             for check, seen in zip(checks, traced[len(sizes) :], strict=True):
-                expected = [
-                    sum(c * x for c, x in zip(t["numel"], terms(*check), strict=True))
-                    for t in fitted[block]
-                ]
+                expected = [fit_.value(t, *check) for t in fitted[block]]
                 measured = [r.numel for r in seen.get(block, [])]
                 if expected != measured:
                     raise MemplanError(
@@ -205,17 +216,19 @@ def _blocks(
         size = (GRID[0][0], GRID[0][1] * unit)
         full = fit_.split(trace_once(model, mode, batch=size[0], sequence=size[1], **once))
         kinds_collapsed = {plan.kind_of(i) for i in plan.kept if f"layer.{i}" in collapsed}
+        kinds_pooled: dict[str, set[tuple[str, str]]] = {}
+        for i in plan.kept:
+            kinds_pooled.setdefault(plan.kind_of(i), set()).update(pooled.get(f"layer.{i}", ()))
         for name in list(full):
             layer = name.startswith("layer.") and name[6:].isdigit()
             if name in collapsed or (layer and plan.kind_of(int(name[6:])) in kinds_collapsed):
                 full[name] = fit_.collapse(full[name])
-        at = terms(*size)
+            of_kind = kinds_pooled.get(plan.kind_of(int(name[6:])), set()) if layer else set()
+            if name in pooled or of_kind:
+                full[name] = fit_.pool(full[name], pooled.get(name, set()) | of_kind)
 
         def numels(tensors: list[dict[str, Any]]) -> list[tuple[str, int]]:
-            return [
-                (t["dtype"], sum(c * x for c, x in zip(t["numel"], at, strict=True)))
-                for t in tensors
-            ]
+            return [(t["dtype"], fit_.value(t, *size)) for t in tensors]
 
         structure.check(
             plan,
@@ -228,6 +241,8 @@ def _blocks(
     model_facts = {
         "sequence_unit": unit,
         "far_check_sequence": far,
+        "loop_chunk": chunk,
+        "loop_chunk_source": chunk_source,
         "max_sequence": top,
         "above_sequence": above,
         "collapsed": sorted(
@@ -236,6 +251,15 @@ def _blocks(
                 for c in (
                     name.removeprefix(recompute_.PREFIX).removeprefix(autocast_.HELD)
                     for name in collapsed
+                )
+            }
+        ),
+        "pooled": sorted(
+            {
+                f"layers of kind {plan.kind_of(int(c[6:]))!r}" if c[6:].isdigit() else c
+                for c in (
+                    name.removeprefix(recompute_.PREFIX).removeprefix(autocast_.HELD)
+                    for name in pooled
                 )
             }
         ),
@@ -378,6 +402,7 @@ def build(
     top = facts.pop("max_sequence")
     above = facts.pop("above_sequence")
     collapsed = facts.pop("collapsed")
+    pooled = facts.pop("pooled")
     return {
         "schema": SCHEMA,
         "key": {
@@ -404,6 +429,7 @@ def build(
             "min_sequence": facts["sequence_unit"],
             **({"max_sequence": top} if top else {}),
             **({"above_sequence": above} if above else {}),
+            **({"sequence_multiple": facts["loop_chunk"]} if facts["loop_chunk"] else {}),
         },
         "assumptions": [
             "dropout as the config's probabilities say."
@@ -419,6 +445,16 @@ def build(
             *([_tp_note(tensor, vocab_rows)] if tensor > 1 else []),
             *([SOFTMAX_INPUT_NOTE] if softmax_input else []),
             *([_collapsed_note(collapsed)] if collapsed else []),
+            *([_pooled_note(pooled)] if pooled else []),
+            *(
+                [
+                    _chunk_note(
+                        facts["loop_chunk"], facts["loop_chunk_source"], facts["sequence_unit"]
+                    )
+                ]
+                if facts["loop_chunk"]
+                else []
+            ),
         ],
         "blocks": doc_blocks,
         "build_seconds": round(time.perf_counter() - started, 3),
@@ -439,6 +475,26 @@ def _collapsed_note(blocks: list[str]) -> str:
         "storages of one module, dtype and size is listed as one storage of their summed size "
         "(memplan.verify.trace.fit.collapse), so the CUDA allocator's 512-byte rounding is "
         "counted once per run (exact where each storage is a multiple of 512 bytes)."
+    )
+
+
+def _pooled_note(blocks: list[str]) -> str:
+    return (
+        f"{', '.join(blocks)}: the number of storages saved grows with the sequence with no runs "
+        "of equal storages (a chunked loop's recurrent state and values, alternating); every "
+        "storage of such a module and dtype is listed as one record of their summed size "
+        "(`pooled`: memplan.verify.trace.fit.pool), exact in bytes, with the CUDA allocator's "
+        "512-byte rounding counted once per record, and no working set made of its size."
+    )
+
+
+def _chunk_note(chunk: int, source: str, unit: int) -> str:
+    return (
+        f"a chunked loop over the sequence, chunk {chunk} ({source}, transformers' torch "
+        "fallback: @use_kernel_func_from_hub_with_fallback runs flash-linear-attention's "
+        "kernels instead where `kernels` or fla is installed and takes the device, a GPU job's "
+        "usual case, which save other tensors): traced on multiples of "
+        f"{unit} tokens (fit.sequence_multiple {chunk}; other sequences are extrapolated)."
     )
 
 

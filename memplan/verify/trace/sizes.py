@@ -1,10 +1,13 @@
 """The sizes a profile is traced at (memplan.verify.trace.profile): the (batch, sequence) grid
 its fit spans and the sizes it is checked on, and the sequence regimes of a model with a sliding
 window or attention chunk (below the window at the ordinary unit, past it at multiples of
-W + 1)."""
+W + 1), and the unit of a model with a chunked loop over the sequence (loop_chunk)."""
 
 from __future__ import annotations
 
+import inspect
+import math
+import sys
 from typing import Any
 
 from memplan.verify.trace import cuda
@@ -78,3 +81,51 @@ def far_sequence(unit: int, limit: int) -> int:
     if limit and far > limit:
         far = limit // unit * unit
     return far if far > CHECK[1] * unit else 0
+
+
+def loop_chunk(model: Any) -> tuple[int, str]:
+    """(chunk, where) of the chunked loop over the sequence a model's code runs, (0, "") when it
+    has none: the int default of the `chunk_size` parameter of a function named *chunk* in the
+    modeling module of one of the model's classes. transformers 5.25
+    models/qwen3_5/modeling_qwen3_5.py::torch_chunk_gated_delta_rule (`chunk_size: int = 64`,
+    its caller passes none; the same in qwen3_next, qwen3_5_moe, olmo_hybrid and others) pads
+    the sequence to a multiple of the chunk and runs `for i in range(num_chunks)`, saving a
+    recurrent state and a chunk of values per iteration: what it saves is linear in the
+    sequence only over multiples of the chunk (a padded last chunk differs: a tiny
+    qwen3_5_text's linear-attention layer, fp32, batch 2, saves 24,290,512 elements at 100
+    tokens, where the fit over multiples of 128 gives 23,414,964).
+    The function is wrapped by `@use_kernel_func_from_hub_with_fallback` (a Module whose
+    `forward` wraps it: unwrapped here). Several such functions: the least common multiple."""
+    found: dict[int, str] = {}
+    for name in sorted({type(m).__module__ for m in model.modules()}):
+        module = sys.modules.get(name)
+        if module is None or not name.startswith("transformers.models."):
+            continue
+        for attr, obj in sorted(vars(module).items()):
+            if "chunk" not in attr.lower() or isinstance(obj, type):
+                continue
+            fn = getattr(obj, "forward", obj)
+            if not callable(fn):
+                continue
+            try:
+                param = inspect.signature(inspect.unwrap(fn)).parameters.get("chunk_size")
+            except (TypeError, ValueError):
+                continue
+            default = None if param is None else param.default
+            if isinstance(default, int) and not isinstance(default, bool) and default > 1:
+                found.setdefault(default, f"{name.rsplit('.', 1)[-1]}.py::{attr}")
+    if not found:
+        return 0, ""
+    return math.lcm(*found), ", ".join(found[c] for c in sorted(found))
+
+
+def chunked_unit(unit: int, chunk: int) -> int:
+    """The traced sequence multiple of a model with a chunked loop of `chunk` tokens: `unit`
+    rounded up to a multiple of 2 x chunk, so that every traced sequence (the fit's 1, 2 and 3
+    units, its checks) is a whole number of chunks, two at least: a state carried from one
+    chunk to the next in each (a single chunk carries none; on the tiny qwen3_5_text, fp32,
+    it saves what the fit says, 14,627,328 elements at batch 2 x 64, but sequences below the
+    traced ones are still noted as extrapolated)."""
+    if not chunk:
+        return unit
+    return -(-unit // (2 * chunk)) * (2 * chunk)
