@@ -125,19 +125,26 @@ MOE_TYPES = {
 # Types the trace (or the tiny config) does not serve yet: one setting is run to record why.
 # Types that trace and run in full, with what the matrix found against them.
 CAVEATS = {
-    "qwen3_5_text": "gated-delta-net linear attention: the peak misses the chunk loop's working "
-    "set (its rows). Its activations measure differs run to run: the chunked delta rule frees "
+    "qwen3_5_text": "gated-delta-net linear attention: not traced (the chunked delta rule saves "
+    "per 64-token chunk, which the fit over 8-24 tokens cannot describe: its rows' notes), so no "
+    "peak is predicted. Its activations measure differs run to run: the chunked delta rule frees "
     "saved storages mid-forward (nodes the forward drops) and a later saved storage can reuse "
     "the address, which memplan/verify/measure.py counts once (one run measured 76,771,844 B "
     "against the profile's 78,868,996 B in fp32/eager; with every saved storage kept alive the "
     "measurement equals the profile).",
-    "qwen3_next": "gated-delta-net linear attention + MoE: the peak misses the chunk loop's "
-    "working set (its rows), and its activations measure differs run to run as qwen3_5_text's.",
+    "qwen3_next": "gated-delta-net linear attention + MoE: not traced, no peak predicted, and "
+    "its activations measure differs run to run, as qwen3_5_text's.",
     "glm4_moe": "the router's group-selection index tensors are saved by nodes the forward "
     "drops (freed mid-forward): where a later saved storage reuses the address, verify's "
     "measurement counts one storage fewer (1,024 B: ratio 1.0015 in bf16/eager).",
-    "falcon_h1": "activations exact; under autocast (amp-bf16) the peak misses the Mamba "
-    "mixer's working set (its rows).",
+    "falcon_h1": "activations exact; the peak uses the layers' working sets the profile traced "
+    "(memplan/verify/trace/working.py: the Mamba-2 scan's [2, 1, 256, 256, 128] fp32 "
+    "temporaries), exact to 512 B without and with selective recomputation; under full "
+    "recomputation 0.08-0.18% low: the layers' gradients alive in the last layer's backward "
+    "(the timeline holds the head's only: memplan/step/timeline.py::_head_fraction).",
+    "bitnet": "activations exact; bf16 eager full recomputation: the peak is 2.7% low, in layer "
+    "0's backward with 91,008 B more gradients alive than the timeline holds there (the head's "
+    "only: memplan/step/timeline.py::_head_fraction); the layers' working sets are traced.",
     "persimmon": "under autocast (amp-bf16) the profile is 0.6% below verify's measurement "
     "(not investigated yet; within the 1% tolerance).",
 }

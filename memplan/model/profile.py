@@ -153,6 +153,10 @@ class Tensor:
         return total if self.divisor == 1 else -(-total // self.divisor)
 
 
+Working = tuple[tuple[int, ...], ...]
+"""A working set: byte polynomials over `BASIS`, the most of them at a size (ProfileBlock)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProfileBlock:
     name: str
@@ -173,6 +177,13 @@ class ProfileBlock:
     """CUDA autocast: the cast copies autocast's cache alone holds until the forward's autocast
     region exits (memplan.model.forward.tensors.Block.held); () in other profiles."""
     autocast_cache_b1: tuple[Tensor, ...] = ()
+    working: tuple[Working | None, Working | None] = (None, None)
+    """The main layer block of a CPU profile: the layers' forward and backward working sets
+    (memplan.verify.trace.working; document key `working`: {"forward": [[...], ...],
+    "backward": [[...], ...]}, bytes as polynomials over `BASIS`, the working set at a size the
+    most of them there; either absent where the trace could not fit it); (None, None) in other
+    blocks and documents without the key."""
+    working_b1: tuple[Working | None, Working | None] = (None, None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -316,6 +327,8 @@ class Profile:
                         blk.autocast_cache_b1 if b == 1 else blk.autocast_cache, b, s, self
                     ),
                     layered=bool(blk.kind),
+                    forward_working=_at(blk.working_b1[0] if b == 1 else blk.working[0], b, s),
+                    backward_working=_at(blk.working_b1[1] if b == 1 else blk.working[1], b, s),
                 )
             )
         logits, upcast = self._logits(st)
@@ -451,9 +464,34 @@ def _blocks(docs: Any) -> tuple[ProfileBlock, ...]:
             recompute_b1=tuple(_tensor(t) for t in blk.get("recompute_b1", ())),
             autocast_cache=tuple(_tensor(t) for t in blk.get("autocast_cache", ())),
             autocast_cache_b1=tuple(_tensor(t) for t in blk.get("autocast_cache_b1", ())),
+            working=_working(blk.get("working")),
+            working_b1=_working(blk.get("working_b1")),
         )
         for blk in docs
     )
+
+
+def _working(doc: Any) -> tuple[Working | None, Working | None]:
+    """A layer block's `working` key (ProfileBlock.working): (forward, backward)."""
+    if doc is None:
+        return (None, None)
+    out: list[Working | None] = []
+    for name in ("forward", "backward"):
+        polys = doc.get(name)
+        if polys is not None:
+            polys = tuple(tuple(int(c) for c in p) for p in polys)
+            if not polys or any(len(p) != len(BASIS) for p in polys):
+                raise ValueError(f"working.{name}: lists of {len(BASIS)} coefficients expected")
+        out.append(polys)
+    return (out[0], out[1])
+
+
+def _at(polys: Working | None, batch: int, sequence: int) -> int | None:
+    """A working set at one size: the most of its polynomials there (None stays None)."""
+    if polys is None:
+        return None
+    t = terms(batch, sequence)
+    return max(sum(c * x for c, x in zip(p, t, strict=True)) for p in polys)
 
 
 HEADS = ("lm", "sequence_classification", "token_classification", "question_answering")

@@ -138,7 +138,12 @@ def working_sets(saved: Activations, layers: Block) -> list[Transient]:
       input gradient (the layer's last op, passed on to the layer below).
     The sizes are the rule's own tensors; an estimate of which are alive at once, checked by
     memplan verify's measured peak and, op by op, against traced steps
-    (benchmarks/torchtitan_70b_trace.py, benchmarks/bert_op_trace.py)."""
+    (benchmarks/torchtitan_70b_trace.py, benchmarks/bert_op_trace.py).
+
+    A traced CPU profile records both working sets from the model's own step instead
+    (Block.forward_working / backward_working: memplan.verify.trace.working, the most bytes
+    alive beyond the saved tensors while a layer runs forward, and while the layers run
+    backward): those replace the estimate (`traced_working_sets`)."""
     inner = layers.recompute or layers.tensors
     largest = max((t.bytes for t in inner if not t.pooled), default=0)  # pooled: a sum
     hidden = saved.hidden_bytes
@@ -162,19 +167,43 @@ def working_sets(saved: Activations, layers: Block) -> list[Transient]:
             source=SRC_LAYER_SCATTER,
             parts=(largest, scatter, scatter),
         )
-    return [
-        forward,
-        Transient(
-            name="backward_working_set",
-            bytes=2 * largest + 2 * hidden + layers.recompute_bytes,
-            phases=("backward",),
-            formula=f"2 x {largest:,} B + 2 x {hidden:,} B (hidden-state gradients) + "
-            f"{layers.recompute_bytes:,} B recomputed by checkpointing ({len(recomputed)} "
-            "tensors)",
-            source="memplan estimate; recompute: " + SRC_RECOMPUTE,
-            parts=(hidden, *recomputed, largest, largest, hidden),
-        ),
-    ]
+    backward = Transient(
+        name="backward_working_set",
+        bytes=2 * largest + 2 * hidden + layers.recompute_bytes,
+        phases=("backward",),
+        formula=f"2 x {largest:,} B + 2 x {hidden:,} B (hidden-state gradients) + "
+        f"{layers.recompute_bytes:,} B recomputed by checkpointing ({len(recomputed)} "
+        "tensors)",
+        source="memplan estimate; recompute: " + SRC_RECOMPUTE,
+        parts=(hidden, *recomputed, largest, largest, hidden),
+    )
+    return traced_working_sets(layers, forward, backward)
+
+
+SRC_TRACED_WORKING = (
+    "memplan.verify.trace.working (the profile's trace: a forward + backward under "
+    "FakeTensorMode, every storage an op makes counted until freed)"
+)
+
+
+def traced_working_sets(layers: Block, forward: Transient, backward: Transient) -> list[Transient]:
+    """The estimate's forward and backward working sets, each replaced by the one the
+    profile traced where it has one (Block.forward_working / backward_working; one
+    allocation each: CPU profiles, no allocator replay)."""
+    out = [forward, backward]
+    traced = (layers.forward_working, layers.backward_working)
+    for i, (term, size) in enumerate(zip(out, traced, strict=True)):
+        if size is None:
+            continue
+        what = "a layer's forward" if i == 0 else "the layers' backward (gradients excluded)"
+        out[i] = replace(
+            term,
+            bytes=size,
+            formula=f"{size:,} B traced: the most {what} holds beyond the saved tensors",
+            source=SRC_TRACED_WORKING,
+            parts=(size,),
+        )
+    return out
 
 
 SRC_OUTPUT_CHUNKS = (

@@ -149,6 +149,13 @@ class Block:
     """Under autocast: the cast copies one copy of the block makes that only autocast's cast
     cache holds (aten/src/ATen/autocast_mode.cpp::cached_cast), alive until the forward's
     autocast region exits (memplan.step.transients.autocast_cache)."""
+    forward_working: int | None = None
+    """Traced profiles (memplan.verify.trace.working): bytes a layer's forward holds beyond
+    the saved tensors of the layers up to it, at its peak; None: memplan.step.transients.
+    working_sets' estimate."""
+    backward_working: int | None = None
+    """Traced profiles: bytes the layers' backward holds beyond every layer's saved tensors,
+    at its peak (gradients excluded); None: working_sets' estimate."""
 
     bytes_each: int = field(init=False, repr=False)
     recompute_bytes: int = field(init=False, repr=False)

@@ -31,6 +31,7 @@ from memplan.verify.trace import autocast as autocast_
 from memplan.verify.trace import cuda, heads, masks, moe, structure
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
+from memplan.verify.trace import working as working_
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {
@@ -116,6 +117,7 @@ def trace_once(
     selective: bool = False,
     autocast_lists: str | None = None,
     softmax_input: bool = False,
+    working: working_.Recorder | None = None,
 ) -> list[fit_.Record]:
     """One forward + loss; every saved storage once, with its block and module (device cuda:
     the CUDA kernels' tensors, memplan.verify.trace.cuda). `selective`: every attention core
@@ -123,7 +125,8 @@ def trace_once(
     (memplan.verify.trace.recompute). `autocast` runs torch's CPU autocast, or with device cuda
     CUDA's lists emulated (memplan.verify.trace.autocast); `autocast_lists` ("cpu", "cuda")
     forces the emulation with those lists. `softmax_input`: softmax and log_softmax keep their
-    input too, as torch before 1.11 (SoftmaxInputs)."""
+    input too, as torch before 1.11 (SoftmaxInputs). `working`: the layers' working sets
+    recorded there (memplan.verify.trace.working; then a backward runs too)."""
     lists = structure.stacks(model) or [decoder_layers(model, layer_count)]
     layers = [m for _, stack in lists for m in stack]
     paths = [f"{prefix}.{j}" for prefix, stack in lists for j in range(len(stack))]
@@ -150,6 +153,14 @@ def trace_once(
     for module in model.modules():
         hooks.append(module.register_forward_pre_hook(pre))
         hooks.append(module.register_forward_hook(post))
+    if working is not None:
+        rec = working
+        hooks.append(layers[-1].register_forward_hook(lambda _m, _a, o: rec.start_backward(o)))
+        hooks.append(
+            layers[0].register_forward_pre_hook(
+                lambda _m, a, k: rec.end_backward(a, k), with_kwargs=True
+            )
+        )
     loss_fn: Any = model.loss_function
 
     def loss_function(*args: Any, **kwargs: Any) -> Any:
@@ -216,6 +227,10 @@ def trace_once(
     elif autocast:
         cast = torch.autocast("cpu", dtype=DTYPES[autocast])
     recomputed = recompute_.Recomputed(lambda: state["block"], skip, NAMES)
+    live: Any = contextlib.nullcontext()
+    if working is not None:
+        live = working.mode(lambda: working_.layer_window(state["block"]), skip)
+        hooks += working.watch(model.parameters())
     cores: Any = (
         selective_.attention_cores(model, recompute_context=recomputed.context)
         if selective
@@ -231,6 +246,7 @@ def trace_once(
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             region.autocast(on_cast) if region is not None else cast,
             SoftmaxInputs() if softmax_input else contextlib.nullcontext(),
+            live,
         ):
             ids = torch.zeros((batch, sequence), dtype=torch.int64)
             kind = heads.kind_of_name(type(model).__name__) or "lm"
@@ -240,8 +256,17 @@ def trace_once(
             alive = {k: r for k, r in records.items() if any(w() is not None for w in refs[k])}
             kept = {k[0] for k in alive}
             held = [r for r, t in cached if t.untyped_storage()._cdata not in kept]
-        if selective:
-            if not run.calls:
+            loss = getattr(out, "loss", None)
+            del out  # only the loss kept through the backward, as memplan/verify/rank.py::_step
+        if working is not None and loss is None:
+            working = None
+        if selective or working is not None:
+            if loss is None:
+                raise MemplanError(
+                    f"{type(model).__name__} returned no loss: the selective trace runs its "
+                    "backward."
+                )
+            if selective and not run.calls:
                 raise MemplanError(selective_.no_core_message(model))
             with (
                 mode,
@@ -251,12 +276,24 @@ def trace_once(
                     else contextlib.nullcontext()
                 ),
                 cuda.cuda_kernels(em) if em is not None else contextlib.nullcontext(),
-                selective_.recomputed_saves(recomputed.save),
+                selective_.recomputed_saves(recomputed.save)
+                if selective
+                else contextlib.nullcontext(),
+                live,
             ):
-                out.loss.backward()  # the cores' recomputations run the same kernels
+                try:
+                    loss.backward()  # the cores' recomputations run the same kernels
+                except Exception:
+                    if selective:
+                        raise
+                    # the working sets' own backward: a model whose backward fake tensors
+                    # cannot run keeps its profile, with the estimate's working sets
+                    working = None
             for p in model.parameters():
                 p.grad = None
-        del out
+        del loss
+        if working is not None:
+            working_.close(working, alive.values())
     finally:
         for hook in hooks:
             hook.remove()

@@ -59,6 +59,7 @@ from memplan.verify.trace import autocast as autocast_
 from memplan.verify.trace import cuda, heads, moe, structure, tp
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
+from memplan.verify.trace import working as working_
 from memplan.verify.trace.forward import any_layers, build_fake, decoder_layers, trace_once
 from memplan.verify.trace.sizes import (
     CHECK,
@@ -87,6 +88,7 @@ def _blocks(
     head_dim: tuple[int, bool] | None = None,
     softmax_input: bool = False,
     sequence: int | None = None,
+    working: bool = False,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int], list[str], dict[str, Any]]:
     """Fitted tensors per block: embeddings, one per layer kind (`layer:<kind>`), head, loss.
 
@@ -95,7 +97,8 @@ def _blocks(
     `head_dim`: a TP-local config's pinned head width, and whether the whole config lacked
     it, checked on the built model (memplan.verify.trace.tp.check_heads). `sequence`: the
     sequence the profile is for; one below the model's window is traced in the regime below
-    it (below_window), else (and for None) past it."""
+    it (below_window), else (and for None) past it. `working`: the layers' working sets traced
+    and fitted too (memplan.verify.trace.working: facts["working"], per suffix)."""
     model, mode = build_fake(
         config, stream=stream, attention=attention, checkpointing=checkpointing, dropout=dropout
     )
@@ -148,16 +151,29 @@ def _blocks(
     collapsed: set[str] = set()
     pooled: dict[str, set[tuple[str, str]]] = {}  # block: its (module, dtype) groups pooled
     far = far_sequence(unit, limit)
+    working_sets: dict[str, dict[str, list[list[int]]]] = {}
     for suffix, grid, chk in (("", GRID, CHECK), ("@b1", GRID_B1, CHECK_B1)):
         sizes = [(b, m * unit) for b, m in grid]
         checks = [(chk[0], chk[1] * unit)]
         if far and not suffix:
             checks.append((chk[0], far))
+        recorders = [working_.Recorder() for _ in (*sizes, *checks)]
         with structure.keeping(layer_list, plan):
+            if working and not suffix:
+                # a model's first forward runs a few more ops than the next ones (one-time
+                # set-up: falcon_h1's runs 1,756 against 1,754), and the working sets' fit
+                # needs the same ops at every size: one untimed forward first
+                trace_once(model, mode, batch=sizes[0][0], sequence=sizes[0][1], **once)
             traced = [
-                fit_.split(trace_once(model, mode, batch=b, sequence=s, **once))
-                for b, s in (*sizes, *checks)
+                fit_.split(
+                    trace_once(
+                        model, mode, batch=b, sequence=s, working=r if working else None, **once
+                    )
+                )
+                for (b, s), r in zip((*sizes, *checks), recorders, strict=True)
             ]
+        if working:
+            working_sets[suffix] = working_.fitted(recorders, sizes, checks)
         for name in sorted({name for t in traced for name in t}):
             if len({len(t.get(name, [])) for t in traced}) > 1:  # a per-token loop: fit_.collapse
                 merged = [fit_.collapse(t.get(name, [])) for t in traced]
@@ -278,6 +294,7 @@ def _blocks(
         "num_labels": int(mcfg.num_labels),
         "layer_groups": {g.kind: list(g.layers) for g in plan.groups},
         "encoder_decoder": bool(two),
+        "working": working_sets,
     }
     return out, counts, kinds, model_facts
 
@@ -334,6 +351,8 @@ def build(
         head_dim=pinned,
         softmax_input=softmax_input,
         sequence=sequence,
+        # CPU profiles: the working sets the CPU kernels make (CUDA's are not traced)
+        working=device == "cpu",
         **common,
     )
     recompute: dict[str, list[dict[str, Any]]] = {}
@@ -385,6 +404,7 @@ def build(
     doc_blocks: list[dict[str, Any]] = [
         {"name": "embeddings", "kind": "", "count": 1, **lists("embeddings")}
     ]
+    working = facts.pop("working")
     for kind in kind_names:
         doc_blocks.append(
             {
@@ -392,6 +412,13 @@ def build(
                 "kind": kind,
                 "count": counts[kind],
                 **lists("", kind),
+                # every layer's working sets, on the main kind's block (the step's timeline
+                # reads them there: memplan.step.transients.working_sets)
+                **{
+                    f"working{suffix.replace('@', '_')}": sets
+                    for suffix, sets in working.items()
+                    if sets and kind == main
+                },
             }
         )
     doc_blocks += [
