@@ -312,10 +312,18 @@ def _on_rank(
     )
 
 
-def micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
+def micro_batch(
+    inventory: Inventory,
+    st: Setting,
+    lay: Layout,
+    ft: FinetuneSpec,
+    *,
+    kept: Layout | None = None,
+) -> Activations:
     """One micro-batch's activations on one GPU of the layout, every layer (the TP slice at
     sequence / CP, sequence parallelism applied), with the layout's communication buffers;
-    on TP rank `lay.tensor_rank` (its vocabulary rows)."""
+    on TP rank `lay.tensor_rank` (its vocabulary rows). `kept`: `lay.keep(*SAVED_FIELDS)`,
+    when already made (plan asks again for every micro-batch of a layout)."""
     if st.implementation == "litgpt" and (
         lay.tensor > 1 or lay.context > 1 or lay.expert > 1 or lay.pipeline > 1
     ):
@@ -330,7 +338,7 @@ def micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec
             ),
             implementation="litgpt",
         )
-    return _micro_batch(inventory, st, lay.keep(*SAVED_FIELDS), ft)
+    return _micro_batch(inventory, st, lay.keep(*SAVED_FIELDS) if kept is None else kept, ft)
 
 
 @lru_cache(maxsize=256)
