@@ -212,8 +212,6 @@ class StepTotals:
 
     terms: tuple[Transient, ...]
     """Every transient term (`transients`)."""
-    alive: dict[Phase, list[Transient]]
-    """The transient terms alive at each phase, in the terms' order."""
     resident: tuple[int, int, int]
     """Parameters, optimizer states and buffers: the same bytes at every phase."""
     gradients: dict[Phase, int]
@@ -259,12 +257,10 @@ def totals(
     terms = tuple(transients(step, shared.states, saved, cache, of=shared.of))
     gradients = shared.gradients
     activations = shared.activations
-    # Each phase's transient terms, in the terms' order, and their bytes: one pass.
-    alive: dict[Phase, list[Transient]] = {phase: [] for phase in PHASES}
+    # Each phase's transient bytes (the terms alive there: `alive`, where a timeline is built).
     transient = dict.fromkeys(PHASES, 0)
     for t in terms:
         for phase in t.phases:
-            alive[phase].append(t)
             transient[phase] += t.bytes
     resident = (
         per_gpu.bytes_of("parameters"),
@@ -274,7 +270,6 @@ def totals(
     moving = max(gradients[p] + activations[p] + transient[p] for p in PHASES)
     return StepTotals(
         terms=terms,
-        alive=alive,
         resident=resident,
         gradients=gradients,
         activations=activations,
@@ -307,12 +302,13 @@ def build(
             cache=cache,
             shared=shared,
         )
+    # The transient terms alive at each phase, in the terms' order.
+    alive: dict[Phase, list[str]] = {phase: [] for phase in PHASES}
+    for t in worked.terms:
+        for phase in t.phases:
+            alive[phase].append(t.name)
     points = tuple(
-        Point(
-            phase=phase,
-            by_category=worked.row(phase),
-            transients=tuple(t.name for t in worked.alive[phase]),
-        )
+        Point(phase=phase, by_category=worked.row(phase), transients=tuple(alive[phase]))
         for phase in PHASES
     )
     cuda = step.device == "cuda"
