@@ -24,6 +24,7 @@ from functools import lru_cache
 from memplan.activations import lora
 from memplan.config.finetune import FinetuneSpec, bnb_keeps_input
 from memplan.memo import IdentityMemo
+from memplan.memory import Transient
 from memplan.model import profile
 from memplan.model.families import family_of, modelled_model_types
 from memplan.model.forward import compiled
@@ -291,11 +292,11 @@ def _on_rank(
     # Under torch's runtime the stages' receive and output buffers join the rank's buffers
     # (in the same replace as its blocks).
     buffers = (
-        pipeline.torch_stage_buffers(
+        _torch_stage_buffers(
             micro.hidden_bytes,
-            stages=tuple((c == 0, c == len(every) - 1) for c in mine),
-            alive=alive,
-            m=microbatches,
+            tuple((c == 0, c == len(every) - 1) for c in mine),
+            alive,
+            microbatches,
         )
         if lay.pipeline_runtime == "torch"
         else ()
@@ -310,6 +311,18 @@ def _on_rank(
         kinds=kinds,
         buffers=buffers,
     )
+
+
+@lru_cache(maxsize=4096)
+def _torch_stage_buffers(
+    hidden: int, stages: tuple[tuple[bool, bool], ...], alive: tuple[int, ...], m: int
+) -> tuple[Transient, ...]:
+    """memplan.activations.pipeline.torch_stage_buffers, cached by value: a rank's buffers
+    do not depend on what its layers save (plan's recomputation policies and compile flags
+    of one micro-batch ask again)."""
+    from memplan.activations import pipeline
+
+    return pipeline.torch_stage_buffers(hidden, stages=stages, alive=alive, m=m)
 
 
 def micro_batch(
