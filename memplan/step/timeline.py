@@ -175,6 +175,9 @@ class StepParts:
     gradients: dict[Phase, int]
     of: OfSaved
     """What the step reads of the saved tensors alone (memplan.step.terms.of_saved)."""
+    held: tuple[int, int]
+    """The rank's parameters' and optimizer states' bytes (the same at every phase),
+    remembered per StepStates."""
 
     @property
     def activations(self) -> dict[Phase, int]:
@@ -202,6 +205,13 @@ def parts(
             lambda: _gradients(step, states, cache),
         ),
         of=of,
+        held=cache.get(
+            ("held", states),
+            lambda: (
+                states.per_gpu.bytes_of("parameters"),
+                states.per_gpu.bytes_of("optimizer_states"),
+            ),
+        ),
     )
 
 
@@ -262,11 +272,7 @@ def totals(
     for t in terms:
         for phase in t.phases:
             transient[phase] += t.bytes
-    resident = (
-        per_gpu.bytes_of("parameters"),
-        per_gpu.bytes_of("optimizer_states"),
-        buffer_bytes,
-    )
+    resident = (*shared.held, buffer_bytes)
     moving = max(gradients[p] + activations[p] + transient[p] for p in PHASES)
     return StepTotals(
         terms=terms,
@@ -397,7 +403,7 @@ def floor_bytes(
         *shared.of.buffers,
         *cheap_backward_end(step, states, saved, cache, shared.of),
     )
-    resident = per_gpu.bytes_of("parameters") + per_gpu.bytes_of("optimizer_states") + buffer_bytes
+    resident = sum(shared.held) + buffer_bytes
     moving = {phase: gradients[phase] + activations[phase] for phase in PHASES}
     for t in some:
         for phase in t.phases:
