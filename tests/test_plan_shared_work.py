@@ -168,3 +168,36 @@ def test_pin_floor_over_budget_works_out_one_stage(monkeypatch: pytest.MonkeyPat
     assert sorted(asked) == sorted(viewed) and len(viewed) > 1
     assert report.stage_peaks == before.stage_peaks
     assert report.timeline.points == before.timeline.points
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_pin_peak_within_reads_what_the_report_says(name: str, device: str) -> None:
+    """peak_within (what plan's search reads of an evaluation, without the timeline's points)
+    gives the peak, usable bytes, layout, stages and saved tensors of assemble_within's report
+    of the same arguments, and None at the same budgets."""
+    from memplan.report.estimate import peak_within
+
+    for mbs, recompute in ((1, "none"), (2, "full")):
+        loaded = _spec(CASES[name], mbs, recompute)
+        spec = loaded.spec.model_copy(
+            update={"hardware": loaded.spec.hardware.model_copy(update={"device": device})}
+        )
+        inventory = load_inventory(loaded)
+        trained = finetune.apply(spec, inventory)
+        states = model_states(spec, trained)
+        report = assemble_within(spec, inventory, trained, states)
+        assert report is not None
+        for budget in (None, report.peak_bytes, report.peak_bytes - 1):
+            want = assemble_within(spec, inventory, trained, states, budget=budget)
+            got = peak_within(spec, trained, states, budget=budget)
+            assert (got is None) == (want is None)
+            if got is None or want is None:
+                continue
+            assert got.peak_bytes == want.peak_bytes == report.peak_bytes
+            assert got.usable_bytes == want.usable_bytes
+            # the packing bound of reserved on CUDA, the peak itself on the CPU
+            assert (want.timeline.reserved_bytes is None) == (device == "cpu")
+            assert got.layout == want.layout
+            assert got.stages == want.stages
+            assert got.activations == want.activations

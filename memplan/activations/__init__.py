@@ -24,6 +24,7 @@ from functools import lru_cache
 from memplan.activations import lora
 from memplan.config.finetune import FinetuneSpec, bnb_keeps_input
 from memplan.memo import IdentityMemo
+from memplan.memory import Transient
 from memplan.model import profile
 from memplan.model.families import family_of, modelled_model_types
 from memplan.model.forward import compiled
@@ -291,11 +292,11 @@ def _on_rank(
     # Under torch's runtime the stages' receive and output buffers join the rank's buffers
     # (in the same replace as its blocks).
     buffers = (
-        pipeline.torch_stage_buffers(
+        _torch_stage_buffers(
             micro.hidden_bytes,
-            stages=tuple((c == 0, c == len(every) - 1) for c in mine),
-            alive=alive,
-            m=microbatches,
+            tuple((c == 0, c == len(every) - 1) for c in mine),
+            alive,
+            microbatches,
         )
         if lay.pipeline_runtime == "torch"
         else ()
@@ -312,10 +313,30 @@ def _on_rank(
     )
 
 
-def micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec) -> Activations:
+@lru_cache(maxsize=4096)
+def _torch_stage_buffers(
+    hidden: int, stages: tuple[tuple[bool, bool], ...], alive: tuple[int, ...], m: int
+) -> tuple[Transient, ...]:
+    """memplan.activations.pipeline.torch_stage_buffers, cached by value: a rank's buffers
+    do not depend on what its layers save (plan's recomputation policies and compile flags
+    of one micro-batch ask again)."""
+    from memplan.activations import pipeline
+
+    return pipeline.torch_stage_buffers(hidden, stages=stages, alive=alive, m=m)
+
+
+def micro_batch(
+    inventory: Inventory,
+    st: Setting,
+    lay: Layout,
+    ft: FinetuneSpec,
+    *,
+    kept: Layout | None = None,
+) -> Activations:
     """One micro-batch's activations on one GPU of the layout, every layer (the TP slice at
     sequence / CP, sequence parallelism applied), with the layout's communication buffers;
-    on TP rank `lay.tensor_rank` (its vocabulary rows)."""
+    on TP rank `lay.tensor_rank` (its vocabulary rows). `kept`: `lay.keep(*SAVED_FIELDS)`,
+    when already made (plan asks again for every micro-batch of a layout)."""
     if st.implementation == "litgpt" and (
         lay.tensor > 1 or lay.context > 1 or lay.expert > 1 or lay.pipeline > 1
     ):
@@ -330,7 +351,7 @@ def micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpec
             ),
             implementation="litgpt",
         )
-    return _micro_batch(inventory, st, lay.keep(*SAVED_FIELDS), ft)
+    return _micro_batch(inventory, st, lay.keep(*SAVED_FIELDS) if kept is None else kept, ft)
 
 
 @lru_cache(maxsize=256)

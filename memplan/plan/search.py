@@ -17,7 +17,7 @@ from itertools import groupby
 from memplan.config.base import MAX_DEGREE
 from memplan.config.parallelism import ParallelismSpec
 from memplan.config.plan import PlanSpec
-from memplan.config.spec import Spec
+from memplan.config.spec import Spec, TrainingSpec
 from memplan.errors import MemplanError
 from memplan.model.finetune import lora as finetune
 from memplan.model.inventory import Inventory
@@ -39,7 +39,14 @@ from memplan.plan.steptime import (
 )
 from memplan.plan.timing import link_of, shape_of, work_of
 from memplan.plan.workers import Pool, ordered_map, workers_help
-from memplan.report.estimate import Prepared, assemble_within, model_states, prepare
+from memplan.report.estimate import (
+    Peak,
+    Prepared,
+    assemble_within,
+    model_states,
+    peak_within,
+    prepare,
+)
 from memplan.report.result import Report, verdict
 from memplan.report.settings import capacity_of
 from memplan.states.engines.base import StepCache
@@ -79,6 +86,9 @@ class _Search(LayoutSpace):
     """Set by `run`."""
     pool: Pool | None = None
     """The workers `run` forked, if it did: they replay the rows shown (`plan` closes them)."""
+    trainings: dict[tuple[int, str, bool, int], TrainingSpec] = field(default_factory=dict)
+    """The rows' training keys by (micro-batch, recomputation, compile, accumulation): the
+    spec's with those four replaced, made once (`_report`)."""
 
     def run(
         self, progress: Progress | None, first: bool = False, workers: int = 1
@@ -228,27 +238,31 @@ class _Search(LayoutSpace):
         recompute: str,
         compiled: bool,
         prepared: list[Prepared],
-    ) -> Report | None:
-        """The layout's report, or None when its floor (assemble_within) exceeds the budget.
-        `prepared`: empty, or what assemble_within prepares for this layout (filled here)."""
-        training = spec.training.model_copy(
-            update={
-                "micro_batch_size": mbs,
-                "activation_checkpointing": recompute,
-                "compile": compiled,
-                # pipeline ranks keep up to this many micro-batches in flight
-                "gradient_accumulation_steps": self.global_batch // (mbs * spec.parallelism.data),
-            }
-        )
+    ) -> Peak | None:
+        """What the search reads of the layout's report (peak_within), or None when its floor
+        or a stage's peak exceeds the budget (assemble_within). `prepared`: empty, or what
+        assemble_within prepares for this layout (filled here)."""
+        # pipeline ranks keep up to this many micro-batches in flight
+        accumulation = self.global_batch // (mbs * spec.parallelism.data)
+        key = (mbs, recompute, compiled, accumulation)
+        training = self.trainings.get(key)
+        if training is None:  # made once per search: every layout's rows share it
+            training = self.trainings[key] = self.spec.training.model_copy(
+                update={
+                    "micro_batch_size": mbs,
+                    "activation_checkpointing": recompute,
+                    "compile": compiled,
+                    "gradient_accumulation_steps": accumulation,
+                }
+            )
         row = spec.model_copy(update={"training": training})
         if not prepared:
             try:
                 prepared.append(prepare(row, trained, states))
             except MemplanError:
                 pass  # assemble_within raises it below (or what it checks first)
-        return assemble_within(
+        return peak_within(
             row,
-            self.inventory,
             trained,
             states,
             budget=self.budget,
@@ -258,7 +272,7 @@ class _Search(LayoutSpace):
 
     def _candidate(
         self,
-        report: Report,
+        report: Peak,
         par: ParallelismSpec,
         mbs: int,
         recompute: str,
@@ -556,5 +570,5 @@ def _tensor_of(run: Sequence[tuple[ParallelismSpec, str]]) -> int:
     return run[0][0].tensor
 
 
-def _activations_modelled(report: Report) -> bool:
+def _activations_modelled(report: Report | Peak) -> bool:
     return report.activations.modelled

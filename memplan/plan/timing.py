@@ -9,6 +9,7 @@ from memplan.hardware import CATALOG
 from memplan.model.inventory import Inventory
 from memplan.plan.steptime import COMPILE_SPEEDUP_CODE, Link, Shape, StepTime, Work, step_time
 from memplan.precision import dtype_bytes
+from memplan.report.estimate import Peak
 from memplan.report.result import Report
 from memplan.states.engines.megatron import main_grad_dtype
 
@@ -48,10 +49,11 @@ def link_of(spec: Spec, plan: PlanSpec) -> Link:
 
 
 def work_of(
-    spec: Spec, report: Report, mbs: int, recompute: str, compiled: bool | None = None
+    spec: Spec, report: Report | Peak, mbs: int, recompute: str, compiled: bool | None = None
 ) -> Work:
-    """What one rank of `report`'s layout computes and communicates per step (`compiled`:
-    training.compile of the row, default the spec's)."""
+    """What one rank of `report`'s layout computes and communicates per step (`report`: an
+    estimate, or what plan's search reads of one; `compiled`: training.compile of the row,
+    default the spec's)."""
     recipe = spec.recipe()
     per_rank = max(s.num_parameters for s in report.stages)
     engine = report.layout.engine

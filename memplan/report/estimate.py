@@ -172,6 +172,10 @@ class Prepared:
     """The stages' states with fp8's scaling state among their buffers."""
     viewed: list[int]
     """_stages_to_view."""
+    kept: Layout
+    """`layout.keep(*acts.SAVED_FIELDS)`: what acts.micro_batch reads of it."""
+    buffer_bytes: tuple[int, ...]
+    """Each stage's buffers' bytes (_buffer_bytes)."""
     step_states: dict[int, StepStates] = field(default_factory=dict)
     """Each viewed stage's model states as the engines read them (StepSettings.states: the
     layout, precision, optimizer and device, none of them training keys), made by the first
@@ -192,7 +196,12 @@ def prepare(
     )
     staged = [_with_fp8_state(spec, st, local[st.stage]) for st in stages]
     return Prepared(
-        layout=layout, local=local, stages=staged, viewed=_stages_to_view(staged, every_stage)
+        layout=layout,
+        local=local,
+        stages=staged,
+        viewed=_stages_to_view(staged, every_stage),
+        kept=layout.keep(*acts.SAVED_FIELDS),
+        buffer_bytes=tuple(_buffer_bytes(st) for st in staged),
     )
 
 
@@ -216,89 +225,22 @@ def assemble_within(
     stage through the caching allocator (estimate's verdict) even where `every_stage` is off.
     `prepared`: `prepare(spec, trained, stages, every_stage=every_stage)` of a spec with the
     same layout, when already worked out."""
-    check_async_tp(spec)  # reads training.compile: checked for every spec
-    setting = setting_of(spec)
-    capacity = capacity_of(spec)
-    if prepared is None:
-        prepared = prepare(spec, trained, stages, every_stage=every_stage)
-    layout, local, viewed = prepared.layout, prepared.local, prepared.viewed
-    stages = prepared.stages
-    micro = acts.micro_batch(trained, setting, layout, spec.finetune)
-    step = step_settings(spec, layout)
-    cache = StepCache() if cache is None else cache
-    # Each viewed stage's saved tensors, worked out when first read: a floor above the budget
-    # ends the evaluation before the later stages' are needed (nothing in them raises).
-    saved_on: dict[int, acts.Activations] = {}
-
-    def saved_of(i: int) -> acts.Activations:
-        if i not in saved_on:
-            saved_on[i] = _saved_on(trained, micro, step, stages[i], setting.checkpoint_every)
-        return saved_on[i]
-
-    # What a stage's floor and its timeline both work out, made once (tl.parts).
-    shared: dict[int, tl.StepParts] = {}
-
-    def parts_of(i: int) -> tl.StepParts:
-        if i not in shared:
-            states = prepared.step_states.get(i)
-            if states is None:
-                states = prepared.step_states[i] = step.states(
-                    local[stages[i].stage], stages[i].per_gpu
-                )
-            shared[i] = tl.parts(
-                step,
-                local[stages[i].stage],
-                per_gpu=stages[i].per_gpu,
-                saved=saved_of(i),
-                cache=cache,
-                states=states,
-            )
-        return shared[i]
-
-    # A stage without modelled activations is not pruned here: plan says so instead.
-    floors: dict[int, int] = {}
-    if budget is not None:
-        for i in viewed:
-            if not saved_of(i).modelled:
-                continue
-            floors[i] = tl.floor_bytes(
-                step,
-                local[stages[i].stage],
-                per_gpu=stages[i].per_gpu,
-                buffer_bytes=_buffer_bytes(stages[i]),
-                saved=saved_on[i],
-                cache=cache,
-                shared=parts_of(i),
-            )
-            if floors[i] > budget:
-                return None
-    for i in viewed:
-        saved_of(i)
-    # With a budget and every viewed stage's activations modelled, the first timeline that
-    # peaks above the budget settles it (the report's peak is its highest stage's, and plan
-    # reads nothing else of a report over the budget): None, as for a floor. The stages are
-    # built highest floor first, the likeliest to.
-    settle = budget is not None and len(floors) == len(viewed)
-    order = sorted(viewed, key=lambda i: -floors[i]) if settle else viewed
-    # Each viewed stage's peak (tl.totals); the Timeline only of the highest.
-    worked: dict[int, tl.StepTotals] = {}
-    for i in order:
-        worked[i] = tl.totals(
-            step,
-            local[stages[i].stage],
-            per_gpu=stages[i].per_gpu,
-            buffer_bytes=_buffer_bytes(stages[i]),
-            saved=saved_on[i],
-            cache=cache,
-            shared=parts_of(i),
-        )
-        if settle and budget is not None and worked[i].peak_bytes > budget:
-            alloc_conf(spec.hardware.alloc_conf)  # checked as below
-            return None
-    views = {i: (saved_on[i], worked[i].peak_bytes) for i in viewed}
-    index = max(views, key=lambda i: (views[i][1], -i))
+    w = _worked(
+        spec,
+        trained,
+        stages,
+        budget=budget,
+        every_stage=every_stage,
+        cache=cache,
+        prepared=prepared,
+    )
+    if w is None:
+        return None
+    setting, capacity, step, cache = w.setting, w.capacity, w.step, w.cache
+    layout, local, stages = w.prepared.layout, w.prepared.local, w.prepared.stages
+    views, index = w.views, w.index
     top = stages[index]
-    saved = saved_on[index]
+    saved = views[index][0]
     timeline = _timeline_of(
         step,
         capacity,
@@ -307,8 +249,8 @@ def assemble_within(
         top.per_gpu,
         local[top.stage],
         saved,
-        parts_of(index),
-        worked[index],
+        w.shared[index],
+        w.worked[index],
     )
     tensor_views = (
         _tensor_views(spec, trained, step, capacity, cache, top, saved.bytes, timeline)
@@ -376,6 +318,188 @@ def assemble_within(
         allocator=allocator,
         device_terms=terms,
         alloc_conf_text=spec.hardware.alloc_conf,
+    )
+
+
+# eq=False: compared by identity, never by value (see memplan/report/result.py)
+@dataclass(frozen=True, slots=True, eq=False)
+class Peak:
+    """What plan's search reads of an evaluation under its budget (`peak_within`): the same
+    values as `assemble_within`'s Report of the same arguments, without its timeline's points,
+    notes and views."""
+
+    layout: Layout
+    stages: tuple[StageStates, ...]
+    """Report.stages"""
+    activations: acts.Activations
+    """Report.activations: the most-loaded stage's saved tensors."""
+    peak_bytes: int
+    """Report.peak_bytes"""
+    usable_bytes: int | None
+    """Report.usable_bytes (no allocator replayed: the timeline's packing bound)."""
+
+
+def peak_within(
+    spec: Spec,
+    trained: Inventory,
+    stages: Sequence[StageStates],
+    *,
+    budget: int | None = None,
+    cache: StepCache | None = None,
+    prepared: Prepared | None = None,
+) -> Peak | None:
+    """`assemble_within(spec, model, trained, stages, budget=budget, cache=cache,
+    prepared=prepared)` as plan's search reads it (`Peak`): None where that is None, the
+    same checks made (it raises what that raises)."""
+    w = _worked(
+        spec, trained, stages, budget=budget, every_stage=False, cache=cache, prepared=prepared
+    )
+    if w is None:
+        return None
+    top = w.prepared.stages[w.index]
+    saved = w.views[w.index][0]
+    notes.sequence_notes(spec, trained, [v[0] for v in w.views.values()])  # what it refuses
+    alloc_conf(spec.hardware.alloc_conf)  # checked as assemble_within checks it
+    worked = w.worked[w.index]
+    return Peak(
+        layout=w.prepared.layout,
+        stages=tuple(w.prepared.stages),
+        activations=saved,
+        peak_bytes=worked.peak_bytes,
+        usable_bytes=tl.usable_bytes(
+            w.step,
+            worked,
+            per_gpu=top.per_gpu,
+            buffer_bytes=w.prepared.buffer_bytes[w.index],
+            saved=saved,
+            capacity_bytes=w.capacity,
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Worked:
+    """What `_worked` works out for `assemble_within` and `peak_within`."""
+
+    setting: acts.Setting
+    capacity: int | None
+    prepared: Prepared
+    step: tl.StepSettings
+    cache: StepCache
+    shared: dict[int, tl.StepParts]
+    """Each viewed stage's tl.parts."""
+    worked: dict[int, tl.StepTotals]
+    """Each viewed stage's tl.totals."""
+    views: dict[int, tuple[acts.Activations, int]]
+    """Each viewed stage's saved tensors and peak."""
+    index: int
+    """The most-loaded viewed stage."""
+
+
+def _worked(
+    spec: Spec,
+    trained: Inventory,
+    stages: Sequence[StageStates],
+    *,
+    budget: int | None,
+    every_stage: bool,
+    cache: StepCache | None,
+    prepared: Prepared | None,
+) -> _Worked | None:
+    """Each viewed stage's saved tensors and totals, and the most-loaded of them; None as
+    `assemble_within` gives None (its docstring)."""
+    check_async_tp(spec)  # reads training.compile: checked for every spec
+    setting = setting_of(spec)
+    capacity = capacity_of(spec)
+    if prepared is None:
+        prepared = prepare(spec, trained, stages, every_stage=every_stage)
+    layout, local, viewed = prepared.layout, prepared.local, prepared.viewed
+    stages = prepared.stages
+    micro = acts.micro_batch(trained, setting, layout, spec.finetune, kept=prepared.kept)
+    step = step_settings(spec, layout)
+    cache = StepCache() if cache is None else cache
+    buffer_bytes = prepared.buffer_bytes
+    # Each viewed stage's saved tensors, worked out when first read: a floor above the budget
+    # ends the evaluation before the later stages' are needed (nothing in them raises).
+    saved_on: dict[int, acts.Activations] = {}
+
+    def saved_of(i: int) -> acts.Activations:
+        if i not in saved_on:
+            saved_on[i] = _saved_on(trained, micro, step, stages[i], setting.checkpoint_every)
+        return saved_on[i]
+
+    # What a stage's floor and its timeline both work out, made once (tl.parts).
+    shared: dict[int, tl.StepParts] = {}
+
+    def parts_of(i: int) -> tl.StepParts:
+        if i not in shared:
+            states = prepared.step_states.get(i)
+            if states is None:
+                states = prepared.step_states[i] = step.states(
+                    local[stages[i].stage], stages[i].per_gpu
+                )
+            shared[i] = tl.parts(
+                step,
+                local[stages[i].stage],
+                per_gpu=stages[i].per_gpu,
+                saved=saved_of(i),
+                cache=cache,
+                states=states,
+            )
+        return shared[i]
+
+    # A stage without modelled activations is not pruned here: plan says so instead.
+    floors: dict[int, int] = {}
+    if budget is not None:
+        for i in viewed:
+            if not saved_of(i).modelled:
+                continue
+            floors[i] = tl.floor_bytes(
+                step,
+                local[stages[i].stage],
+                per_gpu=stages[i].per_gpu,
+                buffer_bytes=buffer_bytes[i],
+                saved=saved_on[i],
+                cache=cache,
+                shared=parts_of(i),
+            )
+            if floors[i] > budget:
+                return None
+    for i in viewed:
+        saved_of(i)
+    # With a budget and every viewed stage's activations modelled, the first timeline that
+    # peaks above the budget settles it (the report's peak is its highest stage's, and plan
+    # reads nothing else of a report over the budget): None, as for a floor. The stages are
+    # built highest floor first, the likeliest to.
+    settle = budget is not None and len(floors) == len(viewed)
+    order = sorted(viewed, key=lambda i: -floors[i]) if settle else viewed
+    # Each viewed stage's peak (tl.totals); the Timeline only of the highest.
+    worked: dict[int, tl.StepTotals] = {}
+    for i in order:
+        worked[i] = tl.totals(
+            step,
+            local[stages[i].stage],
+            per_gpu=stages[i].per_gpu,
+            buffer_bytes=buffer_bytes[i],
+            saved=saved_on[i],
+            cache=cache,
+            shared=parts_of(i),
+        )
+        if settle and budget is not None and worked[i].peak_bytes > budget:
+            alloc_conf(spec.hardware.alloc_conf)  # checked as below
+            return None
+    views = {i: (saved_on[i], worked[i].peak_bytes) for i in viewed}
+    index = max(views, key=lambda i: (views[i][1], -i))
+    return _Worked(
+        setting=setting,
+        capacity=capacity,
+        prepared=prepared,
+        step=step,
+        cache=cache,
+        shared=shared,
+        worked=worked,
+        views=views,
+        index=index,
     )
 
 

@@ -108,9 +108,9 @@ class Timeline:
         """GPU memory left after the CUDA context and the allocator's reserved segments."""
         if self.capacity_bytes is None:
             return None
-        reserved = self.reserved_bytes  # worked out on each call: once here
-        used = reserved if reserved is not None else self.peak_bytes
-        return self.capacity_bytes - self.cuda_context_bytes - used
+        return _usable(
+            self.capacity_bytes, self.cuda_context_bytes, self.reserved_bytes, self.peak_bytes
+        )
 
     def transient_at(self, phase: Phase) -> tuple[Transient, ...]:
         return tuple(t for t in self.transients if phase in t.phases)
@@ -175,6 +175,9 @@ class StepParts:
     gradients: dict[Phase, int]
     of: OfSaved
     """What the step reads of the saved tensors alone (memplan.step.terms.of_saved)."""
+    held: tuple[int, int]
+    """The rank's parameters' and optimizer states' bytes (the same at every phase),
+    remembered per StepStates."""
 
     @property
     def activations(self) -> dict[Phase, int]:
@@ -202,6 +205,13 @@ def parts(
             lambda: _gradients(step, states, cache),
         ),
         of=of,
+        held=cache.get(
+            ("held", states),
+            lambda: (
+                states.per_gpu.bytes_of("parameters"),
+                states.per_gpu.bytes_of("optimizer_states"),
+            ),
+        ),
     )
 
 
@@ -212,8 +222,6 @@ class StepTotals:
 
     terms: tuple[Transient, ...]
     """Every transient term (`transients`)."""
-    alive: dict[Phase, list[Transient]]
-    """The transient terms alive at each phase, in the terms' order."""
     resident: tuple[int, int, int]
     """Parameters, optimizer states and buffers: the same bytes at every phase."""
     gradients: dict[Phase, int]
@@ -222,6 +230,12 @@ class StepTotals:
     """Bytes of the terms alive at each phase."""
     peak_bytes: int
     """The most bytes alive at any phase (Timeline.peak_bytes)."""
+
+    @property
+    def peak_phase(self) -> Phase:
+        """The phase with the most bytes alive, the earliest on a tie (Timeline.peak's)."""
+        moving = {p: self.gradients[p] + self.activations[p] + self.transient[p] for p in PHASES}
+        return max(PHASES, key=moving.__getitem__)
 
     def row(self, phase: Phase) -> tuple[tuple[Category, int], ...]:
         """Bytes alive per category at `phase` (Point.by_category)."""
@@ -253,22 +267,15 @@ def totals(
     terms = tuple(transients(step, shared.states, saved, cache, of=shared.of))
     gradients = shared.gradients
     activations = shared.activations
-    # Each phase's transient terms, in the terms' order, and their bytes: one pass.
-    alive: dict[Phase, list[Transient]] = {phase: [] for phase in PHASES}
+    # Each phase's transient bytes (the terms alive there: `alive`, where a timeline is built).
     transient = dict.fromkeys(PHASES, 0)
     for t in terms:
         for phase in t.phases:
-            alive[phase].append(t)
             transient[phase] += t.bytes
-    resident = (
-        per_gpu.bytes_of("parameters"),
-        per_gpu.bytes_of("optimizer_states"),
-        buffer_bytes,
-    )
+    resident = (*shared.held, buffer_bytes)
     moving = max(gradients[p] + activations[p] + transient[p] for p in PHASES)
     return StepTotals(
         terms=terms,
-        alive=alive,
         resident=resident,
         gradients=gradients,
         activations=activations,
@@ -301,25 +308,70 @@ def build(
             cache=cache,
             shared=shared,
         )
+    # The transient terms alive at each phase, in the terms' order.
+    alive: dict[Phase, list[str]] = {phase: [] for phase in PHASES}
+    for t in worked.terms:
+        for phase in t.phases:
+            alive[phase].append(t.name)
     points = tuple(
-        Point(
-            phase=phase,
-            by_category=worked.row(phase),
-            transients=tuple(t.name for t in worked.alive[phase]),
-        )
+        Point(phase=phase, by_category=worked.row(phase), transients=tuple(alive[phase]))
         for phase in PHASES
     )
     cuda = step.device == "cuda"
-    context = (
-        memory.CUDA_CONTEXT_BYTES if step.cuda_context_bytes is None else step.cuda_context_bytes
-    )
     return Timeline(
         points=points,
         transients=worked.terms,
-        cuda_context_bytes=context if cuda else 0,
+        cuda_context_bytes=_context_bytes(step),
         capacity_bytes=capacity_bytes,
-        reserved=(lambda tl: _reserved(tl, per_gpu, buffer_bytes, saved)) if cuda else None,
+        reserved=(
+            (
+                lambda tl: _reserved(
+                    tl.peak.phase,
+                    dict(tl.peak.by_category),
+                    tl.transients,
+                    per_gpu,
+                    buffer_bytes,
+                    saved,
+                )
+            )
+            if cuda
+            else None
+        ),
     )
+
+
+def usable_bytes(
+    step: StepSettings,
+    worked: StepTotals,
+    *,
+    per_gpu: RankStates,
+    buffer_bytes: int,
+    saved: Activations,
+    capacity_bytes: int | None,
+) -> int | None:
+    """`build(...).usable_bytes` of the same arguments (`worked`: their `totals`), without
+    making the timeline's points (plan reads nothing else of a layout that fits)."""
+    if capacity_bytes is None:
+        return None
+    reserved = None
+    if step.device == "cuda":
+        phase = worked.peak_phase
+        by_category = dict(worked.row(phase))
+        reserved = _reserved(phase, by_category, worked.terms, per_gpu, buffer_bytes, saved)
+    return _usable(capacity_bytes, _context_bytes(step), reserved, worked.peak_bytes)
+
+
+def _context_bytes(step: StepSettings) -> int:
+    """The CUDA context outside the allocator (Timeline.cuda_context_bytes): 0 on the CPU."""
+    if step.device != "cuda":
+        return 0
+    return memory.CUDA_CONTEXT_BYTES if step.cuda_context_bytes is None else step.cuda_context_bytes
+
+
+def _usable(capacity: int, context: int, reserved: int | None, peak: int) -> int:
+    """Timeline.usable_bytes: capacity less the CUDA context and the reserved segments (the
+    peak's bytes where none are worked out)."""
+    return capacity - context - (reserved if reserved is not None else peak)
 
 
 def floor_bytes(
@@ -351,7 +403,7 @@ def floor_bytes(
         *shared.of.buffers,
         *cheap_backward_end(step, states, saved, cache, shared.of),
     )
-    resident = per_gpu.bytes_of("parameters") + per_gpu.bytes_of("optimizer_states") + buffer_bytes
+    resident = sum(shared.held) + buffer_bytes
     moving = {phase: gradients[phase] + activations[phase] for phase in PHASES}
     for t in some:
         for phase in t.phases:
@@ -410,22 +462,27 @@ def _head_fraction(inventory: Inventory) -> float:
 
 
 def _reserved(
-    timeline: Timeline, per_gpu: RankStates, buffer_bytes: int, saved: Activations
+    phase: Phase,
+    by_category: dict[Category, int],
+    transients: tuple[Transient, ...],
+    per_gpu: RankStates,
+    buffer_bytes: int,
+    saved: Activations,
 ) -> int:
     """torch.cuda.memory_reserved() at the peak, likely: the peak's blocks packed into the
     allocator's segments (memory.segment_bytes; a lower bound). Model-state rows and transient
-    terms count as one block each, saved tensors one block per tensor."""
-    peak = timeline.peak
+    terms count as one block each, saved tensors one block per tensor. `phase`: the peak's,
+    `by_category`: its bytes alive (Point.by_category), `transients`: every transient term."""
     sizes = [t.bytes for t in per_gpu.terms] + [buffer_bytes]
-    if peak.of("gradients") < per_gpu.bytes_of("gradients"):
+    if by_category["gradients"] < per_gpu.bytes_of("gradients"):
         sizes = [t.bytes for t in per_gpu.terms if t.category != "gradients"] + [buffer_bytes]
-        sizes.append(peak.of("gradients"))
-    sizes += [t.bytes for t in timeline.transients if peak.phase in t.phases]
+        sizes.append(by_category["gradients"])
+    sizes += [t.bytes for t in transients if phase in t.phases]
     parts = [memory.segment_parts(sizes)]
-    if peak.of("activations"):
+    if by_category["activations"]:
         for b in saved.blocks:
-            if b.on_host or (peak.phase in ("forward", "backward") and b.name in ("head", "loss")):
+            if b.on_host or (phase in ("forward", "backward") and b.name in ("head", "loss")):
                 continue
             parts.append(memory.segment_parts((t.bytes for t in b.tensors), b.count))
     total = tuple(sum(p[i] for p in parts) for i in range(3))
-    return max(memory.pack((total[0], total[1], total[2])), peak.total_bytes)
+    return max(memory.pack((total[0], total[1], total[2])), sum(by_category.values()))
