@@ -126,16 +126,11 @@ MOE_TYPES = {
 # Types that trace and run in full, with what the matrix found against them.
 CAVEATS = {
     "qwen3_5_text": "gated-delta-net linear attention: the peak misses the chunk loop's working "
-    "set (its rows). Its activations measure differs run to run: the chunked delta rule frees "
-    "saved storages mid-forward (nodes the forward drops) and a later saved storage can reuse "
-    "the address, which memplan/verify/measure.py counts once (one run measured 76,771,844 B "
-    "against the profile's 78,868,996 B in fp32/eager; with every saved storage kept alive the "
-    "measurement equals the profile).",
+    "set (its rows). Activations are not predicted (the trace refuses a fit over short sequences "
+    "for the chunk loop); verify's measurement, the storages the graph holds at the backward's "
+    "start, equals the trace at verify's own batch (74,641,412 B in fp32).",
     "qwen3_next": "gated-delta-net linear attention + MoE: the peak misses the chunk loop's "
-    "working set (its rows), and its activations measure differs run to run as qwen3_5_text's.",
-    "glm4_moe": "the router's group-selection index tensors are saved by nodes the forward "
-    "drops (freed mid-forward): where a later saved storage reuses the address, verify's "
-    "measurement counts one storage fewer (1,024 B: ratio 1.0015 in bf16/eager).",
+    "working set (its rows); activations not predicted, as qwen3_5_text's.",
     "falcon_h1": "activations exact; under autocast (amp-bf16) the peak misses the Mamba "
     "mixer's working set (its rows).",
     "persimmon": "under autocast (amp-bf16) the profile is 0.6% below verify's measurement "
