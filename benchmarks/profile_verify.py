@@ -125,19 +125,16 @@ MOE_TYPES = {
 # Types the trace (or the tiny config) does not serve yet: one setting is run to record why.
 # Types that trace and run in full, with what the matrix found against them.
 CAVEATS = {
-    "qwen3_5_text": "gated-delta-net linear attention: not traced (the chunked delta rule saves "
-    "per 64-token chunk, which the fit over 8-24 tokens cannot describe: its rows' notes), so no "
-    "peak is predicted. Its activations measure differs run to run: the chunked delta rule frees "
-    "saved storages mid-forward (nodes the forward drops) and a later saved storage can reuse "
-    "the address, which memplan/verify/measure.py counts once (one run measured 76,771,844 B "
-    "against the profile's 78,868,996 B in fp32/eager; with every saved storage kept alive the "
-    "measurement equals the profile).",
-    "qwen3_next": "gated-delta-net linear attention + MoE: not traced, no peak predicted, and "
-    "its activations measure differs run to run, as qwen3_5_text's.",
-    "glm4_moe": "the router's group-selection index tensors are saved by nodes the forward "
-    "drops (freed mid-forward): where a later saved storage reuses the address, verify's "
-    "measurement counts one storage fewer (1,024 B: ratio 1.0015 in bf16/eager).",
-    "falcon_h1": "activations exact; the peak uses the layers' working sets the profile traced "
+    "qwen3_5_text": "gated-delta-net linear attention: traced on multiples of twice its "
+    "64-token chunk (memplan/verify/trace/sizes.py::loop_chunk), so at this matrix's 32 tokens "
+    "the prediction is extrapolated (tests/test_profile_chunked.py verifies 128, 192 and 256 "
+    "tokens exactly). verify's measurement, the storages the graph holds at the backward's "
+    "start, equals the trace at verify's own batch (74,641,412 B in fp32).",
+    "qwen3_next": "gated-delta-net linear attention + MoE: traced and extrapolated at 32 tokens "
+    "as qwen3_5_text.",
+    "falcon_h1": "activations exact on the profile's side; CPU verify measures 1,024 B more: "
+    "its peak tracker (torch's module tracker) keeps the unused `A = -exp(A_log)` the mixer "
+    "hands its kernel stub alive. The peak uses the layers' working sets the profile traced "
     "(memplan/verify/trace/working.py: the Mamba-2 scan's [2, 1, 256, 256, 128] fp32 "
     "temporaries), exact to 512 B without and with selective recomputation; under full "
     "recomputation 0.08-0.18% low: the layers' gradients alive in the last layer's backward "

@@ -120,16 +120,41 @@ def optimizer_state_names(ledger: Ledger) -> list[str]:
 
 
 @dataclass
+class Saved:
+    """One storage autograd saved: its bytes, whether a decoder layer owns it, and a weak
+    reference to each saved tensor that holds it (what the pack hook returned, which the
+    graph's node keeps until it is freed)."""
+
+    nbytes: int
+    in_layer: bool
+    holders: list[weakref.ref[torch.Tensor]] = field(default_factory=list)
+
+    def alive(self) -> bool:
+        return any(ref() is not None for ref in self.holders)
+
+
+@dataclass
 class SavedTensors:
-    """Bytes autograd saves for backward, each storage once, parameters and buffers excluded
-    (their storages are model states). `layer` attributes a storage to the decoder layer
-    whose forward saved it first."""
+    """Bytes autograd saves for backward and holds when the forward ends (the backward's
+    start), each storage once, parameters and buffers excluded (their storages are model
+    states). `layer` attributes a storage to the decoder layer whose forward saved it first.
+
+    A saved tensor whose node the forward drops (a branch the loss does not reach: the router's
+    group selection in DeepSeek-style MoE, the chunked delta rule's intermediate products) is
+    freed mid-forward: it is no memory at the backward's start, and its address may be handed
+    out again to a later saved storage (CPU malloc and CUDA's caching allocator both reuse a
+    freed block). So a storage is known by its address *and* a weak reference to each saved
+    tensor that holds it: a key whose holders are all gone is free, and a save there is a new
+    storage. `bytes` and `layer_bytes` are the storages some saved tensor still holds when the
+    recording ends (`close`, at the exit of `saved_tensors`), the definition the profile trace
+    counts (memplan/verify/trace/forward.py::trace_once)."""
 
     exclude: dict[int, list[weakref.ref[torch.Tensor]]] = field(default_factory=dict)
     """The model's parameters and buffers by their storage's key when `saved_tensors` took them
     (layer entry and exit): a saved storage under one of these keys is a model state only if
     one of those tensors still holds its storage there (`is_model_state`)."""
-    seen: set[int] = field(default_factory=set)
+    saved: dict[int, Saved] = field(default_factory=dict)
+    """The storage each key holds now (the latest saved at that address)."""
     bytes: int = 0
     layer_bytes: int = 0
     layer: int | None = None
@@ -155,15 +180,35 @@ class SavedTensors:
         return False
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """Record `t`'s storage; the node holds a detached alias of `t` (torch/autograd/graph.py::
+        saved_tensors_hooks, 2.13: "To avoid reference cycle, the return value of pack_hook
+        cannot hold a reference to the input tensor"). Returning `t` itself makes a node that
+        saves its own output hold that output, whose grad_fn is the node: a cycle through C++
+        that no collector frees, so the outputs saved by nodes the forward drops (the chunked
+        delta rule's exp(cum_decay), 33,280 B in benchmarks/profile_verify.py's qwen3_5_text)
+        stayed allocated through the step, memory a run without hooks frees (the bytes live at
+        the forward's end, torch's MemTracker: 74,640,904 without hooks and with this one,
+        74,674,184 with `lambda t: t`)."""
+        held = t.detach()
         t_local = local(t)
         key = storage_key(t_local)
-        if key not in self.seen and not self.is_model_state(key):
-            self.seen.add(key)
-            n = storage_bytes(t_local)
-            self.bytes += n
-            if self.layer is not None and key not in self.shared:
-                self.layer_bytes += n
-        return t
+        entry = self.saved.get(key)
+        if entry is not None and not entry.alive():  # freed: the address holds a new storage
+            entry = None
+        if entry is None:
+            if self.is_model_state(key):
+                return held
+            in_layer = self.layer is not None and key not in self.shared
+            entry = self.saved[key] = Saved(storage_bytes(t_local), in_layer)
+        entry.holders.append(weakref.ref(held))
+        return held
+
+    def close(self) -> None:
+        """Count the storages a saved tensor holds now (the recording's end: the forward and
+        its loss are done, the backward has not begun)."""
+        held = [s for s in self.saved.values() if s.alive()]
+        self.bytes = sum(s.nbytes for s in held)
+        self.layer_bytes = sum(s.nbytes for s in held if s.in_layer)
 
 
 def _tensors(value: object) -> Iterator[torch.Tensor]:
@@ -186,7 +231,8 @@ def saved_tensors(
     wrappers: nn.ModuleList | None = None,
 ) -> Iterator[SavedTensors]:
     """Record into `record` what the forward inside the block saves
-    (torch.autograd.graph.saved_tensors_hooks).
+    (torch.autograd.graph.saved_tensors_hooks), counted at the block's exit
+    (SavedTensors.close): the caller holds the loss until then, as the backward would.
 
     The set of parameter storages is taken again at each layer's entry and exit (replaced, not
     extended), so the unsharded parameters FSDP2 gathers for a layer are excluded while they
@@ -230,6 +276,7 @@ def saved_tensors(
     try:
         with torch.autograd.graph.saved_tensors_hooks(record.pack, lambda t: t):
             yield record
+        record.close()
     finally:
         for handle in handles:
             handle.remove()

@@ -189,14 +189,19 @@ def trace_once(
         if key in refs and all(r() is None for r in refs[key]):
             reused[storage._cdata] = key[1] + 1
             key = (storage._cdata, key[1] + 1)
-        refs.setdefault(key, []).append(weakref.ref(t))
+        # The node holds a detached alias, as torch advises (torch/autograd/graph.py::
+        # saved_tensors_hooks, 2.13): `t` itself would make a node that saves its own output
+        # hold itself (output -> grad_fn -> saved output), a cycle no collector frees, so the
+        # outputs saved by nodes the forward drops would stay alive (memplan.verify.measure).
+        held = t.detach()
+        refs.setdefault(key, []).append(weakref.ref(held))
         if key[0] in skip:
-            return t
+            return held
         block = state["block"]
         if key not in records:
             records[key] = record(block, t)
         records[key].savers.add(block)
-        return t
+        return held
 
     def record(block: str, t: torch.Tensor) -> fit_.Record:
         """A storage made in `block`, under the innermost module running."""
