@@ -5,7 +5,7 @@ integers over a divisor. No torch here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from math import lcm
 from typing import Any
@@ -23,15 +23,29 @@ class Record:
     savers: set[str] = field(default_factory=set)
     pooled: bool = False
     """The sum of every storage of its module and dtype (pool)."""
+    modules: dict[str, str] = field(default_factory=dict)
+    """Each later saver's module, relative to its block (where it saved the storage first)."""
 
 
 def split(records: list[Record]) -> dict[str, list[Record]]:
-    """Records by block; a storage several layers save is the embeddings' (made per forward)."""
+    """Records by block; a storage several layers save is the embeddings' (made per forward).
+
+    A storage the embeddings and one layer save, and nothing else, is that layer's: the first
+    layer's input, which the embeddings read again after making it (Gemma 4's per-layer-input
+    projection: transformers 5.25 modeling_gemma4.py::Gemma4TextModel.project_per_layer_inputs
+    runs `per_layer_model_projection` on the scaled embeddings, and layer 0's input_layernorm
+    saves them as every later layer saves its own input). Listed with the embeddings it would
+    leave layer 0 one storage short of the layers of its kind, which two traced layers could not
+    describe; either way the forward holds it once."""
     out: dict[str, list[Record]] = {}
     for r in records:
         block = r.block
-        if sum(1 for s in r.savers if s.startswith("layer.")) > 1:
+        layers = [s for s in r.savers if s.startswith("layer.")]
+        if len(layers) > 1:
             block = "embeddings"
+        elif layers and r.savers == {"embeddings", layers[0]}:
+            block = layers[0]
+            r = replace(r, block=block, module=r.modules.get(block, r.module))
         out.setdefault(block, []).append(r)
     return out
 

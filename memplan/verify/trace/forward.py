@@ -198,6 +198,8 @@ def trace_once(
         if key[0] in skip:
             return held
         block = state["block"]
+        if key in records and block not in records[key].savers:  # a later block saves it too
+            records[key].modules[block] = record(block, t).module
         if key not in records:
             records[key] = record(block, t)
         records[key].savers.add(block)

@@ -7,7 +7,9 @@ profile.
 
 Blocks: what is saved before the first decoder layer runs is the embeddings', what each decoder
 layer saves is that layer's (a storage saved by more than one layer, e.g. RoPE's cos/sin or a
-mask, is made once per forward and listed with the embeddings, as memplan's rules do), what is
+mask, is made once per forward and listed with the embeddings, as memplan's rules do; one the
+embeddings and a single layer save, Gemma 4's scaled embeddings that its per-layer-input
+projection and layer 0 keep, is that layer's: fit.split), what is
 saved after the last layer and before transformers' loss function is the head's, the rest the
 loss's. Each storage's element count is fitted over `memplan.model.profile.BASIS` on a grid of
 (batch, sequence) sizes and checked on one more.
