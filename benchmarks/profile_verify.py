@@ -126,12 +126,12 @@ MOE_TYPES = {
 # Types that trace and run in full, with what the matrix found against them.
 CAVEATS = {
     "qwen3_5_text": "gated-delta-net linear attention: traced on multiples of twice its "
-    "64-token chunk (memplan/verify/trace/sizes.py::loop_chunk), so at this matrix's 32 tokens "
-    "the prediction is extrapolated (tests/test_profile_chunked.py verifies 128, 192 and 256 "
-    "tokens exactly). verify's measurement, the storages the graph holds at the backward's "
-    "start, equals the trace at verify's own batch (74,641,412 B in fp32).",
-    "qwen3_next": "gated-delta-net linear attention + MoE: traced and extrapolated at 32 tokens "
-    "as qwen3_5_text.",
+    "64-token chunk (memplan/verify/trace/sizes.py::loop_chunk), checked at 640 tokens, past "
+    "this tiny config's max_position_embeddings 256, so this matrix compares no prediction "
+    "(tests/test_profile_chunked.py verifies 128, 192 and 256 tokens exactly on a config that "
+    "takes them). verify's measurement, the storages the graph holds at the backward's start, "
+    "equals the trace at verify's own batch (74,641,412 B in fp32).",
+    "qwen3_next": "gated-delta-net linear attention + MoE: not compared here, as qwen3_5_text.",
     "falcon_h1": "activations exact on the profile's side; CPU verify measures 1,024 B more: "
     "its peak tracker (torch's module tracker) keeps the unused `A = -exp(A_log)` the mixer "
     "hands its kernel stub alive. The peak uses the layers' working sets the profile traced "

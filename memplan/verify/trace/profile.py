@@ -58,7 +58,7 @@ from memplan.model.profile import BASIS, SCHEMA, Key, config_hash, from_document
 from memplan.report.settings import setting_of
 from memplan.verify import selective as selective_
 from memplan.verify.trace import autocast as autocast_
-from memplan.verify.trace import cuda, heads, moe, structure, tp
+from memplan.verify.trace import cuda, heads, moe, notes, structure, tp
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
 from memplan.verify.trace import working as working_
@@ -471,13 +471,13 @@ def build(
             *(cuda.CUDA_ASSUMPTIONS if device == "cuda" else ()),
             *([autocast_.DIFFERENCES_NOTE] if device == "cuda" and autocast else []),
             *([selective_.NOTE] if checkpointing == "selective" else []),
-            *([_tp_note(tensor, vocab_rows)] if tensor > 1 else []),
-            *([SOFTMAX_INPUT_NOTE] if softmax_input else []),
-            *([_collapsed_note(collapsed)] if collapsed else []),
-            *([_pooled_note(pooled)] if pooled else []),
+            *([notes.tp_note(tensor, vocab_rows)] if tensor > 1 else []),
+            *([notes.SOFTMAX_INPUT_NOTE] if softmax_input else []),
+            *([notes.collapsed_note(collapsed)] if collapsed else []),
+            *([notes.pooled_note(pooled)] if pooled else []),
             *(
                 [
-                    _chunk_note(
+                    notes.chunk_note(
                         facts["loop_chunk"], facts["loop_chunk_source"], facts["sequence_unit"]
                     )
                 ]
@@ -488,43 +488,6 @@ def build(
         "blocks": doc_blocks,
         "build_seconds": round(time.perf_counter() - started, 3),
     }
-
-
-SOFTMAX_INPUT_NOTE = (
-    "training.softmax_saves_input: softmax and log_softmax keep their input for backward, as "
-    "torch before 1.11 does (1.10.0's SoftmaxBackward0 / LogSoftmaxBackward0 hold self_; "
-    "pytorch/pytorch#64000, fixed by #66018): memplan.verify.trace.forward.SoftmaxInputs."
-)
-
-
-def _collapsed_note(blocks: list[str]) -> str:
-    return (
-        f"{', '.join(blocks)}: the number of storages saved grows with the sequence (a "
-        "per-token loop, such as recurrent_gemma's RG-LRU scan); each run of consecutive "
-        "storages of one module, dtype and size is listed as one storage of their summed size "
-        "(memplan.verify.trace.fit.collapse), so the CUDA allocator's 512-byte rounding is "
-        "counted once per run (exact where each storage is a multiple of 512 bytes)."
-    )
-
-
-def _pooled_note(blocks: list[str]) -> str:
-    return (
-        f"{', '.join(blocks)}: the number of storages saved grows with the sequence with no runs "
-        "of equal storages (a chunked loop's recurrent state and values, alternating); every "
-        "storage of such a module and dtype is listed as one record of their summed size "
-        "(`pooled`: memplan.verify.trace.fit.pool), exact in bytes, with the CUDA allocator's "
-        "512-byte rounding counted once per record, and no working set made of its size."
-    )
-
-
-def _chunk_note(chunk: int, source: str, unit: int) -> str:
-    return (
-        f"a chunked loop over the sequence, chunk {chunk} ({source}, transformers' torch "
-        "fallback: @use_kernel_func_from_hub_with_fallback runs flash-linear-attention's "
-        "kernels instead where `kernels` or fla is installed and takes the device, a GPU job's "
-        "usual case, which save other tensors): traced on multiples of "
-        f"{unit} tokens (fit.sequence_multiple {chunk}; other sequences are extrapolated)."
-    )
 
 
 REGIME_KEYS = ("fit", "blocks", "build_seconds")
@@ -555,15 +518,6 @@ def merge(stored: Mapping[str, Any] | None, doc: Mapping[str, Any]) -> dict[str,
     if kept:
         out["regimes"] = kept
     return out
-
-
-def _tp_note(tensor: int, vocab_rows: int) -> str:
-    return (
-        f"one rank of tensor parallelism {tensor}: traced as the slice it runs (heads, "
-        "key/value heads and intermediate sizes / TP, head_dim kept, "
-        f"{vocab_rows} vocabulary rows: memplan.verify.trace.tp.local_config), as "
-        "memplan.activations.layout.local_architecture slices a hand-ruled family."
-    )
 
 
 def dumps(doc: Mapping[str, Any]) -> str:
