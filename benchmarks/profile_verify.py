@@ -97,6 +97,24 @@ TYPES: dict[str, dict[str, Any]] = {
     "qwen3_5_text": tiny("qwen3_5_text"),
     "lfm2": tiny("lfm2"),
     "falcon_h1": tiny("falcon_h1"),
+    # Gemma 4: sliding, sliding, full x 3, per-layer inputs, the last 3 layers reusing the K/V of
+    # layers 4 and 5 with a double-wide MLP (tests/test_gemma4_trace.py's SHARED).
+    "gemma4_text": tiny(
+        "gemma4_text",
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        global_head_dim=64,
+        hidden_size_per_layer_input=16,
+        vocab_size=256,
+        vocab_size_per_layer_input=256,
+        num_hidden_layers=9,
+        num_kv_shared_layers=3,
+        use_double_wide_mlp=True,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 3,
+        sliding_window=64,
+        max_position_embeddings=4096,
+    ),
     # MoE
     # A 16-token sliding window (the default 128 would make the trace's sequence unit 129 tokens,
     # past max_position_embeddings: memplan/verify/trace/sizes.py::sequence_unit).
