@@ -11,7 +11,7 @@ from math import lcm
 from typing import Any
 
 from memplan.errors import MemplanError
-from memplan.model.profile import BASIS, terms
+from memplan.model.profile import BASIS, Tensor, terms
 
 
 @dataclass
@@ -168,9 +168,15 @@ def fit(
 
 
 def value(tensor: dict[str, Any], batch: int, sequence: int) -> int:
-    """A fitted tensor's element count at one size (as memplan.model.profile.Tensor.at)."""
-    total = sum(int(c) * x for c, x in zip(tensor["numel"], terms(batch, sequence), strict=True))
-    return -(-total // int(tensor.get("divisor", 1)))
+    """A fitted tensor's element count at one size: memplan.model.profile.Tensor.at, which the
+    estimate evaluates the document's tensors with."""
+    fitted = Tensor(
+        name="",
+        dtype=str(tensor["dtype"]),
+        numel=tuple(int(c) for c in tensor["numel"]),
+        divisor=int(tensor.get("divisor", 1)),
+    )
+    return fitted.at(batch, sequence)
 
 
 def named(tensors: list[dict[str, Any]]) -> list[dict[str, Any]]:
