@@ -115,7 +115,12 @@ def test_a_dropped_node_s_storage_is_not_counted_and_its_address_is_free() -> No
     model = Model()
     got = []
     reused = 0
-    for _ in range(5):
+    # Every run checks the count; whether malloc hands a dropped block out again is the
+    # allocator's choice (seen in most runs, not all: one fresh CI venv saw none in 5), so
+    # up to 50 runs are made until it does; Forced below reuses an address deterministically.
+    for _ in range(50):
+        if len(got) >= 5 and reused:
+            break
         record, loss = _measure(model)
         saved, wrapped = graph_saved(loss, model)
         assert not wrapped
@@ -126,9 +131,14 @@ def test_a_dropped_node_s_storage_is_not_counted_and_its_address_is_free() -> No
         got.append(record.bytes)
         loss.backward()
         model.zero_grad(set_to_none=True)
-    assert got == [got[0]] * 5
+    assert got == [got[0]] * len(got)
     assert got[0] == 2 * 2 * D * 4  # 2 blocks x 2 fp32 rows of D
-    assert reused > 0, "malloc never handed a dropped output's block out again: nothing tested"
+    if not reused:
+        pytest.skip(
+            f"malloc never handed a dropped output's block out again in {len(got)} runs: the "
+            "count held, the reuse went untested here (Forced's test reuses an address on "
+            "purpose)"
+        )
 
 
 class Forced(nn.Module):
