@@ -443,6 +443,53 @@ def test_pin_compile_divides_the_compute_by_the_published_speedup() -> None:
     assert (compiled.data_s, compiled.pipeline_s) == (eager.data_s, eager.pipeline_s)
 
 
+def test_float8_speedup_orders_torchtitans_128_gpu_table_as_published() -> None:
+    """Oracle: torchtitan's benchmark Table 3 (Llama 3.1 8B, FSDP 128, per-op SAC, compiled:
+    6,514 TPS/GPU in bf16, 8,380 with torchao Float8; benchmarks/llama3_h100_202412_torchtitan.md
+    @ 31a17bfd). FLOAT8_SPEEDUP is read from the same file's Table 1 (one host), so Table 3 is a
+    second measurement: the model ranks the Float8 row first, as published, with a speed-up
+    within 10% of the published 1.286: the model applies it to the compute only and runs no
+    communication beside the compute, so at 128 GPUs, where FSDP's collectives are a larger
+    share of its step, it gives 1.18 (torchtitan overlaps them)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import published  # type: ignore[import-not-found]
+
+    pair = [r for r in published.ROWS if r.table == 3 and "compile" in r.layout]
+    assert [("Float8" in r.layout) for r in pair] == [False, True]
+    bf16, float8 = (published.measure(r, {}) for r in pair)
+    assert (bf16["published_tps_per_gpu"], float8["published_tps_per_gpu"]) == (6514, 8380)
+    model = float8["steptime_tps_per_gpu"] / bf16["steptime_tps_per_gpu"]
+    assert model > 1
+    assert model == pytest.approx(8380 / 6514, rel=0.10)
+
+
+def test_pin_float8_divides_a_compiled_steps_compute_by_the_published_speedup() -> None:
+    """Pinning: a compiled torchtitan step with torchao tensorwise Float8 computes FLOAT8_SPEEDUP
+    (8,532 / 6,667, torchtitan's Table 1) times faster than its bf16 twin; its collectives are
+    unchanged; Float8 without compile, or with another recipe (rowwise, Transformer Engine's),
+    takes the bf16 twin's time (no published speed-up)."""
+    from memplan.plan.steptime import FLOAT8_SPEEDUP, Work
+    from memplan.plan.timing import work_of
+    from memplan.report.estimate import estimate
+
+    assert FLOAT8_SPEEDUP == 8532 / 6667
+
+    def work(compile: bool, fp8: str) -> Work:
+        spec = make_spec(
+            model={"architecture": TINY_LLAMA, "implementation": "torchtitan"},
+            precision={"preset": "bf16-mixed", "fp8": fp8},
+            training={"sequence_length": 32, "compile": compile},
+        )
+        return work_of(spec, estimate(spec, from_config(TINY_LLAMA)), 1, "none")
+
+    assert work(True, "torchao-tensorwise").float8
+    assert not work(False, "torchao-tensorwise").float8
+    assert not work(True, "torchao-rowwise").float8
+    assert not work(True, "none").float8
+
+
 def test_layouts_estimate_refuses_are_pruned_not_fatal() -> None:
     """LoRA under tensor parallelism is refused by `estimate` (memplan.model.finetune.lora):
     plan prunes those layouts with the refused field and ranks the rest, every one at TP 1."""

@@ -7,7 +7,15 @@ from memplan.config.plan import PlanSpec
 from memplan.config.spec import Spec
 from memplan.hardware import CATALOG
 from memplan.model.inventory import Inventory
-from memplan.plan.steptime import COMPILE_SPEEDUP_CODE, Link, Shape, StepTime, Work, step_time
+from memplan.plan.steptime import (
+    COMPILE_SPEEDUP_CODE,
+    FLOAT8_SPEEDUP_RECIPES,
+    Link,
+    Shape,
+    StepTime,
+    Work,
+    step_time,
+)
 from memplan.precision import dtype_bytes
 from memplan.report.estimate import Peak
 from memplan.report.result import Report
@@ -58,13 +66,16 @@ def work_of(
     per_rank = max(s.num_parameters for s in report.stages)
     engine = report.layout.engine
     grad_dtype = main_grad_dtype(recipe) if engine == "megatron" else recipe.gradients
+    compiled = (
+        spec.training.compile if compiled is None else compiled
+    ) and spec.model.implementation in COMPILE_SPEEDUP_CODE
     return Work(
         micro_batch=mbs,
         recompute=recompute,
         grad_bytes=per_rank * dtype_bytes(grad_dtype),
         param_bytes=per_rank * dtype_bytes(recipe.parameters),
-        compiled=(spec.training.compile if compiled is None else compiled)
-        and spec.model.implementation in COMPILE_SPEEDUP_CODE,
+        compiled=compiled,
+        float8=compiled and spec.precision.fp8 in FLOAT8_SPEEDUP_RECIPES,
     )
 
 
