@@ -31,7 +31,18 @@ def pooled_note(blocks: list[str]) -> str:
     )
 
 
+OWN_LOOP = "the module's own loop"
+"""Marks a loop_chunk source that is a module's own forward (memplan.verify.trace.sizes.
+block_loops), which no kernel replaces, from a function transformers' kernel hub may replace."""
+
+
 def chunk_note(chunk: int, source: str, unit: int) -> str:
+    if all(OWN_LOOP in part for part in source.split(", ")):  # sizes.block_loops only
+        return (
+            f"a loop over blocks of the sequence, block {chunk} ({source}; plain torch, no "
+            "kernel replaces it): traced on multiples of "
+            f"{unit} tokens (fit.sequence_multiple {chunk}; other sequences are extrapolated)."
+        )
     return (
         f"a chunked loop over the sequence, chunk {chunk} ({source}, transformers' torch "
         "fallback: @use_kernel_func_from_hub_with_fallback runs flash-linear-attention's "

@@ -5,12 +5,16 @@ W + 1), and the unit of a model with a chunked loop over the sequence (loop_chun
 
 from __future__ import annotations
 
+import ast
+import functools
 import inspect
 import math
 import sys
+import textwrap
 from typing import Any
 
 from memplan.verify.trace import cuda
+from memplan.verify.trace.notes import OWN_LOOP
 
 GRID = ((2, 1), (3, 1), (2, 2), (3, 2), (2, 3), (3, 3))
 """(batch, sequence multiple) sizes fitted for batch >= 2: {2, 3} x {1, 2, 3} spans BASIS."""
@@ -95,7 +99,8 @@ def loop_chunk(model: Any) -> tuple[int, str]:
     qwen3_5_text's linear-attention layer, fp32, batch 2, saves 24,290,512 elements at 100
     tokens, where the fit over multiples of 128 gives 23,414,964).
     The function is wrapped by `@use_kernel_func_from_hub_with_fallback` (a Module whose
-    `forward` wraps it: unwrapped here). Several such functions: the least common multiple."""
+    `forward` wraps it: unwrapped here). A loop a module's own forward runs (block_loops) is
+    one more. Several such loops: the least common multiple."""
     found: dict[int, str] = {}
     for name in sorted({type(m).__module__ for m in model.modules()}):
         module = sys.modules.get(name)
@@ -114,9 +119,67 @@ def loop_chunk(model: Any) -> tuple[int, str]:
             default = None if param is None else param.default
             if isinstance(default, int) and not isinstance(default, bool) and default > 1:
                 found.setdefault(default, f"{name.rsplit('.', 1)[-1]}.py::{attr}")
+    for size, where in block_loops(model).items():
+        found.setdefault(size, where)
     if not found:
         return 0, ""
     return math.lcm(*found), ", ".join(found[c] for c in sorted(found))
+
+
+_LOOP_SIZES = ("block_size", "chunk_size")
+"""The names of the module attributes a loop over blocks of the sequence steps by."""
+
+
+@functools.cache
+def _loop_attributes(cls: Any) -> tuple[str, ...]:
+    """The attributes `self.<name>` (name ending in one of _LOOP_SIZES) read in the body of a
+    `for` loop of `cls.forward`; () when its source cannot be read."""
+    try:
+        source = textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward)))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        return ()
+    names = {
+        node.attr
+        for loop in ast.walk(tree)
+        if isinstance(loop, ast.For)
+        for stmt in loop.body
+        for node in ast.walk(stmt)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+        and node.attr.endswith(_LOOP_SIZES)
+    }
+    return tuple(sorted(names))
+
+
+def block_loops(model: Any) -> dict[int, str]:
+    """{block: where} of the loops over blocks of the sequence a module of the model runs in
+    its own forward: a `for` loop whose body reads an int attribute (> 1) of the module named
+    *block_size or *chunk_size. transformers 5.25 modeling_minimax.py::
+    MiniMaxLightningAttention.forward: `num_blocks = (seq_len + self.block_size - 1) //
+    self.block_size`, `for i in range(num_blocks)` slicing `i * self.block_size` tokens
+    (`self.block_size = config.block_size`, 256 by default), saving per block its (block,
+    block) attention weights and its inter-block state [b, heads, head_dim, head_dim]; the last
+    block is as long as what remains (no padding), so what it saves is linear in the sequence
+    only over the block's multiples (a tiny MiniMax, block 256, saves 7,192,580 elements in a
+    linear-attention layer at batch 4 x 512 tokens where a fit over 8-24 tokens, one partial
+    block, gives 9,089,028: the trace's far check). Of the modeling modules of transformers
+    5.25 only esmfold's folding trunk has another such loop (`self.chunk_size`); no other
+    language model's module does."""
+    found: dict[int, str] = {}
+    for module in model.modules():
+        cls: Any = type(module)
+        if not cls.__module__.startswith("transformers.models."):
+            continue
+        for attr in _loop_attributes(cls):
+            size = getattr(module, attr, None)
+            if isinstance(size, int) and not isinstance(size, bool) and size > 1:
+                file = cls.__module__.rsplit(".", 1)[-1]
+                found.setdefault(
+                    size, f"{file}.py::{cls.__name__}.forward: {OWN_LOOP} over self.{attr} tokens"
+                )
+    return found
 
 
 def chunked_unit(unit: int, chunk: int) -> int:

@@ -9,7 +9,9 @@ full depth (under FakeTensorMode: no memory, any size), so every layer keeps its
 are grouped by their structure:
 
 - the config's `layer_types` entry (else "decoder");
-- every module in the layer: its path and class (a dense MLP and a MoE block differ here);
+- every module in the layer: its path and class (a dense MLP and a MoE block differ here; so do
+  MiniMax's lightning and softmax attention, MiniMaxLightningAttention and MiniMaxAttention,
+  which its `layer_types` also names: a config without the list is split the same way);
 - every parameter and buffer: name, shape, dtype;
 - every plain attribute of those modules (bool, int, float, str, None, and tuples of them), bar
   `layer_idx` and torch's own (`training`): what a layer decides at construction and reads in
