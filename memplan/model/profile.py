@@ -347,8 +347,8 @@ class Profile:
         if self.sequence_multiple and st.sequence % self.sequence_multiple:
             notes.append(
                 f"sequence {st.sequence} is not a multiple of {self.sequence_multiple}, the "
-                "chunk of the model's chunked loop over the sequence, on whose multiples alone "
-                "it was traced (the loop pads the sequence there): extrapolated."
+                "chunk of the model's loop over the sequence, on whose multiples alone it was "
+                "traced (the loop pads or shortens its last chunk there): extrapolated."
             )
         return Activations(
             modelled=True,
