@@ -181,8 +181,9 @@ CAVEATS = {
     "qwen3_5_text": "gated-delta-net linear attention, run at 2 x 128 tokens (BATCHES): "
     "activations exact. Peaks: full recomputation 0.16-2.42% low, the peak in layer 0's "
     "linear-attention backward with the later layers' gradients alive (bf16: 205,408 B, the "
-    "head's 65,664 B, layer 1's 82,240, layer 0's MLP and norms 57,504), the timeline holds the "
-    "head's only (memplan/step/timeline.py::_head_fraction); eager selective 0.95-1.64% low, "
+    "head's 65,664 B, layer 1's 82,240, layer 0's MLP, out_proj and norms 57,504), where the "
+    "timeline holds the head's only (memplan/step/timeline.py::_head_fraction); eager "
+    "selective 0.95-1.64% low, "
     "the eager causal mask [2, 1, 128, 128] (131,072 B in fp32, 65,536 in bf16: the gaps less "
     "1,020 B) alive to the loss's backward, held by torch.utils.checkpoint's recomputation of "
     "the attention core and saved by no node (sdpa passes no mask: within 0.03%).",
