@@ -8,16 +8,18 @@ activations predicted from a profile traced under FakeTensorMode, measured on re
                                                             # rows replaced in the file
 
 For each tiny config in TYPES (hidden 64, 2 layers, vocabulary 512; a type's own keys where it
-needs them) and each setting of SETTINGS (attention eager/sdpa x precision fp32/bf16/amp-bf16 x
-activation checkpointing none/full; MoE types bf16 and bf16-mixed only: torch's meta kernel of
-_grouped_mm takes bf16 only, memplan/verify/trace/moe.py::check), memplan.verify runs
-the whole `memplan verify` path in this process (memplan.verify.runner.verify): the inventory
-built by transformers on the meta device, a profile traced now for the setting
-(memplan.verify.unruled; nothing is read from or written to the profile cache), the real model
-built on CPU from the same config with transformers and stepped twice with torch AdamW, and every
-category compared. The oracle is verify's measurement: saved-tensor hooks on real tensors
-(memplan/verify/measure.py), parameters/gradients/optimizer states from the real model and
-optimizer; it shares nothing with the trace's fit.
+needs them), at micro batch 2 x 32 tokens (BATCH; BATCHES the types that need another sequence,
+each row's `batch`), and each setting of SETTINGS (attention eager/sdpa x precision
+fp32/bf16/amp-bf16 x activation checkpointing none/full; MoE types bf16 and bf16-mixed only:
+torch's meta kernel of _grouped_mm takes bf16 only, memplan/verify/trace/moe.py::check),
+memplan.verify runs the whole `memplan verify` path in this process
+(memplan.verify.runner.verify): the inventory built by transformers on the meta device, a
+profile traced now for the setting (memplan.verify.unruled; nothing is read from or written to
+the profile cache), the real model built on CPU from the same config with transformers and
+stepped twice with torch AdamW, and every category compared. The oracle is verify's
+measurement: saved-tensor hooks on real tensors (memplan/verify/measure.py),
+parameters/gradients/optimizer states from the real model and optimizer; it shares nothing with
+the trace's fit.
 
 MoE routing: the profile's stated assumption (memplan/verify/trace/moe.py::NOTE): the
 experts run transformers' grouped_mm implementation, whose saved tensors have tokens x top_k
@@ -67,6 +69,20 @@ MOE: dict[str, Any] = {
 }
 
 
+# The gated-delta-net types (qwen3_5_text, qwen3_next): one linear-attention layer, one full
+# (selective recomputation has an attention core to checkpoint), linear heads 2 key / 4 value
+# of 16, and positions for the trace's sizes: multiples of 2 x its 64-token chunk up to 640
+# tokens (memplan/verify/trace/sizes.py::chunked_unit, CHECK).
+LINEAR: dict[str, Any] = {
+    "layer_types": ["linear_attention", "full_attention"],
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "max_position_embeddings": 1024,
+}
+
+
 def tiny(model_type: str, **extra: Any) -> dict[str, Any]:
     return {"model_type": model_type, **BASE, **extra}
 
@@ -94,7 +110,9 @@ TYPES: dict[str, dict[str, Any]] = {
     "bitnet": tiny("bitnet"),
     "glm": tiny("glm"),
     "glm4": tiny("glm4"),
-    "qwen3_5_text": tiny("qwen3_5_text"),
+    # Gated-delta-net linear attention (chunked loop, 64 tokens) then full attention; small
+    # linear heads; positions for the trace's 640-token check (run at BATCHES' 2 x 128).
+    "qwen3_5_text": tiny("qwen3_5_text", **LINEAR),
     "lfm2": tiny("lfm2"),
     "falcon_h1": tiny("falcon_h1"),
     # Gemma 4: sliding, sliding, full x 3, per-layer inputs, the last 3 layers reusing the K/V of
@@ -123,12 +141,29 @@ TYPES: dict[str, dict[str, Any]] = {
     "granitemoe": tiny("granitemoe", **MOE),
     "phimoe": tiny("phimoe", **MOE),
     "glm4_moe": tiny("glm4_moe", **MOE, first_k_dense_replace=0),
-    "qwen3_next": tiny("qwen3_next", **MOE),
+    "qwen3_next": tiny("qwen3_next", **MOE, **LINEAR, shared_expert_intermediate_size=32),
     # MiniMax: full (layer 0) and lightning (layer 1) attention; a 16-token lightning block (the
     # default 256 would make the trace's sequence unit 512 tokens, past max_position_embeddings:
     # memplan/verify/trace/sizes.py::block_loops), so verify's 32 tokens are 2 blocks.
     "minimax": tiny("minimax", **MOE, block_size=16),
-    "deepseek_v32": tiny("deepseek_v32", **MOE, first_k_dense_replace=0, num_key_value_heads=4),
+    # MLA + the DSA indexer (top 16 of the keys), 4 experts in 2 groups of 2, routing to 1 group
+    # (the group top-2 needs 2 experts per group; the default n_group 8 makes `view(-1, 8, 0)`).
+    "deepseek_v32": tiny(
+        "deepseek_v32",
+        **MOE,
+        first_k_dense_replace=0,
+        num_key_value_heads=4,
+        n_group=2,
+        topk_group=1,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        index_n_heads=2,
+        index_head_dim=16,
+        index_topk=16,
+    ),
     "llama4_text": tiny("llama4_text", **MOE),
 }
 MOE_TYPES = {
@@ -146,13 +181,18 @@ MOE_TYPES = {
 # Types the trace (or the tiny config) does not serve yet: one setting is run to record why.
 # Types that trace and run in full, with what the matrix found against them.
 CAVEATS = {
-    "qwen3_5_text": "gated-delta-net linear attention: traced on multiples of twice its "
-    "64-token chunk (memplan/verify/trace/sizes.py::loop_chunk), checked at 640 tokens, past "
-    "this tiny config's max_position_embeddings 256, so this matrix compares no prediction "
-    "(tests/test_profile_chunked.py verifies 128, 192 and 256 tokens exactly on a config that "
-    "takes them). verify's measurement, the storages the graph holds at the backward's start, "
-    "equals the trace at verify's own batch (74,641,412 B in fp32).",
-    "qwen3_next": "gated-delta-net linear attention + MoE: not compared here, as qwen3_5_text.",
+    "qwen3_5_text": "gated-delta-net linear attention, run at 2 x 128 tokens (BATCHES): "
+    "activations exact. Peaks: full recomputation 0.16-2.42% low, the peak in layer 0's "
+    "linear-attention backward with the later layers' gradients alive (bf16: 205,408 B, the "
+    "head's 65,664 B, layer 1's 82,240, layer 0's MLP, out_proj and norms 57,504), where the "
+    "timeline holds the head's only (memplan/step/timeline.py::_head_fraction); eager "
+    "selective 0.95-1.64% low, "
+    "the eager causal mask [2, 1, 128, 128] (131,072 B in fp32, 65,536 in bf16: the gaps less "
+    "1,020 B) alive to the loss's backward, held by torch.utils.checkpoint's recomputation of "
+    "the attention core and saved by no node (sdpa passes no mask: within 0.03%).",
+    "qwen3_next": "gated-delta-net linear attention + MoE at 2 x 128 tokens: activations "
+    "exact; peaks as qwen3_5_text's (full recomputation 2.14-2.73% low, eager selective "
+    "0.77-0.91% low: the bf16 mask's 65,536 B less 1,020).",
     "falcon_h1": "activations exact on the profile's side; CPU verify measures 1,024 B more: "
     "its peak tracker (torch's module tracker) keeps the unused `A = -exp(A_log)` the mixer "
     "hands its kernel stub alive. The peak uses the layers' working sets the profile traced "
@@ -163,14 +203,17 @@ CAVEATS = {
     "bitnet": "activations exact; bf16 eager full recomputation: the peak is 2.7% low, in layer "
     "0's backward with 91,008 B more gradients alive than the timeline holds there (the head's "
     "only: memplan/step/timeline.py::_head_fraction); the layers' working sets are traced.",
-    "persimmon": "under autocast (amp-bf16) the profile is 0.6% below verify's measurement "
-    "(not investigated yet; within the 1% tolerance).",
+    "deepseek_v32": "MLA + DSA indexer: activations exact. Gradients and AdamW states "
+    "predicted above the measurement by the indexer's parameters (wq_b, wk, k_norm, "
+    "weights_proj: 3,904 bf16 elements in 2 layers; gradients +7,808 B, exp_avg and exp_avg_sq "
+    "+7,808 B each in bf16, +15,616 each in bf16-mixed, step +40 B): transformers 5.25 runs "
+    "DeepseekV32Indexer.forward under @torch.no_grad, so the loss gives them no gradient and "
+    "AdamW no state, where memplan's inventory counts every parameter that requires grad "
+    "(tests/test_profile_verify_types.py). Peaks 0.44-1.99% high.",
 }
 
 # Types the trace (or the tiny config) does not serve yet: one setting is run to record why.
 NOT_TRACED = {
-    "deepseek_v32": "the tiny config does not build on real tensors (its indexer's shapes); "
-    "needs a proper tiny config (H5's full-size configs).",
     "llama4_text": "experts run transformers' eager per-expert loop (routing-dependent sizes): "
     "refused by the trace; verify measures its activations unchecked.",
 }
@@ -180,6 +223,18 @@ PRECISION = ("fp32", "bf16", "amp-bf16")
 MOE_PRECISION = ("bf16", "bf16-mixed")
 CHECKPOINTING = ("none", "full", "selective")
 BATCH = (2, 32)
+BATCHES: dict[str, tuple[int, int]] = {
+    # A sequence the chunked loop runs in whole chunks, two at least (a multiple of the
+    # trace's unit, 128 tokens: memplan/verify/trace/sizes.py::chunked_unit); at 32 tokens the
+    # profile extrapolates (one padded chunk).
+    "qwen3_5_text": (2, 128),
+    "qwen3_next": (2, 128),
+}
+"""(micro batch, sequence) of the types that do not run at BATCH."""
+
+
+def batch_of(model_type: str) -> tuple[int, int]:
+    return BATCHES.get(model_type, BATCH)
 
 
 def settings(model_type: str, policies: tuple[str, ...] = CHECKPOINTING) -> list[dict[str, str]]:
@@ -192,14 +247,18 @@ def settings(model_type: str, policies: tuple[str, ...] = CHECKPOINTING) -> list
     ]
 
 
-def spec(config: dict[str, Any], setting: dict[str, str]) -> dict[str, Any]:
+def spec(
+    config: dict[str, Any], setting: dict[str, str], batch: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """The verify spec of one case, at `batch` (default: the type's, batch_of)."""
+    micro, sequence = batch or batch_of(config["model_type"])
     return {
         "model": {"architecture": config},
         "precision": setting["precision"],
         "optimizer": {"name": "adamw"},
         "training": {
-            "micro_batch_size": BATCH[0],
-            "sequence_length": BATCH[1],
+            "micro_batch_size": micro,
+            "sequence_length": sequence,
             "attention": setting["attention"],
             "activation_checkpointing": setting["checkpointing"],
         },
@@ -271,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             "moe": t in MOE_TYPES,
             "not_traced": NOT_TRACED.get(t),
             "caveat": CAVEATS.get(t),
+            "batch": list(batch_of(t)),
             "settings": [],
         }
         for t in args.types
@@ -319,6 +379,7 @@ def write(out: Path, rows: dict[str, Any], start: float, *, done: bool) -> dict[
     for name, row in rows.items():  # the labels are the script's, whichever run made the rows
         row["not_traced"] = NOT_TRACED.get(name)
         row["caveat"] = CAVEATS.get(name)
+        row.setdefault("batch", list(BATCH))  # rows written before the key ran at BATCH
     ratios = [
         s["ratio"] for t in rows.values() for s in t["settings"] if s.get("ratio") is not None
     ]

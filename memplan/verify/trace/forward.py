@@ -28,7 +28,7 @@ from memplan.errors import MemplanError
 from memplan.verify import selective as selective_
 from memplan.verify.build import force_dropout
 from memplan.verify.trace import autocast as autocast_
-from memplan.verify.trace import cuda, heads, masks, moe, structure
+from memplan.verify.trace import cpu, cuda, heads, masks, moe, structure
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
 from memplan.verify.trace import working as working_
@@ -120,7 +120,8 @@ def trace_once(
     working: working_.Recorder | None = None,
 ) -> list[fit_.Record]:
     """One forward + loss; every saved storage once, with its block and module (device cuda:
-    the CUDA kernels' tensors, memplan.verify.trace.cuda). `selective`: every attention core
+    the CUDA kernels' tensors, memplan.verify.trace.cuda; cpu: the CPU kernels' where the
+    fake ones differ, memplan.verify.trace.cpu). `selective`: every attention core
     checkpointed, then backward, whose recomputations are recorded as `recompute:<block>`
     (memplan.verify.trace.recompute). `autocast` runs torch's CPU autocast, or with device cuda
     CUDA's lists emulated (memplan.verify.trace.autocast); `autocast_lists` ("cpu", "cuda")
@@ -247,7 +248,7 @@ def trace_once(
         with (
             mode,
             emulated as region,
-            cuda.cuda_kernels(em) if em is not None else contextlib.nullcontext(),
+            cuda.cuda_kernels(em) if em is not None else cpu.CpuKernels(),
             masks.real_tensor_masks(),
             cores as run,
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
@@ -282,7 +283,7 @@ def trace_once(
                     if region is not None
                     else contextlib.nullcontext()
                 ),
-                cuda.cuda_kernels(em) if em is not None else contextlib.nullcontext(),
+                cuda.cuda_kernels(em) if em is not None else cpu.CpuKernels(),
                 selective_.recomputed_saves(recomputed.save)
                 if selective
                 else contextlib.nullcontext(),
