@@ -423,8 +423,9 @@ def _worked(
     peak: tests/test_plan_floor.py). Then every viewed stage's totals are worked out
     without the floors first; where each stage's activations are modelled and each peak is
     under the budget, that is the answer the floors give (each floor is under its peak);
-    anything else (a peak above the budget, an error, a stage not modelled) is answered by
-    the same call with the floors, in their order: the same None, value or error."""
+    anything else (a peak above the budget, an error, a stage not modelled) goes on as with
+    the floors, in their order, reusing the totals already worked out (each the same value):
+    the same None, value or error."""
     check_async_tp(spec)  # reads training.compile: checked for every spec
     setting = setting_of(spec)
     capacity = capacity_of(spec)
@@ -465,47 +466,43 @@ def _worked(
             )
         return shared[i]
 
+    # Each viewed stage's peak (tl.totals); the Timeline only of the highest.
+    worked: dict[int, tl.StepTotals] = {}
+
+    def totals_of(i: int) -> tl.StepTotals:
+        if i not in worked:
+            worked[i] = tl.totals(
+                step,
+                local[stages[i].stage],
+                per_gpu=stages[i].per_gpu,
+                buffer_bytes=buffer_bytes[i],
+                saved=saved_on[i],
+                cache=cache,
+                shared=parts_of(i),
+            )
+        return worked[i]
+
     if not floors and budget is not None:
-        worked: dict[int, tl.StepTotals] = {}
         try:
             for i in viewed:
-                if not saved_of(i).modelled:
+                if not saved_of(i).modelled or totals_of(i).peak_bytes > budget:
                     break
-                worked[i] = tl.totals(
-                    step,
-                    local[stages[i].stage],
-                    per_gpu=stages[i].per_gpu,
-                    buffer_bytes=buffer_bytes[i],
-                    saved=saved_on[i],
+            else:  # every viewed stage modelled and under the budget: what the floors give
+                views = {i: (saved_on[i], worked[i].peak_bytes) for i in viewed}
+                return _Worked(
+                    setting=setting,
+                    capacity=capacity,
+                    prepared=prepared,
+                    step=step,
                     cache=cache,
-                    shared=parts_of(i),
+                    shared=shared,
+                    worked=worked,
+                    views=views,
+                    index=max(views, key=lambda i: (views[i][1], -i)),
                 )
-                if worked[i].peak_bytes > budget:
-                    break
         except MemplanError:
-            pass
-        if len(worked) == len(viewed) and all(w.peak_bytes <= budget for w in worked.values()):
-            views = {i: (saved_on[i], worked[i].peak_bytes) for i in viewed}
-            return _Worked(
-                setting=setting,
-                capacity=capacity,
-                prepared=prepared,
-                step=step,
-                cache=cache,
-                shared=shared,
-                worked=worked,
-                views=views,
-                index=max(views, key=lambda i: (views[i][1], -i)),
-            )
-        return _worked(
-            spec,
-            trained,
-            stages,
-            budget=budget,
-            every_stage=every_stage,
-            cache=cache,
-            prepared=prepared,
-        )
+            pass  # raised again below, where the floors' order reaches it
+        # A wrong guess: the floors' path below, with the totals already worked out.
     # A stage without modelled activations is not pruned here: plan says so instead.
     floor_of: dict[int, int] = {}
     if budget is not None:
@@ -531,19 +528,9 @@ def _worked(
     # built highest floor first, the likeliest to.
     settle = budget is not None and len(floor_of) == len(viewed)
     order = sorted(viewed, key=lambda i: -floor_of[i]) if settle else viewed
-    # Each viewed stage's peak (tl.totals); the Timeline only of the highest.
-    worked = {}
     for i in order:
-        worked[i] = tl.totals(
-            step,
-            local[stages[i].stage],
-            per_gpu=stages[i].per_gpu,
-            buffer_bytes=buffer_bytes[i],
-            saved=saved_on[i],
-            cache=cache,
-            shared=parts_of(i),
-        )
-        if settle and budget is not None and worked[i].peak_bytes > budget:
+        peak = totals_of(i).peak_bytes
+        if settle and budget is not None and peak > budget:
             alloc_conf(spec.hardware.alloc_conf)  # checked as below
             return None
     views = {i: (saved_on[i], worked[i].peak_bytes) for i in viewed}
