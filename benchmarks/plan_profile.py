@@ -62,10 +62,10 @@ def main(argv: list[str]) -> None:
     setattr(tl, "totals", counted_totals)  # noqa: B010 (monkeypatched, as below)
     report = s._Search._report
 
-    def evaluation(self: Any, spec: Any, *args: Any) -> Any:
+    def evaluation(self: Any, spec: Any, *args: Any, **kwargs: Any) -> Any:
         totals_made[0] = 0
         start = time.process_time()
-        out = report(self, spec, *args)
+        out = report(self, spec, *args, **kwargs)
         if out is None:
             kind = "pruned at its totals" if totals_made[0] else "pruned at its floor"
         else:

@@ -18,7 +18,7 @@ layer spec, none / full / selective).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 
 from memplan.activations import lora
@@ -50,7 +50,47 @@ from memplan.states.parallel import chunk_layers
 
 def predict(inventory: Inventory, setting: Setting) -> Activations:
     """The activations of one forward pass (and its loss) on one GPU."""
-    arch = inventory.architecture
+    return _predict(inventory.architecture, setting, inventory.tied, inventory.profiles)
+
+
+_ARCH_FIELDS = tuple(f.name for f in fields(Architecture) if f.name != "extra")
+"""Architecture's fields but `extra` (a dict: `_predicted`'s key holds its items)."""
+
+_PREDICTED: IdentityMemo[Activations] = IdentityMemo(1024)
+"""`_predict` by value: the architecture's fields and setting, the tied pairs, and the
+profiles by identity (plan's micro-batches ask again for the same local slice: 249 distinct
+of 494 in the Llama-3.1-405B search)."""
+
+
+def _predict(
+    arch: Architecture | None,
+    setting: Setting,
+    tied: tuple[tuple[str, str], ...],
+    profiles: tuple[profile.Profile, ...],
+) -> Activations:
+    """`predict` from what it reads of the inventory (its architecture, tied pairs and
+    profiles: the slices `_micro_batch` predicts need no Inventory of their own), memoized
+    by value where the architecture's extras hash."""
+    if arch is None:
+        return _predicted(arch, setting, tied, profiles)
+    key = (tuple(getattr(arch, f) for f in _ARCH_FIELDS), tuple(arch.extra.items()), setting, tied)
+    try:
+        hash(key)
+    except TypeError:  # an unhashable extra (a list): worked out every time
+        return _predicted(arch, setting, tied, profiles)
+    hit = _PREDICTED.get((profiles,), key)
+    if hit is not None:
+        return hit
+    return _PREDICTED.put((profiles,), key, _predicted(arch, setting, tied, profiles))
+
+
+def _predicted(
+    arch: Architecture | None,
+    setting: Setting,
+    tied: tuple[tuple[str, str], ...],
+    profiles: tuple[profile.Profile, ...],
+) -> Activations:
+    """`predict`, worked out."""
     if arch is None:
         return not_modelled(
             "activations not modelled: the model is a bare parameter count (give hf_config, "
@@ -60,16 +100,14 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
         # torch before 1.11 (training.softmax_saves_input): only a trace keeps every softmax's
         # input (memplan.verify.trace.forward.SoftmaxInputs); the hand rules describe 2.13.
         traced = (
-            profile.serving(inventory.profiles, setting)
-            if setting.implementation == "transformers"
-            else None
+            profile.serving(profiles, setting) if setting.implementation == "transformers" else None
         )
         if traced is not None:
             return _from_profile(traced, arch, setting)
         return not_modelled(
             "training.softmax_saves_input: true (torch before 1.11) is modelled from a profile "
             "traced with it, for transformers' model code only: per_gpu.activations is 0 and the "
-            "peak leaves them out." + _profile_hint(inventory.profiles)
+            "peak leaves them out." + _profile_hint(profiles)
         )
     if setting.implementation == "torchtitan":
         from memplan.model.stacks import torchtitan
@@ -86,7 +124,7 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
         from memplan.model.stacks import litgpt
 
         # LitGPT's own model code: its rule, never a profile traced from transformers.
-        return litgpt.saved(arch, setting, tied=bool(inventory.tied))
+        return litgpt.saved(arch, setting, tied=bool(tied))
     if setting.implementation == "megatron-core":
         from memplan.model.stacks import megatron
 
@@ -97,23 +135,23 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
         return not_modelled(why)
     family = family_of(arch.model_type)
     if family is None or isinstance(family.saved, str):
-        traced = profile.serving(inventory.profiles, setting)
+        traced = profile.serving(profiles, setting)
         if traced is not None:
             return _from_profile(traced, arch, setting)
         return not_modelled(
             f"activations of model_type {arch.model_type!r} are not modelled yet "
             f"(modelled: {', '.join(modelled_model_types())}): per_gpu.activations is 0 and "
-            "the peak leaves them out." + _profile_hint(inventory.profiles)
+            "the peak leaves them out." + _profile_hint(profiles)
         )
     why = _unsupported(arch)
     if why:
         # A head the rule does not cover (BertForSequenceClassification, ...): a profile traced
         # for this config and head serves instead.
-        traced = profile.serving(inventory.profiles, setting)
+        traced = profile.serving(profiles, setting)
         if traced is not None:
             return _from_profile(traced, arch, setting)
-        return not_modelled(why + _profile_hint(inventory.profiles))
-    model = family.saved(arch, setting, tied=bool(inventory.tied))
+        return not_modelled(why + _profile_hint(profiles))
+    model = family.saved(arch, setting, tied=bool(tied))
     if isinstance(model, str):
         return not_modelled(f"activations not modelled: {model}.")
     acts = finish(model, setting)
@@ -253,18 +291,15 @@ def _on_rank(
     checkpoint_every: int,
 ) -> Activations:
     """`on_rank` of a pipeline layout, worked out."""
-    from memplan.activations import layout, pipeline, torchtitan_pipeline
+    from memplan.activations import pipeline
 
-    p = lay.pipeline
-    every = chunk_layers(arch.num_layers, lay)
-    mine = (
-        [c for c in range(len(every)) if lay.chunk_rank(c) == rank]
-        if lay.schedule == "zbv"
-        else list(range(rank, len(every), p))  # Layout.chunk_rank: chunk % P
-    )
+    chunks = _rank_chunks(arch.num_layers, lay, rank)
+    every, mine = chunks.every, chunks.mine
     kinds = None
     if any(b.name.startswith("layers.") for b in micro.blocks):
         if len(micro.layer_order) != arch.num_layers or checkpoint_every > 1:
+            from memplan.activations import layout
+
             return layout.refused(
                 "activations from a traced profile with several layer kinds are split over "
                 "pipeline stages only where the profile records each kind's layers "
@@ -273,43 +308,91 @@ def _on_rank(
             )
         starts = [sum(every[:c]) for c in range(len(every))]
         kinds = tuple(Counter(micro.layer_order[starts[c] : starts[c] + every[c]]) for c in mine)
+    torch = lay.pipeline_runtime == "torch"
     alive = pipeline.in_flight(
-        lay.schedule, p, lay.virtual_stages, rank, microbatches, runtime=lay.pipeline_runtime
+        lay.schedule,
+        lay.pipeline,
+        lay.virtual_stages,
+        rank,
+        microbatches,
+        runtime=lay.pipeline_runtime,
     )
-    source = (
-        pipeline.SRC_TORCH_SCHEDULE if lay.pipeline_runtime == "torch" else pipeline.SRC_SCHEDULE
-    )
+    source = pipeline.SRC_TORCH_SCHEDULE if torch else pipeline.SRC_SCHEDULE
     if checkpoint_every > 1:
+        from memplan.activations import torchtitan_pipeline  # torchtitan's layer SAC only
+
         return torchtitan_pipeline.stage_every(
             micro,
-            chunk_layers=tuple(every[c] for c in mine),
+            chunk_layers=chunks.layers,
             alive=alive,
             every=checkpoint_every,
-            first=0 in mine,
-            last=len(every) - 1 in mine,
+            first=chunks.first,
+            last=chunks.last,
             source=source,
         )
     # Under torch's runtime the stages' receive and output buffers join the rank's buffers
     # (in the same replace as its blocks).
     buffers = (
-        _torch_stage_buffers(
-            micro.hidden_bytes,
-            tuple((c == 0, c == len(every) - 1) for c in mine),
-            alive,
-            microbatches,
-        )
-        if lay.pipeline_runtime == "torch"
-        else ()
+        _torch_stage_buffers(micro.hidden_bytes, chunks.ends, alive, microbatches) if torch else ()
     )
     return pipeline.stage(
         micro,
-        chunk_layers=tuple(every[c] for c in mine),
+        chunk_layers=chunks.layers,
         alive=alive,
-        first=0 in mine,
-        last=len(every) - 1 in mine,
+        first=chunks.first,
+        last=chunks.last,
         source=source,
         kinds=kinds,
         buffers=buffers,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunks:
+    """Which model chunks one pipeline rank runs (`_rank_chunks`)."""
+
+    every: tuple[int, ...]
+    """Layers of every chunk, in model order (memplan.states.parallel.chunk_layers)."""
+    mine: tuple[int, ...]
+    """The rank's chunks."""
+    layers: tuple[int, ...]
+    """Layers of each of the rank's chunks."""
+    first: bool
+    """Whether it runs the first chunk (the embeddings)."""
+    last: bool
+    """Whether it runs the last chunk (the head and loss)."""
+    ends: tuple[tuple[bool, bool], ...]
+    """(first, last) of each of its chunks."""
+
+
+_CHUNKS: IdentityMemo[_Chunks] = IdentityMemo(1024)
+"""`_rank_chunks` by its layout's fields (plan's micro-batches ask again for each layout)."""
+
+
+def _rank_chunks(num_layers: int, lay: Layout, rank: int) -> _Chunks:
+    """The chunks pipeline rank `rank` of `lay` runs: Layout.chunk_rank's, every chunk's
+    layers by chunk_layers (its errors raised)."""
+    key = (num_layers, lay.pipeline, lay.schedule, lay.virtual_stages, lay.layers_per_stage, rank)
+    hit = _CHUNKS.get((), key)
+    if hit is not None:
+        return hit
+    every = tuple(chunk_layers(num_layers, lay))
+    mine = (
+        tuple(c for c in range(len(every)) if lay.chunk_rank(c) == rank)
+        if lay.schedule == "zbv"
+        else tuple(range(rank, len(every), lay.pipeline))  # Layout.chunk_rank: chunk % P
+    )
+    return _CHUNKS.put(
+        (),
+        key,
+        _Chunks(
+            every=every,
+            mine=mine,
+            layers=tuple(every[c] for c in mine),
+            first=0 in mine,
+            last=len(every) - 1 in mine,
+            ends=tuple((c == 0, c == len(every) - 1) for c in mine),
+        ),
     )
 
 
@@ -391,13 +474,17 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
         return stacks.megatron_core(inventory, st, lay, ft)
     if (lay.tensor == 1 and lay.context == 1 and lay.expert == 1) or arch is None:
         return lora.apply(ft, inventory, predict(inventory, st), st)
-    from memplan.activations import layout, torchtitan_parallel, traced
-
     if st.implementation == "torchtitan":
+        from memplan.activations import torchtitan_parallel  # torchtitan's model code only
+
         return torchtitan_parallel.micro_batch(arch, st, lay)
+    from memplan.activations import layout
+
     family = family_of(arch.model_type)
     no_rule = family is None or isinstance(family.saved, str) or bool(_unsupported(arch))
     traced_p = profile.serving(inventory.profiles, st) if no_rule else None
+    if no_rule:
+        from memplan.activations import traced  # models without a hand rule only
     if traced_p is not None and traced.expert_parallel_only(traced_p, lay):
         whole = lora.apply(ft, inventory, predict(inventory, st), st)
         return replace(
@@ -422,13 +509,15 @@ def _micro_batch(inventory: Inventory, st: Setting, lay: Layout, ft: FinetuneSpe
             local_experts=arch.num_experts // lay.expert,
         )
     local_arch = layout.local_architecture(arch, lay)
-    local = predict(replace(inventory, architecture=local_arch), local_st)
+    local = _predict(local_arch, local_st, inventory.tied, inventory.profiles)
     if not local.modelled:
         return local
     if lay.tensor > 1 and lay.tensor_impl == "dtensor" and not lay.vocab_parallel_loss:
-        whole = predict(
-            replace(inventory, architecture=replace(local_arch, vocab_size=arch.vocab_size)),
+        whole = _predict(
+            replace(local_arch, vocab_size=arch.vocab_size),
             local_st,
+            inventory.tied,
+            inventory.profiles,
         )
         local = layout.whole_vocabulary_loss(local, whole)
     if lay.sequence_parallel:

@@ -163,9 +163,11 @@ class _Search(LayoutSpace):
             # QLoRA's engines, ...) is pruned with its field, never a failed search.
             self.pruned[f"estimate refuses this layout ({err.field or 'parallelism'})"] += 1
             return []
-        if max(s.model_state_bytes for s in states) > self.budget:
+        held = [s.model_state_bytes for s in states]
+        if max(held) > self.budget:
             self.pruned["does not fit: model states alone exceed the budget"] += 1
             return []
+        resident = min(held)
         out: list[Candidate] = []
         # What every evaluation of this layout shares (assemble_within's `prepared`),
         # worked out by its first evaluation that gets that far.
@@ -175,6 +177,11 @@ class _Search(LayoutSpace):
         # earlier: IMPLEMENTATION_RECOMPUTE's order) already peaked above the budget.
         over: dict[bool, int] = {}
         for recompute, compiled in ((r, c) for r in sh.recomputes for c in sh.compiles[r]):
+            # (micro-batch, peak) of the last evaluation of this policy that fit: a larger
+            # micro-batch whose peak beyond the model states, scaled up from it, stays
+            # under the budget likely fits too, so its floors are not worked out (`_report`'s
+            # likely_fits: a guess, the same answer either way).
+            fitted: tuple[int, int] | None = None
             for mbs in self.plan.micro_batch_sizes:
                 if self.global_batch % (mbs * par.data):
                     continue
@@ -183,7 +190,17 @@ class _Search(LayoutSpace):
                     break
                 self.searched += 1
                 try:
-                    report = self._report(spec, trained, states, mbs, recompute, compiled, prepared)
+                    report = self._report(
+                        spec,
+                        trained,
+                        states,
+                        mbs,
+                        recompute,
+                        compiled,
+                        prepared,
+                        likely_fits=fitted is not None
+                        and (fitted[1] - resident) * mbs <= (self.budget - resident) * fitted[0],
+                    )
                 except MemplanError as err:
                     # What estimate refuses at this recompute / compile / micro-batch
                     # (parallelism.async_tp without compile, ...): pruned with its field.
@@ -203,6 +220,7 @@ class _Search(LayoutSpace):
                 if report.peak_bytes > self.budget:
                     self.pruned["does not fit: peak exceeds the budget"] += 1
                     break  # a larger micro-batch only needs more
+                fitted = (mbs, report.peak_bytes)
                 headroom = (report.usable_bytes or 0) - self.plan.reserve
                 if (
                     verdict(
@@ -238,10 +256,12 @@ class _Search(LayoutSpace):
         recompute: str,
         compiled: bool,
         prepared: list[Prepared],
+        likely_fits: bool = False,
     ) -> Peak | None:
         """What the search reads of the layout's report (peak_within), or None when its floor
         or a stage's peak exceeds the budget (assemble_within). `prepared`: empty, or what
-        assemble_within prepares for this layout (filled here)."""
+        assemble_within prepares for this layout (filled here); `likely_fits`:
+        peak_within's."""
         # pipeline ranks keep up to this many micro-batches in flight
         accumulation = self.global_batch // (mbs * spec.parallelism.data)
         key = (mbs, recompute, compiled, accumulation)
@@ -268,6 +288,7 @@ class _Search(LayoutSpace):
             budget=self.budget,
             cache=self.cache,
             prepared=prepared[0] if prepared else None,
+            likely_fits=likely_fits,
         )
 
     def _candidate(
@@ -462,15 +483,13 @@ def plan(
         raise
     if search.pool is not None:
         search.pool.close()
-    from memplan.plan.suggest import what_would_fit  # it searches again with plan()
+    suggestion = ""
+    if not layouts and suggest:
+        from memplan.plan.suggest import what_would_fit  # it searches again with plan()
 
-    suggestion = (
-        ""
-        if layouts or not suggest
-        else what_would_fit(
+        suggestion = what_would_fit(
             spec, inventory, p, gpus, plain.per_gpu.total_bytes, budget, search.pruned
         )
-    )
     return PlanResult(
         gpus=gpus,
         global_batch_size=global_batch,

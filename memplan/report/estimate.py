@@ -345,12 +345,22 @@ def peak_within(
     budget: int | None = None,
     cache: StepCache | None = None,
     prepared: Prepared | None = None,
+    likely_fits: bool = False,
 ) -> Peak | None:
     """`assemble_within(spec, model, trained, stages, budget=budget, cache=cache,
     prepared=prepared)` as plan's search reads it (`Peak`): None where that is None, the
-    same checks made (it raises what that raises)."""
+    same checks made (it raises what that raises). `likely_fits`: the caller expects every
+    viewed stage's peak under `budget` (`_worked`'s `floors`: the same answer, less work
+    when it is right)."""
     w = _worked(
-        spec, trained, stages, budget=budget, every_stage=False, cache=cache, prepared=prepared
+        spec,
+        trained,
+        stages,
+        budget=budget,
+        every_stage=False,
+        cache=cache,
+        prepared=prepared,
+        floors=not likely_fits,
     )
     if w is None:
         return None
@@ -403,9 +413,19 @@ def _worked(
     every_stage: bool,
     cache: StepCache | None,
     prepared: Prepared | None,
+    floors: bool = True,
 ) -> _Worked | None:
     """Each viewed stage's saved tensors and totals, and the most-loaded of them; None as
-    `assemble_within` gives None (its docstring)."""
+    `assemble_within` gives None (its docstring).
+
+    `floors` False (with a budget): the caller expects a fit, whose every floor is worked
+    out in vain (a floor only ends an evaluation early, and no floor is above its stage's
+    peak: tests/test_plan_floor.py). Then every viewed stage's totals are worked out
+    without the floors first; where each stage's activations are modelled and each peak is
+    under the budget, that is the answer the floors give (each floor is under its peak);
+    anything else (a peak above the budget, an error, a stage not modelled) goes on as with
+    the floors, in their order, reusing the totals already worked out (each the same value):
+    the same None, value or error."""
     check_async_tp(spec)  # reads training.compile: checked for every spec
     setting = setting_of(spec)
     capacity = capacity_of(spec)
@@ -446,13 +466,12 @@ def _worked(
             )
         return shared[i]
 
-    # A stage without modelled activations is not pruned here: plan says so instead.
-    floors: dict[int, int] = {}
-    if budget is not None:
-        for i in viewed:
-            if not saved_of(i).modelled:
-                continue
-            floors[i] = tl.floor_bytes(
+    # Each viewed stage's peak (tl.totals); the Timeline only of the highest.
+    worked: dict[int, tl.StepTotals] = {}
+
+    def totals_of(i: int) -> tl.StepTotals:
+        if i not in worked:
+            worked[i] = tl.totals(
                 step,
                 local[stages[i].stage],
                 per_gpu=stages[i].per_gpu,
@@ -461,7 +480,45 @@ def _worked(
                 cache=cache,
                 shared=parts_of(i),
             )
-            if floors[i] > budget:
+        return worked[i]
+
+    if not floors and budget is not None:
+        try:
+            for i in viewed:
+                if not saved_of(i).modelled or totals_of(i).peak_bytes > budget:
+                    break
+            else:  # every viewed stage modelled and under the budget: what the floors give
+                views = {i: (saved_on[i], worked[i].peak_bytes) for i in viewed}
+                return _Worked(
+                    setting=setting,
+                    capacity=capacity,
+                    prepared=prepared,
+                    step=step,
+                    cache=cache,
+                    shared=shared,
+                    worked=worked,
+                    views=views,
+                    index=max(views, key=lambda i: (views[i][1], -i)),
+                )
+        except MemplanError:
+            pass  # raised again below, where the floors' order reaches it
+        # A wrong guess: the floors' path below, with the totals already worked out.
+    # A stage without modelled activations is not pruned here: plan says so instead.
+    floor_of: dict[int, int] = {}
+    if budget is not None:
+        for i in viewed:
+            if not saved_of(i).modelled:
+                continue
+            floor_of[i] = tl.floor_bytes(
+                step,
+                local[stages[i].stage],
+                per_gpu=stages[i].per_gpu,
+                buffer_bytes=buffer_bytes[i],
+                saved=saved_on[i],
+                cache=cache,
+                shared=parts_of(i),
+            )
+            if floor_of[i] > budget:
                 return None
     for i in viewed:
         saved_of(i)
@@ -469,21 +526,11 @@ def _worked(
     # peaks above the budget settles it (the report's peak is its highest stage's, and plan
     # reads nothing else of a report over the budget): None, as for a floor. The stages are
     # built highest floor first, the likeliest to.
-    settle = budget is not None and len(floors) == len(viewed)
-    order = sorted(viewed, key=lambda i: -floors[i]) if settle else viewed
-    # Each viewed stage's peak (tl.totals); the Timeline only of the highest.
-    worked: dict[int, tl.StepTotals] = {}
+    settle = budget is not None and len(floor_of) == len(viewed)
+    order = sorted(viewed, key=lambda i: -floor_of[i]) if settle else viewed
     for i in order:
-        worked[i] = tl.totals(
-            step,
-            local[stages[i].stage],
-            per_gpu=stages[i].per_gpu,
-            buffer_bytes=buffer_bytes[i],
-            saved=saved_on[i],
-            cache=cache,
-            shared=parts_of(i),
-        )
-        if settle and budget is not None and worked[i].peak_bytes > budget:
+        peak = totals_of(i).peak_bytes
+        if settle and budget is not None and peak > budget:
             alloc_conf(spec.hardware.alloc_conf)  # checked as below
             return None
     views = {i: (saved_on[i], worked[i].peak_bytes) for i in viewed}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from memplan.errors import MemplanError
+from memplan.memo import IdentityMemo
 from memplan.model.inventory import Inventory, fold_name
 from memplan.optimizers import FSDP2_REFUSALS, FSDP2_REFUSED_OPTIMIZERS, OptimizerConfig
 from memplan.precision import Recipe
@@ -204,7 +205,7 @@ def stage_states(
             field="optimizer.name",
         )
     arch = inventory.architecture
-    held = stage_layers(inventory.num_layers, layout) if arch else None
+    held = _stage_layers(inventory.num_layers, layout) if arch else None
     key = _states_key(inventory, layout, held)
     classes = tensor_rank_classes(arch.vocab_size if arch else None, layout)
     per_class: list[list[StageStates]] = []
@@ -216,7 +217,7 @@ def stage_states(
             and key.pipeline > 1
             and key.layers_per_stage != layout.layers_per_stage
         ):
-            out = [replace(st, layers=tuple(held[st.stage])) for st in out]
+            out = list(_relabelled(states, held))
         if layout.engine == "ddp" and layout.tensor > 1:
             rank_layout = layout.for_tensor_rank(group[0])
             out = [_whole_embedding_gradient(st, inventory, recipe, rank_layout) for st in out]
@@ -226,6 +227,44 @@ def stage_states(
     if len(classes) == 1:
         return per_class[0]
     return [_tensor_rank_union(stages, classes) for stages in zip(*per_class, strict=True)]
+
+
+_RELABELLED: IdentityMemo[tuple[StageStates, ...]] = IdentityMemo(1024)
+"""`_relabelled` per (stages, held layers): plan's layouts of one `_states_key` and one
+placement of the layers share it (the Llama-3.1-405B search asks 646 times)."""
+
+
+def _relabelled(
+    states: tuple[StageStates, ...], held: tuple[tuple[int, ...], ...]
+) -> tuple[StageStates, ...]:
+    """`states` (of a `_states_key` layout, whose layers are the contiguous split) with the
+    layer indices each stage of the layout itself holds."""
+    hit = _RELABELLED.get((states,), held)
+    if hit is not None:
+        return hit
+    return _RELABELLED.put(
+        (states,), held, tuple(replace(st, layers=held[st.stage]) for st in states)
+    )
+
+
+_HELD: IdentityMemo[tuple[tuple[int, ...], ...]] = IdentityMemo(1024)
+"""`_stage_layers` by the layout's fields it reads."""
+
+
+def _stage_layers(num_layers: int, layout: Layout) -> tuple[tuple[int, ...], ...]:
+    """memplan.states.parallel.stage_layers (its errors raised), remembered per pipeline
+    placement (plan's layouts of one placement ask again)."""
+    key = (
+        num_layers,
+        layout.pipeline,
+        layout.virtual_stages,
+        layout.layers_per_stage,
+        layout.schedule,
+    )
+    hit = _HELD.get((), key)
+    if hit is not None:
+        return hit
+    return _HELD.put((), key, tuple(map(tuple, stage_layers(num_layers, layout))))
 
 
 # The Layout fields model states depend on: the split of the tensors, and the engine's rule.
@@ -242,27 +281,31 @@ STATES_FIELDS = (
 )
 
 
-def _states_key(inventory: Inventory, layout: Layout, held: list[list[int]] | None) -> Layout:
+def _states_key(
+    inventory: Inventory, layout: Layout, held: tuple[tuple[int, ...], ...] | None
+) -> Layout:
     """The layout whose model states are `layout`'s, with the fields states do not read at
     their defaults (plan's layouts then share them): context-parallel ranks hold the same
     weights as data-parallel ones, so they fold into `data` (`Layout.data_shards`); and with
     identical layers only how many each pipeline rank holds matters, not which, so an
     interleaved placement is the contiguous split with the same counts."""
     titan = TITAN_FIELDS if layout.titan_experts else ()
-    key = replace(layout.keep(*STATES_FIELDS, *titan), data=layout.data_shards)
+    # layout.keep(*STATES_FIELDS, *titan) with `data` (and the pipeline's fields) replaced,
+    # made in one construction.
+    kept = {n: getattr(layout, n) for n in (*STATES_FIELDS, *titan)}
+    kept["data"] = layout.data_shards
     if (
         held is not None
         and layout.pipeline > 1
         and layout.schedule != "zbv"  # its V puts the head on rank 0
         and _identical_layers(inventory)
     ):
-        key = replace(
-            key,
+        kept.update(
             virtual_stages=1,
             layers_per_stage=tuple(len(h) for h in held),
             schedule="1f1b",
         )
-    return key
+    return Layout(**kept)
 
 
 def _tensor_rank_union(
@@ -389,9 +432,9 @@ def _stage_states(
     knobs = sharding.DeepSpeedKnobs.of(layout) if layout.engine == "deepspeed" else None
     rule = sharding.engine_rule(layout.engine, layout.stage, knobs)
     held = (
-        stage_layers(inventory.num_layers, layout)
+        _stage_layers(inventory.num_layers, layout)
         if inventory.architecture
-        else [[] for _ in range(layout.pipeline)]
+        else ((),) * layout.pipeline
     )
     # Stages that hold the same tensor shapes (the middle of a pipeline) have the same states.
     by_shapes: dict[
