@@ -198,11 +198,13 @@ CAVEATS = {
     "hands its kernel stub alive. The peak uses the layers' working sets the profile traced "
     "(memplan/verify/trace/working.py: the Mamba-2 scan's [2, 1, 256, 256, 128] fp32 "
     "temporaries), exact to 512 B without and with selective recomputation; under full "
-    "recomputation 0.08-0.18% low: the layers' gradients alive in the last layer's backward "
-    "(the timeline holds the head's only: memplan/step/timeline.py::_head_fraction).",
-    "bitnet": "activations exact; bf16 eager full recomputation: the peak is 2.7% low, in layer "
-    "0's backward with 91,008 B more gradients alive than the timeline holds there (the head's "
-    "only: memplan/step/timeline.py::_head_fraction); the layers' working sets are traced.",
+    "recomputation the peak is in layer 0's backward with layer 1's gradients alive "
+    "(memplan/step/transients.py::first_layer_backward; 0.08-0.18% low before it), now "
+    "0.001-0.003% low: one hidden state (16,384 B in fp32) more alive than the term leaves.",
+    "bitnet": "activations exact; bf16 eager full recomputation: the peak is 1.1% low, in layer "
+    "0's MLP backward with 16,640 B of its own gradients alive (memplan/step/transients.py::"
+    "first_layer_backward counts the later layers' only; 2.7% low before it); the layers' "
+    "working sets are traced.",
     "deepseek_v32": "MLA + DSA indexer: activations exact. Gradients and AdamW states "
     "predicted above the measurement by the indexer's parameters (wq_b, wk, k_norm, "
     "weights_proj: 3,904 bf16 elements in 2 layers; gradients +7,808 B, exp_avg and exp_avg_sq "

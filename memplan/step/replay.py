@@ -71,6 +71,10 @@ BACKWARD_WORKING_SET = "backward_working_set"
 # The replay rounds every saved tensor itself (AllocConf.round_size), so the timeline's term
 # for that rounding would count it twice.
 ROUNDED_BY_REPLAY = frozenset({"allocator_rounding_activations"})
+# The replay walks the layers' backward itself (layers_backward: each layer's saved tensors
+# freed, its gradients made), so the timeline's excess of the first layer's backward over the
+# backward point (memplan.step.transients.first_layer_backward) would count it twice.
+WALKED_BY_REPLAY = frozenset({"first_layer_backward"})
 STEPS = 2
 """Steps replayed after init: the second is the steady state max_memory_reserved() shows."""
 
@@ -203,7 +207,8 @@ class _StepEvents:
         self.grads = {phase: points[phase].of("gradients") for phase in PHASES}
         self.always_grads = min(self.grads.values())
         self.per_phase = {phase: set(points[phase].transients) for phase in PHASES}
-        self.terms = [t for t in timeline.transients if t.name not in ROUNDED_BY_REPLAY]
+        skipped = ROUNDED_BY_REPLAY | WALKED_BY_REPLAY
+        self.terms = [t for t in timeline.transients if t.name not in skipped]
         self.by_name = {t.name: t for t in self.terms}
         self.layered = [b for b in saved.blocks if b.layered and not b.on_host]
         self.cycled = {FORWARD_WORKING_SET, BACKWARD_WORKING_SET} if self.layered else set()

@@ -7,11 +7,15 @@ Phases of a steady-state step (step >= 2: optimizer states exist; gradients were
   forward         end of the last layer's forward: every layer's saved tensors
   loss            logits, their fp32 upcast and the log-softmax the loss saves
   backward_start  the loss's backward: two [tokens, vocab] fp32 gradients
-  backward        first decoder layer's backward: the head's gradients, one recomputed layer
+  backward        the decoder layers' backward: the last layer's (the first to run) with every
+                  saved tensor, the head's gradients and one layer's working set; or the
+                  first layer's, where that holds more (the later layers' gradients made,
+                  their saved tensors freed: the first_layer_backward term)
   backward_end    every gradient, no activations
   optimizer_step  the optimizer's temporaries
 Memory alive grows and shrinks linearly between these points (layers free their activations
-one by one while gradients appear), so the peak of the step is at one of them.
+one by one while gradients appear), so the peak of the step is at one of them (inside the
+layers' backward, at one of its two ends: the backward point counts the larger).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from memplan.states.engines.base import StepCache, StepStates
 from memplan.states.layout import Layout
 from memplan.states.terms import grad_dtype, kept_gradient_bytes
 from memplan.step.terms import OfSaved, cheap_backward_end, of_saved, transients
+from memplan.step.transients import first_layer_backward
 
 Category = Literal[
     "parameters", "gradients", "optimizer_states", "buffers", "activations", "transient"
@@ -266,6 +271,9 @@ def totals(
         shared = parts(step, inventory, per_gpu=per_gpu, saved=saved, cache=cache)
     terms = tuple(transients(step, shared.states, saved, cache, of=shared.of))
     gradients = shared.gradients
+    late = _first_layer_backward(step, shared, saved, cache)
+    if late is not None:
+        terms += (late,)
     activations = shared.activations
     # Each phase's transient bytes (the terms alive there: `alive`, where a timeline is built).
     transient = dict.fromkeys(PHASES, 0)
@@ -413,7 +421,8 @@ def floor_bytes(
 
 def _gradients(step: StepSettings, states: StepStates, cache: StepCache) -> dict[Phase, int]:
     """Gradient bytes alive at each phase. Without gradient accumulation they appear in
-    backward (at the backward point only the head's: _head_fraction) and go at zero_grad
+    backward (at the backward point only the head's: _head_fraction; the later layers' by
+    the first layer's backward, counted apart: _first_layer_backward) and go at zero_grad
     after the step (zero_grad: zero keeps them); gradient accumulation keeps them across
     micro-batches; the engine may keep them for the whole run, hold some from init, or make
     them only in its post-backward (EngineStep.gradients)."""
@@ -444,6 +453,31 @@ def _gradients(step: StepSettings, states: StepStates, cache: StepCache) -> dict
             g = grads - late
         out[phase] = g + life.held_bytes + kept
     return out
+
+
+def _first_layer_backward(
+    step: StepSettings, shared: StepParts, saved: Activations, cache: StepCache
+) -> Transient | None:
+    """The backward's worst moment inside the decoder layers, where it is the first layer's
+    (memplan.step.transients.first_layer_backward: its excess over the backward point), for
+    the engines whose gradients autograd makes layer by layer (GradientLife: no
+    post-backward gradients, layer_by_layer). FSDP2 over several ranks walks its layers'
+    backward in its own term (memplan.states.engines.fsdp2.moments.layer_backward: k layers'
+    sharded gradients less their saved tensors); FSDP1's sharded units are not walked
+    (memplan.states.engines.fsdp1._gradients); an engine whose gradients are all alive at
+    the backward point (gradient accumulation, a buffer kept for the run, zero_grad: zero)
+    makes none between it and the end of backward, so the first layer's holds less."""
+    states = shared.states
+
+    def walks() -> bool:
+        life = STEPS[step.layout.engine].gradients(states, cache)
+        return life.post_backward_bytes is None and life.layer_by_layer
+
+    if not cache.get(("layer by layer", states), walks):
+        return None
+    return first_layer_backward(
+        states.inventory, saved, shared.gradients, cuda=step.device == "cuda", cache=cache
+    )
 
 
 def _head_fraction(inventory: Inventory) -> float:

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from memplan import memory
 from memplan.config.finetune import FinetuneSpec
-from memplan.memory import PHASES, Transient
+from memplan.memory import PHASES, Phase, Transient
 from memplan.model.finetune import qlora
 from memplan.model.forward import compiled
 from memplan.model.forward.tensors import Activations, Block
@@ -497,3 +497,84 @@ def qlora_head_backward(
         formula=head[1],
         source=qlora.SRC_BNB_BACKWARD,
     )
+
+
+SRC_FIRST_LAYER = (
+    "torch 2.13 torch/csrc/autograd/functions/accumulate_grad.h (each parameter's .grad made "
+    "by its AccumulateGrad node as the backward reaches it, kept until zero_grad); "
+    "torch/csrc/autograd/engine.cpp (a node's saved variables released once it has run: "
+    "the layers' saved tensors go layer by layer, the last layer's first)"
+)
+
+
+def first_layer_backward(
+    inventory: Inventory,
+    saved: Activations,
+    gradients: dict[Phase, int],
+    *,
+    cuda: bool,
+    cache: StepCache | None = None,
+) -> Transient | None:
+    """The first decoder layer's backward (the last the backward runs), counted as its excess
+    over the timeline's backward point (the last layer's backward starting: every layer's
+    saved tensors, the head's gradients only, the backward working set). By then the layers
+    after the first have made their gradients (kept until zero_grad) and freed their saved
+    tensors; the working set is the same layer's again, the embeddings' saved tensors still
+    held. Alive bytes are linear in the layers walked, so the backward's worst moment inside
+    the layers is at one of the two ends: this term is the difference, where the first layer's
+    end holds more (full recomputation saves little per layer; a layer's gradients
+    outweigh it). None where it does not.
+
+    `gradients`: the timeline's gradient bytes per phase (timeline._gradients): what appears
+    between the backward point and the end of backward is what autograd makes in the layers'
+    backward and the embedding's; the layers' after the first are their share of every
+    gradient the step makes, by trainable parameters (`_later_layers_share`). The engine
+    decides whether its gradients appear so (EngineStep.gradients: GradientLife.
+    layer_by_layer; memplan.step.timeline.totals asks). The first layer's own gradients,
+    made while its backward runs, are not counted (where its working set peaks among them is
+    not known here: a lower bound of that moment)."""
+    layered = [b for b in saved.blocks if b.layered and not b.on_host]
+    if not saved.modelled or not layered:
+        return None
+    share = (
+        _later_layers_share(inventory)
+        if cache is None
+        else cache.get(("later layers", inventory), lambda: _later_layers_share(inventory))
+    )
+    made = max(gradients.values()) - min(gradients.values())
+    grads = min(gradients["backward_end"] - gradients["backward"], int(made * share))
+    # The first layer's block: the model order's first (Activations.layer_order: a traced
+    # profile's several layer blocks), else the first in the forward's order.
+    order = saved.layer_order
+    first = next((b for b in layered if order and b.name == order[0]), layered[0])
+    freed = sum(b.bytes for b in layered) - first.bytes_each
+    # On CUDA the allocator rounds each saved tensor (the timeline's
+    # allocator_rounding_activations term): freed with it.
+    rounded = sum(b.count * b.rounding_each for b in layered) - first.rounding_each if cuda else 0
+    excess = grads - freed - rounded
+    if excess <= 0:
+        return None
+    layers = sum(b.count for b in layered)
+    rounding_text = f" - {rounded:,} B their allocator rounding" if rounded else ""
+    return Transient(
+        name="first_layer_backward",
+        bytes=excess,
+        phases=("backward",),
+        formula=f"the first decoder layer's backward over the last's: {grads:,} B gradients "
+        f"of the {layers - 1} layers after it ({share:.4f} of the {made:,} B made) - "
+        f"{freed:,} B their saved tensors, freed{rounding_text}",
+        source=SRC_FIRST_LAYER,
+    )
+
+
+def _later_layers_share(inventory: Inventory) -> float:
+    """Share of the trainable parameters in the decoder layers after this rank's first one
+    (their gradients exist when the first layer's backward runs)."""
+    trained = [t for t in inventory.parameters if t.trainable]
+    total = sum(t.numel for t in trained)
+    indices = [t.layer for t in trained if t.layer is not None]
+    if not total or not indices:
+        return 0.0
+    first = min(indices)
+    later = sum(t.numel for t in trained if t.layer is not None and t.layer != first)
+    return later / total

@@ -114,6 +114,11 @@ class GradientLife:
     micro-batch (stage.py::perform_reduce_grad), so the pipeline's micro-batches (gradient
     accumulation) do not keep them alive from the forward on
     (memplan.states.engines.fsdp2.pipeline)."""
+    layer_by_layer: bool = True
+    """The gradients autograd makes in backward (post_backward_bytes None) appear layer by
+    layer and stay: the first decoder layer's backward holds the later layers'
+    (memplan.step.transients.first_layer_backward). False where they are not made per layer
+    (DeepSpeed ZeRO-2's grads_in_partition: one flat buffer)."""
 
 
 def no_terms(states: StepStates, acts: StepActivations) -> list[Transient]:

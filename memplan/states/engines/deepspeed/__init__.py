@@ -94,9 +94,15 @@ def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
 def _gradients(states: StepStates, cache: StepCache) -> GradientLife:
     """BF16_Optimizer's flat gradient buffer is allocated at init and never freed; ZeRO-3
     keeps its gradient partitions in `grad_partitions_flat_buffer`, zeroed, never freed
-    (memplan.states.engines.deepspeed.sharding)."""
+    (memplan.states.engines.deepspeed.sharding). ZeRO-2's gradient rows are
+    `grads_in_partition`, one flat buffer allocated whole at the first parameter's copy into
+    it (deepspeed 0.19.8 runtime/zero/stage_1_and_2.py::copy_grads_in_partition,
+    `torch.empty(total_size)`), not layer by layer: the first decoder layer's backward holds
+    no more of them than the backward point (its timeline keeps the head's share there)."""
     held = sum(t.bytes for t in states.per_gpu.terms if is_flat_gradient_buffer(t.name))
-    return GradientLife(held_bytes=held, whole_run=states.layout.stage == 3)
+    return GradientLife(
+        held_bytes=held, whole_run=states.layout.stage == 3, layer_by_layer=states.layout.stage != 2
+    )
 
 
 STEP = EngineStep(states=_state_transients, gradients=_gradients)

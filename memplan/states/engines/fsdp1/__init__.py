@@ -193,7 +193,11 @@ def _gradients(states: StepStates, cache: StepCache) -> GradientLife:
     gradient accumulation only in the last micro-batch's (the earlier ones run under
     no_sync(): memplan.states.engines.fsdp1.accumulation), so none is alive before the last
     backward (`pipelined`: the same life as torch pipelining's gradients; it changes
-    nothing at one micro-batch)."""
+    nothing at one micro-batch). The sharded units' gradients are made per layer, but the
+    first decoder layer's backward is not walked for them (memplan.step.transients.
+    first_layer_backward counts autograd's gradients only): their layers' unsharded
+    parameters (UNSHARDED_LAYERS under SHARD_GRAD_OP) go per layer too, and no verify run
+    measures that moment yet."""
     layout = states.layout
     if offloaded(states):
         return GradientLife()  # on the host (the device's: fsdp1.offload.device_gradients)

@@ -105,7 +105,10 @@ def _backward_end(states: StepStates, acts: StepActivations, cache: StepCache) -
 def _gradients(states: StepStates, cache: StepCache) -> GradientLife:
     """On more than one rank FSDP2 makes each group's sharded gradients in its post-backward,
     the root's last (fsdp2_root_gradients); one rank reduces nothing. Under pipelining
-    every sharded gradient is made after the last micro-batch (fsdp2.pipeline)."""
+    every sharded gradient is made after the last micro-batch (fsdp2.pipeline). Over several
+    ranks the layers' backward, k layers' sharded gradients made and their saved tensors
+    freed, is walked by FSDP2's own term (moments.layer_backward), not by the timeline's
+    first_layer_backward (memplan.step.timeline._first_layer_backward)."""
     if states.layout.pipeline > 1:
         return GradientLife(
             post_backward_bytes=states.per_gpu.bytes_of("gradients"), pipelined=True
