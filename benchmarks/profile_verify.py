@@ -182,17 +182,28 @@ MOE_TYPES = {
 # Types that trace and run in full, with what the matrix found against them.
 CAVEATS = {
     "qwen3_5_text": "gated-delta-net linear attention, run at 2 x 128 tokens (BATCHES): "
-    "activations exact. Peaks: full recomputation 0.16-2.42% low, the peak in layer 0's "
-    "linear-attention backward with the later layers' gradients alive (bf16: 205,408 B, the "
-    "head's 65,664 B, layer 1's 82,240, layer 0's MLP, out_proj and norms 57,504), where the "
-    "timeline holds the head's only (memplan/step/timeline.py::_head_fraction); eager "
+    "activations exact. Peaks: full recomputation 0.16-2.42% low before memplan/step/"
+    "transients.py::first_layer_backward (the peak in layer 0's linear-attention backward with "
+    "the later layers' gradients alive: bf16 205,408 B, the head's 65,664 B, layer 1's 82,240, "
+    "layer 0's MLP, out_proj and norms 57,504), with it fp32 +1.41%, bf16 -0.76%, amp-bf16 "
+    "-0.60% (layer 0's own gradients not counted; fp32's over not investigated); eager "
     "selective 0.95-1.64% low, "
     "the eager causal mask [2, 1, 128, 128] (131,072 B in fp32, 65,536 in bf16: the gaps less "
     "1,020 B) alive to the loss's backward, held by torch.utils.checkpoint's recomputation of "
     "the attention core and saved by no node (sdpa passes no mask: within 0.03%).",
     "qwen3_next": "gated-delta-net linear attention + MoE at 2 x 128 tokens: activations "
-    "exact; peaks as qwen3_5_text's (full recomputation 2.14-2.73% low, eager selective "
-    "0.77-0.91% low: the bf16 mask's 65,536 B less 1,020).",
+    "exact; peaks as qwen3_5_text's (full recomputation 2.14-2.73% low before "
+    "first_layer_backward, -1.09 to -1.40% with it; eager selective 0.77-0.91% low: the bf16 "
+    "mask's 65,536 B less 1,020).",
+    "smollm3": "activations exact; bf16 eager full recomputation: the peak 2.36% high (+25,728 "
+    "B), since first_layer_backward (-0.54% before): layer 0's backward holds 40,064 B more "
+    "than the last layer's point, the term counts 65,792 (layer 1's 73,984 B of gradients less "
+    "its 8,192 saved); the rest of that moment not investigated (sdpa, fp32, amp: within "
+    "0.6%). Likewise ernie4_5 and lfm2.",
+    "ernie4_5": "activations exact; bf16 eager full recomputation: the peak 2.73% high "
+    "(-0.73% before first_layer_backward): as smollm3's.",
+    "lfm2": "activations exact; bf16 eager full recomputation: the peak 2.13% high "
+    "(-0.24% before first_layer_backward): as smollm3's.",
     "falcon_h1": "activations exact on the profile's side; CPU verify measures 1,024 B more: "
     "its peak tracker (torch's module tracker) keeps the unused `A = -exp(A_log)` the mixer "
     "hands its kernel stub alive. The peak uses the layers' working sets the profile traced "
