@@ -2,7 +2,7 @@
 oracle is the same calculator asked without the memo or the shortcut (tests/test_plan.py and
 the published rows check the figures themselves).
 
-- memplan.report.estimate.peak_within's `likely_fits` (the search skips the floors of an
+- memplan.report.worked.peak_within's `likely_fits` (the search skips the floors of an
   evaluation it expects to fit): the same None, Peak or error as with the floors, asked of
   every evaluation of the searches below, with the shortcut forced on (every guess tried,
   the wrong ones included).
@@ -23,7 +23,7 @@ from memplan.config.load import load_spec
 from memplan.errors import MemplanError
 from memplan.model.load import load_inventory
 from memplan.plan import search
-from memplan.report import estimate
+from memplan.report import estimate, worked
 from memplan.report.settings import setting_of
 from memplan.states import stages
 
@@ -54,15 +54,15 @@ def test_pin_likely_fits_gives_what_the_floors_give(
 ) -> None:
     """Every evaluation of the search, asked with likely_fits on and off: the same answer
     (None, the same Peak's values, or the same error)."""
-    real = estimate.peak_within
+    real = worked.peak_within
     asked = {"fits": 0, "over": 0}
 
     def both(*args: Any, **kwargs: Any) -> Any:
         kwargs.pop("likely_fits", None)
         floors = _answer(real, *args, likely_fits=False, **kwargs)
         guessed = _answer(real, *args, likely_fits=True, **kwargs)
-        if isinstance(floors, estimate.Peak):
-            assert isinstance(guessed, estimate.Peak)
+        if isinstance(floors, worked.Peak):
+            assert isinstance(guessed, worked.Peak)
             for name in ("layout", "stages", "activations", "peak_bytes", "usable_bytes"):
                 assert getattr(guessed, name) == getattr(floors, name), name
             asked["fits"] += 1

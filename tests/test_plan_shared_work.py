@@ -1,4 +1,4 @@
-"""plan's search shares work between evaluations of one layout (estimate.prepare) and between a
+"""plan's search shares work between evaluations of one layout (report.worked.prepare) and between a
 stage's floor and its timeline (timeline.parts). These are pinning tests: the oracle is the same
 calculator asked without the shared pieces, so they prove the sharing changes nothing, not that
 the figures are right (tests/test_plan.py and the published rows do that)."""
@@ -10,8 +10,9 @@ import pytest
 from memplan.config.load import validate
 from memplan.model.finetune import lora as finetune
 from memplan.model.load import load_inventory
-from memplan.report.estimate import assemble_within, model_states, prepare
+from memplan.report.estimate import assemble_within, model_states
 from memplan.report.settings import step_settings
+from memplan.report.worked import prepare
 from memplan.states.engines.base import StepCache
 from memplan.step import timeline as tl
 
@@ -142,7 +143,7 @@ def test_pin_floor_over_budget_works_out_one_stage(monkeypatch: pytest.MonkeyPat
     """A floor above the budget ends the evaluation before the later stages' saved tensors
     are worked out (assemble_within asks each stage's when first read); without a budget
     every viewed stage's are, once each, and the report is unchanged."""
-    from memplan.report import estimate as est
+    from memplan.report import worked
 
     loaded = _spec(CASES["fsdp2-pp4-tp2"], 2, "none")
     spec = loaded.spec
@@ -152,13 +153,13 @@ def test_pin_floor_over_budget_works_out_one_stage(monkeypatch: pytest.MonkeyPat
     before = assemble_within(spec, inventory, trained, states)
     assert before is not None
     asked: list[int] = []
-    saved_on = est._saved_on
+    saved_on = worked.saved_on_stage
 
     def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
         asked.append(args[3].stage)
         return saved_on(*args, **kwargs)
 
-    monkeypatch.setattr(est, "_saved_on", counted)
+    monkeypatch.setattr(worked, "saved_on_stage", counted)
     assert assemble_within(spec, inventory, trained, states, budget=0) is None
     assert asked == [0]
     asked.clear()
@@ -176,7 +177,7 @@ def test_pin_peak_within_reads_what_the_report_says(name: str, device: str) -> N
     """peak_within (what plan's search reads of an evaluation, without the timeline's points)
     gives the peak, usable bytes, layout, stages and saved tensors of assemble_within's report
     of the same arguments, and None at the same budgets."""
-    from memplan.report.estimate import peak_within
+    from memplan.report.worked import peak_within
 
     for mbs, recompute in ((1, "none"), (2, "full")):
         loaded = _spec(CASES[name], mbs, recompute)

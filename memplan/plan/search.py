@@ -39,16 +39,10 @@ from memplan.plan.steptime import (
 )
 from memplan.plan.timing import link_of, shape_of, work_of
 from memplan.plan.workers import Pool, ordered_map, workers_help
-from memplan.report.estimate import (
-    Peak,
-    Prepared,
-    assemble_within,
-    model_states,
-    peak_within,
-    prepare,
-)
+from memplan.report.estimate import assemble_within, model_states
 from memplan.report.result import Report, verdict
 from memplan.report.settings import capacity_of
+from memplan.report.worked import Peak, Prepared, peak_within, prepare
 from memplan.states.engines.base import StepCache
 from memplan.states.layout import Layout
 from memplan.states.stages import StageStates

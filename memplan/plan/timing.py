@@ -17,8 +17,8 @@ from memplan.plan.steptime import (
     step_time,
 )
 from memplan.precision import dtype_bytes
-from memplan.report.estimate import Peak
 from memplan.report.result import Report
+from memplan.report.worked import Peak
 from memplan.states.engines.megatron import main_grad_dtype
 
 

@@ -5,7 +5,7 @@ memplan.report.estimate.
 ModelSummary, TensorRankView and Report are compared by identity (`eq=False`): nothing
 compares or hashes them (the documents are compared: memplan.report.json), and a dataclass's
 generated __eq__ and __hash__ are two functions compiled at import in every `memplan estimate`
-(issue 21). The same holds for memplan.report.estimate.Prepared and
+(issue 21). The same holds for memplan.report.worked.Prepared and
 memplan.config.load.LoadedSpec."""
 
 from __future__ import annotations
