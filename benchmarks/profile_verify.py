@@ -410,6 +410,7 @@ def write(out: Path, rows: dict[str, Any], start: float, *, done: bool) -> dict[
             1
             for t in rows.values()
             if t["settings"]
+            and not t.get("not_traced")  # one setting run, to record why the trace refuses it
             and all(s.get("ok") and s.get("ratio") is not None for s in t["settings"])
         ),
         "settings_per_type": len(PRECISION) * len(ATTENTION) * len(CHECKPOINTING),

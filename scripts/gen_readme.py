@@ -691,6 +691,8 @@ def profile_verify(doc: Doc) -> str:
     verified, off = [], []
     for name, row in types.items():
         cases = row["settings"]
+        if row.get("not_traced"):
+            continue  # one setting run, to record why the trace refuses it (listed below)
         if cases and all(c.get("ok") and c.get("ratio") is not None for c in cases):
             verified.append(name)
         for c in cases:
@@ -702,9 +704,15 @@ def profile_verify(doc: Doc) -> str:
     for name, c in off:
         lows.setdefault(name, []).append(c["ratio"])
     spread = "; ".join(
-        f"{name} {min(r):.4f}" + (f" to {max(r):.4f}" if max(r) != min(r) else "")
+        f"{name} {min(r):.7f}" + (f" to {max(r):.7f}" if max(r) != min(r) else "")
         for name, r in lows.items()
     )
+    refused = [name for name, r in types.items() if r.get("not_traced")]
+    failing = [
+        name
+        for name in types
+        if name not in verified and name not in refused and types[name]["settings"]
+    ]
     cases = sum(len(r["settings"]) for r in types.values())
     served = sum(1 for r in types.values() for c in r["settings"] if c.get("ratio") is not None)
     untraced = [
@@ -722,6 +730,17 @@ def profile_verify(doc: Doc) -> str:
         + (
             f"; not traced (the reason in the results file): {', '.join(untraced)}"
             if untraced
+            else ""
+        )
+        + (
+            f"; refused by the trace, one setting run to record why: {', '.join(refused)}"
+            if refused
+            else ""
+        )
+        + (
+            f"; not verified in every setting (the caveat in the results file): "
+            f"{', '.join(failing)}"
+            if failing
             else ""
         )
         + f" (`benchmarks/profile_verify.py`, {where(doc)}).\n"
