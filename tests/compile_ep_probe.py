@@ -141,67 +141,14 @@ def _received(model: Any, case: Any, tokens: torch.Tensor) -> int:
     return int(counts[rank * local : (rank + 1) * local].sum())
 
 
-def _own_storages(model: Any) -> set[int]:
-    out = set()
-    for t in (*model.parameters(), *model.buffers()):
-        local = t.to_local() if hasattr(t, "to_local") else t
-        out.add(local.untyped_storage().data_ptr())
-    return out
-
-
 def trace(case: Any, dims: Any) -> dict[str, Any]:
     """This rank's received rows and the tensors the compiled block's forward passes to its
     backward: [name, dtype, shape, bytes] each (module docstring)."""
-    from torch._inductor.compile_fx import compile_fx
-    from torchtitan.components.loss import cross_entropy_loss
-
-    from benchmarks.compile_layers import _full, _sac
+    from tests.compile_tp_probe import compiled_step
 
     model = _build(case, dims)
     tokens, labels = _tokens(case)
-    wrap = {"none": None, "selective-op": _sac, "full": _full}[case.mode]
-    if wrap is not None:
-        for name, block in list(model.layers.named_children()):
-            model.layers.register_module(name, wrap(block))
-    own = _own_storages(model)
-    kept: list[list[Any]] = []
-
-    def inner_compile(gm: torch.fx.GraphModule, example_inputs: Any, **kwargs: Any) -> Any:
-        if kwargs.get("is_backward"):
-            return gm
-        (result,) = (n for n in gm.graph.nodes if n.op == "output")
-        names = [getattr(n, "name", "") for n in result.args[0]]
-
-        def run(args: list[Any]) -> Any:
-            out = gm(*args)
-            for name, value in list(zip(names, out, strict=True))[1:]:
-                if isinstance(value, torch.Tensor):
-                    storage = value.untyped_storage()
-                    if storage.data_ptr() not in own:
-                        dtype = str(value.dtype).removeprefix("torch.")
-                        dtype = {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
-                        kept.append([name, dtype, list(value.shape), storage.nbytes()])
-            return out
-
-        run._boxed_call = True  # type: ignore[attr-defined]
-        return run
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
-        return compile_fx(gm, example_inputs, inner_compile=inner_compile)
-
-    torch._dynamo.reset()
-    # No AOTAutograd / FX graph cache entry of an earlier compile is reused.
-    torch._functorch.config.enable_autograd_cache = False
-    torch._inductor.config.fx_graph_cache = False
-    # As torchtitan 0.3.0's distributed/compile.py::apply_compile sets them.
-    torch._dynamo.config.capture_scalar_outputs = True
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-    for block in model.layers.children():
-        block.compile(backend=backend, fullgraph=True)
-    loss = cross_entropy_loss(model(tokens), labels)
-    loss.backward()  # the kept tensors serve a backward that runs
-    dist.barrier()
-    torch._dynamo.reset()
+    kept = compiled_step(model, case.mode, tokens, labels)
     # After the compiled step, on a model built afresh: an eager forward of the same model
     # before compiling it made torch 2.13's AOTAutograd runtime wrapper fail under SelectiveAC
     # (_AutogradSavedState.save_from_forward: "expected all tensors_saved_with_vc_check to be

@@ -140,20 +140,20 @@ def _own_storages(model: Any) -> set[int]:
     return out
 
 
-def trace(case: Case, world: int) -> dict[str, Any]:
-    """The tensors this rank's compiled block passes from forward to its backward (module
-    docstring)."""
+def compiled_step(model: Any, mode: str, tokens: Any, labels: Any) -> list[list[Any]]:
+    """One step of `model` with each block wrapped for `mode` (none, selective-op, full) and
+    compiled as torchtitan compiles it: the tensors each compiled block's forward passes to its
+    backward that are not the model's own storages, [graph name, dtype, local shape, storage
+    bytes] each. The backward runs (the kept tensors serve it). `COMPILE_TP_DUMP=1` prints rank
+    0's forward graphs. Shared with tests/compile_ep_probe.py."""
+    import os
+
     from torch._inductor.compile_fx import compile_fx
     from torchtitan.components.loss import cross_entropy_loss
 
     from benchmarks.compile_layers import _full, _sac
 
-    model = _build(case, world)
-    torch.manual_seed(1)  # the same tokens on every TP rank
-    shape = case.shape
-    tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
-    labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
-    wrap = {"none": None, "selective-op": _sac, "full": _full}[case.mode]
+    wrap = {"none": None, "selective-op": _sac, "full": _full}[mode]
     if wrap is not None:
         for name, block in list(model.layers.named_children()):
             model.layers.register_module(name, wrap(block))
@@ -164,8 +164,6 @@ def trace(case: Case, world: int) -> dict[str, Any]:
         if kwargs.get("is_backward"):
             return gm
         (result,) = (n for n in gm.graph.nodes if n.op == "output")
-        import os
-
         if os.environ.get("COMPILE_TP_DUMP") and dist.get_rank() == 0:
             print(gm.code)
         names = [getattr(n, "name", "") for n in result.args[0]]
@@ -188,6 +186,7 @@ def trace(case: Case, world: int) -> dict[str, Any]:
         return compile_fx(gm, example_inputs, inner_compile=inner_compile)
 
     torch._dynamo.reset()
+    # No AOTAutograd / FX graph cache entry of an earlier compile is reused.
     torch._functorch.config.enable_autograd_cache = False
     torch._inductor.config.fx_graph_cache = False
     # As torchtitan 0.3.0's distributed/compile.py::apply_compile sets them.
@@ -199,6 +198,18 @@ def trace(case: Case, world: int) -> dict[str, Any]:
     loss.backward()  # the kept tensors serve a backward that runs
     dist.barrier()
     torch._dynamo.reset()
+    return kept
+
+
+def trace(case: Case, world: int) -> dict[str, Any]:
+    """The tensors this rank's compiled block passes from forward to its backward (module
+    docstring)."""
+    model = _build(case, world)
+    torch.manual_seed(1)  # the same tokens on every TP rank
+    shape = case.shape
+    tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+    labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
+    kept = compiled_step(model, case.mode, tokens, labels)
     return {"tokens": shape.batch * shape.seq, "kept": kept}
 
 
