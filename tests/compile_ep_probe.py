@@ -186,27 +186,10 @@ def _rank(rank: int, world: int, port: int, cases: list[Any], out: str) -> None:
 
 
 def run(cases: list[Any], out: Path, world: int) -> list[dict[str, Any]]:
-    """Every case traced on each of `world` spawned gloo ranks at EP = world (index = rank),
-    each case in its own fresh processes (no compiled state carried from one to the next)."""
-    import torch.multiprocessing as mp
+    """Every case traced on each of `world` spawned gloo ranks at EP = world (index = rank)."""
+    from tests.compile_tp_probe import spawn_each
 
-    from memplan.verify.launch import free_port
-
-    multiprocessing: Any = mp
-    results: list[dict[str, Any]] = [{} for _ in range(world)]
-    for case in cases:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            multiprocessing.start_processes(
-                _rank,
-                args=(world, free_port(), [case], str(out)),
-                nprocs=world,
-                join=True,
-                start_method="spawn",
-            )
-        for r in range(world):
-            results[r].update(json.loads(Path(out, f"rank{r}.json").read_text()))
-    return results
+    return spawn_each(_rank, cases, out, world)
 
 
 __all__ = ["Case", "asdict", "run", "trace"]

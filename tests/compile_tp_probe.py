@@ -239,9 +239,10 @@ def _rank(rank: int, world: int, port: int, cases: list[Case], out: str) -> None
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def run(cases: list[Case], out: Path, world: int) -> list[dict[str, Any]]:
-    """Every case traced on each of `world` spawned gloo ranks at TP = world (index = rank),
-    each case in its own fresh processes (no compiled state carried from one to the next)."""
+def spawn_each(rank: Any, cases: list[Any], out: Path, world: int) -> list[dict[str, Any]]:
+    """`rank(rank, world, port, [case], out)` on `world` spawned gloo ranks for each case in turn,
+    each case in its own fresh processes (no compiled state carried from one to the next); each
+    rank's results, by case name (index = rank). Shared with tests/compile_ep_probe.py."""
     import torch.multiprocessing as mp
 
     from memplan.verify.launch import free_port
@@ -252,7 +253,7 @@ def run(cases: list[Case], out: Path, world: int) -> list[dict[str, Any]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             multiprocessing.start_processes(
-                _rank,
+                rank,
                 args=(world, free_port(), [case], str(out)),
                 nprocs=world,
                 join=True,
@@ -261,6 +262,11 @@ def run(cases: list[Case], out: Path, world: int) -> list[dict[str, Any]]:
         for r in range(world):
             results[r].update(json.loads(Path(out, f"rank{r}.json").read_text()))
     return results
+
+
+def run(cases: list[Case], out: Path, world: int) -> list[dict[str, Any]]:
+    """Every case traced on each of `world` spawned gloo ranks at TP = world (index = rank)."""
+    return spawn_each(_rank, cases, out, world)
 
 
 __all__ = ["Case", "asdict", "run", "trace"]
