@@ -216,13 +216,14 @@ CAVEATS = {
     "0's MLP backward with 16,640 B of its own gradients alive (memplan/step/transients.py::"
     "first_layer_backward counts the later layers' only; 2.7% low before it); the layers' "
     "working sets are traced.",
-    "deepseek_v32": "MLA + DSA indexer: activations exact. Gradients and AdamW states "
-    "predicted above the measurement by the indexer's parameters (wq_b, wk, k_norm, "
-    "weights_proj: 3,904 bf16 elements in 2 layers; gradients +7,808 B, exp_avg and exp_avg_sq "
-    "+7,808 B each in bf16, +15,616 each in bf16-mixed, step +40 B): transformers 5.25 runs "
-    "DeepseekV32Indexer.forward under @torch.no_grad, so the loss gives them no gradient and "
-    "AdamW no state, where memplan's inventory counts every parameter that requires grad "
-    "(tests/test_profile_verify_types.py). Peaks 0.44-1.99% high.",
+    "deepseek_v32": "MLA + DSA indexer: activations, gradients and AdamW states exact. "
+    "transformers 5.25 runs DeepseekV32Indexer.forward under @torch.no_grad, so its wq_b, wk, "
+    "k_norm and weights_proj (3,904 bf16 elements in 2 layers) get no `.grad` and no AdamW "
+    "state: the inventory marks them (TensorSpec.gradient, from one fake forward + backward: "
+    "memplan/verify/trace/gradients.py; before, gradients and each AdamW state were over by "
+    "them and the peaks 0.44-1.99% high). Peaks -0.43% to +0.03%: bf16-mixed 512 B low, bf16 "
+    "without recomputation 508 B high, full 1,536 B low, selective 3,588 B (sdpa) and 7,684 B "
+    "(eager) low (not investigated).",
 }
 
 # Types the trace (or the tiny config) does not serve yet: one setting is run to record why.

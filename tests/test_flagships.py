@@ -61,7 +61,7 @@ def tiny_gpt_oss() -> dict[str, Any]:
 
 def rows(inventory: Any) -> list[tuple[Any, ...]]:
     return [
-        (t.name, t.shape, t.kind, t.dtype, t.persistent, t.layer, t.role, t.trainable)
+        (t.name, t.shape, t.kind, t.dtype, t.persistent, t.layer, t.role, t.trainable, t.gradient)
         for t in (*inventory.parameters, *inventory.buffers)
     ]
 

@@ -138,10 +138,11 @@ def test_gated_delta_net_types_are_compared(
 def test_deepseek_v32_activations_exact_and_the_indexer_gets_no_gradient() -> None:
     """The tiny DeepSeek-V3.2 builds and runs (before: `view(-1, 8, 0)`, its default 8 expert
     groups of 4 experts); its profile, the DSA indexer's top-16 mask included, equals the real
-    saved storages. The gradients and AdamW states differ by the indexer's parameters exactly:
-    transformers 5.25 runs DeepseekV32Indexer.forward under @torch.no_grad, so wq_b, wk, k_norm
-    and weights_proj get no `.grad` from the loss (and no AdamW state), while the inventory
-    counts every parameter that requires grad (a gap of model states, outside the trace)."""
+    saved storages. transformers 5.25 runs DeepseekV32Indexer.forward under @torch.no_grad, so
+    wq_b, wk, k_norm and weights_proj get no `.grad` from the loss and no AdamW state: the
+    inventory marks them (TensorSpec.gradient, memplan.verify.trace.gradients) and the
+    gradients and AdamW states equal the real run's (before: over by the indexer's 7,808 B
+    in each of gradients, exp_avg and exp_avg_sq, and 40 B of `step`)."""
     import transformers
 
     from memplan.config.load import validate
@@ -154,17 +155,15 @@ def test_deepseek_v32_activations_exact_and_the_indexer_gets_no_gradient() -> No
     cats = doc["categories"]
     assert doc["setup"]["activations_source"] == "profile", doc["notes"]
     assert cats["activations"]["predicted"] == cats["activations"]["measured"], cats
-    assert cats["parameters"]["predicted"] == cats["parameters"]["measured"]
     kwargs = {k: v for k, v in TYPES["deepseek_v32"].items() if k != "model_type"}
     cfg = transformers.AutoConfig.for_model("deepseek_v32", **kwargs)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     indexer = [p for n, p in model.named_parameters() if ".indexer." in n]
-    nbytes = sum(p.numel() * 2 for p in indexer)  # bf16
-    assert len(indexer) == 5 * cfg.num_hidden_layers and nbytes == 7_808
-    for name in ("gradients", "exp_avg", "exp_avg_sq"):
-        assert cats[name]["predicted"] - cats[name]["measured"] == nbytes, (name, cats[name])
-    assert cats["step"]["predicted"] - cats["step"]["measured"] == 4 * len(indexer)  # fp32 []
+    assert len(indexer) == 5 * cfg.num_hidden_layers
+    for name in ("parameters", "gradients", "exp_avg", "exp_avg_sq", "step"):
+        assert cats[name]["predicted"] == cats[name]["measured"], (name, cats[name])
+    assert doc["ok"], doc["failures"]
 
 
 def _quiet(_r: Any, _w: Any) -> None:

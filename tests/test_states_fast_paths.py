@@ -318,7 +318,7 @@ def test_localised_matches_replace_per_tensor(layout: Layout) -> None:
         assert got == want
         assert [f.name for f in fields(TensorSpec) if f.init] == [
             "name", "shape", "kind", "dtype", "persistent", "layer", "role", "trainable",
-            "stepped",
+            "stepped", "gradient",
         ], "parallel._localised copies these fields: add a new one there"  # fmt: skip
 
 

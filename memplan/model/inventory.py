@@ -44,6 +44,14 @@ class TensorSpec:
     after its optimizer: memplan.model.stacks.litgpt_qlora): autograd still fills its `.grad`,
     held to the end (the optimizer's zero_grad clears only its own param_groups), but it gets
     no optimizer state and no update (memplan.states.terms.stepped)."""
+    gradient: bool = True
+    """For trainable parameters: whether the loss gives it a gradient. False for a parameter
+    that requires grad and is held by the optimizer but that autograd never reaches from the
+    loss (DeepSeek-V3.2's DSA indexer, whose forward transformers 5.25 runs under
+    `@torch.no_grad`), found by one fake forward + backward of the model
+    (memplan.verify.trace.gradients): its `.grad` stays None, so it has no gradient and, under
+    torch.optim, no optimizer state (memplan.states.terms.graded); engines whose flat buffers
+    cover every parameter keep its bytes (each engine says so)."""
     numel: int = field(init=False, repr=False, compare=False)
     """Number of elements (computed once: plan reads it millions of times)."""
 
@@ -64,6 +72,7 @@ class TensorSpec:
             role=self.role,
             trainable=self.trainable,
             stepped=self.stepped,
+            gradient=self.gradient,
         )
 
 

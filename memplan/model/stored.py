@@ -63,14 +63,18 @@ def to_document(
         },
         "tied": [list(pair) for pair in inventory.tied],
         "notes": list(inventory.notes),
-        # One row per tensor: [name, shape, dtype, layer, role, persistent, trainable].
+        # One row per tensor: [name, shape, dtype, layer, role, persistent, trainable], and
+        # `gradient` (TensorSpec.gradient) as an eighth entry where it is False.
         "parameters": [_row(t) for t in inventory.parameters],
         "buffers": [_row(t) for t in inventory.buffers],
     }
 
 
 def _row(t: TensorSpec) -> list[Any]:
-    return [t.name, list(t.shape), t.dtype, t.layer, t.role, t.persistent, t.trainable]
+    row = [t.name, list(t.shape), t.dtype, t.layer, t.role, t.persistent, t.trainable]
+    # Added beside the seven entries (schema 1 kept): documents written before it, and rows of
+    # tensors that get a gradient, have seven and read as `gradient` True.
+    return row if t.gradient else [*row, False]
 
 
 def from_document(doc: Any, *, origin: str) -> Inventory:
@@ -106,7 +110,9 @@ def from_document(doc: Any, *, origin: str) -> Inventory:
 
 
 def _tensor(row: Any, kind: str) -> TensorSpec:
-    name, shape, dtype, layer, role, persistent, trainable = row
+    name, shape, dtype, layer, role, persistent, trainable, *more = row
+    if len(more) > 1:
+        raise ValueError(f"a tensor row of {len(row)} entries, at most 8: {row[0]!r}")
     return TensorSpec(
         name=str(name),
         shape=tuple(int(d) for d in shape),
@@ -116,4 +122,5 @@ def _tensor(row: Any, kind: str) -> TensorSpec:
         layer=None if layer is None else int(layer),
         role=str(role),
         trainable=bool(trainable),
+        gradient=bool(more[0]) if more else True,
     )

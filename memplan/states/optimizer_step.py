@@ -194,7 +194,7 @@ def updated_tensors(
     return tuple(
         (t.shape, own_dtype(t, recipe) or held)
         for t in inventory.parameters
-        if t.kind == "parameter" and t.trainable
+        if t.kind == "parameter" and t.trainable and t.gradient  # terms.SRC_NO_GRADIENT
     )
 
 
@@ -257,13 +257,14 @@ def _updated_tensors_here(states: StepStates, sizes: Sequence[int]) -> tuple[int
 
 
 def updated_sizes(inventory: Inventory, shards: int) -> tuple[int, ...]:
-    """The tensors the optimizer steps (trainable and held by it: memplan.states.terms.stepped)
+    """The tensors the optimizer steps (trainable, held by it, with a gradient:
+    memplan.states.terms.stepped)
     in `model.parameters()` order (the order it steps them), each as ceil(numel / `shards`)
     elements."""
     return tuple(
         -(-t.numel // shards)
         for t in inventory.parameters
-        if t.kind == "parameter" and t.trainable and t.stepped
+        if t.kind == "parameter" and t.trainable and t.stepped and t.gradient
     )
 
 
@@ -299,4 +300,12 @@ def rank_master_gradients(states: StepStates) -> Transient | None:
         for t in states.per_gpu.terms
         if t.name.removesuffix(_EXPERTS) == "master_weights"
     )
-    return master_gradients(masters, master)
+    # A master whose parameter the loss never reaches (TensorSpec.gradient False) gets no
+    # gradient to cast (memplan/verify/build.py: `master.grad = None if p.grad is None`); engine
+    # ddp, the one caller, keeps every master whole on every rank.
+    unreached = sum(
+        t.numel
+        for t in states.inventory.parameters
+        if t.trainable and t.stepped and not t.gradient and own_dtype(t, states.recipe) is None
+    )
+    return master_gradients(masters - unreached, master)

@@ -182,6 +182,19 @@ def optimizer_terms(
     )
 
 
+def master_term(count: int, elements: int, dtype: str, view: str) -> Term:
+    """The master weights row: `count` tensors of `elements` in all, held in `dtype`."""
+    return term(
+        "optimizer_states",
+        "master_weights",
+        dtype,
+        count,
+        elements,
+        f"{count} {view}, {fmt(elements)} elements x {dtype_bytes(dtype)} B ({dtype})",
+        SRC_ZERO_PAPER + ": fp32 master copy of the 16-bit parameters",
+    )
+
+
 def optimizer_terms_counted(
     by_shape: Mapping[tuple[int, ...], int],
     *,
@@ -212,18 +225,7 @@ def optimizer_terms_counted(
     device: list[Term] = []
     host: list[Term] = []
     if recipe.master_weights:
-        device.append(
-            term(
-                "optimizer_states",
-                "master_weights",
-                recipe.master_weights,
-                count,
-                master_elems,
-                f"{count} {view}, {fmt(master_elems)} elements x "
-                f"{dtype_bytes(recipe.master_weights)} B ({recipe.master_weights})",
-                SRC_ZERO_PAPER + ": fp32 master copy of the 16-bit parameters",
-            )
-        )
+        device.append(master_term(count, master_elems, recipe.master_weights, view))
     for (name, dtype), (tensors, elems) in acc.items():
         what = "0-dim scalars" if name in ("step", "mu_product") else view
         paged = name.endswith(PAGED_SUFFIX)
@@ -270,7 +272,9 @@ SRC_FROZEN = (
 
 
 def trainable(params: Iterable[TensorSpec]) -> tuple[TensorSpec, ...]:
-    """The parameters that get gradients (and, unless not `stepped`, optimizer states)."""
+    """The parameters that require grad: they get gradients (and, unless not `stepped`,
+    optimizer states), but for those the loss never reaches (`graded`: torch autograd makes
+    none; a flat gradient buffer still covers them)."""
     return tuple(p for p in params if p.trainable)
 
 
@@ -287,10 +291,34 @@ SRC_NOT_STEPPED = (
 
 
 def stepped(params: Iterable[TensorSpec]) -> tuple[TensorSpec, ...]:
-    """The parameters the optimizer updates: trainable and held by it (`TensorSpec.stepped`,
-    SRC_NOT_STEPPED). Only engine ddp models a trainable parameter outside the optimizer
-    (memplan.model.stacks.litgpt_qlora refuses the others)."""
-    return tuple(p for p in params if p.trainable and p.stepped)
+    """The parameters the optimizer updates: trainable, held by it (`TensorSpec.stepped`,
+    SRC_NOT_STEPPED) and given a gradient by the loss (`TensorSpec.gradient`, SRC_NO_GRADIENT:
+    torch.optim makes no state for a parameter whose `.grad` is None). Only engine ddp models a
+    trainable parameter outside the optimizer (memplan.model.stacks.litgpt_qlora refuses the
+    others)."""
+    return tuple(p for p in params if p.trainable and p.stepped and p.gradient)
+
+
+# A trainable parameter the loss never reaches (`TensorSpec.gradient` False: DeepSeek-V3.2's
+# indexer, run under @torch.no_grad) keeps `.grad` None: autograd's engine only calls the
+# AccumulateGrad nodes the loss's graph reaches, so none is ever allocated, and torch.optim
+# (torch 2.13 optim/adam.py::Adam._init_group, which AdamW subclasses in optim/adamw.py; SGD
+# and the others likewise) initialises state only `if p.grad is not None`, so it has no state
+# either. Under DDP (find_unused_parameters=True, which such a model needs) the reducer leaves
+# a globally unused parameter's grad untouched (torch/csrc/distributed/c10d/reducer.cpp::
+# Reducer::copy_bucket_to_grad, `global_unused`), though its bucket still has the slot. Engines
+# that shard per parameter (FSDP2) follow it; those whose flat buffers cover every parameter
+# (FSDP1, DeepSpeed, Megatron) keep its bytes (each engine's module says so).
+SRC_NO_GRADIENT = (
+    "torch 2.13 optim/adam.py::Adam._init_group (state only if p.grad is not None) and "
+    "reducer.cpp::Reducer::copy_bucket_to_grad (a globally unused grad left untouched)"
+)
+
+
+def graded(params: Iterable[TensorSpec]) -> tuple[TensorSpec, ...]:
+    """The parameters that hold a gradient under torch autograd: trainable and reached from
+    the loss (`TensorSpec.gradient`, SRC_NO_GRADIENT)."""
+    return tuple(p for p in params if p.trainable and p.gradient)
 
 
 def by_dtype(params: Iterable[TensorSpec], default: str) -> dict[str, list[TensorSpec]]:
@@ -351,6 +379,46 @@ def optimizer_terms_by_dtype(
         source=source,
         step_is_int=step_is_int,
     )
+
+
+def held_optimizer_terms(
+    held: Sequence[TensorSpec],
+    shapes: Sequence[tuple[int, ...]],
+    *,
+    opt: OptimizerConfig,
+    recipe: Recipe,
+    layout: Layout,
+    view: str,
+    source: str,
+) -> tuple[list[Term], list[Term]]:
+    """`optimizer_terms_by_dtype` of the tensors a torch.optim optimizer holds (`held`, with
+    their local `shapes`): master weights for every one (the mixed-precision wrapper copies
+    every parameter it is given: memplan/verify/build.py), the optimizer's own states only for
+    those the loss gives a gradient (`TensorSpec.gradient`, SRC_NO_GRADIENT)."""
+    pairs = [(t, s) for t, s in zip(held, shapes, strict=True) if t.gradient]
+    if len(pairs) == len(held) or not recipe.master_weights:
+        return optimizer_terms_by_dtype(
+            [t for t, _ in pairs],
+            [s for _, s in pairs],
+            opt=opt,
+            recipe=recipe,
+            layout=layout,
+            view=view,
+            source=source,
+        )
+    device, host = optimizer_terms_by_dtype(
+        [t for t, _ in pairs],
+        [s for _, s in pairs],
+        opt=opt,
+        recipe=replace(recipe, master_weights=None),
+        layout=layout,
+        view=view,
+        source=source,
+    )
+    masters = [s for t, s in zip(held, shapes, strict=True) if own_dtype(t, recipe) is None]
+    elements = sum(math.prod(s) for s in masters)
+    row = master_term(len(masters), elements, recipe.master_weights, view)
+    return [row, *device], host
 
 
 def shape_counts_by_dtype(
@@ -462,7 +530,7 @@ def kept_gradient_bytes(inventory: Inventory, gradients: str) -> int:
     return sum(
         t.numel * dtype_bytes(t.dtype or gradients)
         for t in inventory.parameters
-        if t.trainable and not t.stepped
+        if t.trainable and t.gradient and not t.stepped
     )
 
 

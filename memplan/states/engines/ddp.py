@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from memplan.memory import ALWAYS, Transient
-from memplan.model.inventory import Inventory
+from memplan.model.inventory import Inventory, TensorSpec
 from memplan.optimizers import OptimizerConfig
 from memplan.precision import Recipe, dtype_bytes
 from memplan.states import optimizer_step
@@ -21,11 +21,10 @@ from memplan.states.terms import (
     RankStates,
     ceil_div,
     grad_dtype,
+    graded,
+    held_optimizer_terms,
     optimizer_terms,
-    optimizer_terms_by_dtype,
     own_dtype,
-    stepped,
-    trainable,
     whole,
     whole_by_dtype,
 )
@@ -37,17 +36,18 @@ def replicated(
     """Plain DDP (ZeRO stage 0): every rank holds everything; frozen parameters have no
     gradient (the reducer buckets only `requires_grad` parameters:
     distributed.py::DistributedDataParallel._build_params_for_reducer); a trainable parameter
-    the optimizer does not hold has a gradient and no state (terms.stepped). Source: SRC_DDP."""
+    the optimizer does not hold has a gradient and no state (terms.stepped); one the loss never
+    reaches has neither, bar its master copy (terms.graded, terms.held_optimizer_terms).
+    Source: SRC_DDP."""
     params = inventory.parameters
-    train = trainable(params)
     terms = [
         *whole_by_dtype("parameters", "parameters", recipe.parameters, params, SRC_DDP),
-        *whole_by_dtype("gradients", "gradients", grad_dtype(recipe), train, SRC_DDP),
+        *whole_by_dtype("gradients", "gradients", grad_dtype(recipe), graded(params), SRC_DDP),
     ]
-    updated = stepped(params)
-    device, host = optimizer_terms_by_dtype(
-        updated,
-        [p.shape for p in updated],
+    held = _held(params)
+    device, host = held_optimizer_terms(
+        held,
+        [p.shape for p in held],
         opt=opt,
         recipe=recipe,
         layout=layout,
@@ -55,6 +55,12 @@ def replicated(
         source=SRC_DDP,
     )
     return [RankStates(ranks=tuple(range(world)), terms=(*terms, *device), host_terms=tuple(host))]
+
+
+def _held(params: Sequence[TensorSpec]) -> list[TensorSpec]:
+    """The parameters in the optimizer's param_groups: trainable and `stepped` (with a gradient
+    or not: terms.stepped leaves out those without)."""
+    return [p for p in params if p.trainable and p.stepped]
 
 
 def zero_redundancy_partition(numels: Sequence[int], world: int) -> list[list[int]]:
@@ -79,13 +85,14 @@ def zero_redundancy(
 ) -> list[RankStates]:
     """DDP + ZeroRedundancyOptimizer (ZeRO-1): full parameters and gradients, whole-tensor
     optimizer states on the owning rank only; the optimizer is given the trainable
-    parameters it holds (terms.stepped), so only they are partitioned. Source: SRC_ZERO_RO."""
+    parameters it holds (terms.stepped), so only they are partitioned, whether the loss gives
+    them a gradient or not (`_partition_parameters` sorts every parameter of the param_groups);
+    those it does not get no state (terms.held_optimizer_terms). Source: SRC_ZERO_RO."""
     params = inventory.parameters
-    train = trainable(params)
-    updated = stepped(params)
+    updated = _held(params)
     common = [
         *whole_by_dtype("parameters", "parameters", recipe.parameters, params, SRC_DDP),
-        *whole_by_dtype("gradients", "gradients", grad_dtype(recipe), train, SRC_DDP),
+        *whole_by_dtype("gradients", "gradients", grad_dtype(recipe), graded(params), SRC_DDP),
     ]
     if recipe.master_weights:
         # ZeroRedundancyOptimizer partitions optimizer *state* only: the tensors it updates
@@ -119,7 +126,7 @@ def zero_redundancy(
     owned = zero_redundancy_partition([p.numel for p in updated], world)
     out = []
     for rank, indices in enumerate(owned):
-        device, host = optimizer_terms_by_dtype(
+        device, host = held_optimizer_terms(
             [updated[i] for i in indices],
             [updated[i].shape for i in indices],
             opt=opt,
@@ -160,9 +167,16 @@ def _state_transients(states: StepStates, cache: StepCache) -> list[Transient]:
     layout = states.layout
     out = []
     if layout.data > 1:
+        # The buckets cover every parameter that requires grad, those the loss never reaches
+        # too (reducer.cpp::Reducer::initialize_buckets; terms.SRC_NO_GRADIENT).
+        unreached = sum(
+            t.numel * dtype_bytes(t.dtype or grad_dtype(states.recipe))
+            for t in states.inventory.parameters
+            if t.trainable and not t.gradient
+        )
         out.append(
             ddp_buckets(
-                states.per_gpu.bytes_of("gradients"),
+                states.per_gpu.bytes_of("gradients") + unreached,
                 as_bucket_view=layout.gradient_as_bucket_view,
             )
         )

@@ -99,7 +99,11 @@ def megatron(
     # Only `requires_grad` parameters enter the contiguous param/grad buffers and the
     # optimizer (megatron/core/distributed/distributed_data_parallel.py::
     # DistributedDataParallel.__init__: `if not param.requires_grad: continue`); frozen ones
-    # stay ordinary module parameters, whole on every data-parallel rank.
+    # stay ordinary module parameters, whole on every data-parallel rank. A parameter the loss
+    # never reaches (TensorSpec.gradient False) still requires grad: its slice of the
+    # contiguous grad buffer and of the optimizer's flat fp32 shard stays
+    # (megatron/core/distributed/param_and_grad_buffer.py::_ParamAndGradBuffer allocates
+    # `grad_data` over every parameter of the buffer), so its bytes stay counted.
     params = trainable(inventory.parameters)
     frozen = [p for p in inventory.parameters if not p.trainable]
     held = tuple(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from memplan.errors import MemplanError
@@ -82,6 +83,13 @@ def inventory_from_config(config: Mapping[str, Any], *, origin: str = "config") 
     transformers builds it."""
     model = build_model(config, origin=origin)
     parameters, tied = _parameters(model)
+    # Parameters the loss never reaches: no gradient, no optimizer state (TensorSpec.gradient).
+    from memplan.verify.trace.gradients import without_gradient
+
+    no_grad, grad_note = without_gradient(type(model), model.config)
+    if no_grad:
+        names = set(no_grad)
+        parameters = [replace(t, gradient=False) if t.name in names else t for t in parameters]
     buffers = _buffers(model)
     hf_config = model.config
     arch = architecture(hf_config, parameters)
@@ -95,6 +103,8 @@ def inventory_from_config(config: Mapping[str, Any], *, origin: str = "config") 
             f"architectures {list(archs)} name no class transformers {transformers_version()} "
             f"exports (remote code is never run): built as {type(model).__name__}."
         )
+    if grad_note:
+        notes.append(grad_note)
     ignored = [key for key in IGNORED_KEYS if key in config]
     if ignored:
         notes.append(

@@ -231,7 +231,10 @@ def stage12(stage: int) -> EngineRule:
         between micro-steps; stage 2 keeps only `grads_in_partition` (SRC_S12)."""
         # Only `requires_grad` parameters enter the flat bit16 groups (S12: the
         # `trainable_parameters` of each param group); frozen ones stay ordinary module
-        # parameters, whole on every rank.
+        # parameters, whole on every rank. A parameter the loss never reaches
+        # (TensorSpec.gradient False) keeps its place in the flat buffers and the fp32
+        # partition: stage_1_and_2.py::get_flat_partition fills a None `.grad` with zeros, so
+        # its gradient and optimizer-state bytes stay counted.
         params = trainable(inventory.parameters)
         frozen = [p for p in inventory.parameters if not p.trainable]
         n = sum(p.numel for p in params)

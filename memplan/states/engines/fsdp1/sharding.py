@@ -156,7 +156,14 @@ def fsdp1(
     recipe, MixedPrecision casting to param_dtype only while unsharded, and the reduced
     gradient cast back, _runtime_utils.py::_cast_grad_to_param_dtype); torch.optim sees the
     original parameters as 1-D views of the shard (VIEWS), so each rank keeps per-element
-    states over its unpadded pieces and one `step` per parameter with a piece."""
+    states over its unpadded pieces and one `step` per parameter with a piece.
+
+    A parameter the loss never reaches (TensorSpec.gradient False) is counted like the others:
+    its slice of the flat gradient is there, and after the backward FSDP1 marks every original
+    parameter that requires grad as having one (torch 2.13 fsdp/_flat_param.py::
+    FlatParamHandle._reset_is_grad_none: "if a parameter requires gradient, then it will
+    surely receive a gradient"), so `_use_sharded_grad_views` gives it a `.grad` view and
+    torch.optim a state."""
     check_supported(inventory)
     at_rest = recipe.master_weights or recipe.parameters
     units = flat_units(inventory, compute_dtype(recipe), world, layout.stage)

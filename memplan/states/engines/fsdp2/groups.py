@@ -222,21 +222,23 @@ def _fsdp2_group(
 def _plain_group(
     tensors: list[TensorSpec], world: int, expert_world: int | None = None, wrap: str = "layers"
 ) -> Fsdp2Group:
-    """A group's element counts, whatever each parameter's dtype."""
-    train = [t for t in tensors if t.trainable]
+    """A group's element counts, whatever each parameter's dtype. The reduce-scatter takes the
+    parameters with a gradient (`fsdp_params_with_grad`: trainable, and reached by the loss,
+    TensorSpec.gradient)."""
+    train = [t for t in tensors if t.trainable and t.gradient]
     experts = [t for t in tensors if t.role == "experts"] if expert_world else []
     if experts:
         assert expert_world is not None
         dense = [t for t in tensors if t.role != "experts"]
         return Fsdp2Group(
             padded=padded_elements(dense, world),
-            grad_padded=padded_elements([t for t in dense if t.trainable], world),
+            grad_padded=padded_elements([t for t in dense if t.trainable and t.gradient], world),
             grads=sum(t.numel for t in train),
             last=train[-1].numel if train else 0,
             expert_world=expert_world,
             expert_padded=padded_elements(experts, expert_world, wrap),
             expert_grad_padded=padded_elements(
-                [t for t in experts if t.trainable], expert_world, wrap
+                [t for t in experts if t.trainable and t.gradient], expert_world, wrap
             ),
         )
     return Fsdp2Group(

@@ -99,7 +99,8 @@ def fsdp2(
         _dim1_rows(p, world)
     # Frozen parameters are sharded like the others (fully_shard shards every parameter of
     # the module); only parameters with a gradient enter the reduce-scatter
-    # (_fsdp_param_group.py::FSDPParamGroup.post_backward: `fsdp_params_with_grad`).
+    # (_fsdp_param_group.py::FSDPParamGroup.post_backward: `fsdp_params_with_grad`), which
+    # leaves out those the loss never reaches (TensorSpec.gradient) too.
     common = [
         *_padded_counted("parameters", "parameters", at_rest, counted.parameters, world, wrap),
         *_padded_counted("gradients", "gradients", grad_dtype, counted.trainable, world, wrap),
@@ -175,7 +176,9 @@ class _Counts:
     """(fixed dtype or None, shape, a 3-D routed-expert tensor) -> how many parameters, in
     the order each key first appears."""
     trainable: dict[tuple[str | None, tuple[int, ...], bool], int]
-    """The same over the trainable parameters."""
+    """The same over the trainable parameters the loss gives a gradient (`TensorSpec.gradient`:
+    FSDP2 shards each parameter on its own, so one the loss never reaches keeps its sharded
+    `.grad` None and gets no optimizer state, terms.SRC_NO_GRADIENT)."""
     experts_3d: dict[tuple[int, ...], TensorSpec]
     """The last 3-D routed-expert tensor of each shape (shapes in first-seen order): those
     `dim1_experts` may shard on dim 1."""
@@ -194,7 +197,7 @@ def _counted(inventory: Inventory) -> _Counts:
         expert_3d = p.role == "experts" and len(p.shape) == 3
         key = (p.dtype, p.shape, expert_3d)
         params[key] = params.get(key, 0) + 1
-        if p.trainable:
+        if p.trainable and p.gradient:  # sharded grad None: terms.SRC_NO_GRADIENT
             train[key] = train.get(key, 0) + 1
         if expert_3d:
             experts_3d[p.shape] = p
