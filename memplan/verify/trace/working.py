@@ -185,9 +185,10 @@ def fitted(
     memplan.model.profile.BASIS (over 1, s, s*s when every size has batch 1) as the saved
     tensors are (fit_.solve), only those no other one bounds term by term kept (`envelope`),
     and their most held to the most each check traced, exactly (a check may run a few ops
-    fewer: falcon_h1's scan pads nothing at a whole chunk). A working set left out (no window;
-    other ops at other sizes; a fit that is not integral; a check missed) falls back on
-    memplan.step.transients' estimate."""
+    fewer: falcon_h1's scan pads nothing at a whole chunk). Where other sizes run other ops (a
+    per-token loop), the most at each size is fitted instead, held to the checks the same way.
+    A working set left out (no window; a fit that is not integral; a check missed) falls back
+    on memplan.step.transients' estimate."""
     columns = [0, 2, 4] if all(b == 1 for b, _ in sizes) else list(range(len(BASIS)))
     rows = [tuple(terms(b, s)[c] for c in columns) for b, s in sizes]
     out: dict[str, list[list[int]]] = {}
@@ -195,18 +196,26 @@ def fitted(
     for name in ("forward", "backward"):
         seen = [getattr(r, name) for r in recorders]
         fits, at_checks = seen[: len(sizes)], seen[len(sizes) :]
-        if not all(seen) or len({len(x) for x in fits}) != 1:
+        if not all(seen):
+            continue
+        if len({len(x) for x in fits}) != 1:
+            # Other ops at other sizes (a per-token loop: Mamba-1's selective scan, transformers
+            # 5.25 modeling_mamba.py::MambaMixer.slow_forward, one step per token): no op to
+            # follow across sizes, so the most at each size is fitted, as one polynomial.
+            most = _fit(rows, columns, [max(x) for x in fits])
+            if most is not None and all(
+                _most([most], size) == max(traced)
+                for size, traced in zip(checks, at_checks, strict=True)
+            ):
+                out[name] = [list(most)]
             continue
         polys: set[tuple[int, ...]] = set()
         for column in zip(*fits, strict=True):
             if column not in done:
-                coef = fit_.solve(rows, list(column))
-                if any(c.denominator != 1 for c in coef):
+                poly = _fit(rows, columns, list(column))
+                if poly is None:
                     break
-                full = [0] * len(BASIS)
-                for c, value in zip(columns, coef, strict=True):
-                    full[c] = int(value)
-                done[column] = tuple(full)
+                done[column] = poly
             polys.add(done[column])
         else:
             kept = envelope(polys)
@@ -216,6 +225,20 @@ def fitted(
             ):
                 out[name] = [list(p) for p in kept]
     return out
+
+
+def _fit(
+    rows: list[tuple[int, ...]], columns: list[int], values: list[int]
+) -> tuple[int, ...] | None:
+    """`values` at the sizes `rows` over BASIS (the terms `columns`), or None where a
+    coefficient is not integral (no polynomial of the basis: the fit is left out)."""
+    coef = fit_.solve(rows, values)
+    if any(c.denominator != 1 for c in coef):
+        return None
+    full = [0] * len(BASIS)
+    for c, value in zip(columns, coef, strict=True):
+        full[c] = int(value)
+    return tuple(full)
 
 
 def _most(polys: list[tuple[int, ...]], size: tuple[int, int]) -> int:
