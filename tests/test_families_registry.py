@@ -137,11 +137,14 @@ def test_structure_no_model_type_string_tests_outside_the_families() -> None:
 
 def test_peft_targets_are_peft_defaults() -> None:
     """Each model_type's `peft_targets` are peft's default target_modules (none where peft
-    has none)."""
+    has none), looked up as peft does: by the built config's model_type (`model.config.
+    model_type`, peft 0.21.2 tuners_utils.py: "gpt2" for a config that said "gpt-sw3")."""
     constants = pytest.importorskip("peft.utils.constants")
+    transformers = pytest.importorskip("transformers")
     mapping = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     for model_type, family in BY_MODEL_TYPE.items():
-        assert family.peft_targets == tuple(mapping.get(model_type, ())), model_type
+        built = getattr(transformers.CONFIG_MAPPING[model_type], "model_type", model_type)
+        assert family.peft_targets == tuple(mapping.get(built, ())), model_type
 
 
 def test_peft_moe_conversion_is_peft_s() -> None:
@@ -156,3 +159,21 @@ def test_peft_moe_conversion_is_peft_s() -> None:
             and bool(conversion._MOE_FUSED_TARGETS.get(base))
         )
         assert family.peft_moe.get(model_type) == (base if applies else None), model_type
+
+
+def test_transformers_aliases_are_served_by_their_config_class_family() -> None:
+    """A model_type transformers maps to another type's config class (CONFIG_MAPPING, e.g.
+    "gpt-sw3" -> GPT2Config) builds that type's model, so the family serving the class's own
+    model_type serves it too (an independent oracle: transformers 5.25's mapping). Without
+    it the meta build reported the class's model_type and the thin inventory it reads met that
+    family's rule: gpt-sw3's MLP width read as 0, its activations 48% low."""
+    transformers = pytest.importorskip("transformers")
+    aliases = {}
+    for key in transformers.CONFIG_MAPPING.keys():
+        own = getattr(transformers.CONFIG_MAPPING[key], "model_type", key)
+        if own != key and family_of(own) is not None:
+            aliases[key] = own
+    assert aliases  # gpt-sw3 today
+    for key, own in aliases.items():
+        family = family_of(key)
+        assert family is not None and family is family_of(own), (key, own)

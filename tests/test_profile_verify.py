@@ -126,3 +126,16 @@ def test_llama4_mixed_layers_verify_exactly() -> None:
     )
     assert row["activations_source"] == "profile"
     assert row["activations_predicted"] == row["activations_measured"]
+
+
+@pytest.mark.slow
+def test_gpt_sw3_served_by_gpt2s_rule() -> None:
+    """gpt-sw3 (transformers builds GPT-2 from it) is served by the GPT-2 family: its
+    activations equal the real run's (before, the meta build's thin inventory met GPT-2's rule
+    with an MLP width of 0: 708,356 B predicted against 1,363,716 B measured)."""
+    config = {"model_type": "gpt-sw3", "vocab_size": 512, "n_positions": 1024, "n_embd": 64}
+    config |= {"n_head": 4, "n_layer": 2, "bos_token_id": 1, "eos_token_id": 2}
+    row = run_case(config, {"precision": "fp32", "attention": "sdpa", "checkpointing": "none"})
+    assert row["activations_source"] == "rule"
+    assert row["activations_predicted"] == row["activations_measured"] == 1_363_716
+    assert row["ok"], row["failures"]

@@ -26,7 +26,7 @@ REGISTRY: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("phi", "FAMILY", ("phi",)),
     ("olmo2", "FAMILY", ("olmo2",)),
     ("deepseek", "FAMILY", ("deepseek_v2", "deepseek_v3")),
-    ("gpt2", "FAMILY", ("gpt2",)),
+    ("gpt2", "FAMILY", ("gpt2", "gpt-sw3")),
     ("gpt_neox", "FAMILY", ("gpt_neox",)),
     ("gptj", "FAMILY", ("gptj",)),
     ("opt", "FAMILY", ("opt",)),

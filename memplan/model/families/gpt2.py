@@ -162,7 +162,7 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     )
     arch = architecture(
         cfg,
-        "gpt2",
+        str(config.get("model_type", "gpt2")),  # "gpt-sw3" builds GPT-2 too (FAMILY below)
         Dims.mha(hidden=hidden, layers=layers, vocab=vocab, heads=heads, inter=inner),
         max_positions=positions,
         extra={"model_class": cls, "add_cross_attention": cross},
@@ -264,7 +264,10 @@ def saved(arch: Architecture, st: Setting, *, tied: bool) -> Model | str:
 
 FAMILY = Family(
     name="gpt2",
-    model_types=("gpt2",),
+    # transformers 5.25 models/auto/configuration_auto.py maps "gpt-sw3" to GPT2Config (and
+    # modeling_auto.py to GPT2LMHeadModel): GPT-2 under another model_type
+    # (tests/test_families_registry.py holds the aliases to transformers' mapping).
+    model_types=("gpt2", "gpt-sw3"),
     tensors=build,
     saved=saved,
     peft_targets=("c_attn",),
