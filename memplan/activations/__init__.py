@@ -90,7 +90,27 @@ def _predicted(
     tied: tuple[tuple[str, str], ...],
     profiles: tuple[profile.Profile, ...],
 ) -> Activations:
-    """`predict`, worked out."""
+    """`predict`, worked out (transformers' model code: with the eager mask checkpointing
+    holds, memplan.activations.checkpoint_held)."""
+    acts = _worked(arch, setting, tied, profiles)
+    if (
+        setting.implementation != "transformers"
+        or setting.attention != "eager"
+        or setting.checkpointing not in ("full", "selective")
+    ):
+        return acts
+    from memplan.activations import checkpoint_held
+
+    return checkpoint_held.with_held_mask(acts, setting)
+
+
+def _worked(
+    arch: Architecture | None,
+    setting: Setting,
+    tied: tuple[tuple[str, str], ...],
+    profiles: tuple[profile.Profile, ...],
+) -> Activations:
+    """`_predicted` before the checkpoint's held mask."""
     if arch is None:
         return not_modelled(
             "activations not modelled: the model is a bare parameter count (give hf_config, "

@@ -76,6 +76,7 @@ def activation_terms(saved: Activations) -> list[Transient]:
     cache = autocast_cache(saved)
     if cache is not None:
         out.append(cache)
+    out += saved.checkpoint_held
     return out
 
 
