@@ -28,7 +28,8 @@ def activation_terms(saved: Activations) -> list[Transient]:
     gradient of the log-softmax (two [tokens, vocab] fp32 tensors at once: nll_loss_backward's
     output and log_softmax_backward's), and working sets (an estimate: the op producing the
     largest saved tensor of a layer has its input alive too; in backward, that tensor's
-    gradient and its input's, plus two hidden-state gradients: `working_sets`)."""
+    gradient and its input's, plus two hidden-state gradients: `working_sets`), and what
+    checkpointing holds that no node saves (Activations.checkpoint_held: the eager mask)."""
     if not saved.modelled:
         return []
     src = "transformers loss/loss_utils.py::ForCausalLMLoss; " + "tools/autograd/derivatives.yaml"
