@@ -125,3 +125,19 @@ def test_pin_no_mask_where_the_rule_saves_it() -> None:
     """Pins behaviour: GPT-2's rule saves the mask as a checkpoint argument: not counted
     twice."""
     assert held_mask(_acts(SAVED_MASK), _setting(checkpointing="full")) is None
+
+
+def test_pin_one_mask_per_masked_kind_and_released_before_a_recurrent_first_layer() -> None:
+    """Pins behaviour: sliding and full layers hold a mask each; linear-attention and
+    convolution layers none (create_recurrent_attention_mask); a first layer that takes none
+    frees every mask before its backward (Activations.checkpoint_released_bytes)."""
+    from memplan.activations.checkpoint_held import with_held_mask
+
+    one = 2 * 32 * 32 * 2
+    two = with_held_mask(_acts("x"), _setting(), ("sliding_attention", "full_attention"))
+    assert sum(t.bytes for t in two.checkpoint_held) == 2 * one
+    assert two.checkpoint_released_bytes == 0
+    hybrid = with_held_mask(_acts("x"), _setting(), ("linear_attention", "full_attention"))
+    assert sum(t.bytes for t in hybrid.checkpoint_held) == one
+    assert hybrid.checkpoint_released_bytes == one
+    assert with_held_mask(_acts("x"), _setting(), ("conv", "conv")).checkpoint_held == ()

@@ -173,3 +173,15 @@ def test_pin_none_where_every_gradient_is_alive_at_the_backward_point() -> None:
     inventory, saved = _model(4, saved_each=40)
     kept: dict[Phase, int] = dict.fromkeys(_gradients(0, 0), 9600)
     assert first_layer_backward(inventory, saved, kept, cuda=False) is None
+
+
+def test_pin_masks_freed_before_a_recurrent_first_layer() -> None:
+    """Pins behaviour: eager masks the later layers' checkpoints held (the first layer takes
+    none: memplan.activations.checkpoint_held) are gone in the first layer's backward: its
+    excess over the backward point, where they are alive, is that much smaller."""
+    from dataclasses import replace
+
+    inventory, saved = _model(4, saved_each=40)
+    held = replace(saved, checkpoint_released_bytes=100)
+    term = first_layer_backward(inventory, held, _gradients(9600, 4000), cuda=False)
+    assert term is not None and term.bytes == 3 * 400 - 3 * 40 - 100

@@ -90,27 +90,7 @@ def _predicted(
     tied: tuple[tuple[str, str], ...],
     profiles: tuple[profile.Profile, ...],
 ) -> Activations:
-    """`predict`, worked out (transformers' model code: with the eager mask checkpointing
-    holds, memplan.activations.checkpoint_held)."""
-    acts = _worked(arch, setting, tied, profiles)
-    if (
-        setting.implementation != "transformers"
-        or setting.attention != "eager"
-        or setting.checkpointing not in ("full", "selective")
-    ):
-        return acts
-    from memplan.activations import checkpoint_held
-
-    return checkpoint_held.with_held_mask(acts, setting)
-
-
-def _worked(
-    arch: Architecture | None,
-    setting: Setting,
-    tied: tuple[tuple[str, str], ...],
-    profiles: tuple[profile.Profile, ...],
-) -> Activations:
-    """`_predicted` before the checkpoint's held mask."""
+    """`predict`, worked out."""
     if arch is None:
         return not_modelled(
             "activations not modelled: the model is a bare parameter count (give hf_config, "
@@ -177,7 +157,18 @@ def _worked(
     acts = finish(model, setting)
     if setting.compile:
         acts = compiled.apply(acts, arch, setting)
-    return acts
+    return _held_mask(acts, setting)
+
+
+def _held_mask(acts: Activations, st: Setting, kinds: tuple[str, ...] = ()) -> Activations:
+    """`acts` with the eager mask torch.utils.checkpoint holds, saved by no node
+    (memplan.activations.checkpoint_held: eager attention, full or selective recomputation;
+    `kinds`: the layers' kinds in model order, where a profile records them)."""
+    if st.attention != "eager" or st.checkpointing not in ("full", "selective"):
+        return acts
+    from memplan.activations import checkpoint_held
+
+    return checkpoint_held.with_held_mask(acts, st, kinds)
 
 
 def _transformers_refuses(st: Setting) -> str:
@@ -200,6 +191,11 @@ def _transformers_refuses(st: Setting) -> str:
 def _from_profile(traced: profile.Profile, arch: Architecture, st: Setting) -> Activations:
     """A traced profile's saved tensors at `st` (memplan.model.profile)."""
     acts = traced.activations(st, num_layers=arch.num_layers)
+    order = {i: kind for kind, indices in traced.layer_groups for i in indices}
+    kinds = tuple(order[i] for i in sorted(order))
+    if not kinds:
+        kinds = tuple(blk.kind for blk in traced.blocks if blk.kind)
+    acts = _held_mask(acts, st, kinds)
     if st.compile:
         note = (
             "training.compile: profiles are traced eager; the compiled layers' saved set is "

@@ -553,11 +553,16 @@ def first_layer_backward(
     # On CUDA the allocator rounds each saved tensor (the timeline's
     # allocator_rounding_activations term): freed with it.
     rounded = sum(b.count * b.rounding_each for b in layered) - first.rounding_each if cuda else 0
-    excess = grads - freed - rounded
+    # What checkpointing held for the later layers only (their eager masks, where the first
+    # layer takes none: memplan.activations.checkpoint_held) is freed by then too.
+    released = saved.checkpoint_released_bytes
+    excess = grads - freed - rounded - released
     if excess <= 0:
         return None
     layers = sum(b.count for b in layered)
     rounding_text = f" - {rounded:,} B their allocator rounding" if rounded else ""
+    if released:
+        rounding_text += f" - {released:,} B the eager masks their checkpoints held"
     return Transient(
         name="first_layer_backward",
         bytes=excess,
