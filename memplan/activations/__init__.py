@@ -157,7 +157,18 @@ def _predicted(
     acts = finish(model, setting)
     if setting.compile:
         acts = compiled.apply(acts, arch, setting)
-    return acts
+    return _held_mask(acts, setting)
+
+
+def _held_mask(acts: Activations, st: Setting, kinds: tuple[str, ...] = ()) -> Activations:
+    """`acts` with the eager mask torch.utils.checkpoint holds, saved by no node
+    (memplan.activations.checkpoint_held: eager attention, full or selective recomputation;
+    `kinds`: the layers' kinds in model order, where a profile records them)."""
+    if st.attention != "eager" or st.checkpointing not in ("full", "selective"):
+        return acts
+    from memplan.activations import checkpoint_held
+
+    return checkpoint_held.with_held_mask(acts, st, kinds)
 
 
 def _transformers_refuses(st: Setting) -> str:
@@ -180,6 +191,11 @@ def _transformers_refuses(st: Setting) -> str:
 def _from_profile(traced: profile.Profile, arch: Architecture, st: Setting) -> Activations:
     """A traced profile's saved tensors at `st` (memplan.model.profile)."""
     acts = traced.activations(st, num_layers=arch.num_layers)
+    order = {i: kind for kind, indices in traced.layer_groups for i in indices}
+    kinds = tuple(order[i] for i in sorted(order))
+    if not kinds:
+        kinds = tuple(blk.kind for blk in traced.blocks if blk.kind)
+    acts = _held_mask(acts, st, kinds)
     if st.compile:
         note = (
             "training.compile: profiles are traced eager; the compiled layers' saved set is "

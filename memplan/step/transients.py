@@ -28,7 +28,8 @@ def activation_terms(saved: Activations) -> list[Transient]:
     gradient of the log-softmax (two [tokens, vocab] fp32 tensors at once: nll_loss_backward's
     output and log_softmax_backward's), and working sets (an estimate: the op producing the
     largest saved tensor of a layer has its input alive too; in backward, that tensor's
-    gradient and its input's, plus two hidden-state gradients: `working_sets`)."""
+    gradient and its input's, plus two hidden-state gradients: `working_sets`), and what
+    checkpointing holds that no node saves (Activations.checkpoint_held: the eager mask)."""
     if not saved.modelled:
         return []
     src = "transformers loss/loss_utils.py::ForCausalLMLoss; " + "tools/autograd/derivatives.yaml"
@@ -76,6 +77,7 @@ def activation_terms(saved: Activations) -> list[Transient]:
     cache = autocast_cache(saved)
     if cache is not None:
         out.append(cache)
+    out += saved.checkpoint_held
     return out
 
 
@@ -551,11 +553,16 @@ def first_layer_backward(
     # On CUDA the allocator rounds each saved tensor (the timeline's
     # allocator_rounding_activations term): freed with it.
     rounded = sum(b.count * b.rounding_each for b in layered) - first.rounding_each if cuda else 0
-    excess = grads - freed - rounded
+    # What checkpointing held for the later layers only (their eager masks, where the first
+    # layer takes none: memplan.activations.checkpoint_held) is freed by then too.
+    released = saved.checkpoint_released_bytes
+    excess = grads - freed - rounded - released
     if excess <= 0:
         return None
     layers = sum(b.count for b in layered)
     rounding_text = f" - {rounded:,} B their allocator rounding" if rounded else ""
+    if released:
+        rounding_text += f" - {released:,} B the eager masks their checkpoints held"
     return Transient(
         name="first_layer_backward",
         bytes=excess,

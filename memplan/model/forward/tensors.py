@@ -213,6 +213,12 @@ class Activations:
     buffers: tuple[Transient, ...] = ()
     """Communication buffers of a model-parallel layout (memplan.activations.layout.buffers):
     transient, not saved."""
+    checkpoint_held: tuple[Transient, ...] = ()
+    """Tensors torch.utils.checkpoint holds for its recomputation that no node saves (the eager
+    attention mask: memplan.activations.checkpoint_held): transient, not saved."""
+    checkpoint_released_bytes: int = 0
+    """Of `checkpoint_held`, the bytes freed before the first decoder layer's backward (that
+    layer takes no eager mask: a linear-attention or convolution layer first)."""
     layer_scatter_bytes: int = 0
     """Under sequence parallelism that reduce-scatters each decoder layer's row-parallel output
     along the sequence (torchtitan's apply_tp: attention.wo, feed_forward.w2): that Partial

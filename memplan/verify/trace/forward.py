@@ -276,6 +276,8 @@ def trace_once(
                 )
             if selective and not run.calls:
                 raise MemplanError(selective_.no_core_message(model))
+            if working is not None:
+                hooks += working.pending(loss, model.parameters())
             with (
                 mode,
                 (

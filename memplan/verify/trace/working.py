@@ -125,6 +125,50 @@ class Recorder:
             if p.requires_grad
         ]
 
+    def pending(self, loss: torch.Tensor, params: Iterable[torch.nn.Parameter]) -> list[Any]:
+        """Hooks: a gradient contribution to a parameter that several nodes feed (a tied
+        weight: the LM head's and the embedding's uses of one table) leaves the count when its
+        node returns it. Autograd's engine holds it in the parameter's AccumulateGrad input
+        buffer until the last contribution arrives and sums them out of place (torch 2.13
+        torch/csrc/autograd/input_buffer.cpp::InputBuffer::add; the embedding's backward
+        comes after every decoder layer's), so through the layers' backward it is the
+        parameter's gradient already, which the step's timeline holds on its own
+        (memplan.step.timeline._gradients: the head's share, the tied embedding included), not
+        a working-set byte. A parameter one node feeds is accumulated as soon as its node
+        returns (AccumulateGrad's sequence number is the highest: it runs next), so its
+        gradient leaves the count in `watch` as before."""
+        live = self._live
+        fn = loss.grad_fn
+        if live is None or fn is None:
+            return []
+        owned = {id(p) for p in params if p.requires_grad}
+        feeds: dict[int, list[tuple[Any, int]]] = {}  # AccumulateGrad: (node, output index)
+        seen: set[int] = set()
+        todo = [fn]
+        while todo:
+            node = todo.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            for index, (nxt, _) in enumerate(node.next_functions):
+                if nxt is None:
+                    continue
+                if id(getattr(nxt, "variable", None)) in owned:
+                    feeds.setdefault(id(nxt), []).append((node, index))
+                else:
+                    todo.append(nxt)
+        hooks = []
+        for fed in feeds.values():
+            if len(fed) < 2:
+                continue
+            for node, index in fed:
+
+                def made(grads: Any, _outputs: Any, index: int = index) -> None:
+                    live.gradient(grads[index])
+
+                hooks.append(node.register_hook(made))
+        return hooks
+
     def start_backward(self, output: Any) -> None:
         """The last layer's output: the window BACKWARD opens when its gradient is made."""
         tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
