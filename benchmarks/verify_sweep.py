@@ -1,0 +1,455 @@
+"""Every causal-LM model_type transformers builds, one `memplan verify` each: the honest count.
+
+    PYTHONPATH=. python benchmarks/verify_sweep.py      # all of them, writes
+                                                        # benchmarks/results/verify-sweep.json
+    PYTHONPATH=. python benchmarks/verify_sweep.py --types mamba bart --out /tmp/x
+    PYTHONPATH=. python benchmarks/verify_sweep.py --update --types mamba  # these rows replaced
+
+For each model_type of transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, a tiny config derived
+from its config class's defaults (`shrink`: the size keys it has set small by name, its per-layer
+lists cut to one layer of each kind, nested sub-configs shrunk the same way; OVERRIDES where the
+generic rules cannot work), and ONE setting (SETTING: fp32, sdpa, no recomputation, micro batch
+2 x 32; MoE configs bf16, the one precision the trace serves them in: memplan/verify/trace/
+moe.py::check) run through the whole `memplan verify` path by benchmarks/profile_verify.py's
+run_case (the inventory on the meta device, a profile traced for the setting, the real model
+stepped twice on CPU with torch AdamW, every category compared). Each type runs in its own
+subprocess with a timeout, so a hang or a crash costs one row.
+
+Each row is classified (`classify`): verified (every category within tolerance), off (ran; the
+categories out of tolerance with predicted / measured), refused (memplan's MemplanError: why),
+build-error (the tiny config or the model failed to build on the meta device: transformers'
+error, before memplan runs), crash (the model's own code failed under verify: the exception),
+timeout. One setting proves the categories of that one step at that one size; it does not
+prove the other precisions, attention kernels, recomputation policies or sequence lengths
+(benchmarks/profile_verify.py runs 12-18 settings for the types it lists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.stamp import stamp  # noqa: E402
+
+SETTING = {"attention": "sdpa", "precision": "fp32", "checkpointing": "none"}
+MOE_PRECISION = "bf16"
+TIMEOUT_S = 120.0
+
+# Size keys by name, each type's own spelling; a key is set only where the default config has
+# it as a positive int (profile_verify.BASE's sizes: hidden 64, 4 heads of 16, 2 key/value
+# heads, vocabulary 512; profile_verify.MOE's experts: 4 of width 32, top-2).
+HIDDEN = 64
+SIZES: dict[int, tuple[str, ...]] = {
+    HIDDEN: (
+        "hidden_size", "d_model", "n_embd", "embedding_dim", "emb_dim", "lru_width",
+        "word_embed_proj_dim", "mamba_d_ssm", "backbone_hidden_size", "out_hidden_size",
+        "projection_dim", "embed_dim",
+    ),
+    128: (
+        "intermediate_size", "ffn_dim", "decoder_ffn_dim", "encoder_ffn_dim", "dff", "d_inner",
+        "dim_ff", "ffn_hidden_size", "feed_forward_size", "intermediate_size_mlp",
+        "first_dense_intermediate_size", "dense_intermediate_size", "shared_intermediate_size",
+        "mlp_only_intermediate_size", "n_inner", "attention_hidden_size",
+    ),
+    32: (
+        "moe_intermediate_size", "shared_expert_intermediate_size",
+        "shared_experts_intermediate_size", "moe_shared_expert_intermediate_size",
+        "expert_ffn_hidden_size", "router_hidden_size",
+    ),
+    4: (
+        "num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads",
+        "encoder_attention_heads", "num_encoder_attention_heads", "num_decoder_attention_heads",
+        "attention_heads", "swa_num_attention_heads", "linear_num_heads", "linear_num_value_heads",
+        "mamba_n_heads", "mamba_num_heads", "n_mamba_heads", "num_experts", "num_local_experts",
+        "n_routed_experts", "moe_num_experts",
+    ),
+    2: (
+        "num_key_value_heads", "num_kv_heads", "swa_num_key_value_heads", "num_query_groups",
+        "linear_num_key_heads", "index_n_heads", "index_num_heads", "num_experts_per_tok",
+        "moe_topk", "zero_expert_num",
+    ),
+    16: (
+        "head_dim", "d_head", "dim_head", "kv_channels", "attention_head_size", "swa_head_dim",
+        "attention_head_dim", "v_head_dim", "qk_head_dim", "linear_key_head_dim",
+        "linear_value_head_dim", "linear_head_dim", "index_head_dim", "index_topk",
+        "mamba_d_head", "mamba_head_dim", "mamba_headdim", "mamba_d_state", "state_size",
+        "ssm_state_size", "kv_lora_rank", "o_lora_rank", "hidden_size_per_layer_input",
+        "sliding_window", "sliding_window_size", "window_size", "local_attention",
+        "attention_window_size", "local_attention_window_len", "block_size", "chunk_size",
+        "mamba_chunk_size", "attention_chunk_size", "rotary_dim",
+    ),
+    24: ("q_lora_rank",),
+    8: (
+        "qk_rope_head_dim", "qk_nope_head_dim", "time_step_rank", "mamba_dt_rank",
+        "laurel_rank", "loop_gate_rank", "adapter_rank", "gated_norm_rank", "hc_lowrank",
+    ),
+}  # fmt: skip
+SIZE_OF = {key: size for size, keys in SIZES.items() for key in keys}
+# Layer counts: each becomes LAYERS (or the number of layer kinds the per-layer lists name).
+LAYERS = 2
+LAYER_KEYS = (
+    "num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers",
+    "encoder_layers", "num_encoder_layers", "num_decoder_layers", "num_blocks",
+)  # fmt: skip
+VOCAB = 512
+VOCAB_KEYS = ("vocab_size", "vocab_size_per_layer_input", "decoder_vocab_size")
+# Positions: enough for the trace's sizes (memplan/verify/trace/sizes.py: up to 640 tokens for
+# chunked loops), small enough that learned position tables stay small.
+POSITIONS = 1024
+POSITION_KEYS = (
+    "max_position_embeddings", "n_positions", "n_ctx", "max_target_positions", "max_seq_len",
+    "context_length", "max_source_positions",
+)  # fmt: skip
+# The token ids an embedding needs inside the vocabulary (padding_idx, the loss's labels);
+# other special ids (image, audio tokens) are left outside it, so random ids never hit them.
+TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1}
+EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+# Per-layer thresholds: "the first k layers" (k counted again over the layers kept).
+FIRST_K = ("first_k_dense_replace", "max_window_layers", "moe_layer_start_index")
+
+# Types the generic rules cannot shrink; each entry says why.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    # Its config class validates hidden_size_per_layer_input == 0 but defaults it to 256.
+    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+}
+
+
+def _layer_count(defaults: dict[str, Any]) -> int | None:
+    for key in LAYER_KEYS:
+        value = defaults.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _per_layer(defaults: dict[str, Any], count: int) -> dict[str, Any]:
+    """The lists (and strings) with one entry per layer."""
+    return {
+        k: v
+        for k, v in defaults.items()
+        if isinstance(v, (list, str))
+        and len(v) == count
+        and k not in ("model_type", "_name_or_path")
+    }
+
+
+def _index_lists(defaults: dict[str, Any], count: int, per_layer: dict[str, Any]) -> dict[str, Any]:
+    """Lists of layer indices (moe_layers, full_attn_idxs, hybrid_layer_ids): sorted distinct
+    ints below the layer count."""
+    out = {}
+    for k, v in defaults.items():
+        if k in per_layer or not isinstance(v, list) or not v:
+            continue
+        ints = all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+        if ints and v == sorted(set(v)) and v[-1] < count and ("layer" in k or "idx" in k):
+            out[k] = v
+    return out
+
+
+def pick_layers(defaults: dict[str, Any], count: int) -> list[int]:
+    """The layers kept: the first of each kind (its entries in every per-layer list, whether
+    an index list names it, which side of each first-k threshold it is), at least LAYERS."""
+    per_layer = _per_layer(defaults, count)
+    index = _index_lists(defaults, count, per_layer)
+    firsts = [v for k, v in defaults.items() if k in FIRST_K and isinstance(v, int)]
+    seen: dict[Any, int] = {}
+    for i in range(count):
+        kind = (
+            tuple(json.dumps(v[i]) for v in per_layer.values()),
+            tuple(i in set(v) for v in index.values()),
+            tuple(i < k for k in firsts),
+        )
+        seen.setdefault(kind, i)
+    kept = sorted(seen.values())
+    for i in range(count):  # at least LAYERS: the next layers after the first
+        if len(kept) >= min(LAYERS, count):
+            break
+        if i not in kept:
+            kept.append(i)
+    return sorted(kept)
+
+
+def shrink(model_type: str, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The tiny config of `model_type`: the keys to pass AutoConfig.for_model, those of its
+    defaults (the config class instantiated, `defaults` in tests) that SIZES, LAYER_KEYS,
+    VOCAB_KEYS, POSITION_KEYS, TOKEN_IDS and the per-layer lists name, and the nested
+    sub-configs (a dict with a model_type or a hidden_size) shrunk the same way."""
+    if defaults is None:
+        from transformers import AutoConfig
+
+        defaults = AutoConfig.for_model(model_type, **OVERRIDES.get(model_type, {})).to_dict()
+    out: dict[str, Any] = {"model_type": model_type}
+    out.update(_shrunk(defaults))
+    out.update(OVERRIDES.get(model_type, {}))
+    return out
+
+
+def _shrunk(defaults: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    heads = {k: defaults.get(k) for k in ("num_attention_heads", "num_key_value_heads")}
+    for key, value in defaults.items():
+        if isinstance(value, dict) and ("model_type" in value or "hidden_size" in value):
+            sub = _shrunk(value)
+            if "model_type" in value:
+                sub = {"model_type": value["model_type"], **sub}
+            out[key] = sub
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            continue
+        if key in SIZE_OF:
+            out[key] = min(value, SIZE_OF[key])
+        elif key in VOCAB_KEYS:
+            out[key] = min(value, VOCAB)
+        elif key in POSITION_KEYS:
+            out[key] = min(value, POSITIONS)
+    for key, small in TOKEN_IDS.items():
+        value = defaults.get(key)
+        if isinstance(value, int) and value >= VOCAB:
+            out[key] = small
+        elif isinstance(value, list) and any(isinstance(i, int) and i >= VOCAB for i in value):
+            out[key] = [small]
+    # Multi-head attention stays multi-head (as many key/value heads as query heads).
+    if (
+        heads["num_key_value_heads"] is not None
+        and heads["num_key_value_heads"] == heads["num_attention_heads"]
+    ):
+        out["num_key_value_heads"] = out.get("num_attention_heads", 4)
+    count = _layer_count(defaults)
+    if count is None:
+        return out
+    kept = pick_layers(defaults, count)
+    for key in LAYER_KEYS:
+        if isinstance(defaults.get(key), int) and not isinstance(defaults.get(key), bool):
+            out[key] = min(
+                defaults[key], len(kept) if key == _first_layer_key(defaults) else LAYERS
+            )
+    per_layer = _per_layer(defaults, count)
+    for key, values in per_layer.items():
+        picked = [values[i] for i in kept]
+        if key in SIZE_OF:  # a per-layer size (gemma3n's intermediate_size list)
+            picked = [min(v, SIZE_OF[key]) if isinstance(v, int) else v for v in picked]
+        elif key == "num_attention_heads_per_layer":
+            picked = [min(v, 4) for v in picked]
+        out[key] = "".join(picked) if isinstance(values, str) else picked
+    for key, values in _index_lists(defaults, count, per_layer).items():
+        out[key] = [j for j, i in enumerate(kept) if i in set(values)]
+    for key in FIRST_K:
+        if isinstance(defaults.get(key), int) and not isinstance(defaults.get(key), bool):
+            out[key] = sum(1 for i in kept if i < defaults[key])
+    return out
+
+
+def _first_layer_key(defaults: dict[str, Any]) -> str | None:
+    for key in LAYER_KEYS:
+        value = defaults.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return key
+    return None
+
+
+def is_moe(config: dict[str, Any]) -> bool:
+    """Experts anywhere in the config (memplan/verify/trace/moe.py::is_moe's keys)."""
+    for key, value in config.items():
+        if key in EXPERT_KEYS and isinstance(value, int) and value > 1:
+            return True
+        if isinstance(value, dict) and is_moe(value):
+            return True
+    return False
+
+
+def setting_of(config: dict[str, Any]) -> dict[str, str]:
+    return {**SETTING, "precision": MOE_PRECISION} if is_moe(config) else dict(SETTING)
+
+
+FAILURE = re.compile(
+    r"^(?:rank \d+: )?(?P<name>.+?) predicted (?P<p>[\d,]+) B, measured (?P<m>[\d,]+) B"
+)
+
+
+def classify(row: dict[str, Any]) -> dict[str, Any]:
+    """The class of one type's row: {"class": ..., and the why}. `row` is run_case's row, or
+    {"build_error": ...} / {"timeout": seconds} / {"crashed": stderr tail} from the sweep."""
+    if "timeout" in row:
+        return {"class": "timeout", "why": f"no result in {row['timeout']:.0f} s"}
+    if "build_error" in row:
+        return {"class": "build-error", "why": row["build_error"]}
+    if "crashed" in row:
+        return {"class": "crash", "why": row["crashed"]}
+    if "error" in row:
+        return {"class": "refused" if row.get("refused") else "crash", "why": row["error"]}
+    if row.get("ok"):
+        return {"class": "verified"}
+    off = []
+    for line in row.get("failures", []):
+        m = FAILURE.match(line)
+        if m is None:
+            off.append({"category": line})
+            continue
+        p, meas = int(m["p"].replace(",", "")), int(m["m"].replace(",", ""))
+        off.append(
+            {
+                "category": m["name"],
+                "predicted": p,
+                "measured": meas,
+                "ratio": p / meas if meas else None,
+            }
+        )
+    return {"class": "off", "off": off}
+
+
+def run_one(model_type: str) -> dict[str, Any]:
+    """The child's work: shrink, build on the meta device (a build error is transformers',
+    before memplan runs), then profile_verify.run_case."""
+    warnings.filterwarnings("ignore")
+    import torch
+    import transformers
+
+    from benchmarks.profile_verify import run_case
+
+    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    torch.set_num_threads(1)
+    try:
+        config = shrink(model_type)
+    except Exception as err:
+        return {"build_error": f"default config: {_why(err)}"}
+    setting = setting_of(config)
+    base = {"config": config, "setting": setting}
+    try:
+        from memplan.verify.build import hf_config
+
+        cfg = hf_config(config)
+        with torch.device("meta"):
+            transformers.AutoModelForCausalLM.from_config(cfg)
+    except Exception as err:
+        return {**base, "build_error": _why(err)}
+    return {**base, **run_case(config, setting)}
+
+
+def _why(err: BaseException) -> str:
+    text = getattr(err, "message", None) or str(err)
+    return f"{type(err).__name__}: {' '.join(str(text).split())[:400]}"
+
+
+def run_sub(model_type: str, timeout: float) -> dict[str, Any]:
+    started = time.perf_counter()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", model_type]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+        )
+    except subprocess.TimeoutExpired:
+        row: dict[str, Any] = {"timeout": timeout}
+    else:
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        if done.returncode == 0 and lines:
+            row = json.loads(lines[-1])
+        else:
+            tail = " ".join(done.stderr.split())[-400:]
+            row = {"crashed": f"exit {done.returncode}: {tail}"}
+    row["wall_seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def elsewhere(model_type: str) -> str | None:
+    """Where else a type is proved: a hand rule, or profile_verify's matrix."""
+    from benchmarks.profile_verify import TYPES
+    from memplan.model.families import modelled_model_types
+
+    if model_type in modelled_model_types():
+        return "hand rules (memplan.model.families)"
+    if model_type in TYPES:
+        return "benchmarks/profile_verify.py (12-18 settings)"
+    return None
+
+
+def all_types() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--types", nargs="*", default=None)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S)
+    parser.add_argument("--update", action="store_true", help="keep the file's other rows")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_one(args.child)), flush=True)
+        return 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    types = args.types or all_types()
+    file = args.out / "verify-sweep.json"
+    rows: dict[str, Any] = {}
+    if args.update and file.is_file():
+        rows = json.loads(file.read_text())["types"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    def one(t: str) -> None:
+        row = run_sub(t, args.timeout)
+        rows[t] = {**classify(row), "covered_elsewhere": elsewhere(t), **row}
+        what = rows[t].get("why") or rows[t].get("off") or ""
+        print(
+            f"{t:28s} {rows[t]['class']:12s} {row['wall_seconds']:6.1f}s {str(what)[:150]}",
+            flush=True,
+        )
+        write(file, rows, start, done=False)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(one, types))
+    print(json.dumps(write(file, rows, start, done=True)["summary"]))
+    return 0
+
+
+def write(file: Path, rows: dict[str, Any], start: float, *, done: bool) -> dict[str, Any]:
+    import transformers
+
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    ordered = {t: rows[t] for t in sorted(rows)}
+    counts: dict[str, int] = {}
+    for row in ordered.values():
+        counts[row["class"]] = counts.get(row["class"], 0) + 1
+    uncovered = [r for r in ordered.values() if not r.get("covered_elsewhere")]
+    doc = {
+        "stamp": stamp(torch=torch_version, transformers=transformers.__version__),
+        "setting": SETTING,
+        "moe_precision": MOE_PRECISION,
+        "batch": [2, 32],
+        "summary": {
+            "complete": done,
+            "types": len(ordered),
+            "by_class": dict(sorted(counts.items())),
+            "types_not_covered_elsewhere": len(uncovered),
+            "verified_not_covered_elsewhere": sum(1 for r in uncovered if r["class"] == "verified"),
+            "seconds": round(time.perf_counter() - start, 1),
+        },
+        "types": ordered,
+    }
+    file.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
