@@ -54,7 +54,8 @@ SIZES: dict[int, tuple[str, ...]] = {
     HIDDEN: (
         "hidden_size", "d_model", "n_embd", "embedding_dim", "emb_dim", "lru_width",
         "word_embed_proj_dim", "mamba_d_ssm", "backbone_hidden_size", "out_hidden_size",
-        "projection_dim", "embed_dim",
+        "projection_dim", "embed_dim", "adapter_in_dim", "adapter_input_size", "adapter_out_dim",
+        "hidden_size_global",
     ),
     128: (
         "intermediate_size", "ffn_dim", "decoder_ffn_dim", "encoder_ffn_dim", "dff", "d_inner",
@@ -65,7 +66,8 @@ SIZES: dict[int, tuple[str, ...]] = {
     32: (
         "moe_intermediate_size", "shared_expert_intermediate_size",
         "shared_experts_intermediate_size", "moe_shared_expert_intermediate_size",
-        "expert_ffn_hidden_size", "router_hidden_size",
+        "expert_ffn_hidden_size", "router_hidden_size", "shape_embed_dim",
+        "pronunciation_embed_dim",
     ),
     4: (
         "num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads",
@@ -77,7 +79,7 @@ SIZES: dict[int, tuple[str, ...]] = {
     2: (
         "num_key_value_heads", "num_kv_heads", "swa_num_key_value_heads", "num_query_groups",
         "linear_num_key_heads", "index_n_heads", "index_num_heads", "num_experts_per_tok",
-        "moe_topk", "zero_expert_num",
+        "moe_topk", "zero_expert_num", "num_experts_per_token",
     ),
     16: (
         "head_dim", "d_head", "dim_head", "kv_channels", "attention_head_size", "swa_head_dim",
@@ -103,7 +105,10 @@ LAYER_KEYS = (
     "encoder_layers", "num_encoder_layers", "num_decoder_layers", "num_blocks",
 )  # fmt: skip
 VOCAB = 512
-VOCAB_KEYS = ("vocab_size", "vocab_size_per_layer_input", "decoder_vocab_size")
+VOCAB_KEYS = (
+    "vocab_size", "vocab_size_per_layer_input", "decoder_vocab_size", "unpadded_vocab_size",
+    "shape_vocab_size", "pronunciation_vocab_size", "encoder_hash_byte_group_vocab",
+)  # fmt: skip
 # Positions: enough for the trace's sizes (memplan/verify/trace/sizes.py: up to 640 tokens for
 # chunked loops), small enough that learned position tables stay small.
 POSITIONS = 1024
@@ -118,65 +123,146 @@ EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_
 # Per-layer thresholds: "the first k layers" (k counted again over the layers kept).
 FIRST_K = ("first_k_dense_replace", "max_window_layers", "moe_layer_start_index")
 
-# Types the generic rules cannot shrink; each entry says why.
+# Types the generic rules cannot shrink; each entry says why (merged into the shrunk config,
+# nested dicts key by key).
 OVERRIDES: dict[str, dict[str, Any]] = {
-    # Its config class validates hidden_size_per_layer_input == 0 but defaults it to 256.
-    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+    # Its config class requires its text_config's per-layer inputs off (validate_architecture)
+    # but defaults them on: the default config does not build.
+    "gemma4_assistant": {
+        "text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0}
+    },
+    # layer_types defaults to None, which the model subscripts; 2 dense layers of the default
+    # would leave no MoE layer: conv + attention dense, then a conv MoE layer.
+    "lfm2_moe": {
+        "num_hidden_layers": 3,
+        "num_dense_layers": 2,
+        "layer_types": ["conv", "full_attention", "conv"],
+    },
+    # Its to_dict doubles the layers (an "mlp" block after each) and the counts; the blocks,
+    # each count consistent: input 1 + recurrent 2 + output 1 layers, sliding and full.
+    "dory": {
+        "num_hidden_layers": 4,
+        "n_input_layers": 1,
+        "n_recurrent_layers": 2,
+        "n_output_layers": 1,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    },
+    # Axial position embeddings: their widths sum to hidden_size and their shape's product is
+    # the sequence trained (32 tokens); chunks of 16 tokens.
+    "reformer": {
+        "is_decoder": True,  # ReformerModelWithLMHead asserts it; the config defaults False
+        "axial_pos_embds_dim": [32, 32],
+        "axial_pos_shape": [4, 8],
+        "local_attn_chunk_length": 16,
+        "lsh_attn_chunk_length": 16,
+    },
+    # The shared transformer block is tied across the hybrid layers: one hybrid layer leaves its
+    # tie pattern matching nothing (transformers raises), so two.
+    "zamba": {
+        "num_hidden_layers": 4,
+        "layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"],
+    },
 }
+# Mamba-2 heads: (heads key, head width key); the width is set so heads x width is the mixer's
+# width (expand x hidden, or mamba_d_ssm where set), what the config classes validate
+# (e.g. transformers/models/bamba/configuration_bamba.py::validate_architecture).
+MAMBA_HEADS = (
+    ("mamba_n_heads", "mamba_d_head"),
+    ("mamba_num_heads", "mamba_head_dim"),
+    ("n_mamba_heads", "mamba_headdim"),
+    ("num_heads", "head_dim"),
+)
+# Lists with one entry per layer naming another layer (kolibri1_1's kv_source_layers).
+SOURCE_LISTS = ("kv_source_layers",)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _layer_count(defaults: dict[str, Any]) -> int | None:
     for key in LAYER_KEYS:
         value = defaults.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+        if _int(value) and value > 0:
+            return int(value)
     return None
 
 
 def _per_layer(defaults: dict[str, Any], count: int) -> dict[str, Any]:
-    """The lists (and strings) with one entry per layer."""
+    """The lists with one entry per layer (not the index lists, which may have one too)."""
+    index = _index_lists(defaults, count)
     return {
         k: v
         for k, v in defaults.items()
-        if isinstance(v, (list, str))
-        and len(v) == count
-        and k not in ("model_type", "_name_or_path")
+        if isinstance(v, list) and len(v) == count and k not in index
     }
 
 
-def _index_lists(defaults: dict[str, Any], count: int, per_layer: dict[str, Any]) -> dict[str, Any]:
+def _index_lists(defaults: dict[str, Any], count: int, per_layer: Any = None) -> dict[str, Any]:
     """Lists of layer indices (moe_layers, full_attn_idxs, hybrid_layer_ids): sorted distinct
-    ints below the layer count."""
+    ints below the layer count, under a name that says layers."""
     out = {}
     for k, v in defaults.items():
-        if k in per_layer or not isinstance(v, list) or not v:
+        if k in SOURCE_LISTS or not isinstance(v, list) or not v:
             continue
-        ints = all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+        ints = all(_int(i) for i in v)
         if ints and v == sorted(set(v)) and v[-1] < count and ("layer" in k or "idx" in k):
             out[k] = v
     return out
 
 
+def _last_k(defaults: dict[str, Any]) -> int:
+    """The last layers that share others' keys and values (gemma3n's num_kv_shared_layers)."""
+    value = defaults.get("num_kv_shared_layers")
+    return int(value) if _int(value) else 0
+
+
+def _layer_overrides(defaults: dict[str, Any]) -> dict[int, Any]:
+    """per_layer_config (transformers' heterogeneous layers: a layer index, as an int or a
+    zero-padded string, to the keys that layer sets otherwise), by int index."""
+    value = defaults.get("per_layer_config")
+    if not isinstance(value, dict):
+        return {}
+    return {int(k): v for k, v in value.items()}
+
+
 def pick_layers(defaults: dict[str, Any], count: int) -> list[int]:
     """The layers kept: the first of each kind (its entries in every per-layer list, whether
-    an index list names it, which side of each first-k threshold it is), at least LAYERS."""
+    an index list names it, which side of each first-k / last-k threshold it is, whether it
+    reads another layer's keys and values), the layers those read, and at least LAYERS."""
     per_layer = _per_layer(defaults, count)
     index = _index_lists(defaults, count, per_layer)
-    firsts = [v for k, v in defaults.items() if k in FIRST_K and isinstance(v, int)]
+    firsts = [v for k, v in defaults.items() if k in FIRST_K and _int(v)]
+    shared_from = count - _last_k(defaults)
+    sources = {k: v for k, v in per_layer.items() if k in SOURCE_LISTS}
+    overrides = _layer_overrides(defaults)
     seen: dict[Any, int] = {}
     for i in range(count):
         kind = (
-            tuple(json.dumps(v[i]) for v in per_layer.values()),
+            tuple(json.dumps(v[i]) for k, v in per_layer.items() if k not in sources),
+            tuple(v[i] == i for v in sources.values()),
             tuple(i in set(v) for v in index.values()),
             tuple(i < k for k in firsts),
+            i >= shared_from,
+            json.dumps(overrides.get(i), sort_keys=True),
         )
         seen.setdefault(kind, i)
-    kept = sorted(seen.values())
+    kept = set(seen.values())
+    kept |= {v[i] for v in sources.values() for i in kept if _int(v[i])}
     for i in range(count):  # at least LAYERS: the next layers after the first
         if len(kept) >= min(LAYERS, count):
             break
-        if i not in kept:
-            kept.append(i)
+        kept.add(i)
     return sorted(kept)
 
 
@@ -184,15 +270,16 @@ def shrink(model_type: str, defaults: dict[str, Any] | None = None) -> dict[str,
     """The tiny config of `model_type`: the keys to pass AutoConfig.for_model, those of its
     defaults (the config class instantiated, `defaults` in tests) that SIZES, LAYER_KEYS,
     VOCAB_KEYS, POSITION_KEYS, TOKEN_IDS and the per-layer lists name, and the nested
-    sub-configs (a dict with a model_type or a hidden_size) shrunk the same way."""
+    sub-configs (a dict with a model_type or a hidden_size: their whole dict, shrunk the same
+    way), then OVERRIDES."""
+    extra = OVERRIDES.get(model_type, {})
     if defaults is None:
         from transformers import AutoConfig
 
-        defaults = AutoConfig.for_model(model_type, **OVERRIDES.get(model_type, {})).to_dict()
+        defaults = AutoConfig.for_model(model_type, **extra).to_dict()
     out: dict[str, Any] = {"model_type": model_type}
     out.update(_shrunk(defaults))
-    out.update(OVERRIDES.get(model_type, {}))
-    return out
+    return _merge(out, extra)
 
 
 def _shrunk(defaults: dict[str, Any]) -> dict[str, Any]:
@@ -200,12 +287,12 @@ def _shrunk(defaults: dict[str, Any]) -> dict[str, Any]:
     heads = {k: defaults.get(k) for k in ("num_attention_heads", "num_key_value_heads")}
     for key, value in defaults.items():
         if isinstance(value, dict) and ("model_type" in value or "hidden_size" in value):
-            sub = _shrunk(value)
-            if "model_type" in value:
-                sub = {"model_type": value["model_type"], **sub}
-            out[key] = sub
+            # The whole sub-config: some parents read their sub-configs' keys from the dict.
+            # per_layer_config: derived per-layer overrides keyed by the default's layers.
+            whole = {k: v for k, v in value.items() if k != "per_layer_config"}
+            out[key] = {**whole, **_shrunk(value)}
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not _int(value) or value <= 0:
             continue
         if key in SIZE_OF:
             out[key] = min(value, SIZE_OF[key])
@@ -213,11 +300,41 @@ def _shrunk(defaults: dict[str, Any]) -> dict[str, Any]:
             out[key] = min(value, VOCAB)
         elif key in POSITION_KEYS:
             out[key] = min(value, POSITIONS)
+    # Sizes the config leaves None for the model to derive, where the model code does not.
+    if "head_dim" in defaults and defaults["head_dim"] is None and "num_attention_heads" in out:
+        out["head_dim"] = HIDDEN // out["num_attention_heads"]
+    if "num_key_value_heads" in defaults and defaults["num_key_value_heads"] is None:
+        out["num_key_value_heads"] = SIZE_OF["num_key_value_heads"]
+    if "moe_intermediate_size" in defaults:  # experts left None (dots1)
+        for key in ("n_routed_experts", "num_experts"):
+            if key in defaults and defaults[key] is None:
+                out[key] = SIZE_OF[key]
+        if "num_experts_per_tok" in defaults and defaults["num_experts_per_tok"] is None:
+            out["num_experts_per_tok"] = SIZE_OF["num_experts_per_tok"]
+        if "n_shared_experts" in defaults and defaults["n_shared_experts"] is None:
+            out["n_shared_experts"] = 1
+    # Grouped routing: 4 experts in 2 groups of 2, top-1 group (profile_verify's deepseek_v32:
+    # the default n_group 8 makes `view(-1, 8, 0)`).
+    for group in ("n_group", "num_expert_group"):
+        if _int(defaults.get(group)) and defaults[group] > 1:
+            out[group] = 2
+            if "topk_group" in defaults:
+                out["topk_group"] = 1
+    # MLA with head_dim the rotary part (deepseek's convention): keep it so.
+    rope = defaults.get("qk_rope_head_dim")
+    if _int(rope) and defaults.get("head_dim") == rope:
+        out["head_dim"] = SIZE_OF["qk_rope_head_dim"]
+    for heads_key, width_key in MAMBA_HEADS:
+        expand = defaults.get("mamba_expand", defaults.get("expand"))
+        if heads_key in out and width_key in defaults and _int(expand):
+            width = out.get("mamba_d_ssm") or expand * out.get("hidden_size", HIDDEN)
+            out[width_key] = width // out[heads_key]
+            break
     for key, small in TOKEN_IDS.items():
         value = defaults.get(key)
-        if isinstance(value, int) and value >= VOCAB:
+        if _int(value) and value >= VOCAB:
             out[key] = small
-        elif isinstance(value, list) and any(isinstance(i, int) and i >= VOCAB for i in value):
+        elif isinstance(value, list) and any(_int(i) and i >= VOCAB for i in value):
             out[key] = [small]
     # Multi-head attention stays multi-head (as many key/value heads as query heads).
     if (
@@ -229,24 +346,33 @@ def _shrunk(defaults: dict[str, Any]) -> dict[str, Any]:
     if count is None:
         return out
     kept = pick_layers(defaults, count)
+    where = {old: new for new, old in enumerate(kept)}
+    first = _first_layer_key(defaults)
     for key in LAYER_KEYS:
-        if isinstance(defaults.get(key), int) and not isinstance(defaults.get(key), bool):
-            out[key] = min(
-                defaults[key], len(kept) if key == _first_layer_key(defaults) else LAYERS
-            )
+        if _int(defaults.get(key)):
+            out[key] = min(defaults[key], len(kept) if key == first else LAYERS)
     per_layer = _per_layer(defaults, count)
     for key, values in per_layer.items():
         picked = [values[i] for i in kept]
-        if key in SIZE_OF:  # a per-layer size (gemma3n's intermediate_size list)
-            picked = [min(v, SIZE_OF[key]) if isinstance(v, int) else v for v in picked]
+        if key in SOURCE_LISTS:
+            picked = [where[v] for v in picked]
+        elif key in SIZE_OF:  # a per-layer size (gemma3n's intermediate_size list)
+            picked = [min(v, SIZE_OF[key]) if _int(v) else v for v in picked]
         elif key == "num_attention_heads_per_layer":
-            picked = [min(v, 4) for v in picked]
-        out[key] = "".join(picked) if isinstance(values, str) else picked
+            picked = [min(v, SIZE_OF["num_attention_heads"]) for v in picked]
+        out[key] = picked
     for key, values in _index_lists(defaults, count, per_layer).items():
-        out[key] = [j for j, i in enumerate(kept) if i in set(values)]
+        out[key] = [where[i] for i in values if i in where]
     for key in FIRST_K:
-        if isinstance(defaults.get(key), int) and not isinstance(defaults.get(key), bool):
+        if _int(defaults.get(key)):
             out[key] = sum(1 for i in kept if i < defaults[key])
+    overrides = _layer_overrides(defaults)
+    if overrides:  # each kept layer's own keys, shrunk like the config's
+        out["per_layer_config"] = {
+            where[i]: {**v, **_shrunk(v)} for i, v in overrides.items() if i in where
+        }
+    if _last_k(defaults):
+        out["num_kv_shared_layers"] = sum(1 for i in kept if i >= count - _last_k(defaults))
     return out
 
 
@@ -332,8 +458,24 @@ def run_one(model_type: str) -> dict[str, Any]:
         with torch.device("meta"):
             transformers.AutoModelForCausalLM.from_config(cfg)
     except Exception as err:
-        return {**base, "build_error": _why(err)}
+        return {**base, "build_error": _why(err), "default_builds": _default_builds(model_type)}
     return {**base, **run_case(config, setting)}
+
+
+def _default_builds(model_type: str) -> bool | str:
+    """Whether the untouched default config builds on the meta device (False: transformers'
+    own default does not, whatever the sweep's shrinking does)."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.for_model(model_type, **OVERRIDES.get(model_type, {}))
+        with torch.device("meta"):
+            transformers.AutoModelForCausalLM.from_config(cfg)
+    except Exception as err:
+        return _why(err)
+    return True
 
 
 def _why(err: BaseException) -> str:
