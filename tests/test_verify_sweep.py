@@ -11,7 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from benchmarks import verify_sweep as sweep  # noqa: E402
+from benchmarks import sweep_configs as sweep  # noqa: E402
+from benchmarks import verify_sweep  # noqa: E402
 
 
 def build(config: dict[str, Any]) -> Any:
@@ -88,7 +89,7 @@ def test_mla_and_grouped_routing() -> None:
     assert config["n_routed_experts"] == 4
     assert config["first_k_dense_replace"] == 1
     assert sweep.is_moe(config)
-    assert sweep.setting_of(config)["precision"] == sweep.MOE_PRECISION
+    assert verify_sweep.setting_of(config)["precision"] == verify_sweep.MOE_PRECISION
     build(config)
 
 
@@ -120,24 +121,30 @@ def test_source_lists_keep_their_sources() -> None:
     assert out["kv_source_layers"] == [0, 1, 1]
 
 
-ROW_OK = {"ok": True, "failures": [], "ratio": 1.0}
+ROW_OK = {"ok": True, "failures": [], "ratio": 1.0, "activations_predicted": 100}
 
 
 def test_classify() -> None:
     """Each class from a synthetic row of run_case's shape (or the sweep's own keys)."""
-    assert sweep.classify(ROW_OK) == {"class": "verified"}
-    off = sweep.classify(
-        {"ok": False, "failures": ["gradients predicted 1,200 B, measured 1,000 B (tolerance 0%)"]}
+    assert verify_sweep.classify(ROW_OK) == {"class": "verified"}
+    unchecked = {"ok": True, "failures": [], "activations_predicted": None, "notes": ["why"]}
+    assert verify_sweep.classify(unchecked) == {"class": "unchecked", "why": "why"}
+    off = verify_sweep.classify(
+        {
+            "ok": False,
+            "activations_predicted": 100,
+            "failures": ["gradients predicted 1,200 B, measured 1,000 B (tolerance 0%)"],
+        }
     )
     assert off["class"] == "off"
     assert off["off"] == [
         {"category": "gradients", "predicted": 1200, "measured": 1000, "ratio": 1.2}
     ]
-    assert sweep.classify({"error": "no profile", "refused": True}) == {
+    assert verify_sweep.classify({"error": "no profile", "refused": True}) == {
         "class": "refused",
         "why": "no profile",
     }
-    assert sweep.classify({"error": "RuntimeError: x"})["class"] == "crash"
-    assert sweep.classify({"build_error": "ValueError: y"})["class"] == "build-error"
-    assert sweep.classify({"timeout": 120.0})["class"] == "timeout"
-    assert sweep.classify({"crashed": "exit -9: "})["class"] == "crash"
+    assert verify_sweep.classify({"error": "RuntimeError: x"})["class"] == "crash"
+    assert verify_sweep.classify({"build_error": "ValueError: y"})["class"] == "build-error"
+    assert verify_sweep.classify({"timeout": 120.0})["class"] == "timeout"
+    assert verify_sweep.classify({"crashed": "exit -9: "})["class"] == "crash"
