@@ -41,7 +41,7 @@ SIZES: dict[int, tuple[str, ...]] = {
     2: (
         "num_key_value_heads", "num_kv_heads", "swa_num_key_value_heads", "num_query_groups",
         "linear_num_key_heads", "index_n_heads", "index_num_heads", "num_experts_per_tok",
-        "moe_topk", "zero_expert_num", "num_experts_per_token",
+        "moe_topk", "zero_expert_num", "num_experts_per_token", "moe_k",
     ),
     16: (
         "head_dim", "d_head", "dim_head", "kv_channels", "attention_head_size", "swa_head_dim",
@@ -64,7 +64,8 @@ SIZE_OF = {key: size for size, keys in SIZES.items() for key in keys}
 LAYERS = 2
 LAYER_KEYS = (
     "num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers",
-    "encoder_layers", "num_encoder_layers", "num_decoder_layers", "num_blocks",
+    "encoder_layers", "num_encoder_layers", "num_decoder_layers", "num_blocks", "depth",
+    "num_global_layers", "conf_num_hidden_layers",
 )  # fmt: skip
 VOCAB = 512
 VOCAB_KEYS = (
@@ -328,6 +329,9 @@ def _shrunk(defaults: dict[str, Any]) -> dict[str, Any]:
     for key in FIRST_K:
         if _int(defaults.get(key)):
             out[key] = sum(1 for i in kept if i < defaults[key])
+    end = defaults.get("moe_layer_end_index")  # the last MoE layer (ernie4_5_moe), inclusive
+    if _int(end):
+        out["moe_layer_end_index"] = sum(1 for i in kept if i <= end) - 1
     overrides = _layer_overrides(defaults)
     if overrides:  # each kept layer's own keys, shrunk like the config's
         out["per_layer_config"] = {
