@@ -54,6 +54,9 @@ SIZES: dict[int, tuple[str, ...]] = {
         "mamba_chunk_size", "attention_chunk_size", "rotary_dim",
     ),
     24: ("q_lora_rank",),
+    # Mamba-2 groups of B/C: one (they must divide the 4 heads; nemotron_h's default 8 makes
+    # repeat_interleave's output size 0).
+    1: ("n_groups", "mamba_n_groups", "mamba_ngroups"),
     8: (
         "qk_rope_head_dim", "qk_nope_head_dim", "time_step_rank", "mamba_dt_rank",
         "laurel_rank", "loop_gate_rank", "adapter_rank", "gated_norm_rank", "hc_lowrank",

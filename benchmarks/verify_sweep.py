@@ -258,6 +258,9 @@ def write(file: Path, rows: dict[str, Any], start: float, *, done: bool) -> dict
             "types_not_covered_elsewhere": len(uncovered),
             "verified_not_covered_elsewhere": sum(1 for r in uncovered if r["class"] == "verified"),
             "seconds": round(time.perf_counter() - start, 1),
+            # The types' own wall times summed (the run's seconds count only this process:
+            # --update and --rewrite runs keep rows an earlier run timed).
+            "type_wall_seconds": round(sum(r.get("wall_seconds", 0) for r in ordered.values())),
         },
         "types": ordered,
     }
