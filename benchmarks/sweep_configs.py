@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+# Mamba-2 chunk sizes (chunk_size, mamba_chunk_size) keep their defaults (256 and the like):
+# one padded chunk at the sweep's 32 tokens; a 16-token chunk makes the scan's saved sizes step
+# with the sequence, which the trace's polynomial fit refuses (falcon_h1, bamba, nemotron_h).
 # Size keys by name, each type's own spelling; a key is set only where the default config has
 # it as a positive int (profile_verify.BASE's sizes: hidden 64, 4 heads of 16, 2 key/value
 # heads, vocabulary 512; profile_verify.MOE's experts: 4 of width 32, top-2).
@@ -50,8 +53,8 @@ SIZES: dict[int, tuple[str, ...]] = {
         "mamba_d_head", "mamba_head_dim", "mamba_headdim", "mamba_d_state", "state_size",
         "ssm_state_size", "kv_lora_rank", "o_lora_rank", "hidden_size_per_layer_input",
         "sliding_window", "sliding_window_size", "window_size", "local_attention",
-        "attention_window_size", "local_attention_window_len", "block_size", "chunk_size",
-        "mamba_chunk_size", "attention_chunk_size", "rotary_dim",
+        "attention_window_size", "local_attention_window_len", "block_size",
+        "attention_chunk_size", "rotary_dim",
     ),
     24: ("q_lora_rank",),
     # Mamba-2 groups of B/C: one (they must divide the 4 heads; nemotron_h's default 8 makes
