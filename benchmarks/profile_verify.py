@@ -315,7 +315,12 @@ def run_case(config: dict[str, Any], setting: dict[str, str]) -> dict[str, Any]:
     try:
         doc = to_json(verify(validate(spec(config, setting)), Options(), lambda _r, _w: None))
     except MemplanError as err:
-        return {**setting, "error": err.message, "seconds": round(time.perf_counter() - started, 2)}
+        return {
+            **setting,
+            "error": err.message,
+            "refused": True,  # memplan said why (benchmarks/verify_sweep.py::classify)
+            "seconds": round(time.perf_counter() - started, 2),
+        }
     except Exception as err:  # the model code's own failure on real tensors, kept as the reason
         why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
         return {**setting, "error": why, "seconds": round(time.perf_counter() - started, 2)}

@@ -285,7 +285,9 @@ def measure_rank(job: Job, rank: int, progress: Callable[[str], None], index: in
         _gather_without_coalescing_manager(deepspeed)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config(job))
     progress("build")
-    ids = build.batch(job.spec, int(build.hf_config(job.config).vocab_size), job.device)
+    ids = build.batch(
+        job.spec, int(build.hf_config(job.config).get_text_config().vocab_size), job.device
+    )
     for _ in range(STEPS - 1):  # the first step creates the optimizer state
         _step_once(engine, ids)
         progress("step")

@@ -309,7 +309,9 @@ def measure_rank(
         torch.cuda.set_device(index)
     w = _wrap(job, index, device, mesh)
     progress("build")
-    ids = build.batch(job.spec, int(build.hf_config(job.config).vocab_size), device)
+    ids = build.batch(
+        job.spec, int(build.hf_config(job.config).get_text_config().vocab_size), device
+    )
     for _ in range(STEPS - 1):  # the first step creates the optimizer state
         _step(job, w, ids, lambda _name: None, contextlib.nullcontext())
         _zero_grad(w)
