@@ -668,6 +668,14 @@ def render_index() -> str:
     lines += [f"- [{title}]({name})" for name, title in PAGES.items()]
     schemas = ", ".join(f"[{c}](schema/{c}.schema.json)" for c in schema.documents())
     lines.append(f"- JSON Schemas of the reports: {schemas}")
+    lines += ["", "Written by hand (measurements and how they were made):", ""]
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        if page.name not in PAGES and page.name != "README.md":
+            title = next(
+                (t[2:] for t in page.read_text(encoding="utf-8").splitlines() if t[:2] == "# "),
+                page.stem,
+            )
+            lines.append(f"- [{title}]({page.name})")
     return "\n".join(lines) + "\n"
 
 
