@@ -66,7 +66,7 @@ def build_fake(
             f"transformers cannot build model_type {config.get('model_type')!r}: {err}"
         ) from None
     force_dropout(cfg, dropout)  # training.dropout, as verify applies it
-    seq2seq = getattr(cfg, "is_encoder_decoder", False)  # decoder as long as the encoder
+    seq2seq = _as_seq2seq(config, cfg)  # the decoder as long as the encoder
     head = transformers.AutoModelForSeq2SeqLM.from_config if seq2seq else head_constructor(config)
     # `sdpa` is transformers' default, as verify builds it (memplan/verify/build.py::
     # build_model): sdpa where the class supports it, else eager (gpt_oss: attention sinks).
@@ -82,6 +82,22 @@ def build_fake(
             activation_checkpointing_kwargs={"use_reentrant": False}
         )
     return model, mode
+
+
+def _as_seq2seq(config: Mapping[str, Any], cfg: Any) -> bool:
+    """Whether the trace runs an encoder-decoder config as its seq2seq LM: where
+    `architectures` names the seq2seq class, or names none and transformers has no causal LM
+    for it (T5). BART, Marian, Whisper, ... otherwise build their decoder-only ForCausalLM, the
+    class the inventory (meta.py::_model_class: architectures, then AutoModelForCausalLM
+    first) and verify (memplan/verify/build.py) build, so the trace describes the same model."""
+    if not getattr(cfg, "is_encoder_decoder", False):
+        return False
+    mapping: Any = transformers.AutoModelForSeq2SeqLM._model_mapping
+    seq2seq: Any = mapping[type(cfg)] if type(cfg) in mapping else None
+    names = [str(n) for n in config.get("architectures") or () if hasattr(transformers, str(n))]
+    if names:
+        return seq2seq is not None and names[0] == seq2seq.__name__
+    return type(cfg) not in transformers.AutoModelForCausalLM._model_mapping
 
 
 def head_constructor(config: Mapping[str, Any]) -> Any:
