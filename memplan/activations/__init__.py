@@ -49,8 +49,34 @@ from memplan.states.parallel import chunk_layers
 
 
 def predict(inventory: Inventory, setting: Setting) -> Activations:
-    """The activations of one forward pass (and its loss) on one GPU."""
-    return _predict(inventory.architecture, setting, inventory.tied, inventory.profiles)
+    """The activations of one forward pass (and its loss) on one GPU: the hand rule's, and
+    where the rule does not cover the setting (`rule_refuses`), a profile traced for the
+    config that serves it."""
+    acts = _predict(inventory.architecture, setting, inventory.tied, inventory.profiles)
+    arch = inventory.architecture
+    if acts.modelled or arch is None or not rule_refuses(arch, setting):
+        return acts
+    traced = profile.serving(inventory.profiles, setting)
+    if traced is None:
+        return acts
+    found = _from_profile(traced, arch, setting)
+    why = acts.notes[0].removeprefix("activations not modelled: ")
+    return replace(found, notes=(*found.notes, f"the hand rule does not cover this: {why}"))
+
+
+def rule_refuses(arch: Architecture, setting: Setting) -> bool:
+    """Whether the model's hand rule serves transformers' model code at `setting` and refuses
+    it (a sliding window shorter than the sequence beside full attention under sdpa, an
+    activation function it has no rule for, ...): a profile traced for the config serves
+    there instead (memplan.verify.trace.traced_profiles traces one; verify traces one now)."""
+    if setting.implementation != "transformers" or setting.softmax_input:
+        return False
+    if _transformers_refuses(setting) or _unsupported(arch):
+        return False
+    family = family_of(arch.model_type)
+    if family is None or isinstance(family.saved, str):
+        return False
+    return isinstance(family.saved(arch, setting, tied=False), str)
 
 
 _ARCH_FIELDS = tuple(f.name for f in fields(Architecture) if f.name != "extra")
@@ -225,7 +251,8 @@ def source(inventory: Inventory, setting: Setting) -> tuple[str, profile.Profile
     family = family_of(arch.model_type)
     hand = family is not None and not isinstance(family.saved, str) and not _unsupported(arch)
     if hand and not setting.softmax_input:  # the hand rules describe torch 2.13's softmax
-        return "rule", None
+        if not rule_refuses(arch, setting):
+            return "rule", None
     traced = profile.serving(inventory.profiles, setting)
     return ("profile", traced) if traced is not None else ("none", None)
 

@@ -18,7 +18,7 @@ from memplan.hardware import nearest
 from memplan.model import sources as models
 from memplan.model.families import family_of
 from memplan.model.profile import Key as ProfileKey
-from memplan.model.profile import Profile, config_hash, from_document, other_head
+from memplan.model.profile import Profile, config_hash, from_document
 from memplan.model.sources import Inventory, TensorSpec
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -56,10 +56,10 @@ def load_inventory(loaded: LoadedSpec, *, unsupported: Unsupported | None = None
     """
     inventory = _load_inventory(loaded, unsupported)
     if inventory.architecture is not None:
-        family = family_of(inventory.architecture.model_type)
-        # a ruled family's rule covers language-model heads only: another head looks for a profile
-        head = other_head(inventory.architecture.extra.get("model_class"))
-        config = model_config(loaded) if family is None or not family.modelled or head else None
+        # Every config looks for its stored profiles: a model_type with no rule reads them,
+        # and a ruled one where its rule does not cover a setting or a head (memplan.
+        # activations.predict, rule_refuses; a ruled family's rule covers language-model heads)
+        config = model_config(loaded)
         found = find_profiles(config) if config is not None else ()
         if found:
             inventory = replace(inventory, profiles=found)

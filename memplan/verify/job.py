@@ -299,11 +299,21 @@ def _inventory(config: dict[str, Any], loaded: LoadedSpec, spec: Spec) -> tuple[
         if is_unruled(config):
             return unruled.inventory(config, spec, origin="model")
         inventory = models.from_config(config, origin="model")
-        if unruled.lacks_rule(config):
+        if unruled.lacks_rule(config) or _rule_refuses(inventory, spec):
             return unruled.with_profile(inventory, config, spec)
         return inventory, RULE
     except MemplanError as err:
         raise err.located(field="model", where=loaded.where("model")) from None
+
+
+def _rule_refuses(inventory: Inventory, spec: Spec) -> bool:
+    """Whether the family's hand rule does not cover the spec's setting (memplan.activations.
+    rule_refuses): a profile traced now serves, as `memplan estimate` traces one."""
+    from memplan.activations import rule_refuses
+    from memplan.report.settings import setting_of
+
+    arch = inventory.architecture
+    return arch is not None and rule_refuses(arch, setting_of(spec))
 
 
 def _modelled(report: Report, part: str, bytes_: int) -> bool:

@@ -61,8 +61,9 @@ def traced_profiles(
     tensor_slices: Slices | Callable[[], Slices] | None = None,
 ) -> tuple[Inventory, list[str]]:
     """`inventory` with a profile traced and cached for each activation setting of transformers'
-    model code that no hand rule and no stored profile serves (the spec's own, and the spec with
-    each `checkpointing` value plan searches), of the whole model and of each TP rank's slice in
+    model code that no hand rule (or one that does not cover the setting: memplan.activations.
+    rule_refuses) and no stored profile serves (the spec's own, and the spec with each
+    `checkpointing` value plan searches), of the whole model and of each TP rank's slice in
     `tensor_slices` ((TP degree, vocabulary rows): memplan.plan.search.tensor_slices, called
     only for a model that has no rule; None: the spec's own layout's,
     memplan.activations.layout.profile_slices), when torch and transformers are installed; and
@@ -85,13 +86,21 @@ def traced_profiles(
         # transformers (memplan.activations.predict): tracing one would only cost time.
         return inventory, []
     family = family_of(arch.model_type)
-    if family is not None and family.modelled:
-        return inventory, []
     specs = [loaded.spec]
     for value in checkpointing:
         if value != loaded.spec.training.activation_checkpointing:
             training = loaded.spec.training.model_copy(update={"activation_checkpointing": value})
             specs.append(loaded.spec.model_copy(update={"training": training}))
+    ruled = family is not None and family.modelled
+    if ruled:
+        # A hand rule serves: traced only where it does not cover the setting, the whole
+        # model's (the rule's tensor-parallel slices never read a profile).
+        from memplan.activations import rule_refuses
+
+        specs = [s for s in specs if rule_refuses(arch, setting_of(s))]
+        if not specs:
+            return inventory, []
+        tensor_slices = ()
     if tensor_slices is None:
         from memplan.activations.layout import profile_slices
         from memplan.report.settings import layout_of
@@ -151,7 +160,8 @@ def traced_profiles(
         )
         lines.append(
             f"traced the activations of {arch.model_type!r} ({what}; "
-            f"no hand rule, {why}) in {_now() - started:.1f} s; cached at {path}."
+            f"{'the hand rule does not cover it' if ruled else 'no hand rule'}, {why}) in "
+            f"{_now() - started:.1f} s; cached at {path}."
         )
     return replace(inventory, profiles=profiles), lines
 
