@@ -931,6 +931,28 @@ def published_others(doc: Doc) -> str:
     )
 
 
+def verify_sweep(doc: Doc) -> str:
+    """The sweep's counts by class (benchmarks/verify_sweep.py): every causal-LM model_type."""
+    summary, setting = doc["summary"], doc["setting"]
+    by = summary["by_class"]
+    failed = by.get("crash", 0) + by.get("build-error", 0) + by.get("timeout", 0)
+    return (
+        f"Every causal-LM model_type transformers {stamp_of(doc).get('transformers', '?')} maps "
+        f"({summary['types']}), one `memplan verify` each on CPU ({setting['precision']}, "
+        f"{setting['attention']}, recomputation {setting['checkpointing']}, "
+        f"{doc['batch'][0]} x {doc['batch'][1]} tokens, a 2-layer config shrunk from the type's "
+        f"defaults; MoE in {doc['moe_precision']}): {by.get('verified', 0)} verified "
+        f"({summary['verified_not_covered_elsewhere']} of the "
+        f"{summary['types_not_covered_elsewhere']} no rule or profile_verify covers), "
+        f"{by.get('unchecked', 0)} unchecked (what verify checked passed; nothing predicted "
+        f"the activations), {by.get('off', 0)} off (a category out of tolerance), {failed} "
+        "that fail before memplan compares (transformers' own config or model code, or a "
+        "crash), each with its reason in the results file; the causes are grouped in "
+        f"[docs/verify-sweep.md](docs/verify-sweep.md) (`benchmarks/verify_sweep.py`, "
+        f"{where(doc)}).\n"
+    )
+
+
 BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
     "startup": ("estimate-speed.json", startup),
     "verify-table": ("verify.json", verify_table),
@@ -945,6 +967,7 @@ BLOCKS: dict[str, tuple[str, Callable[[Doc], str]]] = {
     "flagships": ("flagships.json", flagships),
     "profile-build": ("profile-build.json", profile_build),
     "profile-verify": ("profile_verify.json", profile_verify),
+    "verify-sweep": ("verify-sweep.json", verify_sweep),
     "published": ("published.json", published),
     "published-others": ("published-others.json", published_others),
     "stacks-torchtitan": ("torchtitan-activations.json", stacks_torchtitan),

@@ -727,7 +727,7 @@ def test_unknown_model_type_lists_families_and_the_ways_out(tmp_path: Path) -> N
     assert result.exit_code == 1
     message = result.stderr
     assert message.startswith(f"error: {spec}:3: model_type 'mamba9' is not supported.")
-    supported = re.search(r"Supported: ([a-z0-9_, ]+)\.", message)
+    supported = re.search(r"Supported: ([a-z0-9_, -]+)\.", message)
     assert supported is not None
     assert supported.group(1).split(", ") == supported_model_types()
     assert "`model: {architecture: {...}}`" in message
