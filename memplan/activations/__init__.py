@@ -49,9 +49,8 @@ from memplan.states.parallel import chunk_layers
 
 
 def predict(inventory: Inventory, setting: Setting) -> Activations:
-    """The activations of one forward pass (and its loss) on one GPU: the hand rule's, and
-    where the rule does not cover the setting (`rule_refuses`), a profile traced for the
-    config that serves it."""
+    """The activations of one forward pass (and its loss) on one GPU; where a hand rule
+    refuses the setting (`rule_refuses`), a profile traced for the config that serves it."""
     acts = _predict(inventory.architecture, setting, inventory.tied, inventory.profiles)
     arch = inventory.architecture
     if acts.modelled or arch is None or not rule_refuses(arch, setting):
@@ -65,10 +64,9 @@ def predict(inventory: Inventory, setting: Setting) -> Activations:
 
 
 def rule_refuses(arch: Architecture, setting: Setting) -> bool:
-    """Whether the model's hand rule serves transformers' model code at `setting` and refuses
-    it (a sliding window shorter than the sequence beside full attention under sdpa, an
-    activation function it has no rule for, ...): a profile traced for the config serves
-    there instead (memplan.verify.trace.traced_profiles traces one; verify traces one now)."""
+    """Whether the model's hand rule refuses `setting` (Gemma 3's sliding window shorter than
+    the sequence under sdpa, ...): a profile traced for the config serves there instead
+    (memplan.verify.trace.traced_profiles traces one; verify traces one now)."""
     if setting.implementation != "transformers" or setting.softmax_input:
         return False
     if _transformers_refuses(setting) or _unsupported(arch):
