@@ -35,6 +35,7 @@ HF_CONFIGS = Path(__file__).parent / "data" / "hf-configs"
 # What memplan builds when `architectures` is absent (documented in each family module).
 DEFAULT_CLASS = {
     "gpt2": "GPT2LMHeadModel",
+    "gpt-sw3": "GPT2LMHeadModel",  # transformers maps gpt-sw3 to GPT2Config
     "gpt_neox": "GPTNeoXForCausalLM",
     "gptj": "GPTJForCausalLM",
     "opt": "OPTForCausalLM",
@@ -174,6 +175,7 @@ _SMALL: dict[str, dict[str, Any]] = {
 
 CASES: dict[str, dict[str, Any]] = {
     "gpt2-default": small("gpt2"),
+    "gpt-sw3-default": {**small("gpt2"), "model_type": "gpt-sw3"},
     "gpt2-untied-ninner": small("gpt2", tie_word_embeddings=False, n_inner=100),
     "gpt2-aliases-null-inner": {
         "model_type": "gpt2",
