@@ -41,8 +41,8 @@ DEFAULT_CLASS = {
     "opt": "OPTForCausalLM",
     "bloom": "BloomForCausalLM",
     "falcon": "FalconForCausalLM",
-    "bert": "BertForPreTraining",
-    "roberta": "RobertaForMaskedLM",
+    "bert": "BertLMHeadModel",
+    "roberta": "RobertaForCausalLM",
     "t5": "T5ForConditionalGeneration",
 }
 
@@ -321,6 +321,23 @@ CASES: dict[str, dict[str, Any]] = {
 @pytest.mark.parametrize("config", CASES.values(), ids=CASES.keys())
 def test_small_configs_match_transformers(config: dict[str, Any]) -> None:
     check(config)
+
+
+@pytest.mark.parametrize("model_type", sorted(DEFAULT_CLASS))
+def test_default_class_is_the_one_verify_builds(model_type: str) -> None:
+    """A config naming no class: each family counts the class transformers' own Auto mapping
+    gives, AutoModelForCausalLM's, else AutoModelForSeq2SeqLM's (T5), the class the meta
+    inventory, the trace and `memplan verify` build (memplan/verify/trace/meta.py::_model_class),
+    so estimate and verify describe one model (bert counted BertForPreTraining, +3.1% of
+    parameters against the BertLMHeadModel verify stepped: docs/verify-sweep.md)."""
+    hf_config = CONFIG_MAPPING[model_type]()
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM):
+        if type(hf_config) in auto._model_mapping:
+            expected = auto._model_mapping[type(hf_config)].__name__
+            break
+    assert DEFAULT_CLASS[model_type] == expected
+    built = from_config({"model_type": model_type})
+    assert built.architecture.extra["model_class"] == expected
 
 
 def test_every_family_has_cases() -> None:

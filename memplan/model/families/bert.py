@@ -24,9 +24,12 @@ bias, and its own `bias` [V]; with `tie_word_embeddings` (default True in both c
 Buffers (both families): `embeddings.position_ids` and `embeddings.token_type_ids`, [1, P]
 int64, non-persistent (`BertEmbeddings.__init__`).
 
-Class: `architectures[0]` when memplan knows it, else the class `AutoModelForPreTraining` builds:
-`BertForPreTraining` (MLM + next-sentence heads, as BERT was pre-trained) and
-`RobertaForMaskedLM` (RoBERTa dropped next-sentence prediction).
+Class: `architectures[0]` when memplan knows it, else the class `AutoModelForCausalLM` builds
+(`BertLMHeadModel`, `RobertaForCausalLM`: MLM-style heads without a pooler), the class memplan's
+meta inventory, its traced profiles and `memplan verify` build for a config naming none
+(memplan/verify/trace/meta.py::_model_class, memplan/verify/build.py::build_model), so that the
+three describe one model. (`AutoModelForPreTraining`'s `BertForPreTraining` adds the pooler and
+the next-sentence head, and its loss needs `next_sentence_label` beside `labels`.)
 
 Saved tensors of BERT (`BertForMaskedLM`) in transformers 5.24.
 
@@ -217,8 +220,8 @@ def build(config: Mapping[str, Any], *, origin: str = "config") -> Inventory:
     defaults = {**_DEFAULTS, "vocab_size": _ROBERTA_VOCAB} if roberta else _DEFAULTS
     cfg = resolve(config, defaults, origin=origin)
     classes = _ROBERTA_CLASSES if roberta else _BERT_CLASSES
-    default_class = "RobertaForMaskedLM" if roberta else "BertForPreTraining"
-    cls, notes = pick_class(cfg, tuple(classes), default_class, why="AutoModelForPreTraining")
+    default_class = "RobertaForCausalLM" if roberta else "BertLMHeadModel"
+    cls, notes = pick_class(cfg, tuple(classes), default_class, why="AutoModelForCausalLM")
     pooler, kind = classes[cls]
     hidden = cfg.int("hidden_size")
     layers = cfg.int("num_hidden_layers")
