@@ -6,7 +6,7 @@ the published rows check the figures themselves).
   evaluation it expects to fit): the same None, Peak or error as with the floors, asked of
   every evaluation of the searches below, with the shortcut forced on (every guess tried,
   the wrong ones included).
-- memplan.activations._predict (remembered by value): what `_predicted` works out.
+- memplan.activations.saved.predict_parts (remembered by value): what `_predicted` works out.
 - memplan.states.stages' memos (the relabelled stages, the layers each stage holds): every
   layout's model states as worked out with every memo emptied.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from memplan import activations
+from memplan.activations import saved as activations
 from memplan.config.load import load_spec
 from memplan.errors import MemplanError
 from memplan.model.load import load_inventory
@@ -84,7 +84,7 @@ def test_pin_remembered_predictions_are_the_ones_worked_out(
 ) -> None:
     """Every activation prediction the 8B search asks (whole model and TP slices) equals
     what `_predicted` works out of the same arguments; some are remembered."""
-    real = activations._predict
+    real = activations.predict_parts
     calls: list[int] = []
 
     def checked(arch: Any, setting: Any, tied: Any, profiles: Any) -> Any:
@@ -93,7 +93,7 @@ def test_pin_remembered_predictions_are_the_ones_worked_out(
         calls.append(1)
         return out
 
-    monkeypatch.setattr(activations, "_predict", checked)
+    monkeypatch.setattr(activations, "predict_parts", checked)
     activations._PREDICTED.cache_clear()
     spec, inventory = _searched("plan-llama-3-8b.yaml")
     assert search.plan(spec, inventory, workers=1).layouts

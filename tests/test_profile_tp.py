@@ -1,5 +1,5 @@
 """Traced activation profiles under tensor parallelism (issues 19/21): the profile of one TP
-rank's slice (memplan.verify.trace.tp.local_config), read by memplan.activations._micro_batch
+rank's slice (memplan.verify.trace.tp.local_config), read by memplan.activations.per_gpu.micro_batch
 as the hand rules read their TP-local prediction (and at sequence / CP under context
 parallelism, as the rules do).
 

@@ -110,7 +110,13 @@ def test_estimate_imports_only_what_the_spec_needs(
     # Another stack's rules only under its model.implementation; no pipeline / model-parallel
     # activations for these data-parallel layouts.
     assert under(modules, "memplan.model.stacks") == STACK_MODULES.get(stack, set())
-    assert under(modules, "memplan.activations") <= {"lora", "lora_flow", "lora_scope"}
+    assert under(modules, "memplan.activations") <= {
+        "lora",
+        "lora_flow",
+        "lora_scope",
+        "per_gpu",  # one GPU of the layout: the package's two halves, always
+        "saved",
+    }
     # The plan search, traced inventories, checkpoint headers: other commands' and specs'.
     assert not under(modules, "memplan.plan")
     for module in (

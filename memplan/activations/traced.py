@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from memplan.activations import FINETUNE_PARALLEL, _from_profile
+from memplan.activations.saved import FINETUNE_PARALLEL, from_profile
 from memplan.config.finetune import FinetuneSpec
 from memplan.memo import IdentityMemo
 from memplan.model import profile
@@ -106,12 +106,12 @@ _READ: IdentityMemo[Activations] = IdentityMemo(512)
 
 
 def _read(traced: profile.Profile, arch: Architecture, st: Setting) -> Activations:
-    """`_from_profile`, kept per profile object, layer count and setting: plan's layouts read
+    """`saved.from_profile`, kept per profile object, layer count and setting: plan's layouts read
     the same few slices at the same few settings thousands of times (a profile holds a dict,
     so it is keyed by identity: IdentityMemo)."""
     key = (arch.num_layers, st)
     hit = _READ.get((traced,), key)
-    return hit if hit is not None else _READ.put((traced,), key, _from_profile(traced, arch, st))
+    return hit if hit is not None else _READ.put((traced,), key, from_profile(traced, arch, st))
 
 
 EP_REFUSED = (
