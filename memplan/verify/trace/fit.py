@@ -55,8 +55,11 @@ def collapse(records: list[Record]) -> list[Record]:
     summed size: a per-token Python loop (recurrent_gemma's RG-LRU scan, transformers
     modeling_recurrent_gemma.py::RecurrentGemmaRglru._rnn_scan, saves two (batch, lru_width)
     fp32 storages per token in bf16) saves a number of storages that grows with the sequence,
-    which no per-storage fit over BASIS describes; their sum does. Used only on blocks whose
-    storage count differs between traced sizes (memplan.verify.trace.profile)."""
+    which no per-storage fit over BASIS describes; their sum does, marked `pooled` (a sum, not
+    one storage: memplan.step.transients.working_sets takes a layer's largest single storage
+    for its estimate, and rwkv's per-token scan summed, 349,184 B at 2 x 32 tokens, counted
+    twice as one tensor put the backward 10.5% over the real step's peak). Used only on blocks
+    whose storage count differs between traced sizes (memplan.verify.trace.profile)."""
     out: list[Record] = []
     size = 0
     for r in records:
@@ -64,6 +67,7 @@ def collapse(records: list[Record]) -> list[Record]:
         if last is not None and (last.module, last.dtype, size) == (r.module, r.dtype, r.numel):
             last.numel += r.numel
             last.savers |= r.savers
+            last.pooled = True  # a sum of storages, not one (working_sets' largest skips it)
             continue
         out.append(Record(r.block, r.module, r.dtype, r.numel, set(r.savers)))
         size = r.numel
