@@ -218,6 +218,32 @@ def test_unruled_model_types_match_the_real_module(model_type: str) -> None:
     assert type(model).__name__ in inv.notes[0]
 
 
+@pytest.mark.parametrize("model_type", ["recurrent_gemma", "llama", "gpt_oss"])
+def test_fixed_dtypes_against_real_builds_in_two_dtypes(model_type: str) -> None:
+    """Each floating tensor's dtype as the inventory gives it (None: follows the recipe)
+    against the real module built on the CPU in fp32 and in bf16: a tensor that follows is
+    each build's dtype, a fixed one is the same in both. RecurrentGemma's `normalizer` is bf16
+    whatever the default dtype (a bf16 build took it for one that follows: verify's fp32 run
+    held 2 bytes where the estimate said 4)."""
+    config = tiny(model_type)
+    inv = inventory_from_config(config)
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    hf_config = transformers.AutoConfig.for_model(model_type, **fields)
+    built = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        built[dtype] = dict([*model.named_parameters(), *model.named_buffers()])
+    names = {"float32": "fp32", "bfloat16": "bf16", "int64": "int64", "bool": "bool"}
+    for t in (*inv.parameters, *inv.buffers):
+        a, b = (built[d][t.name].dtype for d in (torch.float32, torch.bfloat16))
+        if (a, b) == (torch.float32, torch.bfloat16):
+            assert t.dtype is None, t.name  # follows the recipe
+        else:
+            assert a == b and t.dtype == names[str(a).removeprefix("torch.")], t.name
+    if model_type == "recurrent_gemma":
+        assert {t.name: t.dtype for t in inv.buffers}["model.normalizer"] == "bf16"
+
+
 def test_at_least_twenty_unruled_causal_lm_types() -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

@@ -11,10 +11,16 @@ never `from_pretrained` and never remote code, and reads every parameter and buf
   (torch/nn/modules/module.py::Module._named_members keeps the first name of each tensor);
 - buffers: `named_buffers()` with persistence from the owning module's
   `_non_persistent_buffers_set` (torch/nn/modules/module.py::Module.register_buffer);
-- dtypes: the model is built in bf16 (`from_config(..., dtype=torch.bfloat16)`); a floating
-  tensor in bf16 follows the recipe (dtype None), anything else keeps its dtype, e.g. the
+- dtypes: the model is built in fp16 (`from_config(..., dtype=torch.float16)`); a floating
+  tensor in fp16 follows the recipe (dtype None), anything else keeps its dtype, e.g. the
   rotary `inv_freq` buffers transformers creates fp32 whatever the default dtype (the hand
-  families mark them the same way: memplan.model.families._decoder.rotary_buffers);
+  families mark them the same way: memplan.model.families._decoder.rotary_buffers), and
+  RecurrentGemma's `normalizer`, created bf16 whatever the default dtype (transformers 5.25
+  modeling_recurrent_gemma.py::RecurrentGemmaModel.__init__: `torch.tensor(hidden_size**0.5,
+  dtype=torch.bfloat16)`), which a bf16 build could not tell from a tensor that follows (a
+  fp32 run holds it in 2 bytes, not 4). fp16, not bf16: of transformers 5.25's modeling files
+  only that buffer names a half dtype (`dtype=torch.bfloat16` / `torch.float16`), and every
+  causal-LM type builds the same tensors in the same dtypes in fp16 as in bf16 but it;
 - layer index and role: from the names (`heuristics`, below), as the hand families label them
   where the names follow the usual patterns;
 - the Architecture: from the config object, whose `attribute_map` resolves each family's own
@@ -33,7 +39,7 @@ from memplan.errors import MemplanError
 from memplan.model.families import supported_model_types
 from memplan.model.inventory import Architecture, Inventory, TensorSpec
 
-BUILD_DTYPE = "bf16"
+BUILD_DTYPE = "fp16"
 """The dtype the model is built in: a floating tensor left in it follows the recipe's dtype."""
 
 IGNORED_KEYS = ("quantization_config", "auto_map")
@@ -61,14 +67,14 @@ def transformers_version() -> str:
 
 
 def build_model(config: Mapping[str, Any], *, origin: str = "config") -> Any:
-    """The transformers model `config` describes, on the meta device, in bf16."""
+    """The transformers model `config` describes, on the meta device, in fp16 (BUILD_DTYPE)."""
     import torch
     import transformers
 
     cls, hf_config = _model_class(config, origin=origin)
     try:
         with torch.device("meta"):
-            return cls._from_config(hf_config, dtype=torch.bfloat16)
+            return cls._from_config(hf_config, dtype=torch.float16)
     except Exception as err:  # noqa: BLE001 - any failure of the model code is the user's answer
         raise MemplanError(
             f"{origin}: transformers {transformers.__version__} could not build "
