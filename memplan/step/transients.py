@@ -136,8 +136,10 @@ def working_sets(saved: Activations, layers: Block) -> list[Transient]:
       them.
     - backward: the layer's output gradient (made by the layer above, or the head); what
       checkpointing re-creates, each saved tensor of the rule's `recompute` list in forward
-      order (SRC_RECOMPUTE); the largest saved tensor's gradient and its input's; the layer's
-      input gradient (the layer's last op, passed on to the layer below).
+      order (SRC_RECOMPUTE); the largest saved tensor's gradient and its input's, with what
+      one op's backward holds beside them where the rule names it (Block.
+      backward_temporaries: BLOOM's GELU); the layer's input gradient (the layer's last op,
+      passed on to the layer below).
     The sizes are the rule's own tensors; an estimate of which are alive at once, checked by
     memplan verify's measured peak and, op by op, against traced steps
     (benchmarks/torchtitan_70b_trace.py, benchmarks/bert_op_trace.py).
@@ -169,15 +171,21 @@ def working_sets(saved: Activations, layers: Block) -> list[Transient]:
             source=SRC_LAYER_SCATTER,
             parts=(largest, scatter, scatter),
         )
+    extra = tuple(t.bytes for t in layers.backward_temporaries)
+    more = ""
+    if extra:
+        more = f" + {sum(extra):,} B held inside one op's backward ({len(extra)} temporaries)"
     backward = Transient(
         name="backward_working_set",
-        bytes=2 * largest + 2 * hidden + layers.recompute_bytes,
+        bytes=2 * largest + 2 * hidden + layers.recompute_bytes + sum(extra),
         phases=("backward",),
         formula=f"2 x {largest:,} B + 2 x {hidden:,} B (hidden-state gradients) + "
         f"{layers.recompute_bytes:,} B recomputed by checkpointing ({len(recomputed)} "
-        "tensors)",
-        source="memplan estimate; recompute: " + SRC_RECOMPUTE,
-        parts=(hidden, *recomputed, largest, largest, hidden),
+        f"tensors){more}",
+        source="memplan estimate; recompute: "
+        + SRC_RECOMPUTE
+        + "".join(f"; {src}" for src in sorted({t.source for t in layers.backward_temporaries})),
+        parts=(hidden, *recomputed, largest, *extra, largest, hidden),
     )
     return traced_working_sets(layers, forward, backward)
 

@@ -46,6 +46,9 @@ class Model:
     shifted: bool = True
     """The loss shifts the labels by one (causal LMs; BERT's masked-LM loss takes them as given)."""
     notes: tuple[str, ...] = ()
+    backward_temporaries: tuple[Saved, ...] = ()
+    """What one layer's backward holds at its most beyond the two tensors the backward working
+    set's estimate counts (memplan.step.transients.working_sets; Block.backward_temporaries)."""
 
 
 def dropout_on(st: Setting, extra: Mapping[str, Any], key: str, *, default: float) -> bool:
@@ -89,6 +92,7 @@ def finish(model: Model, st: Setting) -> Activations:
             tensors=(layer_input,),
             recompute=full,
             layered=True,
+            backward_temporaries=model.backward_temporaries,
             on_host=st.offload,
             # autocast's cached weight copies: the checkpointed forward saves none of them,
             # the cache holds each until the autocast region exits (kernels.weight_casts)
@@ -105,10 +109,17 @@ def finish(model: Model, st: Setting) -> Activations:
             tensors=kept,
             recompute=recomputed(core),
             layered=True,
+            backward_temporaries=model.backward_temporaries,
         )
         embeddings = (*embeddings, *model.per_forward)
     else:
-        layers = Block(name="layers", count=model.num_layers, tensors=full, layered=True)
+        layers = Block(
+            name="layers",
+            count=model.num_layers,
+            tensors=full,
+            layered=True,
+            backward_temporaries=model.backward_temporaries,
+        )
         embeddings = (*embeddings, *model.per_forward)
     if st.offload and st.checkpointing != "full":
         notes.append("activation offload applies to checkpointed layer inputs only: ignored.")

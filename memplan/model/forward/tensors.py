@@ -156,6 +156,11 @@ class Block:
     backward_working: int | None = None
     """Traced profiles: bytes the layers' backward holds beyond every layer's saved tensors,
     at its peak (gradients excluded); None: working_sets' estimate."""
+    backward_temporaries: tuple[Saved, ...] = ()
+    """Hand rules: the temporaries one copy's backward holds at its most beyond the two
+    tensors working_sets' estimate counts there (the largest saved tensor's gradient and its
+    input's), where an op's backward is a chain of elementwise ops in Python (BLOOM's
+    bloom_gelu_back); () elsewhere."""
 
     bytes_each: int = field(init=False, repr=False)
     recompute_bytes: int = field(init=False, repr=False)
