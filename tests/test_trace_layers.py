@@ -296,3 +296,15 @@ def test_real_runs_serve_a_weightless_module_and_refuse_the_rest() -> None:
                     with pytest.raises(MemplanError, match=error):
                         model(x)
         assert "forward" not in vars(model[0])  # restored
+
+
+@pytest.mark.slow
+def test_an_indexer_fake_tensors_cannot_run() -> None:
+    """Kolibri 1.1: its sparse layers' indexer (weightless, under no_grad, `unique()` and
+    `nonzero()` on the scores) runs on real tensors in the trace; the profile equals the real
+    model's saved bytes (bf16, the MoE precision the trace serves)."""
+    from benchmarks.sweep_configs import shrink
+
+    config = shrink("kolibri1_1")
+    doc = _against_real(config, "bf16", config["num_hidden_layers"])
+    assert sum(doc["model"]["layer_counts"].values()) == config["num_hidden_layers"]

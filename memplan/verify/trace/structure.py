@@ -37,6 +37,7 @@ reduced trace's.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -431,5 +432,10 @@ def counting(layers: Sequence[torch.nn.Module]) -> Iterator[list[int]]:
 
 def signature(records: Sequence[Any]) -> tuple[tuple[str, str, int], ...]:
     """What a layer saved in one forward, comparable between layers: its storages' (module
-    relative to the layer, dtype, elements), sorted (memplan.verify.trace.fit.Record)."""
-    return tuple(sorted((r.module, r.dtype, r.numel) for r in records))
+    relative to the layer, dtype, elements), sorted (memplan.verify.trace.fit.Record). An index
+    in a module's path is `*`: a module of the model's outside the layer, one per layer in a
+    list of its own (`model.norms.3`), names no difference between layers."""
+    return tuple(sorted((_INDEX.sub(".*", r.module), r.dtype, r.numel) for r in records))
+
+
+_INDEX = re.compile(r"\.\d+(?=\.|$)")
