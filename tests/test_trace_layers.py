@@ -301,10 +301,17 @@ def test_real_runs_serve_a_weightless_module_and_refuse_the_rest() -> None:
 @pytest.mark.slow
 def test_an_indexer_fake_tensors_cannot_run() -> None:
     """Kolibri 1.1: its sparse layers' indexer (weightless, under no_grad, `unique()` and
-    `nonzero()` on the scores) runs on real tensors in the trace; the profile equals the real
-    model's saved bytes (bf16, the MoE precision the trace serves)."""
+    `nonzero()` on the scores) runs on real tensors in the trace; `memplan verify` (CPU, bf16,
+    the MoE precision the trace serves, batch 2 x 32, sdpa): the profile's activations = the
+    real model's saved storages as memplan/verify/measure.py counts them. (This file's
+    `_alive_bytes` finds 80 more fp32 storages on the real model at 2 x 32, 24 of 512 B and
+    56 of 8,192 B, that neither verify's measure nor the trace counts: open.)"""
+    from benchmarks.profile_verify import run_case
     from benchmarks.sweep_configs import shrink
 
-    config = shrink("kolibri1_1")
-    doc = _against_real(config, "bf16", config["num_hidden_layers"])
-    assert sum(doc["model"]["layer_counts"].values()) == config["num_hidden_layers"]
+    row = run_case(
+        shrink("kolibri1_1"), {"precision": "bf16", "attention": "sdpa", "checkpointing": "none"}
+    )
+    assert row.get("error") is None, row
+    assert row["activations_source"] == "profile"
+    assert row["activations_predicted"] == row["activations_measured"], row
