@@ -28,7 +28,7 @@ from memplan.errors import MemplanError
 from memplan.verify import selective as selective_
 from memplan.verify.build import force_dropout
 from memplan.verify.trace import autocast as autocast_
-from memplan.verify.trace import cpu, cuda, heads, masks, moe, structure
+from memplan.verify.trace import cpu, cuda, heads, masks, moe, realrun, structure
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
 from memplan.verify.trace import working as working_
@@ -144,20 +144,31 @@ def trace_once(
     forces the emulation with those lists. `softmax_input`: softmax and log_softmax keep their
     input too, as torch before 1.11 (SoftmaxInputs). `working`: the layers' working sets
     recorded there (memplan.verify.trace.working; then a backward runs too)."""
-    lists = structure.stacks(model) or [decoder_layers(model, layer_count)]
+    found = structure.layer_lists(model, layer_count)
+    lists = found.lists
     layers = [m for _, stack in lists for m in stack]
     paths = [f"{prefix}.{j}" for prefix, stack in lists for j in range(len(stack))]
     # after an encoder's last layer its final norm and the decoder's embeddings run: per forward
-    ends = {id(stack[len(stack) - 1]): "embeddings" for _, stack in lists[:-1]}
+    ends = {
+        id(stack[len(stack) - 1]): "embeddings"
+        for _, stack in (lists[:-1] if found.encoder_decoder else ())
+    }
     ends[id(layers[-1])] = "head"
-    names = {m: n for n, m in model.named_modules()}
+    # A module several layers share (openai-gpt's `ACT_FNS[afn]`, one activation module in
+    # every MLP: modeling_openai.py::MLP.__init__) has a path in each: the one under the
+    # module that calls it, so each layer names it as its own.
+    names: dict[torch.nn.Module, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(m, []).append(n)
     stack: list[str] = []
     state = {"block": "embeddings"}
     layer_of = {id(m): i for i, m in enumerate(layers)}
     hooks = []
 
     def pre(module: torch.nn.Module, *_: Any) -> None:
-        stack.append(names.get(module, "?"))
+        paths_of = names.get(module, ["?"])
+        under = f"{stack[-1]}." if stack else ""
+        stack.append(next((n for n in paths_of if n.startswith(under)), paths_of[0]))
         if id(module) in layer_of:
             state["block"] = f"layer.{layer_of[id(module)]}"
 
@@ -266,6 +277,7 @@ def trace_once(
             emulated as region,
             cuda.cuda_kernels(em) if em is not None else cpu.CpuKernels(),
             masks.real_tensor_masks(),
+            realrun.real_runs(model, mode),  # weightless modules fake tensors cannot run
             cores as run,
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             region.autocast(on_cast) if region is not None else cast,

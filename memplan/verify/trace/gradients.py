@@ -26,8 +26,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memplan.model.inventory import fold_name
-from memplan.verify.trace import cpu, heads, masks, structure
-from memplan.verify.trace.forward import any_layers, decoder_layers
+from memplan.verify.trace import cpu, heads, masks, realrun, structure
+from memplan.verify.trace.forward import any_layers
 from memplan.verify.trace.sizes import sequence_unit
 
 BATCH = 2
@@ -76,17 +76,22 @@ def _run(cls: Any, hf_config: Any) -> list[str] | None:
     with mode:
         model = cls._from_config(hf_config, dtype=torch.bfloat16)
     model.train()
-    two = structure.stacks(model)
-    if two:  # encoder-decoder: every layer runs (a T5 block hands its bias to the next)
-        layers = torch.nn.ModuleList([m for _, stack in two for m in stack])
-        prefixes = [f"{p}.{j}." for p, stack in two for j in range(len(stack))]
+    depth = int(getattr(model.config, "num_hidden_layers", 0) or len(any_layers(model)))
+    found = structure.layer_lists(model, depth)  # as the profile trace finds them
+    layers = torch.nn.ModuleList(found.modules)
+    prefixes = [f"{p}.{j}." for p, stack in found.lists for j in range(len(stack))]
+    if found.encoder_decoder:  # every layer runs (a T5 block hands its bias to the next)
         plan = structure.plan(layers, None, keep_all=True)
     else:
-        depth = int(getattr(model.config, "num_hidden_layers", 0) or len(any_layers(model)))
-        prefix, layers = decoder_layers(model, depth)
-        prefixes = [f"{prefix}.{j}." for j in range(len(layers))]
         plan = structure.plan(layers, getattr(model.config, "layer_types", None))
-    with mode, cpu.CpuKernels(), masks.real_tensor_masks(), structure.keeping(layers, plan):
+    swapped = [stack for _, stack in found.lists]
+    with (
+        mode,
+        cpu.CpuKernels(),
+        masks.real_tensor_masks(),
+        realrun.real_runs(model, mode),
+        structure.keeping(swapped, plan),
+    ):
         ids = torch.zeros((BATCH, sequence_unit(model.config)), dtype=torch.int64)
         labels = int(getattr(model.config, "num_labels", 2))
         out = model(input_ids=ids, use_cache=False, **heads.loss_inputs(kind, ids, labels))

@@ -324,8 +324,14 @@ def architecture(hf_config: Any, parameters: list[TensorSpec]) -> Architecture:
     hidden = first("hidden_size", "d_model", "n_embd")
     heads = first("num_attention_heads", "n_head", "num_heads")
     layers = first("num_hidden_layers", "num_layers", "n_layer")
+    built = len({t.layer for t in parameters if t.layer is not None})
     if not layers:
-        layers = len({t.layer for t in parameters if t.layer is not None})
+        layers = built
+    elif layers != built and first("num_layers") == built:
+        # two layer keys that disagree, the built layers matching one: transformers 5.25
+        # configuration_longcat_flash.py, `num_hidden_layers` is 2 x `num_layers` (the
+        # attention sub-layers; the model builds `num_layers` LongcatFlashDecoderLayer)
+        layers = built
     head_dim = first("head_dim", "d_kv") or (hidden // heads if heads else 0)
     experts = first("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
     return Architecture(

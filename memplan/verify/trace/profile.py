@@ -62,7 +62,7 @@ from memplan.verify.trace import cuda, heads, moe, notes, structure, tp
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
 from memplan.verify.trace import working as working_
-from memplan.verify.trace.forward import any_layers, build_fake, decoder_layers, trace_once
+from memplan.verify.trace.forward import any_layers, build_fake, trace_once
 from memplan.verify.trace.sizes import (
     CHECK,
     CHECK_B1,
@@ -109,16 +109,17 @@ def _blocks(
     two = structure.stacks(model)
     if two:  # encoder-decoder: every layer traced, kinds "encoder" and "decoder"
         layer_list = torch.nn.ModuleList([m for _, stack in two for m in stack])
-        depth = len(layer_list)
+        depth = config_depth = len(layer_list)
         types = ["encoder"] * len(two[0][1]) + ["decoder"] * len(two[1][1])
         plan = structure.plan(layer_list, types, keep_all=True)
-    else:
-        depth = int(getattr(model.config, "num_hidden_layers", 0) or len(any_layers(model)))
-        _, layer_list = decoder_layers(model, depth)
+        swapped = [layer_list]
+    else:  # the layers (structure.layer_lists): the lists `keeping` swaps stand-ins into
+        config_depth = int(getattr(model.config, "num_hidden_layers", 0) or len(any_layers(model)))
+        swapped = [lst for _, lst in structure.layer_lists(model, config_depth).lists]
+        layer_list = torch.nn.ModuleList([m for lst in swapped for m in lst])
+        depth = len(layer_list)
         plan = structure.plan(layer_list, getattr(model.config, "layer_types", None))
-    counts = plan.counts
     n = depth
-    kinds = [plan.kind_of(i) for i in plan.kept]
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     unit = sequence_unit(model.config)
     top = below_window(model.config, device)
@@ -144,11 +145,20 @@ def _blocks(
     selective = checkpointing == "selective"
     once: dict[str, Any] = {
         "autocast": cast,
-        "layer_count": n,
+        "layer_count": config_depth,
         "device": device,
         "selective": selective,
         "softmax_input": softmax_input,
     }
+    if not plan.keep_all:  # the groups split by what each layer runs and saves (Plan.refine)
+        with structure.counting(list(layer_list)) as calls:
+            seen = fit_.split(
+                trace_once(model, mode, batch=GRID[0][0], sequence=GRID[0][1] * unit, **once)
+            )
+        saves = [structure.signature(seen.get(f"layer.{i}", [])) for i in range(depth)]
+        plan = plan.refine(calls, saves)
+    counts = plan.counts
+    kinds = [plan.kind_of(i) for i in plan.kept]
     out: dict[str, list[dict[str, Any]]] = {}
     collapsed: set[str] = set()
     pooled: dict[str, set[tuple[str, str]]] = {}  # block: its (module, dtype) groups pooled
@@ -160,7 +170,7 @@ def _blocks(
         if far and not suffix:
             checks.append((chk[0], far))
         recorders = [working_.Recorder() for _ in (*sizes, *checks)]
-        with structure.keeping(layer_list, plan):
+        with structure.keeping(swapped, plan):
             if working and not suffix:
                 # a model's first forward runs a few more ops than the next ones (one-time
                 # set-up: falcon_h1's runs 1,756 against 1,754), and the working sets' fit
@@ -231,7 +241,7 @@ def _blocks(
                 if out.setdefault(key, fitted[f"{h}layer.{i}"]) != fitted[f"{h}layer.{i}"]:
                     raise MemplanError(f"layers of kind {kind!r} cast different weights.")
     if len(plan.kept) < depth:  # the grouping, checked on the full-depth model at one size
-        size = (GRID[0][0], GRID[0][1] * unit)
+        size = (GRID[-1][0], GRID[-1][1] * unit)  # not the size Plan.refine grouped them at
         full = fit_.split(trace_once(model, mode, batch=size[0], sequence=size[1], **once))
         kinds_collapsed = {plan.kind_of(i) for i in plan.kept if f"layer.{i}" in collapsed}
         kinds_pooled: dict[str, set[tuple[str, str]]] = {}
@@ -256,6 +266,7 @@ def _blocks(
         )
     n = len(plan.kept)
     mcfg: Any = model.config
+    text: Any = mcfg.get_text_config(decoder=True)  # a multimodal model's (Gemma 4) sizes
     model_facts = {
         "sequence_unit": unit,
         "far_check_sequence": far,
@@ -281,8 +292,8 @@ def _blocks(
                 )
             }
         ),
-        "hidden_size": int(mcfg.hidden_size),
-        "vocab_size": int(mcfg.vocab_size),
+        "hidden_size": int(text.hidden_size),
+        "vocab_size": int(text.vocab_size),
         "traced_layers": n,
         "moe": moe.is_moe(mcfg),
         "experts": (

@@ -31,7 +31,10 @@ SEQ_UNIT = 8
 
 def window_of(cfg: Any) -> int:
     """The sliding window (or attention chunk) that changes the code path of sequences the
-    model takes; 0 when there is none."""
+    model takes; 0 when there is none. A multimodal config's text config holds it (Gemma 4:
+    transformers 5.25 configuration_gemma4.py, `sliding_window` on Gemma4TextConfig only)."""
+    text = getattr(cfg, "get_text_config", None)
+    cfg = text(decoder=True) if callable(text) else cfg
     window = getattr(cfg, "sliding_window", None)
     if not getattr(cfg, "use_sliding_window", True):
         window = None
@@ -79,11 +82,17 @@ chunk 64, saves per chunk) make the fit fail there instead of extrapolating wron
 
 def far_sequence(unit: int, limit: int) -> int:
     """The far check's sequence: FAR rounded up to a multiple of `unit`, or the longest
-    multiple of `unit` the model takes when that is shorter; 0 when that is not past the
-    ordinary check (CHECK)."""
+    multiple of `unit` a model with `limit` positions (max_position_embeddings) takes when that
+    is shorter; 0 when that is not past the ordinary check (CHECK). A model may take fewer
+    tokens than `limit`: ProphetNet at most `limit` - 2 (transformers 5.25
+    modeling_prophetnet.py::ProphetNetPositionalEmbeddings numbers the positions from
+    padding_idx + 1, pad_token_id 0, and ProphetNetDecoder.forward looks up `position_ids + 1`
+    for its predicting stream; a real tiny ProphetNetForCausalLM with 64 positions runs 62
+    tokens and raises IndexError at 63: tests/test_trace_layers.py), so the far check stays
+    two below it."""
     far = -(-FAR // unit) * unit
-    if limit and far > limit:
-        far = limit // unit * unit
+    if limit and far > limit - 2:
+        far = (limit - 2) // unit * unit
     return far if far > CHECK[1] * unit else 0
 
 

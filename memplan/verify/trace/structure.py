@@ -17,23 +17,33 @@ are grouped by their structure:
   `layer_idx` and torch's own (`training`): what a layer decides at construction and reads in
   its forward (Llama 4's `use_rope`, `is_moe_layer`, a sliding window, ...).
 
+What the modules cannot show, one forward of the full-depth model does (`Plan.refine`): how
+often each layer runs with grad (Dory's recurrent section, HRM's two stacks run in cycles) and
+what it saves (a layer the model's own work between sections follows, listed with it). The
+layers are where `layer_lists` finds them: one list of the config's layer count, an
+encoder-decoder's two stacks, or the lists of transformers' decoder-layer class where the
+config counts something else (LongcatFlash's sub-layers, HRM's cache slots).
+
 `keeping(model, plan)` swaps every layer but the first two of each group for a stand-in that
-returns its hidden states unchanged (and carries the layer's plain attributes, e.g. an
-`attention_type` the model reads to pick a mask), so one traced forward runs two layers of each
-kind in their places in the full model. What the grouping cannot see (a forward that reads a
-per-layer config list by `layer_idx`) `check` catches: one forward of the full-depth model at one
-size, every layer's saved storages compared with its group's fit, and the embeddings', head's
-and loss's with the reduced trace's.
+returns its hidden states unchanged, in the structure its group's traced layer returns them
+(and carries the layer's plain attributes, e.g. an `attention_type` the model reads to pick a
+mask), so one traced forward runs two layers of each kind in their places in the full model.
+What the grouping cannot see (a forward that reads a per-layer config list by `layer_idx`)
+`check` catches: one forward of the full-depth model at another size, every layer's saved
+storages compared with its group's fit, and the embeddings', head's and loss's with the
+reduced trace's.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memplan.errors import MemplanError
 
@@ -76,6 +86,34 @@ class Plan:
 
     def kind_of(self, index: int) -> str:
         return next(g.kind for g in self.groups if index in g.layers)
+
+    def refine(self, calls: Sequence[int], saves: Sequence[Any]) -> Plan:
+        """The groups split by what one forward of the full-depth model showed each layer do:
+        `calls[i]`, how often layer i ran with grad enabled (Dory's recurrent section runs
+        `n_recurrent_loops` times, HRM's low-level stack more often than its high-level one),
+        and `saves[i]`, what it saved (a comparable value: its storages as module, dtype,
+        elements). A model's forward can also do work between layers that the trace lists with
+        the layer before it (Dory's `self.norm` after its input section, HRM's stack's
+        `final_norm`): that layer saves more than the others of its structure. Neither shows in
+        the modules; two layers of one group differing here would stand one in for the other
+        wrongly. Each part is named `kind[calls=N]` where the call counts differ, else
+        `kind[+module]` (a module only this part's layers save under), else
+        `kind[from=i]` (its first layer)."""
+        if self.keep_all:
+            return self
+        groups: list[Group] = []
+        for g in self.groups:
+            parts: dict[tuple[int, Any], list[int]] = {}
+            for i in g.layers:
+                parts.setdefault((calls[i], saves[i]), []).append(i)
+            if len(parts) == 1:
+                groups.append(g)
+                continue
+            for key, idx in parts.items():
+                tags = _tags(key, [k for k in parts if k != key], idx[0])
+                kind = f"{g.kind[:-1]},{tags}]" if g.kind.endswith("]") else f"{g.kind}[{tags}]"
+                groups.append(Group(kind=kind, layers=tuple(idx)))
+        return Plan(depth=self.depth, groups=tuple(groups), keep_all=self.keep_all)
 
 
 def _plain(value: Any) -> bool:
@@ -160,6 +198,30 @@ def check(
             )
 
 
+def _tags(mine: tuple[int, Any], rivals: list[tuple[int, Any]], first: int) -> str:
+    """What sets a part of a group (calls, saves: Plan.refine) apart from each rival: `calls=N`
+    where the calls differ, else `+module` (a module only this part saves under), else
+    `from=i` (its first layer); one tag per rival not already told apart."""
+    shown: list[str] = []
+
+    def apart(tag: str, other: tuple[int, Any]) -> bool:
+        if tag.startswith("calls="):
+            return other[0] != mine[0]
+        if tag.startswith("+"):
+            return tag[1:] not in {m for m, *_ in other[1]}
+        return True
+
+    for other in sorted(rivals, key=lambda r: r[0] == mine[0]):  # other calls first
+        if any(apart(t, other) for t in shown):
+            continue
+        if other[0] != mine[0]:
+            shown.append(f"calls={mine[0]}")
+            continue
+        only = sorted({m for m, *_ in mine[1]} - {m for m, *_ in other[1]})
+        shown.append(f"+{only[0]}" if only else f"from={first}")
+    return ",".join(dict.fromkeys(shown))
+
+
 def _name(base: str, mine: dict[str, str], rivals: list[dict[str, str]]) -> str:
     """`base`, or `base[path=value,...]` with, for each rival of the same base, the first path
     whose value sets this group apart from it (attributes before parameters, a path both groups
@@ -204,16 +266,30 @@ def experts_interface(model: torch.nn.Module) -> bool:
 
 class _Skipped(torch.nn.Module):
     """A layer left out of the trace: returns the hidden states it was given, and carries the
-    layer's plain attributes (a model may read e.g. `attention_type` off its layers)."""
+    layer's plain attributes (a model may read e.g. `attention_type` off its layers). Where
+    its group's first traced layer returned more than a tensor (openai-gpt's Block a list,
+    transformers 5.25 modeling_openai.py::Block.forward `outputs = [h] + attn_outputs[1:]`,
+    which OpenAIGPTModel.forward indexes), the same structure, with the hidden states in
+    place of its first tensor (`like()`: that output, flattened; None before it ran)."""
 
-    def __init__(self, layer: torch.nn.Module) -> None:
+    def __init__(self, layer: torch.nn.Module, like: Any = None) -> None:
         super().__init__()
         for attr, value in vars(layer).items():
             if not attr.startswith("_") and attr != "training" and _plain(value):
                 setattr(self, attr, value)
+        self._like = like
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return hidden_states
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        template = self._like() if self._like is not None else None
+        if template is None:
+            return hidden_states
+        leaves, spec = template
+        first = next((k for k, t in enumerate(leaves) if isinstance(t, torch.Tensor)), None)
+        if first is None:
+            return hidden_states
+        out = list(leaves)
+        out[first] = hidden_states
+        return tree_unflatten(out, spec)
 
 
 def stacks(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]] | None:
@@ -240,18 +316,126 @@ ENCODER_DECODER_NOTE = (
 
 
 @contextlib.contextmanager
-def keeping(layers: torch.nn.ModuleList, p: Plan) -> Iterator[None]:
-    """Within the block, every layer outside `p.kept` is a `_Skipped` stand-in."""
+def keeping(layers: torch.nn.ModuleList | Sequence[torch.nn.ModuleList], p: Plan) -> Iterator[None]:
+    """Within the block, every layer outside `p.kept` is a `_Skipped` stand-in. `layers`: the
+    layer list, or the lists (`Layers.lists`' modules) the plan's indices run through in order."""
     if p.keep_all:
         yield
         return
-    original = list(layers)
+    lists = [layers] if isinstance(layers, torch.nn.ModuleList) else list(layers)
+    slots = [(lst, j) for lst in lists for j in range(len(lst))]
+    original = [lst[j] for lst, j in slots]
     kept = set(p.kept)
-    for i, layer in enumerate(original):
+    outputs: dict[str, Any] = {}  # kind: its first traced layer's last output, flattened
+    hooks = []
+    for g in p.groups:
+
+        def seen(_m: Any, _a: Any, out: Any, kind: str = g.kind) -> None:
+            outputs[kind] = tree_flatten(out)
+
+        hooks.append(original[g.traced[0]].register_forward_hook(seen))
+
+    def like(kind: str) -> Any:
+        return lambda: outputs.get(kind)
+
+    for i, (lst, j) in enumerate(slots):
         if i not in kept:
-            layers[i] = _Skipped(layer)
+            lst[j] = _Skipped(original[i], like(p.kind_of(i)))
     try:
         yield
     finally:
-        for i, layer in enumerate(original):
-            layers[i] = layer
+        for hook in hooks:
+            hook.remove()
+        for (lst, j), layer in zip(slots, original, strict=True):
+            lst[j] = layer
+
+
+@dataclass(frozen=True, slots=True)
+class Layers:
+    """Where a model's layers are: the lists the trace's layer indices run through, in order."""
+
+    lists: tuple[tuple[str, torch.nn.ModuleList], ...]
+    """(module path, list) pairs."""
+    encoder_decoder: bool = False
+    """An encoder's layer stack, then a decoder's (`stacks`)."""
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for _, lst in self.lists for m in lst]
+
+
+def layer_lists(model: torch.nn.Module, n: int) -> Layers:
+    """The model's layers: an encoder-decoder's two stacks (`stacks`); else the ModuleList of
+    `n` modules holding the most parameters (`n`: the config's layer count); else, where no
+    list has `n` (a config whose count counts something else), every ModuleList of
+    transformers' GradientCheckpointingLayer (modeling_layers.py: the base class of its
+    models' decoder layers), outermost ones, in module order. transformers 5.25:
+    configuration_longcat_flash.py::LongcatFlashConfig.num_hidden_layers is `2 * num_layers`
+    (each LongcatFlashDecoderLayer holds two attention sub-layers; the model has `num_layers`
+    layers); configuration_hrm_text.py::HrmTextConfig.__post_init__ rewrites
+    `num_hidden_layers` to `num_layers_per_stack * H_cycles * (L_cycles + 1)`, the cache
+    slots of its recurrence (modeling_hrm_text.py::HrmTextModel.forward runs the L_module's
+    and H_module's layer lists several times each)."""
+    two = stacks(model)
+    if two:
+        return Layers(lists=tuple(two), encoder_decoder=True)
+    best: tuple[int, str, torch.nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, module)
+    if best is not None:
+        return Layers(lists=((best[1], best[2]),))
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else model
+    within = next((n for n, m in model.named_modules() if m is decoder), "")
+    found: list[tuple[str, torch.nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if within and name != within and not name.startswith(f"{within}."):
+            continue  # outside the decoder (a vision tower's layers)
+        if any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue  # inside a layer already found
+        if (  # a stand-in (`keeping`) in a layer's place is still one
+            isinstance(module, torch.nn.ModuleList)
+            and any(isinstance(m, GradientCheckpointingLayer) for m in module)
+            and all(isinstance(m, GradientCheckpointingLayer | _Skipped) for m in module)
+        ):
+            found.append((name, module))
+    if not found:
+        raise MemplanError(f"no list of {n} layers found in {type(model).__name__}.")
+    return Layers(lists=tuple(found))
+
+
+@contextlib.contextmanager
+def counting(layers: Sequence[torch.nn.Module]) -> Iterator[list[int]]:
+    """Within the block, how often each of `layers` runs its forward with grad enabled (what it
+    saves for backward; a call under torch.no_grad saves nothing)."""
+    calls = [0] * len(layers)
+
+    def hook(i: int) -> Any:
+        def pre(*_: Any) -> None:
+            if torch.is_grad_enabled():
+                calls[i] += 1
+
+        return pre
+
+    hooks = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(layers)]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def signature(records: Sequence[Any]) -> tuple[tuple[str, str, int], ...]:
+    """What a layer saved in one forward, comparable between layers: its storages' (module
+    relative to the layer, dtype, elements), sorted (memplan.verify.trace.fit.Record). An index
+    in a module's path is `*`: a module of the model's outside the layer, one per layer in a
+    list of its own (`model.norms.3`), names no difference between layers."""
+    return tuple(sorted((_INDEX.sub(".*", r.module), r.dtype, r.numel) for r in records))
+
+
+_INDEX = re.compile(r"\.\d+(?=\.|$)")

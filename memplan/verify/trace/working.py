@@ -56,6 +56,8 @@ class Live(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.live = 0
         self.sizes: dict[int, int] = {}
         self.series: dict[str, list[int]] = {}
+        self.order: list[str] = []
+        """The windows in the order ops ran in them, each run of ops once."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -65,6 +67,8 @@ class Live(TorchDispatchMode):  # type: ignore[no-untyped-call]
         name = self.window()
         if name:
             self.series.setdefault(name, []).append(self.live)
+            if not self.order or self.order[-1] != name:
+                self.order.append(name)
         return out
 
     def _track(self, t: torch.Tensor) -> None:
@@ -193,6 +197,15 @@ class Recorder:
     def windows(self) -> dict[str, list[int]]:
         return self._live.series if self._live is not None else {}
 
+    def in_order(self) -> bool:
+        """Whether the layers' forward windows ran once each, in index order: what `close`
+        subtracts (the saved tensors of the layers up to the one running) assumes it. A model
+        that runs a layer again (Dory's recurrent section, HRM's stacks: transformers 5.25
+        modeling_dory.py::DoryModel.forward, modeling_hrm_text.py::HrmTextModel.forward) has
+        more saved by then; its working sets are left out (the estimate's serve)."""
+        order = [w for w in (self._live.order if self._live else []) if w.startswith("layer.")]
+        return order == sorted(set(order), key=lambda w: int(w[6:]))
+
 
 def layer_window(block: str) -> str:
     """The forward's window: a decoder layer's block (`layer.<i>`), else none."""
@@ -209,6 +222,8 @@ def close(recorder: Recorder, records: Iterable[fit_.Record]) -> None:
         for block, rs in fit_.split(list(records)).items()
     }
     windows = recorder.windows()
+    if not recorder.in_order():
+        return  # forward and backward stay empty: left out (`fitted`)
     layers = sorted(
         {b for b in (*by_block, *windows) if b.startswith("layer.")}, key=lambda b: int(b[6:])
     )
