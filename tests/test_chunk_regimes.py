@@ -72,9 +72,13 @@ XLSTM = {
     "num_heads": 4,
     "num_hidden_layers": 2,
     "num_blocks": 2,
+    "qk_dim_factor": 1.0,
 }
 """verify_sweep's tiny xLSTM (chunk_size 64, mode "inference": modeling_xlstm.py::
-wrap_chunkwise_arbitrary_sequence_length, whole chunks chunkwise, the rest a per-token loop)."""
+wrap_chunkwise_arbitrary_sequence_length, whole chunks chunkwise, the rest a per-token loop),
+query/key heads as wide as the value heads: with the default qk_dim_factor 0.5 the real model's
+chunkwise kernel fails from 64 tokens on (mlstm_chunkwise_recurrent_fw_C: "The expanded size of
+the tensor (8) must match the existing size (16)")."""
 
 
 def _cfg(**keys: Any) -> Any:
