@@ -355,18 +355,27 @@ def build(
         "autocast": autocast,
         "attention": attention,
     }
-    blocks, counts, kinds, facts = _blocks(
-        config,
-        checkpointing=checkpointing,
-        dropout=dropout,
-        device=device,
-        head_dim=pinned,
-        softmax_input=softmax_input,
-        sequence=sequence,
-        # CPU profiles: the working sets the CPU kernels make (CUDA's are not traced)
-        working=device == "cpu",
-        **common,
-    )
+
+    def traced(sequence: int | None) -> Any:
+        return _blocks(
+            config,
+            checkpointing=checkpointing,
+            dropout=dropout,
+            device=device,
+            head_dim=pinned,
+            softmax_input=softmax_input,
+            sequence=sequence,
+            # CPU profiles: the working sets the CPU kernels make (CUDA's are not traced)
+            working=device == "cpu",
+            **common,
+        )
+
+    blocks, counts, kinds, facts = traced(sequence)
+    if sequence is not None and facts["max_sequence"] and sequence > facts["max_sequence"]:
+        # the chunk's own length runs another code path than the regime below it (sizes.Span.
+        # edge; the gated delta rule, xlstm): the regime past the chunk holds it
+        sequence = int(facts["max_sequence"]) + 2
+        blocks, counts, kinds, facts = traced(sequence)
     recompute: dict[str, list[dict[str, Any]]] = {}
     if checkpointing == "full":
         plain, _, _, _ = _blocks(
