@@ -356,17 +356,21 @@ def build(
         "attention": attention,
     }
 
-    def traced(sequence: int | None) -> Any:
+    def traced(sequence: int | None, **over: Any) -> Any:
+        kwargs: dict[str, Any] = {
+            "checkpointing": checkpointing,
+            # CPU profiles: the working sets the CPU kernels make (CUDA's are not traced)
+            "working": device == "cpu",
+            **over,
+        }
         return _blocks(
             config,
-            checkpointing=checkpointing,
             dropout=dropout,
             device=device,
             head_dim=pinned,
             softmax_input=softmax_input,
             sequence=sequence,
-            # CPU profiles: the working sets the CPU kernels make (CUDA's are not traced)
-            working=device == "cpu",
+            **kwargs,
             **common,
         )
 
@@ -378,16 +382,7 @@ def build(
         blocks, counts, kinds, facts = traced(sequence)
     recompute: dict[str, list[dict[str, Any]]] = {}
     if checkpointing == "full":
-        plain, _, _, _ = _blocks(
-            config,
-            checkpointing="none",
-            dropout=dropout,
-            device=device,
-            head_dim=pinned,
-            softmax_input=softmax_input,
-            sequence=sequence,
-            **common,
-        )
+        plain = traced(sequence, checkpointing="none", working=False)[0]
         recompute = {k: v for k, v in plain.items() if k.startswith("layer:")}
     if checkpointing == "selective":
         # What each layer's attention core re-creates in its backward, traced (recompute.py).
