@@ -27,7 +27,7 @@ expert-data ranks and the rest over the data-parallel group, as torchtitan wraps
 profiles are traced for CUDA kernels on the CPU build (memplan.verify.trace.cuda); `--device
 cpu` traces the CPU kernels. The estimate runs with `--no-trace`: only shipped files serve.
 A windowed model's shipped profile keeps its other sequence regime when the build traces one
-(memplan.verify.trace.profile.merge): Llama 4 Scout's regime past its 8,192-token chunk was
+(memplan.verify.trace.regimes.merge): Llama 4 Scout's regime past its 8,192-token chunk was
 traced at the former unit (8,224) and is kept beside the regime below it, which 4,096 tokens
 retraces (docs/profile-regimes.md: how it was added with `memplan profile --out`).
 

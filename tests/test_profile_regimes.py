@@ -238,7 +238,7 @@ def test_regime_choice_by_sequence_and_old_documents() -> None:
     assert old.at_sequence(8) is old and old.at_sequence(4096) is old
     below = _doc(min_sequence=8, max_sequence=47)
     assert profile.from_document(below, origin="b").at_sequence(48) is None
-    from memplan.verify.trace.profile import merge
+    from memplan.verify.trace.regimes import merge
 
     past = _doc(min_sequence=49, above_sequence=47)
     past["blocks"] = [_block("layers", (0, 0, 0, 2, 0, 0))]
@@ -261,7 +261,7 @@ def test_an_old_document_beside_a_regime_below_serves_only_past_it() -> None:
     as the shipped Llama 4 one did) merged with a regime below the window: every sequence below
     the window is the regime below's, however short (the bounded regime wins), the rest the old
     one's."""
-    from memplan.verify.trace.profile import merge
+    from memplan.verify.trace.regimes import merge
 
     old = _doc(min_sequence=49)
     old["blocks"] = [_block("layers", (0, 0, 0, 2, 0, 0))]

@@ -13,13 +13,16 @@ the b term for the loss's shifted labels, the s and s*s terms for per-forward Ro
 masks that do not grow with the batch). `Profile.activations` turns it into memplan's
 `Activations` for one Setting, so layout, LoRA and the timeline read it like a family's rule.
 
-A record that sums a chunked loop's storages (`pooled`: memplan.verify.trace.fit.pool) may have
-rational coefficients, stored as integers over its `divisor` (documents without one: 1); a
-model with such a loop is traced on multiples of its chunk (`fit.sequence_multiple`), other
-sequences are extrapolated.
+A record that sums a chunked loop's storages (`pooled`: memplan.verify.trace.fit.pool), or one
+storage over the chunks of a sequence traced on a chunk's multiples (Mamba-2's padded scan:
+[b, h, c + 1, c + 1] for c = s / chunk), may have rational coefficients, stored as integers over
+its `divisor` (documents without one: 1); a model with such a loop or scan is traced on
+multiples of its chunk (`fit.sequence_multiple`), other sequences are extrapolated, and
+sequences up to one chunk have a regime of their own (`fit.max_sequence`, below).
 
 A windowed model (sliding window, Llama 4's attention chunk) runs another code path below its
-window than past it, so its document holds one `Regime` per side, each fitted on its own sizes
+window than past it, as a chunked model below one chunk than past it, so its document holds one
+`Regime` per side, each fitted on its own sizes
 (`fit.max_sequence` bounds the one below, `fit.above_sequence` the one past it; `regimes` holds
 the other, traced when a sequence first needs it); `serving` picks the regime of the setting's
 sequence. Documents without those keys (every earlier one) hold one regime that serves every
@@ -201,6 +204,9 @@ class Regime:
     above_sequence: int = 0
     """The regime past a window describes sequences longer than this (the regime below the
     window holds up to it, traced when one needs it); 0: every sequence up to max_sequence."""
+    sequence_multiple: int = 0
+    """The chunk on whose multiples this regime was traced (its `fit.sequence_multiple`); 0
+    in a regime below one chunk (memplan.verify.trace.sizes.span) and without a chunk."""
 
     def holds(self, sequence: int) -> bool:
         return self.above_sequence < sequence and (
@@ -254,6 +260,7 @@ class Profile:
             max_sequence=self.max_sequence,
             blocks=self.blocks,
             above_sequence=self.above_sequence,
+            sequence_multiple=self.sequence_multiple,
         )
         held = [r for r in (own, *self.regimes) if r.holds(sequence)]
         if not held:
@@ -276,6 +283,7 @@ class Profile:
             min_sequence=pick.min_sequence,
             max_sequence=pick.max_sequence,
             above_sequence=pick.above_sequence,
+            sequence_multiple=pick.sequence_multiple,
             regimes=tuple(r for r in (own, *self.regimes) if r is not pick),
         )
         _VIEWS[key] = (self, view)
@@ -432,6 +440,7 @@ def from_document(doc: Any, *, origin: str) -> Profile:
                     min_sequence=int(r["fit"].get("min_sequence", 1)),
                     max_sequence=int(r["fit"].get("max_sequence", 0)),
                     above_sequence=int(r["fit"].get("above_sequence", 0)),
+                    sequence_multiple=int(r["fit"].get("sequence_multiple", 0)),
                     blocks=_blocks(r["blocks"]),
                 )
                 for r in doc.get("regimes", ())

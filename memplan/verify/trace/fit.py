@@ -124,9 +124,20 @@ def solve(rows: list[tuple[int, ...]], values: list[int]) -> list[Fraction]:
 
 
 def fit(
-    traces: list[dict[str, list[Record]]], sizes: list[tuple[int, int]], block: str
+    traces: list[dict[str, list[Record]]],
+    sizes: list[tuple[int, int]],
+    block: str,
+    *,
+    chunk: int = 0,
 ) -> list[dict[str, Any]]:
-    """Each storage's coefficients over BASIS (over 1, s, s*s when every size has batch 1)."""
+    """Each storage's coefficients over BASIS (over 1, s, s*s when every size has batch 1).
+
+    `chunk`: the traced sequences are multiples of it (memplan.verify.trace.sizes.Span.chunk),
+    so a storage may be a function of the number of chunks s / chunk: rational coefficients
+    whose denominators divide chunk^2, kept exact as integers over a divisor (transformers 5.25
+    modeling_mamba2.py::mamba2_chunk_scan's segment_sum over the chunks' decays,
+    [b, h, c + 1, c + 1] with c = s / chunk; modeling_xlstm.py::mlstm_chunkwise_native_autograd
+    saves a [b, heads, s / chunk] tensor)."""
     columns = [0, 2, 4] if all(b == 1 for b, _ in sizes) else list(range(len(BASIS)))
     lists = [t.get(block, []) for t in traces]
     if len({len(x) for x in lists}) != 1:
@@ -149,8 +160,11 @@ def fit(
         if len(pooled) != 1:
             raise MemplanError(f"block {block}: tensor {i} differs between sizes ({first.module}).")
         # A pooled record may hold a storage per chunk of the sequence: a rational coefficient
-        # (chunk_decay, [b, heads, s / chunk]); kept exact as integers over a divisor.
-        divisor = lcm(*(c.denominator for c in coef)) if first.pooled else 1
+        # (chunk_decay, [b, heads, s / chunk]); kept exact as integers over a divisor. So may
+        # one storage over the chunks (`chunk`): a divisor of chunk^2.
+        divisor = lcm(*(c.denominator for c in coef))
+        if not first.pooled and (not chunk or (chunk * chunk) % divisor):
+            divisor = 1
         if any((c * divisor).denominator != 1 for c in coef):
             raise MemplanError(
                 f"block {block}: {first.module}'s size is not a polynomial over {BASIS} "

@@ -36,7 +36,20 @@ OWN_LOOP = "the module's own loop"
 block_loops), which no kernel replaces, from a function transformers' kernel hub may replace."""
 
 
+SCAN = "a padded scan without a loop"
+"""Marks a loop_chunk source that is a padded chunked scan (memplan.verify.trace.sizes.
+scan_chunks), from a loop."""
+
+
 def chunk_note(chunk: int, source: str, unit: int) -> str:
+    if all(SCAN in part for part in source.split(", ")):  # sizes.scan_chunks only
+        return (
+            f"a padded scan over chunks of the sequence, chunk {chunk} ({source}; transformers' "
+            "torch fallback: @use_kernel_func_from_hub_with_fallback runs mamba_ssm's kernels "
+            "instead where `kernels` or mamba_ssm is installed and takes the device, which save "
+            f"other tensors): traced on multiples of {unit} tokens (fit.sequence_multiple "
+            f"{chunk}; other sequences are extrapolated)."
+        )
     if all(OWN_LOOP in part for part in source.split(", ")):  # sizes.block_loops only
         return (
             f"a loop over blocks of the sequence, block {chunk} ({source}; plain torch, no "
@@ -49,6 +62,15 @@ def chunk_note(chunk: int, source: str, unit: int) -> str:
         "kernels instead where `kernels` or fla is installed and takes the device, a GPU job's "
         "usual case, which save other tensors): traced on multiples of "
         f"{unit} tokens (fit.sequence_multiple {chunk}; other sequences are extrapolated)."
+    )
+
+
+def one_chunk_note(chunk: int, source: str, top: int) -> str:
+    return (
+        f"sequences up to {top} tokens run one chunk of {chunk} ({source}; padded to the chunk "
+        "where the code pads): a regime of their own, traced at the ordinary sizes "
+        "(memplan.verify.trace.sizes.span, fit.max_sequence); longer sequences are traced on "
+        "the chunk's multiples when one needs them."
     )
 
 

@@ -63,17 +63,15 @@ from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
 from memplan.verify.trace import working as working_
 from memplan.verify.trace.forward import any_layers, build_fake, trace_once
+from memplan.verify.trace.regimes import merge
 from memplan.verify.trace.sizes import (
     CHECK,
     CHECK_B1,
     GRID,
     GRID_B1,
-    SEQ_UNIT,
-    below_window,
-    chunked_unit,
     far_sequence,
     loop_chunk,
-    sequence_unit,
+    span,
 )
 
 
@@ -121,24 +119,15 @@ def _blocks(
         plan = structure.plan(layer_list, getattr(model.config, "layer_types", None))
     n = depth
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    unit = sequence_unit(model.config)
-    top = below_window(model.config, device)
-    above = top if sequence is not None else 0  # past the window: sequences above the one below
-    if sequence is None or not top or sequence > top:
-        top = 0
-    else:
-        above = 0
-    if top:  # the regime below the window: ordinary sizes, every one (far check too) below it
-        unit = SEQ_UNIT
-        limit = min(limit, top) if limit else top
     chunk, chunk_source = loop_chunk(model)
-    unit = chunked_unit(unit, chunk)  # whole chunks, two at least
-    if device == "cuda":
-        unit = cuda.sequence_unit(unit)
-    if limit and CHECK[1] * unit > limit:
+    regime = span(model.config, chunk, device, sequence)
+    unit, start, top, above = regime.unit, regime.start, regime.top, regime.above
+    if top:  # a bounded regime: every traced size (far check too) in it
+        limit = min(limit, top) if limit else top
+    if limit and regime.sequence(CHECK[1]) > limit:
         raise MemplanError(
             f"max_position_embeddings {limit} is below the traced sizes (up to "
-            f"{CHECK[1] * unit} tokens)."
+            f"{regime.sequence(CHECK[1])} tokens)."
         )
     cast = matmul if autocast else None
     emulated = bool(cast) and device == "cuda"  # the cast cache is known (autocast_.HELD)
@@ -163,12 +152,19 @@ def _blocks(
     collapsed: set[str] = set()
     pooled: dict[str, set[tuple[str, str]]] = {}  # block: its (module, dtype) groups pooled
     far = far_sequence(unit, limit)
+    if start:  # the regime past a window and below a chunk: its far check at its end
+        far = limit if limit > regime.sequence(CHECK[1]) else 0
+    edge = regime.edge if regime.edge and regime.edge == limit else 0
+    if edge:  # the regime below a chunk: its far check at the chunk's length (Span.edge)
+        far = 0
+    edge_failed = False
     working_sets: dict[str, dict[str, list[list[int]]]] = {}
     for suffix, grid, chk in (("", GRID, CHECK), ("@b1", GRID_B1, CHECK_B1)):
-        sizes = [(b, m * unit) for b, m in grid]
-        checks = [(chk[0], chk[1] * unit)]
+        sizes = [(b, regime.sequence(m)) for b, m in grid]
+        checks = [(chk[0], regime.sequence(chk[1]))]
         if far and not suffix:
             checks.append((chk[0], far))
+        edges = [(chk[0], edge)] if edge and not suffix else []
         recorders = [working_.Recorder() for _ in (*sizes, *checks)]
         with structure.keeping(swapped, plan):
             if working and not suffix:
@@ -184,6 +180,9 @@ def _blocks(
                 )
                 for (b, s), r in zip((*sizes, *checks), recorders, strict=True)
             ]
+            edge_traced = [
+                fit_.split(trace_once(model, mode, batch=b, sequence=s, **once)) for b, s in edges
+            ]
         if working:
             working_sets[suffix] = working_.fitted(recorders, sizes, checks)
         for name in sorted({name for t in traced for name in t}):
@@ -198,13 +197,21 @@ def _blocks(
                 for t, records in zip(traced, merged, strict=True):
                     if name in t:
                         t[name] = records
+                for t in edge_traced:  # as the traces the fit spans
+                    if name in t and name in collapsed:
+                        t[name] = fit_.collapse(t[name])
+                    elif name in t:
+                        t[name] = fit_.pool(t[name], pooled.get(name, set()))
         fits = traced[: len(sizes)]
         fitted: dict[str, list[dict[str, Any]]] = {}
         recomputed = [f"{recompute_.PREFIX}layer.{i}" for i in plan.kept]
         base = ("embeddings", *(f"layer.{i}" for i in plan.kept), "head", "loss")
         held = [f"{autocast_.HELD}{b}" for b in base] if emulated else []
         for block in (*base, *(recomputed if selective else ()), *held):
-            fitted[block] = fit_.fit(fits, sizes, block)
+            fitted[block] = fit_.fit(fits, sizes, block, chunk=regime.chunk)
+            for check, seen in zip(edges, edge_traced, strict=True):
+                expected = [fit_.value(t, *check) for t in fitted[block]]
+                edge_failed |= expected != [r.numel for r in seen.get(block, [])]
             for check, seen in zip(checks, traced[len(sizes) :], strict=True):
                 expected = [fit_.value(t, *check) for t in fitted[block]]
                 measured = [r.numel for r in seen.get(block, [])]
@@ -240,8 +247,11 @@ def _blocks(
                 key = f"{h}layer:{kind}{suffix}"
                 if out.setdefault(key, fitted[f"{h}layer.{i}"]) != fitted[f"{h}layer.{i}"]:
                     raise MemplanError(f"layers of kind {kind!r} cast different weights.")
+    if edge_failed:  # another code path at the chunk's own length (Span.edge)
+        top = edge - 1
     if len(plan.kept) < depth:  # the grouping, checked on the full-depth model at one size
-        size = (GRID[-1][0], GRID[-1][1] * unit)  # not the size Plan.refine grouped them at
+        # not the size Plan.refine grouped them at
+        size = (GRID[-1][0], regime.sequence(GRID[-1][1]))
         full = fit_.split(trace_once(model, mode, batch=size[0], sequence=size[1], **once))
         kinds_collapsed = {plan.kind_of(i) for i in plan.kept if f"layer.{i}" in collapsed}
         kinds_pooled: dict[str, set[tuple[str, str]]] = {}
@@ -269,7 +279,9 @@ def _blocks(
     text: Any = mcfg.get_text_config(decoder=True)  # a multimodal model's (Gemma 4) sizes
     model_facts = {
         "sequence_unit": unit,
-        "far_check_sequence": far,
+        "sequence_start": start,
+        "sequence_multiple": regime.chunk,
+        "far_check_sequence": edge if edge and not edge_failed else far,
         "loop_chunk": chunk,
         "loop_chunk_source": chunk_source,
         "max_sequence": top,
@@ -356,30 +368,34 @@ def build(
         "autocast": autocast,
         "attention": attention,
     }
-    blocks, counts, kinds, facts = _blocks(
-        config,
-        checkpointing=checkpointing,
-        dropout=dropout,
-        device=device,
-        head_dim=pinned,
-        softmax_input=softmax_input,
-        sequence=sequence,
-        # CPU profiles: the working sets the CPU kernels make (CUDA's are not traced)
-        working=device == "cpu",
-        **common,
-    )
-    recompute: dict[str, list[dict[str, Any]]] = {}
-    if checkpointing == "full":
-        plain, _, _, _ = _blocks(
+
+    def traced(sequence: int | None, **over: Any) -> Any:
+        kwargs: dict[str, Any] = {
+            "checkpointing": checkpointing,
+            # CPU profiles: the working sets the CPU kernels make (CUDA's are not traced)
+            "working": device == "cpu",
+            **over,
+        }
+        return _blocks(
             config,
-            checkpointing="none",
             dropout=dropout,
             device=device,
             head_dim=pinned,
             softmax_input=softmax_input,
             sequence=sequence,
+            **kwargs,
             **common,
         )
+
+    blocks, counts, kinds, facts = traced(sequence)
+    if sequence is not None and facts["max_sequence"] and sequence > facts["max_sequence"]:
+        # the chunk's own length runs another code path than the regime below it (sizes.Span.
+        # edge; the gated delta rule, xlstm): the regime past the chunk holds it
+        sequence = int(facts["max_sequence"]) + 2
+        blocks, counts, kinds, facts = traced(sequence)
+    recompute: dict[str, list[dict[str, Any]]] = {}
+    if checkpointing == "full":
+        plain = traced(sequence, checkpointing="none", working=False)[0]
         recompute = {k: v for k, v in plain.items() if k.startswith("layer:")}
     if checkpointing == "selective":
         # What each layer's attention core re-creates in its backward, traced (recompute.py).
@@ -439,6 +455,9 @@ def build(
         {"name": "loss", "kind": "", "count": 1, **lists("loss")},
     ]
     moe_note = facts.pop("moe_note")
+    start = facts.pop("sequence_start")
+    multiple = facts.pop("sequence_multiple")
+    unit = facts["sequence_unit"]
     top = facts.pop("max_sequence")
     above = facts.pop("above_sequence")
     collapsed = facts.pop("collapsed")
@@ -462,14 +481,14 @@ def build(
         "model": {**facts, "layer_counts": counts},
         "fit": {
             "basis": list(BASIS),
-            "sizes": [[b, m * facts["sequence_unit"]] for b, m in GRID],
-            "check": [CHECK[0], CHECK[1] * facts["sequence_unit"]],
-            "sizes_b1": [[b, m * facts["sequence_unit"]] for b, m in GRID_B1],
-            "check_b1": [CHECK_B1[0], CHECK_B1[1] * facts["sequence_unit"]],
-            "min_sequence": facts["sequence_unit"],
+            "sizes": [[b, start + m * unit] for b, m in GRID],
+            "check": [CHECK[0], start + CHECK[1] * unit],
+            "sizes_b1": [[b, start + m * unit] for b, m in GRID_B1],
+            "check_b1": [CHECK_B1[0], start + CHECK_B1[1] * unit],
+            "min_sequence": start + unit,
             **({"max_sequence": top} if top else {}),
             **({"above_sequence": above} if above else {}),
-            **({"sequence_multiple": facts["loop_chunk"]} if facts["loop_chunk"] else {}),
+            **({"sequence_multiple": multiple} if multiple else {}),
         },
         "assumptions": [
             "dropout as the config's probabilities say."
@@ -486,49 +505,16 @@ def build(
             *([notes.SOFTMAX_INPUT_NOTE] if softmax_input else []),
             *([notes.collapsed_note(collapsed)] if collapsed else []),
             *([notes.pooled_note(pooled)] if pooled else []),
+            *([notes.chunk_note(multiple, facts["loop_chunk_source"], unit)] if multiple else []),
             *(
-                [
-                    notes.chunk_note(
-                        facts["loop_chunk"], facts["loop_chunk_source"], facts["sequence_unit"]
-                    )
-                ]
-                if facts["loop_chunk"]
+                [notes.one_chunk_note(facts["loop_chunk"], facts["loop_chunk_source"], top)]
+                if facts["loop_chunk"] and not multiple
                 else []
             ),
         ],
         "blocks": doc_blocks,
         "build_seconds": round(time.perf_counter() - started, 3),
     }
-
-
-REGIME_KEYS = ("fit", "blocks", "build_seconds")
-"""What one sequence regime of a profile document holds (beside the document's own)."""
-
-
-def merge(stored: Mapping[str, Any] | None, doc: Mapping[str, Any]) -> dict[str, Any]:
-    """`doc` (one regime just traced) with the other regimes of `stored`, a document of the same
-    key traced with the same library versions, kept beside it under `regimes`
-    (memplan.model.profile.Regime); `doc` alone when `stored` is another key or versions."""
-    out = dict(doc)
-    if (
-        stored is None
-        or stored.get("key") != doc.get("key")
-        or stored.get("versions") != doc.get("versions")
-        or stored.get("schema") != doc.get("schema")
-    ):
-        return out
-    bound = int(doc["fit"].get("max_sequence", 0))
-    kept = [
-        r
-        for r in (
-            {k: stored[k] for k in REGIME_KEYS if k in stored},
-            *stored.get("regimes", ()),
-        )
-        if int(r["fit"].get("max_sequence", 0)) != bound
-    ]
-    if kept:
-        out["regimes"] = kept
-    return out
 
 
 def dumps(doc: Mapping[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """The sizes a profile is traced at (memplan.verify.trace.profile): the (batch, sequence) grid
 its fit spans and the sizes it is checked on, and the sequence regimes of a model with a sliding
 window or attention chunk (below the window at the ordinary unit, past it at multiples of
-W + 1), and the unit of a model with a chunked loop over the sequence (loop_chunk)."""
+W + 1), the unit of a model with a chunked loop or a padded chunked scan over the sequence
+(loop_chunk, scan_chunk), and the regime below one such chunk (span)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import inspect
 import math
 import sys
 import textwrap
+from dataclasses import dataclass
 from typing import Any
 
 from memplan.verify.trace import cuda
-from memplan.verify.trace.notes import OWN_LOOP
+from memplan.verify.trace.notes import OWN_LOOP, SCAN
 
 GRID = ((2, 1), (3, 1), (2, 2), (3, 2), (2, 3), (3, 3))
 """(batch, sequence multiple) sizes fitted for batch >= 2: {2, 3} x {1, 2, 3} spans BASIS."""
@@ -108,8 +110,9 @@ def loop_chunk(model: Any) -> tuple[int, str]:
     qwen3_5_text's linear-attention layer, fp32, batch 2, saves 24,290,512 elements at 100
     tokens, where the fit over multiples of 128 gives 23,414,964).
     The function is wrapped by `@use_kernel_func_from_hub_with_fallback` (a Module whose
-    `forward` wraps it: unwrapped here). A loop a module's own forward runs (block_loops) is
-    one more. Several such loops: the least common multiple."""
+    `forward` wraps it: unwrapped here). A loop a module's own forward runs (block_loops) and a
+    padded scan over a module's chunks (scan_chunks) are more. Several: the least common
+    multiple."""
     found: dict[int, str] = {}
     for name in sorted({type(m).__module__ for m in model.modules()}):
         module = sys.modules.get(name)
@@ -128,7 +131,7 @@ def loop_chunk(model: Any) -> tuple[int, str]:
             default = None if param is None else param.default
             if isinstance(default, int) and not isinstance(default, bool) and default > 1:
                 found.setdefault(default, f"{name.rsplit('.', 1)[-1]}.py::{attr}")
-    for size, where in block_loops(model).items():
+    for size, where in (*block_loops(model).items(), *scan_chunks(model).items()):
         found.setdefault(size, where)
     if not found:
         return 0, ""
@@ -201,3 +204,124 @@ def chunked_unit(unit: int, chunk: int) -> int:
     if not chunk:
         return unit
     return -(-unit // (2 * chunk)) * (2 * chunk)
+
+
+def scan_chunks(model: Any) -> dict[int, str]:
+    """{chunk: where} of the padded chunked scans a model runs without a Python loop: a module
+    holding an int `chunk_size` attribute (> 1) whose modeling module has a function named
+    *chunk* that takes `chunk_size` without a default (its caller passes the module's own).
+    transformers 5.25 modeling_mamba2.py::mamba2_chunk_scan(..., chunk_size: int, ...),
+    called by mamba2_scan_forward with `chunk_size=module.chunk_size` (Mamba2Mixer.__init__:
+    `self.chunk_size = config.chunk_size`, 256 by default), pads the sequence to a multiple of
+    the chunk (`pad_size = (chunk_size - sequence_length % chunk_size) % chunk_size`) and
+    computes the SSD over all chunks at once: segment_sum gives [b, h, c, l, l] and, between
+    chunks, [b, h, c + 1, c + 1] tensors (c the number of chunks), so what it saves is a
+    polynomial in the sequence only over the chunk's multiples (with s * s / chunk^2 terms),
+    and constant in the padded tensors up to one chunk. The same scan (copied) in bamba,
+    falcon_h1, granitemoehybrid, nemotron_h and zamba2 (`config.mamba_chunk_size` or
+    `config.chunk_size`); of the modeling modules of transformers 5.25 no other has such a
+    function (the *chunk_size_feed_forward attributes of BERT-like models are no chunk_size)."""
+    found: dict[int, str] = {}
+    for module in model.modules():
+        cls: Any = type(module)
+        size = getattr(module, "chunk_size", None)
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 1:
+            continue
+        where = _required_chunk_functions(cls.__module__)
+        if where:
+            file = cls.__module__.rsplit(".", 1)[-1]
+            found.setdefault(size, f"{file}.py::{where} over {cls.__name__}.chunk_size ({SCAN})")
+    return found
+
+
+@functools.cache
+def _required_chunk_functions(name: str) -> str:
+    """The first (by name) function of modeling module `name` named *chunk* whose `chunk_size`
+    parameter has no default; "" when none (or `name` is not a transformers model's module)."""
+    module = sys.modules.get(name)
+    if module is None or not name.startswith("transformers.models."):
+        return ""
+    for attr, obj in sorted(vars(module).items()):
+        if "chunk" not in attr.lower() or isinstance(obj, type) or not callable(obj):
+            continue
+        fn = getattr(obj, "forward", obj)
+        try:
+            param = inspect.signature(inspect.unwrap(fn)).parameters.get("chunk_size")
+        except (TypeError, ValueError):
+            continue
+        if param is not None and param.default is inspect.Parameter.empty:
+            return attr
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """The sizes one sequence regime is traced at: sequences `start + m * unit` (GRID's and
+    CHECK's multiples m), and what the document records of it."""
+
+    start: int
+    unit: int
+    top: int = 0
+    """fit.max_sequence: the longest sequence the regime describes; 0: no bound."""
+    above: int = 0
+    """fit.above_sequence: the regime describes sequences longer than this."""
+    chunk: int = 0
+    """The chunk whose multiples the regime is traced on (fit.sequence_multiple); 0: none."""
+    edge: int = 0
+    """A chunk's own length, the last sequence of the regime below it: the trace's far check,
+    which keeps it in the regime where the fit holds there (a padded chunk: one chunk, no
+    padding) and else bounds the regime one token below it, checked then at CHECK alone
+    (transformers 5.25 modeling_xlstm.py::wrap_chunkwise_arbitrary_sequence_length runs the
+    whole chunks chunkwise and the rest through a per-token loop: another code path at the
+    chunk's own length; a check one token below would trace 63 steps of that loop)."""
+
+    def sequence(self, multiple: int) -> int:
+        return self.start + multiple * self.unit
+
+
+def span(cfg: Any, chunk: int, device: str = "cpu", sequence: int | None = None) -> Span:
+    """The regime `sequence` runs in, as traced sizes. A model's window W (window_of) and chunk C
+    (loop_chunk) cut the sequences into ranges: up to W - 1 (below_window), up to C (one
+    chunk, padded: transformers 5.25 modeling_qwen3_5.py::torch_chunk_gated_delta_rule and
+    modeling_mamba2.py::mamba2_chunk_scan pad to a multiple of the chunk, so up to one chunk
+    the padded tensors are constant in the sequence, the others linear), and past both. A
+    bounded range is traced at the ordinary unit (8 tokens, 32 on device=cuda: multiples from
+    the last multiple of the unit at or below the range's start, so every traced sequence is in
+    it) where its checks fit in it (CHECK[1] units past its start), at multiples of 2 x C where
+    it lies past the chunk (below a longer window); a range that does not fit is served by the
+    next one (extrapolated). Past every bound, multiples of W + 1 rounded up to 2 x C
+    (sequence_unit, chunked_unit), as every profile before; for `sequence` None that one with
+    no lower bound."""
+    base = cuda.sequence_unit(SEQ_UNIT) if device == "cuda" else SEQ_UNIT
+    past = chunked_unit(sequence_unit(cfg), chunk)
+    if device == "cuda":
+        past = cuda.sequence_unit(past)
+    if sequence is None:
+        return Span(start=0, unit=past, chunk=chunk)
+    window = window_of(cfg)
+    bounds = sorted({b for b in (window - 1 if window else 0, chunk) if b > 0})
+    low = above = 0
+    for high in bounds:
+        past_chunk = bool(chunk) and low >= chunk
+        if past_chunk:
+            unit = chunked_unit(base, chunk)
+            unit = cuda.sequence_unit(unit) if device == "cuda" else unit
+            start = 0
+        else:
+            unit, start = base, low // base * base
+        fits = start + CHECK[1] * unit <= high
+        if fits and sequence <= high:
+            return Span(
+                start=start,
+                unit=unit,
+                top=high,
+                above=above,
+                chunk=chunk if past_chunk else 0,
+                edge=high if high == chunk else 0,
+            )
+        if fits:
+            # a chunk's own length may fall past the regime below it (Span.edge): the next
+            # regime starts one token below
+            above = high - 1 if high == chunk else high
+        low = high
+    return Span(start=0, unit=past, above=above, chunk=chunk)
