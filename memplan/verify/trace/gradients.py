@@ -26,8 +26,15 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memplan.model.inventory import fold_name
-from memplan.verify.trace import cpu, heads, masks, structure
-from memplan.verify.trace.forward import any_layers, decoder_layers
+from memplan.verify.trace import heads, masks, structure
+from memplan.verify.trace import values as values_
+from memplan.verify.trace.forward import (
+    any_layers,
+    building,
+    cpu_kernels,
+    decoder_layers,
+    text_config,
+)
 from memplan.verify.trace.sizes import sequence_unit
 
 BATCH = 2
@@ -68,12 +75,14 @@ def _run(cls: Any, hf_config: Any) -> list[str] | None:
     model: its gradients depend on the loss the user puts on it)."""
     # as the profile trace runs it (forward.trace_once): an encoder-decoder as a language model
     kind = heads.kind_of_name(cls.__name__)
-    if kind is None and getattr(hf_config, "is_encoder_decoder", False):
+    if kind is None and (
+        getattr(hf_config, "is_encoder_decoder", False) or _causal_lm(cls, hf_config)
+    ):
         kind = "lm"
     if kind is None:
         return None
     mode = FakeTensorMode()
-    with mode:
+    with mode, building(mode):
         model = cls._from_config(hf_config, dtype=torch.bfloat16)
     model.train()
     two = structure.stacks(model)
@@ -82,12 +91,22 @@ def _run(cls: Any, hf_config: Any) -> list[str] | None:
         prefixes = [f"{p}.{j}." for p, stack in two for j in range(len(stack))]
         plan = structure.plan(layers, None, keep_all=True)
     else:
-        depth = int(getattr(model.config, "num_hidden_layers", 0) or len(any_layers(model)))
+        text = text_config(model.config)  # an image-text model: its text decoder's layers
+        depth = int(getattr(text, "num_hidden_layers", 0) or len(any_layers(model)))
         prefix, layers = decoder_layers(model, depth)
         prefixes = [f"{prefix}.{j}." for j in range(len(layers))]
-        plan = structure.plan(layers, getattr(model.config, "layer_types", None))
-    with mode, cpu.CpuKernels(), masks.real_tensor_masks(), structure.keeping(layers, plan):
-        ids = torch.zeros((BATCH, sequence_unit(model.config)), dtype=torch.int64)
+        plan = structure.plan(layers, getattr(text, "layer_types", None))
+    shape = (BATCH, sequence_unit(text_config(model.config)))
+    values = values_.Values()  # the ids' values, for code that reads them (values.py)
+    real_ids = torch.zeros(shape, dtype=torch.int64)
+    with (
+        mode,
+        cpu_kernels(),
+        masks.real_tensor_masks(),
+        values,
+        structure.keeping(layers, plan),
+    ):
+        ids = values.seed(torch.zeros(shape, dtype=torch.int64), real_ids)
         labels = int(getattr(model.config, "num_labels", 2))
         out = model(input_ids=ids, use_cache=False, **heads.loss_inputs(kind, ids, labels))
         loss = getattr(out, "loss", None)
@@ -102,6 +121,17 @@ def _run(cls: Any, hf_config: Any) -> list[str] | None:
         p.grad = None
     order = [n for n, _ in model.named_parameters()]
     return [n for n in order if n in missing]
+
+
+def _causal_lm(cls: Any, hf_config: Any) -> bool:
+    """Whether `cls` is the class transformers' AutoModelForCausalLM builds for `hf_config`,
+    whatever its name: an image-text model's ForConditionalGeneration (Gemma 3, GOT-OCR2), which
+    verify builds and steps with `labels` (memplan/verify/build.py) as the trace runs it
+    (forward.trace_once: a class no head names is a language model)."""
+    import transformers
+
+    mapping: Any = transformers.AutoModelForCausalLM._model_mapping
+    return type(hf_config) in mapping and mapping[type(hf_config)] is cls
 
 
 def _stood_in(missing: set[str], plan: structure.Plan, prefixes: list[str]) -> set[str]:

@@ -62,7 +62,14 @@ from memplan.verify.trace import cuda, heads, moe, notes, structure, tp
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
 from memplan.verify.trace import working as working_
-from memplan.verify.trace.forward import any_layers, build_fake, decoder_layers, trace_once
+from memplan.verify.trace.forward import (
+    any_layers,
+    build_fake,
+    decoder_layers,
+    position_limit,
+    text_config,
+    trace_once,
+)
 from memplan.verify.trace.sizes import (
     CHECK,
     CHECK_B1,
@@ -106,6 +113,7 @@ def _blocks(
     )
     if head_dim is not None:
         tp.check_heads(model, head_dim[0], required=head_dim[1])
+    text = text_config(model.config)  # an image-text config: its text model's sizes
     two = structure.stacks(model)
     if two:  # encoder-decoder: every layer traced, kinds "encoder" and "decoder"
         layer_list = torch.nn.ModuleList([m for _, stack in two for m in stack])
@@ -113,15 +121,15 @@ def _blocks(
         types = ["encoder"] * len(two[0][1]) + ["decoder"] * len(two[1][1])
         plan = structure.plan(layer_list, types, keep_all=True)
     else:
-        depth = int(getattr(model.config, "num_hidden_layers", 0) or len(any_layers(model)))
+        depth = int(getattr(text, "num_hidden_layers", 0) or len(any_layers(model)))
         _, layer_list = decoder_layers(model, depth)
-        plan = structure.plan(layer_list, getattr(model.config, "layer_types", None))
+        plan = structure.plan(layer_list, getattr(text, "layer_types", None))
     counts = plan.counts
     n = depth
     kinds = [plan.kind_of(i) for i in plan.kept]
-    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    unit = sequence_unit(model.config)
-    top = below_window(model.config, device)
+    limit = position_limit(text)
+    unit = sequence_unit(text)
+    top = below_window(text, device)
     above = top if sequence is not None else 0  # past the window: sequences above the one below
     if sequence is None or not top or sequence > top:
         top = 0
@@ -255,7 +263,8 @@ def _blocks(
             size,
         )
     n = len(plan.kept)
-    mcfg: Any = model.config
+    mcfg: Any = text
+    whole: Any = model.config
     model_facts = {
         "sequence_unit": unit,
         "far_check_sequence": far,
@@ -293,7 +302,7 @@ def _blocks(
         "moe_note": moe.NOTE if structure.experts_interface(model) else structure.OWN_EXPERTS_NOTE,
         "class": type(model).__name__,
         "head": heads.kind_of_name(type(model).__name__) or "lm",
-        "num_labels": int(mcfg.num_labels),
+        "num_labels": int(whole.num_labels),
         "layer_groups": {g.kind: list(g.layers) for g in plan.groups},
         "encoder_decoder": bool(two),
         "working": working_sets,
