@@ -8,7 +8,11 @@ memory, any size) finds them: a parameter whose `.grad` is still None after the 
 
 The model is the class and config memplan.verify.trace.meta builds the inventory from (so the
 names are the inventory's), in bf16, in train mode, at batch 2 and the trace's shortest
-sequence (memplan.verify.trace.sizes.sequence_unit). As in the profile trace, two layers of each
+sequence (memplan.verify.trace.sizes.sequence_unit); a model whose bf16 forward fails runs in
+fp32 instead (XLNet's relative attention makes its weights with `torch.FloatTensor`, fp32
+whatever the build dtype, modeling_xlnet.py::XLNetRelativeAttention.__init__, and `einsum`
+refuses them beside bf16 activations). Which parameters the loss reaches does not depend on
+the dtype. As in the profile trace, two layers of each
 structure run in their places and the others are stood in for (memplan.verify.trace.structure:
 `plan`, `keeping`): a stood-in layer's parameters get what those of the first traced layer of
 its group get (the two traced layers must agree). An encoder-decoder runs every layer.
@@ -47,7 +51,10 @@ def without_gradient(cls: Any, hf_config: Any) -> tuple[tuple[str, ...], str]:
     found, or why nothing could be)."""
     name = getattr(cls, "__name__", str(cls))
     try:
-        found = _run(cls, hf_config)
+        try:
+            found = _run(cls, hf_config, torch.bfloat16)
+        except Exception:  # noqa: BLE001 - a model that mixes dtypes in bf16: run it in fp32
+            found = _run(cls, hf_config, torch.float32)
     except Exception as err:  # noqa: BLE001 - any failure of the model code under fake tensors
         text = " ".join(f"{type(err).__name__}: {err}".split())[:200]
         return (), (
@@ -70,7 +77,7 @@ def without_gradient(cls: Any, hf_config: Any) -> tuple[tuple[str, ...], str]:
     )
 
 
-def _run(cls: Any, hf_config: Any) -> list[str] | None:
+def _run(cls: Any, hf_config: Any, dtype: torch.dtype) -> list[str] | None:
     """The names, in `named_parameters()` order; None for a model with no loss to run (a base
     model: its gradients depend on the loss the user puts on it)."""
     # as the profile trace runs it (forward.trace_once): an encoder-decoder as a language model
@@ -83,7 +90,7 @@ def _run(cls: Any, hf_config: Any) -> list[str] | None:
         return None
     mode = FakeTensorMode()
     with mode, building(mode):
-        model = cls._from_config(hf_config, dtype=torch.bfloat16)
+        model = cls._from_config(hf_config, dtype=dtype)
     model.train()
     two = structure.stacks(model)
     if two:  # encoder-decoder: every layer runs (a T5 block hands its bias to the next)
