@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from memplan.verify.trace import autocast as autocast_
 from memplan.verify.trace import cpu, cuda, heads, masks, moe, realrun, structure
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
+from memplan.verify.trace import values as values_
 from memplan.verify.trace import working as working_
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,7 +73,7 @@ def build_fake(
     # build_model): sdpa where the class supports it, else eager (gpt_oss: attention sinks).
     impl = {"attn_implementation": "eager"} if attention == "eager" else {}
     mode = FakeTensorMode()
-    with mode:
+    with mode, building(mode):
         model = head(cfg, dtype=DTYPES[stream], **impl)
     if moe.is_moe(cfg):
         moe.check(model, stream)
@@ -82,6 +83,57 @@ def build_fake(
             activation_checkpointing_kwargs={"use_reentrant": False}
         )
     return model, mode
+
+
+@contextlib.contextmanager
+def building(mode: FakeTensorMode) -> Iterator[None]:
+    """Build a transformers model under `mode` as on the meta device, where the inventory is
+    built (memplan.verify.trace.meta.build_model):
+
+    - no weight initialization: transformers 5.25 skips `initialize_weights` on the meta
+      device (modeling_utils.py::PreTrainedModel.init_weights; tying still runs), and fake
+      tensors have no values to initialize, while some initializers read them (torch 2.13's
+      nn/init.py::_no_grad_trunc_normal_ resamples `while mask.any()`, a data-dependent
+      `aten._local_scalar_dense` under FakeTensorMode: BLT, Gemma 3's SigLIP, ModernBERT);
+    - a module's `.to(dtype)` works on fake parameters (DeepSeek-V4's fp32 norms, Inkling's
+      Conv1d): torch 2.13's nn/modules/module.py::Module._apply moves a FakeTensor parameter
+      with `torch.utils.swap_tensors`, which refuses a tensor any weakref points to, and
+      FakeTensorConverter.from_meta_and_device (torch/_subclasses/fake_tensor.py) memoizes
+      the op outputs it wraps in a WeakValueDictionary (pytorch/pytorch#148977, fixed upstream
+      only after 2.13 by #185595). The memo's entries for the two tensors are dropped before
+      the swap: the memo maps a meta tensor the converter saw to its fake one, and the swap
+      keeps both Python objects, so no later lookup changes."""
+    import torch.utils
+    from transformers.modeling_utils import PreTrainedModel
+
+    memo = mode.fake_tensor_converter.tensor_memo
+    swap = torch.utils.swap_tensors
+    initialize = PreTrainedModel.initialize_weights
+
+    def swap_tensors(t1: torch.Tensor, t2: torch.Tensor) -> None:
+        for t in (t1, t2):
+            # a WeakValueDictionary's KeyedRef knows its key (no reference to it kept here)
+            keys = [getattr(ref, "key", None) for ref in weakref.getweakrefs(t)]
+            for key in keys:
+                if key is not None and memo.get(key) is t:
+                    del memo[key]
+        swap(t1, t2)  # type: ignore[no-untyped-call]
+
+    torch.utils.swap_tensors = swap_tensors
+    PreTrainedModel.initialize_weights = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.utils.swap_tensors = swap
+        PreTrainedModel.initialize_weights = initialize  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def cpu_kernels() -> Iterator[None]:
+    """The CPU kernels' outputs where the fake kernels' differ (memplan.verify.trace.cpu), and
+    fp32 grouped GEMMs (memplan.verify.trace.moe.CpuGroupedMm), for device=cpu traces."""
+    with cpu.CpuKernels(), moe.CpuGroupedMm():
+        yield
 
 
 def _as_seq2seq(config: Mapping[str, Any], cfg: Any) -> bool:
@@ -106,6 +158,24 @@ def head_constructor(config: Mapping[str, Any]) -> Any:
     question answering), else AutoModelForCausalLM."""
     _, cls = heads.head_class(config)
     return cls._from_config if cls is not None else transformers.AutoModelForCausalLM.from_config
+
+
+def text_config(cfg: Any) -> Any:
+    """The config of the model's text decoder, where the trace reads its sizes: an image-text
+    model's (Fuyu, GOT-OCR2, Gemma 3) holds them in its text sub-config
+    (transformers/configuration_utils.py::PreTrainedConfig.get_text_config, decoder=True), a
+    text model's is itself."""
+    get = getattr(cfg, "get_text_config", None)
+    return get(decoder=True) if get is not None else cfg
+
+
+def position_limit(cfg: Any) -> int:
+    """The longest sequence the config's position embeddings serve; 0 for no limit, which a
+    config states with no key, 0, or a negative value: transformers 5.25's
+    configuration_xlnet.py::XLNetConfig.max_position_embeddings is a property returning -1
+    ("one of the few models that has no sequence length limit": relative positions)."""
+    limit = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    return max(limit, 0)
 
 
 def decoder_layers(model: torch.nn.Module, n: int) -> tuple[str, torch.nn.ModuleList]:
@@ -261,6 +331,9 @@ def trace_once(
         emulated = autocast_.kernels(cast_lists, DTYPES[autocast])
     elif autocast:
         cast = torch.autocast("cpu", dtype=DTYPES[autocast])
+    # the ids' real values, for model code that reads a value made from them (values.py)
+    values = values_.Values()
+    real_ids = torch.zeros((batch, sequence), dtype=torch.int64)
     recomputed = recompute_.Recomputed(lambda: state["block"], skip, NAMES)
     live: Any = contextlib.nullcontext()
     if working is not None:
@@ -275,16 +348,17 @@ def trace_once(
         with (
             mode,
             emulated as region,
-            cuda.cuda_kernels(em) if em is not None else cpu.CpuKernels(),
+            cuda.cuda_kernels(em) if em is not None else cpu_kernels(),
             masks.real_tensor_masks(),
             realrun.real_runs(model, mode),  # weightless modules fake tensors cannot run
+            values,
             cores as run,
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             region.autocast(on_cast) if region is not None else cast,
             SoftmaxInputs() if softmax_input else contextlib.nullcontext(),
             live,
         ):
-            ids = torch.zeros((batch, sequence), dtype=torch.int64)
+            ids = values.seed(torch.zeros((batch, sequence), dtype=torch.int64), real_ids)
             kind = heads.kind_of_name(type(model).__name__) or "lm"
             labels = int(getattr(model.config, "num_labels", 2))
             targets = heads.loss_inputs(kind, ids, labels)
@@ -313,7 +387,7 @@ def trace_once(
                     if region is not None
                     else contextlib.nullcontext()
                 ),
-                cuda.cuda_kernels(em) if em is not None else cpu.CpuKernels(),
+                cuda.cuda_kernels(em) if em is not None else cpu_kernels(),
                 selective_.recomputed_saves(recomputed.save)
                 if selective
                 else contextlib.nullcontext(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memplan.errors import MemplanError
 from memplan.verify.trace import structure
@@ -46,3 +47,33 @@ def is_moe(cfg: Any) -> bool:
         if isinstance(value, int) and value > 1:
             return True
     return False
+
+
+class CpuGroupedMm(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """`aten._grouped_mm` on fp32 CPU tensors under FakeTensorMode, as the CPU kernel runs it.
+
+    torch 2.13's meta kernel (torch/_meta_registrations.py::_meta_grouped_mm_common) checks the
+    CUDA kernel's rule, bf16 inputs only, while the CPU kernel also multiplies fp32 (a real fp32
+    step of HunYuan-MoE's grouped_mm experts runs), so an fp32 model whose experts run
+    transformers' grouped_mm (integrations/moe.py::_grouped_mm: `input.to(weight.dtype)`) fails
+    the fake trace. Off CUDA the meta kernel's output is `torch.empty(out_size, out_dtype or
+    mat_a.dtype)` (_create_grouped_mm_output_tensor): one [rows, n] tensor whose shape does not
+    depend on the dtype, so the output is the bf16 call's shape in fp32. The bf16 copies made
+    for the shape are fake (no memory) and below the modes that record (enter this one after
+    them: the innermost mode runs first), and autograd's node saves the fp32 operands as it
+    does on real tensors. Enter it after the FakeTensorMode, for device=cpu traces only."""
+
+    OP = torch.ops.aten._grouped_mm.default
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not self.OP or args[0].dtype != torch.float32 or args[0].device.type != "cpu":
+            return func(*args, **kwargs)
+        out_dtype = kwargs.get("out_dtype") or torch.float32
+        reduced = [a.to(torch.bfloat16) for a in args[:2]]
+        rest = {k: v for k, v in kwargs.items() if k != "out_dtype"}
+        out = func(*reduced, *args[2:], **rest)
+        return out.to(out_dtype)

@@ -62,7 +62,13 @@ from memplan.verify.trace import cuda, heads, moe, notes, structure, tp
 from memplan.verify.trace import fit as fit_
 from memplan.verify.trace import recompute as recompute_
 from memplan.verify.trace import working as working_
-from memplan.verify.trace.forward import any_layers, build_fake, trace_once
+from memplan.verify.trace.forward import (
+    any_layers,
+    build_fake,
+    position_limit,
+    text_config,
+    trace_once,
+)
 from memplan.verify.trace.regimes import merge
 from memplan.verify.trace.sizes import (
     CHECK,
@@ -104,6 +110,7 @@ def _blocks(
     )
     if head_dim is not None:
         tp.check_heads(model, head_dim[0], required=head_dim[1])
+    text = text_config(model.config)  # an image-text config: its text model's sizes
     two = structure.stacks(model)
     if two:  # encoder-decoder: every layer traced, kinds "encoder" and "decoder"
         layer_list = torch.nn.ModuleList([m for _, stack in two for m in stack])
@@ -112,13 +119,13 @@ def _blocks(
         plan = structure.plan(layer_list, types, keep_all=True)
         swapped = [layer_list]
     else:  # the layers (structure.layer_lists): the lists `keeping` swaps stand-ins into
-        config_depth = int(getattr(model.config, "num_hidden_layers", 0) or len(any_layers(model)))
+        config_depth = int(getattr(text, "num_hidden_layers", 0) or len(any_layers(model)))
         swapped = [lst for _, lst in structure.layer_lists(model, config_depth).lists]
         layer_list = torch.nn.ModuleList([m for lst in swapped for m in lst])
         depth = len(layer_list)
-        plan = structure.plan(layer_list, getattr(model.config, "layer_types", None))
+        plan = structure.plan(layer_list, getattr(text, "layer_types", None))
     n = depth
-    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    limit = position_limit(text)
     chunk, chunk_source = loop_chunk(model)
     regime = span(model.config, chunk, device, sequence)
     unit, start, top, above = regime.unit, regime.start, regime.top, regime.above
@@ -275,8 +282,8 @@ def _blocks(
             size,
         )
     n = len(plan.kept)
-    mcfg: Any = model.config
-    text: Any = mcfg.get_text_config(decoder=True)  # a multimodal model's (Gemma 4) sizes
+    mcfg: Any = text
+    whole: Any = model.config
     model_facts = {
         "sequence_unit": unit,
         "sequence_start": start,
@@ -316,7 +323,7 @@ def _blocks(
         "moe_note": moe.NOTE if structure.experts_interface(model) else structure.OWN_EXPERTS_NOTE,
         "class": type(model).__name__,
         "head": heads.kind_of_name(type(model).__name__) or "lm",
-        "num_labels": int(mcfg.num_labels),
+        "num_labels": int(whole.num_labels),
         "layer_groups": {g.kind: list(g.layers) for g in plan.groups},
         "encoder_decoder": bool(two),
         "working": working_sets,
