@@ -14,7 +14,6 @@ after its last layer).
 from __future__ import annotations
 
 import json
-import weakref
 from typing import Any
 
 import pytest
@@ -28,6 +27,7 @@ from memplan.model.forward.tensors import Setting  # noqa: E402
 from memplan.verify.trace import profile as tracer  # noqa: E402
 from memplan.verify.trace import realrun, sizes, structure  # noqa: E402
 from memplan.verify.trace.meta import architecture  # noqa: E402
+from tests.test_trace_structure import _alive_bytes  # noqa: E402
 
 SMALL: dict[str, Any] = {
     "vocab_size": 300,
@@ -101,31 +101,6 @@ def _setting(batch: int, seq: int, stream: str) -> Setting:
         checkpointing="none",
         transformers=transformers.__version__.rsplit(".", 1)[0],
     )
-
-
-def _alive_bytes(model: Any, *, batch: int, sequence: int) -> int:
-    """Bytes of the storages tensors saved for backward still hold when the real CPU forward +
-    loss has returned (parameters and buffers excluded)."""
-    torch.manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, sequence))
-    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    saved: list[weakref.ref[torch.Tensor]] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in skip:
-            saved.append(weakref.ref(t))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=ids, labels=ids.clone(), use_cache=False)
-    assert out.loss.isfinite()
-    storages: dict[int, int] = {}
-    for ref in saved:
-        t = ref()
-        if t is not None:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    del out
-    return sum(storages.values())
 
 
 def _against_real(config: dict[str, Any], stream: str, layers: int) -> dict[str, Any]:
